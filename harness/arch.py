@@ -1,0 +1,76 @@
+"""Small accessors that isolate architecture details (Llama-family decoders).
+
+Everything that knows where a model keeps its decoder layers, norm, rotary embedding and head
+lives here, so the engine and the methods have one code path for every supported model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The base decoder (`LlamaModel` inside `LlamaForCausalLM`)."""
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    for attr in ("layers", "embed_tokens", "norm", "rotary_emb"):
+        if not hasattr(dec, attr):
+            raise TypeError(
+                f"{type(model).__name__}: unsupported architecture (decoder has no `{attr}`); "
+                "the harness supports Llama-family decoders (Llama, Mistral, Qwen2, SmolLM)"
+            )
+    return dec
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return decoder(model).layers
+
+
+def n_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    return model.get_output_embeddings()
+
+
+def kv_heads_and_dim(config) -> tuple[int, int]:
+    """(num_key_value_heads, head_dim) of one layer's K (or V) per token."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(getattr(config, "num_key_value_heads", config.num_attention_heads)), int(head_dim)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@functools.lru_cache(maxsize=None)
+def cache_kwarg(layer_cls: type) -> str:
+    """Name of the decoder layer's cache argument: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    params = inspect.signature(layer_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@contextlib.contextmanager
+def layers_swapped(model: nn.Module, keep: Sequence[int]) -> Iterator[nn.Module]:
+    """Run `model` with only decoder layers `keep` (original indices), restoring them on exit.
+
+    The kept modules are the same objects (no weight is copied); on exit the original
+    `ModuleList` object is put back, so the model is exactly as before.
+    """
+    dec = decoder(model)
+    original = dec.layers
+    dec.layers = nn.ModuleList([original[i] for i in keep])
+    try:
+        yield model
+    finally:
+        dec.layers = original

@@ -1,0 +1,91 @@
+"""The one module that knows how attention layers talk to a KV cache.
+
+transformers' cache classes changed shape through 5.x (and the forward argument was renamed from
+`past_key_values` to `cache`); the harness therefore keeps its own small cache. A decoder layer's
+attention only calls `cache.update(key_states, value_states, layer_idx, ...)` and uses the
+returned full K and V, which is all `PDCache` implements.
+
+Each cached column carries the *original* position of its token. Layers are keyed by their
+index in the unpruned model, so prefill and decode stages running different layer subsets can
+share one cache, and layers may hold different numbers of prompt positions (KV pruning). A
+position of -1 marks an empty column (padding) that no query may see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class PDCache:
+    """K/V per layer, shape (batch, kv_heads, columns, head_dim), with positions (batch, columns).
+
+    Usage per forward step: `begin_step(positions)` with the new tokens' positions (-1 for
+    padding), then for each layer `layer_positions(i)` gives the key positions the layer will
+    see after its update (used to build its attention mask), and the layer's attention calls
+    `update`. Layers whose columns hold the same positions share one positions tensor object,
+    so masks can be built once per distinct pattern.
+    """
+
+    def __init__(self, retain: Iterable[int] | None = None) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.positions: dict[int, torch.Tensor] = {}
+        self._retain = None if retain is None else frozenset(int(i) for i in retain)
+        self._step_pos: torch.Tensor | None = None
+        self._merged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- step bookkeeping -------------------------------------------------------------------
+    def begin_step(self, positions: torch.Tensor) -> None:
+        """Declare the positions (batch, q) of the tokens the next forward appends (-1 = pad)."""
+        self._step_pos = positions
+        self._merged = {}
+
+    def layer_positions(self, layer_idx: int) -> torch.Tensor:
+        """Key positions (batch, columns) layer `layer_idx` attends over in the current step."""
+        assert self._step_pos is not None, "begin_step() must precede a forward"
+        old = self.positions.get(layer_idx)
+        if old is None:
+            return self._step_pos
+        hit = self._merged.get(id(old))
+        if hit is None:
+            hit = (old, torch.cat([old, self._step_pos], dim=1))
+            self._merged[id(old)] = hit  # keeps `old` alive so its id stays unique
+        return hit[1]
+
+    # -- the attention-facing API ------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Append this step's K/V (batch, kv_heads, q, head_dim) and return the layer's full K/V."""
+        k_old = self.keys.get(layer_idx)
+        if k_old is None:
+            k, v = key_states, value_states
+        else:
+            k = torch.cat([k_old, key_states], dim=2)
+            v = torch.cat([self.values[layer_idx], value_states], dim=2)
+        if self._retain is None or layer_idx in self._retain:
+            self.positions[layer_idx] = self.layer_positions(layer_idx)
+            self.keys[layer_idx], self.values[layer_idx] = k, v
+        return k, v
+
+    # -- inspection ---------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.keys)
+
+    def kv_bytes(self) -> int:
+        """Bytes of every K and V tensor held (padding columns included)."""
+        return sum(t.numel() * t.element_size() for d in (self.keys, self.values) for t in d.values())
+
+    def select_rows(self, rows: torch.Tensor) -> PDCache:
+        """A cache holding batch rows `rows` (used when several requests share one prefill)."""
+        out = PDCache(self._retain)
+        shared: dict[int, torch.Tensor] = {}
+        for i in self.layers:
+            p = self.positions[i]
+            if id(p) not in shared:
+                shared[id(p)] = p.index_select(0, rows)
+            out.positions[i] = shared[id(p)]
+            out.keys[i] = self.keys[i].index_select(0, rows)
+            out.values[i] = self.values[i].index_select(0, rows)
+        return out

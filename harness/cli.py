@@ -1,0 +1,185 @@
+"""Command line: `python -m harness [run] --methods unpruned,shortgpt ...`.
+
+Bad input exits with code 2 and a message that says what is wrong and what would be right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, STANDARD_TASKS, RunConfig, options_help
+from harness.errors import UsageError
+
+MODES = {"unified": ("unified",), "disaggregated": ("disaggregated",), "both": ("unified", "disaggregated")}
+
+
+def _csv(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def _limit(s: str) -> int | None:
+    if s.lower() in ("all", "none", "full"):
+        return None
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {n}")
+    return n
+
+
+def _positive(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _methods_epilog() -> str:
+    import methods
+
+    lines = ["methods (options via --set METHOD.OPTION=VALUE):"]
+    for name in methods.names():
+        cls = methods.get(name)
+        lines.append(f"  {name:10s} {cls.summary}")
+        lines.append(f"  {'':10s} options: {options_help(cls.Config)}")
+    from harness.calibration import CalibConfig
+
+    lines.append(f"  {'calib':10s} calibration set: {options_help(CalibConfig)} (seed defaults to --seed)")
+    return "\n".join(lines)
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m harness",
+        description="Evaluate pruning methods in PD-unified and PD-disaggregated settings: lm-eval scores "
+        "and the KV bytes each handoff sends from the prefill to the decode stage.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_methods_epilog() + "\n\nexamples:\n  python -m harness --methods unpruned,shortgpt --limit 100\n"
+        "  python -m harness --methods shortgpt --set shortgpt.k=6 --tasks arc_easy,boolq --mode disaggregated",
+    )
+    p.add_argument("--methods", type=_csv, default=",".join(DEFAULT_METHODS), help="comma-separated method names (default: %(default)s)")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (embedded default), a .gguf file, a model directory, a HF id, or random:<preset>")
+    p.add_argument("--tasks", type=_csv, default=",".join(STANDARD_TASKS), help="comma-separated lm-eval tasks (default: the seven standard ones)")
+    p.add_argument("--limit", type=_limit, default=DEFAULT_LIMIT,
+                   help=f"items per task (per subtask for groups such as mmlu), or 'all' (default: {DEFAULT_LIMIT})")
+    p.add_argument("--mode", choices=sorted(MODES), default="both", help="PD setting(s) to evaluate (default: both)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE",
+                   help="method or calibration option, e.g. shortgpt.k=8 or calib.n_samples=64 (repeatable)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: results/runs/<run id>)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and lm-eval (default: 0)")
+    p.add_argument("--batch-size", type=_positive, default=16, help="requests per forward (default: 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"),
+                   help="folder laid out like ../shared/data (default: $HARNESS_DATA_DIR; unset = lm-eval's hub datasets)")
+    p.add_argument("--max-length", type=_positive, default=None, help="context length (default: the model's, as lm-eval resolves it)")
+    p.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval bootstrap iterations for perplexity stderrs")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def check_tasks(tasks: tuple[str, ...], data_dir: str | None) -> None:
+    from harness.offline_tasks import TASK_FILES
+
+    if not tasks:
+        raise UsageError("--tasks is empty; give at least one task, e.g. --tasks arc_easy")
+    unknown = [t for t in tasks if t not in TASK_FILES]
+    if not unknown:
+        return
+    if data_dir is None:
+        from lm_eval.tasks import TaskManager
+
+        known = set(TaskManager().all_tasks)
+        unknown = [t for t in unknown if t not in known]
+        if not unknown:
+            return
+    raise UsageError(f"unknown task(s) {', '.join(unknown)}; tasks with local data: {', '.join(sorted(TASK_FILES))}"
+                     + ("" if data_dir else " (without --data-dir, any lm-eval task name)"))
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("lm_eval", "lm-eval", "transformers", "datasets", "accelerate", "httpx", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def cmd_run(argv: list[str]) -> int:
+    args = run_parser().parse_args(argv)
+    _quiet_libraries()
+    from harness import pipeline
+    from harness.records import load_dir
+    from reports.tables import comparison_table, plans_table
+
+    cfg = RunConfig(
+        model=args.model, methods=args.methods, tasks=args.tasks, limit=args.limit, modes=MODES[args.mode],
+        seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None, max_length=args.max_length,
+        bootstrap_iters=args.bootstrap_iters, overrides=tuple(args.overrides),
+    )
+    if not cfg.methods:
+        raise UsageError("--methods is empty; known methods: " + ", ".join(__import__("methods").names()))
+    prepared = pipeline.prepare(cfg)
+    check_tasks(cfg.tasks, cfg.data_dir)
+    if cfg.data_dir:
+        from harness.offline_tasks import TASK_FILES, check_files
+
+        check_files([t for t in cfg.tasks if t in TASK_FILES], Path(cfg.data_dir))
+    out = args.out or Path("results") / "runs" / cfg.run_id()
+    from harness.models import load_model
+
+    t0 = time.perf_counter()
+    loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed)
+    print(f"model {cfg.model} ({loaded.description.get('n_layers')} layers) loaded in {time.perf_counter() - t0:.1f}s; "
+          f"methods {','.join(cfg.methods)}; modes {','.join(cfg.modes)}; tasks {','.join(cfg.tasks)}; "
+          f"limit {cfg.limit or 'all'}; records -> {out}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        pipeline.run(cfg, out, prepared, loaded, on_progress=say, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished records are kept in {out}; rerun the same command to resume", file=sys.stderr)
+        return 130
+    records = [r for r in load_dir(out) if r.method in cfg.methods and r.mode in cfg.modes]
+    print(comparison_table(records))
+    print()
+    print(plans_table(records))
+    print(f"\nrecords and summary.csv in {out} ({time.perf_counter() - start:.0f}s)")
+    return 0
+
+
+COMMANDS = {"run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
+    try:
+        return COMMANDS[command](argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

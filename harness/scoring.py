@@ -1,0 +1,241 @@
+"""Batched log-likelihood scoring and greedy generation, in the two PD settings.
+
+- `unified`: one layer set, an ordinary forward of the model (its own `forward`, with the plan's
+  layers swapped in) over context + continuation, as stock lm-eval scores a request.
+- `disaggregated`: the context runs through the prefill stage, whose last-position logits score
+  the first continuation token; the handoff ships the (pruned) KV of the decode layers; the decode
+  stage scores the remaining continuation tokens over that cache.
+
+Log-probabilities are computed only at scored positions (never full-vocabulary logits for
+every position), which keeps memory flat on long contexts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from harness import arch
+from harness.cache import PDCache
+from harness.engine import final_logits, make_handoff, run_layers
+from harness.plan import PruningPlan
+
+MODES = ("unified", "disaggregated")
+
+TokenRequest = tuple[Sequence[int], Sequence[int]]  # (context tokens, continuation tokens)
+
+
+@dataclass
+class KVTally:
+    """Running totals of what the handoffs sent over an evaluation."""
+
+    kv_bytes: int = 0
+    kv_bytes_paged: int = 0
+    handoffs: int = 0
+    prompt_tokens: int = 0
+    per_task: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, kv_bytes: int, kv_bytes_paged: int, requests: int, prompt_tokens: int) -> None:
+        self.kv_bytes += kv_bytes
+        self.kv_bytes_paged += kv_bytes_paged
+        self.handoffs += requests
+        self.prompt_tokens += prompt_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "kv_bytes": self.kv_bytes,
+            "kv_bytes_paged": self.kv_bytes_paged,
+            "handoffs": self.handoffs,
+            "prompt_tokens": self.prompt_tokens,
+        }
+
+
+def truncate(ctx: Sequence[int], cont: Sequence[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Left-truncate so that len(ctx) + len(cont) - 1 <= max_length (lm-eval's HFLM rule)."""
+    ctx, cont = list(ctx), list(cont)
+    if not ctx or not cont:
+        raise ValueError("a scoring request needs a non-empty context and continuation")
+    if len(cont) > max_length:
+        raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={max_length}")
+    if len(ctx) + len(cont) > max_length + 1:
+        ctx = ctx[-(max_length + 1 - len(cont)) :]
+    return ctx, cont
+
+
+def _pad(rows: Sequence[Sequence[int]], width: int, device) -> torch.Tensor:
+    out = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+    return out.to(device)
+
+
+class Scorer:
+    """Scores token requests for one (model, plan, mode); counts KV bytes of every handoff."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: PruningPlan,
+        mode: str,
+        *,
+        max_length: int,
+        batch_size: int = 8,
+        pad_token_id: int = 0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "unified" and plan.prefill_layers != plan.decode_layers:
+            raise ValueError(f"{plan.method}: unified mode needs one layer set, the plan has two")
+        self.model, self.plan, self.mode = model, plan, mode
+        self.max_length, self.batch_size, self.pad_token_id = max_length, batch_size, pad_token_id
+        self.device = arch.model_device(model)
+        self.tally = KVTally()
+
+    # -- log-likelihood -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def loglikelihood(self, requests: Sequence[TokenRequest], progress: bool = False) -> list[tuple[float, bool]]:
+        """(sum of continuation log-probs, continuation is greedy) for each request, in order."""
+        reqs = [truncate(c, x, self.max_length) for c, x in requests]
+        # Longest first, identical contexts adjacent (they then share one prefill).
+        order = sorted(range(len(reqs)), key=lambda i: (-(len(reqs[i][0]) + len(reqs[i][1])), reqs[i][0], reqs[i][1]))
+        out: list[tuple[float, bool] | None] = [None] * len(reqs)
+        bar = tqdm(total=len(reqs), desc=f"{self.plan.method}/{self.mode}", disable=not progress, leave=False)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            chunk = [reqs[i] for i in idx]
+            scored = self._score_unified(chunk) if self.mode == "unified" else self._score_disaggregated(chunk)
+            for i, s in zip(idx, scored):
+                out[i] = s
+            bar.update(len(idx))
+        bar.close()
+        return out  # type: ignore[return-value]
+
+    def _logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, normed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-prob and greedy flag of each target token, from hidden rows (N, hidden)."""
+        logits = arch.lm_head(self.model)(hidden).float() if normed else final_logits(self.model, hidden)
+        logp = F.log_softmax(logits, dim=-1)
+        return logp.gather(1, targets[:, None])[:, 0], logits.argmax(dim=-1) == targets
+
+    @staticmethod
+    def _per_request(tok_lp: torch.Tensor, greedy: torch.Tensor, sizes: Sequence[int]) -> list[tuple[float, bool]]:
+        res, at = [], 0
+        for n in sizes:
+            res.append((float(tok_lp[at : at + n].double().sum()), bool(greedy[at : at + n].all())))
+            at += n
+        return res
+
+    def _score_unified(self, chunk: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        seqs = [c + x[:-1] for c, x in chunk]
+        width = max(len(s) for s in seqs)
+        ids = _pad(seqs, width, self.device)
+        attn = (torch.arange(width)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long().to(self.device)
+        with arch.layers_swapped(self.model, self.plan.prefill_layers):
+            hidden = arch.decoder(self.model)(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        rows, cols, targets = [], [], []
+        for r, (c, x) in enumerate(chunk):
+            rows += [r] * len(x)
+            cols += range(len(c) - 1, len(c) - 1 + len(x))
+            targets += x
+        h = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
+        lp, greedy = self._logprobs(h, torch.tensor(targets, device=self.device), normed=True)
+        return self._per_request(lp, greedy, [len(x) for _, x in chunk])
+
+    def _prefill(self, prompts: Sequence[list[int]]) -> tuple[torch.Tensor, PDCache, torch.Tensor]:
+        """Prefill stage over prompts -> (last-position hidden (P, hidden), cache, lengths (P,))."""
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        width = int(lengths.max())
+        ids = _pad(prompts, width, self.device)
+        pos = torch.arange(width, device=self.device)[None, :].expand(len(prompts), width)
+        valid = pos < lengths[:, None]
+        cache = PDCache(retain=self.plan.decode_layers)
+        h = run_layers(self.model, self.plan.prefill_layers, ids, pos, valid, cache)
+        last = h[torch.arange(len(prompts), device=self.device), lengths - 1]
+        return last, cache, lengths
+
+    def _handoff(self, cache: PDCache, lengths: torch.Tensor, rows: torch.Tensor) -> PDCache:
+        """Ship the prefill KV to the decode stage (disaggregated) or keep it (unified)."""
+        if self.mode == "unified":
+            return cache.select_rows(rows)
+        sent = make_handoff(cache, self.plan, lengths, rows)
+        self.tally.add(sent.kv_bytes, sent.kv_bytes_paged(), sent.n_requests, int(lengths.index_select(0, rows).sum()))
+        return sent.to_cache()
+
+    def _score_disaggregated(self, chunk: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        prompts: list[list[int]] = []
+        where: dict[tuple[int, ...], int] = {}
+        rows_l = []
+        for c, _ in chunk:
+            key = tuple(c)
+            if key not in where:
+                where[key] = len(prompts)
+                prompts.append(c)
+            rows_l.append(where[key])
+        rows = torch.tensor(rows_l, device=self.device)
+        last, cache, lengths = self._prefill(prompts)
+        dcache = self._handoff(cache, lengths, rows)
+        conts = [x for _, x in chunk]
+        steps = max(len(x) for x in conts) - 1
+        hd = None
+        if steps > 0:
+            ids = _pad([x[:-1] for x in conts], steps, self.device)
+            req_len = lengths.index_select(0, rows)
+            ar = torch.arange(steps, device=self.device)[None, :]
+            pos = req_len[:, None] + ar
+            valid = ar < torch.tensor([len(x) - 1 for x in conts], device=self.device)[:, None]
+            hd = run_layers(self.model, self.plan.decode_layers, ids, pos, valid, dcache)
+        hs, targets = [], []
+        for r, x in enumerate(conts):
+            hs.append(last[rows_l[r]][None])
+            if len(x) > 1:
+                hs.append(hd[r, : len(x) - 1])
+            targets += x
+        lp, greedy = self._logprobs(torch.cat(hs), torch.tensor(targets, device=self.device), normed=False)
+        return self._per_request(lp, greedy, [len(x) for x in conts])
+
+    # -- generation ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        contexts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        should_stop: Callable[[int, list[int]], bool] | None = None,
+        progress: bool = False,
+    ) -> list[list[int]]:
+        """Greedy continuation tokens for each context (EOS handling is the caller's `should_stop`)."""
+        ctxs = [list(c)[-max(1, self.max_length - max_new_tokens) :] for c in contexts]
+        order = sorted(range(len(ctxs)), key=lambda i: -len(ctxs[i]))
+        out: list[list[int]] = [[] for _ in ctxs]
+        bar = tqdm(total=len(ctxs), desc=f"{self.plan.method}/{self.mode} generate", disable=not progress, leave=False)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            gens = self._generate_batch([ctxs[i] for i in idx], max_new_tokens, should_stop, idx)
+            for i, g in zip(idx, gens):
+                out[i] = g
+            bar.update(len(idx))
+        bar.close()
+        return out
+
+    def _generate_batch(self, prompts, max_new_tokens, should_stop, ids_for_stop) -> list[list[int]]:
+        n = len(prompts)
+        last, cache, lengths = self._prefill(prompts)
+        cache = self._handoff(cache, lengths, torch.arange(n, device=self.device))
+        tok = final_logits(self.model, last).argmax(dim=-1)  # first token: from the prefill stage
+        gens = [[int(t)] for t in tok]
+        done = [should_stop is not None and should_stop(ids_for_stop[r], gens[r]) for r in range(n)]
+        for step in range(1, max_new_tokens):
+            if all(done):
+                break
+            pos = (lengths + step - 1)[:, None]
+            valid = torch.ones((n, 1), dtype=torch.bool, device=self.device)
+            h = run_layers(self.model, self.plan.decode_layers, tok[:, None], pos, valid, cache)
+            tok = final_logits(self.model, h[:, 0]).argmax(dim=-1)
+            for r in range(n):
+                if not done[r]:
+                    gens[r].append(int(tok[r]))
+                    done[r] = should_stop is not None and should_stop(ids_for_stop[r], gens[r])
+        return gens

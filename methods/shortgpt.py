@@ -1,0 +1,85 @@
+"""`shortgpt`: ShortGPT layer removal (Men et al., arXiv 2403.03853).
+
+Block Influence of decoder block i is BI_i = 1 - E[cos(h_in, h_out)], the expectation over
+calibration tokens (padding excluded), with h_in/h_out the block's input and output hidden
+states taken by forward hooks (so the last block is compared with its own output, not with the
+final-norm output). The `k` blocks with the lowest BI are removed.
+
+Prefill stage: the kept blocks. Decode stage: the same kept blocks (ShortGPT prunes one model
+for both stages). KV: every prompt position of every kept block is sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from harness import arch
+from harness.errors import UsageError
+from harness.plan import PruningPlan
+from methods.base import Method
+from methods.registry import register
+
+
+@torch.inference_mode()
+def block_cosines(model, calib, batch_size: int = 16) -> list[float]:
+    """Mean cos(h_in, h_out) over calibration tokens for every decoder block, accumulated in float32."""
+    layers = arch.decoder_layers(model)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    valid: list[torch.Tensor] = []
+
+    def hook(i):
+        def fn(module, args, kwargs, output):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            cos = F.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # (B, T)
+            sums[i] += cos[valid[0]].double().sum().cpu()
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for ids, mask in calib.batches(batch_size, arch.model_device(model)):
+            valid[:] = [mask.bool()]
+            count += mask.sum().double().cpu()
+            arch.decoder(model)(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / count).tolist()
+
+
+def lowest(scores: list[float], k: int) -> list[int]:
+    """Indices of the k smallest scores (ties broken by lower index), sorted."""
+    return sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:k])
+
+
+@register
+class ShortGPT(Method):
+    name = "shortgpt"
+    summary = "remove the k blocks with the lowest Block Influence; same blocks in both stages"
+    needs_calibration = True
+
+    @dataclass(frozen=True)
+    class Config:
+        k: int = 8  # blocks removed
+        batch_size: int = 16  # calibration forward batch (does not change the result beyond float noise)
+
+    def validate_config(self, config) -> None:
+        if config.k < 0:
+            raise UsageError(f"shortgpt.k={config.k}: must be >= 0 (number of blocks to remove)")
+        if config.batch_size < 1:
+            raise UsageError(f"shortgpt.batch_size={config.batch_size}: must be >= 1")
+
+    def plan(self, model, calib, mode: str) -> PruningPlan:
+        n = arch.n_layers(model)
+        if self.config.k >= n:
+            raise UsageError(f"shortgpt.k={self.config.k}: must be < the model's {n} layers (at least one must stay)")
+        cos = block_cosines(model, calib, self.config.batch_size)
+        bi = [1.0 - c for c in cos]
+        drop = lowest(bi, self.config.k)
+        keep = tuple(i for i in range(n) if i not in drop)
+        return PruningPlan(self.name, n, keep, keep,
+                           info={"block_influence": bi, "removed": drop, "criterion": "1 - mean cos(h_in, h_out)"})
