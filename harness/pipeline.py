@@ -103,7 +103,7 @@ def run(
     prepared = prepared or prepare(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-    tm = task_manager(cfg.tasks, data_dir)
+    tm = None  # built on first use: plans (and their errors) come before the slow task index
     loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed)
     model = loaded.model
     env = env_info(str(next(model.parameters()).device))
@@ -151,6 +151,7 @@ def run(
                     if task in partial["tasks"]:
                         continue
                     say(f"{name}/{mode}: {task}")
+                    tm = tm or task_manager(cfg.tasks, data_dir)
                     before = lm.tally.as_dict()
                     t_task = time.perf_counter()
                     result = evaluate_task(lm, task, tm, cfg)
@@ -174,8 +175,8 @@ def run(
                 timing_s={"plan": plan_s, **{f"eval_{t}": done[t]["seconds"] for t in cfg.tasks}},
                 created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             )
-            rec.save(record, out_dir)
+            path = rec.save(record, out_dir)
             partial_path.unlink(missing_ok=True)
-            records.append(record)
+            records.append(rec.load(path))  # the record as stored (JSON types), same as a later reader sees
     rec.write_summary(rec.load_dir(out_dir), out_dir / "summary.csv")
     return records

@@ -1,0 +1,98 @@
+"""The command line: bad input exits 2 with a useful message; a real run writes records and resumes."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def harness(*args, data_dir=None, timeout=900):
+    env = dict(os.environ)
+    if data_dir is not None:
+        env["HARNESS_DATA_DIR"] = str(data_dir)
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+TINY = ["--model", "random:tiny", "--device", "cpu", "-q"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "unpruned,nope"], "unknown method 'nope'; known methods: manual, shortgpt, unpruned"),
+        (["--tasks", "arc_easy,nosuchtask"], "unknown task(s) nosuchtask; tasks with local data: arc_challenge"),
+        (["--tasks", ","], "--tasks is empty"),
+        (["--limit", "-3"], "expected a positive integer or 'all', got -3"),
+        (["--set", "shortgpt.k"], "expected SCOPE.OPTION=VALUE"),
+        (["--set", "shortgpt.q=1"], "shortgpt has no option 'q'; options: k, batch_size"),
+        (["--set", "shortgpt.k=two"], "--set shortgpt.k=two: expected int"),
+        (["--set", "pdtrim.k=2"], "'pdtrim' is not a method of this run nor 'calib'"),
+        (["--methods", "shortgpt", "--set", "shortgpt.k=4"], "shortgpt.k=4: must be < the model's 4 layers"),
+        (["--methods", "manual", "--set", "manual.prefill_layers=0,1", "--set", "manual.decode_layers=0,2",
+          "--mode", "disaggregated"], "decode_layers must be a subset of prefill_layers"),
+        (["--model", "random:huge"], "unknown random preset 'huge'; known: random:llama2-7b"),
+        (["--device", "tpu"], "expected auto, cpu or cuda"),
+    ],
+)
+def test_bad_input_exits_2(args, message, data_dir, tmp_path):
+    r = harness(*TINY, "--tasks", "arc_easy", "--out", str(tmp_path / "o"), *args, data_dir=data_dir)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_unreadable_model_and_missing_data(data_dir, tmp_path):
+    r = harness("--model", str(tmp_path / "no-model-here"), "--tasks", "arc_easy", data_dir=data_dir)
+    assert r.returncode == 2 and "no such file or directory" in r.stderr
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf")
+    r = harness("--model", str(bad), "--tasks", "arc_easy", data_dir=data_dir)
+    assert r.returncode == 2 and "could not load it" in r.stderr and "Traceback" not in r.stderr
+    empty_dir = tmp_path / "model-dir"
+    empty_dir.mkdir()
+    r = harness("--model", str(empty_dir), "--tasks", "arc_easy", data_dir=data_dir)
+    assert r.returncode == 2 and "could not load it" in r.stderr
+    partial = tmp_path / "data"
+    shutil.copytree(data_dir / "arc_easy", partial / "arc_easy")
+    r = harness(*TINY, "--tasks", "arc_easy,boolq", data_dir=partial)
+    assert r.returncode == 2 and f"missing data file {partial}/boolq/dev.jsonl (needed by task boolq)" in r.stderr
+
+
+def test_run_writes_records_and_summary_then_resumes(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, "--methods", "unpruned,shortgpt", "--set", "shortgpt.k=1", "--set", "calib.n_samples=16",
+            "--tasks", "arc_easy,boolq", "--limit", "6", "--batch-size", "5", "--out", str(out)]
+    r = harness(*args, data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| unpruned | disaggregated |" in r.stdout and "arc_easy (acc)" in r.stdout
+    files = sorted(p.name for p in out.glob("*.json"))
+    assert files == ["shortgpt__disaggregated.json", "shortgpt__unified.json",
+                     "unpruned__disaggregated.json", "unpruned__unified.json"]
+    rec = json.loads((out / "shortgpt__disaggregated.json").read_text())
+    for key in ("config", "plan", "environment", "calibration", "scores", "kv", "lm_eval", "model"):
+        assert rec[key], key
+    assert rec["environment"]["packages"]["lm_eval"] == "0.4.13"
+    assert rec["calibration"]["n_samples"] == 16 and len(rec["plan"]["removed_decode"]) == 1
+    assert rec["scores"]["arc_easy"]["acc"]["stderr"] is not None
+    with (out / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {"method", "mode", "task", "metric", "value", "stderr", "kv_bytes_sent"} <= set(rows[0])
+    assert len({(r["method"], r["mode"]) for r in rows}) == 4
+    kv = {(r["method"], r["mode"], r["task"]): r["kv_bytes_sent"] for r in rows if r["metric"] == "acc"}
+    for task in ("arc_easy", "boolq"):
+        dense, pruned = int(kv[("unpruned", "disaggregated", task)]), int(kv[("shortgpt", "disaggregated", task)])
+        assert pruned * 4 == dense * 3  # 1 of 4 layers removed: exactly 3/4 of the bytes
+        assert kv[("unpruned", "unified", task)] == ""  # nothing handed over in unified mode
+    before = {p.name: p.read_text() for p in out.glob("*__*.json")}
+    again = harness(*args, data_dir=data_dir)
+    assert again.returncode == 0 and again.stderr.count("finished record found, reused") == 4
+    assert {p.name: p.read_text() for p in out.glob("*__*.json")} == before
+    other = harness(*[a if a != "6" else "7" for a in args], data_dir=data_dir)
+    assert other.returncode == 2 and "different configuration" in other.stderr

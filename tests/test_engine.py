@@ -1,0 +1,172 @@
+"""The PD engine against plain HF forwards and against byte arithmetic, on a tiny random Llama."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import random_requests, reference_loglikelihood
+from harness import arch
+from harness.engine import expected_kv_bytes, make_handoff
+from harness.plan import KVPolicy, PruningPlan
+from harness.scoring import Scorer
+
+TOL = 1e-4
+
+
+def score(tiny, plan, mode, reqs, batch_size=4):
+    s = Scorer(tiny.model, plan, mode, max_length=4096, batch_size=batch_size)
+    return s.loglikelihood(reqs), s.tally
+
+
+def absdiff(a, b):
+    return max(abs((x[0] if isinstance(x, tuple) else x) - (y[0] if isinstance(y, tuple) else y)) for x, y in zip(a, b))
+
+
+def test_dense_modes_equal_plain_forward(tiny):
+    reqs = random_requests(25, 256, seed=1)
+    ref = reference_loglikelihood(tiny.model, reqs)
+    uni, _ = score(tiny, PruningPlan.dense("unpruned", 4), "unified", reqs)
+    dis, tally = score(tiny, PruningPlan.dense("unpruned", 4), "disaggregated", reqs)
+    assert absdiff(uni, ref) <= TOL
+    assert absdiff(dis, ref) <= TOL
+    assert [g for _, g in uni] == [g for _, g in dis]
+    assert tally.handoffs == len(reqs)
+
+
+def test_pruned_unified_equals_disaggregated_and_swapped_forward(tiny):
+    reqs = random_requests(20, 256, seed=2)
+    plan = PruningPlan("x", 4, (0, 1, 3), (0, 1, 3))
+    uni, _ = score(tiny, plan, "unified", reqs)
+    dis, _ = score(tiny, plan, "disaggregated", reqs)
+    with arch.layers_swapped(tiny.model, (0, 1, 3)):
+        ref = reference_loglikelihood(tiny.model, reqs)
+    assert absdiff(uni, ref) <= TOL and absdiff(dis, ref) <= TOL
+
+
+def test_scores_do_not_depend_on_batch_size(tiny):
+    reqs = random_requests(20, 256, seed=3)
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 2, 3), KVPolicy(2, 3, (2,)))
+    a, ta = score(tiny, plan, "disaggregated", reqs, batch_size=1)
+    b, tb = score(tiny, plan, "disaggregated", reqs, batch_size=7)
+    assert absdiff(a, b) <= TOL
+    assert ta.as_dict() == tb.as_dict()
+
+
+@pytest.mark.parametrize("decode", [(0, 1, 2, 3), (0, 1, 3), (1,)])
+def test_kv_bytes_equal_arithmetic(tiny, decode):
+    reqs = random_requests(15, 256, seed=4)
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), decode)
+    _, tally = score(tiny, plan, "disaggregated", reqs)
+    cfg, dt = tiny.model.config, torch.float32
+    assert tally.kv_bytes == sum(expected_kv_bytes(cfg, len(decode), len(c), dt) for c, _ in reqs)
+    assert tally.kv_bytes_paged == sum(expected_kv_bytes(cfg, len(decode), 16 * math.ceil(len(c) / 16), dt) for c, _ in reqs)
+    dense = sum(expected_kv_bytes(cfg, 4, len(c), dt) for c, _ in reqs)
+    assert tally.kv_bytes * 4 == dense * len(decode)  # exactly |K_D| / L of the dense bytes
+
+
+def test_kv_policy_bytes_equal_arithmetic(tiny):
+    reqs = random_requests(15, 256, seed=5, max_ctx=60)
+    nf, nl, selected, decode = 3, 5, (1, 3), (0, 1, 3)
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), decode, KVPolicy(nf, nl, selected))
+    _, tally = score(tiny, plan, "disaggregated", reqs)
+    kv_heads, head_dim = arch.kv_heads_and_dim(tiny.model.config)
+    per_token = 2 * kv_heads * head_dim * 4
+    expect = sum(per_token * ((len(decode) - len(selected)) * len(c) + len(selected) * min(len(c), nf + nl)) for c, _ in reqs)
+    assert tally.kv_bytes == expect
+    assert tally.kv_bytes < sum(expected_kv_bytes(tiny.model.config, 3, len(c), torch.float32) for c, _ in reqs)
+
+
+def test_dropped_positions_are_invisible_to_decode(tiny):
+    """KV pruning in every layer == a full forward whose continuation queries cannot see dropped columns."""
+    nf, nl = 2, 3
+    reqs = [r for r in random_requests(20, 256, seed=6, max_ctx=30, max_cont=6) if len(r[0]) > nf + nl]
+    assert len(reqs) >= 10
+
+    def mask_fn(t_ctx, n_cont):
+        n = t_ctx + n_cont - 1
+        allowed = torch.ones(n, n).tril().bool()
+        dropped = torch.zeros(n, dtype=torch.bool)
+        dropped[nf : t_ctx - nl] = True
+        allowed[t_ctx:, :] &= ~dropped  # decode queries (positions >= T) lose the dropped prompt columns
+        return allowed[None, None]
+
+    ref = reference_loglikelihood(tiny.model, reqs, mask_fn)
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 1, 2, 3), KVPolicy(nf, nl, (0, 1, 2, 3)))
+    got, _ = score(tiny, plan, "disaggregated", reqs)
+    assert absdiff(got, ref) <= TOL
+    full, _ = score(tiny, PruningPlan.dense("u", 4), "disaggregated", reqs)
+    assert absdiff(got, full) > 1e-3  # the policy really changed what decode saw
+
+
+def test_handoff_sends_kept_positions_of_decode_layers_only(tiny):
+    reqs = random_requests(6, 256, seed=7, max_ctx=40, shared=1)
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), (1, 2), KVPolicy(2, 4, (2,)))
+    s = Scorer(tiny.model, plan, "disaggregated", max_length=4096)
+    prompts = [c for c, _ in reqs]
+    _, cache, lengths = s._prefill(prompts)
+    sent = make_handoff(cache, plan, lengths)
+    assert sorted(sent.keys) == [1, 2]
+    dec = sent.to_cache()
+    for r, c in enumerate(prompts):
+        t = len(c)
+        full_pos = [p for p in dec.positions[1][r].tolist() if p >= 0]
+        kept_pos = [p for p in dec.positions[2][r].tolist() if p >= 0]
+        assert full_pos == list(range(t))
+        assert kept_pos == sorted(set(range(min(2, t))) | set(range(max(0, t - 4), t)))
+        # the K handed over is the prefill K at those positions, unchanged
+        k_dec = dec.keys[2][r][:, : len(kept_pos)]
+        assert torch.equal(k_dec, cache.keys[2][r][:, kept_pos])
+
+
+def test_policy_covering_whole_prompt_changes_nothing(tiny):
+    reqs = random_requests(15, 256, seed=8, max_ctx=8)
+    plan_kv = PruningPlan("x", 4, (0, 1, 2, 3), (0, 2, 3), KVPolicy(4, 4, (0, 2, 3)))
+    plan_all = PruningPlan("x", 4, (0, 1, 2, 3), (0, 2, 3))
+    a, ta = score(tiny, plan_kv, "disaggregated", reqs)
+    b, tb = score(tiny, plan_all, "disaggregated", reqs)
+    assert a == b
+    assert ta.as_dict() == tb.as_dict()
+
+
+def test_generation_modes_agree_with_hf_generate(tiny):
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 17, 9)]
+    dense = PruningPlan.dense("u", 4)
+    uni = Scorer(tiny.model, dense, "unified", max_length=4096).generate(prompts, 12)
+    dis = Scorer(tiny.model, dense, "disaggregated", max_length=4096).generate(prompts, 12)
+    assert uni == dis
+    for p, g in zip(prompts, uni):
+        ref = tiny.model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                                  pad_token_id=0)[0, len(p):].tolist()
+        assert g == ref
+
+
+def test_swapping_layers_copies_nothing_and_undoes_exactly(tiny):
+    model = tiny.model
+    ids = torch.randint(0, 256, (2, 11))
+    with torch.inference_mode():
+        before = model(ids).logits.clone()
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    layers_obj = arch.decoder_layers(model)
+    with arch.layers_swapped(model, (0, 3)):
+        assert len(arch.decoder_layers(model)) == 2
+        assert arch.decoder_layers(model)[1] is layers_obj[3]
+        with torch.inference_mode():
+            assert not torch.equal(model(ids).logits, before)
+    assert arch.decoder_layers(model) is layers_obj
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_engine_leaves_model_untouched(tiny):
+    model = tiny.model
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.inference_mode():
+        before = model(ids).logits.clone()
+    state = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    score(tiny, PruningPlan("x", 4, (0, 2, 3), (3,), KVPolicy(1, 1, (3,))), "disaggregated", random_requests(5, 256))
+    assert all(torch.equal(state[n], p) for n, p in model.state_dict().items())
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, before)

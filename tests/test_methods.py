@@ -1,0 +1,108 @@
+"""Every registered method honours the contract; ShortGPT matches an independent Block Influence."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import methods
+from harness import arch
+from harness.calibration import CalibConfig, build_calibration
+from harness.errors import UsageError
+from harness.plan import PruningPlan
+from harness.scoring import Scorer
+from conftest import random_requests
+
+# Options that fit the 4-layer tiny model (defaults are sized for real models).
+TINY_OPTIONS = {"shortgpt": {"k": 2}, "manual": {"prefill_layers": (0, 1, 3), "decode_layers": (0, 3)}}
+
+
+@pytest.fixture(scope="module")
+def tiny_calib(tiny, data_dir):
+    return build_calibration(tiny.tokenizer, data_dir, CalibConfig(n_samples=24, max_tokens=96, seed=0))
+
+
+def make(name):
+    cls = methods.get(name)
+    return cls(dataclasses.replace(cls.Config(), **TINY_OPTIONS.get(name, {})))
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_method_contract(name, tiny, tiny_calib):
+    model = tiny.model
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.inference_mode():
+        ref = model(ids).logits.clone()
+    method = make(name)
+    dense_bytes = None
+    for mode in ("unified", "disaggregated"):
+        plan = method.plan(model, tiny_calib, mode)
+        assert isinstance(plan, PruningPlan) and plan.method == name and plan.n_layers == 4
+        assert method.plan(model, tiny_calib, mode) == plan  # deterministic
+        assert set(plan.decode_layers) <= set(plan.prefill_layers)
+        if mode == "unified":
+            assert plan.is_unified
+        with torch.inference_mode():
+            assert torch.equal(model(ids).logits, ref)  # planning left the model as it was
+        with method.apply(model, plan) as applied:
+            reqs = random_requests(5, 256, seed=11)
+            s = Scorer(model, applied, "disaggregated", max_length=512)
+            s.loglikelihood(reqs)
+            dense = Scorer(model, PruningPlan.dense("u", 4), "disaggregated", max_length=512)
+            dense.loglikelihood(reqs)
+            assert 0 < s.tally.kv_bytes <= dense.tally.kv_bytes
+        with torch.inference_mode():
+            assert torch.equal(model(ids).logits, ref)  # apply() fully undone
+
+
+def test_registry_errors_name_the_known_methods():
+    with pytest.raises(UsageError, match="did you mean 'shortgpt'.*known methods: manual, shortgpt, unpruned"):
+        methods.get("shortgtp")
+
+
+def independent_block_cosines(model, calib):
+    """Mean cos(h_in, h_out) per block from output_hidden_states, one sample at a time (no padding)."""
+    dec = arch.decoder(model)
+    n = arch.n_layers(model)
+    sums, count = torch.zeros(n, dtype=torch.float64), 0
+    with torch.inference_mode():
+        for row in calib.input_ids:
+            ids = torch.tensor([row])
+            hs = dec(ids, output_hidden_states=True, use_cache=False).hidden_states  # last entry is post-norm
+            pos = torch.arange(len(row))[None]
+            last_out = dec.layers[n - 1](hs[n - 1], attention_mask=None,
+                                         position_embeddings=dec.rotary_emb(hs[n - 1], pos), position_ids=pos)
+            last_out = last_out[0] if isinstance(last_out, tuple) else last_out
+            outs = [*hs[1:n], last_out]
+            for i in range(n):
+                sums[i] += torch.nn.functional.cosine_similarity(hs[i][0].double(), outs[i][0].double(), dim=-1).sum()
+            count += len(row)
+    return (sums / count).tolist()
+
+
+def test_shortgpt_matches_independent_block_influence(tiny, tiny_calib):
+    from methods.shortgpt import block_cosines
+
+    ours = block_cosines(tiny.model, tiny_calib, batch_size=5)
+    ref = independent_block_cosines(tiny.model, tiny_calib)
+    assert max(abs(a - b) for a, b in zip(ours, ref)) < 1e-5
+    for k in (1, 2, 3):
+        plan = methods.get("shortgpt")(methods.get("shortgpt").Config(k=k)).plan(tiny.model, tiny_calib, "disaggregated")
+        bi = [1 - c for c in ref]
+        expect = sorted(sorted(range(4), key=lambda i: bi[i])[:k])
+        assert list(plan.removed_decode) == expect == list(plan.removed_prefill)
+        assert plan.info["removed"] == expect
+
+
+def test_shortgpt_rejects_k_not_below_layer_count(tiny, tiny_calib):
+    cls = methods.get("shortgpt")
+    with pytest.raises(UsageError, match=r"shortgpt.k=4: must be < the model's 4 layers"):
+        cls(cls.Config(k=4)).plan(tiny.model, tiny_calib, "disaggregated")
+    with pytest.raises(UsageError, match=r"shortgpt.k=-1"):
+        cls(cls.Config(k=-1))
+
+
+def test_manual_plan_violating_subset_rule_is_a_usage_error(tiny):
+    cls = methods.get("manual")
+    with pytest.raises(UsageError, match="subset of prefill_layers"):
+        cls(cls.Config(prefill_layers=(0, 1), decode_layers=(0, 2))).plan(tiny.model, None, "disaggregated")

@@ -1,0 +1,69 @@
+"""Local data reaches lm-eval's own task definitions in the upstream field layout."""
+
+import shutil
+
+import pytest
+
+from harness.errors import UsageError
+from harness.offline_tasks import check_files, local_rows, mmlu_subjects, task_manager, wikitext_pages
+
+COUNTS = {"arc_easy": ("test", 2376), "arc_challenge": ("test", 1172), "hellaswag": ("validation", 10042),
+          "piqa": ("validation", 1838), "winogrande": ("validation", 1267), "boolq": ("validation", 3270),
+          "openbookqa": ("test", 500), "wikitext": ("test", 62), "lambada_openai": ("test", 5153)}
+
+
+@pytest.mark.parametrize("task", sorted(COUNTS))
+def test_row_counts(task, data_dir):
+    split, n = COUNTS[task]
+    assert len(local_rows(task, data_dir)[split]) == n
+
+
+def test_bridges(data_dir):
+    boolq = local_rows("boolq", data_dir)["validation"][0]
+    assert boolq["passage"].startswith("Ethanol fuel -- All biomass goes through") and boolq["label"] == 0
+    piqa = local_rows("piqa", data_dir)["validation"]
+    assert {r["label"] for r in piqa} == {0, 1}
+    obqa = local_rows("openbookqa", data_dir)["test"][0]
+    assert obqa["question_stem"].startswith("A person wants to start saving money") and obqa["choices"]["label"] == list("ABCD")
+    subjects = mmlu_subjects(data_dir)
+    assert len(subjects) == 57
+    assert sum(len(local_rows("mmlu", data_dir, s)["test"]) for s in subjects) == 14042
+    row = local_rows("mmlu", data_dir, "anatomy")["validation"][0]
+    assert row["answer"] == 3 and row["choices"][3] == "Homeostasis" and row["subject"] == "anatomy"
+
+
+def test_wikitext_pages_partition_the_file(data_dir):
+    raw = (data_dir / "wikitext2/wiki.test.raw").read_text(encoding="utf-8")
+    pages = wikitext_pages(raw)
+    assert len(pages) == 62 and pages[0].startswith(" = Robert Boulter = \n")
+    assert all(p.split("\n", 1)[0].startswith(" = ") for p in pages)
+    start = raw.index(" = Robert Boulter = ")
+    assert "\n".join(pages) == raw[start:]  # nothing lost or added but the leading blank line
+
+
+def test_lm_eval_tasks_keep_upstream_prompts(data_dir):
+    tm = task_manager(["arc_easy", "boolq", "piqa", "mmlu"], data_dir)
+    tasks = tm.load(["arc_easy", "boolq", "piqa", "mmlu_anatomy"])["tasks"]
+    arc = tasks["arc_easy"]
+    doc = next(iter(arc.eval_docs))
+    assert arc.doc_to_text(doc).startswith("Question: Which statement best explains why photosynthesis")
+    assert arc.doc_to_text(doc).endswith("\nAnswer:")
+    assert arc.config.test_split == "test" and [m["metric"] for m in arc.config.metric_list] == ["acc", "acc_norm"]
+    boolq = tasks["boolq"]
+    bdoc = next(iter(boolq.eval_docs))
+    assert boolq.doc_to_text(bdoc).startswith("Ethanol fuel -- All biomass") and boolq.doc_to_choice(bdoc) == ["no", "yes"]
+    assert len(list(tasks["piqa"].eval_docs)) == 1838
+    mm = tasks["mmlu_anatomy"]
+    mdoc = next(iter(mm.eval_docs))
+    assert mm.doc_to_text(mdoc).endswith("\nAnswer:") and "\nA. " in mm.doc_to_text(mdoc)
+    assert len(list(mm.eval_docs)) == 135
+
+
+def test_missing_file_is_named(data_dir, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir / "piqa", copy / "piqa")
+    (copy / "piqa" / "valid-labels.lst").unlink()
+    with pytest.raises(UsageError, match=r"missing data file .*piqa/valid-labels.lst \(needed by task piqa\)"):
+        check_files(["piqa"], copy)
+    with pytest.raises(UsageError, match="no such directory"):
+        check_files(["piqa"], tmp_path / "nope")

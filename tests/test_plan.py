@@ -1,0 +1,42 @@
+import pytest
+
+from harness.plan import KVPolicy, PruningPlan
+
+
+def test_valid_plan_roundtrips_through_dict():
+    plan = PruningPlan("x", 6, (0, 1, 2, 4, 5), (0, 2, 5), KVPolicy(2, 3, (2, 5)), info={"why": [1, 2]})
+    again = PruningPlan.from_dict(plan.to_dict())
+    assert again == plan
+    assert again.removed_prefill == (3,) and again.removed_decode == (1, 3, 4)
+    assert not again.is_unified
+
+
+@pytest.mark.parametrize(
+    "prefill, decode, message",
+    [
+        ((0, 2, 1), (0,), "sorted"),
+        ((0, 1, 1), (0,), "sorted, unique"),
+        ((0, 6), (0,), r"in \[0, 6\)"),
+        ((-1, 0), (0,), r"in \[0, 6\)"),
+        ((0, 1, 2), (0, 3), "subset of prefill_layers"),
+        ((0, 1), (), "empty"),
+    ],
+)
+def test_invalid_plans_are_rejected(prefill, decode, message):
+    with pytest.raises(ValueError, match=message):
+        PruningPlan("x", 6, prefill, decode)
+
+
+def test_kv_policy_layers_must_be_decode_layers():
+    with pytest.raises(ValueError, match="not decode layers"):
+        PruningPlan("x", 4, (0, 1, 2), (0, 1), KVPolicy(1, 1, (2,)))
+    with pytest.raises(ValueError, match="at least one position"):
+        KVPolicy(0, 0, (1,))
+    with pytest.raises(ValueError, match=">= 0"):
+        KVPolicy(-1, 2)
+
+
+def test_dense_and_unified():
+    plan = PruningPlan.dense("unpruned", 3)
+    assert plan.prefill_layers == plan.decode_layers == (0, 1, 2) and plan.is_unified
+    assert not PruningPlan("x", 3, (0, 1, 2), (0, 1, 2), KVPolicy(1, 1, (0,))).is_unified
