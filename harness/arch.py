@@ -53,7 +53,7 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cache_kwarg(layer_cls: type) -> str:
     """Name of the decoder layer's cache argument: `cache` (transformers >= 5.2x) or `past_key_values`."""
     params = inspect.signature(layer_cls.forward).parameters

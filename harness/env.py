@@ -23,7 +23,7 @@ def git_info(root: Path | None = None) -> dict[str, Any]:
     root = root or Path(__file__).resolve().parent.parent
     def git(*args: str) -> str | None:
         try:
-            r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+            r = subprocess.run(["git", *args], check=False, cwd=root, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return r.stdout.strip() if r.returncode == 0 else None

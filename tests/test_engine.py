@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import random_requests, reference_loglikelihood
+
 from harness import arch
 from harness.engine import expected_kv_bytes, make_handoff
 from harness.plan import KVPolicy, PruningPlan

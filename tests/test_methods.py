@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import random_requests
 
 import methods
 from harness import arch
@@ -11,7 +12,6 @@ from harness.calibration import CalibConfig, build_calibration
 from harness.errors import UsageError
 from harness.plan import PruningPlan
 from harness.scoring import Scorer
-from conftest import random_requests
 
 # Options that fit the 4-layer tiny model (defaults are sized for real models).
 TINY_OPTIONS = {"shortgpt": {"k": 2}, "manual": {"prefill_layers": (0, 1, 3), "decode_layers": (0, 3)}}
@@ -34,7 +34,6 @@ def test_method_contract(name, tiny, tiny_calib):
     with torch.inference_mode():
         ref = model(ids).logits.clone()
     method = make(name)
-    dense_bytes = None
     for mode in ("unified", "disaggregated"):
         plan = method.plan(model, tiny_calib, mode)
         assert isinstance(plan, PruningPlan) and plan.method == name and plan.n_layers == 4
