@@ -130,14 +130,24 @@ class Scorer:
         return res
 
     def _score_unified(self, chunk: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        seqs = [c + x[:-1] for c, x in chunk]
+        # Requests whose input (context + continuation[:-1]) is identical, e.g. the one-token
+        # answers of a multiple-choice item, share one row of the forward (as HFLM does).
+        seqs: list[list[int]] = []
+        where: dict[tuple[int, ...], int] = {}
+        row_of = []
+        for c, x in chunk:
+            key = tuple(c + x[:-1])
+            if key not in where:
+                where[key] = len(seqs)
+                seqs.append(list(key))
+            row_of.append(where[key])
         width = max(len(s) for s in seqs)
         ids = _pad(seqs, width, self.device)
         attn = (torch.arange(width)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long().to(self.device)
         with arch.layers_swapped(self.model, self.plan.prefill_layers):
             hidden = arch.decoder(self.model)(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
         rows, cols, targets = [], [], []
-        for r, (c, x) in enumerate(chunk):
+        for (c, x), r in zip(chunk, row_of):
             rows += [r] * len(x)
             cols += range(len(c) - 1, len(c) - 1 + len(x))
             targets += x
