@@ -23,26 +23,23 @@ def _csv(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
-def _limit(s: str) -> int | None:
-    if s.lower() in ("all", "none", "full"):
-        return None
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {s!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {n}")
-    return n
-
-
 def _positive(s: str) -> int:
     try:
         n = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+        n = None
+    if n is None or n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
     return n
+
+
+def _limit(s: str) -> int | None:
+    if s.lower() in ("all", "none", "full"):
+        return None
+    try:
+        return _positive(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {s}") from None
 
 
 def _methods_epilog() -> str:
