@@ -44,6 +44,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     calib_raw = dict(raw.get("calib", {}))
     calib_raw.setdefault("seed", str(cfg.seed))
     calib = build_options(CalibConfig, "calib", calib_raw)
+    needing = [n for n, m in instances.items() if m.needs_calibration]
+    if needing and not cfg.data_dir:
+        raise UsageError(f"{', '.join(needing)} calibrate on PIQA + MMLU from local data: pass --data-dir "
+                         "(or set HARNESS_DATA_DIR) pointing at a folder laid out like ../shared/data")
     return Prepared(cfg, instances, calib)
 
 
@@ -80,6 +84,17 @@ def evaluate_task(lm, task: str, tm, cfg: RunConfig) -> dict[str, Any]:
         "lm_eval": {"n-shot": out.get("n-shot", {}), "versions": out.get("versions", {}),
                     "higher_is_better": out.get("higher_is_better", {}).get(task, {})},
     }
+
+
+def _is_download_error(e: BaseException) -> bool:
+    """True for errors raised while fetching a dataset (datasets, huggingface_hub, requests, httpx)."""
+    while e is not None:
+        if type(e).__module__.split(".")[0] in ("datasets", "huggingface_hub", "requests", "httpx", "urllib3", "socket"):
+            return True
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _partial_path(out_dir: Path, method: str, mode: str) -> Path:
@@ -154,7 +169,13 @@ def run(
                     tm = tm or task_manager(cfg.tasks, data_dir)
                     before = lm.tally.as_dict()
                     t_task = time.perf_counter()
-                    result = evaluate_task(lm, task, tm, cfg)
+                    try:
+                        result = evaluate_task(lm, task, tm, cfg)
+                    except Exception as e:
+                        if data_dir is None and _is_download_error(e):
+                            raise UsageError(f"task {task}: its dataset could not be fetched from the Hugging Face hub "
+                                             f"({type(e).__name__}); offline, pass --data-dir with local data") from e
+                        raise
                     after = lm.tally.as_dict()
                     result["kv"] = {k: after[k] - before[k] for k in after} if mode == "disaggregated" else {}
                     result["seconds"] = time.perf_counter() - t_task

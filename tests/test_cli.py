@@ -95,3 +95,8 @@ def test_run_writes_records_and_summary_then_resumes(data_dir, tmp_path):
     assert {p.name: p.read_text() for p in out.glob("*__*.json")} == before
     other = harness(*[a if a != "6" else "7" for a in args], data_dir=data_dir)
     assert other.returncode == 2 and "different configuration" in other.stderr
+
+
+def test_calibrating_method_without_data_dir_exits_2(tmp_path):
+    r = harness(*TINY, "--methods", "unpruned,shortgpt", "--tasks", "arc_easy", "--out", str(tmp_path), data_dir="")
+    assert r.returncode == 2 and "shortgpt calibrate on PIQA + MMLU from local data: pass --data-dir" in r.stderr
