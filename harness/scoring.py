@@ -101,8 +101,13 @@ class Scorer:
     def loglikelihood(self, requests: Sequence[TokenRequest], progress: bool = False) -> list[tuple[float, bool]]:
         """(sum of continuation log-probs, continuation is greedy) for each request, in order."""
         reqs = [truncate(c, x, self.max_length) for c, x in requests]
-        # Longest first, identical contexts adjacent (they then share one prefill).
-        order = sorted(range(len(reqs)), key=lambda i: (-(len(reqs[i][0]) + len(reqs[i][1])), reqs[i][0], reqs[i][1]))
+        if self.mode == "unified":  # longest input first, as HFLM batches
+            def key(i):
+                return -(len(reqs[i][0]) + len(reqs[i][1])), reqs[i][0], reqs[i][1]
+        else:  # longest context first, identical contexts adjacent: they share one prefill
+            def key(i):
+                return -len(reqs[i][0]), reqs[i][0], -len(reqs[i][1]), reqs[i][1]
+        order = sorted(range(len(reqs)), key=key)
         out: list[tuple[float, bool] | None] = [None] * len(reqs)
         bar = tqdm(total=len(reqs), desc=f"{self.plan.method}/{self.mode}", disable=not progress, leave=False)
         for start in range(0, len(order), self.batch_size):
