@@ -66,12 +66,35 @@ def flatten_results(res: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     return out
 
 
-def evaluate_task(lm, task: str, tm, cfg: RunConfig) -> dict[str, Any]:
+class TaskCache:
+    """Builds each lm-eval task (or group) once per run and hands the same object to every evaluation.
+
+    Reuse is safe: lm-eval rebuilds a task's request instances on every `evaluate` call, and no
+    request cache is used; it saves rebuilding documents (seconds per task, e.g. HellaSwag).
+    """
+
+    def __init__(self, tasks, data_dir: Path | None) -> None:
+        self._tasks, self._data_dir = tuple(tasks), data_dir
+        self.manager = None
+        self._built: dict[str, Any] = {}
+
+    def get(self, task: str):
+        from harness.offline_tasks import task_manager
+
+        if task not in self._built:
+            self.manager = self.manager or task_manager(self._tasks, self._data_dir)
+            loaded = self.manager.load([task])
+            self._built[task] = loaded["groups"].get(task) or loaded["tasks"].get(task) or task
+        return self._built[task]
+
+
+def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, Any]:
     """One lm-eval task (or group) through `lm`; returns scores, sample count and lm-eval provenance."""
     from lm_eval import simple_evaluate
 
+    obj = tasks.get(task)
     out = simple_evaluate(
-        model=lm, tasks=[task], limit=cfg.limit, task_manager=tm, bootstrap_iters=cfg.bootstrap_iters,
+        model=lm, tasks=[obj], limit=cfg.limit, task_manager=tasks.manager, bootstrap_iters=cfg.bootstrap_iters,
         random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
         fewshot_random_seed=cfg.seed, log_samples=False, cache_requests=False,
     )
@@ -113,12 +136,10 @@ def run(
     from harness.env import env_info
     from harness.lm import PDLM
     from harness.models import load_model
-    from harness.offline_tasks import task_manager
-
     prepared = prepared or prepare(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-    tm = None  # built on first use: plans (and their errors) come before the slow task index
+    tasks = TaskCache(cfg.tasks, data_dir)  # built on first use: plans (and their errors) come first
     loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed)
     model = loaded.model
     env = env_info(str(next(model.parameters()).device))
@@ -166,11 +187,10 @@ def run(
                     if task in partial["tasks"]:
                         continue
                     say(f"{name}/{mode}: {task}")
-                    tm = tm or task_manager(cfg.tasks, data_dir)
                     before = lm.tally.as_dict()
                     t_task = time.perf_counter()
                     try:
-                        result = evaluate_task(lm, task, tm, cfg)
+                        result = evaluate_task(lm, task, tasks, cfg)
                     except Exception as e:
                         if data_dir is None and _is_download_error(e):
                             raise UsageError(f"task {task}: its dataset could not be fetched from the Hugging Face hub "

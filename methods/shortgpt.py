@@ -77,7 +77,10 @@ class ShortGPT(Method):
         n = arch.n_layers(model)
         if self.config.k >= n:
             raise UsageError(f"shortgpt.k={self.config.k}: must be < the model's {n} layers (at least one must stay)")
-        cos = block_cosines(model, calib, self.config.batch_size)
+        key = (id(model), id(calib))
+        if getattr(self, "_memo", (None,))[0] != key:  # the plan does not depend on the mode
+            self._memo = (key, block_cosines(model, calib, self.config.batch_size))
+        cos = self._memo[1]
         bi = [1.0 - c for c in cos]
         drop = lowest(bi, self.config.k)
         keep = tuple(i for i in range(n) if i not in drop)

@@ -12,11 +12,11 @@ def test_interrupted_run_resumes_from_finished_tasks(tiny, data_dir, tmp_path, m
     real = pipeline.evaluate_task
     calls = []
 
-    def flaky(lm, task, tm, cfg):
+    def flaky(lm, task, tasks, cfg):
         calls.append(task)
         if task == "boolq" and calls.count("boolq") == 1:
             raise KeyboardInterrupt
-        return real(lm, task, tm, cfg)
+        return real(lm, task, tasks, cfg)
 
     monkeypatch.setattr(pipeline, "evaluate_task", flaky)
     with pytest.raises(KeyboardInterrupt):
