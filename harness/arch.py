@@ -45,10 +45,6 @@ def kv_heads_and_dim(config) -> tuple[int, int]:
     return int(getattr(config, "num_key_value_heads", config.num_attention_heads)), int(head_dim)
 
 
-def model_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

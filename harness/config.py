@@ -7,7 +7,7 @@ import hashlib
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import UsageError
@@ -112,12 +112,3 @@ def options_help(cls_config: type) -> str:
         default = f.default if f.default is not dataclasses.MISSING else "?"
         parts.append(f"{f.name}={default} ({getattr(hints[f.name], '__name__', str(hints[f.name]))})")
     return ", ".join(parts) or "no options"
-
-
-@dataclass
-class Resolved:
-    """A `RunConfig` with its method and calibration options parsed."""
-
-    config: RunConfig
-    method_options: dict[str, Any] = field(default_factory=dict)
-    calib: Any = None

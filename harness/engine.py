@@ -115,13 +115,6 @@ class Handoff:
             total += int(pages.sum()) * page_tokens * _per_token_bytes(k) * 2
         return total
 
-    def per_request_bytes(self) -> torch.Tensor:
-        """Exact bytes sent for each request, (requests,) int64."""
-        out = torch.zeros(self.n_requests, dtype=torch.int64)
-        for l, k in self.keys.items():
-            out += self.counts[l].cpu().to(torch.int64) * (_per_token_bytes(k) * 2)
-        return out
-
     def to_cache(self) -> PDCache:
         """Unpack on the decode side into a padded `PDCache` (padding columns at position -1)."""
         cache = PDCache()

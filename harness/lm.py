@@ -50,9 +50,7 @@ class PDLM(TemplateLM):
         self._max_length = max_length or resolve_max_length(model.config, tokenizer)
         self._max_gen_toks = max_gen_toks
         self.progress = progress
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.scorer = Scorer(model, plan, mode, max_length=self._max_length, batch_size=batch_size,
-                             pad_token_id=pad or 0)
+        self.scorer = Scorer(model, plan, mode, max_length=self._max_length, batch_size=batch_size)
 
     # -- lm-eval plumbing ---------------------------------------------------------------------
     @property

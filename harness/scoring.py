@@ -13,7 +13,7 @@ every position), which keeps memory flat on long contexts.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,6 @@ class KVTally:
     kv_bytes_paged: int = 0
     handoffs: int = 0
     prompt_tokens: int = 0
-    per_task: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def add(self, kv_bytes: int, kv_bytes_paged: int, requests: int, prompt_tokens: int) -> None:
         self.kv_bytes += kv_bytes
@@ -68,6 +67,7 @@ def truncate(ctx: Sequence[int], cont: Sequence[int], max_length: int) -> tuple[
 
 
 def _pad(rows: Sequence[Sequence[int]], width: int, device) -> torch.Tensor:
+    """Right-pad token rows with id 0 (padding is masked out, so its id never matters)."""
     out = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
@@ -85,14 +85,13 @@ class Scorer:
         *,
         max_length: int,
         batch_size: int = 8,
-        pad_token_id: int = 0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "unified" and plan.prefill_layers != plan.decode_layers:
             raise ValueError(f"{plan.method}: unified mode needs one layer set, the plan has two")
         self.model, self.plan, self.mode = model, plan, mode
-        self.max_length, self.batch_size, self.pad_token_id = max_length, batch_size, pad_token_id
+        self.max_length, self.batch_size = max_length, batch_size
         self.device = arch.model_device(model)
         self.tally = KVTally()
 
