@@ -124,6 +124,27 @@ def _partial_path(out_dir: Path, method: str, mode: str) -> Path:
     return out_dir / (rec.record_filename(method, mode)[: -len(".json")] + ".partial.json")
 
 
+@dataclass
+class _Run:
+    """What every (method, mode) cell of one run shares."""
+
+    cfg: RunConfig
+    prepared: Prepared
+    out_dir: Path
+    loaded: Any
+    tasks: TaskCache
+    env: dict[str, Any]
+    say: Callable[[str], None]
+    progress: bool
+    calib: Any = None
+
+    def calibration(self):
+        if self.calib is None:
+            data_dir = Path(self.cfg.data_dir) if self.cfg.data_dir else None
+            self.calib = build_calibration(self.loaded.tokenizer, data_dir, self.prepared.calib_config)
+        return self.calib
+
+
 def run(
     cfg: RunConfig,
     out_dir: Path,
@@ -134,90 +155,87 @@ def run(
 ) -> list[rec.RunRecord]:
     """Evaluate every (method, mode) of `cfg`; write records and summary.csv into `out_dir`."""
     from harness.env import env_info
-    from harness.lm import PDLM
     from harness.models import load_model
+
     prepared = prepared or prepare(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-    tasks = TaskCache(cfg.tasks, data_dir)  # built on first use: plans (and their errors) come first
     loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed)
-    model = loaded.model
-    env = env_info(str(next(model.parameters()).device))
-    calib = None
-    records = []
-    say = on_progress or (lambda msg: log.info(msg))
-    for name, method in prepared.methods.items():
-        options = method.options()
-        for mode in cfg.modes:
-            calib_desc = dataclasses.asdict(prepared.calib_config) if method.needs_calibration else None
-            key = cfg.identity(name, mode, options, calib_desc)
-            final = out_dir / rec.record_filename(name, mode)
-            if final.exists():
-                old = rec.load(final)
-                if old.run_key != key:
-                    raise UsageError(f"{final} holds a {name}/{mode} record of a different configuration "
-                                     f"(run_key {old.run_key} != {key}); use another --out or remove it")
-                say(f"{name}/{mode}: finished record found, reused ({final.name})")
-                records.append(old)
-                continue
-            partial_path = _partial_path(out_dir, name, mode)
-            partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
-            if partial.get("run_key") != key:
-                partial = {}
-            t0 = time.perf_counter()
-            if partial.get("plan"):
-                plan = PruningPlan.from_dict(partial["plan"])
-                plan_s = partial.get("plan_s", 0.0)
-                calib_full = partial.get("calibration")
-            else:
-                if method.needs_calibration and calib is None:
-                    calib = build_calibration(loaded.tokenizer, data_dir, prepared.calib_config)
-                say(f"{name}/{mode}: planning")
-                plan = method.plan(model, calib if method.needs_calibration else None, mode)
-                plan_s = time.perf_counter() - t0
-                calib_full = calib.description if (method.needs_calibration and calib is not None) else None
-            if mode == "unified" and not plan.is_unified:
-                raise ValueError(f"{name} returned a plan with two layer sets or KV pruning for unified mode")
-            partial.update(run_key=key, plan=plan.to_dict(), plan_s=plan_s, calibration=calib_full)
-            partial.setdefault("tasks", {})
-            with method.apply(model, plan) as applied:
-                lm = PDLM(model, loaded.tokenizer, applied, mode, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                          progress=progress)
-                for task in cfg.tasks:
-                    if task in partial["tasks"]:
-                        continue
-                    say(f"{name}/{mode}: {task}")
-                    before = lm.tally.as_dict()
-                    t_task = time.perf_counter()
-                    try:
-                        result = evaluate_task(lm, task, tasks, cfg)
-                    except Exception as e:
-                        if data_dir is None and _is_download_error(e):
-                            raise UsageError(f"task {task}: its dataset could not be fetched from the Hugging Face hub "
-                                             f"({type(e).__name__}); offline, pass --data-dir with local data") from e
-                        raise
-                    after = lm.tally.as_dict()
-                    result["kv"] = {k: after[k] - before[k] for k in after} if mode == "disaggregated" else {}
-                    result["seconds"] = time.perf_counter() - t_task
-                    partial["tasks"][task] = result
-                    rec.atomic_write(partial_path, json.dumps(partial))
-            done = partial["tasks"]
-            record = rec.RunRecord(
-                method=name, mode=mode, run_key=key,
-                config={**dataclasses.asdict(cfg), "method_options": options, "max_length_used": lm.max_length,
-                        "page_tokens": 16},
-                plan=plan.to_dict(), environment=env, model=loaded.description, calibration=calib_full,
-                scores={t: done[t]["scores"] for t in cfg.tasks},
-                kv={t: done[t]["kv"] for t in cfg.tasks if done[t]["kv"]},
-                n_samples={t: done[t]["n_samples"] for t in cfg.tasks},
-                lm_eval={"version": env["packages"].get("lm_eval"), "tasks": {t: done[t]["lm_eval"] for t in cfg.tasks},
-                         "bootstrap_iters": cfg.bootstrap_iters, "limit": cfg.limit,
-                         "metric_convention": {t: rec.primary_metric(t) for t in cfg.tasks}},
-                timing_s={"plan": plan_s, **{f"eval_{t}": done[t]["seconds"] for t in cfg.tasks}},
-                created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            )
-            path = rec.save(record, out_dir)
-            partial_path.unlink(missing_ok=True)
-            records.append(rec.load(path))  # the record as stored (JSON types), same as a later reader sees
+    state = _Run(cfg, prepared, out_dir, loaded,
+                 TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None),  # built on first use
+                 env_info(str(next(loaded.model.parameters()).device)),
+                 on_progress or (lambda msg: log.info(msg)), progress)
+    records = [_run_cell(state, name, method, mode) for name, method in prepared.methods.items() for mode in cfg.modes]
     rec.write_summary(rec.load_dir(out_dir), out_dir / "summary.csv")
     return records
+
+
+def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
+    """One (method, mode): reuse its finished record, or plan, evaluate task by task and save."""
+    from harness.engine import PAGE_TOKENS
+    from harness.lm import PDLM
+
+    cfg, model = st.cfg, st.loaded.model
+    options = method.options()
+    calib_desc = dataclasses.asdict(st.prepared.calib_config) if method.needs_calibration else None
+    key = cfg.identity(name, mode, options, calib_desc)
+    final = st.out_dir / rec.record_filename(name, mode)
+    if final.exists():
+        old = rec.load(final)
+        if old.run_key != key:
+            raise UsageError(f"{final} holds a {name}/{mode} record of a different configuration "
+                             f"(run_key {old.run_key} != {key}); use another --out or remove it")
+        st.say(f"{name}/{mode}: finished record found, reused ({final.name})")
+        return old
+    partial_path = _partial_path(st.out_dir, name, mode)
+    partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
+    if partial.get("run_key") != key:
+        partial = {"run_key": key, "tasks": {}}
+    if "plan" in partial:
+        plan = PruningPlan.from_dict(partial["plan"])
+    else:
+        st.say(f"{name}/{mode}: planning")
+        calib = st.calibration() if method.needs_calibration else None
+        t0 = time.perf_counter()
+        plan = method.plan(model, calib, mode)
+        partial.update(plan=plan.to_dict(), plan_s=time.perf_counter() - t0,
+                       calibration=calib.description if calib is not None else None)
+    if mode == "unified" and not plan.is_unified:
+        raise ValueError(f"{name} returned a plan with two layer sets or KV pruning for unified mode")
+    with method.apply(model, plan) as applied:
+        lm = PDLM(model, st.loaded.tokenizer, applied, mode, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                  progress=st.progress)
+        for task in cfg.tasks:
+            if task in partial["tasks"]:
+                continue
+            st.say(f"{name}/{mode}: {task}")
+            before, t_task = lm.tally.as_dict(), time.perf_counter()
+            try:
+                result = evaluate_task(lm, task, st.tasks, cfg)
+            except Exception as e:
+                if cfg.data_dir is None and _is_download_error(e):
+                    raise UsageError(f"task {task}: its dataset could not be fetched from the Hugging Face hub "
+                                     f"({type(e).__name__}); offline, pass --data-dir with local data") from e
+                raise
+            after = lm.tally.as_dict()
+            result["kv"] = {k: after[k] - before[k] for k in after} if mode == "disaggregated" else {}
+            result["seconds"] = time.perf_counter() - t_task
+            partial["tasks"][task] = result
+            rec.atomic_write(partial_path, json.dumps(partial))
+    done = partial["tasks"]
+    record = rec.RunRecord(
+        method=name, mode=mode, run_key=key,
+        config={**dataclasses.asdict(cfg), "method_options": options, "max_length_used": lm.max_length,
+                "page_tokens": PAGE_TOKENS},
+        plan=plan.to_dict(), environment=st.env, model=st.loaded.description, calibration=partial["calibration"],
+        scores={t: done[t]["scores"] for t in cfg.tasks},
+        kv={t: done[t]["kv"] for t in cfg.tasks if done[t]["kv"]},
+        n_samples={t: done[t]["n_samples"] for t in cfg.tasks},
+        lm_eval={"version": st.env["packages"].get("lm_eval"), "tasks": {t: done[t]["lm_eval"] for t in cfg.tasks},
+                 "bootstrap_iters": cfg.bootstrap_iters, "limit": cfg.limit,
+                 "metric_convention": {t: rec.primary_metric(t) for t in cfg.tasks}},
+        timing_s={"plan": partial["plan_s"], **{f"eval_{t}": done[t]["seconds"] for t in cfg.tasks}},
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    path = rec.save(record, st.out_dir)
+    partial_path.unlink(missing_ok=True)
+    return rec.load(path)  # the record as stored (JSON types), same as a later reader sees
