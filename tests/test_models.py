@@ -1,0 +1,31 @@
+"""Model specs: a saved directory loads back to the same logits; random presets have the published shapes."""
+
+import torch
+
+from harness.models import PRESETS, load_model
+
+
+def test_local_directory_roundtrip(tiny, tmp_path):
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    again = load_model(str(tmp_path), device="cpu", dtype="float32")
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.inference_mode():
+        assert torch.equal(again.model(ids).logits, tiny.model(ids).logits)
+    assert again.description["kind"] == "directory" and again.tokenizer.encode("ab") == tiny.tokenizer.encode("ab")
+
+
+def test_presets_shapes():
+    assert PRESETS["llama3-8b"]["num_hidden_layers"] == 32 and PRESETS["llama3-8b"]["num_key_value_heads"] == 8
+    assert PRESETS["smollm2-135m"]["num_attention_heads"] == 9 and PRESETS["smollm2-135m"]["num_key_value_heads"] == 3
+    small = load_model("random:smollm2-135m", device="cpu", dtype="bfloat16")
+    assert small.model.config.num_hidden_layers == 30 and next(small.model.parameters()).dtype == torch.bfloat16
+
+
+def test_smollm2_default_is_the_real_model(smollm2):
+    cfg = smollm2.model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (30, 9, 3, 49152)
+    assert getattr(cfg, "quantization_config", None) is None  # dequantised, serialisable
+    ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    out = smollm2.model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in smollm2.tokenizer.decode(out[0, ids.shape[1]:])
