@@ -77,6 +77,15 @@ class PDCache:
         """Bytes of every K and V tensor held (padding columns included)."""
         return sum(t.numel() * t.element_size() for d in (self.keys, self.values) for t in d.values())
 
+    def frozen(self) -> PDCache:
+        """A view over the same K/V that later steps read but never extend (this cache stays as is).
+
+        Used to evaluate many decode-stage variants against one prefilled prompt.
+        """
+        view = PDCache(retain=())
+        view.keys, view.values, view.positions = self.keys, self.values, self.positions
+        return view
+
     def select_rows(self, rows: torch.Tensor) -> PDCache:
         """A cache holding batch rows `rows` (used when several requests share one prefill)."""
         out = PDCache(self._retain)

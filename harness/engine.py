@@ -45,28 +45,38 @@ def attention_mask(
 def run_layers(
     model: nn.Module,
     layers: Sequence[int],
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None,
     positions: torch.Tensor,
     valid: torch.Tensor,
     cache: PDCache,
+    *,
+    hidden: torch.Tensor | None = None,
+    collect: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run `input_ids` (batch, q) at `positions` (batch, q) through decoder `layers`.
 
     `valid` (batch, q) is False for padding tokens: their K/V enter the cache with position -1.
-    Returns the last layer's hidden states (batch, q, hidden), before the final norm.
+    Instead of `input_ids`, `hidden` (batch, q, hidden) may give the input of `layers[0]` (to
+    resume a forward from a cached intermediate state). If `collect` is given, the input of each
+    layer is stored in it under the layer index. Returns the last layer's hidden states
+    (batch, q, hidden), before the final norm.
     """
     dec = arch.decoder(model)
     mod_layers = dec.layers
     impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
-    h = dec.embed_tokens(input_ids)
+    h = dec.embed_tokens(input_ids) if hidden is None else hidden
+    if not layers:
+        return h
     rot = dec.rotary_emb(h, position_ids=positions.clamp(min=0))
     step_pos = torch.where(valid, positions, torch.full_like(positions, -1))
     fresh_causal = bool(valid.all())  # no padding: a step over an empty cache is plain causal
     cache.begin_step(step_pos)
     cache_kw = arch.cache_kwarg(type(mod_layers[layers[0]]))
     masks: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    q = input_ids.shape[1]
+    q = h.shape[1]
     for i in layers:
+        if collect is not None:
+            collect[i] = h
         kpos = cache.layer_positions(i)
         hit = masks.get(id(kpos))
         if hit is None:
