@@ -14,7 +14,12 @@ from harness.plan import PruningPlan
 from harness.scoring import Scorer
 
 # Options that fit the 4-layer tiny model (defaults are sized for real models).
-TINY_OPTIONS = {"shortgpt": {"k": 2}, "manual": {"prefill_layers": (0, 1, 3), "decode_layers": (0, 3)}}
+TINY_OPTIONS = {
+    "shortgpt": {"k": 2},
+    "manual": {"prefill_layers": (0, 1, 3), "decode_layers": (0, 3)},
+    "pdtrim": {"k_prefill": 1, "k_decode": 2, "k_unified": 2, "search_samples": 8, "max_cont": 8,
+               "probe_prompts": 2, "probe_tokens": 64, "probe_steps": 4, "n_first": 2, "n_last": 6, "tau": 0.0},
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +60,7 @@ def test_method_contract(name, tiny, tiny_calib):
 
 
 def test_registry_errors_name_the_known_methods():
-    with pytest.raises(UsageError, match="did you mean 'shortgpt'.*known methods: manual, shortgpt, unpruned"):
+    with pytest.raises(UsageError, match="did you mean 'shortgpt'.*known methods: manual, pdtrim, shortgpt, unpruned"):
         methods.get("shortgtp")
 
 
@@ -80,7 +85,7 @@ def independent_block_cosines(model, calib):
 
 
 def test_shortgpt_matches_independent_block_influence(tiny, tiny_calib):
-    from methods.shortgpt import block_cosines
+    from methods.blocks import block_cosines
 
     ours = block_cosines(tiny.model, tiny_calib, batch_size=5)
     ref = independent_block_cosines(tiny.model, tiny_calib)
