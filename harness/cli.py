@@ -13,7 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
-from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, STANDARD_TASKS, RunConfig, options_help
+from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, LONG_TASKS, STANDARD_TASKS, RunConfig, expand_tasks, options_help
 from harness.errors import UsageError
 
 MODES = {"unified": ("unified",), "disaggregated": ("disaggregated",), "both": ("unified", "disaggregated")}
@@ -53,6 +53,11 @@ def _methods_epilog() -> str:
     from harness.calibration import CalibConfig
 
     lines.append(f"  {'calib':10s} calibration set: {options_help(CalibConfig)} (seed defaults to --seed)")
+    from harness.long_tasks import CONFIGS
+
+    lines.append("long-context tasks (options via --set TASK.OPTION=VALUE when the task is in --tasks):")
+    for name, cfg in CONFIGS.items():
+        lines.append(f"  {name:10s} options: {options_help(cfg)}")
     return "\n".join(lines)
 
 
@@ -68,12 +73,15 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_csv, default=",".join(DEFAULT_METHODS), help="comma-separated method names (default: %(default)s)")
     p.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m (embedded default), a .gguf file, a model directory, a HF id, or random:<preset>")
-    p.add_argument("--tasks", type=_csv, default=",".join(STANDARD_TASKS), help="comma-separated lm-eval tasks (default: the seven standard ones)")
+    p.add_argument("--tasks", type=_csv, default="standard,long",
+                   help="comma-separated tasks: lm-eval tasks with local data, the harness's long-context tasks "
+                        f"({', '.join(LONG_TASKS)}), or the aliases standard ({', '.join(STANDARD_TASKS)}) and long "
+                        "(default: %(default)s)")
     p.add_argument("--limit", type=_limit, default=DEFAULT_LIMIT,
                    help=f"items per task (per subtask for groups such as mmlu), or 'all' (default: {DEFAULT_LIMIT})")
     p.add_argument("--mode", choices=sorted(MODES), default="both", help="PD setting(s) to evaluate (default: both)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE",
-                   help="method or calibration option, e.g. shortgpt.k=8 or calib.n_samples=64 (repeatable)")
+                   help="method, calibration or long-context task option, e.g. shortgpt.k=8, calib.n_samples=64, pd_ppl.docs=8 (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: results/runs/<run id>)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and lm-eval (default: 0)")
     p.add_argument("--batch-size", type=_positive, default=16, help="requests per forward (default: 16)")
@@ -92,7 +100,7 @@ def check_tasks(tasks: tuple[str, ...], data_dir: str | None) -> None:
 
     if not tasks:
         raise UsageError("--tasks is empty; give at least one task, e.g. --tasks arc_easy")
-    unknown = [t for t in tasks if t not in TASK_FILES]
+    unknown = [t for t in tasks if t not in TASK_FILES and t not in LONG_TASKS]
     if not unknown:
         return
     if data_dir is None:
@@ -102,7 +110,8 @@ def check_tasks(tasks: tuple[str, ...], data_dir: str | None) -> None:
         unknown = [t for t in unknown if t not in known]
         if not unknown:
             return
-    raise UsageError(f"unknown task(s) {', '.join(unknown)}; tasks with local data: {', '.join(sorted(TASK_FILES))}"
+    raise UsageError(f"unknown task(s) {', '.join(unknown)}; tasks with local data: {', '.join(sorted(TASK_FILES))}; "
+                     f"long-context: {', '.join(LONG_TASKS)}; aliases: standard, long"
                      + ("" if data_dir else " (without --data-dir, any lm-eval task name)"))
 
 
@@ -129,10 +138,10 @@ def cmd_run(argv: list[str]) -> int:
     _quiet_libraries()
     from harness import pipeline
     from harness.records import load_dir
-    from reports.tables import comparison_table, plans_table
+    from reports.tables import comparison_table, long_context_table, plans_table
 
     cfg = RunConfig(
-        model=args.model, methods=args.methods, tasks=args.tasks, limit=args.limit, modes=MODES[args.mode],
+        model=args.model, methods=args.methods, tasks=expand_tasks(args.tasks), limit=args.limit, modes=MODES[args.mode],
         seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None, max_length=args.max_length,
         bootstrap_iters=args.bootstrap_iters, overrides=tuple(args.overrides),
@@ -166,6 +175,9 @@ def cmd_run(argv: list[str]) -> int:
     records = [r for r in load_dir(out) if r.method in cfg.methods and r.mode in cfg.modes]
     print(comparison_table(records))
     print()
+    if long_table := long_context_table(records):
+        print(long_table)
+        print()
     print(plans_table(records))
     print(f"\nrecords and summary.csv in {out} ({time.perf_counter() - start:.0f}s)")
     return 0

@@ -13,6 +13,9 @@ from typing import Any
 from harness.errors import UsageError
 
 STANDARD_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "openbookqa")
+LONG_TASKS = ("pd_ppl", "passkey")  # harness-native long-context workloads (harness/long_tasks.py)
+TASK_ALIASES = {"standard": STANDARD_TASKS, "long": LONG_TASKS}
+DEFAULT_TASKS = STANDARD_TASKS + LONG_TASKS
 DEFAULT_METHODS = ("unpruned", "shortgpt")
 DEFAULT_LIMIT = 100
 
@@ -23,7 +26,7 @@ class RunConfig:
 
     model: str = "smollm2-135m"
     methods: tuple[str, ...] = DEFAULT_METHODS
-    tasks: tuple[str, ...] = STANDARD_TASKS
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     limit: int | None = DEFAULT_LIMIT  # lm-eval per-task cap (per subtask for groups); None = full split
     modes: tuple[str, ...] = ("unified", "disaggregated")
     seed: int = 0
@@ -33,12 +36,14 @@ class RunConfig:
     data_dir: str | None = None
     max_length: int | None = None  # None: the model's context length, as lm-eval's HFLM resolves it
     bootstrap_iters: int = 1000  # lm-eval bootstrap for stderr of non-mean metrics (perplexities)
-    overrides: tuple[str, ...] = ()  # raw --set items, scoped "method.field=value" or "calib.field=value"
+    overrides: tuple[str, ...] = ()  # raw --set items, scoped "method.field=value", "calib.field=value" or "task.field=value"
 
-    def identity(self, method: str, mode: str, method_options: dict, calib: dict | None) -> str:
+    def identity(self, method: str, mode: str, method_options: dict, calib: dict | None, task_options: dict | None = None) -> str:
         """Content hash of what determines one (method, mode) record."""
         canon = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("methods", "modes", "overrides")}
         canon.update(method=method, mode=mode, method_options=method_options, calib=calib)
+        if task_options:  # only runs with long-context tasks carry it (keeps older keys stable)
+            canon["task_options"] = task_options
         return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def run_id(self) -> str:
@@ -73,6 +78,16 @@ def coerce(raw: str, hint: Any, where: str) -> Any:
     raise UsageError(f"--set {where}: unsupported option type {hint}")
 
 
+def expand_tasks(tasks: typing.Iterable[str]) -> tuple[str, ...]:
+    """Replace the aliases `standard` and `long` by their tasks; keep order, drop repeats."""
+    out: list[str] = []
+    for t in tasks:
+        for name in TASK_ALIASES.get(t, (t,)):
+            if name not in out:
+                out.append(name)
+    return tuple(out)
+
+
 def split_overrides(items: typing.Iterable[str], scopes: typing.Iterable[str]) -> dict[str, dict[str, str]]:
     """['shortgpt.k=8', 'calib.seed=1'] -> {'shortgpt': {'k': '8'}, 'calib': {'seed': '1'}}; checks syntax and scopes."""
     scopes = list(scopes)
@@ -83,7 +98,7 @@ def split_overrides(items: typing.Iterable[str], scopes: typing.Iterable[str]) -
         if not eq or not dot or not name:
             raise UsageError(f"--set {item!r}: expected SCOPE.OPTION=VALUE, e.g. --set shortgpt.k=8")
         if scope not in scopes:
-            raise UsageError(f"--set {item!r}: {scope!r} is not a method of this run nor 'calib'; "
+            raise UsageError(f"--set {item!r}: {scope!r} is not a method or long-context task of this run nor 'calib'; "
                              f"scopes here: {', '.join(scopes)}")
         out.setdefault(scope, {})[name] = raw.strip()
     return out

@@ -77,6 +77,21 @@ class _Batch:
         return int(self.full_valid.sum())
 
 
+def token_budget_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped longest first, each group at most `max_rows` rows and `max_tokens` padded
+    positions (rows × longest row; a single longer row is its own group). Calibration lengths vary
+    widely (tens to hundreds of tokens), and fixed-size batches would mostly compute padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g and len(g) < max_rows and (len(g) + 1) * lengths[g[0]] <= max_tokens:
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def _pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(1, max(len(r) for r in rows))
     ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -90,14 +105,13 @@ def _pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, tor
 class StageObjective:
     """E_P and E_D on a fixed calibration split, with resumable forwards. Counts the work it does."""
 
-    def __init__(self, model, split: CalibSplit, batch_size: int = 16) -> None:
+    def __init__(self, model, split: CalibSplit, batch_size: int = 16, max_batch_tokens: int = 512) -> None:
         self.model = model
         self.n_layers = arch.n_layers(model)
         self.device = arch.model_device(model)
         self.batches: list[_Batch] = []
-        order = sorted(range(len(split.prompts)), key=lambda i: -(len(split.prompts[i]) + len(split.conts[i])))
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
+        for idx in token_budget_batches([len(p) + len(c) - 1 for p, c in zip(split.prompts, split.conts)],
+                                        batch_size, max_batch_tokens):
             self.batches.append(self._make_batch([split.prompts[i] for i in idx], [split.conts[i] for i in idx]))
         self.evaluations = 0  # objective evaluations (each a forward over all calibration batches, maybe partial)
         self.layer_token_passes = 0  # Σ layers run × tokens run through them

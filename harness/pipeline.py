@@ -32,15 +32,19 @@ class Prepared:
     config: RunConfig
     methods: dict[str, Any]
     calib_config: CalibConfig
+    task_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # long-context task -> its options
 
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Validate names and `--set` options (cheap; no model, no data loaded)."""
     import methods as registry
+    from harness import long_tasks
 
     classes = {name: registry.get(name) for name in cfg.methods}
-    raw = split_overrides(cfg.overrides, [*cfg.methods, "calib"])
+    long_here = [t for t in cfg.tasks if t in long_tasks.LONG_TASKS]
+    raw = split_overrides(cfg.overrides, [*cfg.methods, "calib", *long_here])
     instances = {name: cls(build_options(cls.Config, name, raw.get(name, {}))) for name, cls in classes.items()}
+    task_options = {t: build_options(long_tasks.CONFIGS[t], t, raw.get(t, {})) for t in long_here}
     calib_raw = dict(raw.get("calib", {}))
     calib_raw.setdefault("seed", str(cfg.seed))
     calib = build_options(CalibConfig, "calib", calib_raw)
@@ -48,7 +52,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     if needing and not cfg.data_dir:
         raise UsageError(f"{', '.join(needing)} calibrate on PIQA + MMLU from local data: pass --data-dir "
                          "(or set HARNESS_DATA_DIR) pointing at a folder laid out like ../shared/data")
-    return Prepared(cfg, instances, calib)
+    if "pd_ppl" in long_here and not cfg.data_dir:
+        raise UsageError("pd_ppl reads WikiText-2 from local data: pass --data-dir (or set HARNESS_DATA_DIR)")
+    return Prepared(cfg, instances, calib, task_options)
 
 
 def flatten_results(res: dict[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -177,7 +183,8 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     cfg, model = st.cfg, st.loaded.model
     options = method.options()
     calib_desc = dataclasses.asdict(st.prepared.calib_config) if method.needs_calibration else None
-    key = cfg.identity(name, mode, options, calib_desc)
+    task_opts = {t: dataclasses.asdict(o) for t, o in st.prepared.task_options.items()}
+    key = cfg.identity(name, mode, options, calib_desc, task_opts)
     final = st.out_dir / rec.record_filename(name, mode)
     if final.exists():
         old = rec.load(final)
@@ -210,7 +217,13 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
             st.say(f"{name}/{mode}: {task}")
             before, t_task = lm.tally.as_dict(), time.perf_counter()
             try:
-                result = evaluate_task(lm, task, st.tasks, cfg)
+                if task in st.prepared.task_options:
+                    from harness import long_tasks
+
+                    result = long_tasks.evaluate(task, lm.scorer, st.loaded.tokenizer, Path(cfg.data_dir) if cfg.data_dir else None,
+                                                 st.prepared.task_options[task], cfg.limit, st.progress)
+                else:
+                    result = evaluate_task(lm, task, st.tasks, cfg)
             except Exception as e:
                 if cfg.data_dir is None and _is_download_error(e):
                     raise UsageError(f"task {task}: its dataset could not be fetched from the Hugging Face hub "
@@ -218,6 +231,8 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
                 raise
             after = lm.tally.as_dict()
             result["kv"] = {k: after[k] - before[k] for k in after} if mode == "disaggregated" else {}
+            if mode != "disaggregated":
+                result.pop("kv_by", None)
             result["seconds"] = time.perf_counter() - t_task
             partial["tasks"][task] = result
             rec.atomic_write(partial_path, json.dumps(partial))
@@ -230,11 +245,14 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
         scores={t: done[t]["scores"] for t in cfg.tasks},
         kv={t: done[t]["kv"] for t in cfg.tasks if done[t]["kv"]},
         n_samples={t: done[t]["n_samples"] for t in cfg.tasks},
-        lm_eval={"version": st.env["packages"].get("lm_eval"), "tasks": {t: done[t]["lm_eval"] for t in cfg.tasks},
+        lm_eval={"version": st.env["packages"].get("lm_eval"),
+                 "tasks": {t: done[t].get("lm_eval") or {"harness_task": done[t]["harness_task"]} for t in cfg.tasks},
                  "bootstrap_iters": cfg.bootstrap_iters, "limit": cfg.limit,
                  "metric_convention": {t: rec.primary_metric(t) for t in cfg.tasks}},
         timing_s={"plan": partial["plan_s"], **{f"eval_{t}": done[t]["seconds"] for t in cfg.tasks}},
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        extra={"kv_by_setting": {t: done[t]["kv_by"] for t in cfg.tasks if done[t].get("kv_by")},
+               "task_details": {t: done[t]["details"] for t in cfg.tasks if "details" in done[t]}},
     )
     path = rec.save(record, st.out_dir)
     partial_path.unlink(missing_ok=True)

@@ -24,8 +24,10 @@ PRIMARY_METRIC = {
     "openbookqa": "acc_norm",
     "wikitext": "word_perplexity",
     "lambada_openai": "acc",
+    "pd_ppl": "ppl",  # token perplexity of the continuation, pooled over prompt lengths
+    "passkey": "acc",  # exact match, pooled over lengths and depths
 }
-LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"}
+LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity", "ppl"}
 
 
 def primary_metric(task: str) -> str:

@@ -49,7 +49,8 @@ class PDTrim(Method):
         d_t: float = 0.95  # pruning-set threshold on the block cosine s_i
         search_samples: int = 32  # calibration sequences the stage objectives use
         max_cont: int = 32  # continuation tokens per sequence (at most half of it)
-        batch_size: int = 16
+        batch_size: int = 16  # rows per forward (block scores and search)
+        batch_tokens: int = 512  # padded positions per search forward (short calibration rows are grouped)
         anneal_steps: int = 0  # simulated-annealing swap proposals per stage; 0 = greedy only
         anneal_t0: float = 0.05  # initial temperature, relative to the current objective
         anneal_cooling: float = 0.9  # geometric cooling factor per proposal
@@ -68,8 +69,8 @@ class PDTrim(Method):
             raise UsageError(f"pdtrim: need 0 <= k_prefill <= k_decode (R_prefill ⊆ R_decode), got {c.k_prefill}, {c.k_decode}")
         if c.k_unified < 0:
             raise UsageError(f"pdtrim.k_unified={c.k_unified}: must be >= 0")
-        if c.search_samples < 1 or c.max_cont < 1 or c.batch_size < 1:
-            raise UsageError("pdtrim: search_samples, max_cont and batch_size must be >= 1")
+        if c.search_samples < 1 or c.max_cont < 1 or c.batch_size < 1 or c.batch_tokens < 1:
+            raise UsageError("pdtrim: search_samples, max_cont, batch_size and batch_tokens must be >= 1")
         if not 0 <= c.tau <= 1 or c.n_first < 0 or c.n_last < 0 or (c.kv_pruning and c.n_first + c.n_last < 1):
             raise UsageError("pdtrim: need 0 <= tau <= 1 and n_first, n_last >= 0 with n_first + n_last >= 1")
         if c.anneal_steps < 0 or not 0 < c.anneal_cooling <= 1 or c.anneal_t0 < 0:
@@ -87,6 +88,7 @@ class PDTrim(Method):
             raise UsageError(f"pdtrim: {'k_unified' if mode == 'unified' else 'k_decode'}={k} must be < the model's {n} layers")
         st = self._search_state(model, calib)
         t0 = time.perf_counter()
+        st.mark()
         if mode == "unified":
             removed = st.greedy_prefill(c.k_unified)
             removed = st.anneal(removed, frozenset(), "prefill", c)
@@ -140,6 +142,12 @@ def pack_prompts(input_ids: list[list[int]], n: int, tokens: int, seed: int) -> 
     return prompts
 
 
+def _bar(items, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
 class _SearchState:
     """Block scores, objectives with memoised values, and the search steps taken (for the record)."""
 
@@ -156,7 +164,7 @@ class _SearchState:
         split = CalibSplit.from_calibration(calib.input_ids, c.search_samples, c.max_cont, c.seed)
         self.split_desc = {"sequences": len(split.prompts), "continuation_tokens": split.n_cont_tokens,
                            "prompt_tokens": sum(len(p) for p in split.prompts)}
-        self.obj = StageObjective(model, split, c.batch_size)
+        self.obj = StageObjective(model, split, c.batch_size, c.batch_tokens)
         self.memo_p: dict[frozenset, float] = {}
         self.memo_d: dict[tuple[frozenset, frozenset], float] = {}
         self.trace: dict[str, list] = {}
@@ -164,9 +172,13 @@ class _SearchState:
         self.search_s = 0.0
         if c.sensitivity:
             t0 = time.perf_counter()
-            self.sensitivity = {"prefill": [self.ep({i}) for i in range(self.n)],
-                                "decode": [self.ed({i}, frozenset()) for i in range(self.n)]}
+            self.sensitivity = {"prefill": [self.ep({i}) for i in _bar(range(self.n), "pdtrim: prefill sensitivity")],
+                                "decode": [self.ed({i}, frozenset()) for i in _bar(range(self.n), "pdtrim: decode sensitivity")]}
             self.search_s += time.perf_counter() - t0
+
+    def mark(self) -> None:
+        """Remember the work counters, so `info` can report this mode's share."""
+        self._mark = self.obj.work()
 
     def ep(self, removed: Iterable[int]) -> float:
         key = frozenset(removed)
@@ -188,7 +200,8 @@ class _SearchState:
         t0 = time.perf_counter()
         removed, steps = start, []
         while len(removed) < target:
-            scored = {j: objective(removed | {j}) for j in self._candidates(removed)}
+            cands = self._candidates(removed)
+            scored = {j: objective(removed | {j}) for j in _bar(cands, f"pdtrim: {name} step {len(removed) + 1}/{target}")}
             best = min(scored, key=lambda j: (scored[j], j))
             removed = removed | {best}
             rebase(removed)
@@ -244,7 +257,11 @@ class _SearchState:
                 "prefill": "E_P({i}): block i removed from the prefill stage (hence, by R_P ⊆ R_D, also from decode)",
                 "decode": "E_D({i} | {}): block i removed from the decode stage only"},
             "search_sequences": self.split_desc,
+            # cumulative over this search state: both modes share block scores, sensitivity and the
+            # memoised objective values (the unified search reuses the prefill search's first steps)
             "work": {**self.obj.work(), "score_seconds": self.score_s, "search_seconds": self.search_s,
-                     "plan_seconds_this_mode": time.perf_counter() - t0, "block_score_forwards": 1},
+                     "block_score_forwards": 1, "cumulative_over_modes": True,
+                     "this_mode": {"plan_seconds": time.perf_counter() - t0,
+                                   **{k: v - self._mark[k] for k, v in self.obj.work().items()}}},
             "mode": mode,
         }

@@ -11,6 +11,7 @@ for both stages). KV: every prompt position of every kept block is sent.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from harness import arch
@@ -44,10 +45,13 @@ class ShortGPT(Method):
             raise UsageError(f"shortgpt.k={self.config.k}: must be < the model's {n} layers (at least one must stay)")
         key = (id(model), id(calib))
         if getattr(self, "_memo", (None,))[0] != key:  # the plan does not depend on the mode
-            self._memo = (key, block_cosines(model, calib, self.config.batch_size))
-        cos = self._memo[1]
+            t0 = time.perf_counter()
+            cos = block_cosines(model, calib, self.config.batch_size)
+            self._memo = (key, cos, time.perf_counter() - t0)
+        cos, seconds = self._memo[1], self._memo[2]
         bi = [1.0 - c for c in cos]
         drop = lowest(bi, self.config.k)
         keep = tuple(i for i in range(n) if i not in drop)
         return PruningPlan(self.name, n, keep, keep,
-                           info={"block_influence": bi, "removed": drop, "criterion": "1 - mean cos(h_in, h_out)"})
+                           info={"block_influence": bi, "removed": drop, "criterion": "1 - mean cos(h_in, h_out)",
+                                 "work": {"full_forward_equivalents": 1, "score_seconds": seconds}})

@@ -55,3 +55,34 @@ def reference_loglikelihood(model, reqs, mask_fn=None):
             logp = torch.log_softmax(model(ids, **kwargs).logits[0].float(), -1)
             out.append(sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)))
     return out
+
+
+def pd_kl_from_scratch(model, prompts, conts, rd, rp):
+    """Mean KL(dense || PD) over continuation tokens, one request at a time: prompt through the
+    model without `rp` (prefill), handoff, continuation through the model without `rd` (decode)."""
+    import torch.nn.functional as F
+
+    from harness import arch
+    from harness.engine import final_logits, run_layers
+    from harness.plan import PruningPlan
+    from harness.scoring import Scorer
+
+    n = arch.n_layers(model)
+    keep = lambda r: tuple(i for i in range(n) if i not in r)  # noqa: E731
+    plan = PruningPlan("x", n, keep(rp), keep(rd))
+    total, count = 0.0, 0
+    for p, c in zip(prompts, conts):
+        s = Scorer(model, plan, "disaggregated", max_length=4096)
+        last, cache, lengths = s._prefill([p])
+        dcache = s._handoff(cache, lengths, torch.tensor([0]))
+        hs = [last]
+        if len(c) > 1:
+            pos = (len(p) + torch.arange(len(c) - 1))[None]
+            hs.append(run_layers(model, plan.decode_layers, torch.tensor([c[:-1]]), pos,
+                                 torch.ones(1, len(c) - 1, dtype=torch.bool), dcache)[0])
+        with torch.inference_mode():
+            student = F.log_softmax(final_logits(model, torch.cat(hs)), -1)
+            teacher = F.log_softmax(model(torch.tensor([p + c[:-1]])).logits[0, len(p) - 1:].float(), -1)
+        total += float(F.kl_div(student, teacher, log_target=True, reduction="sum"))
+        count += len(c)
+    return total / count

@@ -2,12 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import pd_kl_from_scratch
 
-from harness.engine import final_logits, run_layers
 from harness.objectives import CalibSplit, StageObjective
-from harness.plan import PruningPlan
-from harness.scoring import Scorer
 
 
 @pytest.fixture(scope="module")
@@ -18,25 +15,7 @@ def split():
 
 
 def from_scratch(tiny, split, rd, rp):
-    """Mean KL(dense || PD) over continuation tokens, one request at a time through prefill, handoff, decode."""
-    keep = lambda r: tuple(i for i in range(4) if i not in r)  # noqa: E731
-    plan = PruningPlan("x", 4, keep(rp), keep(rd))
-    total, n = 0.0, 0
-    for p, c in zip(split.prompts, split.conts):
-        s = Scorer(tiny.model, plan, "disaggregated", max_length=4096)
-        last, cache, lengths = s._prefill([p])
-        dcache = s._handoff(cache, lengths, torch.tensor([0]))
-        hs = [last]
-        if len(c) > 1:
-            pos = (len(p) + torch.arange(len(c) - 1))[None]
-            hs.append(run_layers(tiny.model, plan.decode_layers, torch.tensor([c[:-1]]), pos,
-                                 torch.ones(1, len(c) - 1, dtype=torch.bool), dcache)[0])
-        with torch.inference_mode():
-            student = F.log_softmax(final_logits(tiny.model, torch.cat(hs)), -1)
-            teacher = F.log_softmax(tiny.model(torch.tensor([p + c[:-1]])).logits[0, len(p) - 1:].float(), -1)
-        total += float(F.kl_div(student, teacher, log_target=True, reduction="sum"))
-        n += len(c)
-    return total / n
+    return pd_kl_from_scratch(tiny.model, split.prompts, split.conts, rd, rp)
 
 
 def test_objectives_match_from_scratch_pd_runs(tiny, split):

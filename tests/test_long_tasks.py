@@ -1,0 +1,110 @@
+"""Long-context tasks: exact request construction, byte arithmetic per prompt length, both modes."""
+
+import math
+
+import pytest
+
+from harness import long_tasks
+from harness.config import RunConfig
+from harness.plan import KVPolicy, PruningPlan
+from harness.scoring import Scorer
+
+PK = long_tasks.PasskeyConfig(lengths=(512, 1024), depths=(0.0, 0.5, 1.0), repeats=2, batch_size=4)
+PPL = long_tasks.PplConfig(prompt_tokens=(128, 256), cont_tokens=16, docs=3, batch_size=2)
+
+
+def kv_bytes_per_token(model) -> int:
+    """K and V, all kv heads, one layer, one position, in the model's dtype."""
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    return 2 * c.num_key_value_heads * head_dim * next(model.parameters()).element_size()
+
+
+def test_passkey_samples_have_exact_lengths_keys_and_depths(tiny):
+    tok = tiny.tokenizer
+    samples = long_tasks.passkey_samples(tok, PK, None)
+    assert len(samples) == 2 * 2 * 3
+    assert samples == long_tasks.passkey_samples(tok, PK, None)  # deterministic
+    assert len({s.key for s in samples}) == len(samples) and all(len(s.key) == 5 and s.key.isdigit() for s in samples)
+    for s in samples:
+        assert len(s.tokens) == s.length
+        text = tok.decode(list(s.tokens))
+        assert text.startswith("There is an important info") and text.endswith("What is the pass key? The pass key is")
+        key_sentence = long_tasks.KEY.format(key=s.key)
+        at = text.index(key_sentence)
+        filler = len(text) - len(long_tasks.INTRO) - len(key_sentence) - len(long_tasks.QUESTION)
+        rel = (at - len(long_tasks.INTRO)) / filler  # share of the filler that precedes the key
+        assert abs(rel - s.depth) <= len(long_tasks.FILLER) / filler, (s.depth, rel)
+    # depth 0 puts the key right after the intro; depth 1 right before the question
+    first = next(s for s in samples if s.depth == 0.0)
+    assert tok.decode(list(first.tokens)).index("The pass key is") < len(long_tasks.INTRO) + 2
+    # --limit takes the grid round-robin: every length and depth is represented in the first 6
+    lim = long_tasks.passkey_samples(tok, PK, 6)
+    assert {(s.length, s.depth) for s in lim} == {(L, d) for L in PK.lengths for d in PK.depths}
+
+
+def test_passkey_scoring_takes_the_first_digit_run():
+    assert long_tasks.passkey_correct(" 12345. Remember", "12345")
+    assert not long_tasks.passkey_correct(" 123456", "12345")
+    assert not long_tasks.passkey_correct(" the key", "12345")
+    assert not long_tasks.passkey_correct(" 54321 12345", "12345")
+
+
+def test_ppl_windows_are_the_same_articles_for_every_prompt_length(tiny, data_dir):
+    windows = long_tasks.ppl_windows(tiny.tokenizer, data_dir, PPL, None)
+    assert len(windows) == 3 and all(len(w) == 256 + 16 for w in windows)
+    assert long_tasks.ppl_windows(tiny.tokenizer, data_dir, PPL, 2) == windows[:2]
+
+
+@pytest.mark.parametrize("task", ["pd_ppl", "passkey"])
+def test_long_task_bytes_match_arithmetic_and_modes_agree(tiny, data_dir, task):
+    model, tok = tiny.model, tiny.tokenizer
+    opts = PPL if task == "pd_ppl" else PK
+    per_tok = kv_bytes_per_token(model)
+    dense = PruningPlan.dense("unpruned", 4)
+    pruned = PruningPlan("x", 4, (0, 1, 2, 3), (0, 2, 3), kv_policy=KVPolicy(4, 8, (2, 3)))
+    outs = {}
+    for name, plan, mode in [("uni", dense, "unified"), ("dis", dense, "disaggregated"), ("kv", pruned, "disaggregated")]:
+        s = Scorer(model, plan, mode, max_length=4096, batch_size=16)
+        outs[name] = long_tasks.evaluate(task, s, tok, data_dir, opts, None)
+        if mode == "unified":
+            assert s.tally.kv_bytes == 0
+    assert outs["uni"]["scores"].keys() == outs["dis"]["scores"].keys()
+    for m, v in outs["uni"]["scores"].items():
+        assert math.isclose(v["value"], outs["dis"]["scores"][m]["value"], rel_tol=1e-4, abs_tol=1e-6), m
+    settings = [f"T{t}" for t in PPL.prompt_tokens] if task == "pd_ppl" else [f"L{n}" for n in PK.lengths]
+    n_req = {s: (3 if task == "pd_ppl" else 6) for s in settings}
+    assert set(outs["dis"]["kv_by"]) == set(settings)
+    for s in settings:
+        T = int(s[1:])
+        dense_b = outs["dis"]["kv_by"][s]
+        assert dense_b["handoffs"] == n_req[s] and dense_b["prompt_tokens"] == n_req[s] * T
+        assert dense_b["kv_bytes"] == n_req[s] * T * 4 * per_tok
+        # decode keeps layers 0, 2, 3; layers 2 and 3 send only the first 4 + last 8 positions
+        assert outs["kv"]["kv_by"][s]["kv_bytes"] == n_req[s] * (T * 1 + 12 * 2) * per_tok
+    if task == "pd_ppl":
+        for T in PPL.prompt_tokens:
+            assert outs["dis"]["scores"][f"ppl_T{T}"]["value"] > 1  # a random model is far from perfect
+    else:
+        assert len(outs["dis"]["details"]["samples"]) == 12
+
+
+def test_pipeline_runs_long_tasks_with_options_and_records_bytes_per_setting(tiny, data_dir, tmp_path):
+    from harness import pipeline
+
+    cfg = RunConfig(model="random:tiny", methods=("unpruned",), tasks=("pd_ppl", "passkey"), limit=2,
+                    modes=("disaggregated",), device="cpu", data_dir=str(data_dir), batch_size=4,
+                    overrides=("pd_ppl.prompt_tokens=128,256", "pd_ppl.cont_tokens=8", "passkey.lengths=512"))
+    (rec,) = pipeline.run(cfg, tmp_path, loaded=tiny)
+    assert set(rec.scores["pd_ppl"]) == {"ppl", "ppl_T128", "ppl_T256"}
+    assert set(rec.scores["passkey"]) >= {"acc", "acc_L512"}
+    assert rec.n_samples == {"pd_ppl": 4, "passkey": 2}
+    per_tok = kv_bytes_per_token(tiny.model)
+    assert rec.extra["kv_by_setting"]["pd_ppl"]["T256"]["kv_bytes"] == 2 * 256 * 4 * per_tok
+    assert rec.kv["passkey"]["kv_bytes"] == 2 * 512 * 4 * per_tok
+    assert rec.lm_eval["tasks"]["pd_ppl"]["harness_task"]["options"]["cont_tokens"] == 8
+    other = RunConfig(**{**cfg.__dict__, "overrides": ("pd_ppl.cont_tokens=16",)})
+    assert pipeline.prepare(other).task_options["pd_ppl"].cont_tokens == 16
+    key = lambda c: c.identity("unpruned", "disaggregated", {}, None,  # noqa: E731
+                               {t: o.__dict__ for t, o in pipeline.prepare(c).task_options.items()})
+    assert key(cfg) != key(other)  # task options are part of the record's identity

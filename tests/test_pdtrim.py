@@ -1,0 +1,142 @@
+"""PDTrim on the tiny model: subset rule, greedy choice against independent objectives, seeded
+determinism, the attention-share probe against HF eager attentions, and the KV policy it yields."""
+
+import copy
+import dataclasses
+import itertools
+
+import pytest
+import torch
+from conftest import pd_kl_from_scratch
+
+import methods
+from harness.attention_probe import first_last_shares
+from harness.calibration import CalibConfig, build_calibration
+from harness.errors import UsageError
+from harness.objectives import CalibSplit
+from harness.plan import PruningPlan
+from harness.scoring import Scorer
+
+SMALL = dict(search_samples=8, max_cont=8, probe_prompts=2, probe_tokens=64, probe_steps=3, n_first=2, n_last=6)
+
+
+@pytest.fixture(scope="module")
+def calib(tiny, data_dir):
+    return build_calibration(tiny.tokenizer, data_dir, CalibConfig(n_samples=24, max_tokens=96, seed=0))
+
+
+def pdtrim(**kw):
+    cls = methods.get("pdtrim")
+    return cls(dataclasses.replace(cls.Config(), **{**SMALL, **kw}))
+
+
+@pytest.mark.parametrize("kp,kd", [(0, 0), (0, 2), (1, 1), (1, 3), (2, 3)])
+def test_subset_rule_and_counts(tiny, calib, kp, kd):
+    plan = pdtrim(k_prefill=kp, k_decode=kd, kv_pruning=False, sensitivity=False).plan(tiny.model, calib, "disaggregated")
+    assert set(plan.removed_prefill) <= set(plan.removed_decode)
+    assert set(plan.decode_layers) <= set(plan.prefill_layers)
+    assert len(plan.removed_prefill) == kp and len(plan.removed_decode) == kd
+
+
+def test_k_decode_below_k_prefill_is_a_usage_error():
+    with pytest.raises(UsageError, match="R_prefill ⊆ R_decode"):
+        pdtrim(k_prefill=3, k_decode=2)
+
+
+def test_greedy_steps_pick_the_argmin_of_independent_objectives(tiny, calib):
+    """Each greedy step removes the candidate with the lowest objective, recomputed here request by
+    request through prefill, handoff and decode (no resumption, no batching)."""
+    m = pdtrim(k_prefill=1, k_decode=2, kv_pruning=False, sensitivity=False, d_t=-1.0)  # every block in P
+    plan = m.plan(tiny.model, calib, "disaggregated")
+    split = CalibSplit.from_calibration(calib.input_ids, SMALL["search_samples"], SMALL["max_cont"], 0)
+    ep = {j: pd_kl_from_scratch(tiny.model, split.prompts, split.conts, {j}, {j}) for j in range(4)}
+    (rp,) = plan.removed_prefill
+    assert rp == min(ep, key=lambda j: (ep[j], j))
+    ed = {j: pd_kl_from_scratch(tiny.model, split.prompts, split.conts, {rp, j}, {rp}) for j in range(4) if j != rp}
+    assert set(plan.removed_decode) == {rp, min(ed, key=lambda j: (ed[j], j))}
+    trace = plan.info["search_trace"]
+    for j, v in trace["prefill_k1"][0]["candidates"].items():
+        assert v == pytest.approx(ep[int(j)], rel=1e-4, abs=1e-6)
+    for j, v in trace["decode_k2"][0]["candidates"].items():
+        assert v == pytest.approx(ed[int(j)], rel=1e-4, abs=1e-6)
+
+
+def test_candidates_come_from_the_pruning_set_first(tiny, calib):
+    m = pdtrim(k_prefill=1, k_decode=1, kv_pruning=False, sensitivity=False)
+    plan = m.plan(tiny.model, calib, "disaggregated")
+    info = plan.info
+    top = max(range(4), key=lambda i: info["block_cosine"][i])
+    # pick d_t so that exactly the most redundant block is in P: it must be removed, whatever E_P says
+    d_t = (sorted(info["block_cosine"])[-1] + sorted(info["block_cosine"])[-2]) / 2
+    plan = pdtrim(k_prefill=1, k_decode=1, kv_pruning=False, sensitivity=False, d_t=d_t).plan(tiny.model, calib, "disaggregated")
+    assert plan.info["pruning_set"] == [top] and list(plan.removed_prefill) == [top]
+    assert list(plan.info["search_trace"]["prefill_k1"][0]["candidates"]) == [str(top)]
+
+
+def test_annealing_is_deterministic_for_a_seed_and_keeps_the_subset_rule(tiny, calib):
+    plans = {}
+    for seed in (0, 0, 1):
+        m = pdtrim(k_prefill=1, k_decode=2, anneal_steps=6, seed=seed, kv_pruning=False, sensitivity=False, d_t=-1.0)
+        plans.setdefault(seed, []).append(m.plan(tiny.model, calib, "disaggregated"))
+    assert plans[0][0] == plans[0][1]
+    for p in (plans[0][0], plans[1][0]):
+        assert set(p.removed_prefill) <= set(p.removed_decode)
+        anneal = p.info["search_trace"]["anneal_decode_2"][0]
+        assert anneal["best_objective"] <= anneal["start_objective"]  # the best set seen is kept
+
+
+def test_attention_shares_match_hf_eager_attentions(tiny, calib):
+    """One decode step: the probe's share equals the share HF's eager attention puts on the kept positions."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny.model
+    # from_config would switch the shared config object (hence the session's tiny model) to eager
+    eager = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation="eager")
+    eager.load_state_dict(model.state_dict())
+    eager.eval()
+    prompts = [list(range(5, 45)), list(range(50, 80))]
+    nf, nl = 3, 5
+    plan = PruningPlan.dense("u", 4)
+    shares = first_last_shares(model, plan, prompts, nf, nl, steps=1)
+    ref = {i: [] for i in range(4)}
+    with torch.inference_mode():
+        for p in prompts:
+            tok = int(model(torch.tensor([p])).logits[0, -1].argmax())
+            att = eager(torch.tensor([p + [tok]]), output_attentions=True).attentions  # per layer (1, H, S, S)
+            T = len(p)
+            kept = [j for j in range(T) if j < nf or j >= T - nl]
+            for i, a in enumerate(att):
+                ref[i].append(float(a[0, :, T, kept].sum(-1).mean()))
+    for i in range(4):
+        assert shares[i] == pytest.approx(sum(ref[i]) / len(ref[i]), abs=1e-5)
+
+
+def test_kv_selection_follows_tau_and_is_applied_at_the_handoff(tiny, calib):
+    plan = pdtrim(k_prefill=0, k_decode=1, tau=0.0, sensitivity=False).plan(tiny.model, calib, "disaggregated")
+    sel = plan.info["kv_selection"]
+    shares = {int(k): v for k, v in sel["shares"].items()}
+    assert set(shares) == set(plan.decode_layers) and all(0 <= v <= 1 for v in shares.values())
+    assert plan.kv_policy.layers == plan.decode_layers  # tau = 0 selects every decode layer
+    for tau in sorted(shares.values()):
+        p = pdtrim(k_prefill=0, k_decode=1, tau=tau, sensitivity=False).plan(tiny.model, calib, "disaggregated")
+        assert set(p.kv_policy.layers) == {i for i, v in shares.items() if v >= tau}
+    # bytes: T-token prompts, selected layers send n_first + n_last positions, others all T
+    T, per_tok = 40, 2 * 2 * 16 * 4
+    s = Scorer(tiny.model, plan, "disaggregated", max_length=512)
+    s.loglikelihood([(list(range(T)), [1, 2, 3])])
+    sel_n = len(plan.kv_policy.layers)
+    assert s.tally.kv_bytes == ((len(plan.decode_layers) - sel_n) * T + sel_n * (SMALL["n_first"] + SMALL["n_last"])) * per_tok
+
+
+def test_unified_plan_is_one_set_without_kv_pruning(tiny, calib):
+    plan = pdtrim(k_unified=2).plan(tiny.model, calib, "unified")
+    assert plan.is_unified and len(plan.removed_decode) == 2 and not plan.kv_policy.layers
+
+
+def test_stage_sensitivity_is_recorded_per_block(tiny, calib):
+    plan = pdtrim(k_prefill=0, k_decode=1, kv_pruning=False).plan(tiny.model, calib, "disaggregated")
+    sens = plan.info["stage_sensitivity"]
+    assert len(sens["prefill"]) == len(sens["decode"]) == 4
+    assert all(v >= 0 for v in itertools.chain(sens["prefill"], sens["decode"]))
+    w = plan.info["work"]
+    assert w["evaluations"] > 0 and w["full_forward_equivalents"] > 0 and w["search_seconds"] > 0
