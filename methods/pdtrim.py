@@ -54,7 +54,8 @@ class PDTrim(Method):
         anneal_steps: int = 0  # simulated-annealing swap proposals per stage; 0 = greedy only
         anneal_t0: float = 0.05  # initial temperature, relative to the current objective
         anneal_cooling: float = 0.9  # geometric cooling factor per proposal
-        seed: int = 0  # sampling of search sequences, probe prompts and annealing
+        seed: int = 0  # sampling of search sequences and probe prompts (and annealing, unless anneal_seed is set)
+        anneal_seed: int | None = None  # annealing proposals only (None: use seed)
         kv_pruning: bool = True
         n_first: int = 16
         n_last: int = 48
@@ -221,7 +222,7 @@ class _SearchState:
         if c.anneal_steps == 0 or len(removed) == len(fixed):
             return removed
         t0 = time.perf_counter()
-        rng = random.Random(c.seed)
+        rng = random.Random(c.seed if c.anneal_seed is None else c.anneal_seed)
         f = self.ep if stage == "prefill" else (lambda r: self.ed(r, fixed))
         cur, cur_v = removed, f(removed)
         best, best_v = cur, cur_v
@@ -251,7 +252,7 @@ class _SearchState:
             "removed_prefill": sorted(rp),
             "removed_decode": sorted(rd),
             "objective": {"E_P(R_prefill)": self.ep(rp), "E_D(R_decode|R_prefill)": self.ed(rd, rp)},
-            "search_trace": self.trace,
+            "search_trace": {k: list(v) for k, v in self.trace.items()},  # a snapshot: later modes add steps
             "stage_sensitivity": self.sensitivity,
             "stage_sensitivity_definition": {
                 "prefill": "E_P({i}): block i removed from the prefill stage (hence, by R_P ⊆ R_D, also from decode)",
