@@ -1,0 +1,66 @@
+"""Latency runner on the tiny model: sample counts, percentiles, units, page rounding, bandwidth model."""
+
+import math
+
+import pytest
+
+from harness import latency
+from harness.engine import expected_kv_bytes
+from harness.plan import KVPolicy, PruningPlan
+
+
+def test_percentiles_match_linear_interpolation():
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert latency.percentile(xs, 50) == 3.0
+    assert latency.percentile(xs, 90) == pytest.approx(4.6)
+    assert latency.percentile(xs, 99) == pytest.approx(4.96)
+    assert latency.percentile([7.0], 99) == 7.0
+    s = latency.summarize("itl_ms", xs)
+    assert set(s) == {"itl_ms_p50", "itl_ms_p90", "itl_ms_p99", "itl_ms_mean"} and s["itl_ms_mean"] == 3.0
+    with pytest.raises(ValueError):
+        latency.percentile([], 50)
+
+
+def test_bandwidth_model_and_e2e():
+    # 1 GB over 100 Gbit/s is 80 ms; E2E adds TTFT and (n - 1) decode steps
+    assert latency.transfer_ms(10**9, 100) == pytest.approx(80.0)
+    assert latency.transfer_ms(0, 25) == 0
+    assert latency.e2e_ms(ttft=10.0, transfer=80.0, tpot=2.0, decode_tokens=5) == pytest.approx(98.0)
+    with pytest.raises(ValueError):
+        latency.transfer_ms(1, 0)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_measure_counts_samples_and_bytes(tiny, batch):
+    model = tiny.model
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 2, 3), kv_policy=KVPolicy(4, 8, (3,)))
+    w = latency.Workload(prompt_tokens=37, decode_tokens=6, batch_size=batch)
+    m = latency.measure(model, plan, w, warmup=1, repeats=4)
+    assert m.clock == "perf_counter_ns"
+    assert len(m.ttft_ms) == len(m.handoff_ms) == len(m.tpot_ms) == 4
+    assert len(m.itl_ms) == 4 * (6 - 1)
+    assert all(x > 0 for x in m.ttft_ms + m.itl_ms + m.handoff_ms)
+    for r in range(4):
+        assert m.tpot_ms[r] == pytest.approx(sum(m.itl_ms[5 * r : 5 * r + 5]) / 5)
+    # layers 0 and 2 send all 37 positions, layer 3 sends 4 + 8
+    per_layer_tok = expected_kv_bytes(model.config, 1, 1, next(model.parameters()).dtype)
+    assert m.kv_bytes == batch * (2 * 37 + 12) * per_layer_tok
+    # pages of 16 tokens per request and layer: 37 -> 48, 12 -> 16
+    assert m.kv_bytes_paged == batch * (2 * 48 + 16) * per_layer_tok
+    f = m.figures(bandwidths_gbit=(25, 400))
+    assert f["kv_bytes"] == m.kv_bytes and f["transfer_ms@25gbit"] == pytest.approx(m.kv_bytes_paged * 8 / 25e9 * 1e3)
+    assert f["e2e_ms_p50@400gbit"] == pytest.approx(f["ttft_ms_p50"] + f["transfer_ms@400gbit"] + 5 * _median(m.tpot_ms))
+    assert all(k.endswith(("_ms_p50", "_ms_p90", "_ms_p99", "_ms_mean", "bytes", "bytes_paged")) or "@" in k for k in f)
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def test_single_token_workload_has_no_decode_samples(tiny):
+    m = latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(16, 1, 1), warmup=0, repeats=2)
+    assert m.itl_ms == [] and len(m.ttft_ms) == 2
+    f = m.figures()
+    assert "itl_ms_p50" not in f and math.isclose(f["e2e_ms_p50@100gbit"], f["ttft_ms_p50"] + f["transfer_ms@100gbit"])
