@@ -35,8 +35,11 @@ class Prepared:
     task_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # long-context task -> its options
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Validate names and `--set` options (cheap; no model, no data loaded)."""
+def prepare(cfg: RunConfig, need_data: bool = True) -> Prepared:
+    """Validate names and `--set` options (cheap; no model, no data loaded).
+
+    `need_data=False` skips the check that calibrating methods have a data dir (their plans
+    may come from elsewhere, e.g. replayed records)."""
     import methods as registry
     from harness import long_tasks
 
@@ -49,7 +52,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     calib_raw.setdefault("seed", str(cfg.seed))
     calib = build_options(CalibConfig, "calib", calib_raw)
     needing = [n for n, m in instances.items() if m.needs_calibration]
-    if needing and not cfg.data_dir:
+    if needing and need_data and not cfg.data_dir:
         raise UsageError(f"{', '.join(needing)} calibrate on PIQA + MMLU from local data: pass --data-dir "
                          "(or set HARNESS_DATA_DIR) pointing at a folder laid out like ../shared/data")
     if "pd_ppl" in long_here and not cfg.data_dir:

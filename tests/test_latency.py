@@ -64,3 +64,31 @@ def test_single_token_workload_has_no_decode_samples(tiny):
     assert m.itl_ms == [] and len(m.ttft_ms) == 2
     f = m.figures()
     assert "itl_ms_p50" not in f and math.isclose(f["e2e_ms_p50@100gbit"], f["ttft_ms_p50"] + f["transfer_ms@100gbit"])
+
+
+def test_latency_cli_writes_records_and_replays_plans(tmp_path):
+    from test_cli import harness
+
+    from harness import records
+
+    out = tmp_path / "lat"
+    args = ["latency", "--model", "random:tiny", "--device", "cpu", "-q", "--prompt-tokens", "40", "--decode-tokens", "4",
+            "--batch-size", "1,2", "--repeats", "2", "--bandwidths", "10,100"]
+    r = harness(*args, "--methods", "unpruned,manual", "--set", "manual.decode_layers=0,3", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| T40_n4_b2 | manual |" in r.stdout and "clock: perf_counter_ns" in r.stdout
+    recs = {x.method: x for x in records.load_dir(out)}
+    m = recs["manual"]
+    assert set(m.scores) == {"latency_T40_n4_b1", "latency_T40_n4_b2"}
+    assert {"ttft_ms_p50", "tpot_ms_p99", "itl_ms_p90", "transfer_ms@10gbit", "e2e_ms_p50@100gbit"} <= set(m.scores["latency_T40_n4_b2"])
+    assert len(m.extra["latency"]["latency_T40_n4_b2"]["itl_ms"]) == 2 * 3
+    assert m.kv["latency_T40_n4_b2"]["kv_bytes"] * 2 == recs["unpruned"].kv["latency_T40_n4_b2"]["kv_bytes"]
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert any(row.startswith("manual,disaggregated,latency_T40_n4_b1,ttft_ms_p50,") for row in rows)
+    # replay: the manual plan, stored as a record, is applied by `manual` with default options
+    r2 = harness(*args, "--methods", "manual", "--plans-from", str(out), "--out", str(tmp_path / "replay"))
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    (rep,) = records.load_dir(tmp_path / "replay")
+    assert rep.plan["decode_layers"] == [0, 3] and rep.extra["plan_source"]["replayed_from"] == str(out.resolve())
+    bad = harness(*args, "--methods", "manual", "--plans-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "not a folder of run records" in bad.stderr

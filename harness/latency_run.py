@@ -1,0 +1,155 @@
+"""`python -m harness latency`: per-stage latency of each method's plan over a workload grid.
+
+Writes one `RunRecord` per method (mode `disaggregated`; "tasks" are workloads named
+`latency_T{prompt}_n{decode}_b{batch}`, "metrics" the figures such as `ttft_ms_p50`, KV bytes in
+`kv`), raw samples in `extra.latency`, and `summary.csv`, like a quality run. Plans come from a
+quality run's records (`--plans-from`, so a plan searched on real weights can be replayed on a
+random-weight shape with the same layer count) or are made here by the methods themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import records as rec
+from harness.errors import UsageError
+from harness.latency import DEFAULT_BANDWIDTHS_GBIT, Workload, measure
+from harness.plan import PruningPlan
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    model: str = "smollm2-135m"
+    methods: tuple[str, ...] = ("unpruned", "shortgpt")
+    prompt_tokens: tuple[int, ...] = (512, 2048, 8192)
+    decode_tokens: tuple[int, ...] = (128,)
+    batch_sizes: tuple[int, ...] = (1, 8)
+    bandwidths_gbit: tuple[float, ...] = DEFAULT_BANDWIDTHS_GBIT
+    warmup: int = 1
+    repeats: int = 3
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    data_dir: str | None = None
+    plans_from: str | None = None
+    overrides: tuple[str, ...] = ()
+
+    def workloads(self) -> list[Workload]:
+        return [Workload(t, n, b) for t, n, b in itertools.product(self.prompt_tokens, self.decode_tokens, self.batch_sizes)]
+
+    def identity(self, method: str, options: dict, plan: dict) -> str:
+        canon = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("methods", "overrides", "plans_from")}
+        canon.update(method=method, options=options, plan=plan)
+        return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def workload_name(w: Workload) -> str:
+    return f"latency_T{w.prompt_tokens}_n{w.decode_tokens}_b{w.batch_size}"
+
+
+def replayed_plans(plans_from: str, n_layers: int) -> dict[str, PruningPlan]:
+    """Disaggregated plans of the records in `plans_from`, checked against the model's layer count."""
+    folder = Path(plans_from)
+    if not folder.is_dir():
+        raise UsageError(f"--plans-from {plans_from}: not a folder of run records")
+    out = {}
+    for r in rec.load_dir(folder):
+        if r.mode == "disaggregated":
+            plan = PruningPlan.from_dict(r.plan)
+            if plan.n_layers != n_layers:
+                raise UsageError(f"--plans-from: {r.method}'s plan is for {plan.n_layers} layers, the model has {n_layers}")
+            out[r.method] = plan
+    return out
+
+
+def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[[str], None]) -> list[rec.RunRecord]:
+    from harness import arch
+    from harness.calibration import build_calibration
+    from harness.env import env_info
+
+    model = loaded.model
+    n = arch.n_layers(model)
+    replay = replayed_plans(cfg.plans_from, n) if cfg.plans_from else {}
+    env = env_info(str(arch.model_device(model)))
+    calib = None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name, method in prepared.methods.items():
+        if name in replay:
+            plan, source = replay[name], {"replayed_from": str(Path(cfg.plans_from).resolve())}
+        else:
+            if method.needs_calibration and calib is None:
+                calib = build_calibration(loaded.tokenizer, Path(cfg.data_dir) if cfg.data_dir else None, prepared.calib_config)
+            say(f"{name}: planning")
+            plan, source = method.plan(model, calib, "disaggregated"), {"planned_on": cfg.model}
+        key = cfg.identity(name, method.options(), plan.to_dict())
+        path = out_dir / rec.record_filename(name, "disaggregated")
+        if path.exists() and rec.load(path).run_key == key:
+            say(f"{name}: finished record found, reused")
+            results.append(rec.load(path))
+            continue
+        scores, kv, raw, timing = {}, {}, {}, {}
+        with method.apply(model, plan) as applied:
+            for w in cfg.workloads():
+                label = workload_name(w)
+                say(f"{name}: {label}")
+                m = measure(model, applied, w, warmup=cfg.warmup, repeats=cfg.repeats, seed=cfg.seed)
+                figs = m.figures(cfg.bandwidths_gbit)
+                scores[label] = {k: {"value": float(v), "stderr": None} for k, v in figs.items() if not k.startswith("kv_bytes")}
+                kv[label] = {"kv_bytes": m.kv_bytes, "kv_bytes_paged": m.kv_bytes_paged, "handoffs": w.batch_size,
+                             "prompt_tokens": w.batch_size * w.prompt_tokens}
+                raw[label] = m.to_dict()
+                timing[label] = sum(m.ttft_ms) + sum(m.itl_ms) + sum(m.handoff_ms)
+        record = rec.RunRecord(
+            method=name, mode="disaggregated", run_key=key,
+            config={**dataclasses.asdict(cfg), "kind": "latency", "method_options": method.options()},
+            plan=plan.to_dict(), environment=env, model=loaded.description, calibration=None,
+            scores=scores, kv=kv, n_samples={k: cfg.repeats for k in scores}, lm_eval={},
+            timing_s={f"measured_{k}": v / 1e3 for k, v in timing.items()},
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            extra={"latency": raw, "clock": next(iter(raw.values()))["clock"] if raw else None,
+                   "bandwidths_gbit": list(cfg.bandwidths_gbit), "plan_source": source},
+        )
+        rec.save(record, out_dir)
+        results.append(rec.load(path))
+    rec.write_summary(rec.load_dir(out_dir), out_dir / "summary.csv")
+    return results
+
+
+def _value(r: rec.RunRecord | None, label: str, metric: str) -> float | None:
+    v = r.scores.get(label, {}).get(metric) if r is not None else None
+    return None if v is None else v["value"]
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.3f}" if a is not None and b else "—"
+
+
+def latency_table(records: list[rec.RunRecord], bandwidth_gbit: float = 100.0) -> str:
+    """Markdown: per workload and method, TTFT/TPOT p50, E2E at one bandwidth, KV bytes, ratios to unpruned."""
+    e2e_key = f"e2e_ms_p50@{bandwidth_gbit:g}gbit"
+    lines = [f"| workload | method | TTFT p50 ms | TPOT p50 ms | E2E p50 ms @{bandwidth_gbit:g} Gbit/s | KV sent MiB | "
+             "TTFT ÷ unpruned | TPOT ÷ unpruned | KV ÷ unpruned |", "|---|---|---|---|---|---|---|---|---|"]
+    dense = next((r for r in records if r.method == "unpruned"), None)
+    labels = sorted({t for r in records for t in r.scores}, key=lambda t: [int(x[1:]) for x in t.split("_")[1:]])
+    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+    for label in labels:
+        for r in sorted(records, key=lambda r: (r.method != "unpruned", r.method)):
+            if label not in r.scores:
+                continue
+            kvb = r.kv[label]["kv_bytes"]
+            kvd = dense.kv.get(label, {}).get("kv_bytes") if dense else None
+            lines.append(" | ".join([
+                f"| {label[len('latency_'):]}", r.method, fmt(_value(r, label, "ttft_ms_p50"), ".1f"),
+                fmt(_value(r, label, "tpot_ms_p50"), ".2f"), fmt(_value(r, label, e2e_key), ".1f"), f"{kvb / 2**20:,.2f}",
+                _ratio(_value(r, label, "ttft_ms_p50"), _value(dense, label, "ttft_ms_p50")),
+                _ratio(_value(r, label, "tpot_ms_p50"), _value(dense, label, "tpot_ms_p50")),
+                _ratio(kvb, kvd)]) + " |")
+    return "\n".join(lines)
