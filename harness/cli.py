@@ -221,6 +221,9 @@ def latency_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="unmeasured runs per workload (default: 1)")
     p.add_argument("--repeats", type=_positive, default=3, help="measured runs per workload (default: 3)")
     p.add_argument("--plans-from", default=None, help="folder of quality-run records whose disaggregated plans to replay")
+    p.add_argument("--real-transfer", action="store_true",
+                   help="also move one handoff per workload between a prefill and a decode process (torch.distributed: "
+                        "gloo on CPU, NCCL on GPU), checking the bytes received against the bytes counted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE", help="method option")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: results/runs/latency-<id>)")
     p.add_argument("--seed", type=int, default=0)
@@ -246,6 +249,7 @@ def cmd_latency(argv: list[str]) -> int:
     cfg = LatencyConfig(model=args.model, methods=args.methods, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                         batch_sizes=args.batch_size, bandwidths_gbit=args.bandwidths, warmup=args.warmup, repeats=args.repeats,
                         seed=args.seed, device=args.device, dtype=args.dtype, data_dir=data_dir, plans_from=args.plans_from,
+                        real_transfer=args.real_transfer,
                         overrides=tuple(args.overrides))
     prepared = pipeline.prepare(RunConfig(methods=cfg.methods, tasks=(), seed=cfg.seed, data_dir=data_dir,
                                           overrides=cfg.overrides), need_data=cfg.plans_from is None)

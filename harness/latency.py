@@ -106,6 +106,7 @@ class Measurement:
     tpot_ms: list[float] = field(default_factory=list)  # mean ITL of each measured run
     kv_bytes: int = 0
     kv_bytes_paged: int = 0
+    handoff: Any = field(default=None, repr=False, compare=False)  # the last run's Handoff (not serialised)
 
     def figures(self, bandwidths_gbit: Sequence[float] = DEFAULT_BANDWIDTHS_GBIT) -> dict[str, float]:
         """Percentiles of every stage, bytes, and modelled transfer and E2E per bandwidth."""
@@ -125,7 +126,7 @@ class Measurement:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items() if k != "handoff"}
         d["workload"] = asdict(self.workload)
         return d
 
@@ -170,5 +171,5 @@ def measure(
             m.itl_ms += itl
             if itl:
                 m.tpot_ms.append(statistics.fmean(itl))
-            m.kv_bytes, m.kv_bytes_paged = sent.kv_bytes, sent.kv_bytes_paged(PAGE_TOKENS)
+            m.kv_bytes, m.kv_bytes_paged, m.handoff = sent.kv_bytes, sent.kv_bytes_paged(PAGE_TOKENS), sent
     return m

@@ -39,6 +39,7 @@ class LatencyConfig:
     dtype: str = "auto"
     data_dir: str | None = None
     plans_from: str | None = None
+    real_transfer: bool = False  # also move one handoff per workload between two processes
     overrides: tuple[str, ...] = ()
 
     def workloads(self) -> list[Workload]:
@@ -106,6 +107,15 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
                 kv[label] = {"kv_bytes": m.kv_bytes, "kv_bytes_paged": m.kv_bytes_paged, "handoffs": w.batch_size,
                              "prompt_tokens": w.batch_size * w.prompt_tokens}
                 raw[label] = m.to_dict()
+                if cfg.real_transfer:
+                    from harness.transfer import transfer_between_processes
+
+                    moved = transfer_between_processes(m.handoff, "nccl" if m.clock == "cuda_events" else "gloo")
+                    moved.pop("received")
+                    if moved["kv_bytes_received"] != m.kv_bytes:
+                        raise RuntimeError(f"{name} {label}: received {moved['kv_bytes_received']} KV bytes, counted {m.kv_bytes}")
+                    raw[label]["real_transfer"] = moved
+                    scores[label]["real_transfer_recv_ms"] = {"value": moved["recv_ms"], "stderr": None}
                 timing[label] = sum(m.ttft_ms) + sum(m.itl_ms) + sum(m.handoff_ms)
         record = rec.RunRecord(
             method=name, mode="disaggregated", run_key=key,

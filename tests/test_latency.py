@@ -74,7 +74,7 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path):
     out = tmp_path / "lat"
     args = ["latency", "--model", "random:tiny", "--device", "cpu", "-q", "--prompt-tokens", "40", "--decode-tokens", "4",
             "--batch-size", "1,2", "--repeats", "2", "--bandwidths", "10,100"]
-    r = harness(*args, "--methods", "unpruned,manual", "--set", "manual.decode_layers=0,3", "--out", str(out))
+    r = harness(*args, "--methods", "unpruned,manual", "--set", "manual.decode_layers=0,3", "--out", str(out), "--real-transfer")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| T40_n4_b2 | manual |" in r.stdout and "clock: perf_counter_ns" in r.stdout
     recs = {x.method: x for x in records.load_dir(out)}
@@ -82,6 +82,8 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path):
     assert set(m.scores) == {"latency_T40_n4_b1", "latency_T40_n4_b2"}
     assert {"ttft_ms_p50", "tpot_ms_p99", "itl_ms_p90", "transfer_ms@10gbit", "e2e_ms_p50@100gbit"} <= set(m.scores["latency_T40_n4_b2"])
     assert len(m.extra["latency"]["latency_T40_n4_b2"]["itl_ms"]) == 2 * 3
+    moved = m.extra["latency"]["latency_T40_n4_b2"]["real_transfer"]
+    assert moved["kv_bytes_received"] == m.kv["latency_T40_n4_b2"]["kv_bytes"] and moved["backend"] == "gloo"
     assert m.kv["latency_T40_n4_b2"]["kv_bytes"] * 2 == recs["unpruned"].kv["latency_T40_n4_b2"]["kv_bytes"]
     rows = (out / "summary.csv").read_text().splitlines()
     assert any(row.startswith("manual,disaggregated,latency_T40_n4_b1,ttft_ms_p50,") for row in rows)
@@ -92,3 +94,28 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path):
     assert rep.plan["decode_layers"] == [0, 3] and rep.extra["plan_source"]["replayed_from"] == str(out.resolve())
     bad = harness(*args, "--methods", "manual", "--plans-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "not a folder of run records" in bad.stderr
+
+
+def test_two_process_transfer_receives_exactly_the_counted_bytes(tiny):
+    import torch
+
+    from harness.cache import PDCache
+    from harness.engine import make_handoff, run_layers
+    from harness.transfer import transfer_between_processes
+
+    model = tiny.model
+    plan = PruningPlan("x", 4, (0, 1, 3), (0, 3), kv_policy=KVPolicy(2, 5, (3,)))
+    ids = torch.randint(0, 256, (2, 30))
+    lengths = torch.tensor([30, 21])
+    pos = torch.arange(30)[None].expand(2, 30)
+    cache = PDCache(retain=plan.decode_layers)
+    with torch.inference_mode():
+        run_layers(model, plan.prefill_layers, ids, pos, pos < lengths[:, None], cache)
+    sent = make_handoff(cache, plan, lengths)
+    got = transfer_between_processes(sent)
+    assert got["kv_bytes_received"] == sent.kv_bytes == (30 + 21 + 7 + 7) * 2 * 2 * 16 * 4
+    assert got["recv_ms"] > 0 and got["metadata_bytes_received"] > 0
+    rec = got["received"]
+    for layer in sent.keys:
+        assert torch.equal(rec.keys[layer], sent.keys[layer]) and torch.equal(rec.values[layer], sent.values[layer])
+        assert torch.equal(rec.positions[layer], sent.positions[layer]) and torch.equal(rec.counts[layer], sent.counts[layer])
