@@ -200,14 +200,16 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
     if partial.get("run_key") != key:
         partial = {"run_key": key, "tasks": {}}
-    if "plan" in partial:
+    if "plan" in partial and not method.needs_replan_on_resume():
         plan = PruningPlan.from_dict(partial["plan"])
     else:
         st.say(f"{name}/{mode}: planning")
         calib = st.calibration() if method.needs_calibration else None
         t0 = time.perf_counter()
         plan = method.plan(model, calib, mode)
-        partial.update(plan=plan.to_dict(), plan_s=time.perf_counter() - t0,
+        if "plan" in partial and PruningPlan.from_dict(partial["plan"]) != plan:
+            raise RuntimeError(f"{name}/{mode}: planning again on resume gave a different plan than the stored one")
+        partial.update(plan=plan.to_dict(), plan_s=partial.get("plan_s", time.perf_counter() - t0),
                        calibration=calib.description if calib is not None else None)
     if mode == "unified" and not plan.is_unified:
         raise ValueError(f"{name} returned a plan with two layer sets or KV pruning for unified mode")

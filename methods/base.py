@@ -50,5 +50,10 @@ class Method(abc.ABC):
         """
         yield plan
 
+    def needs_replan_on_resume(self) -> bool:
+        """True when `apply` needs state that only `plan` builds (e.g. trained weights), so a
+        resumed run must call `plan` again rather than reuse the stored plan alone."""
+        return False
+
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)

@@ -14,15 +14,17 @@ every choice an option (docs/pdtrim.md):
   `n_first` and last `n_last` prompt positions receive only those positions' KV.
 - Unified mode: one set R (R_P = R_D), `k_unified` blocks, greedy on E_P, no KV pruning.
 - Optional: simulated-annealing refinement of each greedy set (swap moves, geometric cooling,
-  seeded). Healing is not implemented.
+  seeded); healing of blocks after removed runs that contain distillation-set blocks
+  (`methods/healing.py`), installed by `apply` and undone on exit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from harness import arch
@@ -64,6 +66,10 @@ class PDTrim(Method):
         probe_tokens: int = 512  # probe prompts are calibration texts packed to this length
         probe_steps: int = 8  # greedy decode steps whose attention is measured
         sensitivity: bool = True  # record per-block prefill/decode damage
+        heal: bool = False  # train the block after each removed run with a distillation-set block (methods/healing.py)
+        heal_steps: int = 100  # Adam steps per healed block
+        heal_lr: float = 1e-4
+        heal_samples: int = 64  # calibration sequences used for healing
 
     def validate_config(self, c) -> None:
         if not 0 <= c.k_prefill <= c.k_decode:
@@ -74,12 +80,28 @@ class PDTrim(Method):
             raise UsageError("pdtrim: search_samples, max_cont, batch_size and batch_tokens must be >= 1")
         if not 0 <= c.tau <= 1 or c.n_first < 0 or c.n_last < 0 or (c.kv_pruning and c.n_first + c.n_last < 1):
             raise UsageError("pdtrim: need 0 <= tau <= 1 and n_first, n_last >= 0 with n_first + n_last >= 1")
+        if c.heal_steps < 0 or c.heal_lr <= 0 or c.heal_samples < 1:
+            raise UsageError("pdtrim: need heal_steps >= 0, heal_lr > 0, heal_samples >= 1")
         if c.anneal_steps < 0 or not 0 < c.anneal_cooling <= 1 or c.anneal_t0 < 0:
             raise UsageError("pdtrim: need anneal_steps >= 0, 0 < anneal_cooling <= 1, anneal_t0 >= 0")
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
         self._state: _SearchState | None = None
+        self._healed: dict[tuple, dict] = {}  # (prefill layers, decode layers) -> {block: healed module}
+
+    def needs_replan_on_resume(self) -> bool:
+        return self.config.heal  # healed weights live in this instance, made by plan()
+
+    @contextlib.contextmanager
+    def apply(self, model, plan: PruningPlan) -> Iterator[PruningPlan]:
+        from methods.healing import installed
+
+        healed = self._healed.get((plan.prefill_layers, plan.decode_layers), {}) if self.config.heal else {}
+        if self.config.heal and plan.info.get("healing", {}).get("blocks") and not healed:
+            raise RuntimeError("pdtrim: this plan needs healed blocks; call plan() on this instance first")
+        with installed(model, healed):
+            yield plan
 
     # -- planning ---------------------------------------------------------------------------
     def plan(self, model, calib, mode: str) -> PruningPlan:
@@ -95,7 +117,8 @@ class PDTrim(Method):
             removed = st.anneal(removed, frozenset(), "prefill", c)
             keep = tuple(i for i in range(n) if i not in removed)
             info = st.info(mode, removed, removed, t0)
-            return PruningPlan(self.name, n, keep, keep, info=info)
+            plan = PruningPlan(self.name, n, keep, keep, info=info)
+            return self._heal(model, calib, plan, removed, st)
         rp = st.greedy_prefill(c.k_prefill)
         rp = st.anneal(rp, frozenset(), "prefill", c)
         rd = st.greedy_decode(rp, c.k_decode)
@@ -104,7 +127,27 @@ class PDTrim(Method):
         info = st.info(mode, rp, rd, t0)
         if c.kv_pruning:
             plan, info["kv_selection"] = self._select_kv_layers(model, calib, plan)
-        return plan.replace(info=info)
+        return self._heal(model, calib, plan.replace(info=info), rp, st)
+
+    def _heal(self, model, calib, plan: PruningPlan, removed_both: frozenset, st: _SearchState) -> PruningPlan:
+        """Healing (off by default): blocks removed from both stages, healed only where the block
+        after the removed run is kept by the decode stage too, so one healed copy serves both stages."""
+        c = self.config
+        if not c.heal:
+            return plan.replace(info={**plan.info, "healing": {"enabled": False}})
+        from methods.healing import heal, healing_runs
+
+        runs = [(r, j) for r, j in healing_runs(sorted(removed_both), st.distill_set, st.n) if j in plan.decode_layers]
+        t0 = time.perf_counter()
+        rows = random.Random(c.seed).sample(calib.input_ids, min(c.heal_samples, len(calib.input_ids)))
+        sub = type(calib)(texts=[], input_ids=rows)
+        healed, report = heal(model, list(sub.batches(c.batch_size, arch.model_device(model))), runs,
+                              c.heal_steps, c.heal_lr, c.seed)
+        self._healed[(plan.prefill_layers, plan.decode_layers)] = healed
+        info = {"enabled": True, "blocks": report, "runs": [[list(r), j] for r, j in runs], "seconds": time.perf_counter() - t0,
+                "rule": "runs of blocks removed from both stages that contain a distillation-set block; the next block, "
+                        "kept by both stages, is trained (hidden-state MSE to the dense output of run + block)"}
+        return plan.replace(info={**plan.info, "healing": info})
 
     def _search_state(self, model, calib) -> _SearchState:
         key = (id(model), id(calib))

@@ -10,6 +10,7 @@ import torch
 from conftest import pd_kl_from_scratch
 
 import methods
+from harness import arch
 from harness.attention_probe import first_last_shares
 from harness.calibration import CalibConfig, build_calibration
 from harness.errors import UsageError
@@ -140,3 +141,54 @@ def test_stage_sensitivity_is_recorded_per_block(tiny, calib):
     assert all(v >= 0 for v in itertools.chain(sens["prefill"], sens["decode"]))
     w = plan.info["work"]
     assert w["evaluations"] > 0 and w["full_forward_equivalents"] > 0 and w["search_seconds"] > 0
+
+
+def test_healing_runs_need_a_distillation_block_and_a_successor():
+    from methods.healing import healing_runs
+
+    # removed 1,2 (2 in D) -> block 3 heals; removed 5 (only P) -> none; removed 7 is last -> no successor
+    assert healing_runs([1, 2, 5, 7], distill=[2, 7], n_layers=8) == [((1, 2), 3)]
+    assert healing_runs([], distill=[0, 1], n_layers=4) == []
+
+
+def test_heal_trains_the_successor_block_toward_the_dense_output(tiny, calib):
+    from methods.healing import heal, installed
+
+    model = tiny.model
+    batches = list(type(calib)(texts=[], input_ids=calib.input_ids[:8]).batches(4, "cpu"))
+    healed, report = heal(model, batches, [((1,), 2)], steps=40, lr=1e-3, seed=0)
+    assert set(healed) == {2} and report["2"]["replaces_run"] == [1]
+    assert report["2"]["mse_after"] < 0.9 * report["2"]["mse_before"]
+    original = arch.decoder_layers(model)[2]
+    with installed(model, healed):
+        assert arch.decoder_layers(model)[2] is healed[2]
+    assert arch.decoder_layers(model)[2] is original
+
+
+def test_pdtrim_heals_when_asked_and_undoes_it(tiny, calib, monkeypatch):
+    import methods.healing
+
+    model = tiny.model
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.inference_mode():
+        ref = model(ids).logits.clone()
+    kw = dict(k_prefill=1, k_decode=1, kv_pruning=False, sensitivity=False)
+    plain = pdtrim(**kw).plan(model, calib, "disaggregated")
+    assert plain.info["healing"] == {"enabled": False}
+    # on the tiny model the search removes the last block (nothing to heal after it): pretend the
+    # removed run is block 1, followed by block 2, to exercise the plumbing
+    monkeypatch.setattr(methods.healing, "healing_runs", lambda removed, distill, n: [((1,), 2)])
+    m = pdtrim(heal=True, heal_steps=20, heal_lr=1e-3, heal_samples=8, **kw)
+    plan = m.plan(model, calib, "disaggregated")
+    assert plan.info["healing"]["runs"] == [[[1], 2]] and plan == plain  # same layers, healed block 2
+    reqs = [(list(range(3, 30)), [5, 6, 7])]
+    with m.apply(model, plan) as applied:
+        healed = Scorer(model, applied, "disaggregated", max_length=512).loglikelihood(reqs)
+    unhealed = Scorer(model, plain, "disaggregated", max_length=512).loglikelihood(reqs)
+    assert healed[0][0] != unhealed[0][0]  # the healed block ran inside apply()
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, ref)  # and is gone after it
+    assert m.needs_replan_on_resume()
+    with pytest.raises(RuntimeError, match="needs healed blocks"):
+        with pdtrim(heal=True, **kw).apply(model, plan):
+            pass
