@@ -41,6 +41,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
                          "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192, "rope_theta": 100000.0,
                          "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+    # Qwen2 architecture (q/k/v projections with bias); sliding window off as in its config
+    "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
+                   "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                  "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 4096, "rope_theta": 10000.0,
                  "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
@@ -110,19 +114,28 @@ def _gpt2_byte_table() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
+def preset_config(preset: str):
+    """The transformers config of a shape preset (no weights)."""
+    from transformers import AutoConfig
+
+    shape = dict(PRESETS[preset])
+    model_type = shape.pop("model_type", "llama")
+    rope_theta = shape.pop("rope_theta")
+    extra = {"use_sliding_window": False} if model_type == "qwen2" else {}
+    return AutoConfig.for_model(model_type, **shape, **extra, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+                                bos_token_id=256, eos_token_id=256, pad_token_id=256)
+
+
 def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoadedModel:
     """Seeded random weights in the shape of `preset` (see PRESETS)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if preset not in PRESETS:
         raise UsageError(f"unknown random preset {preset!r}; known: {', '.join('random:' + p for p in sorted(PRESETS))}")
-    shape = dict(PRESETS[preset])
-    rope_theta = shape.pop("rope_theta")
-    cfg = LlamaConfig(**shape, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-                      bos_token_id=256, eos_token_id=256, pad_token_id=256, attn_implementation="sdpa")
+    cfg = preset_config(preset)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(dtype)
     model.eval()
     return LoadedModel(model, byte_tokenizer(cfg.vocab_size), f"random:{preset}",
                        {"kind": "random", "preset": preset, "seed": seed, "weights": "random (scores meaningless)"})

@@ -18,6 +18,10 @@ def test_local_directory_roundtrip(tiny, tmp_path):
 def test_presets_shapes():
     assert PRESETS["llama3-8b"]["num_hidden_layers"] == 32 and PRESETS["llama3-8b"]["num_key_value_heads"] == 8
     assert PRESETS["smollm2-135m"]["num_attention_heads"] == 9 and PRESETS["smollm2-135m"]["num_key_value_heads"] == 3
+    from harness.models import preset_config
+
+    qwen = preset_config("qwen2.5-7b")
+    assert qwen.model_type == "qwen2" and (qwen.num_hidden_layers, qwen.num_key_value_heads, qwen.hidden_size) == (28, 4, 3584)
     small = load_model("random:smollm2-135m", device="cpu", dtype="bfloat16")
     assert small.model.config.num_hidden_layers == 30 and next(small.model.parameters()).dtype == torch.bfloat16
 
@@ -29,3 +33,24 @@ def test_smollm2_default_is_the_real_model(smollm2):
     ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = smollm2.model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in smollm2.tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_qwen2_architecture_runs_through_the_engine():
+    """The Qwen2.5 preset's architecture (q/k/v bias) at a tiny width: both PD settings agree."""
+    from transformers import AutoModelForCausalLM
+
+    from harness.models import preset_config
+    from harness.plan import PruningPlan
+    from harness.scoring import Scorer
+
+    cfg = preset_config("qwen2.5-7b")
+    cfg.update({"num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "vocab_size": 300})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    reqs = [(list(range(1, 30)), [3, 4, 5]), (list(range(7, 12)), [9])]
+    plan = PruningPlan("x", 3, (0, 1, 2), (0, 2))
+    uni = Scorer(model, PruningPlan.dense("u", 3), "unified", max_length=100).loglikelihood(reqs)
+    dis = Scorer(model, PruningPlan.dense("u", 3), "disaggregated", max_length=100).loglikelihood(reqs)
+    assert all(abs(a[0] - b[0]) < 1e-4 for a, b in zip(uni, dis))
+    assert Scorer(model, plan, "disaggregated", max_length=100).loglikelihood(reqs)[0][0] != dis[0][0]
