@@ -221,6 +221,9 @@ def latency_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="unmeasured runs per workload (default: 1)")
     p.add_argument("--repeats", type=_positive, default=3, help="measured runs per workload (default: 3)")
     p.add_argument("--plans-from", default=None, help="folder of quality-run records whose disaggregated plans to replay")
+    p.add_argument("--decode-mode", type=_csv, default=("eager",),
+                   help="decode paths to time: eager (growing cache), static (preallocated, fixed shapes), graph (static "
+                        "step captured as a CUDA graph; CUDA only). Comma-separated (default: eager)")
     p.add_argument("--real-transfer", action="store_true",
                    help="also move one handoff per workload between a prefill and a decode process (torch.distributed: "
                         "gloo on CPU, NCCL on GPU), checking the bytes received against the bytes counted")
@@ -245,11 +248,16 @@ def cmd_latency(argv: list[str]) -> int:
 
     if args.warmup < 0:
         raise UsageError(f"--warmup {args.warmup}: must be >= 0")
+    from harness.latency import DECODE_MODES
+
+    bad = [m for m in args.decode_mode if m not in DECODE_MODES]
+    if bad:
+        raise UsageError(f"--decode-mode {','.join(bad)}: expected any of {', '.join(DECODE_MODES)}")
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     cfg = LatencyConfig(model=args.model, methods=args.methods, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                         batch_sizes=args.batch_size, bandwidths_gbit=args.bandwidths, warmup=args.warmup, repeats=args.repeats,
                         seed=args.seed, device=args.device, dtype=args.dtype, data_dir=data_dir, plans_from=args.plans_from,
-                        real_transfer=args.real_transfer,
+                        real_transfer=args.real_transfer, decode_modes=args.decode_mode,
                         overrides=tuple(args.overrides))
     prepared = pipeline.prepare(RunConfig(methods=cfg.methods, tasks=(), seed=cfg.seed, data_dir=data_dir,
                                           overrides=cfg.overrides), need_data=cfg.plans_from is None)

@@ -40,7 +40,21 @@ def device_info() -> dict[str, Any]:
         p = torch.cuda.get_device_properties(0)
         info.update(gpu_name=p.name, gpu_memory_bytes=p.total_memory, cuda=torch.version.cuda,
                     gpu_count=torch.cuda.device_count())
+        info.update(_nvidia_smi())
     return info
+
+
+def _nvidia_smi() -> dict[str, Any]:
+    """Driver and clocks of GPU 0 where nvidia-smi can tell (empty otherwise)."""
+    fields = ["driver_version", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem", "power.limit", "pstate"]
+    try:
+        r = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader", "-i", "0"],
+                           check=False, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    if r.returncode != 0 or not r.stdout.strip():
+        return {}
+    return {"nvidia_smi": dict(zip(fields, (v.strip() for v in r.stdout.strip().split(","))))}
 
 
 def env_info(device: str | None = None) -> dict[str, Any]:

@@ -106,6 +106,8 @@ class Measurement:
     tpot_ms: list[float] = field(default_factory=list)  # mean ITL of each measured run
     kv_bytes: int = 0
     kv_bytes_paged: int = 0
+    decode_mode: str = "eager"
+    graph_capture_ms: list[float] = field(default_factory=list)  # graph mode: capture time per measured run
     handoff: Any = field(default=None, repr=False, compare=False)  # the last run's Handoff (not serialised)
 
     def figures(self, bandwidths_gbit: Sequence[float] = DEFAULT_BANDWIDTHS_GBIT) -> dict[str, float]:
@@ -131,11 +133,24 @@ class Measurement:
         return d
 
 
+DECODE_MODES = ("eager", "static", "graph")
+
+
 @torch.inference_mode()
 def measure(
-    model, plan: PruningPlan, workload: Workload, *, warmup: int = 1, repeats: int = 3, seed: int = 0
+    model, plan: PruningPlan, workload: Workload, *, warmup: int = 1, repeats: int = 3, seed: int = 0,
+    decode_mode: str = "eager",
 ) -> Measurement:
-    """Time prefill (TTFT), handoff and every decode step of `repeats` runs after `warmup` runs."""
+    """Time prefill (TTFT), handoff and every decode step of `repeats` runs after `warmup` runs.
+
+    `decode_mode`: `eager` (growing cache, the engine's path), `static` (preallocated buffers,
+    fixed shapes; `harness.static_decode`) or `graph` (the static step captured as a CUDA graph
+    once per run; capture time is recorded apart and never counted in ITL).
+    """
+    from harness.static_decode import GraphDecoder, StaticKV, decode_step
+
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
     device = arch.model_device(model)
     clock = Clock(device)
     vocab = model.config.vocab_size
@@ -146,7 +161,7 @@ def measure(
     valid = torch.ones((B, T), dtype=torch.bool, device=device)
     lengths = torch.full((B,), T, device=device)
     step_valid = torch.ones((B, 1), dtype=torch.bool, device=device)
-    m = Measurement(plan.method, workload, clock.name)
+    m = Measurement(plan.method, workload, clock.name, decode_mode=decode_mode)
 
     def prefill():
         cache = PDCache(retain=plan.decode_layers)
@@ -158,13 +173,33 @@ def measure(
         sent, handoff = clock.time(lambda cache=cache: make_handoff(cache, plan, lengths))
         dcache, unpack = clock.time(sent.to_cache)
         itl = []
-        for step in range(1, n):
-            def decode_step(tok=tok, step=step, dcache=dcache):
-                h = run_layers(model, plan.decode_layers, tok[:, None], (lengths + step - 1)[:, None], step_valid, dcache)
-                return final_logits(model, h[:, 0]).argmax(-1)
+        if decode_mode == "eager":
+            for step in range(1, n):
+                def eager_step(tok=tok, step=step, dcache=dcache):
+                    h = run_layers(model, plan.decode_layers, tok[:, None], (lengths + step - 1)[:, None], step_valid, dcache)
+                    return final_logits(model, h[:, 0]).argmax(-1)
 
-            tok, dt = clock.time(decode_step)
-            itl.append(dt)
+                tok, dt = clock.time(eager_step)
+                itl.append(dt)
+        elif n > 1:
+            skv = StaticKV(dcache, n - 1)
+            pos = lengths[:, None].clone()  # the first decode step's position is T
+            if decode_mode == "graph":
+                graph, capture = clock.time(lambda skv=skv, tok=tok, pos=pos: GraphDecoder(model, plan.decode_layers, skv, tok[:, None], pos))
+                if run >= warmup:
+                    m.graph_capture_ms.append(capture)
+            for step in range(1, n):
+                pos = (lengths + step - 1)[:, None]
+                if decode_mode == "graph":
+                    tok, dt = clock.time(lambda tok=tok, pos=pos, graph=graph: graph.step(tok[:, None], pos))
+                else:
+                    def static_step(tok=tok, pos=pos, skv=skv):
+                        out = decode_step(model, plan.decode_layers, tok[:, None], pos, skv)
+                        skv.advance()
+                        return out
+
+                    tok, dt = clock.time(static_step)
+                itl.append(dt)
         if run >= warmup:
             m.ttft_ms.append(ttft)
             m.handoff_ms.append(handoff + unpack)

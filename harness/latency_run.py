@@ -22,6 +22,7 @@ from harness import records as rec
 from harness.errors import UsageError
 from harness.latency import DEFAULT_BANDWIDTHS_GBIT, Workload, measure
 from harness.plan import PruningPlan
+from harness.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class LatencyConfig:
     dtype: str = "auto"
     data_dir: str | None = None
     plans_from: str | None = None
+    decode_modes: tuple[str, ...] = ("eager",)  # eager, static, graph (CUDA only)
     real_transfer: bool = False  # also move one handoff per workload between two processes
     overrides: tuple[str, ...] = ()
 
@@ -51,8 +53,9 @@ class LatencyConfig:
         return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def workload_name(w: Workload) -> str:
-    return f"latency_T{w.prompt_tokens}_n{w.decode_tokens}_b{w.batch_size}"
+def workload_name(w: Workload, decode_mode: str = "eager") -> str:
+    base = f"latency_T{w.prompt_tokens}_n{w.decode_tokens}_b{w.batch_size}"
+    return base if decode_mode == "eager" else f"{base}_{decode_mode}"
 
 
 def replayed_plans(plans_from: str, n_layers: int) -> dict[str, PruningPlan]:
@@ -79,6 +82,7 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
     n = arch.n_layers(model)
     replay = replayed_plans(cfg.plans_from, n) if cfg.plans_from else {}
     env = env_info(str(arch.model_device(model)))
+    copy_bw = copy_bandwidth_bytes_per_s(arch.model_device(model))
     calib = None
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -97,12 +101,13 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
             results.append(rec.load(path))
             continue
         scores, kv, raw, timing = {}, {}, {}, {}
+        bound_ms = weight_bytes(model, plan.decode_layers) / copy_bw * 1e3
         with method.apply(model, plan) as applied:
-            for w in cfg.workloads():
-                label = workload_name(w)
+            for w, mode in itertools.product(cfg.workloads(), cfg.decode_modes):
+                label = workload_name(w, mode)
                 say(f"{name}: {label}")
-                m = measure(model, applied, w, warmup=cfg.warmup, repeats=cfg.repeats, seed=cfg.seed)
-                figs = m.figures(cfg.bandwidths_gbit)
+                m = measure(model, applied, w, warmup=cfg.warmup, repeats=cfg.repeats, seed=cfg.seed, decode_mode=mode)
+                figs = {**m.figures(cfg.bandwidths_gbit), "decode_bound_ms": bound_ms}
                 scores[label] = {k: {"value": float(v), "stderr": None} for k, v in figs.items() if not k.startswith("kv_bytes")}
                 kv[label] = {"kv_bytes": m.kv_bytes, "kv_bytes_paged": m.kv_bytes_paged, "handoffs": w.batch_size,
                              "prompt_tokens": w.batch_size * w.prompt_tokens}
@@ -125,6 +130,8 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
             timing_s={f"measured_{k}": v / 1e3 for k, v in timing.items()},
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             extra={"latency": raw, "clock": next(iter(raw.values()))["clock"] if raw else None,
+                   "decode_bound": {"weight_bytes": weight_bytes(model, plan.decode_layers), "copy_bandwidth_bytes_per_s": copy_bw,
+                                    "definition": "bytes of the decode layers, final norm and LM head / device copy rate (read + write)"},
                    "bandwidths_gbit": list(cfg.bandwidths_gbit), "plan_source": source},
         )
         rec.save(record, out_dir)
@@ -148,7 +155,7 @@ def latency_table(records: list[rec.RunRecord], bandwidth_gbit: float = 100.0) -
     lines = [f"| workload | method | TTFT p50 ms | TPOT p50 ms | E2E p50 ms @{bandwidth_gbit:g} Gbit/s | KV sent MiB | "
              "TTFT ÷ unpruned | TPOT ÷ unpruned | KV ÷ unpruned |", "|---|---|---|---|---|---|---|---|---|"]
     dense = next((r for r in records if r.method == "unpruned"), None)
-    labels = sorted({t for r in records for t in r.scores}, key=lambda t: [int(x[1:]) for x in t.split("_")[1:]])
+    labels = sorted({t for r in records for t in r.scores}, key=lambda t: ([int(x[1:]) for x in t.split("_")[1:4]], t))
     fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
     for label in labels:
         for r in sorted(records, key=lambda r: (r.method != "unpruned", r.method)):

@@ -73,13 +73,15 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path):
 
     out = tmp_path / "lat"
     args = ["latency", "--model", "random:tiny", "--device", "cpu", "-q", "--prompt-tokens", "40", "--decode-tokens", "4",
-            "--batch-size", "1,2", "--repeats", "2", "--bandwidths", "10,100"]
+            "--batch-size", "1,2", "--repeats", "2", "--bandwidths", "10,100", "--decode-mode", "eager,static"]
     r = harness(*args, "--methods", "unpruned,manual", "--set", "manual.decode_layers=0,3", "--out", str(out), "--real-transfer")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| T40_n4_b2 | manual |" in r.stdout and "clock: perf_counter_ns" in r.stdout
     recs = {x.method: x for x in records.load_dir(out)}
     m = recs["manual"]
-    assert set(m.scores) == {"latency_T40_n4_b1", "latency_T40_n4_b2"}
+    assert set(m.scores) == {"latency_T40_n4_b1", "latency_T40_n4_b2", "latency_T40_n4_b1_static", "latency_T40_n4_b2_static"}
+    assert m.extra["latency"]["latency_T40_n4_b1_static"]["decode_mode"] == "static"
+    assert m.scores["latency_T40_n4_b1"]["decode_bound_ms"]["value"] > 0
     assert {"ttft_ms_p50", "tpot_ms_p99", "itl_ms_p90", "transfer_ms@10gbit", "e2e_ms_p50@100gbit"} <= set(m.scores["latency_T40_n4_b2"])
     assert len(m.extra["latency"]["latency_T40_n4_b2"]["itl_ms"]) == 2 * 3
     moved = m.extra["latency"]["latency_T40_n4_b2"]["real_transfer"]
@@ -91,9 +93,12 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path):
     r2 = harness(*args, "--methods", "manual", "--plans-from", str(out), "--out", str(tmp_path / "replay"))
     assert r2.returncode == 0, r2.stderr[-2000:]
     (rep,) = records.load_dir(tmp_path / "replay")
+    assert "| T40_n4_b1_static | manual |" in r2.stdout
     assert rep.plan["decode_layers"] == [0, 3] and rep.extra["plan_source"]["replayed_from"] == str(out.resolve())
     bad = harness(*args, "--methods", "manual", "--plans-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "not a folder of run records" in bad.stderr
+    bad = harness(*args[:-2], "--decode-mode", "turbo", "--out", str(tmp_path / "y"))
+    assert bad.returncode == 2 and "--decode-mode turbo: expected any of eager, static, graph" in bad.stderr
 
 
 def test_two_process_transfer_receives_exactly_the_counted_bytes(tiny):
@@ -119,3 +124,83 @@ def test_two_process_transfer_receives_exactly_the_counted_bytes(tiny):
     for layer in sent.keys:
         assert torch.equal(rec.keys[layer], sent.keys[layer]) and torch.equal(rec.values[layer], sent.values[layer])
         assert torch.equal(rec.positions[layer], sent.positions[layer]) and torch.equal(rec.counts[layer], sent.counts[layer])
+
+
+def test_static_decode_path_generates_what_the_eager_path_generates(tiny):
+    """Same greedy tokens and the same logits from the preallocated fixed-shape path as from the engine."""
+    import torch
+
+    from harness.cache import PDCache
+    from harness.engine import final_logits, make_handoff, run_layers
+    from harness.static_decode import StaticKV, decode_step
+
+    model = tiny.model
+    plan = PruningPlan("x", 4, (0, 1, 3), (0, 3), kv_policy=KVPolicy(2, 5, (3,)))
+    lengths = torch.tensor([30, 21])
+    ids = torch.randint(0, 256, (2, 30))
+    pos = torch.arange(30)[None].expand(2, 30)
+    with torch.inference_mode():
+        cache = PDCache(retain=plan.decode_layers)
+        h = run_layers(model, plan.prefill_layers, ids, pos, pos < lengths[:, None], cache)
+        tok0 = final_logits(model, h[torch.arange(2), lengths - 1]).argmax(-1)
+        sent = make_handoff(cache, plan, lengths)
+        eager_cache, skv = sent.to_cache(), StaticKV(sent.to_cache(), 6)
+        te, ts, eager, static = tok0, tok0, [], []
+        ones = torch.ones((2, 1), dtype=torch.bool)
+        for step in range(6):
+            p = (lengths + step)[:, None]
+            he = run_layers(model, plan.decode_layers, te[:, None], p, ones, eager_cache)
+            te = final_logits(model, he[:, 0]).argmax(-1)
+            ts = decode_step(model, plan.decode_layers, ts[:, None], p, skv)
+            skv.advance()
+            eager.append(te)
+            static.append(ts)
+    assert all(torch.equal(a, b) for a, b in zip(eager, static))
+    assert int(skv.step) == 6 and bool((skv.positions[3][1, :7 + 6] >= 0).all())  # 7 kept + 6 decoded columns
+
+
+@pytest.mark.parametrize("mode", ["static", "eager"])
+def test_measure_decode_modes_on_cpu(tiny, mode):
+    w = latency.Workload(prompt_tokens=20, decode_tokens=5, batch_size=2)
+    m = latency.measure(tiny.model, PruningPlan.dense("u", 4), w, warmup=0, repeats=2, decode_mode=mode)
+    assert m.decode_mode == mode and len(m.itl_ms) == 2 * 4 and m.graph_capture_ms == []
+
+
+def test_graph_mode_needs_cuda(tiny):
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
+        latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(8, 3, 1), warmup=0, repeats=1, decode_mode="graph")
+
+
+def test_decode_bound_inputs(tiny):
+    import torch
+
+    from harness.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
+
+    model = tiny.model
+    c = model.config
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters()) * 4
+    head = c.vocab_size * c.hidden_size * 4 + c.hidden_size * 4  # untied LM head + final norm
+    assert weight_bytes(model, (0, 2)) == 2 * per_layer + head
+    assert copy_bandwidth_bytes_per_s(torch.device("cpu"), nbytes=2**20, repeats=2) > 0
+
+
+def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "check.json"
+    r = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--shapes", "tiny", "--prompt-tokens", "40", "--decode-tokens",
+                        "4", "--batch-sizes", "1,2", "--device", "cpu", "--dtype", "float32", "--repeats", "1", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(x["plan"], x["batch"], x["decode_mode"]) for x in rows} == {
+        (p, b, m) for p in ("dense", "shortgpt-like", "pdtrim-like") for b in (1, 2) for m in ("eager", "static")}
+    for x in rows:
+        assert set(x["decode_layers"]) <= set(x["prefill_layers"]) and x["decode_bound_ms"] > 0
+        assert len(x["samples"]["itl_ms"]) == 3
+    dense = next(x for x in rows if x["plan"] == "dense" and x["batch"] == 2)
+    assert dense["kv_bytes"] == 2 * 40 * 4 * 2 * 2 * 16 * 4  # batch · T · layers · (K, V) · kv_heads · head_dim · fp32
