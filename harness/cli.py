@@ -91,6 +91,9 @@ def run_parser() -> argparse.ArgumentParser:
                    help="folder laid out like ../shared/data (default: $HARNESS_DATA_DIR; unset = lm-eval's hub datasets)")
     p.add_argument("--max-length", type=_positive, default=None, help="context length (default: the model's, as lm-eval resolves it)")
     p.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval bootstrap iterations for perplexity stderrs")
+    p.add_argument("--plans-from", default=None, metavar="RUN_DIR",
+                   help="reuse plans stored in another run's records where model, seed, method options and calibration "
+                        "match (saves a repeated search, e.g. PDTrim's); other plans are made as usual")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -145,7 +148,10 @@ def cmd_run(argv: list[str]) -> int:
         seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None, max_length=args.max_length,
         bootstrap_iters=args.bootstrap_iters, overrides=tuple(args.overrides),
+        plans_from=str(Path(args.plans_from).resolve()) if args.plans_from else None,
     )
+    if cfg.plans_from and not Path(cfg.plans_from).is_dir():
+        raise UsageError(f"--plans-from {args.plans_from}: not a folder of run records")
     if not cfg.methods:
         raise UsageError("--methods is empty; known methods: " + ", ".join(__import__("methods").names()))
     prepared = pipeline.prepare(cfg)

@@ -36,11 +36,12 @@ class RunConfig:
     data_dir: str | None = None
     max_length: int | None = None  # None: the model's context length, as lm-eval's HFLM resolves it
     bootstrap_iters: int = 1000  # lm-eval bootstrap for stderr of non-mean metrics (perplexities)
+    plans_from: str | None = None  # reuse plans stored in these records when method, options and calibration match
     overrides: tuple[str, ...] = ()  # raw --set items, scoped "method.field=value", "calib.field=value" or "task.field=value"
 
     def identity(self, method: str, mode: str, method_options: dict, calib: dict | None, task_options: dict | None = None) -> str:
         """Content hash of what determines one (method, mode) record."""
-        canon = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("methods", "modes", "overrides")}
+        canon = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("methods", "modes", "overrides", "plans_from")}
         canon.update(method=method, mode=mode, method_options=method_options, calib=calib)
         if task_options:  # only runs with long-context tasks carry it (keeps older keys stable)
             canon["task_options"] = task_options

@@ -178,6 +178,30 @@ def run(
     return records
 
 
+def _stored_plan(st: _Run, name: str, mode: str, options: dict) -> tuple[PruningPlan, Path, Any] | None:
+    """The plan of `name`/`mode` in `--plans-from` records, if made on the same model, seed, method
+    options and calibration (plans are deterministic given those); None otherwise."""
+    if not st.cfg.plans_from or st.prepared.methods[name].needs_replan_on_resume():
+        return None
+    path = Path(st.cfg.plans_from) / rec.record_filename(name, mode)
+    if not path.exists():
+        return None
+    old = rec.load(path)
+    calib_now = dataclasses.asdict(st.prepared.calib_config) if st.prepared.methods[name].needs_calibration else None
+    calib_then = {k: (old.calibration or {}).get(k) for k in calib_now} if calib_now else None
+    if (old.config.get("model"), old.config.get("seed")) != (st.cfg.model, st.cfg.seed):
+        return None
+    # options added to a method since the record was made count as matching at their defaults
+    defaults = json.loads(json.dumps(dataclasses.asdict(type(st.prepared.methods[name].config)())))
+    then = {**{k: v for k, v in defaults.items() if k not in old.config.get("method_options", {})},
+            **old.config.get("method_options", {})}
+    if then != json.loads(json.dumps(options)):
+        return None
+    if calib_now and json.loads(json.dumps(calib_now)) != calib_then:
+        return None
+    return PruningPlan.from_dict(old.plan), path, old.calibration
+
+
 def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     """One (method, mode): reuse its finished record, or plan, evaluate task by task and save."""
     from harness.engine import PAGE_TOKENS
@@ -200,7 +224,12 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
     if partial.get("run_key") != key:
         partial = {"run_key": key, "tasks": {}}
-    if "plan" in partial and not method.needs_replan_on_resume():
+    reused = _stored_plan(st, name, mode, options) if "plan" not in partial else None
+    if reused is not None:
+        st.say(f"{name}/{mode}: plan reused from {reused[1]}")
+        plan = reused[0]
+        partial.update(plan=plan.to_dict(), plan_s=0.0, calibration=reused[2], plan_reused_from=str(reused[1]))
+    elif "plan" in partial and not method.needs_replan_on_resume():
         plan = PruningPlan.from_dict(partial["plan"])
     else:
         st.say(f"{name}/{mode}: planning")
@@ -245,6 +274,7 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     record = rec.RunRecord(
         method=name, mode=mode, run_key=key,
         config={**dataclasses.asdict(cfg), "method_options": options, "max_length_used": lm.max_length,
+                "plan_reused_from": partial.get("plan_reused_from"),
                 "page_tokens": PAGE_TOKENS},
         plan=plan.to_dict(), environment=st.env, model=st.loaded.description, calibration=partial["calibration"],
         scores={t: done[t]["scores"] for t in cfg.tasks},

@@ -38,3 +38,24 @@ def test_record_loader_rejects_foreign_files(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="unreadable record"):
         records.load(bad)
+
+
+def test_plans_are_reused_from_matching_records_only(tiny, data_dir, tmp_path):
+    import json
+
+    base = dict(model="random:tiny", tasks=("arc_easy",), limit=2, modes=("disaggregated",), device="cpu",
+                data_dir=str(data_dir), batch_size=4)
+    first = RunConfig(methods=("shortgpt",), overrides=("shortgpt.k=1",), **base)
+    (a,) = pipeline.run(first, tmp_path / "a", loaded=tiny)
+    # the stored plan is marked, so reuse is visible; a different k must not reuse it
+    path = tmp_path / "a" / "shortgpt__disaggregated.json"
+    d = json.loads(path.read_text())
+    d["plan"]["info"]["marker"] = "stored"
+    path.write_text(json.dumps(d))
+    same = RunConfig(methods=("shortgpt",), overrides=("shortgpt.k=1",), plans_from=str(tmp_path / "a"), **base)
+    (b,) = pipeline.run(same, tmp_path / "b", loaded=tiny)
+    assert b.plan["info"].get("marker") == "stored" and b.config["plan_reused_from"] == str(path)
+    assert b.run_key == a.run_key and b.scores == a.scores
+    other = RunConfig(methods=("shortgpt",), overrides=("shortgpt.k=2",), plans_from=str(tmp_path / "a"), **base)
+    (c,) = pipeline.run(other, tmp_path / "c", loaded=tiny)
+    assert "marker" not in c.plan["info"] and c.config["plan_reused_from"] is None and len(c.plan["removed_decode"]) == 2
