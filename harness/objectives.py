@@ -161,6 +161,18 @@ class StageObjective:
         student = F.log_softmax(final_logits(self.model, hidden), dim=-1)
         return F.kl_div(student, teacher, log_target=True, reduction="sum")
 
+    def _complete(self, inputs: dict, out: torch.Tensor) -> dict:
+        """Fill in removed layers' inputs (each equals the input of the next kept layer, or the
+        output) and the output under "out", so a candidate can resume at any layer."""
+        nxt = out
+        for i in reversed(range(self.n_layers)):
+            if i in inputs:
+                nxt = inputs[i]
+            else:
+                inputs[i] = nxt
+        inputs["out"] = out
+        return inputs
+
     # -- E_P ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, removed: Iterable[int]) -> float:
@@ -189,15 +201,7 @@ class StageObjective:
         for b in self.batches:
             inputs: dict = {}
             h = run_layers(self.model, layers, b.full_ids, b.full_pos, b.full_valid, PDCache(retain=()), collect=inputs)
-            # a removed layer's input equals the input of the next kept layer (or the output)
-            nxt = h
-            for i in reversed(range(self.n_layers)):
-                if i in inputs:
-                    nxt = inputs[i]
-                else:
-                    inputs[i] = nxt
-            inputs["out"] = h
-            per_batch.append(inputs)
+            per_batch.append(self._complete(inputs, h))
             self.layer_token_passes += len(layers) * b.tokens
         self._pbase = (target, per_batch)
 
@@ -251,13 +255,7 @@ class StageObjective:
             inputs: dict = {}
             if b.dec_ids.shape[1]:
                 h = run_layers(self.model, layers, b.dec_ids, b.dec_pos, b.dec_valid, cache.frozen(), collect=inputs)
-                nxt = h
-                for i in reversed(range(self.n_layers)):
-                    if i in inputs:
-                        nxt = inputs[i]
-                    else:
-                        inputs[i] = nxt
-                inputs["out"] = h
+                self._complete(inputs, h)
                 self.layer_token_passes += len(layers) * int(b.dec_valid.sum())
             per_batch.append(inputs)
         self._dbase = (rd, rp, per_batch)
