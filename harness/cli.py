@@ -267,10 +267,7 @@ def cmd_latency(argv: list[str]) -> int:
                         overrides=tuple(args.overrides))
     prepared = pipeline.prepare(RunConfig(methods=cfg.methods, tasks=(), seed=cfg.seed, data_dir=data_dir,
                                           overrides=cfg.overrides), need_data=cfg.plans_from is None)
-    import hashlib
-    import json
-
-    out = args.out or Path("results") / "runs" / ("latency-" + hashlib.sha256(json.dumps(cfg.__dict__, default=str).encode()).hexdigest()[:12])
+    out = args.out or Path("results") / "runs" / f"latency-{cfg.run_id()}"
     loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed)
     start = time.perf_counter()
 

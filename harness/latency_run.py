@@ -47,6 +47,9 @@ class LatencyConfig:
     def workloads(self) -> list[Workload]:
         return [Workload(t, n, b) for t, n, b in itertools.product(self.prompt_tokens, self.decode_tokens, self.batch_sizes)]
 
+    def run_id(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
     def identity(self, method: str, options: dict, plan: dict) -> str:
         canon = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("methods", "overrides", "plans_from")}
         canon.update(method=method, options=options, plan=plan)
@@ -96,12 +99,14 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
             plan, source = method.plan(model, calib, "disaggregated"), {"planned_on": cfg.model}
         key = cfg.identity(name, method.options(), plan.to_dict())
         path = out_dir / rec.record_filename(name, "disaggregated")
-        if path.exists() and rec.load(path).run_key == key:
+        old = rec.load(path) if path.exists() else None
+        if old is not None and old.run_key == key:
             say(f"{name}: finished record found, reused")
-            results.append(rec.load(path))
+            results.append(old)
             continue
         scores, kv, raw, timing = {}, {}, {}, {}
-        bound_ms = weight_bytes(model, plan.decode_layers) / copy_bw * 1e3
+        step_bytes = weight_bytes(model, plan.decode_layers)
+        bound_ms = step_bytes / copy_bw * 1e3
         with method.apply(model, plan) as applied:
             for w, mode in itertools.product(cfg.workloads(), cfg.decode_modes):
                 label = workload_name(w, mode)
@@ -130,7 +135,7 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
             timing_s={f"measured_{k}": v / 1e3 for k, v in timing.items()},
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             extra={"latency": raw, "clock": next(iter(raw.values()))["clock"] if raw else None,
-                   "decode_bound": {"weight_bytes": weight_bytes(model, plan.decode_layers), "copy_bandwidth_bytes_per_s": copy_bw,
+                   "decode_bound": {"weight_bytes": step_bytes, "copy_bandwidth_bytes_per_s": copy_bw,
                                     "definition": "bytes of the decode layers, final norm and LM head / device copy rate (read + write)"},
                    "bandwidths_gbit": list(cfg.bandwidths_gbit), "plan_source": source},
         )

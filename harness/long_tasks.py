@@ -150,8 +150,7 @@ def _batch_size(scorer, n: int) -> Iterator[None]:
 def _kv_delta(scorer, fn: Callable[[], Any]) -> tuple[Any, dict[str, int]]:
     before = scorer.tally.as_dict()
     out = fn()
-    after = scorer.tally.as_dict()
-    return out, {k: after[k] - before[k] for k in after}
+    return out, scorer.tally.since(before)
 
 
 def _mean_se(xs: list[float]) -> tuple[float, float | None]:

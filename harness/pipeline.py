@@ -263,8 +263,7 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
                     raise UsageError(f"task {task}: its dataset could not be fetched from the Hugging Face hub "
                                      f"({type(e).__name__}); offline, pass --data-dir with local data") from e
                 raise
-            after = lm.tally.as_dict()
-            result["kv"] = {k: after[k] - before[k] for k in after} if mode == "disaggregated" else {}
+            result["kv"] = lm.tally.since(before) if mode == "disaggregated" else {}
             if mode != "disaggregated":
                 result.pop("kv_by", None)
             result["seconds"] = time.perf_counter() - t_task

@@ -45,6 +45,10 @@ class KVTally:
         self.handoffs += requests
         self.prompt_tokens += prompt_tokens
 
+    def since(self, before: dict[str, int]) -> dict[str, int]:
+        """What was sent after the snapshot `before` (an earlier `as_dict()`)."""
+        return {k: v - before[k] for k, v in self.as_dict().items()}
+
     def as_dict(self) -> dict[str, int]:
         return {
             "kv_bytes": self.kv_bytes,
