@@ -141,7 +141,8 @@ def cmd_run(argv: list[str]) -> int:
     _quiet_libraries()
     from harness import pipeline
     from harness.records import load_dir
-    from reports.tables import comparison_table, long_context_table, plans_table
+    from reports.table import to_markdown
+    from reports.tables import long_context_table, plans_table, quality_table
 
     cfg = RunConfig(
         model=args.model, methods=args.methods, tasks=expand_tasks(args.tasks), limit=args.limit, modes=MODES[args.mode],
@@ -179,12 +180,9 @@ def cmd_run(argv: list[str]) -> int:
         print(f"\ninterrupted: finished records are kept in {out}; rerun the same command to resume", file=sys.stderr)
         return 130
     records = [r for r in load_dir(out) if r.method in cfg.methods and r.mode in cfg.modes]
-    print(comparison_table(records))
-    print()
-    if long_table := long_context_table(records):
-        print(long_table)
-        print()
-    print(plans_table(records))
+    for table in (quality_table(records), long_context_table(records), plans_table(records)):
+        if not table.empty:
+            print(to_markdown(table), end="\n\n")
     print(f"\nrecords and summary.csv in {out} ({time.perf_counter() - start:.0f}s)")
     return 0
 
@@ -280,7 +278,45 @@ def cmd_latency(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "latency": cmd_latency}
+def report_parser() -> argparse.ArgumentParser:
+    from reports.collect import CONVENTIONS
+
+    p = argparse.ArgumentParser(
+        prog="python -m harness report",
+        description="Render stored run records as paper-style tables (Markdown, LaTeX booktabs, CSV), plots (PNG, SVG) "
+        "and one self-contained HTML report. Reads records only: no model, no torch.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python -m harness report results/issue3/default results/issue4/cpu_smollm2 --out reports/out\n"
+        "  python -m harness report results/runs/RUN --metric-convention acc --bandwidth 400",
+    )
+    p.add_argument("results", nargs="+", type=Path, metavar="RESULTS_DIR", help="folders (searched recursively) or record files")
+    p.add_argument("--out", type=Path, default=Path("reports") / "out", help="output folder (default: reports/out)")
+    p.add_argument("--metric-convention", default="paper", metavar="NAME",
+                   help=f"metric per task: {', '.join(CONVENTIONS)} (default: paper = acc_norm for HellaSwag, ARC-Challenge, "
+                        "OpenBookQA; acc elsewhere)")
+    p.add_argument("--bandwidth", type=float, default=100.0, help="link bandwidth in Gbit/s for E2E in the efficiency table (default: 100)")
+    p.add_argument("--no-plots", action="store_true", help="tables only (faster)")
+    return p
+
+
+def cmd_report(argv: list[str]) -> int:
+    args = report_parser().parse_args(argv)
+    from reports.collect import ReportError
+    from reports.render import render_report
+
+    try:
+        rep = render_report(args.results, args.out, args.metric_convention, args.bandwidth, plots=not args.no_plots)
+    except ReportError as e:
+        raise UsageError(str(e)) from None
+    print(rep.markdown)
+    for m in rep.missing:
+        print(f"note: {m}", file=sys.stderr)
+    print(f"tables in {args.out / 'tables'} (md, tex, csv); {len(rep.figures)} figures in {args.out / 'figures'}; "
+          f"HTML: {args.out / 'report.html'}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "latency": cmd_latency, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

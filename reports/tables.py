@@ -1,98 +1,281 @@
-"""Comparison tables from `RunRecord`s: method × mode rows, one column per task (metric named)."""
+"""Paper-style tables from run records: quality, efficiency, long-context, plans.
+
+Each builder returns a `reports.table.Table`; render it with `to_markdown`, `to_latex`, `to_csv`
+or `to_html`. Only records are read (no model, no torch).
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
-from harness.config import LONG_TASKS
-from harness.records import LOWER_IS_BETTER, RunRecord, primary_metric
+from harness.config import LONG_TASKS, STANDARD_TASKS
+from harness.records import LOWER_IS_BETTER, RunRecord
+from reports.collect import CONVENTION_TEXT, Collection, is_latency, metric_for, model_name
+from reports.table import Cell, Group, Table
 
-MODE_ORDER = {"unified": 0, "disaggregated": 1}
+MODE_ORDER = {"disaggregated": 0, "unified": 1}
+MODE_TITLE = {"disaggregated": "PD-disaggregated", "unified": "PD-unified"}
+TASK_TITLE = {"arc_challenge": "ARC-c", "arc_easy": "ARC-e", "boolq": "BoolQ", "hellaswag": "HellaSwag",
+              "openbookqa": "OBQA", "piqa": "PIQA", "winogrande": "WinoGrande", "mmlu": "MMLU",
+              "wikitext": "WikiText-2", "lambada_openai": "LAMBADA"}
+MIB = 2**20
 
 
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "—"
-    return f"{n / 2**20:,.1f} MiB"
+def _as_collection(records: Collection | Sequence[RunRecord]) -> Collection:
+    if isinstance(records, Collection):
+        return records
+    col = Collection()
+    for i, r in enumerate(records):
+        (col.latency if is_latency(r) else col.quality).append(r)
+        col.sources[id(r)] = __import__("pathlib").Path(f"record{i}") / r.filename
+    return col
 
 
-def comparison_table(records: Sequence[RunRecord]) -> str:
-    """Markdown table: scores of each task's primary metric (×100 for accuracies), their average
-    over the accuracy-like multiple-choice tasks (long-context tasks are shown, not averaged), and
-    KV bytes handed over (all tasks) with the reduction versus `unpruned` in the same mode.
-    Unified rows send nothing (no handoff), shown as '—'."""
-    tasks: list[str] = []
-    for r in records:
-        for t in r.scores:
-            if t not in tasks:
-                tasks.append(t)
-    head = ["method", "mode", *[f"{t} ({primary_metric(t)})" for t in tasks], "avg", "KV sent", "KV ×"]
-    if any(t in LONG_TASKS for t in tasks):
-        head[head.index("avg")] = "avg (multiple choice)"
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    dense = {r.mode: r.kv_bytes_total() for r in records if r.method == "unpruned"}
-    for r in sorted(records, key=lambda r: (MODE_ORDER.get(r.mode, 9), r.method != "unpruned", r.method)):
-        cells, accs = [r.method, r.mode], []
-        for t in tasks:
-            m = primary_metric(t)
-            v = r.scores.get(t, {}).get(m, {}).get("value")
-            if v is None:
-                cells.append("—")
-            elif m in LOWER_IS_BETTER:
-                cells.append(f"{v:.2f}")
-            else:
-                cells.append(f"{100 * v:.1f}")
-                if t not in LONG_TASKS:
+def removed_counts(r: RunRecord) -> tuple[int, int]:
+    p = r.plan
+    return len(p.get("removed_prefill", [])), len(p.get("removed_decode", []))
+
+
+def removed_text(r: RunRecord) -> str:
+    """'8' when both stages remove the same number of blocks, else 'prefill / decode' counts."""
+    kp, kd = removed_counts(r)
+    return str(kd) if kp == kd else f"{kp} / {kd}"
+
+
+def _row_key(col: Collection, r: RunRecord) -> tuple:
+    kp, kd = removed_counts(r)
+    return (kd, kp, r.method != "unpruned", col.label(r))
+
+
+def _groups(col: Collection, records: list[RunRecord], with_mode: bool = True) -> list[tuple[str, list[RunRecord]]]:
+    """Records grouped by model (and PD setting), in a stable order; titles name the model only
+    when there are several."""
+    models = sorted({model_name(r) for r in records})
+    out = []
+    for m in models:
+        for mode in sorted({r.mode for r in records}, key=lambda x: MODE_ORDER.get(x, 9)) if with_mode else [None]:
+            rs = [r for r in records if model_name(r) == m and (mode is None or r.mode == mode)]
+            if rs:
+                title = " · ".join(x for x in ((m if len(models) > 1 else ""), MODE_TITLE.get(mode, mode or "")) if x)
+                out.append((title, sorted(rs, key=lambda r: _row_key(col, r))))
+    return out
+
+
+def _fmt(v: float | None, metric: str) -> Cell:
+    if v is None:
+        return Cell("—")
+    if metric in LOWER_IS_BETTER:
+        return Cell(f"{v:.2f}", v)
+    return Cell(f"{100 * v:.1f}", round(100 * v, 6))
+
+
+def _ordered_tasks(records: list[RunRecord], keep) -> list[str]:
+    seen = {t for r in records for t in r.scores if keep(t)}
+    return [t for t in STANDARD_TASKS if t in seen] + sorted(seen - set(STANDARD_TASKS))
+
+
+def _items_text(records: list[RunRecord], tasks: list[str]) -> str:
+    per = {t: sorted({r.n_samples.get(t) for r in records if t in r.n_samples and r.n_samples.get(t)}) for t in tasks}
+    uniq = {tuple(v) for v in per.values()}
+    if len(uniq) == 1 and len(next(iter(uniq))) == 1:
+        return f"{next(iter(uniq))[0]} items per task"
+    return "items per task: " + ", ".join(f"{TASK_TITLE.get(t, t)} {'/'.join(map(str, v))}" for t, v in per.items())
+
+
+def quality_table(records: Collection | Sequence[RunRecord], convention: str = "paper") -> Table:
+    """Rows: methods grouped by model and blocks removed; columns: the multiple-choice tasks and
+    their average; one block per PD setting. Scores ×100; best per column in bold within a block."""
+    col = _as_collection(records)
+    recs = col.quality
+    tasks = _ordered_tasks(recs, lambda t: t not in LONG_TASKS)
+    metrics: dict[str, set[str]] = {t: set() for t in tasks}
+    groups = []
+    for title, rs in _groups(col, recs):
+        g = Group(title)
+        dense = next((r for r in rs if r.method == "unpruned"), None)
+        for r in rs:
+            row, accs = [Cell(col.label(r)), Cell(removed_text(r))], []
+            for t in tasks:
+                m = metric_for(t, r.scores.get(t, {}), convention)
+                v = r.scores.get(t, {}).get(m, {}).get("value") if m else None
+                if m:
+                    metrics[t].add(m)
+                row.append(_fmt(v, m or "acc"))
+                if v is not None and m not in LOWER_IS_BETTER:
                     accs.append(100 * v)
-        cells.append(f"{sum(accs) / len(accs):.1f}" if accs else "—")
-        sent = r.kv_bytes_total()
-        cells.append(_fmt_bytes(sent))
-        ref = dense.get(r.mode)
-        cells.append(f"{ref / sent:.2f}×" if sent and ref else "—")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            n_acc = sum(1 for t in tasks if not (metrics[t] & LOWER_IS_BETTER))
+            avg = sum(accs) / len(accs) if accs and len(accs) == n_acc else None
+            row.append(Cell("—") if avg is None else Cell(f"{avg:.1f}", round(avg, 6)))
+            row.append(_ratio_cell(_mc_kv(dense, tasks), _mc_kv(r, tasks)))
+            g.rows.append(row)
+        groups.append(g)
+    names = [f"{TASK_TITLE.get(t, t)}" for t in tasks]
+    model = ", ".join(sorted({model_name(r) for r in recs})) or "—"
+    lm_eval = sorted({str(r.lm_eval.get("version")) for r in recs if r.lm_eval.get("version")})
+    seeds = sorted({str(r.config.get("seed")) for r in recs})
+    caption = (f"Zero-shot scores (%) on {model}; rows grouped by PD setting and blocks removed "
+               f"(one number: both stages; 'p / d': prefill / decode). Metric: {CONVENTION_TEXT[convention]} "
+               f"(convention '{convention}'). {_items_text(recs, tasks)}; lm-eval {', '.join(lm_eval) or '—'}, "
+               f"seed {', '.join(seeds)}. Avg: mean over the accuracy columns. KV ×: KV bytes unpruned ÷ method, summed over "
+               f"these tasks' handoffs (disaggregated only). Best per column in bold.")
+    t = Table("quality", caption, ["Method", "Removed", *names, "Avg", "KV ×"], groups)
+    for j, task in enumerate(tasks):
+        t.bold_best(2 + j, lower_is_better=bool(metrics[task] & LOWER_IS_BETTER))
+    t.bold_best(2 + len(tasks))
+    t.bold_best(3 + len(tasks))
+    return t
 
 
-def plans_table(records: Sequence[RunRecord]) -> str:
-    """Markdown: which layers each method removed in each stage, and its KV policy."""
-    lines = ["| method | mode | removed (prefill) | removed (decode) | KV policy |", "|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r.method, MODE_ORDER.get(r.mode, 9))):
-        p = r.plan
-        kv = p.get("kv_policy", {})
-        pol = "all positions" if not kv.get("layers") else f"first {kv['n_first']} + last {kv['n_last']} in layers {kv['layers']}"
-        lines.append(f"| {r.method} | {r.mode} | {p.get('removed_prefill') or '—'} | {p.get('removed_decode') or '—'} | {pol} |")
-    return "\n".join(lines)
+def _mc_kv(r: RunRecord | None, tasks: list[str]) -> int | None:
+    """KV bytes `r` sent over `tasks` (None when any is missing, e.g. unified mode)."""
+    if r is None or not all(t in r.kv for t in tasks):
+        return None
+    return sum(r.kv[t]["kv_bytes"] for t in tasks)
 
 
-def long_context_table(records: Sequence[RunRecord]) -> str:
-    """Markdown: per prompt length, `pd_ppl` perplexity and `passkey` accuracy next to the KV bytes
-    sent per request in disaggregated mode (reduction versus `unpruned` in brackets)."""
+_WORKLOAD = re.compile(r"latency_T(\d+)_n(\d+)_b(\d+)(?:_(\w+))?$")
+
+
+def parse_workload(label: str) -> tuple[int, int, int, str] | None:
+    """`latency_T2048_n32_b1[_graph]` -> (2048, 32, 1, 'graph'); eager when no suffix."""
+    m = _WORKLOAD.match(label)
+    return (int(m[1]), int(m[2]), int(m[3]), m[4] or "eager") if m else None
+
+
+def hardware(r: RunRecord) -> str:
+    env = r.environment
+    if env.get("gpu_name"):
+        return str(env["gpu_name"])
+    cpu = env.get("cpu_model") or env.get("cpu") or "cpu"
+    return f"CPU {cpu}, {env.get('cpu_threads', '?')} threads"
+
+
+def _v(r: RunRecord | None, label: str, metric: str) -> float | None:
+    if r is None:
+        return None
+    return r.scores.get(label, {}).get(metric, {}).get("value")
+
+
+def _ratio_cell(num: float | None, den: float | None) -> Cell:
+    if num is None or den is None or den == 0:
+        return Cell("—")
+    x = num / den
+    return Cell(f"{x:.2f}×", round(x, 6))
+
+
+def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: float = 100.0) -> Table:
+    """Per workload (prompt, decode tokens, batch, decode path) and hardware: TTFT, TPOT and E2E
+    p50, KV bytes sent per request, and factors versus `unpruned` in the same group."""
+    col = _as_collection(records)
+    e2e = f"e2e_ms_p50@{bandwidth_gbit:g}gbit"
+    keys = sorted({(hardware(r), model_name(r), lab) for r in col.latency for lab in r.scores if parse_workload(lab)},
+                  key=lambda k: (k[0], k[1], parse_workload(k[2])))
+    groups = []
+    for hw, model, lab in keys:
+        T, n, b, mode = parse_workload(lab)
+        rs = sorted([r for r in col.latency if hardware(r) == hw and model_name(r) == model and lab in r.scores],
+                    key=lambda r: _row_key(col, r))
+        dense = next((r for r in rs if r.method == "unpruned"), None)
+        g = Group(f"{model} · prompt {T}, decode {n}, batch {b}, {mode} decode · {hw}")
+        for r in rs:
+            kv = r.kv.get(lab, {})
+            per_req = kv["kv_bytes"] / max(1, kv.get("handoffs", 1)) if kv else None
+            dkv = dense.kv.get(lab, {}) if dense else {}
+            dense_req = dkv["kv_bytes"] / max(1, dkv.get("handoffs", 1)) if dkv else None
+            ttft, tpot, end = _v(r, lab, "ttft_ms_p50"), _v(r, lab, "tpot_ms_p50"), _v(r, lab, e2e)
+            g.rows.append([
+                Cell(col.label(r)), Cell(removed_text(r)),
+                Cell("—") if ttft is None else Cell(f"{ttft:.1f}", ttft),
+                Cell("—") if tpot is None else Cell(f"{tpot:.2f}", tpot),
+                Cell("—") if end is None else Cell(f"{end:.1f}", end),
+                Cell("—") if per_req is None else Cell(f"{per_req / MIB:,.2f}", per_req),
+                _ratio_cell(dense_req, per_req),
+                _ratio_cell(_v(dense, lab, "ttft_ms_p50"), ttft),
+                _ratio_cell(_v(dense, lab, "tpot_ms_p50"), tpot),
+                _ratio_cell(_v(dense, lab, e2e), end),
+            ])
+        groups.append(g)
+    clocks = sorted({str(r.extra.get("clock")) for r in col.latency if r.extra.get("clock")})
+    caption = (f"Latency per request (p50 over all measured runs; TTFT includes the first token, TPOT is the mean "
+               f"decode step) and KV bytes the prefill stage sends per request. E2E = TTFT + transfer at "
+               f"{bandwidth_gbit:g} Gbit/s + (n-1)·TPOT. Factors are unpruned ÷ method (higher is better). "
+               f"Clock: {', '.join(clocks) or '—'}.")
+    t = Table("efficiency", caption, ["Method", "Removed", "TTFT (ms)", "TPOT (ms)", f"E2E (ms) @{bandwidth_gbit:g} Gbit/s",
+                                      "KV sent (MiB)", "KV reduction", "TTFT speedup", "TPOT speedup", "E2E speedup"], groups)
+    for c in (2, 3, 4, 5):
+        t.bold_best(c, lower_is_better=True)
+    for c in (6, 7, 8, 9):
+        t.bold_best(c)
+    return t
+
+
+def _per_request(r: RunRecord, task: str, setting: str) -> float | None:
+    kv = r.extra.get("kv_by_setting", {}).get(task, {}).get(setting)
+    return kv["kv_bytes"] / kv["handoffs"] if kv and kv.get("handoffs") else None
+
+
+def long_context_table(records: Collection | Sequence[RunRecord]) -> Table:
+    """Per prompt length: `pd_ppl` perplexity and `passkey` accuracy next to the KV bytes sent per
+    request (disaggregated; unified sends nothing)."""
+    col = _as_collection(records)
+    recs = [r for r in col.quality if any(t in r.scores for t in LONG_TASKS)]
     cols: list[tuple[str, str, str]] = []  # (task, metric, setting)
-    for r in records:
+    for r in recs:
         for task, prefix in (("pd_ppl", "ppl_T"), ("passkey", "acc_L")):
             for m in r.scores.get(task, {}):
                 if m.startswith(prefix) and (task, m, m[len(prefix) - 1:]) not in cols:
                     cols.append((task, m, m[len(prefix) - 1:]))
-    if not cols:
-        return ""
-    cols.sort(key=lambda c: (c[0], int(c[2][1:])))
-    head = ["method", "mode"]
-    for task, m, setting in cols:
-        head += [f"{task} {m}", f"KV/request @{setting}"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cols.sort(key=lambda c: (c[0] != "pd_ppl", int(c[2][1:])))
+    head = ["Method", "Removed"]
+    for task, _, setting in cols:
+        head += [f"{'PPL' if task == 'pd_ppl' else 'passkey %'} {setting}", f"KV/req {setting} (MiB)"]
+    groups = []
+    for title, rs in _groups(col, recs):
+        dense = next((r for r in rs if r.method == "unpruned"), None)
+        g = Group(title)
+        for r in rs:
+            row = [Cell(col.label(r)), Cell(removed_text(r))]
+            for task, m, setting in cols:
+                v = r.scores.get(task, {}).get(m, {}).get("value")
+                row.append(_fmt(v, "ppl" if task == "pd_ppl" else "acc"))
+                b = _per_request(r, task, setting)
+                ref = _per_request(dense, task, setting) if dense else None
+                row.append(Cell("—") if b is None else Cell(f"{b / MIB:,.1f}" + (f" ({ref / b:.2f}×)" if ref and b else ""), b))
+            g.rows.append(row)
+        groups.append(g)
+    caption = ("Long-context workloads. PPL: token perplexity of 128 continuation tokens after a T-token WikiText-2 "
+               "prompt (pd_ppl); passkey %: exact retrieval of a 5-digit key from an L-token prompt. KV/req: bytes the "
+               "prefill stage sends per request (reduction versus unpruned in brackets; unified sends nothing).")
+    t = Table("long_context", caption, head, groups)
+    for j, (task, _, _) in enumerate(cols):
+        t.bold_best(2 + 2 * j, lower_is_better=task == "pd_ppl")
+        t.bold_best(3 + 2 * j, lower_is_better=True)
+    return t
 
-    def per_request(r: RunRecord, task: str, setting: str) -> float | None:
-        kv = r.extra.get("kv_by_setting", {}).get(task, {}).get(setting)
-        return kv["kv_bytes"] / kv["handoffs"] if kv and kv.get("handoffs") else None
 
-    dense = {(t, s): per_request(r, t, s) for r in records if r.method == "unpruned" and r.mode == "disaggregated"
-             for t, _, s in cols}
-    for r in sorted(records, key=lambda r: (MODE_ORDER.get(r.mode, 9), r.method != "unpruned", r.method)):
-        cells = [r.method, r.mode]
-        for task, m, setting in cols:
-            v = r.scores.get(task, {}).get(m, {}).get("value")
-            cells.append("—" if v is None else (f"{v:.2f}" if task == "pd_ppl" else f"{100 * v:.1f}"))
-            b, ref = per_request(r, task, setting), dense.get((task, setting))
-            cells.append("—" if b is None else _fmt_bytes(int(b)) + (f" ({ref / b:.2f}×)" if ref and b else ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _layers(xs: list[int]) -> str:
+    return " ".join(map(str, xs)) if xs else "—"
+
+
+def plans_table(records: Collection | Sequence[RunRecord]) -> Table:
+    """Which blocks each method removed in each stage, and its KV policy."""
+    col = _as_collection(records)
+    seen, groups = set(), []
+    for title, rs in _groups(col, col.quality or col.latency):
+        g = Group(title)
+        for r in rs:
+            p = r.plan
+            kv = p.get("kv_policy", {})
+            if not kv.get("layers"):
+                pol = "all positions"
+            else:
+                kind = kv.get("kind", "first_last")
+                pol = (f"first {kv['n_first']} + last {kv['n_last']} in layers {_layers(kv['layers'])}"
+                       if kind == "first_last" else f"{kind} in layers {_layers(kv['layers'])}")
+            g.rows.append([Cell(col.label(r)), Cell(removed_text(r)), Cell(_layers(p.get("removed_prefill", []))),
+                           Cell(_layers(p.get("removed_decode", []))), Cell(pol)])
+            seen.add(r.method)
+        groups.append(g)
+    return Table("plans", "Blocks removed per stage (indices in the unpruned model) and the KV policy of the handoff.",
+                 ["Method", "Removed", "Removed (prefill)", "Removed (decode)", "KV policy"], groups, align="lllll")

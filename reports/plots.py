@@ -1,0 +1,200 @@
+"""Figures from run records (matplotlib, Agg backend): PNG and SVG, labelled axes with units.
+
+Each `plot_*` returns a Figure, or None when the records hold no data for it (e.g. no latency
+records), so a report shows what it can and says what is missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from harness.config import LONG_TASKS  # noqa: E402
+from harness.records import RunRecord  # noqa: E402
+from reports.collect import Collection, metric_for  # noqa: E402
+from reports.tables import MIB, MODE_TITLE, _mc_kv, _ordered_tasks, parse_workload, removed_counts  # noqa: E402
+
+MARKERS = "osD^v<>pP*Xh"
+
+
+def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+
+
+def avg_score(r: RunRecord, tasks: list[str], convention: str) -> float | None:
+    """Mean accuracy (%) over `tasks`; None if the record lacks any of them."""
+    vals = []
+    for t in tasks:
+        m = metric_for(t, r.scores.get(t, {}), convention)
+        v = r.scores.get(t, {}).get(m, {}).get("value") if m else None
+        if v is None:
+            return None
+        vals.append(100 * v)
+    return sum(vals) / len(vals) if vals else None
+
+
+def _mc_tasks(col: Collection) -> list[str]:
+    return [t for t in _ordered_tasks(col.quality, lambda t: t not in LONG_TASKS)
+            if all("acc" in r.scores.get(t, {}) or "acc_norm" in r.scores.get(t, {}) for r in col.quality if t in r.scores)]
+
+
+def _methods(records: list[RunRecord], col: Collection) -> list[str]:
+    return sorted({col.label(r) for r in records}, key=lambda m: (m != "unpruned", m))
+
+
+def plot_score_vs_blocks(col: Collection, convention: str = "paper"):
+    """Average score against blocks removed (decode stage), one series per method, a panel per mode."""
+    tasks = _mc_tasks(col)
+    modes = [m for m in MODE_TITLE if any(r.mode == m for r in col.quality)]
+    if not tasks or not modes:
+        return None
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False, sharey=True)
+    for ax, mode in zip(axes[0], modes):
+        recs = [r for r in col.quality if r.mode == mode]
+        for i, m in enumerate(_methods(recs, col)):
+            pts = sorted((removed_counts(r)[1], avg_score(r, tasks, convention)) for r in recs if col.label(r) == m)
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=MARKERS[i % len(MARKERS)], label=m)
+        _style(ax, MODE_TITLE[mode], "blocks removed (decode stage)", f"average score over {len(tasks)} tasks (%)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_score_vs_kv(col: Collection, convention: str = "paper"):
+    """Average score against KV bytes sent per request (disaggregated records)."""
+    tasks = _mc_tasks(col)
+    recs = [r for r in col.quality if r.mode == "disaggregated" and _mc_kv(r, tasks)]
+    if not tasks or not recs:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, r in enumerate(sorted(recs, key=lambda r: (r.method != "unpruned", col.label(r)))):
+        handoffs = sum(r.kv[t]["handoffs"] for t in tasks)
+        x, y = _mc_kv(r, tasks) / handoffs / MIB, avg_score(r, tasks, convention)
+        if y is not None:
+            ax.scatter([x], [y], marker=MARKERS[i % len(MARKERS)], s=60, label=col.label(r))
+    _style(ax, "Score versus KV sent (PD-disaggregated)", "KV bytes sent per request, mean over these tasks (MiB)",
+           f"average score over {len(tasks)} tasks (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_latency_bars(col: Collection):
+    """TTFT and TPOT (p50) per method, grouped by workload."""
+    labels = sorted({lab for r in col.latency for lab in r.scores if parse_workload(lab)}, key=parse_workload)
+    if not labels:
+        return None
+    methods = _methods(col.latency, col)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(1, len(methods))
+    for ax, metric, name in ((axes[0], "ttft_ms_p50", "TTFT p50 (ms)"), (axes[1], "tpot_ms_p50", "TPOT p50 (ms)")):
+        for i, m in enumerate(methods):
+            ys = []
+            for lab in labels:
+                r = next((r for r in col.latency if col.label(r) == m and lab in r.scores), None)
+                ys.append(r.scores[lab].get(metric, {}).get("value", 0) if r else 0)
+            ax.bar([j + i * width for j in range(len(labels))], ys, width, label=m)
+        ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(labels))])
+        ax.set_xticklabels([f"T{w[0]} n{w[1]} b{w[2]}" + ("" if w[3] == "eager" else f" {w[3]}")
+                            for w in map(parse_workload, labels)], fontsize=8)
+        _style(ax, name.split(" p50")[0] + " per method", "workload (prompt tokens T, decode tokens n, batch b)", name)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sensitivity(col: Collection):
+    """Per-layer stage sensitivity (PDTrim: objective with one block removed from prefill or decode)
+    and block scores (1 - mean cos(h_in, h_out), i.e. ShortGPT's Block Influence)."""
+    sens = next((r for r in col.quality if r.plan.get("info", {}).get("stage_sensitivity")), None)
+    scored = next((r for r in col.quality if r.plan.get("info", {}).get("block_influence")), None) or next(
+        (r for r in col.quality if r.plan.get("info", {}).get("block_cosine")), None)
+    if sens is None and scored is None:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    if sens is not None:
+        s = sens.plan["info"]["stage_sensitivity"]
+        n = len(s["prefill"])
+        w = 0.4
+        axes[0].bar([i - w / 2 for i in range(n)], s["prefill"], w, label="removed from prefill (and decode)")
+        axes[0].bar([i + w / 2 for i in range(n)], s["decode"], w, label="removed from decode only")
+        axes[0].set_yscale("log")
+        _style(axes[0], f"Stage sensitivity per block ({col.label(sens)})", "block index", "KL to the dense model (nats, log scale)")
+        axes[0].legend(fontsize=8)
+    else:
+        axes[0].set_axis_off()
+    if scored is not None:
+        info = scored.plan["info"]
+        bi = info.get("block_influence") or [1 - c for c in info["block_cosine"]]
+        removed = set(scored.plan.get("removed_decode", []))
+        axes[1].bar(range(len(bi)), bi, color=["tab:red" if i in removed else "tab:blue" for i in range(len(bi))])
+        axes[1].set_yscale("log")
+        _style(axes[1], f"Block score 1 − cos(h_in, h_out) ({col.label(scored)}; red: removed in decode)",
+               "block index", "1 − mean cosine (log scale)")
+    else:
+        axes[1].set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
+def plot_bytes_vs_prompt(col: Collection):
+    """KV bytes sent per request against prompt length (long-context tasks and latency workloads)."""
+    series: dict[str, dict[int, float]] = {}
+    for r in col.quality:
+        if r.mode != "disaggregated":
+            continue
+        for by in r.extra.get("kv_by_setting", {}).values():
+            for setting, kv in by.items():
+                if kv.get("handoffs"):
+                    series.setdefault(col.label(r), {})[int(setting[1:])] = kv["kv_bytes"] / kv["handoffs"]
+    for r in col.latency:
+        for lab, kv in r.kv.items():
+            w = parse_workload(lab)
+            if w and kv.get("handoffs"):
+                series.setdefault(col.label(r), {})[w[0]] = kv["kv_bytes"] / kv["handoffs"]
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (m, pts) in enumerate(sorted(series.items(), key=lambda kv: (kv[0] != "unpruned", kv[0]))):
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] / MIB for x in xs], marker=MARKERS[i % len(MARKERS)], label=m)
+    ax.set_xscale("log", base=2)
+    _style(ax, "KV sent per request versus prompt length", "prompt tokens (log scale)", "KV bytes sent per request (MiB)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+PLOTS = {
+    "score_vs_blocks": ("Average score versus blocks removed", plot_score_vs_blocks),
+    "score_vs_kv": ("Average score versus KV bytes sent per request", plot_score_vs_kv),
+    "latency_bars": ("TTFT and TPOT per method", plot_latency_bars),
+    "stage_sensitivity": ("Per-layer stage sensitivity and block scores", plot_sensitivity),
+    "bytes_vs_prompt": ("KV bytes sent versus prompt length", plot_bytes_vs_prompt),
+}
+
+
+def save_plots(col: Collection, out: Path, convention: str = "paper") -> dict[str, dict[str, Path]]:
+    """Write every plot that has data as `<name>.png` and `<name>.svg`; returns {name: {fmt: path}}."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, (_, fn) in PLOTS.items():
+        fig = fn(col, convention) if name.startswith("score_") else fn(col)
+        if fig is None:
+            continue
+        paths = {}
+        for fmt in ("png", "svg"):
+            paths[fmt] = out / f"{name}.{fmt}"
+            fig.savefig(paths[fmt], dpi=130, metadata={"Date": None} if fmt == "svg" else None)
+        plt.close(fig)
+        written[name] = paths
+    return written

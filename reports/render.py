@@ -1,0 +1,71 @@
+"""`python -m harness report`: every table in Markdown, LaTeX and CSV, the plots, one HTML file.
+
+Layout of the output folder:
+    report.md, report.html         all tables (and, in HTML, the figures and provenance)
+    tables/<name>.{md,tex,csv}     quality, efficiency, long_context, plans
+    figures/<name>.{png,svg}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.records import atomic_write
+from reports.collect import Collection, ReportError, collect, metric_for
+from reports.table import Table, to_csv, to_latex, to_markdown
+from reports.tables import efficiency_table, long_context_table, plans_table, quality_table
+
+
+@dataclass
+class Report:
+    out: Path
+    tables: list[Table] = field(default_factory=list)
+    figures: dict[str, dict[str, Path]] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)  # what could not be shown, and why
+
+    @property
+    def markdown(self) -> str:
+        return "\n\n".join(to_markdown(t) for t in self.tables) + "\n"
+
+
+def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: float = 100.0) -> tuple[list[Table], list[str]]:
+    metric_for("arc_easy", {"acc": 0}, convention)  # unknown convention -> ReportError before any work
+    tables, missing = [], []
+    for name, make in (("quality", lambda: quality_table(col, convention)),
+                       ("efficiency", lambda: efficiency_table(col, bandwidth_gbit)),
+                       ("long_context", lambda: long_context_table(col)),
+                       ("plans", lambda: plans_table(col))):
+        t = make()
+        if t.empty:
+            why = {"quality": "no quality records", "efficiency": "no latency records (python -m harness latency)",
+                   "long_context": "no pd_ppl/passkey scores", "plans": "no records"}[name]
+            missing.append(f"{name} table: not shown ({why})")
+        else:
+            tables.append(t)
+    return tables, missing
+
+
+def render_report(paths: list[Path], out: Path, convention: str = "paper", bandwidth_gbit: float = 100.0,
+                  html: bool = True, plots: bool = True) -> Report:
+    col = collect(paths)
+    if not col.all:
+        raise ReportError("no records to report")
+    rep = Report(out)
+    rep.tables, rep.missing = build_tables(col, convention, bandwidth_gbit)
+    for t in rep.tables:
+        for ext, fn in (("md", to_markdown), ("tex", to_latex), ("csv", to_csv)):
+            atomic_write(out / "tables" / f"{t.name}.{ext}", fn(t) if ext != "md" else fn(t) + "\n")
+    atomic_write(out / "report.md", rep.markdown)
+    if plots:
+        from reports.plots import PLOTS, save_plots
+
+        rep.figures = save_plots(col, out / "figures", convention)
+        rep.missing += [f"figure {name}: no data in these records" for name in PLOTS if name not in rep.figures]
+    if html:
+        from reports.html import render_html
+        from reports.plots import PLOTS
+
+        titles = {k: v[0] for k, v in PLOTS.items()}
+        atomic_write(out / "report.html", render_html(col, rep.tables, rep.figures, titles, rep.missing, [str(p) for p in paths]))
+    return rep
