@@ -35,13 +35,25 @@ def git_info(root: Path | None = None) -> dict[str, Any]:
 def device_info() -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads()}
+    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
+                            "cpu_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info.update(gpu_name=p.name, gpu_memory_bytes=p.total_memory, cuda=torch.version.cuda,
                     gpu_count=torch.cuda.device_count())
         info.update(_nvidia_smi())
     return info
+
+
+def _cpu_model() -> str | None:
+    """'model name' from /proc/cpuinfo (Linux); None elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _nvidia_smi() -> dict[str, Any]:

@@ -202,6 +202,19 @@ def _stored_plan(st: _Run, name: str, mode: str, options: dict) -> tuple[Pruning
     return PruningPlan.from_dict(old.plan), path, old.calibration
 
 
+def _same_but_newer_options(cfg: RunConfig, method, old: rec.RunRecord, cell: tuple) -> bool:
+    """True when `old` was made by this configuration before some method options existed and
+    those options are now at their defaults (an added option must not invalidate finished work)."""
+    name, mode, calib_desc, task_opts = cell
+    then = old.config.get("method_options", {})
+    now = json.loads(json.dumps(method.options()))
+    defaults = json.loads(json.dumps(dataclasses.asdict(type(method.config)())))
+    added = set(now) - set(then)
+    if not added or any(now[k] != defaults.get(k) for k in added) or any(now.get(k) != v for k, v in then.items()):
+        return False
+    return cfg.identity(name, mode, then, calib_desc, task_opts) == old.run_key
+
+
 def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     """One (method, mode): reuse its finished record, or plan, evaluate task by task and save."""
     from harness.engine import PAGE_TOKENS
@@ -215,6 +228,9 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     final = st.out_dir / rec.record_filename(name, mode)
     if final.exists():
         old = rec.load(final)
+        if old.run_key != key and _same_but_newer_options(cfg, method, old, (name, mode, calib_desc, task_opts)):
+            st.say(f"{name}/{mode}: record predates options now at their defaults; reused ({final.name})")
+            return old
         if old.run_key != key:
             raise UsageError(f"{final} holds a {name}/{mode} record of a different configuration "
                              f"(run_key {old.run_key} != {key}); use another --out or remove it")

@@ -1,0 +1,166 @@
+"""Reports: tables from stored records in three formats, plots, the HTML report in a real browser."""
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from harness.records import RunRecord, load_dir
+from reports.collect import ReportError, collect
+from reports.table import to_csv, to_latex, to_markdown
+from reports.tables import efficiency_table, long_context_table, plans_table, quality_table
+
+QUALITY = ROOT / "results" / "issue3" / "default"
+LATENCY = ROOT / "results" / "issue4" / "cpu_smollm2"
+
+
+def report(*args):
+    return subprocess.run([sys.executable, "-m", "harness", "report", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _fake(method: str, mode: str, scores: dict, removed=(), kv=None) -> RunRecord:
+    keep = [i for i in range(4) if i not in removed]
+    return RunRecord(method=method, mode=mode, run_key=method + mode, config={"model": "m", "seed": 0}, environment={},
+                     plan={"prefill_layers": keep, "decode_layers": keep, "removed_prefill": list(removed),
+                           "removed_decode": list(removed), "kv_policy": {"n_first": 0, "n_last": 0, "layers": []}},
+                     model={"name": "M"}, calibration=None,
+                     scores={t: {m: {"value": v, "stderr": 0.01} for m, v in ms.items()} for t, ms in scores.items()},
+                     kv=kv or {}, n_samples={t: 10 for t in scores}, lm_eval={"version": "0.4.13"}, timing_s={}, created="")
+
+
+def test_quality_table_conventions_bold_and_average():
+    recs = [_fake("unpruned", "disaggregated", {"hellaswag": {"acc": 0.40, "acc_norm": 0.50}, "boolq": {"acc": 0.60}},
+                  kv={"hellaswag": {"kv_bytes": 400, "handoffs": 4}, "boolq": {"kv_bytes": 200, "handoffs": 2}}),
+            _fake("x", "disaggregated", {"hellaswag": {"acc": 0.45, "acc_norm": 0.30}, "boolq": {"acc": 0.70}}, removed=(1,),
+                  kv={"hellaswag": {"kv_bytes": 100, "handoffs": 4}, "boolq": {"kv_bytes": 50, "handoffs": 2}})]
+    paper = quality_table(recs, "paper")
+    rows = {r[0].text: r for r in paper.groups[0].rows}
+    assert [c.text for c in rows["unpruned"][2:]] == ["50.0", "60.0", "55.0", "1.00×"]  # HellaSwag acc_norm, BoolQ, avg, KV
+    assert [c.text for c in rows["x"][2:]] == ["30.0", "70.0", "50.0", "4.00×"]
+    assert rows["unpruned"][2].bold and not rows["x"][2].bold and rows["x"][3].bold and rows["x"][5].bold
+    assert "acc_norm for HellaSwag" in paper.caption and paper.groups[0].title == "PD-disaggregated"
+    acc = quality_table(recs, "acc")
+    assert [c.text for c in acc.groups[0].rows[1][2:4]] == ["45.0", "70.0"] and "acc everywhere" in acc.caption
+    with pytest.raises(ReportError, match="unknown metric convention 'f1'; expected one of paper, acc_norm, acc"):
+        quality_table(recs, "f1")
+
+
+def test_tables_from_stored_records_in_three_formats():
+    col = collect([QUALITY, LATENCY])
+    q, e, lc, pl = quality_table(col), efficiency_table(col, 100), long_context_table(col), plans_table(col)
+    assert [g.title for g in q.groups] == ["PD-disaggregated", "PD-unified"]
+    assert [r[0].text for r in q.groups[0].rows] == ["unpruned", "pdtrim", "shortgpt"]  # 0 blocks first, then 4 / 8, then 8
+    md = to_markdown(q)
+    assert "| pdtrim | 4 / 8 | 39.0 | 23.0 |" in md and "**49.0**" in md
+    # efficiency: ratios are computed from the records, not copied
+    unp = load_dir(LATENCY)
+    ttft = {r.method: r.scores["latency_T2048_n32_b1"]["ttft_ms_p50"]["value"] for r in unp}
+    g = next(g for g in e.groups if "prompt 2048" in g.title)
+    row = next(r for r in g.rows if r[0].text == "shortgpt")
+    assert row[7].value == pytest.approx(ttft["unpruned"] / ttft["shortgpt"])
+    assert next(r for r in g.rows if r[0].text == "pdtrim")[6].text == "3.56×"  # 90 MiB / 25.3 MiB at T=2048
+    assert "PPL T2048" in lc.columns and any("25.3 (3.56×)" in c.text for r in lc.groups[0].rows for c in r)
+    assert any(r[3].text == "3 4 5 7 16 17 25 26" for r in pl.groups[0].rows)
+    csv_text = to_csv(q)
+    assert csv_text.splitlines()[0].startswith("group,Method,Removed,ARC-e") and ",49.0," in csv_text
+
+
+def _check_latex_structure(tex: str, n_cols: int) -> None:
+    assert tex.count(r"\begin{table}") == tex.count(r"\end{table}") == 1
+    assert all(k in tex for k in (r"\toprule", r"\midrule", r"\bottomrule", r"\caption{", r"\label{tab:"))
+    body = tex.split(r"\midrule", 1)[1].split(r"\bottomrule")[0]
+    for line in body.strip().splitlines():
+        if line.startswith((r"\midrule", r"\multicolumn")):
+            continue
+        assert line.endswith(r"\\") and len(re.split(r"(?<!\\)&", line)) == n_cols, line
+    assert not re.search(r"(?<!\\)[_%#]", tex.replace(r"\_", "").replace(r"\%", "").replace(r"\#", "")
+                         .replace("tab:long_context", "").replace("tab:", "")), "unescaped special character"
+
+
+def test_latex_tables_compile(tmp_path):
+    col = collect([QUALITY, LATENCY])
+    tables = [quality_table(col), efficiency_table(col), long_context_table(col), plans_table(col)]
+    for t in tables:
+        _check_latex_structure(to_latex(t), len(t.columns))
+    pdflatex = shutil.which("pdflatex")
+    assert pdflatex, "pdflatex missing: .ci/run installs texlive-latex-base and texlive-latex-recommended"
+    doc = ("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n"
+           "\\usepackage[a3paper,landscape,margin=1cm]{geometry}\n\\begin{document}\n"
+           + "\n".join(to_latex(t) for t in tables) + "\\end{document}\n")
+    (tmp_path / "t.tex").write_text(doc)
+    r = subprocess.run([pdflatex, "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert (tmp_path / "t.pdf").stat().st_size > 5000
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if path := shutil.which(name):
+            return path
+    raise AssertionError("no Chromium found: .ci/run installs the Debian package 'chromium'")
+
+
+CHECK_SCRIPT = """<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const tables = [...document.querySelectorAll('table.results')];
+  const shown = i => i.complete && i.naturalWidth > 100 && i.getBoundingClientRect().height > 50;
+  const out = {images: imgs.length, images_rendered: imgs.filter(shown).length,
+               tables: tables.length, tables_rendered: tables.filter(t => t.getBoundingClientRect().height > 40).length,
+               rows: tables.map(t => t.querySelectorAll('tbody tr').length)};
+  const pre = document.createElement('pre'); pre.id = 'render-check'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script></body>"""
+
+
+def test_report_cli_writes_everything_and_the_html_renders_in_chromium(tmp_path):
+    out = tmp_path / "rep"
+    r = report(QUALITY, LATENCY, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("quality", "efficiency", "long_context", "plans"):
+        for ext in ("md", "tex", "csv"):
+            assert (out / "tables" / f"{name}.{ext}").stat().st_size > 200
+    figs = sorted(p.name for p in (out / "figures").iterdir())
+    assert figs == sorted(f"{n}.{e}" for n in ("bytes_vs_prompt", "latency_bars", "score_vs_blocks", "score_vs_kv",
+                                                 "stage_sensitivity") for e in ("png", "svg"))
+    for f in (out / "figures").glob("*.png"):
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 10_000
+    html = (out / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained, static
+    assert "AMD EPYC" in html or "x86_64" in html  # hardware provenance
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("</body>", CHECK_SCRIPT))
+    r = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                        "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    m = re.search(r'<pre id="render-check">(.*?)</pre>', r.stdout)
+    assert m, r.stderr[-2000:]
+    seen = json.loads(m.group(1).replace("&quot;", '"'))
+    assert seen["images"] == seen["images_rendered"] == 5
+    assert seen["tables"] == seen["tables_rendered"] == 4
+    assert seen["rows"][0] == 8  # quality: 2 group rows + 6 records
+
+
+def test_report_bad_input_exits_2_naming_the_problem(tmp_path):
+    r = report(tmp_path / "nope")
+    assert r.returncode == 2 and "no such file or folder" in r.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x__unified.json").write_text("{not json")
+    r = report(bad)
+    assert r.returncode == 2 and "x__unified.json: unreadable record" in r.stderr
+    rec = json.loads((QUALITY / "unpruned__unified.json").read_text())
+    future = copy.deepcopy(rec)
+    future["schema_version"] = 99
+    (bad / "x__unified.json").write_text(json.dumps(future))
+    r = report(bad)
+    assert r.returncode == 2 and "record schema 99, this harness reads 1" in r.stderr
+    r = report(QUALITY, "--metric-convention", "f1", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "expected one of paper, acc_norm, acc" in r.stderr
