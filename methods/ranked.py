@@ -1,0 +1,110 @@
+"""Depth pruning by a removal order: the shared base of the block-ranking baselines.
+
+A `RankedDepthMethod` ranks decoder blocks into a *removal order* (most removable first):
+a one-shot scorer sorts blocks by its criterion, an iterative one (SLEB) records the order in
+which its greedy search removed them. Its plan removes the first `k` blocks of that order from
+both stages, since these baselines prune one model for both (prefill == decode layers, every KV
+position sent). `methods/stage.py` builds the stage-aware variant of any of them
+(`stage:<name>`): the prefill stage removes the first `k_prefill` blocks of the same order and
+the decode stage the first `k_decode`, so `R_prefill ⊆ R_decode` holds by construction.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness import arch
+from harness.errors import UsageError
+from harness.plan import PruningPlan
+from methods.base import Method
+
+
+@dataclass
+class Ranking:
+    """A removal order and the evidence behind it.
+
+    `order`: block indices, most removable first; at least as many as were asked for (one-shot
+    scorers give every eligible block). `info`: scores, criterion and work, for the plan record.
+    """
+
+    order: list[int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def progress(items, desc: str):
+    """A transient progress bar (silenced by TQDM_DISABLE=1, which `-q` sets)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
+def check_counts(name: str, config, fields: tuple[str, ...]) -> None:
+    """UsageError unless every named option of `config` is an int >= 0 (or >= 1 for sizes)."""
+    for f in fields:
+        v = getattr(config, f)
+        least = 1 if f in ("samples", "batch_size", "batch_tokens") else 0
+        if v < least:
+            raise UsageError(f"{name}.{f}={v}: must be >= {least}")
+
+
+class RankedDepthMethod(Method):
+    """A depth-pruning method whose plan removes the first `k` blocks of a removal order.
+
+    Subclasses implement `_rank(model, calib, k, eligible)`. Options `keep_first` and `keep_last`
+    (when the Config has them) make the first and last blocks ineligible for removal.
+    """
+
+    needs_calibration = True
+
+    @abc.abstractmethod
+    def _rank(self, model, calib, k: int, eligible: list[int]) -> Ranking:
+        """The removal order over `eligible` blocks; at least its first `k` entries."""
+
+    def eligible(self, n_layers: int) -> list[int]:
+        """Blocks that may be removed (all but the first `keep_first` and the last `keep_last`)."""
+        first = getattr(self.config, "keep_first", 0)
+        last = getattr(self.config, "keep_last", 0)
+        return list(range(first, n_layers - last))
+
+    def eligibility_rule(self) -> str:
+        first = getattr(self.config, "keep_first", 0)
+        last = getattr(self.config, "keep_last", 0)
+        return f"the first {first} and last {last} blocks are never removed" if first or last else "any block may be removed"
+
+    def ranking(self, model, calib, k: int, label: str | None = None) -> Ranking:
+        """The removal order (at least `k` long), memoised per (model, calibration set).
+
+        `label` names the option asking for `k`, for the error when too few blocks are eligible.
+        """
+        n = arch.n_layers(model)
+        eligible = self.eligible(n)
+        if k > len(eligible):
+            raise UsageError(f"{label or f'{self.name}.k={k}'}: at most {len(eligible)} of the model's {n} blocks "
+                             f"can be removed ({self.name}: {self.eligibility_rule()})")
+        key = (id(model), id(calib))
+        memo = getattr(self, "_memo", None)
+        if memo is None or memo[0] != key or len(memo[1].order) < k:
+            t0 = time.perf_counter()
+            ranking = self._rank(model, calib, k, eligible)
+            ranking.info.setdefault("work", {})["rank_seconds"] = time.perf_counter() - t0
+            ranking.info["eligible"] = eligible
+            self._memo = (key, ranking)
+        return self._memo[1]
+
+    def removal_order(self, model, calib, k: int | None = None) -> list[int]:
+        """The first `k` (default: this method's `k`) blocks of the removal order."""
+        k = self.config.k if k is None else k
+        return list(self.ranking(model, calib, k).order[:k])
+
+    def plan(self, model, calib, mode: str) -> PruningPlan:
+        n, k = arch.n_layers(model), self.config.k
+        if k >= n:
+            raise UsageError(f"{self.name}.k={k}: must be < the model's {n} layers (at least one must stay)")
+        ranking = self.ranking(model, calib, k)  # the plan does not depend on the mode
+        order = list(ranking.order[:k])
+        keep = tuple(i for i in range(n) if i not in order)
+        info = {**ranking.info, "removal_order": order, "removed": sorted(order), "mode": mode}
+        return PruningPlan(self.name, n, keep, keep, info=info)
