@@ -25,7 +25,8 @@ TINY = ["--model", "random:tiny", "--device", "cpu", "-q"]
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--methods", "unpruned,nope"], "unknown method 'nope'; known methods: manual, pdtrim, shortgpt, unpruned"),
+        (["--methods", "unpruned,nope"], "unknown method 'nope'; known methods: manual, pdtrim, random, shortened_ppl, "
+                                        "shortened_taylor, shortgpt, sleb, "),
         (["--tasks", "arc_easy,nosuchtask"], "unknown task(s) nosuchtask; tasks with local data: arc_challenge"),
         (["--tasks", ","], "--tasks is empty"),
         (["--limit", "-3"], "expected a positive integer or 'all', got -3"),

@@ -19,6 +19,12 @@ TINY_OPTIONS = {
     "manual": {"prefill_layers": (0, 1, 3), "decode_layers": (0, 3)},
     "pdtrim": {"k_prefill": 1, "k_decode": 2, "k_unified": 2, "search_samples": 8, "max_cont": 8,
                "probe_prompts": 2, "probe_tokens": 64, "probe_steps": 4, "n_first": 2, "n_last": 6, "tau": 0.0},
+    "sleb": {"k": 2, "samples": 12},
+    "shortened_ppl": {"k": 2, "keep_first": 1, "keep_last": 1, "samples": 12},
+    "shortened_taylor": {"k": 2, "keep_first": 1, "keep_last": 1, "samples": 12},
+    "streamline": {"k": 2, "replace": "ffn", "replace_steps": 20},  # covers installing and undoing the trained FFN
+    "tail": {"k": 2},
+    "random": {"k": 2},
 }
 
 
@@ -60,8 +66,15 @@ def test_method_contract(name, tiny, tiny_calib):
 
 
 def test_registry_errors_name_the_known_methods():
-    with pytest.raises(UsageError, match="did you mean 'shortgpt'.*known methods: manual, pdtrim, shortgpt, unpruned"):
+    with pytest.raises(UsageError, match="did you mean 'shortgpt'.*known methods: manual, pdtrim, random, shortened_ppl, "
+                                         "shortened_taylor, shortgpt, sleb, streamline, tail, unpruned"):
         methods.get("shortgtp")
+
+
+def test_tiny_options_name_registered_methods():
+    """TINY_OPTIONS keys are method names (a typo would silently run a method's defaults on the tiny model)."""
+    assert set(TINY_OPTIONS) - set(methods.names()) == set()
+    assert {"sleb", "shortened_ppl", "shortened_taylor", "streamline", "tail", "random"} <= set(methods.names())
 
 
 def independent_block_cosines(model, calib):
