@@ -19,13 +19,15 @@ import torch
 
 
 class PDCache:
-    """K/V per layer, shape (batch, kv_heads, columns, head_dim), with positions (batch, columns).
+    """K/V per layer, shape (batch, kv_heads, columns, head_dim), with positions (batch, columns)
+    or, for a per-head selection, (batch, kv_heads, columns).
 
     Usage per forward step: `begin_step(positions)` with the new tokens' positions (-1 for
     padding), then for each layer `layer_positions(i)` gives the key positions the layer will
     see after its update (used to build its attention mask), and the layer's attention calls
     `update`. Layers whose columns hold the same positions share one positions tensor object,
-    so masks can be built once per distinct pattern.
+    so masks can be built once per distinct pattern. `window_scores` holds, for layers observed by
+    `harness.kv_select.observe_prefill`, a score per (row, KV head, column) read by the handoff.
     """
 
     def __init__(self, retain: Iterable[int] | None = None) -> None:
@@ -35,6 +37,7 @@ class PDCache:
         self._retain = None if retain is None else frozenset(int(i) for i in retain)
         self._step_pos: torch.Tensor | None = None
         self._merged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.window_scores: dict[int, torch.Tensor] = {}
 
     # -- step bookkeeping -------------------------------------------------------------------
     def begin_step(self, positions: torch.Tensor) -> None:
@@ -42,15 +45,22 @@ class PDCache:
         self._step_pos = positions
         self._merged = {}
 
+    @property
+    def step_positions(self) -> torch.Tensor:
+        """Positions (batch, q) of the tokens the current forward appends (-1 = pad)."""
+        assert self._step_pos is not None, "begin_step() must precede a forward"
+        return self._step_pos
+
     def layer_positions(self, layer_idx: int) -> torch.Tensor:
-        """Key positions (batch, columns) layer `layer_idx` attends over in the current step."""
+        """Key positions (batch, [kv_heads,] columns) layer `layer_idx` attends over in the current step."""
         assert self._step_pos is not None, "begin_step() must precede a forward"
         old = self.positions.get(layer_idx)
         if old is None:
             return self._step_pos
         hit = self._merged.get(id(old))
         if hit is None:
-            hit = (old, torch.cat([old, self._step_pos], dim=1))
+            step = self._step_pos if old.dim() == 2 else self._step_pos[:, None, :].expand(-1, old.shape[1], -1)
+            hit = (old, torch.cat([old, step], dim=-1))
             self._merged[id(old)] = hit  # keeps `old` alive so its id stays unique
         return hit[1]
 
@@ -77,6 +87,10 @@ class PDCache:
         """Bytes of every K and V tensor held (padding columns included)."""
         return sum(t.numel() * t.element_size() for d in (self.keys, self.values) for t in d.values())
 
+    def set_window_scores(self, layer_idx: int, scores: torch.Tensor) -> None:
+        """Record per-column scores (batch, kv_heads, columns) of a prefill layer (for the handoff)."""
+        self.window_scores[layer_idx] = scores
+
     def frozen(self) -> PDCache:
         """A view over the same K/V that later steps read but never extend (this cache stays as is).
 
@@ -97,4 +111,5 @@ class PDCache:
             out.positions[i] = shared[id(p)]
             out.keys[i] = self.keys[i].index_select(0, rows)
             out.values[i] = self.values[i].index_select(0, rows)
+        out.window_scores = {i: t.index_select(0, rows) for i, t in self.window_scores.items()}
         return out

@@ -4,7 +4,8 @@ The engine drives the decoder layers itself rather than calling the model's forw
 each stage runs its own layer subset and, after KV pruning, each layer holds its own set of
 prompt positions: every layer gets an attention mask built from the original positions of the
 columns it holds, so a dropped position is simply absent and a padding column (position -1)
-is never visible. Layer weights are used in place; the model is never modified.
+is never visible. After a per-head selection (SnapKV-style) a layer's positions, hence its mask,
+are per KV head. Layer weights are used in place; the model is never modified.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness import arch
+from harness import arch, kv_select
 from harness.cache import PDCache
 from harness.plan import KVPolicy, PruningPlan
 
@@ -23,17 +24,25 @@ PAGE_TOKENS = 16  # paged KV transfer granularity used for the rounded byte coun
 
 
 def attention_mask(
-    key_pos: torch.Tensor, query_pos: torch.Tensor, query_valid: torch.Tensor, dtype: torch.dtype, impl: str
+    key_pos: torch.Tensor, query_pos: torch.Tensor, query_valid: torch.Tensor, dtype: torch.dtype, impl: str,
+    groups: int = 1,
 ) -> torch.Tensor:
     """Mask (batch, 1, q, keys) letting a query see keys with 0 <= key_pos <= query_pos.
 
-    Padding queries (`query_valid` False) see every key, so no row is empty (their outputs are
-    discarded). Boolean (True = attend) for sdpa; additive float for eager attention.
+    `key_pos` (batch, keys) is shared by all heads; per KV head, (batch, kv_heads, keys), the mask
+    is (batch, kv_heads · groups, q, keys): query head h reads KV head h // groups (the order of
+    transformers' `repeat_kv`). Padding queries (`query_valid` False) see every key, so no row is
+    empty (their outputs are discarded). Boolean (True = attend) for sdpa; additive float otherwise.
     """
-    kp = key_pos[:, None, :]
-    allowed = (kp >= 0) & (kp <= query_pos[:, :, None])
-    allowed = allowed | ~query_valid[:, :, None]
-    allowed = allowed[:, None]
+    if key_pos.dim() == 3:
+        kp = key_pos[:, :, None, :]
+        allowed = (kp >= 0) & (kp <= query_pos[:, None, :, None])
+        allowed = (allowed | ~query_valid[:, None, :, None]).repeat_interleave(groups, dim=1)
+    else:
+        kp = key_pos[:, None, :]
+        allowed = (kp >= 0) & (kp <= query_pos[:, :, None])
+        allowed = allowed | ~query_valid[:, :, None]
+        allowed = allowed[:, None]
     if impl == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
@@ -63,7 +72,8 @@ def run_layers(
     """
     dec = arch.decoder(model)
     mod_layers = dec.layers
-    impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+    impl = kv_select.mask_impl(model.config)
+    groups = model.config.num_attention_heads // arch.kv_heads_and_dim(model.config)[0]
     h = dec.embed_tokens(input_ids) if hidden is None else hidden
     if not layers:
         return h
@@ -84,7 +94,7 @@ def run_layers(
             if impl == "sdpa" and fresh_causal and (kpos is step_pos or (q == 1 and bool((kpos >= 0).all()))):
                 mask = None  # exact: causal over fresh tokens, or one query that sees every key
             else:
-                mask = attention_mask(kpos, step_pos, valid, h.dtype, impl)
+                mask = attention_mask(kpos, step_pos, valid, h.dtype, impl, groups)
             hit = masks[id(kpos)] = (kpos, mask)
         out = mod_layers[i](h, attention_mask=hit[1], position_embeddings=rot, position_ids=positions, **{cache_kw: cache})
         h = out[0] if isinstance(out, tuple) else out
@@ -104,6 +114,9 @@ class Handoff:
     kept positions of all requests concatenated request by request in position order;
     `positions[l]` (N_l,) their original positions; `counts[l]` (requests,) how many each
     request sent. Layers with the same keep pattern share one positions/counts tensor.
+    After a per-head selection every KV head of a request sends the same number of positions
+    but not the same ones: `keys[l][j, h]` is head h's j-th kept position, and `positions[l]`
+    is (N_l, kv_heads). Only K and V count as KV bytes; positions and counts are metadata.
     """
 
     keys: dict[int, torch.Tensor]
@@ -135,8 +148,10 @@ class Handoff:
             if hit is None:
                 width = int(cnt.max()) if cnt.numel() else 0
                 dest = torch.arange(width, device=cnt.device)[None, :] < cnt[:, None]
-                pos_out = torch.full((self.n_requests, width), -1, dtype=pos.dtype, device=pos.device)
+                pos_out = torch.full((self.n_requests, width, *pos.shape[1:]), -1, dtype=pos.dtype, device=pos.device)
                 pos_out[dest] = pos
+                if pos.dim() == 2:  # per KV head: (requests, kv_heads, width), as the cache holds it
+                    pos_out = pos_out.transpose(1, 2).contiguous()
                 hit = unpacked[id(pos)] = (pos, dest, pos_out)
             _, dest, pos_out = hit
             cache.positions[l] = pos_out
@@ -173,30 +188,66 @@ def make_handoff(
     """Pack the prefill cache's KV of `plan.decode_layers` for requests `rows`, applying the KV policy.
 
     Args:
-        cache: prefill cache; batch rows are prefilled prompts.
+        cache: prefill cache; batch rows are prefilled prompts. A `snapkv` policy also reads its
+            `window_scores` (prefill run inside `kv_select.observe_prefill`).
         lengths: (prefill batch,) prompt tokens per prefill row.
         rows: (requests,) prefill row of each request; several requests may share one prompt.
     """
     if rows is None:
         rows = torch.arange(lengths.shape[0], device=lengths.device)
     req_len = lengths.index_select(0, rows)
-    selected = set(plan.kv_policy.layers)
+    policy = plan.kv_policy
+    budgets = kv_select.layer_budgets(policy, plan.decode_layers, req_len)
     keys, values, positions, counts = {}, {}, {}, {}
-    patterns: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    patterns: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for l in plan.decode_layers:
         if l not in cache.keys:
             raise KeyError(f"layer {l} has no prefill KV (prefill ran {cache.layers})")
         src_pos = cache.positions[l]
-        key = (id(src_pos), l in selected)
+        k = torch.tensor(budgets[l], device=req_len.device, dtype=torch.long)
+        if policy.per_head:
+            scores = cache.window_scores.get(l)
+            if scores is None:
+                raise RuntimeError(f"{policy.kind} policy: layer {l} has no prefill window scores; run the prefill "
+                                   "inside harness.kv_select.observe_prefill(model, plan, cache, lengths)")
+            pos = src_pos.index_select(0, rows)
+            keep = kv_select.snapkv_keep(scores.index_select(0, rows), pos, req_len, k, policy.window, policy.kernel,
+                                         policy.pooling)
+            keys[l], values[l], positions[l] = _pack_per_head(keep, pos, k, cache.keys[l].index_select(0, rows),
+                                                              cache.values[l].index_select(0, rows))
+            counts[l] = k
+            continue
+        # the keep pattern of a head-shared policy is fixed by the source positions and the counts
+        key = (id(src_pos), budgets[l])
         hit = patterns.get(key)
         if hit is None:
             pos = src_pos.index_select(0, rows)
-            keep = keep_mask(pos, req_len, plan.kv_policy, l in selected)
+            if policy.kind == "first_last":
+                keep = keep_mask(pos, req_len, policy, l in set(policy.layers))
+            else:
+                keep = kv_select.streaming_keep(pos, req_len, k, policy.n_sink)
             hit = patterns[key] = (keep, pos[keep], keep.sum(dim=1))
         keep, positions[l], counts[l] = hit
         for src, dst in ((cache.keys, keys), (cache.values, values)):
             dst[l] = src[l].index_select(0, rows).transpose(1, 2)[keep].contiguous()
     return Handoff(keys, values, positions, counts, n_requests=int(rows.shape[0]))
+
+
+def _pack_per_head(
+    keep: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack a per-head selection: keep (R, H, C) with k[r] columns per head, pos (R, C), K/V (R, H, C, d)
+    -> K, V (N, H, d) and positions (N, H), N = sum(k), each head's columns in position order."""
+    R, H, C = keep.shape
+    if not bool((keep.sum(dim=-1) == k[:, None]).all()):
+        raise RuntimeError("per-head selection must keep the same number of positions in every head of a request")
+    kmax = int(k.max()) if R else 0
+    order = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)[..., :kmax]  # kept columns first, in order
+    dest = torch.arange(kmax, device=k.device)[None, :] < k[:, None]
+    positions = pos[:, None, :].expand(R, H, C).gather(2, order).transpose(1, 2)[dest]
+    idx = order[..., None].expand(R, H, kmax, key.shape[-1])
+    packed = [t.gather(2, idx).transpose(1, 2)[dest].contiguous() for t in (key, value)]
+    return packed[0], packed[1], positions
 
 
 def expected_kv_bytes(config, layers: int, tokens: int, dtype: torch.dtype, batch: int = 1) -> int:

@@ -27,6 +27,7 @@ import torch
 from harness import arch
 from harness.cache import PDCache
 from harness.engine import PAGE_TOKENS, final_logits, make_handoff, run_layers
+from harness.kv_select import observe_prefill
 from harness.plan import PruningPlan
 
 DEFAULT_BANDWIDTHS_GBIT = (25.0, 100.0, 400.0)
@@ -163,9 +164,10 @@ def measure(
     step_valid = torch.ones((B, 1), dtype=torch.bool, device=device)
     m = Measurement(plan.method, workload, clock.name, decode_mode=decode_mode)
 
-    def prefill():
+    def prefill():  # a SnapKV-style policy's window scores are prefill work, timed with it
         cache = PDCache(retain=plan.decode_layers)
-        h = run_layers(model, plan.prefill_layers, ids, pos, valid, cache)
+        with observe_prefill(model, plan, cache, lengths):
+            h = run_layers(model, plan.prefill_layers, ids, pos, valid, cache)
         return cache, final_logits(model, h[:, -1]).argmax(-1)
 
     for run in range(warmup + repeats):

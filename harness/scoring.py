@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from harness import arch
 from harness.cache import PDCache
 from harness.engine import final_logits, make_handoff, run_layers
+from harness.kv_select import observe_prefill
 from harness.plan import PruningPlan
 
 MODES = ("unified", "disaggregated")
@@ -171,7 +172,8 @@ class Scorer:
         pos = torch.arange(width, device=self.device)[None, :].expand(len(prompts), width)
         valid = pos < lengths[:, None]
         cache = PDCache(retain=self.plan.decode_layers)
-        h = run_layers(self.model, self.plan.prefill_layers, ids, pos, valid, cache)
+        with observe_prefill(self.model, self.plan, cache, lengths):  # SnapKV-style policies read prefill attention
+            h = run_layers(self.model, self.plan.prefill_layers, ids, pos, valid, cache)
         last = h[torch.arange(len(prompts), device=self.device), lengths - 1]
         return last, cache, lengths
 

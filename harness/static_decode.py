@@ -10,7 +10,8 @@ head, argmax) is captured once per plan and replayed (`GraphDecoder`); on CPU th
 uncaptured (`static` mode), which tests compare with the eager path.
 
 Unwritten columns hold position -1, so they are masked like padding; the positions a KV policy
-dropped are simply not in the buffer.
+dropped are simply not in the buffer. Per-head selections (SnapKV-style) keep per-KV-head
+positions buffers (B, kv_heads, W_l + max_new) and per-head masks.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from harness.engine import attention_mask, final_logits
 
 
 class StaticKV:
-    """Per decode layer: K/V (B, kv_heads, W_l + max_new, head_dim) and positions (B, W_l + max_new)."""
+    """Per decode layer: K/V (B, kv_heads, W_l + max_new, head_dim) and positions (B, W_l + max_new),
+    or (B, kv_heads, W_l + max_new) for a per-head selection."""
 
     def __init__(self, handed: PDCache, max_new: int) -> None:
         self.keys: dict[int, torch.Tensor] = {}
@@ -39,7 +41,7 @@ class StaticKV:
             device = k.device
             self.keys[layer] = torch.cat([k, k.new_zeros((b, h, max_new, d))], dim=2)
             self.values[layer] = torch.cat([v, v.new_zeros((b, h, max_new, d))], dim=2)
-            self.positions[layer] = torch.cat([p, p.new_full((b, max_new), -1)], dim=1)
+            self.positions[layer] = torch.cat([p, p.new_full((*p.shape[:-1], max_new), -1)], dim=-1)
             self.base[layer] = torch.tensor([w], device=k.device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)  # advanced in place, outside any graph
         self.max_new = max_new
@@ -47,7 +49,8 @@ class StaticKV:
     def begin_step(self, positions: torch.Tensor) -> None:
         """Write this step's positions (B, 1) into every layer's positions buffer."""
         for layer, pos in self.positions.items():
-            pos.index_copy_(1, self.base[layer] + self.step, positions)
+            step = positions if pos.dim() == 2 else positions[:, None, :].expand(-1, pos.shape[1], -1)
+            pos.index_copy_(pos.dim() - 1, self.base[layer] + self.step, step)
 
     def layer_positions(self, layer_idx: int) -> torch.Tensor:
         return self.positions[layer_idx]
@@ -66,13 +69,14 @@ def decode_step(model, layers: Sequence[int], tok: torch.Tensor, pos: torch.Tens
     """One greedy step at fixed shapes: tok, pos (B, 1) -> next token (B,). No host synchronisation."""
     dec = arch.decoder(model)
     impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+    groups = model.config.num_attention_heads // arch.kv_heads_and_dim(model.config)[0]
     h = dec.embed_tokens(tok)
     rot = dec.rotary_emb(h, position_ids=pos)
     cache.begin_step(pos)
     valid = torch.ones_like(pos, dtype=torch.bool)
     cache_kw = arch.cache_kwarg(type(dec.layers[layers[0]]))
     for i in layers:
-        mask = attention_mask(cache.positions[i], pos, valid, h.dtype, impl)
+        mask = attention_mask(cache.positions[i], pos, valid, h.dtype, impl, groups)
         out = dec.layers[i](h, attention_mask=mask, position_embeddings=rot, position_ids=pos, **{cache_kw: cache})
         h = out[0] if isinstance(out, tuple) else out
     return final_logits(model, h[:, 0]).argmax(-1)
