@@ -44,20 +44,28 @@ def _limit(s: str) -> int | None:
 
 def _methods_epilog() -> str:
     import methods
+    from methods.registry import stage_bases
+    from methods.stage import STAGE_OPTIONS
 
     lines = ["methods (options via --set METHOD.OPTION=VALUE):"]
     for name in methods.names():
+        if name.startswith("stage:"):
+            continue
         cls = methods.get(name)
-        lines.append(f"  {name:10s} {cls.summary}")
-        lines.append(f"  {'':10s} options: {options_help(cls.Config)}")
+        lines.append(f"  {name:16s} {cls.summary}")
+        lines.append(f"  {'':16s} options: {options_help(cls.Config)}")
+    stage_opts = ", ".join(f"{o}={d} (int)" for o, d in STAGE_OPTIONS)
+    lines.append(f"  {'stage:BASE':16s} BASE's removal order with the stage-aware scheme: prefill removes its first k_prefill "
+                 f"blocks, decode its first k_decode (unified: k_unified); BASE one of {', '.join(stage_bases())}")
+    lines.append(f"  {'':16s} options: {stage_opts}, plus BASE's options except k (e.g. --set stage:sleb.k_decode=6)")
     from harness.calibration import CalibConfig
 
-    lines.append(f"  {'calib':10s} calibration set: {options_help(CalibConfig)} (seed defaults to --seed)")
+    lines.append(f"  {'calib':16s} calibration set: {options_help(CalibConfig)} (seed defaults to --seed)")
     from harness.long_tasks import CONFIGS
 
     lines.append("long-context tasks (options via --set TASK.OPTION=VALUE when the task is in --tasks):")
     for name, cfg in CONFIGS.items():
-        lines.append(f"  {name:10s} options: {options_help(cfg)}")
+        lines.append(f"  {name:16s} options: {options_help(cfg)}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,8 @@
-"""Registry of method classes (classes, not instances: each run builds its own)."""
+"""Registry of method classes (classes, not instances: each run builds its own).
+
+`stage:<name>` (methods/stage.py) is the stage-aware variant of a registered depth-pruning
+method with a removal order; its class is made on first use and cached.
+"""
 
 from __future__ import annotations
 
@@ -19,12 +23,27 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def get(name: str) -> type[Method]:
+    from methods import stage
+
+    if name.startswith(stage.PREFIX) and name[len(stage.PREFIX):] in _METHODS:
+        return stage.stage_method(name, _METHODS[name[len(stage.PREFIX):]])
     if name not in _METHODS:
-        near = difflib.get_close_matches(name, list(_METHODS), n=1)
+        near = difflib.get_close_matches(name, names(), n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise UsageError(f"unknown method {name!r}{hint}; known methods: {', '.join(names())}")
+        raise UsageError(f"unknown method {name!r}{hint}; known methods: {', '.join(sorted(_METHODS))}; "
+                         f"stage-aware variants: {', '.join(stage.PREFIX + b for b in stage_bases())}")
     return _METHODS[name]
 
 
+def stage_bases() -> list[str]:
+    """Registered methods that have a `stage:` variant."""
+    from methods import stage
+
+    return [n for n in sorted(_METHODS) if stage.supports(_METHODS[n])]
+
+
 def names() -> list[str]:
-    return sorted(_METHODS)
+    """Every method name: the registered ones, then their `stage:` variants."""
+    from methods import stage
+
+    return sorted(_METHODS) + [stage.PREFIX + b for b in stage_bases()]

@@ -1,6 +1,6 @@
 """Depth-pruning baselines on the tiny model, each checked against an independent computation of its
 criterion (explicit loops over the decoder layers, a plain autograd pass, HF hidden states,
-arithmetic)."""
+arithmetic), and the stage-aware wrapper's nesting, counts and option handling."""
 
 import dataclasses
 import random
@@ -268,6 +268,79 @@ def test_random_is_a_seeded_draw_that_keeps_first_and_last(tiny):
     assert len(set(plans.values())) > 1  # the seed matters
     for seed in range(8):
         assert set(make("random", k=2, seed=seed).plan(tiny.model, None, "unified").removed_decode) == {1, 2}
+
+
+# -- the stage-aware wrapper ----------------------------------------------------------------------
+BASE_OPTIONS = {"sleb": {"samples": 12}, "shortened_ppl": {"keep_first": 1, "keep_last": 1, "samples": 12},
+                "shortened_taylor": {"keep_first": 1, "keep_last": 1, "samples": 12}}
+
+
+def test_stage_variants_exist_for_every_ranked_baseline():
+    assert methods.registry.stage_bases() == ["random", "shortened_ppl", "shortened_taylor", "shortgpt", "sleb", "tail"]
+    cls = methods.get("stage:sleb")
+    assert cls is methods.get("stage:sleb") and cls.name == "stage:sleb" and cls.needs_calibration
+    fields = [f.name for f in dataclasses.fields(cls.Config)]
+    assert fields[:3] == ["k_prefill", "k_decode", "k_unified"] and "k" not in fields
+    assert set(fields[3:]) == {f.name for f in dataclasses.fields(methods.get("sleb").Config)} - {"k"}
+    assert not methods.get("stage:tail").needs_calibration
+
+
+@pytest.mark.parametrize("base", ["shortgpt", "sleb", "shortened_ppl", "shortened_taylor", "tail", "random"])
+def test_stage_wrapper_nests_the_base_order(tiny, calib, base):
+    opts = BASE_OPTIONS.get(base, {})
+    inner = make(base, **opts)
+    order = inner.removal_order(tiny.model, calib, 2)
+    for kp, kd in ((0, 2), (1, 2), (2, 2), (1, 1)):
+        plan = make(f"stage:{base}", k_prefill=kp, k_decode=kd, **opts).plan(tiny.model, calib, "disaggregated")
+        assert len(plan.removed_prefill) == kp and len(plan.removed_decode) == kd
+        assert set(plan.removed_prefill) <= set(plan.removed_decode)
+        assert list(plan.removed_prefill) == sorted(order[:kp]) and list(plan.removed_decode) == sorted(order[:kd])
+        assert plan.kv_policy.keeps_all and plan.method == f"stage:{base}"
+    unified = make(f"stage:{base}", k_unified=2, **opts).plan(tiny.model, calib, "unified")
+    assert unified.is_unified
+    assert unified.removed_decode == make(base, k=2, **opts).plan(tiny.model, calib, "unified").removed_decode
+
+
+def test_stage_wrapper_bad_options_say_what_is_right(tiny, calib):
+    with pytest.raises(UsageError, match=r"stage:shortgpt: need 0 <= k_prefill <= k_decode \(R_prefill ⊆ R_decode\).*k_prefill=3, k_decode=2"):
+        make("stage:shortgpt", k_prefill=3, k_decode=2)
+    with pytest.raises(UsageError, match=r"stage:shortgpt.k_decode=4: must be < the model's 4 layers"):
+        make("stage:shortgpt", k_prefill=1, k_decode=4).plan(tiny.model, calib, "disaggregated")
+    with pytest.raises(UsageError, match=r"stage:sleb.k_decode=3: at most 2 of the model's 4 blocks can be removed \(sleb: the first 1"):
+        make("stage:sleb", k_prefill=1, k_decode=3).plan(tiny.model, calib, "disaggregated")
+    with pytest.raises(UsageError, match=r"stage:sleb: sleb.samples=0: must be >= 1"):
+        make("stage:sleb", samples=0)
+    with pytest.raises(UsageError, match=r"no stage-aware variant 'stage:streamline': its removed run moves with its length.*"
+                                         r"stage-aware variants exist for stage:random, stage:shortened_ppl"):
+        methods.get("stage:streamline")
+    with pytest.raises(UsageError, match=r"no stage-aware variant 'stage:pdtrim'"):
+        methods.get("stage:pdtrim")
+    with pytest.raises(UsageError, match=r"unknown method 'stage:nope'"):
+        methods.get("stage:nope")
+
+
+def test_stage_options_parse_from_set_flags(data_dir):
+    from harness.config import RunConfig
+    from harness.pipeline import prepare
+
+    cfg = RunConfig(methods=("stage:shortgpt", "shortgpt"), tasks=(), data_dir=str(data_dir),
+                    overrides=("stage:shortgpt.k_decode=6", "stage:shortgpt.batch_size=4", "shortgpt.k=5"))
+    got = prepare(cfg).methods
+    assert got["stage:shortgpt"].config.k_decode == 6 and got["stage:shortgpt"].config.batch_size == 4
+    assert got["stage:shortgpt"].inner.config.batch_size == 4 and got["shortgpt"].config.k == 5
+    assert got["stage:shortgpt"].options() == {"k_prefill": 4, "k_decode": 6, "k_unified": 8, "batch_size": 4}
+    with pytest.raises(UsageError, match=r"stage:shortgpt has no option 'k'; options: k_prefill, k_decode, k_unified, batch_size"):
+        prepare(dataclasses.replace(cfg, overrides=("stage:shortgpt.k=3",)))
+
+
+def test_help_lists_the_baselines_and_the_stage_variants():
+    from harness.cli import _methods_epilog
+
+    text = _methods_epilog()
+    for name in ("sleb", "shortened_ppl", "shortened_taylor", "streamline", "tail", "random"):
+        assert f"\n  {name} " in text, name
+    assert "stage:BASE" in text and "BASE one of random, shortened_ppl, shortened_taylor, shortgpt, sleb, tail" in text
+    assert "k_prefill=4 (int), k_decode=8 (int), k_unified=8 (int)" in text
 
 
 def test_a_memoised_ranking_is_reused_only_for_the_same_calibration_set(tiny, calib, data_dir):

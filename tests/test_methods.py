@@ -1,6 +1,7 @@
 """Every registered method honours the contract; ShortGPT matches an independent Block Influence."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -26,6 +27,9 @@ TINY_OPTIONS = {
     "tail": {"k": 2},
     "random": {"k": 2},
 }
+STAGE = {"k_prefill": 1, "k_decode": 2, "k_unified": 2}
+for _base in ("shortgpt", "sleb", "shortened_ppl", "shortened_taylor", "tail", "random"):
+    TINY_OPTIONS[f"stage:{_base}"] = {**STAGE, **{k: v for k, v in TINY_OPTIONS.get(_base, {}).items() if k != "k"}}
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +70,20 @@ def test_method_contract(name, tiny, tiny_calib):
 
 
 def test_registry_errors_name_the_known_methods():
-    with pytest.raises(UsageError, match="did you mean 'shortgpt'.*known methods: manual, pdtrim, random, shortened_ppl, "
-                                         "shortened_taylor, shortgpt, sleb, streamline, tail, unpruned"):
+    names = methods.names()
+    plain = [n for n in names if not n.startswith("stage:")]
+    assert {"manual", "pdtrim", "shortgpt", "unpruned", "sleb", "shortened_ppl", "shortened_taylor", "streamline", "tail",
+            "random"} <= set(plain) and plain == sorted(plain)
+    staged = ", ".join(n for n in names if n.startswith("stage:"))
+    with pytest.raises(UsageError, match=re.escape(f"(did you mean 'shortgpt'?); known methods: {', '.join(plain)}; "
+                                                   f"stage-aware variants: {staged}")):
         methods.get("shortgtp")
 
 
 def test_tiny_options_name_registered_methods():
     """TINY_OPTIONS keys are method names (a typo would silently run a method's defaults on the tiny model)."""
     assert set(TINY_OPTIONS) - set(methods.names()) == set()
-    assert {"sleb", "shortened_ppl", "shortened_taylor", "streamline", "tail", "random"} <= set(methods.names())
+    assert {"sleb", "shortened_ppl", "shortened_taylor", "streamline", "tail", "random", "stage:sleb"} <= set(methods.names())
 
 
 def independent_block_cosines(model, calib):
