@@ -1,6 +1,7 @@
 """Pruning-method adapters. Adding one: a new file with a `@register`ed class, plus its import here."""
 
 from methods import (  # noqa: F401  (registers the methods)
+    kv_baselines,
     manual,
     pdtrim,
     random_blocks,
