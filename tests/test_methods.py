@@ -26,6 +26,10 @@ TINY_OPTIONS = {
     "streamline": {"k": 2, "replace": "ffn", "replace_steps": 20},  # covers installing and undoing the trained FFN
     "tail": {"k": 2},
     "random": {"k": 2},
+    # KV baselines over a manual plan whose first/last policy sets their byte budget
+    "streamingllm": {"base": "manual", "base_options": "prefill_layers=0,1,3 decode_layers=0,3 kv_layers=3 n_first=1 n_last=2"},
+    "snapkv": {"base": "manual", "base_options": "prefill_layers=0,1,3 decode_layers=0,3 kv_layers=3 n_first=1 n_last=2",
+               "window": 2, "kernel": 3},
 }
 STAGE = {"k_prefill": 1, "k_decode": 2, "k_unified": 2}
 for _base in ("shortgpt", "sleb", "shortened_ppl", "shortened_taylor", "tail", "random"):
