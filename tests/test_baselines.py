@@ -350,3 +350,14 @@ def test_a_memoised_ranking_is_reused_only_for_the_same_calibration_set(tiny, ca
     second = m.plan(tiny.model, other, "unified").info["block_influence"]
     assert second == make("shortgpt", k=1).plan(tiny.model, other, "unified").info["block_influence"] != first
 
+
+def test_docs_describe_every_baseline_option():
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "baselines.md").read_text()
+    for name in ("sleb", "shortened_ppl", "shortened_taylor", "streamline", "tail", "random"):
+        assert f"`{name}`" in text, name
+        missing = [f.name for f in dataclasses.fields(methods.get(name).Config) if f"`{f.name}`" not in text]
+        assert not missing, f"docs/baselines.md lacks {name} options {missing}"
+    for base in methods.registry.stage_bases():
+        assert f"`stage:{base}`" in text
