@@ -430,3 +430,16 @@ def test_method_options_are_checked():
         snap(snap.Config(base="pdtrm"))
     m = stream(stream.Config(base="manual", base_options="decode_layers=0,3 kv_layers=3 n_first=1 n_last=2", keep_ratio=0.5))
     assert not m.needs_calibration and m.base.config.decode_layers == (0, 3)
+
+
+def test_docs_list_every_option_of_both_methods():
+    import dataclasses
+
+    from conftest import ROOT
+
+    import methods
+
+    table = (ROOT / "docs" / "kv_policies.md").read_text().split("## The methods", 1)[1].split("\n## ", 1)[0]
+    for name in ("streamingllm", "snapkv"):
+        missing = [f.name for f in dataclasses.fields(methods.get(name).Config) if f"`{f.name}`" not in table]
+        assert not missing, f"docs/kv_policies.md lacks {name} options {missing}"
