@@ -397,8 +397,9 @@ def cmd_config(argv: list[str]) -> int:
     if len(rest) != 2 or rest[0] != "--config":
         raise UsageError("with --config, every option comes from the spec file (only -q may be added): "
                          "python -m harness --config configs/<table>.toml")
-    commands = COMMANDS if not quiet else {k: (lambda f: lambda a: f([*a, "-q"]) if k != "report" else f(a))(f)
-                                            for k, f in COMMANDS.items()}
+    commands = dict(COMMANDS)
+    if quiet:
+        commands.update(run=lambda a: cmd_run([*a, "-q"]), latency=lambda a: cmd_latency([*a, "-q"]))
     return run_spec(load_spec(rest[1]), commands)
 
 
