@@ -1,0 +1,195 @@
+"""The regression check fails on planted changes and passes on an unchanged rerun; specs map to flags."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from harness.errors import UsageError
+from harness.regress import check
+from harness.spec import Spec, load_spec, to_argv
+
+REFERENCE = ROOT / "results" / "reference"
+
+
+def harness(*args, data_dir=None, timeout=900):
+    env = dict(os.environ)
+    if data_dir is not None:
+        env["HARNESS_DATA_DIR"] = str(data_dir)
+    return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _edit(root, name, fn):
+    path = next(root.rglob(name))
+    d = json.loads(path.read_text())
+    fn(d)
+    path.write_text(json.dumps(d))
+
+
+def _copy(tmp_path):
+    cur = tmp_path / "current"
+    shutil.copytree(REFERENCE, cur)
+    return cur
+
+
+def test_references_exist_and_cover_both_kinds():
+    res = check(REFERENCE, REFERENCE)
+    assert res.ok and res.compared >= 9, res.failures  # 3 methods × 2 modes + 3 latency records
+
+
+def test_planted_removed_layer_fails(tmp_path):
+    cur = _copy(tmp_path)
+
+    def swap(d):
+        d["plan"]["decode_layers"] = [i for i in d["plan"]["decode_layers"] if i != 0] + [d["plan"]["removed_decode"][0]]
+        d["plan"]["decode_layers"].sort()
+        d["plan"]["prefill_layers"] = d["plan"]["decode_layers"]
+        d["plan"]["removed_decode"] = d["plan"]["removed_prefill"] = [0, *d["plan"]["removed_decode"][1:]]
+    _edit(cur / "quality", "shortgpt__unified.json", swap)
+    res = check(REFERENCE, cur)
+    assert not res.ok
+    assert any(f.startswith("shortgpt/unified: plan changed, removed (decode)") for f in res.failures), res.failures
+
+
+def test_one_extra_kv_byte_fails(tmp_path):
+    cur = _copy(tmp_path)
+    _edit(cur / "quality", "pdtrim__disaggregated.json", lambda d: d["kv"]["boolq"].update(kv_bytes=d["kv"]["boolq"]["kv_bytes"] + 1))
+    res = check(REFERENCE, cur)
+    assert len(res.failures) == 1 and "kv[boolq].kv_bytes" in res.failures[0] and "(+1)" in res.failures[0]
+
+
+def test_two_point_score_drop_fails_and_half_point_noise_passes(tmp_path):
+    # The CI references score 24 items per task (stderr ~10 points), so plant the drop on a metric
+    # whose stderr is that of a large run (0.4 points): then the 0.5-point floor and 3 × stderr
+    # (1.2 points) both sit below 2 points.
+    ref = _copy(tmp_path)
+    shutil.move(ref, tmp_path / "ref")
+    ref = tmp_path / "ref"
+    _edit(ref / "quality", "unpruned__disaggregated.json", lambda d: d["scores"]["arc_easy"]["acc"].update(stderr=0.004))
+
+    def drop(by):
+        return lambda d: d["scores"]["arc_easy"]["acc"].update(value=d["scores"]["arc_easy"]["acc"]["value"] - by, stderr=0.004)
+    for by, fails in ((0.004, False), (0.012, False), (0.02, True)):
+        cur = tmp_path / f"cur{by}"
+        shutil.copytree(ref, cur)
+        _edit(cur / "quality", "unpruned__disaggregated.json", drop(by))
+        res = check(ref, cur)
+        assert res.ok != fails, (by, res.failures)
+    acc = lambda root: 100 * json.loads(next((root / "quality").glob("unpruned__disaggregated.json")).read_text())[  # noqa: E731
+        "scores"]["arc_easy"]["acc"]["value"]
+    assert res.failures == [f"unpruned/disaggregated: arc_easy acc {acc(ref):.1f} -> {acc(cur):.1f} "
+                            "(-2.0 points; allowed ±1.2 = max(3 × stderr 0.40, 0.5) points)"]
+
+
+def test_score_rule_uses_three_stderr(tmp_path):
+    cur = _copy(tmp_path)
+    _edit(cur / "quality", "shortgpt__disaggregated.json", lambda d: d["scores"]["boolq"]["acc"].update(
+        value=d["scores"]["boolq"]["acc"]["value"] - 3.5 * d["scores"]["boolq"]["acc"]["stderr"]))
+    res = check(REFERENCE, cur)
+    assert any("shortgpt/disaggregated: boolq acc" in f and "3 × stderr" in f for f in res.failures), res.failures
+
+
+def test_latency_compared_only_on_the_same_hardware(tmp_path):
+    cur = _copy(tmp_path)
+    _edit(cur / "latency", "unpruned__disaggregated.json",
+          lambda d: [m["ttft_ms_p50"].update(value=3 * m["ttft_ms_p50"]["value"]) for m in d["scores"].values()])
+    res = check(REFERENCE, cur)
+    assert any("ttft_ms_p50" in f and "3.00× the reference" in f for f in res.failures), res.failures
+    _edit(cur / "latency", "unpruned__disaggregated.json", lambda d: d["environment"].update(cpu_model="Other CPU"))
+    res = check(REFERENCE, cur)
+    assert res.ok and any("latency not compared" in n for n in res.notes)
+
+
+def test_missing_record_fails_and_cli_exit_codes(tmp_path):
+    cur = _copy(tmp_path)
+    r = harness("check", "--against", REFERENCE, "--current", cur)
+    assert r.returncode == 0 and "regression check passed" in r.stdout
+    next(cur.rglob("pdtrim__unified.json")).unlink()
+    r = harness("check", "--against", REFERENCE, "--current", cur)
+    assert r.returncode == 1 and "FAIL  pdtrim/unified: no record in the rerun" in r.stdout
+    r = harness("check", "--against", tmp_path / "none", "--current", cur)
+    assert r.returncode == 2 and "--update" in r.stderr
+
+
+TINY_SPEC = """
+[run]
+model = "random:tiny"
+device = "cpu"
+methods = ["unpruned", "shortgpt"]
+tasks = ["arc_easy"]
+limit = 6
+mode = "both"
+set = ["shortgpt.k=1", "calib.n_samples=8", "calib.max_tokens=64"]
+out = "unused"
+
+[latency]
+model = "random:tiny"
+device = "cpu"
+methods = ["unpruned", "shortgpt"]
+plans_from = "run"
+prompt_tokens = [24]
+decode_tokens = [3]
+batch_size = [1]
+repeats = 2
+set = ["shortgpt.k=1", "calib.n_samples=8", "calib.max_tokens=64"]
+out = "unused-too"
+"""
+
+
+def test_unchanged_rerun_of_a_spec_passes_and_a_planted_option_change_fails(tmp_path, data_dir):
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(TINY_SPEC)
+    ref = tmp_path / "ref"
+    r = harness("check", "--against", ref, "--spec", spec, "--out", tmp_path / "run1", "--update", "-q", data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (ref / "quality").glob("*.json")) == [
+        "shortgpt__disaggregated.json", "shortgpt__unified.json", "unpruned__disaggregated.json", "unpruned__unified.json"]
+    r = harness("check", "--against", ref, "--spec", spec, "--out", tmp_path / "run2", "--latency-tolerance", "1000", "-q",
+                data_dir=data_dir)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert "regression check passed: 6 record(s)" in r.stdout
+    spec.write_text(TINY_SPEC.replace('"shortgpt.k=1"', '"shortgpt.k=2"'))
+    r = harness("check", "--against", ref, "--spec", spec, "--out", tmp_path / "run3", "--latency-tolerance", "1000", "-q",
+                data_dir=data_dir)
+    assert r.returncode == 1 and "shortgpt/unified: plan changed" in r.stdout and "KV bytes must match exactly" in r.stdout
+
+
+def test_spec_to_argv_and_its_errors(tmp_path):
+    from harness.cli import latency_parser, run_parser
+
+    s = Spec(tmp_path / "s.toml", {"run": {"methods": ["a", "b"], "limit": 5, "set": ["x.k=1", "y.j=2"], "quiet": True,
+                                            "plans-from": "p"}})
+    assert to_argv(s, "run", run_parser()) == ["--methods", "a,b", "--limit", "5", "--set", "x.k=1", "--set", "y.j=2",
+                                               "--quiet", "--plans-from", "p"]
+    s = Spec(tmp_path / "s.toml", {"latency": {"prompt_tokens": [512, 2048], "real_transfer": False}})
+    assert to_argv(s, "latency", latency_parser()) == ["--prompt-tokens", "512,2048"]
+    with pytest.raises(UsageError, match=r"\[run\]: unknown key 'metods'; known keys: batch_size"):
+        to_argv(Spec(tmp_path / "s.toml", {"run": {"metods": ["a"]}}), "run", run_parser())
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run\nmethods = 1")
+    with pytest.raises(UsageError, match="not a readable TOML file"):
+        load_spec(bad)
+    bad.write_text("[runs]\nmethods = ['a']")
+    with pytest.raises(UsageError, match=r"unknown section\(s\) runs"):
+        load_spec(bad)
+    r = harness("--config", bad, "--limit", "3")
+    assert r.returncode == 2 and "every option comes from the spec file" in r.stderr
+
+
+def test_every_committed_spec_parses():
+    from harness.cli import latency_parser, report_parser, run_parser
+
+    parsers = {"run": run_parser, "latency": latency_parser, "report": report_parser}
+    specs = sorted((ROOT / "configs").glob("*.toml"))
+    assert {p.name for p in specs} >= {"ci.toml", "main_table.toml", "efficiency.toml"}
+    for p in specs:
+        spec = load_spec(p)
+        for section in spec.sections:
+            rep = {k: v for k, v in spec.sections[section].items() if k != "results"}
+            args = to_argv(Spec(p, {section: rep}), section, parsers[section]())
+            parsers[section]().parse_args(args + (["x"] if section == "report" else []))
