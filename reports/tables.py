@@ -244,9 +244,11 @@ def long_context_table(records: Collection | Sequence[RunRecord]) -> Table:
                 row.append(Cell("—") if b is None else Cell(f"{b / MIB:,.1f}" + (f" ({ref / b:.2f}×)" if ref and b else ""), b))
             g.rows.append(row)
         groups.append(g)
-    caption = ("Long-context workloads. PPL: token perplexity of 128 continuation tokens after a T-token WikiText-2 "
-               "prompt (pd_ppl); passkey %: exact retrieval of a 5-digit key from an L-token prompt. KV/req: bytes the "
-               "prefill stage sends per request (reduction versus unpruned in brackets; unified sends nothing).")
+    conts = sorted({str(r.lm_eval.get("tasks", {}).get("pd_ppl", {}).get("harness_task", {}).get("options", {}).get("cont_tokens"))
+                    for r in recs if "pd_ppl" in r.scores})
+    caption = (f"Long-context workloads. PPL: token perplexity of {'/'.join(conts) or 'the'} continuation tokens after a "
+               "T-token WikiText-2 prompt (pd_ppl); passkey %: exact retrieval of a 5-digit key from an L-token prompt. "
+               "KV/req: bytes the prefill stage sends per request (reduction versus unpruned in brackets; unified sends nothing).")
     t = Table("long_context", caption, head, groups)
     for j, (task, _, _) in enumerate(cols):
         t.bold_best(2 + 2 * j, lower_is_better=task == "pd_ppl")
@@ -258,6 +260,20 @@ def _layers(xs: list[int]) -> str:
     return " ".join(map(str, xs)) if xs else "—"
 
 
+def _policy_text(kv: dict) -> str:
+    """Readable KV policy of a stored plan (any kind; older records have no `kind`)."""
+    from harness.plan import KVPolicy  # torch-free
+
+    try:
+        policy = KVPolicy.from_dict(kv)
+    except (KeyError, TypeError, ValueError):
+        return str(kv)
+    if policy.kind == "first_last":
+        return "all positions" if policy.keeps_all else \
+            f"first {policy.n_first} + last {policy.n_last} in layers {_layers(list(policy.layers))}"
+    return policy.describe()
+
+
 def plans_table(records: Collection | Sequence[RunRecord]) -> Table:
     """Which blocks each method removed in each stage, and its KV policy."""
     col = _as_collection(records)
@@ -266,13 +282,7 @@ def plans_table(records: Collection | Sequence[RunRecord]) -> Table:
         g = Group(title)
         for r in rs:
             p = r.plan
-            kv = p.get("kv_policy", {})
-            if not kv.get("layers"):
-                pol = "all positions"
-            else:
-                kind = kv.get("kind", "first_last")
-                pol = (f"first {kv['n_first']} + last {kv['n_last']} in layers {_layers(kv['layers'])}"
-                       if kind == "first_last" else f"{kind} in layers {_layers(kv['layers'])}")
+            pol = _policy_text(p.get("kv_policy") or {})
             g.rows.append([Cell(col.label(r)), Cell(removed_text(r)), Cell(_layers(p.get("removed_prefill", []))),
                            Cell(_layers(p.get("removed_decode", []))), Cell(pol)])
             seen.add(r.method)

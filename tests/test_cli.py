@@ -75,7 +75,8 @@ def test_run_writes_records_and_summary_then_resumes(data_dir, tmp_path):
             "--tasks", "arc_easy,boolq", "--limit", "6", "--batch-size", "5", "--out", str(out)]
     r = harness(*args, data_dir=data_dir)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "| unpruned | disaggregated |" in r.stdout and "arc_easy (acc)" in r.stdout
+    assert "| **PD-disaggregated** |" in r.stdout and "| unpruned | 0 |" in r.stdout and "| shortgpt | 1 |" in r.stdout
+    assert "| Method | Removed | ARC-e | BoolQ | Avg | KV × |" in r.stdout
     files = sorted(p.name for p in out.glob("*.json"))
     assert files == ["shortgpt__disaggregated.json", "shortgpt__unified.json",
                      "unpruned__disaggregated.json", "unpruned__unified.json"]

@@ -164,3 +164,18 @@ def test_report_bad_input_exits_2_naming_the_problem(tmp_path):
     assert r.returncode == 2 and "record schema 99, this harness reads 1" in r.stderr
     r = report(QUALITY, "--metric-convention", "f1", "--out", tmp_path / "o")
     assert r.returncode == 2 and "expected one of paper, acc_norm, acc" in r.stderr
+
+
+def test_plans_table_describes_every_kv_policy_kind():
+    from harness.plan import KVBudget, KVPolicy
+
+    first_last = KVPolicy(2, 6, (1, 3))
+    snap = KVPolicy(kind="snapkv", budget=KVBudget(match=first_last), window=8, kernel=3, pooling="avg")
+    recs = []
+    for name, pol in (("pdtrim", first_last), ("snapkv", snap), ("unpruned", KVPolicy())):
+        r = _fake(name, "disaggregated", {"boolq": {"acc": 0.5}})
+        r.plan["kv_policy"] = pol.to_dict()
+        recs.append(r)
+    text = {r[0].text: r[4].text for r in plans_table(recs).groups[0].rows}
+    assert text["pdtrim"] == "first 2 + last 6 in layers 1 3" and text["unpruned"] == "all positions"
+    assert text["snapkv"].startswith("snapkv (window 8, avg-pool 3, per KV head), budget = bytes of first 2 + last 6 in 2 layers")
