@@ -76,7 +76,10 @@ def run_parser() -> argparse.ArgumentParser:
         "and the KV bytes each handoff sends from the prefill to the decode stage.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_methods_epilog() + "\n\nexamples:\n  python -m harness --methods unpruned,shortgpt --limit 100\n"
-        "  python -m harness --methods shortgpt --set shortgpt.k=6 --tasks arc_easy,boolq --mode disaggregated",
+        "  python -m harness --methods shortgpt --set shortgpt.k=6 --tasks arc_easy,boolq --mode disaggregated\n"
+        "  python -m harness --config configs/main_table.toml          # a spec: runs what a table needs, then renders it\n\n"
+        "other commands (python -m harness COMMAND --help): latency (per-stage latency), report (tables, plots, HTML "
+        "from records), check (regression check against reference records)",
     )
     p.add_argument("--methods", type=_csv, default=",".join(DEFAULT_METHODS), help="comma-separated method names (default: %(default)s)")
     p.add_argument("--model", default="smollm2-135m",
