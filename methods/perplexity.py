@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from harness import arch
 from harness.cache import PDCache
 from harness.engine import final_logits, run_layers
+from harness.errors import UsageError
 from harness.objectives import token_budget_batches
 
 
@@ -138,3 +139,12 @@ class CalibNLL:
         return {"evaluations": self.evaluations, "layer_token_passes": self.layer_token_passes,
                 "full_forward_equivalents": self.layer_token_passes / (self.n_layers * self.full_tokens),
                 "calibration_tokens": self.full_tokens, "predicted_tokens": self.n_targets}
+
+
+def calibration_evaluator(method: str, model, calib, config) -> tuple[CalibNLL, int]:
+    """The evaluator a perplexity-scored method (sleb, shortened_ppl) ranks blocks with: `config.samples`
+    seeded calibration rows, batched by `config.batch_size` / `config.batch_tokens`; and the row count."""
+    if calib is None:
+        raise UsageError(f"{method} needs a calibration set")
+    rows = calibration_rows(calib.input_ids, config.samples, config.seed)
+    return CalibNLL(model, rows, config.batch_size, config.batch_tokens), len(rows)

@@ -25,8 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from harness.errors import UsageError
-from methods.perplexity import CalibNLL, calibration_rows
+from methods.perplexity import calibration_evaluator
 from methods.ranked import RankedDepthMethod, Ranking, check_counts, progress
 from methods.registry import register
 
@@ -51,11 +50,7 @@ class ShortenedPPL(RankedDepthMethod):
         check_counts(self.name, config, ("k", "keep_first", "keep_last", "samples", "batch_size", "batch_tokens"))
 
     def _rank(self, model, calib, k: int, eligible: list[int]) -> Ranking:
-        if calib is None:
-            raise UsageError("shortened_ppl needs a calibration set")
-        c = self.config
-        rows = calibration_rows(calib.input_ids, c.samples, c.seed)
-        ev = CalibNLL(model, rows, c.batch_size, c.batch_tokens)
+        ev, n_rows = calibration_evaluator(self.name, model, calib, self.config)
         dense = ev.nll(())
         nll = {j: ev.nll({j}) for j in progress(eligible, "shortened_ppl: blocks")}
         order = sorted(eligible, key=lambda j: (nll[j], j))
@@ -63,4 +58,4 @@ class ShortenedPPL(RankedDepthMethod):
             "criterion": "calibration perplexity with the single block removed (lowest first)",
             "ppl_without_block": {str(j): math.exp(v) for j, v in nll.items()},
             "nll_without_block": {str(j): v for j, v in nll.items()},
-            "dense_nll": dense, "dense_ppl": math.exp(dense), "calibration_sequences": len(rows), "work": ev.work()})
+            "dense_nll": dense, "dense_ppl": math.exp(dense), "calibration_sequences": n_rows, "work": ev.work()})

@@ -27,8 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from harness.errors import UsageError
-from methods.perplexity import CalibNLL, calibration_rows
+from methods.perplexity import calibration_evaluator
 from methods.ranked import RankedDepthMethod, Ranking, check_counts, progress
 from methods.registry import register
 
@@ -53,11 +52,7 @@ class SLEB(RankedDepthMethod):
         check_counts(self.name, config, ("k", "keep_first", "keep_last", "samples", "batch_size", "batch_tokens"))
 
     def _rank(self, model, calib, k: int, eligible: list[int]) -> Ranking:
-        if calib is None:
-            raise UsageError("sleb needs a calibration set")
-        c = self.config
-        rows = calibration_rows(calib.input_ids, c.samples, c.seed)
-        ev = CalibNLL(model, rows, c.batch_size, c.batch_tokens)
+        ev, n_rows = calibration_evaluator(self.name, model, calib, self.config)
         dense = ev.nll(())
         removed: list[int] = []
         steps = []
@@ -72,4 +67,4 @@ class SLEB(RankedDepthMethod):
         return Ranking(removed, {
             "criterion": "greedy: lowest mean calibration NLL (nats/token) with the block and those already chosen removed",
             "dense_nll": dense, "dense_ppl": math.exp(dense), "steps": steps,
-            "calibration_sequences": len(rows), "work": ev.work()})
+            "calibration_sequences": n_rows, "work": ev.work()})
