@@ -260,8 +260,10 @@ def cmd_latency(argv: list[str]) -> int:
         os.environ["TQDM_DISABLE"] = "1"
     _quiet_libraries()
     from harness import pipeline
-    from harness.latency_run import LatencyConfig, latency_table, run_latency
+    from harness.latency_run import LatencyConfig, run_latency
     from harness.models import load_model
+    from reports.table import to_markdown
+    from reports.tables import efficiency_table
 
     if args.warmup < 0:
         raise UsageError(f"--warmup {args.warmup}: must be >= 0")
@@ -286,7 +288,7 @@ def cmd_latency(argv: list[str]) -> int:
         print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
     records = run_latency(cfg, prepared, out, loaded, say)
-    print(latency_table(records, 100.0 if 100.0 in cfg.bandwidths_gbit else cfg.bandwidths_gbit[0]))
+    print(to_markdown(efficiency_table(records, 100.0 if 100.0 in cfg.bandwidths_gbit else cfg.bandwidths_gbit[0])))
     print(f"\nclock: {records[0].extra.get('clock')}; records and summary.csv in {out}")
     return 0
 

@@ -143,35 +143,3 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
         results.append(rec.load(path))
     rec.write_summary(rec.load_dir(out_dir), out_dir / "summary.csv")
     return results
-
-
-def _value(r: rec.RunRecord | None, label: str, metric: str) -> float | None:
-    v = r.scores.get(label, {}).get(metric) if r is not None else None
-    return None if v is None else v["value"]
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.3f}" if a is not None and b else "—"
-
-
-def latency_table(records: list[rec.RunRecord], bandwidth_gbit: float = 100.0) -> str:
-    """Markdown: per workload and method, TTFT/TPOT p50, E2E at one bandwidth, KV bytes, ratios to unpruned."""
-    e2e_key = f"e2e_ms_p50@{bandwidth_gbit:g}gbit"
-    lines = [f"| workload | method | TTFT p50 ms | TPOT p50 ms | E2E p50 ms @{bandwidth_gbit:g} Gbit/s | KV sent MiB | "
-             "TTFT ÷ unpruned | TPOT ÷ unpruned | KV ÷ unpruned |", "|---|---|---|---|---|---|---|---|---|"]
-    dense = next((r for r in records if r.method == "unpruned"), None)
-    labels = sorted({t for r in records for t in r.scores}, key=lambda t: ([int(x[1:]) for x in t.split("_")[1:4]], t))
-    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
-    for label in labels:
-        for r in sorted(records, key=lambda r: (r.method != "unpruned", r.method)):
-            if label not in r.scores:
-                continue
-            kvb = r.kv[label]["kv_bytes"]
-            kvd = dense.kv.get(label, {}).get("kv_bytes") if dense else None
-            lines.append(" | ".join([
-                f"| {label[len('latency_'):]}", r.method, fmt(_value(r, label, "ttft_ms_p50"), ".1f"),
-                fmt(_value(r, label, "tpot_ms_p50"), ".2f"), fmt(_value(r, label, e2e_key), ".1f"), f"{kvb / 2**20:,.2f}",
-                _ratio(_value(r, label, "ttft_ms_p50"), _value(dense, label, "ttft_ms_p50")),
-                _ratio(_value(r, label, "tpot_ms_p50"), _value(dense, label, "tpot_ms_p50")),
-                _ratio(kvb, kvd)]) + " |")
-    return "\n".join(lines)

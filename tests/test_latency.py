@@ -76,7 +76,8 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path):
             "--batch-size", "1,2", "--repeats", "2", "--bandwidths", "10,100", "--decode-mode", "eager,static"]
     r = harness(*args, "--methods", "unpruned,manual", "--set", "manual.decode_layers=0,3", "--out", str(out), "--real-transfer")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "| T40_n4_b2 | manual |" in r.stdout and "clock: perf_counter_ns" in r.stdout
+    assert "prompt 40, decode 4, batch 2, eager decode" in r.stdout and "\n| manual | " in r.stdout
+    assert "clock: perf_counter_ns" in r.stdout
     recs = {x.method: x for x in records.load_dir(out)}
     m = recs["manual"]
     assert set(m.scores) == {"latency_T40_n4_b1", "latency_T40_n4_b2", "latency_T40_n4_b1_static", "latency_T40_n4_b2_static"}
@@ -93,7 +94,7 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path):
     r2 = harness(*args, "--methods", "manual", "--plans-from", str(out), "--out", str(tmp_path / "replay"))
     assert r2.returncode == 0, r2.stderr[-2000:]
     (rep,) = records.load_dir(tmp_path / "replay")
-    assert "| T40_n4_b1_static | manual |" in r2.stdout
+    assert "prompt 40, decode 4, batch 1, static decode" in r2.stdout and "\n| manual | " in r2.stdout
     assert rep.plan["decode_layers"] == [0, 3] and rep.extra["plan_source"]["replayed_from"] == str(out.resolve())
     bad = harness(*args, "--methods", "manual", "--plans-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "not a folder of run records" in bad.stderr
