@@ -113,3 +113,20 @@ class PDCache:
             out.values[i] = self.values[i].index_select(0, rows)
         out.window_scores = {i: t.index_select(0, rows) for i, t in self.window_scores.items()}
         return out
+
+
+# -- transformers caches (exported checkpoints run with stock transformers) ---------------------
+def hf_cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(K, V) of each layer of a transformers `Cache` (as a forward with `use_cache=True` returns
+    it), each (batch, kv_heads, columns, head_dim)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def hf_cache_from_layers(kv: Iterable[tuple[torch.Tensor, torch.Tensor]], config):
+    """A transformers `DynamicCache` for a model with `config` whose layer i holds `kv[i]` = (K, V)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+    return cache

@@ -1,0 +1,399 @@
+"""`python -m harness export`: a method's plan as pruned Hugging Face checkpoints.
+
+    python -m harness export --method shortgpt --set shortgpt.k=8 --out DIR
+    python -m harness export --method pdtrim --mode disaggregated --plans-from results/issue3/default --out DIR
+    python -m harness export --record results/issue3/default/pdtrim__disaggregated.json --out DIR
+
+The plan is made afresh (loading the model, and calibration data for methods that calibrate) or
+replayed from a run record (`--record FILE`, or `--plans-from RUN_DIR` with `--method`/`--mode`),
+so e.g. PDTrim's search is not repeated. The weights are written inside `method.apply(model, plan)`,
+so whatever the method installs (healed blocks, a trained replacement) is what the checkpoint
+holds (harness/checkpoint.py).
+
+Layout of DIR:
+
+- A unified plan (one layer set for both stages, no KV pruning; also a disaggregated-mode plan of
+  that kind, e.g. ShortGPT's): one checkpoint in DIR itself: config.json (`num_hidden_layers` =
+  layers kept), model.safetensors (layer i = source layer `layers[i]`), tokenizer files,
+  generation_config.json, and harness_export.json: {"format", "kind": "unified", "method",
+  "method_options", "mode", "plan" (`PruningPlan.to_dict()`, source-model layer indices),
+  "source_model", "layers" (source index of each checkpoint layer, null for an inserted
+  replacement layer), "inserted_layers", "harness" (version, git commit), "created"}.
+- A disaggregated plan: DIR/prefill/ and DIR/decode/ (each a checkpoint as above, `kind`
+  "prefill" / "decode") and DIR/manifest.json, which tells a PD serving system how to connect them:
+
+    {"format": "pd-harness-export/1", "kind": "disaggregated", "method", "method_options", "mode",
+     "source_model", "plan", "harness", "created",
+     "prefill": {"path": "prefill", "num_hidden_layers": P, "layers": [source index per layer]},
+     "decode":  {"path": "decode",  "num_hidden_layers": D, "layers": [...]},
+     "decode_kv_from_prefill": [j_0, ..., j_{D-1}],   # decode layer i attends over the prompt KV of prefill layer j_i
+     "layer_map": [{"decode_layer": i, "prefill_layer": j_i, "source_layer": s}, ...],
+     "prefill_layers_not_sent": [prefill layers whose KV no decode layer reads],
+     "kv_policy": {"description": "...", "source_index": {...}, "prefill_index": {...}, "decode_index": {...}},
+     "first_token": "prefill"}
+
+  Decode layer i and prefill layer j_i are the same source layer with the same weights
+  (`decode ⊆ prefill`), so the handoff ships, per request, the K/V of prefill layers
+  `decode_kv_from_prefill` in that order. `kv_policy` is the plan's `KVPolicy.to_dict()` with its
+  layer lists given in source, prefill-checkpoint and decode-checkpoint indices: with a
+  first_last policy, those layers send only the first `n_first` and last `n_last` prompt
+  positions (kept positions keep their original position ids); `streaming`/`snapkv` keep a
+  budget per layer (docs/kv_policies.md). The first generated token comes from the prefill
+  checkpoint's last-position logits; the decode checkpoint continues at position T (the prompt
+  length). `decode_cache_from_prefill` builds the decode model's cache from a prefill forward's
+  cache (no KV policy) and is how the tests check the pair reproduces the harness's scoring.
+
+Bad input (unknown method, `--out` not empty without `--force`, a record of another model or
+seed, a plan whose installed weights a checkpoint cannot express) exits 2 with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UsageError
+
+FORMAT = "pd-harness-export/1"
+MODES = ("unified", "disaggregated")
+MARKERS = ("harness_export.json", "manifest.json")  # a folder holding one of these is a previous export
+
+
+def parser() -> argparse.ArgumentParser:
+    import os
+
+    p = argparse.ArgumentParser(
+        prog="python -m harness export",
+        description="Write a method's pruned model as Hugging Face checkpoints (config, renumbered layers, tokenizer) "
+        "that from_pretrained and serving engines such as vLLM load. A unified plan gives one checkpoint in OUT; a "
+        "disaggregated plan gives OUT/prefill, OUT/decode and OUT/manifest.json, which maps each decode layer to the "
+        "prefill layer whose KV it reads and states the KV policy (format: harness/export.py, README 'Export').",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  python -m harness export --method shortgpt --set shortgpt.k=8 --out exports/shortgpt-k8\n"
+        "  python -m harness export --method pdtrim --mode disaggregated --plans-from results/issue3/default --out exports/pdtrim\n"
+        "  python -m harness export --record results/issue3/default/pdtrim__disaggregated.json --out exports/pdtrim\n"
+        "  python -m harness export --method manual --mode disaggregated --set manual.prefill_layers=0,1,2,3 "
+        "--set manual.decode_layers=0,3 --model random:tiny --out /tmp/pd-tiny\n\n"
+        "load: AutoModelForCausalLM.from_pretrained(OUT) (or OUT/prefill, OUT/decode); vllm serve OUT",
+    )
+    p.add_argument("--method", default=None,
+                   help="method name (python -m harness --help lists them); with --record, optional (must match the record)")
+    p.add_argument("--model", default=None,
+                   help="as for a quality run (default: the record's model with --record/--plans-from, else smollm2-135m)")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="plan for this PD setting (default: the record's with --record, else unified)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE",
+                   help="method or calibration option, e.g. shortgpt.k=8, calib.n_samples=64 (repeatable)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--plans-from", type=Path, default=None, metavar="RUN_DIR",
+                     help="replay the plan stored in RUN_DIR/<method>__<mode>.json instead of planning")
+    src.add_argument("--record", type=Path, default=None, metavar="FILE",
+                     help="replay the plan of this run record (method, mode, model and seed come from it)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must be new or empty; see --force)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it holds a previous export")
+    p.add_argument("--seed", type=int, default=None, help="seed for random models and calibration (default: the record's, else 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--dtype", default="auto",
+                   help="weights are loaded, planned and written in this dtype: auto (bf16 on GPU, fp32 on CPU), float32, "
+                        "bfloat16, float16")
+    p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"),
+                   help="calibration data for methods that calibrate (default: $HARNESS_DATA_DIR)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
+    return p
+
+
+# -- where the plan comes from -----------------------------------------------------------------
+@dataclasses.dataclass
+class Source:
+    """What to export: method name, mode, model, seed, and the stored record to replay (if any)."""
+
+    method: str
+    mode: str
+    model: str
+    seed: int
+    record: Any = None  # harness.records.RunRecord
+    record_path: Path | None = None
+
+
+def resolve_source(args: argparse.Namespace) -> Source:
+    """Method, mode, model and seed from the flags and the record, checked against each other."""
+    from harness import records as rec
+
+    path = None
+    if args.record is not None:
+        path = args.record
+        if not path.is_file():
+            raise UsageError(f"--record {path}: no such file (expected a run record <method>__<mode>.json)")
+    elif args.plans_from is not None:
+        if not args.plans_from.is_dir():
+            raise UsageError(f"--plans-from {args.plans_from}: not a folder of run records")
+        if not args.method:
+            raise UsageError("--plans-from needs --method (and --mode, default unified) to pick a record")
+        path = args.plans_from / rec.record_filename(args.method, args.mode or "unified")
+        if not path.is_file():
+            have = sorted(p.name for p in args.plans_from.glob("*__*.json") if not p.name.endswith(".partial.json"))
+            raise UsageError(f"--plans-from {args.plans_from}: no record {path.name}; records there: {', '.join(have) or 'none'}")
+    if path is None:
+        if not args.method:
+            raise UsageError("give --method NAME (or --record FILE / --plans-from RUN_DIR to replay a stored plan)")
+        return Source(args.method, args.mode or "unified", args.model or "smollm2-135m", 0 if args.seed is None else args.seed)
+    try:
+        record = rec.load(path)
+    except ValueError as e:
+        raise UsageError(f"{path}: not a readable run record ({e})") from None
+    stored_model, stored_seed = record.config.get("model"), record.config.get("seed", 0)
+    clashes = [(flag, given, stored) for flag, given, stored in
+               (("--method", args.method, record.method), ("--mode", args.mode, record.mode),
+                ("--model", args.model, stored_model), ("--seed", args.seed, stored_seed))
+               if given is not None and given != stored]
+    if clashes:
+        flag, given, stored = clashes[0]
+        raise UsageError(f"{path} holds a plan made with {flag} {stored}, not {given}; pass {flag} {stored} (or omit "
+                         f"{flag}) to export it, or plan afresh without --record/--plans-from")
+    if record.mode not in MODES:
+        raise UsageError(f"{path}: a {record.mode!r} record (latency?); export replays quality-run records "
+                         f"({', '.join(MODES)})")
+    return Source(record.method, record.mode, stored_model, stored_seed, record, path)
+
+
+def method_for(source: Source, args: argparse.Namespace, data_dir: str | None):
+    """(method instance, calibration options) validated like a run's; with a record, its stored options."""
+    from harness import pipeline
+    from harness.config import RunConfig
+
+    prepared = pipeline.prepare(RunConfig(model=source.model, methods=(source.method,), tasks=(), seed=source.seed,
+                                          data_dir=data_dir, overrides=tuple(args.overrides)), need_data=source.record is None)
+    method = prepared.methods[source.method]
+    if source.record is None:
+        return method, prepared.calib_config
+    cls = type(method)
+    stored = source.record.config.get("method_options", {})
+    known = {f.name for f in dataclasses.fields(cls.Config)}
+    if set(stored) - known:
+        raise UsageError(f"{source.record_path}: option(s) {sorted(set(stored) - known)} of the record are not options of "
+                         f"{source.method} in this harness; plan afresh without --record/--plans-from")
+    try:
+        replayed = cls(dataclasses.replace(cls.Config(), **{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{source.record_path}: its method options do not build a {source.method}: {e}") from None
+    if any(o.split("=", 1)[0].split(".", 1)[0] == source.method for o in args.overrides) and \
+            json.loads(json.dumps(method.options())) != json.loads(json.dumps(replayed.options())):
+        raise UsageError(f"--set {source.method}.*: differs from the options the record's plan was made with "
+                         f"({replayed.options()}); drop --set or plan afresh without --record/--plans-from")
+    if replayed.needs_replan_on_resume():
+        raise UsageError(f"{source.method} with these options installs trained weights (healed blocks or a replacement "
+                         "network) that run records do not store; export it without --record/--plans-from so it plans "
+                         "and trains afresh")
+    return replayed, prepared.calib_config
+
+
+# -- writing ----------------------------------------------------------------------------------
+def _replacement(method, plan, model, hooks_before: dict[str, int]):
+    """The checkpoint form of forward hooks `method.apply` installed (None if it installed none).
+
+    Only streamline's trained FFN replacement is known; any other hook changes the computation in
+    a way no standard checkpoint holds, so the export is refused rather than silently dropped."""
+    from harness.checkpoint import Replacement, hook_counts
+    from methods.streamline import Streamline
+
+    added = {k: v for k, v in hook_counts(model).items() if v > hooks_before.get(k, 0)}
+    if not added:
+        return None
+    inner = method
+    while not isinstance(inner, Streamline) and (getattr(inner, "base", None) or getattr(inner, "inner", None)):
+        inner = getattr(inner, "base", None) or getattr(inner, "inner", None)
+    rep = plan.info.get("replacement", {})
+    # streamline keeps the trained network per kept-layer set (it is not part of the plan)
+    ffn = inner._trained.get(plan.prefill_layers) if isinstance(inner, Streamline) and rep.get("enabled") else None
+    if ffn is None:
+        raise UsageError(f"{plan.method}'s apply installs forward hooks on {', '.join(sorted(added))}: a computation a "
+                         "standard Hugging Face checkpoint cannot express, so it is not exported")
+    run = tuple(plan.info["removed"])
+    n = plan.n_layers
+    return Replacement(run, ffn.norm, ffn.mlp, run[-1] + 1 if run[-1] + 1 < n else None,
+                       {k: rep[k] for k in ("mse_before", "mse_after", "steps", "installed") if k in rep})
+
+
+def _remap_policy(d: dict[str, Any], index: dict[int, int]) -> dict[str, Any]:
+    """A `KVPolicy.to_dict()` with its layer lists (`layers`, `budget.match.layers`) renumbered by `index`."""
+    out = dict(d)
+    if "layers" in out:
+        out["layers"] = [index[i] for i in out["layers"]]
+    if "budget" in out and "match" in out["budget"]:
+        out["budget"] = {**out["budget"], "match": _remap_policy(out["budget"]["match"], index)}
+    return out
+
+
+def build_manifest(prefill, decode, plan) -> dict[str, Any]:
+    """The PD part of manifest.json from the two checkpoints' slots (harness.checkpoint.Slot)."""
+    where = {s.key: j for j, s in enumerate(prefill)}
+    missing = [s.key for s in decode if s.key not in where]
+    if missing:  # decode ⊆ prefill makes this impossible for a valid plan
+        raise ValueError(f"decode layers {missing} have no prefill layer to read KV from")
+    kv_from = [where[s.key] for s in decode]
+    src_prefill = {s.original: j for j, s in enumerate(prefill) if s.original is not None}
+    src_decode = {s.original: i for i, s in enumerate(decode) if s.original is not None}
+    policy = plan.kv_policy.to_dict()
+    return {
+        "prefill": {"path": "prefill", "num_hidden_layers": len(prefill), "layers": [s.original for s in prefill]},
+        "decode": {"path": "decode", "num_hidden_layers": len(decode), "layers": [s.original for s in decode]},
+        "decode_kv_from_prefill": kv_from,
+        "layer_map": [{"decode_layer": i, "prefill_layer": j, "source_layer": s.original} for i, (s, j) in enumerate(zip(decode, kv_from))],
+        "prefill_layers_not_sent": sorted(set(range(len(prefill))) - set(kv_from)),
+        "kv_policy": {"description": plan.kv_policy.describe(), "source_index": policy,
+                      "prefill_index": _remap_policy(policy, src_prefill), "decode_index": _remap_policy(policy, src_decode)},
+        "first_token": "prefill",
+    }
+
+
+def export_plan(loaded, method, plan, out: Path, meta: dict[str, Any] | None = None,
+                max_shard_size: str | int = "5GB") -> dict[str, Any]:
+    """Write `plan` of `method` on `loaded` (a `LoadedModel`) into the new folder `out`.
+
+    Returns the top-level metadata written (harness_export.json of a unified export, manifest.json
+    of a disaggregated one) plus "checkpoints": {name: what `write_checkpoint` returned}. The model
+    is unchanged afterwards (the method's `apply` undoes its installs on exit).
+    """
+    from harness import arch
+    from harness.checkpoint import hook_counts, layer_reference, layer_slots, write_checkpoint
+
+    model = loaded.model
+    if plan.n_layers != arch.n_layers(model):
+        raise UsageError(f"the plan is for a {plan.n_layers}-layer model; {loaded.spec} has {arch.n_layers(model)} layers")
+    reference, hooks = layer_reference(model), hook_counts(model)
+    meta = {"format": FORMAT, "method": plan.method, **(meta or {}), "plan": plan.to_dict(),
+            "source_model": {"spec": loaded.spec, **loaded.description}, "harness": _harness_version(),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    with method.apply(model, plan) as applied:
+        rep = _replacement(method, applied, model, hooks)
+        if applied.is_unified:
+            slots = layer_slots(model, applied.prefill_layers, reference, rep)
+            ck = write_checkpoint(out, model, loaded.tokenizer, slots, {**meta, "kind": "unified"}, max_shard_size)
+            return {**meta, "kind": "unified", "layers": ck["layers"], "checkpoints": {".": ck}}
+        prefill = layer_slots(model, applied.prefill_layers, reference, rep)
+        decode = layer_slots(model, applied.decode_layers, reference, rep)
+        head = {k: meta[k] for k in ("format", "method", "mode") if k in meta}
+        manifest = {**head, "kind": "disaggregated", **build_manifest(prefill, decode, applied), **meta}
+        cks = {}
+        for name, slots in (("prefill", prefill), ("decode", decode)):
+            cks[name] = write_checkpoint(out / name, model, loaded.tokenizer, slots,
+                                         {**meta, "kind": name, "manifest": "../manifest.json"}, max_shard_size)
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        return {**manifest, "checkpoints": cks}
+
+
+def decode_cache_from_prefill(prefill_cache, manifest: dict[str, Any], decode_config):
+    """The decode checkpoint's cache from a prefill-checkpoint forward's cache (a transformers `Cache`).
+
+    Decode layer i gets the K/V of prefill layer `manifest["decode_kv_from_prefill"][i]`, every
+    prompt position (a plan with a KV policy sends fewer: see the manifest's `kv_policy`).
+    """
+    from harness.cache import hf_cache_from_layers, hf_cache_layers
+
+    kv = hf_cache_layers(prefill_cache)
+    return hf_cache_from_layers([kv[j] for j in manifest["decode_kv_from_prefill"]], decode_config)
+
+
+def _harness_version() -> dict[str, Any]:
+    from importlib import metadata
+
+    from harness.env import git_info
+
+    try:
+        version = metadata.version("pd-harness")
+    except metadata.PackageNotFoundError:
+        version = None
+    return {"version": version, **git_info()}
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    """Check `out` can take an export; return the temporary sibling folder to write into."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UsageError(f"--out {out}: folder exists and is not empty; pass --force to replace a previous export, "
+                             "or choose a new folder")
+        if not any((out / m).is_file() for m in MARKERS):
+            raise UsageError(f"--out {out}: not a previous export (no {' or '.join(MARKERS)}); --force only replaces "
+                             "exports, choose a new or empty folder")
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an interrupted export
+    return tmp
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    from harness.cli import _quiet_libraries
+
+    _quiet_libraries()
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    source = resolve_source(args)
+    method, calib_config = method_for(source, args, data_dir)
+    tmp = _prepare_out(args.out, args.force)  # before any model work: bad --out fails fast
+
+    from harness import arch
+    from harness.models import load_model
+    from harness.plan import PruningPlan
+
+    t0 = time.perf_counter()
+    loaded = load_model(source.model, args.device, args.dtype, source.seed)
+    say = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    say(f"model {source.model} loaded ({arch.n_layers(loaded.model)} layers)")
+    calib = None
+    if source.record is not None:
+        try:
+            plan = PruningPlan.from_dict(source.record.plan)
+        except (KeyError, ValueError) as e:
+            raise UsageError(f"{source.record_path}: its plan is not valid: {e}") from None
+        say(f"{source.method}/{source.mode}: plan replayed from {source.record_path}")
+    else:
+        if method.needs_calibration:
+            from harness.calibration import build_calibration
+
+            calib = build_calibration(loaded.tokenizer, Path(data_dir) if data_dir else None, calib_config)
+        say(f"{source.method}/{source.mode}: planning")
+        plan = method.plan(loaded.model, calib, source.mode)
+    if source.mode == "unified" and not plan.is_unified:
+        raise UsageError(f"{source.method} made a plan with two layer sets or KV pruning for unified mode; export it with "
+                         "--mode disaggregated")
+    meta = {"mode": source.mode, "method_options": method.options(),
+            "calibration": calib.description if calib is not None else (source.record.calibration if source.record else None),
+            "plan_replayed_from": str(source.record_path) if source.record_path else None,
+            "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", "")}
+    t_write = time.perf_counter()
+    try:
+        info = export_plan(loaded, method, plan, tmp, meta, args.max_shard_size)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if args.out.exists():
+        shutil.rmtree(args.out)  # empty, or a previous export replaced under --force
+    tmp.rename(args.out)
+    written = time.perf_counter() - t_write
+    n = plan.n_layers
+    for name, ck in info["checkpoints"].items():
+        where = args.out if name == "." else args.out / name
+        inserted = sum(1 for x in ck["layers"] if x is None)
+        extra = f" + {inserted} replacement layer(s)" if inserted else ""
+        print(f"{where}: {len(ck['layers']) - inserted} of {n} layers{extra}, source layers "
+              f"{[x for x in ck['layers']]}, {_size(ck['bytes'])}")
+    if info["kind"] == "disaggregated":
+        print(f"{args.out / 'manifest.json'}: decode layers 0..{len(info['decode_kv_from_prefill']) - 1} read the KV of prefill "
+              f"layers {info['decode_kv_from_prefill']}; KV policy: {info['kv_policy']['description']}")
+    print(f"exported {source.method}/{source.mode} of {source.model} in {written:.1f}s "
+          f"(total {time.perf_counter() - t0:.1f}s); load with AutoModelForCausalLM.from_pretrained")
+    return 0

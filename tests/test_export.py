@@ -1,0 +1,295 @@
+"""`python -m harness export`: reloaded checkpoints compute what the harness's pruned stages compute."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+import methods
+from harness import arch
+from harness.cli import main as cli_main
+from harness.export import decode_cache_from_prefill, export_plan
+from harness.plan import PruningPlan
+from harness.scoring import Scorer
+
+IDS = torch.tensor([[5, 17, 300, 42, 256, 7, 99, 123, 64, 2, 8, 19]])
+TINY = ["--model", "random:tiny", "--device", "cpu"]
+
+
+def manual(model, mode: str, **options):
+    """A `manual` method instance and its plan for `model`."""
+    cls = methods.get("manual")
+    method = cls(cls.Config(**options))
+    return method, method.plan(model, None, mode)
+
+
+def reload(path):
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    return model.eval(), info
+
+
+def assert_clean_load(info):
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+
+
+@torch.inference_mode()
+def harness_logits(model, layers, ids=IDS):
+    """The harness's pruned forward: the model's own forward with only `layers` (source indices)."""
+    with arch.layers_swapped(model, layers):
+        return model(ids).logits.float()
+
+
+def snapshot(model):
+    return {n: (p.data_ptr(), p.detach().clone()) for n, p in model.state_dict().items()}
+
+
+def test_unified_export_reloads_with_the_pruned_logits(tiny, tmp_path):
+    before, layers_obj = snapshot(tiny.model), arch.decoder_layers(tiny.model)
+    method, plan = manual(tiny.model, "unified", prefill_layers=(0, 2, 3))
+    info = export_plan(tiny, method, plan, tmp_path / "ck")
+    ck = tmp_path / "ck"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "harness_export.json"} <= \
+        {p.name for p in ck.iterdir()}
+    model, load_info = reload(ck)
+    assert_clean_load(load_info)
+    assert model.config.num_hidden_layers == 3 and len(arch.decoder_layers(model)) == 3
+    with torch.inference_mode():
+        got = model(IDS).logits.float()
+    assert torch.allclose(got, harness_logits(tiny.model, (0, 2, 3)), atol=1e-5, rtol=0)
+    # renumbered: checkpoint layer 1 is source layer 2
+    src = arch.decoder_layers(tiny.model)[2].self_attn.q_proj.weight
+    assert torch.equal(arch.decoder_layers(model)[1].self_attn.q_proj.weight, src)
+    meta = json.loads((ck / "harness_export.json").read_text())
+    assert meta["kind"] == "unified" and meta["layers"] == [0, 2, 3] == info["layers"]
+    assert meta["plan"]["prefill_layers"] == [0, 2, 3] and meta["source_model"]["spec"] == "random:tiny"
+    assert meta["harness"]["version"] and "commit" in meta["harness"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ck)
+    assert tok("pruned é").input_ids == tiny.tokenizer("pruned é").input_ids and tok.eos_token == tiny.tokenizer.eos_token
+    # the loaded model is untouched: same tensors (storage and values), same layer list
+    after = snapshot(tiny.model)
+    assert arch.decoder_layers(tiny.model) is layers_obj and len(layers_obj) == 4
+    assert before.keys() == after.keys()
+    assert all(before[k][0] == after[k][0] and torch.equal(before[k][1], after[k][1]) for k in before)
+
+
+def test_tied_embeddings_and_shards(tmp_path):
+    """A tied LM head (SmolLM2 ties it) is stored once and re-tied on load; sharded files load too."""
+    from harness.models import random_model
+
+    loaded = random_model("tiny", torch.float32, torch.device("cpu"), seed=1)
+    model = loaded.model
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    method, plan = manual(model, "unified", prefill_layers=(1, 3))
+    export_plan(loaded, method, plan, tmp_path / "ck", max_shard_size=200_000)
+    ck = tmp_path / "ck"
+    assert (ck / "model.safetensors.index.json").is_file() and len(list(ck.glob("model-*.safetensors"))) > 1
+    from safetensors import safe_open
+
+    names = set()
+    for f in ck.glob("model-*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            names |= set(h.keys())
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    reloaded, info = reload(ck)
+    assert_clean_load(info)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    with torch.inference_mode():
+        got = reloaded(IDS).logits.float()
+    assert torch.allclose(got, harness_logits(model, (1, 3)), atol=1e-5, rtol=0)
+
+
+def test_disaggregated_export_two_checkpoints_and_manifest(tiny, tmp_path):
+    method, plan = manual(tiny.model, "disaggregated", prefill_layers=(0, 1, 3), decode_layers=(0, 3), kv_layers=(3,), n_first=1, n_last=2)
+    export_plan(tiny, method, plan, tmp_path / "pd")
+    out = tmp_path / "pd"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "pd-harness-export/1" and manifest["kind"] == "disaggregated"
+    assert manifest["prefill"]["layers"] == [0, 1, 3] and manifest["decode"]["layers"] == [0, 3]
+    assert manifest["decode_kv_from_prefill"] == [0, 2] and manifest["prefill_layers_not_sent"] == [1]
+    assert manifest["layer_map"][1] == {"decode_layer": 1, "prefill_layer": 2, "source_layer": 3}
+    kv = manifest["kv_policy"]
+    assert kv["source_index"] == {"n_first": 1, "n_last": 2, "layers": [3]}
+    assert kv["prefill_index"]["layers"] == [2] and kv["decode_index"]["layers"] == [1]
+    assert manifest["first_token"] == "prefill"
+    prefill, info_p = reload(out / "prefill")
+    decode, info_d = reload(out / "decode")
+    assert_clean_load(info_p)
+    assert_clean_load(info_d)
+    assert prefill.config.num_hidden_layers == 3 and decode.config.num_hidden_layers == 2
+    for d, p in enumerate(manifest["decode_kv_from_prefill"]):  # same source layer, same weights
+        for (name, a), (_, b) in zip(arch.decoder_layers(decode)[d].state_dict().items(),
+                                     arch.decoder_layers(prefill)[p].state_dict().items()):
+            assert torch.equal(a, b), name
+    with torch.inference_mode():
+        got = prefill(IDS).logits.float()
+    assert torch.allclose(got, harness_logits(tiny.model, (0, 1, 3)), atol=1e-5, rtol=0)
+    for name in ("prefill", "decode"):
+        meta = json.loads((out / name / "harness_export.json").read_text())
+        assert meta["kind"] == name and meta["manifest"] == "../manifest.json"
+
+
+@pytest.mark.parametrize("ctx_len, cont_len", [(9, 5), (3, 1)])
+def test_prefill_kv_fed_to_decode_checkpoint_reproduces_pd_scoring(tiny, tmp_path, ctx_len, cont_len):
+    """Prefill checkpoint on the prompt -> its KV of the mapped layers -> decode checkpoint on the
+    continuation: the same log-likelihood as the harness's disaggregated scoring of that plan."""
+    method, plan = manual(tiny.model, "disaggregated", prefill_layers=(0, 1, 3), decode_layers=(1, 3))
+    export_plan(tiny, method, plan, tmp_path / "pd")
+    manifest = json.loads((tmp_path / "pd" / "manifest.json").read_text())
+    prefill, _ = reload(tmp_path / "pd" / "prefill")
+    decode, _ = reload(tmp_path / "pd" / "decode")
+    g = torch.Generator().manual_seed(ctx_len)
+    ctx = torch.randint(0, 320, (ctx_len,), generator=g).tolist()
+    cont = torch.randint(0, 320, (cont_len,), generator=g).tolist()
+    expected = Scorer(tiny.model, plan, "disaggregated", max_length=64).loglikelihood([(ctx, cont)])[0][0]
+    with torch.inference_mode():
+        out = prefill(torch.tensor([ctx]), use_cache=True)
+        logp = [torch.log_softmax(out.logits[0, -1].float(), -1)[cont[0]]]  # first token: the prefill stage's
+        if cont_len > 1:
+            cache = decode_cache_from_prefill(out.cache, manifest, decode.config)
+            dec = decode(torch.tensor([cont[:-1]]), cache=cache, use_cache=True)
+            lp = torch.log_softmax(dec.logits[0].float(), -1)
+            logp += [lp[i, t] for i, t in enumerate(cont[1:])]
+    assert abs(float(sum(logp)) - expected) < 1e-4
+
+
+class _Healing(methods.get("manual")):
+    """Like pdtrim's healing: `apply` puts a changed copy of block 3 in place and restores it on exit."""
+
+    @contextlib.contextmanager
+    def apply(self, model, plan):
+        layers = arch.decoder_layers(model)
+        original, healed = layers[3], copy.deepcopy(layers[3])
+        with torch.no_grad():
+            healed.mlp.down_proj.weight.mul_(0.5)
+        layers[3] = healed
+        self.healed = healed
+        try:
+            yield plan
+        finally:
+            layers[3] = original
+
+
+class _Hooked(methods.get("manual")):
+    """`apply` installs a hook no checkpoint can hold."""
+
+    @contextlib.contextmanager
+    def apply(self, model, plan):
+        handle = arch.decoder_layers(model)[0].register_forward_hook(lambda m, a, o: o)
+        try:
+            yield plan
+        finally:
+            handle.remove()
+
+
+def test_export_writes_what_apply_installs(tiny, tmp_path):
+    from harness.errors import UsageError
+
+    method = _Healing(_Healing.Config(prefill_layers=(0, 3)))
+    plan = method.plan(tiny.model, None, "unified")
+    export_plan(tiny, method, plan, tmp_path / "healed")
+    model, info = reload(tmp_path / "healed")
+    assert_clean_load(info)
+    assert torch.equal(arch.decoder_layers(model)[1].mlp.down_proj.weight, method.healed.mlp.down_proj.weight)
+    assert not torch.equal(arch.decoder_layers(model)[1].mlp.down_proj.weight,
+                           arch.decoder_layers(tiny.model)[3].mlp.down_proj.weight)  # the original is back in place
+    hooked = _Hooked(_Hooked.Config(prefill_layers=(0, 3)))
+    with pytest.raises(UsageError, match="installs forward hooks"):
+        export_plan(tiny, hooked, plan, tmp_path / "hooked")
+    assert not arch.decoder_layers(tiny.model)[0]._forward_hooks
+
+
+def test_streamline_replacement_becomes_a_zero_attention_layer(tiny, data_dir, tmp_path):
+    from harness.calibration import CalibConfig, build_calibration
+
+    cls = methods.get("streamline")
+    method = cls(cls.Config(k=2, replace="ffn", replace_steps=3, batch_size=4))
+    calib = build_calibration(tiny.tokenizer, data_dir, CalibConfig(n_samples=4, max_tokens=24))
+    plan = method.plan(tiny.model, calib, "unified")
+    export_plan(tiny, method, plan, tmp_path / "sl")
+    model, info = reload(tmp_path / "sl")
+    assert_clean_load(info)
+    meta = json.loads((tmp_path / "sl" / "harness_export.json").read_text())
+    run = plan.info["removed"]
+    assert model.config.num_hidden_layers == 3 and meta["layers"].count(None) == 1
+    assert meta["inserted_layers"][str(meta["layers"].index(None))]["replaces_removed_layers"] == run
+    with method.apply(tiny.model, plan):  # the harness's forward with the replacement hooked in
+        expected = harness_logits(tiny.model, plan.prefill_layers)
+    with torch.inference_mode():
+        got = model(IDS).logits.float()
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(expected, harness_logits(tiny.model, plan.prefill_layers), atol=1e-3)  # the FFN matters
+
+
+def test_cli_export_replay_and_out_rules(tiny, data_dir, tmp_path, capsys):
+    from harness import records as rec
+
+    out = tmp_path / "pd"
+    args = ["export", *TINY, "--method", "manual", "--mode", "disaggregated", "--set", "manual.prefill_layers=0,1,3",
+            "--set", "manual.decode_layers=0,3", "--out", str(out)]
+    assert cli_main(args) == 0
+    assert "decode layers 0..1 read the KV of prefill layers [0, 2]" in capsys.readouterr().out
+    assert cli_main(args) == 2
+    assert "folder exists and is not empty; pass --force" in capsys.readouterr().err
+    assert cli_main([*args, "--force"]) == 0
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    assert cli_main([*args[:-1], str(tmp_path / "other"), "--force"]) == 2
+    assert "not a previous export" in capsys.readouterr().err and (tmp_path / "other" / "notes.txt").exists()
+    # a stored record is replayed (method, mode, model and seed from the record)
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = rec.RunRecord(method="manual", mode="disaggregated", run_key="k", plan=manifest["plan"], environment={},
+                           config={"model": "random:tiny", "seed": 0, "method_options": manifest["method_options"]},
+                           model={}, calibration=None, scores={}, kv={}, n_samples={}, lm_eval={}, timing_s={}, created="")
+    runs = tmp_path / "run"
+    path = rec.save(record, runs)
+    assert cli_main(["export", "--device", "cpu", "--record", str(path), "--out", str(tmp_path / "replayed")]) == 0
+    replayed = json.loads((tmp_path / "replayed" / "manifest.json").read_text())
+    assert replayed["plan_replayed_from"] == str(path) and replayed["decode_kv_from_prefill"] == [0, 2]
+    assert cli_main(["export", *TINY, "--method", "manual", "--mode", "disaggregated", "--plans-from", str(runs),
+                     "--out", str(tmp_path / "replayed2")]) == 0
+    capsys.readouterr()
+    for bad, message in [
+        (["--record", str(path), "--model", "random:llama2-7b"], "made with --model random:tiny, not random:llama2-7b"),
+        (["--record", str(path), "--seed", "3"], "made with --seed 0, not 3"),
+        (["--plans-from", str(runs), "--method", "manual"], "no record manual__unified.json; records there: "
+                                                            "manual__disaggregated.json"),
+        (["--record", str(path), "--set", "manual.decode_layers=1,3"], "differs from the options the record's plan"),
+        ([*TINY, "--method", "shortgpt", "--set", "shortgpt.k=4", "--set", "calib.n_samples=2"],
+         "shortgpt.k=4: must be < the model's 4 layers"),
+    ]:
+        assert cli_main(["export", *bad, "--data-dir", str(data_dir), "--out", str(tmp_path / "bad")]) == 2, bad
+        assert message in capsys.readouterr().err, bad
+        assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--set", "manual.q=1"], "manual has no option 'q'"),
+])
+def test_bad_input_exits_2(args, message, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "harness", "export", *TINY, "--method", "manual", *args,
+                        "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_for_another_depth_is_refused(tiny, tmp_path):
+    from harness.errors import UsageError
+
+    method, _ = manual(tiny.model, "unified")
+    with pytest.raises(UsageError, match="plan is for a 6-layer model"):
+        export_plan(tiny, method, PruningPlan.dense("manual", 6), tmp_path / "x")
