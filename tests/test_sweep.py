@@ -1,0 +1,172 @@
+"""`python -m harness sweep`: a spec's cells in their own processes (local pool, local Ray instance)
+give the same records as one `python -m harness run`; a failing cell fails alone; bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.records import load
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = {  # six cells: three methods × two modes, on the tiny random model
+    "model": "random:tiny", "device": "cpu", "methods": ["unpruned", "tail", "random"], "tasks": ["arc_easy"], "limit": 4,
+    "mode": "both", "set": ["tail.k=1", "random.k=1"],
+}
+CELLS = [f"{m}__{x}.json" for m in RUN["methods"] for x in ("unified", "disaggregated")]
+
+
+def toml(sections: dict[str, dict]) -> str:
+    """A spec file's text (strings, numbers, booleans and lists of them are all a spec needs)."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v)
+
+    return "\n".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in body.items()) for name, body in sections.items())
+
+
+def write_spec(path: Path, **sections: dict) -> Path:
+    path.write_text(toml(sections))
+    return path
+
+
+def harness(*argv: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, "-m", "harness", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def records_in(folder: Path) -> list[Path]:
+    """Finished record files (not the pipeline's `.failed.json` notes or `.partial.json` state)."""
+    return sorted(p for p in folder.glob("*__*.json") if not p.name.endswith((".failed.json", ".partial.json")))
+
+
+def comparable(path: Path) -> dict:
+    """What must not depend on how cells were scheduled: run key, plan (without its timings), scores, KV bytes."""
+    def untimed(x):
+        if isinstance(x, dict):
+            return {k: untimed(v) for k, v in x.items() if not k.endswith("seconds")}
+        return x
+
+    r = load(path)
+    return {"run_key": r.run_key, "plan": untimed(r.plan), "scores": r.scores, "kv": r.kv, "n_samples": r.n_samples}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, data_dir) -> Path:
+    """The same [run] section as one single-process `python -m harness run`."""
+    out = tmp_path_factory.mktemp("single")
+    argv = ["run", "--model", RUN["model"], "--device", "cpu", "--methods", ",".join(RUN["methods"]), "--tasks", "arc_easy",
+            "--limit", "4", "--mode", "both", *[x for s in RUN["set"] for x in ("--set", s)], "--out", str(out), "-q"]
+    res = harness(*argv)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def assert_same_records(sweep_out: Path, single_out: Path) -> None:
+    for name in CELLS:
+        assert (sweep_out / name).is_file(), name
+        assert comparable(sweep_out / name) == comparable(single_out / name), name
+    assert not (sweep_out / ".sweep").exists() or not list((sweep_out / ".sweep").glob("*/*__*.json"))  # nothing left behind
+    assert len((sweep_out / "summary.csv").read_text().splitlines()) == len((single_out / "summary.csv").read_text().splitlines())
+
+
+def test_local_pool_equals_single_process_then_latency_and_report(tmp_path, single, data_dir):
+    spec = write_spec(
+        tmp_path / "spec.toml", run={**RUN, "out": str(tmp_path / "q")},
+        latency={"model": "random:tiny", "device": "cpu", "methods": ["unpruned", "tail"], "plans_from": "run",
+                 "prompt_tokens": [16], "decode_tokens": [2], "batch_size": [1], "warmup": 0, "repeats": 1,
+                 "out": str(tmp_path / "lat")},
+        report={"out": str(tmp_path / "report"), "no_plots": True})
+    res = harness("sweep", str(spec), "--backend", "local", "--workers", "2", "-q")
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert_same_records(tmp_path / "q", single)
+    sweep = json.loads((tmp_path / "q" / "sweep.json").read_text())
+    assert (sweep["backend"], sweep["workers"], sweep["threads_per_cell"]) == ("local", 2, max(1, len(os.sched_getaffinity(0)) // 2))
+    status = {c["cell"]: c["status"] for c in sweep["cells"]}
+    assert status == {**{f"{m}/{x}": "ok" for m in RUN["methods"] for x in ("unified", "disaggregated")},
+                      "latency": "ok", "report": "ok"}
+    assert sweep["wall_s"] > 0 and all(c["seconds"] > 0 for c in sweep["cells"])
+    assert sorted(p.name for p in (tmp_path / "lat").glob("*__*.json")) == ["tail__disaggregated.json", "unpruned__disaggregated.json"]
+    assert (tmp_path / "report" / "report.html").is_file()
+
+
+def test_ray_local_instance_equals_single_process(tmp_path, single, data_dir):
+    pytest.importorskip("ray")
+    spec = write_spec(tmp_path / "spec.toml", run={**RUN, "out": "unused"})
+    res = harness("sweep", str(spec), "--backend", "ray", "--workers", "2", "--out", str(tmp_path / "sweep"), "-q")
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert_same_records(tmp_path / "sweep" / "quality", single)
+    sweep = json.loads((tmp_path / "sweep" / "quality" / "sweep.json").read_text())
+    assert (sweep["backend"], sweep["workers"], sweep["ray_address"], sweep["gpus_per_cell"]) == ("ray", 2, "local instance", 0)
+    assert [c["status"] for c in sweep["cells"]] == ["ok"] * 6
+
+
+def test_failing_cell_fails_alone_and_a_rerun_reuses_the_finished_one(tmp_path, data_dir):
+    # valid when parsed, failing inside the child: a decode layer the 4-layer model lacks (unified mode ignores it)
+    run = {**RUN, "methods": ["manual"], "set": ["manual.decode_layers=0,1,9"], "out": str(tmp_path / "q")}
+    spec = write_spec(tmp_path / "spec.toml", run=run)
+    res = harness("sweep", str(spec), "--backend", "local", "--workers", "2", "-q")
+    assert res.returncode == 1, res.stdout + res.stderr[-3000:]
+    out = tmp_path / "q"
+    assert [p.name for p in records_in(out)] == ["manual__unified.json"]
+    cells = {c["cell"]: c for c in json.loads((out / "sweep.json").read_text())["cells"]}
+    assert cells["manual/disaggregated"]["status"] == "failed" and cells["manual/disaggregated"]["returncode"] == 2
+    assert "decode_layers=[0, 1, 9]" in cells["manual/disaggregated"]["error"]
+    assert "FAILED" in res.stdout and "decode_layers" in res.stdout
+    assert cells["manual/unified"]["status"] == "ok" and cells["manual/unified"]["record"] == str(out / "manual__unified.json")
+    log = (out / ".sweep" / "manual__disaggregated.log").read_text().strip()
+    assert log.splitlines()[-1] == cells["manual/disaggregated"]["error"].splitlines()[-1]  # the error is the log's tail
+    assert not list((out / ".sweep").glob("*/*.failed.json"))  # a pipeline failure note, if any, sits next to the records
+    metrics = sum(len(m) for p in records_in(out) for m in load(p).scores.values())
+    assert len((out / "summary.csv").read_text().splitlines()) == 1 + metrics  # over the finished record
+    before = {p.name: p.read_bytes() for p in records_in(out)}
+
+    res = harness("sweep", str(spec), "--backend", "local", "--workers", "2", "-q")
+    assert res.returncode == 1
+    cells = {c["cell"]: c["status"] for c in json.loads((out / "sweep.json").read_text())["cells"]}
+    assert cells == {"manual/unified": "reused", "manual/disaggregated": "failed"}
+    assert {p.name: p.read_bytes() for p in records_in(out)} == before
+    assert "manual/unified: reused" in res.stderr
+
+
+def _exit(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+def test_bad_input_exits_2(tmp_path, monkeypatch, capsys, data_dir):
+    good = write_spec(tmp_path / "good.toml", run={**RUN, "out": str(tmp_path / "q")})
+    assert _exit(["sweep", str(tmp_path / "missing.toml")]) == 2
+    assert "no such spec file" in capsys.readouterr().err
+    assert _exit(["sweep", str(good), "--backend", "slurm"]) == 2
+    assert _exit(["sweep", str(good), "--workers", "0"]) == 2
+    no_run = write_spec(tmp_path / "no_run.toml", latency={"model": "random:tiny", "out": str(tmp_path / "l")})
+    assert _exit(["sweep", str(no_run)]) == 2
+    assert "needs a [run] section" in capsys.readouterr().err
+    bad_method = write_spec(tmp_path / "bad.toml", run={**RUN, "methods": ["unpruned", "nosuch"], "out": str(tmp_path / "q")})
+    assert _exit(["sweep", str(bad_method)]) == 2
+    bad_scope = write_spec(tmp_path / "scope.toml", run={**RUN, "set": ["shortgpt.k=1"], "out": str(tmp_path / "q")})
+    assert _exit(["sweep", str(bad_scope)]) == 2  # a --set for a method not in the run: rejected before any cell starts
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
+    assert _exit(["sweep", str(good), "--backend", "ray"]) == 2
+    assert "pip install ray" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()  # nothing ran
+
+
+def test_a_killed_cell_reports_the_signal():
+    from harness.sweep import _error
+
+    assert _error(-9, "loading model\n").startswith("killed by signal 9 (out of memory?)")
+    assert _error(3, "") == "exit status 3, no output"
