@@ -79,7 +79,8 @@ def run_parser() -> argparse.ArgumentParser:
         "  python -m harness --methods shortgpt --set shortgpt.k=6 --tasks arc_easy,boolq --mode disaggregated\n"
         "  python -m harness --config configs/main_table.toml          # a spec: runs what a table needs, then renders it\n\n"
         "other commands (python -m harness COMMAND --help): latency (per-stage latency), report (tables, plots, HTML "
-        "from records), check (regression check against reference records)",
+        "from records), check (regression check against reference records), sweep (a spec's cells, "
+        "each in its own process, on Ray or a local pool), export (pruned Hugging Face checkpoints)",
     )
     p.add_argument("--methods", type=_csv, default=",".join(DEFAULT_METHODS), help="comma-separated method names (default: %(default)s)")
     p.add_argument("--model", default="smollm2-135m",
@@ -148,7 +149,13 @@ def _quiet_libraries() -> None:
 
 
 def cmd_run(argv: list[str]) -> int:
+    from harness import distributed
+
     args = run_parser().parse_args(argv)
+    dist = distributed.current() if distributed.launched_world_size() > 1 else distributed.Dist()
+    if not dist.is_main:  # one voice: rank 0 reports, the others work silently
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # also silences lm-eval's own bars
     _quiet_libraries()
@@ -178,26 +185,41 @@ def cmd_run(argv: list[str]) -> int:
     from harness.models import load_model
 
     t0 = time.perf_counter()
-    loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed)
-    print(f"model {cfg.model} ({loaded.description.get('n_layers')} layers) loaded in {time.perf_counter() - t0:.1f}s; "
-          f"methods {','.join(cfg.methods)}; modes {','.join(cfg.modes)}; tasks {','.join(cfg.tasks)}; "
-          f"limit {cfg.limit or 'all'}; records -> {out}", file=sys.stderr, flush=True)
+    loaded = load_model(cfg.model, distributed.device_for(cfg.device, dist), cfg.dtype, cfg.seed)
+    ranks = f"; {dist.world_size} data-parallel ranks" if dist.enabled else ""
+    if dist.is_main:
+        print(f"model {cfg.model} ({loaded.description.get('n_layers')} layers) loaded in {time.perf_counter() - t0:.1f}s; "
+              f"methods {','.join(cfg.methods)}; modes {','.join(cfg.modes)}; tasks {','.join(cfg.tasks)}; "
+              f"limit {cfg.limit or 'all'}{ranks}; records -> {out}", file=sys.stderr, flush=True)
     start = time.perf_counter()
 
     def say(msg: str) -> None:
-        print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+        if dist.is_main:
+            print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    failures: list[pipeline.CellFailure] = []
     try:
         pipeline.run(cfg, out, prepared, loaded, on_progress=say, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished records are kept in {out}; rerun the same command to resume", file=sys.stderr)
         return 130
+    except pipeline.CellsFailed as e:
+        failures = e.failures
     records = [r for r in load_dir(out) if r.method in cfg.methods and r.mode in cfg.modes]
     for table in (quality_table(records), long_context_table(records), plans_table(records)):
         if not table.empty:
             print(to_markdown(table), end="\n\n")
     print(f"\nrecords and summary.csv in {out} ({time.perf_counter() - start:.0f}s)")
-    return 0
+    if not failures:
+        return 0
+    n_cells = len(cfg.methods) * len(cfg.modes)
+    print(f"{len(failures)} of {n_cells} cells FAILED (the others finished; rerun the same command to retry only these):")
+    for f in failures:
+        print(f"  {f.line()}")
+        if dist.is_main:
+            print(f"error: {f.method}/{f.mode}: {f.error}", file=sys.stderr)
+    # exit 2 when every failure was bad input (what to change is in the message), 1 for crashes / OOM
+    return 2 if all(f.bad_input for f in failures) else 1
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -408,7 +430,20 @@ def cmd_config(argv: list[str]) -> int:
     return run_spec(load_spec(rest[1]), commands)
 
 
-COMMANDS = {"run": cmd_run, "latency": cmd_latency, "report": cmd_report, "check": cmd_check}
+def cmd_sweep(argv: list[str]) -> int:
+    from harness.sweep import main as sweep_main
+
+    return sweep_main(argv)
+
+
+def cmd_export(argv: list[str]) -> int:
+    from harness.export import main as export_main
+
+    return export_main(argv)
+
+
+COMMANDS = {"run": cmd_run, "latency": cmd_latency, "report": cmd_report, "check": cmd_check, "sweep": cmd_sweep,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
