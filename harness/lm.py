@@ -4,6 +4,10 @@ A subclass of lm-eval's public `TemplateLM`: lm-eval does the context/continuati
 (same rules as its `HFLM`), this class does the scoring in `unified` or `disaggregated` mode via
 `harness.scoring.Scorer` and sums the KV bytes every handoff sent. One instance serves one
 (method, mode); it has no request cache, so nothing is shared between methods.
+
+Under a data-parallel launch (`harness.distributed`), lm-eval gives each rank its share of the
+documents and calls this class's `all_gather` / `gather_object` / `barrier`; the padding requests
+lm-eval appends to even out ranks are answered without being scored, so no handoff is counted twice.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from tqdm.auto import tqdm
 
+from harness.distributed import Dist
 from harness.plan import PruningPlan
 from harness.scoring import Scorer
 
@@ -44,9 +49,12 @@ class PDLM(TemplateLM):
         max_length: int | None = None,
         max_gen_toks: int = 256,
         progress: bool = True,
+        dist: Dist | None = None,
     ) -> None:
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
+        self.dist = dist or Dist()
+        self._rank, self._world_size = self.dist.rank, self.dist.world_size
         self._max_length = max_length or resolve_max_length(model.config, tokenizer)
         self._max_gen_toks = max_gen_toks
         self.progress = progress
@@ -56,6 +64,36 @@ class PDLM(TemplateLM):
     @property
     def tally(self):
         return self.scorer.tally
+
+    @property
+    def device(self):
+        return self.scorer.device
+
+    def all_gather(self, tensor):
+        return self.dist.all_gather_tensor(tensor)
+
+    def gather_object(self, obj, dst=0):
+        return self.dist.gather_object(obj, dst)
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def _without_padding(self, requests: list) -> tuple[list, int]:
+        """(real requests, number of padding copies) of one call.
+
+        With several ranks, lm-eval pads a rank's request list with copies of its last request
+        (`[req] * req.repeats` per padding unit) so all ranks make the same number of forwards.
+        """
+        if self.world_size == 1 or not requests:
+            return requests, 0
+        last = requests[-1]
+        n_pad = sum(1 for r in requests if r is last) - getattr(last, "repeats", 1)
+        return (requests[: len(requests) - n_pad], n_pad) if n_pad > 0 else (requests, 0)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        real, n_pad = self._without_padding(list(requests))
+        res = super().loglikelihood(real, disable_tqdm=disable_tqdm)
+        return res + res[-1:] * n_pad
 
     @property
     def eot_token_id(self) -> int:
@@ -92,6 +130,11 @@ class PDLM(TemplateLM):
         return res
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        requests, n_pad = self._without_padding(list(requests))
+        out = self._rolling(requests, disable_tqdm)
+        return out + out[-1:] * n_pad
+
+    def _rolling(self, requests, disable_tqdm: bool) -> list[float]:
         windows, owner = [], []
         for i, (string,) in enumerate(req.args for req in requests):
             for ctx, cont in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
@@ -107,6 +150,11 @@ class PDLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy generation; each request's `until` strings (and EOS) stop it."""
+        requests, n_pad = self._without_padding(list(requests))
+        out = self._generate(requests, disable_tqdm)
+        return out + out[-1:] * n_pad
+
+    def _generate(self, requests, disable_tqdm: bool) -> list[str]:
         by_kwargs: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             by_kwargs.setdefault(repr(sorted(req.args[1].items())), []).append(i)

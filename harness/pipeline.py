@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,38 @@ from typing import Any
 from harness import records as rec
 from harness.calibration import CalibConfig, build_calibration
 from harness.config import RunConfig, build_options, split_overrides
+from harness.distributed import Dist, ShardedScorer
 from harness.errors import UsageError
 from harness.plan import PruningPlan
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CellFailure:
+    """A (method, mode) cell that raised; the run went on with the other cells."""
+
+    method: str
+    mode: str
+    error: BaseException
+    file: Path
+
+    @property
+    def bad_input(self) -> bool:
+        """A usage error (e.g. an option this model cannot take) rather than a crash or OOM."""
+        return isinstance(self.error, UsageError)
+
+    def line(self) -> str:
+        kind = "" if self.bad_input else f"{type(self.error).__name__}: "
+        return f"{self.method}/{self.mode}: {kind}{self.error} (details: {self.file})"
+
+
+class CellsFailed(Exception):
+    """Some cells failed; `records` holds the ones that finished, `failures` the others."""
+
+    def __init__(self, failures: list[CellFailure], records: list[rec.RunRecord]) -> None:
+        super().__init__("; ".join(f.line() for f in failures))
+        self.failures, self.records = failures, records
 
 
 @dataclass
@@ -98,7 +127,9 @@ class TaskCache:
 
 
 def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, Any]:
-    """One lm-eval task (or group) through `lm`; returns scores, sample count and lm-eval provenance."""
+    """One lm-eval task (or group) through `lm`; returns scores, sample count and lm-eval provenance.
+
+    Under data parallelism lm-eval aggregates on rank 0 only: other ranks get None."""
     from lm_eval import simple_evaluate
 
     obj = tasks.get(task)
@@ -107,6 +138,8 @@ def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, 
         random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
         fewshot_random_seed=cfg.seed, log_samples=False, cache_requests=False,
     )
+    if out is None and lm.rank != 0:
+        return None
     if task not in out["results"]:
         raise RuntimeError(f"lm-eval returned no results for {task}: {sorted(out['results'])}")
     n = sum(int(v.get("effective", 0)) for v in out.get("n-samples", {}).values())
@@ -146,6 +179,7 @@ class _Run:
     say: Callable[[str], None]
     progress: bool
     calib: Any = None
+    dist: Dist = dataclasses.field(default_factory=Dist)
 
     def calibration(self):
         if self.calib is None:
@@ -163,19 +197,64 @@ def run(
     progress: bool = False,
 ) -> list[rec.RunRecord]:
     """Evaluate every (method, mode) of `cfg`; write records and summary.csv into `out_dir`."""
+    from harness import distributed
     from harness.env import env_info
     from harness.models import load_model
 
+    d = distributed.current()
     prepared = prepared or prepare(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed)
+    loaded = loaded or load_model(cfg.model, distributed.device_for(cfg.device, d), cfg.dtype, cfg.seed)
+    env = env_info(str(next(loaded.model.parameters()).device))
+    env["data_parallel_ranks"] = d.world_size
     state = _Run(cfg, prepared, out_dir, loaded,
                  TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None),  # built on first use
-                 env_info(str(next(loaded.model.parameters()).device)),
-                 on_progress or (lambda msg: log.info(msg)), progress)
-    records = [_run_cell(state, name, method, mode) for name, method in prepared.methods.items() for mode in cfg.modes]
-    rec.write_summary(rec.load_dir(out_dir), out_dir / "summary.csv")
+                 env, on_progress or (lambda msg: log.info(msg)), progress and d.is_main, dist=d)
+    records, failures = [], []
+    for name, method in prepared.methods.items():
+        for mode in cfg.modes:
+            try:
+                records.append(_run_cell(state, name, method, mode))
+            except Exception as e:  # noqa: BLE001 - one cell's failure (OOM, bad option) must not stop the others
+                failures.append(_record_failure(state, name, method, mode, e))
+    if d.is_main:
+        rec.write_summary(rec.load_dir(out_dir), out_dir / "summary.csv")
+    d.barrier()
+    if failures:
+        raise CellsFailed(failures, records)
     return records
+
+
+def _record_failure(st: _Run, name: str, method, mode: str, e: Exception) -> CellFailure:
+    """Write `<method>__<mode>.failed.json` (error, traceback) and free what the failure left behind."""
+    _free_accelerator_memory()
+    key = "?"
+    try:
+        key = _cell_key(st, name, method, mode)
+    except Exception:  # noqa: BLE001 - the note matters more than its key
+        pass
+    path = st.out_dir / rec.failure_filename(name, mode)
+    if st.dist.is_main:
+        rec.save_failure(st.out_dir, name, mode, key, e, traceback.format_exc(),
+                         dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    st.say(f"{name}/{mode}: FAILED ({type(e).__name__}: {str(e)[:200]}); continuing with the other cells")
+    return CellFailure(name, mode, e, path)
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _cell_key(st: _Run, name: str, method, mode: str) -> str:
+    calib_desc = dataclasses.asdict(st.prepared.calib_config) if method.needs_calibration else None
+    task_opts = {t: dataclasses.asdict(o) for t, o in st.prepared.task_options.items()}
+    return st.cfg.identity(name, mode, method.options(), calib_desc, task_opts)
 
 
 def _stored_plan(st: _Run, name: str, mode: str, options: dict) -> tuple[PruningPlan, Path, Any] | None:
@@ -217,7 +296,6 @@ def _same_but_newer_options(cfg: RunConfig, method, old: rec.RunRecord, cell: tu
 
 def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     """One (method, mode): reuse its finished record, or plan, evaluate task by task and save."""
-    from harness.engine import PAGE_TOKENS
     from harness.lm import PDLM
 
     cfg, model = st.cfg, st.loaded.model
@@ -249,18 +327,18 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
         plan = PruningPlan.from_dict(partial["plan"])
     else:
         st.say(f"{name}/{mode}: planning")
-        calib = st.calibration() if method.needs_calibration else None
-        t0 = time.perf_counter()
-        plan = method.plan(model, calib, mode)
+        if st.dist.enabled and not method.needs_replan_on_resume():  # plans are deterministic: plan once, share
+            plan, plan_s, calib_desc = st.dist.broadcast_object(_make_plan(st, method, mode) if st.dist.is_main else None)
+        else:
+            plan, plan_s, calib_desc = _make_plan(st, method, mode)
         if "plan" in partial and PruningPlan.from_dict(partial["plan"]) != plan:
             raise RuntimeError(f"{name}/{mode}: planning again on resume gave a different plan than the stored one")
-        partial.update(plan=plan.to_dict(), plan_s=partial.get("plan_s", time.perf_counter() - t0),
-                       calibration=calib.description if calib is not None else None)
+        partial.update(plan=plan.to_dict(), plan_s=partial.get("plan_s", plan_s), calibration=calib_desc)
     if mode == "unified" and not plan.is_unified:
         raise ValueError(f"{name} returned a plan with two layer sets or KV pruning for unified mode")
     with method.apply(model, plan) as applied:
         lm = PDLM(model, st.loaded.tokenizer, applied, mode, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                  progress=st.progress)
+                  progress=st.progress, dist=st.dist)
         for task in cfg.tasks:
             if task in partial["tasks"]:
                 continue
@@ -270,25 +348,51 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
                 if task in st.prepared.task_options:
                     from harness import long_tasks
 
-                    result = long_tasks.evaluate(task, lm.scorer, st.loaded.tokenizer, Path(cfg.data_dir) if cfg.data_dir else None,
+                    scorer = ShardedScorer(lm.scorer, st.dist) if st.dist.enabled else lm.scorer
+                    result = long_tasks.evaluate(task, scorer, st.loaded.tokenizer, Path(cfg.data_dir) if cfg.data_dir else None,
                                                  st.prepared.task_options[task], cfg.limit, st.progress)
+                    sent = scorer.tally.as_dict() if st.dist.enabled else lm.tally.since(before)
                 else:
-                    result = evaluate_task(lm, task, st.tasks, cfg)
+                    result = evaluate_task(lm, task, st.tasks, cfg) or {}  # {} on ranks > 0
+                    sent = st.dist.sum_counts(lm.tally.since(before))  # each rank counted its own documents
             except Exception as e:
                 if cfg.data_dir is None and _is_download_error(e):
                     raise UsageError(f"task {task}: its dataset could not be fetched from the Hugging Face hub "
                                      f"({type(e).__name__}); offline, pass --data-dir with local data") from e
                 raise
-            result["kv"] = lm.tally.since(before) if mode == "disaggregated" else {}
+            result["kv"] = sent if mode == "disaggregated" else {}
             if mode != "disaggregated":
                 result.pop("kv_by", None)
             result["seconds"] = time.perf_counter() - t_task
             partial["tasks"][task] = result
-            rec.atomic_write(partial_path, json.dumps(partial))
+            if st.dist.is_main:  # one writer; other ranks hold no aggregated scores
+                rec.atomic_write(partial_path, json.dumps(partial))
+    path = st.out_dir / rec.record_filename(name, mode)
+    if st.dist.is_main:
+        _save_record(st, name, mode, key, options, plan, partial, lm.max_length)
+        partial_path.unlink(missing_ok=True)
+        (st.out_dir / rec.failure_filename(name, mode)).unlink(missing_ok=True)  # an earlier failure is superseded
+    st.dist.barrier()
+    return rec.load(path)  # the record as stored (JSON types), same as a later reader sees
+
+
+def _make_plan(st: _Run, method, mode: str) -> tuple[PruningPlan, float, dict | None]:
+    """(plan, seconds spent planning, calibration description) of `method` for `mode`."""
+    calib = st.calibration() if method.needs_calibration else None
+    t0 = time.perf_counter()
+    plan = method.plan(st.loaded.model, calib, mode)
+    return plan, time.perf_counter() - t0, calib.description if calib is not None else None
+
+
+def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: PruningPlan, partial: dict,
+                 max_length_used: int) -> Path:
+    from harness.engine import PAGE_TOKENS
+
+    cfg = st.cfg
     done = partial["tasks"]
     record = rec.RunRecord(
         method=name, mode=mode, run_key=key,
-        config={**dataclasses.asdict(cfg), "method_options": options, "max_length_used": lm.max_length,
+        config={**dataclasses.asdict(cfg), "method_options": options, "max_length_used": max_length_used,
                 "plan_reused_from": partial.get("plan_reused_from"),
                 "page_tokens": PAGE_TOKENS},
         plan=plan.to_dict(), environment=st.env, model=st.loaded.description, calibration=partial["calibration"],
@@ -304,6 +408,4 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
         extra={"kv_by_setting": {t: done[t]["kv_by"] for t in cfg.tasks if done[t].get("kv_by")},
                "task_details": {t: done[t]["details"] for t in cfg.tasks if "details" in done[t]}},
     )
-    path = rec.save(record, st.out_dir)
-    partial_path.unlink(missing_ok=True)
-    return rec.load(path)  # the record as stored (JSON types), same as a later reader sees
+    return rec.save(record, st.out_dir)

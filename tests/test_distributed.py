@@ -1,0 +1,82 @@
+"""Data-parallel evaluation: 2 processes (gloo on CPU) give the same records as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.distributed import Dist
+from harness.lm import PDLM
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = ["--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned,random", "--set", "random.k=1",
+        "--tasks", "arc_easy,boolq,pd_ppl,passkey", "--limit", "5", "--mode", "both",
+        "--set", "pd_ppl.prompt_tokens=64,128", "--set", "pd_ppl.cont_tokens=16", "--set", "pd_ppl.docs=3",
+        "--set", "passkey.lengths=400,500", "--set", "passkey.repeats=1"]
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {**os.environ, "HARNESS_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def test_two_rank_accelerate_run_equals_single_process(data_dir, tmp_path):
+    single = subprocess.run([sys.executable, "-m", "harness", *ARGS, "--out", str(tmp_path / "single")], cwd=ROOT,
+                            env=_env(data_dir), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517",
+              "-m", "harness", *ARGS, "--out", str(tmp_path / "dp")]
+    dp = subprocess.run(launch, cwd=ROOT, env=_env(data_dir), capture_output=True, text=True, timeout=600)
+    assert dp.returncode == 0, dp.stderr[-3000:]
+    assert dp.stdout.count("records and summary.csv in") == 1  # only rank 0 reports
+    files = sorted(p.name for p in (tmp_path / "single").glob("*__*.json"))
+    assert len(files) == 4 and files == sorted(p.name for p in (tmp_path / "dp").glob("*__*.json"))
+    for name in files:
+        a = json.loads((tmp_path / "single" / name).read_text())
+        b = json.loads((tmp_path / "dp" / name).read_text())
+        assert b["environment"]["data_parallel_ranks"] == 2 and a["environment"]["data_parallel_ranks"] == 1
+        assert a["run_key"] == b["run_key"] and a["n_samples"] == b["n_samples"]
+        assert a["kv"] == b["kv"], name  # byte totals summed over ranks: exactly the single-process totals
+        assert a["extra"]["kv_by_setting"] == b["extra"]["kv_by_setting"]
+        if "disaggregated" in name:
+            assert a["kv"]["arc_easy"]["kv_bytes"] > 0 and a["kv"]["passkey"]["handoffs"] == a["n_samples"]["passkey"] == 5
+        assert (a["plan"]["prefill_layers"], a["plan"]["decode_layers"]) == (b["plan"]["prefill_layers"], b["plan"]["decode_layers"])
+        for task, metrics in a["scores"].items():
+            for metric, v in metrics.items():
+                w = b["scores"][task][metric]
+                assert w["value"] == pytest.approx(v["value"], rel=1e-9, abs=1e-12), (name, task, metric)
+                if v["stderr"] is not None:  # summation order differs across ranks: last-bit differences
+                    assert w["stderr"] == pytest.approx(v["stderr"], rel=1e-9)
+        assert a["extra"]["task_details"]["passkey"] == b["extra"]["task_details"]["passkey"]
+
+
+class _Req:
+    def __init__(self, repeats: int = 1) -> None:
+        self.repeats = repeats
+
+
+def test_padding_copies_lm_eval_appends_are_recognised():
+    lm = PDLM.__new__(PDLM)
+    lm._world_size = 2
+    a, b = _Req(), _Req()
+    assert lm._without_padding([a, b]) == ([a, b], 0)
+    assert lm._without_padding([a, b, b, b]) == ([a, b], 2)  # two padding units
+    c = _Req(repeats=2)  # generation with repeats: its own copies are real requests
+    assert lm._without_padding([a, c, c]) == ([a, c, c], 0)
+    assert lm._without_padding([a, c, c, c, c]) == ([a, c, c], 2)
+    lm._world_size = 1
+    assert lm._without_padding([a, b, b]) == ([a, b, b], 0)  # one process: nothing is padding
+
+
+def test_single_process_group_is_a_no_op():
+    d = Dist()
+    assert d.is_main and not d.enabled
+    assert d.sum_counts({"kv_bytes": 3}) == {"kv_bytes": 3}
+    assert d.all_gather_object(5) == [5] and d.broadcast_object(7) == 7
