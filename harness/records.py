@@ -87,6 +87,17 @@ def record_filename(method: str, mode: str) -> str:
     return f"{method}__{mode}.json"
 
 
+def failure_filename(method: str, mode: str) -> str:
+    return f"{method}__{mode}.failed.json"
+
+
+def is_record_file(path: Path) -> bool:
+    """A finished record's file (not a `.partial.json` resume file, a `.failed.json` note or a temp file)."""
+    name = Path(path).name
+    return "__" in name and name.endswith(".json") and not name.startswith(".") \
+        and not name.endswith((".partial.json", ".failed.json"))
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write `text` to `path` via a temp file in the same folder and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +128,29 @@ def load(path: Path) -> RunRecord:
 
 
 def load_dir(out_dir: Path) -> list[RunRecord]:
-    return [load(p) for p in sorted(Path(out_dir).glob("*__*.json"))]
+    return [load(p) for p in sorted(Path(out_dir).glob("*__*.json")) if is_record_file(p)]
+
+
+def save_failure(out_dir: Path, method: str, mode: str, run_key: str, error: BaseException, tb: str,
+                 created: str) -> Path:
+    """Note that a (method, mode) cell failed: its error and traceback, for the summary and a rerun."""
+    path = Path(out_dir) / failure_filename(method, mode)
+    atomic_write(path, json.dumps({
+        "schema_version": SCHEMA_VERSION, "kind": "failed_cell", "method": method, "mode": mode, "run_key": run_key,
+        "error_type": type(error).__name__, "error": str(error)[:2000], "traceback": tb[-8000:], "created": created,
+    }, indent=2))
+    return path
+
+
+def load_failures(out_dir: Path) -> list[dict[str, Any]]:
+    """The failed-cell notes in `out_dir` (cells that failed and have not succeeded since)."""
+    out = []
+    for p in sorted(Path(out_dir).glob("*__*.failed.json")):
+        try:
+            out.append({**json.loads(p.read_text(encoding="utf-8")), "file": str(p)})
+        except (OSError, json.JSONDecodeError):
+            continue
+    return out
 
 
 SUMMARY_COLUMNS = ["method", "mode", "task", "metric", "value", "stderr", "kv_bytes_sent", "kv_bytes_sent_paged",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.records import RunRecord, load
+from harness.records import RunRecord, is_record_file, load
 
 # Metric shown per task under each named convention. `paper` is lm-eval's usual reporting (and the
 # PDTrim / ShortGPT papers'): length-normalised accuracy where answer lengths differ a lot.
@@ -82,7 +82,7 @@ def record_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise ReportError(f"{path}: no such file or folder (give folders of run records, e.g. results/issue3/default)")
-    return sorted(p for p in path.rglob("*__*.json") if not p.name.startswith(".") and not p.name.endswith(".partial.json"))
+    return sorted(p for p in path.rglob("*__*.json") if is_record_file(p))
 
 
 def collect(paths: list[Path]) -> Collection:

@@ -53,6 +53,8 @@ def test_method_contract(name, tiny, tiny_calib):
     with torch.inference_mode():
         ref = model(ids).logits.clone()
     method = make(name)
+    storage = {n: (p.data_ptr(), p.dtype, tuple(p.shape)) for n, p in model.named_parameters()}
+    originals = {id(p): p.data_ptr() for p in model.parameters()}
     for mode in ("unified", "disaggregated"):
         plan = method.plan(model, tiny_calib, mode)
         assert isinstance(plan, PruningPlan) and plan.method == name and plan.n_layers == 4
@@ -63,6 +65,12 @@ def test_method_contract(name, tiny, tiny_calib):
         with torch.inference_mode():
             assert torch.equal(model(ids).logits, ref)  # planning left the model as it was
         with method.apply(model, plan) as applied:
+            # no weight is copied: every original parameter keeps its storage; only a method that
+            # installs a trained replacement (streamline's FFN) adds parameters, and at most one block's worth
+            for p in model.parameters():
+                assert id(p) not in originals or p.data_ptr() == originals[id(p)]
+            added = sum(p.numel() for p in model.parameters() if id(p) not in originals)
+            assert added == 0 or (name == "streamline" and added <= block_numel(model))
             reqs = random_requests(5, 256, seed=11)
             s = Scorer(model, applied, "disaggregated", max_length=512)
             s.loglikelihood(reqs)
@@ -71,6 +79,11 @@ def test_method_contract(name, tiny, tiny_calib):
             assert 0 < s.tally.kv_bytes <= dense.tally.kv_bytes
         with torch.inference_mode():
             assert torch.equal(model(ids).logits, ref)  # apply() fully undone
+        assert {n: (p.data_ptr(), p.dtype, tuple(p.shape)) for n, p in model.named_parameters()} == storage
+
+
+def block_numel(model) -> int:
+    return sum(p.numel() for p in arch.decoder_layers(model)[0].parameters())
 
 
 def test_registry_errors_name_the_known_methods():
