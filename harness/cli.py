@@ -333,6 +333,9 @@ def report_parser() -> argparse.ArgumentParser:
                         "OpenBookQA; acc elsewhere)")
     p.add_argument("--bandwidth", type=float, default=100.0, help="link bandwidth in Gbit/s for E2E in the efficiency table (default: 100)")
     p.add_argument("--no-plots", action="store_true", help="tables only (faster)")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="only this model's records (its name as the tables show it, or its config name, e.g. smollm2-135m); "
+                        "the figures need one model when the records hold several")
     return p
 
 
@@ -342,7 +345,8 @@ def cmd_report(argv: list[str]) -> int:
     from reports.render import render_report
 
     try:
-        rep = render_report(args.results, args.out, args.metric_convention, args.bandwidth, plots=not args.no_plots)
+        rep = render_report(args.results, args.out, args.metric_convention, args.bandwidth, plots=not args.no_plots,
+                            model=args.model)
     except ReportError as e:
         raise UsageError(str(e)) from None
     print(rep.markdown)

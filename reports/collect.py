@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.records import RunRecord, is_record_file, load
+from harness.records import RunRecord, is_record_file, load, load_failures
 
 # Metric shown per task under each named convention. `paper` is lm-eval's usual reporting (and the
 # PDTrim / ShortGPT papers'): length-normalised accuracy where answer lengths differ a lot.
@@ -91,7 +91,9 @@ def collect(paths: list[Path]) -> Collection:
     for path in paths:
         files = record_files(Path(path))
         if not files:
-            raise ReportError(f"{path}: no run records (<method>__<mode>.json) found")
+            failed = failure_notes([Path(path)])
+            raise ReportError(f"{path}: no run records (<method>__<mode>.json) found"
+                              + (f"; failed cells: {'; '.join(failed)}" if failed else ""))
         for f in files:
             try:
                 r = load(f)
@@ -100,3 +102,70 @@ def collect(paths: list[Path]) -> Collection:
             (col.latency if is_latency(r) else col.quality).append(r)
             col.sources[id(r)] = f
     return col
+
+
+def models(col: Collection) -> dict[str, list[Path]]:
+    """Model name -> the files of its records, in a stable order."""
+    out: dict[str, list[Path]] = {}
+    for r in col.all:
+        out.setdefault(model_name(r), []).append(col.source(r))
+    return {m: sorted(fs, key=str) for m, fs in sorted(out.items())}
+
+
+def _models_text(col: Collection) -> str:
+    """"'A' (a/x.json, ...) and 'B' (b/y.json)": each model with its first file (and '...' when more)."""
+    parts = [f"{m!r} ({fs[0]}{', ...' if len(fs) > 1 else ''})" for m, fs in models(col).items()]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _aliases(col: Collection) -> list[str]:
+    return sorted({str(r.config["model"]) for r in col.all if r.config.get("model")} - set(models(col)))
+
+
+def select_model(col: Collection, name: str) -> Collection:
+    """The records of one model: its name as the tables show it (`model_name`) or the config's model
+    (e.g. `smollm2-135m`)."""
+    keep = [r for r in col.all if name in (model_name(r), str(r.config.get("model")))]
+    if not keep:
+        also = _aliases(col)
+        raise ReportError(f"--model {name!r} matches no record; models present: {_models_text(col)}"
+                          + (f" (config names: {', '.join(also)})" if also else ""))
+    out = Collection()
+    for r in keep:
+        (out.latency if is_latency(r) else out.quality).append(r)
+        out.sources[id(r)] = col.source(r)
+    return out
+
+
+def require_one_model(col: Collection, what: str = "the figures compare methods on one model") -> None:
+    """ReportError naming each model and a file of it when `col` mixes models."""
+    ms = models(col)
+    if len(ms) > 1:
+        also = _aliases(col)
+        raise ReportError(f"records of {len(ms)} models: {_models_text(col)}: {what}; pick one with --model NAME"
+                          + (f" (or a config name: {', '.join(also)})" if also else "")
+                          + ", or pass --no-plots (tables group rows by model)")
+
+
+def failure_notes(paths: list[Path], col: Collection | None = None) -> list[str]:
+    """One line per failed-cell note (`<method>__<mode>.failed.json`) under `paths` (searched
+    recursively, like records). With `col` (e.g. after --model), notes in a folder whose records all
+    left the collection are skipped: they belong to another model's run."""
+    kept = {col.source(r).parent for r in col.all} if col is not None else set()
+    folders: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            folders += [f for f in sorted({p.parent for p in path.rglob("*__*.failed.json")}) if f not in folders]
+    lines = []
+    for folder in folders:
+        has_records = any(is_record_file(p) for p in folder.glob("*__*.json"))
+        if col is not None and has_records and folder not in kept:
+            continue
+        for note in load_failures(folder):
+            err = " ".join(str(note.get("error", "")).split())
+            err = err if len(err) <= 300 else err[:297] + "..."
+            also = " (a record for this cell is present too)" if \
+                (folder / f"{note.get('method')}__{note.get('mode')}.json").exists() else ""
+            lines.append(f"{note.get('method', '?')}/{note.get('mode', '?')} failed in {folder}: "
+                         f"{note.get('error_type', 'error')}: {err}{also} (details: {note['file']})")
+    return lines

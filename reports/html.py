@@ -48,13 +48,14 @@ def provenance_rows(col: Collection) -> list[list[str]]:
 
 
 def render_html(col: Collection, tables: list[Table], figures: dict[str, dict[str, Path]], titles: dict[str, str],
-                missing: list[str], sources: list[str]) -> str:
+                missing: list[str], sources: list[str], model: str | None = None) -> str:
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            "<title>PD pruning report</title>", f"<style>{CSS}</style></head><body>",
            "<h1>PD pruning report</h1>",
-           f"<p>Generated {escape(now)} from {len(col.all)} record(s) in: {escape(', '.join(sources))}.</p>"]
+           f"<p>Generated {escape(now)} from {len(col.all)} record(s) in: {escape(', '.join(sources))}"
+           + (f" (model {escape(model)} only)" if model else "") + ".</p>"]
     for t in tables:
         out.append(f"<h2>{escape(t.name.replace('_', ' ').capitalize())} table</h2>")
         out.append(to_html(t))
@@ -62,8 +63,10 @@ def render_html(col: Collection, tables: list[Table], figures: dict[str, dict[st
     for name, paths in figures.items():
         out.append(f'<figure id="fig-{escape(name)}"><img alt="{escape(titles.get(name, name))}" src="{_img(paths["png"])}">'
                    f"<figcaption>{escape(titles.get(name, name))}</figcaption></figure>")
-    for m in missing:
-        out.append(f'<p class="missing">{escape(m)}</p>')
+    if missing:  # what is not shown and why, failed cells first
+        out.append('<h2>Notes</h2><ul class="notes">')
+        out += [f'<li class="missing">{escape(m)}</li>' for m in missing]
+        out.append("</ul>")
     out.append("<h2>Provenance</h2>")
     head = ["record", "kind", "method", "mode", "model", "seed", "versions", "hardware", "git commit", "created", "run key"]
     out.append('<table class="provenance"><thead><tr>' + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>")

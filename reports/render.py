@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.records import atomic_write
-from reports.collect import Collection, ReportError, collect, metric_for
+from reports.collect import Collection, ReportError, collect, failure_notes, metric_for, require_one_model, select_model
 from reports.table import Table, to_csv, to_latex, to_markdown
 from reports.tables import efficiency_table, long_context_table, plans_table, quality_table
 
@@ -47,12 +47,20 @@ def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: flo
 
 
 def render_report(paths: list[Path], out: Path, convention: str = "paper", bandwidth_gbit: float = 100.0,
-                  html: bool = True, plots: bool = True) -> Report:
+                  html: bool = True, plots: bool = True, model: str | None = None) -> Report:
+    """Tables (grouped by model) and, with `plots`, figures of one model: records of several models
+    need `model` (a model name or config name) or `plots=False`. Failed-cell notes in `paths` become
+    entries of `Report.missing`; they do not stop the report."""
     col = collect(paths)
     if not col.all:
         raise ReportError("no records to report")
+    if model is not None:
+        col = select_model(col, model)
+    if plots:
+        require_one_model(col)
     rep = Report(out)
     rep.tables, rep.missing = build_tables(col, convention, bandwidth_gbit)
+    rep.missing = failure_notes(paths, col) + rep.missing
     for t in rep.tables:
         for ext, fn in (("md", to_markdown), ("tex", to_latex), ("csv", to_csv)):
             atomic_write(out / "tables" / f"{t.name}.{ext}", fn(t) if ext != "md" else fn(t) + "\n")
@@ -67,5 +75,6 @@ def render_report(paths: list[Path], out: Path, convention: str = "paper", bandw
         from reports.plots import PLOTS
 
         titles = {k: v[0] for k, v in PLOTS.items()}
-        atomic_write(out / "report.html", render_html(col, rep.tables, rep.figures, titles, rep.missing, [str(p) for p in paths]))
+        page = render_html(col, rep.tables, rep.figures, titles, rep.missing, [str(p) for p in paths], model)
+        atomic_write(out / "report.html", page)
     return rep

@@ -1,6 +1,8 @@
 """Reports: tables from stored records in three formats, plots, the HTML report in a real browser."""
 
 import copy
+import csv
+import io
 import json
 import re
 import shutil
@@ -10,7 +12,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from harness.records import RunRecord, load_dir
+from harness.records import RunRecord, load_dir, save, save_failure
 from reports.collect import ReportError, collect
 from reports.table import to_csv, to_latex, to_markdown
 from reports.tables import efficiency_table, long_context_table, plans_table, quality_table
@@ -24,12 +26,13 @@ def report(*args):
                           text=True, timeout=300)
 
 
-def _fake(method: str, mode: str, scores: dict, removed=(), kv=None) -> RunRecord:
+def _fake(method: str, mode: str, scores: dict, removed=(), kv=None, model: str = "M", config_model: str = "m") -> RunRecord:
     keep = [i for i in range(4) if i not in removed]
-    return RunRecord(method=method, mode=mode, run_key=method + mode, config={"model": "m", "seed": 0}, environment={},
+    return RunRecord(method=method, mode=mode, run_key=method + mode, config={"model": config_model, "seed": 0},
+                     environment={},
                      plan={"prefill_layers": keep, "decode_layers": keep, "removed_prefill": list(removed),
                            "removed_decode": list(removed), "kv_policy": {"n_first": 0, "n_last": 0, "layers": []}},
-                     model={"name": "M"}, calibration=None,
+                     model={"name": model}, calibration=None,
                      scores={t: {m: {"value": v, "stderr": 0.01} for m, v in ms.items()} for t, ms in scores.items()},
                      kv=kv or {}, n_samples={t: 10 for t in scores}, lm_eval={"version": "0.4.13"}, timing_s={}, created="")
 
@@ -161,7 +164,7 @@ def test_report_bad_input_exits_2_naming_the_problem(tmp_path):
     future["schema_version"] = 99
     (bad / "x__unified.json").write_text(json.dumps(future))
     r = report(bad)
-    assert r.returncode == 2 and "record schema 99, this harness reads 1" in r.stderr
+    assert r.returncode == 2 and "x__unified.json: record schema 99, this harness reads 1" in r.stderr
     r = report(QUALITY, "--metric-convention", "f1", "--out", tmp_path / "o")
     assert r.returncode == 2 and "expected one of paper, acc_norm, acc" in r.stderr
 
@@ -179,3 +182,85 @@ def test_plans_table_describes_every_kv_policy_kind():
     text = {r[0].text: r[4].text for r in plans_table(recs).groups[0].rows}
     assert text["pdtrim"] == "first 2 + last 6 in layers 1 3" and text["unpruned"] == "all positions"
     assert text["snapkv"].startswith("snapkv (window 8, avg-pool 3, per KV head), budget = bytes of first 2 + last 6 in 2 layers")
+
+
+SMOL = "SmolLM2-135M-Instruct (Q4_1, dequantised)"
+
+
+def _two_models(tmp_path):
+    """Folder a: two SmolLM2 records; folder b: two random:tiny records (unified, one task)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, model, cfg, acc in ((a, SMOL, "smollm2-135m", 0.6), (b, "random:tiny", "random:tiny", 0.3)):
+        save(_fake("unpruned", "unified", {"boolq": {"acc": acc}}, model=model, config_model=cfg), folder)
+        save(_fake("shortgpt", "unified", {"boolq": {"acc": acc - 0.1}}, removed=(1,), model=model, config_model=cfg),
+             folder)
+    return a, b
+
+
+def _report_in_process(capsys, *args):
+    from harness.cli import main
+
+    rc = main(["report", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_report_refuses_mixed_models_for_figures_naming_a_file_of_each(tmp_path, capsys):
+    a, b = _two_models(tmp_path)
+    out = tmp_path / "rep"
+    rc, _, err = _report_in_process(capsys, a, b, "--out", out)
+    assert rc == 2 and err.startswith("error: records of 2 models: ")
+    assert f"{SMOL!r} ({a / 'shortgpt__unified.json'}, ...)" in err and f"'random:tiny' ({b / 'shortgpt__unified.json'}" in err
+    assert "pick one with --model NAME" in err and "smollm2-135m" in err and "--no-plots" in err
+    assert not out.exists()  # refused before writing anything
+    rc, _, err = _report_in_process(capsys, a, b, "--model", "gpt2", "--out", out)
+    assert rc == 2 and "--model 'gpt2' matches no record; models present: " in err and "'random:tiny'" in err
+
+
+def test_report_model_filter_renders_one_model(tmp_path, capsys):
+    a, b = _two_models(tmp_path)
+    for name, want, other in (("random:tiny", "30.0", "60.0"), ("smollm2-135m", "60.0", "30.0")):  # name or config name
+        out = tmp_path / name.replace(":", "_")
+        rc, md, err = _report_in_process(capsys, a, b, "--model", name, "--out", out)
+        assert rc == 0, err
+        quality = (out / "tables" / "quality.md").read_text()
+        assert f"| unpruned | 0 | **{want}** |" in quality and other not in quality
+        assert sorted(p.name for p in (out / "figures").glob("*.png")) == ["score_vs_blocks.png"]
+        html = (out / "report.html").read_text()
+        assert f"(model {name} only)" in html and str(b if name == "random:tiny" else a) in html
+
+
+def test_report_no_plots_with_mixed_models_groups_tables_by_model(tmp_path, capsys):
+    a, b = _two_models(tmp_path)
+    out = tmp_path / "rep"
+    rc, md, err = _report_in_process(capsys, a, b, "--no-plots", "--out", out)
+    assert rc == 0, err
+    assert not (out / "figures").exists()
+    rows = list(csv.reader(io.StringIO((out / "tables" / "quality.csv").read_text())))[1:]
+    assert [(r[0], r[1], r[3]) for r in rows] == [(f"{SMOL} · PD-unified", "unpruned", "60.0"),
+                                                 (f"{SMOL} · PD-unified", "shortgpt", "50.0"),
+                                                 ("random:tiny · PD-unified", "unpruned", "30.0"),
+                                                 ("random:tiny · PD-unified", "shortgpt", "20.0")]
+    q = (out / "tables" / "quality.md").read_text()
+    assert q.index(f"| **{SMOL} · PD-unified** |") < q.index("| unpruned | 0 | **60.0** |") \
+        < q.index("| **random:tiny · PD-unified** |") < q.index("| unpruned | 0 | **30.0** |")
+    plans = (out / "tables" / "plans.md").read_text()
+    assert f"**{SMOL} · PD-unified**" in plans and "**random:tiny · PD-unified**" in plans
+
+
+def test_report_notes_failed_cells_and_still_renders(tmp_path, capsys):
+    from harness.errors import UsageError
+
+    a, b = _two_models(tmp_path)
+    note = save_failure(a, "pdtrim", "unified", "k", UsageError("pdtrim: --remove 40 exceeds 30 blocks"), "Traceback ...",
+                        "2025-01-01T00:00:00+00:00")
+    out = tmp_path / "rep"
+    rc, _, err = _report_in_process(capsys, a, "--out", out)
+    assert rc == 0, err
+    line = f"pdtrim/unified failed in {a}: UsageError: pdtrim: --remove 40 exceeds 30 blocks (details: {note})"
+    assert f"note: {line}\n" in err
+    html = (out / "report.html").read_text()
+    assert "<h2>Notes</h2>" in html and f'<li class="missing">{line}</li>' in html
+    # the note belongs to folder a (SmolLM2): a report of random:tiny does not mention it
+    rc, _, err = _report_in_process(capsys, a, b, "--model", "random:tiny", "--out", tmp_path / "tiny")
+    assert rc == 0 and "pdtrim/unified failed" not in err
