@@ -46,6 +46,15 @@ def kv_heads_and_dim(config) -> tuple[int, int]:
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """Where inputs go: the embedding's execution device.
+
+    For a model placed by accelerate (`--device-map`), parameters offloaded to CPU or disk sit on
+    `meta` or `cpu` while the module runs elsewhere; its hook names the execution device.
+    """
+    hook = getattr(decoder(model).embed_tokens, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
     return next(model.parameters()).device
 
 

@@ -99,6 +99,12 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=16, help="requests per forward (default: 16)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--device-map", default=None, metavar="auto|balanced|balanced_low_0|sequential",
+                   help="spread a model larger than one device over GPUs, CPU memory and disk (accelerate's big-model "
+                        "loading); each layer's KV stays on that layer's device")
+    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    p.add_argument("--offload-folder", default=None, metavar="DIR", help="where --device-map puts layers that fit nowhere else")
     p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"),
                    help="folder laid out like ../shared/data (default: $HARNESS_DATA_DIR; unset = lm-eval's hub datasets)")
     p.add_argument("--max-length", type=_positive, default=None, help="context length (default: the model's, as lm-eval resolves it)")
@@ -170,7 +176,10 @@ def cmd_run(argv: list[str]) -> int:
         data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None, max_length=args.max_length,
         bootstrap_iters=args.bootstrap_iters, overrides=tuple(args.overrides),
         plans_from=str(Path(args.plans_from).resolve()) if args.plans_from else None,
+        device_map=args.device_map, max_memory=args.max_memory,
+        offload_folder=str(Path(args.offload_folder).resolve()) if args.offload_folder else None,
     )
+    placement = cfg.placement()  # bad --device-map / --max-memory: exit 2 before loading anything
     if cfg.plans_from and not Path(cfg.plans_from).is_dir():
         raise UsageError(f"--plans-from {args.plans_from}: not a folder of run records")
     if not cfg.methods:
@@ -185,7 +194,7 @@ def cmd_run(argv: list[str]) -> int:
     from harness.models import load_model
 
     t0 = time.perf_counter()
-    loaded = load_model(cfg.model, distributed.device_for(cfg.device, dist), cfg.dtype, cfg.seed)
+    loaded = load_model(cfg.model, distributed.device_for(cfg.device, dist), cfg.dtype, cfg.seed, placement)
     ranks = f"; {dist.world_size} data-parallel ranks" if dist.enabled else ""
     if dist.is_main:
         print(f"model {cfg.model} ({loaded.description.get('n_layers')} layers) loaded in {time.perf_counter() - t0:.1f}s; "

@@ -38,10 +38,23 @@ class RunConfig:
     bootstrap_iters: int = 1000  # lm-eval bootstrap for stderr of non-mean metrics (perplexities)
     plans_from: str | None = None  # reuse plans stored in these records when method, options and calibration match
     overrides: tuple[str, ...] = ()  # raw --set items, scoped "method.field=value", "calib.field=value" or "task.field=value"
+    # accelerate big-model placement (--device-map auto): where weights live, not what is computed
+    device_map: str | None = None
+    max_memory: str | None = None  # "0=20GiB,cpu=64GiB"
+    offload_folder: str | None = None
+
+    PLACEMENT = ("device_map", "max_memory", "offload_folder")
+
+    def placement(self):
+        from harness.models import Placement
+
+        return Placement.parse(self.device_map, self.max_memory, self.offload_folder)
 
     def identity(self, method: str, mode: str, method_options: dict, calib: dict | None, task_options: dict | None = None) -> str:
         """Content hash of what determines one (method, mode) record."""
-        canon = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("methods", "modes", "overrides", "plans_from")}
+        # placement is left out: a split model computes the same results (tests/test_placement.py)
+        skip = ("methods", "modes", "overrides", "plans_from", *self.PLACEMENT)
+        canon = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         canon.update(method=method, mode=mode, method_options=method_options, calib=calib)
         if task_options:  # only runs with long-context tasks carry it (keeps older keys stable)
             canon["task_options"] = task_options

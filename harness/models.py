@@ -7,6 +7,10 @@ Specs accepted by `load_model`:
 - a local directory or a Hugging Face id: `from_pretrained` (a hub id needs network access).
 - `random:<preset>`: the shape of a known model with seeded random weights and a byte-level
   tokenizer, for latency runs and tests (scores are meaningless).
+
+A `Placement` (`--device-map auto --max-memory 0=70GiB,cpu=200GiB --offload-folder DIR`) spreads a
+model larger than one device over GPUs, CPU memory and disk with accelerate's big-model loading;
+the PD engine runs layer by layer, so each layer's KV is made and kept on that layer's device.
 """
 
 from __future__ import annotations
@@ -49,6 +53,76 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 4096, "rope_theta": 10000.0,
                  "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
 }
+
+
+@dataclass(frozen=True)
+class Placement:
+    """accelerate big-model placement: `device_map` (auto, balanced, balanced_low_0, sequential),
+    `max_memory` per device ({0: "20GiB", "cpu": "64GiB"}), `offload_folder` for layers sent to disk."""
+
+    device_map: str = "auto"
+    max_memory: dict[int | str, str] | None = None
+    offload_folder: str | None = None
+
+    DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+    @staticmethod
+    def parse(device_map: str | None, max_memory: str | None = None, offload_folder: str | None = None) -> Placement | None:
+        """From the CLI strings (`--max-memory 0=20GiB,1=20GiB,cpu=64GiB`); None without --device-map."""
+        if device_map is None:
+            if max_memory or offload_folder:
+                raise UsageError("--max-memory and --offload-folder place a model with --device-map; add --device-map auto")
+            return None
+        if device_map not in Placement.DEVICE_MAPS:
+            raise UsageError(f"--device-map {device_map!r}: expected one of {', '.join(Placement.DEVICE_MAPS)}")
+        mem: dict[int | str, str] | None = None
+        if max_memory:
+            mem = {}
+            for item in max_memory.split(","):
+                dev, _, size = item.strip().partition("=")
+                if not size or not (dev.isdigit() or dev in ("cpu", "disk", "mps")):
+                    raise UsageError(f"--max-memory {max_memory!r}: expected DEVICE=SIZE items such as 0=20GiB,cpu=64GiB "
+                                     "(DEVICE a GPU index, cpu or mps)")
+                mem[int(dev) if dev.isdigit() else dev] = size.strip()
+        return Placement(device_map, mem, offload_folder)
+
+    def kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"device_map": self.device_map}
+        if self.max_memory:
+            kw["max_memory"] = dict(self.max_memory)
+        if self.offload_folder:
+            kw["offload_folder"] = self.offload_folder
+        return kw
+
+
+def dispatch(model: torch.nn.Module, placement: Placement) -> torch.nn.Module:
+    """Spread an in-memory model per `placement` (accelerate's `infer_auto_device_map` + `dispatch_model`)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = getattr(model, "_no_split_modules", None) or []
+    mem = placement.max_memory
+    if placement.device_map != "sequential":
+        mem = get_balanced_memory(model, max_memory=mem, no_split_module_classes=no_split,
+                                  low_zero=placement.device_map == "balanced_low_0")
+    dmap = infer_auto_device_map(model, max_memory=mem, no_split_module_classes=no_split)
+    if "disk" in dmap.values() and not placement.offload_folder:
+        raise UsageError("--device-map: the model does not fit the --max-memory given, and layers would go to disk: "
+                         "add --offload-folder DIR (or allow more memory)")
+    model = dispatch_model(model, dmap, offload_dir=placement.offload_folder)
+    model.hf_device_map = dmap
+    return model
+
+
+def device_map_summary(model: torch.nn.Module) -> dict[str, int] | None:
+    """Modules per device of a placed model ({"cpu": 3, "disk": 4, "0": 2}); None if not placed."""
+    dmap = getattr(model, "hf_device_map", None)
+    if not dmap:
+        return None
+    out: dict[str, int] = {}
+    for dev in dmap.values():
+        out[str(dev)] = out.get(str(dev), 0) + 1
+    return out
 
 
 @dataclass
@@ -126,7 +200,8 @@ def preset_config(preset: str):
                                 bos_token_id=256, eos_token_id=256, pad_token_id=256)
 
 
-def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoadedModel:
+def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                 placement: Placement | None = None) -> LoadedModel:
     """Seeded random weights in the shape of `preset` (see PRESETS)."""
     from transformers import AutoModelForCausalLM
 
@@ -137,6 +212,8 @@ def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: in
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(dtype)
     model.eval()
+    if placement is not None:
+        model = dispatch(model, placement)
     return LoadedModel(model, byte_tokenizer(cfg.vocab_size), f"random:{preset}",
                        {"kind": "random", "preset": preset, "seed": seed, "weights": "random (scores meaningless)"})
 
@@ -196,20 +273,27 @@ def convert_gguf(gguf: Path) -> Path:
     return out
 
 
-def _from_pretrained(path_or_id: str, dtype: torch.dtype, device: torch.device):
+def _from_pretrained(path_or_id: str, dtype: torch.dtype, device: torch.device, placement: Placement | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path_or_id)
+    if placement is not None:  # big-model loading: weights go straight to their devices
+        return AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, attn_implementation="sdpa",
+                                                    **placement.kwargs()).eval(), tok
     model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval(), tok
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int = 0) -> LoadedModel:
+def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int = 0,
+               placement: Placement | None = None) -> LoadedModel:
     """Load a model by spec (see module docstring); every failure is a `UsageError` naming the spec."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if spec.startswith("random:"):
-        return random_model(spec.split(":", 1)[1], dt, dev, seed)
+        loaded = random_model(spec.split(":", 1)[1], dt, dev, seed, placement)
+        if placement is not None:
+            loaded.description["device_map"] = device_map_summary(loaded.model)
+        return loaded
     desc: dict[str, Any]
     if spec == DEFAULT_MODEL:
         gguf = smollm2_gguf_path()
@@ -231,11 +315,13 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     try:
         if src is None:
             src = str(convert_gguf(gguf))
-        model, tok = _from_pretrained(src, dt, dev)
+        model, tok = _from_pretrained(src, dt, dev, placement)
     except UsageError:
         raise
     except Exception as e:
         hint = " (no hub access here? pass a local directory or a .gguf file)" if desc["kind"] == "hub" else ""
         raise UsageError(f"--model {spec}: could not load it: {type(e).__name__}: {str(e)[:300]}{hint}") from e
     desc.update({"class": type(model).__name__, "n_layers": model.config.num_hidden_layers})
+    if placement is not None:
+        desc["device_map"] = device_map_summary(model)
     return LoadedModel(model, tok, spec, desc)

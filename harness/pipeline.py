@@ -204,7 +204,7 @@ def run(
     d = distributed.current()
     prepared = prepared or prepare(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = loaded or load_model(cfg.model, distributed.device_for(cfg.device, d), cfg.dtype, cfg.seed)
+    loaded = loaded or load_model(cfg.model, distributed.device_for(cfg.device, d), cfg.dtype, cfg.seed, cfg.placement())
     env = env_info(str(next(loaded.model.parameters()).device))
     env["data_parallel_ranks"] = d.world_size
     state = _Run(cfg, prepared, out_dir, loaded,

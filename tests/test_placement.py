@@ -1,0 +1,93 @@
+"""`--device-map`: a model spread over CPU memory and disk (accelerate big-model placement) gives the
+same scores and KV bytes as the unsplit model through the PD engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, random_requests
+
+from harness import arch, pipeline
+from harness.config import RunConfig
+from harness.errors import UsageError
+from harness.models import Placement, load_model
+from harness.plan import KVPolicy, PruningPlan
+from harness.scoring import Scorer
+
+# tiny is ~760 KB of float32 weights: 400 KB of "CPU memory" keeps the embedding and the first layer,
+# the rest goes to disk and is loaded by accelerate's hooks at each forward
+SPLIT = ("auto", "cpu=400KB")
+
+
+@pytest.fixture(scope="module")
+def placed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("offload")
+    return load_model("random:tiny", device="cpu", dtype="float32", seed=0, placement=Placement.parse(*SPLIT, str(folder)))
+
+
+def test_forced_split_really_offloads_layers_to_disk(placed):
+    dmap = placed.model.hf_device_map
+    assert dmap["model.layers.0"] == "cpu" and dmap["model.layers.3"] == "disk"
+    assert placed.description["device_map"] == {"cpu": 2, "disk": 6}
+    assert {p.device.type for p in arch.decoder_layers(placed.model)[3].parameters()} == {"meta"}  # not resident
+    assert arch.model_device(placed.model) == torch.device("cpu")  # where inputs go
+
+
+@pytest.mark.parametrize("mode", ["unified", "disaggregated"])
+def test_split_model_scores_and_bytes_equal_the_unsplit_model(tiny, placed, mode):
+    policy = KVPolicy(layers=(3,), n_first=1, n_last=2) if mode == "disaggregated" else None
+    plan = PruningPlan("x", 4, (0, 1, 3), (0, 3) if mode == "disaggregated" else (0, 1, 3),
+                       **({"kv_policy": policy} if policy else {}))
+    reqs = random_requests(8, 256, seed=5)
+    ref, split = (Scorer(m, plan, mode, max_length=512, batch_size=3) for m in (tiny.model, placed.model))
+    assert split.loglikelihood(reqs) == ref.loglikelihood(reqs)
+    assert split.tally.as_dict() == ref.tally.as_dict()
+    prompts = [c for c, _ in reqs[:4]]
+    assert split.generate(prompts, 6) == ref.generate(prompts, 6)
+    if mode == "disaggregated":
+        assert ref.tally.kv_bytes > 0
+
+
+def test_handed_over_kv_lives_on_each_layers_device(placed):
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 1, 3))
+    s = Scorer(placed.model, plan, "disaggregated", max_length=512)
+    _, cache, lengths = s._prefill([[1, 2, 3, 4, 5]])
+    sent = s._handoff(cache, lengths, torch.tensor([0]))
+    assert sent.layers == [0, 1, 3]
+    for layer in sent.layers:  # on CPU every execution device is the CPU; on GPUs, the layer's GPU
+        hook = getattr(arch.decoder_layers(placed.model)[layer], "_hf_hook", None)
+        want = torch.device(getattr(hook, "execution_device", None) or "cpu")
+        assert sent.keys[layer].device.type == want.type
+
+
+def test_a_run_with_device_map_has_the_unsplit_runs_records(tiny, data_dir, tmp_path):
+    base = RunConfig(model="random:tiny", methods=("unpruned", "tail"), tasks=("arc_easy",), limit=4,
+                     modes=("disaggregated",), device="cpu", data_dir=str(data_dir), overrides=("tail.k=1",))
+    a = pipeline.run(base, tmp_path / "a", loaded=tiny)
+    split = RunConfig(**{**base.__dict__, "device_map": "auto", "max_memory": "cpu=400KB",
+                         "offload_folder": str(tmp_path / "off")})
+    b = pipeline.run(split, tmp_path / "b")  # loads the model itself, placed
+    for x, y in zip(a, b):
+        assert x.scores == y.scores and x.kv == y.kv and x.run_key == y.run_key
+        assert y.config["device_map"] == "auto" and y.model["device_map"] == {"cpu": 2, "disk": 6}
+
+
+@pytest.mark.parametrize("args, message", [
+    (("balanced_high",), "--device-map 'balanced_high': expected one of auto, balanced"),
+    (("auto", "cpu:20GiB"), "expected DEVICE=SIZE items"),
+    ((None, "cpu=1GiB"), "add --device-map auto"),
+])
+def test_bad_placement_is_a_usage_error(args, message):
+    with pytest.raises(UsageError, match=message):
+        Placement.parse(*args)
+
+
+def test_layers_that_would_go_to_disk_need_an_offload_folder(data_dir):
+    r = subprocess.run([sys.executable, "-m", "harness", "--model", "random:tiny", "--device", "cpu", "-q",
+                        "--methods", "unpruned", "--tasks", "arc_easy", "--device-map", "auto", "--max-memory", "cpu=400KB"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                                   "HARNESS_DATA_DIR": str(data_dir)})
+    assert r.returncode == 2 and "add --offload-folder DIR" in r.stderr and "Traceback" not in r.stderr
