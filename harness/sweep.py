@@ -12,9 +12,8 @@ cell fails that cell only. Cells are scheduled by an existing engine, never by t
 - `--backend auto` (default): Ray when it is importable, the local pool otherwise.
 
 Each cell writes into a private folder `<run out>/.sweep/<method>__<mode>/`, and its finished
-record is moved into the run's out folder. The pipeline's end-of-run summary reads every
-`*__*.json` of its folder, which in a shared folder would include another cell's half-done
-`.partial.json` state; a private folder keeps the children apart. A finished record already in
+record is moved into the run's out folder, so no child ever sees another's in-progress files
+(`.partial.json`, failure notes, its end-of-run `summary.csv`). A finished record already in
 the out folder is linked into the cell's folder first, so the child finds and reuses it (and only
 loads the model); the sweep reports such cells as `reused`. An interrupted cell keeps its
 `.partial.json` in its private folder and resumes there on the next sweep.
