@@ -12,7 +12,10 @@ the decode stage the first `k_decode`, so `R_prefill ⊆ R_decode` holds by cons
 from __future__ import annotations
 
 import abc
+import dataclasses
+import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +35,14 @@ class Ranking:
 
     order: list[int]
     info: dict[str, Any] = field(default_factory=dict)
+
+
+# Rankings shared by every instance of a method class in this process, so `sleb` and `stage:sleb`
+# (which holds its own `sleb` instance) search once per run. Key: (class, options except k,
+# model, calibration set); the value keeps the model and calibration objects alive, so their ids
+# cannot be reused by other objects while the entry exists.
+_SHARED: OrderedDict[tuple, tuple[Any, Any, Ranking]] = OrderedDict()
+_SHARED_MAX = 8
 
 
 def progress(items, desc: str):
@@ -84,15 +95,21 @@ class RankedDepthMethod(Method):
         if k > len(eligible):
             raise UsageError(f"{label or f'{self.name}.k={k}'}: at most {len(eligible)} of the model's {n} blocks "
                              f"can be removed ({self.name}: {self.eligibility_rule()})")
-        key = (id(model), id(calib))
-        memo = getattr(self, "_memo", None)
-        if memo is None or memo[0] != key or len(memo[1].order) < k:
+        opts = {f: v for f, v in dataclasses.asdict(self.config).items() if f != "k"}
+        key = (type(self).__qualname__, json.dumps(opts, sort_keys=True, default=str), id(model), id(calib))
+        hit = _SHARED.get(key)
+        if hit is None or len(hit[2].order) < k:
             t0 = time.perf_counter()
             ranking = self._rank(model, calib, k, eligible)
             ranking.info.setdefault("work", {})["rank_seconds"] = time.perf_counter() - t0
             ranking.info["eligible"] = eligible
-            self._memo = (key, ranking)
-        return self._memo[1]
+            _SHARED[key] = (model, calib, ranking)
+            while len(_SHARED) > _SHARED_MAX:
+                _SHARED.popitem(last=False)
+            return ranking
+        _SHARED.move_to_end(key)
+        # the same order; the plan record says it was computed earlier in this process
+        return Ranking(hit[2].order, {**hit[2].info, "reused_from_this_process": True})
 
     def removal_order(self, model, calib, k: int | None = None) -> list[int]:
         """The first `k` (default: this method's `k`) blocks of the removal order."""

@@ -351,6 +351,26 @@ def test_a_memoised_ranking_is_reused_only_for_the_same_calibration_set(tiny, ca
     assert second == make("shortgpt", k=1).plan(tiny.model, other, "unified").info["block_influence"] != first
 
 
+def test_a_method_and_its_stage_wrapper_share_one_ranking_per_process(tiny, calib, monkeypatch):
+    from methods import ranked
+
+    ranked._SHARED.clear()
+    calls = []
+    real = methods.get("sleb")._rank
+    monkeypatch.setattr(methods.get("sleb"), "_rank", lambda self, *a: calls.append(a[2]) or real(self, *a))
+    plain = make("sleb", k=2, samples=12).plan(tiny.model, calib, "unified")
+    stage = methods.get("stage:sleb")
+    staged = stage(dataclasses.replace(stage.Config(), k_prefill=1, k_decode=2, k_unified=2, samples=12))
+    plan = staged.plan(tiny.model, calib, "disaggregated")
+    assert calls == [2]  # one greedy search served both
+    assert plan.info["base_info"]["reused_from_this_process"] is True
+    assert plan.info["removal_order"] == plain.info["removal_order"]
+    ranked._SHARED.clear()  # computed afresh: the same plan
+    assert staged.plan(tiny.model, calib, "disaggregated") == plan and calls == [2, 2]
+    make("sleb", k=2, samples=6).plan(tiny.model, calib, "unified")  # other options: its own search
+    assert calls == [2, 2, 2]
+
+
 def test_docs_describe_every_baseline_option():
     from conftest import ROOT
 

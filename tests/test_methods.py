@@ -13,6 +13,7 @@ from harness.calibration import CalibConfig, build_calibration
 from harness.errors import UsageError
 from harness.plan import PruningPlan
 from harness.scoring import Scorer
+from methods import ranked
 
 # Options that fit the 4-layer tiny model (defaults are sized for real models).
 TINY_OPTIONS = {
@@ -58,6 +59,7 @@ def test_method_contract(name, tiny, tiny_calib):
     for mode in ("unified", "disaggregated"):
         plan = method.plan(model, tiny_calib, mode)
         assert isinstance(plan, PruningPlan) and plan.method == name and plan.n_layers == 4
+        ranked._SHARED.clear()  # the fresh instance must compute again, not reuse this process's ranking
         assert make(name).plan(model, tiny_calib, mode) == plan  # deterministic (fresh instance)
         assert set(plan.decode_layers) <= set(plan.prefill_layers)
         if mode == "unified":
