@@ -108,8 +108,8 @@ class RankedDepthMethod(Method):
                 _SHARED.popitem(last=False)
             return ranking
         _SHARED.move_to_end(key)
-        # the same order; the plan record says it was computed earlier in this process
-        return Ranking(hit[2].order, {**hit[2].info, "reused_from_this_process": True})
+        # the very same ranking (its info unchanged), so a record does not depend on which cells ran before it
+        return hit[2]
 
     def removal_order(self, model, calib, k: int | None = None) -> list[int]:
         """The first `k` (default: this method's `k`) blocks of the removal order."""
