@@ -158,7 +158,7 @@ def cmd_run(argv: list[str]) -> int:
     from harness import distributed
 
     args = run_parser().parse_args(argv)
-    dist = distributed.current() if distributed.launched_world_size() > 1 else distributed.Dist()
+    dist = distributed.current()
     if not dist.is_main:  # one voice: rank 0 reports, the others work silently
         args.quiet = True
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process

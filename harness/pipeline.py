@@ -230,7 +230,7 @@ def _record_failure(st: _Run, name: str, method, mode: str, e: Exception) -> Cel
     _free_accelerator_memory()
     key = "?"
     try:
-        key = _cell_key(st, name, method, mode)
+        key = _cell_identity(st, name, method, mode)[0]
     except Exception:  # noqa: BLE001 - the note matters more than its key
         pass
     path = st.out_dir / rec.failure_filename(name, mode)
@@ -251,10 +251,11 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _cell_key(st: _Run, name: str, method, mode: str) -> str:
+def _cell_identity(st: _Run, name: str, method, mode: str) -> tuple[str, dict | None, dict]:
+    """(run_key, calibration options or None, long-context task options) of one (method, mode) cell."""
     calib_desc = dataclasses.asdict(st.prepared.calib_config) if method.needs_calibration else None
     task_opts = {t: dataclasses.asdict(o) for t, o in st.prepared.task_options.items()}
-    return st.cfg.identity(name, mode, method.options(), calib_desc, task_opts)
+    return st.cfg.identity(name, mode, method.options(), calib_desc, task_opts), calib_desc, task_opts
 
 
 def _stored_plan(st: _Run, name: str, mode: str, options: dict) -> tuple[PruningPlan, Path, Any] | None:
@@ -300,9 +301,7 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
 
     cfg, model = st.cfg, st.loaded.model
     options = method.options()
-    calib_desc = dataclasses.asdict(st.prepared.calib_config) if method.needs_calibration else None
-    task_opts = {t: dataclasses.asdict(o) for t, o in st.prepared.task_options.items()}
-    key = cfg.identity(name, mode, options, calib_desc, task_opts)
+    key, calib_desc, task_opts = _cell_identity(st, name, method, mode)
     final = st.out_dir / rec.record_filename(name, mode)
     if final.exists():
         old = rec.load(final)
@@ -328,12 +327,12 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     else:
         st.say(f"{name}/{mode}: planning")
         if st.dist.enabled and not method.needs_replan_on_resume():  # plans are deterministic: plan once, share
-            plan, plan_s, calib_desc = st.dist.broadcast_object(_make_plan(st, method, mode) if st.dist.is_main else None)
+            plan, plan_s, calib_used = st.dist.broadcast_object(_make_plan(st, method, mode) if st.dist.is_main else None)
         else:
-            plan, plan_s, calib_desc = _make_plan(st, method, mode)
+            plan, plan_s, calib_used = _make_plan(st, method, mode)
         if "plan" in partial and PruningPlan.from_dict(partial["plan"]) != plan:
             raise RuntimeError(f"{name}/{mode}: planning again on resume gave a different plan than the stored one")
-        partial.update(plan=plan.to_dict(), plan_s=partial.get("plan_s", plan_s), calibration=calib_desc)
+        partial.update(plan=plan.to_dict(), plan_s=partial.get("plan_s", plan_s), calibration=calib_used)
     if mode == "unified" and not plan.is_unified:
         raise ValueError(f"{name} returned a plan with two layer sets or KV pruning for unified mode")
     with method.apply(model, plan) as applied:
