@@ -347,26 +347,12 @@ def main(argv: list[str]) -> int:
 
     from harness import arch
     from harness.models import load_model
-    from harness.plan import PruningPlan
 
     t0 = time.perf_counter()
     loaded = load_model(source.model, args.device, args.dtype, source.seed)
     say = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     say(f"model {source.model} loaded ({arch.n_layers(loaded.model)} layers)")
-    calib = None
-    if source.record is not None:
-        try:
-            plan = PruningPlan.from_dict(source.record.plan)
-        except (KeyError, ValueError) as e:
-            raise UsageError(f"{source.record_path}: its plan is not valid: {e}") from None
-        say(f"{source.method}/{source.mode}: plan replayed from {source.record_path}")
-    else:
-        if method.needs_calibration:
-            from harness.calibration import build_calibration
-
-            calib = build_calibration(loaded.tokenizer, Path(data_dir) if data_dir else None, calib_config)
-        say(f"{source.method}/{source.mode}: planning")
-        plan = method.plan(loaded.model, calib, source.mode)
+    plan, calib = _plan_to_export(source, method, calib_config, loaded, data_dir, say)
     if source.mode == "unified" and not plan.is_unified:
         raise UsageError(f"{source.method} made a plan with two layer sets or KV pruning for unified mode; export it with "
                          "--mode disaggregated")
@@ -384,16 +370,40 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(args.out)  # empty, or a previous export replaced under --force
     tmp.rename(args.out)
     written = time.perf_counter() - t_write
-    n = plan.n_layers
+    _print_checkpoints(args.out, info, plan.n_layers)
+    print(f"exported {source.method}/{source.mode} of {source.model} in {written:.1f}s "
+          f"(total {time.perf_counter() - t0:.1f}s); load with AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
+def _plan_to_export(source, method, calib_config, loaded, data_dir: str | None, say) -> tuple:
+    """(plan, calibration or None): the record's plan replayed, or the method's plan made now."""
+    from harness.plan import PruningPlan
+
+    if source.record is not None:
+        try:
+            plan = PruningPlan.from_dict(source.record.plan)
+        except (KeyError, ValueError) as e:
+            raise UsageError(f"{source.record_path}: its plan is not valid: {e}") from None
+        say(f"{source.method}/{source.mode}: plan replayed from {source.record_path}")
+        return plan, None
+    calib = None
+    if method.needs_calibration:
+        from harness.calibration import build_calibration
+
+        calib = build_calibration(loaded.tokenizer, Path(data_dir) if data_dir else None, calib_config)
+    say(f"{source.method}/{source.mode}: planning")
+    return method.plan(loaded.model, calib, source.mode), calib
+
+
+def _print_checkpoints(out: Path, info: dict, n: int) -> None:
+    """One line per written checkpoint (layers kept, source layers, size), and the PD manifest's gist."""
     for name, ck in info["checkpoints"].items():
-        where = args.out if name == "." else args.out / name
+        where = out if name == "." else out / name
         inserted = sum(1 for x in ck["layers"] if x is None)
         extra = f" + {inserted} replacement layer(s)" if inserted else ""
         print(f"{where}: {len(ck['layers']) - inserted} of {n} layers{extra}, source layers "
               f"{[x for x in ck['layers']]}, {_size(ck['bytes'])}")
     if info["kind"] == "disaggregated":
-        print(f"{args.out / 'manifest.json'}: decode layers 0..{len(info['decode_kv_from_prefill']) - 1} read the KV of prefill "
+        print(f"{out / 'manifest.json'}: decode layers 0..{len(info['decode_kv_from_prefill']) - 1} read the KV of prefill "
               f"layers {info['decode_kv_from_prefill']}; KV policy: {info['kv_policy']['description']}")
-    print(f"exported {source.method}/{source.mode} of {source.model} in {written:.1f}s "
-          f"(total {time.perf_counter() - t0:.1f}s); load with AutoModelForCausalLM.from_pretrained")
-    return 0

@@ -104,42 +104,59 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
             say(f"{name}: finished record found, reused")
             results.append(old)
             continue
-        scores, kv, raw, timing = {}, {}, {}, {}
         step_bytes = weight_bytes(model, plan.decode_layers)
-        bound_ms = step_bytes / copy_bw * 1e3
         with method.apply(model, plan) as applied:
-            for w, mode in itertools.product(cfg.workloads(), cfg.decode_modes):
-                label = workload_name(w, mode)
-                say(f"{name}: {label}")
-                m = measure(model, applied, w, warmup=cfg.warmup, repeats=cfg.repeats, seed=cfg.seed, decode_mode=mode)
-                figs = {**m.figures(cfg.bandwidths_gbit), "decode_bound_ms": bound_ms}
-                scores[label] = {k: {"value": float(v), "stderr": None} for k, v in figs.items() if not k.startswith("kv_bytes")}
-                kv[label] = {"kv_bytes": m.kv_bytes, "kv_bytes_paged": m.kv_bytes_paged, "handoffs": w.batch_size,
-                             "prompt_tokens": w.batch_size * w.prompt_tokens}
-                raw[label] = m.to_dict()
-                if cfg.real_transfer:
-                    from harness.transfer import transfer_between_processes
-
-                    moved = transfer_between_processes(m.handoff, "nccl" if m.clock == "cuda_events" else "gloo")
-                    moved.pop("received")
-                    if moved["kv_bytes_received"] != m.kv_bytes:
-                        raise RuntimeError(f"{name} {label}: received {moved['kv_bytes_received']} KV bytes, counted {m.kv_bytes}")
-                    raw[label]["real_transfer"] = moved
-                    scores[label]["real_transfer_recv_ms"] = {"value": moved["recv_ms"], "stderr": None}
-                timing[label] = sum(m.ttft_ms) + sum(m.itl_ms) + sum(m.handoff_ms)
-        record = rec.RunRecord(
-            method=name, mode="disaggregated", run_key=key,
-            config={**dataclasses.asdict(cfg), "kind": "latency", "method_options": method.options()},
-            plan=plan.to_dict(), environment=env, model=loaded.description, calibration=None,
-            scores=scores, kv=kv, n_samples={k: cfg.repeats for k in scores}, lm_eval={},
-            timing_s={f"measured_{k}": v / 1e3 for k, v in timing.items()},
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            extra={"latency": raw, "clock": next(iter(raw.values()))["clock"] if raw else None,
-                   "decode_bound": {"weight_bytes": step_bytes, "copy_bandwidth_bytes_per_s": copy_bw,
-                                    "definition": "bytes of the decode layers, final norm and LM head / device copy rate (read + write)"},
-                   "bandwidths_gbit": list(cfg.bandwidths_gbit), "plan_source": source},
-        )
+            scores, kv, raw, timing = _measure_workloads(cfg, model, applied, name, step_bytes / copy_bw * 1e3, say)
+        bound = {"weight_bytes": step_bytes, "copy_bandwidth_bytes_per_s": copy_bw}
+        record = _latency_record(cfg, name, method, key, plan, env, loaded.description, (scores, kv, raw, timing), bound, source)
         rec.save(record, out_dir)
         results.append(rec.load(path))
     rec.write_summary(rec.load_dir(out_dir), out_dir / "summary.csv")
     return results
+
+
+def _latency_record(cfg: LatencyConfig, name: str, method, key: str, plan, env: dict, model_desc: dict, measured: tuple,
+                    bound: dict, source: dict) -> rec.RunRecord:
+    """The latency RunRecord of one method: figures as scores, raw samples in `extra.latency`."""
+    scores, kv, raw, timing = measured
+    return rec.RunRecord(
+        method=name, mode="disaggregated", run_key=key,
+        config={**dataclasses.asdict(cfg), "kind": "latency", "method_options": method.options()},
+        plan=plan.to_dict(), environment=env, model=model_desc, calibration=None,
+        scores=scores, kv=kv, n_samples={k: cfg.repeats for k in scores}, lm_eval={},
+        timing_s={f"measured_{k}": v / 1e3 for k, v in timing.items()},
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        extra={"latency": raw, "clock": next(iter(raw.values()))["clock"] if raw else None,
+               "decode_bound": {**bound,
+                                "definition": "bytes of the decode layers, final norm and LM head / device copy rate (read + write)"},
+               "bandwidths_gbit": list(cfg.bandwidths_gbit), "plan_source": source},
+    )
+
+def _measure_workloads(cfg: LatencyConfig, model, applied, name: str, bound_ms: float, say: Callable[[str], None]):
+    """Time the applied plan on every (workload, decode mode): (scores, kv, raw samples, measured ms) by label."""
+    scores, kv, raw, timing = {}, {}, {}, {}
+    for w, mode in itertools.product(cfg.workloads(), cfg.decode_modes):
+        label = workload_name(w, mode)
+        say(f"{name}: {label}")
+        m = measure(model, applied, w, warmup=cfg.warmup, repeats=cfg.repeats, seed=cfg.seed, decode_mode=mode)
+        figs = {**m.figures(cfg.bandwidths_gbit), "decode_bound_ms": bound_ms}
+        scores[label] = {k: {"value": float(v), "stderr": None} for k, v in figs.items() if not k.startswith("kv_bytes")}
+        kv[label] = {"kv_bytes": m.kv_bytes, "kv_bytes_paged": m.kv_bytes_paged, "handoffs": w.batch_size,
+                     "prompt_tokens": w.batch_size * w.prompt_tokens}
+        raw[label] = m.to_dict()
+        if cfg.real_transfer:
+            raw[label]["real_transfer"] = _real_transfer(m, f"{name} {label}")
+            scores[label]["real_transfer_recv_ms"] = {"value": raw[label]["real_transfer"]["recv_ms"], "stderr": None}
+        timing[label] = sum(m.ttft_ms) + sum(m.itl_ms) + sum(m.handoff_ms)
+    return scores, kv, raw, timing
+
+
+def _real_transfer(m, what: str) -> dict:
+    """Move the measured handoff between two processes; the bytes received must equal the bytes counted."""
+    from harness.transfer import transfer_between_processes
+
+    moved = transfer_between_processes(m.handoff, "nccl" if m.clock == "cuda_events" else "gloo")
+    moved.pop("received")
+    if moved["kv_bytes_received"] != m.kv_bytes:
+        raise RuntimeError(f"{what}: received {moved['kv_bytes_received']} KV bytes, counted {m.kv_bytes}")
+    return moved

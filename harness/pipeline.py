@@ -304,35 +304,12 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     key, calib_desc, task_opts = _cell_identity(st, name, method, mode)
     final = st.out_dir / rec.record_filename(name, mode)
     if final.exists():
-        old = rec.load(final)
-        if old.run_key != key and _same_but_newer_options(cfg, method, old, (name, mode, calib_desc, task_opts)):
-            st.say(f"{name}/{mode}: record predates options now at their defaults; reused ({final.name})")
-            return old
-        if old.run_key != key:
-            raise UsageError(f"{final} holds a {name}/{mode} record of a different configuration "
-                             f"(run_key {old.run_key} != {key}); use another --out or remove it")
-        st.say(f"{name}/{mode}: finished record found, reused ({final.name})")
-        return old
+        return _finished_record(st, name, method, mode, final, (key, calib_desc, task_opts))
     partial_path = _partial_path(st.out_dir, name, mode)
     partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
     if partial.get("run_key") != key:
         partial = {"run_key": key, "tasks": {}}
-    reused = _stored_plan(st, name, mode, options) if "plan" not in partial else None
-    if reused is not None:
-        st.say(f"{name}/{mode}: plan reused from {reused[1]}")
-        plan = reused[0]
-        partial.update(plan=plan.to_dict(), plan_s=0.0, calibration=reused[2], plan_reused_from=str(reused[1]))
-    elif "plan" in partial and not method.needs_replan_on_resume():
-        plan = PruningPlan.from_dict(partial["plan"])
-    else:
-        st.say(f"{name}/{mode}: planning")
-        if st.dist.enabled and not method.needs_replan_on_resume():  # plans are deterministic: plan once, share
-            plan, plan_s, calib_used = st.dist.broadcast_object(_make_plan(st, method, mode) if st.dist.is_main else None)
-        else:
-            plan, plan_s, calib_used = _make_plan(st, method, mode)
-        if "plan" in partial and PruningPlan.from_dict(partial["plan"]) != plan:
-            raise RuntimeError(f"{name}/{mode}: planning again on resume gave a different plan than the stored one")
-        partial.update(plan=plan.to_dict(), plan_s=partial.get("plan_s", plan_s), calibration=calib_used)
+    plan = _cell_plan(st, name, method, mode, partial)
     if mode == "unified" and not plan.is_unified:
         raise ValueError(f"{name} returned a plan with two layer sets or KV pruning for unified mode")
     with method.apply(model, plan) as applied:
@@ -342,37 +319,78 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
             if task in partial["tasks"]:
                 continue
             st.say(f"{name}/{mode}: {task}")
-            before, t_task = lm.tally.as_dict(), time.perf_counter()
-            try:
-                if task in st.prepared.task_options:
-                    from harness import long_tasks
-
-                    scorer = ShardedScorer(lm.scorer, st.dist) if st.dist.enabled else lm.scorer
-                    result = long_tasks.evaluate(task, scorer, st.loaded.tokenizer, Path(cfg.data_dir) if cfg.data_dir else None,
-                                                 st.prepared.task_options[task], cfg.limit, st.progress)
-                    sent = scorer.tally.as_dict() if st.dist.enabled else lm.tally.since(before)
-                else:
-                    result = evaluate_task(lm, task, st.tasks, cfg) or {}  # {} on ranks > 0
-                    sent = st.dist.sum_counts(lm.tally.since(before))  # each rank counted its own documents
-            except Exception as e:
-                if cfg.data_dir is None and _is_download_error(e):
-                    raise UsageError(f"task {task}: its dataset could not be fetched from the Hugging Face hub "
-                                     f"({type(e).__name__}); offline, pass --data-dir with local data") from e
-                raise
-            result["kv"] = sent if mode == "disaggregated" else {}
-            if mode != "disaggregated":
-                result.pop("kv_by", None)
-            result["seconds"] = time.perf_counter() - t_task
-            partial["tasks"][task] = result
+            partial["tasks"][task] = _eval_task(st, lm, task, mode)
             if st.dist.is_main:  # one writer; other ranks hold no aggregated scores
                 rec.atomic_write(partial_path, json.dumps(partial))
-    path = st.out_dir / rec.record_filename(name, mode)
     if st.dist.is_main:
         _save_record(st, name, mode, key, options, plan, partial, lm.max_length)
         partial_path.unlink(missing_ok=True)
         (st.out_dir / rec.failure_filename(name, mode)).unlink(missing_ok=True)  # an earlier failure is superseded
     st.dist.barrier()
-    return rec.load(path)  # the record as stored (JSON types), same as a later reader sees
+    return rec.load(final)  # the record as stored (JSON types), same as a later reader sees
+
+
+def _finished_record(st: _Run, name: str, method, mode: str, final: Path, identity: tuple) -> rec.RunRecord:
+    """The record already at `final` when it is this cell's (or predates options now at their
+    defaults); a different configuration's record is refused rather than overwritten."""
+    key, calib_desc, task_opts = identity
+    old = rec.load(final)
+    if old.run_key != key and _same_but_newer_options(st.cfg, method, old, (name, mode, calib_desc, task_opts)):
+        st.say(f"{name}/{mode}: record predates options now at their defaults; reused ({final.name})")
+        return old
+    if old.run_key != key:
+        raise UsageError(f"{final} holds a {name}/{mode} record of a different configuration "
+                         f"(run_key {old.run_key} != {key}); use another --out or remove it")
+    st.say(f"{name}/{mode}: finished record found, reused ({final.name})")
+    return old
+
+
+def _cell_plan(st: _Run, name: str, method, mode: str, partial: dict) -> PruningPlan:
+    """The cell's plan: stored by another run (--plans-from), kept in the resumable state, or made now.
+    Updates `partial` with the plan, its planning time and calibration description."""
+    reused = _stored_plan(st, name, mode, method.options()) if "plan" not in partial else None
+    if reused is not None:
+        st.say(f"{name}/{mode}: plan reused from {reused[1]}")
+        partial.update(plan=reused[0].to_dict(), plan_s=0.0, calibration=reused[2], plan_reused_from=str(reused[1]))
+        return reused[0]
+    if "plan" in partial and not method.needs_replan_on_resume():
+        return PruningPlan.from_dict(partial["plan"])
+    st.say(f"{name}/{mode}: planning")
+    if st.dist.enabled and not method.needs_replan_on_resume():  # plans are deterministic: plan once, share
+        plan, plan_s, calib_used = st.dist.broadcast_object(_make_plan(st, method, mode) if st.dist.is_main else None)
+    else:
+        plan, plan_s, calib_used = _make_plan(st, method, mode)
+    if "plan" in partial and PruningPlan.from_dict(partial["plan"]) != plan:
+        raise RuntimeError(f"{name}/{mode}: planning again on resume gave a different plan than the stored one")
+    partial.update(plan=plan.to_dict(), plan_s=partial.get("plan_s", plan_s), calibration=calib_used)
+    return plan
+
+
+def _eval_task(st: _Run, lm, task: str, mode: str) -> dict:
+    """One task's result (scores, n_samples, provenance) with the KV bytes its handoffs sent and its seconds."""
+    cfg = st.cfg
+    before, t_task = lm.tally.as_dict(), time.perf_counter()
+    try:
+        if task in st.prepared.task_options:
+            from harness import long_tasks
+
+            scorer = ShardedScorer(lm.scorer, st.dist) if st.dist.enabled else lm.scorer
+            result = long_tasks.evaluate(task, scorer, st.loaded.tokenizer, Path(cfg.data_dir) if cfg.data_dir else None,
+                                         st.prepared.task_options[task], cfg.limit, st.progress)
+            sent = scorer.tally.as_dict() if st.dist.enabled else lm.tally.since(before)
+        else:
+            result = evaluate_task(lm, task, st.tasks, cfg) or {}  # {} on ranks > 0
+            sent = st.dist.sum_counts(lm.tally.since(before))  # each rank counted its own documents
+    except Exception as e:
+        if cfg.data_dir is None and _is_download_error(e):
+            raise UsageError(f"task {task}: its dataset could not be fetched from the Hugging Face hub "
+                             f"({type(e).__name__}); offline, pass --data-dir with local data") from e
+        raise
+    result["kv"] = sent if mode == "disaggregated" else {}
+    if mode != "disaggregated":
+        result.pop("kv_by", None)
+    result["seconds"] = time.perf_counter() - t_task
+    return result
 
 
 def _make_plan(st: _Run, method, mode: str) -> tuple[PruningPlan, float, dict | None]:

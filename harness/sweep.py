@@ -141,10 +141,9 @@ def _scope(item: str) -> str:
 
 def expand(spec_path: Path, out: Path | None) -> Plan:
     """Cells of the spec's [run] section (validated here, before any process starts), its latency job and report."""
-    from harness import long_tasks, pipeline
-    from harness.cli import MODES, check_tasks, latency_parser, report_parser, run_parser
+    from harness import pipeline
+    from harness.cli import MODES, check_tasks, run_parser
     from harness.config import RunConfig, expand_tasks
-    from harness.records import record_filename
     from harness.spec import Spec, load_spec, to_argv
 
     if not spec_path.is_file():
@@ -173,12 +172,25 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     check_tasks(cfg.tasks, cfg.data_dir)
     if data_dir:  # the children must not depend on the environment (Ray workers may not inherit it)
         section["data_dir"] = data_dir
+    cells = _spec_cells(spec, section, overrides, cfg.methods, MODES[args.mode], run_out)
+    latency = _latency_cell(spec, outs["latency"], run_out)
+    report_argv = _report_argv(spec, outs["report"] if out else None, run_out, latency)
+    return Plan(run_out, cells, latency, report_argv, uses_gpu=args.device != "cpu")
+
+
+def _spec_cells(spec, section: dict, overrides: list[str], methods: tuple[str, ...], modes, run_out: Path) -> list[Cell]:
+    """One cell per (method, mode), each a `run` of one method into its own work folder."""
+    from harness import long_tasks
+    from harness.cli import run_parser
+    from harness.records import record_filename
+    from harness.spec import Spec, to_argv
+
     shared = [o for o in overrides if _scope(o) == "calib" or _scope(o) in long_tasks.LONG_TASKS]
     cells = []
-    for method in dict.fromkeys(cfg.methods):  # a method named twice is one method, as in a single run
+    for method in dict.fromkeys(methods):  # a method named twice is one method, as in a single run
         # a cell runs one method, and `--set` rejects scopes that are not in its run: only its own options go along
         mine = [o for o in overrides if _scope(o) == method]
-        for mode in MODES[args.mode]:
+        for mode in modes:
             fname = record_filename(method, mode)
             workdir = run_out / ".sweep" / fname[: -len(".json")]
             argv = ["run", *to_argv(Spec(spec.path, {"run": section}), "run", run_parser(),
@@ -186,28 +198,41 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
                                      "quiet": True})]
             cells.append(Cell(f"{method}/{mode}", argv, workdir, run_out / ".sweep" / f"{fname[: -len('.json')]}.log",
                               run_out / fname))
+    return cells
 
-    latency = None
-    if "latency" in spec.sections:
-        if outs["latency"] is None:
-            raise UsageError(f"{spec.path} [latency]: give out = \"<folder>\" (or --out DIR)")
-        lat_out = outs["latency"].resolve()
-        replace: dict[str, Any] = {"out": str(lat_out), "quiet": True}
-        if spec.sections["latency"].get("plans_from") == "run":
-            replace["plans_from"] = str(run_out)
-        argv = to_argv(spec, "latency", latency_parser(), replace)
-        latency_parser().parse_args(argv)  # bad values exit 2 now, not after the quality cells
-        latency = Cell("latency", ["latency", *argv], lat_out, run_out / ".sweep" / "latency.log")
 
-    report_argv = None
-    if "report" in spec.sections:
-        rep = dict(spec.sections["report"])
-        inputs = rep.pop("results", None) or [str(run_out), *([str(latency.workdir)] if latency else [])]
-        if out:
-            rep["out"] = str(outs["report"])
-        report_argv = [*map(str, inputs), *to_argv(Spec(spec.path, {"report": rep}), "report", report_parser())]
-        report_parser().parse_args(report_argv)
-    return Plan(run_out, cells, latency, report_argv, uses_gpu=args.device != "cpu")
+def _latency_cell(spec, lat_out: Path | None, run_out: Path) -> Cell | None:
+    """The spec's [latency] section as one job (its plans may come from the run's records), or None."""
+    from harness.cli import latency_parser
+    from harness.spec import to_argv
+
+    if "latency" not in spec.sections:
+        return None
+    if lat_out is None:
+        raise UsageError(f"{spec.path} [latency]: give out = \"<folder>\" (or --out DIR)")
+    lat_out = lat_out.resolve()
+    replace: dict[str, Any] = {"out": str(lat_out), "quiet": True}
+    if spec.sections["latency"].get("plans_from") == "run":
+        replace["plans_from"] = str(run_out)
+    argv = to_argv(spec, "latency", latency_parser(), replace)
+    latency_parser().parse_args(argv)  # bad values exit 2 now, not after the quality cells
+    return Cell("latency", ["latency", *argv], lat_out, run_out / ".sweep" / "latency.log")
+
+
+def _report_argv(spec, rep_out: Path | None, run_out: Path, latency: Cell | None) -> list[str] | None:
+    """`report` arguments of the spec's [report] section (over the run's and latency's folders), or None."""
+    from harness.cli import report_parser
+    from harness.spec import Spec, to_argv
+
+    if "report" not in spec.sections:
+        return None
+    rep = dict(spec.sections["report"])
+    inputs = rep.pop("results", None) or [str(run_out), *([str(latency.workdir)] if latency else [])]
+    if rep_out is not None:
+        rep["out"] = str(rep_out)
+    report_argv = [*map(str, inputs), *to_argv(Spec(spec.path, {"report": rep}), "report", report_parser())]
+    report_parser().parse_args(report_argv)
+    return report_argv
 
 
 def _as_list(v: Any) -> list:
@@ -398,18 +423,8 @@ def main(argv: list[str]) -> int:
     rec.write_summary([rec.load(p) for p in finished], plan.run_out / "summary.csv")
     failed = [o for o in outcomes if o.status == "failed"]
     if plan.report_argv is not None:
-        if failed or any(o.status == "skipped" for o in outcomes):
-            outcomes.append(Outcome("report", "skipped", error="not rendered: a cell failed"))
-        else:
-            from harness.cli import cmd_report
-
-            t0 = time.perf_counter()
-            try:
-                rc, err = cmd_report(plan.report_argv), None
-            except UsageError as e:
-                rc, err = 2, str(e)
-            outcomes.append(Outcome("report", "ok" if rc == 0 else "failed", round(time.perf_counter() - t0, 2), rc, error=err))
-            failed += outcomes[-1:] if rc else []
+        outcomes.append(_report(plan.report_argv, blocked=bool(failed) or any(o.status == "skipped" for o in outcomes)))
+        failed += outcomes[-1:] if outcomes[-1].status == "failed" else []
     wall = time.perf_counter() - started
     summary = {"spec": str(args.spec), **info, "wall_s": round(wall, 2),
                "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -420,6 +435,19 @@ def main(argv: list[str]) -> int:
           f"records, summary.csv and sweep.json in {plan.run_out}")
     return 1 if failed else 0
 
+
+def _report(report_argv: list[str], blocked: bool) -> Outcome:
+    """Render the spec's report in this process, or skip it when a cell failed or was skipped."""
+    if blocked:
+        return Outcome("report", "skipped", error="not rendered: a cell failed")
+    from harness.cli import cmd_report
+
+    t0 = time.perf_counter()
+    try:
+        rc, err = cmd_report(report_argv), None
+    except UsageError as e:
+        rc, err = 2, str(e)
+    return Outcome("report", "ok" if rc == 0 else "failed", round(time.perf_counter() - t0, 2), rc, error=err)
 
 def _run_cells(backend, cells: list[Cell], cwd: str, env: dict[str, str], quiet: bool, settle: bool) -> list[Outcome]:
     from tqdm import tqdm
