@@ -167,7 +167,7 @@ def cmd_run(argv: list[str]) -> int:
     _quiet_libraries()
     from harness import pipeline
     from harness.records import load_dir
-    from reports.table import to_markdown
+    from reports.formats import to_markdown
     from reports.tables import long_context_table, plans_table, quality_table
 
     cfg = RunConfig(
@@ -293,7 +293,7 @@ def cmd_latency(argv: list[str]) -> int:
     from harness import pipeline
     from harness.latency_run import LatencyConfig, run_latency
     from harness.models import load_model
-    from reports.table import to_markdown
+    from reports.formats import to_markdown
     from reports.tables import efficiency_table
 
     if args.warmup < 0:

@@ -10,8 +10,10 @@ import datetime as dt
 from html import escape
 from pathlib import Path
 
+import pandas as pd
+
 from reports.collect import Collection, is_latency, model_name
-from reports.table import Table, to_html
+from reports.formats import to_html
 from reports.tables import hardware
 
 CSS = """
@@ -47,7 +49,7 @@ def provenance_rows(col: Collection) -> list[list[str]]:
     return rows
 
 
-def render_html(col: Collection, tables: list[Table], figures: dict[str, dict[str, Path]], titles: dict[str, str],
+def render_html(col: Collection, tables: list[pd.DataFrame], figures: dict[str, dict[str, Path]], titles: dict[str, str],
                 missing: list[str], sources: list[str], model: str | None = None) -> str:
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -57,7 +59,7 @@ def render_html(col: Collection, tables: list[Table], figures: dict[str, dict[st
            f"<p>Generated {escape(now)} from {len(col.all)} record(s) in: {escape(', '.join(sources))}"
            + (f" (model {escape(model)} only)" if model else "") + ".</p>"]
     for t in tables:
-        out.append(f"<h2>{escape(t.name.replace('_', ' ').capitalize())} table</h2>")
+        out.append(f"<h2>{escape(t.attrs['name'].replace('_', ' ').capitalize())} table</h2>")
         out.append(to_html(t))
     out.append("<h2>Figures</h2>")
     for name, paths in figures.items():

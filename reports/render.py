@@ -11,16 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+
 from harness.records import atomic_write
 from reports.collect import Collection, ReportError, collect, failure_notes, metric_for, require_one_model, select_model
-from reports.table import Table, to_csv, to_latex, to_markdown
+from reports.formats import to_csv, to_latex, to_markdown
 from reports.tables import efficiency_table, long_context_table, plans_table, quality_table
 
 
 @dataclass
 class Report:
     out: Path
-    tables: list[Table] = field(default_factory=list)
+    tables: list[pd.DataFrame] = field(default_factory=list)  # tidy cells (reports.formats)
     figures: dict[str, dict[str, Path]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)  # what could not be shown, and why
 
@@ -29,7 +31,7 @@ class Report:
         return "\n\n".join(to_markdown(t) for t in self.tables) + "\n"
 
 
-def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: float = 100.0) -> tuple[list[Table], list[str]]:
+def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: float = 100.0) -> tuple[list[pd.DataFrame], list[str]]:
     metric_for("arc_easy", {"acc": 0}, convention)  # unknown convention -> ReportError before any work
     tables, missing = [], []
     for name, make in (("quality", lambda: quality_table(col, convention)),
@@ -63,7 +65,7 @@ def render_report(paths: list[Path], out: Path, convention: str = "paper", bandw
     rep.missing = failure_notes(paths, col) + rep.missing
     for t in rep.tables:
         for ext, fn in (("md", to_markdown), ("tex", to_latex), ("csv", to_csv)):
-            atomic_write(out / "tables" / f"{t.name}.{ext}", fn(t) if ext != "md" else fn(t) + "\n")
+            atomic_write(out / "tables" / f"{t.attrs['name']}.{ext}", fn(t) if ext != "md" else fn(t) + "\n")
     atomic_write(out / "report.md", rep.markdown)
     if plots:
         from reports.plots import PLOTS, save_plots

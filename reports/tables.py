@@ -1,7 +1,8 @@
 """Paper-style tables from run records: quality, efficiency, long-context, plans.
 
-Each builder returns a `reports.table.Table`; render it with `to_markdown`, `to_latex`, `to_csv`
-or `to_html`. Only records are read (no model, no torch).
+Each builder returns a table as tidy pandas cells (`reports.formats.make_table`); render it with
+`to_markdown`, `to_latex`, `to_csv` or `to_html` from `reports.formats`. Only records are read (no
+model, no torch).
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import pandas as pd
+
 from harness.config import LONG_TASKS, STANDARD_TASKS
 from harness.records import LOWER_IS_BETTER, RunRecord
 from reports.collect import CONVENTION_TEXT, Collection, is_latency, metric_for, model_name
-from reports.table import Cell, Group, Table
+from reports.formats import CellSpec, bold_best, cell, make_table
 
 MODE_ORDER = {"disaggregated": 0, "unified": 1}
 MODE_TITLE = {"disaggregated": "PD-disaggregated", "unified": "PD-unified"}
@@ -62,12 +65,12 @@ def _groups(col: Collection, records: list[RunRecord], with_mode: bool = True) -
     return out
 
 
-def _fmt(v: float | None, metric: str) -> Cell:
+def _fmt(v: float | None, metric: str) -> CellSpec:
     if v is None:
-        return Cell("—")
+        return cell("—")
     if metric in LOWER_IS_BETTER:
-        return Cell(f"{v:.2f}", v)
-    return Cell(f"{100 * v:.1f}", round(100 * v, 6))
+        return cell(f"{v:.2f}", v)
+    return cell(f"{100 * v:.1f}", round(100 * v, 6))
 
 
 def _ordered_tasks(records: list[RunRecord], keep) -> list[str]:
@@ -83,7 +86,7 @@ def _items_text(records: list[RunRecord], tasks: list[str]) -> str:
     return "items per task: " + ", ".join(f"{TASK_TITLE.get(t, t)} {'/'.join(map(str, v))}" for t, v in per.items())
 
 
-def quality_table(records: Collection | Sequence[RunRecord], convention: str = "paper") -> Table:
+def quality_table(records: Collection | Sequence[RunRecord], convention: str = "paper") -> pd.DataFrame:
     """Rows: methods grouped by model and blocks removed; columns: the multiple-choice tasks and
     their average; one block per PD setting. Scores ×100; best per column in bold within a block."""
     col = _as_collection(records)
@@ -92,10 +95,10 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
     metrics: dict[str, set[str]] = {t: set() for t in tasks}
     groups = []
     for title, rs in _groups(col, recs):
-        g = Group(title)
+        g: list[list[CellSpec]] = []
         dense = next((r for r in rs if r.method == "unpruned"), None)
         for r in rs:
-            row, accs = [Cell(col.label(r)), Cell(removed_text(r))], []
+            row, accs = [cell(col.label(r)), cell(removed_text(r))], []
             for t in tasks:
                 m = metric_for(t, r.scores.get(t, {}), convention)
                 v = r.scores.get(t, {}).get(m, {}).get("value") if m else None
@@ -106,10 +109,10 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
                     accs.append(100 * v)
             n_acc = sum(1 for t in tasks if not (metrics[t] & LOWER_IS_BETTER))
             avg = sum(accs) / len(accs) if accs and len(accs) == n_acc else None
-            row.append(Cell("—") if avg is None else Cell(f"{avg:.1f}", round(avg, 6)))
+            row.append(cell("—") if avg is None else cell(f"{avg:.1f}", round(avg, 6)))
             row.append(_ratio_cell(_mc_kv(dense, tasks), _mc_kv(r, tasks)))
-            g.rows.append(row)
-        groups.append(g)
+            g.append(row)
+        groups.append((title, g))
     names = [f"{TASK_TITLE.get(t, t)}" for t in tasks]
     model = ", ".join(sorted({model_name(r) for r in recs})) or "—"
     lm_eval = sorted({str(r.lm_eval.get("version")) for r in recs if r.lm_eval.get("version")})
@@ -119,11 +122,11 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
                f"(convention '{convention}'). {_items_text(recs, tasks)}; lm-eval {', '.join(lm_eval) or '—'}, "
                f"seed {', '.join(seeds)}. Avg: mean over the accuracy columns. KV ×: KV bytes unpruned ÷ method, summed over "
                f"these tasks' handoffs (disaggregated only). Best per column in bold.")
-    t = Table("quality", caption, ["Method", "Removed", *names, "Avg", "KV ×"], groups)
-    for j, task in enumerate(tasks):
-        t.bold_best(2 + j, lower_is_better=bool(metrics[task] & LOWER_IS_BETTER))
-    t.bold_best(2 + len(tasks))
-    t.bold_best(3 + len(tasks))
+    t = make_table("quality", caption, ["Method", "Removed", *names, "Avg", "KV ×"], groups)
+    for name, task in zip(names, tasks):
+        bold_best(t, name, lower_is_better=bool(metrics[task] & LOWER_IS_BETTER))
+    bold_best(t, "Avg")
+    bold_best(t, "KV ×")
     return t
 
 
@@ -157,14 +160,14 @@ def _v(r: RunRecord | None, label: str, metric: str) -> float | None:
     return r.scores.get(label, {}).get(metric, {}).get("value")
 
 
-def _ratio_cell(num: float | None, den: float | None) -> Cell:
+def _ratio_cell(num: float | None, den: float | None) -> CellSpec:
     if num is None or den is None or den == 0:
-        return Cell("—")
+        return cell("—")
     x = num / den
-    return Cell(f"{x:.2f}×", round(x, 6))
+    return cell(f"{x:.2f}×", round(x, 6))
 
 
-def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: float = 100.0) -> Table:
+def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: float = 100.0) -> pd.DataFrame:
     """Per workload (prompt, decode tokens, batch, decode path) and hardware: TTFT, TPOT and E2E
     p50, KV bytes sent per request, and factors versus `unpruned` in the same group."""
     col = _as_collection(records)
@@ -177,36 +180,37 @@ def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: 
         rs = sorted([r for r in col.latency if hardware(r) == hw and model_name(r) == model and lab in r.scores],
                     key=lambda r: _row_key(col, r))
         dense = next((r for r in rs if r.method == "unpruned"), None)
-        g = Group(f"{model} · prompt {T}, decode {n}, batch {b}, {mode} decode · {hw}")
+        g: list[list[CellSpec]] = []
         for r in rs:
             kv = r.kv.get(lab, {})
             per_req = kv["kv_bytes"] / max(1, kv.get("handoffs", 1)) if kv else None
             dkv = dense.kv.get(lab, {}) if dense else {}
             dense_req = dkv["kv_bytes"] / max(1, dkv.get("handoffs", 1)) if dkv else None
             ttft, tpot, end = _v(r, lab, "ttft_ms_p50"), _v(r, lab, "tpot_ms_p50"), _v(r, lab, e2e)
-            g.rows.append([
-                Cell(col.label(r)), Cell(removed_text(r)),
-                Cell("—") if ttft is None else Cell(f"{ttft:.1f}", ttft),
-                Cell("—") if tpot is None else Cell(f"{tpot:.2f}", tpot),
-                Cell("—") if end is None else Cell(f"{end:.1f}", end),
-                Cell("—") if per_req is None else Cell(f"{per_req / MIB:,.2f}", per_req),
+            g.append([
+                cell(col.label(r)), cell(removed_text(r)),
+                cell("—") if ttft is None else cell(f"{ttft:.1f}", ttft),
+                cell("—") if tpot is None else cell(f"{tpot:.2f}", tpot),
+                cell("—") if end is None else cell(f"{end:.1f}", end),
+                cell("—") if per_req is None else cell(f"{per_req / MIB:,.2f}", per_req),
                 _ratio_cell(dense_req, per_req),
                 _ratio_cell(_v(dense, lab, "ttft_ms_p50"), ttft),
                 _ratio_cell(_v(dense, lab, "tpot_ms_p50"), tpot),
                 _ratio_cell(_v(dense, lab, e2e), end),
             ])
-        groups.append(g)
+        groups.append((f"{model} · prompt {T}, decode {n}, batch {b}, {mode} decode · {hw}", g))
     clocks = sorted({str(r.extra.get("clock")) for r in col.latency if r.extra.get("clock")})
     caption = (f"Latency per request (p50 over all measured runs; TTFT includes the first token, TPOT is the mean "
                f"decode step) and KV bytes the prefill stage sends per request. E2E = TTFT + transfer at "
                f"{bandwidth_gbit:g} Gbit/s + (n-1)·TPOT. Factors are unpruned ÷ method (higher is better). "
                f"Clock: {', '.join(clocks) or '—'}.")
-    t = Table("efficiency", caption, ["Method", "Removed", "TTFT (ms)", "TPOT (ms)", f"E2E (ms) @{bandwidth_gbit:g} Gbit/s",
-                                      "KV sent (MiB)", "KV reduction", "TTFT speedup", "TPOT speedup", "E2E speedup"], groups)
-    for c in (2, 3, 4, 5):
-        t.bold_best(c, lower_is_better=True)
-    for c in (6, 7, 8, 9):
-        t.bold_best(c)
+    columns = ["Method", "Removed", "TTFT (ms)", "TPOT (ms)", f"E2E (ms) @{bandwidth_gbit:g} Gbit/s",
+               "KV sent (MiB)", "KV reduction", "TTFT speedup", "TPOT speedup", "E2E speedup"]
+    t = make_table("efficiency", caption, columns, groups)
+    for c in columns[2:6]:
+        bold_best(t, c, lower_is_better=True)
+    for c in columns[6:]:
+        bold_best(t, c)
     return t
 
 
@@ -215,7 +219,7 @@ def _per_request(r: RunRecord, task: str, setting: str) -> float | None:
     return kv["kv_bytes"] / kv["handoffs"] if kv and kv.get("handoffs") else None
 
 
-def long_context_table(records: Collection | Sequence[RunRecord]) -> Table:
+def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFrame:
     """Per prompt length: `pd_ppl` perplexity and `passkey` accuracy next to the KV bytes sent per
     request (disaggregated; unified sends nothing)."""
     col = _as_collection(records)
@@ -233,26 +237,26 @@ def long_context_table(records: Collection | Sequence[RunRecord]) -> Table:
     groups = []
     for title, rs in _groups(col, recs):
         dense = next((r for r in rs if r.method == "unpruned"), None)
-        g = Group(title)
+        g: list[list[CellSpec]] = []
         for r in rs:
-            row = [Cell(col.label(r)), Cell(removed_text(r))]
+            row = [cell(col.label(r)), cell(removed_text(r))]
             for task, m, setting in cols:
                 v = r.scores.get(task, {}).get(m, {}).get("value")
                 row.append(_fmt(v, "ppl" if task == "pd_ppl" else "acc"))
                 b = _per_request(r, task, setting)
                 ref = _per_request(dense, task, setting) if dense else None
-                row.append(Cell("—") if b is None else Cell(f"{b / MIB:,.1f}" + (f" ({ref / b:.2f}×)" if ref and b else ""), b))
-            g.rows.append(row)
-        groups.append(g)
+                row.append(cell("—") if b is None else cell(f"{b / MIB:,.1f}" + (f" ({ref / b:.2f}×)" if ref and b else ""), b))
+            g.append(row)
+        groups.append((title, g))
     conts = sorted({str(r.lm_eval.get("tasks", {}).get("pd_ppl", {}).get("harness_task", {}).get("options", {}).get("cont_tokens"))
                     for r in recs if "pd_ppl" in r.scores})
     caption = (f"Long-context workloads. PPL: token perplexity of {'/'.join(conts) or 'the'} continuation tokens after a "
                "T-token WikiText-2 prompt (pd_ppl); passkey %: exact retrieval of a 5-digit key from an L-token prompt. "
                "KV/req: bytes the prefill stage sends per request (reduction versus unpruned in brackets; unified sends nothing).")
-    t = Table("long_context", caption, head, groups)
+    t = make_table("long_context", caption, head, groups)
     for j, (task, _, _) in enumerate(cols):
-        t.bold_best(2 + 2 * j, lower_is_better=task == "pd_ppl")
-        t.bold_best(3 + 2 * j, lower_is_better=True)
+        bold_best(t, head[2 + 2 * j], lower_is_better=task == "pd_ppl")
+        bold_best(t, head[3 + 2 * j], lower_is_better=True)
     return t
 
 
@@ -274,18 +278,18 @@ def _policy_text(kv: dict) -> str:
     return policy.describe()
 
 
-def plans_table(records: Collection | Sequence[RunRecord]) -> Table:
+def plans_table(records: Collection | Sequence[RunRecord]) -> pd.DataFrame:
     """Which blocks each method removed in each stage, and its KV policy."""
     col = _as_collection(records)
     seen, groups = set(), []
     for title, rs in _groups(col, col.quality or col.latency):
-        g = Group(title)
+        g = []
         for r in rs:
             p = r.plan
             pol = _policy_text(p.get("kv_policy") or {})
-            g.rows.append([Cell(col.label(r)), Cell(removed_text(r)), Cell(_layers(p.get("removed_prefill", []))),
-                           Cell(_layers(p.get("removed_decode", []))), Cell(pol)])
+            g.append([cell(col.label(r)), cell(removed_text(r)), cell(_layers(p.get("removed_prefill", []))),
+                      cell(_layers(p.get("removed_decode", []))), cell(pol)])
             seen.add(r.method)
-        groups.append(g)
-    return Table("plans", "Blocks removed per stage (indices in the unpruned model) and the KV policy of the handoff.",
-                 ["Method", "Removed", "Removed (prefill)", "Removed (decode)", "KV policy"], groups, align="lllll")
+        groups.append((title, g))
+    return make_table("plans", "Blocks removed per stage (indices in the unpruned model) and the KV policy of the handoff.",
+                      ["Method", "Removed", "Removed (prefill)", "Removed (decode)", "KV policy"], groups, align="lllll")

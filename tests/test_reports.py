@@ -14,7 +14,7 @@ from conftest import ROOT
 
 from harness.records import RunRecord, load_dir, save, save_failure
 from reports.collect import ReportError, collect
-from reports.table import to_csv, to_latex, to_markdown
+from reports.formats import groups, rows, to_csv, to_html, to_latex, to_markdown
 from reports.tables import efficiency_table, long_context_table, plans_table, quality_table
 
 QUALITY = ROOT / "results" / "issue3" / "default"
@@ -43,33 +43,56 @@ def test_quality_table_conventions_bold_and_average():
             _fake("x", "disaggregated", {"hellaswag": {"acc": 0.45, "acc_norm": 0.30}, "boolq": {"acc": 0.70}}, removed=(1,),
                   kv={"hellaswag": {"kv_bytes": 100, "handoffs": 4}, "boolq": {"kv_bytes": 50, "handoffs": 2}})]
     paper = quality_table(recs, "paper")
-    rows = {r[0].text: r for r in paper.groups[0].rows}
-    assert [c.text for c in rows["unpruned"][2:]] == ["50.0", "60.0", "55.0", "1.00×"]  # HellaSwag acc_norm, BoolQ, avg, KV
-    assert [c.text for c in rows["x"][2:]] == ["30.0", "70.0", "50.0", "4.00×"]
-    assert rows["unpruned"][2].bold and not rows["x"][2].bold and rows["x"][3].bold and rows["x"][5].bold
-    assert "acc_norm for HellaSwag" in paper.caption and paper.groups[0].title == "PD-disaggregated"
+    text, bold = rows(paper).set_index("Method"), rows(paper, field="bold").set_index(rows(paper)["Method"])
+    assert list(text.columns) == ["Removed", "HellaSwag", "BoolQ", "Avg", "KV ×"]
+    assert list(text.loc["unpruned"][1:]) == ["50.0", "60.0", "55.0", "1.00×"]  # HellaSwag acc_norm, BoolQ, avg, KV
+    assert list(text.loc["x"][1:]) == ["30.0", "70.0", "50.0", "4.00×"]
+    assert bold.loc["unpruned", "HellaSwag"] and not bold.loc["x", "HellaSwag"] and bold.loc["x", "BoolQ"] and bold.loc["x", "KV ×"]
+    assert "acc_norm for HellaSwag" in paper.attrs["caption"] and groups(paper) == ["PD-disaggregated"]
     acc = quality_table(recs, "acc")
-    assert [c.text for c in acc.groups[0].rows[1][2:4]] == ["45.0", "70.0"] and "acc everywhere" in acc.caption
+    assert list(rows(acc).loc[1, ["HellaSwag", "BoolQ"]]) == ["45.0", "70.0"] and "acc everywhere" in acc.attrs["caption"]
     with pytest.raises(ReportError, match="unknown metric convention 'f1'; expected one of paper, acc_norm, acc"):
         quality_table(recs, "f1")
+
+
+def test_formats_escape_and_group_rows_and_bold_the_same_cells_everywhere():
+    from reports.formats import bold_best, cell, make_table
+
+    t = make_table("x_y", "a <caption> & 50% ± 1", ["Method", "Removed", "Score"],
+                   [("G <1>", [[cell("a_b"), cell("1"), cell("2.0", 2.0)], [cell("c"), cell("1"), cell("3.0", 3.0)]]),
+                    ("", [[cell("d"), cell("2"), cell("—")]])])  # "": no heading row
+    bold_best(t, "Score")
+    assert to_markdown(t).splitlines()[2:] == ["| Method | Removed | Score |", "|---|---|---|", "| **G <1>** |  |  |",
+                                               "| a_b | 1 | 2.0 |", "| c | 1 | **3.0** |", "| d | 2 | — |"]
+    tex = to_latex(t)
+    assert r"\caption{a <caption> \& 50\% $\pm$ 1}" in tex and r"\label{tab:x_y}" in tex
+    body = tex.split("\\midrule\n", 1)[1].split("\\bottomrule")[0].splitlines()
+    assert body == [r"\multicolumn{3}{l}{\textit{G <1>}} \\", r"a\_b & 1 & 2.0 \\", r"c & 1 & \textbf{3.0} \\", r"\midrule",
+                    r"d & 2 & -- \\"]
+    html = to_html(t)
+    assert "<caption>a &lt;caption&gt; &amp; 50% ± 1</caption>" in html and "<script" not in html
+    assert html.count('<tr class="group">') == 1 and '<tr class="group"><th colspan="3">G &lt;1&gt;</th></tr>' in html
+    assert html.split("<tbody>")[1].count("<tr") == 4 and re.search(r"#T_x_y_row1_col2 \{\s*font-weight: bold;", html)
+    assert "font-weight" not in html.replace("#T_x_y_row1_col2 {\n  font-weight", "")  # only c's score is bold
+    assert to_csv(t).splitlines() == ["group,Method,Removed,Score", "G <1>,a_b,1,2.0", "G <1>,c,1,3.0", ",d,2,—"]
 
 
 def test_tables_from_stored_records_in_three_formats():
     col = collect([QUALITY, LATENCY])
     q, e, lc, pl = quality_table(col), efficiency_table(col, 100), long_context_table(col), plans_table(col)
-    assert [g.title for g in q.groups] == ["PD-disaggregated", "PD-unified"]
-    assert [r[0].text for r in q.groups[0].rows] == ["unpruned", "pdtrim", "shortgpt"]  # 0 blocks first, then 4 / 8, then 8
+    assert groups(q) == ["PD-disaggregated", "PD-unified"]
+    assert list(rows(q)["Method"]) == ["unpruned", "pdtrim", "shortgpt"]  # 0 blocks first, then 4 / 8, then 8
     md = to_markdown(q)
     assert "| pdtrim | 4 / 8 | 39.0 | 23.0 |" in md and "**49.0**" in md
     # efficiency: ratios are computed from the records, not copied
     unp = load_dir(LATENCY)
     ttft = {r.method: r.scores["latency_T2048_n32_b1"]["ttft_ms_p50"]["value"] for r in unp}
-    g = next(g for g in e.groups if "prompt 2048" in g.title)
-    row = next(r for r in g.rows if r[0].text == "shortgpt")
-    assert row[7].value == pytest.approx(ttft["unpruned"] / ttft["shortgpt"])
-    assert next(r for r in g.rows if r[0].text == "pdtrim")[6].text == "3.56×"  # 90 MiB / 25.3 MiB at T=2048
-    assert "PPL T2048" in lc.columns and any("25.3 (3.56×)" in c.text for r in lc.groups[0].rows for c in r)
-    assert any(r[3].text == "3 4 5 7 16 17 25 26" for r in pl.groups[0].rows)
+    g = next(i for i, title in enumerate(groups(e)) if "prompt 2048" in title)
+    text, value = rows(e, g).set_index("Method"), rows(e, g, "value").set_index(rows(e, g)["Method"])
+    assert value.loc["shortgpt", "TTFT speedup"] == pytest.approx(ttft["unpruned"] / ttft["shortgpt"])
+    assert text.loc["pdtrim", "KV reduction"] == "3.56×"  # 90 MiB / 25.3 MiB at T=2048
+    assert "PPL T2048" in lc.attrs["columns"] and lc.loc[lc["group"] == 0, "text"].str.contains("25.3 (3.56×)", regex=False).any()
+    assert "3 4 5 7 16 17 25 26" in list(rows(pl)["Removed (decode)"])
     csv_text = to_csv(q)
     assert csv_text.splitlines()[0].startswith("group,Method,Removed,ARC-e") and ",49.0," in csv_text
 
@@ -90,7 +113,7 @@ def test_latex_tables_compile(tmp_path):
     col = collect([QUALITY, LATENCY])
     tables = [quality_table(col), efficiency_table(col), long_context_table(col), plans_table(col)]
     for t in tables:
-        _check_latex_structure(to_latex(t), len(t.columns))
+        _check_latex_structure(to_latex(t), len(t.attrs["columns"]))
     pdflatex = shutil.which("pdflatex")
     assert pdflatex, "pdflatex missing: .ci/run installs texlive-latex-base and texlive-latex-recommended"
     doc = ("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n"
@@ -179,7 +202,7 @@ def test_plans_table_describes_every_kv_policy_kind():
         r = _fake(name, "disaggregated", {"boolq": {"acc": 0.5}})
         r.plan["kv_policy"] = pol.to_dict()
         recs.append(r)
-    text = {r[0].text: r[4].text for r in plans_table(recs).groups[0].rows}
+    text = dict(rows(plans_table(recs)).set_index("Method")["KV policy"])
     assert text["pdtrim"] == "first 2 + last 6 in layers 1 3" and text["unpruned"] == "all positions"
     assert text["snapkv"].startswith("snapkv (window 8, avg-pool 3, per KV head), budget = bytes of first 2 + last 6 in 2 layers")
 

@@ -1,0 +1,186 @@
+"""Tables as tidy pandas rows, pivoted and rendered to Markdown, LaTeX (booktabs), CSV and HTML.
+
+A table is a `pandas.DataFrame` with one row per cell (`CELL_FIELDS`): the group it belongs to
+(position and title, e.g. "SmolLM2-135M · PD-disaggregated"; "" = no heading), the row number, the
+column name, the shown text, the raw value and whether it is bold. `frame.attrs` holds the table's
+name (file stem and LaTeX label), caption, column order and LaTeX column spec.
+
+Keeping the raw value next to the shown text lets CSV carry numbers while Markdown and LaTeX carry
+the rounded figure, and lets "best in column" be decided on values, not strings. Each renderer
+pivots the cells to the wide layout (`wide`); LaTeX and HTML go through `Styler`, Markdown is a few
+lines here (pandas' `to_markdown` needs `tabulate`, which is not a dependency, and re-parses and
+re-pads numbers, so "39.0" would not stay "39.0").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from html import escape
+
+import jinja2
+import numpy as np
+import pandas as pd
+from pandas.io.formats.style import Styler
+
+CELL_FIELDS = ["group", "title", "row", "column", "text", "value", "bold"]
+INDEX = ["group", "title", "row"]
+
+# one cell as a builder writes it: (shown text, raw value or None when the text is the value)
+CellSpec = tuple[str, object]
+
+
+def cell(text: str, value: object = None) -> CellSpec:
+    return (text, value)
+
+
+def make_table(name: str, caption: str, columns: Sequence[str], groups: Sequence[tuple[str, Sequence[Sequence[CellSpec]]]],
+               align: str = "") -> pd.DataFrame:
+    """The tidy cells of a table: `groups` is [(title, rows)], each row one `cell` per column.
+    `align` is the LaTeX column spec; default: first two left, the rest right."""
+    n = len(columns)
+    records, i = [], 0
+    for g, (title, rows) in enumerate(groups):
+        for row in rows:
+            assert len(row) == n, f"{name}: a row of {len(row)} cells for {n} columns"
+            records += [(g, title, i, c, text, value, False) for c, (text, value) in zip(columns, row)]
+            i += 1
+    t = pd.DataFrame.from_records(records, columns=CELL_FIELDS)
+    t["value"] = t["value"].astype(object)  # numbers and None side by side; None: CSV writes the text
+    t.attrs.update(name=name, caption=caption, columns=list(columns), align=align or ("ll" + "r" * (n - 2) if n > 2 else "l" * n))
+    return t
+
+
+def bold_best(t: pd.DataFrame, column: str, lower_is_better: bool = False) -> None:
+    """Bold the best numeric value of `column` within each group (ties all bold; a group needs two
+    numbers to have a best)."""
+    sel = t["column"] == column
+    nums = pd.to_numeric(t.loc[sel, "value"].where(t.loc[sel, "value"].map(_is_number)), errors="coerce")
+    by = nums.groupby(t.loc[sel, "group"])
+    best = by.transform("min" if lower_is_better else "max")
+    enough = by.transform("count") >= 2
+    hit = enough & ((nums - best).abs() <= 1e-12 * np.maximum(1.0, best.abs()))
+    t.loc[hit[hit].index, "bold"] = True
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def wide(t: pd.DataFrame, field: str = "text") -> pd.DataFrame:
+    """One field of the cells pivoted to the table's layout: index (group, title, row), the
+    table's columns in order."""
+    if t.empty:  # pivot of nothing has no index levels
+        return pd.DataFrame(columns=t.attrs["columns"], index=pd.MultiIndex.from_arrays([[], [], []], names=INDEX))
+    return t.pivot(index=INDEX, columns="column", values=field).reindex(columns=t.attrs["columns"])
+
+
+def groups(t: pd.DataFrame) -> list[str]:
+    """Group titles in order."""
+    return t.drop_duplicates("group")["title"].tolist()
+
+
+def rows(t: pd.DataFrame, group: int = 0, field: str = "text") -> pd.DataFrame:
+    """One field (text, value or bold) of the rows of the `group`-th group in the table's layout,
+    numbered from 0."""
+    w = wide(t, field)
+    return w[w.index.get_level_values("group") == group].reset_index(drop=True)
+
+
+def _group_blocks(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(title, rows) per group of a `wide` frame, in order."""
+    return [(title, block) for (_, title), block in frame.groupby(level=["group", "title"], sort=True)]
+
+
+def to_markdown(t: pd.DataFrame) -> str:
+    """GitHub Markdown: caption in italics above, a group heading row (bold) before each group."""
+    cols = t.attrs["columns"]
+    out = [f"*{t.attrs['caption']}*", "", "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
+    text = wide(t, "text")
+    shown = text.mask(wide(t, "bold").astype(bool), "**" + text + "**")
+    for title, block in _group_blocks(shown):
+        if title:
+            out.append("| " + " | ".join([f"**{title}**"] + [""] * (len(cols) - 1)) + " |")
+        out += ["| " + " | ".join(r) + " |" for r in block.itertuples(index=False)]
+    return "\n".join(out)
+
+
+def to_csv(t: pd.DataFrame) -> str:
+    """Tidy-ish CSV: a `group` column, then the table's columns with raw values where known."""
+    text, value = wide(t, "text"), wide(t, "value")
+    out = value.where(value.notna(), text)
+    out.insert(0, "group", out.index.get_level_values("title"))
+    return out.to_csv(index=False, lineterminator="\n")
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_LATEX_SYMBOLS = {"×": r"$\times$", "—": "--", "–": "--", "±": r"$\pm$", "≥": r"$\geq$", "≤": r"$\leq$", "÷": r"$\div$",
+                  "·": r"$\cdot$", "→": r"$\rightarrow$", "⊆": r"$\subseteq$", "µ": r"$\mu$"}
+
+
+def latex_escape(s: str) -> str:
+    """LaTeX special characters escaped and the symbols the tables use (×, —, ±, ...) written as
+    T1/math commands. pandas' own escape="latex" leaves the symbols as Unicode, which pdflatex's
+    default input encoding does not typeset."""
+    out = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in s)
+    for sym, rep in _LATEX_SYMBOLS.items():
+        out = out.replace(sym, rep)
+    return out
+
+
+def to_latex(t: pd.DataFrame) -> str:
+    """A `table` float with a booktabs `tabular`; needs `\\usepackage{booktabs}` only."""
+    text, bold = wide(t, "text"), wide(t, "bold").astype(bool)
+    st = text.style.hide(axis="index").format(latex_escape).format_index(latex_escape, axis="columns")
+    st.apply(lambda _: np.where(bold, "textbf: --rwrap;", ""), axis=None)
+    st.set_table_styles([{"selector": "small", "props": ":"}])  # Styler writes it after the caption and before the label
+    tex = st.to_latex(environment="table", position="t", position_float="centering", hrules=True, column_format=t.attrs["align"],
+                      caption=latex_escape(t.attrs["caption"]), label=f"tab:{t.attrs['name']}")
+    return _latex_group_headings(tex, [(title, len(block)) for title, block in _group_blocks(text)], len(text.columns))
+
+
+def _latex_group_headings(tex: str, sizes: list[tuple[str, int]], n_cols: int) -> str:
+    """Insert each group's heading (a `\\multicolumn` row in italics) and a `\\midrule` between groups
+    into Styler's output, which has one line per body row after the header's `\\midrule`: a Styler
+    row cannot span columns."""
+    lines = tex.splitlines()
+    at = lines.index(r"\midrule") + 1
+    out = lines[:at]
+    for i, (title, n) in enumerate(sizes):
+        if i:
+            out.append(r"\midrule")
+        if title:
+            out.append(rf"\multicolumn{{{n_cols}}}{{l}}{{\textit{{{latex_escape(title)}}}}} \\")
+        out += lines[at:at + n]
+        at += n
+    return "\n".join(out + lines[at:]) + "\n"
+
+
+# Styler's HTML table with a heading row (spanning all columns) before each group's first row: the
+# index (group, title, row) is hidden but its cells are still in each row `r` of the template.
+_HTML_GROUPED = """{% extends "html_table.tpl" %}
+{% block tr %}
+{% if r[1].display_value and (loop.first or loop.previtem[0].value != r[0].value) %}
+    <tr class="group"><th colspan="{{ r | selectattr('type', 'equalto', 'td') | list | length }}">{{ r[1].display_value }}</th></tr>
+{% endif %}
+{{ super() -}}
+{% endblock tr %}
+"""
+
+
+class _GroupedStyler(Styler):
+    env = jinja2.Environment(loader=jinja2.ChoiceLoader([jinja2.DictLoader({"grouped.tpl": _HTML_GROUPED}), Styler.loader]),
+                             trim_blocks=True)
+    template_html_table = env.get_template("grouped.tpl")
+
+
+def to_html(t: pd.DataFrame) -> str:
+    """An HTML `<table class="results">` (escaped) with a caption; group headings span all columns;
+    bold and alignment as CSS in the `<style>` block Styler writes before the table."""
+    text, bold = wide(t, "text"), wide(t, "bold").astype(bool)
+    st = _GroupedStyler(text, uuid=t.attrs["name"], caption=escape(t.attrs["caption"]), table_attributes='class="results"')
+    st.hide(axis="index").format(escape="html").format_index(escape="html", axis="index").format_index(escape="html", axis="columns")
+    st.apply(lambda _: np.where(bold, "font-weight: bold", ""), axis=None)
+    st.set_table_styles([{"selector": f"td.col{j}", "props": f"text-align: {'left' if a == 'l' else 'right'}"}
+                         for j, a in enumerate(t.attrs["align"])])
+    return f'<div class="scroll" id="table-{escape(t.attrs["name"])}">\n{st.to_html().strip()}\n</div>'
