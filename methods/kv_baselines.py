@@ -147,9 +147,10 @@ def baseline_method(policy_cls: type) -> type[KVBaseline]:
         if f.name != "budget":
             default = policy_cls.dict_defaults.get(f.name, f.default)
             fields.append((f.name, type(default), dataclasses.field(default=default)))
-    config = dataclasses.make_dataclass("Config", fields, frozen=True)
-    config.__qualname__ = f"{policy_cls.method_name}.Config"
-    return type(policy_cls.method_name, (KVBaseline,), {
+    cls_name = f"{policy_cls.__name__}Baseline"  # a module attribute (below): importable and picklable by name
+    config = dataclasses.make_dataclass("Config", fields, frozen=True, namespace={"__module__": __name__})
+    config.__qualname__ = f"{cls_name}.Config"
+    return type(cls_name, (KVBaseline,), {
         "name": policy_cls.method_name, "summary": policy_cls.method_summary, "policy_cls": policy_cls,
         "kind": policy_cls.name, "Config": config, "__module__": __name__,
         "__doc__": f"KV baseline: the base plan's layers with the `{policy_cls.name}` KV policy (harness/kv/)."})
@@ -157,4 +158,5 @@ def baseline_method(policy_cls: type) -> type[KVBaseline]:
 
 for _name in policy_names():
     if get_policy(_name).method_name:
-        register(baseline_method(get_policy(_name)))
+        _cls = register(baseline_method(get_policy(_name)))
+        globals()[_cls.__name__] = _cls  # e.g. SnapKVBaseline, StreamingBaseline

@@ -6,6 +6,7 @@ a per-head selection against the dense model with those key positions masked per
 """
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -481,6 +482,12 @@ def test_every_policy_roundtrips_and_is_registered_once():
         pol = cls() if cls.matchable else cls(budget=KVBudget(match=PDTRIM_LIKE))
         assert policy_from_dict(pol.to_dict()) == pol and KVPolicy.from_dict(pol.to_dict()) == pol
         assert pol.kind == name and isinstance(pol, KVPolicy) and pol.describe()
+        assert pickle.loads(pickle.dumps(pol)) == pol
+        if cls.method_name:  # the generated method class and its Config are module attributes: picklable by name
+            import methods
+
+            config = methods.get(cls.method_name).Config()
+            assert pickle.loads(pickle.dumps(config)) == config
 
 
 def test_snapkv_order_key_is_written_only_when_not_the_records_order():
