@@ -18,7 +18,7 @@ from torch import nn
 from harness import arch
 from harness.cache import PDCache
 from harness.engine import final_logits, make_handoff, run_layers
-from harness.plan import PruningPlan
+from harness.plan import KVPolicy, PruningPlan
 
 PROBE_NAME = "harness_attention_probe"
 
@@ -80,7 +80,7 @@ def first_last_shares(
     cache = PDCache(retain=plan.decode_layers)
     h = run_layers(model, plan.prefill_layers, ids, pos, pos < lengths[:, None], cache)
     tok = final_logits(model, h[torch.arange(len(prompts), device=device), lengths - 1]).argmax(-1)
-    dense_plan = plan.replace(kv_policy=type(plan.kv_policy)())
+    dense_plan = plan.replace(kv_policy=KVPolicy())  # every position (the probe's own reference)
     dcache = make_handoff(cache, dense_plan, lengths).to_cache()
     probe = _Probe(n_first, n_last, lengths)
     probe.cache = dcache

@@ -27,7 +27,8 @@ class PDCache:
     see after its update (used to build its attention mask), and the layer's attention calls
     `update`. Layers whose columns hold the same positions share one positions tensor object,
     so masks can be built once per distinct pattern. `window_scores` holds, for layers observed by
-    `harness.kv_select.observe_prefill`, a score per (row, KV head, column) read by the handoff.
+    `harness.kv_select.observe_prefill`, the attention record the KV policy asked for (per row, KV
+    head [, query head of its group] and column), read by the handoff.
     """
 
     def __init__(self, retain: Iterable[int] | None = None) -> None:
@@ -88,7 +89,7 @@ class PDCache:
         return sum(t.numel() * t.element_size() for d in (self.keys, self.values) for t in d.values())
 
     def set_window_scores(self, layer_idx: int, scores: torch.Tensor) -> None:
-        """Record per-column scores (batch, kv_heads, columns) of a prefill layer (for the handoff)."""
+        """Record per-column scores (batch, kv_heads[, group], columns) of a prefill layer (for the handoff)."""
         self.window_scores[layer_idx] = scores
 
     def frozen(self) -> PDCache:

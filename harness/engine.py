@@ -171,16 +171,6 @@ def _per_token_bytes(packed: torch.Tensor) -> int:
     return n * packed.element_size()
 
 
-def keep_mask(positions: torch.Tensor, lengths: torch.Tensor, policy: KVPolicy, selected: bool) -> torch.Tensor:
-    """Which prompt columns (requests, T) a layer sends: valid ones, first/last only if `selected`."""
-    valid = positions >= 0
-    if not selected:
-        return valid
-    first = positions < policy.n_first
-    last = positions >= (lengths - policy.n_last)[:, None]
-    return valid & (first | last)
-
-
 @torch.inference_mode()
 def make_handoff(
     cache: PDCache, plan: PruningPlan, lengths: torch.Tensor, rows: torch.Tensor | None = None
@@ -188,8 +178,8 @@ def make_handoff(
     """Pack the prefill cache's KV of `plan.decode_layers` for requests `rows`, applying the KV policy.
 
     Args:
-        cache: prefill cache; batch rows are prefilled prompts. A `snapkv` policy also reads its
-            `window_scores` (prefill run inside `kv_select.observe_prefill`).
+        cache: prefill cache; batch rows are prefilled prompts. A policy with an `observation()`
+            also reads its `window_scores` (prefill run inside `kv_select.observe_prefill`).
         lengths: (prefill batch,) prompt tokens per prefill row.
         rows: (requests,) prefill row of each request; several requests may share one prompt.
     """
@@ -197,6 +187,7 @@ def make_handoff(
         rows = torch.arange(lengths.shape[0], device=lengths.device)
     req_len = lengths.index_select(0, rows)
     policy = plan.kv_policy
+    observes = policy.observation() is not None
     budgets = kv_select.layer_budgets(policy, plan.decode_layers, req_len)
     keys, values, positions, counts = {}, {}, {}, {}
     patterns: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -205,32 +196,36 @@ def make_handoff(
             raise KeyError(f"layer {l} has no prefill KV (prefill ran {cache.layers})")
         src_pos = cache.positions[l]
         k = torch.tensor(budgets[l], device=req_len.device, dtype=torch.long)
+        observed = _observed(cache, policy, l, rows) if observes else None
         if policy.per_head:
-            scores = cache.window_scores.get(l)
-            if scores is None:
-                raise RuntimeError(f"{policy.kind} policy: layer {l} has no prefill window scores; run the prefill "
-                                   "inside harness.kv_select.observe_prefill(model, plan, cache, lengths)")
             pos = src_pos.index_select(0, rows)
-            keep = kv_select.snapkv_keep(scores.index_select(0, rows), pos, req_len, k, policy.window, policy.kernel,
-                                         policy.pooling)
+            keep = policy.keep(l, pos, req_len, k, observed)
             keys[l], values[l], positions[l] = _pack_per_head(keep, pos, k, cache.keys[l].index_select(0, rows),
                                                               cache.values[l].index_select(0, rows))
             counts[l] = k
             continue
-        # the keep pattern of a head-shared policy is fixed by the source positions and the counts
+        # without observations, a head-shared keep pattern is fixed by the source positions and the counts
         key = (id(src_pos), budgets[l])
-        hit = patterns.get(key)
+        hit = None if observes else patterns.get(key)
         if hit is None:
             pos = src_pos.index_select(0, rows)
-            if policy.kind == "first_last":
-                keep = keep_mask(pos, req_len, policy, l in set(policy.layers))
-            else:
-                keep = kv_select.streaming_keep(pos, req_len, k, policy.n_sink)
-            hit = patterns[key] = (keep, pos[keep], keep.sum(dim=1))
+            keep = policy.keep(l, pos, req_len, k, observed)
+            hit = (keep, pos[keep], keep.sum(dim=1))
+            if not observes:
+                patterns[key] = hit
         keep, positions[l], counts[l] = hit
         for src, dst in ((cache.keys, keys), (cache.values, values)):
             dst[l] = src[l].index_select(0, rows).transpose(1, 2)[keep].contiguous()
     return Handoff(keys, values, positions, counts, n_requests=int(rows.shape[0]))
+
+
+def _observed(cache: PDCache, policy: KVPolicy, layer: int, rows: torch.Tensor) -> torch.Tensor:
+    """The prefill attention record of `layer` (`KVPolicy.observation`) for requests `rows`."""
+    scores = cache.window_scores.get(layer)
+    if scores is None:
+        raise RuntimeError(f"{policy.kind} policy: layer {layer} has no prefill window scores; run the prefill "
+                           "inside harness.kv_select.observe_prefill(model, plan, cache, lengths)")
+    return scores.index_select(0, rows)
 
 
 def _pack_per_head(

@@ -222,16 +222,6 @@ def _replacement(method, plan, model, hooks_before: dict[str, int]):
                        {k: rep[k] for k in ("mse_before", "mse_after", "steps", "installed") if k in rep})
 
 
-def _remap_policy(d: dict[str, Any], index: dict[int, int]) -> dict[str, Any]:
-    """A `KVPolicy.to_dict()` with its layer lists (`layers`, `budget.match.layers`) renumbered by `index`."""
-    out = dict(d)
-    if "layers" in out:
-        out["layers"] = [index[i] for i in out["layers"]]
-    if "budget" in out and "match" in out["budget"]:
-        out["budget"] = {**out["budget"], "match": _remap_policy(out["budget"]["match"], index)}
-    return out
-
-
 def build_manifest(prefill, decode, plan) -> dict[str, Any]:
     """The PD part of manifest.json from the two checkpoints' slots (harness.checkpoint.Slot)."""
     where = {s.key: j for j, s in enumerate(prefill)}
@@ -249,7 +239,8 @@ def build_manifest(prefill, decode, plan) -> dict[str, Any]:
         "layer_map": [{"decode_layer": i, "prefill_layer": j, "source_layer": s.original} for i, (s, j) in enumerate(zip(decode, kv_from))],
         "prefill_layers_not_sent": sorted(set(range(len(prefill))) - set(kv_from)),
         "kv_policy": {"description": plan.kv_policy.describe(), "source_index": policy,
-                      "prefill_index": _remap_policy(policy, src_prefill), "decode_index": _remap_policy(policy, src_decode)},
+                      "prefill_index": plan.kv_policy.remap_layers(src_prefill).to_dict(),
+                      "decode_index": plan.kv_policy.remap_layers(src_decode).to_dict()},
         "first_token": "prefill",
     }
 

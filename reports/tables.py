@@ -265,17 +265,14 @@ def _layers(xs: list[int]) -> str:
 
 
 def _policy_text(kv: dict) -> str:
-    """Readable KV policy of a stored plan (any kind; older records have no `kind`)."""
-    from harness.plan import KVPolicy  # torch-free
+    """Readable KV policy of a stored plan (any kind; older records have no `kind`): the policy's own text."""
+    from harness.kv import policy_from_dict  # torch-free
 
     try:
-        policy = KVPolicy.from_dict(kv)
+        policy = policy_from_dict(kv)
     except (KeyError, TypeError, ValueError):
         return str(kv)
-    if policy.kind == "first_last":
-        return "all positions" if policy.keeps_all else \
-            f"first {policy.n_first} + last {policy.n_last} in layers {_layers(list(policy.layers))}"
-    return policy.describe()
+    return policy.table_text()
 
 
 def plans_table(records: Collection | Sequence[RunRecord]) -> pd.DataFrame:

@@ -6,6 +6,7 @@ a per-head selection against the dense model with those key positions masked per
 """
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -81,7 +82,7 @@ def test_old_records_load_and_policies_roundtrip():
     (lambda: KVPolicy(kind="streaming"), "needs a budget"),
     (lambda: KVPolicy(1, 1, (0,), budget=KVBudget(tokens=2)), "no budget"),
     (lambda: snapkv(KVBudget(tokens=2), kernel=4), "odd kernel"),
-    (lambda: KVPolicy(kind="h2o", budget=KVBudget(tokens=2)), "kind must be one of"),
+    (lambda: KVPolicy(kind="no_such_policy", budget=KVBudget(tokens=2)), "kind must be one of"),
     (lambda: PruningPlan("x", 4, ALL, (0, 1), streaming(KVBudget(match=PDTRIM_LIKE))), "budget.match.layers"),
 ])
 def test_invalid_policies_are_rejected(make, message):
@@ -203,15 +204,11 @@ def rotate(x, pos, theta):
     return x * cos + torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1) * sin
 
 
-def snapkv_reference(model, prompt, layer, k, window, kernel, pooling):
-    """Per KV head: the positions SnapKV keeps, computed from the layer's weights for one prompt alone."""
+def prompt_attention(model, prompt, layer):
+    """probs[h][t]: query head h's causal softmax at prompt position t over keys 0..t (float64, from the weights)."""
     cfg = model.config
     T, H, G = len(prompt), cfg.num_attention_heads, cfg.num_key_value_heads
     d = cfg.hidden_size // H
-    if k >= T:
-        return [list(range(T))] * G
-    if k <= window:
-        return [list(range(T - k, T))] * G
     with torch.inference_mode():
         h_in = model.model(torch.tensor([prompt]), output_hidden_states=True).hidden_states[layer][0]
         blk = model.model.layers[layer]
@@ -222,27 +219,49 @@ def snapkv_reference(model, prompt, layer, k, window, kernel, pooling):
     theta = cfg.rope_parameters["rope_theta"]
     assert cfg.rope_parameters["rope_type"] == "default"
     q, kk = rotate(q, pos, theta), rotate(kk, pos, theta)
+    return [[torch.softmax(kk[: t + 1, h // (H // G)] @ q[t, h] / math.sqrt(d), dim=0) for t in range(T)] for h in range(H)]
+
+
+def snapkv_reference(model, prompt, layer, k, window, kernel, pooling, order="mean_then_pool"):
+    """Per KV head: the positions SnapKV keeps, computed from the layer's weights for one prompt alone.
+
+    `order`: average the group's votes, then pool (mean_then_pool), or pool each query head's votes,
+    then average (pool_then_mean, SnapKV's reference code)."""
+    cfg = model.config
+    T, H, G = len(prompt), cfg.num_attention_heads, cfg.num_key_value_heads
+    if k >= T:
+        return [list(range(T))] * G
+    if k <= window:
+        return [list(range(T - k, T))] * G
+    probs = prompt_attention(model, prompt, layer)
+    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
     out = []
     for g in range(G):
-        votes = torch.zeros(T, dtype=torch.float64)
+        heads = []
         for head in range(g * (H // G), (g + 1) * (H // G)):
+            votes = torch.zeros(T, dtype=torch.float64)
             for t in range(T - window, T):  # window query at position t sees keys 0..t
-                w = torch.softmax(kk[: t + 1, g] @ q[t, head] / math.sqrt(d), dim=0)
-                votes[: t + 1] += w / (H // G)
-        prefix = votes[: T - window][None, None]
-        pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
-        pooled = pool(prefix, kernel, stride=1, padding=kernel // 2)[0, 0].tolist()
+                votes[: t + 1] += probs[head][t]
+            heads.append(votes[: T - window])
+        if order == "mean_then_pool":
+            prefix = (sum(heads) / len(heads))[None, None]
+            pooled = pool(prefix, kernel, stride=1, padding=kernel // 2)[0, 0].tolist()
+        else:
+            per_head = [pool(v[None, None], kernel, stride=1, padding=kernel // 2)[0, 0] for v in heads]
+            pooled = (sum(per_head) / len(per_head)).tolist()
         top = sorted(range(T - window), key=lambda c: (-pooled[c], c))[: k - window]
         out.append(sorted(top) + list(range(T - window, T)))
     return out
 
 
+@pytest.mark.parametrize("order", ["mean_then_pool", "pool_then_mean"])
 @pytest.mark.parametrize("pooling", ["max", "avg"])
-def test_snapkv_selection_equals_independent_criterion(tiny, pooling):
+def test_snapkv_selection_equals_independent_criterion(tiny, pooling, order):
     model = tiny.model
     torch.manual_seed(3)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (40, 23, 9, 14)]
-    pol = KVPolicy(kind="snapkv", budget=KVBudget(match=KVPolicy(2, 4, (2,))), window=5, kernel=3, pooling=pooling)
+    pol = KVPolicy(kind="snapkv", budget=KVBudget(match=KVPolicy(2, 4, (2,))), window=5, kernel=3, pooling=pooling,
+                   order=order)
     decode = (0, 2, 3)
     plan = PruningPlan("x", 4, ALL, decode, pol)
     cache, lengths, _ = prefill(model, plan, prompts)
@@ -252,7 +271,7 @@ def test_snapkv_selection_equals_independent_criterion(tiny, pooling):
         for layer, k in zip(decode, pol.layer_budgets(decode, len(p))):
             a, b = per_request(sent, layer, r)
             got = sent.positions[layer][a:b].T.tolist()  # per KV head, in position order
-            assert got == snapkv_reference(model, p, layer, k, 5, 3, pooling), (r, layer)
+            assert got == snapkv_reference(model, p, layer, k, 5, 3, pooling, order), (r, layer)
             for g, cols in enumerate(got):  # the K and V sent are the prefill's, at their original (rotated) positions
                 assert torch.equal(sent.keys[layer][a:b, g], cache.keys[layer][r, g, cols])
                 assert torch.equal(sent.values[layer][a:b, g], cache.values[layer][r, g, cols])
@@ -432,14 +451,49 @@ def test_method_options_are_checked():
     assert not m.needs_calibration and m.base.config.decode_layers == (0, 3)
 
 
-def test_docs_list_every_option_of_both_methods():
-    import dataclasses
-
+def test_docs_and_docstrings_document_every_option():
+    """Registry-driven (a new policy needs no edit here): the methods table of docs/kv_policies.md lists the
+    options every KV baseline shares; each policy's class docstring documents each of its own options."""
     from conftest import ROOT
 
     import methods
+    from harness.kv import get_policy, policy_names
+    from methods.kv_baselines import BASE_OPTIONS, KVBaseline
 
     table = (ROOT / "docs" / "kv_policies.md").read_text().split("## The methods", 1)[1].split("\n## ", 1)[0]
-    for name in ("streamingllm", "snapkv"):
-        missing = [f.name for f in dataclasses.fields(methods.get(name).Config) if f"`{f.name}`" not in table]
-        assert not missing, f"docs/kv_policies.md lacks {name} options {missing}"
+    missing = [name for name, _, _ in BASE_OPTIONS if f"`{name}`" not in table]
+    assert not missing, f"docs/kv_policies.md lacks the KV baselines' options {missing}"
+    for name in policy_names():
+        cls = get_policy(name)
+        undocumented = [o for o in cls.option_names() if f"- `{o}`:" not in (cls.__doc__ or "")]
+        assert not undocumented, f"{cls.__qualname__} ({name}) does not document options {undocumented} in its docstring"
+        if cls.method_name:
+            method = methods.get(cls.method_name)
+            assert issubclass(method, KVBaseline) and method.policy_cls is cls
+            assert method.summary == cls.method_summary != ""
+
+
+def test_every_policy_roundtrips_and_is_registered_once():
+    from harness.kv import get_policy, policy_from_dict, policy_names
+
+    assert policy_names()[0] == "first_last" and {"streaming", "snapkv"} <= set(policy_names())
+    for name in policy_names():
+        cls = get_policy(name)
+        pol = cls() if cls.matchable else cls(budget=KVBudget(match=PDTRIM_LIKE))
+        assert policy_from_dict(pol.to_dict()) == pol and KVPolicy.from_dict(pol.to_dict()) == pol
+        assert pol.kind == name and isinstance(pol, KVPolicy) and pol.describe()
+        assert pickle.loads(pickle.dumps(pol)) == pol
+        if cls.method_name:  # the generated method class and its Config are module attributes: picklable by name
+            import methods
+
+            config = methods.get(cls.method_name).Config()
+            assert pickle.loads(pickle.dumps(config)) == config
+
+
+def test_snapkv_order_key_is_written_only_when_not_the_records_order():
+    old = {"kind": "snapkv", "budget": {"tokens": 4}, "window": 32, "kernel": 7, "pooling": "max"}  # a pre-`order` record
+    pol = KVPolicy.from_dict(old)
+    assert pol.order == "mean_then_pool" and pol.to_dict() == old
+    assert not pol.observation().per_query_head
+    new = snapkv(KVBudget(tokens=4))
+    assert new.order == "pool_then_mean" and new.to_dict()["order"] == "pool_then_mean" and new.observation().per_query_head

@@ -32,6 +32,9 @@ TINY_OPTIONS = {
     "snapkv": {"base": "manual", "base_options": "prefill_layers=0,1,3 decode_layers=0,3 kv_layers=3 n_first=1 n_last=2",
                "window": 2, "kernel": 3},
 }
+for _name in methods.names():  # every other KV baseline (one per registered token-selection policy): the same base
+    if _name not in TINY_OPTIONS and getattr(methods.get(_name), "policy_cls", None) is not None:
+        TINY_OPTIONS[_name] = {"base": TINY_OPTIONS["streamingllm"]["base"], "base_options": TINY_OPTIONS["streamingllm"]["base_options"]}
 STAGE = {"k_prefill": 1, "k_decode": 2, "k_unified": 2}
 for _base in ("shortgpt", "sleb", "shortened_ppl", "shortened_taylor", "tail", "random"):
     TINY_OPTIONS[f"stage:{_base}"] = {**STAGE, **{k: v for k, v in TINY_OPTIONS.get(_base, {}).items() if k != "k"}}

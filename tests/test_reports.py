@@ -196,15 +196,17 @@ def test_plans_table_describes_every_kv_policy_kind():
     from harness.plan import KVBudget, KVPolicy
 
     first_last = KVPolicy(2, 6, (1, 3))
-    snap = KVPolicy(kind="snapkv", budget=KVBudget(match=first_last), window=8, kernel=3, pooling="avg")
+    snap = KVPolicy(kind="snapkv", budget=KVBudget(match=first_last), window=8, kernel=3, pooling="avg", order="mean_then_pool")
+    ref_order = KVPolicy(kind="snapkv", budget=KVBudget(tokens=5), window=8, kernel=3)  # SnapKV's order, the default
     recs = []
-    for name, pol in (("pdtrim", first_last), ("snapkv", snap), ("unpruned", KVPolicy())):
+    for name, pol in (("pdtrim", first_last), ("snapkv", snap), ("unpruned", KVPolicy()), ("snapkv2", ref_order)):
         r = _fake(name, "disaggregated", {"boolq": {"acc": 0.5}})
         r.plan["kv_policy"] = pol.to_dict()
         recs.append(r)
     text = dict(rows(plans_table(recs)).set_index("Method")["KV policy"])
     assert text["pdtrim"] == "first 2 + last 6 in layers 1 3" and text["unpruned"] == "all positions"
     assert text["snapkv"].startswith("snapkv (window 8, avg-pool 3, per KV head), budget = bytes of first 2 + last 6 in 2 layers")
+    assert text["snapkv2"] == "snapkv (window 8, max-pool 3, pooled per query head, per KV head), budget = 5 tokens per layer"
 
 
 SMOL = "SmolLM2-135M-Instruct (Q4_1, dequantised)"
