@@ -166,7 +166,7 @@ def measure(
 
     def prefill():  # a SnapKV-style policy's window scores are prefill work, timed with it
         out = staged.prefill(batch)
-        return out, staged.logits(out.hidden[:, -1]).argmax(-1)
+        return out, staged.logits(out.last_hidden).argmax(-1)
 
     for run in range(warmup + repeats):
         (out, tok), ttft = clock.time(prefill)

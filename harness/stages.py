@@ -32,22 +32,21 @@ class PrefillOut:
     """What the prefill stage produced for P prompts of at most T tokens.
 
     Attributes:
-        hidden: (P, T, hidden) output of the last prefill layer, before the final norm.
+        last_hidden: (P, hidden) output of the last prefill layer at each prompt's last token,
+            before the final norm: it predicts the first new token.
         cache: the prefill `PDCache`: K/V (P, kv_heads, T, head_dim) of the plan's decode layers
             with positions (P, T), -1 in padding columns; for a policy that reads the prefill's
             attention also its `window_scores`.
         lengths: (P,) long prompt tokens per row.
+        hidden: (P, T, hidden) that output at every position, only if asked for (`keep_hidden`):
+            callers score the last position, and holding every position through decoding would
+            raise peak memory by P · T · hidden elements.
     """
 
-    hidden: torch.Tensor
+    last_hidden: torch.Tensor
     cache: PDCache
     lengths: torch.Tensor
-
-    @property
-    def last_hidden(self) -> torch.Tensor:
-        """(P, hidden) hidden state of each prompt's last token: it predicts the first new token."""
-        rows = torch.arange(self.hidden.shape[0], device=self.hidden.device)
-        return self.hidden[rows, self.lengths - 1]
+    hidden: torch.Tensor | None = None
 
 
 class StagedModel:
@@ -61,7 +60,7 @@ class StagedModel:
         self.model, self.plan = model, plan
 
     @torch.inference_mode()
-    def prefill(self, batch: TokenBatch) -> PrefillOut:
+    def prefill(self, batch: TokenBatch, *, keep_hidden: bool = False) -> PrefillOut:
         """Run the prompts `batch` (P, T) through the prefill layers into a fresh PD cache.
 
         The cache keeps only the decode layers' KV (the rest is never sent). The KV policy's
@@ -71,7 +70,8 @@ class StagedModel:
         cache = PDCache(retain=self.plan.decode_layers)
         with observe_prefill(self.model, self.plan, cache, batch.lengths):
             h = run_layers(self.model, self.plan.prefill_layers, batch.ids, batch.positions, batch.valid, cache)
-        return PrefillOut(h, cache, batch.lengths)
+        last = h[torch.arange(h.shape[0], device=h.device), batch.lengths - 1]
+        return PrefillOut(last, cache, batch.lengths, h if keep_hidden else None)
 
     def handoff(self, out: PrefillOut, rows: torch.Tensor | None = None) -> Handoff:
         """Pack the KV the decode stage receives, under the plan's KV policy (`engine.make_handoff`).

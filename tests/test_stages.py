@@ -104,11 +104,13 @@ def test_staged_model_matches_engine_sequence(tiny, name):
 
 
 def test_snapkv_prefill_records_window_scores(tiny):
-    staged = StagedModel(tiny.model, PLANS["snapkv"])
-    out = staged.prefill(pad_tokens([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11]], "cpu"))
+    batch = pad_tokens([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11]], "cpu")
+    out = StagedModel(tiny.model, PLANS["snapkv"]).prefill(batch, keep_hidden=True)
     assert sorted(out.cache.window_scores) == [0, 2, 3]  # the decode layers, observed automatically
-    dense = StagedModel(tiny.model, PLANS["snapkv"].replace(kv_policy=KVPolicy()))
-    assert torch.equal(dense.prefill(pad_tokens([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11]], "cpu")).hidden, out.hidden)
+    dense = StagedModel(tiny.model, PLANS["snapkv"].replace(kv_policy=KVPolicy())).prefill(batch)
+    assert dense.hidden is None and not dense.cache.window_scores  # only kept when asked for; nothing to observe
+    assert torch.equal(dense.last_hidden, out.last_hidden)  # observing changes no output
+    assert torch.equal(out.hidden[torch.arange(2), batch.lengths - 1], out.last_hidden)
 
 
 def test_decode_resumes_from_a_layer_input(tiny):
