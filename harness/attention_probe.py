@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from harness import arch
+from harness.batching import pad_tokens
 from harness.cache import PDCache
-from harness.engine import final_logits, make_handoff, run_layers
 from harness.plan import KVPolicy, PruningPlan
+from harness.stages import StagedModel
 
 PROBE_NAME = "harness_attention_probe"
 
@@ -70,23 +71,17 @@ def first_last_shares(
 
     Returns {decode layer: share in [0, 1]} averaged over prompts, heads and `steps` greedy steps.
     """
-    device = arch.model_device(model)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    width = int(lengths.max())
-    ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(list(p), device=device)
-    pos = torch.arange(width, device=device)[None, :].expand(len(prompts), width)
-    cache = PDCache(retain=plan.decode_layers)
-    h = run_layers(model, plan.prefill_layers, ids, pos, pos < lengths[:, None], cache)
-    tok = final_logits(model, h[torch.arange(len(prompts), device=device), lengths - 1]).argmax(-1)
-    dense_plan = plan.replace(kv_policy=KVPolicy())  # every position (the probe's own reference)
-    dcache = make_handoff(cache, dense_plan, lengths).to_cache()
+    # the probe looks at where decode queries would look given every prompt position: the plan's
+    # layers with the full KV handed over (a dense policy also has nothing to observe in prefill)
+    staged = StagedModel(model, plan.replace(kv_policy=KVPolicy()))  # every position
+    out = staged.prefill(pad_tokens(prompts, arch.model_device(model)))
+    lengths = out.lengths
+    tok = staged.logits(out.last_hidden).argmax(-1)
+    dcache = staged.receive(staged.handoff(out))
     probe = _Probe(n_first, n_last, lengths)
     probe.cache = dcache
-    ones = torch.ones((len(prompts), 1), dtype=torch.bool, device=device)
+    ones = torch.ones((len(prompts), 1), dtype=torch.bool, device=lengths.device)
     with _probe_attention(model, probe):
         for step in range(steps):
-            h = run_layers(model, plan.decode_layers, tok[:, None], (lengths + step)[:, None], ones, dcache)
-            tok = final_logits(model, h[:, 0]).argmax(-1)
+            tok = staged.step(dcache, tok, lengths + step, ones).argmax(-1)
     return {layer: probe.mass[layer] / probe.queries[layer] for layer in sorted(probe.mass)}

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from harness.batching import pad_tokens
 from harness.errors import UsageError
 from harness.offline_tasks import local_rows, mmlu_subjects
 
@@ -51,14 +52,8 @@ class CalibrationSet:
         """Right-padded (input_ids, attention_mask) batches, longest first, (B, T) each."""
         order = sorted(range(len(self.input_ids)), key=lambda i: -len(self.input_ids[i]))
         for s in range(0, len(order), batch_size):
-            rows = [self.input_ids[i] for i in order[s : s + batch_size]]
-            width = max(len(r) for r in rows)
-            ids = torch.zeros((len(rows), width), dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, r in enumerate(rows):
-                ids[j, : len(r)] = torch.tensor(r)
-                mask[j, : len(r)] = 1
-            yield ids.to(device), mask.to(device)
+            padded = pad_tokens([self.input_ids[i] for i in order[s : s + batch_size]], device)
+            yield padded.ids, padded.valid.long()
 
 
 def _piqa_texts(data: Path) -> list[str]:

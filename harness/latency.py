@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from harness import arch
-from harness.cache import PDCache
-from harness.engine import PAGE_TOKENS, final_logits, make_handoff, run_layers
-from harness.kv_select import observe_prefill
+from harness.batching import TokenBatch
+from harness.engine import PAGE_TOKENS
 from harness.plan import PruningPlan
+from harness.stages import StagedModel
 
 DEFAULT_BANDWIDTHS_GBIT = (25.0, 100.0, 400.0)
 PERCENTILES = (50, 90, 99)
@@ -157,29 +157,26 @@ def measure(
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     B, T, n = workload.batch_size, workload.prompt_tokens, workload.decode_tokens
-    ids = torch.randint(0, vocab, (B, T), generator=g).to(device)
-    pos = torch.arange(T, device=device)[None, :].expand(B, T)
-    valid = torch.ones((B, T), dtype=torch.bool, device=device)
-    lengths = torch.full((B,), T, device=device)
+    # inputs are built before any timing: only stage work is inside the clocks
+    batch = TokenBatch.dense(torch.randint(0, vocab, (B, T), generator=g).to(device))
+    lengths = batch.lengths
     step_valid = torch.ones((B, 1), dtype=torch.bool, device=device)
+    staged = StagedModel(model, plan)
     m = Measurement(plan.method, workload, clock.name, decode_mode=decode_mode)
 
     def prefill():  # a SnapKV-style policy's window scores are prefill work, timed with it
-        cache = PDCache(retain=plan.decode_layers)
-        with observe_prefill(model, plan, cache, lengths):
-            h = run_layers(model, plan.prefill_layers, ids, pos, valid, cache)
-        return cache, final_logits(model, h[:, -1]).argmax(-1)
+        out = staged.prefill(batch)
+        return out, staged.logits(out.last_hidden).argmax(-1)
 
     for run in range(warmup + repeats):
-        (cache, tok), ttft = clock.time(prefill)
-        sent, handoff = clock.time(lambda cache=cache: make_handoff(cache, plan, lengths))
-        dcache, unpack = clock.time(sent.to_cache)
+        (out, tok), ttft = clock.time(prefill)
+        sent, handoff = clock.time(lambda out=out: staged.handoff(out))
+        dcache, unpack = clock.time(lambda sent=sent: staged.receive(sent))
         itl = []
         if decode_mode == "eager":
             for step in range(1, n):
                 def eager_step(tok=tok, step=step, dcache=dcache):
-                    h = run_layers(model, plan.decode_layers, tok[:, None], (lengths + step - 1)[:, None], step_valid, dcache)
-                    return final_logits(model, h[:, 0]).argmax(-1)
+                    return staged.step(dcache, tok, lengths + step - 1, step_valid).argmax(-1)
 
                 tok, dt = clock.time(eager_step)
                 itl.append(dt)

@@ -24,8 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from harness import arch
+from harness.batching import TokenBatch, pad_tokens
 from harness.cache import PDCache
 from harness.engine import final_logits, run_layers
+from harness.plan import PruningPlan
+from harness.stages import StagedModel
 
 
 @dataclass
@@ -54,18 +57,11 @@ class CalibSplit:
 
 @dataclass
 class _Batch:
-    full_ids: torch.Tensor  # (B, S) prompt + continuation[:-1], right-padded
-    full_pos: torch.Tensor
-    full_valid: torch.Tensor
+    full: TokenBatch  # (B, S) prompt + continuation[:-1], right-padded
     rows: torch.Tensor  # (Nc,) batch row of each continuation token's predicting position
     cols: torch.Tensor  # (Nc,) its column in the full sequence
-    prompt_ids: torch.Tensor  # (B, T) prompts only
-    prompt_pos: torch.Tensor
-    prompt_valid: torch.Tensor
-    prompt_len: torch.Tensor  # (B,)
-    dec_ids: torch.Tensor  # (B, M) continuation[:-1] (M = max cont - 1, may be 0)
-    dec_pos: torch.Tensor
-    dec_valid: torch.Tensor
+    prompt: TokenBatch  # (B, T) prompts only
+    dec: TokenBatch  # (B, M) continuation[:-1] at positions after the prompt (M = max cont - 1, may be 0)
     dec_rows: torch.Tensor  # continuation tokens 2.. : their row and column in the decode input
     dec_cols: torch.Tensor
     first: torch.Tensor  # (B,) index (in continuation-token order) of each row's first token
@@ -74,7 +70,7 @@ class _Batch:
 
     @property
     def tokens(self) -> int:
-        return int(self.full_valid.sum())
+        return int(self.full.valid.sum())
 
 
 def token_budget_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
@@ -90,16 +86,6 @@ def token_budget_batches(lengths: list[int], max_rows: int, max_tokens: int) -> 
         else:
             groups.append([i])
     return groups
-
-
-def _pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    pos = torch.arange(width)[None, :].expand(len(rows), width)
-    valid = pos < torch.tensor([len(r) for r in rows])[:, None]
-    return ids.to(device), pos.to(device), valid.to(device)
 
 
 class StageObjective:
@@ -122,34 +108,34 @@ class StageObjective:
         all_layers = tuple(range(self.n_layers))
         with torch.inference_mode():
             for b in self.batches:  # the dense teacher, once
-                h = run_layers(model, all_layers, b.full_ids, b.full_pos, b.full_valid, PDCache(retain=()))
+                h = run_layers(model, all_layers, b.full.ids, b.full.positions, b.full.valid, PDCache(retain=()))
                 b.teacher = F.log_softmax(final_logits(model, h[b.rows, b.cols]), dim=-1)
 
     def _make_batch(self, prompts: list[list[int]], conts: list[list[int]]) -> _Batch:
-        full = [p + c[:-1] for p, c in zip(prompts, conts)]
-        fi, fp, fv = _pad(full, self.device)
+        full = pad_tokens([p + c[:-1] for p, c in zip(prompts, conts)], self.device)
         rows, cols, drows, dcols = [], [], [], []
         for r, (p, c) in enumerate(zip(prompts, conts)):
             rows += [r] * len(c)
             cols += range(len(p) - 1, len(p) - 1 + len(c))
             drows += [r] * (len(c) - 1)
             dcols += range(len(c) - 1)
-        pi, pp, pv = _pad(prompts, self.device)
-        plen = torch.tensor([len(p) for p in prompts], device=self.device)
-        dec = [c[:-1] for c in conts]
-        di, _, dv = _pad(dec, self.device)
-        di, dv = di[:, : max(len(d) for d in dec)], dv[:, : max(len(d) for d in dec)]
-        dp = plen[:, None] + torch.arange(di.shape[1], device=self.device)[None, :]
+        prompt = pad_tokens(prompts, self.device)
+        dec = pad_tokens([c[:-1] for c in conts], self.device, start=prompt.lengths)
         t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         first = t([0, *torch.tensor([len(c) for c in conts]).cumsum(0)[:-1].tolist()])
         rest = torch.ones(len(rows), dtype=torch.bool, device=self.device)
         rest[first] = False
-        return _Batch(fi, fp, fv, t(rows), t(cols), pi, pp, pv, plen, di, dp, dv, t(drows), t(dcols), first, rest)
+        return _Batch(full, t(rows), t(cols), prompt, dec, t(drows), t(dcols), first, rest)
 
     # -- shared pieces ------------------------------------------------------------------------
     def _kept(self, removed: Iterable[int]) -> tuple[int, ...]:
         r = set(removed)
         return tuple(i for i in range(self.n_layers) if i not in r)
+
+    def _staged(self, removed_decode: frozenset, removed_prefill: frozenset) -> StagedModel:
+        """The PD deployment without `removed_prefill` in prefill and `removed_decode` in decode (all KV sent)."""
+        plan = PruningPlan("objective", self.n_layers, self._kept(removed_prefill), self._kept(removed_decode))
+        return StagedModel(self.model, plan)
 
     @staticmethod
     def _first_difference(a: frozenset, b: frozenset, n: int) -> int:
@@ -186,7 +172,7 @@ class StageObjective:
         total = torch.zeros((), dtype=torch.float64)
         for b, inputs in zip(self.batches, base_inputs):
             h = inputs[start] if start < self.n_layers else inputs["out"]
-            h = run_layers(self.model, layers, None, b.full_pos, b.full_valid, PDCache(retain=()), hidden=h)
+            h = run_layers(self.model, layers, None, b.full.positions, b.full.valid, PDCache(retain=()), hidden=h)
             total += self._kl(b.teacher, h[b.rows, b.cols]).double()
             self.layer_token_passes += len(layers) * b.tokens
         self.evaluations += 1
@@ -200,7 +186,7 @@ class StageObjective:
         per_batch = []
         for b in self.batches:
             inputs: dict = {}
-            h = run_layers(self.model, layers, b.full_ids, b.full_pos, b.full_valid, PDCache(retain=()), collect=inputs)
+            h = run_layers(self.model, layers, b.full.ids, b.full.positions, b.full.valid, PDCache(retain=()), collect=inputs)
             per_batch.append(self._complete(inputs, h))
             self.layer_token_passes += len(layers) * b.tokens
         self._pbase = (target, per_batch)
@@ -210,14 +196,13 @@ class StageObjective:
         """Per batch: the prefill cache of prompts without `removed_prefill`, and first-token KL sums."""
         if removed_prefill not in self._prompt:
             self._prompt = {}  # keep one prompt state: searches fix R_P while they vary R_D
-            layers = self._kept(removed_prefill)
+            staged = self._staged(removed_prefill, removed_prefill)  # its cache keeps every prefill layer's KV
+            layers = staged.plan.prefill_layers
             states = []
             for b in self.batches:
-                cache = PDCache()
-                h = run_layers(self.model, layers, b.prompt_ids, b.prompt_pos, b.prompt_valid, cache)
-                last = h[torch.arange(h.shape[0], device=h.device), b.prompt_len - 1]
-                states.append((cache, self._kl(b.teacher[b.first], last).double()))
-                self.layer_token_passes += len(layers) * int(b.prompt_valid.sum())
+                out = staged.prefill(b.prompt)
+                states.append((out.cache, self._kl(b.teacher[b.first], out.last_hidden).double()))
+                self.layer_token_passes += len(layers) * int(b.prompt.valid.sum())
             self._prompt[removed_prefill] = states
         return self._prompt[removed_prefill]
 
@@ -233,15 +218,17 @@ class StageObjective:
         base_set, _, base_inputs = self._dbase
         start = self._first_difference(rd, base_set, self.n_layers)
         layers = [i for i in self._kept(rd) if i >= start]
+        staged = self._staged(rd, rp)
         total = torch.zeros((), dtype=torch.float64)
         for b, (cache, first_kl), inputs in zip(self.batches, states, base_inputs):
             total += first_kl
-            if b.dec_ids.shape[1] == 0:
+            if b.dec.ids.shape[1] == 0:
                 continue
             h = inputs[start] if start < self.n_layers else inputs["out"]
-            h = run_layers(self.model, layers, None, b.dec_pos, b.dec_valid, cache.frozen(), hidden=h)
+            # resume the decode stage at `start` from the base's state; the prompt cache stays as is
+            h = staged.decode(cache.frozen(), b.dec, start=start, hidden=h)
             total += self._kl(b.teacher[b.rest], h[b.dec_rows, b.dec_cols]).double()
-            self.layer_token_passes += len(layers) * int(b.dec_valid.sum())
+            self.layer_token_passes += len(layers) * int(b.dec.valid.sum())
         self.evaluations += 1
         return float(total) / sum(len(b.rows) for b in self.batches)
 
@@ -249,14 +236,15 @@ class StageObjective:
     def set_decode_base(self, removed_decode: Iterable[int], removed_prefill: Iterable[int]) -> None:
         rd, rp = frozenset(removed_decode), frozenset(removed_prefill)
         states = self._prompt_state(rp)
-        layers = self._kept(rd)
+        staged = self._staged(rd, rp)
+        layers = staged.plan.decode_layers
         per_batch = []
         for b, (cache, _) in zip(self.batches, states):
             inputs: dict = {}
-            if b.dec_ids.shape[1]:
-                h = run_layers(self.model, layers, b.dec_ids, b.dec_pos, b.dec_valid, cache.frozen(), collect=inputs)
+            if b.dec.ids.shape[1]:
+                h = staged.decode(cache.frozen(), b.dec, collect=inputs)
                 self._complete(inputs, h)
-                self.layer_token_passes += len(layers) * int(b.dec_valid.sum())
+                self.layer_token_passes += len(layers) * int(b.dec.valid.sum())
             per_batch.append(inputs)
         self._dbase = (rd, rp, per_batch)
 

@@ -21,10 +21,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from harness import arch
+from harness.batching import pad_tokens
 from harness.cache import PDCache
-from harness.engine import final_logits, make_handoff, run_layers
-from harness.kv_select import observe_prefill
 from harness.plan import PruningPlan
+from harness.stages import PrefillOut, StagedModel
 
 MODES = ("unified", "disaggregated")
 
@@ -71,14 +71,6 @@ def truncate(ctx: Sequence[int], cont: Sequence[int], max_length: int) -> tuple[
     return ctx, cont
 
 
-def _pad(rows: Sequence[Sequence[int]], width: int, device) -> torch.Tensor:
-    """Right-pad token rows with id 0 (padding is masked out, so its id never matters)."""
-    out = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-    return out.to(device)
-
-
 class Scorer:
     """Scores token requests for one (model, plan, mode); counts KV bytes of every handoff."""
 
@@ -98,6 +90,7 @@ class Scorer:
         self.model, self.plan, self.mode = model, plan, mode
         self.max_length, self.batch_size = max_length, batch_size
         self.device = arch.model_device(model)
+        self.staged = StagedModel(model, plan)
         self.tally = KVTally()
 
     # -- log-likelihood -----------------------------------------------------------------------
@@ -126,7 +119,7 @@ class Scorer:
 
     def _logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, normed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-prob and greedy flag of each target token, from hidden rows (N, hidden)."""
-        logits = arch.lm_head(self.model)(hidden).float() if normed else final_logits(self.model, hidden)
+        logits = arch.lm_head(self.model)(hidden).float() if normed else self.staged.logits(hidden)
         logp = F.log_softmax(logits, dim=-1)
         return logp.gather(1, targets[:, None])[:, 0], logits.argmax(dim=-1) == targets
 
@@ -150,11 +143,10 @@ class Scorer:
                 where[key] = len(seqs)
                 seqs.append(list(key))
             row_of.append(where[key])
-        width = max(len(s) for s in seqs)
-        ids = _pad(seqs, width, self.device)
-        attn = (torch.arange(width)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long().to(self.device)
+        batch = pad_tokens(seqs, self.device)
         with arch.layers_swapped(self.model, self.plan.prefill_layers):
-            hidden = arch.decoder(self.model)(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+            hidden = arch.decoder(self.model)(input_ids=batch.ids, attention_mask=batch.valid.long(),
+                                              use_cache=False).last_hidden_state
         rows, cols, targets = [], [], []
         for (c, x), r in zip(chunk, row_of):
             rows += [r] * len(x)
@@ -164,26 +156,18 @@ class Scorer:
         lp, greedy = self._logprobs(h, torch.tensor(targets, device=self.device), normed=True)
         return self._per_request(lp, greedy, [len(x) for _, x in chunk])
 
-    def _prefill(self, prompts: Sequence[list[int]]) -> tuple[torch.Tensor, PDCache, torch.Tensor]:
-        """Prefill stage over prompts -> (last-position hidden (P, hidden), cache, lengths (P,))."""
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        width = int(lengths.max())
-        ids = _pad(prompts, width, self.device)
-        pos = torch.arange(width, device=self.device)[None, :].expand(len(prompts), width)
-        valid = pos < lengths[:, None]
-        cache = PDCache(retain=self.plan.decode_layers)
-        with observe_prefill(self.model, self.plan, cache, lengths):  # SnapKV-style policies read prefill attention
-            h = run_layers(self.model, self.plan.prefill_layers, ids, pos, valid, cache)
-        last = h[torch.arange(len(prompts), device=self.device), lengths - 1]
-        return last, cache, lengths
+    def _prefill(self, prompts: Sequence[list[int]]) -> PrefillOut:
+        """Prefill stage over P distinct prompts (right-padded)."""
+        return self.staged.prefill(pad_tokens(prompts, self.device))
 
-    def _handoff(self, cache: PDCache, lengths: torch.Tensor, rows: torch.Tensor) -> PDCache:
-        """Ship the prefill KV to the decode stage (disaggregated) or keep it (unified)."""
+    def _handoff(self, out: PrefillOut, rows: torch.Tensor) -> PDCache:
+        """Decode-side cache of requests `rows` (R,): the shipped (pruned) KV when disaggregated,
+        the prefill cache's rows when unified (one deployment, nothing is sent)."""
         if self.mode == "unified":
-            return cache.select_rows(rows)
-        sent = make_handoff(cache, self.plan, lengths, rows)
-        self.tally.add(sent.kv_bytes, sent.kv_bytes_paged(), sent.n_requests, int(lengths.index_select(0, rows).sum()))
-        return sent.to_cache()
+            return out.cache.select_rows(rows)
+        sent = self.staged.handoff(out, rows)
+        self.tally.add(sent.kv_bytes, sent.kv_bytes_paged(), sent.n_requests, int(out.lengths.index_select(0, rows).sum()))
+        return self.staged.receive(sent)
 
     def _score_disaggregated(self, chunk: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         prompts: list[list[int]] = []
@@ -196,18 +180,14 @@ class Scorer:
                 prompts.append(c)
             rows_l.append(where[key])
         rows = torch.tensor(rows_l, device=self.device)
-        last, cache, lengths = self._prefill(prompts)
-        dcache = self._handoff(cache, lengths, rows)
+        out = self._prefill(prompts)
+        dcache = self._handoff(out, rows)
         conts = [x for _, x in chunk]
-        steps = max(len(x) for x in conts) - 1
         hd = None
-        if steps > 0:
-            ids = _pad([x[:-1] for x in conts], steps, self.device)
-            req_len = lengths.index_select(0, rows)
-            ar = torch.arange(steps, device=self.device)[None, :]
-            pos = req_len[:, None] + ar
-            valid = ar < torch.tensor([len(x) - 1 for x in conts], device=self.device)[:, None]
-            hd = run_layers(self.model, self.plan.decode_layers, ids, pos, valid, dcache)
+        if max(len(x) for x in conts) > 1:  # the first continuation token is scored by the prefill
+            req_len = out.lengths.index_select(0, rows)
+            hd = self.staged.decode(dcache, pad_tokens([x[:-1] for x in conts], self.device, start=req_len))
+        last = out.last_hidden
         hs, targets = [], []
         for r, x in enumerate(conts):
             hs.append(last[rows_l[r]][None])
@@ -242,18 +222,15 @@ class Scorer:
 
     def _generate_batch(self, prompts, max_new_tokens, should_stop, ids_for_stop) -> list[list[int]]:
         n = len(prompts)
-        last, cache, lengths = self._prefill(prompts)
-        cache = self._handoff(cache, lengths, torch.arange(n, device=self.device))
-        tok = final_logits(self.model, last).argmax(dim=-1)  # first token: from the prefill stage
+        out = self._prefill(prompts)
+        cache, lengths = self._handoff(out, torch.arange(n, device=self.device)), out.lengths
+        tok = self.staged.logits(out.last_hidden).argmax(dim=-1)  # first token: from the prefill stage
         gens = [[int(t)] for t in tok]
         done = [should_stop is not None and should_stop(ids_for_stop[r], gens[r]) for r in range(n)]
         for step in range(1, max_new_tokens):
             if all(done):
                 break
-            pos = (lengths + step - 1)[:, None]
-            valid = torch.ones((n, 1), dtype=torch.bool, device=self.device)
-            h = run_layers(self.model, self.plan.decode_layers, tok[:, None], pos, valid, cache)
-            tok = final_logits(self.model, h[:, 0]).argmax(dim=-1)
+            tok = self.staged.step(cache, tok, lengths + step - 1).argmax(dim=-1)
             for r in range(n):
                 if not done[r]:
                     gens[r].append(int(tok[r]))

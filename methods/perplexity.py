@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import arch
+from harness.batching import pad_tokens
 from harness.cache import PDCache
 from harness.engine import final_logits, run_layers
 from harness.errors import UsageError
@@ -55,17 +56,12 @@ def make_batches(rows: list[list[int]], device, batch_size: int, batch_tokens: i
     out = []
     for group in token_budget_batches([len(r) for r in rows], batch_size, batch_tokens):
         seqs = [rows[i] for i in group]
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros((len(seqs), width), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s, dtype=torch.long)
-        pos = torch.arange(width)[None, :].expand(len(seqs), width)
-        valid = pos < torch.tensor([len(s) for s in seqs])[:, None]
+        padded = pad_tokens(seqs, device)
         r = [j for j, s in enumerate(seqs) for _ in range(len(s) - 1)]
         c = [t for s in seqs for t in range(len(s) - 1)]
         tgt = [tok for s in seqs for tok in s[1:]]
         t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        out.append(_Batch(ids.to(device), pos.to(device), valid.to(device), t(r), t(c), t(tgt)))
+        out.append(_Batch(padded.ids, padded.positions, padded.valid, t(r), t(c), t(tgt)))
     return out
 
 

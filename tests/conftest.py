@@ -73,9 +73,9 @@ def pd_kl_from_scratch(model, prompts, conts, rd, rp):
     total, count = 0.0, 0
     for p, c in zip(prompts, conts):
         s = Scorer(model, plan, "disaggregated", max_length=4096)
-        last, cache, lengths = s._prefill([p])
-        dcache = s._handoff(cache, lengths, torch.tensor([0]))
-        hs = [last]
+        out = s._prefill([p])
+        dcache = s._handoff(out, torch.tensor([0]))
+        hs = [out.last_hidden]
         if len(c) > 1:
             pos = (len(p) + torch.arange(len(c) - 1))[None]
             hs.append(run_layers(model, plan.decode_layers, torch.tensor([c[:-1]]), pos,

@@ -104,7 +104,8 @@ def test_handoff_sends_kept_positions_of_decode_layers_only(tiny):
     plan = PruningPlan("x", 4, (0, 1, 2, 3), (1, 2), KVPolicy(2, 4, (2,)))
     s = Scorer(tiny.model, plan, "disaggregated", max_length=4096)
     prompts = [c for c, _ in reqs]
-    _, cache, lengths = s._prefill(prompts)
+    out = s._prefill(prompts)
+    cache, lengths = out.cache, out.lengths
     sent = make_handoff(cache, plan, lengths)
     assert sorted(sent.keys) == [1, 2]
     dec = sent.to_cache()

@@ -3,10 +3,11 @@
 import math
 
 import pytest
+import torch
 
 from harness import latency
 from harness.engine import expected_kv_bytes
-from harness.plan import KVPolicy, PruningPlan
+from harness.plan import KVBudget, KVPolicy, PruningPlan
 
 
 def test_percentiles_match_linear_interpolation():
@@ -205,3 +206,16 @@ def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
         assert len(x["samples"]["itl_ms"]) == 3
     dense = next(x for x in rows if x["plan"] == "dense" and x["batch"] == 2)
     assert dense["kv_bytes"] == 2 * 40 * 4 * 2 * 2 * 16 * 4  # batch · T · layers · (K, V) · kv_heads · head_dim · fp32
+
+
+@pytest.mark.parametrize("policy", [KVPolicy(2, 3, (1, 3)), KVPolicy(kind="snapkv", budget=KVBudget(tokens=6), window=4, kernel=3)])
+def test_static_runs_after_the_first_prefill_the_same_prompts(tiny, policy):
+    """Every run of a static-mode measurement prefills the workload's prompts at positions 0 .. T-1:
+    before StagedModel, the static branch rebound the prefill's positions to the decode step's, so
+    later runs prefilled every token at one position (dense bytes for first/last, a failed SnapKV
+    selection)."""
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 1, 3), policy)
+    w = latency.Workload(prompt_tokens=12, decode_tokens=4, batch_size=3)
+    eager = latency.measure(tiny.model, plan, w, warmup=0, repeats=1, decode_mode="eager")
+    static = latency.measure(tiny.model, plan, w, warmup=1, repeats=2, decode_mode="static")
+    assert static.kv_bytes == eager.kv_bytes < expected_kv_bytes(tiny.model.config, 3, 12, torch.float32, batch=3)

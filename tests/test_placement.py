@@ -54,8 +54,8 @@ def test_split_model_scores_and_bytes_equal_the_unsplit_model(tiny, placed, mode
 def test_handed_over_kv_lives_on_each_layers_device(placed):
     plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 1, 3))
     s = Scorer(placed.model, plan, "disaggregated", max_length=512)
-    _, cache, lengths = s._prefill([[1, 2, 3, 4, 5]])
-    sent = s._handoff(cache, lengths, torch.tensor([0]))
+    out = s._prefill([[1, 2, 3, 4, 5]])
+    sent = s._handoff(out, torch.tensor([0]))
     assert sent.layers == [0, 1, 3]
     for layer in sent.layers:  # on CPU every execution device is the CPU; on GPUs, the layer's GPU
         hook = getattr(arch.decoder_layers(placed.model)[layer], "_hf_hook", None)
