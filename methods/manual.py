@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from harness import arch
 from harness.errors import UsageError
 from harness.plan import KVPolicy, PruningPlan
-from methods.base import Method
+from methods.base import Method, Options
 from methods.registry import register
 
 
@@ -22,7 +22,7 @@ class Manual(Method):
     summary = "explicit layer sets per stage and KV policy (replay or probe a plan)"
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         prefill_layers: tuple[int, ...] = ()
         decode_layers: tuple[int, ...] = ()
         kv_layers: tuple[int, ...] = ()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from methods.base import DepthOptions
 from methods.ranked import RankedDepthMethod, Ranking, check_counts
 from methods.registry import register
 
@@ -24,7 +25,7 @@ class RandomBlocks(RankedDepthMethod):
     needs_calibration = False
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(DepthOptions):
         k: int = 8  # blocks removed
         seed: int = 0  # the draw
         keep_first: int = 1  # first blocks never removed

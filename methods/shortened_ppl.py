@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from methods.base import DepthOptions
 from methods.perplexity import calibration_evaluator
 from methods.ranked import RankedDepthMethod, Ranking, check_counts, progress
 from methods.registry import register
@@ -37,7 +38,7 @@ class ShortenedPPL(RankedDepthMethod):
     needs_calibration = True
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(DepthOptions):
         k: int = 8  # blocks removed
         keep_first: int = 4  # the "+" rule: first blocks never removed
         keep_last: int = 2  # and last blocks never removed

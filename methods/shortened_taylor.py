@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from harness import arch
 from harness.errors import UsageError
+from methods.base import DepthOptions
 from methods.perplexity import calibration_rows, make_batches
 from methods.ranked import RankedDepthMethod, Ranking, check_counts, progress
 from methods.registry import register
@@ -79,7 +80,7 @@ class ShortenedTaylor(RankedDepthMethod):
     needs_calibration = True
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(DepthOptions):
         k: int = 8  # blocks removed
         keep_first: int = 4  # the "+" rule: first blocks never removed
         keep_last: int = 2  # and last blocks never removed

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from harness.errors import UsageError
+from methods.base import DepthOptions
 from methods.blocks import block_cosines
 from methods.ranked import RankedDepthMethod, Ranking
 from methods.registry import register
@@ -28,7 +29,7 @@ class ShortGPT(RankedDepthMethod):
     needs_calibration = True
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(DepthOptions):
         k: int = 8  # blocks removed
         batch_size: int = 16  # calibration forward batch (does not change the result beyond float noise)
 

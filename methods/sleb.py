@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from methods.base import DepthOptions
 from methods.perplexity import calibration_evaluator
 from methods.ranked import RankedDepthMethod, Ranking, check_counts, progress
 from methods.registry import register
@@ -39,7 +40,7 @@ class SLEB(RankedDepthMethod):
     needs_calibration = True
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(DepthOptions):
         k: int = 8  # blocks removed
         keep_first: int = 1  # the first blocks are never removed
         keep_last: int = 1  # nor the last ones

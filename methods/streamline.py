@@ -46,7 +46,7 @@ from harness.cache import PDCache
 from harness.engine import run_layers
 from harness.errors import UsageError
 from harness.plan import PruningPlan
-from methods.base import Method
+from methods.base import DepthOptions, Method
 from methods.ranked import progress
 from methods.registry import register
 
@@ -154,9 +154,10 @@ class Streamline(Method):
     name = "streamline"
     summary = "remove the contiguous run of k blocks whose input and output are most similar (cosine); optional trained FFN replacement"
     needs_calibration = True
+    why_no_stage_variant = "its removed run moves with its length, so it has no nested removal order"
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(DepthOptions):
         k: int = 8  # length of the removed run
         batch_size: int = 16  # calibration forward batch
         replace: str = "none"  # none | ffn: train a residual FFN to stand in for the run

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from methods.base import DepthOptions
 from methods.ranked import RankedDepthMethod, Ranking, check_counts
 from methods.registry import register
 
@@ -25,7 +26,7 @@ class Tail(RankedDepthMethod):
     needs_calibration = False
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(DepthOptions):
         k: int = 8  # blocks removed
 
     def validate_config(self, config) -> None:

@@ -271,12 +271,19 @@ def test_random_is_a_seeded_draw_that_keeps_first_and_last(tiny):
 
 
 # -- the stage-aware wrapper ----------------------------------------------------------------------
-BASE_OPTIONS = {"sleb": {"samples": 12}, "shortened_ppl": {"keep_first": 1, "keep_last": 1, "samples": 12},
-                "shortened_taylor": {"keep_first": 1, "keep_last": 1, "samples": 12}}
+BUILTIN_STAGE_BASES = {"random", "shortened_ppl", "shortened_taylor", "shortgpt", "sleb", "tail"}
+
+
+def base_options(base):
+    """The base's options for the 4-layer model (`Config.for_layers`), except `k` (the wrapper's counts replace it)."""
+    return {f: v for f, v in dataclasses.asdict(methods.get(base).config_for_layers(4)).items() if f != "k"}
 
 
 def test_stage_variants_exist_for_every_ranked_baseline():
-    assert methods.registry.stage_bases() == ["random", "shortened_ppl", "shortened_taylor", "shortgpt", "sleb", "tail"]
+    bases = methods.registry.stage_bases()
+    assert bases == [n for n in methods.names() if not n.startswith("stage:") and methods.get(n).stage_variant]
+    assert BUILTIN_STAGE_BASES <= set(bases) and bases == sorted(bases)
+    assert not {"streamline", "pdtrim", "manual", "unpruned", "streamingllm", "snapkv"} & set(bases)
     cls = methods.get("stage:sleb")
     assert cls is methods.get("stage:sleb") and cls.name == "stage:sleb" and cls.needs_calibration
     fields = [f.name for f in dataclasses.fields(cls.Config)]
@@ -285,20 +292,26 @@ def test_stage_variants_exist_for_every_ranked_baseline():
     assert not methods.get("stage:tail").needs_calibration
 
 
-@pytest.mark.parametrize("base", ["shortgpt", "sleb", "shortened_ppl", "shortened_taylor", "tail", "random"])
+@pytest.mark.parametrize("base", methods.registry.stage_bases())
 def test_stage_wrapper_nests_the_base_order(tiny, calib, base):
-    opts = BASE_OPTIONS.get(base, {})
+    check_stage_wrapper_nests(base, tiny.model, calib)
+
+
+def check_stage_wrapper_nests(base, model, calib):
+    """`stage:<base>` removes prefixes of the base's removal order: k_prefill for prefill, k_decode for
+    decode (so R_prefill ⊆ R_decode), k_unified in unified mode, where it equals the base at k = k_unified."""
+    opts = base_options(base)
     inner = make(base, **opts)
-    order = inner.removal_order(tiny.model, calib, 2)
+    order = inner.removal_order(model, calib, 2)
     for kp, kd in ((0, 2), (1, 2), (2, 2), (1, 1)):
-        plan = make(f"stage:{base}", k_prefill=kp, k_decode=kd, **opts).plan(tiny.model, calib, "disaggregated")
+        plan = make(f"stage:{base}", k_prefill=kp, k_decode=kd, **opts).plan(model, calib, "disaggregated")
         assert len(plan.removed_prefill) == kp and len(plan.removed_decode) == kd
         assert set(plan.removed_prefill) <= set(plan.removed_decode)
         assert list(plan.removed_prefill) == sorted(order[:kp]) and list(plan.removed_decode) == sorted(order[:kd])
         assert plan.kv_policy.keeps_all and plan.method == f"stage:{base}"
-    unified = make(f"stage:{base}", k_unified=2, **opts).plan(tiny.model, calib, "unified")
+    unified = make(f"stage:{base}", k_unified=2, **opts).plan(model, calib, "unified")
     assert unified.is_unified
-    assert unified.removed_decode == make(base, k=2, **opts).plan(tiny.model, calib, "unified").removed_decode
+    assert unified.removed_decode == make(base, k=2, **opts).plan(model, calib, "unified").removed_decode
 
 
 def test_stage_wrapper_bad_options_say_what_is_right(tiny, calib):
@@ -337,9 +350,12 @@ def test_help_lists_the_baselines_and_the_stage_variants():
     from harness.cli import _methods_epilog
 
     text = _methods_epilog()
-    for name in ("sleb", "shortened_ppl", "shortened_taylor", "streamline", "tail", "random"):
-        assert f"\n  {name} " in text, name
-    assert "stage:BASE" in text and "BASE one of random, shortened_ppl, shortened_taylor, shortgpt, sleb, tail" in text
+    for name in methods.names():
+        if not name.startswith("stage:"):
+            assert f"\n  {name} " in text, name
+    assert {"sleb", "shortened_ppl", "shortened_taylor", "streamline", "tail", "random"} <= set(methods.names())
+    assert "stage:BASE" in text and f"BASE one of {', '.join(methods.registry.stage_bases())}" in text
+    assert BUILTIN_STAGE_BASES <= set(methods.registry.stage_bases())
     assert "k_prefill=4 (int), k_decode=8 (int), k_unified=8 (int)" in text
 
 
@@ -368,6 +384,27 @@ def test_a_method_and_its_stage_wrapper_share_one_ranking_per_process(tiny, cali
     assert staged.plan(tiny.model, calib, "disaggregated") == plan and calls == [2, 2]
     make("sleb", k=2, samples=6).plan(tiny.model, calib, "unified")  # other options: its own search
     assert calls == [2, 2, 2]
+
+
+def test_rankings_are_keyed_by_content_not_object_ids(tiny, calib, data_dir, monkeypatch):
+    """An equal calibration set built again (another object) reuses the ranking; another model's weights
+    (same architecture and name, another seed) or other options do not."""
+    from harness.models import load_model
+    from methods import ranked
+
+    ranked._SHARED.clear()
+    calls = []
+    real = methods.get("shortgpt")._rank
+    monkeypatch.setattr(methods.get("shortgpt"), "_rank", lambda self, *a: calls.append(a[2]) or real(self, *a))
+    again = build_calibration(tiny.tokenizer, data_dir, CalibConfig(n_samples=24, max_tokens=96, seed=0))
+    assert again is not calib and again.description == calib.description
+    first = make("shortgpt", k=1).plan(tiny.model, calib, "unified")
+    assert make("shortgpt", k=1).plan(tiny.model, again, "unified") == first and calls == [1]
+    other = load_model("random:tiny", device="cpu", dtype="float32", seed=1).model
+    assert ranked.model_fingerprint(other) != ranked.model_fingerprint(tiny.model)
+    make("shortgpt", k=1).plan(other, calib, "unified")
+    make("shortgpt", k=1, batch_size=3).plan(tiny.model, calib, "unified")
+    assert calls == [1, 1, 1]
 
 
 def test_docs_describe_every_baseline_option():
