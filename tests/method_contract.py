@@ -70,3 +70,25 @@ def check_apply(method, model, plan) -> None:
         dense = Scorer(model, PruningPlan.dense("u", n), "disaggregated", max_length=512)
         dense.loglikelihood(reqs)
         assert 0 < s.tally.kv_bytes <= dense.tally.kv_bytes
+
+
+def base_options(base: str, n_layers: int) -> dict[str, Any]:
+    """The base's options for an `n_layers` model (`Config.for_layers`), except `k` (the wrapper's counts replace it)."""
+    return {f: v for f, v in dataclasses.asdict(methods.get(base).config_for_layers(n_layers)).items() if f != "k"}
+
+
+def check_stage_wrapper_nests(base: str, model, calib) -> None:
+    """`stage:<base>` removes prefixes of the base's removal order: k_prefill for prefill, k_decode for
+    decode (so R_prefill ⊆ R_decode), k_unified in unified mode, where it equals the base at k = k_unified."""
+    n = arch.n_layers(model)
+    opts = base_options(base, n)
+    order = make(base, n, opts).removal_order(model, calib, 2)
+    for kp, kd in ((0, 2), (1, 2), (2, 2), (1, 1)):
+        plan = make(f"stage:{base}", n, {"k_prefill": kp, "k_decode": kd, **opts}).plan(model, calib, "disaggregated")
+        assert len(plan.removed_prefill) == kp and len(plan.removed_decode) == kd
+        assert set(plan.removed_prefill) <= set(plan.removed_decode)
+        assert list(plan.removed_prefill) == sorted(order[:kp]) and list(plan.removed_decode) == sorted(order[:kd])
+        assert plan.kv_policy.keeps_all and plan.method == f"stage:{base}"
+    unified = make(f"stage:{base}", n, {"k_unified": 2, **opts}).plan(model, calib, "unified")
+    assert unified.is_unified
+    assert unified.removed_decode == make(base, n, {"k": 2, **opts}).plan(model, calib, "unified").removed_decode

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from method_contract import check_stage_wrapper_nests
 
 import methods
 from harness import arch
@@ -274,11 +275,6 @@ def test_random_is_a_seeded_draw_that_keeps_first_and_last(tiny):
 BUILTIN_STAGE_BASES = {"random", "shortened_ppl", "shortened_taylor", "shortgpt", "sleb", "tail"}
 
 
-def base_options(base):
-    """The base's options for the 4-layer model (`Config.for_layers`), except `k` (the wrapper's counts replace it)."""
-    return {f: v for f, v in dataclasses.asdict(methods.get(base).config_for_layers(4)).items() if f != "k"}
-
-
 def test_stage_variants_exist_for_every_ranked_baseline():
     bases = methods.registry.stage_bases()
     assert bases == [n for n in methods.names() if not n.startswith("stage:") and methods.get(n).stage_variant]
@@ -295,23 +291,6 @@ def test_stage_variants_exist_for_every_ranked_baseline():
 @pytest.mark.parametrize("base", methods.registry.stage_bases())
 def test_stage_wrapper_nests_the_base_order(tiny, calib, base):
     check_stage_wrapper_nests(base, tiny.model, calib)
-
-
-def check_stage_wrapper_nests(base, model, calib):
-    """`stage:<base>` removes prefixes of the base's removal order: k_prefill for prefill, k_decode for
-    decode (so R_prefill ⊆ R_decode), k_unified in unified mode, where it equals the base at k = k_unified."""
-    opts = base_options(base)
-    inner = make(base, **opts)
-    order = inner.removal_order(model, calib, 2)
-    for kp, kd in ((0, 2), (1, 2), (2, 2), (1, 1)):
-        plan = make(f"stage:{base}", k_prefill=kp, k_decode=kd, **opts).plan(model, calib, "disaggregated")
-        assert len(plan.removed_prefill) == kp and len(plan.removed_decode) == kd
-        assert set(plan.removed_prefill) <= set(plan.removed_decode)
-        assert list(plan.removed_prefill) == sorted(order[:kp]) and list(plan.removed_decode) == sorted(order[:kd])
-        assert plan.kv_policy.keeps_all and plan.method == f"stage:{base}"
-    unified = make(f"stage:{base}", k_unified=2, **opts).plan(model, calib, "unified")
-    assert unified.is_unified
-    assert unified.removed_decode == make(base, k=2, **opts).plan(model, calib, "unified").removed_decode
 
 
 def test_stage_wrapper_bad_options_say_what_is_right(tiny, calib):
