@@ -22,10 +22,15 @@ __all__ = ["Method", "get", "names", "register", "load_plugins"]
 ENTRY_POINT_GROUP = "pd_harness.methods"
 
 
+# modules of the package that are tools, not plug-ins: `python -m methods.catalog` must be able
+# to run it as __main__ without this package having imported it first (runpy warns then)
+TOOLS = {"catalog"}
+
+
 def _import_package_modules() -> None:
     """Import every module of this package, in name order, so each registers its methods."""
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if not info.name.startswith("_"):
+        if not info.name.startswith("_") and info.name not in TOOLS:
             importlib.import_module(f"{__name__}.{info.name}")
 
 

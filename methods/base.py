@@ -69,9 +69,11 @@ class Method(abc.ABC):
     stage_variant: ClassVar[bool] = False
     # why there is no `stage:<name>`, for the error when one is asked for
     why_no_stage_variant: ClassVar[str] = "it has no removal order to nest"
-    # the method's row in README.md's methods table: (prefill stage, decode stage, KV handoff);
-    # None: the summary, then the defaults of `doc_defaults` (methods/catalog.py renders the table)
+    # The method's rows in the generated tables (methods/catalog.py; None: made from `summary`).
+    # README.md's methods table: (prefill stage, decode stage, KV handoff), markdown.
     doc_row: ClassVar[tuple[str, str, str] | None] = None
+    # docs/baselines.md's table of depth-pruning baselines: (paper, criterion, calibration used).
+    baseline_doc: ClassVar[tuple[str, str, str] | None] = None
 
     @dataclasses.dataclass(frozen=True)
     class Config(Options):

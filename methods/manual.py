@@ -20,6 +20,7 @@ from methods.registry import register
 class Manual(Method):
     name = "manual"
     summary = "explicit layer sets per stage and KV policy (replay or probe a plan)"
+    doc_row = ("`prefill_layers` (default all)", "`decode_layers` (default = prefill)", "`kv_layers` keep first `n_first` + last `n_last`")
 
     @dataclass(frozen=True)
     class Config(Options):

@@ -42,6 +42,9 @@ READING = "PDTRIM.md section 2 (harness reading v1)"
 class PDTrim(Method):
     name = "pdtrim"
     summary = "stage-specific greedy block removal (R_prefill ⊆ R_decode) + first/last-token KV in selected layers"
+    doc_row = ("greedy removal of `k_prefill` blocks (default 4) on the prefill objective, candidates from the pruning set `s_i ≥ d_t` first",
+               "extends the prefill set to `k_decode` blocks (default 8) on the decode objective",
+               "first `n_first` + last `n_last` prompt positions in decode layers whose attention share on them is ≥ `tau`")
     needs_calibration = True
     why_no_stage_variant = "pdtrim searches each stage itself"
 

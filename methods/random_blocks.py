@@ -22,6 +22,8 @@ from methods.registry import register
 class RandomBlocks(RankedDepthMethod):
     name = "random"
     summary = "remove k blocks drawn with a seeded RNG (first and last kept); no calibration"
+    doc_row = ("drops `k` blocks drawn with a seed", "same blocks", "all positions")
+    baseline_doc = ("(floor)", "k blocks of a seeded permutation; first and last kept", "none")
     needs_calibration = False
 
     @dataclass(frozen=True)

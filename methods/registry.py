@@ -35,6 +35,8 @@ class Wrapper:
     `supports(base_cls)`: whether `base_cls` has a variant. `build(base_cls)`: the variant's class
     (called once per base; `get` caches it). `why_not(base_cls)`: why a base has none (for the
     error). `title`: what one member is called in messages ("stage-aware variant").
+    `doc_row(bases)`: the family's row of README.md's methods table (prefill, decode, KV), given
+    the bases that have a variant (methods/catalog.py).
     """
 
     prefix: str
@@ -42,6 +44,7 @@ class Wrapper:
     build: Callable[[type[Method]], type[Method]]
     why_not: Callable[[type[Method]], str]
     title: str
+    doc_row: Callable[[list[str]], tuple[str, str, str]] | None = None
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -35,6 +35,10 @@ from methods.registry import register
 class ShortenedPPL(RankedDepthMethod):
     name = "shortened_ppl"
     summary = "remove the k blocks whose single removal gives the lowest calibration perplexity (first 4, last 2 kept)"
+    doc_row = ("drops the `k` blocks whose single removal hurts calibration perplexity least; first 4 and last 2 kept "
+               "(Shortened LLaMA, arXiv 2402.02834)", "same blocks", "all positions")
+    baseline_doc = ("Shortened LLaMA, arXiv 2402.02834", "lowest calibration perplexity with the single block removed; first 4 / last 2 kept",
+                    "`samples` sequences")
     needs_calibration = True
 
     @dataclass(frozen=True)

@@ -26,6 +26,9 @@ from methods.registry import register
 class ShortGPT(RankedDepthMethod):
     name = "shortgpt"
     summary = "remove the k blocks with the lowest Block Influence; same blocks in both stages"
+    doc_row = ("drops the `k` blocks (default 8) with the lowest Block Influence `1 − E[cos(h_in, h_out)]` over calibration tokens "
+               "(ShortGPT, arXiv 2403.03853)", "same blocks", "all positions")
+    baseline_doc = ("ShortGPT, arXiv 2403.03853", "lowest Block Influence 1 − E[cos(h_in, h_out)]", "whole set, 1 forward")
     needs_calibration = True
 
     @dataclass(frozen=True)

@@ -37,6 +37,10 @@ from methods.registry import register
 class SLEB(RankedDepthMethod):
     name = "sleb"
     summary = "greedy: repeatedly remove the block whose removal gives the lowest calibration perplexity; same blocks in both stages"
+    doc_row = ("greedy: `k` times, drops the block whose removal gives the lowest calibration perplexity (SLEB, arXiv 2402.09025)",
+               "same blocks", "all positions")
+    baseline_doc = ("SLEB, arXiv 2402.09025", "greedy: lowest calibration perplexity with the block (and those already chosen) removed",
+                    "`samples` sequences")
     needs_calibration = True
 
     @dataclass(frozen=True)

@@ -119,5 +119,13 @@ def wrapper(base: type[RankedDepthMethod]) -> type[StageAware]:
                  "needs_calibration": base.needs_calibration, "__module__": __name__, "__doc__": summary})
 
 
-registry.register_wrapper(registry.Wrapper(prefix=PREFIX, supports=supports, build=wrapper,
-                                           why_not=lambda cls: cls.why_no_stage_variant, title="stage-aware variant"))
+def doc_row(bases: list[str]) -> tuple[str, str, str]:
+    """The `stage:<base>` row of README.md's methods table (methods/catalog.py)."""
+    d = dict(STAGE_OPTIONS)
+    return (f"first `k_prefill` blocks (default {d['k_prefill']}) of the base's removal order "
+            f"(`base` = {', '.join(f'`{b}`' for b in bases)})", f"first `k_decode` (default {d['k_decode']}) of the same order",
+            "all positions")
+
+
+registry.register_wrapper(registry.Wrapper(prefix=PREFIX, supports=supports, build=wrapper, why_not=lambda cls: cls.why_no_stage_variant,
+                                           title="stage-aware variant", doc_row=doc_row))

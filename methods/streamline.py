@@ -153,6 +153,10 @@ def installed(model, run: list[int], ffn: nn.Module) -> Iterator[None]:
 class Streamline(Method):
     name = "streamline"
     summary = "remove the contiguous run of k blocks whose input and output are most similar (cosine); optional trained FFN replacement"
+    doc_row = ("drops the run of `k` consecutive blocks whose input and output are most similar; optional trained FFN in its place "
+               "(LLM-Streamline, arXiv 2403.19135)", "same blocks", "all positions")
+    baseline_doc = ("LLM-Streamline, arXiv 2403.19135", "the contiguous run of k blocks with the most similar input and output",
+                    "whole set, 1 forward")
     needs_calibration = True
     why_no_stage_variant = "its removed run moves with its length, so it has no nested removal order"
 

@@ -23,6 +23,8 @@ from methods.registry import register
 class Tail(RankedDepthMethod):
     name = "tail"
     summary = "remove the k blocks just before the final block (n-1-k .. n-2); no calibration"
+    doc_row = ("drops blocks n−1−k … n−2", "same blocks", "all positions")
+    baseline_doc = ("(position only)", "blocks n−1−k … n−2; the final block is kept", "none")
     needs_calibration = False
 
     @dataclass(frozen=True)

@@ -389,8 +389,12 @@ def test_rankings_are_keyed_by_content_not_object_ids(tiny, calib, data_dir, mon
 def test_docs_describe_every_baseline_option():
     from conftest import ROOT
 
+    from methods import catalog
+
     text = (ROOT / "docs" / "baselines.md").read_text()
-    for name in ("sleb", "shortened_ppl", "shortened_taylor", "streamline", "tail", "random"):
+    listed = [c.name for c in catalog.builtin() if c.baseline_doc is not None or c.stage_variant]
+    assert {"sleb", "shortened_ppl", "shortened_taylor", "streamline", "tail", "random", "shortgpt"} <= set(listed)
+    for name in listed:
         assert f"`{name}`" in text, name
         missing = [f.name for f in dataclasses.fields(methods.get(name).Config) if f"`{f.name}`" not in text]
         assert not missing, f"docs/baselines.md lacks {name} options {missing}"
