@@ -92,12 +92,14 @@ def get(name: str) -> type[Method]:
     raise UsageError(f"unknown method {name!r}{hint}; known methods: {', '.join(sorted(_METHODS))}{families}")
 
 
-def instantiate(owner: str, base: str | type[Method], options: Mapping[str, Any] | None = None) -> Method:
-    """The inner method a wrapper `owner` runs: `base` (a name or class) with `options` (its Config
-    fields; defaults for the rest). An invalid option is a UsageError that names `owner` first."""
+def instantiate(owner: str, base: str | type[Method], options: Mapping[str, Any] | Any = None) -> Method:
+    """The inner method a wrapper `owner` runs: `base` (a name or class) with `options`, either its
+    Config's fields (defaults for the rest) or a Config instance (e.g. from `build_options`). An
+    invalid option is a UsageError that names `owner` first."""
     cls = get(base) if isinstance(base, str) else base
     try:
-        return cls(cls.Config(**dict(options or {})))
+        config = options if isinstance(options, cls.Config) else cls.Config(**dict(options or {}))
+        return cls(config)
     except UsageError as e:
         raise UsageError(f"{owner}: {e}") from None
 

@@ -114,3 +114,13 @@ def test_an_unregistered_method_is_gone_with_its_variant(plugin):
     with pytest.raises(UsageError, match=f"unknown method 'stage:{NAME}'"):
         methods.get(f"stage:{NAME}")
     registry.register(plugin.ReverseIndex)  # the fixture unregisters it again
+
+
+def test_instantiate_builds_a_wrappers_inner_method_and_names_the_wrapper():
+    """The one way a wrapper builds its base (stage:, and the KV baselines' `base` option)."""
+    cls = methods.get("sleb")
+    assert registry.instantiate("w", "sleb", {"samples": 12}).config == cls.Config(samples=12)
+    assert registry.instantiate("w", cls, cls.Config(k=3)).config.k == 3
+    assert registry.instantiate("w", "stage:sleb").inner.config == cls.Config()
+    with pytest.raises(UsageError, match=r"^w: sleb.samples=0: must be >= 1"):
+        registry.instantiate("w", "sleb", {"samples": 0})
