@@ -1,19 +1,57 @@
-"""Pruning-method adapters. Adding one: a new file with a `@register`ed class, plus its import here."""
+"""Pruning-method adapters, as plug-ins.
 
-from methods import (  # noqa: F401  (registers the methods)
-    kv_baselines,
-    manual,
-    pdtrim,
-    random_blocks,
-    shortened_ppl,
-    shortened_taylor,
-    shortgpt,
-    sleb,
-    streamline,
-    tail,
-    unpruned,
-)
+Adding a method is adding one module to this package that defines a `Method` subclass decorated
+with `@register` (methods/registry.py); it is found here by scanning the package, so no list
+names it. Methods outside the package are plug-ins too: the modules named (comma-separated) in
+the `HARNESS_PLUGINS` environment variable, and those of the `pd_harness.methods` entry-point
+group of installed distributions, are imported after the package's own (`load_plugins`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+from importlib.metadata import entry_points
+
 from methods.base import Method
 from methods.registry import get, names, register
 
-__all__ = ["Method", "get", "names", "register"]
+__all__ = ["Method", "get", "names", "register", "load_plugins"]
+
+ENTRY_POINT_GROUP = "pd_harness.methods"
+
+
+# modules of the package that are tools, not plug-ins: `python -m methods.catalog` must be able
+# to run it as __main__ without this package having imported it first (runpy warns then)
+TOOLS = {"catalog"}
+
+
+def _import_package_modules() -> None:
+    """Import every module of this package, in name order, so each registers its methods."""
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not info.name.startswith("_") and info.name not in TOOLS:
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def load_plugins(spec: str | None = None) -> list[str]:
+    """Import external plug-in modules: `spec` (default `$HARNESS_PLUGINS`, comma-separated module
+    names) and the `pd_harness.methods` entry points. Returns the modules imported; importing one
+    twice is a no-op (Python caches modules), so calling this again is safe."""
+    spec = os.environ.get("HARNESS_PLUGINS", "") if spec is None else spec
+    loaded = []
+    for mod in (m.strip() for m in spec.split(",")):
+        if mod:
+            try:
+                importlib.import_module(mod)
+            except ImportError as e:
+                raise ImportError(f"HARNESS_PLUGINS names {mod!r}, which cannot be imported: {e}") from e
+            loaded.append(mod)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()
+        loaded.append(ep.value)
+    return loaded
+
+
+_import_package_modules()
+load_plugins()

@@ -3,6 +3,12 @@
 A method never sees the runner: it gets the model (read-only), an optional calibration set and
 the mode, and returns a `PruningPlan`. Its options are a frozen dataclass `Config`, set from the
 CLI as `--set <name>.<field>=<value>` and recorded with every result.
+
+A method is a plug-in: one module that defines the class and decorates it with
+`methods.registry.register`. Everything else (the contract test, the `stage:` wrapper, `--help`,
+the generated method tables) reads the class: `Config.for_layers(n)` gives options that fit a
+small model (tests run every method on a 4-layer one), `stage_variant` says whether `stage:<name>`
+exists, and `summary` / `doc_row` describe it.
 """
 
 from __future__ import annotations
@@ -18,16 +24,66 @@ from torch import nn
 from harness.plan import PruningPlan
 
 
+class Options:
+    """Mixin for a method's `Config` dataclass: `for_layers(n)`, options that fit an `n`-layer model.
+
+    The default is the Config's defaults; a method whose defaults are sized for real models
+    (e.g. `k = 8` blocks removed) overrides it, so tests can run every registered method on a
+    tiny model without a table of per-method options.
+    """
+
+    @classmethod
+    def for_layers(cls, n: int) -> Any:
+        """Options for a model of `n` decoder layers (default: the defaults)."""
+        return cls()
+
+
+class DepthOptions(Options):
+    """`for_layers(n)` shrinks the usual count options to fit `n` layers, and leaves the rest.
+
+    `k` (blocks removed) to at most n // 2; `keep_first`, `keep_last` (blocks never removed) to
+    at most n // 4 each, so `k` blocks stay removable; `samples` (calibration sequences) to at
+    most 3 n, so a small model gets a quick search. From 32 layers on these are the defaults.
+    """
+
+    @classmethod
+    def for_layers(cls, n: int) -> Any:
+        return fit_counts(cls, n)
+
+
+def fit_counts(config_cls: type, n: int) -> Any:
+    """`config_cls`'s defaults with the count options capped for `n` layers (see `DepthOptions`)."""
+    default = config_cls()
+    limits = {"k": n // 2, "keep_first": n // 4, "keep_last": n // 4, "samples": 3 * n}
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    return dataclasses.replace(default, **{f: min(getattr(default, f), cap) for f, cap in limits.items() if f in fields})
+
+
 class Method(abc.ABC):
     """Base class of pruning-method adapters. Subclasses set `name` and a nested `Config`."""
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    # True when the method gives a nested removal order (methods/ranked.py), so `stage:<name>` exists
+    stage_variant: ClassVar[bool] = False
+    # why there is no `stage:<name>`, for the error when one is asked for
+    why_no_stage_variant: ClassVar[str] = "it has no removal order to nest"
+    # The method's rows in the generated tables (methods/catalog.py; None: made from `summary`).
+    # README.md's methods table: (prefill stage, decode stage, KV handoff), markdown.
+    doc_row: ClassVar[tuple[str, str, str] | None] = None
+    # docs/baselines.md's table of depth-pruning baselines: (paper, criterion, calibration used).
+    baseline_doc: ClassVar[tuple[str, str, str] | None] = None
 
     @dataclasses.dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         pass
+
+    @classmethod
+    def config_for_layers(cls, n: int) -> Any:
+        """`Config.for_layers(n)`, or the Config's defaults when it is not an `Options`."""
+        for_layers = getattr(cls.Config, "for_layers", None)
+        return for_layers(n) if for_layers is not None else cls.Config()
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -57,3 +113,17 @@ class Method(abc.ABC):
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
+
+
+class WrapperMethod(Method):
+    """A method that runs another one, `self.inner`: `stage:<base>` (methods/stage.py) and the KV
+    baselines. The inner method is built with `methods.registry.instantiate`; the wrapper installs
+    what it installs and re-plans on resume when it must (e.g. trained weights live in it)."""
+
+    inner: Method
+
+    def needs_replan_on_resume(self) -> bool:
+        return self.inner.needs_replan_on_resume()
+
+    def apply(self, model: nn.Module, plan: PruningPlan) -> contextlib.AbstractContextManager[PruningPlan]:
+        return self.inner.apply(model, plan)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from harness import arch
 from harness.errors import UsageError
 from harness.plan import KVPolicy, PruningPlan
-from methods.base import Method
+from methods.base import Method, Options
 from methods.registry import register
 
 
@@ -20,9 +20,10 @@ from methods.registry import register
 class Manual(Method):
     name = "manual"
     summary = "explicit layer sets per stage and KV policy (replay or probe a plan)"
+    doc_row = ("`prefill_layers` (default all)", "`decode_layers` (default = prefill)", "`kv_layers` keep first `n_first` + last `n_last`")
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         prefill_layers: tuple[int, ...] = ()
         decode_layers: tuple[int, ...] = ()
         kv_layers: tuple[int, ...] = ()

@@ -21,6 +21,7 @@ every choice an option (docs/pdtrim.md):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from harness import arch
 from harness.errors import UsageError
 from harness.plan import KVPolicy, PruningPlan
-from methods.base import Method
+from methods.base import Method, Options
 from methods.blocks import block_cosines
 from methods.registry import register
 
@@ -41,10 +42,14 @@ READING = "PDTRIM.md section 2 (harness reading v1)"
 class PDTrim(Method):
     name = "pdtrim"
     summary = "stage-specific greedy block removal (R_prefill ⊆ R_decode) + first/last-token KV in selected layers"
+    doc_row = ("greedy removal of `k_prefill` blocks (default 4) on the prefill objective, candidates from the pruning set `s_i ≥ d_t` first",
+               "extends the prefill set to `k_decode` blocks (default 8) on the decode objective",
+               "first `n_first` + last `n_last` prompt positions in decode layers whose attention share on them is ≥ `tau`")
     needs_calibration = True
+    why_no_stage_variant = "pdtrim searches each stage itself"
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         k_prefill: int = 4  # blocks removed from the prefill stage
         k_decode: int = 8  # blocks removed from the decode stage (>= k_prefill)
         k_unified: int = 8  # blocks removed in unified mode
@@ -70,6 +75,16 @@ class PDTrim(Method):
         heal_steps: int = 100  # Adam steps per healed block
         heal_lr: float = 1e-4
         heal_samples: int = 64  # calibration sequences used for healing
+
+        @classmethod
+        def for_layers(cls, n: int) -> PDTrim.Config:
+            """Block counts, search and probe sizes scaled down for `n` layers (the defaults from 32 on)."""
+            d, k = cls(), min(cls.k_decode, n // 2)
+            return dataclasses.replace(
+                d, k_prefill=min(d.k_prefill, k // 2), k_decode=k, k_unified=min(d.k_unified, n // 2),
+                search_samples=min(d.search_samples, 2 * n), max_cont=min(d.max_cont, 2 * n),
+                probe_prompts=min(d.probe_prompts, n // 2), probe_tokens=min(d.probe_tokens, 16 * n),
+                probe_steps=min(d.probe_steps, n), n_first=min(d.n_first, n // 2), n_last=min(d.n_last, 3 * n // 2))
 
     def validate_config(self, c) -> None:
         if not 0 <= c.k_prefill <= c.k_decode:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from methods.base import DepthOptions
 from methods.ranked import RankedDepthMethod, Ranking, check_counts
 from methods.registry import register
 
@@ -21,10 +22,12 @@ from methods.registry import register
 class RandomBlocks(RankedDepthMethod):
     name = "random"
     summary = "remove k blocks drawn with a seeded RNG (first and last kept); no calibration"
+    doc_row = ("drops `k` blocks drawn with a seed", "same blocks", "all positions")
+    baseline_doc = ("(floor)", "k blocks of a seeded permutation; first and last kept", "none")
     needs_calibration = False
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(DepthOptions):
         k: int = 8  # blocks removed
         seed: int = 0  # the draw
         keep_first: int = 1  # first blocks never removed

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from harness import arch
 from harness.errors import UsageError
 from harness.plan import PruningPlan
-from methods.base import Method
+from methods.base import Method, fit_counts
 
 
 @dataclass
@@ -37,12 +40,38 @@ class Ranking:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-# Rankings shared by every instance of a method class in this process, so `sleb` and `stage:sleb`
-# (which holds its own `sleb` instance) search once per run. Key: (class, options except k,
-# model, calibration set); the value keeps the model and calibration objects alive, so their ids
-# cannot be reused by other objects while the entry exists.
-_SHARED: OrderedDict[tuple, tuple[Any, Any, Ranking]] = OrderedDict()
+# Rankings shared by every instance of a method in this process, so `sleb` and `stage:sleb` (which
+# holds its own `sleb` instance) search once per run. Keyed by what the ranking depends on, not by
+# object ids (which Python reuses once an object is freed, and which differ for equal inputs):
+# (method, options except k, model fingerprint, calibration fingerprint); see `ranking_key`.
+_SHARED: OrderedDict[tuple, Ranking] = OrderedDict()
 _SHARED_MAX = 8
+
+
+def model_fingerprint(model) -> str:
+    """A digest of the model's class, source, dtype and parameters (names, shapes, and a few values
+    of each): equal for the same weights, different for another checkpoint or seed. Sampling keeps
+    it cheap on large models; offloaded (meta) parameters contribute their shape only."""
+    h = hashlib.sha256(f"{type(model).__qualname__}|{getattr(getattr(model, 'config', None), '_name_or_path', '')}".encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"|{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            if p.device.type != "meta" and p.numel():
+                flat = p.detach().reshape(-1)
+                sample = torch.cat([flat[:8], flat[-8:]]).float().cpu()
+                h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def calibration_fingerprint(calib) -> str | None:
+    """The calibration set's description (it carries a digest of its tokens) or, without one, a digest
+    of its token ids; None when there is no calibration set."""
+    if calib is None:
+        return None
+    desc = getattr(calib, "description", None)
+    if desc:
+        return json.dumps(desc, sort_keys=True, default=str)
+    return hashlib.sha256(json.dumps(getattr(calib, "input_ids", repr(calib))).encode()).hexdigest()[:16]
 
 
 def progress(items, desc: str):
@@ -65,10 +94,18 @@ class RankedDepthMethod(Method):
     """A depth-pruning method whose plan removes the first `k` blocks of a removal order.
 
     Subclasses implement `_rank(model, calib, k, eligible)`. Options `keep_first` and `keep_last`
-    (when the Config has them) make the first and last blocks ineligible for removal.
+    (when the Config has them) make the first and last blocks ineligible for removal. Their Config
+    should derive from `DepthOptions`, whose `for_layers(n)` fits `k` and the other counts to a
+    small model; one that does not gets the same fitting (`config_for_layers`).
     """
 
     needs_calibration = True
+    stage_variant = True  # the removal order nests, so `stage:<name>` exists (methods/stage.py)
+
+    @classmethod
+    def config_for_layers(cls, n: int) -> Any:
+        for_layers = getattr(cls.Config, "for_layers", None)
+        return for_layers(n) if for_layers is not None else fit_counts(cls.Config, n)
 
     @abc.abstractmethod
     def _rank(self, model, calib, k: int, eligible: list[int]) -> Ranking:
@@ -95,21 +132,27 @@ class RankedDepthMethod(Method):
         if k > len(eligible):
             raise UsageError(f"{label or f'{self.name}.k={k}'}: at most {len(eligible)} of the model's {n} blocks "
                              f"can be removed ({self.name}: {self.eligibility_rule()})")
-        opts = {f: v for f, v in dataclasses.asdict(self.config).items() if f != "k"}
-        key = (type(self).__qualname__, json.dumps(opts, sort_keys=True, default=str), id(model), id(calib))
+        key = self.ranking_key(model, calib)
         hit = _SHARED.get(key)
-        if hit is None or len(hit[2].order) < k:
+        if hit is None or len(hit.order) < k:
             t0 = time.perf_counter()
             ranking = self._rank(model, calib, k, eligible)
             ranking.info.setdefault("work", {})["rank_seconds"] = time.perf_counter() - t0
             ranking.info["eligible"] = eligible
-            _SHARED[key] = (model, calib, ranking)
+            _SHARED[key] = ranking
             while len(_SHARED) > _SHARED_MAX:
                 _SHARED.popitem(last=False)
             return ranking
         _SHARED.move_to_end(key)
         # the very same ranking (its info unchanged), so a record does not depend on which cells ran before it
-        return hit[2]
+        return hit
+
+    def ranking_key(self, model, calib) -> tuple:
+        """What a ranking depends on: the method (name and defining class), its options except `k`
+        (a longer order serves every shorter `k`), the model and the calibration set."""
+        opts = {f: v for f, v in dataclasses.asdict(self.config).items() if f != "k"}
+        return (self.name, f"{type(self).__module__}.{type(self).__qualname__}", json.dumps(opts, sort_keys=True, default=str),
+                model_fingerprint(model), calibration_fingerprint(calib))
 
     def removal_order(self, model, calib, k: int | None = None) -> list[int]:
         """The first `k` (default: this method's `k`) blocks of the removal order."""

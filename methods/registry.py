@@ -1,49 +1,125 @@
-"""Registry of method classes (classes, not instances: each run builds its own).
+"""Registry of method classes (classes, not instances: each run builds its own), and of wrappers.
 
-`stage:<name>` (methods/stage.py) is the stage-aware variant of a registered depth-pruning
-method with a removal order; its class is made on first use and cached.
+A *method* registers itself with `@register` in its own module; `methods/__init__.py` imports
+every module of the package (and the plug-ins named by `HARNESS_PLUGINS` or the
+`pd_harness.methods` entry-point group), so a new file is all a new method needs.
+
+A *wrapper* is a family of methods made from a registered base method, named `<prefix><base>`
+(e.g. `stage:sleb`, methods/stage.py). A wrapper module registers a `Wrapper` with
+`register_wrapper`; `get` resolves a prefixed name through it and caches the class it builds.
+This module imports no wrapper module, so there is no registry <-> wrapper import cycle: the
+wrapper imports the registry, never the other way round. Wrappers that take their base as an
+option (`streamingllm`, `snapkv`: `base=pdtrim`) build it with `instantiate`, so every wrapper
+builds its inner method the same way and its errors name the wrapper.
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from harness.errors import UsageError
 from methods.base import Method
 
 _METHODS: dict[str, type[Method]] = {}
+_WRAPPERS: dict[str, Wrapper] = {}
+_BUILT: dict[tuple[str, type[Method]], type[Method]] = {}  # (prefix, base class) -> wrapper class
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """A family `<prefix><base>` of methods wrapped around registered base methods.
+
+    `supports(base_cls)`: whether `base_cls` has a variant. `build(base_cls)`: the variant's class
+    (called once per base; `get` caches it). `why_not(base_cls)`: why a base has none (for the
+    error). `title`: what one member is called in messages ("stage-aware variant").
+    `doc_row(bases)`: the family's row of README.md's methods table (prefill, decode, KV), given
+    the bases that have a variant (methods/catalog.py).
+    """
+
+    prefix: str
+    supports: Callable[[type[Method]], bool]
+    build: Callable[[type[Method]], type[Method]]
+    why_not: Callable[[type[Method]], str]
+    title: str
+    doc_row: Callable[[list[str]], tuple[str, str, str]] | None = None
 
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make `cls` available under `cls.name`."""
-    if cls.name in _METHODS:
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
         raise ValueError(f"method {cls.name!r} defined twice: {_METHODS[cls.name].__module__}, {cls.__module__}")
+    if any(cls.name.startswith(p) for p in _WRAPPERS):
+        raise ValueError(f"method {cls.name!r}: names starting with a wrapper prefix ({', '.join(_WRAPPERS)}) are reserved")
     _METHODS[cls.name] = cls
     return cls
 
 
-def get(name: str) -> type[Method]:
-    from methods import stage
+def unregister(name: str) -> None:
+    """Forget method `name` and the wrapper classes built around it (plug-in tests clean up with this)."""
+    cls = _METHODS.pop(name)
+    for key in [k for k in _BUILT if k[1] is cls]:
+        del _BUILT[key]
 
-    if name.startswith(stage.PREFIX) and name[len(stage.PREFIX):] in _METHODS:
-        return stage.stage_method(name, _METHODS[name[len(stage.PREFIX):]])
-    if name not in _METHODS:
-        near = difflib.get_close_matches(name, names(), n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise UsageError(f"unknown method {name!r}{hint}; known methods: {', '.join(sorted(_METHODS))}; "
-                         f"stage-aware variants: {', '.join(stage.PREFIX + b for b in stage_bases())}")
-    return _METHODS[name]
+
+def register_wrapper(wrapper: Wrapper) -> Wrapper:
+    """Make `<wrapper.prefix><base>` resolvable for every base that `wrapper.supports`."""
+    if wrapper.prefix in _WRAPPERS and _WRAPPERS[wrapper.prefix] != wrapper:
+        raise ValueError(f"wrapper prefix {wrapper.prefix!r} registered twice")
+    _WRAPPERS[wrapper.prefix] = wrapper
+    return wrapper
+
+
+def get(name: str) -> type[Method]:
+    """The class of method `name` (a registered name or `<prefix><base>`); UsageError when unknown."""
+    if name in _METHODS:
+        return _METHODS[name]
+    for prefix, wrapper in _WRAPPERS.items():
+        base = _METHODS.get(name[len(prefix):]) if name.startswith(prefix) else None
+        if base is None:
+            continue
+        if not wrapper.supports(base):
+            raise UsageError(f"no {wrapper.title} {name!r}: {wrapper.why_not(base)}; {wrapper.title}s exist for "
+                             f"{', '.join(prefix + b for b in bases_of(prefix))}")
+        if (prefix, base) not in _BUILT:
+            _BUILT[prefix, base] = wrapper.build(base)
+        return _BUILT[prefix, base]
+    near = difflib.get_close_matches(name, names(), n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    families = "".join(f"; {w.title}s: {', '.join(p + b for b in bases_of(p))}" for p, w in sorted(_WRAPPERS.items()))
+    raise UsageError(f"unknown method {name!r}{hint}; known methods: {', '.join(sorted(_METHODS))}{families}")
+
+
+def instantiate(owner: str, base: str | type[Method], options: Mapping[str, Any] | Any = None) -> Method:
+    """The inner method a wrapper `owner` runs: `base` (a name or class) with `options`, either its
+    Config's fields (defaults for the rest) or a Config instance (e.g. from `build_options`). An
+    invalid option is a UsageError that names `owner` first."""
+    cls = get(base) if isinstance(base, str) else base
+    try:
+        config = options if isinstance(options, cls.Config) else cls.Config(**dict(options or {}))
+        return cls(config)
+    except UsageError as e:
+        raise UsageError(f"{owner}: {e}") from None
+
+
+def bases_of(prefix: str) -> list[str]:
+    """Registered methods that have a `<prefix>` variant, sorted."""
+    wrapper = _WRAPPERS.get(prefix)
+    return [n for n in sorted(_METHODS) if wrapper is not None and wrapper.supports(_METHODS[n])]
 
 
 def stage_bases() -> list[str]:
-    """Registered methods that have a `stage:` variant."""
-    from methods import stage
+    """Registered methods that have a `stage:` variant (methods/stage.py)."""
+    return bases_of("stage:")
 
-    return [n for n in sorted(_METHODS) if stage.supports(_METHODS[n])]
+
+def wrappers() -> list[Wrapper]:
+    """The registered wrapper families, by prefix."""
+    return [_WRAPPERS[p] for p in sorted(_WRAPPERS)]
 
 
 def names() -> list[str]:
-    """Every method name: the registered ones, then their `stage:` variants."""
-    from methods import stage
-
-    return sorted(_METHODS) + [stage.PREFIX + b for b in stage_bases()]
+    """Every method name: the registered ones, then each wrapper family's variants."""
+    return sorted(_METHODS) + [w.prefix + b for w in wrappers() for b in bases_of(w.prefix)]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from methods.base import DepthOptions
 from methods.perplexity import calibration_evaluator
 from methods.ranked import RankedDepthMethod, Ranking, check_counts, progress
 from methods.registry import register
@@ -34,10 +35,14 @@ from methods.registry import register
 class ShortenedPPL(RankedDepthMethod):
     name = "shortened_ppl"
     summary = "remove the k blocks whose single removal gives the lowest calibration perplexity (first 4, last 2 kept)"
+    doc_row = ("drops the `k` blocks whose single removal hurts calibration perplexity least; first 4 and last 2 kept "
+               "(Shortened LLaMA, arXiv 2402.02834)", "same blocks", "all positions")
+    baseline_doc = ("Shortened LLaMA, arXiv 2402.02834", "lowest calibration perplexity with the single block removed; first 4 / last 2 kept",
+                    "`samples` sequences")
     needs_calibration = True
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(DepthOptions):
         k: int = 8  # blocks removed
         keep_first: int = 4  # the "+" rule: first blocks never removed
         keep_last: int = 2  # and last blocks never removed

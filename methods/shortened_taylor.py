@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from harness import arch
 from harness.errors import UsageError
+from methods.base import DepthOptions
 from methods.perplexity import calibration_rows, make_batches
 from methods.ranked import RankedDepthMethod, Ranking, check_counts, progress
 from methods.registry import register
@@ -76,10 +77,14 @@ def taylor_scores(model, batches) -> tuple[list[float], float]:
 class ShortenedTaylor(RankedDepthMethod):
     name = "shortened_taylor"
     summary = "remove the k blocks with the lowest first-order Taylor importance Σ|w·dL/dw| (first 4, last 2 kept)"
+    doc_row = ("drops the `k` blocks with the lowest Taylor importance Σ\\|w·∂L/∂w\\|; first 4 and last 2 kept "
+               "(Shortened LLaMA, arXiv 2402.02834)", "same blocks", "all positions")
+    baseline_doc = ("Shortened LLaMA, arXiv 2402.02834", "lowest Σ \\|w · ∂L/∂w\\| over the block's weights; first 4 / last 2 kept",
+                    "`samples` sequences")
     needs_calibration = True
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(DepthOptions):
         k: int = 8  # blocks removed
         keep_first: int = 4  # the "+" rule: first blocks never removed
         keep_last: int = 2  # and last blocks never removed

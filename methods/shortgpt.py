@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from harness.errors import UsageError
+from methods.base import DepthOptions
 from methods.blocks import block_cosines
 from methods.ranked import RankedDepthMethod, Ranking
 from methods.registry import register
@@ -25,10 +26,13 @@ from methods.registry import register
 class ShortGPT(RankedDepthMethod):
     name = "shortgpt"
     summary = "remove the k blocks with the lowest Block Influence; same blocks in both stages"
+    doc_row = ("drops the `k` blocks (default 8) with the lowest Block Influence `1 − E[cos(h_in, h_out)]` over calibration tokens "
+               "(ShortGPT, arXiv 2403.03853)", "same blocks", "all positions")
+    baseline_doc = ("ShortGPT, arXiv 2403.03853", "lowest Block Influence 1 − E[cos(h_in, h_out)]", "whole set, 1 forward")
     needs_calibration = True
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(DepthOptions):
         k: int = 8  # blocks removed
         batch_size: int = 16  # calibration forward batch (does not change the result beyond float noise)
 

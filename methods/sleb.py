@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from methods.base import DepthOptions
 from methods.perplexity import calibration_evaluator
 from methods.ranked import RankedDepthMethod, Ranking, check_counts, progress
 from methods.registry import register
@@ -36,10 +37,14 @@ from methods.registry import register
 class SLEB(RankedDepthMethod):
     name = "sleb"
     summary = "greedy: repeatedly remove the block whose removal gives the lowest calibration perplexity; same blocks in both stages"
+    doc_row = ("greedy: `k` times, drops the block whose removal gives the lowest calibration perplexity (SLEB, arXiv 2402.09025)",
+               "same blocks", "all positions")
+    baseline_doc = ("SLEB, arXiv 2402.09025", "greedy: lowest calibration perplexity with the block (and those already chosen) removed",
+                    "`samples` sequences")
     needs_calibration = True
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(DepthOptions):
         k: int = 8  # blocks removed
         keep_first: int = 1  # the first blocks are never removed
         keep_last: int = 1  # nor the last ones

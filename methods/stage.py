@@ -12,50 +12,47 @@ for one-shot scorers, the greedy order for SLEB); then
   the base method at `k = k_unified`.
 
 The wrapper's options are `k_prefill`, `k_decode`, `k_unified` and the base's own options except
-its `k` (`--set stage:sleb.samples=32`). Bases without a nested order (`streamline`, whose best
-run moves with its length; `pdtrim`, stage-aware already; `manual`, `unpruned`) have no wrapper.
+its `k` (`--set stage:sleb.samples=32`). A base has a wrapper when its class says
+`stage_variant = True` (every `RankedDepthMethod` does); the others (`streamline`, whose best run
+moves with its length; `pdtrim`, stage-aware already; `manual`, `unpruned`) say why not in
+`why_no_stage_variant`.
+
+This module registers the `stage:` family with the registry (`registry.register_wrapper`), which
+resolves `stage:<base>` through it; the registry never imports this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import typing
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from harness import arch
 from harness.errors import UsageError
 from harness.plan import PruningPlan
-from methods.base import Method
+from methods import registry
+from methods.base import Method, Options, WrapperMethod
 from methods.ranked import RankedDepthMethod
 
 PREFIX = "stage:"
 STAGE_OPTIONS = (("k_prefill", 4), ("k_decode", 8), ("k_unified", 8))
 
 
-class StageAware(Method):
+class StageAware(WrapperMethod):
     """Prefill removes the first `k_prefill` of the base's removal order, decode the first `k_decode`."""
 
     base: ClassVar[type[RankedDepthMethod]]
+    inner: RankedDepthMethod
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
         own = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.base.Config) if f.name != "k"}
-        try:
-            self.inner = self.base(self.base.Config(**own))
-        except UsageError as e:
-            raise UsageError(f"{self.name}: {e}") from None
+        self.inner = registry.instantiate(self.name, self.base, own)  # type: ignore[assignment]
 
     def validate_config(self, c) -> None:
         if not 0 <= c.k_prefill <= c.k_decode or c.k_unified < 0:
             raise UsageError(f"{self.name}: need 0 <= k_prefill <= k_decode (R_prefill ⊆ R_decode) and k_unified >= 0, "
                              f"got k_prefill={c.k_prefill}, k_decode={c.k_decode}, k_unified={c.k_unified}")
-
-    def needs_replan_on_resume(self) -> bool:
-        return self.inner.needs_replan_on_resume()
-
-    def apply(self, model, plan: PruningPlan) -> typing.ContextManager[PruningPlan]:
-        return self.inner.apply(model, plan)
 
     def plan(self, model, calib, mode: str) -> PruningPlan:
         c, n = self.config, arch.n_layers(model)
@@ -82,13 +79,28 @@ class StageAware(Method):
 
 
 def supports(cls: type[Method]) -> bool:
-    """True when `cls` gives a nested removal order, so `stage:<cls.name>` exists."""
-    return isinstance(cls, type) and issubclass(cls, RankedDepthMethod)
+    """True when `cls` gives a nested removal order (`stage_variant`), so `stage:<cls.name>` exists."""
+    return isinstance(cls, type) and issubclass(cls, RankedDepthMethod) and cls.stage_variant
 
 
-@functools.cache
+class StageOptions(Options):
+    """Options of a `stage:<base>` class: `for_layers(n)` takes the base's counts for `n` layers."""
+
+    _stage_base: ClassVar[type[Method]]
+
+    @classmethod
+    def for_layers(cls, n: int) -> Any:
+        """k_decode = k_unified = the base's `k` for `n` layers (capped by the defaults), k_prefill half
+        of it; the base's other options as its `for_layers(n)` gives them."""
+        inner = cls._stage_base.config_for_layers(n)
+        k = min(getattr(inner, "k", n // 2), dict(STAGE_OPTIONS)["k_decode"])
+        own = {f.name: getattr(inner, f.name) for f in dataclasses.fields(inner) if f.name != "k"}
+        return cls(k_prefill=min(k // 2, dict(STAGE_OPTIONS)["k_prefill"]), k_decode=k,
+                   k_unified=min(k, dict(STAGE_OPTIONS)["k_unified"]), **own)
+
+
 def wrapper(base: type[RankedDepthMethod]) -> type[StageAware]:
-    """The `stage:<base.name>` class (one per base; registry `get` hands it out)."""
+    """The `stage:<base.name>` class (the registry builds it once per base and hands it out)."""
     hints = typing.get_type_hints(base.Config)
     fields = [(name, int, dataclasses.field(default=default)) for name, default in STAGE_OPTIONS]
     for f in dataclasses.fields(base.Config):
@@ -97,7 +109,8 @@ def wrapper(base: type[RankedDepthMethod]) -> type[StageAware]:
         default = (dataclasses.field(default_factory=f.default_factory) if f.default is dataclasses.MISSING
                    else dataclasses.field(default=f.default))
         fields.append((f.name, hints[f.name], default))
-    config = dataclasses.make_dataclass("Config", fields, frozen=True, namespace={"__module__": __name__})
+    config = dataclasses.make_dataclass("Config", fields, bases=(StageOptions,), frozen=True,
+                                        namespace={"__module__": __name__, "_stage_base": base})
     name = f"{PREFIX}{base.name}"
     summary = (f"{base.name}'s removal order, stage-aware: prefill removes its first k_prefill blocks, decode its "
                f"first k_decode (unified: k_unified)")
@@ -106,13 +119,13 @@ def wrapper(base: type[RankedDepthMethod]) -> type[StageAware]:
                  "needs_calibration": base.needs_calibration, "__module__": __name__, "__doc__": summary})
 
 
-def stage_method(name: str, base: type[Method]) -> type[StageAware]:
-    """The wrapper for `base`, or a UsageError saying which bases have one."""
-    if not supports(base):
-        from methods.registry import stage_bases
+def doc_row(bases: list[str]) -> tuple[str, str, str]:
+    """The `stage:<base>` row of README.md's methods table (methods/catalog.py)."""
+    d = dict(STAGE_OPTIONS)
+    return (f"first `k_prefill` blocks (default {d['k_prefill']}) of the base's removal order "
+            f"(`base` = {', '.join(f'`{b}`' for b in bases)})", f"first `k_decode` (default {d['k_decode']}) of the same order",
+            "all positions")
 
-        why = {"streamline": "its removed run moves with its length, so it has no nested removal order",
-               "pdtrim": "pdtrim searches each stage itself"}.get(base.name, "it has no removal order to nest")
-        raise UsageError(f"no stage-aware variant {name!r}: {why}; stage-aware variants exist for "
-                         f"{', '.join(PREFIX + b for b in stage_bases())}")
-    return wrapper(base)
+
+registry.register_wrapper(registry.Wrapper(prefix=PREFIX, supports=supports, build=wrapper, why_not=lambda cls: cls.why_no_stage_variant,
+                                           title="stage-aware variant", doc_row=doc_row))

@@ -46,7 +46,7 @@ from harness.cache import PDCache
 from harness.engine import run_layers
 from harness.errors import UsageError
 from harness.plan import PruningPlan
-from methods.base import Method
+from methods.base import DepthOptions, Method
 from methods.ranked import progress
 from methods.registry import register
 
@@ -153,10 +153,15 @@ def installed(model, run: list[int], ffn: nn.Module) -> Iterator[None]:
 class Streamline(Method):
     name = "streamline"
     summary = "remove the contiguous run of k blocks whose input and output are most similar (cosine); optional trained FFN replacement"
+    doc_row = ("drops the run of `k` consecutive blocks whose input and output are most similar; optional trained FFN in its place "
+               "(LLM-Streamline, arXiv 2403.19135)", "same blocks", "all positions")
+    baseline_doc = ("LLM-Streamline, arXiv 2403.19135", "the contiguous run of k blocks with the most similar input and output",
+                    "whole set, 1 forward")
     needs_calibration = True
+    why_no_stage_variant = "its removed run moves with its length, so it has no nested removal order"
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(DepthOptions):
         k: int = 8  # length of the removed run
         batch_size: int = 16  # calibration forward batch
         replace: str = "none"  # none | ffn: train a residual FFN to stand in for the run

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from methods.base import DepthOptions
 from methods.ranked import RankedDepthMethod, Ranking, check_counts
 from methods.registry import register
 
@@ -22,10 +23,12 @@ from methods.registry import register
 class Tail(RankedDepthMethod):
     name = "tail"
     summary = "remove the k blocks just before the final block (n-1-k .. n-2); no calibration"
+    doc_row = ("drops blocks n−1−k … n−2", "same blocks", "all positions")
+    baseline_doc = ("(position only)", "blocks n−1−k … n−2; the final block is kept", "none")
     needs_calibration = False
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(DepthOptions):
         k: int = 8  # blocks removed
 
     def validate_config(self, config) -> None:

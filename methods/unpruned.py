@@ -12,6 +12,7 @@ from methods.registry import register
 class Unpruned(Method):
     name = "unpruned"
     summary = "dense model; every layer in prefill and decode; full KV handoff"
+    doc_row = ("all layers", "all layers", "all positions")
 
     def plan(self, model, calib, mode: str) -> PruningPlan:
         return PruningPlan.dense(self.name, arch.n_layers(model))

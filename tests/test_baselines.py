@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from method_contract import check_stage_wrapper_nests
 
 import methods
 from harness import arch
@@ -271,12 +272,14 @@ def test_random_is_a_seeded_draw_that_keeps_first_and_last(tiny):
 
 
 # -- the stage-aware wrapper ----------------------------------------------------------------------
-BASE_OPTIONS = {"sleb": {"samples": 12}, "shortened_ppl": {"keep_first": 1, "keep_last": 1, "samples": 12},
-                "shortened_taylor": {"keep_first": 1, "keep_last": 1, "samples": 12}}
+BUILTIN_STAGE_BASES = {"random", "shortened_ppl", "shortened_taylor", "shortgpt", "sleb", "tail"}
 
 
 def test_stage_variants_exist_for_every_ranked_baseline():
-    assert methods.registry.stage_bases() == ["random", "shortened_ppl", "shortened_taylor", "shortgpt", "sleb", "tail"]
+    bases = methods.registry.stage_bases()
+    assert bases == [n for n in methods.names() if not n.startswith("stage:") and methods.get(n).stage_variant]
+    assert BUILTIN_STAGE_BASES <= set(bases) and bases == sorted(bases)
+    assert not {"streamline", "pdtrim", "manual", "unpruned", "streamingllm", "snapkv"} & set(bases)
     cls = methods.get("stage:sleb")
     assert cls is methods.get("stage:sleb") and cls.name == "stage:sleb" and cls.needs_calibration
     fields = [f.name for f in dataclasses.fields(cls.Config)]
@@ -285,20 +288,9 @@ def test_stage_variants_exist_for_every_ranked_baseline():
     assert not methods.get("stage:tail").needs_calibration
 
 
-@pytest.mark.parametrize("base", ["shortgpt", "sleb", "shortened_ppl", "shortened_taylor", "tail", "random"])
+@pytest.mark.parametrize("base", methods.registry.stage_bases())
 def test_stage_wrapper_nests_the_base_order(tiny, calib, base):
-    opts = BASE_OPTIONS.get(base, {})
-    inner = make(base, **opts)
-    order = inner.removal_order(tiny.model, calib, 2)
-    for kp, kd in ((0, 2), (1, 2), (2, 2), (1, 1)):
-        plan = make(f"stage:{base}", k_prefill=kp, k_decode=kd, **opts).plan(tiny.model, calib, "disaggregated")
-        assert len(plan.removed_prefill) == kp and len(plan.removed_decode) == kd
-        assert set(plan.removed_prefill) <= set(plan.removed_decode)
-        assert list(plan.removed_prefill) == sorted(order[:kp]) and list(plan.removed_decode) == sorted(order[:kd])
-        assert plan.kv_policy.keeps_all and plan.method == f"stage:{base}"
-    unified = make(f"stage:{base}", k_unified=2, **opts).plan(tiny.model, calib, "unified")
-    assert unified.is_unified
-    assert unified.removed_decode == make(base, k=2, **opts).plan(tiny.model, calib, "unified").removed_decode
+    check_stage_wrapper_nests(base, tiny.model, calib)
 
 
 def test_stage_wrapper_bad_options_say_what_is_right(tiny, calib):
@@ -337,9 +329,12 @@ def test_help_lists_the_baselines_and_the_stage_variants():
     from harness.cli import _methods_epilog
 
     text = _methods_epilog()
-    for name in ("sleb", "shortened_ppl", "shortened_taylor", "streamline", "tail", "random"):
-        assert f"\n  {name} " in text, name
-    assert "stage:BASE" in text and "BASE one of random, shortened_ppl, shortened_taylor, shortgpt, sleb, tail" in text
+    for name in methods.names():
+        if not name.startswith("stage:"):
+            assert f"\n  {name} " in text, name
+    assert {"sleb", "shortened_ppl", "shortened_taylor", "streamline", "tail", "random"} <= set(methods.names())
+    assert "stage:BASE" in text and f"BASE one of {', '.join(methods.registry.stage_bases())}" in text
+    assert BUILTIN_STAGE_BASES <= set(methods.registry.stage_bases())
     assert "k_prefill=4 (int), k_decode=8 (int), k_unified=8 (int)" in text
 
 
@@ -370,11 +365,36 @@ def test_a_method_and_its_stage_wrapper_share_one_ranking_per_process(tiny, cali
     assert calls == [2, 2, 2]
 
 
+def test_rankings_are_keyed_by_content_not_object_ids(tiny, calib, data_dir, monkeypatch):
+    """An equal calibration set built again (another object) reuses the ranking; another model's weights
+    (same architecture and name, another seed) or other options do not."""
+    from harness.models import load_model
+    from methods import ranked
+
+    ranked._SHARED.clear()
+    calls = []
+    real = methods.get("shortgpt")._rank
+    monkeypatch.setattr(methods.get("shortgpt"), "_rank", lambda self, *a: calls.append(a[2]) or real(self, *a))
+    again = build_calibration(tiny.tokenizer, data_dir, CalibConfig(n_samples=24, max_tokens=96, seed=0))
+    assert again is not calib and again.description == calib.description
+    first = make("shortgpt", k=1).plan(tiny.model, calib, "unified")
+    assert make("shortgpt", k=1).plan(tiny.model, again, "unified") == first and calls == [1]
+    other = load_model("random:tiny", device="cpu", dtype="float32", seed=1).model
+    assert ranked.model_fingerprint(other) != ranked.model_fingerprint(tiny.model)
+    make("shortgpt", k=1).plan(other, calib, "unified")
+    make("shortgpt", k=1, batch_size=3).plan(tiny.model, calib, "unified")
+    assert calls == [1, 1, 1]
+
+
 def test_docs_describe_every_baseline_option():
     from conftest import ROOT
 
+    from methods import catalog
+
     text = (ROOT / "docs" / "baselines.md").read_text()
-    for name in ("sleb", "shortened_ppl", "shortened_taylor", "streamline", "tail", "random"):
+    listed = [c.name for c in catalog.builtin() if c.baseline_doc is not None or c.stage_variant]
+    assert {"sleb", "shortened_ppl", "shortened_taylor", "streamline", "tail", "random", "shortgpt"} <= set(listed)
+    for name in listed:
         assert f"`{name}`" in text, name
         missing = [f.name for f in dataclasses.fields(methods.get(name).Config) if f"`{f.name}`" not in text]
         assert not missing, f"docs/baselines.md lacks {name} options {missing}"

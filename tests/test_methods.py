@@ -1,43 +1,30 @@
 """Every registered method honours the contract; ShortGPT matches an independent Block Influence."""
 
-import dataclasses
 import re
 
 import pytest
 import torch
-from conftest import random_requests
+from method_contract import check_method_contract
 
 import methods
 from harness import arch
 from harness.calibration import CalibConfig, build_calibration
 from harness.errors import UsageError
-from harness.plan import PruningPlan
-from harness.scoring import Scorer
-from methods import ranked
 
-# Options that fit the 4-layer tiny model (defaults are sized for real models).
-TINY_OPTIONS = {
-    "shortgpt": {"k": 2},
+# Options that exercise a non-default path on the tiny model, on top of `Config.for_layers(4)`
+# (which every method has, so a new method needs no entry here).
+EXERCISE = {
     "manual": {"prefill_layers": (0, 1, 3), "decode_layers": (0, 3)},
-    "pdtrim": {"k_prefill": 1, "k_decode": 2, "k_unified": 2, "search_samples": 8, "max_cont": 8,
-               "probe_prompts": 2, "probe_tokens": 64, "probe_steps": 4, "n_first": 2, "n_last": 6, "tau": 0.0},
-    "sleb": {"k": 2, "samples": 12},
-    "shortened_ppl": {"k": 2, "keep_first": 1, "keep_last": 1, "samples": 12},
-    "shortened_taylor": {"k": 2, "keep_first": 1, "keep_last": 1, "samples": 12},
-    "streamline": {"k": 2, "replace": "ffn", "replace_steps": 20},  # covers installing and undoing the trained FFN
-    "tail": {"k": 2},
-    "random": {"k": 2},
+    "pdtrim": {"tau": 0.0},  # every decode layer selected: the KV policy is exercised
+    "streamline": {"replace": "ffn", "replace_steps": 20},  # covers installing and undoing the trained FFN
     # KV baselines over a manual plan whose first/last policy sets their byte budget
     "streamingllm": {"base": "manual", "base_options": "prefill_layers=0,1,3 decode_layers=0,3 kv_layers=3 n_first=1 n_last=2"},
     "snapkv": {"base": "manual", "base_options": "prefill_layers=0,1,3 decode_layers=0,3 kv_layers=3 n_first=1 n_last=2",
                "window": 2, "kernel": 3},
 }
 for _name in methods.names():  # every other KV baseline (one per registered token-selection policy): the same base
-    if _name not in TINY_OPTIONS and getattr(methods.get(_name), "policy_cls", None) is not None:
-        TINY_OPTIONS[_name] = {"base": TINY_OPTIONS["streamingllm"]["base"], "base_options": TINY_OPTIONS["streamingllm"]["base_options"]}
-STAGE = {"k_prefill": 1, "k_decode": 2, "k_unified": 2}
-for _base in ("shortgpt", "sleb", "shortened_ppl", "shortened_taylor", "tail", "random"):
-    TINY_OPTIONS[f"stage:{_base}"] = {**STAGE, **{k: v for k, v in TINY_OPTIONS.get(_base, {}).items() if k != "k"}}
+    if _name not in EXERCISE and getattr(methods.get(_name), "policy_cls", None) is not None:
+        EXERCISE[_name] = {"base": EXERCISE["streamingllm"]["base"], "base_options": EXERCISE["streamingllm"]["base_options"]}
 
 
 @pytest.fixture(scope="module")
@@ -45,50 +32,9 @@ def tiny_calib(tiny, data_dir):
     return build_calibration(tiny.tokenizer, data_dir, CalibConfig(n_samples=24, max_tokens=96, seed=0))
 
 
-def make(name):
-    cls = methods.get(name)
-    return cls(dataclasses.replace(cls.Config(), **TINY_OPTIONS.get(name, {})))
-
-
 @pytest.mark.parametrize("name", methods.names())
 def test_method_contract(name, tiny, tiny_calib):
-    model = tiny.model
-    ids = torch.randint(0, 256, (1, 12))
-    with torch.inference_mode():
-        ref = model(ids).logits.clone()
-    method = make(name)
-    storage = {n: (p.data_ptr(), p.dtype, tuple(p.shape)) for n, p in model.named_parameters()}
-    originals = {id(p): p.data_ptr() for p in model.parameters()}
-    for mode in ("unified", "disaggregated"):
-        plan = method.plan(model, tiny_calib, mode)
-        assert isinstance(plan, PruningPlan) and plan.method == name and plan.n_layers == 4
-        ranked._SHARED.clear()  # the fresh instance must compute again, not reuse this process's ranking
-        assert make(name).plan(model, tiny_calib, mode) == plan  # deterministic (fresh instance)
-        assert set(plan.decode_layers) <= set(plan.prefill_layers)
-        if mode == "unified":
-            assert plan.is_unified
-        with torch.inference_mode():
-            assert torch.equal(model(ids).logits, ref)  # planning left the model as it was
-        with method.apply(model, plan) as applied:
-            # no weight is copied: every original parameter keeps its storage; only a method that
-            # installs a trained replacement (streamline's FFN) adds parameters, and at most one block's worth
-            for p in model.parameters():
-                assert id(p) not in originals or p.data_ptr() == originals[id(p)]
-            added = sum(p.numel() for p in model.parameters() if id(p) not in originals)
-            assert added == 0 or (name == "streamline" and added <= block_numel(model))
-            reqs = random_requests(5, 256, seed=11)
-            s = Scorer(model, applied, "disaggregated", max_length=512)
-            s.loglikelihood(reqs)
-            dense = Scorer(model, PruningPlan.dense("u", 4), "disaggregated", max_length=512)
-            dense.loglikelihood(reqs)
-            assert 0 < s.tally.kv_bytes <= dense.tally.kv_bytes
-        with torch.inference_mode():
-            assert torch.equal(model(ids).logits, ref)  # apply() fully undone
-        assert {n: (p.data_ptr(), p.dtype, tuple(p.shape)) for n, p in model.named_parameters()} == storage
-
-
-def block_numel(model) -> int:
-    return sum(p.numel() for p in arch.decoder_layers(model)[0].parameters())
+    check_method_contract(name, tiny.model, tiny_calib, EXERCISE.get(name))
 
 
 def test_registry_errors_name_the_known_methods():
@@ -102,10 +48,19 @@ def test_registry_errors_name_the_known_methods():
         methods.get("shortgtp")
 
 
-def test_tiny_options_name_registered_methods():
-    """TINY_OPTIONS keys are method names (a typo would silently run a method's defaults on the tiny model)."""
-    assert set(TINY_OPTIONS) - set(methods.names()) == set()
+def test_exercised_options_name_registered_methods():
+    """EXERCISE keys are method names (a typo would silently skip the path it means to cover)."""
+    assert set(EXERCISE) - set(methods.names()) == set()
     assert {"sleb", "shortened_ppl", "shortened_taylor", "streamline", "tail", "random", "stage:sleb"} <= set(methods.names())
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_for_layers_fits_small_models_and_keeps_the_defaults_for_real_ones(name):
+    """`config_for_layers(4)` is a valid configuration (the contract test runs it on the 4-layer model);
+    from 32 layers on it is the Config's defaults, so `for_layers` only shrinks what cannot fit."""
+    cls = methods.get(name)
+    cls(cls.config_for_layers(4))
+    assert cls.config_for_layers(64) == cls.config_for_layers(32) == cls.Config()
 
 
 def independent_block_cosines(model, calib):

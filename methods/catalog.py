@@ -1,0 +1,114 @@
+"""The method tables of README.md and docs/baselines.md, generated from the registry.
+
+Each method describes itself (`summary`, `doc_row`, `baseline_doc`, its Config's defaults), so
+adding a method edits no document by hand: `python -m methods.catalog --write` rewrites the
+generated blocks, and tests/test_docs.py fails while they are stale (`--check` does the same
+from the command line). A generated block sits between `<!-- BEGIN generated: NAME -->` and
+`<!-- END generated: NAME -->` lines; the prose around it is written by hand.
+
+Only the package's own methods are listed: plug-ins from elsewhere (`HARNESS_PLUGINS`) document
+themselves, and a test's temporary method must not make the documents stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+from methods import registry
+from methods.base import Method
+from methods.ranked import RankedDepthMethod
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Rows for methods whose module does not describe them yet. methods/kv_baselines.py is being
+# rewritten elsewhere; once its classes set `doc_row`, these entries go.
+PENDING_ROWS: dict[str, tuple[str, str, str]] = {
+    "streamingllm": ("the `base` method's (default `pdtrim`)", "the base's",
+                     "every decode layer: the first `n_sink` (4) + the most recent positions (StreamingLLM, arXiv 2309.17453); "
+                     "as many layer-positions as the base's KV policy sends (equal bytes), or `keep_tokens` / `keep_ratio` per layer"),
+    "snapkv": ("the `base` method's (default `pdtrim`)", "the base's",
+               "per KV head, the last `window` (32) + the prefix positions the window attends to most in prefill (SnapKV, "
+               "arXiv 2404.14469); as many layer-positions as the base's KV policy sends (equal bytes), or `keep_tokens` / "
+               "`keep_ratio` per layer"),
+}
+
+
+def builtin() -> list[type[Method]]:
+    """The registered methods defined in this package, by name."""
+    return [registry.get(n) for n in registry.names() if ":" not in n and registry.get(n).__module__.startswith(f"{__package__}.")]
+
+
+def methods_table() -> str:
+    """README.md's table: every method's prefill stage, decode stage and KV handoff, then each wrapper family."""
+    lines = ["| name | prefill stage | decode stage | KV |", "|---|---|---|---|"]
+    for cls in builtin():
+        row = cls.doc_row or PENDING_ROWS.get(cls.name)
+        if row is None:  # a method that does not describe itself: its summary
+            row = (cls.summary, "same blocks", "all positions") if issubclass(cls, RankedDepthMethod) else (cls.summary, "", "")
+        lines.append(f"| `{cls.name}` | {' | '.join(row)} |")
+    for w in registry.wrappers():
+        bases = [b for b in registry.bases_of(w.prefix) if registry.get(b) in builtin()]
+        if w.doc_row is not None:
+            lines.append(f"| `{w.prefix}<base>` | {' | '.join(w.doc_row(bases))} |")
+    return "\n".join(lines)
+
+
+def baselines_table() -> str:
+    """docs/baselines.md's table of depth-pruning baselines (those with `baseline_doc` or a stage
+    variant), then every option of each with its default."""
+    chosen = [c for c in builtin() if c.baseline_doc is not None or c.stage_variant]
+    stage = set(registry.stage_bases())
+    lines = ["| name | paper | criterion | calibration | stage variant |", "|---|---|---|---|---|"]
+    for cls in chosen:
+        paper, criterion, calib = cls.baseline_doc or ("—", cls.summary, "yes" if cls.needs_calibration else "none")
+        variant = f"`stage:{cls.name}`" if cls.name in stage else "none"
+        lines.append(f"| `{cls.name}` | {paper} | {criterion} | {calib} | {variant} |")
+    lines += ["", "Options and their defaults (`--set NAME.OPTION=VALUE`):", ""]
+    for cls in chosen:
+        opts = ", ".join(f"`{f.name}` = {f.default!r}" for f in dataclasses.fields(cls.Config))
+        lines.append(f"- `{cls.name}`: {opts}")
+    return "\n".join(lines)
+
+
+# file (relative to the repository) -> generated blocks in it
+BLOCKS = {"README.md": {"methods": methods_table}, "docs/baselines.md": {"baselines": baselines_table}}
+
+
+def render(text: str, blocks: dict) -> str:
+    """`text` with each generated block replaced by its current content; ValueError if a marker is missing."""
+    for name, make in blocks.items():
+        pattern = re.compile(rf"(<!-- BEGIN generated: {name} [^\n]*-->\n).*?(<!-- END generated: {name} -->)", re.DOTALL)
+        if not pattern.search(text):
+            raise ValueError(f"no generated block {name!r} (<!-- BEGIN generated: {name} ... --> ... <!-- END generated: {name} -->)")
+        text = pattern.sub(lambda m, make=make: m.group(1) + make() + "\n" + m.group(2), text)
+    return text
+
+
+def stale(root: Path = ROOT) -> list[str]:
+    """The documents whose generated blocks differ from the registry's."""
+    return [f for f, blocks in BLOCKS.items() if render((root / f).read_text(), blocks) != (root / f).read_text()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m methods.catalog", description=__doc__.split("\n\n")[0])
+    p.add_argument("--write", action="store_true", help="rewrite the generated blocks in place")
+    p.add_argument("--check", action="store_true", help="exit 1 when a generated block is stale")
+    args = p.parse_args(argv)
+    if args.write:
+        for f, blocks in BLOCKS.items():
+            (ROOT / f).write_text(render((ROOT / f).read_text(), blocks))
+        return 0
+    if args.check:
+        bad = stale()
+        print("stale: " + ", ".join(bad) + " (run python -m methods.catalog --write)" if bad else "up to date")
+        return 1 if bad else 0
+    print(methods_table() + "\n\n" + baselines_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""A method is a plug-in: a new ranked method defined in a temporary module, with no edit to any
+harness file, is registered, gets a `stage:` variant, passes the method contract and the stage
+wrapper's checks, and is listed by `python -m harness --help`."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import ROOT
+from method_contract import check_method_contract, check_stage_wrapper_nests
+
+import methods
+from harness.calibration import CalibConfig, build_calibration
+from harness.errors import UsageError
+from methods import ranked, registry
+
+NAME = "reverse_index"
+MODULE = "pd_harness_test_plugin_reverse_index"
+PLUGIN = textwrap.dedent(f'''
+    """`{NAME}`: removes the deepest eligible blocks first (a test plug-in)."""
+
+    from dataclasses import dataclass
+
+    from methods.base import DepthOptions
+    from methods.ranked import RankedDepthMethod, Ranking
+    from methods.registry import register
+
+
+    @register
+    class ReverseIndex(RankedDepthMethod):
+        name = "{NAME}"
+        summary = "remove the k eligible blocks with the highest index (test plug-in)"
+        needs_calibration = False
+
+        @dataclass(frozen=True)
+        class Config(DepthOptions):
+            k: int = 8  # blocks removed
+            keep_first: int = 1  # first blocks never removed
+            keep_last: int = 1  # last blocks never removed
+
+        def _rank(self, model, calib, k, eligible):
+            return Ranking(sorted(eligible, reverse=True), {{"criterion": "layer index, highest first"}})
+''')
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """The plug-in module, written to `tmp_path` and imported; afterwards the registry, the module cache
+    and the shared rankings are as they were."""
+    (tmp_path / f"{MODULE}.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = methods.names()
+    module = importlib.import_module(MODULE)
+    yield module
+    registry.unregister(NAME)
+    sys.modules.pop(MODULE, None)
+    ranked._SHARED.clear()
+    assert methods.names() == before
+
+
+@pytest.fixture(scope="module")
+def calib(tiny, data_dir):
+    return build_calibration(tiny.tokenizer, data_dir, CalibConfig(n_samples=24, max_tokens=96, seed=0))
+
+
+def test_a_plugin_method_is_registered_with_its_stage_variant(plugin):
+    assert NAME in methods.names() and f"stage:{NAME}" in methods.names()
+    assert methods.get(NAME) is plugin.ReverseIndex and NAME in registry.stage_bases()
+    stage = methods.get(f"stage:{NAME}")
+    assert stage.base is plugin.ReverseIndex and stage.Config().k_decode == 8
+    assert stage.config_for_layers(4) == stage.Config(k_prefill=1, k_decode=2, k_unified=2, keep_first=1, keep_last=1)
+
+
+def test_a_plugin_method_honours_the_contract_and_nests_in_the_stage_wrapper(plugin, tiny, calib):
+    check_method_contract(NAME, tiny.model, calib)
+    check_method_contract(f"stage:{NAME}", tiny.model, calib)
+    check_stage_wrapper_nests(NAME, tiny.model, calib)
+    plan = methods.get(NAME)(methods.get(NAME).Config(k=2)).plan(tiny.model, None, "disaggregated")
+    assert plan.info["removal_order"] == [2, 1]  # the plug-in's own criterion, not some default
+
+
+def test_help_lists_a_plugin_method_and_its_stage_variant(plugin, tmp_path):
+    from harness.cli import _methods_epilog
+
+    text = _methods_epilog()
+    assert f"\n  {NAME} " in text and f"BASE one of random, {NAME}, shortened_ppl" in text
+    # a fresh process finds it through HARNESS_PLUGINS, with no edit to any harness file
+    env = {**os.environ, "HARNESS_PLUGINS": MODULE,
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "harness", "--help"], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())  # argparse may wrap the epilog's long lines
+    assert f" {NAME} remove the k eligible blocks with the highest index (test plug-in)" in text
+    assert f"BASE one of {', '.join(registry.stage_bases())}" in text and f"random, {NAME}, shortened_ppl" in text
+
+
+def test_plugin_errors_say_what_is_wrong(plugin):
+    with pytest.raises(ImportError, match="HARNESS_PLUGINS names 'pd_harness_no_such_plugin'"):
+        methods.load_plugins("pd_harness_no_such_plugin")
+    with pytest.raises(ValueError, match=f"method '{NAME}' defined twice"):
+        registry.register(type("Again", (plugin.ReverseIndex,), {"__module__": "elsewhere"}))
+    with pytest.raises(ValueError, match="names starting with a wrapper prefix"):
+        registry.register(type("Prefixed", (plugin.ReverseIndex,), {"name": "stage:x"}))
+
+
+def test_an_unregistered_method_is_gone_with_its_variant(plugin):
+    registry.unregister(NAME)
+    with pytest.raises(UsageError, match=f"unknown method 'stage:{NAME}'"):
+        methods.get(f"stage:{NAME}")
+    registry.register(plugin.ReverseIndex)  # the fixture unregisters it again
+
+
+def test_instantiate_builds_a_wrappers_inner_method_and_names_the_wrapper():
+    """The one way a wrapper builds its base (stage:, and the KV baselines' `base` option)."""
+    cls = methods.get("sleb")
+    assert registry.instantiate("w", "sleb", {"samples": 12}).config == cls.Config(samples=12)
+    assert registry.instantiate("w", cls, cls.Config(k=3)).config.k == 3
+    assert registry.instantiate("w", "stage:sleb").inner.config == cls.Config()
+    with pytest.raises(UsageError, match=r"^w: sleb.samples=0: must be >= 1"):
+        registry.instantiate("w", "sleb", {"samples": 0})
