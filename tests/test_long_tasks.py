@@ -5,8 +5,8 @@ import math
 import pytest
 
 from harness import long_tasks
-from harness.long_tasks import passkey, pd_ppl
 from harness.config import RunConfig
+from harness.long_tasks import passkey, pd_ppl
 from harness.plan import KVPolicy, PruningPlan
 from harness.scoring import Scorer
 
