@@ -61,11 +61,11 @@ def _methods_epilog() -> str:
     from harness.calibration import CalibConfig
 
     lines.append(f"  {'calib':16s} calibration set: {options_help(CalibConfig)} (seed defaults to --seed)")
-    from harness.long_tasks import CONFIGS
+    from harness import long_tasks
 
     lines.append("long-context tasks (options via --set TASK.OPTION=VALUE when the task is in --tasks):")
-    for name, cfg in CONFIGS.items():
-        lines.append(f"  {name:16s} options: {options_help(cfg)}")
+    for name in long_tasks.names():
+        lines.append(f"  {name:16s} options: {options_help(long_tasks.get(name).Config)}")
     return "\n".join(lines)
 
 
@@ -119,11 +119,12 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def check_tasks(tasks: tuple[str, ...], data_dir: str | None) -> None:
+    from harness import long_tasks
     from harness.offline_tasks import TASK_FILES
 
     if not tasks:
         raise UsageError("--tasks is empty; give at least one task, e.g. --tasks arc_easy")
-    unknown = [t for t in tasks if t not in TASK_FILES and t not in LONG_TASKS]
+    unknown = [t for t in tasks if t not in TASK_FILES and not long_tasks.is_long_task(t)]
     if not unknown:
         return
     if data_dir is None:
@@ -134,7 +135,7 @@ def check_tasks(tasks: tuple[str, ...], data_dir: str | None) -> None:
         if not unknown:
             return
     raise UsageError(f"unknown task(s) {', '.join(unknown)}; tasks with local data: {', '.join(sorted(TASK_FILES))}; "
-                     f"long-context: {', '.join(LONG_TASKS)}; aliases: standard, long"
+                     f"long-context: {', '.join(long_tasks.names())}; aliases: standard, long"
                      + ("" if data_dir else " (without --data-dir, any lm-eval task name)"))
 
 

@@ -73,10 +73,10 @@ def prepare(cfg: RunConfig, need_data: bool = True) -> Prepared:
     from harness import long_tasks
 
     classes = {name: registry.get(name) for name in cfg.methods}
-    long_here = [t for t in cfg.tasks if t in long_tasks.LONG_TASKS]
+    long_here = [t for t in cfg.tasks if long_tasks.is_long_task(t)]
     raw = split_overrides(cfg.overrides, [*cfg.methods, "calib", *long_here])
     instances = {name: cls(build_options(cls.Config, name, raw.get(name, {}))) for name, cls in classes.items()}
-    task_options = {t: build_options(long_tasks.CONFIGS[t], t, raw.get(t, {})) for t in long_here}
+    task_options = {t: build_options(long_tasks.get(t).Config, t, raw.get(t, {})) for t in long_here}
     calib_raw = dict(raw.get("calib", {}))
     calib_raw.setdefault("seed", str(cfg.seed))
     calib = build_options(CalibConfig, "calib", calib_raw)
@@ -84,8 +84,8 @@ def prepare(cfg: RunConfig, need_data: bool = True) -> Prepared:
     if needing and need_data and not cfg.data_dir:
         raise UsageError(f"{', '.join(needing)} calibrate on PIQA + MMLU from local data: pass --data-dir "
                          "(or set HARNESS_DATA_DIR) pointing at a folder laid out like ../shared/data")
-    if "pd_ppl" in long_here and not cfg.data_dir:
-        raise UsageError("pd_ppl reads WikiText-2 from local data: pass --data-dir (or set HARNESS_DATA_DIR)")
+    for t in long_here:  # each task checks its data before any model work
+        long_tasks.get(t).check_data(Path(cfg.data_dir) if cfg.data_dir else None)
     return Prepared(cfg, instances, calib, task_options)
 
 
@@ -401,6 +401,13 @@ def _make_plan(st: _Run, method, mode: str) -> tuple[PruningPlan, float, dict | 
     return plan, time.perf_counter() - t0, calib.description if calib is not None else None
 
 
+def _primary_metric(task: str) -> str:
+    """A long-context task's own primary metric, else lm-eval's usual one (records.PRIMARY_METRIC)."""
+    from harness import long_tasks
+
+    return long_tasks.get(task).presentation.primary_metric if long_tasks.is_long_task(task) else rec.primary_metric(task)
+
+
 def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: PruningPlan, partial: dict,
                  max_length_used: int) -> Path:
     from harness.engine import PAGE_TOKENS
@@ -419,7 +426,7 @@ def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: 
         lm_eval={"version": st.env["packages"].get("lm_eval"),
                  "tasks": {t: done[t].get("lm_eval") or {"harness_task": done[t]["harness_task"]} for t in cfg.tasks},
                  "bootstrap_iters": cfg.bootstrap_iters, "limit": cfg.limit,
-                 "metric_convention": {t: rec.primary_metric(t) for t in cfg.tasks}},
+                 "metric_convention": {t: _primary_metric(t) for t in cfg.tasks}},
         timing_s={"plan": partial["plan_s"], **{f"eval_{t}": done[t]["seconds"] for t in cfg.tasks}},
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra={"kv_by_setting": {t: done[t]["kv_by"] for t in cfg.tasks if done[t].get("kv_by")},

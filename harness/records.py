@@ -15,6 +15,8 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.task_names import LEGACY_PRESENTATION, TaskPresentation
+
 SCHEMA_VERSION = 1
 
 # Metric shown for a task when a table needs one number (lm-eval's usual reporting convention).
@@ -24,14 +26,32 @@ PRIMARY_METRIC = {
     "openbookqa": "acc_norm",
     "wikitext": "word_perplexity",
     "lambada_openai": "acc",
-    "pd_ppl": "ppl",  # token perplexity of the continuation, pooled over prompt lengths
-    "passkey": "acc",  # exact match, pooled over lengths and depths
-}
+}  # long-context tasks name theirs in their presentation (harness/long_tasks/, task_names.LEGACY_PRESENTATION)
 LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity", "ppl"}
 
 
-def primary_metric(task: str) -> str:
-    return PRIMARY_METRIC.get(task, "acc")
+def primary_metric(task: str, record: RunRecord | None = None) -> str:
+    """The task's one number: a long-context task's from its presentation (in `record` when given), else
+    lm-eval's usual convention."""
+    pres = task_presentation(record, task) if record is not None else LEGACY_PRESENTATION.get(task)
+    return pres.primary_metric if pres else PRIMARY_METRIC.get(task, "acc")
+
+
+def task_presentation(record: RunRecord, task: str) -> TaskPresentation | None:
+    """How reports show long-context `task` of `record`: the presentation the pipeline stored with it,
+    the legacy fallback for records older than that, or None (not a long-context task)."""
+    return stored_presentation(record, task) or LEGACY_PRESENTATION.get(task)
+
+
+def stored_presentation(record: RunRecord, task: str) -> TaskPresentation | None:
+    """The presentation the pipeline stored with `record` for long-context `task` (None in older records)."""
+    stored = (record.lm_eval.get("tasks", {}).get(task) or {}).get("harness_task", {}).get("presentation")
+    return TaskPresentation.from_dict(stored) if stored else None
+
+
+def is_long_task(record: RunRecord, task: str) -> bool:
+    """A harness long-context task (not an lm-eval task) in `record`."""
+    return task_presentation(record, task) is not None
 
 
 @dataclass
@@ -168,7 +188,7 @@ def summary_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
                     "method": r.method, "mode": r.mode, "task": task, "metric": metric,
                     "value": v["value"], "stderr": v.get("stderr"),
                     "kv_bytes_sent": kv.get("kv_bytes", ""), "kv_bytes_sent_paged": kv.get("kv_bytes_paged", ""),
-                    "n_samples": r.n_samples.get(task, ""), "primary": metric == primary_metric(task),
+                    "n_samples": r.n_samples.get(task, ""), "primary": metric == primary_metric(task, r),
                     "model": r.config.get("model", ""),
                     "removed_prefill": " ".join(map(str, r.plan.get("removed_prefill", []))),
                     "removed_decode": " ".join(map(str, r.plan.get("removed_decode", []))),

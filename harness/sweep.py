@@ -185,7 +185,7 @@ def _spec_cells(spec, section: dict, overrides: list[str], methods: tuple[str, .
     from harness.records import record_filename
     from harness.spec import Spec, to_argv
 
-    shared = [o for o in overrides if _scope(o) == "calib" or _scope(o) in long_tasks.LONG_TASKS]
+    shared = [o for o in overrides if _scope(o) == "calib" or long_tasks.is_long_task(_scope(o))]
     cells = []
     for method in dict.fromkeys(methods):  # a method named twice is one method, as in a single run
         # a cell runs one method, and `--set` rejects scopes that are not in its run: only its own options go along

@@ -13,8 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from harness.config import LONG_TASKS  # noqa: E402
-from harness.records import RunRecord  # noqa: E402
+from harness.records import RunRecord, is_long_task  # noqa: E402
 from reports.collect import Collection, metric_for  # noqa: E402
 from reports.tables import MIB, MODE_TITLE, _mc_kv, _ordered_tasks, parse_workload, removed_counts  # noqa: E402
 
@@ -41,7 +40,7 @@ def avg_score(r: RunRecord, tasks: list[str], convention: str) -> float | None:
 
 
 def _mc_tasks(col: Collection) -> list[str]:
-    return [t for t in _ordered_tasks(col.quality, lambda t: t not in LONG_TASKS)
+    return [t for t in _ordered_tasks(col.quality, lambda r, t: not is_long_task(r, t))
             if all("acc" in r.scores.get(t, {}) or "acc_norm" in r.scores.get(t, {}) for r in col.quality if t in r.scores)]
 
 

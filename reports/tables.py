@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from harness.config import LONG_TASKS, STANDARD_TASKS
-from harness.records import LOWER_IS_BETTER, RunRecord
+from harness.records import LOWER_IS_BETTER, RunRecord, is_long_task, stored_presentation, task_presentation
+from harness.task_names import LEGACY_CAPTION_TASKS, LEGACY_PRESENTATION, STANDARD_TASKS, TaskPresentation
 from reports.collect import CONVENTION_TEXT, Collection, is_latency, metric_for, model_name
 from reports.formats import CellSpec, bold_best, cell, make_table
 
@@ -74,7 +74,8 @@ def _fmt(v: float | None, metric: str) -> CellSpec:
 
 
 def _ordered_tasks(records: list[RunRecord], keep) -> list[str]:
-    seen = {t for r in records for t in r.scores if keep(t)}
+    """Tasks of `records` for which keep(record, task) holds: the standard ones in their order, then by name."""
+    seen = {t for r in records for t in r.scores if keep(r, t)}
     return [t for t in STANDARD_TASKS if t in seen] + sorted(seen - set(STANDARD_TASKS))
 
 
@@ -91,7 +92,7 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
     their average; one block per PD setting. Scores ×100; best per column in bold within a block."""
     col = _as_collection(records)
     recs = col.quality
-    tasks = _ordered_tasks(recs, lambda t: t not in LONG_TASKS)
+    tasks = _ordered_tasks(recs, lambda r, t: not is_long_task(r, t))
     metrics: dict[str, set[str]] = {t: set() for t in tasks}
     groups = []
     for title, rs in _groups(col, recs):
@@ -219,21 +220,80 @@ def _per_request(r: RunRecord, task: str, setting: str) -> float | None:
     return kv["kv_bytes"] / kv["handoffs"] if kv and kv.get("handoffs") else None
 
 
-def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFrame:
-    """Per prompt length: `pd_ppl` perplexity and `passkey` accuracy next to the KV bytes sent per
-    request (disaggregated; unified sends nothing)."""
-    col = _as_collection(records)
-    recs = [r for r in col.quality if any(t in r.scores for t in LONG_TASKS)]
-    cols: list[tuple[str, str, str]] = []  # (task, metric, setting)
+def _long_tasks(recs: list[RunRecord]) -> dict[str, TaskPresentation]:
+    """Long-context task -> its presentation, in column order. A presentation stored with a record
+    (the first one found) wins over the legacy fallback for records older than that field."""
+    found: dict[str, TaskPresentation] = {}
+    for stored_only in (True, False):
+        for r in recs:
+            for t in r.scores:
+                pres = stored_presentation(r, t) if stored_only else task_presentation(r, t)
+                if pres is not None:
+                    found.setdefault(t, pres)
+    return dict(sorted(found.items(), key=lambda kv: (kv[1].column_order, kv[0])))
+
+
+def _setting_key(setting: str) -> tuple:
+    """'T2048' sorts by 2048; a setting without a number after its letter sorts after, by name."""
+    return (0, int(setting[1:]), "") if setting[1:].isdigit() else (1, 0, setting)
+
+
+def _long_columns(recs: list[RunRecord], tasks: dict[str, TaskPresentation]) -> list[tuple[str, str, str]]:
+    """(task, metric, setting) per per-setting score, e.g. ('pd_ppl', 'ppl_T2048', 'T2048'): tasks in
+    column order, settings by number."""
+    cols: list[tuple[str, str, str]] = []
     for r in recs:
-        for task, prefix in (("pd_ppl", "ppl_T"), ("passkey", "acc_L")):
+        for task, pres in tasks.items():
+            prefix = pres.setting_prefix
             for m in r.scores.get(task, {}):
+                # the setting is the prefix's last letter and what follows: ppl_T2048 -> T2048
                 if m.startswith(prefix) and (task, m, m[len(prefix) - 1:]) not in cols:
                     cols.append((task, m, m[len(prefix) - 1:]))
-    cols.sort(key=lambda c: (c[0] != "pd_ppl", int(c[2][1:])))
+    order = list(tasks)
+    return sorted(cols, key=lambda c: (order.index(c[0]), _setting_key(c[2])))
+
+
+def _fmt_as(v: float | None, metric_format: str) -> CellSpec:
+    """A long-context score in its task's format: 'decimal' (the value) or 'percent' (×100)."""
+    if v is None:
+        return cell("—")
+    return cell(f"{v:.2f}", v) if metric_format == "decimal" else cell(f"{100 * v:.1f}", round(100 * v, 6))
+
+
+_CAPTION_OPTION = re.compile(r"\{(\w+)(?:\|([^}]*))?\}")
+
+
+def _task_caption(recs: list[RunRecord], task: str, pres: TaskPresentation) -> str:
+    """The task's caption sentence with each {OPTION|DEFAULT} filled by that option's values over `recs`."""
+    def fill(m: re.Match) -> str:
+        values = sorted({str(r.lm_eval.get("tasks", {}).get(task, {}).get("harness_task", {}).get("options", {})
+                             .get(m[1])) for r in recs if task in r.scores})
+        return "/".join(values) or (m[2] or "")
+    return _CAPTION_OPTION.sub(fill, pres.caption)
+
+
+def _long_caption(recs: list[RunRecord], tasks: dict[str, TaskPresentation]) -> str:
+    described = dict(tasks)
+    if any(t in LEGACY_CAPTION_TASKS for t in tasks):  # the legacy table described both legacy tasks
+        for t in LEGACY_CAPTION_TASKS:
+            described.setdefault(t, LEGACY_PRESENTATION[t])
+    order = sorted(described.items(), key=lambda kv: (kv[1].column_order, kv[0]))
+    texts = [_task_caption(recs, t, pres) for t, pres in order if pres.caption]
+    return (f"Long-context workloads. {'; '.join(texts)}. "
+            "KV/req: bytes the prefill stage sends per request (reduction versus unpruned in brackets; unified sends nothing).")
+
+
+def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFrame:
+    """Per setting (prompt length) of each long-context task: its score next to the KV bytes sent per
+    request (disaggregated; unified sends nothing). How a task is shown comes from its records
+    (`harness.records.task_presentation`), so no task code is needed here."""
+    col = _as_collection(records)
+    recs = [r for r in col.quality if any(is_long_task(r, t) for t in r.scores)]
+    tasks = _long_tasks(recs)
+    cols = _long_columns(recs, tasks)
     head = ["Method", "Removed"]
     for task, _, setting in cols:
-        head += [f"{'PPL' if task == 'pd_ppl' else 'passkey %'} {setting}", f"KV/req {setting} (MiB)"]
+        head += [f"{tasks[task].title} {setting}", f"KV/req {setting} (MiB)"]
     groups = []
     for title, rs in _groups(col, recs):
         dense = next((r for r in rs if r.method == "unpruned"), None)
@@ -241,21 +301,15 @@ def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFram
         for r in rs:
             row = [cell(col.label(r)), cell(removed_text(r))]
             for task, m, setting in cols:
-                v = r.scores.get(task, {}).get(m, {}).get("value")
-                row.append(_fmt(v, "ppl" if task == "pd_ppl" else "acc"))
+                row.append(_fmt_as(r.scores.get(task, {}).get(m, {}).get("value"), tasks[task].metric_format))
                 b = _per_request(r, task, setting)
                 ref = _per_request(dense, task, setting) if dense else None
                 row.append(cell("—") if b is None else cell(f"{b / MIB:,.1f}" + (f" ({ref / b:.2f}×)" if ref and b else ""), b))
             g.append(row)
         groups.append((title, g))
-    conts = sorted({str(r.lm_eval.get("tasks", {}).get("pd_ppl", {}).get("harness_task", {}).get("options", {}).get("cont_tokens"))
-                    for r in recs if "pd_ppl" in r.scores})
-    caption = (f"Long-context workloads. PPL: token perplexity of {'/'.join(conts) or 'the'} continuation tokens after a "
-               "T-token WikiText-2 prompt (pd_ppl); passkey %: exact retrieval of a 5-digit key from an L-token prompt. "
-               "KV/req: bytes the prefill stage sends per request (reduction versus unpruned in brackets; unified sends nothing).")
-    t = make_table("long_context", caption, head, groups)
+    t = make_table("long_context", _long_caption(recs, tasks), head, groups)
     for j, (task, _, _) in enumerate(cols):
-        bold_best(t, head[2 + 2 * j], lower_is_better=task == "pd_ppl")
+        bold_best(t, head[2 + 2 * j], lower_is_better=tasks[task].lower_is_better)
         bold_best(t, head[3 + 2 * j], lower_is_better=True)
     return t
 

@@ -6,11 +6,12 @@ import pytest
 
 from harness import long_tasks
 from harness.config import RunConfig
+from harness.long_tasks import passkey, pd_ppl
 from harness.plan import KVPolicy, PruningPlan
 from harness.scoring import Scorer
 
-PK = long_tasks.PasskeyConfig(lengths=(512, 1024), depths=(0.0, 0.5, 1.0), repeats=2, batch_size=4)
-PPL = long_tasks.PplConfig(prompt_tokens=(128, 256), cont_tokens=16, docs=3, batch_size=2)
+PK = passkey.PasskeyConfig(lengths=(512, 1024), depths=(0.0, 0.5, 1.0), repeats=2, batch_size=4)
+PPL = pd_ppl.PplConfig(prompt_tokens=(128, 256), cont_tokens=16, docs=3, batch_size=2)
 
 
 def kv_bytes_per_token(model) -> int:
@@ -22,38 +23,38 @@ def kv_bytes_per_token(model) -> int:
 
 def test_passkey_samples_have_exact_lengths_keys_and_depths(tiny):
     tok = tiny.tokenizer
-    samples = long_tasks.passkey_samples(tok, PK, None)
+    samples = passkey.passkey_samples(tok, PK, None)
     assert len(samples) == 2 * 2 * 3
-    assert samples == long_tasks.passkey_samples(tok, PK, None)  # deterministic
+    assert samples == passkey.passkey_samples(tok, PK, None)  # deterministic
     assert len({s.key for s in samples}) == len(samples) and all(len(s.key) == 5 and s.key.isdigit() for s in samples)
     for s in samples:
         assert len(s.tokens) == s.length
         text = tok.decode(list(s.tokens))
         assert text.startswith("There is an important info") and text.endswith("What is the pass key? The pass key is")
-        key_sentence = long_tasks.KEY.format(key=s.key)
+        key_sentence = passkey.KEY.format(key=s.key)
         at = text.index(key_sentence)
-        filler = len(text) - len(long_tasks.INTRO) - len(key_sentence) - len(long_tasks.QUESTION)
-        rel = (at - len(long_tasks.INTRO)) / filler  # share of the filler that precedes the key
-        assert abs(rel - s.depth) <= len(long_tasks.FILLER) / filler, (s.depth, rel)
+        filler = len(text) - len(passkey.INTRO) - len(key_sentence) - len(passkey.QUESTION)
+        rel = (at - len(passkey.INTRO)) / filler  # share of the filler that precedes the key
+        assert abs(rel - s.depth) <= len(passkey.FILLER) / filler, (s.depth, rel)
     # depth 0 puts the key right after the intro; depth 1 right before the question
     first = next(s for s in samples if s.depth == 0.0)
-    assert tok.decode(list(first.tokens)).index("The pass key is") < len(long_tasks.INTRO) + 2
+    assert tok.decode(list(first.tokens)).index("The pass key is") < len(passkey.INTRO) + 2
     # --limit takes the grid round-robin: every length and depth is represented in the first 6
-    lim = long_tasks.passkey_samples(tok, PK, 6)
+    lim = passkey.passkey_samples(tok, PK, 6)
     assert {(s.length, s.depth) for s in lim} == {(L, d) for L in PK.lengths for d in PK.depths}
 
 
 def test_passkey_scoring_takes_the_first_digit_run():
-    assert long_tasks.passkey_correct(" 12345. Remember", "12345")
-    assert not long_tasks.passkey_correct(" 123456", "12345")
-    assert not long_tasks.passkey_correct(" the key", "12345")
-    assert not long_tasks.passkey_correct(" 54321 12345", "12345")
+    assert passkey.passkey_correct(" 12345. Remember", "12345")
+    assert not passkey.passkey_correct(" 123456", "12345")
+    assert not passkey.passkey_correct(" the key", "12345")
+    assert not passkey.passkey_correct(" 54321 12345", "12345")
 
 
 def test_ppl_windows_are_the_same_articles_for_every_prompt_length(tiny, data_dir):
-    windows = long_tasks.ppl_windows(tiny.tokenizer, data_dir, PPL, None)
+    windows = pd_ppl.ppl_windows(tiny.tokenizer, data_dir, PPL, None)
     assert len(windows) == 3 and all(len(w) == 256 + 16 for w in windows)
-    assert long_tasks.ppl_windows(tiny.tokenizer, data_dir, PPL, 2) == windows[:2]
+    assert pd_ppl.ppl_windows(tiny.tokenizer, data_dir, PPL, 2) == windows[:2]
 
 
 @pytest.mark.parametrize("task", ["pd_ppl", "passkey"])
