@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def plans(n: int):
-    from harness.plan import KVPolicy, PruningPlan
+    from harness.pd.plan import KVPolicy, PruningPlan
 
     k = max(1, round(n / 4))
     deep = list(range(n - 1 - k, n - 1))
@@ -60,10 +60,10 @@ def main() -> int:
     import torch
     import transformers
 
-    from harness.env import device_info
-    from harness.latency import Workload, measure
-    from harness.models import load_model
-    from harness.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
+    from harness.latency.measure import Workload, measure
+    from harness.pd.models import load_model
+    from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
+    from harness.run.env import device_info
 
     device = torch.device(args.device)
     modes = ("eager", "graph") if device.type == "cuda" else ("eager", "static")

@@ -32,10 +32,10 @@ def main() -> int:
     _quiet_libraries()
     from lm_eval import simple_evaluate
 
-    from harness.lm import PDLM
-    from harness.models import load_model
-    from harness.offline_tasks import task_manager
-    from harness.plan import PruningPlan
+    from harness.pd.models import load_model
+    from harness.pd.plan import PruningPlan
+    from harness.quality.lm import PDLM
+    from harness.quality.tasks import task_manager
 
     tasks = args.tasks.split(",")
     tm = task_manager(tasks, Path(args.data_dir))

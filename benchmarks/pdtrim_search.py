@@ -36,9 +36,9 @@ def main() -> int:
     args = p.parse_args()
 
     import methods
-    from harness.calibration import CalibConfig, build_calibration
     from harness.config import build_options
-    from harness.models import load_model
+    from harness.pd.models import load_model
+    from harness.quality.calibration import CalibConfig, build_calibration
 
     loaded = load_model(args.model, "cpu", "float32")
     calib = build_calibration(loaded.tokenizer, Path(args.data_dir), CalibConfig())

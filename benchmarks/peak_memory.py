@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 METHOD_SETS = ["unpruned", "unpruned,shortgpt", "unpruned,shortgpt,pdtrim,tail", "unpruned,shortgpt,pdtrim,tail,random,stage:shortgpt"]
-LOAD_ONLY = ("from harness.models import load_model; m = load_model({model!r}, 'cpu', 'float32'); "
+LOAD_ONLY = ("from harness.pd.models import load_model; m = load_model({model!r}, 'cpu', 'float32'); "
              "print(sum(p.numel() * p.element_size() for p in m.model.parameters()))")
 
 

@@ -30,10 +30,10 @@ def one(backend: str, args) -> dict:
     _quiet_libraries()
     from lm_eval import simple_evaluate
 
-    from harness.lm import PDLM
-    from harness.models import load_model
-    from harness.offline_tasks import task_manager
-    from harness.plan import PruningPlan
+    from harness.pd.models import load_model
+    from harness.pd.plan import PruningPlan
+    from harness.quality.lm import PDLM
+    from harness.quality.tasks import task_manager
 
     loaded = load_model(args.model, "cpu", "float32")
     tasks = args.tasks.split(",")

@@ -10,11 +10,11 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from harness import long_tasks
 from harness.errors import UsageError
-from harness.task_names import STANDARD_TASKS
+from harness.quality import long_tasks
+from harness.store.task_names import STANDARD_TASKS
 
-# harness-native long-context workloads: the plug-ins of harness/long_tasks/ (built-in ones first); a task
+# harness-native long-context workloads: the plug-ins of harness/quality/long_tasks/ (built-in ones first); a task
 # registered later (e.g. by a test) is still accepted by --tasks and --set, which ask the registry itself
 LONG_TASKS = long_tasks.names()
 TASK_ALIASES = {"standard": STANDARD_TASKS, "long": LONG_TASKS}
@@ -49,7 +49,7 @@ class RunConfig:
     PLACEMENT = ("device_map", "max_memory", "offload_folder")
 
     def placement(self):
-        from harness.models import Placement
+        from harness.pd.models import Placement
 
         return Placement.parse(self.device_map, self.max_memory, self.offload_folder)
 

@@ -28,10 +28,13 @@ TOOLS = {"catalog"}
 
 
 def _import_package_modules() -> None:
-    """Import every module of this package, in name order, so each registers its methods."""
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if not info.name.startswith("_") and info.name not in TOOLS:
-            importlib.import_module(f"{__name__}.{info.name}")
+    """Import every module of this package and its sub-packages (`depth`, `kv`, `pdtrim`, ...), in
+    name order, so each registers its methods."""
+    infos = pkgutil.walk_packages(__path__, prefix=f"{__name__}.")
+    for info in sorted(infos, key=lambda m: m.name):
+        leaf = info.name.rpartition(".")[2]
+        if not leaf.startswith("_") and info.name.removeprefix(f"{__name__}.") not in TOOLS:
+            importlib.import_module(info.name)
 
 
 def load_plugins(spec: str | None = None) -> list[str]:

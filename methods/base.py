@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from harness.plan import PruningPlan
+from harness.pd.plan import PruningPlan
 
 
 class Options:
@@ -65,7 +65,7 @@ class Method(abc.ABC):
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
-    # True when the method gives a nested removal order (methods/ranked.py), so `stage:<name>` exists
+    # True when the method gives a nested removal order (methods/depth/ranked.py), so `stage:<name>` exists
     stage_variant: ClassVar[bool] = False
     # why there is no `stage:<name>`, for the error when one is asked for
     why_no_stage_variant: ClassVar[str] = "it has no removal order to nest"
@@ -116,7 +116,7 @@ class Method(abc.ABC):
 
 
 class WrapperMethod(Method):
-    """A method that runs another one, `self.inner`: `stage:<base>` (methods/stage.py) and the KV
+    """A method that runs another one, `self.inner`: `stage:<base>` (methods/depth/stage.py) and the KV
     baselines. The inner method is built with `methods.registry.instantiate`; the wrapper installs
     what it installs and re-plans on resume when it must (e.g. trained weights live in it)."""
 

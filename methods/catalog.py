@@ -20,11 +20,11 @@ from pathlib import Path
 
 from methods import registry
 from methods.base import Method
-from methods.ranked import RankedDepthMethod
+from methods.depth.ranked import RankedDepthMethod
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Rows for methods whose module does not describe them yet. methods/kv_baselines.py is being
+# Rows for methods whose module does not describe them yet. methods/kv/baselines.py is being
 # rewritten elsewhere; once its classes set `doc_row`, these entries go.
 PENDING_ROWS: dict[str, tuple[str, str, str]] = {
     "streamingllm": ("the `base` method's (default `pdtrim`)", "the base's",

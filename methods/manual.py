@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness import arch
 from harness.errors import UsageError
-from harness.plan import KVPolicy, PruningPlan
+from harness.pd import arch
+from harness.pd.plan import KVPolicy, PruningPlan
 from methods.base import Method, Options
 from methods.registry import register
 

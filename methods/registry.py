@@ -5,7 +5,7 @@ every module of the package (and the plug-ins named by `HARNESS_PLUGINS` or the
 `pd_harness.methods` entry-point group), so a new file is all a new method needs.
 
 A *wrapper* is a family of methods made from a registered base method, named `<prefix><base>`
-(e.g. `stage:sleb`, methods/stage.py). A wrapper module registers a `Wrapper` with
+(e.g. `stage:sleb`, methods/depth/stage.py). A wrapper module registers a `Wrapper` with
 `register_wrapper`; `get` resolves a prefixed name through it and caches the class it builds.
 This module imports no wrapper module, so there is no registry <-> wrapper import cycle: the
 wrapper imports the registry, never the other way round. Wrappers that take their base as an
@@ -111,7 +111,7 @@ def bases_of(prefix: str) -> list[str]:
 
 
 def stage_bases() -> list[str]:
-    """Registered methods that have a `stage:` variant (methods/stage.py)."""
+    """Registered methods that have a `stage:` variant (methods/depth/stage.py)."""
     return bases_of("stage:")
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from harness import arch
-from harness.plan import PruningPlan
+from harness.pd import arch
+from harness.pd.plan import PruningPlan
 from methods.base import Method
 from methods.registry import register
 

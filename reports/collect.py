@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.records import RunRecord, is_record_file, load, load_failures
+from harness.store.records import RunRecord, is_record_file, load, load_failures
 
 # Metric shown per task under each named convention. `paper` is lm-eval's usual reporting (and the
 # PDTrim / ShortGPT papers'): length-normalised accuracy where answer lengths differ a lot.
@@ -32,7 +32,7 @@ class ReportError(ValueError):
 def metric_for(task: str, available: dict, convention: str) -> str | None:
     """The metric to show for `task` given the metrics a record has. Tasks without acc/acc_norm
     (perplexities, long-context tasks) keep their primary metric."""
-    from harness.records import primary_metric
+    from harness.store.records import primary_metric
 
     if convention not in CONVENTIONS:
         raise ReportError(f"unknown metric convention {convention!r}; expected one of {', '.join(CONVENTIONS)}")

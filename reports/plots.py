@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from harness.records import RunRecord, is_long_task  # noqa: E402
+from harness.store.records import RunRecord, is_long_task  # noqa: E402
 from reports.collect import Collection, metric_for  # noqa: E402
 from reports.tables import MIB, MODE_TITLE, _mc_kv, _ordered_tasks, parse_workload, removed_counts  # noqa: E402
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from harness.records import LOWER_IS_BETTER, RunRecord, is_long_task, stored_presentation, task_presentation
-from harness.task_names import LEGACY_CAPTION_TASKS, LEGACY_PRESENTATION, STANDARD_TASKS, TaskPresentation
+from harness.store.records import LOWER_IS_BETTER, RunRecord, is_long_task, stored_presentation, task_presentation
+from harness.store.task_names import LEGACY_CAPTION_TASKS, LEGACY_PRESENTATION, STANDARD_TASKS, TaskPresentation
 from reports.collect import CONVENTION_TEXT, Collection, is_latency, metric_for, model_name
 from reports.formats import CellSpec, bold_best, cell, make_table
 
@@ -286,7 +286,7 @@ def _long_caption(recs: list[RunRecord], tasks: dict[str, TaskPresentation]) -> 
 def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFrame:
     """Per setting (prompt length) of each long-context task: its score next to the KV bytes sent per
     request (disaggregated; unified sends nothing). How a task is shown comes from its records
-    (`harness.records.task_presentation`), so no task code is needed here."""
+    (`harness.store.records.task_presentation`), so no task code is needed here."""
     col = _as_collection(records)
     recs = [r for r in col.quality if any(is_long_task(r, t) for t in r.scores)]
     tasks = _long_tasks(recs)
@@ -320,7 +320,7 @@ def _layers(xs: list[int]) -> str:
 
 def _policy_text(kv: dict) -> str:
     """Readable KV policy of a stored plan (any kind; older records have no `kind`): the policy's own text."""
-    from harness.kv import policy_from_dict  # torch-free
+    from harness.pd.kv import policy_from_dict  # torch-free
 
     try:
         policy = policy_from_dict(kv)

@@ -22,14 +22,14 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny():
-    from harness.models import load_model
+    from harness.pd.models import load_model
 
     return load_model("random:tiny", device="cpu", dtype="float32", seed=0)
 
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from harness.models import load_model
+    from harness.pd.models import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")
 
@@ -62,10 +62,10 @@ def pd_kl_from_scratch(model, prompts, conts, rd, rp):
     model without `rp` (prefill), handoff, continuation through the model without `rd` (decode)."""
     import torch.nn.functional as F
 
-    from harness import arch
-    from harness.engine import final_logits, run_layers
-    from harness.plan import PruningPlan
-    from harness.scoring import Scorer
+    from harness.pd import arch
+    from harness.pd.engine import final_logits, run_layers
+    from harness.pd.plan import PruningPlan
+    from harness.quality.scoring import Scorer
 
     n = arch.n_layers(model)
     keep = lambda r: tuple(i for i in range(n) if i not in r)  # noqa: E731

@@ -10,10 +10,10 @@ import torch
 from conftest import random_requests
 
 import methods
-from harness import arch
-from harness.plan import PruningPlan
-from harness.scoring import Scorer
-from methods import ranked
+from harness.pd import arch
+from harness.pd.plan import PruningPlan
+from harness.quality.scoring import Scorer
+from methods.depth import ranked
 
 
 def make(name: str, n_layers: int, options: dict[str, Any] | None = None):

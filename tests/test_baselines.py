@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from method_contract import check_stage_wrapper_nests
 
 import methods
-from harness import arch
-from harness.cache import PDCache
-from harness.calibration import CalibConfig, build_calibration
-from harness.engine import run_layers
 from harness.errors import UsageError
+from harness.pd import arch
+from harness.pd.cache import PDCache
+from harness.pd.engine import run_layers
+from harness.quality.calibration import CalibConfig, build_calibration
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,7 @@ def test_streamline_ffn_replacement_is_trained_installed_and_undone(tiny, calib)
 
 def test_streamline_replacement_after_a_run_that_ends_at_the_last_block(tiny, calib):
     """A run at the end has no block after it: the network runs after the block before the run."""
-    from methods.streamline import installed, train_replacement
+    from methods.depth.streamline import installed, train_replacement
 
     model = tiny.model
     x, y = torch.randn(64, 64), torch.randn(64, 64)
@@ -313,7 +313,7 @@ def test_stage_wrapper_bad_options_say_what_is_right(tiny, calib):
 
 def test_stage_options_parse_from_set_flags(data_dir):
     from harness.config import RunConfig
-    from harness.pipeline import prepare
+    from harness.run.pipeline import prepare
 
     cfg = RunConfig(methods=("stage:shortgpt", "shortgpt"), tasks=(), data_dir=str(data_dir),
                     overrides=("stage:shortgpt.k_decode=6", "stage:shortgpt.batch_size=4", "shortgpt.k=5"))
@@ -326,7 +326,7 @@ def test_stage_options_parse_from_set_flags(data_dir):
 
 
 def test_help_lists_the_baselines_and_the_stage_variants():
-    from harness.cli import _methods_epilog
+    from harness.cli.run import _methods_epilog
 
     text = _methods_epilog()
     for name in methods.names():
@@ -347,7 +347,7 @@ def test_a_memoised_ranking_is_reused_only_for_the_same_calibration_set(tiny, ca
 
 
 def test_a_method_and_its_stage_wrapper_share_one_ranking_per_process(tiny, calib, monkeypatch):
-    from methods import ranked
+    from methods.depth import ranked
 
     ranked._SHARED.clear()
     calls = []
@@ -368,8 +368,8 @@ def test_a_method_and_its_stage_wrapper_share_one_ranking_per_process(tiny, cali
 def test_rankings_are_keyed_by_content_not_object_ids(tiny, calib, data_dir, monkeypatch):
     """An equal calibration set built again (another object) reuses the ranking; another model's weights
     (same architecture and name, another seed) or other options do not."""
-    from harness.models import load_model
-    from methods import ranked
+    from harness.pd.models import load_model
+    from methods.depth import ranked
 
     ranked._SHARED.clear()
     calls = []

@@ -1,4 +1,4 @@
-from harness.calibration import CalibConfig, build_calibration
+from harness.quality.calibration import CalibConfig, build_calibration
 
 
 def test_default_calibration_set(smollm2, data_dir):

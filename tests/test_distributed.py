@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.distributed import Dist
-from harness.lm import PDLM
+from harness.quality.distributed import Dist
+from harness.quality.lm import PDLM
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned,random", "--set", "random.k=1",

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import random_requests, reference_loglikelihood
 
-from harness import arch
-from harness.engine import expected_kv_bytes, make_handoff
-from harness.plan import KVPolicy, PruningPlan
-from harness.scoring import Scorer
+from harness.pd import arch
+from harness.pd.engine import expected_kv_bytes, make_handoff
+from harness.pd.plan import KVPolicy, PruningPlan
+from harness.quality.scoring import Scorer
 
 TOL = 1e-4
 

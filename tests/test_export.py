@@ -13,11 +13,11 @@ import torch
 from conftest import ROOT
 
 import methods
-from harness import arch
 from harness.cli import main as cli_main
-from harness.export import decode_cache_from_prefill, export_plan
-from harness.plan import PruningPlan
-from harness.scoring import Scorer
+from harness.pd import arch
+from harness.pd.plan import PruningPlan
+from harness.quality.scoring import Scorer
+from harness.run.export import decode_cache_from_prefill, export_plan
 
 IDS = torch.tensor([[5, 17, 300, 42, 256, 7, 99, 123, 64, 2, 8, 19]])
 TINY = ["--model", "random:tiny", "--device", "cpu"]
@@ -85,7 +85,7 @@ def test_unified_export_reloads_with_the_pruned_logits(tiny, tmp_path):
 
 def test_tied_embeddings_and_shards(tmp_path):
     """A tied LM head (SmolLM2 ties it) is stored once and re-tied on load; sharded files load too."""
-    from harness.models import random_model
+    from harness.pd.models import random_model
 
     loaded = random_model("tiny", torch.float32, torch.device("cpu"), seed=1)
     model = loaded.model
@@ -213,7 +213,7 @@ def test_export_writes_what_apply_installs(tiny, tmp_path):
 
 
 def test_streamline_replacement_becomes_a_zero_attention_layer(tiny, data_dir, tmp_path):
-    from harness.calibration import CalibConfig, build_calibration
+    from harness.quality.calibration import CalibConfig, build_calibration
 
     cls = methods.get("streamline")
     method = cls(cls.Config(k=2, replace="ffn", replace_steps=3, batch_size=4))
@@ -235,7 +235,7 @@ def test_streamline_replacement_becomes_a_zero_attention_layer(tiny, data_dir, t
 
 
 def test_cli_export_replay_and_out_rules(tiny, data_dir, tmp_path, capsys):
-    from harness import records as rec
+    from harness.store import records as rec
 
     out = tmp_path / "pd"
     args = ["export", *TINY, "--method", "manual", "--mode", "disaggregated", "--set", "manual.prefill_layers=0,1,3",

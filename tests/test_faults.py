@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from harness import pipeline
-from harness import records as rec
 from harness.config import RunConfig
+from harness.run import pipeline
+from harness.store import records as rec
 
 TINY = ["--model", "random:tiny", "--device", "cpu", "-q"]
 

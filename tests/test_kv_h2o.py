@@ -1,4 +1,4 @@
-"""H2O (harness/kv/h2o.py): selection against a brute-force heavy-hitter count, bytes, serialisation, the method."""
+"""H2O (harness/pd/kv/h2o.py): selection against a brute-force heavy-hitter count, bytes, serialisation, the method."""
 
 import math
 
@@ -7,9 +7,9 @@ import torch
 from conftest import random_requests
 from test_kv_policies import ALL, DECODE, PDTRIM_LIKE, per_request, per_token_bytes, prefill, prompt_attention
 
-from harness.engine import make_handoff
-from harness.plan import KVBudget, KVPolicy, PruningPlan
-from harness.scoring import Scorer
+from harness.pd.engine import make_handoff
+from harness.pd.plan import KVBudget, KVPolicy, PruningPlan
+from harness.quality.scoring import Scorer
 
 
 def h2o(budget, **kw):

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from conftest import random_requests
 
-from harness import arch, long_tasks
-from harness.cache import PDCache
-from harness.engine import final_logits, make_handoff, run_layers
-from harness.kv_select import observe_prefill
-from harness.plan import KVBudget, KVPolicy, PruningPlan
-from harness.scoring import Scorer
+from harness.pd import arch
+from harness.pd.cache import PDCache
+from harness.pd.engine import final_logits, make_handoff, run_layers
+from harness.pd.kv_select import observe_prefill
+from harness.pd.plan import KVBudget, KVPolicy, PruningPlan
+from harness.quality import long_tasks
+from harness.quality.scoring import Scorer
 
 ALL = (0, 1, 2, 3)
 PDTRIM_LIKE = KVPolicy(3, 5, (1, 3))  # selected layers S = {1, 3}, n_first + n_last = 8
@@ -62,7 +63,7 @@ def per_request(sent, layer, r):
 def test_old_records_load_and_policies_roundtrip():
     from conftest import ROOT
 
-    from harness import records
+    from harness.store import records
 
     old = {"n_first": 16, "n_last": 48, "layers": [12, 13]}
     assert KVPolicy.from_dict(old) == KVPolicy(16, 48, (12, 13)) and KVPolicy.from_dict(old).to_dict() == old
@@ -353,8 +354,8 @@ def test_batched_per_head_decode_equals_one_request_at_a_time(tiny):
 
 # -- the rest of the harness ---------------------------------------------------------------------
 def test_static_decode_and_latency_runner_take_per_head_policies(tiny):
-    from harness import latency
-    from harness.static_decode import StaticKV, decode_step
+    from harness.latency import measure as latency
+    from harness.pd.static_decode import StaticKV, decode_step
 
     model = tiny.model
     plan = PruningPlan("x", 4, (0, 1, 3), (0, 3), snapkv(KVBudget(match=KVPolicy(2, 5, (3,)))))
@@ -399,7 +400,7 @@ PDTRIM_TINY = ("k_prefill=1 k_decode=2 k_unified=2 search_samples=8 max_cont=8 p
 
 @pytest.fixture(scope="module")
 def calib(tiny, data_dir):
-    from harness.calibration import CalibConfig, build_calibration
+    from harness.quality.calibration import CalibConfig, build_calibration
 
     return build_calibration(tiny.tokenizer, data_dir, CalibConfig(n_samples=24, max_tokens=96, seed=0))
 
@@ -409,7 +410,7 @@ def test_methods_wrap_pdtrim_and_spend_its_bytes(tiny, calib):
 
     pd_cls = methods.get("pdtrim")
     from harness.config import build_options
-    from methods.kv_baselines import parse_base_options
+    from methods.kv.baselines import parse_base_options
 
     pd_plan = pd_cls(build_options(pd_cls.Config, "pdtrim", parse_base_options(PDTRIM_TINY))).plan(tiny.model, calib, "disaggregated")
     assert pd_plan.kv_policy.layers  # tau = 0: every decode layer is selected
@@ -457,8 +458,8 @@ def test_docs_and_docstrings_document_every_option():
     from conftest import ROOT
 
     import methods
-    from harness.kv import get_policy, policy_names
-    from methods.kv_baselines import BASE_OPTIONS, KVBaseline
+    from harness.pd.kv import get_policy, policy_names
+    from methods.kv.baselines import BASE_OPTIONS, KVBaseline
 
     table = (ROOT / "docs" / "kv_policies.md").read_text().split("## The methods", 1)[1].split("\n## ", 1)[0]
     missing = [name for name, _, _ in BASE_OPTIONS if f"`{name}`" not in table]
@@ -474,7 +475,7 @@ def test_docs_and_docstrings_document_every_option():
 
 
 def test_every_policy_roundtrips_and_is_registered_once():
-    from harness.kv import get_policy, policy_from_dict, policy_names
+    from harness.pd.kv import get_policy, policy_from_dict, policy_names
 
     assert policy_names()[0] == "first_last" and {"streaming", "snapkv"} <= set(policy_names())
     for name in policy_names():

@@ -1,4 +1,4 @@
-"""PyramidKV (harness/kv/pyramidkv.py): the budget split, SnapKV's selection per layer, bytes, serialisation, the method."""
+"""PyramidKV (harness/pd/kv/pyramidkv.py): the budget split, SnapKV's selection per layer, bytes, serialisation, the method."""
 
 import math
 from fractions import Fraction
@@ -8,10 +8,10 @@ import torch
 from conftest import random_requests
 from test_kv_policies import ALL, DECODE, PDTRIM_LIKE, per_request, per_token_bytes, prefill, snapkv_reference
 
-from harness.engine import make_handoff
-from harness.kv.pyramidkv import pyramid_split
-from harness.plan import KVBudget, KVPolicy, PruningPlan
-from harness.scoring import Scorer
+from harness.pd.engine import make_handoff
+from harness.pd.kv.pyramidkv import pyramid_split
+from harness.pd.plan import KVBudget, KVPolicy, PruningPlan
+from harness.quality.scoring import Scorer
 
 
 def pyramid(budget, **kw):

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from harness import latency
-from harness.engine import expected_kv_bytes
-from harness.plan import KVBudget, KVPolicy, PruningPlan
+from harness.latency import measure as latency
+from harness.pd.engine import expected_kv_bytes
+from harness.pd.plan import KVBudget, KVPolicy, PruningPlan
 
 
 def test_percentiles_match_linear_interpolation():
@@ -70,7 +70,7 @@ def test_single_token_workload_has_no_decode_samples(tiny):
 def test_latency_cli_writes_records_and_replays_plans(tmp_path):
     from test_cli import harness
 
-    from harness import records
+    from harness.store import records
 
     out = tmp_path / "lat"
     args = ["latency", "--model", "random:tiny", "--device", "cpu", "-q", "--prompt-tokens", "40", "--decode-tokens", "4",
@@ -106,9 +106,9 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path):
 def test_two_process_transfer_receives_exactly_the_counted_bytes(tiny):
     import torch
 
-    from harness.cache import PDCache
-    from harness.engine import make_handoff, run_layers
-    from harness.transfer import transfer_between_processes
+    from harness.latency.transfer import transfer_between_processes
+    from harness.pd.cache import PDCache
+    from harness.pd.engine import make_handoff, run_layers
 
     model = tiny.model
     plan = PruningPlan("x", 4, (0, 1, 3), (0, 3), kv_policy=KVPolicy(2, 5, (3,)))
@@ -132,9 +132,9 @@ def test_static_decode_path_generates_what_the_eager_path_generates(tiny):
     """Same greedy tokens and the same logits from the preallocated fixed-shape path as from the engine."""
     import torch
 
-    from harness.cache import PDCache
-    from harness.engine import final_logits, make_handoff, run_layers
-    from harness.static_decode import StaticKV, decode_step
+    from harness.pd.cache import PDCache
+    from harness.pd.engine import final_logits, make_handoff, run_layers
+    from harness.pd.static_decode import StaticKV, decode_step
 
     model = tiny.model
     plan = PruningPlan("x", 4, (0, 1, 3), (0, 3), kv_policy=KVPolicy(2, 5, (3,)))
@@ -176,7 +176,7 @@ def test_graph_mode_needs_cuda(tiny):
 def test_decode_bound_inputs(tiny):
     import torch
 
-    from harness.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
+    from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
 
     model = tiny.model
     c = model.config

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from harness.engine import expected_kv_bytes
-from harness.lm import PDLM
-from harness.offline_tasks import task_manager
-from harness.plan import PruningPlan
+from harness.pd.engine import expected_kv_bytes
+from harness.pd.plan import PruningPlan
+from harness.quality.lm import PDLM
+from harness.quality.tasks import task_manager
 
 TASKS = ["boolq", "arc_easy"]
 

@@ -3,9 +3,9 @@
 import torch
 from lm_eval.api.instance import Instance
 
-from harness.lm import PDLM
-from harness.offline_tasks import local_rows
-from harness.plan import KVPolicy, PruningPlan
+from harness.pd.plan import KVPolicy, PruningPlan
+from harness.quality.lm import PDLM
+from harness.quality.tasks import local_rows
 
 
 def lm(tiny, mode, plan=None, max_length=256):

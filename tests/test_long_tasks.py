@@ -4,11 +4,11 @@ import math
 
 import pytest
 
-from harness import long_tasks
 from harness.config import RunConfig
-from harness.long_tasks import passkey, pd_ppl
-from harness.plan import KVPolicy, PruningPlan
-from harness.scoring import Scorer
+from harness.pd.plan import KVPolicy, PruningPlan
+from harness.quality import long_tasks
+from harness.quality.long_tasks import passkey, pd_ppl
+from harness.quality.scoring import Scorer
 
 PK = passkey.PasskeyConfig(lengths=(512, 1024), depths=(0.0, 0.5, 1.0), repeats=2, batch_size=4)
 PPL = pd_ppl.PplConfig(prompt_tokens=(128, 256), cont_tokens=16, docs=3, batch_size=2)
@@ -91,7 +91,7 @@ def test_long_task_bytes_match_arithmetic_and_modes_agree(tiny, data_dir, task):
 
 
 def test_pipeline_runs_long_tasks_with_options_and_records_bytes_per_setting(tiny, data_dir, tmp_path):
-    from harness import pipeline
+    from harness.run import pipeline
 
     cfg = RunConfig(model="random:tiny", methods=("unpruned",), tasks=("pd_ppl", "passkey"), limit=2,
                     modes=("disaggregated",), device="cpu", data_dir=str(data_dir), batch_size=4,

@@ -7,9 +7,9 @@ import torch
 from method_contract import check_method_contract
 
 import methods
-from harness import arch
-from harness.calibration import CalibConfig, build_calibration
 from harness.errors import UsageError
+from harness.pd import arch
+from harness.quality.calibration import CalibConfig, build_calibration
 
 # Options that exercise a non-default path on the tiny model, on top of `Config.for_layers(4)`
 # (which every method has, so a new method needs no entry here).
@@ -84,7 +84,7 @@ def independent_block_cosines(model, calib):
 
 
 def test_shortgpt_matches_independent_block_influence(tiny, tiny_calib):
-    from methods.blocks import block_cosines
+    from methods.depth.blocks import block_cosines
 
     ours = block_cosines(tiny.model, tiny_calib, batch_size=5)
     ref = independent_block_cosines(tiny.model, tiny_calib)

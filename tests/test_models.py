@@ -2,7 +2,7 @@
 
 import torch
 
-from harness.models import PRESETS, load_model
+from harness.pd.models import PRESETS, load_model
 
 
 def test_local_directory_roundtrip(tiny, tmp_path):
@@ -18,7 +18,7 @@ def test_local_directory_roundtrip(tiny, tmp_path):
 def test_presets_shapes():
     assert PRESETS["llama3-8b"]["num_hidden_layers"] == 32 and PRESETS["llama3-8b"]["num_key_value_heads"] == 8
     assert PRESETS["smollm2-135m"]["num_attention_heads"] == 9 and PRESETS["smollm2-135m"]["num_key_value_heads"] == 3
-    from harness.models import preset_config
+    from harness.pd.models import preset_config
 
     qwen = preset_config("qwen2.5-7b")
     assert qwen.model_type == "qwen2" and (qwen.num_hidden_layers, qwen.num_key_value_heads, qwen.hidden_size) == (28, 4, 3584)
@@ -39,9 +39,9 @@ def test_qwen2_architecture_runs_through_the_engine():
     """The Qwen2.5 preset's architecture (q/k/v bias) at a tiny width: both PD settings agree."""
     from transformers import AutoModelForCausalLM
 
-    from harness.models import preset_config
-    from harness.plan import PruningPlan
-    from harness.scoring import Scorer
+    from harness.pd.models import preset_config
+    from harness.pd.plan import PruningPlan
+    from harness.quality.scoring import Scorer
 
     cfg = preset_config("qwen2.5-7b")
     cfg.update({"num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import pd_kl_from_scratch
 
-from harness.objectives import CalibSplit, StageObjective
+from methods.pdtrim.objectives import CalibSplit, StageObjective
 
 
 @pytest.fixture(scope="module")

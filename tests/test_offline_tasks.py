@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from harness.errors import UsageError
-from harness.offline_tasks import check_files, local_rows, mmlu_subjects, task_manager, wikitext_pages
+from harness.quality.tasks import check_files, local_rows, mmlu_subjects, task_manager, wikitext_pages
 
 COUNTS = {"arc_easy": ("test", 2376), "arc_challenge": ("test", 1172), "hellaswag": ("validation", 10042),
           "piqa": ("validation", 1838), "winogrande": ("validation", 1267), "boolq": ("validation", 3270),

@@ -10,13 +10,13 @@ import torch
 from conftest import pd_kl_from_scratch
 
 import methods
-from harness import arch
-from harness.attention_probe import first_last_shares
-from harness.calibration import CalibConfig, build_calibration
 from harness.errors import UsageError
-from harness.objectives import CalibSplit
-from harness.plan import PruningPlan
-from harness.scoring import Scorer
+from harness.pd import arch
+from harness.pd.plan import PruningPlan
+from harness.quality.calibration import CalibConfig, build_calibration
+from harness.quality.scoring import Scorer
+from methods.pdtrim.attention_probe import first_last_shares
+from methods.pdtrim.objectives import CalibSplit
 
 SMALL = dict(search_samples=8, max_cont=8, probe_prompts=2, probe_tokens=64, probe_steps=3, n_first=2, n_last=6)
 
@@ -144,7 +144,7 @@ def test_stage_sensitivity_is_recorded_per_block(tiny, calib):
 
 
 def test_healing_runs_need_a_distillation_block_and_a_successor():
-    from methods.healing import healing_runs
+    from methods.pdtrim.healing import healing_runs
 
     # removed 1,2 (2 in D) -> block 3 heals; removed 5 (only P) -> none; removed 7 is last -> no successor
     assert healing_runs([1, 2, 5, 7], distill=[2, 7], n_layers=8) == [((1, 2), 3)]
@@ -152,7 +152,7 @@ def test_healing_runs_need_a_distillation_block_and_a_successor():
 
 
 def test_heal_trains_the_successor_block_toward_the_dense_output(tiny, calib):
-    from methods.healing import heal, installed
+    from methods.pdtrim.healing import heal, installed
 
     model = tiny.model
     batches = list(type(calib)(texts=[], input_ids=calib.input_ids[:8]).batches(4, "cpu"))
@@ -166,7 +166,7 @@ def test_heal_trains_the_successor_block_toward_the_dense_output(tiny, calib):
 
 
 def test_pdtrim_heals_when_asked_and_undoes_it(tiny, calib, monkeypatch):
-    import methods.healing
+    import methods.pdtrim.healing
 
     model = tiny.model
     ids = torch.randint(0, 256, (2, 24))
@@ -177,7 +177,7 @@ def test_pdtrim_heals_when_asked_and_undoes_it(tiny, calib, monkeypatch):
     assert plain.info["healing"] == {"enabled": False}
     # on the tiny model the search removes the last block (nothing to heal after it): pretend the
     # removed run is block 1, followed by block 2, to exercise the plumbing
-    monkeypatch.setattr(methods.healing, "healing_runs", lambda removed, distill, n: [((1,), 2)])
+    monkeypatch.setattr(methods.pdtrim.healing, "healing_runs", lambda removed, distill, n: [((1,), 2)])
     m = pdtrim(heal=True, heal_steps=20, heal_lr=1e-3, heal_samples=8, **kw)
     plan = m.plan(model, calib, "disaggregated")
     assert plan.info["healing"]["runs"] == [[[1], 2]] and plan == plain  # same layers, healed block 2

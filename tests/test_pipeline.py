@@ -2,8 +2,9 @@
 
 import pytest
 
-from harness import pipeline, records
 from harness.config import RunConfig
+from harness.run import pipeline
+from harness.store import records
 
 
 def test_interrupted_run_resumes_from_finished_tasks(tiny, data_dir, tmp_path, monkeypatch):

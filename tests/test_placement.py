@@ -10,12 +10,13 @@ import pytest
 import torch
 from conftest import ROOT, random_requests
 
-from harness import arch, pipeline
 from harness.config import RunConfig
 from harness.errors import UsageError
-from harness.models import Placement, load_model
-from harness.plan import KVPolicy, PruningPlan
-from harness.scoring import Scorer
+from harness.pd import arch
+from harness.pd.models import Placement, load_model
+from harness.pd.plan import KVPolicy, PruningPlan
+from harness.quality.scoring import Scorer
+from harness.run import pipeline
 
 # tiny is ~760 KB of float32 weights: 400 KB of "CPU memory" keeps the embedding and the first layer,
 # the rest goes to disk and is loaded by accelerate's hooks at each forward

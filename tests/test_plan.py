@@ -1,6 +1,6 @@
 import pytest
 
-from harness.plan import KVPolicy, PruningPlan
+from harness.pd.plan import KVPolicy, PruningPlan
 
 
 def test_valid_plan_roundtrips_through_dict():

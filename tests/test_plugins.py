@@ -15,9 +15,10 @@ from conftest import ROOT
 from method_contract import check_method_contract, check_stage_wrapper_nests
 
 import methods
-from harness.calibration import CalibConfig, build_calibration
 from harness.errors import UsageError
-from methods import ranked, registry
+from harness.quality.calibration import CalibConfig, build_calibration
+from methods import registry
+from methods.depth import ranked
 
 NAME = "reverse_index"
 MODULE = "pd_harness_test_plugin_reverse_index"
@@ -27,7 +28,7 @@ PLUGIN = textwrap.dedent(f'''
     from dataclasses import dataclass
 
     from methods.base import DepthOptions
-    from methods.ranked import RankedDepthMethod, Ranking
+    from methods.depth.ranked import RankedDepthMethod, Ranking
     from methods.registry import register
 
 
@@ -85,7 +86,7 @@ def test_a_plugin_method_honours_the_contract_and_nests_in_the_stage_wrapper(plu
 
 
 def test_help_lists_a_plugin_method_and_its_stage_variant(plugin, tmp_path):
-    from harness.cli import _methods_epilog
+    from harness.cli.run import _methods_epilog
 
     text = _methods_epilog()
     assert f"\n  {NAME} " in text and f"BASE one of random, {NAME}, shortened_ppl" in text

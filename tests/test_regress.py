@@ -9,9 +9,9 @@ import sys
 import pytest
 from conftest import ROOT
 
+from harness.cli.spec import Spec, load_spec, to_argv
 from harness.errors import UsageError
-from harness.regress import check
-from harness.spec import Spec, load_spec, to_argv
+from harness.store.regress import check
 
 REFERENCE = ROOT / "results" / "reference"
 
@@ -160,7 +160,8 @@ def test_unchanged_rerun_of_a_spec_passes_and_a_planted_option_change_fails(tmp_
 
 
 def test_spec_to_argv_and_its_errors(tmp_path):
-    from harness.cli import latency_parser, run_parser
+    from harness.cli.latency import latency_parser
+    from harness.cli.run import run_parser
 
     s = Spec(tmp_path / "s.toml", {"run": {"methods": ["a", "b"], "limit": 5, "set": ["x.k=1", "y.j=2"], "quiet": True,
                                             "plans-from": "p"}})
@@ -182,7 +183,9 @@ def test_spec_to_argv_and_its_errors(tmp_path):
 
 
 def test_every_committed_spec_parses():
-    from harness.cli import latency_parser, report_parser, run_parser
+    from harness.cli.latency import latency_parser
+    from harness.cli.report import report_parser
+    from harness.cli.run import run_parser
 
     parsers = {"run": run_parser, "latency": latency_parser, "report": report_parser}
     specs = sorted((ROOT / "configs").glob("*.toml"))

@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from harness.records import RunRecord, load_dir, save, save_failure
+from harness.store.records import RunRecord, load_dir, save, save_failure
 from reports.collect import ReportError, collect
 from reports.formats import groups, rows, to_csv, to_html, to_latex, to_markdown
 from reports.tables import efficiency_table, long_context_table, plans_table, quality_table
@@ -193,7 +193,7 @@ def test_report_bad_input_exits_2_naming_the_problem(tmp_path):
 
 
 def test_plans_table_describes_every_kv_policy_kind():
-    from harness.plan import KVBudget, KVPolicy
+    from harness.pd.plan import KVBudget, KVPolicy
 
     first_last = KVPolicy(2, 6, (1, 3))
     snap = KVPolicy(kind="snapkv", budget=KVBudget(match=first_last), window=8, kernel=3, pooling="avg", order="mean_then_pool")

@@ -1,19 +1,19 @@
 """The padding helper and `StagedModel`, against the engine sequence written out by hand (tiny random Llama).
 
 The hand-written sequence here is the one scoring, latency and the attention probe each spelled
-out before `harness.stages` existed; the staged API must give bit-identical tensors and bytes.
+out before `harness.pd.stages` existed; the staged API must give bit-identical tensors and bytes.
 """
 
 import pytest
 import torch
 from conftest import random_requests
 
-from harness.batching import TokenBatch, pad_tokens
-from harness.cache import PDCache
-from harness.engine import final_logits, make_handoff, run_layers
-from harness.kv_select import observe_prefill
-from harness.plan import KVBudget, KVPolicy, PruningPlan
-from harness.stages import StagedModel
+from harness.pd.batching import TokenBatch, pad_tokens
+from harness.pd.cache import PDCache
+from harness.pd.engine import final_logits, make_handoff, run_layers
+from harness.pd.kv_select import observe_prefill
+from harness.pd.plan import KVBudget, KVPolicy, PruningPlan
+from harness.pd.stages import StagedModel
 
 SNAPKV = KVPolicy(kind="snapkv", budget=KVBudget(tokens=6), window=4, kernel=3)
 PLANS = {

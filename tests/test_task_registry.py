@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from harness import long_tasks
 from harness.errors import UsageError
-from harness.long_tasks.base import LongTask, kv_delta, mean_se
-from harness.task_names import LEGACY_PRESENTATION, TaskPresentation
+from harness.quality import long_tasks
+from harness.quality.long_tasks.base import LongTask, kv_delta, mean_se
+from harness.store.task_names import LEGACY_PRESENTATION, TaskPresentation
 
 TOY = "toy_echo"
 
@@ -57,9 +57,9 @@ def toy():
 
 
 def test_a_task_file_registers_itself_and_is_accepted_by_tasks_and_set(toy, data_dir):
-    from harness import pipeline
-    from harness.cli import check_tasks
+    from harness.cli.run import check_tasks
     from harness.config import RunConfig
+    from harness.run import pipeline
 
     assert long_tasks.names()[:2] == ("pd_ppl", "passkey") and TOY in long_tasks.names()
     check_tasks(("arc_easy", TOY), str(data_dir))
@@ -77,8 +77,9 @@ def test_a_task_file_registers_itself_and_is_accepted_by_tasks_and_set(toy, data
 
 
 def test_report_renders_a_new_task_from_its_record_alone(toy, tiny, data_dir, tmp_path):
-    from harness import pipeline, records
     from harness.config import RunConfig
+    from harness.run import pipeline
+    from harness.store import records
     from reports.formats import to_markdown
     from reports.tables import long_context_table, quality_table
 
@@ -113,6 +114,6 @@ def test_legacy_fallback_matches_the_builtin_tasks():
 def test_reports_import_no_task_code_no_config_no_torch():
     code = ("import sys, reports.render, reports.tables, reports.collect, reports.formats; "
             "print(__import__('json').dumps(sorted(m for m in sys.modules if m in "
-            "('torch', 'harness.config', 'harness.long_tasks') or m.startswith('harness.long_tasks.'))))")
+            "('torch', 'harness.config', 'harness.quality.long_tasks') or m.startswith('harness.quality.long_tasks.'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == []

@@ -1,0 +1,64 @@
+"""Command line: `python -m harness [run] --methods unpruned,shortgpt ...`.
+
+Bad input exits with code 2 and a message that says what is wrong and what would be right.
+
+One module per command (`run`, `latency`, `report`, `check`, `spec`, `sweep`, `export`) and
+`flags` for the argument types they share; nothing below the CLI imports it."""
+
+from __future__ import annotations
+
+import sys
+
+from harness.cli.check import cmd_check
+from harness.cli.latency import cmd_latency
+from harness.cli.report import cmd_report
+from harness.cli.run import cmd_run
+from harness.errors import UsageError
+
+
+def cmd_config(argv: list[str]) -> int:
+    """`python -m harness --config configs/<table>.toml`: run what the spec needs, then render it."""
+    from harness.cli.spec import load_spec, run_spec
+
+    quiet = [a for a in argv if a in ("-q", "--quiet")]
+    rest = [a for a in argv if a not in quiet]
+    if len(rest) != 2 or rest[0] != "--config":
+        raise UsageError("with --config, every option comes from the spec file (only -q may be added): "
+                         "python -m harness --config configs/<table>.toml")
+    commands = dict(COMMANDS)
+    if quiet:
+        commands.update(run=lambda a: cmd_run([*a, "-q"]), latency=lambda a: cmd_latency([*a, "-q"]))
+    return run_spec(load_spec(rest[1]), commands)
+
+
+def cmd_sweep(argv: list[str]) -> int:
+    from harness.cli.sweep import main as sweep_main
+
+    return sweep_main(argv)
+
+
+def cmd_export(argv: list[str]) -> int:
+    from harness.cli.export import main as export_main
+
+    return export_main(argv)
+
+
+COMMANDS = {"run": cmd_run, "latency": cmd_latency, "report": cmd_report, "check": cmd_check, "sweep": cmd_sweep,
+            "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
+    if command == "run" and any(a == "--config" or a.startswith("--config=") for a in argv):
+        command, argv = "config", [x for a in argv for x in (a.split("=", 1) if a.startswith("--config=") else [a])]
+    try:
+        if command == "config":
+            return cmd_config(argv)
+        return COMMANDS[command](argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        sys.stderr.close()
+        return 0

@@ -1,0 +1,73 @@
+"""`python -m harness check`: the regression check of records against a reference."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from harness.cli.latency import cmd_latency
+from harness.cli.run import cmd_run
+from harness.errors import UsageError
+
+
+def check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m harness check",
+        description="Regression check: rerun the CI spec and compare with reference records. Fails (exit 1) when KV bytes "
+        "differ at all, a score moves by more than max(3 × stderr, 0.5 points), a plan's layer sets change, or latency "
+        "regresses beyond --latency-tolerance on the same hardware.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python -m harness check --against results/reference\n"
+        "  python -m harness check --against results/reference --update     # refresh the references on purpose",
+    )
+    p.add_argument("--against", type=Path, required=True, metavar="REF_DIR", help="reference records, e.g. results/reference")
+    p.add_argument("--spec", type=Path, default=Path("configs") / "ci.toml", help="spec to rerun (default: configs/ci.toml)")
+    p.add_argument("--current", type=Path, default=None, metavar="DIR",
+                   help="compare these records instead of rerunning (e.g. a rerun made earlier)")
+    p.add_argument("--out", type=Path, default=None, help="where the rerun writes (default: results/runs/check-<time>)")
+    p.add_argument("--latency-tolerance", type=float, default=0.5,
+                   help="allowed slowdown of TTFT/TPOT p50 on the same hardware, as a fraction (default: 0.5 = 1.5×)")
+    p.add_argument("--update", action="store_true", help="replace the references with the rerun's records (on purpose only)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def cmd_check(argv: list[str]) -> int:
+    import shutil
+
+    from harness.cli.spec import load_spec, run_spec
+    from harness.store.regress import check
+
+    args = check_parser().parse_args(argv)
+    if args.latency_tolerance < 0:
+        raise UsageError(f"--latency-tolerance {args.latency_tolerance}: must be >= 0")
+    if not args.update and not args.against.is_dir():
+        raise UsageError(f"--against {args.against}: no such folder of reference records "
+                         f"(create it with: python -m harness check --against {args.against} --update)")
+    current = args.current
+    if current is None:
+        spec = load_spec(args.spec)
+        current = args.out or Path("results") / "runs" / f"check-{time.strftime('%Y%m%d-%H%M%S')}"
+        q = ["-q"] if args.quiet else []
+        commands = {"run": lambda a: cmd_run([*a, *q]), "latency": lambda a: cmd_latency([*a, *q])}
+        rc = run_spec(spec, commands, outs={"run": current / "quality", "latency": current / "latency"})
+        if rc != 0:
+            return rc
+    elif not current.is_dir():
+        raise UsageError(f"--current {current}: no such folder")
+    if args.update:
+        if args.against.exists():
+            shutil.rmtree(args.against)
+        for sub in sorted(p for p in current.iterdir() if p.is_dir()):
+            shutil.copytree(sub, args.against / sub.name, ignore=shutil.ignore_patterns(".*", "*.partial.json"))
+        print(f"references refreshed: {args.against} now holds the records of {current}")
+        return 0
+    res = check(args.against, current, args.latency_tolerance)
+    for line in res.failures:
+        print(f"FAIL  {line}")
+    for line in res.notes:
+        print(f"note  {line}")
+    verdict = "passed" if res.ok else f"FAILED ({len(res.failures)} difference(s))"
+    print(f"regression check {verdict}: {res.compared} record(s) of {current} compared with {args.against}")
+    return 0 if res.ok else 1

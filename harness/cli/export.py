@@ -1,0 +1,244 @@
+"""`python -m harness export`: arguments, the plan's source (a record, a run folder or a method),
+and the printout; writing the checkpoints is `harness.run.export`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UsageError
+from harness.run.export import export_plan
+
+MODES = ("unified", "disaggregated")
+
+
+MARKERS = ("harness_export.json", "manifest.json")  # a folder holding one of these is a previous export
+
+
+def parser() -> argparse.ArgumentParser:
+    import os
+
+    p = argparse.ArgumentParser(
+        prog="python -m harness export",
+        description="Write a method's pruned model as Hugging Face checkpoints (config, renumbered layers, tokenizer) "
+        "that from_pretrained and serving engines such as vLLM load. A unified plan gives one checkpoint in OUT; a "
+        "disaggregated plan gives OUT/prefill, OUT/decode and OUT/manifest.json, which maps each decode layer to the "
+        "prefill layer whose KV it reads and states the KV policy (format: harness/run/export.py, README 'Export').",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  python -m harness export --method shortgpt --set shortgpt.k=8 --out exports/shortgpt-k8\n"
+        "  python -m harness export --method pdtrim --mode disaggregated --plans-from results/issue3/default --out exports/pdtrim\n"
+        "  python -m harness export --record results/issue3/default/pdtrim__disaggregated.json --out exports/pdtrim\n"
+        "  python -m harness export --method manual --mode disaggregated --set manual.prefill_layers=0,1,2,3 "
+        "--set manual.decode_layers=0,3 --model random:tiny --out /tmp/pd-tiny\n\n"
+        "load: AutoModelForCausalLM.from_pretrained(OUT) (or OUT/prefill, OUT/decode); vllm serve OUT",
+    )
+    p.add_argument("--method", default=None,
+                   help="method name (python -m harness --help lists them); with --record, optional (must match the record)")
+    p.add_argument("--model", default=None,
+                   help="as for a quality run (default: the record's model with --record/--plans-from, else smollm2-135m)")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="plan for this PD setting (default: the record's with --record, else unified)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE",
+                   help="method or calibration option, e.g. shortgpt.k=8, calib.n_samples=64 (repeatable)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--plans-from", type=Path, default=None, metavar="RUN_DIR",
+                     help="replay the plan stored in RUN_DIR/<method>__<mode>.json instead of planning")
+    src.add_argument("--record", type=Path, default=None, metavar="FILE",
+                     help="replay the plan of this run record (method, mode, model and seed come from it)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must be new or empty; see --force)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it holds a previous export")
+    p.add_argument("--seed", type=int, default=None, help="seed for random models and calibration (default: the record's, else 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--dtype", default="auto",
+                   help="weights are loaded, planned and written in this dtype: auto (bf16 on GPU, fp32 on CPU), float32, "
+                        "bfloat16, float16")
+    p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"),
+                   help="calibration data for methods that calibrate (default: $HARNESS_DATA_DIR)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
+    return p
+
+
+@dataclasses.dataclass
+class Source:
+    """What to export: method name, mode, model, seed, and the stored record to replay (if any)."""
+
+    method: str
+    mode: str
+    model: str
+    seed: int
+    record: Any = None  # harness.store.records.RunRecord
+    record_path: Path | None = None
+
+
+def resolve_source(args: argparse.Namespace) -> Source:
+    """Method, mode, model and seed from the flags and the record, checked against each other."""
+    from harness.store import records as rec
+
+    path = None
+    if args.record is not None:
+        path = args.record
+        if not path.is_file():
+            raise UsageError(f"--record {path}: no such file (expected a run record <method>__<mode>.json)")
+    elif args.plans_from is not None:
+        if not args.plans_from.is_dir():
+            raise UsageError(f"--plans-from {args.plans_from}: not a folder of run records")
+        if not args.method:
+            raise UsageError("--plans-from needs --method (and --mode, default unified) to pick a record")
+        path = args.plans_from / rec.record_filename(args.method, args.mode or "unified")
+        if not path.is_file():
+            have = sorted(p.name for p in args.plans_from.glob("*__*.json") if not p.name.endswith(".partial.json"))
+            raise UsageError(f"--plans-from {args.plans_from}: no record {path.name}; records there: {', '.join(have) or 'none'}")
+    if path is None:
+        if not args.method:
+            raise UsageError("give --method NAME (or --record FILE / --plans-from RUN_DIR to replay a stored plan)")
+        return Source(args.method, args.mode or "unified", args.model or "smollm2-135m", 0 if args.seed is None else args.seed)
+    try:
+        record = rec.load(path)
+    except ValueError as e:
+        raise UsageError(f"{path}: not a readable run record ({e})") from None
+    stored_model, stored_seed = record.config.get("model"), record.config.get("seed", 0)
+    clashes = [(flag, given, stored) for flag, given, stored in
+               (("--method", args.method, record.method), ("--mode", args.mode, record.mode),
+                ("--model", args.model, stored_model), ("--seed", args.seed, stored_seed))
+               if given is not None and given != stored]
+    if clashes:
+        flag, given, stored = clashes[0]
+        raise UsageError(f"{path} holds a plan made with {flag} {stored}, not {given}; pass {flag} {stored} (or omit "
+                         f"{flag}) to export it, or plan afresh without --record/--plans-from")
+    if record.mode not in MODES:
+        raise UsageError(f"{path}: a {record.mode!r} record (latency?); export replays quality-run records "
+                         f"({', '.join(MODES)})")
+    return Source(record.method, record.mode, stored_model, stored_seed, record, path)
+
+
+def method_for(source: Source, args: argparse.Namespace, data_dir: str | None):
+    """(method instance, calibration options) validated like a run's; with a record, its stored options."""
+    from harness.config import RunConfig
+    from harness.run import pipeline
+
+    prepared = pipeline.prepare(RunConfig(model=source.model, methods=(source.method,), tasks=(), seed=source.seed,
+                                          data_dir=data_dir, overrides=tuple(args.overrides)), need_data=source.record is None)
+    method = prepared.methods[source.method]
+    if source.record is None:
+        return method, prepared.calib_config
+    cls = type(method)
+    stored = source.record.config.get("method_options", {})
+    known = {f.name for f in dataclasses.fields(cls.Config)}
+    if set(stored) - known:
+        raise UsageError(f"{source.record_path}: option(s) {sorted(set(stored) - known)} of the record are not options of "
+                         f"{source.method} in this harness; plan afresh without --record/--plans-from")
+    try:
+        replayed = cls(dataclasses.replace(cls.Config(), **{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{source.record_path}: its method options do not build a {source.method}: {e}") from None
+    if any(o.split("=", 1)[0].split(".", 1)[0] == source.method for o in args.overrides) and \
+            json.loads(json.dumps(method.options())) != json.loads(json.dumps(replayed.options())):
+        raise UsageError(f"--set {source.method}.*: differs from the options the record's plan was made with "
+                         f"({replayed.options()}); drop --set or plan afresh without --record/--plans-from")
+    if replayed.needs_replan_on_resume():
+        raise UsageError(f"{source.method} with these options installs trained weights (healed blocks or a replacement "
+                         "network) that run records do not store; export it without --record/--plans-from so it plans "
+                         "and trains afresh")
+    return replayed, prepared.calib_config
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    """Check `out` can take an export; return the temporary sibling folder to write into."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UsageError(f"--out {out}: folder exists and is not empty; pass --force to replace a previous export, "
+                             "or choose a new folder")
+        if not any((out / m).is_file() for m in MARKERS):
+            raise UsageError(f"--out {out}: not a previous export (no {' or '.join(MARKERS)}); --force only replaces "
+                             "exports, choose a new or empty folder")
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an interrupted export
+    return tmp
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    from harness.run.quiet import quiet_libraries
+
+    quiet_libraries()
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    source = resolve_source(args)
+    method, calib_config = method_for(source, args, data_dir)
+    tmp = _prepare_out(args.out, args.force)  # before any model work: bad --out fails fast
+
+    from harness.pd import arch
+    from harness.pd.models import load_model
+
+    t0 = time.perf_counter()
+    loaded = load_model(source.model, args.device, args.dtype, source.seed)
+    say = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    say(f"model {source.model} loaded ({arch.n_layers(loaded.model)} layers)")
+    plan, calib = _plan_to_export(source, method, calib_config, loaded, data_dir, say)
+    if source.mode == "unified" and not plan.is_unified:
+        raise UsageError(f"{source.method} made a plan with two layer sets or KV pruning for unified mode; export it with "
+                         "--mode disaggregated")
+    meta = {"mode": source.mode, "method_options": method.options(),
+            "calibration": calib.description if calib is not None else (source.record.calibration if source.record else None),
+            "plan_replayed_from": str(source.record_path) if source.record_path else None,
+            "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", "")}
+    t_write = time.perf_counter()
+    try:
+        info = export_plan(loaded, method, plan, tmp, meta, args.max_shard_size)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if args.out.exists():
+        shutil.rmtree(args.out)  # empty, or a previous export replaced under --force
+    tmp.rename(args.out)
+    written = time.perf_counter() - t_write
+    _print_checkpoints(args.out, info, plan.n_layers)
+    print(f"exported {source.method}/{source.mode} of {source.model} in {written:.1f}s "
+          f"(total {time.perf_counter() - t0:.1f}s); load with AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
+def _plan_to_export(source, method, calib_config, loaded, data_dir: str | None, say) -> tuple:
+    """(plan, calibration or None): the record's plan replayed, or the method's plan made now."""
+    from harness.pd.plan import PruningPlan
+
+    if source.record is not None:
+        try:
+            plan = PruningPlan.from_dict(source.record.plan)
+        except (KeyError, ValueError) as e:
+            raise UsageError(f"{source.record_path}: its plan is not valid: {e}") from None
+        say(f"{source.method}/{source.mode}: plan replayed from {source.record_path}")
+        return plan, None
+    calib = None
+    if method.needs_calibration:
+        from harness.quality.calibration import build_calibration
+
+        calib = build_calibration(loaded.tokenizer, Path(data_dir) if data_dir else None, calib_config)
+    say(f"{source.method}/{source.mode}: planning")
+    return method.plan(loaded.model, calib, source.mode), calib
+
+
+def _print_checkpoints(out: Path, info: dict, n: int) -> None:
+    """One line per written checkpoint (layers kept, source layers, size), and the PD manifest's gist."""
+    for name, ck in info["checkpoints"].items():
+        where = out if name == "." else out / name
+        inserted = sum(1 for x in ck["layers"] if x is None)
+        extra = f" + {inserted} replacement layer(s)" if inserted else ""
+        print(f"{where}: {len(ck['layers']) - inserted} of {n} layers{extra}, source layers "
+              f"{[x for x in ck['layers']]}, {_size(ck['bytes'])}")
+    if info["kind"] == "disaggregated":
+        print(f"{out / 'manifest.json'}: decode layers 0..{len(info['decode_kv_from_prefill']) - 1} read the KV of prefill "
+              f"layers {info['decode_kv_from_prefill']}; KV policy: {info['kv_policy']['description']}")

@@ -1,0 +1,90 @@
+"""`python -m harness latency`: time each method's plan per workload (TTFT, ITL, handoff, transfer)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from harness.cli.flags import csv_list, float_list, int_list, positive_int
+from harness.config import DEFAULT_METHODS, RunConfig
+from harness.errors import UsageError
+from harness.run.quiet import quiet_libraries
+
+
+def latency_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m harness latency",
+        description="Per-stage latency of each method's plan in a PD deployment: TTFT (prefill + first token), "
+        "ITL samples and TPOT (each decode step timed), handoff time, KV bytes sent (exact and 16-token pages), "
+        "modelled transfer time per link bandwidth, and E2E = TTFT + transfer + (n-1)·TPOT. CUDA events on GPU, "
+        "a monotonic clock on CPU (recorded as such).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python -m harness latency --methods unpruned,shortgpt --model random:llama3-8b "
+        "--prompt-tokens 2048 --decode-tokens 128 --batch-size 1 --out DIR\n"
+        "  python -m harness latency --methods unpruned,shortgpt,pdtrim --plans-from results/runs/RUN --prompt-tokens 512,2048",
+    )
+    p.add_argument("--methods", type=csv_list, default=",".join(DEFAULT_METHODS), help="comma-separated method names (default: %(default)s)")
+    p.add_argument("--model", default="smollm2-135m", help="as for a quality run; random:<preset> for shapes without weights")
+    p.add_argument("--prompt-tokens", type=int_list, default=(512, 2048, 8192), help="prompt lengths (default: 512,2048,8192)")
+    p.add_argument("--decode-tokens", type=int_list, default=(128,), help="tokens generated per request, EOS ignored (default: 128)")
+    p.add_argument("--batch-size", type=int_list, default=(1, 8), help="batch sizes (default: 1,8)")
+    p.add_argument("--bandwidths", type=float_list, default=(25.0, 100.0, 400.0), help="link bandwidths in Gbit/s (default: 25,100,400)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured runs per workload (default: 1)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="measured runs per workload (default: 3)")
+    p.add_argument("--plans-from", default=None, help="folder of quality-run records whose disaggregated plans to replay")
+    p.add_argument("--decode-mode", type=csv_list, default=("eager",),
+                   help="decode paths to time: eager (growing cache), static (preallocated, fixed shapes), graph (static "
+                        "step captured as a CUDA graph; CUDA only). Comma-separated (default: eager)")
+    p.add_argument("--real-transfer", action="store_true",
+                   help="also move one handoff per workload between a prefill and a decode process (torch.distributed: "
+                        "gloo on CPU, NCCL on GPU), checking the bytes received against the bytes counted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE", help="method option")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: results/runs/latency-<id>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"), help="for methods that calibrate (default: $HARNESS_DATA_DIR)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def cmd_latency(argv: list[str]) -> int:
+    args = latency_parser().parse_args(argv)
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    quiet_libraries()
+    from harness.pd.models import load_model
+    from harness.run import pipeline
+    from harness.run.latency_run import LatencyConfig, run_latency
+    from reports.formats import to_markdown
+    from reports.tables import efficiency_table
+
+    if args.warmup < 0:
+        raise UsageError(f"--warmup {args.warmup}: must be >= 0")
+    from harness.latency.measure import DECODE_MODES
+
+    bad = [m for m in args.decode_mode if m not in DECODE_MODES]
+    if bad:
+        raise UsageError(f"--decode-mode {','.join(bad)}: expected any of {', '.join(DECODE_MODES)}")
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    cfg = LatencyConfig(model=args.model, methods=args.methods, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                        batch_sizes=args.batch_size, bandwidths_gbit=args.bandwidths, warmup=args.warmup, repeats=args.repeats,
+                        seed=args.seed, device=args.device, dtype=args.dtype, data_dir=data_dir, plans_from=args.plans_from,
+                        real_transfer=args.real_transfer, decode_modes=args.decode_mode,
+                        overrides=tuple(args.overrides))
+    prepared = pipeline.prepare(RunConfig(methods=cfg.methods, tasks=(), seed=cfg.seed, data_dir=data_dir,
+                                          overrides=cfg.overrides), need_data=cfg.plans_from is None)
+    out = args.out or Path("results") / "runs" / f"latency-{cfg.run_id()}"
+    loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed)
+    start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    records = run_latency(cfg, prepared, out, loaded, say)
+    print(to_markdown(efficiency_table(records, 100.0 if 100.0 in cfg.bandwidths_gbit else cfg.bandwidths_gbit[0])))
+    print(f"\nclock: {records[0].extra.get('clock')}; records and summary.csv in {out}")
+    return 0

@@ -1,0 +1,51 @@
+"""`python -m harness report`: tables, plots and an HTML page from run records."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.errors import UsageError
+
+
+def report_parser() -> argparse.ArgumentParser:
+    from reports.collect import CONVENTIONS
+
+    p = argparse.ArgumentParser(
+        prog="python -m harness report",
+        description="Render stored run records as paper-style tables (Markdown, LaTeX booktabs, CSV), plots (PNG, SVG) "
+        "and one self-contained HTML report. Reads records only: no model, no torch.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python -m harness report results/issue3/default results/issue4/cpu_smollm2 --out reports/out\n"
+        "  python -m harness report results/runs/RUN --metric-convention acc --bandwidth 400",
+    )
+    p.add_argument("results", nargs="+", type=Path, metavar="RESULTS_DIR", help="folders (searched recursively) or record files")
+    p.add_argument("--out", type=Path, default=Path("reports") / "out", help="output folder (default: reports/out)")
+    p.add_argument("--metric-convention", default="paper", metavar="NAME",
+                   help=f"metric per task: {', '.join(CONVENTIONS)} (default: paper = acc_norm for HellaSwag, ARC-Challenge, "
+                        "OpenBookQA; acc elsewhere)")
+    p.add_argument("--bandwidth", type=float, default=100.0, help="link bandwidth in Gbit/s for E2E in the efficiency table (default: 100)")
+    p.add_argument("--no-plots", action="store_true", help="tables only (faster)")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="only this model's records (its name as the tables show it, or its config name, e.g. smollm2-135m); "
+                        "the figures need one model when the records hold several")
+    return p
+
+
+def cmd_report(argv: list[str]) -> int:
+    args = report_parser().parse_args(argv)
+    from reports.collect import ReportError
+    from reports.render import render_report
+
+    try:
+        rep = render_report(args.results, args.out, args.metric_convention, args.bandwidth, plots=not args.no_plots,
+                            model=args.model)
+    except ReportError as e:
+        raise UsageError(str(e)) from None
+    print(rep.markdown)
+    for m in rep.missing:
+        print(f"note: {m}", file=sys.stderr)
+    print(f"tables in {args.out / 'tables'} (md, tex, csv); {len(rep.figures)} figures in {args.out / 'figures'}; "
+          f"HTML: {args.out / 'report.html'}", file=sys.stderr)
+    return 0

@@ -1,0 +1,188 @@
+"""`python -m harness [run]`: evaluate methods' plans on lm-eval and long-context tasks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from harness.cli.flags import MODES, csv_list, limit_arg, positive_int
+from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, LONG_TASKS, STANDARD_TASKS, RunConfig, expand_tasks, options_help
+from harness.errors import UsageError
+from harness.run.quiet import quiet_libraries
+
+
+def _methods_epilog() -> str:
+    import methods
+    from methods.depth.stage import STAGE_OPTIONS
+    from methods.registry import stage_bases
+
+    lines = ["methods (options via --set METHOD.OPTION=VALUE):"]
+    for name in methods.names():
+        if name.startswith("stage:"):
+            continue
+        cls = methods.get(name)
+        lines.append(f"  {name:16s} {cls.summary}")
+        lines.append(f"  {'':16s} options: {options_help(cls.Config)}")
+    stage_opts = ", ".join(f"{o}={d} (int)" for o, d in STAGE_OPTIONS)
+    lines.append(f"  {'stage:BASE':16s} BASE's removal order with the stage-aware scheme: prefill removes its first k_prefill "
+                 f"blocks, decode its first k_decode (unified: k_unified); BASE one of {', '.join(stage_bases())}")
+    lines.append(f"  {'':16s} options: {stage_opts}, plus BASE's options except k (e.g. --set stage:sleb.k_decode=6)")
+    from harness.quality.calibration import CalibConfig
+
+    lines.append(f"  {'calib':16s} calibration set: {options_help(CalibConfig)} (seed defaults to --seed)")
+    from harness.quality import long_tasks
+
+    lines.append("long-context tasks (options via --set TASK.OPTION=VALUE when the task is in --tasks):")
+    for name in long_tasks.names():
+        lines.append(f"  {name:16s} options: {options_help(long_tasks.get(name).Config)}")
+    return "\n".join(lines)
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m harness",
+        description="Evaluate pruning methods in PD-unified and PD-disaggregated settings: lm-eval scores "
+        "and the KV bytes each handoff sends from the prefill to the decode stage.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_methods_epilog() + "\n\nexamples:\n  python -m harness --methods unpruned,shortgpt --limit 100\n"
+        "  python -m harness --methods shortgpt --set shortgpt.k=6 --tasks arc_easy,boolq --mode disaggregated\n"
+        "  python -m harness --config configs/main_table.toml          # a spec: runs what a table needs, then renders it\n\n"
+        "other commands (python -m harness COMMAND --help): latency (per-stage latency), report (tables, plots, HTML "
+        "from records), check (regression check against reference records), sweep (a spec's cells, "
+        "each in its own process, on Ray or a local pool), export (pruned Hugging Face checkpoints)",
+    )
+    p.add_argument("--methods", type=csv_list, default=",".join(DEFAULT_METHODS), help="comma-separated method names (default: %(default)s)")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (embedded default), a .gguf file, a model directory, a HF id, or random:<preset>")
+    p.add_argument("--tasks", type=csv_list, default="standard,long",
+                   help="comma-separated tasks: lm-eval tasks with local data, the harness's long-context tasks "
+                        f"({', '.join(LONG_TASKS)}), or the aliases standard ({', '.join(STANDARD_TASKS)}) and long "
+                        "(default: %(default)s)")
+    p.add_argument("--limit", type=limit_arg, default=DEFAULT_LIMIT,
+                   help=f"items per task (per subtask for groups such as mmlu), or 'all' (default: {DEFAULT_LIMIT})")
+    p.add_argument("--mode", choices=sorted(MODES), default="both", help="PD setting(s) to evaluate (default: both)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE",
+                   help="method, calibration or long-context task option, e.g. shortgpt.k=8, calib.n_samples=64, pd_ppl.docs=8 (repeatable)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: results/runs/<run id>)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and lm-eval (default: 0)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="requests per forward (default: 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--device-map", default=None, metavar="auto|balanced|balanced_low_0|sequential",
+                   help="spread a model larger than one device over GPUs, CPU memory and disk (accelerate's big-model "
+                        "loading); each layer's KV stays on that layer's device")
+    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    p.add_argument("--offload-folder", default=None, metavar="DIR", help="where --device-map puts layers that fit nowhere else")
+    p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"),
+                   help="folder laid out like ../shared/data (default: $HARNESS_DATA_DIR; unset = lm-eval's hub datasets)")
+    p.add_argument("--max-length", type=positive_int, default=None, help="context length (default: the model's, as lm-eval resolves it)")
+    p.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval bootstrap iterations for perplexity stderrs")
+    p.add_argument("--plans-from", default=None, metavar="RUN_DIR",
+                   help="reuse plans stored in another run's records where model, seed, method options and calibration "
+                        "match (saves a repeated search, e.g. PDTrim's); other plans are made as usual")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--config", metavar="SPEC.toml", help="instead of flags: run an experiment spec from configs/ (its quality and "
+                   "latency runs, resuming finished records, then its report), e.g. --config configs/ci.toml")
+    return p
+
+
+def check_tasks(tasks: tuple[str, ...], data_dir: str | None) -> None:
+    from harness.quality import long_tasks
+    from harness.quality.tasks import TASK_FILES
+
+    if not tasks:
+        raise UsageError("--tasks is empty; give at least one task, e.g. --tasks arc_easy")
+    unknown = [t for t in tasks if t not in TASK_FILES and not long_tasks.is_long_task(t)]
+    if not unknown:
+        return
+    if data_dir is None:
+        from lm_eval.tasks import TaskManager
+
+        known = set(TaskManager().all_tasks)
+        unknown = [t for t in unknown if t not in known]
+        if not unknown:
+            return
+    raise UsageError(f"unknown task(s) {', '.join(unknown)}; tasks with local data: {', '.join(sorted(TASK_FILES))}; "
+                     f"long-context: {', '.join(long_tasks.names())}; aliases: standard, long"
+                     + ("" if data_dir else " (without --data-dir, any lm-eval task name)"))
+
+
+def cmd_run(argv: list[str]) -> int:
+    from harness.quality import distributed
+
+    args = run_parser().parse_args(argv)
+    dist = distributed.current()
+    if not dist.is_main:  # one voice: rank 0 reports, the others work silently
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # also silences lm-eval's own bars
+    quiet_libraries()
+    from harness.run import pipeline
+    from harness.store.records import load_dir
+    from reports.formats import to_markdown
+    from reports.tables import long_context_table, plans_table, quality_table
+
+    cfg = RunConfig(
+        model=args.model, methods=args.methods, tasks=expand_tasks(args.tasks), limit=args.limit, modes=MODES[args.mode],
+        seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None, max_length=args.max_length,
+        bootstrap_iters=args.bootstrap_iters, overrides=tuple(args.overrides),
+        plans_from=str(Path(args.plans_from).resolve()) if args.plans_from else None,
+        device_map=args.device_map, max_memory=args.max_memory,
+        offload_folder=str(Path(args.offload_folder).resolve()) if args.offload_folder else None,
+    )
+    placement = cfg.placement()  # bad --device-map / --max-memory: exit 2 before loading anything
+    if cfg.plans_from and not Path(cfg.plans_from).is_dir():
+        raise UsageError(f"--plans-from {args.plans_from}: not a folder of run records")
+    if not cfg.methods:
+        raise UsageError("--methods is empty; known methods: " + ", ".join(__import__("methods").names()))
+    prepared = pipeline.prepare(cfg)
+    check_tasks(cfg.tasks, cfg.data_dir)
+    if cfg.data_dir:
+        from harness.quality.tasks import TASK_FILES, check_files
+
+        check_files([t for t in cfg.tasks if t in TASK_FILES], Path(cfg.data_dir))
+    out = args.out or Path("results") / "runs" / cfg.run_id()
+    from harness.pd.models import load_model
+
+    t0 = time.perf_counter()
+    loaded = load_model(cfg.model, distributed.device_for(cfg.device, dist), cfg.dtype, cfg.seed, placement)
+    ranks = f"; {dist.world_size} data-parallel ranks" if dist.enabled else ""
+    if dist.is_main:
+        print(f"model {cfg.model} ({loaded.description.get('n_layers')} layers) loaded in {time.perf_counter() - t0:.1f}s; "
+              f"methods {','.join(cfg.methods)}; modes {','.join(cfg.modes)}; tasks {','.join(cfg.tasks)}; "
+              f"limit {cfg.limit or 'all'}{ranks}; records -> {out}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        if dist.is_main:
+            print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    failures: list[pipeline.CellFailure] = []
+    try:
+        pipeline.run(cfg, out, prepared, loaded, on_progress=say, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished records are kept in {out}; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except pipeline.CellsFailed as e:
+        failures = e.failures
+    records = [r for r in load_dir(out) if r.method in cfg.methods and r.mode in cfg.modes]
+    for table in (quality_table(records), long_context_table(records), plans_table(records)):
+        if not table.empty:
+            print(to_markdown(table), end="\n\n")
+    print(f"\nrecords and summary.csv in {out} ({time.perf_counter() - start:.0f}s)")
+    if not failures:
+        return 0
+    n_cells = len(cfg.methods) * len(cfg.modes)
+    print(f"{len(failures)} of {n_cells} cells FAILED (the others finished; rerun the same command to retry only these):")
+    for f in failures:
+        print(f"  {f.line()}")
+        if dist.is_main:
+            print(f"error: {f.method}/{f.mode}: {f.error}", file=sys.stderr)
+    # exit 2 when every failure was bad input (what to change is in the message), 1 for crashes / OOM
+    return 2 if all(f.bad_input for f in failures) else 1

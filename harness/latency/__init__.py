@@ -1,0 +1,1 @@
+"""Latency measurement: timed prefill, handoff and decode steps, and real KV transfer between processes."""

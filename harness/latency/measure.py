@@ -1,0 +1,209 @@
+"""Per-stage latency of a plan in a PD deployment: TTFT, ITL/TPOT, handoff, modelled transfer, E2E.
+
+Importable without lm-eval. One measurement = one (plan, workload): a batch of `batch_size`
+random prompts of `prompt_tokens` tokens is prefilled by the plan's prefill layers and the first
+token is taken from the last position (TTFT); the handoff packs the decode layers' KV under the
+plan's KV policy and unpacks it (handoff time, bytes counted from the tensors); the decode stage
+then runs `decode_tokens - 1` greedy steps, each timed on its own (ITL samples; EOS ignored).
+TPOT is the mean ITL of one run. Every stage is timed directly, never by subtraction: on CUDA
+with events around the stage (after warm-up runs), on CPU with `time.perf_counter_ns`, and the
+clock used is recorded.
+
+Transfer time is modelled: bytes · 8 / link bandwidth, for each bandwidth in Gbit/s, using the
+bytes rounded to 16-token pages (what a paged KV transfer moves); E2E = TTFT + transfer +
+(decode_tokens − 1) · TPOT.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from harness.pd import arch
+from harness.pd.batching import TokenBatch
+from harness.pd.engine import PAGE_TOKENS
+from harness.pd.plan import PruningPlan
+from harness.pd.stages import StagedModel
+
+DEFAULT_BANDWIDTHS_GBIT = (25.0, 100.0, 400.0)
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_tokens: int
+    decode_tokens: int  # tokens generated per request, the first one by the prefill stage
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1 or self.decode_tokens < 1 or self.batch_size < 1:
+            raise ValueError(f"workload needs positive sizes, got {self}")
+
+
+class Clock:
+    """Times a callable: CUDA events on a CUDA device, perf_counter_ns otherwise. Milliseconds."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.name = "cuda_events" if self.cuda else "perf_counter_ns"
+
+    def time(self, fn: Callable[[], Any]) -> tuple[Any, float]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            return out, float(start.elapsed_time(end))
+        t0 = time.perf_counter_ns()
+        out = fn()
+        return out, (time.perf_counter_ns() - t0) / 1e6
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default), q in [0, 100]."""
+    if not samples:
+        raise ValueError("no samples")
+    xs = sorted(samples)
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(name: str, samples: Sequence[float]) -> dict[str, float]:
+    """{name_p50: .., name_p90: .., name_p99: .., name_mean: ..} (name carries the unit, e.g. ttft_ms)."""
+    out = {f"{name}_p{q}": percentile(samples, q) for q in PERCENTILES}
+    out[f"{name}_mean"] = statistics.fmean(samples)
+    return out
+
+
+def transfer_ms(kv_bytes: int, gbit_per_s: float) -> float:
+    """Time to move `kv_bytes` over a link of `gbit_per_s` (10^9 bit/s), in ms."""
+    if gbit_per_s <= 0:
+        raise ValueError("bandwidth must be positive")
+    return kv_bytes * 8 / (gbit_per_s * 1e9) * 1e3
+
+
+def e2e_ms(ttft: float, transfer: float, tpot: float, decode_tokens: int) -> float:
+    return ttft + transfer + (decode_tokens - 1) * tpot
+
+
+@dataclass
+class Measurement:
+    """Raw samples of one (plan, workload); all times in ms, bytes per batch."""
+
+    method: str
+    workload: Workload
+    clock: str
+    ttft_ms: list[float] = field(default_factory=list)  # one per measured run
+    handoff_ms: list[float] = field(default_factory=list)
+    itl_ms: list[float] = field(default_factory=list)  # every decode step of every measured run
+    tpot_ms: list[float] = field(default_factory=list)  # mean ITL of each measured run
+    kv_bytes: int = 0
+    kv_bytes_paged: int = 0
+    decode_mode: str = "eager"
+    graph_capture_ms: list[float] = field(default_factory=list)  # graph mode: capture time per measured run
+    handoff: Any = field(default=None, repr=False, compare=False)  # the last run's Handoff (not serialised)
+
+    def figures(self, bandwidths_gbit: Sequence[float] = DEFAULT_BANDWIDTHS_GBIT) -> dict[str, float]:
+        """Percentiles of every stage, bytes, and modelled transfer and E2E per bandwidth."""
+        out: dict[str, float] = {}
+        out.update(summarize("ttft_ms", self.ttft_ms))
+        out.update(summarize("handoff_ms", self.handoff_ms))
+        if self.itl_ms:
+            out.update(summarize("itl_ms", self.itl_ms))
+            out.update(summarize("tpot_ms", self.tpot_ms))
+        tpot = statistics.median(self.tpot_ms) if self.tpot_ms else 0.0
+        out["kv_bytes"] = self.kv_bytes
+        out["kv_bytes_paged"] = self.kv_bytes_paged
+        for bw in bandwidths_gbit:
+            t = transfer_ms(self.kv_bytes_paged, bw)
+            out[f"transfer_ms@{bw:g}gbit"] = t
+            out[f"e2e_ms_p50@{bw:g}gbit"] = e2e_ms(out["ttft_ms_p50"], t, tpot, self.workload.decode_tokens)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "handoff"}
+        d["workload"] = asdict(self.workload)
+        return d
+
+
+DECODE_MODES = ("eager", "static", "graph")
+
+
+@torch.inference_mode()
+def measure(
+    model, plan: PruningPlan, workload: Workload, *, warmup: int = 1, repeats: int = 3, seed: int = 0,
+    decode_mode: str = "eager",
+) -> Measurement:
+    """Time prefill (TTFT), handoff and every decode step of `repeats` runs after `warmup` runs.
+
+    `decode_mode`: `eager` (growing cache, the engine's path), `static` (preallocated buffers,
+    fixed shapes; `harness.pd.static_decode`) or `graph` (the static step captured as a CUDA graph
+    once per run; capture time is recorded apart and never counted in ITL).
+    """
+    from harness.pd.static_decode import GraphDecoder, StaticKV, decode_step
+
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
+    device = arch.model_device(model)
+    clock = Clock(device)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    B, T, n = workload.batch_size, workload.prompt_tokens, workload.decode_tokens
+    # inputs are built before any timing: only stage work is inside the clocks
+    batch = TokenBatch.dense(torch.randint(0, vocab, (B, T), generator=g).to(device))
+    lengths = batch.lengths
+    step_valid = torch.ones((B, 1), dtype=torch.bool, device=device)
+    staged = StagedModel(model, plan)
+    m = Measurement(plan.method, workload, clock.name, decode_mode=decode_mode)
+
+    def prefill():  # a SnapKV-style policy's window scores are prefill work, timed with it
+        out = staged.prefill(batch)
+        return out, staged.logits(out.last_hidden).argmax(-1)
+
+    for run in range(warmup + repeats):
+        (out, tok), ttft = clock.time(prefill)
+        sent, handoff = clock.time(lambda out=out: staged.handoff(out))
+        dcache, unpack = clock.time(lambda sent=sent: staged.receive(sent))
+        itl = []
+        if decode_mode == "eager":
+            for step in range(1, n):
+                def eager_step(tok=tok, step=step, dcache=dcache):
+                    return staged.step(dcache, tok, lengths + step - 1, step_valid).argmax(-1)
+
+                tok, dt = clock.time(eager_step)
+                itl.append(dt)
+        elif n > 1:
+            skv = StaticKV(dcache, n - 1)
+            pos = lengths[:, None].clone()  # the first decode step's position is T
+            if decode_mode == "graph":
+                graph, capture = clock.time(lambda skv=skv, tok=tok, pos=pos: GraphDecoder(model, plan.decode_layers, skv, tok[:, None], pos))
+                if run >= warmup:
+                    m.graph_capture_ms.append(capture)
+            for step in range(1, n):
+                pos = (lengths + step - 1)[:, None]
+                if decode_mode == "graph":
+                    tok, dt = clock.time(lambda tok=tok, pos=pos, graph=graph: graph.step(tok[:, None], pos))
+                else:
+                    def static_step(tok=tok, pos=pos, skv=skv):
+                        out = decode_step(model, plan.decode_layers, tok[:, None], pos, skv)
+                        skv.advance()
+                        return out
+
+                    tok, dt = clock.time(static_step)
+                itl.append(dt)
+        if run >= warmup:
+            m.ttft_ms.append(ttft)
+            m.handoff_ms.append(handoff + unpack)
+            m.itl_ms += itl
+            if itl:
+                m.tpot_ms.append(statistics.fmean(itl))
+            m.kv_bytes, m.kv_bytes_paged, m.handoff = sent.kv_bytes, sent.kv_bytes_paged(PAGE_TOKENS), sent
+    return m

@@ -1,0 +1,116 @@
+"""Moving a handoff for real between two processes: a prefill process sends, a decode process receives.
+
+`torch.distributed` point-to-point: gloo on CPU, NCCL on GPU. The sender first sends a small
+header (JSON: layer, tensor kind, shape, dtype of every tensor, then the metadata tensors), then
+each K and V tensor in turn; the receiver allocates and receives them, counts the bytes of the K
+and V tensors it received, and times the transfer from its first to its last receive. The
+positions/counts tensors (the handoff's bookkeeping) are sent too and reported apart from the KV
+bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from harness.pd.engine import Handoff
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tensors(h: Handoff) -> list[tuple[str, int, torch.Tensor]]:
+    """(kind, layer, tensor) in a fixed order: K and V of each layer, then positions and counts."""
+    out = []
+    for layer in sorted(h.keys):
+        out += [("k", layer, h.keys[layer]), ("v", layer, h.values[layer])]
+    for layer in sorted(h.keys):
+        out += [("pos", layer, h.positions[layer]), ("cnt", layer, h.counts[layer])]
+    return out
+
+
+def _send_bytes(data: bytes, dst: int) -> None:
+    t = torch.tensor(list(data), dtype=torch.uint8)
+    dist.send(torch.tensor([t.numel()], dtype=torch.int64), dst)
+    dist.send(t, dst)
+
+
+def _recv_bytes(src: int) -> bytes:
+    n = torch.zeros(1, dtype=torch.int64)
+    dist.recv(n, src)
+    t = torch.empty(int(n), dtype=torch.uint8)
+    dist.recv(t, src)
+    return bytes(t.tolist())
+
+
+def _worker(rank: int, port: int, handoff_path: str, result_path: str, backend: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(backend, rank=rank, world_size=2)
+    try:
+        if rank == 0:  # prefill process
+            h: Handoff = torch.load(handoff_path, weights_only=False)
+            items = _tensors(h)
+            header = [{"kind": k, "layer": layer, "shape": list(t.shape), "dtype": str(t.dtype)} for k, layer, t in items]
+            _send_bytes(json.dumps({"n_requests": h.n_requests, "tensors": header}).encode(), 1)
+            dist.barrier()
+            t0 = time.perf_counter_ns()
+            for _, _, t in items:
+                dist.send(t.contiguous(), 1)
+            sent_ms = (time.perf_counter_ns() - t0) / 1e6
+            dist.barrier()
+            Path(result_path + ".sender").write_text(json.dumps({"send_ms": sent_ms}))
+        else:  # decode process
+            header = json.loads(_recv_bytes(0))
+            bufs = [torch.empty(d["shape"], dtype=_DTYPES[d["dtype"]]) for d in header["tensors"]]
+            dist.barrier()
+            t0 = time.perf_counter_ns()
+            for b in bufs:
+                dist.recv(b, 0)
+            recv_ms = (time.perf_counter_ns() - t0) / 1e6
+            dist.barrier()
+            kv = sum(b.numel() * b.element_size() for d, b in zip(header["tensors"], bufs) if d["kind"] in ("k", "v"))
+            meta = sum(b.numel() * b.element_size() for d, b in zip(header["tensors"], bufs) if d["kind"] not in ("k", "v"))
+            got = Handoff(
+                keys={d["layer"]: b for d, b in zip(header["tensors"], bufs) if d["kind"] == "k"},
+                values={d["layer"]: b for d, b in zip(header["tensors"], bufs) if d["kind"] == "v"},
+                positions={d["layer"]: b for d, b in zip(header["tensors"], bufs) if d["kind"] == "pos"},
+                counts={d["layer"]: b for d, b in zip(header["tensors"], bufs) if d["kind"] == "cnt"},
+                n_requests=header["n_requests"])
+            torch.save(got, result_path + ".handoff")
+            Path(result_path).write_text(json.dumps({"kv_bytes_received": kv, "metadata_bytes_received": meta,
+                                                     "recv_ms": recv_ms, "tensors": len(bufs)}))
+    finally:
+        dist.destroy_process_group()
+
+
+def transfer_between_processes(handoff: Handoff, backend: str = "gloo") -> dict[str, Any]:
+    """Send `handoff` from a prefill process to a decode process; returns what the receiver measured.
+
+    Keys: kv_bytes_received, metadata_bytes_received, recv_ms (receiver wall time from first to last
+    receive), send_ms, clock, backend, and `received` (the Handoff as the decode process got it).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        hp, rp = str(Path(tmp) / "handoff.pt"), str(Path(tmp) / "result.json")
+        torch.save(Handoff({k: v.cpu() for k, v in handoff.keys.items()}, {k: v.cpu() for k, v in handoff.values.items()},
+                           {k: v.cpu() for k, v in handoff.positions.items()}, {k: v.cpu() for k, v in handoff.counts.items()},
+                           handoff.n_requests), hp)
+        mp.start_processes(_worker, args=(_free_port(), hp, rp, backend), nprocs=2, join=True, start_method="spawn")
+        out = json.loads(Path(rp).read_text())
+        out.update(json.loads(Path(rp + ".sender").read_text()))
+        out["received"] = torch.load(rp + ".handoff", weights_only=False)
+    out.update(clock="perf_counter_ns", backend=backend)
+    return out

@@ -1,0 +1,102 @@
+"""`PruningPlan`: what a method decided, as validated, serialisable data.
+
+A plan names the decoder layers each stage runs (by their index in the unpruned model) and the
+policy the prefill->decode handoff applies to the prompt KV. The subset rule
+`decode_layers ⊆ prefill_layers` is structural: the prefill stage is the only source of a
+layer's prompt KV, so the decode stage can only run layers that prefill ran.
+
+The KV policies are plug-ins (`harness/pd/kv/`); `KVPolicy` and `KVBudget` are re-exported here,
+and `KVPolicy(n_first, n_last, layers)` still builds the default `first_last` policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.pd.kv import KVBudget, KVPolicy, get_policy, policy_from_dict, policy_names
+
+__all__ = ["KVBudget", "KVPolicy", "PruningPlan", "get_policy", "policy_from_dict", "policy_names"]
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """Layers run by each stage of a PD deployment, plus the KV policy of the handoff.
+
+    Attributes:
+        method: registry name of the method that made the plan.
+        n_layers: depth of the unpruned model.
+        prefill_layers: sorted, unique layer indices the prefill stage runs.
+        decode_layers: sorted, unique layer indices the decode stage runs; ⊆ prefill_layers.
+        kv_policy: applied to the KV of `decode_layers` at the handoff.
+        info: free-form provenance (scores, chosen indices); not used by the engine.
+    """
+
+    method: str
+    n_layers: int
+    prefill_layers: tuple[int, ...]
+    decode_layers: tuple[int, ...]
+    kv_policy: KVPolicy = KVPolicy()
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for stage in ("prefill_layers", "decode_layers"):
+            idx = tuple(int(i) for i in getattr(self, stage))
+            object.__setattr__(self, stage, idx)
+            if list(idx) != sorted(set(idx)) or not all(0 <= i < self.n_layers for i in idx):
+                raise ValueError(
+                    f"{stage}={list(idx)}: need sorted, unique layer indices in [0, {self.n_layers})"
+                )
+            if not idx:
+                raise ValueError(f"{stage} is empty: a stage must run at least one layer")
+        extra = sorted(set(self.decode_layers) - set(self.prefill_layers))
+        if extra:
+            raise ValueError(
+                f"decode_layers must be a subset of prefill_layers (decode reads prompt KV that only "
+                f"prefill produces); layers {extra} run in decode but not in prefill"
+            )
+        self.kv_policy.check_layers(self.decode_layers)
+
+    @classmethod
+    def dense(cls, method: str, n_layers: int) -> PruningPlan:
+        every = tuple(range(n_layers))
+        return cls(method, n_layers, every, every)
+
+    @property
+    def is_unified(self) -> bool:
+        """One layer set for both stages and no KV pruning: runnable as an ordinary forward."""
+        return self.prefill_layers == self.decode_layers and self.kv_policy.keeps_all
+
+    @property
+    def removed_prefill(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.n_layers) if i not in set(self.prefill_layers))
+
+    @property
+    def removed_decode(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.n_layers) if i not in set(self.decode_layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "n_layers": self.n_layers,
+            "prefill_layers": list(self.prefill_layers),
+            "decode_layers": list(self.decode_layers),
+            "removed_prefill": list(self.removed_prefill),
+            "removed_decode": list(self.removed_decode),
+            "kv_policy": self.kv_policy.to_dict(),
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PruningPlan:
+        return cls(
+            method=d["method"],
+            n_layers=int(d["n_layers"]),
+            prefill_layers=tuple(d["prefill_layers"]),
+            decode_layers=tuple(d["decode_layers"]),
+            kv_policy=policy_from_dict(d.get("kv_policy", {"n_first": 0, "n_last": 0, "layers": []})),
+            info=dict(d.get("info", {})),
+        )
+
+    def replace(self, **changes: Any) -> PruningPlan:
+        return dataclasses.replace(self, **changes)

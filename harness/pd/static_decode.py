@@ -1,0 +1,145 @@
+"""A fixed-shape decode path: preallocated KV buffers, so a decode step can be a CUDA graph.
+
+The eager decode path grows every layer's cache by concatenation, and its mask logic checks
+tensor values on the host; neither can be captured. Here the handed-over prompt KV of each
+decode layer is copied once into a buffer with room for `max_new` decode tokens; a decode step
+writes its K/V and position at column `base_l + step` with `index_copy_` (the step is a device
+tensor advanced in place), and each layer's mask is computed from its positions buffer on the
+device. Every tensor shape is fixed, so on CUDA the whole step (embedding, layers, final norm,
+head, argmax) is captured once per plan and replayed (`GraphDecoder`); on CPU the same step runs
+uncaptured (`static` mode), which tests compare with the eager path.
+
+Unwritten columns hold position -1, so they are masked like padding; the positions a KV policy
+dropped are simply not in the buffer. Per-head selections (SnapKV-style) keep per-KV-head
+positions buffers (B, kv_heads, W_l + max_new) and per-head masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from harness.pd import arch
+from harness.pd.cache import PDCache
+from harness.pd.engine import attention_mask, final_logits
+
+
+class StaticKV:
+    """Per decode layer: K/V (B, kv_heads, W_l + max_new, head_dim) and positions (B, W_l + max_new),
+    or (B, kv_heads, W_l + max_new) for a per-head selection."""
+
+    def __init__(self, handed: PDCache, max_new: int) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.positions: dict[int, torch.Tensor] = {}
+        self.base: dict[int, torch.Tensor] = {}
+        device = None
+        for layer in handed.layers:
+            k, v, p = handed.keys[layer], handed.values[layer], handed.positions[layer]
+            b, h, w, d = k.shape
+            device = k.device
+            self.keys[layer] = torch.cat([k, k.new_zeros((b, h, max_new, d))], dim=2)
+            self.values[layer] = torch.cat([v, v.new_zeros((b, h, max_new, d))], dim=2)
+            self.positions[layer] = torch.cat([p, p.new_full((*p.shape[:-1], max_new), -1)], dim=-1)
+            self.base[layer] = torch.tensor([w], device=k.device)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)  # advanced in place, outside any graph
+        self.max_new = max_new
+
+    def begin_step(self, positions: torch.Tensor) -> None:
+        """Write this step's positions (B, 1) into every layer's positions buffer."""
+        for layer, pos in self.positions.items():
+            step = positions if pos.dim() == 2 else positions[:, None, :].expand(-1, pos.shape[1], -1)
+            pos.index_copy_(pos.dim() - 1, self.base[layer] + self.step, step)
+
+    def layer_positions(self, layer_idx: int) -> torch.Tensor:
+        return self.positions[layer_idx]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        idx = self.base[layer_idx] + self.step
+        self.keys[layer_idx].index_copy_(2, idx, key_states)
+        self.values[layer_idx].index_copy_(2, idx, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def advance(self) -> None:
+        self.step += 1
+
+
+def decode_step(model, layers: Sequence[int], tok: torch.Tensor, pos: torch.Tensor, cache: StaticKV) -> torch.Tensor:
+    """One greedy step at fixed shapes: tok, pos (B, 1) -> next token (B,). No host synchronisation."""
+    dec = arch.decoder(model)
+    impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+    groups = model.config.num_attention_heads // arch.kv_heads_and_dim(model.config)[0]
+    h = dec.embed_tokens(tok)
+    rot = dec.rotary_emb(h, position_ids=pos)
+    cache.begin_step(pos)
+    valid = torch.ones_like(pos, dtype=torch.bool)
+    cache_kw = arch.cache_kwarg(type(dec.layers[layers[0]]))
+    for i in layers:
+        mask = attention_mask(cache.positions[i], pos, valid, h.dtype, impl, groups)
+        out = dec.layers[i](h, attention_mask=mask, position_embeddings=rot, position_ids=pos, **{cache_kw: cache})
+        h = out[0] if isinstance(out, tuple) else out
+    return final_logits(model, h[:, 0]).argmax(-1)
+
+
+class GraphDecoder:
+    """Decode steps replayed from one CUDA graph captured for (model, layers, cache shapes)."""
+
+    def __init__(self, model, layers: Sequence[int], cache: StaticKV, tok: torch.Tensor, pos: torch.Tensor,
+                 warmup: int = 2) -> None:
+        if tok.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a CUDA device; use the static or eager decode path on CPU")
+        self.cache = cache
+        self.tok, self.pos = tok.clone(), pos.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(warmup):  # writes the current step's column; replays overwrite it
+                decode_step(model, layers, self.tok, self.pos, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.out = decode_step(model, layers, self.tok, self.pos, cache)
+
+    def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Run one step for tokens `tok` at positions `pos` (B, 1); returns the next tokens (B,)."""
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        self.cache.advance()
+        return self.out
+
+
+def weight_bytes(model, layers: Sequence[int]) -> int:
+    """Bytes a decode step must read: the given layers' weights, the final norm and the LM head."""
+    mods = [arch.decoder_layers(model)[i] for i in layers] + [arch.decoder(model).norm, arch.lm_head(model)]
+    seen, total = set(), 0
+    for m in mods:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+    return total
+
+
+def copy_bandwidth_bytes_per_s(device: torch.device, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Measured device-to-device copy rate counting read + write (2 · bytes / time), best of `repeats`."""
+    import time
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            t = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            t = time.perf_counter() - t0
+        best = min(best, t)
+    return 2 * nbytes / best

@@ -1,0 +1,156 @@
+"""Data-parallel evaluation: processes started by `accelerate launch` (or `torchrun`) share the work.
+
+Each rank loads the model and runs the same cells in the same order. lm-eval splits every task's
+documents across ranks itself (`build_all_requests(rank=, world_size=)`) and gathers the per-document
+metrics on rank 0; `PDLM` supplies the collectives it calls. The harness's own long-context tasks
+are split here (`ShardedScorer`, requests round-robin by rank, results all-gathered in order). KV
+byte counts are summed over ranks, so a record holds the same totals as a single-process run.
+Only rank 0 writes records; every rank reads them back after a barrier.
+
+The process group is accelerate's (`PartialState`): NCCL on GPUs, gloo on CPU. On a CPU-only machine
+start it with `accelerate launch --multi_gpu --num_processes N -m harness ...` (accelerate's `--cpu`
+multi-process path needs MPI) or `torchrun --nproc-per-node N -m harness ...`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the data-parallel group (rank 0 of 1 when not launched)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    # -- collectives (no-ops on one process) ------------------------------------------------------
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        if not self.enabled:
+            return [obj]
+        out: list[Any] | None = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj, out, dst=dst)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self.enabled:
+            return obj
+        box = [obj if self.rank == src else None]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_gather_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenation over ranks of `t` (a 0-d tensor counts as shape (1,))."""
+        t = t.reshape(-1) if t.dim() else t.reshape(1)
+        if not self.enabled:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def sum_counts(self, counts: dict[str, int]) -> dict[str, int]:
+        """Key-wise sum of integer counters over ranks (every rank gets the total)."""
+        if not self.enabled:
+            return dict(counts)
+        total: dict[str, int] = {}
+        for part in self.all_gather_object(counts):
+            for k, v in part.items():
+                total[k] = total.get(k, 0) + int(v)
+        return total
+
+
+_CURRENT: Dist | None = None
+
+
+def launched_world_size() -> int:
+    """WORLD_SIZE set by the launcher (1 when run as a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def current() -> Dist:
+    """The data-parallel group of this process, initialised on first use via accelerate."""
+    global _CURRENT
+    if _CURRENT is None:
+        if launched_world_size() > 1:
+            from accelerate import PartialState
+
+            state = PartialState(cpu=not torch.cuda.is_available())
+            _CURRENT = Dist(state.process_index, state.num_processes, state.local_process_index)
+        else:
+            _CURRENT = Dist()
+    return _CURRENT
+
+
+def device_for(device: str, d: Dist) -> str:
+    """`--device auto` on a multi-GPU launch means this rank's own GPU."""
+    if d.enabled and device == "auto" and torch.cuda.is_available():
+        return f"cuda:{d.local_rank}"
+    return device
+
+
+class ShardedScorer:
+    """A `Scorer` whose requests are split round-robin over ranks and whose results are all-gathered.
+
+    Every rank calls it with the same requests and gets every result, in order. `tally` holds the
+    KV bytes all ranks' handoffs sent through this wrapper.
+    """
+
+    def __init__(self, scorer, d: Dist) -> None:
+        from harness.quality.scoring import KVTally
+
+        self._inner, self._dist = scorer, d
+        self.tally = KVTally()
+
+    def __getattr__(self, name: str) -> Any:  # max_length, mode, plan, ... of the wrapped scorer
+        return getattr(self._inner, name)
+
+    @property
+    def batch_size(self) -> int:
+        return self._inner.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self._inner.batch_size = value
+
+    def _sharded(self, items: list, fn) -> list:
+        mine = list(range(self._dist.rank, len(items), self._dist.world_size))
+        before = self._inner.tally.as_dict()
+        res = fn([items[i] for i in mine])
+        parts = self._dist.all_gather_object((mine, res, self._inner.tally.since(before)))
+        out: list[Any] = [None] * len(items)
+        for idx, vals, sent in parts:
+            for i, v in zip(idx, vals):
+                out[i] = v
+            self.tally.add(sent["kv_bytes"], sent["kv_bytes_paged"], sent["handoffs"], sent["prompt_tokens"])
+        return out
+
+    def loglikelihood(self, requests, progress: bool = False):
+        return self._sharded(list(requests), lambda part: self._inner.loglikelihood(part, progress=progress))
+
+    def generate(self, contexts, max_new_tokens: int, should_stop=None, progress: bool = False):
+        return self._sharded(list(contexts), lambda part: self._inner.generate(
+            part, max_new_tokens, should_stop, progress=progress))

@@ -1,0 +1,189 @@
+"""`PDLM`: an lm-eval language model that scores requests through the PD engine.
+
+A subclass of lm-eval's public `TemplateLM`: lm-eval does the context/continuation tokenisation
+(same rules as its `HFLM`), this class does the scoring in `unified` or `disaggregated` mode via
+`harness.quality.scoring.Scorer` and sums the KV bytes every handoff sent. One instance serves one
+(method, mode); it has no request cache, so nothing is shared between methods.
+
+Under a data-parallel launch (`harness.quality.distributed`), lm-eval gives each rank its share of the
+documents and calls this class's `all_gather` / `gather_object` / `barrier`; the padding requests
+lm-eval appends to even out ranks are answered without being scored, so no handoff is counted twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from tqdm.auto import tqdm
+
+from harness.pd.plan import PruningPlan
+from harness.quality.distributed import Dist
+from harness.quality.scoring import Scorer
+
+DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when the config names no context length
+
+
+def resolve_max_length(config, tokenizer) -> int:
+    """The context length lm-eval's HFLM would use for this model."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    mml = getattr(tokenizer, "model_max_length", None)
+    if mml and mml < 1_000_000:
+        return int(mml)
+    return DEFAULT_MAX_LENGTH
+
+
+class PDLM(TemplateLM):
+    """lm-eval LM over a (model, plan, mode). `tally` holds the KV bytes sent so far."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        plan: PruningPlan,
+        mode: str,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        progress: bool = True,
+        dist: Dist | None = None,
+    ) -> None:
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.dist = dist or Dist()
+        self._rank, self._world_size = self.dist.rank, self.dist.world_size
+        self._max_length = max_length or resolve_max_length(model.config, tokenizer)
+        self._max_gen_toks = max_gen_toks
+        self.progress = progress
+        self.scorer = Scorer(model, plan, mode, max_length=self._max_length, batch_size=batch_size)
+
+    # -- lm-eval plumbing ---------------------------------------------------------------------
+    @property
+    def tally(self):
+        return self.scorer.tally
+
+    @property
+    def device(self):
+        return self.scorer.device
+
+    def all_gather(self, tensor):
+        return self.dist.all_gather_tensor(tensor)
+
+    def gather_object(self, obj, dst=0):
+        return self.dist.gather_object(obj, dst)
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def _without_padding(self, requests: list) -> tuple[list, int]:
+        """(real requests, number of padding copies) of one call.
+
+        With several ranks, lm-eval pads a rank's request list with copies of its last request
+        (`[req] * req.repeats` per padding unit) so all ranks make the same number of forwards.
+        """
+        if self.world_size == 1 or not requests:
+            return requests, 0
+        last = requests[-1]
+        n_pad = sum(1 for r in requests if r is last) - getattr(last, "repeats", 1)
+        return (requests[: len(requests) - n_pad], n_pad) if n_pad > 0 else (requests, 0)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        real, n_pad = self._without_padding(list(requests))
+        res = super().loglikelihood(real, disable_tqdm=disable_tqdm)
+        return res + res[-1:] * n_pad
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # Same convention as HFLM: BOS if the tokenizer has one, else EOS.
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        return self.tokenizer.encode(string, **kw)
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # -- the three request types --------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        pairs = [(ctx, cont) for _, ctx, cont in requests]
+        res = self.scorer.loglikelihood(pairs, progress=self.progress and not disable_tqdm)
+        for (key, _, _), ans in zip(requests, res):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, ans)
+        return res
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        requests, n_pad = self._without_padding(list(requests))
+        out = self._rolling(requests, disable_tqdm)
+        return out + out[-1:] * n_pad
+
+    def _rolling(self, requests, disable_tqdm: bool) -> list[float]:
+        windows, owner = [], []
+        for i, (string,) in enumerate(req.args for req in requests):
+            for ctx, cont in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((ctx, cont))
+                owner.append(i)
+        scores = self.scorer.loglikelihood(windows, progress=self.progress and not disable_tqdm)
+        out = [0.0] * len(requests)
+        for i, (lp, _) in zip(owner, scores):
+            out[i] += lp
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy generation; each request's `until` strings (and EOS) stop it."""
+        requests, n_pad = self._without_padding(list(requests))
+        out = self._generate(requests, disable_tqdm)
+        return out + out[-1:] * n_pad
+
+    def _generate(self, requests, disable_tqdm: bool) -> list[str]:
+        by_kwargs: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            by_kwargs.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        out: list[str] = [""] * len(requests)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or not self.progress)
+        for idxs in by_kwargs.values():
+            kw: dict[str, Any] = dict(requests[idxs[0]].args[1])
+            if kw.get("do_sample") and kw.get("temperature", 1.0) != 0:
+                raise ValueError("PDLM generates greedily; do_sample=True is not supported")
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+            stops = until + ([eos] if eos not in until else [])
+            max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
+            contexts = [self.tok_encode(requests[i].args[0]) for i in idxs]
+
+            def should_stop(j: int, gen: list[int], stops: list[str] = stops) -> bool:
+                if gen[-1] == self.eot_token_id:
+                    return True
+                text = self.tok_decode(gen, skip_special_tokens=False)
+                return any(s in text for s in stops)
+
+            gens = self.scorer.generate(contexts, max_new, should_stop)
+            for i, gen in zip(idxs, gens):
+                text = self.tok_decode(gen, skip_special_tokens=False)
+                for s in stops:
+                    text = text.split(s)[0]
+                out[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            bar.update(len(idxs))
+        bar.close()
+        return out

@@ -1,0 +1,83 @@
+"""Long-context workloads the harness runs itself, as plug-ins: one file per task in this package.
+
+Short multiple-choice prompts send almost every KV position anyway, so a KV token policy only
+shows what it costs and saves on long prompts. Tasks build their requests as token lists (exact
+prompt lengths, hence exact byte arithmetic) and go through the same `Scorer` as lm-eval tasks,
+in either PD setting; the KV bytes of each setting (prompt length) are counted separately.
+
+Adding a task: a file here with a `LongTask` subclass (`harness/quality/long_tasks/base.py`) decorated
+with `@register_task`. Every module of the package is imported below, so the task is known to
+`--tasks` (and the `long` alias), `--set TASK.OPTION=VALUE`, the pipeline and, through the
+presentation stored in its records, the reports. `--limit N` caps each task's samples.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+from typing import Any
+
+from harness.quality.long_tasks.base import LongTask
+
+__all__ = ["LongTask", "register_task", "unregister_task", "names", "get", "is_long_task", "evaluate"]
+
+_REGISTRY: dict[str, type[LongTask]] = {}
+# the built-in tasks come first, in this order (the order of `--tasks long` and of run keys' task lists)
+_BUILTIN = ("pd_ppl", "passkey")
+
+
+def register_task(cls: type[LongTask]) -> type[LongTask]:
+    """Class decorator: make `cls` a long-context task under `cls.name`."""
+    name = getattr(cls, "name", None)
+    if not name or "." in name or "," in name:
+        raise ValueError(f"{cls.__qualname__}: a long-context task needs a `name` without '.' or ','")
+    for attr in ("Config", "presentation"):
+        if not hasattr(cls, attr):
+            raise ValueError(f"long-context task {name}: missing `{attr}`")
+    old = _REGISTRY.get(name)
+    if old is not None and old.__qualname__ != cls.__qualname__:  # same class re-imported is fine
+        raise ValueError(f"long-context task {name!r} is already registered by {old.__module__}.{old.__qualname__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def unregister_task(name: str) -> None:
+    """Forget a task (tests register throwaway tasks)."""
+    _REGISTRY.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+    """Registered task names: the built-in ones first, then the others in registration order."""
+    return tuple(_REGISTRY)
+
+
+def is_long_task(name: str) -> bool:
+    return name in _REGISTRY
+
+
+def get(name: str) -> type[LongTask]:
+    """The task class (KeyError for an unknown name)."""
+    return _REGISTRY[name]
+
+
+def evaluate(task: str, scorer, tokenizer, data_dir: Path | None, options: Any, limit: int | None,
+             progress: bool = False) -> dict:
+    """Run one long-context task; returns scores, n_samples, per-setting KV deltas, details and
+    `harness_task` (version, options and presentation, for the record)."""
+    cls = get(task)
+    cls.check_data(data_dir)
+    out = cls().evaluate(scorer, tokenizer, data_dir, options, limit, progress)
+    out["harness_task"] = cls.describe(options)
+    return out
+
+
+def _import_plugins() -> None:
+    """Import every task module of this package, the built-in ones first (registration order = `names()`)."""
+    found = [m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+             if m.name != "base" and not m.name.startswith("_")]
+    for mod in [*(b for b in _BUILTIN if b in found), *sorted(set(found) - set(_BUILTIN))]:
+        importlib.import_module(f"{__name__}.{mod}")
+
+
+_import_plugins()

@@ -1,0 +1,82 @@
+"""`LongTask`: the base of a harness-native long-context task, and helpers the tasks share.
+
+A task is one file in this package: a `LongTask` subclass decorated with `@register_task` (see
+`harness/quality/long_tasks/__init__.py`). It declares its `name`, its options (`Config`, a frozen
+dataclass set with `--set TASK.OPTION=VALUE`), a `version`, a cheap `check_data`, its
+`primary_metric` and its `presentation` (how reports show it; stored in every record, so reports
+need no task code), and evaluates through a `Scorer`, in either PD setting.
+
+Plug-in files must not import `harness.config` at module level: `harness.config` imports this
+package to learn the long-context task names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+from harness.store.task_names import TaskPresentation
+
+
+class LongTask:
+    """One long-context workload. Subclasses set the class attributes and implement `evaluate`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]  # frozen dataclass of the task's options (defaults = the standard setting)
+    version: ClassVar[int] = 1  # bump when the same options would give different numbers
+    presentation: ClassVar[TaskPresentation]
+
+    @property
+    def primary_metric(self) -> str:
+        """The task's one number (pooled over its settings)."""
+        return self.presentation.primary_metric
+
+    @classmethod
+    def check_data(cls, data_dir: Path | None) -> None:
+        """Raise UsageError when the task cannot run with `data_dir` (cheap: runs before any model work)."""
+
+    def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: Any, limit: int | None,
+                 progress: bool = False) -> dict:
+        """Returns {"scores": {metric: {"value", "stderr"}}, "n_samples", "kv_by": {setting: KV delta},
+        "details"}; per-setting scores are named `presentation.setting_prefix` + number and `kv_by`
+        is keyed by the same setting (e.g. `ppl_T2048` and `T2048`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls, options: Any) -> dict:
+        """What a record keeps about the task (`lm_eval.tasks[name].harness_task`): version, options and
+        presentation. Not part of the run key: only the options are (`RunConfig.identity`)."""
+        return {"version": cls.version, "options": dataclasses.asdict(options),
+                "presentation": cls.presentation.to_dict()}
+
+
+# -- helpers shared by the tasks ----------------------------------------------------------------
+@contextlib.contextmanager
+def batch_size(scorer, n: int) -> Iterator[None]:
+    """Cap the scorer's batch size at `n` for the block (long rows: keep batches small)."""
+    old = scorer.batch_size
+    scorer.batch_size = min(old, n)
+    try:
+        yield
+    finally:
+        scorer.batch_size = old
+
+
+def kv_delta(scorer, fn: Callable[[], Any]) -> tuple[Any, dict[str, int]]:
+    """fn()'s result and the KV bytes the scorer's handoffs sent while it ran."""
+    before = scorer.tally.as_dict()
+    out = fn()
+    return out, scorer.tally.since(before)
+
+
+def mean_se(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and its standard error (None for a single value)."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    return m, math.sqrt(var / len(xs))

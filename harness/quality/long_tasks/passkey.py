@@ -1,0 +1,124 @@
+"""`passkey`: retrieval of a 5-digit key hidden in filler text, per prompt length.
+
+A key sits at a relative depth in repeated filler text of exactly `L` tokens, then "What is the
+pass key? The pass key is"; greedy generation (EOS ignored, at most `max_new_tokens`), exact match
+of the first digit run with the key. Metric `acc_L{L}` per length, `acc` over all samples. Keys
+are drawn from a seeded RNG: the same samples for every method. `--limit N` caps the number of
+samples (grid cells are taken round-robin, so every length and depth stays represented).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import UsageError
+from harness.quality.long_tasks import register_task
+from harness.quality.long_tasks.base import LongTask, batch_size, kv_delta, mean_se
+from harness.store.task_names import TaskPresentation
+
+
+@dataclass(frozen=True)
+class PasskeyConfig:
+    lengths: tuple[int, ...] = (1024, 2048, 4096)  # L: prompt tokens in total
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # where the key sits in the filler (0 = start)
+    repeats: int = 2  # samples per (length, depth), each with its own key
+    max_new_tokens: int = 10
+    seed: int = 1234  # key RNG (fixed, so every method and run sees the same samples)
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.lengths or min(self.lengths) < 64:
+            raise ValueError("passkey: lengths must be non-empty and each >= 64 tokens")
+        if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError("passkey: depths must be non-empty and within [0, 1]")
+        if self.repeats < 1 or self.max_new_tokens < 5 or self.batch_size < 1:
+            raise ValueError("passkey: repeats >= 1, max_new_tokens >= 5 (a key has 5 digits), batch_size >= 1")
+
+
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there.")
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class PasskeySample:
+    length: int
+    depth: float
+    key: str
+    tokens: tuple[int, ...]
+
+
+def passkey_samples(tokenizer, c: PasskeyConfig, limit: int | None) -> list[PasskeySample]:
+    """Samples of exactly `length` tokens; the key follows round(depth · units) whole filler units."""
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    intro, unit, question = enc(INTRO), enc(FILLER), enc(QUESTION)
+    grid = [(rep, L, d) for rep in range(c.repeats) for L in c.lengths for d in c.depths]
+    if limit:
+        grid = grid[:limit]
+    out = []
+    for rep, L, d in grid:
+        rng = random.Random(f"{c.seed}/{L}/{d}/{rep}")
+        key = str(rng.randint(10000, 99999))
+        key_ids = enc(KEY.format(key=key))
+        n_fill = L - len(intro) - len(key_ids) - len(question)
+        if n_fill < len(unit):
+            raise UsageError(f"passkey: length {L} leaves no room for filler; use lengths >= {L - n_fill + len(unit)}")
+        filler = (unit * (n_fill // len(unit) + 1))[:n_fill]
+        before = round(d * (n_fill // len(unit))) * len(unit)
+        toks = intro + filler[:before] + key_ids + filler[before:] + question
+        assert len(toks) == L
+        out.append(PasskeySample(L, d, key, tuple(toks)))
+    return out
+
+
+def passkey_correct(generated: str, key: str) -> bool:
+    m = re.search(r"\d+", generated)
+    return m is not None and m.group(0) == key
+
+
+@register_task
+class Passkey(LongTask):
+    """Exact retrieval of a key from an L-token prompt, by greedy generation."""
+
+    name = "passkey"
+    Config = PasskeyConfig
+    version = 1
+    presentation = TaskPresentation(
+        title="passkey %", setting_prefix="acc_L", primary_metric="acc", metric_format="percent",
+        caption="passkey %: exact retrieval of a 5-digit key from an L-token prompt", column_order=1)
+
+    def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: PasskeyConfig, limit: int | None,
+                 progress: bool = False) -> dict:
+        c = options
+        samples = passkey_samples(tokenizer, c, limit)
+        if scorer.max_length < max(s.length for s in samples) + c.max_new_tokens:
+            raise UsageError(f"passkey: {max(s.length for s in samples)} + {c.max_new_tokens} tokens exceed max_length {scorer.max_length}")
+        scores, kv_by, hits, per_sample = {}, {}, [], []
+        with batch_size(scorer, c.batch_size):
+            for L in sorted({s.length for s in samples}):
+                group = [s for s in samples if s.length == L]
+                gens, kv_by[f"L{L}"] = kv_delta(scorer, lambda g=group: scorer.generate(
+                    [list(s.tokens) for s in g], c.max_new_tokens, progress=progress))
+                ok = [passkey_correct(tokenizer.decode(g), s.key) for s, g in zip(group, gens)]
+                m, se = mean_se([float(x) for x in ok])
+                scores[f"acc_L{L}"] = {"value": m, "stderr": se}
+                hits += ok
+                per_sample += [{"length": s.length, "depth": s.depth, "key": s.key, "output": tokenizer.decode(g), "correct": x}
+                               for s, g, x in zip(group, gens, ok)]
+        m, se = mean_se([float(x) for x in hits])
+        return {"scores": {"acc": {"value": m, "stderr": se}, **scores, **_by_depth(per_sample)}, "n_samples": len(samples),
+                "kv_by": kv_by, "details": {"samples": per_sample, "scoring": "first digit run of the greedy output == key"}}
+
+
+def _by_depth(per_sample: list[dict]) -> dict:
+    """acc_depth{d}: accuracy over the samples with the key at depth d (all lengths)."""
+    out = {}
+    for d in sorted({s["depth"] for s in per_sample}):
+        xs = [float(s["correct"]) for s in per_sample if s["depth"] == d]
+        out[f"acc_depth{d:g}"] = {"value": sum(xs) / len(xs), "stderr": mean_se(xs)[1]}
+    return out

@@ -1,0 +1,96 @@
+"""`pd_ppl`: perplexity of a continuation scored across the PD handoff, per prompt length.
+
+The first `T` tokens of a WikiText-2 test article are the prompt (prefill stage), the next
+`cont_tokens` tokens are scored (the first by the prefill stage, the rest by the decode stage over
+the handed-over cache). Metric `ppl_T{T}` = exp(mean NLL per scored token) for each T, `ppl`
+pooled over all T. Articles are those (in file order) with at least max(T) + cont_tokens tokens,
+so every T scores the same articles. `--limit N` caps the number of articles.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import UsageError
+from harness.quality.long_tasks import register_task
+from harness.quality.long_tasks.base import LongTask, batch_size, kv_delta, mean_se
+from harness.store.task_names import TaskPresentation
+
+
+@dataclass(frozen=True)
+class PplConfig:
+    prompt_tokens: tuple[int, ...] = (512, 1024, 2048)  # T: prompt lengths
+    cont_tokens: int = 128  # tokens scored after the prompt
+    docs: int = 16  # WikiText-2 test articles (one window each: its first T + cont_tokens tokens)
+    batch_size: int = 4  # requests per forward (long rows: keep small)
+
+    def __post_init__(self) -> None:
+        if not self.prompt_tokens or min(self.prompt_tokens) < 1 or self.cont_tokens < 1 or self.docs < 1 or self.batch_size < 1:
+            raise ValueError("pd_ppl: prompt_tokens must be non-empty and positive; cont_tokens, docs, batch_size >= 1")
+
+
+def ppl_windows(tokenizer, data_dir: Path, c: PplConfig, limit: int | None) -> list[list[int]]:
+    """Token windows of max(T) + cont_tokens tokens: the start of each eligible article."""
+    from harness.quality.tasks import wikitext_pages
+
+    path = Path(data_dir) / "wikitext2" / "wiki.test.raw"
+    if not path.is_file():
+        raise UsageError(f"pd_ppl needs {path} (WikiText-2 test, raw) in the data dir")
+    need = max(c.prompt_tokens) + c.cont_tokens
+    n = min(c.docs, limit) if limit else c.docs
+    windows = []
+    for page in wikitext_pages(path.read_text(encoding="utf-8")):
+        ids = tokenizer.encode(page, add_special_tokens=False)
+        if len(ids) >= need:
+            windows.append(ids[:need])
+            if len(windows) == n:
+                break
+    if not windows:
+        raise UsageError(f"pd_ppl: no WikiText-2 test article has {need} tokens; lower pd_ppl.prompt_tokens")
+    return windows
+
+
+@register_task
+class PdPpl(LongTask):
+    """Token perplexity of WikiText-2 continuations after T-token prompts."""
+
+    name = "pd_ppl"
+    Config = PplConfig
+    version = 1
+    presentation = TaskPresentation(
+        title="PPL", setting_prefix="ppl_T", primary_metric="ppl", metric_format="decimal", lower_is_better=True,
+        caption="PPL: token perplexity of {cont_tokens|the} continuation tokens after a T-token WikiText-2 prompt (pd_ppl)",
+        column_order=0)
+
+    @classmethod
+    def check_data(cls, data_dir: Path | None) -> None:
+        if data_dir is None:
+            raise UsageError("pd_ppl reads WikiText-2 from local data: pass --data-dir (or set HARNESS_DATA_DIR)")
+
+    def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: PplConfig, limit: int | None,
+                 progress: bool = False) -> dict:
+        """Scores {ppl, ppl_T...}: value and stderr (delta method over per-article mean NLL)."""
+        c = options
+        windows = ppl_windows(tokenizer, data_dir, c, limit)
+        if scorer.max_length < max(c.prompt_tokens) + c.cont_tokens - 1:
+            raise UsageError(f"pd_ppl: prompts of {max(c.prompt_tokens)} + {c.cont_tokens} tokens exceed max_length {scorer.max_length}")
+        scores, kv_by, nll_all = {}, {}, []
+        with batch_size(scorer, c.batch_size):
+            for T in c.prompt_tokens:
+                reqs = [(w[:T], w[T : T + c.cont_tokens]) for w in windows]
+                res, kv_by[f"T{T}"] = kv_delta(scorer, lambda reqs=reqs: scorer.loglikelihood(reqs, progress=progress))
+                nll = [-lp / c.cont_tokens for lp, _ in res]  # per-article mean NLL per token
+                nll_all += nll
+                scores[f"ppl_T{T}"] = _ppl(nll)
+        scores = {"ppl": _ppl(nll_all), **scores}
+        return {"scores": scores, "n_samples": len(windows) * len(c.prompt_tokens), "kv_by": kv_by,
+                "details": {"articles": len(windows), "prompt_tokens": list(c.prompt_tokens), "cont_tokens": c.cont_tokens,
+                            "source": "wikitext2/wiki.test.raw, articles split at top-level titles, file order"}}
+
+
+def _ppl(nll: list[float]) -> dict:
+    """exp(mean NLL) and its stderr by the delta method."""
+    m, se = mean_se(nll)
+    return {"value": math.exp(m), "stderr": None if se is None else math.exp(m) * se}

@@ -1,0 +1,238 @@
+"""Batched log-likelihood scoring and greedy generation, in the two PD settings.
+
+- `unified`: one layer set, an ordinary forward of the model (its own `forward`, with the plan's
+  layers swapped in) over context + continuation, as stock lm-eval scores a request.
+- `disaggregated`: the context runs through the prefill stage, whose last-position logits score
+  the first continuation token; the handoff ships the (pruned) KV of the decode layers; the decode
+  stage scores the remaining continuation tokens over that cache.
+
+Log-probabilities are computed only at scored positions (never full-vocabulary logits for
+every position), which keeps memory flat on long contexts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from harness.pd import arch
+from harness.pd.batching import pad_tokens
+from harness.pd.cache import PDCache
+from harness.pd.plan import PruningPlan
+from harness.pd.stages import PrefillOut, StagedModel
+
+MODES = ("unified", "disaggregated")
+
+TokenRequest = tuple[Sequence[int], Sequence[int]]  # (context tokens, continuation tokens)
+
+
+@dataclass
+class KVTally:
+    """Running totals of what the handoffs sent over an evaluation."""
+
+    kv_bytes: int = 0
+    kv_bytes_paged: int = 0
+    handoffs: int = 0
+    prompt_tokens: int = 0
+
+    def add(self, kv_bytes: int, kv_bytes_paged: int, requests: int, prompt_tokens: int) -> None:
+        self.kv_bytes += kv_bytes
+        self.kv_bytes_paged += kv_bytes_paged
+        self.handoffs += requests
+        self.prompt_tokens += prompt_tokens
+
+    def since(self, before: dict[str, int]) -> dict[str, int]:
+        """What was sent after the snapshot `before` (an earlier `as_dict()`)."""
+        return {k: v - before[k] for k, v in self.as_dict().items()}
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "kv_bytes": self.kv_bytes,
+            "kv_bytes_paged": self.kv_bytes_paged,
+            "handoffs": self.handoffs,
+            "prompt_tokens": self.prompt_tokens,
+        }
+
+
+def truncate(ctx: Sequence[int], cont: Sequence[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Left-truncate so that len(ctx) + len(cont) - 1 <= max_length (lm-eval's HFLM rule)."""
+    ctx, cont = list(ctx), list(cont)
+    if not ctx or not cont:
+        raise ValueError("a scoring request needs a non-empty context and continuation")
+    if len(cont) > max_length:
+        raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={max_length}")
+    if len(ctx) + len(cont) > max_length + 1:
+        ctx = ctx[-(max_length + 1 - len(cont)) :]
+    return ctx, cont
+
+
+class Scorer:
+    """Scores token requests for one (model, plan, mode); counts KV bytes of every handoff."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: PruningPlan,
+        mode: str,
+        *,
+        max_length: int,
+        batch_size: int = 8,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "unified" and plan.prefill_layers != plan.decode_layers:
+            raise ValueError(f"{plan.method}: unified mode needs one layer set, the plan has two")
+        self.model, self.plan, self.mode = model, plan, mode
+        self.max_length, self.batch_size = max_length, batch_size
+        self.device = arch.model_device(model)
+        self.staged = StagedModel(model, plan)
+        self.tally = KVTally()
+
+    # -- log-likelihood -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def loglikelihood(self, requests: Sequence[TokenRequest], progress: bool = False) -> list[tuple[float, bool]]:
+        """(sum of continuation log-probs, continuation is greedy) for each request, in order."""
+        reqs = [truncate(c, x, self.max_length) for c, x in requests]
+        if self.mode == "unified":  # longest input first, as HFLM batches
+            def key(i):
+                return -(len(reqs[i][0]) + len(reqs[i][1])), reqs[i][0], reqs[i][1]
+        else:  # longest context first, identical contexts adjacent: they share one prefill
+            def key(i):
+                return -len(reqs[i][0]), reqs[i][0], -len(reqs[i][1]), reqs[i][1]
+        order = sorted(range(len(reqs)), key=key)
+        out: list[tuple[float, bool] | None] = [None] * len(reqs)
+        bar = tqdm(total=len(reqs), desc=f"{self.plan.method}/{self.mode}", disable=not progress, leave=False)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            chunk = [reqs[i] for i in idx]
+            scored = self._score_unified(chunk) if self.mode == "unified" else self._score_disaggregated(chunk)
+            for i, s in zip(idx, scored):
+                out[i] = s
+            bar.update(len(idx))
+        bar.close()
+        return out  # type: ignore[return-value]
+
+    def _logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, normed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-prob and greedy flag of each target token, from hidden rows (N, hidden)."""
+        logits = arch.lm_head(self.model)(hidden).float() if normed else self.staged.logits(hidden)
+        logp = F.log_softmax(logits, dim=-1)
+        return logp.gather(1, targets[:, None])[:, 0], logits.argmax(dim=-1) == targets
+
+    @staticmethod
+    def _per_request(tok_lp: torch.Tensor, greedy: torch.Tensor, sizes: Sequence[int]) -> list[tuple[float, bool]]:
+        res, at = [], 0
+        for n in sizes:
+            res.append((float(tok_lp[at : at + n].double().sum()), bool(greedy[at : at + n].all())))
+            at += n
+        return res
+
+    def _score_unified(self, chunk: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        # Requests whose input (context + continuation[:-1]) is identical, e.g. the one-token
+        # answers of a multiple-choice item, share one row of the forward (as HFLM does).
+        seqs: list[list[int]] = []
+        where: dict[tuple[int, ...], int] = {}
+        row_of = []
+        for c, x in chunk:
+            key = tuple(c + x[:-1])
+            if key not in where:
+                where[key] = len(seqs)
+                seqs.append(list(key))
+            row_of.append(where[key])
+        batch = pad_tokens(seqs, self.device)
+        with arch.layers_swapped(self.model, self.plan.prefill_layers):
+            hidden = arch.decoder(self.model)(input_ids=batch.ids, attention_mask=batch.valid.long(),
+                                              use_cache=False).last_hidden_state
+        rows, cols, targets = [], [], []
+        for (c, x), r in zip(chunk, row_of):
+            rows += [r] * len(x)
+            cols += range(len(c) - 1, len(c) - 1 + len(x))
+            targets += x
+        h = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
+        lp, greedy = self._logprobs(h, torch.tensor(targets, device=self.device), normed=True)
+        return self._per_request(lp, greedy, [len(x) for _, x in chunk])
+
+    def _prefill(self, prompts: Sequence[list[int]]) -> PrefillOut:
+        """Prefill stage over P distinct prompts (right-padded)."""
+        return self.staged.prefill(pad_tokens(prompts, self.device))
+
+    def _handoff(self, out: PrefillOut, rows: torch.Tensor) -> PDCache:
+        """Decode-side cache of requests `rows` (R,): the shipped (pruned) KV when disaggregated,
+        the prefill cache's rows when unified (one deployment, nothing is sent)."""
+        if self.mode == "unified":
+            return out.cache.select_rows(rows)
+        sent = self.staged.handoff(out, rows)
+        self.tally.add(sent.kv_bytes, sent.kv_bytes_paged(), sent.n_requests, int(out.lengths.index_select(0, rows).sum()))
+        return self.staged.receive(sent)
+
+    def _score_disaggregated(self, chunk: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        prompts: list[list[int]] = []
+        where: dict[tuple[int, ...], int] = {}
+        rows_l = []
+        for c, _ in chunk:
+            key = tuple(c)
+            if key not in where:
+                where[key] = len(prompts)
+                prompts.append(c)
+            rows_l.append(where[key])
+        rows = torch.tensor(rows_l, device=self.device)
+        out = self._prefill(prompts)
+        dcache = self._handoff(out, rows)
+        conts = [x for _, x in chunk]
+        hd = None
+        if max(len(x) for x in conts) > 1:  # the first continuation token is scored by the prefill
+            req_len = out.lengths.index_select(0, rows)
+            hd = self.staged.decode(dcache, pad_tokens([x[:-1] for x in conts], self.device, start=req_len))
+        last = out.last_hidden
+        hs, targets = [], []
+        for r, x in enumerate(conts):
+            hs.append(last[rows_l[r]][None])
+            if len(x) > 1:
+                hs.append(hd[r, : len(x) - 1])
+            targets += x
+        lp, greedy = self._logprobs(torch.cat(hs), torch.tensor(targets, device=self.device), normed=False)
+        return self._per_request(lp, greedy, [len(x) for x in conts])
+
+    # -- generation ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        contexts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        should_stop: Callable[[int, list[int]], bool] | None = None,
+        progress: bool = False,
+    ) -> list[list[int]]:
+        """Greedy continuation tokens for each context (EOS handling is the caller's `should_stop`)."""
+        ctxs = [list(c)[-max(1, self.max_length - max_new_tokens) :] for c in contexts]
+        order = sorted(range(len(ctxs)), key=lambda i: -len(ctxs[i]))
+        out: list[list[int]] = [[] for _ in ctxs]
+        bar = tqdm(total=len(ctxs), desc=f"{self.plan.method}/{self.mode} generate", disable=not progress, leave=False)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            gens = self._generate_batch([ctxs[i] for i in idx], max_new_tokens, should_stop, idx)
+            for i, g in zip(idx, gens):
+                out[i] = g
+            bar.update(len(idx))
+        bar.close()
+        return out
+
+    def _generate_batch(self, prompts, max_new_tokens, should_stop, ids_for_stop) -> list[list[int]]:
+        n = len(prompts)
+        out = self._prefill(prompts)
+        cache, lengths = self._handoff(out, torch.arange(n, device=self.device)), out.lengths
+        tok = self.staged.logits(out.last_hidden).argmax(dim=-1)  # first token: from the prefill stage
+        gens = [[int(t)] for t in tok]
+        done = [should_stop is not None and should_stop(ids_for_stop[r], gens[r]) for r in range(n)]
+        for step in range(1, max_new_tokens):
+            if all(done):
+                break
+            tok = self.staged.step(cache, tok, lengths + step - 1).argmax(dim=-1)
+            for r in range(n):
+                if not done[r]:
+                    gens[r].append(int(tok[r]))
+                    done[r] = should_stop is not None and should_stop(ids_for_stop[r], gens[r])
+        return gens

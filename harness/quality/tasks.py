@@ -1,0 +1,243 @@
+"""Run lm-eval's own task definitions on local data files (no dataset hub).
+
+For each task, a generated YAML `include:`s lm-eval's upstream YAML unchanged (prompt, choices,
+target, metrics, split) and replaces only the data source with `custom_dataset`, lm-eval's
+documented hook, pointing at `load_local` below. `load_local` turns the files of a data dir laid
+out like `../shared/data` into the field layout of the Hugging Face dataset the upstream task
+reads (bridges documented in each data folder's README). Splits the local data lacks (training
+splits, only used for few-shot examples) are set to null.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UsageError
+
+# lm-eval task -> (files it needs, relative to the data dir; splits the local data provides)
+TASK_FILES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "arc_easy": (("arc_easy/ARC-Easy-test.jsonl",), ("test",)),
+    "arc_challenge": (("arc_challenge/ARC-Challenge-test.jsonl",), ("test",)),
+    "hellaswag": (("hellaswag/hellaswag_validation.jsonl",), ("validation",)),
+    "piqa": (("piqa/valid.jsonl", "piqa/valid-labels.lst"), ("validation",)),
+    "winogrande": (("winogrande/dev.jsonl",), ("validation",)),
+    "boolq": (("boolq/dev.jsonl",), ("validation",)),
+    "openbookqa": (("openbookqa/test.jsonl", "openbookqa/dev.jsonl"), ("test", "validation")),
+    "wikitext": (("wikitext2/wiki.test.raw",), ("test",)),
+    "lambada_openai": (("lambada/lambada_test.jsonl",), ("test",)),
+    "mmlu": (("mmlu/test", "mmlu/dev", "mmlu/val"), ("test", "dev", "validation")),
+}
+# Where lm-eval (pinned version) keeps each task's YAML, relative to lm_eval/tasks.
+UPSTREAM_YAML = {
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "piqa": "piqa/piqa.yaml",
+    "winogrande": "winogrande/default.yaml",
+    "boolq": "super_glue/boolq/default.yaml",
+    "openbookqa": "openbookqa/openbookqa.yaml",
+    "wikitext": "wikitext/wikitext.yaml",
+    "lambada_openai": "lambada/lambada_openai.yaml",
+}
+SPLIT_KEYS = {"training_split": "train", "validation_split": "validation", "test_split": "test", "fewshot_split": None}
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _arc(data: Path, name: str) -> dict[str, list[dict]]:
+    return {"test": _jsonl(data / TASK_FILES[name][0][0])}
+
+
+def _hellaswag(data: Path) -> dict[str, list[dict]]:
+    return {"validation": _jsonl(data / "hellaswag/hellaswag_validation.jsonl")}
+
+
+def _piqa(data: Path) -> dict[str, list[dict]]:
+    rows = _jsonl(data / "piqa/valid.jsonl")
+    labels = [int(x) for x in (data / "piqa/valid-labels.lst").read_text().split()]
+    if len(rows) != len(labels):
+        raise UsageError(f"{data}/piqa: valid.jsonl has {len(rows)} rows but valid-labels.lst has {len(labels)}")
+    return {"validation": [{**r, "label": y} for r, y in zip(rows, labels)]}
+
+
+def _winogrande(data: Path) -> dict[str, list[dict]]:
+    return {"validation": _jsonl(data / "winogrande/dev.jsonl")}
+
+
+def _boolq(data: Path) -> dict[str, list[dict]]:
+    # SuperGLUE's boolq (what lm-eval reads) prefixes the passage with its title.
+    rows = _jsonl(data / "boolq/dev.jsonl")
+    return {"validation": [{"question": r["question"], "passage": f"{r['title']} -- {r['passage']}",
+                            "idx": i, "label": int(bool(r["answer"]))} for i, r in enumerate(rows)]}
+
+
+def _openbookqa_rows(path: Path) -> list[dict]:
+    return [{"id": r["id"], "question_stem": r["question"]["stem"],
+             "choices": {"text": [c["text"] for c in r["question"]["choices"]],
+                         "label": [c["label"] for c in r["question"]["choices"]]},
+             "answerKey": r["answerKey"]} for r in _jsonl(path)]
+
+
+def _openbookqa(data: Path) -> dict[str, list[dict]]:
+    return {"test": _openbookqa_rows(data / "openbookqa/test.jsonl"),
+            "validation": _openbookqa_rows(data / "openbookqa/dev.jsonl")}
+
+
+_WIKI_TITLE = re.compile(r"^ = [^=].* = $")
+
+
+def wikitext_pages(raw: str) -> list[str]:
+    """Split wiki.test.raw into articles at top-level ` = Title = ` lines (heading kept, "\\n"-joined).
+
+    This follows the document-level builder lm-eval's dataset uses: a page runs from its title
+    line up to the next title line, lines joined with newlines.
+    """
+    pages, cur = [], []
+    for line in raw.split("\n"):
+        if _WIKI_TITLE.match(line) and cur:
+            if "".join(cur).strip():
+                pages.append("\n".join(cur))
+            cur = []
+        cur.append(line)
+    if "".join(cur).strip():
+        pages.append("\n".join(cur))
+    return pages
+
+
+def _wikitext(data: Path) -> dict[str, list[dict]]:
+    raw = (data / "wikitext2/wiki.test.raw").read_text(encoding="utf-8")
+    return {"test": [{"page": p} for p in wikitext_pages(raw)]}
+
+
+def _lambada(data: Path) -> dict[str, list[dict]]:
+    return {"test": _jsonl(data / "lambada/lambada_test.jsonl")}
+
+
+def mmlu_subjects(data: Path) -> list[str]:
+    test = data / "mmlu/test"
+    if not test.is_dir():
+        raise UsageError(f"data dir {data} has no mmlu/test folder (needed by task mmlu)")
+    return sorted(p.name[: -len("_test.csv")] for p in test.glob("*_test.csv"))
+
+
+def mmlu_rows(data: Path, subject: str, split_dir: str) -> list[dict]:
+    path = data / "mmlu" / split_dir / f"{subject}_{split_dir}.csv"
+    if not path.is_file():
+        raise UsageError(f"missing data file {path} (needed by task mmlu_{subject})")
+    with path.open(encoding="utf-8", newline="") as f:
+        return [{"question": q, "subject": subject, "choices": [a, b, c, d], "answer": "ABCD".index(ans.strip())}
+                for q, a, b, c, d, ans in csv.reader(f)]
+
+
+def _mmlu(data: Path, subject: str) -> dict[str, list[dict]]:
+    return {split: mmlu_rows(data, subject, d) for split, d in (("test", "test"), ("dev", "dev"), ("validation", "val"))}
+
+
+LOADERS: dict[str, Callable[..., dict[str, list[dict]]]] = {
+    "arc_easy": lambda d: _arc(d, "arc_easy"),
+    "arc_challenge": lambda d: _arc(d, "arc_challenge"),
+    "hellaswag": _hellaswag,
+    "piqa": _piqa,
+    "winogrande": _winogrande,
+    "boolq": _boolq,
+    "openbookqa": _openbookqa,
+    "wikitext": _wikitext,
+    "lambada_openai": _lambada,
+}
+
+
+def local_rows(task: str, data_dir: str | Path, subject: str | None = None) -> dict[str, list[dict]]:
+    """Rows per split of `task` read from `data_dir`, in the upstream dataset's field layout."""
+    data = Path(data_dir)
+    if task == "mmlu":
+        return _mmlu(data, subject or "")
+    return LOADERS[task](data)
+
+
+def load_local(harness_task: str, harness_data_dir: str, harness_subject: str | None = None, **_: Any):
+    """lm-eval `custom_dataset` hook: a `datasets.DatasetDict` of the local files."""
+    import datasets
+
+    return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in
+                                 local_rows(harness_task, harness_data_dir, harness_subject).items()})
+
+
+def check_files(tasks: Iterable[str], data_dir: Path) -> None:
+    """Raise a `UsageError` naming the first data file a task needs that is missing."""
+    if not data_dir.is_dir():
+        raise UsageError(f"--data-dir {data_dir}: no such directory (expected a folder laid out like ../shared/data)")
+    for task in tasks:
+        for rel in TASK_FILES[task][0]:
+            if not (data_dir / rel).exists():
+                raise UsageError(f"missing data file {data_dir / rel} (needed by task {task}); "
+                                 f"--data-dir must be laid out like ../shared/data")
+
+
+def _yaml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid YAML scalar
+
+
+def write_overrides(tasks: Iterable[str], data_dir: Path, out_dir: Path, upstream: dict[str, Path]) -> list[str]:
+    """Write one override YAML per lm-eval task into `out_dir`; return the task names written.
+
+    `upstream` maps an lm-eval task name to its YAML file (from `TaskManager.task_index`).
+    """
+    written = []
+    data_dir = data_dir.resolve()
+    for task in tasks:
+        if task == "mmlu":
+            units = [(f"mmlu_{s}", "mmlu", s) for s in mmlu_subjects(data_dir)]
+        else:
+            units = [(task, task, None)]
+        provided = set(TASK_FILES[task][1])
+        for name, loader_task, subject in units:
+            if name not in upstream:
+                raise UsageError(f"lm-eval has no task {name!r} to attach local data to")
+            lines = [f"include: {_yaml_str(str(upstream[name]))}", f"task: {name}",
+                     "custom_dataset: !function harness.quality.tasks.load_local",
+                     "dataset_kwargs:", f"  harness_task: {loader_task}",
+                     f"  harness_data_dir: {_yaml_str(str(data_dir))}"]
+            if subject:
+                lines.append(f"  harness_subject: {subject}")
+            lines += [f"{key}: null" for key, split in SPLIT_KEYS.items() if split and split not in provided]
+            (out_dir / f"{name}.yaml").write_text("\n".join(lines) + "\n")
+            written.append(name)
+    return written
+
+
+def task_manager(tasks: Iterable[str], data_dir: Path | None):
+    """An lm-eval `TaskManager` whose `tasks` read `data_dir` (or the hub when `data_dir` is None)."""
+    from lm_eval.tasks import TaskManager
+
+    if data_dir is None:
+        return TaskManager()
+    tasks = [t for t in tasks if t in TASK_FILES]
+    check_files(tasks, data_dir)
+    out = Path(tempfile.mkdtemp(prefix="harness-tasks-"))
+    write_overrides(tasks, data_dir, out, upstream_yamls(data_dir if "mmlu" in tasks else None))
+    return TaskManager(include_path=str(out))
+
+
+def upstream_yamls(data_dir: Path | None = None) -> dict[str, Path]:
+    """Paths of the installed lm-eval's task YAMLs for the tasks with local data (and MMLU subjects)."""
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    paths = {name: root / rel for name, rel in UPSTREAM_YAML.items()}
+    if data_dir is not None:
+        paths.update({f"mmlu_{s}": root / "mmlu" / "default" / f"mmlu_{s}.yaml" for s in mmlu_subjects(data_dir)})
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"lm-eval {getattr(lm_eval, '__version__', '?')} lacks task files {missing[:3]}; "
+                           "the harness pins lm-eval==0.4.13")
+    return paths
+

@@ -1,0 +1,234 @@
+"""Pruned Hugging Face checkpoints: a stage's decoder layers, renumbered 0..n-1, as safetensors.
+
+A checkpoint written here is an ordinary `LlamaForCausalLM` (or whatever class the source model
+is) with fewer layers: `config.json` has `num_hidden_layers` = the stage's layer count (and
+per-layer config lists such as `layer_types` cut to match), the weights of layer `layers[i]` of
+the source model are stored as `model.layers.{i}.*`, embeddings, final norm and LM head as they
+are (a tied LM head is left out, as `save_pretrained` does, and re-tied on load). So
+`AutoModelForCausalLM.from_pretrained` and serving engines (vLLM, SGLang, TGI) load it with no
+custom code.
+
+The weights are read from the modules the model holds *while a method's `apply` is active*, so
+what a method installs is what is written: healed copies of blocks (`methods/pdtrim/healing.py`) are
+plain decoder layers and go in as they are; streamline's trained FFN replacement (a forward hook,
+`methods/depth/streamline.py`) is written as an extra decoder layer whose attention weights are all zero
+(its attention output is then exactly 0, so the layer computes h + MLP(RMSNorm(h)), the
+replacement). Anything else a checkpoint cannot express is refused (`UsageError`).
+
+Nothing here modifies the model: tensors are read (and copied to CPU shard by shard on write).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.errors import UsageError
+from harness.pd import arch
+
+MAX_SHARD_SIZE = "5GB"  # the Hugging Face default: one file for models up to ~2.5B parameters in bf16
+PER_LAYER_CONFIG_LISTS = ("layer_types", "no_rope_layers")  # config lists with one entry per decoder layer
+
+
+@dataclass
+class Slot:
+    """One decoder layer of an exported checkpoint.
+
+    `key` identifies the layer across the prefill and decode checkpoints of one plan:
+    ("layer", i) for layer i of the source model, ("ffn", run) for a replacement of removed `run`.
+    `tensors` are the layer's weights, named relative to the layer ("self_attn.q_proj.weight", ...).
+    `config_index` is the source layer whose per-layer config entries (e.g. `layer_types`) it takes.
+    """
+
+    key: tuple
+    original: int | None
+    tensors: dict[str, torch.Tensor]
+    config_index: int
+    note: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A network standing in for the removed `run` of blocks: h -> h + mlp(norm(h)).
+
+    `before`: the source layer it runs before (None: after the last layer, i.e. after run[0] - 1).
+    """
+
+    run: tuple[int, ...]
+    norm: nn.Module
+    mlp: nn.Module
+    before: int | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def layers_prefix(model: nn.Module) -> str:
+    """State-dict prefix of the decoder layers, e.g. 'model.layers.' for `LlamaForCausalLM`."""
+    dec = arch.decoder(model)
+    for name, mod in model.named_modules():
+        if mod is dec:
+            return f"{name}.layers." if name else "layers."
+    raise TypeError(f"{type(model).__name__}: decoder not found among its modules")
+
+
+def hook_counts(model: nn.Module) -> dict[str, int]:
+    """Forward (pre-)hooks per decoder submodule, by name: a method that installs hooks changes these."""
+    return {name: len(m._forward_hooks) + len(m._forward_pre_hooks)
+            for name, m in arch.decoder(model).named_modules() if m._forward_hooks or m._forward_pre_hooks}
+
+
+def layer_slots(model: nn.Module, layers: Sequence[int], reference: dict[str, Any],
+                replacement: Replacement | None = None) -> list[Slot]:
+    """The checkpoint layers of a stage that runs source `layers` on `model` as it is now.
+
+    `reference` (`layer_reference`, taken before any method installed anything) gives the class
+    and tensor names every layer must have to be written as a standard decoder layer.
+    """
+    mods = arch.decoder_layers(model)
+    slots = []
+    for i in layers:
+        mod = mods[i]
+        tensors = mod.state_dict()
+        if type(mod) is not reference["cls"] or {k: tuple(t.shape) for k, t in tensors.items()} != reference["shapes"]:
+            raise UsageError(f"layer {i} is a {type(mod).__name__} with tensors {sorted(tensors)[:4]}..., not a standard "
+                             f"{reference['cls'].__name__}: a Hugging Face checkpoint cannot express it")
+        slots.append(Slot(("layer", i), i, tensors, i))
+    if replacement is not None:
+        _insert_replacement(slots, layers, replacement, model)
+    return slots
+
+
+def layer_reference(model: nn.Module) -> dict[str, Any]:
+    """Class and tensor shapes of the model's decoder layers (all Llama-family layers share them)."""
+    mods = arch.decoder_layers(model)
+    shapes = {k: tuple(t.shape) for k, t in mods[0].state_dict().items()}
+    for i, m in enumerate(mods):
+        if type(m) is not type(mods[0]) or {k: tuple(t.shape) for k, t in m.state_dict().items()} != shapes:
+            raise UsageError(f"{type(model).__name__}: decoder layer {i} differs in class or shapes from layer 0; "
+                             "export supports models whose decoder layers are all alike")
+    return {"cls": type(mods[0]), "shapes": shapes}
+
+
+def _insert_replacement(slots: list[Slot], layers: Sequence[int], rep: Replacement, model: nn.Module) -> None:
+    """Put the replacement where its hook runs: before layer `rep.before`, or after layer run[0] - 1."""
+    anchor = rep.before if rep.before is not None else rep.run[0] - 1
+    if anchor not in layers:
+        raise UsageError(f"the replacement of removed blocks {list(rep.run)} hooks onto layer {anchor}, which this stage "
+                         "does not run; such a plan cannot be exported")
+    at = list(layers).index(anchor) + (0 if rep.before is not None else 1)
+    template = arch.decoder_layers(model)[rep.run[0]].state_dict()  # shapes (and input norm) of a decoder layer
+    parts = {"post_attention_layernorm.": rep.norm.state_dict(), "mlp.": rep.mlp.state_dict()}
+    tensors = {}
+    for name, t in template.items():
+        if name.startswith("self_attn."):
+            tensors[name] = torch.zeros_like(t)  # zero o_proj (and the rest): the attention adds exactly 0
+        elif name.startswith("input_layernorm."):
+            tensors[name] = t  # feeds only the (zeroed) attention
+        else:
+            prefix = next((p for p in parts if name.startswith(p)), None)
+            src = parts[prefix].get(name[len(prefix):]) if prefix else None
+            if src is None or src.shape != t.shape:
+                raise UsageError(f"the replacement network has no tensor matching decoder-layer tensor {name}; "
+                                 "it cannot be written as a decoder layer")
+            tensors[name] = src
+    note = {"replaces_removed_layers": list(rep.run), "kind": "h + MLP(RMSNorm(h)) as a decoder layer with zero attention",
+            **rep.info}
+    slots.insert(at, Slot(("ffn", rep.run), None, tensors, rep.run[0], note))
+
+
+def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every state-dict tensor outside the decoder layers (embeddings, final norm, LM head).
+
+    A tensor sharing storage with an earlier one (a tied LM head) is left out when the config
+    ties them, since `from_pretrained` re-ties it; otherwise it is cloned (safetensors refuses
+    shared storage)."""
+    prefix = layers_prefix(model)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    for name, t in model.state_dict().items():
+        if name.startswith(prefix):
+            continue
+        where = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if where in seen:
+            if tied:
+                continue
+            t = t.clone()
+        seen.add(where)
+        out[name] = t
+    return out
+
+
+def pruned_config(config, slots: Sequence[Slot], dtype: torch.dtype, architecture: str):
+    """A copy of `config` for a model made of `slots`: layer count and per-layer lists follow the slots."""
+    cfg = copy.deepcopy(config)
+    n_src = config.num_hidden_layers
+    src = [s.config_index for s in slots]
+    for name in PER_LAYER_CONFIG_LISTS:
+        vals = getattr(cfg, name, None)
+        if isinstance(vals, (list, tuple)) and len(vals) == n_src:
+            setattr(cfg, name, [vals[i] for i in src])
+    mwl = getattr(cfg, "max_window_layers", None)  # Qwen2: layers below it attend fully, the rest in a window
+    if isinstance(mwl, int):
+        cfg.max_window_layers = sum(1 for i in src if i < mwl)
+    cfg.num_hidden_layers = len(slots)
+    cfg.architectures = [architecture]
+    cfg.dtype = dtype
+    return cfg
+
+
+def save_tensors(out: Path, tensors: dict[str, torch.Tensor], max_shard_size: str | int = MAX_SHARD_SIZE) -> list[str]:
+    """Write `tensors` as `model.safetensors` (or shards plus `model.safetensors.index.json`); return the file names.
+
+    Tensors are copied to CPU one shard at a time, so a GPU model needs one shard of host memory.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    umask = os.umask(0)
+    os.umask(umask)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n].detach().to("cpu").contiguous() for n in names}, str(out / filename), metadata={"format": "pt"})
+        os.chmod(out / filename, 0o666 & ~umask)  # safetensors creates 0600 files; a serving user may differ
+    files = list(split.filename_to_tensors)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        files.append("model.safetensors.index.json")
+    return files
+
+
+def write_checkpoint(out: Path, model: nn.Module, tokenizer: Any, slots: Sequence[Slot], meta: dict[str, Any],
+                     max_shard_size: str | int = MAX_SHARD_SIZE) -> dict[str, Any]:
+    """Write a loadable checkpoint of `slots` into the (new, empty) folder `out`.
+
+    Files: config.json, model.safetensors (or shards + index), generation_config.json (when the
+    model has one), the tokenizer's files and harness_export.json (`meta` plus the layer list).
+    Returns what it wrote: {"layers": [source index or None per layer], "files", "bytes"}.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = layers_prefix(model)
+    tensors = base_tensors(model)
+    for i, s in enumerate(slots):
+        tensors.update({f"{prefix}{i}.{k}": t for k, t in s.tensors.items()})
+    dtype = arch.decoder(model).embed_tokens.weight.dtype
+    files = save_tensors(out, tensors, max_shard_size)
+    pruned_config(model.config, slots, dtype, type(model).__name__).save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    layers = [s.original for s in slots]
+    info = {**meta, "layers": layers, "num_hidden_layers": len(slots),
+            "inserted_layers": {str(i): s.note for i, s in enumerate(slots) if s.original is None}}
+    (out / "harness_export.json").write_text(json.dumps(info, indent=2, default=str))
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    return {"layers": layers, "files": sorted(p.name for p in out.iterdir()), "bytes": size, "weight_files": files}

@@ -1,0 +1,435 @@
+"""The quality pipeline: methods × modes × tasks through lm-eval, one record per (method, mode).
+
+Finished records are never recomputed: a record whose `run_key` matches the configuration is
+reused, and a (method, mode) interrupted between tasks resumes from its `.partial.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.config import RunConfig, build_options, split_overrides
+from harness.errors import UsageError
+from harness.pd.plan import PruningPlan
+from harness.quality.calibration import CalibConfig, build_calibration
+from harness.quality.distributed import Dist, ShardedScorer
+from harness.store import records as rec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CellFailure:
+    """A (method, mode) cell that raised; the run went on with the other cells."""
+
+    method: str
+    mode: str
+    error: BaseException
+    file: Path
+
+    @property
+    def bad_input(self) -> bool:
+        """A usage error (e.g. an option this model cannot take) rather than a crash or OOM."""
+        return isinstance(self.error, UsageError)
+
+    def line(self) -> str:
+        kind = "" if self.bad_input else f"{type(self.error).__name__}: "
+        return f"{self.method}/{self.mode}: {kind}{self.error} (details: {self.file})"
+
+
+class CellsFailed(Exception):
+    """Some cells failed; `records` holds the ones that finished, `failures` the others."""
+
+    def __init__(self, failures: list[CellFailure], records: list[rec.RunRecord]) -> None:
+        super().__init__("; ".join(f.line() for f in failures))
+        self.failures, self.records = failures, records
+
+
+@dataclass
+class Prepared:
+    """Validated inputs of a run: method instances and calibration options, before any model work."""
+
+    config: RunConfig
+    methods: dict[str, Any]
+    calib_config: CalibConfig
+    task_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # long-context task -> its options
+
+
+def prepare(cfg: RunConfig, need_data: bool = True) -> Prepared:
+    """Validate names and `--set` options (cheap; no model, no data loaded).
+
+    `need_data=False` skips the check that calibrating methods have a data dir (their plans
+    may come from elsewhere, e.g. replayed records)."""
+    import methods as registry
+    from harness.quality import long_tasks
+
+    classes = {name: registry.get(name) for name in cfg.methods}
+    long_here = [t for t in cfg.tasks if long_tasks.is_long_task(t)]
+    raw = split_overrides(cfg.overrides, [*cfg.methods, "calib", *long_here])
+    instances = {name: cls(build_options(cls.Config, name, raw.get(name, {}))) for name, cls in classes.items()}
+    task_options = {t: build_options(long_tasks.get(t).Config, t, raw.get(t, {})) for t in long_here}
+    calib_raw = dict(raw.get("calib", {}))
+    calib_raw.setdefault("seed", str(cfg.seed))
+    calib = build_options(CalibConfig, "calib", calib_raw)
+    needing = [n for n, m in instances.items() if m.needs_calibration]
+    if needing and need_data and not cfg.data_dir:
+        raise UsageError(f"{', '.join(needing)} calibrate on PIQA + MMLU from local data: pass --data-dir "
+                         "(or set HARNESS_DATA_DIR) pointing at a folder laid out like ../shared/data")
+    for t in long_here:  # each task checks its data before any model work
+        long_tasks.get(t).check_data(Path(cfg.data_dir) if cfg.data_dir else None)
+    return Prepared(cfg, instances, calib, task_options)
+
+
+def flatten_results(res: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """lm-eval's {'acc,none': .., 'acc_stderr,none': ..} -> {'acc': {'value': .., 'stderr': ..}}."""
+    out: dict[str, dict[str, float | None]] = {}
+    for key, val in res.items():
+        if "," not in key or not isinstance(val, (int, float)):
+            continue
+        name, filt = key.split(",", 1)
+        if name.endswith("_stderr"):
+            continue
+        se = res.get(f"{name}_stderr,{filt}")
+        out[name if filt == "none" else f"{name}/{filt}"] = {
+            "value": float(val), "stderr": float(se) if isinstance(se, (int, float)) else None}
+    return out
+
+
+class TaskCache:
+    """Builds each lm-eval task (or group) once per run and hands the same object to every evaluation.
+
+    Reuse is safe: lm-eval rebuilds a task's request instances on every `evaluate` call, and no
+    request cache is used; it saves rebuilding documents (seconds per task, e.g. HellaSwag).
+    """
+
+    def __init__(self, tasks, data_dir: Path | None) -> None:
+        self._tasks, self._data_dir = tuple(tasks), data_dir
+        self.manager = None
+        self._built: dict[str, Any] = {}
+
+    def get(self, task: str):
+        from harness.quality.tasks import task_manager
+
+        if task not in self._built:
+            self.manager = self.manager or task_manager(self._tasks, self._data_dir)
+            loaded = self.manager.load([task])
+            self._built[task] = loaded["groups"].get(task) or loaded["tasks"].get(task) or task
+        return self._built[task]
+
+
+def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, Any]:
+    """One lm-eval task (or group) through `lm`; returns scores, sample count and lm-eval provenance.
+
+    Under data parallelism lm-eval aggregates on rank 0 only: other ranks get None."""
+    from lm_eval import simple_evaluate
+
+    obj = tasks.get(task)
+    out = simple_evaluate(
+        model=lm, tasks=[obj], limit=cfg.limit, task_manager=tasks.manager, bootstrap_iters=cfg.bootstrap_iters,
+        random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed, log_samples=False, cache_requests=False,
+    )
+    if out is None and lm.rank != 0:
+        return None
+    if task not in out["results"]:
+        raise RuntimeError(f"lm-eval returned no results for {task}: {sorted(out['results'])}")
+    n = sum(int(v.get("effective", 0)) for v in out.get("n-samples", {}).values())
+    return {
+        "scores": flatten_results(out["results"][task]),
+        "n_samples": n,
+        "lm_eval": {"n-shot": out.get("n-shot", {}), "versions": out.get("versions", {}),
+                    "higher_is_better": out.get("higher_is_better", {}).get(task, {})},
+    }
+
+
+def _is_download_error(e: BaseException) -> bool:
+    """True for errors raised while fetching a dataset (datasets, huggingface_hub, requests, httpx)."""
+    while e is not None:
+        if type(e).__module__.split(".")[0] in ("datasets", "huggingface_hub", "requests", "httpx", "urllib3", "socket"):
+            return True
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _partial_path(out_dir: Path, method: str, mode: str) -> Path:
+    return out_dir / (rec.record_filename(method, mode)[: -len(".json")] + ".partial.json")
+
+
+@dataclass
+class _Run:
+    """What every (method, mode) cell of one run shares."""
+
+    cfg: RunConfig
+    prepared: Prepared
+    out_dir: Path
+    loaded: Any
+    tasks: TaskCache
+    env: dict[str, Any]
+    say: Callable[[str], None]
+    progress: bool
+    calib: Any = None
+    dist: Dist = dataclasses.field(default_factory=Dist)
+
+    def calibration(self):
+        if self.calib is None:
+            data_dir = Path(self.cfg.data_dir) if self.cfg.data_dir else None
+            self.calib = build_calibration(self.loaded.tokenizer, data_dir, self.prepared.calib_config)
+        return self.calib
+
+
+def run(
+    cfg: RunConfig,
+    out_dir: Path,
+    prepared: Prepared | None = None,
+    loaded=None,
+    on_progress: Callable[[str], None] | None = None,
+    progress: bool = False,
+) -> list[rec.RunRecord]:
+    """Evaluate every (method, mode) of `cfg`; write records and summary.csv into `out_dir`."""
+    from harness.pd.models import load_model
+    from harness.quality import distributed
+    from harness.run.env import env_info
+
+    d = distributed.current()
+    prepared = prepared or prepare(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = loaded or load_model(cfg.model, distributed.device_for(cfg.device, d), cfg.dtype, cfg.seed, cfg.placement())
+    env = env_info(str(next(loaded.model.parameters()).device))
+    env["data_parallel_ranks"] = d.world_size
+    state = _Run(cfg, prepared, out_dir, loaded,
+                 TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None),  # built on first use
+                 env, on_progress or (lambda msg: log.info(msg)), progress and d.is_main, dist=d)
+    records, failures = [], []
+    for name, method in prepared.methods.items():
+        for mode in cfg.modes:
+            try:
+                records.append(_run_cell(state, name, method, mode))
+            except Exception as e:  # noqa: BLE001 - one cell's failure (OOM, bad option) must not stop the others
+                failures.append(_record_failure(state, name, method, mode, e))
+    if d.is_main:
+        rec.write_summary(rec.load_dir(out_dir), out_dir / "summary.csv")
+    d.barrier()
+    if failures:
+        raise CellsFailed(failures, records)
+    return records
+
+
+def _record_failure(st: _Run, name: str, method, mode: str, e: Exception) -> CellFailure:
+    """Write `<method>__<mode>.failed.json` (error, traceback) and free what the failure left behind."""
+    _free_accelerator_memory()
+    key = "?"
+    try:
+        key = _cell_identity(st, name, method, mode)[0]
+    except Exception:  # noqa: BLE001 - the note matters more than its key
+        pass
+    path = st.out_dir / rec.failure_filename(name, mode)
+    if st.dist.is_main:
+        rec.save_failure(st.out_dir, name, mode, key, e, traceback.format_exc(),
+                         dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    st.say(f"{name}/{mode}: FAILED ({type(e).__name__}: {str(e)[:200]}); continuing with the other cells")
+    return CellFailure(name, mode, e, path)
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _cell_identity(st: _Run, name: str, method, mode: str) -> tuple[str, dict | None, dict]:
+    """(run_key, calibration options or None, long-context task options) of one (method, mode) cell."""
+    calib_desc = dataclasses.asdict(st.prepared.calib_config) if method.needs_calibration else None
+    task_opts = {t: dataclasses.asdict(o) for t, o in st.prepared.task_options.items()}
+    return st.cfg.identity(name, mode, method.options(), calib_desc, task_opts), calib_desc, task_opts
+
+
+def _stored_plan(st: _Run, name: str, mode: str, options: dict) -> tuple[PruningPlan, Path, Any] | None:
+    """The plan of `name`/`mode` in `--plans-from` records, if made on the same model, seed, method
+    options and calibration (plans are deterministic given those); None otherwise."""
+    if not st.cfg.plans_from or st.prepared.methods[name].needs_replan_on_resume():
+        return None
+    path = Path(st.cfg.plans_from) / rec.record_filename(name, mode)
+    if not path.exists():
+        return None
+    old = rec.load(path)
+    calib_now = dataclasses.asdict(st.prepared.calib_config) if st.prepared.methods[name].needs_calibration else None
+    calib_then = {k: (old.calibration or {}).get(k) for k in calib_now} if calib_now else None
+    if (old.config.get("model"), old.config.get("seed")) != (st.cfg.model, st.cfg.seed):
+        return None
+    # options added to a method since the record was made count as matching at their defaults
+    defaults = json.loads(json.dumps(dataclasses.asdict(type(st.prepared.methods[name].config)())))
+    then = {**{k: v for k, v in defaults.items() if k not in old.config.get("method_options", {})},
+            **old.config.get("method_options", {})}
+    if then != json.loads(json.dumps(options)):
+        return None
+    if calib_now and json.loads(json.dumps(calib_now)) != calib_then:
+        return None
+    return PruningPlan.from_dict(old.plan), path, old.calibration
+
+
+def _same_but_newer_options(cfg: RunConfig, method, old: rec.RunRecord, cell: tuple) -> bool:
+    """True when `old` was made by this configuration before some method options existed and
+    those options are now at their defaults (an added option must not invalidate finished work)."""
+    name, mode, calib_desc, task_opts = cell
+    then = old.config.get("method_options", {})
+    now = json.loads(json.dumps(method.options()))
+    defaults = json.loads(json.dumps(dataclasses.asdict(type(method.config)())))
+    added = set(now) - set(then)
+    if not added or any(now[k] != defaults.get(k) for k in added) or any(now.get(k) != v for k, v in then.items()):
+        return False
+    return cfg.identity(name, mode, then, calib_desc, task_opts) == old.run_key
+
+
+def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
+    """One (method, mode): reuse its finished record, or plan, evaluate task by task and save."""
+    from harness.quality.lm import PDLM
+
+    cfg, model = st.cfg, st.loaded.model
+    options = method.options()
+    key, calib_desc, task_opts = _cell_identity(st, name, method, mode)
+    final = st.out_dir / rec.record_filename(name, mode)
+    if final.exists():
+        return _finished_record(st, name, method, mode, final, (key, calib_desc, task_opts))
+    partial_path = _partial_path(st.out_dir, name, mode)
+    partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
+    if partial.get("run_key") != key:
+        partial = {"run_key": key, "tasks": {}}
+    plan = _cell_plan(st, name, method, mode, partial)
+    if mode == "unified" and not plan.is_unified:
+        raise ValueError(f"{name} returned a plan with two layer sets or KV pruning for unified mode")
+    with method.apply(model, plan) as applied:
+        lm = PDLM(model, st.loaded.tokenizer, applied, mode, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                  progress=st.progress, dist=st.dist)
+        for task in cfg.tasks:
+            if task in partial["tasks"]:
+                continue
+            st.say(f"{name}/{mode}: {task}")
+            partial["tasks"][task] = _eval_task(st, lm, task, mode)
+            if st.dist.is_main:  # one writer; other ranks hold no aggregated scores
+                rec.atomic_write(partial_path, json.dumps(partial))
+    if st.dist.is_main:
+        _save_record(st, name, mode, key, options, plan, partial, lm.max_length)
+        partial_path.unlink(missing_ok=True)
+        (st.out_dir / rec.failure_filename(name, mode)).unlink(missing_ok=True)  # an earlier failure is superseded
+    st.dist.barrier()
+    return rec.load(final)  # the record as stored (JSON types), same as a later reader sees
+
+
+def _finished_record(st: _Run, name: str, method, mode: str, final: Path, identity: tuple) -> rec.RunRecord:
+    """The record already at `final` when it is this cell's (or predates options now at their
+    defaults); a different configuration's record is refused rather than overwritten."""
+    key, calib_desc, task_opts = identity
+    old = rec.load(final)
+    if old.run_key != key and _same_but_newer_options(st.cfg, method, old, (name, mode, calib_desc, task_opts)):
+        st.say(f"{name}/{mode}: record predates options now at their defaults; reused ({final.name})")
+        return old
+    if old.run_key != key:
+        raise UsageError(f"{final} holds a {name}/{mode} record of a different configuration "
+                         f"(run_key {old.run_key} != {key}); use another --out or remove it")
+    st.say(f"{name}/{mode}: finished record found, reused ({final.name})")
+    return old
+
+
+def _cell_plan(st: _Run, name: str, method, mode: str, partial: dict) -> PruningPlan:
+    """The cell's plan: stored by another run (--plans-from), kept in the resumable state, or made now.
+    Updates `partial` with the plan, its planning time and calibration description."""
+    reused = _stored_plan(st, name, mode, method.options()) if "plan" not in partial else None
+    if reused is not None:
+        st.say(f"{name}/{mode}: plan reused from {reused[1]}")
+        partial.update(plan=reused[0].to_dict(), plan_s=0.0, calibration=reused[2], plan_reused_from=str(reused[1]))
+        return reused[0]
+    if "plan" in partial and not method.needs_replan_on_resume():
+        return PruningPlan.from_dict(partial["plan"])
+    st.say(f"{name}/{mode}: planning")
+    if st.dist.enabled and not method.needs_replan_on_resume():  # plans are deterministic: plan once, share
+        plan, plan_s, calib_used = st.dist.broadcast_object(_make_plan(st, method, mode) if st.dist.is_main else None)
+    else:
+        plan, plan_s, calib_used = _make_plan(st, method, mode)
+    if "plan" in partial and PruningPlan.from_dict(partial["plan"]) != plan:
+        raise RuntimeError(f"{name}/{mode}: planning again on resume gave a different plan than the stored one")
+    partial.update(plan=plan.to_dict(), plan_s=partial.get("plan_s", plan_s), calibration=calib_used)
+    return plan
+
+
+def _eval_task(st: _Run, lm, task: str, mode: str) -> dict:
+    """One task's result (scores, n_samples, provenance) with the KV bytes its handoffs sent and its seconds."""
+    cfg = st.cfg
+    before, t_task = lm.tally.as_dict(), time.perf_counter()
+    try:
+        if task in st.prepared.task_options:
+            from harness.quality import long_tasks
+
+            scorer = ShardedScorer(lm.scorer, st.dist) if st.dist.enabled else lm.scorer
+            result = long_tasks.evaluate(task, scorer, st.loaded.tokenizer, Path(cfg.data_dir) if cfg.data_dir else None,
+                                         st.prepared.task_options[task], cfg.limit, st.progress)
+            sent = scorer.tally.as_dict() if st.dist.enabled else lm.tally.since(before)
+        else:
+            result = evaluate_task(lm, task, st.tasks, cfg) or {}  # {} on ranks > 0
+            sent = st.dist.sum_counts(lm.tally.since(before))  # each rank counted its own documents
+    except Exception as e:
+        if cfg.data_dir is None and _is_download_error(e):
+            raise UsageError(f"task {task}: its dataset could not be fetched from the Hugging Face hub "
+                             f"({type(e).__name__}); offline, pass --data-dir with local data") from e
+        raise
+    result["kv"] = sent if mode == "disaggregated" else {}
+    if mode != "disaggregated":
+        result.pop("kv_by", None)
+    result["seconds"] = time.perf_counter() - t_task
+    return result
+
+
+def _make_plan(st: _Run, method, mode: str) -> tuple[PruningPlan, float, dict | None]:
+    """(plan, seconds spent planning, calibration description) of `method` for `mode`."""
+    calib = st.calibration() if method.needs_calibration else None
+    t0 = time.perf_counter()
+    plan = method.plan(st.loaded.model, calib, mode)
+    return plan, time.perf_counter() - t0, calib.description if calib is not None else None
+
+
+def _primary_metric(task: str) -> str:
+    """A long-context task's own primary metric, else lm-eval's usual one (records.PRIMARY_METRIC)."""
+    from harness.quality import long_tasks
+
+    return long_tasks.get(task).presentation.primary_metric if long_tasks.is_long_task(task) else rec.primary_metric(task)
+
+
+def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: PruningPlan, partial: dict,
+                 max_length_used: int) -> Path:
+    from harness.pd.engine import PAGE_TOKENS
+
+    cfg = st.cfg
+    done = partial["tasks"]
+    record = rec.RunRecord(
+        method=name, mode=mode, run_key=key,
+        config={**dataclasses.asdict(cfg), "method_options": options, "max_length_used": max_length_used,
+                "plan_reused_from": partial.get("plan_reused_from"),
+                "page_tokens": PAGE_TOKENS},
+        plan=plan.to_dict(), environment=st.env, model=st.loaded.description, calibration=partial["calibration"],
+        scores={t: done[t]["scores"] for t in cfg.tasks},
+        kv={t: done[t]["kv"] for t in cfg.tasks if done[t]["kv"]},
+        n_samples={t: done[t]["n_samples"] for t in cfg.tasks},
+        lm_eval={"version": st.env["packages"].get("lm_eval"),
+                 "tasks": {t: done[t].get("lm_eval") or {"harness_task": done[t]["harness_task"]} for t in cfg.tasks},
+                 "bootstrap_iters": cfg.bootstrap_iters, "limit": cfg.limit,
+                 "metric_convention": {t: _primary_metric(t) for t in cfg.tasks}},
+        timing_s={"plan": partial["plan_s"], **{f"eval_{t}": done[t]["seconds"] for t in cfg.tasks}},
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        extra={"kv_by_setting": {t: done[t]["kv_by"] for t in cfg.tasks if done[t].get("kv_by")},
+               "task_details": {t: done[t]["details"] for t in cfg.tasks if "details" in done[t]}},
+    )
+    return rec.save(record, st.out_dir)

@@ -1,0 +1,1 @@
+"""Depth-pruning baselines (one file per method) and the `stage:` wrapper."""

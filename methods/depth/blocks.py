@@ -1,0 +1,41 @@
+"""Block-level calibration statistics shared by depth-pruning methods."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from harness.pd import arch
+
+
+@torch.inference_mode()
+def block_cosines(model, calib, batch_size: int = 16) -> list[float]:
+    """Mean cos(h_in, h_out) over calibration tokens for every decoder block, accumulated in float32."""
+    layers = arch.decoder_layers(model)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    valid: list[torch.Tensor] = []
+
+    def hook(i):
+        def fn(module, args, kwargs, output):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            cos = F.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # (B, T)
+            sums[i] += cos[valid[0]].double().sum().cpu()
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for ids, mask in calib.batches(batch_size, arch.model_device(model)):
+            valid[:] = [mask.bool()]
+            count += mask.sum().double().cpu()
+            arch.decoder(model)(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / count).tolist()
+
+
+def lowest(scores: list[float], k: int) -> list[int]:
+    """Indices of the k smallest scores (ties broken by lower index), sorted."""
+    return sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:k])

@@ -1,0 +1,170 @@
+"""Depth pruning by a removal order: the shared base of the block-ranking baselines.
+
+A `RankedDepthMethod` ranks decoder blocks into a *removal order* (most removable first):
+a one-shot scorer sorts blocks by its criterion, an iterative one (SLEB) records the order in
+which its greedy search removed them. Its plan removes the first `k` blocks of that order from
+both stages, since these baselines prune one model for both (prefill == decode layers, every KV
+position sent). `methods/depth/stage.py` builds the stage-aware variant of any of them
+(`stage:<name>`): the prefill stage removes the first `k_prefill` blocks of the same order and
+the decode stage the first `k_decode`, so `R_prefill ⊆ R_decode` holds by construction.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from harness.errors import UsageError
+from harness.pd import arch
+from harness.pd.plan import PruningPlan
+from methods.base import Method, fit_counts
+
+
+@dataclass
+class Ranking:
+    """A removal order and the evidence behind it.
+
+    `order`: block indices, most removable first; at least as many as were asked for (one-shot
+    scorers give every eligible block). `info`: scores, criterion and work, for the plan record.
+    """
+
+    order: list[int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# Rankings shared by every instance of a method in this process, so `sleb` and `stage:sleb` (which
+# holds its own `sleb` instance) search once per run. Keyed by what the ranking depends on, not by
+# object ids (which Python reuses once an object is freed, and which differ for equal inputs):
+# (method, options except k, model fingerprint, calibration fingerprint); see `ranking_key`.
+_SHARED: OrderedDict[tuple, Ranking] = OrderedDict()
+_SHARED_MAX = 8
+
+
+def model_fingerprint(model) -> str:
+    """A digest of the model's class, source, dtype and parameters (names, shapes, and a few values
+    of each): equal for the same weights, different for another checkpoint or seed. Sampling keeps
+    it cheap on large models; offloaded (meta) parameters contribute their shape only."""
+    h = hashlib.sha256(f"{type(model).__qualname__}|{getattr(getattr(model, 'config', None), '_name_or_path', '')}".encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"|{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            if p.device.type != "meta" and p.numel():
+                flat = p.detach().reshape(-1)
+                sample = torch.cat([flat[:8], flat[-8:]]).float().cpu()
+                h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def calibration_fingerprint(calib) -> str | None:
+    """The calibration set's description (it carries a digest of its tokens) or, without one, a digest
+    of its token ids; None when there is no calibration set."""
+    if calib is None:
+        return None
+    desc = getattr(calib, "description", None)
+    if desc:
+        return json.dumps(desc, sort_keys=True, default=str)
+    return hashlib.sha256(json.dumps(getattr(calib, "input_ids", repr(calib))).encode()).hexdigest()[:16]
+
+
+def progress(items, desc: str):
+    """A transient progress bar (silenced by TQDM_DISABLE=1, which `-q` sets)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
+def check_counts(name: str, config, fields: tuple[str, ...]) -> None:
+    """UsageError unless every named option of `config` is an int >= 0 (or >= 1 for sizes)."""
+    for f in fields:
+        v = getattr(config, f)
+        least = 1 if f in ("samples", "batch_size", "batch_tokens") else 0
+        if v < least:
+            raise UsageError(f"{name}.{f}={v}: must be >= {least}")
+
+
+class RankedDepthMethod(Method):
+    """A depth-pruning method whose plan removes the first `k` blocks of a removal order.
+
+    Subclasses implement `_rank(model, calib, k, eligible)`. Options `keep_first` and `keep_last`
+    (when the Config has them) make the first and last blocks ineligible for removal. Their Config
+    should derive from `DepthOptions`, whose `for_layers(n)` fits `k` and the other counts to a
+    small model; one that does not gets the same fitting (`config_for_layers`).
+    """
+
+    needs_calibration = True
+    stage_variant = True  # the removal order nests, so `stage:<name>` exists (methods/depth/stage.py)
+
+    @classmethod
+    def config_for_layers(cls, n: int) -> Any:
+        for_layers = getattr(cls.Config, "for_layers", None)
+        return for_layers(n) if for_layers is not None else fit_counts(cls.Config, n)
+
+    @abc.abstractmethod
+    def _rank(self, model, calib, k: int, eligible: list[int]) -> Ranking:
+        """The removal order over `eligible` blocks; at least its first `k` entries."""
+
+    def eligible(self, n_layers: int) -> list[int]:
+        """Blocks that may be removed (all but the first `keep_first` and the last `keep_last`)."""
+        first = getattr(self.config, "keep_first", 0)
+        last = getattr(self.config, "keep_last", 0)
+        return list(range(first, n_layers - last))
+
+    def eligibility_rule(self) -> str:
+        first = getattr(self.config, "keep_first", 0)
+        last = getattr(self.config, "keep_last", 0)
+        return f"the first {first} and last {last} blocks are never removed" if first or last else "any block may be removed"
+
+    def ranking(self, model, calib, k: int, label: str | None = None) -> Ranking:
+        """The removal order (at least `k` long), memoised per (model, calibration set).
+
+        `label` names the option asking for `k`, for the error when too few blocks are eligible.
+        """
+        n = arch.n_layers(model)
+        eligible = self.eligible(n)
+        if k > len(eligible):
+            raise UsageError(f"{label or f'{self.name}.k={k}'}: at most {len(eligible)} of the model's {n} blocks "
+                             f"can be removed ({self.name}: {self.eligibility_rule()})")
+        key = self.ranking_key(model, calib)
+        hit = _SHARED.get(key)
+        if hit is None or len(hit.order) < k:
+            t0 = time.perf_counter()
+            ranking = self._rank(model, calib, k, eligible)
+            ranking.info.setdefault("work", {})["rank_seconds"] = time.perf_counter() - t0
+            ranking.info["eligible"] = eligible
+            _SHARED[key] = ranking
+            while len(_SHARED) > _SHARED_MAX:
+                _SHARED.popitem(last=False)
+            return ranking
+        _SHARED.move_to_end(key)
+        # the very same ranking (its info unchanged), so a record does not depend on which cells ran before it
+        return hit
+
+    def ranking_key(self, model, calib) -> tuple:
+        """What a ranking depends on: the method (name and defining class), its options except `k`
+        (a longer order serves every shorter `k`), the model and the calibration set."""
+        opts = {f: v for f, v in dataclasses.asdict(self.config).items() if f != "k"}
+        return (self.name, f"{type(self).__module__}.{type(self).__qualname__}", json.dumps(opts, sort_keys=True, default=str),
+                model_fingerprint(model), calibration_fingerprint(calib))
+
+    def removal_order(self, model, calib, k: int | None = None) -> list[int]:
+        """The first `k` (default: this method's `k`) blocks of the removal order."""
+        k = self.config.k if k is None else k
+        return list(self.ranking(model, calib, k).order[:k])
+
+    def plan(self, model, calib, mode: str) -> PruningPlan:
+        n, k = arch.n_layers(model), self.config.k
+        if k >= n:
+            raise UsageError(f"{self.name}.k={k}: must be < the model's {n} layers (at least one must stay)")
+        ranking = self.ranking(model, calib, k)  # the plan does not depend on the mode
+        order = list(ranking.order[:k])
+        keep = tuple(i for i in range(n) if i not in order)
+        info = {**ranking.info, "removal_order": order, "removed": sorted(order), "mode": mode}
+        return PruningPlan(self.name, n, keep, keep, info=info)

@@ -1,0 +1,162 @@
+"""KV token-policy baselines at the PD handoff, at PDTrim's byte budget: one method per token-selection policy.
+
+Every registered KV policy (`harness/pd/kv/`) with a `method_name` gets a method of that name here
+(`streamingllm` for `streaming`, `snapkv`, and any policy added later), with no edit to this file;
+its options are the four budget options below plus the policy's own options. E.g.:
+
+- StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks",
+  arXiv 2309.17453): every decode layer receives the first `n_sink` prompt positions (attention
+  sinks) and the most recent ones.
+- SnapKV (Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation",
+  arXiv 2404.14469): every decode layer receives, per KV head, the last `window` prompt positions
+  and the prefix positions the window's queries attend to most in the prefill (pooled over
+  neighbouring positions), chosen per request.
+
+Each wraps a base method (`base`, default `pdtrim`, options in `base_options`): the prefill and
+decode stages run the base plan's layers, and the base's KV policy is replaced. By default the
+baseline keeps as many layer-positions per request as the base's policy sends on the same plan
+and prompt (equal KV bytes; the rule is in docs/kv_policies.md); `keep_tokens` or `keep_ratio`
+set an explicit per-layer budget instead. Unified mode has no handoff: the base's unified plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+from harness.config import build_options
+from harness.errors import UsageError
+from harness.pd.kv import KVBudget, KVPolicy, get_policy, policy_names
+from harness.pd.plan import PruningPlan
+from methods.base import Method
+from methods.registry import register
+
+
+def parse_base_options(raw: str) -> dict[str, str]:
+    """'k_decode=6 kv_layers=1,2' -> {'k_decode': '6', 'kv_layers': '1,2'} (items separated by spaces)."""
+    out = {}
+    for item in raw.split():
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"base_options item {item!r}: expected NAME=VALUE (items separated by spaces)")
+        out[key] = value
+    return out
+
+
+# options every KV baseline has, before its policy's own: (name, type, default); the comments are in docs/kv_policies.md
+BASE_OPTIONS = (("base", str, "pdtrim"), ("base_options", str, ""), ("keep_tokens", int, 0), ("keep_ratio", float, 0.0))
+
+
+class KVBaseline(Method):
+    """Base plan's layers, KV policy replaced by a token-selection policy at a byte budget.
+
+    Subclasses (made by `baseline_method`) set `policy_cls`; their `Config` holds `BASE_OPTIONS`
+    and the policy's options, whose defaults are the values a stored policy dict without them
+    means (`KVPolicy.dict_defaults`, else the dataclass default), so records made before an
+    option existed keep their run keys.
+    """
+
+    policy_cls: type = KVPolicy
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        from methods import registry
+
+        c = self.config
+        cls = registry.get(c.base)
+        if issubclass(cls, KVBaseline):
+            raise UsageError(f"{self.name}.base={c.base}: the base must choose layers, not be a KV baseline itself")
+        raw = parse_base_options(c.base_options)
+        known = [f.name for f in dataclasses.fields(cls.Config)]
+        unknown = [k for k in raw if k not in known]
+        if unknown:
+            raise UsageError(f"{self.name}.base_options: {c.base} has no option {unknown[0]!r}; options: {', '.join(known) or 'none'}")
+        self.base = cls(build_options(cls.Config, f"{self.name}.base_options", raw))
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.base.needs_calibration
+
+    def validate_config(self, c) -> None:
+        if c.keep_tokens < 0 or not 0.0 <= c.keep_ratio <= 1.0 or (c.keep_tokens and c.keep_ratio):
+            raise UsageError(f"{self.name}: set at most one of keep_tokens >= 1, 0 < keep_ratio <= 1 "
+                             f"(neither: match the base plan's KV bytes); got {c.keep_tokens}, {c.keep_ratio}")
+        try:  # the policy validates its own options (a placeholder budget: only the options are checked here)
+            self.policy(KVBudget(tokens=1))
+        except ValueError as e:
+            raise UsageError(f"{self.name}: {e}") from e
+
+    def options(self) -> dict[str, Any]:
+        """Options as stored in records: a policy option at its `dict_defaults` value is left out, like in
+        the policy's dict (an option added later must not change the run keys of earlier records)."""
+        out = dataclasses.asdict(self.config)
+        for name, value in self.policy_cls.dict_defaults.items():
+            if out.get(name) == value:
+                del out[name]
+        return out
+
+    def needs_replan_on_resume(self) -> bool:
+        return self.base.needs_replan_on_resume()
+
+    @contextlib.contextmanager
+    def apply(self, model, plan: PruningPlan) -> Iterator[PruningPlan]:
+        with self.base.apply(model, plan):  # e.g. pdtrim's healed blocks
+            yield plan
+
+    def budget(self, base_policy: KVPolicy) -> KVBudget:
+        c = self.config
+        if c.keep_tokens:
+            return KVBudget(tokens=c.keep_tokens)
+        if c.keep_ratio:
+            return KVBudget(ratio=c.keep_ratio)
+        if not base_policy.matchable:
+            raise UsageError(f"{self.name}: the base plan's KV policy is {base_policy.kind!r}; only a first_last policy can be matched")
+        return KVBudget(match=base_policy)
+
+    def policy(self, budget: KVBudget) -> KVPolicy:
+        """The policy with this method's options at `budget`."""
+        own = {n: getattr(self.config, n) for n in self.policy_cls.option_names() if n != "budget"}
+        return self.policy_cls(budget=budget, **own)
+
+    def plan(self, model, calib, mode: str) -> PruningPlan:
+        base_plan = self.base.plan(model, calib, mode)
+        info: dict[str, Any] = {"base": {"method": base_plan.method, "options": self.base.options(),
+                                         "kv_policy": base_plan.kv_policy.to_dict(), "info": base_plan.info}}
+        if mode == "unified":
+            return base_plan.replace(method=self.name, info=info)
+        policy = self.policy(self.budget(base_plan.kv_policy))
+        info["kv"] = {"policy": policy.describe(),
+                      "budget_rule": "per request: B(T) layer-positions (the base policy's count on this plan, or "
+                                     "keep_tokens / keep_ratio per layer); each decode layer keeps floor(B / |K_D|), "
+                                     "the first B mod |K_D| decode layers one more; snapkv: that many per KV head"}
+        rule = getattr(policy, "budget_rule", None)
+        if rule is not None:  # a policy with its own per-layer split says so (the default text is the even split's)
+            info["kv"]["budget_rule"] = rule
+        try:
+            return base_plan.replace(method=self.name, kv_policy=policy, info=info)
+        except ValueError as e:
+            raise UsageError(f"{self.name}: {e}") from e
+
+
+def baseline_method(policy_cls: type) -> type[KVBaseline]:
+    """The KV-baseline method class of a token-selection policy class (named `policy_cls.method_name`)."""
+    fields = [(n, t, dataclasses.field(default=d)) for n, t, d in BASE_OPTIONS]
+    for f in dataclasses.fields(policy_cls):
+        if f.name != "budget":
+            default = policy_cls.dict_defaults.get(f.name, f.default)
+            fields.append((f.name, type(default), dataclasses.field(default=default)))
+    cls_name = f"{policy_cls.__name__}Baseline"  # a module attribute (below): importable and picklable by name
+    config = dataclasses.make_dataclass("Config", fields, frozen=True, namespace={"__module__": __name__})
+    config.__qualname__ = f"{cls_name}.Config"
+    return type(cls_name, (KVBaseline,), {
+        "name": policy_cls.method_name, "summary": policy_cls.method_summary, "policy_cls": policy_cls,
+        "kind": policy_cls.name, "Config": config, "__module__": __name__,
+        "__doc__": f"KV baseline: the base plan's layers with the `{policy_cls.name}` KV policy (harness/pd/kv/)."})
+
+
+for _name in policy_names():
+    if get_policy(_name).method_name:
+        _cls = register(baseline_method(get_policy(_name)))
+        globals()[_cls.__name__] = _cls  # e.g. SnapKVBaseline, StreamingBaseline

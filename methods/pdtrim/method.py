@@ -1,0 +1,326 @@
+"""`pdtrim`: stage-specific block removal and token-aware KV pruning for PD disaggregation.
+
+PDTrim (Zhang, Lyu et al., "Targeted Pruning for Prefill-Decode Disaggregation in Inference",
+arXiv 2509.04467). No code was released; this follows the reading in `../shared/PDTRIM.md` §2,
+every choice an option (docs/pdtrim.md):
+
+- Prefill stage: runs the model without `R_P`, the `k_prefill` blocks found by greedy removal on
+  the prefill objective E_P (KL to the dense model on calibration continuations).
+- Decode stage: runs the model without `R_D ⊇ R_P`, extended greedily to `k_decode` blocks on the
+  decode objective E_D(R_D | R_P).
+- Candidates come from the pruning set P = {i : s_i >= d_t} (s_i = mean cos(h_in, h_out) of block
+  i) while it has any left, then from the distillation set D (the rest).
+- KV: decode layers whose decode queries put at least `tau` of their attention on the first
+  `n_first` and last `n_last` prompt positions receive only those positions' KV.
+- Unified mode: one set R (R_P = R_D), `k_unified` blocks, greedy on E_P, no KV pruning.
+- Optional: simulated-annealing refinement of each greedy set (swap moves, geometric cooling,
+  seeded); healing of blocks after removed runs that contain distillation-set blocks
+  (`methods/pdtrim/healing.py`), installed by `apply` and undone on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from harness.errors import UsageError
+from harness.pd import arch
+from harness.pd.plan import KVPolicy, PruningPlan
+from methods.base import Method, Options
+from methods.depth.blocks import block_cosines
+from methods.registry import register
+
+READING = "PDTRIM.md section 2 (harness reading v1)"
+
+
+@register
+class PDTrim(Method):
+    name = "pdtrim"
+    summary = "stage-specific greedy block removal (R_prefill ⊆ R_decode) + first/last-token KV in selected layers"
+    doc_row = ("greedy removal of `k_prefill` blocks (default 4) on the prefill objective, candidates from the pruning set `s_i ≥ d_t` first",
+               "extends the prefill set to `k_decode` blocks (default 8) on the decode objective",
+               "first `n_first` + last `n_last` prompt positions in decode layers whose attention share on them is ≥ `tau`")
+    needs_calibration = True
+    why_no_stage_variant = "pdtrim searches each stage itself"
+
+    @dataclass(frozen=True)
+    class Config(Options):
+        k_prefill: int = 4  # blocks removed from the prefill stage
+        k_decode: int = 8  # blocks removed from the decode stage (>= k_prefill)
+        k_unified: int = 8  # blocks removed in unified mode
+        d_t: float = 0.95  # pruning-set threshold on the block cosine s_i
+        search_samples: int = 32  # calibration sequences the stage objectives use
+        max_cont: int = 32  # continuation tokens per sequence (at most half of it)
+        batch_size: int = 16  # rows per forward (block scores and search)
+        batch_tokens: int = 512  # padded positions per search forward (short calibration rows are grouped)
+        anneal_steps: int = 0  # simulated-annealing swap proposals per stage; 0 = greedy only
+        anneal_t0: float = 0.05  # initial temperature, relative to the current objective
+        anneal_cooling: float = 0.9  # geometric cooling factor per proposal
+        seed: int = 0  # sampling of search sequences and probe prompts (and annealing, unless anneal_seed is set)
+        anneal_seed: int | None = None  # annealing proposals only (None: use seed)
+        kv_pruning: bool = True
+        n_first: int = 16
+        n_last: int = 48
+        tau: float = 0.5  # minimum attention share on first+last positions for a layer to be selected
+        probe_prompts: int = 8
+        probe_tokens: int = 512  # probe prompts are calibration texts packed to this length
+        probe_steps: int = 8  # greedy decode steps whose attention is measured
+        sensitivity: bool = True  # record per-block prefill/decode damage
+        heal: bool = False  # train the block after each removed run with a distillation-set block (methods/pdtrim/healing.py)
+        heal_steps: int = 100  # Adam steps per healed block
+        heal_lr: float = 1e-4
+        heal_samples: int = 64  # calibration sequences used for healing
+
+        @classmethod
+        def for_layers(cls, n: int) -> PDTrim.Config:
+            """Block counts, search and probe sizes scaled down for `n` layers (the defaults from 32 on)."""
+            d, k = cls(), min(cls.k_decode, n // 2)
+            return dataclasses.replace(
+                d, k_prefill=min(d.k_prefill, k // 2), k_decode=k, k_unified=min(d.k_unified, n // 2),
+                search_samples=min(d.search_samples, 2 * n), max_cont=min(d.max_cont, 2 * n),
+                probe_prompts=min(d.probe_prompts, n // 2), probe_tokens=min(d.probe_tokens, 16 * n),
+                probe_steps=min(d.probe_steps, n), n_first=min(d.n_first, n // 2), n_last=min(d.n_last, 3 * n // 2))
+
+    def validate_config(self, c) -> None:
+        if not 0 <= c.k_prefill <= c.k_decode:
+            raise UsageError(f"pdtrim: need 0 <= k_prefill <= k_decode (R_prefill ⊆ R_decode), got {c.k_prefill}, {c.k_decode}")
+        if c.k_unified < 0:
+            raise UsageError(f"pdtrim.k_unified={c.k_unified}: must be >= 0")
+        if c.search_samples < 1 or c.max_cont < 1 or c.batch_size < 1 or c.batch_tokens < 1:
+            raise UsageError("pdtrim: search_samples, max_cont, batch_size and batch_tokens must be >= 1")
+        if not 0 <= c.tau <= 1 or c.n_first < 0 or c.n_last < 0 or (c.kv_pruning and c.n_first + c.n_last < 1):
+            raise UsageError("pdtrim: need 0 <= tau <= 1 and n_first, n_last >= 0 with n_first + n_last >= 1")
+        if c.heal_steps < 0 or c.heal_lr <= 0 or c.heal_samples < 1:
+            raise UsageError("pdtrim: need heal_steps >= 0, heal_lr > 0, heal_samples >= 1")
+        if c.anneal_steps < 0 or not 0 < c.anneal_cooling <= 1 or c.anneal_t0 < 0:
+            raise UsageError("pdtrim: need anneal_steps >= 0, 0 < anneal_cooling <= 1, anneal_t0 >= 0")
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        self._state: _SearchState | None = None
+        self._healed: dict[tuple, dict] = {}  # (prefill layers, decode layers) -> {block: healed module}
+
+    def needs_replan_on_resume(self) -> bool:
+        return self.config.heal  # healed weights live in this instance, made by plan()
+
+    @contextlib.contextmanager
+    def apply(self, model, plan: PruningPlan) -> Iterator[PruningPlan]:
+        from methods.pdtrim.healing import installed
+
+        healed = self._healed.get((plan.prefill_layers, plan.decode_layers), {}) if self.config.heal else {}
+        if self.config.heal and plan.info.get("healing", {}).get("blocks") and not healed:
+            raise RuntimeError("pdtrim: this plan needs healed blocks; call plan() on this instance first")
+        with installed(model, healed):
+            yield plan
+
+    # -- planning ---------------------------------------------------------------------------
+    def plan(self, model, calib, mode: str) -> PruningPlan:
+        c, n = self.config, arch.n_layers(model)
+        k = c.k_unified if mode == "unified" else c.k_decode
+        if k >= n:
+            raise UsageError(f"pdtrim: {'k_unified' if mode == 'unified' else 'k_decode'}={k} must be < the model's {n} layers")
+        st = self._search_state(model, calib)
+        t0 = time.perf_counter()
+        st.mark()
+        if mode == "unified":
+            removed = st.greedy_prefill(c.k_unified)
+            removed = st.anneal(removed, frozenset(), "prefill", c)
+            keep = tuple(i for i in range(n) if i not in removed)
+            info = st.info(mode, removed, removed, t0)
+            plan = PruningPlan(self.name, n, keep, keep, info=info)
+            return self._heal(model, calib, plan, removed, st)
+        rp = st.greedy_prefill(c.k_prefill)
+        rp = st.anneal(rp, frozenset(), "prefill", c)
+        rd = st.greedy_decode(rp, c.k_decode)
+        rd = st.anneal(rd, rp, "decode", c)
+        plan = PruningPlan(self.name, n, tuple(i for i in range(n) if i not in rp), tuple(i for i in range(n) if i not in rd))
+        info = st.info(mode, rp, rd, t0)
+        if c.kv_pruning:
+            plan, info["kv_selection"] = self._select_kv_layers(model, calib, plan)
+        return self._heal(model, calib, plan.replace(info=info), rp, st)
+
+    def _heal(self, model, calib, plan: PruningPlan, removed_both: frozenset, st: _SearchState) -> PruningPlan:
+        """Healing (off by default): blocks removed from both stages, healed only where the block
+        after the removed run is kept by the decode stage too, so one healed copy serves both stages."""
+        c = self.config
+        if not c.heal:
+            return plan.replace(info={**plan.info, "healing": {"enabled": False}})
+        from methods.pdtrim.healing import heal, healing_runs
+
+        runs = [(r, j) for r, j in healing_runs(sorted(removed_both), st.distill_set, st.n) if j in plan.decode_layers]
+        t0 = time.perf_counter()
+        rows = random.Random(c.seed).sample(calib.input_ids, min(c.heal_samples, len(calib.input_ids)))
+        sub = type(calib)(texts=[], input_ids=rows)
+        healed, report = heal(model, list(sub.batches(c.batch_size, arch.model_device(model))), runs,
+                              c.heal_steps, c.heal_lr, c.seed)
+        self._healed[(plan.prefill_layers, plan.decode_layers)] = healed
+        info = {"enabled": True, "blocks": report, "runs": [[list(r), j] for r, j in runs], "seconds": time.perf_counter() - t0,
+                "rule": "runs of blocks removed from both stages that contain a distillation-set block; the next block, "
+                        "kept by both stages, is trained (hidden-state MSE to the dense output of run + block)"}
+        return plan.replace(info={**plan.info, "healing": info})
+
+    def _search_state(self, model, calib) -> _SearchState:
+        key = (id(model), id(calib))
+        if self._state is None or self._state.key != key:  # one search state serves both modes
+            self._state = _SearchState(key, model, calib, self.config)
+        return self._state
+
+    def _select_kv_layers(self, model, calib, plan: PruningPlan) -> tuple[PruningPlan, dict]:
+        from methods.pdtrim.attention_probe import first_last_shares
+
+        c = self.config
+        prompts = pack_prompts(calib.input_ids, c.probe_prompts, c.probe_tokens, c.seed)
+        shares = first_last_shares(model, plan, prompts, c.n_first, c.n_last, c.probe_steps)
+        selected = tuple(layer for layer in plan.decode_layers if shares[layer] >= c.tau)
+        detail = {"shares": {str(k): v for k, v in shares.items()}, "selected": list(selected), "tau": c.tau,
+                  "n_first": c.n_first, "n_last": c.n_last, "probe_prompts": len(prompts),
+                  "probe_tokens": [len(p) for p in prompts], "probe_steps": c.probe_steps,
+                  "share_definition": "head-averaged share of each decode query's attention mass on prompt "
+                                      "positions [0, n_first) ∪ [T - n_last, T)"}
+        policy = KVPolicy(c.n_first, c.n_last, selected) if selected else KVPolicy()
+        return plan.replace(kv_policy=policy), detail
+
+
+def pack_prompts(input_ids: list[list[int]], n: int, tokens: int, seed: int) -> list[list[int]]:
+    """Concatenate calibration sequences (seeded order) into up to `n` prompts of `tokens` tokens."""
+    order = list(range(len(input_ids)))
+    random.Random(seed).shuffle(order)
+    prompts, cur = [], []
+    for i in order:
+        cur += input_ids[i]
+        while len(cur) >= tokens and len(prompts) < n:
+            prompts.append(cur[:tokens])
+            cur = cur[tokens:]
+    if not prompts and cur:
+        prompts.append(cur)
+    return prompts
+
+
+def _bar(items, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
+class _SearchState:
+    """Block scores, objectives with memoised values, and the search steps taken (for the record)."""
+
+    def __init__(self, key, model, calib, c) -> None:
+        from methods.pdtrim.objectives import CalibSplit, StageObjective
+
+        self.key, self.model, self.c = key, model, c
+        self.n = arch.n_layers(model)
+        t0 = time.perf_counter()
+        self.cos = block_cosines(model, calib, c.batch_size)
+        self.score_s = time.perf_counter() - t0
+        self.pruning_set = [i for i in sorted(range(self.n), key=lambda i: -self.cos[i]) if self.cos[i] >= c.d_t]
+        self.distill_set = [i for i in sorted(range(self.n), key=lambda i: -self.cos[i]) if self.cos[i] < c.d_t]
+        split = CalibSplit.from_calibration(calib.input_ids, c.search_samples, c.max_cont, c.seed)
+        self.split_desc = {"sequences": len(split.prompts), "continuation_tokens": split.n_cont_tokens,
+                           "prompt_tokens": sum(len(p) for p in split.prompts)}
+        self.obj = StageObjective(model, split, c.batch_size, c.batch_tokens)
+        self.memo_p: dict[frozenset, float] = {}
+        self.memo_d: dict[tuple[frozenset, frozenset], float] = {}
+        self.trace: dict[str, list] = {}
+        self.sensitivity: dict[str, list[float]] | None = None
+        self.search_s = 0.0
+        if c.sensitivity:
+            t0 = time.perf_counter()
+            self.sensitivity = {"prefill": [self.ep({i}) for i in _bar(range(self.n), "pdtrim: prefill sensitivity")],
+                                "decode": [self.ed({i}, frozenset()) for i in _bar(range(self.n), "pdtrim: decode sensitivity")]}
+            self.search_s += time.perf_counter() - t0
+
+    def mark(self) -> None:
+        """Remember the work counters, so `info` can report this mode's share."""
+        self._mark = self.obj.work()
+
+    def ep(self, removed: Iterable[int]) -> float:
+        key = frozenset(removed)
+        if key not in self.memo_p:
+            self.memo_p[key] = self.obj.prefill(key)
+        return self.memo_p[key]
+
+    def ed(self, removed_decode: Iterable[int], removed_prefill: Iterable[int]) -> float:
+        key = (frozenset(removed_decode), frozenset(removed_prefill))
+        if key not in self.memo_d:
+            self.memo_d[key] = self.obj.decode(*key)
+        return self.memo_d[key]
+
+    def _candidates(self, removed: frozenset) -> list[int]:
+        """Pruning-set blocks first; the distillation set only once the pruning set is used up."""
+        return [i for i in self.pruning_set if i not in removed] or [i for i in self.distill_set if i not in removed]
+
+    def _greedy(self, start: frozenset, target: int, objective: Callable[[frozenset], float], rebase, name: str) -> frozenset:
+        t0 = time.perf_counter()
+        removed, steps = start, []
+        while len(removed) < target:
+            cands = self._candidates(removed)
+            scored = {j: objective(removed | {j}) for j in _bar(cands, f"pdtrim: {name} step {len(removed) + 1}/{target}")}
+            best = min(scored, key=lambda j: (scored[j], j))
+            removed = removed | {best}
+            rebase(removed)
+            steps.append({"removed": best, "objective": scored[best], "candidates": {str(j): v for j, v in scored.items()}})
+        self.trace[name] = steps
+        self.search_s += time.perf_counter() - t0
+        return removed
+
+    def greedy_prefill(self, k: int) -> frozenset:
+        return self._greedy(frozenset(), k, self.ep, self.obj.set_prefill_base, f"prefill_k{k}")
+
+    def greedy_decode(self, rp: frozenset, k: int) -> frozenset:
+        return self._greedy(rp, k, lambda r: self.ed(r, rp), lambda r: self.obj.set_decode_base(r, rp), f"decode_k{k}")
+
+    def anneal(self, removed: frozenset, fixed: frozenset, stage: str, c) -> frozenset:
+        """Swap moves (one removed block back in, one kept block out); `fixed` blocks stay removed."""
+        if c.anneal_steps == 0 or len(removed) == len(fixed):
+            return removed
+        t0 = time.perf_counter()
+        rng = random.Random(c.seed if c.anneal_seed is None else c.anneal_seed)
+        f = self.ep if stage == "prefill" else (lambda r: self.ed(r, fixed))
+        cur, cur_v = removed, f(removed)
+        best, best_v = cur, cur_v
+        accepted = 0
+        for step in range(c.anneal_steps):
+            out = rng.choice(sorted(cur - fixed))
+            into = rng.choice([i for i in range(self.n) if i not in cur])
+            cand = (cur - {out}) | {into}
+            v = f(cand)
+            temp = c.anneal_t0 * c.anneal_cooling**step
+            if v < cur_v or (temp > 0 and rng.random() < math.exp(-(v - cur_v) / (temp * max(cur_v, 1e-12)))):
+                cur, cur_v, accepted = cand, v, accepted + 1
+                if v < best_v:
+                    best, best_v = cand, v
+        self.trace[f"anneal_{stage}_{len(removed)}"] = [{"start": sorted(removed), "start_objective": f(removed),
+                                                         "best": sorted(best), "best_objective": best_v,
+                                                         "accepted": accepted, "proposals": c.anneal_steps}]
+        self.search_s += time.perf_counter() - t0
+        return best
+
+    def info(self, mode: str, rp: frozenset, rd: frozenset, t0: float) -> dict:
+        return {
+            "reading": READING,
+            "block_cosine": self.cos,
+            "pruning_set": sorted(self.pruning_set),
+            "distillation_set": sorted(self.distill_set),
+            "removed_prefill": sorted(rp),
+            "removed_decode": sorted(rd),
+            "objective": {"E_P(R_prefill)": self.ep(rp), "E_D(R_decode|R_prefill)": self.ed(rd, rp)},
+            "search_trace": {k: list(v) for k, v in self.trace.items()},  # a snapshot: later modes add steps
+            "stage_sensitivity": self.sensitivity,
+            "stage_sensitivity_definition": {
+                "prefill": "E_P({i}): block i removed from the prefill stage (hence, by R_P ⊆ R_D, also from decode)",
+                "decode": "E_D({i} | {}): block i removed from the decode stage only"},
+            "search_sequences": self.split_desc,
+            # cumulative over this search state: both modes share block scores, sensitivity and the
+            # memoised objective values (the unified search reuses the prefill search's first steps)
+            "work": {**self.obj.work(), "score_seconds": self.score_s, "search_seconds": self.search_s,
+                     "block_score_forwards": 1, "cumulative_over_modes": True,
+                     "this_mode": {"plan_seconds": time.perf_counter() - t0,
+                                   **{k: v - self._mark[k] for k, v in self.obj.work().items()}}},
+            "mode": mode,
+        }

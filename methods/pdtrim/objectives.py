@@ -1,0 +1,254 @@
+"""Stage objectives: how far a PD configuration's next-token distributions drift from the dense model's.
+
+On calibration sequences split into a prompt and a continuation (teacher-forced), the objective
+is the mean over continuation tokens of KL(p_dense || p_pruned):
+
+- `prefill(R)`: prompt and continuation both run by the model without blocks `R` (E_P(R));
+- `decode(R_D, R_P)`: prompt run by the model without `R_P` (the prefill stage; its last
+  position predicts the first continuation token), continuation by the model without `R_D`
+  over the prompt's KV (the decode stage) (E_D(R_D | R_P)). `decode(R, R) == prefill(R)`.
+
+Searches evaluate many sets that differ from the last accepted one in a few blocks, so each
+objective keeps the hidden states entering every layer under a *base* set and resumes a
+candidate's forward at the first layer where it differs from the base; decode objectives reuse
+one prefilled prompt cache per `R_P` and rerun only the short continuation.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from harness.pd import arch
+from harness.pd.batching import TokenBatch, pad_tokens
+from harness.pd.cache import PDCache
+from harness.pd.engine import final_logits, run_layers
+from harness.pd.plan import PruningPlan
+from harness.pd.stages import StagedModel
+
+
+@dataclass
+class CalibSplit:
+    """Calibration sequences as (prompt tokens, continuation tokens) pairs."""
+
+    prompts: list[list[int]]
+    conts: list[list[int]]
+
+    @classmethod
+    def from_calibration(cls, input_ids: list[list[int]], n_samples: int, max_cont: int, seed: int) -> CalibSplit:
+        """Take `n_samples` sequences (seeded); the continuation is the last min(max_cont, len // 2) tokens."""
+        rows = [r for r in input_ids if len(r) >= 4]
+        rows = random.Random(seed).sample(rows, min(n_samples, len(rows)))
+        prompts, conts = [], []
+        for r in rows:
+            c = min(max_cont, len(r) // 2)
+            prompts.append(r[:-c])
+            conts.append(r[-c:])
+        return cls(prompts, conts)
+
+    @property
+    def n_cont_tokens(self) -> int:
+        return sum(len(c) for c in self.conts)
+
+
+@dataclass
+class _Batch:
+    full: TokenBatch  # (B, S) prompt + continuation[:-1], right-padded
+    rows: torch.Tensor  # (Nc,) batch row of each continuation token's predicting position
+    cols: torch.Tensor  # (Nc,) its column in the full sequence
+    prompt: TokenBatch  # (B, T) prompts only
+    dec: TokenBatch  # (B, M) continuation[:-1] at positions after the prompt (M = max cont - 1, may be 0)
+    dec_rows: torch.Tensor  # continuation tokens 2.. : their row and column in the decode input
+    dec_cols: torch.Tensor
+    first: torch.Tensor  # (B,) index (in continuation-token order) of each row's first token
+    rest: torch.Tensor  # (Nc,) bool: not a first token
+    teacher: torch.Tensor = field(default=None)  # (Nc, vocab) dense log-probs, order: per row, token order
+
+    @property
+    def tokens(self) -> int:
+        return int(self.full.valid.sum())
+
+
+def token_budget_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped longest first, each group at most `max_rows` rows and `max_tokens` padded
+    positions (rows × longest row; a single longer row is its own group). Calibration lengths vary
+    widely (tens to hundreds of tokens), and fixed-size batches would mostly compute padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g and len(g) < max_rows and (len(g) + 1) * lengths[g[0]] <= max_tokens:
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+class StageObjective:
+    """E_P and E_D on a fixed calibration split, with resumable forwards. Counts the work it does."""
+
+    def __init__(self, model, split: CalibSplit, batch_size: int = 16, max_batch_tokens: int = 512) -> None:
+        self.model = model
+        self.n_layers = arch.n_layers(model)
+        self.device = arch.model_device(model)
+        self.batches: list[_Batch] = []
+        for idx in token_budget_batches([len(p) + len(c) - 1 for p, c in zip(split.prompts, split.conts)],
+                                        batch_size, max_batch_tokens):
+            self.batches.append(self._make_batch([split.prompts[i] for i in idx], [split.conts[i] for i in idx]))
+        self.evaluations = 0  # objective evaluations (each a forward over all calibration batches, maybe partial)
+        self.layer_token_passes = 0  # Σ layers run × tokens run through them
+        self.full_tokens = sum(b.tokens for b in self.batches)
+        self._pbase: tuple[frozenset, list[dict[int, torch.Tensor]]] | None = None
+        self._prompt: dict[frozenset, list[tuple[PDCache, torch.Tensor]]] = {}
+        self._dbase: tuple[frozenset, frozenset, list[dict[int, torch.Tensor]]] | None = None
+        all_layers = tuple(range(self.n_layers))
+        with torch.inference_mode():
+            for b in self.batches:  # the dense teacher, once
+                h = run_layers(model, all_layers, b.full.ids, b.full.positions, b.full.valid, PDCache(retain=()))
+                b.teacher = F.log_softmax(final_logits(model, h[b.rows, b.cols]), dim=-1)
+
+    def _make_batch(self, prompts: list[list[int]], conts: list[list[int]]) -> _Batch:
+        full = pad_tokens([p + c[:-1] for p, c in zip(prompts, conts)], self.device)
+        rows, cols, drows, dcols = [], [], [], []
+        for r, (p, c) in enumerate(zip(prompts, conts)):
+            rows += [r] * len(c)
+            cols += range(len(p) - 1, len(p) - 1 + len(c))
+            drows += [r] * (len(c) - 1)
+            dcols += range(len(c) - 1)
+        prompt = pad_tokens(prompts, self.device)
+        dec = pad_tokens([c[:-1] for c in conts], self.device, start=prompt.lengths)
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        first = t([0, *torch.tensor([len(c) for c in conts]).cumsum(0)[:-1].tolist()])
+        rest = torch.ones(len(rows), dtype=torch.bool, device=self.device)
+        rest[first] = False
+        return _Batch(full, t(rows), t(cols), prompt, dec, t(drows), t(dcols), first, rest)
+
+    # -- shared pieces ------------------------------------------------------------------------
+    def _kept(self, removed: Iterable[int]) -> tuple[int, ...]:
+        r = set(removed)
+        return tuple(i for i in range(self.n_layers) if i not in r)
+
+    def _staged(self, removed_decode: frozenset, removed_prefill: frozenset) -> StagedModel:
+        """The PD deployment without `removed_prefill` in prefill and `removed_decode` in decode (all KV sent)."""
+        plan = PruningPlan("objective", self.n_layers, self._kept(removed_prefill), self._kept(removed_decode))
+        return StagedModel(self.model, plan)
+
+    @staticmethod
+    def _first_difference(a: frozenset, b: frozenset, n: int) -> int:
+        diff = a ^ b
+        return min(diff) if diff else n
+
+    def _kl(self, teacher: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Σ over rows of KL(teacher || student) for student hidden rows (N, hidden)."""
+        student = F.log_softmax(final_logits(self.model, hidden), dim=-1)
+        return F.kl_div(student, teacher, log_target=True, reduction="sum")
+
+    def _complete(self, inputs: dict, out: torch.Tensor) -> dict:
+        """Fill in removed layers' inputs (each equals the input of the next kept layer, or the
+        output) and the output under "out", so a candidate can resume at any layer."""
+        nxt = out
+        for i in reversed(range(self.n_layers)):
+            if i in inputs:
+                nxt = inputs[i]
+            else:
+                inputs[i] = nxt
+        inputs["out"] = out
+        return inputs
+
+    # -- E_P ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, removed: Iterable[int]) -> float:
+        """E_P(R): mean KL on continuation tokens, prompt and continuation run without `removed`."""
+        target = frozenset(removed)
+        if self._pbase is None:
+            self.set_prefill_base(())
+        base_set, base_inputs = self._pbase
+        start = self._first_difference(target, base_set, self.n_layers)
+        layers = [i for i in self._kept(target) if i >= start]
+        total = torch.zeros((), dtype=torch.float64)
+        for b, inputs in zip(self.batches, base_inputs):
+            h = inputs[start] if start < self.n_layers else inputs["out"]
+            h = run_layers(self.model, layers, None, b.full.positions, b.full.valid, PDCache(retain=()), hidden=h)
+            total += self._kl(b.teacher, h[b.rows, b.cols]).double()
+            self.layer_token_passes += len(layers) * b.tokens
+        self.evaluations += 1
+        return float(total) / sum(len(b.rows) for b in self.batches)
+
+    @torch.inference_mode()
+    def set_prefill_base(self, removed: Iterable[int]) -> None:
+        """Cache every layer's input (and the output) under `removed` for later resumption."""
+        target = frozenset(removed)
+        layers = self._kept(target)
+        per_batch = []
+        for b in self.batches:
+            inputs: dict = {}
+            h = run_layers(self.model, layers, b.full.ids, b.full.positions, b.full.valid, PDCache(retain=()), collect=inputs)
+            per_batch.append(self._complete(inputs, h))
+            self.layer_token_passes += len(layers) * b.tokens
+        self._pbase = (target, per_batch)
+
+    # -- E_D ----------------------------------------------------------------------------------
+    def _prompt_state(self, removed_prefill: frozenset) -> list[tuple[PDCache, torch.Tensor]]:
+        """Per batch: the prefill cache of prompts without `removed_prefill`, and first-token KL sums."""
+        if removed_prefill not in self._prompt:
+            self._prompt = {}  # keep one prompt state: searches fix R_P while they vary R_D
+            staged = self._staged(removed_prefill, removed_prefill)  # its cache keeps every prefill layer's KV
+            layers = staged.plan.prefill_layers
+            states = []
+            for b in self.batches:
+                out = staged.prefill(b.prompt)
+                states.append((out.cache, self._kl(b.teacher[b.first], out.last_hidden).double()))
+                self.layer_token_passes += len(layers) * int(b.prompt.valid.sum())
+            self._prompt[removed_prefill] = states
+        return self._prompt[removed_prefill]
+
+    @torch.inference_mode()
+    def decode(self, removed_decode: Iterable[int], removed_prefill: Iterable[int]) -> float:
+        """E_D(R_D | R_P): prompt through the model without R_P, continuation without R_D ⊇ R_P."""
+        rd, rp = frozenset(removed_decode), frozenset(removed_prefill)
+        if not rp <= rd:
+            raise ValueError(f"decode removal {sorted(rd)} must contain prefill removal {sorted(rp)}")
+        states = self._prompt_state(rp)
+        if self._dbase is None or self._dbase[1] != rp:
+            self.set_decode_base(rp, rp)
+        base_set, _, base_inputs = self._dbase
+        start = self._first_difference(rd, base_set, self.n_layers)
+        layers = [i for i in self._kept(rd) if i >= start]
+        staged = self._staged(rd, rp)
+        total = torch.zeros((), dtype=torch.float64)
+        for b, (cache, first_kl), inputs in zip(self.batches, states, base_inputs):
+            total += first_kl
+            if b.dec.ids.shape[1] == 0:
+                continue
+            h = inputs[start] if start < self.n_layers else inputs["out"]
+            # resume the decode stage at `start` from the base's state; the prompt cache stays as is
+            h = staged.decode(cache.frozen(), b.dec, start=start, hidden=h)
+            total += self._kl(b.teacher[b.rest], h[b.dec_rows, b.dec_cols]).double()
+            self.layer_token_passes += len(layers) * int(b.dec.valid.sum())
+        self.evaluations += 1
+        return float(total) / sum(len(b.rows) for b in self.batches)
+
+    @torch.inference_mode()
+    def set_decode_base(self, removed_decode: Iterable[int], removed_prefill: Iterable[int]) -> None:
+        rd, rp = frozenset(removed_decode), frozenset(removed_prefill)
+        states = self._prompt_state(rp)
+        staged = self._staged(rd, rp)
+        layers = staged.plan.decode_layers
+        per_batch = []
+        for b, (cache, _) in zip(self.batches, states):
+            inputs: dict = {}
+            if b.dec.ids.shape[1]:
+                h = staged.decode(cache.frozen(), b.dec, collect=inputs)
+                self._complete(inputs, h)
+                self.layer_token_passes += len(layers) * int(b.dec.valid.sum())
+            per_batch.append(inputs)
+        self._dbase = (rd, rp, per_batch)
+
+    def work(self) -> dict[str, float]:
+        """Evaluations and full-forward equivalents (layer-token passes / (layers · calibration tokens))."""
+        return {"evaluations": self.evaluations, "layer_token_passes": self.layer_token_passes,
+                "full_forward_equivalents": self.layer_token_passes / (self.n_layers * self.full_tokens)}
