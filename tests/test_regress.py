@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from harness.cli.spec import Spec, load_spec, to_argv
+from harness.cli.spec import Spec, load_spec, to_argv, to_namespace
 from harness.errors import UsageError
 from harness.store.regress import check
 
@@ -195,4 +196,31 @@ def test_every_committed_spec_parses():
         for section in spec.sections:
             rep = {k: v for k, v in spec.sections[section].items() if k != "results"}
             args = to_argv(Spec(p, {section: rep}), section, parsers[section]())
-            parsers[section]().parse_args(args + (["x"] if section == "report" else []))
+            parsed = parsers[section]().parse_args(args + (["x"] if section == "report" else []))
+            # the in-process path (no argument text) gives the same options as the command line would
+            ns = to_namespace(Spec(p, {section: rep}), section, parsers[section](), {"results": ["x"]} if section == "report" else None)
+            assert vars(ns) == vars(parsed), (p.name, section)
+
+
+def test_spec_sections_become_typed_options_with_named_errors(tmp_path):
+    from harness.cli.latency import latency_parser
+    from harness.cli.run import run_parser
+
+    s = Spec(tmp_path / "s.toml", {"run": {"methods": ["a", "b"], "limit": "all", "set": ["x.k=1"], "batch-size": 4,
+                                            "mode": "disaggregated", "quiet": True}})
+    ns = to_namespace(s, "run", run_parser())
+    assert (ns.methods, ns.limit, ns.overrides, ns.batch_size, ns.mode, ns.quiet) == (("a", "b"), None, ["x.k=1"], 4,
+                                                                                        "disaggregated", True)
+    assert ns.tasks == ("standard", "long") and ns.seed == 0  # the parser's defaults, typed as parsing gives them
+    ns = to_namespace(Spec(s.path, {"latency": {"prompt_tokens": [512, 2048]}}), "latency", latency_parser())
+    assert ns.prompt_tokens == (512, 2048)
+    for section, bad, message in [
+        ({"batch_size": 0}, "batch_size", "expected a positive integer, got '0'"),
+        ({"mode": "split"}, "mode", "expected one of both, disaggregated, unified, got 'split'"),
+        ({"quiet": "yes"}, "quiet", "must be true or false"),
+        ({"limit": {"a": 1}}, "limit", "must be a number, a string or a list"),
+        ({"config": "other.toml"}, "config", "unknown key 'config'"),
+    ]:
+        with pytest.raises(UsageError, match=re.escape("[run]") + ".*" + re.escape(message)) as e:
+            to_namespace(Spec(s.path, {"run": section}), "run", run_parser())
+        assert str(s.path) in str(e.value) and bad in str(e.value)

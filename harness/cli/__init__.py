@@ -25,10 +25,7 @@ def cmd_config(argv: list[str]) -> int:
     if len(rest) != 2 or rest[0] != "--config":
         raise UsageError("with --config, every option comes from the spec file (only -q may be added): "
                          "python -m harness --config configs/<table>.toml")
-    commands = dict(COMMANDS)
-    if quiet:
-        commands.update(run=lambda a: cmd_run([*a, "-q"]), latency=lambda a: cmd_latency([*a, "-q"]))
-    return run_spec(load_spec(rest[1]), commands)
+    return run_spec(load_spec(rest[1]), COMMANDS, quiet=bool(quiet))
 
 
 def cmd_sweep(argv: list[str]) -> int:

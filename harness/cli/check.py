@@ -49,9 +49,8 @@ def cmd_check(argv: list[str]) -> int:
     if current is None:
         spec = load_spec(args.spec)
         current = args.out or Path("results") / "runs" / f"check-{time.strftime('%Y%m%d-%H%M%S')}"
-        q = ["-q"] if args.quiet else []
-        commands = {"run": lambda a: cmd_run([*a, *q]), "latency": lambda a: cmd_latency([*a, *q])}
-        rc = run_spec(spec, commands, outs={"run": current / "quality", "latency": current / "latency"})
+        commands = {"run": cmd_run, "latency": cmd_latency}
+        rc = run_spec(spec, commands, outs={"run": current / "quality", "latency": current / "latency"}, quiet=args.quiet)
         if rc != 0:
             return rc
     elif not current.is_dir():

@@ -51,8 +51,8 @@ def latency_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_latency(argv: list[str]) -> int:
-    args = latency_parser().parse_args(argv)
+def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
+    args = argv if isinstance(argv, argparse.Namespace) else latency_parser().parse_args(argv)  # a spec section: options
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"
     quiet_libraries()

@@ -33,8 +33,8 @@ def report_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_report(argv: list[str]) -> int:
-    args = report_parser().parse_args(argv)
+def cmd_report(argv: list[str] | argparse.Namespace) -> int:
+    args = argv if isinstance(argv, argparse.Namespace) else report_parser().parse_args(argv)  # a spec section: options
     from reports.collect import ReportError
     from reports.render import render_report
 

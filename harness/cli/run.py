@@ -111,10 +111,10 @@ def check_tasks(tasks: tuple[str, ...], data_dir: str | None) -> None:
                      + ("" if data_dir else " (without --data-dir, any lm-eval task name)"))
 
 
-def cmd_run(argv: list[str]) -> int:
+def cmd_run(argv: list[str] | argparse.Namespace) -> int:
     from harness.quality import distributed
 
-    args = run_parser().parse_args(argv)
+    args = argv if isinstance(argv, argparse.Namespace) else run_parser().parse_args(argv)  # a spec section: options
     dist = distributed.current()
     if not dist.is_main:  # one voice: rank 0 reports, the others work silently
         args.quiet = True

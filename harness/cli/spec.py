@@ -13,8 +13,11 @@
     [report]    # what `python -m harness report` renders from the two outs (or `results = [...]`)
     out = "reports/out/main"
 
-Each section is turned into the argument list of its command and parsed by that command's own
-parser, so a spec accepts exactly what the command line accepts, with the same checks.
+Each section becomes its command's options directly (`to_namespace`): the command's own parser is
+the schema (names, defaults, types, choices), and TOML's typed values are checked and converted
+value by value, with errors naming the spec file, the section and the key; no argument text is
+built and re-parsed. `to_argv` remains for the one place a section must become a command line:
+a sweep cell that runs as its own process.
 """
 
 from __future__ import annotations
@@ -98,10 +101,60 @@ def to_argv(spec: Spec, section: str, parser: argparse.ArgumentParser, replace: 
     return argv
 
 
-def run_spec(spec: Spec, commands: dict, outs: dict[str, Path] | None = None) -> int:
-    """Run the spec's sections in order (run, latency, report) through the CLI's own commands.
+def _convert(act: argparse.Action, v: Any, where: str) -> Any:
+    """One TOML value as the parsed value of `act` (a list for a comma-separated flag, one item per
+    repeat for a repeatable one), through the action's own type and choices."""
+    if isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(v, bool):
+            raise UsageError(f"{where} must be true or false, got {v!r}")
+        return v
+    if isinstance(v, (dict, bool)) or (isinstance(v, list) and any(isinstance(x, (dict, list, bool)) for x in v)):
+        raise UsageError(f"{where} must be a number, a string or a list of them, got {v!r}")
+    if isinstance(act, argparse._AppendAction) or act.nargs in ("+", "*"):
+        return [_one(act, x, where) for x in (v if isinstance(v, list) else [v])]
+    text = ",".join(str(x) for x in v) if isinstance(v, list) else v  # a comma-separated flag's items
+    return _one(act, text, where)
 
-    `outs` replaces the sections' `out` folders (the regression check reruns into a fresh folder)."""
+
+def _one(act: argparse.Action, v: Any, where: str) -> Any:
+    try:
+        out = act.type(str(v)) if act.type is not None else (v if isinstance(v, str) else str(v))
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"{where}: {e}") from None
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: expected {getattr(act.type, '__name__', act.type)}, got {v!r}") from None
+    if act.choices is not None and out not in act.choices:
+        raise UsageError(f"{where}: expected one of {', '.join(map(str, act.choices))}, got {v!r}")
+    return out
+
+
+def to_namespace(spec: Spec, section: str, parser: argparse.ArgumentParser,
+                 replace: dict[str, Any] | None = None) -> argparse.Namespace:
+    """`[section]` (after `replace`) as the options its command would parse: the parser's defaults,
+    each key checked against the parser's options and converted by its type."""
+    values = {k.replace("-", "_"): v for k, v in spec.sections[section].items()}
+    values.update(replace or {})
+    actions = {a.dest: a for a in parser._actions if a.dest != "help" and a.dest != argparse.SUPPRESS}
+    ns = argparse.Namespace(**{d: (a.type(a.default) if isinstance(a.default, str) and a.type else a.default)
+                               for d, a in actions.items()})
+    for key, v in values.items():
+        dest = {"set": "overrides"}.get(key, key)
+        if dest not in actions or dest == "config":
+            known = sorted(d for d in actions if d != "config")
+            raise UsageError(f"{spec.path} [{section}]: unknown key {key!r}; known keys: {', '.join(known)}")
+        setattr(ns, dest, _convert(actions[dest], v, f"{spec.path} [{section}] {key}"))
+    missing = [d for d, a in actions.items() if a.required and getattr(ns, d) in (None, [])]
+    if missing:
+        raise UsageError(f"{spec.path} [{section}]: give {', '.join(missing)}")
+    return ns
+
+
+def run_spec(spec: Spec, commands: dict, outs: dict[str, Path] | None = None, quiet: bool = False) -> int:
+    """Run the spec's sections in order (run, latency, report) through the CLI's own commands, each
+    called with the section as its options (`to_namespace`).
+
+    `outs` replaces the sections' `out` folders (the regression check reruns into a fresh folder);
+    `quiet` turns off the progress bars of the run and latency sections."""
     from harness.cli.latency import latency_parser
     from harness.cli.report import report_parser
     from harness.cli.run import run_parser
@@ -120,14 +173,15 @@ def run_spec(spec: Spec, commands: dict, outs: dict[str, Path] | None = None) ->
             if resolved["run"] is None:
                 raise UsageError(f"{spec.path} [latency]: plans_from = \"run\" needs a [run] section")
             replace["plans_from"] = str(resolved["run"])
-        argv = to_argv(spec, section, parsers[section](), replace)
-        rc = commands[section](argv)
+        if quiet:
+            replace["quiet"] = True
+        rc = commands[section](to_namespace(spec, section, parsers[section](), replace))
         if rc != 0:
             return rc
     if "report" in spec.sections and "report" in commands:
         rep = dict(spec.sections["report"])
         inputs = [str(resolved[s]) for s in ("run", "latency") if s in spec.sections] if not rep.get("results") else rep["results"]
         rep.pop("results", None)
-        argv = [*inputs, *to_argv(Spec(spec.path, {"report": rep}), "report", parsers["report"]())]
-        return commands["report"](argv)
+        return commands["report"](to_namespace(Spec(spec.path, {"report": rep}), "report", parsers["report"](),
+                                               {"results": [str(x) for x in inputs]}))
     return 0
