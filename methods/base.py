@@ -16,12 +16,47 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from harness.pd.plan import PruningPlan
+
+
+def model_fingerprint(model) -> str:
+    """A digest of the model's class, source, dtype and parameters (names, shapes, and a few values
+    of each): equal for the same weights, different for another checkpoint or seed. Sampling keeps
+    it cheap on large models; offloaded (meta) parameters contribute their shape only."""
+    h = hashlib.sha256(f"{type(model).__qualname__}|{getattr(getattr(model, 'config', None), '_name_or_path', '')}".encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"|{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            if p.device.type != "meta" and p.numel():
+                flat = p.detach().reshape(-1)
+                sample = torch.cat([flat[:8], flat[-8:]]).float().cpu()
+                h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def calibration_fingerprint(calib) -> str | None:
+    """The calibration set's description (it carries a digest of its tokens) or, without one, a digest
+    of its token ids; None when there is no calibration set."""
+    if calib is None:
+        return None
+    desc = getattr(calib, "description", None)
+    if desc:
+        return json.dumps(desc, sort_keys=True, default=str)
+    return hashlib.sha256(json.dumps(getattr(calib, "input_ids", repr(calib))).encode()).hexdigest()[:16]
+
+
+def content_key(model, calib) -> tuple[str, str | None]:
+    """What a method's memo of work on (model, calibration set) is keyed by: their content digests,
+    never `id()`s (Python reuses an id once its object is freed, and equal inputs have different ids)."""
+    return model_fingerprint(model), calibration_fingerprint(calib)
 
 
 class Options:

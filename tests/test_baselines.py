@@ -369,6 +369,7 @@ def test_rankings_are_keyed_by_content_not_object_ids(tiny, calib, data_dir, mon
     """An equal calibration set built again (another object) reuses the ranking; another model's weights
     (same architecture and name, another seed) or other options do not."""
     from harness.pd.models import load_model
+    from methods import base
     from methods.depth import ranked
 
     ranked._SHARED.clear()
@@ -380,10 +381,29 @@ def test_rankings_are_keyed_by_content_not_object_ids(tiny, calib, data_dir, mon
     first = make("shortgpt", k=1).plan(tiny.model, calib, "unified")
     assert make("shortgpt", k=1).plan(tiny.model, again, "unified") == first and calls == [1]
     other = load_model("random:tiny", device="cpu", dtype="float32", seed=1).model
-    assert ranked.model_fingerprint(other) != ranked.model_fingerprint(tiny.model)
+    assert base.model_fingerprint(other) != base.model_fingerprint(tiny.model)
     make("shortgpt", k=1).plan(other, calib, "unified")
     make("shortgpt", k=1, batch_size=3).plan(tiny.model, calib, "unified")
     assert calls == [1, 1, 1]
+
+
+
+def test_streamline_memo_is_keyed_by_content_not_object_ids(tiny, calib, data_dir, monkeypatch):
+    """An equal calibration set built again reuses Streamline's cosines; another model recomputes them
+    (with `id()` keys, a freed object's id could be reused by a different model and hit a stale memo)."""
+    from harness.pd.models import load_model
+    from methods.depth import streamline
+
+    calls = []
+    real = streamline.run_cosines
+    monkeypatch.setattr(streamline, "run_cosines", lambda *a: calls.append(a[0]) or real(*a))
+    m = make("streamline", k=1)
+    first = m.plan(tiny.model, calib, "unified")
+    again = build_calibration(tiny.tokenizer, data_dir, CalibConfig(n_samples=24, max_tokens=96, seed=0))
+    assert m.plan(tiny.model, again, "disaggregated").prefill_layers == first.prefill_layers and len(calls) == 1
+    other = load_model("random:tiny", device="cpu", dtype="float32", seed=1).model
+    m.plan(other, calib, "unified")
+    assert len(calls) == 2 and calls[1] is other
 
 
 def test_docs_describe_every_baseline_option():

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import hashlib
 import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from harness.errors import UsageError
 from harness.pd import arch
 from harness.pd.plan import PruningPlan
-from methods.base import Method, fit_counts
+from methods.base import Method, calibration_fingerprint, fit_counts, model_fingerprint
 
 
 @dataclass
@@ -46,32 +43,6 @@ class Ranking:
 # (method, options except k, model fingerprint, calibration fingerprint); see `ranking_key`.
 _SHARED: OrderedDict[tuple, Ranking] = OrderedDict()
 _SHARED_MAX = 8
-
-
-def model_fingerprint(model) -> str:
-    """A digest of the model's class, source, dtype and parameters (names, shapes, and a few values
-    of each): equal for the same weights, different for another checkpoint or seed. Sampling keeps
-    it cheap on large models; offloaded (meta) parameters contribute their shape only."""
-    h = hashlib.sha256(f"{type(model).__qualname__}|{getattr(getattr(model, 'config', None), '_name_or_path', '')}".encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            h.update(f"|{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            if p.device.type != "meta" and p.numel():
-                flat = p.detach().reshape(-1)
-                sample = torch.cat([flat[:8], flat[-8:]]).float().cpu()
-                h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def calibration_fingerprint(calib) -> str | None:
-    """The calibration set's description (it carries a digest of its tokens) or, without one, a digest
-    of its token ids; None when there is no calibration set."""
-    if calib is None:
-        return None
-    desc = getattr(calib, "description", None)
-    if desc:
-        return json.dumps(desc, sort_keys=True, default=str)
-    return hashlib.sha256(json.dumps(getattr(calib, "input_ids", repr(calib))).encode()).hexdigest()[:16]
 
 
 def progress(items, desc: str):

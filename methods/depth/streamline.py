@@ -46,7 +46,7 @@ from harness.pd import arch
 from harness.pd.cache import PDCache
 from harness.pd.engine import run_layers
 from harness.pd.plan import PruningPlan
-from methods.base import DepthOptions, Method
+from methods.base import DepthOptions, Method, content_key
 from methods.depth.ranked import progress
 from methods.registry import register
 
@@ -193,7 +193,7 @@ class Streamline(Method):
             raise UsageError(f"streamline.k={c.k}: must be < the model's {n} layers (at least one must stay)")
         if calib is None:
             raise UsageError("streamline needs a calibration set")
-        key = (id(model), id(calib), c.k)
+        key = (*content_key(model, calib), c.k)
         if self._memo is None or self._memo[0] != key:  # the plan does not depend on the mode
             t0 = time.perf_counter()
             cos = run_cosines(model, calib, c.k, c.batch_size) if c.k else []
@@ -210,7 +210,7 @@ class Streamline(Method):
 
     def _replace(self, model, calib, run: list[int], keep: tuple[int, ...]) -> dict:
         c = self.config
-        key = (id(model), id(calib), keep)
+        key = (*content_key(model, calib), keep)
         if key in self._reports:  # both modes remove the same run: train once
             return self._reports[key]
         t0 = time.perf_counter()

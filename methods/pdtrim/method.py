@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from harness.errors import UsageError
 from harness.pd import arch
 from harness.pd.plan import KVPolicy, PruningPlan
-from methods.base import Method, Options
+from methods.base import Method, Options, content_key
 from methods.depth.blocks import block_cosines
 from methods.registry import register
 
@@ -165,7 +165,7 @@ class PDTrim(Method):
         return plan.replace(info={**plan.info, "healing": info})
 
     def _search_state(self, model, calib) -> _SearchState:
-        key = (id(model), id(calib))
+        key = content_key(model, calib)
         if self._state is None or self._state.key != key:  # one search state serves both modes
             self._state = _SearchState(key, model, calib, self.config)
         return self._state
