@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 from conftest import ROOT
 
 
@@ -66,3 +67,37 @@ def test_the_catalog_lists_only_the_package_methods_and_rejects_missing_markers(
         registry.unregister("outside_plugin")
     with pytest.raises(ValueError, match="no generated block 'methods'"):
         catalog.render("no markers here", {"methods": catalog.methods_table})
+
+
+def test_the_api_example_runs(tmp_path, data_dir, monkeypatch):
+    """docs/api.md's notebook block, run as written except for its size: the tiny random model
+    (1 of 4 blocks removed), 4 items per task, the test's data and output folders."""
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    small = {'"smollm2-135m"': '"random:tiny", device="cpu", quiet=True', '"shortgpt.k=8"': '"shortgpt.k=1"',
+             "limit=50": "limit=4", '"../shared/data"': repr(str(data_dir))}
+    for old, new in small.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "docs/api.md", "exec"), scope)
+    df = scope["df"]
+    assert set(df["method"]) == {"unpruned", "shortgpt"} and set(df["mode"]) == {"unified", "disaggregated"}
+    assert set(df["task"]) == {"arc_easy", "piqa"} and (df["n_samples"] == 4).all()
+    assert scope["scores"].shape == (4, 2)
+    disagg = df[(df["mode"] == "disaggregated") & df["primary"]].set_index(["method", "task"])["kv_bytes_sent"]
+    assert (disagg.xs("shortgpt") < disagg.xs("unpruned")).all()  # 3 of 4 layers hand KV over
+
+
+def test_the_api_names_a_bad_option():
+    import harness
+    from harness.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"harness.evaluate\(\) \[run\] batch_size: expected a positive integer"):
+        harness.evaluate(batch_size=0)
+    with pytest.raises(UsageError, match="unknown key 'metods'"):
+        harness.evaluate(metods=["unpruned"])
+    with pytest.raises(UsageError, match="no such file or folder"):
+        harness.load_results("/nonexistent/run")

@@ -111,6 +111,24 @@ def check_tasks(tasks: tuple[str, ...], data_dir: str | None) -> None:
                      + ("" if data_dir else " (without --data-dir, any lm-eval task name)"))
 
 
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The run's configuration from its parsed options (the command line's, a spec section's or the API's)."""
+    return RunConfig(
+        model=args.model, methods=args.methods, tasks=expand_tasks(args.tasks), limit=args.limit, modes=MODES[args.mode],
+        seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None, max_length=args.max_length,
+        bootstrap_iters=args.bootstrap_iters, overrides=tuple(args.overrides),
+        plans_from=str(Path(args.plans_from).resolve()) if args.plans_from else None,
+        device_map=args.device_map, max_memory=args.max_memory,
+        offload_folder=str(Path(args.offload_folder).resolve()) if args.offload_folder else None,
+    )
+
+
+def default_out(cfg: RunConfig) -> Path:
+    """Where a run without --out writes its records."""
+    return Path("results") / "runs" / cfg.run_id()
+
+
 def cmd_run(argv: list[str] | argparse.Namespace) -> int:
     from harness.quality import distributed
 
@@ -127,15 +145,7 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
     from reports.formats import to_markdown
     from reports.tables import long_context_table, plans_table, quality_table
 
-    cfg = RunConfig(
-        model=args.model, methods=args.methods, tasks=expand_tasks(args.tasks), limit=args.limit, modes=MODES[args.mode],
-        seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-        data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None, max_length=args.max_length,
-        bootstrap_iters=args.bootstrap_iters, overrides=tuple(args.overrides),
-        plans_from=str(Path(args.plans_from).resolve()) if args.plans_from else None,
-        device_map=args.device_map, max_memory=args.max_memory,
-        offload_folder=str(Path(args.offload_folder).resolve()) if args.offload_folder else None,
-    )
+    cfg = run_config(args)
     placement = cfg.placement()  # bad --device-map / --max-memory: exit 2 before loading anything
     if cfg.plans_from and not Path(cfg.plans_from).is_dir():
         raise UsageError(f"--plans-from {args.plans_from}: not a folder of run records")
@@ -147,7 +157,7 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
         from harness.quality.tasks import TASK_FILES, check_files
 
         check_files([t for t in cfg.tasks if t in TASK_FILES], Path(cfg.data_dir))
-    out = args.out or Path("results") / "runs" / cfg.run_id()
+    out = args.out or default_out(cfg)
     from harness.pd.models import load_model
 
     t0 = time.perf_counter()
