@@ -5,7 +5,7 @@ tidy rows as a pandas DataFrame and `harness.load_results(folder)` reads any run
 (`harness/api.py`, docs/api.md). Importing `harness` itself loads neither torch nor pandas.
 """
 
-__version__ = "0.1.0"
+from harness.version import __version__  # noqa: F401 - the package's version, re-exported
 
 
 def evaluate(**options):

@@ -71,7 +71,7 @@ def _nvidia_smi() -> dict[str, Any]:
 
 def env_info(device: str | None = None) -> dict[str, Any]:
     """Versions of Python and the libraries that affect results, the device, and the git commit."""
-    from harness import __version__
+    from harness.version import __version__
 
     return {
         "harness": __version__,
