@@ -109,3 +109,11 @@ def test_run_writes_records_and_summary_then_resumes(data_dir, tmp_path):
 def test_calibrating_method_without_data_dir_exits_2(tmp_path):
     r = harness(*TINY, "--methods", "unpruned,shortgpt", "--tasks", "arc_easy", "--out", str(tmp_path), data_dir="")
     assert r.returncode == 2 and "shortgpt calibrate on PIQA + MMLU from local data: pass --data-dir" in r.stderr
+
+
+def test_version(capsys):
+    from harness.cli import main
+    from harness.version import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"pd-harness {__version__}\n"

@@ -46,6 +46,11 @@ COMMANDS = {"run": cmd_run, "latency": cmd_latency, "report": cmd_report, "check
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv in (["--version"], ["-V"]):
+        from harness.version import __version__
+
+        print(f"pd-harness {__version__}")
+        return 0
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     if command == "run" and any(a == "--config" or a.startswith("--config=") for a in argv):
         command, argv = "config", [x for a in argv for x in (a.split("=", 1) if a.startswith("--config=") else [a])]
