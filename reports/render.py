@@ -16,6 +16,7 @@ import pandas as pd
 from harness.store.records import atomic_write
 from reports.collect import Collection, ReportError, collect, failure_notes, metric_for, require_one_model, select_model
 from reports.formats import to_csv, to_latex, to_markdown
+from reports.significance import paired_table
 from reports.tables import efficiency_table, long_context_table, plans_table, quality_table
 
 
@@ -31,16 +32,19 @@ class Report:
         return "\n\n".join(to_markdown(t) for t in self.tables) + "\n"
 
 
-def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: float = 100.0) -> tuple[list[pd.DataFrame], list[str]]:
+def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: float = 100.0,
+                 baseline: str = "unpruned") -> tuple[list[pd.DataFrame], list[str]]:
     metric_for("arc_easy", {"acc": 0}, convention)  # unknown convention -> ReportError before any work
     tables, missing = [], []
     for name, make in (("quality", lambda: quality_table(col, convention)),
+                       ("paired", lambda: paired_table(col, baseline, convention)),
                        ("efficiency", lambda: efficiency_table(col, bandwidth_gbit)),
                        ("long_context", lambda: long_context_table(col)),
                        ("plans", lambda: plans_table(col))):
         t = make()
         if t.empty:
-            why = {"quality": "no quality records", "efficiency": "no latency records (python -m harness latency)",
+            why = {"quality": "no quality records", "paired": f"no records with per-item results to pair with {baseline}",
+                   "efficiency": "no latency records (python -m harness latency)",
                    "long_context": "no pd_ppl/passkey scores", "plans": "no records"}[name]
             missing.append(f"{name} table: not shown ({why})")
         else:
@@ -49,7 +53,7 @@ def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: flo
 
 
 def render_report(paths: list[Path], out: Path, convention: str = "paper", bandwidth_gbit: float = 100.0,
-                  html: bool = True, plots: bool = True, model: str | None = None) -> Report:
+                  html: bool = True, plots: bool = True, model: str | None = None, baseline: str = "unpruned") -> Report:
     """Tables (grouped by model) and, with `plots`, figures of one model: records of several models
     need `model` (a model name or config name) or `plots=False`. Failed-cell notes in `paths` become
     entries of `Report.missing`; they do not stop the report."""
@@ -61,7 +65,7 @@ def render_report(paths: list[Path], out: Path, convention: str = "paper", bandw
     if plots:
         require_one_model(col)
     rep = Report(out)
-    rep.tables, rep.missing = build_tables(col, convention, bandwidth_gbit)
+    rep.tables, rep.missing = build_tables(col, convention, bandwidth_gbit, baseline)
     rep.missing = failure_notes(paths, col) + rep.missing
     for t in rep.tables:
         for ext, fn in (("md", to_markdown), ("tex", to_latex), ("csv", to_csv)):

@@ -26,6 +26,9 @@ def report_parser() -> argparse.ArgumentParser:
                    help=f"metric per task: {', '.join(CONVENTIONS)} (default: paper = acc_norm for HellaSwag, ARC-Challenge, "
                         "OpenBookQA; acc elsewhere)")
     p.add_argument("--bandwidth", type=float, default=100.0, help="link bandwidth in Gbit/s for E2E in the efficiency table (default: 100)")
+    p.add_argument("--baseline", default="unpruned", metavar="METHOD",
+                   help="the method every other is compared with on the same items in the 'paired' table: score difference "
+                        "with a paired bootstrap 95%% CI and, for accuracies, an exact McNemar p-value (default: unpruned)")
     p.add_argument("--no-plots", action="store_true", help="tables only (faster)")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="only this model's records (its name as the tables show it, or its config name, e.g. smollm2-135m); "
@@ -40,7 +43,7 @@ def cmd_report(argv: list[str] | argparse.Namespace) -> int:
 
     try:
         rep = render_report(args.results, args.out, args.metric_convention, args.bandwidth, plots=not args.no_plots,
-                            model=args.model)
+                            model=args.model, baseline=args.baseline)
     except ReportError as e:
         raise UsageError(str(e)) from None
     print(rep.markdown)

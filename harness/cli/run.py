@@ -84,6 +84,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--plans-from", default=None, metavar="RUN_DIR",
                    help="reuse plans stored in another run's records where model, seed, method options and calibration "
                         "match (saves a repeated search, e.g. PDTrim's); other plans are made as usual")
+    p.add_argument("--log-samples", action="store_true",
+                   help="also write each evaluated (method, mode, task)'s per-item log, in lm-eval's per-sample JSON-lines format, "
+                        "to OUT/samples/METHOD__MODE/samples_TASK.jsonl (pd_ppl: per-window NLL; passkey: outputs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--config", metavar="SPEC.toml", help="instead of flags: run an experiment spec from configs/ (its quality and "
                    "latency runs, resuming finished records, then its report), e.g. --config configs/ci.toml")
@@ -175,7 +178,7 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
 
     failures: list[pipeline.CellFailure] = []
     try:
-        pipeline.run(cfg, out, prepared, loaded, on_progress=say, progress=not args.quiet)
+        pipeline.run(cfg, out, prepared, loaded, on_progress=say, progress=not args.quiet, log_samples=args.log_samples)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished records are kept in {out}; rerun the same command to resume", file=sys.stderr)
         return 130

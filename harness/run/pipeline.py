@@ -22,6 +22,7 @@ from harness.errors import UsageError
 from harness.pd.plan import PruningPlan
 from harness.quality.calibration import CalibConfig, build_calibration
 from harness.quality.distributed import Dist, ShardedScorer
+from harness.quality.samples import lm_eval_lines, per_item, samples_path
 from harness.store import records as rec
 
 log = logging.getLogger(__name__)
@@ -136,16 +137,19 @@ def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, 
     out = simple_evaluate(
         model=lm, tasks=[obj], limit=cfg.limit, task_manager=tasks.manager, bootstrap_iters=cfg.bootstrap_iters,
         random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-        fewshot_random_seed=cfg.seed, log_samples=False, cache_requests=False,
+        fewshot_random_seed=cfg.seed, log_samples=True, cache_requests=False,  # per-item results: records keep them
     )
     if out is None and lm.rank != 0:
         return None
     if task not in out["results"]:
         raise RuntimeError(f"lm-eval returned no results for {task}: {sorted(out['results'])}")
     n = sum(int(v.get("effective", 0)) for v in out.get("n-samples", {}).values())
+    samples = out.get("samples", {})
     return {
         "scores": flatten_results(out["results"][task]),
         "n_samples": n,
+        "items": per_item(samples),  # for paired comparisons (report --baseline)
+        "samples": samples,  # lm-eval's per-sample logs: written with --log-samples, never stored in the record
         "lm_eval": {"n-shot": out.get("n-shot", {}), "versions": out.get("versions", {}),
                     "higher_is_better": out.get("higher_is_better", {}).get(task, {})},
     }
@@ -180,6 +184,7 @@ class _Run:
     progress: bool
     calib: Any = None
     dist: Dist = dataclasses.field(default_factory=Dist)
+    log_samples: bool = False
 
     def calibration(self):
         if self.calib is None:
@@ -195,8 +200,10 @@ def run(
     loaded=None,
     on_progress: Callable[[str], None] | None = None,
     progress: bool = False,
+    log_samples: bool = False,
 ) -> list[rec.RunRecord]:
-    """Evaluate every (method, mode) of `cfg`; write records and summary.csv into `out_dir`."""
+    """Evaluate every (method, mode) of `cfg`; write records and summary.csv into `out_dir`, and with
+    `log_samples` each evaluated (cell, task)'s per-sample log under `out_dir/samples/`."""
     from harness.pd.models import load_model
     from harness.quality import distributed
     from harness.run.env import env_info
@@ -209,7 +216,7 @@ def run(
     env["data_parallel_ranks"] = d.world_size
     state = _Run(cfg, prepared, out_dir, loaded,
                  TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None),  # built on first use
-                 env, on_progress or (lambda msg: log.info(msg)), progress and d.is_main, dist=d)
+                 env, on_progress or (lambda msg: log.info(msg)), progress and d.is_main, dist=d, log_samples=log_samples)
     records, failures = [], []
     for name, method in prepared.methods.items():
         for mode in cfg.modes:
@@ -319,7 +326,7 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
             if task in partial["tasks"]:
                 continue
             st.say(f"{name}/{mode}: {task}")
-            partial["tasks"][task] = _eval_task(st, lm, task, mode)
+            partial["tasks"][task] = _eval_task(st, lm, task, name, mode)
             if st.dist.is_main:  # one writer; other ranks hold no aggregated scores
                 rec.atomic_write(partial_path, json.dumps(partial))
     if st.dist.is_main:
@@ -366,7 +373,7 @@ def _cell_plan(st: _Run, name: str, method, mode: str, partial: dict) -> Pruning
     return plan
 
 
-def _eval_task(st: _Run, lm, task: str, mode: str) -> dict:
+def _eval_task(st: _Run, lm, task: str, name: str, mode: str) -> dict:
     """One task's result (scores, n_samples, provenance) with the KV bytes its handoffs sent and its seconds."""
     cfg = st.cfg
     before, t_task = lm.tally.as_dict(), time.perf_counter()
@@ -386,11 +393,20 @@ def _eval_task(st: _Run, lm, task: str, mode: str) -> dict:
             raise UsageError(f"task {task}: its dataset could not be fetched from the Hugging Face hub "
                              f"({type(e).__name__}); offline, pass --data-dir with local data") from e
         raise
+    samples = result.pop("samples", None)
+    if st.log_samples and samples and st.dist.is_main:
+        write_samples(st.out_dir, name, mode, samples)
     result["kv"] = sent if mode == "disaggregated" else {}
     if mode != "disaggregated":
         result.pop("kv_by", None)
     result["seconds"] = time.perf_counter() - t_task
     return result
+
+
+def write_samples(out_dir: Path, name: str, mode: str, samples: dict[str, list[dict]]) -> None:
+    """One JSON-lines file per (sub)task of one cell, in lm-eval's per-sample format."""
+    for task, items in samples.items():
+        rec.atomic_write(samples_path(out_dir, name, mode, task), "".join(line + "\n" for line in lm_eval_lines(items)))
 
 
 def _make_plan(st: _Run, method, mode: str) -> tuple[PruningPlan, float, dict | None]:
@@ -430,6 +446,7 @@ def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: 
         timing_s={"plan": partial["plan_s"], **{f"eval_{t}": done[t]["seconds"] for t in cfg.tasks}},
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra={"kv_by_setting": {t: done[t]["kv_by"] for t in cfg.tasks if done[t].get("kv_by")},
-               "task_details": {t: done[t]["details"] for t in cfg.tasks if "details" in done[t]}},
+               "task_details": {t: done[t]["details"] for t in cfg.tasks if "details" in done[t]},
+               "items": {t: done[t]["items"] for t in cfg.tasks if done[t].get("items")}},
     )
     return rec.save(record, st.out_dir)

@@ -43,7 +43,9 @@ class LongTask:
                  progress: bool = False) -> dict:
         """Returns {"scores": {metric: {"value", "stderr"}}, "n_samples", "kv_by": {setting: KV delta},
         "details"}; per-setting scores are named `presentation.setting_prefix` + number and `kv_by`
-        is keyed by the same setting (e.g. `ppl_T2048` and `T2048`)."""
+        is keyed by the same setting (e.g. `ppl_T2048` and `T2048`). Optional: "items" (per-item numbers
+        for paired comparisons, `harness.quality.samples.per_item`'s shape; stored in the record) and
+        "samples" ({task: [per-sample dict with `doc_id`]}, written by `--log-samples`, never stored)."""
         raise NotImplementedError
 
     @classmethod

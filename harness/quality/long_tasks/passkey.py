@@ -111,8 +111,11 @@ class Passkey(LongTask):
                 per_sample += [{"length": s.length, "depth": s.depth, "key": s.key, "output": tokenizer.decode(g), "correct": x}
                                for s, g, x in zip(group, gens, ok)]
         m, se = mean_se([float(x) for x in hits])
+        items = {"ids": [f"passkey/{i}" for i in range(len(per_sample))],  # the same samples for every method
+                 "metrics": {"acc": [float(x["correct"]) for x in per_sample]}}
         return {"scores": {"acc": {"value": m, "stderr": se}, **scores, **_by_depth(per_sample)}, "n_samples": len(samples),
-                "kv_by": kv_by, "details": {"samples": per_sample, "scoring": "first digit run of the greedy output == key"}}
+                "kv_by": kv_by, "details": {"samples": per_sample, "scoring": "first digit run of the greedy output == key"},
+                "items": items, "samples": {self.name: [{"doc_id": i, **x} for i, x in enumerate(per_sample)]}}
 
 
 def _by_depth(per_sample: list[dict]) -> dict:

@@ -76,16 +76,19 @@ class PdPpl(LongTask):
         windows = ppl_windows(tokenizer, data_dir, c, limit)
         if scorer.max_length < max(c.prompt_tokens) + c.cont_tokens - 1:
             raise UsageError(f"pd_ppl: prompts of {max(c.prompt_tokens)} + {c.cont_tokens} tokens exceed max_length {scorer.max_length}")
-        scores, kv_by, nll_all = {}, {}, []
+        scores, kv_by, nll_all, per_window = {}, {}, [], []
         with batch_size(scorer, c.batch_size):
             for T in c.prompt_tokens:
                 reqs = [(w[:T], w[T : T + c.cont_tokens]) for w in windows]
                 res, kv_by[f"T{T}"] = kv_delta(scorer, lambda reqs=reqs: scorer.loglikelihood(reqs, progress=progress))
                 nll = [-lp / c.cont_tokens for lp, _ in res]  # per-article mean NLL per token
                 nll_all += nll
+                per_window += [{"doc_id": i, "prompt_tokens": T, "cont_tokens": c.cont_tokens, "nll_per_token": x}
+                               for i, x in enumerate(nll)]
                 scores[f"ppl_T{T}"] = _ppl(nll)
         scores = {"ppl": _ppl(nll_all), **scores}
         return {"scores": scores, "n_samples": len(windows) * len(c.prompt_tokens), "kv_by": kv_by,
+                "samples": {self.name: per_window},  # written with --log-samples, not stored in the record
                 "details": {"articles": len(windows), "prompt_tokens": list(c.prompt_tokens), "cont_tokens": c.cont_tokens,
                             "source": "wikitext2/wiki.test.raw, articles split at top-level titles, file order"}}
 

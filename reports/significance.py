@@ -1,0 +1,147 @@
+"""Paired comparisons: each method against a baseline method on the same items.
+
+Every quality record keeps its per-item numbers (`extra.items`: item ids and, per metric, one
+value per item). For a method and the baseline in the same PD setting and model, the items both
+scored are paired and the difference method − baseline is summarised by
+
+- a paired bootstrap 95 % CI of the mean difference (resampling items; `scipy.stats.bootstrap`,
+  percentile method, seeded), per task and for the average over tasks (each task's items
+  resampled independently, the statistic is the mean of the per-task mean differences);
+- for 0/1 metrics (accuracies), the exact McNemar test: a two-sided binomial test of the
+  discordant pairs (`scipy.stats.binomtest`, p = 1 when there are none).
+
+A difference is *significant* when its CI excludes 0. "Better / same / worse" counts tasks by that
+rule. Records written before per-item numbers were kept have no `extra.items`: no row for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from harness.store.records import RunRecord
+from reports.collect import Collection, metric_for, model_name
+from reports.formats import CellSpec, cell, make_table
+
+N_RESAMPLES = 10_000
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Paired:
+    """One comparison: mean difference (method − baseline, in the metric's units), its 95 % CI, the
+    McNemar p-value (None for non-binary metrics) and the number of paired items."""
+
+    diff: float
+    low: float
+    high: float
+    p_mcnemar: float | None
+    n: int
+
+    @property
+    def significant(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def _ci(samples: tuple[np.ndarray, ...], statistic) -> tuple[float, float]:
+    res = stats.bootstrap(samples, statistic, confidence_level=0.95, n_resamples=N_RESAMPLES, method="percentile",
+                          vectorized=True, paired=False, random_state=np.random.default_rng(SEED))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def mcnemar_exact(base: np.ndarray, other: np.ndarray) -> float:
+    """Exact McNemar p-value of paired 0/1 outcomes (two-sided binomial test on the discordant pairs)."""
+    gained = int(np.sum((base == 0) & (other == 1)))
+    lost = int(np.sum((base == 1) & (other == 0)))
+    return 1.0 if gained + lost == 0 else float(stats.binomtest(gained, gained + lost, 0.5).pvalue)
+
+
+def compare(base: np.ndarray, other: np.ndarray) -> Paired:
+    """Paired comparison of one task's per-item values (same items, same order)."""
+    d = np.asarray(other, float) - np.asarray(base, float)
+    low, high = _ci((d,), lambda x, axis: x.mean(axis=axis)) if d.std() > 0 else (float(d.mean()),) * 2
+    binary = bool(np.isin(base, (0.0, 1.0)).all() and np.isin(other, (0.0, 1.0)).all())
+    return Paired(float(d.mean()), low, high, mcnemar_exact(np.asarray(base), np.asarray(other)) if binary else None, len(d))
+
+
+def compare_average(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Paired:
+    """The mean over tasks of the per-task mean differences, with each task's items resampled independently."""
+    ds = tuple(np.asarray(o, float) - np.asarray(b, float) for b, o in pairs)
+    diff = float(np.mean([d.mean() for d in ds]))
+    if not any(d.std() > 0 for d in ds):
+        return Paired(diff, diff, diff, None, sum(len(d) for d in ds))
+    low, high = _ci(ds, lambda *xs, axis: np.mean([x.mean(axis=axis) for x in xs], axis=0))
+    return Paired(diff, low, high, None, sum(len(d) for d in ds))
+
+
+def aligned(base: RunRecord, other: RunRecord, task: str, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The two records' values of `metric` on the items both scored (None when either lacks them)."""
+    a, b = (r.extra.get("items", {}).get(task) for r in (base, other))
+    if not a or not b or metric not in a["metrics"] or metric not in b["metrics"]:
+        return None
+    va, vb = dict(zip(a["ids"], a["metrics"][metric])), dict(zip(b["ids"], b["metrics"][metric]))
+    common = [i for i in a["ids"] if i in vb and va[i] is not None and vb[i] is not None]
+    if not common:
+        return None
+    return np.array([va[i] for i in common], float), np.array([vb[i] for i in common], float)
+
+
+def _text(p: Paired) -> CellSpec:
+    mark = "*" if p.significant else ""
+    pv = "" if p.p_mcnemar is None else f" p={p.p_mcnemar:.2g}"
+    return cell(f"{100 * p.diff:+.1f}{mark} [{100 * p.low:+.1f}, {100 * p.high:+.1f}]{pv}", round(100 * p.diff, 6))
+
+
+def _verdict(ps: list[Paired]) -> str:
+    better = sum(p.significant and p.diff > 0 for p in ps)
+    worse = sum(p.significant and p.diff < 0 for p in ps)
+    return f"{better} better / {len(ps) - better - worse} same / {worse} worse"
+
+
+def _task_metrics(base: RunRecord, convention: str) -> dict[str, str]:
+    """Tasks whose baseline record has per-item values of the shown metric, in record order."""
+    out = {}
+    for task, items in base.extra.get("items", {}).items():
+        m = metric_for(task, base.scores.get(task, {}), convention)
+        if m and m in items.get("metrics", {}):
+            out[task] = m
+    return out
+
+
+def paired_table(col: Collection, baseline: str = "unpruned", convention: str = "paper") -> pd.DataFrame:
+    """Rows: every other method, per model and PD setting; columns: each task's difference to
+    `baseline` in points (95 % CI; McNemar p for accuracies; * = CI excludes 0), the average's, and
+    the better / same / worse count over tasks. Empty when no record pairs with a baseline."""
+    from reports.tables import MODE_TITLE, TASK_TITLE
+
+    groups, all_tasks = [], []
+    keys = sorted({(model_name(r), r.mode) for r in col.quality})
+    for model, mode in keys:
+        rs = [r for r in col.quality if (model_name(r), r.mode) == (model, mode)]
+        base = next((r for r in rs if r.method == baseline), None)
+        if base is None:
+            continue
+        tasks = _task_metrics(base, convention)
+        all_tasks += [t for t in tasks if t not in all_tasks]
+        rows = []
+        for r in sorted((r for r in rs if r is not base), key=lambda r: col.label(r)):
+            pairs = {t: aligned(base, r, t, m) for t, m in tasks.items()}
+            done = {t: compare(*p) for t, p in pairs.items() if p is not None}
+            if done:
+                rows.append((r, done, compare_average([p for p in pairs.values() if p is not None])))
+        if rows:
+            title = " · ".join(x for x in ((model if len({k[0] for k in keys}) > 1 else ""), MODE_TITLE.get(mode, mode)) if x)
+            groups.append((title, rows))
+    if not groups:
+        return make_table("paired", "", ["Method"], [])
+    cols = ["Method", *[TASK_TITLE.get(t, t) for t in all_tasks], "Avg", "Verdict"]
+    body = [(title, [[cell(col.label(r)), *[_text(done[t]) if t in done else cell("—") for t in all_tasks], _text(avg),
+                      cell(_verdict(list(done.values())))] for r, done, avg in rows]) for title, rows in groups]
+    caption = (f"Difference to {baseline} on the same items, in points (method − {baseline}; metric as in the quality "
+               f"table, convention '{convention}'): mean [paired bootstrap 95% CI, {N_RESAMPLES:,} resamples, seed {SEED}]"
+               f" and, for accuracies, the exact McNemar p-value. * : the CI excludes 0. Avg: mean of the task differences "
+               f"(items resampled within each task). Verdict: tasks significantly better / not / worse.")
+    return make_table("paired", caption, cols, body, align="l" + "r" * (len(cols) - 2) + "l")

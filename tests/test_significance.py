@@ -1,0 +1,117 @@
+"""Paired comparisons (reports/significance.py) against direct computations on planted data, and
+per-item results end to end: records keep them, `--log-samples` writes lm-eval's per-sample
+files, and `report --baseline` pairs methods on the same items."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT
+
+from reports import significance as sig
+
+
+def direct_mcnemar(base, other) -> float:
+    """Two-sided exact McNemar by hand: binomial(n = discordant, 1/2) tail, doubled, capped at 1."""
+    b = sum(1 for x, y in zip(base, other) if x == 1 and y == 0)
+    c = sum(1 for x, y in zip(base, other) if x == 0 and y == 1)
+    n = b + c
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def direct_bootstrap(ds, n=40_000, seed=1) -> tuple[float, float]:
+    """Percentile bootstrap of the mean over tasks of each task's mean difference, by plain numpy."""
+    rng = np.random.default_rng(seed)
+    means = np.mean([d[rng.integers(0, len(d), (n, len(d)))].mean(axis=1) for d in ds], axis=0)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+@pytest.fixture
+def planted():
+    rng = np.random.default_rng(7)
+    base = (rng.random(300) < 0.55).astype(float)
+    other = base.copy()
+    flip = rng.choice(300, 40, replace=False)  # 30 gained, 10 lost: a real improvement
+    other[flip[:30]] = 1.0
+    other[flip[30:]] = 0.0
+    return base, other
+
+
+def test_mcnemar_and_bootstrap_match_direct_computation(planted):
+    base, other = planted
+    p = sig.compare(base, other)
+    assert p.n == 300 and p.diff == pytest.approx(float((other - base).mean()))
+    assert p.p_mcnemar == pytest.approx(direct_mcnemar(base, other), rel=1e-9)
+    low, high = direct_bootstrap([other - base])
+    assert abs(p.low - low) < 0.006 and abs(p.high - high) < 0.006  # Monte Carlo error of the two estimates
+    assert p.significant == (p.low > 0 or p.high < 0)
+
+
+def test_average_bootstrap_resamples_each_task(planted):
+    base, other = planted
+    rng = np.random.default_rng(3)
+    b2 = (rng.random(120) < 0.5).astype(float)
+    o2 = b2.copy()
+    o2[:6] = 1 - o2[:6]
+    avg = sig.compare_average([(base, other), (b2, o2)])
+    assert avg.diff == pytest.approx(((other - base).mean() + (o2 - b2).mean()) / 2)
+    low, high = direct_bootstrap([other - base, o2 - b2])
+    assert abs(avg.low - low) < 0.006 and abs(avg.high - high) < 0.006
+
+
+def test_identical_results_are_the_same_not_significant():
+    x = np.array([0, 1, 1, 0, 1], float)
+    p = sig.compare(x, x)
+    assert (p.diff, p.low, p.high, p.p_mcnemar, p.significant) == (0.0, 0.0, 0.0, 1.0, False)
+
+
+def test_non_binary_metrics_get_no_mcnemar():
+    p = sig.compare(np.array([0.2, 0.4, 0.9]), np.array([0.3, 0.4, 1.0]))
+    assert p.p_mcnemar is None and p.diff == pytest.approx(0.2 / 3)
+
+
+def harness(*args, data_dir, timeout=900):
+    env = {**os.environ, "HARNESS_DATA_DIR": str(data_dir), "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_log_samples_records_items_and_the_paired_report(tmp_path, data_dir):
+    out = tmp_path / "run"
+    r = harness("--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned,tail", "--set", "tail.k=2",
+                "--tasks", "arc_easy,boolq", "--limit", "8", "--mode", "disaggregated", "--out", out, "--log-samples",
+                data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for method in ("unpruned", "tail"):
+        rec = json.loads((out / f"{method}__disaggregated.json").read_text())
+        for task in ("arc_easy", "boolq"):
+            df = pd.read_json(out / "samples" / f"{method}__disaggregated" / f"samples_{task}.jsonl", lines=True)
+            assert len(df) == 8 and {"doc_id", "target", "resps", "filtered_resps", "acc"} <= set(df.columns)
+            assert df["acc"].mean() == pytest.approx(rec["scores"][task]["acc"]["value"])  # items average to the score
+            items = rec["extra"]["items"][task]
+            assert items["ids"] == [f"{task}/{i}" for i in sorted(df["doc_id"])]
+            assert items["metrics"]["acc"] == [float(x) for x in df.sort_values("doc_id")["acc"]]
+    rep = tmp_path / "rep"
+    r = harness("report", out, "--out", rep, "--no-plots", data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = (rep / "tables" / "paired.md").read_text()
+    assert "| tail |" in table and "better /" in table and "McNemar" in table
+    csv = pd.read_csv(rep / "tables" / "paired.csv")
+    assert len(csv) == 1
+
+
+def test_without_log_samples_no_sample_files(tmp_path, data_dir):
+    out = tmp_path / "run"
+    r = harness("--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned", "--tasks", "arc_easy",
+                "--limit", "3", "--mode", "unified", "--out", out, data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (out / "samples").exists()
+    assert len(json.loads((out / "unpruned__unified.json").read_text())["extra"]["items"]["arc_easy"]["ids"]) == 3
