@@ -39,6 +39,7 @@ class RunConfig:
     data_dir: str | None = None
     max_length: int | None = None  # None: the model's context length, as lm-eval's HFLM resolves it
     bootstrap_iters: int = 1000  # lm-eval bootstrap for stderr of non-mean metrics (perplexities)
+    num_fewshot: int = 0  # lm-eval few-shot examples per item (sampled with fewshot_random_seed = seed)
     plans_from: str | None = None  # reuse plans stored in these records when method, options and calibration match
     overrides: tuple[str, ...] = ()  # raw --set items, scoped "method.field=value", "calib.field=value" or "task.field=value"
     # accelerate big-model placement (--device-map auto): where weights live, not what is computed
@@ -57,14 +58,22 @@ class RunConfig:
         """Content hash of what determines one (method, mode) record."""
         # placement is left out: a split model computes the same results (tests/test_placement.py)
         skip = ("methods", "modes", "overrides", "plans_from", *self.PLACEMENT)
-        canon = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        canon = {k: v for k, v in self._canonical().items() if k not in skip}
         canon.update(method=method, mode=mode, method_options=method_options, calib=calib)
         if task_options:  # only runs with long-context tasks carry it (keeps older keys stable)
             canon["task_options"] = task_options
         return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def _canonical(self) -> dict[str, Any]:
+        """The fields that name a run; fields added later with their default left out, so the keys
+        of runs that do not use them stay what they were."""
+        d = dataclasses.asdict(self)
+        if d["num_fewshot"] == 0:
+            del d["num_fewshot"]
+        return d
+
     def run_id(self) -> str:
-        canon = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        canon = json.dumps(self._canonical(), sort_keys=True, default=str)
         return hashlib.sha256(canon.encode()).hexdigest()[:12]
 
 

@@ -118,7 +118,9 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
     model = ", ".join(sorted({model_name(r) for r in recs})) or "—"
     lm_eval = sorted({str(r.lm_eval.get("version")) for r in recs if r.lm_eval.get("version")})
     seeds = sorted({str(r.config.get("seed")) for r in recs})
-    caption = (f"Zero-shot scores (%) on {model}; rows grouped by PD setting and blocks removed "
+    shots = sorted({int(r.config.get("num_fewshot") or 0) for r in recs}) or [0]
+    shot_text = "Zero-shot" if shots == [0] else f"{'/'.join(map(str, shots))}-shot"
+    caption = (f"{shot_text} scores (%) on {model}; rows grouped by PD setting and blocks removed "
                f"(one number: both stages; 'p / d': prefill / decode). Metric: {CONVENTION_TEXT[convention]} "
                f"(convention '{convention}'). {_items_text(recs, tasks)}; lm-eval {', '.join(lm_eval) or '—'}, "
                f"seed {', '.join(seeds)}. Avg: mean over the accuracy columns. KV ×: KV bytes unpruned ÷ method, summed over "

@@ -80,6 +80,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"),
                    help="folder laid out like ../shared/data (default: $HARNESS_DATA_DIR; unset = lm-eval's hub datasets)")
     p.add_argument("--max-length", type=positive_int, default=None, help="context length (default: the model's, as lm-eval resolves it)")
+    p.add_argument("--num-fewshot", type=int, default=0, metavar="N",
+                   help="few-shot examples per item, passed to lm-eval (sampled with the run's --seed; recorded and part of "
+                        "the run key; long-context tasks ignore it) (default: 0)")
     p.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval bootstrap iterations for perplexity stderrs")
     p.add_argument("--plans-from", default=None, metavar="RUN_DIR",
                    help="reuse plans stored in another run's records where model, seed, method options and calibration "
@@ -120,7 +123,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         model=args.model, methods=args.methods, tasks=expand_tasks(args.tasks), limit=args.limit, modes=MODES[args.mode],
         seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None, max_length=args.max_length,
-        bootstrap_iters=args.bootstrap_iters, overrides=tuple(args.overrides),
+        bootstrap_iters=args.bootstrap_iters, num_fewshot=args.num_fewshot, overrides=tuple(args.overrides),
         plans_from=str(Path(args.plans_from).resolve()) if args.plans_from else None,
         device_map=args.device_map, max_memory=args.max_memory,
         offload_folder=str(Path(args.offload_folder).resolve()) if args.offload_folder else None,
@@ -150,6 +153,8 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
 
     cfg = run_config(args)
     placement = cfg.placement()  # bad --device-map / --max-memory: exit 2 before loading anything
+    if cfg.num_fewshot < 0:
+        raise UsageError(f"--num-fewshot {cfg.num_fewshot}: must be >= 0")
     if cfg.plans_from and not Path(cfg.plans_from).is_dir():
         raise UsageError(f"--plans-from {args.plans_from}: not a folder of run records")
     if not cfg.methods:

@@ -136,6 +136,7 @@ def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, 
     obj = tasks.get(task)
     out = simple_evaluate(
         model=lm, tasks=[obj], limit=cfg.limit, task_manager=tasks.manager, bootstrap_iters=cfg.bootstrap_iters,
+        num_fewshot=cfg.num_fewshot or None,  # None: each task's own default (0 for every task here)
         random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
         fewshot_random_seed=cfg.seed, log_samples=True, cache_requests=False,  # per-item results: records keep them
     )
