@@ -47,6 +47,7 @@ def evaluate(**options: Any) -> pd.DataFrame:
     (the command line's exit 2); a failed cell raises `RuntimeError` after the others finished."""
     from harness.cli.run import cmd_run, default_out, run_config, run_parser
     from harness.cli.spec import Spec, to_namespace
+    from harness.config import sweep_base
 
     args = to_namespace(Spec(API, {"run": options}), "run", run_parser())  # the command's checks, named errors
     cfg = run_config(args)
@@ -55,4 +56,5 @@ def evaluate(**options: Any) -> pd.DataFrame:
     if rc != 0:
         raise RuntimeError(f"harness.evaluate(): some cells failed (exit status {rc}); their notes are in {args.out}")
     df = load_results(args.out)
-    return df[df["method"].isin(cfg.methods) & df["mode"].isin(cfg.modes)].reset_index(drop=True)
+    mine = df["method"].map(sweep_base).isin(cfg.methods)  # swept variants (shortgpt@k=2) belong to their method
+    return df[mine & df["mode"].isin(cfg.modes)].reset_index(drop=True)

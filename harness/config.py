@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import types
 import typing
@@ -128,6 +129,41 @@ def split_overrides(items: typing.Iterable[str], scopes: typing.Iterable[str]) -
                              f"scopes here: {', '.join(scopes)}")
         out.setdefault(scope, {})[name] = raw.strip()
     return out
+
+
+SWEEP_MARK = "@"  # a swept variant's name: METHOD@OPTION=VALUE[,OPTION=VALUE]
+
+
+def expand_sweeps(cls_config: type, scope: str, raw: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+    """A scope's `--set` values with sweeps expanded: a comma-separated value of a scalar option
+    (`shortgpt.k=2,4,6`) is one variant per value, and several swept options give their product, in
+    order. Returns [(variant name, raw options)]: [(scope, raw)] when nothing is swept, else
+    `shortgpt@k=2`, ... (tuple-typed options take comma-separated values as one value, as before)."""
+    hints = typing.get_type_hints(cls_config)
+    swept = {}
+    for name, value in raw.items():
+        hint = hints.get(name)
+        scalar = hint is not None and typing.get_origin(hint) is not tuple and not (
+            typing.get_origin(hint) in (typing.Union, types.UnionType)
+            and any(typing.get_origin(a) is tuple for a in typing.get_args(hint)))
+        if scalar and "," in value:
+            values = [v.strip() for v in value.split(",") if v.strip()]
+            if len(values) != len(set(values)) or not values:
+                raise UsageError(f"--set {scope}.{name}={value}: a sweep needs distinct values, e.g. {scope}.{name}=2,4,6")
+            swept[name] = values
+    if not swept:
+        return [(scope, raw)]
+    out = []
+    for combo in itertools.product(*swept.values()):
+        chosen = dict(zip(swept, combo))
+        tag = ",".join(f"{k}={v}" for k, v in chosen.items())
+        out.append((f"{scope}{SWEEP_MARK}{tag}", {**raw, **chosen}))
+    return out
+
+
+def sweep_base(name: str) -> str:
+    """The method of a swept variant (`shortgpt@k=2` -> `shortgpt`); other names unchanged."""
+    return name.split(SWEEP_MARK, 1)[0]
 
 
 def build_options(cls_config: type, scope: str, raw: dict[str, str]) -> Any:

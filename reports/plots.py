@@ -48,6 +48,13 @@ def _methods(records: list[RunRecord], col: Collection) -> list[str]:
     return sorted({col.label(r) for r in records}, key=lambda m: (m != "unpruned", m))
 
 
+def series(col: Collection, r: RunRecord) -> str:
+    """A curve's name: the record's label with a swept variant's values dropped (`shortgpt@k=2` ->
+    `shortgpt`), so every depth of one method's sweep is one line."""
+    base = r.method.split("@", 1)[0]
+    return col.label(r).replace(r.method, base, 1)
+
+
 def plot_score_vs_blocks(col: Collection, convention: str = "paper"):
     """Average score against blocks removed (decode stage), one series per method, a panel per mode."""
     tasks = _mc_tasks(col)
@@ -57,8 +64,9 @@ def plot_score_vs_blocks(col: Collection, convention: str = "paper"):
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False, sharey=True)
     for ax, mode in zip(axes[0], modes):
         recs = [r for r in col.quality if r.mode == mode]
-        for i, m in enumerate(_methods(recs, col)):
-            pts = sorted((removed_counts(r)[1], avg_score(r, tasks, convention)) for r in recs if col.label(r) == m)
+        names = sorted({series(col, r) for r in recs}, key=lambda m: (m != "unpruned", m))
+        for i, m in enumerate(names):
+            pts = sorted((removed_counts(r)[1], avg_score(r, tasks, convention)) for r in recs if series(col, r) == m)
             pts = [(x, y) for x, y in pts if y is not None]
             if pts:
                 ax.plot(*zip(*pts), marker=MARKERS[i % len(MARKERS)], label=m)
@@ -68,6 +76,17 @@ def plot_score_vs_blocks(col: Collection, convention: str = "paper"):
     return fig
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (less or equal KV, higher or equal score, one of
+    them strictly), by increasing KV."""
+    front, best = [], float("-inf")
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
 def plot_score_vs_kv(col: Collection, convention: str = "paper"):
     """Average score against KV bytes sent per request (disaggregated records)."""
     tasks = _mc_tasks(col)
@@ -75,11 +94,16 @@ def plot_score_vs_kv(col: Collection, convention: str = "paper"):
     if not tasks or not recs:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
+    pts = []
     for i, r in enumerate(sorted(recs, key=lambda r: (r.method != "unpruned", col.label(r)))):
         handoffs = sum(r.kv[t]["handoffs"] for t in tasks)
         x, y = _mc_kv(r, tasks) / handoffs / MIB, avg_score(r, tasks, convention)
         if y is not None:
             ax.scatter([x], [y], marker=MARKERS[i % len(MARKERS)], s=60, label=col.label(r))
+            pts.append((x, y))
+    front = pareto_front(pts)
+    if len(front) > 1:
+        ax.plot(*zip(*front), color="0.4", linestyle="--", linewidth=1, zorder=0, label="Pareto frontier")
     _style(ax, "Score versus KV sent (PD-disaggregated)", "KV bytes sent per request, mean over these tasks (MiB)",
            f"average score over {len(tasks)} tasks (%)")
     ax.legend(fontsize=8)

@@ -189,14 +189,14 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
         return 130
     except pipeline.CellsFailed as e:
         failures = e.failures
-    records = [r for r in load_dir(out) if r.method in cfg.methods and r.mode in cfg.modes]
+    records = [r for r in load_dir(out) if r.method in prepared.methods and r.mode in cfg.modes]  # swept variants too
     for table in (quality_table(records), long_context_table(records), plans_table(records)):
         if not table.empty:
             print(to_markdown(table), end="\n\n")
     print(f"\nrecords and summary.csv in {out} ({time.perf_counter() - start:.0f}s)")
     if not failures:
         return 0
-    n_cells = len(cfg.methods) * len(cfg.modes)
+    n_cells = len(prepared.methods) * len(cfg.modes)
     print(f"{len(failures)} of {n_cells} cells FAILED (the others finished; rerun the same command to retry only these):")
     for f in failures:
         print(f"  {f.line()}")

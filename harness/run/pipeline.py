@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.config import RunConfig, build_options, split_overrides
+from harness.config import RunConfig, build_options, expand_sweeps, split_overrides
 from harness.errors import UsageError
 from harness.pd.plan import PruningPlan
 from harness.quality.calibration import CalibConfig, build_calibration
@@ -76,7 +76,8 @@ def prepare(cfg: RunConfig, need_data: bool = True) -> Prepared:
     classes = {name: registry.get(name) for name in cfg.methods}
     long_here = [t for t in cfg.tasks if long_tasks.is_long_task(t)]
     raw = split_overrides(cfg.overrides, [*cfg.methods, "calib", *long_here])
-    instances = {name: cls(build_options(cls.Config, name, raw.get(name, {}))) for name, cls in classes.items()}
+    instances = {variant: cls(build_options(cls.Config, name, opts))  # `shortgpt.k=2,4` -> shortgpt@k=2, shortgpt@k=4
+                 for name, cls in classes.items() for variant, opts in expand_sweeps(cls.Config, name, raw.get(name, {}))}
     task_options = {t: build_options(long_tasks.get(t).Config, t, raw.get(t, {})) for t in long_here}
     calib_raw = dict(raw.get("calib", {}))
     calib_raw.setdefault("seed", str(cfg.seed))
