@@ -60,3 +60,23 @@ def test_a_k_sweep_is_one_cell_per_k_from_one_ranking(tmp_path, data_dir):
 
     col = collect([out])
     assert {series(col, r) for r in col.quality} == {"unpruned", "shortgpt"}
+
+
+@pytest.mark.parametrize("name, variants", [
+    ("kv", ["pdtrim@kv_pruning=true", "pdtrim@kv_pruning=false"]),
+    ("stage", ["pdtrim@k_prefill=4", "pdtrim@k_prefill=8"]),
+    ("d_t", ["pdtrim@d_t=0.9", "pdtrim@d_t=0.95", "pdtrim@d_t=0.97"]),
+    ("first_last", [f"pdtrim@n_first={f},n_last={n}" for f in (4, 16) for n in (16, 48, 128)]),
+    ("tau", [f"pdtrim@tau={t}" for t in ("0.3", "0.5", "0.7", "0.9")]),
+])
+def test_ablation_specs_expand_to_their_variants(name, variants, data_dir):
+    """Each configs/ablation_*.toml is a valid spec whose PDTrim variants are the ablation's settings."""
+    from harness.cli.run import run_config, run_parser
+    from harness.cli.spec import load_spec, to_namespace
+    from harness.run.pipeline import prepare
+
+    spec = load_spec(ROOT / "configs" / f"ablation_{name}.toml")
+    args = to_namespace(spec, "run", run_parser(), {"data_dir": str(data_dir)})
+    prepared = prepare(run_config(args))
+    assert list(prepared.methods) == ["unpruned", *variants]
+    assert spec.out("report") is not None
