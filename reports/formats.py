@@ -62,6 +62,22 @@ def bold_best(t: pd.DataFrame, column: str, lower_is_better: bool = False) -> No
     t.loc[hit[hit].index, "bold"] = True
 
 
+def bold_beyond_noise(t: pd.DataFrame, column: str, stderr: dict[int, float], lower_is_better: bool = False,
+                      z: float = 1.96) -> None:
+    """Bold the best value of `column` within each group only where it beats the runner-up by more than
+    noise: |best − second| > z·sqrt(se_best² + se_second²), with `stderr` keyed by table row. No bold
+    where either standard error is unknown: a sample too small to tell is not a win."""
+    sel = t["column"] == column
+    for _, part in t[sel].groupby("group"):
+        vals = [(float(v), int(r)) for v, r in zip(part["value"], part["row"]) if _is_number(v)]
+        if len(vals) < 2:
+            continue
+        vals.sort(reverse=not lower_is_better)
+        (best, rb), (second, rs) = vals[0], vals[1]
+        if rb in stderr and rs in stderr and abs(best - second) > z * (stderr[rb] ** 2 + stderr[rs] ** 2) ** 0.5:
+            t.loc[part.index[part["row"] == rb], "bold"] = True
+
+
 def _is_number(v: object) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 

@@ -39,6 +39,18 @@ def avg_score(r: RunRecord, tasks: list[str], convention: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def avg_stderr(r: RunRecord, tasks: list[str], convention: str) -> float | None:
+    """Standard error (%) of `avg_score`: sqrt(sum of the tasks' se²) / n; None if any is unknown."""
+    ses = []
+    for t in tasks:
+        m = metric_for(t, r.scores.get(t, {}), convention)
+        se = r.scores.get(t, {}).get(m, {}).get("stderr") if m else None
+        if not isinstance(se, (int, float)):
+            return None
+        ses.append(100 * se)
+    return (sum(x * x for x in ses) ** 0.5) / len(ses) if ses else None
+
+
 def _mc_tasks(col: Collection) -> list[str]:
     return [t for t in _ordered_tasks(col.quality, lambda r, t: not is_long_task(r, t))
             if all("acc" in r.scores.get(t, {}) or "acc_norm" in r.scores.get(t, {}) for r in col.quality if t in r.scores)]
@@ -66,11 +78,13 @@ def plot_score_vs_blocks(col: Collection, convention: str = "paper"):
         recs = [r for r in col.quality if r.mode == mode]
         names = sorted({series(col, r) for r in recs}, key=lambda m: (m != "unpruned", m))
         for i, m in enumerate(names):
-            pts = sorted((removed_counts(r)[1], avg_score(r, tasks, convention)) for r in recs if series(col, r) == m)
-            pts = [(x, y) for x, y in pts if y is not None]
+            pts = sorted((removed_counts(r)[1], avg_score(r, tasks, convention), avg_stderr(r, tasks, convention))
+                         for r in recs if series(col, r) == m and avg_score(r, tasks, convention) is not None)
             if pts:
-                ax.plot(*zip(*pts), marker=MARKERS[i % len(MARKERS)], label=m)
-        _style(ax, MODE_TITLE[mode], "blocks removed (decode stage)", f"average score over {len(tasks)} tasks (%)")
+                xs, ys, es = zip(*pts)
+                ax.errorbar(xs, ys, yerr=[e or 0.0 for e in es], marker=MARKERS[i % len(MARKERS)], capsize=3, label=m)
+        _style(ax, MODE_TITLE[mode], "blocks removed (decode stage)", f"average score over {len(tasks)} tasks (%, ± 1 se)")
+        ax.set_ylim(0, 100)  # the whole scale: a truncated axis makes noise look like an effect
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -104,6 +118,7 @@ def plot_score_vs_kv(col: Collection, convention: str = "paper"):
     front = pareto_front(pts)
     if len(front) > 1:
         ax.plot(*zip(*front), color="0.4", linestyle="--", linewidth=1, zorder=0, label="Pareto frontier")
+    ax.set_ylim(0, 100)
     _style(ax, "Score versus KV sent (PD-disaggregated)", "KV bytes sent per request, mean over these tasks (MiB)",
            f"average score over {len(tasks)} tasks (%)")
     ax.legend(fontsize=8)

@@ -15,7 +15,7 @@ import pandas as pd
 from harness.store.records import LOWER_IS_BETTER, RunRecord, is_long_task, stored_presentation, task_presentation
 from harness.store.task_names import LEGACY_CAPTION_TASKS, LEGACY_PRESENTATION, STANDARD_TASKS, TaskPresentation
 from reports.collect import CONVENTION_TEXT, Collection, is_latency, metric_for, model_name
-from reports.formats import CellSpec, bold_best, cell, make_table
+from reports.formats import CellSpec, bold_best, bold_beyond_noise, cell, make_table
 
 MODE_ORDER = {"disaggregated": 0, "unified": 1}
 MODE_TITLE = {"disaggregated": "PD-disaggregated", "unified": "PD-unified"}
@@ -65,12 +65,20 @@ def _groups(col: Collection, records: list[RunRecord], with_mode: bool = True) -
     return out
 
 
-def _fmt(v: float | None, metric: str) -> CellSpec:
+def _fmt(v: float | None, metric: str, se: float | None = None) -> CellSpec:
+    """A score (×100 for accuracies) with its standard error, when known, as '45.0 ± 5.0'."""
     if v is None:
         return cell("—")
     if metric in LOWER_IS_BETTER:
-        return cell(f"{v:.2f}", v)
-    return cell(f"{100 * v:.1f}", round(100 * v, 6))
+        return cell(f"{v:.2f}" + (f" ± {se:.2f}" if se is not None else ""), v)
+    return cell(f"{100 * v:.1f}" + (f" ± {100 * se:.1f}" if se is not None else ""), round(100 * v, 6))
+
+
+def _score(r: RunRecord, task: str, metric: str | None) -> tuple[float | None, float | None]:
+    """(value, stderr) of a stored score; stderr None where lm-eval gave none (or it is not a number)."""
+    got = r.scores.get(task, {}).get(metric, {}) if metric else {}
+    se = got.get("stderr")
+    return got.get("value"), (float(se) if isinstance(se, (int, float)) and se == se else None)
 
 
 def _ordered_tasks(records: list[RunRecord], keep) -> list[str]:
@@ -94,25 +102,34 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
     recs = col.quality
     tasks = _ordered_tasks(recs, lambda r, t: not is_long_task(r, t))
     metrics: dict[str, set[str]] = {t: set() for t in tasks}
-    groups = []
+    groups, noise, i = [], {name: {} for name in [*tasks, "Avg"]}, 0  # noise[column][row] = stderr, table units
     for title, rs in _groups(col, recs):
         g: list[list[CellSpec]] = []
         dense = next((r for r in rs if r.method == "unpruned"), None)
         for r in rs:
-            row, accs = [cell(col.label(r)), cell(removed_text(r))], []
+            row, accs, ses = [cell(col.label(r)), cell(removed_text(r))], [], []
             for t in tasks:
                 m = metric_for(t, r.scores.get(t, {}), convention)
-                v = r.scores.get(t, {}).get(m, {}).get("value") if m else None
+                v, se = _score(r, t, m)
                 if m:
                     metrics[t].add(m)
-                row.append(_fmt(v, m or "acc"))
+                row.append(_fmt(v, m or "acc", se))
+                if se is not None:
+                    noise[t][i] = se if m in LOWER_IS_BETTER else 100 * se
                 if v is not None and m not in LOWER_IS_BETTER:
                     accs.append(100 * v)
+                    ses.append(None if se is None else 100 * se)
             n_acc = sum(1 for t in tasks if not (metrics[t] & LOWER_IS_BETTER))
             avg = sum(accs) / len(accs) if accs and len(accs) == n_acc else None
-            row.append(cell("—") if avg is None else cell(f"{avg:.1f}", round(avg, 6)))
+            # tasks are independent samples: se(mean) = sqrt(sum se²) / n
+            avg_se = (sum(x * x for x in ses) ** 0.5 / len(ses)) if avg is not None and None not in ses else None
+            row.append(cell("—") if avg is None else cell(f"{avg:.1f}" + (f" ± {avg_se:.1f}" if avg_se is not None else ""),
+                                                          round(avg, 6)))
+            if avg_se is not None:
+                noise["Avg"][i] = avg_se
             row.append(_ratio_cell(_mc_kv(dense, tasks), _mc_kv(r, tasks)))
             g.append(row)
+            i += 1
         groups.append((title, g))
     names = [f"{TASK_TITLE.get(t, t)}" for t in tasks]
     model = ", ".join(sorted({model_name(r) for r in recs})) or "—"
@@ -124,12 +141,13 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
                f"(one number: both stages; 'p / d': prefill / decode). Metric: {CONVENTION_TEXT[convention]} "
                f"(convention '{convention}'). {_items_text(recs, tasks)}; lm-eval {', '.join(lm_eval) or '—'}, "
                f"seed {', '.join(seeds)}. Avg: mean over the accuracy columns. KV ×: KV bytes unpruned ÷ method, summed over "
-               f"these tasks' handoffs (disaggregated only). Best per column in bold.")
+               f"these tasks' handoffs (disaggregated only). ± : standard error (lm-eval's; Avg: of the mean over tasks). "
+               f"Bold: best per column only where it beats the runner-up by more than 1.96 combined standard errors.")
     t = make_table("quality", caption, ["Method", "Removed", *names, "Avg", "KV ×"], groups)
     for name, task in zip(names, tasks):
-        bold_best(t, name, lower_is_better=bool(metrics[task] & LOWER_IS_BETTER))
-    bold_best(t, "Avg")
-    bold_best(t, "KV ×")
+        bold_beyond_noise(t, name, noise[task], lower_is_better=bool(metrics[task] & LOWER_IS_BETTER))
+    bold_beyond_noise(t, "Avg", noise["Avg"])
+    bold_best(t, "KV ×")  # bytes are counted, not sampled
     return t
 
 
@@ -255,11 +273,14 @@ def _long_columns(recs: list[RunRecord], tasks: dict[str, TaskPresentation]) -> 
     return sorted(cols, key=lambda c: (order.index(c[0]), _setting_key(c[2])))
 
 
-def _fmt_as(v: float | None, metric_format: str) -> CellSpec:
-    """A long-context score in its task's format: 'decimal' (the value) or 'percent' (×100)."""
+def _fmt_as(v: float | None, metric_format: str, se: float | None = None) -> CellSpec:
+    """A long-context score in its task's format, 'decimal' (the value) or 'percent' (×100), with its
+    standard error when known."""
     if v is None:
         return cell("—")
-    return cell(f"{v:.2f}", v) if metric_format == "decimal" else cell(f"{100 * v:.1f}", round(100 * v, 6))
+    if metric_format == "decimal":
+        return cell(f"{v:.2f}" + (f" ± {se:.2f}" if se is not None else ""), v)
+    return cell(f"{100 * v:.1f}" + (f" ± {100 * se:.1f}" if se is not None else ""), round(100 * v, 6))
 
 
 _CAPTION_OPTION = re.compile(r"\{(\w+)(?:\|([^}]*))?\}")
@@ -282,7 +303,8 @@ def _long_caption(recs: list[RunRecord], tasks: dict[str, TaskPresentation]) -> 
     order = sorted(described.items(), key=lambda kv: (kv[1].column_order, kv[0]))
     texts = [_task_caption(recs, t, pres) for t, pres in order if pres.caption]
     return (f"Long-context workloads. {'; '.join(texts)}. "
-            "KV/req: bytes the prefill stage sends per request (reduction versus unpruned in brackets; unified sends nothing).")
+            "KV/req: bytes the prefill stage sends per request (reduction versus unpruned in brackets; unified sends nothing). "
+            "± : standard error; a score is bold only where it beats the runner-up by more than 1.96 combined standard errors.")
 
 
 def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFrame:
@@ -296,22 +318,26 @@ def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFram
     head = ["Method", "Removed"]
     for task, _, setting in cols:
         head += [f"{tasks[task].title} {setting}", f"KV/req {setting} (MiB)"]
-    groups = []
+    groups, noise, i = [], {j: {} for j in range(len(cols))}, 0
     for title, rs in _groups(col, recs):
         dense = next((r for r in rs if r.method == "unpruned"), None)
         g: list[list[CellSpec]] = []
         for r in rs:
             row = [cell(col.label(r)), cell(removed_text(r))]
-            for task, m, setting in cols:
-                row.append(_fmt_as(r.scores.get(task, {}).get(m, {}).get("value"), tasks[task].metric_format))
+            for j, (task, m, setting) in enumerate(cols):
+                v, se = _score(r, task, m)
+                row.append(_fmt_as(v, tasks[task].metric_format, se))
+                if se is not None:
+                    noise[j][i] = se if tasks[task].metric_format == "decimal" else 100 * se
                 b = _per_request(r, task, setting)
                 ref = _per_request(dense, task, setting) if dense else None
                 row.append(cell("—") if b is None else cell(f"{b / MIB:,.1f}" + (f" ({ref / b:.2f}×)" if ref and b else ""), b))
             g.append(row)
+            i += 1
         groups.append((title, g))
     t = make_table("long_context", _long_caption(recs, tasks), head, groups)
     for j, (task, _, _) in enumerate(cols):
-        bold_best(t, head[2 + 2 * j], lower_is_better=tasks[task].lower_is_better)
+        bold_beyond_noise(t, head[2 + 2 * j], noise[j], lower_is_better=tasks[task].lower_is_better)
         bold_best(t, head[3 + 2 * j], lower_is_better=True)
     return t
 

@@ -45,12 +45,29 @@ def test_quality_table_conventions_bold_and_average():
     paper = quality_table(recs, "paper")
     text, bold = rows(paper).set_index("Method"), rows(paper, field="bold").set_index(rows(paper)["Method"])
     assert list(text.columns) == ["Removed", "HellaSwag", "BoolQ", "Avg", "KV ×"]
-    assert list(text.loc["unpruned"][1:]) == ["50.0", "60.0", "55.0", "1.00×"]  # HellaSwag acc_norm, BoolQ, avg, KV
-    assert list(text.loc["x"][1:]) == ["30.0", "70.0", "50.0", "4.00×"]
+    # HellaSwag acc_norm, BoolQ, avg, KV; ± the stderr (avg: sqrt(1² + 1²) / 2)
+    assert list(text.loc["unpruned"][1:]) == ["50.0 ± 1.0", "60.0 ± 1.0", "55.0 ± 0.7", "1.00×"]
+    assert list(text.loc["x"][1:]) == ["30.0 ± 1.0", "70.0 ± 1.0", "50.0 ± 0.7", "4.00×"]
     assert bold.loc["unpruned", "HellaSwag"] and not bold.loc["x", "HellaSwag"] and bold.loc["x", "BoolQ"] and bold.loc["x", "KV ×"]
     assert "acc_norm for HellaSwag" in paper.attrs["caption"] and groups(paper) == ["PD-disaggregated"]
     acc = quality_table(recs, "acc")
-    assert list(rows(acc).loc[1, ["HellaSwag", "BoolQ"]]) == ["45.0", "70.0"] and "acc everywhere" in acc.attrs["caption"]
+    assert list(rows(acc).loc[1, ["HellaSwag", "BoolQ"]]) == ["45.0 ± 1.0", "70.0 ± 1.0"] and "acc everywhere" in acc.attrs["caption"]
+    # within noise: 5-point standard errors make 45 vs 40 (and 70 vs 60) no win, so nothing is bold but the bytes
+    noisy = [_fake(r.method, r.mode, {t: {m: v["value"] for m, v in ms.items()} for t, ms in r.scores.items()},
+                   removed=r.plan["removed_decode"], kv=r.kv) for r in recs]
+    for r in noisy:
+        for ms in r.scores.values():
+            for v in ms.values():
+                v["stderr"] = 0.05
+    nb = rows(quality_table(noisy, "acc"), field="bold").set_index(rows(quality_table(noisy, "acc"))["Method"])
+    assert not nb[["HellaSwag", "BoolQ", "Avg"]].to_numpy().any() and nb.loc["x", "KV ×"]
+    # no stderr at all: no bold either (a sample too small to tell is not a win)
+    for r in noisy:
+        for ms in r.scores.values():
+            for v in ms.values():
+                v["stderr"] = None
+    t0 = quality_table(noisy, "paper")
+    assert not rows(t0, field="bold")[["HellaSwag", "BoolQ", "Avg"]].to_numpy().any() and "± " not in to_markdown(t0).split("|", 1)[1]
     with pytest.raises(ReportError, match="unknown metric convention 'f1'; expected one of paper, acc_norm, acc"):
         quality_table(recs, "f1")
 
@@ -83,7 +100,8 @@ def test_tables_from_stored_records_in_three_formats():
     assert groups(q) == ["PD-disaggregated", "PD-unified"]
     assert list(rows(q)["Method"]) == ["unpruned", "pdtrim", "shortgpt"]  # 0 blocks first, then 4 / 8, then 8
     md = to_markdown(q)
-    assert "| pdtrim | 4 / 8 | 39.0 | 23.0 |" in md and "**49.0**" in md
+    # at 100 items only BoolQ's gap is beyond noise (1.96 combined standard errors)
+    assert "| pdtrim | 4 / 8 | 39.0 ± 4.9 | 23.0 ± 4.2 |" in md and "**61.0 ± 4.9**" in md and "**49.0" not in md
     # efficiency: ratios are computed from the records, not copied
     unp = load_dir(LATENCY)
     ttft = {r.method: r.scores["latency_T2048_n32_b1"]["ttft_ms_p50"]["value"] for r in unp}
@@ -249,7 +267,7 @@ def test_report_model_filter_renders_one_model(tmp_path, capsys):
         rc, md, err = _report_in_process(capsys, a, b, "--model", name, "--out", out)
         assert rc == 0, err
         quality = (out / "tables" / "quality.md").read_text()
-        assert f"| unpruned | 0 | **{want}** |" in quality and other not in quality
+        assert f"| unpruned | 0 | **{want} ± 1.0** |" in quality and other not in quality
         assert sorted(p.name for p in (out / "figures").glob("*.png")) == ["score_vs_blocks.png"]
         html = (out / "report.html").read_text()
         assert f"(model {name} only)" in html and str(b if name == "random:tiny" else a) in html
@@ -267,8 +285,8 @@ def test_report_no_plots_with_mixed_models_groups_tables_by_model(tmp_path, caps
                                                  ("random:tiny · PD-unified", "unpruned", "30.0"),
                                                  ("random:tiny · PD-unified", "shortgpt", "20.0")]
     q = (out / "tables" / "quality.md").read_text()
-    assert q.index(f"| **{SMOL} · PD-unified** |") < q.index("| unpruned | 0 | **60.0** |") \
-        < q.index("| **random:tiny · PD-unified** |") < q.index("| unpruned | 0 | **30.0** |")
+    assert q.index(f"| **{SMOL} · PD-unified** |") < q.index("| unpruned | 0 | **60.0 ± 1.0** |") \
+        < q.index("| **random:tiny · PD-unified** |") < q.index("| unpruned | 0 | **30.0 ± 1.0** |")
     plans = (out / "tables" / "plans.md").read_text()
     assert f"**{SMOL} · PD-unified**" in plans and "**random:tiny · PD-unified**" in plans
 

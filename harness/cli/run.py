@@ -130,6 +130,18 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     )
 
 
+def warn_small_limit(limit: int | None, threshold_points: float = 3.0) -> None:
+    """Say when --limit leaves an accuracy's standard error above `threshold_points` (lm-eval warns on
+    any --limit): at n items it is up to 100·sqrt(0.25 / n) points, 5 at the default 100."""
+    if limit is None:
+        return
+    se = 100 * (0.25 / limit) ** 0.5
+    if se > threshold_points:
+        print(f"note: --limit {limit}: each accuracy has a standard error of up to {se:.1f} points, so differences "
+              f"within about {2 * se:.0f} points are noise (tables show ± and bold only clear wins; "
+              f"`report --baseline` pairs methods on the same items)", file=sys.stderr, flush=True)
+
+
 def default_out(cfg: RunConfig) -> Path:
     """Where a run without --out writes its records."""
     return Path("results") / "runs" / cfg.run_id()
@@ -161,6 +173,7 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
         raise UsageError("--methods is empty; known methods: " + ", ".join(__import__("methods").names()))
     prepared = pipeline.prepare(cfg)
     check_tasks(cfg.tasks, cfg.data_dir)
+    warn_small_limit(cfg.limit)
     if cfg.data_dir:
         from harness.quality.tasks import TASK_FILES, check_files
 
