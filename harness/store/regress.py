@@ -111,10 +111,9 @@ def compare_latency(where: str, ref: RunRecord, cur: RunRecord, res: CheckResult
     if hardware_key(ref) != hardware_key(cur):
         res.notes.append(f"{where}: latency not compared (reference hardware {hardware_key(ref)}, rerun {hardware_key(cur)})")
         return
-    for label, metrics in ref.scores.items():
+    for label in ref.latency:
         for m in LATENCY_METRICS:
-            a = metrics.get(m, {}).get("value")
-            b = cur.scores.get(label, {}).get(m, {}).get("value")
+            a, b = ref.figure(label, m), cur.figure(label, m)
             if a is None:
                 continue
             if b is None:
