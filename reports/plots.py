@@ -128,7 +128,7 @@ def plot_score_vs_kv(col: Collection, convention: str = "paper"):
 
 def plot_latency_bars(col: Collection):
     """TTFT and TPOT (p50) per method, grouped by workload."""
-    labels = sorted({lab for r in col.latency for lab in r.scores if parse_workload(lab)}, key=parse_workload)
+    labels = sorted({lab for r in col.latency for lab in r.latency if parse_workload(lab)}, key=parse_workload)
     if not labels:
         return None
     methods = _methods(col.latency, col)
@@ -138,8 +138,8 @@ def plot_latency_bars(col: Collection):
         for i, m in enumerate(methods):
             ys = []
             for lab in labels:
-                r = next((r for r in col.latency if col.label(r) == m and lab in r.scores), None)
-                ys.append(r.scores[lab].get(metric, {}).get("value", 0) if r else 0)
+                r = next((r for r in col.latency if col.label(r) == m and lab in r.latency), None)
+                ys.append((r.figure(lab, metric) or 0) if r else 0)
             ax.bar([j + i * width for j in range(len(labels))], ys, width, label=m)
         ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(labels))])
         ax.set_xticklabels([f"T{w[0]} n{w[1]} b{w[2]}" + ("" if w[3] == "eager" else f" {w[3]}")

@@ -176,9 +176,7 @@ def hardware(r: RunRecord) -> str:
 
 
 def _v(r: RunRecord | None, label: str, metric: str) -> float | None:
-    if r is None:
-        return None
-    return r.scores.get(label, {}).get(metric, {}).get("value")
+    return None if r is None else r.figure(label, metric)
 
 
 def _ratio_cell(num: float | None, den: float | None) -> CellSpec:
@@ -193,12 +191,12 @@ def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: 
     p50, KV bytes sent per request, and factors versus `unpruned` in the same group."""
     col = _as_collection(records)
     e2e = f"e2e_ms_p50@{bandwidth_gbit:g}gbit"
-    keys = sorted({(hardware(r), model_name(r), lab) for r in col.latency for lab in r.scores if parse_workload(lab)},
+    keys = sorted({(hardware(r), model_name(r), lab) for r in col.latency for lab in r.latency if parse_workload(lab)},
                   key=lambda k: (k[0], k[1], parse_workload(k[2])))
     groups = []
     for hw, model, lab in keys:
         T, n, b, mode = parse_workload(lab)
-        rs = sorted([r for r in col.latency if hardware(r) == hw and model_name(r) == model and lab in r.scores],
+        rs = sorted([r for r in col.latency if hardware(r) == hw and model_name(r) == model and lab in r.latency],
                     key=lambda r: _row_key(col, r))
         dense = next((r for r in rs if r.method == "unpruned"), None)
         g: list[list[CellSpec]] = []

@@ -1,5 +1,6 @@
 """Latency runner on the tiny model: sample counts, percentiles, units, page rounding, bandwidth model."""
 
+import json
 import math
 
 import pytest
@@ -49,9 +50,40 @@ def test_measure_counts_samples_and_bytes(tiny, batch):
     # pages of 16 tokens per request and layer: 37 -> 48, 12 -> 16
     assert m.kv_bytes_paged == batch * (2 * 48 + 16) * per_layer_tok
     f = m.figures(bandwidths_gbit=(25, 400))
-    assert f["kv_bytes"] == m.kv_bytes and f["transfer_ms@25gbit"] == pytest.approx(m.kv_bytes_paged * 8 / 25e9 * 1e3)
+    assert f["transfer_ms@25gbit"] == pytest.approx(m.kv_bytes_paged * 8 / 25e9 * 1e3)
     assert f["e2e_ms_p50@400gbit"] == pytest.approx(f["ttft_ms_p50"] + f["transfer_ms@400gbit"] + 5 * _median(m.tpot_ms))
-    assert all(k.endswith(("_ms_p50", "_ms_p90", "_ms_p99", "_ms_mean", "bytes", "bytes_paged")) or "@" in k for k in f)
+    assert all(k.endswith(("_ms_p50", "_ms_p90", "_ms_p99", "_ms_mean")) or "@" in k for k in f)  # bytes live in `kv`
+    assert "decode_bound_ms" not in f and "real_transfer_recv_ms" not in f  # no such inputs given
+
+
+def test_the_documented_figure_plugs_in(tiny, monkeypatch):
+    """docs/adding.md's example figure, registered as written, reaches the figures and summary.csv."""
+    import re
+    import statistics
+
+    from conftest import ROOT
+
+    from harness.latency import figures
+    from harness.store import records
+    from harness.store.latency import WorkloadLatency
+
+    doc = (ROOT / "docs" / "adding.md").read_text().split("## A latency figure", 1)[1]
+    code = re.search(r"```python\n(.*?)```", doc, re.S)[1]
+    monkeypatch.setattr(figures, "FIGURES", dict(figures.FIGURES))  # the registration is undone after the test
+    exec(code, {"figure": figures.figure, "FigureInputs": figures.FigureInputs, "statistics": statistics})
+    m = latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(16, 4, 2), warmup=0, repeats=3)
+    f = m.figures(decode_bound_ms=2.5)
+    assert f["decode_tok_per_s"] == pytest.approx(2 * 1e3 / statistics.median(m.tpot_ms)) and f["decode_bound_ms"] == 2.5
+    one_token = latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(16, 1, 1), warmup=0, repeats=1)
+    assert "decode_tok_per_s" not in one_token.figures()
+    r = records.RunRecord.from_dict(json.loads((ROOT / "results" / "reference" / "latency" / "unpruned__disaggregated.json").read_text()))
+    r.latency["latency_T16_n4_b2"] = WorkloadLatency(f, m.to_dict())
+    assert [row["value"] for row in records.summary_rows([r]) if row["metric"] == "decode_tok_per_s"] == [f["decode_tok_per_s"]]
+    with pytest.raises(ValueError, match="registered twice"):
+        figures.figure("ttft_ms")(lambda x: {})
+    figures.FIGURES["bad_ms"] = lambda x: {"other_ms": 1.0}
+    with pytest.raises(ValueError, match="'bad_ms' returned \\['other_ms'\\]"):
+        m.figures()
 
 
 def _median(xs):
@@ -81,12 +113,15 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path):
     assert "clock: perf_counter_ns" in r.stdout
     recs = {x.method: x for x in records.load_dir(out)}
     m = recs["manual"]
-    assert set(m.scores) == {"latency_T40_n4_b1", "latency_T40_n4_b2", "latency_T40_n4_b1_static", "latency_T40_n4_b2_static"}
-    assert m.extra["latency"]["latency_T40_n4_b1_static"]["decode_mode"] == "static"
-    assert m.scores["latency_T40_n4_b1"]["decode_bound_ms"]["value"] > 0
-    assert {"ttft_ms_p50", "tpot_ms_p99", "itl_ms_p90", "transfer_ms@10gbit", "e2e_ms_p50@100gbit"} <= set(m.scores["latency_T40_n4_b2"])
-    assert len(m.extra["latency"]["latency_T40_n4_b2"]["itl_ms"]) == 2 * 3
-    moved = m.extra["latency"]["latency_T40_n4_b2"]["real_transfer"]
+    assert m.scores == {} and "latency" not in m.extra  # figures are a typed field, not fake scores
+    assert set(m.latency) == {"latency_T40_n4_b1", "latency_T40_n4_b2", "latency_T40_n4_b1_static", "latency_T40_n4_b2_static"}
+    assert m.latency["latency_T40_n4_b1_static"].samples["decode_mode"] == "static"
+    assert m.figure("latency_T40_n4_b1", "decode_bound_ms") > 0
+    assert {"ttft_ms_p50", "tpot_ms_p99", "itl_ms_p90", "transfer_ms@10gbit", "e2e_ms_p50@100gbit",
+            "real_transfer_recv_ms"} <= set(m.latency["latency_T40_n4_b2"].figures)
+    assert len(m.latency["latency_T40_n4_b2"].samples["itl_ms"]) == 2 * 3
+    moved = m.latency["latency_T40_n4_b2"].samples["real_transfer"]
+    assert m.figure("latency_T40_n4_b2", "real_transfer_recv_ms") == moved["recv_ms"]
     assert moved["kv_bytes_received"] == m.kv["latency_T40_n4_b2"]["kv_bytes"] and moved["backend"] == "gloo"
     assert m.kv["latency_T40_n4_b2"]["kv_bytes"] * 2 == recs["unpruned"].kv["latency_T40_n4_b2"]["kv_bytes"]
     rows = (out / "summary.csv").read_text().splitlines()

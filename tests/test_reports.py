@@ -104,7 +104,7 @@ def test_tables_from_stored_records_in_three_formats():
     assert "| pdtrim | 4 / 8 | 39.0 ± 4.9 | 23.0 ± 4.2 |" in md and "**61.0 ± 4.9**" in md and "**49.0" not in md
     # efficiency: ratios are computed from the records, not copied
     unp = load_dir(LATENCY)
-    ttft = {r.method: r.scores["latency_T2048_n32_b1"]["ttft_ms_p50"]["value"] for r in unp}
+    ttft = {r.method: r.figure("latency_T2048_n32_b1", "ttft_ms_p50") for r in unp}
     g = next(i for i, title in enumerate(groups(e)) if "prompt 2048" in title)
     text, value = rows(e, g).set_index("Method"), rows(e, g, "value").set_index(rows(e, g)["Method"])
     assert value.loc["shortgpt", "TTFT speedup"] == pytest.approx(ttft["unpruned"] / ttft["shortgpt"])

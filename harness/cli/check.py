@@ -9,14 +9,16 @@ from pathlib import Path
 from harness.cli.latency import cmd_latency
 from harness.cli.run import cmd_run
 from harness.errors import UsageError
+from harness.store.regress import RATIO_TOLERANCE
 
 
 def check_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m harness check",
         description="Regression check: rerun the CI spec and compare with reference records. Fails (exit 1) when KV bytes "
-        "differ at all, a score moves by more than max(3 × stderr, 0.5 points), a plan's layer sets change, or latency "
-        "regresses beyond --latency-tolerance on the same hardware.",
+        "differ at all, a score moves by more than max(3 × stderr, 0.5 points), a plan's layer sets change, or a plan's "
+        "TTFT or TPOT relative to the unpruned plan of the same run worsens beyond --latency-tolerance. Absolute "
+        "milliseconds are printed as notes, never compared.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python -m harness check --against results/reference\n"
         "  python -m harness check --against results/reference --update     # refresh the references on purpose",
@@ -26,8 +28,9 @@ def check_parser() -> argparse.ArgumentParser:
     p.add_argument("--current", type=Path, default=None, metavar="DIR",
                    help="compare these records instead of rerunning (e.g. a rerun made earlier)")
     p.add_argument("--out", type=Path, default=None, help="where the rerun writes (default: results/runs/check-<time>)")
-    p.add_argument("--latency-tolerance", type=float, default=0.5,
-                   help="allowed slowdown of TTFT/TPOT p50 on the same hardware, as a fraction (default: 0.5 = 1.5×)")
+    p.add_argument("--latency-tolerance", type=float, default=RATIO_TOLERANCE,
+                   help="allowed worsening of a plan's TTFT/TPOT p50 ÷ the unpruned plan's (same run), as a fraction of "
+                   f"the reference ratio (default: {RATIO_TOLERANCE} = {1 + RATIO_TOLERANCE:g}×)")
     p.add_argument("--update", action="store_true", help="replace the references with the rerun's records (on purpose only)")
     p.add_argument("-q", "--quiet", action="store_true")
     return p

@@ -111,22 +111,11 @@ class Measurement:
     graph_capture_ms: list[float] = field(default_factory=list)  # graph mode: capture time per measured run
     handoff: Any = field(default=None, repr=False, compare=False)  # the last run's Handoff (not serialised)
 
-    def figures(self, bandwidths_gbit: Sequence[float] = DEFAULT_BANDWIDTHS_GBIT) -> dict[str, float]:
-        """Percentiles of every stage, bytes, and modelled transfer and E2E per bandwidth."""
-        out: dict[str, float] = {}
-        out.update(summarize("ttft_ms", self.ttft_ms))
-        out.update(summarize("handoff_ms", self.handoff_ms))
-        if self.itl_ms:
-            out.update(summarize("itl_ms", self.itl_ms))
-            out.update(summarize("tpot_ms", self.tpot_ms))
-        tpot = statistics.median(self.tpot_ms) if self.tpot_ms else 0.0
-        out["kv_bytes"] = self.kv_bytes
-        out["kv_bytes_paged"] = self.kv_bytes_paged
-        for bw in bandwidths_gbit:
-            t = transfer_ms(self.kv_bytes_paged, bw)
-            out[f"transfer_ms@{bw:g}gbit"] = t
-            out[f"e2e_ms_p50@{bw:g}gbit"] = e2e_ms(out["ttft_ms_p50"], t, tpot, self.workload.decode_tokens)
-        return out
+    def figures(self, bandwidths_gbit: Sequence[float] = DEFAULT_BANDWIDTHS_GBIT, **context: Any) -> dict[str, float]:
+        """Every registered latency figure (`harness.latency.figures`): stage percentiles, modelled transfer and E2E."""
+        from harness.latency.figures import compute  # that module imports this one
+
+        return compute(self, bandwidths_gbit, **context)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "handoff"}

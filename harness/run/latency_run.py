@@ -1,8 +1,9 @@
 """`python -m harness latency`: per-stage latency of each method's plan over a workload grid.
 
-Writes one `RunRecord` per method (mode `disaggregated`; "tasks" are workloads named
-`latency_T{prompt}_n{decode}_b{batch}`, "metrics" the figures such as `ttft_ms_p50`, KV bytes in
-`kv`), raw samples in `extra.latency`, and `summary.csv`, like a quality run. Plans come from a
+Writes one `RunRecord` per method (mode `disaggregated`; per workload named
+`latency_T{prompt}_n{decode}_b{batch}`: the registered figures (`harness.latency.figures`) such as
+`ttft_ms_p50` and the raw samples in `latency[workload]`, KV bytes in `kv[workload]`), and
+`summary.csv`, like a quality run. Plans come from a
 quality run's records (`--plans-from`, so a plan searched on real weights can be replayed on a
 random-weight shape with the same layer count) or are made here by the methods themselves.
 """
@@ -23,6 +24,7 @@ from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Workload, measure
 from harness.pd.plan import PruningPlan
 from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
 from harness.store import records as rec
+from harness.store.latency import WorkloadLatency
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,9 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
             continue
         step_bytes = weight_bytes(model, plan.decode_layers)
         with method.apply(model, plan) as applied:
-            scores, kv, raw, timing = _measure_workloads(cfg, model, applied, name, step_bytes / copy_bw * 1e3, say)
+            latency, kv, timing = _measure_workloads(cfg, model, applied, name, step_bytes / copy_bw * 1e3, say)
         bound = {"weight_bytes": step_bytes, "copy_bandwidth_bytes_per_s": copy_bw}
-        record = _latency_record(cfg, name, method, key, plan, env, loaded.description, (scores, kv, raw, timing), bound, source)
+        record = _latency_record(cfg, name, method, key, plan, env, loaded.description, (latency, kv, timing), bound, source)
         rec.save(record, out_dir)
         results.append(rec.load(path))
     rec.write_summary(rec.load_dir(out_dir), out_dir / "summary.csv")
@@ -117,38 +119,38 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
 
 def _latency_record(cfg: LatencyConfig, name: str, method, key: str, plan, env: dict, model_desc: dict, measured: tuple,
                     bound: dict, source: dict) -> rec.RunRecord:
-    """The latency RunRecord of one method: figures as scores, raw samples in `extra.latency`."""
-    scores, kv, raw, timing = measured
+    """The latency RunRecord of one method: figures and raw samples per workload in `latency`."""
+    latency, kv, timing = measured
+    clock = next(iter(latency.values())).samples["clock"] if latency else None
     return rec.RunRecord(
         method=name, mode="disaggregated", run_key=key,
         config={**dataclasses.asdict(cfg), "kind": "latency", "method_options": method.options()},
         plan=plan.to_dict(), environment=env, model=model_desc, calibration=None,
-        scores=scores, kv=kv, n_samples={k: cfg.repeats for k in scores}, lm_eval={},
+        scores={}, latency=latency, kv=kv, n_samples={k: cfg.repeats for k in latency}, lm_eval={},
         timing_s={f"measured_{k}": v / 1e3 for k, v in timing.items()},
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        extra={"latency": raw, "clock": next(iter(raw.values()))["clock"] if raw else None,
+        extra={"clock": clock,
                "decode_bound": {**bound,
                                 "definition": "bytes of the decode layers, final norm and LM head / device copy rate (read + write)"},
                "bandwidths_gbit": list(cfg.bandwidths_gbit), "plan_source": source},
     )
 
 def _measure_workloads(cfg: LatencyConfig, model, applied, name: str, bound_ms: float, say: Callable[[str], None]):
-    """Time the applied plan on every (workload, decode mode): (scores, kv, raw samples, measured ms) by label."""
-    scores, kv, raw, timing = {}, {}, {}, {}
+    """Time the applied plan on every (workload, decode mode): (figures and samples, kv, measured ms) by label."""
+    latency, kv, timing = {}, {}, {}
     for w, mode in itertools.product(cfg.workloads(), cfg.decode_modes):
         label = workload_name(w, mode)
         say(f"{name}: {label}")
         m = measure(model, applied, w, warmup=cfg.warmup, repeats=cfg.repeats, seed=cfg.seed, decode_mode=mode)
-        figs = {**m.figures(cfg.bandwidths_gbit), "decode_bound_ms": bound_ms}
-        scores[label] = {k: {"value": float(v), "stderr": None} for k, v in figs.items() if not k.startswith("kv_bytes")}
+        samples = m.to_dict()
+        if cfg.real_transfer:
+            samples["real_transfer"] = _real_transfer(m, f"{name} {label}")
+        figures = m.figures(cfg.bandwidths_gbit, decode_bound_ms=bound_ms, real_transfer=samples.get("real_transfer"))
+        latency[label] = WorkloadLatency(figures, samples)
         kv[label] = {"kv_bytes": m.kv_bytes, "kv_bytes_paged": m.kv_bytes_paged, "handoffs": w.batch_size,
                      "prompt_tokens": w.batch_size * w.prompt_tokens}
-        raw[label] = m.to_dict()
-        if cfg.real_transfer:
-            raw[label]["real_transfer"] = _real_transfer(m, f"{name} {label}")
-            scores[label]["real_transfer_recv_ms"] = {"value": raw[label]["real_transfer"]["recv_ms"], "stderr": None}
         timing[label] = sum(m.ttft_ms) + sum(m.itl_ms) + sum(m.handoff_ms)
-    return scores, kv, raw, timing
+    return latency, kv, timing
 
 
 def _real_transfer(m, what: str) -> dict:

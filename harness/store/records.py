@@ -15,9 +15,11 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.store.latency import WorkloadLatency, upgrade_v1
 from harness.store.task_names import LEGACY_PRESENTATION, TaskPresentation
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: latency figures are a typed field (`latency`), no longer fake scores
+READABLE_SCHEMAS = {1: upgrade_v1, 2: lambda d: d}  # version -> converter to the current form
 
 # Metric shown for a task when a table needs one number (lm-eval's usual reporting convention).
 PRIMARY_METRIC = {
@@ -60,7 +62,9 @@ class RunRecord:
 
     `scores[task][metric] = {"value": float, "stderr": float | None}`;
     `kv[task]` = {"kv_bytes", "kv_bytes_paged", "handoffs", "prompt_tokens"} for that task's
-    evaluation (empty in unified mode, where nothing is handed over).
+    evaluation (empty in unified mode, where nothing is handed over). A latency record (`config.kind
+    == "latency"`) has no scores: `latency[workload]` holds its figures and raw samples, `kv[workload]`
+    its bytes.
     """
 
     method: str
@@ -79,6 +83,7 @@ class RunRecord:
     created: str
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, WorkloadLatency] = field(default_factory=dict)
 
     @property
     def filename(self) -> str:
@@ -89,18 +94,28 @@ class RunRecord:
             return None
         return sum(v["kv_bytes"] for v in self.kv.values())
 
+    def figure(self, workload: str, name: str) -> float | None:
+        """A latency figure (e.g. `ttft_ms_p50`) of `workload`, None when the record has none."""
+        wl = self.latency.get(workload)
+        return wl.get(name) if wl is not None else None
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> RunRecord:
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"{source}: record schema {d.get('schema_version')!r}, this harness reads {SCHEMA_VERSION}")
+        upgrade = READABLE_SCHEMAS.get(d.get("schema_version"))
+        if upgrade is None:
+            raise ValueError(f"{source}: record schema {d.get('schema_version')!r}, this harness reads "
+                             f"{', '.join(map(str, READABLE_SCHEMAS))}")
+        d = upgrade(d)
         fields = cls.__dataclass_fields__
         missing = [n for n, f in fields.items() if n not in d and f.default is MISSING and f.default_factory is MISSING]
         if missing:
             raise ValueError(f"{source}: not a run record (missing {', '.join(sorted(missing))})")
-        return cls(**{k: v for k, v in d.items() if k in fields})
+        kept = {k: v for k, v in d.items() if k in fields}
+        kept["latency"] = {k: WorkloadLatency.from_dict(v) for k, v in kept.get("latency", {}).items()}
+        return cls(**kept)
 
 
 def record_filename(method: str, mode: str) -> str:
@@ -178,23 +193,27 @@ SUMMARY_COLUMNS = ["method", "mode", "task", "metric", "value", "stderr", "kv_by
 
 
 def summary_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
-    """Tidy rows: one per (method, mode, task, metric)."""
+    """Tidy rows: one per (method, mode, task, metric); a latency figure is a row of its workload."""
     rows = []
     for r in records:
         for task, metrics in r.scores.items():
-            kv = r.kv.get(task, {})
-            for metric, v in metrics.items():
-                rows.append({
-                    "method": r.method, "mode": r.mode, "task": task, "metric": metric,
-                    "value": v["value"], "stderr": v.get("stderr"),
-                    "kv_bytes_sent": kv.get("kv_bytes", ""), "kv_bytes_sent_paged": kv.get("kv_bytes_paged", ""),
-                    "n_samples": r.n_samples.get(task, ""), "primary": metric == primary_metric(task, r),
-                    "model": r.config.get("model", ""),
-                    "removed_prefill": " ".join(map(str, r.plan.get("removed_prefill", []))),
-                    "removed_decode": " ".join(map(str, r.plan.get("removed_decode", []))),
-                    "run_key": r.run_key,
-                })
+            rows += [_summary_row(r, task, metric, v["value"], v.get("stderr")) for metric, v in metrics.items()]
+        for label, wl in r.latency.items():
+            rows += [_summary_row(r, label, name, value, None) for name, value in wl.figures.items()]
     return rows
+
+
+def _summary_row(r: RunRecord, task: str, metric: str, value: float | None, stderr: float | None) -> dict[str, Any]:
+    kv = r.kv.get(task, {})
+    return {
+        "method": r.method, "mode": r.mode, "task": task, "metric": metric, "value": value, "stderr": stderr,
+        "kv_bytes_sent": kv.get("kv_bytes", ""), "kv_bytes_sent_paged": kv.get("kv_bytes_paged", ""),
+        "n_samples": r.n_samples.get(task, ""), "primary": metric == primary_metric(task, r),
+        "model": r.config.get("model", ""),
+        "removed_prefill": " ".join(map(str, r.plan.get("removed_prefill", []))),
+        "removed_decode": " ".join(map(str, r.plan.get("removed_decode", []))),
+        "run_key": r.run_key,
+    }
 
 
 def write_summary(records: list[RunRecord], path: Path) -> Path:

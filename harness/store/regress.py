@@ -6,8 +6,11 @@ Rules (each failure is one readable line):
 - KV bytes are identical, to the byte (per task, per long-context setting, per latency workload);
 - a score moves by at most max(3 × stderr, 0.5 points) (accuracies, in points of %); for
   lower-is-better metrics (perplexities) by at most max(3 × stderr, 0.5 % of the reference);
-- latency (TTFT/TPOT p50) is compared only between records from the same hardware, and fails when
-  the rerun is slower than `(1 + tolerance) ×` the reference.
+- latency is gated by ratios, which stay put under a load that slows a whole run: per workload, each
+  plan's TTFT and TPOT p50 divided by the unpruned plan's in the same run must not exceed the
+  reference's ratio by more than `(1 + tolerance) ×` (default `RATIO_TOLERANCE`). Ratios are compared
+  when both runs used the same kind of device (CPU, CUDA); absolute milliseconds are only notes.
+  References without an unpruned latency record are compared by bytes only (with a note).
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ from pathlib import Path
 from harness.store.records import LOWER_IS_BETTER, RunRecord, load
 
 LATENCY_METRICS = ("ttft_ms_p50", "tpot_ms_p50")
+DENSE = "unpruned"  # the denominator of every latency ratio
+# Allowed worsening of a plan's ratio to unpruned, as a fraction of the reference ratio. Provisional:
+# a rerun beside two busy loops stayed inside it (tests/test_regress.py), but reruns of the CI latency
+# spec on a 2-core machine whose other jobs started and stopped between the methods moved the ratios
+# by 0.5-1.9x (README, "Regression checks"), so the check needs a machine of its own.
+RATIO_TOLERANCE = 0.25
 
 
 @dataclass
@@ -29,11 +38,6 @@ class CheckResult:
     @property
     def ok(self) -> bool:
         return not self.failures and self.compared > 0
-
-
-def hardware_key(r: RunRecord) -> tuple:
-    env = r.environment
-    return (env.get("device"), env.get("gpu_name"), env.get("cpu_model") or env.get("cpu"), env.get("cpu_threads"))
 
 
 def _records(root: Path) -> dict[str, RunRecord]:
@@ -107,26 +111,63 @@ def compare_scores(where: str, ref: RunRecord, cur: RunRecord, res: CheckResult)
                                         f"({100 * diff:+.1f} points; allowed ±{100 * tol:.1f} = {how})")
 
 
-def compare_latency(where: str, ref: RunRecord, cur: RunRecord, res: CheckResult, tolerance: float) -> None:
-    if hardware_key(ref) != hardware_key(cur):
-        res.notes.append(f"{where}: latency not compared (reference hardware {hardware_key(ref)}, rerun {hardware_key(cur)})")
+def device_kind(r: RunRecord) -> str:
+    return str(r.environment.get("device") or "?").split(":")[0]
+
+
+def _ratio(r: RunRecord, dense: RunRecord, label: str, figure: str) -> float | None:
+    num, den = r.figure(label, figure), dense.figure(label, figure)
+    return None if num is None or not den else num / den
+
+
+def latency_notes(where: str, ref: RunRecord, cur: RunRecord, res: CheckResult) -> None:
+    """Absolute TTFT/TPOT, reference -> rerun: information, never a failure (machines and loads differ)."""
+    for label in ref.latency:
+        parts = [f"{m.split('_')[0].upper()} p50 {ref.figure(label, m):.1f} -> "
+                 + ("—" if cur.figure(label, m) is None else f"{cur.figure(label, m):.1f}") + " ms"
+                 for m in LATENCY_METRICS if ref.figure(label, m) is not None]
+        if parts:
+            res.notes.append(f"{where}: {label} {', '.join(parts)} (absolute, not compared)")
+
+
+def compare_latency(ref: dict[str, RunRecord], cur: dict[str, RunRecord], res: CheckResult, tolerance: float) -> None:
+    """The ratio gate over the latency records of one run (keyed method/mode), see the module's rules."""
+    ref_dense = next((r for r in ref.values() if r.method == DENSE), None)
+    cur_dense = next((r for r in cur.values() if r.method == DENSE), None)
+    if ref_dense is None:
+        res.notes.append(f"latency: the references hold no {DENSE} latency record, so no ratio to compare; "
+                         "latency records checked by plan and KV bytes only")
         return
-    for label, metrics in ref.scores.items():
-        for m in LATENCY_METRICS:
-            a = metrics.get(m, {}).get("value")
-            b = cur.scores.get(label, {}).get(m, {}).get("value")
-            if a is None:
-                continue
-            if b is None:
-                res.failures.append(f"{where}: {label} {m} missing in the rerun")
-            elif b > (1 + tolerance) * a:
-                res.failures.append(f"{where}: {label} {m} {a:.2f} -> {b:.2f} ms ({b / a:.2f}× the reference; "
-                                    f"allowed up to {1 + tolerance:.2f}× on the same hardware)")
-            elif b < a / (1 + tolerance):
-                res.notes.append(f"{where}: {label} {m} {a:.2f} -> {b:.2f} ms (faster; refresh the references if intended)")
+    if cur_dense is None:
+        return  # the missing rerun record is already a failure
+    if device_kind(ref_dense) != device_kind(cur_dense):
+        res.notes.append(f"latency: ratios not compared (reference ran on {device_kind(ref_dense)}, "
+                         f"the rerun on {device_kind(cur_dense)})")
+        return
+    for key, r in sorted(ref.items()):
+        c = cur.get(key)
+        if r.method == DENSE or c is None:
+            continue
+        for label in r.latency:
+            for m in LATENCY_METRICS:
+                _compare_ratio(f"{key} (latency): {label}", m, _ratio(r, ref_dense, label, m),
+                               _ratio(c, cur_dense, label, m), res, tolerance)
 
 
-def check(reference: Path, current: Path, latency_tolerance: float = 0.5) -> CheckResult:
+def _compare_ratio(where: str, m: str, a: float | None, b: float | None, res: CheckResult, tolerance: float) -> None:
+    if a is None:
+        return
+    what = f"{m} / {DENSE}"
+    if b is None:
+        res.failures.append(f"{where} {what} missing in the rerun")
+    elif b > (1 + tolerance) * a:
+        res.failures.append(f"{where} {what} {a:.3f} -> {b:.3f} ({b / a:.2f}× the reference ratio; "
+                            f"allowed up to {1 + tolerance:.2f}×)")
+    elif b < a / (1 + tolerance):
+        res.notes.append(f"{where} {what} {a:.3f} -> {b:.3f} (faster relative to {DENSE}; refresh the references if intended)")
+
+
+def check(reference: Path, current: Path, latency_tolerance: float = RATIO_TOLERANCE) -> CheckResult:
     ref, cur = _records(reference), _records(current)
     res = CheckResult()
     if not ref:
@@ -143,9 +184,12 @@ def check(reference: Path, current: Path, latency_tolerance: float = 0.5) -> Che
         compare_plans(where, r.plan, c.plan, res)
         compare_kv(where, r, c, res)
         if key.startswith("latency/"):
-            compare_latency(where, r, c, res, latency_tolerance)
+            latency_notes(where, r, c, res)
         else:
             compare_scores(where, r, c, res)
+    lat = lambda recs: {k.split("/", 1)[1]: r for k, r in recs.items() if k.startswith("latency/")}  # noqa: E731
+    if lat(ref):
+        compare_latency(lat(ref), lat(cur), res, latency_tolerance)
     for key in sorted(set(cur) - set(ref)):
         res.notes.append(f"{key}: in the rerun only (not in the references)")
     return res

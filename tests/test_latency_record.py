@@ -1,0 +1,53 @@
+"""Latency figures are a typed field of the record; schema-1 records (figures as fake scores) still load."""
+
+import json
+
+from conftest import ROOT
+
+from harness.store import records
+from harness.store.latency import WorkloadLatency, upgrade_v1
+
+REFERENCE_LATENCY = ROOT / "results" / "reference" / "latency"
+LABEL = "latency_T256_n8_b1"
+
+
+def _v1(name="shortgpt__disaggregated.json"):
+    return json.loads((REFERENCE_LATENCY / name).read_text())
+
+
+def test_a_schema_1_latency_record_is_converted_on_load():
+    old = _v1()
+    assert old["schema_version"] == 1 and "ttft_ms_p50" in old["scores"][LABEL]  # the committed reference is schema 1
+    r = records.RunRecord.from_dict(old)
+    assert r.schema_version == records.SCHEMA_VERSION == 2
+    assert r.scores == {} and "latency" not in r.extra and r.extra["clock"] == "perf_counter_ns"
+    wl = r.latency[LABEL]
+    assert isinstance(wl, WorkloadLatency)
+    assert wl.figures == {m: v["value"] for m, v in old["scores"][LABEL].items()}
+    assert wl.samples == old["extra"]["latency"][LABEL] and len(wl.samples["itl_ms"]) == 3 * 7
+    assert r.figure(LABEL, "tpot_ms_p50") == old["scores"][LABEL]["tpot_ms_p50"]["value"]
+    assert r.figure(LABEL, "no_such_ms") is None and r.figure("latency_T1_n1_b1", "ttft_ms_p50") is None
+    assert old["schema_version"] == 1 and "latency" in old["extra"]  # the input dict is left as it was
+
+
+def test_upgrade_leaves_a_quality_record_alone_but_for_the_empty_latency_field():
+    q = json.loads(next((ROOT / "results" / "reference" / "quality").glob("pdtrim__disaggregated.json")).read_text())
+    up = upgrade_v1(q)
+    assert up["latency"] == {} and up["scores"] == q["scores"] and up["extra"] == q["extra"]
+    assert records.RunRecord.from_dict(q).scores == q["scores"]
+
+
+def test_schema_2_round_trip_keeps_figures_samples_and_summary_rows(tmp_path):
+    r = records.RunRecord.from_dict(_v1())
+    path = records.save(r, tmp_path)
+    stored = json.loads(path.read_text())
+    assert stored["schema_version"] == 2 and stored["scores"] == {}
+    assert set(stored["latency"][LABEL]) == {"figures", "samples"}
+    again = records.load(path)
+    assert again.latency == r.latency
+    # summary.csv is the same whether the record was written before or after the change
+    old_rows = records.summary_rows([records.load(REFERENCE_LATENCY / "shortgpt__disaggregated.json")])
+    assert records.summary_rows([again]) == old_rows
+    ttft = next(row for row in old_rows if row["metric"] == "ttft_ms_p50")
+    assert ttft["task"] == LABEL and ttft["stderr"] is None and ttft["n_samples"] == 3 and ttft["primary"] is False
+    assert ttft["kv_bytes_sent"] == 10223616
