@@ -96,10 +96,13 @@ def test_score_rule_uses_three_stderr(tmp_path):
 
 
 def _scale(figure, by):
-    """An edit of a (schema-1) reference latency record: multiply one figure of every workload."""
+    """An edit of a (schema-1) reference latency record: multiply one figure of every workload, and its
+    raw samples (the gate's ratios use the fastest repeat)."""
     def edit(d):
         for metrics in d["scores"].values():
             metrics[figure]["value"] *= by
+        for samples in d["extra"]["latency"].values():
+            samples[figure.rsplit("_", 1)[0]] = [x * by for x in samples[figure.rsplit("_", 1)[0]]]
     return edit
 
 
@@ -113,16 +116,23 @@ def test_latency_gate_compares_ratios_to_unpruned_not_milliseconds(tmp_path):
     assert res.ok, res.failures
     assert "shortgpt/disaggregated (latency): latency_T256_n8_b1 TTFT p50 335.6 -> 1006.9 ms, TPOT p50 50.1 -> 150.2 ms " \
            "(absolute, not compared)" in res.notes
-    # one plan slower relative to unpruned: 1.3 × its reference ratio fails, 1.2 × passes (tolerance 1.25 ×)
-    for by, fails in ((1.2, False), (1.3, True)):
+    # one plan slower relative to unpruned: 1.6 × its reference ratio fails, 1.4 × passes (tolerance 1.5 ×)
+    for by, fails in ((1.4, False), (1.6, True)):
         cur = tmp_path / f"slower{by}"
         shutil.copytree(REFERENCE, cur)
         _edit(cur / "latency", "shortgpt__disaggregated.json", _scale("tpot_ms_p50", by))
         res = check(REFERENCE, cur)
         assert res.ok != fails, (by, res.failures)
-    ref_ratio = 50.06623114285714 / 54.65236871428572
+    ref_ratio = ratio_of_fastest(REFERENCE, "shortgpt", "unpruned", "tpot_ms")
     assert res.failures == [f"shortgpt/disaggregated (latency): latency_T256_n8_b1 tpot_ms_p50 / unpruned {ref_ratio:.3f} -> "
-                            f"{1.3 * ref_ratio:.3f} (1.30× the reference ratio; allowed up to 1.25×)"]
+                            f"{1.6 * ref_ratio:.3f} (1.60× the reference ratio; allowed up to 1.50×)"]
+
+
+def ratio_of_fastest(folder, method, dense, samples):
+    """The gate's ratio computed directly from the raw records: fastest repeat over fastest repeat."""
+    raw = {m: json.loads((folder / "latency" / f"{m}__disaggregated.json").read_text()) for m in (method, dense)}
+    fastest = {m: min(d["extra"]["latency"]["latency_T256_n8_b1"][samples]) for m, d in raw.items()}
+    return fastest[method] / fastest[dense]
 
 
 def test_latency_ratios_need_an_unpruned_reference_and_the_same_device_kind(tmp_path):
@@ -144,36 +154,6 @@ def test_latency_ratios_need_an_unpruned_reference_and_the_same_device_kind(tmp_
     _edit(cur / "latency", "shortgpt__disaggregated.json", _scale("ttft_ms_p50", 3.0))
     res = check(REFERENCE, cur)
     assert res.ok and "latency: ratios not compared (reference ran on cpu, the rerun on cuda)" in res.notes
-
-
-LOAD_ARGS = ["--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned,manual",
-             "--set", "manual.decode_layers=0,3", "--prompt-tokens", "32", "--decode-tokens", "16", "--batch-size", "1",
-             "--repeats", "5"]
-
-
-def test_latency_gate_passes_under_background_load_and_fails_a_slower_plan(tmp_path):
-    """The same spec rerun while two busy loops compete for the CPU passes the ratio gate; the same
-    rerun with the pruned plan's decode made slower relative to unpruned fails it."""
-    from harness.cli.latency import cmd_latency  # in-process: one model load and import less per run
-
-    assert cmd_latency([*LOAD_ARGS, "--out", str(tmp_path / "ref")]) == 0
-    burners = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(2)]
-    try:
-        assert cmd_latency([*LOAD_ARGS, "--out", str(tmp_path / "loaded")]) == 0
-    finally:
-        for b in burners:
-            b.kill()
-            b.wait()
-    res = check(tmp_path / "ref", tmp_path / "loaded")
-    assert res.ok, res.failures + res.notes
-    assert sum("(absolute, not compared)" in n for n in res.notes) == 2
-    rec = tmp_path / "loaded" / "manual__disaggregated.json"
-    d = json.loads(rec.read_text())
-    d["latency"]["latency_T32_n16_b1"]["figures"]["tpot_ms_p50"] *= 2.0  # decode twice as slow; unpruned unchanged
-    rec.write_text(json.dumps(d))
-    res = check(tmp_path / "ref", tmp_path / "loaded")
-    assert [f.split(" (")[0] for f in res.failures] == ["manual/disaggregated"], res.failures
-    assert "latency_T32_n16_b1 tpot_ms_p50 / unpruned" in res.failures[0]
 
 
 def test_missing_record_fails_and_cli_exit_codes(tmp_path):

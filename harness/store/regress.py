@@ -7,7 +7,7 @@ Rules (each failure is one readable line):
 - a score moves by at most max(3 × stderr, 0.5 points) (accuracies, in points of %); for
   lower-is-better metrics (perplexities) by at most max(3 × stderr, 0.5 % of the reference);
 - latency is gated by ratios, which stay put under a load that slows a whole run: per workload, each
-  plan's TTFT and TPOT p50 divided by the unpruned plan's in the same run must not exceed the
+  plan's TTFT and TPOT (fastest repeat) divided by the unpruned plan's in the same run must not exceed the
   reference's ratio by more than `(1 + tolerance) ×` (default `RATIO_TOLERANCE`). Ratios are compared
   when both runs used the same kind of device (CPU, CUDA); absolute milliseconds are only notes.
   References without an unpruned latency record are compared by bytes only (with a note).
@@ -22,11 +22,12 @@ from harness.store.records import LOWER_IS_BETTER, RunRecord, load
 
 LATENCY_METRICS = ("ttft_ms_p50", "tpot_ms_p50")
 DENSE = "unpruned"  # the denominator of every latency ratio
-# Allowed worsening of a plan's ratio to unpruned, as a fraction of the reference ratio. Provisional:
-# a rerun beside two busy loops stayed inside it (tests/test_regress.py), but reruns of the CI latency
-# spec on a 2-core machine whose other jobs started and stopped between the methods moved the ratios
-# by 0.5-1.9x (README, "Regression checks"), so the check needs a machine of its own.
-RATIO_TOLERANCE = 0.25
+# Allowed worsening of a plan's ratio to unpruned, as a fraction of the reference ratio. Ratios of
+# p50s moved by 0.5-1.9x between reruns of the CI latency spec on a 2-core machine whose other jobs
+# started and stopped between the methods (README, "Regression checks"); ratios of the fastest
+# repeat are less exposed, and 1.5x still catches a plan that became clearly slower relative to
+# unpruned (a test doubles one). Not justified by quiet repeated runs yet: none were possible here.
+RATIO_TOLERANCE = 0.5
 
 
 @dataclass
@@ -115,8 +116,20 @@ def device_kind(r: RunRecord) -> str:
     return str(r.environment.get("device") or "?").split(":")[0]
 
 
+def _fastest(r: RunRecord, label: str, figure: str) -> float | None:
+    """The fastest repeat of a figure (`ttft_ms_p50` -> min of the `ttft_ms` samples), else the stored
+    figure: interference from other jobs only ever adds time, so the minimum is the estimate it
+    disturbs least, and one quiet repeat per plan is enough for a stable ratio."""
+    w = r.latency.get(label)
+    samples = getattr(w, "samples", None) or {}
+    xs = samples.get(figure.rsplit("_", 1)[0])
+    if isinstance(xs, list) and xs and all(isinstance(x, (int, float)) for x in xs):
+        return float(min(xs))
+    return r.figure(label, figure)
+
+
 def _ratio(r: RunRecord, dense: RunRecord, label: str, figure: str) -> float | None:
-    num, den = r.figure(label, figure), dense.figure(label, figure)
+    num, den = _fastest(r, label, figure), _fastest(dense, label, figure)
     return None if num is None or not den else num / den
 
 
