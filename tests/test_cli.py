@@ -143,3 +143,38 @@ def test_num_fewshot_reaches_lm_eval_and_the_run_key(data_dir, tmp_path):
     assert dataclasses.asdict(RunConfig())["num_fewshot"] == 0
     r = harness(*TINY, "--num-fewshot", "-1", "--tasks", "arc_easy", "--out", str(tmp_path / "bad"), data_dir=data_dir)
     assert r.returncode == 2 and "--num-fewshot -1: must be >= 0" in r.stderr
+
+
+def test_default_run_folders_are_readable_and_resume(tmp_path, monkeypatch):
+    """Without --out: results/runs/<date>_<methods>_<run id>; a rerun of the same configuration finds
+    that folder (or an older version's bare run-id folder) instead of making a new one."""
+    import re
+
+    from harness.cli.run import default_out
+    from harness.config import RunConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig(methods=("unpruned", "stage:sleb"))
+    first = default_out(cfg)
+    assert re.fullmatch(rf"\d{{8}}-\d{{4}}_unpruned-stage-sleb_{cfg.run_id()}", first.name), first.name
+    first.mkdir(parents=True)
+    assert default_out(cfg) == first  # resumed, whatever the date now
+    other = RunConfig(methods=("unpruned",), limit=5)
+    assert default_out(other) != first and default_out(other).name.endswith(other.run_id())
+    legacy = tmp_path / "results" / "runs" / other.run_id()
+    legacy.mkdir()
+    assert default_out(other) == legacy.relative_to(tmp_path)
+
+
+def test_report_writes_next_to_the_records_by_default(tmp_path):
+    import shutil
+
+    from conftest import ROOT
+
+    from harness.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(ROOT / "results" / "reference" / "quality", run)
+    assert main(["report", str(run), "--no-plots"]) == 0
+    assert (run / "report" / "tables" / "quality.md").is_file() and (run / "report" / "report.html").is_file()
+    assert main(["report", str(run), "--no-plots"]) == 0  # its own output is no input the second time

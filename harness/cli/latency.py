@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from harness.cli.flags import csv_list, float_list, int_list, positive_int
+from harness.cli.run import default_out
 from harness.config import DEFAULT_METHODS, RunConfig
 from harness.errors import UsageError
 from harness.run.quiet import quiet_libraries
@@ -77,7 +78,7 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
                         overrides=tuple(args.overrides))
     prepared = pipeline.prepare(RunConfig(methods=cfg.methods, tasks=(), seed=cfg.seed, data_dir=data_dir,
                                           overrides=cfg.overrides), need_data=cfg.plans_from is None)
-    out = args.out or Path("results") / "runs" / f"latency-{cfg.run_id()}"
+    out = args.out or default_out(cfg, kind="latency-")
     loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed)
     start = time.perf_counter()
 

@@ -21,7 +21,8 @@ def report_parser() -> argparse.ArgumentParser:
         "  python -m harness report results/runs/RUN --metric-convention acc --bandwidth 400",
     )
     p.add_argument("results", nargs="+", type=Path, metavar="RESULTS_DIR", help="folders (searched recursively) or record files")
-    p.add_argument("--out", type=Path, default=Path("reports") / "out", help="output folder (default: reports/out)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: RESULTS_DIR/report next to the first results folder, not the source tree)")
     p.add_argument("--metric-convention", default="paper", metavar="NAME",
                    help=f"metric per task: {', '.join(CONVENTIONS)} (default: paper = acc_norm for HellaSwag, ARC-Challenge, "
                         "OpenBookQA; acc elsewhere)")
@@ -40,6 +41,10 @@ def cmd_report(argv: list[str] | argparse.Namespace) -> int:
     args = argv if isinstance(argv, argparse.Namespace) else report_parser().parse_args(argv)  # a spec section: options
     from reports.collect import ReportError
     from reports.render import render_report
+
+    if args.out is None:  # next to the records it reads (a spec or --out names another place)
+        first = Path(args.results[0])
+        args.out = (first if first.is_dir() else first.parent) / "report"
 
     try:
         rep = render_report(args.results, args.out, args.metric_convention, args.bandwidth, plots=not args.no_plots,

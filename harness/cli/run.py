@@ -142,9 +142,19 @@ def warn_small_limit(limit: int | None, threshold_points: float = 3.0) -> None:
               f"`report --baseline` pairs methods on the same items)", file=sys.stderr, flush=True)
 
 
-def default_out(cfg: RunConfig) -> Path:
-    """Where a run without --out writes its records."""
-    return Path("results") / "runs" / cfg.run_id()
+def default_out(cfg: RunConfig, root: Path = Path("results") / "runs", kind: str = "") -> Path:
+    """Where a run without --out writes its records: `results/runs/<date>_<methods>_<run id>`, readable
+    in a listing, or the folder an earlier run of the same configuration made (any date, or the bare
+    run id of older versions), so rerunning a command resumes it."""
+    rid = cfg.run_id()
+    if root.is_dir():
+        earlier = sorted(p for p in root.iterdir() if p.is_dir() and (p.name == f"{kind}{rid}" or p.name.endswith(f"_{kind}{rid}")))
+        if earlier:
+            return earlier[-1]
+    methods = "-".join(cfg.methods)
+    methods = methods if len(methods) <= 40 else methods[:37] + "..."
+    safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in methods)
+    return root / f"{time.strftime('%Y%m%d-%H%M')}_{safe}_{kind}{rid}"
 
 
 def cmd_run(argv: list[str] | argparse.Namespace) -> int:
