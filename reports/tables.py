@@ -95,55 +95,71 @@ def _items_text(records: list[RunRecord], tasks: list[str]) -> str:
     return "items per task: " + ", ".join(f"{TASK_TITLE.get(t, t)} {'/'.join(map(str, v))}" for t, v in per.items())
 
 
+def _avg_cell(accs: list[float], ses: list[float | None], n_acc: int) -> tuple[CellSpec, float | None]:
+    """The average over the accuracy columns, with the standard error of that mean (tasks are
+    independent samples: sqrt(sum se²) / n); '—' unless every accuracy column has a value."""
+    if not accs or len(accs) != n_acc:
+        return cell("—"), None
+    avg = sum(accs) / len(accs)
+    se = (sum(x * x for x in ses) ** 0.5 / len(ses)) if None not in ses else None
+    return cell(f"{avg:.1f}" + (f" ± {se:.1f}" if se is not None else ""), round(avg, 6)), se
+
+
+def _quality_row(col: Collection, r: RunRecord, dense: RunRecord | None, tasks: list[str], convention: str,
+                 metrics: dict[str, set[str]]) -> tuple[list[CellSpec], dict[str, float]]:
+    """One record's cells and the standard errors of its score cells (table units), by column key."""
+    row, accs, ses, noise = [cell(col.label(r)), cell(removed_text(r))], [], [], {}
+    for t in tasks:
+        m = metric_for(t, r.scores.get(t, {}), convention)
+        v, se = _score(r, t, m)
+        if m:
+            metrics[t].add(m)
+        row.append(_fmt(v, m or "acc", se))
+        if se is not None:
+            noise[t] = se if m in LOWER_IS_BETTER else 100 * se
+        if v is not None and m not in LOWER_IS_BETTER:
+            accs.append(100 * v)
+            ses.append(None if se is None else 100 * se)
+    avg, avg_se = _avg_cell(accs, ses, sum(1 for t in tasks if not (metrics[t] & LOWER_IS_BETTER)))
+    if avg_se is not None:
+        noise["Avg"] = avg_se
+    return [*row, avg, _ratio_cell(_mc_kv(dense, tasks), _mc_kv(r, tasks))], noise
+
+
+def _quality_caption(recs: list[RunRecord], tasks: list[str], convention: str) -> str:
+    model = ", ".join(sorted({model_name(r) for r in recs})) or "—"
+    lm_eval = sorted({str(r.lm_eval.get("version")) for r in recs if r.lm_eval.get("version")})
+    seeds = sorted({str(r.config.get("seed")) for r in recs})
+    shots = sorted({int(r.config.get("num_fewshot") or 0) for r in recs}) or [0]
+    shot_text = "Zero-shot" if shots == [0] else f"{'/'.join(map(str, shots))}-shot"
+    return (f"{shot_text} scores (%) on {model}; rows grouped by PD setting and blocks removed "
+            f"(one number: both stages; 'p / d': prefill / decode). Metric: {CONVENTION_TEXT[convention]} "
+            f"(convention '{convention}'). {_items_text(recs, tasks)}; lm-eval {', '.join(lm_eval) or '—'}, "
+            f"seed {', '.join(seeds)}. Avg: mean over the accuracy columns. KV ×: KV bytes unpruned ÷ method, summed over "
+            f"these tasks' handoffs (disaggregated only). ± : standard error (lm-eval's; Avg: of the mean over tasks). "
+            f"Bold: best per column only where it beats the runner-up by more than 1.96 combined standard errors.")
+
+
 def quality_table(records: Collection | Sequence[RunRecord], convention: str = "paper") -> pd.DataFrame:
     """Rows: methods grouped by model and blocks removed; columns: the multiple-choice tasks and
-    their average; one block per PD setting. Scores ×100; best per column in bold within a block."""
+    their average; one block per PD setting. Scores ×100 ± stderr; bold only beyond noise."""
     col = _as_collection(records)
     recs = col.quality
     tasks = _ordered_tasks(recs, lambda r, t: not is_long_task(r, t))
     metrics: dict[str, set[str]] = {t: set() for t in tasks}
     groups, noise, i = [], {name: {} for name in [*tasks, "Avg"]}, 0  # noise[column][row] = stderr, table units
     for title, rs in _groups(col, recs):
-        g: list[list[CellSpec]] = []
         dense = next((r for r in rs if r.method == "unpruned"), None)
+        g: list[list[CellSpec]] = []
         for r in rs:
-            row, accs, ses = [cell(col.label(r)), cell(removed_text(r))], [], []
-            for t in tasks:
-                m = metric_for(t, r.scores.get(t, {}), convention)
-                v, se = _score(r, t, m)
-                if m:
-                    metrics[t].add(m)
-                row.append(_fmt(v, m or "acc", se))
-                if se is not None:
-                    noise[t][i] = se if m in LOWER_IS_BETTER else 100 * se
-                if v is not None and m not in LOWER_IS_BETTER:
-                    accs.append(100 * v)
-                    ses.append(None if se is None else 100 * se)
-            n_acc = sum(1 for t in tasks if not (metrics[t] & LOWER_IS_BETTER))
-            avg = sum(accs) / len(accs) if accs and len(accs) == n_acc else None
-            # tasks are independent samples: se(mean) = sqrt(sum se²) / n
-            avg_se = (sum(x * x for x in ses) ** 0.5 / len(ses)) if avg is not None and None not in ses else None
-            row.append(cell("—") if avg is None else cell(f"{avg:.1f}" + (f" ± {avg_se:.1f}" if avg_se is not None else ""),
-                                                          round(avg, 6)))
-            if avg_se is not None:
-                noise["Avg"][i] = avg_se
-            row.append(_ratio_cell(_mc_kv(dense, tasks), _mc_kv(r, tasks)))
+            row, ses = _quality_row(col, r, dense, tasks, convention, metrics)
             g.append(row)
+            for key, se in ses.items():
+                noise[key][i] = se
             i += 1
         groups.append((title, g))
     names = [f"{TASK_TITLE.get(t, t)}" for t in tasks]
-    model = ", ".join(sorted({model_name(r) for r in recs})) or "—"
-    lm_eval = sorted({str(r.lm_eval.get("version")) for r in recs if r.lm_eval.get("version")})
-    seeds = sorted({str(r.config.get("seed")) for r in recs})
-    shots = sorted({int(r.config.get("num_fewshot") or 0) for r in recs}) or [0]
-    shot_text = "Zero-shot" if shots == [0] else f"{'/'.join(map(str, shots))}-shot"
-    caption = (f"{shot_text} scores (%) on {model}; rows grouped by PD setting and blocks removed "
-               f"(one number: both stages; 'p / d': prefill / decode). Metric: {CONVENTION_TEXT[convention]} "
-               f"(convention '{convention}'). {_items_text(recs, tasks)}; lm-eval {', '.join(lm_eval) or '—'}, "
-               f"seed {', '.join(seeds)}. Avg: mean over the accuracy columns. KV ×: KV bytes unpruned ÷ method, summed over "
-               f"these tasks' handoffs (disaggregated only). ± : standard error (lm-eval's; Avg: of the mean over tasks). "
-               f"Bold: best per column only where it beats the runner-up by more than 1.96 combined standard errors.")
-    t = make_table("quality", caption, ["Method", "Removed", *names, "Avg", "KV ×"], groups)
+    t = make_table("quality", _quality_caption(recs, tasks, convention), ["Method", "Removed", *names, "Avg", "KV ×"], groups)
     for name, task in zip(names, tasks):
         bold_beyond_noise(t, name, noise[task], lower_is_better=bool(metrics[task] & LOWER_IS_BETTER))
     bold_beyond_noise(t, "Avg", noise["Avg"])
