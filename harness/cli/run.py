@@ -41,6 +41,17 @@ def _methods_epilog() -> str:
     return "\n".join(lines)
 
 
+def placement_flags(p: argparse.ArgumentParser) -> None:
+    """accelerate's big-model placement: where weights live, not what is computed."""
+    g = p.add_argument_group("placement of a model larger than one device")
+    g.add_argument("--device-map", default=None, metavar="auto|balanced|balanced_low_0|sequential",
+                   help="spread a model larger than one device over GPUs, CPU memory and disk (accelerate's big-model "
+                        "loading); each layer's KV stays on that layer's device")
+    g.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    g.add_argument("--offload-folder", default=None, metavar="DIR", help="where --device-map puts layers that fit nowhere else")
+
+
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m harness",
@@ -71,12 +82,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16, help="requests per forward (default: 16)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--device-map", default=None, metavar="auto|balanced|balanced_low_0|sequential",
-                   help="spread a model larger than one device over GPUs, CPU memory and disk (accelerate's big-model "
-                        "loading); each layer's KV stays on that layer's device")
-    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
-                   help="memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
-    p.add_argument("--offload-folder", default=None, metavar="DIR", help="where --device-map puts layers that fit nowhere else")
+    placement_flags(p)
     p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"),
                    help="folder laid out like ../shared/data (default: $HARNESS_DATA_DIR; unset = lm-eval's hub datasets)")
     p.add_argument("--max-length", type=positive_int, default=None, help="context length (default: the model's, as lm-eval resolves it)")
