@@ -10,6 +10,7 @@ splits, only used for few-shot examples) are set to null.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
@@ -245,3 +246,17 @@ def upstream_yamls(data_dir: Path | None = None) -> dict[str, Path]:
                            "the harness pins lm-eval==0.4.13")
     return paths
 
+
+
+@contextlib.contextmanager
+def without_env_report():
+    """Skip lm-eval's `add_env_info` while inside: on every `simple_evaluate` it builds torch's
+    environment report (`pip list` and other subprocesses, 1-4 s a call) into a results field the
+    harness never reads; records carry the harness's own `environment`."""
+    import lm_eval.evaluator as ev
+
+    saved, ev.add_env_info = ev.add_env_info, lambda results: None
+    try:
+        yield
+    finally:
+        ev.add_env_info = saved
