@@ -7,10 +7,27 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist the workers share the cores: one thread each (inherited by the CLI
+    # subprocesses the tests start), or torch's spinning threads oversubscribe them and the tiny
+    # model's runs take about twice the CPU time.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402  (after the thread count is set)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("HARNESS_DATA_DIR") or ROOT.parent / "shared" / "data").resolve()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the real SmolLM2 (the `smollm2` fixture) is `slow`, so `-m "not slow"` skips them all."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
