@@ -37,6 +37,31 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """`python -m harness ARGS` run in this process (no interpreter and import start-up, ~3 s a call):
+    a CompletedProcess with the exit code (argparse's SystemExit included) and what it printed."""
+    import subprocess
+
+    from harness.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # what `-q` sets; monkeypatch restores the caller's value after
+
+    def call(*args, data_dir=None):
+        if data_dir is not None:
+            monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return call
+
+
 @pytest.fixture(scope="session")
 def tiny():
     from harness.pd.models import load_model
