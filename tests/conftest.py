@@ -7,10 +7,27 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist the workers share the cores: one thread each (inherited by the CLI
+    # subprocesses the tests start), or torch's spinning threads oversubscribe them and the tiny
+    # model's runs take about twice the CPU time.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402  (after the thread count is set)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("HARNESS_DATA_DIR") or ROOT.parent / "shared" / "data").resolve()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the real SmolLM2 (the `smollm2` fixture) is `slow`, so `-m "not slow"` skips them all."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +35,31 @@ def data_dir() -> Path:
     if not (DATA_DIR / "README.md").is_file():
         pytest.fail(f"evaluation data not found at {DATA_DIR}; set HARNESS_DATA_DIR to a copy of ../shared/data")
     return DATA_DIR
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """`python -m harness ARGS` run in this process (no interpreter and import start-up, ~3 s a call):
+    a CompletedProcess with the exit code (argparse's SystemExit included) and what it printed."""
+    import subprocess
+
+    from harness.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # what `-q` sets; monkeypatch restores the caller's value after
+
+    def call(*args, data_dir=None):
+        if data_dir is not None:
+            monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return call
 
 
 @pytest.fixture(scope="session")

@@ -48,27 +48,27 @@ TINY = ["--model", "random:tiny", "--device", "cpu", "-q"]
         (["--device", "tpu"], "expected auto, cpu or cuda"),
     ],
 )
-def test_bad_input_exits_2(args, message, data_dir, tmp_path):
-    r = harness(*TINY, "--tasks", "arc_easy", "--out", str(tmp_path / "o"), *args, data_dir=data_dir)
+def test_bad_input_exits_2(args, message, data_dir, tmp_path, cli):
+    r = cli(*TINY, "--tasks", "arc_easy", "--out", str(tmp_path / "o"), *args, data_dir=data_dir)
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
 
 
-def test_unreadable_model_and_missing_data(data_dir, tmp_path):
-    r = harness("--model", str(tmp_path / "no-model-here"), "--tasks", "arc_easy", data_dir=data_dir)
+def test_unreadable_model_and_missing_data(data_dir, tmp_path, cli):
+    r = cli("--model", str(tmp_path / "no-model-here"), "--tasks", "arc_easy", data_dir=data_dir)
     assert r.returncode == 2 and "no such file or directory" in r.stderr
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf")
-    r = harness("--model", str(bad), "--tasks", "arc_easy", data_dir=data_dir)
+    r = cli("--model", str(bad), "--tasks", "arc_easy", data_dir=data_dir)
     assert r.returncode == 2 and "could not load it" in r.stderr and "Traceback" not in r.stderr
     empty_dir = tmp_path / "model-dir"
     empty_dir.mkdir()
-    r = harness("--model", str(empty_dir), "--tasks", "arc_easy", data_dir=data_dir)
+    r = cli("--model", str(empty_dir), "--tasks", "arc_easy", data_dir=data_dir)
     assert r.returncode == 2 and "could not load it" in r.stderr
     partial = tmp_path / "data"
     shutil.copytree(data_dir / "arc_easy", partial / "arc_easy")
-    r = harness(*TINY, "--tasks", "arc_easy,boolq", data_dir=partial)
+    r = cli(*TINY, "--tasks", "arc_easy,boolq", data_dir=partial)
     assert r.returncode == 2 and f"missing data file {partial}/boolq/dev.jsonl (needed by task boolq)" in r.stderr
 
 
@@ -106,8 +106,8 @@ def test_run_writes_records_and_summary_then_resumes(data_dir, tmp_path):
     assert other.returncode == 2 and "different configuration" in other.stderr
 
 
-def test_calibrating_method_without_data_dir_exits_2(tmp_path):
-    r = harness(*TINY, "--methods", "unpruned,shortgpt", "--tasks", "arc_easy", "--out", str(tmp_path), data_dir="")
+def test_calibrating_method_without_data_dir_exits_2(tmp_path, cli):
+    r = cli(*TINY, "--methods", "unpruned,shortgpt", "--tasks", "arc_easy", "--out", str(tmp_path), data_dir="")
     assert r.returncode == 2 and "shortgpt calibrate on PIQA + MMLU from local data: pass --data-dir" in r.stderr
 
 

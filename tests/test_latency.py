@@ -8,7 +8,8 @@ import torch
 
 from harness.latency import measure as latency
 from harness.pd.engine import expected_kv_bytes
-from harness.pd.plan import KVBudget, KVPolicy, PruningPlan
+from harness.pd.kv import get_policy, policy_names
+from harness.pd.plan import KVPolicy, PruningPlan
 
 
 def test_percentiles_match_linear_interpolation():
@@ -243,14 +244,37 @@ def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
     assert dense["kv_bytes"] == 2 * 40 * 4 * 2 * 2 * 16 * 4  # batch · T · layers · (K, V) · kv_heads · head_dim · fp32
 
 
-@pytest.mark.parametrize("policy", [KVPolicy(2, 3, (1, 3)), KVPolicy(kind="snapkv", budget=KVBudget(tokens=6), window=4, kernel=3)])
-def test_static_runs_after_the_first_prefill_the_same_prompts(tiny, policy):
-    """Every run of a static-mode measurement prefills the workload's prompts at positions 0 .. T-1:
-    before StagedModel, the static branch rebound the prefill's positions to the decode step's, so
-    later runs prefilled every token at one position (dense bytes for first/last, a failed SnapKV
-    selection)."""
+def _decode_modes():
+    """Every decode mode; `graph` (CUDA graphs) only where CUDA is, marked `gpu`."""
+    cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+    return [pytest.param(m, marks=[pytest.mark.gpu, cuda]) if m == "graph" else m for m in latency.DECODE_MODES]
+
+
+def _handed(m):
+    """Per decode layer, the original positions and per-request counts the measured handoff sent."""
+    h = m.handoff
+    return {layer: (h.positions[layer].tolist(), h.counts[layer].tolist()) for layer in h.keys}
+
+
+@pytest.mark.parametrize("mode", _decode_modes())
+@pytest.mark.parametrize("kind", policy_names())  # the registry: a new policy is covered with no edit
+def test_every_decode_mode_hands_over_what_the_first_eager_prefill_does(tiny, kind, mode):
+    """With warm-up and repeats, every run of every decode mode prefills the workload's prompts at
+    positions 0 .. T-1, so the handoff sends the bytes and positions of one eager run. Before
+    StagedModel, the static/graph branch rebound the prefill's positions to the decode step's: from
+    the second run on, first_last sent dense bytes and SnapKV's selection failed."""
+    model = tiny.model
+    if mode == "graph":
+        from harness.pd.models import load_model
+
+        model = load_model("random:tiny", device="cuda", dtype="float32", seed=0).model
+    policy = get_policy(kind).example((0, 1, 3))
     plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 1, 3), policy)
     w = latency.Workload(prompt_tokens=12, decode_tokens=4, batch_size=3)
-    eager = latency.measure(tiny.model, plan, w, warmup=0, repeats=1, decode_mode="eager")
-    static = latency.measure(tiny.model, plan, w, warmup=1, repeats=2, decode_mode="static")
-    assert static.kv_bytes == eager.kv_bytes < expected_kv_bytes(tiny.model.config, 3, 12, torch.float32, batch=3)
+    first = latency.measure(model, plan, w, warmup=0, repeats=1, decode_mode="eager")
+    m = latency.measure(model, plan, w, warmup=1, repeats=2, decode_mode=mode)
+    assert len(m.tpot_ms) == 2 and m.decode_mode == mode
+    dtype = next(model.parameters()).dtype
+    assert m.kv_bytes == first.kv_bytes < expected_kv_bytes(model.config, 3, 12, dtype, batch=3)
+    assert m.kv_bytes_paged == first.kv_bytes_paged
+    assert _handed(m) == _handed(first)

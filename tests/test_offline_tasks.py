@@ -59,6 +59,32 @@ def test_lm_eval_tasks_keep_upstream_prompts(data_dir):
     assert len(list(mm.eval_docs)) == 135
 
 
+def test_task_manager_indexes_only_the_requested_tasks_and_mmlu_keeps_its_groups(data_dir):
+    """Indexing every lm-eval YAML cost ~8 s per run; only the requested tasks' folders are indexed,
+    and MMLU's group, its four category groups and its 57 subjects (local data) still load."""
+    assert "hellaswag" not in task_manager(["arc_easy"], data_dir).all_tasks
+    tm = task_manager(["arc_easy", "mmlu"], data_dir)
+    assert len(tm.all_tasks) < 200 and {"arc_easy", "mmlu", "mmlu_stem", "mmlu_anatomy"} <= set(tm.all_tasks)
+    mmlu = tm.load(["mmlu"])
+    assert len(mmlu["tasks"]) == 57 and "mmlu" in mmlu["groups"]
+    assert all(t.config.dataset_kwargs["harness_task"] == "mmlu" for t in mmlu["tasks"].values())
+
+
+def test_lm_eval_env_report_is_skipped_inside_the_block_only(monkeypatch):
+    """lm-eval's `add_env_info` (torch's env report: `pip list` and more, seconds per evaluate) is skipped."""
+    import lm_eval.evaluator as ev
+
+    from harness.quality.tasks import without_env_report
+
+    calls = []
+    monkeypatch.setattr(ev, "add_env_info", lambda results: calls.append(results))
+    with without_env_report():
+        ev.add_env_info({})
+    assert calls == []
+    ev.add_env_info({})
+    assert calls == [{}]
+
+
 def test_missing_file_is_named(data_dir, tmp_path):
     copy = tmp_path / "data"
     shutil.copytree(data_dir / "piqa", copy / "piqa")

@@ -192,20 +192,20 @@ out = "unused-too"
 """
 
 
-def test_unchanged_rerun_of_a_spec_passes_and_a_planted_option_change_fails(tmp_path, data_dir):
+def test_unchanged_rerun_of_a_spec_passes_and_a_planted_option_change_fails(tmp_path, data_dir, cli):
     spec = tmp_path / "tiny.toml"
     spec.write_text(TINY_SPEC)
     ref = tmp_path / "ref"
-    r = harness("check", "--against", ref, "--spec", spec, "--out", tmp_path / "run1", "--update", "-q", data_dir=data_dir)
+    r = cli("check", "--against", ref, "--spec", spec, "--out", tmp_path / "run1", "--update", "-q", data_dir=data_dir)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in (ref / "quality").glob("*.json")) == [
         "shortgpt__disaggregated.json", "shortgpt__unified.json", "unpruned__disaggregated.json", "unpruned__unified.json"]
-    r = harness("check", "--against", ref, "--spec", spec, "--out", tmp_path / "run2", "--latency-tolerance", "1000", "-q",
+    r = cli("check", "--against", ref, "--spec", spec, "--out", tmp_path / "run2", "--latency-tolerance", "1000", "-q",
                 data_dir=data_dir)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert "regression check passed: 6 record(s)" in r.stdout
     spec.write_text(TINY_SPEC.replace('"shortgpt.k=1"', '"shortgpt.k=2"'))
-    r = harness("check", "--against", ref, "--spec", spec, "--out", tmp_path / "run3", "--latency-tolerance", "1000", "-q",
+    r = cli("check", "--against", ref, "--spec", spec, "--out", tmp_path / "run3", "--latency-tolerance", "1000", "-q",
                 data_dir=data_dir)
     assert r.returncode == 1 and "shortgpt/unified: plan changed" in r.stdout and "KV bytes must match exactly" in r.stdout
 

@@ -134,13 +134,16 @@ def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, 
     Under data parallelism lm-eval aggregates on rank 0 only: other ranks get None."""
     from lm_eval import simple_evaluate
 
+    from harness.quality.tasks import without_env_report
+
     obj = tasks.get(task)
-    out = simple_evaluate(
-        model=lm, tasks=[obj], limit=cfg.limit, task_manager=tasks.manager, bootstrap_iters=cfg.bootstrap_iters,
-        num_fewshot=cfg.num_fewshot or None,  # None: each task's own default (0 for every task here)
-        random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-        fewshot_random_seed=cfg.seed, log_samples=True, cache_requests=False,  # per-item results: records keep them
-    )
+    with without_env_report():
+        out = simple_evaluate(
+            model=lm, tasks=[obj], limit=cfg.limit, task_manager=tasks.manager, bootstrap_iters=cfg.bootstrap_iters,
+            num_fewshot=cfg.num_fewshot or None,  # None: each task's own default (0 for every task here)
+            random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed, log_samples=True, cache_requests=False,  # per-item results: records keep them
+        )
     if out is None and lm.rank != 0:
         return None
     if task not in out["results"]:

@@ -63,6 +63,8 @@ class KVPolicy(metaclass=_PolicyMeta):
     matchable: ClassVar[bool] = False
     # the value an option takes when a stored dict lacks it (an option added after records existed)
     dict_defaults: ClassVar[dict[str, Any]] = {}
+    # options `example` sets, sized for prompts of about a dozen tokens (windows smaller than the prompt)
+    example_options: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         self.validate()
@@ -73,6 +75,13 @@ class KVPolicy(metaclass=_PolicyMeta):
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def example(cls, decode_layers: tuple[int, ...]) -> KVPolicy:
+        """A small valid policy of this kind for a plan with `decode_layers` and prompts of about a
+        dozen tokens, sending fewer positions than the prompt has (tests run every registered policy
+        with it); `example_options` sizes its options."""
+        return cls(**cls.example_options)
 
     @property
     def kind(self) -> str:
@@ -224,6 +233,12 @@ class TokenSelection(KVPolicy):
     def keeps_all(self) -> bool:
         return self.budget.keeps_all
 
+    @classmethod
+    def example(cls, decode_layers: tuple[int, ...]) -> KVPolicy:
+        """The bytes of the first_last example on the same layers, with `example_options`."""
+        match = next(c for c in _registered() if c.matchable).example(decode_layers)
+        return cls(budget=KVBudget(match=match), **cls.example_options)
+
     def check_layers(self, decode_layers: tuple[int, ...]) -> None:
         match = self.budget.match
         outside = sorted(set(getattr(match, "layers", ())) - set(decode_layers)) if match is not None else []
@@ -270,6 +285,12 @@ class TokenSelection(KVPolicy):
 
     def describe(self) -> str:
         return f"{self.name} ({self.how()}), budget = {self.budget.describe()}"
+
+
+def _registered() -> list[type]:
+    from harness.pd.kv import _POLICIES
+
+    return list(_POLICIES.values())
 
 
 def get_registered(name: str | None) -> type | None:

@@ -31,6 +31,11 @@ class FirstLast(KVPolicy):
     name = "first_last"
     matchable = True
 
+    @classmethod
+    def example(cls, decode_layers: tuple[int, ...]) -> KVPolicy:
+        """First 2 + last 3 positions in the last two decode layers (the others send all)."""
+        return cls(2, 3, tuple(decode_layers[-2:]))
+
     def validate(self) -> None:
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
         if self.n_first < 0 or self.n_last < 0:

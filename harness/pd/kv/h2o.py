@@ -28,6 +28,7 @@ class H2O(TokenSelection):
     recent: int = 32
 
     name = "h2o"
+    example_options = {"recent": 3}
     method_name = "h2o"
     method_summary = ("base plan's layers (default pdtrim); per KV head, a recent window + the positions with the "
                       "most accumulated prefill attention, at the base's KV bytes")

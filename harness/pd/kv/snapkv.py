@@ -36,6 +36,7 @@ class SnapKV(TokenSelection):
     order: str = "pool_then_mean"
 
     name = "snapkv"
+    example_options = {"window": 4, "kernel": 3}
     method_name = "snapkv"
     method_summary = ("base plan's layers (default pdtrim); per KV head, the window + prefix most attended by it in "
                       "prefill, at the base's KV bytes")

@@ -21,6 +21,7 @@ class Streaming(TokenSelection):
     n_sink: int = 4
 
     name = "streaming"
+    example_options = {"n_sink": 2}
     method_name = "streamingllm"
     method_summary = ("base plan's layers (default pdtrim); every decode layer gets n_sink first + most recent "
                       "positions, at the base's KV bytes")
