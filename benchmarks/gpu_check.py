@@ -37,6 +37,7 @@ import random
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +63,17 @@ def plans(n: int):
     }
 
 
+def attempt(out: dict, step: str, fn):
+    """fn()'s result, or None with the error recorded: one failing step (an OOM, a refused CUDA IPC) costs only itself."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - recorded, printed, and the exit status says so
+        traceback.print_exc()
+        out.setdefault("errors", []).append({"step": step, "error": f"{type(e).__name__}: {str(e)[:500]}"})
+        print(f"# FAILED {step}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+
+
 def free(device) -> None:
     import torch
 
@@ -84,8 +96,11 @@ def latency_rows(shape: str, loaded, args, budget: Budget, modes) -> list[dict]:
                 step = f"latency {shape} {name} B={b} {mode}"
                 if not budget.allows(step, estimate_latency_row_s(shape, b, mode, args, budget.out["rates"], elem)):
                     continue
-                m = measure(model, plan, Workload(args.prompt_tokens, args.decode_tokens, b), warmup=args.warmup,
-                            repeats=args.repeats, decode_mode=mode)
+                m = attempt(budget.out, step, lambda plan=plan, b=b, mode=mode: measure(
+                    model, plan, Workload(args.prompt_tokens, args.decode_tokens, b), warmup=args.warmup, repeats=args.repeats,
+                    decode_mode=mode))
+                if m is None:
+                    continue
                 if mode == "eager":
                     eager[(name, b)] = m
                 rows.append(latency_row(shape, name, plan, b, mode, m, eager.get((name, b)), n))
@@ -244,6 +259,11 @@ def parse_args(argv=None):
     if args.shapes:
         args.latency_shapes = args.agreement_shapes = args.shapes
     args.latency_shapes, args.agreement_shapes = args.latency_shapes.split(","), args.agreement_shapes.split(",")
+    from harness.pd.models import PRESETS
+
+    unknown = sorted(set(args.latency_shapes + args.agreement_shapes) - set(PRESETS))
+    if unknown:
+        p.error(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(sorted(PRESETS))}")
     args.batch_sizes, args.sections = [int(b) for b in args.batch_sizes.split(",")], set(args.sections.split(","))
     return args
 
@@ -266,7 +286,9 @@ def run_latency(args, device, budget: Budget, out: dict) -> dict:
     print(f"{'shape':14s} {'plan':14s} {'B':>2s} {'decode':6s} {'TTFT ms':>9s} {'TPOT ms':>8s} {'hand ms':>8s} {'KV MiB':>8s} "
           f"{'TTFT cut':>9s} {'removed':>9s}", flush=True)
     for shape in args.latency_shapes:
-        loaded = load_model(f"random:{shape}", device=str(device), dtype=args.dtype)
+        loaded = attempt(out, f"load {shape}", lambda shape=shape: load_model(f"random:{shape}", device=str(device), dtype=args.dtype))
+        if loaded is None:
+            continue
         model = loaded.model
         for plan in plans(model.config.num_hidden_layers).values():
             models["weight_bytes"][(shape, plan.decode_layers)] = weight_bytes(model, plan.decode_layers)
@@ -303,24 +325,25 @@ def main(argv=None) -> int:
           f"estimated ≤ {out['estimate_s']:.0f} s, budget {args.budget_s:.0f} s", flush=True)
     models = run_latency(args, device, budget, out) if "b" in args.sections else None
     if "c" in args.sections and models is not None:
-        out["hbm_bound"] = hbm_bound(out["latency"], models, bw, args.latency_shapes[0])
+        out["hbm_bound"] = attempt(out, "hbm bound", lambda: hbm_bound(out["latency"], models, bw, args.latency_shapes[0]))
         save(out, args)
     if "d" in args.sections and "_handoff_for_ipc" not in out:
         out["skipped"].append({"step": "ipc handoff", "reason": "no pdtrim-like eager row of (b) to hand off"})
     elif "d" in args.sections and budget.allows("ipc handoff", 30.0):
-        out["ipc_handoff"] = ipc_handoff(out["_handoff_for_ipc"][1], out["_handoff_for_ipc"][0], device)
-        print(f"# ipc handoff: {out['ipc_handoff']['kv_bytes_received']} B received, {out['ipc_handoff']['kv_bytes_counted']} "
-              f"counted, {out['ipc_handoff']['handoff_ms']:.1f} ms ({out['ipc_handoff']['backend']})", flush=True)
+        d = out["ipc_handoff"] = attempt(out, "ipc handoff", lambda: ipc_handoff(out["_handoff_for_ipc"][1], out["_handoff_for_ipc"][0], device))
+        if d:
+            print(f"# ipc handoff: {d['kv_bytes_received']} B received, {d['kv_bytes_counted']} counted, {d['handoff_ms']:.1f} ms "
+                  f"({d['backend']})", flush=True)
         save(out, args)
     for shape in args.agreement_shapes if "a" in args.sections else []:
         if budget.allows(f"agreement {shape}", estimate_agreement_s(shape, args, out["rates"])):
-            out["agreement"] += agreement(shape, args, device)
+            out["agreement"] += attempt(out, f"agreement {shape}", lambda shape=shape: agreement(shape, args, device)) or []
             free(device)
             save(out, args)
     out["seconds"] = budget.elapsed_s()
     save(out, args)
-    print(f"wrote {args.json} and {args.md} ({out['seconds']:.0f} s)")
-    return 0
+    print(f"wrote {args.json} and {args.md} ({out['seconds']:.0f} s){'; FAILED steps: ' + str(len(out['errors'])) if out.get('errors') else ''}")
+    return 1 if out.get("errors") else 0
 
 
 if __name__ == "__main__":

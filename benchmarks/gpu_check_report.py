@@ -73,6 +73,8 @@ def write_markdown(out: dict, path: Path) -> None:
         lines += _bound(out["hbm_bound"]) + [""]
     if out.get("ipc_handoff"):
         lines += _ipc(out["ipc_handoff"]) + [""]
+    if out.get("errors"):
+        lines += ["## Failed steps", ""] + [f"- {e['step']}: {e['error']}" for e in out["errors"]] + [""]
     if out.get("skipped"):
         lines += ["## Skipped", ""] + [f"- {s['step']}: {s['reason']}" for s in out["skipped"]] + [""]
     if out.get("seconds") is not None:

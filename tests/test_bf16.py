@@ -129,7 +129,7 @@ PLANS = [PruningPlan("x", 4, (0, 1, 2, 3), (0, 1, 3), KVPolicy(2, 3, (1, 3))),
 
 def test_no_tensor_is_made_on_the_default_device_or_dtype(tiny, data_dir):
     """With the default device `meta` and the default dtype float64, a tensor made without device= or dtype=
-    cannot meet the CPU fp32 model's tensors: latency (eager, static), scoring (both modes) and every
+    cannot meet the CPU fp32 model's tensors: latency (eager, static), scoring (both modes), generation and every
     method's planning run as usual. (The host-side accumulators of calibration statistics used to be
     made on the default device; a GPU run mixed them with CUDA tensors.)"""
     from harness.latency.measure import Workload, measure
@@ -147,7 +147,9 @@ def test_no_tensor_is_made_on_the_default_device_or_dtype(tiny, data_dir):
             for mode in ("eager", "static"):
                 m = measure(tiny.model, plan, Workload(12, 4, 2), warmup=1, repeats=1, decode_mode=mode)
                 assert m.kv_bytes == reference[plan.method]
-            assert all(math.isfinite(ll) for ll, _ in Scorer(tiny.model, plan, "disaggregated", max_length=64).loglikelihood(reqs))
+            scorer = Scorer(tiny.model, plan, "disaggregated", max_length=64)
+            assert all(math.isfinite(ll) for ll, _ in scorer.loglikelihood(reqs))
+            assert [len(g) for g in scorer.generate([c for c, _ in reqs[:3]], 4)] == [4, 4, 4]
         assert Scorer(tiny.model, PruningPlan.dense("d", 4), "unified", max_length=64).loglikelihood(reqs[:2])
         for name in methods.names():
             plan = make(name, 4, EXERCISE.get(name)).plan(tiny.model, calib, "disaggregated")

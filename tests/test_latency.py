@@ -228,11 +228,36 @@ def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
     assert ipc["backend"] == "shared_memory" and ipc["tensors_equal"] and ipc["pass"]
     assert ipc["kv_bytes_received"] == ipc["kv_bytes_counted"] == pd_row["kv_bytes"] and ipc["metadata_bytes_received"] > 0
     assert res["skipped"] == [{"step": "latency graph rows", "reason": "CUDA graphs need a CUDA device (static stands in)"}]
-    assert res["estimate_s"] > 0 and res["rates"]["copy_bandwidth_bytes_per_s"] > 0
+    assert res["estimate_s"] > 0 and res["rates"]["copy_bandwidth_bytes_per_s"] > 0 and "errors" not in res
     table = md.read_text()
     for head in ("## (a) PD engine agreement", "## (b) Latency per stage", "## (c) static TPOT vs the HBM bound",
                  "## (d) Handoff between two processes", "| tiny | pdtrim-like | 1 | static |"):
         assert head in table
+
+
+def test_gpu_check_records_a_failing_step_and_runs_the_others(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    def refused(*args):
+        raise RuntimeError("CUDA IPC refused")
+
+    monkeypatch.setattr(gpu_check, "ipc_handoff", refused)
+    out, md = tmp_path / "check.json", tmp_path / "check.md"
+    assert gpu_check.main(["--shapes", "tiny", "--prompt-tokens", "12", "--decode-tokens", "2", "--batch-sizes", "1", "--device", "cpu",
+                           "--dtype", "float32", "--repeats", "1", "--warmup", "0", "--sections", "b,d", "--json", str(out),
+                           "--md", str(md)]) == 1
+    res = json.loads(out.read_text())
+    assert res["errors"] == [{"step": "ipc handoff", "error": "RuntimeError: CUDA IPC refused"}] and len(res["latency"]) == 6
+    assert "## Failed steps" in md.read_text() and "# FAILED ipc handoff" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad:
+        gpu_check.main(["--shapes", "tiny,llama9", "--json", str(out)])
+    assert bad.value.code == 2 and "unknown shape(s) llama9; known: " in capsys.readouterr().err
 
 
 def test_gpu_check_budget_skips_what_would_overrun(tmp_path):

@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 
 from harness.pd.engine import Handoff
 
+SHARED_TIMEOUT_S = 180  # a handoff of a few GB takes seconds; a process that waits longer lost its peer
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool)}
 
 
@@ -128,11 +129,11 @@ def _shared_sender(handoff_path: str, device: str, queue, done) -> None:
         torch.cuda.synchronize()
     # CUDA tensors pickle as IPC handles, CPU tensors move to shared memory (torch.multiprocessing)
     queue.put({"n_requests": h.n_requests, "t0_ns": time.perf_counter_ns(), "items": items})
-    done.get(timeout=600)  # the receiver reads the sender's memory: keep it alive until the copies are done
+    done.get(timeout=SHARED_TIMEOUT_S)  # the receiver reads the sender's memory: keep it alive until the copies are done
 
 
 def _shared_receiver(device: str, queue, done, result_path: str) -> None:
-    msg = queue.get(timeout=600)
+    msg = queue.get(timeout=SHARED_TIMEOUT_S)
     own = [(k, layer, t.clone()) for k, layer, t in msg["items"]]  # the copy into the decode process's memory
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -168,7 +169,10 @@ def transfer_shared(handoff: Handoff, device: str = "cpu") -> dict[str, Any]:
         for p in procs:
             p.start()
         for p in procs:
-            p.join()
+            p.join(timeout=SHARED_TIMEOUT_S + 60)
+            if p.is_alive():
+                p.terminate()
+                p.join()
         if any(p.exitcode != 0 for p in procs):
             raise RuntimeError(f"shared-memory handoff failed: exit codes {[p.exitcode for p in procs]}")
         out = json.loads(Path(rp).read_text())
