@@ -186,9 +186,10 @@ def twin(model, device, dtype):
     with torch.device("meta"):
         copy = type(model)(model.config)
     copy = copy.to_empty(device=device)
-    src = dict(model.named_parameters()) | dict(model.named_buffers())
+    # every name, tied ones too (SmolLM2's LM head is its embedding): the copy may or may not share them
+    src = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     with torch.no_grad():
-        for name, t in [*copy.named_parameters(), *copy.named_buffers()]:
+        for name, t in [*copy.named_parameters(remove_duplicate=False), *copy.named_buffers(remove_duplicate=False)]:
             t.copy_(src[name])
     return copy.to(dtype).eval()
 
@@ -320,9 +321,11 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {out['device'].get('gpu_name', 'cpu')}; copy bandwidth "
           f"(read + write) {bw / 1e9:.0f} GB/s, matmul {out['rates']['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s", flush=True)
     out["estimate_s"] = estimate_total_s(args, out["rates"], device)
-    print(f"plan: (b) {len(args.latency_shapes)} shapes × 3 plans × batch {args.batch_sizes} × decode paths, prompt {args.prompt_tokens}, "
-          f"{args.decode_tokens} tokens, {args.warmup} + {args.repeats} runs; (d) one handoff; (a) {', '.join(args.agreement_shapes)}; "
-          f"estimated ≤ {out['estimate_s']:.0f} s, budget {args.budget_s:.0f} s", flush=True)
+    work = {"b": f"(b) {', '.join(args.latency_shapes)} × 3 plans × batch {args.batch_sizes} × decode paths, prompt {args.prompt_tokens}, "
+                 f"{args.decode_tokens} tokens, {args.warmup} + {args.repeats} runs", "c": "(c) bound", "d": "(d) one handoff",
+            "a": f"(a) {', '.join(args.agreement_shapes)}"}
+    print(f"plan: {'; '.join(w for k, w in work.items() if k in args.sections)}; estimated ≤ {out['estimate_s']:.0f} s, "
+          f"budget {args.budget_s:.0f} s", flush=True)
     models = run_latency(args, device, budget, out) if "b" in args.sections else None
     if "c" in args.sections and models is not None:
         out["hbm_bound"] = attempt(out, "hbm bound", lambda: hbm_bound(out["latency"], models, bw, args.latency_shapes[0]))

@@ -88,6 +88,8 @@ def estimate_agreement_s(shape: str, args, rates: dict) -> float:
     params = z["layer_params"] * z["n_layers"] + z["head_params"]
     tokens = args.agreement_requests * (args.agreement_context + args.agreement_cont)
     forward_s = 2 * params * tokens / rates["cpu_fp32_matmul_flop_per_s"]
+    if args.device == "cpu":  # the candidate is a float64 copy on the CPU too, some 4 times the fp32 cost
+        forward_s *= 5
     return 2 * forward_s + params * 4 / 2e9 + 5.0  # two plans; the weights copied to the host at ~2 GB/s
 
 

@@ -235,6 +235,27 @@ def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
         assert head in table
 
 
+def test_gpu_check_twin_has_the_weights_of_a_tied_model():
+    """(a)'s CPU reference is a copy built empty and filled: SmolLM2's LM head is its embedding (tied)."""
+    import sys
+
+    import torch
+    from conftest import ROOT
+
+    from harness.pd.models import load_model
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    model = load_model("random:smollm2-135m", device="cpu", dtype="float32").model
+    copy = gpu_check.twin(model, torch.device("cpu"), torch.float64)
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.inference_mode():
+        want, got = model(ids).logits.double(), copy(ids).logits
+    assert got.dtype == torch.float64 and torch.allclose(got, want, atol=1e-4, rtol=0)
+    assert torch.equal(copy.lm_head.weight, model.lm_head.weight.double())
+
+
 def test_gpu_check_records_a_failing_step_and_runs_the_others(tmp_path, monkeypatch, capsys):
     import json
     import sys
