@@ -1,32 +1,51 @@
-"""GPU check: per-stage latency of dense, ShortGPT-like and PDTrim-like plans on model shapes.
+"""GPU check: the PD engine on one GPU, in four sections, written as one JSON and one Markdown table.
 
-Needs only PyTorch and transformers (5.17 or newer); random weights in the shape of each preset
-(latency and KV bytes do not depend on weight values). For each shape, plan, batch size and
-decode path (eager; CUDA graph on GPU, the uncaptured static path on CPU) it prints TTFT and TPOT
-(p50), the KV bytes handed over, the decode bound (weight bytes a decode step reads ÷ measured
-copy bandwidth), TTFT/TPOT versus dense, and writes everything (raw samples included) as JSON.
+(a) agreement: the PD engine (disaggregated scoring: prefill, handoff, decode) on the same random
+    weights on the device and on the CPU reference, fp32: per-request log-likelihood differences
+    (pass: max ≤ --agreement-tol, 1e-3) and the KV bytes of every handoff (pass: identical). On
+    CPU the candidate is a float64 copy of the model (identical KV elements, not bytes).
+(b) latency: TTFT, TPOT (p50) per decode path (eager, static, graph; no graph on CPU), handoff
+    time and KV bytes for dense, ShortGPT-like and PDTrim-like plans, per shape and batch size;
+    every static/graph row says whether it sent the eager row's bytes.
+(c) HBM bound: graph TPOT (static on CPU) against the bytes a decode step must read (decode
+    layers' weights, final norm, LM head, the KV held) ÷ the copy bandwidth measured on the same
+    device (read + write) — pass on the first shape, dense, batch 1: TPOT ≤ 1.2 × bound.
+(d) handoff between two processes on one device: the PDTrim-like handoff of the first shape at
+    batch 1 moved by CUDA IPC (shared memory on CPU); pass: bytes received = bytes counted and
+    every tensor equal.
 
-Plans (n layers, k = round(n / 4)):
-- dense: every layer in both stages;
-- shortgpt-like: the k deepest blocks before the last one removed from both stages;
-- pdtrim-like: the k // 2 deepest of those removed from prefill, all k from decode, and
-  first 16 + last 48 prompt positions kept in the decode layers of the upper two thirds.
+Plans (n layers, k = round(n / 4)): dense; shortgpt-like (the k deepest blocks before the last
+removed from both stages); pdtrim-like (the k // 2 deepest of those removed from prefill, all k
+from decode; first 16 + last 48 prompt positions kept in the decode layers of the upper two thirds).
 
-    python benchmarks/gpu_check.py                      # H100/H200: llama3-8b and smollm2-135m, prompt 2048, batch 1 and 8
-    python benchmarks/gpu_check.py --shapes tiny --prompt-tokens 64 --decode-tokens 8 --device cpu   # CPU smoke test
+A budget guard (--budget-s, default 420 s) estimates each step from the rates measured at start
+(matmul rate, copy bandwidth) and the eager launch cost per layer in ../shared/GPU_REFERENCE.md,
+and skips, with the reason recorded, whatever would overrun; JSON and table are rewritten after
+every step, so a killed run still leaves what it measured. Needs PyTorch and transformers only
+(no lm-eval, no network); the device command is in benchmarks/README.md.
+
+    python benchmarks/gpu_check.py --json gpu_check.json --md gpu_check.md      # one H100/H200, about 5 min
+    python benchmarks/gpu_check.py --shapes tiny --prompt-tokens 40 --decode-tokens 4 --device cpu --dtype float32   # CPU smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import random
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_check_budget import Budget, estimate_agreement_s, estimate_latency_row_s, estimate_total_s, measure_rates  # noqa: E402
+from gpu_check_report import write_markdown  # noqa: E402
 
 
 def plans(n: int):
@@ -44,69 +63,290 @@ def plans(n: int):
     }
 
 
-def main() -> int:
+def attempt(out: dict, step: str, fn):
+    """fn()'s result, or None with the error recorded: one failing step (an OOM, a refused CUDA IPC) costs only itself."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - recorded, printed, and the exit status says so
+        traceback.print_exc()
+        out.setdefault("errors", []).append({"step": step, "error": f"{type(e).__name__}: {str(e)[:500]}"})
+        print(f"# FAILED {step}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+
+
+def free(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def latency_rows(shape: str, loaded, args, budget: Budget, modes) -> list[dict]:
+    """Section (b) for one shape: every plan × batch × decode mode that fits the budget."""
+    from harness.latency.measure import Workload, measure
+
+    model, rows = loaded.model, []
+    n = model.config.num_hidden_layers
+    elem = next(model.parameters()).element_size()
+    eager: dict = {}
+    for name, plan in plans(n).items():
+        for b in args.batch_sizes:
+            for mode in modes:
+                step = f"latency {shape} {name} B={b} {mode}"
+                if not budget.allows(step, estimate_latency_row_s(shape, b, mode, args, budget.out["rates"], elem)):
+                    continue
+                m = attempt(budget.out, step, lambda plan=plan, b=b, mode=mode: measure(
+                    model, plan, Workload(args.prompt_tokens, args.decode_tokens, b), warmup=args.warmup, repeats=args.repeats,
+                    decode_mode=mode))
+                if m is None:
+                    continue
+                if mode == "eager":
+                    eager[(name, b)] = m
+                rows.append(latency_row(shape, name, plan, b, mode, m, eager.get((name, b)), n))
+                print_row(rows[-1], rows)
+                if name == "pdtrim-like" and b == args.batch_sizes[0] and mode == "eager" and shape == args.latency_shapes[0]:
+                    budget.out["_handoff_for_ipc"] = (shape, m.handoff)
+    return rows
+
+
+def latency_row(shape, name, plan, b, mode, m, eager_m, n) -> dict:
+    ttft, tpot = statistics.median(m.ttft_ms), (statistics.median(m.tpot_ms) if m.tpot_ms else None)
+    return {"shape": shape, "plan": name, "batch": b, "decode_mode": mode, "ttft_ms_p50": ttft, "tpot_ms_p50": tpot,
+            "handoff_ms_p50": statistics.median(m.handoff_ms), "kv_bytes": m.kv_bytes, "kv_bytes_paged": m.kv_bytes_paged,
+            "kv_bytes_equal_eager": None if eager_m is None else m.kv_bytes == eager_m.kv_bytes,
+            "removed_prefill_fraction": 1 - len(plan.prefill_layers) / n,
+            "prefill_layers": list(plan.prefill_layers), "decode_layers": list(plan.decode_layers),
+            "kv_policy": plan.kv_policy.to_dict(), "samples": m.to_dict()}
+
+
+def print_row(row: dict, rows: list[dict]) -> None:
+    dense = next((x for x in rows if x["shape"] == row["shape"] and x["plan"] == "dense" and x["batch"] == row["batch"]
+                  and x["decode_mode"] == row["decode_mode"]), row)
+    row["ttft_reduction"] = 1 - row["ttft_ms_p50"] / dense["ttft_ms_p50"]
+    row["tpot_vs_dense"] = row["tpot_ms_p50"] / dense["tpot_ms_p50"] if row["tpot_ms_p50"] and dense["tpot_ms_p50"] else None
+    tpot = f"{row['tpot_ms_p50']:8.3f}" if row["tpot_ms_p50"] is not None else f"{'-':>8s}"
+    print(f"{row['shape']:14s} {row['plan']:14s} {row['batch']:2d} {row['decode_mode']:6s} {row['ttft_ms_p50']:9.2f} {tpot} "
+          f"{row['handoff_ms_p50']:8.2f} {row['kv_bytes'] / 2**20:8.2f} {100 * row['ttft_reduction']:8.1f}% "
+          f"{100 * row['removed_prefill_fraction']:8.1f}%  eager bytes: {row['kv_bytes_equal_eager']}", flush=True)
+
+
+def hbm_bound(rows: list[dict], models: dict, bw: float, first_shape: str) -> dict:
+    """Section (c): per graph row (static on CPU), TPOT against the bytes a step reads ÷ the copy bandwidth."""
+    out = []
+    for row in rows:
+        if row["decode_mode"] != models["bound_mode"] or row["tpot_ms_p50"] is None:
+            continue
+        weights = models["weight_bytes"][(row["shape"], tuple(row["decode_layers"]))]
+        steps = row["samples"]["workload"]["decode_tokens"] - 1
+        per_token = models["kv_bytes_per_token"][row["shape"]] * len(row["decode_layers"]) * row["batch"]
+        read = weights + row["kv_bytes"] + per_token * (steps + 1) / 2  # the KV grows by one token a step
+        bound_ms = read / bw * 1e3
+        out.append({"shape": row["shape"], "plan": row["plan"], "batch": row["batch"], "decode_mode": row["decode_mode"],
+                    "tpot_ms_p50": row["tpot_ms_p50"], "bytes_read_per_step": int(read), "bound_ms": bound_ms,
+                    "tpot_over_bound": row["tpot_ms_p50"] / bound_ms})
+    head = next((x for x in out if x["shape"] == first_shape and x["plan"] == "dense" and x["batch"] == 1), None)
+    check = None if head is None else {"row": f"{first_shape} dense B=1", "tpot_over_bound": head["tpot_over_bound"], "limit": 1.2,
+                                       "pass": head["tpot_over_bound"] <= 1.2 if models["bound_mode"] == "graph" else None}
+    if check and check["pass"] is None:
+        check["note"] = "no verdict: the bound is for a CUDA graph over HBM; on CPU the static path stands in"
+    return {"copy_bandwidth_bytes_per_s": bw, "decode_mode": models["bound_mode"], "rows": out, "check": check}
+
+
+def ipc_handoff(handoff, shape: str, device) -> dict:
+    """Section (d): one handoff between two processes on `device`; bytes received against bytes counted."""
+    import torch
+
+    from harness.latency.transfer import transfer_shared
+
+    got = transfer_shared(handoff, str(device))
+    rec = got.pop("received")
+    equal = all(torch.equal(rec.keys[i], handoff.keys[i].cpu()) and torch.equal(rec.values[i], handoff.values[i].cpu())
+                and torch.equal(rec.positions[i], handoff.positions[i].cpu()) for i in handoff.keys)
+    got.update(shape=shape, plan="pdtrim-like", batch=handoff.n_requests, kv_bytes_counted=handoff.kv_bytes,
+               tensors_equal=equal, **{"pass": equal and got["kv_bytes_received"] == handoff.kv_bytes})
+    return got
+
+
+def agreement_requests(vocab: int, args, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """Requests with contexts longer than the PDTrim-like policy's 64 kept positions; pairs share a context."""
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range((args.agreement_requests + 1) // 2):
+        ctx = [rng.randrange(vocab) for _ in range(rng.randint(args.agreement_context // 2, args.agreement_context))]
+        for _ in range(2):
+            reqs.append((ctx, [rng.randrange(vocab) for _ in range(rng.randint(1, args.agreement_cont))]))
+    return reqs[: args.agreement_requests]
+
+
+def twin(model, device, dtype):
+    """A copy of `model`'s weights and buffers on `device` in `dtype` (built empty, then copied)."""
+    import torch
+
+    with torch.device("meta"):
+        copy = type(model)(model.config)
+    copy = copy.to_empty(device=device)
+    # every name, tied ones too (SmolLM2's LM head is its embedding): the copy may or may not share them
+    src = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for name, t in [*copy.named_parameters(remove_duplicate=False), *copy.named_buffers(remove_duplicate=False)]:
+            t.copy_(src[name])
+    return copy.to(dtype).eval()
+
+
+def agreement(shape: str, args, device) -> list[dict]:
+    """Section (a) for one shape: the candidate (device fp32, or CPU float64 on a CPU run) against CPU fp32."""
+    import torch
+
+    from harness.pd.models import load_model
+    from harness.quality.scoring import Scorer
+
+    t0 = time.perf_counter()
+    cand = load_model(f"random:{shape}", device=str(device), dtype="float32").model
+    on_cpu = device.type == "cpu"
+    ref = twin(cand, torch.device("cpu"), torch.float32)
+    if on_cpu:
+        cand = twin(cand, device, torch.float64)
+    reqs = agreement_requests(cand.config.vocab_size, args)
+    rows = []
+    for name, plan in plans(cand.config.num_hidden_layers).items():
+        if name == "shortgpt-like":
+            continue  # dense and pdtrim-like cover the engine's paths (one layer set; two sets and a KV policy)
+        got = {}
+        for who, model in (("reference", ref), ("candidate", cand)):
+            s = Scorer(model, plan, "disaggregated", max_length=4096, batch_size=args.agreement_requests)
+            got[who] = (s.loglikelihood(reqs), s.tally.as_dict())
+        rows.append(agreement_row(shape, name, got, cand, on_cpu, args.agreement_tol))
+        print(f"# agreement {shape} {name}: max |Δ loglik| {rows[-1]['max_abs_diff']:.2e}, KV bytes {rows[-1]['kv_bytes_reference']} "
+              f"vs {rows[-1]['kv_bytes_candidate']}: {'pass' if rows[-1]['pass'] else 'FAIL'}", flush=True)
+    rows[0]["seconds"] = time.perf_counter() - t0
+    del cand, ref
+    return rows
+
+
+def agreement_row(shape, name, got, cand, on_cpu, tol) -> dict:
+    (ll_r, kv_r), (ll_c, kv_c) = got["reference"], got["candidate"]
+    diffs = [abs(a[0] - b[0]) for a, b in zip(ll_r, ll_c)]
+    elem_c = next(cand.parameters()).element_size()
+    same_kv = kv_c["kv_bytes"] * 4 == kv_r["kv_bytes"] * elem_c  # bytes per element 4 (fp32) against the candidate's
+    return {"shape": shape, "plan": name, "reference": "cpu float32", "candidate": f"{'cpu float64' if on_cpu else str(cand.device) + ' float32'}",
+            "requests": len(diffs), "max_abs_diff": max(diffs), "mean_abs_diff": statistics.fmean(diffs), "tolerance": tol,
+            "greedy_equal": [a[1] for a in ll_r] == [b[1] for b in ll_c], "kv_bytes_reference": kv_r["kv_bytes"],
+            "kv_bytes_candidate": kv_c["kv_bytes"], "kv_identical": same_kv, "kv_compared": "elements" if on_cpu else "bytes",
+            "pass": max(diffs) <= tol and same_kv}
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="llama3-8b,smollm2-135m")
+    p.add_argument("--shapes", default=None, help="shapes for every section (overrides the two below)")
+    p.add_argument("--latency-shapes", default="llama3-8b,llama2-7b", help="(b), (c), (d) shapes; the first is (c)'s check and (d)'s handoff")
+    p.add_argument("--agreement-shapes", default="smollm2-135m,llama3-8b", help="(a) shapes")
+    p.add_argument("--sections", default="a,b,c,d", help="which sections to run (c and d need b)")
     p.add_argument("--prompt-tokens", type=int, default=2048)
-    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--agreement-requests", type=int, default=6)
+    p.add_argument("--agreement-context", type=int, default=160, help="longest (a) context; the shortest is half of it")
+    p.add_argument("--agreement-cont", type=int, default=12, help="longest (a) continuation")
+    p.add_argument("--agreement-tol", type=float, default=1e-3, help="largest |Δ log-likelihood| per request")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="bfloat16", help="(b)-(d) dtype; (a) is always fp32")
+    p.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget; steps that would overrun it are skipped")
     p.add_argument("--json", default="gpu_check.json")
-    args = p.parse_args()
+    p.add_argument("--md", default="gpu_check.md")
+    args = p.parse_args(argv)
+    if args.shapes:
+        args.latency_shapes = args.agreement_shapes = args.shapes
+    args.latency_shapes, args.agreement_shapes = args.latency_shapes.split(","), args.agreement_shapes.split(",")
+    from harness.pd.models import PRESETS
 
+    unknown = sorted(set(args.latency_shapes + args.agreement_shapes) - set(PRESETS))
+    if unknown:
+        p.error(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(sorted(PRESETS))}")
+    args.batch_sizes, args.sections = [int(b) for b in args.batch_sizes.split(",")], set(args.sections.split(","))
+    return args
+
+
+def save(out: dict, args) -> None:
+    Path(args.json).write_text(json.dumps({k: v for k, v in out.items() if not k.startswith("_")}, indent=1, default=str))
+    write_markdown(out, Path(args.md))
+
+
+def run_latency(args, device, budget: Budget, out: dict) -> dict:
+    """Sections (b) and (c)'s inputs: latency rows, and per shape the weight bytes of each decode layer set."""
+    from harness.pd.arch import kv_heads_and_dim
+    from harness.pd.models import load_model
+    from harness.pd.static_decode import weight_bytes
+
+    modes = ("eager", "static", "graph") if device.type == "cuda" else ("eager", "static")
+    if device.type != "cuda":
+        out["skipped"].append({"step": "latency graph rows", "reason": "CUDA graphs need a CUDA device (static stands in)"})
+    models = {"weight_bytes": {}, "kv_bytes_per_token": {}, "bound_mode": "graph" if device.type == "cuda" else "static"}
+    print(f"{'shape':14s} {'plan':14s} {'B':>2s} {'decode':6s} {'TTFT ms':>9s} {'TPOT ms':>8s} {'hand ms':>8s} {'KV MiB':>8s} "
+          f"{'TTFT cut':>9s} {'removed':>9s}", flush=True)
+    for shape in args.latency_shapes:
+        loaded = attempt(out, f"load {shape}", lambda shape=shape: load_model(f"random:{shape}", device=str(device), dtype=args.dtype))
+        if loaded is None:
+            continue
+        model = loaded.model
+        for plan in plans(model.config.num_hidden_layers).values():
+            models["weight_bytes"][(shape, plan.decode_layers)] = weight_bytes(model, plan.decode_layers)
+        kvh, d = kv_heads_and_dim(model.config)
+        models["kv_bytes_per_token"][shape] = 2 * kvh * d * next(model.parameters()).element_size()
+        out["latency"] += latency_rows(shape, loaded, args, budget, modes)
+        save(out, args)
+        del model, loaded
+        free(device)
+    return models
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     import torch
     import transformers
 
-    from harness.latency.measure import Workload, measure
-    from harness.pd.models import load_model
-    from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
+    from harness.pd.models import resolve_dtype
     from harness.run.env import device_info
 
     device = torch.device(args.device)
-    modes = ("eager", "graph") if device.type == "cuda" else ("eager", "static")
+    torch.set_float32_matmul_precision("highest")  # (a) compares fp32 arithmetic: no TF32 on the GPU
     out = {"torch": torch.__version__, "transformers": transformers.__version__, "device": device_info(),
-           "args": vars(args), "rows": []}
-    bw = copy_bandwidth_bytes_per_s(device)
-    out["copy_bandwidth_bytes_per_s"] = bw
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {out['device'].get('gpu_name', 'cpu')}; "
-          f"copy bandwidth (read + write) {bw / 1e9:.0f} GB/s", flush=True)
-    head = (f"{'shape':14s} {'plan':14s} {'B':>2s} {'decode':6s} {'TTFT ms':>9s} {'TPOT ms':>8s} {'bound ms':>8s} "
-            f"{'TPOT/bound':>10s} {'KV MiB':>8s} {'TTFT vs dense':>13s} {'removed prefill':>15s} {'TPOT vs dense':>13s}")
-    print(head)
-    for shape in args.shapes.split(","):
-        t0 = time.perf_counter()
-        loaded = load_model(f"random:{shape}", device=args.device, dtype=args.dtype)
-        model = loaded.model
-        n = model.config.num_hidden_layers
-        print(f"# {shape}: {n} layers, built in {time.perf_counter() - t0:.1f}s", flush=True)
-        dense_ref: dict = {}
-        for (name, plan), b, mode in ((x, b, m) for x in plans(n).items() for b in map(int, args.batch_sizes.split(","))
-                                      for m in modes):
-            m = measure(model, plan, Workload(args.prompt_tokens, args.decode_tokens, b), warmup=args.warmup,
-                        repeats=args.repeats, decode_mode=mode)
-            ttft, tpot = statistics.median(m.ttft_ms), statistics.median(m.tpot_ms)
-            bound = weight_bytes(model, plan.decode_layers) / bw * 1e3
-            if name == "dense":
-                dense_ref[(b, mode)] = (ttft, tpot)
-            dt, dp = dense_ref[(b, mode)]
-            removed = 1 - len(plan.prefill_layers) / n
-            row = {"shape": shape, "plan": name, "batch": b, "decode_mode": mode, "ttft_ms_p50": ttft, "tpot_ms_p50": tpot,
-                   "decode_bound_ms": bound, "kv_bytes": m.kv_bytes, "kv_bytes_paged": m.kv_bytes_paged,
-                   "ttft_reduction": 1 - ttft / dt, "removed_prefill_fraction": removed, "tpot_vs_dense": tpot / dp,
-                   "prefill_layers": list(plan.prefill_layers), "decode_layers": list(plan.decode_layers),
-                   "kv_policy": plan.kv_policy.to_dict(), "samples": m.to_dict()}
-            out["rows"].append(row)
-            print(f"{shape:14s} {name:14s} {b:2d} {mode:6s} {ttft:9.2f} {tpot:8.3f} {bound:8.3f} {tpot / bound:10.2f} "
-                  f"{m.kv_bytes / 2**20:8.1f} {100 * (1 - ttft / dt):12.1f}% {100 * removed:14.1f}% {tpot / dp:13.3f}", flush=True)
-        del model, loaded
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
-    return 0
+           "args": {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()}, "latency": [], "agreement": [],
+           "hbm_bound": None, "ipc_handoff": None}
+    budget = Budget(args.budget_s, out)
+    out["rates"] = measure_rates(device, resolve_dtype(args.dtype, device))
+    bw = out["rates"]["copy_bandwidth_bytes_per_s"]
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {out['device'].get('gpu_name', 'cpu')}; copy bandwidth "
+          f"(read + write) {bw / 1e9:.0f} GB/s, matmul {out['rates']['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s", flush=True)
+    out["estimate_s"] = estimate_total_s(args, out["rates"], device)
+    work = {"b": f"(b) {', '.join(args.latency_shapes)} × 3 plans × batch {args.batch_sizes} × decode paths, prompt {args.prompt_tokens}, "
+                 f"{args.decode_tokens} tokens, {args.warmup} + {args.repeats} runs", "c": "(c) bound", "d": "(d) one handoff",
+            "a": f"(a) {', '.join(args.agreement_shapes)}"}
+    print(f"plan: {'; '.join(w for k, w in work.items() if k in args.sections)}; estimated ≤ {out['estimate_s']:.0f} s, "
+          f"budget {args.budget_s:.0f} s", flush=True)
+    models = run_latency(args, device, budget, out) if "b" in args.sections else None
+    if "c" in args.sections and models is not None:
+        out["hbm_bound"] = attempt(out, "hbm bound", lambda: hbm_bound(out["latency"], models, bw, args.latency_shapes[0]))
+        save(out, args)
+    if "d" in args.sections and "_handoff_for_ipc" not in out:
+        out["skipped"].append({"step": "ipc handoff", "reason": "no pdtrim-like eager row of (b) to hand off"})
+    elif "d" in args.sections and budget.allows("ipc handoff", 30.0):
+        d = out["ipc_handoff"] = attempt(out, "ipc handoff", lambda: ipc_handoff(out["_handoff_for_ipc"][1], out["_handoff_for_ipc"][0], device))
+        if d:
+            print(f"# ipc handoff: {d['kv_bytes_received']} B received, {d['kv_bytes_counted']} counted, {d['handoff_ms']:.1f} ms "
+                  f"({d['backend']})", flush=True)
+        save(out, args)
+    for shape in args.agreement_shapes if "a" in args.sections else []:
+        if budget.allows(f"agreement {shape}", estimate_agreement_s(shape, args, out["rates"])):
+            out["agreement"] += attempt(out, f"agreement {shape}", lambda shape=shape: agreement(shape, args, device)) or []
+            free(device)
+            save(out, args)
+    out["seconds"] = budget.elapsed_s()
+    save(out, args)
+    print(f"wrote {args.json} and {args.md} ({out['seconds']:.0f} s){'; FAILED steps: ' + str(len(out['errors'])) if out.get('errors') else ''}")
+    return 1 if out.get("errors") else 0
 
 
 if __name__ == "__main__":

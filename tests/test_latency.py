@@ -222,26 +222,114 @@ def test_decode_bound_inputs(tiny):
     assert copy_bandwidth_bytes_per_s(torch.device("cpu"), nbytes=2**20, repeats=2) > 0
 
 
-def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
-    import json
-    import subprocess
+def _gpu_check(*args: str) -> int:
     import sys
 
     from conftest import ROOT
 
-    out = tmp_path / "check.json"
-    r = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--shapes", "tiny", "--prompt-tokens", "40", "--decode-tokens",
-                        "4", "--batch-sizes", "1,2", "--device", "cpu", "--dtype", "float32", "--repeats", "1", "--json", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    return gpu_check.main(list(args))
+
+
+def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
+    """benchmarks/gpu_check.py, every section on CPU: (a) fp32 against a float64 copy, (b) eager and static
+    rows with the eager bytes, (c) static TPOT against the bound (no verdict on CPU), (d) a handoff through
+    shared memory between two processes; one JSON and one Markdown table."""
+    import json
+
+    out, md = tmp_path / "check.json", tmp_path / "check.md"
+    assert _gpu_check("--shapes", "tiny", "--prompt-tokens", "40", "--decode-tokens", "4", "--batch-sizes", "1,2", "--device", "cpu",
+                      "--dtype", "float32", "--repeats", "1", "--json", str(out), "--md", str(md)) == 0
+    res = json.loads(out.read_text())
+    rows = res["latency"]
     assert {(x["plan"], x["batch"], x["decode_mode"]) for x in rows} == {
         (p, b, m) for p in ("dense", "shortgpt-like", "pdtrim-like") for b in (1, 2) for m in ("eager", "static")}
     for x in rows:
-        assert set(x["decode_layers"]) <= set(x["prefill_layers"]) and x["decode_bound_ms"] > 0
-        assert len(x["samples"]["itl_ms"]) == 3
+        assert set(x["decode_layers"]) <= set(x["prefill_layers"]) and x["kv_bytes_equal_eager"] is True
+        assert len(x["samples"]["itl_ms"]) == 3 and x["ttft_ms_p50"] > 0
     dense = next(x for x in rows if x["plan"] == "dense" and x["batch"] == 2)
     assert dense["kv_bytes"] == 2 * 40 * 4 * 2 * 2 * 16 * 4  # batch · T · layers · (K, V) · kv_heads · head_dim · fp32
+    (a_dense, a_pd) = res["agreement"]
+    for a in (a_dense, a_pd):
+        assert a["pass"] and a["max_abs_diff"] <= 1e-3 and a["candidate"] == "cpu float64" and a["requests"] == 6
+        assert a["kv_bytes_candidate"] == 2 * a["kv_bytes_reference"] > 0 and a["kv_identical"]
+    assert a_pd["kv_bytes_reference"] < a_dense["kv_bytes_reference"]  # the first/last policy dropped positions
+    bound = res["hbm_bound"]
+    assert bound["decode_mode"] == "static" and len(bound["rows"]) == 6 and all(r["bound_ms"] > 0 for r in bound["rows"])
+    assert bound["check"]["pass"] is None and "no verdict" in bound["check"]["note"]
+    ipc = res["ipc_handoff"]
+    pd_row = next(x for x in rows if x["plan"] == "pdtrim-like" and x["batch"] == 1 and x["decode_mode"] == "eager")
+    assert ipc["backend"] == "shared_memory" and ipc["tensors_equal"] and ipc["pass"]
+    assert ipc["kv_bytes_received"] == ipc["kv_bytes_counted"] == pd_row["kv_bytes"] and ipc["metadata_bytes_received"] > 0
+    assert res["skipped"] == [{"step": "latency graph rows", "reason": "CUDA graphs need a CUDA device (static stands in)"}]
+    assert res["estimate_s"] > 0 and res["rates"]["copy_bandwidth_bytes_per_s"] > 0 and "errors" not in res
+    table = md.read_text()
+    for head in ("## (a) PD engine agreement", "## (b) Latency per stage", "## (c) static TPOT vs the HBM bound",
+                 "## (d) Handoff between two processes", "| tiny | pdtrim-like | 1 | static |"):
+        assert head in table
+
+
+def test_gpu_check_twin_has_the_weights_of_a_tied_model():
+    """(a)'s CPU reference is a copy built empty and filled: SmolLM2's LM head is its embedding (tied)."""
+    import sys
+
+    import torch
+    from conftest import ROOT
+
+    from harness.pd.models import load_model
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    model = load_model("random:smollm2-135m", device="cpu", dtype="float32").model
+    copy = gpu_check.twin(model, torch.device("cpu"), torch.float64)
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.inference_mode():
+        want, got = model(ids).logits.double(), copy(ids).logits
+    assert got.dtype == torch.float64 and torch.allclose(got, want, atol=1e-4, rtol=0)
+    assert torch.equal(copy.lm_head.weight, model.lm_head.weight.double())
+
+
+def test_gpu_check_records_a_failing_step_and_runs_the_others(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    def refused(*args):
+        raise RuntimeError("CUDA IPC refused")
+
+    monkeypatch.setattr(gpu_check, "ipc_handoff", refused)
+    out, md = tmp_path / "check.json", tmp_path / "check.md"
+    assert gpu_check.main(["--shapes", "tiny", "--prompt-tokens", "12", "--decode-tokens", "2", "--batch-sizes", "1", "--device", "cpu",
+                           "--dtype", "float32", "--repeats", "1", "--warmup", "0", "--sections", "b,d", "--json", str(out),
+                           "--md", str(md)]) == 1
+    res = json.loads(out.read_text())
+    assert res["errors"] == [{"step": "ipc handoff", "error": "RuntimeError: CUDA IPC refused"}] and len(res["latency"]) == 6
+    assert "## Failed steps" in md.read_text() and "# FAILED ipc handoff" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad:
+        gpu_check.main(["--shapes", "tiny,llama9", "--json", str(out)])
+    assert bad.value.code == 2 and "unknown shape(s) llama9; known: " in capsys.readouterr().err
+
+
+def test_gpu_check_budget_skips_what_would_overrun(tmp_path):
+    """With no time to spend, every step is skipped with its reason, and JSON and table are still written."""
+    import json
+
+    out, md = tmp_path / "check.json", tmp_path / "check.md"
+    assert _gpu_check("--shapes", "tiny", "--prompt-tokens", "40", "--decode-tokens", "4", "--batch-sizes", "1", "--device", "cpu",
+                      "--dtype", "float32", "--budget-s", "0", "--json", str(out), "--md", str(md)) == 0
+    res = json.loads(out.read_text())
+    assert res["latency"] == [] and res["agreement"] == [] and res["ipc_handoff"] is None
+    steps = {s["step"]: s["reason"] for s in res["skipped"]}
+    assert "latency tiny dense B=1 eager" in steps and "agreement tiny" in steps and "(b)" in steps["ipc handoff"]
+    assert steps["agreement tiny"].startswith("budget: ") and steps["agreement tiny"].endswith("> 0 s")
+    assert "## Skipped" in md.read_text() and "- latency tiny pdtrim-like B=1 static: budget: " in md.read_text()
 
 
 def _decode_modes():

@@ -146,8 +146,9 @@ def measure(
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     B, T, n = workload.batch_size, workload.prompt_tokens, workload.decode_tokens
-    # inputs are built before any timing: only stage work is inside the clocks
-    batch = TokenBatch.dense(torch.randint(0, vocab, (B, T), generator=g).to(device))
+    # inputs are built before any timing: only stage work is inside the clocks; drawn on the host
+    # (the generator's device) so every device gets the same prompts
+    batch = TokenBatch.dense(torch.randint(0, vocab, (B, T), generator=g, device="cpu").to(device))
     lengths = batch.lengths
     step_valid = torch.ones((B, 1), dtype=torch.bool, device=device)
     staged = StagedModel(model, plan)

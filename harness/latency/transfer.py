@@ -1,11 +1,16 @@
 """Moving a handoff for real between two processes: a prefill process sends, a decode process receives.
 
-`torch.distributed` point-to-point: gloo on CPU, NCCL on GPU. The sender first sends a small
+`transfer_between_processes`: `torch.distributed` point-to-point: gloo on CPU, NCCL on GPU. The sender first sends a small
 header (JSON: layer, tensor kind, shape, dtype of every tensor, then the metadata tensors), then
 each K and V tensor in turn; the receiver allocates and receives them, counts the bytes of the K
 and V tensors it received, and times the transfer from its first to its last receive. The
 positions/counts tensors (the handoff's bookkeeping) are sent too and reported apart from the KV
 bytes.
+
+`transfer_shared`: two processes on one device, no network stack: on a GPU the sender's tensors
+are opened by the receiver through CUDA IPC (NCCL needs two GPUs), on CPU they travel in shared
+memory; the receiver copies each into its own memory, counts the bytes and times the handoff
+from the sender's put to the end of its own copies (one monotonic clock, one machine).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch.multiprocessing as mp
 
 from harness.pd.engine import Handoff
 
+SHARED_TIMEOUT_S = 180  # a handoff of a few GB takes seconds; a process that waits longer lost its peer
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool)}
 
 
@@ -44,15 +50,15 @@ def _tensors(h: Handoff) -> list[tuple[str, int, torch.Tensor]]:
 
 
 def _send_bytes(data: bytes, dst: int) -> None:
-    t = torch.tensor(list(data), dtype=torch.uint8)
-    dist.send(torch.tensor([t.numel()], dtype=torch.int64), dst)
+    t = torch.tensor(list(data), dtype=torch.uint8, device="cpu")  # gloo: host tensors
+    dist.send(torch.tensor([t.numel()], dtype=torch.int64, device="cpu"), dst)
     dist.send(t, dst)
 
 
 def _recv_bytes(src: int) -> bytes:
-    n = torch.zeros(1, dtype=torch.int64)
+    n = torch.zeros(1, dtype=torch.int64, device="cpu")
     dist.recv(n, src)
-    t = torch.empty(int(n), dtype=torch.uint8)
+    t = torch.empty(int(n), dtype=torch.uint8, device="cpu")
     dist.recv(t, src)
     return bytes(t.tolist())
 
@@ -113,4 +119,63 @@ def transfer_between_processes(handoff: Handoff, backend: str = "gloo") -> dict[
         out.update(json.loads(Path(rp + ".sender").read_text()))
         out["received"] = torch.load(rp + ".handoff", weights_only=False)
     out.update(clock="perf_counter_ns", backend=backend)
+    return out
+
+
+def _shared_sender(handoff_path: str, device: str, queue, done) -> None:
+    h: Handoff = torch.load(handoff_path, weights_only=False)
+    items = [(k, layer, t.to(device).contiguous()) for k, layer, t in _tensors(h)]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    # CUDA tensors pickle as IPC handles, CPU tensors move to shared memory (torch.multiprocessing)
+    queue.put({"n_requests": h.n_requests, "t0_ns": time.perf_counter_ns(), "items": items})
+    done.get(timeout=SHARED_TIMEOUT_S)  # the receiver reads the sender's memory: keep it alive until the copies are done
+
+
+def _shared_receiver(device: str, queue, done, result_path: str) -> None:
+    msg = queue.get(timeout=SHARED_TIMEOUT_S)
+    own = [(k, layer, t.clone()) for k, layer, t in msg["items"]]  # the copy into the decode process's memory
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t1 = time.perf_counter_ns()
+    t0, n_requests = msg["t0_ns"], msg["n_requests"]
+    del msg  # release the sender's memory (IPC handles) before the sender may free it
+    done.put(True)
+    kv = sum(t.numel() * t.element_size() for k, _, t in own if k in ("k", "v"))
+    meta = sum(t.numel() * t.element_size() for k, _, t in own if k not in ("k", "v"))
+    parts: dict[str, dict[int, torch.Tensor]] = {"k": {}, "v": {}, "pos": {}, "cnt": {}}
+    for k, layer, t in own:
+        parts[k][layer] = t.cpu()
+    torch.save(Handoff(parts["k"], parts["v"], parts["pos"], parts["cnt"], n_requests), result_path + ".handoff")
+    Path(result_path).write_text(json.dumps({"kv_bytes_received": kv, "metadata_bytes_received": meta, "tensors": len(own),
+                                             "handoff_ms": (t1 - t0) / 1e6, "device": device}))
+
+
+def transfer_shared(handoff: Handoff, device: str = "cpu") -> dict[str, Any]:
+    """Hand `handoff` from a prefill process to a decode process on one `device` (CUDA IPC or shared memory).
+
+    Keys: kv_bytes_received, metadata_bytes_received, tensors, handoff_ms (sender's put to the
+    receiver's last copy), device, backend (cuda_ipc or shared_memory), clock, and `received`.
+    """
+    ctx = mp.get_context("spawn")
+    queue, done = ctx.Queue(), ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        hp, rp = str(Path(tmp) / "handoff.pt"), str(Path(tmp) / "result.json")
+        torch.save(Handoff({k: v.cpu() for k, v in handoff.keys.items()}, {k: v.cpu() for k, v in handoff.values.items()},
+                           {k: v.cpu() for k, v in handoff.positions.items()}, {k: v.cpu() for k, v in handoff.counts.items()},
+                           handoff.n_requests), hp)
+        procs = [ctx.Process(target=_shared_sender, args=(hp, device, queue, done)),
+                 ctx.Process(target=_shared_receiver, args=(device, queue, done, rp))]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=SHARED_TIMEOUT_S + 60)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        if any(p.exitcode != 0 for p in procs):
+            raise RuntimeError(f"shared-memory handoff failed: exit codes {[p.exitcode for p in procs]}")
+        out = json.loads(Path(rp).read_text())
+        out["received"] = torch.load(rp + ".handoff", weights_only=False)
+    out.update(clock="perf_counter_ns", backend="cuda_ipc" if device.startswith("cuda") else "shared_memory")
     return out

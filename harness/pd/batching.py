@@ -66,7 +66,7 @@ def pad_tokens(
         raise ValueError(f"width {W} is shorter than the longest row ({max(lens)} tokens)")
     # one host tensor and one copy: cheaper than filling device rows one by one
     filled = [list(r) + [0] * (W - n) if side == "right" else [0] * (W - n) + list(r) for r, n in zip(rows, lens)]
-    ids = torch.tensor(filled, dtype=torch.long).reshape(len(rows), W).to(device)
+    ids = torch.tensor(filled, dtype=torch.long, device="cpu").reshape(len(rows), W).to(device)
     lengths = torch.tensor(lens, dtype=torch.long, device=device)
     col = torch.arange(W, device=device)[None, :]
     offset = None if side == "right" else (W - lengths)[:, None]  # a left-padded row starts at column W - len

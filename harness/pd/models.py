@@ -293,7 +293,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         loaded = random_model(spec.split(":", 1)[1], dt, dev, seed, placement)
         if placement is not None:
             loaded.description["device_map"] = device_map_summary(loaded.model)
-        return loaded
+        return _with_dtype(loaded)
     desc: dict[str, Any]
     if spec == DEFAULT_MODEL:
         gguf = smollm2_gguf_path()
@@ -324,4 +324,10 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     desc.update({"class": type(model).__name__, "n_layers": model.config.num_hidden_layers})
     if placement is not None:
         desc["device_map"] = device_map_summary(model)
-    return LoadedModel(model, tok, spec, desc)
+    return _with_dtype(LoadedModel(model, tok, spec, desc))
+
+
+def _with_dtype(loaded: LoadedModel) -> LoadedModel:
+    """Record the weights' dtype as loaded (what `--dtype auto` resolved to), e.g. "bfloat16"."""
+    loaded.description["dtype"] = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    return loaded

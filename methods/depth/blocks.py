@@ -12,8 +12,8 @@ from harness.pd import arch
 def block_cosines(model, calib, batch_size: int = 16) -> list[float]:
     """Mean cos(h_in, h_out) over calibration tokens for every decoder block, accumulated in float32."""
     layers = arch.decoder_layers(model)
-    sums = torch.zeros(len(layers), dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
+    sums = torch.zeros(len(layers), dtype=torch.float64, device="cpu")  # host sums of .cpu() terms
+    count = torch.zeros((), dtype=torch.float64, device="cpu")
     valid: list[torch.Tensor] = []
 
     def hook(i):

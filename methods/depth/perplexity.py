@@ -120,7 +120,7 @@ class CalibNLL:
         target = frozenset(removed)
         start, inputs = self._start(target)
         layers = [i for i in self._kept(target) if i >= start]
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device="cpu")  # host sum of .cpu() terms
         for b, base in zip(self.batches, inputs):
             h = base[start] if start < self.n_layers else base["out"]
             h = run_layers(self.model, layers, None, b.pos, b.valid, PDCache(retain=()), hidden=h)

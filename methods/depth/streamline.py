@@ -68,7 +68,7 @@ class ResidualFFN(nn.Module):
 def run_cosines(model, calib, k: int, batch_size: int) -> list[float]:
     """Mean cos(input of block i, output of block i+k-1) over calibration tokens, for i = 0 .. n-k."""
     n, device = arch.n_layers(model), arch.model_device(model)
-    sums = torch.zeros(n - k + 1, dtype=torch.float64)
+    sums = torch.zeros(n - k + 1, dtype=torch.float64, device="cpu")  # host sums of .cpu() terms
     count = 0
     for ids, mask in calib.batches(batch_size, device):
         valid = mask.bool()
@@ -114,7 +114,7 @@ def train_replacement(model, block: int, x: torch.Tensor, y: torch.Tensor, steps
     before = mse()
     with torch.enable_grad():
         for _ in progress(range(steps), "streamline: training the replacement"):
-            idx = torch.randint(0, x.shape[0], (min(batch_tokens, x.shape[0]),), generator=gen).to(x.device)
+            idx = torch.randint(0, x.shape[0], (min(batch_tokens, x.shape[0]),), generator=gen, device="cpu").to(x.device)
             opt.zero_grad()
             F.mse_loss(ffn(x[idx]), y[idx]).backward()
             opt.step()

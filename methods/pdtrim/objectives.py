@@ -122,7 +122,7 @@ class StageObjective:
         prompt = pad_tokens(prompts, self.device)
         dec = pad_tokens([c[:-1] for c in conts], self.device, start=prompt.lengths)
         t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        first = t([0, *torch.tensor([len(c) for c in conts]).cumsum(0)[:-1].tolist()])
+        first = t([0, *torch.tensor([len(c) for c in conts], device="cpu").cumsum(0)[:-1].tolist()])
         rest = torch.ones(len(rows), dtype=torch.bool, device=self.device)
         rest[first] = False
         return _Batch(full, t(rows), t(cols), prompt, dec, t(drows), t(dcols), first, rest)
@@ -169,7 +169,7 @@ class StageObjective:
         base_set, base_inputs = self._pbase
         start = self._first_difference(target, base_set, self.n_layers)
         layers = [i for i in self._kept(target) if i >= start]
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed where the KLs are
         for b, inputs in zip(self.batches, base_inputs):
             h = inputs[start] if start < self.n_layers else inputs["out"]
             h = run_layers(self.model, layers, None, b.full.positions, b.full.valid, PDCache(retain=()), hidden=h)
@@ -219,7 +219,7 @@ class StageObjective:
         start = self._first_difference(rd, base_set, self.n_layers)
         layers = [i for i in self._kept(rd) if i >= start]
         staged = self._staged(rd, rp)
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed where the KLs are
         for b, (cache, first_kl), inputs in zip(self.batches, states, base_inputs):
             total += first_kl
             if b.dec.ids.shape[1] == 0:
