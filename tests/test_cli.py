@@ -119,7 +119,7 @@ def test_version(capsys):
     assert capsys.readouterr().out == f"pd-harness {__version__}\n"
 
 
-def test_num_fewshot_reaches_lm_eval_and_the_run_key(data_dir, tmp_path):
+def test_num_fewshot_reaches_lm_eval_and_the_run_key(data_dir, tmp_path, cli):
     """--num-fewshot N: lm-eval builds N-shot prompts (its n-shot provenance says N), the record keeps N,
     and the run key differs from the zero-shot run's, while zero-shot keys stay what they were."""
     import json
@@ -129,7 +129,7 @@ def test_num_fewshot_reaches_lm_eval_and_the_run_key(data_dir, tmp_path):
     keys = {}
     for n in (0, 2):
         out = tmp_path / f"shot{n}"
-        r = harness(*TINY, "--methods", "unpruned", "--tasks", "arc_easy", "--limit", "3", "--mode", "unified",
+        r = cli(*TINY, "--methods", "unpruned", "--tasks", "arc_easy", "--limit", "3", "--mode", "unified",
                     "--num-fewshot", str(n), "--out", str(out), data_dir=data_dir)
         assert r.returncode == 0, r.stderr[-2000:]
         rec = json.loads((out / "unpruned__unified.json").read_text())
@@ -141,7 +141,7 @@ def test_num_fewshot_reaches_lm_eval_and_the_run_key(data_dir, tmp_path):
     import dataclasses
     assert "num_fewshot" not in RunConfig()._canonical() and RunConfig(num_fewshot=1).run_id() != RunConfig().run_id()
     assert dataclasses.asdict(RunConfig())["num_fewshot"] == 0
-    r = harness(*TINY, "--num-fewshot", "-1", "--tasks", "arc_easy", "--out", str(tmp_path / "bad"), data_dir=data_dir)
+    r = cli(*TINY, "--num-fewshot", "-1", "--tasks", "arc_easy", "--out", str(tmp_path / "bad"), data_dir=data_dir)
     assert r.returncode == 2 and "--num-fewshot -1: must be >= 0" in r.stderr
 
 

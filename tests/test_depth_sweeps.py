@@ -4,9 +4,6 @@ the score-vs-blocks plot draws one line per method and the score-vs-KV plot mark
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from conftest import ROOT
@@ -39,13 +36,10 @@ def test_pareto_front():
     assert pareto_front(pts) == [(3, 30), (5, 45), (8, 52)]
 
 
-def test_a_k_sweep_is_one_cell_per_k_from_one_ranking(tmp_path, data_dir):
+def test_a_k_sweep_is_one_cell_per_k_from_one_ranking(tmp_path, data_dir, cli):
     out = tmp_path / "run"
-    env = {**os.environ, "HARNESS_DATA_DIR": str(data_dir), "TQDM_DISABLE": "1"}
-    r = subprocess.run([sys.executable, "-m", "harness", "--model", "random:tiny", "--device", "cpu", "-q",
-                        "--methods", "unpruned,shortgpt", "--set", "shortgpt.k=1,2,3", "--tasks", "arc_easy", "--limit", "3",
-                        "--mode", "disaggregated", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=900)
+    r = cli("--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned,shortgpt", "--set", "shortgpt.k=1,2,3",
+            "--tasks", "arc_easy", "--limit", "3", "--mode", "disaggregated", "--out", out, data_dir=data_dir)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = {k: json.loads((out / f"shortgpt@k={k}__disaggregated.json").read_text()) for k in (1, 2, 3)}
     orders = [rec["plan"]["info"]["removal_order"] for rec in recs.values()]

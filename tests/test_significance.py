@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT
 
 from reports import significance as sig
 
@@ -78,15 +74,9 @@ def test_non_binary_metrics_get_no_mcnemar():
     assert p.p_mcnemar is None and p.diff == pytest.approx(0.2 / 3)
 
 
-def harness(*args, data_dir, timeout=900):
-    env = {**os.environ, "HARNESS_DATA_DIR": str(data_dir), "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def test_log_samples_records_items_and_the_paired_report(tmp_path, data_dir):
+def test_log_samples_records_items_and_the_paired_report(tmp_path, data_dir, cli):
     out = tmp_path / "run"
-    r = harness("--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned,tail", "--set", "tail.k=2",
+    r = cli("--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned,tail", "--set", "tail.k=2",
                 "--tasks", "arc_easy,boolq", "--limit", "8", "--mode", "disaggregated", "--out", out, "--log-samples",
                 data_dir=data_dir)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -100,7 +90,7 @@ def test_log_samples_records_items_and_the_paired_report(tmp_path, data_dir):
             assert items["ids"] == [f"{task}/{i}" for i in sorted(df["doc_id"])]
             assert items["metrics"]["acc"] == [float(x) for x in df.sort_values("doc_id")["acc"]]
     rep = tmp_path / "rep"
-    r = harness("report", out, "--out", rep, "--no-plots", data_dir=data_dir)
+    r = cli("report", out, "--out", rep, "--no-plots", data_dir=data_dir)
     assert r.returncode == 0, r.stderr[-3000:]
     table = (rep / "tables" / "paired.md").read_text()
     assert "| tail |" in table and "better /" in table and "McNemar" in table
@@ -108,9 +98,9 @@ def test_log_samples_records_items_and_the_paired_report(tmp_path, data_dir):
     assert len(csv) == 1
 
 
-def test_without_log_samples_no_sample_files(tmp_path, data_dir):
+def test_without_log_samples_no_sample_files(tmp_path, data_dir, cli):
     out = tmp_path / "run"
-    r = harness("--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned", "--tasks", "arc_easy",
+    r = cli("--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned", "--tasks", "arc_easy",
                 "--limit", "3", "--mode", "unified", "--out", out, data_dir=data_dir)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (out / "samples").exists()
