@@ -127,6 +127,44 @@ DECODE_MODES = ("eager", "static", "graph")
 
 
 @torch.inference_mode()
+def _eager_steps(clock, staged: StagedModel, dcache, tok, lengths, step_valid, n: int) -> list[float]:
+    """The n - 1 decode steps after the prefill's token on the growing cache: each step's ms."""
+    itl = []
+    for step in range(1, n):
+        def eager_step(tok=tok, step=step):
+            return staged.step(dcache, tok, lengths + step - 1, step_valid).argmax(-1)
+
+        tok, dt = clock.time(eager_step)
+        itl.append(dt)
+    return itl
+
+
+def _static_steps(clock, model, plan: PruningPlan, dcache, tok, lengths, n: int, graph: bool) -> tuple[list[float], float | None]:
+    """The n - 1 decode steps on preallocated buffers (fixed shapes), captured as a CUDA graph when
+    `graph`: (each step's ms, the capture's ms or None; capture is never counted in a step)."""
+    from harness.pd.static_decode import GraphDecoder, StaticKV, decode_step
+
+    if n <= 1:
+        return [], None
+    skv = StaticKV(dcache, n - 1)
+    itl, capture, decoder = [], None, None
+    if graph:  # the first decode step's position is T
+        decoder, capture = clock.time(lambda: GraphDecoder(model, plan.decode_layers, skv, tok[:, None], lengths[:, None].clone()))
+    for step in range(1, n):
+        pos = (lengths + step - 1)[:, None]
+        if decoder is not None:
+            tok, dt = clock.time(lambda tok=tok, pos=pos: decoder.step(tok[:, None], pos))
+        else:
+            def static_step(tok=tok, pos=pos):
+                out = decode_step(model, plan.decode_layers, tok[:, None], pos, skv)
+                skv.advance()
+                return out
+
+            tok, dt = clock.time(static_step)
+        itl.append(dt)
+    return itl, capture
+
+
 def measure(
     model, plan: PruningPlan, workload: Workload, *, warmup: int = 1, repeats: int = 3, seed: int = 0,
     decode_mode: str = "eager",
@@ -137,8 +175,6 @@ def measure(
     fixed shapes; `harness.pd.static_decode`) or `graph` (the static step captured as a CUDA graph
     once per run; capture time is recorded apart and never counted in ITL).
     """
-    from harness.pd.static_decode import GraphDecoder, StaticKV, decode_step
-
     if decode_mode not in DECODE_MODES:
         raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
     device = arch.model_device(model)
@@ -162,33 +198,12 @@ def measure(
         (out, tok), ttft = clock.time(prefill)
         sent, handoff = clock.time(lambda out=out: staged.handoff(out))
         dcache, unpack = clock.time(lambda sent=sent: staged.receive(sent))
-        itl = []
         if decode_mode == "eager":
-            for step in range(1, n):
-                def eager_step(tok=tok, step=step, dcache=dcache):
-                    return staged.step(dcache, tok, lengths + step - 1, step_valid).argmax(-1)
-
-                tok, dt = clock.time(eager_step)
-                itl.append(dt)
-        elif n > 1:
-            skv = StaticKV(dcache, n - 1)
-            pos = lengths[:, None].clone()  # the first decode step's position is T
-            if decode_mode == "graph":
-                graph, capture = clock.time(lambda skv=skv, tok=tok, pos=pos: GraphDecoder(model, plan.decode_layers, skv, tok[:, None], pos))
-                if run >= warmup:
-                    m.graph_capture_ms.append(capture)
-            for step in range(1, n):
-                pos = (lengths + step - 1)[:, None]
-                if decode_mode == "graph":
-                    tok, dt = clock.time(lambda tok=tok, pos=pos, graph=graph: graph.step(tok[:, None], pos))
-                else:
-                    def static_step(tok=tok, pos=pos, skv=skv):
-                        out = decode_step(model, plan.decode_layers, tok[:, None], pos, skv)
-                        skv.advance()
-                        return out
-
-                    tok, dt = clock.time(static_step)
-                itl.append(dt)
+            itl = _eager_steps(clock, staged, dcache, tok, lengths, step_valid, n)
+        else:
+            itl, capture = _static_steps(clock, model, plan, dcache, tok, lengths, n, graph=decode_mode == "graph")
+            if capture is not None and run >= warmup:
+                m.graph_capture_ms.append(capture)
         if run >= warmup:
             m.ttft_ms.append(ttft)
             m.handoff_ms.append(handoff + unpack)
