@@ -100,7 +100,7 @@ def test_single_token_workload_has_no_decode_samples(tiny):
     assert "itl_ms_p50" not in f and math.isclose(f["e2e_ms_p50@100gbit"], f["ttft_ms_p50"] + f["transfer_ms@100gbit"])
 
 
-def test_latency_cli_writes_records_and_replays_plans(tmp_path):
+def test_latency_cli_writes_records_and_replays_plans(tmp_path, cli):
     from test_cli import harness
 
     from harness.store import records
@@ -108,7 +108,7 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path):
     out = tmp_path / "lat"
     args = ["latency", "--model", "random:tiny", "--device", "cpu", "-q", "--prompt-tokens", "40", "--decode-tokens", "4",
             "--batch-size", "1,2", "--repeats", "2", "--bandwidths", "10,100", "--decode-mode", "eager,static"]
-    r = harness(*args, "--methods", "unpruned,manual", "--set", "manual.decode_layers=0,3", "--out", str(out), "--real-transfer")
+    r = harness(*args, "--methods", "unpruned,manual", "--set", "manual.decode_layers=0,3", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "prompt 40, decode 4, batch 2, eager decode" in r.stdout and "\n| manual | " in r.stdout
     assert "clock: perf_counter_ns" in r.stdout
@@ -118,11 +118,15 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path):
     assert set(m.latency) == {"latency_T40_n4_b1", "latency_T40_n4_b2", "latency_T40_n4_b1_static", "latency_T40_n4_b2_static"}
     assert m.latency["latency_T40_n4_b1_static"].samples["decode_mode"] == "static"
     assert m.figure("latency_T40_n4_b1", "decode_bound_ms") > 0
-    assert {"ttft_ms_p50", "tpot_ms_p99", "itl_ms_p90", "transfer_ms@10gbit", "e2e_ms_p50@100gbit",
-            "real_transfer_recv_ms"} <= set(m.latency["latency_T40_n4_b2"].figures)
+    assert {"ttft_ms_p50", "tpot_ms_p99", "itl_ms_p90", "transfer_ms@10gbit", "e2e_ms_p50@100gbit"} <= set(m.latency["latency_T40_n4_b2"].figures)
     assert len(m.latency["latency_T40_n4_b2"].samples["itl_ms"]) == 2 * 3
-    moved = m.latency["latency_T40_n4_b2"].samples["real_transfer"]
-    assert m.figure("latency_T40_n4_b2", "real_transfer_recv_ms") == moved["recv_ms"]
+    # a real two-process handoff of one workload (each one spawns two processes: one workload, not all eight)
+    one = [x if x not in ("1,2", "eager,static") else {"1,2": "2", "eager,static": "eager"}[x] for x in args]
+    rt = harness(*one, "--methods", "manual", "--set", "manual.decode_layers=0,3", "--out", str(tmp_path / "rt"), "--real-transfer")
+    assert rt.returncode == 0, rt.stderr[-2000:]
+    (moved_rec,) = records.load_dir(tmp_path / "rt")
+    moved = moved_rec.latency["latency_T40_n4_b2"].samples["real_transfer"]
+    assert moved_rec.figure("latency_T40_n4_b2", "real_transfer_recv_ms") == moved["recv_ms"]
     assert moved["kv_bytes_received"] == m.kv["latency_T40_n4_b2"]["kv_bytes"] and moved["backend"] == "gloo"
     assert m.kv["latency_T40_n4_b2"]["kv_bytes"] * 2 == recs["unpruned"].kv["latency_T40_n4_b2"]["kv_bytes"]
     rows = (out / "summary.csv").read_text().splitlines()
@@ -133,9 +137,9 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path):
     (rep,) = records.load_dir(tmp_path / "replay")
     assert "prompt 40, decode 4, batch 1, static decode" in r2.stdout and "\n| manual | " in r2.stdout
     assert rep.plan["decode_layers"] == [0, 3] and rep.extra["plan_source"]["replayed_from"] == str(out.resolve())
-    bad = harness(*args, "--methods", "manual", "--plans-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
+    bad = cli(*args, "--methods", "manual", "--plans-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "not a folder of run records" in bad.stderr
-    bad = harness(*args[:-2], "--decode-mode", "turbo", "--out", str(tmp_path / "y"))
+    bad = cli(*args[:-2], "--decode-mode", "turbo", "--out", str(tmp_path / "y"))
     assert bad.returncode == 2 and "--decode-mode turbo: expected any of eager, static, graph" in bad.stderr
 
 
