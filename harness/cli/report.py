@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.cli.flags import positive_float
 from harness.errors import UsageError
 
 
@@ -25,7 +26,7 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric-convention", default="paper", metavar="NAME",
                    help=f"metric per task: {', '.join(CONVENTIONS)} (default: paper = acc_norm for HellaSwag, ARC-Challenge, "
                         "OpenBookQA; acc elsewhere)")
-    p.add_argument("--bandwidth", type=float, default=100.0, help="link bandwidth in Gbit/s for E2E in the efficiency table (default: 100)")
+    p.add_argument("--bandwidth", type=positive_float, default=100.0, help="link bandwidth in Gbit/s for E2E in the efficiency table (default: 100)")
     p.add_argument("--no-plots", action="store_true", help="tables only (faster)")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="only this model's records (its name as the tables show it, or its config name, e.g. smollm2-135m); "
@@ -35,9 +36,11 @@ def report_parser() -> argparse.ArgumentParser:
 
 def cmd_report(argv: list[str]) -> int:
     args = report_parser().parse_args(argv)
+    from harness.store.records import check_writable
     from reports.collect import ReportError
     from reports.render import render_report
 
+    check_writable(args.out, "--out")
     try:
         rep = render_report(args.results, args.out, args.metric_convention, args.bandwidth, plots=not args.no_plots,
                             model=args.model)

@@ -8,10 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from harness.cli.flags import MODES, csv_list, limit_arg, positive_int
+from harness.cli.flags import MODES, csv_list, limit_arg, nonneg_int, positive_int
 from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, LONG_TASKS, STANDARD_TASKS, RunConfig, expand_tasks, options_help
 from harness.errors import UsageError
 from harness.run.quiet import quiet_libraries
+from harness.store.records import check_writable
 
 
 def _methods_epilog() -> str:
@@ -80,7 +81,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"),
                    help="folder laid out like ../shared/data (default: $HARNESS_DATA_DIR; unset = lm-eval's hub datasets)")
     p.add_argument("--max-length", type=positive_int, default=None, help="context length (default: the model's, as lm-eval resolves it)")
-    p.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval bootstrap iterations for perplexity stderrs")
+    p.add_argument("--bootstrap-iters", type=nonneg_int, default=1000,
+                   help="lm-eval bootstrap iterations for perplexity stderrs (0: none; default: %(default)s)")
     p.add_argument("--plans-from", default=None, metavar="RUN_DIR",
                    help="reuse plans stored in another run's records where model, seed, method options and calibration "
                         "match (saves a repeated search, e.g. PDTrim's); other plans are made as usual")
@@ -123,7 +125,6 @@ def cmd_run(argv: list[str]) -> int:
         os.environ["TQDM_DISABLE"] = "1"  # also silences lm-eval's own bars
     quiet_libraries()
     from harness.run import pipeline
-    from harness.store.records import load_dir
     from reports.formats import to_markdown
     from reports.tables import long_context_table, plans_table, quality_table
 
@@ -148,6 +149,8 @@ def cmd_run(argv: list[str]) -> int:
 
         check_files([t for t in cfg.tasks if t in TASK_FILES], Path(cfg.data_dir))
     out = args.out or Path("results") / "runs" / cfg.run_id()
+    if dist.is_main:
+        check_writable(out, "--out")  # a bad --out fails before the model loads, not after
     from harness.pd.models import load_model
 
     t0 = time.perf_counter()
@@ -165,13 +168,13 @@ def cmd_run(argv: list[str]) -> int:
 
     failures: list[pipeline.CellFailure] = []
     try:
-        pipeline.run(cfg, out, prepared, loaded, on_progress=say, progress=not args.quiet)
+        records = pipeline.run(cfg, out, prepared, loaded, on_progress=say, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished records are kept in {out}; rerun the same command to resume", file=sys.stderr)
         return 130
     except pipeline.CellsFailed as e:
-        failures = e.failures
-    records = [r for r in load_dir(out) if r.method in cfg.methods and r.mode in cfg.modes]
+        failures, records = e.failures, e.records
+    # only this configuration's records: a refused cell's folder may hold another configuration's
     for table in (quality_table(records), long_context_table(records), plans_table(records)):
         if not table.empty:
             print(to_markdown(table), end="\n\n")

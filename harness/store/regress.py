@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.store.records import LOWER_IS_BETTER, RunRecord, load
+from harness.store.records import LOWER_IS_BETTER, RecordError, RunRecord, is_record_file, load
 
 LATENCY_METRICS = ("ttft_ms_p50", "tpot_ms_p50")
 
@@ -36,13 +36,18 @@ def hardware_key(r: RunRecord) -> tuple:
     return (env.get("device"), env.get("gpu_name"), env.get("cpu_model") or env.get("cpu"), env.get("cpu_threads"))
 
 
-def _records(root: Path) -> dict[str, RunRecord]:
-    """Records under `root` keyed by kind/method/mode (layout-independent)."""
+def _records(root: Path, res: CheckResult) -> dict[str, RunRecord]:
+    """Records under `root` keyed by kind/method/mode (layout-independent). An unreadable record is skipped
+    and counts as a failure naming it: a check must not pass without comparing every record."""
     out = {}
     for p in sorted(Path(root).rglob("*__*.json")):
-        if p.name.startswith(".") or p.name.endswith(".partial.json"):
+        if not is_record_file(p):  # failed-cell notes, resume files, temp files
             continue
-        r = load(p)
+        try:
+            r = load(p)
+        except RecordError as e:
+            res.failures.append(f"{e}; skipped (not compared)")
+            continue
         out[f"{r.config.get('kind', 'quality')}/{r.method}/{r.mode}"] = r
     return out
 
@@ -127,8 +132,8 @@ def compare_latency(where: str, ref: RunRecord, cur: RunRecord, res: CheckResult
 
 
 def check(reference: Path, current: Path, latency_tolerance: float = 0.5) -> CheckResult:
-    ref, cur = _records(reference), _records(current)
     res = CheckResult()
+    ref, cur = _records(reference, res), _records(current, res)
     if not ref:
         res.failures.append(f"{reference}: no reference records")
     for key, r in ref.items():
