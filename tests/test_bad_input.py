@@ -19,7 +19,10 @@ from conftest import ROOT
 from harness.cli import main
 
 TINY = ["--model", "random:tiny", "--device", "cpu", "-q"]
-ONE_CELL = [*TINY, "--methods", "unpruned", "--mode", "unified", "--tasks", "arc_easy", "--limit", "2"]
+# one cell on a small synthetic task (no lm-eval task index to build: seconds, not tens of them)
+ONE_CELL = [*TINY, "--methods", "unpruned", "--mode", "unified", "--tasks", "passkey", "--limit", "2",
+            "--set", "passkey.lengths=384", "--set", "passkey.depths=0.5", "--set", "passkey.repeats=1"]
+ARC_CELL = [*TINY, "--methods", "unpruned", "--mode", "unified", "--tasks", "arc_easy", "--limit", "2"]
 
 
 @pytest.fixture(autouse=True)
@@ -93,16 +96,12 @@ CASES = [
      "--out " + "{run}/summary.csv: exists and is not a folder"),
     ("export-out-dot", lambda t, d, r: ["export", *TINY[:4], "--method", "unpruned", "--out", "."],
      "--out .: the current folder or one above it cannot take an export"),
-    # item 8: data files
-    ("data-bad-json-line", lambda t, d, r: [*ONE_CELL, "--data-dir", _arc_data(t, d, lambda x: [x[0], "{oops", *x[2:]]),
+    # item 8: data files (the other kinds of damage: test_damaged_data_files_name_file_line_and_field)
+    ("data-bad-json-line", lambda t, d, r: [*ARC_CELL, "--data-dir", _arc_data(t, d, lambda x: [x[0], "{oops", *x[2:]]),
                                             "--out", t / "o"], "ARC-Easy-test.jsonl, line 2: not valid JSON"),
-    ("data-truncated", lambda t, d, r: [*ONE_CELL, "--data-dir", _arc_data(t, d, lambda x: [*x[:4], x[4][:30]]),
-                                        "--out", t / "o"], "ARC-Easy-test.jsonl, line 5: not valid JSON"),
-    ("data-renamed-field", lambda t, d, r: [*ONE_CELL, "--data-dir", _arc_data(t, d, _renamed_field), "--out", t / "o"],
-     "ARC-Easy-test.jsonl, line 3: missing field 'question'"),
     # item 9
-    ("max-length-too-small", lambda t, d, r: [*ONE_CELL, "--max-length", "1", "--out", t / "o"],
-     "exceeds the context length max_length=1; give --max-length"),
+    ("max-length-too-small", lambda t, d, r: [*ARC_CELL, "--max-length", "1", "--out", t / "o"],
+     "tokens exceeds the context length max_length=1; give --max-length"),
     ("plans-from-corrupt", lambda t, d, r: [*ONE_CELL, "--plans-from", _record_copy(t, r, lambda x: [x]), "--out", t / "o"],
      "--plans-from: " + "{tmp}/copy/unpruned__unified.json: not a run record (a JSON list"),
     ("plans-from-invalid-plan", lambda t, d, r: [*ONE_CELL, "--plans-from", _record_copy(t, r, _bad_plan), "--out", t / "o"],
@@ -144,6 +143,10 @@ CASES = [
 
 @pytest.mark.parametrize("name, build, message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_in_process_exits_2(name, build, message, tmp_path, data_dir, tiny_run, capsys, monkeypatch):
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # item 14: failed runs leave no task folder
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
     import harness.pd.models
@@ -159,6 +162,50 @@ def test_bad_input_in_process_exits_2(name, build, message, tmp_path, data_dir, 
     assert "Traceback" not in err
     if name.startswith(("out-", "latency-out")):
         assert not loads, "the output folder must be checked before the model loads"
+    assert not list((tmp_path / "tmp").glob("harness-tasks-*"))
+
+
+def _drop(key):
+    def edit(lines):
+        row = json.loads(lines[1])
+        del row[key]
+        return [lines[0], json.dumps(row), *lines[2:]]
+    return edit
+
+
+# (task, file under the data dir, edit(lines) -> lines, message); all through the loaders lm-eval calls
+DATA_CASES = [
+    ("arc_easy", "arc_easy/ARC-Easy-test.jsonl", lambda x: [*x[:4], x[4][:30]], "ARC-Easy-test.jsonl, line 5: not valid JSON"),
+    ("arc_easy", "arc_easy/ARC-Easy-test.jsonl", _drop("question"), "ARC-Easy-test.jsonl, line 2: missing field 'question'"),
+    ("arc_easy", "arc_easy/ARC-Easy-test.jsonl", lambda x: [x[0], "[1, 2]"], "line 2: missing field '(a JSON object)'"),
+    ("boolq", "boolq/dev.jsonl", _drop("title"), "dev.jsonl, line 2: missing field 'title'"),
+    ("hellaswag", "hellaswag/hellaswag_validation.jsonl", _drop("endings"), "line 2: missing field 'endings'"),
+    ("winogrande", "winogrande/dev.jsonl", _drop("option2"), "dev.jsonl, line 2: missing field 'option2'"),
+    ("lambada_openai", "lambada/lambada_test.jsonl", lambda x: [x[0], '{"txt": "a"}'], "line 2: missing field 'text'"),
+    ("piqa", "piqa/valid-labels.lst", lambda x: ["0", "yes"], "valid-labels.lst: expected one 0/1 label per line"),
+    ("openbookqa", "openbookqa/test.jsonl", lambda x: [x[0], '{"id": "1", "question": {}, "answerKey": "A"}'],
+     "test.jsonl, row 2: missing field 'stem'"),
+    ("mmlu", "mmlu/test/anatomy_test.csv", lambda x: [x[0], "q,a,b"], "anatomy_test.csv, line 2: expected 6 columns"),
+    ("mmlu", "mmlu/test/anatomy_test.csv", lambda x: ["q,a,b,c,d,E"], "line 1: expected 6 columns (question, 4 choices, "
+                                                                     "answer A-D), got 6 column(s) ending in 'E'"),
+]
+
+
+@pytest.mark.parametrize("task, rel, edit, message", DATA_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(DATA_CASES)])
+def test_damaged_data_files_name_file_line_and_field(task, rel, edit, message, data_dir, tmp_path):
+    """Item 8: bad JSON lines, truncated files and renamed fields are a UsageError naming file, line and field."""
+    from harness.errors import UsageError
+    from harness.quality.tasks import TASK_FILES, local_rows
+
+    for need in TASK_FILES[task][0]:  # a data dir with this task's files only
+        src, dst = data_dir / need, tmp_path / need
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    target = tmp_path / rel
+    target.write_text("\n".join(edit(target.read_text().splitlines()[:5])) + "\n")
+    with pytest.raises(UsageError) as e:
+        local_rows(task, tmp_path, "anatomy" if task == "mmlu" else None)
+    assert message in str(e.value) and str(target) in str(e.value)
 
 
 def test_corrupt_record_in_out_is_skipped_and_summary_refreshed(tiny_run, data_dir, tmp_path, capsys):
@@ -226,7 +273,7 @@ def test_refused_run_prints_no_other_configurations_scores(tiny_run, tmp_path, c
     shutil.copytree(tiny_run, out)
     rc, stdout, err = call(capsys, *[a if a != "2" else "3" for a in ONE_CELL], "--data-dir", data_dir, "--out", out)
     assert rc == 2 and "different configuration" in err
-    assert "| unpruned |" not in stdout and "ARC-e" not in stdout
+    assert "|" not in stdout, stdout  # no results table: the record there is another configuration's
 
 
 def test_full_disk_failure_note_is_best_effort(tmp_path, data_dir, monkeypatch):
@@ -239,9 +286,10 @@ def test_full_disk_failure_note_is_best_effort(tmp_path, data_dir, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(records, "save_failure", full)
-    cfg = RunConfig(model="random:tiny", methods=("manual", "unpruned"), tasks=("arc_easy",), limit=2,
+    cfg = RunConfig(model="random:tiny", methods=("manual", "unpruned"), tasks=("passkey",), limit=1,
                     modes=("disaggregated",), device="cpu", data_dir=str(data_dir),
-                    overrides=("manual.prefill_layers=0,1", "manual.decode_layers=0,2"))
+                    overrides=("manual.prefill_layers=0,1", "manual.decode_layers=0,2", "passkey.lengths=384",
+                               "passkey.depths=0.5", "passkey.repeats=1"))
     said = []
     with pytest.raises(pipeline.CellsFailed) as e:
         pipeline.run(cfg, tmp_path, on_progress=said.append)
@@ -290,23 +338,15 @@ def test_ctrl_c_during_imports_or_model_load_exits_130_with_one_line(capsys, mon
     assert r.returncode == 130 and r.stderr.strip() == "interrupted (Ctrl-C)", r.stderr
 
 
-def test_task_folders_are_removed_after_a_run_and_after_a_failure(tmp_path, data_dir, capsys, monkeypatch):
-    """Item 14: no harness-tasks-* folder is left in the temporary directory."""
+def test_a_run_names_its_layers_and_leaves_no_task_folder(capsys, tmp_path, data_dir, monkeypatch):
+    """Item 15: the load line and the record's model description give the layer count. Item 14: the
+    lm-eval task folder is removed after the run (failed runs: the table above)."""
     import tempfile
 
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    rc, _, err = call(capsys, *ONE_CELL, "--data-dir", data_dir, "--out", tmp_path / "ok")
-    assert rc == 0, err[-2000:]
-    rc, _, err = call(capsys, *ONE_CELL, "--data-dir", data_dir, "--max-length", "1", "--out", tmp_path / "failed")
-    assert rc == 2, err[-2000:]
-    assert not list(tmp.glob("harness-tasks-*"))
-
-
-def test_random_model_description_names_its_layers(capsys, tmp_path, data_dir):
-    """Item 15: the load line and the record's model description give the layer count."""
-    rc, _, err = call(capsys, *ONE_CELL, "--data-dir", data_dir, "--out", tmp_path / "o")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    rc, _, err = call(capsys, *ARC_CELL, "--data-dir", data_dir, "--out", tmp_path / "o")
     assert rc == 0 and "model random:tiny (4 layers) loaded" in err
+    assert not list((tmp_path / "tmp").glob("harness-tasks-*"))
     rec = json.loads((tmp_path / "o" / "unpruned__unified.json").read_text())
     assert rec["model"]["n_layers"] == 4 and rec["model"]["class"] == "LlamaForCausalLM"

@@ -110,8 +110,9 @@ class RunRecord:
         return cls(**{k: v for k, v in d.items() if k in fields})
 
 
-class RecordError(ValueError):
-    """A file that is not a readable run record of this schema; the message names the file and what is wrong."""
+class RecordError(UsageError):
+    """A file that is not a readable run record of this schema; the message names the file and what is wrong
+    (bad input: a command that meets one it cannot skip exits 2 with this message)."""
 
 
 # JSON type of each top-level field (readers index into these without further checks)
@@ -132,14 +133,15 @@ def _check_types(d: dict[str, Any], source: str) -> None:
         if not isinstance(metrics, dict):
             raise RecordError(f"{source}: scores[{task!r}] is not an object of metrics")
         for metric, v in metrics.items():
-            ok = isinstance(v, dict) and all(isinstance(v.get(k), (int, float, type(None))) and not isinstance(v.get(k), bool)
+            ok = isinstance(v, dict) and "value" in v and all(isinstance(v.get(k), (int, float, type(None))) and not isinstance(v.get(k), bool)
                                              for k in ("value", "stderr"))
             if not ok:
                 raise RecordError(f"{source}: scores[{task!r}][{metric!r}] must be {{\"value\": number, \"stderr\": number "
                                   f"or null}}, got {json.dumps(v, default=str)[:80]}")
     for task, v in d["kv"].items():
-        if not isinstance(v, dict) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v.values()):
-            raise RecordError(f"{source}: kv[{task!r}] must be an object of integer byte counts")
+        if not isinstance(v, dict) or "kv_bytes" not in v or \
+                not all(isinstance(x, int) and not isinstance(x, bool) for x in v.values()):
+            raise RecordError(f"{source}: kv[{task!r}] must be an object of integer counts with kv_bytes")
 
 
 def record_filename(method: str, mode: str) -> str:
