@@ -20,23 +20,29 @@ METHODS = ("shortgpt", "pdtrim", "streamline", "manual", "snapkv")
 TASKS = ("passkey", "pd_ppl")
 
 
-def _options() -> list[str]:
+def _pairs() -> list[tuple[str, str]]:
+    """Every real (scope, option) of the scopes above: most generated items hit a real option."""
     import methods
     from harness.quality import long_tasks
     from harness.quality.calibration import CalibConfig
 
-    names = {f.name for m in METHODS for f in dataclasses.fields(methods.get(m).Config)}
-    names |= {f.name for t in TASKS for f in dataclasses.fields(long_tasks.get(t).Config)}
-    return sorted(names | {f.name for f in dataclasses.fields(CalibConfig)})
+    configs = {**{m: methods.get(m).Config for m in METHODS}, **{t: long_tasks.get(t).Config for t in TASKS},
+               "calib": CalibConfig}
+    return [(scope, f.name) for scope, c in configs.items() for f in dataclasses.fields(c)]
+
+
+def _options() -> list[str]:
+    return sorted({name for _, name in _pairs()})
 
 
 NUMBERS = st.one_of(st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
                     st.sampled_from(["nan", "inf", "-inf", "NaN", "1e400", "-0", "0x10", "1_000", "9" * 5000, "", " "]))
 VALUES = st.one_of(NUMBERS, st.lists(NUMBERS, max_size=4).map(",".join), st.text(max_size=12),
                    st.sampled_from(["true", "off", "none", "piqa", "mmlu,piqa", "ffn", "snapkv"]))
-ITEMS = st.builds(lambda scope, name, value, form: form.format(s=scope, n=name, v=value),
-                  st.sampled_from([*METHODS, *TASKS, "calib", "nope"]), st.sampled_from(_options() + ["zz"]), VALUES,
-                  st.sampled_from(["{s}.{n}={v}", "{s}.{n}{v}", "{s}{n}={v}", "{s}.={v}", " {s} . {n} = {v}"]))
+SCOPED = st.one_of(st.sampled_from(_pairs()), st.tuples(st.sampled_from([*METHODS, *TASKS, "calib", "nope"]),
+                                                        st.sampled_from(_options() + ["zz"])))
+ITEMS = st.builds(lambda pair, value, form: form.format(s=pair[0], n=pair[1], v=value), SCOPED, VALUES,
+                  st.sampled_from(["{s}.{n}={v}", "{s}.{n}={v}", "{s}.{n}{v}", "{s}{n}={v}", "{s}.={v}", " {s} . {n} = {v}"]))
 
 
 @FAST

@@ -14,6 +14,7 @@ from typing import Any
 
 from harness.errors import UsageError
 from harness.run.export import export_plan
+from harness.store.records import check_writable
 
 MODES = ("unified", "disaggregated")
 
@@ -188,6 +189,7 @@ def main(argv: list[str]) -> int:
     method, calib_config = method_for(source, args, data_dir)
     _check_out_is_not_cwd(args.out)
     tmp = _prepare_out(args.out, args.force)  # before any model work: bad --out fails fast
+    check_writable(tmp.parent, "--out")  # the export is written beside --out: that folder must take files
 
     from harness.pd import arch
     from harness.pd.models import load_model

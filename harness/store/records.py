@@ -180,9 +180,13 @@ def check_writable(folder: Path, flag: str) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{flag} {folder}: exists and is not a folder; give a folder (new or holding earlier output)")
+    existing = folder.absolute()
+    while not existing.exists():  # probe the folder, or the nearest one that exists: nothing is created here
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {folder}: cannot write there ({existing} is not a folder); give a writable folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.", suffix=".tmp")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe.", suffix=".tmp")
         try:
             os.write(fd, b"probe")
             os.fsync(fd)
