@@ -8,7 +8,7 @@ import json
 import math
 
 from conftest import ROOT
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from harness.errors import UsageError
@@ -37,16 +37,18 @@ def _options() -> list[str]:
 
 NUMBERS = st.one_of(st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
                     st.sampled_from(["nan", "inf", "-inf", "NaN", "1e400", "-0", "0x10", "1_000", "9" * 5000, "", " "]))
-VALUES = st.one_of(NUMBERS, st.lists(NUMBERS, max_size=4).map(",".join), st.text(max_size=12),
+VALUES = st.one_of(NUMBERS, NUMBERS, st.lists(NUMBERS, max_size=4).map(",".join), st.text(max_size=12),
                    st.sampled_from(["true", "off", "none", "piqa", "mmlu,piqa", "ffn", "snapkv"]))
-SCOPED = st.one_of(st.sampled_from(_pairs()), st.tuples(st.sampled_from([*METHODS, *TASKS, "calib", "nope"]),
+SCOPED = st.one_of(st.sampled_from(_pairs()), st.sampled_from(_pairs()), st.tuples(st.sampled_from([*METHODS, *TASKS, "calib", "nope"]),
                                                         st.sampled_from(_options() + ["zz"])))
 ITEMS = st.builds(lambda pair, value, form: form.format(s=pair[0], n=pair[1], v=value), SCOPED, VALUES,
-                  st.sampled_from(["{s}.{n}={v}", "{s}.{n}={v}", "{s}.{n}{v}", "{s}{n}={v}", "{s}.={v}", " {s} . {n} = {v}"]))
+                  st.sampled_from(["{s}.{n}={v}"] * 4 + ["{s}.{n}{v}", "{s}{n}={v}", "{s}.={v}", " {s} . {n} = {v}"]))
 
 
 @FAST
-@given(items=st.lists(ITEMS, min_size=1, max_size=3))
+@given(items=st.lists(ITEMS, min_size=1, max_size=2))
+@example(items=["pdtrim.d_t=nan"])  # the two cases, always tried
+@example(items=["pdtrim.heal_lr=inf", "calib.n_samples=4"])
 def test_set_items_give_options_or_a_usage_error(items, data_dir):
     from harness.config import RunConfig
     from harness.run.pipeline import prepare
