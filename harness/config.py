@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -78,18 +79,29 @@ class RunConfig:
         return hashlib.sha256(canon.encode()).hexdigest()[:12]
 
 
-def coerce(raw: str, hint: Any, where: str) -> Any:
-    """Parse `raw` as the dataclass field type `hint` (int, float, bool, str, tuple[int, ...], Optional)."""
+def coerce(raw: str, hint: Any, where: str, nonfinite: bool = False) -> Any:
+    """Parse `raw` as the dataclass field type `hint` (int, float, bool, str, tuple[int, ...], Optional).
+
+    NaN and ±inf are refused for floats (they pass every `<`/`>` range check the wrong way) unless
+    `nonfinite`: an option that means them documents so with `field(metadata={"nonfinite": True})`."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if raw.lower() in ("none", "null", ""):
             return None
-        return coerce(raw, args[0], where)
+        return coerce(raw, args[0], where, nonfinite)
     if origin is tuple:
         inner = typing.get_args(hint)[0]
         parts = [p for p in raw.replace(";", ",").split(",") if p.strip()] if raw.strip() else []
-        return tuple(coerce(p.strip(), inner, where) for p in parts)
+        return tuple(coerce(p.strip(), inner, where, nonfinite) for p in parts)
+    if hint is float and not nonfinite:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise UsageError(f"--set {where}={raw}: expected float") from None
+        if not math.isfinite(value):
+            raise UsageError(f"--set {where}={raw}: expected a finite number")
+        return value
     try:
         if hint is bool:
             low = raw.lower()
@@ -169,12 +181,13 @@ def sweep_base(name: str) -> str:
 def build_options(cls_config: type, scope: str, raw: dict[str, str]) -> Any:
     """Instantiate the frozen options dataclass `cls_config` with `raw` string overrides."""
     hints = typing.get_type_hints(cls_config)
-    known = [f.name for f in dataclasses.fields(cls_config)]
+    fields = {f.name: f for f in dataclasses.fields(cls_config)}
+    known = list(fields)
     changes = {}
     for name, value in raw.items():
         if name not in known:
             raise UsageError(f"--set {scope}.{name}: {scope} has no option {name!r}; options: {', '.join(known) or 'none'}")
-        changes[name] = coerce(value, hints[name], f"{scope}.{name}")
+        changes[name] = coerce(value, hints[name], f"{scope}.{name}", fields[name].metadata.get("nonfinite", False))
     try:
         return cls_config(**changes)
     except (TypeError, ValueError) as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.store.records import RunRecord, is_record_file, load, load_failures
+from harness.store.records import RecordError, RunRecord, is_record_file, load, load_failures
 
 # Metric shown per task under each named convention. `paper` is lm-eval's usual reporting (and the
 # PDTrim / ShortGPT papers'): length-normalised accuracy where answer lengths differ a lot.
@@ -53,6 +53,7 @@ class Collection:
     quality: list[RunRecord] = field(default_factory=list)
     latency: list[RunRecord] = field(default_factory=list)
     sources: dict[int, Path] = field(default_factory=dict)  # id(record) -> file
+    skipped: list[str] = field(default_factory=list)  # files that are not readable records, and why
 
     def source(self, r: RunRecord) -> Path:
         return self.sources[id(r)]
@@ -97,10 +98,13 @@ def collect(paths: list[Path]) -> Collection:
         for f in files:
             try:
                 r = load(f)
-            except ValueError as e:
-                raise ReportError(str(e)) from None
+            except RecordError as e:  # one bad file must not hide the others; the report names it
+                col.skipped.append(f"{e}; skipped")
+                continue
             (col.latency if is_latency(r) else col.quality).append(r)
             col.sources[id(r)] = f
+    if col.skipped and not col.all:
+        raise ReportError("no readable run records: " + "; ".join(col.skipped))
     return col
 
 

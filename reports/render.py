@@ -58,6 +58,7 @@ def render_report(paths: list[Path], out: Path, convention: str = "paper", bandw
     need `model` (a model name or config name) or `plots=False`. Failed-cell notes in `paths` become
     entries of `Report.missing`; they do not stop the report."""
     col = collect(paths)
+    skipped = col.skipped  # kept across --model selection
     if not col.all:
         raise ReportError("no records to report")
     if model is not None:
@@ -66,7 +67,7 @@ def render_report(paths: list[Path], out: Path, convention: str = "paper", bandw
         require_one_model(col)
     rep = Report(out)
     rep.tables, rep.missing = build_tables(col, convention, bandwidth_gbit, baseline)
-    rep.missing = failure_notes(paths, col) + rep.missing
+    rep.missing = [f"record {why}" for why in skipped] + failure_notes(paths, col) + rep.missing
     for t in rep.tables:
         for ext, fn in (("md", to_markdown), ("tex", to_latex), ("csv", to_csv)):
             atomic_write(out / "tables" / f"{t.attrs['name']}.{ext}", fn(t) if ext != "md" else fn(t) + "\n")

@@ -64,3 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:  # Ctrl-C while importing libraries or loading the model: one line, no traceback
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+
+
+INTERRUPTED = "\ninterrupted (Ctrl-C); files already finished are kept, rerun the same command to go on"

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from harness.cli.flags import nonneg_float
 from harness.cli.latency import cmd_latency
 from harness.cli.run import cmd_run
 from harness.errors import UsageError
@@ -28,8 +29,8 @@ def check_parser() -> argparse.ArgumentParser:
     p.add_argument("--current", type=Path, default=None, metavar="DIR",
                    help="compare these records instead of rerunning (e.g. a rerun made earlier)")
     p.add_argument("--out", type=Path, default=None, help="where the rerun writes (default: results/runs/check-<time>)")
-    p.add_argument("--latency-tolerance", type=float, default=RATIO_TOLERANCE,
-                   help="allowed worsening of a plan's TTFT/TPOT p50 ÷ the unpruned plan's (same run), as a fraction of "
+    p.add_argument("--latency-tolerance", type=nonneg_float, default=RATIO_TOLERANCE,
+                   help="allowed worsening of a plan's TTFT/TPOT (fastest repeat) ÷ the unpruned plan's (same run), as a fraction of "
                    f"the reference ratio (default: {RATIO_TOLERANCE} = {1 + RATIO_TOLERANCE:g}×)")
     p.add_argument("--update", action="store_true", help="replace the references with the rerun's records (on purpose only)")
     p.add_argument("-q", "--quiet", action="store_true")

@@ -14,6 +14,7 @@ from typing import Any
 
 from harness.errors import UsageError
 from harness.run.export import export_plan
+from harness.store.records import check_writable
 
 MODES = ("unified", "disaggregated")
 
@@ -149,6 +150,14 @@ def method_for(source: Source, args: argparse.Namespace, data_dir: str | None):
     return replayed, prepared.calib_config
 
 
+def _check_out_is_not_cwd(out: Path) -> None:
+    """An export is built beside `out` and renamed onto it, so `out` cannot be the current folder or one above it."""
+    full, here = out.resolve(), Path.cwd().resolve()
+    if full == here or full in here.parents or out.name in ("", ".", ".."):
+        raise UsageError(f"--out {out}: the current folder or one above it cannot take an export (it is written beside "
+                         "the folder and renamed onto it); give a new folder, e.g. --out exports/NAME")
+
+
 def _prepare_out(out: Path, force: bool) -> Path:
     """Check `out` can take an export; return the temporary sibling folder to write into."""
     if out.exists() and not out.is_dir():
@@ -178,7 +187,9 @@ def main(argv: list[str]) -> int:
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     source = resolve_source(args)
     method, calib_config = method_for(source, args, data_dir)
+    _check_out_is_not_cwd(args.out)
     tmp = _prepare_out(args.out, args.force)  # before any model work: bad --out fails fast
+    check_writable(tmp.parent, "--out")  # the export is written beside --out: that folder must take files
 
     from harness.pd import arch
     from harness.pd.models import load_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 MODES = {"unified": ("unified",), "disaggregated": ("disaggregated",), "both": ("unified", "disaggregated")}
 
@@ -21,6 +22,40 @@ def positive_int(s: str) -> int:
     return n
 
 
+def nonneg_int(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        n = None
+    if n is None or n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return n
+
+
+def _finite(s: str) -> float:
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return x
+
+
+def positive_float(s: str) -> float:
+    x = _finite(s)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
+    return x
+
+
+def nonneg_float(s: str) -> float:
+    x = _finite(s)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    return x
+
+
 def limit_arg(s: str) -> int | None:
     if s.lower() in ("all", "none", "full"):
         return None
@@ -35,7 +70,7 @@ def float_list(s: str) -> tuple[float, ...]:
         vals = tuple(float(x) for x in csv_list(s))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s}") from None
-    if not vals or min(vals) <= 0:
+    if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
         raise argparse.ArgumentTypeError(f"expected positive numbers, got {s}")
     return vals
 

@@ -13,6 +13,7 @@ from harness.cli.run import default_out
 from harness.config import DEFAULT_METHODS, RunConfig
 from harness.errors import UsageError
 from harness.run.quiet import quiet_libraries
+from harness.store.records import check_writable
 
 
 def latency_parser() -> argparse.ArgumentParser:
@@ -79,6 +80,7 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     prepared = pipeline.prepare(RunConfig(methods=cfg.methods, tasks=(), seed=cfg.seed, data_dir=data_dir,
                                           overrides=cfg.overrides), need_data=cfg.plans_from is None)
     out = args.out or default_out(cfg, kind="latency-")
+    check_writable(out, "--out")  # a bad --out fails before the model loads, not after
     loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed)
     start = time.perf_counter()
 

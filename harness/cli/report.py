@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.cli.flags import positive_float
 from harness.errors import UsageError
 
 
@@ -26,7 +27,7 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric-convention", default="paper", metavar="NAME",
                    help=f"metric per task: {', '.join(CONVENTIONS)} (default: paper = acc_norm for HellaSwag, ARC-Challenge, "
                         "OpenBookQA; acc elsewhere)")
-    p.add_argument("--bandwidth", type=float, default=100.0, help="link bandwidth in Gbit/s for E2E in the efficiency table (default: 100)")
+    p.add_argument("--bandwidth", type=positive_float, default=100.0, help="link bandwidth in Gbit/s for E2E in the efficiency table (default: 100)")
     p.add_argument("--baseline", default="unpruned", metavar="METHOD",
                    help="the method every other is compared with on the same items in the 'paired' table: score difference "
                         "with a paired bootstrap 95%% CI and, for accuracies, an exact McNemar p-value (default: unpruned)")
@@ -39,13 +40,14 @@ def report_parser() -> argparse.ArgumentParser:
 
 def cmd_report(argv: list[str] | argparse.Namespace) -> int:
     args = argv if isinstance(argv, argparse.Namespace) else report_parser().parse_args(argv)  # a spec section: options
+    from harness.store.records import check_writable
     from reports.collect import ReportError
     from reports.render import render_report
 
     if args.out is None:  # next to the records it reads (a spec or --out names another place)
         first = Path(args.results[0])
         args.out = (first if first.is_dir() else first.parent) / "report"
-
+    check_writable(args.out, "--out")
     try:
         rep = render_report(args.results, args.out, args.metric_convention, args.bandwidth, plots=not args.no_plots,
                             model=args.model, baseline=args.baseline)

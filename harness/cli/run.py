@@ -8,10 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from harness.cli.flags import MODES, csv_list, limit_arg, positive_int
+from harness.cli.flags import MODES, csv_list, limit_arg, nonneg_int, positive_int
 from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, LONG_TASKS, STANDARD_TASKS, RunConfig, expand_tasks, options_help
 from harness.errors import UsageError
 from harness.run.quiet import quiet_libraries
+from harness.store.records import check_writable
 
 
 def _methods_epilog() -> str:
@@ -86,10 +87,11 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"),
                    help="folder laid out like ../shared/data (default: $HARNESS_DATA_DIR; unset = lm-eval's hub datasets)")
     p.add_argument("--max-length", type=positive_int, default=None, help="context length (default: the model's, as lm-eval resolves it)")
-    p.add_argument("--num-fewshot", type=int, default=0, metavar="N",
+    p.add_argument("--num-fewshot", type=nonneg_int, default=0, metavar="N",
                    help="few-shot examples per item, passed to lm-eval (sampled with the run's --seed; recorded and part of "
                         "the run key; long-context tasks ignore it) (default: 0)")
-    p.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval bootstrap iterations for perplexity stderrs")
+    p.add_argument("--bootstrap-iters", type=nonneg_int, default=1000,
+                   help="lm-eval bootstrap iterations for perplexity stderrs (0: none; default: %(default)s)")
     p.add_argument("--plans-from", default=None, metavar="RUN_DIR",
                    help="reuse plans stored in another run's records where model, seed, method options and calibration "
                         "match (saves a repeated search, e.g. PDTrim's); other plans are made as usual")
@@ -175,7 +177,6 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
         os.environ["TQDM_DISABLE"] = "1"  # also silences lm-eval's own bars
     quiet_libraries()
     from harness.run import pipeline
-    from harness.store.records import load_dir
     from reports.formats import to_markdown
     from reports.tables import long_context_table, plans_table, quality_table
 
@@ -195,6 +196,8 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
 
         check_files([t for t in cfg.tasks if t in TASK_FILES], Path(cfg.data_dir))
     out = args.out or default_out(cfg)
+    if dist.is_main:
+        check_writable(out, "--out")  # a bad --out fails before the model loads, not after
     from harness.pd.models import load_model
 
     t0 = time.perf_counter()
@@ -212,13 +215,14 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
 
     failures: list[pipeline.CellFailure] = []
     try:
-        pipeline.run(cfg, out, prepared, loaded, on_progress=say, progress=not args.quiet, log_samples=args.log_samples)
+        records = pipeline.run(cfg, out, prepared, loaded, on_progress=say, progress=not args.quiet,
+                               log_samples=args.log_samples)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished records are kept in {out}; rerun the same command to resume", file=sys.stderr)
         return 130
     except pipeline.CellsFailed as e:
-        failures = e.failures
-    records = [r for r in load_dir(out) if r.method in prepared.methods and r.mode in cfg.modes]  # swept variants too
+        failures, records = e.failures, e.records
+    # only this configuration's records: a refused cell's folder may hold another configuration's
     for table in (quality_table(records), long_context_table(records), plans_table(records)):
         if not table.empty:
             print(to_markdown(table), end="\n\n")

@@ -70,19 +70,23 @@ def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.option_strings}
 
 
+def _spec_key(action: argparse.Action) -> str:
+    """The key a spec uses for a flag: its long name with underscores (`--set` -> set, `--plans-from` -> plans_from)."""
+    return max(action.option_strings, key=len).lstrip("-").replace("-", "_")
+
+
 def to_argv(spec: Spec, section: str, parser: argparse.ArgumentParser, replace: dict[str, Any] | None = None) -> list[str]:
     """The command-line arguments equivalent to `[section]` (after `replace`), checked against `parser`."""
     values = {k.replace("-", "_"): v for k, v in spec.sections[section].items()}
     values.update(replace or {})
-    actions = _flags(parser)
-    aliases = {"set": "overrides", "mode": "mode"}
+    # spec keys are the flags' names (`set` for --set); `config` would nest a spec in a spec, `help` prints and exits
+    actions = {_spec_key(a): a for dest, a in _flags(parser).items() if dest not in ("help", "config")}
     argv: list[str] = []
     for key, v in values.items():
-        dest = aliases.get(key, key)
-        act = actions.get(dest)
-        if act is None or dest == "help":
-            known = sorted(k for k in actions if k != "help")
-            raise UsageError(f"{spec.path} [{section}]: unknown key {key!r}; known keys: {', '.join(known)}")
+        act = actions.get(key)
+        if act is None:
+            why = " (a spec cannot name another spec)" if key == "config" else ""
+            raise UsageError(f"{spec.path} [{section}]: unknown key {key!r}{why}; known keys: {', '.join(sorted(actions))}")
         flag = max(act.option_strings, key=len)
         if isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if not isinstance(v, bool):

@@ -215,7 +215,8 @@ def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: in
     if placement is not None:
         model = dispatch(model, placement)
     return LoadedModel(model, byte_tokenizer(cfg.vocab_size), f"random:{preset}",
-                       {"kind": "random", "preset": preset, "seed": seed, "weights": "random (scores meaningless)"})
+                       {"kind": "random", "preset": preset, "seed": seed, "weights": "random (scores meaningless)",
+                        "class": type(model).__name__, "n_layers": cfg.num_hidden_layers})
 
 
 def smollm2_gguf_path() -> Path:
@@ -307,6 +308,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     elif Path(spec).exists():
         if not Path(spec).is_dir():
             raise UsageError(f"--model {spec}: expected a model directory or a .gguf file")
+        if not (Path(spec) / "config.json").is_file():  # else transformers fails on the tokenizer, a misleading error
+            raise UsageError(f"--model {spec}: could not load it: no config.json in that folder (a Hugging Face model "
+                             "folder holds config.json, tokenizer files and weights); or pass a .gguf file")
         src, desc = spec, {"kind": "directory", "path": str(Path(spec).resolve())}
     elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UsageError(f"--model {spec}: no such file or directory")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from harness.errors import UsageError
 from harness.pd import arch
 from harness.pd.batching import pad_tokens
 from harness.pd.cache import PDCache
@@ -65,7 +66,8 @@ def truncate(ctx: Sequence[int], cont: Sequence[int], max_length: int) -> tuple[
     if not ctx or not cont:
         raise ValueError("a scoring request needs a non-empty context and continuation")
     if len(cont) > max_length:
-        raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={max_length}")
+        raise UsageError(f"a continuation of {len(cont)} tokens exceeds the context length max_length={max_length}; "
+                         f"give --max-length {len(cont)} or more (or leave it at the model's)")
     if len(ctx) + len(cont) > max_length + 1:
         ctx = ctx[-(max_length + 1 - len(cont)) :]
     return ctx, cont

@@ -49,43 +49,81 @@ UPSTREAM_YAML = {
 SPLIT_KEYS = {"training_split": "train", "validation_split": "validation", "test_split": "test", "fewshot_split": None}
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+# fields each data file's rows must have (what lm-eval's upstream task or our bridge reads)
+ROW_FIELDS = {
+    "arc": ("question", "choices", "answerKey"), "hellaswag": ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+    "piqa": ("goal", "sol1", "sol2"), "winogrande": ("sentence", "option1", "option2", "answer"),
+    "boolq": ("question", "passage", "title", "answer"), "openbookqa": ("id", "question", "answerKey"),
+    "lambada": ("text",),
+}
+
+
+def _jsonl(path: Path, fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file, each an object with `fields`; a UsageError names the file, line and field."""
+    rows = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"data file {path}, line {n}: not valid JSON ({e.msg}, column {e.colno}); "
+                                     "a truncated or edited file? restore it from ../shared/data") from None
+                missing = [k for k in fields if k not in row] if isinstance(row, dict) else ["(a JSON object)"]
+                if missing:
+                    have = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                    raise UsageError(f"data file {path}, line {n}: missing field {missing[0]!r} (it has: {have}); "
+                                     f"each row needs {', '.join(fields)}")
+                rows.append(row)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"data file {path}: unreadable ({e})") from None
+    return rows
 
 
 def _arc(data: Path, name: str) -> dict[str, list[dict]]:
-    return {"test": _jsonl(data / TASK_FILES[name][0][0])}
+    return {"test": _jsonl(data / TASK_FILES[name][0][0], ROW_FIELDS["arc"])}
 
 
 def _hellaswag(data: Path) -> dict[str, list[dict]]:
-    return {"validation": _jsonl(data / "hellaswag/hellaswag_validation.jsonl")}
+    return {"validation": _jsonl(data / "hellaswag/hellaswag_validation.jsonl", ROW_FIELDS["hellaswag"])}
 
 
 def _piqa(data: Path) -> dict[str, list[dict]]:
-    rows = _jsonl(data / "piqa/valid.jsonl")
-    labels = [int(x) for x in (data / "piqa/valid-labels.lst").read_text().split()]
+    rows = _jsonl(data / "piqa/valid.jsonl", ROW_FIELDS["piqa"])
+    try:
+        labels = [int(x) for x in (data / "piqa/valid-labels.lst").read_text().split()]
+    except ValueError as e:
+        raise UsageError(f"data file {data}/piqa/valid-labels.lst: expected one 0/1 label per line ({e})") from None
     if len(rows) != len(labels):
         raise UsageError(f"{data}/piqa: valid.jsonl has {len(rows)} rows but valid-labels.lst has {len(labels)}")
     return {"validation": [{**r, "label": y} for r, y in zip(rows, labels)]}
 
 
 def _winogrande(data: Path) -> dict[str, list[dict]]:
-    return {"validation": _jsonl(data / "winogrande/dev.jsonl")}
+    return {"validation": _jsonl(data / "winogrande/dev.jsonl", ROW_FIELDS["winogrande"])}
 
 
 def _boolq(data: Path) -> dict[str, list[dict]]:
     # SuperGLUE's boolq (what lm-eval reads) prefixes the passage with its title.
-    rows = _jsonl(data / "boolq/dev.jsonl")
+    rows = _jsonl(data / "boolq/dev.jsonl", ROW_FIELDS["boolq"])
     return {"validation": [{"question": r["question"], "passage": f"{r['title']} -- {r['passage']}",
                             "idx": i, "label": int(bool(r["answer"]))} for i, r in enumerate(rows)]}
 
 
 def _openbookqa_rows(path: Path) -> list[dict]:
-    return [{"id": r["id"], "question_stem": r["question"]["stem"],
-             "choices": {"text": [c["text"] for c in r["question"]["choices"]],
-                         "label": [c["label"] for c in r["question"]["choices"]]},
-             "answerKey": r["answerKey"]} for r in _jsonl(path)]
+    out = []
+    for n, r in enumerate(_jsonl(path, ROW_FIELDS["openbookqa"]), 1):
+        try:
+            out.append({"id": r["id"], "question_stem": r["question"]["stem"],
+                        "choices": {"text": [c["text"] for c in r["question"]["choices"]],
+                                    "label": [c["label"] for c in r["question"]["choices"]]},
+                        "answerKey": r["answerKey"]})
+        except (KeyError, TypeError) as e:
+            raise UsageError(f"data file {path}, row {n}: missing field {e} (needs question.stem and question.choices "
+                             "with text and label)") from None
+    return out
 
 
 def _openbookqa(data: Path) -> dict[str, list[dict]]:
@@ -120,7 +158,7 @@ def _wikitext(data: Path) -> dict[str, list[dict]]:
 
 
 def _lambada(data: Path) -> dict[str, list[dict]]:
-    return {"test": _jsonl(data / "lambada/lambada_test.jsonl")}
+    return {"test": _jsonl(data / "lambada/lambada_test.jsonl", ROW_FIELDS["lambada"])}
 
 
 def mmlu_subjects(data: Path) -> list[str]:
@@ -134,9 +172,17 @@ def mmlu_rows(data: Path, subject: str, split_dir: str) -> list[dict]:
     path = data / "mmlu" / split_dir / f"{subject}_{split_dir}.csv"
     if not path.is_file():
         raise UsageError(f"missing data file {path} (needed by task mmlu_{subject})")
+    rows = []
     with path.open(encoding="utf-8", newline="") as f:
-        return [{"question": q, "subject": subject, "choices": [a, b, c, d], "answer": "ABCD".index(ans.strip())}
-                for q, a, b, c, d, ans in csv.reader(f)]
+        reader = csv.reader(f)
+        for row in reader:
+            n = reader.line_num
+            if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
+                raise UsageError(f"data file {path}, line {n}: expected 6 columns (question, 4 choices, answer A-D), "
+                                 f"got {len(row)} column(s){' ending in ' + repr(row[-1][:20]) if row else ''}")
+            q, a, b, c, d, ans = row
+            rows.append({"question": q, "subject": subject, "choices": [a, b, c, d], "answer": "ABCD".index(ans.strip())})
+    return rows
 
 
 def _mmlu(data: Path, subject: str) -> dict[str, list[dict]]:
@@ -215,15 +261,18 @@ def write_overrides(tasks: Iterable[str], data_dir: Path, out_dir: Path, upstrea
     return written
 
 
-def task_manager(tasks: Iterable[str], data_dir: Path | None):
-    """An lm-eval `TaskManager` whose `tasks` read `data_dir` (or the hub when `data_dir` is None)."""
+def task_manager(tasks: Iterable[str], data_dir: Path | None, workdir: Path | None = None):
+    """An lm-eval `TaskManager` whose `tasks` read `data_dir` (or the hub when `data_dir` is None).
+
+    Its override YAMLs go into `workdir`, which the caller removes once the tasks are built (without one,
+    a new temporary folder that outlives the call)."""
     from lm_eval.tasks import TaskManager
 
     if data_dir is None:
         return TaskManager()
     tasks = [t for t in tasks if t in TASK_FILES]
     check_files(tasks, data_dir)
-    out = Path(tempfile.mkdtemp(prefix="harness-tasks-"))
+    out = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="harness-tasks-"))
     upstream = upstream_yamls(data_dir if "mmlu" in tasks else None)
     names = write_overrides(tasks, data_dir, out, upstream)
     # Index only the folders of the upstream YAMLs these tasks use (MMLU's holds its group files),

@@ -69,9 +69,16 @@ def replayed_plans(plans_from: str, n_layers: int) -> dict[str, PruningPlan]:
     if not folder.is_dir():
         raise UsageError(f"--plans-from {plans_from}: not a folder of run records")
     out = {}
-    for r in rec.load_dir(folder):
+    try:
+        found = rec.load_dir(folder)
+    except rec.RecordError as e:
+        raise UsageError(f"--plans-from: {e}; remove that file or pick another run folder") from None
+    for r in found:
         if r.mode == "disaggregated":
-            plan = PruningPlan.from_dict(r.plan)
+            try:
+                plan = PruningPlan.from_dict(r.plan)
+            except (KeyError, TypeError, ValueError) as e:
+                raise UsageError(f"--plans-from: {r.method}'s plan is not valid ({type(e).__name__}: {e})") from None
             if plan.n_layers != n_layers:
                 raise UsageError(f"--plans-from: {r.method}'s plan is for {plan.n_layers} layers, the model has {n_layers}")
             out[r.method] = plan
@@ -101,7 +108,7 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
             plan, source = method.plan(model, calib, "disaggregated"), {"planned_on": cfg.model}
         key = cfg.identity(name, method.options(), plan.to_dict())
         path = out_dir / rec.record_filename(name, "disaggregated")
-        old = rec.load(path) if path.exists() else None
+        old = rec.load_cell(path) if path.exists() else None
         if old is not None and old.run_key == key:
             say(f"{name}: finished record found, reused")
             results.append(old)
@@ -113,7 +120,7 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
         record = _latency_record(cfg, name, method, key, plan, env, loaded.description, (latency, kv, timing), bound, source)
         rec.save(record, out_dir)
         results.append(rec.load(path))
-    rec.write_summary(rec.load_dir(out_dir), out_dir / "summary.csv")
+    rec.refresh_summary(out_dir)  # an unreadable record in the folder is named and skipped
     return results
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -117,15 +118,24 @@ class TaskCache:
         self._tasks, self._data_dir = tuple(tasks), data_dir
         self.manager = None
         self._built: dict[str, Any] = {}
+        self._workdir: tempfile.TemporaryDirectory | None = None  # the override YAMLs, removed by close()
 
     def get(self, task: str):
         from harness.quality.tasks import task_manager
 
         if task not in self._built:
-            self.manager = self.manager or task_manager(self._tasks, self._data_dir)
+            if self.manager is None:
+                self._workdir = self._workdir or tempfile.TemporaryDirectory(prefix="harness-tasks-")
+                self.manager = task_manager(self._tasks, self._data_dir, Path(self._workdir.name))
             loaded = self.manager.load([task])
             self._built[task] = loaded["groups"].get(task) or loaded["tasks"].get(task) or task
         return self._built[task]
+
+    def close(self) -> None:
+        """Remove the temporary YAML folder (built tasks keep working: lm-eval read the files when building)."""
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
 
 
 def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, Any]:
@@ -223,14 +233,17 @@ def run(
                  TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None),  # built on first use
                  env, on_progress or (lambda msg: log.info(msg)), progress and d.is_main, dist=d, log_samples=log_samples)
     records, failures = [], []
-    for name, method in prepared.methods.items():
-        for mode in cfg.modes:
-            try:
-                records.append(_run_cell(state, name, method, mode))
-            except Exception as e:  # noqa: BLE001 - one cell's failure (OOM, bad option) must not stop the others
-                failures.append(_record_failure(state, name, method, mode, e))
-    if d.is_main:
-        rec.write_summary(rec.load_dir(out_dir), out_dir / "summary.csv")
+    try:
+        for name, method in prepared.methods.items():
+            for mode in cfg.modes:
+                try:
+                    records.append(_run_cell(state, name, method, mode))
+                except Exception as e:  # noqa: BLE001 - one cell's failure (OOM, bad option) must not stop the others
+                    failures.append(_record_failure(state, name, method, mode, e))
+    finally:  # also on Ctrl-C
+        state.tasks.close()
+    if d.is_main:  # every readable record in the folder; an unreadable one is named and skipped
+        rec.refresh_summary(out_dir)
     d.barrier()
     if failures:
         raise CellsFailed(failures, records)
@@ -247,8 +260,11 @@ def _record_failure(st: _Run, name: str, method, mode: str, e: Exception) -> Cel
         pass
     path = st.out_dir / rec.failure_filename(name, mode)
     if st.dist.is_main:
-        rec.save_failure(st.out_dir, name, mode, key, e, traceback.format_exc(),
-                         dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        try:
+            rec.save_failure(st.out_dir, name, mode, key, e, traceback.format_exc(),
+                             dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        except OSError as note_error:  # e.g. a full disk: the note is best-effort, the other cells still run
+            st.say(f"{name}/{mode}: could not write {path.name} ({note_error.strerror or note_error})")
     st.say(f"{name}/{mode}: FAILED ({type(e).__name__}: {str(e)[:200]}); continuing with the other cells")
     return CellFailure(name, mode, e, path)
 
@@ -278,7 +294,10 @@ def _stored_plan(st: _Run, name: str, mode: str, options: dict) -> tuple[Pruning
     path = Path(st.cfg.plans_from) / rec.record_filename(name, mode)
     if not path.exists():
         return None
-    old = rec.load(path)
+    try:
+        old = rec.load(path)
+    except rec.RecordError as e:
+        raise UsageError(f"--plans-from: {e}; remove that file or pick another run folder") from None
     calib_now = dataclasses.asdict(st.prepared.calib_config) if st.prepared.methods[name].needs_calibration else None
     calib_then = {k: (old.calibration or {}).get(k) for k in calib_now} if calib_now else None
     if (old.config.get("model"), old.config.get("seed")) != (st.cfg.model, st.cfg.seed):
@@ -291,7 +310,16 @@ def _stored_plan(st: _Run, name: str, mode: str, options: dict) -> tuple[Pruning
         return None
     if calib_now and json.loads(json.dumps(calib_now)) != calib_then:
         return None
-    return PruningPlan.from_dict(old.plan), path, old.calibration
+    return _plan_of(old, path), path, old.calibration
+
+
+def _plan_of(record: rec.RunRecord, path: Path) -> PruningPlan:
+    """The plan stored in a --plans-from record, or a UsageError naming the file."""
+    try:
+        return PruningPlan.from_dict(record.plan)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"--plans-from {path}: its plan is not valid ({type(e).__name__}: {e}); "
+                         "remove that record or pick another run folder") from None
 
 
 def _same_but_newer_options(cfg: RunConfig, method, old: rec.RunRecord, cell: tuple) -> bool:
@@ -346,7 +374,7 @@ def _finished_record(st: _Run, name: str, method, mode: str, final: Path, identi
     """The record already at `final` when it is this cell's (or predates options now at their
     defaults); a different configuration's record is refused rather than overwritten."""
     key, calib_desc, task_opts = identity
-    old = rec.load(final)
+    old = rec.load_cell(final)
     if old.run_key != key and _same_but_newer_options(st.cfg, method, old, (name, mode, calib_desc, task_opts)):
         st.say(f"{name}/{mode}: record predates options now at their defaults; reused ({final.name})")
         return old

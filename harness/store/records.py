@@ -10,11 +10,14 @@ import csv
 import io
 import json
 import os
+import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.errors import UsageError
 from harness.store.latency import WorkloadLatency, upgrade_v1
 from harness.store.task_names import LEGACY_PRESENTATION, TaskPresentation
 
@@ -104,18 +107,60 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> RunRecord:
+        """The record in `d`, its structure checked (a `RecordError` naming `source` and the field otherwise);
+        older schemas are converted to the current form (`READABLE_SCHEMAS`)."""
+        if not isinstance(d, dict):
+            raise RecordError(f"{source}: not a run record (a JSON {type(d).__name__}, expected an object)")
         upgrade = READABLE_SCHEMAS.get(d.get("schema_version"))
         if upgrade is None:
-            raise ValueError(f"{source}: record schema {d.get('schema_version')!r}, this harness reads "
-                             f"{', '.join(map(str, READABLE_SCHEMAS))}")
-        d = upgrade(d)
+            raise RecordError(f"{source}: record schema {d.get('schema_version')!r}, this harness reads "
+                              f"{', '.join(map(str, READABLE_SCHEMAS))}")
         fields = cls.__dataclass_fields__
         missing = [n for n, f in fields.items() if n not in d and f.default is MISSING and f.default_factory is MISSING]
         if missing:
-            raise ValueError(f"{source}: not a run record (missing {', '.join(sorted(missing))})")
+            raise RecordError(f"{source}: not a run record (missing {', '.join(sorted(missing))})")
+        _check_types(d, source)
+        d = upgrade(d)
         kept = {k: v for k, v in d.items() if k in fields}
-        kept["latency"] = {k: WorkloadLatency.from_dict(v) for k, v in kept.get("latency", {}).items()}
+        try:
+            kept["latency"] = {k: WorkloadLatency.from_dict(v) for k, v in kept.get("latency", {}).items()}
+        except (AttributeError, KeyError, TypeError) as e:
+            raise RecordError(f"{source}: field 'latency' is not an object of workloads ({e})") from None
         return cls(**kept)
+
+
+class RecordError(UsageError):
+    """A file that is not a readable run record of this schema; the message names the file and what is wrong
+    (bad input: a command that meets one it cannot skip exits 2 with this message)."""
+
+
+# JSON type of each top-level field (readers index into these without further checks)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "method": (str,), "mode": (str,), "run_key": (str,), "created": (str,), "config": (dict,), "plan": (dict,),
+    "environment": (dict,), "model": (dict,), "calibration": (dict, type(None)), "scores": (dict,), "kv": (dict,),
+    "n_samples": (dict,), "lm_eval": (dict,), "timing_s": (dict,), "extra": (dict,),
+}
+
+
+def _check_types(d: dict[str, Any], source: str) -> None:
+    """Field types of a record, down to each score (`scores[task][metric]["value"]` a number or null)."""
+    for name, types in _FIELD_TYPES.items():
+        if name in d and not isinstance(d[name], types):
+            want = " or ".join("null" if t is type(None) else {dict: "an object", str: "a string"}[t] for t in types)
+            raise RecordError(f"{source}: field {name!r} is a JSON {type(d[name]).__name__}, expected {want}")
+    for task, metrics in d["scores"].items():
+        if not isinstance(metrics, dict):
+            raise RecordError(f"{source}: scores[{task!r}] is not an object of metrics")
+        for metric, v in metrics.items():
+            ok = isinstance(v, dict) and "value" in v and all(isinstance(v.get(k), (int, float, type(None))) and not isinstance(v.get(k), bool)
+                                             for k in ("value", "stderr"))
+            if not ok:
+                raise RecordError(f"{source}: scores[{task!r}][{metric!r}] must be {{\"value\": number, \"stderr\": number "
+                                  f"or null}}, got {json.dumps(v, default=str)[:80]}")
+    for task, v in d["kv"].items():
+        if not isinstance(v, dict) or "kv_bytes" not in v or \
+                not all(isinstance(x, int) and not isinstance(x, bool) for x in v.values()):
+            raise RecordError(f"{source}: kv[{task!r}] must be an object of integer counts with kv_bytes")
 
 
 def record_filename(method: str, mode: str) -> str:
@@ -148,6 +193,29 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def check_writable(folder: Path, flag: str) -> None:
+    """UsageError unless `folder` is (or can be made) a folder this process can write a file into; called
+    before any model work so that a bad output folder (a file, read-only, a full disk) fails in a second."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder}: exists and is not a folder; give a folder (new or holding earlier output)")
+    existing = folder.absolute()
+    while not existing.exists():  # probe the folder, or the nearest one that exists: nothing is created here
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {folder}: cannot write there ({existing} is not a folder); give a writable folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe.", suffix=".tmp")
+        try:
+            os.write(fd, b"probe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            Path(probe).unlink(missing_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {folder}: cannot write there ({e.strerror or e}); give a writable folder") from None
+
+
 def save(record: RunRecord, out_dir: Path) -> Path:
     path = out_dir / record.filename
     atomic_write(path, record.to_json())
@@ -155,15 +223,45 @@ def save(record: RunRecord, out_dir: Path) -> Path:
 
 
 def load(path: Path) -> RunRecord:
+    """The record in `path`; a `RecordError` naming the file when it is not a readable record of this schema."""
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable record ({e})") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecordError(f"{path}: unreadable record ({e})") from e
     return RunRecord.from_dict(d, str(path))
 
 
-def load_dir(out_dir: Path) -> list[RunRecord]:
-    return [load(p) for p in sorted(Path(out_dir).glob("*__*.json")) if is_record_file(p)]
+def load_cell(path: Path) -> RunRecord:
+    """The record a run found at its own cell's `path`; unreadable, it is refused rather than overwritten."""
+    try:
+        return load(path)
+    except RecordError as e:
+        raise UsageError(f"{e}: this run would replace it; move it away (or use another --out) and rerun") from None
+
+
+def warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def load_dir(out_dir: Path, warn: Callable[[str], None] | None = None) -> list[RunRecord]:
+    """The finished records in `out_dir`. Without `warn` an unreadable one raises its `RecordError`; with it,
+    that file is skipped and `warn` gets one line naming it (one bad file must not hide the others)."""
+    out = []
+    for p in sorted(Path(out_dir).glob("*__*.json")):
+        if not is_record_file(p):
+            continue
+        try:
+            out.append(load(p))
+        except RecordError as e:
+            if warn is None:
+                raise
+            warn(f"{e}; skipped")
+    return out
+
+
+def refresh_summary(out_dir: Path, warn: Callable[[str], None] = warn_stderr) -> Path:
+    """Rewrite `out_dir/summary.csv` from every readable record there (unreadable ones skipped with a warning)."""
+    return write_summary(load_dir(out_dir, warn), Path(out_dir) / "summary.csv")
 
 
 def save_failure(out_dir: Path, method: str, mode: str, run_key: str, error: BaseException, tb: str,

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.store.records import LOWER_IS_BETTER, RunRecord, load
+from harness.store.records import LOWER_IS_BETTER, RecordError, RunRecord, is_record_file, load
 
 LATENCY_METRICS = ("ttft_ms_p50", "tpot_ms_p50")
 DENSE = "unpruned"  # the denominator of every latency ratio
@@ -41,13 +41,18 @@ class CheckResult:
         return not self.failures and self.compared > 0
 
 
-def _records(root: Path) -> dict[str, RunRecord]:
-    """Records under `root` keyed by kind/method/mode (layout-independent)."""
+def _records(root: Path, res: CheckResult) -> dict[str, RunRecord]:
+    """Records under `root` keyed by kind/method/mode (layout-independent). An unreadable record is skipped
+    and counts as a failure naming it: a check must not pass without comparing every record."""
     out = {}
     for p in sorted(Path(root).rglob("*__*.json")):
-        if p.name.startswith(".") or p.name.endswith(".partial.json"):
+        if not is_record_file(p):  # failed-cell notes, resume files, temp files
             continue
-        r = load(p)
+        try:
+            r = load(p)
+        except RecordError as e:
+            res.failures.append(f"{e}; skipped (not compared)")
+            continue
         out[f"{r.config.get('kind', 'quality')}/{r.method}/{r.mode}"] = r
     return out
 
@@ -181,8 +186,8 @@ def _compare_ratio(where: str, m: str, a: float | None, b: float | None, res: Ch
 
 
 def check(reference: Path, current: Path, latency_tolerance: float = RATIO_TOLERANCE) -> CheckResult:
-    ref, cur = _records(reference), _records(current)
     res = CheckResult()
+    ref, cur = _records(reference, res), _records(current, res)
     if not ref:
         res.failures.append(f"{reference}: no reference records")
     for key, r in ref.items():

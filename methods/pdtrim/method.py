@@ -93,6 +93,8 @@ class PDTrim(Method):
             raise UsageError(f"pdtrim.k_unified={c.k_unified}: must be >= 0")
         if c.search_samples < 1 or c.max_cont < 1 or c.batch_size < 1 or c.batch_tokens < 1:
             raise UsageError("pdtrim: search_samples, max_cont, batch_size and batch_tokens must be >= 1")
+        if not -1 <= c.d_t <= 1:  # a threshold on a cosine; NaN fails this too
+            raise UsageError(f"pdtrim.d_t={c.d_t}: must be within [-1, 1] (a threshold on the block cosine s_i)")
         if not 0 <= c.tau <= 1 or c.n_first < 0 or c.n_last < 0 or (c.kv_pruning and c.n_first + c.n_last < 1):
             raise UsageError("pdtrim: need 0 <= tau <= 1 and n_first, n_last >= 0 with n_first + n_last >= 1")
         if c.heal_steps < 0 or c.heal_lr <= 0 or c.heal_samples < 1:

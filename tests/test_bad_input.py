@@ -1,0 +1,352 @@
+"""Bad input and faults, in process (no 4 s of imports per case): exit 2 with one line naming what is
+wrong, a skipped-with-a-warning file where the rest of the work is good, nothing left behind.
+
+The sibling of tests/test_cli.py's `test_bad_input_exits_2` (subprocesses) for issue 14's cases."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from harness.cli import main
+
+TINY = ["--model", "random:tiny", "--device", "cpu", "-q"]
+# one cell on a small synthetic task (no lm-eval task index to build: seconds, not tens of them)
+ONE_CELL = [*TINY, "--methods", "unpruned", "--mode", "unified", "--tasks", "passkey", "--limit", "2",
+            "--set", "passkey.lengths=384", "--set", "passkey.depths=0.5", "--set", "passkey.repeats=1"]
+ARC_CELL = [*TINY, "--methods", "unpruned", "--mode", "unified", "--tasks", "arc_easy", "--limit", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # cmd_run sets it for -q; keep it from leaking into other tests
+
+
+def call(capsys, *args) -> tuple[int, str, str]:
+    try:
+        rc = main([str(a) for a in args])
+    except KeyboardInterrupt:  # must not reach pytest, which would stop the session
+        pytest.fail("KeyboardInterrupt escaped harness.cli.main")
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_dir) -> Path:
+    """A finished one-cell run (unpruned/unified on 2 ARC-Easy items) to copy and damage."""
+    out = tmp_path_factory.mktemp("run") / "o"
+    assert main([*ONE_CELL, "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    return out
+
+
+def _arc_data(tmp: Path, data_dir: Path, edit) -> Path:
+    """A data dir holding only ARC-Easy, its test file rewritten by `edit(lines) -> lines`."""
+    root = tmp / "data"
+    (root / "arc_easy").mkdir(parents=True)
+    src = (data_dir / "arc_easy" / "ARC-Easy-test.jsonl").read_text().splitlines()[:5]
+    (root / "arc_easy" / "ARC-Easy-test.jsonl").write_text("\n".join(edit(src)) + "\n")
+    return root
+
+
+def _renamed_field(lines):
+    row = json.loads(lines[2])
+    row["query"] = row.pop("question")
+    return [*lines[:2], json.dumps(row), *lines[3:]]
+
+
+def _spec(tmp: Path, text: str) -> Path:
+    (tmp / "s.toml").write_text(text)
+    return tmp / "s.toml"
+
+
+def _record_copy(tmp: Path, run: Path, edit) -> Path:
+    """A copy of `run` whose record was rewritten by `edit(dict) -> JSON value`."""
+    dst = tmp / "copy"
+    shutil.copytree(run, dst)
+    path = dst / "unpruned__unified.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return dst
+
+
+def _with(d, **changes):
+    return {**d, **changes}
+
+
+def _bad_plan(d):
+    return _with(d, plan={**d["plan"], "decode_layers": [7], "prefill_layers": [7]})
+
+
+# (id, argv builder (tmp, data_dir, tiny_run) -> argv, what stderr must say); every case exits 2
+CASES = [
+    # item 6: a bad --out is found before the model loads
+    ("out-is-a-file", lambda t, d, r: [*ONE_CELL, "--out", r / "summary.csv"], "summary.csv: exists and is not a folder"),
+    ("out-unwritable", lambda t, d, r: [*ONE_CELL, "--out", "/dev/null/o"], "--out /dev/null/o: cannot write there"),
+    ("latency-out-is-a-file", lambda t, d, r: ["latency", *TINY, "--methods", "unpruned", "--out", r / "summary.csv"],
+     "exists and is not a folder"),
+    # item 7
+    ("report-out-is-a-file", lambda t, d, r: ["report", r, "--no-plots", "--out", r / "summary.csv"],
+     "--out " + "{run}/summary.csv: exists and is not a folder"),
+    ("export-out-dot", lambda t, d, r: ["export", *TINY[:4], "--method", "unpruned", "--out", "."],
+     "--out .: the current folder or one above it cannot take an export"),
+    # item 8: data files (the other kinds of damage: test_damaged_data_files_name_file_line_and_field)
+    ("data-bad-json-line", lambda t, d, r: [*ARC_CELL, "--data-dir", _arc_data(t, d, lambda x: [x[0], "{oops", *x[2:]]),
+                                            "--out", t / "o"], "ARC-Easy-test.jsonl, line 2: not valid JSON"),
+    # item 9
+    ("max-length-too-small", lambda t, d, r: [*ARC_CELL, "--max-length", "1", "--out", t / "o"],
+     "tokens exceeds the context length max_length=1; give --max-length"),
+    ("plans-from-corrupt", lambda t, d, r: [*ONE_CELL, "--plans-from", _record_copy(t, r, lambda x: [x]), "--out", t / "o"],
+     "--plans-from: " + "{tmp}/copy/unpruned__unified.json: not a run record (a JSON list"),
+    ("plans-from-invalid-plan", lambda t, d, r: [*ONE_CELL, "--plans-from", _record_copy(t, r, _bad_plan), "--out", t / "o"],
+     "unpruned__unified.json: its plan is not valid"),
+    ("latency-plans-from-corrupt", lambda t, d, r: ["latency", *TINY, "--methods", "unpruned", "--plans-from",
+                                                    _record_copy(t, r, lambda x: "x"), "--out", t / "o"],
+     "not a run record (a JSON str"),
+    # item 10: non-finite floats and ranges
+    ("d_t-nan", lambda t, d, r: [*ONE_CELL, "--methods", "pdtrim", "--set", "pdtrim.d_t=nan"],
+     "--set pdtrim.d_t=nan: expected a finite number"),
+    ("heal_lr-inf", lambda t, d, r: [*ONE_CELL, "--methods", "pdtrim", "--set", "pdtrim.heal_lr=inf"],
+     "--set pdtrim.heal_lr=inf: expected a finite number"),
+    ("d_t-out-of-range", lambda t, d, r: [*ONE_CELL, "--methods", "pdtrim", "--set", "pdtrim.d_t=1.5"],
+     "pdtrim.d_t=1.5: must be within [-1, 1]"),
+    ("tau-inf", lambda t, d, r: [*ONE_CELL, "--methods", "pdtrim", "--set", "pdtrim.tau=-inf"], "expected a finite number"),
+    ("streamline-lr-nan", lambda t, d, r: [*ONE_CELL, "--methods", "streamline", "--set", "streamline.replace_lr=nan"],
+     "streamline.replace_lr=nan: expected a finite number"),
+    ("report-bandwidth-nan", lambda t, d, r: ["report", r, "--bandwidth", "nan"], "expected a finite number, got 'nan'"),
+    ("latency-bandwidths-inf", lambda t, d, r: ["latency", *TINY, "--bandwidths", "100,inf"], "expected positive numbers"),
+    ("check-tolerance-nan", lambda t, d, r: ["check", "--against", r, "--current", r, "--latency-tolerance", "nan"],
+     "expected a finite number"),
+    # item 12
+    ("bootstrap-negative", lambda t, d, r: [*ONE_CELL, "--bootstrap-iters", "-5"], "expected an integer >= 0, got '-5'"),
+    ("model-dir-no-config", lambda t, d, r: [*ONE_CELL[5:], "--model", (t / "m").mkdir() or t / "m", "--device", "cpu"],
+     "could not load it: no config.json in that folder"),
+    ("spec-run-config-key", lambda t, d, r: ["--config", _spec(t, '[run]\nconfig = "x.toml"\nout = "o"\n')],
+     "[run]: unknown key 'config' (a spec cannot name another spec); known keys: batch_size"),
+    ("spec-unknown-key-lists-set", lambda t, d, r: ["--config", _spec(t, '[run]\nmetods = ["a"]\nout = "o"\n')],
+     "quiet, seed, set, tasks"),
+    # item 5: report validates records on load (the only record being bad leaves nothing to report)
+    ("report-record-not-object", lambda t, d, r: ["report", _record_copy(t, r, lambda x: [1]), "--out", t / "rep"],
+     "unpruned__unified.json: not a run record (a JSON list, expected an object)"),
+    ("report-field-wrong-type", lambda t, d, r: ["report", _record_copy(t, r, lambda x: _with(x, scores=[])), "--out", t / "rep"],
+     "unpruned__unified.json: field 'scores' is a JSON list, expected an object"),
+    ("report-score-wrong-type", lambda t, d, r: ["report", _record_copy(t, r, lambda x: _with(
+        x, scores={"arc_easy": {"acc": {"value": "high"}}})), "--out", t / "rep"], "scores['arc_easy']['acc'] must be"),
+]
+
+
+@pytest.mark.parametrize("name, build, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_in_process_exits_2(name, build, message, tmp_path, data_dir, tiny_run, capsys, monkeypatch):
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # item 14: failed runs leave no task folder
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
+    import harness.pd.models
+
+    real_load, loads = harness.pd.models.load_model, []
+    monkeypatch.setattr(harness.pd.models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    try:
+        rc, _, err = call(capsys, *build(tmp_path, data_dir, tiny_run))
+    except SystemExit as e:  # argparse's own errors
+        rc, err = e.code, capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert message.format(run=tiny_run, tmp=tmp_path) in err, err[-2000:]
+    assert "Traceback" not in err
+    if name.startswith(("out-", "latency-out")):
+        assert not loads, "the output folder must be checked before the model loads"
+    assert not list((tmp_path / "tmp").glob("harness-tasks-*"))
+
+
+def _drop(key):
+    def edit(lines):
+        row = json.loads(lines[1])
+        del row[key]
+        return [lines[0], json.dumps(row), *lines[2:]]
+    return edit
+
+
+# (task, file under the data dir, edit(lines) -> lines, message); all through the loaders lm-eval calls
+DATA_CASES = [
+    ("arc_easy", "arc_easy/ARC-Easy-test.jsonl", lambda x: [*x[:4], x[4][:30]], "ARC-Easy-test.jsonl, line 5: not valid JSON"),
+    ("arc_easy", "arc_easy/ARC-Easy-test.jsonl", _drop("question"), "ARC-Easy-test.jsonl, line 2: missing field 'question'"),
+    ("arc_easy", "arc_easy/ARC-Easy-test.jsonl", lambda x: [x[0], "[1, 2]"], "line 2: missing field '(a JSON object)'"),
+    ("boolq", "boolq/dev.jsonl", _drop("title"), "dev.jsonl, line 2: missing field 'title'"),
+    ("hellaswag", "hellaswag/hellaswag_validation.jsonl", _drop("endings"), "line 2: missing field 'endings'"),
+    ("winogrande", "winogrande/dev.jsonl", _drop("option2"), "dev.jsonl, line 2: missing field 'option2'"),
+    ("lambada_openai", "lambada/lambada_test.jsonl", lambda x: [x[0], '{"txt": "a"}'], "line 2: missing field 'text'"),
+    ("piqa", "piqa/valid-labels.lst", lambda x: ["0", "yes"], "valid-labels.lst: expected one 0/1 label per line"),
+    ("openbookqa", "openbookqa/test.jsonl", lambda x: [x[0], '{"id": "1", "question": {}, "answerKey": "A"}'],
+     "test.jsonl, row 2: missing field 'stem'"),
+    ("mmlu", "mmlu/test/anatomy_test.csv", lambda x: [x[0], "q,a,b"], "anatomy_test.csv, line 2: expected 6 columns"),
+    ("mmlu", "mmlu/test/anatomy_test.csv", lambda x: ["q,a,b,c,d,E"], "line 1: expected 6 columns (question, 4 choices, "
+                                                                     "answer A-D), got 6 column(s) ending in 'E'"),
+]
+
+
+@pytest.mark.parametrize("task, rel, edit, message", DATA_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(DATA_CASES)])
+def test_damaged_data_files_name_file_line_and_field(task, rel, edit, message, data_dir, tmp_path):
+    """Item 8: bad JSON lines, truncated files and renamed fields are a UsageError naming file, line and field."""
+    from harness.errors import UsageError
+    from harness.quality.tasks import TASK_FILES, local_rows
+
+    for need in TASK_FILES[task][0]:  # a data dir with this task's files only
+        src, dst = data_dir / need, tmp_path / need
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    target = tmp_path / rel
+    target.write_text("\n".join(edit(target.read_text().splitlines()[:5])) + "\n")
+    with pytest.raises(UsageError) as e:
+        local_rows(task, tmp_path, "anatomy" if task == "mmlu" else None)
+    assert message in str(e.value) and str(target) in str(e.value)
+
+
+def test_corrupt_record_in_out_is_skipped_and_summary_refreshed(tiny_run, data_dir, tmp_path, capsys):
+    """Item 5: a damaged record of another cell must not stop the summary of the cells that ran."""
+    out = tmp_path / "o"
+    shutil.copytree(tiny_run, out)
+    (out / "stray__unified.json").write_text('{"schema_version": 1, "method": "stray"')  # truncated
+    (out / "future__unified.json").write_text(json.dumps({"schema_version": 99}))
+    rc, stdout, err = call(capsys, *ONE_CELL, "--methods", "unpruned,tail", "--set", "tail.k=1", "--data-dir", data_dir,
+                           "--out", out)
+    assert rc == 0, err[-2000:]
+    assert f"warning: {out}/stray__unified.json: unreadable record" in err
+    assert f"warning: {out}/future__unified.json: record schema 99, this harness reads 1, 2; skipped" in err
+    with (out / "summary.csv").open() as f:
+        assert {r["method"] for r in csv.DictReader(f)} == {"unpruned", "tail"}
+    assert "| tail |" in stdout
+
+
+def test_latency_skips_a_corrupt_record_of_another_method(tmp_path, capsys):
+    out = tmp_path / "lat"
+    out.mkdir()
+    (out / "other__disaggregated.json").write_text("[]")
+    rc, _, err = call(capsys, "latency", *TINY, "--methods", "unpruned", "--prompt-tokens", "8", "--decode-tokens", "2",
+                      "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--out", out)
+    assert rc == 0, err[-2000:]
+    assert "other__disaggregated.json: not a run record (a JSON list, expected an object); skipped" in err
+    assert "unpruned" in (out / "summary.csv").read_text()
+
+
+def test_corrupt_record_of_the_cell_itself_is_refused_not_replaced(tiny_run, tmp_path, capsys, data_dir):
+    out = tmp_path / "o"
+    shutil.copytree(tiny_run, out)
+    (out / "unpruned__unified.json").write_text("{trunc")
+    rc, _, err = call(capsys, *ONE_CELL, "--data-dir", data_dir, "--out", out)
+    assert rc == 2 and "unpruned__unified.json: unreadable record" in err and "move it away" in err
+    assert (out / "unpruned__unified.json").read_text() == "{trunc"
+
+
+def test_report_skips_a_bad_record_next_to_good_ones(tiny_run, tmp_path, capsys):
+    src = tmp_path / "runs"
+    shutil.copytree(tiny_run, src)
+    (src / "x__unified.json").write_text(json.dumps({"schema_version": 1, "method": 3}))
+    rc, stdout, err = call(capsys, "report", src, "--no-plots", "--out", tmp_path / "rep")
+    assert rc == 0, err[-2000:]
+    assert "x__unified.json: not a run record (missing" in err and "| unpruned |" in stdout
+    assert "x__unified.json" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_check_ignores_failure_notes_and_fails_on_an_unreadable_record(tiny_run, tmp_path, capsys):
+    ref, cur = tmp_path / "ref" / "quality", tmp_path / "cur" / "quality"
+    shutil.copytree(tiny_run, ref)
+    shutil.copytree(tiny_run, cur)
+    for folder in (ref, cur):  # a failed-cell note is not a record
+        (folder / "tail__unified.failed.json").write_text(json.dumps({"kind": "failed_cell", "method": "tail"}))
+    rc, stdout, err = call(capsys, "check", "--against", ref.parent, "--current", cur.parent)
+    assert rc == 0 and "regression check passed: 1 record(s)" in stdout, stdout + err
+    (cur / "unpruned__unified.json").write_text("{")
+    rc, stdout, err = call(capsys, "check", "--against", ref.parent, "--current", cur.parent)
+    assert rc == 1 and f"FAIL  {cur}/unpruned__unified.json: unreadable record" in stdout, stdout + err
+
+
+def test_refused_run_prints_no_other_configurations_scores(tiny_run, tmp_path, capsys, data_dir):
+    """Item 11: the results table holds this configuration's records only."""
+    out = tmp_path / "o"
+    shutil.copytree(tiny_run, out)
+    rc, stdout, err = call(capsys, *[a if a != "2" else "3" for a in ONE_CELL], "--data-dir", data_dir, "--out", out)
+    assert rc == 2 and "different configuration" in err
+    assert "|" not in stdout, stdout  # no results table: the record there is another configuration's
+
+
+def test_full_disk_failure_note_is_best_effort(tmp_path, data_dir, monkeypatch):
+    """Item 6: a note that cannot be written must not stop the remaining cells."""
+    from harness.config import RunConfig
+    from harness.run import pipeline
+    from harness.store import records
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(records, "save_failure", full)
+    cfg = RunConfig(model="random:tiny", methods=("manual", "unpruned"), tasks=("passkey",), limit=1,
+                    modes=("disaggregated",), device="cpu", data_dir=str(data_dir),
+                    overrides=("manual.prefill_layers=0,1", "manual.decode_layers=0,2", "passkey.lengths=384",
+                               "passkey.depths=0.5", "passkey.repeats=1"))
+    said = []
+    with pytest.raises(pipeline.CellsFailed) as e:
+        pipeline.run(cfg, tmp_path, on_progress=said.append)
+    assert [f.method for f in e.value.failures] == ["manual"] and [r.method for r in e.value.records] == ["unpruned"]
+    assert (tmp_path / "unpruned__disaggregated.json").exists()
+    assert any("could not write manual__disaggregated.failed.json (No space left on device)" in m for m in said)
+
+
+def test_full_disk_out_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import os
+
+    real_write = os.write
+
+    def write(fd, data):
+        if data == b"probe":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    rc, _, err = call(capsys, *ONE_CELL, "--out", tmp_path / "o")
+    assert rc == 2 and f"--out {tmp_path}/o: cannot write there (No space left on device)" in err
+    assert not list(tmp_path.iterdir())  # the probe left nothing, not even the folder
+
+
+def test_ctrl_c_during_imports_or_model_load_exits_130_with_one_line(capsys, monkeypatch, tmp_path):
+    """Item 7: KeyboardInterrupt before the pipeline starts (imports, model load)."""
+    import harness.cli.run
+    import harness.pd.models
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness.pd.models, "load_model", interrupt)
+    rc, _, err = call(capsys, *ONE_CELL, "--out", tmp_path / "o")
+    assert rc == 130 and len(err.strip().splitlines()) == 1 and "interrupted (Ctrl-C)" in err
+    monkeypatch.setattr(harness.cli.run, "quiet_libraries", interrupt)  # the first heavy imports follow it
+    rc, _, err = call(capsys, *ONE_CELL, "--out", tmp_path / "o")
+    assert rc == 130 and len(err.strip().splitlines()) == 1
+    # `python -m harness` interrupted while importing the CLI itself
+    hook = ("import builtins, runpy; real = builtins.__import__\n"
+            "def imp(name, *a, **k):\n"
+            "    if name == 'harness.cli': raise KeyboardInterrupt\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = imp; runpy.run_module('harness', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", hook], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130 and r.stderr.strip() == "interrupted (Ctrl-C)", r.stderr
+
+
+def test_a_run_names_its_layers_and_leaves_no_task_folder(capsys, tmp_path, data_dir, monkeypatch):
+    """Item 15: the load line and the record's model description give the layer count. Item 14: the
+    lm-eval task folder is removed after the run (failed runs: the table above)."""
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    rc, _, err = call(capsys, *ARC_CELL, "--data-dir", data_dir, "--out", tmp_path / "o")
+    assert rc == 0 and "model random:tiny (4 layers) loaded" in err
+    assert not list((tmp_path / "tmp").glob("harness-tasks-*"))
+    rec = json.loads((tmp_path / "o" / "unpruned__unified.json").read_text())
+    assert rec["model"]["n_layers"] == 4 and rec["model"]["class"] == "LlamaForCausalLM"
