@@ -35,12 +35,14 @@ def report_parser() -> argparse.ArgumentParser:
 
 def cmd_report(argv: list[str]) -> int:
     args = report_parser().parse_args(argv)
+    from harness.store import lock
     from reports.collect import ReportError
     from reports.render import render_report
 
     try:
-        rep = render_report(args.results, args.out, args.metric_convention, args.bandwidth, plots=not args.no_plots,
-                            model=args.model)
+        with lock.hold(args.out):  # two reports into one folder would mix their files
+            rep = render_report(args.results, args.out, args.metric_convention, args.bandwidth, plots=not args.no_plots,
+                                model=args.model)
     except ReportError as e:
         raise UsageError(str(e)) from None
     print(rep.markdown)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -123,9 +124,6 @@ def cmd_run(argv: list[str]) -> int:
         os.environ["TQDM_DISABLE"] = "1"  # also silences lm-eval's own bars
     quiet_libraries()
     from harness.run import pipeline
-    from harness.store.records import load_dir
-    from reports.formats import to_markdown
-    from reports.tables import long_context_table, plans_table, quality_table
 
     cfg = RunConfig(
         model=args.model, methods=args.methods, tasks=expand_tasks(args.tasks), limit=args.limit, modes=MODES[args.mode],
@@ -148,7 +146,20 @@ def cmd_run(argv: list[str]) -> int:
 
         check_files([t for t in cfg.tasks if t in TASK_FILES], Path(cfg.data_dir))
     out = args.out or Path("results") / "runs" / cfg.run_id()
+    from harness.store import lock
+
+    with lock.hold(out) if dist.is_main else contextlib.nullcontext():  # one writer per folder (rank 0 writes)
+        return _evaluate(cfg, args, prepared, placement, dist, out)
+
+
+def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path) -> int:
+    """Load the model, run every cell into `out`, print the tables; the exit status."""
     from harness.pd.models import load_model
+    from harness.quality import distributed
+    from harness.run import pipeline
+    from harness.store.records import load_dir
+    from reports.formats import to_markdown
+    from reports.tables import long_context_table, plans_table, quality_table
 
     t0 = time.perf_counter()
     loaded = load_model(cfg.model, distributed.device_for(cfg.device, dist), cfg.dtype, cfg.seed, placement)
