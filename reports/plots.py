@@ -11,8 +11,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+matplotlib.rcParams["svg.hashsalt"] = "pd-harness"  # SVG element ids from the content, not random: same records, same file
 import matplotlib.pyplot as plt  # noqa: E402
 
+from harness.store.files import atomic_file  # noqa: E402
 from harness.store.records import RunRecord, is_long_task  # noqa: E402
 from reports.collect import Collection, metric_for  # noqa: E402
 from reports.tables import MIB, MODE_TITLE, _mc_kv, _ordered_tasks, parse_workload, removed_counts  # noqa: E402
@@ -232,7 +234,8 @@ def save_plots(col: Collection, out: Path, convention: str = "paper") -> dict[st
         paths = {}
         for fmt in ("png", "svg"):
             paths[fmt] = out / f"{name}.{fmt}"
-            fig.savefig(paths[fmt], dpi=130, metadata={"Date": None} if fmt == "svg" else None)
+            with atomic_file(paths[fmt]) as f:  # a killed report leaves the old figure or the new one, never half
+                fig.savefig(f, format=fmt, dpi=130, metadata={"Date": None} if fmt == "svg" else None)
         plt.close(fig)
         written[name] = paths
     return written

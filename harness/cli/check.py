@@ -38,9 +38,8 @@ def check_parser() -> argparse.ArgumentParser:
 
 
 def cmd_check(argv: list[str]) -> int:
-    import shutil
-
     from harness.cli.spec import load_spec, run_spec
+    from harness.store.references import check_paths, check_update
     from harness.store.regress import check
 
     args = check_parser().parse_args(argv)
@@ -51,21 +50,20 @@ def cmd_check(argv: list[str]) -> int:
                          f"(create it with: python -m harness check --against {args.against} --update)")
     current = args.current
     if current is None:
-        spec = load_spec(args.spec)
         current = args.out or Path("results") / "runs" / f"check-{time.strftime('%Y%m%d-%H%M%S')}"
+        if args.update:
+            check_paths(args.against, current)  # before a rerun of minutes
+        spec = load_spec(args.spec)
         commands = {"run": cmd_run, "latency": cmd_latency}
         rc = run_spec(spec, commands, outs={"run": current / "quality", "latency": current / "latency"}, quiet=args.quiet)
         if rc != 0:
             return rc
     elif not current.is_dir():
         raise UsageError(f"--current {current}: no such folder")
+    elif args.update:
+        check_update(args.against, current)  # refuse before anything is touched
     if args.update:
-        if args.against.exists():
-            shutil.rmtree(args.against)
-        for sub in sorted(p for p in current.iterdir() if p.is_dir()):
-            shutil.copytree(sub, args.against / sub.name, ignore=shutil.ignore_patterns(".*", "*.partial.json"))
-        print(f"references refreshed: {args.against} now holds the records of {current}")
-        return 0
+        return _update(args.against, current)
     res = check(args.against, current, args.latency_tolerance)
     for line in res.failures:
         print(f"FAIL  {line}")
@@ -74,3 +72,14 @@ def cmd_check(argv: list[str]) -> int:
     verdict = "passed" if res.ok else f"FAILED ({len(res.failures)} difference(s))"
     print(f"regression check {verdict}: {res.compared} record(s) of {current} compared with {args.against}")
     return 0 if res.ok else 1
+
+
+def _update(reference: Path, current: Path) -> int:
+    """Replace the references by the rerun's records: built beside them, verified, then swapped in."""
+    from harness.store import lock
+    from harness.store.references import update_references
+
+    with lock.hold_beside(reference):
+        n = update_references(reference, current)
+    print(f"references refreshed: {reference} now holds the {n} record(s) of {current}")
+    return 0

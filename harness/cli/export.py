@@ -19,7 +19,7 @@ from harness.store.records import check_writable
 MODES = ("unified", "disaggregated")
 
 
-MARKERS = ("harness_export.json", "manifest.json")  # a folder holding one of these is a previous export
+MARKER = ".pd-harness-export.json"  # written by export last, listing every file it wrote: only such a folder is replaced
 
 
 def parser() -> argparse.ArgumentParser:
@@ -160,19 +160,43 @@ def _check_out_is_not_cwd(out: Path) -> None:
 
 def _prepare_out(out: Path, force: bool) -> Path:
     """Check `out` can take an export; return the temporary sibling folder to write into."""
+    from harness.store.files import recover_swap
+
+    recover_swap(out)  # an export killed while swapping folders left the old one beside `out`
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise UsageError(f"--out {out}: folder exists and is not empty; pass --force to replace a previous export, "
                              "or choose a new folder")
-        if not any((out / m).is_file() for m in MARKERS):
-            raise UsageError(f"--out {out}: not a previous export (no {' or '.join(MARKERS)}); --force only replaces "
-                             "exports, choose a new or empty folder")
+        _check_replaceable(out)
     tmp = out.with_name(f".{out.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted export
     return tmp
+
+
+def _check_replaceable(out: Path) -> None:
+    """`--force` replaces only a folder this command wrote: marked, and holding nothing it did not write."""
+    try:
+        written = set(json.loads((out / MARKER).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"--out {out}: not a previous export (no readable {MARKER}, which python -m harness export writes); "
+                         "--force only replaces such exports: choose a new or empty folder, or remove it yourself") from None
+    extra = sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir() and p.name != MARKER
+                   and str(p.relative_to(out)) not in written)
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise UsageError(f"--out {out}: holds files the export did not write ({shown}); --force would delete them: "
+                         "move them out, or choose another folder")
+
+
+def _mark(tmp: Path) -> None:
+    """The marker that lets a later `--force` replace this folder: every file written, relative to it."""
+    from harness.store.files import atomic_write
+
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if not p.is_dir())
+    atomic_write(tmp / MARKER, json.dumps({"written_by": "python -m harness export", "files": files}, indent=1))
 
 
 def _size(n: int) -> str:
@@ -188,6 +212,16 @@ def main(argv: list[str]) -> int:
     source = resolve_source(args)
     method, calib_config = method_for(source, args, data_dir)
     _check_out_is_not_cwd(args.out)
+    from harness.store import lock
+
+    with lock.hold_beside(args.out):  # one export into `out` at a time (they share the temporary folder)
+        return _export(args, source, method, calib_config, data_dir)
+
+
+def _export(args: argparse.Namespace, source: Source, method, calib_config, data_dir: str | None) -> int:
+    """Plan (or replay), write the checkpoints beside `--out`, mark them, swap them in; print what was written."""
+    from harness.store.files import swap_dir
+
     tmp = _prepare_out(args.out, args.force)  # before any model work: bad --out fails fast
     check_writable(tmp.parent, "--out")  # the export is written beside --out: that folder must take files
 
@@ -209,12 +243,11 @@ def main(argv: list[str]) -> int:
     t_write = time.perf_counter()
     try:
         info = export_plan(loaded, method, plan, tmp, meta, args.max_shard_size)
+        _mark(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if args.out.exists():
-        shutil.rmtree(args.out)  # empty, or a previous export replaced under --force
-    tmp.rename(args.out)
+    swap_dir(tmp, args.out)  # the empty folder, or the previous export under --force, replaced in one step
     written = time.perf_counter() - t_write
     _print_checkpoints(args.out, info, plan.n_layers)
     print(f"exported {source.method}/{source.mode} of {source.model} in {written:.1f}s "

@@ -81,13 +81,15 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
                                           overrides=cfg.overrides), need_data=cfg.plans_from is None)
     out = args.out or default_out(cfg, kind="latency-")
     check_writable(out, "--out")  # a bad --out fails before the model loads, not after
-    loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed)
+    from harness.store import lock
+
     start = time.perf_counter()
 
     def say(msg: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    records = run_latency(cfg, prepared, out, loaded, say)
+    with lock.hold(out):  # one writer per folder
+        records = run_latency(cfg, prepared, out, load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed), say)
     print(to_markdown(efficiency_table(records, 100.0 if 100.0 in cfg.bandwidths_gbit else cfg.bandwidths_gbit[0])))
     print(f"\nclock: {records[0].extra.get('clock')}; records and summary.csv in {out}")
     return 0

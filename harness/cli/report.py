@@ -40,6 +40,7 @@ def report_parser() -> argparse.ArgumentParser:
 
 def cmd_report(argv: list[str] | argparse.Namespace) -> int:
     args = argv if isinstance(argv, argparse.Namespace) else report_parser().parse_args(argv)  # a spec section: options
+    from harness.store import lock
     from harness.store.records import check_writable
     from reports.collect import ReportError
     from reports.render import render_report
@@ -49,8 +50,9 @@ def cmd_report(argv: list[str] | argparse.Namespace) -> int:
         args.out = (first if first.is_dir() else first.parent) / "report"
     check_writable(args.out, "--out")
     try:
-        rep = render_report(args.results, args.out, args.metric_convention, args.bandwidth, plots=not args.no_plots,
-                            model=args.model, baseline=args.baseline)
+        with lock.hold(args.out):  # two reports into one folder would mix their files
+            rep = render_report(args.results, args.out, args.metric_convention, args.bandwidth, plots=not args.no_plots,
+                                model=args.model, baseline=args.baseline)
     except ReportError as e:
         raise UsageError(str(e)) from None
     print(rep.markdown)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -177,8 +178,6 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
         os.environ["TQDM_DISABLE"] = "1"  # also silences lm-eval's own bars
     quiet_libraries()
     from harness.run import pipeline
-    from reports.formats import to_markdown
-    from reports.tables import long_context_table, plans_table, quality_table
 
     cfg = run_config(args)
     placement = cfg.placement()  # bad --device-map / --max-memory: exit 2 before loading anything
@@ -198,7 +197,19 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
     out = args.out or default_out(cfg)
     if dist.is_main:
         check_writable(out, "--out")  # a bad --out fails before the model loads, not after
+    from harness.store import lock
+
+    with lock.hold(out) if dist.is_main else contextlib.nullcontext():  # one writer per folder (rank 0 writes)
+        return _evaluate(cfg, args, prepared, placement, dist, out)
+
+
+def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path) -> int:
+    """Load the model, run every cell into `out`, print the tables; the exit status."""
     from harness.pd.models import load_model
+    from harness.quality import distributed
+    from harness.run import pipeline
+    from reports.formats import to_markdown
+    from reports.tables import long_context_table, plans_table, quality_table
 
     t0 = time.perf_counter()
     loaded = load_model(cfg.model, distributed.device_for(cfg.device, dist), cfg.dtype, cfg.seed, placement)

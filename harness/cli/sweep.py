@@ -391,13 +391,23 @@ def main(argv: list[str]) -> int:
     args = sweep_parser().parse_args(argv)
     started = time.perf_counter()
     plan = expand(args.spec, args.out)
+    from harness.store import lock
+
+    # the sweep holds the run folder; each cell writes its own folder under .sweep/ and locks that one
+    with lock.hold(plan.run_out):
+        return _sweep(args, plan, started)
+
+
+def _sweep(args, plan: Plan, started: float) -> int:
+    from harness.store import lock
+
     gpus = _local_gpus() if plan.uses_gpu and not os.environ.get("RAY_ADDRESS") else []
     workers = args.workers or (len(gpus) if gpus else max(1, _cores() // 2))
     backend = _backend(args.backend, workers, plan, gpus)
     cwd = os.getcwd()
     threads = max(1, _cores() // min(workers, len(plan.cells)))
     # OMP_NUM_THREADS is what torch starts with: N cells of T threads share the cores instead of N × all of them
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1", **lock.child_env()}
     info: dict[str, Any] = {"backend": backend.name, "workers": workers, "threads_per_cell": threads}
     if isinstance(backend, RayBackend):
         info.update(ray_version=backend.ray.__version__, ray_init_s=round(backend.init_s, 2),

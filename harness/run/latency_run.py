@@ -53,9 +53,27 @@ class LatencyConfig:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def identity(self, method: str, options: dict, plan: dict) -> str:
-        canon = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("methods", "overrides", "plans_from")}
-        canon.update(method=method, options=options, plan=plan)
-        return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return latency_identity(dataclasses.asdict(self), method, options, plan)
+
+
+NOT_IDENTITY = ("methods", "overrides", "plans_from", "kind", "method_options")  # config keys that do not change a record
+
+
+def latency_identity(config: dict, method: str, options: dict, plan: dict) -> str:
+    """The run key of one method's latency record: what is measured (configuration, method options, the plan's
+    layer sets and KV policy), not how long planning took (a plan's `info` holds its timings)."""
+    canon = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+    canon.update(method=method, options=options, plan={k: v for k, v in plan.items() if k != "info"})
+    return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def record_identity(record: rec.RunRecord, method) -> str:
+    """The run key `record` would have if made now: configuration fields and method options added since it was
+    made count at their defaults (a new option must not invalidate a finished measurement)."""
+    as_json = lambda x: json.loads(json.dumps(x, default=str))  # noqa: E731 - tuples vs lists, as stored
+    config = {**as_json(dataclasses.asdict(LatencyConfig())), **record.config}
+    options = {**as_json(dataclasses.asdict(type(method.config)())), **record.config.get("method_options", {})}
+    return latency_identity(config, record.method, options, record.plan)
 
 
 def workload_name(w: Workload, decode_mode: str = "eager") -> str:
@@ -87,29 +105,17 @@ def replayed_plans(plans_from: str, n_layers: int) -> dict[str, PruningPlan]:
 
 def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[[str], None]) -> list[rec.RunRecord]:
     from harness.pd import arch
-    from harness.quality.calibration import build_calibration
     from harness.run.env import env_info
 
     model = loaded.model
-    n = arch.n_layers(model)
-    replay = replayed_plans(cfg.plans_from, n) if cfg.plans_from else {}
     env = env_info(str(arch.model_device(model)))
     copy_bw = copy_bandwidth_bytes_per_s(arch.model_device(model))
-    calib = None
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for name, method in prepared.methods.items():
-        if name in replay:
-            plan, source = replay[name], {"replayed_from": str(Path(cfg.plans_from).resolve())}
-        else:
-            if method.needs_calibration and calib is None:
-                calib = build_calibration(loaded.tokenizer, Path(cfg.data_dir) if cfg.data_dir else None, prepared.calib_config)
-            say(f"{name}: planning")
-            plan, source = method.plan(model, calib, "disaggregated"), {"planned_on": cfg.model}
-        key = cfg.identity(name, method.options(), plan.to_dict())
+    # every plan and its record's fate first: a record of another configuration is refused before anything is measured
+    for name, method, plan, source, key, old in _planned(cfg, prepared, out_dir, loaded, say):
         path = out_dir / rec.record_filename(name, "disaggregated")
-        old = rec.load_cell(path) if path.exists() else None
-        if old is not None and old.run_key == key:
+        if old is not None:
             say(f"{name}: finished record found, reused")
             results.append(old)
             continue
@@ -122,6 +128,36 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
         results.append(rec.load(path))
     rec.refresh_summary(out_dir)  # an unreadable record in the folder is named and skipped
     return results
+
+
+def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[[str], None]) -> list[tuple]:
+    """(name, method, plan, plan source, run key, the finished record to reuse or None) per method; a record of
+    another configuration (another run's latency, or a quality run's record of the same name) raises `UsageError`,
+    as a quality run refuses it, rather than being overwritten."""
+    from harness.pd import arch
+    from harness.quality.calibration import build_calibration
+
+    model = loaded.model
+    replay = replayed_plans(cfg.plans_from, arch.n_layers(model)) if cfg.plans_from else {}
+    calib, out = None, []
+    for name, method in prepared.methods.items():
+        if name in replay:
+            plan, source = replay[name], {"replayed_from": str(Path(cfg.plans_from).resolve())}
+        else:
+            if method.needs_calibration and calib is None:
+                calib = build_calibration(loaded.tokenizer, Path(cfg.data_dir) if cfg.data_dir else None, prepared.calib_config)
+            say(f"{name}: planning")
+            plan, source = method.plan(model, calib, "disaggregated"), {"planned_on": cfg.model}
+        as_json = lambda x: json.loads(json.dumps(x, default=str))  # noqa: E731 - compared as stored
+        key = latency_identity(as_json(dataclasses.asdict(cfg)), name, as_json(method.options()), as_json(plan.to_dict()))
+        path = out_dir / rec.record_filename(name, "disaggregated")
+        old = rec.load_cell(path) if path.exists() else None  # an unreadable cell file: refused, not replaced
+        kind = old.config.get("kind", "quality") if old is not None else None
+        if old is not None and (kind != "latency" or record_identity(old, method) != key):
+            raise UsageError(f"{path} holds a {name}/disaggregated {kind} record of a different configuration "
+                             f"(run_key {old.run_key} != {key}); use another --out or remove it")
+        out.append((name, method, plan, source, key, old))
+    return out
 
 
 def _latency_record(cfg: LatencyConfig, name: str, method, key: str, plan, env: dict, model_desc: dict, measured: tuple,

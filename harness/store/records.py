@@ -1,7 +1,7 @@
 """`RunRecord`: one (method, mode) result with its config, plan and environment; JSON on disk.
 
 Torch-free on purpose: `reports/` reads records through this module. Files are written atomically
-(temp file + rename), so an interrupted run never leaves a half-written record.
+(temp file + rename, harness/store/files.py), so an interrupted run never leaves a half-written record.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UsageError
+from harness.store.files import atomic_write  # noqa: F401 - writers import it from here
 from harness.store.latency import WorkloadLatency, upgrade_v1
 from harness.store.task_names import LEGACY_PRESENTATION, TaskPresentation
 
@@ -176,21 +177,6 @@ def is_record_file(path: Path) -> bool:
     name = Path(path).name
     return "__" in name and name.endswith(".json") and not name.startswith(".") \
         and not name.endswith((".partial.json", ".failed.json"))
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_writable(folder: Path, flag: str) -> None:

@@ -1,0 +1,121 @@
+"""Refreshing the regression check's reference records (`check --update`) without ever losing them.
+
+A reference folder holds one subfolder per kind of run (`quality/`, `latency/`), each holding run
+records and their `summary.csv`, nothing else. An update copies the records of a rerun's
+subfolders into a new folder beside the references (`.<name>.new`), checks that every copy loads
+and equals its source, and only then swaps it in (`files.swap_dir`): at every moment the
+references are the old set or the new one. Folders that would copy the references onto
+themselves, and folders that are not references, are refused before anything is touched.
+
+Torch-free (harness.store).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from harness.errors import UsageError
+from harness.store import records as rec
+from harness.store.files import recover_swap, swap_dir
+
+SUMMARY = "summary.csv"
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _reference_file(p: Path) -> bool:
+    return p.is_file() and (rec.is_record_file(p) or p.name == SUMMARY)
+
+
+def not_reference_entries(folder: Path) -> list[str]:
+    """What in `folder` a reference folder would not hold (empty: `folder` is one, or is empty)."""
+    bad = []
+    for sub in _visible(folder):
+        if not sub.is_dir():
+            bad.append(sub.name)
+            continue
+        bad += [f"{sub.name}/{p.name}" for p in _visible(sub) if not _reference_file(p)]
+    return bad
+
+
+def record_sources(current: Path) -> dict[str, list[Path]]:
+    """{subfolder name: its record files and summary.csv} for the subfolders of `current` that hold records."""
+    out = {}
+    for sub in _visible(current):
+        if sub.is_dir():
+            files = [p for p in _visible(sub) if _reference_file(p)]
+            if any(rec.is_record_file(p) for p in files):
+                out[sub.name] = files
+    return out
+
+
+def check_paths(reference: Path, current: Path) -> None:
+    """Refuse references and a rerun folder that an update would copy onto each other, and references
+    that are not a reference folder (checked before a rerun, as well as before the copy)."""
+    ref, cur = reference.resolve(), current.resolve()
+    if ref == cur:
+        raise UsageError(f"--current {current} is the reference folder itself; give the folder of a rerun "
+                         f"(e.g. results/runs/check-<time>) to refresh {reference} from")
+    if cur.is_relative_to(ref):
+        raise UsageError(f"--current {current} is inside the reference folder {reference}; give a rerun folder outside it")
+    if ref.is_relative_to(cur):
+        raise UsageError(f"--against {reference} is inside --current {current}; keep the references outside the rerun folder")
+    if reference.exists() and not reference.is_dir():
+        raise UsageError(f"--against {reference}: exists and is not a folder of reference records")
+    if reference.is_dir():
+        bad = not_reference_entries(reference)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise UsageError(f"--against {reference} is not a reference folder (it holds {shown}; references are "
+                             "subfolders of run records and summary.csv only); --update replaces only reference folders: "
+                             "give the existing references or a new folder")
+
+
+def check_update(reference: Path, current: Path) -> dict[str, list[Path]]:
+    """Refuse an update that would lose or corrupt the references; return what it copies."""
+    check_paths(reference, current)
+    sources = record_sources(current)
+    if not sources:
+        flat = any(rec.is_record_file(p) for p in _visible(current))
+        raise UsageError(f"--current {current} holds no subfolders of run records"
+                         + (" (its records lie directly in it: a run folder, not a check rerun)" if flat else "")
+                         + "; give a rerun folder laid out like the references, e.g. DIR/quality and DIR/latency "
+                           "(python -m harness check --against REF --out DIR makes one)")
+    return sources
+
+
+def update_references(reference: Path, current: Path) -> int:
+    """Replace `reference` by the records of `current` (see the module doc); returns the number of records."""
+    sources = check_update(reference, current)
+    recover_swap(reference)
+    staging = reference.with_name(f".{reference.name}.new")
+    if staging.exists():
+        shutil.rmtree(staging)  # left by a killed update; the references themselves were never touched
+    try:
+        n = 0
+        for sub, files in sources.items():
+            (staging / sub).mkdir(parents=True)
+            for src in files:
+                shutil.copyfile(src, staging / sub / src.name)
+                n += _verify(src, staging / sub / src.name)
+        swap_dir(staging, reference)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return n
+
+
+def _verify(src: Path, copy: Path) -> int:
+    """1 for a record copied whole and readable, 0 for summary.csv; a bad record stops the update."""
+    if copy.read_bytes() != src.read_bytes():
+        raise OSError(f"{copy}: the copy differs from {src}")
+    if not rec.is_record_file(src):
+        return 0
+    try:
+        rec.load(copy)
+    except ValueError as e:
+        raise UsageError(f"--current: {src} is not a readable run record ({e}); the references were left unchanged") from None
+    return 1

@@ -1,0 +1,280 @@
+"""Nothing the user has is removed or replaced by mistake (issue 14, items 1-4 and 13): each test plants
+the case and checks the exit status, the message, and that every planted file is still there, unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from harness.cli import main as cli_main
+from harness.store import lock
+from harness.store import records as rec
+from harness.store.files import atomic_write, swap_dir
+
+REFERENCE = ROOT / "results" / "reference"
+TINY = ["--model", "random:tiny", "--device", "cpu", "-q"]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (hidden ones included), by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def _refs(tmp_path: Path, name: str = "ref") -> Path:
+    ref = tmp_path / name
+    shutil.copytree(REFERENCE, ref)
+    return ref
+
+
+# --- item 1: check --update ---------------------------------------------------------------------
+
+def _plant(case: str, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(references, --current, the folder whose files must survive) for one refused case."""
+    if case == "current_is_reference":
+        ref = _refs(tmp_path)
+        return ref, ref, ref
+    if case == "current_inside_reference":
+        ref = _refs(tmp_path)
+        return ref, ref / "quality", ref
+    if case == "reference_inside_current":
+        cur = _refs(tmp_path, "cur")
+        ref = _refs(cur, "ref")
+        return ref, cur, cur
+    if case == "not_a_reference_folder":
+        ref = tmp_path / "project"
+        (ref / "src").mkdir(parents=True)
+        (ref / "notes.txt").write_text("mine")
+        (ref / "src" / "main.py").write_text("print('mine')")
+        return ref, _refs(tmp_path, "cur"), ref
+    if case == "flat_run_folder":
+        ref, cur = _refs(tmp_path), tmp_path / "flat"
+        shutil.copytree(REFERENCE / "quality", cur)
+        return ref, cur, ref
+    if case == "corrupt_record":
+        ref, cur = _refs(tmp_path), _refs(tmp_path, "cur")
+        (cur / "latency" / "zzz__disaggregated.json").write_text('{"schema_version": 1, "method": "zz')
+        return ref, cur, ref
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("current_is_reference", "is the reference folder itself"),
+    ("current_inside_reference", "is inside the reference folder"),
+    ("reference_inside_current", "is inside --current"),
+    ("not_a_reference_folder", "is not a reference folder (it holds notes.txt, src/main.py"),
+    ("flat_run_folder", "its records lie directly in it"),
+    ("corrupt_record", "zzz__disaggregated.json is not a readable run record"),
+])
+def test_check_update_refuses_and_keeps_the_references(case, message, tmp_path, capsys):
+    ref, cur, keep = _plant(case, tmp_path)
+    before = snapshot(keep)
+    assert cli_main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert snapshot(keep) == before  # nothing removed, nothing replaced
+    assert sorted(p.name for p in ref.parent.iterdir() if p.name.startswith(f".{ref.name}")) == []
+
+
+def test_check_update_refuses_a_bad_reference_folder_before_the_rerun(tmp_path, capsys):
+    from test_regress import TINY_SPEC
+
+    ref, spec = tmp_path / "ref", tmp_path / "tiny.toml"
+    ref.mkdir()
+    (ref / "notes.txt").write_text("mine")
+    spec.write_text(TINY_SPEC)
+    t0 = time.perf_counter()
+    assert cli_main(["check", "--against", str(ref), "--spec", str(spec), "--out", str(tmp_path / "rerun"), "--update", "-q"]) == 2
+    assert time.perf_counter() - t0 < 5 and not (tmp_path / "rerun").exists()  # refused before the spec ran
+    assert "is not a reference folder" in capsys.readouterr().err and (ref / "notes.txt").read_text() == "mine"
+
+
+def test_check_update_swaps_in_exactly_the_reruns_records(tmp_path, capsys):
+    ref, cur = _refs(tmp_path), _refs(tmp_path, "cur")
+    path = cur / "quality" / "shortgpt__unified.json"
+    d = json.loads(path.read_text())
+    d["scores"]["arc_easy"]["acc"]["value"] += 0.25
+    path.write_text(json.dumps(d))
+    (cur / "quality" / "tail__unified.failed.json").write_text("{}")  # a failure note is not a reference
+    (cur / "report").mkdir()
+    (cur / "report" / "report.md").write_text("a report")  # a folder without records is not copied
+    (cur / "quality" / ".sweep").mkdir()
+    assert cli_main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 0
+    assert "now holds the 9 record(s)" in capsys.readouterr().out
+    assert snapshot(ref) == {k: v for k, v in snapshot(cur).items() if k.startswith(("quality/", "latency/"))
+                             and not k.endswith(".failed.json")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cur", "ref"]  # no staging or old copy left behind
+    new = tmp_path / "new"
+    assert cli_main(["check", "--against", str(new), "--current", str(cur), "--update"]) == 0  # a new folder is fine
+    assert snapshot(new) == snapshot(ref)
+
+
+def test_an_update_killed_between_the_renames_is_recovered(tmp_path):
+    old, new = tmp_path / "ref", tmp_path / ".ref.new"
+    for folder, text in ((old, "old"), (new, "new")):
+        (folder / "quality").mkdir(parents=True)
+        (folder / "quality" / "summary.csv").write_text(text)
+    old.rename(tmp_path / ".ref.old")  # the state after the first rename of swap_dir, before the second
+    swap_dir(new, old)
+    assert snapshot(old) == {"quality/summary.csv": b"new"} and sorted(os.listdir(tmp_path)) == ["ref"]
+
+
+# --- item 2: latency refuses another configuration's record -------------------------------------
+
+# tail's plan records how long its ranking took: a rerun must still find its record the same configuration
+LATENCY = ["latency", *TINY, "--methods", "unpruned,tail", "--set", "tail.k=1", "--prompt-tokens", "8", "--decode-tokens", "2", "--batch-size", "1",
+           "--repeats", "1", "--warmup", "0"]
+
+
+def test_latency_refuses_a_quality_record_of_the_same_name(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(REFERENCE / "quality" / "unpruned__disaggregated.json", out)
+    before = snapshot(out)
+    assert cli_main([*LATENCY, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unpruned__disaggregated.json holds a unpruned/disaggregated quality record of a different configuration" in err
+    assert "use another --out or remove it" in err
+    assert snapshot(out) == before  # not replaced, and no summary of a half-refused run
+
+
+def test_latency_refuses_its_own_record_of_another_configuration_and_reuses_the_same(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli_main([*LATENCY, "--out", str(out)]) == 0
+    before = snapshot(out)
+    assert cli_main([*LATENCY, "--out", str(out)]) == 0  # the same configuration: reused, not remeasured
+    assert snapshot(out) == before
+    path = out / "tail__disaggregated.json"  # a record made before `decode_modes` existed (now at its default)
+    d = json.loads(path.read_text())
+    del d["config"]["decode_modes"]
+    path.write_text(json.dumps(d))
+    before = snapshot(out)
+    assert cli_main([*LATENCY, "--out", str(out)]) == 0 and snapshot(out) == before
+    capsys.readouterr()
+    assert cli_main([*LATENCY[:-4], "--repeats", "2", "--warmup", "0", "--out", str(out)]) == 2
+    assert "holds a unpruned/disaggregated latency record of a different configuration" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+# --- item 3: one writer per output folder -------------------------------------------------------
+
+def _harness(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_a_second_run_into_the_same_out_is_refused_and_names_the_first(data_dir, tmp_path):
+    out = tmp_path / "out"
+    run = ["run", *TINY, "--methods", "unpruned,tail", "--set", "tail.k=1", "--tasks", "pd_ppl", "--set", "pd_ppl.docs=1",
+           "--set", "pd_ppl.prompt_tokens=32", "--set", "pd_ppl.cont_tokens=8", "--mode", "disaggregated", "--out", str(out)]
+    first = _harness(*run)
+    _wait_for(out / lock.LOCK_NAME, first)
+    second = subprocess.run([sys.executable, "-m", "harness", *run[:-1], str(out), "--limit", "4"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"is in use by another harness process (pid {first.pid}: python -m harness run" in second.stderr
+    assert "choose another --out" in second.stderr and "Traceback" not in second.stderr
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert [p.name for p in sorted(out.iterdir())] == ["summary.csv", "tail__disaggregated.json", "unpruned__disaggregated.json"]
+
+
+HOLD = "import sys, time; from harness.store import lock\nwith lock.hold(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)"
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    (tmp_path / ".x.json.abc.tmp").write_text("half a record")  # what a writer killed mid-write leaves
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / ".q.md.abc.tmp").write_text("half a table")
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert json.loads((tmp_path / lock.LOCK_NAME).read_text())["pid"] == holder.pid  # the stale lock file is still there
+    with lock.hold(tmp_path) as took:
+        assert took and json.loads((tmp_path / lock.LOCK_NAME).read_text())["pid"] == os.getpid()
+        assert not (tmp_path / ".x.json.abc.tmp").exists()  # its temp files are gone once the lock is ours
+        assert not (tmp_path / "tables" / ".q.md.abc.tmp").exists()
+    assert not (tmp_path / lock.LOCK_NAME).exists()
+
+
+def test_a_child_works_under_its_parents_lock_and_a_stranger_does_not(tmp_path):
+    child = "import sys; from harness.store import lock\nwith lock.hold(sys.argv[1]) as took:\n    print('took' if took else 'inherited')"
+    with lock.hold(tmp_path):
+        told = subprocess.run([sys.executable, "-c", child, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, **lock.child_env()})
+        assert told.returncode == 0 and told.stdout == "inherited\n", told.stderr
+        stranger = subprocess.run([sys.executable, "-c", child, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                                  env={k: v for k, v in os.environ.items() if k != lock.ENV})
+        assert stranger.returncode == 1 and f"is in use by another harness process (pid {os.getpid()}" in stranger.stderr
+
+
+def test_an_unwritable_out_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert cli_main(["report", str(REFERENCE), "--out", str(tmp_path / "file" / "sub"), "--no-plots"]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+
+
+# --- item 4: export --force replaces only the harness's own exports ------------------------------
+
+EXPORT = ["export", *TINY[:-1], "--method", "manual", "--mode", "disaggregated", "--set", "manual.prefill_layers=0,1,3",
+          "--set", "manual.decode_layers=0,3"]
+
+
+def test_export_force_keeps_a_folder_that_only_looks_like_an_export(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"my": "project manifest"}')
+    (out / "data.bin").write_bytes(b"\0" * 100)
+    before = snapshot(out)
+    assert cli_main([*EXPORT, "--out", str(out), "--force"]) == 2
+    assert "not a previous export" in capsys.readouterr().err and snapshot(out) == before
+
+
+def test_export_force_replaces_its_own_export_but_not_files_added_to_it(tmp_path, capsys):
+    out = tmp_path / "pd"
+    assert cli_main([*EXPORT, "--out", str(out)]) == 0
+    (out / "decode" / "my_notes.txt").write_text("keep me")
+    before = snapshot(out)
+    assert cli_main([*EXPORT, "--out", str(out), "--force"]) == 2
+    assert "holds files the export did not write (decode/my_notes.txt)" in capsys.readouterr().err
+    assert snapshot(out) == before
+    (out / "decode" / "my_notes.txt").unlink()
+    assert cli_main([*EXPORT, "--out", str(out), "--force"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["pd"]  # no temporary, old or lock folder left beside it
+
+
+# --- item 13: files get the mode the umask asks for ----------------------------------------------
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_records_summaries_and_reports_honour_the_umask(umask, tmp_path):
+    from reports.render import render_report
+
+    old = os.umask(umask)
+    try:
+        r = rec.load(REFERENCE / "quality" / "unpruned__unified.json")
+        written = [rec.save(r, tmp_path / "run"), rec.write_summary([r], tmp_path / "run" / "summary.csv")]
+        atomic_write(tmp_path / "plain.txt", "x")
+        render_report([REFERENCE], tmp_path / "report")
+        written += [tmp_path / "plain.txt", *(p for p in (tmp_path / "report").rglob("*") if p.is_file())]
+    finally:
+        os.umask(old)
+    assert len(written) > 10 and any(p.suffix == ".png" for p in written)
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: oct(0o666 & ~umask) for p in written}
