@@ -2,9 +2,10 @@
 
 A GPU run is bf16 on CUDA; here the same code runs bf16 on the CPU. The records must say bf16,
 the KV bytes must be exactly half of fp32's (2 bytes an element), and scores must be finite and
-close to fp32. Tolerances (random-weight tiny model, whose log-probs sit near -log(320)):
-per-request log-likelihood within 2% of fp32's magnitude, perplexity within 2% (bf16 keeps 8
-significant bits, ~0.4% a rounding; measured: under 0.5% on these requests).
+close to fp32. Tolerance (random-weight tiny model, whose log-probs sit near -log(320)): 1%, for
+each request's log-likelihood (relative to fp32's) and for perplexity. bf16 keeps 8 significant
+bits (0.4% a rounding), and sums over tokens average the roundings out: measured, 0.04% at most
+on the scoring test's requests, 0.014% on the quality run's perplexity.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from harness.quality.scoring import Scorer
 from harness.store import records
 
 TINY = ["--model", "random:tiny", "--device", "cpu", "-q"]
-REL_TOL = 0.02
+REL_TOL = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_scores_in_bfloat16_are_close_to_float32(tiny, tiny_bf16, mode):
 
 def test_quality_run_in_bfloat16_both_modes(data_dir, tmp_path):
     """`python -m harness --dtype bfloat16`: records say bf16, each handoff sends 2 bytes an element (half of
-    fp32's bytes on the same prompts), PPL within 2% of fp32's. The fp32 run needs only pd_ppl."""
+    fp32's bytes on the same prompts), PPL within 1% of fp32's. The fp32 run needs only pd_ppl."""
     runs = {}
     for dtype, tasks in (("float32", "pd_ppl"), ("bfloat16", "arc_easy,pd_ppl")):
         out = tmp_path / dtype
