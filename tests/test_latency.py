@@ -60,6 +60,20 @@ def _median(xs):
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
+def test_measurement_serialises_without_copying_the_handoff(tiny):
+    """to_dict leaves the handoff alone (asdict deep-copied its KV tensors, GBs on a GPU, to drop them)."""
+    class NoCopy:
+        def __deepcopy__(self, memo):
+            raise AssertionError("the handoff was copied")
+
+    m = latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(8, 3, 1), warmup=0, repeats=2)
+    want = m.to_dict()
+    m.handoff = NoCopy()
+    d = m.to_dict()
+    assert d == want and "handoff" not in d and d["workload"] == {"prompt_tokens": 8, "decode_tokens": 3, "batch_size": 1}
+    assert len(d["itl_ms"]) == 4 and d["itl_ms"] is not m.itl_ms
+
+
 def test_single_token_workload_has_no_decode_samples(tiny):
     m = latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(16, 1, 1), warmup=0, repeats=2)
     assert m.itl_ms == [] and len(m.ttft_ms) == 2
