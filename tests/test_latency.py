@@ -142,6 +142,14 @@ def test_two_process_transfer_receives_exactly_the_counted_bytes(tiny):
         assert torch.equal(rec.positions[layer], sent.positions[layer]) and torch.equal(rec.counts[layer], sent.counts[layer])
 
 
+def test_real_transfer_backend_per_device():
+    """--real-transfer: gloo on CPU; NCCL only across two GPUs (it refuses two ranks on one GPU), else CUDA IPC."""
+    from harness.latency.transfer import transfer_backend
+
+    assert transfer_backend("perf_counter_ns", 0) == "gloo"
+    assert transfer_backend("cuda_events", 1) == "cuda_ipc" and transfer_backend("cuda_events", 2) == "nccl"
+
+
 def test_static_decode_path_generates_what_the_eager_path_generates(tiny):
     """Same greedy tokens and the same logits from the preallocated fixed-shape path as from the engine."""
     import torch
@@ -241,6 +249,7 @@ def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
     pd_row = next(x for x in rows if x["plan"] == "pdtrim-like" and x["batch"] == 1 and x["decode_mode"] == "eager")
     assert ipc["backend"] == "shared_memory" and ipc["tensors_equal"] and ipc["pass"]
     assert ipc["kv_bytes_received"] == ipc["kv_bytes_counted"] == pd_row["kv_bytes"] and ipc["metadata_bytes_received"] > 0
+    assert ipc["handoff_ms"] >= ipc["recv_ms"] > 0
     assert res["skipped"] == [{"step": "latency graph rows", "reason": "CUDA graphs need a CUDA device (static stands in)"}]
     assert res["estimate_s"] > 0 and res["rates"]["copy_bandwidth_bytes_per_s"] > 0 and "errors" not in res
     table = md.read_text()
