@@ -2,9 +2,10 @@
 
 A GPU run is bf16 on CUDA; here the same code runs bf16 on the CPU. The records must say bf16,
 the KV bytes must be exactly half of fp32's (2 bytes an element), and scores must be finite and
-close to fp32. Tolerances (random-weight tiny model, whose log-probs sit near -log(320)):
-per-request log-likelihood within 2% of fp32's magnitude, perplexity within 2% (bf16 keeps 8
-significant bits, ~0.4% a rounding; measured: under 0.5% on these requests).
+close to fp32. Tolerance (random-weight tiny model, whose log-probs sit near -log(320)): 1%, for
+each request's log-likelihood (relative to fp32's) and for perplexity. bf16 keeps 8 significant
+bits (0.4% a rounding), and sums over tokens average the roundings out: measured, 0.04% at most
+on the scoring test's requests, 0.014% on the quality run's perplexity.
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ from test_methods import EXERCISE
 
 import methods
 from harness.cli import main as cli_main
-from harness.pd.engine import expected_kv_bytes
 from harness.pd.models import load_model
 from harness.pd.plan import KVBudget, KVPolicy, PruningPlan
 from harness.quality.scoring import Scorer
 from harness.store import records
 
 TINY = ["--model", "random:tiny", "--device", "cpu", "-q"]
-REL_TOL = 0.02
+REL_TOL = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_scores_in_bfloat16_are_close_to_float32(tiny, tiny_bf16, mode):
 
 def test_quality_run_in_bfloat16_both_modes(data_dir, tmp_path):
     """`python -m harness --dtype bfloat16`: records say bf16, each handoff sends 2 bytes an element (half of
-    fp32's bytes on the same prompts), PPL within 2% of fp32's. The fp32 run needs only pd_ppl."""
+    fp32's bytes on the same prompts), PPL within 1% of fp32's. The fp32 run needs only pd_ppl."""
     runs = {}
     for dtype, tasks in (("float32", "pd_ppl"), ("bfloat16", "arc_easy,pd_ppl")):
         out = tmp_path / dtype
@@ -82,26 +82,25 @@ def test_quality_run_in_bfloat16_both_modes(data_dir, tmp_path):
 
 
 def test_latency_in_bfloat16_eager_and_static(tmp_path):
-    """`latency --dtype bfloat16`, eager and static decode: 2 bytes an element, the same bytes in both paths."""
+    """`latency --dtype bfloat16`, eager and static decode (after a warm-up run): 2 bytes an element, the same
+    bytes in both paths, half of fp32's."""
     runs = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
         assert cli_main(["latency", *TINY, "--dtype", dtype, "--prompt-tokens", "40", "--decode-tokens", "4", "--batch-size", "2",
-                         "--repeats", "2", "--decode-mode", "eager,static", "--methods", "unpruned,manual",
+                         "--repeats", "1", "--decode-mode", "eager,static", "--methods", "manual",
                          "--set", "manual.decode_layers=0,3", "--set", "manual.kv_layers=3", "--set", "manual.n_first=2",
                          "--set", "manual.n_last=4", "--out", str(out)]) == 0
         runs[dtype] = by_cell(out)
-    cfg = load_model("random:tiny", device="cpu", dtype="float32").model.config
-    dense = runs["bfloat16"][("unpruned", "disaggregated")]
-    assert dense.kv["latency_T40_n4_b2"]["kv_bytes"] == expected_kv_bytes(cfg, 4, 40, torch.bfloat16, batch=2) == 40 * 4 * 2 * 2 * 16 * 2 * 2
-    for cell, rec in runs["bfloat16"].items():
-        ref = runs["float32"][cell]
-        assert rec.model["dtype"] == "bfloat16" and ref.model["dtype"] == "float32"
-        assert rec.kv["latency_T40_n4_b2"]["kv_bytes"] == rec.kv["latency_T40_n4_b2_static"]["kv_bytes"]
-        for label, kv in ref.kv.items():
-            assert rec.kv[label]["kv_bytes"] * 2 == kv["kv_bytes"]
-            figures = {k: v["value"] for k, v in rec.scores[label].items()}
-            assert all(math.isfinite(v) and v >= 0 for v in figures.values()) and figures["ttft_ms_p50"] > 0
+    rec, ref = runs["bfloat16"][("manual", "disaggregated")], runs["float32"][("manual", "disaggregated")]
+    assert rec.model["dtype"] == "bfloat16" and ref.model["dtype"] == "float32"
+    per_token = 2 * 2 * 16 * 2  # one layer: (K, V) · kv_heads · head_dim · 2 bytes
+    assert rec.kv["latency_T40_n4_b2"]["kv_bytes"] == 2 * (40 + 2 + 4) * per_token  # layer 0 whole, layer 3 first 2 + last 4
+    assert rec.kv["latency_T40_n4_b2"]["kv_bytes"] == rec.kv["latency_T40_n4_b2_static"]["kv_bytes"]
+    for label, kv in ref.kv.items():
+        assert rec.kv[label]["kv_bytes"] * 2 == kv["kv_bytes"]
+        figures = {k: v["value"] for k, v in rec.scores[label].items()}
+        assert all(math.isfinite(v) and v >= 0 for v in figures.values()) and figures["ttft_ms_p50"] > 0
 
 
 def test_export_in_bfloat16_writes_bf16_checkpoints(tiny_bf16, tmp_path):

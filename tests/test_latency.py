@@ -93,6 +93,20 @@ def _median(xs):
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
+def test_measurement_serialises_without_copying_the_handoff(tiny):
+    """to_dict leaves the handoff alone (asdict deep-copied its KV tensors, GBs on a GPU, to drop them)."""
+    class NoCopy:
+        def __deepcopy__(self, memo):
+            raise AssertionError("the handoff was copied")
+
+    m = latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(8, 3, 1), warmup=0, repeats=2)
+    want = m.to_dict()
+    m.handoff = NoCopy()
+    d = m.to_dict()
+    assert d == want and "handoff" not in d and d["workload"] == {"prompt_tokens": 8, "decode_tokens": 3, "batch_size": 1}
+    assert len(d["itl_ms"]) == 4 and d["itl_ms"] is not m.itl_ms
+
+
 def test_single_token_workload_has_no_decode_samples(tiny):
     m = latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(16, 1, 1), warmup=0, repeats=2)
     assert m.itl_ms == [] and len(m.ttft_ms) == 2
@@ -166,6 +180,14 @@ def test_two_process_transfer_receives_exactly_the_counted_bytes(tiny):
     for layer in sent.keys:
         assert torch.equal(rec.keys[layer], sent.keys[layer]) and torch.equal(rec.values[layer], sent.values[layer])
         assert torch.equal(rec.positions[layer], sent.positions[layer]) and torch.equal(rec.counts[layer], sent.counts[layer])
+
+
+def test_real_transfer_backend_per_device():
+    """--real-transfer: gloo on CPU; NCCL only across two GPUs (it refuses two ranks on one GPU), else CUDA IPC."""
+    from harness.latency.transfer import transfer_backend
+
+    assert transfer_backend("perf_counter_ns", 0) == "gloo"
+    assert transfer_backend("cuda_events", 1) == "cuda_ipc" and transfer_backend("cuda_events", 2) == "nccl"
 
 
 def test_static_decode_path_generates_what_the_eager_path_generates(tiny):
@@ -267,6 +289,7 @@ def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
     pd_row = next(x for x in rows if x["plan"] == "pdtrim-like" and x["batch"] == 1 and x["decode_mode"] == "eager")
     assert ipc["backend"] == "shared_memory" and ipc["tensors_equal"] and ipc["pass"]
     assert ipc["kv_bytes_received"] == ipc["kv_bytes_counted"] == pd_row["kv_bytes"] and ipc["metadata_bytes_received"] > 0
+    assert ipc["handoff_ms"] >= ipc["recv_ms"] > 0
     assert res["skipped"] == [{"step": "latency graph rows", "reason": "CUDA graphs need a CUDA device (static stands in)"}]
     assert res["estimate_s"] > 0 and res["rates"]["copy_bandwidth_bytes_per_s"] > 0 and "errors" not in res
     table = md.read_text()

@@ -41,8 +41,8 @@ def latency_parser() -> argparse.ArgumentParser:
                    help="decode paths to time: eager (growing cache), static (preallocated, fixed shapes), graph (static "
                         "step captured as a CUDA graph; CUDA only). Comma-separated (default: eager)")
     p.add_argument("--real-transfer", action="store_true",
-                   help="also move one handoff per workload between a prefill and a decode process (torch.distributed: "
-                        "gloo on CPU, NCCL on GPU), checking the bytes received against the bytes counted")
+                   help="also move one handoff per workload between a prefill and a decode process (gloo on CPU; on GPU "
+                        "NCCL across two GPUs, CUDA IPC on one), checking the bytes received against the bytes counted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE", help="method option")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: results/runs/latency-<id>)")
     p.add_argument("--seed", type=int, default=0)

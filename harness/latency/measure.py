@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -118,7 +118,8 @@ class Measurement:
         return compute(self, bandwidths_gbit, **context)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "handoff"}
+        # field by field: asdict would deep-copy the handoff's KV tensors (GBs on a GPU at batch 8) only to drop them
+        d = {f.name: list(v) if isinstance(v := getattr(self, f.name), list) else v for f in fields(self) if f.name != "handoff"}
         d["workload"] = asdict(self.workload)
         return d
 

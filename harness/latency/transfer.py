@@ -1,6 +1,7 @@
 """Moving a handoff for real between two processes: a prefill process sends, a decode process receives.
 
-`transfer_between_processes`: `torch.distributed` point-to-point: gloo on CPU, NCCL on GPU. The sender first sends a small
+`transfer_between_processes`: `torch.distributed` point-to-point: gloo on CPU, NCCL across two
+GPUs (each process on its own GPU). The sender first sends a small
 header (JSON: layer, tensor kind, shape, dtype of every tensor, then the metadata tensors), then
 each K and V tensor in turn; the receiver allocates and receives them, counts the bytes of the K
 and V tensors it received, and times the transfer from its first to its last receive. The
@@ -49,44 +50,55 @@ def _tensors(h: Handoff) -> list[tuple[str, int, torch.Tensor]]:
     return out
 
 
-def _send_bytes(data: bytes, dst: int) -> None:
-    t = torch.tensor(list(data), dtype=torch.uint8, device="cpu")  # gloo: host tensors
-    dist.send(torch.tensor([t.numel()], dtype=torch.int64, device="cpu"), dst)
+def _send_bytes(data: bytes, dst: int, device: torch.device) -> None:
+    t = torch.tensor(list(data), dtype=torch.uint8, device=device)  # gloo: host tensors; NCCL: this rank's GPU
+    dist.send(torch.tensor([t.numel()], dtype=torch.int64, device=device), dst)
     dist.send(t, dst)
 
 
-def _recv_bytes(src: int) -> bytes:
-    n = torch.zeros(1, dtype=torch.int64, device="cpu")
+def _recv_bytes(src: int, device: torch.device) -> bytes:
+    n = torch.zeros(1, dtype=torch.int64, device=device)
     dist.recv(n, src)
-    t = torch.empty(int(n), dtype=torch.uint8, device="cpu")
+    t = torch.empty(int(n), dtype=torch.uint8, device=device)
     dist.recv(t, src)
     return bytes(t.tolist())
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # NCCL sends and receives are asynchronous
+        torch.cuda.synchronize(device)
+
+
 def _worker(rank: int, port: int, handoff_path: str, result_path: str, backend: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")  # NCCL: one GPU per process
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=2)
     try:
         if rank == 0:  # prefill process
             h: Handoff = torch.load(handoff_path, weights_only=False)
-            items = _tensors(h)
+            items = [(k, layer, t.to(device).contiguous()) for k, layer, t in _tensors(h)]
             header = [{"kind": k, "layer": layer, "shape": list(t.shape), "dtype": str(t.dtype)} for k, layer, t in items]
-            _send_bytes(json.dumps({"n_requests": h.n_requests, "tensors": header}).encode(), 1)
+            _send_bytes(json.dumps({"n_requests": h.n_requests, "tensors": header}).encode(), 1, device)
             dist.barrier()
             t0 = time.perf_counter_ns()
             for _, _, t in items:
-                dist.send(t.contiguous(), 1)
+                dist.send(t, 1)
+            _sync(device)
             sent_ms = (time.perf_counter_ns() - t0) / 1e6
             dist.barrier()
             Path(result_path + ".sender").write_text(json.dumps({"send_ms": sent_ms}))
         else:  # decode process
-            header = json.loads(_recv_bytes(0))
-            bufs = [torch.empty(d["shape"], dtype=_DTYPES[d["dtype"]]) for d in header["tensors"]]
+            header = json.loads(_recv_bytes(0, device))
+            bufs = [torch.empty(d["shape"], dtype=_DTYPES[d["dtype"]], device=device) for d in header["tensors"]]
             dist.barrier()
             t0 = time.perf_counter_ns()
             for b in bufs:
                 dist.recv(b, 0)
+            _sync(device)
             recv_ms = (time.perf_counter_ns() - t0) / 1e6
+            bufs = [b.cpu() for b in bufs]
             dist.barrier()
             kv = sum(b.numel() * b.element_size() for d, b in zip(header["tensors"], bufs) if d["kind"] in ("k", "v"))
             meta = sum(b.numel() * b.element_size() for d, b in zip(header["tensors"], bufs) if d["kind"] not in ("k", "v"))
@@ -134,6 +146,7 @@ def _shared_sender(handoff_path: str, device: str, queue, done) -> None:
 
 def _shared_receiver(device: str, queue, done, result_path: str) -> None:
     msg = queue.get(timeout=SHARED_TIMEOUT_S)
+    t_got = time.perf_counter_ns()
     own = [(k, layer, t.clone()) for k, layer, t in msg["items"]]  # the copy into the decode process's memory
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -148,14 +161,16 @@ def _shared_receiver(device: str, queue, done, result_path: str) -> None:
         parts[k][layer] = t.cpu()
     torch.save(Handoff(parts["k"], parts["v"], parts["pos"], parts["cnt"], n_requests), result_path + ".handoff")
     Path(result_path).write_text(json.dumps({"kv_bytes_received": kv, "metadata_bytes_received": meta, "tensors": len(own),
-                                             "handoff_ms": (t1 - t0) / 1e6, "device": device}))
+                                             "handoff_ms": (t1 - t0) / 1e6, "recv_ms": (t1 - t_got) / 1e6,
+                                             "device": device}))
 
 
 def transfer_shared(handoff: Handoff, device: str = "cpu") -> dict[str, Any]:
     """Hand `handoff` from a prefill process to a decode process on one `device` (CUDA IPC or shared memory).
 
     Keys: kv_bytes_received, metadata_bytes_received, tensors, handoff_ms (sender's put to the
-    receiver's last copy), device, backend (cuda_ipc or shared_memory), clock, and `received`.
+    receiver's last copy), recv_ms (the receiver's copies), device, backend (cuda_ipc or
+    shared_memory), clock, and `received`.
     """
     ctx = mp.get_context("spawn")
     queue, done = ctx.Queue(), ctx.Queue()
@@ -179,3 +194,11 @@ def transfer_shared(handoff: Handoff, device: str = "cpu") -> dict[str, Any]:
         out["received"] = torch.load(rp + ".handoff", weights_only=False)
     out.update(clock="perf_counter_ns", backend="cuda_ipc" if device.startswith("cuda") else "shared_memory")
     return out
+
+
+def transfer_backend(clock: str, gpus: int) -> str:
+    """How `--real-transfer` moves a handoff: gloo on CPU; on GPU, NCCL across two GPUs, else CUDA IPC
+    (NCCL refuses two ranks on one GPU)."""
+    if clock != "cuda_events":
+        return "gloo"
+    return "nccl" if gpus >= 2 else "cuda_ipc"

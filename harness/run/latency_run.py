@@ -198,9 +198,15 @@ def _measure_workloads(cfg: LatencyConfig, model, applied, name: str, bound_ms: 
 
 def _real_transfer(m, what: str) -> dict:
     """Move the measured handoff between two processes; the bytes received must equal the bytes counted."""
-    from harness.latency.transfer import transfer_between_processes
+    import torch
 
-    moved = transfer_between_processes(m.handoff, "nccl" if m.clock == "cuda_events" else "gloo")
+    from harness.latency.transfer import transfer_backend, transfer_between_processes, transfer_shared
+
+    backend = transfer_backend(m.clock, torch.cuda.device_count() if m.clock == "cuda_events" else 0)
+    if backend == "cuda_ipc":
+        moved = transfer_shared(m.handoff, str(next(iter(m.handoff.keys.values())).device))
+    else:
+        moved = transfer_between_processes(m.handoff, backend)
     moved.pop("received")
     if moved["kv_bytes_received"] != m.kv_bytes:
         raise RuntimeError(f"{what}: received {moved['kv_bytes_received']} KV bytes, counted {m.kv_bytes}")
