@@ -99,7 +99,7 @@ def test_latency_in_bfloat16_eager_and_static(tmp_path):
     assert rec.kv["latency_T40_n4_b2"]["kv_bytes"] == rec.kv["latency_T40_n4_b2_static"]["kv_bytes"]
     for label, kv in ref.kv.items():
         assert rec.kv[label]["kv_bytes"] * 2 == kv["kv_bytes"]
-        figures = {k: v["value"] for k, v in rec.scores[label].items()}
+        figures = rec.latency[label].figures  # the typed latency field
         assert all(math.isfinite(v) and v >= 0 for v in figures.values()) and figures["ttft_ms_p50"] > 0
 
 

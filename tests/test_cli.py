@@ -142,7 +142,7 @@ def test_num_fewshot_reaches_lm_eval_and_the_run_key(data_dir, tmp_path, cli):
     assert "num_fewshot" not in RunConfig()._canonical() and RunConfig(num_fewshot=1).run_id() != RunConfig().run_id()
     assert dataclasses.asdict(RunConfig())["num_fewshot"] == 0
     r = cli(*TINY, "--num-fewshot", "-1", "--tasks", "arc_easy", "--out", str(tmp_path / "bad"), data_dir=data_dir)
-    assert r.returncode == 2 and "--num-fewshot -1: must be >= 0" in r.stderr
+    assert r.returncode == 2 and "argument --num-fewshot: expected an integer >= 0, got '-1'" in r.stderr
 
 
 def test_default_run_folders_are_readable_and_resume(tmp_path, monkeypatch):

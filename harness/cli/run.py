@@ -181,8 +181,6 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
 
     cfg = run_config(args)
     placement = cfg.placement()  # bad --device-map / --max-memory: exit 2 before loading anything
-    if cfg.num_fewshot < 0:
-        raise UsageError(f"--num-fewshot {cfg.num_fewshot}: must be >= 0")
     if cfg.plans_from and not Path(cfg.plans_from).is_dir():
         raise UsageError(f"--plans-from {args.plans_from}: not a folder of run records")
     if not cfg.methods:

@@ -141,11 +141,13 @@ def to_namespace(spec: Spec, section: str, parser: argparse.ArgumentParser,
     actions = {a.dest: a for a in parser._actions if a.dest != "help" and a.dest != argparse.SUPPRESS}
     ns = argparse.Namespace(**{d: (a.type(a.default) if isinstance(a.default, str) and a.type else a.default)
                                for d, a in actions.items()})
+    # spec keys are the flags' names (`set` for --set, dest `overrides`); `config` would nest a spec in a spec
+    keys = {(_spec_key(a) if a.option_strings else d): d for d, a in actions.items() if d != "config"}
     for key, v in values.items():
-        dest = {"set": "overrides"}.get(key, key)
-        if dest not in actions or dest == "config":
-            known = sorted(d for d in actions if d != "config")
-            raise UsageError(f"{spec.path} [{section}]: unknown key {key!r}; known keys: {', '.join(known)}")
+        dest = keys.get(key)
+        if dest is None:
+            why = " (a spec cannot name another spec)" if key == "config" else ""
+            raise UsageError(f"{spec.path} [{section}]: unknown key {key!r}{why}; known keys: {', '.join(sorted(keys))}")
         setattr(ns, dest, _convert(actions[dest], v, f"{spec.path} [{section}] {key}"))
     missing = [d for d, a in actions.items() if a.required and getattr(ns, d) in (None, [])]
     if missing:
