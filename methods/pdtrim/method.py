@@ -70,7 +70,10 @@ class PDTrim(Method):
         probe_prompts: int = 8
         probe_tokens: int = 512  # probe prompts are calibration texts packed to this length
         probe_steps: int = 8  # greedy decode steps whose attention is measured
-        sensitivity: bool = True  # record per-block prefill/decode damage
+        sensitivity: bool = True  # record per-block prefill/decode damage (on sensitivity_samples sequences)
+        sensitivity_samples: int = 8  # search sequences behind the sensitivity record and step-1 priorities; 0 = all
+        lazy: bool = True  # lazy greedy (stale values as lower bounds); False: every candidate at every step
+        min_exact: int = 3  # candidates evaluated exactly per lazy step, at least
         heal: bool = False  # train the block after each removed run with a distillation-set block (methods/pdtrim/healing.py)
         heal_steps: int = 100  # Adam steps per healed block
         heal_lr: float = 1e-4
@@ -99,6 +102,8 @@ class PDTrim(Method):
             raise UsageError("pdtrim: need 0 <= tau <= 1 and n_first, n_last >= 0 with n_first + n_last >= 1")
         if c.heal_steps < 0 or c.heal_lr <= 0 or c.heal_samples < 1:
             raise UsageError("pdtrim: need heal_steps >= 0, heal_lr > 0, heal_samples >= 1")
+        if c.sensitivity_samples < 0 or c.min_exact < 1:
+            raise UsageError("pdtrim: need sensitivity_samples >= 0 (0 = all search sequences) and min_exact >= 1")
         if c.anneal_steps < 0 or not 0 < c.anneal_cooling <= 1 or c.anneal_t0 < 0:
             raise UsageError("pdtrim: need anneal_steps >= 0, 0 < anneal_cooling <= 1, anneal_t0 >= 0")
 
@@ -231,15 +236,37 @@ class _SearchState:
         self.trace: dict[str, list] = {}
         self.sensitivity: dict[str, list[float]] | None = None
         self.search_s = 0.0
+        # The sensitivity record (and, for the lazy search, the first step's priorities) comes from
+        # the first `sensitivity_samples` search sequences: 60 single-block objectives over all of
+        # them would cost more than the whole lazy search.
+        sub = c.sensitivity_samples
+        if sub and sub < len(split.prompts):
+            self.sens_obj = StageObjective(model, CalibSplit(split.prompts[:sub], split.conts[:sub]), c.batch_size, c.batch_tokens)
+            self.split_desc["sensitivity_sequences"] = sub
+        else:
+            self.sens_obj = self.obj
+            self.split_desc["sensitivity_sequences"] = len(split.prompts)
         if c.sensitivity:
             t0 = time.perf_counter()
-            self.sensitivity = {"prefill": [self.ep({i}) for i in _bar(range(self.n), "pdtrim: prefill sensitivity")],
-                                "decode": [self.ed({i}, frozenset()) for i in _bar(range(self.n), "pdtrim: decode sensitivity")]}
+            ep, ed = (self.ep, self.ed) if self.sens_obj is self.obj else (self.sens_obj.prefill, self.sens_obj.decode)
+            self.sensitivity = {"prefill": [ep({i}) for i in _bar(range(self.n), "pdtrim: prefill sensitivity")],
+                                "decode": [ed({i}, frozenset()) for i in _bar(range(self.n), "pdtrim: decode sensitivity")]}
             self.search_s += time.perf_counter() - t0
+
+    def work(self) -> dict[str, float]:
+        """Both objectives' work; full-forward equivalents in units of the search sequences."""
+        w = self.obj.work()
+        if self.sens_obj is not self.obj:
+            s = self.sens_obj.work()
+            passes = w["layer_token_passes"] + s["layer_token_passes"]
+            w = {"evaluations": w["evaluations"] + s["evaluations"], "layer_token_passes": passes,
+                 "full_forward_equivalents": passes / (self.n * self.obj.full_tokens),
+                 "sensitivity_evaluations": s["evaluations"]}
+        return w
 
     def mark(self) -> None:
         """Remember the work counters, so `info` can report this mode's share."""
-        self._mark = self.obj.work()
+        self._mark = self.work()
 
     def ep(self, removed: Iterable[int]) -> float:
         key = frozenset(removed)
@@ -257,25 +284,55 @@ class _SearchState:
         """Pruning-set blocks first; the distillation set only once the pruning set is used up."""
         return [i for i in self.pruning_set if i not in removed] or [i for i in self.distill_set if i not in removed]
 
-    def _greedy(self, start: frozenset, target: int, objective: Callable[[frozenset], float], rebase, name: str) -> frozenset:
+    def _greedy(self, start: frozenset, target: int, objective: Callable[[frozenset], float], rebase, name: str,
+                prior: dict[int, float] | None = None) -> frozenset:
+        """Greedy removal from `start` to `target` blocks: each step removes the candidate j with the
+        lowest objective(removed ∪ {j}) (ties: lower j). `prior` estimates step-1 values."""
         t0 = time.perf_counter()
         removed, steps = start, []
+        bound = dict(prior or {}) if self.c.lazy else {}  # j -> a value known for (a subset of removed) ∪ {j}
         while len(removed) < target:
             cands = self._candidates(removed)
-            scored = {j: objective(removed | {j}) for j in _bar(cands, f"pdtrim: {name} step {len(removed) + 1}/{target}")}
+            desc = f"pdtrim: {name} step {len(removed) + 1}/{target}"
+            if self.c.lazy and all(j in bound for j in cands):
+                scored = self._lazy_step(removed, cands, objective, bound)
+            else:
+                scored = {j: objective(removed | {j}) for j in _bar(cands, desc)}
+            bound.update(scored)
             best = min(scored, key=lambda j: (scored[j], j))
             removed = removed | {best}
             rebase(removed)
-            steps.append({"removed": best, "objective": scored[best], "candidates": {str(j): v for j, v in scored.items()}})
+            step = {"removed": best, "objective": scored[best], "candidates": {str(j): v for j, v in scored.items()}}
+            if len(scored) < len(cands):
+                step["not_evaluated"] = {str(j): bound[j] for j in cands if j not in scored}
+            steps.append(step)
         self.trace[name] = steps
         self.search_s += time.perf_counter() - t0
         return removed
 
+    def _lazy_step(self, removed: frozenset, cands: list[int], objective, bound: dict[int, float]) -> dict[int, float]:
+        """Evaluate candidates in order of their last known value (from an earlier step, or the
+        step-1 prior) until the best value found is below every unevaluated candidate's.
+
+        Removing more blocks has never lowered a candidate's objective in our traces, so an earlier
+        step's value is a lower bound and the step then picks what evaluating every candidate would
+        (the classic lazy greedy); `min_exact` guards the first step's prior, which is estimated on
+        fewer sequences. `lazy=false` evaluates every candidate."""
+        scored: dict[int, float] = {}
+        for j in sorted(cands, key=lambda j: (bound[j], j)):
+            if len(scored) >= self.c.min_exact and min(scored.values()) < bound[j]:
+                break
+            scored[j] = objective(removed | {j})
+        return scored
+
     def greedy_prefill(self, k: int) -> frozenset:
-        return self._greedy(frozenset(), k, self.ep, self.obj.set_prefill_base, f"prefill_k{k}")
+        prior = dict(enumerate(self.sensitivity["prefill"])) if self.sensitivity else None
+        return self._greedy(frozenset(), k, self.ep, self.obj.set_prefill_base, f"prefill_k{k}", prior)
 
     def greedy_decode(self, rp: frozenset, k: int) -> frozenset:
-        return self._greedy(rp, k, lambda r: self.ed(r, rp), lambda r: self.obj.set_decode_base(r, rp), f"decode_k{k}")
+        # E_D({j} | ∅) <= E_D(R_P ∪ {j} | R_P): the dense prompt and fewer removed blocks drift less
+        prior = dict(enumerate(self.sensitivity["decode"])) if self.sensitivity else None
+        return self._greedy(rp, k, lambda r: self.ed(r, rp), lambda r: self.obj.set_decode_base(r, rp), f"decode_k{k}", prior)
 
     def anneal(self, removed: frozenset, fixed: frozenset, stage: str, c) -> frozenset:
         """Swap moves (one removed block back in, one kept block out); `fixed` blocks stay removed."""
@@ -320,9 +377,9 @@ class _SearchState:
             "search_sequences": self.split_desc,
             # cumulative over this search state: both modes share block scores, sensitivity and the
             # memoised objective values (the unified search reuses the prefill search's first steps)
-            "work": {**self.obj.work(), "score_seconds": self.score_s, "search_seconds": self.search_s,
+            "work": {**self.work(), "score_seconds": self.score_s, "search_seconds": self.search_s,
                      "block_score_forwards": 1, "cumulative_over_modes": True,
                      "this_mode": {"plan_seconds": time.perf_counter() - t0,
-                                   **{k: v - self._mark[k] for k, v in self.obj.work().items()}}},
+                                   **{k: v - self._mark.get(k, 0) for k, v in self.work().items()}}},
             "mode": mode,
         }

@@ -1,0 +1,58 @@
+"""PDTrim's lazy greedy search against the exhaustive one (`lazy=false`, every candidate at every
+step), on a 12-block random model in the tiny shape: same sets, same objective values, less work."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import methods
+from harness.pd.models import byte_tokenizer, preset_config
+from harness.quality.calibration import CalibConfig, build_calibration
+
+SEARCH = dict(search_samples=8, max_cont=8, kv_pruning=False, d_t=-1.0, k_prefill=2, k_decode=5, k_unified=5)
+
+
+@pytest.fixture(scope="module")
+def deep():
+    from transformers import AutoModelForCausalLM
+
+    cfg = preset_config("tiny")
+    cfg.num_hidden_layers = 12
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    return model, byte_tokenizer(cfg.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def calib(deep, data_dir):
+    return build_calibration(deep[1], data_dir, CalibConfig(n_samples=16, max_tokens=48, seed=0))
+
+
+def plan(model, calib, mode, **kw):
+    cls = methods.get("pdtrim")
+    return cls(dataclasses.replace(cls.Config(), **{**SEARCH, **kw})).plan(model, calib, mode)
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "unified"])
+def test_lazy_search_finds_the_exhaustive_sets_with_fewer_evaluations(deep, calib, mode):
+    model = deep[0]
+    # sensitivity on every search sequence: the lazy first step then starts from exact values
+    ref = plan(model, calib, mode, lazy=False, sensitivity_samples=0)
+    lazy = plan(model, calib, mode, min_exact=1, sensitivity_samples=0)
+    assert (lazy.removed_prefill, lazy.removed_decode) == (ref.removed_prefill, ref.removed_decode)
+    assert lazy.info["objective"] == ref.info["objective"]
+    for name, steps in ref.info["search_trace"].items():
+        for r, z in zip(steps, lazy.info["search_trace"][name]):
+            assert z["removed"] == r["removed"] and z["objective"] == r["objective"]
+            assert all(r["candidates"][j] == v for j, v in z["candidates"].items())  # same values where evaluated
+    assert lazy.info["work"]["evaluations"] < ref.info["work"]["evaluations"]
+    skipped = [s for steps in lazy.info["search_trace"].values() for s in steps if s.get("not_evaluated")]
+    assert skipped and all(min(s["not_evaluated"].values()) > s["objective"] for s in skipped)
+
+
+def test_sensitivity_on_fewer_sequences_is_recorded_as_such(deep, calib):
+    p = plan(deep[0], calib, "disaggregated", sensitivity_samples=4)
+    assert p.info["search_sequences"]["sensitivity_sequences"] == 4
+    assert p.info["work"]["sensitivity_evaluations"] == 2 * 12
+    assert len(p.info["stage_sensitivity"]["prefill"]) == 12
