@@ -10,7 +10,6 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -23,7 +22,8 @@ from harness.errors import UsageError
 from harness.pd.plan import PruningPlan
 from harness.quality.calibration import CalibConfig, build_calibration
 from harness.quality.distributed import Dist, ShardedScorer
-from harness.quality.samples import lm_eval_lines, per_item, samples_path
+from harness.quality.evaluate import TaskCache, evaluate_task, flatten_results, is_download_error  # noqa: F401 - re-exported
+from harness.quality.samples import lm_eval_lines, samples_path
 from harness.store import records as rec
 
 log = logging.getLogger(__name__)
@@ -90,95 +90,6 @@ def prepare(cfg: RunConfig, need_data: bool = True) -> Prepared:
     for t in long_here:  # each task checks its data before any model work
         long_tasks.get(t).check_data(Path(cfg.data_dir) if cfg.data_dir else None)
     return Prepared(cfg, instances, calib, task_options)
-
-
-def flatten_results(res: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """lm-eval's {'acc,none': .., 'acc_stderr,none': ..} -> {'acc': {'value': .., 'stderr': ..}}."""
-    out: dict[str, dict[str, float | None]] = {}
-    for key, val in res.items():
-        if "," not in key or not isinstance(val, (int, float)):
-            continue
-        name, filt = key.split(",", 1)
-        if name.endswith("_stderr"):
-            continue
-        se = res.get(f"{name}_stderr,{filt}")
-        out[name if filt == "none" else f"{name}/{filt}"] = {
-            "value": float(val), "stderr": float(se) if isinstance(se, (int, float)) else None}
-    return out
-
-
-class TaskCache:
-    """Builds each lm-eval task (or group) once per run and hands the same object to every evaluation.
-
-    Reuse is safe: lm-eval rebuilds a task's request instances on every `evaluate` call, and no
-    request cache is used; it saves rebuilding documents (seconds per task, e.g. HellaSwag).
-    """
-
-    def __init__(self, tasks, data_dir: Path | None) -> None:
-        self._tasks, self._data_dir = tuple(tasks), data_dir
-        self.manager = None
-        self._built: dict[str, Any] = {}
-        self._workdir: tempfile.TemporaryDirectory | None = None  # the override YAMLs, removed by close()
-
-    def get(self, task: str):
-        from harness.quality.tasks import task_manager
-
-        if task not in self._built:
-            if self.manager is None:
-                self._workdir = self._workdir or tempfile.TemporaryDirectory(prefix="harness-tasks-")
-                self.manager = task_manager(self._tasks, self._data_dir, Path(self._workdir.name))
-            loaded = self.manager.load([task])
-            self._built[task] = loaded["groups"].get(task) or loaded["tasks"].get(task) or task
-        return self._built[task]
-
-    def close(self) -> None:
-        """Remove the temporary YAML folder (built tasks keep working: lm-eval read the files when building)."""
-        if self._workdir is not None:
-            self._workdir.cleanup()
-            self._workdir = None
-
-
-def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, Any]:
-    """One lm-eval task (or group) through `lm`; returns scores, sample count and lm-eval provenance.
-
-    Under data parallelism lm-eval aggregates on rank 0 only: other ranks get None."""
-    from lm_eval import simple_evaluate
-
-    from harness.quality.tasks import without_env_report
-
-    obj = tasks.get(task)
-    with without_env_report():
-        out = simple_evaluate(
-            model=lm, tasks=[obj], limit=cfg.limit, task_manager=tasks.manager, bootstrap_iters=cfg.bootstrap_iters,
-            num_fewshot=cfg.num_fewshot or None,  # None: each task's own default (0 for every task here)
-            random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-            fewshot_random_seed=cfg.seed, log_samples=True, cache_requests=False,  # per-item results: records keep them
-        )
-    if out is None and lm.rank != 0:
-        return None
-    if task not in out["results"]:
-        raise RuntimeError(f"lm-eval returned no results for {task}: {sorted(out['results'])}")
-    n = sum(int(v.get("effective", 0)) for v in out.get("n-samples", {}).values())
-    samples = out.get("samples", {})
-    return {
-        "scores": flatten_results(out["results"][task]),
-        "n_samples": n,
-        "items": per_item(samples),  # for paired comparisons (report --baseline)
-        "samples": samples,  # lm-eval's per-sample logs: written with --log-samples, never stored in the record
-        "lm_eval": {"n-shot": out.get("n-shot", {}), "versions": out.get("versions", {}),
-                    "higher_is_better": out.get("higher_is_better", {}).get(task, {})},
-    }
-
-
-def _is_download_error(e: BaseException) -> bool:
-    """True for errors raised while fetching a dataset (datasets, huggingface_hub, requests, httpx)."""
-    while e is not None:
-        if type(e).__module__.split(".")[0] in ("datasets", "huggingface_hub", "requests", "httpx", "urllib3", "socket"):
-            return True
-        if isinstance(e, (ConnectionError, TimeoutError)):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def _partial_path(out_dir: Path, method: str, mode: str) -> Path:
@@ -422,7 +333,7 @@ def _eval_task(st: _Run, lm, task: str, name: str, mode: str) -> dict:
             result = evaluate_task(lm, task, st.tasks, cfg) or {}  # {} on ranks > 0
             sent = st.dist.sum_counts(lm.tally.since(before))  # each rank counted its own documents
     except Exception as e:
-        if cfg.data_dir is None and _is_download_error(e):
+        if cfg.data_dir is None and is_download_error(e):
             raise UsageError(f"task {task}: its dataset could not be fetched from the Hugging Face hub "
                              f"({type(e).__name__}); offline, pass --data-dir with local data") from e
         raise
