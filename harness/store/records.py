@@ -112,7 +112,8 @@ class RunRecord:
         older schemas are converted to the current form (`READABLE_SCHEMAS`)."""
         if not isinstance(d, dict):
             raise RecordError(f"{source}: not a run record (a JSON {type(d).__name__}, expected an object)")
-        upgrade = READABLE_SCHEMAS.get(d.get("schema_version"))
+        version = d.get("schema_version")
+        upgrade = READABLE_SCHEMAS.get(version) if type(version) is int else None  # a list or a bool is no version
         if upgrade is None:
             raise RecordError(f"{source}: record schema {d.get('schema_version')!r}, this harness reads "
                               f"{', '.join(map(str, READABLE_SCHEMAS))}")
