@@ -186,8 +186,12 @@ def test_a_second_run_into_the_same_out_is_refused_and_names_the_first(data_dir,
            "--set", "pd_ppl.prompt_tokens=32", "--set", "pd_ppl.cont_tokens=8", "--mode", "disaggregated", "--out", str(out)]
     first = _harness(*run)
     _wait_for(out / lock.LOCK_NAME, first)
-    second = subprocess.run([sys.executable, "-m", "harness", *run[:-1], str(out), "--limit", "4"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    os.kill(first.pid, signal.SIGSTOP)  # paused while it holds the lock: a fast machine must not finish it first
+    try:
+        second = subprocess.run([sys.executable, "-m", "harness", *run[:-1], str(out), "--limit", "4"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"is in use by another harness process (pid {first.pid}: python -m harness run" in second.stderr
     assert "choose another --out" in second.stderr and "Traceback" not in second.stderr
