@@ -27,9 +27,9 @@ def main() -> int:
     p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     args = p.parse_args()
     os.environ["TQDM_DISABLE"] = "1"
-    from harness.cli import _quiet_libraries
+    from harness.run.quiet import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     from lm_eval import simple_evaluate
 
     from harness.pd.models import load_model

@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 def one(backend: str, args) -> dict:
     os.environ["TQDM_DISABLE"] = "1"
-    from harness.cli import _quiet_libraries
+    from harness.run.quiet import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     from lm_eval import simple_evaluate
 
     from harness.pd.models import load_model
