@@ -66,27 +66,46 @@ def load_spec(path: str | Path) -> Spec:
     return Spec(p, {k: dict(v) for k, v in data.items()})
 
 
-def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {a.dest: a for a in parser._actions if a.option_strings}
-
-
 def _spec_key(action: argparse.Action) -> str:
     """The key a spec uses for a flag: its long name with underscores (`--set` -> set, `--plans-from` -> plans_from)."""
     return max(action.option_strings, key=len).lstrip("-").replace("-", "_")
 
 
-def to_argv(spec: Spec, section: str, parser: argparse.ArgumentParser, replace: dict[str, Any] | None = None) -> list[str]:
-    """The command-line arguments equivalent to `[section]` (after `replace`), checked against `parser`."""
+def _spec_actions(parser: argparse.ArgumentParser, positionals: bool = False) -> dict[str, argparse.Action]:
+    """Spec key -> the parser's action. Spec keys are the flags' names (`set` for --set, whose dest is
+    `overrides`) and, with `positionals`, the positionals' dests; `config` would nest a spec in a spec
+    and `help` prints and exits, so neither is a key."""
+    out = {}
+    for a in parser._actions:
+        if a.dest in ("help", "config", argparse.SUPPRESS):
+            continue
+        if a.option_strings:
+            out[_spec_key(a)] = a
+        elif positionals:
+            out[a.dest] = a
+    return out
+
+
+def _action(actions: dict[str, argparse.Action], spec: Spec, section: str, key: str) -> argparse.Action:
+    """The action of spec key `key`, or a UsageError listing the section's keys."""
+    if key not in actions:
+        why = " (a spec cannot name another spec)" if key == "config" else ""
+        raise UsageError(f"{spec.path} [{section}]: unknown key {key!r}{why}; known keys: {', '.join(sorted(actions))}")
+    return actions[key]
+
+
+def _values(spec: Spec, section: str, replace: dict[str, Any] | None) -> dict[str, Any]:
     values = {k.replace("-", "_"): v for k, v in spec.sections[section].items()}
     values.update(replace or {})
-    # spec keys are the flags' names (`set` for --set); `config` would nest a spec in a spec, `help` prints and exits
-    actions = {_spec_key(a): a for dest, a in _flags(parser).items() if dest not in ("help", "config")}
+    return values
+
+
+def to_argv(spec: Spec, section: str, parser: argparse.ArgumentParser, replace: dict[str, Any] | None = None) -> list[str]:
+    """The command-line arguments equivalent to `[section]` (after `replace`), checked against `parser`."""
+    actions = _spec_actions(parser)
     argv: list[str] = []
-    for key, v in values.items():
-        act = actions.get(key)
-        if act is None:
-            why = " (a spec cannot name another spec)" if key == "config" else ""
-            raise UsageError(f"{spec.path} [{section}]: unknown key {key!r}{why}; known keys: {', '.join(sorted(actions))}")
+    for key, v in _values(spec, section, replace).items():
+        act = _action(actions, spec, section, key)
         flag = max(act.option_strings, key=len)
         if isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if not isinstance(v, bool):
@@ -136,20 +155,14 @@ def to_namespace(spec: Spec, section: str, parser: argparse.ArgumentParser,
                  replace: dict[str, Any] | None = None) -> argparse.Namespace:
     """`[section]` (after `replace`) as the options its command would parse: the parser's defaults,
     each key checked against the parser's options and converted by its type."""
-    values = {k.replace("-", "_"): v for k, v in spec.sections[section].items()}
-    values.update(replace or {})
-    actions = {a.dest: a for a in parser._actions if a.dest != "help" and a.dest != argparse.SUPPRESS}
+    dests = {a.dest: a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)}
     ns = argparse.Namespace(**{d: (a.type(a.default) if isinstance(a.default, str) and a.type else a.default)
-                               for d, a in actions.items()})
-    # spec keys are the flags' names (`set` for --set, dest `overrides`); `config` would nest a spec in a spec
-    keys = {(_spec_key(a) if a.option_strings else d): d for d, a in actions.items() if d != "config"}
-    for key, v in values.items():
-        dest = keys.get(key)
-        if dest is None:
-            why = " (a spec cannot name another spec)" if key == "config" else ""
-            raise UsageError(f"{spec.path} [{section}]: unknown key {key!r}{why}; known keys: {', '.join(sorted(keys))}")
-        setattr(ns, dest, _convert(actions[dest], v, f"{spec.path} [{section}] {key}"))
-    missing = [d for d, a in actions.items() if a.required and getattr(ns, d) in (None, [])]
+                               for d, a in dests.items()})
+    actions = _spec_actions(parser, positionals=True)
+    for key, v in _values(spec, section, replace).items():
+        act = _action(actions, spec, section, key)
+        setattr(ns, act.dest, _convert(act, v, f"{spec.path} [{section}] {key}"))
+    missing = [d for d, a in dests.items() if a.required and getattr(ns, d) in (None, [])]
     if missing:
         raise UsageError(f"{spec.path} [{section}]: give {', '.join(missing)}")
     return ns
