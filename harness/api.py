@@ -25,12 +25,12 @@ API = Path("harness.evaluate()")  # how option errors name their source, as a sp
 def load_results(path: str | Path) -> pd.DataFrame:
     """Every finished record under `path` (a run folder, searched recursively, or one record file) as
     tidy rows with the columns of `summary.csv`; numbers as numbers, a missing value as NaN."""
-    from harness.store.records import SUMMARY_COLUMNS, is_record_file, load, summary_rows
+    from harness.store.records import SUMMARY_COLUMNS, load, record_files_under, summary_rows
 
     p = Path(path)
     if not p.exists():
         raise UsageError(f"load_results({str(path)!r}): no such file or folder")
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*__*.json") if is_record_file(f))
+    files = [p] if p.is_file() else record_files_under(p)
     df = pd.DataFrame(summary_rows([load(f) for f in files]), columns=SUMMARY_COLUMNS)
     for col in ("kv_bytes_sent", "kv_bytes_sent_paged", "n_samples"):
         df[col] = pd.to_numeric(df[col].replace("", None), errors="coerce").astype("Int64")

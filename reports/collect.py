@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.store.records import RecordError, RunRecord, is_record_file, load, load_failures
+from harness.store.records import RecordError, RunRecord, is_record_file, load, load_failures, record_files_under
 
 # Metric shown per task under each named convention. `paper` is lm-eval's usual reporting (and the
 # PDTrim / ShortGPT papers'): length-normalised accuracy where answer lengths differ a lot.
@@ -83,7 +83,7 @@ def record_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise ReportError(f"{path}: no such file or folder (give folders of run records, e.g. results/issue3/default)")
-    return sorted(p for p in path.rglob("*__*.json") if is_record_file(p))
+    return record_files_under(path)
 
 
 def collect(paths: list[Path]) -> Collection:

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.quality.samples import per_item
+from harness.quality.samples import metric_name, per_item
 
 if TYPE_CHECKING:
     from harness.config import RunConfig
@@ -23,7 +23,7 @@ def flatten_results(res: dict[str, Any]) -> dict[str, dict[str, float | None]]:
         if name.endswith("_stderr"):
             continue
         se = res.get(f"{name}_stderr,{filt}")
-        out[name if filt == "none" else f"{name}/{filt}"] = {
+        out[metric_name(name, filt)] = {
             "value": float(val), "stderr": float(se) if isinstance(se, (int, float)) else None}
     return out
 

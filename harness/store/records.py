@@ -180,6 +180,11 @@ def is_record_file(path: Path) -> bool:
         and not name.endswith((".partial.json", ".failed.json"))
 
 
+def record_files_under(folder: Path) -> list[Path]:
+    """Every finished record's file under `folder`, searched recursively, in path order."""
+    return sorted(p for p in Path(folder).rglob("*__*.json") if is_record_file(p))
+
+
 def check_writable(folder: Path, flag: str) -> None:
     """UsageError unless `folder` is (or can be made) a folder this process can write a file into; called
     before any model work so that a bad output folder (a file, read-only, a full disk) fails in a second."""

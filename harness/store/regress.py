@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.store.records import LOWER_IS_BETTER, RecordError, RunRecord, is_record_file, load
+from harness.store.records import LOWER_IS_BETTER, RecordError, RunRecord, load, record_files_under
 
 LATENCY_METRICS = ("ttft_ms_p50", "tpot_ms_p50")
 DENSE = "unpruned"  # the denominator of every latency ratio
@@ -45,9 +45,7 @@ def _records(root: Path, res: CheckResult) -> dict[str, RunRecord]:
     """Records under `root` keyed by kind/method/mode (layout-independent). An unreadable record is skipped
     and counts as a failure naming it: a check must not pass without comparing every record."""
     out = {}
-    for p in sorted(Path(root).rglob("*__*.json")):
-        if not is_record_file(p):  # failed-cell notes, resume files, temp files
-            continue
+    for p in record_files_under(root):  # not failed-cell notes, resume files or temp files
         try:
             r = load(p)
         except RecordError as e:
