@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from harness.store.files import atomic_file  # noqa: E402
 from harness.store.records import RunRecord, is_long_task  # noqa: E402
 from reports.collect import Collection, metric_for  # noqa: E402
-from reports.tables import MIB, MODE_TITLE, _mc_kv, _ordered_tasks, parse_workload, removed_counts  # noqa: E402
+from reports.tables import MIB, MODE_TITLE, _mc_kv, _ordered_tasks, _score, parse_workload, removed_counts, se_of_mean  # noqa: E402
 
 MARKERS = "osD^v<>pP*Xh"
 
@@ -29,28 +29,17 @@ def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def avg_score(r: RunRecord, tasks: list[str], convention: str) -> float | None:
-    """Mean accuracy (%) over `tasks`; None if the record lacks any of them."""
-    vals = []
+def avg_score(r: RunRecord, tasks: list[str], convention: str) -> tuple[float | None, float | None]:
+    """(mean accuracy over `tasks`, its standard error), in %; (None, None) if the record lacks any task,
+    and a None standard error if any task's is unknown."""
+    vals, ses = [], []
     for t in tasks:
-        m = metric_for(t, r.scores.get(t, {}), convention)
-        v = r.scores.get(t, {}).get(m, {}).get("value") if m else None
+        v, se = _score(r, t, metric_for(t, r.scores.get(t, {}), convention))
         if v is None:
-            return None
+            return None, None
         vals.append(100 * v)
-    return sum(vals) / len(vals) if vals else None
-
-
-def avg_stderr(r: RunRecord, tasks: list[str], convention: str) -> float | None:
-    """Standard error (%) of `avg_score`: sqrt(sum of the tasks' se²) / n; None if any is unknown."""
-    ses = []
-    for t in tasks:
-        m = metric_for(t, r.scores.get(t, {}), convention)
-        se = r.scores.get(t, {}).get(m, {}).get("stderr") if m else None
-        if not isinstance(se, (int, float)):
-            return None
-        ses.append(100 * se)
-    return (sum(x * x for x in ses) ** 0.5) / len(ses) if ses else None
+        ses.append(None if se is None else 100 * se)
+    return (sum(vals) / len(vals), se_of_mean(ses)) if vals else (None, None)
 
 
 def _mc_tasks(col: Collection) -> list[str]:
@@ -80,8 +69,8 @@ def plot_score_vs_blocks(col: Collection, convention: str = "paper"):
         recs = [r for r in col.quality if r.mode == mode]
         names = sorted({series(col, r) for r in recs}, key=lambda m: (m != "unpruned", m))
         for i, m in enumerate(names):
-            pts = sorted((removed_counts(r)[1], avg_score(r, tasks, convention), avg_stderr(r, tasks, convention))
-                         for r in recs if series(col, r) == m and avg_score(r, tasks, convention) is not None)
+            scored = ((removed_counts(r)[1], *avg_score(r, tasks, convention)) for r in recs if series(col, r) == m)
+            pts = sorted((x, y, e) for x, y, e in scored if y is not None)
             if pts:
                 xs, ys, es = zip(*pts)
                 ax.errorbar(xs, ys, yerr=[e or 0.0 for e in es], marker=MARKERS[i % len(MARKERS)], capsize=3, label=m)
@@ -113,7 +102,7 @@ def plot_score_vs_kv(col: Collection, convention: str = "paper"):
     pts = []
     for i, r in enumerate(sorted(recs, key=lambda r: (r.method != "unpruned", col.label(r)))):
         handoffs = sum(r.kv[t]["handoffs"] for t in tasks)
-        x, y = _mc_kv(r, tasks) / handoffs / MIB, avg_score(r, tasks, convention)
+        x, y = _mc_kv(r, tasks) / handoffs / MIB, avg_score(r, tasks, convention)[0]
         if y is not None:
             ax.scatter([x], [y], marker=MARKERS[i % len(MARKERS)], s=60, label=col.label(r))
             pts.append((x, y))

@@ -95,13 +95,18 @@ def _items_text(records: list[RunRecord], tasks: list[str]) -> str:
     return "items per task: " + ", ".join(f"{TASK_TITLE.get(t, t)} {'/'.join(map(str, v))}" for t, v in per.items())
 
 
+def se_of_mean(ses: list[float | None]) -> float | None:
+    """Standard error of a mean over independent samples (tasks): sqrt(sum se²) / n; None if any is unknown."""
+    return None if not ses or None in ses else sum(x * x for x in ses) ** 0.5 / len(ses)
+
+
 def _avg_cell(accs: list[float], ses: list[float | None], n_acc: int) -> tuple[CellSpec, float | None]:
-    """The average over the accuracy columns, with the standard error of that mean (tasks are
-    independent samples: sqrt(sum se²) / n); '—' unless every accuracy column has a value."""
+    """The average over the accuracy columns, with the standard error of that mean; '—' unless every
+    accuracy column has a value."""
     if not accs or len(accs) != n_acc:
         return cell("—"), None
     avg = sum(accs) / len(accs)
-    se = (sum(x * x for x in ses) ** 0.5 / len(ses)) if None not in ses else None
+    se = se_of_mean(ses)
     return cell(f"{avg:.1f}" + (f" ± {se:.1f}" if se is not None else ""), round(avg, 6)), se
 
 
