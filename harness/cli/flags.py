@@ -12,24 +12,22 @@ def csv_list(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
-def positive_int(s: str) -> int:
+def _int_at_least(s: str, least: int, what: str) -> int:
     try:
         n = int(s)
     except ValueError:
         n = None
-    if n is None or n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    if n is None or n < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
     return n
+
+
+def positive_int(s: str) -> int:
+    return _int_at_least(s, 1, "a positive integer")
 
 
 def nonneg_int(s: str) -> int:
-    try:
-        n = int(s)
-    except ValueError:
-        n = None
-    if n is None or n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return n
+    return _int_at_least(s, 0, "an integer >= 0")
 
 
 def _finite(s: str) -> float:
