@@ -41,3 +41,43 @@ def test_resuming_saves_work(tiny, split):
     obj.prefill((0,))  # resumes at layer 0: runs the 3 other layers
     assert obj.layer_token_passes - before == 3 * obj.full_tokens
     assert obj.work()["evaluations"] == 2
+
+
+def _fresh(tiny, split, rp_base=None, rd_base=None):
+    obj = StageObjective(tiny.model, split, batch_size=5)
+    if rp_base is not None:
+        obj._pbase = None  # force the from-scratch forward for the base
+        obj.set_prefill_base(rp_base)
+    if rd_base is not None:
+        obj.set_decode_base(*rd_base)
+    return obj
+
+
+def test_moving_the_base_to_the_best_candidate_costs_no_forward_and_changes_no_value(tiny, split):
+    """A greedy step accepts its lowest candidate: the new base is that candidate's own forward
+    (no layer runs), and every later value is bit-identical to one resumed from a base computed
+    from scratch; a base that is not the best candidate resumes from the old base instead."""
+    obj = StageObjective(tiny.model, split, batch_size=5)
+    values = {j: obj.prefill({j}) for j in range(4)}
+    best = min(values, key=values.get)
+    before = obj.layer_token_passes
+    obj.set_prefill_base({best})
+    assert obj.layer_token_passes == before
+    ref = _fresh(tiny, split, rp_base={best})
+    for j in set(range(4)) - {best}:
+        assert obj.prefill({best, j}) == ref.prefill({best, j})
+    other = next(j for j in range(4) if j != best and j > 0)
+    obj.set_prefill_base({best, other})  # not the best of this step: resumed at the first difference
+    ref = _fresh(tiny, split, rp_base={best, other})
+    assert obj.prefill({best, other, 3 if 3 not in (best, other) else 2}) == \
+        ref.prefill({best, other, 3 if 3 not in (best, other) else 2})
+    # decode: same for the decode base
+    rp = frozenset({1})
+    vals = {j: obj.decode(rp | {j}, rp) for j in (0, 2, 3)}
+    top = min(vals, key=vals.get)
+    before = obj.layer_token_passes
+    obj.set_decode_base(rp | {top}, rp)
+    assert obj.layer_token_passes == before
+    ref = _fresh(tiny, split, rd_base=(rp | {top}, rp))
+    for j in {0, 2, 3} - {top}:
+        assert obj.decode(rp | {top, j}, rp) == ref.decode(rp | {top, j}, rp)

@@ -12,6 +12,12 @@ Searches evaluate many sets that differ from the last accepted one in a few bloc
 objective keeps the hidden states entering every layer under a *base* set and resumes a
 candidate's forward at the first layer where it differs from the base; decode objectives reuse
 one prefilled prompt cache per `R_P` and rerun only the short continuation.
+
+Moving the base to the set a greedy step accepted costs no forward: the lowest-valued candidate
+evaluated since the last move keeps the layer inputs its own forward produced (the layers before
+its first difference are the base's, shared), and those are exactly what a forward of the new base
+would compute (same layers, same inputs, same batches). Otherwise the new base resumes from the
+old one at their first difference.
 """
 
 from __future__ import annotations
@@ -105,6 +111,9 @@ class StageObjective:
         self._pbase: tuple[frozenset, list[dict[int, torch.Tensor]]] | None = None
         self._prompt: dict[frozenset, list[tuple[PDCache, torch.Tensor]]] = {}
         self._dbase: tuple[frozenset, frozenset, list[dict[int, torch.Tensor]]] | None = None
+        # the lowest-valued candidate since the base last moved: (value, set(s), per-batch layer inputs)
+        self._pbest: tuple[float, frozenset, list[dict]] | None = None
+        self._dbest: tuple[float, tuple[frozenset, frozenset], list[dict]] | None = None
         all_layers = tuple(range(self.n_layers))
         with torch.inference_mode():
             for b in self.batches:  # the dense teacher, once
@@ -166,30 +175,51 @@ class StageObjective:
         target = frozenset(removed)
         if self._pbase is None:
             self.set_prefill_base(())
+        total, inputs = self._prefill_forward(target)
+        value = float(total) / sum(len(b.rows) for b in self.batches)
+        self.evaluations += 1
+        if self._pbest is None or value < self._pbest[0]:
+            self._pbest = (value, target, inputs)
+        return value
+
+    def _prefill_forward(self, target: frozenset, kl: bool = True) -> tuple[torch.Tensor, list[dict]]:
+        """Resume every batch's forward under `target` from the base at their first difference.
+
+        Returns the summed KL (float64; zero when `kl` is False) and, per batch, every layer's
+        input under `target` and the output under "out" (the base's tensors below the difference)."""
         base_set, base_inputs = self._pbase
         start = self._first_difference(target, base_set, self.n_layers)
         layers = [i for i in self._kept(target) if i >= start]
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed where the KLs are
-        for b, inputs in zip(self.batches, base_inputs):
-            h = inputs[start] if start < self.n_layers else inputs["out"]
-            h = run_layers(self.model, layers, None, b.full.positions, b.full.valid, PDCache(retain=()), hidden=h)
-            total += self._kl(b.teacher, h[b.rows, b.cols]).double()
+        per_batch = []
+        for b, base in zip(self.batches, base_inputs):
+            inputs = {i: base[i] for i in range(start)}
+            h = base[start] if start < self.n_layers else base["out"]
+            h = run_layers(self.model, layers, None, b.full.positions, b.full.valid, PDCache(retain=()), hidden=h,
+                           collect=inputs)
+            if kl:
+                total += self._kl(b.teacher, h[b.rows, b.cols]).double()
+            per_batch.append(self._complete(inputs, h))
             self.layer_token_passes += len(layers) * b.tokens
-        self.evaluations += 1
-        return float(total) / sum(len(b.rows) for b in self.batches)
+        return total, per_batch
 
     @torch.inference_mode()
     def set_prefill_base(self, removed: Iterable[int]) -> None:
-        """Cache every layer's input (and the output) under `removed` for later resumption."""
+        """Keep every layer's input (and the output) under `removed` for later resumption."""
         target = frozenset(removed)
-        layers = self._kept(target)
-        per_batch = []
-        for b in self.batches:
-            inputs: dict = {}
-            h = run_layers(self.model, layers, b.full.ids, b.full.positions, b.full.valid, PDCache(retain=()), collect=inputs)
-            per_batch.append(self._complete(inputs, h))
-            self.layer_token_passes += len(layers) * b.tokens
-        self._pbase = (target, per_batch)
+        if self._pbest is not None and self._pbest[1] == target:
+            per_batch = self._pbest[2]  # the accepted candidate's own forward
+        elif self._pbase is not None:
+            per_batch = self._prefill_forward(target, kl=False)[1]
+        else:
+            layers, per_batch = self._kept(target), []
+            for b in self.batches:
+                inputs: dict = {}
+                h = run_layers(self.model, layers, b.full.ids, b.full.positions, b.full.valid, PDCache(retain=()),
+                               collect=inputs)
+                per_batch.append(self._complete(inputs, h))
+                self.layer_token_passes += len(layers) * b.tokens
+        self._pbase, self._pbest = (target, per_batch), None
 
     # -- E_D ----------------------------------------------------------------------------------
     def _prompt_state(self, removed_prefill: frozenset) -> list[tuple[PDCache, torch.Tensor]]:
@@ -212,41 +242,58 @@ class StageObjective:
         rd, rp = frozenset(removed_decode), frozenset(removed_prefill)
         if not rp <= rd:
             raise ValueError(f"decode removal {sorted(rd)} must contain prefill removal {sorted(rp)}")
-        states = self._prompt_state(rp)
         if self._dbase is None or self._dbase[1] != rp:
             self.set_decode_base(rp, rp)
+        total, inputs = self._decode_forward(rd, rp)
+        value = float(total) / sum(len(b.rows) for b in self.batches)
+        self.evaluations += 1
+        if self._dbest is None or value < self._dbest[0]:
+            self._dbest = (value, (rd, rp), inputs)
+        return value
+
+    def _decode_forward(self, rd: frozenset, rp: frozenset, kl: bool = True) -> tuple[torch.Tensor, list[dict]]:
+        """Resume the decode stage under (rd, rp) from the decode base (same `rp`) at their first
+        difference; the prompt caches stay as they are. Returns the summed KL (first tokens included;
+        zero when `kl` is False) and per batch the layer inputs under `rd` (empty without continuation)."""
+        states = self._prompt_state(rp)
         base_set, _, base_inputs = self._dbase
         start = self._first_difference(rd, base_set, self.n_layers)
         layers = [i for i in self._kept(rd) if i >= start]
         staged = self._staged(rd, rp)
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed where the KLs are
-        for b, (cache, first_kl), inputs in zip(self.batches, states, base_inputs):
+        per_batch = []
+        for b, (cache, first_kl), base in zip(self.batches, states, base_inputs):
             total += first_kl
             if b.dec.ids.shape[1] == 0:
+                per_batch.append({})
                 continue
-            h = inputs[start] if start < self.n_layers else inputs["out"]
-            # resume the decode stage at `start` from the base's state; the prompt cache stays as is
-            h = staged.decode(cache.frozen(), b.dec, start=start, hidden=h)
-            total += self._kl(b.teacher[b.rest], h[b.dec_rows, b.dec_cols]).double()
+            inputs = {i: base[i] for i in range(start)}
+            h = base[start] if start < self.n_layers else base["out"]
+            h = staged.decode(cache.frozen(), b.dec, start=start, hidden=h, collect=inputs)
+            if kl:
+                total += self._kl(b.teacher[b.rest], h[b.dec_rows, b.dec_cols]).double()
+            per_batch.append(self._complete(inputs, h))
             self.layer_token_passes += len(layers) * int(b.dec.valid.sum())
-        self.evaluations += 1
-        return float(total) / sum(len(b.rows) for b in self.batches)
+        return total, per_batch
 
     @torch.inference_mode()
     def set_decode_base(self, removed_decode: Iterable[int], removed_prefill: Iterable[int]) -> None:
         rd, rp = frozenset(removed_decode), frozenset(removed_prefill)
-        states = self._prompt_state(rp)
-        staged = self._staged(rd, rp)
-        layers = staged.plan.decode_layers
-        per_batch = []
-        for b, (cache, _) in zip(self.batches, states):
-            inputs: dict = {}
-            if b.dec.ids.shape[1]:
-                h = staged.decode(cache.frozen(), b.dec, collect=inputs)
-                self._complete(inputs, h)
-                self.layer_token_passes += len(layers) * int(b.dec.valid.sum())
-            per_batch.append(inputs)
-        self._dbase = (rd, rp, per_batch)
+        if self._dbest is not None and self._dbest[1] == (rd, rp):
+            per_batch = self._dbest[2]  # the accepted candidate's own forward
+        elif self._dbase is not None and self._dbase[1] == rp:
+            per_batch = self._decode_forward(rd, rp, kl=False)[1]
+        else:
+            states, staged = self._prompt_state(rp), self._staged(rd, rp)
+            layers, per_batch = staged.plan.decode_layers, []
+            for b, (cache, _) in zip(self.batches, states):
+                inputs: dict = {}
+                if b.dec.ids.shape[1]:
+                    h = staged.decode(cache.frozen(), b.dec, collect=inputs)
+                    self._complete(inputs, h)
+                    self.layer_token_passes += len(layers) * int(b.dec.valid.sum())
+                per_batch.append(inputs)
+        self._dbase, self._dbest = (rd, rp, per_batch), None
 
     def work(self) -> dict[str, float]:
         """Evaluations and full-forward equivalents (layer-token passes / (layers · calibration tokens))."""
