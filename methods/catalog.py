@@ -1,4 +1,4 @@
-"""The method tables of README.md and docs/baselines.md, and the method list of
+"""The method tables of docs/methods.md and docs/baselines.md, and the method list of
 `python -m harness --help` (harness/cli/methods_help.py), generated from the registry.
 
 Each method describes itself (`summary`, `doc_row`, `baseline_doc`, its Config's defaults), so
@@ -46,7 +46,7 @@ def builtin() -> list[type[Method]]:
 
 
 def methods_table() -> str:
-    """README.md's table: every method's prefill stage, decode stage and KV handoff, then each wrapper family."""
+    """docs/methods.md's table: every method's prefill stage, decode stage and KV handoff, then each wrapper family."""
     lines = ["| name | prefill stage | decode stage | KV |", "|---|---|---|---|"]
     for cls in builtin():
         row = cls.doc_row or PENDING_ROWS.get(cls.name)
@@ -119,7 +119,7 @@ TEXT = (
 
 
 # file (relative to the repository) -> generated blocks in it
-BLOCKS = {"README.md": {"methods": methods_table}, "docs/baselines.md": {"baselines": baselines_table}}
+BLOCKS = {"docs/methods.md": {"methods": methods_table}, "docs/baselines.md": {"baselines": baselines_table}}
 # file (relative to the repository) -> its whole generated content
 FILES = {"harness/cli/methods_help.py": help_module}
 
