@@ -105,7 +105,7 @@ class Method(abc.ABC):
     # why there is no `stage:<name>`, for the error when one is asked for
     why_no_stage_variant: ClassVar[str] = "it has no removal order to nest"
     # The method's rows in the generated tables (methods/catalog.py; None: made from `summary`).
-    # README.md's methods table: (prefill stage, decode stage, KV handoff), markdown.
+    # docs/methods.md's methods table: (prefill stage, decode stage, KV handoff), markdown.
     doc_row: ClassVar[tuple[str, str, str] | None] = None
     # docs/baselines.md's table of depth-pruning baselines: (paper, criterion, calibration used).
     baseline_doc: ClassVar[tuple[str, str, str] | None] = None

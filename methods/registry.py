@@ -35,7 +35,7 @@ class Wrapper:
     `supports(base_cls)`: whether `base_cls` has a variant. `build(base_cls)`: the variant's class
     (called once per base; `get` caches it). `why_not(base_cls)`: why a base has none (for the
     error). `title`: what one member is called in messages ("stage-aware variant").
-    `doc_row(bases)`: the family's row of README.md's methods table (prefill, decode, KV), given
+    `doc_row(bases)`: the family's row of docs/methods.md's methods table (prefill, decode, KV), given
     the bases that have a variant (methods/catalog.py).
     """
 

@@ -1,4 +1,5 @@
-"""The README's two quick-start commands are the ones CI runs and the ones documented."""
+"""The README's two quick-start commands are the ones CI runs; the docs' generated tables are the
+registry's; every relative link in the README and docs/ leads to a file (and heading) that exists."""
 
 import re
 
@@ -21,6 +22,29 @@ def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
     assert test in ci.splitlines()
 
 
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and dest.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", dest.read_text(), flags=re.M)
+                if anchor not in {_anchor(h) for h in headings}:
+                    broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken
+
+
 def test_pdtrim_docs_list_every_option():
     import dataclasses
 
@@ -33,13 +57,14 @@ def test_pdtrim_docs_list_every_option():
 
 
 def test_method_tables_are_generated_from_the_registry():
-    """README.md's and docs/baselines.md's method tables are what `python -m methods.catalog --write`
-    makes from the registry: every method is listed from its own module, with no hand edit."""
+    """docs/methods.md's and docs/baselines.md's method tables (and the --help list) are what
+    `python -m methods.catalog --write` makes from the registry: every method is listed from its
+    own module, with no hand edit."""
     import methods
     from methods import catalog
 
     assert catalog.stale() == [], "run python -m methods.catalog --write"
-    table = (ROOT / "README.md").read_text().split("## Methods", 1)[1].split("\n## ", 1)[0]
+    table = (ROOT / "docs" / "methods.md").read_text().split("<!-- BEGIN generated: methods", 1)[1].split("<!-- END", 1)[0]
     for name in methods.names():
         if not name.startswith("stage:"):
             assert f"| `{name}` |" in table, name

@@ -166,7 +166,7 @@ def test_bad_input_exits_2(tmp_path, monkeypatch, capsys, data_dir):
 
 
 def test_a_killed_cell_reports_the_signal():
-    from harness.cli.sweep import _error
+    from harness.cli.sweep_backends import error_text as _error
 
     assert _error(-9, "loading model\n").startswith("killed by signal 9 (out of memory?)")
     assert _error(3, "") == "exit status 3, no output"

@@ -1,6 +1,6 @@
 """kill -9 at random moments of every writer (quality run, latency run, report, export, check --update):
 afterwards each file in its folder is the old version or the new complete one, never half of one,
-and the same command run again completes (what "What is never lost" in the README promises).
+and the same command run again completes (what "What is never lost" in docs/running.md promises).
 
 Each writer: the old state is made first, then the new write is started and killed three times, at
 random moments of its expected duration and just after its first file appears (seeded, so a failure

@@ -30,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
         description="Write a method's pruned model as Hugging Face checkpoints (config, renumbered layers, tokenizer) "
         "that from_pretrained and serving engines such as vLLM load. A unified plan gives one checkpoint in OUT; a "
         "disaggregated plan gives OUT/prefill, OUT/decode and OUT/manifest.json, which maps each decode layer to the "
-        "prefill layer whose KV it reads and states the KV policy (format: harness/run/export.py, README 'Export').",
+        "prefill layer whose KV it reads and states the KV policy (format: harness/run/export.py, docs/export.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  python -m harness export --method shortgpt --set shortgpt.k=8 --out exports/shortgpt-k8\n"

@@ -10,37 +10,32 @@ import time
 from pathlib import Path
 
 from harness.cli.flags import MODES, csv_list, limit_arg, nonneg_int, positive_int
-from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, LONG_TASKS, STANDARD_TASKS, RunConfig, expand_tasks, options_help
+from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, LONG_TASKS, STANDARD_TASKS, RunConfig, expand_tasks
 from harness.errors import UsageError
 from harness.run.quiet import quiet_libraries
 from harness.store.records import check_writable
 
 
 def _methods_epilog() -> str:
-    import methods
-    from methods.depth.stage import STAGE_OPTIONS
-    from methods.registry import stage_bases
+    """The help's list of methods and task options. Without plug-ins it is the generated copy
+    (harness/cli/methods_help.py), so `--help` imports neither the methods nor torch; with plug-ins
+    (or the methods already imported, as in a notebook) it is built live from the registry."""
+    if "methods" in sys.modules or _plugins_configured():
+        from methods.catalog import help_text
 
-    lines = ["methods (options via --set METHOD.OPTION=VALUE):"]
-    for name in methods.names():
-        if name.startswith("stage:"):
-            continue
-        cls = methods.get(name)
-        lines.append(f"  {name:16s} {cls.summary}")
-        lines.append(f"  {'':16s} options: {options_help(cls.Config)}")
-    stage_opts = ", ".join(f"{o}={d} (int)" for o, d in STAGE_OPTIONS)
-    lines.append(f"  {'stage:BASE':16s} BASE's removal order with the stage-aware scheme: prefill removes its first k_prefill "
-                 f"blocks, decode its first k_decode (unified: k_unified); BASE one of {', '.join(stage_bases())}")
-    lines.append(f"  {'':16s} options: {stage_opts}, plus BASE's options except k (e.g. --set stage:sleb.k_decode=6)")
-    from harness.quality.calibration import CalibConfig
+        return help_text()
+    from harness.cli.methods_help import TEXT
 
-    lines.append(f"  {'calib':16s} calibration set: {options_help(CalibConfig)} (seed defaults to --seed)")
-    from harness.quality import long_tasks
+    return TEXT
 
-    lines.append("long-context tasks (options via --set TASK.OPTION=VALUE when the task is in --tasks):")
-    for name in long_tasks.names():
-        lines.append(f"  {name:16s} options: {options_help(long_tasks.get(name).Config)}")
-    return "\n".join(lines)
+
+def _plugins_configured() -> bool:
+    """Whether a method plug-in is named (`HARNESS_PLUGINS`) or installed (the entry-point group)."""
+    if os.environ.get("HARNESS_PLUGINS", "").strip():
+        return True
+    from importlib.metadata import entry_points
+
+    return bool(entry_points(group="pd_harness.methods"))  # the group methods/__init__.py loads
 
 
 def placement_flags(p: argparse.ArgumentParser) -> None:
@@ -54,6 +49,17 @@ def placement_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offload-folder", default=None, metavar="DIR", help="where --device-map puts layers that fit nowhere else")
 
 
+# every command of harness/cli/__init__.py's COMMANDS, for the top-level help (tests/test_cli.py checks the two agree)
+COMMAND_SUMMARIES = {
+    "run": "evaluate methods' plans on lm-eval and long-context tasks (the default command)",
+    "latency": "per-stage latency (TTFT, TPOT, handoff) of each method's plan",
+    "report": "tables, plots and an HTML page from records (no model, no torch)",
+    "check": "regression check: rerun configs/ci.toml and compare with reference records",
+    "sweep": "a spec's cells, each in its own process, on Ray or a local pool",
+    "export": "a method's pruned model as Hugging Face checkpoints",
+}
+
+
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m harness",
@@ -63,9 +69,8 @@ def run_parser() -> argparse.ArgumentParser:
         epilog=_methods_epilog() + "\n\nexamples:\n  python -m harness --methods unpruned,shortgpt --limit 100\n"
         "  python -m harness --methods shortgpt --set shortgpt.k=6 --tasks arc_easy,boolq --mode disaggregated\n"
         "  python -m harness --config configs/main_table.toml          # a spec: runs what a table needs, then renders it\n\n"
-        "other commands (python -m harness COMMAND --help): latency (per-stage latency), report (tables, plots, HTML "
-        "from records), check (regression check against reference records), sweep (a spec's cells, "
-        "each in its own process, on Ray or a local pool), export (pruned Hugging Face checkpoints)",
+        "commands (python -m harness COMMAND --help; without one, run):\n"
+        + "\n".join(f"  {name:9s} {what}" for name, what in COMMAND_SUMMARIES.items()),
     )
     p.add_argument("--methods", type=csv_list, default=",".join(DEFAULT_METHODS), help="comma-separated method names (default: %(default)s)")
     p.add_argument("--model", default="smollm2-135m",
@@ -167,9 +172,9 @@ def default_out(cfg: RunConfig, root: Path = Path("results") / "runs", kind: str
 
 
 def cmd_run(argv: list[str] | argparse.Namespace) -> int:
-    from harness.quality import distributed
-
     args = argv if isinstance(argv, argparse.Namespace) else run_parser().parse_args(argv)  # a spec section: options
+    from harness.quality import distributed  # torch: only after parsing, so --help and bad flags stay fast
+
     dist = distributed.current()
     if not dist.is_main:  # one voice: rank 0 reports, the others work silently
         args.quiet = True

@@ -23,68 +23,31 @@ to other busy cells would be distorted), and `[report]` renders once in this pro
 skipped when a quality cell failed. The summary goes to `<run out>/summary.csv` (over every record
 there) and `<run out>/sweep.json` (every cell's status, seconds, log and error, backend, workers,
 wall time); the exit status is 1 when any cell failed, 0 otherwise, 2 for bad input.
+
+This module is the command (its flags, the order of the steps, the summary); the spec is expanded
+into cells by `sweep_plan.py`, and cells are run and settled by `sweep_backends.py`.
 """
+
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import datetime as dt
-import filecmp
-import itertools
 import json
 import os
-import shutil
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from harness.cli.sweep_backends import FAILED_NOTE, Outcome, RayBackend, cores, error_text, local_gpus, make_backend
+from harness.cli.sweep_backends import seed as seed_cell
+from harness.cli.sweep_backends import settle as settle_cell
+from harness.cli.sweep_plan import Cell, Plan, expand
 from harness.errors import UsageError
 
 BACKENDS = ("auto", "ray", "local")
-TAIL_CHARS = 2000  # of a failed cell's log, kept in sweep.json
-FAILED_NOTE = ".failed.json"  # `<method>__<mode>.failed.json`: the pipeline's note on a cell that raised
-
-
-@dataclass
-class Cell:
-    """One process of the sweep: `python -m harness <argv>` writing into `workdir`."""
-
-    name: str  # "shortgpt/unified", or "latency"
-    argv: list[str]
-    workdir: Path  # the child's --out
-    log: Path  # the child's stdout and stderr
-    record: Path | None = None  # quality cells: where the finished record belongs
-    seeded: bool = False  # a finished record was linked into workdir before the run
-
-
-@dataclass
-class Outcome:
-    """What the sweep reports for a cell (one row of the summary table and of sweep.json)."""
-
-    cell: str
-    status: str  # ok, reused, failed or skipped
-    seconds: float | None = None
-    returncode: int | None = None
-    record: str | None = None
-    log: str | None = None
-    error: str | None = None
-
-
-@dataclass
-class Plan:
-    """The expanded spec: quality cells, then an optional latency job, then an optional report."""
-
-    run_out: Path
-    cells: list[Cell]
-    latency: Cell | None = None
-    report_argv: list[str] | None = None
-    uses_gpu: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def sweep_parser() -> argparse.ArgumentParser:
@@ -117,274 +80,6 @@ def _positive(s: str) -> int:
     return positive(s)
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _local_gpus() -> list[str]:
-    """GPU ids visible to this process (as CUDA_VISIBLE_DEVICES names them)."""
-    import torch
-
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return visible[:n] if visible else [str(i) for i in range(n)]
-
-
-# --- expanding the spec -------------------------------------------------------------------------
-
-def _scope(item: str) -> str:
-    return item.partition("=")[0].strip().partition(".")[0]
-
-
-def expand(spec_path: Path, out: Path | None) -> Plan:
-    """Cells of the spec's [run] section (validated here, before any process starts), its latency job and report."""
-    from harness.cli.flags import MODES
-    from harness.cli.run import check_tasks, run_parser
-    from harness.cli.spec import Spec, load_spec, to_argv
-    from harness.config import RunConfig, expand_tasks
-    from harness.run import pipeline
-
-    if not spec_path.is_file():
-        raise UsageError(f"{spec_path}: no such spec file (specs live in configs/, e.g. configs/ci.toml)")
-    spec = load_spec(spec_path)
-    if "run" not in spec.sections:
-        raise UsageError(f"{spec.path}: a sweep needs a [run] section (its cells are the run's methods × modes); "
-                         f"for latency or report only, use python -m harness --config {spec.path}")
-    outs = {"run": out / "quality", "latency": out / "latency", "report": out / "report"} if out else \
-        {s: spec.out(s) for s in ("run", "latency", "report")}
-    if outs["run"] is None:
-        raise UsageError(f"{spec.path} [run]: give out = \"<folder>\" (or --out DIR) so a rerun resumes its finished records")
-    run_out = outs["run"].resolve()
-    section = {k.replace("-", "_"): v for k, v in spec.sections["run"].items()}
-    if "config" in section:
-        raise UsageError(f"{spec.path} [run]: config is not a run option in a spec")
-    overrides = [str(x) for key in ("set", "overrides") for x in _as_list(section.pop(key, []))]
-    section["out"] = str(run_out)
-    args = run_parser().parse_args(to_argv(Spec(spec.path, {"run": section}), "run", run_parser(), {"set": overrides}))
-    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
-    cfg = RunConfig(methods=args.methods, tasks=expand_tasks(args.tasks), seed=args.seed, data_dir=data_dir,
-                    overrides=tuple(args.overrides))
-    if not cfg.methods:
-        raise UsageError(f"{spec.path} [run]: methods is empty")
-    pipeline.prepare(cfg)  # method names and every --set option, as the full run would check them
-    check_tasks(cfg.tasks, cfg.data_dir)
-    if data_dir:  # the children must not depend on the environment (Ray workers may not inherit it)
-        section["data_dir"] = data_dir
-    cells = _spec_cells(spec, section, overrides, cfg.methods, MODES[args.mode], run_out)
-    latency = _latency_cell(spec, outs["latency"], run_out)
-    report_argv = _report_argv(spec, outs["report"] if out else None, run_out, latency)
-    return Plan(run_out, cells, latency, report_argv, uses_gpu=args.device != "cpu")
-
-
-def _spec_cells(spec, section: dict, overrides: list[str], methods: tuple[str, ...], modes, run_out: Path) -> list[Cell]:
-    """One cell per (method, mode), each a `run` of one method into its own work folder."""
-    from harness.cli.run import run_parser
-    from harness.cli.spec import Spec, to_argv
-    from harness.quality import long_tasks
-    from harness.store.records import record_filename
-
-    shared = [o for o in overrides if _scope(o) == "calib" or long_tasks.is_long_task(_scope(o))]
-    cells = []
-    for method in dict.fromkeys(methods):  # a method named twice is one method, as in a single run
-        # a cell runs one method, and `--set` rejects scopes that are not in its run: only its own options go along
-        mine = [o for o in overrides if _scope(o) == method]
-        for mode in modes:
-            fname = record_filename(method, mode)
-            workdir = run_out / ".sweep" / fname[: -len(".json")]
-            argv = ["run", *to_argv(Spec(spec.path, {"run": section}), "run", run_parser(),
-                                    {"methods": [method], "mode": mode, "set": [*mine, *shared], "out": str(workdir),
-                                     "quiet": True})]
-            cells.append(Cell(f"{method}/{mode}", argv, workdir, run_out / ".sweep" / f"{fname[: -len('.json')]}.log",
-                              run_out / fname))
-    return cells
-
-
-def _latency_cell(spec, lat_out: Path | None, run_out: Path) -> Cell | None:
-    """The spec's [latency] section as one job (its plans may come from the run's records), or None."""
-    from harness.cli.latency import latency_parser
-    from harness.cli.spec import to_argv
-
-    if "latency" not in spec.sections:
-        return None
-    if lat_out is None:
-        raise UsageError(f"{spec.path} [latency]: give out = \"<folder>\" (or --out DIR)")
-    lat_out = lat_out.resolve()
-    replace: dict[str, Any] = {"out": str(lat_out), "quiet": True}
-    if spec.sections["latency"].get("plans_from") == "run":
-        replace["plans_from"] = str(run_out)
-    argv = to_argv(spec, "latency", latency_parser(), replace)
-    latency_parser().parse_args(argv)  # bad values exit 2 now, not after the quality cells
-    return Cell("latency", ["latency", *argv], lat_out, run_out / ".sweep" / "latency.log")
-
-
-def _report_argv(spec, rep_out: Path | None, run_out: Path, latency: Cell | None) -> list[str] | None:
-    """`report` arguments of the spec's [report] section (over the run's and latency's folders), or None."""
-    from harness.cli.report import report_parser
-    from harness.cli.spec import Spec, to_argv
-
-    if "report" not in spec.sections:
-        return None
-    rep = dict(spec.sections["report"])
-    inputs = rep.pop("results", None) or [str(run_out), *([str(latency.workdir)] if latency else [])]
-    if rep_out is not None:
-        rep["out"] = str(rep_out)
-    report_argv = [*map(str, inputs), *to_argv(Spec(spec.path, {"report": rep}), "report", report_parser())]
-    report_parser().parse_args(report_argv)
-    return report_argv
-
-
-def _as_list(v: Any) -> list:
-    return v if isinstance(v, list) else [v]
-
-
-# --- one cell -----------------------------------------------------------------------------------
-
-def run_cell(argv: list[str], cwd: str, env: dict[str, str], log: str) -> tuple[int, str, float]:
-    """Run `python -m harness <argv>` in `cwd`; its output goes to `log`. Returns (exit status, log tail, seconds).
-
-    Runs in a Ray worker or a pool thread; `sys.executable` is that worker's Python (on a cluster
-    node, the node's own environment). `env` is added to the worker's environment, so the
-    GPU Ray assigned (CUDA_VISIBLE_DEVICES) is kept."""
-    Path(log).parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as f:
-        rc = subprocess.run([sys.executable, "-m", "harness", *argv], cwd=cwd, env={**os.environ, **env},
-                            stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
-    seconds = time.perf_counter() - t0
-    text = Path(log).read_text(encoding="utf-8", errors="replace")
-    return rc, text[-TAIL_CHARS:], seconds
-
-
-def _seed(cell: Cell) -> None:
-    """Link a finished record into the cell's folder, where the child reuses it (or rejects a different configuration)."""
-    cell.workdir.mkdir(parents=True, exist_ok=True)
-    target = cell.workdir / cell.record.name
-    target.unlink(missing_ok=True)
-    cell.seeded = cell.record.exists()
-    if cell.seeded:
-        try:
-            os.link(cell.record, target)
-        except OSError:  # a filesystem without hard links
-            shutil.copy2(cell.record, target)
-
-
-def _settle(cell: Cell, rc: int, tail: str, seconds: float) -> Outcome:
-    """Move a new record into the run folder; report ok, reused or failed."""
-    produced = cell.workdir / cell.record.name if cell.record else None
-    status = "ok" if rc == 0 else "failed"
-    if produced is not None and produced.exists():
-        if cell.seeded and filecmp.cmp(produced, cell.record, shallow=False):
-            produced.unlink()
-            status = "reused" if rc == 0 else status
-        else:  # a finished record, even if the child failed afterwards
-            os.replace(produced, cell.record)
-    if rc == 0 and cell.record is not None and not cell.record.exists():
-        rc, status, tail = 1, "failed", tail + "\nthe run exited 0 but left no record"
-    if cell.record is not None:  # the pipeline's failed-cell note, where a single-process run would have it
-        note = cell.record.with_name(cell.record.name[: -len(".json")] + FAILED_NOTE)
-        if rc == 0:
-            note.unlink(missing_ok=True)
-        elif (cell.workdir / note.name).exists():
-            os.replace(cell.workdir / note.name, note)
-    if rc == 0 and cell.record is not None:
-        shutil.rmtree(cell.workdir, ignore_errors=True)  # its summary.csv; nothing left to resume
-    record = str(cell.record if cell.record else cell.workdir) if rc == 0 else None
-    return Outcome(cell.name, status, round(seconds, 2), rc, record, str(cell.log), None if rc == 0 else _error(rc, tail))
-
-
-def _error(rc: int, tail: str) -> str:
-    lines = [ln for ln in tail.splitlines() if ln.strip()]
-    if rc < 0:
-        return f"killed by signal {-rc} (out of memory?)" + (f"; last output: {lines[-1]}" if lines else "")
-    return "\n".join(lines[-12:]) or f"exit status {rc}, no output"
-
-
-# --- backends -----------------------------------------------------------------------------------
-
-class LocalBackend:
-    """A thread pool; each thread waits on its cell's process. Where cells use GPUs, thread i owns GPU i mod n."""
-
-    name = "local"
-
-    def __init__(self, workers: int, gpus: list[str]) -> None:
-        self.workers, self.gpus = workers, gpus
-        self._ids = itertools.count()
-        self._mine = threading.local()
-
-    def _claim_gpu(self) -> None:
-        self._mine.gpu = self.gpus[next(self._ids) % len(self.gpus)] if self.gpus else None
-
-    def _run(self, cell: Cell, cwd: str, env: dict[str, str]):
-        if self._mine.gpu is not None:
-            env = {**env, "CUDA_VISIBLE_DEVICES": self._mine.gpu}
-        return run_cell(cell.argv, cwd, env, str(cell.log))
-
-    def map(self, cells: list[Cell], cwd: str, env: dict[str, str]):
-        """Yield (cell, (rc, tail, seconds)) as cells finish."""
-        with cf.ThreadPoolExecutor(max_workers=self.workers, initializer=self._claim_gpu) as pool:
-            futures = {pool.submit(self._run, c, cwd, env): c for c in cells}
-            for fut in cf.as_completed(futures):
-                yield futures[fut], _result(fut.result)
-
-    def close(self) -> None:
-        pass
-
-
-class RayBackend:
-    """One Ray task per cell on a local Ray instance (`num_cpus=workers`) or the cluster at RAY_ADDRESS."""
-
-    name = "ray"
-
-    def __init__(self, workers: int, want_gpus: bool) -> None:
-        import ray
-
-        self.ray = ray
-        t0 = time.perf_counter()
-        self.address = os.environ.get("RAY_ADDRESS")
-        if self.address:  # a running cluster: its resources are its own
-            ray.init(log_to_driver=False)
-        else:  # a private local instance, as small as it can be on a laptop
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        self.init_s = time.perf_counter() - t0
-        self.gpus = int(ray.cluster_resources().get("GPU", 0)) if want_gpus else 0
-        self.task = ray.remote(run_cell).options(**({"num_gpus": 1} if self.gpus else {"num_cpus": 1}), max_retries=0)
-
-    def map(self, cells: list[Cell], cwd: str, env: dict[str, str]):
-        refs = {self.task.remote(c.argv, cwd, env, str(c.log)): c for c in cells}
-        pending = list(refs)
-        while pending:
-            done, pending = self.ray.wait(pending, num_returns=1)
-            for ref in done:  # a task Ray itself gave up on (e.g. its memory monitor killed it) fails that cell only
-                yield refs[ref], _result(lambda ref=ref: self.ray.get(ref))
-
-    def close(self) -> None:
-        self.ray.shutdown()
-
-
-def _result(get) -> tuple[int, str, float]:
-    """A cell's (exit status, log tail, seconds), or a failure when the engine could not run it."""
-    try:
-        return get()
-    except Exception as e:  # any engine error fails this cell, not the sweep
-        return 1, f"{type(e).__name__}: {e}", 0.0
-
-
-def _backend(name: str, workers: int, plan: Plan, gpus: list[str]):
-    if name in ("auto", "ray"):
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            if name == "ray":
-                raise UsageError("--backend ray: Ray is not installed; pip install ray (or pip install -e '.[sweep]'), "
-                                 "or use --backend local") from None
-        else:
-            return RayBackend(workers, plan.uses_gpu)
-    return LocalBackend(workers, gpus)
-
-
 # --- the sweep ----------------------------------------------------------------------------------
 
 def main(argv: list[str]) -> int:
@@ -401,11 +96,11 @@ def main(argv: list[str]) -> int:
 def _sweep(args, plan: Plan, started: float) -> int:
     from harness.store import lock
 
-    gpus = _local_gpus() if plan.uses_gpu and not os.environ.get("RAY_ADDRESS") else []
-    workers = args.workers or (len(gpus) if gpus else max(1, _cores() // 2))
-    backend = _backend(args.backend, workers, plan, gpus)
+    gpus = local_gpus() if plan.uses_gpu and not os.environ.get("RAY_ADDRESS") else []
+    workers = args.workers or (len(gpus) if gpus else max(1, cores() // 2))
+    backend = make_backend(args.backend, workers, plan, gpus)
     cwd = os.getcwd()
-    threads = max(1, _cores() // min(workers, len(plan.cells)))
+    threads = max(1, cores() // min(workers, len(plan.cells)))
     # OMP_NUM_THREADS is what torch starts with: N cells of T threads share the cores instead of N × all of them
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1", **lock.child_env()}
     info: dict[str, Any] = {"backend": backend.name, "workers": workers, "threads_per_cell": threads}
@@ -423,7 +118,7 @@ def _sweep(args, plan: Plan, started: float) -> int:
             if any(o.status == "failed" for o in outcomes):
                 outcomes.append(Outcome("latency", "skipped", error="not run: a quality cell failed"))
             else:  # alone, with every core
-                lat_env = {**env, "OMP_NUM_THREADS": str(_cores()), "MKL_NUM_THREADS": str(_cores())}
+                lat_env = {**env, "OMP_NUM_THREADS": str(cores()), "MKL_NUM_THREADS": str(cores())}
                 outcomes += _run_cells(backend, [plan.latency], cwd, lat_env, args.quiet, settle=False)
     finally:
         backend.close()
@@ -460,18 +155,19 @@ def _report(report_argv: list[str], blocked: bool) -> Outcome:
         rc, err = 2, str(e)
     return Outcome("report", "ok" if rc == 0 else "failed", round(time.perf_counter() - t0, 2), rc, error=err)
 
+
 def _run_cells(backend, cells: list[Cell], cwd: str, env: dict[str, str], quiet: bool, settle: bool) -> list[Outcome]:
     from tqdm import tqdm
 
     for c in cells:
         if c.record is not None:
-            _seed(c)
+            seed_cell(c)
     outcomes = []
     with tqdm(total=len(cells), disable=quiet, file=sys.stderr, unit="cell", leave=False) as bar:
         for i, (cell, (rc, tail, seconds)) in enumerate(backend.map(cells, cwd, env), 1):
-            o = _settle(cell, rc, tail, seconds) if settle else \
+            o = settle_cell(cell, rc, tail, seconds) if settle else \
                 Outcome(cell.name, "ok" if rc == 0 else "failed", round(seconds, 2), rc, str(cell.workdir) if rc == 0 else None,
-                        str(cell.log), None if rc == 0 else _error(rc, tail))
+                        str(cell.log), None if rc == 0 else error_text(rc, tail))
             outcomes.append(o)
             detail = o.error.splitlines()[-1] if o.error else (o.record or "")
             bar.write(f"[{i}/{len(cells)}] {o.cell}: {o.status} in {seconds:.1f}s  {detail}", file=sys.stderr)

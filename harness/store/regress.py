@@ -24,7 +24,7 @@ LATENCY_METRICS = ("ttft_ms_p50", "tpot_ms_p50")
 DENSE = "unpruned"  # the denominator of every latency ratio
 # Allowed worsening of a plan's ratio to unpruned, as a fraction of the reference ratio. Ratios of
 # p50s moved by 0.5-1.9x between reruns of the CI latency spec on a 2-core machine whose other jobs
-# started and stopped between the methods (README, "Regression checks"); ratios of the fastest
+# started and stopped between the methods (docs/specs.md, "Regression checks"); ratios of the fastest
 # repeat are less exposed, and 1.5x still catches a plan that became clearly slower relative to
 # unpruned (a test doubles one). Not justified by quiet repeated runs yet: none were possible here.
 RATIO_TOLERANCE = 0.5

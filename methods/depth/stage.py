@@ -120,7 +120,7 @@ def wrapper(base: type[RankedDepthMethod]) -> type[StageAware]:
 
 
 def doc_row(bases: list[str]) -> tuple[str, str, str]:
-    """The `stage:<base>` row of README.md's methods table (methods/catalog.py)."""
+    """The `stage:<base>` row of docs/methods.md's methods table (methods/catalog.py)."""
     d = dict(STAGE_OPTIONS)
     return (f"first `k_prefill` blocks (default {d['k_prefill']}) of the base's removal order "
             f"(`base` = {', '.join(f'`{b}`' for b in bases)})", f"first `k_decode` (default {d['k_decode']}) of the same order",

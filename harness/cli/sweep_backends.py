@@ -1,0 +1,196 @@
+"""Running a sweep's cells: one cell's process and how its record is settled into the run folder,
+and the engines that schedule cells (a local thread pool, or Ray). harness/cli/sweep.py drives them."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import filecmp
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.cli.sweep_plan import Cell, Plan
+from harness.errors import UsageError
+
+TAIL_CHARS = 2000  # of a failed cell's log, kept in sweep.json
+FAILED_NOTE = ".failed.json"  # `<method>__<mode>.failed.json`: the pipeline's note on a cell that raised
+
+
+@dataclass
+class Outcome:
+    """What the sweep reports for a cell (one row of the summary table and of sweep.json)."""
+
+    cell: str
+    status: str  # ok, reused, failed or skipped
+    seconds: float | None = None
+    returncode: int | None = None
+    record: str | None = None
+    log: str | None = None
+    error: str | None = None
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def local_gpus() -> list[str]:
+    """GPU ids visible to this process (as CUDA_VISIBLE_DEVICES names them)."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[:n] if visible else [str(i) for i in range(n)]
+
+
+# --- one cell -----------------------------------------------------------------------------------
+
+def run_cell(argv: list[str], cwd: str, env: dict[str, str], log: str) -> tuple[int, str, float]:
+    """Run `python -m harness <argv>` in `cwd`; its output goes to `log`. Returns (exit status, log tail, seconds).
+
+    Runs in a Ray worker or a pool thread; `sys.executable` is that worker's Python (on a cluster
+    node, the node's own environment). `env` is added to the worker's environment, so the
+    GPU Ray assigned (CUDA_VISIBLE_DEVICES) is kept."""
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        rc = subprocess.run([sys.executable, "-m", "harness", *argv], cwd=cwd, env={**os.environ, **env},
+                            stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    seconds = time.perf_counter() - t0
+    text = Path(log).read_text(encoding="utf-8", errors="replace")
+    return rc, text[-TAIL_CHARS:], seconds
+
+
+def seed(cell: Cell) -> None:
+    """Link a finished record into the cell's folder, where the child reuses it (or rejects a different configuration)."""
+    cell.workdir.mkdir(parents=True, exist_ok=True)
+    target = cell.workdir / cell.record.name
+    target.unlink(missing_ok=True)
+    cell.seeded = cell.record.exists()
+    if cell.seeded:
+        try:
+            os.link(cell.record, target)
+        except OSError:  # a filesystem without hard links
+            shutil.copy2(cell.record, target)
+
+
+def settle(cell: Cell, rc: int, tail: str, seconds: float) -> Outcome:
+    """Move a new record into the run folder; report ok, reused or failed."""
+    produced = cell.workdir / cell.record.name if cell.record else None
+    status = "ok" if rc == 0 else "failed"
+    if produced is not None and produced.exists():
+        if cell.seeded and filecmp.cmp(produced, cell.record, shallow=False):
+            produced.unlink()
+            status = "reused" if rc == 0 else status
+        else:  # a finished record, even if the child failed afterwards
+            os.replace(produced, cell.record)
+    if rc == 0 and cell.record is not None and not cell.record.exists():
+        rc, status, tail = 1, "failed", tail + "\nthe run exited 0 but left no record"
+    if cell.record is not None:  # the pipeline's failed-cell note, where a single-process run would have it
+        note = cell.record.with_name(cell.record.name[: -len(".json")] + FAILED_NOTE)
+        if rc == 0:
+            note.unlink(missing_ok=True)
+        elif (cell.workdir / note.name).exists():
+            os.replace(cell.workdir / note.name, note)
+    if rc == 0 and cell.record is not None:
+        shutil.rmtree(cell.workdir, ignore_errors=True)  # its summary.csv; nothing left to resume
+    record = str(cell.record if cell.record else cell.workdir) if rc == 0 else None
+    return Outcome(cell.name, status, round(seconds, 2), rc, record, str(cell.log), None if rc == 0 else error_text(rc, tail))
+
+
+def error_text(rc: int, tail: str) -> str:
+    lines = [ln for ln in tail.splitlines() if ln.strip()]
+    if rc < 0:
+        return f"killed by signal {-rc} (out of memory?)" + (f"; last output: {lines[-1]}" if lines else "")
+    return "\n".join(lines[-12:]) or f"exit status {rc}, no output"
+
+
+# --- backends -----------------------------------------------------------------------------------
+
+class LocalBackend:
+    """A thread pool; each thread waits on its cell's process. Where cells use GPUs, thread i owns GPU i mod n."""
+
+    name = "local"
+
+    def __init__(self, workers: int, gpus: list[str]) -> None:
+        self.workers, self.gpus = workers, gpus
+        self._ids = itertools.count()
+        self._mine = threading.local()
+
+    def _claim_gpu(self) -> None:
+        self._mine.gpu = self.gpus[next(self._ids) % len(self.gpus)] if self.gpus else None
+
+    def _run(self, cell: Cell, cwd: str, env: dict[str, str]):
+        if self._mine.gpu is not None:
+            env = {**env, "CUDA_VISIBLE_DEVICES": self._mine.gpu}
+        return run_cell(cell.argv, cwd, env, str(cell.log))
+
+    def map(self, cells: list[Cell], cwd: str, env: dict[str, str]):
+        """Yield (cell, (rc, tail, seconds)) as cells finish."""
+        with cf.ThreadPoolExecutor(max_workers=self.workers, initializer=self._claim_gpu) as pool:
+            futures = {pool.submit(self._run, c, cwd, env): c for c in cells}
+            for fut in cf.as_completed(futures):
+                yield futures[fut], _result(fut.result)
+
+    def close(self) -> None:
+        pass
+
+
+class RayBackend:
+    """One Ray task per cell on a local Ray instance (`num_cpus=workers`) or the cluster at RAY_ADDRESS."""
+
+    name = "ray"
+
+    def __init__(self, workers: int, want_gpus: bool) -> None:
+        import ray
+
+        self.ray = ray
+        t0 = time.perf_counter()
+        self.address = os.environ.get("RAY_ADDRESS")
+        if self.address:  # a running cluster: its resources are its own
+            ray.init(log_to_driver=False)
+        else:  # a private local instance, as small as it can be on a laptop
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        self.init_s = time.perf_counter() - t0
+        self.gpus = int(ray.cluster_resources().get("GPU", 0)) if want_gpus else 0
+        self.task = ray.remote(run_cell).options(**({"num_gpus": 1} if self.gpus else {"num_cpus": 1}), max_retries=0)
+
+    def map(self, cells: list[Cell], cwd: str, env: dict[str, str]):
+        refs = {self.task.remote(c.argv, cwd, env, str(c.log)): c for c in cells}
+        pending = list(refs)
+        while pending:
+            done, pending = self.ray.wait(pending, num_returns=1)
+            for ref in done:  # a task Ray itself gave up on (e.g. its memory monitor killed it) fails that cell only
+                yield refs[ref], _result(lambda ref=ref: self.ray.get(ref))
+
+    def close(self) -> None:
+        self.ray.shutdown()
+
+
+def _result(get) -> tuple[int, str, float]:
+    """A cell's (exit status, log tail, seconds), or a failure when the engine could not run it."""
+    try:
+        return get()
+    except Exception as e:  # any engine error fails this cell, not the sweep
+        return 1, f"{type(e).__name__}: {e}", 0.0
+
+
+def make_backend(name: str, workers: int, plan: Plan, gpus: list[str]):
+    if name in ("auto", "ray"):
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            if name == "ray":
+                raise UsageError("--backend ray: Ray is not installed; pip install ray (or pip install -e '.[sweep]'), "
+                                 "or use --backend local") from None
+        else:
+            return RayBackend(workers, plan.uses_gpu)
+    return LocalBackend(workers, gpus)

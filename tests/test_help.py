@@ -1,0 +1,64 @@
+"""`python -m harness --help` lists every command and every method without importing torch (a
+generated list, harness/cli/methods_help.py, stands in for the registry), so it answers at once."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+# builds the top-level help in a fresh process, as `python -m harness --help` does, and reports
+# which heavy libraries that imported
+PROBE = """
+import contextlib, io, json, sys
+from harness.cli import main
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    try:
+        main([*sys.argv[1:], "--help"])
+    except SystemExit:
+        pass
+print(json.dumps({"help": out.getvalue(), "loaded": [m for m in ("torch", "transformers", "lm_eval", "pandas", "methods")
+                                                       if m in sys.modules]}))
+"""
+
+
+def help_in_fresh_process(*command: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "HARNESS_PLUGINS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", PROBE, *command], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_top_level_help_imports_no_torch_and_lists_every_command_and_method():
+    from harness.cli import COMMANDS
+    from harness.cli.run import COMMAND_SUMMARIES
+
+    got = help_in_fresh_process()
+    assert got["loaded"] == [], f"--help imported {got['loaded']}"
+    text = got["help"]
+    assert set(COMMAND_SUMMARIES) == set(COMMANDS)
+    commands = text.split("\ncommands (", 1)[1]
+    assert all(f"\n  {name} " in commands for name in COMMANDS)
+    from methods import catalog
+
+    listed = [c.name for c in catalog.builtin() if f"\n  {c.name} " not in text]
+    assert not listed, f"--help lacks {listed} (run python -m methods.catalog --write)"
+
+
+def test_every_command_help_imports_no_torch():
+    from harness.cli import COMMANDS
+
+    for name in COMMANDS:
+        got = help_in_fresh_process(name)
+        assert "torch" not in got["loaded"] and "usage: python -m harness" in got["help"], name
+
+
+def test_the_generated_help_is_the_live_one_without_plugins():
+    from harness.cli.methods_help import TEXT
+    from methods.catalog import help_text
+
+    assert TEXT == help_text(builtin_only=True)
