@@ -54,6 +54,9 @@ def main() -> int:
 
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
     shared = None
+    from methods.pdtrim import method as pdtrim_module
+
+    pdtrim_module._SHARED_STATES.clear()  # a fresh search: nothing from an earlier one in this process
     for seed in seeds:
         opts = dict(raw) if seed is None else {**raw, "anneal_seed": str(seed)}
         method = cls(build_options(cls.Config, "pdtrim", opts))

@@ -128,3 +128,15 @@ def pd_kl_from_scratch(model, prompts, conts, rd, rp):
         total += float(F.kl_div(student, teacher, log_target=True, reduction="sum"))
         count += len(c)
     return total / count
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pdtrim_search_states():
+    """PDTrim shares one search state per (model, calibration, search options) within a process
+    (swept k read one greedy path); tests start without one, so their work counts are their own."""
+    import sys
+
+    mod = sys.modules.get("methods.pdtrim.method")
+    if mod is not None:
+        mod._SHARED_STATES.clear()
+    yield

@@ -56,3 +56,25 @@ def test_sensitivity_on_fewer_sequences_is_recorded_as_such(deep, calib):
     assert p.info["search_sequences"]["sensitivity_sequences"] == 4
     assert p.info["work"]["sensitivity_evaluations"] == 2 * 12
     assert len(p.info["stage_sensitivity"]["prefill"]) == 12
+
+
+def test_a_depth_sweep_extends_one_greedy_path(deep, calib):
+    """`k_decode=5` then `k_decode=3` (new instances, as sweep cells are): the second is read off the
+    first's greedy path with no objective evaluation, and equals a search from scratch."""
+    from methods.pdtrim import method as pm
+
+    model = deep[0]
+    pm._SHARED_STATES.clear()
+    deep_plan = plan(model, calib, "disaggregated", k_decode=5)
+    short = plan(model, calib, "disaggregated", k_decode=3)
+    assert short.info["work"]["this_mode"]["evaluations"] == 0
+    first_step = deep_plan.info["search_trace"]["decode_k5"][0]["removed"]
+    assert short.removed_decode == tuple(sorted({*deep_plan.removed_prefill, first_step}))
+    pm._SHARED_STATES.clear()
+    fresh = plan(model, calib, "disaggregated", k_decode=3)
+    assert (fresh.removed_prefill, fresh.removed_decode) == (short.removed_prefill, short.removed_decode)
+    assert fresh.info["objective"] == short.info["objective"]
+    assert fresh.info["work"]["this_mode"]["evaluations"] > 0
+    # options the search reads are part of the key: another seed is another search
+    other = plan(model, calib, "disaggregated", k_decode=3, seed=1)
+    assert other.info["work"]["this_mode"]["evaluations"] > 0

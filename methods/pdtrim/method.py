@@ -36,6 +36,11 @@ from methods.depth.blocks import block_cosines
 from methods.registry import register
 
 READING = "PDTRIM.md section 2 (harness reading v1)"
+# The options a search state's values depend on (block scores, sets, objective values, step-1 priors);
+# the rest (k_*, KV selection, annealing, healing) only choose what to read from it.
+SEARCH_FIELDS = ("d_t", "search_samples", "max_cont", "batch_size", "batch_tokens", "seed", "sensitivity",
+                 "sensitivity_samples", "lazy", "min_exact")
+_SHARED_STATES: dict[tuple, _SearchState] = {}
 
 
 @register
@@ -172,9 +177,18 @@ class PDTrim(Method):
         return plan.replace(info={**plan.info, "healing": info})
 
     def _search_state(self, model, calib) -> _SearchState:
-        key = content_key(model, calib)
-        if self._state is None or self._state.key != key:  # one search state serves both modes
-            self._state = _SearchState(key, model, calib, self.config)
+        """The search state for (model, calibration set, search options), shared by both modes and by
+        every instance in this process whose options differ only in what the search does not read
+        (block counts, KV selection, annealing, healing): a swept `k_decode=4,6,8` extends one greedy
+        path, its shorter prefixes answered from the memoised objective values without a forward."""
+        key = (*content_key(model, calib), *(getattr(self.config, f) for f in SEARCH_FIELDS))
+        if self._state is None or self._state.key != key:
+            hit = _SHARED_STATES.get(key)
+            if hit is None:
+                hit = _SearchState(key, model, calib, self.config)
+                _SHARED_STATES.clear()  # one held at a time: it keeps the teacher and every layer's input
+                _SHARED_STATES[key] = hit
+            self._state = hit
         return self._state
 
     def _select_kv_layers(self, model, calib, plan: PruningPlan) -> tuple[PruningPlan, dict]:
