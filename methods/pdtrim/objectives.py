@@ -114,11 +114,19 @@ class StageObjective:
         # the lowest-valued candidate since the base last moved: (value, set(s), per-batch layer inputs)
         self._pbest: tuple[float, frozenset, list[dict]] | None = None
         self._dbest: tuple[float, tuple[frozenset, frozenset], list[dict]] | None = None
-        all_layers = tuple(range(self.n_layers))
-        with torch.inference_mode():
-            for b in self.batches:  # the dense teacher, once
-                h = run_layers(model, all_layers, b.full.ids, b.full.positions, b.full.valid, PDCache(retain=()))
-                b.teacher = F.log_softmax(final_logits(model, h[b.rows, b.cols]), dim=-1)
+        self._dense_forward()
+
+    @torch.inference_mode()
+    def _dense_forward(self) -> None:
+        """The dense teacher, once; the same forward's layer inputs are the first prefill base."""
+        all_layers, per_batch = tuple(range(self.n_layers)), []
+        for b in self.batches:
+            inputs: dict = {}
+            h = run_layers(self.model, all_layers, b.full.ids, b.full.positions, b.full.valid, PDCache(retain=()),
+                           collect=inputs)
+            b.teacher = F.log_softmax(final_logits(self.model, h[b.rows, b.cols]), dim=-1)
+            per_batch.append(self._complete(inputs, h))
+        self._pbase = (frozenset(), per_batch)
 
     def _make_batch(self, prompts: list[list[int]], conts: list[list[int]]) -> _Batch:
         full = pad_tokens([p + c[:-1] for p, c in zip(prompts, conts)], self.device)
