@@ -91,8 +91,8 @@ def run_parser() -> argparse.ArgumentParser:
                         "records it holds lm_eval/METHOD__MODE/results_<timestamp>.json in lm-eval's results schema")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and lm-eval (default: 0)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=batch_size_arg, default=16, metavar="N|auto|auto:N",
-                   help="requests per forward, or as lm-eval's --batch_size: auto (the largest size from 64 down, halved on "
-                        "out-of-memory, that runs each task's longest request; on CPU a fixed 16) or auto:N (searched again "
+                   help="requests per forward, or as lm-eval's --batch_size: auto (the largest size from 64 down, shrunk on "
+                        "out-of-memory as lm-eval does, that runs each task's longest request; on CPU a fixed 16) or auto:N (searched again "
                         "N times as requests get shorter); the size used is in each record (default: 16)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")

@@ -1,7 +1,8 @@
 """`--batch-size auto` / `auto:N`: the largest batch that runs, found the way lm-eval's HFLM finds it.
 
-HFLM (`batch_size="auto"`) runs its longest request at `max_batch_size` (64) and halves on every
-out-of-memory error (accelerate's `find_executable_batch_size`); `auto:N` searches again N times as
+HFLM (`batch_size="auto"`) runs its longest request at `max_batch_size` (64) and shrinks the size on
+every out-of-memory error by accelerate's `find_executable_batch_size` step (x0.9 in accelerate 1.x;
+halving in older versions), so both pick the same size; `auto:N` searches again N times as
 the length-sorted requests get shorter. The harness does the same through its own scoring path (so a
 disaggregated cell's prefill, handoff and decode all fit), once per lm-eval request list (one task).
 On a CPU nothing runs out of memory usefully, so `auto` is the fixed `CPU_AUTO_BATCH` there.
@@ -37,7 +38,8 @@ def search_points(n_requests: int, times: int) -> list[int]:
 
 
 def fit_batch_size(probe: Callable[[int], None], start: int) -> int:
-    """Largest size from `start`, halving on out-of-memory errors, at which `probe(size)` runs; 1 if none."""
+    """Largest size from `start` down, in accelerate's steps on out-of-memory errors, at which `probe(size)` runs;
+    1 if none does. Other errors propagate."""
     from accelerate.utils import find_executable_batch_size
 
     @find_executable_batch_size(starting_batch_size=start)

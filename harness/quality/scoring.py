@@ -103,7 +103,7 @@ class Scorer:
     def _size_for(self, ctx: list[int], cont: list[int]) -> int:
         """The batch size for requests up to this long: fixed, or found by `--batch-size auto` on a GPU."""
         size = self.batch_size
-        if self.auto_times and self.device.type == "cuda":
+        if self.auto_times:  # 0 on a CPU (autobatch.parse): a fixed size there
             key = (len(ctx), len(cont), self.batch_size)
             if key not in self._fitted:
                 self._fitted[key] = autobatch.fit_batch_size(lambda n: self._probe(ctx, cont, n), self.batch_size)
