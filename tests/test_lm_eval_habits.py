@@ -45,6 +45,17 @@ def test_spec_keys_stay_our_names():
     keys = set(_spec_actions(run_parser()))
     assert {"out", "batch_size", "num_fewshot", "log_samples", "model_args", "apply_chat_template"} <= keys
     assert "output_path" not in keys
+    from pathlib import Path
+
+    from harness.cli.spec import Spec, to_argv, to_namespace
+
+    spec = Spec(Path("s.toml"), {"run": {"apply_chat_template": True, "batch_size": "auto:2", "limit": 0.5,
+                                         "model_args": "revision=main", "out": "o"}})
+    ns = to_namespace(spec, "run", run_parser())
+    assert (ns.apply_chat_template, ns.batch_size, ns.limit, ns.model_args, str(ns.out)) == (True, "auto:2", 0.5, "revision=main", "o")
+    assert vars(run_parser().parse_args(to_argv(spec, "run", run_parser()))) == vars(ns)
+    off = Spec(Path("s.toml"), {"run": {"apply_chat_template": False}})
+    assert to_namespace(off, "run", run_parser()).apply_chat_template is False and to_argv(off, "run", run_parser()) == []
 
 
 @pytest.mark.parametrize("args, message", [

@@ -117,6 +117,8 @@ def to_argv(spec: Spec, section: str, parser: argparse.ArgumentParser, replace: 
                 raise UsageError(f"{spec.path} [{section}]: {key} must be true or false, got {v!r}")
             if v == isinstance(act, argparse._StoreTrueAction):
                 argv.append(flag)
+        elif act.nargs == "?" and act.const is not None and isinstance(v, bool):
+            argv += [flag] if v else []  # a flag with an optional value: true = the flag alone
         elif isinstance(act, argparse._AppendAction):
             for item in v if isinstance(v, list) else [v]:
                 argv += [flag, str(item)]
@@ -136,6 +138,8 @@ def _convert(act: argparse.Action, v: Any, where: str) -> Any:
         if not isinstance(v, bool):
             raise UsageError(f"{where} must be true or false, got {v!r}")
         return v
+    if act.nargs == "?" and act.const is not None and isinstance(v, bool):  # a flag with an optional value
+        return act.const if v else act.default  # (--apply-chat-template [NAME]): true = the flag alone
     if isinstance(v, (dict, bool)) or (isinstance(v, list) and any(isinstance(x, (dict, list, bool)) for x in v)):
         raise UsageError(f"{where} must be a number, a string or a list of them, got {v!r}")
     if isinstance(act, argparse._AppendAction) or act.nargs in ("+", "*"):
