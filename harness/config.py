@@ -32,10 +32,12 @@ class RunConfig:
     model: str = "smollm2-135m"
     methods: tuple[str, ...] = DEFAULT_METHODS
     tasks: tuple[str, ...] = DEFAULT_TASKS
-    limit: int | None = DEFAULT_LIMIT  # lm-eval per-task cap (per subtask for groups); None = full split
+    # lm-eval per-task cap (per subtask for groups): a count, or a fraction (0 < x < 1) of each task's items
+    # (lm-eval's rule, ceil(n * x)); None = full split
+    limit: int | float | None = DEFAULT_LIMIT
     modes: tuple[str, ...] = ("unified", "disaggregated")
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int | str = 16  # requests per forward, or "auto" / "auto:N" (the size found is in each record)
     device: str = "auto"
     dtype: str = "auto"
     data_dir: str | None = None
@@ -43,6 +45,8 @@ class RunConfig:
     bootstrap_iters: int = 1000  # lm-eval bootstrap for stderr of non-mean metrics (perplexities)
     num_fewshot: int = 0  # lm-eval few-shot examples per item (sampled with fewshot_random_seed = seed)
     plans_from: str | None = None  # reuse plans stored in these records when method, options and calibration match
+    apply_chat_template: bool | str = False  # lm-eval's: wrap prompts in the tokenizer's (or this named) chat template
+    model_args: str | None = None  # "key=value,..." from_pretrained options (harness.pd.models.MODEL_ARGS), sorted
     overrides: tuple[str, ...] = ()  # raw --set items, scoped "method.field=value", "calib.field=value" or "task.field=value"
     # accelerate big-model placement (--device-map auto): where weights live, not what is computed
     device_map: str | None = None
@@ -55,6 +59,12 @@ class RunConfig:
         from harness.pd.models import Placement
 
         return Placement.parse(self.device_map, self.max_memory, self.offload_folder)
+
+    def model_arg_dict(self) -> dict[str, Any]:
+        """`model_args` parsed for `load_model` ({} when unset)."""
+        from harness.pd.models import parse_model_args
+
+        return parse_model_args(self.model_args)
 
     def identity(self, method: str, mode: str, method_options: dict, calib: dict | None, task_options: dict | None = None) -> str:
         """Content hash of what determines one (method, mode) record."""
@@ -70,8 +80,9 @@ class RunConfig:
         """The fields that name a run; fields added later with their default left out, so the keys
         of runs that do not use them stay what they were."""
         d = dataclasses.asdict(self)
-        if d["num_fewshot"] == 0:
-            del d["num_fewshot"]
+        for name, default in (("num_fewshot", 0), ("apply_chat_template", False), ("model_args", None)):
+            if d[name] == default:
+                del d[name]
         return d
 
     def run_id(self) -> str:

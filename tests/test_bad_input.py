@@ -128,7 +128,7 @@ CASES = [
     ("model-dir-no-config", lambda t, d, r: [*ONE_CELL[5:], "--model", (t / "m").mkdir() or t / "m", "--device", "cpu"],
      "could not load it: no config.json in that folder"),
     ("spec-run-config-key", lambda t, d, r: ["--config", _spec(t, '[run]\nconfig = "x.toml"\nout = "o"\n')],
-     "[run]: unknown key 'config' (a spec cannot name another spec); known keys: batch_size"),
+     "[run]: unknown key 'config' (a spec cannot name another spec); known keys: apply_chat_template, batch_size"),
     ("spec-unknown-key-lists-set", lambda t, d, r: ["--config", _spec(t, '[run]\nmetods = ["a"]\nout = "o"\n')],
      "quiet, seed, set, tasks"),
     # item 5: report validates records on load (the only record being bad leaves nothing to report)

@@ -32,7 +32,7 @@ TINY = ["--model", "random:tiny", "--device", "cpu", "-q"]
                                         + ", ".join(n for n in methods.names() if ":" not in n) + "; "),
         (["--tasks", "arc_easy,nosuchtask"], "unknown task(s) nosuchtask; tasks with local data: arc_challenge"),
         (["--tasks", ","], "--tasks is empty"),
-        (["--limit", "-3"], "expected a positive integer or 'all', got -3"),
+        (["--limit", "-3"], "expected a positive integer, a fraction between 0 and 1 (exclusive) or 'all', got -3"),
         (["--set", "shortgpt.k"], "expected SCOPE.OPTION=VALUE"),
         (["--set", "shortgpt.q=1"], "shortgpt has no option 'q'; options: k, batch_size"),
         (["--set", "shortgpt.k=two"], "--set shortgpt.k=two: expected int"),
@@ -142,7 +142,7 @@ def test_num_fewshot_reaches_lm_eval_and_the_run_key(data_dir, tmp_path, cli):
     assert "num_fewshot" not in RunConfig()._canonical() and RunConfig(num_fewshot=1).run_id() != RunConfig().run_id()
     assert dataclasses.asdict(RunConfig())["num_fewshot"] == 0
     r = cli(*TINY, "--num-fewshot", "-1", "--tasks", "arc_easy", "--out", str(tmp_path / "bad"), data_dir=data_dir)
-    assert r.returncode == 2 and "argument --num-fewshot: expected an integer >= 0, got '-1'" in r.stderr
+    assert r.returncode == 2 and "argument --num-fewshot/--num_fewshot: expected an integer >= 0, got '-1'" in r.stderr
 
 
 def test_default_run_folders_are_readable_and_resume(tmp_path, monkeypatch):

@@ -54,13 +54,41 @@ def nonneg_float(s: str) -> float:
     return x
 
 
-def limit_arg(s: str) -> int | None:
+def limit_arg(s: str) -> int | float | None:
+    """`--limit`: 'all' (None), a count of items (int >= 1) or, as in lm-eval, a fraction of each
+    task's items (0 < x < 1); a whole number written as a float (`100.0`) is that count."""
     if s.lower() in ("all", "none", "full"):
         return None
     try:
+        x = float(s)
+    except ValueError:
+        x = math.nan
+    if math.isfinite(x) and x >= 1 and x == int(x):
+        return int(x)
+    if 0 < x < 1:
+        return x
+    raise argparse.ArgumentTypeError(f"expected a positive integer, a fraction between 0 and 1 (exclusive) or 'all', got {s}")
+
+
+AUTO_BATCH = "auto"
+
+
+def batch_size_arg(s: str) -> int | str:
+    """`--batch-size`: a positive integer, `auto` (the largest size that fits, found on the longest
+    request) or `auto:N` (found again N times as requests get shorter), lm-eval's spellings."""
+    low = s.strip().lower()
+    if low == AUTO_BATCH:
+        return AUTO_BATCH
+    if low.startswith(AUTO_BATCH + ":"):
+        try:
+            return f"{AUTO_BATCH}:{positive_int(low.split(':', 1)[1])}"
+        except argparse.ArgumentTypeError:
+            pass
+        raise argparse.ArgumentTypeError(f"expected auto:N with N a positive integer, got {s!r}")
+    try:
         return positive_int(s)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {s}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive integer, 'auto' or 'auto:N', got {s!r}") from None
 
 
 def float_list(s: str) -> tuple[float, ...]:

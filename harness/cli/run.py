@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.cli.flags import MODES, csv_list, limit_arg, nonneg_int, positive_int
+from harness.cli.flags import MODES, batch_size_arg, csv_list, limit_arg, nonneg_int, positive_int
 from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, LONG_TASKS, STANDARD_TASKS, RunConfig, expand_tasks
 from harness.errors import UsageError
 from harness.run.quiet import quiet_libraries
@@ -60,6 +60,10 @@ COMMAND_SUMMARIES = {
 }
 
 
+# harness.pd.models.MODEL_ARGS without importing torch for --help (tests/test_lm_eval_habits.py checks they agree)
+MODEL_ARG_NAMES = ("revision", "attn_implementation", "trust_remote_code")
+
+
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m harness",
@@ -80,30 +84,45 @@ def run_parser() -> argparse.ArgumentParser:
                         f"({', '.join(LONG_TASKS)}), or the aliases standard ({', '.join(STANDARD_TASKS)}) and long "
                         "(default: %(default)s)")
     p.add_argument("--limit", type=limit_arg, default=DEFAULT_LIMIT,
-                   help=f"items per task (per subtask for groups such as mmlu), or 'all' (default: {DEFAULT_LIMIT})")
+                   help=f"items per task (per subtask for groups such as mmlu), a fraction 0 < x < 1 of each task's items "
+                        f"(lm-eval's --limit 0.1: ceil(n·x)), or 'all' (default: {DEFAULT_LIMIT})")
     p.add_argument("--mode", choices=sorted(MODES), default="both", help="PD setting(s) to evaluate (default: both)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE",
                    help="method, calibration or long-context task option, e.g. shortgpt.k=8, calib.n_samples=64, pd_ppl.docs=8 (repeatable)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: results/runs/<run id>)")
+    p.add_argument("--out", "--output_path", dest="out", type=Path, default=None,
+                   help="output folder (default: results/runs/<run id>); --output_path is lm-eval's name. Besides the "
+                        "records it holds lm_eval/METHOD__MODE/results_<timestamp>.json in lm-eval's results schema")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and lm-eval (default: 0)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="requests per forward (default: 16)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=batch_size_arg, default=16, metavar="N|auto|auto:N",
+                   help="requests per forward, or as lm-eval's --batch_size: auto (the largest size from 64 down, shrunk on "
+                        "out-of-memory as lm-eval does, that runs each task's longest request; on CPU a fixed 16) or auto:N (searched again "
+                        "N times as requests get shorter); the size used is in each record (default: 16)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     placement_flags(p)
     p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"),
                    help="folder laid out like ../shared/data (default: $HARNESS_DATA_DIR; unset = lm-eval's hub datasets)")
     p.add_argument("--max-length", type=positive_int, default=None, help="context length (default: the model's, as lm-eval resolves it)")
-    p.add_argument("--num-fewshot", type=nonneg_int, default=0, metavar="N",
-                   help="few-shot examples per item, passed to lm-eval (sampled with the run's --seed; recorded and part of "
-                        "the run key; long-context tasks ignore it) (default: 0)")
+    p.add_argument("--num-fewshot", "--num_fewshot", dest="num_fewshot", type=nonneg_int, default=0, metavar="N",
+                   help="few-shot examples per item, passed to lm-eval as its --num_fewshot (sampled with the run's --seed; "
+                        "recorded and part of the run key; long-context tasks ignore it) (default: 0)")
+    p.add_argument("--apply-chat-template", "--apply_chat_template", dest="apply_chat_template", nargs="?", const=True,
+                   default=False, metavar="TEMPLATE",
+                   help="as lm-eval's --apply_chat_template: wrap each prompt (few-shot examples as turns) in the tokenizer's "
+                        "chat template, or the one named; recorded, and part of the run key when given")
+    p.add_argument("--model-args", "--model_args", dest="model_args", default=None, metavar="KEY=VALUE,...",
+                   help="as lm-eval's --model_args, from_pretrained options: " + ", ".join(MODEL_ARG_NAMES)
+                        + " (e.g. revision=main,attn_implementation=eager); the model itself is --model, its dtype "
+                          "--dtype; recorded, and part of the run key when given")
     p.add_argument("--bootstrap-iters", type=nonneg_int, default=1000,
                    help="lm-eval bootstrap iterations for perplexity stderrs (0: none; default: %(default)s)")
     p.add_argument("--plans-from", default=None, metavar="RUN_DIR",
                    help="reuse plans stored in another run's records where model, seed, method options and calibration "
                         "match (saves a repeated search, e.g. PDTrim's); other plans are made as usual")
-    p.add_argument("--log-samples", action="store_true",
+    p.add_argument("--log-samples", "--log_samples", dest="log_samples", action="store_true",
                    help="also write each evaluated (method, mode, task)'s per-item log, in lm-eval's per-sample JSON-lines format, "
-                        "to OUT/samples/METHOD__MODE/samples_TASK.jsonl (pd_ppl: per-window NLL; passkey: outputs)")
+                        "to OUT/samples/METHOD__MODE/samples_TASK.jsonl (pd_ppl: per-window NLL; passkey: outputs); "
+                        "--log_samples is lm-eval's name")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--config", metavar="SPEC.toml", help="instead of flags: run an experiment spec from configs/ (its quality and "
                    "latency runs, resuming finished records, then its report), e.g. --config configs/ci.toml")
@@ -133,21 +152,25 @@ def check_tasks(tasks: tuple[str, ...], data_dir: str | None) -> None:
 
 def run_config(args: argparse.Namespace) -> RunConfig:
     """The run's configuration from its parsed options (the command line's, a spec section's or the API's)."""
+    from harness.pd.models import model_args_text, parse_model_args
+
     return RunConfig(
         model=args.model, methods=args.methods, tasks=expand_tasks(args.tasks), limit=args.limit, modes=MODES[args.mode],
         seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None, max_length=args.max_length,
         bootstrap_iters=args.bootstrap_iters, num_fewshot=args.num_fewshot, overrides=tuple(args.overrides),
+        apply_chat_template=args.apply_chat_template, model_args=model_args_text(parse_model_args(args.model_args)),
         plans_from=str(Path(args.plans_from).resolve()) if args.plans_from else None,
         device_map=args.device_map, max_memory=args.max_memory,
         offload_folder=str(Path(args.offload_folder).resolve()) if args.offload_folder else None,
     )
 
 
-def warn_small_limit(limit: int | None, threshold_points: float = 3.0) -> None:
+def warn_small_limit(limit: int | float | None, threshold_points: float = 3.0) -> None:
     """Say when --limit leaves an accuracy's standard error above `threshold_points` (lm-eval warns on
-    any --limit): at n items it is up to 100·sqrt(0.25 / n) points, 5 at the default 100."""
-    if limit is None:
+    any --limit): at n items it is up to 100·sqrt(0.25 / n) points, 5 at the default 100. A fraction's
+    count depends on each task's size, so it is not judged here."""
+    if limit is None or limit < 1:
         return
     se = 100 * (0.25 / limit) ** 0.5
     if se > threshold_points:
@@ -215,7 +238,7 @@ def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path) -> int
     from reports.tables import long_context_table, plans_table, quality_table
 
     t0 = time.perf_counter()
-    loaded = load_model(cfg.model, distributed.device_for(cfg.device, dist), cfg.dtype, cfg.seed, placement)
+    loaded = load_model(cfg.model, distributed.device_for(cfg.device, dist), cfg.dtype, cfg.seed, placement, cfg.model_arg_dict())
     ranks = f"; {dist.world_size} data-parallel ranks" if dist.enabled else ""
     if dist.is_main:
         print(f"model {cfg.model} ({loaded.description.get('n_layers')} layers) loaded in {time.perf_counter() - t0:.1f}s; "

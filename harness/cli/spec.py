@@ -66,9 +66,14 @@ def load_spec(path: str | Path) -> Spec:
     return Spec(p, {k: dict(v) for k, v in data.items()})
 
 
+def _flag(action: argparse.Action) -> str:
+    """A flag's own name: its first long option string (`--out`, not its lm-eval alias `--output_path`)."""
+    return next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+
+
 def _spec_key(action: argparse.Action) -> str:
     """The key a spec uses for a flag: its long name with underscores (`--set` -> set, `--plans-from` -> plans_from)."""
-    return max(action.option_strings, key=len).lstrip("-").replace("-", "_")
+    return _flag(action).lstrip("-").replace("-", "_")
 
 
 def _spec_actions(parser: argparse.ArgumentParser, positionals: bool = False) -> dict[str, argparse.Action]:
@@ -106,12 +111,14 @@ def to_argv(spec: Spec, section: str, parser: argparse.ArgumentParser, replace: 
     argv: list[str] = []
     for key, v in _values(spec, section, replace).items():
         act = _action(actions, spec, section, key)
-        flag = max(act.option_strings, key=len)
+        flag = _flag(act)
         if isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if not isinstance(v, bool):
                 raise UsageError(f"{spec.path} [{section}]: {key} must be true or false, got {v!r}")
             if v == isinstance(act, argparse._StoreTrueAction):
                 argv.append(flag)
+        elif act.nargs == "?" and act.const is not None and isinstance(v, bool):
+            argv += [flag] if v else []  # a flag with an optional value: true = the flag alone
         elif isinstance(act, argparse._AppendAction):
             for item in v if isinstance(v, list) else [v]:
                 argv += [flag, str(item)]
@@ -131,6 +138,8 @@ def _convert(act: argparse.Action, v: Any, where: str) -> Any:
         if not isinstance(v, bool):
             raise UsageError(f"{where} must be true or false, got {v!r}")
         return v
+    if act.nargs == "?" and act.const is not None and isinstance(v, bool):  # a flag with an optional value
+        return act.const if v else act.default  # (--apply-chat-template [NAME]): true = the flag alone
     if isinstance(v, (dict, bool)) or (isinstance(v, list) and any(isinstance(x, (dict, list, bool)) for x in v)):
         raise UsageError(f"{where} must be a number, a string or a list of them, got {v!r}")
     if isinstance(act, argparse._AppendAction) or act.nargs in ("+", "*"):

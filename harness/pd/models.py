@@ -55,6 +55,47 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# `--model_args key=value,...` (lm-eval's flag): the from_pretrained options passed through, with their types.
+# A random:<preset> model is built from a config, so only attn_implementation applies to it.
+MODEL_ARGS: dict[str, type] = {"revision": str, "attn_implementation": str, "trust_remote_code": bool}
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def parse_model_args(text: str | None) -> dict[str, Any]:
+    """`revision=main,trust_remote_code=true` -> {"revision": "main", "trust_remote_code": True};
+    unknown keys, repeated keys and bad values are a UsageError naming the accepted ones."""
+    if not text or not text.strip():
+        return {}
+    accepted = ", ".join(f"{k} ({t.__name__})" for k, t in MODEL_ARGS.items())
+    out: dict[str, Any] = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        key, eq, raw = (p.strip() for p in item.partition("="))
+        if not eq or not key or not raw:
+            raise UsageError(f"--model_args {text!r}: expected key=value,... items, e.g. revision=main; accepted keys: {accepted}")
+        if key not in MODEL_ARGS:
+            raise UsageError(f"--model_args: unknown key {key!r}; accepted keys: {accepted} (the model is --model, "
+                             "its dtype --dtype, its placement --device-map)")
+        if key in out:
+            raise UsageError(f"--model_args: {key} given twice")
+        out[key] = _model_arg_value(key, raw)
+    return out
+
+
+def _model_arg_value(key: str, raw: str) -> Any:
+    if MODEL_ARGS[key] is bool:
+        if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise UsageError(f"--model_args {key}={raw}: expected true or false")
+        return raw.lower() in ("true", "1", "yes")
+    if key == "attn_implementation" and raw not in ATTN_IMPLEMENTATIONS:
+        raise UsageError(f"--model_args attn_implementation={raw}: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    return raw
+
+
+def model_args_text(args: dict[str, Any]) -> str | None:
+    """The canonical text of parsed model args (keys sorted, booleans lower-case); None when empty."""
+    return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(args.items())) or None
+
+
 @dataclass(frozen=True)
 class Placement:
     """accelerate big-model placement: `device_map` (auto, balanced, balanced_low_0, sequential),
@@ -160,6 +201,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+# ChatML turns (as SmolLM2-Instruct's template), spelled out in bytes by the byte tokenizer
+BYTE_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def byte_tokenizer(vocab_size: int):
     """A byte-level tokenizer (ids 0-255 = bytes, 256 = <|endoftext|>), built offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -172,7 +218,9 @@ def byte_tokenizer(vocab_size: int):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = BYTE_CHAT_TEMPLATE  # so --apply_chat_template runs on random:<preset> models (tests)
+    return fast
 
 
 def _gpt2_byte_table() -> dict[str, int]:
@@ -201,7 +249,7 @@ def preset_config(preset: str):
 
 
 def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                 placement: Placement | None = None) -> LoadedModel:
+                 placement: Placement | None = None, attn_implementation: str = "sdpa") -> LoadedModel:
     """Seeded random weights in the shape of `preset` (see PRESETS)."""
     from transformers import AutoModelForCausalLM
 
@@ -210,7 +258,7 @@ def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: in
     cfg = preset_config(preset)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(dtype)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation).to(dtype)
     model.eval()
     if placement is not None:
         model = dispatch(model, placement)
@@ -274,24 +322,33 @@ def convert_gguf(gguf: Path) -> Path:
     return out
 
 
-def _from_pretrained(path_or_id: str, dtype: torch.dtype, device: torch.device, placement: Placement | None = None):
+def _from_pretrained(path_or_id: str, dtype: torch.dtype, device: torch.device, placement: Placement | None = None,
+                     model_args: dict[str, Any] | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path_or_id)
+    kw = {"attn_implementation": "sdpa", **(model_args or {})}
+    tok = AutoTokenizer.from_pretrained(path_or_id, **{k: v for k, v in kw.items() if k in ("revision", "trust_remote_code")})
     if placement is not None:  # big-model loading: weights go straight to their devices
-        return AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, attn_implementation="sdpa",
-                                                    **placement.kwargs()).eval(), tok
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kw, **placement.kwargs()).eval(), tok
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kw)
     return model.to(device).eval(), tok
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int = 0,
-               placement: Placement | None = None) -> LoadedModel:
-    """Load a model by spec (see module docstring); every failure is a `UsageError` naming the spec."""
+               placement: Placement | None = None, model_args: dict[str, Any] | None = None) -> LoadedModel:
+    """Load a model by spec (see module docstring); every failure is a `UsageError` naming the spec.
+
+    `model_args` (see MODEL_ARGS) go to `from_pretrained`; they are recorded in the description."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    model_args = dict(model_args or {})
     if spec.startswith("random:"):
-        loaded = random_model(spec.split(":", 1)[1], dt, dev, seed, placement)
+        hub_only = sorted(set(model_args) - {"attn_implementation"})
+        if hub_only:
+            raise UsageError(f"--model_args {', '.join(hub_only)}: a random:<preset> model is built from a config, not "
+                             "loaded; only attn_implementation applies to it")
+        loaded = random_model(spec.split(":", 1)[1], dt, dev, seed, placement, model_args.get("attn_implementation", "sdpa"))
+        loaded.description.update({"model_args": model_args} if model_args else {})
         if placement is not None:
             loaded.description["device_map"] = device_map_summary(loaded.model)
         return _with_dtype(loaded)
@@ -319,13 +376,14 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     try:
         if src is None:
             src = str(convert_gguf(gguf))
-        model, tok = _from_pretrained(src, dt, dev, placement)
+        model, tok = _from_pretrained(src, dt, dev, placement, model_args)
     except UsageError:
         raise
     except Exception as e:
         hint = " (no hub access here? pass a local directory or a .gguf file)" if desc["kind"] == "hub" else ""
         raise UsageError(f"--model {spec}: could not load it: {type(e).__name__}: {str(e)[:300]}{hint}") from e
     desc.update({"class": type(model).__name__, "n_layers": model.config.num_hidden_layers})
+    desc.update({"model_args": model_args} if model_args else {})
     if placement is not None:
         desc["device_map"] = device_map_summary(model)
     return _with_dtype(LoadedModel(model, tok, spec, desc))

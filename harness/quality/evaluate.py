@@ -3,6 +3,7 @@ from local data, lm-eval's results flattened into the record's scores, and per-i
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,6 +12,10 @@ from harness.quality.samples import metric_name, per_item
 
 if TYPE_CHECKING:
     from harness.config import RunConfig
+
+
+# the per-task parts of simple_evaluate's output that its EvaluationTracker writes to results_<timestamp>.json
+LM_EVAL_PARTS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
 
 
 def flatten_results(res: dict[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -64,6 +69,7 @@ def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, 
 
     Under data parallelism lm-eval aggregates on rank 0 only: other ranks get None."""
     from lm_eval import simple_evaluate
+    from lm_eval.utils import handle_non_serializable
 
     from harness.quality.tasks import without_env_report
 
@@ -74,6 +80,7 @@ def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, 
             num_fewshot=cfg.num_fewshot or None,  # None: each task's own default (0 for every task here)
             random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed, log_samples=True, cache_requests=False,  # per-item results: records keep them
+            apply_chat_template=cfg.apply_chat_template,  # False, True (the tokenizer's) or a template name
         )
     if out is None and lm.rank != 0:
         return None
@@ -88,6 +95,9 @@ def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, 
         "samples": samples,  # lm-eval's per-sample logs: written with --log-samples, never stored in the record
         "lm_eval": {"n-shot": out.get("n-shot", {}), "versions": out.get("versions", {}),
                     "higher_is_better": out.get("higher_is_better", {}).get(task, {})},
+        # lm-eval's own results, for the cell's results_<timestamp>.json (harness.quality.lm_eval_json)
+        "lm_eval_results": json.loads(json.dumps({k: out[k] for k in LM_EVAL_PARTS if k in out},
+                                                 default=handle_non_serializable)),  # as the tracker writes them
     }
 
 

@@ -45,7 +45,7 @@ class PDLM(TemplateLM):
         tokenizer,
         plan: PruningPlan,
         mode: str,
-        batch_size: int = 8,
+        batch_size: int | str = 8,
         max_length: int | None = None,
         max_gen_toks: int = 256,
         progress: bool = True,
@@ -112,6 +112,16 @@ class PDLM(TemplateLM):
     @property
     def max_gen_toks(self) -> int:
         return self._max_gen_toks
+
+    # -- chat templates (lm-eval's --apply_chat_template), as HFLM applies them ---------------------
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The few-shot chat rendered by the tokenizer's chat template, as text (HFLM's rule)."""
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}

@@ -26,6 +26,7 @@ from harness.pd.batching import pad_tokens
 from harness.pd.cache import PDCache
 from harness.pd.plan import PruningPlan
 from harness.pd.stages import PrefillOut, StagedModel
+from harness.quality import autobatch
 
 MODES = ("unified", "disaggregated")
 
@@ -83,17 +84,43 @@ class Scorer:
         mode: str,
         *,
         max_length: int,
-        batch_size: int = 8,
+        batch_size: int | str = 8,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "unified" and plan.prefill_layers != plan.decode_layers:
             raise ValueError(f"{plan.method}: unified mode needs one layer set, the plan has two")
         self.model, self.plan, self.mode = model, plan, mode
-        self.max_length, self.batch_size = max_length, batch_size
+        self.max_length = max_length
         self.device = arch.model_device(model)
+        # auto: batch_size is where the search starts (autobatch.parse); long tasks may cap it lower
+        self.batch_size, self.auto_times = autobatch.parse(batch_size, self.device.type)
+        self.sizes_used: list[int] = []  # distinct batch sizes used, in order (the record keeps them per task)
+        self._fitted: dict[tuple[int, int, int], int] = {}
         self.staged = StagedModel(model, plan)
         self.tally = KVTally()
+
+    def _size_for(self, ctx: list[int], cont: list[int]) -> int:
+        """The batch size for requests up to this long: fixed, or found by `--batch-size auto` on a GPU."""
+        size = self.batch_size
+        if self.auto_times:  # 0 on a CPU (autobatch.parse): a fixed size there
+            key = (len(ctx), len(cont), self.batch_size)
+            if key not in self._fitted:
+                self._fitted[key] = autobatch.fit_batch_size(lambda n: self._probe(ctx, cont, n), self.batch_size)
+            size = self._fitted[key]
+        if size not in self.sizes_used:
+            self.sizes_used.append(size)
+        return size
+
+    def _probe(self, ctx: list[int], cont: list[int], n: int) -> None:
+        """Score `n` distinct requests as long as (ctx, cont); the KV they send is not counted."""
+        before = self.tally.as_dict()
+        chunk = autobatch.distinct_copies(ctx, cont, n, self.model.config.vocab_size)
+        try:
+            self._score_unified(chunk) if self.mode == "unified" else self._score_disaggregated(chunk)
+        finally:
+            for k, v in before.items():
+                setattr(self.tally, k, v)
 
     # -- log-likelihood -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -109,8 +136,13 @@ class Scorer:
         order = sorted(range(len(reqs)), key=key)
         out: list[tuple[float, bool] | None] = [None] * len(reqs)
         bar = tqdm(total=len(reqs), desc=f"{self.plan.method}/{self.mode}", disable=not progress, leave=False)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        searches, size, start = autobatch.search_points(len(order), self.auto_times) or [0], 0, 0
+        while start < len(order):
+            if searches and start >= searches[0]:  # auto:N: found again on the longest request left
+                searches.pop(0)
+                size = self._size_for(*reqs[order[start]])
+            idx = order[start : start + size]
+            start += len(idx)
             chunk = [reqs[i] for i in idx]
             scored = self._score_unified(chunk) if self.mode == "unified" else self._score_disaggregated(chunk)
             for i, s in zip(idx, scored):
@@ -213,8 +245,10 @@ class Scorer:
         order = sorted(range(len(ctxs)), key=lambda i: -len(ctxs[i]))
         out: list[list[int]] = [[] for _ in ctxs]
         bar = tqdm(total=len(ctxs), desc=f"{self.plan.method}/{self.mode} generate", disable=not progress, leave=False)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        # auto: a scoring forward over context + max_new_tokens holds at least what generating them does
+        size = self._size_for(ctxs[order[0]], [0] * max_new_tokens) if ctxs else self.batch_size
+        for start in range(0, len(order), size):
+            idx = order[start : start + size]
             gens = self._generate_batch([ctxs[i] for i in idx], max_new_tokens, should_stop, idx)
             for i, g in zip(idx, gens):
                 out[i] = g

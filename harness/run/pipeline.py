@@ -20,6 +20,7 @@ from typing import Any
 from harness.config import RunConfig, build_options, expand_sweeps, split_overrides
 from harness.errors import UsageError
 from harness.pd.plan import PruningPlan
+from harness.quality import lm_eval_json
 from harness.quality.calibration import CalibConfig, build_calibration
 from harness.quality.distributed import Dist, ShardedScorer
 from harness.quality.evaluate import TaskCache, evaluate_task, flatten_results, is_download_error  # noqa: F401 - re-exported
@@ -137,7 +138,10 @@ def run(
     d = distributed.current()
     prepared = prepared or prepare(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = loaded or load_model(cfg.model, distributed.device_for(cfg.device, d), cfg.dtype, cfg.seed, cfg.placement())
+    loaded = loaded or load_model(cfg.model, distributed.device_for(cfg.device, d), cfg.dtype, cfg.seed, cfg.placement(),
+                                  cfg.model_arg_dict())
+    if cfg.apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
+        raise UsageError(f"--apply_chat_template: the tokenizer of {cfg.model} has no chat template; leave the flag off")
     env = env_info(str(next(loaded.model.parameters()).device))
     env["data_parallel_ranks"] = d.world_size
     state = _Run(cfg, prepared, out_dir, loaded,
@@ -275,6 +279,10 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
                 rec.atomic_write(partial_path, json.dumps(partial))
     if st.dist.is_main:
         _save_record(st, name, mode, key, options, plan, partial, lm.max_length)
+        template = lm.chat_template(cfg.apply_chat_template) if cfg.apply_chat_template else None
+        lm_eval_json.write_cell_results(st.out_dir, name, mode, lm_eval_json.cell_results(cfg, name, mode, partial["tasks"], st.env, {
+            "run_key": key, "max_length": lm.max_length, "chat_template": template,
+            "batch_sizes": sorted({n for t in partial["tasks"].values() for n in t.get("batch_sizes", [])})}))
         partial_path.unlink(missing_ok=True)
         (st.out_dir / rec.failure_filename(name, mode)).unlink(missing_ok=True)  # an earlier failure is superseded
     st.dist.barrier()
@@ -321,6 +329,7 @@ def _eval_task(st: _Run, lm, task: str, name: str, mode: str) -> dict:
     """One task's result (scores, n_samples, provenance) with the KV bytes its handoffs sent and its seconds."""
     cfg = st.cfg
     before, t_task = lm.tally.as_dict(), time.perf_counter()
+    lm.scorer.sizes_used.clear()  # the batch sizes this task uses (found by --batch-size auto): recorded
     try:
         if task in st.prepared.task_options:
             from harness.quality import long_tasks
@@ -343,7 +352,7 @@ def _eval_task(st: _Run, lm, task: str, name: str, mode: str) -> dict:
     result["kv"] = sent if mode == "disaggregated" else {}
     if mode != "disaggregated":
         result.pop("kv_by", None)
-    result["seconds"] = time.perf_counter() - t_task
+    result["seconds"], result["batch_sizes"] = time.perf_counter() - t_task, list(lm.scorer.sizes_used)
     return result
 
 
@@ -377,6 +386,7 @@ def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: 
     record = rec.RunRecord(
         method=name, mode=mode, run_key=key,
         config={**dataclasses.asdict(cfg), "method_options": options, "max_length_used": max_length_used,
+                "batch_sizes_used": {t: done[t].get("batch_sizes") for t in cfg.tasks},
                 "plan_reused_from": partial.get("plan_reused_from"),
                 "page_tokens": PAGE_TOKENS},
         plan=plan.to_dict(), environment=st.env, model=st.loaded.description, calibration=partial["calibration"],

@@ -61,7 +61,7 @@ def get(name: str) -> type[LongTask]:
     return _REGISTRY[name]
 
 
-def evaluate(task: str, scorer, tokenizer, data_dir: Path | None, options: Any, limit: int | None,
+def evaluate(task: str, scorer, tokenizer, data_dir: Path | None, options: Any, limit: int | float | None,
              progress: bool = False) -> dict:
     """Run one long-context task; returns scores, n_samples, per-setting KV deltas, details and
     `harness_task` (version, options and presentation, for the record)."""

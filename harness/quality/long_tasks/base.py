@@ -39,7 +39,7 @@ class LongTask:
     def check_data(cls, data_dir: Path | None) -> None:
         """Raise UsageError when the task cannot run with `data_dir` (cheap: runs before any model work)."""
 
-    def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: Any, limit: int | None,
+    def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: Any, limit: int | float | None,
                  progress: bool = False) -> dict:
         """Returns {"scores": {metric: {"value", "stderr"}}, "n_samples", "kv_by": {setting: KV delta},
         "details"}; per-setting scores are named `presentation.setting_prefix` + number and `kv_by`
@@ -57,6 +57,14 @@ class LongTask:
 
 
 # -- helpers shared by the tasks ----------------------------------------------------------------
+def capped(n: int, limit: int | float | None) -> int:
+    """How many of a task's `n` samples `--limit` keeps: all (None), at most `limit`, or lm-eval's
+    rule for a fraction (0 < limit < 1): ceil(n * limit)."""
+    if not limit:
+        return n
+    return math.ceil(n * limit) if limit < 1 else min(n, int(limit))
+
+
 @contextlib.contextmanager
 def batch_size(scorer, n: int) -> Iterator[None]:
     """Cap the scorer's batch size at `n` for the block (long rows: keep batches small)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from harness.errors import UsageError
 from harness.quality.long_tasks import register_task
-from harness.quality.long_tasks.base import LongTask, batch_size, kv_delta, mean_se
+from harness.quality.long_tasks.base import LongTask, batch_size, capped, kv_delta, mean_se
 from harness.store.task_names import TaskPresentation
 
 
@@ -53,13 +53,12 @@ class PasskeySample:
     tokens: tuple[int, ...]
 
 
-def passkey_samples(tokenizer, c: PasskeyConfig, limit: int | None) -> list[PasskeySample]:
+def passkey_samples(tokenizer, c: PasskeyConfig, limit: int | float | None) -> list[PasskeySample]:
     """Samples of exactly `length` tokens; the key follows round(depth · units) whole filler units."""
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     intro, unit, question = enc(INTRO), enc(FILLER), enc(QUESTION)
     grid = [(rep, L, d) for rep in range(c.repeats) for L in c.lengths for d in c.depths]
-    if limit:
-        grid = grid[:limit]
+    grid = grid[:capped(len(grid), limit)]
     out = []
     for rep, L, d in grid:
         rng = random.Random(f"{c.seed}/{L}/{d}/{rep}")
@@ -92,7 +91,7 @@ class Passkey(LongTask):
         title="passkey %", setting_prefix="acc_L", primary_metric="acc", metric_format="percent",
         caption="passkey %: exact retrieval of a 5-digit key from an L-token prompt", column_order=1)
 
-    def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: PasskeyConfig, limit: int | None,
+    def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: PasskeyConfig, limit: int | float | None,
                  progress: bool = False) -> dict:
         c = options
         samples = passkey_samples(tokenizer, c, limit)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from harness.errors import UsageError
 from harness.quality.long_tasks import register_task
-from harness.quality.long_tasks.base import LongTask, batch_size, kv_delta, mean_se
+from harness.quality.long_tasks.base import LongTask, batch_size, capped, kv_delta, mean_se
 from harness.store.task_names import TaskPresentation
 
 
@@ -31,7 +31,7 @@ class PplConfig:
             raise ValueError("pd_ppl: prompt_tokens must be non-empty and positive; cont_tokens, docs, batch_size >= 1")
 
 
-def ppl_windows(tokenizer, data_dir: Path, c: PplConfig, limit: int | None) -> list[list[int]]:
+def ppl_windows(tokenizer, data_dir: Path, c: PplConfig, limit: int | float | None) -> list[list[int]]:
     """Token windows of max(T) + cont_tokens tokens: the start of each eligible article."""
     from harness.quality.tasks import wikitext_pages
 
@@ -39,7 +39,7 @@ def ppl_windows(tokenizer, data_dir: Path, c: PplConfig, limit: int | None) -> l
     if not path.is_file():
         raise UsageError(f"pd_ppl needs {path} (WikiText-2 test, raw) in the data dir")
     need = max(c.prompt_tokens) + c.cont_tokens
-    n = min(c.docs, limit) if limit else c.docs
+    n = capped(c.docs, limit)
     windows = []
     for page in wikitext_pages(path.read_text(encoding="utf-8")):
         ids = tokenizer.encode(page, add_special_tokens=False)
@@ -69,7 +69,7 @@ class PdPpl(LongTask):
         if data_dir is None:
             raise UsageError("pd_ppl reads WikiText-2 from local data: pass --data-dir (or set HARNESS_DATA_DIR)")
 
-    def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: PplConfig, limit: int | None,
+    def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: PplConfig, limit: int | float | None,
                  progress: bool = False) -> dict:
         """Scores {ppl, ppl_T...}: value and stderr (delta method over per-article mean NLL)."""
         c = options
