@@ -94,6 +94,7 @@ class Scorer:
         self.device = arch.model_device(model)
         self.staged = StagedModel(model, plan)
         self.tally = KVTally()
+        self.label = f"{plan.method}/{mode}"  # the progress bar's name; the pipeline adds the task's
 
     # -- log-likelihood -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -108,7 +109,7 @@ class Scorer:
                 return -len(reqs[i][0]), reqs[i][0], -len(reqs[i][1]), reqs[i][1]
         order = sorted(range(len(reqs)), key=key)
         out: list[tuple[float, bool] | None] = [None] * len(reqs)
-        bar = tqdm(total=len(reqs), desc=f"{self.plan.method}/{self.mode}", disable=not progress, leave=False)
+        bar = tqdm(total=len(reqs), desc=self.label, disable=not progress, leave=False)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             chunk = [reqs[i] for i in idx]
@@ -212,7 +213,7 @@ class Scorer:
         ctxs = [list(c)[-max(1, self.max_length - max_new_tokens) :] for c in contexts]
         order = sorted(range(len(ctxs)), key=lambda i: -len(ctxs[i]))
         out: list[list[int]] = [[] for _ in ctxs]
-        bar = tqdm(total=len(ctxs), desc=f"{self.plan.method}/{self.mode} generate", disable=not progress, leave=False)
+        bar = tqdm(total=len(ctxs), desc=f"{self.label} generate", disable=not progress, leave=False)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             gens = self._generate_batch([ctxs[i] for i in idx], max_new_tokens, should_stop, idx)
