@@ -253,7 +253,6 @@ def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path, t_star
         _print_tables(records)
     print(f"\nrecords and summary.csv in {out} ({time.perf_counter() - start:.0f}s)")
     if dist.is_main:
-        progress.write_timing(out, tracker)
         print(tracker.timing_line(), file=sys.stderr, flush=True)
     if not failures:
         return 0

@@ -24,7 +24,7 @@ from harness.quality.calibration import CalibConfig, build_calibration
 from harness.quality.distributed import Dist, ShardedScorer
 from harness.quality.evaluate import TaskCache, evaluate_task, flatten_results, is_download_error  # noqa: F401 - re-exported
 from harness.quality.samples import lm_eval_lines, samples_path
-from harness.run.progress import Tracker, task_label, work_of, write_timing
+from harness.run.progress import Tracker, task_label, work_of
 from harness.store import records as rec
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def run(
 ) -> list[rec.RunRecord]:
     """Evaluate every (method, mode) of `cfg`; write records and summary.csv into `out_dir`, and with
     `log_samples` each evaluated (cell, task)'s per-sample log under `out_dir/samples/`. `tracker` times
-    the phases and draws the overall line (default: a silent one; its timings go to `out_dir/timing.json`)."""
+    the phases and draws the overall line (default: a silent one); each record keeps its cell's phase seconds."""
     from harness.pd.models import load_model
     from harness.quality import distributed
     from harness.run.env import env_info
@@ -142,7 +142,6 @@ def run(
     d = distributed.current()
     prepared = prepared or prepare(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    own = tracker is None
     tracker = tracker or Tracker(work_of(cfg, prepared), show=False)
     if loaded is None:
         with tracker.phase("load"):
@@ -166,8 +165,6 @@ def run(
     if d.is_main:  # every readable record in the folder; an unreadable one is named and skipped
         with tracker.phase("report"):
             rec.refresh_summary(out_dir)
-        if own:
-            write_timing(out_dir, tracker)
     d.barrier()
     if failures:
         raise CellsFailed(failures, records)
@@ -411,6 +408,7 @@ def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: 
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra={"kv_by_setting": {t: done[t]["kv_by"] for t in cfg.tasks if done[t].get("kv_by")},
                "task_details": {t: done[t]["details"] for t in cfg.tasks if "details" in done[t]},
-               "items": {t: done[t]["items"] for t in cfg.tasks if done[t].get("items")}},
+               "items": {t: done[t]["items"] for t in cfg.tasks if done[t].get("items")},
+               "phases_s": st.tracker.cell_phases(f"{name}/{mode}")},  # this run's, up to this record
     )
     return rec.save(record, st.out_dir)

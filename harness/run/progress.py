@@ -4,7 +4,7 @@ A `Tracker` is the run's clock. Every phase (model load, calibration set, planni
 of one cell, report writing) is entered with `tracker.phase(label)`, which records its seconds; at
 the end `timing_line()` sums them per label ("time: load 4.1 s · calibration 45 s · planning
 pdtrim 210 s · arc_easy 30 s · … · total 300 s") and `timing()` gives the same as data, which the
-pipeline writes to `OUT/timing.json`.
+pipeline stores, per cell, in each record's `extra["phases_s"]` (`cell_phases`).
 
 While the run works, an overall tqdm line on stderr says which cell and task it is on, items done,
 elapsed time and an ETA; a background tick redraws it every `tick_s` seconds, so the terminal is
@@ -124,6 +124,15 @@ class Tracker:
         out: dict[str, float] = {}
         for p in self.phases:
             out[p.label] = out.get(p.label, 0.0) + p.seconds
+        return out
+
+    def cell_phases(self, cell: str) -> dict[str, float]:
+        """Seconds per label of the phases of `cell` ('method/mode') and of the run-wide ones so far
+        (startup, load, calibration): what one record keeps."""
+        out: dict[str, float] = {}
+        for p in self.phases:
+            if p.cell in (None, cell):
+                out[p.label] = out.get(p.label, 0.0) + p.seconds
         return out
 
     def elapsed(self) -> float:
@@ -272,12 +281,3 @@ def work_of(cfg, prepared) -> Work:
             notes[task] = f"up to {cfg.limit} items" if cfg.limit else "size known once loaded"
     return Work(cells, items, notes)
 
-
-def write_timing(out_dir, tracker: Tracker) -> None:
-    """`out_dir/timing.json`: the run's seconds per phase (`Tracker.timing`), for benchmarks to read."""
-    import json
-    from pathlib import Path
-
-    from harness.store.files import atomic_write
-
-    atomic_write(Path(out_dir) / "timing.json", json.dumps(tracker.timing(), indent=1))
