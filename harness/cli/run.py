@@ -243,7 +243,8 @@ def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path, t_star
                                log_samples=args.log_samples, tracker=tracker)
     except KeyboardInterrupt:
         tracker.close()
-        print(f"\ninterrupted: finished records are kept in {out}; rerun the same command to resume", file=sys.stderr)
+        print(f"\ninterrupted: finished records are kept in {out}; rerun the same command to resume\n"
+              f"{tracker.timing_line()}", file=sys.stderr)
         return 130
     except pipeline.CellsFailed as e:
         failures, records = e.failures, e.records

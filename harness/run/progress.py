@@ -160,7 +160,7 @@ class Tracker:
         from tqdm.auto import tqdm
 
         total = self.work.items_per_cell * len(self.work.cells)
-        self._bar = tqdm(total=total, desc="run", unit="item", file=self.stream, position=0, leave=False,
+        self._bar = tqdm(total=total, desc="starting", unit="item", file=self.stream, position=0, leave=False,
                          mininterval=0.5, bar_format="run {percentage:3.0f}%|{bar:12}| {n}/{total} items · {desc}")
         self._refresh()
         if self.tick_s <= 0:
