@@ -7,6 +7,7 @@ One module per command (`run`, `latency`, `report`, `check`, `spec`, `sweep`, `e
 
 from __future__ import annotations
 
+import os
 import sys
 
 from harness.cli.check import cmd_check
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     if command == "run" and any(a == "--config" or a.startswith("--config=") for a in argv):
         command, argv = "config", [x for a in argv for x in (a.split("=", 1) if a.startswith("--config=") else [a])]
+    if command == "run" and not {"-q", "--quiet", "-h", "--help"} & set(argv) and os.environ.get("RANK", "0") == "0":
+        # the first thing a run says: its imports (torch, transformers, lm-eval) take seconds, more on a busy machine
+        print("python -m harness: starting (importing torch, transformers, lm-eval)", file=sys.stderr, flush=True)
     try:
         if command == "config":
             return cmd_config(argv)

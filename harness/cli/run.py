@@ -195,6 +195,7 @@ def default_out(cfg: RunConfig, root: Path = Path("results") / "runs", kind: str
 
 
 def cmd_run(argv: list[str] | argparse.Namespace) -> int:
+    t_start = time.perf_counter()  # the timing line's 'startup': imports and checks before the model loads
     args = argv if isinstance(argv, argparse.Namespace) else run_parser().parse_args(argv)  # a spec section: options
     from harness.quality import distributed  # torch: only after parsing, so --help and bad flags stay fast
 
@@ -226,44 +227,63 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
     from harness.store import lock
 
     with lock.hold(out) if dist.is_main else contextlib.nullcontext():  # one writer per folder (rank 0 writes)
-        return _evaluate(cfg, args, prepared, placement, dist, out)
+        return _evaluate(cfg, args, prepared, placement, dist, out, t_start)
 
 
-def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path) -> int:
-    """Load the model, run every cell into `out`, print the tables; the exit status."""
-    from harness.pd.models import load_model
-    from harness.quality import distributed
-    from harness.run import pipeline
+def _print_tables(records) -> None:
+    """The quality, long-context and plan tables of `records` (only this configuration's: a refused
+    cell's folder may hold another configuration's), as Markdown on stdout."""
     from reports.formats import to_markdown
     from reports.tables import long_context_table, plans_table, quality_table
 
-    t0 = time.perf_counter()
-    loaded = load_model(cfg.model, distributed.device_for(cfg.device, dist), cfg.dtype, cfg.seed, placement, cfg.model_arg_dict())
-    ranks = f"; {dist.world_size} data-parallel ranks" if dist.enabled else ""
-    if dist.is_main:
-        print(f"model {cfg.model} ({loaded.description.get('n_layers')} layers) loaded in {time.perf_counter() - t0:.1f}s; "
-              f"methods {','.join(cfg.methods)}; modes {','.join(cfg.modes)}; tasks {','.join(cfg.tasks)}; "
-              f"limit {cfg.limit or 'all'}{ranks}; records -> {out}", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-
-    def say(msg: str) -> None:
-        if dist.is_main:
-            print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    failures: list[pipeline.CellFailure] = []
-    try:
-        records = pipeline.run(cfg, out, prepared, loaded, on_progress=say, progress=not args.quiet,
-                               log_samples=args.log_samples)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished records are kept in {out}; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except pipeline.CellsFailed as e:
-        failures, records = e.failures, e.records
-    # only this configuration's records: a refused cell's folder may hold another configuration's
     for table in (quality_table(records), long_context_table(records), plans_table(records)):
         if not table.empty:
             print(to_markdown(table), end="\n\n")
+
+
+def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path, t_start: float) -> int:
+    """Load the model, run every cell into `out`, print the tables; the exit status."""
+    from harness.pd.models import load_model
+    from harness.quality import distributed
+    from harness.run import pipeline, progress
+
+    tracker = progress.Tracker(progress.work_of(cfg, prepared), show=dist.is_main and not args.quiet,
+                               since=t_start)
+    if tracker.show:  # what the run will do, before any work
+        print(progress.statement(tracker.work, cfg.limit), file=sys.stderr, flush=True)
+    tracker.start()
+    failures: list[pipeline.CellFailure] = []
+    try:
+        with tracker.phase("load"):
+            loaded = load_model(cfg.model, distributed.device_for(cfg.device, dist), cfg.dtype, cfg.seed, placement,
+                                cfg.model_arg_dict())
+        ranks = f"; {dist.world_size} data-parallel ranks" if dist.enabled else ""
+        if dist.is_main:
+            tracker.say(f"model {cfg.model} ({loaded.description.get('n_layers')} layers) loaded in "
+                        f"{tracker.phases[-1].seconds:.1f}s; methods {','.join(cfg.methods)}; modes {','.join(cfg.modes)}; "
+                        f"tasks {','.join(cfg.tasks)}; limit {cfg.limit or 'all'}{ranks}; records -> {out}")
+        start = time.perf_counter()
+
+        def say(msg: str) -> None:
+            if dist.is_main:
+                tracker.say(f"[{time.perf_counter() - start:7.1f}s] {msg}")
+
+        records = pipeline.run(cfg, out, prepared, loaded, on_progress=say, progress=not args.quiet,
+                               log_samples=args.log_samples, tracker=tracker)
+    except KeyboardInterrupt:
+        tracker.close()
+        print(f"\ninterrupted: finished records are kept in {out}; rerun the same command to resume\n"
+              f"{tracker.timing_line()}", file=sys.stderr)
+        return 130
+    except pipeline.CellsFailed as e:
+        failures, records = e.failures, e.records
+    finally:
+        tracker.close()  # the overall line goes before the tables
+    with tracker.phase("report"):
+        _print_tables(records)
     print(f"\nrecords and summary.csv in {out} ({time.perf_counter() - start:.0f}s)")
+    if dist.is_main:
+        print(tracker.timing_line(), file=sys.stderr, flush=True)
     if not failures:
         return 0
     n_cells = len(prepared.methods) * len(cfg.modes)

@@ -99,6 +99,7 @@ class Scorer:
         self._fitted: dict[tuple[int, int, int], int] = {}
         self.staged = StagedModel(model, plan)
         self.tally = KVTally()
+        self.label = f"{plan.method}/{mode}"  # the progress bar's name; the pipeline adds the task's
 
     def _size_for(self, ctx: list[int], cont: list[int]) -> int:
         """The batch size for requests up to this long: fixed, or found by `--batch-size auto` on a GPU."""
@@ -135,7 +136,7 @@ class Scorer:
                 return -len(reqs[i][0]), reqs[i][0], -len(reqs[i][1]), reqs[i][1]
         order = sorted(range(len(reqs)), key=key)
         out: list[tuple[float, bool] | None] = [None] * len(reqs)
-        bar = tqdm(total=len(reqs), desc=f"{self.plan.method}/{self.mode}", disable=not progress, leave=False)
+        bar = tqdm(total=len(reqs), desc=self.label, disable=not progress, leave=False)
         searches, size, start = autobatch.search_points(len(order), self.auto_times) or [0], 0, 0
         while start < len(order):
             if searches and start >= searches[0]:  # auto:N: found again on the longest request left
@@ -244,7 +245,7 @@ class Scorer:
         ctxs = [list(c)[-max(1, self.max_length - max_new_tokens) :] for c in contexts]
         order = sorted(range(len(ctxs)), key=lambda i: -len(ctxs[i]))
         out: list[list[int]] = [[] for _ in ctxs]
-        bar = tqdm(total=len(ctxs), desc=f"{self.plan.method}/{self.mode} generate", disable=not progress, leave=False)
+        bar = tqdm(total=len(ctxs), desc=f"{self.label} generate", disable=not progress, leave=False)
         # auto: a scoring forward over context + max_new_tokens holds at least what generating them does
         size = self._size_for(ctxs[order[0]], [0] * max_new_tokens) if ctxs else self.batch_size
         for start in range(0, len(order), size):

@@ -25,6 +25,7 @@ from harness.quality.calibration import CalibConfig, build_calibration
 from harness.quality.distributed import Dist, ShardedScorer
 from harness.quality.evaluate import TaskCache, evaluate_task, flatten_results, is_download_error  # noqa: F401 - re-exported
 from harness.quality.samples import lm_eval_lines, samples_path
+from harness.run.progress import Tracker, task_label, work_of
 from harness.store import records as rec
 
 log = logging.getLogger(__name__)
@@ -112,11 +113,13 @@ class _Run:
     calib: Any = None
     dist: Dist = dataclasses.field(default_factory=Dist)
     log_samples: bool = False
+    tracker: Tracker = dataclasses.field(default_factory=lambda: Tracker(show=False))
 
     def calibration(self):
         if self.calib is None:
             data_dir = Path(self.cfg.data_dir) if self.cfg.data_dir else None
-            self.calib = build_calibration(self.loaded.tokenizer, data_dir, self.prepared.calib_config)
+            with self.tracker.phase("calibration"):
+                self.calib = build_calibration(self.loaded.tokenizer, data_dir, self.prepared.calib_config)
         return self.calib
 
 
@@ -128,9 +131,11 @@ def run(
     on_progress: Callable[[str], None] | None = None,
     progress: bool = False,
     log_samples: bool = False,
+    tracker: Tracker | None = None,
 ) -> list[rec.RunRecord]:
     """Evaluate every (method, mode) of `cfg`; write records and summary.csv into `out_dir`, and with
-    `log_samples` each evaluated (cell, task)'s per-sample log under `out_dir/samples/`."""
+    `log_samples` each evaluated (cell, task)'s per-sample log under `out_dir/samples/`. `tracker` times
+    the phases and draws the overall line (default: a silent one); each record keeps its cell's phase seconds."""
     from harness.pd.models import load_model
     from harness.quality import distributed
     from harness.run.env import env_info
@@ -138,27 +143,32 @@ def run(
     d = distributed.current()
     prepared = prepared or prepare(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = loaded or load_model(cfg.model, distributed.device_for(cfg.device, d), cfg.dtype, cfg.seed, cfg.placement(),
-                                  cfg.model_arg_dict())
+    tracker = tracker or Tracker(work_of(cfg, prepared), show=False)
+    if loaded is None:
+        with tracker.phase("load"):
+            loaded = load_model(cfg.model, distributed.device_for(cfg.device, d), cfg.dtype, cfg.seed, cfg.placement(),
+                                cfg.model_arg_dict())
     if cfg.apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
         raise UsageError(f"--apply_chat_template: the tokenizer of {cfg.model} has no chat template; leave the flag off")
     env = env_info(str(next(loaded.model.parameters()).device))
     env["data_parallel_ranks"] = d.world_size
     state = _Run(cfg, prepared, out_dir, loaded,
                  TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None),  # built on first use
-                 env, on_progress or (lambda msg: log.info(msg)), progress and d.is_main, dist=d, log_samples=log_samples)
+                 env, on_progress or (lambda msg: log.info(msg)), progress and d.is_main, dist=d, log_samples=log_samples,
+                 tracker=tracker)
     records, failures = [], []
     try:
-        for name, method in prepared.methods.items():
-            for mode in cfg.modes:
-                try:
-                    records.append(_run_cell(state, name, method, mode))
-                except Exception as e:  # noqa: BLE001 - one cell's failure (OOM, bad option) must not stop the others
-                    failures.append(_record_failure(state, name, method, mode, e))
+        for i, (name, mode) in enumerate((n, m) for n in prepared.methods for m in cfg.modes):
+            tracker.cell(i, name, mode)
+            try:
+                records.append(_run_cell(state, name, prepared.methods[name], mode))
+            except Exception as e:  # noqa: BLE001 - one cell's failure (OOM, bad option) must not stop the others
+                failures.append(_record_failure(state, name, prepared.methods[name], mode, e))
     finally:  # also on Ctrl-C
         state.tasks.close()
     if d.is_main:  # every readable record in the folder; an unreadable one is named and skipped
-        rec.refresh_summary(out_dir)
+        with tracker.phase("report"):
+            rec.refresh_summary(out_dir)
     d.barrier()
     if failures:
         raise CellsFailed(failures, records)
@@ -259,6 +269,7 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     key, calib_desc, task_opts = _cell_identity(st, name, method, mode)
     final = st.out_dir / rec.record_filename(name, mode)
     if final.exists():
+        st.tracker.skipped(*cfg.tasks)
         return _finished_record(st, name, method, mode, final, (key, calib_desc, task_opts))
     partial_path = _partial_path(st.out_dir, name, mode)
     partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
@@ -270,11 +281,15 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     with method.apply(model, plan) as applied:
         lm = PDLM(model, st.loaded.tokenizer, applied, mode, batch_size=cfg.batch_size, max_length=cfg.max_length,
                   progress=st.progress, dist=st.dist)
-        for task in cfg.tasks:
+        for j, task in enumerate(cfg.tasks):
             if task in partial["tasks"]:
+                st.tracker.skipped(task)  # done before an interruption
                 continue
             st.say(f"{name}/{mode}: {task}")
-            partial["tasks"][task] = _eval_task(st, lm, task, name, mode)
+            lm.scorer.label = f"{task} ({name}/{mode})"
+            with st.tracker.phase(task, f"{name}/{mode}", shown=task_label(task, j, cfg.tasks)):
+                partial["tasks"][task] = _eval_task(st, lm, task, name, mode)
+            st.tracker.task_done(task, partial["tasks"][task]["seconds"])
             if st.dist.is_main:  # one writer; other ranks hold no aggregated scores
                 rec.atomic_write(partial_path, json.dumps(partial))
     if st.dist.is_main:
@@ -315,10 +330,12 @@ def _cell_plan(st: _Run, name: str, method, mode: str, partial: dict) -> Pruning
     if "plan" in partial and not method.needs_replan_on_resume():
         return PruningPlan.from_dict(partial["plan"])
     st.say(f"{name}/{mode}: planning")
-    if st.dist.enabled and not method.needs_replan_on_resume():  # plans are deterministic: plan once, share
-        plan, plan_s, calib_used = st.dist.broadcast_object(_make_plan(st, method, mode) if st.dist.is_main else None)
-    else:
-        plan, plan_s, calib_used = _make_plan(st, method, mode)
+    with st.tracker.phase(f"planning {name}", f"{name}/{mode}", shown="planning"):
+        if st.dist.enabled and not method.needs_replan_on_resume():  # plans are deterministic: plan once, share
+            plan, plan_s, calib_used = st.dist.broadcast_object(_make_plan(st, method, mode) if st.dist.is_main else None)
+        else:
+            plan, plan_s, calib_used = _make_plan(st, method, mode)
+    st.tracker.planned(name, plan_s)
     if "plan" in partial and PruningPlan.from_dict(partial["plan"]) != plan:
         raise RuntimeError(f"{name}/{mode}: planning again on resume gave a different plan than the stored one")
     partial.update(plan=plan.to_dict(), plan_s=partial.get("plan_s", plan_s), calibration=calib_used)
@@ -401,6 +418,7 @@ def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: 
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra={"kv_by_setting": {t: done[t]["kv_by"] for t in cfg.tasks if done[t].get("kv_by")},
                "task_details": {t: done[t]["details"] for t in cfg.tasks if "details" in done[t]},
-               "items": {t: done[t]["items"] for t in cfg.tasks if done[t].get("items")}},
+               "items": {t: done[t]["items"] for t in cfg.tasks if done[t].get("items")},
+               "phases_s": st.tracker.cell_phases(f"{name}/{mode}")},  # this run's, up to this record
     )
     return rec.save(record, st.out_dir)

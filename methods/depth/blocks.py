@@ -6,11 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from harness.pd import arch
+from methods.bars import calib_batches
 
 
 @torch.inference_mode()
-def block_cosines(model, calib, batch_size: int = 16) -> list[float]:
-    """Mean cos(h_in, h_out) over calibration tokens for every decoder block, accumulated in float32."""
+def block_cosines(model, calib, batch_size: int = 16, desc: str = "block cosines") -> list[float]:
+    """Mean cos(h_in, h_out) over calibration tokens for every decoder block, accumulated in float32.
+    `desc` names the progress bar over calibration batches."""
     layers = arch.decoder_layers(model)
     sums = torch.zeros(len(layers), dtype=torch.float64, device="cpu")  # host sums of .cpu() terms
     count = torch.zeros((), dtype=torch.float64, device="cpu")
@@ -26,7 +28,7 @@ def block_cosines(model, calib, batch_size: int = 16) -> list[float]:
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        for ids, mask in calib.batches(batch_size, arch.model_device(model)):
+        for ids, mask in calib_batches(calib, batch_size, arch.model_device(model), f"{desc}: calibration batches"):
             valid[:] = [mask.bool()]
             count += mask.sum().double().cpu()
             arch.decoder(model)(input_ids=ids, attention_mask=mask, use_cache=False)

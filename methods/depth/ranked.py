@@ -22,6 +22,7 @@ from typing import Any
 from harness.errors import UsageError
 from harness.pd import arch
 from harness.pd.plan import PruningPlan
+from methods.bars import progress  # noqa: F401 - re-exported: the depth methods' bar
 from methods.base import Method, calibration_fingerprint, fit_counts, model_fingerprint
 
 
@@ -43,13 +44,6 @@ class Ranking:
 # (method, options except k, model fingerprint, calibration fingerprint); see `ranking_key`.
 _SHARED: OrderedDict[tuple, Ranking] = OrderedDict()
 _SHARED_MAX = 8
-
-
-def progress(items, desc: str):
-    """A transient progress bar (silenced by TQDM_DISABLE=1, which `-q` sets)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, leave=False)
 
 
 def check_counts(name: str, config, fields: tuple[str, ...]) -> None:

@@ -44,7 +44,7 @@ class ShortGPT(RankedDepthMethod):
 
     def _rank(self, model, calib, k: int, eligible: list[int]) -> Ranking:
         t0 = time.perf_counter()
-        bi = [1.0 - c for c in block_cosines(model, calib, self.config.batch_size)]
+        bi = [1.0 - c for c in block_cosines(model, calib, self.config.batch_size, "shortgpt")]
         order = sorted(eligible, key=lambda i: (bi[i], i))
         return Ranking(order, {"block_influence": bi, "criterion": "1 - mean cos(h_in, h_out)",
                                "work": {"full_forward_equivalents": 1, "score_seconds": time.perf_counter() - t0}})

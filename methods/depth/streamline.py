@@ -46,6 +46,7 @@ from harness.pd import arch
 from harness.pd.cache import PDCache
 from harness.pd.engine import run_layers
 from harness.pd.plan import PruningPlan
+from methods.bars import calib_batches
 from methods.base import DepthOptions, Method, content_key
 from methods.depth.ranked import progress
 from methods.registry import register
@@ -70,7 +71,7 @@ def run_cosines(model, calib, k: int, batch_size: int) -> list[float]:
     n, device = arch.n_layers(model), arch.model_device(model)
     sums = torch.zeros(n - k + 1, dtype=torch.float64, device="cpu")  # host sums of .cpu() terms
     count = 0
-    for ids, mask in calib.batches(batch_size, device):
+    for ids, mask in calib_batches(calib, batch_size, device, "streamline: run cosines"):
         valid = mask.bool()
         pos = torch.arange(ids.shape[1], device=device)[None].expand_as(ids)
         states: dict = {}
@@ -86,7 +87,7 @@ def run_pairs(model, calib, start: int, k: int, batch_size: int) -> tuple[torch.
     """(input of block `start`, output of block start+k-1) for every calibration token: (N, hidden) each."""
     device = arch.model_device(model)
     xs, ys = [], []
-    for ids, mask in calib.batches(batch_size, device):
+    for ids, mask in calib_batches(calib, batch_size, device, "streamline: run inputs and outputs"):
         valid = mask.bool()
         pos = torch.arange(ids.shape[1], device=device)[None].expand_as(ids)
         states: dict = {}

@@ -20,6 +20,7 @@ from harness.pd.batching import pad_tokens
 from harness.pd.cache import PDCache
 from harness.pd.plan import KVPolicy, PruningPlan
 from harness.pd.stages import StagedModel
+from methods.bars import progress
 
 PROBE_NAME = "harness_attention_probe"
 
@@ -82,6 +83,6 @@ def first_last_shares(
     probe.cache = dcache
     ones = torch.ones((len(prompts), 1), dtype=torch.bool, device=lengths.device)
     with _probe_attention(model, probe):
-        for step in range(steps):
+        for step in progress(range(steps), "pdtrim: attention probe, decode steps"):
             tok = staged.step(dcache, tok, lengths + step, ones).argmax(-1)
     return {layer: probe.mass[layer] / probe.queries[layer] for layer in sorted(probe.mass)}

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from harness.errors import UsageError
 from harness.pd import arch
 from harness.pd.plan import KVPolicy, PruningPlan
+from methods import bars
 from methods.base import Method, Options, content_key
 from methods.depth.blocks import block_cosines
 from methods.registry import register
@@ -196,7 +197,8 @@ class PDTrim(Method):
 
         c = self.config
         prompts = pack_prompts(calib.input_ids, c.probe_prompts, c.probe_tokens, c.seed)
-        shares = first_last_shares(model, plan, prompts, c.n_first, c.n_last, c.probe_steps)
+        with bars.stage(f"pdtrim: attention probe ({len(prompts)} prompts)"):
+            shares = first_last_shares(model, plan, prompts, c.n_first, c.n_last, c.probe_steps)
         selected = tuple(layer for layer in plan.decode_layers if shares[layer] >= c.tau)
         detail = {"shares": {str(k): v for k, v in shares.items()}, "selected": list(selected), "tau": c.tau,
                   "n_first": c.n_first, "n_last": c.n_last, "probe_prompts": len(prompts),
@@ -237,14 +239,15 @@ class _SearchState:
         self.key, self.model, self.c = key, model, c
         self.n = arch.n_layers(model)
         t0 = time.perf_counter()
-        self.cos = block_cosines(model, calib, c.batch_size)
+        self.cos = block_cosines(model, calib, c.batch_size, "pdtrim")
         self.score_s = time.perf_counter() - t0
         self.pruning_set = [i for i in sorted(range(self.n), key=lambda i: -self.cos[i]) if self.cos[i] >= c.d_t]
         self.distill_set = [i for i in sorted(range(self.n), key=lambda i: -self.cos[i]) if self.cos[i] < c.d_t]
         split = CalibSplit.from_calibration(calib.input_ids, c.search_samples, c.max_cont, c.seed)
         self.split_desc = {"sequences": len(split.prompts), "continuation_tokens": split.n_cont_tokens,
                            "prompt_tokens": sum(len(p) for p in split.prompts)}
-        self.obj = StageObjective(model, split, c.batch_size, c.batch_tokens)
+        with bars.stage("pdtrim: search objectives (dense reference forwards)"):
+            self.obj = StageObjective(model, split, c.batch_size, c.batch_tokens)
         self.memo_p: dict[frozenset, float] = {}
         self.memo_d: dict[tuple[frozenset, frozenset], float] = {}
         self.trace: dict[str, list] = {}
@@ -341,12 +344,15 @@ class _SearchState:
 
     def greedy_prefill(self, k: int) -> frozenset:
         prior = dict(enumerate(self.sensitivity["prefill"])) if self.sensitivity else None
-        return self._greedy(frozenset(), k, self.ep, self.obj.set_prefill_base, f"prefill_k{k}", prior)
+        with bars.SearchBars(f"pdtrim: prefill k={k}", k) as b:
+            return self._greedy(frozenset(), k, b.counted(self.ep), b.stepped(self.obj.set_prefill_base), f"prefill_k{k}", prior)
 
     def greedy_decode(self, rp: frozenset, k: int) -> frozenset:
         # E_D({j} | ∅) <= E_D(R_P ∪ {j} | R_P): the dense prompt and fewer removed blocks drift less
         prior = dict(enumerate(self.sensitivity["decode"])) if self.sensitivity else None
-        return self._greedy(rp, k, lambda r: self.ed(r, rp), lambda r: self.obj.set_decode_base(r, rp), f"decode_k{k}", prior)
+        with bars.SearchBars(f"pdtrim: decode k={k}", k - len(rp)) as b:
+            return self._greedy(rp, k, b.counted(lambda r: self.ed(r, rp)), b.stepped(lambda r: self.obj.set_decode_base(r, rp)),
+                                f"decode_k{k}", prior)
 
     def anneal(self, removed: frozenset, fixed: frozenset, stage: str, c) -> frozenset:
         """Swap moves (one removed block back in, one kept block out); `fixed` blocks stay removed."""

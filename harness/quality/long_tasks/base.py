@@ -49,6 +49,12 @@ class LongTask:
         raise NotImplementedError
 
     @classmethod
+    def items(cls, options: Any, limit: int | None) -> int | None:
+        """Requests one evaluation makes under `options` and `--limit` (for the run's up-front statement
+        and ETA; cheap: no data is read), or None when that is not known before the data is read."""
+        return None
+
+    @classmethod
     def describe(cls, options: Any) -> dict:
         """What a record keeps about the task (`lm_eval.tasks[name].harness_task`): version, options and
         presentation. Not part of the run key: only the options are (`RunConfig.identity`)."""

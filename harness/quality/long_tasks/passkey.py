@@ -91,6 +91,12 @@ class Passkey(LongTask):
         title="passkey %", setting_prefix="acc_L", primary_metric="acc", metric_format="percent",
         caption="passkey %: exact retrieval of a 5-digit key from an L-token prompt", column_order=1)
 
+    @classmethod
+    def items(cls, options: PasskeyConfig, limit: int | float | None) -> int:
+        """One generation per (repeat, length, depth), the first `limit` of them."""
+        n = options.repeats * len(options.lengths) * len(options.depths)
+        return capped(n, limit)
+
     def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: PasskeyConfig, limit: int | float | None,
                  progress: bool = False) -> dict:
         c = options

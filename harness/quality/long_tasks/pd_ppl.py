@@ -65,6 +65,11 @@ class PdPpl(LongTask):
         column_order=0)
 
     @classmethod
+    def items(cls, options: PplConfig, limit: int | float | None) -> int:
+        """One window per article and prompt length T (fewer if few articles are long enough)."""
+        return capped(options.docs, limit) * len(options.prompt_tokens)
+
+    @classmethod
     def check_data(cls, data_dir: Path | None) -> None:
         if data_dir is None:
             raise UsageError("pd_ppl reads WikiText-2 from local data: pass --data-dir (or set HARNESS_DATA_DIR)")

@@ -1,0 +1,147 @@
+"""The run's progress reporting: phase timings, the up-front statement, the ETA, and the silence tool."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.run import progress
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_RUN = ["--model", "random:tiny", "--device", "cpu", "--methods", "unpruned", "--tasks", "arc_easy",
+            "--limit", "2", "--mode", "disaggregated"]
+PART = re.compile(r"^(.+) (\d+(?:\.\d+)?) s$")
+
+
+def _timing_parts(stderr: str) -> dict[str, float]:
+    """The final 'time: …' line as {label: seconds} (the total under 'total')."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("time: ")]
+    assert len(lines) == 1, stderr[-2000:]
+    parts = {}
+    for part in lines[0][len("time: "):].split(" · "):
+        m = PART.match(part)
+        assert m, f"unparsed timing part {part!r} in {lines[0]!r}"
+        parts[m.group(1)] = float(m.group(2))
+    return parts
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_tiny_run_prints_statement_and_a_timing_line_summing_to_its_wall_time(cli, data_dir, tmp_path, quiet):
+    t0 = time.perf_counter()
+    res = cli(*TINY_RUN, "--out", tmp_path / "run", *(["-q"] if quiet else []), data_dir=data_dir)
+    wall = time.perf_counter() - t0
+    assert res.returncode == 0, res.stderr[-2000:]
+    parts = _timing_parts(res.stderr)
+    assert {"startup", "load", "planning unpruned", "arc_easy", "report", "total"} <= set(parts)
+    # the parts add up to the total (each is rounded to 0.1 s), and the total is this call's wall time
+    assert abs(sum(v for k, v in parts.items() if k != "total") - parts["total"]) <= 0.06 * len(parts) + 0.01
+    assert parts["total"] <= wall + 0.1 and parts["total"] >= 0.8 * wall - 0.5
+    kept = json.loads((tmp_path / "run" / "unpruned__disaggregated.json").read_text())["extra"]["phases_s"]
+    assert set(kept) == set(parts) - {"total", "other", "report"}  # the report is written after the record
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["summary.csv", "unpruned__disaggregated.json"]
+    said = "this run: 1 method(s) × 1 mode(s) = 1 cell(s): unpruned/disaggregated" in res.stderr
+    assert said is not quiet  # -q: only the timing line
+    if not quiet:
+        assert res.stderr.index("this run:") < res.stderr.index("model random:tiny")  # before any work
+        assert "arc_easy: 2 items" in res.stderr
+    assert "time: " not in res.stdout  # stdout keeps only the tables
+
+
+def test_statement_lists_cells_tasks_and_long_task_settings(data_dir):
+    from harness.cli.run import run_config, run_parser
+    from harness.run import pipeline
+
+    args = run_parser().parse_args(["--model", "random:tiny", "--methods", "unpruned,shortgpt", "--mode", "both",
+                                    "--tasks", "arc_easy,piqa,pd_ppl", "--limit", "3", "--data-dir", str(data_dir),
+                                    "--set", "pd_ppl.prompt_tokens=64,128"])
+    cfg = run_config(args)
+    work = progress.work_of(cfg, pipeline.prepare(cfg))
+    text = progress.statement(work, cfg.limit)
+    assert "2 method(s) × 2 mode(s) = 4 cell(s)" in text
+    for cell in ("unpruned/unified", "unpruned/disaggregated", "shortgpt/unified", "shortgpt/disaggregated"):
+        assert cell in text
+    assert "arc_easy: 3 items" in text and "piqa: 3 items" in text
+    assert re.search(r"pd_ppl: 6 items; prompt_tokens=\(64, 128\)", text)  # 3 articles × 2 prompt lengths
+    assert "48 items in all" in text  # (3 + 3 + 6) × 4 cells
+
+
+class _Clock:
+    """A settable time.perf_counter for the tracker: phase seconds without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_nested_phases_count_once_and_eta_uses_rate_and_known_planning(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    work = progress.Work([("a", "disaggregated"), ("b", "disaggregated"), ("a", "unified")], {"t": 10})
+    tr = progress.Tracker(work, show=False, since=95.0)
+    with tr.phase("planning a"):
+        clock.now += 2
+        with tr.phase("calibration"):
+            clock.now += 30
+        clock.now += 3
+    tr.planned("a", 5.0)
+    assert tr.eta() == "ETA after the first task"
+    with tr.phase("t"):
+        clock.now += 20
+    tr.task_done("t", 20.0)
+    # 20 items left at 2 s each, b's planning not seen yet, a's (second cell of a) 5 s
+    assert tr.eta() == "ETA 45.0 s + planning b"
+    assert tr.totals() == {"startup": 5.0, "calibration": 30.0, "planning a": 5.0, "t": 20.0}
+    assert tr.timing_line() == "time: startup 5.0 s · planning a 5.0 s · calibration 30.0 s · t 20.0 s · total 60.0 s" \
+        or tr.timing_line() == "time: startup 5.0 s · calibration 30.0 s · planning a 5.0 s · t 20.0 s · total 60.0 s"
+
+
+def test_overall_line_names_cell_task_elapsed_and_eta():
+    stream = io.StringIO()
+    work = progress.Work([("a", "disaggregated"), ("b", "disaggregated")], {"t1": 4, "t2": 6})
+    tr = progress.Tracker(work, show=True, stream=stream, tick_s=0)
+    tr.start()
+    try:
+        tr.cell(1, "b", "disaggregated")
+        with tr.phase("t2", "b/disaggregated", shown=progress.task_label("t2", 1, ["t1", "t2"])):
+            drawn = tr._bar.desc
+    finally:
+        tr.close()
+    assert "cell 2 of 2 (b/disaggregated) · task 2 of 2 (t2) · elapsed " in drawn and "ETA after the first task" in drawn
+
+
+def _silence(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "silence.py"), "--no-echo", "--json", "--", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_silence_tool_finds_the_longest_gap_and_what_preceded_it():
+    script = ("import sys, time\n"
+              "for i, gap in enumerate([0.3, 0.3, 0.9, 0.3]):\n"
+              "    print(f'line{i}', flush=True); time.sleep(gap)\n"
+              "sys.stderr.write('end\\n'); sys.exit(3)\n")
+    res = _silence(sys.executable, "-c", script)
+    assert res.returncode == 3  # the command's own status
+    out = json.loads(res.stdout)
+    assert 0.85 <= out["longest_s"] <= 1.6, out
+    assert out["before"].strip().endswith("line2")
+    assert out["chunks"] >= 5 and out["exit_code"] == 3  # a print may arrive as two chunks (text, newline)
+    assert sorted(out["gaps_s"])[-2] < out["longest_s"]  # one gap stands out: the 0.9 s one
+    inner = out["gaps_s"][1:-1]  # between the chunks: the 0.3 s sleeps and the 0.9 s one
+    assert sum(0.25 <= g <= 0.8 for g in inner) == 3
+
+
+def test_silence_tool_counts_carriage_return_redraws_as_output():
+    script = ("import sys, time\n"
+              "for i in range(6):\n"
+              "    sys.stderr.write(f'\\rbar {i}/5'); sys.stderr.flush(); time.sleep(0.3)\n")
+    out = json.loads(_silence(sys.executable, "-c", script).stdout)
+    assert out["chunks"] >= 6 and out["longest_s"] < 0.9  # a moving bar is not silence
