@@ -197,7 +197,7 @@ def test_a_second_run_into_the_same_out_is_refused_and_names_the_first(data_dir,
     assert "choose another --out" in second.stderr and "Traceback" not in second.stderr
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
-    assert [p.name for p in sorted(out.iterdir())] == ["summary.csv", "tail__disaggregated.json", "unpruned__disaggregated.json"]
+    assert [p.name for p in sorted(out.iterdir())] == ["lm_eval", "summary.csv", "tail__disaggregated.json", "unpruned__disaggregated.json"]
 
 
 HOLD = "import sys, time; from harness.store import lock\nwith lock.hold(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)"

@@ -45,7 +45,7 @@ def test_tiny_run_prints_statement_and_a_timing_line_summing_to_its_wall_time(cl
     assert parts["total"] <= wall + 0.1 and parts["total"] >= 0.8 * wall - 0.5
     kept = json.loads((tmp_path / "run" / "unpruned__disaggregated.json").read_text())["extra"]["phases_s"]
     assert set(kept) == set(parts) - {"total", "other", "report"}  # the report is written after the record
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["summary.csv", "unpruned__disaggregated.json"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["lm_eval", "summary.csv", "unpruned__disaggregated.json"]
     said = "this run: 1 method(s) × 1 mode(s) = 1 cell(s): unpruned/disaggregated" in res.stderr
     assert said is not quiet  # -q: only the timing line
     if not quiet:

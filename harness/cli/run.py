@@ -257,6 +257,10 @@ def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path, t_star
         with tracker.phase("load"):
             loaded = load_model(cfg.model, distributed.device_for(cfg.device, dist), cfg.dtype, cfg.seed, placement,
                                 cfg.model_arg_dict())
+    except KeyboardInterrupt:  # nothing done yet: the one line `interrupted (Ctrl-C)` of harness/__main__.py
+        tracker.close()
+        raise
+    try:
         ranks = f"; {dist.world_size} data-parallel ranks" if dist.enabled else ""
         if dist.is_main:
             tracker.say(f"model {cfg.model} ({loaded.description.get('n_layers')} layers) loaded in "
