@@ -30,6 +30,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def own_cache_dir(tmp_path_factory, monkeypatch) -> Path:
+    """A fresh on-disk cache (harness/store/cache.py) per test: no test sees another's cached statistics,
+    and a test that counts work sees it done (CLI subprocesses inherit the variable)."""
+    path = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "README.md").is_file():
