@@ -334,11 +334,10 @@ class _SearchState:
         w = self._obj.work() if self._obj is not None else dict(zero)
         if self._sens_separate:
             s = self._sens.work() if self._sens is not None else zero
-            full = self._obj.full_tokens if self._obj is not None else 0
-            s = self.sens_obj.work()
+            full = sum(len(p) + len(c) - 1 for p, c in zip(self._split.prompts, self._split.conts))  # obj.full_tokens
             passes = w["layer_token_passes"] + s["layer_token_passes"]
             w = {"evaluations": w["evaluations"] + s["evaluations"], "layer_token_passes": passes,
-                 "full_forward_equivalents": passes / (self.n * full) if full else 0.0,
+                 "full_forward_equivalents": passes / (self.n * full),
                  "sensitivity_evaluations": s["evaluations"]}
         return w
 
