@@ -33,9 +33,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def own_cache_dir(tmp_path_factory, monkeypatch) -> Path:
     """A fresh on-disk cache (harness/store/cache.py) per test: no test sees another's cached statistics,
-    and a test that counts work sees it done (CLI subprocesses inherit the variable)."""
+    and a test that counts work sees it done (CLI subprocesses inherit the variable). Converted models
+    (HARNESS_CACHE_DIR) stay shared."""
     path = tmp_path_factory.mktemp("cache")
-    monkeypatch.setenv("HARNESS_CACHE_DIR", str(path))
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", str(path))
     return path
 
 

@@ -1,5 +1,5 @@
 """The on-disk cache of calibration statistics: an interrupted search resumes where it stopped, a
-second plan does no forward, a torn entry is recomputed, and `HARNESS_CACHE_DIR=off` writes nothing."""
+second plan does no forward, a torn entry is recomputed, and `HARNESS_CALIBRATION_CACHE=off` writes nothing."""
 
 import dataclasses
 import json
@@ -65,17 +65,17 @@ def forwards(tiny):
 def run_interrupted(monkeypatch, own_cache_dir, plan, cls, names, seed):
     """The uninterrupted result (cache off), then a run stopped at a seeded evaluation count and a rerun
     (cache on); returns (reference result, evaluations of the reference, before the stop, of the rerun)."""
-    monkeypatch.setenv("HARNESS_CACHE_DIR", "off")
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")
     ref_count = Interrupt(monkeypatch, cls, names)
     ref = plan()
     monkeypatch.undo()  # the counting wrappers and the env var
-    monkeypatch.setenv("HARNESS_CACHE_DIR", str(own_cache_dir))
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", str(own_cache_dir))
     stop_at = random.Random(seed).randint(2, len(ref_count.seen) - 1)
     first = Interrupt(monkeypatch, cls, names, stop_at=stop_at)
     with pytest.raises(KeyboardInterrupt):
         plan()
     monkeypatch.undo()
-    monkeypatch.setenv("HARNESS_CACHE_DIR", str(own_cache_dir))
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", str(own_cache_dir))
     rerun = Interrupt(monkeypatch, cls, names)
     again = plan()
     assert len(first.seen) == stop_at - 1
@@ -150,13 +150,21 @@ def test_a_corrupt_entry_is_ignored_with_a_warning_and_recomputed(tiny, calib, o
 
 
 def test_cache_off_writes_nothing(tiny, calib, monkeypatch, tmp_path):
-    monkeypatch.setenv("HARNESS_CACHE_DIR", "off")
-    monkeypatch.setenv("HOME", str(tmp_path))  # where the default folder would be
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))  # where the default folder would be
     ranked._SHARED.clear()
     for name, options in [("pdtrim", PDTRIM), ("sleb", SLEB), ("shortgpt", dict(k=1))]:
         make(name, **options).plan(tiny.model, calib, "disaggregated")
     assert cache.cache_dir() is None and cache.save("x", {"a": 1}, 1) is None
     assert list(tmp_path.rglob("*")) == []
+
+
+def test_the_cache_lives_under_the_harness_cache_folder_unless_told(monkeypatch, tmp_path):
+    monkeypatch.delenv("HARNESS_CALIBRATION_CACHE")
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
+    assert cache.cache_dir() == tmp_path / "calibration"  # beside the converted models, not among them
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", str(tmp_path / "x"))
+    assert cache.cache_dir() == tmp_path / "x"
 
 
 def test_store_keys_values_and_concurrent_writers(own_cache_dir):

@@ -1,8 +1,11 @@
 """An on-disk cache of JSON values keyed by a dict, so interrupted or repeated work is not thrown away.
 
-Where: `$HARNESS_CACHE_DIR`, default `~/.cache/pd-harness`; `HARNESS_CACHE_DIR=off` turns the cache
-off (nothing is read or written). An entry is `<dir>/<kind>/<digest>.json`, the digest a SHA-256 of
-the key dict's canonical JSON; the file holds the key too, and a file whose key differs is a miss.
+Where: `$HARNESS_CALIBRATION_CACHE` when set, else `calibration/` in the harness's cache folder
+(`$HARNESS_CACHE_DIR`, default `~/.cache/pd-harness`, which also holds converted models);
+`HARNESS_CALIBRATION_CACHE=off` turns this cache off (nothing is read or written). A separate
+variable, so turning it off or moving it (the tests use a fresh one per test) leaves the converted
+models where they are. An entry is `<dir>/<kind>/<digest>.json`, the digest a SHA-256 of the key
+dict's canonical JSON; the file holds the key too, and a file whose key differs is a miss.
 
 Safety: every write is a temp file and an atomic rename (`harness.store.files.atomic_write`), so a
 kill leaves the old entry or the new one, never a torn one; two processes writing one key each
@@ -23,9 +26,10 @@ from typing import Any
 
 from harness.store.files import atomic_write
 
-ENV = "HARNESS_CACHE_DIR"
+ENV = "HARNESS_CALIBRATION_CACHE"
+ROOT_ENV = "HARNESS_CACHE_DIR"  # the harness's cache folder (harness/pd/models.py keeps converted models there)
 OFF = "off"
-DEFAULT_DIR = Path("~/.cache/pd-harness")
+DEFAULT_ROOT = Path("~/.cache/pd-harness")
 
 
 class CacheWarning(UserWarning):
@@ -33,11 +37,13 @@ class CacheWarning(UserWarning):
 
 
 def cache_dir() -> Path | None:
-    """The cache folder, or None when `HARNESS_CACHE_DIR=off`."""
+    """The cache folder, or None when `HARNESS_CALIBRATION_CACHE=off`."""
     raw = os.environ.get(ENV, "").strip()
     if raw.lower() == OFF:
         return None
-    return Path(raw or DEFAULT_DIR).expanduser()
+    if raw:
+        return Path(raw).expanduser()
+    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser() / "calibration"
 
 
 def enabled() -> bool:

@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -40,9 +39,8 @@ from methods.registry import register
 
 READING = "PDTRIM.md section 2 (harness reading v1)"
 # Bump when the objective values (methods/pdtrim/objectives.py, whose source digest is in the key
-# too) or the attention-share probe give other numbers: invalidates the values kept on disk.
+# too) give other numbers: invalidates the values kept on disk.
 SEARCH_CACHE_VERSION = "1"
-PROBE_CACHE_VERSION = "1"
 
 
 def search_cache_key(model, calib, c) -> dict:
@@ -195,21 +193,11 @@ class PDTrim(Method):
         return self._state
 
     def _select_kv_layers(self, model, calib, plan: PruningPlan) -> tuple[PruningPlan, dict]:
-        from methods.pdtrim.attention_probe import first_last_shares
+        from methods.pdtrim.attention_probe import cached_shares
 
         c = self.config
         prompts = pack_prompts(calib.input_ids, c.probe_prompts, c.probe_tokens, c.seed)
-        key = cached.stat_key("pdtrim-probe", model, calib, PROBE_CACHE_VERSION, [sys.modules[first_last_shares.__module__]],
-                              prefill_layers=list(plan.prefill_layers), decode_layers=list(plan.decode_layers),
-                              probe_prompts=c.probe_prompts, probe_tokens=c.probe_tokens, probe_steps=c.probe_steps,
-                              n_first=c.n_first, n_last=c.n_last, seed=c.seed)
-        hit = cached.load("pdtrim-probe", key)
-        if isinstance(hit, dict) and set(hit) == {str(i) for i in plan.decode_layers}:
-            cached.announce(f"KV layer selection: attention shares of {len(hit)} decode layers")
-            shares = {int(k): float(v) for k, v in hit.items()}
-        else:
-            shares = first_last_shares(model, plan, prompts, c.n_first, c.n_last, c.probe_steps)
-            cached.save("pdtrim-probe", key, {str(k): v for k, v in shares.items()})
+        shares = cached_shares(model, calib, plan, prompts, c)
         selected = tuple(layer for layer in plan.decode_layers if shares[layer] >= c.tau)
         detail = {"shares": {str(k): v for k, v in shares.items()}, "selected": list(selected), "tau": c.tau,
                   "n_first": c.n_first, "n_last": c.n_last, "probe_prompts": len(prompts),
