@@ -30,6 +30,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def own_cache_dir(tmp_path_factory, monkeypatch) -> Path:
+    """A fresh on-disk cache (harness/store/cache.py) per test: no test sees another's cached statistics,
+    and a test that counts work sees it done (CLI subprocesses inherit the variable). Converted models
+    (HARNESS_CACHE_DIR) stay shared."""
+    path = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "README.md").is_file():

@@ -349,6 +349,7 @@ def test_a_memoised_ranking_is_reused_only_for_the_same_calibration_set(tiny, ca
 def test_a_method_and_its_stage_wrapper_share_one_ranking_per_process(tiny, calib, monkeypatch):
     from methods.depth import ranked
 
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")  # sharing within one process (across processes: tests/test_cache.py)
     ranked._SHARED.clear()
     calls = []
     real = methods.get("sleb")._rank

@@ -58,10 +58,12 @@ def test_sensitivity_on_fewer_sequences_is_recorded_as_such(deep, calib):
     assert len(p.info["stage_sensitivity"]["prefill"]) == 12
 
 
-def test_a_depth_sweep_extends_one_greedy_path(deep, calib):
+def test_a_depth_sweep_extends_one_greedy_path(deep, calib, monkeypatch):
     """`k_decode=5` then `k_decode=3` (new instances, as sweep cells are): the second is read off the
     first's greedy path with no objective evaluation, and equals a search from scratch."""
     from methods.pdtrim import method as pm
+
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")  # in-process sharing only: 'fresh' must search
 
     model = deep[0]
     pm._SHARED_STATES.clear()

@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
 from harness.pd import arch
+from methods import cached
 from methods.bars import calib_batches
+
+BLOCK_COSINES_VERSION = "1"  # bump when block_cosines' numbers change
+
+
+def block_cosines(model, calib, batch_size: int = 16, desc: str = "block cosines") -> list[float]:
+    """Mean cos(h_in, h_out) over calibration tokens for every decoder block; kept in the on-disk
+    cache (methods/cached.py) per (model, calibration set, batch size), so a rerun does no forward.
+    `desc` names the progress bar over calibration batches."""
+    key = cached.stat_key("block-cosines", model, calib, BLOCK_COSINES_VERSION, [sys.modules[__name__]], batch_size=batch_size)
+    hit = cached.load("block-cosines", key)
+    if isinstance(hit, list) and len(hit) == arch.n_layers(model):
+        cached.announce(f"block scores: cos(h_in, h_out) of {len(hit)} blocks")
+        return [float(v) for v in hit]
+    cos = compute_block_cosines(model, calib, batch_size, desc)
+    cached.save("block-cosines", key, cos)
+    return cos
 
 
 @torch.inference_mode()
-def block_cosines(model, calib, batch_size: int = 16, desc: str = "block cosines") -> list[float]:
-    """Mean cos(h_in, h_out) over calibration tokens for every decoder block, accumulated in float32.
-    `desc` names the progress bar over calibration batches."""
+def compute_block_cosines(model, calib, batch_size: int = 16, desc: str = "block cosines") -> list[float]:
+    """Mean cos(h_in, h_out) over calibration tokens for every decoder block, accumulated in float32."""
     layers = arch.decoder_layers(model)
     sums = torch.zeros(len(layers), dtype=torch.float64, device="cpu")  # host sums of .cpu() terms
     count = torch.zeros((), dtype=torch.float64, device="cpu")

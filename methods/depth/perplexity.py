@@ -15,6 +15,7 @@ it differs from the base, the same reuse as `methods/pdtrim/objectives.py`.
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -26,7 +27,11 @@ from harness.pd import arch
 from harness.pd.batching import pad_tokens
 from harness.pd.cache import PDCache
 from harness.pd.engine import final_logits, run_layers
+from methods import cached
+from methods.cached import DiskMemo, set_key
 from methods.pdtrim.objectives import token_budget_batches
+
+NLL_VERSION = "1"  # bump when CalibNLL's numbers change (invalidates the memoised values on disk)
 
 
 def calibration_rows(input_ids: list[list[int]], samples: int, seed: int) -> list[list[int]]:
@@ -66,9 +71,15 @@ def make_batches(rows: list[list[int]], device, batch_size: int, batch_tokens: i
 
 
 class CalibNLL:
-    """Mean next-token NLL on fixed calibration rows for any set of removed blocks. Counts its work."""
+    """Mean next-token NLL on fixed calibration rows for any set of removed blocks. Counts its work.
 
-    def __init__(self, model, rows: list[list[int]], batch_size: int = 16, batch_tokens: int = 512) -> None:
+    With a `memo` (methods/cached.py), values computed by any earlier run on the same rows come from
+    it with no forward, and every new value is written to it; `set_base` is then only a promise kept
+    by the first evaluation that misses the memo, so replaying an interrupted search costs nothing.
+    """
+
+    def __init__(self, model, rows: list[list[int]], batch_size: int = 16, batch_tokens: int = 512,
+                 memo: DiskMemo | None = None) -> None:
         self.model = model
         self.n_layers = arch.n_layers(model)
         self.batches = make_batches(rows, arch.model_device(model), batch_size, batch_tokens)
@@ -77,6 +88,8 @@ class CalibNLL:
         self.evaluations = 0
         self.layer_token_passes = 0  # Σ layers run × tokens run through them
         self._base: tuple[frozenset, list[dict]] | None = None
+        self._pending_base: frozenset | None = None  # set_base's target, built by the next memo miss
+        self.memo = memo
 
     def _kept(self, removed: frozenset) -> list[int]:
         return [i for i in range(self.n_layers) if i not in removed]
@@ -84,16 +97,20 @@ class CalibNLL:
     def _start(self, target: frozenset) -> tuple[int, list[dict]]:
         """First block where `target` differs from the base (n if none), and the base's inputs."""
         if self._base is None:
-            self.set_base(())
+            self._build_base(frozenset())
         base_set, inputs = self._base
         diff = target ^ base_set
         return (min(diff) if diff else self.n_layers), inputs
 
-    @torch.inference_mode()
     def set_base(self, removed: Iterable[int]) -> None:
-        """Keep the input of every block (and the output) with `removed` blocks removed, reusing the
+        """Resume later evaluations from the model with `removed` blocks removed (built on the next
+        evaluation that needs a forward: a value is the same from any base)."""
+        self._pending_base = frozenset(removed)
+
+    @torch.inference_mode()
+    def _build_base(self, target: frozenset) -> None:
+        """Keep the input of every block (and the output) with `target` blocks removed, reusing the
         previous base's states up to the first block where the two sets differ."""
-        target = frozenset(removed)
         start, old = (0, None) if self._base is None else self._start(target)
         per_batch = []
         for bi, b in enumerate(self.batches):
@@ -114,10 +131,22 @@ class CalibNLL:
             per_batch.append(inputs)
         self._base = (target, per_batch)
 
-    @torch.inference_mode()
     def nll(self, removed: Iterable[int]) -> float:
-        """Mean NLL (nats/token) with blocks `removed` removed."""
+        """Mean NLL (nats/token) with blocks `removed` removed (from the memo when it has it)."""
         target = frozenset(removed)
+        key = set_key(target)
+        if self.memo is not None and key in self.memo:
+            return float(self.memo.get(key))
+        if self._pending_base is not None:
+            self._build_base(self._pending_base)
+            self._pending_base = None
+        value = self._nll(target)
+        if self.memo is not None:
+            self.memo.put(key, value)
+        return value
+
+    @torch.inference_mode()
+    def _nll(self, target: frozenset) -> float:
         start, inputs = self._start(target)
         layers = [i for i in self._kept(target) if i >= start]
         total = torch.zeros((), dtype=torch.float64, device="cpu")  # host sum of .cpu() terms
@@ -139,8 +168,14 @@ class CalibNLL:
 
 def calibration_evaluator(method: str, model, calib, config) -> tuple[CalibNLL, int]:
     """The evaluator a perplexity-scored method (sleb, shortened_ppl) ranks blocks with: `config.samples`
-    seeded calibration rows, batched by `config.batch_size` / `config.batch_tokens`; and the row count."""
+    seeded calibration rows, batched by `config.batch_size` / `config.batch_tokens`; and the row count.
+    Its values are memoised on disk per (model, calibration set, those options), shared by both methods."""
     if calib is None:
         raise UsageError(f"{method} needs a calibration set")
     rows = calibration_rows(calib.input_ids, config.samples, config.seed)
-    return CalibNLL(model, rows, config.batch_size, config.batch_tokens), len(rows)
+    key = cached.stat_key("calib-nll", model, calib, NLL_VERSION, [sys.modules[__name__]], samples=config.samples,
+                          seed=config.seed, batch_size=config.batch_size, batch_tokens=config.batch_tokens)
+    memo = DiskMemo("calib-nll", key)
+    if memo.loaded:
+        cached.announce(f"calibration NLLs: {memo.loaded} block sets ({method})")
+    return CalibNLL(model, rows, config.batch_size, config.batch_tokens, memo), len(rows)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 from harness.errors import UsageError
 from harness.pd import arch
 from harness.pd.plan import PruningPlan
+from methods import cached
 from methods.bars import progress  # noqa: F401 - re-exported: the depth methods' bar
 from methods.base import Method, calibration_fingerprint, fit_counts, model_fingerprint
 
@@ -44,6 +46,9 @@ class Ranking:
 # (method, options except k, model fingerprint, calibration fingerprint); see `ranking_key`.
 _SHARED: OrderedDict[tuple, Ranking] = OrderedDict()
 _SHARED_MAX = 8
+# Rankings also go to the on-disk cache (methods/cached.py), so another process (a rerun, `latency`
+# after a quality run) reuses them; bump when this module's ranking rules change results.
+RANKING_VERSION = "1"
 
 
 def check_counts(name: str, config, fields: tuple[str, ...]) -> None:
@@ -66,6 +71,7 @@ class RankedDepthMethod(Method):
 
     needs_calibration = True
     stage_variant = True  # the removal order nests, so `stage:<name>` exists (methods/depth/stage.py)
+    ranking_version = "1"  # bump in a subclass when its `_rank` gives other results (invalidates cached rankings)
 
     @classmethod
     def config_for_layers(cls, n: int) -> Any:
@@ -100,10 +106,13 @@ class RankedDepthMethod(Method):
         key = self.ranking_key(model, calib)
         hit = _SHARED.get(key)
         if hit is None or len(hit.order) < k:
-            t0 = time.perf_counter()
-            ranking = self._rank(model, calib, k, eligible)
-            ranking.info.setdefault("work", {})["rank_seconds"] = time.perf_counter() - t0
-            ranking.info["eligible"] = eligible
+            ranking = self._stored_ranking(model, calib, k)
+            if ranking is None:
+                t0 = time.perf_counter()
+                ranking = self._rank(model, calib, k, eligible)
+                ranking.info.setdefault("work", {})["rank_seconds"] = time.perf_counter() - t0
+                ranking.info["eligible"] = eligible
+                cached.save("ranking", self._disk_key(model, calib), {"order": ranking.order, "info": ranking.info})
             _SHARED[key] = ranking
             while len(_SHARED) > _SHARED_MAX:
                 _SHARED.popitem(last=False)
@@ -118,6 +127,23 @@ class RankedDepthMethod(Method):
         opts = {f: v for f, v in dataclasses.asdict(self.config).items() if f != "k"}
         return (self.name, f"{type(self).__module__}.{type(self).__qualname__}", json.dumps(opts, sort_keys=True, default=str),
                 model_fingerprint(model), calibration_fingerprint(calib))
+
+    def _disk_key(self, model, calib) -> dict:
+        """`ranking_key` for the on-disk cache, with the ranking code's version and source digest."""
+        opts = {f: v for f, v in dataclasses.asdict(self.config).items() if f != "k"}
+        return cached.stat_key("ranking", model, calib, f"{RANKING_VERSION}.{self.ranking_version}",
+                               [sys.modules[type(self).__module__], sys.modules[__name__]],
+                               method=self.name, cls=f"{type(self).__module__}.{type(self).__qualname__}", **opts)
+
+    def _stored_ranking(self, model, calib, k: int) -> Ranking | None:
+        """The ranking a previous process stored (at least `k` long), marked as reused; None if none."""
+        hit = cached.load("ranking", self._disk_key(model, calib))
+        if not (isinstance(hit, dict) and isinstance(hit.get("order"), list) and len(hit["order"]) >= k):
+            return None
+        info = dict(hit.get("info") or {})
+        info["work"] = {**info.get("work", {}), "reused_from_cache": True}  # its seconds were spent by an earlier run
+        cached.announce(f"block ranking: {self.name}, {len(hit['order'])} blocks in order")
+        return Ranking([int(i) for i in hit["order"]], info)
 
     def removal_order(self, model, calib, k: int | None = None) -> list[int]:
         """The first `k` (default: this method's `k`) blocks of the removal order."""

@@ -10,6 +10,7 @@ query's attention mass that lands on prompt positions `[0, n_first) ∪ [T - n_l
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -20,7 +21,10 @@ from harness.pd.batching import pad_tokens
 from harness.pd.cache import PDCache
 from harness.pd.plan import KVPolicy, PruningPlan
 from harness.pd.stages import StagedModel
+from methods import cached
 from methods.bars import progress
+
+PROBE_CACHE_VERSION = "1"  # bump when the shares change (this file's source digest is in the key too)
 
 PROBE_NAME = "harness_attention_probe"
 
@@ -86,3 +90,19 @@ def first_last_shares(
         for step in progress(range(steps), "pdtrim: attention probe, decode steps"):
             tok = staged.step(dcache, tok, lengths + step, ones).argmax(-1)
     return {layer: probe.mass[layer] / probe.queries[layer] for layer in sorted(probe.mass)}
+
+
+def cached_shares(model, calib, plan: PruningPlan, prompts: Sequence[Sequence[int]], c) -> dict[int, float]:
+    """`first_last_shares` with pdtrim's probe options `c`, kept in the on-disk cache (methods/cached.py)
+    per (model, calibration set, the plan's layers, the probe options)."""
+    key = cached.stat_key("pdtrim-probe", model, calib, PROBE_CACHE_VERSION, [sys.modules[__name__]],
+                          prefill_layers=list(plan.prefill_layers), decode_layers=list(plan.decode_layers),
+                          probe_prompts=c.probe_prompts, probe_tokens=c.probe_tokens, probe_steps=c.probe_steps,
+                          n_first=c.n_first, n_last=c.n_last, seed=c.seed)
+    hit = cached.load("pdtrim-probe", key)
+    if isinstance(hit, dict) and set(hit) == {str(i) for i in plan.decode_layers}:
+        cached.announce(f"KV layer selection: attention shares of {len(hit)} decode layers")
+        return {int(k): float(v) for k, v in hit.items()}
+    shares = first_last_shares(model, plan, prompts, c.n_first, c.n_last, c.probe_steps)
+    cached.save("pdtrim-probe", key, {str(k): v for k, v in shares.items()})
+    return shares

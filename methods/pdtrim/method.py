@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from harness.errors import UsageError
 from harness.pd import arch
 from harness.pd.plan import KVPolicy, PruningPlan
-from methods import bars
+from methods import bars, cached
 from methods.base import Method, Options, content_key
+from methods.cached import DiskMemo, parse_set, set_key
 from methods.depth.blocks import block_cosines
 from methods.registry import register
 
@@ -42,6 +43,19 @@ READING = "PDTRIM.md section 2 (harness reading v1)"
 SEARCH_FIELDS = ("d_t", "search_samples", "max_cont", "batch_size", "batch_tokens", "seed", "sensitivity",
                  "sensitivity_samples", "lazy", "min_exact")
 _SHARED_STATES: dict[tuple, _SearchState] = {}
+# Bump when the objective values (methods/pdtrim/objectives.py, whose source digest is in the key
+# too) give other numbers: invalidates the values kept on disk.
+SEARCH_CACHE_VERSION = "1"
+
+
+def search_cache_key(model, calib, c) -> dict:
+    """What a search's objective values depend on: model, calibration set, and the options that choose
+    and batch the search sequences (batching only regroups rows, but float sums follow the grouping)."""
+    from methods.pdtrim import objectives
+
+    return cached.stat_key("pdtrim-search", model, calib, SEARCH_CACHE_VERSION, [objectives],
+                           search_samples=c.search_samples, max_cont=c.max_cont, seed=c.seed, batch_size=c.batch_size,
+                           batch_tokens=c.batch_tokens, sensitivity_samples=c.sensitivity_samples)
 
 
 @register
@@ -193,12 +207,12 @@ class PDTrim(Method):
         return self._state
 
     def _select_kv_layers(self, model, calib, plan: PruningPlan) -> tuple[PruningPlan, dict]:
-        from methods.pdtrim.attention_probe import first_last_shares
+        from methods.pdtrim.attention_probe import cached_shares
 
         c = self.config
         prompts = pack_prompts(calib.input_ids, c.probe_prompts, c.probe_tokens, c.seed)
         with bars.stage(f"pdtrim: attention probe ({len(prompts)} prompts)"):
-            shares = first_last_shares(model, plan, prompts, c.n_first, c.n_last, c.probe_steps)
+            shares = cached_shares(model, calib, plan, prompts, c)
         selected = tuple(layer for layer in plan.decode_layers if shares[layer] >= c.tau)
         detail = {"shares": {str(k): v for k, v in shares.items()}, "selected": list(selected), "tau": c.tau,
                   "n_first": c.n_first, "n_last": c.n_last, "probe_prompts": len(prompts),
@@ -246,10 +260,22 @@ class _SearchState:
         split = CalibSplit.from_calibration(calib.input_ids, c.search_samples, c.max_cont, c.seed)
         self.split_desc = {"sequences": len(split.prompts), "continuation_tokens": split.n_cont_tokens,
                            "prompt_tokens": sum(len(p) for p in split.prompts)}
-        with bars.stage("pdtrim: search objectives (dense reference forwards)"):
-            self.obj = StageObjective(model, split, c.batch_size, c.batch_tokens)
+        # The objectives are built (a dense forward each) by the first value the disk memo lacks.
+        self._make_obj = lambda sp: StageObjective(model, sp, c.batch_size, c.batch_tokens)
+        self._split, self._obj, self._sens = split, None, None
+        self.disk = DiskMemo("pdtrim-search", search_cache_key(model, calib, c))
+        if self.disk.loaded:
+            cached.announce(f"search values: {self.disk.loaded} pdtrim objective values")
+        self._pending: dict[str, Callable[[], None]] = {}  # stage -> a rebase deferred to the next memo miss
         self.memo_p: dict[frozenset, float] = {}
         self.memo_d: dict[tuple[frozenset, frozenset], float] = {}
+        for k, v in self.disk.values.items():  # "p:<R>" and "d:<R_D>|<R_P>" (sensitivity: "sp:", "sd:")
+            kind, _, sets = k.partition(":")
+            if kind == "p":
+                self.memo_p[parse_set(sets)] = v
+            elif kind == "d":
+                rd, _, rp = sets.partition("|")
+                self.memo_d[(parse_set(rd), parse_set(rp))] = v
         self.trace: dict[str, list] = {}
         self.sensitivity: dict[str, list[float]] | None = None
         self.search_s = 0.0
@@ -257,27 +283,65 @@ class _SearchState:
         # the first `sensitivity_samples` search sequences: 60 single-block objectives over all of
         # them would cost more than the whole lazy search.
         sub = c.sensitivity_samples
-        if sub and sub < len(split.prompts):
-            self.sens_obj = StageObjective(model, CalibSplit(split.prompts[:sub], split.conts[:sub]), c.batch_size, c.batch_tokens)
-            self.split_desc["sensitivity_sequences"] = sub
-        else:
-            self.sens_obj = self.obj
-            self.split_desc["sensitivity_sequences"] = len(split.prompts)
+        self._sens_separate = bool(sub and sub < len(split.prompts))
+        self.split_desc["sensitivity_sequences"] = sub if self._sens_separate else len(split.prompts)
         if c.sensitivity:
             t0 = time.perf_counter()
-            ep, ed = (self.ep, self.ed) if self.sens_obj is self.obj else (self.sens_obj.prefill, self.sens_obj.decode)
+            ep, ed = (self._sens_ep, self._sens_ed) if self._sens_separate else (self.ep, self.ed)
             self.sensitivity = {"prefill": [ep({i}) for i in _bar(range(self.n), "pdtrim: prefill sensitivity")],
                                 "decode": [ed({i}, frozenset()) for i in _bar(range(self.n), "pdtrim: decode sensitivity")]}
             self.search_s += time.perf_counter() - t0
 
+    @property
+    def obj(self):
+        """The search objective (StageObjective), built on first use: its dense teacher costs a forward."""
+        if self._obj is None:
+            with bars.stage("pdtrim: search objectives (dense reference forwards)"):
+                self._obj = self._make_obj(self._split)
+        return self._obj
+
+    @property
+    def sens_obj(self):
+        """The objective on the first `sensitivity_samples` search sequences (`obj` itself when that is all)."""
+        if not self._sens_separate:
+            return self.obj
+        if self._sens is None:
+            sub = self.c.sensitivity_samples
+            self._sens = self._make_obj(type(self._split)(self._split.prompts[:sub], self._split.conts[:sub]))
+        return self._sens
+
+    def _sens_ep(self, removed) -> float:
+        return self._stored(f"sp:{set_key(removed)}", lambda: self.sens_obj.prefill(removed))
+
+    def _sens_ed(self, removed, removed_prefill) -> float:
+        return self._stored(f"sd:{set_key(removed)}|{set_key(removed_prefill)}", lambda: self.sens_obj.decode(removed, removed_prefill))
+
+    def _stored(self, key: str, compute: Callable[[], float]) -> float:
+        """The disk memo's value for `key`, else `compute()` (after any deferred rebase), then written through."""
+        if key in self.disk:
+            return float(self.disk.get(key))
+        stage = "prefill" if key.startswith(("p:", "sp:")) else "decode"
+        if stage in self._pending:
+            self._pending.pop(stage)()
+        v = compute()
+        self.disk.put(key, v)
+        return v
+
+    def _defer(self, stage: str, rebase: Callable[[], None]) -> None:
+        """Rebase `stage`'s objective before its next forward, not now: a replay from the memo needs none."""
+        self._pending[stage] = rebase
+
     def work(self) -> dict[str, float]:
-        """Both objectives' work; full-forward equivalents in units of the search sequences."""
-        w = self.obj.work()
-        if self.sens_obj is not self.obj:
-            s = self.sens_obj.work()
+        """Both objectives' work; full-forward equivalents in units of the search sequences (zeros
+        when every value came from the disk memo and no objective was built)."""
+        zero = {"evaluations": 0, "layer_token_passes": 0, "full_forward_equivalents": 0.0}
+        w = self._obj.work() if self._obj is not None else dict(zero)
+        if self._sens_separate:
+            s = self._sens.work() if self._sens is not None else zero
+            full = sum(len(p) + len(c) - 1 for p, c in zip(self._split.prompts, self._split.conts))  # obj.full_tokens
             passes = w["layer_token_passes"] + s["layer_token_passes"]
             w = {"evaluations": w["evaluations"] + s["evaluations"], "layer_token_passes": passes,
-                 "full_forward_equivalents": passes / (self.n * self.obj.full_tokens),
+                 "full_forward_equivalents": passes / (self.n * full),
                  "sensitivity_evaluations": s["evaluations"]}
         return w
 
@@ -288,13 +352,13 @@ class _SearchState:
     def ep(self, removed: Iterable[int]) -> float:
         key = frozenset(removed)
         if key not in self.memo_p:
-            self.memo_p[key] = self.obj.prefill(key)
+            self.memo_p[key] = self._stored(f"p:{set_key(key)}", lambda: self.obj.prefill(key))
         return self.memo_p[key]
 
     def ed(self, removed_decode: Iterable[int], removed_prefill: Iterable[int]) -> float:
         key = (frozenset(removed_decode), frozenset(removed_prefill))
         if key not in self.memo_d:
-            self.memo_d[key] = self.obj.decode(*key)
+            self.memo_d[key] = self._stored(f"d:{set_key(key[0])}|{set_key(key[1])}", lambda: self.obj.decode(*key))
         return self.memo_d[key]
 
     def _candidates(self, removed: frozenset) -> list[int]:
@@ -344,15 +408,16 @@ class _SearchState:
 
     def greedy_prefill(self, k: int) -> frozenset:
         prior = dict(enumerate(self.sensitivity["prefill"])) if self.sensitivity else None
+        rebase = lambda r: self._defer("prefill", lambda: self.obj.set_prefill_base(r))  # noqa: E731
         with bars.SearchBars(f"pdtrim: prefill k={k}", k) as b:
-            return self._greedy(frozenset(), k, b.counted(self.ep), b.stepped(self.obj.set_prefill_base), f"prefill_k{k}", prior)
+            return self._greedy(frozenset(), k, b.counted(self.ep), b.stepped(rebase), f"prefill_k{k}", prior)
 
     def greedy_decode(self, rp: frozenset, k: int) -> frozenset:
         # E_D({j} | ∅) <= E_D(R_P ∪ {j} | R_P): the dense prompt and fewer removed blocks drift less
         prior = dict(enumerate(self.sensitivity["decode"])) if self.sensitivity else None
+        rebase = lambda r: self._defer("decode", lambda: self.obj.set_decode_base(r, rp))  # noqa: E731
         with bars.SearchBars(f"pdtrim: decode k={k}", k - len(rp)) as b:
-            return self._greedy(rp, k, b.counted(lambda r: self.ed(r, rp)), b.stepped(lambda r: self.obj.set_decode_base(r, rp)),
-                                f"decode_k{k}", prior)
+            return self._greedy(rp, k, b.counted(lambda r: self.ed(r, rp)), b.stepped(rebase), f"decode_k{k}", prior)
 
     def anneal(self, removed: frozenset, fixed: frozenset, stage: str, c) -> frozenset:
         """Swap moves (one removed block back in, one kept block out); `fixed` blocks stay removed."""

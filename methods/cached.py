@@ -1,0 +1,95 @@
+"""Calibration statistics kept on disk (harness/store/cache.py), so a rerun or an interrupted search
+does not redo the forwards it already did.
+
+A statistic's key (`stat_key`) names everything its value depends on: the model and calibration
+set by content (`methods.base.content_key`), the device type and torch version (float noise can
+reorder close scores), the options that change the value, a version string bumped by hand when
+the computation changes, and a digest of the source files that compute it (an edit there
+invalidates the entries by itself). `HARNESS_CACHE_VERSION` below covers the shared forward code
+(harness/pd): bump it when the engine's numbers change.
+
+`DiskMemo` is a dict of values that is written through to one entry after every new value, so a
+kill loses at most the evaluation in flight. Values are stored as JSON, whose float text reads
+back to the same double: a replayed search makes exactly the choices the first one made.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from harness.pd import arch
+from harness.store import cache
+from methods.base import content_key
+
+HARNESS_CACHE_VERSION = "1"  # bump when harness/pd's forwards change their numbers
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def source_digest(modules: Iterable[ModuleType]) -> str:
+    """A digest of the modules' source files (edits to any of them change it)."""
+    return "-".join(_file_digest(str(m.__file__)) for m in modules)
+
+
+def stat_key(kind: str, model, calib, version: str, sources: Iterable[ModuleType] = (), **options: Any) -> dict[str, Any]:
+    """The cache key of statistic `kind` computed on (model, calib) with `options`."""
+    model_fp, calib_fp = content_key(model, calib)
+    return {"kind": kind, "version": version, "harness": HARNESS_CACHE_VERSION, "source": source_digest(sources),
+            "model": model_fp, "calibration": calib_fp, "device": arch.model_device(model).type,
+            "torch": torch.__version__.split("+")[0], "options": options}
+
+
+def announce(what: str) -> None:
+    """The one line that tells a user why this calibration step was fast (stderr, like the run's progress)."""
+    print(f"calibration: reused cached {what} ({cache.cache_dir()})", file=sys.stderr, flush=True)
+
+
+def load(kind: str, key: dict[str, Any]) -> Any | None:
+    return cache.load(kind, key)
+
+
+def save(kind: str, key: dict[str, Any], value: Any) -> None:
+    cache.save(kind, key, value)
+
+
+def set_key(blocks: Iterable[int]) -> str:
+    """A block set as a memo key: its sorted indices, comma-separated ("" for the empty set)."""
+    return ",".join(str(i) for i in sorted(blocks))
+
+
+def parse_set(text: str) -> frozenset[int]:
+    return frozenset(int(i) for i in text.split(",") if i)
+
+
+class DiskMemo:
+    """Values by string key, loaded from cache entry (`kind`, `key`) and written back after every `put`.
+
+    With the cache off it is an in-memory dict. `loaded` counts the values that came from disk.
+    """
+
+    def __init__(self, kind: str, key: dict[str, Any]) -> None:
+        self.kind, self.key = kind, key
+        stored = cache.load(kind, key)
+        self.values: dict[str, Any] = dict(stored) if isinstance(stored, dict) else {}
+        self.loaded = len(self.values)
+
+    def __contains__(self, k: str) -> bool:
+        return k in self.values
+
+    def get(self, k: str, default: Any = None) -> Any:
+        return self.values.get(k, default)
+
+    def put(self, k: str, v: Any) -> None:
+        self.values[k] = v
+        cache.save(self.kind, self.key, self.values)  # atomic: a kill leaves the previous complete memo

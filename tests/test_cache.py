@@ -1,0 +1,202 @@
+"""The on-disk cache of calibration statistics: an interrupted search resumes where it stopped, a
+second plan does no forward, a torn entry is recomputed, and `HARNESS_CALIBRATION_CACHE=off` writes nothing."""
+
+import dataclasses
+import json
+import random
+import threading
+import warnings
+
+import pytest
+
+import methods
+from harness.pd import arch
+from harness.quality.calibration import CalibConfig, build_calibration
+from harness.store import cache
+from methods.depth import ranked
+from methods.depth.perplexity import CalibNLL
+from methods.pdtrim.objectives import StageObjective
+
+PDTRIM = dict(k_prefill=1, k_decode=2, k_unified=2, search_samples=8, sensitivity_samples=4, max_cont=8, probe_prompts=2,
+              probe_tokens=64, probe_steps=3, n_first=2, n_last=6, anneal_steps=3)
+SLEB = dict(k=2, keep_first=0, keep_last=0, samples=12)
+
+
+@pytest.fixture(scope="module")
+def calib(tiny, data_dir):
+    return build_calibration(tiny.tokenizer, data_dir, CalibConfig(n_samples=24, max_tokens=96, seed=0))
+
+
+def make(name, **options):
+    cls = methods.get(name)
+    return cls(dataclasses.replace(cls.config_for_layers(4), **options))  # the tiny model's 4 layers
+
+
+def layers(plan):
+    return plan.prefill_layers, plan.decode_layers, plan.kv_policy
+
+
+class Interrupt:
+    """Counts objective evaluations (what was evaluated, in order); raises KeyboardInterrupt at `stop_at`."""
+
+    def __init__(self, monkeypatch, cls, names, stop_at=None):
+        self.seen, self.stop_at = [], stop_at
+        for name in names:
+            real = getattr(cls, name)
+            monkeypatch.setattr(cls, name, self._wrap(name, real))
+
+    def _wrap(self, name, real):
+        def fn(obj, *args):
+            if self.stop_at is not None and len(self.seen) + 1 == self.stop_at:
+                raise KeyboardInterrupt
+            self.seen.append((name, getattr(obj, "full_tokens", 0), *(tuple(sorted(a)) for a in args)))
+            return real(obj, *args)
+        return fn
+
+
+@pytest.fixture
+def forwards(tiny):
+    calls, handles = [], [layer.register_forward_pre_hook(lambda *a: calls.append(1)) for layer in arch.decoder_layers(tiny.model)]
+    yield calls
+    for h in handles:
+        h.remove()
+
+
+def run_interrupted(monkeypatch, own_cache_dir, plan, cls, names, seed):
+    """The uninterrupted result (cache off), then a run stopped at a seeded evaluation count and a rerun
+    (cache on); returns (reference result, evaluations of the reference, before the stop, of the rerun)."""
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")
+    ref_count = Interrupt(monkeypatch, cls, names)
+    ref = plan()
+    monkeypatch.undo()  # the counting wrappers and the env var
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", str(own_cache_dir))
+    stop_at = random.Random(seed).randint(2, len(ref_count.seen) - 1)
+    first = Interrupt(monkeypatch, cls, names, stop_at=stop_at)
+    with pytest.raises(KeyboardInterrupt):
+        plan()
+    monkeypatch.undo()
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", str(own_cache_dir))
+    rerun = Interrupt(monkeypatch, cls, names)
+    again = plan()
+    assert len(first.seen) == stop_at - 1
+    return ref, again, ref_count.seen, first.seen, rerun.seen
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_an_interrupted_pdtrim_search_resumes_where_it_stopped(tiny, calib, monkeypatch, own_cache_dir, seed):
+    def plan():
+        return make("pdtrim", **PDTRIM).plan(tiny.model, calib, "disaggregated")
+
+    ref, again, every, before, after = run_interrupted(monkeypatch, own_cache_dir, plan, StageObjective,
+                                                       ["prefill", "decode"], seed)
+    assert layers(again) == layers(ref)
+    assert again.info["removed_prefill"] == ref.info["removed_prefill"]
+    assert again.info["search_trace"] == ref.info["search_trace"]  # the same values, read back exactly
+    assert not set(after) & set(before)  # nothing evaluated before the interruption is evaluated again
+    assert 0 < len(after) < len(every) and len(before) + len(after) == len(every)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_an_interrupted_sleb_search_resumes_where_it_stopped(tiny, calib, monkeypatch, own_cache_dir, seed):
+    def plan():
+        ranked._SHARED.clear()  # a new process: only the disk cache remembers
+        return make("sleb", **SLEB).plan(tiny.model, calib, "unified")
+
+    ref, again, every, before, after = run_interrupted(monkeypatch, own_cache_dir, plan, CalibNLL, ["_nll"], seed)
+    assert layers(again) == layers(ref)
+    assert again.info["steps"] == ref.info["steps"]
+    assert not set(after) & set(before)
+    assert 0 < len(after) < len(every) and len(before) + len(after) == len(every)
+
+
+@pytest.mark.parametrize("name,options,mode", [("pdtrim", PDTRIM, "disaggregated"), ("pdtrim", PDTRIM, "unified"),
+                                               ("shortgpt", dict(k=1), "unified"), ("sleb", SLEB, "unified"),
+                                               ("stage:shortened_ppl", dict(k_prefill=1, k_decode=2), "disaggregated")])
+def test_a_second_plan_in_a_new_process_does_no_forward(tiny, calib, forwards, capfd, name, options, mode):
+    ranked._SHARED.clear()
+    first = make(name, **options).plan(tiny.model, calib, mode)
+    assert forwards and "reused cached" not in capfd.readouterr().err
+    forwards.clear()
+    ranked._SHARED.clear()  # a fresh process: a new instance, nothing in memory, the cache on disk
+    second = make(name, **options).plan(tiny.model, calib, mode)
+    assert forwards == []
+    assert layers(second) == layers(first)
+    assert "calibration: reused cached" in capfd.readouterr().err
+
+
+def test_pdtrim_replay_from_the_disk_memo_builds_no_objective(tiny, calib, monkeypatch):
+    made = []
+    real = StageObjective.__init__
+    monkeypatch.setattr(StageObjective, "__init__", lambda self, *a, **k: made.append(1) or real(self, *a, **k))
+    make("pdtrim", **PDTRIM).plan(tiny.model, calib, "disaggregated")
+    assert len(made) == 2  # search and sensitivity objectives
+    plan = make("pdtrim", **PDTRIM).plan(tiny.model, calib, "disaggregated")
+    assert len(made) == 2 and plan.info["work"]["evaluations"] == 0
+
+
+def test_a_corrupt_entry_is_ignored_with_a_warning_and_recomputed(tiny, calib, own_cache_dir, forwards):
+    ranked._SHARED.clear()
+    first = make("sleb", **SLEB).plan(tiny.model, calib, "unified")
+    entries = sorted(own_cache_dir.rglob("*.json"))
+    assert {p.parent.name for p in entries} == {"ranking", "calib-nll"}
+    for p in entries:
+        p.write_text(p.read_text()[: len(p.read_text()) // 2])  # torn, as no atomic write would leave it
+    ranked._SHARED.clear()
+    forwards.clear()
+    with pytest.warns(cache.CacheWarning, match="unreadable"):
+        again = make("sleb", **SLEB).plan(tiny.model, calib, "unified")
+    assert forwards and layers(again) == layers(first) and again.info["steps"] == first.info["steps"]
+    assert all(json.loads(p.read_text())["value"] for p in entries)  # rewritten whole
+
+
+def test_cache_off_writes_nothing(tiny, calib, monkeypatch, tmp_path):
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))  # where the default folder would be
+    ranked._SHARED.clear()
+    for name, options in [("pdtrim", PDTRIM), ("sleb", SLEB), ("shortgpt", dict(k=1))]:
+        make(name, **options).plan(tiny.model, calib, "disaggregated")
+    assert cache.cache_dir() is None and cache.save("x", {"a": 1}, 1) is None
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_the_cache_lives_under_the_harness_cache_folder_unless_told(monkeypatch, tmp_path):
+    monkeypatch.delenv("HARNESS_CALIBRATION_CACHE")
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
+    assert cache.cache_dir() == tmp_path / "calibration"  # beside the converted models, not among them
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", str(tmp_path / "x"))
+    assert cache.cache_dir() == tmp_path / "x"
+
+
+def test_store_keys_values_and_concurrent_writers(own_cache_dir):
+    key = {"model": "abc", "options": {"k": 2, "sets": (1, 2)}}
+    assert cache.load("demo", key) is None
+    cache.save("demo", key, {"1,2": 0.25})
+    assert cache.load("demo", key) == {"1,2": 0.25}
+    assert cache.load("demo", {**key, "model": "abd"}) is None
+    assert cache.digest(key) == cache.digest(dict(reversed(list(key.items()))))
+    # a file under this key's digest that holds another key is not this key's entry
+    path = cache.entry_path("demo", key)
+    path.write_text(json.dumps({"key": {"model": "other"}, "value": 1}))
+    assert cache.load("demo", key) is None
+    # writers racing on one key: a reader only ever sees a complete value (last writer wins)
+    values = [{str(i): [i] * 2000} for i in range(8)]
+    seen, errors = [], []
+
+    def write(v):
+        for _ in range(10):
+            cache.save("demo", key, v)
+
+    def read():
+        with warnings.catch_warnings(record=True) as w:
+            for _ in range(100):
+                seen.append(cache.load("demo", key))
+            errors.extend(w)
+
+    threads = [threading.Thread(target=write, args=(v,)) for v in values] + [threading.Thread(target=read)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(s is None or s in values for s in seen)
+    assert cache.load("demo", key) in values
+    assert not [p for p in own_cache_dir.rglob("*") if p.name.endswith(".tmp")]
