@@ -34,6 +34,8 @@ def main() -> int:
     p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--json", help="write the measurements here")
     args = p.parse_args()
+    # a cold search: neither method may read block scores or objective values an earlier run cached
+    os.environ["HARNESS_CALIBRATION_CACHE"] = "off"
 
     import methods
     from harness.config import build_options

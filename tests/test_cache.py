@@ -15,6 +15,7 @@ from harness.quality.calibration import CalibConfig, build_calibration
 from harness.store import cache
 from methods.depth import ranked
 from methods.depth.perplexity import CalibNLL
+from methods.pdtrim import method as pdtrim_method
 from methods.pdtrim.objectives import StageObjective
 
 PDTRIM = dict(k_prefill=1, k_decode=2, k_unified=2, search_samples=8, sensitivity_samples=4, max_cont=8, probe_prompts=2,
@@ -85,6 +86,7 @@ def run_interrupted(monkeypatch, own_cache_dir, plan, cls, names, seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_an_interrupted_pdtrim_search_resumes_where_it_stopped(tiny, calib, monkeypatch, own_cache_dir, seed):
     def plan():
+        pdtrim_method._SHARED_STATES.clear()  # a new process: only the disk cache remembers
         return make("pdtrim", **PDTRIM).plan(tiny.model, calib, "disaggregated")
 
     ref, again, every, before, after = run_interrupted(monkeypatch, own_cache_dir, plan, StageObjective,
@@ -118,6 +120,7 @@ def test_a_second_plan_in_a_new_process_does_no_forward(tiny, calib, forwards, c
     assert forwards and "reused cached" not in capfd.readouterr().err
     forwards.clear()
     ranked._SHARED.clear()  # a fresh process: a new instance, nothing in memory, the cache on disk
+    pdtrim_method._SHARED_STATES.clear()
     second = make(name, **options).plan(tiny.model, calib, mode)
     assert forwards == []
     assert layers(second) == layers(first)
@@ -130,6 +133,7 @@ def test_pdtrim_replay_from_the_disk_memo_builds_no_objective(tiny, calib, monke
     monkeypatch.setattr(StageObjective, "__init__", lambda self, *a, **k: made.append(1) or real(self, *a, **k))
     make("pdtrim", **PDTRIM).plan(tiny.model, calib, "disaggregated")
     assert len(made) == 2  # search and sensitivity objectives
+    pdtrim_method._SHARED_STATES.clear()  # a new process
     plan = make("pdtrim", **PDTRIM).plan(tiny.model, calib, "disaggregated")
     assert len(made) == 2 and plan.info["work"]["evaluations"] == 0
 
