@@ -50,8 +50,8 @@ class SearchBars:
         self.cands = tqdm(desc=f"{desc}: candidates evaluated this step", leave=False, unit="eval")
 
     def counted(self, fn: Callable[..., float]) -> Callable[..., float]:
-        def wrapped(*args):
-            out = fn(*args)
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
             self.cands.update(1)
             return out
         return wrapped

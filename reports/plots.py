@@ -151,7 +151,8 @@ def plot_sensitivity(col: Collection):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     if sens is not None:
-        s = sens.plan["info"]["stage_sensitivity"]
+        s = {k: [float("nan") if v is None else v for v in s_] for k, s_ in sens.plan["info"]["stage_sensitivity"].items()
+             if k in ("prefill", "decode")}  # null: a block the search never considered (not measured)
         n = len(s["prefill"])
         w = 0.4
         axes[0].bar([i - w / 2 for i in range(n)], s["prefill"], w, label="removed from prefill (and decode)")

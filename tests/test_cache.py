@@ -47,11 +47,11 @@ class Interrupt:
             monkeypatch.setattr(cls, name, self._wrap(name, real))
 
     def _wrap(self, name, real):
-        def fn(obj, *args):
+        def fn(obj, *args, **kwargs):
             if self.stop_at is not None and len(self.seen) + 1 == self.stop_at:
                 raise KeyboardInterrupt
             self.seen.append((name, getattr(obj, "full_tokens", 0), *(tuple(sorted(a)) for a in args)))
-            return real(obj, *args)
+            return real(obj, *args, **kwargs)
         return fn
 
 

@@ -135,7 +135,7 @@ def test_unified_plan_is_one_set_without_kv_pruning(tiny, calib):
 
 
 def test_stage_sensitivity_is_recorded_per_block(tiny, calib):
-    plan = pdtrim(k_prefill=0, k_decode=1, kv_pruning=False).plan(tiny.model, calib, "disaggregated")
+    plan = pdtrim(k_prefill=0, k_decode=1, kv_pruning=False, sensitivity_blocks="all").plan(tiny.model, calib, "disaggregated")
     sens = plan.info["stage_sensitivity"]
     assert len(sens["prefill"]) == len(sens["decode"]) == 4
     assert all(v >= 0 for v in itertools.chain(sens["prefill"], sens["decode"]))

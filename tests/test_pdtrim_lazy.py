@@ -80,3 +80,26 @@ def test_a_depth_sweep_extends_one_greedy_path(deep, calib, monkeypatch):
     # options the search reads are part of the key: another seed is another search
     other = plan(model, calib, "disaggregated", k_decode=3, seed=1)
     assert other.info["work"]["this_mode"]["evaluations"] > 0
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "unified"])
+def test_sensitivity_of_the_candidates_only_gives_the_same_search(deep, calib, mode, monkeypatch):
+    """The default measures single-block sensitivity only where the lazy search reads it (its
+    candidates): same sets, same trace and same recorded values as measuring every block, fewer
+    evaluations; blocks outside the candidates are null in the record."""
+    from methods.depth.blocks import block_cosines
+    from methods.pdtrim import method as pm
+
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")
+    d_t = sorted(block_cosines(deep[0], calib))[4]  # 8 of 12 blocks in the pruning set; k=9 reaches the rest
+    opts = dict(d_t=d_t, k_prefill=2, k_decode=9, k_unified=6, sensitivity_samples=4)
+    full = plan(deep[0], calib, mode, sensitivity_blocks="all", **opts)
+    pm._SHARED_STATES.clear()
+    cand = plan(deep[0], calib, mode, **opts)
+    assert (cand.removed_prefill, cand.removed_decode) == (full.removed_prefill, full.removed_decode)
+    assert cand.info["search_trace"] == full.info["search_trace"]
+    sens_full, sens_cand = full.info["stage_sensitivity"], cand.info["stage_sensitivity"]
+    measured = [i for i, v in enumerate(sens_cand["prefill"]) if v is not None]
+    assert measured and len(measured) < 12 and all(sens_cand["prefill"][i] == sens_full["prefill"][i] for i in measured)
+    assert cand.info["work"]["sensitivity_evaluations"] < full.info["work"]["sensitivity_evaluations"]
+

@@ -41,7 +41,8 @@ READING = "PDTRIM.md section 2 (harness reading v1)"
 # The options a search state's values depend on (block scores, sets, objective values, step-1 priors);
 # the rest (k_*, KV selection, annealing, healing) only choose what to read from it.
 SEARCH_FIELDS = ("d_t", "search_samples", "max_cont", "batch_size", "batch_tokens", "seed", "sensitivity",
-                 "sensitivity_samples", "lazy", "min_exact")
+                 "sensitivity_samples", "sensitivity_blocks", "lazy", "min_exact")
+SENSITIVITY_BLOCKS = ("candidates", "all")
 _SHARED_STATES: dict[tuple, _SearchState] = {}
 # Bump when the objective values (methods/pdtrim/objectives.py, whose source digest is in the key
 # too) give other numbers: invalidates the values kept on disk.
@@ -90,8 +91,11 @@ class PDTrim(Method):
         probe_prompts: int = 8
         probe_tokens: int = 512  # probe prompts are calibration texts packed to this length
         probe_steps: int = 8  # greedy decode steps whose attention is measured
-        sensitivity: bool = True  # record per-block prefill/decode damage (on sensitivity_samples sequences)
+        sensitivity: bool = True  # single-block prefill/decode damage as step-1 priorities and record (on sensitivity_samples sequences)
         sensitivity_samples: int = 8  # search sequences behind the sensitivity record and step-1 priorities; 0 = all
+        # "candidates": only blocks a greedy step may take (the pruning set; others once reached), the
+        # priorities the lazy search reads; "all": every block, the full per-block record (2 n objectives)
+        sensitivity_blocks: str = "candidates"
         lazy: bool = True  # lazy greedy (stale values as lower bounds); False: every candidate at every step
         min_exact: int = 3  # candidates evaluated exactly per lazy step, at least
         heal: bool = False  # train the block after each removed run with a distillation-set block (methods/pdtrim/healing.py)
@@ -122,6 +126,8 @@ class PDTrim(Method):
             raise UsageError("pdtrim: need 0 <= tau <= 1 and n_first, n_last >= 0 with n_first + n_last >= 1")
         if c.heal_steps < 0 or c.heal_lr <= 0 or c.heal_samples < 1:
             raise UsageError("pdtrim: need heal_steps >= 0, heal_lr > 0, heal_samples >= 1")
+        if c.sensitivity_blocks not in SENSITIVITY_BLOCKS:
+            raise UsageError(f"pdtrim.sensitivity_blocks={c.sensitivity_blocks!r}: choose from {', '.join(SENSITIVITY_BLOCKS)}")
         if c.sensitivity_samples < 0 or c.min_exact < 1:
             raise UsageError("pdtrim: need sensitivity_samples >= 0 (0 = all search sequences) and min_exact >= 1")
         if c.anneal_steps < 0 or not 0 < c.anneal_cooling <= 1 or c.anneal_t0 < 0:
@@ -287,10 +293,21 @@ class _SearchState:
         self.split_desc["sensitivity_sequences"] = sub if self._sens_separate else len(split.prompts)
         if c.sensitivity:
             t0 = time.perf_counter()
-            ep, ed = (self._sens_ep, self._sens_ed) if self._sens_separate else (self.ep, self.ed)
-            self.sensitivity = {"prefill": [ep({i}) for i in _bar(range(self.n), "pdtrim: prefill sensitivity")],
-                                "decode": [ed({i}, frozenset()) for i in _bar(range(self.n), "pdtrim: decode sensitivity")]}
+            self.sensitivity = {"prefill": [None] * self.n, "decode": [None] * self.n}
+            blocks = range(self.n) if c.sensitivity_blocks == "all" else sorted(self._candidates(frozenset()))
+            for i in _bar(blocks, "pdtrim: prefill sensitivity"):
+                self.single_block("prefill", i)
+            for i in _bar(blocks, "pdtrim: decode sensitivity"):
+                self.single_block("decode", i)
             self.search_s += time.perf_counter() - t0
+
+    def single_block(self, stage: str, i: int) -> float:
+        """E_P({i}) or E_D({i} | ∅) on the sensitivity sequences, computed once and kept in the record."""
+        v = self.sensitivity[stage][i]
+        if v is None:
+            ep, ed = (self._sens_ep, self._sens_ed) if self._sens_separate else (self.ep, self.ed)
+            v = self.sensitivity[stage][i] = ep({i}) if stage == "prefill" else ed({i}, frozenset())
+        return v
 
     @property
     def obj(self):
@@ -366,14 +383,16 @@ class _SearchState:
         return [i for i in self.pruning_set if i not in removed] or [i for i in self.distill_set if i not in removed]
 
     def _greedy(self, start: frozenset, target: int, objective: Callable[[frozenset], float], rebase, name: str,
-                prior: dict[int, float] | None = None) -> frozenset:
+                prior: Callable[[int], float] | None = None) -> frozenset:
         """Greedy removal from `start` to `target` blocks: each step removes the candidate j with the
-        lowest objective(removed ∪ {j}) (ties: lower j). `prior` estimates step-1 values."""
+        lowest objective(removed ∪ {j}) (ties: lower j). `prior(j)` estimates a value never evaluated."""
         t0 = time.perf_counter()
         removed, steps = start, []
-        bound = dict(prior or {}) if self.c.lazy else {}  # j -> a value known for (a subset of removed) ∪ {j}
+        bound: dict[int, float] = {}  # j -> a value known for (a subset of removed) ∪ {j}, or its prior
         while len(removed) < target:
             cands = self._candidates(removed)
+            if self.c.lazy and prior is not None:
+                bound.update({j: prior(j) for j in cands if j not in bound})
             desc = f"pdtrim: {name} step {len(removed) + 1}/{target}"
             if self.c.lazy and all(j in bound for j in cands):
                 scored = self._lazy_step(removed, cands, objective, bound)
@@ -407,14 +426,14 @@ class _SearchState:
         return scored
 
     def greedy_prefill(self, k: int) -> frozenset:
-        prior = dict(enumerate(self.sensitivity["prefill"])) if self.sensitivity else None
+        prior = (lambda j: self.single_block("prefill", j)) if self.sensitivity else None  # noqa: E731
         rebase = lambda r: self._defer("prefill", lambda: self.obj.set_prefill_base(r))  # noqa: E731
         with bars.SearchBars(f"pdtrim: prefill k={k}", k) as b:
             return self._greedy(frozenset(), k, b.counted(self.ep), b.stepped(rebase), f"prefill_k{k}", prior)
 
     def greedy_decode(self, rp: frozenset, k: int) -> frozenset:
         # E_D({j} | ∅) <= E_D(R_P ∪ {j} | R_P): the dense prompt and fewer removed blocks drift less
-        prior = dict(enumerate(self.sensitivity["decode"])) if self.sensitivity else None
+        prior = (lambda j: self.single_block("decode", j)) if self.sensitivity else None  # noqa: E731
         rebase = lambda r: self._defer("decode", lambda: self.obj.set_decode_base(r, rp))  # noqa: E731
         with bars.SearchBars(f"pdtrim: decode k={k}", k - len(rp)) as b:
             return self._greedy(rp, k, b.counted(lambda r: self.ed(r, rp)), b.stepped(rebase), f"decode_k{k}", prior)
@@ -455,10 +474,12 @@ class _SearchState:
             "removed_decode": sorted(rd),
             "objective": {"E_P(R_prefill)": self.ep(rp), "E_D(R_decode|R_prefill)": self.ed(rd, rp)},
             "search_trace": {k: list(v) for k, v in self.trace.items()},  # a snapshot: later modes add steps
-            "stage_sensitivity": self.sensitivity,
+            "stage_sensitivity": {k: list(v) for k, v in self.sensitivity.items()} if self.sensitivity else None,
             "stage_sensitivity_definition": {
                 "prefill": "E_P({i}): block i removed from the prefill stage (hence, by R_P ⊆ R_D, also from decode)",
-                "decode": "E_D({i} | {}): block i removed from the decode stage only"},
+                "decode": "E_D({i} | {}): block i removed from the decode stage only",
+                "blocks": "every block" if self.c.sensitivity_blocks == "all" else
+                          "the search's candidates (null: not measured; sensitivity_blocks=all measures every block)"},
             "search_sequences": self.split_desc,
             # cumulative over this search state: both modes share block scores, sensitivity and the
             # memoised objective values (the unified search reuses the prefill search's first steps)

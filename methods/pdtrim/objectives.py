@@ -62,6 +62,34 @@ class CalibSplit:
 
 
 @dataclass
+class Teacher:
+    """The dense model's next-token distributions p on N continuation tokens, kept as what
+    KL(p || q) needs: Σ_t KL_t = Σ_t Σ_v p log p  -  Σ_t Σ_v p z  +  Σ_t logsumexp(z) for student
+    logits z = W n + b (n: the final-normed hidden state). With a float32 LM head the middle term is
+    (pᵀW)·n + p·b, so no (N, vocab) array is read but the student's logits (one matmul and one
+    logsumexp per evaluation, instead of a log-softmax and a KL pass over the vocabulary)."""
+
+    neg_entropy: torch.Tensor  # (N,) float64 Σ_v p log p
+    u: torch.Tensor | None  # (N, hidden) float32 pᵀW, with a float32 LM head
+    pb: torch.Tensor | None  # (N,) float64 p·b, with an LM-head bias
+    p: torch.Tensor | None  # (N, vocab) otherwise
+
+    @classmethod
+    def of(cls, model, logp: torch.Tensor) -> Teacher:
+        head, p = arch.lm_head(model), logp.exp()
+        neg = torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1).double()
+        bias = getattr(head, "bias", None)
+        pb = (p @ bias.float()).double() if bias is not None else None
+        if head.weight.dtype == torch.float32:
+            return cls(neg, p @ head.weight, pb, None)
+        return cls(neg, None, pb, p)
+
+    def __getitem__(self, idx) -> Teacher:
+        pick = lambda x: None if x is None else x[idx]  # noqa: E731
+        return Teacher(self.neg_entropy[idx], pick(self.u), pick(self.pb), pick(self.p))
+
+
+@dataclass
 class _Batch:
     full: TokenBatch  # (B, S) prompt + continuation[:-1], right-padded
     rows: torch.Tensor  # (Nc,) batch row of each continuation token's predicting position
@@ -72,7 +100,7 @@ class _Batch:
     dec_cols: torch.Tensor
     first: torch.Tensor  # (B,) index (in continuation-token order) of each row's first token
     rest: torch.Tensor  # (Nc,) bool: not a first token
-    teacher: torch.Tensor = field(default=None)  # (Nc, vocab) dense log-probs, order: per row, token order
+    teacher: Teacher = field(default=None)  # the dense distributions of the Nc continuation tokens, in order
 
     @property
     def tokens(self) -> int:
@@ -124,7 +152,7 @@ class StageObjective:
             inputs: dict = {}
             h = run_layers(self.model, all_layers, b.full.ids, b.full.positions, b.full.valid, PDCache(retain=()),
                            collect=inputs)
-            b.teacher = F.log_softmax(final_logits(self.model, h[b.rows, b.cols]), dim=-1)
+            b.teacher = Teacher.of(self.model, F.log_softmax(final_logits(self.model, h[b.rows, b.cols]), dim=-1))
             per_batch.append(self._complete(inputs, h))
         self._pbase = (frozenset(), per_batch)
 
@@ -159,10 +187,14 @@ class StageObjective:
         diff = a ^ b
         return min(diff) if diff else n
 
-    def _kl(self, teacher: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Σ over rows of KL(teacher || student) for student hidden rows (N, hidden)."""
-        student = F.log_softmax(final_logits(self.model, hidden), dim=-1)
-        return F.kl_div(student, teacher, log_target=True, reduction="sum")
+    def _kl(self, teacher: Teacher, hidden: torch.Tensor) -> torch.Tensor:
+        """Σ over rows of KL(teacher || student) for student hidden rows (N, hidden), float64."""
+        normed = arch.decoder(self.model).norm(hidden)
+        z = arch.lm_head(self.model)(normed).float()
+        pz = (teacher.u * normed.float()).sum(-1).double() if teacher.u is not None else (teacher.p * z).sum(-1).double()
+        if teacher.pb is not None and teacher.u is not None:
+            pz = pz + teacher.pb
+        return (teacher.neg_entropy - pz + torch.logsumexp(z, dim=-1).double()).sum()
 
     def _complete(self, inputs: dict, out: torch.Tensor) -> dict:
         """Fill in removed layers' inputs (each equals the input of the next kept layer, or the
@@ -177,6 +209,11 @@ class StageObjective:
         return inputs
 
     # -- E_P ----------------------------------------------------------------------------------
+    @property
+    def n_scored(self) -> int:
+        """Continuation tokens the objectives average over."""
+        return sum(len(b.rows) for b in self.batches)
+
     @torch.inference_mode()
     def prefill(self, removed: Iterable[int]) -> float:
         """E_P(R): mean KL on continuation tokens, prompt and continuation run without `removed`."""
@@ -184,8 +221,8 @@ class StageObjective:
         if self._pbase is None:
             self.set_prefill_base(())
         total, inputs = self._prefill_forward(target)
-        value = float(total) / sum(len(b.rows) for b in self.batches)
         self.evaluations += 1
+        value = float(total) / self.n_scored
         if self._pbest is None or value < self._pbest[0]:
             self._pbest = (value, target, inputs)
         return value
@@ -253,8 +290,8 @@ class StageObjective:
         if self._dbase is None or self._dbase[1] != rp:
             self.set_decode_base(rp, rp)
         total, inputs = self._decode_forward(rd, rp)
-        value = float(total) / sum(len(b.rows) for b in self.batches)
         self.evaluations += 1
+        value = float(total) / self.n_scored
         if self._dbest is None or value < self._dbest[0]:
             self._dbest = (value, (rd, rp), inputs)
         return value
