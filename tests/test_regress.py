@@ -220,7 +220,7 @@ def test_spec_to_argv_and_its_errors(tmp_path):
                                                "--quiet", "--plans-from", "p"]
     s = Spec(tmp_path / "s.toml", {"latency": {"prompt_tokens": [512, 2048], "real_transfer": False}})
     assert to_argv(s, "latency", latency_parser()) == ["--prompt-tokens", "512,2048"]
-    with pytest.raises(UsageError, match=r"\[run\]: unknown key 'metods'; known keys: batch_size"):
+    with pytest.raises(UsageError, match=r"\[run\]: unknown key 'metods'; known keys: apply_chat_template, batch_size"):
         to_argv(Spec(tmp_path / "s.toml", {"run": {"metods": ["a"]}}), "run", run_parser())
     bad = tmp_path / "bad.toml"
     bad.write_text("[run\nmethods = 1")
@@ -265,7 +265,7 @@ def test_spec_sections_become_typed_options_with_named_errors(tmp_path):
     ns = to_namespace(Spec(s.path, {"latency": {"prompt_tokens": [512, 2048]}}), "latency", latency_parser())
     assert ns.prompt_tokens == (512, 2048)
     for section, bad, message in [
-        ({"batch_size": 0}, "batch_size", "expected a positive integer, got '0'"),
+        ({"batch_size": 0}, "batch_size", "expected a positive integer, 'auto' or 'auto:N', got '0'"),
         ({"mode": "split"}, "mode", "expected one of both, disaggregated, unified, got 'split'"),
         ({"quiet": "yes"}, "quiet", "must be true or false"),
         ({"limit": {"a": 1}}, "limit", "must be a number, a string or a list"),

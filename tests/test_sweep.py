@@ -51,10 +51,11 @@ def records_in(folder: Path) -> list[Path]:
 
 
 def comparable(path: Path) -> dict:
-    """What must not depend on how cells were scheduled: run key, plan (without its timings), scores, KV bytes."""
+    """What must not depend on how cells were scheduled: run key, plan (without its timings, and without
+    the mark of a ranking another process computed and the calibration cache handed over), scores, KV bytes."""
     def untimed(x):
         if isinstance(x, dict):
-            return {k: untimed(v) for k, v in x.items() if not k.endswith("seconds")}
+            return {k: untimed(v) for k, v in x.items() if not k.endswith("seconds") and k != "reused_from_cache"}
         return x
 
     r = load(path)
