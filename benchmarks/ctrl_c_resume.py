@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-env = {**os.environ, "HARNESS_CALIBRATION_CACHE": "/tmp/ctrlc-cache", "HARNESS_DATA_DIR": os.environ.get("HARNESS_DATA_DIR", str(ROOT.parent / "shared" / "data"))}
-cmd = [sys.executable, "-m", "harness", "--methods", "pdtrim", "--tasks", "arc_easy", "--limit", "5", "--mode", "disaggregated", "-q", "--out", "/tmp/ctrlc"]
+DATA = os.environ.get("HARNESS_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+env = {**os.environ, "HARNESS_CALIBRATION_CACHE": "/tmp/ctrlc-cache", "HARNESS_DATA_DIR": DATA}
+cmd = [sys.executable, "-m", "harness", "--methods", "pdtrim", "--tasks", "arc_easy", "--limit", "5",
+       "--mode", "disaggregated", "-q", "--out", "/tmp/ctrlc"]
 
 
 def dfl():
@@ -39,4 +41,6 @@ print("rerun: exit", r.returncode, round(time.time() - t0, 1), "s")
 print("\n".join(l for l in r.stderr.splitlines() if "reused" in l or l.startswith("time:")))
 rec = json.load(open("/tmp/ctrlc/pdtrim__disaggregated.json"))
 w = rec["plan"]["info"]["work"]
-print("rerun plan: removed", rec["plan"]["info"]["removed_prefill"], rec["plan"]["info"]["removed_decode"], "evaluations this run", w["evaluations"], "ffe", round(w["full_forward_equivalents"], 1))
+info = rec["plan"]["info"]
+print("rerun plan: removed", info["removed_prefill"], info["removed_decode"],
+      "evaluations this run", w["evaluations"], "ffe", round(w["full_forward_equivalents"], 1))
