@@ -162,3 +162,12 @@ class WrapperMethod(Method):
 
     def apply(self, model: nn.Module, plan: PruningPlan) -> contextlib.AbstractContextManager[PruningPlan]:
         return self.inner.apply(model, plan)
+
+
+def prefill_depth(c) -> int:
+    """Blocks the prefill stage removes under stage options `c`: `k_prefill`, or floor(prefill_ratio ·
+    k_decode) when `c.prefill_ratio` is set, so a depth sweep over `k_decode` (`--set
+    pdtrim.k_decode=2,4,6,8,10 --set pdtrim.prefill_ratio=0.5`) keeps the stages' proportion."""
+    ratio = getattr(c, "prefill_ratio", None)
+    return c.k_prefill if ratio is None else int(ratio * c.k_decode + 1e-9)
+

@@ -283,8 +283,8 @@ def test_stage_variants_exist_for_every_ranked_baseline():
     cls = methods.get("stage:sleb")
     assert cls is methods.get("stage:sleb") and cls.name == "stage:sleb" and cls.needs_calibration
     fields = [f.name for f in dataclasses.fields(cls.Config)]
-    assert fields[:3] == ["k_prefill", "k_decode", "k_unified"] and "k" not in fields
-    assert set(fields[3:]) == {f.name for f in dataclasses.fields(methods.get("sleb").Config)} - {"k"}
+    assert fields[:4] == ["k_prefill", "k_decode", "k_unified", "prefill_ratio"] and "k" not in fields
+    assert set(fields[4:]) == {f.name for f in dataclasses.fields(methods.get("sleb").Config)} - {"k"}
     assert not methods.get("stage:tail").needs_calibration
 
 
@@ -320,8 +320,9 @@ def test_stage_options_parse_from_set_flags(data_dir):
     got = prepare(cfg).methods
     assert got["stage:shortgpt"].config.k_decode == 6 and got["stage:shortgpt"].config.batch_size == 4
     assert got["stage:shortgpt"].inner.config.batch_size == 4 and got["shortgpt"].config.k == 5
-    assert got["stage:shortgpt"].options() == {"k_prefill": 4, "k_decode": 6, "k_unified": 8, "batch_size": 4}
-    with pytest.raises(UsageError, match=r"stage:shortgpt has no option 'k'; options: k_prefill, k_decode, k_unified, batch_size"):
+    assert got["stage:shortgpt"].options() == {"k_prefill": 4, "k_decode": 6, "k_unified": 8, "prefill_ratio": None,
+                                                  "batch_size": 4}
+    with pytest.raises(UsageError, match=r"stage:shortgpt has no option 'k'; options: k_prefill, k_decode, k_unified, prefill_ratio, batch_size"):
         prepare(dataclasses.replace(cfg, overrides=("stage:shortgpt.k=3",)))
 
 

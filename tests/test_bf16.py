@@ -62,7 +62,7 @@ def test_quality_run_in_bfloat16_both_modes(data_dir, tmp_path):
         out = tmp_path / dtype
         assert cli_main([*TINY, "--dtype", dtype, "--methods", "tail", "--set", "tail.k=1", "--tasks", tasks, "--limit", "4",
                          "--set", "pd_ppl.prompt_tokens=48", "--set", "pd_ppl.cont_tokens=8", "--set", "pd_ppl.docs=2",
-                         "--data-dir", str(data_dir), "--out", str(out)]) == 0
+                         "--mode", "both", "--data-dir", str(data_dir), "--out", str(out)]) == 0
         runs[dtype] = by_cell(out)
     assert set(runs["bfloat16"]) == {("tail", "unified"), ("tail", "disaggregated")}
     per_token = 3 * 2 * 2 * 16 * 2  # decode layers · (K, V) · kv_heads · head_dim · 2 bytes (bf16)

@@ -75,7 +75,7 @@ def test_unreadable_model_and_missing_data(data_dir, tmp_path, cli):
 def test_run_writes_records_and_summary_then_resumes(data_dir, tmp_path):
     out = tmp_path / "run"
     args = [*TINY, "--methods", "unpruned,shortgpt", "--set", "shortgpt.k=1", "--set", "calib.n_samples=16",
-            "--tasks", "arc_easy,boolq", "--limit", "6", "--batch-size", "5", "--out", str(out)]
+            "--tasks", "arc_easy,boolq", "--limit", "6", "--batch-size", "5", "--mode", "both", "--out", str(out)]
     r = harness(*args, data_dir=data_dir)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| **PD-disaggregated** |" in r.stdout and "| unpruned | 0 |" in r.stdout and "| shortgpt | 1 |" in r.stdout
@@ -178,3 +178,13 @@ def test_report_writes_next_to_the_records_by_default(tmp_path):
     assert main(["report", str(run), "--no-plots"]) == 0
     assert (run / "report" / "tables" / "quality.md").is_file() and (run / "report" / "report.html").is_file()
     assert main(["report", str(run), "--no-plots"]) == 0  # its own output is no input the second time
+
+
+def test_the_default_run_evaluates_the_disaggregated_setting_only():
+    """The default mode is the deployment under study (README: what the default run does and why);
+    `--mode both` adds the unified comparison."""
+    from harness.cli.flags import MODES
+    from harness.cli.run import run_config, run_parser
+
+    assert MODES[run_parser().parse_args([]).mode] == ("disaggregated",)
+    assert run_config(run_parser().parse_args(["--mode", "both"])).modes == ("unified", "disaggregated")

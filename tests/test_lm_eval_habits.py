@@ -184,7 +184,7 @@ def test_fractional_limit_is_lm_eval_s_share_of_each_task(cli, data_dir, tmp_pat
     assert rec["config"]["limit"] == 0.001 and rec["lm_eval"]["limit"] == 0.001
     from harness.quality.long_tasks.base import capped
 
-    assert rec["n_samples"]["passkey"] == capped(2 * 5, 0.001) == 1  # 2 repeats x 5 depths at one length: ceil(10 x 0.001)
+    assert rec["n_samples"]["passkey"] == capped(5, 0.001) == 1  # 1 repeat x 5 depths at one length: ceil(5 x 0.001)
     assert capped(10, None) == 10 and capped(10, 3) == 3 and capped(10, 0.25) == 3 and capped(2, 5) == 2
 
 

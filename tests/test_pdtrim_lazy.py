@@ -103,3 +103,29 @@ def test_sensitivity_of_the_candidates_only_gives_the_same_search(deep, calib, m
     assert measured and len(measured) < 12 and all(sens_cand["prefill"][i] == sens_full["prefill"][i] for i in measured)
     assert cand.info["work"]["sensitivity_evaluations"] < full.info["work"]["sensitivity_evaluations"]
 
+
+
+def test_prefill_ratio_scales_the_prefill_depth_with_k_decode(deep, calib, monkeypatch):
+    """`prefill_ratio=0.5` makes k_prefill = floor(k_decode / 2) for PDTrim and a `stage:` wrapper, so
+    a sweep over k_decode keeps the stages' proportion; the prefill set is the same greedy path's
+    prefix as with k_prefill given directly; a ratio outside [0, 1] is refused."""
+    from harness.errors import UsageError
+    from methods.pdtrim import method as pm
+
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")
+    model = deep[0]
+    pm._SHARED_STATES.clear()
+    for k in (2, 3, 5):
+        p = plan(model, calib, "disaggregated", k_decode=k, prefill_ratio=0.5, k_prefill=0)
+        assert len(p.removed_prefill) == k // 2 and len(p.removed_decode) == k
+        assert set(p.removed_prefill) <= set(p.removed_decode)
+        direct = plan(model, calib, "disaggregated", k_decode=k, k_prefill=k // 2)
+        assert (direct.removed_prefill, direct.removed_decode) == (p.removed_prefill, p.removed_decode)
+    stage = methods.get("stage:shortgpt")
+    sp = stage(dataclasses.replace(stage.Config(), k_decode=6, prefill_ratio=0.34)).plan(model, calib, "disaggregated")
+    assert len(sp.removed_prefill) == 2 and len(sp.removed_decode) == 6
+    assert set(sp.removed_prefill) <= set(sp.removed_decode)
+    for name in ("pdtrim", "stage:shortgpt"):
+        cls = methods.get(name)
+        with pytest.raises(UsageError, match="prefill_ratio"):
+            cls(dataclasses.replace(cls.Config(), prefill_ratio=1.5))

@@ -13,7 +13,7 @@ TEXT = (
     '  manual           explicit layer sets per stage and KV policy (replay or probe a plan)\n'
     '                   options: prefill_layers=() (tuple), decode_layers=() (tuple), kv_layers=() (tuple), n_first=0 (int), n_last=0 (int)\n'
     '  pdtrim           stage-specific greedy block removal (R_prefill ⊆ R_decode) + first/last-token KV in selected layers\n'
-    '                   options: k_prefill=4 (int), k_decode=8 (int), k_unified=8 (int), d_t=0.95 (float), search_samples=32 (int), max_cont=32 (int), batch_size=16 (int), batch_tokens=512 (int), anneal_steps=0 (int), anneal_t0=0.05 (float), anneal_cooling=0.9 (float), seed=0 (int), anneal_seed=None (int | None), kv_pruning=True (bool), n_first=16 (int), n_last=48 (int), tau=0.5 (float), probe_prompts=8 (int), probe_tokens=512 (int), probe_steps=8 (int), sensitivity=True (bool), sensitivity_samples=8 (int), sensitivity_blocks=candidates (str), lazy=True (bool), min_exact=3 (int), heal=False (bool), heal_steps=100 (int), heal_lr=0.0001 (float), heal_samples=64 (int)\n'
+    '                   options: k_prefill=4 (int), k_decode=8 (int), k_unified=8 (int), prefill_ratio=None (float | None), d_t=0.95 (float), search_samples=32 (int), max_cont=32 (int), batch_size=16 (int), batch_tokens=512 (int), anneal_steps=0 (int), anneal_t0=0.05 (float), anneal_cooling=0.9 (float), seed=0 (int), anneal_seed=None (int | None), kv_pruning=True (bool), n_first=16 (int), n_last=48 (int), tau=0.5 (float), probe_prompts=8 (int), probe_tokens=512 (int), probe_steps=8 (int), sensitivity=True (bool), sensitivity_samples=8 (int), sensitivity_blocks=candidates (str), lazy=True (bool), min_exact=3 (int), heal=False (bool), heal_steps=100 (int), heal_lr=0.0001 (float), heal_samples=64 (int)\n'
     "  pyramidkv        base plan's layers (default pdtrim); SnapKV's per-head selection with layer budgets decreasing linearly with depth, at the base's KV bytes\n"
     '                   options: base=pdtrim (str), base_options= (str), keep_tokens=0 (int), keep_ratio=0.0 (float), window=32 (int), kernel=7 (int), pooling=max (str), order=pool_then_mean (str), beta=20.0 (float)\n'
     '  random           remove k blocks drawn with a seeded RNG (first and last kept); no calibration\n'
@@ -40,6 +40,6 @@ TEXT = (
     "                   options: k_prefill=4 (int), k_decode=8 (int), k_unified=8 (int), plus BASE's options except k (e.g. --set stage:sleb.k_decode=6)\n"
     "  calib            calibration set: n_samples=256 (int), max_tokens=512 (int), seed=0 (int), sources=('piqa', 'mmlu') (tuple) (seed defaults to --seed)\n"
     'long-context tasks (options via --set TASK.OPTION=VALUE when the task is in --tasks):\n'
-    '  pd_ppl           options: prompt_tokens=(512, 1024, 2048) (tuple), cont_tokens=128 (int), docs=16 (int), batch_size=4 (int)\n'
-    '  passkey          options: lengths=(1024, 2048, 4096) (tuple), depths=(0.0, 0.25, 0.5, 0.75, 1.0) (tuple), repeats=2 (int), max_new_tokens=10 (int), seed=1234 (int), batch_size=4 (int)\n'
+    '  pd_ppl           options: prompt_tokens=(512, 1024, 2048) (tuple), cont_tokens=128 (int), docs=8 (int), batch_size=4 (int)\n'
+    '  passkey          options: lengths=(1024, 2048, 4096) (tuple), depths=(0.0, 0.25, 0.5, 0.75, 1.0) (tuple), repeats=1 (int), max_new_tokens=10 (int), seed=1234 (int), batch_size=4 (int)\n'
 ).rstrip("\n")

@@ -86,7 +86,10 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=limit_arg, default=DEFAULT_LIMIT,
                    help=f"items per task (per subtask for groups such as mmlu), a fraction 0 < x < 1 of each task's items "
                         f"(lm-eval's --limit 0.1: ceil(n·x)), or 'all' (default: {DEFAULT_LIMIT})")
-    p.add_argument("--mode", choices=sorted(MODES), default="both", help="PD setting(s) to evaluate (default: both)")
+    p.add_argument("--mode", choices=sorted(MODES), default="disaggregated",
+                   help="PD setting(s) to evaluate: disaggregated (the deployment this harness studies), unified (one "
+                        "layer set, no handoff) or both (twice the cells; unified is the comparison deployment) "
+                        "(default: disaggregated)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE",
                    help="method, calibration or long-context task option, e.g. shortgpt.k=8, calib.n_samples=64, pd_ppl.docs=8 (repeatable)")
     p.add_argument("--out", "--output_path", dest="out", type=Path, default=None,

@@ -11,7 +11,8 @@ for one-shot scorers, the greedy order for SLEB); then
 - unified mode: the first `k_unified` blocks (default 8) are removed from both stages, which is
   the base method at `k = k_unified`.
 
-The wrapper's options are `k_prefill`, `k_decode`, `k_unified` and the base's own options except
+The wrapper's options are `k_prefill`, `k_decode`, `k_unified`, `prefill_ratio` (when set, `k_prefill` is
+floor(prefill_ratio · k_decode), for depth sweeps over `k_decode`) and the base's own options except
 its `k` (`--set stage:sleb.samples=32`). A base has a wrapper when its class says
 `stage_variant = True` (every `RankedDepthMethod` does); the others (`streamline`, whose best run
 moves with its length; `pdtrim`, stage-aware already; `manual`, `unpruned`) say why not in
@@ -31,7 +32,7 @@ from harness.errors import UsageError
 from harness.pd import arch
 from harness.pd.plan import PruningPlan
 from methods import registry
-from methods.base import Method, Options, WrapperMethod
+from methods.base import Method, Options, WrapperMethod, prefill_depth
 from methods.depth.ranked import RankedDepthMethod
 
 PREFIX = "stage:"
@@ -50,13 +51,16 @@ class StageAware(WrapperMethod):
         self.inner = registry.instantiate(self.name, self.base, own)  # type: ignore[assignment]
 
     def validate_config(self, c) -> None:
-        if not 0 <= c.k_prefill <= c.k_decode or c.k_unified < 0:
+        if c.prefill_ratio is not None and not 0 <= c.prefill_ratio <= 1:
+            raise UsageError(f"{self.name}.prefill_ratio={c.prefill_ratio}: must be within [0, 1] (k_prefill = floor(ratio · k_decode))")
+        if not 0 <= prefill_depth(c) <= c.k_decode or c.k_unified < 0:
             raise UsageError(f"{self.name}: need 0 <= k_prefill <= k_decode (R_prefill ⊆ R_decode) and k_unified >= 0, "
                              f"got k_prefill={c.k_prefill}, k_decode={c.k_decode}, k_unified={c.k_unified}")
 
     def plan(self, model, calib, mode: str) -> PruningPlan:
         c, n = self.config, arch.n_layers(model)
-        asked = {"k_unified": c.k_unified} if mode == "unified" else {"k_prefill": c.k_prefill, "k_decode": c.k_decode}
+        kp = prefill_depth(c)
+        asked = {"k_unified": c.k_unified} if mode == "unified" else {"k_prefill": kp, "k_decode": c.k_decode}
         eligible = len(self.inner.eligible(n))
         for opt, k in asked.items():
             if k >= n:
@@ -65,7 +69,7 @@ class StageAware(WrapperMethod):
                 raise UsageError(f"{self.name}.{opt}={k}: at most {eligible} of the model's {n} blocks can be removed "
                                  f"({self.base.name}: {self.inner.eligibility_rule()})")
         # one ranking, long enough for both modes, serves both (SLEB's greedy order is a prefix-stable search)
-        longest = max([k for k in (c.k_prefill, c.k_decode, c.k_unified) if k <= eligible and k < n], default=0)
+        longest = max([k for k in (kp, c.k_decode, c.k_unified) if k <= eligible and k < n], default=0)
         ranking = self.inner.ranking(model, calib, longest)
         order = list(ranking.order[:longest])
         rp = order[: asked.get("k_prefill", c.k_unified)]
@@ -103,6 +107,8 @@ def wrapper(base: type[RankedDepthMethod]) -> type[StageAware]:
     """The `stage:<base.name>` class (the registry builds it once per base and hands it out)."""
     hints = typing.get_type_hints(base.Config)
     fields = [(name, int, dataclasses.field(default=default)) for name, default in STAGE_OPTIONS]
+    # when set, k_prefill = floor(prefill_ratio · k_decode): a sweep over k_decode keeps the stages' proportion
+    fields.append(("prefill_ratio", typing.Optional[float], dataclasses.field(default=None)))
     for f in dataclasses.fields(base.Config):
         if f.name == "k":
             continue

@@ -32,7 +32,7 @@ from harness.errors import UsageError
 from harness.pd import arch
 from harness.pd.plan import KVPolicy, PruningPlan
 from methods import bars, cached
-from methods.base import Method, Options, content_key
+from methods.base import Method, Options, content_key, prefill_depth
 from methods.cached import DiskMemo, parse_set, set_key
 from methods.depth.blocks import block_cosines
 from methods.registry import register
@@ -74,6 +74,7 @@ class PDTrim(Method):
         k_prefill: int = 4  # blocks removed from the prefill stage
         k_decode: int = 8  # blocks removed from the decode stage (>= k_prefill)
         k_unified: int = 8  # blocks removed in unified mode
+        prefill_ratio: float | None = None  # when set, k_prefill = floor(prefill_ratio · k_decode) (depth sweeps)
         d_t: float = 0.95  # pruning-set threshold on the block cosine s_i
         search_samples: int = 32  # calibration sequences the stage objectives use
         max_cont: int = 32  # continuation tokens per sequence (at most half of it)
@@ -114,7 +115,9 @@ class PDTrim(Method):
                 probe_steps=min(d.probe_steps, n), n_first=min(d.n_first, n // 2), n_last=min(d.n_last, 3 * n // 2))
 
     def validate_config(self, c) -> None:
-        if not 0 <= c.k_prefill <= c.k_decode:
+        if c.prefill_ratio is not None and not 0 <= c.prefill_ratio <= 1:
+            raise UsageError(f"pdtrim.prefill_ratio={c.prefill_ratio}: must be within [0, 1] (k_prefill = floor(ratio · k_decode))")
+        if not 0 <= prefill_depth(c) <= c.k_decode:
             raise UsageError(f"pdtrim: need 0 <= k_prefill <= k_decode (R_prefill ⊆ R_decode), got {c.k_prefill}, {c.k_decode}")
         if c.k_unified < 0:
             raise UsageError(f"pdtrim.k_unified={c.k_unified}: must be >= 0")
@@ -167,7 +170,7 @@ class PDTrim(Method):
             info = st.info(mode, removed, removed, t0)
             plan = PruningPlan(self.name, n, keep, keep, info=info)
             return self._heal(model, calib, plan, removed, st)
-        rp = st.greedy_prefill(c.k_prefill)
+        rp = st.greedy_prefill(prefill_depth(c))
         rp = st.anneal(rp, frozenset(), "prefill", c)
         rd = st.greedy_decode(rp, c.k_decode)
         rd = st.anneal(rd, rp, "decode", c)

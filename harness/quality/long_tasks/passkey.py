@@ -24,7 +24,9 @@ from harness.store.task_names import TaskPresentation
 class PasskeyConfig:
     lengths: tuple[int, ...] = (1024, 2048, 4096)  # L: prompt tokens in total
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # where the key sits in the filler (0 = start)
-    repeats: int = 2  # samples per (length, depth), each with its own key
+    # samples per (length, depth), each with its own key; 1 keeps the default run short (15 samples),
+    # repeats=2 is the 30-sample grid of earlier runs
+    repeats: int = 1
     max_new_tokens: int = 10
     seed: int = 1234  # key RNG (fixed, so every method and run sees the same samples)
     batch_size: int = 4
