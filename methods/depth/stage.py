@@ -108,7 +108,7 @@ def wrapper(base: type[RankedDepthMethod]) -> type[StageAware]:
     hints = typing.get_type_hints(base.Config)
     fields = [(name, int, dataclasses.field(default=default)) for name, default in STAGE_OPTIONS]
     # when set, k_prefill = floor(prefill_ratio · k_decode): a sweep over k_decode keeps the stages' proportion
-    fields.append(("prefill_ratio", typing.Optional[float], dataclasses.field(default=None)))
+    fields.append(("prefill_ratio", float | None, dataclasses.field(default=None)))
     for f in dataclasses.fields(base.Config):
         if f.name == "k":
             continue
