@@ -46,8 +46,7 @@ def test_resuming_saves_work(tiny, split):
 def _fresh(tiny, split, rp_base=None, rd_base=None):
     obj = StageObjective(tiny.model, split, batch_size=5)
     if rp_base is not None:
-        obj._pbase = None  # force the from-scratch forward for the base
-        obj.set_prefill_base(rp_base)
+        obj.set_prefill_base(rp_base, from_scratch=True)
     if rd_base is not None:
         obj.set_decode_base(*rd_base)
     return obj

@@ -136,7 +136,7 @@ class StageObjective:
         self.evaluations = 0  # objective evaluations (each a forward over all calibration batches, maybe partial)
         self.layer_token_passes = 0  # Σ layers run × tokens run through them
         self.full_tokens = sum(b.tokens for b in self.batches)
-        self._pbase: tuple[frozenset, list[dict[int, torch.Tensor]]] | None = None
+        self._pbase: tuple[frozenset, list[dict[int, torch.Tensor]]]  # set by _dense_forward
         self._prompt: dict[frozenset, list[tuple[PDCache, torch.Tensor]]] = {}
         self._dbase: tuple[frozenset, frozenset, list[dict[int, torch.Tensor]]] | None = None
         # the lowest-valued candidate since the base last moved: (value, set(s), per-batch layer inputs)
@@ -147,14 +147,22 @@ class StageObjective:
     @torch.inference_mode()
     def _dense_forward(self) -> None:
         """The dense teacher, once; the same forward's layer inputs are the first prefill base."""
-        all_layers, per_batch = tuple(range(self.n_layers)), []
+        per_batch = self._scratch_inputs(frozenset(), count=False)  # the teacher is not search work
+        for b, inputs in zip(self.batches, per_batch):
+            h = inputs["out"]
+            b.teacher = Teacher.of(self.model, F.log_softmax(final_logits(self.model, h[b.rows, b.cols]), dim=-1))
+        self._pbase = (frozenset(), per_batch)
+
+    def _scratch_inputs(self, target: frozenset, count: bool = True) -> list[dict]:
+        """Per batch, every layer's input under `target` and the output ("out"), from the embeddings."""
+        layers, per_batch = self._kept(target), []
         for b in self.batches:
             inputs: dict = {}
-            h = run_layers(self.model, all_layers, b.full.ids, b.full.positions, b.full.valid, PDCache(retain=()),
+            h = run_layers(self.model, layers, b.full.ids, b.full.positions, b.full.valid, PDCache(retain=()),
                            collect=inputs)
-            b.teacher = Teacher.of(self.model, F.log_softmax(final_logits(self.model, h[b.rows, b.cols]), dim=-1))
             per_batch.append(self._complete(inputs, h))
-        self._pbase = (frozenset(), per_batch)
+            self.layer_token_passes += len(layers) * b.tokens if count else 0
+        return per_batch
 
     def _make_batch(self, prompts: list[list[int]], conts: list[list[int]]) -> _Batch:
         full = pad_tokens([p + c[:-1] for p, c in zip(prompts, conts)], self.device)
@@ -218,8 +226,6 @@ class StageObjective:
     def prefill(self, removed: Iterable[int]) -> float:
         """E_P(R): mean KL on continuation tokens, prompt and continuation run without `removed`."""
         target = frozenset(removed)
-        if self._pbase is None:
-            self.set_prefill_base(())
         total, inputs = self._prefill_forward(target)
         self.evaluations += 1
         value = float(total) / self.n_scored
@@ -249,21 +255,16 @@ class StageObjective:
         return total, per_batch
 
     @torch.inference_mode()
-    def set_prefill_base(self, removed: Iterable[int]) -> None:
-        """Keep every layer's input (and the output) under `removed` for later resumption."""
+    def set_prefill_base(self, removed: Iterable[int], from_scratch: bool = False) -> None:
+        """Keep every layer's input (and the output) under `removed` for later resumption.
+        `from_scratch` computes them from the embeddings (the same values; a reference for tests)."""
         target = frozenset(removed)
-        if self._pbest is not None and self._pbest[1] == target:
+        if from_scratch:
+            per_batch = self._scratch_inputs(target)
+        elif self._pbest is not None and self._pbest[1] == target:
             per_batch = self._pbest[2]  # the accepted candidate's own forward
-        elif self._pbase is not None:
+        else:  # resumed from the current base (the dense forward's inputs are the first one)
             per_batch = self._prefill_forward(target, kl=False)[1]
-        else:
-            layers, per_batch = self._kept(target), []
-            for b in self.batches:
-                inputs: dict = {}
-                h = run_layers(self.model, layers, b.full.ids, b.full.positions, b.full.valid, PDCache(retain=()),
-                               collect=inputs)
-                per_batch.append(self._complete(inputs, h))
-                self.layer_token_passes += len(layers) * b.tokens
         self._pbase, self._pbest = (target, per_batch), None
 
     # -- E_D ----------------------------------------------------------------------------------
