@@ -25,6 +25,7 @@ from harness.quality.calibration import CalibConfig, build_calibration
 from harness.quality.distributed import Dist, ShardedScorer
 from harness.quality.evaluate import TaskCache, evaluate_task, flatten_results, is_download_error  # noqa: F401 - re-exported
 from harness.quality.samples import lm_eval_lines, samples_path
+from harness.run import reuse
 from harness.run.progress import Tracker, task_label, work_of
 from harness.store import records as rec
 
@@ -211,55 +212,6 @@ def _cell_identity(st: _Run, name: str, method, mode: str) -> tuple[str, dict | 
     return st.cfg.identity(name, mode, method.options(), calib_desc, task_opts), calib_desc, task_opts
 
 
-def _stored_plan(st: _Run, name: str, mode: str, options: dict) -> tuple[PruningPlan, Path, Any] | None:
-    """The plan of `name`/`mode` in `--plans-from` records, if made on the same model, seed, method
-    options and calibration (plans are deterministic given those); None otherwise."""
-    if not st.cfg.plans_from or st.prepared.methods[name].needs_replan_on_resume():
-        return None
-    path = Path(st.cfg.plans_from) / rec.record_filename(name, mode)
-    if not path.exists():
-        return None
-    try:
-        old = rec.load(path)
-    except rec.RecordError as e:
-        raise UsageError(f"--plans-from: {e}; remove that file or pick another run folder") from None
-    calib_now = dataclasses.asdict(st.prepared.calib_config) if st.prepared.methods[name].needs_calibration else None
-    calib_then = {k: (old.calibration or {}).get(k) for k in calib_now} if calib_now else None
-    if (old.config.get("model"), old.config.get("seed")) != (st.cfg.model, st.cfg.seed):
-        return None
-    # options added to a method since the record was made count as matching at their defaults
-    defaults = json.loads(json.dumps(dataclasses.asdict(type(st.prepared.methods[name].config)())))
-    then = {**{k: v for k, v in defaults.items() if k not in old.config.get("method_options", {})},
-            **old.config.get("method_options", {})}
-    if then != json.loads(json.dumps(options)):
-        return None
-    if calib_now and json.loads(json.dumps(calib_now)) != calib_then:
-        return None
-    return _plan_of(old, path), path, old.calibration
-
-
-def _plan_of(record: rec.RunRecord, path: Path) -> PruningPlan:
-    """The plan stored in a --plans-from record, or a UsageError naming the file."""
-    try:
-        return PruningPlan.from_dict(record.plan)
-    except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"--plans-from {path}: its plan is not valid ({type(e).__name__}: {e}); "
-                         "remove that record or pick another run folder") from None
-
-
-def _same_but_newer_options(cfg: RunConfig, method, old: rec.RunRecord, cell: tuple) -> bool:
-    """True when `old` was made by this configuration before some method options existed and
-    those options are now at their defaults (an added option must not invalidate finished work)."""
-    name, mode, calib_desc, task_opts = cell
-    then = old.config.get("method_options", {})
-    now = json.loads(json.dumps(method.options()))
-    defaults = json.loads(json.dumps(dataclasses.asdict(type(method.config)())))
-    added = set(now) - set(then)
-    if not added or any(now[k] != defaults.get(k) for k in added) or any(now.get(k) != v for k, v in then.items()):
-        return False
-    return cfg.identity(name, mode, then, calib_desc, task_opts) == old.run_key
-
-
 def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     """One (method, mode): reuse its finished record, or plan, evaluate task by task and save."""
     from harness.quality.lm import PDLM
@@ -309,7 +261,7 @@ def _finished_record(st: _Run, name: str, method, mode: str, final: Path, identi
     defaults); a different configuration's record is refused rather than overwritten."""
     key, calib_desc, task_opts = identity
     old = rec.load_cell(final)
-    if old.run_key != key and _same_but_newer_options(st.cfg, method, old, (name, mode, calib_desc, task_opts)):
+    if old.run_key != key and reuse.same_but_newer_options(st.cfg, method, old, (name, mode, calib_desc, task_opts)):
         st.say(f"{name}/{mode}: record predates options now at their defaults; reused ({final.name})")
         return old
     if old.run_key != key:
@@ -322,7 +274,7 @@ def _finished_record(st: _Run, name: str, method, mode: str, final: Path, identi
 def _cell_plan(st: _Run, name: str, method, mode: str, partial: dict) -> PruningPlan:
     """The cell's plan: stored by another run (--plans-from), kept in the resumable state, or made now.
     Updates `partial` with the plan, its planning time and calibration description."""
-    reused = _stored_plan(st, name, mode, method.options()) if "plan" not in partial else None
+    reused = reuse.stored_plan(st.cfg, st.prepared, name, mode, method.options()) if "plan" not in partial else None
     if reused is not None:
         st.say(f"{name}/{mode}: plan reused from {reused[1]}")
         partial.update(plan=reused[0].to_dict(), plan_s=0.0, calibration=reused[2], plan_reused_from=str(reused[1]))
