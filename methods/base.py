@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from harness.errors import UsageError
 from harness.pd.plan import PruningPlan
 
 
@@ -171,3 +172,8 @@ def prefill_depth(c) -> int:
     ratio = getattr(c, "prefill_ratio", None)
     return c.k_prefill if ratio is None else int(ratio * c.k_decode + 1e-9)
 
+
+def check_prefill_ratio(name: str, c) -> None:
+    """A `prefill_ratio` outside [0, 1] is a usage error (`prefill_depth` would leave 0..k_decode)."""
+    if c.prefill_ratio is not None and not 0 <= c.prefill_ratio <= 1:
+        raise UsageError(f"{name}.prefill_ratio={c.prefill_ratio}: must be within [0, 1] (k_prefill = floor(ratio · k_decode))")

@@ -32,7 +32,7 @@ from harness.errors import UsageError
 from harness.pd import arch
 from harness.pd.plan import PruningPlan
 from methods import registry
-from methods.base import Method, Options, WrapperMethod, prefill_depth
+from methods.base import Method, Options, WrapperMethod, check_prefill_ratio, prefill_depth
 from methods.depth.ranked import RankedDepthMethod
 
 PREFIX = "stage:"
@@ -51,8 +51,7 @@ class StageAware(WrapperMethod):
         self.inner = registry.instantiate(self.name, self.base, own)  # type: ignore[assignment]
 
     def validate_config(self, c) -> None:
-        if c.prefill_ratio is not None and not 0 <= c.prefill_ratio <= 1:
-            raise UsageError(f"{self.name}.prefill_ratio={c.prefill_ratio}: must be within [0, 1] (k_prefill = floor(ratio · k_decode))")
+        check_prefill_ratio(self.name, c)
         if not 0 <= prefill_depth(c) <= c.k_decode or c.k_unified < 0:
             raise UsageError(f"{self.name}: need 0 <= k_prefill <= k_decode (R_prefill ⊆ R_decode) and k_unified >= 0, "
                              f"got k_prefill={c.k_prefill}, k_decode={c.k_decode}, k_unified={c.k_unified}")

@@ -31,11 +31,9 @@ from harness.errors import UsageError
 from harness.pd import arch
 from harness.pd.plan import KVPolicy, PruningPlan
 from methods import bars
-from methods.base import Method, Options, content_key, prefill_depth
-from methods.pdtrim.search import _SHARED_STATES, SEARCH_CACHE_VERSION, SEARCH_FIELDS, SENSITIVITY_BLOCKS, SearchState, search_cache_key
+from methods.base import Method, Options, check_prefill_ratio, content_key, prefill_depth
+from methods.pdtrim.search import _SHARED_STATES, SEARCH_FIELDS, SENSITIVITY_BLOCKS, SearchState
 from methods.registry import register
-
-__all__ = ["PDTrim", "pack_prompts", "SEARCH_CACHE_VERSION", "search_cache_key"]  # the search's names, re-exported
 
 
 @register
@@ -94,8 +92,7 @@ class PDTrim(Method):
                 probe_steps=min(d.probe_steps, n), n_first=min(d.n_first, n // 2), n_last=min(d.n_last, 3 * n // 2))
 
     def validate_config(self, c) -> None:
-        if c.prefill_ratio is not None and not 0 <= c.prefill_ratio <= 1:
-            raise UsageError(f"pdtrim.prefill_ratio={c.prefill_ratio}: must be within [0, 1] (k_prefill = floor(ratio · k_decode))")
+        check_prefill_ratio(self.name, c)
         if not 0 <= prefill_depth(c) <= c.k_decode:
             raise UsageError(f"pdtrim: need 0 <= k_prefill <= k_decode (R_prefill ⊆ R_decode), got {c.k_prefill}, {c.k_decode}")
         if c.k_unified < 0:

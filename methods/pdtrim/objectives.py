@@ -161,7 +161,8 @@ class StageObjective:
             h = run_layers(self.model, layers, b.full.ids, b.full.positions, b.full.valid, PDCache(retain=()),
                            collect=inputs)
             per_batch.append(self._complete(inputs, h))
-            self.layer_token_passes += len(layers) * b.tokens if count else 0
+            if count:
+                self.layer_token_passes += len(layers) * b.tokens
         return per_batch
 
     def _make_batch(self, prompts: list[list[int]], conts: list[list[int]]) -> _Batch:
