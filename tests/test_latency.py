@@ -157,6 +157,35 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path, cli):
     assert bad.returncode == 2 and "--decode-mode turbo: expected any of eager, static, graph" in bad.stderr
 
 
+def test_plans_are_measured_in_interleaved_rounds(tiny, monkeypatch):
+    # another job's load changes from minute to minute: each round measures every plan once, so the
+    # plans' fastest repeats (what the CI gate divides) sample the same stretches of load
+    import methods
+    from harness.run import latency_run
+
+    calls, real = [], latency_run.measure
+    def spy(model, plan, w, **kw):
+        calls.append((plan.method, w.batch_size, kw["warmup"], kw["repeats"]))
+        return real(model, plan, w, **kw)
+
+    monkeypatch.setattr(latency_run, "measure", spy)
+    cfg = latency_run.LatencyConfig(prompt_tokens=(12,), decode_tokens=(3,), batch_sizes=(1, 2), warmup=1, repeats=3)
+    dense = PruningPlan("unpruned", 4, (0, 1, 2, 3), (0, 1, 2, 3))
+    pruned = PruningPlan("manual", 4, (0, 1, 2, 3), (0, 3))
+    todo = [("unpruned", methods.get("unpruned")(), dense), ("manual", methods.get("manual")(), pruned)]
+    out = latency_run._measure_interleaved(cfg, tiny.model, todo, lambda msg: None)
+    one_round = [(m, b) for m in ("unpruned", "manual") for b in (1, 2)]
+    assert [c[:2] for c in calls] == one_round * 3
+    assert [c[2:] for c in calls] == [(1, 1)] * 4 + [(0, 1)] * 8  # warm-up runs in the first round only
+    m, moved = out["manual"]["latency_T12_n3_b2"]
+    assert len(m.ttft_ms) == len(m.tpot_ms) == 3 and len(m.itl_ms) == 3 * 2 and moved is None
+    assert m.handoff is None  # no KV tensors kept after the rounds
+    assert 2 * m.kv_bytes == out["unpruned"]["latency_T12_n3_b2"][0].kv_bytes
+    other = latency.measure(tiny.model, dense, m.workload, warmup=0, repeats=1)
+    with pytest.raises(RuntimeError, match="the same handoff sent"):
+        m.extend(other)  # another plan's bytes: not one plan's runs
+
+
 def test_two_process_transfer_receives_exactly_the_counted_bytes(tiny):
     import torch
 

@@ -111,6 +111,16 @@ class Measurement:
     graph_capture_ms: list[float] = field(default_factory=list)  # graph mode: capture time per measured run
     handoff: Any = field(default=None, repr=False, compare=False)  # the last run's Handoff (not serialised)
 
+    def extend(self, other: Measurement) -> None:
+        """Add `other`'s runs (the same plan and workload, measured later): samples appended, bytes checked."""
+        if (other.workload, other.decode_mode, other.clock) != (self.workload, self.decode_mode, self.clock):
+            raise ValueError(f"cannot merge a {other.workload}/{other.decode_mode} measurement into {self.workload}/{self.decode_mode}")
+        if self.ttft_ms and (other.kv_bytes, other.kv_bytes_paged) != (self.kv_bytes, self.kv_bytes_paged):
+            raise RuntimeError(f"{self.method}: the same handoff sent {self.kv_bytes} B, then {other.kv_bytes} B")
+        for f in ("ttft_ms", "handoff_ms", "itl_ms", "tpot_ms", "graph_capture_ms"):
+            getattr(self, f).extend(getattr(other, f))
+        self.kv_bytes, self.kv_bytes_paged, self.handoff = other.kv_bytes, other.kv_bytes_paged, other.handoff
+
     def figures(self, bandwidths_gbit: Sequence[float] = DEFAULT_BANDWIDTHS_GBIT, **context: Any) -> dict[str, float]:
         """Every registered latency figure (`harness.latency.figures`): stage percentiles, modelled transfer and E2E."""
         from harness.latency.figures import compute  # that module imports this one

@@ -111,23 +111,25 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
     env = env_info(str(arch.model_device(model)))
     copy_bw = copy_bandwidth_bytes_per_s(arch.model_device(model))
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, todo = {}, []
     # every plan and its record's fate first: a record of another configuration is refused before anything is measured
     for name, method, plan, source, key, old in _planned(cfg, prepared, out_dir, loaded, say):
-        path = out_dir / rec.record_filename(name, "disaggregated")
         if old is not None:
             say(f"{name}: finished record found, reused")
-            results.append(old)
-            continue
-        step_bytes = weight_bytes(model, plan.decode_layers)
-        with method.apply(model, plan) as applied:
-            latency, kv, timing = _measure_workloads(cfg, model, applied, name, step_bytes / copy_bw * 1e3, say)
-        bound = {"weight_bytes": step_bytes, "copy_bandwidth_bytes_per_s": copy_bw}
-        record = _latency_record(cfg, name, method, key, plan, env, loaded.description, (latency, kv, timing), bound, source)
+            results[name] = old
+        else:
+            todo.append((name, method, plan, source, key))
+    bounds = {name: weight_bytes(model, plan.decode_layers) for name, _, plan, _, _ in todo}
+    measured = _measure_interleaved(cfg, model, [(n, m, p) for n, m, p, _, _ in todo], say)
+    for name, method, plan, source, key in todo:
+        bound = {"weight_bytes": bounds[name], "copy_bandwidth_bytes_per_s": copy_bw}
+        ms = measured[name]
+        figures = _figures(cfg, ms, bounds[name] / copy_bw * 1e3)
+        record = _latency_record(cfg, name, method, key, plan, env, loaded.description, figures, bound, source)
         rec.save(record, out_dir)
-        results.append(rec.load(path))
+        results[name] = rec.load(out_dir / rec.record_filename(name, "disaggregated"))
     rec.refresh_summary(out_dir)  # an unreadable record in the folder is named and skipped
-    return results
+    return [results[name] for name in prepared.methods if name in results]
 
 
 def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[[str], None]) -> list[tuple]:
@@ -178,18 +180,44 @@ def _latency_record(cfg: LatencyConfig, name: str, method, key: str, plan, env: 
                "bandwidths_gbit": list(cfg.bandwidths_gbit), "plan_source": source},
     )
 
-def _measure_workloads(cfg: LatencyConfig, model, applied, name: str, bound_ms: float, say: Callable[[str], None]):
-    """Time the applied plan on every (workload, decode mode): (figures and samples, kv, measured ms) by label."""
+def _measure_interleaved(cfg: LatencyConfig, model, todo: list[tuple], say: Callable[[str], None]) -> dict[str, dict]:
+    """Per method, per label (workload and decode mode): the `Measurement` of `cfg.repeats` runs after
+    `cfg.warmup`, and what a real handoff between two processes moved (None unless `cfg.real_transfer`).
+
+    The plans are measured in rounds, one run of every (plan, label) per round (warm-up runs in the first
+    round), so each plan's repeats sample the same stretches of the machine's load: on a shared machine
+    another job slows ops by a factor that changes from minute to minute, and plans measured one after the
+    other minutes apart then differ by the load, not by their layers. Applying a plan copies no weights."""
+    out: dict[str, dict] = {name: {} for name, _, _ in todo}
+    moved: dict[tuple[str, str], dict] = {}
+    for r in range(cfg.repeats):
+        for name, method, plan in todo:
+            with method.apply(model, plan) as applied:
+                for w, mode in itertools.product(cfg.workloads(), cfg.decode_modes):
+                    label = workload_name(w, mode)
+                    say(f"{name}: {label} (round {r + 1}/{cfg.repeats})")
+                    m = measure(model, applied, w, warmup=cfg.warmup if r == 0 else 0, repeats=1, seed=cfg.seed,
+                                decode_mode=mode)
+                    if cfg.real_transfer and r == cfg.repeats - 1:  # once, while the handoff's tensors exist
+                        moved[name, label] = _real_transfer(m, f"{name} {label}")
+                    if label in out[name]:
+                        out[name][label].extend(m)
+                    else:
+                        out[name][label] = m
+                    out[name][label].handoff = None  # its KV tensors: not kept across rounds (GBs at long prompts)
+    return {name: {label: (m, moved.get((name, label))) for label, m in by.items()} for name, by in out.items()}
+
+
+def _figures(cfg: LatencyConfig, measured: dict, bound_ms: float) -> tuple[dict, dict, dict]:
+    """(figures and samples, kv, measured ms) by label, from one method's measurements."""
     latency, kv, timing = {}, {}, {}
-    for w, mode in itertools.product(cfg.workloads(), cfg.decode_modes):
-        label = workload_name(w, mode)
-        say(f"{name}: {label}")
-        m = measure(model, applied, w, warmup=cfg.warmup, repeats=cfg.repeats, seed=cfg.seed, decode_mode=mode)
+    for label, (m, moved) in measured.items():
         samples = m.to_dict()
-        if cfg.real_transfer:
-            samples["real_transfer"] = _real_transfer(m, f"{name} {label}")
-        figures = m.figures(cfg.bandwidths_gbit, decode_bound_ms=bound_ms, real_transfer=samples.get("real_transfer"))
+        if moved is not None:
+            samples["real_transfer"] = moved
+        figures = m.figures(cfg.bandwidths_gbit, decode_bound_ms=bound_ms, real_transfer=moved)
         latency[label] = WorkloadLatency(figures, samples)
+        w = m.workload
         kv[label] = {"kv_bytes": m.kv_bytes, "kv_bytes_paged": m.kv_bytes_paged, "handoffs": w.batch_size,
                      "prompt_tokens": w.batch_size * w.prompt_tokens}
         timing[label] = sum(m.ttft_ms) + sum(m.itl_ms) + sum(m.handoff_ms)
