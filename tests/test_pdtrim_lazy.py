@@ -38,8 +38,8 @@ def plan(model, calib, mode, **kw):
 def test_lazy_search_finds_the_exhaustive_sets_with_fewer_evaluations(deep, calib, mode):
     model = deep[0]
     # sensitivity on every search sequence: the lazy first step then starts from exact values
-    ref = plan(model, calib, mode, lazy=False, sensitivity_samples=0)
-    lazy = plan(model, calib, mode, min_exact=1, sensitivity_samples=0)
+    ref = plan(model, calib, mode, lazy=False, sensitivity_samples=0, screen="none")
+    lazy = plan(model, calib, mode, min_exact=1, sensitivity_samples=0, screen="none")
     assert (lazy.removed_prefill, lazy.removed_decode) == (ref.removed_prefill, ref.removed_decode)
     assert lazy.info["objective"] == ref.info["objective"]
     for name, steps in ref.info["search_trace"].items():
@@ -49,6 +49,48 @@ def test_lazy_search_finds_the_exhaustive_sets_with_fewer_evaluations(deep, cali
     assert lazy.info["work"]["evaluations"] < ref.info["work"]["evaluations"]
     skipped = [s for steps in lazy.info["search_trace"].values() for s in steps if s.get("not_evaluated")]
     assert skipped and all(min(s["not_evaluated"].values()) > s["objective"] for s in skipped)
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "unified"])
+def test_the_bfloat16_screen_finds_the_float32_sets_with_fewer_float32_evaluations(deep, calib, mode, monkeypatch):
+    """The default search screens candidates on a bfloat16 copy and evaluates in float32 only those within
+    `screen_margin` of the best screened value: same sets and float32 values as the float32-only search."""
+    from methods.pdtrim import method as pm
+
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")  # both searches compute every value they read
+    pm._SHARED_STATES.clear()
+    model = deep[0]
+    ref = plan(model, calib, mode, screen="none")
+    scr = plan(model, calib, mode)
+    assert (scr.removed_prefill, scr.removed_decode) == (ref.removed_prefill, ref.removed_decode)
+    assert scr.info["objective"] == ref.info["objective"]
+    assert scr.info["screen"]["dtype"] == "bfloat16" and ref.info["screen"] is None
+    margin = scr.info["screen"]["margin"]
+    for name, steps in scr.info["search_trace"].items():
+        for r, z in zip(ref.info["search_trace"][name], steps):
+            assert z["removed"] == r["removed"] and z["objective"] == r["objective"]
+            lo = min(z["screened"].values())
+            # float32 exactly where the screen says "near the best", with the float32-only search's values
+            assert set(z["candidates"]) == {j for j, v in z["screened"].items() if v <= lo + margin * abs(lo)}
+            assert all(r["candidates"][j] == v for j, v in z["candidates"].items() if j in r["candidates"])
+            assert all(v == pytest.approx(z["candidates"].get(j, v), rel=0.05) for j, v in z["screened"].items())
+    w, w_ref = scr.info["work"], ref.info["work"]
+    assert 0 < w["evaluations"] < w_ref["evaluations"] and w["screen_evaluations"] > w["evaluations"]
+    assert scr.info["stage_sensitivity_definition"]["computed_in"] == "bfloat16 (the search's screen)"
+
+
+def test_a_model_not_in_float32_is_never_screened(deep, calib):
+    from methods.pdtrim.screen import screen_copy
+
+    model = deep[0]
+    assert screen_copy(model, torch.bfloat16) is not None and screen_copy(model, None) is None
+    import copy
+
+    bf = copy.deepcopy(model).to(torch.bfloat16)
+    assert screen_copy(bf, torch.bfloat16) is None
+    p = plan(bf, calib, "disaggregated", k_decode=3, k_prefill=1)
+    assert p.info["screen"] is None and "screen_evaluations" not in p.info["work"]
+    assert all("screened" not in s for steps in p.info["search_trace"].values() for s in steps)
 
 
 def test_sensitivity_on_fewer_sequences_is_recorded_as_such(deep, calib):

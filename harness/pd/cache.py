@@ -101,6 +101,15 @@ class PDCache:
         view.keys, view.values, view.positions = self.keys, self.values, self.positions
         return view
 
+    def frozen_as(self, dtype: torch.dtype) -> PDCache:
+        """`frozen()`, with K/V converted to `dtype` (positions shared): a float32 prompt's cache read by a
+        bfloat16 copy of the model (PDTrim's screening)."""
+        view = PDCache(retain=())
+        view.keys = {i: k.to(dtype) for i, k in self.keys.items()}
+        view.values = {i: v.to(dtype) for i, v in self.values.items()}
+        view.positions = self.positions
+        return view
+
     def select_rows(self, rows: torch.Tensor) -> PDCache:
         """A cache holding batch rows `rows` (used when several requests share one prefill)."""
         out = PDCache(self._retain)

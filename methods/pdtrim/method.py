@@ -32,6 +32,7 @@ from harness.pd import arch
 from harness.pd.plan import KVPolicy, PruningPlan
 from methods import bars
 from methods.base import Method, Options, check_prefill_ratio, content_key, prefill_depth
+from methods.pdtrim.screen import SCREEN_DTYPES
 from methods.pdtrim.search import _SHARED_STATES, SEARCH_FIELDS, SENSITIVITY_BLOCKS, SearchState
 from methods.registry import register
 
@@ -75,7 +76,11 @@ class PDTrim(Method):
         # priorities the lazy search reads; "all": every block, the full per-block record (2 n objectives)
         sensitivity_blocks: str = "candidates"
         lazy: bool = True  # lazy greedy (stale values as lower bounds); False: every candidate at every step
-        min_exact: int = 3  # candidates evaluated exactly per lazy step, at least
+        min_exact: int = 3  # candidates evaluated (screened, with a screen) per lazy step, at least
+        # screen each step's candidates in this dtype (a copy of a float32 model; methods/pdtrim/screen.py) and
+        # evaluate in float32 only those within screen_margin of the best screened value; "none": float32 only
+        screen: str = "bfloat16"
+        screen_margin: float = 0.015  # relative; 2.3x the largest gap between two near candidates' screen errors on SmolLM2
         heal: bool = False  # train the block after each removed run with a distillation-set block (methods/pdtrim/healing.py)
         heal_steps: int = 100  # Adam steps per healed block
         heal_lr: float = 1e-4
@@ -107,6 +112,9 @@ class PDTrim(Method):
             raise UsageError("pdtrim: need heal_steps >= 0, heal_lr > 0, heal_samples >= 1")
         if c.sensitivity_blocks not in SENSITIVITY_BLOCKS:
             raise UsageError(f"pdtrim.sensitivity_blocks={c.sensitivity_blocks!r}: choose from {', '.join(SENSITIVITY_BLOCKS)}")
+        if c.screen not in SCREEN_DTYPES or not 0 <= c.screen_margin < 1:
+            raise UsageError(f"pdtrim: need screen in {', '.join(SCREEN_DTYPES)} (got {c.screen!r}) and "
+                             f"0 <= screen_margin < 1 (got {c.screen_margin})")
         if c.sensitivity_samples < 0 or c.min_exact < 1:
             raise UsageError("pdtrim: need sensitivity_samples >= 0 (0 = all search sequences) and min_exact >= 1")
         if c.anneal_steps < 0 or not 0 < c.anneal_cooling <= 1 or c.anneal_t0 < 0:

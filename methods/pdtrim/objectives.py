@@ -186,20 +186,23 @@ class StageObjective:
         r = set(removed)
         return tuple(i for i in range(self.n_layers) if i not in r)
 
-    def _staged(self, removed_decode: frozenset, removed_prefill: frozenset) -> StagedModel:
-        """The PD deployment without `removed_prefill` in prefill and `removed_decode` in decode (all KV sent)."""
+    def _staged(self, removed_decode: frozenset, removed_prefill: frozenset, model=None) -> StagedModel:
+        """The PD deployment without `removed_prefill` in prefill and `removed_decode` in decode (all KV sent),
+        on `model` (default: the objective's own; a screening copy shares its layer indices)."""
         plan = PruningPlan("objective", self.n_layers, self._kept(removed_prefill), self._kept(removed_decode))
-        return StagedModel(self.model, plan)
+        return StagedModel(self.model if model is None else model, plan)
 
     @staticmethod
     def _first_difference(a: frozenset, b: frozenset, n: int) -> int:
         diff = a ^ b
         return min(diff) if diff else n
 
-    def _kl(self, teacher: Teacher, hidden: torch.Tensor) -> torch.Tensor:
-        """Σ over rows of KL(teacher || student) for student hidden rows (N, hidden), float64."""
-        normed = arch.decoder(self.model).norm(hidden)
-        z = arch.lm_head(self.model)(normed).float()
+    def _kl(self, teacher: Teacher, hidden: torch.Tensor, model=None) -> torch.Tensor:
+        """Σ over rows of KL(teacher || student) for student hidden rows (N, hidden), float64; the final norm
+        and LM head are `model`'s (default: the objective's own)."""
+        model = self.model if model is None else model
+        normed = arch.decoder(model).norm(hidden)
+        z = arch.lm_head(model)(normed).float()
         pz = (teacher.u * normed.float()).sum(-1).double() if teacher.u is not None else (teacher.p * z).sum(-1).double()
         if teacher.pb is not None and teacher.u is not None:
             pz = pz + teacher.pb

@@ -13,16 +13,19 @@ import random
 import time
 from collections.abc import Callable, Iterable
 
+import torch
+
 from harness.pd import arch
 from methods import bars, cached
 from methods.cached import DiskMemo, parse_set, set_key
 from methods.depth.blocks import block_cosines
+from methods.pdtrim.screen import SCREEN_DTYPES, Screen, screen_copy
 
 READING = "PDTRIM.md section 2 (harness reading v1)"
 # The options a search state's values depend on (block scores, sets, objective values, step-1 priors);
 # the rest (k_*, KV selection, annealing, healing) only choose what to read from it.
 SEARCH_FIELDS = ("d_t", "search_samples", "max_cont", "batch_size", "batch_tokens", "seed", "sensitivity",
-                 "sensitivity_samples", "sensitivity_blocks", "lazy", "min_exact")
+                 "sensitivity_samples", "sensitivity_blocks", "lazy", "min_exact", "screen", "screen_margin")
 SENSITIVITY_BLOCKS = ("candidates", "all")
 _SHARED_STATES: dict[tuple, SearchState] = {}
 # Bump when the objective values (methods/pdtrim/objectives.py, whose source digest is in the key
@@ -33,9 +36,9 @@ SEARCH_CACHE_VERSION = "1"
 def search_cache_key(model, calib, c) -> dict:
     """What a search's objective values depend on: model, calibration set, and the options that choose
     and batch the search sequences (batching only regroups rows, but float sums follow the grouping)."""
-    from methods.pdtrim import objectives
+    from methods.pdtrim import objectives, screen
 
-    return cached.stat_key("pdtrim-search", model, calib, SEARCH_CACHE_VERSION, [objectives],
+    return cached.stat_key("pdtrim-search", model, calib, SEARCH_CACHE_VERSION, [objectives, screen],
                            search_samples=c.search_samples, max_cont=c.max_cont, seed=c.seed, batch_size=c.batch_size,
                            batch_tokens=c.batch_tokens, sensitivity_samples=c.sensitivity_samples)
 
@@ -60,9 +63,13 @@ class SearchState:
         # The objectives are built (a dense forward each) by the first value the disk memo lacks.
         self._make_obj = lambda sp: StageObjective(model, sp, c.batch_size, c.batch_tokens)
         self._split, self._obj, self._sens = split, None, None
+        self._screen_model, self._screens = None, {}  # the narrow model copy, and a Screen per objective
+        self.screening = SCREEN_DTYPES[c.screen] is not None and next(model.parameters()).dtype == torch.float32
         self.disk = DiskMemo("pdtrim-search", search_cache_key(model, calib, c))
         if self.disk.loaded:
             cached.announce(f"search values: {self.disk.loaded} pdtrim objective values")
+        # kinds of disk-memo keys: p, d exact E_P, E_D; sp, sd on the sensitivity sequences; a "b" in front:
+        # the bfloat16 screen's estimate of the same
         self._pending: dict[str, Callable[[], None]] = {}  # stage -> a rebase deferred to the next memo miss
         self.memo_p: dict[frozenset, float] = {}
         self.memo_d: dict[tuple[frozenset, frozenset], float] = {}
@@ -93,12 +100,31 @@ class SearchState:
             self.search_s += time.perf_counter() - t0
 
     def single_block(self, stage: str, i: int) -> float:
-        """E_P({i}) or E_D({i} | ∅) on the sensitivity sequences, computed once and kept in the record."""
+        """E_P({i}) or E_D({i} | ∅) on the sensitivity sequences (screened, when the search screens),
+        computed once and kept in the record."""
         v = self.sensitivity[stage][i]
         if v is None:
-            ep, ed = (self._sens_ep, self._sens_ed) if self._sens_separate else (self.ep, self.ed)
+            if self.screening:
+                ep, ed = self._screen_fns("sensitivity", "bs") if self._sens_separate else self._screen_fns("search", "b")
+            else:
+                ep, ed = (self._sens_ep, self._sens_ed) if self._sens_separate else (self.ep, self.ed)
             v = self.sensitivity[stage][i] = ep({i}) if stage == "prefill" else ed({i}, frozenset())
         return v
+
+    def _screen_fns(self, which: str, kind: str) -> tuple[Callable, Callable]:
+        """Screened E_P(R) and E_D(R_D | R_P) on the sequences of objective `which` ("search" or
+        "sensitivity"), memoised under `kind` + "p:" / "d:"; the model copy is made by the first value the
+        memo lacks."""
+        def scr() -> Screen:
+            if which not in self._screens:
+                if self._screen_model is None:
+                    with bars.stage(f"pdtrim: {self.c.screen} copy of the model for screening"):
+                        self._screen_model = screen_copy(self.model, SCREEN_DTYPES[self.c.screen])
+                self._screens[which] = Screen(self.obj if which == "search" else self.sens_obj, self._screen_model)
+            return self._screens[which]
+
+        return (lambda r: self._stored(f"{kind}p:{set_key(r)}", lambda: scr().prefill(r)),
+                lambda rd, rp: self._stored(f"{kind}d:{set_key(rd)}|{set_key(rp)}", lambda: scr().decode(rd, rp)))
 
     @property
     def obj(self):
@@ -128,7 +154,7 @@ class SearchState:
         """The disk memo's value for `key`, else `compute()` (after any deferred rebase), then written through."""
         if key in self.disk:
             return float(self.disk.get(key))
-        stage = "prefill" if key.startswith(("p:", "sp:")) else "decode"
+        stage = "prefill" if key.partition(":")[0].endswith("p") else "decode"
         if stage in self._pending:
             self._pending.pop(stage)()
         v = compute()
@@ -140,17 +166,23 @@ class SearchState:
         self._pending[stage] = rebase
 
     def work(self) -> dict[str, float]:
-        """Both objectives' work; full-forward equivalents in units of the search sequences (zeros
-        when every value came from the disk memo and no objective was built)."""
+        """Both objectives' float32 work and, when the search screens, the screen's apart; full-forward
+        equivalents in units of the search sequences (zeros when every value came from the disk memo and
+        no objective was built)."""
         zero = {"evaluations": 0, "layer_token_passes": 0, "full_forward_equivalents": 0.0}
         w = self._obj.work() if self._obj is not None else dict(zero)
+        full = sum(len(p) + len(c) - 1 for p, c in zip(self._split.prompts, self._split.conts))  # obj.full_tokens
         if self._sens_separate:
             s = self._sens.work() if self._sens is not None else zero
-            full = sum(len(p) + len(c) - 1 for p, c in zip(self._split.prompts, self._split.conts))  # obj.full_tokens
+            sens_screen = self._screens["sensitivity"].evaluations if "sensitivity" in self._screens else 0
             passes = w["layer_token_passes"] + s["layer_token_passes"]
             w = {"evaluations": w["evaluations"] + s["evaluations"], "layer_token_passes": passes,
                  "full_forward_equivalents": passes / (self.n * full),
-                 "sensitivity_evaluations": s["evaluations"]}
+                 "sensitivity_evaluations": s["evaluations"] + sens_screen}
+        if self.screening:
+            passes = sum(scr.layer_token_passes for scr in self._screens.values())
+            w.update(screen_evaluations=sum(scr.evaluations for scr in self._screens.values()),
+                     screen_layer_token_passes=passes, screen_full_forward_equivalents=passes / (self.n * full))
         return w
 
     def mark(self) -> None:
@@ -174,36 +206,49 @@ class SearchState:
         return [i for i in self.pruning_set if i not in removed] or [i for i in self.distill_set if i not in removed]
 
     def _greedy(self, start: frozenset, target: int, objective: Callable[[frozenset], float], rebase, name: str,
-                prior: Callable[[int], float] | None = None) -> frozenset:
+                prior: Callable[[int], float] | None = None, screen: Callable[[frozenset], float] | None = None) -> frozenset:
         """Greedy removal from `start` to `target` blocks: each step removes the candidate j with the
-        lowest objective(removed ∪ {j}) (ties: lower j). `prior(j)` estimates a value never evaluated."""
+        lowest objective(removed ∪ {j}) (ties: lower j). `prior(j)` estimates a value never evaluated.
+
+        With `screen` (a cheaper estimate of the objective), the step screens the candidates (lazily, as it
+        would evaluate them) and evaluates the objective only for those within `screen_margin` of the best
+        screened value; the trace then gives both, the screen's under `screened`."""
         t0 = time.perf_counter()
         removed, steps = start, []
-        bound: dict[int, float] = {}  # j -> a value known for (a subset of removed) ∪ {j}, or its prior
+        bound: dict[int, float] = {}  # j -> a value (screened, with a screen) known for (a subset of removed) ∪ {j}, or its prior
+        margin = self.c.screen_margin if screen is not None else 0.0
+        estimate = screen or objective
         while len(removed) < target:
             cands = self._candidates(removed)
             if self.c.lazy and prior is not None:
                 bound.update({j: prior(j) for j in cands if j not in bound})
             desc = f"pdtrim: {name} step {len(removed) + 1}/{target}"
             if self.c.lazy and all(j in bound for j in cands):
-                scored = self._lazy_step(removed, cands, objective, bound)
+                est = self._lazy_step(removed, cands, estimate, bound, margin)
             else:
-                scored = {j: objective(removed | {j}) for j in bars.progress(cands, desc)}
-            bound.update(scored)
+                est = {j: estimate(removed | {j}) for j in bars.progress(cands, desc)}
+            bound.update(est)
+            lo = min(est.values())
+            scored = est if screen is None else \
+                {j: objective(removed | {j}) for j in sorted(est) if est[j] <= lo + margin * abs(lo)}
             best = min(scored, key=lambda j: (scored[j], j))
             removed = removed | {best}
             rebase(removed)
             step = {"removed": best, "objective": scored[best], "candidates": {str(j): v for j, v in scored.items()}}
-            if len(scored) < len(cands):
-                step["not_evaluated"] = {str(j): bound[j] for j in cands if j not in scored}
+            if screen is not None:
+                step["screened"] = {str(j): v for j, v in est.items()}
+            if len(est) < len(cands):
+                step["not_evaluated"] = {str(j): bound[j] for j in cands if j not in est}
             steps.append(step)
         self.trace[name] = steps
         self.search_s += time.perf_counter() - t0
         return removed
 
-    def _lazy_step(self, removed: frozenset, cands: list[int], objective, bound: dict[int, float]) -> dict[int, float]:
+    def _lazy_step(self, removed: frozenset, cands: list[int], objective, bound: dict[int, float],
+                   margin: float = 0.0) -> dict[int, float]:
         """Evaluate candidates in order of their last known value (from an earlier step, or the
-        step-1 prior) until the best value found is below every unevaluated candidate's.
+        step-1 prior) until the best value found (plus `margin` of it) is below every unevaluated
+        candidate's.
 
         Removing more blocks has never lowered a candidate's objective in our traces, so an earlier
         step's value is a lower bound and the step then picks what evaluating every candidate would
@@ -211,23 +256,29 @@ class SearchState:
         fewer sequences. `lazy=false` evaluates every candidate."""
         scored: dict[int, float] = {}
         for j in sorted(cands, key=lambda j: (bound[j], j)):
-            if len(scored) >= self.c.min_exact and min(scored.values()) < bound[j]:
-                break
+            if len(scored) >= self.c.min_exact:
+                lo = min(scored.values())
+                if lo + margin * abs(lo) < bound[j]:
+                    break
             scored[j] = objective(removed | {j})
         return scored
 
     def greedy_prefill(self, k: int) -> frozenset:
         prior = (lambda j: self.single_block("prefill", j)) if self.sensitivity else None  # noqa: E731
         rebase = lambda r: self._defer("prefill", lambda: self.obj.set_prefill_base(r))  # noqa: E731
+        screen = self._screen_fns("search", "b")[0] if self.screening else None
         with bars.SearchBars(f"pdtrim: prefill k={k}", k) as b:
-            return self._greedy(frozenset(), k, b.counted(self.ep), b.stepped(rebase), f"prefill_k{k}", prior)
+            return self._greedy(frozenset(), k, b.counted(self.ep), b.stepped(rebase), f"prefill_k{k}", prior,
+                                screen and b.counted(screen))
 
     def greedy_decode(self, rp: frozenset, k: int) -> frozenset:
         # E_D({j} | ∅) <= E_D(R_P ∪ {j} | R_P): the dense prompt and fewer removed blocks drift less
         prior = (lambda j: self.single_block("decode", j)) if self.sensitivity else None  # noqa: E731
         rebase = lambda r: self._defer("decode", lambda: self.obj.set_decode_base(r, rp))  # noqa: E731
+        screen = self._screen_fns("search", "b")[1] if self.screening else None
         with bars.SearchBars(f"pdtrim: decode k={k}", k - len(rp)) as b:
-            return self._greedy(rp, k, b.counted(lambda r: self.ed(r, rp)), b.stepped(rebase), f"decode_k{k}", prior)
+            return self._greedy(rp, k, b.counted(lambda r: self.ed(r, rp)), b.stepped(rebase), f"decode_k{k}", prior,
+                                screen and b.counted(lambda r: screen(r, rp)))
 
     def anneal(self, removed: frozenset, fixed: frozenset, stage: str, c) -> frozenset:
         """Swap moves (one removed block back in, one kept block out); `fixed` blocks stay removed."""
@@ -269,9 +320,14 @@ class SearchState:
             "stage_sensitivity_definition": {
                 "prefill": "E_P({i}): block i removed from the prefill stage (hence, by R_P ⊆ R_D, also from decode)",
                 "decode": "E_D({i} | {}): block i removed from the decode stage only",
+                "computed_in": f"{self.c.screen} (the search's screen)" if self.screening else "float32",
                 "blocks": "every block" if self.c.sensitivity_blocks == "all" else
                           "the search's candidates (null: not measured; sensitivity_blocks=all measures every block)"},
             "search_sequences": self.split_desc,
+            "screen": {"dtype": self.c.screen, "margin": self.c.screen_margin,
+                       "definition": "candidates screened in this dtype; float32 values for those within margin "
+                                     "(relative) of the best screened, which the step compares"}
+                      if self.screening else None,
             # cumulative over this search state: both modes share block scores, sensitivity and the
             # memoised objective values (the unified search reuses the prefill search's first steps)
             "work": {**self.work(), "score_seconds": self.score_s, "search_seconds": self.search_s,
