@@ -80,14 +80,14 @@ def test_the_bfloat16_screen_finds_the_float32_sets_with_fewer_float32_evaluatio
 
 
 def test_a_model_not_in_float32_is_never_screened(deep, calib):
-    from methods.pdtrim.screen import screen_copy
-
-    model = deep[0]
-    assert screen_copy(model, torch.bfloat16) is not None and screen_copy(model, None) is None
     import copy
 
+    from methods.pdtrim.screen import screen_dtype
+
+    model = deep[0]
+    assert screen_dtype(model, "bfloat16") == torch.bfloat16 and screen_dtype(model, "none") is None
     bf = copy.deepcopy(model).to(torch.bfloat16)
-    assert screen_copy(bf, torch.bfloat16) is None
+    assert screen_dtype(bf, "bfloat16") is None
     p = plan(bf, calib, "disaggregated", k_decode=3, k_prefill=1)
     assert p.info["screen"] is None and "screen_evaluations" not in p.info["work"]
     assert all("screened" not in s for steps in p.info["search_trace"].values() for s in steps)

@@ -237,25 +237,29 @@ class StageObjective:
             self._pbest = (value, target, inputs)
         return value
 
-    def _prefill_forward(self, target: frozenset, kl: bool = True) -> tuple[torch.Tensor, list[dict]]:
+    def _prefill_forward(self, target: frozenset, kl: bool = True, screen=None) -> tuple[torch.Tensor, list[dict]]:
         """Resume every batch's forward under `target` from the base at their first difference.
 
         Returns the summed KL (float64; zero when `kl` is False) and, per batch, every layer's
-        input under `target` and the output under "out" (the base's tensors below the difference)."""
+        input under `target` and the output under "out" (the base's tensors below the difference).
+        With `screen` (`methods/pdtrim/screen.py`), the layers are its narrow model's, the base's
+        inputs are cast to its dtype, nothing is kept (no inputs returned) and the work is its own."""
+        model, dtype = (self.model, None) if screen is None else (screen.model, screen.dtype)
         base_set, base_inputs = self._pbase
         start = self._first_difference(target, base_set, self.n_layers)
         layers = [i for i in self._kept(target) if i >= start]
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed where the KLs are
         per_batch = []
         for b, base in zip(self.batches, base_inputs):
-            inputs = {i: base[i] for i in range(start)}
+            inputs = {i: base[i] for i in range(start)} if screen is None else None
             h = base[start] if start < self.n_layers else base["out"]
-            h = run_layers(self.model, layers, None, b.full.positions, b.full.valid, PDCache(retain=()), hidden=h,
-                           collect=inputs)
+            h = run_layers(model, layers, None, b.full.positions, b.full.valid, PDCache(retain=()),
+                           hidden=h if dtype is None else h.to(dtype), collect=inputs)
             if kl:
-                total += self._kl(b.teacher, h[b.rows, b.cols]).double()
-            per_batch.append(self._complete(inputs, h))
-            self.layer_token_passes += len(layers) * b.tokens
+                total += self._kl(b.teacher, h[b.rows, b.cols], model).double()
+            if screen is None:
+                per_batch.append(self._complete(inputs, h))
+            (screen or self).layer_token_passes += len(layers) * b.tokens
         return total, per_batch
 
     @torch.inference_mode()
@@ -289,11 +293,7 @@ class StageObjective:
     @torch.inference_mode()
     def decode(self, removed_decode: Iterable[int], removed_prefill: Iterable[int]) -> float:
         """E_D(R_D | R_P): prompt through the model without R_P, continuation without R_D ⊇ R_P."""
-        rd, rp = frozenset(removed_decode), frozenset(removed_prefill)
-        if not rp <= rd:
-            raise ValueError(f"decode removal {sorted(rd)} must contain prefill removal {sorted(rp)}")
-        if self._dbase is None or self._dbase[1] != rp:
-            self.set_decode_base(rp, rp)
+        rd, rp = self.decode_sets(removed_decode, removed_prefill)
         total, inputs = self._decode_forward(rd, rp)
         self.evaluations += 1
         value = float(total) / self.n_scored
@@ -301,29 +301,42 @@ class StageObjective:
             self._dbest = (value, (rd, rp), inputs)
         return value
 
-    def _decode_forward(self, rd: frozenset, rp: frozenset, kl: bool = True) -> tuple[torch.Tensor, list[dict]]:
+    def decode_sets(self, removed_decode: Iterable[int], removed_prefill: Iterable[int]) -> tuple[frozenset, frozenset]:
+        """(R_D, R_P) as sets, checked (R_P ⊆ R_D), with the decode base moved to R_P's prompts if it is on others."""
+        rd, rp = frozenset(removed_decode), frozenset(removed_prefill)
+        if not rp <= rd:
+            raise ValueError(f"decode removal {sorted(rd)} must contain prefill removal {sorted(rp)}")
+        if self._dbase is None or self._dbase[1] != rp:
+            self.set_decode_base(rp, rp)
+        return rd, rp
+
+    def _decode_forward(self, rd: frozenset, rp: frozenset, kl: bool = True, screen=None) -> tuple[torch.Tensor, list[dict]]:
         """Resume the decode stage under (rd, rp) from the decode base (same `rp`) at their first
         difference; the prompt caches stay as they are. Returns the summed KL (first tokens included;
-        zero when `kl` is False) and per batch the layer inputs under `rd` (empty without continuation)."""
+        zero when `kl` is False) and per batch the layer inputs under `rd` (empty without continuation).
+        With `screen`, as in `_prefill_forward`, over the prompt caches in its dtype."""
         states = self._prompt_state(rp)
         base_set, _, base_inputs = self._dbase
         start = self._first_difference(rd, base_set, self.n_layers)
         layers = [i for i in self._kept(rd) if i >= start]
-        staged = self._staged(rd, rp)
+        model, dtype = (self.model, None) if screen is None else (screen.model, screen.dtype)
+        staged = self._staged(rd, rp, model)
+        caches = [c for c, _ in states] if screen is None else screen.prompt_caches(rp, states)
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed where the KLs are
         per_batch = []
-        for b, (cache, first_kl), base in zip(self.batches, states, base_inputs):
+        for b, (_, first_kl), cache, base in zip(self.batches, states, caches, base_inputs):
             total += first_kl
             if b.dec.ids.shape[1] == 0:
                 per_batch.append({})
                 continue
-            inputs = {i: base[i] for i in range(start)}
+            inputs = {i: base[i] for i in range(start)} if screen is None else None
             h = base[start] if start < self.n_layers else base["out"]
-            h = staged.decode(cache.frozen(), b.dec, start=start, hidden=h, collect=inputs)
+            h = staged.decode(cache.frozen(), b.dec, start=start, hidden=h if dtype is None else h.to(dtype), collect=inputs)
             if kl:
-                total += self._kl(b.teacher[b.rest], h[b.dec_rows, b.dec_cols]).double()
-            per_batch.append(self._complete(inputs, h))
-            self.layer_token_passes += len(layers) * int(b.dec.valid.sum())
+                total += self._kl(b.teacher[b.rest], h[b.dec_rows, b.dec_cols], model).double()
+            if screen is None:
+                per_batch.append(self._complete(inputs, h))
+            (screen or self).layer_token_passes += len(layers) * int(b.dec.valid.sum())
         return total, per_batch
 
     @torch.inference_mode()

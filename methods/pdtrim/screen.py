@@ -23,17 +23,19 @@ from collections.abc import Iterable
 import torch
 
 from harness.pd.cache import PDCache
-from harness.pd.engine import run_layers
 
 SCREEN_DTYPES = {"bfloat16": torch.bfloat16, "none": None}
 
 
-def screen_copy(model, dtype: torch.dtype | None):
-    """A copy of `model` in `dtype` for screening, or None when there is nothing to gain (no dtype, or the
-    model already computes in it or in a narrower type: the screen would cost what the objective does)."""
-    weights = next(model.parameters()).dtype
-    if dtype is None or weights != torch.float32:
-        return None
+def screen_dtype(model, screen: str) -> torch.dtype | None:
+    """The dtype option `screen` screens `model`'s search in, or None when there is nothing to gain ("none", or a
+    model that already computes in a narrower type than float32: the screen would cost what the objective does)."""
+    dtype = SCREEN_DTYPES[screen]
+    return dtype if dtype is not None and next(model.parameters()).dtype == torch.float32 else None
+
+
+def screen_copy(model, dtype: torch.dtype):
+    """A copy of `model` in `dtype` for screening (the float32 model stays as it is)."""
     return copy.deepcopy(model).to(dtype).eval()
 
 
@@ -50,44 +52,18 @@ class Screen:
 
     @torch.inference_mode()
     def prefill(self, removed: Iterable[int]) -> float:
-        obj, target = self.obj, frozenset(removed)
-        base_set, base_inputs = obj._pbase
-        start = obj._first_difference(target, base_set, obj.n_layers)
-        layers = [i for i in obj._kept(target) if i >= start]
-        total = torch.zeros((), dtype=torch.float64, device=obj.device)
-        for b, base in zip(obj.batches, base_inputs):
-            h = (base[start] if start < obj.n_layers else base["out"]).to(self.dtype)
-            h = run_layers(self.model, layers, None, b.full.positions, b.full.valid, PDCache(retain=()), hidden=h)
-            total += obj._kl(b.teacher, h[b.rows, b.cols], self.model)
-            self.layer_token_passes += len(layers) * b.tokens
+        total, _ = self.obj._prefill_forward(frozenset(removed), screen=self)
         self.evaluations += 1
-        return float(total) / obj.n_scored
+        return float(total) / self.obj.n_scored
 
     @torch.inference_mode()
     def decode(self, removed_decode: Iterable[int], removed_prefill: Iterable[int]) -> float:
-        obj, rd, rp = self.obj, frozenset(removed_decode), frozenset(removed_prefill)
-        if not rp <= rd:
-            raise ValueError(f"decode removal {sorted(rd)} must contain prefill removal {sorted(rp)}")
-        if obj._dbase is None or obj._dbase[1] != rp:
-            obj.set_decode_base(rp, rp)
-        states = obj._prompt_state(rp)  # float32 prefill of the prompts: the first tokens' KL is exact
-        base_set, _, base_inputs = obj._dbase
-        start = obj._first_difference(rd, base_set, obj.n_layers)
-        layers = [i for i in obj._kept(rd) if i >= start]
-        staged = obj._staged(rd, rp, self.model)
-        total = torch.zeros((), dtype=torch.float64, device=obj.device)
-        for b, (_, first_kl), cache, base in zip(obj.batches, states, self._prompt_caches(rp, states), base_inputs):
-            total += first_kl
-            if cache is None:
-                continue
-            h = (base[start] if start < obj.n_layers else base["out"]).to(self.dtype)
-            h = staged.decode(cache.frozen(), b.dec, start=start, hidden=h)
-            total += obj._kl(b.teacher[b.rest], h[b.dec_rows, b.dec_cols], self.model)
-            self.layer_token_passes += len(layers) * int(b.dec.valid.sum())
+        # the first tokens' KL comes from the float32 prefill of the prompts, as in the objective
+        total, _ = self.obj._decode_forward(*self.obj.decode_sets(removed_decode, removed_prefill), screen=self)
         self.evaluations += 1
-        return float(total) / obj.n_scored
+        return float(total) / self.obj.n_scored
 
-    def _prompt_caches(self, rp: frozenset, states) -> list[PDCache | None]:
+    def prompt_caches(self, rp: frozenset, states) -> list[PDCache | None]:
         """The prompt caches under `rp` in the screen's dtype (None for a batch without continuation)."""
         if self._caches is None or self._caches[0] != rp:
             self._caches = (rp, [c.frozen_as(self.dtype) if b.dec.ids.shape[1] else None

@@ -13,13 +13,11 @@ import random
 import time
 from collections.abc import Callable, Iterable
 
-import torch
-
 from harness.pd import arch
 from methods import bars, cached
 from methods.cached import DiskMemo, parse_set, set_key
 from methods.depth.blocks import block_cosines
-from methods.pdtrim.screen import SCREEN_DTYPES, Screen, screen_copy
+from methods.pdtrim.screen import Screen, screen_copy, screen_dtype
 
 READING = "PDTRIM.md section 2 (harness reading v1)"
 # The options a search state's values depend on (block scores, sets, objective values, step-1 priors);
@@ -64,7 +62,8 @@ class SearchState:
         self._make_obj = lambda sp: StageObjective(model, sp, c.batch_size, c.batch_tokens)
         self._split, self._obj, self._sens = split, None, None
         self._screen_model, self._screens = None, {}  # the narrow model copy, and a Screen per objective
-        self.screening = SCREEN_DTYPES[c.screen] is not None and next(model.parameters()).dtype == torch.float32
+        self._screen_dtype = screen_dtype(model, c.screen)
+        self.screening = self._screen_dtype is not None
         self.disk = DiskMemo("pdtrim-search", search_cache_key(model, calib, c))
         if self.disk.loaded:
             cached.announce(f"search values: {self.disk.loaded} pdtrim objective values")
@@ -119,7 +118,7 @@ class SearchState:
             if which not in self._screens:
                 if self._screen_model is None:
                     with bars.stage(f"pdtrim: {self.c.screen} copy of the model for screening"):
-                        self._screen_model = screen_copy(self.model, SCREEN_DTYPES[self.c.screen])
+                        self._screen_model = screen_copy(self.model, self._screen_dtype)
                 self._screens[which] = Screen(self.obj if which == "search" else self.sens_obj, self._screen_model)
             return self._screens[which]
 
