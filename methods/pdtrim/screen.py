@@ -69,6 +69,3 @@ class Screen:
             self._caches = (rp, [c.frozen_as(self.dtype) if b.dec.ids.shape[1] else None
                                  for b, (c, _) in zip(self.obj.batches, states)])
         return self._caches[1]
-
-    def work(self) -> dict[str, int]:
-        return {"screen_evaluations": self.evaluations, "screen_layer_token_passes": self.layer_token_passes}
