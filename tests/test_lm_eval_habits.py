@@ -112,6 +112,32 @@ def test_fit_batch_size_shrinks_on_out_of_memory_like_lm_eval():
     assert autobatch.parse("auto:3", "cuda") == (autobatch.AUTO_MAX_BATCH, 3) and autobatch.parse(7, "cuda") == (7, 0)
 
 
+def test_the_search_frees_each_attempt_s_garbage_and_unfreezes_the_heap():
+    """The heap is frozen during the search (accelerate's collection before each attempt skips the old objects),
+    yet the reference cycles out-of-memory attempts leave are collected during it, and the freeze ends after."""
+    import gc
+    import weakref
+
+    class Cycle:
+        pass
+
+    frozen, left = [], []
+
+    def probe(n):
+        frozen.append(gc.get_freeze_count() > 0)
+        # collected before this attempt: every earlier attempt's cycle but the last one's, which accelerate's
+        # collection cannot free (it runs inside its `except`, whose exception still holds that attempt's frame)
+        assert all(ref() is None for ref in left[:-1])
+        if n > 40:
+            garbage = Cycle()
+            garbage.me = garbage
+            left.append(weakref.ref(garbage))
+            raise RuntimeError("CUDA out of memory.")
+
+    assert autobatch.fit_batch_size(probe, 64) <= 40 and len(left) >= 3 and all(frozen)
+    assert gc.get_freeze_count() == 0
+
+
 @pytest.mark.parametrize("mode", ["unified", "disaggregated"])
 def test_auto_batch_size_changes_neither_scores_nor_bytes(tiny, mode, monkeypatch):
     """auto:3 as on a GPU whose memory holds 5 requests: the search settles at <= 5, three times, through the
