@@ -53,15 +53,16 @@ def test_lazy_search_finds_the_exhaustive_sets_with_fewer_evaluations(deep, cali
 
 @pytest.mark.parametrize("mode", ["disaggregated", "unified"])
 def test_the_bfloat16_screen_finds_the_float32_sets_with_fewer_float32_evaluations(deep, calib, mode, monkeypatch):
-    """The default search screens candidates on a bfloat16 copy and evaluates in float32 only those within
-    `screen_margin` of the best screened value: same sets and float32 values as the float32-only search."""
+    """The bfloat16 screen (the default where bfloat16 is fast) screens candidates on a bfloat16 copy and evaluates
+    in float32 only those within `screen_margin` of the best screened value: same sets and float32 values as the
+    float32-only search."""
     from methods.pdtrim import method as pm
 
     monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")  # both searches compute every value they read
     pm._SHARED_STATES.clear()
     model = deep[0]
     ref = plan(model, calib, mode, screen="none")
-    scr = plan(model, calib, mode)
+    scr = plan(model, calib, mode, screen="bfloat16")
     assert (scr.removed_prefill, scr.removed_decode) == (ref.removed_prefill, ref.removed_decode)
     assert scr.info["objective"] == ref.info["objective"]
     assert scr.info["screen"]["dtype"] == "bfloat16" and ref.info["screen"] is None
@@ -79,6 +80,24 @@ def test_the_bfloat16_screen_finds_the_float32_sets_with_fewer_float32_evaluatio
     assert scr.info["stage_sensitivity_definition"]["computed_in"] == "bfloat16 (the search's screen)"
 
 
+@pytest.mark.parametrize("features", [(), ("_is_avx512_bf16_supported",), ("_is_amx_tile_supported",)])
+def test_auto_screens_in_bfloat16_only_on_a_cpu_that_computes_it_in_hardware(deep, calib, features, monkeypatch):
+    """screen=auto (the default): bfloat16 on a CPU with AVX512-BF16 or AMX, float32 only on any other
+    (there torch converts, and a bfloat16 forward costs more than a float32 one)."""
+    from methods.pdtrim import method as pm
+    from methods.pdtrim.screen import screen_dtype
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda on=probe in features: on)
+    expect = torch.bfloat16 if features else None
+    assert screen_dtype(deep[0], "auto") is expect
+    pm._SHARED_STATES.clear()
+    p = plan(deep[0], calib, "disaggregated", k_decode=3, k_prefill=1)
+    assert p.info["screen"] == ({"dtype": "bfloat16", "option": "auto", "margin": 0.015,
+                                 "definition": p.info["screen"]["definition"]} if features else None)
+    assert ("screen_evaluations" in p.info["work"]) is bool(features)
+
+
 def test_a_model_not_in_float32_is_never_screened(deep, calib):
     import copy
 
@@ -87,7 +106,7 @@ def test_a_model_not_in_float32_is_never_screened(deep, calib):
     model = deep[0]
     assert screen_dtype(model, "bfloat16") == torch.bfloat16 and screen_dtype(model, "none") is None
     bf = copy.deepcopy(model).to(torch.bfloat16)
-    assert screen_dtype(bf, "bfloat16") is None
+    assert screen_dtype(bf, "bfloat16") is None and screen_dtype(bf, "auto") is None
     p = plan(bf, calib, "disaggregated", k_decode=3, k_prefill=1)
     assert p.info["screen"] is None and "screen_evaluations" not in p.info["work"]
     assert all("screened" not in s for steps in p.info["search_trace"].values() for s in steps)

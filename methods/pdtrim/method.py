@@ -78,8 +78,9 @@ class PDTrim(Method):
         lazy: bool = True  # lazy greedy (stale values as lower bounds); False: every candidate at every step
         min_exact: int = 3  # candidates evaluated (screened, with a screen) per lazy step, at least
         # screen each step's candidates in this dtype (a copy of a float32 model; methods/pdtrim/screen.py) and
-        # evaluate in float32 only those within screen_margin of the best screened value; "none": float32 only
-        screen: str = "bfloat16"
+        # evaluate in float32 only those within screen_margin of the best screened value; "none": float32 only;
+        # "auto": bfloat16 where the device computes it in hardware (AVX512-BF16/AMX CPU, bf16 GPU), else none
+        screen: str = "auto"
         screen_margin: float = 0.015  # relative; 2.3x the largest gap between two near candidates' screen errors on SmolLM2
         heal: bool = False  # train the block after each removed run with a distillation-set block (methods/pdtrim/healing.py)
         heal_steps: int = 100  # Adam steps per healed block

@@ -2,7 +2,8 @@
 
 A greedy step of the search compares 16-23 candidate blocks, most of them far from the best. On a
 CPU with bfloat16 dot products (AVX512-BF16, AMX) a bfloat16 forward costs about a third of a
-float32 one, and its objective values rank the candidates as the float32 ones do: on SmolLM2's
+float32 one (on a CPU without them, about 4x one: torch converts, so `screen="auto"` screens only
+where the device has them; `bfloat16_is_fast`), and its objective values rank the candidates as the float32 ones do: on SmolLM2's
 default search (32 sequences) every candidate of every greedy step was within 1.4 % of its float32
 value, and the float32 best ranked first by the screen at all 8 steps
 (`results/issue16/screening_bf16.json`). So the search screens every candidate it would have
@@ -24,14 +25,27 @@ import torch
 
 from harness.pd.cache import PDCache
 
-SCREEN_DTYPES = {"bfloat16": torch.bfloat16, "none": None}
+SCREEN_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "none": None}  # auto: bfloat16 where bfloat16_is_fast
+
+
+def bfloat16_is_fast(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports bfloat16, or a CPU
+    with AVX512-BF16 or AMX tiles. Elsewhere torch converts to float32 and back: a bfloat16 forward of
+    SmolLM2 took 3.8x a float32 one on an AVX2-only EPYC, so a screen there would cost more than it saves."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # torch.cpu's probes of the CPU's features (private, hence looked up)
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
 
 
 def screen_dtype(model, screen: str) -> torch.dtype | None:
-    """The dtype option `screen` screens `model`'s search in, or None when there is nothing to gain ("none", or a
-    model that already computes in a narrower type than float32: the screen would cost what the objective does)."""
-    dtype = SCREEN_DTYPES[screen]
-    return dtype if dtype is not None and next(model.parameters()).dtype == torch.float32 else None
+    """The dtype option `screen` screens `model`'s search in, or None when there is nothing to gain ("none";
+    "auto" on a device without fast bfloat16; a model that already computes in a narrower type than float32:
+    the screen would cost what the objective does)."""
+    param = next(model.parameters())
+    dtype = torch.bfloat16 if screen == "auto" and bfloat16_is_fast(param.device) else SCREEN_DTYPES[screen]
+    return dtype if dtype is not None and param.dtype == torch.float32 else None
 
 
 def screen_copy(model, dtype: torch.dtype):

@@ -64,6 +64,7 @@ class SearchState:
         self._screen_model, self._screens = None, {}  # the narrow model copy, and a Screen per objective
         self._screen_dtype = screen_dtype(model, c.screen)
         self.screening = self._screen_dtype is not None
+        self._screen_name = str(self._screen_dtype).removeprefix("torch.")
         self.disk = DiskMemo("pdtrim-search", search_cache_key(model, calib, c))
         if self.disk.loaded:
             cached.announce(f"search values: {self.disk.loaded} pdtrim objective values")
@@ -117,7 +118,7 @@ class SearchState:
         def scr() -> Screen:
             if which not in self._screens:
                 if self._screen_model is None:
-                    with bars.stage(f"pdtrim: {self.c.screen} copy of the model for screening"):
+                    with bars.stage(f"pdtrim: {self._screen_name} copy of the model for screening"):
                         self._screen_model = screen_copy(self.model, self._screen_dtype)
                 self._screens[which] = Screen(self.obj if which == "search" else self.sens_obj, self._screen_model)
             return self._screens[which]
@@ -319,11 +320,11 @@ class SearchState:
             "stage_sensitivity_definition": {
                 "prefill": "E_P({i}): block i removed from the prefill stage (hence, by R_P ⊆ R_D, also from decode)",
                 "decode": "E_D({i} | {}): block i removed from the decode stage only",
-                "computed_in": f"{self.c.screen} (the search's screen)" if self.screening else "float32",
+                "computed_in": f"{self._screen_name} (the search's screen)" if self.screening else "float32",
                 "blocks": "every block" if self.c.sensitivity_blocks == "all" else
                           "the search's candidates (null: not measured; sensitivity_blocks=all measures every block)"},
             "search_sequences": self.split_desc,
-            "screen": {"dtype": self.c.screen, "margin": self.c.screen_margin,
+            "screen": {"dtype": self._screen_name, "option": self.c.screen, "margin": self.c.screen_margin,
                        "definition": "candidates screened in this dtype; float32 values for those within margin "
                                      "(relative) of the best screened, which the step compares"}
                       if self.screening else None,
