@@ -72,11 +72,11 @@ def test_unreadable_model_and_missing_data(data_dir, tmp_path, cli):
     assert r.returncode == 2 and f"missing data file {partial}/boolq/dev.jsonl (needed by task boolq)" in r.stderr
 
 
-def test_run_writes_records_and_summary_then_resumes(data_dir, tmp_path):
+def test_run_writes_records_and_summary_then_resumes(data_dir, tmp_path, cli):
     out = tmp_path / "run"
     args = [*TINY, "--methods", "unpruned,shortgpt", "--set", "shortgpt.k=1", "--set", "calib.n_samples=16",
             "--tasks", "arc_easy,boolq", "--limit", "6", "--batch-size", "5", "--mode", "both", "--out", str(out)]
-    r = harness(*args, data_dir=data_dir)
+    r = cli(*args, data_dir=data_dir)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| **PD-disaggregated** |" in r.stdout and "| unpruned | 0 |" in r.stdout and "| shortgpt | 1 |" in r.stdout
     assert "| Method | Removed | ARC-e | BoolQ | Avg | KV × |" in r.stdout
@@ -99,10 +99,10 @@ def test_run_writes_records_and_summary_then_resumes(data_dir, tmp_path):
         assert pruned * 4 == dense * 3  # 1 of 4 layers removed: exactly 3/4 of the bytes
         assert kv[("unpruned", "unified", task)] == ""  # nothing handed over in unified mode
     before = {p.name: p.read_text() for p in out.glob("*__*.json")}
-    again = harness(*args, data_dir=data_dir)
+    again = cli(*args, data_dir=data_dir)
     assert again.returncode == 0 and again.stderr.count("finished record found, reused") == 4
     assert {p.name: p.read_text() for p in out.glob("*__*.json")} == before
-    other = harness(*[a if a != "6" else "7" for a in args], data_dir=data_dir)
+    other = cli(*[a if a != "6" else "7" for a in args], data_dir=data_dir)
     assert other.returncode == 2 and "different configuration" in other.stderr
 
 

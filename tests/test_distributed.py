@@ -26,9 +26,16 @@ def _env(data_dir: Path) -> dict[str, str]:
     return env
 
 
-def test_two_rank_accelerate_run_equals_single_process(data_dir, tmp_path):
-    single = subprocess.run([sys.executable, "-m", "harness", *ARGS, "--out", str(tmp_path / "single")], cwd=ROOT,
-                            env=_env(data_dir), capture_output=True, text=True, timeout=600)
+def test_two_rank_accelerate_run_equals_single_process(data_dir, tmp_path, cli, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the single process in this one, with one thread as each rank has (OMP_NUM_THREADS=1)
+    try:
+        single = cli(*ARGS, "--out", tmp_path / "single", data_dir=data_dir)
+    finally:
+        torch.set_num_threads(threads)
     assert single.returncode == 0, single.stderr[-3000:]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517",

@@ -5,12 +5,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT
 
 import methods
 from harness.cli import main as cli_main
@@ -280,9 +277,8 @@ def test_cli_export_replay_and_out_rules(tiny, data_dir, tmp_path, capsys):
     (["--method", "nope"], "unknown method 'nope'"),
     (["--set", "manual.q=1"], "manual has no option 'q'"),
 ])
-def test_bad_input_exits_2(args, message, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "harness", "export", *TINY, "--method", "manual", *args,
-                        "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_bad_input_exits_2(args, message, tmp_path, cli):
+    r = cli("export", *TINY, "--method", "manual", *args, "--out", tmp_path / "o")
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()

@@ -32,7 +32,7 @@ def _finished(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("*__*.json") if rec.is_record_file(p))
 
 
-def test_kill_9_mid_run_loses_no_finished_record_and_the_rerun_resumes(data_dir, tmp_path):
+def test_kill_9_mid_run_loses_no_finished_record_and_the_rerun_resumes(data_dir, tmp_path, cli):
     out = tmp_path / "run"
     env = {**os.environ, "HARNESS_DATA_DIR": str(data_dir)}
     proc = subprocess.Popen(_cmd(out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -47,7 +47,7 @@ def test_kill_9_mid_run_loses_no_finished_record_and_the_rerun_resumes(data_dir,
     for name in survivors:  # every finished record is whole and readable
         assert rec.load(out / name).method in ("unpruned", "random", "tail", "shortgpt")
 
-    again = subprocess.run(_cmd(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    again = cli(*_cmd(out)[3:], data_dir=data_dir)  # the rerun, in this process
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(_finished(out)) == 8 and not list(out.glob("*.partial.json"))
     for name, data in survivors.items():
@@ -57,14 +57,13 @@ def test_kill_9_mid_run_loses_no_finished_record_and_the_rerun_resumes(data_dir,
     assert again.stderr.count(": planning\n") + len(survivors) <= 8  # finished cells were not planned again
 
 
-def test_a_failing_cell_is_recorded_and_the_other_cells_finish(data_dir, tmp_path):
+def test_a_failing_cell_is_recorded_and_the_other_cells_finish(data_dir, tmp_path, cli):
     out = tmp_path / "run"
-    env = {**os.environ, "HARNESS_DATA_DIR": str(data_dir)}
     # decode layer 9 does not exist in the 4-layer model: only known once the model is loaded, in the cell
-    bad = [sys.executable, "-m", "harness", *TINY, "--methods", "unpruned,manual,tail", "--tasks", "arc_easy",
+    bad = [*TINY, "--methods", "unpruned,manual,tail", "--tasks", "arc_easy",
            "--limit", "4", "--mode", "disaggregated", "--set", "manual.prefill_layers=0,1,2,3",
            "--set", "manual.decode_layers=0,9", "--set", "tail.k=1", "--out", str(out)]
-    r = subprocess.run(bad, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = cli(*bad, data_dir=data_dir)
     assert r.returncode == 2, r.stderr[-2000:]  # bad input for one method: 2, and the message says what is wrong
     assert "1 of 3 cells FAILED" in r.stdout and "manual/disaggregated" in r.stdout
     assert "Traceback" not in r.stderr
@@ -76,7 +75,7 @@ def test_a_failing_cell_is_recorded_and_the_other_cells_finish(data_dir, tmp_pat
     assert "unpruned" in summary and "manual" not in summary
 
     fixed = [a if a != "manual.decode_layers=0,9" else "manual.decode_layers=0,3" for a in bad]
-    r = subprocess.run(fixed, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = cli(*fixed, data_dir=data_dir)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "unpruned/disaggregated: finished record found, reused" in r.stderr
     assert len(_finished(out)) == 3 and rec.load_failures(out) == []  # the note is gone once the cell succeeded

@@ -122,7 +122,7 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path, cli):
     out = tmp_path / "lat"
     args = ["latency", "--model", "random:tiny", "--device", "cpu", "-q", "--prompt-tokens", "40", "--decode-tokens", "4",
             "--batch-size", "1,2", "--repeats", "2", "--bandwidths", "10,100", "--decode-mode", "eager,static"]
-    r = harness(*args, "--methods", "unpruned,manual", "--set", "manual.decode_layers=0,3", "--out", str(out))
+    r = cli(*args, "--methods", "unpruned,manual", "--set", "manual.decode_layers=0,3", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "prompt 40, decode 4, batch 2, eager decode" in r.stdout and "\n| manual | " in r.stdout
     assert "clock: perf_counter_ns" in r.stdout
@@ -146,7 +146,7 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path, cli):
     rows = (out / "summary.csv").read_text().splitlines()
     assert any(row.startswith("manual,disaggregated,latency_T40_n4_b1,ttft_ms_p50,") for row in rows)
     # replay: the manual plan, stored as a record, is applied by `manual` with default options
-    r2 = harness(*args, "--methods", "manual", "--plans-from", str(out), "--out", str(tmp_path / "replay"))
+    r2 = cli(*args, "--methods", "manual", "--plans-from", str(out), "--out", str(tmp_path / "replay"))
     assert r2.returncode == 0, r2.stderr[-2000:]
     (rep,) = records.load_dir(tmp_path / "replay")
     assert "prompt 40, decode 4, batch 1, static decode" in r2.stdout and "\n| manual | " in r2.stdout

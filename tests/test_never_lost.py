@@ -180,7 +180,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 120) -> Non
         time.sleep(0.02)
 
 
-def test_a_second_run_into_the_same_out_is_refused_and_names_the_first(data_dir, tmp_path):
+def test_a_second_run_into_the_same_out_is_refused_and_names_the_first(data_dir, tmp_path, cli):
     out = tmp_path / "out"
     run = ["run", *TINY, "--methods", "unpruned,tail", "--set", "tail.k=1", "--tasks", "pd_ppl", "--set", "pd_ppl.docs=1",
            "--set", "pd_ppl.prompt_tokens=32", "--set", "pd_ppl.cont_tokens=8", "--mode", "disaggregated", "--out", str(out)]
@@ -188,8 +188,7 @@ def test_a_second_run_into_the_same_out_is_refused_and_names_the_first(data_dir,
     _wait_for(out / lock.LOCK_NAME, first)
     os.kill(first.pid, signal.SIGSTOP)  # paused while it holds the lock: a fast machine must not finish it first
     try:
-        second = subprocess.run([sys.executable, "-m", "harness", *run[:-1], str(out), "--limit", "4"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=300)
+        second = cli(*run[:-1], out, "--limit", "4", data_dir=data_dir)  # in this process: the first is another
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2, second.stderr[-2000:]

@@ -3,12 +3,9 @@ same scores and KV bytes as the unsplit model through the PD engine."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import ROOT, random_requests
+from conftest import random_requests
 
 from harness.config import RunConfig
 from harness.errors import UsageError
@@ -86,9 +83,7 @@ def test_bad_placement_is_a_usage_error(args, message):
         Placement.parse(*args)
 
 
-def test_layers_that_would_go_to_disk_need_an_offload_folder(data_dir):
-    r = subprocess.run([sys.executable, "-m", "harness", "--model", "random:tiny", "--device", "cpu", "-q",
-                        "--methods", "unpruned", "--tasks", "arc_easy", "--device-map", "auto", "--max-memory", "cpu=400KB"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                                                   "HARNESS_DATA_DIR": str(data_dir)})
+def test_layers_that_would_go_to_disk_need_an_offload_folder(data_dir, cli):
+    r = cli("--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned", "--tasks", "arc_easy",
+            "--device-map", "auto", "--max-memory", "cpu=400KB", data_dir=data_dir)
     assert r.returncode == 2 and "add --offload-folder DIR" in r.stderr and "Traceback" not in r.stderr

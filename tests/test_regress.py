@@ -156,14 +156,14 @@ def test_latency_ratios_need_an_unpruned_reference_and_the_same_device_kind(tmp_
     assert res.ok and "latency: ratios not compared (reference ran on cpu, the rerun on cuda)" in res.notes
 
 
-def test_missing_record_fails_and_cli_exit_codes(tmp_path):
+def test_missing_record_fails_and_cli_exit_codes(tmp_path, cli):
     cur = _copy(tmp_path)
-    r = harness("check", "--against", REFERENCE, "--current", cur)
+    r = cli("check", "--against", REFERENCE, "--current", cur)
     assert r.returncode == 0 and "regression check passed" in r.stdout
     next(cur.rglob("pdtrim__unified.json")).unlink()
-    r = harness("check", "--against", REFERENCE, "--current", cur)
+    r = cli("check", "--against", REFERENCE, "--current", cur)
     assert r.returncode == 1 and "FAIL  pdtrim/unified: no record in the rerun" in r.stdout
-    r = harness("check", "--against", tmp_path / "none", "--current", cur)
+    r = cli("check", "--against", tmp_path / "none", "--current", cur)
     assert r.returncode == 2 and "--update" in r.stderr
 
 

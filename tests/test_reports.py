@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 from conftest import ROOT
@@ -21,9 +20,10 @@ QUALITY = ROOT / "results" / "issue3" / "default"
 LATENCY = ROOT / "results" / "issue4" / "cpu_smollm2"
 
 
-def report(*args):
-    return subprocess.run([sys.executable, "-m", "harness", "report", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+@pytest.fixture
+def report(cli):
+    """`python -m harness report ARGS`, in this process."""
+    return lambda *args: cli("report", *args)
 
 
 def _fake(method: str, mode: str, scores: dict, removed=(), kv=None, model: str = "M", config_model: str = "m") -> RunRecord:
@@ -165,7 +165,7 @@ window.addEventListener('load', () => {
 </script></body>"""
 
 
-def test_report_cli_writes_everything_and_the_html_renders_in_chromium(tmp_path):
+def test_report_cli_writes_everything_and_the_html_renders_in_chromium(tmp_path, report):
     out = tmp_path / "rep"
     r = report(QUALITY, LATENCY, "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -192,7 +192,7 @@ def test_report_cli_writes_everything_and_the_html_renders_in_chromium(tmp_path)
     assert seen["rows"][0] == 8  # quality: 2 group rows + 6 records
 
 
-def test_report_bad_input_exits_2_naming_the_problem(tmp_path):
+def test_report_bad_input_exits_2_naming_the_problem(tmp_path, report):
     r = report(tmp_path / "nope")
     assert r.returncode == 2 and "no such file or folder" in r.stderr
     bad = tmp_path / "bad"
