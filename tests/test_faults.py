@@ -57,6 +57,23 @@ def test_kill_9_mid_run_loses_no_finished_record_and_the_rerun_resumes(data_dir,
     assert again.stderr.count(": planning\n") + len(survivors) <= 8  # finished cells were not planned again
 
 
+def test_a_rerun_tidies_up_after_a_kill_between_saving_a_record_and_removing_its_resume_state(data_dir, tmp_path, cli):
+    """The record is written last (after lm-eval's results file): a run killed just after it leaves the cell's
+    `.partial.json` (and maybe an older failure note); the rerun reuses the record and removes both."""
+    out = tmp_path / "run"
+    args = [*TINY, "--methods", "unpruned", "--tasks", "arc_easy", "--limit", "2", "--mode", "disaggregated", "--out", out]
+    assert cli(*args, data_dir=data_dir).returncode == 0
+    record = (out / "unpruned__disaggregated.json").read_bytes()
+    (results,) = (out / "lm_eval" / "unpruned__disaggregated").glob("results_*.json")
+    assert results.stat().st_mtime_ns <= (out / "unpruned__disaggregated.json").stat().st_mtime_ns
+    (out / "unpruned__disaggregated.partial.json").write_text(json.dumps({"run_key": "?", "tasks": {}}))
+    (out / "unpruned__disaggregated.failed.json").write_text("{}")
+    again = cli(*args, data_dir=data_dir)
+    assert again.returncode == 0 and "unpruned/disaggregated: finished record found, reused" in again.stderr
+    assert sorted(p.name for p in out.glob("*.json")) == ["unpruned__disaggregated.json"]
+    assert (out / "unpruned__disaggregated.json").read_bytes() == record
+
+
 def test_a_failing_cell_is_recorded_and_the_other_cells_finish(data_dir, tmp_path, cli):
     out = tmp_path / "run"
     # decode layer 9 does not exist in the 4-layer model: only known once the model is loaded, in the cell

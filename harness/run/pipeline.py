@@ -222,7 +222,9 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     final = st.out_dir / rec.record_filename(name, mode)
     if final.exists():
         st.tracker.skipped(*cfg.tasks)
-        return _finished_record(st, name, method, mode, final, (key, calib_desc, task_opts))
+        done = _finished_record(st, name, method, mode, final, (key, calib_desc, task_opts))
+        _tidy(st, name, mode)  # what a run killed just after saving the record left behind
+        return done
     partial_path = _partial_path(st.out_dir, name, mode)
     partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
     if partial.get("run_key") != key:
@@ -244,16 +246,22 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
             st.tracker.task_done(task, partial["tasks"][task]["seconds"])
             if st.dist.is_main:  # one writer; other ranks hold no aggregated scores
                 rec.atomic_write(partial_path, json.dumps(partial))
-    if st.dist.is_main:
-        _save_record(st, name, mode, key, options, plan, partial, lm.max_length)
+    if st.dist.is_main:  # the record last: once it exists the cell is done, and a rerun only tidies up
         template = lm.chat_template(cfg.apply_chat_template) if cfg.apply_chat_template else None
         lm_eval_json.write_cell_results(st.out_dir, name, mode, lm_eval_json.cell_results(cfg, name, mode, partial["tasks"], st.env, {
             "run_key": key, "max_length": lm.max_length, "chat_template": template,
             "batch_sizes": sorted({n for t in partial["tasks"].values() for n in t.get("batch_sizes", [])})}))
-        partial_path.unlink(missing_ok=True)
-        (st.out_dir / rec.failure_filename(name, mode)).unlink(missing_ok=True)  # an earlier failure is superseded
+        _save_record(st, name, mode, key, options, plan, partial, lm.max_length)
+        _tidy(st, name, mode)
     st.dist.barrier()
     return rec.load(final)  # the record as stored (JSON types), same as a later reader sees
+
+
+def _tidy(st: _Run, name: str, mode: str) -> None:
+    """Remove what a finished record supersedes: the cell's resume state and an earlier failure's note."""
+    if st.dist.is_main:
+        _partial_path(st.out_dir, name, mode).unlink(missing_ok=True)
+        (st.out_dir / rec.failure_filename(name, mode)).unlink(missing_ok=True)
 
 
 def _finished_record(st: _Run, name: str, method, mode: str, final: Path, identity: tuple) -> rec.RunRecord:
