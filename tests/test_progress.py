@@ -104,6 +104,31 @@ def test_nested_phases_count_once_and_eta_uses_rate_and_known_planning(monkeypat
         or tr.timing_line() == "time: startup 5.0 s · calibration 30.0 s · planning a 5.0 s · t 20.0 s · total 60.0 s"
 
 
+def test_eta_gives_each_task_its_own_rate_and_counts_down_the_running_one(monkeypatch):
+    """A long-context task's items cost many short items': once it has run, the ETA uses its own rate (not the
+    rate over all tasks, which left 'ETA 5.5 s' standing through a 40 s task), less what the running one has spent."""
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    work = progress.Work([("a", "disaggregated"), ("b", "disaggregated")], {"short": 10, "long": 2})
+    tr = progress.Tracker(work, show=False, since=100.0)
+    tr.cell(0, "a", "disaggregated")
+    for task, seconds in (("short", 10.0), ("long", 40.0)):
+        with tr.phase(task, "a/disaggregated"):
+            clock.now += seconds
+        tr.task_done(task, seconds)
+    assert tr.eta() == "ETA 50.0 s + planning b"  # cell b: 10 s + 40 s, and its planning
+    tr.cell(1, "b", "disaggregated")
+    with tr.phase("short", "b/disaggregated"):
+        clock.now += 10
+    tr.task_done("short", 10.0)
+    assert tr.eta() == "ETA 40.0 s"  # the rate over both tasks would say 2 items x 60/22 s = 5.5 s
+    with tr.phase("long", "b/disaggregated"):
+        clock.now += 15
+        assert tr.eta() == "ETA 25.0 s"
+        clock.now += 30  # longer than it took in cell a: nothing left to count down, never negative
+        assert tr.eta() == "ETA 0.0 s"
+
+
 def test_overall_line_names_cell_task_elapsed_and_eta():
     stream = io.StringIO()
     work = progress.Work([("a", "disaggregated"), ("b", "disaggregated")], {"t1": 4, "t2": 6})

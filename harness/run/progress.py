@@ -91,7 +91,9 @@ class Tracker:
         self.where = ""  # what the overall line names: the cell, task and phase now running
         self.cell_i, self.cell_name = 0, ""
         self.items_done, self.eval_s = 0, 0.0  # items evaluated by this run, and their seconds (the ETA's rate)
-        self.items_left = work.items_per_cell * len(work.cells) if work else 0
+        self.task_s: dict[str, list[float]] = {}  # task -> [items, seconds] evaluated by this run: its own rate
+        self._done_here: set[str] = set()  # tasks of the current cell evaluated, resumed or reused
+        self._task_now: tuple[str, float] | None = None  # the task being evaluated and when it started
         self.plan_s: dict[str, list[float]] = {}  # method -> seconds of each planning, for the ETA
         self._inner: list[float] = []  # seconds of the phases nested in each open phase
         self._bar: Any = None
@@ -107,11 +109,16 @@ class Tracker:
         exclude it, so the phases add up to the run's time."""
         before, t = self.where, time.perf_counter()
         self.where = shown or label  # the overall line names the cell already
+        is_task = self.work is not None and cell is not None and label in self.work.items
+        if is_task:
+            self._task_now = (label, t)
         self._inner.append(0.0)
         self._refresh()
         try:
             yield
         finally:
+            if is_task:
+                self._task_now = None
             spent = time.perf_counter() - t
             self.phases.append(Phase(label, cell, spent - self._inner.pop()))
             if self._inner:
@@ -184,6 +191,7 @@ class Tracker:
     def cell(self, i: int, method: str, mode: str) -> None:
         """Cell `i` (0-based) of the work starts."""
         self.cell_i, self.cell_name = i, f"{method}/{mode}"
+        self._done_here = set()
         self._refresh()
 
     def planned(self, method: str, seconds: float) -> None:
@@ -192,7 +200,10 @@ class Tracker:
     def task_done(self, task: str, seconds: float) -> None:
         """One task of the current cell finished after `seconds` of evaluation."""
         n = (self.work.items.get(task) if self.work else None) or 1
-        self.items_done, self.eval_s, self.items_left = self.items_done + n, self.eval_s + seconds, self.items_left - n
+        self.items_done, self.eval_s = self.items_done + n, self.eval_s + seconds
+        done = self.task_s.setdefault(task, [0, 0.0])
+        done[0], done[1] = done[0] + n, done[1] + seconds
+        self._done_here.add(task)
         if self._bar is not None:
             self._bar.update(n)
         self._refresh()
@@ -200,15 +211,28 @@ class Tracker:
     def skipped(self, *tasks: str) -> None:
         """Tasks of the current cell that need no work (resumed or reused): their items count as done."""
         n = sum(self.work.items.get(t) or 1 for t in tasks) if self.work else 0
-        self.items_left -= n
+        self._done_here.update(tasks)
         if self._bar is not None:
             self._bar.update(n)
 
+    def _task_seconds(self, task: str) -> float:
+        """Expected seconds of `task` in one cell: its items at its own rate in this run, or, before it has run
+        once, at the rate over all tasks so far (items of long-context tasks cost many times a short one's)."""
+        n = (self.work.items.get(task) if self.work else None) or 1
+        items, seconds = self.task_s.get(task) or (self.items_done, self.eval_s)
+        return n * seconds / items
+
     def eta(self) -> str:
-        """Remaining time from the evaluation rate so far and the planning times of the methods seen so far."""
+        """Remaining time: the tasks left in this cell and the next ones at their rates so far (the running
+        task less the time it has run), plus the planning times of the methods seen so far."""
         if self.work is None or not self.items_done:
             return "ETA after the first task"
-        rest = self.items_left * self.eval_s / self.items_done
+        per_cell = {t: self._task_seconds(t) for t in self.work.items}
+        rest = sum(s for t, s in per_cell.items() if t not in self._done_here)
+        if self._task_now is not None:
+            task, started = self._task_now
+            rest -= min(per_cell.get(task, 0.0), time.perf_counter() - started)
+        rest += sum(per_cell.values()) * len(self.work.cells[self.cell_i + 1:])
         unplanned = set()
         for m, _ in self.work.cells[self.cell_i + 1:]:
             times = self.plan_s.get(m)
