@@ -80,10 +80,45 @@ def test_the_bfloat16_screen_finds_the_float32_sets_with_fewer_float32_evaluatio
     assert scr.info["stage_sensitivity_definition"]["computed_in"] == "bfloat16 (the search's screen)"
 
 
+@pytest.mark.parametrize("mode", ["disaggregated", "unified"])
+def test_the_subset_screen_finds_the_float32_sets_with_fewer_evaluations_on_all_sequences(deep, calib, mode, monkeypatch):
+    """screen=subset: each step screens the candidates by the objective on the sensitivity sequences (its base moved
+    along the greedy path) and evaluates on all search sequences only those within subset_margin of the best
+    screened value: the same sets and values as screen=none, with fewer evaluations on all sequences."""
+    from methods.pdtrim import method as pm
+
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")
+    pm._SHARED_STATES.clear()
+    model, opts = deep[0], dict(search_samples=16, sensitivity_samples=8)
+    ref = plan(model, calib, mode, screen="none", **opts)
+    scr = plan(model, calib, mode, screen="subset", **opts)
+    assert (scr.removed_prefill, scr.removed_decode) == (ref.removed_prefill, ref.removed_decode)
+    assert scr.info["objective"] == ref.info["objective"]
+    assert scr.info["screen"]["sequences"] == 8 and scr.info["screen"]["dtype"] == "float32" and ref.info["screen"] is None
+    margin = scr.info["screen"]["margin"]
+    screened_all = 0
+    for name, steps in scr.info["search_trace"].items():
+        for r, z in zip(ref.info["search_trace"][name], steps):
+            assert z["removed"] == r["removed"] and z["objective"] == r["objective"]
+            lo = min(z["screened"].values())
+            assert set(z["candidates"]) == {j for j, v in z["screened"].items() if v <= lo + margin * abs(lo)}
+            assert all(r["candidates"][j] == v for j, v in z["candidates"].items() if j in r["candidates"])
+            screened_all += len(z["screened"])
+    # the subset values are the sensitivity objective's own: step 1's screen reads the sensitivity record
+    first = next(iter(scr.info["search_trace"].values()))[0]
+    stage = "prefill" if mode == "unified" or "prefill" in next(iter(scr.info["search_trace"])) else "decode"
+    assert all(scr.info["stage_sensitivity"][stage][int(j)] == v for j, v in first["screened"].items())
+    evaluated = sum(len(z["candidates"]) for steps in scr.info["search_trace"].values() for z in steps)
+    # fewer candidates evaluated on all sequences than screened (whether that saves work depends on the subset's
+    # share and the landscape: benchmarks/pdtrim_search.py measures it on SmolLM2)
+    assert evaluated < screened_all
+
+
 @pytest.mark.parametrize("features", [(), ("_is_avx512_bf16_supported",), ("_is_amx_tile_supported",)])
 def test_auto_screens_in_bfloat16_only_on_a_cpu_that_computes_it_in_hardware(deep, calib, features, monkeypatch):
-    """screen=auto (the default): bfloat16 on a CPU with AVX512-BF16 or AMX, float32 only on any other
-    (there torch converts, and a bfloat16 forward costs more than a float32 one)."""
+    """screen=auto (the default): bfloat16 on a CPU with AVX512-BF16 or AMX; on any other (there torch converts,
+    and a bfloat16 forward costs more than a float32 one) the subset screen, here none: the search's 8
+    sequences are all the sensitivity sequences."""
     from methods.pdtrim import method as pm
     from methods.pdtrim.screen import screen_dtype
 
@@ -113,7 +148,7 @@ def test_a_model_not_in_float32_is_never_screened(deep, calib):
 
 
 def test_sensitivity_on_fewer_sequences_is_recorded_as_such(deep, calib):
-    p = plan(deep[0], calib, "disaggregated", sensitivity_samples=4)
+    p = plan(deep[0], calib, "disaggregated", sensitivity_samples=4, screen="none")  # subset: it would screen too
     assert p.info["search_sequences"]["sensitivity_sequences"] == 4
     assert p.info["work"]["sensitivity_evaluations"] == 2 * 12
     assert len(p.info["stage_sensitivity"]["prefill"]) == 12

@@ -77,11 +77,14 @@ class PDTrim(Method):
         sensitivity_blocks: str = "candidates"
         lazy: bool = True  # lazy greedy (stale values as lower bounds); False: every candidate at every step
         min_exact: int = 3  # candidates evaluated (screened, with a screen) per lazy step, at least
-        # screen each step's candidates in this dtype (a copy of a float32 model; methods/pdtrim/screen.py) and
-        # evaluate in float32 only those within screen_margin of the best screened value; "none": float32 only;
-        # "auto": bfloat16 where the device computes it in hardware (AVX512-BF16/AMX CPU, bf16 GPU), else none
+        # screen each step's candidates (methods/pdtrim/screen.py) and evaluate on all search sequences only those
+        # within the margin of the best screened value. "bfloat16": on a bfloat16 copy of a float32 model;
+        # "subset": by the objective on the sensitivity sequences alone (when fewer than the search's);
+        # "auto": bfloat16 where the device computes it in hardware (AVX512-BF16/AMX CPU, bf16 GPU), else subset;
+        # "none": every candidate on all sequences
         screen: str = "auto"
         screen_margin: float = 0.015  # relative; 2.3x the largest gap between two near candidates' screen errors on SmolLM2
+        subset_margin: float = 0.10  # relative; the subset screen's, 1.6x the most any float32 best needed on SmolLM2
         heal: bool = False  # train the block after each removed run with a distillation-set block (methods/pdtrim/healing.py)
         heal_steps: int = 100  # Adam steps per healed block
         heal_lr: float = 1e-4
@@ -113,9 +116,9 @@ class PDTrim(Method):
             raise UsageError("pdtrim: need heal_steps >= 0, heal_lr > 0, heal_samples >= 1")
         if c.sensitivity_blocks not in SENSITIVITY_BLOCKS:
             raise UsageError(f"pdtrim.sensitivity_blocks={c.sensitivity_blocks!r}: choose from {', '.join(SENSITIVITY_BLOCKS)}")
-        if c.screen not in SCREEN_DTYPES or not 0 <= c.screen_margin < 1:
+        if c.screen not in SCREEN_DTYPES or not 0 <= c.screen_margin < 1 or not 0 <= c.subset_margin < 1:
             raise UsageError(f"pdtrim: need screen in {', '.join(SCREEN_DTYPES)} (got {c.screen!r}) and "
-                             f"0 <= screen_margin < 1 (got {c.screen_margin})")
+                             f"0 <= screen_margin, subset_margin < 1 (got {c.screen_margin}, {c.subset_margin})")
         if c.sensitivity_samples < 0 or c.min_exact < 1:
             raise UsageError("pdtrim: need sensitivity_samples >= 0 (0 = all search sequences) and min_exact >= 1")
         if c.anneal_steps < 0 or not 0 < c.anneal_cooling <= 1 or c.anneal_t0 < 0:

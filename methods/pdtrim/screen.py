@@ -14,6 +14,10 @@ Each estimate resumes from the float32 objective's cached layer inputs (its base
 layer where the candidate differs, cast to bfloat16, and is scored against the same float32
 teacher; nothing it computes is kept as a base. The decode estimate reads the float32 prompt
 caches, converted once per `R_P`.
+
+Where bfloat16 is slow, `screen="auto"` screens with the objective on the sensitivity sequences
+alone instead ("subset": float32, a fifth of the tokens; `methods/pdtrim/search.py` moves that
+objective's base along the greedy path), with a wider margin (`subset_margin`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 
 from harness.pd.cache import PDCache
 
-SCREEN_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "none": None}  # auto: bfloat16 where bfloat16_is_fast
+SCREEN_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "subset": None, "none": None}  # auto: bfloat16 where fast
 
 
 def bfloat16_is_fast(device: torch.device) -> bool:
@@ -46,6 +50,17 @@ def screen_dtype(model, screen: str) -> torch.dtype | None:
     param = next(model.parameters())
     dtype = torch.bfloat16 if screen == "auto" and bfloat16_is_fast(param.device) else SCREEN_DTYPES[screen]
     return dtype if dtype is not None and param.dtype == torch.float32 else None
+
+
+def screen_kind(model, screen: str, subset: bool) -> str | None:
+    """What screens the search: "bfloat16" (a narrow copy of the model, `screen_dtype`), "subset" (the float32
+    objective on the sensitivity sequences alone; `subset`: they are fewer than the search's) or None.
+    "auto" takes bfloat16 where the device computes it in hardware and the subset elsewhere."""
+    if screen == "auto":
+        screen = "bfloat16" if screen_dtype(model, "auto") is not None else "subset"
+    if screen == "bfloat16":
+        return "bfloat16" if screen_dtype(model, "bfloat16") is not None else None
+    return "subset" if screen == "subset" and subset else None
 
 
 def screen_copy(model, dtype: torch.dtype):

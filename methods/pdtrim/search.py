@@ -13,17 +13,20 @@ import random
 import time
 from collections.abc import Callable, Iterable
 
+import torch
+
 from harness.pd import arch
 from methods import bars, cached
 from methods.cached import DiskMemo, parse_set, set_key
 from methods.depth.blocks import block_cosines
-from methods.pdtrim.screen import Screen, screen_copy, screen_dtype
+from methods.pdtrim.screen import Screen, screen_copy, screen_kind
 
 READING = "PDTRIM.md section 2 (harness reading v1)"
 # The options a search state's values depend on (block scores, sets, objective values, step-1 priors);
 # the rest (k_*, KV selection, annealing, healing) only choose what to read from it.
 SEARCH_FIELDS = ("d_t", "search_samples", "max_cont", "batch_size", "batch_tokens", "seed", "sensitivity",
-                 "sensitivity_samples", "sensitivity_blocks", "lazy", "min_exact", "screen", "screen_margin")
+                 "sensitivity_samples", "sensitivity_blocks", "lazy", "min_exact", "screen", "screen_margin",
+                 "subset_margin")
 SENSITIVITY_BLOCKS = ("candidates", "all")
 _SHARED_STATES: dict[tuple, SearchState] = {}
 # Bump when the objective values (methods/pdtrim/objectives.py, whose source digest is in the key
@@ -62,9 +65,6 @@ class SearchState:
         self._make_obj = lambda sp: StageObjective(model, sp, c.batch_size, c.batch_tokens)
         self._split, self._obj, self._sens = split, None, None
         self._screen_model, self._screens = None, {}  # the narrow model copy, and a Screen per objective
-        self._screen_dtype = screen_dtype(model, c.screen)
-        self.screening = self._screen_dtype is not None
-        self._screen_name = str(self._screen_dtype).removeprefix("torch.")
         self.disk = DiskMemo("pdtrim-search", search_cache_key(model, calib, c))
         if self.disk.loaded:
             cached.announce(f"search values: {self.disk.loaded} pdtrim objective values")
@@ -89,6 +89,9 @@ class SearchState:
         sub = c.sensitivity_samples
         self._sens_separate = bool(sub and sub < len(split.prompts))
         self.split_desc["sensitivity_sequences"] = sub if self._sens_separate else len(split.prompts)
+        # the screen: a bfloat16 copy of the model, or the objective on the sensitivity sequences (float32)
+        self._screen = screen_kind(model, c.screen, self._sens_separate)
+        self._margin = c.subset_margin if self._screen == "subset" else c.screen_margin
         if c.sensitivity:
             t0 = time.perf_counter()
             self.sensitivity = {"prefill": [None] * self.n, "decode": [None] * self.n}
@@ -104,7 +107,7 @@ class SearchState:
         computed once and kept in the record."""
         v = self.sensitivity[stage][i]
         if v is None:
-            if self.screening:
+            if self._screen == "bfloat16":
                 ep, ed = self._screen_fns("sensitivity", "bs") if self._sens_separate else self._screen_fns("search", "b")
             else:
                 ep, ed = (self._sens_ep, self._sens_ed) if self._sens_separate else (self.ep, self.ed)
@@ -118,8 +121,8 @@ class SearchState:
         def scr() -> Screen:
             if which not in self._screens:
                 if self._screen_model is None:
-                    with bars.stage(f"pdtrim: {self._screen_name} copy of the model for screening"):
-                        self._screen_model = screen_copy(self.model, self._screen_dtype)
+                    with bars.stage("pdtrim: bfloat16 copy of the model for screening"):
+                        self._screen_model = screen_copy(self.model, torch.bfloat16)
                 self._screens[which] = Screen(self.obj if which == "search" else self.sens_obj, self._screen_model)
             return self._screens[which]
 
@@ -178,8 +181,9 @@ class SearchState:
             passes = w["layer_token_passes"] + s["layer_token_passes"]
             w = {"evaluations": w["evaluations"] + s["evaluations"], "layer_token_passes": passes,
                  "full_forward_equivalents": passes / (self.n * full),
+                 # on the sensitivity sequences: the sensitivity record's and, with screen=subset, the screen's
                  "sensitivity_evaluations": s["evaluations"] + sens_screen}
-        if self.screening:
+        if self._screen == "bfloat16":  # the subset screen's work is the sensitivity objective's, counted above
             passes = sum(scr.layer_token_passes for scr in self._screens.values())
             w.update(screen_evaluations=sum(scr.evaluations for scr in self._screens.values()),
                      screen_layer_token_passes=passes, screen_full_forward_equivalents=passes / (self.n * full))
@@ -216,7 +220,7 @@ class SearchState:
         t0 = time.perf_counter()
         removed, steps = start, []
         bound: dict[int, float] = {}  # j -> a value (screened, with a screen) known for (a subset of removed) ∪ {j}, or its prior
-        margin = self.c.screen_margin if screen is not None else 0.0
+        margin = self._margin if screen is not None else 0.0
         estimate = screen or objective
         while len(removed) < target:
             cands = self._candidates(removed)
@@ -263,10 +267,22 @@ class SearchState:
             scored[j] = objective(removed | {j})
         return scored
 
+    def _stage_screens(self) -> tuple[Callable | None, Callable | None]:
+        """The screens of E_P(R) and E_D(R_D | R_P) for the greedy steps (None, None: no screen)."""
+        if self._screen == "bfloat16":
+            return self._screen_fns("search", "b")
+        if self._screen == "subset":  # the same objective on the sensitivity sequences, its base moved along
+            return self._sens_ep, self._sens_ed
+        return None, None
+
+    def _moving(self) -> list:
+        """The objectives whose base follows the greedy path: the search's, and the subset screen's."""
+        return [self.obj, self.sens_obj] if self._screen == "subset" else [self.obj]
+
     def greedy_prefill(self, k: int) -> frozenset:
         prior = (lambda j: self.single_block("prefill", j)) if self.sensitivity else None  # noqa: E731
-        rebase = lambda r: self._defer("prefill", lambda: self.obj.set_prefill_base(r))  # noqa: E731
-        screen = self._screen_fns("search", "b")[0] if self.screening else None
+        rebase = lambda r: self._defer("prefill", lambda: [o.set_prefill_base(r) for o in self._moving()])  # noqa: E731
+        screen = self._stage_screens()[0]
         with bars.SearchBars(f"pdtrim: prefill k={k}", k) as b:
             return self._greedy(frozenset(), k, b.counted(self.ep), b.stepped(rebase), f"prefill_k{k}", prior,
                                 screen and b.counted(screen))
@@ -274,8 +290,8 @@ class SearchState:
     def greedy_decode(self, rp: frozenset, k: int) -> frozenset:
         # E_D({j} | ∅) <= E_D(R_P ∪ {j} | R_P): the dense prompt and fewer removed blocks drift less
         prior = (lambda j: self.single_block("decode", j)) if self.sensitivity else None  # noqa: E731
-        rebase = lambda r: self._defer("decode", lambda: self.obj.set_decode_base(r, rp))  # noqa: E731
-        screen = self._screen_fns("search", "b")[1] if self.screening else None
+        rebase = lambda r: self._defer("decode", lambda: [o.set_decode_base(r, rp) for o in self._moving()])  # noqa: E731
+        screen = self._stage_screens()[1]
         with bars.SearchBars(f"pdtrim: decode k={k}", k - len(rp)) as b:
             return self._greedy(rp, k, b.counted(lambda r: self.ed(r, rp)), b.stepped(rebase), f"decode_k{k}", prior,
                                 screen and b.counted(lambda r: screen(r, rp)))
@@ -306,6 +322,20 @@ class SearchState:
         self.search_s += time.perf_counter() - t0
         return best
 
+    def _screen_info(self) -> dict | None:
+        """What screened the search, for the record (None: every candidate evaluated in float32)."""
+        if self._screen == "bfloat16":
+            return {"dtype": "bfloat16", "option": self.c.screen, "margin": self.c.screen_margin,
+                    "definition": "candidates screened in this dtype; float32 values for those within margin "
+                                  "(relative) of the best screened, which the step compares"}
+        if self._screen == "subset":
+            return {"dtype": "float32", "option": self.c.screen, "margin": self.c.subset_margin,
+                    "sequences": self.c.sensitivity_samples,
+                    "definition": "candidates screened by the objective on the first `sequences` search sequences "
+                                  "(the sensitivity sequences); values on all of them for those within margin "
+                                  "(relative) of the best screened, which the step compares"}
+        return None
+
     def info(self, mode: str, rp: frozenset, rd: frozenset, t0: float) -> dict:
         return {
             "reading": READING,
@@ -320,14 +350,11 @@ class SearchState:
             "stage_sensitivity_definition": {
                 "prefill": "E_P({i}): block i removed from the prefill stage (hence, by R_P ⊆ R_D, also from decode)",
                 "decode": "E_D({i} | {}): block i removed from the decode stage only",
-                "computed_in": f"{self._screen_name} (the search's screen)" if self.screening else "float32",
+                "computed_in": "bfloat16 (the search's screen)" if self._screen == "bfloat16" else "float32",
                 "blocks": "every block" if self.c.sensitivity_blocks == "all" else
                           "the search's candidates (null: not measured; sensitivity_blocks=all measures every block)"},
             "search_sequences": self.split_desc,
-            "screen": {"dtype": self._screen_name, "option": self.c.screen, "margin": self.c.screen_margin,
-                       "definition": "candidates screened in this dtype; float32 values for those within margin "
-                                     "(relative) of the best screened, which the step compares"}
-                      if self.screening else None,
+            "screen": self._screen_info(),
             # cumulative over this search state: both modes share block scores, sensitivity and the
             # memoised objective values (the unified search reuses the prefill search's first steps)
             "work": {**self.work(), "score_seconds": self.score_s, "search_seconds": self.search_s,
