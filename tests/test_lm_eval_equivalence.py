@@ -50,8 +50,10 @@ def test_tiny_random_model(tiny, data_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("task", "first"), [("boolq", 0), ("boolq", 25), ("arc_easy", 0), ("arc_easy", 25)])
-def test_smollm2(smollm2, data_dir, task, first):
-    # the first 50 items of each task, 25 per test: each test stays well under a minute on 2 cores
-    outs, _ = run_both(smollm2, data_dir, tasks=[task], items={task: list(range(first, first + 25))})
-    check(outs, limit=25, tasks=[task])
+@pytest.mark.parametrize(("task", "first", "n"), [("boolq", 0, 13), ("boolq", 13, 12), ("boolq", 25, 13), ("boolq", 38, 12),
+                                                  ("arc_easy", 0, 25), ("arc_easy", 25, 25)])
+def test_smollm2(smollm2, data_dir, task, first, n):
+    # the first 50 items of each task, in parts that stay under a minute on a slow 2-core host (a BoolQ
+    # passage is ~7x an ARC-e question: 25 BoolQ items took 67-72 s there)
+    outs, _ = run_both(smollm2, data_dir, tasks=[task], items={task: list(range(first, first + n))})
+    check(outs, limit=n, tasks=[task])
