@@ -51,6 +51,21 @@ def test_lazy_search_finds_the_exhaustive_sets_with_fewer_evaluations(deep, cali
     assert skipped and all(min(s["not_evaluated"].values()) > s["objective"] for s in skipped)
 
 
+def screened_steps_match(scr, ref) -> list[dict]:
+    """Every greedy step of the screened plan `scr` against the unscreened `ref`: the same block and value, exact
+    values exactly for the candidates whose screened value is within the margin of the lowest, and those equal
+    to `ref`'s. Returns the screened steps, in trace order."""
+    margin, steps = scr.info["screen"]["margin"], []
+    for name, zs in scr.info["search_trace"].items():
+        for r, z in zip(ref.info["search_trace"][name], zs):
+            assert z["removed"] == r["removed"] and z["objective"] == r["objective"]
+            lo = min(z["screened"].values())
+            assert set(z["candidates"]) == {j for j, v in z["screened"].items() if v <= lo + margin * abs(lo)}
+            assert all(r["candidates"][j] == v for j, v in z["candidates"].items() if j in r["candidates"])
+            steps.append(z)
+    return steps
+
+
 @pytest.mark.parametrize("mode", ["disaggregated", "unified"])
 def test_the_bfloat16_screen_finds_the_float32_sets_with_fewer_float32_evaluations(deep, calib, mode, monkeypatch):
     """The bfloat16 screen (the default where bfloat16 is fast) screens candidates on a bfloat16 copy and evaluates
@@ -66,15 +81,8 @@ def test_the_bfloat16_screen_finds_the_float32_sets_with_fewer_float32_evaluatio
     assert (scr.removed_prefill, scr.removed_decode) == (ref.removed_prefill, ref.removed_decode)
     assert scr.info["objective"] == ref.info["objective"]
     assert scr.info["screen"]["dtype"] == "bfloat16" and ref.info["screen"] is None
-    margin = scr.info["screen"]["margin"]
-    for name, steps in scr.info["search_trace"].items():
-        for r, z in zip(ref.info["search_trace"][name], steps):
-            assert z["removed"] == r["removed"] and z["objective"] == r["objective"]
-            lo = min(z["screened"].values())
-            # float32 exactly where the screen says "near the best", with the float32-only search's values
-            assert set(z["candidates"]) == {j for j, v in z["screened"].items() if v <= lo + margin * abs(lo)}
-            assert all(r["candidates"][j] == v for j, v in z["candidates"].items() if j in r["candidates"])
-            assert all(v == pytest.approx(z["candidates"].get(j, v), rel=0.05) for j, v in z["screened"].items())
+    for z in screened_steps_match(scr, ref):
+        assert all(v == pytest.approx(z["candidates"].get(j, v), rel=0.05) for j, v in z["screened"].items())
     w, w_ref = scr.info["work"], ref.info["work"]
     assert 0 < w["evaluations"] < w_ref["evaluations"] and w["screen_evaluations"] > w["evaluations"]
     assert scr.info["stage_sensitivity_definition"]["computed_in"] == "bfloat16 (the search's screen)"
@@ -95,20 +103,11 @@ def test_the_subset_screen_finds_the_float32_sets_with_fewer_evaluations_on_all_
     assert (scr.removed_prefill, scr.removed_decode) == (ref.removed_prefill, ref.removed_decode)
     assert scr.info["objective"] == ref.info["objective"]
     assert scr.info["screen"]["sequences"] == 8 and scr.info["screen"]["dtype"] == "float32" and ref.info["screen"] is None
-    margin = scr.info["screen"]["margin"]
-    screened_all = 0
-    for name, steps in scr.info["search_trace"].items():
-        for r, z in zip(ref.info["search_trace"][name], steps):
-            assert z["removed"] == r["removed"] and z["objective"] == r["objective"]
-            lo = min(z["screened"].values())
-            assert set(z["candidates"]) == {j for j, v in z["screened"].items() if v <= lo + margin * abs(lo)}
-            assert all(r["candidates"][j] == v for j, v in z["candidates"].items() if j in r["candidates"])
-            screened_all += len(z["screened"])
+    steps = screened_steps_match(scr, ref)
     # the subset values are the sensitivity objective's own: step 1's screen reads the sensitivity record
-    first = next(iter(scr.info["search_trace"].values()))[0]
-    stage = "prefill" if mode == "unified" or "prefill" in next(iter(scr.info["search_trace"])) else "decode"
-    assert all(scr.info["stage_sensitivity"][stage][int(j)] == v for j, v in first["screened"].items())
-    evaluated = sum(len(z["candidates"]) for steps in scr.info["search_trace"].values() for z in steps)
+    first_stage = next(iter(scr.info["search_trace"])).split("_")[0]  # "prefill_k5" or "decode_k5"
+    assert all(scr.info["stage_sensitivity"][first_stage][int(j)] == v for j, v in steps[0]["screened"].items())
+    evaluated, screened_all = sum(len(z["candidates"]) for z in steps), sum(len(z["screened"]) for z in steps)
     # fewer candidates evaluated on all sequences than screened (whether that saves work depends on the subset's
     # share and the landscape: benchmarks/pdtrim_search.py measures it on SmolLM2)
     assert evaluated < screened_all
