@@ -149,7 +149,14 @@ def test_a_model_not_in_float32_is_never_screened(deep, calib):
 def test_sensitivity_on_fewer_sequences_is_recorded_as_such(deep, calib):
     p = plan(deep[0], calib, "disaggregated", sensitivity_samples=4, screen="none")  # subset: it would screen too
     assert p.info["search_sequences"]["sensitivity_sequences"] == 4
-    assert p.info["work"]["sensitivity_evaluations"] == 2 * 12
+    # the search objective is pooled: each exact value evaluates the other sequences once, and the sensitivity
+    # sequences too unless the record has that value already (E_P({j}) of the first prefill step)
+    trace = p.info["search_trace"]
+    exact = sum(len(s["candidates"]) for steps in trace.values() for s in steps)
+    first = next(steps[0] for name, steps in trace.items() if name.startswith("prefill"))  # E_P({j})
+    w = p.info["work"]
+    assert w["sensitivity_evaluations"] == 2 * 12 + exact - len(first["candidates"])
+    assert w["evaluations"] - w["sensitivity_evaluations"] == exact
     assert len(p.info["stage_sensitivity"]["prefill"]) == 12
 
 
@@ -224,3 +231,26 @@ def test_prefill_ratio_scales_the_prefill_depth_with_k_decode(deep, calib, monke
         cls = methods.get(name)
         with pytest.raises(UsageError, match="prefill_ratio"):
             cls(dataclasses.replace(cls.Config(), prefill_ratio=1.5))
+
+
+def test_the_pooled_objective_is_the_mean_over_all_search_sequences(deep, calib):
+    """With the sensitivity measured on fewer sequences, E_P and E_D are pooled from the objective on those and the
+    one on the others; they equal an objective over all search sequences at once (up to float rounding: other
+    batches), and the pooled value reuses the sensitivity record's part."""
+    from methods.pdtrim import method as pm
+    from methods.pdtrim.objectives import CalibSplit, StageObjective
+
+    cls = methods.get("pdtrim")
+    c = dataclasses.replace(cls.Config(), **{**SEARCH, "sensitivity_samples": 3, "screen": "none"})
+    pm._SHARED_STATES.clear()
+    st = cls(c)._search_state(deep[0], calib)
+    whole = StageObjective(deep[0], CalibSplit.from_calibration(calib.input_ids, c.search_samples, c.max_cont, c.seed),
+                           c.batch_size, c.batch_tokens)
+    assert st.sens_obj.n_scored + st.obj.n_scored == whole.n_scored and st.sens_obj is not st.obj
+    before = st.sens_obj.evaluations
+    assert st.ep({5}) == pytest.approx(whole.prefill({5}), rel=1e-5)
+    assert st.sens_obj.evaluations == before  # E_P({5}) on the sensitivity sequences: the record's value
+    for removed in ({2, 7}, {1, 3, 9}):
+        assert st.ep(removed) == pytest.approx(whole.prefill(removed), rel=1e-5)
+        assert st.ed(removed | {10}, removed) == pytest.approx(whole.decode(removed | {10}, removed), rel=1e-5)
+    assert st.ed({4}, set()) == pytest.approx(whole.decode({4}, set()), rel=1e-5)

@@ -30,8 +30,9 @@ SEARCH_FIELDS = ("d_t", "search_samples", "max_cont", "batch_size", "batch_token
 SENSITIVITY_BLOCKS = ("candidates", "all")
 _SHARED_STATES: dict[tuple, SearchState] = {}
 # Bump when the objective values (methods/pdtrim/objectives.py, whose source digest is in the key
-# too) give other numbers: invalidates the values kept on disk.
-SEARCH_CACHE_VERSION = "1"
+# too) give other numbers: invalidates the values kept on disk. 2: E_P and E_D pooled from the
+# sensitivity sequences' sums and the other sequences' (the same means; other float rounding).
+SEARCH_CACHE_VERSION = "2"
 
 
 def search_cache_key(model, calib, c) -> dict:
@@ -86,6 +87,9 @@ class SearchState:
         # The sensitivity record (and, for the lazy search, the first step's priorities) comes from
         # the first `sensitivity_samples` search sequences: 60 single-block objectives over all of
         # them would cost more than the whole lazy search.
+        # With fewer sensitivity sequences than search sequences, the search objective is pooled from two:
+        # one on the sensitivity sequences (`sens_obj`) and one on the others (`obj`), so a value the
+        # sensitivity record or the subset screen computed is never computed again as part of an exact one.
         sub = c.sensitivity_samples
         self._sens_separate = bool(sub and sub < len(split.prompts))
         self.split_desc["sensitivity_sequences"] = sub if self._sens_separate else len(split.prompts)
@@ -126,15 +130,22 @@ class SearchState:
                 self._screens[which] = Screen(self.obj if which == "search" else self.sens_obj, self._screen_model)
             return self._screens[which]
 
+        if which == "search" and self._sens_separate:  # pooled with the sensitivity sequences' screen, as E is
+            hp, hd = self._screen_fns("sensitivity", "bs")
+            return (lambda r: self._stored(f"{kind}p:{set_key(r)}", lambda: self._pooled(hp(r), lambda: scr().prefill(r))),
+                    lambda rd, rp: self._stored(f"{kind}d:{set_key(rd)}|{set_key(rp)}",
+                                                lambda: self._pooled(hd(rd, rp), lambda: scr().decode(rd, rp))))
         return (lambda r: self._stored(f"{kind}p:{set_key(r)}", lambda: scr().prefill(r)),
                 lambda rd, rp: self._stored(f"{kind}d:{set_key(rd)}|{set_key(rp)}", lambda: scr().decode(rd, rp)))
 
     @property
     def obj(self):
-        """The search objective (StageObjective), built on first use: its dense teacher costs a forward."""
+        """The search objective (StageObjective) on the search sequences after the sensitivity ones (all of
+        them when the sensitivity is measured on all), built on first use: its dense teacher costs a forward."""
         if self._obj is None:
+            sub = self.c.sensitivity_samples if self._sens_separate else 0
             with bars.stage("pdtrim: search objectives (dense reference forwards)"):
-                self._obj = self._make_obj(self._split)
+                self._obj = self._make_obj(type(self._split)(self._split.prompts[sub:], self._split.conts[sub:]))
         return self._obj
 
     @property
@@ -146,6 +157,12 @@ class SearchState:
             sub = self.c.sensitivity_samples
             self._sens = self._make_obj(type(self._split)(self._split.prompts[:sub], self._split.conts[:sub]))
         return self._sens
+
+    def _pooled(self, head: float, rest: Callable[[], float]) -> float:
+        """The mean over all search sequences' continuation tokens from the sensitivity sequences' mean
+        `head` and the other sequences' (`rest()`)."""
+        n_head, n_rest = self.sens_obj.n_scored, self.obj.n_scored
+        return (head * n_head + rest() * n_rest) / (n_head + n_rest)
 
     def _sens_ep(self, removed) -> float:
         return self._stored(f"sp:{set_key(removed)}", lambda: self.sens_obj.prefill(removed))
@@ -181,7 +198,8 @@ class SearchState:
             passes = w["layer_token_passes"] + s["layer_token_passes"]
             w = {"evaluations": w["evaluations"] + s["evaluations"], "layer_token_passes": passes,
                  "full_forward_equivalents": passes / (self.n * full),
-                 # on the sensitivity sequences: the sensitivity record's and, with screen=subset, the screen's
+                 # on the sensitivity sequences: the sensitivity record's, the subset screen's (or the bfloat16 one's)
+                 # and the part of exact values no screen computed first; "evaluations" counts them and the others'
                  "sensitivity_evaluations": s["evaluations"] + sens_screen}
         if self._screen == "bfloat16":  # the subset screen's work is the sensitivity objective's, counted above
             passes = sum(scr.layer_token_passes for scr in self._screens.values())
@@ -194,15 +212,21 @@ class SearchState:
         self._mark = self.work()
 
     def ep(self, removed: Iterable[int]) -> float:
+        """E_P(R) on all search sequences (pooled from the sensitivity sequences' value when they are apart)."""
         key = frozenset(removed)
         if key not in self.memo_p:
-            self.memo_p[key] = self._stored(f"p:{set_key(key)}", lambda: self.obj.prefill(key))
+            exact = (lambda: self._pooled(self._sens_ep(key), lambda: self.obj.prefill(key))) if self._sens_separate \
+                else (lambda: self.obj.prefill(key))
+            self.memo_p[key] = self._stored(f"p:{set_key(key)}", exact)
         return self.memo_p[key]
 
     def ed(self, removed_decode: Iterable[int], removed_prefill: Iterable[int]) -> float:
+        """E_D(R_D | R_P) on all search sequences (pooled as `ep` is)."""
         key = (frozenset(removed_decode), frozenset(removed_prefill))
         if key not in self.memo_d:
-            self.memo_d[key] = self._stored(f"d:{set_key(key[0])}|{set_key(key[1])}", lambda: self.obj.decode(*key))
+            exact = (lambda: self._pooled(self._sens_ed(*key), lambda: self.obj.decode(*key))) if self._sens_separate \
+                else (lambda: self.obj.decode(*key))
+            self.memo_d[key] = self._stored(f"d:{set_key(key[0])}|{set_key(key[1])}", exact)
         return self.memo_d[key]
 
     def _candidates(self, removed: frozenset) -> list[int]:
@@ -276,8 +300,8 @@ class SearchState:
         return None, None
 
     def _moving(self) -> list:
-        """The objectives whose base follows the greedy path: the search's, and the subset screen's."""
-        return [self.obj, self.sens_obj] if self._screen == "subset" else [self.obj]
+        """The objectives whose base follows the greedy path: both parts of a pooled objective."""
+        return [self.obj, self.sens_obj] if self._sens_separate else [self.obj]
 
     def greedy_prefill(self, k: int) -> frozenset:
         prior = (lambda j: self.single_block("prefill", j)) if self.sensitivity else None  # noqa: E731
