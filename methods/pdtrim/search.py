@@ -130,11 +130,11 @@ class SearchState:
                 self._screens[which] = Screen(self.obj if which == "search" else self.sens_obj, self._screen_model)
             return self._screens[which]
 
-        if which == "search" and self._sens_separate:  # pooled with the sensitivity sequences' screen, as E is
+        if which == "search":  # pooled with the sensitivity sequences' screen, as E is
             hp, hd = self._screen_fns("sensitivity", "bs")
-            return (lambda r: self._stored(f"{kind}p:{set_key(r)}", lambda: self._pooled(hp(r), lambda: scr().prefill(r))),
+            return (lambda r: self._stored(f"{kind}p:{set_key(r)}", lambda: self._pooled(lambda: hp(r), lambda: scr().prefill(r))),
                     lambda rd, rp: self._stored(f"{kind}d:{set_key(rd)}|{set_key(rp)}",
-                                                lambda: self._pooled(hd(rd, rp), lambda: scr().decode(rd, rp))))
+                                                lambda: self._pooled(lambda: hd(rd, rp), lambda: scr().decode(rd, rp))))
         return (lambda r: self._stored(f"{kind}p:{set_key(r)}", lambda: scr().prefill(r)),
                 lambda rd, rp: self._stored(f"{kind}d:{set_key(rd)}|{set_key(rp)}", lambda: scr().decode(rd, rp)))
 
@@ -158,11 +158,14 @@ class SearchState:
             self._sens = self._make_obj(type(self._split)(self._split.prompts[:sub], self._split.conts[:sub]))
         return self._sens
 
-    def _pooled(self, head: float, rest: Callable[[], float]) -> float:
-        """The mean over all search sequences' continuation tokens from the sensitivity sequences' mean
-        `head` and the other sequences' (`rest()`)."""
-        n_head, n_rest = self.sens_obj.n_scored, self.obj.n_scored
-        return (head * n_head + rest() * n_rest) / (n_head + n_rest)
+    def _pooled(self, head: Callable[[], float], rest: Callable[[], float]) -> float:
+        """The mean over all search sequences' continuation tokens: `rest()` (the objective on `obj`'s
+        sequences) when those are all of them, else the token-weighted mean of the sensitivity sequences'
+        `head()` and the other sequences' `rest()`."""
+        if not self._sens_separate:
+            return rest()
+        head_v, n_head, n_rest = head(), self.sens_obj.n_scored, self.obj.n_scored
+        return (head_v * n_head + rest() * n_rest) / (n_head + n_rest)
 
     def _sens_ep(self, removed) -> float:
         return self._stored(f"sp:{set_key(removed)}", lambda: self.sens_obj.prefill(removed))
@@ -215,8 +218,7 @@ class SearchState:
         """E_P(R) on all search sequences (pooled from the sensitivity sequences' value when they are apart)."""
         key = frozenset(removed)
         if key not in self.memo_p:
-            exact = (lambda: self._pooled(self._sens_ep(key), lambda: self.obj.prefill(key))) if self._sens_separate \
-                else (lambda: self.obj.prefill(key))
+            exact = lambda: self._pooled(lambda: self._sens_ep(key), lambda: self.obj.prefill(key))  # noqa: E731
             self.memo_p[key] = self._stored(f"p:{set_key(key)}", exact)
         return self.memo_p[key]
 
@@ -224,8 +226,7 @@ class SearchState:
         """E_D(R_D | R_P) on all search sequences (pooled as `ep` is)."""
         key = (frozenset(removed_decode), frozenset(removed_prefill))
         if key not in self.memo_d:
-            exact = (lambda: self._pooled(self._sens_ed(*key), lambda: self.obj.decode(*key))) if self._sens_separate \
-                else (lambda: self.obj.decode(*key))
+            exact = lambda: self._pooled(lambda: self._sens_ed(*key), lambda: self.obj.decode(*key))  # noqa: E731
             self.memo_d[key] = self._stored(f"d:{set_key(key[0])}|{set_key(key[1])}", exact)
         return self.memo_d[key]
 
