@@ -53,6 +53,38 @@ def test_scores_do_not_depend_on_batch_size(tiny):
     assert ta.as_dict() == tb.as_dict()
 
 
+def recorded_decode_shapes(scorer: Scorer, monkeypatch) -> list[tuple[int, int]]:
+    """The (rows, width) of every decode-stage forward the scorer runs from now on."""
+    shapes, decode = [], scorer.staged.decode
+
+    def recording(cache, batch, **kw):
+        shapes.append(tuple(batch.ids.shape))
+        return decode(cache, batch, **kw)
+
+    monkeypatch.setattr(scorer.staged, "decode", recording)
+    return shapes
+
+
+@pytest.mark.parametrize("policy", [None, KVPolicy(2, 3, (2,))])
+def test_continuations_decoded_in_groups_of_like_length_score_as_one_padded_batch(tiny, policy, monkeypatch):
+    # answers of 1 to 30 tokens, as HellaSwag and PIQA have: in one padded forward most decode tokens are padding
+    reqs = random_requests(16, 256, seed=5, max_cont=30)
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 2, 3), *([policy] if policy else []))
+    runs = {}
+    for name, forward_tokens in (("one", math.inf), ("grouped", 8.0)):
+        s = Scorer(tiny.model, plan, "disaggregated", max_length=4096, batch_size=16)
+        s.forward_tokens = forward_tokens
+        shapes = recorded_decode_shapes(s, monkeypatch)
+        runs[name] = s.loglikelihood(reqs), s.tally.as_dict(), shapes
+    (one, tally_one, shapes_one), (grouped, tally_grouped, shapes_grouped) = runs["one"], runs["grouped"]
+    assert absdiff(one, grouped) <= TOL and [g for _, g in one] == [g for _, g in grouped]
+    assert tally_one == tally_grouped  # the handoff is the batch's either way
+    needed = sum(len(x) - 1 for _, x in reqs)
+    padded = {name: sum(r * w for r, w in shapes) for name, (_, _, shapes) in runs.items()}
+    assert len(shapes_grouped) > len(shapes_one) and needed <= padded["grouped"] < padded["one"]
+    assert sum(r for r, _ in shapes_grouped) == sum(len(x) > 1 for _, x in reqs)  # one-token answers need no decode
+
+
 @pytest.mark.parametrize("decode", [(0, 1, 2, 3), (0, 1, 3), (1,)])
 def test_kv_bytes_equal_arithmetic(tiny, decode):
     reqs = random_requests(15, 256, seed=4)

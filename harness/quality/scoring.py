@@ -22,13 +22,18 @@ from tqdm.auto import tqdm
 
 from harness.errors import UsageError
 from harness.pd import arch
-from harness.pd.batching import pad_tokens
+from harness.pd.batching import length_groups, pad_tokens
 from harness.pd.cache import PDCache
 from harness.pd.plan import PruningPlan
 from harness.pd.stages import PrefillOut, StagedModel
 from harness.quality import autobatch
 
 MODES = ("unified", "disaggregated")
+
+# The fixed cost of one decode forward, in tokens of forward work, by device type: on the 2-core CPUs
+# of this project a forward reads every weight once, ~88 ms, against ~1.7 ms a token at batch 16
+# (SmolLM2-135M, benchmarks/decode_groups.py); rounded up, so a split must save more than that.
+FORWARD_TOKENS = {"cpu": 64.0}
 
 TokenRequest = tuple[Sequence[int], Sequence[int]]  # (context tokens, continuation tokens)
 
@@ -98,6 +103,9 @@ class Scorer:
         self.sizes_used: list[int] = []  # distinct batch sizes used, in order (the record keeps them per task)
         self._fitted: dict[tuple[int, int, int], int] = {}
         self.staged = StagedModel(model, plan)
+        # one more decode forward, in tokens of forward work (batching.length_groups); a device not
+        # measured keeps one padded decode forward per batch
+        self.forward_tokens = FORWARD_TOKENS.get(self.device.type, float("inf"))
         self.tally = KVTally()
         self.label = f"{plan.method}/{mode}"  # the progress bar's name; the pipeline adds the task's
 
@@ -218,19 +226,36 @@ class Scorer:
         out = self._prefill(prompts)
         dcache = self._handoff(out, rows)
         conts = [x for _, x in chunk]
-        hd = None
-        if max(len(x) for x in conts) > 1:  # the first continuation token is scored by the prefill
-            req_len = out.lengths.index_select(0, rows)
-            hd = self.staged.decode(dcache, pad_tokens([x[:-1] for x in conts], self.device, start=req_len))
+        hd = self._decode(dcache, conts, out.lengths.index_select(0, rows))
         last = out.last_hidden
         hs, targets = [], []
         for r, x in enumerate(conts):
-            hs.append(last[rows_l[r]][None])
+            hs.append(last[rows_l[r]][None])  # the first continuation token is scored by the prefill
             if len(x) > 1:
-                hs.append(hd[r, : len(x) - 1])
+                hs.append(hd[r])
             targets += x
         lp, greedy = self._logprobs(torch.cat(hs), torch.tensor(targets, device=self.device), normed=False)
         return self._per_request(lp, greedy, [len(x) for x in conts])
+
+    def _decode(self, cache: PDCache, conts: Sequence[list[int]], req_len: torch.Tensor) -> list[torch.Tensor | None]:
+        """Decode-stage hidden states (len(x) - 1, hidden) of each continuation x after its first
+        token, over its row of `cache` (R rows; `req_len` (R,) the prompt lengths), None for a
+        one-token x. Continuations of unequal length run in groups of like length
+        (`batching.length_groups`): padding a 5-token answer to a 40-token one costs more than
+        another forward on a CPU (half the decode tokens of HellaSwag and PIQA were padding)."""
+        need = [len(x) - 1 for x in conts]
+        out: list[torch.Tensor | None] = [None] * len(conts)
+        for group in length_groups(need, self.forward_tokens):
+            if len(group) == len(conts):  # every row, in order: the cache as it is
+                part, idx = cache, None
+            else:
+                idx = torch.tensor(group, device=self.device)
+                part = cache.select_rows(idx)
+            start = req_len if idx is None else req_len.index_select(0, idx)
+            hidden = self.staged.decode(part, pad_tokens([conts[r][:-1] for r in group], self.device, start=start))
+            for j, r in enumerate(group):
+                out[r] = hidden[j, : need[r]]
+        return out
 
     # -- generation ---------------------------------------------------------------------------
     @torch.inference_mode()
