@@ -25,7 +25,7 @@ from harness.pd import arch
 from harness.pd.plan import PruningPlan
 from methods import cached
 from methods.bars import progress  # noqa: F401 - re-exported: the depth methods' bar
-from methods.base import Method, calibration_fingerprint, fit_counts, model_fingerprint
+from methods.base import DepthOptions, Method, calibration_fingerprint, fit_counts, model_fingerprint
 
 
 @dataclass
@@ -159,3 +159,28 @@ class RankedDepthMethod(Method):
         keep = tuple(i for i in range(n) if i not in order)
         info = {**ranking.info, "removal_order": order, "removed": sorted(order), "mode": mode}
         return PruningPlan(self.name, n, keep, keep, info=info)
+
+
+@dataclass(frozen=True)
+class SampledOptions(DepthOptions):
+    """Options of a ranking computed on `samples` seeded calibration sequences (Shortened LLaMA's two
+    criteria, SLEB). The defaults keep the "+" rule of Shortened LLaMA (first 4, last 2 blocks kept);
+    a method with another rule redeclares `keep_first` / `keep_last` (field order is kept)."""
+
+    k: int = 8  # blocks removed
+    keep_first: int = 4  # the first blocks are never removed
+    keep_last: int = 2  # nor the last ones
+    samples: int = 64  # calibration sequences the criterion is computed on
+    seed: int = 0  # which calibration sequences
+    batch_size: int = 16  # rows per forward
+    batch_tokens: int = 512  # padded positions per forward (bounds activation memory)
+
+
+class SampledRankedMethod(RankedDepthMethod):
+    """A `RankedDepthMethod` whose criterion is computed on calibration sequences; its `Config`
+    derives from `SampledOptions`, whose counts must be >= 0 (sizes >= 1)."""
+
+    needs_calibration = True
+
+    def validate_config(self, config) -> None:
+        check_counts(self.name, config, ("k", "keep_first", "keep_last", "samples", "batch_size", "batch_tokens"))

@@ -25,34 +25,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from methods.base import DepthOptions
 from methods.depth.perplexity import calibration_evaluator
-from methods.depth.ranked import RankedDepthMethod, Ranking, check_counts, progress
+from methods.depth.ranked import Ranking, SampledOptions, SampledRankedMethod, progress
 from methods.registry import register
 
 
 @register
-class ShortenedPPL(RankedDepthMethod):
+class ShortenedPPL(SampledRankedMethod):
     name = "shortened_ppl"
     summary = "remove the k blocks whose single removal gives the lowest calibration perplexity (first 4, last 2 kept)"
     doc_row = ("drops the `k` blocks whose single removal hurts calibration perplexity least; first 4 and last 2 kept "
                "(Shortened LLaMA, arXiv 2402.02834)", "same blocks", "all positions")
     baseline_doc = ("Shortened LLaMA, arXiv 2402.02834", "lowest calibration perplexity with the single block removed; first 4 / last 2 kept",
                     "`samples` sequences")
-    needs_calibration = True
 
     @dataclass(frozen=True)
-    class Config(DepthOptions):
-        k: int = 8  # blocks removed
-        keep_first: int = 4  # the "+" rule: first blocks never removed
-        keep_last: int = 2  # and last blocks never removed
-        samples: int = 64  # calibration sequences the perplexity is computed on
-        seed: int = 0  # which calibration sequences
-        batch_size: int = 16  # rows per forward
-        batch_tokens: int = 512  # padded positions per forward
-
-    def validate_config(self, config) -> None:
-        check_counts(self.name, config, ("k", "keep_first", "keep_last", "samples", "batch_size", "batch_tokens"))
+    class Config(SampledOptions):
+        """The "+" rule (first 4, last 2 blocks kept) and 64 sequences: `SampledOptions`' defaults."""
 
     def _rank(self, model, calib, k: int, eligible: list[int]) -> Ranking:
         ev, n_rows = calibration_evaluator(self.name, model, calib, self.config)

@@ -33,9 +33,8 @@ import torch.nn.functional as F
 
 from harness.errors import UsageError
 from harness.pd import arch
-from methods.base import DepthOptions
 from methods.depth.perplexity import calibration_rows, make_batches
-from methods.depth.ranked import RankedDepthMethod, Ranking, check_counts, progress
+from methods.depth.ranked import Ranking, SampledOptions, SampledRankedMethod, progress
 from methods.registry import register
 
 
@@ -74,27 +73,17 @@ def taylor_scores(model, batches) -> tuple[list[float], float]:
 
 
 @register
-class ShortenedTaylor(RankedDepthMethod):
+class ShortenedTaylor(SampledRankedMethod):
     name = "shortened_taylor"
     summary = "remove the k blocks with the lowest first-order Taylor importance Σ|w·dL/dw| (first 4, last 2 kept)"
     doc_row = ("drops the `k` blocks with the lowest Taylor importance Σ\\|w·∂L/∂w\\|; first 4 and last 2 kept "
                "(Shortened LLaMA, arXiv 2402.02834)", "same blocks", "all positions")
     baseline_doc = ("Shortened LLaMA, arXiv 2402.02834", "lowest Σ \\|w · ∂L/∂w\\| over the block's weights; first 4 / last 2 kept",
                     "`samples` sequences")
-    needs_calibration = True
 
     @dataclass(frozen=True)
-    class Config(DepthOptions):
-        k: int = 8  # blocks removed
-        keep_first: int = 4  # the "+" rule: first blocks never removed
-        keep_last: int = 2  # and last blocks never removed
-        samples: int = 64  # calibration sequences the loss is computed on
-        seed: int = 0  # which calibration sequences
-        batch_size: int = 16  # rows per forward/backward
-        batch_tokens: int = 512  # padded positions per forward/backward (bounds activation memory)
-
-    def validate_config(self, config) -> None:
-        check_counts(self.name, config, ("k", "keep_first", "keep_last", "samples", "batch_size", "batch_tokens"))
+    class Config(SampledOptions):
+        """The "+" rule (first 4, last 2 blocks kept) and 64 sequences: `SampledOptions`' defaults."""
 
     def _rank(self, model, calib, k: int, eligible: list[int]) -> Ranking:
         if calib is None:

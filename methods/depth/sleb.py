@@ -27,34 +27,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from methods.base import DepthOptions
 from methods.depth.perplexity import calibration_evaluator
-from methods.depth.ranked import RankedDepthMethod, Ranking, check_counts, progress
+from methods.depth.ranked import Ranking, SampledOptions, SampledRankedMethod, progress
 from methods.registry import register
 
 
 @register
-class SLEB(RankedDepthMethod):
+class SLEB(SampledRankedMethod):
     name = "sleb"
     summary = "greedy: repeatedly remove the block whose removal gives the lowest calibration perplexity; same blocks in both stages"
     doc_row = ("greedy: `k` times, drops the block whose removal gives the lowest calibration perplexity (SLEB, arXiv 2402.09025)",
                "same blocks", "all positions")
     baseline_doc = ("SLEB, arXiv 2402.09025", "greedy: lowest calibration perplexity with the block (and those already chosen) removed",
                     "`samples` sequences")
-    needs_calibration = True
 
     @dataclass(frozen=True)
-    class Config(DepthOptions):
-        k: int = 8  # blocks removed
-        keep_first: int = 1  # the first blocks are never removed
+    class Config(SampledOptions):
+        keep_first: int = 1  # the first blocks are never removed (the authors' early barrier)
         keep_last: int = 1  # nor the last ones
-        samples: int = 64  # calibration sequences the NLL is computed on
-        seed: int = 0  # which calibration sequences
-        batch_size: int = 16  # rows per forward
-        batch_tokens: int = 512  # padded positions per forward
-
-    def validate_config(self, config) -> None:
-        check_counts(self.name, config, ("k", "keep_first", "keep_last", "samples", "batch_size", "batch_tokens"))
 
     def _rank(self, model, calib, k: int, eligible: list[int]) -> Ranking:
         ev, n_rows = calibration_evaluator(self.name, model, calib, self.config)
