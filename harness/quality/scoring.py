@@ -30,9 +30,9 @@ from harness.quality import autobatch
 
 MODES = ("unified", "disaggregated")
 
-# The fixed cost of one decode forward, in tokens of forward work, by device type: on the 2-core CPUs
-# of this project a forward reads every weight once, ~88 ms, against ~1.7 ms a token at batch 16
-# (SmolLM2-135M, benchmarks/decode_groups.py); rounded up, so a split must save more than that.
+# The fixed cost of one decode forward, in tokens of forward work, by device type. On the 2-core CPUs
+# of this project a forward reads every weight once: 62-73 ms against 1.3-1.4 ms a token at 16 rows,
+# i.e. 47-51 tokens (SmolLM2-135M, benchmarks/decode_groups.py); rounded up, so a split must save more.
 FORWARD_TOKENS = {"cpu": 64.0}
 
 TokenRequest = tuple[Sequence[int], Sequence[int]]  # (context tokens, continuation tokens)
