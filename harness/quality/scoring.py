@@ -12,6 +12,7 @@ every position), which keeps memory flat on long contexts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -245,7 +246,11 @@ class Scorer:
         another forward on a CPU (half the decode tokens of HellaSwag and PIQA were padding)."""
         need = [len(x) - 1 for x in conts]
         out: list[torch.Tensor | None] = [None] * len(conts)
-        for group in length_groups(need, self.forward_tokens):
+        if math.isfinite(self.forward_tokens):
+            groups = length_groups(need, self.forward_tokens)
+        else:  # a device not measured: one forward over every row (one-token answers padded), no copy of cache rows
+            groups = [list(range(len(conts)))] if max(need) > 0 else []
+        for group in groups:
             if len(group) == len(conts):  # every row, in order: the cache as it is
                 part, idx = cache, None
             else:
