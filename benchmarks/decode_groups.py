@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,10 +49,7 @@ def forward_cost(loaded, reps: int = 5) -> dict:
                 staged.decode(cache, batch)
                 times.append(time.perf_counter() - t0)
             points.append((16 * q, 1e3 * min(times)))
-    n = len(points)
-    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
-    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
-    fixed = my - slope * mx
+    slope, fixed = statistics.linear_regression([x for x, _ in points], [y for _, y in points])
     return {"points_tokens_ms": points, "fixed_ms": fixed, "per_token_ms": slope, "fixed_in_tokens": fixed / slope}
 
 
