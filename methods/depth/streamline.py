@@ -118,7 +118,10 @@ def train_replacement(model, block: int, x: torch.Tensor, y: torch.Tensor, steps
             idx = torch.randint(0, x.shape[0], (min(batch_tokens, x.shape[0]),), generator=gen, device="cpu").to(x.device)
             opt.zero_grad()
             F.mse_loss(ffn(x[idx]), y[idx]).backward()
-            opt.step()
+            # Adam keeps its step counter on the CPU by design; torch < 2.13 makes it without a device,
+            # i.e. on the default device (torch 2.11, the GPU machine's, fails under a meta default)
+            with torch.device("cpu"):
+                opt.step()
     after = mse()
     ffn.requires_grad_(False)
     ffn.to(next(layer.parameters()).dtype)
