@@ -1,13 +1,15 @@
-"""`batching.length_groups`: the least-cost split of rows into padded forwards, against every split."""
+"""`batching.length_groups` and `chunk_bounds`: the least-cost split of rows into padded forwards, against
+every split."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.pd.batching import length_groups
+from harness.pd.batching import chunk_bounds, length_groups
 
 
 def cost(groups: list[list[int]], lengths: list[int], forward_tokens: float) -> float:
@@ -43,3 +45,44 @@ def test_an_infinite_forward_cost_gives_one_group_and_a_free_one_a_group_per_len
     assert length_groups(lengths, math.inf) == [[0, 2, 3, 4, 5]]
     assert length_groups(lengths, 0.0) == [[2, 5], [0, 3], [4]]
     assert length_groups([0, 0], 1.0) == [] and length_groups([], 1.0) == []
+
+
+def chunk_cost(bounds: list[tuple[int, int]], lengths: list[int], new_row: list[bool], forward_tokens: float) -> float:
+    """Distinct rows × the first (longest) row, plus the forward's cost, summed over chunks."""
+    return sum((1 + sum(new_row[s + 1 : e])) * lengths[s] + forward_tokens for s, e in bounds)
+
+
+def consecutive_splits(n: int, cap: int):
+    """Every split of items 0 .. n-1 into consecutive chunks of 1 .. cap items."""
+    if n == 0:
+        yield []
+        return
+    for first in range(1, min(cap, n) + 1):
+        for rest in consecutive_splits(n - first, cap):
+            yield [(0, first), *((s + first, e + first) for s, e in rest)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 3)), max_size=5), st.integers(1, 5),
+       st.sampled_from([0.0, 1.0, 8.0, 64.0]))
+def test_chunk_bounds_cost_the_least_of_all_consecutive_splits(rows, cap, forward_tokens):
+    # items in forward order: rows longest first, each row's requests adjacent (one prompt, several answers)
+    rows = sorted(rows, reverse=True)
+    lengths = [n for n, k in rows for _ in range(k)]
+    new_row = [j == 0 for _, k in rows for j in range(k)]
+    bounds = chunk_bounds(lengths, new_row, cap, forward_tokens)
+    assert [i for s, e in bounds for i in range(s, e)] == list(range(len(lengths)))  # every item once, in order
+    assert all(1 <= e - s <= cap for s, e in bounds)
+    best = min(chunk_cost(b, lengths, new_row, forward_tokens) for b in consecutive_splits(len(lengths), cap))
+    assert math.isclose(chunk_cost(bounds, lengths, new_row, forward_tokens), best)
+
+
+def test_chunk_bounds_cut_where_padding_costs_more_than_a_forward():
+    lengths, new_row = [90, 90, 80, 12, 10, 10, 3], [True, False, True, True, True, False, True]
+    assert chunk_bounds(lengths, new_row, 8, 1000.0) == [(0, 7)]  # a forward dearer than any padding: one batch
+    assert chunk_bounds(lengths, new_row, 4, 1000.0) == [(0, 3), (3, 7)]  # the fewest batches, then the least padding
+    assert chunk_bounds(lengths, new_row, 8, 20.0) == [(0, 3), (3, 7)]  # 90s with 80, 12s with the rest
+    assert chunk_bounds(lengths, new_row, 8, 0.0) == [(0, 2), (2, 3), (3, 4), (4, 6), (6, 7)]  # free forwards: a batch per row
+    assert chunk_bounds([], [], 4, 1.0) == []
+    with pytest.raises(ValueError):
+        chunk_bounds(lengths, new_row, 4, math.inf)  # no measured cost: the caller runs plain batches

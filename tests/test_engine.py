@@ -9,6 +9,7 @@ from conftest import random_requests, reference_loglikelihood
 from harness.pd import arch
 from harness.pd.engine import expected_kv_bytes, make_handoff
 from harness.pd.plan import KVPolicy, PruningPlan
+from harness.quality import scoring
 from harness.quality.scoring import Scorer
 
 TOL = 1e-4
@@ -83,6 +84,41 @@ def test_continuations_decoded_in_groups_of_like_length_score_as_one_padded_batc
     padded = {name: sum(r * w for r, w in shapes) for name, (_, _, shapes) in runs.items()}
     assert len(shapes_grouped) > len(shapes_one) and needed <= padded["grouped"] < padded["one"]
     assert sum(r for r, _ in shapes_grouped) == sum(len(x) > 1 for _, x in reqs)  # one-token answers need no decode
+
+
+def recorded_row_blocks(monkeypatch) -> list[tuple[int, int]]:
+    """The (rows, width) of every prompt block the scorers pad from now on (prefill, or a unified forward)."""
+    blocks, pad = [], scoring.pad_tokens
+
+    def recording(rows, device, **kw):
+        batch = pad(rows, device, **kw)
+        if kw.get("start") is None:  # continuations extend a prompt: they start after it
+            blocks.append(tuple(batch.ids.shape))
+        return batch
+
+    monkeypatch.setattr(scoring, "pad_tokens", recording)
+    return blocks
+
+
+@pytest.mark.parametrize("mode", ["unified", "disaggregated"])
+def test_batches_cut_where_padding_costs_more_than_a_forward_score_as_full_batches(tiny, mode, monkeypatch):
+    # prompts of 1 to 120 tokens, several answers to some: a batch of 8 pads its short prompts to the longest
+    reqs = random_requests(24, 256, seed=7, max_ctx=120)
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 2, 3), KVPolicy(2, 3, (2,))) if mode == "disaggregated" \
+        else PruningPlan("x", 4, (0, 1, 3), (0, 1, 3))
+    blocks = recorded_row_blocks(monkeypatch)
+    runs = {}
+    for name, forward_tokens in (("full", math.inf), ("cut", 16.0)):
+        s = Scorer(tiny.model, plan, mode, max_length=4096, batch_size=8)
+        s.forward_tokens = forward_tokens
+        start = len(blocks)
+        runs[name] = s.loglikelihood(reqs), s.tally.as_dict(), blocks[start:], s.sizes_used
+    (full, tally_full, blocks_full, sizes_full), (cut, tally_cut, blocks_cut, sizes_cut) = runs["full"], runs["cut"]
+    assert absdiff(full, cut) <= TOL and [g for _, g in full] == [g for _, g in cut]
+    assert tally_full == tally_cut and sizes_full == sizes_cut == [8]  # the same handoffs; the size is a cap
+    assert len(blocks_full) == math.ceil(len(reqs) / 8)  # no measured forward cost: batches of 8, as before
+    padded = {name: sum(r * w for r, w in b) for name, (_, _, b, _) in runs.items()}
+    assert len(blocks_cut) > len(blocks_full) and padded["cut"] < padded["full"]
 
 
 @pytest.mark.parametrize("decode", [(0, 1, 2, 3), (0, 1, 3), (1,)])

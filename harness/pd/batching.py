@@ -7,6 +7,7 @@ position -1 in the cache, so no query ever sees it, and its id never matters (0 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -103,3 +104,31 @@ def length_groups(lengths: Sequence[int], forward_tokens: float) -> list[list[in
         groups.append(sorted(order[cut[end] : end]))
         end = cut[end]
     return groups[::-1]
+
+
+def chunk_bounds(lengths: Sequence[int], new_row: Sequence[bool], max_items: int, forward_tokens: float) -> list[tuple[int, int]]:
+    """Split items already in forward order (longest row first) into consecutive chunks of at most
+    `max_items`, each run as one padded forward, at least cost.
+
+    Item i needs a row of `lengths[i]` tokens; `new_row[i]` is False when it shares the row of item
+    i - 1 (requests with one prompt share one prefill row). A chunk costs its distinct rows × its
+    first (longest) row plus `forward_tokens` (as in `length_groups`). Dynamic programming,
+    O(n · max_items); ties go to fewer chunks. Returns (start, end) index bounds, in order. (A
+    device without a measured `forward_tokens` runs plain batches of `max_items`: no call here.)
+    """
+    n = len(lengths)
+    if max_items < 1 or not math.isfinite(forward_tokens):
+        raise ValueError(f"chunk_bounds needs max_items >= 1 and a finite forward_tokens, got {max_items}, {forward_tokens}")
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        rows = 0  # distinct rows of the chunk [start, end), grown leftwards
+        for start in range(end - 1, max(0, end - max_items) - 1, -1):
+            rows += 1 if start == end - 1 or new_row[start + 1] else 0
+            cost = best[start] + rows * lengths[start] + forward_tokens
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    bounds, end = [], n
+    while end:
+        bounds.append((cut[end], end))
+        end = cut[end]
+    return bounds[::-1]

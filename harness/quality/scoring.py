@@ -13,7 +13,7 @@ every position), which keeps memory flat on long contexts.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from harness.errors import UsageError
 from harness.pd import arch
-from harness.pd.batching import length_groups, pad_tokens
+from harness.pd.batching import chunk_bounds, length_groups, pad_tokens
 from harness.pd.cache import PDCache
 from harness.pd.plan import PruningPlan
 from harness.pd.stages import PrefillOut, StagedModel
@@ -31,9 +31,10 @@ from harness.quality import autobatch
 
 MODES = ("unified", "disaggregated")
 
-# The fixed cost of one decode forward, in tokens of forward work, by device type. On the 2-core CPUs
+# The fixed cost of one forward, in tokens of forward work, by device type. On the 2-core CPUs
 # of this project a forward reads every weight once: 62-73 ms against 1.3-1.4 ms a token at 16 rows,
-# i.e. 47-51 tokens (SmolLM2-135M, benchmarks/decode_groups.py); rounded up, so a split must save more.
+# i.e. 47-51 tokens (SmolLM2-135M decode forwards, benchmarks/decode_groups.py; a prefill forward reads
+# the same weights); rounded up, so a split must save more.
 FORWARD_TOKENS = {"cpu": 64.0}
 
 TokenRequest = tuple[Sequence[int], Sequence[int]]  # (context tokens, continuation tokens)
@@ -104,8 +105,8 @@ class Scorer:
         self.sizes_used: list[int] = []  # distinct batch sizes used, in order (the record keeps them per task)
         self._fitted: dict[tuple[int, int, int], int] = {}
         self.staged = StagedModel(model, plan)
-        # one more decode forward, in tokens of forward work (batching.length_groups); a device not
-        # measured keeps one padded decode forward per batch
+        # one more forward, in tokens of forward work (batching.length_groups, chunk_bounds); a device
+        # not measured keeps batches of the batch size and one padded decode forward per batch
         self.forward_tokens = FORWARD_TOKENS.get(self.device.type, float("inf"))
         self.tally = KVTally()
         self.label = f"{plan.method}/{mode}"  # the progress bar's name; the pipeline adds the task's
@@ -146,13 +147,7 @@ class Scorer:
         order = sorted(range(len(reqs)), key=key)
         out: list[tuple[float, bool] | None] = [None] * len(reqs)
         bar = tqdm(total=len(reqs), desc=self.label, disable=not progress, leave=False)
-        searches, size, start = autobatch.search_points(len(order), self.auto_times) or [0], 0, 0
-        while start < len(order):
-            if searches and start >= searches[0]:  # auto:N: found again on the longest request left
-                searches.pop(0)
-                size = self._size_for(*reqs[order[start]])
-            idx = order[start : start + size]
-            start += len(idx)
+        for idx in self._chunks(reqs, order):
             chunk = [reqs[i] for i in idx]
             scored = self._score_unified(chunk) if self.mode == "unified" else self._score_disaggregated(chunk)
             for i, s in zip(idx, scored):
@@ -160,6 +155,32 @@ class Scorer:
             bar.update(len(idx))
         bar.close()
         return out  # type: ignore[return-value]
+
+    def _chunks(self, reqs: Sequence[tuple[list[int], list[int]]], order: list[int]) -> Iterator[list[int]]:
+        """The request indices of each forward, taken from `order` (longest row first).
+
+        On a device with a measured forward cost (the CPU) a fixed batch size is a cap: a batch is
+        cut where padding its shorter rows to the longest would cost more than one more forward
+        (`batching.chunk_bounds`; BoolQ's passages vary: at --limit 100 in batches of 16, 22 % of
+        its prefill tokens were padding). Elsewhere batches of the size, `auto:N` searching again at its points.
+        """
+        if order and not self.auto_times and math.isfinite(self.forward_tokens):
+            size = self._size_for(*reqs[order[0]])
+            # the row a request needs: its prompt (disaggregated: one prefill per distinct prompt),
+            # or context + continuation[:-1] (unified: identical inputs share a row)
+            rows = [reqs[i][0] if self.mode == "disaggregated" else reqs[i][0] + reqs[i][1][:-1] for i in order]
+            new_row = [j == 0 or rows[j] != rows[j - 1] for j in range(len(rows))]
+            for s, e in chunk_bounds([len(r) for r in rows], new_row, size, self.forward_tokens):
+                yield order[s:e]
+            return
+        searches, size, start = autobatch.search_points(len(order), self.auto_times) or [0], 0, 0
+        while start < len(order):
+            if searches and start >= searches[0]:  # auto:N: found again on the longest request left
+                searches.pop(0)
+                size = self._size_for(*reqs[order[start]])
+            idx = order[start : start + size]
+            start += len(idx)
+            yield idx
 
     def _logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, normed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-prob and greedy flag of each target token, from hidden rows (N, hidden)."""
