@@ -86,7 +86,7 @@ def length_groups(lengths: Sequence[int], forward_tokens: float) -> list[list[in
 
     A group's cost is rows × its longest row (the padded tokens computed) plus `forward_tokens`,
     the fixed cost of one more forward counted in tokens (reading every weight once; ~50 tokens
-    on a 2-core CPU, `benchmarks/decode_groups.py`). Optimal over groups of consecutive rows by
+    on a 2-core CPU, `benchmarks/cpu_batches.py`). Optimal over groups of consecutive rows by
     length (dynamic programming, O(n²) for n rows); ties go to fewer groups, so
     `forward_tokens = inf` gives one group. Returns row indices, ascending within a group, groups
     longest first; rows of length 0 are in none.

@@ -33,7 +33,7 @@ MODES = ("unified", "disaggregated")
 
 # The fixed cost of one forward, in tokens of forward work, by device type. On the 2-core CPUs
 # of this project a forward reads every weight once: 62-73 ms against 1.3-1.4 ms a token at 16 rows,
-# i.e. 47-51 tokens (SmolLM2-135M decode forwards, benchmarks/decode_groups.py; a prefill forward reads
+# i.e. 47-51 tokens (SmolLM2-135M decode forwards, benchmarks/cpu_batches.py; a prefill forward reads
 # the same weights); rounded up, so a split must save more.
 FORWARD_TOKENS = {"cpu": 64.0}
 
