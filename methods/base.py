@@ -60,6 +60,14 @@ def content_key(model, calib) -> tuple[str, str | None]:
     return model_fingerprint(model), calibration_fingerprint(calib)
 
 
+def optimizer_step(opt: torch.optim.Optimizer) -> None:
+    """`opt.step()`, with tensors it makes without a device on the CPU: Adam keeps its step counter there
+    by design, but torch < 2.13 makes it without a device, i.e. on the default device (torch 2.11, the
+    GPU machine's, failed under a meta default). Every method that trains steps through this."""
+    with torch.device("cpu"):
+        opt.step()
+
+
 class Options:
     """Mixin for a method's `Config` dataclass: `for_layers(n)`, options that fit an `n`-layer model.
 

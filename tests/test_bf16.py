@@ -156,3 +156,19 @@ def test_no_tensor_is_made_on_the_default_device_or_dtype(tiny, data_dir):
     finally:
         torch.set_default_device(None)
         torch.set_default_dtype(torch.float32)
+
+
+def test_healing_trains_under_a_meta_default_device(tiny):
+    """PDTrim's healing steps Adam like streamline does (`methods.base.optimizer_step`): under torch < 2.13
+    a plain `opt.step()` made Adam's step counter on the default device, here `meta`."""
+    from methods.pdtrim.healing import heal
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 256, (2, 8), generator=g), torch.ones(2, 8, dtype=torch.long))]
+    torch.set_default_device("meta")
+    try:
+        healed, report = heal(tiny.model, batches, [((1,), 2)], steps=2, lr=1e-3, seed=0)
+    finally:
+        torch.set_default_device(None)
+    assert set(healed) == {2} and all(p.device.type == "cpu" for p in healed[2].parameters())
+    assert math.isfinite(report["2"]["mse_before"]) and math.isfinite(report["2"]["mse_after"])

@@ -47,7 +47,7 @@ from harness.pd.cache import PDCache
 from harness.pd.engine import run_layers
 from harness.pd.plan import PruningPlan
 from methods.bars import calib_batches
-from methods.base import DepthOptions, Method, content_key
+from methods.base import DepthOptions, Method, content_key, optimizer_step
 from methods.depth.ranked import progress
 from methods.registry import register
 
@@ -118,10 +118,7 @@ def train_replacement(model, block: int, x: torch.Tensor, y: torch.Tensor, steps
             idx = torch.randint(0, x.shape[0], (min(batch_tokens, x.shape[0]),), generator=gen, device="cpu").to(x.device)
             opt.zero_grad()
             F.mse_loss(ffn(x[idx]), y[idx]).backward()
-            # Adam keeps its step counter on the CPU by design; torch < 2.13 makes it without a device,
-            # i.e. on the default device (torch 2.11, the GPU machine's, fails under a meta default)
-            with torch.device("cpu"):
-                opt.step()
+            optimizer_step(opt)
     after = mse()
     ffn.requires_grad_(False)
     ffn.to(next(layer.parameters()).dtype)

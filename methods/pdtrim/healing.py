@@ -22,6 +22,7 @@ from torch import nn
 from harness.pd import arch
 from harness.pd.cache import PDCache
 from harness.pd.engine import attention_mask, run_layers
+from methods.base import optimizer_step
 
 
 def healing_runs(removed: Sequence[int], distill: Sequence[int], n_layers: int) -> list[tuple[tuple[int, ...], int]]:
@@ -90,7 +91,7 @@ def heal(model, batches: list[tuple[torch.Tensor, torch.Tensor]], runs: list[tup
             x, y, pos, valid = data[step % len(data)]
             opt.zero_grad()
             loss_of(x, y, pos, valid).backward()
-            opt.step()
+            optimizer_step(opt)
         with torch.no_grad():
             after = sum(float(loss_of(*d)) for d in data) / len(data)
         layer.requires_grad_(False)
