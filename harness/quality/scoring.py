@@ -166,9 +166,7 @@ class Scorer:
         """
         if order and not self.auto_times and math.isfinite(self.forward_tokens):
             size = self._size_for(*reqs[order[0]])
-            # the row a request needs: its prompt (disaggregated: one prefill per distinct prompt),
-            # or context + continuation[:-1] (unified: identical inputs share a row)
-            rows = [reqs[i][0] if self.mode == "disaggregated" else reqs[i][0] + reqs[i][1][:-1] for i in order]
+            rows = [self._row(*reqs[i]) for i in order]
             new_row = [j == 0 or rows[j] != rows[j - 1] for j in range(len(rows))]
             for s, e in chunk_bounds([len(r) for r in rows], new_row, size, self.forward_tokens):
                 yield order[s:e]
@@ -181,6 +179,11 @@ class Scorer:
             idx = order[start : start + size]
             start += len(idx)
             yield idx
+
+    def _row(self, ctx: list[int], cont: list[int]) -> list[int]:
+        """The input row a request needs, shared by the requests with the same one: its prompt when
+        disaggregated (one prefill per distinct prompt), context + continuation[:-1] when unified."""
+        return ctx if self.mode == "disaggregated" else ctx + cont[:-1]
 
     def _logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, normed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-prob and greedy flag of each target token, from hidden rows (N, hidden)."""
@@ -203,7 +206,7 @@ class Scorer:
         where: dict[tuple[int, ...], int] = {}
         row_of = []
         for c, x in chunk:
-            key = tuple(c + x[:-1])
+            key = tuple(self._row(c, x))
             if key not in where:
                 where[key] = len(seqs)
                 seqs.append(list(key))
@@ -238,8 +241,8 @@ class Scorer:
         prompts: list[list[int]] = []
         where: dict[tuple[int, ...], int] = {}
         rows_l = []
-        for c, _ in chunk:
-            key = tuple(c)
+        for c, x in chunk:
+            key = tuple(self._row(c, x))
             if key not in where:
                 where[key] = len(prompts)
                 prompts.append(c)
