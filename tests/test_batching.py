@@ -36,8 +36,10 @@ def test_length_groups_costs_the_least_of_all_splits(lengths, forward_tokens):
     assert sorted(i for g in groups for i in g) == rows  # every row once; rows of length 0 in none
     assert all(g == sorted(g) and g for g in groups)
     assert [max(lengths[i] for i in g) for g in groups] == sorted((max(lengths[i] for i in g) for g in groups), reverse=True)
-    best = min(cost(p, lengths, forward_tokens) for p in partitions(rows))
+    costs = [(cost(p, lengths, forward_tokens), len(p)) for p in partitions(rows)]
+    best = min(c for c, _ in costs)
     assert math.isclose(cost(groups, lengths, forward_tokens), best)
+    assert len(groups) == min(n for c, n in costs if math.isclose(c, best))  # ties go to fewer groups
 
 
 def test_an_infinite_forward_cost_gives_one_group_and_a_free_one_a_group_per_length():
@@ -73,8 +75,15 @@ def test_chunk_bounds_cost_the_least_of_all_consecutive_splits(rows, cap, forwar
     bounds = chunk_bounds(lengths, new_row, cap, forward_tokens)
     assert [i for s, e in bounds for i in range(s, e)] == list(range(len(lengths)))  # every item once, in order
     assert all(1 <= e - s <= cap for s, e in bounds)
-    best = min(chunk_cost(b, lengths, new_row, forward_tokens) for b in consecutive_splits(len(lengths), cap))
+    costs = [(chunk_cost(b, lengths, new_row, forward_tokens), len(b)) for b in consecutive_splits(len(lengths), cap)]
+    best = min(c for c, _ in costs)
     assert math.isclose(chunk_cost(bounds, lengths, new_row, forward_tokens), best)
+    assert len(bounds) == min(n for c, n in costs if math.isclose(c, best))  # ties go to fewer chunks
+
+
+def test_chunk_bounds_ties_go_to_fewer_chunks():
+    # [(0, 2), (2, 4), (4, 5)] and [(0, 4), (4, 5)] both cost 23 (rows × longest + 2 a forward)
+    assert chunk_bounds([6, 5, 4, 4, 1], [True, True, True, False, True], 7, 2.0) == [(0, 4), (4, 5)]
 
 
 def test_chunk_bounds_cut_where_padding_costs_more_than_a_forward():

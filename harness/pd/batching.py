@@ -93,10 +93,10 @@ def length_groups(lengths: Sequence[int], forward_tokens: float) -> list[list[in
     """
     order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
     n = len(order)
-    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    best, cut = [(0.0, 0)] + [(math.inf, 0)] * n, [0] * (n + 1)  # (cost, groups) of each prefix
     for end in range(1, n + 1):
         for start in range(end):  # group order[start:end]; its longest row is order[start]
-            cost = best[start] + (end - start) * lengths[order[start]] + forward_tokens
+            cost = (best[start][0] + (end - start) * lengths[order[start]] + forward_tokens, best[start][1] + 1)
             if cost < best[end]:
                 best[end], cut[end] = cost, start
     groups, end = [], n
@@ -119,12 +119,12 @@ def chunk_bounds(lengths: Sequence[int], new_row: Sequence[bool], max_items: int
     n = len(lengths)
     if max_items < 1 or not math.isfinite(forward_tokens):
         raise ValueError(f"chunk_bounds needs max_items >= 1 and a finite forward_tokens, got {max_items}, {forward_tokens}")
-    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    best, cut = [(0.0, 0)] + [(math.inf, 0)] * n, [0] * (n + 1)  # (cost, chunks) of each prefix
     for end in range(1, n + 1):
         rows = 0  # distinct rows of the chunk [start, end), grown leftwards
         for start in range(end - 1, max(0, end - max_items) - 1, -1):
             rows += 1 if start == end - 1 or new_row[start + 1] else 0
-            cost = best[start] + rows * lengths[start] + forward_tokens
+            cost = (best[start][0] + rows * lengths[start] + forward_tokens, best[start][1] + 1)
             if cost < best[end]:
                 best[end], cut[end] = cost, start
     bounds, end = [], n
