@@ -16,10 +16,10 @@ from harness.errors import UsageError
 from harness.quality import long_tasks
 from harness.store.task_names import STANDARD_TASKS
 
-# harness-native long-context workloads: the plug-ins of harness/quality/long_tasks/ (built-in ones first); a task
-# registered later (e.g. by a test) is still accepted by --tasks and --set, which ask the registry itself
+# harness-native long-context workloads: the plug-ins of harness/quality/long_tasks/ (built-in ones first), as
+# registered when this module is imported; the `long` alias, --tasks and --set ask the registry itself, so a task
+# registered later (a HARNESS_PLUGINS module, loaded with the methods) is in `long` too
 LONG_TASKS = long_tasks.names()
-TASK_ALIASES = {"standard": STANDARD_TASKS, "long": LONG_TASKS}
 DEFAULT_TASKS = STANDARD_TASKS + LONG_TASKS
 DEFAULT_METHODS = ("unpruned", "shortgpt")
 DEFAULT_LIMIT = 100
@@ -129,10 +129,12 @@ def coerce(raw: str, hint: Any, where: str, nonfinite: bool = False) -> Any:
 
 
 def expand_tasks(tasks: typing.Iterable[str]) -> tuple[str, ...]:
-    """Replace the aliases `standard` and `long` by their tasks; keep order, drop repeats."""
+    """Replace the aliases `standard` and `long` (every registered long-context task, plug-ins included) by
+    their tasks; keep order, drop repeats."""
+    aliases = {"standard": STANDARD_TASKS, "long": long_tasks.names()}
     out: list[str] = []
     for t in tasks:
-        for name in TASK_ALIASES.get(t, (t,)):
+        for name in aliases.get(t, (t,)):
             if name not in out:
                 out.append(name)
     return tuple(out)

@@ -14,6 +14,7 @@ import os
 import pkgutil
 from importlib.metadata import entry_points
 
+from harness.errors import UsageError
 from methods.base import Method
 from methods.registry import get, names, register
 
@@ -48,13 +49,23 @@ def load_plugins(spec: str | None = None) -> list[str]:
             try:
                 importlib.import_module(mod)
             except ImportError as e:
-                raise ImportError(f"HARNESS_PLUGINS names {mod!r}, which cannot be imported: {e}") from e
+                hint = " (a module name, not a file path)" if "/" in mod or mod.endswith(".py") else ""
+                raise PluginImportError(f"HARNESS_PLUGINS names {mod!r}, which cannot be imported: {e}; give "
+                                        f"comma-separated module names importable from sys.path{hint}, e.g. add "
+                                        "their folder to PYTHONPATH") from e
             loaded.append(mod)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()
         loaded.append(ep.value)
+    register_baselines()  # a plug-in KV policy's baseline method
     return loaded
 
 
+class PluginImportError(UsageError, ImportError):
+    """A `HARNESS_PLUGINS` module that cannot be imported: bad input (the CLI exits 2), and an ImportError."""
+
+
 _import_package_modules()
+from methods.kv.baselines import register_baselines  # noqa: E402 - imported by the scan above
+
 load_plugins()

@@ -72,6 +72,11 @@ def register_wrapper(wrapper: Wrapper) -> Wrapper:
     return wrapper
 
 
+def registered(name: str) -> type[Method] | None:
+    """The class registered under exactly `name` (no wrapper resolution), or None."""
+    return _METHODS.get(name)
+
+
 def get(name: str) -> type[Method]:
     """The class of method `name` (a registered name or `<prefix><base>`); UsageError when unknown."""
     if name in _METHODS:

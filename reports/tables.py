@@ -365,15 +365,23 @@ def _layers(xs: list[int]) -> str:
     return " ".join(map(str, xs)) if xs else "—"
 
 
-def _policy_text(kv: dict) -> str:
-    """Readable KV policy of a stored plan (any kind; older records have no `kind`): the policy's own text."""
+def _policy_text(kv: dict, info: dict | None = None) -> str:
+    """Readable KV policy of a stored plan (any kind; older records have no `kind`): the policy's own text.
+
+    Reports load no plug-ins, so a plug-in policy's class is unknown here: then the text the plan's method
+    stored (`info["kv"]["policy"]`, as every KV baseline does), else the kind and its options."""
     from harness.pd.kv import policy_from_dict  # torch-free
 
     try:
-        policy = policy_from_dict(kv)
+        return policy_from_dict(kv).table_text()
     except (KeyError, TypeError, ValueError):
+        stored = ((info or {}).get("kv") or {}).get("policy") if isinstance(info, dict) else None
+        if isinstance(stored, str):
+            return stored
+        if isinstance(kv, dict) and isinstance(kv.get("kind"), str):
+            options = ", ".join(f"{k}={v}" for k, v in kv.items() if k not in ("kind", "budget"))
+            return f"{kv['kind']} ({options})" if options else kv["kind"]
         return str(kv)
-    return policy.table_text()
 
 
 def plans_table(records: Collection | Sequence[RunRecord]) -> pd.DataFrame:
@@ -384,7 +392,7 @@ def plans_table(records: Collection | Sequence[RunRecord]) -> pd.DataFrame:
         g = []
         for r in rs:
             p = r.plan
-            pol = _policy_text(p.get("kv_policy") or {})
+            pol = _policy_text(p.get("kv_policy") or {}, p.get("info"))
             g.append([cell(col.label(r)), cell(removed_text(r)), cell(_layers(p.get("removed_prefill", []))),
                       cell(_layers(p.get("removed_decode", []))), cell(pol)])
             seen.add(r.method)

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# The suite checks the package's own registries (the generated docs tables and --help list, the contract tests'
+# parametrisation): a plug-in named in the environment would join them. Plug-in tests load their own modules.
+os.environ.pop("HARNESS_PLUGINS", None)
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Under pytest-xdist the workers share the cores: one thread each (inherited by the CLI
     # subprocesses the tests start), or torch's spinning threads oversubscribe them and the tiny

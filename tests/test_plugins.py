@@ -125,3 +125,81 @@ def test_instantiate_builds_a_wrappers_inner_method_and_names_the_wrapper():
     assert registry.instantiate("w", "stage:sleb").inner.config == cls.Config()
     with pytest.raises(UsageError, match=r"^w: sleb.samples=0: must be >= 1"):
         registry.instantiate("w", "sleb", {"samples": 0})
+
+
+KV_NAME, KV_METHOD, KV_MODULE = "test_recent", "test_recent_kv", "pd_harness_test_plugin_recent"
+KV_PLUGIN = textwrap.dedent(f'''
+    """A KV policy plug-in outside the package: `@register_policy` is all it writes."""
+    from dataclasses import dataclass
+
+    from harness.pd.kv import register_policy
+    from harness.pd.kv.base import TokenSelection
+
+
+    @register_policy
+    @dataclass(frozen=True)
+    class Recent(TokenSelection):
+        """Every decode layer keeps its k most recent prompt positions (test plug-in)."""
+
+        name = "{KV_NAME}"
+        method_name = "{KV_METHOD}"
+        method_summary = "base plan's layers; the most recent positions (test plug-in)"
+
+        def keep(self, layer, positions, lengths, k, observed):
+            from harness.pd.kv_select import streaming_keep
+
+            return streaming_keep(positions, lengths, k, 0)
+
+        def how(self) -> str:
+            return "most recent"
+''')
+
+
+@pytest.fixture
+def kv_plugin(tmp_path, monkeypatch):
+    """The KV policy plug-in written to `tmp_path`; afterwards policy, method and module are gone again."""
+    from harness.pd import kv
+
+    (tmp_path / f"{KV_MODULE}.py").write_text(KV_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = dict(kv._POLICIES)
+    yield KV_MODULE
+    if registry.registered(KV_METHOD):
+        registry.unregister(KV_METHOD)
+    kv._POLICIES.clear()
+    kv._POLICIES.update(before)
+    sys.modules.pop(KV_MODULE, None)
+
+
+def test_a_plugin_kv_policy_loaded_after_the_methods_gets_its_baseline_method(kv_plugin, tiny, calib):
+    assert KV_METHOD not in methods.names()
+    assert KV_MODULE in methods.load_plugins(KV_MODULE)  # as HARNESS_PLUGINS does, after the package's methods
+    cls = methods.get(KV_METHOD)
+    assert cls.policy_cls.name == KV_NAME and KV_METHOD in methods.names()
+    assert KV_MODULE in methods.load_plugins(KV_MODULE)  # again: nothing registered twice
+    check_method_contract(KV_METHOD, tiny.model, calib, {"base": "tail", "base_options": "k=1"})
+    plan = cls(cls.Config(base="tail", base_options="k=1", keep_tokens=3)).plan(tiny.model, None, "disaggregated")
+    assert plan.kv_policy.to_dict()["kind"] == KV_NAME and plan.info["kv"]["policy"].startswith(f"{KV_NAME} (most recent)")
+
+
+def test_a_plugin_kv_policy_may_not_take_a_methods_name(kv_plugin):
+    from harness.pd.kv import register_policy
+
+    module = importlib.import_module(KV_MODULE)
+    register_policy(type("Clash", (module.Recent,), {"name": "test_clash", "method_name": "tail", "__module__": "x"}))
+    with pytest.raises(ValueError, match="method_name 'tail' is already a method"):
+        methods.load_plugins("")
+
+
+def test_a_plugins_import_error_is_bad_input():
+    with pytest.raises(UsageError, match="cannot be imported.*a module name, not a file path"):
+        methods.load_plugins("/tmp/my_plugin.py")
+
+
+def test_reports_show_a_plugin_policy_they_cannot_load():
+    from reports.tables import _policy_text
+
+    kv = {"kind": "not_loaded", "budget": {"ratio": 0.5}, "stride": 2}
+    assert _policy_text(kv, {"kv": {"policy": "not_loaded (every 2nd), budget = ratio 0.5"}}) == \
+        "not_loaded (every 2nd), budget = ratio 0.5"  # the text the KV baseline stored
+    assert _policy_text(kv, {}) == "not_loaded (stride=2)"

@@ -58,11 +58,13 @@ def toy():
 
 def test_a_task_file_registers_itself_and_is_accepted_by_tasks_and_set(toy, data_dir):
     from harness.cli.run import check_tasks
-    from harness.config import RunConfig
+    from harness.config import RunConfig, expand_tasks
     from harness.run import pipeline
 
     assert long_tasks.names()[:2] == ("pd_ppl", "passkey") and TOY in long_tasks.names()
     check_tasks(("arc_easy", TOY), str(data_dir))
+    # registered after harness.config was imported (as a HARNESS_PLUGINS task is), and still in `long`
+    assert expand_tasks(["arc_easy", "long"]) == ("arc_easy", "pd_ppl", "passkey", TOY)
     cfg = RunConfig(model="random:tiny", methods=("unpruned",), tasks=(TOY,), data_dir=str(data_dir),
                     overrides=(f"{TOY}.lengths=16,32", f"{TOY}.docs=3"))
     assert pipeline.prepare(cfg).task_options[TOY] == ToyConfig(lengths=(16, 32), docs=3)

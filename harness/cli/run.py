@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from harness.cli.flags import MODES, batch_size_arg, csv_list, limit_arg, nonneg_int, positive_int
-from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, LONG_TASKS, STANDARD_TASKS, RunConfig, expand_tasks
+from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, STANDARD_TASKS, RunConfig, expand_tasks
 from harness.errors import UsageError
 from harness.run.quiet import quiet_libraries
 from harness.store.records import check_writable
@@ -65,12 +65,15 @@ MODEL_ARG_NAMES = ("revision", "attn_implementation", "trust_remote_code")
 
 
 def run_parser() -> argparse.ArgumentParser:
+    from harness.quality import long_tasks
+
+    epilog = _methods_epilog()  # first: with plug-ins configured it imports them, and a task plug-in joins long_tasks
     p = argparse.ArgumentParser(
         prog="python -m harness",
         description="Evaluate pruning methods in PD-unified and PD-disaggregated settings: lm-eval scores "
         "and the KV bytes each handoff sends from the prefill to the decode stage.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_methods_epilog() + "\n\nexamples:\n  python -m harness --methods unpruned,shortgpt --limit 100\n"
+        epilog=epilog + "\n\nexamples:\n  python -m harness --methods unpruned,shortgpt --limit 100\n"
         "  python -m harness --methods shortgpt --set shortgpt.k=6 --tasks arc_easy,boolq --mode disaggregated\n"
         "  python -m harness --config configs/main_table.toml          # a spec: runs what a table needs, then renders it\n\n"
         "commands (python -m harness COMMAND --help; without one, run):\n"
@@ -81,7 +84,7 @@ def run_parser() -> argparse.ArgumentParser:
                    help="smollm2-135m (embedded default), a .gguf file, a model directory, a HF id, or random:<preset>")
     p.add_argument("--tasks", type=csv_list, default="standard,long",
                    help="comma-separated tasks: lm-eval tasks with local data, the harness's long-context tasks "
-                        f"({', '.join(LONG_TASKS)}), or the aliases standard ({', '.join(STANDARD_TASKS)}) and long "
+                        f"({', '.join(long_tasks.names())}), or the aliases standard ({', '.join(STANDARD_TASKS)}) and long "
                         "(default: %(default)s)")
     p.add_argument("--limit", type=limit_arg, default=DEFAULT_LIMIT,
                    help=f"items per task (per subtask for groups such as mmlu), a fraction 0 < x < 1 of each task's items "

@@ -156,7 +156,27 @@ def baseline_method(policy_cls: type) -> type[KVBaseline]:
         "__doc__": f"KV baseline: the base plan's layers with the `{policy_cls.name}` KV policy (harness/pd/kv/)."})
 
 
-for _name in policy_names():
-    if get_policy(_name).method_name:
-        _cls = register(baseline_method(get_policy(_name)))
-        globals()[_cls.__name__] = _cls  # e.g. SnapKVBaseline, StreamingBaseline
+def register_baselines() -> list[str]:
+    """Register the KV-baseline method of every registered policy with a `method_name` that has none yet:
+    the package's policies when this module is imported, a plug-in's when `methods.load_plugins` has
+    imported it (a plug-in policy needs nothing but `@register_policy`). Returns the names registered."""
+    from methods import registry
+
+    made = []
+    for name in policy_names():
+        policy_cls = get_policy(name)
+        if not policy_cls.method_name:
+            continue
+        taken = registry.registered(policy_cls.method_name)
+        if taken is not None:
+            if getattr(taken, "policy_cls", None) is not policy_cls:
+                raise ValueError(f"KV policy {name!r} ({policy_cls.__module__}): its method_name {policy_cls.method_name!r} "
+                                 f"is already a method ({taken.__module__}.{taken.__qualname__}); choose another")
+            continue
+        cls = register(baseline_method(policy_cls))
+        globals()[cls.__name__] = cls  # e.g. SnapKVBaseline: importable and picklable by name (sweep cells)
+        made.append(cls.name)
+    return made
+
+
+register_baselines()
