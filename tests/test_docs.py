@@ -126,3 +126,34 @@ def test_the_api_names_a_bad_option():
         harness.evaluate(metods=["unpruned"])
     with pytest.raises(UsageError, match="no such file or folder"):
         harness.load_results("/nonexistent/run")
+
+
+def test_the_documented_stage_method_plugs_in(tmp_path, monkeypatch, tiny):
+    """docs/adding.md's decode-only method, as an outside plug-in module: registered on import, listed,
+    honouring the method contract, and its plans skip the middle block in decode only."""
+    import importlib
+    import sys
+
+    from method_contract import check_method_contract
+
+    import methods
+    from harness.errors import UsageError
+    from methods import registry
+
+    text = (ROOT / "docs" / "adding.md").read_text()
+    code = re.search(r"## A method that plans each stage itself.*?```python\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "pd_harness_doc_stage_method.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert "pd_harness_doc_stage_method" in methods.load_plugins("pd_harness_doc_stage_method")
+        assert "drop_middle_decode" in methods.names()
+        check_method_contract("drop_middle_decode", tiny.model, None)
+        cls = methods.get("drop_middle_decode")
+        plan = cls().plan(tiny.model, None, "disaggregated")
+        assert (plan.prefill_layers, plan.decode_layers) == ((0, 1, 2, 3), (0, 2, 3))  # 4 blocks: the middle one is 1
+        with pytest.raises(UsageError, match="width=4: must be < the model's 4 blocks"):
+            cls(cls.Config(width=4)).plan(tiny.model, None, "unified")
+    finally:
+        registry.unregister("drop_middle_decode")
+        sys.modules.pop("pd_harness_doc_stage_method", None)
+        importlib.invalidate_caches()
