@@ -209,6 +209,12 @@ def test_generation_modes_agree_with_hf_generate(tiny):
         ref = tiny.model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
                                   pad_token_id=0)[0, len(p):].tolist()
         assert g == ref
+    scorer = Scorer(tiny.model, dense, "disaggregated", max_length=4096)
+    assert scorer.generate(prompts, 0) == [[], [], []] and [len(g) for g in scorer.generate(prompts, 1)] == [1, 1, 1]
+    with pytest.raises(ValueError, match="context 1 is empty"):  # no last token to continue from
+        scorer.generate([[1, 2], []], 4)
+    with pytest.raises(ValueError, match="is for a 3-layer model, this model has 4"):  # would skip block 3 silently
+        Scorer(tiny.model, PruningPlan.dense("u", 3), "disaggregated", max_length=4096)
 
 
 def test_swapping_layers_copies_nothing_and_undoes_exactly(tiny):

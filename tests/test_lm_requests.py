@@ -56,6 +56,11 @@ def test_generate_until_modes_agree_and_stop(tiny):
     cut = lm(tiny, "disaggregated").generate_until([inst("generate_until", (prompts[1], {"until": [stop], "max_gen_toks": 24}))],
                                                    disable_tqdm=True)[0]
     assert cut == full.split(stop)[0] and len(cut) < len(full)
+    # an empty context (the byte tokenizer adds no BOS) continues from the prefix token, like loglikelihood's
+    empty_lm = lm(tiny, "disaggregated")
+    empty = empty_lm.generate_until([inst("generate_until", ("", {"until": [], "max_gen_toks": 6}))], disable_tqdm=True)[0]
+    from_prefix = empty_lm.scorer.generate([[empty_lm.prefix_token_id]], 6)[0]
+    assert empty == empty_lm.tok_decode(from_prefix, skip_special_tokens=False)
 
 
 def test_kv_policy_reaches_generation(tiny):

@@ -23,7 +23,7 @@ PLANS = {
 }
 
 
-def test_pad_tokens_right_left_width_start():
+def test_pad_tokens_right_width_start():
     rows = [[5, 6, 7], [8], []]
     b = pad_tokens(rows, "cpu")
     assert b.ids.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
@@ -33,15 +33,9 @@ def test_pad_tokens_right_left_width_start():
     w = pad_tokens(rows, "cpu", width=5, start=torch.tensor([10, 20, 30]))
     assert w.ids.shape == (3, 5) and w.positions[:, :2].tolist() == [[10, 11], [20, 21], [30, 31]]
     assert w.valid.sum(1).tolist() == [3, 1, 0]
-    left = pad_tokens(rows, "cpu", side="left")
-    assert left.ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
-    assert left.valid.tolist() == [[True] * 3, [False, False, True], [False] * 3]
-    assert left.positions[left.valid].tolist() == [0, 1, 2, 0]  # a row's first token is at position 0
     assert pad_tokens([[], []], "cpu").ids.shape == (2, 0)
     with pytest.raises(ValueError, match="shorter than the longest row"):
         pad_tokens(rows, "cpu", width=2)
-    with pytest.raises(ValueError, match="side"):
-        pad_tokens(rows, "cpu", side="middle")
 
 
 def test_dense_batch():

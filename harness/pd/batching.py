@@ -2,7 +2,9 @@
 
 Every forward of the harness takes a (batch, width) block of token ids with the original position
 of each column and a mask of real (non-padding) columns; the engine gives a padding column
-position -1 in the cache, so no query ever sees it, and its id never matters (0 is used).
+position -1 in the cache, so no query ever sees it, and its id never matters (0 is used). Rows are
+padded on the right: the engine reads a row's last token at column `length - 1`, and the prefill
+observer of SnapKV-style policies takes its window from there.
 """
 
 from __future__ import annotations
@@ -12,9 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-SIDES = ("right", "left")
-
 
 @dataclass(frozen=True)
 class TokenBatch:
@@ -48,37 +47,26 @@ def pad_tokens(
     *,
     width: int | None = None,
     start: torch.Tensor | None = None,
-    side: str = "right",
 ) -> TokenBatch:
-    """Pad token rows into a `TokenBatch` on `device`.
+    """Pad token rows on the right into a `TokenBatch` on `device`: row i in columns 0 .. len(i)-1.
 
     Args:
         rows: B token lists (a row may be empty).
         width: W, at least the longest row; default the longest row.
         start: (B,) position of each row's first token (e.g. the prompt length, for a continuation
             that extends a prompt's cache); default 0.
-        side: "right" puts a row's tokens in columns 0 .. len-1, "left" in W-len .. W-1.
     """
-    if side not in SIDES:
-        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     lens = [len(r) for r in rows]
     W = max(lens, default=0) if width is None else width
     if lens and max(lens) > W:
         raise ValueError(f"width {W} is shorter than the longest row ({max(lens)} tokens)")
     # one host tensor and one copy: cheaper than filling device rows one by one
-    filled = [list(r) + [0] * (W - n) if side == "right" else [0] * (W - n) + list(r) for r, n in zip(rows, lens)]
+    filled = [list(r) + [0] * (W - n) for r, n in zip(rows, lens)]
     ids = torch.tensor(filled, dtype=torch.long, device="cpu").reshape(len(rows), W).to(device)
     lengths = torch.tensor(lens, dtype=torch.long, device=device)
     col = torch.arange(W, device=device)[None, :]
-    offset = None if side == "right" else (W - lengths)[:, None]  # a left-padded row starts at column W - len
-    if start is None and offset is None:
-        positions = col.expand(len(rows), W)
-    else:
-        positions = col if offset is None else col - offset
-        positions = positions + (0 if start is None else start[:, None])
-        positions = positions.expand(len(rows), W)
-    valid = col < lengths[:, None] if offset is None else col >= offset
-    return TokenBatch(ids, positions, valid, lengths)
+    positions = col if start is None else col + start[:, None]
+    return TokenBatch(ids, positions.expand(len(rows), W), col < lengths[:, None], lengths)
 
 
 def length_groups(lengths: Sequence[int], forward_tokens: float) -> list[list[int]]:

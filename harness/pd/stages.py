@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from harness.pd.arch import n_layers
 from harness.pd.batching import TokenBatch
 from harness.pd.cache import PDCache
 from harness.pd.engine import Handoff, final_logits, make_handoff, run_layers
@@ -57,11 +58,15 @@ class StagedModel:
     """
 
     def __init__(self, model: nn.Module, plan: PruningPlan) -> None:
+        if plan.n_layers != n_layers(model):  # a plan of another depth would silently skip or miss blocks
+            raise ValueError(f"{plan.method}: the plan is for a {plan.n_layers}-layer model, this model has {n_layers(model)}")
         self.model, self.plan = model, plan
 
     @torch.inference_mode()
     def prefill(self, batch: TokenBatch, *, keep_hidden: bool = False) -> PrefillOut:
         """Run the prompts `batch` (P, T) through the prefill layers into a fresh PD cache.
+
+        Every prompt has at least one token (`last_hidden` is each row's column `length - 1`).
 
         The cache keeps only the decode layers' KV (the rest is never sent). The KV policy's
         prefill observation is installed around the forward (a no-op unless the policy reads the

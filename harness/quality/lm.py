@@ -179,7 +179,8 @@ class PDLM(TemplateLM):
             eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
             stops = until + ([eos] if eos not in until else [])
             max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
-            contexts = [self.tok_encode(requests[i].args[0]) for i in idxs]
+            # an empty context (no BOS in the tokenizer) starts from the prefix token, as loglikelihood's does
+            contexts = [self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in idxs]
 
             def should_stop(j: int, gen: list[int], stops: list[str] = stops) -> bool:
                 if gen[-1] == self.eot_token_id:

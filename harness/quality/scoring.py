@@ -295,7 +295,14 @@ class Scorer:
         should_stop: Callable[[int, list[int]], bool] | None = None,
         progress: bool = False,
     ) -> list[list[int]]:
-        """Greedy continuation tokens for each context (EOS handling is the caller's `should_stop`)."""
+        """Greedy continuation tokens for each context (EOS handling is the caller's `should_stop`): at most
+        `max_new_tokens` each. Every context needs a token (PDLM gives an empty one the prefix token, as
+        lm-eval's loglikelihood does)."""
+        if max_new_tokens < 0 or not all(contexts):
+            raise ValueError(f"generate needs max_new_tokens >= 0 (got {max_new_tokens}) and a token in every context "
+                             f"(context {next((i for i, c in enumerate(contexts) if not c), '-')} is empty)")
+        if max_new_tokens == 0:
+            return [[] for _ in contexts]
         ctxs = [list(c)[-max(1, self.max_length - max_new_tokens) :] for c in contexts]
         order = sorted(range(len(ctxs)), key=lambda i: -len(ctxs[i]))
         out: list[list[int]] = [[] for _ in ctxs]
