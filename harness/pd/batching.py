@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 @dataclass(frozen=True)
 class TokenBatch:
     """Token rows of a forward, padded to one width W.
