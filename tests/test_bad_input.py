@@ -121,6 +121,15 @@ CASES = [
      "streamline.replace_lr=nan: expected a finite number"),
     ("report-bandwidth-nan", lambda t, d, r: ["report", r, "--bandwidth", "nan"], "expected a finite number, got 'nan'"),
     ("latency-bandwidths-inf", lambda t, d, r: ["latency", *TINY, "--bandwidths", "100,inf"], "expected positive numbers"),
+    # found by exploratory testing: each crashed after the model loaded, or measured nothing and exited 0
+    ("latency-methods-empty", lambda t, d, r: ["latency", *TINY, "--methods", "", "--out", t / "o"],
+     "--methods is empty; known methods: "),
+    ("latency-decode-mode-empty", lambda t, d, r: ["latency", *TINY, "--decode-mode", "", "--out", t / "o"],
+     "--decode-mode '': expected one or more of eager, static, graph"),
+    ("latency-graph-on-cpu", lambda t, d, r: ["latency", *TINY, "--decode-mode", "eager,graph", "--out", t / "o"],
+     "--decode-mode graph: CUDA graphs need a CUDA device, this run is on cpu"),
+    ("export-shard-size", lambda t, d, r: ["export", *TINY[:4], "--method", "unpruned", "--max-shard-size", "bogus",
+                                           "--out", t / "e"], "expected a positive size with a unit TB, GB, MB or KB"),
     ("check-tolerance-nan", lambda t, d, r: ["check", "--against", r, "--current", r, "--latency-tolerance", "nan"],
      "expected a finite number"),
     # item 12
@@ -160,7 +169,7 @@ def test_bad_input_in_process_exits_2(name, build, message, tmp_path, data_dir, 
     assert rc == 2, err[-2000:]
     assert message.format(run=tiny_run, tmp=tmp_path) in err, err[-2000:]
     assert "Traceback" not in err
-    if name.startswith(("out-", "latency-out")):
+    if name.startswith(("out-", "latency-out", "latency-methods", "latency-decode", "latency-graph", "export-shard")):
         assert not loads, "the output folder must be checked before the model loads"
     assert not list((tmp_path / "tmp").glob("harness-tasks-*"))
 

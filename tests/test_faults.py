@@ -34,7 +34,8 @@ def _finished(out: Path) -> list[Path]:
 
 def test_kill_9_mid_run_loses_no_finished_record_and_the_rerun_resumes(data_dir, tmp_path, cli):
     out = tmp_path / "run"
-    env = {**os.environ, "HARNESS_DATA_DIR": str(data_dir)}
+    # without the TQDM_DISABLE the `cli` fixture sets: -q alone must silence every progress bar
+    env = {**{k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}, "HARNESS_DATA_DIR": str(data_dir)}
     proc = subprocess.Popen(_cmd(out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while len(_finished(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -42,6 +43,8 @@ def test_kill_9_mid_run_loses_no_finished_record_and_the_rerun_resumes(data_dir,
     assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    err = proc.stderr.read()
+    assert "it/s]" not in err and "Tokenizing inputs" not in err, err[-2000:]  # -q: no bar of ours, lm-eval's or torch's
     survivors = {p.name: p.read_bytes() for p in _finished(out)}
     assert 2 <= len(survivors) < 8
     for name in survivors:  # every finished record is whole and readable

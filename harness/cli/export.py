@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import sys
 import time
@@ -62,8 +63,18 @@ def parser() -> argparse.ArgumentParser:
                         "bfloat16, float16")
     p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"),
                    help="calibration data for methods that calibrate (default: $HARNESS_DATA_DIR)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
+    p.add_argument("--max-shard-size", type=shard_size, default="5GB",
+                   help="largest safetensors file: a number and TB, GB, MB or KB (default: 5GB)")
     return p
+
+
+def shard_size(s: str) -> str:
+    """`--max-shard-size`, checked before any model work: what save_pretrained accepts (huggingface_hub's
+    parse_size_to_int: a positive number, then TB, GB, MB or KB)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(TB|GB|MB|KB)\s*", s, re.IGNORECASE)
+    if m is None or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size with a unit TB, GB, MB or KB (e.g. 5GB, 500MB), got {s!r}")
+    return s
 
 
 @dataclasses.dataclass

@@ -53,24 +53,35 @@ def latency_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_latency_args(args: argparse.Namespace, decode_modes: tuple[str, ...]) -> None:
+    """What argparse's types cannot see, before any model work (UsageError: exit 2)."""
+    from harness.pd.models import resolve_device
+
+    if not args.methods:
+        raise UsageError("--methods is empty; known methods: " + ", ".join(__import__("methods").names()))
+    if args.warmup < 0:
+        raise UsageError(f"--warmup {args.warmup}: must be >= 0")
+    bad = [m for m in args.decode_mode if m not in decode_modes]
+    if bad or not args.decode_mode:
+        raise UsageError(f"--decode-mode {','.join(bad) or repr('')}: expected one or more of {', '.join(decode_modes)}")
+    if "graph" in args.decode_mode and resolve_device(args.device).type != "cuda":
+        raise UsageError(f"--decode-mode graph: CUDA graphs need a CUDA device, this run is on {resolve_device(args.device)}; "
+                         "use eager or static there")
+
+
 def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     args = argv if isinstance(argv, argparse.Namespace) else latency_parser().parse_args(argv)  # a spec section: options
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"
     quiet_libraries()
+    from harness.latency.measure import DECODE_MODES
     from harness.pd.models import load_model
     from harness.run import pipeline
     from harness.run.latency_run import LatencyConfig, run_latency
     from reports.formats import to_markdown
     from reports.tables import efficiency_table
 
-    if args.warmup < 0:
-        raise UsageError(f"--warmup {args.warmup}: must be >= 0")
-    from harness.latency.measure import DECODE_MODES
-
-    bad = [m for m in args.decode_mode if m not in DECODE_MODES]
-    if bad:
-        raise UsageError(f"--decode-mode {','.join(bad)}: expected any of {', '.join(DECODE_MODES)}")
+    check_latency_args(args, DECODE_MODES)
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     cfg = LatencyConfig(model=args.model, methods=args.methods, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                         batch_sizes=args.batch_size, bandwidths_gbit=args.bandwidths, warmup=args.warmup, repeats=args.repeats,

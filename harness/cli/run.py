@@ -203,14 +203,14 @@ def default_out(cfg: RunConfig, root: Path = Path("results") / "runs", kind: str
 def cmd_run(argv: list[str] | argparse.Namespace) -> int:
     t_start = time.perf_counter()  # the timing line's 'startup': imports and checks before the model loads
     args = argv if isinstance(argv, argparse.Namespace) else run_parser().parse_args(argv)  # a spec section: options
+    if args.quiet or os.environ.get("RANK", "0") != "0":
+        os.environ["TQDM_DISABLE"] = "1"  # before torch imports tqdm, which reads it once, at import
     from harness.quality import distributed  # torch: only after parsing, so --help and bad flags stay fast
 
     dist = distributed.current()
     if not dist.is_main:  # one voice: rank 0 reports, the others work silently
         args.quiet = True
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
-    if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # also silences lm-eval's own bars
     quiet_libraries()
     from harness.run import pipeline
 

@@ -92,7 +92,8 @@ class PDLM(TemplateLM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         real, n_pad = self._without_padding(list(requests))
-        res = super().loglikelihood(real, disable_tqdm=disable_tqdm)
+        # lm-eval's "Tokenizing inputs" bar: shown only with ours (an explicit disable=False beats TQDM_DISABLE)
+        res = super().loglikelihood(real, disable_tqdm=disable_tqdm or not self.progress)
         return res + res[-1:] * n_pad
 
     @property
