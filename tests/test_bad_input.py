@@ -128,6 +128,9 @@ CASES = [
      "--decode-mode '': expected one or more of eager, static, graph"),
     ("latency-graph-on-cpu", lambda t, d, r: ["latency", *TINY, "--decode-mode", "eager,graph", "--out", t / "o"],
      "--decode-mode graph: CUDA graphs need a CUDA device, this run is on cpu"),
+    ("passkey-too-short-before-any-cell", lambda t, d, r: [*ARC_CELL[:-4], "--tasks", "arc_easy,passkey", "--limit", "2",
+                                                           "--set", "passkey.lengths=64", "--out", t / "o"],
+     "passkey: length 64 leaves no room for filler; use lengths >= "),
     ("export-shard-size", lambda t, d, r: ["export", *TINY[:4], "--method", "unpruned", "--max-shard-size", "bogus",
                                            "--out", t / "e"], "expected a positive size with a unit TB, GB, MB or KB"),
     ("check-tolerance-nan", lambda t, d, r: ["check", "--against", r, "--current", r, "--latency-tolerance", "nan"],
@@ -172,6 +175,8 @@ def test_bad_input_in_process_exits_2(name, build, message, tmp_path, data_dir, 
     if name.startswith(("out-", "latency-out", "latency-methods", "latency-decode", "latency-graph", "export-shard")):
         assert not loads, "the output folder must be checked before the model loads"
     assert not list((tmp_path / "tmp").glob("harness-tasks-*"))
+    if name.endswith("before-any-cell"):
+        assert not list(tmp_path.glob("o/*.json")), "refused before any cell ran (no record, no failure note)"
 
 
 def _drop(key):

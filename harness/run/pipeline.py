@@ -138,7 +138,7 @@ def run(
     `log_samples` each evaluated (cell, task)'s per-sample log under `out_dir/samples/`. `tracker` times
     the phases and draws the overall line (default: a silent one); each record keeps its cell's phase seconds."""
     from harness.pd.models import load_model
-    from harness.quality import distributed
+    from harness.quality import distributed, long_tasks
     from harness.run.env import env_info
 
     d = distributed.current()
@@ -151,6 +151,8 @@ def run(
                                 cfg.model_arg_dict())
     if cfg.apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
         raise UsageError(f"--apply_chat_template: the tokenizer of {cfg.model} has no chat template; leave the flag off")
+    for task in (t for t in cfg.tasks if long_tasks.is_long_task(t)):  # options the tokenizer rules out: before any cell
+        long_tasks.get(task).check_tokenizer(loaded.tokenizer, prepared.task_options[task], cfg.limit)
     env = env_info(str(next(loaded.model.parameters()).device))
     env["data_parallel_ranks"] = d.world_size
     state = _Run(cfg, prepared, out_dir, loaded,

@@ -39,6 +39,11 @@ class LongTask:
     def check_data(cls, data_dir: Path | None) -> None:
         """Raise UsageError when the task cannot run with `data_dir` (cheap: runs before any model work)."""
 
+    @classmethod
+    def check_tokenizer(cls, tokenizer, options: Any, limit: int | float | None) -> None:
+        """Raise UsageError when `options` cannot work with the model's tokenizer (e.g. a prompt length too
+        short for the task's fixed text); runs once the model is loaded, before the first cell."""
+
     def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: Any, limit: int | float | None,
                  progress: bool = False) -> dict:
         """Returns {"scores": {metric: {"value", "stderr"}}, "n_samples", "kv_by": {setting: KV delta},

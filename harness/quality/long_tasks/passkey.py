@@ -99,6 +99,10 @@ class Passkey(LongTask):
         n = options.repeats * len(options.lengths) * len(options.depths)
         return capped(n, limit)
 
+    @classmethod
+    def check_tokenizer(cls, tokenizer, options: PasskeyConfig, limit: int | float | None) -> None:
+        passkey_samples(tokenizer, options, limit)  # a length with no room for filler: the UsageError, before any cell
+
     def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: PasskeyConfig, limit: int | float | None,
                  progress: bool = False) -> dict:
         c = options
