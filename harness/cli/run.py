@@ -297,7 +297,9 @@ def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path, t_star
     if not failures:
         return 0
     n_cells = len(prepared.methods) * len(cfg.modes)
-    print(f"{len(failures)} of {n_cells} cells FAILED (the others finished; rerun the same command to retry only these):")
+    # a rerun retries only the failed cells; one refused for bad input fails the same way until the input changes
+    then = "fix what each names, then rerun" if all(f.bad_input for f in failures) else "rerun the same command"
+    print(f"{len(failures)} of {n_cells} cells FAILED (the others finished; {then} to retry only these):")
     for f in failures:
         print(f"  {f.line()}")
         if dist.is_main:
