@@ -53,7 +53,10 @@ def cmd_check(argv: list[str]) -> int:
         current = args.out or Path("results") / "runs" / f"check-{time.strftime('%Y%m%d-%H%M%S')}"
         if args.update:
             check_paths(args.against, current)  # before a rerun of minutes
-        spec = load_spec(args.spec)
+        spec = load_spec(args.spec, flag="--spec")
+        if "run" not in spec.sections and "latency" not in spec.sections:
+            raise UsageError(f"--spec {args.spec}: no [run] or [latency] section, so nothing to rerun; give a spec that "
+                             "has one (default: configs/ci.toml), or compare records made earlier with --current DIR")
         commands = {"run": cmd_run, "latency": cmd_latency}
         rc = run_spec(spec, commands, outs={"run": current / "quality", "latency": current / "latency"}, quiet=args.quiet)
         if rc != 0:

@@ -47,14 +47,16 @@ class Spec:
         return Path(v) if v else None
 
 
-def load_spec(path: str | Path) -> Spec:
+def load_spec(path: str | Path, flag: str = "--config") -> Spec:
+    """The spec at `path`; its errors name it as the option that gave it (`--config`, check's `--spec`; "" for none)."""
     p = Path(path)
+    what = f"{flag} {p}" if flag else str(p)
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"--config {p}: no such file (specs live in configs/, e.g. configs/ci.toml)") from None
+        raise UsageError(f"{what}: no such file (specs live in configs/, e.g. configs/ci.toml)") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise UsageError(f"--config {p}: not a readable TOML file ({e})") from None
+        raise UsageError(f"{what}: not a readable TOML file ({e})") from None
     unknown = [k for k in data if k not in SECTIONS]
     if unknown:
         raise UsageError(f"{p}: unknown section(s) {', '.join(unknown)}; a spec has [run], [latency] and/or [report]")
@@ -179,22 +181,34 @@ def to_namespace(spec: Spec, section: str, parser: argparse.ArgumentParser,
 
 def run_spec(spec: Spec, commands: dict, outs: dict[str, Path] | None = None, quiet: bool = False) -> int:
     """Run the spec's sections in order (run, latency, report) through the CLI's own commands, each
-    called with the section as its options (`to_namespace`).
+    called with the section as its options (`to_namespace`). Every section is converted and checked
+    (`spec_options`) before the first one runs, so a typo in [report] exits 2 before the run's minutes.
 
     `outs` replaces the sections' `out` folders (the regression check reruns into a fresh folder);
     `quiet` turns off the progress bars of the run and latency sections."""
+    for section, ns in spec_options(spec, [s for s in SECTIONS if s in commands], outs, quiet):
+        rc = commands[section](ns)
+        if rc != 0:
+            return rc
+    return 0
+
+
+def spec_options(spec: Spec, sections: list[str], outs: dict[str, Path] | None = None,
+                 quiet: bool = False) -> list[tuple[str, argparse.Namespace]]:
+    """(section, its command's options) for each of `sections` the spec has, all checked, none run:
+    keys, types and choices, and what the latency and report commands would refuse before their work."""
     from harness.cli.latency import latency_parser
     from harness.cli.report import report_parser
     from harness.cli.run import run_parser
 
     outs = outs or {}
-    parsers = {"run": run_parser, "latency": latency_parser, "report": report_parser}
     resolved = {s: outs.get(s) or spec.out(s) for s in ("run", "latency")}
     for s in ("run", "latency"):
         if s in spec.sections and resolved[s] is None:
             raise UsageError(f"{spec.path} [{s}]: give out = \"<folder>\" so a rerun resumes its finished records")
-    for section in ("run", "latency"):
-        if section not in spec.sections:
+    options = []
+    for section, parser in (("run", run_parser), ("latency", latency_parser)):
+        if section not in spec.sections or section not in sections:
             continue
         replace: dict[str, Any] = {"out": str(resolved[section])}
         if section == "latency" and spec.sections[section].get("plans_from") == "run":
@@ -203,13 +217,53 @@ def run_spec(spec: Spec, commands: dict, outs: dict[str, Path] | None = None, qu
             replace["plans_from"] = str(resolved["run"])
         if quiet:
             replace["quiet"] = True
-        rc = commands[section](to_namespace(spec, section, parsers[section](), replace))
-        if rc != 0:
-            return rc
-    if "report" in spec.sections and "report" in commands:
+        options.append((section, to_namespace(spec, section, parser(), replace)))
+        if section == "latency":
+            check_latency(spec, options[-1][1])
+    if "report" in spec.sections and "report" in sections:
         rep = dict(spec.sections["report"])
-        inputs = [str(resolved[s]) for s in ("run", "latency") if s in spec.sections] if not rep.get("results") else rep["results"]
+        inputs = report_inputs(spec, [str(resolved[s]) for s in ("run", "latency") if s in spec.sections])
         rep.pop("results", None)
-        return commands["report"](to_namespace(Spec(spec.path, {"report": rep}), "report", parsers["report"](),
-                                               {"results": [str(x) for x in inputs]}))
-    return 0
+        ns = to_namespace(Spec(spec.path, {"report": rep}), "report", report_parser(), {"results": inputs})
+        check_report(spec, ns)
+        options.append(("report", ns))
+    return options
+
+
+def report_inputs(spec: Spec, default: list[str]) -> list[str]:
+    """The folders `[report]` renders: its `results` (a list of folders, or one folder as a string, as
+    list keys take one string elsewhere), else `default` (the run's and latency's out folders)."""
+    v = spec.sections.get("report", {}).get("results")
+    if v is None or v == []:
+        return default
+    items = v if isinstance(v, list) else [v]
+    if not all(isinstance(x, str) and x for x in items):
+        raise UsageError(f"{spec.path} [report] results: expected a folder or a list of folders, e.g. "
+                         f"results = [\"results/runs/main\"], got {v!r}")
+    return items
+
+
+def check_latency(spec: Spec, ns: argparse.Namespace) -> None:
+    """What `python -m harness latency` refuses before its model work (decode modes, warm-up, methods and
+    their `--set` options), for `[latency]`'s options: a spec fails at once, not after its quality run."""
+    from harness.cli.latency import check_latency_args
+    from harness.config import RunConfig
+    from harness.latency.measure import DECODE_MODES
+    from harness.run import pipeline
+
+    try:
+        check_latency_args(ns, DECODE_MODES)
+        data_dir = str(Path(ns.data_dir).resolve()) if ns.data_dir else None
+        pipeline.prepare(RunConfig(methods=ns.methods, tasks=(), seed=ns.seed, data_dir=data_dir,
+                                   overrides=tuple(ns.overrides)), need_data=ns.plans_from is None)
+    except UsageError as e:
+        raise UsageError(f"{spec.path} [latency]: {e}") from None
+
+
+def check_report(spec: Spec, ns: argparse.Namespace) -> None:
+    """What `python -m harness report` would refuse only while rendering: an unknown metric convention."""
+    from reports.collect import CONVENTIONS
+
+    if ns.metric_convention not in CONVENTIONS:
+        raise UsageError(f"{spec.path} [report] metric_convention: expected one of {', '.join(CONVENTIONS)}, "
+                         f"got {ns.metric_convention!r}")

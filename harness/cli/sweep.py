@@ -160,7 +160,7 @@ def _run_cells(backend, cells: list[Cell], cwd: str, env: dict[str, str], quiet:
     from tqdm import tqdm
 
     for c in cells:
-        if c.record is not None:
+        if c.records:
             seed_cell(c)
     outcomes = []
     with tqdm(total=len(cells), disable=quiet, file=sys.stderr, unit="cell", leave=False) as bar:

@@ -70,40 +70,53 @@ def run_cell(argv: list[str], cwd: str, env: dict[str, str], log: str) -> tuple[
 
 
 def seed(cell: Cell) -> None:
-    """Link a finished record into the cell's folder, where the child reuses it (or rejects a different configuration)."""
+    """Link each finished record into the cell's folder, where the child reuses it (or rejects a different configuration)."""
     cell.workdir.mkdir(parents=True, exist_ok=True)
-    target = cell.workdir / cell.record.name
-    target.unlink(missing_ok=True)
-    cell.seeded = cell.record.exists()
-    if cell.seeded:
+    cell.seeded = set()
+    for record in cell.records:
+        target = cell.workdir / record.name
+        target.unlink(missing_ok=True)
+        if not record.exists():
+            continue
+        cell.seeded.add(record.name)
         try:
-            os.link(cell.record, target)
+            os.link(record, target)
         except OSError:  # a filesystem without hard links
-            shutil.copy2(cell.record, target)
+            shutil.copy2(record, target)
 
 
 def settle(cell: Cell, rc: int, tail: str, seconds: float) -> Outcome:
-    """Move a new record into the run folder; report ok, reused or failed."""
-    produced = cell.workdir / cell.record.name if cell.record else None
+    """Move the cell's new records into the run folder; report ok, reused (every record was) or failed."""
     status = "ok" if rc == 0 else "failed"
-    if produced is not None and produced.exists():
-        if cell.seeded and filecmp.cmp(produced, cell.record, shallow=False):
-            produced.unlink()
-            status = "reused" if rc == 0 else status
-        else:  # a finished record, even if the child failed afterwards
-            os.replace(produced, cell.record)
-    if rc == 0 and cell.record is not None and not cell.record.exists():
-        rc, status, tail = 1, "failed", tail + "\nthe run exited 0 but left no record"
-    if cell.record is not None:  # the pipeline's failed-cell note, where a single-process run would have it
-        note = cell.record.with_name(cell.record.name[: -len(".json")] + FAILED_NOTE)
+    reused = [_move(cell, record) for record in cell.records]
+    if rc == 0 and reused and all(reused):
+        status = "reused"
+    missing = [r.name for r in cell.records if not r.exists()]
+    if rc == 0 and missing:
+        rc, status, tail = 1, "failed", tail + f"\nthe run exited 0 but left no record {', '.join(missing)}"
+    for record in cell.records:  # the pipeline's failed-cell notes, where a single-process run would have them
+        note = record.with_name(record.name[: -len(".json")] + FAILED_NOTE)
         if rc == 0:
             note.unlink(missing_ok=True)
         elif (cell.workdir / note.name).exists():
             os.replace(cell.workdir / note.name, note)
-    if rc == 0 and cell.record is not None:
+    if rc == 0 and cell.records:
         shutil.rmtree(cell.workdir, ignore_errors=True)  # its summary.csv; nothing left to resume
-    record = str(cell.record if cell.record else cell.workdir) if rc == 0 else None
+    record = (", ".join(map(str, cell.records)) if cell.records else str(cell.workdir)) if rc == 0 else None
     return Outcome(cell.name, status, round(seconds, 2), rc, record, str(cell.log), None if rc == 0 else error_text(rc, tail))
+
+
+def _move(cell: Cell, record: Path) -> bool:
+    """Move the child's copy of `record` into the run folder (a finished record, even if the child failed
+    afterwards); True when it is the record seeded into the cell's folder, unchanged."""
+    produced = cell.workdir / record.name
+    if not produced.exists():
+        return False
+    if record.name in cell.seeded and filecmp.cmp(produced, record, shallow=False):
+        produced.unlink()
+        return True
+    os.replace(produced, record)
+    return False
 
 
 def error_text(rc: int, tail: str) -> str:

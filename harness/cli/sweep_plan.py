@@ -19,8 +19,9 @@ class Cell:
     argv: list[str]
     workdir: Path  # the child's --out
     log: Path  # the child's stdout and stderr
-    record: Path | None = None  # quality cells: where the finished record belongs
-    seeded: bool = False  # a finished record was linked into workdir before the run
+    # quality cells: where its finished records belong, one per variant of a depth sweep (`tail@k=1__unified.json`, ...)
+    records: list[Path] = field(default_factory=list)
+    seeded: set[str] = field(default_factory=set)  # names of finished records linked into workdir before the run
 
 
 @dataclass
@@ -43,13 +44,13 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     """Cells of the spec's [run] section (validated here, before any process starts), its latency job and report."""
     from harness.cli.flags import MODES
     from harness.cli.run import check_tasks, run_parser
-    from harness.cli.spec import Spec, load_spec, to_argv
+    from harness.cli.spec import Spec, load_spec, to_namespace
     from harness.config import RunConfig, expand_tasks
     from harness.run import pipeline
 
     if not spec_path.is_file():
         raise UsageError(f"{spec_path}: no such spec file (specs live in configs/, e.g. configs/ci.toml)")
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, flag="")
     if "run" not in spec.sections:
         raise UsageError(f"{spec.path}: a sweep needs a [run] section (its cells are the run's methods × modes); "
                          f"for latency or report only, use python -m harness --config {spec.path}")
@@ -59,53 +60,55 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
         raise UsageError(f"{spec.path} [run]: give out = \"<folder>\" (or --out DIR) so a rerun resumes its finished records")
     run_out = outs["run"].resolve()
     section = {k.replace("-", "_"): v for k, v in spec.sections["run"].items()}
-    if "config" in section:
-        raise UsageError(f"{spec.path} [run]: config is not a run option in a spec")
-    overrides = [str(x) for key in ("set", "overrides") for x in _as_list(section.pop(key, []))]
+    overrides = [str(x) for x in _as_list(section.pop("set", []))]
     section["out"] = str(run_out)
-    args = run_parser().parse_args(to_argv(Spec(spec.path, {"run": section}), "run", run_parser(), {"set": overrides}))
+    # the section as `run` would take it (errors name the spec, the section and the key), as --config converts it
+    args = to_namespace(Spec(spec.path, {"run": section}), "run", run_parser(), {"set": overrides})
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     cfg = RunConfig(methods=args.methods, tasks=expand_tasks(args.tasks), seed=args.seed, data_dir=data_dir,
                     overrides=tuple(args.overrides))
     if not cfg.methods:
         raise UsageError(f"{spec.path} [run]: methods is empty")
-    pipeline.prepare(cfg)  # method names and every --set option, as the full run would check them
+    prepared = pipeline.prepare(cfg)  # method names and every --set option, as the full run would check them
     check_tasks(cfg.tasks, cfg.data_dir)
     if data_dir:  # the children must not depend on the environment (Ray workers may not inherit it)
         section["data_dir"] = data_dir
-    cells = _spec_cells(spec, section, overrides, cfg.methods, MODES[args.mode], run_out)
+    cells = _spec_cells(spec, section, overrides, list(prepared.methods), MODES[args.mode], run_out)
     latency = _latency_cell(spec, outs["latency"], run_out)
     report_argv = _report_argv(spec, outs["report"] if out else None, run_out, latency)
     return Plan(run_out, cells, latency, report_argv, uses_gpu=args.device != "cpu")
 
 
-def _spec_cells(spec, section: dict, overrides: list[str], methods: tuple[str, ...], modes, run_out: Path) -> list[Cell]:
-    """One cell per (method, mode), each a `run` of one method into its own work folder."""
+def _spec_cells(spec, section: dict, overrides: list[str], variants: list[str], modes, run_out: Path) -> list[Cell]:
+    """One cell per (method, mode), each a `run` of one method into its own work folder. `variants` are
+    the run's method instances: a method with a depth sweep (`tail.k=1,2`) is one cell that writes one
+    record per variant (`tail@k=1__disaggregated.json`, ...), as a single run names them."""
     from harness.cli.run import run_parser
     from harness.cli.spec import Spec, to_argv
+    from harness.config import sweep_base
     from harness.quality import long_tasks
     from harness.store.records import record_filename
 
     shared = [o for o in overrides if _scope(o) == "calib" or long_tasks.is_long_task(_scope(o))]
     cells = []
-    for method in dict.fromkeys(methods):  # a method named twice is one method, as in a single run
+    for method in dict.fromkeys(sweep_base(v) for v in variants):  # a method named twice is one method, as in a run
         # a cell runs one method, and `--set` rejects scopes that are not in its run: only its own options go along
         mine = [o for o in overrides if _scope(o) == method]
         for mode in modes:
-            fname = record_filename(method, mode)
-            workdir = run_out / ".sweep" / fname[: -len(".json")]
+            stem = record_filename(method, mode)[: -len(".json")]
+            workdir = run_out / ".sweep" / stem
             argv = ["run", *to_argv(Spec(spec.path, {"run": section}), "run", run_parser(),
                                     {"methods": [method], "mode": mode, "set": [*mine, *shared], "out": str(workdir),
                                      "quiet": True})]
-            cells.append(Cell(f"{method}/{mode}", argv, workdir, run_out / ".sweep" / f"{fname[: -len('.json')]}.log",
-                              run_out / fname))
+            records = [run_out / record_filename(v, mode) for v in variants if sweep_base(v) == method]
+            cells.append(Cell(f"{method}/{mode}", argv, workdir, run_out / ".sweep" / f"{stem}.log", records))
     return cells
 
 
 def _latency_cell(spec, lat_out: Path | None, run_out: Path) -> Cell | None:
     """The spec's [latency] section as one job (its plans may come from the run's records), or None."""
     from harness.cli.latency import latency_parser
-    from harness.cli.spec import to_argv
+    from harness.cli.spec import check_latency, to_argv, to_namespace
 
     if "latency" not in spec.sections:
         return None
@@ -115,25 +118,26 @@ def _latency_cell(spec, lat_out: Path | None, run_out: Path) -> Cell | None:
     replace: dict[str, Any] = {"out": str(lat_out), "quiet": True}
     if spec.sections["latency"].get("plans_from") == "run":
         replace["plans_from"] = str(run_out)
+    # bad values exit 2 now, not after the quality cells: the parser's types, then what the command checks itself
+    check_latency(spec, to_namespace(spec, "latency", latency_parser(), replace))
     argv = to_argv(spec, "latency", latency_parser(), replace)
-    latency_parser().parse_args(argv)  # bad values exit 2 now, not after the quality cells
     return Cell("latency", ["latency", *argv], lat_out, run_out / ".sweep" / "latency.log")
 
 
 def _report_argv(spec, rep_out: Path | None, run_out: Path, latency: Cell | None) -> list[str] | None:
     """`report` arguments of the spec's [report] section (over the run's and latency's folders), or None."""
     from harness.cli.report import report_parser
-    from harness.cli.spec import Spec, to_argv
+    from harness.cli.spec import Spec, check_report, report_inputs, to_argv, to_namespace
 
     if "report" not in spec.sections:
         return None
     rep = dict(spec.sections["report"])
-    inputs = rep.pop("results", None) or [str(run_out), *([str(latency.workdir)] if latency else [])]
+    inputs = report_inputs(spec, [str(run_out), *([str(latency.workdir)] if latency else [])])
+    rep.pop("results", None)
     if rep_out is not None:
         rep["out"] = str(rep_out)
-    report_argv = [*map(str, inputs), *to_argv(Spec(spec.path, {"report": rep}), "report", report_parser())]
-    report_parser().parse_args(report_argv)
-    return report_argv
+    check_report(spec, to_namespace(Spec(spec.path, {"report": rep}), "report", report_parser(), {"results": inputs}))
+    return [*inputs, *to_argv(Spec(spec.path, {"report": rep}), "report", report_parser())]
 
 
 def _as_list(v: Any) -> list:

@@ -1,0 +1,128 @@
+"""Spec input handling shared by `--config`, `sweep` and `check --spec`: every section is checked before
+the first one runs, `[report] results` may be one folder, check's errors name `--spec`, a sweep cell with a
+depth sweep settles each variant's record. In-process and without model work (the commands are stand-ins
+where a section would run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.cli.spec import load_spec, run_spec
+from harness.cli.sweep_backends import seed, settle
+from harness.cli.sweep_plan import expand
+from harness.errors import UsageError
+
+RUN = {"model": "random:tiny", "device": "cpu", "methods": ["tail"], "tasks": ["arc_easy"], "limit": 2, "set": ["tail.k=1"]}
+LATENCY = {"model": "random:tiny", "device": "cpu", "methods": ["tail"], "set": ["tail.k=1"], "prompt_tokens": [8]}
+
+
+def spec(tmp_path: Path, **sections: dict) -> Path:
+    """A spec file of `sections` (strings, numbers, booleans and lists of them; JSON spells them as TOML does)."""
+    path = tmp_path / "spec.toml"
+    path.write_text("".join(f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in body.items())
+                            for name, body in sections.items()))
+    return path
+
+
+def run_recorded(path: Path) -> tuple[list[str], object]:
+    """Run a spec with stand-in commands: (the sections that ran, in order; the error or the exit status)."""
+    ran: list[str] = []
+    commands = {name: (lambda ns, name=name: ran.append(name) or 0) for name in ("run", "latency", "report")}
+    try:
+        return ran, run_spec(load_spec(path), commands)
+    except UsageError as e:
+        return ran, e
+
+
+@pytest.mark.parametrize("section, body, message", [
+    ("report", {"bandwith": 5}, "[report]: unknown key 'bandwith'; known keys: bandwidth"),
+    ("report", {"metric_convention": "accc"}, "[report] metric_convention: expected one of paper"),
+    ("latency", {**LATENCY, "prompt_tokenz": [8]}, "[latency]: unknown key 'prompt_tokenz'"),
+    ("latency", {**LATENCY, "decode_mode": "bogus"}, "[latency]: --decode-mode bogus: expected one or more of eager"),
+    ("latency", {**LATENCY, "methods": ["tail", "nosuch"]}, "[latency]: unknown method"),
+])
+def test_config_checks_every_section_before_the_run(tmp_path, section, body, message):
+    path = spec(tmp_path, run={**RUN, "out": str(tmp_path / "q")}, **{section: {**body, "out": str(tmp_path / "o")}})
+    ran, err = run_recorded(path)
+    assert isinstance(err, UsageError) and message in str(err) and str(path) in str(err)
+    assert ran == []  # found before the [run] section ran, not after its minutes
+
+
+def test_config_exits_2_before_the_run(tmp_path, cli):
+    path = spec(tmp_path, run={**RUN, "out": str(tmp_path / "q")}, report={"bandwith": 5})
+    r = cli("--config", path, "-q")
+    assert r.returncode == 2 and "unknown key 'bandwith'" in r.stderr
+    assert not (tmp_path / "q").exists()
+
+
+def test_sweep_checks_latency_values_before_any_cell(tmp_path):
+    path = spec(tmp_path, run={**RUN, "out": str(tmp_path / "q")},
+                latency={**LATENCY, "decode_mode": "bogus", "out": str(tmp_path / "l")})
+    with pytest.raises(UsageError, match=r"\[latency\]: --decode-mode bogus: expected one or more of eager"):
+        expand(path, None)
+
+
+def test_report_results_string_is_one_folder(tmp_path):
+    folder = str(tmp_path / "records")
+    path = spec(tmp_path, run={**RUN, "out": str(tmp_path / "q")}, report={"results": folder, "out": str(tmp_path / "r")})
+    seen = []
+    commands = {"run": lambda ns: 0, "report": lambda ns: seen.append(ns.results) or 0}
+    assert run_spec(load_spec(path), commands) == 0
+    assert seen == [[Path(folder)]]
+    assert expand(path, None).report_argv[:2] == [folder, "--out"]  # the sweep's report: the same one folder
+    bad = spec(tmp_path, run={**RUN, "out": str(tmp_path / "q")}, report={"results": [folder, 3]})
+    for attempt in (lambda: run_spec(load_spec(bad), commands), lambda: expand(bad, None)):
+        with pytest.raises(UsageError, match=r"\[report\] results: expected a folder or a list of folders"):
+            attempt()
+
+
+def test_check_spec_errors_name_spec_and_exit_2(tmp_path, cli):
+    ref = Path("results") / "reference"
+    for path, message in [(tmp_path / "none.toml", "no such file"), (tmp_path / "bad.toml", "not a readable TOML file")]:
+        if path.name == "bad.toml":
+            path.write_text("[run\n")
+        r = cli("check", "--against", ref, "--spec", path, "--out", tmp_path / "rerun")
+        assert r.returncode == 2 and f"--spec {path}: {message}" in r.stderr and "--config" not in r.stderr
+    only_report = spec(tmp_path, report={"results": [str(ref)]})
+    r = cli("check", "--against", ref, "--spec", only_report, "--out", tmp_path / "rerun")
+    assert r.returncode == 2 and "no [run] or [latency] section, so nothing to rerun" in r.stderr
+    assert "FAILED" not in r.stdout and not (tmp_path / "rerun").exists()
+
+
+def test_sweep_cell_with_a_depth_sweep_settles_every_variant(tmp_path):
+    path = spec(tmp_path, run={**RUN, "set": ["tail.k=1,2"], "out": str(tmp_path / "q")})
+    (cell,) = expand(path, None).cells
+    out = (tmp_path / "q").resolve()
+    assert cell.name == "tail/disaggregated" and cell.workdir == out / ".sweep" / "tail__disaggregated"
+    assert cell.records == [out / "tail@k=1__disaggregated.json", out / "tail@k=2__disaggregated.json"]
+
+    seed(cell)
+    for r in cell.records:  # what the child writes into its folder
+        (cell.workdir / r.name).write_text(r.name)
+    o = settle(cell, 0, "", 1.0)
+    assert (o.status, o.returncode) == ("ok", 0) and all(r.read_text() == r.name for r in cell.records)
+    assert not cell.workdir.exists()  # nothing stranded in .sweep/
+
+    seed(cell)  # a rerun: both finished records are linked in, and the child leaves them as they are
+    assert cell.seeded == {r.name for r in cell.records}
+    assert settle(cell, 0, "", 1.0).status == "reused"
+
+    cell.records[1].unlink()
+    seed(cell)
+    o = settle(cell, 0, "", 1.0)  # a variant's record missing although the child exited 0
+    assert o.status == "failed" and "left no record tail@k=2__disaggregated.json" in o.error
+
+
+def test_sweep_run_section_errors_name_the_spec_as_config_does(tmp_path):
+    for run, message in [({**RUN, "limit": 0}, "[run] limit: expected a positive integer"),
+                         ({**{k: v for k, v in RUN.items() if k != "set"}, "overrides": ["tail.k=1"]},
+                          "[run]: unknown key 'overrides'")]:
+        path = spec(tmp_path, run={**run, "out": str(tmp_path / "q")})
+        with pytest.raises(UsageError) as sweep_err:
+            expand(path, None)
+        ran, config_err = run_recorded(path)
+        assert message in str(sweep_err.value) and str(path) in str(sweep_err.value)
+        assert isinstance(config_err, UsageError) and message in str(config_err) and ran == []
