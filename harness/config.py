@@ -163,7 +163,8 @@ def expand_sweeps(cls_config: type, scope: str, raw: dict[str, str]) -> list[tup
     """A scope's `--set` values with sweeps expanded: a comma-separated value of a scalar option
     (`shortgpt.k=2,4,6`) is one variant per value, and several swept options give their product, in
     order. Returns [(variant name, raw options)]: [(scope, raw)] when nothing is swept, else
-    `shortgpt@k=2`, ... (tuple-typed options take comma-separated values as one value, as before)."""
+    `shortgpt@k=2`, ... (tuple-typed options take comma-separated values as one value, as before, and so
+    does a value holding NAME=VALUE items, such as `snapkv.base_options=decode_layers=0,1 n_first=4`)."""
     hints = typing.get_type_hints(cls_config)
     swept = {}
     for name, value in raw.items():
@@ -171,7 +172,7 @@ def expand_sweeps(cls_config: type, scope: str, raw: dict[str, str]) -> list[tup
         scalar = hint is not None and typing.get_origin(hint) is not tuple and not (
             typing.get_origin(hint) in (typing.Union, types.UnionType)
             and any(typing.get_origin(a) is tuple for a in typing.get_args(hint)))
-        if scalar and "," in value:
+        if scalar and "," in value and "=" not in value:  # NAME=VALUE items (a KV baseline's base_options) are one value
             values = [v.strip() for v in value.split(",") if v.strip()]
             if len(values) != len(set(values)) or not values:
                 raise UsageError(f"--set {scope}.{name}={value}: a sweep needs distinct values, e.g. {scope}.{name}=2,4,6")

@@ -24,6 +24,9 @@ def test_expand_sweeps_scalar_options_only():
                                      "shortgpt@k=2,batch_size=4", "shortgpt@k=2,batch_size=8"]
     # a tuple option keeps its comma-separated value as one value
     assert expand_sweeps(manual, "manual", {"prefill_layers": "0,1"}) == [("manual", {"prefill_layers": "0,1"})]
+    snapkv = methods.get("snapkv").Config  # a str option holding NAME=VALUE items: one value (configs/baselines.toml)
+    assert expand_sweeps(snapkv, "snapkv", {"base_options": "decode_layers=0,2 n_first=4"}) == [
+        ("snapkv", {"base_options": "decode_layers=0,2 n_first=4"})]
     with pytest.raises(UsageError, match="distinct values"):
         expand_sweeps(shortgpt, "shortgpt", {"k": "2,2"})
     assert sweep_base("shortgpt@k=2") == "shortgpt" and sweep_base("stage:sleb") == "stage:sleb"

@@ -233,10 +233,12 @@ def test_spec_to_argv_and_its_errors(tmp_path):
     assert r.returncode == 2 and "every option comes from the spec file" in r.stderr
 
 
-def test_every_committed_spec_parses():
+def test_every_committed_spec_parses(data_dir):
     from harness.cli.latency import latency_parser
     from harness.cli.report import report_parser
     from harness.cli.run import run_parser
+    from harness.config import RunConfig, expand_tasks
+    from harness.run import pipeline
 
     parsers = {"run": run_parser, "latency": latency_parser, "report": report_parser}
     specs = sorted((ROOT / "configs").glob("*.toml"))
@@ -250,6 +252,9 @@ def test_every_committed_spec_parses():
             # the in-process path (no argument text) gives the same options as the command line would
             ns = to_namespace(Spec(p, {section: rep}), section, parsers[section](), {"results": ["x"]} if section == "report" else None)
             assert vars(ns) == vars(parsed), (p.name, section)
+            if section != "report":  # methods and --set options, as a run checks them before any model work
+                pipeline.prepare(RunConfig(methods=ns.methods, tasks=expand_tasks(getattr(ns, "tasks", ())),
+                                           overrides=tuple(ns.overrides), data_dir=str(data_dir)))
 
 
 def test_spec_sections_become_typed_options_with_named_errors(tmp_path):
