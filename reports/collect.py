@@ -6,6 +6,7 @@ kind: latency records carry `config.kind == "latency"`, everything else is a qua
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,8 +88,8 @@ def record_files(path: Path) -> list[Path]:
 
 
 def collect(paths: list[Path]) -> Collection:
-    """Load every record under `paths` (folders are searched recursively)."""
-    col = Collection()
+    """Load every record under `paths` (folders are searched recursively), each file once."""
+    col, seen = Collection(), set()
     for path in paths:
         files = record_files(Path(path))
         if not files:
@@ -96,6 +97,9 @@ def collect(paths: list[Path]) -> Collection:
             raise ReportError(f"{path}: no run records (<method>__<mode>.json) found"
                               + (f"; failed cells: {'; '.join(failed)}" if failed else ""))
         for f in files:
+            if f.resolve() in seen:  # inputs that overlap (a folder and its subfolder or file): read once
+                continue
+            seen.add(f.resolve())
             try:
                 r = load(f)
             except RecordError as e:  # one bad file must not hide the others; the report names it
@@ -106,6 +110,41 @@ def collect(paths: list[Path]) -> Collection:
     if col.skipped and not col.all:
         raise ReportError("no readable run records: " + "; ".join(col.skipped))
     return col
+
+
+# Config fields that differ between the records of one run, or name which cells a run made (tasks,
+# latency workloads), rather than the settings its records share; placement changes no result.
+CELL_FIELDS = frozenset({"methods", "modes", "tasks", "overrides", "method_options", "plans_from", "plan_reused_from",
+                         "batch_sizes_used", "max_length_used", "device_map", "max_memory", "offload_folder",
+                         "prompt_tokens", "decode_tokens", "batch_sizes", "decode_modes", "bandwidths_gbit"})
+# fields added to RunConfig later, left out of records at their default (as `RunConfig._canonical` does)
+LATER_DEFAULTS = {"num_fewshot": 0, "apply_chat_template": False, "model_args": None}
+
+
+def configuration(r: RunRecord) -> str:
+    """The settings `r` shares with the other records of its run: its config without the method's own
+    options and the run's lists of cells (what `run_key` hashes, apart from the method)."""
+    keep = {k: v for k, v in r.config.items()
+            if k not in CELL_FIELDS and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+    return json.dumps(keep, sort_keys=True, default=str)
+
+
+def task_options(r: RunRecord, task: str) -> object:
+    """The harness options of `task` (e.g. pd_ppl's prompt lengths) stored with `r`; None when none."""
+    return ((r.lm_eval.get("tasks") or {}).get(task, {}).get("harness_task") or {}).get("options")
+
+
+def same_configuration(a: RunRecord, b: RunRecord) -> bool:
+    """Whether `a` and `b` were run with the same settings, so that one can be a reference for the
+    other: same configuration and, on the tasks both scored, the same task options."""
+    return configuration(a) == configuration(b) and all(task_options(a, t) == task_options(b, t)
+                                                         for t in set(a.scores) & set(b.scores))
+
+
+def reference(records: list[RunRecord], r: RunRecord, method: str = "unpruned") -> RunRecord | None:
+    """The first of `records` by `method` with `r`'s configuration: what `r` is compared with (a
+    ratio or a paired difference); None when that run has no such record."""
+    return next((o for o in records if o.method == method and same_configuration(o, r)), None)
 
 
 def models(col: Collection) -> dict[str, list[Path]]:
@@ -159,7 +198,8 @@ def failure_notes(paths: list[Path], col: Collection | None = None) -> list[str]
     folders: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            folders += [f for f in sorted({p.parent for p in path.rglob("*__*.failed.json")}) if f not in folders]
+            real = {f.resolve() for f in folders}
+            folders += [f for f in sorted({p.parent for p in path.rglob("*__*.failed.json")}) if f.resolve() not in real]
     lines = []
     for folder in folders:
         has_records = any(is_record_file(p) for p in folder.glob("*__*.json"))

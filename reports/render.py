@@ -16,7 +16,7 @@ import pandas as pd
 from harness.store.records import atomic_write
 from reports.collect import Collection, ReportError, collect, failure_notes, metric_for, require_one_model, select_model
 from reports.formats import to_csv, to_latex, to_markdown
-from reports.significance import paired_table
+from reports.significance import check_baseline, paired_table
 from reports.tables import efficiency_table, long_context_table, plans_table, quality_table
 
 
@@ -63,6 +63,7 @@ def render_report(paths: list[Path], out: Path, convention: str = "paper", bandw
         raise ReportError("no records to report")
     if model is not None:
         col = select_model(col, model)
+    check_baseline(col, baseline)
     if plots:
         require_one_model(col)
     rep = Report(out)

@@ -23,7 +23,7 @@ import pandas as pd
 from scipy import stats
 
 from harness.store.records import RunRecord
-from reports.collect import Collection, metric_for, model_name
+from reports.collect import Collection, ReportError, metric_for, model_name, reference
 from reports.formats import CellSpec, cell, make_table
 
 N_RESAMPLES = 10_000
@@ -111,6 +111,15 @@ def _task_metrics(base: RunRecord, convention: str) -> dict[str, str]:
     return out
 
 
+def check_baseline(col: Collection, baseline: str, default: str = "unpruned") -> None:
+    """ReportError naming the methods present when no quality record is `baseline`'s. The default
+    baseline may be absent (e.g. folders of pruned methods only): the paired table is then left out."""
+    methods = sorted({r.method for r in col.quality})
+    if baseline != default and baseline not in methods:
+        raise ReportError(f"--baseline {baseline!r} matches no quality record; methods present: "
+                          + (", ".join(methods) if methods else "none (latency records only)"))
+
+
 def paired_table(col: Collection, baseline: str = "unpruned", convention: str = "paper") -> pd.DataFrame:
     """Rows: every other method, per model and PD setting; columns: each task's difference to
     `baseline` in points (95 % CI; McNemar p for accuracies; * = CI excludes 0), the average's, and
@@ -121,13 +130,15 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
     keys = sorted({(model_name(r), r.mode) for r in col.quality})
     for model, mode in keys:
         rs = [r for r in col.quality if (model_name(r), r.mode) == (model, mode)]
-        base = next((r for r in rs if r.method == baseline), None)
-        if base is None:
-            continue
-        tasks = _task_metrics(base, convention)
-        all_tasks += [t for t in tasks if t not in all_tasks]
+        for b in rs:  # each configuration's baseline: the tasks it has per-item values of are columns
+            if b.method == baseline and reference(rs, b, baseline) is b:
+                all_tasks += [t for t in _task_metrics(b, convention) if t not in all_tasks]
         rows = []
-        for r in sorted((r for r in rs if r is not base), key=lambda r: col.label(r)):
+        for r in sorted(rs, key=lambda r: col.label(r)):
+            base = reference(rs, r, baseline)  # the baseline of r's own configuration
+            if base is None or base is r:
+                continue
+            tasks = _task_metrics(base, convention)
             pairs = {t: aligned(base, r, t, m) for t, m in tasks.items()}
             done = {t: compare(*p) for t, p in pairs.items() if p is not None}
             if done:

@@ -14,7 +14,7 @@ import pandas as pd
 
 from harness.store.records import LOWER_IS_BETTER, RunRecord, is_long_task, stored_presentation, task_presentation
 from harness.store.task_names import LEGACY_CAPTION_TASKS, LEGACY_PRESENTATION, STANDARD_TASKS, TaskPresentation
-from reports.collect import CONVENTION_TEXT, Collection, is_latency, metric_for, model_name
+from reports.collect import CONVENTION_TEXT, Collection, is_latency, metric_for, model_name, reference
 from reports.formats import CellSpec, bold_best, bold_beyond_noise, cell, make_table
 
 MODE_ORDER = {"disaggregated": 0, "unified": 1}
@@ -154,10 +154,9 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
     metrics: dict[str, set[str]] = {t: set() for t in tasks}
     groups, noise, i = [], {name: {} for name in [*tasks, "Avg"]}, 0  # noise[column][row] = stderr, table units
     for title, rs in _groups(col, recs):
-        dense = next((r for r in rs if r.method == "unpruned"), None)
         g: list[list[CellSpec]] = []
-        for r in rs:
-            row, ses = _quality_row(col, r, dense, tasks, convention, metrics)
+        for r in rs:  # KV × against the unpruned record of r's own configuration
+            row, ses = _quality_row(col, r, reference(rs, r), tasks, convention, metrics)
             g.append(row)
             for key, se in ses.items():
                 noise[key][i] = se
@@ -219,9 +218,9 @@ def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: 
         T, n, b, mode = parse_workload(lab)
         rs = sorted([r for r in col.latency if hardware(r) == hw and model_name(r) == model and lab in r.latency],
                     key=lambda r: _row_key(col, r))
-        dense = next((r for r in rs if r.method == "unpruned"), None)
         g: list[list[CellSpec]] = []
         for r in rs:
+            dense = reference(rs, r)  # the unpruned record of r's own configuration
             kv = r.kv.get(lab, {})
             per_req = kv["kv_bytes"] / max(1, kv.get("handoffs", 1)) if kv else None
             dkv = dense.kv.get(lab, {}) if dense else {}
@@ -339,9 +338,9 @@ def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFram
         head += [f"{tasks[task].title} {setting}", f"KV/req {setting} (MiB)"]
     groups, noise, i = [], {j: {} for j in range(len(cols))}, 0
     for title, rs in _groups(col, recs):
-        dense = next((r for r in rs if r.method == "unpruned"), None)
         g: list[list[CellSpec]] = []
         for r in rs:
+            dense = reference(rs, r)  # the unpruned record of r's own configuration
             row = [cell(col.label(r)), cell(removed_text(r))]
             for j, (task, m, setting) in enumerate(cols):
                 v, se = _score(r, task, m)

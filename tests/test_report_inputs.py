@@ -1,0 +1,107 @@
+"""`report` inputs: overlapping folders read once, ratios and pairs against the unpruned record of
+each record's own configuration, and an unknown --baseline refused."""
+
+import copy
+import csv
+import io
+
+import pytest
+from test_reports import LATENCY, QUALITY, _fake
+
+from harness.store.records import RunRecord, load_dir, save
+from reports.collect import collect
+from reports.formats import groups, rows
+from reports.significance import paired_table
+from reports.tables import efficiency_table, long_context_table, quality_table
+
+
+def _run(folder, limit: int, dense_kv: int | None, x_kv: int, items: tuple[list, list] | None = None) -> None:
+    """One run in `folder` at `limit`: an unpruned record (KV bytes `dense_kv`; none when None) and
+    method x (`x_kv`); `items` = per-item boolq acc of (unpruned, x)."""
+    for method, kv, removed, j in (("unpruned", dense_kv, (), 0), ("x", x_kv, (1,), 1)):
+        if kv is None:
+            continue
+        r = _fake(method, "disaggregated", {"boolq": {"acc": 0.5}}, removed=removed,
+                  kv={"boolq": {"kv_bytes": kv, "handoffs": 4}})
+        r.config["limit"] = limit
+        if items:
+            r.extra["items"] = {"boolq": {"ids": list(range(len(items[j]))), "metrics": {"acc": items[j]}}}
+        save(r, folder)
+
+
+def _quality_rows(out) -> list[list[str]]:
+    return list(csv.reader(io.StringIO((out / "tables" / "quality.csv").read_text())))[1:]
+
+
+def test_overlapping_inputs_read_each_record_once(tmp_path, cli):
+    a = tmp_path / "a"
+    _run(a / "sub", 4, 400, 100)
+    one = collect([a])
+    for inputs in ([a, a], [a, a / "sub"], [a / "sub", a], [a, a / "sub" / "x__disaggregated.json"],
+                   [a, tmp_path / "a" / ".." / "a" / "sub"]):
+        col = collect(inputs)
+        assert sorted(r.method for r in col.quality) == ["unpruned", "x"], inputs
+        assert [col.label(r) for r in col.quality] == [one.label(r) for r in one.quality] == ["unpruned", "x"]
+    r = cli("report", a, a / "sub", "--no-plots", "--out", tmp_path / "rep")
+    assert r.returncode == 0, r.stderr
+    assert [row[1] for row in _quality_rows(tmp_path / "rep")] == ["unpruned", "x"]
+
+
+def test_kv_ratio_against_the_unpruned_record_of_the_same_configuration(tmp_path):
+    _run(tmp_path / "a", 4, 400, 100)  # x: 4×
+    _run(tmp_path / "b", 2, 200, 100)  # x: 2×
+    _run(tmp_path / "c", 8, None, 50)  # no unpruned at limit 8: no ratio
+    text = rows(quality_table(collect([tmp_path / "a", tmp_path / "b", tmp_path / "c"]))).set_index("Method")["KV ×"]
+    assert dict(text) == {"unpruned (a)": "1.00×", "unpruned (b)": "1.00×",
+                          "x (a)": "4.00×", "x (b)": "2.00×", "x (c)": "—"}
+    # the configuration is the run's settings: a separate run of x alone with them pairs with a's unpruned
+    _run(tmp_path / "d", 4, None, 50)
+    text = rows(quality_table(collect([tmp_path / "a", tmp_path / "d"]))).set_index("Method")["KV ×"]
+    assert text["x (d)"] == "8.00×"
+
+
+def test_paired_table_pairs_each_record_with_its_own_configurations_baseline(tmp_path):
+    _run(tmp_path / "a", 4, 400, 100, ([1, 1, 1, 1], [1, 1, 1, 1]))
+    _run(tmp_path / "b", 5, 400, 100, ([0, 0, 0, 0, 0], [1, 1, 1, 1, 1]))
+    t = rows(paired_table(collect([tmp_path / "a", tmp_path / "b"]))).set_index("Method")
+    assert list(t.index) == ["x (a)", "x (b)"]  # b's unpruned is a baseline, not a row against a's
+    assert t.loc["x (a)", "BoolQ"].startswith("+0.0 ") and t.loc["x (b)", "BoolQ"].startswith("+100.0* ")
+
+
+def _other_configuration(records: list[RunRecord], scale: float, field: str, value) -> list[RunRecord]:
+    """Copies of `records` as if run with config[field] = value; the unpruned copy's figures and bytes × `scale`."""
+    out = []
+    for r in map(copy.deepcopy, records):
+        r.config[field] = value
+        if r.method == "unpruned":
+            for wl in r.latency.values():
+                wl.figures = {k: v * scale for k, v in wl.figures.items()}
+            for kv in [*r.kv.values(), *(s for t in r.extra.get("kv_by_setting", {}).values() for s in t.values())]:
+                kv["kv_bytes"] *= scale
+        out.append(r)
+    return out
+
+
+def test_efficiency_and_long_context_ratios_use_the_same_configuration():
+    lat = load_dir(LATENCY)
+    e = efficiency_table([*lat, *_other_configuration(lat, 2.0, "repeats", 99)])
+    g = next(i for i, title in enumerate(groups(e)) if "prompt 2048" in title)
+    v = rows(e, g, "value").set_index(rows(e, g)["Method"])
+    ttft = {r.method: r.figure("latency_T2048_n32_b1", "ttft_ms_p50") for r in lat}
+    shortgpt = v[v.index.str.startswith("shortgpt")]["TTFT speedup"]  # one per configuration
+    assert sorted(shortgpt) == pytest.approx([ttft["unpruned"] / ttft["shortgpt"], 2 * ttft["unpruned"] / ttft["shortgpt"]])
+    qual = [r for r in load_dir(QUALITY) if r.mode == "disaggregated"]
+    lc = rows(long_context_table([*qual, *_other_configuration(qual, 2.0, "limit", 7)])).set_index("Method")
+    assert sorted(lc[lc.index.str.startswith("pdtrim")]["KV/req T2048 (MiB)"]) == ["25.3 (3.56×)", "25.3 (7.11×)"]
+
+
+def test_unknown_baseline_exits_2_naming_the_methods(tmp_path, cli):
+    _run(tmp_path / "a", 4, 400, 100)
+    r = cli("report", tmp_path / "a", "--baseline", "nosuch", "--no-plots", "--out", tmp_path / "rep")
+    assert r.returncode == 2 and "--baseline 'nosuch' matches no quality record; methods present: unpruned, x" in r.stderr
+    assert not (tmp_path / "rep").exists()
+    r = cli("report", tmp_path / "a", "--baseline", "x", "--no-plots", "--out", tmp_path / "rep")
+    assert r.returncode == 0, r.stderr
+    _run(tmp_path / "b", 4, None, 100)  # the default baseline may be absent: the paired table is left out
+    r = cli("report", tmp_path / "b", "--no-plots", "--out", tmp_path / "rep_b")
+    assert r.returncode == 0 and "paired table: not shown" in r.stderr
