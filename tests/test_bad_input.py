@@ -125,7 +125,7 @@ CASES = [
     ("latency-methods-empty", lambda t, d, r: ["latency", *TINY, "--methods", "", "--out", t / "o"],
      "--methods is empty; known methods: "),
     ("latency-decode-mode-empty", lambda t, d, r: ["latency", *TINY, "--decode-mode", "", "--out", t / "o"],
-     "--decode-mode '': expected one or more of eager, static, graph"),
+     "--decode-mode '': expected any of eager, static, graph"),
     ("latency-graph-on-cpu", lambda t, d, r: ["latency", *TINY, "--decode-mode", "eager,graph", "--out", t / "o"],
      "--decode-mode graph: CUDA graphs need a CUDA device, this run is on cpu"),
     ("passkey-too-short-before-any-cell", lambda t, d, r: [*ARC_CELL[:-4], "--tasks", "arc_easy,passkey", "--limit", "2",

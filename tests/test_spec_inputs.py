@@ -41,7 +41,7 @@ def run_recorded(path: Path) -> tuple[list[str], object]:
     ("report", {"bandwith": 5}, "[report]: unknown key 'bandwith'; known keys: bandwidth"),
     ("report", {"metric_convention": "accc"}, "[report] metric_convention: expected one of paper"),
     ("latency", {**LATENCY, "prompt_tokenz": [8]}, "[latency]: unknown key 'prompt_tokenz'"),
-    ("latency", {**LATENCY, "decode_mode": "bogus"}, "[latency]: --decode-mode bogus: expected one or more of eager"),
+    ("latency", {**LATENCY, "decode_mode": "bogus"}, "[latency]: --decode-mode bogus: expected any of eager"),
     ("latency", {**LATENCY, "methods": ["tail", "nosuch"]}, "[latency]: unknown method"),
 ])
 def test_config_checks_every_section_before_the_run(tmp_path, section, body, message):
@@ -61,7 +61,7 @@ def test_config_exits_2_before_the_run(tmp_path, cli):
 def test_sweep_checks_latency_values_before_any_cell(tmp_path):
     path = spec(tmp_path, run={**RUN, "out": str(tmp_path / "q")},
                 latency={**LATENCY, "decode_mode": "bogus", "out": str(tmp_path / "l")})
-    with pytest.raises(UsageError, match=r"\[latency\]: --decode-mode bogus: expected one or more of eager"):
+    with pytest.raises(UsageError, match=r"\[latency\]: --decode-mode bogus: expected any of eager"):
         expand(path, None)
 
 

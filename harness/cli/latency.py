@@ -63,7 +63,7 @@ def check_latency_args(args: argparse.Namespace, decode_modes: tuple[str, ...]) 
         raise UsageError(f"--warmup {args.warmup}: must be >= 0")
     bad = [m for m in args.decode_mode if m not in decode_modes]
     if bad or not args.decode_mode:
-        raise UsageError(f"--decode-mode {','.join(bad) or repr('')}: expected one or more of {', '.join(decode_modes)}")
+        raise UsageError(f"--decode-mode {','.join(bad) or repr('')}: expected any of {', '.join(decode_modes)}")
     if "graph" in args.decode_mode and resolve_device(args.device).type != "cuda":
         raise UsageError(f"--decode-mode graph: CUDA graphs need a CUDA device, this run is on {resolve_device(args.device)}; "
                          "use eager or static there")
