@@ -141,10 +141,12 @@ def same_configuration(a: RunRecord, b: RunRecord) -> bool:
                                                          for t in set(a.scores) & set(b.scores))
 
 
-def reference(records: list[RunRecord], r: RunRecord, method: str = "unpruned") -> RunRecord | None:
+def reference(records: list[RunRecord], r: RunRecord, method: str = "unpruned", col: Collection | None = None) -> RunRecord | None:
     """The first of `records` by `method` with `r`'s configuration: what `r` is compared with (a
-    ratio or a paired difference); None when that run has no such record."""
-    return next((o for o in records if o.method == method and same_configuration(o, r)), None)
+    ratio or a paired difference); None when that run has no such record. With `col`, only a record
+    of `r`'s own folder: latency samples are comparable within one interleaved run, not across runs."""
+    here = records if col is None else [o for o in records if col.source(o).parent == col.source(r).parent]
+    return next((o for o in here if o.method == method and same_configuration(o, r)), None)
 
 
 def models(col: Collection) -> dict[str, list[Path]]:

@@ -210,6 +210,7 @@ def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: 
     """Per workload (prompt, decode tokens, batch, decode path) and hardware: TTFT, TPOT and E2E
     p50, KV bytes sent per request, and factors versus `unpruned` in the same group."""
     col = _as_collection(records)
+    runs = records if isinstance(records, Collection) else None  # a plain list says nothing of runs: configuration only
     e2e = f"e2e_ms_p50@{bandwidth_gbit:g}gbit"
     keys = sorted({(hardware(r), model_name(r), lab) for r in col.latency for lab in r.latency if parse_workload(lab)},
                   key=lambda k: (k[0], k[1], parse_workload(k[2])))
@@ -220,7 +221,7 @@ def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: 
                     key=lambda r: _row_key(col, r))
         g: list[list[CellSpec]] = []
         for r in rs:
-            dense = reference(rs, r)  # the unpruned record of r's own configuration
+            dense = reference(rs, r, col=runs)  # unpruned of r's own run: latency samples compare within one run
             kv = r.kv.get(lab, {})
             per_req = kv["kv_bytes"] / max(1, kv.get("handoffs", 1)) if kv else None
             dkv = dense.kv.get(lab, {}) if dense else {}
@@ -231,7 +232,7 @@ def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: 
                 cell("—") if ttft is None else cell(f"{ttft:.1f}", ttft),
                 cell("—") if tpot is None else cell(f"{tpot:.2f}", tpot),
                 cell("—") if end is None else cell(f"{end:.1f}", end),
-                cell("—") if per_req is None else cell(f"{per_req / MIB:,.2f}", per_req),
+                cell("—") if per_req is None else cell(f"{per_req / MIB:,.2f}", per_req / MIB),
                 _ratio_cell(dense_req, per_req),
                 _ratio_cell(_v(dense, lab, "ttft_ms_p50"), ttft),
                 _ratio_cell(_v(dense, lab, "tpot_ms_p50"), tpot),
@@ -349,7 +350,7 @@ def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFram
                     noise[j][i] = se if tasks[task].metric_format == "decimal" else 100 * se
                 b = _per_request(r, task, setting)
                 ref = _per_request(dense, task, setting) if dense else None
-                row.append(cell("—") if b is None else cell(f"{b / MIB:,.1f}" + (f" ({ref / b:.2f}×)" if ref and b else ""), b))
+                row.append(cell("—") if b is None else cell(f"{b / MIB:,.1f}" + (f" ({ref / b:.2f}×)" if ref and b else ""), b / MIB))
             g.append(row)
             i += 1
         groups.append((title, g))

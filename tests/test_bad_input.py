@@ -126,6 +126,8 @@ CASES = [
      "--methods is empty; known methods: "),
     ("latency-decode-mode-empty", lambda t, d, r: ["latency", *TINY, "--decode-mode", "", "--out", t / "o"],
      "--decode-mode '': expected any of eager, static, graph"),
+    ("latency-prompt-tokens-twice", lambda t, d, r: ["latency", *TINY, "--prompt-tokens", "16,16", "--out", t / "o"],
+     "--prompt-tokens 16,16: 16 is given twice; give each value once"),
     ("latency-graph-on-cpu", lambda t, d, r: ["latency", *TINY, "--decode-mode", "eager,graph", "--out", t / "o"],
      "--decode-mode graph: CUDA graphs need a CUDA device, this run is on cpu"),
     ("passkey-too-short-before-any-cell", lambda t, d, r: [*ARC_CELL[:-4], "--tasks", "arc_easy,passkey", "--limit", "2",
@@ -172,7 +174,7 @@ def test_bad_input_in_process_exits_2(name, build, message, tmp_path, data_dir, 
     assert rc == 2, err[-2000:]
     assert message.format(run=tiny_run, tmp=tmp_path) in err, err[-2000:]
     assert "Traceback" not in err
-    if name.startswith(("out-", "latency-out", "latency-methods", "latency-decode", "latency-graph", "export-shard")):
+    if name.startswith(("out-", "latency-out", "latency-methods", "latency-decode", "latency-graph", "latency-prompt", "export-shard")):
         assert not loads, "the output folder must be checked before the model loads"
     assert not list((tmp_path / "tmp").glob("harness-tasks-*"))
     if name.endswith("before-any-cell"):

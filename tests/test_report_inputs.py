@@ -105,3 +105,21 @@ def test_unknown_baseline_exits_2_naming_the_methods(tmp_path, cli):
     _run(tmp_path / "b", 4, None, 100)  # the default baseline may be absent: the paired table is left out
     r = cli("report", tmp_path / "b", "--no-plots", "--out", tmp_path / "rep_b")
     assert r.returncode == 0 and "paired table: not shown" in r.stderr
+
+
+def test_latency_rows_compare_with_the_unpruned_of_their_own_run_and_csv_holds_mib(tmp_path):
+    """Two runs of the same latency command: each row against its own run's unpruned (every unpruned row
+    1.00×), not the other run's, and the CSV's "KV sent (MiB)" in MiB, as the table shows it."""
+    lat = load_dir(LATENCY)
+    for run, scale in (("runA", 1.0), ("runB", 2.0)):  # runB measured everything 2× slower
+        for r in map(copy.deepcopy, lat):
+            for wl in r.latency.values():
+                wl.figures = {k: v * scale if k.endswith("_ms_p50") or "_ms_p50@" in k else v for k, v in wl.figures.items()}
+            save(r, tmp_path / run)
+    e = efficiency_table(collect([tmp_path / "runA", tmp_path / "runB"]))
+    g = next(i for i, title in enumerate(groups(e)) if "prompt 2048" in title)
+    v = rows(e, g, "value").set_index(rows(e, g)["Method"])
+    assert list(v.loc[["unpruned (runA)", "unpruned (runB)"], "TTFT speedup"]) == [1.0, 1.0]
+    assert v.loc["shortgpt (runA)", "TTFT speedup"] == pytest.approx(v.loc["shortgpt (runB)", "TTFT speedup"])
+    shown = rows(e, g).set_index(rows(e, g)["Method"]).loc["unpruned (runA)", "KV sent (MiB)"]
+    assert f"{v.loc['unpruned (runA)', 'KV sent (MiB)']:,.2f}" == shown  # the value is the MiB the table shows

@@ -61,6 +61,11 @@ def check_latency_args(args: argparse.Namespace, decode_modes: tuple[str, ...]) 
         raise UsageError("--methods is empty; known methods: " + ", ".join(__import__("methods").names()))
     if args.warmup < 0:
         raise UsageError(f"--warmup {args.warmup}: must be >= 0")
+    for flag in ("methods", "prompt_tokens", "decode_tokens", "batch_size", "bandwidths", "decode_mode"):
+        values = list(getattr(args, flag))  # a repeat would measure a workload twice under one record's n_samples
+        if len(values) != len(set(values)):
+            raise UsageError(f"--{flag.replace('_', '-')} {','.join(map(str, values))}: "
+                             f"{next(v for v in values if values.count(v) > 1)} is given twice; give each value once")
     bad = [m for m in args.decode_mode if m not in decode_modes]
     if bad or not args.decode_mode:
         raise UsageError(f"--decode-mode {','.join(bad) or repr('')}: expected any of {', '.join(decode_modes)}")
