@@ -52,6 +52,16 @@ def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: flo
     return tables, missing
 
 
+def bandwidth_note(col: Collection, bandwidth_gbit: float) -> list[str]:
+    """Why the efficiency table's E2E columns are empty: no latency record has E2E at `bandwidth_gbit`."""
+    figures = {k for r in col.latency for wl in r.latency.values() for k in wl.figures}
+    held = sorted({float(k.split("@")[1].removesuffix("gbit")) for k in figures if k.startswith("e2e_ms_p50@")})
+    if not held or bandwidth_gbit in held:
+        return []
+    return [f"E2E at --bandwidth {bandwidth_gbit:g} Gbit/s: the latency records hold it at "
+            f"{', '.join(f'{b:g}' for b in held)} Gbit/s (give --bandwidth one of those)"]
+
+
 def render_report(paths: list[Path], out: Path, convention: str = "paper", bandwidth_gbit: float = 100.0,
                   html: bool = True, plots: bool = True, model: str | None = None, baseline: str = "unpruned") -> Report:
     """Tables (grouped by model) and, with `plots`, figures of one model: records of several models
@@ -68,7 +78,7 @@ def render_report(paths: list[Path], out: Path, convention: str = "paper", bandw
         require_one_model(col)
     rep = Report(out)
     rep.tables, rep.missing = build_tables(col, convention, bandwidth_gbit, baseline)
-    rep.missing = [f"record {why}" for why in skipped] + failure_notes(paths, col) + rep.missing
+    rep.missing = [f"record {why}" for why in skipped] + failure_notes(paths, col) + rep.missing + bandwidth_note(col, bandwidth_gbit)
     for t in rep.tables:
         for ext, fn in (("md", to_markdown), ("tex", to_latex), ("csv", to_csv)):
             atomic_write(out / "tables" / f"{t.attrs['name']}.{ext}", fn(t) if ext != "md" else fn(t) + "\n")

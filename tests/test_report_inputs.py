@@ -123,3 +123,9 @@ def test_latency_rows_compare_with_the_unpruned_of_their_own_run_and_csv_holds_m
     assert v.loc["shortgpt (runA)", "TTFT speedup"] == pytest.approx(v.loc["shortgpt (runB)", "TTFT speedup"])
     shown = rows(e, g).set_index(rows(e, g)["Method"]).loc["unpruned (runA)", "KV sent (MiB)"]
     assert f"{v.loc['unpruned (runA)', 'KV sent (MiB)']:,.2f}" == shown  # the value is the MiB the table shows
+
+
+def test_a_bandwidth_the_latency_records_lack_is_named_with_the_ones_they_hold(tmp_path, cli):
+    r = cli("report", LATENCY, "--no-plots", "--bandwidth", "50", "--out", tmp_path / "rep")
+    assert r.returncode == 0 and "E2E at --bandwidth 50 Gbit/s: the latency records hold it at 25, 100, 400 Gbit/s" in r.stderr
+    assert "E2E at" not in cli("report", LATENCY, "--no-plots", "--out", tmp_path / "rep2").stderr  # 100: held
