@@ -1,5 +1,6 @@
 """Model specs: a saved directory loads back to the same logits; random presets have the published shapes."""
 
+import pytest
 import torch
 
 from harness.pd.models import PRESETS, load_model
@@ -54,3 +55,19 @@ def test_qwen2_architecture_runs_through_the_engine():
     dis = Scorer(model, PruningPlan.dense("u", 3), "disaggregated", max_length=100).loglikelihood(reqs)
     assert all(abs(a[0] - b[0]) < 1e-4 for a, b in zip(uni, dis))
     assert Scorer(model, plan, "disaggregated", max_length=100).loglikelihood(reqs)[0][0] != dis[0][0]
+
+
+def test_sliding_window_models_are_refused_and_every_preset_has_full_attention():
+    """The PD engine masks every layer causally over the whole prompt: a sliding-window model's scores would be
+    silently wrong past its window (found with a Qwen2 of use_sliding_window=True: 0.17 off per request)."""
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    from harness.errors import UsageError
+    from harness.pd.arch import check_full_attention
+    from harness.pd.models import PRESETS, preset_config
+
+    for cfg in (MistralConfig(), Gemma2Config(), Qwen2Config(use_sliding_window=True, max_window_layers=2, num_hidden_layers=4)):
+        with pytest.raises(UsageError, match="sliding-window attention"):
+            check_full_attention(cfg, "m")
+    for cfg in (LlamaConfig(), Qwen2Config(), MistralConfig(sliding_window=None), *map(preset_config, PRESETS)):
+        check_full_attention(cfg, "m")

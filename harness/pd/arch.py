@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from harness.errors import UsageError
+
 
 def decoder(model: nn.Module) -> nn.Module:
     """The base decoder (`LlamaModel` inside `LlamaForCausalLM`)."""
@@ -79,3 +81,18 @@ def layers_swapped(model: nn.Module, keep: Sequence[int]) -> Iterator[nn.Module]
         yield model
     finally:
         dec.layers = original
+
+
+def check_full_attention(config, spec: str) -> None:
+    """UsageError for sliding-window attention layers (Mistral's `sliding_window`, Qwen2 with
+    `use_sliding_window`, Gemma-2's alternating `layer_types`): the PD engine masks every layer causally
+    over the whole prompt, and removing blocks would also shift which layers slide, so the scores of such a
+    model would be silently wrong on prompts longer than the window."""
+    kinds = set(getattr(config, "layer_types", None) or ())
+    window = getattr(config, "sliding_window", None)
+    sliding = sorted(kinds - {"full_attention"}) or (["sliding_window"] if not kinds and window and getattr(
+        config, "use_sliding_window", True) else [])
+    if sliding:
+        raise UsageError(f"--model {spec}: it has sliding-window attention ({', '.join(sliding)}, window {window}), which "
+                         "the PD engine does not implement (it would score every layer with full attention); use a model "
+                         "with full attention in every layer")

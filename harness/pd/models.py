@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from harness.errors import UsageError
+from harness.pd import arch
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +391,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
 
 
 def _with_dtype(loaded: LoadedModel) -> LoadedModel:
-    """Record the weights' dtype as loaded (what `--dtype auto` resolved to), e.g. "bfloat16"."""
+    """Record the weights' dtype as loaded (what `--dtype auto` resolved to), e.g. "bfloat16"; refuse a model
+    the PD engine would score wrongly (`check_full_attention`)."""
+    arch.check_full_attention(loaded.model.config, loaded.spec)
     loaded.description["dtype"] = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     return loaded
+
