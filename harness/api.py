@@ -25,13 +25,20 @@ API = Path("harness.evaluate()")  # how option errors name their source, as a sp
 def load_results(path: str | Path) -> pd.DataFrame:
     """Every finished record under `path` (a run folder, searched recursively, or one record file) as
     tidy rows with the columns of `summary.csv`; numbers as numbers, a missing value as NaN."""
-    from harness.store.records import SUMMARY_COLUMNS, load, record_files_under, summary_rows
+    from harness.store.records import record_files_under
 
     p = Path(path)
     if not p.exists():
         raise UsageError(f"load_results({str(path)!r}): no such file or folder")
-    files = [p] if p.is_file() else record_files_under(p)
+    return _rows([p] if p.is_file() else record_files_under(p))
+
+
+def _rows(files: list[Path]) -> pd.DataFrame:
+    from harness.store.records import SUMMARY_COLUMNS, load, summary_rows
+
     df = pd.DataFrame(summary_rows([load(f) for f in files]), columns=SUMMARY_COLUMNS)
+    for col in ("value", "stderr"):  # a missing stderr (None in every row, e.g. mmlu at limit 1) is NaN too
+        df[col] = pd.to_numeric(df[col].replace("", None), errors="coerce").astype("float64")
     for col in ("kv_bytes_sent", "kv_bytes_sent_paged", "n_samples"):
         df[col] = pd.to_numeric(df[col].replace("", None), errors="coerce").astype("Int64")
     return df
@@ -44,17 +51,21 @@ def evaluate(**options: Any) -> pd.DataFrame:
     comma-separated list), and return the run's rows (`load_results`) for these methods and modes.
 
     Finished records in `out` are reused, as on the command line. Bad options raise `UsageError`
-    (the command line's exit 2); a failed cell raises `RuntimeError` after the others finished."""
+    (the command line's exit 2), as does a cell refused for bad input (e.g. `out` holds another
+    configuration's record); a failed cell raises `RuntimeError` after the others finished. The rows
+    are this call's records only, not other runs' in `out` or below it."""
     from harness.cli.run import cmd_run, default_out, run_config, run_parser
     from harness.cli.spec import Spec, to_namespace
-    from harness.config import sweep_base
+    from harness.run import pipeline
+    from harness.store.records import record_filename
 
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}  # a tuple is a list here
     args = to_namespace(Spec(API, {"run": options}), "run", run_parser())  # the command's checks, named errors
     cfg = run_config(args)
     args.out = Path(args.out) if args.out else default_out(cfg)
     rc = cmd_run(args)
     if rc != 0:
-        raise RuntimeError(f"harness.evaluate(): some cells failed (exit status {rc}); their notes are in {args.out}")
-    df = load_results(args.out)
-    mine = df["method"].map(sweep_base).isin(cfg.methods)  # swept variants (shortgpt@k=2) belong to their method
-    return df[mine & df["mode"].isin(cfg.modes)].reset_index(drop=True)
+        error = UsageError if rc == 2 else RuntimeError
+        raise error(f"harness.evaluate(): some cells failed (exit status {rc}); their notes are in {args.out}")
+    cells = pipeline.prepare(cfg, need_data=False).methods  # swept variants (shortgpt@k=2) included
+    return _rows(sorted(args.out / record_filename(name, mode) for name in cells for mode in cfg.modes))  # load_results' order
