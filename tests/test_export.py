@@ -290,3 +290,19 @@ def test_plan_for_another_depth_is_refused(tiny, tmp_path):
     method, _ = manual(tiny.model, "unified")
     with pytest.raises(UsageError, match="plan is for a 6-layer model"):
         export_plan(tiny, method, PruningPlan.dense("manual", 6), tmp_path / "x")
+
+
+def test_a_depth_sweeps_record_replays_as_its_method(tiny, tmp_path, capsys):
+    """`tail@k=2__unified.json` (from --set tail.k=1,2) holds tail's plan at k=2: --record, --plans-from with the
+    variant's name, and --method tail all export it (they were refused: unknown method 'tail@k=2')."""
+    from harness.store import records as rec
+
+    record = rec.RunRecord(method="tail@k=2", mode="unified", run_key="k", plan={}, environment={},
+                           config={"model": "random:tiny", "seed": 0, "method_options": {"k": 2}},
+                           model={}, calibration=None, scores={}, kv={}, n_samples={}, lm_eval={}, timing_s={}, created="")
+    record.plan = methods.get("tail")(methods.get("tail").Config(k=2)).plan(tiny.model, None, "unified").to_dict()
+    path = rec.save(record, tmp_path / "run")
+    for i, how in enumerate([["--record", str(path)], ["--plans-from", str(tmp_path / "run"), "--method", "tail@k=2"],
+                             ["--record", str(path), "--method", "tail"]]):
+        assert cli_main(["export", "--device", "cpu", *how, "--out", str(tmp_path / f"e{i}")]) == 0, capsys.readouterr().err
+        assert json.loads((tmp_path / f"e{i}" / "config.json").read_text())["num_hidden_layers"] == 2

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.config import sweep_base
 from harness.errors import UsageError
 from harness.run.export import export_plan
 from harness.store.records import check_writable
@@ -119,7 +120,7 @@ def resolve_source(args: argparse.Namespace) -> Source:
     clashes = [(flag, given, stored) for flag, given, stored in
                (("--method", args.method, record.method), ("--mode", args.mode, record.mode),
                 ("--model", args.model, stored_model), ("--seed", args.seed, stored_seed))
-               if given is not None and given != stored]
+               if given is not None and given != stored and not (flag == "--method" and given == sweep_base(stored))]
     if clashes:
         flag, given, stored = clashes[0]
         raise UsageError(f"{path} holds a plan made with {flag} {stored}, not {given}; pass {flag} {stored} (or omit "
@@ -131,31 +132,33 @@ def resolve_source(args: argparse.Namespace) -> Source:
 
 
 def method_for(source: Source, args: argparse.Namespace, data_dir: str | None):
-    """(method instance, calibration options) validated like a run's; with a record, its stored options."""
+    """(method instance, calibration options) validated like a run's; with a record, its stored options
+    (a depth sweep's record, `tail@k=2__unified.json`, is its method's with the options it stores)."""
     from harness.config import RunConfig
     from harness.run import pipeline
 
-    prepared = pipeline.prepare(RunConfig(model=source.model, methods=(source.method,), tasks=(), seed=source.seed,
+    name = sweep_base(source.method) if source.record is not None else source.method
+    prepared = pipeline.prepare(RunConfig(model=source.model, methods=(name,), tasks=(), seed=source.seed,
                                           data_dir=data_dir, overrides=tuple(args.overrides)), need_data=source.record is None)
-    method = prepared.methods[source.method]
     if source.record is None:
-        return method, prepared.calib_config
+        return prepared.methods[source.method], prepared.calib_config
+    method = prepared.methods[name]
     cls = type(method)
     stored = source.record.config.get("method_options", {})
     known = {f.name for f in dataclasses.fields(cls.Config)}
     if set(stored) - known:
         raise UsageError(f"{source.record_path}: option(s) {sorted(set(stored) - known)} of the record are not options of "
-                         f"{source.method} in this harness; plan afresh without --record/--plans-from")
+                         f"{name} in this harness; plan afresh without --record/--plans-from")
     try:
         replayed = cls(dataclasses.replace(cls.Config(), **{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}))
     except (TypeError, ValueError) as e:
-        raise UsageError(f"{source.record_path}: its method options do not build a {source.method}: {e}") from None
-    if any(o.split("=", 1)[0].split(".", 1)[0] == source.method for o in args.overrides) and \
+        raise UsageError(f"{source.record_path}: its method options do not build a {name}: {e}") from None
+    if any(o.split("=", 1)[0].split(".", 1)[0] == name for o in args.overrides) and \
             json.loads(json.dumps(method.options())) != json.loads(json.dumps(replayed.options())):
-        raise UsageError(f"--set {source.method}.*: differs from the options the record's plan was made with "
+        raise UsageError(f"--set {name}.*: differs from the options the record's plan was made with "
                          f"({replayed.options()}); drop --set or plan afresh without --record/--plans-from")
     if replayed.needs_replan_on_resume():
-        raise UsageError(f"{source.method} with these options installs trained weights (healed blocks or a replacement "
+        raise UsageError(f"{name} with these options installs trained weights (healed blocks or a replacement "
                          "network) that run records do not store; export it without --record/--plans-from so it plans "
                          "and trains afresh")
     return replayed, prepared.calib_config
