@@ -71,3 +71,10 @@ def test_sliding_window_models_are_refused_and_every_preset_has_full_attention()
             check_full_attention(cfg, "m")
     for cfg in (LlamaConfig(), Qwen2Config(), MistralConfig(sliding_window=None), *map(preset_config, PRESETS)):
         check_full_attention(cfg, "m")
+
+
+def test_a_random_model_in_bfloat16_keeps_its_rotary_frequencies_in_float32():
+    """As from_pretrained(dtype=bfloat16) leaves a real model (so a reloaded export scores the same)."""
+    loaded = load_model("random:tiny", "cpu", "bfloat16")
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    assert loaded.model.model.rotary_emb.inv_freq.dtype == torch.float32

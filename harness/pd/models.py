@@ -259,7 +259,9 @@ def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: in
     cfg = preset_config(preset)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation).to(dtype)
+        # dtype= as from_pretrained loads real weights: the rotary inv_freq buffer stays float32 (a .to(dtype)
+        # cast it too, and a bf16 model's scores then differed from its own reloaded export by up to 2e-3)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
     model.eval()
     if placement is not None:
         model = dispatch(model, placement)
