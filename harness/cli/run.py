@@ -218,8 +218,6 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
     placement = cfg.placement()  # bad --device-map / --max-memory: exit 2 before loading anything
     if cfg.plans_from and not Path(cfg.plans_from).is_dir():
         raise UsageError(f"--plans-from {args.plans_from}: not a folder of run records")
-    if not cfg.methods:
-        raise UsageError("--methods is empty; known methods: " + ", ".join(__import__("methods").names()))
     prepared = pipeline.prepare(cfg)
     check_tasks(cfg.tasks, cfg.data_dir)
     warn_small_limit(cfg.limit)

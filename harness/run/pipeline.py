@@ -77,6 +77,8 @@ def prepare(cfg: RunConfig, need_data: bool = True) -> Prepared:
     import methods as registry
     from harness.quality import long_tasks
 
+    if not cfg.methods:  # run, latency and their spec sections all come through here before any model work
+        raise UsageError("--methods is empty; known methods: " + ", ".join(registry.names()))
     classes = {name: registry.get(name) for name in cfg.methods}
     long_here = [t for t in cfg.tasks if long_tasks.is_long_task(t)]
     raw = split_overrides(cfg.overrides, [*cfg.methods, "calib", *long_here])
