@@ -97,8 +97,8 @@ class PDTrim(Method):
             return dataclasses.replace(
                 d, k_prefill=min(d.k_prefill, k // 2), k_decode=k, k_unified=min(d.k_unified, n // 2),
                 search_samples=min(d.search_samples, 2 * n), max_cont=min(d.max_cont, 2 * n),
-                probe_prompts=min(d.probe_prompts, n // 2), probe_tokens=min(d.probe_tokens, 16 * n),
-                probe_steps=min(d.probe_steps, n), n_first=min(d.n_first, n // 2), n_last=min(d.n_last, 3 * n // 2))
+                probe_prompts=max(1, min(d.probe_prompts, n // 2)), probe_tokens=min(d.probe_tokens, 16 * n),
+                probe_steps=max(1, min(d.probe_steps, n)), n_first=min(d.n_first, n // 2), n_last=min(d.n_last, 3 * n // 2))
 
     def validate_config(self, c) -> None:
         check_prefill_ratio(self.name, c)
@@ -112,6 +112,9 @@ class PDTrim(Method):
             raise UsageError(f"pdtrim.d_t={c.d_t}: must be within [-1, 1] (a threshold on the block cosine s_i)")
         if not 0 <= c.tau <= 1 or c.n_first < 0 or c.n_last < 0 or (c.kv_pruning and c.n_first + c.n_last < 1):
             raise UsageError("pdtrim: need 0 <= tau <= 1 and n_first, n_last >= 0 with n_first + n_last >= 1")
+        if c.kv_pruning and min(c.probe_prompts, c.probe_tokens, c.probe_steps) < 1:  # the probe runs after the search
+            raise UsageError(f"pdtrim: need probe_prompts, probe_tokens, probe_steps >= 1 (got {c.probe_prompts}, "
+                             f"{c.probe_tokens}, {c.probe_steps}), or kv_pruning=false")
         if c.heal_steps < 0 or c.heal_lr <= 0 or c.heal_samples < 1:
             raise UsageError("pdtrim: need heal_steps >= 0, heal_lr > 0, heal_samples >= 1")
         if c.sensitivity_blocks not in SENSITIVITY_BLOCKS:
