@@ -204,3 +204,20 @@ def test_store_keys_values_and_concurrent_writers(own_cache_dir):
     assert not errors and all(s is None or s in values for s in seen)
     assert cache.load("demo", key) in values
     assert not [p for p in own_cache_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_quiet_run_still_shows_the_cache_warning(tiny, calib, own_cache_dir):
+    """quiet_libraries() silences the libraries' warnings, not the harness's own (docs/cache.md promises this one)."""
+    from harness.run.quiet import quiet_libraries
+
+    ranked._SHARED.clear()
+    make("sleb", **SLEB).plan(tiny.model, calib, "unified")
+    for p in own_cache_dir.rglob("*.json"):
+        p.write_text("{")
+    ranked._SHARED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_libraries()
+        warnings.warn("a library's chatter", DeprecationWarning, stacklevel=1)
+        make("sleb", **SLEB).plan(tiny.model, calib, "unified")
+    assert {w.category for w in caught if "unreadable" in str(w.message)} == {cache.CacheWarning}
+    assert not [w for w in caught if w.category is DeprecationWarning]

@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from harness.errors import HarnessWarning
 from harness.store.files import atomic_write
 
 ENV = "HARNESS_CALIBRATION_CACHE"
@@ -32,7 +33,7 @@ OFF = "off"
 DEFAULT_ROOT = Path("~/.cache/pd-harness")
 
 
-class CacheWarning(UserWarning):
+class CacheWarning(HarnessWarning):
     """A cache entry could not be read and is ignored (it is recomputed)."""
 
 
