@@ -57,6 +57,18 @@ def test_planted_removed_layer_fails(tmp_path):
     assert any(f.startswith("shortgpt/unified: plan changed, removed (decode)") for f in res.failures), res.failures
 
 
+def test_check_puts_back_references_a_killed_update_left_half_swapped(tmp_path, capsys):
+    from harness.cli import main
+    from harness.store.files import backup_path
+
+    cur = _copy(tmp_path)
+    ref = tmp_path / "ref"
+    shutil.copytree(REFERENCE, backup_path(ref))  # killed between the swap's two renames: only `.ref.old` is left
+    assert main(["check", "--against", str(ref), "--current", str(cur)]) == 0, capsys.readouterr()
+    assert "regression check passed" in capsys.readouterr().out
+    assert ref.is_dir() and not backup_path(ref).exists()
+
+
 def test_one_extra_kv_byte_fails(tmp_path):
     cur = _copy(tmp_path)
     _edit(cur / "quality", "pdtrim__disaggregated.json", lambda d: d["kv"]["boolq"].update(kv_bytes=d["kv"]["boolq"]["kv_bytes"] + 1))

@@ -45,6 +45,8 @@ def cmd_check(argv: list[str]) -> int:
     args = check_parser().parse_args(argv)
     if args.latency_tolerance < 0:
         raise UsageError(f"--latency-tolerance {args.latency_tolerance}: must be >= 0")
+    if not args.update:
+        _recover(args.against)
     if not args.update and not args.against.is_dir():
         raise UsageError(f"--against {args.against}: no such folder of reference records "
                          f"(create it with: python -m harness check --against {args.against} --update)")
@@ -75,6 +77,16 @@ def cmd_check(argv: list[str]) -> int:
     verdict = "passed" if res.ok else f"FAILED ({len(res.failures)} difference(s))"
     print(f"regression check {verdict}: {res.compared} record(s) of {current} compared with {args.against}")
     return 0 if res.ok else 1
+
+
+def _recover(reference: Path) -> None:
+    """Put back references that a killed `check --update` left half swapped (`.<name>.old` beside them)."""
+    from harness.store import lock
+    from harness.store.files import backup_path, recover_swap
+
+    if backup_path(reference.resolve()).exists():
+        with lock.hold_beside(reference):  # an update running now finishes its swap first
+            recover_swap(reference)
 
 
 def _update(reference: Path, current: Path) -> int:
