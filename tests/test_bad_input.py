@@ -359,6 +359,20 @@ def test_ctrl_c_during_imports_or_model_load_exits_130_with_one_line(capsys, mon
     assert r.returncode == 130 and r.stderr.strip() == "interrupted (Ctrl-C)", r.stderr
 
 
+def test_ctrl_c_during_latency_rounds_says_what_is_not_kept(capsys, monkeypatch, tmp_path):
+    """A latency record is written after all its rounds: the interrupted run must not claim its work is kept."""
+    import harness.run.latency_run
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness.run.latency_run, "measure", interrupt)
+    rc, _, err = call(capsys, "latency", *TINY, "--methods", "unpruned", "--prompt-tokens", "16", "--decode-tokens", "2",
+                      "--batch-size", "1", "--out", tmp_path / "o")
+    assert rc == 130 and "the rounds measured so far are not kept" in err and "interrupted (Ctrl-C)" in err, err
+    assert not list(tmp_path.glob("o/*.json"))
+
+
 def test_a_run_names_its_layers_and_leaves_no_task_folder(capsys, tmp_path, data_dir, monkeypatch):
     """Item 15: the load line and the record's model description give the layer count. Item 14: the
     lm-eval task folder is removed after the run (failed runs: the table above)."""

@@ -73,6 +73,12 @@ def check_latency_args(args: argparse.Namespace, decode_modes: tuple[str, ...]) 
         raise UsageError(f"--decode-mode graph: CUDA graphs need a CUDA device, this run is on {device}; use eager or static there")
 
 
+# the rounds interleave the plans so that every plan's repeats sample the same load (harness/run/latency_run.py)
+INTERRUPTED_ROUNDS = ("latency: a method's record is written when all --repeats rounds are measured, and the rounds "
+                      "interleave the methods, so the rounds measured so far are not kept (records of methods reused "
+                      "from --out are); for a shorter run give fewer --repeats, workloads or methods")
+
+
 def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     args = argv if isinstance(argv, argparse.Namespace) else latency_parser().parse_args(argv)  # a spec section: options
     if args.quiet:
@@ -104,7 +110,11 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
     with lock.hold(out):  # one writer per folder
-        records = run_latency(cfg, prepared, out, load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed), say)
+        try:
+            records = run_latency(cfg, prepared, out, load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed), say)
+        except KeyboardInterrupt:
+            print(INTERRUPTED_ROUNDS, file=sys.stderr)
+            raise
     print(to_markdown(efficiency_table(records, 100.0 if 100.0 in cfg.bandwidths_gbit else cfg.bandwidths_gbit[0])))
     print(f"\nclock: {records[0].extra.get('clock')}; records and summary.csv in {out}")
     return 0
