@@ -7,6 +7,7 @@ kind: latency records carry `config.kind == "latency"`, everything else is a qua
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,12 +64,31 @@ class Collection:
     def all(self) -> list[RunRecord]:
         return [*self.quality, *self.latency]
 
+    def folder(self, r: RunRecord) -> Path:
+        return self.sources[id(r)].parent
+
     def label(self, r: RunRecord) -> str:
-        """Method name, plus the folder name when the same (model, method, mode, kind) occurs in
-        several folders (e.g. a --limit 100 and a --limit 1000 run)."""
+        """Method name, plus its folder when the same (model, method, mode, kind) occurs in several
+        folders (e.g. a --limit 100 and a --limit 1000 run): the shortest end of the folder's path
+        that tells them apart (`a/run` and `b/run`, but `other` for a third folder `c/other`)."""
         same = [o for o in (self.latency if is_latency(r) else self.quality)
                 if (model_name(o), o.method, o.mode) == (model_name(r), r.method, r.mode)]
-        return r.method if len(same) < 2 else f"{r.method} ({self.source(r).parent.name})"
+        return r.method if len(same) < 2 else f"{r.method} ({folder_suffix(self.folder(r), [self.folder(o) for o in same])})"
+
+
+def folder_suffix(folder: Path, folders: list[Path]) -> str:
+    """The shortest end of `folder`'s path that none of the other `folders` ends with (its whole
+    path when every end is shared)."""
+    parts, others = folder.parts, [f.parts for f in folders if f != folder]
+    for k in range(1, len(parts) + 1):
+        if all(o[-k:] != parts[-k:] for o in others):
+            return Path(*parts[-k:]).as_posix()
+    return folder.as_posix()
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key reading runs of digits as numbers: `x@k=2` before `x@k=10`."""
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", text)))
 
 
 def is_latency(r: RunRecord) -> bool:
@@ -141,12 +161,20 @@ def same_configuration(a: RunRecord, b: RunRecord) -> bool:
                                                          for t in set(a.scores) & set(b.scores))
 
 
-def reference(records: list[RunRecord], r: RunRecord, method: str = "unpruned", col: Collection | None = None) -> RunRecord | None:
-    """The first of `records` by `method` with `r`'s configuration: what `r` is compared with (a
-    ratio or a paired difference); None when that run has no such record. With `col`, only a record
-    of `r`'s own folder: latency samples are comparable within one interleaved run, not across runs."""
-    here = records if col is None else [o for o in records if col.source(o).parent == col.source(r).parent]
-    return next((o for o in here if o.method == method and same_configuration(o, r)), None)
+def reference(records: list[RunRecord], r: RunRecord, method: str = "unpruned", col: Collection | None = None,
+              same_run: bool = False) -> RunRecord | None:
+    """The record of `records` by `method` with `r`'s configuration that `r` is compared with (a
+    ratio or a paired difference); None when there is none. With `col` the choice does not depend on
+    the order of the inputs: the record of `r`'s own folder first, then one that scored every task `r`
+    scored, then the first by file path. `same_run` (needs `col`): only a record of `r`'s own folder
+    (latency samples are comparable within one interleaved run, not across runs)."""
+    found = [o for o in records if o.method == method and same_configuration(o, r)]
+    if col is None:
+        return next((o for o in found if set(r.scores) <= set(o.scores)), found[0] if found else None)
+    if same_run:
+        found = [o for o in found if col.folder(o) == col.folder(r)]
+    return min(found, default=None, key=lambda o: (col.folder(o) != col.folder(r), not set(r.scores) <= set(o.scores),
+                                                   natural_key(str(col.source(o)))))
 
 
 def models(col: Collection) -> dict[str, list[Path]]:

@@ -2,14 +2,15 @@
 
 A table is a `pandas.DataFrame` with one row per cell (`CELL_FIELDS`): the group it belongs to
 (position and title, e.g. "SmolLM2-135M · PD-disaggregated"; "" = no heading), the row number, the
-column name, the shown text, the raw value and whether it is bold. `frame.attrs` holds the table's
-name (file stem and LaTeX label), caption, column order and LaTeX column spec.
+column name, the shown text, the raw value, whether it is bold and the numbers that qualify the
+value (`stats`, e.g. {"stderr": 1.0} or a CI and p-value; None when none). `frame.attrs` holds the
+table's name (file stem and LaTeX label), caption, column order and LaTeX column spec.
 
-Keeping the raw value next to the shown text lets CSV carry numbers while Markdown and LaTeX carry
-the rounded figure, and lets "best in column" be decided on values, not strings. Each renderer
-pivots the cells to the wide layout (`wide`); LaTeX and HTML go through `Styler`, Markdown is a few
-lines here (pandas' `to_markdown` needs `tabulate`, which is not a dependency, and re-parses and
-re-pads numbers, so "39.0" would not stay "39.0").
+Keeping the raw value next to the shown text lets CSV carry numbers (and each stat as a column of
+its own) while Markdown and LaTeX carry the rounded figure, and lets "best in column" be decided on
+values, not strings. Each renderer pivots the cells to the wide layout (`wide`); LaTeX and HTML go
+through `Styler`, Markdown is a few lines here (pandas' `to_markdown` needs `tabulate`, which is not
+a dependency, and re-parses and re-pads numbers, so "39.0" would not stay "39.0").
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ import numpy as np
 import pandas as pd
 from pandas.io.formats.style import Styler
 
-CELL_FIELDS = ["group", "title", "row", "column", "text", "value", "bold"]
+CELL_FIELDS = ["group", "title", "row", "column", "text", "value", "bold", "stats"]
 INDEX = ["group", "title", "row"]
 
-# one cell as a builder writes it: (shown text, raw value or None when the text is the value)
-CellSpec = tuple[str, object]
+# one cell as a builder writes it: (shown text, raw value or None when the text is the value, stats or None)
+CellSpec = tuple[str, object, dict[str, float] | None]
 
 
-def cell(text: str, value: object = None) -> CellSpec:
-    return (text, value)
+def cell(text: str, value: object = None, **stats: float | None) -> CellSpec:
+    """A cell; `stats` are numbers that qualify `value` (stderr=..., ci_low=..., p_mcnemar=...; None ones
+    are left out), which CSV writes as columns `<column>_<name>`."""
+    kept = {k: v for k, v in stats.items() if v is not None}
+    return (text, value, kept or None)
 
 
 def make_table(name: str, caption: str, columns: Sequence[str], groups: Sequence[tuple[str, Sequence[Sequence[CellSpec]]]],
@@ -42,7 +46,7 @@ def make_table(name: str, caption: str, columns: Sequence[str], groups: Sequence
     for g, (title, rows) in enumerate(groups):
         for row in rows:
             assert len(row) == n, f"{name}: a row of {len(row)} cells for {n} columns"
-            records += [(g, title, i, c, text, value, False) for c, (text, value) in zip(columns, row)]
+            records += [(g, title, i, c, *spec[:2], False, spec[2] if len(spec) > 2 else None) for c, spec in zip(columns, row)]
             i += 1
     t = pd.DataFrame.from_records(records, columns=CELL_FIELDS)
     t["value"] = t["value"].astype(object)  # numbers and None side by side; None: CSV writes the text
@@ -121,10 +125,17 @@ def to_markdown(t: pd.DataFrame) -> str:
 
 
 def to_csv(t: pd.DataFrame) -> str:
-    """Tidy-ish CSV: a `group` column, then the table's columns with raw values where known."""
+    """Tidy-ish CSV: a `group` column, then the table's columns with raw values where known, then one
+    column `<column>_<stat>` per stat of a column's cells (`<column>_stderr`, `_ci_low`, `_ci_high`,
+    `_p_mcnemar`), in the table's column order; empty where a cell has none."""
     text, value = wide(t, "text"), wide(t, "value")
     out = value.where(value.notna(), text)
     out.insert(0, "group", out.index.get_level_values("title"))
+    stats = wide(t, "stats")
+    for c in t.attrs["columns"]:
+        names = dict.fromkeys(k for d in stats[c] if isinstance(d, dict) for k in d)
+        for name in names:
+            out[f"{c}_{name}"] = [d.get(name) if isinstance(d, dict) else None for d in stats[c]]
     return out.to_csv(index=False, lineterminator="\n")
 
 

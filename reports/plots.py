@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from harness.store.files import atomic_file  # noqa: E402
 from harness.store.records import RunRecord, is_long_task  # noqa: E402
-from reports.collect import Collection, metric_for  # noqa: E402
+from reports.collect import Collection, folder_suffix, metric_for, natural_key  # noqa: E402
 from reports.tables import MIB, MODE_TITLE, _mc_kv, _ordered_tasks, _score, parse_workload, removed_counts, se_of_mean  # noqa: E402
 
 MARKERS = "osD^v<>pP*Xh"
@@ -51,15 +51,53 @@ def _methods(records: list[RunRecord], col: Collection) -> list[str]:
     return sorted({col.label(r) for r in records}, key=lambda m: (m != "unpruned", m))
 
 
-def series(col: Collection, r: RunRecord) -> str:
-    """A curve's name: the record's label with a swept variant's values dropped (`shortgpt@k=2` ->
-    `shortgpt`), so every depth of one method's sweep is one line."""
-    base = r.method.split("@", 1)[0]
-    return col.label(r).replace(r.method, base, 1)
+def _variant(method: str) -> tuple[str, dict[str, str]]:
+    """A swept variant's method and option values: `pdtrim@k_prefill=2,k_decode=4` -> ('pdtrim',
+    {'k_prefill': '2', 'k_decode': '4'}); a part without '=' belongs to the value before it."""
+    base, _, rest = method.partition("@")
+    opts: dict[str, str] = {}
+    for part in filter(None, rest.split(",")):
+        key, eq, value = part.partition("=")
+        if eq:
+            opts[key] = value
+        elif opts:
+            last = next(reversed(opts))
+            opts[last] += "," + part
+    return base, opts
+
+
+def _depth_option(group: list[RunRecord]) -> str | None:
+    """The swept option along which `group` (one run's variants of one method) removes more blocks:
+    the first, by name, whose value alone fixes the blocks removed; None when the depth does not vary
+    or no one option sets it."""
+    pts = [(_variant(r.method)[1], removed_counts(r)[1]) for r in group]
+    if len({x for _, x in pts}) < 2:
+        return None
+    for key in sorted({k for opts, _ in pts for k in opts}):
+        depth: dict[str | None, int] = {}
+        if len({opts.get(key) for opts, _ in pts}) > 1 and all(depth.setdefault(opts.get(key), x) == x for opts, x in pts):
+            return key
+    return None
+
+
+def series(col: Collection, r: RunRecord, recs: list[RunRecord] | None = None) -> str:
+    """A curve's name among `recs` (default: the quality records of `r`'s mode): the record's method
+    without its depth option (`shortgpt@k=2` -> `shortgpt`) but with the other swept options' values
+    (`pdtrim@k_prefill=2,k_decode=4` -> `pdtrim@k_prefill=2`), and its folder when the method's
+    records come from several (`shortgpt (a)`): one line per run and per fixed value of the others."""
+    recs = [o for o in col.quality if o.mode == r.mode] if recs is None else recs
+    base, opts = _variant(r.method)
+    peers = [o for o in recs if _variant(o.method)[0] == base]
+    depth = _depth_option([o for o in peers if col.folder(o) == col.folder(r)])
+    fixed = ",".join(f"{k}={v}" for k, v in opts.items() if k != depth)
+    name = f"{base}@{fixed}" if fixed else base
+    folders = sorted({col.folder(o) for o in peers})
+    return name if len(folders) < 2 else f"{name} ({folder_suffix(col.folder(r), folders)})"
 
 
 def plot_score_vs_blocks(col: Collection, convention: str = "paper"):
-    """Average score against blocks removed (decode stage), one series per method, a panel per mode."""
+    """Average score against blocks removed (decode stage), one line per method and run (`series`), a
+    panel per mode."""
     tasks = _mc_tasks(col)
     modes = [m for m in MODE_TITLE if any(r.mode == m for r in col.quality)]
     if not tasks or not modes:
@@ -67,9 +105,9 @@ def plot_score_vs_blocks(col: Collection, convention: str = "paper"):
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False, sharey=True)
     for ax, mode in zip(axes[0], modes):
         recs = [r for r in col.quality if r.mode == mode]
-        names = sorted({series(col, r) for r in recs}, key=lambda m: (m != "unpruned", m))
-        for i, m in enumerate(names):
-            scored = ((removed_counts(r)[1], *avg_score(r, tasks, convention)) for r in recs if series(col, r) == m)
+        name = {id(r): series(col, r, recs) for r in recs}
+        for i, m in enumerate(sorted(set(name.values()), key=lambda m: (m != "unpruned", natural_key(m)))):
+            scored = ((removed_counts(r)[1], *avg_score(r, tasks, convention)) for r in recs if name[id(r)] == m)
             pts = sorted((x, y, e) for x, y, e in scored if y is not None)
             if pts:
                 xs, ys, es = zip(*pts)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from harness.store.records import LOWER_IS_BETTER, RunRecord, is_long_task, stored_presentation, task_presentation
 from harness.store.task_names import LEGACY_CAPTION_TASKS, LEGACY_PRESENTATION, STANDARD_TASKS, TaskPresentation
-from reports.collect import CONVENTION_TEXT, Collection, is_latency, metric_for, model_name, reference
+from reports.collect import CONVENTION_TEXT, Collection, is_latency, metric_for, model_name, natural_key, reference
 from reports.formats import CellSpec, bold_best, bold_beyond_noise, cell, make_table
 
 MODE_ORDER = {"disaggregated": 0, "unified": 1}
@@ -48,7 +48,7 @@ def removed_text(r: RunRecord) -> str:
 
 def _row_key(col: Collection, r: RunRecord) -> tuple:
     kp, kd = removed_counts(r)
-    return (kd, kp, r.method != "unpruned", col.label(r))
+    return (kd, kp, r.method != "unpruned", natural_key(col.label(r)))
 
 
 def _groups(col: Collection, records: list[RunRecord], with_mode: bool = True) -> list[tuple[str, list[RunRecord]]]:
@@ -67,11 +67,7 @@ def _groups(col: Collection, records: list[RunRecord], with_mode: bool = True) -
 
 def _fmt(v: float | None, metric: str, se: float | None = None) -> CellSpec:
     """A score (×100 for accuracies) with its standard error, when known, as '45.0 ± 5.0'."""
-    if v is None:
-        return cell("—")
-    if metric in LOWER_IS_BETTER:
-        return cell(f"{v:.2f}" + (f" ± {se:.2f}" if se is not None else ""), v)
-    return cell(f"{100 * v:.1f}" + (f" ± {100 * se:.1f}" if se is not None else ""), round(100 * v, 6))
+    return _fmt_as(v, "decimal" if metric in LOWER_IS_BETTER else "percent", se)
 
 
 def _score(r: RunRecord, task: str, metric: str | None) -> tuple[float | None, float | None]:
@@ -107,7 +103,8 @@ def _avg_cell(accs: list[float], ses: list[float | None], n_acc: int) -> tuple[C
         return cell("—"), None
     avg = sum(accs) / len(accs)
     se = se_of_mean(ses)
-    return cell(f"{avg:.1f}" + (f" ± {se:.1f}" if se is not None else ""), round(avg, 6)), se
+    return cell(f"{avg:.1f}" + (f" ± {se:.1f}" if se is not None else ""), round(avg, 6),
+                stderr=None if se is None else round(se, 6)), se
 
 
 def _quality_row(col: Collection, r: RunRecord, dense: RunRecord | None, tasks: list[str], convention: str,
@@ -155,8 +152,8 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
     groups, noise, i = [], {name: {} for name in [*tasks, "Avg"]}, 0  # noise[column][row] = stderr, table units
     for title, rs in _groups(col, recs):
         g: list[list[CellSpec]] = []
-        for r in rs:  # KV × against the unpruned record of r's own configuration
-            row, ses = _quality_row(col, r, reference(rs, r), tasks, convention, metrics)
+        for r in rs:  # KV × against the unpruned record of r's own configuration (collect.reference)
+            row, ses = _quality_row(col, r, reference(rs, r, col=col), tasks, convention, metrics)
             g.append(row)
             for key, se in ses.items():
                 noise[key][i] = se
@@ -210,7 +207,7 @@ def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: 
     """Per workload (prompt, decode tokens, batch, decode path) and hardware: TTFT, TPOT and E2E
     p50, KV bytes sent per request, and factors versus `unpruned` in the same group."""
     col = _as_collection(records)
-    runs = records if isinstance(records, Collection) else None  # a plain list says nothing of runs: configuration only
+    runs = isinstance(records, Collection)  # a plain list says nothing of runs: configuration only
     e2e = f"e2e_ms_p50@{bandwidth_gbit:g}gbit"
     keys = sorted({(hardware(r), model_name(r), lab) for r in col.latency for lab in r.latency if parse_workload(lab)},
                   key=lambda k: (k[0], k[1], parse_workload(k[2])))
@@ -221,7 +218,7 @@ def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: 
                     key=lambda r: _row_key(col, r))
         g: list[list[CellSpec]] = []
         for r in rs:
-            dense = reference(rs, r, col=runs)  # unpruned of r's own run: latency samples compare within one run
+            dense = reference(rs, r, col=col, same_run=runs)  # r's own run's: latency samples compare within one run
             kv = r.kv.get(lab, {})
             per_req = kv["kv_bytes"] / max(1, kv.get("handoffs", 1)) if kv else None
             dkv = dense.kv.get(lab, {}) if dense else {}
@@ -293,13 +290,14 @@ def _long_columns(recs: list[RunRecord], tasks: dict[str, TaskPresentation]) -> 
 
 
 def _fmt_as(v: float | None, metric_format: str, se: float | None = None) -> CellSpec:
-    """A long-context score in its task's format, 'decimal' (the value) or 'percent' (×100), with its
-    standard error when known."""
+    """A score in its format, 'decimal' (the value) or 'percent' (×100), with its standard error when
+    known (CSV: the `<column>_stderr` column, in the same units)."""
     if v is None:
         return cell("—")
     if metric_format == "decimal":
-        return cell(f"{v:.2f}" + (f" ± {se:.2f}" if se is not None else ""), v)
-    return cell(f"{100 * v:.1f}" + (f" ± {100 * se:.1f}" if se is not None else ""), round(100 * v, 6))
+        return cell(f"{v:.2f}" + (f" ± {se:.2f}" if se is not None else ""), v, stderr=se)
+    return cell(f"{100 * v:.1f}" + (f" ± {100 * se:.1f}" if se is not None else ""), round(100 * v, 6),
+                stderr=None if se is None else round(100 * se, 6))
 
 
 _CAPTION_OPTION = re.compile(r"\{(\w+)(?:\|([^}]*))?\}")
@@ -341,7 +339,7 @@ def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFram
     for title, rs in _groups(col, recs):
         g: list[list[CellSpec]] = []
         for r in rs:
-            dense = reference(rs, r)  # the unpruned record of r's own configuration
+            dense = reference(rs, r, col=col)  # the unpruned record of r's own configuration
             row = [cell(col.label(r)), cell(removed_text(r))]
             for j, (task, m, setting) in enumerate(cols):
                 v, se = _score(r, task, m)

@@ -62,7 +62,7 @@ def test_kv_ratio_against_the_unpruned_record_of_the_same_configuration(tmp_path
 
 def test_paired_table_pairs_each_record_with_its_own_configurations_baseline(tmp_path):
     _run(tmp_path / "a", 4, 400, 100, ([1, 1, 1, 1], [1, 1, 1, 1]))
-    _run(tmp_path / "b", 5, 400, 100, ([0, 0, 0, 0, 0], [1, 1, 1, 1, 1]))
+    _run(tmp_path / "b", 6, 400, 100, ([0] * 6, [1] * 6))  # 6 gained: exact McNemar p = 0.031
     t = rows(paired_table(collect([tmp_path / "a", tmp_path / "b"]))).set_index("Method")
     assert list(t.index) == ["x (a)", "x (b)"]  # b's unpruned is a baseline, not a row against a's
     assert t.loc["x (a)", "BoolQ"].startswith("+0.0 ") and t.loc["x (b)", "BoolQ"].startswith("+100.0* ")

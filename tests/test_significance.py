@@ -48,7 +48,21 @@ def test_mcnemar_and_bootstrap_match_direct_computation(planted):
     assert p.p_mcnemar == pytest.approx(direct_mcnemar(base, other), rel=1e-9)
     low, high = direct_bootstrap([other - base])
     assert abs(p.low - low) < 0.006 and abs(p.high - high) < 0.006  # Monte Carlo error of the two estimates
-    assert p.significant == (p.low > 0 or p.high < 0)
+    assert p.significant == (p.p_mcnemar < 0.05)
+
+
+def test_accuracies_are_significant_by_the_exact_test_not_a_lenient_bootstrap():
+    base = np.zeros(100)
+    other = base.copy()
+    other[:7] = 1.0  # 7 gained
+    base[99] = 1.0  # 1 lost
+    p = sig.compare(base, other)
+    assert p.low > 0 and p.p_mcnemar == pytest.approx(direct_mcnemar(base, other)) and 0.05 < p.p_mcnemar < 0.1
+    assert not p.significant
+    other[7:10] = 1.0  # 10 gained, 1 lost: p = 0.012
+    assert sig.compare(base, other).significant
+    cont = sig.compare(np.linspace(0, 1, 50), np.linspace(0, 1, 50) + 0.05 + 0.01 * np.sin(np.arange(50)))
+    assert cont.p_mcnemar is None and cont.low > 0 and cont.significant  # non-binary: the CI decides
 
 
 def test_average_bootstrap_resamples_each_task(planted):

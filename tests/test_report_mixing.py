@@ -1,0 +1,113 @@
+"""`report` over several folders: which unpruned record a row is compared with (independent of the
+order of the folders), labels of same-named folders, depth curves per run and per fixed option,
+CSV columns for standard errors, CIs and p-values, and numbers sorted as numbers."""
+
+import csv
+import io
+
+import numpy as np
+import pytest
+from test_reports import _fake
+
+from harness.store.records import save
+from reports.collect import collect
+from reports.formats import rows, to_csv
+from reports.significance import paired_table
+from reports.tables import quality_table
+
+BOTH = ("arc_easy", "boolq")
+
+
+def _rec(method: str, tasks=BOTH, kv: int = 100, removed=(), items: list | None = None, limit: int = 4):
+    """A disaggregated record of `tasks` (acc 0.5, stderr 0.01), `kv` bytes per task and, with
+    `items`, the same per-item accs on every task."""
+    r = _fake(method, "disaggregated", {t: {"acc": 0.5} for t in tasks}, removed=removed,
+              kv={t: {"kv_bytes": kv, "handoffs": 4} for t in tasks})
+    r.config["limit"] = limit
+    if items is not None:
+        r.extra["items"] = {t: {"ids": list(range(len(items))), "metrics": {"acc": list(map(float, items))}} for t in tasks}
+    return r
+
+
+def _kv_column(folders) -> dict[str, str]:
+    t = rows(quality_table(collect(folders)))
+    return dict(zip(t["Method"], t["KV ×"]))
+
+
+def test_kv_ratio_prefers_the_rows_own_folder_then_an_unpruned_record_with_its_tasks(tmp_path):
+    a, z, c = tmp_path / "a", tmp_path / "z", tmp_path / "c"
+    save(_rec("unpruned", tasks=("boolq",), kv=1000), a)  # same configuration, one task missing
+    save(_rec("unpruned", kv=400), z)
+    save(_rec("x", kv=100, removed=(1,)), z)
+    save(_rec("y", kv=200, removed=(1,)), c)  # no unpruned of its own: z's covers its tasks, a's does not
+    for order in ([a, z, c], [z, a, c], [c, a, z]):
+        kv = _kv_column(order)
+        assert (kv["unpruned (z)"], kv["x"], kv["y"]) == ("1.00×", "4.00×", "2.00×"), order
+        assert kv["unpruned (a)"] == "—"  # the table's tasks include arc_easy, which a's record lacks
+
+
+def test_paired_baseline_does_not_depend_on_the_order_of_the_folders(tmp_path):
+    a, z, c = tmp_path / "a", tmp_path / "z", tmp_path / "c"
+    save(_rec("unpruned", items=[0, 0, 0, 0]), a)
+    save(_rec("x", items=[1, 1, 1, 1], removed=(1,)), a)
+    save(_rec("unpruned", items=[1, 1, 1, 1]), z)
+    save(_rec("x", items=[1, 1, 1, 1], removed=(1,)), z)
+    save(_rec("y", items=[1, 1, 0, 0], removed=(1,)), c)  # two baselines cover it: the first by path (a's)
+    tables = [rows(paired_table(collect(order))).set_index("Method") for order in ([a, z, c], [z, c, a], [c, z, a])]
+    for t in tables:
+        assert t.equals(tables[0])
+    t = tables[0]
+    assert list(t.index) == ["x (a)", "x (z)", "y"]  # each unpruned record is a baseline, not a row
+    assert t.loc["x (a)", "BoolQ"].startswith("+100.0") and t.loc["x (z)", "BoolQ"].startswith("+0.0")
+    assert t.loc["y", "BoolQ"].startswith("+50.0")
+
+
+def test_same_named_folders_are_told_apart_by_the_shortest_path_suffix(tmp_path):
+    for folder in ("a/run", "b/run", "c/other"):
+        save(_rec("x"), tmp_path / folder)
+    col = collect([tmp_path / "a", tmp_path / "b", tmp_path / "c"])
+    assert sorted(col.label(r) for r in col.quality) == ["x (a/run)", "x (b/run)", "x (other)"]
+
+
+def test_paired_rows_sort_numbers_as_numbers(tmp_path):
+    save(_rec("unpruned", items=[0, 1, 0, 1]), tmp_path)
+    for k in (10, 2, 4):
+        save(_rec(f"x@k={k}", items=[1, 1, 0, 1], removed=tuple(range(k % 4 + 1))), tmp_path)
+    t = rows(paired_table(collect([tmp_path])))
+    assert list(t["Method"]) == ["x@k=2", "x@k=4", "x@k=10"]
+
+
+def test_csv_keeps_the_value_columns_and_adds_stderr_ci_and_p_columns(tmp_path):
+    save(_rec("unpruned", items=[0, 1, 0, 1, 1]), tmp_path)
+    save(_rec("x", items=[1, 1, 0, 1, 1], removed=(1,)), tmp_path)
+    col = collect([tmp_path])
+    quality = list(csv.DictReader(io.StringIO(to_csv(quality_table(col)))))
+    head = ["group", "Method", "Removed", "ARC-e", "BoolQ", "Avg", "KV ×"]
+    assert list(quality[0])[:len(head)] == head
+    assert [r["BoolQ"] for r in quality] == ["50.0", "50.0"]  # unchanged: the raw value
+    assert [r["BoolQ_stderr"] for r in quality] == ["1.0", "1.0"] and float(quality[0]["Avg_stderr"]) == pytest.approx(np.sqrt(2) / 2)
+    paired = list(csv.DictReader(io.StringIO(to_csv(paired_table(col)))))
+    assert paired[0]["BoolQ"] == "20.0"
+    assert float(paired[0]["BoolQ_ci_low"]) <= 20.0 <= float(paired[0]["BoolQ_ci_high"])
+    assert float(paired[0]["BoolQ_p_mcnemar"]) == 1.0 and float(paired[0]["Avg_ci_high"]) >= 20.0
+
+
+def test_depth_curve_is_one_line_per_run_and_per_fixed_value_of_the_other_swept_options(tmp_path):
+    from reports.plots import plot_score_vs_blocks, series
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    save(_rec("unpruned"), a)
+    for k in (2, 4):
+        save(_rec(f"shortgpt@k={k}", removed=range(k)), a)
+    for k in (3, 6):  # another run of the same sweep: its own line
+        save(_rec(f"shortgpt@k={k}", removed=range(k)), b)
+    for p in (4, 2):  # a product sweep: one line per k_prefill, along k_decode
+        for d in (6, 2, 4):
+            save(_rec(f"pdtrim@k_prefill={p},k_decode={d}", removed=range(d)), a)
+    col = collect([b, a])
+    assert {series(col, r) for r in col.quality} == {
+        "unpruned", "shortgpt (a)", "shortgpt (b)", "pdtrim@k_prefill=2", "pdtrim@k_prefill=4"}
+    ax = plot_score_vs_blocks(col).axes[0]
+    lines = {c.get_label(): list(c.lines[0].get_xdata()) for c in ax.containers}
+    assert lines == {"unpruned": [0], "shortgpt (a)": [2, 4], "shortgpt (b)": [3, 6],
+                     "pdtrim@k_prefill=2": [2, 4, 6], "pdtrim@k_prefill=4": [2, 4, 6]}
