@@ -385,3 +385,17 @@ def test_a_run_names_its_layers_and_leaves_no_task_folder(capsys, tmp_path, data
     assert not list((tmp_path / "tmp").glob("harness-tasks-*"))
     rec = json.loads((tmp_path / "o" / "unpruned__unified.json").read_text())
     assert rec["model"]["n_layers"] == 4 and rec["model"]["class"] == "LlamaForCausalLM"
+
+
+def test_log_samples_on_work_done_without_it_says_what_has_no_log(capsys, tmp_path, data_dir, monkeypatch):
+    """--log-samples given to a rerun whose cell was finished without it: said, not silently skipped."""
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
+    cell = [a for a in ONE_CELL if a != "-q"]  # the note is a progress line, which -q keeps
+    assert call(capsys, *cell, "--out", tmp_path / "o")[0] == 0
+    rc, _, err = call(capsys, *cell, "--out", tmp_path / "o", "--log-samples")
+    assert rc == 0 and "unpruned/unified: --log-samples: no per-sample log of passkey" in err, err
+    assert not (tmp_path / "o" / "samples").exists()
+    rc, _, err = call(capsys, *cell, "--out", tmp_path / "n", "--log-samples")
+    assert rc == 0 and (tmp_path / "n" / "samples" / "unpruned__unified" / "samples_passkey.jsonl").exists()
+    rc, _, err = call(capsys, *cell, "--out", tmp_path / "n", "--log-samples")  # reused, but its log exists
+    assert rc == 0 and "finished record found" in err and "--log-samples" not in err, err

@@ -228,6 +228,7 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
         st.tracker.skipped(*cfg.tasks)
         done = _finished_record(st, name, method, mode, final, (key, calib_desc, task_opts))
         _tidy(st, name, mode)  # what a run killed just after saving the record left behind
+        _note_unlogged(st, name, mode, cfg.tasks, final.name)
         return done
     partial_path = _partial_path(st.out_dir, name, mode)
     partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
@@ -236,6 +237,7 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     plan = _cell_plan(st, name, method, mode, partial)
     if mode == "unified" and not plan.is_unified:
         raise ValueError(f"{name} returned a plan with two layer sets or KV pruning for unified mode")
+    _note_unlogged(st, name, mode, [t for t in cfg.tasks if t in partial["tasks"]], partial_path.name)
     with method.apply(model, plan) as applied:
         lm = PDLM(model, st.loaded.tokenizer, applied, mode, batch_size=cfg.batch_size, max_length=cfg.max_length,
                   progress=st.progress, dist=st.dist)
@@ -266,6 +268,19 @@ def _tidy(st: _Run, name: str, mode: str) -> None:
     if st.dist.is_main:
         _partial_path(st.out_dir, name, mode).unlink(missing_ok=True)
         (st.out_dir / rec.failure_filename(name, mode)).unlink(missing_ok=True)
+
+
+def _note_unlogged(st: _Run, name: str, mode: str, tasks, done_in: str) -> None:
+    """Say which of `tasks`, done by an earlier run, have no per-sample log although --log-samples asks for one:
+    a record keeps per-item scores only, so the log cannot be rebuilt without evaluating the task again."""
+    from harness.quality.samples import samples_path
+
+    if not st.log_samples or not st.dist.is_main:
+        return
+    missing = [t for t in tasks if not any(samples_path(st.out_dir, name, mode, t).parent.glob(f"samples_{t}*.jsonl"))]
+    if missing:
+        st.say(f"{name}/{mode}: --log-samples: no per-sample log of {', '.join(missing)}, evaluated by an earlier run "
+               f"without it ({done_in}); to log them, rerun into another --out or remove {done_in}")
 
 
 def _finished_record(st: _Run, name: str, method, mode: str, final: Path, identity: tuple) -> rec.RunRecord:
