@@ -306,3 +306,24 @@ def test_a_depth_sweeps_record_replays_as_its_method(tiny, tmp_path, capsys):
                              ["--record", str(path), "--method", "tail"]]):
         assert cli_main(["export", "--device", "cpu", *how, "--out", str(tmp_path / f"e{i}")]) == 0, capsys.readouterr().err
         assert json.loads((tmp_path / f"e{i}" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_a_record_of_a_model_folder_given_by_a_relative_path_exports_from_any_folder(tiny, tmp_path, capsys, monkeypatch):
+    """A run keeps `--model ../m` as typed; export loads what the record's model description resolved, and takes
+    --model given either way (it said 'no such file' from anywhere but the run's folder)."""
+    from harness.store import records as rec
+
+    tiny.model.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    record = rec.RunRecord(method="tail", mode="unified", run_key="k", plan={}, environment={},
+                           config={"model": "../m", "seed": 0, "method_options": {"k": 1}},
+                           model={"kind": "directory", "path": str(tmp_path / "m")}, calibration=None, scores={}, kv={},
+                           n_samples={}, lm_eval={}, timing_s={}, created="")
+    record.plan = methods.get("tail")(methods.get("tail").Config(k=1)).plan(tiny.model, None, "unified").to_dict()
+    path = rec.save(record, tmp_path / "run")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # where ../m is not the model
+    for i, model in enumerate([[], ["--model", str(tmp_path / "m")], ["--model", "../m"]]):
+        assert cli_main(["export", "--device", "cpu", "--record", str(path), *model, "--out", str(tmp_path / f"e{i}")]) == 0, \
+            capsys.readouterr().err
+        assert json.loads((tmp_path / f"e{i}" / "config.json").read_text())["num_hidden_layers"] == 3

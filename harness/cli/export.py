@@ -90,6 +90,17 @@ class Source:
     record_path: Path | None = None
 
 
+def stored_model_path(record) -> str:
+    """The model a record was made with, as loadable from any folder: a model folder or GGUF file given by a
+    relative path is stored as typed in `config.model` but resolved in the record's model description."""
+    desc = record.model or {}
+    return str({"directory": desc.get("path"), "gguf": desc.get("gguf")}.get(desc.get("kind")) or record.config.get("model"))
+
+
+def _resolved(model: str) -> str:
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
 def resolve_source(args: argparse.Namespace) -> Source:
     """Method, mode, model and seed from the flags and the record, checked against each other."""
     from harness.store import records as rec
@@ -116,11 +127,12 @@ def resolve_source(args: argparse.Namespace) -> Source:
         record = rec.load(path)
     except ValueError as e:
         raise UsageError(f"{path}: not a readable run record ({e})") from None
-    stored_model, stored_seed = record.config.get("model"), record.config.get("seed", 0)
+    stored_model, stored_seed = stored_model_path(record), record.config.get("seed", 0)
     clashes = [(flag, given, stored) for flag, given, stored in
                (("--method", args.method, record.method), ("--mode", args.mode, record.mode),
                 ("--model", args.model, stored_model), ("--seed", args.seed, stored_seed))
-               if given is not None and given != stored and not (flag == "--method" and given == sweep_base(stored))]
+               if given is not None and given != stored and not (flag == "--method" and given == sweep_base(stored))
+               and not (flag == "--model" and (given == record.config.get("model") or _resolved(given) == stored))]
     if clashes:
         flag, given, stored = clashes[0]
         raise UsageError(f"{path} holds a plan made with {flag} {stored}, not {given}; pass {flag} {stored} (or omit "
