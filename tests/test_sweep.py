@@ -1,12 +1,15 @@
 """`python -m harness sweep`: a spec's cells in their own processes (local pool, local Ray instance)
-give the same records as one `python -m harness run`; a failing cell fails alone; bad input exits 2."""
+give the same records as one `python -m harness run`; a failing cell fails alone; bad input exits 2;
+Ctrl-C stops it at once and loses nothing a cell finished."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -179,3 +182,120 @@ def test_a_killed_cell_reports_the_signal():
 
     assert _error(-9, "loading model\n").startswith("killed by signal 9 (out of memory?)")
     assert _error(3, "") == "exit status 3, no output"
+
+
+# --- Ctrl-C -------------------------------------------------------------------------------------
+
+def _cell_processes(marker: str) -> list[int]:
+    """Live processes whose command line holds `marker` (a cell's --out lies under it, whichever process started it)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):  # ended while we looked
+            continue
+        if marker in cmdline and state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_ctrl_c_stops_the_sweep_and_starts_no_queued_cell(tmp_path, data_dir, backend):
+    if backend == "ray":
+        pytest.importorskip("ray")
+    spec = write_spec(tmp_path / "spec.toml", run={**RUN, "out": str(tmp_path / "q")})
+    cells = tmp_path / "q" / ".sweep"
+    sweep = subprocess.Popen([sys.executable, "-m", "harness", "sweep", str(spec), "--backend", backend, "--workers", "1", "-q"],
+                             cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _cell_processes(f"{cells}/") and sweep.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        running = _cell_processes(f"{cells}/")
+        assert len(running) == 1, "the first cell's process never started"
+        sweep.send_signal(signal.SIGINT)  # to the sweep only, as `kill -INT`; a terminal's Ctrl-C would reach the cell too
+        t0 = time.monotonic()
+        out, err = sweep.communicate(timeout=120)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 130, out + err[-3000:]
+    assert time.monotonic() - t0 < 30  # the cell stopped on its SIGINT, not killed after the grace time (STOP_GRACE_S)
+    assert not _cell_processes(f"{cells}/")  # no cell process left behind
+    assert [p.name for p in cells.glob("*.log")] == ["unpruned__unified.log"]  # the queued cells never started
+    status = {c["cell"]: c["status"] for c in json.loads((tmp_path / "q" / "sweep.json").read_text())["cells"]}
+    assert status == {"unpruned/unified": "interrupted", "unpruned/disaggregated": "skipped", "tail/unified": "skipped",
+                      "tail/disaggregated": "skipped"}
+    assert "interrupted (Ctrl-C)" in err and "rerun the same command" in err and "not started" in out
+
+
+def _record(method: str, mode: str):
+    from harness.store.records import RunRecord
+
+    return RunRecord(method=method, mode=mode, run_key=method + mode, config={"model": "m", "seed": 0}, environment={}, plan={},
+                     model={"name": "m"}, calibration=None, scores={"arc_easy": {"acc": {"value": 0.5, "stderr": 0.1}}},
+                     kv={}, n_samples={"arc_easy": 4}, lm_eval={}, timing_s={}, created="")
+
+
+def _cell(run_out: Path, stem: str, variants: list[str]):
+    from harness.cli.sweep_plan import Cell
+
+    mode = stem.rsplit("__", 1)[1]
+    return Cell(stem.replace("__", "/"), ["run"], run_out / ".sweep" / stem, run_out / ".sweep" / f"{stem}.log",
+                [run_out / f"{v}__{mode}.json" for v in variants])
+
+
+def test_a_rerun_adopts_a_record_a_child_finished_but_the_sweep_never_moved(tmp_path):
+    """A sweep killed or interrupted before it settled a cell: the record the child finished is kept, not recomputed;
+    a cut-off one is not taken, and a record already in the run folder is the one that counts."""
+    from harness.cli.sweep_backends import seed, settle
+    from harness.store import records as rec
+
+    cell = _cell(tmp_path, "tail__unified", ["tail@k=1", "tail@k=2", "tail@k=3"])
+    done, cut, kept = cell.records
+    rec.save(_record("tail@k=1", "unified"), cell.workdir)  # finished by the child, never moved
+    (cell.workdir / cut.name).write_text(_record("tail@k=2", "unified").to_json()[:100])  # cut off (a non-atomic copy)
+    rec.save(_record("tail@k=3", "unified"), tmp_path)  # already in the run folder ...
+    (cell.workdir / kept.name).write_text("{}")  # ... and some other file under its name in the cell's folder
+    before = kept.read_bytes()
+    seed(cell)
+    assert rec.load(done).run_key == "tail@k=1unified" and cell.seeded == {done.name, kept.name}
+    assert not cut.exists() and not (cell.workdir / cut.name).exists()  # the child computes it again
+    assert kept.read_bytes() == before == (cell.workdir / kept.name).read_bytes()
+    rec.save(_record("tail@k=2", "unified"), cell.workdir)  # the rerun's child reuses two records and computes the third
+    outcome = settle(cell, 0, "", 1.0)
+    assert outcome.status == "ok" and all(r.exists() for r in cell.records) and not cell.workdir.exists()
+
+
+def test_an_interrupt_settles_what_the_stopped_cells_finished(tmp_path):
+    """Ctrl-C while cells run: the one that ended is settled as usual; the stopped ones' finished records move into
+    the run folder (an unfinished variant stays to resume; a cell stopped after its last record is done); a queued
+    one is reported as not started."""
+    from harness.cli import sweep
+    from harness.store import records as rec
+
+    first, stopped = _cell(tmp_path, "unpruned__unified", ["unpruned"]), _cell(tmp_path, "tail__unified", ["tail@k=1", "tail@k=2"])
+    late, queued = _cell(tmp_path, "unpruned__disaggregated", ["unpruned"]), _cell(tmp_path, "tail__disaggregated", ["tail@k=1"])
+
+    class Backend:  # two workers: the first cell ends, then Ctrl-C while the next two run
+        def map(self, cells, cwd, env):
+            rec.save(_record("unpruned", "unified"), first.workdir)
+            yield first, (0, "", 1.0)
+            rec.save(_record("tail@k=1", "unified"), stopped.workdir)  # one of its two records
+            (stopped.workdir / "tail@k=2__unified.partial.json").write_text("{}")
+            rec.save(_record("unpruned", "disaggregated"), late.workdir)  # its only record, just before the Ctrl-C
+            raise KeyboardInterrupt
+
+        def stop(self):
+            return {stopped.name: (130, "interrupted (Ctrl-C)", 2.0), late.name: (130, "", 2.0)}
+
+    with pytest.raises(sweep.Interrupted) as caught:
+        sweep._run_cells(Backend(), [first, stopped, late, queued], ".", {}, quiet=True, settle=True)
+    outcomes = caught.value.outcomes
+    assert [(o.cell, o.status) for o in outcomes] == [
+        ("unpruned/unified", "ok"), ("tail/unified", "interrupted"), ("unpruned/disaggregated", "ok"), ("tail/disaggregated", "skipped")]
+    assert rec.load(stopped.records[0]).method == "tail@k=1" and not stopped.records[1].exists()
+    assert outcomes[1].record == str(stopped.records[0])
+    assert (stopped.workdir / "tail@k=2__unified.partial.json").exists()  # what a rerun resumes from
+    assert rec.load(late.records[0]).mode == "disaggregated"
+    assert not queued.log.exists() and not queued.records[0].exists()

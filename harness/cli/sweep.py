@@ -24,6 +24,13 @@ skipped when a quality cell failed. The summary goes to `<run out>/summary.csv` 
 there) and `<run out>/sweep.json` (every cell's status, seconds, log and error, backend, workers,
 wall time); the exit status is 1 when any cell failed, 0 otherwise, 2 for bad input.
 
+Ctrl-C stops the sweep: no queued cell starts, the running ones get SIGINT (as from a Ctrl-C of
+their own; killed after `STOP_GRACE_S`), the records they finished are moved into the out folder,
+the table and sweep.json say which cells finished, were interrupted or never started, and the
+exit status is 130, as for an interrupted `run`. A rerun reuses the finished records and resumes
+the interrupted cells; a record a child finished but the sweep never moved (the sweep was killed)
+is moved into the out folder by the rerun, not computed again.
+
 This module is the command (its flags, the order of the steps, the summary); the spec is expanded
 into cells by `sweep_plan.py`, and cells are run and settled by `sweep_backends.py`.
 """
@@ -41,7 +48,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from harness.cli.sweep_backends import FAILED_NOTE, Outcome, RayBackend, cores, error_text, local_gpus, make_backend
+from harness.cli.sweep_backends import (
+    FAILED_NOTE,
+    STOP_GRACE_S,
+    Outcome,
+    RayBackend,
+    cores,
+    error_text,
+    local_gpus,
+    make_backend,
+)
 from harness.cli.sweep_backends import seed as seed_cell
 from harness.cli.sweep_backends import settle as settle_cell
 from harness.cli.sweep_plan import Cell, Plan, expand
@@ -112,6 +128,7 @@ def _sweep(args, plan: Plan, started: float) -> int:
           + f"; records -> {plan.run_out}", file=sys.stderr, flush=True)
 
     outcomes: list[Outcome] = []
+    interrupted = False
     try:
         outcomes += _run_cells(backend, plan.cells, cwd, env, args.quiet, settle=True)
         if plan.latency is not None:
@@ -120,32 +137,49 @@ def _sweep(args, plan: Plan, started: float) -> int:
             else:  # alone, with every core
                 lat_env = {**env, "OMP_NUM_THREADS": str(cores()), "MKL_NUM_THREADS": str(cores())}
                 outcomes += _run_cells(backend, [plan.latency], cwd, lat_env, args.quiet, settle=False)
+    except Interrupted as e:
+        outcomes += e.outcomes
+        interrupted = True
+        if plan.latency is not None and outcomes[-1].cell != "latency":
+            outcomes.append(Outcome("latency", "skipped", error="not run: the sweep was interrupted (Ctrl-C)"))
     finally:
         backend.close()
+    return _finish(args, plan, outcomes, info, started, interrupted)
 
+
+def _finish(args, plan: Plan, outcomes: list[Outcome], info: dict[str, Any], started: float, interrupted: bool) -> int:
+    """summary.csv, the report (unless a cell failed or the sweep was interrupted), sweep.json, the table; the exit status."""
     from harness.store import records as rec
 
     finished = sorted(p for p in plan.run_out.glob("*__*.json") if not p.name.endswith((".partial.json", FAILED_NOTE)))
     rec.write_summary([rec.load(p) for p in finished], plan.run_out / "summary.csv")
     failed = [o for o in outcomes if o.status == "failed"]
     if plan.report_argv is not None:
-        outcomes.append(_report(plan.report_argv, blocked=bool(failed) or any(o.status == "skipped" for o in outcomes)))
+        blocked = "the sweep was interrupted (Ctrl-C)" if interrupted else \
+            "a cell failed" if failed or any(o.status == "skipped" for o in outcomes) else None
+        outcomes.append(_report(plan.report_argv, blocked))
         failed += outcomes[-1:] if outcomes[-1].status == "failed" else []
     wall = time.perf_counter() - started
-    summary = {"spec": str(args.spec), **info, "wall_s": round(wall, 2),
+    summary = {"spec": str(args.spec), **info, "wall_s": round(wall, 2), "interrupted": interrupted,
                "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "cells": [asdict(o) for o in outcomes]}
     rec.atomic_write(plan.run_out / "sweep.json", json.dumps(summary, indent=2))
     print(_table(outcomes))
-    print(f"\n{len(outcomes) - len(failed)} of {len(outcomes)} ok in {wall:.0f}s on {backend.name} ({workers} workers); "
-          f"records, summary.csv and sweep.json in {plan.run_out}")
+    where = f"records, summary.csv and sweep.json in {plan.run_out}"
+    if interrupted:  # as `run` ends on Ctrl-C (harness/cli/run.py): 130, and how to go on
+        done = sum(o.status in ("ok", "reused") for o in outcomes)
+        print(f"\ninterrupted (Ctrl-C): {done} of {len(outcomes)} cells finished in {wall:.0f}s; {where}; rerun the same "
+              "command to go on (finished records are reused, interrupted cells resume)", file=sys.stderr)
+        return 130
+    print(f"\n{len(outcomes) - len(failed)} of {len(outcomes)} ok in {wall:.0f}s on {info['backend']} ({info['workers']} workers); "
+          + where)
     return 1 if failed else 0
 
 
-def _report(report_argv: list[str], blocked: bool) -> Outcome:
-    """Render the spec's report in this process, or skip it when a cell failed or was skipped."""
+def _report(report_argv: list[str], blocked: str | None) -> Outcome:
+    """Render the spec's report in this process, or skip it when `blocked` says why (a cell failed or was skipped)."""
     if blocked:
-        return Outcome("report", "skipped", error="not rendered: a cell failed")
+        return Outcome("report", "skipped", error=f"not rendered: {blocked}")
     from harness.cli.report import cmd_report
 
     t0 = time.perf_counter()
@@ -156,24 +190,66 @@ def _report(report_argv: list[str], blocked: bool) -> Outcome:
     return Outcome("report", "ok" if rc == 0 else "failed", round(time.perf_counter() - t0, 2), rc, error=err)
 
 
+class Interrupted(Exception):
+    """Ctrl-C during a sweep's cells, once they stopped: `outcomes` of every cell (finished, interrupted or never started)."""
+
+    def __init__(self, outcomes: list[Outcome]) -> None:
+        super().__init__("interrupted")
+        self.outcomes = outcomes
+
+
 def _run_cells(backend, cells: list[Cell], cwd: str, env: dict[str, str], quiet: bool, settle: bool) -> list[Outcome]:
     from tqdm import tqdm
 
     for c in cells:
         if c.records:
             seed_cell(c)
-    outcomes = []
-    with tqdm(total=len(cells), disable=quiet, file=sys.stderr, unit="cell", leave=False) as bar:
-        for i, (cell, (rc, tail, seconds)) in enumerate(backend.map(cells, cwd, env), 1):
-            o = settle_cell(cell, rc, tail, seconds) if settle else \
-                Outcome(cell.name, "ok" if rc == 0 else "failed", round(seconds, 2), rc, str(cell.workdir) if rc == 0 else None,
-                        str(cell.log), None if rc == 0 else error_text(rc, tail))
-            outcomes.append(o)
-            detail = o.error.splitlines()[-1] if o.error else (o.record or "")
-            bar.write(f"[{i}/{len(cells)}] {o.cell}: {o.status} in {seconds:.1f}s  {detail}", file=sys.stderr)
-            bar.update()
+    outcomes: list[Outcome] = []
     order = {c.name: i for i, c in enumerate(cells)}
+    with tqdm(total=len(cells), disable=quiet, file=sys.stderr, unit="cell", leave=False) as bar:
+        try:
+            for i, (cell, (rc, tail, seconds)) in enumerate(backend.map(cells, cwd, env), 1):
+                outcomes.append(_outcome(cell, rc, tail, seconds, settle))
+                o = outcomes[-1]
+                detail = o.error.splitlines()[-1] if o.error else (o.record or "")
+                bar.write(f"[{i}/{len(cells)}] {o.cell}: {o.status} in {seconds:.1f}s  {detail}", file=sys.stderr)
+                bar.update()
+        except KeyboardInterrupt:
+            seen = {o.cell for o in outcomes}
+            outcomes += _stop(backend, [c for c in cells if c.name not in seen], settle)
+            raise Interrupted(sorted(outcomes, key=lambda o: order[o.cell])) from None
     return sorted(outcomes, key=lambda o: order[o.cell])
+
+
+def _outcome(cell: Cell, rc: int, tail: str, seconds: float, settle: bool) -> Outcome:
+    if settle:
+        return settle_cell(cell, rc, tail, seconds)
+    return Outcome(cell.name, "ok" if rc == 0 else "failed", round(seconds, 2), rc, str(cell.workdir) if rc == 0 else None,
+                   str(cell.log), None if rc == 0 else error_text(rc, tail))
+
+
+def _stop(backend, rest: list[Cell], settle: bool) -> list[Outcome]:
+    """Outcomes of the cells a Ctrl-C caught unfinished: the running ones are stopped and what they finished is
+    settled into the run folder (their resume state stays in their folders); the queued ones never start."""
+    print(f"\ninterrupted (Ctrl-C): starting no more cells; stopping the running ones (up to {STOP_GRACE_S:.0f}s; "
+          "Ctrl-C again kills them)", file=sys.stderr, flush=True)
+    ran = backend.stop()
+    out = []
+    for cell in rest:
+        if cell.name not in ran:
+            out.append(Outcome(cell.name, "skipped", error="not started: the sweep was interrupted (Ctrl-C)"))
+            continue
+        rc, tail, seconds = ran[cell.name]
+        o = _outcome(cell, rc, tail, seconds, settle)
+        if rc != 0:  # stopped by the Ctrl-C (or failing just then): a rerun resumes it either way
+            kept = [str(r) for r in cell.records if r.exists()]
+            o.record = ", ".join(kept) or None
+            if cell.records and len(kept) == len(cell.records):  # stopped after its last record: nothing to resume
+                o.status, o.error = "ok", None
+            else:
+                o.status, o.error = "interrupted", f"interrupted (Ctrl-C) after {seconds:.0f}s; a rerun resumes it (log: {cell.log})"
+        out.append(o)
+    return out
 
 
 def _table(outcomes: list[Outcome]) -> str:

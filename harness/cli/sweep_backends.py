@@ -1,13 +1,19 @@
 """Running a sweep's cells: one cell's process and how its record is settled into the run folder,
-and the engines that schedule cells (a local thread pool, or Ray). harness/cli/sweep.py drives them."""
+and the engines that schedule cells (a local thread pool, or Ray). harness/cli/sweep.py drives them.
+
+On Ctrl-C an engine's `stop()` starts no queued cell and stops the running ones the way a Ctrl-C of
+their own would (SIGINT: the child keeps what it finished), killing what is still running after
+STOP_GRACE_S; the sweep then settles what they finished."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import filecmp
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +26,8 @@ from harness.errors import UsageError
 
 TAIL_CHARS = 2000  # of a failed cell's log, kept in sweep.json
 FAILED_NOTE = ".failed.json"  # `<method>__<mode>.failed.json`: the pipeline's note on a cell that raised
+# a child stops within seconds of its SIGINT, unless it is inside one long C call (a forward pass, loading weights)
+STOP_GRACE_S = 30.0
 
 
 @dataclass
@@ -27,7 +35,7 @@ class Outcome:
     """What the sweep reports for a cell (one row of the summary table and of sweep.json)."""
 
     cell: str
-    status: str  # ok, reused, failed or skipped
+    status: str  # ok, reused, failed, skipped or interrupted
     seconds: float | None = None
     returncode: int | None = None
     record: str | None = None
@@ -53,28 +61,81 @@ def local_gpus() -> list[str]:
 
 # --- one cell -----------------------------------------------------------------------------------
 
-def run_cell(argv: list[str], cwd: str, env: dict[str, str], log: str) -> tuple[int, str, float]:
+def run_cell(argv: list[str], cwd: str, env: dict[str, str], log: str, popen=subprocess.Popen) -> tuple[int, str, float]:
     """Run `python -m harness <argv>` in `cwd`; its output goes to `log`. Returns (exit status, log tail, seconds).
 
     Runs in a Ray worker or a pool thread; `sys.executable` is that worker's Python (on a cluster
     node, the node's own environment). `env` is added to the worker's environment, so the
-    GPU Ray assigned (CUDA_VISIBLE_DEVICES) is kept."""
+    GPU Ray assigned (CUDA_VISIBLE_DEVICES) is kept. `popen` starts the process (the local pool's
+    keeps it, to stop it on Ctrl-C)."""
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
-        rc = subprocess.run([sys.executable, "-m", "harness", *argv], cwd=cwd, env={**os.environ, **env},
-                            stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        with _sigint_unblocked():  # a Ray worker blocks SIGINT, and a child inherits that: it could not be stopped gently
+            proc = popen([sys.executable, "-m", "harness", *argv], cwd=cwd, env={**os.environ, **env},
+                         stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            rc = _wait(proc)
+        except KeyboardInterrupt:  # a Ray task cancelled on Ctrl-C: its process stops as on a Ctrl-C of its own
+            stop_processes([proc])
+            rc = proc.returncode
     seconds = time.perf_counter() - t0
     text = Path(log).read_text(encoding="utf-8", errors="replace")
     return rc, text[-TAIL_CHARS:], seconds
 
 
+@contextlib.contextmanager
+def _sigint_unblocked():
+    """SIGINT unblocked in this thread for the body (a process started there inherits the thread's signal mask)."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    """`proc.wait()` in short waits: Ray cancels a task by raising KeyboardInterrupt between bytecodes, which one
+    blocking wait would put off until the process ended by itself."""
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return proc.wait(timeout=1.0)
+
+
+def stop_processes(procs: list[subprocess.Popen], grace: float = STOP_GRACE_S) -> None:
+    """SIGINT each process still running (it then keeps what it finished and exits, as after its own Ctrl-C),
+    wait up to `grace` seconds for them all, then kill the rest; a Ctrl-C during the wait kills them at once."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace
+    try:
+        for p in live:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:  # the second Ctrl-C: no more waiting, but the summary still comes
+        pass
+    for p in live:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def seed(cell: Cell) -> None:
-    """Link each finished record into the cell's folder, where the child reuses it (or rejects a different configuration)."""
+    """Link each finished record into the cell's folder, where the child reuses it (or rejects a different configuration).
+
+    A record the child finished there that never reached the run folder (the sweep was killed or interrupted
+    before settling it) is moved there first: it is kept, not computed again."""
     cell.workdir.mkdir(parents=True, exist_ok=True)
     cell.seeded = set()
     for record in cell.records:
         target = cell.workdir / record.name
+        if not record.exists() and finished_record(target):
+            os.replace(target, record)
         target.unlink(missing_ok=True)
         if not record.exists():
             continue
@@ -83,6 +144,20 @@ def seed(cell: Cell) -> None:
             os.link(record, target)
         except OSError:  # a filesystem without hard links
             shutil.copy2(record, target)
+
+
+def finished_record(path: Path) -> bool:
+    """True when `path` is a whole, readable record. The pipeline writes a record to a temp file and renames it
+    (harness/store/files.py), so a record cut off mid-write never has its final name; reading it checks the rest."""
+    from harness.store import records as rec
+
+    if not path.is_file():
+        return False
+    try:
+        rec.load(path)
+    except rec.RecordError:
+        return False
+    return True
 
 
 def settle(cell: Cell, rc: int, tail: str, seconds: float) -> Outcome:
@@ -137,24 +212,65 @@ class LocalBackend:
         self.workers, self.gpus = workers, gpus
         self._ids = itertools.count()
         self._mine = threading.local()
+        self._lock = threading.Lock()  # guards _procs and _stopping: no process starts once stop() has begun
+        self._procs: list[subprocess.Popen] = []
+        self._stopping = False
+        self._pool: cf.ThreadPoolExecutor | None = None
+        self._futures: dict[cf.Future, Cell] = {}
 
     def _claim_gpu(self) -> None:
         self._mine.gpu = self.gpus[next(self._ids) % len(self.gpus)] if self.gpus else None
 
+    def _popen(self, *args, **kwargs) -> subprocess.Popen:
+        with self._lock:
+            if self._stopping:  # a thread took its cell from the queue just as the sweep was interrupted
+                raise _NotStarted
+            proc = subprocess.Popen(*args, **kwargs)
+            self._procs.append(proc)
+            return proc
+
     def _run(self, cell: Cell, cwd: str, env: dict[str, str]):
+        if self._stopping:
+            return None
         if self._mine.gpu is not None:
             env = {**env, "CUDA_VISIBLE_DEVICES": self._mine.gpu}
-        return run_cell(cell.argv, cwd, env, str(cell.log))
+        try:
+            return run_cell(cell.argv, cwd, env, str(cell.log), popen=self._popen)
+        except _NotStarted:
+            cell.log.unlink(missing_ok=True)
+            return None
 
     def map(self, cells: list[Cell], cwd: str, env: dict[str, str]):
         """Yield (cell, (rc, tail, seconds)) as cells finish."""
-        with cf.ThreadPoolExecutor(max_workers=self.workers, initializer=self._claim_gpu) as pool:
-            futures = {pool.submit(self._run, c, cwd, env): c for c in cells}
-            for fut in cf.as_completed(futures):
-                yield futures[fut], _result(fut.result)
+        self._pool = cf.ThreadPoolExecutor(max_workers=self.workers, initializer=self._claim_gpu)
+        self._futures = {self._pool.submit(self._run, c, cwd, env): c for c in cells}
+        try:
+            for fut in cf.as_completed(self._futures):
+                if (result := _result(fut.result)) is not None:  # None: not started, the sweep is stopping
+                    yield self._futures[fut], result
+        finally:  # not `with`: its exit waits for every queued cell to run, so a Ctrl-C would start them all
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def stop(self) -> dict[str, tuple[int, str, float]]:
+        """After a Ctrl-C: start no queued cell, stop the running ones (`stop_processes`); then the (exit status,
+        log tail, seconds) of every cell that ran, by name."""
+        with self._lock:
+            self._stopping = True
+            procs = list(self._procs)
+        if self._pool is None:
+            return {}
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        stop_processes(procs)
+        self._pool.shutdown(wait=True)  # its threads return as their processes end
+        ran = {cell.name: _result(fut.result) for fut, cell in self._futures.items() if fut.done() and not fut.cancelled()}
+        return {name: r for name, r in ran.items() if r is not None}
 
     def close(self) -> None:
         pass
+
+
+class _NotStarted(Exception):
+    pass
 
 
 class RayBackend:
@@ -175,14 +291,29 @@ class RayBackend:
         self.init_s = time.perf_counter() - t0
         self.gpus = int(ray.cluster_resources().get("GPU", 0)) if want_gpus else 0
         self.task = ray.remote(run_cell).options(**({"num_gpus": 1} if self.gpus else {"num_cpus": 1}), max_retries=0)
+        self._refs: dict = {}  # the tasks of the cells map() runs
 
     def map(self, cells: list[Cell], cwd: str, env: dict[str, str]):
-        refs = {self.task.remote(c.argv, cwd, env, str(c.log)): c for c in cells}
+        self._refs = refs = {self.task.remote(c.argv, cwd, env, str(c.log)): c for c in cells}
         pending = list(refs)
         while pending:
-            done, pending = self.ray.wait(pending, num_returns=1)
+            # in short waits: a Ctrl-C is only raised here once ray.wait returns
+            done, pending = self.ray.wait(pending, num_returns=1, timeout=1.0)
             for ref in done:  # a task Ray itself gave up on (e.g. its memory monitor killed it) fails that cell only
                 yield refs[ref], _result(lambda ref=ref: self.ray.get(ref))
+
+    def stop(self) -> dict[str, tuple[int, str, float]]:
+        """After a Ctrl-C: cancel every task. A queued one never starts; a running one gets KeyboardInterrupt, on
+        which run_cell stops its process and returns. Then the (exit status, log tail, seconds) of those that ran."""
+        for ref in self._refs:
+            self.ray.cancel(ref)
+        ran = {}
+        for ref, cell in self._refs.items():
+            try:
+                ran[cell.name] = self.ray.get(ref, timeout=STOP_GRACE_S + 10)
+            except Exception:  # cancelled before it started (TaskCancelledError), or still not stopped: reported as not started
+                pass
+        return ran
 
     def close(self) -> None:
         self.ray.shutdown()
