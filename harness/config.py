@@ -152,7 +152,11 @@ def split_overrides(items: typing.Iterable[str], scopes: typing.Iterable[str]) -
         if scope not in scopes:
             raise UsageError(f"--set {item!r}: {scope!r} is not a method or long-context task of this run nor 'calib'; "
                              f"scopes here: {', '.join(scopes)}")
-        out.setdefault(scope, {})[name] = raw.strip()
+        given = out.setdefault(scope, {})
+        if given.get(name, raw.strip()) != raw.strip():  # the last one silently won
+            raise UsageError(f"--set {scope}.{name} is given twice ({given[name]!r} and {raw.strip()!r}); give it once, "
+                             f"or sweep both values with --set {scope}.{name}={given[name]},{raw.strip()}")
+        given[name] = raw.strip()
     return out
 
 
@@ -173,9 +177,9 @@ def expand_sweeps(cls_config: type, scope: str, raw: dict[str, str]) -> list[tup
             typing.get_origin(hint) in (typing.Union, types.UnionType)
             and any(typing.get_origin(a) is tuple for a in typing.get_args(hint)))
         if scalar and "," in value and "=" not in value:  # NAME=VALUE items (a KV baseline's base_options) are one value
-            values = [v.strip() for v in value.split(",") if v.strip()]
-            if len(values) != len(set(values)) or not values:
-                raise UsageError(f"--set {scope}.{name}={value}: a sweep needs distinct values, e.g. {scope}.{name}=2,4,6")
+            values = [v.strip() for v in value.split(",")]
+            if len(values) != len(set(values)) or not all(values):  # `k=1,` is a typo, not a sweep of one value
+                raise UsageError(f"--set {scope}.{name}={value}: a sweep needs distinct, non-empty values, e.g. {scope}.{name}=2,4,6")
             swept[name] = values
     if not swept:
         return [(scope, raw)]
@@ -192,6 +196,14 @@ def sweep_base(name: str) -> str:
     return name.split(SWEEP_MARK, 1)[0]
 
 
+def did_you_mean(word: str, known: typing.Iterable[str]) -> str:
+    """' (did you mean batch_size?)' when one of `known` is close to `word`, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.7)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def build_options(cls_config: type, scope: str, raw: dict[str, str]) -> Any:
     """Instantiate the frozen options dataclass `cls_config` with `raw` string overrides."""
     hints = typing.get_type_hints(cls_config)
@@ -200,7 +212,8 @@ def build_options(cls_config: type, scope: str, raw: dict[str, str]) -> Any:
     changes = {}
     for name, value in raw.items():
         if name not in known:
-            raise UsageError(f"--set {scope}.{name}: {scope} has no option {name!r}; options: {', '.join(known) or 'none'}")
+            raise UsageError(f"--set {scope}.{name}: {scope} has no option {name!r}{did_you_mean(name, known)}; "
+                             f"options: {', '.join(known) or 'none'}")
         changes[name] = coerce(value, hints[name], f"{scope}.{name}", fields[name].metadata.get("nonfinite", False))
     try:
         return cls_config(**changes)

@@ -56,6 +56,11 @@ def _arc_data(tmp: Path, data_dir: Path, edit) -> Path:
     return root
 
 
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def _renamed_field(lines):
     row = json.loads(lines[2])
     row["query"] = row.pop("question")
@@ -120,6 +125,23 @@ CASES = [
      "pdtrim: need probe_prompts, probe_tokens, probe_steps >= 1 (got 8, 512, 0), or kv_pruning=false"),
     ("probe_prompts-negative", lambda t, d, r: [*ONE_CELL, "--methods", "pdtrim", "--set", "pdtrim.probe_prompts=-1"],
      "need probe_prompts, probe_tokens, probe_steps >= 1 (got -1, "),
+    # found by exploratory testing of the API and flags: each silently did something else
+    ("set-twice", lambda t, d, r: [*ONE_CELL, "--set", "passkey.repeats=2"],
+     "--set passkey.repeats is given twice ('1' and '2'); give it once, or sweep both values with --set passkey.repeats=1,2"),
+    ("sweep-trailing-comma", lambda t, d, r: [*ONE_CELL, "--methods", "tail", "--set", "tail.k=1,"],
+     "--set tail.k=1,: a sweep needs distinct, non-empty values"),
+    ("option-typo", lambda t, d, r: [*ONE_CELL, "--methods", "shortgpt", "--set", "shortgpt.batchsize=4"],
+     "shortgpt has no option 'batchsize' (did you mean batch_size?); options: k, batch_size"),
+    ("passkey-length-twice", lambda t, d, r: [*ONE_CELL[:-6], "--set", "passkey.lengths=384,384"],
+     "passkey: each of lengths and depths must be given once"),
+    ("pd_ppl-prompt-twice", lambda t, d, r: [*TINY, "--methods", "unpruned", "--tasks", "pd_ppl", "--set",
+                                             "pd_ppl.prompt_tokens=64,64"], "pd_ppl: each prompt_tokens value must be given once"),
+    ("unknown-command", lambda t, d, r: ["reprot", r], "unknown command 'reprot' (did you mean report?); commands: run, "),
+    ("methods-command", lambda t, d, r: ["methods"], "the methods and their options are listed by python -m harness --help"),
+    ("spec-same-option-twice", lambda t, d, r: ["--config", _write(t / "s.toml", '[run]\nout = "o"\nbatch-size = 4\nbatch_size = 8\n')],
+     "[run]: 'batch-size' and 'batch_size' name the same option; keep one"),
+    ("spec-key-typo", lambda t, d, r: ["--config", _write(t / "s.toml", '[run]\nout = "o"\nmethod = "unpruned"\n')],
+     "[run]: unknown key 'method' (did you mean methods?)"),
     ("tau-inf", lambda t, d, r: [*ONE_CELL, "--methods", "pdtrim", "--set", "pdtrim.tau=-inf"], "expected a finite number"),
     ("streamline-lr-nan", lambda t, d, r: [*ONE_CELL, "--methods", "streamline", "--set", "streamline.replace_lr=nan"],
      "streamline.replace_lr=nan: expected a finite number"),

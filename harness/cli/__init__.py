@@ -45,6 +45,17 @@ COMMANDS = {"run": cmd_run, "latency": cmd_latency, "report": cmd_report, "check
             "export": cmd_export}
 
 
+def unknown_command(word: str) -> str:
+    """What to say of a first argument that is neither a flag nor a command (a typo, or a command other tools have)."""
+    import difflib
+
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    hint = {"methods": "; the methods and their options are listed by python -m harness --help",
+            "config": "; a spec runs with python -m harness --config SPEC.toml"}.get(word, "")
+    return (f"unknown command {word!r}" + (f" (did you mean {close[0]}?)" if close else "") + hint
+            + f"; commands: {', '.join(COMMANDS)} (run is the default: python -m harness --methods ...)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv in (["--version"], ["-V"]):
@@ -52,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"pd-harness {__version__}")
         return 0
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        print(f"error: {unknown_command(argv[0])}", file=sys.stderr)  # before the run's seconds of imports
+        return 2
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     if command == "run" and any(a == "--config" or a.startswith("--config=") for a in argv):
         command, argv = "config", [x for a in argv for x in (a.split("=", 1) if a.startswith("--config=") else [a])]

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.config import did_you_mean
 from harness.errors import UsageError
 
 try:
@@ -97,12 +98,19 @@ def _action(actions: dict[str, argparse.Action], spec: Spec, section: str, key: 
     """The action of spec key `key`, or a UsageError listing the section's keys."""
     if key not in actions:
         why = " (a spec cannot name another spec)" if key == "config" else ""
-        raise UsageError(f"{spec.path} [{section}]: unknown key {key!r}{why}; known keys: {', '.join(sorted(actions))}")
+        raise UsageError(f"{spec.path} [{section}]: unknown key {key!r}{why or did_you_mean(key, actions)}; "
+                         f"known keys: {', '.join(sorted(actions))}")
     return actions[key]
 
 
 def _values(spec: Spec, section: str, replace: dict[str, Any] | None) -> dict[str, Any]:
-    values = {k.replace("-", "_"): v for k, v in spec.sections[section].items()}
+    values: dict[str, Any] = {}
+    written: dict[str, str] = {}  # option -> the key the spec wrote it as
+    for k, v in spec.sections[section].items():
+        norm = k.replace("-", "_")
+        if norm in written:  # `batch-size` and `batch_size`: one flag, and the last one silently won
+            raise UsageError(f"{spec.path} [{section}]: {written[norm]!r} and {k!r} name the same option; keep one")
+        written[norm], values[norm] = k, v
     values.update(replace or {})
     return values
 

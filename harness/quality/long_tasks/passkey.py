@@ -36,6 +36,10 @@ class PasskeyConfig:
             raise ValueError("passkey: lengths must be non-empty and each >= 64 tokens")
         if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
             raise ValueError("passkey: depths must be non-empty and within [0, 1]")
+        if len(set(self.lengths)) < len(self.lengths) or len(set(self.depths)) < len(self.depths):
+            raise ValueError("passkey: each of lengths and depths must be given once (a repeat scores the same prompts "
+                             f"twice and narrows the error bar; got lengths={list(self.lengths)}, depths={list(self.depths)}); "
+                             "for more prompts per setting raise repeats")
         if self.repeats < 1 or self.max_new_tokens < 5 or self.batch_size < 1:
             raise ValueError("passkey: repeats >= 1, max_new_tokens >= 5 (a key has 5 digits), batch_size >= 1")
 

@@ -31,6 +31,8 @@ class PplConfig:
     def __post_init__(self) -> None:
         if not self.prompt_tokens or min(self.prompt_tokens) < 1 or self.cont_tokens < 1 or self.docs < 1 or self.batch_size < 1:
             raise ValueError("pd_ppl: prompt_tokens must be non-empty and positive; cont_tokens, docs, batch_size >= 1")
+        if len(set(self.prompt_tokens)) < len(self.prompt_tokens):
+            raise ValueError(f"pd_ppl: each prompt_tokens value must be given once, got {list(self.prompt_tokens)}")
 
 
 def ppl_windows(tokenizer, data_dir: Path, c: PplConfig, limit: int | float | None) -> list[list[int]]:
