@@ -7,16 +7,19 @@ tidy rows as a pandas DataFrame and `harness.load_results(folder)` reads any run
 
 from harness.version import __version__  # noqa: F401 - the package's version, re-exported
 
-
-def evaluate(**options):
-    """See `harness.api.evaluate`."""
-    from harness.api import evaluate as _evaluate
-
-    return _evaluate(**options)
+_API = ("evaluate", "load_results")
 
 
-def load_results(path):
-    """See `harness.api.load_results`."""
-    from harness.api import load_results as _load_results
+def __getattr__(name: str):
+    """`harness.evaluate` / `load_results` are `harness.api`'s own functions (their docs and signatures
+    in `help`), imported on first use: even that light module (typing, pathlib) would add several
+    milliseconds to every `import harness`, the CLI's included."""
+    if name in _API:
+        import harness.api
 
-    return _load_results(path)
+        return getattr(harness.api, name)
+    raise AttributeError(f"module 'harness' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

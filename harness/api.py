@@ -8,35 +8,60 @@ returns its tidy rows; `load_results` reads any run folder into the same table.
 The rows are those of a run's `summary.csv`: one per (method, mode, task, metric), with `value`,
 `stderr`, `kv_bytes_sent` (per task, summed over its requests), `n_samples`, whether the metric is
 the task's primary one, the removed blocks per stage and the record's `run_key`.
+
+This module is light at import (pandas, torch and the CLI load inside the functions): `harness`
+re-exports its functions, so `help(harness.evaluate)` shows their own docs and signatures.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+from harness.errors import HarnessWarning, UsageError
 
-from harness.errors import UsageError
+if TYPE_CHECKING:
+    import argparse
+
+    import pandas as pd
+
+    from harness.store.records import RunRecord
 
 API = Path("harness.evaluate()")  # how option errors name their source, as a spec names its file
 
 
 def load_results(path: str | Path) -> pd.DataFrame:
     """Every finished record under `path` (a run folder, searched recursively, or one record file) as
-    tidy rows with the columns of `summary.csv`; numbers as numbers, a missing value as NaN."""
-    from harness.store.records import record_files_under
+    tidy rows with the columns of `summary.csv`; numbers as numbers, a missing value as NaN.
+
+    An unreadable record under a folder is skipped with a `HarnessWarning` naming it (as `python -m
+    harness report` skips it); one given as `path` raises its `RecordError`."""
+    from harness.store.records import RecordError, load, record_files_under
 
     p = Path(path)
     if not p.exists():
         raise UsageError(f"load_results({str(path)!r}): no such file or folder")
-    return _rows([p] if p.is_file() else record_files_under(p))
+    if p.is_file():
+        if p.suffix != ".json" or p.name.endswith((".partial.json", ".failed.json")):  # summary.csv, a note
+            raise UsageError(f"load_results({str(path)!r}): not a record (a run's records are its METHOD__MODE.json "
+                             f"files); give the run folder: load_results({str(p.parent)!r})")
+        return _table([load(p)])
+    records = []
+    for f in record_files_under(p):
+        try:
+            records.append(load(f))
+        except RecordError as e:  # one bad file must not hide the others
+            warnings.warn(f"load_results: {e}; skipped", HarnessWarning, stacklevel=2)
+    return _table(records)
 
 
-def _rows(files: list[Path]) -> pd.DataFrame:
-    from harness.store.records import SUMMARY_COLUMNS, load, summary_rows
+def _table(records: list[RunRecord]) -> pd.DataFrame:
+    import pandas as pd
 
-    df = pd.DataFrame(summary_rows([load(f) for f in files]), columns=SUMMARY_COLUMNS)
+    from harness.store.records import SUMMARY_COLUMNS, summary_rows
+
+    df = pd.DataFrame(summary_rows(records), columns=SUMMARY_COLUMNS)
     for col in ("value", "stderr"):  # a missing stderr (None in every row, e.g. mmlu at limit 1) is NaN too
         df[col] = pd.to_numeric(df[col].replace("", None), errors="coerce").astype("float64")
     for col in ("kv_bytes_sent", "kv_bytes_sent_paged", "n_samples"):
@@ -47,25 +72,69 @@ def _rows(files: list[Path]) -> pd.DataFrame:
 def evaluate(**options: Any) -> pd.DataFrame:
     """Run methods' plans on tasks, as `python -m harness` with the same options (keyword names are
     the command's flags with underscores: `methods`, `model`, `tasks`, `limit`, `mode`, `set`,
-    `out`, `seed`, `batch_size`, `device`, `data_dir`, ...; lists where the flag takes a
-    comma-separated list), and return the run's rows (`load_results`) for these methods and modes.
+    `out`, `seed`, `batch_size`, `device`, `data_dir`, ...; lm-eval's names the command accepts, such
+    as `output_path` for `out`, too; lists where the flag takes a comma-separated list; None for an
+    option's default, except `limit=None`: all items), and return the run's rows (`load_results`)
+    for these methods and modes.
 
     Finished records in `out` are reused, as on the command line. Bad options raise `UsageError`
     (the command line's exit 2), as does a cell refused for bad input (e.g. `out` holds another
-    configuration's record); a failed cell raises `RuntimeError` after the others finished. The rows
-    are this call's records only, not other runs' in `out` or below it."""
+    configuration's record); a failed cell raises `RuntimeError` after the others finished. Either
+    names each failed cell and why. Ctrl-C raises `KeyboardInterrupt` (finished records are kept).
+    The rows are this call's records only, not other runs' in `out` or below it."""
     from harness.cli.run import cmd_run, default_out, run_config, run_parser
     from harness.cli.spec import Spec, to_namespace
     from harness.run import pipeline
-    from harness.store.records import record_filename
+    from harness.store.records import load, record_filename
 
-    options = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}  # a tuple is a list here
-    args = to_namespace(Spec(API, {"run": options}), "run", run_parser())  # the command's checks, named errors
+    parser = run_parser()
+    args = to_namespace(Spec(API, {"run": _section(options, parser)}), "run", parser)  # the command's checks
     cfg = run_config(args)
     args.out = Path(args.out) if args.out else default_out(cfg)
     rc = cmd_run(args)
-    if rc != 0:
-        error = UsageError if rc == 2 else RuntimeError
-        raise error(f"harness.evaluate(): some cells failed (exit status {rc}); their notes are in {args.out}")
-    cells = pipeline.prepare(cfg, need_data=False).methods  # swept variants (shortgpt@k=2) included
-    return _rows(sorted(args.out / record_filename(name, mode) for name in cells for mode in cfg.modes))  # load_results' order
+    if rc == 130:  # Ctrl-C inside the run: cmd_run said what is kept; the interrupt is the caller's to handle
+        raise KeyboardInterrupt
+    cells = [(name, mode) for name in pipeline.prepare(cfg, need_data=False).methods for mode in cfg.modes]
+    if rc != 0:  # swept variants (shortgpt@k=2) included above
+        raise _cells_failed(rc, args.out, cells)
+    return _table([load(f) for f in sorted(args.out / record_filename(*cell) for cell in cells)])  # load_results' order
+
+
+def _section(options: dict[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The keywords as a spec's [run] section: a tuple as a list, an lm-eval alias (output_path) as the
+    flag's own key (out), and None left out so the option keeps its default, as a flag not given
+    would (converted, it would be the text "None"); `limit=None` stays, as the flag's 'all'."""
+    aliases = {}
+    for act in parser._actions:
+        names = [o.lstrip("-").replace("-", "_") for o in act.option_strings if o.startswith("--")]
+        aliases.update({alias: names[0] for alias in names[1:]})
+    section: dict[str, Any] = {}
+    for key, v in options.items():
+        if v is None and key != "limit":
+            continue
+        name = aliases.get(key, key)
+        if name in section:
+            raise UsageError(f"{API} [run]: {key} is another name of {name}; give one of them")
+        section[name] = list(v) if isinstance(v, tuple) else v
+    return section
+
+
+def _cells_failed(rc: int, out: Path, cells: list[tuple[str, str]]) -> Exception:
+    """The error of a run whose exit status `rc` says cells failed, naming each and why: the one line the
+    command line printed, read from the `.failed.json` note the run wrote for each of this call's
+    failed cells (a cell that finished has none)."""
+    import json
+
+    from harness.store.records import failure_filename
+
+    lines = []
+    for name, mode in cells:
+        try:
+            note = json.loads((out / failure_filename(name, mode)).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # finished, or its note could not be written (e.g. a full disk)
+            continue
+        kind = "" if rc == 2 else f"{note.get('error_type')}: "  # 2: all bad input, whose message says what to change
+        lines.append(f"\n  {name}/{mode}: {kind}{note.get('error')}")
+    error = UsageError if rc == 2 else RuntimeError
+    return error(f"harness.evaluate(): {len(lines) or 'some'} of {len(cells)} cells failed (exit status {rc}); their "
+                 f"notes are in {out}" + "".join(lines))

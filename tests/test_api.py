@@ -1,17 +1,28 @@
 """`harness.evaluate` / `load_results`: the call's own rows, Python tuples as lists, NaN for a missing
-value, and a refused cell as bad input."""
+value, None as an option's default, lm-eval's keyword names, a refused or failed cell named with its
+reason, Ctrl-C as KeyboardInterrupt, one unreadable record skipped with a warning, real `help`."""
 
+import argparse
+import inspect
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 import harness
-from harness.errors import UsageError
+from harness.errors import HarnessWarning, UsageError
+from harness.store.records import RecordError
+
+TINY = dict(model="random:tiny", device="cpu", tasks="arc_easy", mode="disaggregated", quiet=True)
 
 
-def test_evaluate_returns_its_own_rows_only(tmp_path, data_dir):
-    common = dict(model="random:tiny", device="cpu", tasks="arc_easy", mode="disaggregated", quiet=True,
-                  data_dir=str(data_dir))
+@pytest.fixture
+def common(data_dir) -> dict:
+    return {**TINY, "data_dir": str(data_dir)}
+
+
+def test_evaluate_returns_its_own_rows_only(tmp_path, common):
     first = harness.evaluate(methods=("unpruned", "tail"), set="tail.k=1", limit=2, out=str(tmp_path / "a"), **common)
     assert sorted(first["method"].unique()) == ["tail", "unpruned"]  # a tuple of methods, as a list would be
     assert first["stderr"].dtype == "float64" and first["value"].dtype == "float64"  # 2 items: stderr may be missing
@@ -19,5 +30,90 @@ def test_evaluate_returns_its_own_rows_only(tmp_path, data_dir):
     again = harness.evaluate(methods=["unpruned"], limit=3, out=str(tmp_path / "b"), **common)
     assert len(again) == len(first[first["method"] == "unpruned"]) and set(again["n_samples"]) == {3}
     assert len(harness.load_results(tmp_path / "b")) == len(again) + len(first)  # load_results searches below
-    with pytest.raises(UsageError, match="exit status 2"):  # out holds another configuration's record: bad input
+    # out holds another configuration's record: bad input, and the error says so (not only stderr)
+    with pytest.raises(UsageError, match=r"exit status 2\).*\n  unpruned/disaggregated: .*holds a unpruned/"
+                                         r"disaggregated record of a different configuration"):
         harness.evaluate(methods=["unpruned"], limit=4, out=str(tmp_path / "b"), **common)
+
+
+def _options(monkeypatch, **options) -> argparse.Namespace:
+    """The options `evaluate(**options)` hands the command, without running it."""
+    import harness.cli.run
+
+    class Ran(Exception):
+        pass
+
+    def cmd_run(args):
+        raise Ran(args)
+
+    monkeypatch.setattr(harness.cli.run, "cmd_run", cmd_run)
+    with pytest.raises(Ran) as ran:
+        harness.evaluate(**options)
+    return ran.value.args[0]
+
+
+def test_none_is_the_options_default(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    plain = vars(_options(monkeypatch, **TINY))
+    nones = vars(_options(monkeypatch, **TINY, **dict.fromkeys(
+        ["out", "data_dir", "apply_chat_template", "max_length", "plans_from", "device_map", "model_args", "set"])))
+    assert nones["out"].parts[:2] == ("results", "runs")  # not ./None
+    assert {k: v for k, v in nones.items() if k != "out"} == {k: v for k, v in plain.items() if k != "out"}
+    assert _options(monkeypatch, **TINY, limit=None).limit is None  # limit=None: all items, as --limit all
+
+
+def test_lm_eval_names_are_keywords_too(monkeypatch, tmp_path):
+    assert _options(monkeypatch, **TINY, output_path=str(tmp_path / "x")).out == tmp_path / "x"  # lm-eval's --output_path
+    with pytest.raises(UsageError, match="output_path is another name of out"):
+        harness.evaluate(**TINY, out="a", output_path="b")
+
+
+def test_a_crashed_cell_is_named_with_its_error(tmp_path, common, monkeypatch):
+    import harness.run.pipeline as pipeline
+
+    real = pipeline._run_cell
+
+    def run_cell(st, name, method, mode):
+        if name == "tail":
+            raise RuntimeError("boom")
+        return real(st, name, method, mode)
+
+    monkeypatch.setattr(pipeline, "_run_cell", run_cell)
+    with pytest.raises(RuntimeError, match=r"1 of 2 cells failed \(exit status 1\).*\n  tail/disaggregated: "
+                                           r"RuntimeError: boom$"):
+        harness.evaluate(methods=["unpruned", "tail"], set="tail.k=1", limit=2, out=str(tmp_path / "o"), **common)
+
+
+def test_ctrl_c_during_a_run_is_a_keyboard_interrupt(tmp_path, common, monkeypatch):
+    import harness.run.pipeline as pipeline
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_run_cell", interrupt)  # after the model loaded: cmd_run returns 130
+    with pytest.raises(KeyboardInterrupt):
+        harness.evaluate(methods=["unpruned"], limit=2, out=str(tmp_path / "o"), **common)
+
+
+def test_load_results_skips_an_unreadable_record_with_a_warning(tmp_path, common):
+    harness.evaluate(methods=["unpruned"], limit=2, out=str(tmp_path / "run"), **common)
+    good = harness.load_results(tmp_path / "run")
+    bad = tmp_path / "run" / "older" / "tail__disaggregated.json"
+    bad.parent.mkdir()
+    bad.write_text("{truncated")
+    with pytest.warns(HarnessWarning, match=r"older/tail__disaggregated\.json: unreadable record .*; skipped"):
+        assert harness.load_results(tmp_path / "run").equals(good)
+    with pytest.raises(RecordError, match="unreadable record"):  # the file itself: nothing else to read
+        harness.load_results(bad)
+    with pytest.raises(UsageError, match=r"summary.csv'\): not a record .*give the run folder: load_results\('"):
+        harness.load_results(tmp_path / "run" / "summary.csv")
+
+
+def test_help_shows_the_api_functions_own_docs_and_import_stays_light():
+    import harness.api
+
+    for name in ("evaluate", "load_results"):
+        assert getattr(harness, name) is getattr(harness.api, name)  # help(): its docstring and signature
+    assert "path: 'str | Path'" in str(inspect.signature(harness.load_results))
+    code = "import sys, harness; assert not {'harness.api', 'pandas', 'torch'} & set(sys.modules), sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
