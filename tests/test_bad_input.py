@@ -142,6 +142,10 @@ CASES = [
      "[run]: 'batch-size' and 'batch_size' name the same option; keep one"),
     ("spec-key-typo", lambda t, d, r: ["--config", _write(t / "s.toml", '[run]\nout = "o"\nmethod = "unpruned"\n')],
      "[run]: unknown key 'method' (did you mean methods?)"),
+    ("spec-report-baseline-typo-before-any-cell", lambda t, d, r: ["--config", _write(
+        t / "s.toml", '[run]\nout = "o"\nmodel = "random:tiny"\ndevice = "cpu"\nmethods = "unpruned"\ntasks = "passkey"\n'
+        '[report]\nbaseline = "unprund"\n')], "[report] baseline 'unprund': not a method of this spec's runs (did you mean "
+                                                "unpruned?); its methods: unpruned"),
     ("tau-inf", lambda t, d, r: [*ONE_CELL, "--methods", "pdtrim", "--set", "pdtrim.tau=-inf"], "expected a finite number"),
     ("streamline-lr-nan", lambda t, d, r: [*ONE_CELL, "--methods", "streamline", "--set", "streamline.replace_lr=nan"],
      "streamline.replace_lr=nan: expected a finite number"),

@@ -232,7 +232,7 @@ def test_spec_to_argv_and_its_errors(tmp_path):
                                                "--quiet", "--plans-from", "p"]
     s = Spec(tmp_path / "s.toml", {"latency": {"prompt_tokens": [512, 2048], "real_transfer": False}})
     assert to_argv(s, "latency", latency_parser()) == ["--prompt-tokens", "512,2048"]
-    with pytest.raises(UsageError, match=r"\[run\]: unknown key 'metods'; known keys: apply_chat_template, batch_size"):
+    with pytest.raises(UsageError, match=r"\[run\]: unknown key 'metods' \(did you mean methods\?\); known keys: apply_chat_template, batch_size"):
         to_argv(Spec(tmp_path / "s.toml", {"run": {"metods": ["a"]}}), "run", run_parser())
     bad = tmp_path / "bad.toml"
     bad.write_text("[run\nmethods = 1")

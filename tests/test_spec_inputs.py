@@ -38,7 +38,7 @@ def run_recorded(path: Path) -> tuple[list[str], object]:
 
 
 @pytest.mark.parametrize("section, body, message", [
-    ("report", {"bandwith": 5}, "[report]: unknown key 'bandwith'; known keys: bandwidth"),
+    ("report", {"bandwith": 5}, "[report]: unknown key 'bandwith' (did you mean bandwidth?); known keys: bandwidth"),
     ("report", {"metric_convention": "accc"}, "[report] metric_convention: expected one of paper"),
     ("latency", {**LATENCY, "prompt_tokenz": [8]}, "[latency]: unknown key 'prompt_tokenz'"),
     ("latency", {**LATENCY, "decode_mode": "bogus"}, "[latency]: --decode-mode bogus: expected any of eager"),

@@ -233,7 +233,8 @@ def spec_options(spec: Spec, sections: list[str], outs: dict[str, Path] | None =
         inputs = report_inputs(spec, [str(resolved[s]) for s in ("run", "latency") if s in spec.sections])
         rep.pop("results", None)
         ns = to_namespace(Spec(spec.path, {"report": rep}), "report", report_parser(), {"results": inputs})
-        check_report(spec, ns)
+        ran = [m for _, o in options for m in o.methods] if "results" not in spec.sections["report"] else None
+        check_report(spec, ns, ran)
         options.append(("report", ns))
     return options
 
@@ -268,10 +269,16 @@ def check_latency(spec: Spec, ns: argparse.Namespace) -> None:
         raise UsageError(f"{spec.path} [latency]: {e}") from None
 
 
-def check_report(spec: Spec, ns: argparse.Namespace) -> None:
-    """What `python -m harness report` would refuse only while rendering: an unknown metric convention."""
+def check_report(spec: Spec, ns: argparse.Namespace, methods: list[str] | None = None) -> None:
+    """What `python -m harness report` would refuse only while rendering: an unknown metric convention, and a
+    `baseline` none of `methods` (the spec's runs' methods, when the report reads only them) can match."""
+    from harness.config import sweep_base
     from reports.collect import CONVENTIONS
 
     if ns.metric_convention not in CONVENTIONS:
         raise UsageError(f"{spec.path} [report] metric_convention: expected one of {', '.join(CONVENTIONS)}, "
                          f"got {ns.metric_convention!r}")
+    given = spec.sections["report"].get("baseline")
+    if methods is not None and given is not None and sweep_base(str(given)) not in methods:
+        raise UsageError(f"{spec.path} [report] baseline {given!r}: not a method of this spec's runs"
+                         f"{did_you_mean(str(given), methods)}; its methods: {', '.join(dict.fromkeys(methods))}")
