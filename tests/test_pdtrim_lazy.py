@@ -194,7 +194,9 @@ def test_sensitivity_of_the_candidates_only_gives_the_same_search(deep, calib, m
 
     monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")
     d_t = sorted(block_cosines(deep[0], calib))[4]  # 8 of 12 blocks in the pruning set; k=9 reaches the rest
-    opts = dict(d_t=d_t, k_prefill=2, k_decode=9, k_unified=6, sensitivity_samples=4)
+    # screen pinned: a bfloat16 screen ("auto" on an AVX512-BF16/AMX CPU) resumes from the objective's base, which
+    # the extra sensitivity evaluations move, so its estimates (not the sets or float32 values) differ in low digits
+    opts = dict(d_t=d_t, k_prefill=2, k_decode=9, k_unified=6, sensitivity_samples=4, screen="subset")
     full = plan(deep[0], calib, mode, sensitivity_blocks="all", **opts)
     pm._SHARED_STATES.clear()
     cand = plan(deep[0], calib, mode, **opts)
