@@ -179,7 +179,7 @@ def expand_sweeps(cls_config: type, scope: str, raw: dict[str, str]) -> list[tup
         if scalar and "," in value and "=" not in value:  # NAME=VALUE items (a KV baseline's base_options) are one value
             values = [v.strip() for v in value.split(",")]
             if len(values) != len(set(values)) or not all(values):  # `k=1,` is a typo, not a sweep of one value
-                raise UsageError(f"--set {scope}.{name}={value}: a sweep needs distinct, non-empty values, e.g. {scope}.{name}=2,4,6")
+                raise UsageError(f"--set {scope}.{name}={value}: a sweep needs distinct values, none empty, e.g. {scope}.{name}=2,4,6")
             swept[name] = values
     if not swept:
         return [(scope, raw)]

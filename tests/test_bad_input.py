@@ -129,7 +129,7 @@ CASES = [
     ("set-twice", lambda t, d, r: [*ONE_CELL, "--set", "passkey.repeats=2"],
      "--set passkey.repeats is given twice ('1' and '2'); give it once, or sweep both values with --set passkey.repeats=1,2"),
     ("sweep-trailing-comma", lambda t, d, r: [*ONE_CELL, "--methods", "tail", "--set", "tail.k=1,"],
-     "--set tail.k=1,: a sweep needs distinct, non-empty values"),
+     "--set tail.k=1,: a sweep needs distinct values, none empty"),
     ("option-typo", lambda t, d, r: [*ONE_CELL, "--methods", "shortgpt", "--set", "shortgpt.batchsize=4"],
      "shortgpt has no option 'batchsize' (did you mean batch_size?); options: k, batch_size"),
     ("passkey-length-twice", lambda t, d, r: [*ONE_CELL[:-6], "--set", "passkey.lengths=384,384"],
