@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from harness.store.records import RunRecord
+from harness.store.records import LOWER_IS_BETTER, RunRecord, is_long_task
+from harness.store.task_names import STANDARD_TASKS
 from reports.collect import Collection, ReportError, metric_for, model_name, natural_key, reference
 from reports.formats import CellSpec, cell, make_table
 
@@ -150,21 +151,26 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
             tasks = _task_metrics(base, convention)
             pairs = {t: aligned(base, r, t, m) for t, m in tasks.items()}
             done = {t: compare(*p) for t, p in pairs.items() if p is not None}
-            if done:
-                rows.append((r, done, compare_average([p for p in pairs.values() if p is not None])))
+            if done:  # Avg over the quality table's Avg tasks: accuracies, not long-context tasks
+                mc = [pairs[t] for t in done if not is_long_task(base, t) and tasks[t] not in LOWER_IS_BETTER]
+                rows.append((r, done, compare_average(mc) if mc else None))
                 all_tasks += [t for t in done if t not in all_tasks]  # columns: the tasks some row pairs on
         if rows:
             title = " · ".join(x for x in ((model if len({k[0] for k in keys}) > 1 else ""), MODE_TITLE.get(mode, mode)) if x)
             groups.append((title, rows))
     if not groups:
         return make_table("paired", "", ["Method"], [])
+    order = {t: i for i, t in enumerate(STANDARD_TASKS)}  # the quality table's column order
+    all_tasks.sort(key=lambda t: (order.get(t, len(order)), t))
     cols = ["Method", *[TASK_TITLE.get(t, t) for t in all_tasks], "Avg", "Verdict"]
-    body = [(title, [[cell(col.label(r)), *[_text(done[t]) if t in done else cell("—") for t in all_tasks], _text(avg),
+    body = [(title, [[cell(col.label(r)), *[_text(done[t]) if t in done else cell("—") for t in all_tasks],
+                      _text(avg) if avg is not None else cell("—"),
                       cell(_verdict(list(done.values())))] for r, done, avg in rows]) for title, rows in groups]
     caption = (f"Difference to {baseline} on the same items, in points (method − {baseline}; metric as in the quality "
                f"table, convention '{convention}'): mean [paired bootstrap 95% CI, {N_RESAMPLES:,} resamples, seed {SEED}]"
                f" and, for accuracies, the exact McNemar p-value. * : p < {ALPHA:g} for accuracies, else the CI excludes 0 "
                f"(also for Avg). Baseline: the {baseline} record of the row's folder, else one "
-               f"with its tasks. Avg: mean of the task differences (items resampled within each task). Verdict: tasks "
+               f"with its tasks. Avg: mean of the differences over the accuracy tasks (as the quality table's Avg; not "
+               f"long-context tasks), items resampled within each task. Verdict: tasks "
                f"significantly better / not / worse.")
     return make_table("paired", caption, cols, body, align="l" + "r" * (len(cols) - 2) + "l")

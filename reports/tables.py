@@ -114,8 +114,6 @@ def _quality_row(col: Collection, r: RunRecord, dense: RunRecord | None, tasks: 
     for t in tasks:
         m = metric_for(t, r.scores.get(t, {}), convention)
         v, se = _score(r, t, m)
-        if m:
-            metrics[t].add(m)
         row.append(_fmt(v, m or "acc", se))
         if se is not None:
             noise[t] = se if m in LOWER_IS_BETTER else 100 * se
@@ -125,7 +123,8 @@ def _quality_row(col: Collection, r: RunRecord, dense: RunRecord | None, tasks: 
     avg, avg_se = _avg_cell(accs, ses, sum(1 for t in tasks if not (metrics[t] & LOWER_IS_BETTER)))
     if avg_se is not None:
         noise["Avg"] = avg_se
-    return [*row, avg, _ratio_cell(_mc_kv(dense, tasks), _mc_kv(r, tasks))], noise
+    shared = [t for t in tasks if dense is not None and t in dense.kv and t in r.kv]  # folders may differ in tasks
+    return [*row, avg, _ratio_cell(_mc_kv(dense, shared), _mc_kv(r, shared))], noise
 
 
 def _quality_caption(recs: list[RunRecord], tasks: list[str], convention: str) -> str:
@@ -138,7 +137,7 @@ def _quality_caption(recs: list[RunRecord], tasks: list[str], convention: str) -
             f"(one number: both stages; 'p / d': prefill / decode). Metric: {CONVENTION_TEXT[convention]} "
             f"(convention '{convention}'). {_items_text(recs, tasks)}; lm-eval {', '.join(lm_eval) or '—'}, "
             f"seed {', '.join(seeds)}. Avg: mean over the accuracy columns. KV ×: KV bytes unpruned ÷ method, summed over "
-            f"these tasks' handoffs (disaggregated only). ± : standard error (lm-eval's; Avg: of the mean over tasks). "
+            f"the handoffs of these tasks both scored (disaggregated only). ± : standard error (lm-eval's; Avg: of the mean over tasks). "
             f"Bold: best per column only where it beats the runner-up by more than 1.96 combined standard errors.")
 
 
@@ -148,7 +147,8 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
     col = _as_collection(records)
     recs = col.quality
     tasks = _ordered_tasks(recs, lambda r, t: not is_long_task(r, t))
-    metrics: dict[str, set[str]] = {t: set() for t in tasks}
+    # each column's metrics over all rows first: a row's Avg counts the accuracy columns, whatever the row order
+    metrics = {t: {m for r in recs if (m := metric_for(t, r.scores.get(t, {}), convention))} for t in tasks}
     groups, noise, i = [], {name: {} for name in [*tasks, "Avg"]}, 0  # noise[column][row] = stderr, table units
     for title, rs in _groups(col, recs):
         g: list[list[CellSpec]] = []
@@ -169,8 +169,8 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
 
 
 def _mc_kv(r: RunRecord | None, tasks: list[str]) -> int | None:
-    """KV bytes `r` sent over `tasks` (None when any is missing, e.g. unified mode)."""
-    if r is None or not all(t in r.kv for t in tasks):
+    """KV bytes `r` sent over `tasks` (None when any is missing, e.g. unified mode, or none is given)."""
+    if r is None or not tasks or not all(t in r.kv for t in tasks):
         return None
     return sum(r.kv[t]["kv_bytes"] for t in tasks)
 

@@ -43,7 +43,7 @@ def test_kv_ratio_prefers_the_rows_own_folder_then_an_unpruned_record_with_its_t
     for order in ([a, z, c], [z, a, c], [c, a, z]):
         kv = _kv_column(order)
         assert (kv["unpruned (z)"], kv["x"], kv["y"]) == ("1.00×", "4.00×", "2.00×"), order
-        assert kv["unpruned (a)"] == "—"  # the table's tasks include arc_easy, which a's record lacks
+        assert kv["unpruned (a)"] == "1.00×"  # its own folder's: over the one task it scored
 
 
 def test_paired_baseline_does_not_depend_on_the_order_of_the_folders(tmp_path):
@@ -111,3 +111,36 @@ def test_depth_curve_is_one_line_per_run_and_per_fixed_value_of_the_other_swept_
     lines = {c.get_label(): list(c.lines[0].get_xdata()) for c in ax.containers}
     assert lines == {"unpruned": [0], "shortgpt (a)": [2, 4], "shortgpt (b)": [3, 6],
                      "pdtrim@k_prefill=2": [2, 4, 6], "pdtrim@k_prefill=4": [2, 4, 6]}
+
+
+def test_kv_ratio_over_the_tasks_the_row_and_its_unpruned_record_both_scored(tmp_path):
+    """Folders with different task sets: each row's KV × over its shared tasks (it was '—' for every row)."""
+    save(_rec("unpruned", tasks=("arc_easy",), kv=400), tmp_path / "a")
+    save(_rec("x", tasks=("arc_easy",), kv=100, removed=(1,)), tmp_path / "a")
+    save(_rec("unpruned", kv=300), tmp_path / "b")
+    save(_rec("x", kv=150, removed=(1,)), tmp_path / "b")
+    kv = _kv_column([tmp_path / "a", tmp_path / "b"])
+    assert (kv["x (a)"], kv["x (b)"], kv["unpruned (a)"]) == ("4.00×", "2.00×", "1.00×")
+
+
+def test_the_average_counts_the_accuracy_columns_whatever_the_row_order(tmp_path):
+    """A perplexity column (WikiText-2) that only a later row has must not make an earlier row's Avg '—'."""
+    save(_rec("unpruned", kv=400), tmp_path / "a")  # sorts first: no wikitext
+    later = _rec("x", kv=100, removed=(1,))
+    later.scores["wikitext"] = {"word_perplexity": {"value": 30.0, "stderr": None}}
+    save(later, tmp_path / "b")
+    t = rows(quality_table(collect([tmp_path / "a", tmp_path / "b"]))).set_index("Method")
+    assert t.loc["unpruned", "Avg"] == t.loc["x", "Avg"] == "50.0 ± 0.7"
+
+
+def test_paired_average_is_over_the_accuracy_tasks_only(tmp_path):
+    """passkey gets its own column but, as in the quality table's Avg, is not averaged."""
+    base, other = _rec("unpruned", items=[0, 0, 0, 0]), _rec("x", items=[1, 1, 1, 1], removed=(1,))
+    base.scores["passkey"] = other.scores["passkey"] = {"acc": {"value": 0.5, "stderr": 0.1}}
+    base.extra["items"]["passkey"] = {"ids": [0, 1, 2, 3], "metrics": {"acc": [0.0, 0.0, 1.0, 1.0]}}
+    other.extra["items"]["passkey"] = {"ids": [0, 1, 2, 3], "metrics": {"acc": [0.0, 0.0, 1.0, 1.0]}}
+    save(base, tmp_path)
+    save(other, tmp_path)
+    t = rows(paired_table(collect([tmp_path]))).set_index("Method")
+    assert list(t.columns) == ["ARC-e", "BoolQ", "passkey", "Avg", "Verdict"]
+    assert t.loc["x", "passkey"].startswith("+0.0") and t.loc["x", "Avg"].startswith("+100.0")
