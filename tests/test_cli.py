@@ -104,7 +104,8 @@ def test_run_writes_records_and_summary_then_resumes(data_dir, tmp_path, cli):
     assert {p.name: p.read_text() for p in out.glob("*__*.json")} == before
     other = cli(*[a if a != "6" else "7" for a in args], data_dir=data_dir)
     assert other.returncode == 2 and "different configuration" in other.stderr
-    assert "fix what each names, then rerun to retry only these" in other.stdout  # the same command fails the same way
+    assert "holds work of a different configuration: " in other.stderr and all(f"{n} (run_key" in other.stderr for n in before)
+    assert ": planning" not in other.stderr and {p.name: p.read_text() for p in out.glob("*__*.json")} == before
 
 
 def test_calibrating_method_without_data_dir_exits_2(tmp_path, cli):

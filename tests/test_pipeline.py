@@ -60,3 +60,46 @@ def test_plans_are_reused_from_matching_records_only(tiny, data_dir, tmp_path):
     other = RunConfig(methods=("shortgpt",), overrides=("shortgpt.k=2",), plans_from=str(tmp_path / "a"), **base)
     (c,) = pipeline.run(other, tmp_path / "c", loaded=tiny)
     assert "marker" not in c.plan["info"] and c.config["plan_reused_from"] is None and len(c.plan["removed_decode"]) == 2
+
+
+def test_a_run_into_a_folder_of_another_configuration_refuses_before_any_work(tiny, data_dir, tmp_path):
+    """One refused cell used to leave the others running and writing: one folder, two configurations."""
+    from harness.errors import UsageError
+
+    base = dict(model="random:tiny", tasks=("arc_easy",), modes=("disaggregated",), device="cpu", data_dir=str(data_dir))
+    pipeline.run(RunConfig(methods=("unpruned",), limit=2, **base), tmp_path / "a", loaded=tiny)
+    other = RunConfig(methods=("unpruned", "tail"), overrides=("tail.k=1",), limit=3, **base)
+    with pytest.raises(UsageError, match=r"holds work of a different configuration: unpruned__disaggregated.json \(run_key"):
+        pipeline.run(other, tmp_path / "a", loaded=tiny)
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.json")) == ["unpruned__disaggregated.json"]
+    # an unfinished cell of another configuration is refused too, not silently thrown away
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "tail__disaggregated.partial.json").write_text('{"run_key": "0123456789abcdef", "tasks": {}}')
+    with pytest.raises(UsageError, match=r"tail__disaggregated.partial.json \(unfinished, run_key 0123456789abcdef"):
+        pipeline.run(other, tmp_path / "b", loaded=tiny)
+    assert (tmp_path / "b" / "tail__disaggregated.partial.json").exists()
+
+
+def test_a_plan_is_not_reused_from_a_calibration_on_other_data(tiny, data_dir, tmp_path):
+    """Same calibration options, other texts (another --data-dir): another calibration, so the plan is made again."""
+    import json
+
+    base = dict(model="random:tiny", tasks=("arc_easy",), limit=2, modes=("disaggregated",), device="cpu",
+                data_dir=str(data_dir), batch_size=4, overrides=("shortgpt.k=1",), methods=("shortgpt",))
+    pipeline.run(RunConfig(**base), tmp_path / "a", loaded=tiny)
+    path = tmp_path / "a" / "shortgpt__disaggregated.json"
+    d = json.loads(path.read_text())
+    d["plan"]["info"]["marker"] = "stored"
+    d["calibration"]["token_sha256_16"] = "0" * 16  # as made on other data
+    path.write_text(json.dumps(d))
+    (b,) = pipeline.run(RunConfig(**base, plans_from=str(tmp_path / "a")), tmp_path / "b", loaded=tiny)
+    assert "marker" not in b.plan["info"] and b.config["plan_reused_from"] is None
+
+
+def test_a_cell_keeps_one_lm_eval_results_file_after_a_kill_before_its_record(tiny, data_dir, tmp_path):
+    cfg = RunConfig(model="random:tiny", methods=("unpruned",), tasks=("arc_easy",), limit=2, modes=("unified",),
+                    device="cpu", data_dir=str(data_dir))
+    pipeline.run(cfg, tmp_path, loaded=tiny)
+    (tmp_path / "unpruned__unified.json").unlink()  # killed after lm-eval's results file, before the record
+    pipeline.run(cfg, tmp_path, loaded=tiny)
+    assert len(list((tmp_path / "lm_eval" / "unpruned__unified").glob("results_*.json"))) == 1

@@ -85,9 +85,13 @@ def cell_results(cfg: RunConfig, method: str, mode: str, tasks: dict[str, dict[s
 
 
 def write_cell_results(out_dir: Path, method: str, mode: str, doc: dict[str, Any]) -> Path:
-    """Write `doc` as `results_<timestamp>.json` (lm-eval's file name: ISO time with ':' as '-')."""
+    """Write `doc` as `results_<timestamp>.json` (lm-eval's file name: ISO time with ':' as '-'), the cell's
+    only one: an earlier file (a run killed between it and the record, then rerun) is removed after it."""
     stamp = dt.datetime.now().isoformat().replace(":", "-")
     path = results_dir(out_dir, method, mode) / f"results_{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(doc, indent=2, ensure_ascii=False, default=str))
+    for old in path.parent.glob("results_*.json"):
+        if old != path:
+            old.unlink(missing_ok=True)
     return path

@@ -147,6 +147,7 @@ def run(
     prepared = prepared or prepare(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = tracker or Tracker(work_of(cfg, prepared), show=False)
+    reuse.refuse_foreign_work(cfg, prepared, out_dir, lambda *cell: cell_identity(cfg, prepared, *cell))  # before any work
     if loaded is None:
         with tracker.phase("load"):
             loaded = load_model(cfg.model, distributed.device_for(cfg.device, d), cfg.dtype, cfg.seed, cfg.placement(),
@@ -209,11 +210,15 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _cell_identity(st: _Run, name: str, method, mode: str) -> tuple[str, dict | None, dict]:
+def cell_identity(cfg: RunConfig, prepared: Prepared, name: str, method, mode: str) -> tuple[str, dict | None, dict]:
     """(run_key, calibration options or None, long-context task options) of one (method, mode) cell."""
-    calib_desc = dataclasses.asdict(st.prepared.calib_config) if method.needs_calibration else None
-    task_opts = {t: dataclasses.asdict(o) for t, o in st.prepared.task_options.items()}
-    return st.cfg.identity(name, mode, method.options(), calib_desc, task_opts), calib_desc, task_opts
+    calib_desc = dataclasses.asdict(prepared.calib_config) if method.needs_calibration else None
+    task_opts = {t: dataclasses.asdict(o) for t, o in prepared.task_options.items()}
+    return cfg.identity(name, mode, method.options(), calib_desc, task_opts), calib_desc, task_opts
+
+
+def _cell_identity(st: _Run, name: str, method, mode: str) -> tuple[str, dict | None, dict]:
+    return cell_identity(st.cfg, st.prepared, name, method, mode)
 
 
 def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
@@ -301,7 +306,8 @@ def _finished_record(st: _Run, name: str, method, mode: str, final: Path, identi
 def _cell_plan(st: _Run, name: str, method, mode: str, partial: dict) -> PruningPlan:
     """The cell's plan: stored by another run (--plans-from), kept in the resumable state, or made now.
     Updates `partial` with the plan, its planning time and calibration description."""
-    reused = reuse.stored_plan(st.cfg, st.prepared, name, mode, method.options()) if "plan" not in partial else None
+    reused = reuse.stored_plan(st.cfg, st.prepared, name, mode, method.options(), lambda: st.calibration().description) \
+        if "plan" not in partial else None
     if reused is not None:
         st.say(f"{name}/{mode}: plan reused from {reused[1]}")
         partial.update(plan=reused[0].to_dict(), plan_s=0.0, calibration=reused[2], plan_reused_from=str(reused[1]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,12 @@ from harness.pd.plan import PruningPlan
 from harness.store import records as rec
 
 
-def stored_plan(cfg: RunConfig, prepared, name: str, mode: str, options: dict) -> tuple[PruningPlan, Path, Any] | None:
-    """The plan of `name`/`mode` in `--plans-from` records, if made on the same model, seed, method
-    options and calibration (plans are deterministic given those); None otherwise."""
+def stored_plan(cfg: RunConfig, prepared, name: str, mode: str, options: dict,
+                calibration: Callable[[], dict] | None = None) -> tuple[PruningPlan, Path, Any] | None:
+    """The plan of `name`/`mode` in `--plans-from` records, if made on the same model (and `model_args`),
+    seed, method options and calibration (plans are deterministic given those); None otherwise. The
+    calibration matches by its options and, with `calibration` (this run's description, built on demand),
+    by its tokens' digest: the same options on other data (another --data-dir) are another calibration."""
     if not cfg.plans_from or prepared.methods[name].needs_replan_on_resume():
         return None
     path = Path(cfg.plans_from) / rec.record_filename(name, mode)
@@ -28,7 +32,7 @@ def stored_plan(cfg: RunConfig, prepared, name: str, mode: str, options: dict) -
         raise UsageError(f"--plans-from: {e}; remove that file or pick another run folder") from None
     calib_now = dataclasses.asdict(prepared.calib_config) if prepared.methods[name].needs_calibration else None
     calib_then = {k: (old.calibration or {}).get(k) for k in calib_now} if calib_now else None
-    if (old.config.get("model"), old.config.get("seed")) != (cfg.model, cfg.seed):
+    if (old.config.get("model"), old.config.get("seed"), old.config.get("model_args")) != (cfg.model, cfg.seed, cfg.model_args):
         return None
     # options added to a method since the record was made count as matching at their defaults
     defaults = json.loads(json.dumps(dataclasses.asdict(type(prepared.methods[name].config)())))
@@ -37,6 +41,9 @@ def stored_plan(cfg: RunConfig, prepared, name: str, mode: str, options: dict) -
     if then != json.loads(json.dumps(options)):
         return None
     if calib_now and json.loads(json.dumps(calib_now)) != calib_then:
+        return None
+    digest = (old.calibration or {}).get("token_sha256_16")
+    if calib_now and digest and calibration is not None and calibration().get("token_sha256_16") != digest:
         return None
     return plan_of(old, path), path, old.calibration
 
@@ -61,3 +68,31 @@ def same_but_newer_options(cfg: RunConfig, method, old: rec.RunRecord, cell: tup
     if not added or any(now[k] != defaults.get(k) for k in added) or any(now.get(k) != v for k, v in then.items()):
         return False
     return cfg.identity(name, mode, then, calib_desc, task_opts) == old.run_key
+
+
+def refuse_foreign_work(cfg: RunConfig, prepared, out_dir: Path, identity: Callable[[str, Any, str], tuple]) -> None:
+    """A UsageError naming every record or resume state in `out_dir` of another configuration than this run's
+    cells (`identity(name, method, mode)` -> (run_key, calibration options, task options)), before any work:
+    a run that refused one cell but wrote the others left one folder holding two configurations."""
+    foreign = []
+    for name, method in prepared.methods.items():
+        for mode in cfg.modes:
+            key, calib_desc, task_opts = identity(name, method, mode)
+            final = out_dir / rec.record_filename(name, mode)
+            partial = final.with_name(final.name[: -len(".json")] + ".partial.json")
+            if final.exists():
+                old = rec.load_cell(final)  # an unreadable cell file: refused, not replaced
+                if old.run_key != key and not same_but_newer_options(cfg, method, old, (name, mode, calib_desc, task_opts)):
+                    foreign.append(f"{final.name} (run_key {old.run_key} != {key})")
+            elif partial.exists() and _partial_key(partial) not in (key, None):
+                foreign.append(f"{partial.name} (unfinished, run_key {_partial_key(partial)} != {key})")
+    if foreign:
+        raise UsageError(f"{out_dir} holds work of a different configuration: {', '.join(foreign)}; use another --out, "
+                         "rerun that configuration to finish it, or remove those files")
+
+
+def _partial_key(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("run_key")
+    except (OSError, ValueError, AttributeError):  # a torn resume state is replaced, as before
+        return None
