@@ -109,3 +109,20 @@ def test_pipeline_runs_long_tasks_with_options_and_records_bytes_per_setting(tin
     key = lambda c: c.identity("unpruned", "disaggregated", {}, None,  # noqa: E731
                                {t: o.__dict__ for t, o in pipeline.prepare(c).task_options.items()})
     assert key(cfg) != key(other)  # task options are part of the record's identity
+
+
+def test_pd_ppl_pooled_stderr_counts_an_article_once(tiny, data_dir):
+    """The T-windows of one article share its text: the pooled ppl's stderr is over articles, not windows."""
+    import statistics
+
+    s = Scorer(tiny.model, PruningPlan.dense("unpruned", 4), "disaggregated", max_length=4096, batch_size=16)
+    out = long_tasks.evaluate("pd_ppl", s, tiny.tokenizer, data_dir, PPL, None)
+    windows = out["samples"]["pd_ppl"]
+    assert len(windows) == 3 * len(PPL.prompt_tokens)
+    nll = [w["nll_per_token"] for w in windows]
+    articles = [statistics.mean(w["nll_per_token"] for w in windows if w["doc_id"] == i) for i in range(3)]
+    pooled = out["scores"]["ppl"]
+    assert math.isclose(pooled["value"], math.exp(statistics.mean(nll)), rel_tol=1e-12)
+    se = statistics.stdev(articles) / math.sqrt(3)  # n - 1, as lm-eval's sample stderr
+    assert math.isclose(pooled["stderr"], pooled["value"] * se, rel_tol=1e-9)
+    assert not math.isclose(pooled["stderr"], pooled["value"] * statistics.stdev(nll) / math.sqrt(len(nll)), rel_tol=1e-3)
