@@ -119,3 +119,15 @@ def test_without_log_samples_no_sample_files(tmp_path, data_dir, cli):
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (out / "samples").exists()
     assert len(json.loads((out / "unpruned__unified.json").read_text())["extra"]["items"]["arc_easy"]["ids"]) == 3
+
+
+def test_per_item_values_leave_out_metrics_whose_aggregate_is_not_a_mean():
+    """LAMBADA logs `perplexity` per item as a bare loglikelihood: a mean of those is not its perplexity."""
+    from harness.quality.samples import per_item
+
+    samples = {"lambada_openai": [{"doc_id": i, "metrics": ["perplexity", "acc"], "perplexity": -3.0 - i, "acc": i % 2}
+                                  for i in range(3)],
+               "wikitext": [{"doc_id": 0, "metrics": ["word_perplexity"], "word_perplexity": (-10.0, 4)}]}
+    items = per_item(samples)
+    assert items["metrics"] == {"acc": [0.0, 1.0, 0.0, None]}
+    assert items["ids"] == ["lambada_openai/0", "lambada_openai/1", "lambada_openai/2", "wikitext/0"]

@@ -21,18 +21,22 @@ def metric_name(metric: str, filt: str) -> str:
     return metric if filt == "none" else f"{metric}/{filt}"
 
 
+NOT_ITEM_MEANS = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}  # lm-eval's corpus-level metrics
+
+
 def per_item(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """{"ids": ["<task>/<doc_id>", ...] (sorted), "metrics": {metric: [number per id, None if absent]}}.
 
     `samples` maps each (sub)task to its logged samples; a group (e.g. mmlu) gives one id per
-    subtask item. Non-numeric per-item values (perplexity's (loglikelihood, length) pairs) are left
-    out: their aggregate is not a mean of items."""
+    subtask item. Metrics whose aggregate is not a mean of items are left out: perplexity-type ones, per
+    item a (loglikelihood, length) pair or, in LAMBADA, a bare loglikelihood (its `perplexity` is
+    exp(-mean), not the mean of those numbers)."""
     rows: dict[str, dict[str, float]] = {}
     for task, items in samples.items():
         for s in items:
             row = rows.setdefault(f"{task}/{s['doc_id']}", {})
             for m in s.get("metrics", []):
-                v = s.get(m)
+                v = s.get(m) if m not in NOT_ITEM_MEANS else None
                 if isinstance(v, (bool, int, float)) and not (isinstance(v, float) and math.isnan(v)):
                     row[metric_name(m, s.get("filter", "none"))] = float(v)
     ids = sorted(rows, key=_id_order)
