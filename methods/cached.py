@@ -92,4 +92,4 @@ class DiskMemo:
 
     def put(self, k: str, v: Any) -> None:
         self.values[k] = v
-        cache.save(self.kind, self.key, self.values)  # atomic: a kill leaves the previous complete memo
+        cache.save(self.kind, self.key, self.values)  # atomic (a kill leaves the previous memo); a failed write only warns

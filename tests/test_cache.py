@@ -2,10 +2,13 @@
 second plan does no forward, a torn entry is recomputed, and `HARNESS_CALIBRATION_CACHE=off` writes nothing."""
 
 import dataclasses
+import errno
 import json
+import os
 import random
 import threading
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -221,3 +224,61 @@ def test_a_quiet_run_still_shows_the_cache_warning(tiny, calib, own_cache_dir):
         make("sleb", **SLEB).plan(tiny.model, calib, "unified")
     assert {w.category for w in caught if "unreadable" in str(w.message)} == {cache.CacheWarning}
     assert not [w for w in caught if w.category is DeprecationWarning]
+
+
+def _fail_under(monkeypatch, root, failure):
+    """Make the cache's writes under `root` fail as a read-only or full disk would, at `failure`'s step."""
+    def inside(p):
+        return Path(p).resolve().is_relative_to(root.resolve())
+
+    def fail(code):
+        raise OSError(code, os.strerror(code))
+
+    if failure == "mkdir":
+        real_mkdir = Path.mkdir
+        monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: fail(errno.EROFS) if inside(self) else real_mkdir(self, *a, **k))
+    elif failure == "write":
+        real_fsync = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: fail(errno.ENOSPC) if inside(os.readlink(f"/proc/self/fd/{fd}"))
+                            else real_fsync(fd))
+    else:
+        real_replace = os.replace
+        monkeypatch.setattr(os, "replace", lambda src, dst, **k: fail(errno.EROFS) if inside(dst) else real_replace(src, dst, **k))
+
+
+PLANS = [("shortgpt", dict(k=1)), ("sleb", SLEB), ("pdtrim", PDTRIM)]
+
+
+def _plans(tiny, calib):
+    ranked._SHARED.clear()
+    pdtrim_method._SHARED_STATES.clear()
+    plans = [make(name, **options).plan(tiny.model, calib, "disaggregated") for name, options in PLANS]
+    return [(layers(p), p.info.get("steps"), p.info.get("search_trace")) for p in plans]
+
+
+@pytest.mark.parametrize("failure", ["mkdir", "write", "rename"])
+def test_an_unwritable_cache_warns_once_and_plans_as_without_it(tiny, calib, monkeypatch, own_cache_dir, failure):
+    """A read-only or full cache folder costs time, never a cell: one CacheWarning (shown in quiet runs), the same plans."""
+    from harness.run.quiet import quiet_libraries
+
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")
+    uncached = _plans(tiny, calib)
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", str(own_cache_dir))
+    _fail_under(monkeypatch, own_cache_dir, failure)
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_libraries()
+        assert _plans(tiny, calib) == uncached
+    ours = [str(w.message) for w in caught if w.category is cache.CacheWarning]
+    assert len(ours) == 1, ours  # once per folder, not per entry (SLEB and PDTrim write after every evaluation)
+    assert str(own_cache_dir) in ours[0] and "continues uncached" in ours[0] and "HARNESS_CALIBRATION_CACHE=off" in ours[0]
+    assert not list(own_cache_dir.rglob("*.json")) and not list(own_cache_dir.rglob("*.tmp"))
+
+
+def test_an_unwritable_cache_warns_once_per_folder(monkeypatch, tmp_path):
+    monkeypatch.setattr(cache, "atomic_write", lambda path, text: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for folder in ("a", "b"):
+            monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", str(tmp_path / folder))
+            assert [cache.save(kind, {"i": i}, i) for kind in ("x", "y") for i in range(3)] == [None] * 6
+    assert [str(w.message).split(" cannot")[0] for w in caught] == [f"calibration cache {tmp_path / f}" for f in "ab"]

@@ -10,7 +10,9 @@ dict's canonical JSON; the file holds the key too, and a file whose key differs 
 Safety: every write is a temp file and an atomic rename (`harness.store.files.atomic_write`), so a
 kill leaves the old entry or the new one, never a torn one; two processes writing one key each
 rename a complete file, and the last writer wins. An entry that still fails to parse (a disk
-error, a hand edit) is ignored with a warning, and the caller recomputes and overwrites it.
+error, a hand edit) is ignored with a warning, and the caller recomputes and overwrites it. A write
+that fails (a read-only or full disk, no permission: any OSError) is skipped with one `CacheWarning`
+per folder and process; the run goes on with the values it computed, as with the cache off.
 
 Torch-free (harness.store); what goes into keys and values is the callers' business (methods/cached.py).
 """
@@ -34,7 +36,10 @@ DEFAULT_ROOT = Path("~/.cache/pd-harness")
 
 
 class CacheWarning(HarnessWarning):
-    """A cache entry could not be read and is ignored (it is recomputed)."""
+    """A cache entry could not be read (it is recomputed), or the cache could not be written (the run goes on uncached)."""
+
+
+_unwritable: set[str] = set()  # the cache folders this process has warned it cannot write
 
 
 def cache_dir() -> Path | None:
@@ -90,9 +95,24 @@ def load(kind: str, key: dict[str, Any]) -> Any | None:
 
 
 def save(kind: str, key: dict[str, Any], value: Any) -> Path | None:
-    """Store `value` (JSON-serialisable) for `key` atomically; the entry's path (None when off)."""
+    """Store `value` (JSON-serialisable) for `key` atomically; the entry's path (None when off, or when
+    the write failed: warned once per folder, since the cache only saves time and the run goes on)."""
     path = entry_path(kind, key)
     if path is None:
         return None
-    atomic_write(path, json.dumps({"key": _canonical(key), "value": value}, sort_keys=True))
+    text = json.dumps({"key": _canonical(key), "value": value}, sort_keys=True)
+    try:
+        atomic_write(path, text)  # mkdir, temp file, write, fsync, rename: any of them can fail
+    except OSError as e:
+        _warn_unwritable(path.parent.parent, e)
+        return None
     return path
+
+
+def _warn_unwritable(root: Path, error: OSError) -> None:
+    if str(root) in _unwritable:
+        return
+    _unwritable.add(str(root))
+    warnings.warn(f"calibration cache {root} cannot be written ({error.strerror or error}); this run continues uncached "
+                  f"(same results, but nothing is saved for the next run). Set {ENV}={OFF} to skip the cache, or point "
+                  f"{ENV} (or {ROOT_ENV}) at a writable folder", CacheWarning, stacklevel=3)
