@@ -291,3 +291,91 @@ def test_spec_sections_become_typed_options_with_named_errors(tmp_path):
         with pytest.raises(UsageError, match=re.escape("[run]") + ".*" + re.escape(message)) as e:
             to_namespace(Spec(s.path, {"run": section}), "run", run_parser())
         assert str(s.path) in str(e.value) and bad in str(e.value)
+
+
+# --- a check reads the references under a shared lock: never half of an update's swap ---------------
+
+UPDATER = ("import sys; from pathlib import Path; from harness.store import lock; from harness.store.references import "
+           "update_references\nwith lock.hold_beside(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.readline()\n"
+           "    update_references(Path(sys.argv[1]), Path(sys.argv[2]))")
+
+
+def _old_new_current(tmp_path):
+    """References `ref` (one planted KV byte: a check of `cur` against them fails), a rerun `new` to swap in
+    (equal to `cur`: a check against it passes), and `cur`."""
+    cur = _copy(tmp_path)
+    ref = tmp_path / "ref"
+    shutil.copytree(REFERENCE, ref)
+    _edit(ref / "quality", "pdtrim__disaggregated.json", lambda d: d["kv"]["boolq"].update(kv_bytes=d["kv"]["boolq"]["kv_bytes"] + 1))
+    new = tmp_path / "new"
+    shutil.copytree(REFERENCE, new)
+    return ref, new, cur
+
+
+def _updater(ref, new):
+    updater = subprocess.Popen([sys.executable, "-c", UPDATER, str(ref), str(new)], cwd=ROOT, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    assert updater.stdout.readline() == "held\n"
+    return updater
+
+
+def test_a_check_waits_for_an_update_in_progress_and_reads_the_new_references(tmp_path, capsys, monkeypatch):
+    import threading
+    import time
+
+    from harness.cli import main
+    from harness.store import regress
+
+    ref, new, cur = _old_new_current(tmp_path)
+    reads, real = [], regress._records
+    monkeypatch.setattr(regress, "_records", lambda root, res: reads.append(root) or real(root, res))
+    updater = _updater(ref, new)  # another process, in the middle of `check --update`
+    rc = []
+    try:
+        checker = threading.Thread(target=lambda: rc.append(main(["check", "--against", str(ref), "--current", str(cur)])))
+        checker.start()
+        time.sleep(1.0)
+        assert checker.is_alive() and reads == []  # waiting, nothing read yet
+        updater.stdin.write("go\n")
+        updater.stdin.flush()
+        assert updater.wait(timeout=60) == 0
+        checker.join(timeout=60)
+    finally:
+        updater.kill()
+    out = capsys.readouterr()
+    assert rc == [0], out  # compared with the new set only (the old one fails on the planted byte)
+    assert "regression check passed" in out.out and f"pid {updater.pid}" in out.err and "waiting" in out.err
+    assert not ref.with_name(f".{ref.name}.lock").exists()
+
+
+def test_a_check_refuses_references_an_update_holds_too_long(tmp_path, capsys, monkeypatch):
+    from harness.cli import check as check_cli
+    from harness.cli import main
+
+    ref, new, cur = _old_new_current(tmp_path)
+    monkeypatch.setattr(check_cli, "LOCK_WAIT_S", 0.3, raising=False)  # (raising=False: fails on the result without the fix)
+    updater = _updater(ref, new)
+    try:
+        assert main(["check", "--against", str(ref), "--current", str(cur)]) == 2
+    finally:
+        updater.kill()
+    err = capsys.readouterr().err
+    assert f"is being replaced by another harness process (pid {updater.pid}" in err and "Try again" in err, err
+
+
+def test_shared_locks_share_and_keep_a_writer_out(tmp_path):
+    from harness.store import lock
+
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    lock_file = tmp_path / ".ref.lock"
+    with lock.hold_beside(folder, shared=True) as a, lock.hold_beside(folder, shared=True) as b:
+        assert a and b
+        with pytest.raises(UsageError, match="in use by another harness process \\(a process reading it"):
+            with lock.hold_beside(folder):
+                pass
+        assert lock_file.exists()
+    assert not lock_file.exists()  # the last reader out removes it, as a writer does
+    with lock.hold_beside(folder) as took:
+        assert took and json.loads(lock_file.read_text())["pid"] == os.getpid()
+    assert not lock_file.exists()

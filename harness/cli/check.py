@@ -12,6 +12,10 @@ from harness.cli.run import cmd_run
 from harness.errors import UsageError
 from harness.store.regress import RATIO_TOLERANCE
 
+# How long a check waits for a `check --update` that is replacing the references (and an update for the
+# checks reading them) before it gives up: an update holds its lock only to copy, verify and swap the records.
+LOCK_WAIT_S = 60.0
+
 
 def check_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -40,7 +44,6 @@ def check_parser() -> argparse.ArgumentParser:
 def cmd_check(argv: list[str]) -> int:
     from harness.cli.spec import load_spec, run_spec
     from harness.store.references import check_paths, check_update
-    from harness.store.regress import check
 
     args = check_parser().parse_args(argv)
     if args.latency_tolerance < 0:
@@ -69,7 +72,7 @@ def cmd_check(argv: list[str]) -> int:
         check_update(args.against, current)  # refuse before anything is touched
     if args.update:
         return _update(args.against, current)
-    res = check(args.against, current, args.latency_tolerance)
+    res = _compare(args.against, current, args.latency_tolerance)
     for line in res.failures:
         print(f"FAIL  {line}")
     for line in res.notes:
@@ -79,13 +82,24 @@ def cmd_check(argv: list[str]) -> int:
     return 0 if res.ok else 1
 
 
+def _compare(reference: Path, current: Path, tolerance: float):
+    """`regress.check` under a shared lock beside the references: a `check --update` swapping them in
+    finishes first (we wait for it), so the check reads the old set or the new one, never a mix."""
+    from harness.store import lock
+    from harness.store.regress import check
+
+    _recover(reference)  # an update killed during our rerun
+    with lock.hold_beside(reference, shared=True, wait=LOCK_WAIT_S):
+        return check(reference, current, tolerance)
+
+
 def _recover(reference: Path) -> None:
     """Put back references that a killed `check --update` left half swapped (`.<name>.old` beside them)."""
     from harness.store import lock
     from harness.store.files import backup_path, recover_swap
 
     if backup_path(reference.resolve()).exists():
-        with lock.hold_beside(reference):  # an update running now finishes its swap first
+        with lock.hold_beside(reference, wait=LOCK_WAIT_S):  # an update running now finishes its swap first
             recover_swap(reference)
 
 
@@ -94,7 +108,7 @@ def _update(reference: Path, current: Path) -> int:
     from harness.store import lock
     from harness.store.references import update_references
 
-    with lock.hold_beside(reference):
+    with lock.hold_beside(reference, wait=LOCK_WAIT_S):  # a check reading them finishes first
         n = update_references(reference, current)
     print(f"references refreshed: {reference} now holds the {n} record(s) of {current}")
     return 0

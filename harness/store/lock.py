@@ -6,6 +6,11 @@ holder's pid, host and command line into it. A second writer is refused at once 
 left by a killed run is simply taken over. `hold_beside(path)` locks `.<name>.lock` next to a
 folder that is replaced whole (references, exports), since a lock inside it would be swapped away.
 
+Readers of such a folder take the same lock shared (`shared=True`, LOCK_SH): any number of them at
+once, none while a writer holds it, so a reader sees the old folder or the new one, never a mix. A
+reader does not write its pid (they share the file); the last one out removes the file, as a writer
+does. Either mode may `wait` (seconds, polling) for the holder to finish before it is refused.
+
 A process may hand its lock down: `child_env()` gives its children `HARNESS_HELD_LOCKS` (the lock
 tokens it holds), and a child asked to lock a folder whose lock carries one of those tokens works
 under its parent's lock (a sweep's parent holds the run folder; its cells run as children).
@@ -20,6 +25,7 @@ import json
 import os
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,11 +46,20 @@ def _holder(f) -> dict:
         return {}
 
 
-def _refuse(folder: Path, lock: Path, info: dict) -> UsageError:
-    who = f"pid {info.get('pid', '?')}" + (f" on {info['host']}" if info.get("host") not in (None, socket.gethostname()) else "")
-    cmd = info.get("command") or "an unknown command"
-    return UsageError(f"{folder} is in use by another harness process ({who}: {cmd}); two runs writing one folder would "
-                      f"overwrite each other's records. Wait for it to finish, or choose another --out (lock: {lock})")
+def _who(info: dict) -> str:
+    if not info:  # readers write nothing (and a writer that just took the lock has not written yet)
+        return "a process reading it, e.g. python -m harness check"
+    host = f" on {info['host']}" if info.get("host") not in (None, socket.gethostname()) else ""
+    return f"pid {info.get('pid', '?')}{host}: {info.get('command') or 'an unknown command'}"
+
+
+def _refuse(folder: Path, lock: Path, info: dict, shared: bool = False, waited: float = 0) -> UsageError:
+    after = f" (waited {waited:g} s)" if waited else ""
+    if shared:
+        return UsageError(f"{folder} is being replaced by another harness process ({_who(info)}){after}; reading it now "
+                          f"could mix old and new files. Try again when it has finished (lock: {lock})")
+    return UsageError(f"{folder} is in use by another harness process ({_who(info)}){after}; two runs writing one folder "
+                      f"would overwrite each other's records. Wait for it to finish, or choose another --out (lock: {lock})")
 
 
 def _inherited(info: dict) -> bool:
@@ -52,10 +67,12 @@ def _inherited(info: dict) -> bool:
 
 
 @contextlib.contextmanager
-def hold_file(lock: Path, folder: Path | None = None) -> Iterator[bool]:
+def hold_file(lock: Path, folder: Path | None = None, *, shared: bool = False, wait: float = 0) -> Iterator[bool]:
     """Hold the lock file `lock` (guarding `folder`) for the body, or raise `UsageError` naming its holder.
 
-    Yields True when this call took the lock, False when this process or its parent already holds it."""
+    Exclusive (a writer) unless `shared` (a reader); `wait`: seconds to wait for a holder to let go
+    before refusing (default: refuse at once). Yields True when this call took the lock, False when
+    this process or its parent already holds it (or, shared, when the lock file cannot be made)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: nothing to lock with
@@ -66,24 +83,16 @@ def hold_file(lock: Path, folder: Path | None = None) -> Iterator[bool]:
     if key in _held:  # this process already holds it
         yield False
         return
+    f = _acquire(fcntl, lock, folder, shared, wait)
+    if f is None:  # our parent holds it for us (or a reader without a lock file it may create)
+        yield False
+        return
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock, "a+", encoding="utf-8")  # noqa: SIM115 - held until the body ends
-    except OSError as e:
-        raise UsageError(f"{folder}: cannot write there ({e.strerror or e}); choose a folder you can write") from None
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            info = _holder(f)
-            if _inherited(info):  # our parent holds it for us
-                yield False
-                return
-            raise _refuse(folder, lock, info) from None
-        if not _same_file(f, lock):  # the previous holder removed the file after we opened it: lock the new one
-            f.close()
-            with hold_file(lock, folder) as took:
-                yield took
+        if shared:
+            try:
+                yield True
+            finally:
+                _release_shared(fcntl, f, lock)
             return
         token = uuid.uuid4().hex
         f.seek(0)
@@ -96,9 +105,61 @@ def hold_file(lock: Path, folder: Path | None = None) -> Iterator[bool]:
             yield True
         finally:
             del _held[key]
-            lock.unlink(missing_ok=True)  # under the lock: a waiter that opened it re-checks the file (above)
+            lock.unlink(missing_ok=True)  # under the lock: a waiter that opened it re-checks the file (_acquire)
     finally:
         f.close()
+
+
+def _open(lock: Path, folder: Path, shared: bool):
+    """The lock file, opened (created if missing); None for a reader that may not create it (nobody holds it then)."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        return open(lock, "a+", encoding="utf-8")  # noqa: SIM115 - held until the body ends
+    except OSError as e:
+        if shared:  # references on a read-only disk, or a folder of someone else's: read them, lock if one exists
+            try:
+                return open(lock, encoding="utf-8")  # noqa: SIM115
+            except OSError:
+                return None
+        raise UsageError(f"{folder}: cannot write there ({e.strerror or e}); choose a folder you can write") from None
+
+
+def _acquire(fcntl, lock: Path, folder: Path, shared: bool, wait: float):
+    """The open lock file with the lock taken, None when the lock is our parent's; waits up to `wait` s, then refuses."""
+    start, told = time.monotonic(), False
+    while True:
+        f = _open(lock, folder, shared)
+        if f is None:
+            return None
+        try:
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = _holder(f)
+            f.close()
+            if _inherited(info):  # our parent holds it for us
+                return None
+            waited = time.monotonic() - start
+            if waited >= wait:
+                raise _refuse(folder, lock, info, shared, round(waited, 1)) from None
+            if not told:
+                print(f"{folder} is in use ({_who(info)}); waiting up to {wait:g} s for it to finish", file=sys.stderr, flush=True)
+                told = True
+            time.sleep(min(0.1, wait - waited))
+            continue
+        if _same_file(f, lock):
+            return f
+        f.close()  # the previous holder removed the file after we opened it: lock the new one
+
+
+def _release_shared(fcntl, f, lock: Path) -> None:
+    """A reader's release: the last reader out (the only one that can turn its lock exclusive) removes the file."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # other readers still hold it
+        return
+    if _same_file(f, lock):
+        with contextlib.suppress(OSError):
+            lock.unlink()
 
 
 def _same_file(f, path: Path) -> bool:
@@ -126,10 +187,11 @@ def hold(folder: Path) -> Iterator[bool]:
                 folder.rmdir()
 
 
-def hold_beside(folder: Path) -> contextlib.AbstractContextManager[bool]:
-    """Lock a folder that is replaced whole, by a lock file next to it (`.<name>.lock`)."""
+def hold_beside(folder: Path, *, shared: bool = False, wait: float = 0) -> contextlib.AbstractContextManager[bool]:
+    """Lock a folder that is replaced whole, by a lock file next to it (`.<name>.lock`): exclusive to
+    replace it, `shared` to read it (see `hold_file` for `wait`)."""
     folder = Path(folder)
-    return hold_file(folder.resolve().with_name(f".{folder.resolve().name}.lock"), folder)
+    return hold_file(folder.resolve().with_name(f".{folder.resolve().name}.lock"), folder, shared=shared, wait=wait)
 
 
 def child_env() -> dict[str, str]:
