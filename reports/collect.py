@@ -109,13 +109,15 @@ def record_files(path: Path) -> list[Path]:
 
 def collect(paths: list[Path]) -> Collection:
     """Load every record under `paths` (folders are searched recursively), each file once."""
-    col, seen = Collection(), set()
+    col, seen, only_failed = Collection(), set(), []
     for path in paths:
         files = record_files(Path(path))
         if not files:
             failed = failure_notes([Path(path)])
-            raise ReportError(f"{path}: no run records (<method>__<mode>.json) found"
-                              + (f"; failed cells: {'; '.join(failed)}" if failed else ""))
+            if not failed:
+                raise ReportError(f"{path}: no run records (<method>__<mode>.json) found")
+            only_failed.append(f"{path}: no run records; failed cells: {'; '.join(failed)}")
+            continue  # its failed cells are notes of the report (docs/reports.md), the other inputs still render
         for f in files:
             if f.resolve() in seen:  # inputs that overlap (a folder and its subfolder or file): read once
                 continue
@@ -129,6 +131,8 @@ def collect(paths: list[Path]) -> Collection:
             col.sources[id(r)] = f
     if col.skipped and not col.all:
         raise ReportError("no readable run records: " + "; ".join(col.skipped))
+    if only_failed and not col.all:
+        raise ReportError("; ".join(only_failed))
     return col
 
 

@@ -140,9 +140,11 @@ def to_csv(t: pd.DataFrame) -> str:
 
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "<": r"\textless{}", ">": r"\textgreater{}"}  # OT1 would print < and > as ¡ and ¿
 _LATEX_SYMBOLS = {"×": r"$\times$", "—": "--", "–": "--", "±": r"$\pm$", "≥": r"$\geq$", "≤": r"$\leq$", "÷": r"$\div$",
-                  "·": r"$\cdot$", "→": r"$\rightarrow$", "⊆": r"$\subseteq$", "µ": r"$\mu$"}
+                  "·": r"$\cdot$", "→": r"$\rightarrow$", "⊆": r"$\subseteq$", "µ": r"$\mu$", "−": r"$-$", "↓": r"$\downarrow$",
+                  "↑": r"$\uparrow$"}
 
 
 def latex_escape(s: str) -> str:
@@ -208,6 +210,6 @@ def to_html(t: pd.DataFrame) -> str:
     st = _GroupedStyler(text, uuid=t.attrs["name"], caption=escape(t.attrs["caption"]), table_attributes='class="results"')
     st.hide(axis="index").format(escape="html").format_index(escape="html", axis="index").format_index(escape="html", axis="columns")
     st.apply(lambda _: np.where(bold, "font-weight: bold", ""), axis=None)
-    st.set_table_styles([{"selector": f"td.col{j}", "props": f"text-align: {'left' if a == 'l' else 'right'}"}
-                         for j, a in enumerate(t.attrs["align"])])
+    st.set_table_styles([{"selector": f"{cell}.col{j}", "props": f"text-align: {'left' if a == 'l' else 'right'}"}
+                         for j, a in enumerate(t.attrs["align"]) for cell in ("td", "th")])  # a header over its column
     return f'<div class="scroll" id="table-{escape(t.attrs["name"])}">\n{st.to_html().strip()}\n</div>'

@@ -61,7 +61,7 @@ def render_html(col: Collection, tables: list[pd.DataFrame], figures: dict[str, 
     for t in tables:
         out.append(f"<h2>{escape(t.attrs['name'].replace('_', ' ').capitalize())} table</h2>")
         out.append(to_html(t))
-    out.append("<h2>Figures</h2>")
+    out += ["<h2>Figures</h2>"] if figures else []  # none with --no-plots: no empty section
     for name, paths in figures.items():
         out.append(f'<figure id="fig-{escape(name)}"><img alt="{escape(titles.get(name, name))}" src="{_img(paths["png"])}">'
                    f"<figcaption>{escape(titles.get(name, name))}</figcaption></figure>")

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 matplotlib.rcParams["svg.hashsalt"] = "pd-harness"  # SVG element ids from the content, not random: same records, same file
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from harness.store.files import atomic_file  # noqa: E402
 from harness.store.records import RunRecord, is_long_task  # noqa: E402
@@ -42,9 +43,22 @@ def avg_score(r: RunRecord, tasks: list[str], convention: str) -> tuple[float | 
     return (sum(vals) / len(vals), se_of_mean(ses)) if vals else (None, None)
 
 
+def _accuracy(r: RunRecord, t: str) -> bool:
+    return "acc" in r.scores.get(t, {}) or "acc_norm" in r.scores.get(t, {})
+
+
+def figure_tasks(col: Collection) -> tuple[list[str], list[str]]:
+    """(the accuracy tasks every quality record scored, which the score figures average over; the other
+    accuracy tasks, left out of them). An average over a task only some records have would put points
+    on different scales on one axis, so those records were dropped without a word; now the task is."""
+    tasks = [t for t in _ordered_tasks(col.quality, lambda r, t: not is_long_task(r, t))
+             if all(_accuracy(r, t) for r in col.quality if t in r.scores)]
+    shared = [t for t in tasks if all(t in r.scores for r in col.quality)]
+    return shared, [t for t in tasks if t not in shared]
+
+
 def _mc_tasks(col: Collection) -> list[str]:
-    return [t for t in _ordered_tasks(col.quality, lambda r, t: not is_long_task(r, t))
-            if all("acc" in r.scores.get(t, {}) or "acc_norm" in r.scores.get(t, {}) for r in col.quality if t in r.scores)]
+    return figure_tasks(col)[0]
 
 
 def _methods(records: list[RunRecord], col: Collection) -> list[str]:
@@ -103,18 +117,25 @@ def plot_score_vs_blocks(col: Collection, convention: str = "paper"):
     if not tasks or not modes:
         return None
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False, sharey=True)
+    drawn = 0
     for ax, mode in zip(axes[0], modes):
         recs = [r for r in col.quality if r.mode == mode]
         name = {id(r): series(col, r, recs) for r in recs}
-        for i, m in enumerate(sorted(set(name.values()), key=lambda m: (m != "unpruned", natural_key(m)))):
+        for i, m in enumerate(sorted(set(name.values()), key=lambda m: (m.split(" (")[0] != "unpruned", natural_key(m)))):
             scored = ((removed_counts(r)[1], *avg_score(r, tasks, convention)) for r in recs if name[id(r)] == m)
             pts = sorted((x, y, e) for x, y, e in scored if y is not None)
             if pts:
                 xs, ys, es = zip(*pts)
                 ax.errorbar(xs, ys, yerr=[e or 0.0 for e in es], marker=MARKERS[i % len(MARKERS)], capsize=3, label=m)
+                drawn += 1
         _style(ax, MODE_TITLE[mode], "blocks removed (decode stage)", f"average score over {len(tasks)} tasks (%, ± 1 se)")
         ax.set_ylim(0, 100)  # the whole scale: a truncated axis makes noise look like an effect
-        ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks are counted
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if not drawn:  # no blank axes in the report: the figure is left out, and the notes say so
+        plt.close(fig)
+        return None
     fig.tight_layout()
     return fig
 
@@ -144,6 +165,9 @@ def plot_score_vs_kv(col: Collection, convention: str = "paper"):
         if y is not None:
             ax.scatter([x], [y], marker=MARKERS[i % len(MARKERS)], s=60, label=col.label(r))
             pts.append((x, y))
+    if not pts:
+        plt.close(fig)
+        return None
     front = pareto_front(pts)
     if len(front) > 1:
         ax.plot(*zip(*front), color="0.4", linestyle="--", linewidth=1, zorder=0, label="Pareto frontier")

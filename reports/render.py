@@ -83,10 +83,14 @@ def render_report(paths: list[Path], out: Path, convention: str = "paper", bandw
             atomic_write(out / "tables" / f"{t.attrs['name']}.{ext}", fn(t) if ext != "md" else fn(t) + "\n")
     atomic_write(out / "report.md", rep.markdown)
     if plots:
-        from reports.plots import PLOTS, save_plots
+        from reports.plots import PLOTS, figure_tasks, save_plots
 
         rep.figures = save_plots(col, out / "figures", convention)
         rep.missing += [f"figure {name}: no data in these records" for name in PLOTS if name not in rep.figures]
+        shared, left_out = figure_tasks(col)
+        if left_out:  # a task some records lack is left out of every figure's average, not those records
+            rep.missing.append(f"figures: scores averaged over the {len(shared)} task(s) every record scored "
+                               f"({', '.join(shared) or 'none'}); left out: {', '.join(left_out)}")
     if html:
         from reports.html import render_html
         from reports.plots import PLOTS

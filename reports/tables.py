@@ -159,13 +159,19 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
                 noise[key][i] = se
             i += 1
         groups.append((title, g))
-    names = [f"{TASK_TITLE.get(t, t)}" for t in tasks]
+    names = [_column_name(t, metrics[t]) for t in tasks]
     t = make_table("quality", _quality_caption(recs, tasks, convention), ["Method", "Removed", *names, "Avg", "KV ×"], groups)
     for name, task in zip(names, tasks):
         bold_beyond_noise(t, name, noise[task], lower_is_better=bool(metrics[task] & LOWER_IS_BETTER))
     bold_beyond_noise(t, "Avg", noise["Avg"])
     bold_best(t, "KV ×")  # bytes are counted, not sampled
     return t
+
+
+def _column_name(task: str, metrics: set[str]) -> str:
+    """A task's column title; a lower-is-better column (WikiText-2) names its metric and direction, as it is no %."""
+    low = sorted(metrics & LOWER_IS_BETTER)
+    return TASK_TITLE.get(task, task) + (f" ({low[0].replace('_', ' ').replace('perplexity', 'ppl')} ↓)" if low else "")
 
 
 def _mc_kv(r: RunRecord | None, tasks: list[str]) -> int | None:

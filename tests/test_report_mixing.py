@@ -4,6 +4,7 @@ CSV columns for standard errors, CIs and p-values, and numbers sorted as numbers
 
 import csv
 import io
+import re
 
 import numpy as np
 import pytest
@@ -144,3 +145,61 @@ def test_paired_average_is_over_the_accuracy_tasks_only(tmp_path):
     t = rows(paired_table(collect([tmp_path]))).set_index("Method")
     assert list(t.columns) == ["ARC-e", "BoolQ", "passkey", "Avg", "Verdict"]
     assert t.loc["x", "passkey"].startswith("+0.0") and t.loc["x", "Avg"].startswith("+100.0")
+
+
+def test_a_folder_of_failed_cells_only_is_a_note_beside_other_inputs(tmp_path):
+    from harness.store.records import save_failure
+    from reports.render import render_report
+
+    save(_rec("unpruned"), tmp_path / "a")
+    save_failure(tmp_path / "f", "manual", "disaggregated", "k", ValueError("decode_layers=9: no such layer"), "", "")
+    rep = render_report([tmp_path / "a", tmp_path / "f"], tmp_path / "rep", html=False, plots=False)
+    assert any("manual/disaggregated failed in" in m and "no such layer" in m for m in rep.missing)
+    with pytest.raises(Exception, match="no run records; failed cells: manual/disaggregated"):
+        render_report([tmp_path / "f"], tmp_path / "rep2", html=False, plots=False)
+
+
+def test_figures_average_over_the_tasks_every_record_scored_and_say_what_is_left_out(tmp_path):
+    from reports.plots import plot_score_vs_blocks
+    from reports.render import render_report
+
+    save(_rec("unpruned", tasks=("boolq",)), tmp_path / "a")
+    save(_rec("x", removed=(1,)), tmp_path / "b")  # arc_easy and boolq
+    rep = render_report([tmp_path / "a", tmp_path / "b"], tmp_path / "rep", html=False, plots=True)
+    assert "score_vs_blocks" in rep.figures
+    assert any(m.startswith("figures: scores averaged over the 1 task(s) every record scored (boolq); left out: arc_easy")
+               for m in rep.missing), rep.missing
+    ax = plot_score_vs_blocks(collect([tmp_path / "a", tmp_path / "b"])).axes[0]
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["unpruned", "x"]  # both drawn
+    save(_rec("y", tasks=("arc_easy",), removed=(1,)), tmp_path / "c")  # no task shared by all: no blank figure
+    assert plot_score_vs_blocks(collect([tmp_path / "a", tmp_path / "c"])) is None
+
+
+def test_a_lower_is_better_column_names_its_metric_and_direction(tmp_path):
+    r = _rec("unpruned")
+    r.scores["wikitext"] = {"word_perplexity": {"value": 30.0, "stderr": None}}
+    save(r, tmp_path)
+    assert list(rows(quality_table(collect([tmp_path]))).columns)[2:] == ["ARC-e", "BoolQ", "WikiText-2 (word ppl ↓)", "Avg",
+                                                                           "KV ×"]
+
+
+def test_html_headers_are_aligned_as_their_columns(tmp_path):
+    from reports.formats import to_html
+    from reports.tables import plans_table
+
+    save(_rec("unpruned"), tmp_path)
+    t = plans_table(collect([tmp_path]))
+    html = to_html(t)
+    for j, a in enumerate(t.attrs["align"]):
+        for cell_ in ("td", "th"):
+            rule = re.search(rf"{cell_}\.col{j}\b[^{{]*\{{([^}}]*)\}}", html)
+            assert rule and f"text-align: {'left' if a == 'l' else 'right'}" in rule.group(1), (cell_, j)
+
+
+def test_no_plots_leaves_no_empty_figures_section(tmp_path):
+    from reports.render import render_report
+
+    save(_rec("unpruned"), tmp_path / "a")
+    render_report([tmp_path / "a"], tmp_path / "rep", html=True, plots=False)
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "<h2>Quality table</h2>" in html and "<h2>Figures</h2>" not in html

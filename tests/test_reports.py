@@ -14,6 +14,7 @@ from conftest import ROOT
 from harness.store.records import RunRecord, load_dir, save, save_failure
 from reports.collect import ReportError, collect
 from reports.formats import groups, rows, to_csv, to_html, to_latex, to_markdown
+from reports.significance import paired_table
 from reports.tables import efficiency_table, long_context_table, plans_table, quality_table
 
 QUALITY = ROOT / "results" / "issue3" / "default"
@@ -82,9 +83,9 @@ def test_formats_escape_and_group_rows_and_bold_the_same_cells_everywhere():
     assert to_markdown(t).splitlines()[2:] == ["| Method | Removed | Score |", "|---|---|---|", "| **G <1>** |  |  |",
                                                "| a_b | 1 | 2.0 |", "| c | 1 | **3.0** |", "| d | 2 | — |"]
     tex = to_latex(t)
-    assert r"\caption{a <caption> \& 50\% $\pm$ 1}" in tex and r"\label{tab:x_y}" in tex
+    assert r"\caption{a \textless{}caption\textgreater{} \& 50\% $\pm$ 1}" in tex  # < > as OT1 prints them and r"\label{tab:x_y}" in tex
     body = tex.split("\\midrule\n", 1)[1].split("\\bottomrule")[0].splitlines()
-    assert body == [r"\multicolumn{3}{l}{\textit{G <1>}} \\", r"a\_b & 1 & 2.0 \\", r"c & 1 & \textbf{3.0} \\", r"\midrule",
+    assert body == [r"\multicolumn{3}{l}{\textit{G \textless{}1\textgreater{}}} \\", r"a\_b & 1 & 2.0 \\", r"c & 1 & \textbf{3.0} \\", r"\midrule",
                     r"d & 2 & -- \\"]
     html = to_html(t)
     assert "<caption>a &lt;caption&gt; &amp; 50% ± 1</caption>" in html and "<script" not in html
@@ -129,12 +130,14 @@ def _check_latex_structure(tex: str, n_cols: int) -> None:
 
 def test_latex_tables_compile(tmp_path):
     col = collect([QUALITY, LATENCY])
-    tables = [quality_table(col), efficiency_table(col), long_context_table(col), plans_table(col)]
+    paired = paired_table(collect([ROOT / "results" / "issue15" / "paired_8of30"]), "shortgpt")  # caption: −, <
+    assert len(paired)
+    tables = [quality_table(col), efficiency_table(col), long_context_table(col), plans_table(col), paired]
     for t in tables:
         _check_latex_structure(to_latex(t), len(t.attrs["columns"]))
     pdflatex = shutil.which("pdflatex")
     assert pdflatex, "pdflatex missing: .ci/run installs texlive-latex-base and texlive-latex-recommended"
-    doc = ("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n"
+    doc = ("\\documentclass{article}\n\\usepackage{booktabs}\n"  # booktabs only, as to_latex promises
            "\\usepackage[a3paper,landscape,margin=1cm]{geometry}\n\\begin{document}\n"
            + "\n".join(to_latex(t) for t in tables) + "\\end{document}\n")
     (tmp_path / "t.tex").write_text(doc)
