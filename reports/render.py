@@ -43,7 +43,8 @@ def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: flo
                        ("plans", lambda: plans_table(col))):
         t = make()
         if t.empty:
-            why = {"quality": "no quality records", "paired": f"no records with per-item results to pair with {baseline}",
+            paired_why = f"no records with per-item results to pair with {baseline}" if col.quality else "no quality records"
+            why = {"quality": "no quality records", "paired": paired_why,
                    "efficiency": "no latency records (python -m harness latency)",
                    "long_context": "no pd_ppl/passkey scores", "plans": "no records"}[name]
             missing.append(f"{name} table: not shown ({why})")

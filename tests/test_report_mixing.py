@@ -203,3 +203,12 @@ def test_no_plots_leaves_no_empty_figures_section(tmp_path):
     render_report([tmp_path / "a"], tmp_path / "rep", html=True, plots=False)
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "<h2>Quality table</h2>" in html and "<h2>Figures</h2>" not in html
+
+
+def test_a_latency_only_report_says_why_there_is_no_paired_table(tmp_path):
+    from conftest import ROOT
+
+    from reports.render import render_report
+
+    rep = render_report([ROOT / "results" / "issue4" / "cpu_smollm2"], tmp_path / "rep", html=False, plots=False)
+    assert "paired table: not shown (no quality records)" in rep.missing
