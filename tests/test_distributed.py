@@ -87,3 +87,48 @@ def test_single_process_group_is_a_no_op():
     assert d.is_main and not d.enabled
     assert d.sum_counts({"kv_bytes": 3}) == {"kv_bytes": 3}
     assert d.all_gather_object(5) == [5] and d.broadcast_object(7) == 7
+
+
+def test_a_limit_below_the_number_of_ranks_is_refused_before_any_work(monkeypatch, data_dir):
+    """lm-eval fails on a rank with no item of a task, and the other ranks then waited for it forever."""
+    from harness.config import RunConfig
+    from harness.errors import UsageError
+    from harness.run import pipeline
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun / accelerate launch set it
+    cfg = dict(methods=("unpruned",), data_dir=str(data_dir))
+    with pytest.raises(UsageError, match=r"--limit 1 with 2 data-parallel ranks: each rank needs at least one item of "
+                                         r"every task \(arc_easy\); give --limit 2 or more"):
+        pipeline.prepare(RunConfig(tasks=("arc_easy", "passkey"), limit=1, **cfg))
+    pipeline.prepare(RunConfig(tasks=("arc_easy",), limit=2, **cfg))
+    pipeline.prepare(RunConfig(tasks=("passkey",), limit=1, **cfg))  # the harness shards its own tasks
+
+
+PLUGIN = '''
+import os
+from methods.registry import register
+from methods.unpruned import Unpruned
+
+
+@register
+class FailsOnRank1(Unpruned):
+    name = "fails_on_rank1"
+    summary = "unpruned, but applying its plan fails on rank 1 only (an OOM on one GPU, say)"
+
+    def apply(self, model, plan):
+        if os.environ.get("RANK") == "1":
+            raise RuntimeError("out of memory on rank 1")
+        return super().apply(model, plan)
+'''
+
+
+def test_a_cell_failing_on_one_rank_stops_the_group_instead_of_hanging(data_dir, tmp_path):
+    """The failing rank went on to the next cell while the others waited in the cell's collectives forever."""
+    (tmp_path / "rank_plugin.py").write_text(PLUGIN)
+    env = {**_env(data_dir), "HARNESS_PLUGINS": "rank_plugin", "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531", "-m",
+              "harness", "--model", "random:tiny", "--device", "cpu", "-q", "--methods", "fails_on_rank1,unpruned",
+              "--tasks", "arc_easy", "--limit", "2", "--out", str(tmp_path / "dp")]
+    r = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "out of memory on rank 1" in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "dp" / "unpruned__disaggregated.json").exists()  # the group stopped at the failing cell

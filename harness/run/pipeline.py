@@ -81,6 +81,7 @@ def prepare(cfg: RunConfig, need_data: bool = True) -> Prepared:
         raise UsageError("--methods is empty; known methods: " + ", ".join(registry.names()))
     classes = {name: registry.get(name) for name in cfg.methods}
     long_here = [t for t in cfg.tasks if long_tasks.is_long_task(t)]
+    _check_items_per_rank(cfg, [t for t in cfg.tasks if t not in long_here])
     raw = split_overrides(cfg.overrides, [*cfg.methods, "calib", *long_here])
     instances = {variant: cls(build_options(cls.Config, name, opts))  # `shortgpt.k=2,4` -> shortgpt@k=2, shortgpt@k=4
                  for name, cls in classes.items() for variant, opts in expand_sweeps(cls.Config, name, raw.get(name, {}))}
@@ -95,6 +96,17 @@ def prepare(cfg: RunConfig, need_data: bool = True) -> Prepared:
     for t in long_here:  # each task checks its data before any model work
         long_tasks.get(t).check_data(Path(cfg.data_dir) if cfg.data_dir else None)
     return Prepared(cfg, instances, calib, task_options)
+
+
+def _check_items_per_rank(cfg: RunConfig, lm_eval_tasks: list[str]) -> None:
+    """lm-eval gives each data-parallel rank a share of a task's items and fails on a rank with none, while
+    the other ranks wait for it forever: refuse a --limit below the number of ranks before any work."""
+    from harness.quality.distributed import launched_world_size
+
+    n = launched_world_size()
+    if n > 1 and lm_eval_tasks and isinstance(cfg.limit, int) and cfg.limit < n:
+        raise UsageError(f"--limit {cfg.limit} with {n} data-parallel ranks: each rank needs at least one item of "
+                         f"every task ({', '.join(lm_eval_tasks)}); give --limit {n} or more, or start fewer ranks")
 
 
 def _partial_path(out_dir: Path, method: str, mode: str) -> Path:
@@ -170,6 +182,8 @@ def run(
                 records.append(_run_cell(state, name, prepared.methods[name], mode))
             except Exception as e:  # noqa: BLE001 - one cell's failure (OOM, bad option) must not stop the others
                 failures.append(_record_failure(state, name, prepared.methods[name], mode, e))
+                if d.enabled:  # the other ranks wait in the cell's collectives: stop the group (the launcher
+                    raise  # ends them) rather than leave it hanging; the rerun retries the cell
     finally:  # also on Ctrl-C
         state.tasks.close()
     if d.is_main:  # every readable record in the folder; an unreadable one is named and skipped
