@@ -155,14 +155,10 @@ def hbm_bound(rows: list[dict], models: dict, bw: float, first_shape: str) -> di
 
 def ipc_handoff(handoff, shape: str, device) -> dict:
     """Section (d): one handoff between two processes on `device`; bytes received against bytes counted."""
-    import torch
-
-    from harness.latency.transfer import transfer_shared
+    from harness.latency.transfer import handoffs_equal, transfer_shared
 
     got = transfer_shared(handoff, str(device))
-    rec = got.pop("received")
-    equal = all(torch.equal(rec.keys[i], handoff.keys[i].cpu()) and torch.equal(rec.values[i], handoff.values[i].cpu())
-                and torch.equal(rec.positions[i], handoff.positions[i].cpu()) for i in handoff.keys)
+    equal = handoffs_equal(got.pop("received"), handoff)  # K, V, positions and counts of every layer, bit for bit
     got.update(shape=shape, plan="pdtrim-like", batch=handoff.n_requests, kv_bytes_counted=handoff.kv_bytes,
                tensors_equal=equal, **{"pass": equal and got["kv_bytes_received"] == handoff.kv_bytes})
     return got

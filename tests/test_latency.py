@@ -142,6 +142,7 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path, cli):
     moved = moved_rec.latency["latency_T40_n4_b2"].samples["real_transfer"]
     assert moved_rec.figure("latency_T40_n4_b2", "real_transfer_recv_ms") == moved["recv_ms"]
     assert moved["kv_bytes_received"] == m.kv["latency_T40_n4_b2"]["kv_bytes"] and moved["backend"] == "gloo"
+    assert moved["received_identical"] is True  # the tensors themselves, not only their byte count
     assert m.kv["latency_T40_n4_b2"]["kv_bytes"] * 2 == recs["unpruned"].kv["latency_T40_n4_b2"]["kv_bytes"]
     rows = (out / "summary.csv").read_text().splitlines()
     assert any(row.startswith("manual,disaggregated,latency_T40_n4_b1,ttft_ms_p50,") for row in rows)
@@ -209,6 +210,41 @@ def test_two_process_transfer_receives_exactly_the_counted_bytes(tiny):
     for layer in sent.keys:
         assert torch.equal(rec.keys[layer], sent.keys[layer]) and torch.equal(rec.values[layer], sent.values[layer])
         assert torch.equal(rec.positions[layer], sent.positions[layer]) and torch.equal(rec.counts[layer], sent.counts[layer])
+    from harness.latency.transfer import handoffs_equal
+
+    assert handoffs_equal(rec, sent)
+    rec.values[3] = rec.values[3].clone()
+    rec.values[3].view(-1)[0] += 1  # one number of one layer's V: same bytes, other contents
+    assert not handoffs_equal(rec, sent)
+
+
+def test_a_real_transfer_that_delivers_other_tensors_fails(tiny, monkeypatch):
+    """Bytes received = bytes counted cannot see corrupted contents; the run compares the tensors too."""
+    import copy
+    from types import SimpleNamespace
+
+    from harness.latency import transfer
+    from harness.pd.cache import PDCache
+    from harness.pd.engine import make_handoff, run_layers
+    from harness.run.latency_run import _real_transfer
+
+    model = tiny.model
+    plan = PruningPlan("x", 4, (0, 1, 3), (0, 3), kv_policy=KVPolicy(2, 5, (3,)))
+    ids, lengths = torch.randint(0, 256, (1, 20)), torch.tensor([20])
+    pos = torch.arange(20)[None]
+    cache = PDCache(retain=plan.decode_layers)
+    with torch.inference_mode():
+        run_layers(model, plan.prefill_layers, ids, pos, pos < lengths[:, None], cache)
+    sent = make_handoff(cache, plan, lengths)
+    m = SimpleNamespace(clock="perf_counter_ns", handoff=sent, kv_bytes=sent.kv_bytes)
+    bad = copy.deepcopy(sent)
+    bad.keys[0] = bad.keys[0] + 1
+    fake = {"kv_bytes_received": sent.kv_bytes, "metadata_bytes_received": 1, "recv_ms": 1.0}
+    monkeypatch.setattr(transfer, "transfer_between_processes", lambda h, backend: {**fake, "received": copy.deepcopy(sent)})
+    assert _real_transfer(m, "x")["received_identical"] is True
+    monkeypatch.setattr(transfer, "transfer_between_processes", lambda h, backend: {**fake, "received": bad})
+    with pytest.raises(RuntimeError, match="received other KV tensors than the prefill process sent"):
+        _real_transfer(m, "x")
 
 
 def test_real_transfer_backend_per_device():

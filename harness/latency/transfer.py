@@ -50,6 +50,13 @@ def _tensors(h: Handoff) -> list[tuple[str, int, torch.Tensor]]:
     return out
 
 
+def handoffs_equal(a: Handoff, b: Handoff) -> bool:
+    """Whether two handoffs hold the same tensors (K, V, positions, counts of the same layers), bit for bit."""
+    ta, tb = _tensors(a), _tensors(b)
+    return [(k, layer) for k, layer, _ in ta] == [(k, layer) for k, layer, _ in tb] and all(
+        x.shape == y.shape and x.dtype == y.dtype and torch.equal(x.cpu(), y.cpu()) for (_, _, x), (_, _, y) in zip(ta, tb))
+
+
 def _send_bytes(data: bytes, dst: int, device: torch.device) -> None:
     t = torch.tensor(list(data), dtype=torch.uint8, device=device)  # gloo: host tensors; NCCL: this rank's GPU
     dist.send(torch.tensor([t.numel()], dtype=torch.int64, device=device), dst)

@@ -225,17 +225,21 @@ def _figures(cfg: LatencyConfig, measured: dict, bound_ms: float) -> tuple[dict,
 
 
 def _real_transfer(m, what: str) -> dict:
-    """Move the measured handoff between two processes; the bytes received must equal the bytes counted."""
+    """Move the measured handoff between two processes; the bytes received must equal the bytes counted and
+    the tensors received the ones sent (a byte count alone cannot see corrupted contents)."""
     import torch
 
-    from harness.latency.transfer import transfer_backend, transfer_between_processes, transfer_shared
+    from harness.latency.transfer import handoffs_equal, transfer_backend, transfer_between_processes, transfer_shared
 
     backend = transfer_backend(m.clock, torch.cuda.device_count() if m.clock == "cuda_events" else 0)
     if backend == "cuda_ipc":
         moved = transfer_shared(m.handoff, str(next(iter(m.handoff.keys.values())).device))
     else:
         moved = transfer_between_processes(m.handoff, backend)
-    moved.pop("received")
+    received = moved.pop("received")
     if moved["kv_bytes_received"] != m.kv_bytes:
         raise RuntimeError(f"{what}: received {moved['kv_bytes_received']} KV bytes, counted {m.kv_bytes}")
+    moved["received_identical"] = handoffs_equal(received, m.handoff)
+    if not moved["received_identical"]:
+        raise RuntimeError(f"{what}: the decode process received other KV tensors than the prefill process sent")
     return moved
