@@ -91,6 +91,17 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def check_items_per_rank(limit: int | float | None, lm_eval_tasks: list[str]) -> None:
+    """lm-eval gives each rank a share of a task's items and fails on a rank with none, while the other
+    ranks wait for it forever: refuse a --limit below the number of ranks before any work."""
+    from harness.errors import UsageError
+
+    n = launched_world_size()
+    if n > 1 and lm_eval_tasks and isinstance(limit, int) and limit < n:
+        raise UsageError(f"--limit {limit} with {n} data-parallel ranks: each rank needs at least one item of "
+                         f"every task ({', '.join(lm_eval_tasks)}); give --limit {n} or more, or start fewer ranks")
+
+
 def current() -> Dist:
     """The data-parallel group of this process, initialised on first use via accelerate."""
     global _CURRENT

@@ -75,13 +75,13 @@ def prepare(cfg: RunConfig, need_data: bool = True) -> Prepared:
     `need_data=False` skips the check that calibrating methods have a data dir (their plans
     may come from elsewhere, e.g. replayed records)."""
     import methods as registry
-    from harness.quality import long_tasks
+    from harness.quality import distributed, long_tasks
 
     if not cfg.methods:  # run, latency and their spec sections all come through here before any model work
         raise UsageError("--methods is empty; known methods: " + ", ".join(registry.names()))
     classes = {name: registry.get(name) for name in cfg.methods}
     long_here = [t for t in cfg.tasks if long_tasks.is_long_task(t)]
-    _check_items_per_rank(cfg, [t for t in cfg.tasks if t not in long_here])
+    distributed.check_items_per_rank(cfg.limit, [t for t in cfg.tasks if t not in long_here])
     raw = split_overrides(cfg.overrides, [*cfg.methods, "calib", *long_here])
     instances = {variant: cls(build_options(cls.Config, name, opts))  # `shortgpt.k=2,4` -> shortgpt@k=2, shortgpt@k=4
                  for name, cls in classes.items() for variant, opts in expand_sweeps(cls.Config, name, raw.get(name, {}))}
@@ -96,17 +96,6 @@ def prepare(cfg: RunConfig, need_data: bool = True) -> Prepared:
     for t in long_here:  # each task checks its data before any model work
         long_tasks.get(t).check_data(Path(cfg.data_dir) if cfg.data_dir else None)
     return Prepared(cfg, instances, calib, task_options)
-
-
-def _check_items_per_rank(cfg: RunConfig, lm_eval_tasks: list[str]) -> None:
-    """lm-eval gives each data-parallel rank a share of a task's items and fails on a rank with none, while
-    the other ranks wait for it forever: refuse a --limit below the number of ranks before any work."""
-    from harness.quality.distributed import launched_world_size
-
-    n = launched_world_size()
-    if n > 1 and lm_eval_tasks and isinstance(cfg.limit, int) and cfg.limit < n:
-        raise UsageError(f"--limit {cfg.limit} with {n} data-parallel ranks: each rank needs at least one item of "
-                         f"every task ({', '.join(lm_eval_tasks)}); give --limit {n} or more, or start fewer ranks")
 
 
 def _partial_path(out_dir: Path, method: str, mode: str) -> Path:
@@ -247,7 +236,8 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
         st.tracker.skipped(*cfg.tasks)
         done = _finished_record(st, name, method, mode, final, (key, calib_desc, task_opts))
         _tidy(st, name, mode)  # what a run killed just after saving the record left behind
-        _note_unlogged(st, name, mode, cfg.tasks, final.name)
+        if st.log_samples and st.dist.is_main:
+            reuse.note_unlogged(st.out_dir, name, mode, cfg.tasks, final.name, st.say)
         return done
     partial_path = _partial_path(st.out_dir, name, mode)
     partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
@@ -256,7 +246,8 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     plan = _cell_plan(st, name, method, mode, partial)
     if mode == "unified" and not plan.is_unified:
         raise ValueError(f"{name} returned a plan with two layer sets or KV pruning for unified mode")
-    _note_unlogged(st, name, mode, [t for t in cfg.tasks if t in partial["tasks"]], partial_path.name)
+    if st.log_samples and st.dist.is_main:
+        reuse.note_unlogged(st.out_dir, name, mode, [t for t in cfg.tasks if t in partial["tasks"]], partial_path.name, st.say)
     with method.apply(model, plan) as applied:
         lm = PDLM(model, st.loaded.tokenizer, applied, mode, batch_size=cfg.batch_size, max_length=cfg.max_length,
                   progress=st.progress, dist=st.dist)
@@ -287,19 +278,6 @@ def _tidy(st: _Run, name: str, mode: str) -> None:
     if st.dist.is_main:
         _partial_path(st.out_dir, name, mode).unlink(missing_ok=True)
         (st.out_dir / rec.failure_filename(name, mode)).unlink(missing_ok=True)
-
-
-def _note_unlogged(st: _Run, name: str, mode: str, tasks, done_in: str) -> None:
-    """Say which of `tasks`, done by an earlier run, have no per-sample log although --log-samples asks for one:
-    a record keeps per-item scores only, so the log cannot be rebuilt without evaluating the task again."""
-    from harness.quality.samples import samples_path
-
-    if not st.log_samples or not st.dist.is_main:
-        return
-    missing = [t for t in tasks if not any(samples_path(st.out_dir, name, mode, t).parent.glob(f"samples_{t}*.jsonl"))]
-    if missing:
-        st.say(f"{name}/{mode}: --log-samples: no per-sample log of {', '.join(missing)}, evaluated by an earlier run "
-               f"without it ({done_in}); to log them, rerun into another --out or remove {done_in}")
 
 
 def _finished_record(st: _Run, name: str, method, mode: str, final: Path, identity: tuple) -> rec.RunRecord:

@@ -96,3 +96,14 @@ def _partial_key(path: Path) -> str | None:
         return json.loads(path.read_text(encoding="utf-8")).get("run_key")
     except (OSError, ValueError, AttributeError):  # a torn resume state is replaced, as before
         return None
+
+
+def note_unlogged(out_dir: Path, name: str, mode: str, tasks, done_in: str, say: Callable[[str], None]) -> None:
+    """Say which of `tasks`, done by an earlier run, have no per-sample log although --log-samples asks for one:
+    a record keeps per-item scores only, so the log cannot be rebuilt without evaluating the task again."""
+    from harness.quality.samples import samples_path
+
+    missing = [t for t in tasks if not any(samples_path(out_dir, name, mode, t).parent.glob(f"samples_{t}*.jsonl"))]
+    if missing:
+        say(f"{name}/{mode}: --log-samples: no per-sample log of {', '.join(missing)}, evaluated by an earlier run "
+            f"without it ({done_in}); to log them, rerun into another --out or remove {done_in}")
