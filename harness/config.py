@@ -196,11 +196,11 @@ def sweep_base(name: str) -> str:
     return name.split(SWEEP_MARK, 1)[0]
 
 
-def did_you_mean(word: str, known: typing.Iterable[str]) -> str:
-    """' (did you mean batch_size?)' when one of `known` is close to `word`, else ''."""
+def did_you_mean(word: str, known: typing.Iterable[str], cutoff: float = 0.7) -> str:
+    """' (did you mean batch_size?)' when one of `known` is close to `word` (difflib's ratio >= `cutoff`), else ''."""
     import difflib
 
-    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.7)
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=cutoff)
     return f" (did you mean {close[0]}?)" if close else ""
 
 

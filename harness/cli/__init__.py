@@ -47,12 +47,11 @@ COMMANDS = {"run": cmd_run, "latency": cmd_latency, "report": cmd_report, "check
 
 def unknown_command(word: str) -> str:
     """What to say of a first argument that is neither a flag nor a command (a typo, or a command other tools have)."""
-    import difflib
+    from harness.config import did_you_mean
 
-    close = difflib.get_close_matches(word, COMMANDS, n=1)
     hint = {"methods": "; the methods and their options are listed by python -m harness --help",
             "config": "; a spec runs with python -m harness --config SPEC.toml"}.get(word, "")
-    return (f"unknown command {word!r}" + (f" (did you mean {close[0]}?)" if close else "") + hint
+    return (f"unknown command {word!r}" + did_you_mean(word, COMMANDS, cutoff=0.6) + hint
             + f"; commands: {', '.join(COMMANDS)} (run is the default: python -m harness --methods ...)")
 
 

@@ -36,7 +36,9 @@ def per_item(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for s in items:
             row = rows.setdefault(f"{task}/{s['doc_id']}", {})
             for m in s.get("metrics", []):
-                v = s.get(m) if m not in NOT_ITEM_MEANS else None
+                if m in NOT_ITEM_MEANS:
+                    continue
+                v = s.get(m)
                 if isinstance(v, (bool, int, float)) and not (isinstance(v, float) and math.isnan(v)):
                     row[metric_name(m, s.get("filter", "none"))] = float(v)
     ids = sorted(rows, key=_id_order)

@@ -99,7 +99,7 @@ def prepare(cfg: RunConfig, need_data: bool = True) -> Prepared:
 
 
 def _partial_path(out_dir: Path, method: str, mode: str) -> Path:
-    return out_dir / (rec.record_filename(method, mode)[: -len(".json")] + ".partial.json")
+    return out_dir / rec.partial_filename(method, mode)
 
 
 @dataclass
@@ -285,12 +285,12 @@ def _finished_record(st: _Run, name: str, method, mode: str, final: Path, identi
     defaults); a different configuration's record is refused rather than overwritten."""
     key, calib_desc, task_opts = identity
     old = rec.load_cell(final)
-    if old.run_key != key and reuse.same_but_newer_options(st.cfg, method, old, (name, mode, calib_desc, task_opts)):
-        st.say(f"{name}/{mode}: record predates options now at their defaults; reused ({final.name})")
-        return old
-    if old.run_key != key:
+    if reuse.foreign(st.cfg, method, old, key, (name, mode, calib_desc, task_opts)):  # refused before the run too
         raise UsageError(f"{final} holds a {name}/{mode} record of a different configuration "
                          f"(run_key {old.run_key} != {key}); use another --out or remove it")
+    if old.run_key != key:
+        st.say(f"{name}/{mode}: record predates options now at their defaults; reused ({final.name})")
+        return old
     st.say(f"{name}/{mode}: finished record found, reused ({final.name})")
     return old
 

@@ -70,24 +70,28 @@ def same_but_newer_options(cfg: RunConfig, method, old: rec.RunRecord, cell: tup
     return cfg.identity(name, mode, then, calib_desc, task_opts) == old.run_key
 
 
+def foreign(cfg: RunConfig, method, old: rec.RunRecord, key: str, cell: tuple) -> bool:
+    """Whether the finished record `old` of a cell whose run key is now `key` belongs to another configuration."""
+    return old.run_key != key and not same_but_newer_options(cfg, method, old, cell)
+
+
 def refuse_foreign_work(cfg: RunConfig, prepared, out_dir: Path, identity: Callable[[str, Any, str], tuple]) -> None:
     """A UsageError naming every record or resume state in `out_dir` of another configuration than this run's
     cells (`identity(name, method, mode)` -> (run_key, calibration options, task options)), before any work:
     a run that refused one cell but wrote the others left one folder holding two configurations."""
-    foreign = []
+    found = []
     for name, method in prepared.methods.items():
         for mode in cfg.modes:
             key, calib_desc, task_opts = identity(name, method, mode)
-            final = out_dir / rec.record_filename(name, mode)
-            partial = final.with_name(final.name[: -len(".json")] + ".partial.json")
+            final, partial = out_dir / rec.record_filename(name, mode), out_dir / rec.partial_filename(name, mode)
             if final.exists():
                 old = rec.load_cell(final)  # an unreadable cell file: refused, not replaced
-                if old.run_key != key and not same_but_newer_options(cfg, method, old, (name, mode, calib_desc, task_opts)):
-                    foreign.append(f"{final.name} (run_key {old.run_key} != {key})")
-            elif partial.exists() and _partial_key(partial) not in (key, None):
-                foreign.append(f"{partial.name} (unfinished, run_key {_partial_key(partial)} != {key})")
-    if foreign:
-        raise UsageError(f"{out_dir} holds work of a different configuration: {', '.join(foreign)}; use another --out, "
+                if foreign(cfg, method, old, key, (name, mode, calib_desc, task_opts)):
+                    found.append(f"{final.name} (run_key {old.run_key} != {key})")
+            elif partial.exists() and (then := _partial_key(partial)) not in (key, None):
+                found.append(f"{partial.name} (unfinished, run_key {then} != {key})")
+    if found:
+        raise UsageError(f"{out_dir} holds work of a different configuration: {', '.join(found)}; use another --out, "
                          "rerun that configuration to finish it, or remove those files")
 
 

@@ -173,6 +173,11 @@ def failure_filename(method: str, mode: str) -> str:
     return f"{method}__{mode}.failed.json"
 
 
+def partial_filename(method: str, mode: str) -> str:
+    """A cell's resume state while its tasks run (`harness.run.pipeline`); removed once its record is written."""
+    return f"{method}__{mode}.partial.json"
+
+
 def is_record_file(path: Path) -> bool:
     """A finished record's file (not a `.partial.json` resume file, a `.failed.json` note or a temp file)."""
     name = Path(path).name
