@@ -212,3 +212,18 @@ def test_a_latency_only_report_says_why_there_is_no_paired_table(tmp_path):
 
     rep = render_report([ROOT / "results" / "issue4" / "cpu_smollm2"], tmp_path / "rep", html=False, plots=False)
     assert "paired table: not shown (no quality records)" in rep.missing
+
+
+def test_paired_perplexity_is_worse_when_higher_and_shown_in_its_own_units(tmp_path):
+    """A task whose per-item metric is a perplexity (a plug-in task may log one): higher is worse."""
+    def rec(method, ppl, removed=()):
+        r = _fake(method, "disaggregated", {"wikitext": {"word_perplexity": float(np.mean(ppl))}}, removed=removed)
+        r.extra["items"] = {"wikitext": {"ids": list(range(len(ppl))), "metrics": {"word_perplexity": list(ppl)}}}
+        return r
+
+    save(rec("unpruned", [10.0, 11.0, 12.0, 13.0]), tmp_path)
+    save(rec("x", [20.0, 21.5, 22.0, 23.5], removed=(1,)), tmp_path)
+    save(rec("y", [9.0, 10.0, 11.5, 12.0], removed=(2,)), tmp_path)
+    t = rows(paired_table(collect([tmp_path]))).set_index("Method")
+    assert t.loc["x", "WikiText-2"].startswith("+10.2*") and t.loc["x", "Verdict"] == "0 better / 0 same / 1 worse"
+    assert t.loc["y", "WikiText-2"].startswith("-0.9*") and t.loc["y", "Verdict"] == "1 better / 0 same / 0 worse"
