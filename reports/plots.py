@@ -211,29 +211,31 @@ def plot_sensitivity(col: Collection):
         (r for r in col.quality if r.plan.get("info", {}).get("block_cosine")), None)
     if sens is None and scored is None:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    panels = [x for x in (sens, scored) if x is not None]  # one panel each: no blank axes beside a lone one
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    axes = list(axes[0])
     if sens is not None:
+        ax = axes.pop(0)
         s = {k: [float("nan") if v is None else v for v in s_] for k, s_ in sens.plan["info"]["stage_sensitivity"].items()
              if k in ("prefill", "decode")}  # null: a block the search never considered (not measured)
         n = len(s["prefill"])
         w = 0.4
-        axes[0].bar([i - w / 2 for i in range(n)], s["prefill"], w, label="removed from prefill (and decode)")
-        axes[0].bar([i + w / 2 for i in range(n)], s["decode"], w, label="removed from decode only")
-        axes[0].set_yscale("log")
-        _style(axes[0], f"Stage sensitivity per block ({col.label(sens)})", "block index", "KL to the dense model (nats, log scale)")
-        axes[0].legend(fontsize=8)
-    else:
-        axes[0].set_axis_off()
+        ax.bar([i - w / 2 for i in range(n)], s["prefill"], w, label="removed from prefill (and decode)")
+        ax.bar([i + w / 2 for i in range(n)], s["decode"], w, label="removed from decode only")
+        ax.set_yscale("log")
+        _style(ax, f"Stage sensitivity per block ({col.label(sens)})", "block index", "KL to the dense model (nats, log scale)")
+        ax.legend(fontsize=8)
     if scored is not None:
+        ax = axes.pop(0)
         info = scored.plan["info"]
         bi = info.get("block_influence") or [1 - c for c in info["block_cosine"]]
         removed = set(scored.plan.get("removed_decode", []))
-        axes[1].bar(range(len(bi)), bi, color=["tab:red" if i in removed else "tab:blue" for i in range(len(bi))])
-        axes[1].set_yscale("log")
-        _style(axes[1], f"Block score 1 − cos(h_in, h_out) ({col.label(scored)}; red: removed in decode)",
+        ax.bar(range(len(bi)), bi, color=["tab:red" if i in removed else "tab:blue" for i in range(len(bi))])
+        ax.set_yscale("log")
+        _style(ax, f"Block score 1 − cos(h_in, h_out) ({col.label(scored)}; red: removed in decode)",
                "block index", "1 − mean cosine (log scale)")
-    else:
-        axes[1].set_axis_off()
+    for ax in fig.axes:  # block indices are integers: no tick at -0.5 or 2.5
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 

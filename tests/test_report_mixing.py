@@ -227,3 +227,22 @@ def test_paired_perplexity_is_worse_when_higher_and_shown_in_its_own_units(tmp_p
     t = rows(paired_table(collect([tmp_path]))).set_index("Method")
     assert t.loc["x", "WikiText-2"].startswith("+10.2*") and t.loc["x", "Verdict"] == "0 better / 0 same / 1 worse"
     assert t.loc["y", "WikiText-2"].startswith("-0.9*") and t.loc["y", "Verdict"] == "1 better / 0 same / 0 worse"
+
+
+def test_sensitivity_figure_has_one_panel_per_score_present_and_integer_block_ticks(tmp_path):
+    from reports.plots import plot_sensitivity
+
+    scored = _rec("shortgpt", removed=(1,))
+    scored.plan["info"] = {"block_influence": [0.3, 0.01, 0.05, 0.2]}
+    save(scored, tmp_path / "a")
+    fig = plot_sensitivity(collect([tmp_path / "a"]))
+    assert len(fig.axes) == 1  # no blank panel where no PDTrim sensitivity was stored
+    searched = _rec("pdtrim", removed=(2,))
+    searched.plan["info"] = {"stage_sensitivity": {"prefill": [1.0, 0.1, None, 0.5], "decode": [0.5, 0.05, 0.01, 0.2]}}
+    save(searched, tmp_path / "b")
+    fig = plot_sensitivity(collect([tmp_path / "a", tmp_path / "b"]))
+    assert len(fig.axes) == 2
+    fig.canvas.draw()
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
