@@ -9,6 +9,7 @@ group of installed distributions, are imported after the package's own (`load_pl
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import pkgutil
@@ -46,19 +47,29 @@ def load_plugins(spec: str | None = None) -> list[str]:
     loaded = []
     for mod in (m.strip() for m in spec.split(",")):
         if mod:
-            try:
-                importlib.import_module(mod)
-            except ImportError as e:
-                hint = " (a module name, not a file path)" if "/" in mod or mod.endswith(".py") else ""
-                raise PluginImportError(f"HARNESS_PLUGINS names {mod!r}, which cannot be imported: {e}; give "
-                                        f"comma-separated module names importable from sys.path{hint}, e.g. add "
-                                        "their folder to PYTHONPATH") from e
+            _import_plugin(mod, f"HARNESS_PLUGINS names {mod!r}", functools.partial(importlib.import_module, mod))
             loaded.append(mod)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()
+        _import_plugin(ep.value, f"the entry point {ep.name} = {ep.value!r} (group {ENTRY_POINT_GROUP})", ep.load)
         loaded.append(ep.value)
-    register_baselines()  # a plug-in KV policy's baseline method
+    _import_plugin("", "the KV-baseline method of a plug-in KV policy", register_baselines)
     return loaded
+
+
+def _import_plugin(mod: str, what: str, load) -> None:
+    """Run `load`; a plug-in that cannot be imported, raises while importing, or registers a name that is
+    taken is bad input (PluginImportError: the CLI exits 2 naming it), not a traceback in every command."""
+    try:
+        load()
+    except UsageError:
+        raise
+    except ImportError as e:
+        hint = " (a module name, not a file path)" if "/" in mod or mod.endswith(".py") else ""
+        raise PluginImportError(f"{what}, which cannot be imported: {e}; give comma-separated module names "
+                                f"importable from sys.path{hint}, e.g. add their folder to PYTHONPATH") from e
+    except Exception as e:  # noqa: BLE001 - any error of a plug-in's own code, named with its module
+        raise PluginImportError(f"{what}, which failed to load: {type(e).__name__}: {e}; fix the plug-in, or leave it out "
+                                "(HARNESS_PLUGINS, or uninstall its distribution)") from e
 
 
 class PluginImportError(UsageError, ImportError):

@@ -41,8 +41,13 @@ PENDING_ROWS: dict[str, tuple[str, str, str]] = {
 
 
 def builtin() -> list[type[Method]]:
-    """The registered methods defined in this package, by name."""
-    return [registry.get(n) for n in registry.names() if ":" not in n and registry.get(n).__module__.startswith(f"{__package__}.")]
+    """The registered methods defined in this package, by name (a KV baseline: when its policy is the package's;
+    the baseline class itself always lives in methods.kv.baselines)."""
+    def own(cls: type) -> bool:
+        policy = getattr(cls, "policy_cls", None)
+        return policy.__module__.startswith("harness.pd.kv.") if policy is not None else cls.__module__.startswith(f"{__package__}.")
+
+    return [registry.get(n) for n in registry.names() if ":" not in n and own(registry.get(n))]
 
 
 def methods_table() -> str:
@@ -97,7 +102,8 @@ def help_text(builtin_only: bool = False) -> str:
     lines.append(f"  {'':16s} options: {stage_opts}, plus BASE's options except k (e.g. --set stage:sleb.k_decode=6)")
     lines.append(f"  {'calib':16s} calibration set: {options_help(CalibConfig)} (seed defaults to --seed)")
     lines.append("long-context tasks (options via --set TASK.OPTION=VALUE when the task is in --tasks):")
-    lines += [f"  {name:16s} options: {options_help(long_tasks.get(name).Config)}" for name in long_tasks.names()]
+    tasks = [n for n in long_tasks.names() if not builtin_only or long_tasks.get(n).__module__.startswith("harness.quality.long_tasks.")]
+    lines += [f"  {name:16s} options: {options_help(long_tasks.get(name).Config)}" for name in tasks]
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ builds its inner method the same way and its errors name the wrapper.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method {cls.name!r} defined twice: {_METHODS[cls.name].__module__}, {cls.__module__}")
     if any(cls.name.startswith(p) for p in _WRAPPERS):
         raise ValueError(f"method {cls.name!r}: names starting with a wrapper prefix ({', '.join(_WRAPPERS)}) are reserved")
+    if not (isinstance(cls.Config, type) and dataclasses.is_dataclass(cls.Config)):  # --set, --help and specs read its fields
+        raise ValueError(f"method {cls.name!r}: its Config must be a dataclass (@dataclass(frozen=True) class "
+                         f"Config(Options): ...), got {cls.Config!r}")
     _METHODS[cls.name] = cls
     return cls
 

@@ -187,7 +187,7 @@ def test_a_plugin_kv_policy_may_not_take_a_methods_name(kv_plugin):
 
     module = importlib.import_module(KV_MODULE)
     register_policy(type("Clash", (module.Recent,), {"name": "test_clash", "method_name": "tail", "__module__": "x"}))
-    with pytest.raises(ValueError, match="method_name 'tail' is already a method"):
+    with pytest.raises(UsageError, match="method_name 'tail' is already a method"):
         methods.load_plugins("")
 
 

@@ -210,6 +210,9 @@ def make_handoff(
         if hit is None:
             pos = src_pos.index_select(0, rows)
             keep = policy.keep(l, pos, req_len, k, observed)
+            if not torch.equal(keep.sum(dim=1), k):  # else the bytes sent and the budget stated disagree
+                raise RuntimeError(f"{policy.kind} policy: keep() selected {keep.sum(dim=1).tolist()} positions per "
+                                   f"request in layer {l}; it must select exactly its budget k = {k.tolist()}")
             hit = (keep, pos[keep], keep.sum(dim=1))
             if not observes:
                 patterns[key] = hit

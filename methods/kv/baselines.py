@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -148,6 +149,8 @@ def baseline_method(policy_cls: type) -> type[KVBaseline]:
             default = policy_cls.dict_defaults.get(f.name, f.default)
             fields.append((f.name, type(default), dataclasses.field(default=default)))
     cls_name = f"{policy_cls.__name__}Baseline"  # a module attribute (below): importable and picklable by name
+    if cls_name in globals():  # a plug-in policy class named like one of the package's: keep both importable
+        cls_name += "_" + re.sub(r"\W", "_", policy_cls.method_name)
     config = dataclasses.make_dataclass("Config", fields, frozen=True, namespace={"__module__": __name__})
     config.__qualname__ = f"{cls_name}.Config"
     return type(cls_name, (KVBaseline,), {

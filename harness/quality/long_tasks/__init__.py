@@ -35,11 +35,21 @@ def register_task(cls: type[LongTask]) -> type[LongTask]:
     for attr in ("Config", "presentation"):
         if not hasattr(cls, attr):
             raise ValueError(f"long-context task {name}: missing `{attr}`")
+    if name in _reserved() or name.startswith("mmlu_"):
+        raise ValueError(f"long-context task {name!r}: the name is an lm-eval task with local data or a --tasks alias; "
+                         "choose another")
     old = _REGISTRY.get(name)
-    if old is not None and old.__qualname__ != cls.__qualname__:  # same class re-imported is fine
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):  # a re-import is fine
         raise ValueError(f"long-context task {name!r} is already registered by {old.__module__}.{old.__qualname__}")
     _REGISTRY[name] = cls
     return cls
+
+
+def _reserved() -> set[str]:
+    """Names `--tasks` already means: the aliases and the lm-eval tasks with local data (and `mmlu_*`, MMLU's subjects)."""
+    from harness.quality.tasks import TASK_FILES
+
+    return {"standard", "long", *TASK_FILES}
 
 
 def unregister_task(name: str) -> None:

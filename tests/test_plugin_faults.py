@@ -1,0 +1,187 @@
+"""Broken or clashing plug-ins are bad input (exit 2 naming the module and what is wrong), never a
+traceback in every command nor a built-in silently replaced; the package's own catalogue ignores
+plug-ins; a KV policy must keep exactly its budget."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import ROOT
+
+import methods
+from harness.errors import UsageError
+from harness.pd import kv
+from harness.quality import long_tasks
+from methods import registry
+
+TASK = '''
+from dataclasses import dataclass
+from harness.quality.long_tasks import register_task
+from harness.quality.long_tasks.base import LongTask
+from harness.store.task_names import TaskPresentation
+
+
+@register_task
+class {cls}(LongTask):
+    name = "{name}"
+
+    @dataclass(frozen=True)
+    class Config:
+        n: int = 1
+
+    presentation = TaskPresentation(title="X", setting_prefix="x_L", primary_metric="x")
+
+    def evaluate(self, *a, **k):
+        return {{"scores": {{"x": {{"value": 42.0, "stderr": None}}}}, "n_samples": 1, "kv_by": {{}}, "details": {{}}}}
+'''
+KV_POLICY = '''
+from dataclasses import dataclass
+from harness.pd.kv import register_policy
+from harness.pd.kv.base import TokenSelection
+
+
+@register_policy
+@dataclass(frozen=True)
+class {cls}(TokenSelection):
+    """Test policy."""
+
+    name = "{name}"
+    method_name = "{method}"
+    method_summary = "test plug-in"
+
+    def keep(self, layer, positions, lengths, k, observed):
+        return {keep}
+'''
+PLUGINS = {
+    "raises": 'raise RuntimeError("boom at import")\n',
+    "syntax": "def (:\n",
+    "takes_shortgpt": textwrap.dedent('''
+        from methods.base import Method
+        from methods.registry import register
+
+
+        @register
+        class Mine(Method):
+            name = "shortgpt"
+
+            def plan(self, model, calib, mode):
+                raise NotImplementedError
+    '''),
+    "plain_config": textwrap.dedent('''
+        from methods.base import Method
+        from methods.registry import register
+
+
+        @register
+        class Plain(Method):
+            name = "plain_config_method"
+
+            class Config:
+                k = 3
+
+            def plan(self, model, calib, mode):
+                raise NotImplementedError
+    '''),
+    "same_class_name_task": TASK.format(cls="Passkey", name="passkey"),
+    "lm_eval_task_name": TASK.format(cls="Echo", name="arc_easy"),
+    "alias_task_name": TASK.format(cls="Echo", name="long"),
+    "shadow_policy": KV_POLICY.format(cls="Streaming", name="shadow_recent", method="shadow_recent_kv",
+                                      keep="(positions >= 0) & (positions >= (lengths - k)[:, None])"),
+    "over_keep": KV_POLICY.format(cls="OverKeep", name="over_keep", method="over_keep_kv", keep="positions >= 0"),
+}
+WHAT = {  # what each broken plug-in's message must name
+    "raises": "RuntimeError: boom at import",
+    "syntax": "SyntaxError",
+    "takes_shortgpt": "method 'shortgpt' defined twice",
+    "plain_config": "its Config must be a dataclass",
+    "same_class_name_task": "long-context task 'passkey' is already registered by harness.quality.long_tasks.passkey",
+    "lm_eval_task_name": "'arc_easy': the name is an lm-eval task with local data or a --tasks alias",
+    "alias_task_name": "'long': the name is an lm-eval task with local data or a --tasks alias",
+}
+
+
+@pytest.fixture
+def plugins(tmp_path, monkeypatch):
+    """The modules above in `tmp_path` (module names `pd_harness_fault_<key>`); afterwards every registry and
+    the module cache are as they were."""
+    for key, text in PLUGINS.items():
+        (tmp_path / f"pd_harness_fault_{key}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    saved = dict(registry._METHODS), dict(kv._POLICIES), dict(long_tasks._REGISTRY)
+    yield tmp_path
+    for live, old in zip((registry._METHODS, kv._POLICIES, long_tasks._REGISTRY), saved):
+        live.clear()
+        live.update(old)
+    for key in PLUGINS:
+        sys.modules.pop(f"pd_harness_fault_{key}", None)
+
+
+@pytest.mark.parametrize("key", sorted(WHAT))
+def test_a_broken_or_clashing_plugin_is_refused_naming_it(plugins, key):
+    builtin_passkey = long_tasks.get("passkey")
+    with pytest.raises(UsageError, match=f"HARNESS_PLUGINS names 'pd_harness_fault_{key}', which failed to load: .*"
+                                         + WHAT[key].replace("(", r"\(")):
+        methods.load_plugins(f"pd_harness_fault_{key}")
+    assert long_tasks.get("passkey") is builtin_passkey and methods.get("shortgpt").__module__ == "methods.depth.shortgpt"
+
+
+def test_the_cli_exits_2_with_one_line_for_a_plugin_that_raises_even_for_help(plugins):
+    env = {**os.environ, "HARNESS_PLUGINS": "pd_harness_fault_raises", "PYTHONPATH": f"{plugins}{os.pathsep}{ROOT}"}
+    out = subprocess.run([sys.executable, "-m", "harness", "--help"], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "pd_harness_fault_raises', which failed to load: RuntimeError: boom" in out.stderr
+
+
+def test_an_entry_point_that_cannot_be_imported_is_bad_input(tmp_path, monkeypatch):
+    dist = tmp_path / "pd_harness_fault_ep-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: pd-harness-fault-ep\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[pd_harness.methods]\nmine = pd_harness_fault_ep.missing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    with pytest.raises(UsageError, match=r"the entry point mine = 'pd_harness_fault_ep.missing' \(group pd_harness.methods\), "
+                                         "which cannot be imported"):
+        methods.load_plugins("")
+
+
+def test_a_plugin_policy_named_like_a_builtin_one_leaves_both_baselines_picklable(plugins):
+    methods.load_plugins("pd_harness_fault_shadow_policy")
+    for name in ("streamingllm", "shadow_recent_kv"):
+        cls = methods.get(name)
+        assert type(pickle.loads(pickle.dumps(cls()))) is cls, name  # by name: the sweep's cells are pickled
+    assert methods.get("shadow_recent_kv").__name__ != methods.get("streamingllm").__name__
+
+
+def test_the_catalogue_of_the_packages_methods_leaves_plugins_out(plugins):
+    from methods import catalog
+
+    before = [c.name for c in catalog.builtin()], catalog.help_text(builtin_only=True)
+    methods.load_plugins("pd_harness_fault_shadow_policy")
+    long_tasks.register_task(type("Echo", (long_tasks.get("passkey"),), {"name": "pd_fault_echo", "__module__": "x"}))
+    assert "shadow_recent_kv" in methods.names() and "pd_fault_echo" in long_tasks.names()
+    assert ([c.name for c in catalog.builtin()], catalog.help_text(builtin_only=True)) == before
+    assert "pd_fault_echo" in catalog.help_text() and "shadow_recent_kv" in catalog.help_text()
+
+
+def test_a_head_shared_policy_must_keep_exactly_its_budget(plugins, tiny):
+    from harness.pd.engine import make_handoff
+    from harness.pd.kv.base import KVBudget
+    from harness.pd.plan import PruningPlan
+    from harness.quality.scoring import Scorer
+
+    methods.load_plugins("pd_harness_fault_over_keep")
+    policy = kv.get_policy("over_keep")(budget=KVBudget(tokens=3))
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 1, 2, 3), policy)
+    out = Scorer(tiny.model, plan, "disaggregated", max_length=4096)._prefill([[5, 6, 7, 8, 9, 10], [3, 4, 5, 6, 7]])
+    with pytest.raises(RuntimeError, match=r"over_keep policy: keep\(\) selected \[6, 5\] positions per request in "
+                                           r"layer 0; it must select exactly its budget k = \[3, 3\]"):
+        make_handoff(out.cache, plan, out.lengths)
+    assert torch.equal(out.lengths, torch.tensor([6, 5]))
