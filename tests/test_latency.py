@@ -146,12 +146,23 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path, cli):
     assert m.kv["latency_T40_n4_b2"]["kv_bytes"] * 2 == recs["unpruned"].kv["latency_T40_n4_b2"]["kv_bytes"]
     rows = (out / "summary.csv").read_text().splitlines()
     assert any(row.startswith("manual,disaggregated,latency_T40_n4_b1,ttft_ms_p50,") for row in rows)
-    # replay: the manual plan, stored as a record, is applied by `manual` with default options
-    r2 = cli(*args, "--methods", "manual", "--plans-from", str(out), "--out", str(tmp_path / "replay"))
+    # replay: the manual plan, stored as a record, is applied by `manual` with the options it was made with; with
+    # other options it would be labelled with options that did not make it (refused); `unpruned`'s record is not read
+    other = cli(*args, "--methods", "manual", "--plans-from", str(out), "--out", str(tmp_path / "replay"))
+    assert other.returncode == 2 and "manual's plan was made with other options (decode_layers=[0, 3] there, " in other.stderr
+    r2 = cli(*args, "--methods", "manual", "--set", "manual.decode_layers=0,3", "--plans-from", str(out),
+             "--out", str(tmp_path / "replay"))
     assert r2.returncode == 0, r2.stderr[-2000:]
     (rep,) = records.load_dir(tmp_path / "replay")
     assert "prompt 40, decode 4, batch 1, static decode" in r2.stdout and "\n| manual | " in r2.stdout
     assert rep.plan["decode_layers"] == [0, 3] and rep.extra["plan_source"]["replayed_from"] == str(out.resolve())
+    alien = json.loads((out / "manual__disaggregated.json").read_text())  # a plug-in's record, plug-in not loaded
+    alien.update(method="plugin_kv", run_key="plugin_kv-key")
+    alien["plan"]["kv_policy"] = {"kind": "not_loaded", "budget": {"tokens": 4}}
+    (out / "plugin_kv__disaggregated.json").write_text(json.dumps(alien))
+    r3 = cli(*args, "--methods", "manual", "--set", "manual.decode_layers=0,3", "--plans-from", str(out),
+             "--out", str(tmp_path / "replay3"))
+    assert r3.returncode == 0, r3.stderr[-2000:]
     bad = cli(*args, "--methods", "manual", "--plans-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "not a folder of run records" in bad.stderr
     bad = cli(*args[:-2], "--decode-mode", "turbo", "--out", str(tmp_path / "y"))

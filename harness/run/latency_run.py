@@ -81,8 +81,11 @@ def workload_name(w: Workload, decode_mode: str = "eager") -> str:
     return base if decode_mode == "eager" else f"{base}_{decode_mode}"
 
 
-def replayed_plans(plans_from: str, n_layers: int) -> dict[str, PruningPlan]:
-    """Disaggregated plans of the records in `plans_from`, checked against the model's layer count."""
+def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, PruningPlan]:
+    """The disaggregated plans of `methods` (name -> Method) stored in `plans_from`'s records, checked against the
+    model's layer count and the methods' options (a plan made with other options would be labelled with these)."""
+    from harness.run.reuse import options_then
+
     folder = Path(plans_from)
     if not folder.is_dir():
         raise UsageError(f"--plans-from {plans_from}: not a folder of run records")
@@ -92,14 +95,21 @@ def replayed_plans(plans_from: str, n_layers: int) -> dict[str, PruningPlan]:
     except rec.RecordError as e:
         raise UsageError(f"--plans-from: {e}; remove that file or pick another run folder") from None
     for r in found:
-        if r.mode == "disaggregated":
-            try:
-                plan = PruningPlan.from_dict(r.plan)
-            except (KeyError, TypeError, ValueError) as e:
-                raise UsageError(f"--plans-from: {r.method}'s plan is not valid ({type(e).__name__}: {e})") from None
-            if plan.n_layers != n_layers:
-                raise UsageError(f"--plans-from: {r.method}'s plan is for {plan.n_layers} layers, the model has {n_layers}")
-            out[r.method] = plan
+        if r.mode != "disaggregated" or r.method not in methods:  # other records are not this run's to read
+            continue
+        try:
+            plan = PruningPlan.from_dict(r.plan)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"--plans-from: {r.method}'s plan is not valid ({type(e).__name__}: {e})") from None
+        if plan.n_layers != n_layers:
+            raise UsageError(f"--plans-from: {r.method}'s plan is for {plan.n_layers} layers, the model has {n_layers}")
+        then, now = options_then(methods[r.method], r), json.loads(json.dumps(methods[r.method].options()))
+        if then != now:
+            diff = ", ".join(f"{k}={then.get(k)!r} there, {now.get(k)!r} here" for k in sorted(set(then) | set(now))
+                             if then.get(k) != now.get(k))
+            raise UsageError(f"--plans-from {plans_from}: {r.method}'s plan was made with other options ({diff}); give "
+                             "the same --set options, or plan afresh without --plans-from")
+        out[r.method] = plan
     return out
 
 
@@ -140,7 +150,7 @@ def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[
     from harness.quality.calibration import build_calibration
 
     model = loaded.model
-    replay = replayed_plans(cfg.plans_from, arch.n_layers(model)) if cfg.plans_from else {}
+    replay = replayed_plans(cfg.plans_from, arch.n_layers(model), prepared.methods) if cfg.plans_from else {}
     calib, out = None, []
     for name, method in prepared.methods.items():
         if name in replay:

@@ -34,11 +34,7 @@ def stored_plan(cfg: RunConfig, prepared, name: str, mode: str, options: dict,
     calib_then = {k: (old.calibration or {}).get(k) for k in calib_now} if calib_now else None
     if (old.config.get("model"), old.config.get("seed"), old.config.get("model_args")) != (cfg.model, cfg.seed, cfg.model_args):
         return None
-    # options added to a method since the record was made count as matching at their defaults
-    defaults = json.loads(json.dumps(dataclasses.asdict(type(prepared.methods[name].config)())))
-    then = {**{k: v for k, v in defaults.items() if k not in old.config.get("method_options", {})},
-            **old.config.get("method_options", {})}
-    if then != json.loads(json.dumps(options)):
+    if options_then(prepared.methods[name], old) != json.loads(json.dumps(options)):
         return None
     if calib_now and json.loads(json.dumps(calib_now)) != calib_then:
         return None
@@ -46,6 +42,14 @@ def stored_plan(cfg: RunConfig, prepared, name: str, mode: str, options: dict,
     if calib_now and digest and calibration is not None and calibration().get("token_sha256_16") != digest:
         return None
     return plan_of(old, path), path, old.calibration
+
+
+def options_then(method, old: rec.RunRecord) -> dict:
+    """The method options `old` was made with, as stored (JSON); options added to the method since count at
+    their defaults, so a record made before an option existed matches a run that leaves it at its default."""
+    defaults = json.loads(json.dumps(dataclasses.asdict(type(method.config)())))
+    stored = old.config.get("method_options", {})
+    return {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
 
 
 def plan_of(record: rec.RunRecord, path: Path) -> PruningPlan:
