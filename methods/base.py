@@ -150,6 +150,14 @@ class Method(abc.ABC):
         """
         yield plan
 
+    def make_plan(self, model: nn.Module, calib: Any | None, mode: str) -> PruningPlan:
+        """`plan(...)`, checked to be a `PruningPlan`: what the runners call, so a plug-in's mistake fails its
+        cell naming the method, not later as "'NoneType' object has no attribute 'to_dict'"."""
+        plan = self.plan(model, calib, mode)
+        if not isinstance(plan, PruningPlan):
+            raise TypeError(f"{self.name}.plan(...) returned {type(plan).__name__}, expected a PruningPlan")
+        return plan
+
     def needs_replan_on_resume(self) -> bool:
         """True when `apply` needs state that only `plan` builds (e.g. trained weights), so a
         resumed run must call `plan` again rather than reuse the stored plan alone."""

@@ -185,3 +185,17 @@ def test_a_head_shared_policy_must_keep_exactly_its_budget(plugins, tiny):
                                            r"layer 0; it must select exactly its budget k = \[3, 3\]"):
         make_handoff(out.cache, plan, out.lengths)
     assert torch.equal(out.lengths, torch.tensor([6, 5]))
+
+
+def test_a_plan_that_is_not_a_pruning_plan_fails_naming_the_method(tiny):
+    from methods.base import Method
+
+    class NoPlan(Method):
+        name = "no_plan"
+
+        def plan(self, model, calib, mode):
+            return None
+
+    with pytest.raises(TypeError, match=r"no_plan.plan\(...\) returned NoneType, expected a PruningPlan"):
+        NoPlan().make_plan(tiny.model, None, "disaggregated")
+    assert methods.get("unpruned")().make_plan(tiny.model, None, "unified").n_layers == 4

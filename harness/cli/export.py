@@ -298,7 +298,7 @@ def _plan_to_export(source, method, calib_config, loaded, data_dir: str | None, 
 
         calib = build_calibration(loaded.tokenizer, Path(data_dir) if data_dir else None, calib_config)
     say(f"{source.method}/{source.mode}: planning")
-    return method.plan(loaded.model, calib, source.mode), calib
+    return method.make_plan(loaded.model, calib, source.mode), calib
 
 
 def _print_checkpoints(out: Path, info: dict, n: int) -> None:

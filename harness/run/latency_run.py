@@ -159,7 +159,7 @@ def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[
             if method.needs_calibration and calib is None:
                 calib = build_calibration(loaded.tokenizer, Path(cfg.data_dir) if cfg.data_dir else None, prepared.calib_config)
             say(f"{name}: planning")
-            plan, source = method.plan(model, calib, "disaggregated"), {"planned_on": cfg.model}
+            plan, source = method.make_plan(model, calib, "disaggregated"), {"planned_on": cfg.model}
         as_json = lambda x: json.loads(json.dumps(x, default=str))  # noqa: E731 - compared as stored
         key = latency_identity(as_json(dataclasses.asdict(cfg)), name, as_json(method.options()), as_json(plan.to_dict()))
         path = out_dir / rec.record_filename(name, "disaggregated")

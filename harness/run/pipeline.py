@@ -360,7 +360,7 @@ def _make_plan(st: _Run, method, mode: str) -> tuple[PruningPlan, float, dict | 
     """(plan, seconds spent planning, calibration description) of `method` for `mode`."""
     calib = st.calibration() if method.needs_calibration else None
     t0 = time.perf_counter()
-    plan = method.plan(st.loaded.model, calib, mode)
+    plan = method.make_plan(st.loaded.model, calib, mode)
     return plan, time.perf_counter() - t0, calib.description if calib is not None else None
 
 
