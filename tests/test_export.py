@@ -209,18 +209,24 @@ def test_export_writes_what_apply_installs(tiny, tmp_path):
     assert dict(arch.decoder_layers(tiny.model)[0]._forward_hooks) == before  # the method's hook was removed
 
 
-def test_streamline_replacement_becomes_a_zero_attention_layer(tiny, data_dir, tmp_path):
+@pytest.mark.parametrize("wrapped", [False, True], ids=["streamline", "streamingllm_over_streamline"])
+def test_streamline_replacement_becomes_a_zero_attention_layer(tiny, data_dir, tmp_path, wrapped):
+    """Also under a KV baseline, whose plan keeps streamline's info nested (it applied no FFN, and exported none)."""
     from harness.quality.calibration import CalibConfig, build_calibration
 
+    options = dict(k=2, replace="ffn", replace_steps=3, batch_size=4)
     cls = methods.get("streamline")
-    method = cls(cls.Config(k=2, replace="ffn", replace_steps=3, batch_size=4))
+    method = cls(cls.Config(**options))
+    if wrapped:
+        kv = methods.get("streamingllm")
+        method = kv(kv.Config(base="streamline", base_options=" ".join(f"{k}={v}" for k, v in options.items()), keep_ratio=1.0))
     calib = build_calibration(tiny.tokenizer, data_dir, CalibConfig(n_samples=4, max_tokens=24))
     plan = method.plan(tiny.model, calib, "unified")
     export_plan(tiny, method, plan, tmp_path / "sl")
     model, info = reload(tmp_path / "sl")
     assert_clean_load(info)
     meta = json.loads((tmp_path / "sl" / "harness_export.json").read_text())
-    run = plan.info["removed"]
+    run = (plan.info["base"]["info"] if wrapped else plan.info)["removed"]
     assert model.config.num_hidden_layers == 3 and meta["layers"].count(None) == 1
     assert meta["inserted_layers"][str(meta["layers"].index(None))]["replaces_removed_layers"] == run
     with method.apply(tiny.model, plan):  # the harness's forward with the replacement hooked in

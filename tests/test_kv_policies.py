@@ -446,8 +446,12 @@ def test_method_options_are_checked():
         stream(stream.Config(base_options="k_dcode=3"))
     with pytest.raises(UsageError, match="odd kernel"):
         snap(snap.Config(base="manual", kernel=6))
-    with pytest.raises(UsageError, match="unknown method"):
+    with pytest.raises(UsageError, match="^snapkv.base=pdtrm: unknown method"):
         snap(snap.Config(base="pdtrm"))
+    with pytest.raises(UsageError, match=r"^snapkv: tail.k=-1: must be >= 0"):  # names the option the user set
+        snap(snap.Config(base="tail", base_options="k=-1"))
+    with pytest.raises(UsageError, match=r"^streamingllm.base_options: k is given twice \('1' and '2'\)"):
+        stream(stream.Config(base="tail", base_options="k=1 k=2"))
     m = stream(stream.Config(base="manual", base_options="decode_layers=0,3 kv_layers=3 n_first=1 n_last=2", keep_ratio=0.5))
     assert not m.needs_calibration and m.base.config.decode_layers == (0, 3)
 

@@ -65,20 +65,23 @@ def _replacement(method, plan, model, hooks_before: dict[str, int]):
     a way no standard checkpoint holds, so the export is refused rather than silently dropped."""
     from harness.run.checkpoint import Replacement, hook_counts
     from methods.depth.streamline import Streamline
+    from methods.kv.baselines import KVBaseline
 
     added = {k: v for k, v in hook_counts(model).items() if v > hooks_before.get(k, 0)}
     if not added:
         return None
-    inner = method
+    inner, view = method, plan  # view: the plan as `inner` made it (a KV baseline keeps its base's info nested)
     while not isinstance(inner, Streamline) and (getattr(inner, "base", None) or getattr(inner, "inner", None)):
+        if isinstance(inner, KVBaseline):
+            view = inner.base_view(view)
         inner = getattr(inner, "base", None) or getattr(inner, "inner", None)
-    rep = plan.info.get("replacement", {})
+    rep = view.info.get("replacement", {})
     # streamline keeps the trained network per kept-layer set (it is not part of the plan)
     ffn = inner._trained.get(plan.prefill_layers) if isinstance(inner, Streamline) and rep.get("enabled") else None
     if ffn is None:
         raise UsageError(f"{plan.method}'s apply installs forward hooks on {', '.join(sorted(added))}: a computation a "
                          "standard Hugging Face checkpoint cannot express, so it is not exported")
-    run = tuple(plan.info["removed"])
+    run = tuple(view.info["removed"])
     n = plan.n_layers
     return Replacement(run, ffn.norm, ffn.mlp, run[-1] + 1 if run[-1] + 1 < n else None,
                        {k: rep[k] for k in ("mse_before", "mse_after", "steps", "installed") if k in rep})

@@ -42,6 +42,8 @@ def parse_base_options(raw: str) -> dict[str, str]:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise UsageError(f"base_options item {item!r}: expected NAME=VALUE (items separated by spaces)")
+        if key in out:  # the last one would silently win
+            raise UsageError(f"base_options: {key} is given twice ({out[key]!r} and {value!r}); give it once")
         out[key] = value
     return out
 
@@ -66,15 +68,21 @@ class KVBaseline(Method):
         from methods import registry
 
         c = self.config
-        cls = registry.get(c.base)
+        try:
+            cls = registry.get(c.base)
+        except UsageError as e:
+            raise UsageError(f"{self.name}.base={c.base}: {e}") from None
         if issubclass(cls, KVBaseline):
             raise UsageError(f"{self.name}.base={c.base}: the base must choose layers, not be a KV baseline itself")
-        raw = parse_base_options(c.base_options)
+        try:
+            raw = parse_base_options(c.base_options)
+        except UsageError as e:  # its messages start "base_options"
+            raise UsageError(f"{self.name}.{e}") from None
         known = [f.name for f in dataclasses.fields(cls.Config)]
         unknown = [k for k in raw if k not in known]
         if unknown:
             raise UsageError(f"{self.name}.base_options: {c.base} has no option {unknown[0]!r}; options: {', '.join(known) or 'none'}")
-        self.base = cls(build_options(cls.Config, f"{self.name}.base_options", raw))
+        self.base = registry.instantiate(self.name, cls, build_options(cls.Config, f"{self.name}.base_options", raw))
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -103,8 +111,15 @@ class KVBaseline(Method):
 
     @contextlib.contextmanager
     def apply(self, model, plan: PruningPlan) -> Iterator[PruningPlan]:
-        with self.base.apply(model, plan):  # e.g. pdtrim's healed blocks
+        with self.base.apply(model, self.base_view(plan)):  # e.g. pdtrim's healed blocks, streamline's FFN
             yield plan
+
+    @staticmethod
+    def base_view(plan: PruningPlan) -> PruningPlan:
+        """`plan` with the base method's own `info` (what its `apply` reads, e.g. streamline's `replacement`):
+        this method's plan keeps it under `info["base"]["info"]`."""
+        base = plan.info.get("base")
+        return plan.replace(info=base["info"]) if isinstance(base, dict) and isinstance(base.get("info"), dict) else plan
 
     def budget(self, base_policy: KVPolicy) -> KVBudget:
         c = self.config
