@@ -83,8 +83,9 @@ def workload_name(w: Workload, decode_mode: str = "eager") -> str:
 
 def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, PruningPlan]:
     """The disaggregated plans of `methods` (name -> Method) stored in `plans_from`'s records, checked against the
-    model's layer count and the methods' options (a plan made with other options would be labelled with these)."""
-    from harness.run.reuse import options_then
+    model's layer count and the methods' options (a plan made with other options would be labelled with these).
+    A method whose plan needs state the record lacks (`needs_replan_on_resume`) is left out: it plans afresh."""
+    from harness.run.reuse import options_then, with_defaults
 
     folder = Path(plans_from)
     if not folder.is_dir():
@@ -97,13 +98,15 @@ def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, P
     for r in found:
         if r.mode != "disaggregated" or r.method not in methods:  # other records are not this run's to read
             continue
+        if methods[r.method].needs_replan_on_resume():  # e.g. a trained FFN or healed blocks: not in the record
+            continue
         try:
             plan = PruningPlan.from_dict(r.plan)
         except (KeyError, TypeError, ValueError) as e:
             raise UsageError(f"--plans-from: {r.method}'s plan is not valid ({type(e).__name__}: {e})") from None
         if plan.n_layers != n_layers:
             raise UsageError(f"--plans-from: {r.method}'s plan is for {plan.n_layers} layers, the model has {n_layers}")
-        then, now = options_then(methods[r.method], r), json.loads(json.dumps(methods[r.method].options()))
+        then, now = options_then(methods[r.method], r), with_defaults(methods[r.method], methods[r.method].options())
         if then != now:
             diff = ", ".join(f"{k}={then.get(k)!r} there, {now.get(k)!r} here" for k in sorted(set(then) | set(now))
                              if then.get(k) != now.get(k))

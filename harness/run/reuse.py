@@ -34,7 +34,7 @@ def stored_plan(cfg: RunConfig, prepared, name: str, mode: str, options: dict,
     calib_then = {k: (old.calibration or {}).get(k) for k in calib_now} if calib_now else None
     if (old.config.get("model"), old.config.get("seed"), old.config.get("model_args")) != (cfg.model, cfg.seed, cfg.model_args):
         return None
-    if options_then(prepared.methods[name], old) != json.loads(json.dumps(options)):
+    if options_then(prepared.methods[name], old) != with_defaults(prepared.methods[name], options):
         return None
     if calib_now and json.loads(json.dumps(calib_now)) != calib_then:
         return None
@@ -44,12 +44,18 @@ def stored_plan(cfg: RunConfig, prepared, name: str, mode: str, options: dict,
     return plan_of(old, path), path, old.calibration
 
 
-def options_then(method, old: rec.RunRecord) -> dict:
-    """The method options `old` was made with, as stored (JSON); options added to the method since count at
-    their defaults, so a record made before an option existed matches a run that leaves it at its default."""
+def with_defaults(method, options: dict) -> dict:
+    """`options` as stored in a record (JSON), with every option it leaves out at its Config default: options
+    added to a method since a record was made, and a KV baseline's policy options at their dict defaults
+    (`KVBaseline.options` leaves those out), so both sides of a comparison say the same thing the same way."""
     defaults = json.loads(json.dumps(dataclasses.asdict(type(method.config)())))
-    stored = old.config.get("method_options", {})
+    stored = json.loads(json.dumps(options))
     return {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
+
+
+def options_then(method, old: rec.RunRecord) -> dict:
+    """The method options `old` was made with, comparable with `with_defaults(method, method.options())`."""
+    return with_defaults(method, old.config.get("method_options", {}))
 
 
 def plan_of(record: rec.RunRecord, path: Path) -> PruningPlan:

@@ -1,0 +1,41 @@
+"""`--plans-from` for quality and latency runs with wrapped methods: a KV baseline's record made with
+default options is reused (its stored options leave out policy options at their defaults), and a plan
+that needs state its record lacks (streamline's trained FFN) is planned afresh, not a traceback."""
+
+from __future__ import annotations
+
+from harness.store import records
+
+SNAPKV = ["--methods", "snapkv", "--set", "snapkv.base=tail", "--set", "snapkv.base_options=k=1"]
+STREAMLINE = ["--methods", "streamline", "--set", "streamline.k=2", "--set", "streamline.replace=ffn",
+              "--set", "streamline.replace_steps=2"]
+LATENCY = ["latency", "--model", "random:tiny", "-q", "--prompt-tokens", "32", "--decode-tokens", "2", "--batch-size", "1",
+           "--repeats", "1", "--warmup", "0"]
+
+
+def _quality(cli, data_dir, out, method_args):
+    r = cli("--model", "random:tiny", "--tasks", "arc_easy", "--limit", "2", "-q", *method_args, "--out", out,
+            data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (rec,) = records.load_dir(out)
+    return rec
+
+
+def test_a_kv_baseline_at_default_policy_options_is_replayed(cli, data_dir, tmp_path):
+    first = _quality(cli, data_dir, tmp_path / "a", SNAPKV)
+    assert "order" not in first.config["method_options"]  # at its dict default: left out of the stored options
+    again = _quality(cli, data_dir, tmp_path / "b", SNAPKV + ["--plans-from", tmp_path / "a"])
+    assert again.config["plan_reused_from"] == str(tmp_path / "a" / "snapkv__disaggregated.json")
+    lat = cli(*LATENCY, *SNAPKV, "--plans-from", tmp_path / "a", "--out", tmp_path / "lat", data_dir=data_dir)
+    assert lat.returncode == 0, lat.stderr[-2000:]
+    (rec,) = records.load_dir(tmp_path / "lat")
+    assert rec.extra["plan_source"] == {"replayed_from": str((tmp_path / "a").resolve())} and rec.plan == first.plan
+
+
+def test_latency_plans_afresh_what_a_record_cannot_replay(cli, data_dir, tmp_path):
+    first = _quality(cli, data_dir, tmp_path / "a", STREAMLINE)
+    lat = cli(*LATENCY, *STREAMLINE, "--plans-from", tmp_path / "a", "--out", tmp_path / "lat", data_dir=data_dir)
+    assert lat.returncode == 0, lat.stderr[-2000:]
+    (rec,) = records.load_dir(tmp_path / "lat")
+    assert rec.extra["plan_source"] == {"planned_on": "random:tiny"}  # the trained FFN is in no record
+    assert rec.plan["removed_decode"] == first.plan["removed_decode"]
