@@ -80,3 +80,12 @@ def test_moving_the_base_to_the_best_candidate_costs_no_forward_and_changes_no_v
     ref = _fresh(tiny, split, rd_base=(rp | {top}, rp))
     for j in {0, 2, 3} - {top}:
         assert obj.decode(rp | {top, j}, rp) == ref.decode(rp | {top, j}, rp)
+
+
+def test_calibration_too_short_for_the_objective_is_bad_input():
+    from harness.errors import UsageError
+
+    with pytest.raises(UsageError, match="at least 4 tokens .* the longest here has 3: raise calib.max_tokens"):
+        CalibSplit.from_calibration([[1, 2, 3], [4, 5]], n_samples=8, max_cont=4, seed=0)
+    split = CalibSplit.from_calibration([[1, 2, 3], [4, 5, 6, 7]], n_samples=8, max_cont=4, seed=0)
+    assert split.prompts == [[4, 5]] and split.conts == [[6, 7]]  # short rows are left out

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from harness.errors import UsageError
 from harness.pd import arch
 from harness.pd.batching import TokenBatch, pad_tokens
 from harness.pd.cache import PDCache
@@ -48,6 +49,10 @@ class CalibSplit:
     def from_calibration(cls, input_ids: list[list[int]], n_samples: int, max_cont: int, seed: int) -> CalibSplit:
         """Take `n_samples` sequences (seeded); the continuation is the last min(max_cont, len // 2) tokens."""
         rows = [r for r in input_ids if len(r) >= 4]
+        if not rows:  # else every objective divides by zero continuation tokens
+            longest = max((len(r) for r in input_ids), default=0)
+            raise UsageError(f"pdtrim: its objective needs calibration sequences of at least 4 tokens (a prompt and a "
+                             f"continuation); the longest here has {longest}: raise calib.max_tokens")
         rows = random.Random(seed).sample(rows, min(n_samples, len(rows)))
         prompts, conts = [], []
         for r in rows:
