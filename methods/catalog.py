@@ -99,7 +99,8 @@ def help_text(builtin_only: bool = False) -> str:
     stage_opts = ", ".join(f"{o}={d} (int)" for o, d in STAGE_OPTIONS)
     lines.append(f"  {'stage:BASE':16s} BASE's removal order with the stage-aware scheme: prefill removes its first k_prefill "
                  f"blocks, decode its first k_decode (unified: k_unified); BASE one of {', '.join(bases)}")
-    lines.append(f"  {'':16s} options: {stage_opts}, plus BASE's options except k (e.g. --set stage:sleb.k_decode=6)")
+    lines.append(f"  {'':16s} options: {stage_opts}, prefill_ratio=None (float; when set, k_prefill = floor(prefill_ratio · "
+                 "k_decode)), plus BASE's options except k (e.g. --set stage:sleb.k_decode=6)")
     lines.append(f"  {'calib':16s} calibration set: {options_help(CalibConfig)} (seed defaults to --seed)")
     lines.append("long-context tasks (options via --set TASK.OPTION=VALUE when the task is in --tasks):")
     tasks = [n for n in long_tasks.names() if not builtin_only or long_tasks.get(n).__module__.startswith("harness.quality.long_tasks.")]

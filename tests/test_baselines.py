@@ -337,6 +337,9 @@ def test_help_lists_the_baselines_and_the_stage_variants():
     assert "stage:BASE" in text and f"BASE one of {', '.join(methods.registry.stage_bases())}" in text
     assert BUILTIN_STAGE_BASES <= set(methods.registry.stage_bases())
     assert "k_prefill=4 (int), k_decode=8 (int), k_unified=8 (int)" in text
+    own = {f.name for f in dataclasses.fields(methods.get("stage:shortgpt").Config)} - \
+        {f.name for f in dataclasses.fields(methods.get("shortgpt").Config)}
+    assert own and all(f" {o}=" in text.split("stage:BASE")[1] for o in own), own  # every option of the wrapper's own
 
 
 def test_a_memoised_ranking_is_reused_only_for_the_same_calibration_set(tiny, calib, data_dir):

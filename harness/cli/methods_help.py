@@ -37,7 +37,7 @@ TEXT = (
     '  unpruned         dense model; every layer in prefill and decode; full KV handoff\n'
     '                   options: no options\n'
     "  stage:BASE       BASE's removal order with the stage-aware scheme: prefill removes its first k_prefill blocks, decode its first k_decode (unified: k_unified); BASE one of random, shortened_ppl, shortened_taylor, shortgpt, sleb, tail\n"
-    "                   options: k_prefill=4 (int), k_decode=8 (int), k_unified=8 (int), plus BASE's options except k (e.g. --set stage:sleb.k_decode=6)\n"
+    "                   options: k_prefill=4 (int), k_decode=8 (int), k_unified=8 (int), prefill_ratio=None (float; when set, k_prefill = floor(prefill_ratio · k_decode)), plus BASE's options except k (e.g. --set stage:sleb.k_decode=6)\n"
     "  calib            calibration set: n_samples=256 (int), max_tokens=512 (int), seed=0 (int), sources=('piqa', 'mmlu') (tuple) (seed defaults to --seed)\n"
     'long-context tasks (options via --set TASK.OPTION=VALUE when the task is in --tasks):\n'
     '  pd_ppl           options: prompt_tokens=(512, 1024, 2048) (tuple), cont_tokens=128 (int), docs=8 (int), batch_size=4 (int)\n'
