@@ -126,3 +126,39 @@ def test_sweep_run_section_errors_name_the_spec_as_config_does(tmp_path):
         ran, config_err = run_recorded(path)
         assert message in str(sweep_err.value) and str(path) in str(sweep_err.value)
         assert isinstance(config_err, UsageError) and message in str(config_err) and ran == []
+
+
+def _committed_run_outs() -> list[str]:
+    """configs/*.toml whose [run] `out` is a folder of committed records (the spec is meant to only render them)."""
+    from conftest import ROOT
+
+    found = []
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        out = load_spec(path).out("run")
+        if out is not None and (ROOT / out).is_dir() and any((ROOT / out).glob("*__*.json")):
+            found.append(path.name)
+    return found
+
+
+@pytest.mark.parametrize("config", _committed_run_outs())
+def test_a_spec_matches_its_committed_records(config, monkeypatch):
+    """Every cell of the spec has its record in `out`, made by this configuration, so rerunning the spec reuses
+    them; a changed default of a method or task option breaks this, until the spec pins it."""
+    from conftest import ROOT
+
+    from harness.cli.run import run_config
+    from harness.cli.spec import spec_options
+    from harness.run import pipeline, reuse
+    from harness.store import records
+
+    monkeypatch.chdir(ROOT)
+    spec = load_spec(ROOT / "configs" / config)
+    ((_, ns),) = spec_options(spec, ["run"])
+    cfg = run_config(ns)
+    prepared = pipeline.prepare(cfg)
+    for name, method in prepared.methods.items():
+        for mode in cfg.modes:
+            key, calib, tasks = pipeline.cell_identity(cfg, prepared, name, method, mode)
+            stored = records.load(Path(ns.out) / records.record_filename(name, mode))
+            # the run's own test: equal run keys, or options added since at their defaults
+            assert not reuse.foreign(cfg, method, stored, key, (name, mode, calib, tasks)), (config, name, mode)
