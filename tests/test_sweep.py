@@ -126,9 +126,10 @@ def test_ray_local_instance_equals_single_process(tmp_path, single, data_dir):
 def test_failing_cell_fails_alone_and_a_rerun_reuses_the_finished_one(tmp_path, data_dir):
     # valid when parsed, failing inside the child: a decode layer the 4-layer model lacks (unified mode ignores it)
     run = {**RUN, "methods": ["manual"], "set": ["manual.decode_layers=0,1,9"], "out": str(tmp_path / "q")}
-    spec = write_spec(tmp_path / "spec.toml", run=run)
+    spec = write_spec(tmp_path / "spec.toml", run=run, report={"out": str(tmp_path / "rep")})
     res = harness("sweep", str(spec), "--backend", "local", "--workers", "2", "-q")
     assert res.returncode == 1, res.stdout + res.stderr[-3000:]
+    assert "\n1 of 3 ok in " in res.stdout  # the report was skipped: not ok
     out = tmp_path / "q"
     assert [p.name for p in records_in(out)] == ["manual__unified.json"]
     cells = {c["cell"]: c for c in json.loads((out / "sweep.json").read_text())["cells"]}
@@ -146,7 +147,7 @@ def test_failing_cell_fails_alone_and_a_rerun_reuses_the_finished_one(tmp_path, 
     res = harness("sweep", str(spec), "--backend", "local", "--workers", "2", "-q")
     assert res.returncode == 1
     cells = {c["cell"]: c["status"] for c in json.loads((out / "sweep.json").read_text())["cells"]}
-    assert cells == {"manual/unified": "reused", "manual/disaggregated": "failed"}
+    assert cells == {"manual/unified": "reused", "manual/disaggregated": "failed", "report": "skipped"}
     assert {p.name: p.read_bytes() for p in records_in(out)} == before
     assert "manual/unified: reused" in res.stderr
 

@@ -171,8 +171,8 @@ def _finish(args, plan: Plan, outcomes: list[Outcome], info: dict[str, Any], sta
         print(f"\ninterrupted (Ctrl-C): {done} of {len(outcomes)} cells finished in {wall:.0f}s; {where}; rerun the same "
               "command to go on (finished records are reused, interrupted cells resume)", file=sys.stderr)
         return 130
-    print(f"\n{len(outcomes) - len(failed)} of {len(outcomes)} ok in {wall:.0f}s on {info['backend']} ({info['workers']} workers); "
-          + where)
+    ok = sum(o.status in ("ok", "reused") for o in outcomes)  # a skipped report is not ok
+    print(f"\n{ok} of {len(outcomes)} ok in {wall:.0f}s on {info['backend']} ({info['workers']} workers); " + where)
     return 1 if failed else 0
 
 
