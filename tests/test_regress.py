@@ -379,3 +379,20 @@ def test_shared_locks_share_and_keep_a_writer_out(tmp_path):
     with lock.hold_beside(folder) as took:
         assert took and json.loads(lock_file.read_text())["pid"] == os.getpid()
     assert not lock_file.exists()
+
+
+def test_a_report_of_the_references_leaves_them_updatable(tmp_path, monkeypatch):
+    """README's `report results/reference`: without --out the report goes to reports/out/<name>, not into the
+    references, which `check --update` would then refuse as not a reference folder."""
+    from harness.cli import main
+    from harness.store.references import check_update
+
+    ref, cur = tmp_path / "reference", _copy(tmp_path)
+    shutil.copytree(REFERENCE, ref)
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", str(ref), "--no-plots"]) == 0
+    assert (tmp_path / "reports" / "out" / "reference" / "report.md").is_file()
+    assert sorted(p.name for p in ref.iterdir()) == sorted(p.name for p in REFERENCE.iterdir())
+    assert set(check_update(ref, cur)) == {p.name for p in REFERENCE.iterdir() if p.is_dir()}
+    run = tmp_path / "reference" / "quality"  # a run folder's report still goes next to its records
+    assert main(["report", str(run), "--no-plots"]) == 0 and (run / "report" / "report.md").is_file()

@@ -23,7 +23,8 @@ def report_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("results", nargs="+", type=Path, metavar="RESULTS_DIR", help="folders (searched recursively) or record files")
     p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: RESULTS_DIR/report next to the first results folder, not the source tree)")
+                   help="output folder (default: RESULTS_DIR/report, next to the first results folder's records; for a "
+                        "reference folder of `check`: reports/out/NAME, so the references stay records only)")
     p.add_argument("--metric-convention", default="paper", metavar="NAME",
                    help=f"metric per task: {', '.join(CONVENTIONS)} (default: paper = acc_norm for HellaSwag, ARC-Challenge, "
                         "OpenBookQA; acc elsewhere)")
@@ -46,8 +47,12 @@ def cmd_report(argv: list[str] | argparse.Namespace) -> int:
     from reports.render import render_report
 
     if args.out is None:  # next to the records it reads (a spec or --out names another place)
+        from harness.store.references import is_reference_folder
+
         first = Path(args.results[0])
         args.out = (first if first.is_dir() else first.parent) / "report"
+        if is_reference_folder(first):  # references stay records only, or `check --update` refuses them
+            args.out = Path("reports") / "out" / first.resolve().name
     check_writable(args.out, "--out")
     try:
         with lock.hold(args.out):  # two reports into one folder would mix their files

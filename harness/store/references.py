@@ -41,6 +41,11 @@ def not_reference_entries(folder: Path) -> list[str]:
     return bad
 
 
+def is_reference_folder(folder: Path) -> bool:
+    """Laid out as references: subfolders of run records and summary.csv, nothing else (what `check --update` replaces)."""
+    return folder.is_dir() and bool(record_sources(folder)) and not not_reference_entries(folder)
+
+
 def record_sources(current: Path) -> dict[str, list[Path]]:
     """{subfolder name: its record files and summary.csv} for the subfolders of `current` that hold records."""
     out = {}
