@@ -170,3 +170,19 @@ def test_silence_tool_counts_carriage_return_redraws_as_output():
               "    sys.stderr.write(f'\\rbar {i}/5'); sys.stderr.flush(); time.sleep(0.3)\n")
     out = json.loads(_silence(sys.executable, "-c", script).stdout)
     assert out["chunks"] >= 6 and out["longest_s"] < 0.9  # a moving bar is not silence
+
+
+def test_a_quiet_spec_with_a_latency_section_shows_no_progress_bars(tmp_path, data_dir):
+    """Checking the [latency] section imports torch (and tqdm, which reads TQDM_DISABLE once) before the run starts."""
+    import os
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'[run]\nmodel = "random:tiny"\nmethods = ["unpruned"]\ntasks = ["arc_easy"]\nlimit = 2\n'
+                    f'mode = "disaggregated"\nout = "{tmp_path / "q"}"\n\n[latency]\nmodel = "random:tiny"\n'
+                    f'methods = ["unpruned"]\nprompt_tokens = [16]\ndecode_tokens = [2]\nbatch_size = [1]\nrepeats = 1\n'
+                    f'out = "{tmp_path / "lat"}"\n')
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    res = subprocess.run([sys.executable, "-m", "harness", "--config", str(spec), "-q"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env={**env, "HARNESS_DATA_DIR": str(data_dir)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "it/s]" not in res.stderr and "%|" not in res.stderr, res.stderr[-2000:]

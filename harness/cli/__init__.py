@@ -26,6 +26,8 @@ def cmd_config(argv: list[str]) -> int:
     if len(rest) != 2 or rest[0] != "--config":
         raise UsageError("with --config, every option comes from the spec file (only -q may be added): "
                          "python -m harness --config configs/<table>.toml")
+    if quiet:  # before checking the spec's sections imports torch, and tqdm with it, which reads this once
+        os.environ["TQDM_DISABLE"] = "1"
     return run_spec(load_spec(rest[1]), COMMANDS, quiet=bool(quiet))
 
 
