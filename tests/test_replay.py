@@ -39,3 +39,18 @@ def test_latency_plans_afresh_what_a_record_cannot_replay(cli, data_dir, tmp_pat
     (rec,) = records.load_dir(tmp_path / "lat")
     assert rec.extra["plan_source"] == {"planned_on": "random:tiny"}  # the trained FFN is in no record
     assert rec.plan["removed_decode"] == first.plan["removed_decode"]
+
+
+def test_a_sweep_variants_plan_is_reused_by_the_plain_method_and_back(cli, data_dir, tmp_path):
+    swept = ["--methods", "tail", "--set", "tail.k=1,2"]
+    r = cli("--model", "random:tiny", "--tasks", "arc_easy", "--limit", "2", "-q", *swept, "--out", tmp_path / "a",
+            data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = _quality(cli, data_dir, tmp_path / "b", ["--methods", "tail", "--set", "tail.k=2", "--plans-from", tmp_path / "a"])
+    assert one.config["plan_reused_from"] == str(tmp_path / "a" / "tail@k=2__disaggregated.json")
+    assert one.plan["removed_decode"] == records.load(tmp_path / "a" / "tail@k=2__disaggregated.json").plan["removed_decode"]
+    r = cli("--model", "random:tiny", "--tasks", "arc_easy", "--limit", "2", "-q", *swept, "--plans-from", tmp_path / "b",
+            "--out", tmp_path / "c", data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    reused = {x.method: x.config["plan_reused_from"] for x in records.load_dir(tmp_path / "c")}
+    assert reused == {"tail@k=1": None, "tail@k=2": str(tmp_path / "b" / "tail__disaggregated.json")}

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.config import RunConfig
+from harness.config import SWEEP_MARK, RunConfig
 from harness.errors import UsageError
 from harness.pd.plan import PruningPlan
 from harness.store import records as rec
@@ -20,28 +20,45 @@ def stored_plan(cfg: RunConfig, prepared, name: str, mode: str, options: dict,
     """The plan of `name`/`mode` in `--plans-from` records, if made on the same model (and `model_args`),
     seed, method options and calibration (plans are deterministic given those); None otherwise. The
     calibration matches by its options and, with `calibration` (this run's description, built on demand),
-    by its tokens' digest: the same options on other data (another --data-dir) are another calibration."""
+    by its tokens' digest: the same options on other data (another --data-dir) are another calibration.
+    The record of `name` itself is tried first, then those of its sweep siblings (`shortgpt@k=2` for
+    `shortgpt` with k=2, and back): the same method, named after option values."""
     if not cfg.plans_from or prepared.methods[name].needs_replan_on_resume():
         return None
-    path = Path(cfg.plans_from) / rec.record_filename(name, mode)
-    if not path.exists():
-        return None
-    try:
-        old = rec.load(path)
-    except rec.RecordError as e:
-        raise UsageError(f"--plans-from: {e}; remove that file or pick another run folder") from None
+    for path in _candidates(Path(cfg.plans_from), name, mode):
+        try:
+            old = rec.load(path)
+        except rec.RecordError as e:
+            if path.name != rec.record_filename(name, mode):
+                continue  # a sibling's record that cannot be read is not this cell's to refuse
+            raise UsageError(f"--plans-from: {e}; remove that file or pick another run folder") from None
+        if old.mode == mode and _made_alike(cfg, prepared, name, options, old, calibration):
+            return plan_of(old, path), path, old.calibration
+    return None
+
+
+def _candidates(folder: Path, name: str, mode: str) -> list[Path]:
+    """`name`'s record file in `folder`, then those of the other variants of its method (sweep names), by name."""
+    own = folder / rec.record_filename(name, mode)
+    base = name.split(SWEEP_MARK)[0]
+    siblings = sorted(p for p in folder.glob(f"*__{mode}.json")
+                      if p != own and p.name[: -len(f"__{mode}.json")].split(SWEEP_MARK)[0] == base)
+    return ([own] if own.exists() else []) + siblings
+
+
+def _made_alike(cfg: RunConfig, prepared, name: str, options: dict, old: rec.RunRecord,
+                calibration: Callable[[], dict] | None) -> bool:
+    """Whether `old`'s plan is what `name` would plan now: model, seed, options and calibration equal."""
     calib_now = dataclasses.asdict(prepared.calib_config) if prepared.methods[name].needs_calibration else None
     calib_then = {k: (old.calibration or {}).get(k) for k in calib_now} if calib_now else None
     if (old.config.get("model"), old.config.get("seed"), old.config.get("model_args")) != (cfg.model, cfg.seed, cfg.model_args):
-        return None
+        return False
     if options_then(prepared.methods[name], old) != with_defaults(prepared.methods[name], options):
-        return None
+        return False
     if calib_now and json.loads(json.dumps(calib_now)) != calib_then:
-        return None
+        return False
     digest = (old.calibration or {}).get("token_sha256_16")
-    if calib_now and digest and calibration is not None and calibration().get("token_sha256_16") != digest:
-        return None
-    return plan_of(old, path), path, old.calibration
+    return not (calib_now and digest and calibration is not None and calibration().get("token_sha256_16") != digest)
 
 
 def with_defaults(method, options: dict) -> dict:
