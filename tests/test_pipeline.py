@@ -103,3 +103,16 @@ def test_a_cell_keeps_one_lm_eval_results_file_after_a_kill_before_its_record(ti
     (tmp_path / "unpruned__unified.json").unlink()  # killed after lm-eval's results file, before the record
     pipeline.run(cfg, tmp_path, loaded=tiny)
     assert len(list((tmp_path / "lm_eval" / "unpruned__unified").glob("results_*.json"))) == 1
+
+
+def test_ctrl_c_says_what_was_kept(cli, data_dir, tmp_path, monkeypatch):
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "build_calibration", stop)  # shortgpt's calibration: after unpruned's cell
+    args = ["--model", "random:tiny", "--tasks", "arc_easy", "--limit", "2", "-q", "--set", "shortgpt.k=1"]
+    res = cli(*args, "--methods", "shortgpt", "--out", tmp_path / "early", data_dir=data_dir)
+    assert res.returncode == 130 and "interrupted: no cell had finished anything yet; rerun" in res.stderr, res.stderr
+    res = cli(*args, "--methods", "unpruned,shortgpt", "--out", tmp_path / "late", data_dir=data_dir)
+    assert res.returncode == 130 and f"finished records are kept in {tmp_path / 'late'}" in res.stderr, res.stderr
+    assert (tmp_path / "late" / "unpruned__disaggregated.json").is_file()

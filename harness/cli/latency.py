@@ -44,7 +44,8 @@ def latency_parser() -> argparse.ArgumentParser:
                    help="also move one handoff per workload between a prefill and a decode process (gloo on CPU; on GPU "
                         "NCCL across two GPUs, CUDA IPC on one), checking the bytes received against the bytes counted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE", help="method option")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: results/runs/latency-<id>)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: results/runs/<date>_<methods>_latency-<run id>, "
+                                                                   "under the current folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")

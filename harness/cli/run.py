@@ -96,7 +96,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE",
                    help="method, calibration or long-context task option, e.g. shortgpt.k=8, calib.n_samples=64, pd_ppl.docs=8 (repeatable)")
     p.add_argument("--out", "--output_path", dest="out", type=Path, default=None,
-                   help="output folder (default: results/runs/<run id>); --output_path is lm-eval's name. Besides the "
+                   help="output folder (default: results/runs/<date>_<methods>_<run id>, under the current folder; a rerun "
+                        "finds it); --output_path is lm-eval's name. Besides the "
                         "records it holds lm_eval/METHOD__MODE/results_<timestamp>.json in lm-eval's results schema")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and lm-eval (default: 0)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=batch_size_arg, default=16, metavar="N|auto|auto:N",
@@ -280,8 +281,9 @@ def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path, t_star
                                log_samples=args.log_samples, tracker=tracker)
     except KeyboardInterrupt:
         tracker.close()
-        print(f"\ninterrupted: finished records are kept in {out}; rerun the same command to resume\n"
-              f"{tracker.timing_line()}", file=sys.stderr)
+        started = Path(out).is_dir() and any(Path(out).glob("*__*.json"))  # records, or a cell's resume state
+        kept = f"finished records are kept in {out}" if started else "no cell had finished anything yet"
+        print(f"\ninterrupted: {kept}; rerun the same command to resume\n{tracker.timing_line()}", file=sys.stderr)
         return 130
     except pipeline.CellsFailed as e:
         failures, records = e.failures, e.records
