@@ -57,6 +57,10 @@ def register(cls: type[Method]) -> type[Method]:
     if not (isinstance(cls.Config, type) and dataclasses.is_dataclass(cls.Config)):  # --set, --help and specs read its fields
         raise ValueError(f"method {cls.name!r}: its Config must be a dataclass (@dataclass(frozen=True) class "
                          f"Config(Options): ...), got {cls.Config!r}")
+    missing = [f.name for f in dataclasses.fields(cls.Config)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:  # a run that sets none of its options builds Config()
+        raise ValueError(f"method {cls.name!r}: every Config option needs a default; {', '.join(missing)} has none")
     _METHODS[cls.name] = cls
     return cls
 

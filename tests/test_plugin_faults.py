@@ -89,6 +89,24 @@ PLUGINS = {
             def plan(self, model, calib, mode):
                 raise NotImplementedError
     '''),
+    "no_default": textwrap.dedent('''
+        from dataclasses import dataclass
+
+        from methods.base import Method
+        from methods.registry import register
+
+
+        @register
+        class NoDefault(Method):
+            name = "no_default_method"
+
+            @dataclass(frozen=True)
+            class Config:
+                k: int
+
+            def plan(self, model, calib, mode):
+                raise NotImplementedError
+    '''),
     "same_class_name_task": TASK.format(cls="Passkey", name="passkey"),
     "lm_eval_task_name": TASK.format(cls="Echo", name="arc_easy"),
     "alias_task_name": TASK.format(cls="Echo", name="long"),
@@ -101,6 +119,7 @@ WHAT = {  # what each broken plug-in's message must name
     "syntax": "SyntaxError",
     "takes_shortgpt": "method 'shortgpt' defined twice",
     "plain_config": "its Config must be a dataclass",
+    "no_default": "method 'no_default_method': every Config option needs a default; k has none",
     "same_class_name_task": "long-context task 'passkey' is already registered by harness.quality.long_tasks.passkey",
     "lm_eval_task_name": "'arc_easy': the name is an lm-eval task with local data or a --tasks alias",
     "alias_task_name": "'long': the name is an lm-eval task with local data or a --tasks alias",
