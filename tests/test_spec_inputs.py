@@ -162,3 +162,17 @@ def test_a_spec_matches_its_committed_records(config, monkeypatch):
             stored = records.load(Path(ns.out) / records.record_filename(name, mode))
             # the run's own test: equal run keys, or options added since at their defaults
             assert not reuse.foreign(cfg, method, stored, key, (name, mode, calib, tasks)), (config, name, mode)
+
+
+def test_a_latency_section_replaying_the_run_takes_the_runs_options_for_its_methods(tmp_path):
+    from harness.cli.spec import Spec, from_run
+
+    run = {"methods": ["unpruned", "tail", "shortgpt"], "set": ["tail.k=1", "pd_ppl.docs=2", "calib.n_samples=8", "shortgpt.k=2"]}
+    spec = Spec(tmp_path / "s.toml", {"run": run, "latency": {"methods": ["unpruned", "tail"], "plans_from": "run"}})
+    assert from_run(spec, tmp_path / "q") == {"plans_from": str(tmp_path / "q"), "set": ["tail.k=1", "calib.n_samples=8"]}
+    spec.sections["latency"]["set"] = ["tail.k=1"]  # its own set wins, as written
+    assert from_run(spec, tmp_path / "q") == {"plans_from": str(tmp_path / "q")}
+    spec.sections["latency"]["plans_from"] = "elsewhere"
+    assert from_run(spec, tmp_path / "q") == {}
+    with pytest.raises(UsageError, match=r"plans_from = \"run\" needs a \[run\] section"):
+        from_run(Spec(tmp_path / "s.toml", {"latency": {"plans_from": "run"}}), None)

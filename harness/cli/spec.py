@@ -219,10 +219,8 @@ def spec_options(spec: Spec, sections: list[str], outs: dict[str, Path] | None =
         if section not in spec.sections or section not in sections:
             continue
         replace: dict[str, Any] = {"out": str(resolved[section])}
-        if section == "latency" and spec.sections[section].get("plans_from") == "run":
-            if resolved["run"] is None:
-                raise UsageError(f"{spec.path} [latency]: plans_from = \"run\" needs a [run] section")
-            replace["plans_from"] = str(resolved["run"])
+        if section == "latency":
+            replace.update(from_run(spec, resolved["run"]))
         if quiet:
             replace["quiet"] = True
         options.append((section, to_namespace(spec, section, parser(), replace)))
@@ -237,6 +235,24 @@ def spec_options(spec: Spec, sections: list[str], outs: dict[str, Path] | None =
         check_report(spec, ns, ran)
         options.append(("report", ns))
     return options
+
+
+def from_run(spec: Spec, run_out: Path | None) -> dict[str, Any]:
+    """What `plans_from = "run"` puts into the `[latency]` section: the run's records folder and, when the section
+    has no `set` of its own, the `[run]` section's `set` items for its methods and the calibration (its plans were
+    made with those options; a plan made with other options is refused). Nothing for another `plans_from`."""
+    latency = spec.sections["latency"]
+    if latency.get("plans_from") != "run":
+        return {}
+    if run_out is None or "run" not in spec.sections:
+        raise UsageError(f"{spec.path} [latency]: plans_from = \"run\" needs a [run] section")
+    run = spec.sections["run"]
+    methods = latency.get("methods", run.get("methods", []))
+    methods = methods.split(",") if isinstance(methods, str) else list(methods)
+    items = run.get("set", [])
+    items = [items] if isinstance(items, str) else list(items)
+    inherited = [x for x in items if isinstance(x, str) and x.partition(".")[0].strip() in {*methods, "calib"}]
+    return {"plans_from": str(run_out), **({"set": inherited} if "set" not in latency and inherited else {})}
 
 
 def report_inputs(spec: Spec, default: list[str]) -> list[str]:

@@ -108,7 +108,7 @@ def _spec_cells(spec, section: dict, overrides: list[str], variants: list[str], 
 def _latency_cell(spec, lat_out: Path | None, run_out: Path) -> Cell | None:
     """The spec's [latency] section as one job (its plans may come from the run's records), or None."""
     from harness.cli.latency import latency_parser
-    from harness.cli.spec import check_latency, to_argv, to_namespace
+    from harness.cli.spec import check_latency, from_run, to_argv, to_namespace
 
     if "latency" not in spec.sections:
         return None
@@ -116,8 +116,7 @@ def _latency_cell(spec, lat_out: Path | None, run_out: Path) -> Cell | None:
         raise UsageError(f"{spec.path} [latency]: give out = \"<folder>\" (or --out DIR)")
     lat_out = lat_out.resolve()
     replace: dict[str, Any] = {"out": str(lat_out), "quiet": True}
-    if spec.sections["latency"].get("plans_from") == "run":
-        replace["plans_from"] = str(run_out)
+    replace.update(from_run(spec, run_out))
     # bad values exit 2 now, not after the quality cells: the parser's types, then what the command checks itself
     check_latency(spec, to_namespace(spec, "latency", latency_parser(), replace))
     argv = to_argv(spec, "latency", latency_parser(), replace)
