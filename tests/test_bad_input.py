@@ -234,6 +234,14 @@ DATA_CASES = [
     ("mmlu", "mmlu/test/anatomy_test.csv", lambda x: [x[0], "q,a,b"], "anatomy_test.csv, line 2: expected 6 columns"),
     ("mmlu", "mmlu/test/anatomy_test.csv", lambda x: ["q,a,b,c,d,E"], "line 1: expected 6 columns (question, 4 choices, "
                                                                      "answer A-D), got 6 column(s) ending in 'E'"),
+    # found by exploratory testing: each crashed inside lm-eval or the loader (exit 1) without naming the file
+    ("arc_easy", "arc_easy/ARC-Easy-test.jsonl", lambda x: [], "ARC-Easy-test.jsonl); restore the files"),
+    ("wikitext", "wikitext2/wiki.test.raw", lambda x: [], "task wikitext: its test split has no rows (data: "),
+    ("wikitext", "wikitext2/wiki.test.raw", "\xff\xfe", "wiki.test.raw: unreadable ('utf-8' codec can't decode"),
+    ("mmlu", "mmlu/test/anatomy_test.csv", "\xff", "anatomy_test.csv: unreadable ('utf-8' codec can't decode"),
+    ("piqa", "piqa/valid-labels.lst", lambda x: ["0", "2"], "valid-labels.lst: expected one 0/1 label per line (label 2)"),
+    ("arc_easy", "arc_easy/ARC-Easy-test.jsonl", lambda x: [x[0].replace('"answerKey":"', '"answerKey":"Z')],
+     "row 1: answerKey 'Z"),
 ]
 
 
@@ -248,7 +256,10 @@ def test_damaged_data_files_name_file_line_and_field(task, rel, edit, message, d
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
     target = tmp_path / rel
-    target.write_text("\n".join(edit(target.read_text().splitlines()[:5])) + "\n")
+    if isinstance(edit, str):  # bytes that are not UTF-8, after the first lines
+        target.write_bytes(target.read_bytes()[:2000] + edit.encode("latin-1"))
+    else:
+        target.write_text("\n".join(edit(target.read_text().splitlines()[:5])) + "\n")
     with pytest.raises(UsageError) as e:
         local_rows(task, tmp_path, "anatomy" if task == "mmlu" else None)
     assert message in str(e.value) and str(target) in str(e.value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import re
 import tempfile
@@ -83,7 +84,14 @@ def _jsonl(path: Path, fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
 
 
 def _arc(data: Path, name: str) -> dict[str, list[dict]]:
-    return {"test": _jsonl(data / TASK_FILES[name][0][0], ROW_FIELDS["arc"])}
+    path = data / TASK_FILES[name][0][0]
+    rows = _jsonl(path, ROW_FIELDS["arc"])
+    for n, r in enumerate(rows, 1):  # lm-eval's target is the answer's index among the choice labels
+        labels = r["choices"].get("label", []) if isinstance(r["choices"], dict) else []
+        if r["answerKey"] not in labels:
+            raise UsageError(f"data file {path}, row {n}: answerKey {r['answerKey']!r} is not one of its choice labels "
+                             f"{labels}; restore it from ../shared/data")
+    return {"test": rows}
 
 
 def _hellaswag(data: Path) -> dict[str, list[dict]]:
@@ -93,7 +101,9 @@ def _hellaswag(data: Path) -> dict[str, list[dict]]:
 def _piqa(data: Path) -> dict[str, list[dict]]:
     rows = _jsonl(data / "piqa/valid.jsonl", ROW_FIELDS["piqa"])
     try:
-        labels = [int(x) for x in (data / "piqa/valid-labels.lst").read_text().split()]
+        labels = [int(x) for x in _text(data / "piqa/valid-labels.lst").split()]
+        if any(y not in (0, 1) for y in labels):
+            raise ValueError(f"label {next(y for y in labels if y not in (0, 1))}")
     except ValueError as e:
         raise UsageError(f"data file {data}/piqa/valid-labels.lst: expected one 0/1 label per line ({e})") from None
     if len(rows) != len(labels):
@@ -152,8 +162,15 @@ def wikitext_pages(raw: str) -> list[str]:
     return pages
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"data file {path}: unreadable ({e}); restore it from ../shared/data") from None
+
+
 def _wikitext(data: Path) -> dict[str, list[dict]]:
-    raw = (data / "wikitext2/wiki.test.raw").read_text(encoding="utf-8")
+    raw = _text(data / "wikitext2/wiki.test.raw")
     return {"test": [{"page": p} for p in wikitext_pages(raw)]}
 
 
@@ -173,15 +190,14 @@ def mmlu_rows(data: Path, subject: str, split_dir: str) -> list[dict]:
     if not path.is_file():
         raise UsageError(f"missing data file {path} (needed by task mmlu_{subject})")
     rows = []
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        for row in reader:
-            n = reader.line_num
-            if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
-                raise UsageError(f"data file {path}, line {n}: expected 6 columns (question, 4 choices, answer A-D), "
-                                 f"got {len(row)} column(s){' ending in ' + repr(row[-1][:20]) if row else ''}")
-            q, a, b, c, d, ans = row
-            rows.append({"question": q, "subject": subject, "choices": [a, b, c, d], "answer": "ABCD".index(ans.strip())})
+    reader = csv.reader(io.StringIO(_text(path), newline=""))
+    for row in reader:
+        n = reader.line_num
+        if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
+            raise UsageError(f"data file {path}, line {n}: expected 6 columns (question, 4 choices, answer A-D), "
+                             f"got {len(row)} column(s){' ending in ' + repr(row[-1][:20]) if row else ''}")
+        q, a, b, c, d, ans = row
+        rows.append({"question": q, "subject": subject, "choices": [a, b, c, d], "answer": "ABCD".index(ans.strip())})
     return rows
 
 
@@ -205,9 +221,13 @@ LOADERS: dict[str, Callable[..., dict[str, list[dict]]]] = {
 def local_rows(task: str, data_dir: str | Path, subject: str | None = None) -> dict[str, list[dict]]:
     """Rows per split of `task` read from `data_dir`, in the upstream dataset's field layout."""
     data = Path(data_dir)
-    if task == "mmlu":
-        return _mmlu(data, subject or "")
-    return LOADERS[task](data)
+    splits = _mmlu(data, subject or "") if task == "mmlu" else LOADERS[task](data)
+    empty = [k for k, rows in splits.items() if not rows]
+    if empty:  # else lm-eval fails later with an IndexError that names nothing
+        files = ", ".join(str(data / f) for f in TASK_FILES[task][0])
+        raise UsageError(f"task {task}{' (' + subject + ')' if subject else ''}: its {empty[0]} split has no rows "
+                         f"(data: {files}); restore the files from ../shared/data")
+    return splits
 
 
 def load_local(harness_task: str, harness_data_dir: str, harness_subject: str | None = None, **_: Any):
