@@ -167,6 +167,8 @@ CASES = [
                                            "--out", t / "e"], "expected a positive size with a unit TB, GB, MB or KB"),
     ("check-tolerance-nan", lambda t, d, r: ["check", "--against", r, "--current", r, "--latency-tolerance", "nan"],
      "expected a finite number"),
+    ("seed-negative", lambda t, d, r: [*ONE_CELL, "--seed=-1"], "--seed: expected an integer from 0 to 4294967295"),
+    ("latency-seed-too-big", lambda t, d, r: ["latency", *TINY, "--seed", str(2**32)], "from 0 to 4294967295 (numpy's"),
     # item 12
     ("bootstrap-negative", lambda t, d, r: [*ONE_CELL, "--bootstrap-iters", "-5"], "expected an integer >= 0, got '-5'"),
     ("model-dir-no-config", lambda t, d, r: [*ONE_CELL[5:], "--model", (t / "m").mkdir() or t / "m", "--device", "cpu"],

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.cli.flags import seed_arg
 from harness.config import sweep_base
 from harness.errors import UsageError
 from harness.run.export import export_plan
@@ -57,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
                      help="replay the plan of this run record (method, mode, model and seed come from it)")
     p.add_argument("--out", type=Path, required=True, help="output folder (must be new or empty; see --force)")
     p.add_argument("--force", action="store_true", help="replace OUT if it holds a previous export")
-    p.add_argument("--seed", type=int, default=None, help="seed for random models and calibration (default: the record's, else 0)")
+    p.add_argument("--seed", type=seed_arg, default=None, help="seed for random models and calibration (default: the record's, else 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--dtype", default="auto",
                    help="weights are loaded, planned and written in this dtype: auto (bf16 on GPU, fp32 on CPU), float32, "

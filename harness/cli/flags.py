@@ -30,6 +30,14 @@ def nonneg_int(s: str) -> int:
     return _int_at_least(s, 0, "an integer >= 0")
 
 
+def seed_arg(s: str) -> int:
+    """A seed numpy and lm-eval accept: 0 .. 2**32 - 1 (lm-eval seeds numpy with it, after the planning)."""
+    n = _int_at_least(s, 0, "an integer from 0 to 4294967295 (numpy's seed range)")
+    if n > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 4294967295 (numpy's seed range), got {s!r}")
+    return n
+
+
 def _finite(s: str) -> float:
     try:
         x = float(s)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.cli.flags import MODES, batch_size_arg, csv_list, limit_arg, nonneg_int, positive_int
+from harness.cli.flags import MODES, batch_size_arg, csv_list, limit_arg, nonneg_int, positive_int, seed_arg
 from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, STANDARD_TASKS, RunConfig, expand_tasks
 from harness.errors import UsageError
 from harness.run.quiet import quiet_libraries
@@ -99,7 +99,7 @@ def run_parser() -> argparse.ArgumentParser:
                    help="output folder (default: results/runs/<date>_<methods>_<run id>, under the current folder; a rerun "
                         "finds it); --output_path is lm-eval's name. Besides the "
                         "records it holds lm_eval/METHOD__MODE/results_<timestamp>.json in lm-eval's results schema")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and lm-eval (default: 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed for calibration sampling and lm-eval (default: 0)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=batch_size_arg, default=16, metavar="N|auto|auto:N",
                    help="requests per forward, or as lm-eval's --batch_size: auto (the largest size from 64 down, shrunk on "
                         "out-of-memory as lm-eval does, that runs each task's longest request; on CPU a fixed 16) or auto:N (searched again "
