@@ -169,6 +169,13 @@ CASES = [
      "expected a finite number"),
     ("seed-negative", lambda t, d, r: [*ONE_CELL, "--seed=-1"], "--seed: expected an integer from 0 to 4294967295"),
     ("latency-seed-too-big", lambda t, d, r: ["latency", *TINY, "--seed", str(2**32)], "from 0 to 4294967295 (numpy's"),
+    ("random-model-cannot-be-built", lambda t, d, r: [*ONE_CELL, "--model-args", "attn_implementation=flash_attention_2",
+                                                      "--out", t / "o"],
+     "--model random:tiny: could not build it: ImportError: FlashAttention2 has been toggled on"),
+    ("max-memory-size", lambda t, d, r: [*ONE_CELL, "--device-map", "auto", "--max-memory", "cpu=abc"],
+     "--max-memory 'cpu=abc': size 'abc' is not a size such as 20GiB"),
+    ("offload-folder-is-a-file", lambda t, d, r: [*ONE_CELL, "--device-map", "auto", "--offload-folder", _write(t / "f", "")],
+     "--offload-folder " + "{tmp}/f: exists and is not a folder"),
     # item 12
     ("bootstrap-negative", lambda t, d, r: [*ONE_CELL, "--bootstrap-iters", "-5"], "expected an integer >= 0, got '-5'"),
     ("model-dir-no-config", lambda t, d, r: [*ONE_CELL[5:], "--model", (t / "m").mkdir() or t / "m", "--device", "cpu"],

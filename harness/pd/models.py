@@ -16,6 +16,7 @@ the PD engine runs layer by layer, so each layer's KV is made and kept on that l
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,12 @@ class Placement:
                 if not size or not (dev.isdigit() or dev in ("cpu", "disk", "mps")):
                     raise UsageError(f"--max-memory {max_memory!r}: expected DEVICE=SIZE items such as 0=20GiB,cpu=64GiB "
                                      "(DEVICE a GPU index, cpu or mps)")
+                if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", size.strip(), flags=re.IGNORECASE):
+                    raise UsageError(f"--max-memory {max_memory!r}: size {size.strip()!r} is not a size such as 20GiB, "
+                                     "512MiB or 64GB")
                 mem[int(dev) if dev.isdigit() else dev] = size.strip()
+        if offload_folder and Path(offload_folder).exists() and not Path(offload_folder).is_dir():
+            raise UsageError(f"--offload-folder {offload_folder}: exists and is not a folder")
         return Placement(device_map, mem, offload_folder)
 
     def kwargs(self) -> dict[str, Any]:
@@ -285,7 +291,12 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         if hub_only:
             raise UsageError(f"--model_args {', '.join(hub_only)}: a random:<preset> model is built from a config, not "
                              "loaded; only attn_implementation applies to it")
-        loaded = random_model(spec.split(":", 1)[1], dt, dev, seed, placement, model_args.get("attn_implementation", "sdpa"))
+        try:
+            loaded = random_model(spec.split(":", 1)[1], dt, dev, seed, placement, model_args.get("attn_implementation", "sdpa"))
+        except UsageError:
+            raise
+        except Exception as e:  # e.g. an attn_implementation whose package is missing, a placement that cannot be met
+            raise UsageError(f"--model {spec}: could not build it: {_one_line(e)}") from e
         loaded.description.update({"model_args": model_args} if model_args else {})
         if placement is not None:
             loaded.description["device_map"] = device_map_summary(loaded.model)
@@ -319,12 +330,18 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         raise
     except Exception as e:
         hint = " (no hub access here? pass a local directory or a .gguf file)" if desc["kind"] == "hub" else ""
-        raise UsageError(f"--model {spec}: could not load it: {type(e).__name__}: {str(e)[:300]}{hint}") from e
+        raise UsageError(f"--model {spec}: could not load it: {_one_line(e)}{hint}") from e
     desc.update({"class": type(model).__name__, "n_layers": model.config.num_hidden_layers})
     desc.update({"model_args": model_args} if model_args else {})
     if placement is not None:
         desc["device_map"] = device_map_summary(model)
     return _with_dtype(LoadedModel(model, tok, spec, desc))
+
+
+def _one_line(e: Exception, limit: int = 300) -> str:
+    """`Type: message` on one line (library messages run over several), cut at a word with an ellipsis."""
+    text = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
 
 
 def _with_dtype(loaded: LoadedModel) -> LoadedModel:
