@@ -190,3 +190,34 @@ def test_the_default_run_evaluates_the_disaggregated_setting_only():
 
     assert MODES[run_parser().parse_args([]).mode] == ("disaggregated",)
     assert run_config(run_parser().parse_args(["--mode", "both"])).modes == ("unified", "disaggregated")
+
+
+def test_few_shot_examples_from_the_scored_split_never_include_the_item_itself(data_dir, tmp_path, cli):
+    """ARC's local data has only its test split: the shots come from it, so each item must be left out of its own
+    examples (lm-eval does that only when the few-shot split is named and equals the test split)."""
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    (data / "arc_easy").mkdir(parents=True)
+    rows = (data_dir / "arc_easy" / "ARC-Easy-test.jsonl").read_text().splitlines()[:4]
+    (data / "arc_easy" / "ARC-Easy-test.jsonl").write_text("\n".join(rows) + "\n")
+    shutil.copy(data_dir / "README.md", data / "README.md")
+    from harness.errors import HarnessWarning
+
+    with pytest.warns(HarnessWarning, match="arc_easy's few-shot examples come from its scored test split"):
+        r = cli(*TINY, "--methods", "unpruned", "--tasks", "arc_easy", "--limit", "4", "--mode", "unified",
+                "--num-fewshot", "3", "--log-samples", "--data-dir", str(data), "--out", str(tmp_path / "o"), data_dir=data)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((tmp_path / "o" / "unpruned__unified.json").read_text())
+    assert rec["lm_eval"]["tasks"]["arc_easy"]["fewshot_split"] == "test"
+    samples = [json.loads(x) for f in (tmp_path / "o").rglob("samples_arc_easy*.jsonl") for x in f.read_text().splitlines()]
+    assert len(samples) == 4
+    for s in samples:
+        context = s["arguments"]["gen_args_0"]["arg_0"]
+        others = [json.loads(x)["question"] for x in rows if json.loads(x)["question"] != s["doc"]["question"]]
+        assert context.count(s["doc"]["question"]) == 1 and all(q in context for q in others)  # 3 shots: the other 3
+    r = cli(*TINY, "--methods", "unpruned", "--tasks", "arc_easy", "--limit", "4", "--mode", "unified", "--num-fewshot", "4",
+            "--data-dir", str(data), "--out", str(tmp_path / "o4"), data_dir=data)
+    assert r.returncode == 2 and "--num-fewshot 4: arc_easy has 3 few-shot examples to draw from (its test split, less " \
+                                 "the item itself); give at most 3" in r.stderr, r.stderr[-2000:]

@@ -3,11 +3,14 @@ from local data, lm-eval's results flattened into the record's scores, and per-i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.errors import HarnessWarning, UsageError
 from harness.quality.samples import metric_name, per_item
 
 if TYPE_CHECKING:
@@ -33,6 +36,43 @@ def flatten_results(res: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     return out
 
 
+@contextlib.contextmanager
+def _few_shot_pool(task: str, num_fewshot: int):
+    """A group's subtask with too few few-shot examples (MMLU's dev split: 5 per subject) is bad input, not lm-eval's
+    AssertionError (a single task is checked before, by `fewshot_split`)."""
+    try:
+        yield
+    except AssertionError as e:
+        if "fewshot samples requested exceeds" not in str(e):
+            raise
+        raise UsageError(f"--num-fewshot {num_fewshot}: {task}: {' '.join(str(e).split())}") from None
+
+
+def fewshot_split(obj, task: str, told: set[str], num_fewshot: int) -> str | None:
+    """The split lm-eval draws `obj`'s few-shot examples from, as its ConfigurableTask chooses (fewshot, then
+    training, validation, test split, the first the dataset has); None for a group. A UsageError when that
+    split holds fewer than `num_fewshot` examples. With local data that
+    lacks a training split this is often the scored split itself: a HarnessWarning says so, once per task and run
+    (`told`: the tasks already noted)."""
+    config, dataset = getattr(obj, "config", None), getattr(obj, "dataset", None)
+    if config is None or dataset is None:
+        return None
+    have = set(dataset.keys())
+    pick = lambda *names: next((n for n in names if n and n in have), None)  # noqa: E731
+    shots = pick(config.fewshot_split, config.training_split, config.validation_split, config.test_split)
+    scored = pick(config.test_split, config.validation_split)
+    pool = len(dataset[shots]) - (shots == scored) if shots is not None else 0  # the item itself is left out
+    if num_fewshot > pool:  # else lm-eval fails after the planning ("Sample larger than population")
+        raise UsageError(f"--num-fewshot {num_fewshot}: {task} has {pool} few-shot examples to draw from "
+                         f"(its {shots} split{', less the item itself' if shots == scored else ''}); give at most {pool}")
+    if shots is not None and shots == scored and task not in told:
+        told.add(task)
+        warnings.warn(f"--num-fewshot: {task}'s few-shot examples come from its scored {shots} split (the local data "
+                      "has no training split; lm-eval leaves each item out of its own examples), not from the training "
+                      "split stock lm-eval uses; the record notes it (lm_eval fewshot_split)", HarnessWarning, stacklevel=2)
+    return shots
+
+
 class TaskCache:
     """Builds each lm-eval task (or group) once per run and hands the same object to every evaluation.
 
@@ -45,6 +85,7 @@ class TaskCache:
         self.manager = None
         self._built: dict[str, Any] = {}
         self._workdir: tempfile.TemporaryDirectory | None = None  # the override YAMLs, removed by close()
+        self.told: set[str] = set()  # tasks whose few-shot source this run has noted (fewshot_split)
 
     def get(self, task: str):
         from harness.quality.tasks import task_manager
@@ -74,7 +115,8 @@ def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, 
     from harness.quality.tasks import without_env_report
 
     obj = tasks.get(task)
-    with without_env_report():
+    shots = fewshot_split(obj, task, tasks.told, cfg.num_fewshot) if cfg.num_fewshot else None
+    with without_env_report(), _few_shot_pool(task, cfg.num_fewshot):
         out = simple_evaluate(
             model=lm, tasks=[obj], limit=cfg.limit, task_manager=tasks.manager, bootstrap_iters=cfg.bootstrap_iters,
             num_fewshot=cfg.num_fewshot or None,  # None: each task's own default (0 for every task here)
@@ -94,7 +136,8 @@ def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, 
         "items": per_item(samples),  # for paired comparisons (report --baseline)
         "samples": samples,  # lm-eval's per-sample logs: written with --log-samples, never stored in the record
         "lm_eval": {"n-shot": out.get("n-shot", {}), "versions": out.get("versions", {}),
-                    "higher_is_better": out.get("higher_is_better", {}).get(task, {})},
+                    "higher_is_better": out.get("higher_is_better", {}).get(task, {}),
+                    **({"fewshot_split": shots} if shots else {})},
         # lm-eval's own results, for the cell's results_<timestamp>.json (harness.quality.lm_eval_json)
         "lm_eval_results": json.loads(json.dumps({k: out[k] for k in LM_EVAL_PARTS if k in out},
                                                  default=handle_non_serializable)),  # as the tracker writes them

@@ -276,6 +276,10 @@ def write_overrides(tasks: Iterable[str], data_dir: Path, out_dir: Path, upstrea
             if subject:
                 lines.append(f"  harness_subject: {subject}")
             lines += [f"{key}: null" for key, split in SPLIT_KEYS.items() if split and split not in provided]
+            if "test" in provided and not provided & {"train", "validation"}:
+                # --num-fewshot draws from the scored test split then; lm-eval leaves the item out of its own
+                # examples only when the few-shot split is named and equals the test split (api/task.py)
+                lines.append("fewshot_split: test")
             (out_dir / f"{name}.yaml").write_text("\n".join(lines) + "\n")
             written.append(name)
     return written
