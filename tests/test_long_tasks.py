@@ -1,5 +1,6 @@
 """Long-context tasks: exact request construction, byte arithmetic per prompt length, both modes."""
 
+import dataclasses
 import math
 
 import pytest
@@ -42,6 +43,11 @@ def test_passkey_samples_have_exact_lengths_keys_and_depths(tiny):
     # --limit takes the grid round-robin: every length and depth is represented in the first 6
     lim = passkey.passkey_samples(tok, PK, 6)
     assert {(s.length, s.depth) for s in lim} == {(L, d) for L in PK.lengths for d in PK.depths}
+    wide = dataclasses.replace(PK, lengths=(384, 400, 416), depths=(0.0, 0.25, 0.5, 0.75, 1.0), repeats=1)
+    lim = passkey.passkey_samples(tok, wide, 4)  # fewer items than cells: every length, and distinct depths first
+    assert {s.length for s in lim} == set(wide.lengths) and len({s.depth for s in lim[:3]}) == 3
+    full = passkey.passkey_samples(tok, wide, None)
+    assert sorted((s.length, s.depth) for s in full) == sorted((L, d) for L in wide.lengths for d in wide.depths)
 
 
 def test_passkey_scoring_takes_the_first_digit_run():

@@ -59,11 +59,19 @@ class PasskeySample:
     tokens: tuple[int, ...]
 
 
+def _round_robin(lengths: tuple[int, ...], depths: tuple[float, ...], rep: int) -> list[tuple[int, int, float]]:
+    """Every (length, depth) cell once, lengths cycling fastest and each length's depth rotating, so any prefix
+    (what --limit takes) spreads over the lengths first, then the depths: the j-th cell is length j mod nL with
+    depth (j div nL + j mod nL) mod nD, a bijection onto the grid."""
+    n_l, n_d = len(lengths), len(depths)
+    return [(rep, lengths[j % n_l], depths[(j // n_l + j % n_l) % n_d]) for j in range(n_l * n_d)]
+
+
 def passkey_samples(tokenizer, c: PasskeyConfig, limit: int | float | None) -> list[PasskeySample]:
     """Samples of exactly `length` tokens; the key follows round(depth · units) whole filler units."""
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     intro, unit, question = enc(INTRO), enc(FILLER), enc(QUESTION)
-    grid = [(rep, L, d) for rep in range(c.repeats) for L in c.lengths for d in c.depths]
+    grid = [cell for rep in range(c.repeats) for cell in _round_robin(c.lengths, c.depths, rep)]
     grid = grid[:capped(len(grid), limit)]
     out = []
     for rep, L, d in grid:
