@@ -132,6 +132,8 @@ CASES = [
      "--set tail.k=1,: a sweep needs distinct values, none empty"),
     ("option-typo", lambda t, d, r: [*ONE_CELL, "--methods", "shortgpt", "--set", "shortgpt.batchsize=4"],
      "shortgpt has no option 'batchsize' (did you mean batch_size?); options: k, batch_size"),
+    ("passkey-depths-that-print-alike", lambda t, d, r: [*ONE_CELL[:-6], "--set", "passkey.depths=0.1234561,0.1234562"],
+     "passkey: each of lengths and depths must be given once"),
     ("passkey-length-twice", lambda t, d, r: [*ONE_CELL[:-6], "--set", "passkey.lengths=384,384"],
      "passkey: each of lengths and depths must be given once"),
     ("pd_ppl-prompt-twice", lambda t, d, r: [*TINY, "--methods", "unpruned", "--tasks", "pd_ppl", "--set",

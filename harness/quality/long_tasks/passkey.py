@@ -36,7 +36,8 @@ class PasskeyConfig:
             raise ValueError("passkey: lengths must be non-empty and each >= 64 tokens")
         if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
             raise ValueError("passkey: depths must be non-empty and within [0, 1]")
-        if len(set(self.lengths)) < len(self.lengths) or len(set(self.depths)) < len(self.depths):
+        names = {f"{d:g}" for d in self.depths}  # acc_depth{d:g}: depths that print alike would share one score
+        if len(set(self.lengths)) < len(self.lengths) or len(names) < len(self.depths):
             raise ValueError("passkey: each of lengths and depths must be given once (a repeat scores the same prompts "
                              f"twice and narrows the error bar; got lengths={list(self.lengths)}, depths={list(self.depths)}); "
                              "for more prompts per setting raise repeats")
