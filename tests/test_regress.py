@@ -396,3 +396,23 @@ def test_a_report_of_the_references_leaves_them_updatable(tmp_path, monkeypatch)
     assert set(check_update(ref, cur)) == {p.name for p in REFERENCE.iterdir() if p.is_dir()}
     run = tmp_path / "reference" / "quality"  # a run folder's report still goes next to its records
     assert main(["report", str(run), "--no-plots"]) == 0 and (run / "report" / "report.md").is_file()
+
+
+def test_per_prompt_length_perplexities_are_checked_as_perplexities(tmp_path):
+    """pd_ppl's ppl_T512 is a perplexity (0.5 % of it), not an accuracy (0.005 absolute, shown ×100 as points)."""
+    ref = tmp_path / "ref"
+    shutil.copytree(REFERENCE, ref)
+
+    def zero_se(d):
+        for m in d["scores"]["pd_ppl"].values():
+            m["stderr"] = None  # one article (docs=1): no stderr, so only the floor applies
+    _edit(ref / "quality", "unpruned__disaggregated.json", zero_se)
+    for by, fails in ((1.001, False), (1.01, True)):
+        cur = tmp_path / f"cur{by}"
+        shutil.copytree(ref, cur)
+        _edit(cur / "quality", "unpruned__disaggregated.json",
+              lambda d, by=by: d["scores"]["pd_ppl"]["ppl_T512"].update(value=d["scores"]["pd_ppl"]["ppl_T512"]["value"] * by))
+        res = check(ref, cur)
+        assert res.ok != fails, (by, res.failures)
+    assert len(res.failures) == 1 and "pd_ppl ppl_T512 14.84 -> 14.99 (+0.1484; allowed ±0.0742 = max(3 × stderr 0, " \
+                                      "0.5 % = 0.0742))" in res.failures[0], res.failures

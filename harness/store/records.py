@@ -55,6 +55,15 @@ def stored_presentation(record: RunRecord, task: str) -> TaskPresentation | None
     return TaskPresentation.from_dict(stored) if stored else None
 
 
+def lower_is_better(record: RunRecord, task: str, metric: str) -> bool:
+    """A perplexity-like metric: a named one (LOWER_IS_BETTER), or a lower-is-better long-context task's primary
+    metric and its per-setting scores (pd_ppl's `ppl_T2048`: the presentation's setting_prefix)."""
+    if metric in LOWER_IS_BETTER:
+        return True
+    p = task_presentation(record, task)
+    return bool(p and p.lower_is_better and (metric == p.primary_metric or metric.startswith(p.setting_prefix)))
+
+
 def is_long_task(record: RunRecord, task: str) -> bool:
     """A harness long-context task (not an lm-eval task) in `record`."""
     return task_presentation(record, task) is not None

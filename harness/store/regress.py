@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.store.records import LOWER_IS_BETTER, RecordError, RunRecord, load, record_files_under
+from harness.store.records import RecordError, RunRecord, load, lower_is_better, record_files_under
 
 LATENCY_METRICS = ("ttft_ms_p50", "tpot_ms_p50")
 DENSE = "unpruned"  # the denominator of every latency ratio
@@ -89,10 +89,11 @@ def compare_kv(where: str, ref: RunRecord, cur: RunRecord, res: CheckResult) -> 
                 res.failures.append(f"{where}: {k}.{f} {v.get(f)} -> {b[k].get(f)} ({d:+,d}); KV bytes must match exactly")
 
 
-def score_tolerance(metric: str, ref_value: float, stderr: float | None) -> tuple[float, str]:
-    """Allowed |change| in the metric's own units, and how it was derived (for the message)."""
+def score_tolerance(ref_value: float, stderr: float | None, lower: bool) -> tuple[float, str]:
+    """Allowed |change| in the metric's own units, and how it was derived (for the message). `lower`: a
+    perplexity-like metric (records.lower_is_better): 0.5 % of it; else an accuracy: 0.5 points."""
     se = stderr or 0.0
-    if metric in LOWER_IS_BETTER:
+    if lower:
         floor = 0.005 * abs(ref_value)
         return max(3 * se, floor), f"max(3 × stderr {se:.3g}, 0.5 % = {floor:.3g})"
     return max(3 * se, 0.005), f"max(3 × stderr {100 * se:.2f}, 0.5) points"
@@ -107,10 +108,11 @@ def compare_scores(where: str, ref: RunRecord, cur: RunRecord, res: CheckResult)
             if now is None:
                 res.failures.append(f"{where}: {task} {m} missing in the rerun")
                 continue
-            tol, how = score_tolerance(m, v["value"], v.get("stderr"))
+            lower = lower_is_better(ref, task, m)  # pd_ppl's ppl_T512 too, not only `ppl`
+            tol, how = score_tolerance(v["value"], v.get("stderr"), lower)
             diff = now - v["value"]
             if abs(diff) > tol + 1e-12:
-                if m in LOWER_IS_BETTER:
+                if lower:
                     res.failures.append(f"{where}: {task} {m} {v['value']:.4g} -> {now:.4g} ({diff:+.4g}; allowed ±{tol:.3g} = {how})")
                 else:
                     res.failures.append(f"{where}: {task} {m} {100 * v['value']:.1f} -> {100 * now:.1f} "
