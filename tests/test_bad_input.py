@@ -142,6 +142,11 @@ CASES = [
     ("methods-command", lambda t, d, r: ["methods"], "the methods and their options are listed by python -m harness --help"),
     ("spec-same-option-twice", lambda t, d, r: ["--config", _write(t / "s.toml", '[run]\nout = "o"\nbatch-size = 4\nbatch_size = 8\n')],
      "[run]: 'batch-size' and 'batch_size' name the same option; keep one"),
+    ("spec-out-not-a-string", lambda t, d, r: ["--config", _write(t / "s.toml", '[run]\nout = 5\n')],
+     "[run] out: expected a folder path in quotes, got 5"),
+    ("spec-report-out-not-a-string", lambda t, d, r: ["--config", _write(
+        t / "s.toml", '[run]\nout = "o"\nmodel = "random:tiny"\nmethods = "unpruned"\n[report]\nout = 5\n')],
+     "[report] out: expected a path in quotes, got 5"),
     ("spec-key-typo", lambda t, d, r: ["--config", _write(t / "s.toml", '[run]\nout = "o"\nmethod = "unpruned"\n')],
      "[run]: unknown key 'method' (did you mean methods?)"),
     ("spec-report-baseline-typo-before-any-cell", lambda t, d, r: ["--config", _write(

@@ -45,6 +45,8 @@ class Spec:
 
     def out(self, section: str) -> Path | None:
         v = self.sections.get(section, {}).get("out")
+        if v is not None and not isinstance(v, str):
+            raise UsageError(f"{self.path} [{section}] out: expected a folder path in quotes, got {v!r}")
         return Path(v) if v else None
 
 
@@ -158,7 +160,12 @@ def _convert(act: argparse.Action, v: Any, where: str) -> Any:
     return _one(act, text, where)
 
 
+PATH_KEYS = ("out", "plans_from", "data_dir", "offload_folder", "results")  # folders and files: a TOML string only
+
+
 def _one(act: argparse.Action, v: Any, where: str) -> Any:
+    if (act.type is Path or act.dest in PATH_KEYS) and not isinstance(v, str):  # out = 5 is not a folder named "5"
+        raise UsageError(f"{where}: expected a path in quotes, got {v!r}")
     try:
         out = act.type(str(v)) if act.type is not None else (v if isinstance(v, str) else str(v))
     except argparse.ArgumentTypeError as e:
