@@ -147,6 +147,10 @@ CASES = [
     ("spec-report-out-not-a-string", lambda t, d, r: ["--config", _write(
         t / "s.toml", '[run]\nout = "o"\nmodel = "random:tiny"\nmethods = "unpruned"\n[report]\nout = 5\n')],
      "[report] out: expected a path in quotes, got 5"),
+    ("spec-latency-options-not-the-runs", lambda t, d, r: ["--config", _write(
+        t / "s.toml", f'[run]\nout = "{t}/q"\nmodel = "random:tiny"\nmethods = ["tail"]\ntasks = ["arc_easy"]\nset = ["tail.k=1"]\n'
+        f'[latency]\nout = "{t}/l"\nmodel = "random:tiny"\nmethods = ["tail"]\nplans_from = "run"\nset = ["tail.k=2"]\n')],
+     "[latency]: tail's options differ from [run]'s (k=1 in [run], 2 here); plans_from = \"run\" replays"),
     ("spec-key-typo", lambda t, d, r: ["--config", _write(t / "s.toml", '[run]\nout = "o"\nmethod = "unpruned"\n')],
      "[run]: unknown key 'method' (did you mean methods?)"),
     ("spec-report-baseline-typo-before-any-cell", lambda t, d, r: ["--config", _write(

@@ -286,10 +286,30 @@ def check_latency(spec: Spec, ns: argparse.Namespace) -> None:
     try:
         check_latency_args(ns, DECODE_MODES)
         data_dir = str(Path(ns.data_dir).resolve()) if ns.data_dir else None
-        pipeline.prepare(RunConfig(methods=ns.methods, tasks=(), seed=ns.seed, data_dir=data_dir,
-                                   overrides=tuple(ns.overrides)), need_data=ns.plans_from is None)
+        prepared = pipeline.prepare(RunConfig(methods=ns.methods, tasks=(), seed=ns.seed, data_dir=data_dir,
+                                              overrides=tuple(ns.overrides)), need_data=ns.plans_from is None)
+        if spec.sections["latency"].get("plans_from") == "run" and "run" in spec.sections:
+            _same_options_as_run(spec, prepared.methods)
     except UsageError as e:
         raise UsageError(f"{spec.path} [latency]: {e}") from None
+
+
+def _same_options_as_run(spec: Spec, methods: dict[str, Any]) -> None:
+    """A UsageError when a method of `[latency]` (plans_from = "run") has other options than in `[run]`: its
+    replay would be refused after the whole quality run."""
+    from harness.cli.run import run_config, run_parser
+    from harness.run import pipeline
+    from harness.run.reuse import with_defaults
+
+    run = pipeline.prepare(run_config(to_namespace(spec, "run", run_parser(), {"out": "."})), need_data=False)
+    for name, method in methods.items():
+        if name in run.methods:
+            here, there = (with_defaults(m, m.options()) for m in (method, run.methods[name]))
+            if here != there:
+                diff = ", ".join(f"{k}={there.get(k)!r} in [run], {here.get(k)!r} here" for k in sorted(set(here) | set(there))
+                                 if here.get(k) != there.get(k))
+                raise UsageError(f"{name}'s options differ from [run]'s ({diff}); plans_from = \"run\" replays the run's "
+                                 "plans: give the same set, or leave set out to take [run]'s")
 
 
 def check_report(spec: Spec, ns: argparse.Namespace, methods: list[str] | None = None) -> None:
