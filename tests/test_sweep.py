@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -300,3 +301,12 @@ def test_an_interrupt_settles_what_the_stopped_cells_finished(tmp_path):
     assert (stopped.workdir / "tail@k=2__unified.partial.json").exists()  # what a rerun resumes from
     assert rec.load(late.records[0]).mode == "disaggregated"
     assert not queued.log.exists() and not queued.records[0].exists()
+
+
+def test_a_sweep_into_another_configurations_folder_is_refused_before_any_cell(tmp_path, single):
+    shutil.copytree(single, tmp_path / "q")
+    spec = write_spec(tmp_path / "spec.toml", run={**RUN, "limit": 3, "out": str(tmp_path / "q")})
+    res = harness("sweep", str(spec), "--backend", "local", "--workers", "2", "-q", timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr[-3000:]
+    assert f"error: {tmp_path / 'q'} holds work of a different configuration: unpruned__unified.json" in res.stderr
+    assert not (tmp_path / "q" / ".sweep").exists()  # no cell started

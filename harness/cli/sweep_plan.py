@@ -43,10 +43,9 @@ def _scope(item: str) -> str:
 def expand(spec_path: Path, out: Path | None) -> Plan:
     """Cells of the spec's [run] section (validated here, before any process starts), its latency job and report."""
     from harness.cli.flags import MODES
-    from harness.cli.run import check_tasks, run_parser
+    from harness.cli.run import check_tasks, run_config, run_parser
     from harness.cli.spec import Spec, load_spec, to_namespace
-    from harness.config import RunConfig, expand_tasks
-    from harness.run import pipeline
+    from harness.run import pipeline, reuse
 
     if not spec_path.is_file():
         raise UsageError(f"{spec_path}: no such spec file (specs live in configs/, e.g. configs/ci.toml)")
@@ -64,13 +63,14 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     section["out"] = str(run_out)
     # the section as `run` would take it (errors name the spec, the section and the key), as --config converts it
     args = to_namespace(Spec(spec.path, {"run": section}), "run", run_parser(), {"set": overrides})
-    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
-    cfg = RunConfig(methods=args.methods, tasks=expand_tasks(args.tasks), seed=args.seed, data_dir=data_dir,
-                    overrides=tuple(args.overrides))
-    if not cfg.methods:
+    if not args.methods:
         raise UsageError(f"{spec.path} [run]: methods is empty")
+    cfg = run_config(args)  # the whole run's configuration: its cells' run keys are the cells' own
+    data_dir = cfg.data_dir
     prepared = pipeline.prepare(cfg)  # method names and every --set option, as the full run would check them
     check_tasks(cfg.tasks, cfg.data_dir)
+    # another configuration's records in the folder: refused now, as `run` does, not by every cell after its start
+    reuse.refuse_foreign_work(cfg, prepared, run_out, lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
     if data_dir:  # the children must not depend on the environment (Ray workers may not inherit it)
         section["data_dir"] = data_dir
     cells = _spec_cells(spec, section, overrides, list(prepared.methods), MODES[args.mode], run_out)
