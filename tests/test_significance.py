@@ -131,3 +131,26 @@ def test_per_item_values_leave_out_metrics_whose_aggregate_is_not_a_mean():
     items = per_item(samples)
     assert items["metrics"] == {"acc": [0.0, 1.0, 0.0, None]}
     assert items["ids"] == ["lambada_openai/0", "lambada_openai/1", "lambada_openai/2", "wikitext/0"]
+
+
+def test_pd_ppl_keeps_per_article_perplexities_and_pairs_them(tmp_path, data_dir, cli):
+    from harness.store.records import load_dir
+    from reports.collect import collect
+    from reports.formats import rows
+    from reports.tables import TASK_TITLE
+
+    r = cli("--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned,tail", "--set", "tail.k=1", "--tasks",
+            "pd_ppl", "--set", "pd_ppl.docs=3", "--set", "pd_ppl.prompt_tokens=32,64", "--set", "pd_ppl.cont_tokens=8",
+            "--out", tmp_path, data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = {x.method: x for x in load_dir(tmp_path)}
+    for rec in recs.values():
+        items = rec.extra["items"]["pd_ppl"]
+        assert items["ids"] == ["pd_ppl/0", "pd_ppl/1", "pd_ppl/2"]
+        pooled = math.exp(np.mean(np.log(items["metrics"]["ppl"])))  # exp(mean over articles of their mean NLL)
+        assert pooled == pytest.approx(rec.scores["pd_ppl"]["ppl"]["value"], rel=1e-9)
+    t = rows(sig.paired_table(collect([tmp_path]))).set_index("Method")
+    cell = t.loc["tail", TASK_TITLE.get("pd_ppl", "pd_ppl")]
+    diff = np.mean(np.subtract(recs["tail"].extra["items"]["pd_ppl"]["metrics"]["ppl"],
+                               recs["unpruned"].extra["items"]["pd_ppl"]["metrics"]["ppl"]))
+    assert cell.startswith(f"{diff:+.1f}"), cell  # in perplexity, not ×100 points

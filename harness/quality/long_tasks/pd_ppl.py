@@ -99,7 +99,9 @@ class PdPpl(LongTask):
                 scores[f"ppl_T{T}"] = _ppl(nll)
         per_article = [sum(x) / len(x) for x in zip(*nll_by_t)]  # the mean over all windows is the mean of these
         scores = {"ppl": _ppl(per_article), **scores}
-        return {"scores": scores, "n_samples": len(windows) * len(c.prompt_tokens), "kv_by": kv_by,
+        # per article (the same articles for every method): exp of its mean NLL per token, for paired comparisons
+        items = {"ids": [f"pd_ppl/{i}" for i in range(len(per_article))], "metrics": {"ppl": [math.exp(x) for x in per_article]}}
+        return {"scores": scores, "n_samples": len(windows) * len(c.prompt_tokens), "kv_by": kv_by, "items": items,
                 "samples": {self.name: per_window},  # written with --log-samples, not stored in the record
                 "details": {"articles": len(windows), "prompt_tokens": list(c.prompt_tokens), "cont_tokens": c.cont_tokens,
                             "source": "wikitext2/wiki.test.raw, articles split at top-level titles, file order"}}
