@@ -142,6 +142,8 @@ CASES = [
     ("methods-command", lambda t, d, r: ["methods"], "the methods and their options are listed by python -m harness --help"),
     ("spec-same-option-twice", lambda t, d, r: ["--config", _write(t / "s.toml", '[run]\nout = "o"\nbatch-size = 4\nbatch_size = 8\n')],
      "[run]: 'batch-size' and 'batch_size' name the same option; keep one"),
+    ("calib-source-twice", lambda t, d, r: [*ONE_CELL, "--methods", "shortgpt", "--set", "calib.sources=piqa,piqa"],
+     "calib.sources=piqa,piqa: give one or more of piqa, mmlu, each once"),
     ("spec-out-not-a-string", lambda t, d, r: ["--config", _write(t / "s.toml", '[run]\nout = 5\n')],
      "[run] out: expected a folder path in quotes, got 5"),
     ("spec-report-out-not-a-string", lambda t, d, r: ["--config", _write(

@@ -122,7 +122,8 @@ def run_parser() -> argparse.ArgumentParser:
                         + " (e.g. revision=main,attn_implementation=eager); the model itself is --model, its dtype "
                           "--dtype; recorded, and part of the run key when given")
     p.add_argument("--bootstrap-iters", type=nonneg_int, default=1000,
-                   help="lm-eval bootstrap iterations for perplexity stderrs (0: none; default: %(default)s)")
+                   help="lm-eval bootstrap iterations for stderrs (0: none, and lm-eval then reports no stderr at all, "
+                        "accuracies' included; default: %(default)s)")
     p.add_argument("--plans-from", default=None, metavar="RUN_DIR",
                    help="reuse plans stored in another run's records where model, seed, method options and calibration "
                         "match (saves a repeated search, e.g. PDTrim's); other plans are made as usual")

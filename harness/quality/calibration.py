@@ -36,8 +36,10 @@ class CalibConfig:
         if self.n_samples < 1 or self.max_tokens < 2:
             raise UsageError(f"calibration needs n_samples >= 1 and max_tokens >= 2, got {self.n_samples}, {self.max_tokens}")
         bad = set(self.sources) - set(SOURCES)
-        if bad or not self.sources:
+        if bad:
             raise UsageError(f"calibration sources {sorted(bad)} unknown; choose from {', '.join(SOURCES)}")
+        if not self.sources or len(set(self.sources)) < len(self.sources):  # a repeat drew twice, recorded once
+            raise UsageError(f"calib.sources={','.join(self.sources)}: give one or more of {', '.join(SOURCES)}, each once")
 
 
 @dataclass
