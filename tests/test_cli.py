@@ -221,3 +221,15 @@ def test_few_shot_examples_from_the_scored_split_never_include_the_item_itself(d
             "--data-dir", str(data), "--out", str(tmp_path / "o4"), data_dir=data)
     assert r.returncode == 2 and "--num-fewshot 4: arc_easy has 3 few-shot examples to draw from (its test split, less " \
                                  "the item itself); give at most 3" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_tilde_in_data_dir_and_model_is_the_home_folder(data_dir, tmp_path, cli, monkeypatch):
+    """`--data-dir=~/x` and `--model=~/x` reach the harness unexpanded (no shell word starts with ~)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data").symlink_to(data_dir)
+    r = cli(*TINY, "--methods", "unpruned", "--tasks", "arc_easy", "--limit", "1", "--mode", "unified",
+            "--data-dir=~/data", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (tmp_path / "m").mkdir()
+    r = cli("--model=~/m", "--methods", "unpruned", "--tasks", "arc_easy", "--limit", "1", "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and f"--model {tmp_path / 'm'}: could not load it: no config.json" in r.stderr, r.stderr

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.cli.flags import seed_arg
+from harness.cli.flags import seed_arg, user_path
 from harness.config import sweep_base
 from harness.errors import UsageError
 from harness.run.export import export_plan
@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto",
                    help="weights are loaded, planned and written in this dtype: auto (bf16 on GPU, fp32 on CPU), float32, "
                         "bfloat16, float16")
-    p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"),
+    p.add_argument("--data-dir", type=user_path, default=os.environ.get("HARNESS_DATA_DIR"),
                    help="calibration data for methods that calibrate (default: $HARNESS_DATA_DIR)")
     p.add_argument("--max-shard-size", type=shard_size, default="5GB",
                    help="largest safetensors file: a number and TB, GB, MB or KB (default: 5GB)")

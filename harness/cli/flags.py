@@ -38,6 +38,13 @@ def seed_arg(s: str) -> int:
     return n
 
 
+def user_path(s: str) -> str:
+    """A path with `~` expanded (`--data-dir=~/data`: no shell expanded it)."""
+    import os.path
+
+    return os.path.expanduser(s)
+
+
 def _finite(s: str) -> float:
     try:
         x = float(s)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.cli.flags import MODES, batch_size_arg, csv_list, limit_arg, nonneg_int, positive_int, seed_arg
+from harness.cli.flags import MODES, batch_size_arg, csv_list, limit_arg, nonneg_int, positive_int, seed_arg, user_path
 from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, STANDARD_TASKS, RunConfig, expand_tasks
 from harness.errors import UsageError
 from harness.run.quiet import quiet_libraries
@@ -107,7 +107,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     placement_flags(p)
-    p.add_argument("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"),
+    p.add_argument("--data-dir", type=user_path, default=os.environ.get("HARNESS_DATA_DIR"),
                    help="folder laid out like ../shared/data (default: $HARNESS_DATA_DIR; unset = lm-eval's hub datasets)")
     p.add_argument("--max-length", type=positive_int, default=None, help="context length (default: the model's, as lm-eval resolves it)")
     p.add_argument("--num-fewshot", "--num_fewshot", dest="num_fewshot", type=nonneg_int, default=0, metavar="N",

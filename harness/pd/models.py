@@ -286,6 +286,8 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model_args = dict(model_args or {})
+    if spec.startswith("~"):  # --model=~/x: no shell expanded it
+        spec = str(Path(spec).expanduser())
     if spec.startswith("random:"):
         hub_only = sorted(set(model_args) - {"attn_implementation"})
         if hub_only:
