@@ -25,7 +25,7 @@ from harness.quality.calibration import CalibConfig, build_calibration
 from harness.quality.distributed import Dist, ShardedScorer
 from harness.quality.evaluate import TaskCache, evaluate_task, flatten_results, is_download_error  # noqa: F401 - re-exported
 from harness.quality.samples import lm_eval_lines, samples_path
-from harness.run import reuse
+from harness.run import inputs, reuse
 from harness.run.progress import Tracker, task_label, work_of
 from harness.store import records as rec
 
@@ -118,6 +118,7 @@ class _Run:
     dist: Dist = dataclasses.field(default_factory=Dist)
     log_samples: bool = False
     tracker: Tracker = dataclasses.field(default_factory=lambda: Tracker(show=False))
+    inputs: dict = dataclasses.field(default_factory=dict)  # harness.run.inputs.digests: kept in records
 
     def calibration(self):
         if self.calib is None:
@@ -159,10 +160,12 @@ def run(
         long_tasks.get(task).check_tokenizer(loaded.tokenizer, prepared.task_options[task], cfg.limit)
     env = env_info(str(next(loaded.model.parameters()).device))
     env["data_parallel_ranks"] = d.world_size
+    digests = inputs.digests(cfg, loaded.model)  # the files behind --model and --data-dir, which run keys name by path
+    inputs.refuse_stale_work(out_dir, [(n, m) for n in prepared.methods for m in cfg.modes], digests)
     state = _Run(cfg, prepared, out_dir, loaded,
                  TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None),  # built on first use
                  env, on_progress or (lambda msg: log.info(msg)), progress and d.is_main, dist=d, log_samples=log_samples,
-                 tracker=tracker)
+                 tracker=tracker, inputs=digests)
     records, failures = [], []
     try:
         for i, (name, mode) in enumerate((n, m) for n in prepared.methods for m in cfg.modes):
@@ -242,7 +245,7 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     partial_path = _partial_path(st.out_dir, name, mode)
     partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
     if partial.get("run_key") != key:
-        partial = {"run_key": key, "tasks": {}}
+        partial = {"run_key": key, "tasks": {}, "inputs": st.inputs}
     plan = _cell_plan(st, name, method, mode, partial)
     if mode == "unified" and not plan.is_unified:
         raise ValueError(f"{name} returned a plan with two layer sets or KV pruning for unified mode")
@@ -298,8 +301,8 @@ def _finished_record(st: _Run, name: str, method, mode: str, final: Path, identi
 def _cell_plan(st: _Run, name: str, method, mode: str, partial: dict) -> PruningPlan:
     """The cell's plan: stored by another run (--plans-from), kept in the resumable state, or made now.
     Updates `partial` with the plan, its planning time and calibration description."""
-    reused = reuse.stored_plan(st.cfg, st.prepared, name, mode, method.options(), lambda: st.calibration().description) \
-        if "plan" not in partial else None
+    reused = reuse.stored_plan(st.cfg, st.prepared, name, mode, method.options(), lambda: st.calibration().description,
+                               st.inputs) if "plan" not in partial else None
     if reused is not None:
         st.say(f"{name}/{mode}: plan reused from {reused[1]}")
         partial.update(plan=reused[0].to_dict(), plan_s=0.0, calibration=reused[2], plan_reused_from=str(reused[1]))
@@ -396,6 +399,7 @@ def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: 
         extra={"kv_by_setting": {t: done[t]["kv_by"] for t in cfg.tasks if done[t].get("kv_by")},
                "task_details": {t: done[t]["details"] for t in cfg.tasks if "details" in done[t]},
                "items": {t: done[t]["items"] for t in cfg.tasks if done[t].get("items")},
-               "phases_s": st.tracker.cell_phases(f"{name}/{mode}")},  # this run's, up to this record
+               "phases_s": st.tracker.cell_phases(f"{name}/{mode}"),  # this run's, up to this record
+               "inputs": st.inputs},
     )
     return rec.save(record, st.out_dir)

@@ -16,13 +16,14 @@ from harness.store import records as rec
 
 
 def stored_plan(cfg: RunConfig, prepared, name: str, mode: str, options: dict,
-                calibration: Callable[[], dict] | None = None) -> tuple[PruningPlan, Path, Any] | None:
+                calibration: Callable[[], dict] | None = None, inputs: dict | None = None) -> tuple[PruningPlan, Path, Any] | None:
     """The plan of `name`/`mode` in `--plans-from` records, if made on the same model (and `model_args`),
     seed, method options and calibration (plans are deterministic given those); None otherwise. The
     calibration matches by its options and, with `calibration` (this run's description, built on demand),
     by its tokens' digest: the same options on other data (another --data-dir) are another calibration.
     The record of `name` itself is tried first, then those of its sweep siblings (`shortgpt@k=2` for
-    `shortgpt` with k=2, and back): the same method, named after option values."""
+    `shortgpt` with k=2, and back): the same method, named after option values. With `inputs` (this run's
+    `harness.run.inputs.digests`), a record made on other weights behind the same --model path does not match."""
     if not cfg.plans_from or prepared.methods[name].needs_replan_on_resume():
         return None
     for path in _candidates(Path(cfg.plans_from), name, mode):
@@ -32,9 +33,16 @@ def stored_plan(cfg: RunConfig, prepared, name: str, mode: str, options: dict,
             if path.name != rec.record_filename(name, mode):
                 continue  # a sibling's record that cannot be read is not this cell's to refuse
             raise UsageError(f"--plans-from: {e}; remove that file or pick another run folder") from None
-        if old.mode == mode and _made_alike(cfg, prepared, name, options, old, calibration):
+        if old.mode == mode and _made_alike(cfg, prepared, name, options, old, calibration) and \
+                not (inputs and _other_weights(old, inputs)):
             return plan_of(old, path), path, old.calibration
     return None
+
+
+def _other_weights(old: rec.RunRecord, inputs: dict) -> bool:
+    """Whether `old` was planned on other weights than this run's (both fingerprints known and different)."""
+    then = (old.extra.get("inputs") or {}).get("model")
+    return bool(then and inputs.get("model") and then != inputs["model"])
 
 
 def _candidates(folder: Path, name: str, mode: str) -> list[Path]:

@@ -29,6 +29,9 @@ class LongTask:
     Config: ClassVar[type]  # frozen dataclass of the task's options (defaults = the standard setting)
     version: ClassVar[int] = 1  # bump when the same options would give different numbers
     presentation: ClassVar[TaskPresentation]
+    # files (or folders) it reads, relative to the data dir: records keep their digest, so a rerun after they
+    # changed does not reuse records made from the old ones (harness/run/inputs.py); none for synthetic tasks
+    data_files: ClassVar[tuple[str, ...]] = ()
 
     @property
     def primary_metric(self) -> str:

@@ -61,6 +61,7 @@ class PdPpl(LongTask):
     """Token perplexity of WikiText-2 continuations after T-token prompts."""
 
     name = "pd_ppl"
+    data_files = ("wikitext2/wiki.test.raw",)  # what it reads from the data dir (its digest is recorded)
     Config = PplConfig
     version = 2  # 2: the pooled ppl's stderr over articles (each article's windows at every T are one sample)
     presentation = TaskPresentation(
