@@ -45,9 +45,11 @@ def test_passkey_samples_have_exact_lengths_keys_and_depths(tiny):
     assert {(s.length, s.depth) for s in lim} == {(L, d) for L in PK.lengths for d in PK.depths}
     wide = dataclasses.replace(PK, lengths=(384, 400, 416), depths=(0.0, 0.25, 0.5, 0.75, 1.0), repeats=1)
     lim = passkey.passkey_samples(tok, wide, 4)  # fewer items than cells: every length, and distinct depths first
-    assert {s.length for s in lim} == set(wide.lengths) and len({s.depth for s in lim[:3]}) == 3
+    assert {s.length for s in lim} == set(wide.lengths) and len({s.depth for s in lim}) == 3
     full = passkey.passkey_samples(tok, wide, None)
-    assert sorted((s.length, s.depth) for s in full) == sorted((L, d) for L in wide.lengths for d in wide.depths)
+    assert [(s.length, s.depth) for s in full] == [(L, d) for L in wide.lengths for d in wide.depths]  # grid order
+    assert [s for s in full if s.item_id in {x.item_id for x in lim}] == lim  # a limit keeps cells, in grid order
+    assert len({s.item_id for s in passkey.passkey_samples(tok, PK, None)}) == len(PK.lengths) * len(PK.depths) * 2
 
 
 def test_passkey_scoring_takes_the_first_digit_run():

@@ -58,6 +58,12 @@ class PasskeySample:
     depth: float
     key: str
     tokens: tuple[int, ...]
+    rep: int = 0
+
+    @property
+    def item_id(self) -> str:
+        """What the sample is, not where it sits: paired comparisons match items by it (another --limit, same id)."""
+        return f"passkey/L{self.length}/d{self.depth:g}/r{self.rep}"
 
 
 def _round_robin(lengths: tuple[int, ...], depths: tuple[float, ...], rep: int) -> list[tuple[int, int, float]]:
@@ -69,11 +75,13 @@ def _round_robin(lengths: tuple[int, ...], depths: tuple[float, ...], rep: int) 
 
 
 def passkey_samples(tokenizer, c: PasskeyConfig, limit: int | float | None) -> list[PasskeySample]:
-    """Samples of exactly `length` tokens; the key follows round(depth · units) whole filler units."""
+    """Samples of exactly `length` tokens; the key follows round(depth · units) whole filler units. In (repeat, length,
+    depth) order; a --limit keeps the first cells of the round-robin order (every length, then every depth)."""
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     intro, unit, question = enc(INTRO), enc(FILLER), enc(QUESTION)
     grid = [cell for rep in range(c.repeats) for cell in _round_robin(c.lengths, c.depths, rep)]
-    grid = grid[:capped(len(grid), limit)]
+    kept = set(grid[:capped(len(grid), limit)])  # which cells a --limit keeps: round-robin over lengths and depths
+    grid = [(rep, L, d) for rep in range(c.repeats) for L in c.lengths for d in c.depths if (rep, L, d) in kept]
     out = []
     for rep, L, d in grid:
         rng = random.Random(f"{c.seed}/{L}/{d}/{rep}")
@@ -86,7 +94,7 @@ def passkey_samples(tokenizer, c: PasskeyConfig, limit: int | float | None) -> l
         before = round(d * (n_fill // len(unit))) * len(unit)
         toks = intro + filler[:before] + key_ids + filler[before:] + question
         assert len(toks) == L
-        out.append(PasskeySample(L, d, key, tuple(toks)))
+        out.append(PasskeySample(L, d, key, tuple(toks), rep))
     return out
 
 
@@ -132,10 +140,10 @@ class Passkey(LongTask):
                 m, se = mean_se([float(x) for x in ok])
                 scores[f"acc_L{L}"] = {"value": m, "stderr": se}
                 hits += ok
-                per_sample += [{"length": s.length, "depth": s.depth, "key": s.key, "output": tokenizer.decode(g), "correct": x}
-                               for s, g, x in zip(group, gens, ok)]
+                per_sample += [{"length": s.length, "depth": s.depth, "key": s.key, "output": tokenizer.decode(g), "correct": x,
+                                "id": s.item_id} for s, g, x in zip(group, gens, ok)]
         m, se = mean_se([float(x) for x in hits])
-        items = {"ids": [f"passkey/{i}" for i in range(len(per_sample))],  # the same samples for every method
+        items = {"ids": [x["id"] for x in per_sample],  # by content: records of another --limit pair on what they share
                  "metrics": {"acc": [float(x["correct"]) for x in per_sample]}}
         return {"scores": {"acc": {"value": m, "stderr": se}, **scores, **_by_depth(per_sample)}, "n_samples": len(samples),
                 "kv_by": kv_by, "details": {"samples": per_sample, "scoring": "first digit run of the greedy output == key"},
