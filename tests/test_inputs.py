@@ -54,3 +54,13 @@ def test_changed_weights_behind_the_same_model_folder_are_not_reused_nor_their_p
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     (rec,) = records.load_dir(tmp_path / "b")
     assert rec.config["plan_reused_from"] is None  # planned on these weights, not replayed from the old ones
+
+
+def test_the_weights_fingerprint_ignores_where_the_files_lie_and_the_load_dtype(tmp_path):
+    from harness.pd.models import load_model
+    from harness.run.inputs import weights_fingerprint
+
+    a, b = _model_folder(tmp_path / "a", seed=0), _model_folder(tmp_path / "b", seed=0)
+    fp = {weights_fingerprint(load_model(str(p), device="cpu", dtype=dt).model) for p in (a, b) for dt in ("float32", "bfloat16")}
+    assert len(fp) == 1
+    assert weights_fingerprint(load_model(str(_model_folder(tmp_path / "c", seed=1)), device="cpu", dtype="float32").model) not in fp

@@ -34,14 +34,27 @@ def task_data_files(task: str, data_dir: Path) -> list[Path]:
     return [data_dir / r for r in rel if (data_dir / r).exists()]
 
 
+def weights_fingerprint(model) -> str:
+    """sha256 (16 hex) of the parameters' names, shapes and a few values of each, rounded to bfloat16: the same
+    weights give the same digest wherever the files lie (a moved cache) and in whichever dtype they were loaded."""
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"|{name}:{tuple(p.shape)}".encode())
+            if p.numel():
+                flat = p.detach().reshape(-1)
+                h.update(torch.cat([flat[:8], flat[-8:]]).to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def digests(cfg, model) -> dict[str, Any]:
     """{"model": the weights' fingerprint (None with a --device-map: offloaded weights are not all in memory),
     "data": {task: sha256 of its files}} for the run's tasks."""
-    from methods.base import model_fingerprint
-
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
     data = {t: _files_sha256(files) for t in cfg.tasks if data_dir and (files := task_data_files(t, data_dir))}
-    return {"model": None if cfg.device_map else model_fingerprint(model), "data": data}
+    return {"model": None if cfg.device_map else weights_fingerprint(model), "data": data}
 
 
 def differences(then: dict | None, now: dict) -> list[str]:
