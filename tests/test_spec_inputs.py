@@ -170,6 +170,10 @@ def test_a_latency_section_replaying_the_run_takes_the_runs_options_for_its_meth
     run = {"methods": ["unpruned", "tail", "shortgpt"], "set": ["tail.k=1", "pd_ppl.docs=2", "calib.n_samples=8", "shortgpt.k=2"]}
     spec = Spec(tmp_path / "s.toml", {"run": run, "latency": {"methods": ["unpruned", "tail"], "plans_from": "run"}})
     assert from_run(spec, tmp_path / "q") == {"plans_from": str(tmp_path / "q"), "set": ["tail.k=1", "calib.n_samples=8"]}
+    del spec.sections["latency"]["methods"]  # latency's default methods, unpruned and shortgpt: not [run]'s
+    assert from_run(spec, tmp_path / "q")["set"] == ["calib.n_samples=8", "shortgpt.k=2"]
+    spec.sections["latency"]["methods"] = "unpruned, tail"  # a string, as the flag takes it
+    assert from_run(spec, tmp_path / "q")["set"] == ["tail.k=1", "calib.n_samples=8"]
     spec.sections["latency"]["set"] = ["tail.k=1"]  # its own set wins, as written
     assert from_run(spec, tmp_path / "q") == {"plans_from": str(tmp_path / "q")}
     spec.sections["latency"]["plans_from"] = "elsewhere"

@@ -254,8 +254,10 @@ def from_run(spec: Spec, run_out: Path | None) -> dict[str, Any]:
     if run_out is None or "run" not in spec.sections:
         raise UsageError(f"{spec.path} [latency]: plans_from = \"run\" needs a [run] section")
     run = spec.sections["run"]
-    methods = latency.get("methods", run.get("methods", []))
-    methods = methods.split(",") if isinstance(methods, str) else list(methods)
+    from harness.config import DEFAULT_METHODS
+
+    methods = latency.get("methods", DEFAULT_METHODS)  # a section without methods measures the latency command's default
+    methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
     items = run.get("set", [])
     items = [items] if isinstance(items, str) else list(items)
     inherited = [x for x in items if isinstance(x, str) and x.partition(".")[0].strip() in {*methods, "calib"}]
