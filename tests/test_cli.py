@@ -236,3 +236,6 @@ def test_a_tilde_in_data_dir_and_model_is_the_home_folder(data_dir, tmp_path, cl
     (tmp_path / "m").mkdir()
     r = cli("--model=~/m", "--methods", "unpruned", "--tasks", "arc_easy", "--limit", "1", "--out", str(tmp_path / "o2"))
     assert r.returncode == 2 and f"--model {tmp_path / 'm'}: could not load it: no config.json" in r.stderr, r.stderr
+    from harness.cli.run import run_config, run_parser
+
+    assert run_config(run_parser().parse_args(["--model=~/m"])).model == str(tmp_path / "m")  # the run key's, too

@@ -39,7 +39,7 @@ def seed_arg(s: str) -> int:
 
 
 def user_path(s: str) -> str:
-    """A path with `~` expanded (`--data-dir=~/data`: no shell expanded it)."""
+    """A path with `~` expanded (`--data-dir=~/data`: no shell expanded it); other text as given (`random:tiny`)."""
     import os.path
 
     return os.path.expanduser(s)
