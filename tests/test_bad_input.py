@@ -187,6 +187,8 @@ CASES = [
      "--model random:tiny: could not build it: ImportError: FlashAttention2 has been toggled on"),
     ("max-memory-size", lambda t, d, r: [*ONE_CELL, "--device-map", "auto", "--max-memory", "cpu=abc"],
      "--max-memory 'cpu=abc': size 'abc' is not a size such as 20GiB"),
+    ("max-memory-terabytes", lambda t, d, r: [*ONE_CELL, "--device-map", "auto", "--max-memory", "cpu=1TB"],
+     "--max-memory 'cpu=1TB': size '1TB' is not a size such as 20GiB"),
     ("offload-folder-is-a-file", lambda t, d, r: [*ONE_CELL, "--device-map", "auto", "--offload-folder", _write(t / "f", "")],
      "--offload-folder " + "{tmp}/f: exists and is not a folder"),
     # item 12

@@ -121,7 +121,7 @@ class Placement:
                 if not size or not (dev.isdigit() or dev in ("cpu", "disk", "mps")):
                     raise UsageError(f"--max-memory {max_memory!r}: expected DEVICE=SIZE items such as 0=20GiB,cpu=64GiB "
                                      "(DEVICE a GPU index, cpu or mps)")
-                if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", size.strip(), flags=re.IGNORECASE):
+                if not re.fullmatch(r"\d+(\.\d+)?\s*[KMG]i?B", size.strip(), flags=re.IGNORECASE):  # what accelerate takes
                     raise UsageError(f"--max-memory {max_memory!r}: size {size.strip()!r} is not a size such as 20GiB, "
                                      "512MiB or 64GB")
                 mem[int(dev) if dev.isdigit() else dev] = size.strip()
