@@ -394,7 +394,11 @@ def test_a_report_of_the_references_leaves_them_updatable(tmp_path, monkeypatch)
     assert (tmp_path / "reports" / "out" / "reference" / "report.md").is_file()
     assert sorted(p.name for p in ref.iterdir()) == sorted(p.name for p in REFERENCE.iterdir())
     assert set(check_update(ref, cur)) == {p.name for p in REFERENCE.iterdir() if p.is_dir()}
-    run = tmp_path / "reference" / "quality"  # a run folder's report still goes next to its records
+    assert main(["report", str(ref / "quality"), "--no-plots"]) == 0  # one kind of the references: not into it either
+    assert (tmp_path / "reports" / "out" / "reference-quality" / "report.md").is_file()
+    assert sorted(p.name for p in ref.iterdir()) == sorted(p.name for p in REFERENCE.iterdir())
+    run = tmp_path / "run"  # a run folder's report still goes next to its records
+    shutil.copytree(REFERENCE / "quality", run)
     assert main(["report", str(run), "--no-plots"]) == 0 and (run / "report" / "report.md").is_file()
 
 

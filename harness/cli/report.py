@@ -51,8 +51,9 @@ def cmd_report(argv: list[str] | argparse.Namespace) -> int:
 
         first = Path(args.results[0])
         args.out = (first if first.is_dir() else first.parent) / "report"
-        if is_reference_folder(first):  # references stay records only, or `check --update` refuses them
-            args.out = Path("reports") / "out" / first.resolve().name
+        ref = next((f for f in (first, first.parent) if is_reference_folder(f)), None)  # the references or one kind
+        if ref is not None:  # references stay records only, or `check --update` refuses them
+            args.out = Path("reports") / "out" / "-".join(p.name for p in dict.fromkeys((ref.resolve(), first.resolve())))
     check_writable(args.out, "--out")
     try:
         with lock.hold(args.out):  # two reports into one folder would mix their files
