@@ -42,7 +42,7 @@ class RunConfig:
     dtype: str = "auto"
     data_dir: str | None = None
     max_length: int | None = None  # None: the model's context length, as lm-eval's HFLM resolves it
-    bootstrap_iters: int = 1000  # lm-eval bootstrap for stderr of non-mean metrics (perplexities)
+    bootstrap_iters: int = 1000  # lm-eval's bootstrap for stderrs of non-mean metrics; 0: lm-eval reports no stderr
     num_fewshot: int = 0  # lm-eval few-shot examples per item (sampled with fewshot_random_seed = seed)
     plans_from: str | None = None  # reuse plans stored in these records when method, options and calibration match
     apply_chat_template: bool | str = False  # lm-eval's: wrap prompts in the tokenizer's (or this named) chat template

@@ -301,15 +301,14 @@ def _same_options_as_run(spec: Spec, methods: dict[str, Any]) -> None:
     replay would be refused after the whole quality run."""
     from harness.cli.run import run_config, run_parser
     from harness.run import pipeline
-    from harness.run.reuse import with_defaults
+    from harness.run.reuse import options_diff, with_defaults
 
     run = pipeline.prepare(run_config(to_namespace(spec, "run", run_parser(), {"out": "."})), need_data=False)
     for name, method in methods.items():
         if name in run.methods:
             here, there = (with_defaults(m, m.options()) for m in (method, run.methods[name]))
             if here != there:
-                diff = ", ".join(f"{k}={there.get(k)!r} in [run], {here.get(k)!r} here" for k in sorted(set(here) | set(there))
-                                 if here.get(k) != there.get(k))
+                diff = options_diff(there, here, "in [run]", "here")
                 raise UsageError(f"{name}'s options differ from [run]'s ({diff}); plans_from = \"run\" replays the run's "
                                  "plans: give the same set, or leave set out to take [run]'s")
 

@@ -85,7 +85,7 @@ def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, P
     """The disaggregated plans of `methods` (name -> Method) stored in `plans_from`'s records, checked against the
     model's layer count and the methods' options (a plan made with other options would be labelled with these).
     A method whose plan needs state the record lacks (`needs_replan_on_resume`) is left out: it plans afresh."""
-    from harness.run.reuse import options_then, with_defaults
+    from harness.run.reuse import options_diff, options_then, with_defaults
 
     folder = Path(plans_from)
     if not folder.is_dir():
@@ -108,8 +108,7 @@ def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, P
             raise UsageError(f"--plans-from: {r.method}'s plan is for {plan.n_layers} layers, the model has {n_layers}")
         then, now = options_then(methods[r.method], r), with_defaults(methods[r.method], methods[r.method].options())
         if then != now:
-            diff = ", ".join(f"{k}={then.get(k)!r} there, {now.get(k)!r} here" for k in sorted(set(then) | set(now))
-                             if then.get(k) != now.get(k))
+            diff = options_diff(then, now, "there", "here")
             raise UsageError(f"--plans-from {plans_from}: {r.method}'s plan was made with other options ({diff}); give "
                              "the same --set options, or plan afresh without --plans-from")
         out[r.method] = plan

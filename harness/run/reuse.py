@@ -78,6 +78,12 @@ def with_defaults(method, options: dict) -> dict:
     return {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
 
 
+def options_diff(then: dict, now: dict, then_is: str, now_is: str) -> str:
+    """'k=1 there, 2 here' for the options that differ (`then_is`/`now_is` name the two sides)."""
+    return ", ".join(f"{k}={then.get(k)!r} {then_is}, {now.get(k)!r} {now_is}" for k in sorted(set(then) | set(now))
+                     if then.get(k) != now.get(k))
+
+
 def options_then(method, old: rec.RunRecord) -> dict:
     """The method options `old` was made with, comparable with `with_defaults(method, method.options())`."""
     return with_defaults(method, old.config.get("method_options", {}))
