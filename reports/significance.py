@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from harness.store.records import LOWER_IS_BETTER, RunRecord, is_long_task
+from harness.store.records import RunRecord, is_long_task, lower_is_better
 from harness.store.task_names import STANDARD_TASKS
 from reports.collect import Collection, ReportError, metric_for, model_name, natural_key, reference
 from reports.formats import CellSpec, cell, make_table
@@ -101,18 +101,18 @@ def aligned(base: RunRecord, other: RunRecord, task: str, metric: str) -> tuple[
     return np.array([va[i] for i in common], float), np.array([vb[i] for i in common], float)
 
 
-def _text(p: Paired, metric: str = "acc") -> CellSpec:
+def _text(p: Paired, lower: bool = False) -> CellSpec:
     """Points (×100) for accuracies; a lower-is-better metric (perplexity) in its own units, as the quality table."""
-    s = 1 if metric in LOWER_IS_BETTER else 100
+    s = 1 if lower else 100
     mark = "*" if p.significant else ""
     pv = "" if p.p_mcnemar is None else f" p={p.p_mcnemar:.2g}"
     return cell(f"{s * p.diff:+.1f}{mark} [{s * p.low:+.1f}, {s * p.high:+.1f}]{pv}", round(s * p.diff, 6),
                 ci_low=round(s * p.low, 6), ci_high=round(s * p.high, 6), p_mcnemar=p.p_mcnemar)
 
 
-def _verdict(done: dict[str, Paired], metrics: dict[str, str]) -> str:
+def _verdict(done: dict[str, Paired], lower: dict[str, bool]) -> str:
     """Tasks significantly better / not / worse; better is a lower value for a lower-is-better metric."""
-    sign = {t: -1 if metrics[t] in LOWER_IS_BETTER else 1 for t in done}
+    sign = {t: -1 if lower[t] else 1 for t in done}
     better = sum(p.significant and sign[t] * p.diff > 0 for t, p in done.items())
     worse = sum(p.significant and sign[t] * p.diff < 0 for t, p in done.items())
     return f"{better} better / {len(done) - better - worse} same / {worse} worse"
@@ -156,8 +156,9 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
             pairs = {t: aligned(base, r, t, m) for t, m in tasks.items()}
             done = {t: compare(*p) for t, p in pairs.items() if p is not None}
             if done:  # Avg over the quality table's Avg tasks: accuracies, not long-context tasks
-                mc = [pairs[t] for t in done if not is_long_task(base, t) and tasks[t] not in LOWER_IS_BETTER]
-                rows.append((r, done, tasks, compare_average(mc) if mc else None))
+                lower = {t: lower_is_better(base, t, m) for t, m in tasks.items()}  # pd_ppl's ppl, a plug-in's own
+                mc = [pairs[t] for t in done if not is_long_task(base, t) and not lower[t]]
+                rows.append((r, done, lower, compare_average(mc) if mc else None))
                 all_tasks += [t for t in done if t not in all_tasks]  # columns: the tasks some row pairs on
         if rows:
             title = " · ".join(x for x in ((model if len({k[0] for k in keys}) > 1 else ""), MODE_TITLE.get(mode, mode)) if x)
@@ -167,10 +168,10 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
     order = {t: i for i, t in enumerate(STANDARD_TASKS)}  # the quality table's column order
     all_tasks.sort(key=lambda t: (order.get(t, len(order)), t))
     cols = ["Method", *[TASK_TITLE.get(t, t) for t in all_tasks], "Avg", "Verdict"]
-    lower = any(m in LOWER_IS_BETTER for _, rows in groups for *_, tasks, _ in rows for m in tasks.values())
-    body = [(title, [[cell(col.label(r)), *[_text(done[t], tasks[t]) if t in done else cell("—") for t in all_tasks],
+    any_lower = any(x for _, rows in groups for *_, lower, _ in rows for x in lower.values())
+    body = [(title, [[cell(col.label(r)), *[_text(done[t], lower[t]) if t in done else cell("—") for t in all_tasks],
                       _text(avg) if avg is not None else cell("—"),
-                      cell(_verdict(done, tasks))] for r, done, tasks, avg in rows]) for title, rows in groups]
+                      cell(_verdict(done, lower))] for r, done, lower, avg in rows]) for title, rows in groups]
     caption = (f"Difference to {baseline} on the same items, in points (method − {baseline}; metric as in the quality "
                f"table, convention '{convention}'): mean [paired bootstrap 95% CI, {N_RESAMPLES:,} resamples, seed {SEED}]"
                f" and, for accuracies, the exact McNemar p-value. * : p < {ALPHA:g} for accuracies, else the CI excludes 0 "
@@ -178,5 +179,5 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
                f"with its tasks. Avg: mean of the differences over the accuracy tasks (as the quality table's Avg; not "
                f"long-context tasks), items resampled within each task. Verdict: tasks "
                f"significantly better / not / worse."
-               + (" Perplexities: in their own units, and lower is better." if lower else ""))
+               + (" Perplexities: in their own units, and lower is better." if any_lower else ""))
     return make_table("paired", caption, cols, body, align="l" + "r" * (len(cols) - 2) + "l")
