@@ -286,23 +286,10 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model_args = dict(model_args or {})
-    if spec.startswith("~"):  # --model=~/x: no shell expanded it
+    if spec.startswith("~"):  # a direct call with ~/x (the CLI expands it when parsing)
         spec = str(Path(spec).expanduser())
     if spec.startswith("random:"):
-        hub_only = sorted(set(model_args) - {"attn_implementation"})
-        if hub_only:
-            raise UsageError(f"--model_args {', '.join(hub_only)}: a random:<preset> model is built from a config, not "
-                             "loaded; only attn_implementation applies to it")
-        try:
-            loaded = random_model(spec.split(":", 1)[1], dt, dev, seed, placement, model_args.get("attn_implementation", "sdpa"))
-        except UsageError:
-            raise
-        except Exception as e:  # e.g. an attn_implementation whose package is missing, a placement that cannot be met
-            raise UsageError(f"--model {spec}: could not build it: {_one_line(e)}") from e
-        loaded.description.update({"model_args": model_args} if model_args else {})
-        if placement is not None:
-            loaded.description["device_map"] = device_map_summary(loaded.model)
-        return _with_dtype(loaded)
+        return _random_loaded(spec, dt, dev, seed, placement, model_args)
     desc: dict[str, Any]
     if spec == DEFAULT_MODEL:
         gguf = smollm2_gguf_path()
@@ -338,6 +325,24 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     if placement is not None:
         desc["device_map"] = device_map_summary(model)
     return _with_dtype(LoadedModel(model, tok, spec, desc))
+
+
+def _random_loaded(spec: str, dt, dev, seed: int, placement: Placement | None, model_args: dict[str, Any]) -> LoadedModel:
+    """`random:<preset>`, built from its config (only attn_implementation of `model_args` applies)."""
+    hub_only = sorted(set(model_args) - {"attn_implementation"})
+    if hub_only:
+        raise UsageError(f"--model_args {', '.join(hub_only)}: a random:<preset> model is built from a config, not "
+                         "loaded; only attn_implementation applies to it")
+    try:
+        loaded = random_model(spec.split(":", 1)[1], dt, dev, seed, placement, model_args.get("attn_implementation", "sdpa"))
+    except UsageError:
+        raise
+    except Exception as e:  # e.g. an attn_implementation whose package is missing, a placement that cannot be met
+        raise UsageError(f"--model {spec}: could not build it: {_one_line(e)}") from e
+    loaded.description.update({"model_args": model_args} if model_args else {})
+    if placement is not None:
+        loaded.description["device_map"] = device_map_summary(loaded.model)
+    return _with_dtype(loaded)
 
 
 def _one_line(e: Exception, limit: int = 300) -> str:
