@@ -237,7 +237,7 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     final = st.out_dir / rec.record_filename(name, mode)
     if final.exists():
         st.tracker.skipped(*cfg.tasks)
-        done = _finished_record(st, name, method, mode, final, (key, calib_desc, task_opts))
+        done = reuse.finished_record(st.cfg, name, method, mode, final, (key, calib_desc, task_opts), st.say)
         _tidy(st, name, mode)  # what a run killed just after saving the record left behind
         if st.log_samples and st.dist.is_main:
             reuse.note_unlogged(st.out_dir, name, mode, cfg.tasks, final.name, st.say)
@@ -281,21 +281,6 @@ def _tidy(st: _Run, name: str, mode: str) -> None:
     if st.dist.is_main:
         _partial_path(st.out_dir, name, mode).unlink(missing_ok=True)
         (st.out_dir / rec.failure_filename(name, mode)).unlink(missing_ok=True)
-
-
-def _finished_record(st: _Run, name: str, method, mode: str, final: Path, identity: tuple) -> rec.RunRecord:
-    """The record already at `final` when it is this cell's (or predates options now at their
-    defaults); a different configuration's record is refused rather than overwritten."""
-    key, calib_desc, task_opts = identity
-    old = rec.load_cell(final)
-    if reuse.foreign(st.cfg, method, old, key, (name, mode, calib_desc, task_opts)):  # refused before the run too
-        raise UsageError(f"{final} holds a {name}/{mode} record of a different configuration "
-                         f"(run_key {old.run_key} != {key}); use another --out or remove it")
-    if old.run_key != key:
-        st.say(f"{name}/{mode}: record predates options now at their defaults; reused ({final.name})")
-        return old
-    st.say(f"{name}/{mode}: finished record found, reused ({final.name})")
-    return old
 
 
 def _cell_plan(st: _Run, name: str, method, mode: str, partial: dict) -> PruningPlan:

@@ -116,6 +116,22 @@ def foreign(cfg: RunConfig, method, old: rec.RunRecord, key: str, cell: tuple) -
     return old.run_key != key and not same_but_newer_options(cfg, method, old, cell)
 
 
+def finished_record(cfg: RunConfig, name: str, method, mode: str, final: Path, identity: tuple,
+                    say: Callable[[str], None]) -> rec.RunRecord:
+    """The record already at `final` when it is this cell's (or predates options now at their
+    defaults); a different configuration's record is refused rather than overwritten."""
+    key, calib_desc, task_opts = identity
+    old = rec.load_cell(final)
+    if foreign(cfg, method, old, key, (name, mode, calib_desc, task_opts)):  # refused before the run too
+        raise UsageError(f"{final} holds a {name}/{mode} record of a different configuration "
+                         f"(run_key {old.run_key} != {key}); use another --out or remove it")
+    if old.run_key != key:
+        say(f"{name}/{mode}: record predates options now at their defaults; reused ({final.name})")
+        return old
+    say(f"{name}/{mode}: finished record found, reused ({final.name})")
+    return old
+
+
 def refuse_foreign_work(cfg: RunConfig, prepared, out_dir: Path, identity: Callable[[str, Any, str], tuple]) -> None:
     """A UsageError naming every record or resume state in `out_dir` of another configuration than this run's
     cells (`identity(name, method, mode)` -> (run_key, calibration options, task options)), before any work:
