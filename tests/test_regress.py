@@ -400,6 +400,9 @@ def test_a_report_of_the_references_leaves_them_updatable(tmp_path, monkeypatch)
     run = tmp_path / "run"  # a run folder's report still goes next to its records
     shutil.copytree(REFERENCE / "quality", run)
     assert main(["report", str(run), "--no-plots"]) == 0 and (run / "report" / "report.md").is_file()
+    runs = tmp_path / "runs"  # a folder of run folders (not named quality/latency) is no reference folder
+    shutil.copytree(REFERENCE / "quality", runs / "a")
+    assert main(["report", str(runs), "--no-plots"]) == 0 and (runs / "report" / "report.md").is_file()
 
 
 def test_per_prompt_length_perplexities_are_checked_as_perplexities(tmp_path):

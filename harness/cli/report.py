@@ -47,11 +47,12 @@ def cmd_report(argv: list[str] | argparse.Namespace) -> int:
     from reports.render import render_report
 
     if args.out is None:  # next to the records it reads (a spec or --out names another place)
-        from harness.store.references import is_reference_folder
+        from harness.store.references import KINDS, is_reference_folder
 
         first = Path(args.results[0])
         args.out = (first if first.is_dir() else first.parent) / "report"
-        ref = next((f for f in (first, first.parent) if is_reference_folder(f)), None)  # the references or one kind
+        kinds = (first, first.parent) if first.name in KINDS else (first,)  # the references, or one kind of them
+        ref = next((f for f in kinds if is_reference_folder(f)), None)
         if ref is not None:  # references stay records only, or `check --update` refuses them
             args.out = Path("reports") / "out" / "-".join(p.name for p in dict.fromkeys((ref.resolve(), first.resolve())))
     check_writable(args.out, "--out")

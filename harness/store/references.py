@@ -41,9 +41,16 @@ def not_reference_entries(folder: Path) -> list[str]:
     return bad
 
 
+KINDS = ("quality", "latency")  # the subfolders `check` reruns into (harness/cli/check.py) and references hold
+
+
 def is_reference_folder(folder: Path) -> bool:
-    """Laid out as references: subfolders of run records and summary.csv, nothing else (what `check --update` replaces)."""
-    return folder.is_dir() and bool(record_sources(folder)) and not not_reference_entries(folder)
+    """Laid out as `check`'s references: `quality`/`latency` subfolders of run records and summary.csv, nothing
+    else (what `check --update` replaces); a folder of other run folders is not one."""
+    if not folder.is_dir():
+        return False
+    kinds = set(record_sources(folder))
+    return bool(kinds) and kinds <= set(KINDS) and not not_reference_entries(folder)
 
 
 def record_sources(current: Path) -> dict[str, list[Path]]:
