@@ -239,3 +239,5 @@ def test_a_tilde_in_data_dir_and_model_is_the_home_folder(data_dir, tmp_path, cl
     from harness.cli.run import run_config, run_parser
 
     assert run_config(run_parser().parse_args(["--model=~/m"])).model == str(tmp_path / "m")  # the run key's, too
+    args = run_parser().parse_args(["--out=~/o", "--plans-from=~/p", "--offload-folder=~/f"])
+    assert (args.out, args.plans_from, args.offload_folder) == (tmp_path / "o", str(tmp_path / "p"), str(tmp_path / "f"))

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from harness.cli.flags import nonneg_float
+from harness.cli.flags import nonneg_float, user_dir
 from harness.cli.latency import cmd_latency
 from harness.cli.run import cmd_run
 from harness.errors import UsageError
@@ -32,7 +32,7 @@ def check_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", type=Path, default=Path("configs") / "ci.toml", help="spec to rerun (default: configs/ci.toml)")
     p.add_argument("--current", type=Path, default=None, metavar="DIR",
                    help="compare these records instead of rerunning (e.g. a rerun made earlier)")
-    p.add_argument("--out", type=Path, default=None, help="where the rerun writes (default: results/runs/check-<time>)")
+    p.add_argument("--out", type=user_dir, default=None, help="where the rerun writes (default: results/runs/check-<time>)")
     p.add_argument("--latency-tolerance", type=nonneg_float, default=RATIO_TOLERANCE,
                    help="allowed worsening of a plan's TTFT/TPOT (fastest repeat) ÷ the unpruned plan's (same run), as a fraction of "
                    f"the reference ratio (default: {RATIO_TOLERANCE} = {1 + RATIO_TOLERANCE:g}×)")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.cli.flags import seed_arg, user_path
+from harness.cli.flags import seed_arg, user_dir, user_path
 from harness.config import sweep_base
 from harness.errors import UsageError
 from harness.run.export import export_plan
@@ -52,11 +52,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE",
                    help="method or calibration option, e.g. shortgpt.k=8, calib.n_samples=64 (repeatable)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--plans-from", type=Path, default=None, metavar="RUN_DIR",
+    src.add_argument("--plans-from", type=user_dir, default=None, metavar="RUN_DIR",
                      help="replay the plan stored in RUN_DIR/<method>__<mode>.json instead of planning")
     src.add_argument("--record", type=Path, default=None, metavar="FILE",
                      help="replay the plan of this run record (method, mode, model and seed come from it)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (must be new or empty; see --force)")
+    p.add_argument("--out", type=user_dir, required=True, help="output folder (must be new or empty; see --force)")
     p.add_argument("--force", action="store_true", help="replace OUT if it holds a previous export")
     p.add_argument("--seed", type=seed_arg, default=None, help="seed for random models and calibration (default: the record's, else 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")

@@ -45,6 +45,13 @@ def user_path(s: str) -> str:
     return os.path.expanduser(s)
 
 
+def user_dir(s: str):
+    """`user_path` as a Path (--out=~/runs/x)."""
+    from pathlib import Path
+
+    return Path(user_path(s))
+
+
 def _finite(s: str) -> float:
     try:
         x = float(s)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.cli.flags import csv_list, float_list, int_list, positive_int, seed_arg, user_path
+from harness.cli.flags import csv_list, float_list, int_list, positive_int, seed_arg, user_dir, user_path
 from harness.cli.run import default_out
 from harness.config import DEFAULT_METHODS, RunConfig
 from harness.errors import UsageError
@@ -36,7 +36,7 @@ def latency_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidths", type=float_list, default=(25.0, 100.0, 400.0), help="link bandwidths in Gbit/s (default: 25,100,400)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured runs per workload (default: 1)")
     p.add_argument("--repeats", type=positive_int, default=3, help="measured runs per workload (default: 3)")
-    p.add_argument("--plans-from", default=None, help="folder of quality-run records whose disaggregated plans to replay")
+    p.add_argument("--plans-from", type=user_path, default=None, help="folder of quality-run records whose disaggregated plans to replay")
     p.add_argument("--decode-mode", type=csv_list, default=("eager",),
                    help="decode paths to time: eager (growing cache), static (preallocated, fixed shapes), graph (static "
                         "step captured as a CUDA graph; CUDA only). Comma-separated (default: eager)")
@@ -44,7 +44,7 @@ def latency_parser() -> argparse.ArgumentParser:
                    help="also move one handoff per workload between a prefill and a decode process (gloo on CPU; on GPU "
                         "NCCL across two GPUs, CUDA IPC on one), checking the bytes received against the bytes counted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE", help="method option")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: results/runs/<date>_<methods>_latency-<run id>, "
+    p.add_argument("--out", type=user_dir, default=None, help="output folder (default: results/runs/<date>_<methods>_latency-<run id>, "
                                                                    "under the current folder)")
     p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--device", default="auto")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.cli.flags import positive_float
+from harness.cli.flags import positive_float, user_dir
 from harness.errors import UsageError
 
 
@@ -22,7 +22,7 @@ def report_parser() -> argparse.ArgumentParser:
         "  python -m harness report results/runs/RUN --metric-convention acc --bandwidth 400",
     )
     p.add_argument("results", nargs="+", type=Path, metavar="RESULTS_DIR", help="folders (searched recursively) or record files")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=user_dir, default=None,
                    help="output folder (default: RESULTS_DIR/report, next to the first results folder's records; for a "
                         "reference folder of `check`: reports/out/NAME, so the references stay records only)")
     p.add_argument("--metric-convention", default="paper", metavar="NAME",

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.cli.flags import MODES, batch_size_arg, csv_list, limit_arg, nonneg_int, positive_int, seed_arg, user_path
+from harness.cli.flags import MODES, batch_size_arg, csv_list, limit_arg, nonneg_int, positive_int, seed_arg, user_dir, user_path
 from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, STANDARD_TASKS, RunConfig, expand_tasks
 from harness.errors import UsageError
 from harness.run.quiet import quiet_libraries
@@ -46,7 +46,7 @@ def placement_flags(p: argparse.ArgumentParser) -> None:
                         "loading); each layer's KV stays on that layer's device")
     g.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
                    help="memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
-    g.add_argument("--offload-folder", default=None, metavar="DIR", help="where --device-map puts layers that fit nowhere else")
+    g.add_argument("--offload-folder", type=user_path, default=None, metavar="DIR", help="where --device-map puts layers that fit nowhere else")
 
 
 # every command of harness/cli/__init__.py's COMMANDS, for the top-level help (tests/test_cli.py checks the two agree)
@@ -95,7 +95,7 @@ def run_parser() -> argparse.ArgumentParser:
                         "(default: disaggregated)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE",
                    help="method, calibration or long-context task option, e.g. shortgpt.k=8, calib.n_samples=64, pd_ppl.docs=8 (repeatable)")
-    p.add_argument("--out", "--output_path", dest="out", type=Path, default=None,
+    p.add_argument("--out", "--output_path", dest="out", type=user_dir, default=None,
                    help="output folder (default: results/runs/<date>_<methods>_<run id>, under the current folder; a rerun "
                         "finds it); --output_path is lm-eval's name. Besides the "
                         "records it holds lm_eval/METHOD__MODE/results_<timestamp>.json in lm-eval's results schema")
@@ -124,7 +124,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap-iters", type=nonneg_int, default=1000,
                    help="lm-eval bootstrap iterations for stderrs (0: none, and lm-eval then reports no stderr at all, "
                         "accuracies' included; default: %(default)s)")
-    p.add_argument("--plans-from", default=None, metavar="RUN_DIR",
+    p.add_argument("--plans-from", type=user_path, default=None, metavar="RUN_DIR",
                    help="reuse plans stored in another run's records where model, seed, method options and calibration "
                         "match (saves a repeated search, e.g. PDTrim's); other plans are made as usual")
     p.add_argument("--log-samples", "--log_samples", dest="log_samples", action="store_true",

@@ -48,6 +48,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from harness.cli.flags import user_dir
 from harness.cli.sweep_backends import (
     FAILED_NOTE,
     STOP_GRACE_S,
@@ -84,7 +85,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive, default=None,
                    help="cells at a time (default: the number of GPUs where cells use GPUs, else half the CPU cores); "
                         "the CPU cores are split evenly between them (OMP_NUM_THREADS)")
-    p.add_argument("--out", type=Path, default=None, help="instead of the spec's folders: DIR/quality (records, summary.csv, "
+    p.add_argument("--out", type=user_dir, default=None, help="instead of the spec's folders: DIR/quality (records, summary.csv, "
                    "sweep.json), DIR/latency and DIR/report")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (one line per finished cell still)")
     return p
