@@ -38,7 +38,7 @@ def test_changed_data_behind_the_same_data_dir_is_not_reused(cli, data_dir, tmp_
     path.write_text("\n".join([json.dumps(first), *rows[1:]]) + "\n")
     changed = cli(*args)
     assert changed.returncode == 2, changed.stderr[-2000:]
-    assert "holds work made from other files behind the same paths: unpruned__unified.json (the data files of " \
+    assert "holds work made from other inputs than this run's: unpruned__unified.json (the data files of " \
            "arc_easy changed)" in changed.stderr
 
 
@@ -49,7 +49,7 @@ def test_changed_weights_behind_the_same_model_folder_are_not_reused_nor_their_p
     assert cli(*args, "--out", tmp_path / "a").returncode == 0
     _model_folder(model, seed=7)  # other weights, same path and configuration
     changed = cli(*args, "--out", tmp_path / "a")
-    assert changed.returncode == 2 and "shortgpt__disaggregated.json (the model's weights (fingerprint " in changed.stderr
+    assert changed.returncode == 2 and "shortgpt__disaggregated.json (the model's weights (model digest " in changed.stderr
     fresh = cli(*args, "--plans-from", tmp_path / "a", "--out", tmp_path / "b")
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     (rec,) = records.load_dir(tmp_path / "b")
@@ -64,3 +64,64 @@ def test_the_weights_fingerprint_ignores_where_the_files_lie_and_the_load_dtype(
     fp = {weights_fingerprint(load_model(str(p), device="cpu", dtype=dt).model) for p in (a, b) for dt in ("float32", "bfloat16")}
     assert len(fp) == 1
     assert weights_fingerprint(load_model(str(_model_folder(tmp_path / "c", seed=1)), device="cpu", dtype="float32").model) not in fp
+
+
+def test_a_changed_config_or_an_edit_inside_a_tensor_is_seen(cli, tmp_path):
+    from harness.pd.models import load_model
+    from harness.run.inputs import model_digests
+
+    model = _model_folder(tmp_path / "m", seed=0)
+    before = model_digests(load_model(str(model), device="cpu", dtype="float32"))
+    config = json.loads((model / "config.json").read_text())
+    config["rms_norm_eps"] = 0.5
+    (model / "config.json").write_text(json.dumps(config))
+    after = model_digests(load_model(str(model), device="cpu", dtype="float32"))
+    assert after["config"] != before["config"] and after["model"] == before["model"]
+    loaded = load_model(str(_model_folder(tmp_path / "n", seed=0)), device="cpu", dtype="float32")
+    first = model_digests(loaded)["model"]
+    weight = next(p for name, p in loaded.model.named_parameters() if p.numel() > 4096)
+    with __import__("torch").no_grad():
+        weight.view(-1)[weight.numel() // 2: weight.numel() // 2 + 64] *= 2  # the middle of a tensor, not its ends
+    assert model_digests(loaded)["model"] != first
+
+
+def test_passkey_records_of_the_older_limit_rule_are_not_reused(cli, tmp_path):
+    args = ["--model", "random:tiny", "--methods", "unpruned", "--mode", "unified", "--tasks", "passkey", "--limit", "2", "-q",
+            "--set", "passkey.lengths=384,448", "--set", "passkey.depths=0.5", "--set", "passkey.repeats=1"]
+    assert cli(*args, "--out", tmp_path / "o").returncode == 0
+    path = tmp_path / "o" / "unpruned__unified.json"
+    doc = json.loads(path.read_text())
+    doc["extra"]["items"]["passkey"]["ids"] = [f"passkey/{i}" for i in range(2)]  # as written before the round-robin
+    path.write_text(json.dumps(doc))
+    again = cli(*args, "--out", tmp_path / "o")
+    assert again.returncode == 0  # the limit keeps the whole grid here: the same samples, reused
+    one = [*args[:-6], "--set", "passkey.lengths=384,448,512", *args[-4:]]  # 3 cells, limit 2: cut
+    assert cli(*one, "--out", tmp_path / "p").returncode == 0
+    path = tmp_path / "p" / "unpruned__unified.json"
+    doc = json.loads(path.read_text())
+    doc["extra"]["items"]["passkey"]["ids"] = [f"passkey/{i}" for i in range(2)]
+    path.write_text(json.dumps(doc))
+    stale = cli(*one, "--out", tmp_path / "p")
+    assert stale.returncode == 2 and "(passkey's samples were chosen by an older --limit rule)" in stale.stderr
+
+
+def test_a_sweep_refuses_work_from_changed_data_before_any_cell(cli, data_dir, tmp_path):
+    from harness.cli.sweep_plan import expand
+    from harness.errors import UsageError
+
+    data = tmp_path / "data"
+    (data / "arc_easy").mkdir(parents=True)
+    shutil.copy(data_dir / "arc_easy" / "ARC-Easy-test.jsonl", data / "arc_easy")
+    assert cli("--model", "random:tiny", *ARC, "--data-dir", data, "--out", tmp_path / "q").returncode == 0
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'[run]\nmodel = "random:tiny"\nmethods = ["unpruned"]\nmode = "unified"\ntasks = ["arc_easy"]\n'
+                    f'limit = 2\ndevice = "cpu"\ndata_dir = "{data}"\nout = "{tmp_path / "q"}"\n')
+    assert expand(spec, None).cells  # unchanged: the sweep would reuse the record
+    (data / "arc_easy" / "ARC-Easy-test.jsonl").write_text("".join(
+        (data_dir / "arc_easy" / "ARC-Easy-test.jsonl").read_text().splitlines(True)[1:]))
+    try:
+        expand(spec, None)
+    except UsageError as e:
+        assert "unpruned__unified.json (the data files of arc_easy changed)" in str(e)
+    else:
+        raise AssertionError("a sweep over records made from other data was not refused")

@@ -45,7 +45,7 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     from harness.cli.flags import MODES
     from harness.cli.run import check_tasks, run_config, run_parser
     from harness.cli.spec import Spec, load_spec, to_namespace
-    from harness.run import pipeline, reuse
+    from harness.run import inputs, pipeline, reuse
 
     if not spec_path.is_file():
         raise UsageError(f"{spec_path}: no such spec file (specs live in configs/, e.g. configs/ci.toml)")
@@ -71,6 +71,8 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     check_tasks(cfg.tasks, cfg.data_dir)
     # another configuration's records in the folder: refused now, as `run` does, not by every cell after its start
     reuse.refuse_foreign_work(cfg, prepared, run_out, lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
+    cells_here = [(n, m) for n in prepared.methods for m in cfg.modes]  # and work from other data files (no model needed)
+    inputs.refuse_stale_work(run_out, cells_here, inputs.digests(cfg), cfg, prepared.task_options)
     if data_dir:  # the children must not depend on the environment (Ray workers may not inherit it)
         section["data_dir"] = data_dir
     cells = _spec_cells(spec, section, overrides, list(prepared.methods), MODES[args.mode], run_out)

@@ -6,6 +6,7 @@ made on other weights (run keys name the path, not the content)."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,48 +35,88 @@ def task_data_files(task: str, data_dir: Path) -> list[Path]:
     return [data_dir / r for r in rel if (data_dir / r).exists()]
 
 
+VERSION = 2  # of the digests below; a record with another version is compared on its data digests only
+
+
 def weights_fingerprint(model) -> str:
-    """sha256 (16 hex) of the parameters' names, shapes and a few values of each, rounded to bfloat16: the same
-    weights give the same digest wherever the files lie (a moved cache) and in whichever dtype they were loaded."""
+    """sha256 (16 hex) of the parameters' names, shapes and up to ~1,000 evenly strided values of each (plus the
+    first and last 8), rounded to bfloat16: the same weights give the same digest wherever the files lie and in
+    whichever dtype they were loaded; an edit anywhere in a tensor of up to ~1,000 values, or of a stride's
+    worth in a larger one, changes it."""
     import torch
 
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in model.named_parameters():
             h.update(f"|{name}:{tuple(p.shape)}".encode())
-            if p.numel():
+            if p.numel() and p.device.type != "meta":
                 flat = p.detach().reshape(-1)
-                h.update(torch.cat([flat[:8], flat[-8:]]).to(torch.bfloat16).float().cpu().numpy().tobytes())
+                step = max(1, flat.numel() // 1024)
+                sample = torch.cat([flat[:8], flat[::step], flat[-8:]])
+                h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def digests(cfg, model) -> dict[str, Any]:
-    """{"model": the weights' fingerprint (None with a --device-map: offloaded weights are not all in memory),
-    "data": {task: sha256 of its files}} for the run's tasks."""
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_digests(loaded) -> dict[str, str]:
+    """The weights', the config's (less its path, dtype and version) and the tokenizer's (vocabulary, special
+    tokens, chat template) digests: what a model folder or GGUF file holds besides its path."""
+    config = {k: v for k, v in loaded.model.config.to_dict().items()
+              if not k.startswith("_") and k not in ("dtype", "torch_dtype", "transformers_version")}
+    tok = loaded.tokenizer
+    vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else None
+    tokenizer = {"vocab": vocab, "special": list(getattr(tok, "all_special_tokens", [])),
+                 "chat_template": getattr(tok, "chat_template", None)}
+    return {"model": weights_fingerprint(loaded.model), "config": _sha(config), "tokenizer": _sha(tokenizer)}
+
+
+def digests(cfg, loaded=None) -> dict[str, Any]:
+    """{"version", "model", "config", "tokenizer": model_digests (None without `loaded`, or with a --device-map:
+    offloaded weights are not all in memory), "data": {task: sha256 of its files}} for the run's tasks."""
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
     data = {t: _files_sha256(files) for t in cfg.tasks if data_dir and (files := task_data_files(t, data_dir))}
-    return {"model": None if cfg.device_map else weights_fingerprint(model), "data": data}
+    model = model_digests(loaded) if loaded is not None and not cfg.device_map else {}
+    return {"version": VERSION, "model": model.get("model"), "config": model.get("config"),
+            "tokenizer": model.get("tokenizer"), "data": data}
 
 
 def differences(then: dict | None, now: dict) -> list[str]:
     """What differs between the inputs a record or resume state was made from and this run's (nothing when it
-    predates digests, or for a digest either side lacks)."""
+    predates digests, or for a digest either side lacks; the model's only between digests of one version)."""
     if not then:
         return []
     out = []
-    if then.get("model") and now.get("model") and then["model"] != now["model"]:
-        out.append(f"the model's weights (fingerprint {then['model']} then, {now['model']} now)")
+    names = {"model": "the model's weights", "config": "the model's config", "tokenizer": "the tokenizer"}
+    for key, what in names.items() if then.get("version") == now.get("version") else ():
+        if then.get(key) and now.get(key) and then[key] != now[key]:
+            out.append(f"{what} ({key} digest {then[key]} then, {now[key]} now)")
     changed = sorted(t for t, d in (then.get("data") or {}).items() if now["data"].get(t) not in (None, d))
     if changed:
         out.append(f"the data files of {', '.join(changed)}")
     return out
 
 
-def refuse_stale_work(out_dir: Path, cells: list[tuple[str, str]], now: dict) -> None:
-    """A UsageError naming every record or resume state of `cells` ((name, mode)) in `out_dir` made from other
-    files behind the same paths: reusing them would mix old and new inputs under one configuration."""
-    import json
+def stale_results(doc: dict, is_record: bool, cfg, task_options: dict) -> list[str]:
+    """Why a long-context task's stored results in a record (or resume state) no longer hold for this run's
+    options (`LongTask.stale`, e.g. passkey's samples chosen by an older --limit order)."""
+    from harness.quality import long_tasks
 
+    out = []
+    for task, options in task_options.items():
+        result = ({"items": (doc.get("extra") or {}).get("items", {}).get(task), "n_samples": (doc.get("n_samples") or {})
+                   .get(task)} if is_record else (doc.get("tasks") or {}).get(task))
+        why = long_tasks.get(task).stale(result, options, cfg.limit) if result else None
+        out += [why] if why else []
+    return out
+
+
+def refuse_stale_work(out_dir: Path, cells: list[tuple[str, str]], now: dict, cfg=None, task_options=None) -> None:
+    """A UsageError naming every record or resume state of `cells` ((name, mode)) in `out_dir` made from other
+    files behind the same paths, or whose long-context results no longer hold (`stale_results`, with `cfg` and
+    `task_options`): reusing them would mix old and new inputs under one configuration."""
     from harness.store import records as rec
 
     found = []
@@ -85,10 +126,12 @@ def refuse_stale_work(out_dir: Path, cells: list[tuple[str, str]], now: dict) ->
                 doc = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
             except (OSError, ValueError):
                 continue  # unreadable: the run's own checks name it
-            then = (doc.get("extra") or {}).get("inputs") if path.name.endswith("__" + mode + ".json") else doc.get("inputs")
-            why = differences(then, now) if isinstance(then, dict) else []
+            is_record = path.name == rec.record_filename(name, mode)
+            then = (doc.get("extra") or {}).get("inputs") if is_record else doc.get("inputs")
+            why = [f"{x} changed" for x in (differences(then, now) if isinstance(then, dict) else [])]
+            why += stale_results(doc, is_record, cfg, task_options) if doc and task_options else []
             if why:
-                found.append(f"{path.name} ({'; '.join(why)} changed)")
+                found.append(f"{path.name} ({'; '.join(why)})")
     if found:
-        raise UsageError(f"{out_dir} holds work made from other files behind the same paths: {', '.join(found)}; "
+        raise UsageError(f"{out_dir} holds work made from other inputs than this run's: {', '.join(found)}; "
                          "use another --out, or remove those files to redo them")

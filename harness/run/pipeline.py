@@ -160,8 +160,9 @@ def run(
         long_tasks.get(task).check_tokenizer(loaded.tokenizer, prepared.task_options[task], cfg.limit)
     env = env_info(str(next(loaded.model.parameters()).device))
     env["data_parallel_ranks"] = d.world_size
-    digests = inputs.digests(cfg, loaded.model)  # the files behind --model and --data-dir, which run keys name by path
-    inputs.refuse_stale_work(out_dir, [(n, m) for n in prepared.methods for m in cfg.modes], digests)
+    digests = inputs.digests(cfg, loaded)  # the files behind --model and --data-dir, which run keys name by path
+    inputs.refuse_stale_work(out_dir, [(n, m) for n in prepared.methods for m in cfg.modes], digests, cfg,
+                             prepared.task_options)
     state = _Run(cfg, prepared, out_dir, loaded,
                  TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None),  # built on first use
                  env, on_progress or (lambda msg: log.info(msg)), progress and d.is_main, dist=d, log_samples=log_samples,

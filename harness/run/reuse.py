@@ -41,7 +41,8 @@ def stored_plan(cfg: RunConfig, prepared, name: str, mode: str, options: dict,
 
 def _other_weights(old: rec.RunRecord, inputs: dict) -> bool:
     """Whether `old` was planned on other weights than this run's (both fingerprints known and different)."""
-    then = (old.extra.get("inputs") or {}).get("model")
+    stored = old.extra.get("inputs") or {}
+    then = stored.get("model") if stored.get("version") == inputs.get("version") else None  # one digest algorithm
     return bool(then and inputs.get("model") and then != inputs["model"])
 
 

@@ -43,6 +43,13 @@ class LongTask:
         """Raise UsageError when the task cannot run with `data_dir` (cheap: runs before any model work)."""
 
     @classmethod
+    def stale(cls, result: dict, options: Any, limit: int | float | None) -> str | None:
+        """Why a stored result of this task ({"items", "n_samples"}, from a record or resume state of the same
+        run key) no longer holds for `options` and `limit`, e.g. made by an older version that chose its samples
+        otherwise; None when it holds. The run then refuses to reuse it (harness/run/inputs.py)."""
+        return None
+
+    @classmethod
     def check_tokenizer(cls, tokenizer, options: Any, limit: int | float | None) -> None:
         """Raise UsageError when `options` cannot work with the model's tokenizer (e.g. a prompt length too
         short for the task's fixed text); runs once the model is loaded, before the first cell."""

@@ -124,6 +124,16 @@ class Passkey(LongTask):
     def check_tokenizer(cls, tokenizer, options: PasskeyConfig, limit: int | float | None) -> None:
         passkey_samples(tokenizer, options, limit)  # a length with no room for filler: the UsageError, before any cell
 
+    @classmethod
+    def stale(cls, result: dict, options: PasskeyConfig, limit: int | float | None) -> str | None:
+        """Results with positional item ids (`passkey/0`) were made when --limit kept the first cells in grid
+        order (one length only); under a limit that cuts the grid they scored other samples than now."""
+        ids = (result.get("items") or {}).get("ids") or []
+        full = len(options.lengths) * len(options.depths) * options.repeats
+        if ids and not ids[0].startswith("passkey/L") and capped(full, limit) < full:
+            return "passkey's samples were chosen by an older --limit rule"
+        return None
+
     def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: PasskeyConfig, limit: int | float | None,
                  progress: bool = False) -> dict:
         c = options
