@@ -266,6 +266,12 @@ DATA_CASES = [
     ("piqa", "piqa/valid-labels.lst", lambda x: ["0", "2"], "valid-labels.lst: expected one 0/1 label per line (label 2)"),
     ("arc_easy", "arc_easy/ARC-Easy-test.jsonl", lambda x: [x[0].replace('"answerKey":"', '"answerKey":"Z')],
      "row 1: answerKey 'Z"),
+    ("hellaswag", "hellaswag/hellaswag_validation.jsonl", lambda x: [x[0].replace('"label": "', '"label": "9')],
+     "hellaswag_validation.jsonl, row 1: label must index its endings"),
+    ("winogrande", "winogrande/dev.jsonl", lambda x: [x[0].replace('"answer": "', '"answer": "3')],
+     "dev.jsonl, row 1: answer must be '1' or '2'"),
+    ("openbookqa", "openbookqa/test.jsonl", lambda x: [x[0].replace('"answerKey": "', '"answerKey": "Z')],
+     "test.jsonl, row 1: answerKey must be one of its choice labels"),
 ]
 
 

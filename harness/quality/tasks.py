@@ -94,8 +94,19 @@ def _arc(data: Path, name: str) -> dict[str, list[dict]]:
     return {"test": rows}
 
 
+def _answers(path: Path, rows: list[dict], ok: Callable[[dict], bool], what: str) -> list[dict]:
+    """`rows`, each checked by `ok` (its answer names one of its choices): else lm-eval fails later naming nothing."""
+    for n, r in enumerate(rows, 1):
+        if not ok(r):
+            raise UsageError(f"data file {path}, row {n}: {what}; restore it from ../shared/data")
+    return rows
+
+
 def _hellaswag(data: Path) -> dict[str, list[dict]]:
-    return {"validation": _jsonl(data / "hellaswag/hellaswag_validation.jsonl", ROW_FIELDS["hellaswag"])}
+    path = data / "hellaswag/hellaswag_validation.jsonl"
+    rows = _jsonl(path, ROW_FIELDS["hellaswag"])
+    ok = lambda r: str(r["label"]).isdigit() and int(r["label"]) < len(r["endings"] or [])  # noqa: E731
+    return {"validation": _answers(path, rows, ok, "label must index its endings")}
 
 
 def _piqa(data: Path) -> dict[str, list[dict]]:
@@ -112,7 +123,9 @@ def _piqa(data: Path) -> dict[str, list[dict]]:
 
 
 def _winogrande(data: Path) -> dict[str, list[dict]]:
-    return {"validation": _jsonl(data / "winogrande/dev.jsonl", ROW_FIELDS["winogrande"])}
+    path = data / "winogrande/dev.jsonl"
+    rows = _jsonl(path, ROW_FIELDS["winogrande"])
+    return {"validation": _answers(path, rows, lambda r: str(r["answer"]) in ("1", "2"), "answer must be '1' or '2'")}
 
 
 def _boolq(data: Path) -> dict[str, list[dict]]:
@@ -137,8 +150,10 @@ def _openbookqa_rows(path: Path) -> list[dict]:
 
 
 def _openbookqa(data: Path) -> dict[str, list[dict]]:
-    return {"test": _openbookqa_rows(data / "openbookqa/test.jsonl"),
-            "validation": _openbookqa_rows(data / "openbookqa/dev.jsonl")}
+    ok = lambda r: r["answerKey"] in r["choices"]["label"]  # noqa: E731
+    return {split: _answers(data / f"openbookqa/{f}", _openbookqa_rows(data / f"openbookqa/{f}"), ok,
+                            "answerKey must be one of its choice labels") for split, f in (("test", "test.jsonl"),
+                                                                                           ("validation", "dev.jsonl"))}
 
 
 _WIKI_TITLE = re.compile(r"^ = [^=].* = $")
