@@ -220,10 +220,11 @@ def test_few_shot_examples_from_the_scored_split_never_include_the_item_itself(d
         context = s["arguments"]["gen_args_0"]["arg_0"]
         others = [json.loads(x)["question"] for x in rows if json.loads(x)["question"] != s["doc"]["question"]]
         assert context.count(s["doc"]["question"]) == 1 and all(q in context for q in others)  # 3 shots: the other 3
-    r = cli(*TINY, "--methods", "unpruned", "--tasks", "arc_easy", "--limit", "4", "--mode", "unified", "--num-fewshot", "4",
+    r = cli(*TINY, "--methods", "shortgpt", "--tasks", "arc_easy", "--limit", "4", "--mode", "unified", "--num-fewshot", "4",
             "--data-dir", str(data), "--out", str(tmp_path / "o4"), data_dir=data)
     assert r.returncode == 2 and "--num-fewshot 4: arc_easy has 3 few-shot examples to draw from (its test split, less " \
                                  "the item itself); give at most 3" in r.stderr, r.stderr[-2000:]
+    assert "planning" not in r.stderr and "FAILED" not in r.stderr  # refused before any cell planned
 
 
 def test_a_tilde_in_data_dir_and_model_is_the_home_folder(data_dir, tmp_path, cli, monkeypatch):

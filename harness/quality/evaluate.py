@@ -73,6 +73,13 @@ def fewshot_split(obj, task: str, told: set[str], num_fewshot: int) -> str | Non
     return shots
 
 
+def check_fewshot(tasks: TaskCache, names, num_fewshot: int) -> None:
+    """`fewshot_split` of each lm-eval task in `names` (built now: they are built for the first cell anyway), so a
+    pool too small is refused before any cell plans (a group such as mmlu is checked when it runs)."""
+    for task in names:
+        fewshot_split(tasks.get(task), task, tasks.told, num_fewshot)
+
+
 class TaskCache:
     """Builds each lm-eval task (or group) once per run and hands the same object to every evaluation.
 
