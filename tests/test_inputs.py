@@ -91,7 +91,7 @@ def test_passkey_records_of_the_older_limit_rule_are_not_reused(cli, tmp_path):
     assert cli(*args, "--out", tmp_path / "o").returncode == 0
     path = tmp_path / "o" / "unpruned__unified.json"
     doc = json.loads(path.read_text())
-    doc["extra"]["items"]["passkey"]["ids"] = [f"passkey/{i}" for i in range(2)]  # as written before the round-robin
+    doc["extra"]["items"]["passkey"]["ids"] = [f"passkey/{i}" for i in range(2)]  # as older versions wrote them
     path.write_text(json.dumps(doc))
     again = cli(*args, "--out", tmp_path / "o")
     assert again.returncode == 0  # the limit keeps the whole grid here: the same samples, reused
@@ -102,7 +102,7 @@ def test_passkey_records_of_the_older_limit_rule_are_not_reused(cli, tmp_path):
     doc["extra"]["items"]["passkey"]["ids"] = [f"passkey/{i}" for i in range(2)]
     path.write_text(json.dumps(doc))
     stale = cli(*one, "--out", tmp_path / "p")
-    assert stale.returncode == 2 and "(passkey's samples were chosen by an older --limit rule)" in stale.stderr
+    assert stale.returncode == 2 and "(passkey's items have positional ids, from a version whose --limit" in stale.stderr
 
 
 def test_a_sweep_refuses_work_from_changed_data_before_any_cell(cli, data_dir, tmp_path):
@@ -125,3 +125,25 @@ def test_a_sweep_refuses_work_from_changed_data_before_any_cell(cli, data_dir, t
         assert "unpruned__unified.json (the data files of arc_easy changed)" in str(e)
     else:
         raise AssertionError("a sweep over records made from other data was not refused")
+
+
+def test_a_sweep_refuses_a_few_shot_pool_too_small_before_any_cell(data_dir, tmp_path):
+    from harness.cli.sweep_plan import expand
+    from harness.errors import UsageError
+
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'[run]\nmodel = "random:tiny"\nmethods = ["unpruned"]\ntasks = ["arc_easy"]\nlimit = 2\n'
+                    f'num_fewshot = 100000\ndata_dir = "{data_dir}"\nout = "{tmp_path / "q"}"\n')
+    try:
+        expand(spec, None)
+    except UsageError as e:
+        assert "--num-fewshot 100000: arc_easy has 2375 few-shot examples" in str(e)
+    else:
+        raise AssertionError("a sweep with a few-shot pool too small was not refused")
+
+
+def test_a_spec_out_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    from harness.cli.spec import Spec
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert Spec(tmp_path / "s.toml", {"run": {"out": "~/runs/x"}}).out("run") == tmp_path / "runs" / "x"

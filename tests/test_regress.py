@@ -394,6 +394,12 @@ def test_a_report_of_the_references_leaves_them_updatable(tmp_path, monkeypatch)
     assert (tmp_path / "reports" / "out" / "reference" / "report.md").is_file()
     assert sorted(p.name for p in ref.iterdir()) == sorted(p.name for p in REFERENCE.iterdir())
     assert set(check_update(ref, cur)) == {p.name for p in REFERENCE.iterdir() if p.is_dir()}
+    record = next((ref / "latency").glob("*__*.json"))
+    assert main(["report", str(record), "--no-plots"]) == 0  # a record file of the references: not into them either
+    monkeypatch.chdir(ref / "latency")
+    assert main(["report", ".", "--no-plots"]) == 0  # nor `.` inside them: beside them
+    assert (tmp_path / "reports" / "out" / "reference-latency" / "report.md").is_file()
+    monkeypatch.chdir(tmp_path)
     assert main(["report", str(ref / "quality"), "--no-plots"]) == 0  # one kind of the references: not into it either
     assert (tmp_path / "reports" / "out" / "reference-quality" / "report.md").is_file()
     assert sorted(p.name for p in ref.iterdir()) == sorted(p.name for p in REFERENCE.iterdir())

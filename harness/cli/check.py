@@ -28,9 +28,9 @@ def check_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  python -m harness check --against results/reference\n"
         "  python -m harness check --against results/reference --update     # refresh the references on purpose",
     )
-    p.add_argument("--against", type=Path, required=True, metavar="REF_DIR", help="reference records, e.g. results/reference")
-    p.add_argument("--spec", type=Path, default=Path("configs") / "ci.toml", help="spec to rerun (default: configs/ci.toml)")
-    p.add_argument("--current", type=Path, default=None, metavar="DIR",
+    p.add_argument("--against", type=user_dir, required=True, metavar="REF_DIR", help="reference records, e.g. results/reference")
+    p.add_argument("--spec", type=user_dir, default=Path("configs") / "ci.toml", help="spec to rerun (default: configs/ci.toml)")
+    p.add_argument("--current", type=user_dir, default=None, metavar="DIR",
                    help="compare these records instead of rerunning (e.g. a rerun made earlier)")
     p.add_argument("--out", type=user_dir, default=None, help="where the rerun writes (default: results/runs/check-<time>)")
     p.add_argument("--latency-tolerance", type=nonneg_float, default=RATIO_TOLERANCE,

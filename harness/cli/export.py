@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--plans-from", type=user_dir, default=None, metavar="RUN_DIR",
                      help="replay the plan stored in RUN_DIR/<method>__<mode>.json instead of planning")
-    src.add_argument("--record", type=Path, default=None, metavar="FILE",
+    src.add_argument("--record", type=user_dir, default=None, metavar="FILE",
                      help="replay the plan of this run record (method, mode, model and seed come from it)")
     p.add_argument("--out", type=user_dir, required=True, help="output folder (must be new or empty; see --force)")
     p.add_argument("--force", action="store_true", help="replace OUT if it holds a previous export")

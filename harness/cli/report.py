@@ -21,7 +21,7 @@ def report_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  python -m harness report results/issue3/default results/issue4/cpu_smollm2 --out reports/out\n"
         "  python -m harness report results/runs/RUN --metric-convention acc --bandwidth 400",
     )
-    p.add_argument("results", nargs="+", type=Path, metavar="RESULTS_DIR", help="folders (searched recursively) or record files")
+    p.add_argument("results", nargs="+", type=user_dir, metavar="RESULTS_DIR", help="folders (searched recursively) or record files")
     p.add_argument("--out", type=user_dir, default=None,
                    help="output folder (default: RESULTS_DIR/report, next to the first results folder's records; for a "
                         "reference folder of `check`: reports/out/NAME, so the references stay records only)")
@@ -49,12 +49,14 @@ def cmd_report(argv: list[str] | argparse.Namespace) -> int:
     if args.out is None:  # next to the records it reads (a spec or --out names another place)
         from harness.store.references import KINDS, is_reference_folder
 
-        first = Path(args.results[0])
-        args.out = (first if first.is_dir() else first.parent) / "report"
-        kinds = (first, first.parent) if first.name in KINDS else (first,)  # the references, or one kind of them
+        first = Path(args.results[0]).resolve()  # `.` and a record file name no folder
+        base = first if first.is_dir() else first.parent
+        args.out = base / "report"
+        kinds = (base, base.parent) if base.name in KINDS else (base,)  # the references, or one kind of them
         ref = next((f for f in kinds if is_reference_folder(f)), None)
         if ref is not None:  # references stay records only, or `check --update` refuses them
-            args.out = Path("reports") / "out" / "-".join(p.name for p in dict.fromkeys((ref.resolve(), first.resolve())))
+            root = ref.parent if Path.cwd().resolve().is_relative_to(ref) else Path()  # not in them via the cwd either
+            args.out = root / "reports" / "out" / "-".join(p.name for p in dict.fromkeys((ref, base)))
     check_writable(args.out, "--out")
     try:
         with lock.hold(args.out):  # two reports into one folder would mix their files

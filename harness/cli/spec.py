@@ -47,7 +47,7 @@ class Spec:
         v = self.sections.get(section, {}).get("out")
         if v is not None and not isinstance(v, str):
             raise UsageError(f"{self.path} [{section}] out: expected a folder path in quotes, got {v!r}")
-        return Path(v) if v else None
+        return Path(v).expanduser() if v else None  # as the flags expand ~ (harness.cli.flags.user_dir)
 
 
 def load_spec(path: str | Path, flag: str = "--config") -> Spec:
