@@ -73,12 +73,26 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     reuse.refuse_foreign_work(cfg, prepared, run_out, lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
     cells_here = [(n, m) for n in prepared.methods for m in cfg.modes]  # and work from other data files (no model needed)
     inputs.refuse_stale_work(run_out, cells_here, inputs.digests(cfg), cfg, prepared.task_options)
+    if cfg.num_fewshot:  # a few-shot pool too small: refused now, not by every cell after its model load
+        _check_fewshot(cfg)
     if data_dir:  # the children must not depend on the environment (Ray workers may not inherit it)
         section["data_dir"] = data_dir
     cells = _spec_cells(spec, section, overrides, list(prepared.methods), MODES[args.mode], run_out)
     latency = _latency_cell(spec, outs["latency"], run_out)
     report_argv = _report_argv(spec, outs["report"] if out else None, run_out, latency)
     return Plan(run_out, cells, latency, report_argv, uses_gpu=args.device != "cpu")
+
+
+def _check_fewshot(cfg) -> None:
+    """`--num-fewshot` against each lm-eval task's few-shot pool (harness.quality.evaluate.check_fewshot)."""
+    from harness.quality import long_tasks
+    from harness.quality.evaluate import TaskCache, check_fewshot
+
+    tasks = TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None)
+    try:
+        check_fewshot(tasks, [t for t in cfg.tasks if not long_tasks.is_long_task(t)], cfg.num_fewshot)
+    finally:
+        tasks.close()
 
 
 def _spec_cells(spec, section: dict, overrides: list[str], variants: list[str], modes, run_out: Path) -> list[Cell]:
