@@ -269,7 +269,11 @@ DATA_CASES = [
     ("hellaswag", "hellaswag/hellaswag_validation.jsonl", lambda x: [x[0].replace('"label": "', '"label": "9')],
      "hellaswag_validation.jsonl, row 1: label must index its endings"),
     ("winogrande", "winogrande/dev.jsonl", lambda x: [x[0].replace('"answer": "', '"answer": "3')],
-     "dev.jsonl, row 1: answer must be '1' or '2'"),
+     "dev.jsonl, row 1: answer must be the string '1' or '2'"),
+    ("winogrande", "winogrande/dev.jsonl", lambda x: [x[0].replace('"answer": "2"', '"answer": 2')],
+     "dev.jsonl, row 1: answer must be the string '1' or '2'"),
+    ("hellaswag", "hellaswag/hellaswag_validation.jsonl", lambda x: [x[0].replace('"label": "', '"label": "\u00b2')],
+     "hellaswag_validation.jsonl, row 1: label must index its endings"),
     ("openbookqa", "openbookqa/test.jsonl", lambda x: [x[0].replace('"answerKey": "', '"answerKey": "Z')],
      "test.jsonl, row 1: answerKey must be one of its choice labels"),
 ]

@@ -105,7 +105,7 @@ def _answers(path: Path, rows: list[dict], ok: Callable[[dict], bool], what: str
 def _hellaswag(data: Path) -> dict[str, list[dict]]:
     path = data / "hellaswag/hellaswag_validation.jsonl"
     rows = _jsonl(path, ROW_FIELDS["hellaswag"])
-    ok = lambda r: str(r["label"]).isdigit() and int(r["label"]) < len(r["endings"] or [])  # noqa: E731
+    ok = lambda r: str(r["label"]) in {str(i) for i in range(len(r["endings"] or []))}  # lm-eval: int(label)  # noqa: E731
     return {"validation": _answers(path, rows, ok, "label must index its endings")}
 
 
@@ -125,7 +125,7 @@ def _piqa(data: Path) -> dict[str, list[dict]]:
 def _winogrande(data: Path) -> dict[str, list[dict]]:
     path = data / "winogrande/dev.jsonl"
     rows = _jsonl(path, ROW_FIELDS["winogrande"])
-    return {"validation": _answers(path, rows, lambda r: str(r["answer"]) in ("1", "2"), "answer must be '1' or '2'")}
+    return {"validation": _answers(path, rows, lambda r: r["answer"] in ("1", "2"), "answer must be the string '1' or '2'")}
 
 
 def _boolq(data: Path) -> dict[str, list[dict]]:

@@ -40,9 +40,9 @@ VERSION = 2  # of the digests below; a record with another version is compared o
 
 def weights_fingerprint(model) -> str:
     """sha256 (16 hex) of the parameters' names, shapes and up to ~1,000 evenly strided values of each (plus the
-    first and last 8), rounded to bfloat16: the same weights give the same digest wherever the files lie and in
-    whichever dtype they were loaded; an edit anywhere in a tensor of up to ~1,000 values, or of a stride's
-    worth in a larger one, changes it."""
+    first and last 8), rounded to bfloat16: the same weights give the same digest wherever the files lie, loaded
+    in float32 or bfloat16 (float16's own rounding and range differ: another digest, as its run key differs);
+    an edit anywhere in a tensor of up to ~1,000 values, or of a stride's worth in a larger one, changes it."""
     import torch
 
     h = hashlib.sha256()
@@ -67,7 +67,7 @@ def model_digests(loaded) -> dict[str, str]:
     config = {k: v for k, v in loaded.model.config.to_dict().items()
               if not k.startswith("_") and k not in ("dtype", "torch_dtype", "transformers_version")}
     tok = loaded.tokenizer
-    vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else None
+    vocab = {str(k): v for k, v in tok.get_vocab().items()} if hasattr(tok, "get_vocab") else None  # bytes keys too
     tokenizer = {"vocab": vocab, "special": list(getattr(tok, "all_special_tokens", [])),
                  "chat_template": getattr(tok, "chat_template", None)}
     return {"model": weights_fingerprint(loaded.model), "config": _sha(config), "tokenizer": _sha(tokenizer)}

@@ -126,12 +126,13 @@ class Passkey(LongTask):
 
     @classmethod
     def stale(cls, result: dict, options: PasskeyConfig, limit: int | float | None) -> str | None:
-        """Results with positional item ids (`passkey/0`) were made when --limit kept the first cells in grid
-        order (one length only); under a limit that cuts the grid they scored other samples than now."""
+        """Results with positional item ids (`passkey/0`) come from versions that kept, under a --limit that cuts
+        the grid, other cells than this one may: refused then. Without a cut they scored the same samples and are
+        reused (their positional ids pair only with records of their own kind in `report --baseline`)."""
         ids = (result.get("items") or {}).get("ids") or []
         full = len(options.lengths) * len(options.depths) * options.repeats
         if ids and not ids[0].startswith("passkey/L") and capped(full, limit) < full:
-            return "passkey's samples were chosen by an older --limit rule"
+            return "passkey's items have positional ids, from a version whose --limit may have kept other samples"
         return None
 
     def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: PasskeyConfig, limit: int | float | None,
