@@ -147,3 +147,29 @@ def test_a_spec_out_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HOME", str(tmp_path))
     assert Spec(tmp_path / "s.toml", {"run": {"out": "~/runs/x"}}).out("run") == tmp_path / "runs" / "x"
+
+
+def test_with_a_device_map_the_config_and_tokenizer_are_still_digested(tmp_path):
+    from types import SimpleNamespace
+
+    from harness.pd.models import load_model
+    from harness.run.inputs import digests
+
+    loaded = load_model("random:tiny", device="cpu", dtype="float32")
+    cfg = SimpleNamespace(data_dir=None, tasks=(), device_map="auto")
+    d = digests(cfg, loaded)
+    assert d["model"] is None and d["config"] and d["tokenizer"]  # offloaded weights are not all in memory; the rest is
+
+
+def test_few_shot_under_data_parallelism_is_refused(monkeypatch):
+    from harness.errors import UsageError
+    from harness.quality import distributed
+
+    monkeypatch.setattr(distributed, "launched_world_size", lambda: 2)
+    distributed.check_items_per_rank(4, ["arc_easy"], 0)  # zero-shot: fine
+    try:
+        distributed.check_items_per_rank(4, ["arc_easy"], 2)
+    except UsageError as e:
+        assert "--num-fewshot 2 with 2 data-parallel ranks: each rank would draw other few-shot examples" in str(e)
+    else:
+        raise AssertionError("few-shot under data parallelism was not refused")

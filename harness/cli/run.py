@@ -222,7 +222,8 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
         raise UsageError(f"--plans-from {args.plans_from}: not a folder of run records")
     prepared = pipeline.prepare(cfg)
     check_tasks(cfg.tasks, cfg.data_dir)
-    warn_small_limit(cfg.limit)
+    if dist.is_main:  # one voice under data parallelism
+        warn_small_limit(cfg.limit)
     if cfg.data_dir:
         from harness.quality.tasks import TASK_FILES, check_files
 

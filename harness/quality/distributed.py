@@ -91,12 +91,17 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_items_per_rank(limit: int | float | None, lm_eval_tasks: list[str]) -> None:
+def check_items_per_rank(limit: int | float | None, lm_eval_tasks: list[str], num_fewshot: int = 0) -> None:
     """lm-eval gives each rank a share of a task's items and fails on a rank with none, while the other
-    ranks wait for it forever: refuse a --limit below the number of ranks before any work."""
+    ranks wait for it forever: refuse a --limit below the number of ranks before any work. Refuse few-shot
+    runs too: each rank's few-shot sampler starts afresh on its own share of the items, so the prompts (and
+    scores) differ from a single process's under the same run key."""
     from harness.errors import UsageError
 
     n = launched_world_size()
+    if n > 1 and lm_eval_tasks and num_fewshot:
+        raise UsageError(f"--num-fewshot {num_fewshot} with {n} data-parallel ranks: each rank would draw other few-shot "
+                         "examples than one process does (same run key, other prompts); run it in one process")
     if n > 1 and lm_eval_tasks and isinstance(limit, int) and limit < n:
         raise UsageError(f"--limit {limit} with {n} data-parallel ranks: each rank needs at least one item of "
                          f"every task ({', '.join(lm_eval_tasks)}); give --limit {n} or more, or start fewer ranks")

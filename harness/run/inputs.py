@@ -74,12 +74,12 @@ def model_digests(loaded) -> dict[str, str]:
 
 
 def digests(cfg, loaded=None) -> dict[str, Any]:
-    """{"version", "model", "config", "tokenizer": model_digests (None without `loaded`, or with a --device-map:
-    offloaded weights are not all in memory), "data": {task: sha256 of its files}} for the run's tasks."""
+    """{"version", "model", "config", "tokenizer": model_digests (None without `loaded`; the weights' None with a
+    --device-map: offloaded weights are not all in memory), "data": {task: sha256 of its files}} for the run's tasks."""
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
     data = {t: _files_sha256(files) for t in cfg.tasks if data_dir and (files := task_data_files(t, data_dir))}
-    model = model_digests(loaded) if loaded is not None and not cfg.device_map else {}
-    return {"version": VERSION, "model": model.get("model"), "config": model.get("config"),
+    model = model_digests(loaded) if loaded is not None else {}
+    return {"version": VERSION, "model": None if cfg.device_map else model.get("model"), "config": model.get("config"),
             "tokenizer": model.get("tokenizer"), "data": data}
 
 

@@ -81,7 +81,7 @@ def prepare(cfg: RunConfig, need_data: bool = True) -> Prepared:
         raise UsageError("--methods is empty; known methods: " + ", ".join(registry.names()))
     classes = {name: registry.get(name) for name in cfg.methods}
     long_here = [t for t in cfg.tasks if long_tasks.is_long_task(t)]
-    distributed.check_items_per_rank(cfg.limit, [t for t in cfg.tasks if t not in long_here])
+    distributed.check_items_per_rank(cfg.limit, [t for t in cfg.tasks if t not in long_here], cfg.num_fewshot)
     raw = split_overrides(cfg.overrides, [*cfg.methods, "calib", *long_here])
     instances = {variant: cls(build_options(cls.Config, name, opts))  # `shortgpt.k=2,4` -> shortgpt@k=2, shortgpt@k=4
                  for name, cls in classes.items() for variant, opts in expand_sweeps(cls.Config, name, raw.get(name, {}))}
