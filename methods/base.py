@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from harness.errors import UsageError
+from harness.pd import arch
 from harness.pd.plan import PruningPlan
 
 
@@ -33,13 +34,7 @@ def model_fingerprint(model) -> str:
     of each): equal for the same weights, different for another checkpoint or seed. Sampling keeps
     it cheap on large models; offloaded (meta) parameters contribute their shape only."""
     h = hashlib.sha256(f"{type(model).__qualname__}|{getattr(getattr(model, 'config', None), '_name_or_path', '')}".encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            h.update(f"|{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            if p.device.type != "meta" and p.numel():
-                flat = p.detach().reshape(-1)
-                sample = torch.cat([flat[:8], flat[-8:]]).float().cpu()
-                h.update(sample.numpy().tobytes())
+    arch.hash_parameters(h, model, lambda flat: torch.cat([flat[:8], flat[-8:]]), with_dtype=True)
     return h.hexdigest()[:16]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -96,3 +96,14 @@ def check_full_attention(config, spec: str) -> None:
         raise UsageError(f"--model {spec}: it has sliding-window attention ({', '.join(sliding)}, window {window}), which "
                          "the PD engine does not implement (it would score every layer with full attention); use a model "
                          "with full attention in every layer")
+
+
+def hash_parameters(h, model: nn.Module, sample: Callable[[torch.Tensor], torch.Tensor], with_dtype: bool) -> None:
+    """Feed hashlib object `h` each parameter's name and shape (and dtype, with `with_dtype`) and the float32 bytes
+    of `sample(its flattened values)`; an offloaded (meta) parameter gives its name and shape only. The one loop
+    behind methods.base.model_fingerprint (cache keys) and harness.run.inputs.weights_fingerprint (records)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update((f"|{name}:{tuple(p.shape)}" + (f":{p.dtype}" if with_dtype else "")).encode())
+            if p.device.type != "meta" and p.numel():
+                h.update(sample(p.detach().reshape(-1)).float().cpu().numpy().tobytes())

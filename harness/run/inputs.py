@@ -45,15 +45,13 @@ def weights_fingerprint(model) -> str:
     an edit anywhere in a tensor of up to ~1,000 values, or of a stride's worth in a larger one, changes it."""
     import torch
 
+    from harness.pd import arch
+
+    def sample(flat: torch.Tensor) -> torch.Tensor:
+        return torch.cat([flat[:8], flat[:: max(1, flat.numel() // 1024)], flat[-8:]]).to(torch.bfloat16)
+
     h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            h.update(f"|{name}:{tuple(p.shape)}".encode())
-            if p.numel() and p.device.type != "meta":
-                flat = p.detach().reshape(-1)
-                step = max(1, flat.numel() // 1024)
-                sample = torch.cat([flat[:8], flat[::step], flat[-8:]])
-                h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    arch.hash_parameters(h, model, sample, with_dtype=False)
     return h.hexdigest()[:16]
 
 
