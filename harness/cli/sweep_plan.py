@@ -71,8 +71,7 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     check_tasks(cfg.tasks, cfg.data_dir)
     # another configuration's records in the folder: refused now, as `run` does, not by every cell after its start
     reuse.refuse_foreign_work(cfg, prepared, run_out, lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
-    cells_here = [(n, m) for n in prepared.methods for m in cfg.modes]  # and work from other data files (no model needed)
-    inputs.refuse_stale_work(run_out, cells_here, inputs.digests(cfg), cfg, prepared.task_options)
+    inputs.refuse_stale_work(cfg, prepared, run_out, inputs.digests(cfg))  # and work from other data (no model needed)
     if cfg.num_fewshot:  # a few-shot pool too small: refused now, not by every cell after its model load
         _check_fewshot(cfg)
     if data_dir:  # the children must not depend on the environment (Ray workers may not inherit it)
@@ -85,12 +84,11 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
 
 def _check_fewshot(cfg) -> None:
     """`--num-fewshot` against each lm-eval task's few-shot pool (harness.quality.evaluate.check_fewshot)."""
-    from harness.quality import long_tasks
     from harness.quality.evaluate import TaskCache, check_fewshot
 
     tasks = TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None)
     try:
-        check_fewshot(tasks, [t for t in cfg.tasks if not long_tasks.is_long_task(t)], cfg.num_fewshot)
+        check_fewshot(tasks, cfg.tasks, cfg.num_fewshot)
     finally:
         tasks.close()
 

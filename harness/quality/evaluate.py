@@ -74,9 +74,12 @@ def fewshot_split(obj, task: str, told: set[str], num_fewshot: int) -> str | Non
 
 
 def check_fewshot(tasks: TaskCache, names, num_fewshot: int) -> None:
-    """`fewshot_split` of each lm-eval task in `names` (built now: they are built for the first cell anyway), so a
-    pool too small is refused before any cell plans (a group such as mmlu is checked when it runs)."""
-    for task in names:
+    """`fewshot_split` of each lm-eval task in `names` (long-context tasks have no few-shot examples: skipped; the
+    others are built now, as they are for the first cell anyway), so a pool too small is refused before any cell
+    plans (a group such as mmlu is checked when it runs)."""
+    from harness.quality import long_tasks
+
+    for task in (t for t in names if not long_tasks.is_long_task(t)):
         fewshot_split(tasks.get(task), task, tasks.told, num_fewshot)
 
 

@@ -111,14 +111,14 @@ def stale_results(doc: dict, is_record: bool, cfg, task_options: dict) -> list[s
     return out
 
 
-def refuse_stale_work(out_dir: Path, cells: list[tuple[str, str]], now: dict, cfg=None, task_options=None) -> None:
-    """A UsageError naming every record or resume state of `cells` ((name, mode)) in `out_dir` made from other
-    files behind the same paths, or whose long-context results no longer hold (`stale_results`, with `cfg` and
-    `task_options`): reusing them would mix old and new inputs under one configuration."""
+def refuse_stale_work(cfg, prepared, out_dir: Path, now: dict) -> None:
+    """A UsageError naming every record or resume state of the run's cells in `out_dir` made from other files
+    behind the same paths (`now`: this run's `digests`), or whose long-context results no longer hold
+    (`stale_results`): reusing them would mix old and new inputs under one configuration."""
     from harness.store import records as rec
 
     found = []
-    for name, mode in cells:
+    for name, mode in ((n, m) for n in prepared.methods for m in cfg.modes):
         for path in (out_dir / rec.record_filename(name, mode), out_dir / rec.partial_filename(name, mode)):
             try:
                 doc = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
@@ -127,7 +127,7 @@ def refuse_stale_work(out_dir: Path, cells: list[tuple[str, str]], now: dict, cf
             is_record = path.name == rec.record_filename(name, mode)
             then = (doc.get("extra") or {}).get("inputs") if is_record else doc.get("inputs")
             why = [f"{x} changed" for x in (differences(then, now) if isinstance(then, dict) else [])]
-            why += stale_results(doc, is_record, cfg, task_options) if doc and task_options else []
+            why += stale_results(doc, is_record, cfg, prepared.task_options) if doc else []
             if why:
                 found.append(f"{path.name} ({'; '.join(why)})")
     if found:

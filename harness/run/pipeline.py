@@ -161,14 +161,13 @@ def run(
     env = env_info(str(next(loaded.model.parameters()).device))
     env["data_parallel_ranks"] = d.world_size
     digests = inputs.digests(cfg, loaded)  # the files behind --model and --data-dir, which run keys name by path
-    inputs.refuse_stale_work(out_dir, [(n, m) for n in prepared.methods for m in cfg.modes], digests, cfg,
-                             prepared.task_options)
+    inputs.refuse_stale_work(cfg, prepared, out_dir, digests)
     state = _Run(cfg, prepared, out_dir, loaded,
                  TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None),  # built on first use
                  env, on_progress or (lambda msg: log.info(msg)), progress and d.is_main, dist=d, log_samples=log_samples,
                  tracker=tracker, inputs=digests)
     if cfg.num_fewshot:  # a few-shot pool too small: refused before any cell plans
-        check_fewshot(state.tasks, [t for t in cfg.tasks if not long_tasks.is_long_task(t)], cfg.num_fewshot)
+        check_fewshot(state.tasks, cfg.tasks, cfg.num_fewshot)
     records, failures = [], []
     try:
         for i, (name, mode) in enumerate((n, m) for n in prepared.methods for m in cfg.modes):
