@@ -83,23 +83,20 @@ def _jsonl(path: Path, fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     return rows
 
 
-def _arc(data: Path, name: str) -> dict[str, list[dict]]:
-    path = data / TASK_FILES[name][0][0]
-    rows = _jsonl(path, ROW_FIELDS["arc"])
-    for n, r in enumerate(rows, 1):  # lm-eval's target is the answer's index among the choice labels
-        labels = r["choices"].get("label", []) if isinstance(r["choices"], dict) else []
-        if r["answerKey"] not in labels:
-            raise UsageError(f"data file {path}, row {n}: answerKey {r['answerKey']!r} is not one of its choice labels "
-                             f"{labels}; restore it from ../shared/data")
-    return {"test": rows}
-
-
-def _answers(path: Path, rows: list[dict], ok: Callable[[dict], bool], what: str) -> list[dict]:
-    """`rows`, each checked by `ok` (its answer names one of its choices): else lm-eval fails later naming nothing."""
+def _answers(path: Path, rows: list[dict], ok: Callable[[dict], bool], what: str | Callable[[dict], str]) -> list[dict]:
+    """`rows`, each checked by `ok` (its answer names one of its choices): else lm-eval fails later naming nothing.
+    `what` says what is wrong (or makes it from the row)."""
     for n, r in enumerate(rows, 1):
         if not ok(r):
-            raise UsageError(f"data file {path}, row {n}: {what}; restore it from ../shared/data")
+            raise UsageError(f"data file {path}, row {n}: {what(r) if callable(what) else what}; restore it from ../shared/data")
     return rows
+
+
+def _arc(data: Path, name: str) -> dict[str, list[dict]]:
+    path = data / TASK_FILES[name][0][0]
+    labels = lambda r: r["choices"].get("label", []) if isinstance(r["choices"], dict) else []  # noqa: E731
+    return {"test": _answers(path, _jsonl(path, ROW_FIELDS["arc"]), lambda r: r["answerKey"] in labels(r),
+                             lambda r: f"answerKey {r['answerKey']!r} is not one of its choice labels {labels(r)}")}
 
 
 def _hellaswag(data: Path) -> dict[str, list[dict]]:
@@ -113,8 +110,9 @@ def _piqa(data: Path) -> dict[str, list[dict]]:
     rows = _jsonl(data / "piqa/valid.jsonl", ROW_FIELDS["piqa"])
     try:
         labels = [int(x) for x in _text(data / "piqa/valid-labels.lst").split()]
-        if any(y not in (0, 1) for y in labels):
-            raise ValueError(f"label {next(y for y in labels if y not in (0, 1))}")
+        bad = [y for y in labels if y not in (0, 1)]
+        if bad:
+            raise ValueError(f"label {bad[0]}")
     except ValueError as e:
         raise UsageError(f"data file {data}/piqa/valid-labels.lst: expected one 0/1 label per line ({e})") from None
     if len(rows) != len(labels):
