@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os.path
+from pathlib import Path
 
 MODES = {"unified": ("unified",), "disaggregated": ("disaggregated",), "both": ("unified", "disaggregated")}
 
@@ -40,15 +42,11 @@ def seed_arg(s: str) -> int:
 
 def user_path(s: str) -> str:
     """A path with `~` expanded (`--data-dir=~/data`: no shell expanded it); other text as given (`random:tiny`)."""
-    import os.path
-
     return os.path.expanduser(s)
 
 
-def user_dir(s: str):
+def user_dir(s: str) -> Path:
     """`user_path` as a Path (--out=~/runs/x)."""
-    from pathlib import Path
-
     return Path(user_path(s))
 
 

@@ -66,12 +66,12 @@ class PasskeySample:
         return f"passkey/L{self.length}/d{self.depth:g}/r{self.rep}"
 
 
-def _round_robin(lengths: tuple[int, ...], depths: tuple[float, ...], rep: int) -> list[tuple[int, int, float]]:
+def _round_robin(lengths: tuple[int, ...], depths: tuple[float, ...]) -> list[tuple[int, float]]:
     """Every (length, depth) cell once, lengths cycling fastest and each length's depth rotating, so any prefix
     (what --limit takes) spreads over the lengths first, then the depths: the j-th cell is length j mod nL with
     depth (j div nL + j mod nL) mod nD, a bijection onto the grid."""
     n_l, n_d = len(lengths), len(depths)
-    return [(rep, lengths[j % n_l], depths[(j // n_l + j % n_l) % n_d]) for j in range(n_l * n_d)]
+    return [(lengths[j % n_l], depths[(j // n_l + j % n_l) % n_d]) for j in range(n_l * n_d)]
 
 
 def passkey_samples(tokenizer, c: PasskeyConfig, limit: int | float | None) -> list[PasskeySample]:
@@ -79,7 +79,7 @@ def passkey_samples(tokenizer, c: PasskeyConfig, limit: int | float | None) -> l
     depth) order; a --limit keeps the first cells of the round-robin order (every length, then every depth)."""
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     intro, unit, question = enc(INTRO), enc(FILLER), enc(QUESTION)
-    grid = [cell for rep in range(c.repeats) for cell in _round_robin(c.lengths, c.depths, rep)]
+    grid = [(rep, *cell) for rep in range(c.repeats) for cell in _round_robin(c.lengths, c.depths)]
     kept = set(grid[:capped(len(grid), limit)])  # which cells a --limit keeps: round-robin over lengths and depths
     grid = [(rep, L, d) for rep in range(c.repeats) for L in c.lengths for d in c.depths if (rep, L, d) in kept]
     out = []
@@ -130,8 +130,7 @@ class Passkey(LongTask):
         the grid, other cells than this one may: refused then. Without a cut they scored the same samples and are
         reused (their positional ids pair only with records of their own kind in `report --baseline`)."""
         ids = (result.get("items") or {}).get("ids") or []
-        full = len(options.lengths) * len(options.depths) * options.repeats
-        if ids and not ids[0].startswith("passkey/L") and capped(full, limit) < full:
+        if ids and not ids[0].startswith("passkey/L") and cls.items(options, limit) < cls.items(options, None):
             return "passkey's items have positional ids, from a version whose --limit may have kept other samples"
         return None
 
