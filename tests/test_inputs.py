@@ -5,7 +5,10 @@ a plan made on other weights."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+
+import pytest
 
 from harness.store import records
 
@@ -85,22 +88,23 @@ def test_a_changed_config_or_an_edit_inside_a_tensor_is_seen(cli, tmp_path):
     assert model_digests(loaded)["model"] != first
 
 
+def _positional_passkey_ids(path):
+    """Rewrite a record's passkey item ids as versions before content ids wrote them (`passkey/0`, ...)."""
+    doc = json.loads(path.read_text())
+    doc["extra"]["items"]["passkey"]["ids"] = [f"passkey/{i}" for i in range(len(doc["extra"]["items"]["passkey"]["ids"]))]
+    path.write_text(json.dumps(doc))
+
+
 def test_passkey_records_of_the_older_limit_rule_are_not_reused(cli, tmp_path):
     args = ["--model", "random:tiny", "--methods", "unpruned", "--mode", "unified", "--tasks", "passkey", "--limit", "2", "-q",
             "--set", "passkey.lengths=384,448", "--set", "passkey.depths=0.5", "--set", "passkey.repeats=1"]
     assert cli(*args, "--out", tmp_path / "o").returncode == 0
-    path = tmp_path / "o" / "unpruned__unified.json"
-    doc = json.loads(path.read_text())
-    doc["extra"]["items"]["passkey"]["ids"] = [f"passkey/{i}" for i in range(2)]  # as older versions wrote them
-    path.write_text(json.dumps(doc))
+    _positional_passkey_ids(tmp_path / "o" / "unpruned__unified.json")
     again = cli(*args, "--out", tmp_path / "o")
     assert again.returncode == 0  # the limit keeps the whole grid here: the same samples, reused
     one = [*args[:-6], "--set", "passkey.lengths=384,448,512", *args[-4:]]  # 3 cells, limit 2: cut
     assert cli(*one, "--out", tmp_path / "p").returncode == 0
-    path = tmp_path / "p" / "unpruned__unified.json"
-    doc = json.loads(path.read_text())
-    doc["extra"]["items"]["passkey"]["ids"] = [f"passkey/{i}" for i in range(2)]
-    path.write_text(json.dumps(doc))
+    _positional_passkey_ids(tmp_path / "p" / "unpruned__unified.json")
     stale = cli(*one, "--out", tmp_path / "p")
     assert stale.returncode == 2 and "(passkey's items have positional ids, from a version whose --limit" in stale.stderr
 
@@ -119,12 +123,8 @@ def test_a_sweep_refuses_work_from_changed_data_before_any_cell(cli, data_dir, t
     assert expand(spec, None).cells  # unchanged: the sweep would reuse the record
     (data / "arc_easy" / "ARC-Easy-test.jsonl").write_text("".join(
         (data_dir / "arc_easy" / "ARC-Easy-test.jsonl").read_text().splitlines(True)[1:]))
-    try:
+    with pytest.raises(UsageError, match=re.escape("unpruned__unified.json (the data files of arc_easy changed)")):
         expand(spec, None)
-    except UsageError as e:
-        assert "unpruned__unified.json (the data files of arc_easy changed)" in str(e)
-    else:
-        raise AssertionError("a sweep over records made from other data was not refused")
 
 
 def test_a_sweep_refuses_a_few_shot_pool_too_small_before_any_cell(data_dir, tmp_path):
@@ -134,12 +134,8 @@ def test_a_sweep_refuses_a_few_shot_pool_too_small_before_any_cell(data_dir, tmp
     spec = tmp_path / "s.toml"
     spec.write_text(f'[run]\nmodel = "random:tiny"\nmethods = ["unpruned"]\ntasks = ["arc_easy"]\nlimit = 2\n'
                     f'num_fewshot = 100000\ndata_dir = "{data_dir}"\nout = "{tmp_path / "q"}"\n')
-    try:
+    with pytest.raises(UsageError, match=re.escape("--num-fewshot 100000: arc_easy has 2375 few-shot examples")):
         expand(spec, None)
-    except UsageError as e:
-        assert "--num-fewshot 100000: arc_easy has 2375 few-shot examples" in str(e)
-    else:
-        raise AssertionError("a sweep with a few-shot pool too small was not refused")
 
 
 def test_a_spec_out_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
@@ -167,9 +163,5 @@ def test_few_shot_under_data_parallelism_is_refused(monkeypatch):
 
     monkeypatch.setattr(distributed, "launched_world_size", lambda: 2)
     distributed.check_items_per_rank(4, ["arc_easy"], 0)  # zero-shot: fine
-    try:
+    with pytest.raises(UsageError, match=re.escape("--num-fewshot 2 with 2 data-parallel ranks: each rank would draw other few-shot examples")):
         distributed.check_items_per_rank(4, ["arc_easy"], 2)
-    except UsageError as e:
-        assert "--num-fewshot 2 with 2 data-parallel ranks: each rank would draw other few-shot examples" in str(e)
-    else:
-        raise AssertionError("few-shot under data parallelism was not refused")
