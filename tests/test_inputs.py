@@ -45,6 +45,38 @@ def test_changed_data_behind_the_same_data_dir_is_not_reused(cli, data_dir, tmp_
            "arc_easy changed)" in changed.stderr
 
 
+def test_a_moved_data_folder_reuses_its_records_and_still_checks_their_files(cli, data_dir, tmp_path, monkeypatch):
+    """Run keys hold --data-dir's path, so a clone elsewhere (CI's checkout of the committed records) refused every
+    record as another configuration; the path alone no longer decides: the files' digests do."""
+    from harness.cli.run import run_config, run_parser
+    from harness.run import reuse
+
+    data = tmp_path / "a" / "data"
+    (data / "arc_easy").mkdir(parents=True)
+    shutil.copy(data_dir / "arc_easy" / "ARC-Easy-test.jsonl", data / "arc_easy")
+    args = ["--model", "random:tiny", *ARC, "--out", tmp_path / "o"]
+    assert cli(*args, "--data-dir", data).returncode == 0
+    moved = tmp_path / "b" / "data"
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    again = cli(*args, "--data-dir", moved)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"unpruned/unified: record made with the data folder at {data}; reused" in again.stderr
+    path = moved / "arc_easy" / "ARC-Easy-test.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[1:]))  # one item fewer
+    edited = cli(*args, "--data-dir", moved)
+    assert edited.returncode == 2 and "(the data files of arc_easy changed)" in edited.stderr, edited.stderr[-2000:]
+    record = tmp_path / "o" / records.record_filename("unpruned", "unified")
+    doc = json.loads(record.read_text())
+    del doc["extra"]["inputs"]  # a record made before input digests: reused as before, saying so
+    record.write_text(json.dumps(doc))
+    old = cli(*args, "--data-dir", moved)
+    assert old.returncode == 0 and "(before data digests: its files unchecked); reused" in old.stderr
+    # without a local folder the data is lm-eval's hub datasets: another source, not a moved folder
+    monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
+    hub = run_config(run_parser().parse_args([str(a) for a in args]))
+    assert hub.data_dir is None and reuse.moved_data(hub, records.load(record)) is None
+
+
 def test_changed_weights_behind_the_same_model_folder_are_not_reused_nor_their_plans(cli, data_dir, tmp_path):
     model = _model_folder(tmp_path / "m", seed=0)
     args = ["--model", model, "--data-dir", data_dir, "--tasks", "arc_easy", "--limit", "2", "-q", "--device", "cpu",

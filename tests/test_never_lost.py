@@ -159,6 +159,10 @@ def test_latency_refuses_its_own_record_of_another_configuration_and_reuses_the_
     path.write_text(json.dumps(d))
     before = snapshot(out)
     assert cli_main([*LATENCY, "--out", str(out)]) == 0 and snapshot(out) == before
+    d["config"]["data_dir"] = "/elsewhere/data"  # made in a clone at another path: its plan is in the key
+    path.write_text(json.dumps(d))
+    before = snapshot(out)
+    assert cli_main([*LATENCY, "--out", str(out)]) == 0 and snapshot(out) == before
     capsys.readouterr()
     assert cli_main([*LATENCY[:-4], "--repeats", "2", "--warmup", "0", "--out", str(out)]) == 2
     assert "holds a unpruned/disaggregated latency record of a different configuration" in capsys.readouterr().err

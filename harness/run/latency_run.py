@@ -56,7 +56,9 @@ class LatencyConfig:
         return latency_identity(dataclasses.asdict(self), method, options, plan)
 
 
-NOT_IDENTITY = ("methods", "overrides", "plans_from", "kind", "method_options")  # config keys that do not change a record
+# config keys that do not change a record; data_dir feeds only calibration, whose outcome (the plan) is in the key,
+# and is a path: the same records in a clone elsewhere are the same measurements
+NOT_IDENTITY = ("methods", "overrides", "plans_from", "kind", "method_options", "data_dir")
 
 
 def latency_identity(config: dict, method: str, options: dict, plan: dict) -> str:

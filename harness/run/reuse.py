@@ -114,7 +114,32 @@ def same_but_newer_options(cfg: RunConfig, method, old: rec.RunRecord, cell: tup
 
 def foreign(cfg: RunConfig, method, old: rec.RunRecord, key: str, cell: tuple) -> bool:
     """Whether the finished record `old` of a cell whose run key is now `key` belongs to another configuration."""
-    return old.run_key != key and not same_but_newer_options(cfg, method, old, cell)
+    return kinship(cfg, method, old, key, cell) is None
+
+
+def kinship(cfg: RunConfig, method, old: rec.RunRecord, key: str, cell: tuple) -> str | None:
+    """How `old` is the record of the cell `cell` = (name, mode, calibration, task options) whose run key is now
+    `key`: "same", "older options" (made before some method options existed, now at their defaults), "moved data"
+    (made with the same data folder at another path: a clone elsewhere, a moved ../shared/data; the files
+    themselves are compared by digest, `inputs.refuse_stale_work`), or None: another configuration."""
+    name, mode, calib_desc, task_opts = cell
+    for then in (cfg, moved_data(cfg, old)):
+        if then is None:
+            continue
+        if old.run_key == (key if then is cfg else then.identity(name, mode, method.options(), calib_desc, task_opts)):
+            return "same" if then is cfg else "moved data"
+        if same_but_newer_options(then, method, old, cell):
+            return "older options" if then is cfg else "moved data"
+    return None
+
+
+def moved_data(cfg: RunConfig, old: rec.RunRecord) -> RunConfig | None:
+    """`cfg` with the data folder `old` was made with, when both name a local folder and they differ (the run key
+    holds the folder's path; without one, lm-eval's hub datasets are another source); None otherwise."""
+    then = old.config.get("data_dir")
+    if not (isinstance(then, str) and then and cfg.data_dir) or then == cfg.data_dir:
+        return None
+    return dataclasses.replace(cfg, data_dir=then)
 
 
 def finished_record(cfg: RunConfig, name: str, method, mode: str, final: Path, identity: tuple,
@@ -123,13 +148,16 @@ def finished_record(cfg: RunConfig, name: str, method, mode: str, final: Path, i
     defaults); a different configuration's record is refused rather than overwritten."""
     key, calib_desc, task_opts = identity
     old = rec.load_cell(final)
-    if foreign(cfg, method, old, key, (name, mode, calib_desc, task_opts)):  # refused before the run too
+    how = kinship(cfg, method, old, key, (name, mode, calib_desc, task_opts))
+    if how is None:  # refused before the run too
         raise UsageError(f"{final} holds a {name}/{mode} record of a different configuration "
                          f"(run_key {old.run_key} != {key}); use another --out or remove it")
-    if old.run_key != key:
-        say(f"{name}/{mode}: record predates options now at their defaults; reused ({final.name})")
-        return old
-    say(f"{name}/{mode}: finished record found, reused ({final.name})")
+    say(f"{name}/{mode}: " + {
+        "same": "finished record found,",
+        "older options": "record predates options now at their defaults;",
+        "moved data": f"record made with the data folder at {old.config.get('data_dir')}"
+                      + ("" if (old.extra.get("inputs") or {}).get("data") else " (before data digests: its files unchecked)") + ";",
+    }[how] + f" reused ({final.name})")
     return old
 
 
