@@ -147,10 +147,19 @@ LATER_DEFAULTS = {"num_fewshot": 0, "apply_chat_template": False, "model_args": 
 
 def configuration(r: RunRecord) -> str:
     """The settings `r` shares with the other records of its run: its config without the method's own
-    options and the run's lists of cells (what `run_key` hashes, apart from the method)."""
+    options and the run's lists of cells (what `run_key` hashes, apart from the method). The data folder
+    counts by kind, not path (a clone elsewhere reads the same files; `same_configuration` compares their
+    digests): a local folder or lm-eval's hub datasets; a latency record's not at all (its plan is its own)."""
     keep = {k: v for k, v in r.config.items()
             if k not in CELL_FIELDS and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+    if "data_dir" in keep:
+        keep["data_dir"] = None if is_latency(r) else ("local folder" if keep["data_dir"] else None)
     return json.dumps(keep, sort_keys=True, default=str)
+
+
+def _data_digests(r: RunRecord) -> dict:
+    """Task -> sha256 of the data files `r` was scored on ({} for records made before input digests)."""
+    return ((r.extra or {}).get("inputs") or {}).get("data") or {}
 
 
 def task_options(r: RunRecord, task: str) -> object:
@@ -161,8 +170,10 @@ def task_options(r: RunRecord, task: str) -> object:
 def same_configuration(a: RunRecord, b: RunRecord) -> bool:
     """Whether `a` and `b` were run with the same settings, so that one can be a reference for the
     other: same configuration and, on the tasks both scored, the same task options."""
-    return configuration(a) == configuration(b) and all(task_options(a, t) == task_options(b, t)
-                                                         for t in set(a.scores) & set(b.scores))
+    common = set(a.scores) & set(b.scores)
+    da, db = _data_digests(a), _data_digests(b)
+    return configuration(a) == configuration(b) and all(task_options(a, t) == task_options(b, t) for t in common) \
+        and all(da[t] == db[t] for t in common if t in da and t in db)
 
 
 def reference(records: list[RunRecord], r: RunRecord, method: str = "unpruned", col: Collection | None = None,

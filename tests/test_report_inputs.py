@@ -4,6 +4,7 @@ each record's own configuration, and an unknown --baseline refused."""
 import copy
 import csv
 import io
+import json
 
 import pytest
 from test_reports import LATENCY, QUALITY, _fake
@@ -58,6 +59,30 @@ def test_kv_ratio_against_the_unpruned_record_of_the_same_configuration(tmp_path
     _run(tmp_path / "d", 4, None, 50)
     text = rows(quality_table(collect([tmp_path / "a", tmp_path / "d"]))).set_index("Method")["KV ×"]
     assert text["x (d)"] == "8.00×"
+
+
+def test_a_record_made_with_the_data_folder_elsewhere_pairs_unless_its_files_differ(tmp_path):
+    """A run in a clone at another path (CI's checkout) records another data_dir; the report compares the files'
+    digests, not the path: same files pair with the committed unpruned record, other files do not."""
+    _run(tmp_path / "a", 4, 400, 100)
+    _run(tmp_path / "b", 4, None, 50)
+    for folder, data_dir, digest in (("a", "/work/shared/data", "f1"), ("b", "/check/work/shared/data", "f1")):
+        for path in (tmp_path / folder).glob("*__*.json"):
+            doc = json.loads(path.read_text())
+            doc["config"]["data_dir"] = data_dir
+            doc["extra"]["inputs"] = {"version": 2, "data": {"boolq": digest}}
+            path.write_text(json.dumps(doc))
+    kv = lambda: dict(rows(quality_table(collect([tmp_path / "a", tmp_path / "b"]))).set_index("Method")["KV ×"])  # noqa: E731
+    assert kv()["x (b)"] == "8.00×"
+    path = tmp_path / "b" / "x__disaggregated.json"
+    doc = json.loads(path.read_text())
+    doc["extra"]["inputs"]["data"]["boolq"] = "f2"  # scored on other BoolQ files: no baseline among these records
+    path.write_text(json.dumps(doc))
+    assert kv()["x (b)"] == "—"
+    doc["config"]["data_dir"] = None  # lm-eval's hub data is another source, digests or not
+    del doc["extra"]["inputs"]
+    path.write_text(json.dumps(doc))
+    assert kv()["x (b)"] == "—"
 
 
 def test_paired_table_pairs_each_record_with_its_own_configurations_baseline(tmp_path):
