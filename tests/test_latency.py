@@ -165,6 +165,10 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path, cli):
     assert r3.returncode == 0, r3.stderr[-2000:]
     bad = cli(*args, "--methods", "manual", "--plans-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "not a folder of run records" in bad.stderr
+    bad = cli(*args, "--methods", "manual", "--plans-from", "nowhere", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--plans-from nowhere: not a folder of run records (relative paths are read from " \
+        "the current folder, " in bad.stderr
+    assert not (tmp_path / "x").exists()  # refused before the output folder was made
     bad = cli(*args[:-2], "--decode-mode", "turbo", "--out", str(tmp_path / "y"))
     assert bad.returncode == 2 and "--decode-mode turbo: expected any of eager, static, graph" in bad.stderr
 

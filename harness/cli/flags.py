@@ -45,6 +45,16 @@ def user_path(s: str) -> str:
     return os.path.expanduser(s)
 
 
+def need_records_folder(path: str | None, flag: str) -> None:
+    """A UsageError, before any model loads, when `path` (a --plans-from) is not a folder; a relative one names the
+    folder it was read from (a spec run from elsewhere reads its relative paths from there)."""
+    from harness.errors import UsageError
+
+    if path and not Path(path).is_dir():
+        where = "" if Path(path).is_absolute() else f" (relative paths are read from the current folder, {Path.cwd()})"
+        raise UsageError(f"{flag} {path}: not a folder of run records{where}")
+
+
 def user_dir(s: str) -> Path:
     """`user_path` as a Path (--out=~/runs/x)."""
     return Path(user_path(s))

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.cli.flags import csv_list, float_list, int_list, positive_int, seed_arg, user_dir, user_path
+from harness.cli.flags import csv_list, float_list, int_list, need_records_folder, positive_int, seed_arg, user_dir, user_path
 from harness.cli.run import default_out
 from harness.config import DEFAULT_METHODS, RunConfig
 from harness.errors import UsageError
@@ -102,6 +102,7 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
                         overrides=tuple(args.overrides))
     prepared = pipeline.prepare(RunConfig(methods=cfg.methods, tasks=(), seed=cfg.seed, data_dir=data_dir,
                                           overrides=cfg.overrides), need_data=cfg.plans_from is None)
+    need_records_folder(args.plans_from, "--plans-from")
     out = args.out or default_out(cfg, kind="latency-")
     check_writable(out, "--out")  # a bad --out fails before the model loads, not after
     from harness.store import lock

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.cli.flags import MODES, batch_size_arg, csv_list, limit_arg, nonneg_int, positive_int, seed_arg, user_dir, user_path
+from harness.cli.flags import MODES, batch_size_arg, csv_list, limit_arg, need_records_folder, nonneg_int, positive_int, seed_arg, user_dir, user_path
 from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, STANDARD_TASKS, RunConfig, expand_tasks
 from harness.errors import UsageError
 from harness.run.quiet import quiet_libraries
@@ -218,8 +218,7 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
 
     cfg = run_config(args)
     placement = cfg.placement()  # bad --device-map / --max-memory: exit 2 before loading anything
-    if cfg.plans_from and not Path(cfg.plans_from).is_dir():
-        raise UsageError(f"--plans-from {args.plans_from}: not a folder of run records")
+    need_records_folder(args.plans_from, "--plans-from")
     prepared = pipeline.prepare(cfg)
     check_tasks(cfg.tasks, cfg.data_dir)
     if dist.is_main:  # one voice under data parallelism
