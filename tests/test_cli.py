@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -225,6 +226,16 @@ def test_few_shot_examples_from_the_scored_split_never_include_the_item_itself(d
     assert r.returncode == 2 and "--num-fewshot 4: arc_easy has 3 few-shot examples to draw from (its test split, less " \
                                  "the item itself); give at most 3" in r.stderr, r.stderr[-2000:]
     assert "planning" not in r.stderr and "FAILED" not in r.stderr  # refused before any cell planned
+
+
+def test_a_groups_few_shot_pool_is_checked_before_any_cell_plans(data_dir, tmp_path, cli):
+    """mmlu's subjects draw their shots from a 5-item dev split: more is refused up front, not after the planning."""
+    r = cli(*TINY, "--methods", "shortgpt", "--tasks", "mmlu", "--limit", "1", "--mode", "unified", "--num-fewshot", "6",
+            "--out", str(tmp_path / "o"), data_dir=data_dir)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert re.search(r"--num-fewshot 6: mmlu_\w+ has 5 few-shot examples to draw from \(its dev split\); give at most 5",
+                     r.stderr), r.stderr[-2000:]
+    assert "planning" not in r.stderr and "FAILED" not in r.stderr
 
 
 def test_a_tilde_in_data_dir_and_model_is_the_home_folder(data_dir, tmp_path, cli, monkeypatch):

@@ -74,13 +74,15 @@ def fewshot_split(obj, task: str, told: set[str], num_fewshot: int) -> str | Non
 
 
 def check_fewshot(tasks: TaskCache, names, num_fewshot: int) -> None:
-    """`fewshot_split` of each lm-eval task in `names` (long-context tasks have no few-shot examples: skipped; the
-    others are built now, as they are for the first cell anyway), so a pool too small is refused before any cell
-    plans (a group such as mmlu is checked when it runs)."""
+    """`fewshot_split` of each lm-eval task in `names` and of each subtask of a group such as mmlu (long-context
+    tasks have no few-shot examples: skipped; the others are built now, as they are for the first cell anyway), so
+    a pool too small is refused before any cell plans."""
     from harness.quality import long_tasks
 
     for task in (t for t in names if not long_tasks.is_long_task(t)):
         fewshot_split(tasks.get(task), task, tasks.told, num_fewshot)
+        for sub, obj in tasks.subtasks(task).items():
+            fewshot_split(obj, sub, tasks.told, num_fewshot)
 
 
 class TaskCache:
@@ -94,6 +96,7 @@ class TaskCache:
         self._tasks, self._data_dir = tuple(tasks), data_dir
         self.manager = None
         self._built: dict[str, Any] = {}
+        self._subtasks: dict[str, dict[str, Any]] = {}  # a group's built tasks, by name
         self._workdir: tempfile.TemporaryDirectory | None = None  # the override YAMLs, removed by close()
         self.told: set[str] = set()  # tasks whose few-shot source this run has noted (fewshot_split)
 
@@ -106,7 +109,13 @@ class TaskCache:
                 self.manager = task_manager(self._tasks, self._data_dir, Path(self._workdir.name))
             loaded = self.manager.load([task])
             self._built[task] = loaded["groups"].get(task) or loaded["tasks"].get(task) or task
+            self._subtasks[task] = dict(loaded["tasks"]) if task in loaded["groups"] else {}
         return self._built[task]
+
+    def subtasks(self, task: str) -> dict[str, Any]:
+        """The tasks a group `task` runs (name -> lm-eval task), built with it; {} for a task that is no group."""
+        self.get(task)
+        return self._subtasks[task]
 
     def close(self) -> None:
         """Remove the temporary YAML folder (built tasks keep working: lm-eval read the files when building)."""
