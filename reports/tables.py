@@ -1,4 +1,4 @@
-"""Paper-style tables from run records: quality, efficiency, long-context, plans.
+"""Paper-style tables from run records: quality, efficiency, long-context (plans: `reports.plans`).
 
 Each builder returns a table as tidy pandas cells (`reports.formats.make_table`); render it with
 `to_markdown`, `to_latex`, `to_csv` or `to_html` from `reports.formats`. Only records are read (no
@@ -363,43 +363,3 @@ def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFram
         bold_beyond_noise(t, head[2 + 2 * j], noise[j], lower_is_better=tasks[task].lower_is_better)
         bold_best(t, head[3 + 2 * j], lower_is_better=True)
     return t
-
-
-def _layers(xs: list[int]) -> str:
-    return " ".join(map(str, xs)) if xs else "—"
-
-
-def _policy_text(kv: dict, info: dict | None = None) -> str:
-    """Readable KV policy of a stored plan (any kind; older records have no `kind`): the policy's own text.
-
-    Reports load no plug-ins, so a plug-in policy's class is unknown here: then the text the plan's method
-    stored (`info["kv"]["policy"]`, as every KV baseline does), else the kind and its options."""
-    from harness.pd.kv import policy_from_dict  # torch-free
-
-    try:
-        return policy_from_dict(kv).table_text()
-    except (KeyError, TypeError, ValueError):
-        stored = ((info or {}).get("kv") or {}).get("policy") if isinstance(info, dict) else None
-        if isinstance(stored, str):
-            return stored
-        if isinstance(kv, dict) and isinstance(kv.get("kind"), str):
-            options = ", ".join(f"{k}={v}" for k, v in kv.items() if k not in ("kind", "budget"))
-            return f"{kv['kind']} ({options})" if options else kv["kind"]
-        return str(kv)
-
-
-def plans_table(records: Collection | Sequence[RunRecord]) -> pd.DataFrame:
-    """Which blocks each method removed in each stage, and its KV policy."""
-    col = _as_collection(records)
-    seen, groups = set(), []
-    for title, rs in _groups(col, col.quality or col.latency):
-        g = []
-        for r in rs:
-            p = r.plan
-            pol = _policy_text(p.get("kv_policy") or {}, p.get("info"))
-            g.append([cell(col.label(r)), cell(removed_text(r)), cell(_layers(p.get("removed_prefill", []))),
-                      cell(_layers(p.get("removed_decode", []))), cell(pol)])
-            seen.add(r.method)
-        groups.append((title, g))
-    return make_table("plans", "Blocks removed per stage (indices in the unpruned model) and the KV policy of the handoff.",
-                      ["Method", "Removed", "Removed (prefill)", "Removed (decode)", "KV policy"], groups, align="lllll")

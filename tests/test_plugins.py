@@ -197,7 +197,7 @@ def test_a_plugins_import_error_is_bad_input():
 
 
 def test_reports_show_a_plugin_policy_they_cannot_load():
-    from reports.tables import _policy_text
+    from reports.plans import _policy_text
 
     kv = {"kind": "not_loaded", "budget": {"ratio": 0.5}, "stride": 2}
     assert _policy_text(kv, {"kv": {"policy": "not_loaded (every 2nd), budget = ratio 0.5"}}) == \

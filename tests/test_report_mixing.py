@@ -185,7 +185,7 @@ def test_a_lower_is_better_column_names_its_metric_and_direction(tmp_path):
 
 def test_html_headers_are_aligned_as_their_columns(tmp_path):
     from reports.formats import to_html
-    from reports.tables import plans_table
+    from reports.plans import plans_table
 
     save(_rec("unpruned"), tmp_path)
     t = plans_table(collect([tmp_path]))

@@ -240,7 +240,8 @@ def _print_tables(records) -> None:
     """The quality, long-context and plan tables of `records` (only this configuration's: a refused
     cell's folder may hold another configuration's), as Markdown on stdout."""
     from reports.formats import to_markdown
-    from reports.tables import long_context_table, plans_table, quality_table
+    from reports.plans import plans_table
+    from reports.tables import long_context_table, quality_table
 
     for table in (quality_table(records), long_context_table(records), plans_table(records)):
         if not table.empty:
