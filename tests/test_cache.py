@@ -174,6 +174,17 @@ def test_the_cache_lives_under_the_harness_cache_folder_unless_told(monkeypatch,
     assert cache.cache_dir() == tmp_path / "x"
 
 
+def test_a_literal_tilde_in_the_cache_folder_is_the_home_folder_for_models_too(monkeypatch, tmp_path):
+    """A Dockerfile ENV or a CI env block passes `~/hc` unexpanded: converted models went to a `./~/hc` folder
+    in the current directory (and converted again there), while calibration entries went to $HOME/hc."""
+    from harness.pd.gguf import cache_root
+
+    monkeypatch.delenv("HARNESS_CALIBRATION_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HARNESS_CACHE_DIR", "~/hc")
+    assert cache_root() == tmp_path / "hc" and cache.cache_dir() == tmp_path / "hc" / "calibration"
+
+
 def test_store_keys_values_and_concurrent_writers(own_cache_dir):
     key = {"model": "abc", "options": {"k": 2, "sets": (1, 2)}}
     assert cache.load("demo", key) is None

@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from harness.errors import UsageError
-from harness.store import lock
+from harness.store import cache, lock
 from harness.store.files import TEMP_SUFFIX, atomic_write, swap_dir
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ CONVERSION_WAIT_S = 1800.0  # how long a process waits for another one convertin
 
 def cache_root() -> Path:
     """Where converted models are cached (`HARNESS_CACHE_DIR`, default ~/.cache/pd-harness)."""
-    return Path(os.environ.get("HARNESS_CACHE_DIR", Path.home() / ".cache" / "pd-harness"))
+    return cache.cache_root()
 
 
 def smollm2_gguf_path() -> Path:

@@ -49,7 +49,13 @@ def cache_dir() -> Path | None:
         return None
     if raw:
         return Path(raw).expanduser()
-    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser() / "calibration"
+    return cache_root() / "calibration"
+
+
+def cache_root() -> Path:
+    """The harness's cache folder: `HARNESS_CACHE_DIR` (a `~` expanded: a Dockerfile ENV or a CI env block leaves it
+    literal) or ~/.cache/pd-harness."""
+    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser()
 
 
 def enabled() -> bool:
