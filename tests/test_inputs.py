@@ -77,6 +77,43 @@ def test_a_moved_data_folder_reuses_its_records_and_still_checks_their_files(cli
     assert hub.data_dir is None and reuse.moved_data(hub, records.load(record)) is None
 
 
+def test_an_interrupted_cell_resumes_after_its_data_folder_moved(cli, data_dir, tmp_path, monkeypatch):
+    """Finished records survive a moved data folder; so does a resume state: arc_easy, done before the interruption,
+    is not evaluated again. Resume states of other data files are still refused."""
+    from harness.run import pipeline
+
+    data = tmp_path / "a" / "data"
+    for task, name in (("arc_easy", "ARC-Easy-test.jsonl"), ("boolq", "dev.jsonl")):
+        (data / task).mkdir(parents=True)
+        shutil.copy(data_dir / task / name, data / task)
+    args = ["--model", "random:tiny", *ARC[:-7], "--tasks", "arc_easy,boolq", "--limit", "2", "-q", "--device", "cpu",
+            "--out", tmp_path / "o"]
+    evaluated, real = [], pipeline._eval_task
+
+    def interrupted(st, lm, task, name, mode):
+        if task == "boolq" and not evaluated.count("boolq"):
+            evaluated.append(task)
+            raise KeyboardInterrupt
+        evaluated.append(task)
+        return real(st, lm, task, name, mode)
+
+    monkeypatch.setattr(pipeline, "_eval_task", interrupted)
+    assert cli(*args, "--data-dir", data).returncode == 130  # Ctrl-C
+    assert evaluated == ["arc_easy", "boolq"] and (tmp_path / "o" / "unpruned__unified.partial.json").exists()
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    arc = tmp_path / "b" / "data" / "arc_easy" / "ARC-Easy-test.jsonl"
+    kept = arc.read_text()
+    arc.write_text("".join(kept.splitlines(keepends=True)[1:]))
+    edited = cli(*args, "--data-dir", tmp_path / "b" / "data")
+    assert edited.returncode == 2 and "unpruned__unified.partial.json (the data files of arc_easy changed)" in edited.stderr
+    arc.write_text(kept)
+    resumed = cli(*args, "--data-dir", tmp_path / "b" / "data")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert evaluated == ["arc_easy", "boolq", "boolq"]  # arc_easy came from the resume state
+    (rec,) = records.load_dir(tmp_path / "o")
+    assert set(rec.scores) == {"arc_easy", "boolq"} and rec.config["data_dir"] == str(tmp_path / "b" / "data")
+
+
 def test_changed_weights_behind_the_same_model_folder_are_not_reused_nor_their_plans(cli, data_dir, tmp_path):
     model = _model_folder(tmp_path / "m", seed=0)
     args = ["--model", model, "--data-dir", data_dir, "--tasks", "arc_easy", "--limit", "2", "-q", "--device", "cpu",

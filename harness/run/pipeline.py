@@ -246,8 +246,9 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
         return done
     partial_path = _partial_path(st.out_dir, name, mode)
     partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
-    if partial.get("run_key") != key:
+    if not reuse.resumable(cfg, method, partial, key, (name, mode, calib_desc, task_opts)):
         partial = {"run_key": key, "tasks": {}, "inputs": st.inputs}
+    partial.update(run_key=key, data_dir=cfg.data_dir)  # a moved data folder's resume state goes on under this one
     plan = _cell_plan(st, name, method, mode, partial)
     if mode == "unified" and not plan.is_unified:
         raise ValueError(f"{name} returned a plan with two layer sets or KV pruning for unified mode")

@@ -133,10 +133,21 @@ def kinship(cfg: RunConfig, method, old: rec.RunRecord, key: str, cell: tuple) -
     return None
 
 
-def moved_data(cfg: RunConfig, old: rec.RunRecord) -> RunConfig | None:
-    """`cfg` with the data folder `old` was made with, when both name a local folder and they differ (the run key
-    holds the folder's path; without one, lm-eval's hub datasets are another source); None otherwise."""
-    then = old.config.get("data_dir")
+def resumable(cfg: RunConfig, method, partial: dict, key: str, cell: tuple) -> bool:
+    """Whether the resume state `partial` (a `.partial.json`'s content) is this cell's, whose run key is now `key`:
+    the same key, or made with the same data folder at another path (resume states since they record it)."""
+    if partial.get("run_key") == key:
+        return True
+    then = moved_data(cfg, partial.get("data_dir"))
+    name, mode, calib_desc, task_opts = cell
+    return then is not None and then.identity(name, mode, method.options(), calib_desc, task_opts) == partial.get("run_key")
+
+
+def moved_data(cfg: RunConfig, old: rec.RunRecord | str | None) -> RunConfig | None:
+    """`cfg` with the data folder `old` (a record, or a resume state's folder) was made with, when both name a local
+    folder and they differ (the run key holds the folder's path; without one, lm-eval's hub datasets are another
+    source); None otherwise."""
+    then = old.config.get("data_dir") if isinstance(old, rec.RunRecord) else old
     if not (isinstance(then, str) and then and cfg.data_dir) or then == cfg.data_dir:
         return None
     return dataclasses.replace(cfg, data_dir=then)
@@ -174,18 +185,21 @@ def refuse_foreign_work(cfg: RunConfig, prepared, out_dir: Path, identity: Calla
                 old = rec.load_cell(final)  # an unreadable cell file: refused, not replaced
                 if foreign(cfg, method, old, key, (name, mode, calib_desc, task_opts)):
                     found.append(f"{final.name} (run_key {old.run_key} != {key})")
-            elif partial.exists() and (then := _partial_key(partial)) not in (key, None):
-                found.append(f"{partial.name} (unfinished, run_key {then} != {key})")
+            elif partial.exists() and (doc := _partial_doc(partial)) is not None and \
+                    not resumable(cfg, method, doc, key, (name, mode, calib_desc, task_opts)):
+                found.append(f"{partial.name} (unfinished, run_key {doc.get('run_key')} != {key})")
     if found:
         raise UsageError(f"{out_dir} holds work of a different configuration: {', '.join(found)}; use another --out, "
                          "rerun that configuration to finish it, or remove those files")
 
 
-def _partial_key(path: Path) -> str | None:
+def _partial_doc(path: Path) -> dict | None:
+    """A resume state's content; None when torn or keyless (it is replaced, as before)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("run_key")
-    except (OSError, ValueError, AttributeError):  # a torn resume state is replaced, as before
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    return doc if isinstance(doc, dict) and doc.get("run_key") is not None else None
 
 
 def note_unlogged(out_dir: Path, name: str, mode: str, tasks, done_in: str, say: Callable[[str], None]) -> None:
