@@ -85,9 +85,14 @@ class RunConfig:
                 del d[name]
         return d
 
-    def run_id(self) -> str:
-        canon = json.dumps(self._canonical(), sort_keys=True, default=str)
-        return hashlib.sha256(canon.encode()).hexdigest()[:12]
+    def run_id(self, with_paths: bool = False) -> str:
+        """The id in a default output folder's name: the data folder counts by kind, not path, so a moved checkout
+        or data folder finds its folder again (its files are compared by digest there); `with_paths`: the id
+        versions before this one gave, which hashed the path."""
+        canon = self._canonical()
+        if canon.get("data_dir") and not with_paths:
+            canon["data_dir"] = "local folder"
+        return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def coerce(raw: str, hint: Any, where: str, nonfinite: bool = False) -> Any:

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -170,6 +171,20 @@ def test_default_run_folders_are_readable_and_resume(tmp_path, monkeypatch):
     legacy = tmp_path / "results" / "runs" / other.run_id()
     legacy.mkdir()
     assert default_out(other) == legacy.relative_to(tmp_path)
+    # a moved checkout or data folder: the same folder (the id counts a local data folder by kind, not path)
+    here, moved = RunConfig(limit=3, data_dir="/a/data"), RunConfig(limit=3, data_dir="/b/data")
+    older = Path("results") / "runs" / f"20260101-0000_unpruned-shortgpt_{here.run_id(with_paths=True)}"
+    older.mkdir()  # made by a version whose id hashed the path: found by the same path
+    assert default_out(here) == older and default_out(moved) != older
+    older.rmdir()
+    folder = default_out(here)
+    folder.mkdir(parents=True)
+    assert default_out(moved) == folder and default_out(RunConfig(limit=3)) != folder  # no folder: lm-eval's hub data
+    from harness.run.latency_run import LatencyConfig
+
+    lat = default_out(LatencyConfig(data_dir="/a/data"), kind="latency-")  # calibration only: the plans count
+    lat.mkdir(parents=True)
+    assert default_out(LatencyConfig(data_dir="/b/data"), kind="latency-") == default_out(LatencyConfig(), kind="latency-") == lat
 
 
 def test_report_writes_next_to_the_records_by_default(tmp_path):

@@ -189,11 +189,12 @@ def warn_small_limit(limit: int | float | None, threshold_points: float = 3.0) -
 
 def default_out(cfg: RunConfig, root: Path = Path("results") / "runs", kind: str = "") -> Path:
     """Where a run without --out writes its records: `results/runs/<date>_<methods>_<run id>`, readable
-    in a listing, or the folder an earlier run of the same configuration made (any date, or the bare
-    run id of older versions), so rerunning a command resumes it."""
+    in a listing, or the folder an earlier run of the same configuration made (any date, the bare run id
+    of older versions, or the id they gave with the data folder's path), so rerunning a command resumes it."""
     rid = cfg.run_id()
     if root.is_dir():
-        earlier = sorted(p for p in root.iterdir() if p.is_dir() and (p.name == f"{kind}{rid}" or p.name.endswith(f"_{kind}{rid}")))
+        ids = {f"{kind}{rid}", f"{kind}{cfg.run_id(with_paths=True)}"}
+        earlier = sorted(p for p in root.iterdir() if p.is_dir() and (p.name in ids or p.name.split("_")[-1] in ids))
         if earlier:
             return earlier[-1]
     methods = "-".join(cfg.methods)

@@ -49,8 +49,13 @@ class LatencyConfig:
     def workloads(self) -> list[Workload]:
         return [Workload(t, n, b) for t, n, b in itertools.product(self.prompt_tokens, self.decode_tokens, self.batch_sizes)]
 
-    def run_id(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    def run_id(self, with_paths: bool = False) -> str:
+        """The id in a default output folder's name; the data folder (calibration only: the plans are what count)
+        is left out unless `with_paths`, the id of versions before, so a moved checkout finds its folder again."""
+        canon = dataclasses.asdict(self)
+        if not with_paths:
+            canon.pop("data_dir")
+        return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def identity(self, method: str, options: dict, plan: dict) -> str:
         return latency_identity(dataclasses.asdict(self), method, options, plan)
