@@ -128,6 +128,24 @@ def test_changed_weights_behind_the_same_model_folder_are_not_reused_nor_their_p
     assert rec.config["plan_reused_from"] is None  # planned on these weights, not replayed from the old ones
 
 
+def test_plans_of_a_model_folder_typed_another_way_are_replayed(cli, data_dir, tmp_path, monkeypatch):
+    """`--model m` from its parent folder and its absolute path from elsewhere are one model: --plans-from replayed
+    nothing (for PDTrim, its whole search again), since run configurations keep the path as typed."""
+    _model_folder(tmp_path / "m", seed=0)
+    args = ["--data-dir", data_dir, "--tasks", "arc_easy", "--limit", "2", "-q", "--device", "cpu", "--mode", "disaggregated",
+            "--methods", "shortgpt", "--set", "shortgpt.k=1", "--set", "calib.n_samples=4"]
+    monkeypatch.chdir(tmp_path)
+    assert cli("--model", "m", *args, "--out", tmp_path / "a").returncode == 0
+    monkeypatch.chdir(data_dir)
+    again = cli("--model", tmp_path / "m", *args, "--plans-from", tmp_path / "a", "--out", tmp_path / "b")
+    assert again.returncode == 0 and "planning" not in again.stderr, again.stderr[-2000:]
+    (rec,) = records.load_dir(tmp_path / "b")
+    assert rec.config["plan_reused_from"] == str(tmp_path / "a" / "shortgpt__disaggregated.json")
+    _model_folder(tmp_path / "n", seed=0)  # the same weights in another folder: not taken for the same model
+    other = cli("--model", tmp_path / "n", *args, "--plans-from", tmp_path / "a", "--out", tmp_path / "c")
+    assert other.returncode == 0 and "shortgpt/disaggregated: planning" in other.stderr
+
+
 def test_the_weights_fingerprint_ignores_where_the_files_lie_and_the_load_dtype(tmp_path):
     from harness.pd.models import load_model
     from harness.run.inputs import weights_fingerprint

@@ -60,7 +60,7 @@ def _made_alike(cfg: RunConfig, prepared, name: str, options: dict, old: rec.Run
     """Whether `old`'s plan is what `name` would plan now: model, seed, options and calibration equal."""
     calib_now = dataclasses.asdict(prepared.calib_config) if prepared.methods[name].needs_calibration else None
     calib_then = {k: (old.calibration or {}).get(k) for k in calib_now} if calib_now else None
-    if (old.config.get("model"), old.config.get("seed"), old.config.get("model_args")) != (cfg.model, cfg.seed, cfg.model_args):
+    if (old.config.get("seed"), old.config.get("model_args")) != (cfg.seed, cfg.model_args) or not _same_model(cfg.model, old):
         return False
     if options_then(prepared.methods[name], old) != with_defaults(prepared.methods[name], options):
         return False
@@ -68,6 +68,16 @@ def _made_alike(cfg: RunConfig, prepared, name: str, options: dict, old: rec.Run
         return False
     digest = (old.calibration or {}).get("token_sha256_16")
     return not (calib_now and digest and calibration is not None and calibration().get("token_sha256_16") != digest)
+
+
+def _same_model(model: str, old: rec.RunRecord) -> bool:
+    """Whether `old` was made with `--model model`: the same text, or the same model folder or GGUF file typed another
+    way (`models/m` from one folder, `m` or an absolute path from another: the record keeps the resolved path)."""
+    if old.config.get("model") == model:
+        return True
+    desc = old.model or {}
+    then = {"directory": desc.get("path"), "gguf": desc.get("gguf")}.get(desc.get("kind"))
+    return bool(then) and not desc.get("package") and Path(model).exists() and str(Path(model).resolve()) == then
 
 
 def with_defaults(method, options: dict) -> dict:
