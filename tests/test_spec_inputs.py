@@ -6,6 +6,7 @@ where a section would run)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,23 @@ def test_a_latency_section_replaying_the_run_takes_the_runs_options_for_its_meth
     assert from_run(spec, tmp_path / "q") == {}
     with pytest.raises(UsageError, match=r"plans_from = \"run\" needs a \[run\] section"):
         from_run(Spec(tmp_path / "s.toml", {"latency": {"plans_from": "run"}}), None)
+
+
+def test_a_spec_run_from_another_folder_than_its_records_is_refused(tmp_path, monkeypatch):
+    """`cd docs && --config ../configs/main_table.toml` read `out` from docs/ and began the whole run there; a relative
+    folder missing here but present beside the spec's folder is refused, naming where to run; --out still works."""
+    from harness.cli.spec import spec_options
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "res" / "x").mkdir(parents=True)
+    path = spec(tmp_path / "configs", run={**RUN, "out": "res/x"}, latency={**LATENCY, "out": "res/x"})
+    (tmp_path / "docs").mkdir()
+    monkeypatch.chdir(tmp_path / "docs")
+    with pytest.raises(UsageError, match=re.escape(f"[run] out = 'res/x': no such folder in the current folder "
+                                                   f"({tmp_path / 'docs'}), but {tmp_path / 'res' / 'x'} exists")) as e:
+        spec_options(load_spec(path), ["run", "latency"])
+    assert f"run from {tmp_path}, or give --out DIR" in str(e.value)
+    assert [s for s, _ in spec_options(load_spec(path), ["run", "latency"], {"run": tmp_path / "n", "latency": tmp_path / "m"})] == \
+        ["run", "latency"]
+    monkeypatch.chdir(tmp_path)
+    assert [s for s, _ in spec_options(load_spec(path), ["run", "latency"])] == ["run", "latency"]

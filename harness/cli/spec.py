@@ -221,6 +221,8 @@ def spec_options(spec: Spec, sections: list[str], outs: dict[str, Path] | None =
     for s in ("run", "latency"):
         if s in spec.sections and resolved[s] is None:
             raise UsageError(f"{spec.path} [{s}]: give out = \"<folder>\" so a rerun resumes its finished records")
+        if s in spec.sections and s not in outs:
+            _refuse_other_folder(spec, s, resolved[s])
     options = []
     for section, parser in (("run", run_parser), ("latency", latency_parser)):
         if section not in spec.sections or section not in sections:
@@ -242,6 +244,19 @@ def spec_options(spec: Spec, sections: list[str], outs: dict[str, Path] | None =
         check_report(spec, ns, ran)
         options.append(("report", ns))
     return options
+
+
+def _refuse_other_folder(spec: Spec, section: str, out: Path) -> None:
+    """A UsageError when the relative `out` of a spec is missing from the current folder but present beside the
+    spec (its folder, or the one above: configs/ is a repository's): run from a subfolder, `--config
+    ../configs/main_table.toml` silently started the whole run into a new folder there instead of reusing."""
+    if out.is_absolute() or out.exists():
+        return
+    for root in (spec.path.resolve().parent, spec.path.resolve().parent.parent):
+        if (root / out).is_dir():
+            raise UsageError(f"{spec.path} [{section}] out = {str(out)!r}: no such folder in the current folder "
+                             f"({Path.cwd()}), but {root / out} exists; relative paths in a spec are read from the current "
+                             f"folder: run from {root}, or give --out DIR for a new run elsewhere")
 
 
 def from_run(spec: Spec, run_out: Path | None) -> dict[str, Any]:
