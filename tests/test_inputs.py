@@ -70,11 +70,11 @@ def test_a_moved_data_folder_reuses_its_records_and_still_checks_their_files(cli
     del doc["extra"]["inputs"]  # a record made before input digests: reused as before, saying so
     record.write_text(json.dumps(doc))
     old = cli(*args, "--data-dir", moved)
-    assert old.returncode == 0 and "(before data digests: its files unchecked); reused" in old.stderr
+    assert old.returncode == 0 and "(made before input digests: its data files unchecked); reused" in old.stderr
     # without a local folder the data is lm-eval's hub datasets: another source, not a moved folder
     monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
     hub = run_config(run_parser().parse_args([str(a) for a in args]))
-    assert hub.data_dir is None and reuse.moved_data(hub, records.load(record)) is None
+    assert hub.data_dir is None and reuse.relocated(hub, records.load(record).config["data_dir"]) is None
 
 
 def test_an_interrupted_cell_resumes_after_its_data_folder_moved(cli, data_dir, tmp_path, monkeypatch):
@@ -128,7 +128,7 @@ def test_changed_weights_behind_the_same_model_folder_are_not_reused_nor_their_p
     assert rec.config["plan_reused_from"] is None  # planned on these weights, not replayed from the old ones
 
 
-def test_plans_of_a_model_folder_typed_another_way_are_replayed(cli, data_dir, tmp_path, monkeypatch):
+def test_a_model_folder_typed_another_way_is_the_same_model(cli, data_dir, tmp_path, monkeypatch):
     """`--model m` from its parent folder and its absolute path from elsewhere are one model: --plans-from replayed
     nothing (for PDTrim, its whole search again), since run configurations keep the path as typed."""
     _model_folder(tmp_path / "m", seed=0)
@@ -144,6 +144,30 @@ def test_plans_of_a_model_folder_typed_another_way_are_replayed(cli, data_dir, t
     _model_folder(tmp_path / "n", seed=0)  # the same weights in another folder: not taken for the same model
     other = cli("--model", tmp_path / "n", *args, "--plans-from", tmp_path / "a", "--out", tmp_path / "c")
     assert other.returncode == 0 and "shortgpt/disaggregated: planning" in other.stderr
+    # and its finished records are this configuration's, not another's
+    reused = cli("--model", tmp_path / "m", *args, "--out", tmp_path / "a")
+    assert reused.returncode == 0 and "record made with --model m (the same model folder); reused" in reused.stderr
+    refused = cli("--model", tmp_path / "n", *args, "--out", tmp_path / "a")
+    assert refused.returncode == 2 and "holds work of a different configuration" in refused.stderr
+
+
+def test_a_moved_data_folder_with_other_calibration_data_is_not_reused(cli, data_dir, tmp_path):
+    """The calibration's PIQA and MMLU files are inputs of a calibrating method's record even when no task scores
+    them: a moved copy whose PIQA differs gave a plan calibrated on the old texts under the new folder."""
+    data = tmp_path / "a" / "data"
+    for part in ("arc_easy", "piqa", "mmlu"):
+        shutil.copytree(data_dir / part, data / part)
+    args = ["--model", "random:tiny", "--tasks", "arc_easy", "--limit", "2", "-q", "--device", "cpu", "--mode", "unified",
+            "--methods", "unpruned,shortgpt", "--set", "shortgpt.k=1", "--set", "calib.n_samples=4", "--out", tmp_path / "o"]
+    assert cli(*args, "--data-dir", data).returncode == 0
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    piqa = tmp_path / "b" / "data" / "piqa" / "valid.jsonl"
+    rows = piqa.read_text().splitlines(keepends=True)
+    piqa.write_text("".join(rows[1:] + rows[:1]))  # the same rows in another order: other calibration samples
+    moved = cli(*args, "--data-dir", tmp_path / "b" / "data")
+    assert moved.returncode == 2, moved.stderr[-2000:]
+    assert "shortgpt__unified.json (the calibration data (piqa) changed)" in moved.stderr
+    assert "unpruned__unified.json" not in moved.stderr  # it calibrates on nothing
 
 
 def test_the_weights_fingerprint_ignores_where_the_files_lie_and_the_load_dtype(tmp_path):

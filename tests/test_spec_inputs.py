@@ -196,7 +196,9 @@ def test_a_spec_run_from_another_folder_than_its_records_is_refused(tmp_path, mo
     with pytest.raises(UsageError, match=re.escape(f"[run] out = 'res/x': no such folder in the current folder "
                                                    f"({tmp_path / 'docs'}), but {tmp_path / 'res' / 'x'} exists")) as e:
         spec_options(load_spec(path), ["run", "latency"])
-    assert f"run from {tmp_path}, or give --out DIR" in str(e.value)
+    assert f"run from {tmp_path}, or for a new run here give the spec an absolute out" in str(e.value)
+    monkeypatch.chdir(tmp_path / "configs")  # the spec's own folder: its relative paths are meant from there
+    assert [s for s, _ in spec_options(load_spec(path), ["run", "latency"])] == ["run", "latency"]
     assert [s for s, _ in spec_options(load_spec(path), ["run", "latency"], {"run": tmp_path / "n", "latency": tmp_path / "m"})] == \
         ["run", "latency"]
     monkeypatch.chdir(tmp_path)

@@ -250,13 +250,14 @@ def _refuse_other_folder(spec: Spec, section: str, out: Path) -> None:
     """A UsageError when the relative `out` of a spec is missing from the current folder but present beside the
     spec (its folder, or the one above: configs/ is a repository's): run from a subfolder, `--config
     ../configs/main_table.toml` silently started the whole run into a new folder there instead of reusing."""
-    if out.is_absolute() or out.exists():
+    here = Path.cwd().resolve()
+    if out.is_absolute() or out.exists() or here == spec.path.resolve().parent:  # run from the spec's own folder: meant
         return
     for root in (spec.path.resolve().parent, spec.path.resolve().parent.parent):
         if (root / out).is_dir():
             raise UsageError(f"{spec.path} [{section}] out = {str(out)!r}: no such folder in the current folder "
-                             f"({Path.cwd()}), but {root / out} exists; relative paths in a spec are read from the current "
-                             f"folder: run from {root}, or give --out DIR for a new run elsewhere")
+                             f"({here}), but {root / out} exists; relative paths in a spec are read from the current "
+                             f"folder: run from {root}, or for a new run here give the spec an absolute out")
 
 
 def from_run(spec: Spec, run_out: Path | None) -> dict[str, Any]:

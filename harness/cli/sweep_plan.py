@@ -71,7 +71,7 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     check_tasks(cfg.tasks, cfg.data_dir)
     # another configuration's records in the folder: refused now, as `run` does, not by every cell after its start
     reuse.refuse_foreign_work(cfg, prepared, run_out, lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
-    inputs.refuse_stale_work(cfg, prepared, run_out, inputs.digests(cfg))  # and work from other data (no model needed)
+    inputs.refuse_stale_work(cfg, prepared, run_out, inputs.digests(cfg, prepared=prepared))  # and work from other data (no model needed)
     if cfg.num_fewshot:  # a few-shot pool too small: refused now, not by every cell after its model load
         _check_fewshot(cfg)
     if data_dir:  # the children must not depend on the environment (Ray workers may not inherit it)

@@ -23,6 +23,7 @@ from harness.pd.batching import pad_tokens
 from harness.quality.tasks import local_rows, mmlu_subjects
 
 SOURCES = ("piqa", "mmlu")
+SOURCE_FILES = {"piqa": ("piqa/valid.jsonl", "piqa/valid-labels.lst"), "mmlu": ("mmlu/val",)}  # what each source reads
 
 
 @dataclass(frozen=True)

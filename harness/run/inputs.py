@@ -71,19 +71,26 @@ def model_digests(loaded) -> dict[str, str]:
     return {"model": weights_fingerprint(loaded.model), "config": _sha(config), "tokenizer": _sha(tokenizer)}
 
 
-def digests(cfg, loaded=None) -> dict[str, Any]:
+def digests(cfg, loaded=None, prepared=None) -> dict[str, Any]:
     """{"version", "model", "config", "tokenizer": model_digests (None without `loaded`; the weights' None with a
-    --device-map: offloaded weights are not all in memory), "data": {task: sha256 of its files}} for the run's tasks."""
+    --device-map: offloaded weights are not all in memory), "data": {task: sha256 of its files}} for the run's tasks,
+    and with `prepared` whose methods calibrate, "calibration": {source: sha256 of the files it reads}."""
+    from harness.quality.calibration import SOURCE_FILES
+
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
     data = {t: _files_sha256(files) for t in cfg.tasks if data_dir and (files := task_data_files(t, data_dir))}
+    calibrates = prepared is not None and any(m.needs_calibration for m in prepared.methods.values())
+    calibration = {s: _files_sha256(files) for s in (prepared.calib_config.sources if calibrates else ())
+                   if data_dir and (files := [data_dir / f for f in SOURCE_FILES[s] if (data_dir / f).exists()])}
     model = model_digests(loaded) if loaded is not None else {}
     return {"version": VERSION, "model": None if cfg.device_map else model.get("model"), "config": model.get("config"),
-            "tokenizer": model.get("tokenizer"), "data": data}
+            "tokenizer": model.get("tokenizer"), "data": data, **({"calibration": calibration} if calibration else {})}
 
 
-def differences(then: dict | None, now: dict) -> list[str]:
+def differences(then: dict | None, now: dict, calibrates: bool = False) -> list[str]:
     """What differs between the inputs a record or resume state was made from and this run's (nothing when it
-    predates digests, or for a digest either side lacks; the model's only between digests of one version)."""
+    predates digests, or for a digest either side lacks; the model's only between digests of one version; the
+    calibration data's only for a method that `calibrates`)."""
     if not then:
         return []
     out = []
@@ -94,6 +101,10 @@ def differences(then: dict | None, now: dict) -> list[str]:
     changed = sorted(t for t, d in (then.get("data") or {}).items() if now["data"].get(t) not in (None, d))
     if changed:
         out.append(f"the data files of {', '.join(changed)}")
+    now_calib = now.get("calibration") or {}
+    changed = sorted(s for s, d in (then.get("calibration") or {}).items() if calibrates and now_calib.get(s) not in (None, d))
+    if changed:
+        out.append(f"the calibration data ({', '.join(changed)})")
     return out
 
 
@@ -126,7 +137,8 @@ def refuse_stale_work(cfg, prepared, out_dir: Path, now: dict) -> None:
                 continue  # unreadable: the run's own checks name it
             is_record = path.name == rec.record_filename(name, mode)
             then = (doc.get("extra") or {}).get("inputs") if is_record else doc.get("inputs")
-            why = [f"{x} changed" for x in (differences(then, now) if isinstance(then, dict) else [])]
+            calibrates = prepared.methods[name].needs_calibration
+            why = [f"{x} changed" for x in (differences(then, now, calibrates) if isinstance(then, dict) else [])]
             why += stale_results(doc, is_record, cfg, prepared.task_options) if doc else []
             if why:
                 found.append(f"{path.name} ({'; '.join(why)})")

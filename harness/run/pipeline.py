@@ -160,7 +160,7 @@ def run(
         long_tasks.get(task).check_tokenizer(loaded.tokenizer, prepared.task_options[task], cfg.limit)
     env = env_info(str(next(loaded.model.parameters()).device))
     env["data_parallel_ranks"] = d.world_size
-    digests = inputs.digests(cfg, loaded)  # the files behind --model and --data-dir, which run keys name by path
+    digests = inputs.digests(cfg, loaded, prepared)  # the files behind --model and --data-dir, which run keys name by path
     inputs.refuse_stale_work(cfg, prepared, out_dir, digests)
     state = _Run(cfg, prepared, out_dir, loaded,
                  TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None),  # built on first use

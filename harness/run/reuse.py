@@ -129,17 +129,17 @@ def foreign(cfg: RunConfig, method, old: rec.RunRecord, key: str, cell: tuple) -
 
 def kinship(cfg: RunConfig, method, old: rec.RunRecord, key: str, cell: tuple) -> str | None:
     """How `old` is the record of the cell `cell` = (name, mode, calibration, task options) whose run key is now
-    `key`: "same", "older options" (made before some method options existed, now at their defaults), "moved data"
-    (made with the same data folder at another path: a clone elsewhere, a moved ../shared/data; the files
-    themselves are compared by digest, `inputs.refuse_stale_work`), or None: another configuration."""
+    `key`: "same", "older options" (made before some method options existed, now at their defaults), "relocated"
+    (made with the same inputs behind other paths, `relocated`), or None: another configuration."""
     name, mode, calib_desc, task_opts = cell
-    for then in (cfg, moved_data(cfg, old)):
-        if then is None:
+    then = relocated(cfg, old.config.get("data_dir"), old)
+    for c in (cfg, then):
+        if c is None:
             continue
-        if old.run_key == (key if then is cfg else then.identity(name, mode, method.options(), calib_desc, task_opts)):
-            return "same" if then is cfg else "moved data"
-        if same_but_newer_options(then, method, old, cell):
-            return "older options" if then is cfg else "moved data"
+        if old.run_key == (key if c is cfg else c.identity(name, mode, method.options(), calib_desc, task_opts)):
+            return "same" if c is cfg else "relocated"
+        if same_but_newer_options(c, method, old, cell):
+            return "older options" if c is cfg else "relocated"
     return None
 
 
@@ -148,19 +148,37 @@ def resumable(cfg: RunConfig, method, partial: dict, key: str, cell: tuple) -> b
     the same key, or made with the same data folder at another path (resume states since they record it)."""
     if partial.get("run_key") == key:
         return True
-    then = moved_data(cfg, partial.get("data_dir"))
+    then = relocated(cfg, partial.get("data_dir"))
     name, mode, calib_desc, task_opts = cell
     return then is not None and then.identity(name, mode, method.options(), calib_desc, task_opts) == partial.get("run_key")
 
 
-def moved_data(cfg: RunConfig, old: rec.RunRecord | str | None) -> RunConfig | None:
-    """`cfg` with the data folder `old` (a record, or a resume state's folder) was made with, when both name a local
-    folder and they differ (the run key holds the folder's path; without one, lm-eval's hub datasets are another
-    source); None otherwise."""
-    then = old.config.get("data_dir") if isinstance(old, rec.RunRecord) else old
-    if not (isinstance(then, str) and then and cfg.data_dir) or then == cfg.data_dir:
-        return None
-    return dataclasses.replace(cfg, data_dir=then)
+def relocated(cfg: RunConfig, data_then: Any, old: rec.RunRecord | None = None) -> RunConfig | None:
+    """`cfg` as it read when work was made from the same inputs behind other paths, which run keys hold: a local data
+    folder at another path (`data_then`: a clone elsewhere, a moved ../shared/data; without one, lm-eval's hub
+    datasets are another source), or a model folder or GGUF file typed another way (`old`'s, resolving to the one
+    `--model` names now). Their files are compared by digest (`inputs.refuse_stale_work`). None if neither."""
+    changes: dict[str, Any] = {}
+    if isinstance(data_then, str) and data_then and cfg.data_dir and data_then != cfg.data_dir:
+        changes["data_dir"] = data_then
+    if old is not None and old.config.get("model") != cfg.model and _same_model(cfg.model, old):
+        changes["model"] = old.config["model"]
+    return dataclasses.replace(cfg, **changes) if changes else None
+
+
+def _relocation_note(cfg: RunConfig, method, old: rec.RunRecord) -> str:
+    """'record made with the data folder at X and --model m (...)', saying which inputs no digest vouches for."""
+    inputs = old.extra.get("inputs") or {}
+    made, unchecked = [], []
+    if old.config.get("data_dir") != cfg.data_dir:
+        made.append(f"the data folder at {old.config.get('data_dir')}")
+        unchecked += [] if inputs.get("data") else ["its data files"]
+        unchecked += ["its calibration data"] if method.needs_calibration and not inputs.get("calibration") else []
+    if old.config.get("model") != cfg.model:
+        made.append(f"--model {old.config.get('model')} (the same model folder)")
+        unchecked += [] if inputs.get("model") else ["its weights"]
+    note = f" (made before input digests: {', '.join(unchecked)} unchecked)" if unchecked else ""
+    return f"record made with {' and '.join(made)}{note};"
 
 
 def finished_record(cfg: RunConfig, name: str, method, mode: str, final: Path, identity: tuple,
@@ -173,12 +191,8 @@ def finished_record(cfg: RunConfig, name: str, method, mode: str, final: Path, i
     if how is None:  # refused before the run too
         raise UsageError(f"{final} holds a {name}/{mode} record of a different configuration "
                          f"(run_key {old.run_key} != {key}); use another --out or remove it")
-    say(f"{name}/{mode}: " + {
-        "same": "finished record found,",
-        "older options": "record predates options now at their defaults;",
-        "moved data": f"record made with the data folder at {old.config.get('data_dir')}"
-                      + ("" if (old.extra.get("inputs") or {}).get("data") else " (before data digests: its files unchecked)") + ";",
-    }[how] + f" reused ({final.name})")
+    text = {"same": "finished record found,", "older options": "record predates options now at their defaults;"}
+    say(f"{name}/{mode}: {text.get(how) or _relocation_note(cfg, method, old)} reused ({final.name})")
     return old
 
 
