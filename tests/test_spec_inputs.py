@@ -141,10 +141,14 @@ def _committed_run_outs() -> list[str]:
     return found
 
 
+@pytest.mark.parametrize("where", ["here", "elsewhere"])
 @pytest.mark.parametrize("config", _committed_run_outs())
-def test_a_spec_matches_its_committed_records(config, monkeypatch):
+def test_a_spec_matches_its_committed_records(config, where, data_dir, tmp_path, monkeypatch):
     """Every cell of the spec has its record in `out`, made by this configuration, so rerunning the spec reuses
-    them; a changed default of a method or task option breaks this, until the spec pins it."""
+    them; a changed default of a method or task option breaks this, until the spec pins it. `elsewhere`: with the
+    data folder at another path, as in CI's clone (run keys hold the path: CI refused every committed record)."""
+    import shutil
+
     from conftest import ROOT
 
     from harness.cli.run import run_config
@@ -153,9 +157,13 @@ def test_a_spec_matches_its_committed_records(config, monkeypatch):
     from harness.store import records
 
     monkeypatch.chdir(ROOT)
+    if where == "elsewhere":
+        shutil.copytree(data_dir, tmp_path / "check" / "shared" / "data")
+        monkeypatch.setenv("HARNESS_DATA_DIR", str(tmp_path / "check" / "shared" / "data"))
     spec = load_spec(ROOT / "configs" / config)
     ((_, ns),) = spec_options(spec, ["run"])
     cfg = run_config(ns)
+    assert (cfg.data_dir == str(data_dir.resolve())) == (where == "here")
     prepared = pipeline.prepare(cfg)
     for name, method in prepared.methods.items():
         for mode in cfg.modes:
