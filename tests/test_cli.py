@@ -268,3 +268,18 @@ def test_a_tilde_in_data_dir_and_model_is_the_home_folder(data_dir, tmp_path, cl
     assert run_config(run_parser().parse_args(["--model=~/m"])).model == str(tmp_path / "m")  # the run key's, too
     args = run_parser().parse_args(["--out=~/o", "--plans-from=~/p", "--offload-folder=~/f"])
     assert (args.out, args.plans_from, args.offload_folder) == (tmp_path / "o", str(tmp_path / "p"), str(tmp_path / "f"))
+
+
+def test_the_commit_recorded_is_the_harness_checkouts_only(tmp_path):
+    """Installed into a project's .venv (site-packages inside another repository), `git rev-parse` found the project's
+    commit and records, the HTML report and export manifests named it as the harness's."""
+    from harness.run.env import git_info
+
+    assert git_info()["commit"] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                                  text=True, check=True).stdout.strip()
+    project = tmp_path / "project"
+    site = project / ".venv" / "lib" / "site-packages"  # where an install puts harness/ (env.py: harness/run/)
+    site.mkdir(parents=True)
+    for args in (["init", "-q"], ["-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(["git", *args], cwd=project, check=True)
+    assert git_info(site) == {"commit": None, "dirty": None}

@@ -20,7 +20,13 @@ def _version(pkg: str) -> str | None:
 
 
 def git_info(root: Path | None = None) -> dict[str, Any]:
+    """The commit of the harness's own checkout and whether it has uncommitted changes; None for both when the
+    package is not a checkout (installed into site-packages, which git would otherwise place in whatever repository
+    encloses it: a project's .venv gave the project's commit as the harness's)."""
     root = root or Path(__file__).resolve().parents[2]  # the repository (harness/run/env.py)
+    if not (root / ".git").exists():  # a folder, or a file in a worktree or submodule
+        return {"commit": None, "dirty": None}
+
     def git(*args: str) -> str | None:
         try:
             r = subprocess.run(["git", *args], check=False, cwd=root, capture_output=True, text=True, timeout=10)
