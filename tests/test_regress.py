@@ -429,3 +429,18 @@ def test_per_prompt_length_perplexities_are_checked_as_perplexities(tmp_path):
         assert res.ok != fails, (by, res.failures)
     assert len(res.failures) == 1 and "pd_ppl ppl_T512 14.84 -> 14.99 (+0.1484; allowed ±0.0742 = max(3 × stderr 0, " \
                                       "0.5 % = 0.0742))" in res.failures[0], res.failures
+
+
+def test_check_outside_the_checkout_says_it_needs_the_repository(tmp_path, monkeypatch, capsys):
+    """An installed package used from another folder: check said to create the references with --update, which then
+    failed on the missing configs/ci.toml; both come with the repository, and the message says so."""
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["check", "--against", "results/reference"]) == 2
+    err = capsys.readouterr().err
+    assert f"--spec configs/ci.toml: no such file in {tmp_path}; check reruns the repository's CI spec" in err
+    assert "run it from the repository's root" in err and "--update" not in err
+    reference = str(ROOT / "results" / "reference")
+    assert main(["check", "--against", reference, "--current", reference, "-q"]) == 0  # comparing needs no spec
+    assert "regression check passed: 9 record(s)" in capsys.readouterr().out

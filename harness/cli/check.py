@@ -48,6 +48,10 @@ def cmd_check(argv: list[str]) -> int:
     args = check_parser().parse_args(argv)
     if args.latency_tolerance < 0:
         raise UsageError(f"--latency-tolerance {args.latency_tolerance}: must be >= 0")
+    if args.current is None and not args.spec.is_file():  # e.g. an installed package used outside its checkout
+        raise UsageError(f"--spec {args.spec}: no such file in {Path.cwd()}; check reruns the repository's CI spec "
+                         "(configs/ci.toml) and compares it with its references (results/reference): run it from the "
+                         "repository's root, or give --spec FILE (or --current DIR to compare records made earlier)")
     if not args.update:
         _recover(args.against)
     if not args.update and not args.against.is_dir():
