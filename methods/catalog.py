@@ -153,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", action="store_true", help="rewrite the generated blocks in place")
     p.add_argument("--check", action="store_true", help="exit 1 when a generated block is stale")
     args = p.parse_args(argv)
+    missing = [f for f in BLOCKS if not (ROOT / f).is_file()]
+    if (args.write or args.check) and missing:  # an installed package: the docs are the repository's
+        print(f"error: --write and --check edit the repository's documents, and {ROOT / missing[0]} is not there: "
+              "run it in the harness's checkout (plain `python -m methods.catalog` prints the tables)", file=sys.stderr)
+        return 2
     if args.write:
         for f, blocks in BLOCKS.items():
             (ROOT / f).write_text(render((ROOT / f).read_text(), blocks))

@@ -71,6 +71,17 @@ def test_method_tables_are_generated_from_the_registry():
     assert "| `stage:<base>` |" in table and all(f"`{b}`" in table for b in methods.registry.stage_bases())
 
 
+def test_the_catalog_outside_the_checkout_says_so(monkeypatch, tmp_path, capsys):
+    """Installed into site-packages, `--check` and `--write` died with FileNotFoundError on docs/methods.md."""
+    from methods import catalog
+
+    monkeypatch.setattr(catalog, "ROOT", tmp_path / "site-packages")
+    for flag in ("--check", "--write"):
+        assert catalog.main([flag]) == 2
+        assert "is not there: run it in the harness's checkout" in capsys.readouterr().err
+    assert catalog.main([]) == 0 and "| `shortgpt` |" in capsys.readouterr().out
+
+
 def test_the_catalog_lists_only_the_package_methods_and_rejects_missing_markers(tmp_path):
     import pytest
 
