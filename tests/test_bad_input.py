@@ -259,7 +259,7 @@ DATA_CASES = [
     ("mmlu", "mmlu/test/anatomy_test.csv", lambda x: ["q,a,b,c,d,E"], "line 1: expected 6 columns (question, 4 choices, "
                                                                      "answer A-D), got 6 column(s) ending in 'E'"),
     # found by exploratory testing: each crashed inside lm-eval or the loader (exit 1) without naming the file
-    ("arc_easy", "arc_easy/ARC-Easy-test.jsonl", lambda x: [], "ARC-Easy-test.jsonl); restore the files"),
+    ("arc_easy", "arc_easy/ARC-Easy-test.jsonl", lambda x: [], "ARC-Easy-test.jsonl); restore them (the task folder's README.md names their source)"),
     ("wikitext", "wikitext2/wiki.test.raw", lambda x: [], "task wikitext: its test split has no rows (data: "),
     ("wikitext", "wikitext2/wiki.test.raw", "\xff\xfe", "wiki.test.raw: unreadable ('utf-8' codec can't decode"),
     ("mmlu", "mmlu/test/anatomy_test.csv", "\xff", "anatomy_test.csv: unreadable ('utf-8' codec can't decode"),

@@ -71,7 +71,7 @@ def _jsonl(path: Path, fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UsageError(f"data file {path}, line {n}: not valid JSON ({e.msg}, column {e.colno}); "
-                                     "a truncated or edited file? restore it from ../shared/data") from None
+                                     "a truncated or edited file? restore it (the README.md beside it names its source)") from None
                 missing = [k for k in fields if k not in row] if isinstance(row, dict) else ["(a JSON object)"]
                 if missing:
                     have = ", ".join(row) if isinstance(row, dict) else type(row).__name__
@@ -88,7 +88,8 @@ def _answers(path: Path, rows: list[dict], ok: Callable[[dict], bool], what: str
     `what` says what is wrong (or makes it from the row)."""
     for n, r in enumerate(rows, 1):
         if not ok(r):
-            raise UsageError(f"data file {path}, row {n}: {what(r) if callable(what) else what}; restore it from ../shared/data")
+            raise UsageError(f"data file {path}, row {n}: {what(r) if callable(what) else what}; "
+                             "restore it (the README.md beside it names its source)")
     return rows
 
 
@@ -179,7 +180,7 @@ def _text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"data file {path}: unreadable ({e}); restore it from ../shared/data") from None
+        raise UsageError(f"data file {path}: unreadable ({e}); restore it (the README.md beside it names its source)") from None
 
 
 def _wikitext(data: Path) -> dict[str, list[dict]]:
@@ -239,7 +240,7 @@ def local_rows(task: str, data_dir: str | Path, subject: str | None = None) -> d
     if empty:  # else lm-eval fails later with an IndexError that names nothing
         files = ", ".join(str(data / f) for f in TASK_FILES[task][0])
         raise UsageError(f"task {task}{' (' + subject + ')' if subject else ''}: its {empty[0]} split has no rows "
-                         f"(data: {files}); restore the files from ../shared/data")
+                         f"(data: {files}); restore them (the task folder's README.md names their source)")
     return splits
 
 
