@@ -1,6 +1,7 @@
 """Local data reaches lm-eval's own task definitions in the upstream field layout."""
 
 import shutil
+import subprocess
 
 import pytest
 
@@ -78,11 +79,25 @@ def test_lm_eval_env_report_is_skipped_inside_the_block_only(monkeypatch):
 
     calls = []
     monkeypatch.setattr(ev, "add_env_info", lambda results: calls.append(results))
+    monkeypatch.setattr(ev, "get_git_commit_hash", lambda: calls.append("git") or "abc")
     with without_env_report():
         ev.add_env_info({})
+        assert ev.get_git_commit_hash() is None
     assert calls == []
     ev.add_env_info({})
-    assert calls == [{}]
+    assert calls == [{}] and ev.get_git_commit_hash() == "abc" and calls == [{}, "git"]
+
+
+def test_a_run_outside_a_git_repository_prints_no_git_error(data_dir, tmp_path, monkeypatch, capfd):
+    """lm-eval ran `git describe` in the current folder for every task: outside a repository, git's
+    "fatal: not a git repository" reached the terminal past -q, once per task."""
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert subprocess.run(["git", "rev-parse"], cwd=tmp_path, capture_output=True).returncode != 0  # no repository
+    assert main(["--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned", "--mode", "unified",
+                 "--tasks", "arc_easy,boolq", "--limit", "2", "--data-dir", str(data_dir), "--out", str(tmp_path / "o")]) == 0
+    assert "not a git repository" not in capfd.readouterr().err
 
 
 def test_missing_file_is_named(data_dir, tmp_path):

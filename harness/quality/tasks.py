@@ -337,13 +337,16 @@ def upstream_yamls(data_dir: Path | None = None) -> dict[str, Path]:
 
 @contextlib.contextmanager
 def without_env_report():
-    """Skip lm-eval's `add_env_info` while inside: on every `simple_evaluate` it builds torch's
-    environment report (`pip list` and other subprocesses, 1-4 s a call) into a results field the
-    harness never reads; records carry the harness's own `environment`."""
+    """Skip lm-eval's `add_env_info` and `get_git_commit_hash` while inside: on every `simple_evaluate` they build
+    torch's environment report (`pip list` and other subprocesses, 1-4 s a call) and run `git describe` in the
+    current folder (outside a repository it prints "fatal: not a git repository" past -q; inside one it names that
+    repository, not the harness), into results fields the harness never reads; records carry the harness's own
+    `environment`, and its lm-eval results file the harness's commit (`lm_eval_json`)."""
     import lm_eval.evaluator as ev
 
-    saved, ev.add_env_info = ev.add_env_info, lambda results: None
+    saved = ev.add_env_info, ev.get_git_commit_hash
+    ev.add_env_info, ev.get_git_commit_hash = (lambda results: None), (lambda: None)
     try:
         yield
     finally:
-        ev.add_env_info = saved
+        ev.add_env_info, ev.get_git_commit_hash = saved
