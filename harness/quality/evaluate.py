@@ -3,7 +3,6 @@ from local data, lm-eval's results flattened into the record's scores, and per-i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import tempfile
 import warnings
@@ -34,18 +33,6 @@ def flatten_results(res: dict[str, Any]) -> dict[str, dict[str, float | None]]:
         out[metric_name(name, filt)] = {
             "value": float(val), "stderr": float(se) if isinstance(se, (int, float)) else None}
     return out
-
-
-@contextlib.contextmanager
-def _few_shot_pool(task: str, num_fewshot: int):
-    """A group's subtask with too few few-shot examples (MMLU's dev split: 5 per subject) is bad input, not lm-eval's
-    AssertionError (a single task is checked before, by `fewshot_split`)."""
-    try:
-        yield
-    except AssertionError as e:
-        if "fewshot samples requested exceeds" not in str(e):
-            raise
-        raise UsageError(f"--num-fewshot {num_fewshot}: {task}: {' '.join(str(e).split())}") from None
 
 
 def fewshot_split(obj, task: str, told: set[str], num_fewshot: int) -> str | None:
@@ -135,7 +122,7 @@ def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, 
 
     obj = tasks.get(task)
     shots = fewshot_split(obj, task, tasks.told, cfg.num_fewshot) if cfg.num_fewshot else None
-    with without_env_report(), _few_shot_pool(task, cfg.num_fewshot):
+    with without_env_report():
         out = simple_evaluate(
             model=lm, tasks=[obj], limit=cfg.limit, task_manager=tasks.manager, bootstrap_iters=cfg.bootstrap_iters,
             num_fewshot=cfg.num_fewshot or None,  # None: each task's own default (0 for every task here)
