@@ -95,10 +95,7 @@ def stored_model_path(record) -> str:
     """The model a record was made with, as loadable from any folder: a model folder or GGUF file given by a
     relative path is stored as typed in `config.model` but resolved in the record's model description. A packaged
     model (the default, `smollm2-135m`) is its name: the file lies in whichever environment loads it."""
-    desc = record.model or {}
-    if desc.get("package") and record.config.get("model"):
-        return str(record.config["model"])
-    return str({"directory": desc.get("path"), "gguf": desc.get("gguf")}.get(desc.get("kind")) or record.config.get("model"))
+    return str(record.model_location() or record.config.get("model"))
 
 
 def _resolved(model: str) -> str:

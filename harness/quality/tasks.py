@@ -59,6 +59,9 @@ ROW_FIELDS = {
 }
 
 
+RESTORE = "restore it (the README.md beside it names its source)"  # what a data-file error asks
+
+
 def _jsonl(path: Path, fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file, each an object with `fields`; a UsageError names the file, line and field."""
     rows = []
@@ -71,7 +74,7 @@ def _jsonl(path: Path, fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UsageError(f"data file {path}, line {n}: not valid JSON ({e.msg}, column {e.colno}); "
-                                     "a truncated or edited file? restore it (the README.md beside it names its source)") from None
+                                     f"a truncated or edited file? {RESTORE}") from None
                 missing = [k for k in fields if k not in row] if isinstance(row, dict) else ["(a JSON object)"]
                 if missing:
                     have = ", ".join(row) if isinstance(row, dict) else type(row).__name__
@@ -88,8 +91,7 @@ def _answers(path: Path, rows: list[dict], ok: Callable[[dict], bool], what: str
     `what` says what is wrong (or makes it from the row)."""
     for n, r in enumerate(rows, 1):
         if not ok(r):
-            raise UsageError(f"data file {path}, row {n}: {what(r) if callable(what) else what}; "
-                             "restore it (the README.md beside it names its source)")
+            raise UsageError(f"data file {path}, row {n}: {what(r) if callable(what) else what}; {RESTORE}")
     return rows
 
 
@@ -180,7 +182,7 @@ def _text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"data file {path}: unreadable ({e}); restore it (the README.md beside it names its source)") from None
+        raise UsageError(f"data file {path}: unreadable ({e}); {RESTORE}") from None
 
 
 def _wikitext(data: Path) -> dict[str, list[dict]]:

@@ -32,6 +32,11 @@ def task_data_files(task: str, data_dir: Path) -> list[Path]:
     from harness.quality.tasks import TASK_FILES
 
     rel = TASK_FILES[task][0] if task in TASK_FILES else long_tasks.get(task).data_files if long_tasks.is_long_task(task) else ()
+    return _present(data_dir, rel)
+
+
+def _present(data_dir: Path, rel) -> list[Path]:
+    """The paths of `rel` (relative to `data_dir`) that exist there."""
     return [data_dir / r for r in rel if (data_dir / r).exists()]
 
 
@@ -81,7 +86,7 @@ def digests(cfg, loaded=None, prepared=None) -> dict[str, Any]:
     data = {t: _files_sha256(files) for t in cfg.tasks if data_dir and (files := task_data_files(t, data_dir))}
     calibrates = prepared is not None and any(m.needs_calibration for m in prepared.methods.values())
     calibration = {s: _files_sha256(files) for s in (prepared.calib_config.sources if calibrates else ())
-                   if data_dir and (files := [data_dir / f for f in SOURCE_FILES[s] if (data_dir / f).exists()])}
+                   if data_dir and (files := _present(data_dir, SOURCE_FILES[s]))}
     model = model_digests(loaded) if loaded is not None else {}
     return {"version": VERSION, "model": None if cfg.device_map else model.get("model"), "config": model.get("config"),
             "tokenizer": model.get("tokenizer"), "data": data, **({"calibration": calibration} if calibration else {})}
@@ -98,14 +103,16 @@ def differences(then: dict | None, now: dict, calibrates: bool = False) -> list[
     for key, what in names.items() if then.get("version") == now.get("version") else ():
         if then.get(key) and now.get(key) and then[key] != now[key]:
             out.append(f"{what} ({key} digest {then[key]} then, {now[key]} now)")
-    changed = sorted(t for t, d in (then.get("data") or {}).items() if now["data"].get(t) not in (None, d))
-    if changed:
+    if changed := _changed(then.get("data"), now.get("data")):
         out.append(f"the data files of {', '.join(changed)}")
-    now_calib = now.get("calibration") or {}
-    changed = sorted(s for s, d in (then.get("calibration") or {}).items() if calibrates and now_calib.get(s) not in (None, d))
-    if changed:
+    if calibrates and (changed := _changed(then.get("calibration"), now.get("calibration"))):
         out.append(f"the calibration data ({', '.join(changed)})")
     return out
+
+
+def _changed(then: dict | None, now: dict | None) -> list[str]:
+    """The names whose digest in `then` differs from `now`'s (a name `now` lacks is not compared)."""
+    return sorted(k for k, d in (then or {}).items() if (now or {}).get(k) not in (None, d))
 
 
 def stale_results(doc: dict, is_record: bool, cfg, task_options: dict) -> list[str]:

@@ -75,9 +75,8 @@ def _same_model(model: str, old: rec.RunRecord) -> bool:
     way (`models/m` from one folder, `m` or an absolute path from another: the record keeps the resolved path)."""
     if old.config.get("model") == model:
         return True
-    desc = old.model or {}
-    then = {"directory": desc.get("path"), "gguf": desc.get("gguf")}.get(desc.get("kind"))
-    return bool(then) and not desc.get("package") and Path(model).exists() and str(Path(model).resolve()) == then
+    then = old.model_location()
+    return bool(then) and Path(model).exists() and str(Path(model).resolve()) == then
 
 
 def with_defaults(method, options: dict) -> dict:

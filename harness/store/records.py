@@ -107,6 +107,15 @@ class RunRecord:
             return None
         return sum(v["kv_bytes"] for v in self.kv.values())
 
+    def model_location(self) -> str | None:
+        """The resolved path of the model folder or GGUF file this record was made with (`config.model` keeps it
+        as typed); None for a packaged model (the default: its file lies in whichever environment loads it), a hub
+        id or a random preset."""
+        desc = self.model or {}
+        if desc.get("package"):
+            return None
+        return {"directory": desc.get("path"), "gguf": desc.get("gguf")}.get(desc.get("kind"))
+
     def figure(self, workload: str, name: str) -> float | None:
         """A latency figure (e.g. `ttft_ms_p50`) of `workload`, None when the record has none."""
         wl = self.latency.get(workload)
