@@ -56,6 +56,7 @@ class Collection:
     latency: list[RunRecord] = field(default_factory=list)
     sources: dict[int, Path] = field(default_factory=dict)  # id(record) -> file
     skipped: list[str] = field(default_factory=list)  # files that are not readable records, and why
+    _models: tuple = field(default=((), {}), repr=False, compare=False)  # (ids of `all`, id -> model label)
 
     def source(self, r: RunRecord) -> Path:
         return self.sources[id(r)]
@@ -67,12 +68,20 @@ class Collection:
     def folder(self, r: RunRecord) -> Path:
         return self.sources[id(r)].parent
 
+    def model(self, r: RunRecord) -> str:
+        """`r`'s model as the tables name it. Records of one model folder or GGUF file typed another way (`m` from
+        its parent, `/x/m` from elsewhere) share a name: the shortest way it was typed."""
+        ids = tuple(id(o) for o in self.all)
+        if self._models[0] != ids:
+            self._models = (ids, model_labels(self.all))
+        return self._models[1][id(r)]
+
     def label(self, r: RunRecord) -> str:
         """Method name, plus its folder when the same (model, method, mode, kind) occurs in several
         folders (e.g. a --limit 100 and a --limit 1000 run): the shortest end of the folder's path
         that tells them apart (`a/run` and `b/run`, but `other` for a third folder `c/other`)."""
         same = [o for o in (self.latency if is_latency(r) else self.quality)
-                if (model_name(o), o.method, o.mode) == (model_name(r), r.method, r.mode)]
+                if (self.model(o), o.method, o.mode) == (self.model(r), r.method, r.mode)]
         return r.method if len(same) < 2 else f"{r.method} ({folder_suffix(self.folder(r), [self.folder(o) for o in same])})"
 
 
@@ -96,7 +105,42 @@ def is_latency(r: RunRecord) -> bool:
 
 
 def model_name(r: RunRecord) -> str:
+    """The model's name, or the model as typed (`--model`) when it has none."""
     return str(r.model.get("name") or r.config.get("model") or "?")
+
+
+def same_model(a: RunRecord, b: RunRecord) -> bool:
+    """Whether `a` and `b` were made with one model: for a local model folder or GGUF file, the same weights digest
+    (a copy elsewhere is the same model; a folder whose weights changed is not) or, without both digests, the same
+    resolved path; else the same name or typed model."""
+    where_a, where_b = a.model_location(), b.model_location()
+    if where_a is None or where_b is None:
+        return where_a == where_b and model_name(a) == model_name(b)
+    wa, wb = (((r.extra or {}).get("inputs") or {}) for r in (a, b))
+    if wa.get("model") and wb.get("model") and wa.get("version") == wb.get("version"):
+        return wa["model"] == wb["model"]
+    return where_a == where_b
+
+
+def model_labels(records: list[RunRecord]) -> dict[int, str]:
+    """id(record) -> its model's label: records of one model (`same_model`, transitively) share the shortest name
+    any of them was typed with; models that would share a label get their path added, then their weights digest."""
+    groups: list[list[RunRecord]] = []
+    for r in records:
+        hit = [g for g in groups if any(same_model(r, o) for o in g)]
+        groups = [g for g in groups if all(g is not h for h in hit)] + [[r, *(o for g in hit for o in g)]]
+
+    def label(g: list[RunRecord], detail: int) -> str:
+        name = min({model_name(r) for r in g}, key=lambda n: (len(n), n))
+        where = min((w for r in g if (w := r.model_location())), default=None)
+        weights = min((f"weights {d[:12]}" for r in g if (d := ((r.extra or {}).get("inputs") or {}).get("model"))), default=None)
+        parts = [x for x in (where, weights)[:detail] if x]
+        return f"{name} ({', '.join(parts)})" if parts else name
+
+    labels = [label(g, 0) for g in groups]
+    for detail in (1, 2):
+        labels = [label(g, detail) if labels.count(lab) > 1 else lab for g, lab in zip(groups, labels)]
+    return {id(r): lab for g, lab in zip(groups, labels) for r in g}
 
 
 def record_files(path: Path) -> list[Path]:
@@ -149,9 +193,10 @@ def configuration(r: RunRecord) -> str:
     """The settings `r` shares with the other records of its run: its config without the method's own
     options and the run's lists of cells (what `run_key` hashes, apart from the method). The data folder
     counts by kind, not path (a clone elsewhere reads the same files; `same_configuration` compares their
-    digests): a local folder or lm-eval's hub datasets; a latency record's not at all (its plan is its own)."""
+    digests): a local folder or lm-eval's hub datasets; a latency record's not at all (its plan is its own). The
+    model is left to `same_model` (a model folder typed two ways is one model)."""
     keep = {k: v for k, v in r.config.items()
-            if k not in CELL_FIELDS and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+            if k not in CELL_FIELDS and k != "model" and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
     if "data_dir" in keep:
         keep["data_dir"] = None if is_latency(r) else ("local folder" if keep["data_dir"] else None)
     return json.dumps(keep, sort_keys=True, default=str)
@@ -172,7 +217,7 @@ def same_configuration(a: RunRecord, b: RunRecord) -> bool:
     other: same configuration and, on the tasks both scored, the same task options."""
     common = set(a.scores) & set(b.scores)
     da, db = _data_digests(a), _data_digests(b)
-    return configuration(a) == configuration(b) and all(task_options(a, t) == task_options(b, t) for t in common) \
+    return configuration(a) == configuration(b) and same_model(a, b) and all(task_options(a, t) == task_options(b, t) for t in common) \
         and all(da[t] == db[t] for t in common if t in da and t in db)
 
 
@@ -196,7 +241,7 @@ def models(col: Collection) -> dict[str, list[Path]]:
     """Model name -> the files of its records, in a stable order."""
     out: dict[str, list[Path]] = {}
     for r in col.all:
-        out.setdefault(model_name(r), []).append(col.source(r))
+        out.setdefault(col.model(r), []).append(col.source(r))
     return {m: sorted(fs, key=str) for m, fs in sorted(out.items())}
 
 
@@ -211,9 +256,10 @@ def _aliases(col: Collection) -> list[str]:
 
 
 def select_model(col: Collection, name: str) -> Collection:
-    """The records of one model: its name as the tables show it (`model_name`) or the config's model
-    (e.g. `smollm2-135m`)."""
-    keep = [r for r in col.all if name in (model_name(r), str(r.config.get("model")))]
+    """The records of one model: its name as the tables show it (`Collection.model`), its own name, or the model as
+    any of its records typed it (e.g. `smollm2-135m`)."""
+    chosen = {col.model(r) for r in col.all if name in (col.model(r), model_name(r), str(r.config.get("model")))}
+    keep = [r for r in col.all if col.model(r) in chosen]
     if not keep:
         also = _aliases(col)
         raise ReportError(f"--model {name!r} matches no record; models present: {_models_text(col)}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.collect import Collection, is_latency, model_name
+from reports.collect import Collection, is_latency
 from reports.formats import to_html
 from reports.tables import hardware
 
@@ -42,7 +42,7 @@ def provenance_rows(col: Collection) -> list[list[str]]:
         git = env.get("git") or {}
         commit = (git.get("commit") or "?")[:12] + (" (dirty)" if git.get("dirty") else "")
         rows.append([
-            str(col.source(r)), "latency" if is_latency(r) else "quality", r.method, r.mode, model_name(r),
+            str(col.source(r)), "latency" if is_latency(r) else "quality", r.method, r.mode, col.model(r),
             str(r.config.get("seed")), f"torch {pk.get('torch')}, transformers {pk.get('transformers')}, lm-eval {pk.get('lm_eval')}",
             hardware(r), commit, r.created, r.run_key,
         ])

@@ -30,7 +30,7 @@ from scipy import stats
 
 from harness.store.records import RunRecord, is_long_task, lower_is_better
 from harness.store.task_names import STANDARD_TASKS
-from reports.collect import Collection, ReportError, metric_for, model_name, natural_key, reference
+from reports.collect import Collection, ReportError, metric_for, natural_key, reference
 from reports.formats import CellSpec, cell, make_table
 
 N_RESAMPLES = 10_000
@@ -144,9 +144,9 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
     from reports.tables import MODE_TITLE, TASK_TITLE
 
     groups, all_tasks = [], []
-    keys = sorted({(model_name(r), r.mode) for r in col.quality})
+    keys = sorted({(col.model(r), r.mode) for r in col.quality})
     for model, mode in keys:
-        rs = [r for r in col.quality if (model_name(r), r.mode) == (model, mode)]
+        rs = [r for r in col.quality if (col.model(r), r.mode) == (model, mode)]
         rows = []
         for r in sorted(rs, key=lambda r: natural_key(col.label(r))):
             base = reference(rs, r, baseline, col)  # the baseline of r's own configuration (and folder, when it has one)

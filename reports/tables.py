@@ -14,7 +14,7 @@ import pandas as pd
 
 from harness.store.records import LOWER_IS_BETTER, RunRecord, is_long_task, stored_presentation, task_presentation
 from harness.store.task_names import LEGACY_CAPTION_TASKS, LEGACY_PRESENTATION, STANDARD_TASKS, TaskPresentation
-from reports.collect import CONVENTION_TEXT, Collection, is_latency, metric_for, model_name, natural_key, reference
+from reports.collect import CONVENTION_TEXT, Collection, is_latency, metric_for, natural_key, reference
 from reports.formats import CellSpec, bold_best, bold_beyond_noise, cell, make_table
 
 MODE_ORDER = {"disaggregated": 0, "unified": 1}
@@ -54,11 +54,11 @@ def _row_key(col: Collection, r: RunRecord) -> tuple:
 def _groups(col: Collection, records: list[RunRecord], with_mode: bool = True) -> list[tuple[str, list[RunRecord]]]:
     """Records grouped by model (and PD setting), in a stable order; titles name the model only
     when there are several."""
-    models = sorted({model_name(r) for r in records})
+    models = sorted({col.model(r) for r in records})
     out = []
     for m in models:
         for mode in sorted({r.mode for r in records}, key=lambda x: MODE_ORDER.get(x, 9)) if with_mode else [None]:
-            rs = [r for r in records if model_name(r) == m and (mode is None or r.mode == mode)]
+            rs = [r for r in records if col.model(r) == m and (mode is None or r.mode == mode)]
             if rs:
                 title = " · ".join(x for x in ((m if len(models) > 1 else ""), MODE_TITLE.get(mode, mode or "")) if x)
                 out.append((title, sorted(rs, key=lambda r: _row_key(col, r))))
@@ -127,8 +127,8 @@ def _quality_row(col: Collection, r: RunRecord, dense: RunRecord | None, tasks: 
     return [*row, avg, _ratio_cell(_mc_kv(dense, shared), _mc_kv(r, shared))], noise
 
 
-def _quality_caption(recs: list[RunRecord], tasks: list[str], convention: str) -> str:
-    model = ", ".join(sorted({model_name(r) for r in recs})) or "—"
+def _quality_caption(col: Collection, recs: list[RunRecord], tasks: list[str], convention: str) -> str:
+    model = ", ".join(sorted({col.model(r) for r in recs})) or "—"
     lm_eval = sorted({str(r.lm_eval.get("version")) for r in recs if r.lm_eval.get("version")})
     seeds = sorted({str(r.config.get("seed")) for r in recs})
     shots = sorted({int(r.config.get("num_fewshot") or 0) for r in recs}) or [0]
@@ -160,7 +160,7 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
             i += 1
         groups.append((title, g))
     names = [_column_name(t, metrics[t]) for t in tasks]
-    t = make_table("quality", _quality_caption(recs, tasks, convention), ["Method", "Removed", *names, "Avg", "KV ×"], groups)
+    t = make_table("quality", _quality_caption(col, recs, tasks, convention), ["Method", "Removed", *names, "Avg", "KV ×"], groups)
     for name, task in zip(names, tasks):
         bold_beyond_noise(t, name, noise[task], lower_is_better=bool(metrics[task] & LOWER_IS_BETTER))
     bold_beyond_noise(t, "Avg", noise["Avg"])
@@ -215,12 +215,12 @@ def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: 
     col = _as_collection(records)
     runs = isinstance(records, Collection)  # a plain list says nothing of runs: configuration only
     e2e = f"e2e_ms_p50@{bandwidth_gbit:g}gbit"
-    keys = sorted({(hardware(r), model_name(r), lab) for r in col.latency for lab in r.latency if parse_workload(lab)},
+    keys = sorted({(hardware(r), col.model(r), lab) for r in col.latency for lab in r.latency if parse_workload(lab)},
                   key=lambda k: (k[0], k[1], parse_workload(k[2])))
     groups = []
     for hw, model, lab in keys:
         T, n, b, mode = parse_workload(lab)
-        rs = sorted([r for r in col.latency if hardware(r) == hw and model_name(r) == model and lab in r.latency],
+        rs = sorted([r for r in col.latency if hardware(r) == hw and col.model(r) == model and lab in r.latency],
                     key=lambda r: _row_key(col, r))
         g: list[list[CellSpec]] = []
         for r in rs:

@@ -11,7 +11,7 @@ import pytest
 from test_reports import _fake
 
 from harness.store.records import save
-from reports.collect import collect
+from reports.collect import ReportError, collect, models, require_one_model, select_model
 from reports.formats import rows, to_csv
 from reports.significance import paired_table
 from reports.tables import quality_table
@@ -246,3 +246,40 @@ def test_sensitivity_figure_has_one_panel_per_score_present_and_integer_block_ti
     for ax in fig.axes:
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def _local(method: str, typed: str, where: str, removed=(), weights: str | None = None):
+    """A record of the model folder at `where`, typed `typed` on the command line (weights digest `weights`)."""
+    r = _rec(method, kv=400 if method == "unpruned" else 100, removed=removed, items=[1, 0, 1, 0])
+    r.config["model"], r.model = typed, {"kind": "directory", "path": where}
+    r.extra["inputs"] = {"version": 1, "model": weights} if weights else {}
+    return r
+
+
+def test_a_model_folder_typed_two_ways_is_one_model_and_another_folder_is_not(tmp_path):
+    save(_local("unpruned", "m", "/x/m"), tmp_path / "a")  # run from /x
+    save(_local("x", "/x/m", "/x/m", removed=(1,)), tmp_path / "b")  # the same folder, typed from elsewhere
+    col = collect([tmp_path / "a", tmp_path / "b"])
+    require_one_model(col)  # the figures put both on one axis
+    assert {col.model(r) for r in col.all} == {"m"} and _kv_column([tmp_path / "a", tmp_path / "b"])["x"] == "4.00×"
+    assert list(rows(paired_table(col))["Method"]) == ["x"]  # paired with the unpruned record of that folder
+    assert len(select_model(col, "/x/m").all) == 2
+    save(_local("x", "m", "/y/m", removed=(1,)), tmp_path / "c")  # another folder named m, run from /y
+    col = collect([tmp_path / "a", tmp_path / "b", tmp_path / "c"])
+    assert {col.model(r) for r in col.all} == {"m (/x/m)", "m (/y/m)"}
+    with pytest.raises(ReportError, match="records of 2 models"):
+        require_one_model(col)
+    assert len(select_model(col, "m (/y/m)").all) == 1
+
+
+def test_a_copy_of_a_model_folder_with_the_same_weights_is_the_same_model(tmp_path):
+    save(_local("unpruned", "m", "/x/m", weights="w1"), tmp_path / "a")
+    save(_local("x", "m", "/clone/m", removed=(1,), weights="w1"), tmp_path / "b")  # a clone elsewhere
+    save(_local("y", "m", "/z/m", removed=(1,), weights="w2"), tmp_path / "c")  # other weights
+    col = collect([tmp_path / "a", tmp_path / "b", tmp_path / "c"])
+    assert len({col.model(r) for r in col.all if r.method != "y"}) == 1 and len(models(col)) == 2
+    t = quality_table(col)
+    assert list(rows(t, 0)["KV ×"]) == ["1.00×", "4.00×"] and list(rows(t, 1)["KV ×"]) == ["—"]  # no unpruned of w2
+    assert sorted(models(col)) == ["m (/clone/m)", "m (/z/m)"]
+    save(_local("z", "m", "/x/m", removed=(1,), weights="w3"), tmp_path / "d")  # the first folder, its weights changed
+    assert len(models(collect([tmp_path / "a", tmp_path / "d"]))) == 2
