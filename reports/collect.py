@@ -31,15 +31,16 @@ class ReportError(ValueError):
     """Bad report input (missing folder, unreadable record, unknown convention); the CLI exits 2."""
 
 
-def metric_for(task: str, available: dict, convention: str) -> str | None:
+def metric_for(task: str, available: dict, convention: str, record: RunRecord | None = None) -> str | None:
     """The metric to show for `task` given the metrics a record has. Tasks without acc/acc_norm
-    (perplexities, long-context tasks) keep their primary metric."""
+    (perplexities, long-context tasks) keep their primary metric: the one `record` stored for a long-context task (a
+    plug-in's own), else the package's convention."""
     from harness.store.records import primary_metric
 
     if convention not in CONVENTIONS:
         raise ReportError(f"unknown metric convention {convention!r}; expected one of {', '.join(CONVENTIONS)}")
     if "acc" not in available and "acc_norm" not in available:
-        m = primary_metric(task)
+        m = primary_metric(task, record)
         return m if m in available else None
     if convention == "acc":
         want = "acc"

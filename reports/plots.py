@@ -35,7 +35,7 @@ def avg_score(r: RunRecord, tasks: list[str], convention: str) -> tuple[float | 
     and a None standard error if any task's is unknown."""
     vals, ses = [], []
     for t in tasks:
-        v, se = _score(r, t, metric_for(t, r.scores.get(t, {}), convention))
+        v, se = _score(r, t, metric_for(t, r.scores.get(t, {}), convention, r))
         if v is None:
             return None, None
         vals.append(100 * v)

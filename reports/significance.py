@@ -71,22 +71,35 @@ def mcnemar_exact(base: np.ndarray, other: np.ndarray) -> float:
     return 1.0 if gained + lost == 0 else float(stats.binomtest(gained, gained + lost, 0.5).pvalue)
 
 
+def _estimable(ds: tuple[np.ndarray, ...]) -> bool:
+    """Whether a bootstrap CI means something: every sample has two items or more and no inf/NaN (one article's
+    perplexity difference has no spread to resample; an infinite perplexity has no mean to bound)."""
+    return all(len(d) >= 2 and np.isfinite(d).all() for d in ds)
+
+
 def compare(base: np.ndarray, other: np.ndarray) -> Paired:
-    """Paired comparison of one task's per-item values (same items, same order)."""
+    """Paired comparison of one task's per-item values (same items, same order). The CI is NaN (shown "—", never
+    significant) when it cannot be estimated (`_estimable`); a zero-spread difference over 2+ items is its own CI."""
     d = np.asarray(other, float) - np.asarray(base, float)
-    low, high = _ci((d,), lambda x, axis: x.mean(axis=axis)) if d.std() > 0 else (float(d.mean()),) * 2
+    if not _estimable((d,)):
+        low = high = float("nan")
+    else:
+        low, high = _ci((d,), lambda x, axis: x.mean(axis=axis)) if d.std() > 0 else (float(d.mean()),) * 2
     binary = bool(np.isin(base, (0.0, 1.0)).all() and np.isin(other, (0.0, 1.0)).all())
     return Paired(float(d.mean()), low, high, mcnemar_exact(np.asarray(base), np.asarray(other)) if binary else None, len(d))
 
 
 def compare_average(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Paired:
-    """The mean over tasks of the per-task mean differences, with each task's items resampled independently."""
+    """The mean over tasks of the per-task mean differences, with each task's items resampled independently
+    (a CI of NaN when any task's cannot be estimated: a task of one item has unknown noise)."""
     ds = tuple(np.asarray(o, float) - np.asarray(b, float) for b, o in pairs)
-    diff = float(np.mean([d.mean() for d in ds]))
+    diff, n = float(np.mean([d.mean() for d in ds])), sum(len(d) for d in ds)
+    if not _estimable(ds):
+        return Paired(diff, float("nan"), float("nan"), None, n)
     if not any(d.std() > 0 for d in ds):
-        return Paired(diff, diff, diff, None, sum(len(d) for d in ds))
+        return Paired(diff, diff, diff, None, n)
     low, high = _ci(ds, lambda *xs, axis: np.mean([x.mean(axis=axis) for x in xs], axis=0))
-    return Paired(diff, low, high, None, sum(len(d) for d in ds))
+    return Paired(diff, low, high, None, n)
 
 
 def aligned(base: RunRecord, other: RunRecord, task: str, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -106,8 +119,10 @@ def _text(p: Paired, lower: bool = False) -> CellSpec:
     s = 1 if lower else 100
     mark = "*" if p.significant else ""
     pv = "" if p.p_mcnemar is None else f" p={p.p_mcnemar:.2g}"
-    return cell(f"{s * p.diff:+.1f}{mark} [{s * p.low:+.1f}, {s * p.high:+.1f}]{pv}", round(s * p.diff, 6),
-                ci_low=round(s * p.low, 6), ci_high=round(s * p.high, 6), p_mcnemar=p.p_mcnemar)
+    known = not (np.isnan(p.low) or np.isnan(p.high))
+    ci = f"[{s * p.low:+.1f}, {s * p.high:+.1f}]" if known else "[—]"
+    return cell(f"{s * p.diff:+.1f}{mark} {ci}{pv}", round(s * p.diff, 6), ci_low=round(s * p.low, 6) if known else None,
+                ci_high=round(s * p.high, 6) if known else None, p_mcnemar=p.p_mcnemar)
 
 
 def _verdict(done: dict[str, Paired], lower: dict[str, bool]) -> str:
@@ -122,7 +137,7 @@ def _task_metrics(base: RunRecord, convention: str) -> dict[str, str]:
     """Tasks whose baseline record has per-item values of the shown metric, in record order."""
     out = {}
     for task, items in base.extra.get("items", {}).items():
-        m = metric_for(task, base.scores.get(task, {}), convention)
+        m = metric_for(task, base.scores.get(task, {}), convention, base)
         if m and m in items.get("metrics", {}):
             out[task] = m
     return out
@@ -143,23 +158,28 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
     the better / same / worse count over tasks. Empty when no record pairs with a baseline."""
     from reports.tables import MODE_TITLE, TASK_TITLE
 
-    groups, all_tasks = [], []
+    groups, all_tasks, unpaired, partial = [], [], [], []
     keys = sorted({(col.model(r), r.mode) for r in col.quality})
     for model, mode in keys:
         rs = [r for r in col.quality if (col.model(r), r.mode) == (model, mode)]
         rows = []
         for r in sorted(rs, key=lambda r: natural_key(col.label(r))):
             base = reference(rs, r, baseline, col)  # the baseline of r's own configuration (and folder, when it has one)
-            if base is None or base is r:
+            if base is None:
+                unpaired += [col.label(r)] if r.method != baseline else []
+                continue
+            if base is r:
                 continue
             tasks = _task_metrics(base, convention)
             pairs = {t: aligned(base, r, t, m) for t, m in tasks.items()}
             done = {t: compare(*p) for t, p in pairs.items() if p is not None}
-            if done:  # Avg over the quality table's Avg tasks: accuracies, not long-context tasks
+            if done:
                 lower = {t: lower_is_better(base, t, m) for t, m in tasks.items()}  # pd_ppl's ppl, a plug-in's own
-                mc = [pairs[t] for t in done if not is_long_task(base, t) and not lower[t]]
-                rows.append((r, done, lower, compare_average(mc) if mc else None))
+                accuracy = {t: pairs[t] for t in done if not is_long_task(base, t) and not lower[t]}
+                rows.append((r, done, lower, accuracy))
                 all_tasks += [t for t in done if t not in all_tasks]  # columns: the tasks some row pairs on
+                partial += [f"{col.label(r)} {t} {p.n} of {n}" for t, p in done.items()
+                            if p.n < (n := min(len(x["ids"]) for x in (base.extra["items"][t], r.extra["items"][t])))]
         if rows:
             title = " · ".join(x for x in ((model if len({k[0] for k in keys}) > 1 else ""), MODE_TITLE.get(mode, mode)) if x)
             groups.append((title, rows))
@@ -169,15 +189,21 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
     all_tasks.sort(key=lambda t: (order.get(t, len(order)), t))
     cols = ["Method", *[TASK_TITLE.get(t, t) for t in all_tasks], "Avg", "Verdict"]
     any_lower = any(x for _, rows in groups for *_, lower, _ in rows for x in lower.values())
+    # Avg over the quality table's Avg tasks (accuracies, not long-context tasks), and like it only for a row that has
+    # every accuracy column: rows averaged over other task sets would not compare
+    columns = {t for _, rows in groups for *_, accuracy in rows for t in accuracy}
     body = [(title, [[cell(col.label(r)), *[_text(done[t], lower[t]) if t in done else cell("—") for t in all_tasks],
-                      _text(avg) if avg is not None else cell("—"),
-                      cell(_verdict(done, lower))] for r, done, lower, avg in rows]) for title, rows in groups]
+                      _text(compare_average(list(accuracy.values()))) if accuracy and set(accuracy) == columns
+                      else cell("—"),
+                      cell(_verdict(done, lower))] for r, done, lower, accuracy in rows]) for title, rows in groups]
     caption = (f"Difference to {baseline} on the same items, in points (method − {baseline}; metric as in the quality "
                f"table, convention '{convention}'): mean [paired bootstrap 95% CI, {N_RESAMPLES:,} resamples, seed {SEED}]"
                f" and, for accuracies, the exact McNemar p-value. * : p < {ALPHA:g} for accuracies, else the CI excludes 0 "
-               f"(also for Avg). Baseline: the {baseline} record of the row's folder, else one "
-               f"with its tasks. Avg: mean of the differences over the accuracy tasks (as the quality table's Avg; not "
-               f"long-context tasks), items resampled within each task. Verdict: tasks "
-               f"significantly better / not / worse."
-               + (" Perplexities: in their own units, and lower is better." if any_lower else ""))
+               f"(also for Avg); [—]: no CI (a single item, or an infinite value). Baseline: the {baseline} record of "
+               f"the row's folder, else one with its tasks. Avg: mean of the differences over the accuracy tasks (as the "
+               f"quality table's Avg: long-context tasks left out, '—' unless the row pairs on every accuracy column), "
+               f"items resampled within each task. Verdict: tasks significantly better / not / worse."
+               + (" Perplexities: in their own units, and lower is better." if any_lower else "")
+               + (f" Paired on fewer items than scored: {'; '.join(partial)}." if partial else "")
+               + (f" No {baseline} record of their configuration, so no row: {', '.join(unpaired)}." if unpaired else ""))
     return make_table("paired", caption, cols, body, align="l" + "r" * (len(cols) - 2) + "l")

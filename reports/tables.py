@@ -112,7 +112,7 @@ def _quality_row(col: Collection, r: RunRecord, dense: RunRecord | None, tasks: 
     """One record's cells and the standard errors of its score cells (table units), by column key."""
     row, accs, ses, noise = [cell(col.label(r)), cell(removed_text(r))], [], [], {}
     for t in tasks:
-        m = metric_for(t, r.scores.get(t, {}), convention)
+        m = metric_for(t, r.scores.get(t, {}), convention, r)
         v, se = _score(r, t, m)
         row.append(_fmt(v, m or "acc", se))
         if se is not None:
@@ -148,7 +148,7 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
     recs = col.quality
     tasks = _ordered_tasks(recs, lambda r, t: not is_long_task(r, t))
     # each column's metrics over all rows first: a row's Avg counts the accuracy columns, whatever the row order
-    metrics = {t: {m for r in recs if (m := metric_for(t, r.scores.get(t, {}), convention))} for t in tasks}
+    metrics = {t: {m for r in recs if (m := metric_for(t, r.scores.get(t, {}), convention, r))} for t in tasks}
     groups, noise, i = [], {name: {} for name in [*tasks, "Avg"]}, 0  # noise[column][row] = stderr, table units
     for title, rs in _groups(col, recs):
         g: list[list[CellSpec]] = []

@@ -283,3 +283,33 @@ def test_a_copy_of_a_model_folder_with_the_same_weights_is_the_same_model(tmp_pa
     assert sorted(models(col)) == ["m (/clone/m)", "m (/z/m)"]
     save(_local("z", "m", "/x/m", removed=(1,), weights="w3"), tmp_path / "d")  # the first folder, its weights changed
     assert len(models(collect([tmp_path / "a", tmp_path / "d"]))) == 2
+
+
+def test_paired_avg_needs_every_accuracy_column_and_the_caption_names_rows_left_out_or_partly_paired(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    save(_rec("unpruned", items=[1, 0, 1, 0]), a)
+    save(_rec("x", items=[1, 1, 1, 0], removed=(1,)), a)
+    save(_rec("y", tasks=("arc_easy",), items=[0, 0, 1, 0], removed=(2,)), a)  # one of the two accuracy columns
+    z = _rec("z", items=[1, 1, 1, 1], removed=(3,))
+    z.extra["items"]["boolq"] = {"ids": [0, 1, 7, 8], "metrics": {"acc": [1.0, 1.0, 1.0, 1.0]}}  # 2 of 4 items shared
+    save(z, a)
+    save(_rec("w", items=[1, 1, 1, 1], removed=(1,), limit=8), b)  # another --limit: no unpruned record of its own
+    t = paired_table(collect([a, b]))
+    got = rows(t).set_index("Method")
+    assert got.loc["x", "Avg"].startswith("+25.0") and got.loc["y", "Avg"] == "—" and "w" not in got.index
+    assert "z boolq 2 of 4" in t.attrs["caption"] and "so no row: w" in t.attrs["caption"]
+
+
+def test_a_plug_in_long_task_with_its_own_primary_metric_is_paired(tmp_path):
+    """A long-context task the package does not know, whose stored presentation names its primary metric."""
+    def rec(method, ppl, removed=()):
+        r = _fake(method, "disaggregated", {"myppl": {"wppl": float(np.mean(ppl))}}, removed=removed)
+        r.extra["items"] = {"myppl": {"ids": [0, 1, 2], "metrics": {"wppl": list(ppl)}}}
+        r.lm_eval["tasks"] = {"myppl": {"harness_task": {"presentation": {
+            "title": "MyPPL", "primary_metric": "wppl", "lower_is_better": True, "setting_prefix": "wppl_"}}}}
+        return r
+
+    save(rec("unpruned", [10.0, 11.0, 12.0]), tmp_path)
+    save(rec("x", [20.0, 21.5, 22.0], removed=(1,)), tmp_path)
+    got = rows(paired_table(collect([tmp_path]))).set_index("Method")
+    assert got.loc["x", "MyPPL" if "MyPPL" in got.columns else "myppl"].startswith("+10.2")

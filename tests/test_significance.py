@@ -154,3 +154,18 @@ def test_pd_ppl_keeps_per_article_perplexities_and_pairs_them(tmp_path, data_dir
     diff = np.mean(np.subtract(recs["tail"].extra["items"]["pd_ppl"]["metrics"]["ppl"],
                                recs["unpruned"].extra["items"]["pd_ppl"]["metrics"]["ppl"]))
     assert cell.startswith(f"{diff:+.1f}"), cell  # in perplexity, not ×100 points
+
+
+def test_a_single_item_or_an_infinite_value_has_no_ci_and_is_never_significant():
+    one = sig.compare(np.array([10.0]), np.array([15.2]))  # one pd_ppl article: no spread to resample
+    assert one.diff == pytest.approx(5.2) and math.isnan(one.low) and math.isnan(one.high) and not one.significant
+    inf = sig.compare(np.array([10.0, 11.0, 12.0]), np.array([12.0, np.inf, 13.0]))
+    assert inf.diff == np.inf and math.isnan(inf.low) and not inf.significant
+    # a task of one item beside tasks of several: the average's CI is unknown, and nothing raises (scipy would)
+    avg = sig.compare_average([(np.array([0.0]), np.array([1.0])), (np.array([0.0, 1.0, 1.0, 0.0]), np.array([1.0, 1.0, 0.0, 1.0]))])
+    assert avg.diff == pytest.approx((1.0 + 0.25) / 2) and math.isnan(avg.low) and not avg.significant and avg.n == 5
+    cell = sig._text(one, lower=True)
+    assert cell[0] == "+5.2 [—]" and cell[2] is None  # no CI columns in the CSV
+    # two items that moved alike: the CI is the difference itself, as the bootstrap would give
+    same = sig.compare(np.array([10.0, 12.0]), np.array([11.0, 13.0]))
+    assert (same.low, same.high) == (1.0, 1.0) and same.significant
