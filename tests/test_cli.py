@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -283,3 +284,15 @@ def test_the_commit_recorded_is_the_harness_checkouts_only(tmp_path):
     for args in (["init", "-q"], ["-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "--allow-empty", "-m", "x"]):
         subprocess.run(["git", *args], cwd=project, check=True)
     assert git_info(site) == {"commit": None, "dirty": None}
+
+
+def test_the_small_limit_note_gives_lm_evals_largest_standard_error_and_the_tables_noise_threshold(capsys):
+    from harness.cli.run import warn_small_limit
+
+    warn_small_limit(30)
+    half = np.array([0.0, 1.0] * 15)  # p = 0.5: the largest standard error of an accuracy over 30 items
+    se = 100 * half.std(ddof=1) / np.sqrt(len(half))  # lm-eval's mean_stderr
+    err = capsys.readouterr().err
+    assert f"up to {se:.1f} points" in err and f"within about {1.96 * np.sqrt(2) * se:.0f} points" in err
+    warn_small_limit(1000)
+    assert capsys.readouterr().err == ""  # 1.6 points: below the threshold

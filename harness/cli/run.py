@@ -176,15 +176,16 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 def warn_small_limit(limit: int | float | None, threshold_points: float = 3.0) -> None:
     """Say when --limit leaves an accuracy's standard error above `threshold_points` (lm-eval warns on
-    any --limit): at n items it is up to 100·sqrt(0.25 / n) points, 5 at the default 100. A fraction's
-    count depends on each task's size, so it is not judged here."""
+    any --limit): at n items lm-eval's is sqrt(p(1 - p) / (n - 1)), up to 100·sqrt(0.25 / (n - 1)) points (5.0 at
+    the default 100), and two methods' scores are told apart, as the tables' bold rule does, only beyond 1.96
+    combined standard errors (1.96·√2 of one). A fraction's count depends on each task's size: not judged here."""
     if limit is None or limit < 1:
         return
-    se = 100 * (0.25 / limit) ** 0.5
+    se = 100 * (0.25 / max(limit - 1, 1)) ** 0.5
     if se > threshold_points:
         print(f"note: --limit {limit}: each accuracy has a standard error of up to {se:.1f} points, so differences "
-              f"within about {2 * se:.0f} points are noise (tables show ± and bold only clear wins; "
-              f"`report --baseline` pairs methods on the same items)", file=sys.stderr, flush=True)
+              f"between two methods within about {1.96 * 2 ** 0.5 * se:.0f} points are noise (tables show ± and bold only "
+              f"clear wins; `report --baseline` pairs methods on the same items)", file=sys.stderr, flush=True)
 
 
 def default_out(cfg: RunConfig, root: Path = Path("results") / "runs", kind: str = "") -> Path:
