@@ -45,7 +45,8 @@ def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: flo
         t = make()
         if t.empty:
             paired_why = f"no records with per-item results to pair with {baseline}" if col.quality else "no quality records"
-            why = {"quality": "no quality records", "paired": paired_why,
+            quality_why = "long-context tasks only: see the long_context table" if col.quality else "no quality records"
+            why = {"quality": quality_why, "paired": paired_why,
                    "efficiency": "no latency records (python -m harness latency)",
                    "long_context": "no pd_ppl/passkey scores", "plans": "no records"}[name]
             missing.append(f"{name} table: not shown ({why})")

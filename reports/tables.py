@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from harness.store.records import LOWER_IS_BETTER, RunRecord, is_long_task, stored_presentation, task_presentation
-from harness.store.task_names import LEGACY_CAPTION_TASKS, LEGACY_PRESENTATION, STANDARD_TASKS, TaskPresentation
+from harness.store.task_names import STANDARD_TASKS, TaskPresentation
 from reports.collect import CONVENTION_TEXT, Collection, is_latency, metric_for, natural_key, reference
 from reports.formats import CellSpec, bold_best, bold_beyond_noise, cell, make_table
 
@@ -147,6 +147,8 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
     col = _as_collection(records)
     recs = col.quality
     tasks = _ordered_tasks(recs, lambda r, t: not is_long_task(r, t))
+    if not tasks:  # long-context tasks only: their own table shows them, with the KV bytes
+        return make_table("quality", "", ["Method"], [])
     # each column's metrics over all rows first: a row's Avg counts the accuracy columns, whatever the row order
     metrics = {t: {m for r in recs if (m := metric_for(t, r.scores.get(t, {}), convention, r))} for t in tasks}
     groups, noise, i = [], {name: {} for name in [*tasks, "Avg"]}, 0  # noise[column][row] = stderr, table units
@@ -319,11 +321,7 @@ def _task_caption(recs: list[RunRecord], task: str, pres: TaskPresentation) -> s
 
 
 def _long_caption(recs: list[RunRecord], tasks: dict[str, TaskPresentation]) -> str:
-    described = dict(tasks)
-    if any(t in LEGACY_CAPTION_TASKS for t in tasks):  # the legacy table described both legacy tasks
-        for t in LEGACY_CAPTION_TASKS:
-            described.setdefault(t, LEGACY_PRESENTATION[t])
-    order = sorted(described.items(), key=lambda kv: (kv[1].column_order, kv[0]))
+    order = sorted(tasks.items(), key=lambda kv: (kv[1].column_order, kv[0]))  # the tasks shown, no other
     texts = [_task_caption(recs, t, pres) for t, pres in order if pres.caption]
     return (f"Long-context workloads. {'; '.join(texts)}. "
             "KV/req: bytes the prefill stage sends per request (reduction versus unpruned in brackets; unified sends nothing). "

@@ -313,3 +313,18 @@ def test_a_plug_in_long_task_with_its_own_primary_metric_is_paired(tmp_path):
     save(rec("x", [20.0, 21.5, 22.0], removed=(1,)), tmp_path)
     got = rows(paired_table(collect([tmp_path]))).set_index("Method")
     assert got.loc["x", "MyPPL" if "MyPPL" in got.columns else "myppl"].startswith("+10.2")
+
+
+def test_long_context_tasks_only_leave_no_empty_quality_table_and_the_caption_describes_the_tasks_shown(tmp_path):
+    from reports.render import build_tables
+    from reports.tables import long_context_table
+
+    r = _fake("unpruned", "disaggregated", {"passkey": {"acc": 1.0, "acc_L1024": 1.0}},
+              kv={"passkey": {"kv_bytes": 400, "handoffs": 4}})
+    save(r, tmp_path)
+    col = collect([tmp_path])
+    assert quality_table(col).empty
+    tables, missing = build_tables(col)
+    assert "quality table: not shown (long-context tasks only: see the long_context table)" in missing
+    caption = long_context_table(col).attrs["caption"]
+    assert "passkey %" in caption and "PPL" not in caption  # pd_ppl is not in these records

@@ -63,5 +63,3 @@ LEGACY_PRESENTATION: dict[str, TaskPresentation] = {
         title="passkey %", setting_prefix="acc_L", primary_metric="acc", metric_format="percent",
         caption="passkey %: exact retrieval of a 5-digit key from an L-token prompt", column_order=1),
 }
-# The long-context table of those records described both legacy tasks whenever either was present.
-LEGACY_CAPTION_TASKS = ("pd_ppl", "passkey")
