@@ -16,6 +16,7 @@ import pkgutil
 from importlib.metadata import entry_points
 
 from harness.errors import UsageError
+from methods import plugin_code
 from methods.base import Method
 from methods.registry import get, names, register
 
@@ -47,9 +48,11 @@ def load_plugins(spec: str | None = None) -> list[str]:
     loaded = []
     for mod in (m.strip() for m in spec.split(",")):
         if mod:
+            plugin_code.note_plugin(mod)  # its records keep digests of its code (methods/plugin_code.py)
             _import_plugin(mod, f"HARNESS_PLUGINS names {mod!r}", functools.partial(importlib.import_module, mod))
             loaded.append(mod)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
+        plugin_code.note_plugin(ep.value)
         _import_plugin(ep.value, f"the entry point {ep.name} = {ep.value!r} (group {ENTRY_POINT_GROUP})", ep.load)
         loaded.append(ep.value)
     _import_plugin("", "the KV-baseline method of a plug-in KV policy", register_baselines)

@@ -88,14 +88,28 @@ def digests(cfg, loaded=None, prepared=None) -> dict[str, Any]:
     calibration = {s: _files_sha256(files) for s in (prepared.calib_config.sources if calibrates else ())
                    if data_dir and (files := _present(data_dir, SOURCE_FILES[s]))}
     model = model_digests(loaded) if loaded is not None else {}
+    code = _plugin_code(cfg, prepared)
     return {"version": VERSION, "model": None if cfg.device_map else model.get("model"), "config": model.get("config"),
-            "tokenizer": model.get("tokenizer"), "data": data, **({"calibration": calibration} if calibration else {})}
+            "tokenizer": model.get("tokenizer"), "data": data, **({"calibration": calibration} if calibration else {}),
+            **({"code": code} if code else {})}
 
 
-def differences(then: dict | None, now: dict, calibrates: bool = False) -> list[str]:
+def _plugin_code(cfg, prepared) -> dict[str, dict]:
+    """{"methods": {name: {module: digest}}, "tasks": {task: ...}} of the plug-in code the run's methods and
+    long-context tasks run (methods/plugin_code.py); {} when they are all the package's own."""
+    from harness.quality import long_tasks
+    from methods.plugin_code import plugin_code
+
+    methods = {n: c for n, m in (prepared.methods.items() if prepared is not None else ()) if (c := plugin_code(m))}
+    tasks = {t: c for t in cfg.tasks if long_tasks.is_long_task(t) and (c := plugin_code(long_tasks.get(t)))}
+    return {k: v for k, v in (("methods", methods), ("tasks", tasks)) if v}
+
+
+def differences(then: dict | None, now: dict, calibrates: bool = False, method: str | None = None) -> list[str]:
     """What differs between the inputs a record or resume state was made from and this run's (nothing when it
     predates digests, or for a digest either side lacks; the model's only between digests of one version; the
-    calibration data's only for a method that `calibrates`)."""
+    calibration data's only for a method that `calibrates`; the plug-in code of `method` and of the long-context
+    tasks only when `then` has code digests)."""
     if not then:
         return []
     out = []
@@ -107,7 +121,16 @@ def differences(then: dict | None, now: dict, calibrates: bool = False) -> list[
         out.append(f"the data files of {', '.join(changed)}")
     if calibrates and (changed := _changed(then.get("calibration"), now.get("calibration"))):
         out.append(f"the calibration data ({', '.join(changed)})")
-    return out
+    return out + (_code_changes(then["code"], now.get("code") or {}, method) if "code" in then else [])
+
+
+def _code_changes(then: dict, now: dict, method: str | None) -> list[str]:
+    """'the code of plug-in method x (module m)' for `method` and each long-context task whose plug-in code changed."""
+    from methods.plugin_code import changes
+
+    kinds = [("method", "methods", [method] if method else []), ("task", "tasks", sorted(then.get("tasks", {})))]
+    return [f"the code of plug-in {kind} {name} ({', '.join(mods)})" for kind, key, names in kinds for name in names
+            if (mods := changes(then.get(key, {}).get(name), now.get(key, {}).get(name)))]
 
 
 def _changed(then: dict | None, now: dict | None) -> list[str]:
@@ -126,6 +149,9 @@ def stale_results(doc: dict, is_record: bool, cfg, task_options: dict) -> list[s
                    .get(task)} if is_record else (doc.get("tasks") or {}).get(task))
         why = long_tasks.get(task).stale(result, options, cfg.limit) if result else None
         out += [why] if why else []
+        then = (((doc.get("lm_eval") or {}).get("tasks") or {}).get(task) or {}).get("harness_task", {}).get("version")
+        if is_record and then is not None and then != long_tasks.get(task).version:  # its author said: other numbers now
+            out.append(f"{task} results made by version {then} of the task, which is version {long_tasks.get(task).version} now")
     return out
 
 
@@ -145,7 +171,7 @@ def refuse_stale_work(cfg, prepared, out_dir: Path, now: dict) -> None:
             is_record = path.name == rec.record_filename(name, mode)
             then = (doc.get("extra") or {}).get("inputs") if is_record else doc.get("inputs")
             calibrates = prepared.methods[name].needs_calibration
-            why = [f"{x} changed" for x in (differences(then, now, calibrates) if isinstance(then, dict) else [])]
+            why = [f"{x} changed" for x in (differences(then, now, calibrates, name) if isinstance(then, dict) else [])]
             why += stale_results(doc, is_record, cfg, prepared.task_options) if doc else []
             if why:
                 found.append(f"{path.name} ({'; '.join(why)})")

@@ -25,6 +25,7 @@ from harness.pd.plan import PruningPlan
 from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
 from harness.store import records as rec
 from harness.store.latency import WorkloadLatency
+from methods.plugin_code import changes, plugin_code
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,9 @@ def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[
         if old is not None and (kind != "latency" or record_identity(old, method) != key):
             raise UsageError(f"{path} holds a {name}/disaggregated {kind} record of a different configuration "
                              f"(run_key {old.run_key} != {key}); use another --out or remove it")
+        if old is not None and "plugin_code" in old.extra and (edited := changes(old.extra["plugin_code"], plugin_code(method))):
+            raise UsageError(f"{path} was measured with other code of plug-in method {name} ({', '.join(edited)} changed "
+                             "since); use another --out or remove it to measure it again")
         out.append((name, method, plan, source, key, old))
     return out
 
@@ -196,7 +200,8 @@ def _latency_record(cfg: LatencyConfig, name: str, method, key: str, plan, env: 
         extra={"clock": clock,
                "decode_bound": {**bound,
                                 "definition": "bytes of the decode layers, final norm and LM head / device copy rate (read + write)"},
-               "bandwidths_gbit": list(cfg.bandwidths_gbit), "plan_source": source},
+               "bandwidths_gbit": list(cfg.bandwidths_gbit), "plan_source": source,
+               **({"plugin_code": code} if (code := plugin_code(method)) else {})},
     )
 
 def _measure_interleaved(cfg: LatencyConfig, model, todo: list[tuple], say: Callable[[str], None]) -> dict[str, dict]:

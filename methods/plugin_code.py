@@ -1,0 +1,61 @@
+"""Digests of plug-in source code, so that results made by an older version of a plug-in are not reused.
+
+A run key names a method by its name and options, not by its code: the package's own code is named by the
+git commit every record keeps. A plug-in (`HARNESS_PLUGINS`, an entry point, `methods.load_plugins`) is
+edited between runs by its author, so records keep a digest of the plug-in modules a method or long-context
+task runs (`harness.run.inputs.digests`: `code`), and a rerun after an edit refuses the old records (exit 2)
+instead of reusing them silently. Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+PACKAGES = frozenset({"harness", "methods", "reports"})  # the harness's own code: named by the git commit
+_ROOTS: set[str] = set()  # top-level packages (or modules) of the plug-ins imported so far
+
+
+def note_plugin(module: str) -> None:
+    """Count the modules of `module`'s top-level package as plug-in code (e.g. `my_plugins.kv` -> `my_plugins`)."""
+    root = module.split(":")[0].split(".")[0]
+    if root and root not in PACKAGES:
+        _ROOTS.add(root)
+
+
+def _classes(obj: object, seen: set[int]) -> Iterator[type]:
+    """The classes `obj` (a class or an instance) runs: its MRO, classes held as class attributes (a KV baseline's
+    `policy_cls`), and, for an instance, the same for the objects of the package's kinds it holds (a wrapper's
+    inner method)."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    cls = obj if isinstance(obj, type) else type(obj)
+    for c in cls.__mro__:
+        yield c
+        for value in vars(c).values():
+            if isinstance(value, type) and value.__module__.split(".")[0] in _ROOTS:
+                yield from _classes(value, seen)
+    for value in ({} if isinstance(obj, type) else getattr(obj, "__dict__", {})).values():
+        if type(value).__module__.split(".")[0] in _ROOTS | PACKAGES and not isinstance(value, (str, bytes)):
+            yield from _classes(value, seen)
+
+
+def plugin_code(obj: object) -> dict[str, str]:
+    """{module name: sha256 (16 hex) of its source file} of the plug-in modules `obj` runs; {} for the package's own."""
+    out = {}
+    for c in _classes(obj, set()):
+        name = c.__module__
+        if name.split(".")[0] not in _ROOTS or name in out:
+            continue
+        path = getattr(sys.modules.get(name), "__file__", None)
+        out[name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path and Path(path).is_file() else "?"
+    return dict(sorted(out.items()))
+
+
+def changes(then: dict[str, str] | None, now: dict[str, str] | None) -> list[str]:
+    """The modules whose digest differs between `then` and `now` (added or dropped ones too)."""
+    then, now = then or {}, now or {}
+    return sorted(m for m in set(then) | set(now) if then.get(m) != now.get(m))

@@ -1,0 +1,91 @@
+"""A plug-in's code is an input of its records: after its author edits it, a rerun refuses the records the old
+code made (exit 2, naming the module) instead of reusing them silently; so does a long-context task whose
+version was bumped. The package's own methods keep no code digest (their code is named by the git commit)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+import methods
+from harness.quality import long_tasks
+from methods import plugin_code, registry
+
+NAME, MODULE = "code_probe", "pd_harness_test_plugin_code"
+SOURCE = textwrap.dedent(f'''
+    """`{NAME}`: the tail method under another name (a test plug-in)."""
+    from methods.depth.tail import Tail
+    from methods.registry import register
+
+
+    @register
+    class Probe(Tail):
+        name = "{NAME}"
+        summary = "tail, as a plug-in (test)"
+''')
+
+
+@pytest.fixture
+def probe(tmp_path, monkeypatch):
+    """Load the plug-in from `tmp_path`; `probe(source)` rewrites and reloads it, as a new process would."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def load(source: str = SOURCE) -> None:
+        (tmp_path / f"{MODULE}.py").write_text(source)
+        if registry.registered(NAME):
+            registry.unregister(NAME)
+        sys.modules.pop(MODULE, None)
+        methods.load_plugins(MODULE)
+
+    load()
+    yield load
+    registry.unregister(NAME)
+    sys.modules.pop(MODULE, None)
+    plugin_code._ROOTS.discard(MODULE)
+
+
+def test_a_record_made_by_an_edited_plugin_is_refused_not_reused(probe, cli, data_dir, tmp_path):
+    out = tmp_path / "runs"
+    run = ("--model", "random:tiny", "--methods", f"{NAME},tail", "--set", f"{NAME}.k=1", "--set", "tail.k=1",
+           "--tasks", "arc_easy", "--limit", "4", "--out", out)
+    assert cli(*run, data_dir=data_dir).returncode == 0
+    stored = json.loads((out / f"{NAME}__disaggregated.json").read_text())["extra"]["inputs"]["code"]
+    assert list(stored["methods"]) == [NAME] and list(stored["methods"][NAME]) == [MODULE]  # tail: the package's own
+    again = cli(*run, data_dir=data_dir)
+    assert again.returncode == 0 and f"{NAME}/disaggregated: finished record found, reused" in again.stdout + again.stderr
+    probe(SOURCE.replace("tail, as a plug-in", "tail, as an edited plug-in"))
+    edited = cli(*run, data_dir=data_dir)
+    assert edited.returncode == 2, edited.stderr
+    assert f"the code of plug-in method {NAME} ({MODULE}) changed" in edited.stderr and "tail__" not in edited.stderr
+
+
+def test_a_long_task_whose_version_was_bumped_refuses_its_old_results(cli, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "runs"
+    run = ("--model", "random:tiny", "--methods", "unpruned", "--tasks", "passkey", "--limit", "2", "--mode",
+           "disaggregated", "--set", "passkey.lengths=400", "--set", "passkey.depths=0.5", "--out", out)
+    assert cli(*run, data_dir=data_dir).returncode == 0
+    task = long_tasks.get("passkey")
+    monkeypatch.setattr(task, "version", task.version + 1)
+    bumped = cli(*run, data_dir=data_dir)
+    assert bumped.returncode == 2 and f"made by version {task.version - 1} of the task" in bumped.stderr
+
+
+def test_the_package_methods_and_tasks_run_no_plugin_code():
+    assert all(plugin_code.plugin_code(methods.get(n)) == {} for n in methods.names())
+    assert all(plugin_code.plugin_code(long_tasks.get(t)) == {} for t in long_tasks.names())
+
+
+def test_a_latency_record_measured_by_an_edited_plugin_is_refused(probe, cli, tmp_path):
+    out = tmp_path / "lat"
+    run = ("latency", "--model", "random:tiny", "--methods", NAME, "--set", f"{NAME}.k=1", "--prompt-tokens", "16",
+           "--decode-tokens", "2", "--batch-size", "1", "--warmup", "0", "--repeats", "1", "--out", out, "-q")
+    assert cli(*run).returncode == 0
+    assert json.loads((out / f"{NAME}__disaggregated.json").read_text())["extra"]["plugin_code"] == \
+        plugin_code.plugin_code(methods.get(NAME))
+    assert cli(*run).returncode == 0  # unchanged: reused
+    probe(SOURCE.replace("tail, as a plug-in", "tail, as an edited plug-in"))
+    edited = cli(*run)
+    assert edited.returncode == 2 and f"other code of plug-in method {NAME} ({MODULE} changed" in edited.stderr
