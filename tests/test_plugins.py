@@ -203,3 +203,11 @@ def test_reports_show_a_plugin_policy_they_cannot_load():
     assert _policy_text(kv, {"kv": {"policy": "not_loaded (every 2nd), budget = ratio 0.5"}}) == \
         "not_loaded (every 2nd), budget = ratio 0.5"  # the text the KV baseline stored
     assert _policy_text(kv, {}) == "not_loaded (stride=2)"
+
+
+@pytest.mark.parametrize("option", ["k", "keep_first", "keep_last"])
+def test_a_ranked_plugin_refuses_negative_counts_without_a_check_of_its_own(plugin, option):
+    """The documented example defines no validate_config: k=-1 removed one block, keep_last=-1 named block n."""
+    cls = methods.get(NAME)
+    with pytest.raises(UsageError, match=rf"{NAME}\.{option}=-1: must be >= 0"):
+        cls(cls.Config(**{option: -1}))

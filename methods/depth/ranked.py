@@ -73,6 +73,11 @@ class RankedDepthMethod(Method):
     stage_variant = True  # the removal order nests, so `stage:<name>` exists (methods/depth/stage.py)
     ranking_version = "1"  # bump in a subclass when its `_rank` gives other results (invalidates cached rankings)
 
+    def __init__(self, config: Any | None = None) -> None:
+        super().__init__(config)
+        # every ranked method's counts, also those of a subclass whose own validate_config checks others or none
+        check_counts(self.name, self.config, tuple(f for f in ("k", "keep_first", "keep_last") if hasattr(self.config, f)))
+
     @classmethod
     def config_for_layers(cls, n: int) -> Any:
         for_layers = getattr(cls.Config, "for_layers", None)
