@@ -218,3 +218,19 @@ def test_a_plan_that_is_not_a_pruning_plan_fails_naming_the_method(tiny):
     with pytest.raises(TypeError, match=r"no_plan.plan\(...\) returned NoneType, expected a PruningPlan"):
         NoPlan().make_plan(tiny.model, None, "disaggregated")
     assert methods.get("unpruned")().make_plan(tiny.model, None, "unified").n_layers == 4
+
+
+@pytest.mark.parametrize("returns, says", [
+    (lambda x: {"probe_ms": None}, "each value must be a finite number"),
+    (lambda x: "fast", "returned a str; expected a dict"),
+    (lambda x: {"other_ms": 1.0}, "each value's name must start with 'probe_ms'"),
+    (lambda x: 1 / 0, "failed: ZeroDivisionError"),
+])
+def test_a_latency_figure_that_fails_is_named_before_anything_is_measured(returns, says, cli, tmp_path, monkeypatch):
+    from harness.latency import figures
+
+    monkeypatch.setitem(figures.FIGURES, "probe_ms", returns)
+    r = cli("latency", "--model", "random:tiny", "--methods", "unpruned", "--prompt-tokens", "16", "--decode-tokens", "2",
+            "--batch-size", "1", "--out", tmp_path / "lat", "-q")
+    assert r.returncode == 2 and "latency figure 'probe_ms'" in r.stderr and says in r.stderr, r.stderr
+    assert not (tmp_path / "lat").exists()  # refused before the model loads

@@ -86,6 +86,7 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"
     quiet_libraries()
+    from harness.latency import figures
     from harness.latency.measure import DECODE_MODES
     from harness.pd.models import load_model
     from harness.run import pipeline
@@ -103,6 +104,7 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     prepared = pipeline.prepare(RunConfig(methods=cfg.methods, tasks=(), seed=cfg.seed, data_dir=data_dir,
                                           overrides=cfg.overrides), need_data=cfg.plans_from is None)
     need_records_folder(args.plans_from, "--plans-from")
+    figures.check(cfg.bandwidths_gbit)  # a plug-in figure that fails does so now, not after the measuring
     out = args.out or default_out(cfg, kind="latency-")
     check_writable(out, "--out")  # a bad --out fails before the model loads, not after
     from harness.store import lock

@@ -12,12 +12,14 @@ one decorated function here (see docs/adding.md, "A latency figure").
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Measurement, e2e_ms, percentile, summarize, transfer_ms
+from harness.errors import UsageError
+from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Measurement, Workload, e2e_ms, percentile, summarize, transfer_ms
 
 
 @dataclass(frozen=True)
@@ -43,16 +45,34 @@ def figure(name: str) -> Callable[[FigureFn], FigureFn]:
 
 
 def compute(m: Measurement, bandwidths_gbit: Sequence[float] = DEFAULT_BANDWIDTHS_GBIT, **context: Any) -> dict[str, float]:
-    """Every registered figure of `m` (`context`: the other `FigureInputs` fields)."""
+    """Every registered figure of `m` (`context`: the other `FigureInputs` fields). A figure that raises or returns
+    anything but {name starting with the figure's: a finite number} is a `UsageError` naming it and its module."""
     inputs = FigureInputs(m, tuple(bandwidths_gbit), **context)
     out: dict[str, float] = {}
     for name, fn in FIGURES.items():
-        values = fn(inputs)
-        stray = [k for k in values if not k.startswith(name)]
+        where, its = f"latency figure {name!r}", f" ({fn.__module__}.{fn.__qualname__})"
+        try:
+            values = fn(inputs)
+        except Exception as e:  # noqa: BLE001 - a figure's own error, named
+            raise UsageError(f"{where} failed: {type(e).__name__}: {e}{its}; fix it, or leave its module out") from e
+        if not isinstance(values, dict):
+            raise UsageError(f"{where} returned a {type(values).__name__}; expected a dict of {{value name: number}}{its}")
+        stray = [k for k in values if not str(k).startswith(name)]
         if stray:
-            raise ValueError(f"latency figure {name!r} returned {stray}: each value's name must start with {name!r}")
+            raise UsageError(f"{where} returned {stray}: each value's name must start with {name!r}{its}")
+        bad = {k: v for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}
+        if bad:
+            raise UsageError(f"{where} returned {bad}: each value must be a finite number (leave a value out instead){its}")
         out.update({k: float(v) for k, v in values.items()})
     return out
+
+
+def check(bandwidths_gbit: Sequence[float] = DEFAULT_BANDWIDTHS_GBIT) -> None:
+    """Run every figure on a small made-up measurement (two runs of two decode steps), so that a figure that fails
+    does so before minutes of measuring, not after (`compute`'s UsageError)."""
+    m = Measurement("check", Workload(8, 3, 1), "perf_counter_ns", ttft_ms=[2.0, 2.5], handoff_ms=[0.1, 0.2],
+                    itl_ms=[1.0, 1.1, 1.2, 1.3], tpot_ms=[1.05, 1.25], kv_bytes=4096, kv_bytes_paged=8192)
+    compute(m, bandwidths_gbit, decode_bound_ms=0.5)
 
 
 def _tpot_median(m: Measurement) -> float:
