@@ -56,7 +56,19 @@ def load_plugins(spec: str | None = None) -> list[str]:
         _import_plugin(ep.value, f"the entry point {ep.name} = {ep.value!r} (group {ENTRY_POINT_GROUP})", ep.load)
         loaded.append(ep.value)
     _import_plugin("", "the KV-baseline method of a plug-in KV policy", register_baselines)
+    _refuse_shared_names()
     return loaded
+
+
+def _refuse_shared_names() -> None:
+    """A method and a long-context task of one name: `--set NAME.OPTION` would set only one of them."""
+    from harness.quality import long_tasks
+
+    both = sorted(set(names()) & set(long_tasks.names()))
+    if both:
+        owners = "; ".join(f"{n}: method {get(n).__module__}, task {long_tasks.get(n).__module__}" for n in both)
+        raise PluginImportError(f"{', '.join(repr(n) for n in both)} is both a method and a long-context task ({owners}); "
+                                "--set NAME.OPTION could not tell them apart: rename the plug-in's")
 
 
 def _import_plugin(mod: str, what: str, load) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import UsageError
+from harness.option_types import option_types
 from methods.base import Method
 
 _METHODS: dict[str, type[Method]] = {}
@@ -57,6 +58,7 @@ def register(cls: type[Method]) -> type[Method]:
     if not (isinstance(cls.Config, type) and dataclasses.is_dataclass(cls.Config)):  # --set, --help and specs read its fields
         raise ValueError(f"method {cls.name!r}: its Config must be a dataclass (@dataclass(frozen=True) class "
                          f"Config(Options): ...), got {cls.Config!r}")
+    option_types(cls.Config, f"method {cls.name!r}")  # --set and --help read them: unreadable ones fail here, named
     missing = [f.name for f in dataclasses.fields(cls.Config)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:  # a run that sets none of its options builds Config()

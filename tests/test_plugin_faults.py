@@ -234,3 +234,55 @@ def test_a_latency_figure_that_fails_is_named_before_anything_is_measured(return
             "--batch-size", "1", "--out", tmp_path / "lat", "-q")
     assert r.returncode == 2 and "latency figure 'probe_ms'" in r.stderr and says in r.stderr, r.stderr
     assert not (tmp_path / "lat").exists()  # refused before the model loads
+
+
+def test_a_plugin_task_named_like_a_method_stops_every_command(tmp_path):
+    """`--set tail.k=1` would reach the task, not the method (or the other way round)."""
+    (tmp_path / "pd_harness_test_task_tail.py").write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+
+        from harness.quality.long_tasks import register_task
+        from harness.quality.long_tasks.passkey import Passkey
+
+
+        @register_task
+        class Tail(Passkey):
+            name = "tail"
+    '''))
+    env = {**os.environ, "HARNESS_PLUGINS": "pd_harness_test_task_tail", "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    r = subprocess.run([sys.executable, "-m", "harness", "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "'tail' is both a method and a long-context task" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("field, says", [
+    ("where: Path | None = None", "the types of its Config options cannot be read (NameError"),
+    ("layers: list[int] = None", "--set cannot give options of these types: layers: list[int]"),
+])
+def test_a_plugin_config_whose_option_types_set_cannot_use_stops_every_command_named(tmp_path, field, says):
+    """--help read the types with typing.get_type_hints: a NameError traceback (exit 1) in every command."""
+    (tmp_path / "pd_harness_test_hints.py").write_text(textwrap.dedent(f'''
+        from __future__ import annotations
+
+        from dataclasses import dataclass
+        from typing import TYPE_CHECKING
+
+        from methods.depth.tail import Tail
+        from methods.registry import register
+
+        if TYPE_CHECKING:
+            from pathlib import Path
+
+
+        @register
+        class Hinted(Tail):
+            name = "hinted"
+
+            @dataclass(frozen=True)
+            class Config(Tail.Config):
+                {field}
+    '''))
+    env = {**os.environ, "HARNESS_PLUGINS": "pd_harness_test_hints", "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    r = subprocess.run([sys.executable, "-m", "harness", "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "method 'hinted'" in r.stderr and says in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

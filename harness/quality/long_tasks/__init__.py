@@ -18,6 +18,7 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
+from harness.option_types import option_types
 from harness.quality.long_tasks.base import LongTask
 
 __all__ = ["LongTask", "register_task", "unregister_task", "names", "get", "is_long_task", "evaluate"]
@@ -35,6 +36,7 @@ def register_task(cls: type[LongTask]) -> type[LongTask]:
     for attr in ("Config", "presentation"):
         if not hasattr(cls, attr):
             raise ValueError(f"long-context task {name}: missing `{attr}`")
+    option_types(cls.Config, f"long-context task {name!r}")  # --set and --help read them
     if name in _reserved() or name.startswith("mmlu_"):
         raise ValueError(f"long-context task {name!r}: the name is an lm-eval task with local data or a --tasks alias; "
                          "choose another")
