@@ -43,6 +43,9 @@ class {cls}(LongTask):
 '''
 KV_POLICY = '''
 from dataclasses import dataclass
+
+import torch
+
 from harness.pd.kv import register_policy
 from harness.pd.kv.base import TokenSelection
 
@@ -113,6 +116,11 @@ PLUGINS = {
     "shadow_policy": KV_POLICY.format(cls="Streaming", name="shadow_recent", method="shadow_recent_kv",
                                       keep="(positions >= 0) & (positions >= (lengths - k)[:, None])"),
     "over_keep": KV_POLICY.format(cls="OverKeep", name="over_keep", method="over_keep_kv", keep="positions >= 0"),
+    # the last k columns by index, not by position: a shorter request's end is padding (position -1)
+    "by_column": KV_POLICY.format(cls="ByColumn", name="by_column", method="by_column_kv",
+                                  keep="torch.arange(positions.shape[1]).expand_as(positions) >= positions.shape[1] - k[:, None]"),
+    "int_mask": KV_POLICY.format(cls="IntMask", name="int_mask", method="int_mask_kv",
+                                 keep="((positions >= 0) & (positions >= (lengths - k)[:, None])).long()"),
 }
 WHAT = {  # what each broken plug-in's message must name
     "raises": "RuntimeError: boom at import",
@@ -204,6 +212,26 @@ def test_a_head_shared_policy_must_keep_exactly_its_budget(plugins, tiny):
                                            r"layer 0; it must select exactly its budget k = \[3, 3\]"):
         make_handoff(out.cache, plan, out.lengths)
     assert torch.equal(out.lengths, torch.tensor([6, 5]))
+
+
+@pytest.mark.parametrize("name, says", [
+    ("by_column", r"by_column policy: keep\(\) selected padding columns \(position -1\) in layer 0"),
+    ("int_mask", r"int_mask policy: keep\(\) returned a torch.int64 tensor of shape \(2, 6\) in layer 0; it must "
+                 r"return a bool mask"),
+])
+def test_a_head_shared_policy_must_select_real_positions_with_a_bool_mask(plugins, tiny, name, says):
+    """Padding columns hold no KV of the request, yet their bytes were counted as sent (equal-length prompts, as in
+    the contract tests, never show it)."""
+    from harness.pd.engine import make_handoff
+    from harness.pd.kv.base import KVBudget
+    from harness.pd.plan import PruningPlan
+    from harness.quality.scoring import Scorer
+
+    methods.load_plugins(f"pd_harness_fault_{name}")
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 1, 2, 3), kv.get_policy(name)(budget=KVBudget(tokens=3)))
+    out = Scorer(tiny.model, plan, "disaggregated", max_length=4096)._prefill([[5, 6, 7, 8, 9, 10], [3, 4, 5, 6, 7]])
+    with pytest.raises(RuntimeError, match=says):
+        make_handoff(out.cache, plan, out.lengths)
 
 
 def test_a_plan_that_is_not_a_pruning_plan_fails_naming_the_method(tiny):

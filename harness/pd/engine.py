@@ -199,7 +199,7 @@ def make_handoff(
         observed = _observed(cache, policy, l, rows) if observes else None
         if policy.per_head:
             pos = src_pos.index_select(0, rows)
-            keep = policy.keep(l, pos, req_len, k, observed)
+            keep = _checked(policy, l, policy.keep(l, pos, req_len, k, observed), pos, per_head=True)
             keys[l], values[l], positions[l] = _pack_per_head(keep, pos, k, cache.keys[l].index_select(0, rows),
                                                               cache.values[l].index_select(0, rows))
             counts[l] = k
@@ -209,7 +209,7 @@ def make_handoff(
         hit = None if observes else patterns.get(key)
         if hit is None:
             pos = src_pos.index_select(0, rows)
-            keep = policy.keep(l, pos, req_len, k, observed)
+            keep = _checked(policy, l, policy.keep(l, pos, req_len, k, observed), pos, per_head=False)
             if not torch.equal(keep.sum(dim=1), k):  # else the bytes sent and the budget stated disagree
                 raise RuntimeError(f"{policy.kind} policy: keep() selected {keep.sum(dim=1).tolist()} positions per "
                                    f"request in layer {l}; it must select exactly its budget k = {k.tolist()}")
@@ -220,6 +220,23 @@ def make_handoff(
         for src, dst in ((cache.keys, keys), (cache.values, values)):
             dst[l] = src[l].index_select(0, rows).transpose(1, 2)[keep].contiguous()
     return Handoff(keys, values, positions, counts, n_requests=int(rows.shape[0]))
+
+
+def _checked(policy: KVPolicy, layer: int, keep, pos: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """`keep` when it is a bool mask over `pos` (R, C) (per head: (R, H, C)) that selects no padding column (position
+    -1, where a shorter request's prompt ends); else a RuntimeError naming the policy: padding holds no KV of the
+    request, yet its bytes would be counted as sent."""
+    shape = "(requests, kv heads, prompt columns)" if per_head else "(requests, prompt columns)"
+    ok = isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and keep.dim() == (3 if per_head else 2) \
+        and keep.shape[0] == pos.shape[0] and keep.shape[-1] == pos.shape[-1]
+    if not ok:
+        got = f"a {keep.dtype} tensor of shape {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise RuntimeError(f"{policy.kind} policy: keep() returned {got} in layer {layer}; it must return a bool mask "
+                           f"{shape} = {(pos.shape[0], 'H', pos.shape[1]) if per_head else tuple(pos.shape)}")
+    if bool((keep & (pos[:, None, :] if per_head else pos).lt(0)).any()):
+        raise RuntimeError(f"{policy.kind} policy: keep() selected padding columns (position -1) in layer {layer}; "
+                           "select among each request's own positions (positions >= 0), e.g. by position, not by column")
+    return keep
 
 
 def _observed(cache: PDCache, policy: KVPolicy, layer: int, rows: torch.Tensor) -> torch.Tensor:
