@@ -51,3 +51,23 @@ def test_schema_2_round_trip_keeps_figures_samples_and_summary_rows(tmp_path):
     ttft = next(row for row in old_rows if row["metric"] == "ttft_ms_p50")
     assert ttft["task"] == LABEL and ttft["stderr"] is None and ttft["n_samples"] == 3 and ttft["primary"] is False
     assert ttft["kv_bytes_sent"] == 10223616
+
+
+def test_a_figure_registered_later_is_added_to_a_reused_record_from_its_samples(cli, tmp_path, monkeypatch):
+    from harness.latency import figures
+
+    out = tmp_path / "lat"
+    run = ("latency", "--model", "random:tiny", "--methods", "unpruned", "--prompt-tokens", "16", "--decode-tokens", "3",
+           "--batch-size", "1", "--warmup", "0", "--repeats", "2", "--out", out, "-q")
+    assert cli(*run).returncode == 0
+    path = out / "unpruned__disaggregated.json"
+    before = json.loads(path.read_text())
+    monkeypatch.setitem(figures.FIGURES, "itl_max_ms", lambda x: {"itl_max_ms": max(x.m.itl_ms)} if x.m.itl_ms else {})
+    again = cli(*run)
+    assert again.returncode == 0 and "figures added from its samples: itl_max_ms" in again.stderr, again.stderr
+    after = json.loads(path.read_text())
+    for label, wl in before["latency"].items():
+        now = after["latency"][label]
+        assert now["figures"] == {**wl["figures"], "itl_max_ms": max(wl["samples"]["itl_ms"])}  # the measured ones kept
+        assert now["samples"] == wl["samples"]
+    assert after["run_key"] == before["run_key"] and "figures added" not in cli(*run).stderr  # once

@@ -135,7 +135,11 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
     # every plan and its record's fate first: a record of another configuration is refused before anything is measured
     for name, method, plan, source, key, old in _planned(cfg, prepared, out_dir, loaded, say):
         if old is not None:
-            say(f"{name}: finished record found, reused")
+            added = missing_figures(cfg, old)
+            if added:  # a figure registered since: computed from the record's samples, the measured ones kept
+                rec.save(old, out_dir)
+            say(f"{name}: finished record found, reused" + (f"; figures added from its samples: {', '.join(added)}"
+                                                              if added else ""))
             results[name] = old
         else:
             todo.append((name, method, plan, source, key))
@@ -150,6 +154,29 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
         results[name] = rec.load(out_dir / rec.record_filename(name, "disaggregated"))
     rec.refresh_summary(out_dir)  # an unreadable record in the folder is named and skipped
     return [results[name] for name in prepared.methods if name in results]
+
+
+def missing_figures(cfg: LatencyConfig, record: rec.RunRecord) -> list[str]:
+    """Add to `record` (in place) the values of figures registered since it was made, computed from its raw samples;
+    their names. The figures it holds stay as they are; a workload whose samples are incomplete is left as it is."""
+    from harness.latency.figures import compute
+    from harness.latency.measure import Measurement
+
+    bound = record.extra.get("decode_bound") or {}
+    bound_ms = bound["weight_bytes"] / bound["copy_bandwidth_bytes_per_s"] * 1e3 \
+        if bound.get("weight_bytes") and bound.get("copy_bandwidth_bytes_per_s") else None
+    added: set[str] = set()
+    for wl in record.latency.values():
+        fields = {f.name for f in dataclasses.fields(Measurement)} - {"handoff", "workload"}
+        try:
+            m = Measurement(**{k: v for k, v in wl.samples.items() if k in fields}, workload=Workload(**wl.samples["workload"]))
+        except (KeyError, TypeError, ValueError):  # samples of an older layout
+            continue
+        now = compute(m, cfg.bandwidths_gbit, decode_bound_ms=bound_ms, real_transfer=wl.samples.get("real_transfer"))
+        new = {k: v for k, v in now.items() if k not in wl.figures}
+        wl.figures.update(new)
+        added |= set(new)
+    return sorted(added)
 
 
 def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[[str], None]) -> list[tuple]:
