@@ -151,6 +151,14 @@ class Method(abc.ABC):
         plan = self.plan(model, calib, mode)
         if not isinstance(plan, PruningPlan):
             raise TypeError(f"{self.name}.plan(...) returned {type(plan).__name__}, expected a PruningPlan")
+        if plan.method != self.name:  # the record's plan would name another method than the record
+            raise TypeError(f"{self.name}.plan(...) returned a plan named {plan.method!r}; name it {self.name!r} "
+                            "(PruningPlan(self.name, ...))")
+        try:  # the record stores it: fail now, naming it, not after the evaluation
+            json.dumps(plan.to_dict())
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{self.name}.plan(...) returned a plan that cannot be stored as JSON ({e}); keep numbers, "
+                            "strings, lists and dicts in its info") from None
         return plan
 
     def needs_replan_on_resume(self) -> bool:

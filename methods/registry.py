@@ -51,8 +51,11 @@ class Wrapper:
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make `cls` available under `cls.name`."""
-    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
-        raise ValueError(f"method {cls.name!r} defined twice: {_METHODS[cls.name].__module__}, {cls.__module__}")
+    old = _METHODS.get(cls.name)
+    if old is not None and old is not cls:
+        if not same_definition(old, cls):
+            raise ValueError(f"method {cls.name!r} defined twice: {old.__module__}, {cls.__module__}")
+        unregister(cls.name)  # its module imported again (importlib.reload of an edited plug-in): the new class
     if any(cls.name.startswith(p) for p in _WRAPPERS):
         raise ValueError(f"method {cls.name!r}: names starting with a wrapper prefix ({', '.join(_WRAPPERS)}) are reserved")
     if not (isinstance(cls.Config, type) and dataclasses.is_dataclass(cls.Config)):  # --set, --help and specs read its fields
@@ -65,6 +68,11 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method {cls.name!r}: every Config option needs a default; {', '.join(missing)} has none")
     _METHODS[cls.name] = cls
     return cls
+
+
+def same_definition(old: type, new: type) -> bool:
+    """Whether `new` is `old` defined again by a fresh import of its module (same module and qualified name)."""
+    return (old.__module__, old.__qualname__) == (new.__module__, new.__qualname__)
 
 
 def unregister(name: str) -> None:
@@ -104,7 +112,8 @@ def get(name: str) -> type[Method]:
     near = difflib.get_close_matches(name, names(), n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
     families = "".join(f"; {w.title}s: {', '.join(p + b for b in bases_of(p))}" for p, w in sorted(_WRAPPERS.items()))
-    raise UsageError(f"unknown method {name!r}{hint}; known methods: {', '.join(sorted(_METHODS))}{families}")
+    raise UsageError(f"unknown method {name!r}{hint}; known methods: {', '.join(sorted(_METHODS))}{families} (a plug-in's "
+                     "method: name its module in HARNESS_PLUGINS)")
 
 
 def instantiate(owner: str, base: str | type[Method], options: Mapping[str, Any] | Any = None) -> Method:

@@ -44,7 +44,8 @@ def test_registry_errors_name_the_known_methods():
             "random"} <= set(plain) and plain == sorted(plain)
     staged = ", ".join(n for n in names if n.startswith("stage:"))
     with pytest.raises(UsageError, match=re.escape(f"(did you mean 'shortgpt'?); known methods: {', '.join(plain)}; "
-                                                   f"stage-aware variants: {staged}")):
+                                                   f"stage-aware variants: {staged} (a plug-in's method: name its module "
+                                                   "in HARNESS_PLUGINS)")):
         methods.get("shortgtp")
 
 

@@ -248,6 +248,25 @@ def test_a_plan_that_is_not_a_pruning_plan_fails_naming_the_method(tiny):
     assert methods.get("unpruned")().make_plan(tiny.model, None, "unified").n_layers == 4
 
 
+@pytest.mark.parametrize("name, info, says", [
+    ("other", {}, r"odd_plan.plan\(...\) returned a plan named 'other'; name it 'odd_plan'"),
+    ("odd_plan", {"where": object()}, r"odd_plan.plan\(...\) returned a plan that cannot be stored as JSON"),
+])
+def test_a_plan_the_record_could_not_keep_fails_before_the_evaluation(tiny, name, info, says):
+    """A plan named after another method, or with a non-JSON info, failed only when the record was written."""
+    from harness.pd.plan import PruningPlan
+    from methods.base import Method
+
+    class OddPlan(Method):
+        name = "odd_plan"
+
+        def plan(self, model, calib, mode):
+            return PruningPlan(name, 4, (0, 1, 2, 3), (0, 1, 2), info=info)
+
+    with pytest.raises(TypeError, match=says):
+        OddPlan().make_plan(tiny.model, None, "disaggregated")
+
+
 @pytest.mark.parametrize("returns, says", [
     (lambda x: {"probe_ms": None}, "each value must be a finite number"),
     (lambda x: "fast", "returned a str; expected a dict"),

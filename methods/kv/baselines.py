@@ -187,9 +187,14 @@ def register_baselines() -> list[str]:
             continue
         taken = registry.registered(policy_cls.method_name)
         if taken is not None:
-            if getattr(taken, "policy_cls", None) is not policy_cls:
+            then = getattr(taken, "policy_cls", None)
+            if then is not None and then is not policy_cls and registry.same_definition(then, policy_cls):
+                registry.unregister(policy_cls.method_name)  # the policy's module imported again: its new class
+                taken = None
+            elif then is not policy_cls:
                 raise ValueError(f"KV policy {name!r} ({policy_cls.__module__}): its method_name {policy_cls.method_name!r} "
                                  f"is already a method ({taken.__module__}.{taken.__qualname__}); choose another")
+        if taken is not None:
             continue
         cls = register(baseline_method(policy_cls))
         globals()[cls.__name__] = cls  # e.g. SnapKVBaseline: importable and picklable by name (sweep cells)

@@ -24,8 +24,9 @@ def register_policy(cls: type) -> type:
     """Class decorator: make the policy class `cls` available under `cls.name`."""
     if not cls.name:
         raise ValueError(f"{cls.__qualname__}: a registered KV policy needs a name")
-    if cls.name in _POLICIES and _POLICIES[cls.name] is not cls:
-        raise ValueError(f"KV policy {cls.name!r} defined twice: {_POLICIES[cls.name].__module__}, {cls.__module__}")
+    old = _POLICIES.get(cls.name)
+    if old is not None and old is not cls and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"KV policy {cls.name!r} defined twice: {old.__module__}, {cls.__module__}")  # a re-import replaces
     _POLICIES[cls.name] = cls
     return cls
 
