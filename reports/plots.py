@@ -23,6 +23,21 @@ from reports.tables import MIB, MODE_TITLE, _mc_kv, _ordered_tasks, _score, pars
 MARKERS = "osD^v<>pP*Xh"
 
 
+def _legend(ax) -> None:
+    """The axes' legend: inside for a few entries; beside the axes, in columns of up to 18, for more (a depth sweep's
+    20-odd points covered the data and ran off the axes)."""
+    n = len(ax.get_legend_handles_labels()[0])
+    if n <= 8:
+        ax.legend(fontsize=8)
+    else:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, ncol=-(-n // 18))
+
+
+def _legend_inches(n: int) -> float:
+    """The width to add to a figure for a legend of `n` entries placed beside its axes by `_legend` (none inside)."""
+    return 0.0 if n <= 8 else 2.6 * -(-n // 18)
+
+
 def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_title(title, fontsize=11)
     ax.set_xlabel(xlabel)
@@ -116,7 +131,9 @@ def plot_score_vs_blocks(col: Collection, convention: str = "paper"):
     modes = [m for m in MODE_TITLE if any(r.mode == m for r in col.quality)]
     if not tasks or not modes:
         return None
-    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False, sharey=True)
+    widest = max(len({series(col, r, rs) for r in rs}) for m in modes if (rs := [r for r in col.quality if r.mode == m]))
+    fig, axes = plt.subplots(1, len(modes), figsize=((5.5 + _legend_inches(widest)) * len(modes), 4), squeeze=False,
+                             sharey=True)
     drawn = 0
     for ax, mode in zip(axes[0], modes):
         recs = [r for r in col.quality if r.mode == mode]
@@ -126,13 +143,15 @@ def plot_score_vs_blocks(col: Collection, convention: str = "paper"):
             pts = sorted((x, y, e) for x, y, e in scored if y is not None)
             if pts:
                 xs, ys, es = zip(*pts)
-                ax.errorbar(xs, ys, yerr=[e or 0.0 for e in es], marker=MARKERS[i % len(MARKERS)], capsize=3, label=m)
+                # an unknown standard error draws no bar (NaN), not a zero-length one that claims no noise
+                ax.errorbar(xs, ys, yerr=[float("nan") if e is None else e for e in es], marker=MARKERS[i % len(MARKERS)],
+                            capsize=3, label=m)
                 drawn += 1
         _style(ax, MODE_TITLE[mode], "blocks removed (decode stage)", f"average score over {len(tasks)} tasks (%, ± 1 se)")
         ax.set_ylim(0, 100)  # the whole scale: a truncated axis makes noise look like an effect
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks are counted
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            _legend(ax)
     if not drawn:  # no blank axes in the report: the figure is left out, and the notes say so
         plt.close(fig)
         return None
@@ -157,7 +176,7 @@ def plot_score_vs_kv(col: Collection, convention: str = "paper"):
     recs = [r for r in col.quality if r.mode == "disaggregated" and _mc_kv(r, tasks)]
     if not tasks or not recs:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6 + _legend_inches(len(recs) + 1), 4))
     pts = []
     for i, r in enumerate(sorted(recs, key=lambda r: (r.method != "unpruned", col.label(r)))):
         handoffs = sum(r.kv[t]["handoffs"] for t in tasks)
@@ -172,9 +191,9 @@ def plot_score_vs_kv(col: Collection, convention: str = "paper"):
     if len(front) > 1:
         ax.plot(*zip(*front), color="0.4", linestyle="--", linewidth=1, zorder=0, label="Pareto frontier")
     ax.set_ylim(0, 100)
-    _style(ax, "Score versus KV sent (PD-disaggregated)", "KV bytes sent per request, mean over these tasks (MiB)",
+    _style(ax, "Score versus KV sent (PD-disaggregated)", "KV bytes sent per request: all handoffs of these tasks (MiB)",
            f"average score over {len(tasks)} tasks (%)")
-    ax.legend(fontsize=8)
+    _legend(ax)
     fig.tight_layout()
     return fig
 
@@ -185,20 +204,21 @@ def plot_latency_bars(col: Collection):
     if not labels:
         return None
     methods = _methods(col.latency, col)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11 + 2 * _legend_inches(len(methods)), 4))
     width = 0.8 / max(1, len(methods))
     for ax, metric, name in ((axes[0], "ttft_ms_p50", "TTFT p50 (ms)"), (axes[1], "tpot_ms_p50", "TPOT p50 (ms)")):
         for i, m in enumerate(methods):
             ys = []
             for lab in labels:
                 r = next((r for r in col.latency if col.label(r) == m and lab in r.latency), None)
-                ys.append((r.figure(lab, metric) or 0) if r else 0)
+                v = r.figure(lab, metric) if r else None
+                ys.append(float("nan") if v is None else v)  # not measured: no bar, not a bar of 0 ms
             ax.bar([j + i * width for j in range(len(labels))], ys, width, label=m)
         ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(labels))])
         ax.set_xticklabels([f"T{w[0]} n{w[1]} b{w[2]}" + ("" if w[3] == "eager" else f" {w[3]}")
                             for w in map(parse_workload, labels)], fontsize=8)
         _style(ax, name.split(" p50")[0] + " per method", "workload (prompt tokens T, decode tokens n, batch b)", name)
-        ax.legend(fontsize=8)
+        _legend(ax)
     fig.tight_layout()
     return fig
 
@@ -289,7 +309,8 @@ def save_plots(col: Collection, out: Path, convention: str = "paper") -> dict[st
         for fmt in ("png", "svg"):
             paths[fmt] = out / f"{name}.{fmt}"
             with atomic_file(paths[fmt]) as f:  # a killed report leaves the old figure or the new one, never half
-                fig.savefig(f, format=fmt, dpi=130, metadata={"Date": None} if fmt == "svg" else None)
+                fig.savefig(f, format=fmt, dpi=130, bbox_inches="tight",  # a legend beside the axes stays in
+                            metadata={"Date": None} if fmt == "svg" else None)
         plt.close(fig)
         written[name] = paths
     return written

@@ -328,3 +328,50 @@ def test_long_context_tasks_only_leave_no_empty_quality_table_and_the_caption_de
     assert "quality table: not shown (long-context tasks only: see the long_context table)" in missing
     caption = long_context_table(col).attrs["caption"]
     assert "passkey %" in caption and "PPL" not in caption  # pd_ppl is not in these records
+
+
+def test_figures_draw_no_error_bar_for_an_unknown_standard_error_and_put_a_long_legend_beside_the_axes(tmp_path):
+    import math
+
+    import matplotlib.pyplot as plt
+
+    from reports.plots import plot_score_vs_blocks, plot_score_vs_kv
+
+    save(_rec("unpruned"), tmp_path)
+    unknown = _rec("x", removed=(1,))
+    for ms in unknown.scores.values():
+        ms["acc"]["stderr"] = None  # lm-eval gave none
+    save(unknown, tmp_path)
+    fig = plot_score_vs_blocks(collect([tmp_path]))
+    bars = {c.get_label(): c.lines[2][0].get_segments() for c in fig.axes[0].containers}
+    assert all(math.isnan(y) for seg in bars["x"] for _, y in seg)  # no bar, not a zero-length one
+    assert all(not math.isnan(y) for seg in bars["unpruned"] for _, y in seg)
+    plt.close(fig)
+    for i in range(12):  # a depth sweep's worth of points
+        save(_rec(f"m{i}", removed=(1,), kv=50 + i), tmp_path)
+    fig = plot_score_vs_kv(collect([tmp_path]))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend, frame = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= frame.x1  # beside the axes: it covers no point
+    plt.close(fig)
+
+
+def test_a_latency_figure_a_record_lacks_draws_no_bar(tmp_path):
+    import math
+
+    import matplotlib.pyplot as plt
+
+    from harness.store.latency import WorkloadLatency
+    from reports.plots import plot_latency_bars
+
+    label = "latency_T16_n4_b1"
+    for method, tpot in (("unpruned", 2.0), ("x", None)):
+        r = _fake(method, "disaggregated", {})
+        r.config["kind"] = "latency"
+        r.latency = {label: WorkloadLatency({"ttft_ms_p50": 5.0, **({"tpot_ms_p50": tpot} if tpot else {})}, {})}
+        save(r, tmp_path)
+    fig = plot_latency_bars(collect([tmp_path]))
+    heights = {c.get_label(): [b.get_height() for b in c] for c in fig.axes[1].containers}
+    assert heights["unpruned"] == [2.0] and math.isnan(heights["x"][0])  # not a TPOT of 0 ms
+    plt.close(fig)
