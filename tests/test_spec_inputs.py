@@ -153,7 +153,7 @@ def test_a_spec_matches_its_committed_records(config, where, data_dir, tmp_path,
 
     from harness.cli.run import run_config
     from harness.cli.spec import spec_options
-    from harness.run import pipeline, reuse
+    from harness.run import inputs, pipeline, reuse
     from harness.store import records
 
     monkeypatch.chdir(ROOT)
@@ -168,9 +168,13 @@ def test_a_spec_matches_its_committed_records(config, where, data_dir, tmp_path,
     for name, method in prepared.methods.items():
         for mode in cfg.modes:
             key, calib, tasks = pipeline.cell_identity(cfg, prepared, name, method, mode)
-            stored = records.load(Path(ns.out) / records.record_filename(name, mode))
+            path = Path(ns.out) / records.record_filename(name, mode)
+            stored = records.load(path)
             # the run's own test: equal run keys, or options added since at their defaults
             assert not reuse.foreign(cfg, method, stored, key, (name, mode, calib, tasks)), (config, name, mode)
+            # and its long-context results still hold (task versions, passkey's sample rule)
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            assert inputs.stale_results(doc, True, cfg, prepared.task_options) == [], (config, name, mode)
 
 
 def test_a_latency_section_replaying_the_run_takes_the_runs_options_for_its_methods(tmp_path):

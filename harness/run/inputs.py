@@ -150,8 +150,9 @@ def stale_results(doc: dict, is_record: bool, cfg, task_options: dict) -> list[s
         why = long_tasks.get(task).stale(result, options, cfg.limit) if result else None
         out += [why] if why else []
         then = (((doc.get("lm_eval") or {}).get("tasks") or {}).get(task) or {}).get("harness_task", {}).get("version")
-        if is_record and then is not None and then != long_tasks.get(task).version:  # its author said: other numbers now
-            out.append(f"{task} results made by version {then} of the task, which is version {long_tasks.get(task).version} now")
+        task_cls = long_tasks.get(task)
+        if is_record and then is not None and then != task_cls.version and then not in task_cls.reusable_versions:
+            out.append(f"{task} results made by version {then} of the task, which is version {task_cls.version} now")
     return out
 
 

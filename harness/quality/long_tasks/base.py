@@ -27,7 +27,8 @@ class LongTask:
 
     name: ClassVar[str]
     Config: ClassVar[type]  # frozen dataclass of the task's options (defaults = the standard setting)
-    version: ClassVar[int] = 1  # bump when the same options would give different numbers
+    version: ClassVar[int] = 1  # bump when the same options would give different numbers: older records are refused
+    reusable_versions: ClassVar[tuple[int, ...]] = ()  # older versions whose stored results are still reused
     presentation: ClassVar[TaskPresentation]
     # files (or folders) it reads, relative to the data dir: records keep their digest, so a rerun after they
     # changed does not reuse records made from the old ones (harness/run/inputs.py); none for synthetic tasks

@@ -64,6 +64,9 @@ class PdPpl(LongTask):
     data_files = ("wikitext2/wiki.test.raw",)  # what it reads from the data dir (its digest is recorded)
     Config = PplConfig
     version = 2  # 2: the pooled ppl's stderr over articles (each article's windows at every T are one sample)
+    # version 1's perplexities are the same numbers; only its pooled stderr is the older, smaller one: its records
+    # (the committed tables') are still reused rather than refused
+    reusable_versions = (1,)
     presentation = TaskPresentation(
         title="PPL", setting_prefix="ppl_T", primary_metric="ppl", metric_format="decimal", lower_is_better=True,
         caption="PPL: token perplexity of {cont_tokens|the} continuation tokens after a T-token WikiText-2 prompt (pd_ppl)",
