@@ -71,3 +71,16 @@ def test_a_figure_registered_later_is_added_to_a_reused_record_from_its_samples(
         assert now["figures"] == {**wl["figures"], "itl_max_ms": max(wl["samples"]["itl_ms"])}  # the measured ones kept
         assert now["samples"] == wl["samples"]
     assert after["run_key"] == before["run_key"] and "figures added" not in cli(*run).stderr  # once
+
+
+def test_a_kv_baseline_latency_record_is_reused_by_the_same_command(cli, tmp_path):
+    """Its options() leave out policy options at their defaults; the stored side was compared with them filled in,
+    so every rerun refused the run's own record ("different configuration (run_key K != K)")."""
+    run = ("latency", "--model", "random:tiny", "--methods", "snapkv", "--set", "snapkv.base=shortgpt", "--set",
+           "snapkv.base_options=k=1", "--prompt-tokens", "16", "--decode-tokens", "2", "--batch-size", "1",
+           "--warmup", "0", "--repeats", "1", "--out", tmp_path / "lat", "-q")
+    assert cli(*run).returncode == 0
+    again = cli(*run)
+    assert again.returncode == 0 and "snapkv: finished record found, reused" in again.stderr, again.stderr
+    other = cli(*run[:-3], "--set", "snapkv.keep_ratio=0.5", *run[-3:])  # another configuration is still refused
+    assert other.returncode == 2 and "of a different configuration" in other.stderr

@@ -76,12 +76,22 @@ def latency_identity(config: dict, method: str, options: dict, plan: dict) -> st
 
 
 def record_identity(record: rec.RunRecord, method) -> str:
-    """The run key `record` would have if made now: configuration fields and method options added since it was
+    """`record`'s identity as `same_identity` compares it: configuration fields and method options added since it was
     made count at their defaults (a new option must not invalidate a finished measurement)."""
+    from harness.run.reuse import with_defaults
+
     as_json = lambda x: json.loads(json.dumps(x, default=str))  # noqa: E731 - tuples vs lists, as stored
     config = {**as_json(dataclasses.asdict(LatencyConfig())), **record.config}
-    options = {**as_json(dataclasses.asdict(type(method.config)())), **record.config.get("method_options", {})}
-    return latency_identity(config, record.method, options, record.plan)
+    return latency_identity(config, record.method, with_defaults(method, record.config.get("method_options", {})), record.plan)
+
+
+def current_identity(cfg: LatencyConfig, name: str, method, plan: dict) -> str:
+    """This run's identity of `name`'s record, comparable with `record_identity`: every option at its value, also
+    those `method.options()` leaves out at their defaults (a KV baseline's policy options), as the stored side has."""
+    from harness.run.reuse import with_defaults
+
+    as_json = lambda x: json.loads(json.dumps(x, default=str))  # noqa: E731 - compared as stored
+    return latency_identity(as_json(dataclasses.asdict(cfg)), name, with_defaults(method, method.options()), plan)
 
 
 def workload_name(w: Workload, decode_mode: str = "eager") -> str:
@@ -202,9 +212,10 @@ def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[
         path = out_dir / rec.record_filename(name, "disaggregated")
         old = rec.load_cell(path) if path.exists() else None  # an unreadable cell file: refused, not replaced
         kind = old.config.get("kind", "quality") if old is not None else None
-        if old is not None and (kind != "latency" or record_identity(old, method) != key):
+        if old is not None and (kind != "latency" or record_identity(old, method) != current_identity(
+                cfg, name, method, as_json(plan.to_dict()))):
             raise UsageError(f"{path} holds a {name}/disaggregated {kind} record of a different configuration "
-                             f"(run_key {old.run_key} != {key}); use another --out or remove it")
+                             f"(run_key {old.run_key}; this run's {key}); use another --out or remove it")
         if old is not None and "plugin_code" in old.extra and (edited := changes(old.extra["plugin_code"], plugin_code(method))):
             raise UsageError(f"{path} was measured with other code of plug-in method {name} ({', '.join(edited)} changed "
                              "since); use another --out or remove it to measure it again")
