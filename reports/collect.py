@@ -57,7 +57,7 @@ class Collection:
     latency: list[RunRecord] = field(default_factory=list)
     sources: dict[int, Path] = field(default_factory=dict)  # id(record) -> file
     skipped: list[str] = field(default_factory=list)  # files that are not readable records, and why
-    _models: tuple = field(default=((), {}), repr=False, compare=False)  # (ids of `all`, id -> model label)
+    _models: tuple = field(default=((), {}), repr=False, compare=False)  # (sizes of the lists, id -> model label)
 
     def source(self, r: RunRecord) -> Path:
         return self.sources[id(r)]
@@ -72,9 +72,9 @@ class Collection:
     def model(self, r: RunRecord) -> str:
         """`r`'s model as the tables name it. Records of one model folder or GGUF file typed another way (`m` from
         its parent, `/x/m` from elsewhere) share a name: the shortest way it was typed."""
-        ids = tuple(id(o) for o in self.all)
-        if self._models[0] != ids:
-            self._models = (ids, model_labels(self.all))
+        size = (len(self.quality), len(self.latency))  # records are only ever added: a new one changes the sizes
+        if self._models[0] != size or id(r) not in self._models[1]:
+            self._models = (size, model_labels(self.all))
         return self._models[1][id(r)]
 
     def label(self, r: RunRecord) -> str:
