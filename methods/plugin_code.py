@@ -9,8 +9,11 @@ instead of reusing them silently. Torch-free.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import site
 import sys
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +22,36 @@ _ROOTS: set[str] = set()  # top-level packages (or modules) of the plug-ins impo
 
 
 def note_plugin(module: str) -> None:
-    """Count the modules of `module`'s top-level package as plug-in code (e.g. `my_plugins.kv` -> `my_plugins`)."""
+    """Count the modules of `module`'s top-level package as plug-in code (e.g. `my_plugins.kv` -> `my_plugins`), also
+    when it is installed among the libraries."""
     root = module.split(":")[0].split(".")[0]
     if root and root not in PACKAGES:
         _ROOTS.add(root)
+
+
+@functools.cache
+def _library_dirs() -> tuple[Path, ...]:
+    """Where the standard library and installed distributions live."""
+    paths = sysconfig.get_paths()
+    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    dirs |= set(getattr(site, "getsitepackages", list)()) | {site.getusersitepackages()}
+    return tuple(Path(d).resolve() for d in dirs if d)
+
+
+def is_plugin(module: str) -> bool:
+    """Whether `module` is plug-in code: of a plug-in's package, or any module that is neither the harness's, nor the
+    standard library's, nor an installed library's (a plug-in's own helper module on PYTHONPATH counts, whichever
+    modules HARNESS_PLUGINS names)."""
+    root = module.split(".")[0]
+    if root in PACKAGES:
+        return False
+    if root in _ROOTS:
+        return True
+    path = getattr(sys.modules.get(module), "__file__", None)
+    if not path:
+        return False  # built in
+    where = Path(path).resolve()
+    return not any(where.is_relative_to(d) for d in _library_dirs())
 
 
 def _classes(obj: object, seen: set[int]) -> Iterator[type]:
@@ -36,10 +65,11 @@ def _classes(obj: object, seen: set[int]) -> Iterator[type]:
     for c in cls.__mro__:
         yield c
         for value in vars(c).values():
-            if isinstance(value, type) and value.__module__.split(".")[0] in _ROOTS:
+            if isinstance(value, type) and is_plugin(value.__module__):
                 yield from _classes(value, seen)
     for value in ({} if isinstance(obj, type) else getattr(obj, "__dict__", {})).values():
-        if type(value).__module__.split(".")[0] in _ROOTS | PACKAGES and not isinstance(value, (str, bytes)):
+        module = type(value).__module__
+        if (module.split(".")[0] in PACKAGES or is_plugin(module)) and not isinstance(value, (str, bytes)):
             yield from _classes(value, seen)
 
 
@@ -48,7 +78,7 @@ def plugin_code(obj: object) -> dict[str, str]:
     out = {}
     for c in _classes(obj, set()):
         name = c.__module__
-        if name.split(".")[0] not in _ROOTS or name in out:
+        if name in out or not is_plugin(name):
             continue
         path = getattr(sys.modules.get(name), "__file__", None)
         out[name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path and Path(path).is_file() else "?"

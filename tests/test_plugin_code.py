@@ -89,3 +89,36 @@ def test_a_latency_record_measured_by_an_edited_plugin_is_refused(probe, cli, tm
     probe(SOURCE.replace("tail, as a plug-in", "tail, as an edited plug-in"))
     edited = cli(*run)
     assert edited.returncode == 2 and f"other code of plug-in method {NAME} ({MODULE} changed" in edited.stderr
+
+
+def test_the_digest_covers_a_plugins_helper_modules_whichever_modules_are_named(tmp_path, monkeypatch):
+    """A plug-in whose base class lives in a helper module of its own: naming the helper in HARNESS_PLUGINS too, or
+    not, gave other digests (a false refusal), and edits to an unnamed helper went unseen."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "pd_harness_test_helper_base.py").write_text(textwrap.dedent('''
+        from methods.depth.tail import Tail
+
+
+        class Base(Tail):
+            summary = "a helper's base class (test)"
+    '''))
+    (tmp_path / "pd_harness_test_helper_user.py").write_text(textwrap.dedent('''
+        from methods.registry import register
+        from pd_harness_test_helper_base import Base
+
+
+        @register
+        class User(Base):
+            name = "helper_user"
+    '''))
+    try:
+        methods.load_plugins("pd_harness_test_helper_user")
+        alone = plugin_code.plugin_code(methods.get("helper_user"))
+        assert sorted(alone) == ["pd_harness_test_helper_base", "pd_harness_test_helper_user"]
+        methods.load_plugins("pd_harness_test_helper_base,pd_harness_test_helper_user")
+        assert plugin_code.plugin_code(methods.get("helper_user")) == alone
+    finally:
+        registry.unregister("helper_user")
+        for m in ("pd_harness_test_helper_base", "pd_harness_test_helper_user"):
+            sys.modules.pop(m, None)
+            plugin_code._ROOTS.discard(m)
