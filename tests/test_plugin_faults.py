@@ -304,9 +304,10 @@ def test_a_plugin_task_named_like_a_method_stops_every_command(tmp_path):
 
 @pytest.mark.parametrize("field, says", [
     ("where: Path | None = None", "the types of its Config options cannot be read (NameError"),
-    ("layers: list[int] = None", "--set cannot give options of these types: layers: list[int]"),
+    ("span: tuple[int, int] = (0, 1)", None),  # types --set cannot give, or gives its own way, still register
+    ("layers: list[int] | None = None", None),
 ])
-def test_a_plugin_config_whose_option_types_set_cannot_use_stops_every_command_named(tmp_path, field, says):
+def test_a_plugin_config_whose_option_types_cannot_be_read_stops_every_command_named(tmp_path, field, says):
     """--help read the types with typing.get_type_hints: a NameError traceback (exit 1) in every command."""
     (tmp_path / "pd_harness_test_hints.py").write_text(textwrap.dedent(f'''
         from __future__ import annotations
@@ -331,5 +332,8 @@ def test_a_plugin_config_whose_option_types_set_cannot_use_stops_every_command_n
     '''))
     env = {**os.environ, "HARNESS_PLUGINS": "pd_harness_test_hints", "PYTHONPATH": f"{tmp_path}:{ROOT}"}
     r = subprocess.run([sys.executable, "-m", "harness", "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert r.returncode == 2 and "method 'hinted'" in r.stderr and says in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+    if says is None:
+        assert r.returncode == 0 and "hinted" in r.stdout, r.stderr
+    else:
+        assert r.returncode == 2 and "method 'hinted'" in r.stderr and says in r.stderr, r.stderr
