@@ -155,7 +155,7 @@ class Method(abc.ABC):
             raise TypeError(f"{self.name}.plan(...) returned a plan named {plan.method!r}; name it {self.name!r} "
                             "(PruningPlan(self.name, ...))")
         try:  # the record stores it: fail now, naming it, not after the evaluation
-            json.dumps(plan.to_dict())
+            json.dumps(plan.to_dict(), sort_keys=True)  # as the record writer does (mixed key types fail there)
         except (TypeError, ValueError) as e:
             raise TypeError(f"{self.name}.plan(...) returned a plan that cannot be stored as JSON ({e}); keep numbers, "
                             "strings, lists and dicts in its info") from None

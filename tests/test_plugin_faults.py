@@ -251,6 +251,7 @@ def test_a_plan_that_is_not_a_pruning_plan_fails_naming_the_method(tiny):
 @pytest.mark.parametrize("name, info, says", [
     ("other", {}, r"odd_plan.plan\(...\) returned a plan named 'other'; name it 'odd_plan'"),
     ("odd_plan", {"where": object()}, r"odd_plan.plan\(...\) returned a plan that cannot be stored as JSON"),
+    ("odd_plan", {1: "a", "b": 2}, r"odd_plan.plan\(...\) returned a plan that cannot be stored as JSON"),  # sorted keys
 ])
 def test_a_plan_the_record_could_not_keep_fails_before_the_evaluation(tiny, name, info, says):
     """A plan named after another method, or with a non-JSON info, failed only when the record was written."""
@@ -337,3 +338,17 @@ def test_a_plugin_config_whose_option_types_cannot_be_read_stops_every_command_n
         assert r.returncode == 0 and "hinted" in r.stdout, r.stderr
     else:
         assert r.returncode == 2 and "method 'hinted'" in r.stderr and says in r.stderr, r.stderr
+
+
+def test_a_per_head_mask_must_have_the_caches_kv_heads():
+    from types import SimpleNamespace
+
+    from harness.pd.engine import _checked
+
+    pos = torch.tensor([[0, 1, 2], [0, 1, -1]])
+    good = torch.ones(2, 4, 3, dtype=torch.bool) & (pos >= 0)[:, None, :]
+    assert _checked(SimpleNamespace(kind="p"), 0, good, pos, heads=4) is good
+    with pytest.raises(RuntimeError, match=r"p policy: keep\(\) returned a torch.bool tensor of shape \(2, 1, 3\) in "
+                                           r"layer 0; it must return a bool mask \(requests, kv heads, prompt columns\) "
+                                           r"= \(2, 4, 3\)"):
+        _checked(SimpleNamespace(kind="p"), 0, good[:, :1], pos, heads=4)

@@ -199,7 +199,7 @@ def make_handoff(
         observed = _observed(cache, policy, l, rows) if observes else None
         if policy.per_head:
             pos = src_pos.index_select(0, rows)
-            keep = _checked(policy, l, policy.keep(l, pos, req_len, k, observed), pos, per_head=True)
+            keep = _checked(policy, l, policy.keep(l, pos, req_len, k, observed), pos, heads=cache.keys[l].shape[1])
             keys[l], values[l], positions[l] = _pack_per_head(keep, pos, k, cache.keys[l].index_select(0, rows),
                                                               cache.values[l].index_select(0, rows))
             counts[l] = k
@@ -209,7 +209,7 @@ def make_handoff(
         hit = None if observes else patterns.get(key)
         if hit is None:
             pos = src_pos.index_select(0, rows)
-            keep = _checked(policy, l, policy.keep(l, pos, req_len, k, observed), pos, per_head=False)
+            keep = _checked(policy, l, policy.keep(l, pos, req_len, k, observed), pos)
             if not torch.equal(keep.sum(dim=1), k):  # else the bytes sent and the budget stated disagree
                 raise RuntimeError(f"{policy.kind} policy: keep() selected {keep.sum(dim=1).tolist()} positions per "
                                    f"request in layer {l}; it must select exactly its budget k = {k.tolist()}")
@@ -222,17 +222,17 @@ def make_handoff(
     return Handoff(keys, values, positions, counts, n_requests=int(rows.shape[0]))
 
 
-def _checked(policy: KVPolicy, layer: int, keep, pos: torch.Tensor, per_head: bool) -> torch.Tensor:
-    """`keep` when it is a bool mask over `pos` (R, C) (per head: (R, H, C)) that selects no padding column (position
-    -1, where a shorter request's prompt ends); else a RuntimeError naming the policy: padding holds no KV of the
-    request, yet its bytes would be counted as sent."""
-    shape = "(requests, kv heads, prompt columns)" if per_head else "(requests, prompt columns)"
-    ok = isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and keep.dim() == (3 if per_head else 2) \
-        and keep.shape[0] == pos.shape[0] and keep.shape[-1] == pos.shape[-1]
-    if not ok:
+def _checked(policy: KVPolicy, layer: int, keep, pos: torch.Tensor, heads: int | None = None) -> torch.Tensor:
+    """`keep` when it is a bool mask over `pos` (R, C) (per head, `heads` KV heads: (R, H, C)) that selects no padding
+    column (position -1, where a shorter request's prompt ends); else a RuntimeError naming the policy: padding holds
+    no KV of the request, yet its bytes would be counted as sent."""
+    per_head = heads is not None
+    want = (pos.shape[0], heads, pos.shape[1]) if per_head else tuple(pos.shape)
+    if not (isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and tuple(keep.shape) == want):
         got = f"a {keep.dtype} tensor of shape {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+        shape = "(requests, kv heads, prompt columns)" if per_head else "(requests, prompt columns)"
         raise RuntimeError(f"{policy.kind} policy: keep() returned {got} in layer {layer}; it must return a bool mask "
-                           f"{shape} = {(pos.shape[0], 'H', pos.shape[1]) if per_head else tuple(pos.shape)}")
+                           f"{shape} = {want}")
     if bool((keep & (pos[:, None, :] if per_head else pos).lt(0)).any()):
         raise RuntimeError(f"{policy.kind} policy: keep() selected padding columns (position -1) in layer {layer}; "
                            "select among each request's own positions (positions >= 0), e.g. by position, not by column")

@@ -182,7 +182,10 @@ def missing_figures(cfg: LatencyConfig, record: rec.RunRecord) -> list[str]:
             m = Measurement(**{k: v for k, v in wl.samples.items() if k in fields}, workload=Workload(**wl.samples["workload"]))
         except (KeyError, TypeError, ValueError):  # samples of an older layout
             continue
-        now = compute(m, cfg.bandwidths_gbit, decode_bound_ms=bound_ms, real_transfer=wl.samples.get("real_transfer"))
+        try:  # every figure passed `figures.check`: a failure here is these samples' layout, not the figure's
+            now = compute(m, cfg.bandwidths_gbit, decode_bound_ms=bound_ms, real_transfer=wl.samples.get("real_transfer"))
+        except UsageError:
+            continue
         new = {k: v for k, v in now.items() if k not in wl.figures}
         wl.figures.update(new)
         added |= set(new)
