@@ -14,6 +14,7 @@ import hashlib
 import site
 import sys
 import sysconfig
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,16 +74,40 @@ def _classes(obj: object, seen: set[int]) -> Iterator[type]:
             yield from _classes(value, seen)
 
 
+def _imports(module: str) -> set[str]:
+    """The plug-in modules `module` uses at module level: imported modules, and the modules of the functions and
+    classes it imported (`from my_helpers import order`)."""
+    out = set()
+    for value in vars(sys.modules.get(module) or object()).values():
+        name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None) \
+            if isinstance(value, (type, types.FunctionType)) else None
+        if isinstance(name, str) and name != module and is_plugin(name):
+            out.add(name)
+    return out
+
+
 def plugin_code(obj: object) -> dict[str, str]:
-    """{module name: sha256 (16 hex) of its source file} of the plug-in modules `obj` runs; {} for the package's own."""
-    out = {}
-    for c in _classes(obj, set()):
-        name = c.__module__
-        if name in out or not is_plugin(name):
-            continue
+    """{module name: sha256 (16 hex) of its source file} of the plug-in modules `obj` runs: those its classes come
+    from, and the plug-in modules those import, transitively (a helper module of ranking functions); {} for the
+    package's own methods."""
+    todo = {c.__module__ for c in _classes(obj, set()) if is_plugin(c.__module__)}
+    out: dict[str, str] = {}
+    while todo:
+        name = todo.pop()
         path = getattr(sys.modules.get(name), "__file__", None)
-        out[name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path and Path(path).is_file() else "?"
+        out[name] = _file_sha(path) if path and Path(path).is_file() else "?"
+        todo |= _imports(name) - set(out)
     return dict(sorted(out.items()))
+
+
+def _file_sha(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def code_digest(obj: object) -> str:
+    """One string for `plugin_code(obj)` ("" for the package's own): for cache keys (rankings) that must change
+    with a plug-in's code."""
+    return ",".join(f"{m}:{d}" for m, d in plugin_code(obj).items())
 
 
 def changes(then: dict[str, str] | None, now: dict[str, str] | None) -> list[str]:

@@ -122,3 +122,45 @@ def test_the_digest_covers_a_plugins_helper_modules_whichever_modules_are_named(
         for m in ("pd_harness_test_helper_base", "pd_harness_test_helper_user"):
             sys.modules.pop(m, None)
             plugin_code._ROOTS.discard(m)
+
+
+def test_a_rankings_caches_follow_the_code_of_a_plugins_helper_module(tmp_path, monkeypatch, tiny):
+    """The in-process and on-disk ranking caches were keyed by the method's own module only: after an edit of the
+    helper module that orders the blocks, a new --out got the old ranking under the new code's digest."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    helper = tmp_path / "pd_harness_test_order.py"
+    helper.write_text("def order(eligible):\n    return sorted(eligible, reverse=True)\n")
+    (tmp_path / "pd_harness_test_ordered.py").write_text(textwrap.dedent('''
+        import pd_harness_test_order
+        from methods.depth.ranked import RankedDepthMethod, Ranking
+        from methods.depth.tail import Tail
+        from methods.registry import register
+
+
+        @register
+        class Ordered(RankedDepthMethod):
+            name = "ordered_by_helper"
+            summary = "blocks in the helper's order (test)"
+            needs_calibration = False
+            Config = Tail.Config
+
+            def _rank(self, model, calib, k, eligible):
+                return Ranking(pd_harness_test_order.order(eligible), {})
+    '''))
+    try:
+        methods.load_plugins("pd_harness_test_ordered")
+        cls = methods.get("ordered_by_helper")
+        before = plugin_code.plugin_code(cls())
+        assert sorted(before) == ["pd_harness_test_order", "pd_harness_test_ordered"]  # the helper is digested too
+        assert cls(cls.Config(k=1)).make_plan(tiny.model, None, "disaggregated").decode_layers == (0, 1, 2)
+        helper.write_text("def order(eligible):\n    return sorted(eligible)\n")
+        importlib.reload(sys.modules["pd_harness_test_order"])
+        assert plugin_code.changes(before, plugin_code.plugin_code(cls())) == ["pd_harness_test_order"]
+        assert cls(cls.Config(k=1)).make_plan(tiny.model, None, "disaggregated").decode_layers == (1, 2, 3)
+    finally:
+        registry.unregister("ordered_by_helper")
+        for m in ("pd_harness_test_order", "pd_harness_test_ordered"):
+            sys.modules.pop(m, None)
+            plugin_code._ROOTS.discard(m)

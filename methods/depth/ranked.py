@@ -26,6 +26,7 @@ from harness.pd.plan import PruningPlan
 from methods import cached
 from methods.bars import progress  # noqa: F401 - re-exported: the depth methods' bar
 from methods.base import DepthOptions, Method, calibration_fingerprint, fit_counts, model_fingerprint
+from methods.plugin_code import code_digest
 
 
 @dataclass
@@ -131,14 +132,15 @@ class RankedDepthMethod(Method):
         (a longer order serves every shorter `k`), the model and the calibration set."""
         opts = {f: v for f, v in dataclasses.asdict(self.config).items() if f != "k"}
         return (self.name, f"{type(self).__module__}.{type(self).__qualname__}", json.dumps(opts, sort_keys=True, default=str),
-                model_fingerprint(model), calibration_fingerprint(calib))
+                model_fingerprint(model), calibration_fingerprint(calib), code_digest(self))
 
     def _disk_key(self, model, calib) -> dict:
         """`ranking_key` for the on-disk cache, with the ranking code's version and source digest."""
         opts = {f: v for f, v in dataclasses.asdict(self.config).items() if f != "k"}
         return cached.stat_key("ranking", model, calib, f"{RANKING_VERSION}.{self.ranking_version}",
                                [sys.modules[type(self).__module__], sys.modules[__name__]],
-                               method=self.name, cls=f"{type(self).__module__}.{type(self).__qualname__}", **opts)
+                               method=self.name, cls=f"{type(self).__module__}.{type(self).__qualname__}", **opts,
+                               **({"plugin_code": code} if (code := code_digest(self)) else {}))  # a plug-in's helpers
 
     def _stored_ranking(self, model, calib, k: int) -> Ranking | None:
         """The ranking a previous process stored (at least `k` long), marked as reused; None if none."""
