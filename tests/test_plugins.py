@@ -229,3 +229,16 @@ def test_reloading_an_edited_plugin_replaces_its_method_policy_and_kv_baseline(p
     assert kv.get_policy(KV_NAME) is not old_policy and methods.get(KV_METHOD).policy_cls is kv.get_policy(KV_NAME)
     with pytest.raises(ValueError, match="defined twice"):  # another class under a taken name is still refused
         registry.register(type("Impostor", (old_method,), {"name": NAME, "__module__": "elsewhere"}))
+
+
+def test_a_kv_baseline_runs_the_policy_class_registered_now(kv_plugin, tmp_path):
+    """After importlib.reload of an edited policy, harness.evaluate (which loads no plug-ins) ran the old class."""
+    from harness.pd import kv
+    from harness.pd.kv.base import KVBudget
+
+    methods.load_plugins(KV_MODULE)
+    method = methods.get(KV_METHOD)(methods.get(KV_METHOD).Config(base="tail", base_options="k=1", keep_tokens=3))
+    (tmp_path / f"{KV_MODULE}.py").write_text(KV_PLUGIN.replace('return "most recent"', 'return "latest"'))
+    importlib.reload(sys.modules[KV_MODULE])
+    assert method.policy(KVBudget(tokens=3)).how() == "latest" and type(method.policy(KVBudget(tokens=3))) is \
+        kv.get_policy(KV_NAME)

@@ -132,9 +132,11 @@ class KVBaseline(Method):
         return KVBudget(match=base_policy)
 
     def policy(self, budget: KVBudget) -> KVPolicy:
-        """The policy with this method's options at `budget`."""
-        own = {n: getattr(self.config, n) for n in self.policy_cls.option_names() if n != "budget"}
-        return self.policy_cls(budget=budget, **own)
+        """The policy with this method's options at `budget`: the class registered under its kind now (a plug-in
+        policy's module reloaded in a notebook has a new class; its records' code digests already name the new code)."""
+        cls = get_policy(self.policy_cls.name)
+        own = {n: getattr(self.config, n) for n in cls.option_names() if n != "budget"}
+        return cls(budget=budget, **own)
 
     def plan(self, model, calib, mode: str) -> PruningPlan:
         base_plan = self.base.plan(model, calib, mode)
