@@ -164,3 +164,24 @@ def test_a_rankings_caches_follow_the_code_of_a_plugins_helper_module(tmp_path, 
         for m in ("pd_harness_test_order", "pd_harness_test_ordered"):
             sys.modules.pop(m, None)
             plugin_code._ROOTS.discard(m)
+
+
+def test_a_resume_state_made_by_another_task_version_is_refused_too(cli, data_dir, tmp_path, monkeypatch):
+    """An interrupted run resumed after the bump kept the old results, then the next rerun refused its record."""
+    from harness.run import inputs
+    from harness.store import records
+
+    out = tmp_path / "runs"
+    run = ("--model", "random:tiny", "--methods", "unpruned", "--tasks", "passkey", "--limit", "2", "--mode",
+           "disaggregated", "--set", "passkey.lengths=400", "--set", "passkey.depths=0.5", "--out", out)
+    assert cli(*run, data_dir=data_dir).returncode == 0
+    record = json.loads((out / "unpruned__disaggregated.json").read_text())
+    # the resume state an interruption after passkey leaves: the task's results as the record keeps them
+    state = {"inputs": record["extra"]["inputs"], "tasks": {"passkey": {**record["lm_eval"]["tasks"]["passkey"],
+             "items": record["extra"]["items"]["passkey"], "n_samples": record["n_samples"]["passkey"]}}}
+    (out / "unpruned__disaggregated.json").unlink()
+    (out / records.partial_filename("unpruned", "disaggregated")).write_text(json.dumps(state))
+    task = long_tasks.get("passkey")
+    monkeypatch.setattr(task, "version", task.version + 1)
+    why = inputs.stale_results(state, False, type("Cfg", (), {"limit": 2})(), {"passkey": task.Config(lengths=(400,))})
+    assert why == [f"passkey results made by version {task.version - 1} of the task, which is version {task.version} now"]

@@ -149,9 +149,10 @@ def stale_results(doc: dict, is_record: bool, cfg, task_options: dict) -> list[s
                    .get(task)} if is_record else (doc.get("tasks") or {}).get(task))
         why = long_tasks.get(task).stale(result, options, cfg.limit) if result else None
         out += [why] if why else []
-        then = (((doc.get("lm_eval") or {}).get("tasks") or {}).get(task) or {}).get("harness_task", {}).get("version")
+        stored = ((doc.get("lm_eval") or {}).get("tasks") or {}) if is_record else (doc.get("tasks") or {})  # a resume state
+        then = ((stored.get(task) or {}).get("harness_task") or {}).get("version")
         task_cls = long_tasks.get(task)
-        if is_record and then is not None and then != task_cls.version and then not in task_cls.reusable_versions:
+        if then is not None and then != task_cls.version and then not in task_cls.reusable_versions:
             out.append(f"{task} results made by version {then} of the task, which is version {task_cls.version} now")
     return out
 
