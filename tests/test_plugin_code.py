@@ -185,3 +185,19 @@ def test_a_resume_state_made_by_another_task_version_is_refused_too(cli, data_di
     monkeypatch.setattr(task, "version", task.version + 1)
     why = inputs.stale_results(state, False, type("Cfg", (), {"limit": 2})(), {"passkey": task.Config(lengths=(400,))})
     assert why == [f"passkey results made by version {task.version - 1} of the task, which is version {task.version} now"]
+
+
+def test_plans_from_does_not_replay_a_plan_made_by_an_edited_plugin(probe, cli, data_dir, tmp_path):
+    first = tmp_path / "first"
+    run = ("--model", "random:tiny", "--methods", NAME, "--set", f"{NAME}.k=1", "--tasks", "arc_easy", "--limit", "2",
+           "--mode", "disaggregated")
+    assert cli(*run, "--out", first, data_dir=data_dir).returncode == 0
+    same = cli(*run, "--plans-from", first, "--out", tmp_path / "same", data_dir=data_dir)
+    assert same.returncode == 0 and f"{NAME}/disaggregated: plan reused from" in same.stdout + same.stderr
+    probe(SOURCE.replace("tail, as a plug-in", "tail, as an edited plug-in"))
+    quality = cli(*run, "--plans-from", first, "--out", tmp_path / "edited", data_dir=data_dir)
+    assert quality.returncode == 0 and "plan reused from" not in quality.stdout + quality.stderr  # planned afresh
+    latency = cli("latency", "--model", "random:tiny", "--methods", NAME, "--set", f"{NAME}.k=1", "--plans-from", first,
+                  "--prompt-tokens", "16", "--decode-tokens", "2", "--batch-size", "1", "--out", tmp_path / "lat", "-q")
+    assert latency.returncode == 2 and f"{NAME}'s plan was made by other code of its plug-in ({MODULE} changed" in \
+        latency.stderr

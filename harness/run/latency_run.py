@@ -103,7 +103,7 @@ def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, P
     """The disaggregated plans of `methods` (name -> Method) stored in `plans_from`'s records, checked against the
     model's layer count and the methods' options (a plan made with other options would be labelled with these).
     A method whose plan needs state the record lacks (`needs_replan_on_resume`) is left out: it plans afresh."""
-    from harness.run.reuse import options_diff, options_then, with_defaults
+    from harness.run.reuse import options_diff, options_then, other_code, with_defaults
 
     folder = Path(plans_from)
     if not folder.is_dir():
@@ -124,6 +124,9 @@ def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, P
             raise UsageError(f"--plans-from: {r.method}'s plan is not valid ({type(e).__name__}: {e})") from None
         if plan.n_layers != n_layers:
             raise UsageError(f"--plans-from: {r.method}'s plan is for {plan.n_layers} layers, the model has {n_layers}")
+        if edited := other_code(r, methods[r.method]):
+            raise UsageError(f"--plans-from {plans_from}: {r.method}'s plan was made by other code of its plug-in "
+                             f"({', '.join(edited)} changed since); plan afresh without --plans-from")
         then, now = options_then(methods[r.method], r), with_defaults(methods[r.method], methods[r.method].options())
         if then != now:
             diff = options_diff(then, now, "there", "here")

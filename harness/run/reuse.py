@@ -64,10 +64,23 @@ def _made_alike(cfg: RunConfig, prepared, name: str, options: dict, old: rec.Run
         return False
     if options_then(prepared.methods[name], old) != with_defaults(prepared.methods[name], options):
         return False
+    if other_code(old, prepared.methods[name]):  # planned by a plug-in's code as it was then
+        return False
     if calib_now and json.loads(json.dumps(calib_now)) != calib_then:
         return False
     digest = (old.calibration or {}).get("token_sha256_16")
     return not (calib_now and digest and calibration is not None and calibration().get("token_sha256_16") != digest)
+
+
+def other_code(old: rec.RunRecord, method) -> list[str]:
+    """The plug-in modules whose code differs between the making of `old`'s plan and `method` now ([] for the
+    package's own methods, and for records made before code digests)."""
+    from methods.plugin_code import changes, plugin_code
+
+    stored = old.extra.get("plugin_code") if "plugin_code" in old.extra else \
+        ((old.extra.get("inputs") or {}).get("code") or {}).get("methods", {}).get(old.method, {}) \
+        if "code" in (old.extra.get("inputs") or {}) else None
+    return [] if stored is None else changes(stored, plugin_code(method))
 
 
 def _same_model(model: str, old: rec.RunRecord) -> bool:
