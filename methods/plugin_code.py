@@ -90,7 +90,12 @@ def plugin_code(obj: object) -> dict[str, str]:
     """{module name: sha256 (16 hex) of its source file} of the plug-in modules `obj` runs: those its classes come
     from, and the plug-in modules those import, transitively (a helper module of ranking functions); {} for the
     package's own methods."""
-    todo = {c.__module__ for c in _classes(obj, set()) if is_plugin(c.__module__)}
+    return module_code({c.__module__ for c in _classes(obj, set())})
+
+
+def module_code(modules: set[str]) -> dict[str, str]:
+    """`plugin_code`'s digests for the plug-in modules among `modules` and the plug-in modules they import."""
+    todo = {m for m in modules if is_plugin(m)}
     out: dict[str, str] = {}
     while todo:
         name = todo.pop()

@@ -64,7 +64,7 @@ def test_a_figure_registered_later_is_added_to_a_reused_record_from_its_samples(
     before = json.loads(path.read_text())
     monkeypatch.setitem(figures.FIGURES, "itl_max_ms", lambda x: {"itl_max_ms": max(x.m.itl_ms)} if x.m.itl_ms else {})
     again = cli(*run)
-    assert again.returncode == 0 and "figures added from its samples: itl_max_ms" in again.stderr, again.stderr
+    assert again.returncode == 0 and "figures added or recomputed from its samples: itl_max_ms" in again.stderr, again.stderr
     after = json.loads(path.read_text())
     for label, wl in before["latency"].items():
         now = after["latency"][label]
@@ -84,3 +84,34 @@ def test_a_kv_baseline_latency_record_is_reused_by_the_same_command(cli, tmp_pat
     assert again.returncode == 0 and "snapkv: finished record found, reused" in again.stderr, again.stderr
     other = cli(*run[:-3], "--set", "snapkv.keep_ratio=0.5", *run[-3:])  # another configuration is still refused
     assert other.returncode == 2 and "of a different configuration" in other.stderr
+
+
+def test_an_edited_plugin_figure_is_recomputed_from_the_samples_of_a_reused_record(cli, tmp_path, monkeypatch):
+    """A figure plug-in carried no code digest: after an edit, a rerun kept the old value silently."""
+    import importlib
+    import sys
+
+    from harness.latency import figures
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(figures, "FIGURES", dict(figures.FIGURES))  # the registry as it was, afterwards
+    source = ("from harness.latency.figures import figure\n\n\n@figure('probe_x')\ndef probe(x):\n"
+              "    return {'probe_x': VALUE}\n")
+    module = tmp_path / "pd_harness_test_figure.py"
+    module.write_text(source.replace("VALUE", "1.0"))
+    importlib.import_module("pd_harness_test_figure")
+    out = tmp_path / "lat"
+    run = ("latency", "--model", "random:tiny", "--methods", "unpruned", "--prompt-tokens", "16", "--decode-tokens", "2",
+           "--batch-size", "1", "--warmup", "0", "--repeats", "1", "--out", out, "-q")
+    try:
+        assert cli(*run).returncode == 0
+        before = json.loads((out / "unpruned__disaggregated.json").read_text())
+        module.write_text(source.replace("VALUE", "2.0"))
+        importlib.reload(sys.modules["pd_harness_test_figure"])  # replaces the figure: no "registered twice"
+        again = cli(*run)
+        assert again.returncode == 0 and "figures added or recomputed from its samples: probe_x" in again.stderr
+        after = json.loads((out / "unpruned__disaggregated.json").read_text())
+        for label, wl in before["latency"].items():
+            assert after["latency"][label]["figures"] == {**wl["figures"], "probe_x": 2.0}  # the others as measured
+    finally:
+        sys.modules.pop("pd_harness_test_figure", None)

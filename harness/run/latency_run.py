@@ -25,7 +25,7 @@ from harness.pd.plan import PruningPlan
 from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
 from harness.store import records as rec
 from harness.store.latency import WorkloadLatency
-from methods.plugin_code import changes, plugin_code
+from methods.plugin_code import changes, module_code, plugin_code
 
 
 @dataclass(frozen=True)
@@ -148,11 +148,12 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
     # every plan and its record's fate first: a record of another configuration is refused before anything is measured
     for name, method, plan, source, key, old in _planned(cfg, prepared, out_dir, loaded, say):
         if old is not None:
-            added = missing_figures(cfg, old)
-            if added:  # a figure registered since: computed from the record's samples, the measured ones kept
+            code_then = old.extra.get("figure_code")
+            added = refresh_figures(cfg, old)  # figures registered or edited since: computed from its samples
+            if added or old.extra.get("figure_code") != code_then:
                 rec.save(old, out_dir)
-            say(f"{name}: finished record found, reused" + (f"; figures added from its samples: {', '.join(added)}"
-                                                              if added else ""))
+            say(f"{name}: finished record found, reused" + (f"; figures added or recomputed from its samples: "
+                                                              f"{', '.join(added)}" if added else ""))
             results[name] = old
         else:
             todo.append((name, method, plan, source, key))
@@ -169,16 +170,27 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
     return [results[name] for name in prepared.methods if name in results]
 
 
-def missing_figures(cfg: LatencyConfig, record: rec.RunRecord) -> list[str]:
-    """Add to `record` (in place) the values of figures registered since it was made, computed from its raw samples;
-    their names. The figures it holds stay as they are; a workload whose samples are incomplete is left as it is."""
+def figure_code() -> dict[str, dict[str, str]]:
+    """{figure name: digests of its plug-in code} for the registered latency figures that are plug-ins."""
+    from harness.latency.figures import FIGURES
+
+    return {name: code for name, fn in FIGURES.items() if (code := module_code({fn.__module__}))}
+
+
+def refresh_figures(cfg: LatencyConfig, record: rec.RunRecord) -> list[str]:
+    """Bring `record`'s figures (in place) up to the registered figures, computed from its raw samples: those
+    registered since it was made, and a plug-in figure's whose code changed since (`extra.figure_code`); the names
+    of the values added or changed. The package's figures it holds stay as measured; a workload whose samples are
+    incomplete is left as it is."""
     from harness.latency.figures import compute
     from harness.latency.measure import Measurement
 
     bound = record.extra.get("decode_bound") or {}
     bound_ms = bound["weight_bytes"] / bound["copy_bandwidth_bytes_per_s"] * 1e3 \
         if bound.get("weight_bytes") and bound.get("copy_bandwidth_bytes_per_s") else None
-    added: set[str] = set()
+    code = figure_code()
+    stale = [n for n, c in code.items() if (record.extra.get("figure_code") or {}).get(n) != c]
+    changed: set[str] = set()
     for wl in record.latency.values():
         fields = {f.name for f in dataclasses.fields(Measurement)} - {"handoff", "workload"}
         try:
@@ -189,10 +201,13 @@ def missing_figures(cfg: LatencyConfig, record: rec.RunRecord) -> list[str]:
             now = compute(m, cfg.bandwidths_gbit, decode_bound_ms=bound_ms, real_transfer=wl.samples.get("real_transfer"))
         except UsageError:
             continue
-        new = {k: v for k, v in now.items() if k not in wl.figures}
+        new = {k: v for k, v in now.items() if (k not in wl.figures or any(k.startswith(n) for n in stale))
+               and wl.figures.get(k) != v}
         wl.figures.update(new)
-        added |= set(new)
-    return sorted(added)
+        changed |= set(new)
+    if code or "figure_code" in record.extra:
+        record.extra["figure_code"] = code
+    return sorted(changed)
 
 
 def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[[str], None]) -> list[tuple]:
@@ -245,7 +260,8 @@ def _latency_record(cfg: LatencyConfig, name: str, method, key: str, plan, env: 
                "decode_bound": {**bound,
                                 "definition": "bytes of the decode layers, final norm and LM head / device copy rate (read + write)"},
                "bandwidths_gbit": list(cfg.bandwidths_gbit), "plan_source": source,
-               **({"plugin_code": code} if (code := plugin_code(method)) else {})},
+               **({"plugin_code": code} if (code := plugin_code(method)) else {}),
+               **({"figure_code": figs} if (figs := figure_code()) else {})},
     )
 
 def _measure_interleaved(cfg: LatencyConfig, model, todo: list[tuple], say: Callable[[str], None]) -> dict[str, dict]:
