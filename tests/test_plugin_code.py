@@ -201,3 +201,24 @@ def test_plans_from_does_not_replay_a_plan_made_by_an_edited_plugin(probe, cli, 
                   "--prompt-tokens", "16", "--decode-tokens", "2", "--batch-size", "1", "--out", tmp_path / "lat", "-q")
     assert latency.returncode == 2 and f"{NAME}'s plan was made by other code of its plug-in ({MODULE} changed" in \
         latency.stderr
+
+
+def test_a_sweep_refuses_a_cells_resume_state_made_by_the_edited_plugin_before_any_cell(probe, cli, data_dir, tmp_path,
+                                                                                         monkeypatch):
+    """An interrupted sweep leaves its cells' work in <out>/.sweep/<cell>/: after an edit the cell failed (exit 1)
+    once started, instead of the sweep refusing up front (exit 2) as it does for the run folder."""
+    from harness.cli.sweep_plan import expand
+    from harness.errors import UsageError
+
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
+    run_out = tmp_path / "q"
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'[run]\nmodel = "random:tiny"\nmethods = ["{NAME}"]\ntasks = ["arc_easy"]\nlimit = 2\n'
+                    f'mode = "disaggregated"\nset = ["{NAME}.k=1"]\nout = "{run_out}"\n')
+    cell = run_out / ".sweep" / f"{NAME}__disaggregated"
+    assert cli("--model", "random:tiny", "--methods", NAME, "--set", f"{NAME}.k=1", "--tasks", "arc_easy", "--limit", "2",
+               "--mode", "disaggregated", "--out", cell, data_dir=data_dir).returncode == 0  # the cell's work
+    expand(spec, None)  # unchanged: nothing refused
+    probe(SOURCE.replace("tail, as a plug-in", "tail, as an edited plug-in"))
+    with pytest.raises(UsageError, match=rf"{cell} holds work made from other inputs.*the code of plug-in method {NAME}"):
+        expand(spec, None)

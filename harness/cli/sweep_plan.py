@@ -71,7 +71,11 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     check_tasks(cfg.tasks, cfg.data_dir)
     # another configuration's records in the folder: refused now, as `run` does, not by every cell after its start
     reuse.refuse_foreign_work(cfg, prepared, run_out, lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
-    inputs.refuse_stale_work(cfg, prepared, run_out, inputs.digests(cfg, prepared=prepared))  # and work from other data (no model needed)
+    now = inputs.digests(cfg, prepared=prepared)
+    # and work from other data or code (no model needed): the run folder's, and that of the cells' own folders, where
+    # an interrupted sweep left its resume states
+    for folder in [run_out, *sorted(p for p in (run_out / ".sweep").glob("*") if p.is_dir())]:
+        inputs.refuse_stale_work(cfg, prepared, folder, now)
     if cfg.num_fewshot:  # a few-shot pool too small: refused now, not by every cell after its model load
         _check_fewshot(cfg)
     if data_dir:  # the children must not depend on the environment (Ray workers may not inherit it)
