@@ -44,13 +44,13 @@ def is_plugin(module: str) -> bool:
     standard library's, nor an installed library's (a plug-in's own helper module on PYTHONPATH counts, whichever
     modules HARNESS_PLUGINS names)."""
     root = module.split(".")[0]
-    if root in PACKAGES:
+    if root in PACKAGES or root.startswith("__"):  # __main__ (python -m harness), __mp_main__
         return False
     if root in _ROOTS:
         return True
     path = getattr(sys.modules.get(module), "__file__", None)
-    if not path:
-        return False  # built in
+    if not path or not Path(path).is_absolute():
+        return False  # built in, or a library's synthetic module (torch.ops names a relative file)
     where = Path(path).resolve()
     return not any(where.is_relative_to(d) for d in _library_dirs())
 
@@ -75,15 +75,37 @@ def _classes(obj: object, seen: set[int]) -> Iterator[type]:
 
 
 def _imports(module: str) -> set[str]:
-    """The plug-in modules `module` uses at module level: imported modules, and the modules of the functions and
-    classes it imported (`from my_helpers import order`)."""
+    """The plug-in modules `module` uses at module level and that are followed (`_followed`): the modules it
+    imported, those of the functions and classes it imported (`from my_helpers import order`), and for an imported
+    package, the submodules its source names (`import pkg.helpers`, used as `pkg.helpers.order`)."""
+    mod = sys.modules.get(module)
     out = set()
-    for value in vars(sys.modules.get(module) or object()).values():
+    for value in vars(mod or object()).values():
+        if isinstance(value, types.ModuleType) and hasattr(value, "__path__"):  # a package: what is named of it only
+            text = _source(mod)
+            out |= {n for n in list(sys.modules) if n.startswith(value.__name__ + ".") and n in text}
+            continue
         name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None) \
             if isinstance(value, (type, types.FunctionType)) else None
-        if isinstance(name, str) and name != module and is_plugin(name):
+        if isinstance(name, str):
             out.add(name)
-    return out
+    return {n for n in out if n != module and is_plugin(n) and _followed(module, n)}
+
+
+def _followed(importer: str, module: str) -> bool:
+    """Whether a plug-in's import of `module` counts as its code: a module of its own package, of a named plug-in,
+    or a lone top-level module (a helper file beside it); not a whole library that merely lies outside site-packages
+    (an editable install), whose updates are not the plug-in's edits."""
+    root = module.split(".")[0]
+    return root == importer.split(".")[0] or root in _ROOTS or ("." not in module and not hasattr(sys.modules.get(module), "__path__"))
+
+
+def _source(module) -> str:
+    path = getattr(module, "__file__", None)
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace") if path else ""
+    except OSError:
+        return ""
 
 
 def plugin_code(obj: object) -> dict[str, str]:

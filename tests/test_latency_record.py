@@ -115,3 +115,35 @@ def test_an_edited_plugin_figure_is_recomputed_from_the_samples_of_a_reused_reco
             assert after["latency"][label]["figures"] == {**wl["figures"], "probe_x": 2.0}  # the others as measured
     finally:
         sys.modules.pop("pd_harness_test_figure", None)
+
+
+def test_refreshing_a_plugin_figure_touches_only_its_own_values(cli, tmp_path, monkeypatch):
+    """A plug-in figure named `ttft` (a prefix of the package's `ttft_ms_*`) had the package's measured values
+    recomputed; an edited figure that no longer returns a value left the old one under the new code's digest."""
+    import importlib
+    import sys
+
+    from harness.latency import figures
+    from harness.run.latency_run import LatencyConfig, refresh_figures
+
+    out = tmp_path / "lat"
+    assert cli("latency", "--model", "random:tiny", "--methods", "unpruned", "--prompt-tokens", "16", "--decode-tokens",
+               "2", "--batch-size", "1", "--warmup", "0", "--repeats", "1", "--out", out, "-q").returncode == 0
+    record = records.load(out / "unpruned__disaggregated.json")
+    (label, wl), = record.latency.items()
+    wl.figures["ttft_ms_p50"] = 1234.5  # as an older formula gave: the package's values stay as measured
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(figures, "FIGURES", dict(figures.FIGURES))
+    module = tmp_path / "pd_harness_test_ttft.py"
+    source = "from harness.latency.figures import figure\n\n\n@figure('ttft')\ndef ttft_s(x):\n    return BODY\n"
+    module.write_text(source.replace("BODY", "{'ttft_s_p50': 0.5}"))
+    try:
+        importlib.import_module("pd_harness_test_ttft")
+        assert refresh_figures(LatencyConfig(), record) == ["ttft_s_p50"]
+        assert wl.figures["ttft_ms_p50"] == 1234.5 and wl.figures["ttft_s_p50"] == 0.5
+        module.write_text(source.replace("BODY", "{}"))
+        importlib.reload(sys.modules["pd_harness_test_ttft"])
+        assert refresh_figures(LatencyConfig(), record) == ["ttft_s_p50"] and "ttft_s_p50" not in wl.figures
+        assert wl.figures["ttft_ms_p50"] == 1234.5
+    finally:
+        sys.modules.pop("pd_harness_test_ttft", None)

@@ -222,3 +222,88 @@ def test_a_sweep_refuses_a_cells_resume_state_made_by_the_edited_plugin_before_a
     probe(SOURCE.replace("tail, as a plug-in", "tail, as an edited plug-in"))
     with pytest.raises(UsageError, match=rf"{cell} holds work made from other inputs.*the code of plug-in method {NAME}"):
         expand(spec, None)
+
+
+def test_a_plugin_packages_other_modules_are_not_its_code_unless_it_names_them(tmp_path, monkeypatch):
+    """`import pkg.helpers` binds `pkg`, whose attributes are every loaded submodule: loading an unrelated plug-in of
+    the same package changed the digest (a false refusal)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pkg = tmp_path / "pd_harness_test_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helpers.py").write_text("def order(eligible):\n    return sorted(eligible)\n")
+    (pkg / "other.py").write_text("X = 1\n")
+    (pkg / "meth.py").write_text(textwrap.dedent('''
+        import pd_harness_test_pkg.helpers
+        from methods.depth.tail import Tail
+        from methods.registry import register
+
+
+        @register
+        class PkgProbe(Tail):
+            name = "pkg_probe"
+
+            def order(self, eligible):
+                return pd_harness_test_pkg.helpers.order(eligible)
+    '''))
+    try:
+        methods.load_plugins("pd_harness_test_pkg.meth")
+        alone = plugin_code.plugin_code(methods.get("pkg_probe"))
+        assert sorted(alone) == ["pd_harness_test_pkg.helpers", "pd_harness_test_pkg.meth"]
+        importlib.import_module("pd_harness_test_pkg.other")
+        assert plugin_code.plugin_code(methods.get("pkg_probe")) == alone
+        assert not plugin_code.is_plugin("__main__")  # python -m harness runs harness/__main__.py as __main__
+    finally:
+        registry.unregister("pkg_probe")
+        for m in [m for m in sys.modules if m.startswith("pd_harness_test_pkg")]:
+            sys.modules.pop(m, None)
+        plugin_code._ROOTS.discard("pd_harness_test_pkg")
+
+
+def test_a_ranking_whose_plugin_imports_lazily_is_found_in_the_disk_cache(tmp_path, monkeypatch, tiny):
+    """The disk key was computed before `_rank` and again after it, when a function-local import of a submodule of
+    the plug-in's package had added it to the plug-in's code: the ranking was stored under a key no later run
+    computes."""
+    from methods.depth import ranked
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pkg = tmp_path / "pd_harness_test_lz"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "lazy.py").write_text("def order(eligible):\n    return sorted(eligible)\n")
+    (pkg / "user.py").write_text(textwrap.dedent('''
+        import pd_harness_test_lz
+        from methods.depth.ranked import RankedDepthMethod, Ranking
+        from methods.depth.tail import Tail
+        from methods.registry import register
+
+
+        @register
+        class Lazy(RankedDepthMethod):
+            name = "lazy_ranked"
+            summary = "imports its helper when ranking (test)"
+            needs_calibration = False
+            Config = Tail.Config
+
+            def _rank(self, model, calib, k, eligible):
+                import pd_harness_test_lz.lazy
+
+                return Ranking(pd_harness_test_lz.lazy.order(eligible), {})
+    '''))
+    try:
+        methods.load_plugins("pd_harness_test_lz.user")
+        cls = methods.get("lazy_ranked")
+        first = cls(cls.Config(k=1)).make_plan(tiny.model, None, "disaggregated")
+        ranked._SHARED.clear()  # as a new process, which has not imported the helper yet
+        sys.modules.pop("pd_harness_test_lz.lazy", None)
+        del sys.modules["pd_harness_test_lz"].lazy
+        again = cls(cls.Config(k=1)).make_plan(tiny.model, None, "disaggregated")
+        assert again.decode_layers == first.decode_layers and again.info["work"].get("reused_from_cache") is True
+    finally:
+        registry.unregister("lazy_ranked")
+        ranked._SHARED.clear()
+        for m in [m for m in sys.modules if m.startswith("pd_harness_test_lz")]:
+            sys.modules.pop(m, None)
+        plugin_code._ROOTS.discard("pd_harness_test_lz")

@@ -238,7 +238,8 @@ def test_a_kv_baseline_runs_the_policy_class_registered_now(kv_plugin, tmp_path)
 
     methods.load_plugins(KV_MODULE)
     method = methods.get(KV_METHOD)(methods.get(KV_METHOD).Config(base="tail", base_options="k=1", keep_tokens=3))
-    (tmp_path / f"{KV_MODULE}.py").write_text(KV_PLUGIN.replace('return "most recent"', 'return "latest"'))
-    importlib.reload(sys.modules[KV_MODULE])
+    edited = KV_PLUGIN.replace('return "most recent"', 'return "latest"')
+    (tmp_path / f"{KV_MODULE}.py").write_text(edited.replace("    def keep(", "    spare: int = 0\n\n    def keep(", 1))
+    importlib.reload(sys.modules[KV_MODULE])  # with an option the method's Config lacks: it keeps its default
     assert method.policy(KVBudget(tokens=3)).how() == "latest" and type(method.policy(KVBudget(tokens=3))) is \
         kv.get_policy(KV_NAME)

@@ -182,29 +182,32 @@ def refresh_figures(cfg: LatencyConfig, record: rec.RunRecord) -> list[str]:
     registered since it was made, and a plug-in figure's whose code changed since (`extra.figure_code`); the names
     of the values added or changed. The package's figures it holds stay as measured; a workload whose samples are
     incomplete is left as it is."""
-    from harness.latency.figures import compute
+    from harness.latency.figures import FIGURES, FigureInputs, compute
     from harness.latency.measure import Measurement
 
     bound = record.extra.get("decode_bound") or {}
     bound_ms = bound["weight_bytes"] / bound["copy_bandwidth_bytes_per_s"] * 1e3 \
         if bound.get("weight_bytes") and bound.get("copy_bandwidth_bytes_per_s") else None
-    code = figure_code()
-    stale = [n for n, c in code.items() if (record.extra.get("figure_code") or {}).get(n) != c]
+    code, then = figure_code(), record.extra.get("figure_code") or {}
+    stale = [n for n, c in code.items() if then.get(n) != c]
     changed: set[str] = set()
     for wl in record.latency.values():
         fields = {f.name for f in dataclasses.fields(Measurement)} - {"handoff", "workload"}
         try:
             m = Measurement(**{k: v for k, v in wl.samples.items() if k in fields}, workload=Workload(**wl.samples["workload"]))
-        except (KeyError, TypeError, ValueError):  # samples of an older layout
-            continue
-        try:  # every figure passed `figures.check`: a failure here is these samples' layout, not the figure's
-            now = compute(m, cfg.bandwidths_gbit, decode_bound_ms=bound_ms, real_transfer=wl.samples.get("real_transfer"))
-        except UsageError:
-            continue
-        new = {k: v for k, v in now.items() if (k not in wl.figures or any(k.startswith(n) for n in stale))
-               and wl.figures.get(k) != v}
+            context = {"decode_bound_ms": bound_ms, "real_transfer": wl.samples.get("real_transfer")}
+            now = compute(m, cfg.bandwidths_gbit, **context)  # every figure passed `figures.check`: a failure here
+            edited = {n: FIGURES[n](FigureInputs(m, tuple(cfg.bandwidths_gbit), **context)) for n in stale}
+        except (KeyError, TypeError, ValueError):  # is these samples' layout (an older one), not the figure's
+            code = {n: c for n, c in code.items() if n not in stale} | {n: c for n, c in then.items() if n in stale}
+            continue  # left as it is, and its stale figures' old digests kept: a later run tries again
+        redo = {k for values in edited.values() for k in values}  # the keys an edited figure returns, no other's
+        new = {k: v for k, v in now.items() if (k not in wl.figures or k in redo) and wl.figures.get(k) != v}
+        gone = [k for k in wl.figures if k not in now and any(k.startswith(n) for n in stale)]  # the old code's only
         wl.figures.update(new)
-        changed |= set(new)
+        for k in gone:
+            del wl.figures[k]
+        changed |= set(new) | set(gone)
     if code or "figure_code" in record.extra:
         record.extra["figure_code"] = code
     return sorted(changed)

@@ -112,13 +112,14 @@ class RankedDepthMethod(Method):
         key = self.ranking_key(model, calib)
         hit = _SHARED.get(key)
         if hit is None or len(hit.order) < k:
-            ranking = self._stored_ranking(model, calib, k)
+            disk_key = self._disk_key(model, calib)  # once: a plug-in's lazy import in _rank must not change it
+            ranking = self._stored_ranking(disk_key, k)
             if ranking is None:
                 t0 = time.perf_counter()
                 ranking = self._rank(model, calib, k, eligible)
                 ranking.info.setdefault("work", {})["rank_seconds"] = time.perf_counter() - t0
                 ranking.info["eligible"] = eligible
-                cached.save("ranking", self._disk_key(model, calib), {"order": ranking.order, "info": ranking.info})
+                cached.save("ranking", disk_key, {"order": ranking.order, "info": ranking.info})
             _SHARED[key] = ranking
             while len(_SHARED) > _SHARED_MAX:
                 _SHARED.popitem(last=False)
@@ -142,9 +143,9 @@ class RankedDepthMethod(Method):
                                method=self.name, cls=f"{type(self).__module__}.{type(self).__qualname__}", **opts,
                                **({"plugin_code": code} if (code := code_digest(self)) else {}))  # a plug-in's helpers
 
-    def _stored_ranking(self, model, calib, k: int) -> Ranking | None:
-        """The ranking a previous process stored (at least `k` long), marked as reused; None if none."""
-        hit = cached.load("ranking", self._disk_key(model, calib))
+    def _stored_ranking(self, disk_key: dict, k: int) -> Ranking | None:
+        """The ranking a previous process stored under `disk_key` (at least `k` long), marked as reused; None if none."""
+        hit = cached.load("ranking", disk_key)
         if not (isinstance(hit, dict) and isinstance(hit.get("order"), list) and len(hit["order"]) >= k):
             return None
         info = dict(hit.get("info") or {})

@@ -134,8 +134,8 @@ class KVBaseline(Method):
     def policy(self, budget: KVBudget) -> KVPolicy:
         """The policy with this method's options at `budget`: the class registered under its kind now (a plug-in
         policy's module reloaded in a notebook has a new class; its records' code digests already name the new code)."""
-        cls = get_policy(self.policy_cls.name)
-        own = {n: getattr(self.config, n) for n in cls.option_names() if n != "budget"}
+        cls = get_policy(self.policy_cls.name)  # an option the reloaded class added keeps its default
+        own = {n: getattr(self.config, n) for n in cls.option_names() if n != "budget" and hasattr(self.config, n)}
         return cls(budget=budget, **own)
 
     def plan(self, model, calib, mode: str) -> PruningPlan:
