@@ -170,6 +170,11 @@ def method_for(source: Source, args: argparse.Namespace, data_dir: str | None):
             json.loads(json.dumps(method.options())) != json.loads(json.dumps(replayed.options())):
         raise UsageError(f"--set {name}.*: differs from the options the record's plan was made with "
                          f"({replayed.options()}); drop --set or plan afresh without --record/--plans-from")
+    from harness.run.reuse import other_code
+
+    if edited := other_code(source.record, replayed):  # a plug-in's plan as its older code made it
+        raise UsageError(f"{source.record_path}: its plan was made by other code of plug-in method {name} "
+                         f"({', '.join(edited)} changed since); export it without --record/--plans-from so it plans afresh")
     if replayed.needs_replan_on_resume():
         raise UsageError(f"{name} with these options installs trained weights (healed blocks or a replacement "
                          "network) that run records do not store; export it without --record/--plans-from so it plans "
