@@ -9,12 +9,13 @@ instead of reusing them silently. Torch-free.
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
+import importlib.util
 import site
 import sys
 import sysconfig
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,13 +47,27 @@ def is_plugin(module: str) -> bool:
     root = module.split(".")[0]
     if root in PACKAGES or root.startswith("__"):  # __main__ (python -m harness), __mp_main__
         return False
-    if root in _ROOTS:
-        return True
-    path = getattr(sys.modules.get(module), "__file__", None)
+    return root in _ROOTS or _local(_file_of(module))
+
+
+def _local(path: str | None) -> bool:
+    """Whether a module file lies outside the standard library and installed libraries (None: built in)."""
     if not path or not Path(path).is_absolute():
         return False  # built in, or a library's synthetic module (torch.ops names a relative file)
     where = Path(path).resolve()
     return not any(where.is_relative_to(d) for d in _library_dirs())
+
+
+def _file_of(module: str) -> str | None:
+    """The source file of `module`, loaded or not (found without importing it); None when there is none."""
+    loaded = sys.modules.get(module)
+    if loaded is not None:
+        return getattr(loaded, "__file__", None)
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # a parent that cannot be imported, or a module without a spec
+        return None
+    return spec.origin if spec is not None and spec.has_location else None
 
 
 def _classes(obj: object, seen: set[int]) -> Iterator[type]:
@@ -74,38 +89,37 @@ def _classes(obj: object, seen: set[int]) -> Iterator[type]:
             yield from _classes(value, seen)
 
 
-def _imports(module: str) -> set[str]:
-    """The plug-in modules `module` uses at module level and that are followed (`_followed`): the modules it
-    imported, those of the functions and classes it imported (`from my_helpers import order`), and for an imported
-    package, the submodules its source names (`import pkg.helpers`, used as `pkg.helpers.order`)."""
-    mod = sys.modules.get(module)
-    out = set()
-    for value in vars(mod or object()).values():
-        if isinstance(value, types.ModuleType) and hasattr(value, "__path__"):  # a package: what is named of it only
-            text = _source(mod)
-            out |= {n for n in list(sys.modules) if n.startswith(value.__name__ + ".") and n in text}
-            continue
-        name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None) \
-            if isinstance(value, (type, types.FunctionType)) else None
-        if isinstance(name, str):
-            out.add(name)
-    return {n for n in out if n != module and is_plugin(n) and _followed(module, n)}
-
-
-def _followed(importer: str, module: str) -> bool:
-    """Whether a plug-in's import of `module` counts as its code: a module of its own package, of a named plug-in,
-    or a lone top-level module (a helper file beside it); not a whole library that merely lies outside site-packages
-    (an editable install), whose updates are not the plug-in's edits."""
-    root = module.split(".")[0]
-    return root == importer.split(".")[0] or root in _ROOTS or ("." not in module and not hasattr(sys.modules.get(module), "__path__"))
-
-
-def _source(module) -> str:
-    path = getattr(module, "__file__", None)
+def _imports(module: str) -> frozenset[str]:
+    """The modules `module`'s source imports, at module level or in a function (read with `ast`, not from what
+    happens to be loaded): `import a.b` -> a.b; `from a import b` -> a, and a.b when that is a module; relative
+    imports resolved against `module`'s package. Read once per version of the file."""
+    path = _file_of(module)
     try:
-        return Path(path).read_text(encoding="utf-8", errors="replace") if path else ""
+        stamp = Path(path).stat() if path else None
     except OSError:
-        return ""
+        stamp = None
+    return _parsed_imports(module, path, (stamp.st_mtime_ns, stamp.st_size) if stamp else None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_imports(module: str, path: str | None, _stamp: tuple | None) -> frozenset[str]:
+    try:
+        tree = ast.parse(Path(path).read_bytes()) if path and path.endswith(".py") else None
+    except (OSError, SyntaxError, ValueError):
+        tree = None
+    package = module if path and Path(path).name == "__init__.py" else module.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(tree) if tree is not None else ():
+        if isinstance(node, ast.Import):
+            out |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            out.add(base)
+            out |= {f"{base}.{alias.name}" for alias in node.names if _file_of(f"{base}.{alias.name}")}
+    return frozenset(n for n in out if n and n != module)
 
 
 def plugin_code(obj: object) -> dict[str, str]:
@@ -116,14 +130,21 @@ def plugin_code(obj: object) -> dict[str, str]:
 
 
 def module_code(modules: set[str]) -> dict[str, str]:
-    """`plugin_code`'s digests for the plug-in modules among `modules` and the plug-in modules they import."""
-    todo = {m for m in modules if is_plugin(m)}
-    out: dict[str, str] = {}
+    """`plugin_code`'s digests: the plug-in modules among `modules`, every module of their own packages that they
+    import (transitively), and the local modules they import from elsewhere (a helper file or package beside
+    them: the module imported, not its own imports; a library installed editable is one file, not its closure).
+    What is read is the source's import statements, so the digests do not depend on what else is loaded."""
+    start = {m for m in modules if is_plugin(m)}
+    roots = {m.split(".")[0] for m in start}
+    todo, out = set(start), {}
     while todo:
         name = todo.pop()
-        path = getattr(sys.modules.get(name), "__file__", None)
+        path = _file_of(name)
         out[name] = _file_sha(path) if path and Path(path).is_file() else "?"
-        todo |= _imports(name) - set(out)
+        if name.split(".")[0] not in roots:
+            continue  # another package's module: itself, not what it imports
+        todo |= {n for n in _imports(name) if n not in out and n.split(".")[0] not in PACKAGES
+                 and not n.startswith("__") and (n.split(".")[0] in roots or _local(_file_of(n)))}
     return dict(sorted(out.items()))
 
 

@@ -318,3 +318,43 @@ def test_export_does_not_replay_a_plan_made_by_an_edited_plugin(probe, cli, data
     r = cli("export", "--record", record, "--out", tmp_path / "export")
     assert r.returncode == 2 and f"made by other code of plug-in method {NAME} ({MODULE} changed since)" in r.stderr
     assert not (tmp_path / "export").exists()
+
+
+def test_the_digest_reads_the_import_statements_not_what_happens_to_be_loaded(tmp_path, monkeypatch):
+    """A loaded `pkg.a` matched the text `pkg.ab`; `from pkg import sub` was not followed; a helper package beside the
+    plug-in counted only when HARNESS_PLUGINS named it."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pkg, helper = tmp_path / "pd_harness_test_p2", tmp_path / "pd_harness_test_hp"
+    for folder in (pkg, helper):
+        folder.mkdir()
+        (folder / "__init__.py").write_text("")
+    for name in ("a", "ab", "sub"):
+        (pkg / f"{name}.py").write_text(f"X = {name!r}\n")
+    (helper / "ranking.py").write_text("def rank(xs):\n    return sorted(xs)\n")
+    (pkg / "method.py").write_text(textwrap.dedent('''
+        import pd_harness_test_p2.ab
+        from methods.depth.tail import Tail
+        from methods.registry import register
+        from pd_harness_test_hp.ranking import rank
+        from pd_harness_test_p2 import sub
+
+
+        @register
+        class P2(Tail):
+            name = "p2_probe"
+    '''))
+    try:
+        methods.load_plugins("pd_harness_test_p2.method")
+        first = plugin_code.plugin_code(methods.get("p2_probe"))
+        assert sorted(first) == ["pd_harness_test_hp.ranking", "pd_harness_test_p2", "pd_harness_test_p2.ab",
+                                 "pd_harness_test_p2.method", "pd_harness_test_p2.sub"]
+        importlib.import_module("pd_harness_test_p2.a")  # loaded by someone else: not this plug-in's code
+        plugin_code.note_plugin("pd_harness_test_hp")  # the helper named in HARNESS_PLUGINS too
+        assert plugin_code.plugin_code(methods.get("p2_probe")) == first
+    finally:
+        registry.unregister("p2_probe")
+        for m in [m for m in sys.modules if m.startswith(("pd_harness_test_p2", "pd_harness_test_hp"))]:
+            sys.modules.pop(m, None)
+        plugin_code._ROOTS.difference_update({"pd_harness_test_p2", "pd_harness_test_hp"})
