@@ -124,6 +124,29 @@ def test_the_digest_covers_a_plugins_helper_modules_whichever_modules_are_named(
             plugin_code._ROOTS.discard(m)
 
 
+def _ranked_plugin(imports: str, name: str, order: str, in_rank: str = "") -> str:
+    """A ranked plug-in module: method `name` removes blocks in the order the expression `order` gives (after the
+    statement `in_rank`, e.g. a lazy import, inside `_rank`)."""
+    return textwrap.dedent(f'''
+        {imports}
+        from methods.depth.ranked import RankedDepthMethod, Ranking
+        from methods.depth.tail import Tail
+        from methods.registry import register
+
+
+        @register
+        class Ordered(RankedDepthMethod):
+            name = "{name}"
+            summary = "blocks in a helper's order (test)"
+            needs_calibration = False
+            Config = Tail.Config
+
+            def _rank(self, model, calib, k, eligible):
+                {in_rank}
+                return Ranking({order}, {{}})
+    ''')
+
+
 def test_a_rankings_caches_follow_the_code_of_a_plugins_helper_module(tmp_path, monkeypatch, tiny):
     """The in-process and on-disk ranking caches were keyed by the method's own module only: after an edit of the
     helper module that orders the blocks, a new --out got the old ranking under the new code's digest."""
@@ -132,23 +155,8 @@ def test_a_rankings_caches_follow_the_code_of_a_plugins_helper_module(tmp_path, 
     monkeypatch.syspath_prepend(str(tmp_path))
     helper = tmp_path / "pd_harness_test_order.py"
     helper.write_text("def order(eligible):\n    return sorted(eligible, reverse=True)\n")
-    (tmp_path / "pd_harness_test_ordered.py").write_text(textwrap.dedent('''
-        import pd_harness_test_order
-        from methods.depth.ranked import RankedDepthMethod, Ranking
-        from methods.depth.tail import Tail
-        from methods.registry import register
-
-
-        @register
-        class Ordered(RankedDepthMethod):
-            name = "ordered_by_helper"
-            summary = "blocks in the helper's order (test)"
-            needs_calibration = False
-            Config = Tail.Config
-
-            def _rank(self, model, calib, k, eligible):
-                return Ranking(pd_harness_test_order.order(eligible), {})
-    '''))
+    (tmp_path / "pd_harness_test_ordered.py").write_text(
+        _ranked_plugin("import pd_harness_test_order", "ordered_by_helper", "pd_harness_test_order.order(eligible)"))
     try:
         methods.load_plugins("pd_harness_test_ordered")
         cls = methods.get("ordered_by_helper")
@@ -273,25 +281,8 @@ def test_a_ranking_whose_plugin_imports_lazily_is_found_in_the_disk_cache(tmp_pa
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "lazy.py").write_text("def order(eligible):\n    return sorted(eligible)\n")
-    (pkg / "user.py").write_text(textwrap.dedent('''
-        import pd_harness_test_lz
-        from methods.depth.ranked import RankedDepthMethod, Ranking
-        from methods.depth.tail import Tail
-        from methods.registry import register
-
-
-        @register
-        class Lazy(RankedDepthMethod):
-            name = "lazy_ranked"
-            summary = "imports its helper when ranking (test)"
-            needs_calibration = False
-            Config = Tail.Config
-
-            def _rank(self, model, calib, k, eligible):
-                import pd_harness_test_lz.lazy
-
-                return Ranking(pd_harness_test_lz.lazy.order(eligible), {})
-    '''))
+    (pkg / "user.py").write_text(_ranked_plugin("import pd_harness_test_lz", "lazy_ranked",
+                                                "pd_harness_test_lz.lazy.order(eligible)", "import pd_harness_test_lz.lazy"))
     try:
         methods.load_plugins("pd_harness_test_lz.user")
         cls = methods.get("lazy_ranked")
