@@ -88,7 +88,8 @@ def test_a_latency_record_measured_by_an_edited_plugin_is_refused(probe, cli, tm
     assert cli(*run).returncode == 0  # unchanged: reused
     probe(SOURCE.replace("tail, as a plug-in", "tail, as an edited plug-in"))
     edited = cli(*run)
-    assert edited.returncode == 2 and f"other code of plug-in method {NAME} ({MODULE} changed" in edited.stderr
+    assert edited.returncode == 2 and "measured with other code of a plug-in method" in edited.stderr  # before loading
+    assert f"{NAME}__disaggregated.json ({MODULE} changed since)" in edited.stderr
 
 
 def test_the_digest_covers_a_plugins_helper_modules_whichever_modules_are_named(tmp_path, monkeypatch):
@@ -349,3 +350,20 @@ def test_the_digest_reads_the_import_statements_not_what_happens_to_be_loaded(tm
         for m in [m for m in sys.modules if m.startswith(("pd_harness_test_p2", "pd_harness_test_hp"))]:
             sys.modules.pop(m, None)
         plugin_code._ROOTS.difference_update({"pd_harness_test_p2", "pd_harness_test_hp"})
+
+
+def test_a_spec_refuses_its_latency_records_of_an_edited_plugin_before_the_quality_run(probe, cli, data_dir, tmp_path):
+    lat, q = tmp_path / "lat", tmp_path / "q"
+    latency = {"model": "random:tiny", "methods": [NAME], "set": [f"{NAME}.k=1"], "prompt_tokens": [16],
+               "decode_tokens": 2, "batch_size": [1], "warmup": 0, "repeats": 1, "out": str(lat)}
+    assert cli("latency", "--model", "random:tiny", "--methods", NAME, "--set", f"{NAME}.k=1", "--prompt-tokens", "16",
+               "--decode-tokens", "2", "--batch-size", "1", "--warmup", "0", "--repeats", "1", "--out", lat,
+               "-q").returncode == 0
+    probe(SOURCE.replace("tail, as a plug-in", "tail, as an edited plug-in"))
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'[run]\nmodel = "random:tiny"\nmethods = ["{NAME}"]\ntasks = ["arc_easy"]\nlimit = 2\n'
+                    f'mode = "disaggregated"\nset = ["{NAME}.k=1"]\nout = "{q}"\n\n[latency]\n'
+                    + "".join(f"{k} = {json.dumps(v)}\n" for k, v in latency.items()))
+    r = cli("--config", spec, "-q", data_dir=data_dir)
+    assert r.returncode == 2 and "latency records measured with other code of a plug-in method" in r.stderr, r.stderr
+    assert not q.exists() or not list(q.glob("*.json"))  # refused before the quality run

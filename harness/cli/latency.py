@@ -90,7 +90,7 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     from harness.latency.measure import DECODE_MODES
     from harness.pd.models import load_model
     from harness.run import pipeline
-    from harness.run.latency_run import LatencyConfig, run_latency
+    from harness.run.latency_run import LatencyConfig, refuse_edited_plugins, run_latency
     from reports.formats import to_markdown
     from reports.tables import efficiency_table
 
@@ -107,6 +107,7 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     figures.check(cfg.bandwidths_gbit)  # a plug-in figure that fails does so now, not after the measuring
     out = args.out or default_out(cfg, kind="latency-")
     check_writable(out, "--out")  # a bad --out fails before the model loads, not after
+    refuse_edited_plugins(Path(out), prepared.methods)
     from harness.store import lock
 
     start = time.perf_counter()

@@ -308,6 +308,10 @@ def check_latency(spec: Spec, ns: argparse.Namespace) -> None:
                                               overrides=tuple(ns.overrides)), need_data=ns.plans_from is None)
         if spec.sections["latency"].get("plans_from") == "run" and "run" in spec.sections:
             _same_options_as_run(spec, prepared.methods)
+        if ns.out:  # its records of an edited plug-in: refused now, not after the quality run
+            from harness.run.latency_run import refuse_edited_plugins
+
+            refuse_edited_plugins(Path(ns.out), prepared.methods)
     except UsageError as e:
         raise UsageError(f"{spec.path} [latency]: {e}") from None
 

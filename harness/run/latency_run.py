@@ -212,6 +212,23 @@ def refresh_figures(cfg: LatencyConfig, record: rec.RunRecord) -> list[str]:
     return sorted(changed)
 
 
+def refuse_edited_plugins(out_dir: Path, methods: dict) -> None:
+    """A UsageError naming the latency records in `out_dir` that a plug-in method's older code measured (`methods`:
+    name -> Method): checked before any work, as a spec checks its sections before the first runs."""
+    found = []
+    for name, method in methods.items():
+        path = Path(out_dir) / rec.record_filename(name, "disaggregated")
+        try:
+            old = rec.load(path) if path.exists() else None
+        except rec.RecordError:
+            continue  # unreadable: the run names it
+        if old is not None and "plugin_code" in old.extra and (edited := changes(old.extra["plugin_code"], plugin_code(method))):
+            found.append(f"{path.name} ({', '.join(edited)} changed since)")
+    if found:
+        raise UsageError(f"{out_dir} holds latency records measured with other code of a plug-in method: {', '.join(found)}; "
+                         "use another out, or remove them to measure again")
+
+
 def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[[str], None]) -> list[tuple]:
     """(name, method, plan, plan source, run key, the finished record to reuse or None) per method; a record of
     another configuration (another run's latency, or a quality run's record of the same name) raises `UsageError`,
