@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harness.errors import UsageError
 from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Workload, measure
@@ -25,7 +26,7 @@ from harness.pd.plan import PruningPlan
 from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
 from harness.store import records as rec
 from harness.store.latency import WorkloadLatency
-from methods.plugin_code import changes, module_code, plugin_code
+from methods.plugin_code import module_code, plugin_code
 
 
 @dataclass(frozen=True)
@@ -75,13 +76,17 @@ def latency_identity(config: dict, method: str, options: dict, plan: dict) -> st
     return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _as_json(x: Any) -> Any:
+    """`x` as a record stores it (tuples as lists, other objects as text): what identities compare."""
+    return json.loads(json.dumps(x, default=str))
+
+
 def record_identity(record: rec.RunRecord, method) -> str:
-    """`record`'s identity as `same_identity` compares it: configuration fields and method options added since it was
+    """`record`'s identity as compared with `current_identity`: configuration fields and method options added since it was
     made count at their defaults (a new option must not invalidate a finished measurement)."""
     from harness.run.reuse import with_defaults
 
-    as_json = lambda x: json.loads(json.dumps(x, default=str))  # noqa: E731 - tuples vs lists, as stored
-    config = {**as_json(dataclasses.asdict(LatencyConfig())), **record.config}
+    config = {**_as_json(dataclasses.asdict(LatencyConfig())), **record.config}
     return latency_identity(config, record.method, with_defaults(method, record.config.get("method_options", {})), record.plan)
 
 
@@ -90,8 +95,7 @@ def current_identity(cfg: LatencyConfig, name: str, method, plan: dict) -> str:
     those `method.options()` leaves out at their defaults (a KV baseline's policy options), as the stored side has."""
     from harness.run.reuse import with_defaults
 
-    as_json = lambda x: json.loads(json.dumps(x, default=str))  # noqa: E731 - compared as stored
-    return latency_identity(as_json(dataclasses.asdict(cfg)), name, with_defaults(method, method.options()), plan)
+    return latency_identity(_as_json(dataclasses.asdict(cfg)), name, with_defaults(method, method.options()), plan)
 
 
 def workload_name(w: Workload, decode_mode: str = "eager") -> str:
@@ -215,6 +219,8 @@ def refresh_figures(cfg: LatencyConfig, record: rec.RunRecord) -> list[str]:
 def refuse_edited_plugins(out_dir: Path, methods: dict) -> None:
     """A UsageError naming the latency records in `out_dir` that a plug-in method's older code measured (`methods`:
     name -> Method): checked before any work, as a spec checks its sections before the first runs."""
+    from harness.run.reuse import other_code
+
     found = []
     for name, method in methods.items():
         path = Path(out_dir) / rec.record_filename(name, "disaggregated")
@@ -222,7 +228,7 @@ def refuse_edited_plugins(out_dir: Path, methods: dict) -> None:
             old = rec.load(path) if path.exists() else None
         except rec.RecordError:
             continue  # unreadable: the run names it
-        if old is not None and "plugin_code" in old.extra and (edited := changes(old.extra["plugin_code"], plugin_code(method))):
+        if old is not None and (edited := other_code(old, method)):
             found.append(f"{path.name} ({', '.join(edited)} changed since)")
     if found:
         raise UsageError(f"{out_dir} holds latency records measured with other code of a plug-in method: {', '.join(found)}; "
@@ -247,18 +253,14 @@ def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[
                 calib = build_calibration(loaded.tokenizer, Path(cfg.data_dir) if cfg.data_dir else None, prepared.calib_config)
             say(f"{name}: planning")
             plan, source = method.make_plan(model, calib, "disaggregated"), {"planned_on": cfg.model}
-        as_json = lambda x: json.loads(json.dumps(x, default=str))  # noqa: E731 - compared as stored
-        key = latency_identity(as_json(dataclasses.asdict(cfg)), name, as_json(method.options()), as_json(plan.to_dict()))
+        plan_json = _as_json(plan.to_dict())
+        key = latency_identity(_as_json(dataclasses.asdict(cfg)), name, _as_json(method.options()), plan_json)
         path = out_dir / rec.record_filename(name, "disaggregated")
         old = rec.load_cell(path) if path.exists() else None  # an unreadable cell file: refused, not replaced
         kind = old.config.get("kind", "quality") if old is not None else None
-        if old is not None and (kind != "latency" or record_identity(old, method) != current_identity(
-                cfg, name, method, as_json(plan.to_dict()))):
+        if old is not None and (kind != "latency" or record_identity(old, method) != current_identity(cfg, name, method, plan_json)):
             raise UsageError(f"{path} holds a {name}/disaggregated {kind} record of a different configuration "
                              f"(run_key {old.run_key}; this run's {key}); use another --out or remove it")
-        if old is not None and "plugin_code" in old.extra and (edited := changes(old.extra["plugin_code"], plugin_code(method))):
-            raise UsageError(f"{path} was measured with other code of plug-in method {name} ({', '.join(edited)} changed "
-                             "since); use another --out or remove it to measure it again")
         out.append((name, method, plan, source, key, old))
     return out
 
