@@ -117,7 +117,7 @@ def same_model(a: RunRecord, b: RunRecord) -> bool:
     where_a, where_b = a.model_location(), b.model_location()
     if where_a is None or where_b is None:
         return where_a == where_b and model_name(a) == model_name(b)
-    wa, wb = (((r.extra or {}).get("inputs") or {}) for r in (a, b))
+    wa, wb = a.inputs(), b.inputs()
     if wa.get("model") and wb.get("model") and wa.get("version") == wb.get("version"):
         return wa["model"] == wb["model"]
     return where_a == where_b
@@ -134,7 +134,7 @@ def model_labels(records: list[RunRecord]) -> dict[int, str]:
     def label(g: list[RunRecord], detail: int) -> str:
         name = min({model_name(r) for r in g}, key=lambda n: (len(n), n))
         where = min((w for r in g if (w := r.model_location())), default=None)
-        weights = min((f"weights {d[:12]}" for r in g if (d := ((r.extra or {}).get("inputs") or {}).get("model"))), default=None)
+        weights = min((f"weights {d[:12]}" for r in g if (d := r.inputs().get("model"))), default=None)
         parts = [x for x in (where, weights)[:detail] if x]
         return f"{name} ({', '.join(parts)})" if parts else name
 
@@ -205,7 +205,7 @@ def configuration(r: RunRecord) -> str:
 
 def _data_digests(r: RunRecord) -> dict:
     """Task -> sha256 of the data files `r` was scored on ({} for records made before input digests)."""
-    return ((r.extra or {}).get("inputs") or {}).get("data") or {}
+    return r.inputs().get("data") or {}
 
 
 def task_options(r: RunRecord, task: str) -> object:

@@ -41,7 +41,7 @@ def stored_plan(cfg: RunConfig, prepared, name: str, mode: str, options: dict,
 
 def _other_weights(old: rec.RunRecord, inputs: dict) -> bool:
     """Whether `old` was planned on other weights than this run's (both fingerprints known and different)."""
-    stored = old.extra.get("inputs") or {}
+    stored = old.inputs()
     then = stored.get("model") if stored.get("version") == inputs.get("version") else None  # one digest algorithm
     return bool(then and inputs.get("model") and then != inputs["model"])
 
@@ -78,8 +78,7 @@ def other_code(old: rec.RunRecord, method) -> list[str]:
     from methods.plugin_code import changes, plugin_code
 
     stored = old.extra.get("plugin_code") if "plugin_code" in old.extra else \
-        ((old.extra.get("inputs") or {}).get("code") or {}).get("methods", {}).get(old.method, {}) \
-        if "code" in (old.extra.get("inputs") or {}) else None
+        ((old.inputs()["code"] or {}).get("methods") or {}).get(old.method, {}) if "code" in old.inputs() else None
     return [] if stored is None else changes(stored, plugin_code(method))
 
 
@@ -180,7 +179,7 @@ def relocated(cfg: RunConfig, data_then: Any, old: rec.RunRecord | None = None) 
 
 def _relocation_note(cfg: RunConfig, method, old: rec.RunRecord) -> str:
     """'record made with the data folder at X and --model m (...)', saying which inputs no digest vouches for."""
-    inputs = old.extra.get("inputs") or {}
+    inputs = old.inputs()
     made, unchecked = [], []
     if old.config.get("data_dir") != cfg.data_dir:
         made.append(f"the data folder at {old.config.get('data_dir')}")

@@ -107,6 +107,11 @@ class RunRecord:
             return None
         return sum(v["kv_bytes"] for v in self.kv.values())
 
+    def inputs(self) -> dict:
+        """The digests of the inputs this record was made from (`extra.inputs`: weights, data, calibration data,
+        plug-in code; harness/run/inputs.py); {} for records made before them."""
+        return (self.extra or {}).get("inputs") or {}
+
     def model_location(self) -> str | None:
         """The resolved path of the model folder or GGUF file this record was made with (`config.model` keeps it
         as typed); None for a packaged model (the default: its file lies in whichever environment loads it), a hub
