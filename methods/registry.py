@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import UsageError
-from harness.option_types import option_types
+from harness.registration import option_types, same_definition
 from methods.base import Method
 
 _METHODS: dict[str, type[Method]] = {}
@@ -68,11 +68,6 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method {cls.name!r}: every Config option needs a default; {', '.join(missing)} has none")
     _METHODS[cls.name] = cls
     return cls
-
-
-def same_definition(old: type, new: type) -> bool:
-    """Whether `new` is `old` defined again by a fresh import of its module (same module and qualified name)."""
-    return (old.__module__, old.__qualname__) == (new.__module__, new.__qualname__)
 
 
 def unregister(name: str) -> None:

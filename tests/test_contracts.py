@@ -11,8 +11,8 @@ import pytest
 
 from harness.latency import figures
 from harness.latency.measure import Measurement, Workload
-from harness.option_types import option_types
 from harness.quality import long_tasks
+from harness.registration import option_types
 from harness.store.task_names import TaskPresentation
 
 
@@ -22,7 +22,7 @@ def test_every_long_task_honours_the_contract(name):
     assert task.name == name and "." not in name and "," not in name
     assert isinstance(task.version, int) and task.version >= 1
     options = task.Config()  # the defaults are the standard setting
-    assert dataclasses.is_dataclass(options) and option_types(task.Config, name)  # --set can give every option
+    assert dataclasses.is_dataclass(options) and option_types(task.Config, name)  # --set and --help can read its types
     pres = task.presentation
     assert isinstance(pres, TaskPresentation) and TaskPresentation.from_dict(pres.to_dict()) == pres
     assert pres.primary_metric and pres.setting_prefix and pres.title

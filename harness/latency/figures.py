@@ -20,6 +20,7 @@ from typing import Any
 
 from harness.errors import UsageError
 from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Measurement, Workload, e2e_ms, percentile, summarize, transfer_ms
+from harness.registration import same_definition
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def figure(name: str) -> Callable[[FigureFn], FigureFn]:
     """Register `fn` as the figure `name` (a unit-carrying prefix of the names it returns)."""
     def register(fn: FigureFn) -> FigureFn:
         old = FIGURES.get(name)
-        if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):  # a reload replaces
+        if old is not None and not same_definition(old, fn):  # a reload replaces
             raise ValueError(f"latency figure {name!r} registered twice")
         FIGURES[name] = fn
         return fn

@@ -31,6 +31,7 @@ from harness.config import build_options
 from harness.errors import UsageError
 from harness.pd.kv import KVBudget, KVPolicy, get_policy, policy_names
 from harness.pd.plan import PruningPlan
+from harness.registration import same_definition
 from methods.base import Method
 from methods.registry import register
 
@@ -190,7 +191,7 @@ def register_baselines() -> list[str]:
         taken = registry.registered(policy_cls.method_name)
         if taken is not None:
             then = getattr(taken, "policy_cls", None)
-            if then is not None and then is not policy_cls and registry.same_definition(then, policy_cls):
+            if then is not None and then is not policy_cls and same_definition(then, policy_cls):
                 registry.unregister(policy_cls.method_name)  # the policy's module imported again: its new class
                 taken = None
             elif then is not policy_cls:

@@ -17,6 +17,8 @@ import importlib
 import pkgutil
 from typing import Any
 
+from harness.registration import same_definition
+
 _POLICIES: dict[str, type] = {}
 
 
@@ -25,7 +27,7 @@ def register_policy(cls: type) -> type:
     if not cls.name:
         raise ValueError(f"{cls.__qualname__}: a registered KV policy needs a name")
     old = _POLICIES.get(cls.name)
-    if old is not None and old is not cls and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+    if old is not None and old is not cls and not same_definition(old, cls):
         raise ValueError(f"KV policy {cls.name!r} defined twice: {old.__module__}, {cls.__module__}")  # a re-import replaces
     _POLICIES[cls.name] = cls
     return cls

@@ -18,8 +18,8 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
-from harness.option_types import option_types
 from harness.quality.long_tasks.base import LongTask
+from harness.registration import option_types, same_definition
 
 __all__ = ["LongTask", "register_task", "unregister_task", "names", "get", "is_long_task", "evaluate"]
 
@@ -41,7 +41,7 @@ def register_task(cls: type[LongTask]) -> type[LongTask]:
         raise ValueError(f"long-context task {name!r}: the name is an lm-eval task with local data or a --tasks alias; "
                          "choose another")
     old = _REGISTRY.get(name)
-    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):  # a re-import is fine
+    if old is not None and not same_definition(old, cls):  # a re-import is fine
         raise ValueError(f"long-context task {name!r} is already registered by {old.__module__}.{old.__qualname__}")
     _REGISTRY[name] = cls
     return cls

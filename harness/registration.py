@@ -1,6 +1,8 @@
-"""The option types of a method's or long-context task's Config, read when it registers: a type the annotations
-cannot resolve (imported only under TYPE_CHECKING) is named then, rather than breaking `--help` and every run with
-a NameError. Imports nothing of the harness (the registries use it)."""
+"""What the plug-in registries (methods, KV policies, long-context tasks, latency figures) check when something
+registers: its Config's option types, read then (a type the annotations cannot resolve, imported only under
+TYPE_CHECKING, is named then rather than breaking `--help` and every run with a NameError), and whether a name
+already taken is the same definition imported again (`importlib.reload` of an edited plug-in replaces it). Imports
+nothing of the harness (the registries at every layer use it)."""
 
 from __future__ import annotations
 
@@ -17,3 +19,9 @@ def option_types(cls_config: type, owner: str) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - NameError and friends from the plug-in's annotations
         raise ValueError(f"{owner}: the types of its Config options cannot be read ({type(e).__name__}: {e}); import "
                          "every type an option names at module level, not under TYPE_CHECKING") from None
+
+
+def same_definition(old: Any, new: Any) -> bool:
+    """Whether `new` (a class or function) is `old` defined again by a fresh import of its module: the same module
+    and qualified name."""
+    return (old.__module__, old.__qualname__) == (new.__module__, new.__qualname__)
