@@ -28,6 +28,13 @@ SOURCE = textwrap.dedent(f'''
 ''')
 
 
+def _tail_plugin(name: str, imports: str, base: str = "Tail", body: str = "") -> str:
+    """A plug-in module registering method `name`, a subclass of `base` (default: the package's tail method) after
+    the statements `imports`, with `body` in its class."""
+    return (f"{imports}\nfrom methods.depth.tail import Tail\nfrom methods.registry import register\n\n\n"
+            f"@register\nclass Plugin({base}):\n    name = {name!r}\n" + textwrap.indent(body, "    ") + "\n")
+
+
 @pytest.fixture
 def probe(tmp_path, monkeypatch):
     """Load the plug-in from `tmp_path`; `probe(source)` rewrites and reloads it, as a new process would."""
@@ -103,15 +110,8 @@ def test_the_digest_covers_a_plugins_helper_modules_whichever_modules_are_named(
         class Base(Tail):
             summary = "a helper's base class (test)"
     '''))
-    (tmp_path / "pd_harness_test_helper_user.py").write_text(textwrap.dedent('''
-        from methods.registry import register
-        from pd_harness_test_helper_base import Base
-
-
-        @register
-        class User(Base):
-            name = "helper_user"
-    '''))
+    (tmp_path / "pd_harness_test_helper_user.py").write_text(
+        _tail_plugin("helper_user", "from pd_harness_test_helper_base import Base", base="Base"))
     try:
         methods.load_plugins("pd_harness_test_helper_user")
         alone = plugin_code.plugin_code(methods.get("helper_user"))
@@ -244,19 +244,9 @@ def test_a_plugin_packages_other_modules_are_not_its_code_unless_it_names_them(t
     (pkg / "__init__.py").write_text("")
     (pkg / "helpers.py").write_text("def order(eligible):\n    return sorted(eligible)\n")
     (pkg / "other.py").write_text("X = 1\n")
-    (pkg / "meth.py").write_text(textwrap.dedent('''
-        import pd_harness_test_pkg.helpers
-        from methods.depth.tail import Tail
-        from methods.registry import register
-
-
-        @register
-        class PkgProbe(Tail):
-            name = "pkg_probe"
-
-            def order(self, eligible):
-                return pd_harness_test_pkg.helpers.order(eligible)
-    '''))
+    (pkg / "meth.py").write_text(_tail_plugin("pkg_probe", "import pd_harness_test_pkg.helpers",
+                                              body="def order(self, eligible):\n"
+                                                   "    return pd_harness_test_pkg.helpers.order(eligible)"))
     try:
         methods.load_plugins("pd_harness_test_pkg.meth")
         alone = plugin_code.plugin_code(methods.get("pkg_probe"))
@@ -325,18 +315,9 @@ def test_the_digest_reads_the_import_statements_not_what_happens_to_be_loaded(tm
     for name in ("a", "ab", "sub"):
         (pkg / f"{name}.py").write_text(f"X = {name!r}\n")
     (helper / "ranking.py").write_text("def rank(xs):\n    return sorted(xs)\n")
-    (pkg / "method.py").write_text(textwrap.dedent('''
-        import pd_harness_test_p2.ab
-        from methods.depth.tail import Tail
-        from methods.registry import register
-        from pd_harness_test_hp.ranking import rank
-        from pd_harness_test_p2 import sub
-
-
-        @register
-        class P2(Tail):
-            name = "p2_probe"
-    '''))
+    (pkg / "method.py").write_text(_tail_plugin("p2_probe", "import pd_harness_test_p2.ab\n"
+                                                "from pd_harness_test_hp.ranking import rank\n"
+                                                "from pd_harness_test_p2 import sub"))
     try:
         methods.load_plugins("pd_harness_test_p2.method")
         first = plugin_code.plugin_code(methods.get("p2_probe"))
