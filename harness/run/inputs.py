@@ -140,18 +140,19 @@ def _changed(then: dict | None, now: dict | None) -> list[str]:
 
 def stale_results(doc: dict, is_record: bool, cfg, task_options: dict) -> list[str]:
     """Why a long-context task's stored results in a record (or resume state) no longer hold for this run's
-    options (`LongTask.stale`, e.g. passkey's samples chosen by an older --limit order)."""
+    options (`LongTask.stale`, e.g. passkey's samples chosen by an older --limit order), or were made by another
+    version of the task than its `reusable_versions`."""
     from harness.quality import long_tasks
 
     out = []
+    stored = ((doc.get("lm_eval") or {}).get("tasks") or {}) if is_record else (doc.get("tasks") or {})  # a resume state
     for task, options in task_options.items():
+        task_cls = long_tasks.get(task)
         result = ({"items": (doc.get("extra") or {}).get("items", {}).get(task), "n_samples": (doc.get("n_samples") or {})
                    .get(task)} if is_record else (doc.get("tasks") or {}).get(task))
-        why = long_tasks.get(task).stale(result, options, cfg.limit) if result else None
+        why = task_cls.stale(result, options, cfg.limit) if result else None
         out += [why] if why else []
-        stored = ((doc.get("lm_eval") or {}).get("tasks") or {}) if is_record else (doc.get("tasks") or {})  # a resume state
         then = ((stored.get(task) or {}).get("harness_task") or {}).get("version")
-        task_cls = long_tasks.get(task)
         if then is not None and then != task_cls.version and then not in task_cls.reusable_versions:
             out.append(f"{task} results made by version {then} of the task, which is version {task_cls.version} now")
     return out
