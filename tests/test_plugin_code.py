@@ -291,11 +291,14 @@ def test_a_ranking_whose_plugin_imports_lazily_is_found_in_the_disk_cache(tmp_pa
         plugin_code._ROOTS.discard("pd_harness_test_lz")
 
 
-def test_export_does_not_replay_a_plan_made_by_an_edited_plugin(probe, cli, data_dir, tmp_path):
+def test_an_export_names_its_plugin_code_and_refuses_a_plan_made_by_an_edited_plugin(probe, cli, data_dir, tmp_path):
     run = ("--model", "random:tiny", "--methods", NAME, "--set", f"{NAME}.k=1", "--tasks", "arc_easy", "--limit", "2",
            "--mode", "disaggregated", "--out", tmp_path / "q")
     assert cli(*run, data_dir=data_dir).returncode == 0
     record = tmp_path / "q" / f"{NAME}__disaggregated.json"
+    assert cli("export", "--record", record, "--out", tmp_path / "first").returncode == 0
+    assert json.loads((tmp_path / "first" / "harness_export.json").read_text())["plugin_code"] == \
+        plugin_code.plugin_code(methods.get(NAME)) != {}  # the export names the plug-in code it ran
     probe(SOURCE.replace("tail, as a plug-in", "tail, as an edited plug-in"))
     r = cli("export", "--record", record, "--out", tmp_path / "export")
     assert r.returncode == 2 and f"made by other code of plug-in method {NAME} ({MODULE} changed since)" in r.stderr

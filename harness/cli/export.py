@@ -259,6 +259,7 @@ def _export(args: argparse.Namespace, source: Source, method, calib_config, data
 
     from harness.pd import arch
     from harness.pd.models import load_model
+    from methods.plugin_code import plugin_code
 
     t0 = time.perf_counter()
     loaded = load_model(source.model, args.device, args.dtype, source.seed)
@@ -271,7 +272,8 @@ def _export(args: argparse.Namespace, source: Source, method, calib_config, data
     meta = {"mode": source.mode, "method_options": method.options(),
             "calibration": calib.description if calib is not None else (source.record.calibration if source.record else None),
             "plan_replayed_from": str(source.record_path) if source.record_path else None,
-            "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", "")}
+            "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+            "plugin_code": plugin_code(method)}  # {} for the package's own methods: the git commit names their code
     t_write = time.perf_counter()
     try:
         info = export_plan(loaded, method, plan, tmp, meta, args.max_shard_size)
