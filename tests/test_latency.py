@@ -473,3 +473,20 @@ def test_every_decode_mode_hands_over_what_the_first_eager_prefill_does(tiny, ki
     assert m.kv_bytes == first.kv_bytes < expected_kv_bytes(model.config, 3, 12, dtype, batch=3)
     assert m.kv_bytes_paged == first.kv_bytes_paged
     assert _handed(m) == _handed(first)
+
+
+def test_static_decode_steps_run_without_autograd(tiny, monkeypatch):
+    """The static (and graph) decode steps run under inference mode, as the eager ones: a step timed with
+    autograd on records a graph through the KV buffers, so static TPOT was not the eager path's cost."""
+    from harness.pd import static_decode
+
+    seen, step = [], static_decode.decode_step
+
+    def spy(model, layers, tok, pos, cache):
+        out = step(model, layers, tok, pos, cache)
+        seen.append((torch.is_grad_enabled(), cache.keys[layers[0]].requires_grad))
+        return out
+
+    monkeypatch.setattr(static_decode, "decode_step", spy)
+    latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(8, 4, 2), warmup=0, repeats=1, decode_mode="static")
+    assert seen == [(False, False)] * 3

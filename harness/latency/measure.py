@@ -150,9 +150,12 @@ def _eager_steps(clock, staged: StagedModel, dcache, tok, lengths, step_valid, n
     return itl
 
 
+@torch.inference_mode()
 def _static_steps(clock, model, plan: PruningPlan, dcache, tok, lengths, n: int, graph: bool) -> tuple[list[float], float | None]:
     """The n - 1 decode steps on preallocated buffers (fixed shapes), captured as a CUDA graph when
-    `graph`: (each step's ms, the capture's ms or None; capture is never counted in a step)."""
+    `graph`: (each step's ms, the capture's ms or None; capture is never counted in a step). Under
+    inference mode as the eager steps: with autograd on, the static steps recorded a graph through
+    the KV buffers (every step's index_copy_ chained to the last) and were timed with its overhead."""
     from harness.pd.static_decode import GraphDecoder, StaticKV, decode_step
 
     if n <= 1:
