@@ -270,6 +270,23 @@ def test_real_transfer_backend_per_device():
     assert transfer_backend("cuda_events", 1) == "cuda_ipc" and transfer_backend("cuda_events", 2) == "nccl"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a device the sender cannot open")
+def test_a_shared_handoff_whose_sender_fails_fails_at_once():
+    """The receiver waits SHARED_TIMEOUT_S (180 s) for the sender's message: when the sender dies (here: no CUDA to
+    move the tensors to; on a GPU, e.g. a refused CUDA IPC), the handoff fails at once instead of after it."""
+    import time
+
+    from harness.latency.transfer import transfer_shared
+    from harness.pd.engine import Handoff
+
+    one = {0: torch.zeros(2, 1, 4)}
+    h = Handoff(one, one, {0: torch.arange(2)}, {0: torch.tensor([2])}, n_requests=1)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="shared-memory handoff failed: exit codes"):
+        transfer_shared(h, "cuda")
+    assert time.monotonic() - t0 < 90
+
+
 def test_static_decode_path_generates_what_the_eager_path_generates(tiny):
     """Same greedy tokens and the same logits from the preallocated fixed-shape path as from the engine."""
     import torch

@@ -172,6 +172,21 @@ def _shared_receiver(device: str, queue, done, result_path: str) -> None:
                                              "device": device}))
 
 
+def _join_failing_fast(procs, timeout_s: float) -> None:
+    """Wait for the sender and the receiver; once one exits with an error, stop the other at once (it would wait
+    for its peer's message until SHARED_TIMEOUT_S: minutes of a GPU run lost to a refused CUDA IPC)."""
+    from multiprocessing.connection import wait
+
+    deadline = time.monotonic() + timeout_s
+    running = list(procs)
+    while running and not any(p.exitcode for p in procs) and time.monotonic() < deadline:
+        wait([p.sentinel for p in running], timeout=max(0.0, deadline - time.monotonic()))
+        running = [p for p in running if p.exitcode is None]
+    for p in running:
+        p.terminate()
+        p.join()
+
+
 def transfer_shared(handoff: Handoff, device: str = "cpu") -> dict[str, Any]:
     """Hand `handoff` from a prefill process to a decode process on one `device` (CUDA IPC or shared memory).
 
@@ -190,11 +205,7 @@ def transfer_shared(handoff: Handoff, device: str = "cpu") -> dict[str, Any]:
                  ctx.Process(target=_shared_receiver, args=(device, queue, done, rp))]
         for p in procs:
             p.start()
-        for p in procs:
-            p.join(timeout=SHARED_TIMEOUT_S + 60)
-            if p.is_alive():
-                p.terminate()
-                p.join()
+        _join_failing_fast(procs, SHARED_TIMEOUT_S + 60)
         if any(p.exitcode != 0 for p in procs):
             raise RuntimeError(f"shared-memory handoff failed: exit codes {[p.exitcode for p in procs]}")
         out = json.loads(Path(rp).read_text())
