@@ -3,7 +3,8 @@
 (a) agreement: the PD engine (disaggregated scoring: prefill, handoff, decode) on the same random
     weights on the device and on the CPU reference, fp32: per-request log-likelihood differences
     (pass: max ≤ --agreement-tol, 1e-3) and the KV bytes of every handoff (pass: identical). On
-    CPU the candidate is a float64 copy of the model (identical KV elements, not bytes).
+    CPU the candidate is a float64 copy of the model (identical KV elements, not bytes). Also on the
+    candidate: the static and graph decode paths give the eager path's greedy tokens (pass: equal).
 (b) latency: TTFT, TPOT (p50) per decode path (eager, static, graph; no graph on CPU), handoff
     time and KV bytes for dense, ShortGPT-like and PDTrim-like plans, per shape and batch size;
     every static/graph row says whether it sent the eager row's bytes.
@@ -212,15 +213,28 @@ def agreement(shape: str, args, device) -> list[dict]:
         for who, model in (("reference", ref), ("candidate", cand)):
             s = Scorer(model, plan, "disaggregated", max_length=4096, batch_size=args.agreement_requests)
             got[who] = (s.loglikelihood(reqs), s.tally.as_dict())
-        rows.append(agreement_row(shape, name, got, cand, on_cpu, args.agreement_tol))
+        rows.append(agreement_row(shape, name, got, cand, on_cpu, args.agreement_tol, decode_paths(cand, plan, args)))
         print(f"# agreement {shape} {name}: max |Δ loglik| {rows[-1]['max_abs_diff']:.2e}, KV bytes {rows[-1]['kv_bytes_reference']} "
-              f"vs {rows[-1]['kv_bytes_candidate']}: {'pass' if rows[-1]['pass'] else 'FAIL'}", flush=True)
+              f"vs {rows[-1]['kv_bytes_candidate']}, decode paths {rows[-1]['decode_paths_equal']}: "
+              f"{'pass' if rows[-1]['pass'] else 'FAIL'}", flush=True)
     rows[0]["seconds"] = time.perf_counter() - t0
     del cand, ref
     return rows
 
 
-def agreement_row(shape, name, got, cand, on_cpu, tol) -> dict:
+def decode_paths(model, plan, args) -> dict[str, bool]:
+    """Per static/graph decode path on `model` (the candidate, fp32 or float64): whether it decodes the eager
+    path's greedy tokens (batch 2, the longest agreement context, 16 tokens). A graph that replays stale buffers
+    would still give plausible TPOTs in (b); in fp32 a near-tie flip is unlikely, so a difference is a finding."""
+    from harness.latency.measure import Workload, measure
+
+    w = Workload(args.agreement_context, 16, 2)
+    paths = ("static", "graph") if next(model.parameters()).device.type == "cuda" else ("static",)
+    eager = measure(model, plan, w, warmup=0, repeats=1).tokens
+    return {p: bool(measure(model, plan, w, warmup=0, repeats=1, decode_mode=p).tokens.equal(eager)) for p in paths}
+
+
+def agreement_row(shape, name, got, cand, on_cpu, tol, paths: dict[str, bool]) -> dict:
     (ll_r, kv_r), (ll_c, kv_c) = got["reference"], got["candidate"]
     diffs = [abs(a[0] - b[0]) for a, b in zip(ll_r, ll_c)]
     elem_c = next(cand.parameters()).element_size()
@@ -229,7 +243,7 @@ def agreement_row(shape, name, got, cand, on_cpu, tol) -> dict:
             "requests": len(diffs), "max_abs_diff": max(diffs), "mean_abs_diff": statistics.fmean(diffs), "tolerance": tol,
             "greedy_equal": [a[1] for a in ll_r] == [b[1] for b in ll_c], "kv_bytes_reference": kv_r["kv_bytes"],
             "kv_bytes_candidate": kv_c["kv_bytes"], "kv_identical": same_kv, "kv_compared": "elements" if on_cpu else "bytes",
-            "pass": max(diffs) <= tol and same_kv}
+            "decode_paths_equal": paths, "pass": max(diffs) <= tol and same_kv and all(paths.values())}
 
 
 def parse_args(argv=None):

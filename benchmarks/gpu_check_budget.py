@@ -90,7 +90,8 @@ def estimate_agreement_s(shape: str, args, rates: dict) -> float:
     forward_s = 2 * params * tokens / rates["cpu_fp32_matmul_flop_per_s"]
     if args.device == "cpu":  # the candidate is a float64 copy on the CPU too, some 4 times the fp32 cost
         forward_s *= 5
-    return 2 * forward_s + params * 4 / 2e9 + 5.0  # two plans; the weights copied to the host at ~2 GB/s
+    # two plans; the weights copied to the host at ~2 GB/s; each plan's decode paths (a few short runs on the candidate)
+    return 2 * forward_s + params * 4 / 2e9 + 5.0 + 2 * 5.0
 
 
 def estimate_total_s(args, rates: dict, device) -> float:

@@ -13,14 +13,19 @@ def _verdict(ok) -> str:
     return "—" if ok is None else ("pass" if ok else "**FAIL**")
 
 
+def _paths(paths: dict | None) -> str:
+    return "—" if not paths else ", ".join(f"{p} {'yes' if ok else '**no**'}" for p, ok in paths.items())
+
+
 def _agreement(rows: list[dict]) -> list[str]:
     lines = ["## (a) PD engine agreement (fp32)", "",
-             "| shape | plan | candidate vs reference | requests | max abs Δ loglik | tolerance | KV bytes ref | KV bytes cand | KV same | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | plan | candidate vs reference | requests | max abs Δ loglik | tolerance | KV bytes ref | KV bytes cand | KV same "
+             "| tokens = eager | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['plan']} | {r['candidate']} vs {r['reference']} | {r['requests']} | {r['max_abs_diff']:.2e} | "
                      f"{r['tolerance']:g} | {r['kv_bytes_reference']} | {r['kv_bytes_candidate']} | {r['kv_identical']} ({r['kv_compared']}) | "
-                     f"{_verdict(r['pass'])} |")
+                     f"{_paths(r.get('decode_paths_equal'))} | {_verdict(r['pass'])} |")
     return lines
 
 

@@ -357,7 +357,8 @@ def _gpu_check(*args: str) -> int:
 
 
 def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
-    """benchmarks/gpu_check.py, every section on CPU: (a) fp32 against a float64 copy, (b) eager and static
+    """benchmarks/gpu_check.py, every section on CPU: (a) fp32 against a float64 copy (and the static decode
+    path's tokens against the eager path's), (b) eager and static
     rows with the eager bytes, (c) static TPOT against the bound (no verdict on CPU), (d) a handoff through
     shared memory between two processes; one JSON and one Markdown table."""
     import json
@@ -378,6 +379,7 @@ def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
     for a in (a_dense, a_pd):
         assert a["pass"] and a["max_abs_diff"] <= 1e-3 and a["candidate"] == "cpu float64" and a["requests"] == 6
         assert a["kv_bytes_candidate"] == 2 * a["kv_bytes_reference"] > 0 and a["kv_identical"]
+        assert a["decode_paths_equal"] == {"static": True}  # the static path decodes the eager path's tokens
     assert a_pd["kv_bytes_reference"] < a_dense["kv_bytes_reference"]  # the first/last policy dropped positions
     bound = res["hbm_bound"]
     assert bound["decode_mode"] == "static" and len(bound["rows"]) == 6 and all(r["bound_ms"] > 0 for r in bound["rows"])
@@ -391,7 +393,7 @@ def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
     assert res["estimate_s"] > 0 and res["rates"]["copy_bandwidth_bytes_per_s"] > 0 and "errors" not in res
     table = md.read_text()
     for head in ("## (a) PD engine agreement", "## (b) Latency per stage", "## (c) static TPOT vs the HBM bound",
-                 "## (d) Handoff between two processes", "| tiny | pdtrim-like | 1 | static |"):
+                 "## (d) Handoff between two processes", "| tiny | pdtrim-like | 1 | static |", "| static yes | pass |"):
         assert head in table
 
 
@@ -472,7 +474,8 @@ def _handed(m):
 @pytest.mark.parametrize("kind", policy_names())  # the registry: a new policy is covered with no edit
 def test_every_decode_mode_hands_over_what_the_first_eager_prefill_does(tiny, kind, mode):
     """With warm-up and repeats, every run of every decode mode prefills the workload's prompts at
-    positions 0 .. T-1, so the handoff sends the bytes and positions of one eager run. Before
+    positions 0 .. T-1, so the handoff sends the bytes and positions of one eager run, and decodes
+    the same greedy tokens. Before
     StagedModel, the static/graph branch rebound the prefill's positions to the decode step's: from
     the second run on, first_last sent dense bytes and SnapKV's selection failed."""
     model = tiny.model
@@ -490,6 +493,7 @@ def test_every_decode_mode_hands_over_what_the_first_eager_prefill_does(tiny, ki
     assert m.kv_bytes == first.kv_bytes < expected_kv_bytes(model.config, 3, 12, dtype, batch=3)
     assert m.kv_bytes_paged == first.kv_bytes_paged
     assert _handed(m) == _handed(first)
+    assert m.tokens.shape == (3, 4) and torch.equal(m.tokens, first.tokens)  # the same greedy tokens on every path
 
 
 def test_static_decode_steps_run_without_autograd(tiny, monkeypatch):

@@ -110,6 +110,8 @@ class Measurement:
     decode_mode: str = "eager"
     graph_capture_ms: list[float] = field(default_factory=list)  # graph mode: capture time per measured run
     handoff: Any = field(default=None, repr=False, compare=False)  # the last run's Handoff (not serialised)
+    # the last run's greedy tokens, (B, decode_tokens) int64 on the CPU (not serialised): decode paths must agree
+    tokens: Any = field(default=None, repr=False, compare=False)
 
     def extend(self, other: Measurement) -> None:
         """Add `other`'s runs (the same plan and workload, measured later): samples appended, bytes checked."""
@@ -119,7 +121,7 @@ class Measurement:
             raise RuntimeError(f"{self.method}: the same handoff sent {self.kv_bytes} B, then {other.kv_bytes} B")
         for f in ("ttft_ms", "handoff_ms", "itl_ms", "tpot_ms", "graph_capture_ms"):
             getattr(self, f).extend(getattr(other, f))
-        self.kv_bytes, self.kv_bytes_paged, self.handoff = other.kv_bytes, other.kv_bytes_paged, other.handoff
+        self.kv_bytes, self.kv_bytes_paged, self.handoff, self.tokens = other.kv_bytes, other.kv_bytes_paged, other.handoff, other.tokens
 
     def figures(self, bandwidths_gbit: Sequence[float] = DEFAULT_BANDWIDTHS_GBIT, **context: Any) -> dict[str, float]:
         """Every registered latency figure (`harness.latency.figures`): stage percentiles, modelled transfer and E2E."""
@@ -129,7 +131,7 @@ class Measurement:
 
     def to_dict(self) -> dict[str, Any]:
         # field by field: asdict would deep-copy the handoff's KV tensors (GBs on a GPU at batch 8) only to drop them
-        d = {f.name: list(v) if isinstance(v := getattr(self, f.name), list) else v for f in fields(self) if f.name != "handoff"}
+        d = {f.name: list(v) if isinstance(v := getattr(self, f.name), list) else v for f in fields(self) if f.name not in ("handoff", "tokens")}
         d["workload"] = asdict(self.workload)
         return d
 
@@ -138,8 +140,9 @@ DECODE_MODES = ("eager", "static", "graph")
 
 
 @torch.inference_mode()
-def _eager_steps(clock, staged: StagedModel, dcache, tok, lengths, step_valid, n: int) -> list[float]:
-    """The n - 1 decode steps after the prefill's token on the growing cache: each step's ms."""
+def _eager_steps(clock, staged: StagedModel, dcache, tok, lengths, step_valid, n: int, generated: list) -> list[float]:
+    """The n - 1 decode steps after the prefill's token on the growing cache: each step's ms (each step's
+    tokens, (B,), appended to `generated`)."""
     itl = []
     for step in range(1, n):
         def eager_step(tok=tok, step=step):
@@ -147,13 +150,16 @@ def _eager_steps(clock, staged: StagedModel, dcache, tok, lengths, step_valid, n
 
         tok, dt = clock.time(eager_step)
         itl.append(dt)
+        generated.append(tok)
     return itl
 
 
 @torch.inference_mode()
-def _static_steps(clock, model, plan: PruningPlan, dcache, tok, lengths, n: int, graph: bool) -> tuple[list[float], float | None]:
+def _static_steps(clock, model, plan: PruningPlan, dcache, tok, lengths, n: int, graph: bool,
+                  generated: list) -> tuple[list[float], float | None]:
     """The n - 1 decode steps on preallocated buffers (fixed shapes), captured as a CUDA graph when
-    `graph`: (each step's ms, the capture's ms or None; capture is never counted in a step). Under
+    `graph`: (each step's ms, the capture's ms or None; capture is never counted in a step; each step's
+    tokens, (B,), appended to `generated`: copies, as a graph writes every step into one buffer). Under
     inference mode as the eager steps: with autograd on, the static steps recorded a graph through
     the KV buffers (every step's index_copy_ chained to the last) and were timed with its overhead."""
     from harness.pd.static_decode import GraphDecoder, StaticKV, decode_step
@@ -176,6 +182,7 @@ def _static_steps(clock, model, plan: PruningPlan, dcache, tok, lengths, n: int,
 
             tok, dt = clock.time(static_step)
         itl.append(dt)
+        generated.append(tok.clone())  # after the step's clock: not timed
     return itl, capture
 
 
@@ -212,10 +219,11 @@ def measure(
         (out, tok), ttft = clock.time(prefill)
         sent, handoff = clock.time(lambda out=out: staged.handoff(out))
         dcache, unpack = clock.time(lambda sent=sent: staged.receive(sent))
+        generated = [tok]
         if decode_mode == "eager":
-            itl = _eager_steps(clock, staged, dcache, tok, lengths, step_valid, n)
+            itl = _eager_steps(clock, staged, dcache, tok, lengths, step_valid, n, generated)
         else:
-            itl, capture = _static_steps(clock, model, plan, dcache, tok, lengths, n, graph=decode_mode == "graph")
+            itl, capture = _static_steps(clock, model, plan, dcache, tok, lengths, n, decode_mode == "graph", generated)
             if capture is not None and run >= warmup:
                 m.graph_capture_ms.append(capture)
         if run >= warmup:
@@ -225,4 +233,5 @@ def measure(
             if itl:
                 m.tpot_ms.append(statistics.fmean(itl))
             m.kv_bytes, m.kv_bytes_paged, m.handoff = sent.kv_bytes, sent.kv_bytes_paged(PAGE_TOKENS), sent
+            m.tokens = torch.stack(generated, 1).cpu()
     return m
