@@ -158,7 +158,7 @@ def ipc_handoff(handoff, shape: str, device) -> dict:
     """Section (d): one handoff between two processes on `device`; bytes received against bytes counted."""
     from harness.latency.transfer import handoffs_equal, transfer_shared
 
-    got = transfer_shared(handoff, str(device))
+    got = transfer_shared(handoff, str(device), timeout_s=90.0)  # two processes start and init CUDA in ~20 s; a hang costs 90
     equal = handoffs_equal(got.pop("received"), handoff)  # K, V, positions and counts of every layer, bit for bit
     got.update(shape=shape, plan="pdtrim-like", batch=handoff.n_requests, kv_bytes_counted=handoff.kv_bytes,
                tensors_equal=equal, **{"pass": equal and got["kv_bytes_received"] == handoff.kv_bytes})

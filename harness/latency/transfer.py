@@ -187,8 +187,9 @@ def _join_failing_fast(procs, timeout_s: float) -> None:
         p.join()
 
 
-def transfer_shared(handoff: Handoff, device: str = "cpu") -> dict[str, Any]:
+def transfer_shared(handoff: Handoff, device: str = "cpu", timeout_s: float = SHARED_TIMEOUT_S + 60) -> dict[str, Any]:
     """Hand `handoff` from a prefill process to a decode process on one `device` (CUDA IPC or shared memory).
+    Both processes are stopped after `timeout_s` (a hung peer: a run with a time budget passes less).
 
     Keys: kv_bytes_received, metadata_bytes_received, tensors, handoff_ms (sender's put to the
     receiver's last copy), recv_ms (the receiver's copies), device, backend (cuda_ipc or
@@ -205,9 +206,10 @@ def transfer_shared(handoff: Handoff, device: str = "cpu") -> dict[str, Any]:
                  ctx.Process(target=_shared_receiver, args=(device, queue, done, rp))]
         for p in procs:
             p.start()
-        _join_failing_fast(procs, SHARED_TIMEOUT_S + 60)
+        _join_failing_fast(procs, timeout_s)
         if any(p.exitcode != 0 for p in procs):
-            raise RuntimeError(f"shared-memory handoff failed: exit codes {[p.exitcode for p in procs]}")
+            raise RuntimeError(f"shared-memory handoff failed: exit codes {[p.exitcode for p in procs]} "
+                               f"(a negative code: stopped by a signal, e.g. after {timeout_s:.0f} s)")
         out = json.loads(Path(rp).read_text())
         out["received"] = torch.load(rp + ".handoff", weights_only=False)
     out.update(clock="perf_counter_ns", backend="cuda_ipc" if device.startswith("cuda") else "shared_memory")
