@@ -511,3 +511,22 @@ def test_static_decode_steps_run_without_autograd(tiny, monkeypatch):
     monkeypatch.setattr(static_decode, "decode_step", spy)
     latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(8, 4, 2), warmup=0, repeats=1, decode_mode="static")
     assert seen == [(False, False)] * 3
+
+
+def test_the_timed_prefill_head_and_handoff_run_without_autograd(tiny, monkeypatch):
+    """The prefill's final norm and LM head (part of TTFT) and the handoff's packing and unpacking run under
+    inference mode too; before, only the layers' forward did, and TTFT timed autograd's bookkeeping of the head."""
+    from harness.pd.stages import StagedModel
+
+    seen = []
+
+    def spying(f):
+        def spy(self, *a, **k):
+            seen.append(torch.is_grad_enabled())
+            return f(self, *a, **k)
+        return spy
+
+    for name in ("logits", "handoff"):
+        monkeypatch.setattr(StagedModel, name, spying(getattr(StagedModel, name)))
+    latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(8, 2, 1), warmup=0, repeats=1)
+    assert seen and not any(seen)

@@ -186,6 +186,7 @@ def _static_steps(clock, model, plan: PruningPlan, dcache, tok, lengths, n: int,
     return itl, capture
 
 
+@torch.inference_mode()  # every stage, the prefill's LM head, the handoff's packing and unpacking too: no autograd timed
 def measure(
     model, plan: PruningPlan, workload: Workload, *, warmup: int = 1, repeats: int = 3, seed: int = 0,
     decode_mode: str = "eager",
