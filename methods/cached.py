@@ -38,8 +38,10 @@ def _file_digest(path: str) -> str:
 
 
 def source_digest(modules: Iterable[ModuleType]) -> str:
-    """A digest of the modules' source files (edits to any of them change it)."""
-    return "-".join(_file_digest(str(m.__file__)) for m in modules)
+    """A digest of the modules' source files (edits to any of them change it); "-" for one without a file (a
+    notebook's `__main__`, `<stdin>`), whose classes `plugin_code.code_digest` digests instead."""
+    files = (getattr(m, "__file__", None) for m in modules)
+    return "-".join(_file_digest(f) if f and Path(f).is_file() else "-" for f in files)
 
 
 def stat_key(kind: str, model, calib, version: str, sources: Iterable[ModuleType] = (), **options: Any) -> dict[str, Any]:

@@ -18,8 +18,10 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from types import CodeType, FunctionType
 
 PACKAGES = frozenset({"harness", "methods", "reports"})  # the harness's own code: named by the git commit
+MAIN = "__main__"  # a notebook's (or the script's) own definitions: plug-in code without a module file to digest
 _ROOTS: set[str] = set()  # top-level packages (or modules) of the plug-ins imported so far
 
 
@@ -81,11 +83,11 @@ def _classes(obj: object, seen: set[int]) -> Iterator[type]:
     for c in cls.__mro__:
         yield c
         for value in vars(c).values():
-            if isinstance(value, type) and is_plugin(value.__module__):
+            if isinstance(value, type) and (value.__module__ == MAIN or is_plugin(value.__module__)):
                 yield from _classes(value, seen)
     for value in ({} if isinstance(obj, type) else getattr(obj, "__dict__", {})).values():
         module = type(value).__module__
-        if (module.split(".")[0] in PACKAGES or is_plugin(module)) and not isinstance(value, (str, bytes)):
+        if (module.split(".")[0] in PACKAGES or module == MAIN or is_plugin(module)) and not isinstance(value, (str, bytes)):
             yield from _classes(value, seen)
 
 
@@ -125,8 +127,85 @@ def _parsed_imports(module: str, path: str | None, _stamp: tuple | None) -> froz
 def plugin_code(obj: object) -> dict[str, str]:
     """{module name: sha256 (16 hex) of its source file} of the plug-in modules `obj` runs: those its classes come
     from, and the plug-in modules those import, transitively (a helper module of ranking functions); {} for the
-    package's own methods."""
-    return module_code({c.__module__ for c in _classes(obj, set())})
+    package's own methods. Classes defined in a notebook (`__main__`) are digested one by one (`main_code`)."""
+    classes = list(_classes(obj, set()))
+    return dict(sorted({**module_code({c.__module__ for c in classes}), **main_code(classes)}.items()))
+
+
+def main_code(objs: list) -> dict[str, str]:
+    """{"__main__.Name": digest} of the classes and functions defined in `__main__` (a notebook's cells, the script
+    run) among `objs`, and of those of `__main__` their code names, transitively (a helper function in another cell).
+    A class's digest covers its functions' bytecode, constants and names and its plain attributes (str, numbers,
+    tuples of them), not file names or line numbers, which a notebook changes each time a cell runs again."""
+    todo, out, seen = [o for o in objs if getattr(o, "__module__", None) == MAIN], {}, set()
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        h = hashlib.sha256()
+        for name, value in _members(obj):
+            h.update(f"{name}:".encode())
+            if isinstance(value, FunctionType):
+                names = _hash_code(h, value.__code__)
+                h.update(repr([v for v in (value.__defaults__ or ()) + _closure(value) if _plain(v)]).encode())
+                todo += [g for n in sorted(names) if _is_main_def(g := value.__globals__.get(n))]
+            elif _is_main_def(value):
+                todo.append(value)  # a nested class (its Config): its own digest
+                h.update(value.__qualname__.encode())
+            else:
+                h.update(repr(value).encode())
+        out[f"{MAIN}.{obj.__qualname__}"] = h.hexdigest()[:16]
+    return out
+
+
+def _is_main_def(value: object) -> bool:
+    return isinstance(value, (type, FunctionType)) and getattr(value, "__module__", None) == MAIN
+
+
+def _members(obj: object) -> Iterator[tuple[str, object]]:
+    """A function itself, or a class's own functions (unwrapped), nested classes and plain attributes, by name."""
+    if isinstance(obj, FunctionType):
+        yield "", obj
+        return
+    for name, value in sorted(vars(obj).items()):
+        if name == "__firstlineno__":  # Python 3.13: moves when a line is added above, in the cell or before it
+            continue
+        value = getattr(value, "__func__", value)  # staticmethod, classmethod
+        if isinstance(value, property):
+            yield from ((f"{name}.{i}", f) for i, f in enumerate((value.fget, value.fset, value.fdel)) if f)
+        elif isinstance(value, FunctionType) or _is_main_def(value) or _plain(value):
+            yield name, value
+
+
+def _closure(fn: FunctionType) -> tuple:
+    """The values a function closes over (a class made by a function in the notebook), those set."""
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(cell.cell_contents)
+        except ValueError:  # not set yet
+            pass
+    return tuple(cells)
+
+
+def _plain(value: object) -> bool:
+    if isinstance(value, tuple):
+        return all(_plain(v) for v in value)
+    return isinstance(value, (str, bytes, int, float, type(None)))
+
+
+def _hash_code(h, code: CodeType) -> set[str]:
+    """Hash `code`'s bytecode, names and constants (nested code objects too) into `h`; the global names it uses."""
+    h.update(code.co_code)
+    h.update(repr((code.co_names, code.co_varnames)).encode())
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            names |= _hash_code(h, const)
+        else:  # a frozenset's order follows the string hash seed: sorted
+            h.update(repr(sorted(map(repr, const)) if isinstance(const, frozenset) else const).encode())
+    return names
 
 
 def module_code(modules: set[str]) -> dict[str, str]:

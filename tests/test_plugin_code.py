@@ -351,3 +351,52 @@ def test_a_spec_refuses_its_latency_records_of_an_edited_plugin_before_the_quali
     r = cli("--config", spec, "-q", data_dir=data_dir)
     assert r.returncode == 2 and "latency records measured with other code of a plug-in method" in r.stderr, r.stderr
     assert not q.exists() or not list(q.glob("*.json"))  # refused before the quality run
+
+
+NOTEBOOK_CELL = '''
+from methods.depth.ranked import RankedDepthMethod, Ranking
+from methods.depth.tail import Tail
+from methods.registry import register
+
+
+def order(eligible):
+    return sorted(eligible, reverse={reverse})
+
+
+@register
+class InCell(RankedDepthMethod):
+    name = "in_cell"
+    summary = "a method defined in a notebook cell (test)"
+    needs_calibration = False
+    Config = Tail.Config
+
+    def _rank(self, model, calib, k, eligible):
+        return Ranking(order(eligible), {{}})
+'''
+
+
+def _run_cell(source: str, filename: str):
+    """Run `source` as a notebook runs a cell: in `__main__`, whose module has no file in a notebook."""
+    exec(compile(source, filename, "exec"), {"__name__": "__main__"})  # noqa: S102 - the test's own text
+    return methods.get("in_cell")
+
+
+def test_a_method_defined_in_a_notebook_has_its_code_digested(tiny, monkeypatch):
+    """A method defined in `__main__` (a notebook) kept no code digest: after an edit of its cell, a rerun into the same
+    out reused the old code's records; a ranked one crashed reading `__main__.__file__`, which a notebook lacks."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # a notebook's: no __file__
+    try:
+        cls = _run_cell(NOTEBOOK_CELL.format(reverse=True), "/tmp/ipykernel_1/1.py")
+        before = plugin_code.plugin_code(cls())
+        assert sorted(before) == ["__main__.InCell", "__main__.order"]  # the helper in its cell too
+        assert cls(cls.Config(k=1)).make_plan(tiny.model, None, "disaggregated").decode_layers == (0, 1, 2)
+        # the same cell run again (a new file name, a line added above): the same digest
+        cls = _run_cell("\n" + NOTEBOOK_CELL.format(reverse=True), "/tmp/ipykernel_1/2.py")
+        assert plugin_code.plugin_code(cls()) == before
+        cls = _run_cell(NOTEBOOK_CELL.format(reverse=False), "/tmp/ipykernel_1/3.py")  # the helper edited
+        assert plugin_code.changes(before, plugin_code.plugin_code(cls())) == ["__main__.order"]
+        assert cls(cls.Config(k=1)).make_plan(tiny.model, None, "disaggregated").decode_layers == (1, 2, 3)
+    finally:
+        registry.unregister("in_cell")
