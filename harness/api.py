@@ -91,7 +91,10 @@ def evaluate(**options: Any) -> pd.DataFrame:
     args = to_namespace(Spec(API, {"run": _section(options, parser)}), "run", parser)  # the command's checks
     cfg = run_config(args)
     args.out = Path(args.out) if args.out else default_out(cfg)
-    rc = cmd_run(args)
+    from harness.run.quiet import kept
+
+    with kept():  # the run silences warnings and libraries' logs for the process: not the notebook's, after it
+        rc = cmd_run(args)
     if rc == 130:  # Ctrl-C inside the run: cmd_run said what is kept; the interrupt is the caller's to handle
         raise KeyboardInterrupt
     cells = [(name, mode) for name in pipeline.prepare(cfg, need_data=False).methods for mode in cfg.modes]

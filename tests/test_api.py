@@ -116,3 +116,21 @@ def test_help_shows_the_api_functions_own_docs_and_import_stays_light():
     assert "path: 'str | Path'" in str(inspect.signature(harness.load_results))
     code = "import sys, harness; assert not {'harness.api', 'pandas', 'torch'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_run_leaves_the_sessions_warnings_logs_and_environment_as_they_were(tmp_path, common, monkeypatch):
+    """A run silences every warning, the libraries' logs and tqdm (TQDM_DISABLE) for the process: after one
+    evaluate() a notebook showed none of its own warnings (numpy's, pandas', its own) for the rest of the session."""
+    import logging
+    import os
+    import warnings
+
+    loggers = ("lm_eval", "transformers", "datasets", "accelerate", "huggingface_hub")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    filters, levels = list(warnings.filters), {n: logging.getLogger(n).level for n in loggers}
+    harness.evaluate(methods=["unpruned"], limit=2, out=str(tmp_path / "o"), **common)  # quiet: TQDM_DISABLE too
+    assert list(warnings.filters) == filters
+    assert {n: logging.getLogger(n).level for n in loggers} == levels
+    assert "TQDM_DISABLE" not in os.environ
+    with pytest.warns(UserWarning, match="the notebook's own"):
+        warnings.warn("the notebook's own", UserWarning, stacklevel=1)
