@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from harness.store.records import RunRecord
 
+NUMERIC = ("value", "stderr", "kv_bytes_sent", "kv_bytes_sent_paged", "n_samples")  # float64, then Int64
 API = Path("harness.evaluate()")  # how option errors name their source, as a spec names its file
 
 
@@ -62,10 +63,13 @@ def _table(records: list[RunRecord]) -> pd.DataFrame:
     from harness.store.records import SUMMARY_COLUMNS, summary_rows
 
     df = pd.DataFrame(summary_rows(records), columns=SUMMARY_COLUMNS)
-    for col in ("value", "stderr"):  # a missing stderr (None in every row, e.g. mmlu at limit 1) is NaN too
+    for col in NUMERIC[:2]:  # a missing stderr (None in every row, e.g. mmlu at limit 1) is NaN too
         df[col] = pd.to_numeric(df[col].replace("", None), errors="coerce").astype("float64")
-    for col in ("kv_bytes_sent", "kv_bytes_sent_paged", "n_samples"):
+    for col in NUMERIC[2:]:
         df[col] = pd.to_numeric(df[col].replace("", None), errors="coerce").astype("Int64")
+    df["primary"] = df["primary"].astype(bool)  # also with no rows (a folder without records)
+    text = [c for c in SUMMARY_COLUMNS if c not in (*NUMERIC, "primary")]
+    df[text] = df[text].astype(pd.Series([""]).dtype)  # pandas' text dtype of a filled column, also with no rows
     return df
 
 

@@ -134,3 +134,14 @@ def test_a_run_leaves_the_sessions_warnings_logs_and_environment_as_they_were(tm
     assert "TQDM_DISABLE" not in os.environ
     with pytest.warns(UserWarning, match="the notebook's own"):
         warnings.warn("the notebook's own", UserWarning, stacklevel=1)
+
+
+def test_a_folder_without_records_gives_the_same_columns_and_dtypes(tmp_path):
+    """With no rows, `primary` was object (not bool) and the text columns object: concatenated with a filled
+    frame, they became object columns."""
+    from pathlib import Path
+
+    filled = harness.load_results(Path(__file__).resolve().parent.parent / "results" / "reference" / "quality")
+    empty = harness.load_results(tmp_path)
+    assert len(filled) and empty.empty
+    assert dict(empty.dtypes) == dict(filled.dtypes)
