@@ -98,7 +98,12 @@ def evaluate(**options: Any) -> pd.DataFrame:
     from harness.run.quiet import kept
 
     with kept():  # the run silences warnings and libraries' logs for the process: not the notebook's, after it
-        rc = cmd_run(args)
+        try:
+            rc = cmd_run(args)
+        finally:  # nothing of the run keeps its model alive in the notebook (PDTrim's shared search state did)
+            from methods.cached import release_models
+
+            release_models()
     if rc == 130:  # Ctrl-C inside the run: cmd_run said what is kept; the interrupt is the caller's to handle
         raise KeyboardInterrupt
     cells = [(name, mode) for name in pipeline.prepare(cfg, need_data=False).methods for mode in cfg.modes]

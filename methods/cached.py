@@ -52,6 +52,23 @@ def stat_key(kind: str, model, calib, version: str, sources: Iterable[ModuleType
             "torch": torch.__version__.split("+")[0], "options": options}
 
 
+_HOLDING_MODELS: list[dict] = []  # process-wide memos whose values hold a model (see `holding_models`)
+
+
+def holding_models(memo: dict) -> dict:
+    """Register `memo`, a module-level dict whose values keep a model alive (PDTrim's search states: the model, its
+    teacher and every layer's input), so that `release_models` empties it after a run in a longer-lived process."""
+    _HOLDING_MODELS.append(memo)
+    return memo
+
+
+def release_models() -> None:
+    """Empty the memos of `holding_models`: after `harness.evaluate()` a notebook must not keep the run's model (and
+    its accelerator memory) alive until the next run of the same method."""
+    for memo in _HOLDING_MODELS:
+        memo.clear()
+
+
 def announce(what: str) -> None:
     """The one line that tells a user why this calibration step was fast (stderr, like the run's progress)."""
     print(f"calibration: reused cached {what} ({cache.cache_dir()})", file=sys.stderr, flush=True)

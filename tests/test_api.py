@@ -145,3 +145,13 @@ def test_a_folder_without_records_gives_the_same_columns_and_dtypes(tmp_path):
     empty = harness.load_results(tmp_path)
     assert len(filled) and empty.empty
     assert dict(empty.dtypes) == dict(filled.dtypes)
+
+
+def test_nothing_of_a_run_keeps_its_model_alive_after_the_call(tmp_path, common):
+    """PDTrim's search state (the model, its teacher, every layer's input) stayed in a module-level memo after
+    evaluate() returned: a notebook kept the run's model in accelerator memory, and loaded the next one beside it."""
+    from methods.pdtrim import search
+
+    search._SHARED_STATES["a state of an earlier run"] = object()
+    harness.evaluate(methods=["unpruned"], limit=2, out=str(tmp_path / "o"), **common)
+    assert search._SHARED_STATES == {}

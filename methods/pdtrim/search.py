@@ -28,7 +28,7 @@ SEARCH_FIELDS = ("d_t", "search_samples", "max_cont", "batch_size", "batch_token
                  "sensitivity_samples", "sensitivity_blocks", "lazy", "min_exact", "screen", "screen_margin",
                  "subset_margin")
 SENSITIVITY_BLOCKS = ("candidates", "all")
-_SHARED_STATES: dict[tuple, SearchState] = {}
+_SHARED_STATES: dict[tuple, SearchState] = cached.holding_models({})  # emptied after an API run (cached.release_models)
 # Bump when the objective values (methods/pdtrim/objectives.py, whose source digest is in the key
 # too) give other numbers: invalidates the values kept on disk. 2: E_P and E_D pooled from the
 # sensitivity sequences' sums and the other sequences' (the same means; other float rounding).
