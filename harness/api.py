@@ -15,6 +15,7 @@ re-exports its functions, so `help(harness.evaluate)` shows their own docs and s
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,7 +114,7 @@ def evaluate(**options: Any) -> pd.DataFrame:
 
 
 def _section(options: dict[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """The keywords as a spec's [run] section: a tuple as a list, an lm-eval alias (output_path) as the
+    """The keywords as a spec's [run] section: a tuple as a list, a `Path` as text, an lm-eval alias (output_path) as the
     flag's own key (out), and None left out so the option keeps its default, as a flag not given
     would (converted, it would be the text "None"); `limit=None` stays, as the flag's 'all'."""
     aliases = {}
@@ -127,8 +128,15 @@ def _section(options: dict[str, Any], parser: argparse.ArgumentParser) -> dict[s
         name = aliases.get(key, key)
         if name in section:
             raise UsageError(f"{API} [run]: {key} is another name of {name}; give one of them")
-        section[name] = list(v) if isinstance(v, tuple) else v
+        section[name] = _value(v)
     return section
+
+
+def _value(v: Any) -> Any:
+    """A keyword's value as a spec's: a tuple as a list, a path object (`pathlib.Path`) as its text."""
+    if isinstance(v, (tuple, list)):
+        return [_value(x) for x in v]
+    return os.fspath(v) if isinstance(v, os.PathLike) else v
 
 
 def _cells_failed(rc: int, out: Path, cells: list[tuple[str, str]]) -> Exception:

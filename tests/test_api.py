@@ -155,3 +155,9 @@ def test_nothing_of_a_run_keeps_its_model_alive_after_the_call(tmp_path, common)
     search._SHARED_STATES["a state of an earlier run"] = object()
     harness.evaluate(methods=["unpruned"], limit=2, out=str(tmp_path / "o"), **common)
     assert search._SHARED_STATES == {}
+
+
+def test_a_path_object_is_a_path(monkeypatch, tmp_path):
+    """`out=tmp_path / "x"` (a pathlib.Path, as a notebook writes paths) was refused: 'expected a path in quotes'."""
+    args = _options(monkeypatch, **{**TINY, "model": tmp_path}, out=tmp_path / "x", data_dir=tmp_path, plans_from=tmp_path)
+    assert (args.out, args.data_dir, args.model, args.plans_from) == (tmp_path / "x", str(tmp_path), str(tmp_path), str(tmp_path))
