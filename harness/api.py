@@ -96,9 +96,9 @@ def evaluate(**options: Any) -> pd.DataFrame:
     args = to_namespace(Spec(API, {"run": _section(options, parser)}), "run", parser)  # the command's checks
     cfg = run_config(args)
     args.out = Path(args.out) if args.out else default_out(cfg)
-    from harness.run.quiet import kept
+    from harness.run.quiet import bars_off, kept
 
-    with kept():  # the run silences warnings and libraries' logs for the process: not the notebook's, after it
+    with kept(), bars_off(args.quiet):  # the run silences warnings and logs for the process: not the notebook's, after it
         try:
             rc = cmd_run(args)
         finally:  # nothing of the run keeps its model alive in the notebook (PDTrim's shared search state did)

@@ -1,13 +1,15 @@
 """Labelled, transient progress bars for the long loops of planning (calibration forwards, searches).
 
 Every bar goes to stderr, disappears when its loop ends (`leave=False`) and is silenced by
-TQDM_DISABLE=1, which `-q` sets; so planning shows what it is doing without adding to stdout.
+TQDM_DISABLE=1, which `-q` sets (read when each bar starts, since tqdm reads it only at import, and a notebook's
+tqdm.auto bars take no default from it); so planning shows what it is doing without adding to stdout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -16,7 +18,12 @@ def progress(items: Iterable, desc: str, total: int | None = None):
     """A transient bar over `items` named `desc`, with an ETA when `total` (or len(items)) is known."""
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, total=total, leave=False)
+    return tqdm(items, desc=desc, total=total, leave=False, disable=quiet())
+
+
+def quiet() -> bool:
+    """Whether `-q` (TQDM_DISABLE) turned the bars off."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
 
 
 def calib_batches(calib, batch_size: int, device, desc: str) -> Iterator[tuple[Any, Any]]:
@@ -31,7 +38,7 @@ def stage(desc: str) -> Iterator[None]:
     terminal names what is running and for how long."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=1, desc=desc, leave=False, bar_format="{desc}: {elapsed}")
+    bar = tqdm(total=1, desc=desc, leave=False, bar_format="{desc}: {elapsed}", disable=quiet())
     try:
         yield
     finally:
@@ -46,8 +53,8 @@ class SearchBars:
     def __init__(self, desc: str, steps: int) -> None:
         from tqdm.auto import tqdm
 
-        self.steps = tqdm(total=max(steps, 0), desc=f"{desc}: steps", leave=False, unit="step")
-        self.cands = tqdm(desc=f"{desc}: candidates evaluated this step", leave=False, unit="eval")
+        self.steps = tqdm(total=max(steps, 0), desc=f"{desc}: steps", leave=False, unit="step", disable=quiet())
+        self.cands = tqdm(desc=f"{desc}: candidates evaluated this step", leave=False, unit="eval", disable=quiet())
 
     def counted(self, fn: Callable[..., float]) -> Callable[..., float]:
         def wrapped(*args, **kwargs):

@@ -161,3 +161,16 @@ def test_a_path_object_is_a_path(monkeypatch, tmp_path):
     """`out=tmp_path / "x"` (a pathlib.Path, as a notebook writes paths) was refused: 'expected a path in quotes'."""
     args = _options(monkeypatch, **{**TINY, "model": tmp_path}, out=tmp_path / "x", data_dir=tmp_path, plans_from=tmp_path)
     assert (args.out, args.data_dir, args.model, args.plans_from) == (tmp_path / "x", str(tmp_path), str(tmp_path), str(tmp_path))
+
+
+def test_quiet_turns_the_bars_off_where_tqdm_was_imported_before(tmp_path, common, capfd, monkeypatch):
+    """quiet=True set TQDM_DISABLE, which tqdm reads once, at import: in a notebook (tqdm imported with torch before
+    the first run) lm-eval's and the planning bars still drew."""
+    import tqdm  # noqa: F401 - imported before the run, as in a notebook
+
+    from methods import bars
+
+    harness.evaluate(methods=["unpruned"], limit=2, out=str(tmp_path / "o"), **common)  # quiet=True
+    assert "it/s" not in capfd.readouterr().err
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # what -q sets during a run
+    assert bars.progress(range(2), "planning").disable and bars.SearchBars("search", 2).steps.disable

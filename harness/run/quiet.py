@@ -5,6 +5,7 @@ called from a longer-lived process (`harness.evaluate` in a notebook), whose own
 silenced."""
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -72,3 +73,21 @@ def kept() -> Iterator[None]:
             for name, level in levels.items():
                 logging.getLogger(name).setLevel(level)
             _set_bars(bars)
+
+
+@contextlib.contextmanager
+def bars_off(off: bool) -> Iterator[None]:
+    """With `off` (`quiet`), tqdm bars that do not pass `disable` themselves (lm-eval's, the methods') are off in the
+    block: TQDM_DISABLE, which `-q` sets, is read by tqdm once, at import, and a notebook imported it (with torch)
+    before its first run, so the variable alone left those bars on."""
+    if not off:
+        yield
+        return
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__dict__["__init__"]
+    tqdm.std.tqdm.__init__ = functools.partialmethod(init, disable=True)
+    try:
+        yield
+    finally:
+        tqdm.std.tqdm.__init__ = init
