@@ -134,7 +134,8 @@ def plugin_code(obj: object) -> dict[str, str]:
 
 def main_code(objs: list) -> dict[str, str]:
     """{"__main__.Name": digest} of the classes and functions defined in `__main__` (a notebook's cells, the script
-    run) among `objs`, and of those of `__main__` their code names, transitively (a helper function in another cell).
+    run) among `objs`, and of those of `__main__` their code names, transitively (a helper function in another cell),
+    with the plain values (str, numbers, tuples of them) of the notebook's globals they name.
     A class's digest covers its functions' bytecode, constants and names and its plain attributes (str, numbers,
     tuples of them), not file names or line numbers, which a notebook changes each time a cell runs again."""
     todo, out, seen = [o for o in objs if getattr(o, "__module__", None) == MAIN], {}, set()
@@ -149,7 +150,9 @@ def main_code(objs: list) -> dict[str, str]:
             if isinstance(value, FunctionType):
                 names = _hash_code(h, value.__code__)
                 h.update(repr([v for v in (value.__defaults__ or ()) + _closure(value) if _plain(v)]).encode())
-                todo += [g for n in sorted(names) if _is_main_def(g := value.__globals__.get(n))]
+                used = {n: value.__globals__[n] for n in sorted(names) if n in value.__globals__}
+                todo += [g for g in used.values() if _is_main_def(g)]
+                h.update(repr({n: g for n, g in used.items() if _plain(g)}).encode())  # a notebook's constant (DROP = 2)
             elif _is_main_def(value):
                 todo.append(value)  # a nested class (its Config): its own digest
                 h.update(value.__qualname__.encode())

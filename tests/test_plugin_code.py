@@ -359,8 +359,11 @@ from methods.depth.tail import Tail
 from methods.registry import register
 
 
+REVERSE = {reverse}
+
+
 def order(eligible):
-    return sorted(eligible, reverse={reverse})
+    return sorted(eligible, reverse=REVERSE)
 
 
 @register
@@ -395,7 +398,7 @@ def test_a_method_defined_in_a_notebook_has_its_code_digested(tiny, monkeypatch)
         # the same cell run again (a new file name, a line added above): the same digest
         cls = _run_cell("\n" + NOTEBOOK_CELL.format(reverse=True), "/tmp/ipykernel_1/2.py")
         assert plugin_code.plugin_code(cls()) == before
-        cls = _run_cell(NOTEBOOK_CELL.format(reverse=False), "/tmp/ipykernel_1/3.py")  # the helper edited
+        cls = _run_cell(NOTEBOOK_CELL.format(reverse=False), "/tmp/ipykernel_1/3.py")  # the helper's constant edited
         assert plugin_code.changes(before, plugin_code.plugin_code(cls())) == ["__main__.order"]
         assert cls(cls.Config(k=1)).make_plan(tiny.model, None, "disaggregated").decode_layers == (1, 2, 3)
     finally:
