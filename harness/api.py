@@ -35,7 +35,8 @@ API = Path("harness.evaluate()")  # how option errors name their source, as a sp
 
 def load_results(path: str | Path) -> pd.DataFrame:
     """Every finished record under `path` (a run folder, searched recursively, or one record file) as
-    tidy rows with the columns of `summary.csv`; numbers as numbers, a missing value as NaN.
+    tidy rows with the columns of `summary.csv`; numbers as numbers, a missing value as pandas' missing marker (NaN
+    in `value` and `stderr`, `<NA>` in the exact integer columns `kv_bytes_sent`, `kv_bytes_sent_paged`, `n_samples`).
 
     An unreadable record under a folder is skipped with a `HarnessWarning` naming it (as `python -m
     harness report` skips it); one given as `path` raises its `RecordError`."""
