@@ -16,6 +16,7 @@ re-exports its functions, so `help(harness.evaluate)` shows their own docs and s
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,7 +89,7 @@ def evaluate(**options: Any) -> pd.DataFrame:
     configuration's record); a failed cell raises `RuntimeError` after the others finished. Either
     names each failed cell and why. Ctrl-C raises `KeyboardInterrupt` (finished records are kept).
     The rows are this call's records only, not other runs' in `out` or below it."""
-    from harness.cli.run import cmd_run, default_out, run_config, run_parser
+    from harness.cli.run import default_out, run_config, run_parser
     from harness.cli.spec import Spec, to_namespace
     from harness.run import pipeline
     from harness.store.records import load, record_filename
@@ -97,21 +98,28 @@ def evaluate(**options: Any) -> pd.DataFrame:
     args = to_namespace(Spec(API, {"run": _section(options, parser)}), "run", parser)  # the command's checks
     cfg = run_config(args)
     args.out = Path(args.out) if args.out else default_out(cfg)
-    from harness.run.quiet import bars_off, kept
-
-    with kept(), bars_off(args.quiet):  # the run silences warnings and logs for the process: not the notebook's, after it
-        try:
-            rc = cmd_run(args)
-        finally:  # nothing of the run keeps its model alive in the notebook (PDTrim's shared search state did)
-            from methods.cached import release_models
-
-            release_models()
+    rc = _run(args)
     if rc == 130:  # Ctrl-C inside the run: cmd_run said what is kept; the interrupt is the caller's to handle
         raise KeyboardInterrupt
     cells = [(name, mode) for name in pipeline.prepare(cfg, need_data=False).methods for mode in cfg.modes]
     if rc != 0:  # swept variants (shortgpt@k=2) included above
         raise _cells_failed(rc, args.out, cells)
     return _table([load(f) for f in sorted(args.out / record_filename(*cell) for cell in cells)])  # load_results' order
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's run (its exit status), leaving the notebook as it was: the warning filters, library logs and
+    bars the run silences for the process put back, tqdm's bars off with `quiet` although tqdm was imported before
+    the run, and nothing of the run holding its model (PDTrim's shared search state did)."""
+    from harness.cli.run import cmd_run
+    from harness.run.quiet import bars_off, kept
+
+    with kept(), bars_off(args.quiet):
+        try:
+            return cmd_run(args)
+        finally:
+            if (cached := sys.modules.get("methods.cached")) is not None:
+                cached.release_models()
 
 
 def _section(options: dict[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
