@@ -43,7 +43,7 @@ def load_results(path: str | Path) -> pd.DataFrame:
     harness report` skips it); one given as `path` raises its `RecordError`."""
     from harness.store.records import RecordError, load, record_files_under
 
-    p = Path(path)
+    p = Path(path).expanduser()  # as evaluate's out (`out="~/runs/x"`) and the command's folders expand it
     if not p.exists():
         raise UsageError(f"load_results({str(path)!r}): no such file or folder")
     if p.is_file():

@@ -7,6 +7,7 @@ import inspect
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -139,8 +140,6 @@ def test_a_run_leaves_the_sessions_warnings_logs_and_environment_as_they_were(tm
 def test_a_folder_without_records_gives_the_same_columns_and_dtypes(tmp_path):
     """With no rows, `primary` was object (not bool) and the text columns object: concatenated with a filled
     frame, they became object columns."""
-    from pathlib import Path
-
     filled = harness.load_results(Path(__file__).resolve().parent.parent / "results" / "reference" / "quality")
     empty = harness.load_results(tmp_path)
     assert len(filled) and empty.empty
@@ -174,3 +173,11 @@ def test_quiet_turns_the_bars_off_where_tqdm_was_imported_before(tmp_path, commo
     assert "it/s" not in capfd.readouterr().err
     monkeypatch.setenv("TQDM_DISABLE", "1")  # what -q sets during a run
     assert bars.progress(range(2), "planning").disable and bars.SearchBars("search", 2).steps.disable
+
+
+def test_load_results_expands_the_home_folder_as_evaluate_does(tmp_path, monkeypatch):
+    """evaluate(out="~/runs/x") writes under the home folder (its flags expand `~`); load_results("~/runs/x") said
+    'no such file or folder'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(Path(__file__).resolve().parent.parent / "results" / "reference" / "quality", tmp_path / "runs")
+    assert harness.load_results("~/runs").equals(harness.load_results(tmp_path / "runs"))
