@@ -50,6 +50,7 @@ def load_plugins(spec: str | None = None) -> list[str]:
         if mod:
             plugin_code.note_plugin(mod)  # its records keep digests of its code (methods/plugin_code.py)
             _import_plugin(mod, f"HARNESS_PLUGINS names {mod!r}", functools.partial(importlib.import_module, mod))
+            plugin_code.note_loaded(mod)  # its KV policies' and tasks' code as loaded (methods register their own)
             loaded.append(mod)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         plugin_code.note_plugin(ep.value)

@@ -23,6 +23,7 @@ from types import CodeType, FunctionType
 PACKAGES = frozenset({"harness", "methods", "reports"})  # the harness's own code: named by the git commit
 MAIN = "__main__"  # a notebook's (or the script's) own definitions: plug-in code without a module file to digest
 _ROOTS: set[str] = set()  # top-level packages (or modules) of the plug-ins imported so far
+_AT_LOAD: dict[str, tuple[object, str]] = {}  # module -> (its __spec__, its file's digest as loaded): `_loaded_sha`
 
 
 def note_plugin(module: str) -> None:
@@ -222,12 +223,30 @@ def module_code(modules: set[str]) -> dict[str, str]:
     while todo:
         name = todo.pop()
         path = _file_of(name)
-        out[name] = _file_sha(path) if path and Path(path).is_file() else "?"
+        out[name] = _loaded_sha(name, path) if path and Path(path).is_file() else "?"
         if name.split(".")[0] not in roots:
             continue  # another package's module: itself, not what it imports
         todo |= {n for n in _imports(name) if n not in out and n.split(".")[0] not in PACKAGES
                  and not n.startswith("__") and (n.split(".")[0] in roots or _local(_file_of(n)))}
     return dict(sorted(out.items()))
+
+
+def _loaded_sha(name: str, path: str) -> str:
+    """The digest of the source module `name` runs: of its file when the module was first digested after each import
+    or `importlib.reload` (each gives it a new `__spec__`; `note_loaded` digests it as it loads), so a file edited on
+    disk but not reloaded (a notebook) is not taken for the code that runs; the file's digest now when not loaded."""
+    spec = getattr(sys.modules.get(name), "__spec__", None)
+    if spec is None:
+        return _file_sha(path)
+    seen = _AT_LOAD.get(name)
+    if seen is None or seen[0] is not spec:
+        seen = _AT_LOAD[name] = (spec, _file_sha(path))
+    return seen[1]
+
+
+def note_loaded(module: str) -> None:
+    """Digest the plug-in code of `module` as it is loaded (a plug-in registering a class, `load_plugins`)."""
+    module_code({module})
 
 
 def _file_sha(path: str) -> str:

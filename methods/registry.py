@@ -23,6 +23,7 @@ from typing import Any
 
 from harness.errors import UsageError
 from harness.registration import option_types, same_definition
+from methods import plugin_code
 from methods.base import Method
 
 _METHODS: dict[str, type[Method]] = {}
@@ -67,6 +68,7 @@ def register(cls: type[Method]) -> type[Method]:
     if missing:  # a run that sets none of its options builds Config()
         raise ValueError(f"method {cls.name!r}: every Config option needs a default; {', '.join(missing)} has none")
     _METHODS[cls.name] = cls
+    plugin_code.note_loaded(cls.__module__)  # the code that runs, not a later edit of its file (methods/plugin_code.py)
     return cls
 
 

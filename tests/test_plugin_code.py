@@ -403,3 +403,13 @@ def test_a_method_defined_in_a_notebook_has_its_code_digested(tiny, monkeypatch)
         assert cls(cls.Config(k=1)).make_plan(tiny.model, None, "disaggregated").decode_layers == (1, 2, 3)
     finally:
         registry.unregister("in_cell")
+
+
+def test_a_plugin_file_edited_but_not_reloaded_is_not_taken_for_the_code_that_runs(probe, tmp_path):
+    """A notebook's plug-in edited on disk without a reload still runs its old code, but its records took the new
+    file's digest: a fresh kernel running the new code then reused the old code's records as its own."""
+    loaded = plugin_code.plugin_code(methods.get(NAME))
+    (tmp_path / f"{MODULE}.py").write_text(SOURCE.replace("tail, as a plug-in", "tail, edited on disk"))
+    assert plugin_code.plugin_code(methods.get(NAME)) == loaded  # the code that runs is still the loaded one
+    probe(SOURCE.replace("tail, as a plug-in", "tail, edited on disk"))  # imported again: the edited code runs
+    assert plugin_code.changes(loaded, plugin_code.plugin_code(methods.get(NAME))) == [MODULE]
