@@ -126,6 +126,9 @@ def test_a_run_leaves_the_sessions_warnings_logs_and_environment_as_they_were(tm
     import os
     import warnings
 
+    import datasets  # noqa: F401 - imported by the notebook before the run: their levels are the notebook's
+    import transformers  # noqa: F401
+
     loggers = ("lm_eval", "transformers", "datasets", "accelerate", "huggingface_hub")
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     filters, levels = list(warnings.filters), {n: logging.getLogger(n).level for n in loggers}

@@ -60,6 +60,7 @@ def kept() -> Iterator[None]:
     levels (transformers' verbosity is its logger's level) and progress bars, and the environment variables `ENV`."""
     env = {k: os.environ.get(k) for k in ENV}
     levels = {name: logging.getLogger(name).level for name in LOGGERS}
+    imported = {lib for lib in ("transformers", "datasets") if lib in sys.modules}
     bars = _bars()
     with warnings.catch_warnings():
         try:
@@ -71,8 +72,16 @@ def kept() -> Iterator[None]:
                 else:
                     os.environ[k] = v
             for name, level in levels.items():
-                logging.getLogger(name).setLevel(level)
+                logging.getLogger(name).setLevel(level if name in imported else _first_level(name, level))
             _set_bars(bars)
+
+
+def _first_level(name: str, before: int) -> int:
+    """The level of logger `name` a library imported by the run sets itself at import (transformers' and datasets':
+    WARNING, or their *_VERBOSITY variable's), so that a notebook logging at INFO does not get their INFO lines."""
+    lib = sys.modules.get(name)
+    default = getattr(getattr(getattr(lib, "utils", None), "logging", None), "_get_default_logging_level", None)
+    return default() if default is not None else before
 
 
 @contextlib.contextmanager
