@@ -444,3 +444,18 @@ def test_check_outside_the_checkout_says_it_needs_the_repository(tmp_path, monke
     reference = str(ROOT / "results" / "reference")
     assert main(["check", "--against", reference, "--current", reference, "-q"]) == 0  # comparing needs no spec
     assert "regression check passed: 9 record(s)" in capsys.readouterr().out
+
+
+def test_check_refuses_a_reference_folder_without_records_before_the_rerun(tmp_path, capsys):
+    """An empty (or mistyped-into-the-wrong-folder) --against reran the whole CI spec, minutes, and only then
+    failed with exit 1 on 'no reference records'; it is bad input, refused at once with exit 2."""
+    from harness.cli import main
+
+    ref, spec = tmp_path / "ref", tmp_path / "tiny.toml"
+    ref.mkdir()
+    spec.write_text(TINY_SPEC)
+    assert main(["check", "--against", str(ref), "--spec", str(spec), "--out", str(tmp_path / "rerun"), "-q"]) == 2
+    assert not (tmp_path / "rerun").exists()  # refused before the spec ran
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --against {ref}: holds no reference records") and err.count("\n") == 1
+    assert main(["check", "--against", str(ref), "--current", str(REFERENCE), "-q"]) == 2

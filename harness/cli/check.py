@@ -43,6 +43,7 @@ def check_parser() -> argparse.ArgumentParser:
 
 def cmd_check(argv: list[str]) -> int:
     from harness.cli.spec import load_spec, run_spec
+    from harness.store.records import record_files_under
     from harness.store.references import check_paths, check_update
 
     args = check_parser().parse_args(argv)
@@ -57,6 +58,10 @@ def cmd_check(argv: list[str]) -> int:
     if not args.update and not args.against.is_dir():
         raise UsageError(f"--against {args.against}: no such folder of reference records "
                          f"(create it with: python -m harness check --against {args.against} --update)")
+    if not args.update and not record_files_under(args.against):  # before a rerun of minutes that could only fail
+        raise UsageError(f"--against {args.against}: holds no reference records (<method>__<mode>.json); give the "
+                         f"references' folder (e.g. results/reference), or create them with: python -m harness check "
+                         f"--against {args.against} --update")
     current = args.current
     if current is None:
         current = args.out or Path("results") / "runs" / f"check-{time.strftime('%Y%m%d-%H%M%S')}"
