@@ -54,3 +54,20 @@ def test_a_sweep_variants_plan_is_reused_by_the_plain_method_and_back(cli, data_
     assert r.returncode == 0, r.stderr[-2000:]
     reused = {x.method: x.config["plan_reused_from"] for x in records.load_dir(tmp_path / "c")}
     assert reused == {"tail@k=1": None, "tail@k=2": str(tmp_path / "b" / "tail__disaggregated.json")}
+
+
+def test_a_plans_from_without_a_matching_record_says_it_plans_afresh(cli, data_dir, tmp_path):
+    """A --plans-from folder with no record to reuse (mistyped, a parent folder, other options) planned afresh in
+    silence: for PDTrim minutes of search that the user meant to skip. The run now says so, and why."""
+    (tmp_path / "empty").mkdir()
+    r = cli("--model", "random:tiny", "--tasks", "arc_easy", "--limit", "2", "-q", "--methods", "tail", "--set", "tail.k=1",
+            "--plans-from", tmp_path / "empty", "--out", tmp_path / "a", data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"tail/disaggregated: no plan to reuse in --plans-from {tmp_path / 'empty'} " \
+           "(no record tail__disaggregated.json there); planning afresh" in r.stderr
+    r = cli("--model", "random:tiny", "--tasks", "arc_easy", "--limit", "2", "-q", "--methods", "tail", "--set", "tail.k=2",
+            "--plans-from", tmp_path / "a", "--out", tmp_path / "b", data_dir=data_dir)
+    assert r.returncode == 0 and "(its records there were made with another model, seed, method options" in r.stderr
+    lat = cli(*LATENCY, "--methods", "tail", "--set", "tail.k=1", "--plans-from", tmp_path / "empty",
+              "--out", tmp_path / "lat", data_dir=data_dir)
+    assert lat.returncode == 0 and "tail: no disaggregated plan to replay in --plans-from" in lat.stderr, lat.stderr[-2000:]

@@ -251,6 +251,8 @@ def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[
         else:
             if method.needs_calibration and calib is None:
                 calib = build_calibration(loaded.tokenizer, Path(cfg.data_dir) if cfg.data_dir else None, prepared.calib_config)
+            if cfg.plans_from:  # e.g. a folder without this method's disaggregated record: say so before the search
+                say(f"{name}: no disaggregated plan to replay in --plans-from {cfg.plans_from}; planning afresh")
             say(f"{name}: planning")
             plan, source = method.make_plan(model, calib, "disaggregated"), {"planned_on": cfg.model}
         plan_json = _as_json(plan.to_dict())

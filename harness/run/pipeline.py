@@ -297,6 +297,9 @@ def _cell_plan(st: _Run, name: str, method, mode: str, partial: dict) -> Pruning
         return reused[0]
     if "plan" in partial and not method.needs_replan_on_resume():
         return PruningPlan.from_dict(partial["plan"])
+    if st.cfg.plans_from and "plan" not in partial:  # say why, before a search of minutes a typo'd folder would cost
+        st.say(f"{name}/{mode}: no plan to reuse in --plans-from {st.cfg.plans_from} "
+               f"({reuse.why_not_reused(st.cfg, st.prepared, name, mode)}); planning afresh")
     st.say(f"{name}/{mode}: planning")
     with st.tracker.phase(f"planning {name}", f"{name}/{mode}", shown="planning"):
         if st.dist.enabled and not method.needs_replan_on_resume():  # plans are deterministic: plan once, share

@@ -39,6 +39,15 @@ def stored_plan(cfg: RunConfig, prepared, name: str, mode: str, options: dict,
     return None
 
 
+def why_not_reused(cfg: RunConfig, prepared, name: str, mode: str) -> str:
+    """Why `stored_plan` found nothing for `name`/`mode` in `cfg.plans_from`, for the run's note."""
+    if prepared.methods[name].needs_replan_on_resume():
+        return f"{name} plans with trained state no record keeps"
+    if not _candidates(Path(cfg.plans_from), name, mode):
+        return f"no record {rec.record_filename(name, mode)} there"
+    return "its records there were made with another model, seed, method options, calibration or code"
+
+
 def _other_weights(old: rec.RunRecord, inputs: dict) -> bool:
     """Whether `old` was planned on other weights than this run's (both fingerprints known and different)."""
     stored = old.inputs()
