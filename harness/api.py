@@ -40,7 +40,8 @@ def load_results(path: str | Path) -> pd.DataFrame:
     in `value` and `stderr`, `<NA>` in the exact integer columns `kv_bytes_sent`, `kv_bytes_sent_paged`, `n_samples`).
 
     An unreadable record under a folder is skipped with a `HarnessWarning` naming it (as `python -m
-    harness report` skips it); one given as `path` raises its `RecordError`."""
+    harness report` skips it); one given as `path` raises its `RecordError`. A folder without records
+    gives an empty table and a `HarnessWarning` saying so."""
     from harness.store.records import RecordError, load, record_files_under
 
     p = Path(path).expanduser()  # as evaluate's out (`out="~/runs/x"`) and the command's folders expand it
@@ -52,7 +53,11 @@ def load_results(path: str | Path) -> pd.DataFrame:
                              f"files); give the run folder: load_results({str(p.parent)!r})")
         return _table([load(p)])
     records = []
-    for f in record_files_under(p):
+    files = record_files_under(p)
+    if not files:  # a mistyped or not-yet-finished folder: an empty table would look like a run that scored nothing
+        warnings.warn(f"load_results({str(path)!r}): no run records (<method>__<mode>.json) under it; an empty table",
+                      HarnessWarning, stacklevel=2)
+    for f in files:
         try:
             records.append(load(f))
         except RecordError as e:  # one bad file must not hide the others

@@ -109,6 +109,14 @@ def test_load_results_skips_an_unreadable_record_with_a_warning(tmp_path, common
         harness.load_results(tmp_path / "run" / "summary.csv")
 
 
+def test_load_results_of_a_folder_without_records_warns(tmp_path):
+    """An existing folder with no records (a typo'd run name, a run not finished) gave an empty table in silence,
+    where `python -m harness report` exits 2 saying there are no run records."""
+    (tmp_path / "run").mkdir()
+    with pytest.warns(HarnessWarning, match=r"no run records \(<method>__<mode>\.json\) under it; an empty table"):
+        assert harness.load_results(tmp_path / "run").empty
+
+
 def test_help_shows_the_api_functions_own_docs_and_import_stays_light():
     import harness.api
 
