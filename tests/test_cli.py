@@ -109,6 +109,7 @@ def test_run_writes_records_and_summary_then_resumes(data_dir, tmp_path, cli):
     assert other.returncode == 2 and "different configuration" in other.stderr
     assert "holds work of a different configuration: " in other.stderr and all(f"{n} (run_key" in other.stderr for n in before)
     assert ": planning" not in other.stderr and {p.name: p.read_text() for p in out.glob("*__*.json")} == before
+    assert " loaded in " not in other.stderr  # refused before the model loads ("before any work": minutes for a large one)
 
 
 def test_calibrating_method_without_data_dir_exits_2(tmp_path, cli):

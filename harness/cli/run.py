@@ -256,6 +256,10 @@ def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path, t_star
     from harness.quality import distributed
     from harness.run import pipeline, progress
 
+    if Path(out).is_dir():  # another configuration's work in --out: refused before the model loads (minutes for a
+        from harness.run import reuse  # large one), as docs/running.md says; pipeline.run checks again
+
+        reuse.refuse_foreign_work(cfg, prepared, Path(out), lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
     tracker = progress.Tracker(progress.work_of(cfg, prepared), show=dist.is_main and not args.quiet,
                                since=t_start)
     if tracker.show:  # what the run will do, before any work
