@@ -78,3 +78,21 @@ def test_a_random_model_in_bfloat16_keeps_its_rotary_frequencies_in_float32():
     loaded = load_model("random:tiny", "cpu", "bfloat16")
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
     assert loaded.model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+def test_a_near_miss_of_a_known_model_name_is_named_when_the_hub_fails(monkeypatch):
+    """`--model smollm2` (for smollm2-135m) went to the hub and failed with the hub's connection error only."""
+    from harness.errors import UsageError
+    from harness.pd import models
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(models, "_from_pretrained", offline)
+    with pytest.raises(UsageError, match=r"--model smollm2: could not load it: OSError: .*\(did you mean smollm2-135m\? "
+                                         r"no hub access here\?"):
+        load_model("smollm2", device="cpu")
+    with pytest.raises(UsageError, match=r"\(did you mean random:tiny\? "):
+        load_model("random-tiny", device="cpu")
+    with pytest.raises(UsageError, match=r"could not load it: OSError: .*\(no hub access here\?"):
+        load_model("gpt2", device="cpu")  # a real hub id, nothing like the harness's names

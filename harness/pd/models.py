@@ -318,13 +318,24 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     except UsageError:
         raise
     except Exception as e:
-        hint = " (no hub access here? pass a local directory or a .gguf file)" if desc["kind"] == "hub" else ""
+        hint = f" ({_did_you_mean(spec)}no hub access here? pass a local directory or a .gguf file)" \
+            if desc["kind"] == "hub" else ""
         raise UsageError(f"--model {spec}: could not load it: {_one_line(e)}{hint}") from e
     desc.update({"class": type(model).__name__, "n_layers": model.config.num_hidden_layers})
     desc.update({"model_args": model_args} if model_args else {})
     if placement is not None:
         desc["device_map"] = device_map_summary(model)
     return _with_dtype(LoadedModel(model, tok, spec, desc))
+
+
+def _did_you_mean(spec: str) -> str:
+    """'did you mean smollm2-135m? ' for a hub id that is a near miss of a model the harness names itself (a typo
+    went to the hub, whose error says nothing of the names the harness knows), else ''."""
+    import difflib
+
+    names = [DEFAULT_MODEL, *(f"random:{p}" for p in PRESETS)]
+    close = difflib.get_close_matches(spec.lower(), names, n=1, cutoff=0.6)
+    return f"did you mean {close[0]}? " if close else ""
 
 
 def _random_loaded(spec: str, dt, dev, seed: int, placement: Placement | None, model_args: dict[str, Any]) -> LoadedModel:
