@@ -202,6 +202,30 @@ def test_plans_are_measured_in_interleaved_rounds(tiny, monkeypatch):
         m.extend(other)  # another plan's bytes: not one plan's runs
 
 
+def test_the_latency_rounds_say_an_eta(tiny, monkeypatch):
+    """A latency run printed only `method: workload (round r/R)`: minutes of rounds (an 8B shape at 8192 tokens)
+    with no ETA. After the first round each line says how long the rest takes, at each run's last time."""
+    import methods
+    from harness.run import latency_run
+
+    now, real = [0.0], latency_run.measure
+
+    def one_second_a_run(model, plan, w, **kw):  # a fake clock: every run, warm-up or measured, takes 1 s
+        now[0] += kw["warmup"] + kw["repeats"]
+        return real(model, plan, w, **kw)
+
+    monkeypatch.setattr(latency_run, "measure", one_second_a_run)
+    monkeypatch.setattr(latency_run, "perf_counter", lambda: now[0])
+    said: list[str] = []
+    cfg = latency_run.LatencyConfig(prompt_tokens=(12,), decode_tokens=(2,), batch_sizes=(1, 2), warmup=1, repeats=3)
+    dense = PruningPlan("unpruned", 4, (0, 1, 2, 3), (0, 1, 2, 3))
+    latency_run._measure_interleaved(cfg, tiny.model, [("unpruned", methods.get("unpruned")(), dense)], said.append)
+    assert said[:2] == ["unpruned: latency_T12_n2_b1 (round 1/3) · ETA after the first round",
+                        "unpruned: latency_T12_n2_b2 (round 1/3) · ETA after the first round"]
+    assert said[2:] == [f"unpruned: latency_T12_n2_b{b} (round {r}/3) · ETA {eta}"  # 1 s a run once warm-ups are out
+                        for r, b, eta in [(2, 1, "4.0 s"), (2, 2, "3.0 s"), (3, 1, "2.0 s"), (3, 2, "1.0 s")]]
+
+
 def test_two_process_transfer_receives_exactly_the_counted_bytes(tiny):
     import torch
 

@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 from harness.errors import UsageError
@@ -295,16 +296,30 @@ def _measure_interleaved(cfg: LatencyConfig, model, todo: list[tuple], say: Call
     round), so each plan's repeats sample the same stretches of the machine's load: on a shared machine
     another job slows ops by a factor that changes from minute to minute, and plans measured one after the
     other minutes apart then differ by the load, not by their layers. Applying a plan copies no weights."""
+    from harness.run.progress import fmt_s
+
     out: dict[str, dict] = {name: {} for name, _, _ in todo}
     moved: dict[tuple[str, str], dict] = {}
+    units = [(name, workload_name(w, mode)) for name, _, _ in todo
+             for w, mode in itertools.product(cfg.workloads(), cfg.decode_modes)]
+    last_s: dict[tuple[str, str], float] = {}  # each unit's latest measured run (round 1: its warm-ups divided out)
+    done = 0
     for r in range(cfg.repeats):
         for name, method, plan in todo:
             with method.apply(model, plan) as applied:
                 for w, mode in itertools.product(cfg.workloads(), cfg.decode_modes):
                     label = workload_name(w, mode)
-                    say(f"{name}: {label} (round {r + 1}/{cfg.repeats})")
+                    if r == 0:
+                        eta = "ETA after the first round"
+                    else:  # the rest of this round (this unit included) and the rounds after it, at each unit's last time
+                        rest = sum(last_s[u] for u in units[done % len(units):])
+                        eta = f"ETA {fmt_s(rest + (cfg.repeats - r - 1) * sum(last_s.values()))}"
+                    say(f"{name}: {label} (round {r + 1}/{cfg.repeats}) · {eta}")
+                    t0 = perf_counter()
                     m = measure(model, applied, w, warmup=cfg.warmup if r == 0 else 0, repeats=1, seed=cfg.seed,
                                 decode_mode=mode)
+                    last_s[name, label] = (perf_counter() - t0) / (1 + (cfg.warmup if r == 0 else 0))
+                    done += 1
                     if cfg.real_transfer and r == cfg.repeats - 1:  # once, while the handoff's tensors exist
                         moved[name, label] = _real_transfer(m, f"{name} {label}")
                     if label in out[name]:
