@@ -96,3 +96,14 @@ def test_a_near_miss_of_a_known_model_name_is_named_when_the_hub_fails(monkeypat
         load_model("random-tiny", device="cpu")
     with pytest.raises(UsageError, match=r"could not load it: OSError: .*\(no hub access here\?"):
         load_model("gpt2", device="cpu")  # a real hub id, nothing like the harness's names
+
+
+@pytest.mark.parametrize("device", ["cudax", "cuda:abc", "cuda0", "CPU", "gpu"])
+def test_a_misspelt_device_is_named_whatever_the_machine(device):
+    """`cudax` and `cuda:abc` passed the startswith("cuda") check: on a GPU machine torch.device raised its own
+    RuntimeError (a traceback); on a CPU one the message said CUDA is missing, not that the name is wrong."""
+    from harness.errors import UsageError
+    from harness.pd.models import resolve_device
+
+    with pytest.raises(UsageError, match=r"expected auto, cpu or cuda\[:N\]"):
+        resolve_device(device)

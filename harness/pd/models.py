@@ -181,10 +181,10 @@ class LoadedModel:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):  # 'cudax', 'cuda:abc': torch.device's RuntimeError
+        raise UsageError(f"--device {device!r}: expected auto, cpu or cuda[:N]")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise UsageError(f"--device {device!r}: expected auto, cpu or cuda[:N]")
     return torch.device(device)
 
 
