@@ -199,6 +199,11 @@ def test_report_cli_writes_everything_and_the_html_renders_in_chromium(tmp_path,
 def test_report_bad_input_exits_2_naming_the_problem(tmp_path, report):
     r = report(tmp_path / "nope")
     assert r.returncode == 2 and "no such file or folder" in r.stderr
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.csv").write_text("method,mode\n")  # the run's table, not a record: said so, not
+    r = report(tmp_path / "run" / "summary.csv")                       # "unreadable record (Expecting value: ...)"
+    assert r.returncode == 2 and f"summary.csv: not a run record (a run's records are its <method>__<mode>.json " \
+                                 f"files); give the run folder: {tmp_path / 'run'}" in r.stderr, r.stderr
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x__unified.json").write_text("{not json")
