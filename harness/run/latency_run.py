@@ -309,12 +309,12 @@ def _measure_interleaved(cfg: LatencyConfig, model, todo: list[tuple], say: Call
             with method.apply(model, plan) as applied:
                 for w, mode in itertools.product(cfg.workloads(), cfg.decode_modes):
                     label = workload_name(w, mode)
-                    if r == 0:
-                        eta = "ETA after the first round"
+                    if r == 0:  # one round only: no later round to estimate from
+                        eta = "ETA after the first round" if cfg.repeats > 1 else ""
                     else:  # the rest of this round (this unit included) and the rounds after it, at each unit's last time
                         rest = sum(last_s[u] for u in units[done % len(units):])
                         eta = f"ETA {fmt_s(rest + (cfg.repeats - r - 1) * sum(last_s.values()))}"
-                    say(f"{name}: {label} (round {r + 1}/{cfg.repeats}) · {eta}")
+                    say(f"{name}: {label} (round {r + 1}/{cfg.repeats})" + (f" · {eta}" if eta else ""))
                     t0 = perf_counter()
                     m = measure(model, applied, w, warmup=cfg.warmup if r == 0 else 0, repeats=1, seed=cfg.seed,
                                 decode_mode=mode)
