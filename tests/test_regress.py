@@ -459,3 +459,18 @@ def test_check_refuses_a_reference_folder_without_records_before_the_rerun(tmp_p
     err = capsys.readouterr().err
     assert err.startswith(f"error: --against {ref}: holds no reference records") and err.count("\n") == 1
     assert main(["check", "--against", str(ref), "--current", str(REFERENCE), "-q"]) == 2
+
+
+def test_a_rerun_into_an_out_holding_earlier_records_is_refused_not_compared(tmp_path, data_dir, cli):
+    """`check --out DIR` with DIR from an earlier check: the rerun reused DIR's records (run keys name the
+    configuration, not the code) and the gate compared, or --update installed, numbers this code never made."""
+    spec = tmp_path / "one.toml"
+    spec.write_text('[run]\nmodel = "random:tiny"\ndevice = "cpu"\nmethods = ["unpruned"]\ntasks = ["arc_easy"]\n'
+                    'limit = 2\nmode = "unified"\nout = "unused"\n')
+    ref, run1 = tmp_path / "ref", tmp_path / "run1"
+    r = cli("check", "--against", ref, "--spec", spec, "--out", run1, "--update", "-q", data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _edit(run1, "unpruned__unified.json", lambda d: d["scores"]["arc_easy"]["acc"].update(value=0.77))  # as older code made it
+    r = cli("check", "--against", ref, "--spec", spec, "--out", run1, "-q", data_dir=data_dir)
+    assert r.returncode == 2 and "holds the work of an earlier run (quality/unpruned__unified.json)" in r.stderr
+    assert f"--current {run1}" in r.stderr and "FAIL" not in r.stdout

@@ -65,6 +65,7 @@ def cmd_check(argv: list[str]) -> int:
     current = args.current
     if current is None:
         current = args.out or Path("results") / "runs" / f"check-{time.strftime('%Y%m%d-%H%M%S')}"
+        _refuse_earlier_work(current)
         if args.update:
             check_paths(args.against, current)  # before a rerun of minutes
         spec = load_spec(args.spec, flag="--spec")
@@ -89,6 +90,17 @@ def cmd_check(argv: list[str]) -> int:
     verdict = "passed" if res.ok else f"FAILED ({len(res.failures)} difference(s))"
     print(f"regression check {verdict}: {res.compared} record(s) of {current} compared with {args.against}")
     return 0 if res.ok else 1
+
+
+def _refuse_earlier_work(out: Path) -> None:
+    """A rerun into a folder holding an earlier run's records or resume states would reuse them (run keys name the
+    configuration, not the code), so the check would compare, or --update install, numbers this code never made."""
+    earlier = sorted(str(p.relative_to(out)) for p in out.rglob("*__*.json")) if out.is_dir() else []
+    if earlier:
+        shown = ", ".join(earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+        raise UsageError(f"--out {out}: holds the work of an earlier run ({shown}), which the rerun would reuse instead "
+                         "of computing it with this code; give a new --out, or compare those records as they are with "
+                         f"--current {out}")
 
 
 def _compare(reference: Path, current: Path, tolerance: float):
