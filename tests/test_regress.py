@@ -474,3 +474,15 @@ def test_a_rerun_into_an_out_holding_earlier_records_is_refused_not_compared(tmp
     r = cli("check", "--against", ref, "--spec", spec, "--out", run1, "-q", data_dir=data_dir)
     assert r.returncode == 2 and "holds the work of an earlier run (quality/unpruned__unified.json)" in r.stderr
     assert f"--current {run1}" in r.stderr and "FAIL" not in r.stdout
+
+
+def test_two_records_of_one_cell_under_the_rerun_fail_rather_than_the_last_one_winning(tmp_path):
+    """A --current folder holding two runs (an older copy beside quality/): the record found last was compared and
+    the other silently ignored, so the verdict depended on the folders' names."""
+    cur = _copy(tmp_path)
+    (cur / "a-older").mkdir()
+    shutil.copy(next(cur.rglob("shortgpt__unified.json")), cur / "a-older")
+    _edit(cur / "a-older", "shortgpt__unified.json", lambda d: d["scores"]["arc_easy"]["acc"].update(value=0.99))
+    res = check(REFERENCE, cur)
+    assert not res.ok and any("quality/shortgpt/unified: two records under" in f and "a-older" in f for f in res.failures)
+    assert check(REFERENCE, _copy(tmp_path / "again")).ok

@@ -46,14 +46,17 @@ class CheckResult:
 def _records(root: Path, res: CheckResult) -> dict[str, RunRecord]:
     """Records under `root` keyed by kind/method/mode (layout-independent). An unreadable record is skipped
     and counts as a failure naming it: a check must not pass without comparing every record."""
-    out = {}
+    out, where = {}, {}
     for p in record_files_under(root):  # not failed-cell notes, resume files or temp files
         try:
             r = load(p)
         except RecordError as e:
             res.failures.append(f"{e}; skipped (not compared)")
             continue
-        out[f"{r.config.get('kind', 'quality')}/{r.method}/{r.mode}"] = r
+        key = f"{r.config.get('kind', 'quality')}/{r.method}/{r.mode}"
+        if key in where:  # which of them is meant is not for the check to guess: the last one found used to win
+            res.failures.append(f"{key}: two records under {root} ({where[key]} and {p}); give a folder of one run")
+        out[key], where[key] = r, p
     return out
 
 
