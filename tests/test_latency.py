@@ -554,3 +554,20 @@ def test_the_timed_prefill_head_and_handoff_run_without_autograd(tiny, monkeypat
         monkeypatch.setattr(StagedModel, name, spying(getattr(StagedModel, name)))
     latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(8, 2, 1), warmup=0, repeats=1)
     assert seen and not any(seen)
+
+
+def test_a_record_measured_on_another_kind_of_device_is_not_reused(tmp_path, cli):
+    """`--device auto` names a CPU and a GPU alike: a folder measured on a GPU (a shared filesystem, committed
+    results) was 'reused' by a run on a CPU, and its milliseconds were tabled beside the CPU's."""
+    out = tmp_path / "lat"
+    args = ["latency", "--model", "random:tiny", "-q", "--prompt-tokens", "8", "--decode-tokens", "2", "--batch-size", "1",
+            "--repeats", "1", "--methods", "unpruned", "--out", str(out)]
+    assert cli(*args).returncode == 0
+    path = out / "unpruned__disaggregated.json"
+    assert cli(*args).returncode == 0  # measured here: reused
+    d = json.loads(path.read_text())
+    d["environment"]["device"] = "cuda:0"
+    path.write_text(json.dumps(d))
+    r = cli(*args)
+    assert r.returncode == 2 and "measured on cuda, and this run measures on cpu" in r.stderr, r.stderr[-2000:]
+    assert json.loads(path.read_text()) == d  # kept, not overwritten

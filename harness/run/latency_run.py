@@ -264,8 +264,19 @@ def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[
         if old is not None and (kind != "latency" or record_identity(old, method) != current_identity(cfg, name, method, plan_json)):
             raise UsageError(f"{path} holds a {name}/disaggregated {kind} record of a different configuration "
                              f"(run_key {old.run_key}; this run's {key}); use another --out or remove it")
+        if old is not None:
+            _refuse_other_device(path, old, arch.model_device(model).type)
         out.append((name, method, plan, source, key, old))
     return out
+
+
+def _refuse_other_device(path: Path, old: rec.RunRecord, kind: str) -> None:
+    """A finished record measured on another kind of device (`--device auto` is one configuration on a CPU and on a
+    GPU) is not this run's measurement: reused, its milliseconds would sit beside this device's in one table."""
+    then = str(old.environment.get("device") or "?").split(":")[0]
+    if then != kind:
+        raise UsageError(f"{path} holds a {old.method} latency record measured on {then}, and this run measures on "
+                         f"{kind}; use another --out (or --device {then} on a machine that has it), or remove it")
 
 
 def _latency_record(cfg: LatencyConfig, name: str, method, key: str, plan, env: dict, model_desc: dict, measured: tuple,
