@@ -136,3 +136,16 @@ def test_the_same_seed_gives_the_same_plans_and_scores(tiny, data_dir, tmp_path)
     # other seeds draw another calibration set and another random order
     assert a[0].plan["info"]["permutation"] != c[0].plan["info"]["permutation"]
     assert a[1].calibration != c[1].calibration
+
+
+@pytest.mark.parametrize("text", ['{"run_key": "abc", "tas', "[]", '{"tasks": {}}'])
+def test_an_unreadable_resume_state_is_replaced_not_a_failure_on_every_rerun(data_dir, tmp_path, cli, text):
+    """A `.partial.json` that does not parse as a resume state (torn by a copy, edited, not an object) failed its
+    cell with a JSONDecodeError on every rerun, though 'rerun the same command' was the advice."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "unpruned__unified.partial.json").write_text(text)
+    r = cli(*TINY, "--methods", "unpruned", "--tasks", "arc_easy", "--limit", "2", "--mode", "unified", "--out", out,
+            data_dir=data_dir)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (out / "unpruned__unified.json").exists() and not (out / "unpruned__unified.partial.json").exists()

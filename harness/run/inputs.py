@@ -171,6 +171,8 @@ def refuse_stale_work(cfg, prepared, out_dir: Path, now: dict) -> None:
                 doc = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
             except (OSError, ValueError):
                 continue  # unreadable: the run's own checks name it
+            if not isinstance(doc, dict):  # not a record or resume state at all: the same
+                continue
             is_record = path.name == rec.record_filename(name, mode)
             then = (doc.get("extra") or {}).get("inputs") if is_record else doc.get("inputs")
             calibrates = prepared.methods[name].needs_calibration

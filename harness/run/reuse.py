@@ -229,7 +229,7 @@ def refuse_foreign_work(cfg: RunConfig, prepared, out_dir: Path, identity: Calla
                 old = rec.load_cell(final)  # an unreadable cell file: refused, not replaced
                 if foreign(cfg, method, old, key, (name, mode, calib_desc, task_opts)):
                     found.append(f"{final.name} (run_key {old.run_key} != {key})")
-            elif partial.exists() and (doc := _partial_doc(partial)) is not None and \
+            elif partial.exists() and (doc := partial_doc(partial)) is not None and \
                     not resumable(cfg, method, doc, key, (name, mode, calib_desc, task_opts)):
                 found.append(f"{partial.name} (unfinished, run_key {doc.get('run_key')} != {key})")
     if found:
@@ -237,7 +237,7 @@ def refuse_foreign_work(cfg: RunConfig, prepared, out_dir: Path, identity: Calla
                          "rerun that configuration to finish it, or remove those files")
 
 
-def _partial_doc(path: Path) -> dict | None:
+def partial_doc(path: Path) -> dict | None:
     """A resume state's content; None when torn or keyless (it is replaced, as before)."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
