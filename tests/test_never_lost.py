@@ -285,3 +285,18 @@ def test_records_summaries_and_reports_honour_the_umask(umask, tmp_path):
         os.umask(old)
     assert len(written) > 10 and any(p.suffix == ".png" for p in written)
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: oct(0o666 & ~umask) for p in written}
+
+
+def test_check_update_refuses_to_drop_a_reference_whose_rerun_cell_failed(tmp_path, capsys):
+    """--current whose shortgpt/unified cell failed (its note, no record): the update swapped in the other records
+    and the references silently lost shortgpt/unified."""
+    ref, cur = _refs(tmp_path), _refs(tmp_path, "cur")
+    before = snapshot(ref)
+    (cur / "quality" / "shortgpt__unified.json").unlink()
+    (cur / "quality" / "shortgpt__unified.failed.json").write_text("{}")
+    assert cli_main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 2
+    assert "failed or did not finish (quality/shortgpt__unified.failed.json)" in capsys.readouterr().err
+    assert snapshot(ref) == before
+    (cur / "quality" / "shortgpt__unified.failed.json").unlink()  # dropped on purpose
+    assert cli_main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 0
+    assert not (ref / "quality" / "shortgpt__unified.json").exists()

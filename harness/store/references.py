@@ -96,7 +96,26 @@ def check_update(reference: Path, current: Path) -> dict[str, list[Path]]:
                          + (" (its records lie directly in it: a run folder, not a check rerun)" if flat else "")
                          + "; give a rerun folder laid out like the references, e.g. DIR/quality and DIR/latency "
                            "(python -m harness check --against REF --out DIR makes one)")
+    _refuse_dropping_unfinished(reference, current)
     return sources
+
+
+UNFINISHED = (".failed.json", ".partial.json")  # a cell that failed, or stopped between tasks (harness/store/records.py)
+
+
+def _refuse_dropping_unfinished(reference: Path, current: Path) -> None:
+    """Refuse an update that would drop a reference record because its cell failed or did not finish in the
+    rerun (a failed-cell note or resume state, and no record): the references would lose it silently."""
+    lost = []
+    for sub in (d for d in _visible(current) if d.is_dir()):
+        for note in _visible(sub):
+            stem = next((note.name[: -len(u)] for u in UNFINISHED if note.name.endswith(u)), None)
+            if stem and (reference / sub.name / f"{stem}.json").is_file() and not (sub / f"{stem}.json").exists():
+                lost.append(f"{sub.name}/{note.name}")
+    if lost:
+        raise UsageError(f"--current {current}: cell(s) of the rerun failed or did not finish ({', '.join(lost)}), "
+                         f"so --update would drop their records from {reference}; rerun them to finish (the same "
+                         "command resumes), or remove those files to drop the records on purpose")
 
 
 def update_references(reference: Path, current: Path) -> int:
