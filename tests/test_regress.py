@@ -486,3 +486,19 @@ def test_two_records_of_one_cell_under_the_rerun_fail_rather_than_the_last_one_w
     res = check(REFERENCE, cur)
     assert not res.ok and any("quality/shortgpt/unified: two records under" in f and "a-older" in f for f in res.failures)
     assert check(REFERENCE, _copy(tmp_path / "again")).ok
+
+
+@pytest.mark.parametrize("where", ["inside", "same", "around"])
+def test_a_rerun_inside_or_around_the_references_is_refused(tmp_path, cli, where):
+    """`check --against R --out R/x`: the rerun's records, found under R as well, became the references (the last
+    found won) and the check compared the rerun with itself and passed, whatever R held."""
+    ref = _copy(tmp_path) if where != "around" else _copy(tmp_path / "box")
+    out = {"inside": ref / "x", "same": ref, "around": tmp_path / "box"}[where]
+    spec = tmp_path / "one.toml"
+    spec.write_text('[run]\nmodel = "random:tiny"\ndevice = "cpu"\nmethods = ["unpruned"]\ntasks = ["arc_easy"]\n'
+                    'limit = 2\nmode = "unified"\nout = "unused"\n')
+    r = cli("check", "--against", ref, "--spec", spec, "--out", out, "-q")
+    assert r.returncode == 2 and ("is inside" in r.stderr or "is the reference folder itself" in r.stderr), r.stderr[-2000:]
+    if where == "inside":
+        r = cli("check", "--against", ref, "--current", ref / "quality")
+        assert r.returncode == 2 and "--current" in r.stderr and "is inside the reference folder" in r.stderr

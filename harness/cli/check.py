@@ -44,7 +44,7 @@ def check_parser() -> argparse.ArgumentParser:
 def cmd_check(argv: list[str]) -> int:
     from harness.cli.spec import load_spec, run_spec
     from harness.store.records import record_files_under
-    from harness.store.references import check_paths, check_update
+    from harness.store.references import check_paths, check_update, refuse_nested
 
     args = check_parser().parse_args(argv)
     if args.latency_tolerance < 0:
@@ -65,6 +65,7 @@ def cmd_check(argv: list[str]) -> int:
     current = args.current
     if current is None:
         current = args.out or Path("results") / "runs" / f"check-{time.strftime('%Y%m%d-%H%M%S')}"
+        refuse_nested(args.against, current, "--out", same_ok=False)
         _refuse_earlier_work(current)
         if args.update:
             check_paths(args.against, current)  # before a rerun of minutes
@@ -80,6 +81,8 @@ def cmd_check(argv: list[str]) -> int:
         raise UsageError(f"--current {current}: no such folder")
     elif args.update:
         check_update(args.against, current)  # refuse before anything is touched
+    else:
+        refuse_nested(args.against, current)
     if args.update:
         return _update(args.against, current)
     res = _compare(args.against, current, args.latency_tolerance)

@@ -71,10 +71,7 @@ def check_paths(reference: Path, current: Path) -> None:
     if ref == cur:
         raise UsageError(f"--current {current} is the reference folder itself; give the folder of a rerun "
                          f"(e.g. results/runs/check-<time>) to refresh {reference} from")
-    if cur.is_relative_to(ref):
-        raise UsageError(f"--current {current} is inside the reference folder {reference}; give a rerun folder outside it")
-    if ref.is_relative_to(cur):
-        raise UsageError(f"--against {reference} is inside --current {current}; keep the references outside the rerun folder")
+    refuse_nested(reference, current)
     if reference.exists() and not reference.is_dir():
         raise UsageError(f"--against {reference}: exists and is not a folder of reference records")
     if reference.is_dir():
@@ -84,6 +81,18 @@ def check_paths(reference: Path, current: Path) -> None:
             raise UsageError(f"--against {reference} is not a reference folder (it holds {shown}; references are "
                              "subfolders of run records and summary.csv only); --update replaces only reference folders: "
                              "give the existing references or a new folder")
+
+
+def refuse_nested(reference: Path, current: Path, flag: str = "--current", same_ok: bool = True) -> None:
+    """Refuse a rerun folder inside the references or around them (or, unless `same_ok`, the references themselves):
+    each would read the other's records as its own (a check compared the rerun with itself and passed)."""
+    ref, cur = reference.resolve(), current.resolve()
+    if cur == ref and not same_ok:
+        raise UsageError(f"{flag} {current} is the reference folder itself; give a new folder for the rerun")
+    if cur != ref and cur.is_relative_to(ref):
+        raise UsageError(f"{flag} {current} is inside the reference folder {reference}; give a rerun folder outside it")
+    if cur != ref and ref.is_relative_to(cur):
+        raise UsageError(f"--against {reference} is inside {flag} {current}; keep the references outside the rerun folder")
 
 
 def check_update(reference: Path, current: Path) -> dict[str, list[Path]]:
