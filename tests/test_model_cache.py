@@ -145,3 +145,17 @@ def test_a_failed_conversion_leaves_nothing_half_written(fake_gguf, tmp_path, mo
     assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")] == []
     assert load_model(str(fake_gguf), device="cpu", dtype="float32").model.config.num_hidden_layers == 4
     _assert_complete(_entry(tmp_path))
+
+
+def test_other_weights_in_a_gguf_of_the_same_name_and_size_are_converted_anew(fake_gguf, tmp_path, monkeypatch):
+    """The cache key read the first MiB and the size only; a GGUF's first MiB is metadata (SmolLM2's tensor data
+    starts at 1.7 MB), so a fine-tune written over the same file reused the old weights' conversion."""
+    _stand_in(tmp_path, monkeypatch)
+    head = os.urandom(1 << 20)
+    fake_gguf.write_bytes(head + os.urandom(3 << 20))
+    load_model(str(fake_gguf), device="cpu", dtype="float32")
+    load_model(str(fake_gguf), device="cpu", dtype="float32")
+    assert _conversions(tmp_path) == 1  # the same file: converted once
+    fake_gguf.write_bytes(head + os.urandom(3 << 20))  # same metadata and size, other tensor data
+    load_model(str(fake_gguf), device="cpu", dtype="float32")
+    assert _conversions(tmp_path) == 2
