@@ -202,8 +202,10 @@ def _cell_processes(marker: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("backend", ["local", "ray"])
-def test_ctrl_c_stops_the_sweep_and_starts_no_queued_cell(tmp_path, data_dir, backend):
+@pytest.mark.parametrize("backend, sig", [("local", signal.SIGINT), ("ray", signal.SIGINT), ("local", signal.SIGTERM)])
+def test_ctrl_c_stops_the_sweep_and_starts_no_queued_cell(tmp_path, data_dir, backend, sig):
+    """SIGTERM (a scheduler's or `timeout`'s stop) as Ctrl-C: it killed the sweep alone, and its cells ran on as
+    orphans, holding their folders, so a rerun's cells failed with 'in use by another harness process'."""
     if backend == "ray":
         pytest.importorskip("ray")
     spec = write_spec(tmp_path / "spec.toml", run={**RUN, "out": str(tmp_path / "q")})
@@ -216,7 +218,7 @@ def test_ctrl_c_stops_the_sweep_and_starts_no_queued_cell(tmp_path, data_dir, ba
             time.sleep(0.05)
         running = _cell_processes(f"{cells}/")
         assert len(running) == 1, "the first cell's process never started"
-        sweep.send_signal(signal.SIGINT)  # to the sweep only, as `kill -INT`; a terminal's Ctrl-C would reach the cell too
+        sweep.send_signal(sig)  # to the sweep only, as `kill -INT`; a terminal's Ctrl-C would reach the cell too
         t0 = time.monotonic()
         out, err = sweep.communicate(timeout=120)
     finally:
