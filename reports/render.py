@@ -64,6 +64,25 @@ def bandwidth_note(col: Collection, bandwidth_gbit: float) -> list[str]:
             f"{', '.join(f'{b:g}' for b in held)} Gbit/s (give --bandwidth one of those)"]
 
 
+TABLES = ("quality", "paired", "efficiency", "long_context", "plans")  # build_tables' names: tables/<name>.{md,tex,csv}
+
+
+def remove_stale_outputs(out: Path, rep: Report, plots: bool) -> list[Path]:
+    """Remove the tables (and, when the figures were rendered, the figures) an earlier report wrote into `out` that
+    this one did not: a table or figure without data now is not left beside the new ones (a paper's
+    \\input{tables/efficiency.tex} read the latency of records no longer reported)."""
+    from reports.plots import PLOTS
+
+    written = {t.attrs["name"] for t in rep.tables}
+    stale = [out / "tables" / f"{n}.{ext}" for n in TABLES if n not in written for ext in ("md", "tex", "csv")]
+    if plots:
+        stale += [out / "figures" / f"{n}.{ext}" for n in PLOTS if n not in rep.figures for ext in ("png", "svg")]
+    gone = [p for p in stale if p.is_file()]
+    for p in gone:
+        p.unlink()
+    return gone
+
+
 def render_report(paths: list[Path], out: Path, convention: str = "paper", bandwidth_gbit: float = 100.0,
                   html: bool = True, plots: bool = True, model: str | None = None, baseline: str = "unpruned") -> Report:
     """Tables (grouped by model) and, with `plots`, figures of one model: records of several models
@@ -94,6 +113,7 @@ def render_report(paths: list[Path], out: Path, convention: str = "paper", bandw
         if left_out:  # a task some records lack is left out of every figure's average, not those records
             rep.missing.append(f"figures: scores averaged over the {len(shared)} task(s) every record scored "
                                f"({', '.join(shared) or 'none'}); left out: {', '.join(left_out)}")
+    remove_stale_outputs(out, rep, plots)
     if html:
         from reports.html import render_html
         from reports.plots import PLOTS

@@ -316,3 +316,22 @@ def test_report_notes_failed_cells_and_still_renders(tmp_path, capsys):
     # the note belongs to folder a (SmolLM2): a report of random:tiny does not mention it
     rc, _, err = _report_in_process(capsys, a, b, "--model", "random:tiny", "--out", tmp_path / "tiny")
     assert rc == 0 and "pdtrim/unified failed" not in err
+
+
+def test_a_rerender_into_the_same_folder_leaves_no_table_or_figure_of_the_earlier_one(tmp_path, capsys):
+    """A report of quality and latency records, then one of the quality records alone into the same --out: the
+    efficiency table and the latency figures of the first stayed beside the new files (a paper's
+    \\input{tables/efficiency.tex} read latency no longer reported)."""
+    out = tmp_path / "rep"
+    rc, _, err = _report_in_process(capsys, QUALITY, LATENCY, "--out", out)
+    assert rc == 0, err
+    assert (out / "tables" / "efficiency.tex").exists() and (out / "figures" / "latency_bars.png").exists()
+    mine = out / "tables" / "notes.txt"
+    mine.write_text("not the report's")
+    rc, _, err = _report_in_process(capsys, QUALITY, "--out", out)
+    assert rc == 0, err
+    assert not list((out / "tables").glob("efficiency.*")) and not list((out / "figures").glob("latency_bars.*"))
+    assert (out / "tables" / "quality.tex").exists() and mine.read_text() == "not the report's"
+    rc, _, err = _report_in_process(capsys, LATENCY, "--no-plots", "--out", out)
+    assert rc == 0, err
+    assert not list((out / "tables").glob("quality.*")) and (out / "figures" / "score_vs_blocks.png").exists()
