@@ -312,3 +312,19 @@ def test_a_sweep_into_another_configurations_folder_is_refused_before_any_cell(t
     assert res.returncode == 2, res.stdout + res.stderr[-3000:]
     assert f"error: {tmp_path / 'q'} holds work of a different configuration: unpruned__unified.json" in res.stderr
     assert not (tmp_path / "q" / ".sweep").exists()  # no cell started
+
+
+def test_another_configurations_record_left_in_a_cells_folder_is_refused_not_moved_into_the_run(tmp_path):
+    """A record a killed sweep's cell finished but never moved, and the spec changed since: the next sweep's cell
+    start moved it into the run folder (then the cell refused it, naming a file no longer there), leaving another
+    configuration's record among the run's records and in its summary.csv."""
+    from harness.cli.sweep_plan import expand
+    from harness.errors import UsageError
+    from harness.store.records import save
+
+    spec = write_spec(tmp_path / "spec.toml", run={**RUN, "out": str(tmp_path / "q")})
+    cell_dir = (tmp_path / "q").resolve() / ".sweep" / "tail__unified"
+    save(_record("tail", "unified"), cell_dir)
+    with pytest.raises(UsageError, match=r"\.sweep/tail__unified holds work of a different configuration: tail__unified"):
+        expand(spec, None)
+    assert not (tmp_path / "q" / "tail__unified.json").exists() and (cell_dir / "tail__unified.json").exists()

@@ -69,12 +69,12 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     data_dir = cfg.data_dir
     prepared = pipeline.prepare(cfg)  # method names and every --set option, as the full run would check them
     check_tasks(cfg.tasks, cfg.data_dir)
-    # another configuration's records in the folder: refused now, as `run` does, not by every cell after its start
-    reuse.refuse_foreign_work(cfg, prepared, run_out, lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
+    # another configuration's records, or work from other data or code (no model needed), refused now, as `run` does,
+    # not by every cell after its start: in the run folder, and in the cells' own folders, where an interrupted sweep
+    # left its resume states and records it never moved (the cell's start would move such a record into the run folder)
     now = inputs.digests(cfg, prepared=prepared)
-    # and work from other data or code (no model needed): the run folder's, and that of the cells' own folders, where
-    # an interrupted sweep left its resume states
     for folder in [run_out, *sorted(p for p in (run_out / ".sweep").glob("*") if p.is_dir())]:
+        reuse.refuse_foreign_work(cfg, prepared, folder, lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
         inputs.refuse_stale_work(cfg, prepared, folder, now)
     if cfg.num_fewshot:  # a few-shot pool too small: refused now, not by every cell after its model load
         _check_fewshot(cfg)
