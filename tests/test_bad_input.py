@@ -206,6 +206,9 @@ CASES = [
      "unpruned__unified.json: field 'scores' is a JSON list, expected an object"),
     ("report-score-wrong-type", lambda t, d, r: ["report", _record_copy(t, r, lambda x: _with(
         x, scores={"arc_easy": {"acc": {"value": "high"}}})), "--out", t / "rep"], "scores['arc_easy']['acc'] must be"),
+    # an unset shell variable: the run wrote its records into the current folder, check compared every record under it
+    ("out-empty", lambda t, d, r: [*ONE_CELL, "--out", ""], "argument --out/--output_path: an empty path (an unset shell"),
+    ("check-against-empty", lambda t, d, r: ["check", "--against", "", "--current", r], "argument --against: an empty path"),
 ]
 
 

@@ -56,7 +56,10 @@ def need_records_folder(path: str | None, flag: str) -> None:
 
 
 def user_dir(s: str) -> Path:
-    """`user_path` as a Path (--out=~/runs/x)."""
+    """`user_path` as a Path (--out=~/runs/x). An empty one is refused: `--out "$OUT"` with OUT unset wrote a run's
+    records into the current folder, and `check --against ""` compared every record under it."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?); give a folder, or . for the current one")
     return Path(user_path(s))
 
 
