@@ -373,3 +373,20 @@ def test_a_record_planned_on_other_weights_behind_the_same_path_is_not_replayed(
     err = capsys.readouterr().err
     assert "its plan was made on another model" in err and "the model's weights (model digest" in err, err
     assert not (tmp_path / "other").exists()
+
+
+def test_a_replayed_record_loads_its_model_with_the_records_model_args(tiny, tmp_path, capsys):
+    """A run made with --model_args (a hub model's revision=...) was replayed onto the model loaded without them:
+    another revision's weights under the record's plan."""
+    from harness.store import records as rec
+
+    record = rec.RunRecord(method="tail", mode="unified", run_key="k", plan={}, environment={},
+                           config={"model": "random:tiny", "seed": 0, "method_options": {"k": 1},
+                                   "model_args": "attn_implementation=eager"},
+                           model={}, calibration=None, scores={}, kv={}, n_samples={}, lm_eval={}, timing_s={}, created="")
+    record.plan = methods.get("tail")(methods.get("tail").Config(k=1)).plan(tiny.model, None, "unified").to_dict()
+    path = rec.save(record, tmp_path / "run")
+    assert cli_main(["export", "--device", "cpu", "--record", str(path), "--out", str(tmp_path / "e")]) == 0, \
+        capsys.readouterr().err
+    info = json.loads((tmp_path / "e" / "harness_export.json").read_text())
+    assert info["source_model"]["model_args"] == {"attn_implementation": "eager"}

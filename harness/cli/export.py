@@ -258,11 +258,13 @@ def _export(args: argparse.Namespace, source: Source, method, calib_config, data
     check_writable(tmp.parent, "--out")  # the export is written beside --out: that folder must take files
 
     from harness.pd import arch
-    from harness.pd.models import load_model
+    from harness.pd.models import load_model, parse_model_args
     from methods.plugin_code import plugin_code
 
     t0 = time.perf_counter()
-    loaded = load_model(source.model, args.device, args.dtype, source.seed)
+    # a replayed record's model as the run loaded it: its --model_args (e.g. a hub model's revision) too
+    model_args = parse_model_args(source.record.config.get("model_args")) if source.record is not None else {}
+    loaded = load_model(source.model, args.device, args.dtype, source.seed, model_args=model_args)
     say = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     say(f"model {source.model} loaded ({arch.n_layers(loaded.model)} layers)")
     plan, calib = _plan_to_export(source, method, calib_config, loaded, data_dir, say)
