@@ -502,3 +502,13 @@ def test_a_rerun_inside_or_around_the_references_is_refused(tmp_path, cli, where
     if where == "inside":
         r = cli("check", "--against", ref, "--current", ref / "quality")
         assert r.returncode == 2 and "--current" in r.stderr and "is inside the reference folder" in r.stderr
+
+
+def test_a_rerun_on_other_items_fails_even_where_no_kv_bytes_differ(tmp_path):
+    """A unified cell sends no KV bytes, so a rerun at another --limit was judged by its scores alone and passed
+    whenever they stayed within the reference's stderrs."""
+    cur = _copy(tmp_path)
+    _edit(cur, "shortgpt__unified.json", lambda d: d["n_samples"].update(arc_easy=12))
+    res = check(REFERENCE, cur)
+    assert not res.ok and res.failures == ["shortgpt/unified: arc_easy evaluated on 12 items, the reference on 24 "
+                                           "(another --limit or task version?)"]

@@ -122,6 +122,15 @@ def compare_scores(where: str, ref: RunRecord, cur: RunRecord, res: CheckResult)
                                         f"({100 * diff:+.1f} points; allowed ±{100 * tol:.1f} = {how})")
 
 
+def compare_items(where: str, ref: RunRecord, cur: RunRecord, res: CheckResult) -> None:
+    """Each task's item count must match: scores of another --limit (a unified cell sends no KV bytes that would
+    differ) passed whenever they stayed within the reference's stderrs."""
+    for task, n in ref.n_samples.items():
+        if task in ref.scores and cur.n_samples.get(task) != n:
+            res.failures.append(f"{where}: {task} evaluated on {cur.n_samples.get(task)} items, the reference on {n} "
+                                "(another --limit or task version?)")
+
+
 def device_kind(r: RunRecord) -> str:
     return str(r.environment.get("device") or "?").split(":")[0]
 
@@ -209,6 +218,7 @@ def check(reference: Path, current: Path, latency_tolerance: float = RATIO_TOLER
         if key.startswith("latency/"):
             latency_notes(where, r, c, res)
         else:
+            compare_items(where, r, c, res)
             compare_scores(where, r, c, res)
     lat = lambda recs: {k.split("/", 1)[1]: r for k, r in recs.items() if k.startswith("latency/")}  # noqa: E731
     if lat(ref):
