@@ -245,7 +245,7 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
             reuse.note_unlogged(st.out_dir, name, mode, cfg.tasks, final.name, st.say)
         return done
     partial_path = _partial_path(st.out_dir, name, mode)
-    partial = _resume_state(st, name, mode, partial_path)
+    partial = reuse.resume_state(partial_path, lambda why: st.say(f"{name}/{mode}: {why}"))
     if not reuse.resumable(cfg, method, partial, key, (name, mode, calib_desc, task_opts)):
         partial = {"run_key": key, "tasks": {}, "inputs": st.inputs}
     partial.update(run_key=key, data_dir=cfg.data_dir)  # a moved data folder's resume state goes on under this one
@@ -277,18 +277,6 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
         _tidy(st, name, mode)
     st.dist.barrier()
     return rec.load(final)  # the record as stored (JSON types), same as a later reader sees
-
-
-def _resume_state(st: _Run, name: str, mode: str, path: Path) -> dict:
-    """The cell's `.partial.json`, or {} when there is none or it does not parse as one (torn, not an object, no
-    run key): it is replaced as the cell starts afresh, as `reuse.refuse_foreign_work` let it be, rather than
-    failing the cell on every rerun."""
-    if not path.exists():
-        return {}
-    doc = reuse.partial_doc(path)
-    if doc is None:
-        st.say(f"{name}/{mode}: {path.name} is not a readable resume state; the cell starts afresh")
-    return doc or {}
 
 
 def _tidy(st: _Run, name: str, mode: str) -> None:

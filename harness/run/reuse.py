@@ -246,6 +246,18 @@ def partial_doc(path: Path) -> dict | None:
     return doc if isinstance(doc, dict) and doc.get("run_key") is not None else None
 
 
+def resume_state(path: Path, say: Callable[[str], None]) -> dict:
+    """A cell's `.partial.json`, or {} when there is none or it does not parse as one (torn, not an object, no run
+    key): it is replaced as the cell starts afresh (and `say` is told), as `refuse_foreign_work` let it be, rather
+    than failing the cell on every rerun."""
+    if not path.exists():
+        return {}
+    doc = partial_doc(path)
+    if doc is None:
+        say(f"{path.name} is not a readable resume state; the cell starts afresh")
+    return doc or {}
+
+
 def note_unlogged(out_dir: Path, name: str, mode: str, tasks, done_in: str, say: Callable[[str], None]) -> None:
     """Say which of `tasks`, done by an earlier run, have no per-sample log although --log-samples asks for one:
     a record keeps per-item scores only, so the log cannot be rebuilt without evaluating the task again."""
