@@ -293,3 +293,21 @@ def test_an_unwritable_cache_warns_once_per_folder(monkeypatch, tmp_path):
             monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", str(tmp_path / folder))
             assert [cache.save(kind, {"i": i}, i) for kind in ("x", "y") for i in range(3)] == [None] * 6
     assert [str(w.message).split(" cannot")[0] for w in caught] == [f"calibration cache {tmp_path / f}" for f in "ab"]
+
+
+def test_weights_edited_away_from_each_tensors_ends_key_other_entries(tiny):
+    """The cache key read the first and last 8 values of each tensor only: weights edited anywhere else behind the
+    same model path (a pruned or edited checkpoint) reused the cached statistics of the old ones."""
+    import copy
+
+    import torch
+
+    from methods.base import model_fingerprint
+
+    edited = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        for p in edited.parameters():
+            if p.numel() > 64:
+                p.view(-1)[32:-32] *= 1.5
+    assert model_fingerprint(edited) != model_fingerprint(tiny.model)
+    assert model_fingerprint(copy.deepcopy(tiny.model)) == model_fingerprint(tiny.model)
