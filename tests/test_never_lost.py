@@ -19,7 +19,7 @@ from conftest import ROOT
 from harness.cli import main as cli_main
 from harness.store import lock
 from harness.store import records as rec
-from harness.store.files import atomic_write, swap_dir
+from harness.store.files import TEMP_SUFFIX, atomic_write, swap_dir
 
 REFERENCE = ROOT / "results" / "reference"
 TINY = ["--model", "random:tiny", "--device", "cpu", "-q"]
@@ -209,16 +209,22 @@ HOLD = "import sys, time; from harness.store import lock\nwith lock.hold(sys.arg
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
-    (tmp_path / ".x.json.abc.tmp").write_text("half a record")  # what a writer killed mid-write leaves
+    (tmp_path / f".x.json.abc{TEMP_SUFFIX}").write_text("half a record")  # what a writer killed mid-write leaves
     (tmp_path / "tables").mkdir()
-    (tmp_path / "tables" / ".q.md.abc.tmp").write_text("half a table")
+    (tmp_path / "tables" / f".q.md.abc{TEMP_SUFFIX}").write_text("half a table")
+    (tmp_path / "tables" / ".editor.swp.tmp").write_text("another program's")  # in an --out such as ~ or /tmp
+    deep = tmp_path.joinpath(*"abcde")  # deeper than any writer of ours: an --out of ~ is not walked to the bottom
+    deep.mkdir(parents=True)
+    (deep / f".y.abc{TEMP_SUFFIX}").write_text("not walked")
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     assert json.loads((tmp_path / lock.LOCK_NAME).read_text())["pid"] == holder.pid  # the stale lock file is still there
     with lock.hold(tmp_path) as took:
         assert took and json.loads((tmp_path / lock.LOCK_NAME).read_text())["pid"] == os.getpid()
-        assert not (tmp_path / ".x.json.abc.tmp").exists()  # its temp files are gone once the lock is ours
-        assert not (tmp_path / "tables" / ".q.md.abc.tmp").exists()
+        assert not (tmp_path / f".x.json.abc{TEMP_SUFFIX}").exists()  # its temp files are gone once the lock is ours
+        assert not (tmp_path / "tables" / f".q.md.abc{TEMP_SUFFIX}").exists()
+        assert (tmp_path / "tables" / ".editor.swp.tmp").read_text() == "another program's"  # not ours: kept
+        assert (deep / f".y.abc{TEMP_SUFFIX}").exists()
     assert not (tmp_path / lock.LOCK_NAME).exists()
 
 

@@ -21,7 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-TEMP_SUFFIX = ".tmp"  # atomic_write's temp files: .<name>.<random>.tmp
+# atomic_write's temp files: .<name>.<random>.pdh.tmp; our own suffix, so that the cleanup after a killed writer
+# (`remove_stale_temps`) never takes another program's `.*.tmp` in an --out such as ~ or /tmp
+TEMP_SUFFIX = ".pdh.tmp"
+TEMP_DEPTH = 4  # the deepest a writer of ours puts files below a locked folder (out/.sweep/<cell>/lm_eval/<cell>)
 
 
 def _umask() -> int:
@@ -71,17 +74,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def remove_stale_temps(folder: Path, lock_name: str = ".harness.lock") -> list[Path]:
-    """Delete the temp files writers killed mid-write left in `folder` and its subfolders (call only while
-    holding its lock); a subfolder with a lock file of its own (a sweep cell's) is its own writer's business."""
+def remove_stale_temps(folder: Path, lock_name: str = ".harness.lock", depth: int = TEMP_DEPTH) -> list[Path]:
+    """Delete the temp files writers killed mid-write left in `folder` and its subfolders down to `depth` levels
+    (call only while holding its lock); a subfolder with a lock file of its own (a sweep cell's) is its own
+    writer's business. Only our own temp files (`TEMP_SUFFIX`), and no deeper than we write: an --out of ~ is
+    not walked to the bottom."""
     gone = []
     for p in sorted(Path(folder).glob(f".*{TEMP_SUFFIX}")):
         if p.is_file():
             p.unlink(missing_ok=True)
             gone.append(p)
-    for sub in sorted(Path(folder).iterdir()):
+    for sub in sorted(Path(folder).iterdir()) if depth > 0 else ():
         if sub.is_dir() and not sub.is_symlink() and not (sub / lock_name).exists():
-            gone += remove_stale_temps(sub, lock_name)
+            gone += remove_stale_temps(sub, lock_name, depth - 1)
     return gone
 
 
