@@ -209,6 +209,8 @@ CASES = [
     # an unset shell variable: the run wrote its records into the current folder, check compared every record under it
     ("out-empty", lambda t, d, r: [*ONE_CELL, "--out", ""], "argument --out/--output_path: an empty path (an unset shell"),
     ("check-against-empty", lambda t, d, r: ["check", "--against", "", "--current", r], "argument --against: an empty path"),
+    ("dtype-unknown", lambda t, d, r: [*ONE_CELL, "--dtype", "half"], "--dtype: expected auto, float32 (fp32), bfloat16 (bf16)"),
+    ("latency-dtype-unknown", lambda t, d, r: ["latency", *TINY, "--dtype", "f32"], "--dtype: expected auto, float32 (fp32)"),
 ]
 
 
@@ -473,3 +475,15 @@ def test_log_samples_on_work_done_without_it_says_what_has_no_log(capsys, tmp_pa
     assert rc == 0 and (tmp_path / "n" / "samples" / "unpruned__unified" / "samples_passkey.jsonl").exists()
     rc, _, err = call(capsys, *cell, "--out", tmp_path / "n", "--log-samples")  # reused, but its log exists
     assert rc == 0 and "finished record found" in err and "--log-samples" not in err, err
+
+
+def test_a_dtype_typed_short_is_stored_by_its_full_name(tmp_path, data_dir, capsys, monkeypatch):
+    """`--dtype fp32` stored "fp32" in the record's configuration: a rerun with `--dtype float32`, the same dtype, was
+    refused as another configuration (and the reverse)."""
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
+    run = [*ONE_CELL, "--out", str(tmp_path / "o")]
+    assert main([*run, "--dtype", "fp32"]) == 0
+    record = json.loads(next((tmp_path / "o").glob("*__*.json")).read_text())
+    assert record["config"]["dtype"] == "float32"
+    capsys.readouterr()
+    assert main([*run, "--dtype", "float32"]) == 0 and "finished record found, reused" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.cli.flags import seed_arg, user_dir, user_path
+from harness.cli.flags import dtype_arg, seed_arg, user_dir, user_path
 from harness.config import sweep_base
 from harness.errors import UsageError
 from harness.run.export import export_plan
@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it holds a previous export")
     p.add_argument("--seed", type=seed_arg, default=None, help="seed for random models and calibration (default: the record's, else 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    p.add_argument("--dtype", default="auto",
+    p.add_argument("--dtype", type=dtype_arg, default="auto",
                    help="weights are loaded, planned and written in this dtype: auto (bf16 on GPU, fp32 on CPU), float32, "
                         "bfloat16, float16")
     p.add_argument("--data-dir", type=user_path, default=os.environ.get("HARNESS_DATA_DIR"),

@@ -40,6 +40,18 @@ def seed_arg(s: str) -> int:
     return n
 
 
+DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def dtype_arg(s: str) -> str:
+    """A dtype by its full name: `bf16` is stored as `bfloat16`, so records name one dtype one way (a run key of `bf16`
+    differed from one of `bfloat16`, and a rerun typed the other way was refused as another configuration)."""
+    if s not in DTYPES:
+        raise argparse.ArgumentTypeError(f"expected auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16), got {s!r}")
+    return DTYPES[s]
+
+
 def user_path(s: str) -> str:
     """A path with `~` expanded (`--data-dir=~/data`: no shell expanded it); other text as given (`random:tiny`)."""
     return os.path.expanduser(s)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.cli.flags import csv_list, float_list, int_list, need_records_folder, positive_int, seed_arg, user_dir, user_path
+from harness.cli.flags import csv_list, dtype_arg, float_list, int_list, need_records_folder, positive_int, seed_arg, user_dir, user_path
 from harness.cli.run import default_out
 from harness.config import DEFAULT_METHODS, RunConfig
 from harness.errors import UsageError
@@ -48,7 +48,7 @@ def latency_parser() -> argparse.ArgumentParser:
                                                                    "under the current folder)")
     p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", type=dtype_arg, default="auto")
     p.add_argument("--data-dir", type=user_path, default=os.environ.get("HARNESS_DATA_DIR"),
                    help="for methods that calibrate (default: $HARNESS_DATA_DIR)")
     p.add_argument("-q", "--quiet", action="store_true")

@@ -9,7 +9,19 @@ import sys
 import time
 from pathlib import Path
 
-from harness.cli.flags import MODES, batch_size_arg, csv_list, limit_arg, need_records_folder, nonneg_int, positive_int, seed_arg, user_dir, user_path
+from harness.cli.flags import (
+    MODES,
+    batch_size_arg,
+    csv_list,
+    dtype_arg,
+    limit_arg,
+    need_records_folder,
+    nonneg_int,
+    positive_int,
+    seed_arg,
+    user_dir,
+    user_path,
+)
 from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, STANDARD_TASKS, RunConfig, expand_tasks
 from harness.errors import UsageError
 from harness.run.quiet import quiet_libraries
@@ -105,7 +117,7 @@ def run_parser() -> argparse.ArgumentParser:
                         "out-of-memory as lm-eval does, that runs each task's longest request; on CPU a fixed 16) or auto:N (searched again "
                         "N times as requests get shorter); the size used is in each record (default: 16)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--dtype", type=dtype_arg, default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     placement_flags(p)
     p.add_argument("--data-dir", type=user_path, default=os.environ.get("HARNESS_DATA_DIR"),
                    help="folder laid out like ../shared/data (default: $HARNESS_DATA_DIR; unset = lm-eval's hub datasets)")
