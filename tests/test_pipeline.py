@@ -114,5 +114,25 @@ def test_ctrl_c_says_what_was_kept(cli, data_dir, tmp_path, monkeypatch):
     res = cli(*args, "--methods", "shortgpt", "--out", tmp_path / "early", data_dir=data_dir)
     assert res.returncode == 130 and "interrupted: no cell had finished anything yet; rerun" in res.stderr, res.stderr
     res = cli(*args, "--methods", "unpruned,shortgpt", "--out", tmp_path / "late", data_dir=data_dir)
-    assert res.returncode == 130 and f"finished records are kept in {tmp_path / 'late'}" in res.stderr, res.stderr
+    assert res.returncode == 130 and f"1 finished record(s) kept in {tmp_path / 'late'}" in res.stderr, res.stderr
     assert (tmp_path / "late" / "unpruned__disaggregated.json").is_file()
+
+
+def test_ctrl_c_mid_cell_says_its_tasks_are_kept_and_the_rerun_says_it_resumes(cli, data_dir, tmp_path, monkeypatch):
+    """Only a resume state was left (one task of the cell done): the message said "finished records are kept", and
+    the rerun skipped the done task without a word."""
+    real, calls = pipeline._eval_task, []
+
+    def second_stops(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "_eval_task", second_stops)
+    run = ("--model", "random:tiny", "--methods", "unpruned", "--mode", "unified", "--tasks", "arc_easy,boolq", "--limit", "2",
+           "--out", tmp_path / "o")
+    res = cli(*run, data_dir=data_dir)
+    assert res.returncode == 130 and f"interrupted: the finished tasks of 1 cell(s) kept in {tmp_path / 'o'}" in res.stderr
+    res = cli(*run, data_dir=data_dir)
+    assert res.returncode == 0 and "unpruned/unified: resuming: arc_easy kept from an interrupted run" in res.stderr

@@ -250,6 +250,17 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
         return _evaluate(cfg, args, prepared, placement, dist, out, t_start)
 
 
+def _kept(out: Path) -> str:
+    """What an interrupted run leaves in `out` for the rerun: finished records, and cells' finished tasks (resume states)."""
+    files = [p.name for p in out.glob("*__*.json")] if out.is_dir() else []
+    partial = sum(f.endswith(".partial.json") for f in files)
+    done = sum(not f.endswith((".partial.json", ".failed.json")) for f in files)
+    if not done and not partial:
+        return "no cell had finished anything yet"
+    parts = [f"{done} finished record(s)"] * bool(done) + [f"the finished tasks of {partial} cell(s)"] * bool(partial)
+    return f"{' and '.join(parts)} kept in {out}"
+
+
 def _print_tables(records) -> None:
     """The quality, long-context and plan tables of `records` (only this configuration's: a refused
     cell's folder may hold another configuration's), as Markdown on stdout."""
@@ -301,9 +312,7 @@ def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path, t_star
                                log_samples=args.log_samples, tracker=tracker)
     except KeyboardInterrupt:
         tracker.close()
-        started = Path(out).is_dir() and any(Path(out).glob("*__*.json"))  # records, or a cell's resume state
-        kept = f"finished records are kept in {out}" if started else "no cell had finished anything yet"
-        print(f"\ninterrupted: {kept}; rerun the same command to resume\n{tracker.timing_line()}", file=sys.stderr)
+        print(f"\ninterrupted: {_kept(Path(out))}; rerun the same command to resume\n{tracker.timing_line()}", file=sys.stderr)
         return 130
     except pipeline.CellsFailed as e:
         failures, records = e.failures, e.records

@@ -248,6 +248,8 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     partial = reuse.resume_state(partial_path, lambda why: st.say(f"{name}/{mode}: {why}"))
     if not reuse.resumable(cfg, method, partial, key, (name, mode, calib_desc, task_opts)):
         partial = {"run_key": key, "tasks": {}, "inputs": st.inputs}
+    elif done := [t for t in cfg.tasks if t in partial["tasks"]]:
+        st.say(f"{name}/{mode}: resuming: {', '.join(done)} kept from an interrupted run ({partial_path.name})")
     partial.update(run_key=key, data_dir=cfg.data_dir)  # a moved data folder's resume state goes on under this one
     plan = _cell_plan(st, name, method, mode, partial)
     if mode == "unified" and not plan.is_unified:
