@@ -196,8 +196,9 @@ def test_a_latency_section_replaying_the_run_takes_the_runs_options_for_its_meth
 
 
 def test_a_spec_run_from_another_folder_than_its_records_is_refused(tmp_path, monkeypatch):
-    """`cd docs && --config ../configs/main_table.toml` read `out` from docs/ and began the whole run there; a relative
-    folder missing here but present beside the spec's folder is refused, naming where to run; --out still works."""
+    """`cd docs && --config ../configs/main_table.toml` read `out` from docs/ and began the whole run there (and `cd configs
+    && --config main_table.toml` into configs/); a relative folder missing here but present beside the spec's folder
+    is refused, naming where to run; --out still works."""
     from harness.cli.spec import spec_options
 
     (tmp_path / "configs").mkdir()
@@ -209,7 +210,10 @@ def test_a_spec_run_from_another_folder_than_its_records_is_refused(tmp_path, mo
                                                    f"({tmp_path / 'docs'}), but {tmp_path / 'res' / 'x'} exists")) as e:
         spec_options(load_spec(path), ["run", "latency"])
     assert f"run from {tmp_path}, or for a new run here give the spec an absolute out" in str(e.value)
-    monkeypatch.chdir(tmp_path / "configs")  # the spec's own folder: its relative paths are meant from there
+    monkeypatch.chdir(tmp_path / "configs")  # the spec's own folder (`cd configs`): the same trap, an hour-long run there
+    with pytest.raises(UsageError, match=re.escape(f"but {tmp_path / 'res' / 'x'} exists")):
+        spec_options(load_spec(path), ["run", "latency"])
+    (tmp_path / "configs" / "res" / "x").mkdir(parents=True)  # a folder of its own there: meant
     assert [s for s, _ in spec_options(load_spec(path), ["run", "latency"])] == ["run", "latency"]
     assert [s for s, _ in spec_options(load_spec(path), ["run", "latency"], {"run": tmp_path / "n", "latency": tmp_path / "m"})] == \
         ["run", "latency"]

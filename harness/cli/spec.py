@@ -249,9 +249,10 @@ def spec_options(spec: Spec, sections: list[str], outs: dict[str, Path] | None =
 def _refuse_other_folder(spec: Spec, section: str, out: Path) -> None:
     """A UsageError when the relative `out` of a spec is missing from the current folder but present beside the
     spec (its folder, or the one above: configs/ is a repository's): run from a subfolder, `--config
-    ../configs/main_table.toml` silently started the whole run into a new folder there instead of reusing."""
+    ../configs/main_table.toml` silently started the whole run into a new folder there instead of reusing. From the
+    spec's own folder too: `cd configs && --config main_table.toml` began the hour-long run into configs/results."""
     here = Path.cwd().resolve()
-    if out.is_absolute() or out.exists() or here == spec.path.resolve().parent:  # run from the spec's own folder: meant
+    if out.is_absolute() or out.exists():
         return
     for root in (spec.path.resolve().parent, spec.path.resolve().parent.parent):
         if (root / out).is_dir():
