@@ -75,3 +75,23 @@ def test_kv_policy_reaches_generation(tiny):
     dense = lm(tiny, "disaggregated")
     dense.generate_until(reqs, disable_tqdm=True)
     assert dense.tally.kv_bytes == 4 * n * per_token
+
+
+def test_generate_until_reads_max_tokens_aliases_and_temperature_as_hflm(tiny):
+    """lm-eval 0.4.13's HFLM reads `max_new_tokens` / `max_tokens` / `max_completion_tokens` as `max_gen_toks`, and a
+    temperature > 0 without `do_sample` as sampling (`normalize_gen_kwargs`): PDLM generated max_gen_toks (256 by
+    default) tokens for the first, and greedily for the second."""
+    import pytest
+
+    pd = lm(tiny, "disaggregated")
+    lengths = []
+    real = pd.scorer.generate
+    pd.scorer.generate = lambda c, n, stop=None, progress=False: lengths.append(n) or real(c, n, stop, progress)
+    for alias in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"):
+        pd.generate_until([inst("generate_until", ("The quick brown fox", {"until": [], alias: 3}))], disable_tqdm=True)
+    assert lengths == [3, 3, 3, 3]
+    with pytest.raises(ValueError, match="greedily"):
+        pd.generate_until([inst("generate_until", ("a", {"until": [], "temperature": 0.2}))], disable_tqdm=True)
+    pd.generate_until([inst("generate_until", ("a", {"until": [], "do_sample": False, "temperature": 0.2, "max_gen_toks": 2}))],
+                      disable_tqdm=True)  # do_sample=False: greedy, as HFLM reads it
+    assert lengths[-1] == 2

@@ -16,6 +16,7 @@ from typing import Any
 
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm.auto import tqdm
 
 from harness.pd.plan import PruningPlan
@@ -165,6 +166,16 @@ class PDLM(TemplateLM):
         out = self._generate(requests, disable_tqdm)
         return out + out[-1:] * n_pad
 
+    def _gen_options(self, gen_kwargs: dict[str, Any]) -> tuple[list[str], int]:
+        """(stop strings, max new tokens) of a request's generation kwargs, read as HFLM reads them (lm-eval's
+        `normalize_gen_kwargs`): `max_gen_toks` or its aliases `max_new_tokens`, `max_tokens`, `max_completion_tokens`,
+        and a `temperature` > 0 without `do_sample` means sampling, which PDLM does not do (a ValueError)."""
+        kw = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+        if kw.get("do_sample") and kw.get("temperature", 1.0) != 0:
+            raise ValueError("PDLM generates greedily; do_sample=True (or a temperature > 0) is not supported")
+        until = kw.get("until") or []
+        return ([until] if isinstance(until, str) else list(until)), int(kw["max_gen_toks"])
+
     def _generate(self, requests, disable_tqdm: bool) -> list[str]:
         by_kwargs: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -172,14 +183,9 @@ class PDLM(TemplateLM):
         out: list[str] = [""] * len(requests)
         bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or not self.progress)
         for idxs in by_kwargs.values():
-            kw: dict[str, Any] = dict(requests[idxs[0]].args[1])
-            if kw.get("do_sample") and kw.get("temperature", 1.0) != 0:
-                raise ValueError("PDLM generates greedily; do_sample=True is not supported")
-            until = kw.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
+            until, max_new = self._gen_options(requests[idxs[0]].args[1])
             eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
             stops = until + ([eos] if eos not in until else [])
-            max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
             # an empty context (no BOS in the tokenizer) starts from the prefix token, as loglikelihood's does
             contexts = [self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in idxs]
 
