@@ -95,3 +95,25 @@ def test_generate_until_reads_max_tokens_aliases_and_temperature_as_hflm(tiny):
     pd.generate_until([inst("generate_until", ("a", {"until": [], "do_sample": False, "temperature": 0.2, "max_gen_toks": 2}))],
                       disable_tqdm=True)  # do_sample=False: greedy, as HFLM reads it
     assert lengths[-1] == 2
+
+
+def test_tok_encode_adds_no_second_bos_as_hflm(tiny):
+    """A BOS-adding tokenizer and a text that already starts with BOS (a chat template renders it, e.g. Llama 3's):
+    HFLM encodes it without special tokens, PDLM encoded it with a second BOS, so every request scored differently."""
+    from types import SimpleNamespace
+
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import processors
+
+    from harness.pd.models import byte_tokenizer
+
+    tok = byte_tokenizer(320)
+    tok.bos_token = "<|endoftext|>"
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                                  special_tokens=[("<|endoftext|>", 256)])
+    pd = PDLM(tiny.model, tok, PruningPlan.dense("u", 4), "unified", max_length=256, progress=False)
+    stock = SimpleNamespace(tokenizer=tok, add_bos_token=None, prefix_token_id=pd.prefix_token_id)
+    for text in ("<|endoftext|><|im_start|>user\nhi", "hi there"):
+        assert pd.tok_encode(text) == HFLM.tok_encode(stock, text)
+        assert pd.tok_encode(text).count(256) == 1
+    assert pd.tok_encode("hi", add_special_tokens=False) == HFLM.tok_encode(stock, "hi", add_special_tokens=False)

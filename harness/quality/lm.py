@@ -16,7 +16,7 @@ from typing import Any
 
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
-from lm_eval.models.utils import normalize_gen_kwargs
+from lm_eval.models.utils import has_bos_prefix, normalize_gen_kwargs
 from tqdm.auto import tqdm
 
 from harness.pd.plan import PruningPlan
@@ -126,6 +126,10 @@ class PDLM(TemplateLM):
                                                   continue_final_message=not add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """HFLM's rule: the tokenizer's own special tokens, except none for a text that already starts with the
+        prefix (BOS) token, as a chat template renders it (else a BOS-adding tokenizer would give two)."""
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            add_special_tokens = False
         kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
         return self.tokenizer.encode(string, **kw)
 
