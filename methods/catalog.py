@@ -24,6 +24,7 @@ from pathlib import Path
 from methods import registry
 from methods.base import Method
 from methods.depth.ranked import RankedDepthMethod
+from methods.kv.baselines import KVBaseline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,13 +57,23 @@ def methods_table() -> str:
     for cls in builtin():
         row = cls.doc_row or PENDING_ROWS.get(cls.name)
         if row is None:  # a method that does not describe itself: its summary
-            row = (cls.summary, "same blocks", "all positions") if issubclass(cls, RankedDepthMethod) else (cls.summary, "", "")
+            row = _summary_row(cls)
         lines.append(f"| `{cls.name}` | {' | '.join(row)} |")
     for w in registry.wrappers():
         bases = [b for b in registry.bases_of(w.prefix) if registry.get(b) in builtin()]
         if w.doc_row is not None:
             lines.append(f"| `{w.prefix}<base>` | {' | '.join(w.doc_row(bases))} |")
     return "\n".join(lines)
+
+
+def _summary_row(cls: type[Method]) -> tuple[str, str, str]:
+    """The row of a method without `doc_row`: a ranked one removes the same blocks in both stages and sends every
+    position; a KV baseline (a plug-in policy's too) runs its base's layers and prunes the KV as its summary says."""
+    if issubclass(cls, RankedDepthMethod):
+        return cls.summary, "same blocks", "all positions"
+    if issubclass(cls, KVBaseline):
+        return f"the `base` method's (default `{cls.Config().base}`)", "the base's", cls.summary.split("; ", 1)[-1]
+    return cls.summary, "", ""
 
 
 def baselines_table() -> str:

@@ -69,6 +69,8 @@ def test_method_tables_are_generated_from_the_registry():
         if not name.startswith("stage:"):
             assert f"| `{name}` |" in table, name
     assert "| `stage:<base>` |" in table and all(f"`{b}`" in table for b in methods.registry.stage_bases())
+    rows = [line.split(" | ") for line in catalog.methods_table().splitlines()[2:]]
+    assert all(len(r) == 4 and all(c.strip(" |") for c in r) for r in rows), "a row with an empty stage or KV cell"
 
 
 def test_the_catalog_outside_the_checkout_says_so(monkeypatch, tmp_path, capsys):
