@@ -10,6 +10,7 @@ instead of reusing them silently. Torch-free.
 from __future__ import annotations
 
 import ast
+import dis
 import functools
 import hashlib
 import importlib.util
@@ -24,6 +25,7 @@ PACKAGES = frozenset({"harness", "methods", "reports"})  # the harness's own cod
 MAIN = "__main__"  # a notebook's (or the script's) own definitions: plug-in code without a module file to digest
 _ROOTS: set[str] = set()  # top-level packages (or modules) of the plug-ins imported so far
 _AT_LOAD: dict[str, tuple[object, str]] = {}  # module -> (its __spec__, its file's digest as loaded): `_loaded_sha`
+GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "STORE_GLOBAL", "DELETE_GLOBAL"})  # a code's uses of a global name
 
 
 def note_plugin(module: str) -> None:
@@ -200,10 +202,12 @@ def _plain(value: object) -> bool:
 
 
 def _hash_code(h, code: CodeType) -> set[str]:
-    """Hash `code`'s bytecode, names and constants (nested code objects too) into `h`; the global names it uses."""
+    """Hash `code`'s bytecode, names and constants (nested code objects too) into `h`; the global names it uses: those
+    it loads as globals, not every name of `co_names`, which holds attribute names too (`self.config.k` would take a
+    notebook's `k = 2` for the method's code)."""
     h.update(code.co_code)
     h.update(repr((code.co_names, code.co_varnames)).encode())
-    names = set(code.co_names)
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in GLOBAL_OPS}
     for const in code.co_consts:
         if isinstance(const, CodeType):
             names |= _hash_code(h, const)

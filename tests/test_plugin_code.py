@@ -413,3 +413,36 @@ def test_a_plugin_file_edited_but_not_reloaded_is_not_taken_for_the_code_that_ru
     assert plugin_code.plugin_code(methods.get(NAME)) == loaded  # the code that runs is still the loaded one
     probe(SOURCE.replace("tail, as a plug-in", "tail, edited on disk"))  # imported again: the edited code runs
     assert plugin_code.changes(loaded, plugin_code.plugin_code(methods.get(NAME))) == [MODULE]
+
+
+ATTRIBUTE_CELL = '''
+from methods.depth.tail import Tail
+from methods.registry import register
+
+
+@register
+class InCell(Tail):
+    name = "in_cell"
+    summary = "a method defined in a notebook cell that reads its options as attributes (test)"
+
+    def describe(self):
+        return f"keeps all but {self.config.k} blocks"
+'''
+
+
+def test_a_notebook_global_named_as_an_attribute_the_code_reads_is_not_its_code(monkeypatch):
+    """`self.config.k` names `config` and `k` as attributes, not as globals: a notebook's `k = 2` (a loop variable,
+    `for k in (2, 4): evaluate(...)`) or `config = ...` changed the method's digest, so a rerun of an unchanged
+    method refused its own records as made by other code."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+
+    def digest(**notebook_globals):
+        exec(compile(ATTRIBUTE_CELL, "/tmp/ipykernel_1/1.py", "exec"), {"__name__": "__main__", **notebook_globals})  # noqa: S102
+        try:
+            return plugin_code.plugin_code(methods.get("in_cell")())
+        finally:
+            registry.unregister("in_cell")
+
+    assert digest() == digest(k=2) == digest(k=4, config="smollm2") != {}
