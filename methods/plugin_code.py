@@ -13,6 +13,7 @@ import ast
 import dis
 import functools
 import hashlib
+import importlib.machinery
 import importlib.util
 import site
 import sys
@@ -69,10 +70,22 @@ def _file_of(module: str) -> str | None:
     if loaded is not None:
         return getattr(loaded, "__file__", None)
     try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):  # a parent that cannot be imported, or a module without a spec
+        spec = _find_spec(module)
+    except (ImportError, ValueError):  # a module without a spec
         return None
     return spec.origin if spec is not None and spec.has_location else None
+
+
+def _find_spec(module: str):
+    """`importlib.util.find_spec` without running any code: the parent packages of a submodule not yet imported are
+    looked up, not imported (`from heavy import kernel` in a function must not import `heavy` when a plug-in
+    registers: an optional dependency would cost every command, and one failing at import fail the plug-in's load)."""
+    parent = module.rpartition(".")[0]
+    if not parent or parent in sys.modules:
+        return importlib.util.find_spec(module)
+    found = _find_spec(parent)
+    where = found.submodule_search_locations if found is not None else None
+    return importlib.machinery.PathFinder.find_spec(module, list(where)) if where else None
 
 
 def _classes(obj: object, seen: set[int]) -> Iterator[type]:

@@ -446,3 +446,23 @@ def test_a_notebook_global_named_as_an_attribute_the_code_reads_is_not_its_code(
             registry.unregister("in_cell")
 
     assert digest() == digest(k=2) == digest(k=4, config="smollm2") != {}
+
+
+def test_registering_a_plugin_does_not_import_what_its_functions_import_lazily(tmp_path, monkeypatch):
+    """A method registering digests its module as loaded, reading the imports of its source: `from heavy import kernel`
+    inside a function (an optional accelerator) made that lookup import `heavy` as the plug-in loaded, so every command
+    paid for it, and one failing at import (no CUDA driver) failed the plug-in's load although its method never ran."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "pd_harness_test_heavy.py").write_text("raise RuntimeError('no CUDA driver found')\n")
+    body = "def _fast_path(self):\n    from pd_harness_test_heavy import kernel\n    return kernel\n"
+    (tmp_path / "pd_harness_test_lazy_dep.py").write_text(_tail_plugin("lazy_dep", "", body=body))
+    try:
+        methods.load_plugins("pd_harness_test_lazy_dep")
+        assert "pd_harness_test_heavy" not in sys.modules
+        assert "pd_harness_test_heavy" in plugin_code.plugin_code(methods.get("lazy_dep"))  # its source still digested
+    finally:
+        if registry.registered("lazy_dep"):
+            registry.unregister("lazy_dep")
+        for m in ("pd_harness_test_lazy_dep", "pd_harness_test_heavy"):
+            sys.modules.pop(m, None)
+        plugin_code._ROOTS.discard("pd_harness_test_lazy_dep")
