@@ -390,3 +390,30 @@ def test_a_replayed_record_loads_its_model_with_the_records_model_args(tiny, tmp
         capsys.readouterr().err
     info = json.loads((tmp_path / "e" / "harness_export.json").read_text())
     assert info["source_model"]["model_args"] == {"attn_implementation": "eager"}
+
+
+def test_a_record_made_in_float16_replays_on_the_same_weights_in_another_dtype(tmp_path, capsys):
+    """float16 rounds the weights to another digest than float32 and bfloat16 do: the export skipped the weights'
+    digest for a float16 export only, so a record of a `--dtype float16` run, exported with the default dtype (float32
+    on a CPU, bfloat16 on a GPU), was refused as planned on another model, and exported in float16 it went unchecked."""
+    from harness.pd.models import load_model
+    from harness.run.inputs import VERSION, model_digests
+    from harness.store import records as rec
+
+    fp32 = load_model("random:tiny", device="cpu", dtype="float32", seed=0)
+    fp32.model.save_pretrained(tmp_path / "m")
+    fp32.tokenizer.save_pretrained(tmp_path / "m")
+    fp16 = load_model(str(tmp_path / "m"), device="cpu", dtype="float16", seed=0)
+    record = rec.RunRecord(method="tail", mode="unified", run_key="k", plan={}, environment={},
+                           config={"model": str(tmp_path / "m"), "seed": 0, "method_options": {"k": 1}, "dtype": "float16"},
+                           model={"kind": "directory", "path": str(tmp_path / "m"), "dtype": "float16"}, calibration=None,
+                           scores={}, kv={}, n_samples={}, lm_eval={}, timing_s={}, created="",
+                           extra={"inputs": {"version": VERSION, **model_digests(fp16)}})
+    record.plan = methods.get("tail")(methods.get("tail").Config(k=1)).plan(fp16.model, None, "unified").to_dict()
+    path = rec.save(record, tmp_path / "run")
+    assert cli_main(["export", "--device", "cpu", "--record", str(path), "--out", str(tmp_path / "fp32")]) == 0
+    load_model("random:tiny", device="cpu", dtype="float32", seed=1).model.save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    assert cli_main(["export", "--device", "cpu", "--dtype", "float16", "--record", str(path),
+                     "--out", str(tmp_path / "other")]) == 2  # other weights, both sides float16: compared
+    assert "the model's weights (model digest" in capsys.readouterr().err

@@ -322,7 +322,8 @@ def _refuse_other_model(source: Source, loaded) -> None:
 
     then = {k: v for k, v in source.record.inputs().items() if k in ("version", "model", "config", "tokenizer")}
     now = {"version": VERSION, **model_digests(loaded)}
-    if next(loaded.model.parameters()).dtype == torch.float16:  # float16's rounding gives the weights another digest
+    was16 = str((source.record.model or {}).get("dtype") or "") == "float16"  # "" in records that predate it
+    if (next(loaded.model.parameters()).dtype == torch.float16) != was16:  # float16's rounding: another digest
         then.pop("model", None)
     if changed := differences(then, now):
         raise UsageError(f"{source.record_path}: its plan was made on another model than {source.model} holds now "
