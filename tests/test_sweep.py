@@ -202,7 +202,8 @@ def _cell_processes(marker: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("backend, sig", [("local", signal.SIGINT), ("ray", signal.SIGINT), ("local", signal.SIGTERM)])
+@pytest.mark.parametrize("backend, sig", [("local", signal.SIGINT), ("ray", signal.SIGINT), ("local", signal.SIGTERM),
+                                          ("ray", signal.SIGTERM)])
 def test_ctrl_c_stops_the_sweep_and_starts_no_queued_cell(tmp_path, data_dir, backend, sig):
     """SIGTERM (a scheduler's or `timeout`'s stop) as Ctrl-C: it killed the sweep alone, and its cells ran on as
     orphans, holding their folders, so a rerun's cells failed with 'in use by another harness process'."""
@@ -328,3 +329,19 @@ def test_another_configurations_record_left_in_a_cells_folder_is_refused_not_mov
     with pytest.raises(UsageError, match=r"\.sweep/tail__unified holds work of a different configuration: tail__unified"):
         expand(spec, None)
     assert not (tmp_path / "q" / "tail__unified.json").exists() and (cell_dir / "tail__unified.json").exists()
+
+
+def test_sigterm_still_stops_a_ray_sweep_as_ctrl_c_after_ray_starts():
+    """`ray.init` installs its own SIGTERM handler (sys.exit), replacing the sweep's: a SIGTERM to a Ray sweep ended it
+    with SystemExit, not as Ctrl-C, so its running cells were never told to stop and no summary came."""
+    pytest.importorskip("ray")
+    from harness.cli.sweep import _sigterm_as_ctrl_c
+    from harness.cli.sweep_backends import RayBackend
+
+    with _sigterm_as_ctrl_c():
+        ours = signal.getsignal(signal.SIGTERM)
+        backend = RayBackend(1, want_gpus=False)
+        try:
+            assert signal.getsignal(signal.SIGTERM) is ours
+        finally:
+            backend.ray.shutdown()

@@ -284,10 +284,13 @@ class RayBackend:
         self.ray = ray
         t0 = time.perf_counter()
         self.address = os.environ.get("RAY_ADDRESS")
+        sigterm = signal.getsignal(signal.SIGTERM)  # the sweep's (as Ctrl-C): ray.init replaces it by a sys.exit
         if self.address:  # a running cluster: its resources are its own
             ray.init(log_to_driver=False)
         else:  # a private local instance, as small as it can be on a laptop
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        if sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
         self.init_s = time.perf_counter() - t0
         self.gpus = int(ray.cluster_resources().get("GPU", 0)) if want_gpus else 0
         self.task = ray.remote(run_cell).options(**({"num_gpus": 1} if self.gpus else {"num_cpus": 1}), max_retries=0)
