@@ -193,3 +193,19 @@ def test_load_results_expands_the_home_folder_as_evaluate_does(tmp_path, monkeyp
     monkeypatch.setenv("HOME", str(tmp_path))
     shutil.copytree(Path(__file__).resolve().parent.parent / "results" / "reference" / "quality", tmp_path / "runs")
     assert harness.load_results("~/runs").equals(harness.load_results(tmp_path / "runs"))
+
+
+def test_a_library_imported_before_the_run_gets_the_notebooks_own_log_level_back(monkeypatch):
+    """Only transformers and datasets counted as imported before the run: huggingface_hub (imported with them, and a
+    logger `kept` restores) got its library default (WARNING) back, not the DEBUG a notebook had set to see downloads."""
+    import logging
+
+    import huggingface_hub  # noqa: F401 - imported by the notebook before the run
+
+    from harness.run.quiet import kept, quiet_libraries
+
+    hub = logging.getLogger("huggingface_hub")
+    monkeypatch.setattr(hub, "level", logging.DEBUG)
+    with kept():
+        quiet_libraries()
+    assert hub.level == logging.DEBUG

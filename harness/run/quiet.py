@@ -60,7 +60,7 @@ def kept() -> Iterator[None]:
     levels (transformers' verbosity is its logger's level) and progress bars, and the environment variables `ENV`."""
     env = {k: os.environ.get(k) for k in ENV}
     levels = {name: logging.getLogger(name).level for name in LOGGERS}
-    imported = {lib for lib in ("transformers", "datasets") if lib in sys.modules}
+    imported = {name for name in LOGGERS if name in sys.modules}  # their levels now are the notebook's
     bars = _bars()
     with warnings.catch_warnings():
         try:
