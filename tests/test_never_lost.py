@@ -306,3 +306,17 @@ def test_check_update_refuses_to_drop_a_reference_whose_rerun_cell_failed(tmp_pa
     (cur / "quality" / "shortgpt__unified.failed.json").unlink()  # dropped on purpose
     assert cli_main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 0
     assert not (ref / "quality" / "shortgpt__unified.json").exists()
+
+
+def test_check_update_of_an_unfinished_rerun_says_a_way_to_finish_that_check_takes(tmp_path, capsys):
+    """The refusal said 'rerun them to finish (the same command resumes)', but --current reruns nothing, and a check
+    rerun into that folder (--out) is refused as holding an earlier run's work: the advice led to a second refusal."""
+    ref, cur = _refs(tmp_path), _refs(tmp_path, "cur")
+    (cur / "quality" / "shortgpt__unified.json").unlink()
+    (cur / "quality" / "shortgpt__unified.failed.json").write_text("{}")
+    assert cli_main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 2
+    err = capsys.readouterr().err
+    assert "the same command resumes" not in err
+    assert f"python -m harness check --against {ref} --update" in err and "new folder" in err, err
+    assert cli_main(["check", "--against", str(ref), "--out", str(cur), "--update"]) == 2  # the old advice: refused
+    assert "holds the work of an earlier run" in capsys.readouterr().err
