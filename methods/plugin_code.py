@@ -188,8 +188,8 @@ def _members(obj: object) -> Iterator[tuple[str, object]]:
         yield "", obj
         return
     for name, value in sorted(vars(obj).items()):
-        if name == "__firstlineno__":  # Python 3.13: moves when a line is added above, in the cell or before it
-            continue
+        if name in ("__firstlineno__", "__static_attributes__"):  # Python 3.13: the first moves when a line is added
+            continue  # above; the second (names set on self, from the code digested) is in hash-seed order in 3.13.0
         value = getattr(value, "__func__", value)  # staticmethod, classmethod
         if isinstance(value, property):
             yield from ((f"{name}.{i}", f) for i, f in enumerate((value.fget, value.fset, value.fdel)) if f)

@@ -466,3 +466,18 @@ def test_registering_a_plugin_does_not_import_what_its_functions_import_lazily(t
         for m in ("pd_harness_test_lazy_dep", "pd_harness_test_heavy"):
             sys.modules.pop(m, None)
         plugin_code._ROOTS.discard("pd_harness_test_lazy_dep")
+
+
+def test_a_notebook_class_digest_does_not_take_the_order_of_its_static_attributes(monkeypatch):
+    """Python 3.13 adds `__static_attributes__` (the names its methods assign on self), a tuple whose order followed the
+    string hash seed in 3.13.0 (CPython gh-124442): the same cell digested differently in each process. It is derived
+    from the methods' code, which the digest covers; here the two orders are set by hand, as two 3.13.0 kernels did."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+
+    def digest(order):
+        cls = type("InCell", (), {"__module__": "__main__", "__static_attributes__": order, "k": 1})
+        return plugin_code.main_code([cls])
+
+    assert digest(("alpha", "beta")) == digest(("beta", "alpha"))
