@@ -165,15 +165,15 @@ def main_code(objs: list) -> dict[str, str]:
             h.update(f"{name}:".encode())
             if isinstance(value, FunctionType):
                 names = _hash_code(h, value.__code__)
-                h.update(repr([v for v in (value.__defaults__ or ()) + _closure(value) if _plain(v)]).encode())
+                h.update(repr([_canon(v) for v in (value.__defaults__ or ()) + _closure(value) if _plain(v)]).encode())
                 used = {n: value.__globals__[n] for n in sorted(names) if n in value.__globals__}
                 todo += [g for g in used.values() if _is_main_def(g)]
-                h.update(repr({n: g for n, g in used.items() if _plain(g)}).encode())  # a notebook's constant (DROP = 2)
+                h.update(repr({n: _canon(g) for n, g in used.items() if _plain(g)}).encode())  # a constant (DROP = 2)
             elif _is_main_def(value):
                 todo.append(value)  # a nested class (its Config): its own digest
                 h.update(value.__qualname__.encode())
             else:
-                h.update(repr(value).encode())
+                h.update(repr(_canon(value)).encode())
         out[f"{MAIN}.{obj.__qualname__}"] = h.hexdigest()[:16]
     return out
 
@@ -208,10 +208,26 @@ def _closure(fn: FunctionType) -> tuple:
     return tuple(cells)
 
 
-def _plain(value: object) -> bool:
-    if isinstance(value, tuple):
-        return all(_plain(v) for v in value)
+def _plain(value: object, depth: int = 0) -> bool:
+    """A str, bytes, number or None, or a tuple, list, set or dict of them (a notebook's `KEEP = [0, 1]`)."""
+    if depth > 8:  # deeper (or a list holding itself): not a constant
+        return False
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
     return isinstance(value, (str, bytes, int, float, type(None)))
+
+
+def _canon(value: object) -> object:
+    """A `_plain` value whose repr does not depend on the string hash seed: a set's items sorted."""
+    if isinstance(value, (set, frozenset)):
+        return (type(value).__name__, *sorted((_canon(v) for v in value), key=repr))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_canon(v) for v in value)
+    if isinstance(value, dict):
+        return {_canon(k): _canon(v) for k, v in value.items()}
+    return value
 
 
 def _hash_code(h, code: CodeType) -> set[str]:

@@ -5,6 +5,7 @@ version was bumped. The package's own methods keep no code digest (their code is
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 
@@ -481,3 +482,46 @@ def test_a_notebook_class_digest_does_not_take_the_order_of_its_static_attribute
         return plugin_code.main_code([cls])
 
     assert digest(("alpha", "beta")) == digest(("beta", "alpha"))
+
+
+CONSTANTS_CELL = '''
+from methods.depth.tail import Tail
+from methods.registry import register
+
+KEEP = {keep}
+SKIP = {skip}
+
+
+@register
+class InCell(Tail):
+    name = "in_cell"
+    summary = "a method defined in a notebook cell that reads list and set constants of the notebook (test)"
+
+    def describe(self):
+        return [i for i in KEEP if i not in SKIP]
+'''
+
+
+def test_a_notebook_methods_list_and_set_constants_are_part_of_its_digest(monkeypatch, tmp_path):
+    """Only str, number and tuple globals counted: a notebook's `KEEP = [0, 1]` edited to `[5, 6]` left the digest as
+    it was, so the old code's records were reused; a set's digest must not follow the string hash seed."""
+    import subprocess
+    import types
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+
+    def digest(keep, skip):
+        exec(compile(CONSTANTS_CELL.format(keep=keep, skip=skip), "/tmp/ipykernel_1/1.py", "exec"),  # noqa: S102
+             {"__name__": "__main__"})
+        try:
+            return plugin_code.plugin_code(methods.get("in_cell")())
+        finally:
+            registry.unregister("in_cell")
+
+    assert digest("[0, 1]", "{'a'}") != digest("[5, 6]", "{'a'}") != digest("[5, 6]", "{'a', 'b'}")
+    script = tmp_path / "nb.py"
+    script.write_text(CONSTANTS_CELL.format(keep="[0, 1]", skip="{'alpha', 'beta', 'gamma', 'delta'}")
+                      + "\nimport methods\nfrom methods import plugin_code\nprint(plugin_code.plugin_code(methods.get('in_cell')()))\n")
+    seen = {subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(seen) == 1, seen
