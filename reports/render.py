@@ -8,6 +8,7 @@ Layout of the output folder:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,22 +66,38 @@ def bandwidth_note(col: Collection, bandwidth_gbit: float) -> list[str]:
 
 
 TABLES = ("quality", "paired", "efficiency", "long_context", "plans")  # build_tables' names: tables/<name>.{md,tex,csv}
+MANIFEST = ".pd-harness-report.json"  # the tables and figures a report wrote into its --out: all a rerender may remove
 
 
 def remove_stale_outputs(out: Path, rep: Report, plots: bool) -> list[Path]:
     """Remove the tables (and, when the figures were rendered, the figures) an earlier report wrote into `out` that
     this one did not: a table or figure without data now is not left beside the new ones (a paper's
-    \\input{tables/efficiency.tex} read the latency of records no longer reported)."""
+    \\input{tables/efficiency.tex} read the latency of records no longer reported). Only files an earlier report
+    listed in `MANIFEST` go: a file of the user's under a table's name in a folder given as --out stays."""
     from reports.plots import PLOTS
 
     written = {t.attrs["name"] for t in rep.tables}
-    stale = [out / "tables" / f"{n}.{ext}" for n in TABLES if n not in written for ext in ("md", "tex", "csv")]
+    earlier = _manifest(out)
+    stale = [f"tables/{n}.{ext}" for n in TABLES if n not in written for ext in ("md", "tex", "csv")]
     if plots:
-        stale += [out / "figures" / f"{n}.{ext}" for n in PLOTS if n not in rep.figures for ext in ("png", "svg")]
-    gone = [p for p in stale if p.is_file()]
+        stale += [f"figures/{n}.{ext}" for n in PLOTS if n not in rep.figures for ext in ("png", "svg")]
+    gone = [out / rel for rel in stale if rel in earlier and (out / rel).is_file()]
     for p in gone:
         p.unlink()
+    now = {f"tables/{n}.{ext}" for n in written for ext in ("md", "tex", "csv")}
+    now |= {f"figures/{n}.{ext}" for n, fmts in rep.figures.items() for ext in fmts} if plots else \
+        {rel for rel in earlier if rel.startswith("figures/") and (out / rel).is_file()}  # figures left as they were
+    atomic_write(out / MANIFEST, json.dumps(sorted(now), indent=1))
     return gone
+
+
+def _manifest(out: Path) -> set[str]:
+    """The files an earlier report into `out` wrote (none when no report did, or its list is unreadable)."""
+    try:
+        listed = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    return {x for x in listed if isinstance(x, str)} if isinstance(listed, list) else set()
 
 
 def render_report(paths: list[Path], out: Path, convention: str = "paper", bandwidth_gbit: float = 100.0,

@@ -335,3 +335,16 @@ def test_a_rerender_into_the_same_folder_leaves_no_table_or_figure_of_the_earlie
     rc, _, err = _report_in_process(capsys, LATENCY, "--no-plots", "--out", out)
     assert rc == 0, err
     assert not list((out / "tables").glob("quality.*")) and (out / "figures" / "score_vs_blocks.png").exists()
+
+
+def test_a_rerender_removes_only_what_an_earlier_report_wrote(tmp_path, capsys):
+    """The rerender removed every known table or figure name it did not write: a paper folder given as --out lost
+    the user's own tables/efficiency.tex (hand-edited, or from another tool) without a word, though no report had
+    written it there."""
+    out = tmp_path / "paper"
+    (out / "tables").mkdir(parents=True)
+    mine = out / "tables" / "efficiency.tex"
+    mine.write_text("% the user's own table")
+    rc, _, err = _report_in_process(capsys, QUALITY, "--no-plots", "--out", out)
+    assert rc == 0, err
+    assert (out / "tables" / "quality.tex").exists() and mine.read_text() == "% the user's own table"
