@@ -487,3 +487,18 @@ def test_a_dtype_typed_short_is_stored_by_its_full_name(tmp_path, data_dir, caps
     assert record["config"]["dtype"] == "float32"
     capsys.readouterr()
     assert main([*run, "--dtype", "float32"]) == 0 and "finished record found, reused" in capsys.readouterr().err
+
+
+def test_a_record_of_a_dtype_typed_short_before_full_names_is_still_reused(tmp_path, data_dir, capsys, monkeypatch):
+    """Versions before full names stored `--dtype fp32` as "fp32" (its run key hashes it): the same command after
+    the change stored float32 and refused that folder's records as another configuration."""
+    import harness.cli.flags as flags
+
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
+    run = [*ONE_CELL, "--out", str(tmp_path / "o"), "--dtype", "fp32"]
+    with monkeypatch.context() as m:  # the earlier version: the dtype kept as typed
+        m.setattr(flags, "DTYPES", {k: k for k in flags.DTYPES})
+        assert main(run) == 0
+    assert json.loads(next((tmp_path / "o").glob("*__*.json")).read_text())["config"]["dtype"] == "fp32"
+    capsys.readouterr()
+    assert main(run) == 0 and "finished record found, reused" in capsys.readouterr().err

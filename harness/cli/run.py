@@ -206,7 +206,9 @@ def default_out(cfg: RunConfig, root: Path = Path("results") / "runs", kind: str
     of older versions, or the id they gave with the data folder's path), so rerunning a command resumes it."""
     rid = cfg.run_id()
     if root.is_dir():
-        ids = {f"{kind}{rid}", f"{kind}{cfg.run_id(with_paths=True)}"}
+        from harness.run.reuse import dtype_spelled_before
+
+        ids = {f"{kind}{c.run_id(with_paths=w)}" for c in (cfg, *dtype_spelled_before(cfg)) for w in (False, True)}
         earlier = sorted(p for p in root.iterdir() if p.is_dir() and (p.name in ids or p.name.split("_")[-1] in ids))
         if earlier:
             return earlier[-1]

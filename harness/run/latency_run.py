@@ -85,9 +85,11 @@ def _as_json(x: Any) -> Any:
 def record_identity(record: rec.RunRecord, method) -> str:
     """`record`'s identity as compared with `current_identity`: configuration fields and method options added since it was
     made count at their defaults (a new option must not invalidate a finished measurement)."""
+    from harness.cli.flags import DTYPES
     from harness.run.reuse import with_defaults
 
     config = {**_as_json(dataclasses.asdict(LatencyConfig())), **record.config}
+    config["dtype"] = DTYPES.get(config["dtype"], config["dtype"])  # "fp32" as versions before full names stored it
     return latency_identity(config, record.method, with_defaults(method, record.config.get("method_options", {})), record.plan)
 
 

@@ -153,14 +153,22 @@ def kinship(cfg: RunConfig, method, old: rec.RunRecord, key: str, cell: tuple) -
     (made with the same inputs behind other paths, `relocated`), or None: another configuration."""
     name, mode, calib_desc, task_opts = cell
     then = relocated(cfg, old.config.get("data_dir"), old)
-    for c in (cfg, then):
+    for c, how in ((cfg, "same"), (then, "relocated"), *((c, "same") for c in dtype_spelled_before(cfg))):
         if c is None:
             continue
         if old.run_key == (key if c is cfg else c.identity(name, mode, method.options(), calib_desc, task_opts)):
-            return "same" if c is cfg else "relocated"
+            return how
         if same_but_newer_options(c, method, old, cell):
-            return "older options" if c is cfg else "relocated"
+            return "older options" if how == "same" else how
     return None
+
+
+def dtype_spelled_before(cfg: RunConfig) -> list[RunConfig]:
+    """`cfg` with its dtype as versions before `--dtype` was stored by its full name kept it when typed short
+    (`--dtype fp32` stored "fp32": the run key of the same command's record)."""
+    from harness.cli.flags import DTYPES
+
+    return [dataclasses.replace(cfg, dtype=s) for s, full in DTYPES.items() if full == cfg.dtype and s != cfg.dtype]
 
 
 def resumable(cfg: RunConfig, method, partial: dict, key: str, cell: tuple) -> bool:
@@ -168,9 +176,9 @@ def resumable(cfg: RunConfig, method, partial: dict, key: str, cell: tuple) -> b
     the same key, or made with the same data folder at another path (resume states since they record it)."""
     if partial.get("run_key") == key:
         return True
-    then = relocated(cfg, partial.get("data_dir"))
     name, mode, calib_desc, task_opts = cell
-    return then is not None and then.identity(name, mode, method.options(), calib_desc, task_opts) == partial.get("run_key")
+    then = [c for c in (relocated(cfg, partial.get("data_dir")), *dtype_spelled_before(cfg)) if c is not None]
+    return any(c.identity(name, mode, method.options(), calib_desc, task_opts) == partial.get("run_key") for c in then)
 
 
 def relocated(cfg: RunConfig, data_then: Any, old: rec.RunRecord | None = None) -> RunConfig | None:
