@@ -219,14 +219,18 @@ def _plain(value: object, depth: int = 0) -> bool:
     return isinstance(value, (str, bytes, int, float, type(None)))
 
 
-def _canon(value: object) -> object:
-    """A `_plain` value whose repr does not depend on the string hash seed: a set's items sorted."""
+def _canon(value: object, depth: int = 0) -> object:
+    """`value` with a repr that does not depend on the string hash seed: a set's items sorted. Only plain tuples, lists
+    and dicts are rebuilt (a namedtuple's constructor takes no iterable: `P(1, 2)` as a class attribute failed the
+    digest), and no deeper than `_plain` looks (a list holding itself)."""
+    if depth > 8:
+        return value
     if isinstance(value, (set, frozenset)):
-        return (type(value).__name__, *sorted((_canon(v) for v in value), key=repr))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_canon(v) for v in value)
-    if isinstance(value, dict):
-        return {_canon(k): _canon(v) for k, v in value.items()}
+        return (type(value).__name__, *sorted((_canon(v, depth + 1) for v in value), key=repr))
+    if type(value) in (tuple, list):
+        return type(value)(_canon(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return {_canon(k, depth + 1): _canon(v, depth + 1) for k, v in value.items()}
     return value
 
 

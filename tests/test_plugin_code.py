@@ -525,3 +525,22 @@ def test_a_notebook_methods_list_and_set_constants_are_part_of_its_digest(monkey
     seen = {subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
     assert len(seen) == 1, seen
+
+
+def test_a_notebook_class_holding_a_namedtuple_or_a_list_holding_itself_is_digested(monkeypatch):
+    """The digest rebuilt every tuple as `type(value)(items)` to sort the sets inside: a namedtuple (a notebook's
+    `DEFAULTS = Defaults(k=2, tau=0.5)` as a class attribute) raised TypeError, and a list holding itself recursed
+    without end, where the digest before took their repr."""
+    import collections
+    import types
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    defaults = collections.namedtuple("Defaults", "k tau")
+    loop: list = [1]
+    loop.append(loop)
+
+    def digest(k):
+        return plugin_code.main_code([type("InCell", (), {"__module__": "__main__", "DEFAULTS": defaults(k, 0.5),
+                                                           "LOOP": loop})])
+
+    assert digest(2) == digest(2) != digest(3)
