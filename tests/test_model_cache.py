@@ -159,3 +159,18 @@ def test_other_weights_in_a_gguf_of_the_same_name_and_size_are_converted_anew(fa
     fake_gguf.write_bytes(head + os.urandom(3 << 20))  # same metadata and size, other tensor data
     load_model(str(fake_gguf), device="cpu", dtype="float32")
     assert _conversions(tmp_path) == 2
+
+
+def test_a_conversion_an_older_version_was_killed_in_is_removed(tmp_path):
+    """Temp folders were `.<entry>.<hex>.tmp` before TEMP_SUFFIX became `.pdh.tmp`: the cleanup under the conversion
+    lock looked for the new suffix only, and a dequantised checkpoint (gigabytes) left by an older harness stayed."""
+    from harness.pd.gguf import TEMP_SUFFIX, _remove_partial
+
+    out = tmp_path / "model-abc123"
+    old, new = tmp_path / f".{out.name}.{'0' * 32}.tmp", tmp_path / f".{out.name}.{'1' * 32}{TEMP_SUFFIX}"
+    other = tmp_path / ".another-entry.tmp"
+    for folder in (old, new, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+    _remove_partial(out)
+    assert not old.exists() and not new.exists() and other.exists()

