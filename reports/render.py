@@ -69,11 +69,12 @@ TABLES = ("quality", "paired", "efficiency", "long_context", "plans")  # build_t
 MANIFEST = ".pd-harness-report.json"  # the tables and figures a report wrote into its --out: all a rerender may remove
 
 
-def remove_stale_outputs(out: Path, rep: Report, plots: bool) -> list[Path]:
+def remove_stale_outputs(out: Path, rep: Report, plots: bool, legacy: bool = False) -> list[Path]:
     """Remove the tables (and, when the figures were rendered, the figures) an earlier report wrote into `out` that
     this one did not: a table or figure without data now is not left beside the new ones (a paper's
     \\input{tables/efficiency.tex} read the latency of records no longer reported). Only files an earlier report
-    listed in `MANIFEST` go: a file of the user's under a table's name in a folder given as --out stays."""
+    listed in `MANIFEST` go: a file of the user's under a table's name in a folder given as --out stays. `legacy`: `out`
+    holds a report of a version before `MANIFEST` (its report.md, no list), whose tables and figures are all its."""
     from reports.plots import PLOTS
 
     written = {t.attrs["name"] for t in rep.tables}
@@ -81,7 +82,7 @@ def remove_stale_outputs(out: Path, rep: Report, plots: bool) -> list[Path]:
     stale = [f"tables/{n}.{ext}" for n in TABLES if n not in written for ext in ("md", "tex", "csv")]
     if plots:
         stale += [f"figures/{n}.{ext}" for n in PLOTS if n not in rep.figures for ext in ("png", "svg")]
-    gone = [out / rel for rel in stale if rel in earlier and (out / rel).is_file()]
+    gone = [out / rel for rel in stale if (legacy or rel in earlier) and (out / rel).is_file()]
     for p in gone:
         p.unlink()
     now = {f"tables/{n}.{ext}" for n in written for ext in ("md", "tex", "csv")}
@@ -117,6 +118,7 @@ def render_report(paths: list[Path], out: Path, convention: str = "paper", bandw
     rep = Report(out)
     rep.tables, rep.missing = build_tables(col, convention, bandwidth_gbit, baseline)
     rep.missing = [f"record {why}" for why in skipped] + failure_notes(paths, col) + rep.missing + bandwidth_note(col, bandwidth_gbit)
+    legacy = (out / "report.md").is_file() and not (out / MANIFEST).exists()  # an earlier version's report
     for t in rep.tables:
         for ext, fn in (("md", to_markdown), ("tex", to_latex), ("csv", to_csv)):
             atomic_write(out / "tables" / f"{t.attrs['name']}.{ext}", fn(t) if ext != "md" else fn(t) + "\n")
@@ -130,7 +132,7 @@ def render_report(paths: list[Path], out: Path, convention: str = "paper", bandw
         if left_out:  # a task some records lack is left out of every figure's average, not those records
             rep.missing.append(f"figures: scores averaged over the {len(shared)} task(s) every record scored "
                                f"({', '.join(shared) or 'none'}); left out: {', '.join(left_out)}")
-    remove_stale_outputs(out, rep, plots)
+    remove_stale_outputs(out, rep, plots, legacy)
     if html:
         from reports.html import render_html
         from reports.plots import PLOTS

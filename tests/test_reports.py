@@ -348,3 +348,17 @@ def test_a_rerender_removes_only_what_an_earlier_report_wrote(tmp_path, capsys):
     rc, _, err = _report_in_process(capsys, QUALITY, "--no-plots", "--out", out)
     assert rc == 0, err
     assert (out / "tables" / "quality.tex").exists() and mine.read_text() == "% the user's own table"
+
+
+def test_a_rerender_over_a_report_of_an_earlier_version_still_removes_its_stale_tables(tmp_path, capsys):
+    """Reports made before `.pd-harness-report.json` list nothing: the first rerender over one (a paper folder made last
+    month) kept its efficiency table of latency no longer reported, and listed only its own files, so it stayed."""
+    from reports.render import MANIFEST
+
+    out = tmp_path / "rep"
+    rc, _, err = _report_in_process(capsys, QUALITY, LATENCY, "--no-plots", "--out", out)
+    assert rc == 0 and (out / "tables" / "efficiency.tex").exists(), err
+    (out / MANIFEST).unlink()  # as an earlier version left the folder
+    rc, _, err = _report_in_process(capsys, QUALITY, "--no-plots", "--out", out)
+    assert rc == 0, err
+    assert not list((out / "tables").glob("efficiency.*")) and (out / "tables" / "quality.tex").exists()
