@@ -211,6 +211,8 @@ def test_a_spec_run_from_another_folder_than_its_records_is_refused(tmp_path, mo
         spec_options(load_spec(path), ["run", "latency"])
     assert f"run from {tmp_path}, or for a new run here give the spec an absolute out" in str(e.value)
     monkeypatch.chdir(tmp_path / "configs")  # the spec's own folder (`cd configs`): the same trap, an hour-long run there
+    assert [s for s, _ in spec_options(load_spec(path), ["run", "latency"])] == ["run", "latency"]  # only once it holds work
+    (tmp_path / "res" / "x" / "unpruned__unified.json").write_text("{}")
     with pytest.raises(UsageError, match=re.escape(f"but {tmp_path / 'res' / 'x'} exists")):
         spec_options(load_spec(path), ["run", "latency"])
     (tmp_path / "configs" / "res" / "x").mkdir(parents=True)  # a folder of its own there: meant
@@ -219,3 +221,17 @@ def test_a_spec_run_from_another_folder_than_its_records_is_refused(tmp_path, mo
         ["run", "latency"]
     monkeypatch.chdir(tmp_path)
     assert [s for s, _ in spec_options(load_spec(path), ["run", "latency"])] == ["run", "latency"]
+
+
+def test_a_spec_run_from_its_own_folder_is_not_refused_for_an_unrelated_folder_one_level_up(tmp_path, monkeypatch):
+    """~/exp/spec.toml with out = "runs/a", run from ~/exp for a new run there, was refused because some ~/runs/a exists
+    (another project's, empty): from the spec's own folder the one above is the trap (configs/ of a checkout) only when
+    the folder there holds a run's records."""
+    from harness.cli.spec import spec_options
+
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "notes.txt").write_text("not a run")
+    path = spec(tmp_path / "exp", run={**RUN, "out": "runs/a"})
+    monkeypatch.chdir(tmp_path / "exp")
+    assert [s for s, _ in spec_options(load_spec(path), ["run"])] == ["run"]

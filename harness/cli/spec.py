@@ -254,11 +254,17 @@ def _refuse_other_folder(spec: Spec, section: str, out: Path) -> None:
     here = Path.cwd().resolve()
     if out.is_absolute() or out.exists():
         return
+    at_spec = here == spec.path.resolve().parent  # from there a folder one level up is the trap only if it holds work
     for root in (spec.path.resolve().parent, spec.path.resolve().parent.parent):
-        if (root / out).is_dir():
+        if (root / out).is_dir() and (not at_spec or _holds_work(root / out)):
             raise UsageError(f"{spec.path} [{section}] out = {str(out)!r}: no such folder in the current folder "
                              f"({here}), but {root / out} exists; relative paths in a spec are read from the current "
                              f"folder: run from {root}, or for a new run here give the spec an absolute out")
+
+
+def _holds_work(folder: Path) -> bool:
+    """Whether `folder` holds a run's records or resume states (`<method>__<mode>*.json`), at any depth (a sweep's)."""
+    return next(folder.rglob("*__*.json"), None) is not None
 
 
 def from_run(spec: Spec, run_out: Path | None) -> dict[str, Any]:
