@@ -301,7 +301,9 @@ def test_check_update_refuses_to_drop_a_reference_whose_rerun_cell_failed(tmp_pa
     (cur / "quality" / "shortgpt__unified.json").unlink()
     (cur / "quality" / "shortgpt__unified.failed.json").write_text("{}")
     assert cli_main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 2
-    assert "failed or did not finish (quality/shortgpt__unified.failed.json)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "failed or did not finish (quality/shortgpt__unified.failed.json)" in err
+    assert "with the --spec that made" in err  # the bare command reruns configs/ci.toml: another spec's references
     assert snapshot(ref) == before
     (cur / "quality" / "shortgpt__unified.failed.json").unlink()  # dropped on purpose
     assert cli_main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 0

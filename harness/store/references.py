@@ -124,8 +124,8 @@ def _refuse_dropping_unfinished(reference: Path, current: Path) -> None:
     if lost:
         raise UsageError(f"--current {current}: cell(s) of the rerun failed or did not finish ({', '.join(lost)}), "
                          f"so --update would drop their records from {reference}; rerun the check into a new folder "
-                         f"(python -m harness check --against {reference} --update), or remove those files to drop the "
-                         "records on purpose")
+                         f"(python -m harness check --against {reference} --update, with the --spec that made {current} "
+                         "when it was not configs/ci.toml), or remove those files to drop the records on purpose")
 
 
 def update_references(reference: Path, current: Path) -> int:
