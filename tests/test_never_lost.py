@@ -322,3 +322,25 @@ def test_check_update_of_an_unfinished_rerun_says_a_way_to_finish_that_check_tak
     assert f"python -m harness check --against {ref} --update" in err and "new folder" in err, err
     assert cli_main(["check", "--against", str(ref), "--out", str(cur), "--update"]) == 2  # the old advice: refused
     assert "holds the work of an earlier run" in capsys.readouterr().err
+
+
+def test_the_write_probe_a_killed_run_left_is_removed_with_the_other_temp_files(tmp_path, monkeypatch):
+    """check_writable's probe file kept the old `.tmp` suffix when atomic_write's became `.pdh.tmp`: one left by a run
+    killed between its creation and removal was no longer among the files the lock's cleanup takes, and stayed."""
+    from harness.store import records
+
+    kept: list[str] = []
+    real = records.tempfile.mkstemp
+
+    def spy(**kw):
+        fd, path = real(**kw)
+        kept.append(path)
+        return fd, path
+
+    monkeypatch.setattr(records.tempfile, "mkstemp", spy)
+    monkeypatch.setattr(records.Path, "unlink", lambda self, missing_ok=False: None)  # killed before its removal
+    records.check_writable(tmp_path, "--out")
+    monkeypatch.undo()
+    assert Path(kept[0]).exists()
+    with lock.hold(tmp_path):
+        assert not Path(kept[0]).exists()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UsageError
-from harness.store.files import atomic_write  # noqa: F401 - writers import it from here
+from harness.store.files import TEMP_SUFFIX, atomic_write  # noqa: F401 - writers import atomic_write from here
 from harness.store.latency import WorkloadLatency, upgrade_v1
 from harness.store.task_names import LEGACY_PRESENTATION, TaskPresentation
 
@@ -225,7 +225,7 @@ def check_writable(folder: Path, flag: str) -> None:
     if not existing.is_dir():
         raise UsageError(f"{flag} {folder}: cannot write there ({existing} is not a folder); give a writable folder")
     try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe.", suffix=".tmp")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe.", suffix=TEMP_SUFFIX)  # a kill leaves one the cleanup takes
         try:
             os.write(fd, b"probe")
             os.fsync(fd)
