@@ -136,3 +136,24 @@ def test_ctrl_c_mid_cell_says_its_tasks_are_kept_and_the_rerun_says_it_resumes(c
     assert res.returncode == 130 and f"interrupted: the finished tasks of 1 cell(s) kept in {tmp_path / 'o'}" in res.stderr
     res = cli(*run, data_dir=data_dir)
     assert res.returncode == 0 and "unpruned/unified: resuming: arc_easy kept from an interrupted run" in res.stderr
+
+
+def test_a_resume_state_of_a_dtype_stored_as_typed_is_resumed(tiny, data_dir, tmp_path, monkeypatch):
+    """Versions before full names kept `--dtype fp32` as "fp32" in the run key of a cell's resume state: the same
+    command after the change found another configuration's work in its folder and refused it."""
+    real, calls = pipeline._eval_task, []
+
+    def second_stops(st, lm, task, *a, **k):
+        calls.append(task)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(st, lm, task, *a, **k)
+
+    monkeypatch.setattr(pipeline, "_eval_task", second_stops)
+    base = dict(model="random:tiny", methods=("unpruned",), tasks=("arc_easy", "boolq"), limit=2, modes=("unified",),
+                device="cpu", data_dir=str(data_dir))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(RunConfig(**base, dtype="fp32"), tmp_path, loaded=tiny)  # as the earlier version stored it
+    assert (tmp_path / "unpruned__unified.partial.json").is_file()
+    (record,) = pipeline.run(RunConfig(**base, dtype="float32"), tmp_path, loaded=tiny)
+    assert calls == ["arc_easy", "boolq", "boolq"] and set(record.scores) == {"arc_easy", "boolq"}
