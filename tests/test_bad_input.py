@@ -502,3 +502,18 @@ def test_a_record_of_a_dtype_typed_short_before_full_names_is_still_reused(tmp_p
     assert json.loads(next((tmp_path / "o").glob("*__*.json")).read_text())["config"]["dtype"] == "fp32"
     capsys.readouterr()
     assert main(run) == 0 and "finished record found, reused" in capsys.readouterr().err
+
+
+def test_a_latency_record_of_a_dtype_typed_short_before_full_names_is_still_reused(tmp_path, capsys, monkeypatch):
+    """The latency records of an earlier version keep `--dtype fp32` as typed: compared field by field with this run's
+    float32, the same command refused its own measurements as another configuration's."""
+    import harness.cli.flags as flags
+
+    run = ["latency", *TINY, "--methods", "unpruned", "--prompt-tokens", "8", "--decode-tokens", "2", "--repeats", "1",
+           "--warmup", "0", "--out", str(tmp_path / "lat"), "--dtype", "fp32"]
+    with monkeypatch.context() as m:
+        m.setattr(flags, "DTYPES", {k: k for k in flags.DTYPES})
+        assert main(run) == 0
+    assert json.loads(next((tmp_path / "lat").glob("*__*.json")).read_text())["config"]["dtype"] == "fp32"
+    capsys.readouterr()
+    assert main(run) == 0, capsys.readouterr().err
