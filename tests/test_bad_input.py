@@ -517,3 +517,19 @@ def test_a_latency_record_of_a_dtype_typed_short_before_full_names_is_still_reus
     assert json.loads(next((tmp_path / "lat").glob("*__*.json")).read_text())["config"]["dtype"] == "fp32"
     capsys.readouterr()
     assert main(run) == 0, capsys.readouterr().err
+
+
+def test_a_default_folder_of_a_dtype_typed_short_before_full_names_is_found_again(tmp_path, data_dir, capsys,
+                                                                                   monkeypatch):
+    """The default folder's id hashes the configuration: with "fp32" stored as "float32" the same command, given no
+    --out, began a new folder beside the earlier version's instead of resuming it."""
+    import harness.cli.flags as flags
+
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(flags, "DTYPES", {k: k for k in flags.DTYPES})
+        assert main([*ONE_CELL, "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+    assert main([*ONE_CELL, "--dtype", "fp32"]) == 0 and "finished record found, reused" in capsys.readouterr().err
+    assert len(list((tmp_path / "results" / "runs").iterdir())) == 1
