@@ -16,6 +16,10 @@ from harness.errors import UsageError
 from harness.quality import long_tasks
 from harness.store.task_names import STANDARD_TASKS
 
+# --dtype's spellings -> the full name records store (`harness.cli.flags.dtype_arg`; earlier versions stored them as typed)
+DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
 # harness-native long-context workloads: the plug-ins of harness/quality/long_tasks/ (built-in ones first), as
 # registered when this module is imported; the `long` alias, --tasks and --set ask the registry itself, so a task
 # registered later (a HARNESS_PLUGINS module, loaded with the methods) is in `long` too

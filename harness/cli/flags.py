@@ -7,6 +7,8 @@ import math
 import os.path
 from pathlib import Path
 
+from harness.config import DTYPES
+
 MODES = {"unified": ("unified",), "disaggregated": ("disaggregated",), "both": ("unified", "disaggregated")}
 
 
@@ -38,10 +40,6 @@ def seed_arg(s: str) -> int:
     if n > 2**32 - 1:
         raise argparse.ArgumentTypeError(f"expected an integer from 0 to 4294967295 (numpy's seed range), got {s!r}")
     return n
-
-
-DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
 
 
 def dtype_arg(s: str) -> str:

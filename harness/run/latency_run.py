@@ -85,7 +85,7 @@ def _as_json(x: Any) -> Any:
 def record_identity(record: rec.RunRecord, method) -> str:
     """`record`'s identity as compared with `current_identity`: configuration fields and method options added since it was
     made count at their defaults (a new option must not invalidate a finished measurement)."""
-    from harness.cli.flags import DTYPES
+    from harness.config import DTYPES
     from harness.run.reuse import with_defaults
 
     config = {**_as_json(dataclasses.asdict(LatencyConfig())), **record.config}

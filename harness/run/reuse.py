@@ -166,7 +166,7 @@ def kinship(cfg: RunConfig, method, old: rec.RunRecord, key: str, cell: tuple) -
 def dtype_spelled_before(cfg: RunConfig) -> list[RunConfig]:
     """`cfg` with its dtype as versions before `--dtype` was stored by its full name kept it when typed short
     (`--dtype fp32` stored "fp32": the run key of the same command's record)."""
-    from harness.cli.flags import DTYPES
+    from harness.config import DTYPES
 
     return [dataclasses.replace(cfg, dtype=s) for s, full in DTYPES.items() if full == cfg.dtype and s != cfg.dtype]
 
