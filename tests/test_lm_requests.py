@@ -95,6 +95,8 @@ def test_generate_until_reads_max_tokens_aliases_and_temperature_as_hflm(tiny):
     pd.generate_until([inst("generate_until", ("a", {"until": [], "do_sample": False, "temperature": 0.2, "max_gen_toks": 2}))],
                       disable_tqdm=True)  # do_sample=False: greedy, as HFLM reads it
     assert lengths[-1] == 2
+    pd.generate_until([inst("generate_until", ("a", {"until": None, "max_gen_toks": 2}))], disable_tqdm=True)  # no stop
+    assert lengths[-1] == 2
 
 
 def test_tok_encode_adds_no_second_bos_as_hflm(tiny):

@@ -178,7 +178,8 @@ class PDLM(TemplateLM):
         if kw.get("do_sample") and kw.get("temperature", 1.0) != 0:
             raise ValueError("PDLM generates greedily; do_sample=True (or a temperature > 0) is not supported")
         until = kw.get("until") or []
-        return ([until] if isinstance(until, str) else list(until)), int(kw["max_gen_toks"])
+        until = [until] if isinstance(until, str) else [u for u in until if u]  # `until: None` normalises to [None]
+        return until, int(kw["max_gen_toks"])
 
     def _generate(self, requests, disable_tqdm: bool) -> list[str]:
         by_kwargs: dict[str, list[int]] = {}
