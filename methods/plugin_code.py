@@ -26,7 +26,8 @@ PACKAGES = frozenset({"harness", "methods", "reports"})  # the harness's own cod
 MAIN = "__main__"  # a notebook's (or the script's) own definitions: plug-in code without a module file to digest
 _ROOTS: set[str] = set()  # top-level packages (or modules) of the plug-ins imported so far
 _AT_LOAD: dict[str, tuple[object, str]] = {}  # module -> (its __spec__, its file's digest as loaded): `_loaded_sha`
-GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "STORE_GLOBAL", "DELETE_GLOBAL"})  # a code's uses of a global name
+# a code's uses of a global name (LOAD_FROM_DICT_OR_GLOBALS: Python 3.12+, names in class bodies and annotation scopes)
+GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_FROM_DICT_OR_GLOBALS"})
 
 
 def note_plugin(module: str) -> None:
