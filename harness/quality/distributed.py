@@ -83,6 +83,35 @@ class Dist:
         return total
 
 
+def in_doc_order(parts: list[Any]) -> list[Any]:
+    """lm-eval's per-rank gathers (`{task: [logged sample, ...]}` or `{task: {(metric, filter): [value per doc]}}`)
+    rearranged so that its concatenation over ranks lists the documents in a single process's order.
+
+    Rank r holds documents r, r + W, r + 2W, ... (lm-eval's `doc_iterator`), so interleaving the ranks' lists
+    restores document order; the merged lists go to the first part, the others keep their keys with empty lists.
+    Rank-by-rank order changed what depends on order: a bootstrap stderr (LAMBADA's perplexity: 4.7e19 in one
+    process, 7.1e19 over 2 ranks) and the lines of `--log-samples` files."""
+    def merge(xs: list[Any]) -> Any:
+        if isinstance(xs[0], dict):
+            return {k: merge([x[k] for x in xs if k in x]) for k in dict.fromkeys(k for x in xs for k in x)}
+        if isinstance(xs[0], list) and xs[0] and isinstance(xs[0][0], dict) and "filter" in xs[0][0]:
+            filters = list(dict.fromkeys(s["filter"] for x in xs for s in x))  # samples: one run of docs per filter
+            return [s for f in filters for s in _interleave([[s for s in x if s["filter"] == f] for x in xs])]
+        return _interleave(xs)
+
+    def empty(x: Any) -> Any:
+        return {k: empty(v) for k, v in x.items()} if isinstance(x, dict) else []
+
+    if len(parts) < 2 or not all(isinstance(p, dict) for p in parts):
+        return parts
+    return [merge(parts), *(empty(p) for p in parts[1:])]
+
+
+def _interleave(lists: list[list[Any]]) -> list[Any]:
+    """Round-robin over `lists` (rank r's list holds documents r, r + W, ...): the documents in order."""
+    return [x[i] for i in range(max(map(len, lists), default=0)) for x in lists if i < len(x)]
+
+
 _CURRENT: Dist | None = None
 
 

@@ -20,7 +20,7 @@ from lm_eval.models.utils import has_bos_prefix, normalize_gen_kwargs
 from tqdm.auto import tqdm
 
 from harness.pd.plan import PruningPlan
-from harness.quality.distributed import Dist
+from harness.quality.distributed import Dist, in_doc_order
 from harness.quality.scoring import Scorer
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when the config names no context length
@@ -74,7 +74,9 @@ class PDLM(TemplateLM):
         return self.dist.all_gather_tensor(tensor)
 
     def gather_object(self, obj, dst=0):
-        return self.dist.gather_object(obj, dst)
+        """lm-eval gathers per-document metrics and samples on rank 0 and concatenates them: in document order."""
+        parts = self.dist.gather_object(obj, dst)
+        return in_doc_order(parts) if parts is not None else None
 
     def barrier(self) -> None:
         self.dist.barrier()
