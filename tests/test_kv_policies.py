@@ -382,7 +382,7 @@ def test_static_decode_and_latency_runner_take_per_head_policies(tiny):
 @pytest.mark.parametrize("task", ["pd_ppl", "passkey"])
 def test_long_tasks_run_with_token_policies_at_pdtrim_bytes(tiny, data_dir, task):
     opts = (long_tasks.pd_ppl.PplConfig(prompt_tokens=(128,), cont_tokens=8, docs=2, batch_size=2) if task == "pd_ppl"
-            else long_tasks.passkey.PasskeyConfig(lengths=(512,), depths=(0.5,), repeats=2, max_new_tokens=5, batch_size=2))
+            else long_tasks.passkey.PasskeyConfig(lengths=(512,), depths=(0.5,), repeats=2, max_new_tokens=6, batch_size=2))
     pdtrim = PruningPlan("x", 4, ALL, (0, 2, 3), KVPolicy(4, 8, (2, 3)))
     kv = {}
     for pol in (pdtrim.kv_policy, streaming(KVBudget(match=pdtrim.kv_policy)), snapkv(KVBudget(match=pdtrim.kv_policy))):

@@ -59,6 +59,18 @@ def test_passkey_scoring_takes_the_first_digit_run():
     assert not passkey.passkey_correct(" 54321 12345", "12345")
 
 
+def test_passkey_refuses_max_new_tokens_that_cannot_hold_a_key(tiny):
+    """" 47778" is 6 tokens for SmolLM2's tokenizer (a space, then one per digit): 5 new tokens cut every key to
+    4 digits, and a model that retrieved every key scored 0 %."""
+    from harness.errors import UsageError
+
+    assert len(tiny.tokenizer.encode(" 47778", add_special_tokens=False)) == 6
+    short = dataclasses.replace(PK, max_new_tokens=5)
+    with pytest.raises(UsageError, match=r"max_new_tokens=5 cannot hold a key.*passkey.max_new_tokens=6"):
+        long_tasks.get("passkey").check_tokenizer(tiny.tokenizer, short, None)
+    long_tasks.get("passkey").check_tokenizer(tiny.tokenizer, dataclasses.replace(PK, max_new_tokens=6), None)
+
+
 def test_ppl_windows_are_the_same_articles_for_every_prompt_length(tiny, data_dir):
     windows = pd_ppl.ppl_windows(tiny.tokenizer, data_dir, PPL, None)
     assert len(windows) == 3 and all(len(w) == 256 + 16 for w in windows)

@@ -42,7 +42,8 @@ class PasskeyConfig:
                              f"twice and narrows the error bar; got lengths={list(self.lengths)}, depths={list(self.depths)}); "
                              "for more prompts per setting raise repeats")
         if self.repeats < 1 or self.max_new_tokens < 5 or self.batch_size < 1:
-            raise ValueError("passkey: repeats >= 1, max_new_tokens >= 5 (a key has 5 digits), batch_size >= 1")
+            raise ValueError("passkey: repeats >= 1, max_new_tokens >= 5 (a key has 5 digits; a tokenizer may need more), "
+                             "batch_size >= 1")
 
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -95,7 +96,18 @@ def passkey_samples(tokenizer, c: PasskeyConfig, limit: int | float | None) -> l
         toks = intro + filler[:before] + key_ids + filler[before:] + question
         assert len(toks) == L
         out.append(PasskeySample(L, d, key, tuple(toks), rep))
+    _check_answer_room(enc, c, out)
     return out
+
+
+def _check_answer_room(enc, c: PasskeyConfig, samples: list[PasskeySample]) -> None:
+    """A UsageError when `max_new_tokens` cannot hold a key as the model would write it after "The pass key is":
+    SmolLM2's tokenizer gives " 47778" 6 tokens (a space, then a digit each), so 5 cut every key to 4 digits and
+    scored 0 % for a model that retrieves them all."""
+    need = max((len(enc(" " + s.key)) for s in samples), default=0)
+    if c.max_new_tokens < need:
+        raise UsageError(f"passkey: max_new_tokens={c.max_new_tokens} cannot hold a key: this tokenizer writes \" <key>\" "
+                         f"in up to {need} tokens; give passkey.max_new_tokens={need} or more")
 
 
 def passkey_correct(generated: str, key: str) -> bool:
