@@ -134,6 +134,24 @@ def test_a_limit_below_the_number_of_ranks_is_refused_before_any_work(monkeypatc
     pipeline.prepare(RunConfig(tasks=("passkey",), limit=1, **cfg))  # the harness shards its own tasks
 
 
+def test_a_fractional_limit_leaving_a_rank_no_item_is_refused_before_any_cell(data_dir):
+    """--limit 0.0004 keeps ceil(2376 * 0.0004) = 1 ARC-Easy item: lm-eval failed on rank 1 ("did not find any
+    docs") after the model had loaded, with a traceback instead of the refusal an integer --limit 1 gets."""
+    from harness.config import RunConfig
+    from harness.errors import UsageError
+    from harness.quality.evaluate import TaskCache, check_tasks
+
+    tasks = TaskCache(("arc_easy", "passkey"), data_dir)
+    try:
+        cfg = RunConfig(methods=("unpruned",), tasks=("arc_easy", "passkey"), limit=0.0004, data_dir=str(data_dir))
+        with pytest.raises(UsageError, match=r"--limit 0.0004 keeps 1 of arc_easy's 2376 items for 2 data-parallel ranks"):
+            check_tasks(tasks, cfg, 2)
+        check_tasks(tasks, cfg, 1)  # one process: one item is fine
+        check_tasks(tasks, RunConfig(**{**cfg.__dict__, "limit": 0.001}), 2)  # 3 items
+    finally:
+        tasks.close()
+
+
 PLUGIN = '''
 import os
 from methods.registry import register

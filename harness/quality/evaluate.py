@@ -72,6 +72,30 @@ def check_fewshot(tasks: TaskCache, names, num_fewshot: int) -> None:
             fewshot_split(obj, sub, tasks.told, num_fewshot)
 
 
+def check_tasks(tasks: TaskCache, cfg: RunConfig, world_size: int) -> None:
+    """Before any cell: `check_fewshot` under --num-fewshot, and under data parallelism a UsageError for an lm-eval
+    task (or a group's subtask) that a fractional --limit (ceil(n·x) items) leaves fewer items than ranks: lm-eval
+    failed on the rank with none ("did not find any docs") after the model had loaded. An integer --limit below the
+    ranks is refused earlier (`distributed.check_items_per_rank`); only a fraction needs the tasks built."""
+    import math
+
+    from harness.quality import long_tasks
+
+    if cfg.num_fewshot:
+        check_fewshot(tasks, cfg.tasks, cfg.num_fewshot)
+    if world_size < 2 or not (isinstance(cfg.limit, float) and 0 < cfg.limit < 1):  # else the items are >= the ranks
+        return
+    for task in (t for t in cfg.tasks if not long_tasks.is_long_task(t)):
+        for name, obj in (tasks.subtasks(task) or {task: tasks.get(task)}).items():
+            if getattr(obj, "eval_docs", None) is None:  # not a built task: lm-eval says what is wrong
+                continue
+            n = len(obj.eval_docs)
+            kept = math.ceil(n * cfg.limit)
+            if kept < world_size:
+                raise UsageError(f"--limit {cfg.limit} keeps {kept} of {name}'s {n} items for {world_size} data-parallel "
+                                 "ranks: each rank needs at least one; give a larger --limit or start fewer ranks")
+
+
 class TaskCache:
     """Builds each lm-eval task (or group) once per run and hands the same object to every evaluation.
 

@@ -23,7 +23,7 @@ from harness.pd.plan import PruningPlan
 from harness.quality import lm_eval_json
 from harness.quality.calibration import CalibConfig, build_calibration
 from harness.quality.distributed import Dist, ShardedScorer
-from harness.quality.evaluate import TaskCache, check_fewshot, evaluate_task, flatten_results, is_download_error  # noqa: F401 - some re-exported
+from harness.quality.evaluate import TaskCache, check_fewshot, check_tasks, evaluate_task, flatten_results, is_download_error  # noqa: F401 - some re-exported
 from harness.quality.samples import lm_eval_lines, samples_path
 from harness.run import inputs, reuse
 from harness.run.progress import Tracker, task_label, work_of
@@ -166,8 +166,7 @@ def run(
                  TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None),  # built on first use
                  env, on_progress or (lambda msg: log.info(msg)), progress and d.is_main, dist=d, log_samples=log_samples,
                  tracker=tracker, inputs=digests)
-    if cfg.num_fewshot:  # a few-shot pool too small: refused before any cell plans
-        check_fewshot(state.tasks, cfg.tasks, cfg.num_fewshot)
+    check_tasks(state.tasks, cfg, d.world_size)  # a few-shot pool too small, a rank with no item: before any cell
     records, failures = [], []
     try:
         for i, (name, mode) in enumerate((n, m) for n in prepared.methods for m in cfg.modes):
