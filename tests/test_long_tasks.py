@@ -131,6 +131,24 @@ def test_pipeline_runs_long_tasks_with_options_and_records_bytes_per_setting(tin
     assert key(cfg) != key(other)  # task options are part of the record's identity
 
 
+def test_prompts_longer_than_max_length_are_refused_before_any_cell(tiny, data_dir, tmp_path):
+    """pd_ppl and passkey checked the context length inside each cell, after its planning and earlier tasks: every
+    cell failed the same way (a PDTrim search of minutes each, wasted)."""
+    from harness.errors import UsageError
+    from harness.run import pipeline
+
+    cfg = RunConfig(model="random:tiny", methods=("unpruned",), tasks=("arc_easy", "pd_ppl"), limit=2, device="cpu",
+                    modes=("disaggregated",), data_dir=str(data_dir), max_length=70,
+                    overrides=("pd_ppl.prompt_tokens=64", "pd_ppl.cont_tokens=16"))
+    with pytest.raises(UsageError, match=r"pd_ppl: prompts of 64 \+ 16 tokens exceed max_length 70"):
+        pipeline.run(cfg, tmp_path, loaded=tiny)
+    assert not list(tmp_path.glob("*.json"))  # no cell ran
+    opts = passkey.PasskeyConfig(lengths=(400, 4096), depths=(0.5,))
+    with pytest.raises(UsageError, match=r"passkey: 4096 \+ 10 tokens exceed max_length 500"):
+        passkey.Passkey.check_max_length(opts, 500, None)
+    passkey.Passkey.check_max_length(opts, 500, 1)  # --limit 1 keeps the 400-token sample only
+
+
 def test_pd_ppl_pooled_stderr_counts_an_article_once(tiny, data_dir):
     """The T-windows of one article share its text: the pooled ppl's stderr is over articles, not windows."""
     import statistics

@@ -156,8 +156,8 @@ def run(
                                 cfg.model_arg_dict())
     if cfg.apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
         raise UsageError(f"--apply_chat_template: the tokenizer of {cfg.model} has no chat template; leave the flag off")
-    for task in (t for t in cfg.tasks if long_tasks.is_long_task(t)):  # options the tokenizer rules out: before any cell
-        long_tasks.get(task).check_tokenizer(loaded.tokenizer, prepared.task_options[task], cfg.limit)
+    long_tasks.check_before_cells(cfg.tasks, loaded.tokenizer, prepared.task_options, cfg.limit, cfg.max_length,
+                                  loaded.model.config)  # options the tokenizer or context length rule out
     env = env_info(str(next(loaded.model.parameters()).device))
     env["data_parallel_ranks"] = d.world_size
     digests = inputs.digests(cfg, loaded, prepared)  # the files behind --model and --data-dir, which run keys name by path

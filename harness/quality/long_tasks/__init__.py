@@ -21,7 +21,8 @@ from typing import Any
 from harness.quality.long_tasks.base import LongTask
 from harness.registration import option_types, same_definition
 
-__all__ = ["LongTask", "register_task", "unregister_task", "names", "get", "is_long_task", "evaluate"]
+__all__ = ["LongTask", "register_task", "unregister_task", "names", "get", "is_long_task", "evaluate",
+           "check_before_cells"]
 
 _REGISTRY: dict[str, type[LongTask]] = {}
 # the built-in tasks come first, in this order (the order of `--tasks long` and of run keys' task lists)
@@ -82,6 +83,18 @@ def evaluate(task: str, scorer, tokenizer, data_dir: Path | None, options: Any, 
     out = cls().evaluate(scorer, tokenizer, data_dir, options, limit, progress)
     out["harness_task"] = cls.describe(options)
     return out
+
+
+def check_before_cells(tasks, tokenizer, options: dict[str, Any], limit: int | float | None, max_length: int | None,
+                       model_config) -> None:
+    """Each long-context task of `tasks` checks its options against the loaded tokenizer and the context length the
+    run scores with (`max_length`, else the model's, as `PDLM` resolves it), once, before any cell: a prompt longer
+    than the context failed each cell after its planning and earlier tasks."""
+    from harness.quality.lm import resolve_max_length
+
+    for task in (t for t in tasks if is_long_task(t)):
+        get(task).check_tokenizer(tokenizer, options[task], limit)
+        get(task).check_max_length(options[task], max_length or resolve_max_length(model_config, tokenizer), limit)
 
 
 def _import_plugins() -> None:

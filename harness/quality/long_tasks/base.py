@@ -55,6 +55,11 @@ class LongTask:
         """Raise UsageError when `options` cannot work with the model's tokenizer (e.g. a prompt length too
         short for the task's fixed text); runs once the model is loaded, before the first cell."""
 
+    @classmethod
+    def check_max_length(cls, options: Any, max_length: int, limit: int | float | None = None) -> None:
+        """Raise UsageError when `options` (under `limit`) need longer sequences than `max_length` (the context length the run
+        scores with); runs with `check_tokenizer`, before the first cell (not after each cell's planning)."""
+
     def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: Any, limit: int | float | None,
                  progress: bool = False) -> dict:
         """Returns {"scores": {metric: {"value", "stderr"}}, "n_samples", "kv_by": {setting: KV delta},

@@ -75,13 +75,18 @@ def _round_robin(lengths: tuple[int, ...], depths: tuple[float, ...]) -> list[tu
     return [(lengths[j % n_l], depths[(j // n_l + j % n_l) % n_d]) for j in range(n_l * n_d)]
 
 
+def kept_cells(c: PasskeyConfig, limit: int | float | None) -> set[tuple[int, int, float]]:
+    """The (repeat, length, depth) cells a --limit keeps: the first of the round-robin order over lengths and depths."""
+    grid = [(rep, *cell) for rep in range(c.repeats) for cell in _round_robin(c.lengths, c.depths)]
+    return set(grid[:capped(len(grid), limit)])
+
+
 def passkey_samples(tokenizer, c: PasskeyConfig, limit: int | float | None) -> list[PasskeySample]:
     """Samples of exactly `length` tokens; the key follows round(depth · units) whole filler units. In (repeat, length,
     depth) order; a --limit keeps the first cells of the round-robin order (every length, then every depth)."""
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     intro, unit, question = enc(INTRO), enc(FILLER), enc(QUESTION)
-    grid = [(rep, *cell) for rep in range(c.repeats) for cell in _round_robin(c.lengths, c.depths)]
-    kept = set(grid[:capped(len(grid), limit)])  # which cells a --limit keeps: round-robin over lengths and depths
+    kept = kept_cells(c, limit)
     grid = [(rep, L, d) for rep in range(c.repeats) for L in c.lengths for d in c.depths if (rep, L, d) in kept]
     out = []
     for rep, L, d in grid:
@@ -137,6 +142,12 @@ class Passkey(LongTask):
         passkey_samples(tokenizer, options, limit)  # a length with no room for filler: the UsageError, before any cell
 
     @classmethod
+    def check_max_length(cls, options: PasskeyConfig, max_length: int, limit: int | float | None = None) -> None:
+        longest = max(L for _, L, _ in kept_cells(options, limit))  # the lengths the samples a --limit keeps have
+        if max_length < longest + options.max_new_tokens:
+            raise UsageError(f"passkey: {longest} + {options.max_new_tokens} tokens exceed max_length {max_length}")
+
+    @classmethod
     def stale(cls, result: dict, options: PasskeyConfig, limit: int | float | None) -> str | None:
         """Results with positional item ids (`passkey/0`) come from versions that kept, under a --limit that cuts
         the grid, other cells than this one may: refused then. Without a cut they scored the same samples and are
@@ -150,8 +161,7 @@ class Passkey(LongTask):
                  progress: bool = False) -> dict:
         c = options
         samples = passkey_samples(tokenizer, c, limit)
-        if scorer.max_length < max(s.length for s in samples) + c.max_new_tokens:
-            raise UsageError(f"passkey: {max(s.length for s in samples)} + {c.max_new_tokens} tokens exceed max_length {scorer.max_length}")
+        self.check_max_length(c, scorer.max_length, limit)
         scores, kv_by, hits, per_sample = {}, {}, [], []
         with batch_size(scorer, c.batch_size):
             for L in sorted({s.length for s in samples}):

@@ -82,6 +82,12 @@ class PdPpl(LongTask):
         if data_dir is None:
             raise UsageError("pd_ppl reads WikiText-2 from local data: pass --data-dir (or set HARNESS_DATA_DIR)")
 
+    @classmethod
+    def check_max_length(cls, options: PplConfig, max_length: int, limit: int | float | None = None) -> None:
+        if max_length < max(options.prompt_tokens) + options.cont_tokens - 1:
+            raise UsageError(f"pd_ppl: prompts of {max(options.prompt_tokens)} + {options.cont_tokens} tokens exceed "
+                             f"max_length {max_length}")
+
     def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: PplConfig, limit: int | float | None,
                  progress: bool = False) -> dict:
         """Scores {ppl, ppl_T...}: value and stderr (delta method over per-article mean NLL). The pooled `ppl`'s
@@ -89,8 +95,7 @@ class PdPpl(LongTask):
         their text, so counting them as independent understated it (by ~30 % at 3 prompt lengths)."""
         c = options
         windows = ppl_windows(tokenizer, data_dir, c, limit)
-        if scorer.max_length < max(c.prompt_tokens) + c.cont_tokens - 1:
-            raise UsageError(f"pd_ppl: prompts of {max(c.prompt_tokens)} + {c.cont_tokens} tokens exceed max_length {scorer.max_length}")
+        self.check_max_length(c, scorer.max_length)
         scores, kv_by, nll_by_t, per_window = {}, {}, [], []
         with batch_size(scorer, c.batch_size):
             for T in c.prompt_tokens:
