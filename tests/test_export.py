@@ -355,17 +355,11 @@ def test_a_record_planned_on_other_weights_behind_the_same_path_is_not_replayed(
     labelling the checkpoint with a plan its method never made for them; a quality run's --plans-from replans."""
     from harness.pd.models import load_model
     from harness.run.inputs import VERSION, model_digests
-    from harness.store import records as rec
 
     tiny.model.save_pretrained(tmp_path / "m")
     tiny.tokenizer.save_pretrained(tmp_path / "m")
-    record = rec.RunRecord(method="tail", mode="unified", run_key="k", plan={}, environment={},
-                           config={"model": str(tmp_path / "m"), "seed": 0, "method_options": {"k": 1}},
-                           model={"kind": "directory", "path": str(tmp_path / "m")}, calibration=None, scores={}, kv={},
-                           n_samples={}, lm_eval={}, timing_s={}, created="",
-                           extra={"inputs": {"version": VERSION, **model_digests(tiny)}})
-    record.plan = methods.get("tail")(methods.get("tail").Config(k=1)).plan(tiny.model, None, "unified").to_dict()
-    path = rec.save(record, tmp_path / "run")
+    path = _tail_record(tmp_path, tiny.model, {"model": str(tmp_path / "m")}, {"kind": "directory", "path": str(tmp_path / "m")},
+                        {"inputs": {"version": VERSION, **model_digests(tiny)}})
     assert cli_main(["export", "--device", "cpu", "--record", str(path), "--out", str(tmp_path / "same")]) == 0
     load_model("random:tiny", device="cpu", dtype="float32", seed=1).model.save_pretrained(tmp_path / "m")
     capsys.readouterr()
@@ -378,14 +372,8 @@ def test_a_record_planned_on_other_weights_behind_the_same_path_is_not_replayed(
 def test_a_replayed_record_loads_its_model_with_the_records_model_args(tiny, tmp_path, capsys):
     """A run made with --model_args (a hub model's revision=...) was replayed onto the model loaded without them:
     another revision's weights under the record's plan."""
-    from harness.store import records as rec
 
-    record = rec.RunRecord(method="tail", mode="unified", run_key="k", plan={}, environment={},
-                           config={"model": "random:tiny", "seed": 0, "method_options": {"k": 1},
-                                   "model_args": "attn_implementation=eager"},
-                           model={}, calibration=None, scores={}, kv={}, n_samples={}, lm_eval={}, timing_s={}, created="")
-    record.plan = methods.get("tail")(methods.get("tail").Config(k=1)).plan(tiny.model, None, "unified").to_dict()
-    path = rec.save(record, tmp_path / "run")
+    path = _tail_record(tmp_path, tiny.model, {"model": "random:tiny", "model_args": "attn_implementation=eager"})
     assert cli_main(["export", "--device", "cpu", "--record", str(path), "--out", str(tmp_path / "e")]) == 0, \
         capsys.readouterr().err
     info = json.loads((tmp_path / "e" / "harness_export.json").read_text())
@@ -398,22 +386,28 @@ def test_a_record_made_in_float16_replays_on_the_same_weights_in_another_dtype(t
     on a CPU, bfloat16 on a GPU), was refused as planned on another model, and exported in float16 it went unchecked."""
     from harness.pd.models import load_model
     from harness.run.inputs import VERSION, model_digests
-    from harness.store import records as rec
 
     fp32 = load_model("random:tiny", device="cpu", dtype="float32", seed=0)
     fp32.model.save_pretrained(tmp_path / "m")
     fp32.tokenizer.save_pretrained(tmp_path / "m")
     fp16 = load_model(str(tmp_path / "m"), device="cpu", dtype="float16", seed=0)
-    record = rec.RunRecord(method="tail", mode="unified", run_key="k", plan={}, environment={},
-                           config={"model": str(tmp_path / "m"), "seed": 0, "method_options": {"k": 1}, "dtype": "float16"},
-                           model={"kind": "directory", "path": str(tmp_path / "m"), "dtype": "float16"}, calibration=None,
-                           scores={}, kv={}, n_samples={}, lm_eval={}, timing_s={}, created="",
-                           extra={"inputs": {"version": VERSION, **model_digests(fp16)}})
-    record.plan = methods.get("tail")(methods.get("tail").Config(k=1)).plan(fp16.model, None, "unified").to_dict()
-    path = rec.save(record, tmp_path / "run")
+    path = _tail_record(tmp_path, fp16.model, {"model": str(tmp_path / "m"), "dtype": "float16"},
+                        {"kind": "directory", "path": str(tmp_path / "m"), "dtype": "float16"},
+                        {"inputs": {"version": VERSION, **model_digests(fp16)}})
     assert cli_main(["export", "--device", "cpu", "--record", str(path), "--out", str(tmp_path / "fp32")]) == 0
     load_model("random:tiny", device="cpu", dtype="float32", seed=1).model.save_pretrained(tmp_path / "m")
     capsys.readouterr()
     assert cli_main(["export", "--device", "cpu", "--dtype", "float16", "--record", str(path),
                      "--out", str(tmp_path / "other")]) == 2  # other weights, both sides float16: compared
     assert "the model's weights (model digest" in capsys.readouterr().err
+
+
+def _tail_record(tmp_path, planned_on, config: dict, model: dict | None = None, extra: dict | None = None):
+    """A saved record of `tail` (k=1, unified, seed 0) with `config`'s fields, its plan made on the model `planned_on`."""
+    from harness.store import records as rec
+
+    record = rec.RunRecord(method="tail", mode="unified", run_key="k", plan={}, environment={},
+                           config={"seed": 0, "method_options": {"k": 1}, **config}, model=model or {}, calibration=None,
+                           scores={}, kv={}, n_samples={}, lm_eval={}, timing_s={}, created="", extra=extra or {})
+    record.plan = methods.get("tail")(methods.get("tail").Config(k=1)).plan(planned_on, None, "unified").to_dict()
+    return rec.save(record, tmp_path / "run")
