@@ -52,6 +52,14 @@ def test_passkey_samples_have_exact_lengths_keys_and_depths(tiny):
     assert len({s.item_id for s in passkey.passkey_samples(tok, PK, None)}) == len(PK.lengths) * len(PK.depths) * 2
 
 
+def test_passkey_depths_typed_as_integers_draw_the_keys_of_their_floats(tiny):
+    """Each key's RNG is seeded with the depth's text: `depths=(0, 1)` from Python drew other keys than the command
+    line's (0.0, 1.0), while the item ids and options compared equal."""
+    ints = passkey.passkey_samples(tiny.tokenizer, dataclasses.replace(PK, depths=(0, 1)), None)
+    floats = passkey.passkey_samples(tiny.tokenizer, dataclasses.replace(PK, depths=(0.0, 1.0)), None)
+    assert [(s.key, s.item_id) for s in ints] == [(s.key, s.item_id) for s in floats]
+
+
 def test_passkey_scoring_takes_the_first_digit_run():
     assert passkey.passkey_correct(" 12345. Remember", "12345")
     assert not passkey.passkey_correct(" 123456", "12345")

@@ -32,6 +32,8 @@ class PasskeyConfig:
     batch_size: int = 4
 
     def __post_init__(self) -> None:
+        # depths as floats: each key's RNG is seeded with the depth's text, and 0 must draw the key 0.0 draws
+        object.__setattr__(self, "depths", tuple(float(d) for d in self.depths))
         if not self.lengths or min(self.lengths) < 64:
             raise ValueError("passkey: lengths must be non-empty and each >= 64 tokens")
         if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
