@@ -163,8 +163,9 @@ def split_overrides(items: typing.Iterable[str], scopes: typing.Iterable[str]) -
                              f"scopes here: {', '.join(scopes)}")
         given = out.setdefault(scope, {})
         if given.get(name, raw.strip()) != raw.strip():  # the last one silently won
-            raise UsageError(f"--set {scope}.{name} is given twice ({given[name]!r} and {raw.strip()!r}); give it once, "
-                             f"or sweep both values with --set {scope}.{name}={given[name]},{raw.strip()}")
+            raise UsageError(f"--set {scope}.{name} is given twice ({given[name]!r} and {raw.strip()!r}); give it once "
+                             f"(a scalar option of a method sweeps values given in one --set: {scope}.{name}="
+                             f"{given[name]},{raw.strip()}; a task's options do not sweep)")
         given[name] = raw.strip()
     return out
 

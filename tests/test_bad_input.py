@@ -127,7 +127,8 @@ CASES = [
      "need probe_prompts, probe_tokens, probe_steps >= 1 (got -1, "),
     # found by exploratory testing of the API and flags: each silently did something else
     ("set-twice", lambda t, d, r: [*ONE_CELL, "--set", "passkey.repeats=2"],
-     "--set passkey.repeats is given twice ('1' and '2'); give it once, or sweep both values with --set passkey.repeats=1,2"),
+     "--set passkey.repeats is given twice ('1' and '2'); give it once (a scalar option of a method sweeps values given "
+     "in one --set: passkey.repeats=1,2; a task's options do not sweep)"),
     ("sweep-trailing-comma", lambda t, d, r: [*ONE_CELL, "--methods", "tail", "--set", "tail.k=1,"],
      "--set tail.k=1,: a sweep needs distinct values, none empty"),
     ("option-typo", lambda t, d, r: [*ONE_CELL, "--methods", "shortgpt", "--set", "shortgpt.batchsize=4"],
