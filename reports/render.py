@@ -34,16 +34,18 @@ class Report:
         return "\n\n".join(to_markdown(t) for t in self.tables) + "\n"
 
 
+TABLES = ("quality", "paired", "efficiency", "long_context", "plans")  # in report order: tables/<name>.{md,tex,csv}
+
+
 def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: float = 100.0,
                  baseline: str = "unpruned") -> tuple[list[pd.DataFrame], list[str]]:
     metric_for("arc_easy", {"acc": 0}, convention)  # unknown convention -> ReportError before any work
     tables, missing = [], []
-    for name, make in (("quality", lambda: quality_table(col, convention)),
-                       ("paired", lambda: paired_table(col, baseline, convention)),
-                       ("efficiency", lambda: efficiency_table(col, bandwidth_gbit)),
-                       ("long_context", lambda: long_context_table(col)),
-                       ("plans", lambda: plans_table(col))):
-        t = make()
+    makers = {"quality": lambda: quality_table(col, convention), "paired": lambda: paired_table(col, baseline, convention),
+              "efficiency": lambda: efficiency_table(col, bandwidth_gbit), "long_context": lambda: long_context_table(col),
+              "plans": lambda: plans_table(col)}
+    for name in TABLES:  # one list of the table names: a rerender removes by it too (`remove_stale_outputs`)
+        t = makers[name]()
         if t.empty:
             paired_why = f"no records with per-item results to pair with {baseline}" if col.quality else "no quality records"
             quality_why = "long-context tasks only: see the long_context table" if col.quality else "no quality records"
@@ -65,7 +67,6 @@ def bandwidth_note(col: Collection, bandwidth_gbit: float) -> list[str]:
             f"{', '.join(f'{b:g}' for b in held)} Gbit/s (give --bandwidth one of those)"]
 
 
-TABLES = ("quality", "paired", "efficiency", "long_context", "plans")  # build_tables' names: tables/<name>.{md,tex,csv}
 MANIFEST = ".pd-harness-report.json"  # the tables and figures a report wrote into its --out: all a rerender may remove
 
 

@@ -98,7 +98,9 @@ def cmd_check(argv: list[str]) -> int:
 def _refuse_earlier_work(out: Path) -> None:
     """A rerun into a folder holding an earlier run's records or resume states would reuse them (run keys name the
     configuration, not the code), so the check would compare, or --update install, numbers this code never made."""
-    earlier = sorted(str(p.relative_to(out)) for p in out.rglob("*__*.json")) if out.is_dir() else []
+    from harness.store.records import run_files_under
+
+    earlier = sorted(str(p.relative_to(out)) for p in run_files_under(out)) if out.is_dir() else []
     if earlier:
         shown = ", ".join(earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
         raise UsageError(f"--out {out}: holds the work of an earlier run ({shown}), which the rerun would reuse instead "

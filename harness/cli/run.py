@@ -25,7 +25,7 @@ from harness.cli.flags import (
 from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, STANDARD_TASKS, RunConfig, expand_tasks
 from harness.errors import UsageError
 from harness.run.quiet import quiet_libraries
-from harness.store.records import check_writable
+from harness.store.records import check_writable, is_record_file
 
 
 def _methods_epilog() -> str:
@@ -254,9 +254,9 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
 
 def _kept(out: Path) -> str:
     """What an interrupted run leaves in `out` for the rerun: finished records, and cells' finished tasks (resume states)."""
-    files = [p.name for p in out.glob("*__*.json")] if out.is_dir() else []
-    partial = sum(f.endswith(".partial.json") for f in files)
-    done = sum(not f.endswith((".partial.json", ".failed.json")) for f in files)
+    files = list(out.glob("*__*.json")) if out.is_dir() else []
+    partial = sum(p.name.endswith(".partial.json") for p in files)
+    done = sum(is_record_file(p) for p in files)
     if not done and not partial:
         return "no cell had finished anything yet"
     parts = [f"{done} finished record(s)"] * bool(done) + [f"the finished tasks of {partial} cell(s)"] * bool(partial)

@@ -264,7 +264,9 @@ def _refuse_other_folder(spec: Spec, section: str, out: Path) -> None:
 
 def _holds_work(folder: Path) -> bool:
     """Whether `folder` holds a run's records or resume states (`<method>__<mode>*.json`), at any depth (a sweep's)."""
-    return next(folder.rglob("*__*.json"), None) is not None
+    from harness.store.records import run_files_under
+
+    return next(run_files_under(folder), None) is not None
 
 
 def from_run(spec: Spec, run_out: Path | None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,7 +210,13 @@ def is_record_file(path: Path) -> bool:
 
 def record_files_under(folder: Path) -> list[Path]:
     """Every finished record's file under `folder`, searched recursively, in path order."""
-    return sorted(p for p in Path(folder).rglob("*__*.json") if is_record_file(p))
+    return sorted(p for p in run_files_under(folder) if is_record_file(p))
+
+
+def run_files_under(folder: Path) -> Iterator[Path]:
+    """The files runs leave under `folder`, searched recursively (a sweep's cells too): records, resume states
+    (`.partial.json`) and failed-cell notes (`.failed.json`), all named `<method>__<mode>...json`."""
+    return Path(folder).rglob("*__*.json")
 
 
 def check_writable(folder: Path, flag: str) -> None:
