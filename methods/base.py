@@ -30,14 +30,13 @@ from harness.pd.plan import PruningPlan
 
 
 def model_fingerprint(model) -> str:
-    """A digest of the model's class, source, dtype and parameters (names, shapes, and ~1,000 evenly strided values
-    of each plus the first and last 8, as `harness.run.inputs.weights_fingerprint` samples them): equal for the same
+    """A digest of the model's class, source, dtype and parameters (names, shapes, and the values `arch.strided_sample` takes
+    of each, as `harness.run.inputs.weights_fingerprint` does): equal for the same
     weights, different for another checkpoint or seed. Only the first and last 8 values were read before, so weights
     edited anywhere else behind the same path reused the on-disk statistics of the old ones. Sampling keeps it cheap
     on large models; offloaded (meta) parameters contribute their shape only."""
     h = hashlib.sha256(f"{type(model).__qualname__}|{getattr(getattr(model, 'config', None), '_name_or_path', '')}".encode())
-    arch.hash_parameters(h, model, lambda flat: torch.cat([flat[:8], flat[:: max(1, flat.numel() // 1024)], flat[-8:]]),
-                         with_dtype=True)
+    arch.hash_parameters(h, model, arch.strided_sample, with_dtype=True)
     return h.hexdigest()[:16]
 
 

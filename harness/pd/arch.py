@@ -98,6 +98,12 @@ def check_full_attention(config, spec: str) -> None:
                          "with full attention in every layer")
 
 
+def strided_sample(flat: torch.Tensor) -> torch.Tensor:
+    """The values of a flattened tensor the fingerprints read: its first and last 8 and ~1,000 evenly strided between
+    (an edit anywhere in a tensor of up to ~1,000 values, or of a stride's worth in a larger one, changes them)."""
+    return torch.cat([flat[:8], flat[:: max(1, flat.numel() // 1024)], flat[-8:]])
+
+
 def hash_parameters(h, model: nn.Module, sample: Callable[[torch.Tensor], torch.Tensor], with_dtype: bool) -> None:
     """Feed hashlib object `h` each parameter's name and shape (and dtype, with `with_dtype`) and the float32 bytes
     of `sample(its flattened values)`; an offloaded (meta) parameter gives its name and shape only. The one loop

@@ -52,11 +52,8 @@ def weights_fingerprint(model) -> str:
 
     from harness.pd import arch
 
-    def sample(flat: torch.Tensor) -> torch.Tensor:
-        return torch.cat([flat[:8], flat[:: max(1, flat.numel() // 1024)], flat[-8:]]).to(torch.bfloat16)
-
     h = hashlib.sha256()
-    arch.hash_parameters(h, model, sample, with_dtype=False)
+    arch.hash_parameters(h, model, lambda flat: arch.strided_sample(flat).to(torch.bfloat16), with_dtype=False)
     return h.hexdigest()[:16]
 
 
