@@ -139,7 +139,6 @@ class Measurement:
 DECODE_MODES = ("eager", "static", "graph")
 
 
-@torch.inference_mode()
 def _eager_steps(clock, staged: StagedModel, dcache, tok, lengths, step_valid, n: int, generated: list) -> list[float]:
     """The n - 1 decode steps after the prefill's token on the growing cache: each step's ms (each step's
     tokens, (B,), appended to `generated`)."""
@@ -154,13 +153,12 @@ def _eager_steps(clock, staged: StagedModel, dcache, tok, lengths, step_valid, n
     return itl
 
 
-@torch.inference_mode()
 def _static_steps(clock, model, plan: PruningPlan, dcache, tok, lengths, n: int, graph: bool,
                   generated: list) -> tuple[list[float], float | None]:
     """The n - 1 decode steps on preallocated buffers (fixed shapes), captured as a CUDA graph when
     `graph`: (each step's ms, the capture's ms or None; capture is never counted in a step; each step's
-    tokens, (B,), appended to `generated`: copies, as a graph writes every step into one buffer). Under
-    inference mode as the eager steps: with autograd on, the static steps recorded a graph through
+    tokens, (B,), appended to `generated`: copies, as a graph writes every step into one buffer). Both step
+    loops run inside `measure`'s inference mode: with autograd on, the static steps recorded a graph through
     the KV buffers (every step's index_copy_ chained to the last) and were timed with its overhead."""
     from harness.pd.static_decode import GraphDecoder, StaticKV, decode_step
 
