@@ -127,10 +127,9 @@ def test_the_digest_covers_a_plugins_helper_modules_whichever_modules_are_named(
 
 
 def _ranked_plugin(imports: str, name: str, order: str, in_rank: str = "") -> str:
-    """A ranked plug-in module: method `name` removes blocks in the order the expression `order` gives (after the
-    statement `in_rank`, e.g. a lazy import, inside `_rank`)."""
-    return textwrap.dedent(f'''
-        {imports}
+    """A ranked plug-in module (or notebook cell): after the statements `imports`, method `name` removes blocks in the
+    order the expression `order` gives (after the statement `in_rank`, e.g. a lazy import, inside `_rank`)."""
+    return imports + textwrap.dedent(f'''
         from methods.depth.ranked import RankedDepthMethod, Ranking
         from methods.depth.tail import Tail
         from methods.registry import register
@@ -354,29 +353,11 @@ def test_a_spec_refuses_its_latency_records_of_an_edited_plugin_before_the_quali
     assert not q.exists() or not list(q.glob("*.json"))  # refused before the quality run
 
 
-NOTEBOOK_CELL = '''
-from methods.depth.ranked import RankedDepthMethod, Ranking
-from methods.depth.tail import Tail
-from methods.registry import register
-
-
-REVERSE = {reverse}
-
-
-def order(eligible):
-    return sorted(eligible, reverse=REVERSE)
-
-
-@register
-class InCell(RankedDepthMethod):
-    name = "in_cell"
-    summary = "a method defined in a notebook cell (test)"
-    needs_calibration = False
-    Config = Tail.Config
-
-    def _rank(self, model, calib, k, eligible):
-        return Ranking(order(eligible), {{}})
-'''
+def _notebook_cell(reverse: bool) -> str:
+    """A notebook cell defining ranked method `in_cell`, whose order comes from a helper function of the cell reading a
+    constant of the notebook (`REVERSE`)."""
+    helper = f"\n\nREVERSE = {reverse}\n\n\ndef order(eligible):\n    return sorted(eligible, reverse=REVERSE)\n"
+    return _ranked_plugin(helper, "in_cell", "order(eligible)")
 
 
 def _run_cell(source: str, filename: str):
@@ -392,14 +373,14 @@ def test_a_method_defined_in_a_notebook_has_its_code_digested(tiny, monkeypatch)
 
     monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # a notebook's: no __file__
     try:
-        cls = _run_cell(NOTEBOOK_CELL.format(reverse=True), "/tmp/ipykernel_1/1.py")
+        cls = _run_cell(_notebook_cell(True), "/tmp/ipykernel_1/1.py")
         before = plugin_code.plugin_code(cls())
-        assert sorted(before) == ["__main__.InCell", "__main__.order"]  # the helper in its cell too
+        assert sorted(before) == ["__main__.Ordered", "__main__.order"]  # the helper in its cell too
         assert cls(cls.Config(k=1)).make_plan(tiny.model, None, "disaggregated").decode_layers == (0, 1, 2)
         # the same cell run again (a new file name, a line added above): the same digest
-        cls = _run_cell("\n" + NOTEBOOK_CELL.format(reverse=True), "/tmp/ipykernel_1/2.py")
+        cls = _run_cell("\n" + _notebook_cell(True), "/tmp/ipykernel_1/2.py")
         assert plugin_code.plugin_code(cls()) == before
-        cls = _run_cell(NOTEBOOK_CELL.format(reverse=False), "/tmp/ipykernel_1/3.py")  # the helper's constant edited
+        cls = _run_cell(_notebook_cell(False), "/tmp/ipykernel_1/3.py")  # the helper's constant edited
         assert plugin_code.changes(before, plugin_code.plugin_code(cls())) == ["__main__.order"]
         assert cls(cls.Config(k=1)).make_plan(tiny.model, None, "disaggregated").decode_layers == (1, 2, 3)
     finally:
