@@ -18,12 +18,12 @@ def pyramid(budget, **kw):
     return KVPolicy(kind="pyramidkv", budget=budget, **{"window": 4, "kernel": 3, **kw})
 
 
-def brute_force_split(total, n, T, beta):
-    """The rule of the docstring by enumeration: among all integer vectors in [1, T]^n summing to `total`,
-    the one closest (L1, then lexicographically largest first layers) to 1 + water-filled arithmetic shares."""
+def brute_force_split(total, n, T, beta, floor=1):
+    """The rule of the docstring by enumeration: among all integer vectors in [floor, T]^n summing to `total`,
+    the one closest (L1, then lexicographically largest first layers) to floor + water-filled arithmetic shares."""
     b = Fraction(beta)
     w = [(2 - 1 / b) - (2 - 2 / b) * Fraction(i, n - 1) for i in range(n)] if n > 1 else [Fraction(1)]
-    cap, rest, fixed = T - 1, Fraction(total - n), {}
+    cap, rest, fixed = T - floor, Fraction(total - n * floor), {}
     while True:
         free = [i for i in range(n) if i not in fixed]
         over = [i for i in free if rest * w[i] / sum(w[j] for j in free) > cap]
@@ -31,14 +31,14 @@ def brute_force_split(total, n, T, beta):
             break
         fixed.update({i: Fraction(cap) for i in over})
         rest -= cap * len(over)
-    target = [1 + (fixed[i] if i in fixed else rest * w[i] / sum(w[j] for j in free)) for i in range(n)]
+    target = [floor + (fixed[i] if i in fixed else rest * w[i] / sum(w[j] for j in free)) for i in range(n)]
 
     def vectors(k, left):
         if k == n - 1:
-            if 1 <= left <= T:
+            if floor <= left <= T:
                 yield (left,)
             return
-        for v in range(1, T + 1):
+        for v in range(floor, T + 1):
             for tail in vectors(k + 1, left - v):
                 yield (v, *tail)
 
@@ -56,8 +56,37 @@ def test_split_sums_exactly_decreases_and_equals_brute_force():
                     assert ks == brute_force_split(total, n, T, beta), (n, T, total, beta)
     assert pyramid_split(100, 5, 100, 20) == [38, 29, 20, 11, 2]  # 1 + 95/5 · (1.95, 1.475, 1, 0.525, 0.05) = 1 + (37.05, 28.025, 19, 9.975, 0.95)
     assert pyramid_split(10, 5, 100, 1) == [2, 2, 2, 2, 2]  # beta 1: flat
-    with pytest.raises(ValueError, match="n <= total"):
+    with pytest.raises(ValueError, match="n·floor <= total"):
         pyramid_split(3, 4, 10, 20)
+    with pytest.raises(ValueError, match="n·floor <= total"):
+        pyramid_split(7, 4, 10, 20, floor=2)
+
+
+def test_split_above_a_floor_equals_brute_force():
+    """reserve_window's split: every layer first gets `floor` positions, the rest shared as above."""
+    for n in (1, 2, 3):
+        for T in (2, 5, 7):
+            for floor in range(1, T + 1):
+                for total in range(n * floor, n * T + 1):
+                    for beta in (1, 3, 20):
+                        ks = pyramid_split(total, n, T, beta, floor)
+                        assert sum(ks) == total and all(floor <= k <= T for k in ks) and ks == sorted(ks, reverse=True)
+                        assert ks == brute_force_split(total, n, T, beta, floor), (n, T, floor, total, beta)
+
+
+def test_reserved_window_split_is_the_papers():
+    """PyramidKV's code (PyramidKVCluster.update_kv): with capacity C per layer and window w, k = C - w is split
+    linearly from 2k - k/beta (first layer) to k/beta (last) and every layer keeps its window on top."""
+    decode, T = tuple(range(8)), 4096
+    for C, w, beta in ((96, 32, 20), (64, 8, 4), (200, 32, 2)):
+        ks = pyramid(KVBudget(tokens=C), window=w, beta=beta).layer_budgets(decode, T)
+        k = C - w
+        top, low = 2 * k - k / beta, k / beta
+        paper = [w + top - (top - low) * i / (len(decode) - 1) for i in range(len(decode))]
+        assert sum(ks) == C * len(decode) and max(abs(a - b) for a, b in zip(ks, paper)) < 1, (C, w, beta, ks, paper)
+        assert min(ks) >= w
+    old = pyramid(KVBudget(tokens=96), window=32, beta=20, reserve_window=False).layer_budgets(decode, T)
+    assert old[-1] < 32 and sum(old) == 96 * 8  # the split without the window: the deepest layer loses it
 
 
 def test_budgets_match_the_first_last_total_per_request():
@@ -70,8 +99,11 @@ def test_budgets_match_the_first_last_total_per_request():
                 ks = pol.layer_budgets(decode, T)
                 assert sum(ks) == (n_dec - n_sel) * T + n_sel * min(T, 7)
                 assert all(1 <= k <= T for k in ks) and ks == sorted(ks, reverse=True)
-    ks = pyramid(KVBudget(tokens=40)).layer_budgets(tuple(range(8)), 1000)
+                assert all(k >= min(4, T, sum(ks) // n_dec) for k in ks)  # the window (4) where B(T) allows it
+    ks = pyramid(KVBudget(tokens=40), reserve_window=False).layer_budgets(tuple(range(8)), 1000)
     assert sum(ks) == 320 and ks[0] > 2 * 40 - 10 and ks[-1] < 5  # a real pyramid: ~78 down to ~3
+    ks = pyramid(KVBudget(tokens=40)).layer_budgets(tuple(range(8)), 1000)
+    assert sum(ks) == 320 and ks[0] > 2 * 40 - 10 - 4 and 4 <= ks[-1] < 9  # ~74 down to window 4 + ~2
 
 
 @pytest.mark.parametrize("order", ["pool_then_mean", "mean_then_pool"])
@@ -113,12 +145,18 @@ def test_roundtrip_and_validation():
         pol = pyramid(budget, beta=8.0, order="mean_then_pool")
         d = pol.to_dict()
         assert d == {"kind": "pyramidkv", "budget": budget.to_dict(), "window": 4, "kernel": 3, "pooling": "max",
-                     "order": "mean_then_pool", "beta": 8.0}
+                     "order": "mean_then_pool", "beta": 8.0, "reserve_window": True}
         assert KVPolicy.from_dict(d) == pol and pol.per_head
         p = PruningPlan("x", 4, ALL, DECODE, pol)
         assert PruningPlan.from_dict(p.to_dict()) == p
     assert pyramid(KVBudget(tokens=7)).to_dict()["order"] == "pool_then_mean"
-    assert pyramid(KVBudget(tokens=7), beta=8).describe().startswith("pyramidkv (pyramid beta 8, window 4, max-pool 3")
+    old = {k: v for k, v in pyramid(KVBudget(tokens=7)).to_dict().items() if k != "reserve_window"}
+    assert KVPolicy.from_dict(old).reserve_window is False  # a dict from before the option: the whole split
+    assert "reserve_window" not in pyramid(KVBudget(tokens=7), reserve_window=False).to_dict()
+    assert pyramid(KVBudget(tokens=7), beta=8, reserve_window=False).describe().startswith(
+        "pyramidkv (pyramid beta 8, window 4, max-pool 3")
+    assert pyramid(KVBudget(tokens=7), beta=8).describe().startswith(
+        "pyramidkv (pyramid beta 8 above each layer's window, window 4, max-pool 3")
     with pytest.raises(ValueError, match="beta >= 1"):
         pyramid(KVBudget(tokens=2), beta=0.5)
     with pytest.raises(ValueError, match="odd kernel"):

@@ -59,7 +59,7 @@ class KVBaseline(Method):
     Subclasses (made by `baseline_method`) set `policy_cls`; their `Config` holds `BASE_OPTIONS`
     and the policy's options, whose defaults are the values a stored policy dict without them
     means (`KVPolicy.dict_defaults`, else the dataclass default), so records made before an
-    option existed keep their run keys.
+    option existed keep their run keys, unless the policy sets a new default (`KVPolicy.method_defaults`).
     """
 
     policy_cls: type = KVPolicy
@@ -164,7 +164,7 @@ def baseline_method(policy_cls: type) -> type[KVBaseline]:
     fields = [(n, t, dataclasses.field(default=d)) for n, t, d in BASE_OPTIONS]
     for f in dataclasses.fields(policy_cls):
         if f.name != "budget":
-            default = policy_cls.dict_defaults.get(f.name, f.default)
+            default = policy_cls.method_defaults.get(f.name, policy_cls.dict_defaults.get(f.name, f.default))
             fields.append((f.name, type(default), dataclasses.field(default=default)))
     cls_name = f"{policy_cls.__name__}Baseline"  # a module attribute (below): importable and picklable by name
     if cls_name in globals():  # a plug-in policy class named like one of the package's: keep both importable

@@ -63,6 +63,9 @@ class KVPolicy(metaclass=_PolicyMeta):
     matchable: ClassVar[bool] = False
     # the value an option takes when a stored dict lacks it (an option added after records existed)
     dict_defaults: ClassVar[dict[str, Any]] = {}
+    # the KV-baseline method's default for such an option when it is not the dict_defaults value (a new default
+    # for new runs: the option is then written in the run key, so older records are recomputed, not reused)
+    method_defaults: ClassVar[dict[str, Any]] = {}
     # options `example` sets, sized for prompts of about a dozen tokens (windows smaller than the prompt)
     example_options: ClassVar[dict[str, Any]] = {}
 

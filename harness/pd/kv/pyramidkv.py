@@ -24,26 +24,32 @@ class PyramidKV(SnapKV):
       always written in the dict).
     - `beta`: steepness (>= 1, the paper's β, default 20): the arithmetic weights run from
       2 - 1/β (first decode layer) down to 1/β (last), mean 1, so the last layer's share of the
-      part above one position per layer is 1/β of the average and the first's 2 - 1/β.
-    Split rule (exact integers): every layer first gets 1 position; the remaining R = B - n are
-    shared in proportion to the weights, capped at T - 1 per layer (water-filling: layers whose
-    share would pass the cap get T - 1, the rest is re-shared among the others); each share is
+      part above the floor is 1/β of the average and the first's 2 - 1/β.
+    - `reserve_window`: the paper's split (default): every layer first keeps its observation
+      window, f = min(window, T, floor(B / n)) positions, and β shares out only the rest, as
+      PyramidKV's code does with `capacity - window`. False: f = 1 (a record without the option
+      means False: the records made before it existed).
+    Split rule (exact integers): every layer first gets f positions; the remaining R = B - n·f are
+    shared in proportion to the weights, capped at T - f per layer (water-filling: layers whose
+    share would pass the cap get T - f, the rest is re-shared among the others); each share is
     rounded down and the leftover positions go, one each, to the largest fractional parts (ties
-    to the earlier layer). The counts sum to B(T) exactly, each is in [1, T], and they do not
+    to the earlier layer). The counts sum to B(T) exactly, each is in [f, T], and they do not
     increase with depth.
     """
 
     beta: float = 20.0
+    reserve_window: bool = True
 
     name = "pyramidkv"
     method_name = "pyramidkv"
     method_summary = ("base plan's layers (default pdtrim); SnapKV's per-head selection with layer budgets "
                       "decreasing linearly with depth, at the base's KV bytes")
-    dict_defaults = {}  # no records predate it: every option is written
+    dict_defaults = {"reserve_window": False}  # the split before the option existed
+    method_defaults = {"reserve_window": True}  # the method runs the paper's split
     budget_rule = ("per request: B(T) layer-positions (the base policy's count on this plan, or keep_tokens / "
-                   "keep_ratio per layer); one per decode layer, the rest shared by arithmetic weights from "
-                   "2 - 1/beta (first decode layer) to 1/beta (last), capped at T, rounded down, leftovers to the "
-                   "largest remainders; that many per KV head")
+                   "keep_ratio per layer); each decode layer first gets min(window, T, B/n) (reserve_window, the "
+                   "paper's) or 1, the rest shared by arithmetic weights from 2 - 1/beta (first decode layer) to "
+                   "1/beta (last), capped at T, rounded down, leftovers to the largest remainders; that many per KV head")
 
     def validate(self) -> None:
         super().validate()
@@ -51,20 +57,25 @@ class PyramidKV(SnapKV):
             raise ValueError(f"KVPolicy: need beta >= 1, got {self.beta}")
 
     def layer_budgets(self, decode_layers: tuple[int, ...], T: int) -> list[int]:
-        return pyramid_split(self.budget.total(tuple(decode_layers), T), len(decode_layers), T, self.beta)
+        total, n = self.budget.total(tuple(decode_layers), T), len(decode_layers)
+        floor = max(1, min(self.window, T, total // n)) if self.reserve_window else 1
+        return pyramid_split(total, n, T, self.beta, floor)
 
     def how(self) -> str:
-        return f"pyramid beta {self.beta:g}, " + super().how()
+        above = " above each layer's window" if self.reserve_window else ""
+        return f"pyramid beta {self.beta:g}{above}, " + super().how()
 
 
-def pyramid_split(total: int, n: int, T: int, beta: float) -> list[int]:
-    """n layer budgets in [1, T] summing to `total` (n <= total <= n·T), decreasing linearly (see `PyramidKV`)."""
-    if not n <= total <= n * T:
-        raise ValueError(f"pyramid_split: need n <= total <= n·T, got n={n}, total={total}, T={T}")
+def pyramid_split(total: int, n: int, T: int, beta: float, floor: int = 1) -> list[int]:
+    """n layer budgets in [floor, T] summing to `total` (n·floor <= total <= n·T, 1 <= floor <= T), decreasing
+    linearly above the floor (see `PyramidKV`)."""
+    if not (1 <= floor <= T and n * floor <= total <= n * T):
+        raise ValueError(f"pyramid_split: need n·floor <= total <= n·T and 1 <= floor <= T, got n={n}, "
+                         f"total={total}, T={T}, floor={floor}")
     b = Fraction(repr(float(beta)))
     top, low = 2 - 1 / b, 1 / b
     weights = [top - (top - low) * i / (n - 1) for i in range(n)] if n > 1 else [Fraction(1)]
-    cap, rest = T - 1, Fraction(total - n)
+    cap, rest = T - floor, Fraction(total - n * floor)
     share: list[Fraction | None] = [None] * n
     while True:  # water-filling: fix the layers whose proportional share passes the cap
         free = [i for i in range(n) if share[i] is None]
@@ -78,8 +89,8 @@ def pyramid_split(total: int, n: int, T: int, beta: float) -> list[int]:
     for i in free:
         share[i] = rest * weights[i] / w
     counts = [int(s) for s in share]  # floor: shares are >= 0
-    left = total - n - sum(counts)
+    left = total - n * floor - sum(counts)
     by_remainder = sorted(range(n), key=lambda i: (-(share[i] - counts[i]), i))
     for i in by_remainder[:left]:
         counts[i] += 1
-    return [1 + c for c in counts]
+    return [floor + c for c in counts]
