@@ -43,11 +43,11 @@ def measure_rates(device, dtype) -> dict:
         best = float("inf")
         for _ in range(4):
             if dev.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(dev)
             t = time.perf_counter()
             a @ a
             if dev.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(dev)
             best = min(best, time.perf_counter() - t)
         return 2 * n**3 / best
 

@@ -294,6 +294,56 @@ def test_real_transfer_backend_per_device():
     assert transfer_backend("cuda_events", 1) == "cuda_ipc" and transfer_backend("cuda_events", 2) == "nccl"
 
 
+def test_cuda_timing_and_syncs_act_on_the_measured_device_not_the_current_one(monkeypatch, tmp_path):
+    """A CUDA event records on the current device's stream (torch.cuda.Event.record: `current_stream()` when none is
+    given) and a bare torch.cuda.synchronize() waits for the current device: with the model on cuda:1 the clock timed
+    an idle cuda:0, and the shared handoff's receiver released the sender's memory before its copies ended. Emulated
+    with a fake current device: the events are recorded, and the syncs made, with cuda:1 current."""
+    import queue
+
+    from harness.latency import transfer
+
+    current = [0]  # the current CUDA device's index
+
+    class Device:  # torch.cuda.device(d): d current inside
+        def __init__(self, d):
+            self.index = torch.device(d).index
+
+        def __enter__(self):
+            self.before, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.before
+
+    recorded, synced = [], []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self, stream=None):
+            recorded.append(current[0])
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 1.5
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(
+        current[0] if device is None else torch.device(device).index))
+    out, ms = latency.Clock(torch.device("cuda", 1)).time(lambda: 7)
+    assert (out, ms) == (7, 1.5) and recorded == [1, 1]
+
+    msg, done = queue.Queue(), queue.Queue()
+    msg.put({"n_requests": 1, "t0_ns": 0, "items": [("k", 0, torch.zeros(2, 1, 4)), ("v", 0, torch.zeros(2, 1, 4)),
+                                                      ("pos", 0, torch.arange(2)), ("cnt", 0, torch.tensor([2]))]})
+    transfer._shared_receiver("cuda:1", msg, done, str(tmp_path / "got.json"))
+    assert synced == [1] and done.get_nowait() is True
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a device the sender cannot open")
 def test_a_shared_handoff_whose_sender_fails_fails_at_once():
     """The receiver waits SHARED_TIMEOUT_S (180 s) for the sender's message: when the sender dies (here: no CUDA to

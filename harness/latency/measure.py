@@ -49,17 +49,21 @@ class Clock:
     """Times a callable: CUDA events on a CUDA device, perf_counter_ns otherwise. Milliseconds."""
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.cuda = device.type == "cuda"
         self.name = "cuda_events" if self.cuda else "perf_counter_ns"
 
     def time(self, fn: Callable[[], Any]) -> tuple[Any, float]:
         if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            end.synchronize()
-            return out, float(start.elapsed_time(end))
+            # on the measured device: an event records on the *current* device's stream (cuda:0 unless set), so a
+            # model on cuda:1 was timed by an idle stream; `fn`'s own streams (a graph's capture) are made there too
+            with torch.cuda.device(self.device):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn()
+                end.record()
+                end.synchronize()
+                return out, float(start.elapsed_time(end))
         t0 = time.perf_counter_ns()
         out = fn()
         return out, (time.perf_counter_ns() - t0) / 1e6

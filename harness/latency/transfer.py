@@ -145,7 +145,7 @@ def _shared_sender(handoff_path: str, device: str, queue, done) -> None:
     h: Handoff = torch.load(handoff_path, weights_only=False)
     items = [(k, layer, t.to(device).contiguous()) for k, layer, t in _tensors(h)]
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # the tensors' device (a bare synchronize() waits for the current one only)
     # CUDA tensors pickle as IPC handles, CPU tensors move to shared memory (torch.multiprocessing)
     queue.put({"n_requests": h.n_requests, "t0_ns": time.perf_counter_ns(), "items": items})
     done.get(timeout=SHARED_TIMEOUT_S)  # the receiver reads the sender's memory: keep it alive until the copies are done
@@ -155,8 +155,8 @@ def _shared_receiver(device: str, queue, done, result_path: str) -> None:
     msg = queue.get(timeout=SHARED_TIMEOUT_S)
     t_got = time.perf_counter_ns()
     own = [(k, layer, t.clone()) for k, layer, t in msg["items"]]  # the copy into the decode process's memory
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    if device.startswith("cuda"):  # the copies' device: on cuda:1, a bare synchronize() waited for cuda:0, and the
+        torch.cuda.synchronize(device)  # sender could free its memory while they still read it
     t1 = time.perf_counter_ns()
     t0, n_requests = msg["t0_ns"], msg["n_requests"]
     del msg  # release the sender's memory (IPC handles) before the sender may free it

@@ -131,11 +131,12 @@ def copy_bandwidth_bytes_per_s(device: torch.device, nbytes: int = 256 * 2**20, 
     best = float("inf")
     for _ in range(repeats + 1):
         if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
+            with torch.cuda.device(device):  # events record on the current device's stream: the copy's device
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                dst.copy_(src)
+                end.record()
+                end.synchronize()
             t = start.elapsed_time(end) / 1e3
         else:
             t0 = time.perf_counter()
