@@ -256,3 +256,20 @@ def test_the_pooled_objective_is_the_mean_over_all_search_sequences(deep, calib)
         assert st.ep(removed) == pytest.approx(whole.prefill(removed), rel=1e-5)
         assert st.ed(removed | {10}, removed) == pytest.approx(whole.decode(removed | {10}, removed), rel=1e-5)
     assert st.ed({4}, set()) == pytest.approx(whole.decode({4}, set()), rel=1e-5)
+
+
+def test_the_bfloat16_screen_copy_keeps_the_rotary_frequencies_in_float32(deep):
+    """`.to(bfloat16)` rounded the rotary inv_freq too: position 511's angles were off by up to ~1 rad, so the
+    screen scored every candidate with scrambled positions (from_pretrained(dtype=) keeps them float32)."""
+    from methods.pdtrim.screen import screen_copy
+
+    model = deep[0]
+    narrow = screen_copy(model, torch.bfloat16)
+    assert next(narrow.parameters()).dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    freqs = [n for n, _ in model.named_buffers() if n.endswith("inv_freq")]
+    assert freqs and all(torch.equal(narrow.get_buffer(n), model.get_buffer(n)) for n in freqs)
+    pos = torch.arange(512)[None]
+    x = torch.zeros(1, 512, model.config.hidden_size)
+    cos, sin = model.model.rotary_emb(x, pos)
+    cos_n, sin_n = narrow.model.rotary_emb(x.bfloat16(), pos)
+    assert max((cos_n.float() - cos).abs().max(), (sin_n.float() - sin).abs().max()) < 8e-3  # cos/sin's own rounding

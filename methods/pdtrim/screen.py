@@ -64,8 +64,17 @@ def screen_kind(model, screen: str, subset: bool) -> str | None:
 
 
 def screen_copy(model, dtype: torch.dtype):
-    """A copy of `model` in `dtype` for screening (the float32 model stays as it is)."""
-    return copy.deepcopy(model).to(dtype).eval()
+    """A copy of `model` in `dtype` for screening (the float32 model stays as it is). The rotary frequencies
+    (`inv_freq` buffers) stay float32, as `from_pretrained(dtype=...)` keeps them: rounded to bfloat16 (8 bits
+    of mantissa) a frequency f is off by up to f·2^-9, so position p's angle by up to p·f·2^-9 rad (~0.9 rad
+    at p = 512 for f near 1), and every screened objective was computed with scrambled positions."""
+    narrow = copy.deepcopy(model).to(dtype).eval()
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            owner, _, attr = name.rpartition(".")
+            if attr.endswith("inv_freq"):
+                setattr(narrow.get_submodule(owner), attr, buf.detach().clone())
+    return narrow
 
 
 class Screen:
