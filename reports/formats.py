@@ -113,15 +113,20 @@ def _group_blocks(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 def to_markdown(t: pd.DataFrame) -> str:
     """GitHub Markdown: caption in italics above, a group heading row (bold) before each group."""
-    cols = t.attrs["columns"]
+    cols = [_md_cell(c) for c in t.attrs["columns"]]
     out = [f"*{t.attrs['caption']}*", "", "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
-    text = wide(t, "text")
+    text = wide(t, "text").replace(r"\|", r"\\|", regex=True)  # a `|` in a name would end its cell
     shown = text.mask(wide(t, "bold").astype(bool), "**" + text + "**")
     for title, block in _group_blocks(shown):
         if title:
-            out.append("| " + " | ".join([f"**{title}**"] + [""] * (len(cols) - 1)) + " |")
+            out.append("| " + " | ".join([f"**{_md_cell(title)}**"] + [""] * (len(cols) - 1)) + " |")
         out += ["| " + " | ".join(r) + " |" for r in block.itertuples(index=False)]
     return "\n".join(out)
+
+
+def _md_cell(text: str) -> str:
+    """`text` in a Markdown table cell: a `|` escaped, else it would split the cell (a method or model name may hold one)."""
+    return text.replace("|", r"\|")
 
 
 def to_csv(t: pd.DataFrame) -> str:

@@ -96,6 +96,16 @@ def test_formats_escape_and_group_rows_and_bold_the_same_cells_everywhere():
     assert to_csv(t).splitlines() == ["group,Method,Removed,Score", "G <1>,a_b,1,2.0", "G <1>,c,1,3.0", ",d,2,—"]
 
 
+def test_markdown_escapes_a_pipe_in_a_name_so_every_row_keeps_its_columns():
+    """A `|` in a method, model or column name split its Markdown cell: the row had one column too many."""
+    from reports.formats import cell, make_table
+
+    t = make_table("q", "c", ["Method", "A|B"], [("M | 2", [[cell("x|y <b>"), cell("1.0", 1.0)]])])
+    lines = [line for line in to_markdown(t).splitlines() if line.startswith("|")]
+    assert lines == [r"| Method | A\|B |", "|---|---|", r"| **M \| 2** |  |", r"| x\|y <b> | 1.0 |"]
+    assert {len(re.findall(r"(?<!\\)\|", line)) for line in lines} == {3}
+
+
 def test_tables_from_stored_records_in_three_formats():
     col = collect([QUALITY, LATENCY])
     q, e, lc, pl = quality_table(col), efficiency_table(col, 100), long_context_table(col), plans_table(col)
