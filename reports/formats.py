@@ -83,7 +83,8 @@ def bold_beyond_noise(t: pd.DataFrame, column: str, stderr: dict[int, float], lo
 
 
 def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    """A number to rank: not a bool, not NaN (pandas stores the value of a '—' cell, None, as NaN)."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and v == v
 
 
 def wide(t: pd.DataFrame, field: str = "text") -> pd.DataFrame:

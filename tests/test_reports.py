@@ -74,6 +74,19 @@ def test_quality_table_conventions_bold_and_average():
         quality_table(recs, "f1")
 
 
+def test_a_row_without_a_score_does_not_take_the_bold_from_the_best():
+    """A '—' cell (a task the row lacks) is NaN among the column's values; sorted with the numbers it made the
+    best and the runner-up arbitrary, so 64 ± 4.8 against 48 ± 5.0 lost its bold."""
+    recs = [_fake("unpruned", "disaggregated", {"arc_easy": {"acc": 0.48}, "boolq": {"acc": 0.60}}),
+            _fake("x", "disaggregated", {"boolq": {"acc": 0.60}}, removed=(1,)),
+            _fake("y", "disaggregated", {"arc_easy": {"acc": 0.64}, "boolq": {"acc": 0.60}}, removed=(2,))]
+    for r in recs:
+        r.scores.get("arc_easy", {}).get("acc", {})["stderr"] = 0.05
+    t = quality_table(recs)
+    bold = rows(t, field="bold").set_index(rows(t)["Method"])["ARC-e"]
+    assert dict(bold) == {"unpruned": False, "x": False, "y": True}  # 16 > 1.96 · sqrt(5² + 5²) = 13.9
+
+
 def test_formats_escape_and_group_rows_and_bold_the_same_cells_everywhere():
     from reports.formats import bold_best, cell, make_table
 
