@@ -71,10 +71,11 @@ def _fmt(v: float | None, metric: str, se: float | None = None) -> CellSpec:
 
 
 def _score(r: RunRecord, task: str, metric: str | None) -> tuple[float | None, float | None]:
-    """(value, stderr) of a stored score; stderr None where lm-eval gave none (or it is not a number)."""
+    """(value, stderr) of a stored score; value None where it is NaN (no score: shown '—', in no average or
+    bold), stderr None where lm-eval gave none (or it is not a number)."""
     got = r.scores.get(task, {}).get(metric, {}) if metric else {}
-    se = got.get("stderr")
-    return got.get("value"), (float(se) if isinstance(se, (int, float)) and se == se else None)
+    v, se = got.get("value"), got.get("stderr")
+    return (None if v != v else v), (float(se) if isinstance(se, (int, float)) and se == se else None)
 
 
 def _ordered_tasks(records: list[RunRecord], keep) -> list[str]:

@@ -87,6 +87,18 @@ def test_a_row_without_a_score_does_not_take_the_bold_from_the_best():
     assert dict(bold) == {"unpruned": False, "x": False, "y": True}  # 16 > 1.96 · sqrt(5² + 5²) = 13.9
 
 
+def test_a_nan_score_is_no_score_not_nan_in_the_cell_and_the_average():
+    """A NaN value (JSON NaN in a record) was shown 'nan ± 1.0' and made the row's Avg 'nan ± 0.7': it is a missing
+    score, in the tables and the figures' averages."""
+    from reports.plots import avg_score
+
+    recs = [_fake("unpruned", "disaggregated", {"arc_easy": {"acc": 0.50}, "boolq": {"acc": 0.60}}),
+            _fake("x", "disaggregated", {"arc_easy": {"acc": float("nan")}, "boolq": {"acc": 0.60}}, removed=(1,))]
+    t = quality_table(recs)
+    assert list(rows(t).set_index("Method").loc["x", ["ARC-e", "Avg"]]) == ["—", "—"] and "nan" not in to_markdown(t)
+    assert avg_score(recs[1], ["arc_easy", "boolq"], "paper") == (None, None)
+
+
 def test_formats_escape_and_group_rows_and_bold_the_same_cells_everywhere():
     from reports.formats import bold_best, cell, make_table
 
