@@ -175,13 +175,31 @@ def collect(paths: list[Path]) -> Collection:
             except RecordError as e:  # one bad file must not hide the others; the report names it
                 col.skipped.append(f"{e}; skipped")
                 continue
-            (col.latency if is_latency(r) else col.quality).append(r)
-            col.sources[id(r)] = f
+            _add(col, r, f)
     if col.skipped and not col.all:
         raise ReportError("no readable run records: " + "; ".join(col.skipped))
     if only_failed and not col.all:
         raise ReportError("; ".join(only_failed))
     return col
+
+
+def _add(col: Collection, r: RunRecord, f: Path) -> None:
+    """Add `r` (read from `f`) to `col`, unless its folder already gave a record of its cell (a renamed copy,
+    `x__disaggregated (copy).json`): rows of one label could not be told apart, and a ratio or pair against
+    the copy would be silent. The record in the cell's own file name is kept, else the first; the other is a note."""
+    lst = col.latency if is_latency(r) else col.quality
+    twin = next((o for o in lst if (o.method, o.mode) == (r.method, r.mode) and col.folder(o).resolve() == f.parent.resolve()), None)
+    if twin is not None:
+        keep_new = f.name == r.filename and col.source(twin).name != twin.filename
+        kept, dropped = (f, col.source(twin)) if keep_new else (col.source(twin), f)
+        col.skipped.append(f"{dropped}: a second record of {r.method}/{r.mode} in its folder, beside {kept.name} "
+                           "(one record per method and PD setting in a folder); skipped")
+        if not keep_new:
+            return
+        lst.remove(twin)
+        del col.sources[id(twin)]
+    lst.append(r)
+    col.sources[id(r)] = f
 
 
 # Config fields that differ between the records of one run, or name which cells a run made (tasks,

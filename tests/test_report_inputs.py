@@ -48,6 +48,23 @@ def test_overlapping_inputs_read_each_record_once(tmp_path, cli):
     assert [row[1] for row in _quality_rows(tmp_path / "rep")] == ["unpruned", "x"]
 
 
+def test_a_second_record_of_a_cell_in_one_folder_is_skipped_with_a_note(tmp_path, cli):
+    """A renamed copy of a record beside it (`unpruned__disaggregated (copy).json`) gave two rows of one label and,
+    first by path, was the baseline of every ratio: x showed 2.00× against the copy instead of 4.00×."""
+    _run(tmp_path / "a", 4, 400, 100)
+    doc = json.loads((tmp_path / "a" / "unpruned__disaggregated.json").read_text())
+    doc["kv"]["boolq"]["kv_bytes"] = 200
+    (tmp_path / "a" / "unpruned__disaggregated (copy).json").write_text(json.dumps(doc))
+    col = collect([tmp_path / "a"])
+    assert dict(rows(quality_table(col)).set_index("Method")["KV ×"]) == {"unpruned": "1.00×", "x": "4.00×"}
+    assert col.skipped == [f"{tmp_path / 'a' / 'unpruned__disaggregated (copy).json'}: a second record of unpruned/"
+                           "disaggregated in its folder, beside unpruned__disaggregated.json (one record per method and "
+                           "PD setting in a folder); skipped"]
+    r = cli("report", tmp_path / "a", "--no-plots", "--out", tmp_path / "rep")
+    assert r.returncode == 0 and "a second record of unpruned/disaggregated" in r.stderr
+    assert [row[1] for row in _quality_rows(tmp_path / "rep")] == ["unpruned", "x"]
+
+
 def test_kv_ratio_against_the_unpruned_record_of_the_same_configuration(tmp_path):
     _run(tmp_path / "a", 4, 400, 100)  # x: 4×
     _run(tmp_path / "b", 2, 200, 100)  # x: 2×
