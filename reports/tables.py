@@ -124,8 +124,14 @@ def _quality_row(col: Collection, r: RunRecord, dense: RunRecord | None, tasks: 
     avg, avg_se = _avg_cell(accs, ses, sum(1 for t in tasks if not (metrics[t] & LOWER_IS_BETTER)))
     if avg_se is not None:
         noise["Avg"] = avg_se
-    shared = [t for t in tasks if dense is not None and t in dense.kv and t in r.kv]  # folders may differ in tasks
+    shared = [t for t in tasks if dense is not None and _handed_over(dense, t) and _handed_over(r, t)]  # folders may differ in tasks
     return [*row, avg, _ratio_cell(_mc_kv(dense, shared), _mc_kv(r, shared))], noise
+
+
+def _handed_over(r: RunRecord, task: str) -> bool:
+    """Whether `r` sent KV for `task`: a task of zero items has a kv entry of zero handoffs, which would count the other
+    record's bytes against none."""
+    return task in r.kv and r.kv[task].get("handoffs", 1) > 0
 
 
 def _quality_caption(col: Collection, recs: list[RunRecord], tasks: list[str], convention: str) -> str:

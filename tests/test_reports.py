@@ -99,6 +99,15 @@ def test_a_nan_score_is_no_score_not_nan_in_the_cell_and_the_average():
     assert avg_score(recs[1], ["arc_easy", "boolq"], "paper") == (None, None)
 
 
+def test_kv_ratio_leaves_out_a_task_the_row_handed_nothing_over_for():
+    """A task of zero items (kv: 0 bytes in 0 handoffs) counted unpruned's bytes of it against none: 12.00×, not 4.00×."""
+    recs = [_fake("unpruned", "disaggregated", {"arc_easy": {"acc": 0.5}, "boolq": {"acc": 0.6}},
+                  kv={"arc_easy": {"kv_bytes": 400, "handoffs": 4}, "boolq": {"kv_bytes": 200, "handoffs": 2}}),
+            _fake("x", "disaggregated", {"arc_easy": {"acc": None}, "boolq": {"acc": 0.6}}, removed=(1,),
+                  kv={"arc_easy": {"kv_bytes": 0, "handoffs": 0}, "boolq": {"kv_bytes": 50, "handoffs": 2}})]
+    assert rows(quality_table(recs)).set_index("Method").loc["x", "KV ×"] == "4.00×"
+
+
 def test_formats_escape_and_group_rows_and_bold_the_same_cells_everywhere():
     from reports.formats import bold_best, cell, make_table
 
