@@ -268,7 +268,7 @@ def plot_bytes_vs_prompt(col: Collection):
             continue
         for by in r.extra.get("kv_by_setting", {}).values():
             for setting, kv in by.items():
-                if kv.get("handoffs"):
+                if kv.get("handoffs") and setting[1:].isdigit():  # a setting of no prompt length (a plug-in's) has no x
                     series.setdefault(col.label(r), {})[int(setting[1:])] = kv["kv_bytes"] / kv["handoffs"]
     for r in col.latency:
         for lab, kv in r.kv.items():

@@ -375,3 +375,18 @@ def test_a_latency_figure_a_record_lacks_draws_no_bar(tmp_path):
     heights = {c.get_label(): [b.get_height() for b in c] for c in fig.axes[1].containers}
     assert heights["unpruned"] == [2.0] and math.isnan(heights["x"][0])  # not a TPOT of 0 ms
     plt.close(fig)
+
+
+def test_kv_bytes_figure_leaves_out_a_setting_without_a_prompt_length():
+    """A setting the tables sort by name (a plug-in's `Tfull`, no number) raised ValueError in int('full'): the report
+    stopped with a traceback after writing its tables."""
+    import matplotlib.pyplot as plt
+
+    from reports.plots import plot_bytes_vs_prompt
+    from reports.tables import _as_collection
+
+    r = _rec("unpruned")
+    r.extra["kv_by_setting"] = {"pd_ppl": {"T512": {"kv_bytes": 4096, "handoffs": 2}, "Tfull": {"kv_bytes": 8192, "handoffs": 2}}}
+    fig = plot_bytes_vs_prompt(_as_collection([r]))
+    assert [list(line.get_xdata()) for line in fig.axes[0].get_lines()] == [[512]]
+    plt.close(fig)
