@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 matplotlib.rcParams["svg.hashsalt"] = "pd-harness"  # SVG element ids from the content, not random: same records, same file
+matplotlib.rcParams["text.parse_math"] = False  # labels are names: `a$_^$b` is text, not a mathtext error
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 

@@ -390,3 +390,14 @@ def test_kv_bytes_figure_leaves_out_a_setting_without_a_prompt_length():
     fig = plot_bytes_vs_prompt(_as_collection([r]))
     assert [list(line.get_xdata()) for line in fig.axes[0].get_lines()] == [[512]]
     plt.close(fig)
+
+
+def test_a_name_with_dollar_signs_is_text_in_the_figures(tmp_path):
+    """Matplotlib read `$...$` in a legend label as mathtext: a method or folder named `a$_^$b` raised ValueError
+    when the figure was saved (a traceback after the tables were written), `$k$` was typeset as math."""
+    from reports.plots import save_plots
+
+    save(_rec("unpruned"), tmp_path)
+    save(_rec("a$_^$b", removed=(1,)), tmp_path)
+    written = save_plots(collect([tmp_path]), tmp_path / "figures")
+    assert "score_vs_blocks" in written and "a$_^$b" in (tmp_path / "figures" / "score_vs_blocks.svg").read_text()
