@@ -103,12 +103,13 @@ def compare_average(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Paired:
 
 
 def aligned(base: RunRecord, other: RunRecord, task: str, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The two records' values of `metric` on the items both scored (None when either lacks them)."""
+    """The two records' values of `metric` on the items both scored (None when either lacks them); a None or NaN
+    value is an item not scored."""
     a, b = (r.extra.get("items", {}).get(task) for r in (base, other))
     if not a or not b or metric not in a["metrics"] or metric not in b["metrics"]:
         return None
-    va, vb = dict(zip(a["ids"], a["metrics"][metric])), dict(zip(b["ids"], b["metrics"][metric]))
-    common = [i for i in a["ids"] if i in vb and va[i] is not None and vb[i] is not None]
+    va, vb = ({i: v for i, v in zip(x["ids"], x["metrics"][metric]) if v is not None and v == v} for x in (a, b))
+    common = [i for i in a["ids"] if i in va and i in vb]
     if not common:
         return None
     return np.array([va[i] for i in common], float), np.array([vb[i] for i in common], float)

@@ -169,3 +169,14 @@ def test_a_single_item_or_an_infinite_value_has_no_ci_and_is_never_significant()
     # two items that moved alike: the CI is the difference itself, as the bootstrap would give
     same = sig.compare(np.array([10.0, 12.0]), np.array([11.0, 13.0]))
     assert (same.low, same.high) == (1.0, 1.0) and same.significant
+
+
+def test_a_nan_item_value_is_an_item_not_scored():
+    """A NaN per-item value (JSON NaN) was paired like a number: the task's difference read '+nan [—]', its McNemar
+    p was lost (NaN is not 0/1) and the average was NaN too. It is left out, as a None one."""
+    from types import SimpleNamespace
+
+    rec = lambda vals: SimpleNamespace(extra={"items": {"boolq": {"ids": [0, 1, 2, 3], "metrics": {"acc": vals}}}})  # noqa: E731
+    base, other = sig.aligned(rec([0.0, 1.0, 0.0, 1.0]), rec([1.0, float("nan"), None, 1.0]), "boolq", "acc")
+    assert list(base) == [0.0, 1.0] and list(other) == [1.0, 1.0]
+    assert sig.compare(base, other).p_mcnemar == 1.0
