@@ -55,14 +55,16 @@ def make_table(name: str, caption: str, columns: Sequence[str], groups: Sequence
 
 
 def bold_best(t: pd.DataFrame, column: str, lower_is_better: bool = False) -> None:
-    """Bold the best numeric value of `column` within each group (ties all bold; a group needs two
-    numbers to have a best)."""
+    """Bold the best numeric value of `column` within each group (ties all bold, and so are values shown as the
+    best is: 1.6017 and 1.6021 both read 1.60×; a group needs two numbers to have a best)."""
     sel = t["column"] == column
     nums = pd.to_numeric(t.loc[sel, "value"].where(t.loc[sel, "value"].map(_is_number)), errors="coerce")
     by = nums.groupby(t.loc[sel, "group"])
     best = by.transform("min" if lower_is_better else "max")
     enough = by.transform("count") >= 2
     hit = enough & ((nums - best).abs() <= 1e-12 * np.maximum(1.0, best.abs()))
+    shown = set(zip(t.loc[hit[hit].index, "group"], t.loc[hit[hit].index, "text"]))
+    hit |= nums.notna() & pd.Series([k in shown for k in zip(t.loc[sel, "group"], t.loc[sel, "text"])], index=nums.index)
     t.loc[hit[hit].index, "bold"] = True
 
 

@@ -140,6 +140,16 @@ def test_markdown_escapes_a_pipe_in_a_name_so_every_row_keeps_its_columns():
     assert {len(re.findall(r"(?<!\\)\|", line)) for line in lines} == {3}
 
 
+def test_values_shown_as_the_best_is_are_bold_too():
+    """bold_best compared raw values: of 1.6021 and 1.6017, both shown '1.60×', only one was bold."""
+    from reports.formats import bold_best, cell, make_table
+
+    t = make_table("k", "c", ["Method", "KV ×"], [("", [[cell("a"), cell("1.60×", 1.6021)], [cell("b"), cell("1.60×", 1.6017)],
+                                                       [cell("c"), cell("1.59×", 1.5912)]])])
+    bold_best(t, "KV ×")
+    assert list(rows(t, field="bold")["KV ×"]) == [True, True, False]
+
+
 def test_tables_from_stored_records_in_three_formats():
     col = collect([QUALITY, LATENCY])
     q, e, lc, pl = quality_table(col), efficiency_table(col, 100), long_context_table(col), plans_table(col)
