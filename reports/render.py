@@ -47,7 +47,7 @@ def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: flo
     for name in TABLES:  # one list of the table names: a rerender removes by it too (`remove_stale_outputs`)
         t = makers[name]()
         if t.empty:
-            paired_why = f"no records with per-item results to pair with {baseline}" if col.quality else "no quality records"
+            paired_why = _paired_why(col, baseline)
             quality_why = "long-context tasks only: see the long_context table" if col.quality else "no quality records"
             why = {"quality": quality_why, "paired": paired_why,
                    "efficiency": "no latency records (python -m harness latency)",
@@ -56,6 +56,17 @@ def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: flo
         else:
             tables.append(t)
     return tables, missing
+
+
+def _paired_why(col: Collection, baseline: str) -> str:
+    """Why the paired table is empty: no quality records, no `baseline` record (the default's may be absent), or no
+    per-item results to pair."""
+    methods = sorted({r.method for r in col.quality})
+    if not methods:
+        return "no quality records"
+    if baseline not in methods:
+        return f"no {baseline} record; --baseline METHOD pairs with another: {', '.join(methods)}"
+    return f"no records with per-item results to pair with {baseline}"
 
 
 def bandwidth_note(col: Collection, bandwidth_gbit: float) -> list[str]:
