@@ -174,7 +174,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 def plot_score_vs_kv(col: Collection, convention: str = "paper"):
     """Average score against KV bytes sent per request (disaggregated records)."""
     tasks = _mc_tasks(col)
-    recs = [r for r in col.quality if r.mode == "disaggregated" and _mc_kv(r, tasks)]
+    # per request: a record needs the handoff count of each task (older kv entries may lack it; zero items have none)
+    recs = [r for r in col.quality if r.mode == "disaggregated" and _mc_kv(r, tasks) and all(r.kv[t].get("handoffs") for t in tasks)]
     if not tasks or not recs:
         return None
     fig, ax = plt.subplots(figsize=(6 + _legend_inches(len(recs) + 1), 4))

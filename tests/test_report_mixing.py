@@ -401,3 +401,19 @@ def test_a_name_with_dollar_signs_is_text_in_the_figures(tmp_path):
     save(_rec("a$_^$b", removed=(1,)), tmp_path)
     written = save_plots(collect([tmp_path]), tmp_path / "figures")
     assert "score_vs_blocks" in written and "a$_^$b" in (tmp_path / "figures" / "score_vs_blocks.svg").read_text()
+
+
+def test_kv_figure_leaves_out_a_record_without_handoff_counts():
+    """A kv entry the record schema accepts without `handoffs` (only kv_bytes is required) raised KeyError in the
+    score-versus-KV figure: a traceback after the tables were written. No per-request point for it."""
+    import matplotlib.pyplot as plt
+
+    from reports.plots import plot_score_vs_kv
+    from reports.tables import _as_collection
+
+    old = _rec("x", removed=(1,))
+    for kv in old.kv.values():
+        del kv["handoffs"]
+    fig = plot_score_vs_kv(_as_collection([_rec("unpruned"), old]))
+    assert [len(c.get_offsets()) for c in fig.axes[0].collections] == [1]  # unpruned's point only
+    plt.close(fig)
