@@ -149,7 +149,7 @@ def to_csv(t: pd.DataFrame) -> str:
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "<": r"\textless{}", ">": r"\textgreater{}"}  # OT1 would print < and > as ¡ and ¿
+                  "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}"}  # OT1 would print < > | as ¡ ¿ —
 _LATEX_SYMBOLS = {"×": r"$\times$", "—": "--", "–": "--", "±": r"$\pm$", "≥": r"$\geq$", "≤": r"$\leq$", "÷": r"$\div$",
                   "·": r"$\cdot$", "→": r"$\rightarrow$", "⊆": r"$\subseteq$", "µ": r"$\mu$", "−": r"$-$", "↓": r"$\downarrow$",
                   "↑": r"$\uparrow$"}

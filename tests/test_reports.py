@@ -150,6 +150,13 @@ def test_values_shown_as_the_best_is_are_bold_too():
     assert list(rows(t, field="bold")["KV ×"]) == [True, True, False]
 
 
+def test_latex_writes_a_pipe_as_a_bar_not_the_em_dash_ot1_prints():
+    """pdflatex's default OT1 font prints a text-mode '|' as '—': a method 'a | b' read 'a — b' in the PDF."""
+    from reports.formats import latex_escape
+
+    assert latex_escape("a | b <c>") == r"a \textbar{} b \textless{}c\textgreater{}"
+
+
 def test_tables_from_stored_records_in_three_formats():
     col = collect([QUALITY, LATENCY])
     q, e, lc, pl = quality_table(col), efficiency_table(col, 100), long_context_table(col), plans_table(col)
