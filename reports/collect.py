@@ -236,11 +236,13 @@ def task_options(r: RunRecord, task: str) -> object:
 
 def same_configuration(a: RunRecord, b: RunRecord) -> bool:
     """Whether `a` and `b` were run with the same settings, so that one can be a reference for the
-    other: same configuration and, on the tasks both scored, the same task options."""
+    other: same configuration, the same weights dtype where both recorded what `--dtype auto` resolved to (bfloat16
+    on a GPU, float32 on a CPU: half or twice the KV bytes) and, on the tasks both scored, the same task options."""
     common = set(a.scores) & set(b.scores)
     da, db = _data_digests(a), _data_digests(b)
+    dtypes = {r.model.get("dtype") for r in (a, b)}
     return configuration(a) == configuration(b) and same_model(a, b) and all(task_options(a, t) == task_options(b, t) for t in common) \
-        and all(da[t] == db[t] for t in common if t in da and t in db)
+        and all(da[t] == db[t] for t in common if t in da and t in db) and (None in dtypes or len(dtypes) == 1)
 
 
 def reference(records: list[RunRecord], r: RunRecord, method: str = "unpruned", col: Collection | None = None,

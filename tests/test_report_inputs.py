@@ -78,6 +78,21 @@ def test_kv_ratio_against_the_unpruned_record_of_the_same_configuration(tmp_path
     assert text["x (d)"] == "8.00×"
 
 
+def test_kv_ratio_needs_the_same_resolved_dtype(tmp_path):
+    """`--dtype auto` is float32 on a CPU and bfloat16 on a GPU: the same configuration, half the KV bytes. A GPU run's
+    x was compared with a CPU run's unpruned (8.00× for the 4.00× at one dtype); the records say what auto resolved to."""
+    _run(tmp_path / "cpu", 4, 400, 100)
+    _run(tmp_path / "gpu", 4, None, 50)
+    _run(tmp_path / "old", 4, None, 100)  # a record from before the resolved dtype was kept still pairs
+    for folder, dtype in (("cpu", "float32"), ("gpu", "bfloat16")):
+        for path in (tmp_path / folder).glob("*__*.json"):
+            doc = json.loads(path.read_text())
+            doc["model"]["dtype"] = dtype
+            path.write_text(json.dumps(doc))
+    kv = dict(rows(quality_table(collect([tmp_path / f for f in ("cpu", "gpu", "old")]))).set_index("Method")["KV ×"])
+    assert kv == {"unpruned": "1.00×", "x (cpu)": "4.00×", "x (gpu)": "—", "x (old)": "4.00×"}
+
+
 def test_a_record_made_with_the_data_folder_elsewhere_pairs_unless_its_files_differ(tmp_path):
     """A run in a clone at another path (CI's checkout) records another data_dir; the report compares the files'
     digests, not the path: same files pair with the committed unpruned record, other files do not."""
