@@ -12,7 +12,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 matplotlib.rcParams["svg.hashsalt"] = "pd-harness"  # SVG element ids from the content, not random: same records, same file
-matplotlib.rcParams["text.parse_math"] = False  # labels are names: `a$_^$b` is text, not a mathtext error
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
@@ -37,6 +36,12 @@ def _legend(ax) -> None:
 def _legend_inches(n: int) -> float:
     """The width to add to a figure for a legend of `n` entries placed beside its axes by `_legend` (none inside)."""
     return 0.0 if n <= 8 else 2.6 * -(-n // 18)
+
+
+def _plain(name: str) -> str:
+    """A method or folder name as figure text: its `$` escaped, else matplotlib reads `$...$` as mathtext (`a$_^$b`
+    raised ValueError when the figure was saved). Mathtext stays on: log axes label their ticks with it."""
+    return name.replace("$", r"\$")
 
 
 def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
@@ -146,7 +151,7 @@ def plot_score_vs_blocks(col: Collection, convention: str = "paper"):
                 xs, ys, es = zip(*pts)
                 # an unknown standard error draws no bar (NaN), not a zero-length one that claims no noise
                 ax.errorbar(xs, ys, yerr=[float("nan") if e is None else e for e in es], marker=MARKERS[i % len(MARKERS)],
-                            capsize=3, label=m)
+                            capsize=3, label=_plain(m))
                 drawn += 1
         _style(ax, MODE_TITLE[mode], "blocks removed (decode stage)", f"average score over {len(tasks)} tasks (%, ± 1 se)")
         ax.set_ylim(0, 100)  # the whole scale: a truncated axis makes noise look like an effect
@@ -184,7 +189,7 @@ def plot_score_vs_kv(col: Collection, convention: str = "paper"):
         handoffs = sum(r.kv[t]["handoffs"] for t in tasks)
         x, y = _mc_kv(r, tasks) / handoffs / MIB, avg_score(r, tasks, convention)[0]
         if y is not None:
-            ax.scatter([x], [y], marker=MARKERS[i % len(MARKERS)], s=60, label=col.label(r))
+            ax.scatter([x], [y], marker=MARKERS[i % len(MARKERS)], s=60, label=_plain(col.label(r)))
             pts.append((x, y))
     if not pts:
         plt.close(fig)
@@ -215,7 +220,7 @@ def plot_latency_bars(col: Collection):
                 r = next((r for r in col.latency if col.label(r) == m and lab in r.latency), None)
                 v = r.figure(lab, metric) if r else None
                 ys.append(float("nan") if v is None else v)  # not measured: no bar, not a bar of 0 ms
-            ax.bar([j + i * width for j in range(len(labels))], ys, width, label=m)
+            ax.bar([j + i * width for j in range(len(labels))], ys, width, label=_plain(m))
         ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(labels))])
         ax.set_xticklabels([f"T{w[0]} n{w[1]} b{w[2]}" + ("" if w[3] == "eager" else f" {w[3]}")
                             for w in map(parse_workload, labels)], fontsize=8)
@@ -245,7 +250,7 @@ def plot_sensitivity(col: Collection):
         ax.bar([i - w / 2 for i in range(n)], s["prefill"], w, label="removed from prefill (and decode)")
         ax.bar([i + w / 2 for i in range(n)], s["decode"], w, label="removed from decode only")
         ax.set_yscale("log")
-        _style(ax, f"Stage sensitivity per block ({col.label(sens)})", "block index", "KL to the dense model (nats, log scale)")
+        _style(ax, f"Stage sensitivity per block ({_plain(col.label(sens))})", "block index", "KL to the dense model (nats, log scale)")
         ax.legend(fontsize=8)
     if scored is not None:
         ax = axes.pop(0)
@@ -254,7 +259,7 @@ def plot_sensitivity(col: Collection):
         removed = set(scored.plan.get("removed_decode", []))
         ax.bar(range(len(bi)), bi, color=["tab:red" if i in removed else "tab:blue" for i in range(len(bi))])
         ax.set_yscale("log")
-        _style(ax, f"Block score 1 − cos(h_in, h_out) ({col.label(scored)}; red: removed in decode)",
+        _style(ax, f"Block score 1 − cos(h_in, h_out) ({_plain(col.label(scored))}; red: removed in decode)",
                "block index", "1 − mean cosine (log scale)")
     for ax in fig.axes:  # block indices are integers: no tick at -0.5 or 2.5
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -282,7 +287,7 @@ def plot_bytes_vs_prompt(col: Collection):
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (m, pts) in enumerate(sorted(series.items(), key=lambda kv: (kv[0] != "unpruned", kv[0]))):
         xs = sorted(pts)
-        ax.plot(xs, [pts[x] / MIB for x in xs], marker=MARKERS[i % len(MARKERS)], label=m)
+        ax.plot(xs, [pts[x] / MIB for x in xs], marker=MARKERS[i % len(MARKERS)], label=_plain(m))
     ax.set_xscale("log", base=2)
     _style(ax, "KV sent per request versus prompt length", "prompt tokens (log scale)", "KV bytes sent per request (MiB)")
     ax.legend(fontsize=8)

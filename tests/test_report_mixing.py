@@ -395,12 +395,18 @@ def test_kv_bytes_figure_leaves_out_a_setting_without_a_prompt_length():
 def test_a_name_with_dollar_signs_is_text_in_the_figures(tmp_path):
     """Matplotlib read `$...$` in a legend label as mathtext: a method or folder named `a$_^$b` raised ValueError
     when the figure was saved (a traceback after the tables were written), `$k$` was typeset as math."""
-    from reports.plots import save_plots
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from reports.plots import plot_score_vs_blocks, save_plots
 
     save(_rec("unpruned"), tmp_path)
     save(_rec("a$_^$b", removed=(1,)), tmp_path)
-    written = save_plots(collect([tmp_path]), tmp_path / "figures")
-    assert "score_vs_blocks" in written and "a$_^$b" in (tmp_path / "figures" / "score_vs_blocks.svg").read_text()
+    assert "score_vs_blocks" in save_plots(collect([tmp_path]), tmp_path / "figures")
+    fig = plot_score_vs_blocks(collect([tmp_path]))
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["unpruned", r"a\$_^\$b"]  # shown as typed
+    plt.close(fig)
+    assert matplotlib.rcParams["text.parse_math"]  # on: the log axes' tick labels ($2^{9}$) are mathtext
 
 
 def test_kv_figure_leaves_out_a_record_without_handoff_counts():
