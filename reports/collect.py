@@ -224,6 +224,17 @@ def configuration(r: RunRecord) -> str:
     return json.dumps(keep, sort_keys=True, default=str)
 
 
+def differing_settings(records: list[RunRecord]) -> dict[str, list[str]]:
+    """Setting -> its values, for the settings (`configuration`'s, and the weights dtype `--dtype auto` resolved to,
+    where recorded) in which `records` differ: rows a table puts side by side (its Avg, its bold) although they
+    were not run alike."""
+    rows = [{**json.loads(configuration(r)), "weights dtype": r.model.get("dtype")} for r in records]
+    keys = sorted({k for row in rows for k in row})
+    values = {k: {json.dumps(row.get(k), sort_keys=True, default=str).strip('"') for row in rows
+                  if not (k == "weights dtype" and row.get(k) is None)} for k in keys}
+    return {k: sorted(vs) for k, vs in values.items() if len(vs) > 1}
+
+
 def _data_digests(r: RunRecord) -> dict:
     """Task -> sha256 of the data files `r` was scored on ({} for records made before input digests)."""
     return r.inputs().get("data") or {}

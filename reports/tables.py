@@ -14,7 +14,7 @@ import pandas as pd
 
 from harness.store.records import LOWER_IS_BETTER, RunRecord, is_long_task, stored_presentation, task_presentation
 from harness.store.task_names import STANDARD_TASKS, TaskPresentation
-from reports.collect import CONVENTION_TEXT, Collection, is_latency, metric_for, natural_key, reference
+from reports.collect import CONVENTION_TEXT, Collection, differing_settings, is_latency, metric_for, natural_key, reference
 from reports.formats import CellSpec, bold_best, bold_beyond_noise, cell, make_table
 
 MODE_ORDER = {"disaggregated": 0, "unified": 1}
@@ -145,7 +145,18 @@ def _quality_caption(col: Collection, recs: list[RunRecord], tasks: list[str], c
             f"(convention '{convention}'). {_items_text(recs, tasks)}; lm-eval {', '.join(lm_eval) or '—'}, "
             f"seed {', '.join(seeds)}. Avg: mean over the accuracy columns. KV ×: KV bytes unpruned ÷ method, summed over "
             f"the handoffs of these tasks both scored (disaggregated only). ± : standard error (lm-eval's; Avg: of the mean over tasks). "
-            f"Bold: best per column only where it beats the runner-up by more than 1.96 combined standard errors.")
+            f"Bold: best per column only where it beats the runner-up by more than 1.96 combined standard errors."
+            f"{_mixed_text(recs)}")
+
+
+def _mixed_text(recs: list[RunRecord]) -> str:
+    """A caption's warning when its rows were not run alike (they still share groups, averages and bold)."""
+    differ = differing_settings(recs)
+    if not differ:
+        return ""
+    return (" Rows were run with different settings, compared side by side: "
+            + "; ".join(f"{k} {' / '.join(v)}" for k, v in differ.items())
+            + " (each KV × is against the unpruned record of the row's own settings).")
 
 
 def quality_table(records: Collection | Sequence[RunRecord], convention: str = "paper") -> pd.DataFrame:
@@ -332,7 +343,8 @@ def _long_caption(recs: list[RunRecord], tasks: dict[str, TaskPresentation]) -> 
     texts = [_task_caption(recs, t, pres) for t, pres in order if pres.caption]
     return (f"Long-context workloads. {'; '.join(texts)}. "
             "KV/req: bytes the prefill stage sends per request (reduction versus unpruned in brackets; unified sends nothing). "
-            "± : standard error; a score is bold only where it beats the runner-up by more than 1.96 combined standard errors.")
+            "± : standard error; a score is bold only where it beats the runner-up by more than 1.96 combined standard errors."
+            + _mixed_text(recs))
 
 
 def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFrame:

@@ -423,3 +423,20 @@ def test_kv_figure_leaves_out_a_record_without_handoff_counts():
     fig = plot_score_vs_kv(_as_collection([_rec("unpruned"), old]))
     assert [len(c.get_offsets()) for c in fig.axes[0].collections] == [1]  # unpruned's point only
     plt.close(fig)
+
+
+def test_a_caption_says_which_settings_its_rows_differ_in(tmp_path):
+    """Rows of two limits and two weights dtypes shared a group, its Avg column and its bold with nothing said."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, limit, dtype in ((a, 4, "float32"), (b, 8, "bfloat16")):
+        for method, removed in (("unpruned", ()), (f"x{limit}", (1,))):
+            r = _rec(method, removed=removed, limit=limit)
+            r.model["dtype"] = dtype
+            save(r, folder)
+    mixed = quality_table(collect([a, b])).attrs["caption"]
+    assert "Rows were run with different settings, compared side by side: limit 4 / 8; weights dtype bfloat16 / float32" in mixed
+    assert "Rows were run with different" not in quality_table(collect([a])).attrs["caption"]
+    r = _rec("y", removed=(1,))
+    r.model.pop("dtype", None)  # a record from before the resolved dtype was kept: unknown, not different
+    save(r, a)
+    assert "Rows were run with different" not in quality_table(collect([a])).attrs["caption"]
