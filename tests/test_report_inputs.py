@@ -187,3 +187,19 @@ def test_a_bandwidth_the_latency_records_lack_is_named_with_the_ones_they_hold(t
     r = cli("report", LATENCY, "--no-plots", "--bandwidth", "50", "--out", tmp_path / "rep")
     assert r.returncode == 0 and "E2E at --bandwidth 50 Gbit/s: the latency records hold it at 25, 100, 400 Gbit/s" in r.stderr
     assert "E2E at" not in cli("report", LATENCY, "--no-plots", "--out", tmp_path / "rep2").stderr  # 100: held
+
+
+def test_a_record_whose_plan_layers_are_not_lists_of_indices_is_skipped_with_a_note(tmp_path, cli):
+    """`plan.removed_decode: null` passed the record checks and the report stopped with a TypeError traceback."""
+    _run(tmp_path / "a", 4, 400, 100)
+    _run(tmp_path / "b", 4, 400, 100)
+    path = tmp_path / "a" / "x__disaggregated.json"
+    for bad in (None, [1, "2"], "1 2"):
+        doc = json.loads(path.read_text())
+        doc["plan"]["removed_decode"] = bad
+        (tmp_path / "b" / path.name).write_text(json.dumps(doc))
+        col = collect([tmp_path / "b"])
+        assert col.skipped == [f"{tmp_path / 'b' / path.name}: plan['removed_decode'] must be a list of block indices, "
+                               f"got {json.dumps(bad)}; skipped"], bad
+    r = cli("report", tmp_path / "a", tmp_path / "b", "--no-plots", "--out", tmp_path / "rep")
+    assert r.returncode == 0 and "plan['removed_decode'] must be a list of block indices" in r.stderr, r.stderr[-2000:]
