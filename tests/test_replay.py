@@ -71,3 +71,17 @@ def test_a_plans_from_without_a_matching_record_says_it_plans_afresh(cli, data_d
     lat = cli(*LATENCY, "--methods", "tail", "--set", "tail.k=1", "--plans-from", tmp_path / "empty",
               "--out", tmp_path / "lat", data_dir=data_dir)
     assert lat.returncode == 0 and "tail: no disaggregated plan to replay in --plans-from" in lat.stderr, lat.stderr[-2000:]
+
+
+def test_a_plans_from_record_for_another_depth_is_refused_as_bad_input(cli, data_dir, tmp_path):
+    """A --plans-from record whose plan names another depth than the model's (edited by hand) failed the cell as a
+    crash (exit 1, 'rerun to retry'), and a huge `n_layers` hung the run listing the removed layers. Now exit 2
+    naming the file and both depths, before the plan is used."""
+    first = _quality(cli, data_dir, tmp_path / "a", ["--methods", "tail", "--set", "tail.k=1"])
+    path = tmp_path / "a" / first.filename
+    edited = records.RunRecord.from_dict({**first.__dict__, "plan": {**first.plan, "n_layers": 8}})
+    path.write_text(edited.to_json())
+    r = cli("--model", "random:tiny", "--tasks", "arc_easy", "--limit", "2", "-q", "--methods", "tail", "--set", "tail.k=1",
+            "--plans-from", tmp_path / "a", "--out", tmp_path / "b", data_dir=data_dir)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"--plans-from {path}: its plan is for a 8-layer model, this model has 4 layers" in r.stderr

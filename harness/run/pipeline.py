@@ -19,6 +19,7 @@ from typing import Any
 
 from harness.config import RunConfig, build_options, expand_sweeps, split_overrides
 from harness.errors import UsageError
+from harness.pd.arch import n_layers
 from harness.pd.plan import PruningPlan
 from harness.quality import lm_eval_json
 from harness.quality.calibration import CalibConfig, build_calibration
@@ -293,6 +294,7 @@ def _cell_plan(st: _Run, name: str, method, mode: str, partial: dict) -> Pruning
     reused = reuse.stored_plan(st.cfg, st.prepared, name, mode, method.options(), lambda: st.calibration().description,
                                st.inputs) if "plan" not in partial else None
     if reused is not None:
+        reuse.fit_to_model(reused[0], reused[1], n_layers(st.loaded.model))
         st.say(f"{name}/{mode}: plan reused from {reused[1]}")
         partial.update(plan=reused[0].to_dict(), plan_s=0.0, calibration=reused[2], plan_reused_from=str(reused[1]))
         return reused[0]

@@ -120,6 +120,15 @@ def options_then(method, old: rec.RunRecord) -> dict:
     return with_defaults(method, old.config.get("method_options", {}))
 
 
+def fit_to_model(plan: PruningPlan, path: Path, n_layers: int) -> PruningPlan:
+    """`plan` (reused from `path`) when it is for a model of `n_layers` layers, else a UsageError naming the file:
+    a hand-edited `n_layers` failed the cell as a crash (exit 1), or a huge one hung listing the removed layers."""
+    if plan.n_layers != n_layers:
+        raise UsageError(f"--plans-from {path}: its plan is for a {plan.n_layers}-layer model, this model has "
+                         f"{n_layers} layers; remove that record or pick another run folder")
+    return plan
+
+
 def plan_of(record: rec.RunRecord, path: Path) -> PruningPlan:
     """The plan stored in a --plans-from record, or a UsageError naming the file."""
     try:
