@@ -81,6 +81,21 @@ def _record_copy(tmp: Path, run: Path, edit) -> Path:
     return dst
 
 
+def _paired_copy(tmp: Path, run: Path, edit) -> Path:
+    """A copy of `run` beside a second record, method x's, made from its record by `edit(dict) -> dict` (the paired
+    table compares x's per-item results with unpruned's)."""
+    dst = _record_copy(tmp, run, lambda d: d)
+    d = json.loads((dst / "unpruned__unified.json").read_text())
+    (dst / "x__unified.json").write_text(json.dumps(edit({**d, "method": "x"})))
+    return dst
+
+
+def _text_items(d):
+    """`d` with text in place of its per-item passkey accuracies."""
+    items = d["extra"]["items"]["passkey"]
+    return _with(d, extra={**d["extra"], "items": {"passkey": {**items, "metrics": {"acc": ["x"] * len(items["ids"])}}}})
+
+
 def _with(d, **changes):
     return {**d, **changes}
 
@@ -207,6 +222,11 @@ CASES = [
      "unpruned__unified.json: field 'scores' is a JSON list, expected an object"),
     ("report-score-wrong-type", lambda t, d, r: ["report", _record_copy(t, r, lambda x: _with(
         x, scores={"arc_easy": {"acc": {"value": "high"}}})), "--out", t / "rep"], "scores['arc_easy']['acc'] must be"),
+    # fields below the top level, edited by hand, were tracebacks from deep inside the tables (harness/store/record_shape.py)
+    ("report-nested-packages", lambda t, d, r: ["report", _record_copy(t, r, lambda x: _with(
+        x, environment={**x["environment"], "packages": []})), "--out", t / "rep"], "environment.packages is a JSON list"),
+    ("report-nested-kv-policy", lambda t, d, r: ["report", _record_copy(t, r, lambda x: _with(
+        x, plan={**x["plan"], "kv_policy": 5})), "--out", t / "rep"], "plan.kv_policy is a JSON int, expected an object"),
     # an unset shell variable: the run wrote its records into the current folder, check compared every record under it
     ("out-empty", lambda t, d, r: [*ONE_CELL, "--out", ""], "argument --out/--output_path: an empty path (an unset shell"),
     ("check-against-empty", lambda t, d, r: ["check", "--against", "", "--current", r], "argument --against: an empty path"),
@@ -534,3 +554,12 @@ def test_a_default_folder_of_a_dtype_typed_short_before_full_names_is_found_agai
     capsys.readouterr()
     assert main([*ONE_CELL, "--dtype", "fp32"]) == 0 and "finished record found, reused" in capsys.readouterr().err
     assert len(list((tmp_path / "results" / "runs").iterdir())) == 1
+
+
+def test_a_record_with_malformed_per_item_results_is_skipped_by_report_with_a_note(tiny_run, tmp_path, capsys):
+    """A second record whose per-item accuracies are text (edited by hand) crashed the paired table with a traceback
+    (ValueError: could not convert string to float); report now skips it, naming the field, and renders the rest."""
+    folder = _paired_copy(tmp_path, tiny_run, _text_items)
+    rc, _, err = call(capsys, "report", folder, "--no-plots", "--out", tmp_path / "rep")
+    assert rc == 0, err[-2000:]
+    assert "x__unified.json: extra.items['passkey'].metrics['acc'] must be a list of " in err and "; skipped" in err

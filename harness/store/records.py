@@ -20,6 +20,7 @@ from typing import Any
 from harness.errors import UsageError
 from harness.store.files import TEMP_SUFFIX, atomic_write  # noqa: F401 - writers import atomic_write from here
 from harness.store.latency import WorkloadLatency, upgrade_v1
+from harness.store.record_shape import check_nested
 from harness.store.task_names import LEGACY_PRESENTATION, TaskPresentation
 
 SCHEMA_VERSION = 2  # 2: latency figures are a typed field (`latency`), no longer fake scores
@@ -145,6 +146,10 @@ class RunRecord:
         if missing:
             raise RecordError(f"{source}: not a run record (missing {', '.join(sorted(missing))})")
         _check_types(d, source)
+        try:
+            check_nested(d)
+        except ValueError as e:
+            raise RecordError(f"{source}: {e}") from None
         d = upgrade(d)
         kept = {k: v for k, v in d.items() if k in fields}
         try:
