@@ -44,6 +44,8 @@ def run_recorded(path: Path) -> tuple[list[str], object]:
     ("latency", {**LATENCY, "prompt_tokenz": [8]}, "[latency]: unknown key 'prompt_tokenz'"),
     ("latency", {**LATENCY, "decode_mode": "bogus"}, "[latency]: --decode-mode bogus: expected any of eager"),
     ("latency", {**LATENCY, "methods": ["tail", "nosuch"]}, "[latency]: unknown method"),
+    # replaying the run's plans, a methods value of another type was a TypeError traceback ('bool' is not iterable)
+    ("latency", {**LATENCY, "methods": True, "plans_from": "run"}, "[latency] methods must be a number, a string or a list"),
 ])
 def test_config_checks_every_section_before_the_run(tmp_path, section, body, message):
     path = spec(tmp_path, run={**RUN, "out": str(tmp_path / "q")}, **{section: {**body, "out": str(tmp_path / "o")}})

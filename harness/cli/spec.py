@@ -282,7 +282,9 @@ def from_run(spec: Spec, run_out: Path | None) -> dict[str, Any]:
     from harness.config import DEFAULT_METHODS
 
     methods = latency.get("methods", DEFAULT_METHODS)  # a section without methods measures the latency command's default
-    methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    # a value of another type (`methods = 5`) inherits nothing here: the section's own check names it
+    methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else \
+        list(methods) if isinstance(methods, (list, tuple)) else []
     items = run.get("set", [])
     items = [items] if isinstance(items, str) else list(items)
     inherited = [x for x in items if isinstance(x, str) and x.partition(".")[0].strip() in {*methods, "calib"}]
