@@ -46,9 +46,13 @@ def run_recorded(path: Path) -> tuple[list[str], object]:
     ("latency", {**LATENCY, "methods": ["tail", "nosuch"]}, "[latency]: unknown method"),
     # replaying the run's plans, a methods value of another type was a TypeError traceback ('bool' is not iterable)
     ("latency", {**LATENCY, "methods": True, "plans_from": "run"}, "[latency] methods must be a number, a string or a list"),
+    ("run", {**RUN, "set": 1.5}, "--set '1.5': expected SCOPE.OPTION=VALUE"),  # so was [run] set = 1.5 ('float' object...)
 ])
 def test_config_checks_every_section_before_the_run(tmp_path, section, body, message):
-    path = spec(tmp_path, run={**RUN, "out": str(tmp_path / "q")}, **{section: {**body, "out": str(tmp_path / "o")}})
+    sections = {"run": {**RUN, "out": str(tmp_path / "q")}, section: {**body, "out": str(tmp_path / "o")}}
+    if section == "run":  # with a [latency] section replaying the run's plans, which inherits the run's set
+        sections["latency"] = {**LATENCY, "set": [], "plans_from": "run", "out": str(tmp_path / "l")}
+    path = spec(tmp_path, **sections)
     ran, err = run_recorded(path)
     assert isinstance(err, UsageError) and message in str(err) and str(path) in str(err)
     assert ran == []  # found before the [run] section ran, not after its minutes

@@ -286,7 +286,7 @@ def from_run(spec: Spec, run_out: Path | None) -> dict[str, Any]:
     methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else \
         list(methods) if isinstance(methods, (list, tuple)) else []
     items = run.get("set", [])
-    items = [items] if isinstance(items, str) else list(items)
+    items = [items] if isinstance(items, str) else items if isinstance(items, list) else []  # set = 5: [run]'s check names it
     inherited = [x for x in items if isinstance(x, str) and x.partition(".")[0].strip() in {*methods, "calib"}]
     return {"plans_from": str(run_out), **({"set": inherited} if "set" not in latency and inherited else {})}
 
