@@ -47,9 +47,12 @@ def run_recorded(path: Path) -> tuple[list[str], object]:
     # replaying the run's plans, a methods value of another type was a TypeError traceback ('bool' is not iterable)
     ("latency", {**LATENCY, "methods": True, "plans_from": "run"}, "[latency] methods must be a number, a string or a list"),
     ("run", {**RUN, "set": 1.5}, "--set '1.5': expected SCOPE.OPTION=VALUE"),  # so was [run] set = 1.5 ('float' object...)
+    # a list for a path was joined with commas: the report went into a new folder named "a,b" in the current folder
+    ("report", {"out": ["a", "b"]}, "[report] out: expected a path in quotes, got ['a', 'b']"),
+    ("run", {**RUN, "plans_from": ["a"]}, "[run] plans_from: expected a path in quotes, got ['a']"),
 ])
 def test_config_checks_every_section_before_the_run(tmp_path, section, body, message):
-    sections = {"run": {**RUN, "out": str(tmp_path / "q")}, section: {**body, "out": str(tmp_path / "o")}}
+    sections = {"run": {**RUN, "out": str(tmp_path / "q")}, section: {"out": str(tmp_path / "o"), **body}}
     if section == "run":  # with a [latency] section replaying the run's plans, which inherits the run's set
         sections["latency"] = {**LATENCY, "set": [], "plans_from": "run", "out": str(tmp_path / "l")}
     path = spec(tmp_path, **sections)

@@ -156,6 +156,8 @@ def _convert(act: argparse.Action, v: Any, where: str) -> Any:
         raise UsageError(f"{where} must be a number, a string or a list of them, got {v!r}")
     if isinstance(act, argparse._AppendAction) or act.nargs in ("+", "*"):
         return [_one(act, x, where) for x in (v if isinstance(v, list) else [v])]
+    if isinstance(v, list) and act.dest in PATH_KEYS:  # out = ["a", 1] wrote into a folder named "a,1"
+        raise UsageError(f"{where}: expected a path in quotes, got {v!r}")
     text = ",".join(str(x) for x in v) if isinstance(v, list) else v  # a comma-separated flag's items
     return _one(act, text, where)
 
