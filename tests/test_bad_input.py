@@ -230,6 +230,9 @@ CASES = [
     # an unset shell variable: the run wrote its records into the current folder, check compared every record under it
     ("out-empty", lambda t, d, r: [*ONE_CELL, "--out", ""], "argument --out/--output_path: an empty path (an unset shell"),
     ("check-against-empty", lambda t, d, r: ["check", "--against", "", "--current", r], "argument --against: an empty path"),
+    # `--model ""` read the current folder as a model folder: "--model : could not load it: no config.json in that folder"
+    ("model-empty", lambda t, d, r: [*ONE_CELL, "--model", ""], "argument --model: an empty model (an unset shell variable?)"),
+    ("latency-model-empty", lambda t, d, r: ["latency", *TINY, "--model", " "], "argument --model: an empty model"),
     ("dtype-unknown", lambda t, d, r: [*ONE_CELL, "--dtype", "half"], "--dtype: expected auto, float32 (fp32), bfloat16 (bf16)"),
     ("latency-dtype-unknown", lambda t, d, r: ["latency", *TINY, "--dtype", "f32"], "--dtype: expected auto, float32 (fp32)"),
 ]

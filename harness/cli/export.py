@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.cli.flags import dtype_arg, seed_arg, user_dir, user_path
+from harness.cli.flags import dtype_arg, model_arg, seed_arg, user_dir, user_path
 from harness.config import sweep_base
 from harness.errors import UsageError
 from harness.run.export import export_plan
@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", default=None,
                    help="method name (python -m harness --help lists them); with --record, optional (must match the record)")
-    p.add_argument("--model", type=user_path, default=None,
+    p.add_argument("--model", type=model_arg, default=None,
                    help="as for a quality run (default: the record's model with --record/--plans-from, else smollm2-135m)")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="plan for this PD setting (default: the record's with --record, else unified)")

@@ -55,6 +55,15 @@ def user_path(s: str) -> str:
     return os.path.expanduser(s)
 
 
+def model_arg(s: str) -> str:
+    """`--model`: `user_path`, but an empty one is refused (`--model "$MODEL"` with MODEL unset read the current folder
+    as a model folder, and said it held no config.json)."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("an empty model (an unset shell variable?); give smollm2-135m, a .gguf file, "
+                                         "a model folder, a Hugging Face id or random:<preset>")
+    return user_path(s)
+
+
 def need_records_folder(path: str | None, flag: str) -> None:
     """A UsageError, before any model loads, when `path` (a --plans-from) is not a folder; a relative one names the
     folder it was read from (a spec run from elsewhere reads its relative paths from there)."""

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.cli.flags import csv_list, dtype_arg, float_list, int_list, need_records_folder, positive_int, seed_arg, user_dir, user_path
+from harness.cli.flags import csv_list, dtype_arg, float_list, int_list, model_arg, need_records_folder, positive_int, seed_arg, user_dir, user_path
 from harness.cli.run import default_out
 from harness.config import DEFAULT_METHODS, RunConfig
 from harness.errors import UsageError
@@ -29,7 +29,7 @@ def latency_parser() -> argparse.ArgumentParser:
         "  python -m harness latency --methods unpruned,shortgpt,pdtrim --plans-from results/runs/RUN --prompt-tokens 512,2048",
     )
     p.add_argument("--methods", type=csv_list, default=",".join(DEFAULT_METHODS), help="comma-separated method names (default: %(default)s)")
-    p.add_argument("--model", type=user_path, default="smollm2-135m", help="as for a quality run; random:<preset> for shapes without weights")
+    p.add_argument("--model", type=model_arg, default="smollm2-135m", help="as for a quality run; random:<preset> for shapes without weights")
     p.add_argument("--prompt-tokens", type=int_list, default=(512, 2048, 8192), help="prompt lengths (default: 512,2048,8192)")
     p.add_argument("--decode-tokens", type=int_list, default=(128,), help="tokens generated per request, EOS ignored (default: 128)")
     p.add_argument("--batch-size", type=int_list, default=(1, 8), help="batch sizes (default: 1,8)")

@@ -15,6 +15,7 @@ from harness.cli.flags import (
     csv_list,
     dtype_arg,
     limit_arg,
+    model_arg,
     need_records_folder,
     nonneg_int,
     positive_int,
@@ -92,7 +93,7 @@ def run_parser() -> argparse.ArgumentParser:
         + "\n".join(f"  {name:9s} {what}" for name, what in COMMAND_SUMMARIES.items()),
     )
     p.add_argument("--methods", type=csv_list, default=",".join(DEFAULT_METHODS), help="comma-separated method names (default: %(default)s)")
-    p.add_argument("--model", type=user_path, default="smollm2-135m",
+    p.add_argument("--model", type=model_arg, default="smollm2-135m",
                    help="smollm2-135m (embedded default), a .gguf file, a model directory, a HF id, or random:<preset>")
     p.add_argument("--tasks", type=csv_list, default="standard,long",
                    help="comma-separated tasks: lm-eval tasks with local data, the harness's long-context tasks "
