@@ -199,7 +199,7 @@ def test_a_record_whose_plan_layers_are_not_lists_of_indices_is_skipped_with_a_n
         doc["plan"]["removed_decode"] = bad
         (tmp_path / "b" / path.name).write_text(json.dumps(doc))
         col = collect([tmp_path / "b"])
-        assert col.skipped == [f"{tmp_path / 'b' / path.name}: plan['removed_decode'] must be a list of block indices, "
+        assert col.skipped == [f"{tmp_path / 'b' / path.name}: plan.removed_decode must be a list of layer indices, "
                                f"got {json.dumps(bad)}; skipped"], bad
     r = cli("report", tmp_path / "a", tmp_path / "b", "--no-plots", "--out", tmp_path / "rep")
-    assert r.returncode == 0 and "plan['removed_decode'] must be a list of block indices" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 0 and "plan.removed_decode must be a list of layer indices" in r.stderr, r.stderr[-2000:]

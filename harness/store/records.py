@@ -187,10 +187,6 @@ def _check_types(d: dict[str, Any], source: str) -> None:
             if not ok:
                 raise RecordError(f"{source}: scores[{task!r}][{metric!r}] must be {{\"value\": number, \"stderr\": number "
                                   f"or null}}, got {json.dumps(v, default=str)[:80]}")
-    for key in ("prefill_layers", "decode_layers", "removed_prefill", "removed_decode"):
-        layers = d["plan"].get(key, [])
-        if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-            raise RecordError(f"{source}: plan[{key!r}] must be a list of block indices, got {json.dumps(layers, default=str)[:80]}")
     for task, v in d["kv"].items():
         if not isinstance(v, dict) or "kv_bytes" not in v or \
                 not all(isinstance(x, int) and not isinstance(x, bool) for x in v.values()):
