@@ -149,3 +149,29 @@ def test_an_unreadable_resume_state_is_replaced_not_a_failure_on_every_rerun(dat
             data_dir=data_dir)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (out / "unpruned__unified.json").exists() and not (out / "unpruned__unified.partial.json").exists()
+
+
+@pytest.mark.parametrize("edit", ["depth", "huge depth", "not a plan", "tasks a list"])
+def test_a_resume_state_of_the_cell_with_a_plan_for_another_model_starts_the_cell_afresh(data_dir, tmp_path, cli, edit):
+    """The cell's own `.partial.json` (its run key) with a hand-edited plan: a plan for another depth failed the cell
+    as a crash on every rerun, and n_layers = 1e308 hung the run while the plan listed its layers."""
+    out = tmp_path / "run"
+    args = [*TINY, "--methods", "tail", "--set", "tail.k=1", "--tasks", "arc_easy", "--limit", "2", "--mode", "disaggregated",
+            "--out", out]
+    assert cli(*args, data_dir=data_dir).returncode == 0
+    record = json.loads((out / "tail__disaggregated.json").read_text())
+    state = {"run_key": record["run_key"], "tasks": {}, "plan": dict(record["plan"]), "plan_s": 0.0, "calibration": None}
+    if edit == "depth":
+        state["plan"]["n_layers"] = 8
+    elif edit == "huge depth":
+        state["plan"]["n_layers"] = 1e308
+    elif edit == "not a plan":
+        state["plan"] = "3 4"
+    else:
+        state["tasks"] = []
+    (out / "tail__disaggregated.json").unlink()
+    (out / "tail__disaggregated.partial.json").write_text(json.dumps(state))
+    again = cli(*args, data_dir=data_dir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "tail__disaggregated.partial.json " in again.stderr and "; the cell starts afresh" in again.stderr
+    assert json.loads((out / "tail__disaggregated.json").read_text())["plan"] == record["plan"]

@@ -245,7 +245,7 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
             reuse.note_unlogged(st.out_dir, name, mode, cfg.tasks, final.name, st.say)
         return done
     partial_path = _partial_path(st.out_dir, name, mode)
-    partial = reuse.resume_state(partial_path, lambda why: st.say(f"{name}/{mode}: {why}"))
+    partial = reuse.resume_state(partial_path, lambda why: st.say(f"{name}/{mode}: {why}"), n_layers(st.loaded.model))
     if not reuse.resumable(cfg, method, partial, key, (name, mode, calib_desc, task_opts)):
         partial = {"run_key": key, "tasks": {}, "inputs": st.inputs}
     elif done := [t for t in cfg.tasks if t in partial["tasks"]]:

@@ -263,16 +263,35 @@ def partial_doc(path: Path) -> dict | None:
     return doc if isinstance(doc, dict) and doc.get("run_key") is not None else None
 
 
-def resume_state(path: Path, say: Callable[[str], None]) -> dict:
+def resume_state(path: Path, say: Callable[[str], None], n_layers: int) -> dict:
     """A cell's `.partial.json`, or {} when there is none or it does not parse as one (torn, not an object, no run
-    key): it is replaced as the cell starts afresh (and `say` is told), as `refuse_foreign_work` let it be, rather
-    than failing the cell on every rerun."""
+    key, finished tasks not an object, a plan that is not one for this `n_layers`-layer model): it is replaced as
+    the cell starts afresh (and `say` is told), as `refuse_foreign_work` let it be, rather than failing the cell on
+    every rerun (or, for a huge `n_layers`, hanging while the plan lists its layers)."""
     if not path.exists():
         return {}
     doc = partial_doc(path)
-    if doc is None:
-        say(f"{path.name} is not a readable resume state; the cell starts afresh")
-    return doc or {}
+    why = "is not a readable resume state" if doc is None else _bad_state(doc, n_layers)
+    if why:
+        say(f"{path.name} {why}; the cell starts afresh")
+        return {}
+    return doc
+
+
+def _bad_state(doc: dict, n_layers: int) -> str | None:
+    """Why a parsed resume state cannot be resumed from, or None."""
+    if not isinstance(doc.get("tasks", {}), dict):
+        return "has no object of finished tasks"
+    if "plan" not in doc:
+        return None
+    plan = doc["plan"]
+    if not isinstance(plan, dict) or plan.get("n_layers") != n_layers:
+        return f"holds no plan for this {n_layers}-layer model"
+    try:
+        PruningPlan.from_dict(plan)
+    except (KeyError, TypeError, ValueError) as e:
+        return f"holds a plan that is not valid ({type(e).__name__}: {e})"
+    return None
 
 
 def note_unlogged(out_dir: Path, name: str, mode: str, tasks, done_in: str, say: Callable[[str], None]) -> None:
