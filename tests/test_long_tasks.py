@@ -148,11 +148,13 @@ def test_prompts_longer_than_max_length_are_refused_before_any_cell(tiny, data_d
     cfg = RunConfig(model="random:tiny", methods=("unpruned",), tasks=("arc_easy", "pd_ppl"), limit=2, device="cpu",
                     modes=("disaggregated",), data_dir=str(data_dir), max_length=70,
                     overrides=("pd_ppl.prompt_tokens=64", "pd_ppl.cont_tokens=16"))
-    with pytest.raises(UsageError, match=r"pd_ppl: prompts of 64 \+ 16 tokens exceed max_length 70"):
+    with pytest.raises(UsageError, match=r"pd_ppl: prompts of 64 \+ 16 tokens exceed max_length 70; give --set "
+                                         r"pd_ppl.prompt_tokens=55 \(prompts that fit\), a larger --max-length the model supports"):
         pipeline.run(cfg, tmp_path, loaded=tiny)
     assert not list(tmp_path.glob("*.json"))  # no cell ran
     opts = passkey.PasskeyConfig(lengths=(400, 4096), depths=(0.5,))
-    with pytest.raises(UsageError, match=r"passkey: 4096 \+ 10 tokens exceed max_length 500"):
+    with pytest.raises(UsageError, match=r"passkey: 4096 \+ 10 tokens exceed max_length 500; give --set "
+                                         r"passkey.lengths=400 \(prompts that fit\)"):
         passkey.Passkey.check_max_length(opts, 500, None)
     passkey.Passkey.check_max_length(opts, 500, 1)  # --limit 1 keeps the 400-token sample only
 
