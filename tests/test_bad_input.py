@@ -227,6 +227,10 @@ CASES = [
         x, environment={**x["environment"], "packages": []})), "--out", t / "rep"], "environment.packages is a JSON list"),
     ("report-nested-kv-policy", lambda t, d, r: ["report", _record_copy(t, r, lambda x: _with(
         x, plan={**x["plan"], "kv_policy": 5})), "--out", t / "rep"], "plan.kv_policy is a JSON int, expected an object"),
+    ("report-nested-fewshot", lambda t, d, r: ["report", _record_copy(t, r, lambda x: _with(
+        x, config={**x["config"], "num_fewshot": [5]})), "--out", t / "rep"], "config.num_fewshot must be an integer or null"),
+    ("report-nested-limit", lambda t, d, r: ["report", _record_copy(t, r, lambda x: _with(
+        x, config={**x["config"], "limit": "all"})), "--out", t / "rep"], "config.limit must be a number or null"),
     # an unset shell variable: the run wrote its records into the current folder, check compared every record under it
     ("out-empty", lambda t, d, r: [*ONE_CELL, "--out", ""], "argument --out/--output_path: an empty path (an unset shell"),
     ("check-against-empty", lambda t, d, r: ["check", "--against", "", "--current", r], "argument --against: an empty path"),

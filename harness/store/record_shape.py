@@ -83,6 +83,19 @@ def _check_plan(plan: dict) -> None:
     _objects(plan.get("kv_policy", {}), "plan.kv_policy")
 
 
+def _check_config(config: dict) -> None:
+    """The run settings readers compute with: counts and seeds integers, the limit a number, bandwidths a list."""
+    for name in ("num_fewshot", "seed"):
+        v = config.get(name)
+        if not (v is None or (isinstance(v, int) and not isinstance(v, bool))):
+            raise ValueError(f"config.{name} must be an integer or null, got {json.dumps(v, default=str)[:60]}")
+    if not _number(config.get("limit")):
+        raise ValueError(f"config.limit must be a number or null, got {json.dumps(config['limit'], default=str)[:60]}")
+    bandwidths = config.get("bandwidths_gbit") or []
+    if not isinstance(bandwidths, list) or not all(_number(b) and b is not None for b in bandwidths):
+        raise ValueError(f"config.bandwidths_gbit must be a list of numbers, got {json.dumps(bandwidths, default=str)[:60]}")
+
+
 def check_nested(d: dict[str, Any]) -> None:
     """ValueError naming the first nested field of record `d` (top-level types already checked) readers cannot use."""
     if not all(isinstance(n, int) and not isinstance(n, bool) for n in d["n_samples"].values()):
@@ -95,6 +108,7 @@ def check_nested(d: dict[str, Any]) -> None:
     _check_strings(inputs, ("model", "config", "tokenizer"), "extra.inputs")
     _check_strings(d["model"], ("kind", "path", "gguf"), "model")
     _check_plan(d["plan"])
+    _check_config(d["config"])
     _check_lm_eval_tasks(d["lm_eval"].get("tasks", {}))
     _objects(d["environment"].get("packages", {}), "environment.packages")
     _objects(d["environment"].get("git") or {}, "environment.git")
