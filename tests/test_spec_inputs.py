@@ -50,6 +50,9 @@ def run_recorded(path: Path) -> tuple[list[str], object]:
     # a list for a path was joined with commas: the report went into a new folder named "a,b" in the current folder
     ("report", {"out": ["a", "b"]}, "[report] out: expected a path in quotes, got ['a', 'b']"),
     ("run", {**RUN, "plans_from": ["a"]}, "[run] plans_from: expected a path in quotes, got ['a']"),
+    # a number was taken as a hub id ("1.5"): under sweep every cell then failed after ~50 s of the hub's retries
+    ("run", {**RUN, "model": 1.5}, "[run] model: expected a model name or path in quotes, got 1.5"),
+    ("latency", {**LATENCY, "model": 7}, "[latency] model: expected a model name or path in quotes, got 7"),
 ])
 def test_config_checks_every_section_before_the_run(tmp_path, section, body, message):
     sections = {"run": {**RUN, "out": str(tmp_path / "q")}, section: {"out": str(tmp_path / "o"), **body}}

@@ -168,6 +168,8 @@ PATH_KEYS = ("out", "plans_from", "data_dir", "offload_folder", "results")  # fo
 def _one(act: argparse.Action, v: Any, where: str) -> Any:
     if (act.type is Path or act.dest in PATH_KEYS) and not isinstance(v, str):  # out = 5 is not a folder named "5"
         raise UsageError(f"{where}: expected a path in quotes, got {v!r}")
+    if act.dest == "model" and not isinstance(v, str):  # model = 1.5 was a hub id "1.5": each cell failed after retries
+        raise UsageError(f"{where}: expected a model name or path in quotes, got {v!r}")
     try:
         out = act.type(str(v)) if act.type is not None else (v if isinstance(v, str) else str(v))
     except argparse.ArgumentTypeError as e:
