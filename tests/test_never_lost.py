@@ -344,3 +344,20 @@ def test_the_write_probe_a_killed_run_left_is_removed_with_the_other_temp_files(
     assert Path(kept[0]).exists()
     with lock.hold(tmp_path):
         assert not Path(kept[0]).exists()
+
+
+def test_a_run_stopped_by_sigterm_ends_as_on_ctrl_c(data_dir, tmp_path):
+    """A scheduler's stop (SLURM, Kubernetes, `timeout`) sends SIGTERM: the run died by the signal (status -15), with
+    no line saying what was kept or that a rerun goes on; it now ends as on Ctrl-C."""
+    out = tmp_path / "out"
+    run = _harness("run", *TINY, "--methods", "unpruned,tail", "--set", "tail.k=1", "--tasks", "arc_easy,hellaswag",
+                   "--limit", "300", "--out", str(out), env={**os.environ, "HARNESS_DATA_DIR": str(data_dir)})
+    try:
+        _wait_for(out / lock.LOCK_NAME, run)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "rerun the same command" in err and "Traceback" not in err
+    assert not (out / lock.LOCK_NAME).exists()  # released on the way out

@@ -335,10 +335,10 @@ def test_sigterm_still_stops_a_ray_sweep_as_ctrl_c_after_ray_starts():
     """`ray.init` installs its own SIGTERM handler (sys.exit), replacing the sweep's: a SIGTERM to a Ray sweep ended it
     with SystemExit, not as Ctrl-C, so its running cells were never told to stop and no summary came."""
     pytest.importorskip("ray")
-    from harness.cli.sweep import _sigterm_as_ctrl_c
+    from harness.cli.interrupt import sigterm_as_ctrl_c
     from harness.cli.sweep_backends import RayBackend
 
-    with _sigterm_as_ctrl_c():
+    with sigterm_as_ctrl_c():
         ours = signal.getsignal(signal.SIGTERM)
         backend = RayBackend(1, want_gpus=False)
         try:

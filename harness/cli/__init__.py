@@ -11,6 +11,7 @@ import os
 import sys
 
 from harness.cli.check import cmd_check
+from harness.cli.interrupt import sigterm_as_ctrl_c
 from harness.cli.latency import cmd_latency
 from harness.cli.report import cmd_report
 from harness.cli.run import cmd_run
@@ -74,9 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         # the first thing a run says: its imports (torch, transformers, lm-eval) take seconds, more on a busy machine
         print("python -m harness: starting (importing torch, transformers, lm-eval)", file=sys.stderr, flush=True)
     try:
-        if command == "config":
-            return cmd_config(argv)
-        return COMMANDS[command](argv)
+        with sigterm_as_ctrl_c():  # a scheduler's stop: the Ctrl-C message and the rerun's advice, not a silent death
+            return cmd_config(argv) if command == "config" else COMMANDS[command](argv)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -39,11 +39,9 @@ into cells by `sweep_plan.py`, and cells are run and settled by `sweep_backends.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict
@@ -51,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cli.flags import user_dir
+from harness.cli.interrupt import sigterm_as_ctrl_c
 from harness.cli.sweep_backends import (
     FAILED_NOTE,
     STOP_GRACE_S,
@@ -108,26 +107,9 @@ def main(argv: list[str]) -> int:
     from harness.store import lock
 
     # the sweep holds the run folder; each cell writes its own folder under .sweep/ and locks that one
-    with lock.hold(plan.run_out), _sigterm_as_ctrl_c():
+    # SIGTERM as Ctrl-C: by default it ended the sweep alone, and its cells ran on as orphans holding their folders
+    with lock.hold(plan.run_out), sigterm_as_ctrl_c():
         return _sweep(args, plan, started)
-
-
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c():
-    """SIGTERM (a scheduler's stop, `timeout`, `kill`) stops the sweep as Ctrl-C does: by default it ended the sweep
-    alone, and its cells ran on as orphans holding their folders (a rerun's cells failed: 'in use')."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        old = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread (called from a notebook's worker): leave SIGTERM as it is
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _sweep(args, plan: Plan, started: float) -> int:
