@@ -180,3 +180,27 @@ def test_a_cell_failing_on_one_rank_stops_the_group_instead_of_hanging(data_dir,
     r = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "out of memory on rank 1" in r.stderr, r.stderr[-3000:]
     assert not (tmp_path / "dp" / "unpruned__disaggregated.json").exists()  # the group stopped at the failing cell
+
+
+def test_a_data_parallel_run_stopped_by_sigterm_says_so_once(data_dir, tmp_path):
+    """The launcher passes SIGTERM (a scheduler's stop) to every rank, each of which ends as on Ctrl-C: one line from
+    rank 0 on what was kept, not one per rank."""
+    import signal
+    import time
+
+    out = tmp_path / "dp"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m",
+              "harness", "--model", "random:tiny", "--device", "cpu", "--methods", "unpruned,tail", "--set", "tail.k=1",
+              "--tasks", "arc_easy,hellaswag", "--limit", "600", "--mode", "disaggregated", "--out", str(out)]
+    run = subprocess.Popen(launch, cwd=ROOT, env=_env(data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "unpruned__disaggregated.partial.json").exists():  # arc_easy done, hellaswag under way
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[1][-3000:]
+            time.sleep(0.05)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert err.count("interrupted: the finished tasks of 1 cell(s) kept in") == 1, err[-3000:]
+    assert "rerun the same command to resume" in err

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:  # Ctrl-C while importing libraries or loading the model: one line, no traceback
-        print(INTERRUPTED, file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one voice under data parallelism (a launcher stops every rank)
+            print(INTERRUPTED, file=sys.stderr)
         return 130
 
 

@@ -315,7 +315,9 @@ def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path, t_star
                                log_samples=args.log_samples, tracker=tracker)
     except KeyboardInterrupt:
         tracker.close()
-        print(f"\ninterrupted: {_kept(Path(out))}; rerun the same command to resume\n{tracker.timing_line()}", file=sys.stderr)
+        if dist.is_main:  # one voice: a launcher stops every rank (SIGTERM, as Ctrl-C)
+            print(f"\ninterrupted: {_kept(Path(out))}; rerun the same command to resume\n{tracker.timing_line()}",
+                  file=sys.stderr)
         return 130
     except pipeline.CellsFailed as e:
         failures, records = e.failures, e.records
