@@ -171,3 +171,19 @@ def test_method_wraps_a_base_plan_at_its_bytes(tiny):
     plan = m.plan(tiny.model, None, "disaggregated")
     assert plan.kv_policy == KVPolicy(kind="pyramidkv", budget=KVBudget(match=KVPolicy(1, 2, (3,))), beta=5.0)
     assert "1/beta" in plan.info["kv"]["budget_rule"] and m.options()["order"] == "pool_then_mean"
+
+
+def test_options_left_out_mean_the_split_before_the_option():
+    """`reserve_window=false` is left out of the stored options (its dict default); read back it must be False, not the
+    method's new default: else --plans-from (quality and latency) and export took a plan of the whole split for the
+    paper's, and the other way round, as made alike."""
+    import methods
+    from harness.run.reuse import with_defaults
+
+    cls = methods.get("pyramidkv")
+    paper, whole = cls(cls.Config()), cls(cls.Config(reserve_window=False))
+    assert "reserve_window" not in whole.options() and paper.options()["reserve_window"] is True
+    assert with_defaults(whole, whole.options())["reserve_window"] is False
+    assert with_defaults(paper, paper.options())["reserve_window"] is True
+    before = {k: v for k, v in paper.options().items() if k != "reserve_window"}  # a record from before the option
+    assert with_defaults(paper, before) == with_defaults(whole, whole.options()) != with_defaults(paper, paper.options())

@@ -162,16 +162,17 @@ def method_for(source: Source, args: argparse.Namespace, data_dir: str | None):
     if set(stored) - known:
         raise UsageError(f"{source.record_path}: option(s) {sorted(set(stored) - known)} of the record are not options of "
                          f"{name} in this harness; plan afresh without --record/--plans-from")
-    try:
-        replayed = cls(dataclasses.replace(cls.Config(), **{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}))
+    from harness.run.reuse import other_code, with_defaults
+
+    try:  # an option the record leaves out at what it meant then (a KV policy's dict default), not today's default
+        replayed = cls(dataclasses.replace(cls.Config(), **{k: tuple(v) if isinstance(v, list) else v
+                                                            for k, v in with_defaults(method, stored).items()}))
     except (TypeError, ValueError) as e:
         raise UsageError(f"{source.record_path}: its method options do not build a {name}: {e}") from None
     if any(o.split("=", 1)[0].split(".", 1)[0] == name for o in args.overrides) and \
             json.loads(json.dumps(method.options())) != json.loads(json.dumps(replayed.options())):
         raise UsageError(f"--set {name}.*: differs from the options the record's plan was made with "
                          f"({replayed.options()}); drop --set or plan afresh without --record/--plans-from")
-    from harness.run.reuse import other_code
-
     if edited := other_code(source.record, replayed):  # a plug-in's plan as its older code made it
         raise UsageError(f"{source.record_path}: its plan was made by other code of plug-in method {name} "
                          f"({', '.join(edited)} changed since); export it without --record/--plans-from so it plans afresh")

@@ -103,8 +103,10 @@ def _same_model(model: str, old: rec.RunRecord) -> bool:
 def with_defaults(method, options: dict) -> dict:
     """`options` as stored in a record (JSON), with every option it leaves out at its Config default: options
     added to a method since a record was made, and a KV baseline's policy options at their dict defaults
-    (`KVBaseline.options` leaves those out), so both sides of a comparison say the same thing the same way."""
+    (`KVBaseline.options` leaves those out), so both sides of a comparison say the same thing the same way. An option
+    left out means its dict default even where the method's own default differs (`KVPolicy.method_defaults`)."""
     defaults = json.loads(json.dumps(dataclasses.asdict(type(method.config)())))
+    defaults.update(getattr(getattr(method, "policy_cls", None), "dict_defaults", {}))  # what `options()` leaves out
     stored = json.loads(json.dumps(options))
     return {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
 
