@@ -159,6 +159,23 @@ def test_prompts_longer_than_max_length_are_refused_before_any_cell(tiny, data_d
     passkey.Passkey.check_max_length(opts, 500, 1)  # --limit 1 keeps the 400-token sample only
 
 
+def test_a_context_too_short_for_any_prompt_suggests_no_prompts_that_do_not_fit():
+    """Where no prompt fits the context, the refusal names no `--set` of prompts: it suggested
+    pd_ppl.prompt_tokens=-27 (not a length) and passkey.lengths=64 (64 + 10 tokens, over a max_length of 70)."""
+    from harness.errors import UsageError
+
+    with pytest.raises(UsageError) as e:
+        pd_ppl.PdPpl.check_max_length(pd_ppl.PplConfig(), 100, None)
+    assert "--set" not in str(e.value) and "a larger --max-length the model supports" in str(e.value)
+    with pytest.raises(UsageError, match=r"give --set pd_ppl.prompt_tokens=73 \(prompts that fit\)"):
+        pd_ppl.PdPpl.check_max_length(pd_ppl.PplConfig(), 200, None)  # 73 + 128 - 1 = 200
+    with pytest.raises(UsageError) as e:
+        passkey.Passkey.check_max_length(passkey.PasskeyConfig(), 70, None)
+    assert "--set" not in str(e.value) and "a larger --max-length the model supports" in str(e.value)
+    with pytest.raises(UsageError, match=r"give --set passkey.lengths=90 \(prompts that fit\)"):
+        passkey.Passkey.check_max_length(passkey.PasskeyConfig(), 100, None)
+
+
 def test_pd_ppl_pooled_stderr_counts_an_article_once(tiny, data_dir):
     """The T-windows of one article share its text: the pooled ppl's stderr is over articles, not windows."""
     import statistics

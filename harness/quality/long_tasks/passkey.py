@@ -147,10 +147,11 @@ class Passkey(LongTask):
     def check_max_length(cls, options: PasskeyConfig, max_length: int, limit: int | float | None = None) -> None:
         longest = max(L for _, L, _ in kept_cells(options, limit))  # the lengths the samples a --limit keeps have
         if max_length < longest + options.max_new_tokens:
-            fit = [L for L in options.lengths if L + options.max_new_tokens <= max_length]
+            fit = [L for L in options.lengths if L + options.max_new_tokens <= max_length] or \
+                [L for L in [max_length - options.max_new_tokens] if L >= 64]  # none fits: the longest that would
+            given = f"--set passkey.lengths={','.join(map(str, fit))} (prompts that fit), " if fit else ""
             raise UsageError(f"passkey: {longest} + {options.max_new_tokens} tokens exceed max_length {max_length}; give "
-                             f"--set passkey.lengths={','.join(map(str, fit)) or max(64, max_length - options.max_new_tokens)} "
-                             "(prompts that fit), a larger --max-length the model supports, or a model with a longer context")
+                             f"{given}a larger --max-length the model supports, or a model with a longer context")
 
     @classmethod
     def stale(cls, result: dict, options: PasskeyConfig, limit: int | float | None) -> str | None:
