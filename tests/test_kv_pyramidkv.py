@@ -187,3 +187,19 @@ def test_options_left_out_mean_the_split_before_the_option():
     assert with_defaults(paper, paper.options())["reserve_window"] is True
     before = {k: v for k, v in paper.options().items() if k != "reserve_window"}  # a record from before the option
     assert with_defaults(paper, before) == with_defaults(whole, whole.options()) != with_defaults(paper, paper.options())
+
+
+def test_a_record_of_the_split_before_reserve_window_is_not_reused_by_the_papers(tiny, data_dir, tmp_path):
+    """A record without reserve_window (made before it, or with reserve_window=false) is not the default run's: the
+    option is not 'added since, now at its default' (absent means False); it was reused under the paper's split."""
+    from harness.config import RunConfig
+    from harness.errors import UsageError
+    from harness.run import pipeline
+
+    run = dict(model="random:tiny", methods=("pyramidkv",), tasks=("arc_easy",), limit=2, device="cpu",
+               modes=("disaggregated",), data_dir=str(data_dir))
+    sets = ("pyramidkv.base=tail", "pyramidkv.base_options=k=1")
+    pipeline.run(RunConfig(**run, overrides=(*sets, "pyramidkv.reserve_window=false")), tmp_path, loaded=tiny)
+    with pytest.raises(UsageError, match="different configuration"):
+        pipeline.run(RunConfig(**run, overrides=sets), tmp_path, loaded=tiny)
+    pipeline.run(RunConfig(**run, overrides=(*sets, "pyramidkv.reserve_window=false")), tmp_path, loaded=tiny)  # its own

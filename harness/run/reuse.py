@@ -100,13 +100,21 @@ def _same_model(model: str, old: rec.RunRecord) -> bool:
     return bool(then) and Path(model).exists() and str(Path(model).resolve()) == then
 
 
+def left_out_means(method) -> dict:
+    """Option -> the value a record's stored options mean by leaving it out (JSON): its Config default, or for a KV
+    baseline's policy option its dict default (`KVPolicy.dict_defaults`), also where the method's own default for new
+    runs differs (`KVPolicy.method_defaults`: pyramidkv's reserve_window, absent = False, the split before it)."""
+    defaults = json.loads(json.dumps(dataclasses.asdict(type(method.config)())))
+    defaults.update(getattr(getattr(method, "policy_cls", None), "dict_defaults", {}))  # what `options()` leaves out
+    return defaults
+
+
 def with_defaults(method, options: dict) -> dict:
     """`options` as stored in a record (JSON), with every option it leaves out at its Config default: options
     added to a method since a record was made, and a KV baseline's policy options at their dict defaults
     (`KVBaseline.options` leaves those out), so both sides of a comparison say the same thing the same way. An option
     left out means its dict default even where the method's own default differs (`KVPolicy.method_defaults`)."""
-    defaults = json.loads(json.dumps(dataclasses.asdict(type(method.config)())))
-    defaults.update(getattr(getattr(method, "policy_cls", None), "dict_defaults", {}))  # what `options()` leaves out
+    defaults = left_out_means(method)
     stored = json.loads(json.dumps(options))
     return {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
 
@@ -146,7 +154,7 @@ def same_but_newer_options(cfg: RunConfig, method, old: rec.RunRecord, cell: tup
     name, mode, calib_desc, task_opts = cell
     then = old.config.get("method_options", {})
     now = json.loads(json.dumps(method.options()))
-    defaults = json.loads(json.dumps(dataclasses.asdict(type(method.config)())))
+    defaults = left_out_means(method)  # an option absent from `then` meant this, not a newer default of the method
     added = set(now) - set(then)
     if not added or any(now[k] != defaults.get(k) for k in added) or any(now.get(k) != v for k, v in then.items()):
         return False
