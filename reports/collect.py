@@ -232,7 +232,7 @@ def differing_settings(records: list[RunRecord]) -> dict[str, list[str]]:
     keys = sorted({k for row in rows for k in row})
     values = {k: {json.dumps(row.get(k), sort_keys=True, default=str).strip('"') for row in rows
                   if not (k == "weights dtype" and row.get(k) is None)} for k in keys}
-    return {k: sorted(vs) for k, vs in values.items() if len(vs) > 1}
+    return {k: sorted(vs, key=natural_key) for k, vs in values.items() if len(vs) > 1}  # limit 24 / 100 / 1000
 
 
 def _data_digests(r: RunRecord) -> dict:

@@ -436,6 +436,9 @@ def test_a_caption_says_which_settings_its_rows_differ_in(tmp_path):
     mixed = quality_table(collect([a, b])).attrs["caption"]
     assert "Rows were run with different settings, compared side by side: limit 4 / 8; weights dtype bfloat16 / float32" in mixed
     assert "Rows were run with different" not in quality_table(collect([a])).attrs["caption"]
+    c = tmp_path / "c"
+    save(_rec("unpruned", limit=24), c)
+    assert "limit 4 / 8 / 24;" in quality_table(collect([a, b, c])).attrs["caption"]  # as numbers, not '24' after '8'
     r = _rec("y", removed=(1,))
     r.model.pop("dtype", None)  # a record from before the resolved dtype was kept: unknown, not different
     save(r, a)
