@@ -204,3 +204,14 @@ def test_a_data_parallel_run_stopped_by_sigterm_says_so_once(data_dir, tmp_path)
         run.kill()
     assert err.count("interrupted: the finished tasks of 1 cell(s) kept in") == 1, err[-3000:]
     assert "rerun the same command to resume" in err
+
+
+def test_a_refusal_every_rank_meets_is_printed_once(data_dir, tmp_path):
+    """Every rank refused `--limit 1` over 2 ranks and printed the same error line; rank 0 alone says it now (the
+    others wait, and the launcher stops them when rank 0 exits with the refusal)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29535", "-m",
+              "harness", "--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned", "--tasks", "arc_easy",
+              "--limit", "1", "--out", str(tmp_path / "dp")]
+    r = subprocess.run(launch, cwd=ROOT, env=_env(data_dir), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.count("error: --limit 1 with 2 data-parallel ranks") == 1, r.stderr[-3000:]

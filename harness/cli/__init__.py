@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from harness.cli.check import cmd_check
 from harness.cli.interrupt import sigterm_as_ctrl_c
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_ctrl_c():  # a scheduler's stop: the Ctrl-C message and the rerun's advice, not a silent death
             return cmd_config(argv) if command == "config" else COMMANDS[command](argv)
     except UsageError as e:
+        if os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1":
+            # one voice: ranks meet the same refusals, and a launcher stops the others once rank 0 exits with its
+            # own; a refusal of this rank alone still prints, after the wait
+            time.sleep(RANK_GRACE_S)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
@@ -89,4 +94,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+RANK_GRACE_S = 5.0  # torchrun checks its workers every 0.1 s
 INTERRUPTED = "\ninterrupted (Ctrl-C); files already finished are kept, rerun the same command to go on"
