@@ -159,7 +159,7 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
     the better / same / worse count over tasks. Empty when no record pairs with a baseline."""
     from reports.tables import MODE_TITLE, TASK_TITLE
 
-    groups, all_tasks, unpaired, partial = [], [], [], []
+    groups, all_tasks, unpaired, partial, no_base = [], [], [], [], []
     keys = sorted({(col.model(r), r.mode) for r in col.quality})
     for model, mode in keys:
         rs = [r for r in col.quality if (col.model(r), r.mode) == (model, mode)]
@@ -172,6 +172,7 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
             if base is r:
                 continue
             tasks = _task_metrics(base, convention)
+            no_base += [f"{col.label(r)} {t}" for t in r.extra.get("items") or {} if t not in base.scores]
             pairs = {t: aligned(base, r, t, m) for t, m in tasks.items()}
             done = {t: compare(*p) for t, p in pairs.items() if p is not None}
             if done:
@@ -206,5 +207,6 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
                f"items resampled within each task. Verdict: tasks significantly better / not / worse."
                + (" Perplexities: in their own units, and lower is better." if any_lower else "")
                + (f" Paired on fewer items than scored: {'; '.join(partial)}." if partial else "")
+               + (f" Not paired, as its {baseline} record did not score them: {'; '.join(no_base)}." if no_base else "")
                + (f" No {baseline} record of their configuration, so no row: {', '.join(unpaired)}." if unpaired else ""))
     return make_table("paired", caption, cols, body, align="l" + "r" * (len(cols) - 2) + "l")

@@ -443,3 +443,14 @@ def test_a_caption_says_which_settings_its_rows_differ_in(tmp_path):
     r.model.pop("dtype", None)  # a record from before the resolved dtype was kept: unknown, not different
     save(r, a)
     assert "Rows were run with different" not in quality_table(collect([a])).attrs["caption"]
+
+
+def test_the_paired_caption_names_tasks_a_row_scored_that_its_baseline_did_not(tmp_path):
+    """x's boolq had per-item results but unpruned never scored boolq: its paired row left boolq out with no word
+    (its paired Avg then covered other tasks than its quality-table Avg)."""
+    save(_rec("unpruned", tasks=("arc_easy",), items=[0, 1, 0, 1]), tmp_path)
+    save(_rec("x", items=[1, 1, 0, 1], removed=(1,)), tmp_path)
+    caption = paired_table(collect([tmp_path])).attrs["caption"]
+    assert "Not paired, as its unpruned record did not score them: x boolq." in caption
+    save(_rec("unpruned", items=[0, 1, 0, 1]), tmp_path)
+    assert "Not paired" not in paired_table(collect([tmp_path])).attrs["caption"]
