@@ -21,6 +21,16 @@ def _number(x: Any) -> bool:
     return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
 
 
+def _integer(x: Any) -> bool:
+    """A JSON integer (true and false are not counts, though Python's bool is an int)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_counts(v: Any) -> bool:
+    """A KV tally as `kv[task]` and `extra.kv_by_setting[task][setting]` store it: integer counts, kv_bytes among them."""
+    return isinstance(v, dict) and "kv_bytes" in v and all(map(_integer, v.values()))
+
+
 def _objects(value: Any, where: str) -> dict:
     """`value` when it is a JSON object, else a ValueError naming `where` (callers pass {} for a field left out)."""
     if not isinstance(value, dict):
@@ -45,8 +55,7 @@ def _check_kv_by_setting(by_task: Any) -> None:
     """`extra.kv_by_setting[task][setting]` = integer counts with kv_bytes, as `kv[task]`."""
     for task, settings in _objects(by_task, "extra.kv_by_setting").items():
         for setting, v in _objects(settings, f"extra.kv_by_setting[{task!r}]").items():
-            if not isinstance(v, dict) or "kv_bytes" not in v or \
-                    not all(isinstance(x, int) and not isinstance(x, bool) for x in v.values()):
+            if not is_counts(v):
                 raise ValueError(f"extra.kv_by_setting[{task!r}][{setting!r}] must be an object of integer counts with kv_bytes")
 
 
@@ -78,7 +87,7 @@ def _check_plan(plan: dict) -> None:
     """The plan's layer lists (lists of layer indices) and its KV policy (an object)."""
     for name in ("prefill_layers", "decode_layers", "removed_prefill", "removed_decode"):
         v = plan.get(name, [])
-        if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        if not isinstance(v, list) or not all(map(_integer, v)):
             raise ValueError(f"plan.{name} must be a list of layer indices, got {json.dumps(v, default=str)[:60]}")
     _objects(plan.get("kv_policy", {}), "plan.kv_policy")
 
@@ -87,7 +96,7 @@ def _check_config(config: dict) -> None:
     """The run settings readers compute with: counts and seeds integers, the limit a number, bandwidths a list."""
     for name in ("num_fewshot", "seed"):
         v = config.get(name)
-        if not (v is None or (isinstance(v, int) and not isinstance(v, bool))):
+        if not (v is None or _integer(v)):
             raise ValueError(f"config.{name} must be an integer or null, got {json.dumps(v, default=str)[:60]}")
     if not _number(config.get("limit")):
         raise ValueError(f"config.limit must be a number or null, got {json.dumps(config['limit'], default=str)[:60]}")
@@ -98,7 +107,7 @@ def _check_config(config: dict) -> None:
 
 def check_nested(d: dict[str, Any]) -> None:
     """ValueError naming the first nested field of record `d` (top-level types already checked) readers cannot use."""
-    if not all(isinstance(n, int) and not isinstance(n, bool) for n in d["n_samples"].values()):
+    if not all(map(_integer, d["n_samples"].values())):
         raise ValueError("n_samples must map each task to an integer count")
     extra = d.get("extra", {})
     _check_items(extra.get("items", {}))

@@ -20,7 +20,7 @@ from typing import Any
 from harness.errors import UsageError
 from harness.store.files import TEMP_SUFFIX, atomic_write  # noqa: F401 - writers import atomic_write from here
 from harness.store.latency import WorkloadLatency, upgrade_v1
-from harness.store.record_shape import check_nested
+from harness.store.record_shape import check_nested, is_counts
 from harness.store.task_names import LEGACY_PRESENTATION, TaskPresentation
 
 SCHEMA_VERSION = 2  # 2: latency figures are a typed field (`latency`), no longer fake scores
@@ -188,8 +188,7 @@ def _check_types(d: dict[str, Any], source: str) -> None:
                 raise RecordError(f"{source}: scores[{task!r}][{metric!r}] must be {{\"value\": number, \"stderr\": number "
                                   f"or null}}, got {json.dumps(v, default=str)[:80]}")
     for task, v in d["kv"].items():
-        if not isinstance(v, dict) or "kv_bytes" not in v or \
-                not all(isinstance(x, int) and not isinstance(x, bool) for x in v.values()):
+        if not is_counts(v):
             raise RecordError(f"{source}: kv[{task!r}] must be an object of integer counts with kv_bytes")
 
 
