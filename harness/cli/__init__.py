@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     if command == "run" and any(a == "--config" or a.startswith("--config=") for a in argv):
         command, argv = "config", [x for a in argv for x in (a.split("=", 1) if a.startswith("--config=") else [a])]
-    if command == "run" and not {"-q", "--quiet", "-h", "--help"} & set(argv) and os.environ.get("RANK", "0") == "0":
+    if command == "run" and not {"-q", "--quiet", "-h", "--help"} & set(argv) and not _other_rank():
         # the first thing a run says: its imports (torch, transformers, lm-eval) take seconds, more on a busy machine
         print("python -m harness: starting (importing torch, transformers, lm-eval)", file=sys.stderr, flush=True)
     try:
         with sigterm_as_ctrl_c():  # a scheduler's stop: the Ctrl-C message and the rerun's advice, not a silent death
             return cmd_config(argv) if command == "config" else COMMANDS[command](argv)
     except UsageError as e:
-        if os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1":
+        if _other_rank():
             # one voice: ranks meet the same refusals, and a launcher stops the others once rank 0 exits with its
             # own; a refusal of this rank alone still prints, after the wait
             time.sleep(RANK_GRACE_S)
@@ -89,9 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:  # Ctrl-C while importing libraries or loading the model: one line, no traceback
-        if os.environ.get("RANK", "0") == "0":  # one voice under data parallelism (a launcher stops every rank)
+        if not _other_rank():  # one voice under data parallelism (a launcher stops every rank)
             print(INTERRUPTED, file=sys.stderr)
         return 130
+
+
+def _other_rank() -> bool:
+    """A data-parallel rank other than 0, as a launcher (torchrun, accelerate) sets RANK and WORLD_SIZE: rank 0 speaks
+    for the group. Read from the environment: torch, which `harness.quality.distributed` needs, is not imported yet."""
+    return os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1"
 
 
 RANK_GRACE_S = 5.0  # torchrun checks its workers every 0.1 s
