@@ -118,7 +118,7 @@ def to_markdown(t: pd.DataFrame) -> str:
     """GitHub Markdown: caption in italics above, a group heading row (bold) before each group."""
     cols = [_md_cell(c) for c in t.attrs["columns"]]
     out = [f"*{t.attrs['caption']}*", "", "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
-    text = wide(t, "text").replace(r"\|", r"\\|", regex=True)  # a `|` in a name would end its cell
+    text = wide(t, "text").map(_md_cell)  # a `|` in a name would end its cell
     shown = text.mask(wide(t, "bold").astype(bool), "**" + text + "**")
     for title, block in _group_blocks(shown):
         if title:
