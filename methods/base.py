@@ -169,7 +169,14 @@ class Method(abc.ABC):
         return False
 
     def options(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.config)
+        """The options as stored in records: every option, less those at their `omitted_defaults` value."""
+        omitted = self.omitted_defaults()
+        return {k: v for k, v in dataclasses.asdict(self.config).items() if not (k in omitted and v == omitted[k])}
+
+    def omitted_defaults(self) -> dict[str, Any]:
+        """Option -> the value at which `options()` leaves it out (so an option added later keeps old run keys): what
+        a stored record without that option means, which may differ from today's Config default."""
+        return {}
 
 
 class WrapperMethod(Method):

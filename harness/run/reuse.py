@@ -101,11 +101,11 @@ def _same_model(model: str, old: rec.RunRecord) -> bool:
 
 
 def left_out_means(method) -> dict:
-    """Option -> the value a record's stored options mean by leaving it out (JSON): its Config default, or for a KV
-    baseline's policy option its dict default (`KVPolicy.dict_defaults`), also where the method's own default for new
-    runs differs (`KVPolicy.method_defaults`: pyramidkv's reserve_window, absent = False, the split before it)."""
+    """Option -> the value a record's stored options mean by leaving it out (JSON): its Config default, or the value
+    at which `options()` leaves it out (`Method.omitted_defaults`: a KV baseline's policy dict defaults), also where
+    the method's own default for new runs differs (pyramidkv's reserve_window: absent = False, the split before it)."""
     defaults = json.loads(json.dumps(dataclasses.asdict(type(method.config)())))
-    defaults.update(getattr(getattr(method, "policy_cls", None), "dict_defaults", {}))  # what `options()` leaves out
+    defaults.update(json.loads(json.dumps(method.omitted_defaults())))
     return defaults
 
 

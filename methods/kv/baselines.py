@@ -98,14 +98,10 @@ class KVBaseline(Method):
         except ValueError as e:
             raise UsageError(f"{self.name}: {e}") from e
 
-    def options(self) -> dict[str, Any]:
-        """Options as stored in records: a policy option at its `dict_defaults` value is left out, like in
-        the policy's dict (an option added later must not change the run keys of earlier records)."""
-        out = dataclasses.asdict(self.config)
-        for name, value in self.policy_cls.dict_defaults.items():
-            if out.get(name) == value:
-                del out[name]
-        return out
+    def omitted_defaults(self) -> dict[str, Any]:
+        """A policy option at its `dict_defaults` value is left out, like in the policy's dict (an option added later
+        must not change the run keys of earlier records)."""
+        return dict(self.policy_cls.dict_defaults)
 
     def needs_replan_on_resume(self) -> bool:
         return self.base.needs_replan_on_resume()
