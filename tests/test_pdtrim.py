@@ -165,6 +165,44 @@ def test_heal_trains_the_successor_block_toward_the_dense_output(tiny, calib):
     assert arch.decoder_layers(model)[2] is original
 
 
+def test_heal_reports_the_token_weighted_mse_of_the_successor_against_the_dense_output(tiny):
+    """mse_before is the MSE over all valid tokens, recomputed here with transformers' own forward: block 2 on
+    the input of removed block 1 vs the dense output of block 2. A mean of batch means (the old report) gave
+    the 5-valid-token batch below as much weight as the 16-token one."""
+    from methods.pdtrim.healing import heal
+
+    model = tiny.model
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, model.config.vocab_size, (2, 8), generator=gen) for _ in range(2)]
+    masks = [torch.tensor([[1] * 3 + [0] * 5, [1] * 2 + [0] * 6]), torch.ones(2, 8, dtype=torch.long)]
+    _, report = heal(model, list(zip(ids, masks)), [((1,), 2)], steps=0, lr=1e-3, seed=0)
+
+    class Skip(torch.nn.Module):
+        def forward(self, hidden_states, *a, **k):
+            return hidden_states
+
+    layers = arch.decoder_layers(model)
+    out = []
+    hook = layers[2].register_forward_hook(lambda mod, args, o: out.append(o[0] if isinstance(o, tuple) else o))
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for x, m in zip(ids, masks):
+                model(x, attention_mask=m)
+                layers[1], removed = Skip(), layers[1]
+                try:
+                    model(x, attention_mask=m)
+                finally:
+                    layers[1] = removed
+                dense, pruned = out[-2], out[-1]
+                total += float(((pruned - dense) ** 2)[m.bool()].sum())
+                count += int(m.sum()) * dense.shape[-1]
+    finally:
+        hook.remove()
+    assert report["2"]["mse_before"] == pytest.approx(total / count, rel=1e-4)
+    assert report["2"]["mse_after"] == pytest.approx(report["2"]["mse_before"])  # no steps
+
+
 def test_pdtrim_heals_when_asked_and_undoes_it(tiny, calib, monkeypatch):
     import methods.pdtrim.healing
 

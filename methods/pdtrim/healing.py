@@ -58,7 +58,8 @@ def heal(model, batches: list[tuple[torch.Tensor, torch.Tensor]], runs: list[tup
     """Train a copy of each run's following block; returns ({block: healed copy}, report).
 
     `batches`: (input_ids, attention_mask) calibration batches (B, T). The report gives, per block,
-    the MSE before and after training on those batches.
+    the MSE before and after training over those batches' valid tokens (token-weighted; training steps take
+    one batch's mean each).
     """
     n = arch.n_layers(model)
     device = arch.model_device(model)
@@ -85,20 +86,30 @@ def heal(model, batches: list[tuple[torch.Tensor, torch.Tensor]], runs: list[tup
             pred = _layer_forward(model, layer, x, pos, valid)
             return ((pred - y) ** 2)[valid].mean()
 
-        with torch.no_grad():
-            before = sum(float(loss_of(*d)) for d in data) / len(data)
+        before = _mse(loss_of, data)
         for step in range(steps):
             x, y, pos, valid = data[step % len(data)]
             opt.zero_grad()
             loss_of(x, y, pos, valid).backward()
             optimizer_step(opt)
-        with torch.no_grad():
-            after = sum(float(loss_of(*d)) for d in data) / len(data)
+        after = _mse(loss_of, data)
         layer.requires_grad_(False)
         layer.to(next(arch.decoder_layers(model)[j].parameters()).dtype)
         healed[j] = layer.eval()
         report[str(j)] = {"replaces_run": list(run), "mse_before": before, "mse_after": after, "steps": steps, "lr": lr}
     return healed, report
+
+
+def _mse(loss_of, data: list[tuple[torch.Tensor, ...]]) -> float:
+    """Mean squared error over every valid token's hidden values of all batches: each batch's mean weighted by
+    its valid tokens (a mean of batch means weighted a half-padded batch's tokens double)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for d in data:
+            n = int(d[3].sum())
+            total += float(loss_of(*d)) * n
+            count += n
+    return total / max(count, 1)
 
 
 @contextlib.contextmanager
