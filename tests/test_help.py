@@ -62,3 +62,36 @@ def test_the_generated_help_is_the_live_one_without_plugins():
     from methods.catalog import help_text
 
     assert TEXT == help_text(builtin_only=True)
+
+
+def test_a_bad_flag_is_named_alone_with_the_known_flag_it_is_close_to(capsys):
+    """argparse printed the whole usage (15 lines for the run command) above the message, and no hint for a typo."""
+    import pytest
+
+    from harness.cli.flags import Parser
+
+    p = Parser(prog="python -m harness")
+    p.add_argument("--limit")
+    p.add_argument("--methods")
+    for argv, said in ((["--limt", "3"], "unrecognized arguments: --limt 3 (--limt: did you mean --limit?)"),
+                       (["--methds=a", "--zzz"], "unrecognized arguments: --methds=a --zzz (--methds: did you mean "
+                                                 "--methods?)"),
+                       (["--limit"], "argument --limit: expected one argument")):
+        with pytest.raises(SystemExit) as stop:
+            p.parse_args(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2
+        assert err == f"python -m harness: error: {said}\n  (the flags: python -m harness --help)\n"
+
+
+def test_every_command_parser_words_bad_flags_the_same_way():
+    from harness.cli.check import check_parser
+    from harness.cli.export import parser as export_parser
+    from harness.cli.flags import Parser
+    from harness.cli.latency import latency_parser
+    from harness.cli.report import report_parser
+    from harness.cli.run import run_parser
+    from harness.cli.sweep import sweep_parser
+
+    for make in (check_parser, export_parser, latency_parser, report_parser, run_parser, sweep_parser):
+        assert isinstance(make(), Parser), make.__name__

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from harness.cli.flags import nonneg_float, user_dir
+from harness.cli.flags import Parser, nonneg_float, user_dir
 from harness.cli.latency import cmd_latency
 from harness.cli.run import cmd_run
 from harness.errors import UsageError
@@ -18,7 +18,7 @@ LOCK_WAIT_S = 60.0
 
 
 def check_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m harness check",
         description="Regression check: rerun the CI spec and compare with reference records. Fails (exit 1) when KV bytes "
         "differ at all, a score moves by more than max(3 × stderr, 0.5 points), a plan's layer sets change, or a plan's "

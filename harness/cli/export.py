@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.cli.flags import dtype_arg, model_arg, seed_arg, user_dir, user_path
+from harness.cli.flags import Parser, dtype_arg, model_arg, seed_arg, user_dir, user_path
 from harness.config import sweep_base
 from harness.errors import UsageError
 from harness.run.export import export_plan
@@ -28,7 +28,7 @@ MARKER = ".pd-harness-export.json"  # written by export last, listing every file
 def parser() -> argparse.ArgumentParser:
     import os
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m harness export",
         description="Write a method's pruned model as Hugging Face checkpoints (config, renumbered layers, tokenizer) "
         "that from_pretrained and serving engines such as vLLM load. A unified plan gives one checkpoint in OUT; a "

@@ -9,6 +9,30 @@ from pathlib import Path
 
 from harness.config import DTYPES
 
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose bad-input message stands alone: `prog: error: MSG` and where to look, not the 15-line
+    usage printed above it, which pushed the message to the bottom; an unknown flag close to a known one is
+    named (`--limt 3`: did you mean --limit?). Exit status 2, as argparse's."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}{self._did_you_mean(message)}\n"
+                     f"  (the flags: {self.prog} --help)\n")
+
+    def _did_you_mean(self, message: str) -> str:
+        import difflib
+
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        hints = []
+        for word in message.split(":", 1)[1].split():
+            flag = word.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
+            hints += [f"{flag}: did you mean {close[0]}?"] if close else []
+        return f" ({'; '.join(hints)})" if hints else ""
+
+
 MODES = {"unified": ("unified",), "disaggregated": ("disaggregated",), "both": ("unified", "disaggregated")}
 
 

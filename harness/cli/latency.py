@@ -8,7 +8,19 @@ import sys
 import time
 from pathlib import Path
 
-from harness.cli.flags import csv_list, dtype_arg, float_list, int_list, model_arg, need_records_folder, positive_int, seed_arg, user_dir, user_path
+from harness.cli.flags import (
+    Parser,
+    csv_list,
+    dtype_arg,
+    float_list,
+    int_list,
+    model_arg,
+    need_records_folder,
+    positive_int,
+    seed_arg,
+    user_dir,
+    user_path,
+)
 from harness.cli.run import default_out
 from harness.config import DEFAULT_METHODS, RunConfig
 from harness.errors import UsageError
@@ -17,7 +29,7 @@ from harness.store.records import check_writable
 
 
 def latency_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m harness latency",
         description="Per-stage latency of each method's plan in a PD deployment: TTFT (prefill + first token), "
         "ITL samples and TPOT (each decode step timed), handoff time, KV bytes sent (exact and 16-token pages), "

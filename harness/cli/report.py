@@ -6,14 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.cli.flags import positive_float, user_dir
+from harness.cli.flags import Parser, positive_float, user_dir
 from harness.errors import UsageError
 
 
 def report_parser() -> argparse.ArgumentParser:
     from reports.collect import CONVENTIONS
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m harness report",
         description="Render stored run records as paper-style tables (Markdown, LaTeX booktabs, CSV), plots (PNG, SVG) "
         "and one self-contained HTML report. Reads records only: no model, no torch.",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from harness.cli.flags import (
     MODES,
+    Parser,
     batch_size_arg,
     csv_list,
     dtype_arg,
@@ -81,7 +82,7 @@ def run_parser() -> argparse.ArgumentParser:
     from harness.quality import long_tasks
 
     epilog = _methods_epilog()  # first: with plug-ins configured it imports them, and a task plug-in joins long_tasks
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m harness",
         description="Evaluate pruning methods in PD-unified and PD-disaggregated settings: lm-eval scores "
         "and the KV bytes each handoff sends from the prefill to the decode stage.",

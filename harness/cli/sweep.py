@@ -48,7 +48,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from harness.cli.flags import user_dir
+from harness.cli.flags import Parser, user_dir
 from harness.cli.interrupt import sigterm_as_ctrl_c
 from harness.cli.sweep_backends import (
     FAILED_NOTE,
@@ -69,7 +69,7 @@ BACKENDS = ("auto", "ray", "local")
 
 
 def sweep_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m harness sweep",
         description="Run a spec's [run] section as one process per (method, mode) cell on Ray (one GPU per cell where "
         "there are GPUs, a local Ray instance otherwise) or a local process pool, then its [latency] section as one "
