@@ -15,6 +15,8 @@ a dependency, and re-parses and re-pads numbers, so "39.0" would not stay "39.0"
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Sequence
 from html import escape
 
@@ -115,21 +117,59 @@ def _group_blocks(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def to_markdown(t: pd.DataFrame) -> str:
-    """GitHub Markdown: caption in italics above, a group heading row (bold) before each group."""
+    """GitHub Markdown: caption in italics above, a group heading row (bold) before each group. Every string
+    goes through `_md_cell`, so a name shows as typed (`my*method`, `<b>x</b>`, `` `x` ``, `[a](b)`)."""
     cols = [_md_cell(c) for c in t.attrs["columns"]]
-    out = [f"*{t.attrs['caption']}*", "", "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
-    text = wide(t, "text").map(_md_cell)  # a `|` in a name would end its cell
-    shown = text.mask(wide(t, "bold").astype(bool), "**" + text + "**")
+    out = [f"*{_md_cell(t.attrs['caption'], wrapped=True)}*", "", "| " + " | ".join(cols) + " |",
+           "|" + "|".join(["---"] * len(cols)) + "|"]
+    text, bold = wide(t, "text"), wide(t, "bold").astype(bool)
+    shown = text.copy()
+    for c in text.columns:  # a bold cell is wrapped in ** **: a '*' inside it could close that early
+        shown[c] = [f"**{_md_cell(x, wrapped=True)}**" if b else _md_cell(x) for x, b in zip(text[c], bold[c])]
     for title, block in _group_blocks(shown):
         if title:
-            out.append("| " + " | ".join([f"**{_md_cell(title)}**"] + [""] * (len(cols) - 1)) + " |")
+            out.append("| " + " | ".join([f"**{_md_cell(title, wrapped=True)}**"] + [""] * (len(cols) - 1)) + " |")
         out += ["| " + " | ".join(r) + " |" for r in block.itertuples(index=False)]
     return "\n".join(out)
 
 
-def _md_cell(text: str) -> str:
-    """`text` in a Markdown table cell: a `|` escaped, else it would split the cell (a method or model name may hold one)."""
-    return text.replace("|", r"\|")
+# always escaped: '\\' (else it escapes what follows), code spans, GitHub's $math$ and ~strikethrough~, '|' (ends a cell)
+_MD_ALWAYS = {"\\": "\\\\", "`": "\\`", "$": "\\$", "~": "\\~", "|": "\\|"}
+_MD_HTML = re.compile(r"<(?=[A-Za-z/!?])|&(?=#?\w+;)")  # a tag, comment or autolink; an entity (&lt; would show '<')
+_MD_RUN = re.compile(r"\*+|_+")
+
+
+def _md_cell(text: str, wrapped: bool = False) -> str:
+    """`text` as GitHub Markdown shows it as typed, in a table cell or wrapped in `*` (`wrapped`: the italic caption, a
+    bold cell). Escaped only where Markdown would read it, so ordinary text is unchanged (`k_decode`, `+4.0* [-1, +9]`):
+    `|`, `\\`, backticks, `$`, `~`; `<` opening a tag and `&` an entity; every `[` of a text holding `](` or `][` (a
+    link; a bare `[x]` is none: the output defines no references); and each run of `*` or `_` that could open
+    emphasis (when `wrapped`, a `*` run that could close it too). A line break becomes a space."""
+    text = " ".join(text.splitlines())
+    esc = {m.start() for m in _MD_HTML.finditer(text)}
+    if "](" in text or "][" in text:
+        esc |= {i for i, ch in enumerate(text) if ch == "["}
+    for m in _MD_RUN.finditer(text):
+        if _md_emphasis(text, m.start(), m.end(), wrapped):
+            esc |= set(range(m.start(), m.end()))
+    return "".join(_MD_ALWAYS.get(ch) or ("\\" + ch if i in esc else ch) for i, ch in enumerate(text))
+
+
+def _md_emphasis(text: str, start: int, end: int, wrapped: bool) -> bool:
+    """Whether the delimiter run text[start:end] of `*` or `_` can open emphasis, or, `wrapped` in `*`, is a `*` run
+    that can close it or touches the wrapping `*` (CommonMark's flanking rules; outside the text: a space, or `*`)."""
+    edge = "*" if wrapped else " "
+    before, after = text[start - 1] if start else edge, text[end] if end < len(text) else edge
+    left = not after.isspace() and (not _punct(after) or before.isspace() or _punct(before))
+    right = not before.isspace() and (not _punct(before) or after.isspace() or _punct(after))
+    if text[start] == "_":  # '_' inside a word (k_decode) neither opens nor closes
+        return left and (not right or _punct(before))
+    return left or (wrapped and (right or start == 0 or end == len(text)))
+
+
+def _punct(ch: str) -> bool:
+    """Unicode punctuation or symbol, as CommonMark's flanking rules read it."""
+    return unicodedata.category(ch)[0] in "PS"
 
 
 def to_csv(t: pd.DataFrame) -> str:
