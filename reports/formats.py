@@ -11,6 +11,10 @@ its own) while Markdown and LaTeX carry the rounded figure, and lets "best in co
 values, not strings. Each renderer pivots the cells to the wide layout (`wide`); LaTeX and HTML go
 through `Styler`, Markdown is a few lines here (pandas' `to_markdown` needs `tabulate`, which is not
 a dependency, and re-parses and re-pads numbers, so "39.0" would not stay "39.0").
+
+Every format shows a name as typed (`_md_cell`, `latex_escape`, HTML and CSV escaping). LaTeX needs
+`\\usepackage{booktabs}` and nothing else: a name over `NAME_CHARS` characters wraps in a `p{NAME_WIDTH}`
+name column, core LaTeX.
 """
 
 from __future__ import annotations
@@ -188,32 +192,62 @@ def to_csv(t: pd.DataFrame) -> str:
 
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "`": r"\textasciigrave{}",
                   "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}"}  # OT1 would print < > | as ¡ ¿ —
 _LATEX_SYMBOLS = {"×": r"$\times$", "—": "--", "–": "--", "±": r"$\pm$", "≥": r"$\geq$", "≤": r"$\leq$", "÷": r"$\div$",
                   "·": r"$\cdot$", "→": r"$\rightarrow$", "⊆": r"$\subseteq$", "µ": r"$\mu$", "−": r"$-$", "↓": r"$\downarrow$",
                   "↑": r"$\uparrow$"}
+NAME_CHARS, NAME_WIDTH = 30, "14em"  # a name column with a longer name wraps at this width (`_latex_wrap_names`)
 
 
 def latex_escape(s: str) -> str:
     """LaTeX special characters escaped and the symbols the tables use (×, —, ±, ...) written as
     T1/math commands. pandas' own escape="latex" leaves the symbols as Unicode, which pdflatex's
-    default input encoding does not typeset."""
-    out = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in s)
+    default input encoding does not typeset. A typed `--` or `''` stays two characters (`-{}-`: no
+    dash or quote ligature) and a line break is a space (a blank line would end the cell's paragraph)."""
+    s = " ".join(s.splitlines())
+    out = "".join(_LATEX_ESCAPES.get(ch, ch) + ("{}" if ch in "-'" and s[i + 1:i + 2] == ch else "") for i, ch in enumerate(s))
     for sym, rep in _LATEX_SYMBOLS.items():
         out = out.replace(sym, rep)
     return out
 
 
 def to_latex(t: pd.DataFrame) -> str:
-    """A `table` float with a booktabs `tabular`; needs `\\usepackage{booktabs}` only."""
+    """A `table` float with a booktabs `tabular`; needs `\\usepackage{booktabs}` only. A name longer than
+    `NAME_CHARS` makes its column a ragged-right `p{NAME_WIDTH}` (core LaTeX) that breaks it (`_latex_wrap_names`)."""
     text, bold = wide(t, "text"), wide(t, "bold").astype(bool)
-    st = text.style.hide(axis="index").format(latex_escape).format_index(latex_escape, axis="columns")
+    text, bold, fmt, align = _latex_wrap_names(text, bold, t.attrs["align"])
+    st = text.style.hide(axis="index").format(fmt).format_index(latex_escape, axis="columns")
     st.apply(lambda _: np.where(bold, "textbf: --rwrap;", ""), axis=None)
     st.set_table_styles([{"selector": "small", "props": ":"}])  # Styler writes it after the caption and before the label
-    tex = st.to_latex(environment="table", position="t", position_float="centering", hrules=True, column_format=t.attrs["align"],
+    tex = st.to_latex(environment="table", position="t", position_float="centering", hrules=True, column_format=align,
                       caption=latex_escape(t.attrs["caption"]), label=f"tab:{t.attrs['name']}")
     return _latex_group_headings(tex, [(title, len(block)) for title, block in _group_blocks(text)], len(text.columns))
+
+
+def _latex_wrap_names(text: pd.DataFrame, bold: pd.DataFrame, align: str) -> tuple[pd.DataFrame, pd.DataFrame, dict, str]:
+    """(text, bold, formatter per column, column spec) for Styler: every cell escaped; but where the first (name)
+    column is left-aligned and holds a name over `NAME_CHARS`, that column becomes `p{NAME_WIDTH}` and its cells are
+    rendered here: ragged right, bold inside it (Styler's \\textbf around \\raggedright would undo it), breaks allowed
+    (`_latex_breakable`). An `l` column cannot break a line: the name ran past the table's box, however narrow the rest."""
+    fmt = {c: latex_escape for c in text.columns}
+    first = text.columns[0] if len(text.columns) else None
+    if first is None or not align.startswith("l") or max(map(len, text[first]), default=0) <= NAME_CHARS:
+        return text, bold, fmt, align
+    text, bold = text.copy(), bold.copy()
+    text[first] = [r"\raggedright " + (rf"\textbf{{{_latex_breakable(x)}}}" if b else _latex_breakable(x))
+                   for x, b in zip(text[first], bold[first])]
+    bold[first], fmt[first] = False, str
+    return text, bold, fmt, f"p{{{NAME_WIDTH}}}" + align[1:]
+
+
+def _latex_breakable(s: str) -> str:
+    """`s` escaped, with a line break allowed after its punctuation (`@ , = : ; / _ . + - ) ]`) and every 8 characters
+    of a run of more than 12 with none (a name of letters only must wrap too)."""
+    pieces = []
+    for part in re.split(r"(?<=[@,=:;/_.+)\]-])", s):
+        pieces += [part[i:i + 8] for i in range(0, len(part), 8)] if len(part) > 12 else [part]
+    return r"\allowbreak{}".join(latex_escape(p) for p in pieces if p)
 
 
 def _latex_group_headings(tex: str, sizes: list[tuple[str, int]], n_cols: int) -> str:

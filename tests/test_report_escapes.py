@@ -102,3 +102,57 @@ def test_markdown_cell_round_trips_any_mix_of_markup(wrapped):
 def test_csv_keeps_quotes_commas_and_line_breaks_in_names():
     t = make_table("x", "c", ["Method", "S"], [('G, "1"', [[cell('a,"b"\nc'), cell("1.0", 1.0)]])])
     assert list(csv.reader(io.StringIO(to_csv(t)))) == [["group", "Method", "S"], ['G, "1"', 'a,"b"\nc', "1.0"]]
+
+
+def _pdflatex(tmp_path, body: str, preamble: str = "") -> list[float]:
+    """Compile `body` in an article (booktabs and `preamble`); the overfull boxes' excess widths in pt."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("pdflatex") or pytest.skip("no pdflatex")
+    doc = f"\\documentclass{{article}}\n\\usepackage{{booktabs}}\n{preamble}\\begin{{document}}\n{body}\\end{{document}}\n"
+    (tmp_path / "t.tex").write_text(doc)
+    r = subprocess.run([exe, "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:]
+    return [float(x) for x in re.findall(r"Overfull \\hbox \(([\d.]+)pt too wide", (tmp_path / "t.log").read_text(errors="replace"))]
+
+
+LONG = "pdtrim@k_prefill=2,k_decode=10,prefill_ratio=0.5,samples=64,calibration=wikitext2_long--variant,seed=1234,stage=both"
+WORD = "averyveryveryverylongmethodnamewithoutanypunctuationwhatsoeverthatwouldnotbreakanywhereelseatallnotevenonce"
+
+
+def test_latex_wraps_a_long_name_in_a_ragged_right_column_that_breaks_it():
+    """An `l` column cannot break a line: a long method name ran the table past its box however narrow the rest.
+    Now a name over NAME_CHARS makes the name column p{NAME_WIDTH}, ragged right, with breaks after punctuation
+    (and every 8 characters of a long run of letters); a table of ordinary names keeps its `l` column."""
+    from reports.formats import NAME_WIDTH, latex_escape, to_latex
+
+    t = make_table("s", "c", ["Method", "A"], [("", [[cell(LONG), cell("1.0", 1.0)], [cell("my*method"), cell("2.0", 2.0)],
+                                                      [cell(WORD), cell("3.0", 3.0)]])])
+    t.loc[(t["text"] == LONG), "bold"] = True
+    tex = to_latex(t)
+    assert f"\\begin{{tabular}}{{p{{{NAME_WIDTH}}}l}}" in tex
+    assert r"\raggedright \textbf{pdtrim@\allowbreak{}k\_\allowbreak{}prefill=\allowbreak{}2,\allowbreak{}" in tex
+    assert r"--\allowbreak{}-\allowbreak{}variant" not in tex and r"long-\allowbreak{}-\allowbreak{}variant" in tex
+    assert r"\raggedright averyver\allowbreak{}yveryver\allowbreak{}" in tex and r"\raggedright my*method & 2.0 \\" in tex
+    short = make_table("s", "c", ["Method", "A"], [("", [[cell("pdtrim@k_prefill=2,k_decode=10"), cell("1.0")]])])
+    assert r"\begin{tabular}{ll}" in to_latex(short) and r"\raggedright" not in to_latex(short)
+    # a typed '--', "''" or '`' is shown as typed, not as a dash or quotes; a line break is a space
+    assert latex_escape("a--b ''c'' `d`\ne") == r"a-{}-b '{}'c'{}' \textasciigrave{}d\textasciigrave{} e"
+
+
+def test_latex_tables_with_long_names_compile_and_fit(tmp_path):
+    """Every table with method names of over 100 characters compiles and fits a page that fits it with ordinary names
+    (A3 portrait, 1 cm margins; a single column for a small table): before, the names overflowed by hundreds of pt."""
+    from reports.formats import to_latex
+    from reports.plans import plans_table
+
+    quality, latency = ROOT / "results" / "reference" / "quality", ROOT / "results" / "reference" / "latency"
+    names = {"pdtrim": LONG, "shortgpt": WORD}
+    tables = [quality_table(_renamed(quality, names)), long_context_table(_renamed(quality, names)),
+              efficiency_table(_renamed(latency, names)), plans_table(_renamed(quality, names))]
+    body = "\n".join(to_latex(t) + "\\clearpage\n" for t in tables)
+    assert max(_pdflatex(tmp_path, body, "\\usepackage[a3paper,margin=1cm]{geometry}\n"), default=0) < 2
+    small = make_table("s", "c", ["Method", "Score", "KV ×"], [("", [[cell(n), cell("1.0"), cell("2.00×")] for n in (LONG, WORD)])])
+    assert max(_pdflatex(tmp_path, to_latex(small)), default=0) < 2
