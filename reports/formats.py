@@ -13,8 +13,10 @@ through `Styler`, Markdown is a few lines here (pandas' `to_markdown` needs `tab
 a dependency, and re-parses and re-pads numbers, so "39.0" would not stay "39.0").
 
 Every format shows a name as typed (`_md_cell`, `latex_escape`, HTML and CSV escaping). LaTeX needs
-`\\usepackage{booktabs}` and nothing else: a name over `NAME_CHARS` characters wraps in a `p{NAME_WIDTH}`
-name column, core LaTeX.
+`\\usepackage{booktabs}`, and a table made to fit its column (`latex_fit` in its attrs: the paired table) also
+`\\usepackage{graphicx}` for its `\\resizebox`. A name over `NAME_CHARS` characters wraps in a `p{NAME_WIDTH}`
+name column, core LaTeX. Two optional attrs shape LaTeX only: `latex_lines` (a regex: where a cell's text is split into
+stacked lines) and `latex_fit` (scale the tabular down to `\\columnwidth` where it is wider).
 """
 
 from __future__ import annotations
@@ -209,28 +211,61 @@ def latex_escape(s: str) -> str:
     out = "".join(_LATEX_ESCAPES.get(ch, ch) + ("{}" if ch in "-'" and s[i + 1:i + 2] == ch else "") for i, ch in enumerate(s))
     for sym, rep in _LATEX_SYMBOLS.items():
         out = out.replace(sym, rep)
-    return out
+    return "{}" + out if out.startswith("[") else out  # after a row's \\, "[x]" would be read as \\[length]
 
 
 def to_latex(t: pd.DataFrame) -> str:
-    """A `table` float with a booktabs `tabular`; needs `\\usepackage{booktabs}` only. A name longer than
-    `NAME_CHARS` makes its column a ragged-right `p{NAME_WIDTH}` (core LaTeX) that breaks it (`_latex_wrap_names`)."""
+    """A `table` float with a booktabs `tabular`; needs `\\usepackage{booktabs}` only, and a table that fits its
+    column needs `\\usepackage{graphicx}` too (`_latex_fit`). A name longer than `NAME_CHARS` makes its column a
+    ragged-right `p{NAME_WIDTH}` (core LaTeX) that breaks it (`_latex_wrap_names`)."""
     text, bold = wide(t, "text"), wide(t, "bold").astype(bool)
-    text, bold, fmt, align = _latex_wrap_names(text, bold, t.attrs["align"])
+    text, fmt = _latex_stacked(text, t.attrs["align"], t.attrs.get("latex_lines"))
+    text, bold, fmt, align = _latex_wrap_names(text, bold, fmt, t.attrs["align"])
     st = text.style.hide(axis="index").format(fmt).format_index(latex_escape, axis="columns")
     st.apply(lambda _: np.where(bold, "textbf: --rwrap;", ""), axis=None)
     st.set_table_styles([{"selector": "small", "props": ":"}])  # Styler writes it after the caption and before the label
     tex = st.to_latex(environment="table", position="t", position_float="centering", hrules=True, column_format=align,
                       caption=latex_escape(t.attrs["caption"]), label=f"tab:{t.attrs['name']}")
-    return _latex_group_headings(tex, [(title, len(block)) for title, block in _group_blocks(text)], len(text.columns))
+    tex = _latex_group_headings(tex, [(title, len(block)) for title, block in _group_blocks(text)], len(text.columns))
+    return _latex_fit(tex) if t.attrs.get("latex_fit") else tex
 
 
-def _latex_wrap_names(text: pd.DataFrame, bold: pd.DataFrame, align: str) -> tuple[pd.DataFrame, pd.DataFrame, dict, str]:
-    """(text, bold, formatter per column, column spec) for Styler: every cell escaped; but where the first (name)
-    column is left-aligned and holds a name over `NAME_CHARS`, that column becomes `p{NAME_WIDTH}` and its cells are
-    rendered here: ragged right, bold inside it (Styler's \\textbf around \\raggedright would undo it), breaks allowed
-    (`_latex_breakable`). An `l` column cannot break a line: the name ran past the table's box, however narrow the rest."""
+def _latex_stacked(text: pd.DataFrame, align: str, lines: str | None) -> tuple[pd.DataFrame, dict]:
+    """(text, formatter per column): with `lines` (a regex, the table's `latex_lines`) each cell of every column but
+    the first (the name) is split where it matches into the lines of a nested tabular, top-aligned, aligned as its
+    column, the lines after the first in \\scriptsize: "-2.9* [-5.4, -0.4] p=0.026" is a column as wide as its CI in
+    small print, not as the three side by side."""
     fmt = {c: latex_escape for c in text.columns}
+    if not lines:
+        return text, fmt
+    text = text.copy()
+    for a, c in zip(align[1:], text.columns[1:]):
+        text[c] = [_latex_lines([p for p in re.split(lines, x) if p], a) for x in text[c]]
+        fmt[c] = str
+    return text, fmt
+
+
+def _latex_lines(parts: list[str], align: str) -> str:
+    if len(parts) < 2:
+        return latex_escape("".join(parts))
+    lines = [latex_escape(parts[0]), *(r"\scriptsize " + latex_escape(p) for p in parts[1:])]  # the figure, then its details
+    return rf"\begin{{tabular}}[t]{{@{{}}{align}@{{}}}}" + r" \\ ".join(lines) + r"\end{tabular}"
+
+
+def _latex_fit(tex: str) -> str:
+    """The tabular scaled down to the column's width where it is wider (never up), with narrower gaps between columns:
+    a table of many columns (the paired table: every task's difference, CI and p-value) fits one text column."""
+    tex = tex.replace("\\begin{tabular}", "\\setlength{\\tabcolsep}{3pt}\n"
+                      "\\resizebox{\\ifdim\\width>\\columnwidth\\columnwidth\\else\\width\\fi}{!}{\\begin{tabular}", 1)
+    head, _, tail = tex.rpartition("\\end{tabular}")
+    return head + "\\end{tabular}}" + tail
+
+
+def _latex_wrap_names(text: pd.DataFrame, bold: pd.DataFrame, fmt: dict, align: str) -> tuple[pd.DataFrame, pd.DataFrame, dict, str]:
+    """(text, bold, `fmt`, column spec) for Styler (`fmt`: the formatter per column): where the first (name) column is
+    left-aligned and holds a name over `NAME_CHARS`, that column becomes `p{NAME_WIDTH}` and its cells are rendered
+    here: ragged right, bold inside it (Styler's \\textbf around \\raggedright would undo it), breaks allowed
+    (`_latex_breakable`). An `l` column cannot break a line: the name ran past the table's box, however narrow the rest."""
     first = text.columns[0] if len(text.columns) else None
     if first is None or not align.startswith("l") or max(map(len, text[first]), default=0) <= NAME_CHARS:
         return text, bold, fmt, align

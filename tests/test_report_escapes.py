@@ -1,4 +1,5 @@
-"""Reports show user-provided strings (method, model, task names) as typed in every format, whatever they hold."""
+"""Reports show user-provided strings (method, model, task names) as typed in every format, whatever they hold, and
+their LaTeX tables fit their box."""
 
 import copy
 import csv
@@ -104,13 +105,13 @@ def test_csv_keeps_quotes_commas_and_line_breaks_in_names():
     assert list(csv.reader(io.StringIO(to_csv(t)))) == [["group", "Method", "S"], ['G, "1"', 'a,"b"\nc', "1.0"]]
 
 
-def _pdflatex(tmp_path, body: str, preamble: str = "") -> list[float]:
-    """Compile `body` in an article (booktabs and `preamble`); the overfull boxes' excess widths in pt."""
+def _pdflatex(tmp_path, body: str, preamble: str = "", options: str = "") -> list[float]:
+    """Compile `body` in an article (class `options`, booktabs and `preamble`); the overfull boxes' excess widths in pt."""
     import shutil
     import subprocess
 
     exe = shutil.which("pdflatex") or pytest.skip("no pdflatex")
-    doc = f"\\documentclass{{article}}\n\\usepackage{{booktabs}}\n{preamble}\\begin{{document}}\n{body}\\end{{document}}\n"
+    doc = f"\\documentclass[{options}]{{article}}\n\\usepackage{{booktabs}}\n{preamble}\\begin{{document}}\n{body}\\end{{document}}\n"
     (tmp_path / "t.tex").write_text(doc)
     r = subprocess.run([exe, "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
@@ -156,3 +157,20 @@ def test_latex_tables_with_long_names_compile_and_fit(tmp_path):
     assert max(_pdflatex(tmp_path, body, "\\usepackage[a3paper,margin=1cm]{geometry}\n"), default=0) < 2
     small = make_table("s", "c", ["Method", "Score", "KV ×"], [("", [[cell(n), cell("1.0"), cell("2.00×")] for n in (LONG, WORD)])])
     assert max(_pdflatex(tmp_path, to_latex(small)), default=0) < 2
+
+
+def test_paired_latex_table_fits_one_text_column(tmp_path):
+    """The paired table put every task's difference, CI and p-value side by side: about 1300 pt wide for seven tasks,
+    against a two-column paper's 240 pt column. Now each cell stacks them (details in small print) and the tabular is
+    scaled down to the column's width, never up (graphicx): no overfull box in a two-column article."""
+    from reports.collect import collect
+    from reports.formats import to_latex
+    from reports.significance import paired_table
+
+    tables = [paired_table(collect([ROOT / "results" / "issue15" / "paired_8of30"]), "shortgpt"),
+              paired_table(collect([ROOT / "results" / "issue15" / "depth_curve"]))]
+    tex = [to_latex(t) for t in tables]
+    assert all(r"\resizebox{\ifdim\width>\columnwidth\columnwidth\else\width\fi}{!}{\begin{tabular}{l" in x for x in tex)
+    assert r"& \begin{tabular}[t]{@{}r@{}}-2.9* \\ \scriptsize {}[-5.4, -0.4] \\ \scriptsize p=0.026\end{tabular} &" in tex[0]
+    assert r"\begin{tabular}[t]{@{}l@{}}1 better \\ \scriptsize 5 same \\ \scriptsize 1 worse\end{tabular} \\" in tex[0]
+    assert max(_pdflatex(tmp_path, "\n".join(tex), "\\usepackage{graphicx}\n", "twocolumn"), default=0) < 1

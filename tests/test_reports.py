@@ -199,7 +199,7 @@ def test_latex_tables_compile(tmp_path):
         _check_latex_structure(to_latex(t), len(t.attrs["columns"]))
     pdflatex = shutil.which("pdflatex")
     assert pdflatex, "pdflatex missing: .ci/run installs texlive-latex-base and texlive-latex-recommended"
-    doc = ("\\documentclass{article}\n\\usepackage{booktabs}\n"  # booktabs only, as to_latex promises
+    doc = ("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n"  # as to_latex promises (graphicx: paired)
            "\\usepackage[a3paper,landscape,margin=1cm]{geometry}\n\\begin{document}\n"
            + "\n".join(to_latex(t) for t in tables) + "\\end{document}\n")
     (tmp_path / "t.tex").write_text(doc)
