@@ -278,9 +278,9 @@ def _latex_wrap_names(text: pd.DataFrame, bold: pd.DataFrame, fmt: dict, align: 
 
 def _latex_breakable(s: str) -> str:
     """`s` escaped, with a line break allowed after its punctuation (`@ , = : ; / _ . + - ) ]`) and every 8 characters
-    of a run of more than 12 with none (a name of letters only must wrap too)."""
+    of a run of more than 12 with no punctuation or space (a name of letters only must wrap too)."""
     pieces = []
-    for part in re.split(r"(?<=[@,=:;/_.+)\]-])", s):
+    for part in re.split(r"(?<=[@,=:;/_.+)\]\s-])", s):  # a space is a break already: no part holds one inside
         pieces += [part[i:i + 8] for i in range(0, len(part), 8)] if len(part) > 12 else [part]
     return r"\allowbreak{}".join(latex_escape(p) for p in pieces if p)
 

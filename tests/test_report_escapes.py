@@ -174,3 +174,18 @@ def test_paired_latex_table_fits_one_text_column(tmp_path):
     assert r"& \begin{tabular}[t]{@{}r@{}}-2.9* \\ \scriptsize {}[-5.4, -0.4] \\ \scriptsize p=0.026\end{tabular} &" in tex[0]
     assert r"\begin{tabular}[t]{@{}l@{}}1 better \\ \scriptsize 5 same \\ \scriptsize 1 worse\end{tabular} \\" in tex[0]
     assert max(_pdflatex(tmp_path, "\n".join(tex), "\\usepackage{graphicx}\n", "twocolumn"), default=0) < 1
+
+
+def test_latex_tables_with_adversarial_names_compile(tmp_path):
+    """Every character LaTeX reads (a row starting '[' was read as the \\\\[length] of the row before: 'Missing number')."""
+    from reports.formats import to_latex
+    from reports.plans import plans_table
+
+    quality, latency = ROOT / "results" / "reference" / "quality", ROOT / "results" / "reference" / "latency"
+    names = {"pdtrim": "[x] my*method <b>", "shortgpt": "a_b^c $d$ %e #f &g {h} ~i \\j |k -- '' `l`"}
+    model = "[m] 50% {x}"
+    tables = [quality_table(_renamed(quality, names, model)), long_context_table(_renamed(quality, names, model)),
+              efficiency_table(_renamed(latency, names, model)), plans_table(_renamed(quality, names, model))]
+    tex = "\n".join(to_latex(t) for t in tables)
+    assert r"\raggedright {}[x]\allowbreak{} \allowbreak{}my*method \allowbreak{}\textless{}b\textgreater{} &" in tex  # wrapped: a long name
+    _pdflatex(tmp_path, tex, "\\usepackage[a3paper,margin=1cm]{geometry}\n")
