@@ -189,3 +189,20 @@ def test_latex_tables_with_adversarial_names_compile(tmp_path):
     tex = "\n".join(to_latex(t) for t in tables)
     assert r"\raggedright {}[x]\allowbreak{} \allowbreak{}my*method \allowbreak{}\textless{}b\textgreater{} &" in tex  # wrapped: a long name
     _pdflatex(tmp_path, tex, "\\usepackage[a3paper,margin=1cm]{geometry}\n")
+
+
+@pytest.mark.parametrize("folder, baseline", [("depth_curve", "unpruned"), ("paired_8of30", "shortgpt")])
+def test_stored_report_tables_rerender_byte_for_byte(folder, baseline):
+    """The escapes touch only what a format would read: the stored issue15 tables (`python -m harness report`, the
+    README there) come out byte for byte as committed."""
+    from reports.collect import collect
+    from reports.formats import to_latex
+    from reports.render import build_tables
+
+    path = ROOT / "results" / "issue15" / folder
+    tables, _ = build_tables(collect([path]), baseline=baseline)
+    stored = sorted(p.name for p in (path / "report" / "tables").iterdir())
+    assert stored == sorted(f"{t.attrs['name']}.{ext}" for t in tables for ext in ("csv", "md", "tex"))
+    for t in tables:
+        for ext, text in (("md", to_markdown(t) + "\n"), ("tex", to_latex(t)), ("csv", to_csv(t))):
+            assert (path / "report" / "tables" / f"{t.attrs['name']}.{ext}").read_text(encoding="utf-8") == text, (t.attrs["name"], ext)
