@@ -40,8 +40,10 @@ def _legend_inches(n: int) -> float:
 
 def _plain(name: str) -> str:
     """A method or folder name as figure text: its `$` escaped, else matplotlib reads `$...$` as mathtext (`a$_^$b`
-    raised ValueError when the figure was saved). Mathtext stays on: log axes label their ticks with it."""
-    return name.replace("$", r"\$")
+    raised ValueError when the figure was saved). Mathtext stays on: log axes label their ticks with it. A leading
+    `_` gets a zero-width space before it: matplotlib's legend leaves out every label that starts with `_`."""
+    out = name.replace("$", r"\$")
+    return "\u200b" + out if out.startswith("_") else out
 
 
 def _style(ax, title: str, xlabel: str, ylabel: str) -> None:

@@ -206,3 +206,19 @@ def test_stored_report_tables_rerender_byte_for_byte(folder, baseline):
     for t in tables:
         for ext, text in (("md", to_markdown(t) + "\n"), ("tex", to_latex(t)), ("csv", to_csv(t))):
             assert (path / "report" / "tables" / f"{t.attrs['name']}.{ext}").read_text(encoding="utf-8") == text, (t.attrs["name"], ext)
+
+
+def test_a_name_starting_with_an_underscore_is_in_the_figure_legends(tmp_path):
+    """Matplotlib's legend leaves out a label starting with `_` (its mark for a private artist): a method `_x` was
+    drawn but unnamed. `_` and `^` elsewhere are text outside `$...$`; `$` is escaped (test_report_mixing)."""
+    import matplotlib.pyplot as plt
+
+    from reports.plots import plot_score_vs_blocks, plot_score_vs_kv
+    from reports.tables import _as_collection
+
+    recs = _renamed(ROOT / "results" / "reference" / "quality", {"pdtrim": "_x", "shortgpt": "a_b^c $d$"}, "m")
+    col = _as_collection([r for r in recs if r.mode == "disaggregated"])
+    for fig in (plot_score_vs_blocks(col), plot_score_vs_kv(col)):
+        texts = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+        assert {"\u200b_x", r"a_b^c \$d\$", "unpruned"} <= set(texts), texts
+        plt.close(fig)
