@@ -209,7 +209,11 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
                + (f" Paired on fewer items than scored: {'; '.join(partial)}." if partial else "")
                + (f" Not paired, as its {baseline} record did not score them: {'; '.join(no_base)}." if no_base else "")
                + (f" No {baseline} record of their configuration, so no row: {', '.join(unpaired)}." if unpaired else ""))
-    t = make_table("paired", caption, cols, body, align="l" + "r" * (len(cols) - 2) + "l")
-    # LaTeX: a cell's mean, CI and p-value (a verdict's counts) on lines of their own, the table scaled to its column
+    return _one_column(make_table("paired", caption, cols, body, align="l" + "r" * (len(cols) - 2) + "l"))
+
+
+def _one_column(t: pd.DataFrame) -> pd.DataFrame:
+    """`t` laid out to fit one text column in LaTeX (`reports.formats.to_latex`): each cell's mean, CI and p-value (a
+    verdict's three counts) on lines of their own, the tabular scaled down to the column where it is still wider."""
     t.attrs.update(latex_lines=r" (?=\[)| (?=p=)| / ", latex_fit=True)
     return t
