@@ -110,7 +110,8 @@ def _pdflatex(tmp_path, body: str, preamble: str = "", options: str = "") -> lis
     import shutil
     import subprocess
 
-    exe = shutil.which("pdflatex") or pytest.skip("no pdflatex")
+    exe = shutil.which("pdflatex")
+    assert exe, "pdflatex missing: .ci/run installs texlive-latex-base and texlive-latex-recommended"
     doc = f"\\documentclass[{options}]{{article}}\n\\usepackage{{booktabs}}\n{preamble}\\begin{{document}}\n{body}\\end{{document}}\n"
     (tmp_path / "t.tex").write_text(doc)
     r = subprocess.run([exe, "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path, capture_output=True, text=True,
