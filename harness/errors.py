@@ -5,5 +5,11 @@ class UsageError(ValueError):
     """Bad input from the user: the message says what is wrong and what would be right."""
 
 
+class PluginContractError(UsageError, RuntimeError):
+    """A plug-in's code broke its contract while running (a KV policy's `keep()`, a long-context task's results):
+    the message names the plug-in and the rule. Bad input (exit 2, fix the plug-in), not a crash to retry; a
+    RuntimeError too, as these checks raised before."""
+
+
 class HarnessWarning(UserWarning):
     """A warning of the harness's own (or a plug-in's), shown even where the libraries' warnings are silenced."""

@@ -191,3 +191,37 @@ def test_pd_ppl_pooled_stderr_counts_an_article_once(tiny, data_dir):
     se = statistics.stdev(articles) / math.sqrt(3)  # n - 1, as lm-eval's sample stderr
     assert math.isclose(pooled["stderr"], pooled["value"] * se, rel_tol=1e-9)
     assert not math.isclose(pooled["stderr"], pooled["value"] * statistics.stdev(nll) / math.sqrt(len(nll)), rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("kv_key, fails", [("1", True), ("N1", False)])
+def test_a_task_must_key_its_kv_bytes_by_the_setting_its_scores_name(kv_key, fails):
+    """The long-context table reads a setting's KV bytes under the name its score implies (`x_N1` -> `N1`, the
+    prefix's last letter on): a task that keyed them otherwise showed '—' as every method's KV/req, silently."""
+    from harness.errors import PluginContractError
+    from harness.store.task_names import TaskPresentation
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        n: int = 1
+
+    class Keyed(long_tasks.LongTask):
+        name, Config = "pd_test_keyed", Options
+        presentation = TaskPresentation(title="X", setting_prefix="x_N", primary_metric="x", metric_format="decimal")
+
+        def evaluate(self, *args, **kwargs):
+            score = {"value": 1.0, "stderr": None}
+            return {"scores": {"x": score, "x_N1": score}, "n_samples": 1, "kv_by": {kv_key: KV}, "details": {}}
+
+    long_tasks.register_task(Keyed)
+    try:
+        if fails:
+            with pytest.raises(PluginContractError, match=r"'pd_test_keyed'.*scores \['x_N1'\] have no KV bytes under "
+                                                          r"\['N1'\].*\(it has \['1'\]\)"):
+                long_tasks.evaluate("pd_test_keyed", None, None, None, Options(), None)
+        else:
+            assert long_tasks.evaluate("pd_test_keyed", None, None, None, Options(), None)["kv_by"] == {"N1": KV}
+    finally:
+        long_tasks.unregister_task("pd_test_keyed")
+
+
+KV = {"handoffs": 1, "kv_bytes": 8, "kv_bytes_paged": 16, "prompt_tokens": 2}  # one handoff's tally

@@ -18,6 +18,7 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
+from harness.errors import PluginContractError
 from harness.quality.long_tasks.base import LongTask
 from harness.registration import option_types, same_definition
 
@@ -81,8 +82,23 @@ def evaluate(task: str, scorer, tokenizer, data_dir: Path | None, options: Any, 
     cls = get(task)
     cls.check_data(data_dir)
     out = cls().evaluate(scorer, tokenizer, data_dir, options, limit, progress)
+    _check_settings(cls, out)
     out["harness_task"] = cls.describe(options)
     return out
+
+
+def _check_settings(cls: type[LongTask], out: dict) -> None:
+    """Every per-setting score needs its KV bytes under the setting the reports read from its name (the prefix's
+    last letter and the rest: `ppl_T2048` -> `T2048`); without them the long-context table showed '—' as the
+    KV/req of that setting, silently, for every method."""
+    prefix = cls.presentation.setting_prefix
+    settings = [m[len(prefix) - 1:] for m in out.get("scores", {}) if m.startswith(prefix)]
+    missing = [s for s in settings if s not in out.get("kv_by", {})]
+    if missing:
+        raise PluginContractError(
+            f"long-context task {cls.name!r} ({cls.__module__}): scores {[prefix[:-1] + s for s in missing]} have no KV "
+            f"bytes under {missing} in the result's kv_by (it has {sorted(out.get('kv_by', {}))}); a setting is "
+            f"setting_prefix's last letter and what follows ({prefix!r}: {prefix}2048 -> {prefix[-1]}2048)")
 
 
 def check_before_cells(tasks, tokenizer, options: dict[str, Any], limit: int | float | None, max_length: int | None,
