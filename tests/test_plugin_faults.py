@@ -214,6 +214,31 @@ def test_a_head_shared_policy_must_keep_exactly_its_budget(plugins, tiny):
     assert torch.equal(out.lengths, torch.tensor([6, 5]))
 
 
+def test_latency_names_a_policy_that_breaks_its_budget_in_one_line(plugins, cli, tmp_path):
+    """`latency` has no per-cell failures: the engine's check of `keep()` left a traceback (exit 1) there, where a
+    quality run failed the cell with the same message."""
+    methods.load_plugins("pd_harness_fault_over_keep")
+    r = cli("latency", "--model", "random:tiny", "--methods", "over_keep_kv", "--set", "over_keep_kv.base=tail",
+            "--set", "over_keep_kv.base_options=k=1", "--set", "over_keep_kv.keep_tokens=3", "--prompt-tokens", "16",
+            "--decode-tokens", "2", "--batch-size", "1", "--repeats", "1", "--out", tmp_path / "lat", "-q")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert ("error: over_keep policy: keep() selected [16] positions per request in layer 0; it must select exactly "
+            "its budget k = [3] (pd_harness_fault_over_keep.OverKeep)") in r.stderr, r.stderr
+
+
+def test_a_per_head_policy_must_keep_its_budget_in_every_head():
+    from types import SimpleNamespace
+
+    from harness.errors import PluginContractError
+    from harness.pd.engine import _check_budget
+
+    keep = torch.tensor([[[True, True, False], [True, True, True]]])  # head 1 keeps one too many
+    with pytest.raises(PluginContractError, match=r"p policy: keep\(\) selected \[\[2, 3\]\] positions per request and "
+                                                  r"KV head in layer 0; it must select exactly its budget k = \[2\]"):
+        _check_budget(SimpleNamespace(kind="p"), 0, keep, torch.tensor([2]))
+    _check_budget(SimpleNamespace(kind="p"), 0, keep[:, :1], torch.tensor([2]))
+
+
 @pytest.mark.parametrize("name, says", [
     ("by_column", r"by_column policy: keep\(\) selected padding columns \(position -1\) in layer 0"),
     ("int_mask", r"int_mask policy: keep\(\) returned a torch.int64 tensor of shape \(2, 6\) in layer 0; it must "

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from harness.errors import PluginContractError
 from harness.pd import arch, kv_select
 from harness.pd.cache import PDCache
 from harness.pd.plan import KVPolicy, PruningPlan
@@ -200,6 +201,7 @@ def make_handoff(
         if policy.per_head:
             pos = src_pos.index_select(0, rows)
             keep = _checked(policy, l, policy.keep(l, pos, req_len, k, observed), pos, heads=cache.keys[l].shape[1])
+            _check_budget(policy, l, keep, k)
             keys[l], values[l], positions[l] = _pack_per_head(keep, pos, k, cache.keys[l].index_select(0, rows),
                                                               cache.values[l].index_select(0, rows))
             counts[l] = k
@@ -210,9 +212,7 @@ def make_handoff(
         if hit is None:
             pos = src_pos.index_select(0, rows)
             keep = _checked(policy, l, policy.keep(l, pos, req_len, k, observed), pos)
-            if not torch.equal(keep.sum(dim=1), k):  # else the bytes sent and the budget stated disagree
-                raise RuntimeError(f"{policy.kind} policy: keep() selected {keep.sum(dim=1).tolist()} positions per "
-                                   f"request in layer {l}; it must select exactly its budget k = {k.tolist()}")
+            _check_budget(policy, l, keep, k)
             hit = (keep, pos[keep], keep.sum(dim=1))
             if not observes:
                 patterns[key] = hit
@@ -231,12 +231,30 @@ def _checked(policy: KVPolicy, layer: int, keep, pos: torch.Tensor, heads: int |
     if not (isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and tuple(keep.shape) == want):
         got = f"a {keep.dtype} tensor of shape {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
         shape = "(requests, kv heads, prompt columns)" if per_head else "(requests, prompt columns)"
-        raise RuntimeError(f"{policy.kind} policy: keep() returned {got} in layer {layer}; it must return a bool mask "
-                           f"{shape} = {want}")
+        raise PluginContractError(f"{policy.kind} policy: keep() returned {got} in layer {layer}; it must return a bool "
+                                  f"mask {shape} = {want}{_whose(policy)}")
     if bool((keep & (pos[:, None, :] if per_head else pos).lt(0)).any()):
-        raise RuntimeError(f"{policy.kind} policy: keep() selected padding columns (position -1) in layer {layer}; "
-                           "select among each request's own positions (positions >= 0), e.g. by position, not by column")
+        raise PluginContractError(f"{policy.kind} policy: keep() selected padding columns (position -1) in layer {layer}; "
+                                  "select among each request's own positions (positions >= 0), e.g. by position, not by "
+                                  f"column{_whose(policy)}")
     return keep
+
+
+def _check_budget(policy: KVPolicy, layer: int, keep: torch.Tensor, k: torch.Tensor) -> None:
+    """`keep` selects exactly k[r] positions per request (and KV head): else the bytes sent and the budget the plan
+    states disagree."""
+    kept = keep.sum(dim=-1)
+    if not torch.equal(kept, k if kept.dim() == 1 else k[:, None].expand_as(kept)):
+        per = "request" if kept.dim() == 1 else "request and KV head"
+        raise PluginContractError(f"{policy.kind} policy: keep() selected {kept.tolist()} positions per {per} in layer "
+                                  f"{layer}; it must select exactly its budget k = {k.tolist()}{_whose(policy)}")
+
+
+def _whose(policy: KVPolicy) -> str:
+    """' (module.Class)' of a policy: the message of a broken contract names the code to fix (a plug-in's, mostly).
+    These are PluginContractErrors: the same plan fails the same way on a rerun, so a quality cell says "fix", and
+    `latency`, which has no per-cell failures, exits 2 with this line rather than a traceback."""
+    return f" ({type(policy).__module__}.{type(policy).__qualname__})"
 
 
 def _observed(cache: PDCache, policy: KVPolicy, layer: int, rows: torch.Tensor) -> torch.Tensor:
