@@ -4,13 +4,18 @@ a plan made on other weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
+from harness.quality import long_tasks
+from harness.quality.long_tasks.base import LongTask
 from harness.store import records
+from harness.store.task_names import TaskPresentation
 
 ARC = ["--methods", "unpruned", "--mode", "unified", "--tasks", "arc_easy", "--limit", "2", "-q", "--device", "cpu"]
 
@@ -276,3 +281,42 @@ def test_few_shot_under_data_parallelism_is_refused(monkeypatch):
     distributed.check_items_per_rank(4, ["arc_easy"], 0)  # zero-shot: fine
     with pytest.raises(UsageError, match=re.escape("--num-fewshot 2 with 2 data-parallel ranks: each rank would draw other few-shot examples")):
         distributed.check_items_per_rank(4, ["arc_easy"], 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileOptions:
+    file: str = ""  # the user's own text file, named by an option: outside any data dir
+
+
+class _FileTask(LongTask):
+    """Log-likelihood of a file's second line after its first: a task whose input an option names."""
+
+    name, Config = "pd_test_own_file", _FileOptions
+    presentation = TaskPresentation(title="F", setting_prefix="f_N", primary_metric="f", metric_format="decimal")
+
+    @classmethod
+    def input_files(cls, data_dir, options):
+        return [Path(options.file)]
+
+    def evaluate(self, scorer, tokenizer, data_dir, options, limit, progress=False):
+        first, second = (tokenizer.encode(x, add_special_tokens=False) for x in Path(options.file).read_text().splitlines())
+        (lp, _), = scorer.loglikelihood([(first, second)])
+        return {"scores": {"f": {"value": lp, "stderr": None}}, "n_samples": 1, "kv_by": {}, "details": {}}
+
+
+def test_a_changed_file_that_a_task_option_names_is_not_reused(cli, tmp_path):
+    """Run keys name the option's path only: before `LongTask.input_files`, a task could declare only `data_files`
+    inside the data dir, so an edited file of its own (a local JSONL of prompts) was reused silently."""
+    own = tmp_path / "mine.txt"
+    own.write_text("one two three\nfour five\n")
+    args = ["--model", "random:tiny", "--methods", "unpruned", "--mode", "unified", "--tasks", "pd_test_own_file",
+            "--set", f"pd_test_own_file.file={own}", "-q", "--out", tmp_path / "o"]
+    long_tasks.register_task(_FileTask)
+    try:
+        assert cli(*args).returncode == 0
+        assert "finished record found, reused" in cli(*args).stderr  # unchanged: reused
+        own.write_text("one two three\nfour six\n")
+        changed = cli(*args)
+    finally:
+        long_tasks.unregister_task("pd_test_own_file")
+    assert changed.returncode == 2 and "unpruned__unified.json (the data files of pd_test_own_file changed)" in changed.stderr

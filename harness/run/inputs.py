@@ -25,14 +25,17 @@ def _files_sha256(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def task_data_files(task: str, data_dir: Path) -> list[Path]:
-    """The files (or folders) `task` reads from `data_dir`: an lm-eval task's local data, or a long-context
-    task's `data_files` (none for a synthetic task such as passkey)."""
+def task_data_files(task: str, data_dir: Path | None, options: Any = None) -> list[Path]:
+    """The files (or folders) `task` reads: an lm-eval task's local data in `data_dir`, or what a long-context task's
+    `input_files` names under `options` (default: its defaults), by default its `data_files` in `data_dir` (none for a
+    synthetic task such as passkey)."""
     from harness.quality import long_tasks
     from harness.quality.tasks import TASK_FILES
 
-    rel = TASK_FILES[task][0] if task in TASK_FILES else long_tasks.get(task).data_files if long_tasks.is_long_task(task) else ()
-    return _present(data_dir, rel)
+    if long_tasks.is_long_task(task):
+        cls = long_tasks.get(task)
+        return cls.input_files(data_dir, cls.Config() if options is None else options)
+    return _present(data_dir, TASK_FILES[task][0]) if data_dir and task in TASK_FILES else []
 
 
 def _present(data_dir: Path, rel) -> list[Path]:
@@ -80,7 +83,8 @@ def digests(cfg, loaded=None, prepared=None) -> dict[str, Any]:
     from harness.quality.calibration import SOURCE_FILES
 
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-    data = {t: _files_sha256(files) for t in cfg.tasks if data_dir and (files := task_data_files(t, data_dir))}
+    options = prepared.task_options if prepared is not None else {}
+    data = {t: _files_sha256(files) for t in cfg.tasks if (files := task_data_files(t, data_dir, options.get(t)))}
     calibrates = prepared is not None and any(m.needs_calibration for m in prepared.methods.values())
     calibration = {s: _files_sha256(files) for s in (prepared.calib_config.sources if calibrates else ())
                    if data_dir and (files := _present(data_dir, SOURCE_FILES[s]))}

@@ -44,6 +44,14 @@ class LongTask:
         """Raise UsageError when the task cannot run with `data_dir` (cheap: runs before any model work)."""
 
     @classmethod
+    def input_files(cls, data_dir: Path | None, options: Any) -> list[Path]:
+        """The files (or folders) the task reads under `options`, those that exist: records keep their digest, so a
+        rerun after they changed does not reuse records made from the old ones. By default its `data_files` under
+        `data_dir`; a task that reads a file an option names (a user's own file, outside the data dir too) returns
+        it here, or a changed file behind the same option would be reused silently (run keys name only the path)."""
+        return [data_dir / r for r in cls.data_files if (data_dir / r).exists()] if data_dir else []
+
+    @classmethod
     def stale(cls, result: dict, options: Any, limit: int | float | None) -> str | None:
         """Why a stored result of this task ({"items", "n_samples"}, from a record or resume state of the same
         run key) no longer holds for `options` and `limit`, e.g. made by an older version that chose its samples
