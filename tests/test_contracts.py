@@ -1,49 +1,21 @@
 """Contract tests that iterate the long-context task and latency figure registries, as the method contract
-(tests/method_contract.py) iterates the methods: a task or figure file is checked the moment it exists."""
+(tests/method_contract.py) iterates the methods: a task or figure file is checked the moment it exists. The
+checks themselves are in tests/plugin_contract.py, for a plug-in's own tests to call."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-
 import pytest
+from plugin_contract import check_latency_figure_contract, check_long_task_contract
 
 from harness.latency import figures
-from harness.latency.measure import Measurement, Workload
 from harness.quality import long_tasks
-from harness.registration import option_types
-from harness.store.task_names import TaskPresentation
 
 
 @pytest.mark.parametrize("name", long_tasks.names())
 def test_every_long_task_honours_the_contract(name):
-    task = long_tasks.get(name)
-    assert task.name == name and "." not in name and "," not in name
-    assert isinstance(task.version, int) and task.version >= 1
-    options = task.Config()  # the defaults are the standard setting
-    assert dataclasses.is_dataclass(options) and option_types(task.Config, name)  # --set and --help can read its types
-    pres = task.presentation
-    assert isinstance(pres, TaskPresentation) and TaskPresentation.from_dict(pres.to_dict()) == pres
-    assert pres.primary_metric and pres.setting_prefix and pres.title
-    stored = task.describe(options)  # what each record keeps: plain JSON, read back by reports without task code
-    assert json.loads(json.dumps(stored))["version"] == task.version  # tuples come back as lists: the stored form
-    assert all(isinstance(f, str) and not f.startswith("/") for f in task.data_files)  # relative to the data dir
-
-
-def _measurement(decode_tokens: int) -> Measurement:
-    steps = decode_tokens - 1
-    return Measurement("contract", Workload(16, decode_tokens, 2), "perf_counter_ns", ttft_ms=[3.0, 3.5, 4.0],
-                       handoff_ms=[0.2, 0.3, 0.25], itl_ms=[1.0 + 0.01 * i for i in range(3 * steps)],
-                       tpot_ms=[1.0, 1.1, 1.2][: 3 if steps else 0], kv_bytes=8192, kv_bytes_paged=16384)
+    check_long_task_contract(name)
 
 
 @pytest.mark.parametrize("name", list(figures.FIGURES))
-@pytest.mark.parametrize("decode_tokens", [1, 4])  # a one-token workload has no decode step
-def test_every_latency_figure_honours_the_contract(name, decode_tokens):
-    x = figures.FigureInputs(_measurement(decode_tokens), (25.0, 100.0), decode_bound_ms=0.5)
-    values = figures.FIGURES[name](x)
-    assert isinstance(values, dict)
-    for key, value in values.items():
-        assert key.startswith(name) and isinstance(value, (int, float)) and math.isfinite(value), (key, value)
-    assert values == figures.FIGURES[name](x)  # a pure function of its inputs
+def test_every_latency_figure_honours_the_contract(name):
+    check_latency_figure_contract(name)

@@ -243,3 +243,54 @@ def test_a_kv_baseline_runs_the_policy_class_registered_now(kv_plugin, tmp_path)
     importlib.reload(sys.modules[KV_MODULE])  # with an option the method's Config lacks: it keeps its default
     assert method.policy(KVBudget(tokens=3)).how() == "latest" and type(method.policy(KVBudget(tokens=3))) is \
         kv.get_policy(KV_NAME)
+
+
+TASK_FIGURE_MODULE = "pd_harness_test_plugin_task_figure"
+TASK_FIGURE_PLUGIN = textwrap.dedent('''
+    """A long-context task and a latency figure of a plug-in (tests)."""
+
+    from dataclasses import dataclass
+
+    from harness.latency.figures import FigureInputs, figure
+    from harness.quality.long_tasks import register_task
+    from harness.quality.long_tasks.base import LongTask
+    from harness.store.task_names import TaskPresentation
+
+
+    @dataclass(frozen=True)
+    class EchoOptions:
+        n: int = 1
+
+
+    @register_task
+    class Echo(LongTask):
+        name = "pd_test_plugin_echo"
+        Config = EchoOptions
+        presentation = TaskPresentation(title="E", setting_prefix="e_N", primary_metric="e")
+
+
+    @figure("pd_test_handoff_share_pct")
+    def handoff_share(x: FigureInputs) -> dict[str, float]:
+        h, t = sum(x.m.handoff_ms), sum(x.m.ttft_ms)
+        return {"pd_test_handoff_share_pct": 100.0 * h / (h + t)}
+''')
+
+
+def test_a_plugins_task_and_figure_are_checked_by_the_contract_functions(tmp_path, monkeypatch):
+    """The registry-wide contract tests never see an outside plug-in (the suite drops HARNESS_PLUGINS): its own test
+    calls the same checks (tests/plugin_contract.py), as a method's calls `check_method_contract`."""
+    from plugin_contract import check_latency_figure_contract, check_long_task_contract
+
+    from harness.latency import figures
+    from harness.quality import long_tasks
+
+    (tmp_path / f"{TASK_FIGURE_MODULE}.py").write_text(TASK_FIGURE_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(figures, "FIGURES", dict(figures.FIGURES))
+    try:
+        methods.load_plugins(TASK_FIGURE_MODULE)
+        check_long_task_contract("pd_test_plugin_echo")
+        check_latency_figure_contract("pd_test_handoff_share_pct")
+    finally:
+        long_tasks.unregister_task("pd_test_plugin_echo")
+        sys.modules.pop(TASK_FIGURE_MODULE, None)
