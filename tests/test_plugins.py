@@ -294,3 +294,32 @@ def test_a_plugins_task_and_figure_are_checked_by_the_contract_functions(tmp_pat
     finally:
         long_tasks.unregister_task("pd_test_plugin_echo")
         sys.modules.pop(TASK_FIGURE_MODULE, None)
+
+
+def test_a_stage_variant_of_a_base_with_a_smaller_default_k_keeps_its_defaults_on_real_models():
+    """`config_for_layers` only shrinks what cannot fit (the registry-wide test checks it for every method of the
+    package): the stage variant of a ranked method whose `k` defaults to 4 gave k_decode 4, k_prefill 2 at 32
+    layers, so that test failed on a variant its author never wrote."""
+    from dataclasses import dataclass
+
+    from methods.base import DepthOptions
+    from methods.depth.ranked import RankedDepthMethod, Ranking
+    from methods.depth.stage import wrapper
+
+    @dataclass(frozen=True)
+    class FourConfig(DepthOptions):
+        k: int = 4
+        keep_first: int = 1
+        keep_last: int = 1
+
+    class FourBack(RankedDepthMethod):
+        name, Config = "pd_test_four_back", FourConfig
+
+        def _rank(self, model, calib, k, eligible):
+            return Ranking(sorted(eligible, reverse=True), {})
+
+    stage = wrapper(FourBack)
+    assert stage.config_for_layers(64) == stage.config_for_layers(32) == stage.Config()
+    assert stage.config_for_layers(4) == stage.Config(k_prefill=1, k_decode=2, k_unified=2)
+    assert stage.config_for_layers(8) == stage.Config(k_prefill=2, k_decode=4, k_unified=4, keep_first=1, keep_last=1)
+    stage(stage.config_for_layers(4))  # valid on the 4-block test model

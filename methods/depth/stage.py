@@ -93,10 +93,14 @@ class StageOptions(Options):
 
     @classmethod
     def for_layers(cls, n: int) -> Any:
-        """k_decode = k_unified = the base's `k` for `n` layers (capped by the defaults), k_prefill half
-        of it; the base's other options as its `for_layers(n)` gives them."""
+        """k_decode = k_unified = the defaults capped at n // 2 and, where the base shrank its own `k` for `n`
+        layers, at that; k_prefill half of it; the base's other options as its `for_layers(n)` gives them. (Capping
+        at the base's `k` itself made a base whose default `k` is below 8, e.g. a plug-in's 4, give a stage variant
+        smaller than its defaults on real models.)"""
         inner = cls._stage_base.config_for_layers(n)
-        k = min(getattr(inner, "k", n // 2), dict(STAGE_OPTIONS)["k_decode"])
+        fitted = getattr(inner, "k", n // 2)
+        shrunk = fitted < getattr(cls._stage_base.Config(), "k", fitted + 1)  # the base's k did not fit n layers
+        k = min(n // 2, dict(STAGE_OPTIONS)["k_decode"], *([fitted] if shrunk else []))
         own = {f.name: getattr(inner, f.name) for f in dataclasses.fields(inner) if f.name != "k"}
         return cls(k_prefill=min(k // 2, dict(STAGE_OPTIONS)["k_prefill"]), k_decode=k,
                    k_unified=min(k, dict(STAGE_OPTIONS)["k_unified"]), **own)
