@@ -345,3 +345,14 @@ def test_sigterm_still_stops_a_ray_sweep_as_ctrl_c_after_ray_starts():
             assert signal.getsignal(signal.SIGTERM) is ours
         finally:
             backend.ray.shutdown()
+
+
+def test_cells_get_the_sweeps_plugins_even_on_a_cluster_node(monkeypatch):
+    """The spec is checked with this process's HARNESS_PLUGINS; a Ray cluster's node runs a cell in its own
+    environment, which lacked them, so each cell failed on an unknown method after the checks had passed."""
+    from harness.cli.sweep import cell_env
+
+    monkeypatch.setenv("HARNESS_PLUGINS", "my_plugins.kv,my_plugins.tasks")
+    assert cell_env(2)["HARNESS_PLUGINS"] == "my_plugins.kv,my_plugins.tasks" and cell_env(2)["OMP_NUM_THREADS"] == "2"
+    monkeypatch.delenv("HARNESS_PLUGINS")
+    assert "HARNESS_PLUGINS" not in cell_env(2)

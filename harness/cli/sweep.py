@@ -112,16 +112,25 @@ def main(argv: list[str]) -> int:
         return _sweep(args, plan, started)
 
 
-def _sweep(args, plan: Plan, started: float) -> int:
+def cell_env(threads: int) -> dict[str, str]:
+    """What each cell's process gets on top of its worker's environment. OMP_NUM_THREADS is what torch starts with: N
+    cells of T threads share the cores instead of N × all of them. HARNESS_PLUGINS: the spec was checked with this
+    process's plug-ins, and a Ray cluster's node runs its cells in its own environment, which lacks them (each cell
+    then failed on an unknown method)."""
     from harness.store import lock
 
+    plugins = os.environ.get("HARNESS_PLUGINS")
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1", **lock.child_env(),
+            **({"HARNESS_PLUGINS": plugins} if plugins else {})}
+
+
+def _sweep(args, plan: Plan, started: float) -> int:
     gpus = local_gpus() if plan.uses_gpu and not os.environ.get("RAY_ADDRESS") else []
     workers = args.workers or (len(gpus) if gpus else max(1, cores() // 2))
     backend = make_backend(args.backend, workers, plan, gpus)
     cwd = os.getcwd()
     threads = max(1, cores() // min(workers, len(plan.cells)))
-    # OMP_NUM_THREADS is what torch starts with: N cells of T threads share the cores instead of N × all of them
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1", **lock.child_env()}
+    env = cell_env(threads)
     info: dict[str, Any] = {"backend": backend.name, "workers": workers, "threads_per_cell": threads}
     if isinstance(backend, RayBackend):
         info.update(ray_version=backend.ray.__version__, ray_init_s=round(backend.init_s, 2),
