@@ -94,11 +94,15 @@ def evaluate(**options: Any) -> pd.DataFrame:
     configuration's record); a failed cell raises `RuntimeError` after the others finished. Either
     names each failed cell and why. Ctrl-C raises `KeyboardInterrupt` (finished records are kept).
     The rows are this call's records only, not other runs' in `out` or below it."""
+    import methods
     from harness.cli.run import default_out, run_config, run_parser
     from harness.cli.spec import Spec, to_namespace
     from harness.run import pipeline
     from harness.store.records import load, record_filename
 
+    # a KV policy registered in a notebook cell after `methods` was imported gets its KV-baseline method here, as the
+    # command line's import of `methods` gives one to a plug-in's policy (else: "unknown method", naming HARNESS_PLUGINS)
+    methods.load_plugins("")
     parser = run_parser()
     args = to_namespace(Spec(API, {"run": _section(options, parser)}), "run", parser)  # the command's checks
     cfg = run_config(args)

@@ -209,3 +209,40 @@ def test_a_library_imported_before_the_run_gets_the_notebooks_own_log_level_back
     with kept():
         quiet_libraries()
     assert hub.level == logging.DEBUG
+
+
+def test_a_kv_policy_registered_in_a_notebook_cell_gets_its_method_in_evaluate(tmp_path, common):
+    """A cell that registers a policy after `methods` was imported (any earlier `evaluate` imports it): its KV-baseline
+    method was unknown to the next `evaluate`, whose error pointed at HARNESS_PLUGINS, not at `methods.load_plugins`."""
+    import dataclasses
+
+    import methods
+    from harness.pd import kv
+    from harness.pd.kv.base import TokenSelection
+    from methods import registry
+
+    @dataclasses.dataclass(frozen=True)
+    class CellRecent(TokenSelection):
+        """The most recent positions (a notebook cell's policy).
+
+        - `budget`: the budget.
+        """
+
+        name, method_name, method_summary = "pd_test_cell_recent", "pd_test_cell_recent_kv", "most recent (test)"
+
+        def keep(self, layer, positions, lengths, k, observed):
+            return (positions >= 0) & (positions >= (lengths - k)[:, None])
+
+    before = dict(kv._POLICIES)
+    kv.register_policy(CellRecent)
+    try:
+        assert "pd_test_cell_recent_kv" not in methods.names()
+        df = harness.evaluate(methods=["pd_test_cell_recent_kv"], limit=2, out=tmp_path / "o", **common,
+                              set=["pd_test_cell_recent_kv.base=tail", "pd_test_cell_recent_kv.base_options=k=1",
+                                   "pd_test_cell_recent_kv.keep_tokens=3"])
+        assert set(df["method"]) == {"pd_test_cell_recent_kv"}
+    finally:
+        if registry.registered("pd_test_cell_recent_kv"):
+            registry.unregister("pd_test_cell_recent_kv")
+        kv._POLICIES.clear()
+        kv._POLICIES.update(before)
