@@ -169,7 +169,8 @@ def check_tasks(tasks: tuple[str, ...], data_dir: str | None) -> None:
             return
     raise UsageError(f"unknown task(s) {', '.join(unknown)}; tasks with local data: {', '.join(sorted(TASK_FILES))}; "
                      f"long-context: {', '.join(long_tasks.names())}; aliases: standard, long"
-                     + ("" if data_dir else " (without --data-dir, any lm-eval task name)"))
+                     + ("" if data_dir else " (without --data-dir, any lm-eval task name)")
+                     + " (a plug-in's long-context task: name its module in HARNESS_PLUGINS)")  # as an unknown method says
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
