@@ -1,5 +1,6 @@
 """Every registered method honours the contract; ShortGPT matches an independent Block Influence."""
 
+import dataclasses
 import re
 
 import pytest
@@ -104,6 +105,20 @@ def test_shortgpt_rejects_k_not_below_layer_count(tiny, tiny_calib):
         cls(cls.Config(k=4)).plan(tiny.model, tiny_calib, "disaggregated")
     with pytest.raises(UsageError, match=r"shortgpt.k=-1"):
         cls(cls.Config(k=-1))
+
+
+@pytest.mark.parametrize("name", ["shortgpt", "sleb", "random", "streamline", "pdtrim", "stage:shortgpt"])
+def test_a_depth_too_deep_for_the_model_names_the_counts_that_fit(name, tiny, tiny_calib):
+    """The defaults are sized for real models (k = 8), so every cell on random:tiny failed with nothing to try.
+    The hint's --set values are the method's for_layers(4) depth counts, and they plan."""
+    cls = methods.get(name)
+    with pytest.raises(UsageError, match=r"must be < the model's 4 layers .*; for 4 layers try --set ") as err:
+        cls().plan(tiny.model, tiny_calib, "disaggregated")
+    given = dict(re.findall(rf"--set {re.escape(name)}\.(\w+)=(\d+)", str(err.value)))
+    fit = cls.config_for_layers(4)
+    assert given and all(getattr(fit, k) == int(v) for k, v in given.items())
+    fixed = cls(dataclasses.replace(cls.Config(), **{k: int(v) for k, v in given.items()}))
+    assert fixed.plan(tiny.model, tiny_calib, "disaggregated").n_layers == 4
 
 
 def test_manual_plan_violating_subset_rule_is_a_usage_error(tiny):

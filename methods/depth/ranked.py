@@ -161,7 +161,7 @@ class RankedDepthMethod(Method):
     def plan(self, model, calib, mode: str) -> PruningPlan:
         n, k = arch.n_layers(model), self.config.k
         if k >= n:
-            raise UsageError(f"{self.name}.k={k}: must be < the model's {n} layers (at least one must stay)")
+            raise self.too_deep("k", k, n)
         ranking = self.ranking(model, calib, k)  # the plan does not depend on the mode
         order = list(ranking.order[:k])
         keep = tuple(i for i in range(n) if i not in order)

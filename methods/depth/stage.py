@@ -63,7 +63,7 @@ class StageAware(WrapperMethod):
         eligible = len(self.inner.eligible(n))
         for opt, k in asked.items():
             if k >= n:
-                raise UsageError(f"{self.name}.{opt}={k}: must be < the model's {n} layers (at least one must stay)")
+                raise self.too_deep(opt, k, n)
             if k > eligible:
                 raise UsageError(f"{self.name}.{opt}={k}: at most {eligible} of the model's {n} blocks can be removed "
                                  f"({self.base.name}: {self.inner.eligibility_rule()})")

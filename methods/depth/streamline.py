@@ -191,7 +191,7 @@ class Streamline(Method):
     def plan(self, model, calib, mode: str) -> PruningPlan:
         c, n = self.config, arch.n_layers(model)
         if c.k >= n:
-            raise UsageError(f"streamline.k={c.k}: must be < the model's {n} layers (at least one must stay)")
+            raise self.too_deep("k", c.k, n)
         if calib is None:
             raise UsageError("streamline needs a calibration set")
         key = (*content_key(model, calib), c.k)

@@ -150,7 +150,7 @@ class PDTrim(Method):
         c, n = self.config, arch.n_layers(model)
         k = c.k_unified if mode == "unified" else c.k_decode
         if k >= n:
-            raise UsageError(f"pdtrim: {'k_unified' if mode == 'unified' else 'k_decode'}={k} must be < the model's {n} layers")
+            raise self.too_deep("k_unified" if mode == "unified" else "k_decode", k, n)
         st = self._search_state(model, calib)
         t0 = time.perf_counter()
         st.mark()
