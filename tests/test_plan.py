@@ -40,3 +40,15 @@ def test_dense_and_unified():
     plan = PruningPlan.dense("unpruned", 3)
     assert plan.prefill_layers == plan.decode_layers == (0, 1, 2) and plan.is_unified
     assert not PruningPlan("x", 3, (0, 1, 2), (0, 1, 2), KVPolicy(1, 1, (0,))).is_unified
+
+
+def test_removed_layers_are_the_complement_through_the_last_layer():
+    plan = PruningPlan("x", 6, (0, 1, 2, 3, 4), (1, 4))
+    assert plan.removed_prefill == (5,) and plan.removed_decode == (0, 2, 3, 5)
+    assert PruningPlan.dense("u", 6).removed_decode == ()
+
+
+def test_first_last_rejects_a_negative_count_on_either_side():
+    for n_first, n_last in ((-1, 2), (2, -1)):
+        with pytest.raises(ValueError, match=">= 0"):
+            KVPolicy(n_first, n_last, (0,))
