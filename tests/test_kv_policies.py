@@ -502,3 +502,28 @@ def test_snapkv_order_key_is_written_only_when_not_the_records_order():
     assert not pol.observation().per_query_head
     new = snapkv(KVBudget(tokens=4))
     assert new.order == "pool_then_mean" and new.to_dict()["order"] == "pool_then_mean" and new.observation().per_query_head
+
+
+@pytest.mark.parametrize("chunk", [256, 2])  # 2: windows longer than a chunk are summed chunk by chunk
+@pytest.mark.parametrize("per_query_head", [False, True])
+def test_window_attention_equals_per_request_softmax_sums(monkeypatch, chunk, per_query_head):
+    """window_attention on random tensors against loops over each request's own prompt, in float64: rows shorter
+    than the window (padded batch, H2O's every-query window) add nothing for the queries they do not have."""
+    from harness.pd import kv_select
+
+    monkeypatch.setattr(kv_select, "QUERY_CHUNK", chunk)
+    torch.manual_seed(0)
+    Hk, group, d, C, scale = 2, 3, 4, 7, 0.5
+    lengths = torch.tensor([7, 3, 5])
+    pos = torch.stack([torch.where(torch.arange(C) < n, torch.arange(C), -1) for n in lengths.tolist()])
+    query, key = torch.randn(3, Hk * group, C, d), torch.randn(3, Hk, C, d)
+    for window in (4, C):
+        got = kv_select.window_attention(query, key, pos, lengths, window, scale, per_query_head)
+        for r, T in enumerate(lengths.tolist()):
+            want = torch.zeros(Hk, group, C, dtype=torch.float64)
+            for h in range(Hk * group):
+                for t in range(max(0, T - window), T):  # the request's last `window` queries, each over keys 0..t
+                    s = (key[r, h // group, : t + 1].double() @ query[r, h, t].double()) * scale
+                    want[h // group, h % group, : t + 1] += torch.softmax(s, dim=0)
+            want = want if per_query_head else want.mean(dim=1)
+            assert torch.allclose(got[r].double(), want, atol=1e-5), (window, r)
