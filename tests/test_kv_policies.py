@@ -527,3 +527,26 @@ def test_window_attention_equals_per_request_softmax_sums(monkeypatch, chunk, pe
                     want[h // group, h % group, : t + 1] += torch.softmax(s, dim=0)
             want = want if per_query_head else want.mean(dim=1)
             assert torch.allclose(got[r].double(), want, atol=1e-5), (window, r)
+
+
+@pytest.mark.parametrize("ratio, num, den", [(0.1, 1, 10), (0.07, 7, 100), (0.55, 11, 20), (0.14, 7, 50)])
+def test_ratio_budget_is_the_decimal_ratio_rounded_up_in_integers(ratio, num, den):
+    """min(T, max(1, ceil(num · T / den))) in integers: 0.07 of 100 positions keeps 7 (in floats 0.07 · 100 is
+    7.000000000000001, rounded up to 8)."""
+    budget = KVBudget(ratio=ratio)
+    for T in range(1, 301):
+        want = min(T, max(1, -(-num * T // den)))
+        assert budget.per_layer(T) == want, (ratio, T)
+        assert budget.total(DECODE, T) == len(DECODE) * want
+    assert not budget.keeps_all
+
+
+def test_a_ratio_outside_zero_to_one_is_refused_and_a_ratio_of_one_keeps_everything():
+    for bad in (1.5, -0.25):
+        with pytest.raises(ValueError, match="ratio"):
+            KVBudget(ratio=bad)
+    with pytest.raises(ValueError, match="tokens"):
+        KVBudget(tokens=-3)
+    whole = KVBudget(ratio=1.0)
+    assert whole.keeps_all and all(whole.per_layer(T) == T for T in (1, 7, 64))
+    assert PruningPlan("x", 4, ALL, ALL, streaming(whole)).is_unified  # every position of every layer: no KV pruning
