@@ -245,3 +245,23 @@ def test_engine_leaves_model_untouched(tiny):
     assert all(torch.equal(state[n], p) for n, p in model.state_dict().items())
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, before)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_attention_mask_per_kv_head_and_for_padding_queries(impl):
+    """Query head h reads KV head h // groups (repeat_kv's order); a query sees keys 0 <= pos <= its own; a padding
+    query sees every key (no empty row). Against loops over heads, queries and keys."""
+    from harness.pd.engine import attention_mask
+
+    per_head = torch.tensor([[[0, 2, 5, -1], [1, 3, 4, 5]]])  # (batch 1, 2 KV heads, 4 columns)
+    qpos, qvalid, groups = torch.tensor([[4, 6, -1]]), torch.tensor([[True, True, False]]), 2
+    for kpos, heads in ((per_head, 2 * groups), (per_head[:, 0], 1)):
+        got = attention_mask(kpos, qpos, qvalid, torch.float32, impl, groups if kpos.dim() == 3 else 1)
+        assert tuple(got.shape) == (1, heads, 3, 4)
+        for h in range(heads):
+            cols = (kpos[0, h // groups] if kpos.dim() == 3 else kpos[0]).tolist()
+            for q in range(3):
+                want = [not qvalid[0, q] or 0 <= c <= qpos[0, q] for c in cols]
+                row = got[0, h, q].tolist()
+                assert (row if impl == "sdpa" else [x == 0 for x in row]) == want, (h, q)
+                assert impl == "sdpa" or all(x in (0, torch.finfo(torch.float32).min) for x in row)
