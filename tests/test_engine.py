@@ -265,3 +265,25 @@ def test_attention_mask_per_kv_head_and_for_padding_queries(impl):
                 row = got[0, h, q].tolist()
                 assert (row if impl == "sdpa" else [x == 0 for x in row]) == want, (h, q)
                 assert impl == "sdpa" or all(x in (0, torch.finfo(torch.float32).min) for x in row)
+
+
+def test_per_head_packing_takes_each_heads_own_columns_and_refuses_unequal_counts():
+    """K/V (N, H, d) and positions (N, H): request by request, head h's j-th kept column in position order."""
+    from harness.pd.engine import _pack_per_head
+
+    keep = torch.tensor([[[1, 0, 1, 0], [0, 1, 0, 1]], [[0, 0, 1, 0], [1, 0, 0, 0]]], dtype=torch.bool)  # (2, 2, 4)
+    pos, k = torch.tensor([[0, 1, 2, 3], [0, 1, 2, -1]]), torch.tensor([2, 1])
+    key, value = torch.randn(2, 2, 4, 3), torch.randn(2, 2, 4, 3)
+    K, V, P = _pack_per_head(keep, pos, k, key, value)
+    cols = [[[0, 2], [1, 3]], [[2], [0]]]  # [request][head] -> kept columns
+    assert P.tolist() == [[0, 1], [2, 3], [2, 0]]
+    row = 0
+    for r in range(2):
+        for j in range(int(k[r])):
+            for h in range(2):
+                assert torch.equal(K[row, h], key[r, h, cols[r][h][j]]) and torch.equal(V[row, h], value[r, h, cols[r][h][j]])
+            row += 1
+    uneven = keep.clone()
+    uneven[0, 1, 3] = False  # head 1 of request 0 keeps one column, head 0 two
+    with pytest.raises(RuntimeError, match="same number of positions in every head"):
+        _pack_per_head(uneven, pos, k, key, value)
