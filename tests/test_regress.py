@@ -512,3 +512,32 @@ def test_a_rerun_on_other_items_fails_even_where_no_kv_bytes_differ(tmp_path):
     res = check(REFERENCE, cur)
     assert not res.ok and res.failures == ["shortgpt/unified: arc_easy evaluated on 12 items, the reference on 24 "
                                            "(another --limit or task version?)"]
+
+
+def _drop_setting(d):
+    del d["extra"]["kv_by_setting"]["pd_ppl"]["T512"]
+
+
+def _bump(task, field, by):
+    return lambda d: d["kv"][task].update({field: d["kv"][task][field] + by})
+
+
+@pytest.mark.parametrize("folder, name, plant, says", [
+    ("quality", "pdtrim__disaggregated.json", _bump("boolq", "kv_bytes_paged", 16), "pdtrim/disaggregated: kv[boolq].kv_bytes_paged"),
+    ("quality", "pdtrim__disaggregated.json", _bump("arc_easy", "handoffs", -1), "pdtrim/disaggregated: kv[arc_easy].handoffs"),
+    ("latency", "pdtrim__disaggregated.json", _bump("latency_T256_n8_b1", "kv_bytes", 2),
+     "pdtrim/disaggregated (latency): kv[latency_T256_n8_b1].kv_bytes"),
+    ("quality", "pdtrim__disaggregated.json", lambda d: d["kv"].pop("boolq"), "pdtrim/disaggregated: kv[boolq] missing in the rerun"),
+    ("quality", "pdtrim__disaggregated.json", _drop_setting, "pdtrim/disaggregated: kv[pd_ppl T512] missing in the rerun"),
+    ("quality", "pdtrim__disaggregated.json", lambda d: d["plan"]["kv_policy"].update(n_last=47),
+     "pdtrim/disaggregated: KV policy changed"),
+    ("latency", "shortgpt__disaggregated.json", lambda d: d["config"].update(model="smollm2-360m"),
+     "shortgpt/disaggregated (latency): model smollm2-135m -> smollm2-360m"),
+])
+def test_each_planted_byte_policy_or_model_change_is_one_failure(tmp_path, folder, name, plant, says):
+    """KV bytes (exact, paged and the handoff count, per task, per setting, per latency workload), the KV policy and the
+    model are each compared: one planted change, one failure naming it."""
+    cur = _copy(tmp_path)
+    _edit(cur / folder, name, plant)
+    res = check(REFERENCE, cur)
+    assert not res.ok and len(res.failures) == 1 and res.failures[0].startswith(says), res.failures
