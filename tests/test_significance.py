@@ -180,3 +180,13 @@ def test_a_nan_item_value_is_an_item_not_scored():
     base, other = sig.aligned(rec([0.0, 1.0, 0.0, 1.0]), rec([1.0, float("nan"), None, 1.0]), "boolq", "acc")
     assert list(base) == [0.0, 1.0] and list(other) == [1.0, 1.0]
     assert sig.compare(base, other).p_mcnemar == 1.0
+
+
+def test_identical_non_binary_values_are_a_zero_ci_and_not_significant():
+    """A zero-spread difference of 0 is its own CI [0, 0], which does not exclude 0; a metric that is 0/1 for one
+    record only is not an accuracy pair (no McNemar test)."""
+    same = np.array([0.3, 0.7, 0.2, 0.9])
+    p = sig.compare(same, same.copy())
+    assert (p.diff, p.low, p.high, p.p_mcnemar, p.n) == (0.0, 0.0, 0.0, None, 4) and not p.significant
+    mixed = sig.compare(np.array([0.0, 1.0, 1.0, 0.0]), np.array([0.5, 1.0, 1.0, 0.0]))
+    assert mixed.p_mcnemar is None and mixed.diff == 0.125
