@@ -203,3 +203,27 @@ def test_a_record_whose_plan_layers_are_not_lists_of_indices_is_skipped_with_a_n
                                f"got {json.dumps(bad)}; skipped"], bad
     r = cli("report", tmp_path / "a", tmp_path / "b", "--no-plots", "--out", tmp_path / "rep")
     assert r.returncode == 0 and "plan.removed_decode must be a list of layer indices" in r.stderr, r.stderr[-2000:]
+
+
+def test_efficiency_cells_equal_the_records_arithmetic_per_request():
+    """Every factor is unpruned ÷ method of the records' own figures; KV sent is the bytes ÷ handoffs (a batch of 4
+    requests sends 4 handoffs' bytes); a zero denominator is no factor, not an error."""
+    from reports.tables import MIB, _ratio_cell
+
+    lat = copy.deepcopy(load_dir(LATENCY))
+    lab = "latency_T2048_n32_b1"
+    for r in lat:
+        r.kv[lab]["handoffs"] = 4
+    e = efficiency_table(lat, 100)
+    g = next(i for i, title in enumerate(groups(e)) if "prompt 2048" in title)
+    v = rows(e, g, "value").set_index(rows(e, g)["Method"])
+    by = {r.method: r for r in lat}
+    dense = by["unpruned"]
+    for method, r in by.items():
+        row = v.loc[next(i for i in v.index if i.startswith(method))]
+        per_req = r.kv[lab]["kv_bytes"] / 4
+        assert row["KV sent (MiB)"] == pytest.approx(per_req / MIB)
+        assert row["KV reduction"] == pytest.approx(dense.kv[lab]["kv_bytes"] / r.kv[lab]["kv_bytes"], rel=1e-6)
+        for col, fig in (("TTFT speedup", "ttft_ms_p50"), ("TPOT speedup", "tpot_ms_p50"), ("E2E speedup", "e2e_ms_p50@100gbit")):
+            assert row[col] == pytest.approx(dense.figure(lab, fig) / r.figure(lab, fig), rel=1e-5), (method, col)
+    assert _ratio_cell(3.0, 0.0)[0] == "—" and _ratio_cell(3.0, 1.5)[:2] == ("2.00×", 2.0)
