@@ -287,3 +287,22 @@ def test_per_head_packing_takes_each_heads_own_columns_and_refuses_unequal_count
     uneven[0, 1, 3] = False  # head 1 of request 0 keeps one column, head 0 two
     with pytest.raises(RuntimeError, match="same number of positions in every head"):
         _pack_per_head(uneven, pos, k, key, value)
+
+
+def test_a_frozen_cache_sees_each_steps_own_positions_and_counts_k_and_v_bytes():
+    """A frozen view read by two decode steps: each step's key positions are the prompt's plus that step's (not the
+    first step's again); kv_bytes counts K and V: 2 · batch · kv_heads · columns · head_dim · element size."""
+    from harness.pd.cache import PDCache
+
+    cache = PDCache()
+    cache.begin_step(torch.tensor([[0, 1, 2], [0, 1, -1]]))
+    k = torch.zeros(2, 3, 3, 5, dtype=torch.bfloat16)  # (batch, kv_heads, columns, head_dim)
+    cache.update(k, k.clone(), 4)
+    assert cache.kv_bytes() == 2 * 2 * 3 * 3 * 5 * 2
+    view = cache.frozen()
+    for step in ([[3], [2]], [[3, 4], [2, 3]]):
+        view.begin_step(torch.tensor(step))
+        assert view.layer_positions(4).tolist() == [[0, 1, 2, *step[0]], [0, 1, -1, *step[1]]]
+        q = len(step[0])
+        view.update(torch.zeros(2, 3, q, 5, dtype=torch.bfloat16), torch.zeros(2, 3, q, 5, dtype=torch.bfloat16), 4)
+    assert cache.positions[4].tolist() == [[0, 1, 2], [0, 1, -1]] and cache.kv_bytes() == 2 * 2 * 3 * 3 * 5 * 2
