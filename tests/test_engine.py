@@ -306,3 +306,44 @@ def test_a_frozen_cache_sees_each_steps_own_positions_and_counts_k_and_v_bytes()
         q = len(step[0])
         view.update(torch.zeros(2, 3, q, 5, dtype=torch.bfloat16), torch.zeros(2, 3, q, 5, dtype=torch.bfloat16), 4)
     assert cache.positions[4].tolist() == [[0, 1, 2], [0, 1, -1]] and cache.kv_bytes() == 2 * 2 * 3 * 3 * 5 * 2
+
+
+def test_truncation_keeps_exactly_max_length_plus_one_tokens_and_per_request_sums():
+    """lm-eval's rule len(ctx) + len(cont) - 1 <= max_length keeps the last max_length + 1 - len(cont) context tokens;
+    a request's score is the sum of its tokens' log-probs, greedy only when every token is."""
+    ctx, cont = list(range(10)), [100, 101]
+    assert scoring.truncate(ctx, cont, 8) == (list(range(3, 10)), cont)  # 7 + 2 - 1 = 8
+    assert scoring.truncate(ctx, cont, 11) == (ctx, cont)  # 10 + 2 - 1 = 11: nothing cut
+    got = Scorer._per_request(torch.tensor([-1.0, -2.0, -3.0, -0.5]), torch.tensor([True, False, True, True]), [2, 1, 1])
+    assert got == [(-3.0, False), (-3.0, True), (-0.5, True)]
+
+
+def test_kv_tally_since_a_snapshot_counts_only_what_came_after():
+    tally = scoring.KVTally()
+    tally.add(1000, 1024, 2, 30)
+    before = tally.as_dict()
+    tally.add(500, 512, 1, 12)
+    assert tally.since(before) == {"kv_bytes": 500, "kv_bytes_paged": 512, "handoffs": 1, "prompt_tokens": 12}
+    assert tally.as_dict() == {"kv_bytes": 1500, "kv_bytes_paged": 1536, "handoffs": 3, "prompt_tokens": 42}
+
+
+def test_generation_feeds_each_token_at_its_position_and_truncates_for_the_new_tokens(tiny, monkeypatch):
+    """The prefill predicts the token at position T; decode step s feeds the token generated at T + s - 1. A context
+    longer than max_length - max_new_tokens generates as its last max_length - max_new_tokens tokens do."""
+    from harness.pd.stages import StagedModel
+
+    dense = PruningPlan.dense("u", 4)
+    fed, step = [], StagedModel.step
+
+    def spy(self, cache, tokens, positions, valid=None):
+        fed.append(positions.tolist())
+        return step(self, cache, tokens, positions, valid)
+
+    monkeypatch.setattr(StagedModel, "step", spy)
+    Scorer(tiny.model, dense, "disaggregated", max_length=4096).generate([[5, 6, 7], [8, 9, 10, 11, 12]], 4)
+    assert fed == [[5, 3], [6, 4], [7, 5]]  # rows longest first: T = 5 and 3
+    monkeypatch.setattr(StagedModel, "step", step)
+    rng = torch.Generator().manual_seed(3)
+    ctxs = [torch.randint(0, 256, (20,), generator=rng).tolist() for _ in range(4)]
+    short = Scorer(tiny.model, dense, "disaggregated", max_length=12).generate(ctxs, 4)
+    assert short == Scorer(tiny.model, dense, "disaggregated", max_length=4096).generate([c[-8:] for c in ctxs], 4)
