@@ -219,3 +219,12 @@ def test_help_lists_the_accepted_model_args_without_importing_torch():
     from harness.pd.models import MODEL_ARGS
 
     assert tuple(MODEL_ARGS) == MODEL_ARG_NAMES
+
+
+def test_flattened_results_pair_each_metric_with_its_own_stderr():
+    from harness.quality.evaluate import flatten_results
+
+    got = flatten_results({"alias": "boolq", "acc,none": 0.625, "acc_stderr,none": 0.0484, "acc_norm,none": 0.5,
+                           "acc_norm_stderr,none": "N/A", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1})
+    assert got == {"acc": {"value": 0.625, "stderr": 0.0484}, "acc_norm": {"value": 0.5, "stderr": None},
+                   "exact_match/strict-match": {"value": 0.25, "stderr": 0.1}}

@@ -117,3 +117,14 @@ def test_decode_resumes_from_a_layer_input(tiny):
     assert sorted(inputs) == [0, 1, 2, 3]
     assert torch.equal(staged.decode(out.cache.frozen(), cont, start=2, hidden=inputs[2]), full)
     assert out.cache.keys[0].shape[2] == 4  # frozen: the prompt cache was not extended
+
+
+def test_prefill_cache_holds_only_the_decode_layers_kv(tiny):
+    """Only the decode layers' prompt KV is ever sent, so the prefill cache keeps nothing else:
+    2 · |decode layers| · B · kv_heads · T · head_dim · 4 bytes (float32)."""
+    from harness.pd import arch
+
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), (1, 3))
+    out = StagedModel(tiny.model, plan).prefill(TokenBatch.dense(torch.randint(0, 256, (2, 9))))
+    kv_heads, head_dim = arch.kv_heads_and_dim(tiny.model.config)
+    assert out.cache.layers == [1, 3] and out.cache.kv_bytes() == 2 * 2 * 2 * kv_heads * 9 * head_dim * 4
