@@ -621,3 +621,27 @@ def test_a_record_measured_on_another_kind_of_device_is_not_reused(tmp_path, cli
     r = cli(*args)
     assert r.returncode == 2 and "measured on cuda, and this run measures on cpu" in r.stderr, r.stderr[-2000:]
     assert json.loads(path.read_text()) == d  # kept, not overwritten
+
+
+def test_measured_decode_steps_continue_the_prompt_and_the_handoff_includes_unpacking(tiny, monkeypatch):
+    """Decode step s of a T-token prompt feeds the token at position T + s - 1; the handoff time is packing plus
+    unpacking (an unpack made 15 ms slower shows in every handoff sample)."""
+    import time
+
+    from harness.pd.stages import StagedModel
+
+    fed, step, receive = [], StagedModel.step, StagedModel.receive
+
+    def spy(self, cache, tokens, positions, valid=None):
+        fed.append(positions.tolist())
+        return step(self, cache, tokens, positions, valid)
+
+    def slow_receive(sent):
+        time.sleep(0.015)
+        return receive(sent)
+
+    monkeypatch.setattr(StagedModel, "step", spy)
+    monkeypatch.setattr(StagedModel, "receive", staticmethod(slow_receive))
+    m = latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(9, 4, 2), warmup=0, repeats=2)
+    assert fed == [[9, 9], [10, 10], [11, 11]] * 2
+    assert len(m.handoff_ms) == 2 and all(x >= 15 for x in m.handoff_ms)
