@@ -190,3 +190,14 @@ def test_identical_non_binary_values_are_a_zero_ci_and_not_significant():
     assert (p.diff, p.low, p.high, p.p_mcnemar, p.n) == (0.0, 0.0, 0.0, None, 4) and not p.significant
     mixed = sig.compare(np.array([0.0, 1.0, 1.0, 0.0]), np.array([0.5, 1.0, 1.0, 0.0]))
     assert mixed.p_mcnemar is None and mixed.diff == 0.125
+
+
+def test_average_of_a_task_without_spread_and_one_with_it_is_still_resampled(planted):
+    """Only when no task's differences vary is the average its own CI; one varying task gives a CI around it
+    (the direct bootstrap's, as above)."""
+    base, other = planted
+    flat = np.array([1.0, 0.0, 1.0, 1.0])
+    avg = sig.compare_average([(flat, flat.copy()), (base, other)])
+    assert avg.diff == pytest.approx((other - base).mean() / 2)
+    low, high = direct_bootstrap([np.zeros(4), other - base])
+    assert avg.low < avg.diff < avg.high and abs(avg.low - low) < 0.006 and abs(avg.high - high) < 0.006
