@@ -541,3 +541,12 @@ def test_each_planted_byte_policy_or_model_change_is_one_failure(tmp_path, folde
     _edit(cur / folder, name, plant)
     res = check(REFERENCE, cur)
     assert not res.ok and len(res.failures) == 1 and res.failures[0].startswith(says), res.failures
+
+
+def test_the_latency_tolerance_flag_sets_the_gate(tmp_path, cli):
+    """A plan 1.3 × slower relative to unpruned passes the default 1.5 × and fails `--latency-tolerance 0.2`."""
+    cur = _copy(tmp_path)
+    _edit(cur / "latency", "shortgpt__disaggregated.json", _scale("tpot_ms_p50", 1.3))
+    assert cli("check", "--against", REFERENCE, "--current", cur, "-q").returncode == 0
+    r = cli("check", "--against", REFERENCE, "--current", cur, "--latency-tolerance", "0.2", "-q")
+    assert r.returncode == 1 and "(1.30× the reference ratio; allowed up to 1.20×)" in r.stdout, r.stdout
