@@ -168,7 +168,7 @@ class KVBudget:
       token-selection policy's `layer_budgets`. Equal layer-positions mean equal bytes.
     - `tokens`: every decode layer keeps min(T, tokens) positions.
     - `ratio`: every decode layer keeps min(T, max(1, ceil(ratio · T))) positions (ratio read as the
-      decimal it prints as, so 0.1 · 30 is exactly 3).
+      decimal it prints as, so 0.07 · 100 is exactly 7, where floats give 7.000000000000001 and ceil 8).
     """
 
     match: KVPolicy | None = None
