@@ -163,17 +163,30 @@ class Method(abc.ABC):
                             "strings, lists and dicts in its info") from None
         return plan
 
+    # the method whose options hold this one's (a KV baseline's `base_options`): it words the `--set` of a hint
+    outer: Method | None = None
+
     def too_deep(self, option: str, value: int, n: int) -> UsageError:
         """The error for count `option` = `value` on an `n`-layer model (at least one layer must stay), with the
         options `config_for_layers(n)` gives for that model where they differ, e.g. `--set shortgpt.k=2`: the
         defaults are sized for real models (k = 8 of 30), so random:tiny failed every cell with nothing to try."""
-        fit, default = dataclasses.asdict(self.config_for_layers(n)), dataclasses.asdict(self.Config())
-        mine = dataclasses.asdict(self.config)  # only the counts fitted to n layers that this config exceeds
-        given = " ".join(f"--set {self.name}.{k}={v}" for k, v in fit.items()  # the depth counts (k, k_decode, keep_last)
-                         if k.startswith(("k_", "keep_")) or k == "k"
-                         if type(v) is int and v != default.get(k) and mine.get(k, v) > v)
+        fit = self.fitted_counts(n)
+        given = self.outer.set_args_for_base(fit) if self.outer is not None and fit else \
+            " ".join(f"--set {self.name}.{k}={v}" for k, v in fit.items())
         hint = f"; for {n} layers try {given}" if given else ""
         return UsageError(f"{self.name}.{option}={value}: must be < the model's {n} layers (at least one must stay){hint}")
+
+    def fitted_counts(self, n: int) -> dict[str, int]:
+        """The depth counts (k, k_decode, keep_last, ...) `config_for_layers(n)` shrank below the defaults and this
+        config exceeds."""
+        fit, default = dataclasses.asdict(self.config_for_layers(n)), dataclasses.asdict(self.Config())
+        mine = dataclasses.asdict(self.config)
+        return {k: v for k, v in fit.items() if (k.startswith(("k_", "keep_")) or k == "k")
+                and type(v) is int and v != default.get(k) and mine.get(k, v) > v}
+
+    def set_args_for_base(self, fit: dict[str, int]) -> str:
+        """The `--set` that gives this wrapper's base the counts `fit` (a KV baseline overrides it)."""
+        return ""
 
     def needs_replan_on_resume(self) -> bool:
         """True when `apply` needs state that only `plan` builds (e.g. trained weights), so a

@@ -121,6 +121,20 @@ def test_a_depth_too_deep_for_the_model_names_the_counts_that_fit(name, tiny, ti
     assert fixed.plan(tiny.model, tiny_calib, "disaggregated").n_layers == 4
 
 
+@pytest.mark.parametrize("mode", ["unified", "disaggregated"])
+def test_a_kv_baseline_whose_base_is_too_deep_names_its_base_options(mode, tiny, tiny_calib):
+    """h2o's base (pdtrim) is set through h2o.base_options: `--set pdtrim.k_decode=2` was refused ('pdtrim' is not a
+    method of the run). The hint keeps the base options given and plans."""
+    cls = methods.get("h2o")
+    with pytest.raises(UsageError, match=r"for 4 layers try --set \"h2o\.base_options=") as err:
+        cls(dataclasses.replace(cls.Config(), base_options="tau=0.0")).plan(tiny.model, tiny_calib, mode)
+    assert "--set pdtrim." not in str(err.value)
+    given = re.search(r'--set "h2o\.base_options=([^"]*)"', str(err.value)).group(1)
+    assert given.startswith("tau=0.0 ") and "k_decode=2" in given
+    fixed = cls(dataclasses.replace(cls.Config(), base_options=given))
+    assert fixed.plan(tiny.model, tiny_calib, mode).n_layers == 4
+
+
 def test_manual_plan_violating_subset_rule_is_a_usage_error(tiny):
     cls = methods.get("manual")
     with pytest.raises(UsageError, match="subset of prefill_layers"):

@@ -84,6 +84,13 @@ class KVBaseline(Method):
         if unknown:
             raise UsageError(f"{self.name}.base_options: {c.base} has no option {unknown[0]!r}; options: {', '.join(known) or 'none'}")
         self.base = registry.instantiate(self.name, cls, build_options(cls.Config, f"{self.name}.base_options", raw))
+        self.base.outer = self  # the base's hints name this method's base_options, not a --set scope of its own
+
+    def set_args_for_base(self, fit: dict[str, int]) -> str:
+        """`--set "h2o.base_options=k_prefill=1 k_decode=2"`: the base's counts `fit` over its other options as given
+        (`--set pdtrim.k_decode=2` is refused where pdtrim is not a method of the run)."""
+        items = {**parse_base_options(self.config.base_options), **{k: str(v) for k, v in fit.items()}}
+        return f'--set "{self.name}.base_options={" ".join(f"{k}={v}" for k, v in items.items())}"'
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
