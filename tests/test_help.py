@@ -95,3 +95,18 @@ def test_every_command_parser_words_bad_flags_the_same_way():
 
     for make in (check_parser, export_parser, latency_parser, report_parser, run_parser, sweep_parser):
         assert isinstance(make(), Parser), make.__name__
+
+
+def test_a_typo_of_a_required_flag_is_named(capsys):
+    """argparse says a required flag is missing before it names unknown ones: `check --againts X` got only
+    "required: --against", no hint; an accepted abbreviation (`--upd`) gets none."""
+    import pytest
+
+    from harness.cli.check import check_parser
+
+    for argv, hint in ((["--againts", "results/reference"], " (--againts: did you mean --against?)"),
+                       (["--upd"], "")):
+        with pytest.raises(SystemExit):
+            check_parser().parse_args(argv)
+        assert capsys.readouterr().err.splitlines()[0] == ("python -m harness check: error: the following arguments are "
+                                                          f"required: --against{hint}")

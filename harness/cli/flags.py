@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os.path
+import sys
 from pathlib import Path
 
 from harness.config import DTYPES
@@ -19,14 +20,25 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}{self._did_you_mean(message)}\n"
                      f"  (the flags: {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)  # for the hint on a required flag (`error`)
+        return super().parse_known_args(args, namespace)
+
     def _did_you_mean(self, message: str) -> str:
+        """A hint for each unknown flag close to a known one: those argparse names, or, where it stopped at a missing
+        required flag first (`check --againts X`: "required: --against"), the unknown ones of the command line."""
         import difflib
 
-        if not message.startswith("unrecognized arguments:"):
+        if message.startswith("unrecognized arguments:"):
+            words = message.split(":", 1)[1].split()
+        elif message.startswith("the following arguments are required:"):
+            words = [w for w in getattr(self, "_argv", [])  # not a flag argparse took, nor its abbreviation
+                     if not any(o.startswith(w.split("=", 1)[0]) for o in self._option_string_actions)]
+        else:
             return ""
         known = [o for o in self._option_string_actions if o.startswith("--")]
         hints = []
-        for word in message.split(":", 1)[1].split():
+        for word in words:
             flag = word.split("=", 1)[0]
             close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
             hints += [f"{flag}: did you mean {close[0]}?"] if close else []
