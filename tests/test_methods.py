@@ -135,6 +135,18 @@ def test_a_kv_baseline_whose_base_is_too_deep_names_its_base_options(mode, tiny,
     assert fixed.plan(tiny.model, tiny_calib, mode).n_layers == 4
 
 
+def test_a_stage_variant_names_a_too_deep_count_before_its_eligible_blocks(tiny, tiny_calib):
+    """k_prefill=3 < 4 layers was checked first: 'at most 0 of the model's 4 blocks can be removed' (keep_first=4),
+    with no hint, though k_decode=5 is too deep and for_layers(4) fits both."""
+    cls = methods.get("stage:shortened_ppl")
+    with pytest.raises(UsageError, match=r"k_decode=5: must be < the model's 4 layers .*; for 4 layers try ") as err:
+        cls(dataclasses.replace(cls.Config(), k_prefill=3, k_decode=5)).plan(tiny.model, tiny_calib, "disaggregated")
+    given = {k: int(v) for k, v in re.findall(r"--set stage:shortened_ppl\.(\w+)=(\d+)", str(err.value))}
+    assert given["keep_first"] == 1 and given["k_decode"] == 2
+    fixed = cls(dataclasses.replace(cls.Config(), **given))
+    assert fixed.plan(tiny.model, tiny_calib, "disaggregated").n_layers == 4
+
+
 def test_manual_plan_violating_subset_rule_is_a_usage_error(tiny):
     cls = methods.get("manual")
     with pytest.raises(UsageError, match="subset of prefill_layers"):

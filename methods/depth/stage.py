@@ -61,9 +61,10 @@ class StageAware(WrapperMethod):
         kp = prefill_depth(c)
         asked = {"k_unified": c.k_unified} if mode == "unified" else {"k_prefill": kp, "k_decode": c.k_decode}
         eligible = len(self.inner.eligible(n))
-        for opt, k in asked.items():
-            if k >= n:
+        for opt, k in asked.items():  # every count too deep first: its error has the hint (k_prefill=3 was
+            if k >= n:  # "at most 0 removable", naming neither the k_decode nor the keep_first that fit)
                 raise self.too_deep(opt, k, n)
+        for opt, k in asked.items():
             if k > eligible:
                 raise UsageError(f"{self.name}.{opt}={k}: at most {eligible} of the model's {n} blocks can be removed "
                                  f"({self.base.name}: {self.inner.eligibility_rule()})")
