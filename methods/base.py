@@ -170,19 +170,20 @@ class Method(abc.ABC):
         """The error for count `option` = `value` on an `n`-layer model (at least one layer must stay), with the
         options `config_for_layers(n)` gives for that model where they differ, e.g. `--set shortgpt.k=2`: the
         defaults are sized for real models (k = 8 of 30), so random:tiny failed every cell with nothing to try."""
-        fit = self.fitted_counts(n)
+        fit = self.fitted_counts(n, option)
         given = self.outer.set_args_for_base(fit) if self.outer is not None and fit else \
             " ".join(f"--set {self.name}.{k}={v}" for k, v in fit.items())
         hint = f"; for {n} layers try {given}" if given else ""
         return UsageError(f"{self.name}.{option}={value}: must be < the model's {n} layers (at least one must stay){hint}")
 
-    def fitted_counts(self, n: int) -> dict[str, int]:
-        """The depth counts (k, k_decode, keep_last, ...) `config_for_layers(n)` shrank below the defaults and this
-        config exceeds."""
+    def fitted_counts(self, n: int, option: str | None = None) -> dict[str, int]:
+        """The depth counts (k, k_decode, keep_last, ...) this config exceeds where `config_for_layers(n)` shrank them
+        below the defaults, and `option` (the one too deep) also where the default fits (k=30 of 30 layers: k=8)."""
         fit, default = dataclasses.asdict(self.config_for_layers(n)), dataclasses.asdict(self.Config())
         mine = dataclasses.asdict(self.config)
-        return {k: v for k, v in fit.items() if (k.startswith(("k_", "keep_")) or k == "k")
-                and type(v) is int and v != default.get(k) and mine.get(k, v) > v}
+        depth = [k for k in fit if k == "k" or k.startswith("k_")]  # a count that fits is < n (for_layers may not fit)
+        return {k: v for k, v in fit.items() if (k in depth and v < n or k.startswith("keep_"))
+                and type(v) is int and (v != default.get(k) or k == option) and mine.get(k, v) > v}
 
     def set_args_for_base(self, fit: dict[str, int]) -> str:
         """The `--set` that gives this wrapper's base the counts `fit` (a KV baseline overrides it)."""

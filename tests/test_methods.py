@@ -147,6 +147,42 @@ def test_a_stage_variant_names_a_too_deep_count_before_its_eligible_blocks(tiny,
     assert fixed.plan(tiny.model, tiny_calib, "disaggregated").n_layers == 4
 
 
+@pytest.mark.parametrize("name, option", [("shortgpt", "k"), ("pdtrim", "k_decode"), ("stage:shortgpt", "k_decode")])
+def test_a_count_too_deep_where_the_default_fits_names_the_default(name, option, monkeypatch, tiny_calib):
+    """k=30 on a 30-layer model: for_layers(30) keeps the default k=8, so no count was named and the error had no
+    hint at all; the count that is too deep is named at the value that fits."""
+    from harness.pd import models
+
+    monkeypatch.setitem(models.PRESETS, "tiny20", {**models.PRESETS["tiny"], "num_hidden_layers": 20})
+    model = models.load_model("random:tiny20", device="cpu", dtype="float32").model
+    cls = methods.get(name)
+    with pytest.raises(UsageError, match=rf"{name}\.{option}=20: .* 20 layers .*; for 20 layers try "
+                                         rf"--set {name}\.{option}=8$"):
+        cls(dataclasses.replace(cls.Config(), **{option: 20})).plan(model, tiny_calib, "disaggregated")
+
+
+def test_a_method_without_for_layers_gets_no_hint_that_is_too_deep_itself():
+    """A plug-in Config without for_layers keeps k=8 for any model: k=10 on 4 layers must not hint k=8."""
+    from methods.base import Method
+
+    @dataclasses.dataclass(frozen=True)
+    class Plain:
+        k: int = 8
+
+    class NoFit(Method):
+        name, Config = "pd_test_no_fit", Plain
+
+        def plan(self, model, calib, mode):
+            raise self.too_deep("k", self.config.k, 4)
+
+        def apply(self, model, plan):
+            raise NotImplementedError
+
+    with pytest.raises(UsageError) as err:
+        NoFit(Plain(k=10)).plan(None, None, "unified")
+    assert str(err.value) == "pd_test_no_fit.k=10: must be < the model's 4 layers (at least one must stay)"
+
+
 def test_manual_plan_violating_subset_rule_is_a_usage_error(tiny):
     cls = methods.get("manual")
     with pytest.raises(UsageError, match="subset of prefill_layers"):
