@@ -179,6 +179,8 @@ CASES = [
     ("streamline-lr-nan", lambda t, d, r: [*ONE_CELL, "--methods", "streamline", "--set", "streamline.replace_lr=nan"],
      "streamline.replace_lr=nan: expected a finite number"),
     ("report-bandwidth-nan", lambda t, d, r: ["report", r, "--bandwidth", "nan"], "expected a finite number, got 'nan'"),
+    ("latency-model-args-unknown", lambda t, d, r: ["latency", *TINY, "--model-args", "revison=x", "--out", t / "o"],
+     "--model_args: unknown key 'revison'"),
     ("latency-bandwidths-inf", lambda t, d, r: ["latency", *TINY, "--bandwidths", "100,inf"], "expected positive numbers"),
     # found by exploratory testing: each crashed after the model loaded, or measured nothing and exited 0
     ("latency-methods-empty", lambda t, d, r: ["latency", *TINY, "--methods", "", "--out", t / "o"],

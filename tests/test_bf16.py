@@ -81,6 +81,18 @@ def test_quality_run_in_bfloat16_both_modes(data_dir, tmp_path):
         assert rec.kv["pd_ppl"]["kv_bytes"] * 2 == ref.kv["pd_ppl"]["kv_bytes"]
 
 
+def test_latency_loads_the_model_with_its_model_args(tmp_path):
+    """`latency` had no --model-args: a model needing trust_remote_code could not be timed, and a hub revision was
+    timed at main. They reach the load and are recorded; the default's identity and folder id stay as they were."""
+    out = tmp_path / "o"
+    assert cli_main(["latency", *TINY, "--model-args", "attn_implementation=eager", "--prompt-tokens", "16",
+                     "--decode-tokens", "2", "--batch-size", "1", "--repeats", "1", "--methods", "unpruned",
+                     "--out", str(out)]) == 0
+    rec = by_cell(out)[("unpruned", "disaggregated")]
+    assert rec.model["model_args"] == {"attn_implementation": "eager"}
+    assert rec.config["model_args"] == "attn_implementation=eager"
+
+
 def test_latency_in_bfloat16_eager_and_static(tmp_path):
     """`latency --dtype bfloat16`, eager and static decode (after a warm-up run): 2 bytes an element, the same
     bytes in both paths, half of fp32's."""

@@ -42,6 +42,9 @@ def latency_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--methods", type=csv_list, default=",".join(DEFAULT_METHODS), help="comma-separated method names (default: %(default)s)")
     p.add_argument("--model", type=model_arg, default="smollm2-135m", help="as for a quality run; random:<preset> for shapes without weights")
+    p.add_argument("--model-args", "--model_args", dest="model_args", default=None, metavar="KEY=VALUE,...",
+                   help="from_pretrained options, as for a quality run (e.g. revision=v1.0,trust_remote_code=true); "
+                        "recorded, and part of the record's identity when given")
     p.add_argument("--prompt-tokens", type=int_list, default=(512, 2048, 8192), help="prompt lengths (default: 512,2048,8192)")
     p.add_argument("--decode-tokens", type=int_list, default=(128,), help="tokens generated per request, EOS ignored (default: 128)")
     p.add_argument("--batch-size", type=int_list, default=(1, 8), help="batch sizes (default: 1,8)")
@@ -100,7 +103,7 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     quiet_libraries()
     from harness.latency import figures
     from harness.latency.measure import DECODE_MODES
-    from harness.pd.models import load_model
+    from harness.pd.models import load_model, model_args_text, parse_model_args
     from harness.run import pipeline
     from harness.run.latency_run import LatencyConfig, refuse_edited_plugins, run_latency
     from reports.formats import to_markdown
@@ -108,7 +111,8 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
 
     check_latency_args(args, DECODE_MODES)
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
-    cfg = LatencyConfig(model=args.model, methods=args.methods, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+    model_args = parse_model_args(args.model_args)  # a bad key: exit 2 before any model work
+    cfg = LatencyConfig(model=args.model, model_args=model_args_text(model_args), methods=args.methods, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                         batch_sizes=args.batch_size, bandwidths_gbit=args.bandwidths, warmup=args.warmup, repeats=args.repeats,
                         seed=args.seed, device=args.device, dtype=args.dtype, data_dir=data_dir, plans_from=args.plans_from,
                         real_transfer=args.real_transfer, decode_modes=args.decode_mode,
@@ -129,7 +133,8 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
 
     with lock.hold(out):  # one writer per folder
         try:
-            records = run_latency(cfg, prepared, out, load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed), say)
+            records = run_latency(cfg, prepared, out, load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed, model_args=model_args),
+                                  say)
         except KeyboardInterrupt:
             print(INTERRUPTED_ROUNDS, file=sys.stderr)
             raise

@@ -48,6 +48,7 @@ class LatencyConfig:
     decode_modes: tuple[str, ...] = ("eager",)  # eager, static, graph (CUDA only)
     real_transfer: bool = False  # also move one handoff per workload between two processes
     overrides: tuple[str, ...] = ()
+    model_args: str | None = None  # from_pretrained options, canonical "key=value,..." (harness.pd.models.MODEL_ARGS)
 
     def workloads(self) -> list[Workload]:
         return [Workload(t, n, b) for t, n, b in itertools.product(self.prompt_tokens, self.decode_tokens, self.batch_sizes)]
@@ -58,6 +59,8 @@ class LatencyConfig:
         canon = dataclasses.asdict(self)
         if not with_paths:
             canon.pop("data_dir")
+        if canon["model_args"] is None:  # added later: a folder of a run without it keeps its id
+            canon.pop("model_args")
         return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def identity(self, method: str, options: dict, plan: dict) -> str:
@@ -72,7 +75,7 @@ NOT_IDENTITY = ("methods", "overrides", "plans_from", "kind", "method_options", 
 def latency_identity(config: dict, method: str, options: dict, plan: dict) -> str:
     """The run key of one method's latency record: what is measured (configuration, method options, the plan's
     layer sets and KV policy), not how long planning took (a plan's `info` holds its timings)."""
-    canon = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+    canon = {k: v for k, v in config.items() if k not in NOT_IDENTITY and not (k == "model_args" and v is None)}
     canon.update(method=method, options=options, plan={k: v for k, v in plan.items() if k != "info"})
     return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
