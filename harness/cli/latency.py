@@ -112,7 +112,8 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     check_latency_args(args, DECODE_MODES)
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     model_args = parse_model_args(args.model_args)  # a bad key: exit 2 before any model work
-    cfg = LatencyConfig(model=args.model, model_args=model_args_text(model_args), methods=args.methods, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+    cfg = LatencyConfig(model=args.model, model_args=model_args_text(model_args), methods=args.methods,
+                        prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                         batch_sizes=args.batch_size, bandwidths_gbit=args.bandwidths, warmup=args.warmup, repeats=args.repeats,
                         seed=args.seed, device=args.device, dtype=args.dtype, data_dir=data_dir, plans_from=args.plans_from,
                         real_transfer=args.real_transfer, decode_modes=args.decode_mode,
