@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -22,8 +23,9 @@ def check_parser() -> argparse.ArgumentParser:
         prog="python -m harness check",
         description="Regression check: rerun the CI spec and compare with reference records. Fails (exit 1) when KV bytes "
         "differ at all, a score moves by more than max(3 × stderr, 0.5 points), a plan's layer sets change, or a plan's "
-        "TTFT or TPOT relative to the unpruned plan of the same run worsens beyond --latency-tolerance. Absolute "
-        "milliseconds are printed as notes, never compared.",
+        "TTFT or TPOT relative to the unpruned plan of the same run worsens beyond --latency-tolerance (when those "
+        "ratios are the only failures, the latency section is measured once more and the second measurement decides). "
+        "Absolute milliseconds are printed as notes, never compared.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python -m harness check --against results/reference\n"
         "  python -m harness check --against results/reference --update     # refresh the references on purpose",
@@ -73,8 +75,8 @@ def cmd_check(argv: list[str]) -> int:
         if "run" not in spec.sections and "latency" not in spec.sections:
             raise UsageError(f"--spec {args.spec}: no [run] or [latency] section, so nothing to rerun; give a spec that "
                              "has one (default: configs/ci.toml), or compare records made earlier with --current DIR")
-        commands = {"run": cmd_run, "latency": cmd_latency}
-        rc = run_spec(spec, commands, outs={"run": current / "quality", "latency": current / "latency"}, quiet=args.quiet)
+        outs = {"run": current / "quality", "latency": current / "latency"}
+        rc = run_spec(spec, {"run": cmd_run, "latency": cmd_latency}, outs=outs, quiet=args.quiet)
         if rc != 0:
             return rc
     elif not current.is_dir():
@@ -86,6 +88,8 @@ def cmd_check(argv: list[str]) -> int:
     if args.update:
         return _update(args.against, current)
     res = _compare(args.against, current, args.latency_tolerance)
+    if args.current is None and res.only_timing and "latency" in spec.sections:
+        res = _remeasure(args, spec, outs, res)
     for line in res.failures:
         print(f"FAIL  {line}")
     for line in res.notes:
@@ -93,6 +97,36 @@ def cmd_check(argv: list[str]) -> int:
     verdict = "passed" if res.ok else f"FAILED ({len(res.failures)} difference(s))"
     print(f"regression check {verdict}: {res.compared} record(s) of {current} compared with {args.against}")
     return 0 if res.ok else 1
+
+
+def _remeasure(args: argparse.Namespace, spec, outs: dict[str, Path], first):
+    """Measure the latency section once more when its ratios alone failed, and judge by that measurement.
+
+    Why: each plan's fastest of the spec's repeats is compared, in interleaved rounds, yet another job that keeps
+    the 2 cores busy in bursts (a test suite beside the check) moved a plan's ratio to 2.7x the reference's while
+    every plan, byte and score matched. A plan that really got slower is slower again; a burst rarely lands on
+    the same plan twice. The first measurement is kept beside the rerun, and the verdict says there were two."""
+    from harness.cli.spec import run_spec
+
+    current = outs["latency"].parent
+    kept = current.with_name(f"{current.name}.latency-first")  # outside: two records of a cell there fail the check
+    n = 1
+    while kept.exists():  # an earlier check's, into an --out since removed
+        n += 1
+        kept = current.with_name(f"{current.name}.latency-first-{n}")
+    outs["latency"].rename(kept)
+    print(f"note  latency ratios only beyond the tolerance ({first.slower_ratios}); measuring the latency section "
+          f"once more (the first measurement kept in {kept}):", file=sys.stderr, flush=True)
+    for line in first.failures:
+        print(f"      first: {line}", file=sys.stderr)
+    rc = run_spec(spec, {"latency": cmd_latency}, outs=outs, quiet=args.quiet)
+    if rc != 0:
+        first.failures.append(f"the latency section's second measurement failed (exit {rc})")
+        return first
+    res = _compare(args.against, current, args.latency_tolerance)
+    res.notes.append(f"latency measured twice: the first measurement's ratios were beyond the tolerance "
+                     f"({first.slower_ratios}; kept in {kept}); the verdict is the second's")
+    return res
 
 
 def _refuse_earlier_work(out: Path) -> None:

@@ -37,6 +37,12 @@ class CheckResult:
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     compared: int = 0
+    slower_ratios: int = 0  # how many of `failures` are latency ratios beyond the tolerance (timing, not results)
+
+    @property
+    def only_timing(self) -> bool:
+        """Every failure is a latency ratio beyond the tolerance: what load on a shared machine can cause."""
+        return bool(self.failures) and self.slower_ratios == len(self.failures)
 
     @property
     def ok(self) -> bool:
@@ -193,6 +199,7 @@ def _compare_ratio(where: str, m: str, a: float | None, b: float | None, res: Ch
     if b is None:
         res.failures.append(f"{where} {what} missing in the rerun")
     elif b > (1 + tolerance) * a:
+        res.slower_ratios += 1
         res.failures.append(f"{where} {what} {a:.3f} -> {b:.3f} ({b / a:.2f}× the reference ratio; "
                             f"allowed up to {1 + tolerance:.2f}×)")
     elif b < a / (1 + tolerance):
