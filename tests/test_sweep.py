@@ -356,3 +356,29 @@ def test_cells_get_the_sweeps_plugins_even_on_a_cluster_node(monkeypatch):
     assert cell_env(2)["HARNESS_PLUGINS"] == "my_plugins.kv,my_plugins.tasks" and cell_env(2)["OMP_NUM_THREADS"] == "2"
     monkeypatch.delenv("HARNESS_PLUGINS")
     assert "HARNESS_PLUGINS" not in cell_env(2)
+
+
+def test_a_ctrl_c_the_kernel_hands_a_pool_thread_still_stops_the_local_sweep(tmp_path):
+    """Beside a busy test suite the sweep let its running cell finish, or ran every queued one, after a SIGINT:
+    the kernel had handed the signal to a pool thread, and the main thread slept in an untimed wait until the cell
+    ended. Here the signal goes to the pool thread itself; the main thread must raise within a few seconds."""
+    import threading
+
+    from harness.cli.sweep_backends import LocalBackend
+
+    backend, waiting = LocalBackend(1, []), threading.Event()
+    pool_thread = []
+
+    def slow_cell(argv, **kwargs):  # the cell's process, started as the backend starts one (so stop() knows it)
+        pool_thread.append(threading.get_ident())
+        waiting.set()
+        return LocalBackend._popen(backend, [sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
+
+    backend._popen = slow_cell
+    threading.Timer(0.0, lambda: waiting.wait(30) and signal.pthread_kill(pool_thread[0], signal.SIGINT)).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        list(backend.map([_cell(tmp_path, "unpruned__unified", ["unpruned"])], str(tmp_path), {}))
+    assert time.monotonic() - t0 < 10  # not the cell's 60 s
+    rc, _, seconds = backend.stop()["unpruned/unified"]
+    assert rc != 0 and seconds < 20  # the running cell was stopped by its SIGINT, not left to finish

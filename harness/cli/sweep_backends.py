@@ -245,7 +245,7 @@ class LocalBackend:
         self._pool = cf.ThreadPoolExecutor(max_workers=self.workers, initializer=self._claim_gpu)
         self._futures = {self._pool.submit(self._run, c, cwd, env): c for c in cells}
         try:
-            for fut in cf.as_completed(self._futures):
+            for fut in _completed(self._futures):
                 if (result := _result(fut.result)) is not None:  # None: not started, the sweep is stopping
                     yield self._futures[fut], result
         finally:  # not `with`: its exit waits for every queued cell to run, so a Ctrl-C would start them all
@@ -271,6 +271,17 @@ class LocalBackend:
 
 class _NotStarted(Exception):
     pass
+
+
+def _completed(futures, poll_s: float = 0.5):
+    """`cf.as_completed`, with the main thread awake every `poll_s`. Why: the kernel may hand a Ctrl-C to a pool
+    thread (any thread not blocking SIGINT can get it); that only trips a flag the main thread acts on when it
+    runs, and an untimed wait slept on until the running cell ended, so a sweep under load let its cell finish
+    (or, the signal lost, started every queued one) where it should stop them."""
+    pending = set(futures)
+    while pending:
+        done, pending = cf.wait(pending, timeout=poll_s, return_when=cf.FIRST_COMPLETED)
+        yield from done
 
 
 class RayBackend:
