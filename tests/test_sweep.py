@@ -370,9 +370,10 @@ def test_a_ctrl_c_the_kernel_hands_a_pool_thread_still_stops_the_local_sweep(tmp
     pool_thread = []
 
     def slow_cell(argv, **kwargs):  # the cell's process, started as the backend starts one (so stop() knows it)
+        proc = LocalBackend._popen(backend, [sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
         pool_thread.append(threading.get_ident())
-        waiting.set()
-        return LocalBackend._popen(backend, [sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
+        waiting.set()  # the signal only once the process runs: before, stop() rightly reports the cell as not started
+        return proc
 
     backend._popen = slow_cell
     threading.Timer(0.0, lambda: waiting.wait(30) and signal.pthread_kill(pool_thread[0], signal.SIGINT)).start()
