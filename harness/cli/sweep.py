@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any
 
 from harness.cli.flags import Parser, user_dir
-from harness.cli.interrupt import sigterm_as_ctrl_c
 from harness.cli.sweep_backends import (
     FAILED_NOTE,
     STOP_GRACE_S,
@@ -106,9 +105,10 @@ def main(argv: list[str]) -> int:
     plan = expand(args.spec, args.out)
     from harness.store import lock
 
-    # the sweep holds the run folder; each cell writes its own folder under .sweep/ and locks that one
-    # SIGTERM as Ctrl-C: by default it ended the sweep alone, and its cells ran on as orphans holding their folders
-    with lock.hold(plan.run_out), sigterm_as_ctrl_c():
+    # the sweep holds the run folder; each cell writes its own folder under .sweep/ and locks that one. SIGTERM is
+    # Ctrl-C here too (harness.cli.main runs every command under sigterm_as_ctrl_c): by default it ended the sweep
+    # alone, and its cells ran on as orphans holding their folders
+    with lock.hold(plan.run_out):
         return _sweep(args, plan, started)
 
 
