@@ -44,6 +44,15 @@ class LongTask:
         """Raise UsageError when the task cannot run with `data_dir` (cheap: runs before any model work)."""
 
     @classmethod
+    def too_long_advice(cls, option: str, values, room: int, least: int) -> str:
+        """What to do when prompts exceed the context (`check_max_length`): "; give --set TASK.OPTION=a,b (prompts
+        that fit), a larger --max-length ...", with the `values` of `option` at most `room` tokens or, where none is,
+        `room` itself when it is at least `least` (no --set where no prompt fits)."""
+        fit = [v for v in values if v <= room] or [v for v in [room] if v >= least]
+        given = f"--set {cls.name}.{option}={','.join(map(str, fit))} (prompts that fit), " if fit else ""
+        return f"; give {given}a larger --max-length the model supports, or a model with a longer context"
+
+    @classmethod
     def input_files(cls, data_dir: Path | None, options: Any) -> list[Path]:
         """The files (or folders) the task reads under `options`, those that exist: records keep their digest, so a
         rerun after they changed does not reuse records made from the old ones. By default its `data_files` under

@@ -147,11 +147,8 @@ class Passkey(LongTask):
     def check_max_length(cls, options: PasskeyConfig, max_length: int, limit: int | float | None = None) -> None:
         longest = max(L for _, L, _ in kept_cells(options, limit))  # the lengths the samples a --limit keeps have
         if max_length < longest + options.max_new_tokens:
-            fit = [L for L in options.lengths if L + options.max_new_tokens <= max_length] or \
-                [L for L in [max_length - options.max_new_tokens] if L >= 64]  # none fits: the longest that would
-            given = f"--set passkey.lengths={','.join(map(str, fit))} (prompts that fit), " if fit else ""
-            raise UsageError(f"passkey: {longest} + {options.max_new_tokens} tokens exceed max_length {max_length}; give "
-                             f"{given}a larger --max-length the model supports, or a model with a longer context")
+            advice = cls.too_long_advice("lengths", options.lengths, max_length - options.max_new_tokens, 64)
+            raise UsageError(f"passkey: {longest} + {options.max_new_tokens} tokens exceed max_length {max_length}{advice}")
 
     @classmethod
     def stale(cls, result: dict, options: PasskeyConfig, limit: int | float | None) -> str | None:

@@ -85,12 +85,9 @@ class PdPpl(LongTask):
     @classmethod
     def check_max_length(cls, options: PplConfig, max_length: int, limit: int | float | None = None) -> None:
         if max_length < max(options.prompt_tokens) + options.cont_tokens - 1:
-            room = max_length - options.cont_tokens + 1
-            fit = [T for T in options.prompt_tokens if T <= room] or [T for T in [room] if T >= 1]  # none: the longest
-            given = f"--set pd_ppl.prompt_tokens={','.join(map(str, fit))} (prompts that fit), " if fit else ""
+            advice = cls.too_long_advice("prompt_tokens", options.prompt_tokens, max_length - options.cont_tokens + 1, 1)
             raise UsageError(f"pd_ppl: prompts of {max(options.prompt_tokens)} + {options.cont_tokens} tokens exceed "
-                             f"max_length {max_length}; give {given}a larger --max-length the model supports, or a model "
-                             "with a longer context")
+                             f"max_length {max_length}{advice}")
 
     def evaluate(self, scorer, tokenizer, data_dir: Path | None, options: PplConfig, limit: int | float | None,
                  progress: bool = False) -> dict:
