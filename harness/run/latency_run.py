@@ -56,11 +56,9 @@ class LatencyConfig:
     def run_id(self, with_paths: bool = False) -> str:
         """The id in a default output folder's name; the data folder (calibration only: the plans are what count)
         is left out unless `with_paths`, the id of versions before, so a moved checkout finds its folder again."""
-        canon = dataclasses.asdict(self)
+        canon = _set_fields(dataclasses.asdict(self))
         if not with_paths:
             canon.pop("data_dir")
-        if canon["model_args"] is None:  # added later: a folder of a run without it keeps its id
-            canon.pop("model_args")
         return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def identity(self, method: str, options: dict, plan: dict) -> str:
@@ -72,10 +70,18 @@ class LatencyConfig:
 NOT_IDENTITY = ("methods", "overrides", "plans_from", "kind", "method_options", "data_dir")
 
 
+ADDED_UNSET = ("model_args",)  # fields added later, left out of ids and identities when unset (old ones stay valid)
+
+
+def _set_fields(config: dict) -> dict:
+    """`config` less the `ADDED_UNSET` fields it leaves unset (None)."""
+    return {k: v for k, v in config.items() if not (k in ADDED_UNSET and v is None)}
+
+
 def latency_identity(config: dict, method: str, options: dict, plan: dict) -> str:
     """The run key of one method's latency record: what is measured (configuration, method options, the plan's
     layer sets and KV policy), not how long planning took (a plan's `info` holds its timings)."""
-    canon = {k: v for k, v in config.items() if k not in NOT_IDENTITY and not (k == "model_args" and v is None)}
+    canon = {k: v for k, v in _set_fields(config).items() if k not in NOT_IDENTITY}
     canon.update(method=method, options=options, plan={k: v for k, v in plan.items() if k != "info"})
     return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
