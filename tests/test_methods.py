@@ -147,6 +147,20 @@ def test_a_stage_variant_names_a_too_deep_count_before_its_eligible_blocks(tiny,
     assert fixed.plan(tiny.model, tiny_calib, "disaggregated").n_layers == 4
 
 
+def test_a_stage_variant_with_prefill_ratio_names_k_decode_not_the_derived_k_prefill(tiny, tiny_calib):
+    """With prefill_ratio=0.9, k_prefill = 7 is derived from the default k_decode = 8: the error named k_prefill=7 (an
+    option the user never set) and its hint said --set ...k_prefill=1, which the ratio overrides. It names k_decode, and
+    the hint plans with the ratio kept."""
+    cls = methods.get("stage:shortgpt")
+    ratio = dataclasses.replace(cls.Config(), prefill_ratio=0.9)
+    with pytest.raises(UsageError, match=r"^stage:shortgpt\.k_decode=8: must be < the model's 4 layers .*; for 4 layers try ") as err:
+        cls(ratio).plan(tiny.model, tiny_calib, "disaggregated")
+    given = {k: int(v) for k, v in re.findall(r"--set stage:shortgpt\.(\w+)=(\d+)", str(err.value))}
+    assert "k_prefill" not in given and given["k_decode"] == 2
+    fixed = cls(dataclasses.replace(ratio, **given)).plan(tiny.model, tiny_calib, "disaggregated")
+    assert fixed.n_layers == 4 and len(fixed.removed_decode) == 2 and len(fixed.removed_prefill) == 1
+
+
 @pytest.mark.parametrize("name, option", [("shortgpt", "k"), ("pdtrim", "k_decode"), ("stage:shortgpt", "k_decode")])
 def test_a_count_too_deep_where_the_default_fits_names_the_default(name, option, monkeypatch, tiny_calib):
     """k=30 on a 30-layer model: for_layers(30) keeps the default k=8, so no count was named and the error had no

@@ -56,10 +56,19 @@ class StageAware(WrapperMethod):
             raise UsageError(f"{self.name}: need 0 <= k_prefill <= k_decode (R_prefill ⊆ R_decode) and k_unified >= 0, "
                              f"got k_prefill={c.k_prefill}, k_decode={c.k_decode}, k_unified={c.k_unified}")
 
+    def fitted_counts(self, n: int, option: str | None = None) -> dict[str, int]:
+        """As `Method.fitted_counts`, less `k_prefill` when `prefill_ratio` derives it (and a set `k_prefill` is unused)."""
+        fit = super().fitted_counts(n, option)
+        if getattr(self.config, "prefill_ratio", None) is not None:
+            fit.pop("k_prefill", None)
+        return fit
+
     def plan(self, model, calib, mode: str) -> PruningPlan:
         c, n = self.config, arch.n_layers(model)
         kp = prefill_depth(c)
-        asked = {"k_unified": c.k_unified} if mode == "unified" else {"k_prefill": kp, "k_decode": c.k_decode}
+        # k_decode first: it is >= k_prefill, so a too-deep error names the count the user set (k_prefill may
+        # come from prefill_ratio)
+        asked = {"k_unified": c.k_unified} if mode == "unified" else {"k_decode": c.k_decode, "k_prefill": kp}
         eligible = len(self.inner.eligible(n))
         for opt, k in asked.items():  # every count too deep first: its error has the hint (k_prefill=3 was
             if k >= n:  # "at most 0 removable", naming neither the k_decode nor the keep_first that fit)
