@@ -12,7 +12,8 @@ values, not strings. Each renderer pivots the cells to the wide layout (`wide`);
 through `Styler`, Markdown is a few lines here (pandas' `to_markdown` needs `tabulate`, which is not
 a dependency, and re-parses and re-pads numbers, so "39.0" would not stay "39.0").
 
-Every format shows a name as typed (`_md_cell`, `latex_escape`, HTML and CSV escaping). LaTeX needs
+Every format shows a name as typed (`reports.escape.md_cell`, `latex_escape`, HTML escaping,
+and in CSV `reports.escape.csv_cell` against spreadsheet formulas). LaTeX needs
 `\\usepackage{booktabs}`, and a table made to fit its column (`latex_fit` in its attrs: the paired table) also
 `\\usepackage{graphicx}` for its `\\resizebox`. A name over `NAME_CHARS` characters wraps in a `p{NAME_WIDTH}`
 name column, core LaTeX. Two optional attrs shape LaTeX only: `latex_lines` (a regex: where a cell's text is split into
@@ -30,6 +31,8 @@ import jinja2
 import numpy as np
 import pandas as pd
 from pandas.io.formats.style import Styler
+
+from reports.escape import csv_cell, md_cell, visible
 
 CELL_FIELDS = ["group", "title", "row", "column", "text", "value", "bold", "stats"]
 INDEX = ["group", "title", "row"]
@@ -124,64 +127,32 @@ def _group_blocks(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 def to_markdown(t: pd.DataFrame) -> str:
     """GitHub Markdown: caption in italics above, a group heading row (bold) before each group. Every string
-    goes through `_md_cell`, so a name shows as typed (`my*method`, `<b>x</b>`, `` `x` ``, `[a](b)`)."""
-    cols = [_md_cell(c) for c in t.attrs["columns"]]
-    out = [f"*{_md_cell(t.attrs['caption'], wrapped=True)}*", "", "| " + " | ".join(cols) + " |",
-           "|" + "|".join(["---"] * len(cols)) + "|"]
+    goes through `md_cell`, so a name shows as typed (`my*method`, `<b>x</b>`, `` `x` ``, `[a](b)`)."""
+    cols = [md_cell(c) for c in t.attrs["columns"]]
+    out = [_md_wrapped(t.attrs["caption"], "*"), "", "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
     text, bold = wide(t, "text"), wide(t, "bold").astype(bool)
     shown = text.copy()
     for c in text.columns:  # a bold cell is wrapped in ** **: a '*' inside it could close that early
-        shown[c] = [f"**{_md_cell(x, wrapped=True)}**" if b else _md_cell(x) for x, b in zip(text[c], bold[c])]
+        shown[c] = [_md_wrapped(x, "**") if b else md_cell(x) for x, b in zip(text[c], bold[c])]
     for title, block in _group_blocks(shown):
         if title:
-            out.append("| " + " | ".join([f"**{_md_cell(title, wrapped=True)}**"] + [""] * (len(cols) - 1)) + " |")
+            out.append("| " + " | ".join([_md_wrapped(title, "**")] + [""] * (len(cols) - 1)) + " |")
         out += ["| " + " | ".join(r) + " |" for r in block.itertuples(index=False)]
     return "\n".join(out)
 
 
-# always escaped: '\\' (else it escapes what follows), code spans, GitHub's $math$ and ~strikethrough~, '|' (ends a cell)
-_MD_ALWAYS = {"\\": "\\\\", "`": "\\`", "$": "\\$", "~": "\\~", "|": "\\|"}
-_MD_HTML = re.compile(r"<(?=[A-Za-z/!?])|&(?=#?\w+;)")  # a tag, comment or autolink; an entity (&lt; would show '<')
-_MD_RUN = re.compile(r"\*+|_+")
-
-
-def _md_cell(text: str, wrapped: bool = False) -> str:
-    """`text` as GitHub Markdown shows it as typed, in a table cell or wrapped in `*` (`wrapped`: the italic caption, a
-    bold cell). Escaped only where Markdown would read it, so ordinary text is unchanged (`k_decode`, `+4.0* [-1, +9]`):
-    `|`, `\\`, backticks, `$`, `~`; `<` opening a tag and `&` an entity; every `[` of a text holding `](` or `][` (a
-    link; a bare `[x]` is none: the output defines no references); and each run of `*` or `_` that could open
-    emphasis (when `wrapped`, a `*` run that could close it too). A line break becomes a space."""
-    text = " ".join(text.splitlines())
-    esc = {m.start() for m in _MD_HTML.finditer(text)}
-    if "](" in text or "][" in text:
-        esc |= {i for i, ch in enumerate(text) if ch == "["}
-    for m in _MD_RUN.finditer(text):
-        if _md_emphasis(text, m.start(), m.end(), wrapped):
-            esc |= set(range(m.start(), m.end()))
-    return "".join(_MD_ALWAYS.get(ch) or ("\\" + ch if i in esc else ch) for i, ch in enumerate(text))
-
-
-def _md_emphasis(text: str, start: int, end: int, wrapped: bool) -> bool:
-    """Whether the delimiter run text[start:end] of `*` or `_` can open emphasis, or, `wrapped` in `*`, is a `*` run
-    that can close it or touches the wrapping `*` (CommonMark's flanking rules; outside the text: a space, or `*`)."""
-    edge = "*" if wrapped else " "
-    before, after = text[start - 1] if start else edge, text[end] if end < len(text) else edge
-    left = not after.isspace() and (not _punct(after) or before.isspace() or _punct(before))
-    right = not before.isspace() and (not _punct(before) or after.isspace() or _punct(after))
-    if text[start] == "_":  # '_' inside a word (k_decode) neither opens nor closes
-        return left and (not right or _punct(before))
-    return left or (wrapped and (right or start == 0 or end == len(text)))
-
-
-def _punct(ch: str) -> bool:
-    """Unicode punctuation or symbol, as CommonMark's flanking rules read it."""
-    return unicodedata.category(ch)[0] in "PS"
+def _md_wrapped(text: str, mark: str) -> str:
+    """`text` in italics (`mark` "*") or bold ("**"), its edge whitespace left out: a `*` after a space closes nothing
+    (`**x **` showed its stars), and a cell or paragraph trims that whitespace anyway. Nothing left: no marks."""
+    inner = md_cell(visible(text).strip(), wrapped=True)
+    return f"{mark}{inner}{mark}" if inner else ""
 
 
 def to_csv(t: pd.DataFrame) -> str:
     """Tidy-ish CSV: a `group` column, then the table's columns with raw values where known, then one
     column `<column>_<stat>` per stat of a column's cells (`<column>_stderr`, `_ci_low`, `_ci_high`,
-    `_p_mcnemar`), in the table's column order; empty where a cell has none."""
+    `_p_mcnemar`), in the table's column order; empty where a cell has none. A text cell or header a spreadsheet
+    would run as a formula starts with `'` (`csv_cell`; `reports.escape.csv_text` reads it back)."""
     text, value = wide(t, "text"), wide(t, "value")
     out = value.where(value.notna(), text)
     out.insert(0, "group", out.index.get_level_values("title"))
@@ -190,7 +161,11 @@ def to_csv(t: pd.DataFrame) -> str:
         names = dict.fromkeys(k for d in stats[c] if isinstance(d, dict) for k in d)
         for name in names:
             out[f"{c}_{name}"] = [d.get(name) if isinstance(d, dict) else None for d in stats[c]]
-    return out.to_csv(index=False, lineterminator="\n")
+    out = out.map(csv_cell).rename(columns=csv_cell)
+    # a CR in a text is quoted only where it is in the line terminator: else a reader ends the row there. Such a table
+    # gets RFC 4180's CRLF rows; every other keeps its LF rows, byte for byte
+    cr = any("\r" in x for x in [*out.columns, *out.to_numpy().ravel()] if isinstance(x, str))
+    return out.to_csv(index=False, lineterminator="\r\n" if cr else "\n")
 
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -199,6 +174,7 @@ _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
 _LATEX_SYMBOLS = {"×": r"$\times$", "—": "--", "–": "--", "±": r"$\pm$", "≥": r"$\geq$", "≤": r"$\leq$", "÷": r"$\div$",
                   "·": r"$\cdot$", "→": r"$\rightarrow$", "⊆": r"$\subseteq$", "µ": r"$\mu$", "−": r"$-$", "↓": r"$\downarrow$",
                   "↑": r"$\uparrow$"}
+_LATEX_CONTROLS = {0x2400 + c: "^" + chr(c ^ 0x40) for c in range(0x20)} | {0x2421: "^?", 0xFFFD: "?"}  # `visible`'s
 NAME_CHARS, NAME_WIDTH = 30, "14em"  # a name column with a longer name wraps at this width (`_latex_wrap_names`)
 
 
@@ -206,8 +182,10 @@ def latex_escape(s: str) -> str:
     """LaTeX special characters escaped and the symbols the tables use (×, —, ±, ...) written as
     T1/math commands. pandas' own escape="latex" leaves the symbols as Unicode, which pdflatex's
     default input encoding does not typeset. A typed `--` or `''` stays two characters (`-{}-`: no
-    dash or quote ligature) and a line break is a space (a blank line would end the cell's paragraph)."""
-    s = " ".join(s.splitlines())
+    dash or quote ligature) and a line break is a space (a blank line would end the cell's paragraph). A character
+    pdflatex stops at and no reader sees is left out: a format character (Unicode Cf: a bidi mark, a zero-width
+    space); a control character is written in caret notation (`^[` for ESC, `reports.escape.visible`)."""
+    s = "".join(ch for ch in visible(s) if unicodedata.category(ch) != "Cf").translate(_LATEX_CONTROLS)
     out = "".join(_LATEX_ESCAPES.get(ch, ch) + ("{}" if ch in "-'" and s[i + 1:i + 2] == ch else "") for i, ch in enumerate(s))
     for sym, rep in _LATEX_SYMBOLS.items():
         out = out.replace(sym, rep)
@@ -221,11 +199,12 @@ def to_latex(t: pd.DataFrame) -> str:
     text, bold = wide(t, "text"), wide(t, "bold").astype(bool)
     text, fmt = _latex_stacked(text, t.attrs["align"], t.attrs.get("latex_lines"))
     text, bold, fmt, align = _latex_wrap_names(text, bold, fmt, t.attrs["align"])
-    st = text.style.hide(axis="index").format(fmt).format_index(latex_escape, axis="columns")
+    heads = dict(zip(text.columns, t.attrs["align"]))  # one letter per column, before `_latex_wrap_names`
+    st = text.style.hide(axis="index").format(fmt).format_index(lambda c: _latex_header(c, heads[c]), axis="columns")
     st.apply(lambda _: np.where(bold, "textbf: --rwrap;", ""), axis=None)
     st.set_table_styles([{"selector": "small", "props": ":"}])  # Styler writes it after the caption and before the label
     tex = st.to_latex(environment="table", position="t", position_float="centering", hrules=True, column_format=align,
-                      caption=latex_escape(t.attrs["caption"]), label=f"tab:{t.attrs['name']}")
+                      caption=_latex_text(t.attrs["caption"]), label=f"tab:{t.attrs['name']}")
     tex = _latex_group_headings(tex, [(title, len(block)) for title, block in _group_blocks(text)], len(text.columns))
     return _latex_fit(tex) if t.attrs.get("latex_fit") else tex
 
@@ -285,6 +264,34 @@ def _latex_breakable(s: str) -> str:
     return r"\allowbreak{}".join(latex_escape(p) for p in pieces if p)
 
 
+def _latex_text(s: str) -> str:
+    """`s` escaped, with breaks allowed inside each word over `NAME_CHARS` (`_latex_breakable`): a caption breaks
+    lines at its spaces only, and a long model name in it ran past the page."""
+    words = visible(s).split(" ")
+    if all(len(w) <= NAME_CHARS for w in words):
+        return latex_escape(s)
+    return " ".join(_latex_breakable(w) if len(w) > NAME_CHARS else latex_escape(w) for w in words)
+
+
+def _latex_header(name: str, align: str) -> str:
+    """A column header: one over `NAME_CHARS` (a plug-in task's long name) in a `NAME_WIDTH` paragraph aligned as its
+    column, breakable (`_latex_text`), as a long name in the name column; an `r` column cannot break a line."""
+    if len(name) <= NAME_CHARS:
+        return latex_escape(name)
+    how = {"r": r"\raggedleft", "c": r"\centering"}.get(align, r"\raggedright")
+    return rf"\parbox[b]{{{NAME_WIDTH}}}{{{how} {_latex_text(name)}}}"
+
+
+def _latex_heading(title: str) -> str:
+    """A group heading (italics). One over `NAME_CHARS` (a long model name) is measured: where it is wider than the
+    line it wraps to the line's width (a ragged-right \\parbox, breakable as `_latex_text`), else it stays one line
+    as a short one. It spans every column, so a fixed width would wrap it in a wide table that had room for it."""
+    if len(title) <= NAME_CHARS:
+        return rf"\textit{{{latex_escape(title)}}}"
+    width, text = r"\dimexpr\linewidth-2\tabcolsep\relax", rf"\textit{{{_latex_text(title)}}}"
+    return rf"\sbox0{{{text}}}\ifdim\wd0>{width}\parbox[t]{{{width}}}{{\raggedright {text}}}\else\usebox0\fi"
+
+
 def _latex_group_headings(tex: str, sizes: list[tuple[str, int]], n_cols: int) -> str:
     """Insert each group's heading (a `\\multicolumn` row in italics) and a `\\midrule` between groups
     into Styler's output, which has one line per body row after the header's `\\midrule`: a Styler
@@ -296,7 +303,7 @@ def _latex_group_headings(tex: str, sizes: list[tuple[str, int]], n_cols: int) -
         if i:
             out.append(r"\midrule")
         if title:
-            out.append(rf"\multicolumn{{{n_cols}}}{{l}}{{\textit{{{latex_escape(title)}}}}} \\")
+            out.append(rf"\multicolumn{{{n_cols}}}{{l}}{{{_latex_heading(title)}}} \\")
         out += lines[at:at + n]
         at += n
     return "\n".join(out + lines[at:]) + "\n"

@@ -18,6 +18,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from harness.store.files import atomic_file  # noqa: E402
 from harness.store.records import RunRecord, is_long_task  # noqa: E402
 from reports.collect import Collection, folder_suffix, metric_for, natural_key  # noqa: E402
+from reports.escape import visible  # noqa: E402
 from reports.tables import MIB, MODE_TITLE, _mc_kv, _ordered_tasks, _score, parse_workload, removed_counts, se_of_mean  # noqa: E402
 
 MARKERS = "osD^v<>pP*Xh"
@@ -38,11 +39,22 @@ def _legend_inches(n: int) -> float:
     return 0.0 if n <= 8 else 2.6 * -(-n // 18)
 
 
+LABEL_CHARS = 40  # a longer label wraps (`_plain`): a 2000-character name made a figure 19,000 pixels wide
+
+
 def _plain(name: str) -> str:
-    """A method or folder name as figure text: its `$` escaped, else matplotlib reads `$...$` as mathtext (`a$_^$b`
-    raised ValueError when the figure was saved). Mathtext stays on: log axes label their ticks with it. A leading
-    `_` gets a zero-width space before it: matplotlib's legend leaves out every label that starts with `_`."""
-    out = name.replace("$", r"\$")
+    """A method or folder name as figure text: on one line of at most `LABEL_CHARS` characters or wrapped onto several
+    (after its punctuation where it can), a control character its picture (SVG cannot hold one, `visible`), its `$`
+    escaped, else matplotlib reads `$...$` as mathtext (`a$_^$b` raised ValueError when the figure was saved). Mathtext
+    stays on: log axes label their ticks with it. A leading `_` gets a zero-width space before it: matplotlib's
+    legend leaves out every label that starts with `_`."""
+    text, lines = visible(name), []
+    while len(text) > LABEL_CHARS:
+        cut = max((i + 1 for i, ch in enumerate(text[:LABEL_CHARS]) if ch in " @,=:;/_.+-)]"), default=0)
+        cut = cut if cut > LABEL_CHARS // 2 else LABEL_CHARS
+        lines.append(text[:cut].rstrip(" "))
+        text = text[cut:].lstrip(" ")
+    out = "\n".join([*lines, text]).replace("$", r"\$")
     return "\u200b" + out if out.startswith("_") else out
 
 
