@@ -6,8 +6,22 @@ nothing of the harness (the registries at every layer use it)."""
 
 from __future__ import annotations
 
+import re
 import typing
 from typing import Any
+
+# A registered name is a file name (`<method>__<mode>.json`), an item of a comma-separated --methods/--tasks list and
+# the scope of `--set NAME.OPTION=`: letters, digits, '_', '-' and '+', starting with a letter or digit, <= 64 long.
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]{0,63}")
+
+
+def check_name(kind: str, name: object, owner: str) -> None:
+    """A ValueError naming `owner` (the class) when `name` cannot serve as a registered `kind`'s name: a '/' made the
+    record a file in a sub-folder, a ',' or a space a method `--methods` could not select, a '.' a `--set` scope."""
+    if not isinstance(name, str) or not NAME_RULE.fullmatch(name):
+        raise ValueError(f"{owner}: {kind} name {name!r} is not usable; a name is 1-64 letters, digits, '_', '-' or "
+                         "'+', starting with a letter or digit (it names record files, --methods/--tasks items and "
+                         "--set scopes)")
 
 
 def option_types(cls_config: type, owner: str) -> dict[str, Any]:

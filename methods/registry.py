@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import UsageError
-from harness.registration import option_types, same_definition
+from harness.registration import check_name, option_types, same_definition
 from methods import plugin_code
 from methods.base import Method
 
@@ -52,6 +52,7 @@ class Wrapper:
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make `cls` available under `cls.name`."""
+    check_name("method", getattr(cls, "name", None), f"{cls.__module__}.{cls.__qualname__}")
     old = _METHODS.get(cls.name)
     if old is not None and old is not cls:
         if not same_definition(old, cls):

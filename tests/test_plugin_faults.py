@@ -121,8 +121,27 @@ PLUGINS = {
                                   keep="torch.arange(positions.shape[1]).expand_as(positions) >= positions.shape[1] - k[:, None]"),
     "int_mask": KV_POLICY.format(cls="IntMask", name="int_mask", method="int_mask_kv",
                                  keep="((positions >= 0) & (positions >= (lengths - k)[:, None])).long()"),
+    # names that are file names, --methods/--tasks items and --set scopes: 'ab/cd' wrote its record into a sub-folder
+    # ab/, 'a b,c' could not be selected by --methods at all
+    "slash_method": textwrap.dedent('''
+        from methods.base import Method
+        from methods.registry import register
+
+
+        @register
+        class Slash(Method):
+            name = "ab/cd"
+
+            def plan(self, model, calib, mode):
+                raise NotImplementedError
+    '''),
+    "comma_policy": KV_POLICY.format(cls="Comma", name="a b,c", method="comma_kv", keep="positions >= 0"),
+    "spaced_task": TASK.format(cls="Spaced", name="my task"),
 }
 WHAT = {  # what each broken plug-in's message must name
+    "slash_method": "pd_harness_fault_slash_method.Slash: method name 'ab/cd' is not usable; a name is 1-64 letters",
+    "comma_policy": "pd_harness_fault_comma_policy.Comma: KV policy name 'a b,c' is not usable",
+    "spaced_task": "pd_harness_fault_spaced_task.Spaced: long-context task name 'my task' is not usable",
     "raises": "RuntimeError: boom at import",
     "syntax": "SyntaxError",
     "takes_shortgpt": "method 'shortgpt' defined twice",

@@ -17,15 +17,14 @@ import importlib
 import pkgutil
 from typing import Any
 
-from harness.registration import same_definition
+from harness.registration import check_name, same_definition
 
 _POLICIES: dict[str, type] = {}
 
 
 def register_policy(cls: type) -> type:
     """Class decorator: make the policy class `cls` available under `cls.name`."""
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__}: a registered KV policy needs a name")
+    check_name("KV policy", getattr(cls, "name", None), f"{cls.__module__}.{cls.__qualname__}")
     old = _POLICIES.get(cls.name)
     if old is not None and old is not cls and not same_definition(old, cls):
         raise ValueError(f"KV policy {cls.name!r} defined twice: {old.__module__}, {cls.__module__}")  # a re-import replaces

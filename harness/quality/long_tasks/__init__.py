@@ -20,7 +20,7 @@ from typing import Any
 
 from harness.errors import PluginContractError
 from harness.quality.long_tasks.base import LongTask
-from harness.registration import option_types, same_definition
+from harness.registration import check_name, option_types, same_definition
 
 __all__ = ["LongTask", "register_task", "unregister_task", "names", "get", "is_long_task", "evaluate",
            "check_before_cells"]
@@ -33,8 +33,7 @@ _BUILTIN = ("pd_ppl", "passkey")
 def register_task(cls: type[LongTask]) -> type[LongTask]:
     """Class decorator: make `cls` a long-context task under `cls.name`."""
     name = getattr(cls, "name", None)
-    if not name or "." in name or "," in name:
-        raise ValueError(f"{cls.__qualname__}: a long-context task needs a `name` without '.' or ','")
+    check_name("long-context task", name, f"{cls.__module__}.{cls.__qualname__}")
     for attr in ("Config", "presentation"):
         if not hasattr(cls, attr):
             raise ValueError(f"long-context task {name}: missing `{attr}`")
