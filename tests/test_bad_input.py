@@ -318,9 +318,10 @@ DATA_CASES = [
 def test_damaged_data_files_name_file_line_and_field(task, rel, edit, message, data_dir, tmp_path):
     """Item 8: bad JSON lines, truncated files and renamed fields are a UsageError naming file, line and field."""
     from harness.errors import UsageError
-    from harness.quality.tasks import TASK_FILES, local_rows
+    from harness.quality import local_tasks
+    from harness.quality.tasks import local_rows
 
-    for need in TASK_FILES[task][0]:  # a data dir with this task's files only
+    for need in local_tasks.get(task).files:  # a data dir with this task's files only
         src, dst = data_dir / need, tmp_path / need
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)

@@ -35,7 +35,7 @@ TINY = ["--model", "random:tiny", "--device", "cpu", "-q"]
                                         + ", ".join(n for n in methods.names() if ":" not in n) + "; "),
         (["--tasks", "arc_easy,nosuchtask"], "unknown task(s) nosuchtask; tasks with local data: arc_challenge"),
         # an outside task is unknown without its module, as an outside method is: both say where it is named
-        (["--tasks", "nosuchtask"], "aliases: standard, long (a plug-in's long-context task: name its module in "
+        (["--tasks", "nosuchtask"], "aliases: standard, long (a plug-in's task: name its module in "
                                     "HARNESS_PLUGINS)"),
         (["--tasks", ","], "--tasks is empty"),
         (["--limit", "-3"], "expected a positive integer, a fraction between 0 and 1 (exclusive) or 'all', got -3"),

@@ -152,12 +152,11 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def check_tasks(tasks: tuple[str, ...], data_dir: str | None) -> None:
-    from harness.quality import long_tasks
-    from harness.quality.tasks import TASK_FILES
+    from harness.quality import local_tasks, long_tasks
 
     if not tasks:
         raise UsageError("--tasks is empty; give at least one task, e.g. --tasks arc_easy")
-    unknown = [t for t in tasks if t not in TASK_FILES and not long_tasks.is_long_task(t)]
+    unknown = [t for t in tasks if not local_tasks.is_local_task(t) and not long_tasks.is_long_task(t)]
     if not unknown:
         return
     if data_dir is None:
@@ -167,10 +166,10 @@ def check_tasks(tasks: tuple[str, ...], data_dir: str | None) -> None:
         unknown = [t for t in unknown if t not in known]
         if not unknown:
             return
-    raise UsageError(f"unknown task(s) {', '.join(unknown)}; tasks with local data: {', '.join(sorted(TASK_FILES))}; "
+    raise UsageError(f"unknown task(s) {', '.join(unknown)}; tasks with local data: {', '.join(sorted(local_tasks.names()))}; "
                      f"long-context: {', '.join(long_tasks.names())}; aliases: standard, long"
                      + ("" if data_dir else " (without --data-dir, any lm-eval task name)")
-                     + " (a plug-in's long-context task: name its module in HARNESS_PLUGINS)")  # as an unknown method says
+                     + " (a plug-in's task: name its module in HARNESS_PLUGINS)")  # as an unknown method says
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
@@ -243,9 +242,10 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
     if dist.is_main:  # one voice under data parallelism
         warn_small_limit(cfg.limit)
     if cfg.data_dir:
-        from harness.quality.tasks import TASK_FILES, check_files
+        from harness.quality import local_tasks
+        from harness.quality.tasks import check_files
 
-        check_files([t for t in cfg.tasks if t in TASK_FILES], Path(cfg.data_dir))
+        check_files([t for t in cfg.tasks if local_tasks.is_local_task(t)], Path(cfg.data_dir))
     out = args.out or default_out(cfg)
     if dist.is_main:
         check_writable(out, "--out")  # a bad --out fails before the model loads, not after

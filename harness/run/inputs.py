@@ -29,13 +29,12 @@ def task_data_files(task: str, data_dir: Path | None, options: Any = None) -> li
     """The files (or folders) `task` reads: an lm-eval task's local data in `data_dir`, or what a long-context task's
     `input_files` names under `options` (default: its defaults), by default its `data_files` in `data_dir` (none for a
     synthetic task such as passkey)."""
-    from harness.quality import long_tasks
-    from harness.quality.tasks import TASK_FILES
+    from harness.quality import local_tasks, long_tasks
 
     if long_tasks.is_long_task(task):
         cls = long_tasks.get(task)
         return cls.input_files(data_dir, cls.Config() if options is None else options)
-    return _present(data_dir, TASK_FILES[task][0]) if data_dir and task in TASK_FILES else []
+    return _present(data_dir, local_tasks.get(task).files) if data_dir and local_tasks.is_local_task(task) else []
 
 
 def _present(data_dir: Path, rel) -> list[Path]:

@@ -269,11 +269,11 @@ def _local_rows(task: str, data_dir: str | None) -> int | None:
     """Rows of a local-data lm-eval task's evaluation file (a JSON-lines line count); None when not cheap to know."""
     from pathlib import Path
 
-    from harness.quality.tasks import TASK_FILES
+    from harness.quality import local_tasks
 
-    if data_dir is None or task not in TASK_FILES:
+    if data_dir is None or not local_tasks.is_local_task(task):
         return None
-    path = Path(data_dir) / TASK_FILES[task][0][0]
+    path = local_tasks.get(task).path(Path(data_dir))
     if path.suffix != ".jsonl" or not path.is_file():
         return None  # wikitext (documents of a raw file), mmlu (a group of subtasks)
     with path.open("rb") as f:

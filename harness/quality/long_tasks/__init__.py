@@ -50,9 +50,9 @@ def register_task(cls: type[LongTask]) -> type[LongTask]:
 
 def _reserved() -> set[str]:
     """Names `--tasks` already means: the aliases and the lm-eval tasks with local data (and `mmlu_*`, MMLU's subjects)."""
-    from harness.quality.tasks import TASK_FILES
+    from harness.quality import local_tasks  # imported here: each registry refuses the other's names
 
-    return {"standard", "long", *TASK_FILES}
+    return {*local_tasks.ALIASES, *local_tasks.names()}
 
 
 def unregister_task(name: str) -> None:
