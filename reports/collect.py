@@ -34,7 +34,8 @@ class ReportError(ValueError):
 def metric_for(task: str, available: dict, convention: str, record: RunRecord | None = None) -> str | None:
     """The metric to show for `task` given the metrics a record has. Tasks without acc/acc_norm
     (perplexities, long-context tasks) keep their primary metric: the one `record` stored for a long-context task (a
-    plug-in's own), else the package's convention."""
+    plug-in's own), else the package's convention. Under `paper`, a task not named in CONVENTIONS shows the metric its
+    record stored (`lm_eval.metric_convention`: a plug-in lm-eval task's `table_metric`), else acc."""
     from harness.store.records import primary_metric
 
     if convention not in CONVENTIONS:
@@ -47,8 +48,17 @@ def metric_for(task: str, available: dict, convention: str, record: RunRecord | 
     elif convention == "acc_norm":
         want = "acc_norm" if "acc_norm" in available else "acc"
     else:
-        want = CONVENTIONS["paper"].get(task, "acc")
+        want = CONVENTIONS["paper"].get(task) or primary_metric(task, record)  # a plug-in task's: its record's
     return want if want in available else None
+
+
+def own_metrics(tasks: list[str], records: list[RunRecord]) -> dict[str, str]:
+    """The tasks whose `paper` metric is their records' own other than acc (a plug-in lm-eval task's `table_metric`,
+    e.g. acc_norm): what CONVENTION_TEXT does not say, for the caption. Perplexity columns name theirs already."""
+    from harness.store.records import LOWER_IS_BETTER
+
+    return {t: m for t in tasks if t not in CONVENTIONS["paper"] for r in records
+            if (m := metric_for(t, r.scores.get(t, {}), "paper", r)) not in (None, "acc") and m not in LOWER_IS_BETTER}
 
 
 @dataclass

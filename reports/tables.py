@@ -14,7 +14,7 @@ import pandas as pd
 
 from harness.store.records import LOWER_IS_BETTER, RunRecord, is_long_task, stored_presentation, task_presentation
 from harness.store.task_names import STANDARD_TASKS, TaskPresentation
-from reports.collect import CONVENTION_TEXT, Collection, differing_settings, is_latency, metric_for, natural_key, reference
+from reports.collect import CONVENTION_TEXT, Collection, differing_settings, is_latency, metric_for, natural_key, own_metrics, reference
 from reports.formats import CellSpec, bold_best, bold_beyond_noise, cell, make_table
 
 MODE_ORDER = {"disaggregated": 0, "unified": 1}
@@ -140,8 +140,10 @@ def _quality_caption(col: Collection, recs: list[RunRecord], tasks: list[str], c
     seeds = sorted({str(r.config.get("seed")) for r in recs})
     shots = sorted({int(r.config.get("num_fewshot") or 0) for r in recs}) or [0]
     shot_text = "Zero-shot" if shots == [0] else f"{'/'.join(map(str, shots))}-shot"
+    own = own_metrics(tasks, recs) if convention == "paper" else {}  # a plug-in task's table metric, from its records
+    own_text = "; " + ", ".join(f"{m} for {TASK_TITLE.get(t, t)}" for t, m in own.items()) + " (the task's own)" if own else ""
     return (f"{shot_text} scores (%) on {model}; rows grouped by PD setting and blocks removed "
-            f"(one number: both stages; 'p / d': prefill / decode). Metric: {CONVENTION_TEXT[convention]} "
+            f"(one number: both stages; 'p / d': prefill / decode). Metric: {CONVENTION_TEXT[convention]}{own_text} "
             f"(convention '{convention}'). {_items_text(recs, tasks)}; lm-eval {', '.join(lm_eval) or '—'}, "
             f"seed {', '.join(seeds)}. Avg: mean over the accuracy columns. KV ×: KV bytes unpruned ÷ method, summed over "
             f"the handoffs of these tasks both scored (disaggregated only). ± : standard error (lm-eval's; Avg: of the mean over tasks). "

@@ -95,13 +95,18 @@ def digests(cfg, loaded=None, prepared=None) -> dict[str, Any]:
 
 
 def _plugin_code(cfg, prepared) -> dict[str, dict]:
-    """{"methods": {name: {module: digest}}, "tasks": {task: ...}} of the plug-in code the run's methods and
-    long-context tasks run (methods/plugin_code.py); {} when they are all the package's own."""
-    from harness.quality import long_tasks
+    """{"methods": {name: {module: digest}}, "tasks": {task: ...}} of the plug-in code the run's methods,
+    long-context tasks and lm-eval tasks on local data (their loaders) run (methods/plugin_code.py); {} when they
+    are all the package's own."""
+    from harness.quality import local_tasks, long_tasks
     from methods.plugin_code import plugin_code
 
+    def task_class(t: str):  # a local task's loader runs only with a data dir (else lm-eval reads the hub)
+        return long_tasks.get(t) if long_tasks.is_long_task(t) else \
+            local_tasks.get(t) if cfg.data_dir and local_tasks.is_local_task(t) else None
+
     methods = {n: c for n, m in (prepared.methods.items() if prepared is not None else ()) if (c := plugin_code(m))}
-    tasks = {t: c for t in cfg.tasks if long_tasks.is_long_task(t) and (c := plugin_code(long_tasks.get(t)))}
+    tasks = {t: c for t in cfg.tasks if (cls := task_class(t)) is not None and (c := plugin_code(cls))}
     return {k: v for k, v in (("methods", methods), ("tasks", tasks)) if v}
 
 
@@ -125,7 +130,7 @@ def differences(then: dict | None, now: dict, calibrates: bool = False, method: 
 
 
 def _code_changes(then: dict, now: dict, method: str | None) -> list[str]:
-    """'the code of plug-in method x (module m)' for `method` and each long-context task whose plug-in code changed."""
+    """'the code of plug-in method x (module m)' for `method` and each task whose plug-in code changed."""
     from methods.plugin_code import changes
 
     kinds = [("method", "methods", [method] if method else []), ("task", "tasks", sorted(then.get("tasks", {})))]

@@ -362,10 +362,13 @@ def _make_plan(st: _Run, method, mode: str) -> tuple[PruningPlan, float, dict | 
 
 
 def _primary_metric(task: str) -> str:
-    """A long-context task's own primary metric, else lm-eval's usual one (records.PRIMARY_METRIC)."""
-    from harness.quality import long_tasks
+    """A long-context task's own primary metric, a local-data lm-eval task's `table_metric` (stored in the record:
+    reports read a plug-in's from there), else lm-eval's usual one (records.PRIMARY_METRIC)."""
+    from harness.quality import local_tasks, long_tasks
 
-    return long_tasks.get(task).presentation.primary_metric if long_tasks.is_long_task(task) else rec.primary_metric(task)
+    if long_tasks.is_long_task(task):
+        return long_tasks.get(task).presentation.primary_metric
+    return local_tasks.get(task).table_metric if local_tasks.is_local_task(task) else rec.primary_metric(task)
 
 
 def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: PruningPlan, partial: dict,

@@ -26,7 +26,9 @@ from harness.store.task_names import LEGACY_PRESENTATION, TaskPresentation
 SCHEMA_VERSION = 2  # 2: latency figures are a typed field (`latency`), no longer fake scores
 READABLE_SCHEMAS = {1: upgrade_v1, 2: lambda d: d}  # version -> converter to the current form
 
-# Metric shown for a task when a table needs one number (lm-eval's usual reporting convention).
+# Metric shown for a task when a table needs one number (lm-eval's usual reporting convention), for records
+# without `lm_eval.metric_convention` and for lm-eval tasks the harness defines nothing for (read from the hub). An
+# lm-eval task on local data names its own (`table_metric`, harness/quality/local_tasks/), which each record stores.
 PRIMARY_METRIC = {
     "hellaswag": "acc_norm",
     "arc_challenge": "acc_norm",
@@ -38,10 +40,14 @@ LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perpl
 
 
 def primary_metric(task: str, record: RunRecord | None = None) -> str:
-    """The task's one number: a long-context task's from its presentation (in `record` when given), else
-    lm-eval's usual convention."""
+    """The task's one number: a long-context task's from its presentation (in `record` when given), else the one
+    `record` stored for it (`lm_eval.metric_convention`: a plug-in lm-eval task's `table_metric`), else lm-eval's
+    usual convention."""
     pres = task_presentation(record, task) if record is not None else LEGACY_PRESENTATION.get(task)
-    return pres.primary_metric if pres else PRIMARY_METRIC.get(task, "acc")
+    if pres:
+        return pres.primary_metric
+    stored = (record.lm_eval.get("metric_convention") or {}).get(task) if record is not None else None
+    return stored if isinstance(stored, str) and stored else PRIMARY_METRIC.get(task, "acc")
 
 
 def task_presentation(record: RunRecord, task: str) -> TaskPresentation | None:
