@@ -1,4 +1,4 @@
-"""The long-context task and latency figure contracts, as functions (as `method_contract.py` holds the method's):
+"""The long-context task, local-data lm-eval task and latency figure contracts, as functions (as `method_contract.py` holds the method's):
 `test_contracts.py` runs them for every registered task and figure of the package, and a plug-in's own test file,
 inside or outside this repository, runs them on its task or figure (the suite drops `HARNESS_PLUGINS`, so the
 registry-wide tests never see an outside plug-in)."""
@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 from harness.latency import figures
 from harness.latency.measure import Measurement, Workload
-from harness.quality import long_tasks
+from harness.quality import local_tasks, long_tasks
 from harness.registration import option_types
 from harness.store.task_names import TaskPresentation
 
@@ -29,6 +30,30 @@ def check_long_task_contract(name: str) -> None:
     stored = task.describe(options)  # what each record keeps: plain JSON, read back by reports without task code
     assert json.loads(json.dumps(stored))["version"] == task.version  # tuples come back as lists: the stored form
     assert all(isinstance(f, str) and not f.startswith("/") for f in task.data_files)  # relative to the data dir
+
+
+def check_local_task_contract(name: str, data_dir: Path | None = None) -> None:
+    """The registered lm-eval task on local data `name` names an upstream YAML of the pinned lm-eval that scores one of
+    the splits it provides and reports its `table_metric`; with `data_dir`, its loader gives exactly those splits, each
+    with rows (a group's first subtask)."""
+    import lm_eval.tasks
+    from lm_eval.tasks._yaml_loader import load_yaml  # the pinned lm-eval's reader, `include:` resolved
+
+    from harness.quality.tasks import local_rows
+
+    task = local_tasks.get(name)
+    assert task.name == name and local_tasks.is_local_task(name) and not long_tasks.is_long_task(name)
+    assert isinstance(task.files, tuple) and task.files and all(isinstance(f, str) and f for f in task.files)
+    subtasks = task.subtasks(Path(data_dir)) if data_dir is not None else None
+    subtask = subtasks[0] if subtasks else ("anatomy" if "{subtask}" in task.upstream else None)
+    upstream = Path(lm_eval.tasks.__file__).parent / task.upstream_yaml(subtask)
+    config = load_yaml(upstream, resolve_func=False)
+    assert task.table_metric in [m["metric"] for m in config.get("metric_list", [])], (task.table_metric, upstream)
+    assert config.get("test_split") in task.splits or config.get("validation_split") in task.splits, (config, task.splits)
+    if data_dir is not None:
+        rows = local_rows(name, data_dir, subtask)
+        assert set(rows) == set(task.splits) and all(rows.values()), {k: len(v) for k, v in rows.items()}
+        assert all(isinstance(r, dict) for split in rows.values() for r in split[:5])
 
 
 def _measurement(decode_tokens: int) -> Measurement:

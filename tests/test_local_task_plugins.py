@@ -1,0 +1,168 @@
+"""An lm-eval task on local data is a plug-in: a SciQ task defined in a temporary module outside the repository, on a
+JSON-lines file of its own, runs through `python -m harness` with HARNESS_PLUGINS and no edit to any harness file;
+the report shows its own table metric from the record alone; an edit of the plug-in refuses the old records; a
+clashing or incomplete one is refused naming its module."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import ROOT
+from plugin_contract import check_local_task_contract
+
+import methods
+from harness.errors import UsageError
+from harness.quality import local_tasks, long_tasks
+
+MODULE = "pd_harness_test_local_sciq"
+PLUGIN = textwrap.dedent('''
+    """`sciq`: SciQ's test split from a local JSON-lines file, scored by lm-eval's own sciq YAML."""
+
+    from pathlib import Path
+
+    from harness.quality.local_tasks import register_task
+    from harness.quality.local_tasks.base import LocalTask, jsonl
+
+
+    @register_task
+    class {cls}(LocalTask):
+        name = "{name}"
+        files = ("sciq/test.jsonl",)  # relative to --data-dir
+        splits = ("test",)
+        upstream = "sciq/sciq.yaml"  # relative to lm_eval/tasks: prompt, choices, target and metrics unchanged
+        table_metric = "acc_norm"
+
+        @classmethod
+        def load(cls, data_dir: Path, subtask: str | None = None) -> dict[str, list[dict]]:
+            fields = ("support", "question", "distractor1", "distractor2", "distractor3", "correct_answer")
+            return {{"test": jsonl(cls.path(data_dir), fields)}}
+
+        {extra}
+''')
+FACTS = [("Water boils at 100 degrees at sea level.", "At what temperature does water boil?", "50", "0", "200", "100"),
+         ("Plants make food by photosynthesis.", "How do plants make food?", "respiration", "digestion", "rust",
+          "photosynthesis"),
+         ("The heart pumps blood.", "Which organ pumps blood?", "lung", "liver", "kidney", "heart"),
+         ("Iron is a metal.", "Which of these is a metal?", "oxygen", "carbon", "neon", "iron"),
+         ("The Earth orbits the Sun.", "What does the Earth orbit?", "the Moon", "Mars", "Jupiter", "the Sun"),
+         ("Ice is frozen water.", "What is ice?", "frozen air", "liquid rock", "hot gas", "frozen water")]
+KEYS = ("support", "question", "distractor1", "distractor2", "distractor3", "correct_answer")
+
+
+def _write_plugin(folder, name="sciq", module=MODULE, extra=""):
+    """The plug-in module, `extra` (one line) ending its class body."""
+    (folder / f"{module}.py").write_text(PLUGIN.format(name=name, cls="SciQ", extra=extra))
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """A plug-in module and a data dir holding only its file, both outside the repository."""
+    _write_plugin(tmp_path)
+    data = tmp_path / "data"
+    (data / "sciq").mkdir(parents=True)
+    (data / "sciq" / "test.jsonl").write_text("".join(json.dumps(dict(zip(KEYS, f))) + "\n" for f in FACTS))
+    return tmp_path, data
+
+
+def _harness(folder, *args):
+    env = {**os.environ, "HARNESS_PLUGINS": MODULE, "PYTHONPATH": f"{folder}{os.pathsep}{ROOT}"}
+    return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_an_outside_local_task_runs_and_reports_its_own_metric_from_the_record(outside):
+    from harness.store import records
+    from reports.collect import metric_for
+    from reports.formats import to_markdown
+    from reports.tables import quality_table
+
+    folder, data = outside
+    out = folder / "run"
+    run = ("--methods", "unpruned", "--tasks", "sciq", "--limit", 5, "--model", "random:tiny", "--data-dir", data,
+           "--out", out, "-q")
+    r = _harness(folder, *run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not local_tasks.is_local_task("sciq")  # this process never loaded the plug-in: what follows reads records
+    (rec,) = records.load_dir(out)
+    assert rec.n_samples["sciq"] == 5 and set(rec.scores["sciq"]) >= {"acc", "acc_norm"}
+    assert rec.lm_eval["metric_convention"] == {"sciq": "acc_norm"}
+    inputs = rec.extra["inputs"]
+    assert inputs["code"]["tasks"]["sciq"].keys() == {MODULE} and inputs["data"]["sciq"]
+    # acc and acc_norm of 5 items may agree: set them apart, then the table must show acc_norm
+    rec.scores["sciq"] = {"acc": {"value": 0.2, "stderr": 0.1}, "acc_norm": {"value": 0.8, "stderr": 0.1}}
+    assert metric_for("sciq", rec.scores["sciq"], "paper", rec) == "acc_norm"
+    assert metric_for("sciq", rec.scores["sciq"], "acc", rec) == "acc"
+    md = to_markdown(quality_table([rec]))
+    assert "| unpruned | 0 | 80.0 ± 10.0 |" in md and "acc elsewhere; acc_norm for sciq (the task's own)" in md
+    assert {row["metric"] for row in records.summary_rows([rec]) if row["primary"]} == {"acc_norm"}
+    rep = subprocess.run([sys.executable, "-m", "harness", "report", str(out), "--no-plots"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "HARNESS_PLUGINS"})
+    assert rep.returncode == 0 and "acc_norm for sciq" in (out / "report" / "tables" / "quality.md").read_text(), rep.stderr
+
+    # an edited plug-in: its records are not reused, the refusal names the task and the module
+    _write_plugin(folder, extra="# edited")
+    again = _harness(folder, *run)
+    assert again.returncode == 2 and f"the code of plug-in task sciq ({MODULE})" in again.stderr, again.stderr[-2000:]
+
+
+def test_the_outside_task_honours_the_local_task_contract(outside, monkeypatch):
+    folder, data = outside
+    monkeypatch.syspath_prepend(str(folder))
+    try:
+        methods.load_plugins(MODULE)
+        check_local_task_contract("sciq", data)
+    finally:
+        local_tasks.unregister_task("sciq")
+        sys.modules.pop(MODULE, None)
+
+
+@pytest.fixture
+def registries():
+    saved = dict(local_tasks._REGISTRY), dict(long_tasks._REGISTRY)
+    yield
+    for live, old in zip((local_tasks._REGISTRY, long_tasks._REGISTRY), saved):
+        live.clear()
+        live.update(old)
+
+
+@pytest.mark.parametrize("name, extra, says", [
+    ("arc_easy", "", "lm-eval task on local data 'arc_easy' is already registered by harness.quality.local_tasks.arc.ArcEasy"),
+    ("passkey", "", "'passkey' (pd_harness_test_clash): the name is a long-context task, an MMLU subtask or a --tasks alias"),
+    ("standard", "", "'standard' (pd_harness_test_clash): the name is a long-context task"),
+    ("mmlu_anatomy", "", "'mmlu_anatomy' (pd_harness_test_clash): the name is a long-context task, an MMLU subtask"),
+    ("sciq", "files = ()", "`files` must be a non-empty tuple of paths relative to the data dir"),
+    ("sciq", "splits = ('test', 'tset')", "`splits` must be a non-empty tuple of train, validation, test, dev"),
+    ("sciq", "upstream = 'sciq'", "`upstream` must be lm-eval's task YAML relative to lm_eval/tasks"),
+    ("sciq", "load = None", "`load(cls, data_dir, subtask=None)` must be a classmethod of its own"),
+])
+def test_a_clashing_or_incomplete_local_task_is_refused_naming_its_module(name, extra, says, tmp_path, monkeypatch,
+                                                                           registries):
+    _write_plugin(tmp_path, name, "pd_harness_test_clash", extra)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(UsageError) as e:
+            methods.load_plugins("pd_harness_test_clash")
+    finally:
+        sys.modules.pop("pd_harness_test_clash", None)
+    assert str(e.value).startswith("HARNESS_PLUGINS names 'pd_harness_test_clash', which failed to load: ValueError: ")
+    assert says in str(e.value), str(e.value)
+    assert local_tasks.get("arc_easy").__module__ == "harness.quality.local_tasks.arc"
+    assert all(local_tasks.get(n).__module__ != "pd_harness_test_clash" for n in local_tasks.names())
+
+
+def test_a_long_context_task_cannot_take_a_plugin_local_tasks_name(outside, monkeypatch, registries):
+    from harness.quality.long_tasks.passkey import Passkey
+
+    folder, _ = outside
+    monkeypatch.syspath_prepend(str(folder))
+    try:
+        methods.load_plugins(MODULE)
+        with pytest.raises(ValueError, match="'sciq': the name is an lm-eval task with local data"):
+            long_tasks.register_task(type("SciqPasskey", (Passkey,), {"name": "sciq"}))
+    finally:
+        sys.modules.pop(MODULE, None)
