@@ -110,12 +110,22 @@ def test_an_outside_local_task_runs_and_reports_its_own_metric_from_the_record(o
     assert again.returncode == 2 and f"the code of plug-in task sciq ({MODULE})" in again.stderr, again.stderr[-2000:]
 
 
-def test_the_outside_task_honours_the_local_task_contract(outside, monkeypatch):
+def test_the_outside_task_honours_the_contract_and_stays_out_of_the_standard_alias(outside, monkeypatch):
+    from harness.cli.run import check_tasks
+    from harness.config import RunConfig, expand_tasks
+    from harness.run import pipeline
+    from harness.run.progress import work_of
+    from harness.store.task_names import STANDARD_TASKS
+
     folder, data = outside
     monkeypatch.syspath_prepend(str(folder))
     try:
         methods.load_plugins(MODULE)
         check_local_task_contract("sciq", data)
+        check_tasks(("arc_easy", "sciq"), str(data))
+        assert expand_tasks(["standard"]) == STANDARD_TASKS  # the paper's set: a plug-in task runs when named
+        cfg = RunConfig(model="random:tiny", methods=("unpruned",), tasks=("sciq",), data_dir=str(data), limit=4)
+        assert work_of(cfg, pipeline.prepare(cfg)).items == {"sciq": 4}  # its JSON lines counted up front
     finally:
         local_tasks.unregister_task("sciq")
         sys.modules.pop(MODULE, None)
@@ -166,3 +176,12 @@ def test_a_long_context_task_cannot_take_a_plugin_local_tasks_name(outside, monk
             long_tasks.register_task(type("SciqPasskey", (Passkey,), {"name": "sciq"}))
     finally:
         sys.modules.pop(MODULE, None)
+
+
+def test_the_builtin_tasks_table_metrics_are_the_fallback_older_records_get():
+    """Records without `metric_convention` render with records.PRIMARY_METRIC: today it equals the tasks' own."""
+    from harness.store.records import PRIMARY_METRIC
+
+    assert set(PRIMARY_METRIC) <= set(local_tasks.names())
+    assert {n: local_tasks.get(n).table_metric for n in local_tasks.names()} == \
+        {n: PRIMARY_METRIC.get(n, "acc") for n in local_tasks.names()}
