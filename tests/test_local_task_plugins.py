@@ -185,3 +185,23 @@ def test_the_builtin_tasks_table_metrics_are_the_fallback_older_records_get():
     assert set(PRIMARY_METRIC) <= set(local_tasks.names())
     assert {n: local_tasks.get(n).table_metric for n in local_tasks.names()} == \
         {n: PRIMARY_METRIC.get(n, "acc") for n in local_tasks.names()}
+
+
+def test_the_documented_sciq_task_is_the_tested_one_and_plugs_in(outside, monkeypatch):
+    """docs/adding.md's SciQ block, as an outside module: the same code this file runs end to end, honouring the
+    contract on the outside data."""
+    import re
+
+    folder, data = outside
+    text = (ROOT / "docs" / "adding.md").read_text()
+    code = re.search(r"## An lm-eval task on local data.*?```python\n(.*?)```", text, re.S).group(1)
+    assert code.strip() == PLUGIN.format(name="sciq", cls="SciQ", extra="").strip()
+    (folder / "pd_harness_doc_sciq.py").write_text(code)
+    monkeypatch.syspath_prepend(str(folder))
+    try:
+        methods.load_plugins("pd_harness_doc_sciq")
+        check_local_task_contract("sciq", data)
+        assert len(local_tasks.get("sciq").load(data)["test"]) == len(FACTS)
+    finally:
+        local_tasks.unregister_task("sciq")
+        sys.modules.pop("pd_harness_doc_sciq", None)
