@@ -145,6 +145,7 @@ def registries():
     ("passkey", "", "'passkey' (pd_harness_test_clash): the name is a long-context task, an MMLU subtask or a --tasks alias"),
     ("standard", "", "'standard' (pd_harness_test_clash): the name is a long-context task"),
     ("mmlu_anatomy", "", "'mmlu_anatomy' (pd_harness_test_clash): the name is a long-context task, an MMLU subtask"),
+    ("sci/q", "", "lm-eval task on local data name 'sci/q' is not usable; a name is 1-64 letters"),
     ("sciq", "files = ()", "`files` must be a non-empty tuple of paths relative to the data dir"),
     ("sciq", "splits = ('test', 'tset')", "`splits` must be a non-empty tuple of train, validation, test, dev"),
     ("sciq", "upstream = 'sciq'", "`upstream` must be lm-eval's task YAML relative to lm_eval/tasks"),

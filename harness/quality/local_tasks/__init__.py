@@ -19,7 +19,7 @@ import pkgutil
 from pathlib import Path
 
 from harness.quality.local_tasks.base import SPLITS, LocalTask
-from harness.registration import same_definition
+from harness.registration import check_name, same_definition
 
 __all__ = ["LocalTask", "register_task", "unregister_task", "names", "get", "is_local_task"]
 
@@ -36,8 +36,7 @@ def register_task(cls: type[LocalTask]) -> type[LocalTask]:
         raise ValueError(f"{cls!r}: an lm-eval task on local data is a subclass of harness.quality.local_tasks.LocalTask")
     name = getattr(cls, "name", None)
     owner = f"lm-eval task on local data {name!r} ({cls.__module__}.{cls.__qualname__})"
-    if not isinstance(name, str) or not name or any(c in name for c in ".,/ "):
-        raise ValueError(f"{cls.__qualname__}: an lm-eval task on local data needs a `name` without '.', ',', '/' or spaces")
+    check_name("lm-eval task on local data", name, f"{cls.__module__}.{cls.__qualname__}")
     _check_fields(cls, owner)
     _check_name_free(cls, owner)
     _REGISTRY[name] = cls
