@@ -186,3 +186,27 @@ def test_a_quiet_spec_with_a_latency_section_shows_no_progress_bars(tmp_path, da
                          text=True, timeout=600, env={**env, "HARNESS_DATA_DIR": str(data_dir)})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "it/s]" not in res.stderr and "%|" not in res.stderr, res.stderr[-2000:]
+
+
+def test_a_local_task_groups_subtasks_are_counted_up_front_from_the_registry(data_dir, tmp_path, monkeypatch):
+    """The count of a group's subtasks came from a path the runner named for MMLU (`mmlu/test`); it is the task's own
+    `subtasks` now, so a plug-in group is counted too, and MMLU without a data dir keeps its hub count (57)."""
+    from harness.config import RunConfig
+    from harness.quality import local_tasks
+    from harness.quality.local_tasks.mmlu import Mmlu, mmlu_subjects
+
+    class Pairs(Mmlu):  # a group of its own: three subtasks, whatever the data dir holds
+        name = "pairs_group"
+
+        @classmethod
+        def subtasks(cls, data_dir):
+            return ["a", "b", "c"]
+
+    monkeypatch.setitem(local_tasks._REGISTRY, "pairs_group", Pairs)
+    n_mmlu = len(mmlu_subjects(Path(data_dir)))
+    for data, tasks, want in ((str(data_dir), ("pairs_group", "mmlu"), {"pairs_group": 3 * 4, "mmlu": n_mmlu * 4}),
+                              (None, ("mmlu",), {"mmlu": 57 * 4})):
+        cfg = RunConfig(model="random:tiny", methods=("unpruned",), tasks=tasks, data_dir=data, limit=4)
+        work = progress.work_of(cfg, type("Prepared", (), {"methods": {"unpruned": None}, "task_options": {}})())
+        assert work.items == want
+        assert work.notes["mmlu"] == f"{want['mmlu'] // 4} subtasks, up to 4 items each"

@@ -280,9 +280,28 @@ def _local_rows(task: str, data_dir: str | None) -> int | None:
         return sum(1 for line in f if line.strip())
 
 
+def _subtasks(task: str, data_dir: str | None) -> int | None:
+    """How many subtasks a local-data group (MMLU) has: found in `data_dir`, else (the hub's data) as the task
+    declares (`LocalTask.hub_subtasks`); None for a single task or one that is not a local-data task."""
+    from pathlib import Path
+
+    from harness.errors import UsageError
+    from harness.quality import local_tasks
+
+    if not local_tasks.is_local_task(task):
+        return None
+    cls = local_tasks.get(task)
+    if data_dir is None:
+        return cls.hub_subtasks
+    try:
+        found = cls.subtasks(Path(data_dir))
+    except UsageError:  # its folder missing: the data-file check before this says so
+        return 0
+    return None if found is None else len(found)
+
+
 def work_of(cfg, prepared) -> Work:
     """The run's cells and each task's items per cell (`--limit` applied), from files and options only."""
-    from pathlib import Path
 
     from harness.quality import long_tasks
     from harness.quality.long_tasks.base import capped
@@ -299,8 +318,7 @@ def work_of(cfg, prepared) -> Work:
             continue
         rows = _local_rows(task, cfg.data_dir)
         items[task] = capped(rows, cfg.limit) if rows is not None else rows
-        if task == "mmlu":
-            n_sub = len(list((Path(cfg.data_dir) / "mmlu" / "test").glob("*"))) if cfg.data_dir else 57
+        if (n_sub := _subtasks(task, cfg.data_dir)) is not None:
             items[task] = n_sub * whole if whole else None
             notes[task] = f"{n_sub} subtasks, up to {cfg.limit or 'all'} items each"
         elif rows is None:

@@ -36,6 +36,8 @@ class LocalTask:
     # the one number tables show under the default `paper` convention (lm-eval's usual reporting); records keep it
     # (`lm_eval.metric_convention`), so reports need no task code
     table_metric: ClassVar[str] = "acc"
+    # a group's subtask count in lm-eval's hub data (MMLU: 57), for the run's up-front item count without a data dir
+    hub_subtasks: ClassVar[int | None] = None
 
     @classmethod
     def load(cls, data_dir: Path, subtask: str | None = None) -> dict[str, list[dict[str, Any]]]:

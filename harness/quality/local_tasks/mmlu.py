@@ -42,6 +42,7 @@ class Mmlu(LocalTask):
     files = ("mmlu/test", "mmlu/dev", "mmlu/val")
     splits = ("test", "dev", "validation")
     upstream = "mmlu/default/mmlu_{subtask}.yaml"  # its folder holds the group's own YAMLs too
+    hub_subtasks = 57
 
     @classmethod
     def subtasks(cls, data_dir: Path) -> list[str]:
