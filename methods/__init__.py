@@ -13,6 +13,7 @@ import functools
 import importlib
 import os
 import pkgutil
+import sys
 from importlib.metadata import entry_points
 
 from harness.errors import UsageError
@@ -20,7 +21,7 @@ from methods import plugin_code
 from methods.base import Method
 from methods.registry import get, names, register
 
-__all__ = ["Method", "get", "names", "register", "load_plugins"]
+__all__ = ["Method", "get", "names", "register", "load_plugins", "plugin_modules"]
 
 ENTRY_POINT_GROUP = "pd_harness.methods"
 
@@ -40,25 +41,37 @@ def _import_package_modules() -> None:
             importlib.import_module(info.name)
 
 
-def load_plugins(spec: str | None = None) -> list[str]:
+_LOADED: dict[str, None] = {}  # every plug-in module load_plugins imported, in load order (`plugin_modules`)
+
+
+def load_plugins(spec: str | None = None, source: str = "HARNESS_PLUGINS") -> list[str]:
     """Import external plug-in modules: `spec` (default `$HARNESS_PLUGINS`, comma-separated module
     names) and the `pd_harness.methods` entry points. Returns the modules imported; importing one
-    twice is a no-op (Python caches modules), so calling this again is safe."""
+    twice is a no-op (Python caches modules), so calling this again is safe. `source` is what named
+    `spec`, for the error of a module that cannot be imported (a spec's `plugins` key)."""
     spec = os.environ.get("HARNESS_PLUGINS", "") if spec is None else spec
     loaded = []
     for mod in (m.strip() for m in spec.split(",")):
         if mod:
             plugin_code.note_plugin(mod)  # its records keep digests of its code (methods/plugin_code.py)
-            _import_plugin(mod, f"HARNESS_PLUGINS names {mod!r}", functools.partial(importlib.import_module, mod))
+            _import_plugin(mod, f"{source} names {mod!r}", functools.partial(importlib.import_module, mod))
             plugin_code.note_loaded(mod)  # its KV policies' and tasks' code as loaded (methods register their own)
             loaded.append(mod)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         plugin_code.note_plugin(ep.value)
         _import_plugin(ep.value, f"the entry point {ep.name} = {ep.value!r} (group {ENTRY_POINT_GROUP})", ep.load)
         loaded.append(ep.value)
+    _LOADED.update(dict.fromkeys(loaded))
     _import_plugin("", "the KV-baseline method of a plug-in KV policy", register_baselines)
     _refuse_shared_names()
     return loaded
+
+
+def plugin_modules() -> list[str]:
+    """The plug-in modules imported so far, in load order, each once: those `HARNESS_PLUGINS`, a spec's `plugins` or a
+    `load_plugins` call named, and the entry points' values (`module:attr`). What a record keeps as the plug-ins its run
+    loaded (`environment.plugins`); a module since dropped from `sys.modules` (a test's) is left out."""
+    return [m for m in _LOADED if m.partition(":")[0] in sys.modules]
 
 
 def _refuse_shared_names() -> None:

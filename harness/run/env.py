@@ -76,9 +76,13 @@ def _nvidia_smi() -> dict[str, Any]:
 
 
 def env_info(device: str | None = None) -> dict[str, Any]:
-    """Versions of Python and the libraries that affect results, the device, and the git commit."""
+    """Versions of Python and the libraries that affect results, the device, the git commit, and the plug-in modules
+    the run loaded (`plugins`, only when there are any: what HARNESS_PLUGINS or a spec's `plugins` must name again to
+    reproduce it; which of their code each method ran is in the record's digests)."""
     from harness.version import __version__
+    from methods import plugin_modules
 
+    plugins = plugin_modules()
     return {
         "harness": __version__,
         "python": sys.version.split()[0],
@@ -87,4 +91,5 @@ def env_info(device: str | None = None) -> dict[str, Any]:
         "device": device,
         **device_info(),
         "git": git_info(),
+        **({"plugins": plugins} if plugins else {}),
     }
