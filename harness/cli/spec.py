@@ -1,5 +1,7 @@
 """Experiment specs: TOML files under `configs/` that regenerate a table.
 
+    plugins = ["my_plugins.kv"]      # optional, above the sections: plug-in modules (harness/cli/spec_plugins.py)
+
     [run]       # optional: a quality run; keys are `python -m harness` flags (dashes or underscores)
     methods = ["unpruned", "shortgpt"]
     tasks = ["standard", "long"]
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.cli import spec_plugins
 from harness.config import did_you_mean
 from harness.errors import UsageError
 
@@ -42,6 +45,7 @@ SECTIONS = ("run", "latency", "report")
 class Spec:
     path: Path
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    plugins: tuple[str, ...] = ()  # the top-level `plugins` key: module names, imported by load_spec
 
     def out(self, section: str) -> Path | None:
         v = self.sections.get(section, {}).get("out")
@@ -60,15 +64,20 @@ def load_spec(path: str | Path, flag: str = "--config") -> Spec:
         raise UsageError(f"{what}: no such file (specs live in configs/, e.g. configs/ci.toml)") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise UsageError(f"{what}: not a readable TOML file ({e})") from None
+    plugins = spec_plugins.parse(p, data.pop(spec_plugins.KEY)) if spec_plugins.KEY in data else ()
     unknown = [k for k in data if k not in SECTIONS]
     if unknown:
-        raise UsageError(f"{p}: unknown section(s) {', '.join(unknown)}; a spec has [run], [latency] and/or [report]")
+        what = "section(s)" if all(isinstance(data[k], dict) for k in unknown) else "key(s)"
+        raise UsageError(f"{p}: unknown {what} {', '.join(unknown)}{did_you_mean(unknown[0], [*SECTIONS, spec_plugins.KEY])}"
+                         f"; a spec has [run], [latency] and/or [report] sections and, above them, the key "
+                         f"{spec_plugins.EXAMPLE}")
     bad = [k for k in data if not isinstance(data[k], dict)]
     if bad:
         raise UsageError(f"{p}: {', '.join(bad)} must be a [section] table")
     if "run" not in data and "latency" not in data and not data.get("report", {}).get("results"):
         raise UsageError(f"{p}: nothing to do; give a [run] or [latency] section, or [report] results = [folders]")
-    return Spec(p, {k: dict(v) for k, v in data.items()})
+    spec_plugins.load(p, plugins)  # before any of the spec's method, task or figure names is resolved
+    return Spec(p, {k: dict(v) for k, v in data.items()}, plugins)
 
 
 def _flag(action: argparse.Action) -> str:
@@ -99,7 +108,9 @@ def _spec_actions(parser: argparse.ArgumentParser, positionals: bool = False) ->
 def _action(actions: dict[str, argparse.Action], spec: Spec, section: str, key: str) -> argparse.Action:
     """The action of spec key `key`, or a UsageError listing the section's keys."""
     if key not in actions:
-        why = " (a spec cannot name another spec)" if key == "config" else ""
+        why = " (a spec cannot name another spec)" if key == "config" else \
+            f" (it is a top-level key: put {spec_plugins.EXAMPLE} above the first [section])" \
+            if key == spec_plugins.KEY else ""
         raise UsageError(f"{spec.path} [{section}]: unknown key {key!r}{why or did_you_mean(key, actions)}; "
                          f"known keys: {', '.join(sorted(actions))}")
     return actions[key]

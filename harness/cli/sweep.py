@@ -44,6 +44,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -112,14 +113,16 @@ def main(argv: list[str]) -> int:
         return _sweep(args, plan, started)
 
 
-def cell_env(threads: int) -> dict[str, str]:
+def cell_env(threads: int, spec_plugins: Sequence[str] = ()) -> dict[str, str]:
     """What each cell's process gets on top of its worker's environment. OMP_NUM_THREADS is what torch starts with: N
-    cells of T threads share the cores instead of N × all of them. HARNESS_PLUGINS: the spec was checked with this
-    process's plug-ins, and a Ray cluster's node runs its cells in its own environment, which lacks them (each cell
-    then failed on an unknown method)."""
+    cells of T threads share the cores instead of N × all of them. HARNESS_PLUGINS: this process's plug-ins and then
+    the spec's `plugins`, each once (`spec_plugins.combined`), the ones the spec was checked with; a Ray cluster's node
+    runs its cells in its own environment, which lacks them (each cell then failed on an unknown method), and a cell
+    runs the `run` command, not the spec."""
+    from harness.cli.spec_plugins import combined
     from harness.store import lock
 
-    plugins = os.environ.get("HARNESS_PLUGINS")
+    plugins = ",".join(combined(spec_plugins))
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1", **lock.child_env(),
             **({"HARNESS_PLUGINS": plugins} if plugins else {})}
 
@@ -130,8 +133,9 @@ def _sweep(args, plan: Plan, started: float) -> int:
     backend = make_backend(args.backend, workers, plan, gpus)
     cwd = os.getcwd()
     threads = max(1, cores() // min(workers, len(plan.cells)))
-    env = cell_env(threads)
-    info: dict[str, Any] = {"backend": backend.name, "workers": workers, "threads_per_cell": threads}
+    env = cell_env(threads, plan.plugins)
+    info: dict[str, Any] = {"backend": backend.name, "workers": workers, "threads_per_cell": threads,
+                            **({"plugins": env["HARNESS_PLUGINS"].split(",")} if "HARNESS_PLUGINS" in env else {})}
     if isinstance(backend, RayBackend):
         info.update(ray_version=backend.ray.__version__, ray_init_s=round(backend.init_s, 2),
                     ray_address=backend.address or "local instance", gpus_per_cell=1 if backend.gpus else 0)

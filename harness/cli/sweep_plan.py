@@ -34,6 +34,7 @@ class Plan:
     report_argv: list[str] | None = None
     uses_gpu: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    plugins: tuple[str, ...] = ()  # the spec's `plugins` (imported here; the cells get them with HARNESS_PLUGINS's)
 
 
 def _scope(item: str) -> str:
@@ -83,7 +84,7 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     cells = _spec_cells(spec, section, overrides, list(prepared.methods), MODES[args.mode], run_out)
     latency = _latency_cell(spec, outs["latency"], run_out)
     report_argv = _report_argv(spec, outs["report"] if out else None, run_out, latency)
-    return Plan(run_out, cells, latency, report_argv, uses_gpu=args.device != "cpu")
+    return Plan(run_out, cells, latency, report_argv, uses_gpu=args.device != "cpu", plugins=spec.plugins)
 
 
 def _check_fewshot(cfg) -> None:
