@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from harness.errors import UsageError
+from harness.errors import PluginContractError, UsageError
 from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Measurement, Workload, e2e_ms, percentile, summarize, transfer_ms
 from harness.registration import same_definition
 
@@ -47,26 +47,48 @@ def figure(name: str) -> Callable[[FigureFn], FigureFn]:
 
 
 def compute(m: Measurement, bandwidths_gbit: Sequence[float] = DEFAULT_BANDWIDTHS_GBIT, **context: Any) -> dict[str, float]:
-    """Every registered figure of `m` (`context`: the other `FigureInputs` fields). A figure that raises or returns
-    anything but {name starting with the figure's: a finite number} is a `UsageError` naming it and its module."""
+    """Every registered figure of `m` (`context`: the other `FigureInputs` fields), in registration order; the first
+    figure that fails raises its error (`compute_each`)."""
+    values, failed = compute_each(m, bandwidths_gbit, **context)
+    if failed:
+        raise next(iter(failed.values()))
+    return {k: v for figure_values in values.values() for k, v in figure_values.items()}
+
+
+def compute_each(m: Measurement, bandwidths_gbit: Sequence[float] = DEFAULT_BANDWIDTHS_GBIT,
+                 **context: Any) -> tuple[dict[str, dict[str, float]], dict[str, UsageError]]:
+    """({figure name: its values}, {figure name: why it failed}) for every registered figure of `m`, each on its own:
+    one that fails leaves the others' values (the latency runner keeps them and the samples). A figure that raises is
+    a `UsageError` naming it and its module, raised from its own exception; one that returns anything but {name
+    starting with the figure's: a finite number} a `PluginContractError`."""
     inputs = FigureInputs(m, tuple(bandwidths_gbit), **context)
-    out: dict[str, float] = {}
+    values: dict[str, dict[str, float]] = {}
+    failed: dict[str, UsageError] = {}
     for name, fn in FIGURES.items():
-        where, its = f"latency figure {name!r}", f" ({fn.__module__}.{fn.__qualname__})"
         try:
-            values = fn(inputs)
-        except Exception as e:  # noqa: BLE001 - a figure's own error, named
-            raise UsageError(f"{where} failed: {type(e).__name__}: {e}{its}; fix it, or leave its module out") from e
-        if not isinstance(values, dict):
-            raise UsageError(f"{where} returned a {type(values).__name__}; expected a dict of {{value name: number}}{its}")
-        stray = [k for k in values if not str(k).startswith(name)]
-        if stray:
-            raise UsageError(f"{where} returned {stray}: each value's name must start with {name!r}{its}")
-        bad = {k: v for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}
-        if bad:
-            raise UsageError(f"{where} returned {bad}: each value must be a finite number (leave a value out instead){its}")
-        out.update({k: float(v) for k, v in values.items()})
-    return out
+            values[name] = _checked(name, fn, inputs)
+        except UsageError as e:
+            failed[name] = e
+    return values, failed
+
+
+def _checked(name: str, fn: FigureFn, inputs: FigureInputs) -> dict[str, float]:
+    """The values of figure `name` on `inputs`, checked."""
+    where, its = f"latency figure {name!r}", f" ({fn.__module__}.{fn.__qualname__})"
+    try:
+        values = fn(inputs)
+    except Exception as e:  # noqa: BLE001 - a figure's own error, named
+        raise UsageError(f"{where} failed: {type(e).__name__}: {e}{its}; fix it, or leave its module out") from e
+    if not isinstance(values, dict):
+        raise PluginContractError(f"{where} returned a {type(values).__name__}; expected a dict of {{value name: number}}{its}")
+    stray = [k for k in values if not str(k).startswith(name)]
+    if stray:
+        raise PluginContractError(f"{where} returned {stray}: each value's name must start with {name!r}{its}")
+    bad = {k: v for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}
+    if bad:
+        raise PluginContractError(f"{where} returned {bad}: each value must be a finite number (leave a value out "
+                                  f"instead){its}")
+    return {k: float(v) for k, v in values.items()}
 
 
 def check(bandwidths_gbit: Sequence[float] = DEFAULT_BANDWIDTHS_GBIT) -> None:
