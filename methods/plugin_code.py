@@ -141,6 +141,12 @@ def _parsed_imports(module: str, path: str | None, _stamp: tuple | None) -> froz
     return frozenset(n for n in out if n and n != module)
 
 
+def plugin_classes(obj: object) -> list[type]:
+    """The plug-in classes `obj` (a class or an instance) runs, outermost first (a plug-in method's class, or the
+    plug-in KV policy of a package-made KV baseline); [] for the package's own."""
+    return list(dict.fromkeys(c for c in _classes(obj, set()) if c.__module__ == MAIN or is_plugin(c.__module__)))
+
+
 def plugin_code(obj: object) -> dict[str, str]:
     """{module name: sha256 (16 hex) of its source file} of the plug-in modules `obj` runs: those its classes come
     from, and the plug-in modules those import, transitively (a helper module of ranking functions); {} for the

@@ -234,15 +234,19 @@ def test_a_head_shared_policy_must_keep_exactly_its_budget(plugins, tiny):
 
 
 def test_latency_names_a_policy_that_breaks_its_budget_in_one_line(plugins, cli, tmp_path):
-    """`latency` has no per-cell failures: the engine's check of `keep()` left a traceback (exit 1) there, where a
-    quality run failed the cell with the same message."""
+    """The engine's check of `keep()` left a traceback (exit 1) under `latency`, where a quality run failed the cell
+    with the same message; then it stopped the run (exit 2). Now the other methods are measured and recorded, and the
+    run ends with exit 2 (bad input: fix the plug-in) and one line naming the method and the policy."""
     methods.load_plugins("pd_harness_fault_over_keep")
-    r = cli("latency", "--model", "random:tiny", "--methods", "over_keep_kv", "--set", "over_keep_kv.base=tail",
+    r = cli("latency", "--model", "random:tiny", "--methods", "over_keep_kv,unpruned", "--set", "over_keep_kv.base=tail",
             "--set", "over_keep_kv.base_options=k=1", "--set", "over_keep_kv.keep_tokens=3", "--prompt-tokens", "16",
             "--decode-tokens", "2", "--batch-size", "1", "--repeats", "1", "--out", tmp_path / "lat", "-q")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert ("error: over_keep policy: keep() selected [16] positions per request in layer 0; it must select exactly "
-            "its budget k = [3] (pd_harness_fault_over_keep.OverKeep)") in r.stderr, r.stderr
+    assert ("error: over_keep_kv: PluginContractError: over_keep policy: keep() selected [16] positions per request in "
+            "layer 0; it must select exactly its budget k = [3] (pd_harness_fault_over_keep.OverKeep) (traceback in "
+            f"{tmp_path / 'lat' / 'over_keep_kv__disaggregated.failed.json'})") in r.stderr, r.stderr
+    assert sorted(p.name for p in (tmp_path / "lat").glob("*.json")) == ["over_keep_kv__disaggregated.failed.json",
+                                                                          "unpruned__disaggregated.json"]
 
 
 def test_a_per_head_policy_must_keep_its_budget_in_every_head():

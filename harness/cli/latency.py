@@ -106,6 +106,7 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     from harness.pd.models import load_model, model_args_text, parse_model_args
     from harness.run import pipeline
     from harness.run.latency_run import LatencyConfig, refuse_edited_plugins, run_latency
+    from harness.run.plugin_faults import PluginsFailed
     from reports.formats import to_markdown
     from reports.tables import efficiency_table
 
@@ -132,6 +133,7 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    failures: list = []
     with lock.hold(out):  # one writer per folder
         try:
             records = run_latency(cfg, prepared, out, load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed, model_args=model_args),
@@ -139,6 +141,20 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print(INTERRUPTED_ROUNDS, file=sys.stderr)
             raise
-    print(to_markdown(efficiency_table(records, 100.0 if 100.0 in cfg.bandwidths_gbit else cfg.bandwidths_gbit[0])))
-    print(f"\nclock: {records[0].extra.get('clock')}; records and summary.csv in {out}")
-    return 0
+        except PluginsFailed as e:  # the other plans are measured and recorded
+            records, failures = e.records, e.failures
+    if records:
+        print(to_markdown(efficiency_table(records, 100.0 if 100.0 in cfg.bandwidths_gbit else cfg.bandwidths_gbit[0])))
+        print(f"\nclock: {records[0].extra.get('clock')}; records and summary.csv in {out}")
+    return _failed(failures, len(prepared.methods), len(records)) if failures else 0
+
+
+def _failed(failures: list, n_methods: int, n_records: int) -> int:
+    """Say which plug-ins failed, one line each; the exit status: 2 when each was the harness's check of what a
+    plug-in returned (fix it), 1 when a plug-in raised."""
+    figures = "; a failed figure is computed from the samples its record keeps" if any(f.figure for f in failures) else ""
+    print(f"\n{len(failures)} plug-in failure(s); {n_records} of {n_methods} methods recorded (fix the plug-in, then "
+          f"rerun the same command: finished records are reused{figures}):", file=sys.stderr)
+    for f in failures:
+        print(f"error: {f.line()}", file=sys.stderr)
+    return 2 if all(f.bad_input for f in failures) else 1

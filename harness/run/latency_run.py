@@ -25,9 +25,12 @@ from harness.errors import UsageError
 from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Workload, measure
 from harness.pd.plan import PruningPlan
 from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
+from harness.run.latency_figures import figure_code, keep_failures, measured_figures, refresh_figures
+from harness.run.plugin_faults import Faults
 from harness.store import records as rec
-from harness.store.latency import WorkloadLatency
-from methods.plugin_code import module_code, plugin_code
+from methods.plugin_code import plugin_code
+
+__all__ = ["LatencyConfig", "run_latency", "refresh_figures", "refuse_edited_plugins", "replayed_plans"]
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,9 @@ def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, P
 
 
 def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[[str], None]) -> list[rec.RunRecord]:
+    """Plan, measure and record every method (a finished record in `out_dir` is reused); the records, in the methods'
+    order. A plug-in that fails leaves the others measured and recorded, and ends it with `PluginsFailed`
+    (`harness.run.plugin_faults`) once every record is saved."""
     from harness.pd import arch
     from harness.run.env import env_info
 
@@ -160,72 +166,48 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
     env = env_info(str(arch.model_device(model)))
     copy_bw = copy_bandwidth_bytes_per_s(arch.model_device(model))
     out_dir.mkdir(parents=True, exist_ok=True)
+    faults = Faults(out_dir, say)
     results, todo = {}, []
     # every plan and its record's fate first: a record of another configuration is refused before anything is measured
-    for name, method, plan, source, key, old in _planned(cfg, prepared, out_dir, loaded, say):
+    for name, method, plan, source, key, old in _planned(cfg, prepared, out_dir, loaded, say, faults):
         if old is not None:
-            code_then = old.extra.get("figure_code")
-            added = refresh_figures(cfg, old)  # figures registered or edited since: computed from its samples
-            if added or old.extra.get("figure_code") != code_then:
-                rec.save(old, out_dir)
-            say(f"{name}: finished record found, reused" + (f"; figures added or recomputed from its samples: "
-                                                              f"{', '.join(added)}" if added else ""))
-            results[name] = old
+            results[name] = _reused(cfg, name, old, out_dir, say, faults)
         else:
             todo.append((name, method, plan, source, key))
     bounds = {name: weight_bytes(model, plan.decode_layers) for name, _, plan, _, _ in todo}
-    measured = _measure_interleaved(cfg, model, [(n, m, p) for n, m, p, _, _ in todo], say)
+    faults.keys.update((name, key) for name, _, _, _, key in todo)  # for the note of a plan that fails measured
+    measured = _measure_interleaved(cfg, model, [(n, m, p) for n, m, p, _, _ in todo], say, faults)
     for name, method, plan, source, key in todo:
+        if name not in measured:  # its plug-in failed: noted
+            continue
         bound = {"weight_bytes": bounds[name], "copy_bandwidth_bytes_per_s": copy_bw}
-        ms = measured[name]
-        figures = _figures(cfg, ms, bounds[name] / copy_bw * 1e3)
+        *figures, errors = measured_figures(cfg.bandwidths_gbit, measured[name], bounds[name] / copy_bw * 1e3)
         record = _latency_record(cfg, name, method, key, plan, env, loaded.description, figures, bound, source)
-        rec.save(record, out_dir)
-        results[name] = rec.load(out_dir / rec.record_filename(name, "disaggregated"))
+        keep_failures(record, errors)
+        path = rec.save(record, out_dir)
+        faults.clear(name)
+        faults.figures(name, errors, path)
+        results[name] = rec.load(path)
     rec.refresh_summary(out_dir)  # an unreadable record in the folder is named and skipped
-    return [results[name] for name in prepared.methods if name in results]
+    done = [results[name] for name in prepared.methods if name in results]
+    faults.check(done)
+    return done
 
 
-def figure_code() -> dict[str, dict[str, str]]:
-    """{figure name: digests of its plug-in code} for the registered latency figures that are plug-ins."""
-    from harness.latency.figures import FIGURES
-
-    return {name: code for name, fn in FIGURES.items() if (code := module_code({fn.__module__}))}
-
-
-def refresh_figures(cfg: LatencyConfig, record: rec.RunRecord) -> list[str]:
-    """Bring `record`'s figures (in place) up to the registered figures, computed from its raw samples: those
-    registered since it was made, and a plug-in figure's whose code changed since (`extra.figure_code`); the names
-    of the values added or changed. The package's figures it holds stay as measured; a workload whose samples are
-    incomplete is left as it is."""
-    from harness.latency.figures import FIGURES, FigureInputs, compute
-    from harness.latency.measure import Measurement
-
-    bound = record.extra.get("decode_bound") or {}
-    bound_ms = bound["weight_bytes"] / bound["copy_bandwidth_bytes_per_s"] * 1e3 \
-        if bound.get("weight_bytes") and bound.get("copy_bandwidth_bytes_per_s") else None
-    code, then = figure_code(), record.extra.get("figure_code") or {}
-    stale = [n for n, c in code.items() if then.get(n) != c]
-    changed: set[str] = set()
-    for wl in record.latency.values():
-        fields = {f.name for f in dataclasses.fields(Measurement)} - {"handoff", "workload"}
-        try:
-            m = Measurement(**{k: v for k, v in wl.samples.items() if k in fields}, workload=Workload(**wl.samples["workload"]))
-            context = {"decode_bound_ms": bound_ms, "real_transfer": wl.samples.get("real_transfer")}
-            now = compute(m, cfg.bandwidths_gbit, **context)  # every figure passed `figures.check`: a failure here
-            edited = {n: FIGURES[n](FigureInputs(m, tuple(cfg.bandwidths_gbit), **context)) for n in stale}
-        except (KeyError, TypeError, ValueError):  # is these samples' layout (an older one), not the figure's
-            code = {n: c for n, c in code.items() if n not in stale} | {n: c for n, c in then.items() if n in stale}
-            continue  # left as it is, and its stale figures' old digests kept: a later run tries again
-        redo = {k for values in edited.values() for k in values}  # the keys an edited figure returns, no other's
-        # a value an edited figure no longer returns stays: which figure returned a key is not recorded, and a name's
-        # prefix does not tell (a plug-in `ttft` beside the package's `ttft_ms`)
-        new = {k: v for k, v in now.items() if (k not in wl.figures or k in redo) and wl.figures.get(k) != v}
-        wl.figures.update(new)
-        changed |= set(new)
-    if code or "figure_code" in record.extra:
-        record.extra["figure_code"] = code
-    return sorted(changed)
+def _reused(cfg: LatencyConfig, name: str, old: rec.RunRecord, out_dir: Path, say: Callable[[str], None],
+            faults: Faults) -> rec.RunRecord:
+    """A finished record, its figures brought up to date from its samples (saved when they changed)."""
+    errors: dict = {}
+    code_then = old.extra.get("figure_code")
+    added = refresh_figures(cfg, old, errors)  # figures registered or edited since: computed from its samples
+    failures_changed = keep_failures(old, errors)
+    if added or failures_changed or old.extra.get("figure_code") != code_then:
+        rec.save(old, out_dir)
+    say(f"{name}: finished record found, reused" + (f"; figures added or recomputed from its samples: "
+                                                      f"{', '.join(added)}" if added else ""))
+    faults.clear(name)
+    faults.figures(name, errors, out_dir / old.filename)
+    return old
 
 
 def refuse_edited_plugins(out_dir: Path, methods: dict) -> None:
@@ -247,10 +229,12 @@ def refuse_edited_plugins(out_dir: Path, methods: dict) -> None:
                          "use another out, or remove them to measure again")
 
 
-def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[[str], None]) -> list[tuple]:
+def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[[str], None],
+             faults: Faults | None = None) -> list[tuple]:
     """(name, method, plan, plan source, run key, the finished record to reuse or None) per method; a record of
     another configuration (another run's latency, or a quality run's record of the same name) raises `UsageError`,
-    as a quality run refuses it, rather than being overwritten."""
+    as a quality run refuses it, rather than being overwritten. A plug-in method whose planning fails is noted in
+    `faults` and left out."""
     from harness.pd import arch
     from harness.quality.calibration import build_calibration
 
@@ -266,7 +250,13 @@ def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[
             if cfg.plans_from:  # e.g. a folder without this method's disaggregated record: say so before the search
                 say(f"{name}: no disaggregated plan to replay in --plans-from {cfg.plans_from}; planning afresh")
             say(f"{name}: planning")
-            plan, source = method.make_plan(model, calib, "disaggregated"), {"planned_on": cfg.model}
+            try:
+                plan, source = method.make_plan(model, calib, "disaggregated"), {"planned_on": cfg.model}
+            except Exception as e:  # noqa: BLE001 - a plug-in's failure is noted (the harness's own raised again)
+                if faults is None:
+                    raise
+                faults.method(name, method, e)
+                continue
         plan_json = _as_json(plan.to_dict())
         key = latency_identity(_as_json(dataclasses.asdict(cfg)), name, _as_json(method.options()), plan_json)
         path = out_dir / rec.record_filename(name, "disaggregated")
@@ -310,62 +300,64 @@ def _latency_record(cfg: LatencyConfig, name: str, method, key: str, plan, env: 
                **({"figure_code": figs} if (figs := figure_code()) else {})},
     )
 
-def _measure_interleaved(cfg: LatencyConfig, model, todo: list[tuple], say: Callable[[str], None]) -> dict[str, dict]:
+def _measure_interleaved(cfg: LatencyConfig, model, todo: list[tuple], say: Callable[[str], None],
+                         faults: Faults | None = None) -> dict[str, dict]:
     """Per method, per label (workload and decode mode): the `Measurement` of `cfg.repeats` runs after
     `cfg.warmup`, and what a real handoff between two processes moved (None unless `cfg.real_transfer`).
 
     The plans are measured in rounds, one run of every (plan, label) per round (warm-up runs in the first
     round), so each plan's repeats sample the same stretches of the machine's load: on a shared machine
     another job slows ops by a factor that changes from minute to minute, and plans measured one after the
-    other minutes apart then differ by the load, not by their layers. Applying a plan copies no weights."""
-    from harness.run.progress import fmt_s
-
+    other minutes apart then differ by the load, not by their layers. Applying a plan copies no weights.
+    A plug-in method that fails while measured (its KV policy's `keep()`) is noted in `faults` and left out of the
+    later rounds and of the result (without `faults`, or for the harness's own error, it is raised)."""
     out: dict[str, dict] = {name: {} for name, _, _ in todo}
     moved: dict[tuple[str, str], dict] = {}
-    units = [(name, workload_name(w, mode)) for name, _, _ in todo
-             for w, mode in itertools.product(cfg.workloads(), cfg.decode_modes)]
-    last_s: dict[tuple[str, str], float] = {}  # each unit's latest measured run (round 1: its warm-ups divided out)
-    done = 0
+    labels = [(w, mode, workload_name(w, mode)) for w, mode in itertools.product(cfg.workloads(), cfg.decode_modes)]
+    eta = _Eta(cfg.repeats, [(name, label) for name, _, _ in todo for _, _, label in labels])
     for r in range(cfg.repeats):
-        for name, method, plan in todo:
-            with method.apply(model, plan) as applied:
-                for w, mode in itertools.product(cfg.workloads(), cfg.decode_modes):
-                    label = workload_name(w, mode)
-                    if r == 0:  # one round only: no later round to estimate from
-                        eta = "ETA after the first round" if cfg.repeats > 1 else ""
-                    else:  # the rest of this round (this unit included) and the rounds after it, at each unit's last time
-                        rest = sum(last_s[u] for u in units[done % len(units):])
-                        eta = f"ETA {fmt_s(rest + (cfg.repeats - r - 1) * sum(last_s.values()))}"
-                    say(f"{name}: {label} (round {r + 1}/{cfg.repeats})" + (f" · {eta}" if eta else ""))
-                    t0 = perf_counter()
-                    m = measure(model, applied, w, warmup=cfg.warmup if r == 0 else 0, repeats=1, seed=cfg.seed,
-                                decode_mode=mode)
-                    last_s[name, label] = (perf_counter() - t0) / (1 + (cfg.warmup if r == 0 else 0))
-                    done += 1
-                    if cfg.real_transfer and r == cfg.repeats - 1:  # once, while the handoff's tensors exist
-                        moved[name, label] = _real_transfer(m, f"{name} {label}")
-                    if label in out[name]:
-                        out[name][label].extend(m)
-                    else:
-                        out[name][label] = m
-                    out[name][label].handoff = None  # its KV tensors: not kept across rounds (GBs at long prompts)
+        for name, method, plan in [t for t in todo if t[0] in out]:
+            try:
+                with method.apply(model, plan) as applied:
+                    for w, mode, label in labels:
+                        say(f"{name}: {label} (round {r + 1}/{cfg.repeats})" + eta.text(r, (name, label), out))
+                        t0 = perf_counter()
+                        m = measure(model, applied, w, warmup=cfg.warmup if r == 0 else 0, repeats=1, seed=cfg.seed,
+                                    decode_mode=mode)
+                        eta.last_s[name, label] = (perf_counter() - t0) / (1 + (cfg.warmup if r == 0 else 0))
+                        if cfg.real_transfer and r == cfg.repeats - 1:  # once, while the handoff's tensors exist
+                            moved[name, label] = _real_transfer(m, f"{name} {label}")
+                        if label in out[name]:
+                            out[name][label].extend(m)
+                        else:
+                            out[name][label] = m
+                        out[name][label].handoff = None  # its KV tensors: not kept across rounds (GBs at long prompts)
+            except Exception as e:  # noqa: BLE001 - a plug-in's failure is noted (the harness's own raised again)
+                if faults is None:
+                    raise
+                faults.method(name, method, e)
+                del out[name]  # its rounds so far: fewer than the record's n_samples says
     return {name: {label: (m, moved.get((name, label))) for label, m in by.items()} for name, by in out.items()}
 
 
-def _figures(cfg: LatencyConfig, measured: dict, bound_ms: float) -> tuple[dict, dict, dict]:
-    """(figures and samples, kv, measured ms) by label, from one method's measurements."""
-    latency, kv, timing = {}, {}, {}
-    for label, (m, moved) in measured.items():
-        samples = m.to_dict()
-        if moved is not None:
-            samples["real_transfer"] = moved
-        figures = m.figures(cfg.bandwidths_gbit, decode_bound_ms=bound_ms, real_transfer=moved)
-        latency[label] = WorkloadLatency(figures, samples)
-        w = m.workload
-        kv[label] = {"kv_bytes": m.kv_bytes, "kv_bytes_paged": m.kv_bytes_paged, "handoffs": w.batch_size,
-                     "prompt_tokens": w.batch_size * w.prompt_tokens}
-        timing[label] = sum(m.ttft_ms) + sum(m.itl_ms) + sum(m.handoff_ms)
-    return latency, kv, timing
+@dataclass
+class _Eta:
+    """What each round line says of the time left: from the second round on, the rest of this round (this unit
+    included) and the rounds after it, at each (method, label) unit's last time (round 1: warm-ups divided out)."""
+
+    repeats: int
+    units: list[tuple[str, str]]  # in the rounds' order
+    last_s: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
+
+    def text(self, r: int, unit: tuple[str, str], methods) -> str:
+        """' · ETA ...' for `unit` in round `r` (from 0), over the units of `methods` (those still measured)."""
+        from harness.run.progress import fmt_s
+
+        if r == 0:  # one round only: no later round to estimate from
+            return " · ETA after the first round" if self.repeats > 1 else ""
+        live = [u for u in self.units if u[0] in methods]
+        rest = sum(self.last_s[u] for u in live[live.index(unit):])
+        return f" · ETA {fmt_s(rest + (self.repeats - r - 1) * sum(self.last_s[u] for u in live))}"
 
 
 def _real_transfer(m, what: str) -> dict:
