@@ -52,14 +52,15 @@ class Wrapper:
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make `cls` available under `cls.name`."""
-    check_name("method", getattr(cls, "name", None), f"{cls.__module__}.{cls.__qualname__}")
+    name = getattr(cls, "name", None)
+    if isinstance(name, str) and any(name.startswith(p) for p in _WRAPPERS):  # before the name rule: the clearer word
+        raise ValueError(f"method {name!r}: names starting with a wrapper prefix ({', '.join(_WRAPPERS)}) are reserved")
+    check_name("method", name, f"{cls.__module__}.{cls.__qualname__}")
     old = _METHODS.get(cls.name)
     if old is not None and old is not cls:
         if not same_definition(old, cls):
             raise ValueError(f"method {cls.name!r} defined twice: {old.__module__}, {cls.__module__}")
         unregister(cls.name)  # its module imported again (importlib.reload of an edited plug-in): the new class
-    if any(cls.name.startswith(p) for p in _WRAPPERS):
-        raise ValueError(f"method {cls.name!r}: names starting with a wrapper prefix ({', '.join(_WRAPPERS)}) are reserved")
     if not (isinstance(cls.Config, type) and dataclasses.is_dataclass(cls.Config)):  # --set, --help and specs read its fields
         raise ValueError(f"method {cls.name!r}: its Config must be a dataclass (@dataclass(frozen=True) class "
                          f"Config(Options): ...), got {cls.Config!r}")
