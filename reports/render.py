@@ -17,6 +17,7 @@ import pandas as pd
 from harness.store.records import atomic_write
 from reports.collect import Collection, ReportError, collect, failure_notes, metric_for, require_one_model, select_model
 from reports.formats import to_csv, to_latex, to_markdown
+from reports.latency_figures import figure_failure_notes, figures_table
 from reports.plans import plans_table
 from reports.significance import check_baseline, paired_table
 from reports.tables import efficiency_table, long_context_table, quality_table
@@ -34,7 +35,7 @@ class Report:
         return "\n\n".join(to_markdown(t) for t in self.tables) + "\n"
 
 
-TABLES = ("quality", "paired", "efficiency", "long_context", "plans")  # in report order: tables/<name>.{md,tex,csv}
+TABLES = ("quality", "paired", "efficiency", "latency_figures", "long_context", "plans")  # in report order: tables/<name>.{md,tex,csv}
 
 
 def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: float = 100.0,
@@ -42,17 +43,18 @@ def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: flo
     metric_for("arc_easy", {"acc": 0}, convention)  # unknown convention -> ReportError before any work
     tables, missing = [], []
     makers = {"quality": lambda: quality_table(col, convention), "paired": lambda: paired_table(col, baseline, convention),
-              "efficiency": lambda: efficiency_table(col, bandwidth_gbit), "long_context": lambda: long_context_table(col),
-              "plans": lambda: plans_table(col)}
+              "efficiency": lambda: efficiency_table(col, bandwidth_gbit), "latency_figures": lambda: figures_table(col),
+              "long_context": lambda: long_context_table(col), "plans": lambda: plans_table(col)}
     for name in TABLES:  # one list of the table names: a rerender removes by it too (`remove_stale_outputs`)
         t = makers[name]()
         if t.empty:
             paired_why = _paired_why(col, baseline)
             quality_why = "long-context tasks only: see the long_context table" if col.quality else "no quality records"
             why = {"quality": quality_why, "paired": paired_why,
-                   "efficiency": "no latency records (python -m harness latency)",
+                   "efficiency": "no latency records (python -m harness latency)", "latency_figures": None,
                    "long_context": "no pd_ppl/passkey scores", "plans": "no records"}[name]
-            missing.append(f"{name} table: not shown ({why})")
+            if why:  # the latency figures table is for plug-in figures: most reports have none, and say nothing of it
+                missing.append(f"{name} table: not shown ({why})")
         else:
             tables.append(t)
     return tables, missing
@@ -129,7 +131,8 @@ def render_report(paths: list[Path], out: Path, convention: str = "paper", bandw
         require_one_model(col)
     rep = Report(out)
     rep.tables, rep.missing = build_tables(col, convention, bandwidth_gbit, baseline)
-    rep.missing = [f"record {why}" for why in skipped] + failure_notes(paths, col) + rep.missing + bandwidth_note(col, bandwidth_gbit)
+    rep.missing = [f"record {why}" for why in skipped] + failure_notes(paths, col) + figure_failure_notes(col) + rep.missing \
+        + bandwidth_note(col, bandwidth_gbit)
     legacy = (out / "report.md").is_file() and not (out / MANIFEST).exists()  # an earlier version's report
     for t in rep.tables:
         for ext, fn in (("md", to_markdown), ("tex", to_latex), ("csv", to_csv)):

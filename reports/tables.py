@@ -220,6 +220,24 @@ def hardware(r: RunRecord) -> str:
     return f"CPU {cpu}, {env.get('cpu_threads', '?')} threads"
 
 
+def latency_groups(col: Collection) -> list[tuple[str, str, list[RunRecord]]]:
+    """(title, workload, its records in row order) per hardware, model and workload: the latency tables' groups."""
+    keys = sorted({(hardware(r), col.model(r), lab) for r in col.latency for lab in r.latency if parse_workload(lab)},
+                  key=lambda k: (k[0], k[1], parse_workload(k[2])))
+    out = []
+    for hw, model, lab in keys:
+        T, n, b, mode = parse_workload(lab)
+        rs = sorted([r for r in col.latency if hardware(r) == hw and col.model(r) == model and lab in r.latency],
+                    key=lambda r: _row_key(col, r))
+        out.append((f"{model} · prompt {T}, decode {n}, batch {b}, {mode} decode · {hw}", lab, rs))
+    return out
+
+
+def clocks(col: Collection) -> str:
+    """The clocks the latency records were measured with, for a caption."""
+    return ", ".join(sorted({str(r.extra.get("clock")) for r in col.latency if r.extra.get("clock")})) or "—"
+
+
 def _v(r: RunRecord | None, label: str, metric: str) -> float | None:
     return None if r is None else r.figure(label, metric)
 
@@ -237,13 +255,8 @@ def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: 
     col = _as_collection(records)
     runs = isinstance(records, Collection)  # a plain list says nothing of runs: configuration only
     e2e = f"e2e_ms_p50@{bandwidth_gbit:g}gbit"
-    keys = sorted({(hardware(r), col.model(r), lab) for r in col.latency for lab in r.latency if parse_workload(lab)},
-                  key=lambda k: (k[0], k[1], parse_workload(k[2])))
     groups = []
-    for hw, model, lab in keys:
-        T, n, b, mode = parse_workload(lab)
-        rs = sorted([r for r in col.latency if hardware(r) == hw and col.model(r) == model and lab in r.latency],
-                    key=lambda r: _row_key(col, r))
+    for title, lab, rs in latency_groups(col):
         g: list[list[CellSpec]] = []
         for r in rs:
             dense = reference(rs, r, col=col, same_run=runs)  # r's own run's: latency samples compare within one run
@@ -263,12 +276,11 @@ def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: 
                 _ratio_cell(_v(dense, lab, "tpot_ms_p50"), tpot),
                 _ratio_cell(_v(dense, lab, e2e), end),
             ])
-        groups.append((f"{model} · prompt {T}, decode {n}, batch {b}, {mode} decode · {hw}", g))
-    clocks = sorted({str(r.extra.get("clock")) for r in col.latency if r.extra.get("clock")})
+        groups.append((title, g))
     caption = (f"Latency per request (p50 over all measured runs; TTFT includes the first token, TPOT is the mean "
                f"decode step) and KV bytes the prefill stage sends per request. E2E = TTFT + transfer at "
                f"{bandwidth_gbit:g} Gbit/s + (n-1)·TPOT. Factors are unpruned ÷ method (higher is better). "
-               f"Clock: {', '.join(clocks) or '—'}.")
+               f"Clock: {clocks(col)}.")
     columns = ["Method", "Removed", "TTFT (ms)", "TPOT (ms)", f"E2E (ms) @{bandwidth_gbit:g} Gbit/s",
                "KV sent (MiB)", "KV reduction", "TTFT speedup", "TPOT speedup", "E2E speedup"]
     t = make_table("efficiency", caption, columns, groups)

@@ -16,6 +16,9 @@ from harness.pd import kv
 from harness.quality import long_tasks
 from harness.store import records
 from methods import registry
+from reports.collect import collect
+from reports.latency_figures import figure_failure_notes, figures_table
+from reports.tables import latency_groups
 
 MODULE = "pd_harness_lat_fault"
 PLUGIN = textwrap.dedent('''
@@ -147,6 +150,15 @@ def test_a_plugin_figure_that_raises_on_a_measurement_keeps_the_samples(plugin, 
     t16, t12 = record.latency["latency_T16_n2_b1"], record.latency["latency_T12_n2_b1"]
     assert len(t16.samples["ttft_ms"]) == 1 and "ttft_ms_p50" in t16.figures and "probe_ms" not in t16.figures
     assert t12.figures["probe_ms"] == 1.0
+    # the report: a note names the figure, method, workload and error, and a 'failed' cell stands where it failed
+    col = collect([out])
+    tail, unpruned = figure_failure_notes(col)  # both measured 16 tokens
+    assert tail.startswith(f"latency figure 'probe_ms' ({MODULE}.probe) failed for tail on latency_T16_n2_b1: "
+                           f"ValueError: no probe at 16 tokens (traceback: {path}, extra.figure_failures); fix it and "
+                           "rerun the same latency command"), tail
+    assert unpruned.startswith(f"latency figure 'probe_ms' ({MODULE}.probe) failed for unpruned on latency_T16_n2_b1")
+    assert _probe_cells(col) == {(m, w): "failed" if w == "latency_T16_n2_b1" else "1.000" for m in ("tail", "unpruned")
+                                 for w in ("latency_T16_n2_b1", "latency_T12_n2_b1")}
     # the figure fixed: the rerun reuses both records and computes it from their samples
     figures.FIGURES["probe_ms"] = lambda x: {"probe_ms": 2.0}
     r = cli(*args)
@@ -155,6 +167,17 @@ def test_a_plugin_figure_that_raises_on_a_measurement_keeps_the_samples(plugin, 
     record = records.load(path)
     assert "figure_failures" not in record.extra
     assert [record.latency[w].figures["probe_ms"] for w in ("latency_T16_n2_b1", "latency_T12_n2_b1")] == [2.0, 2.0]
+    assert not figure_failure_notes(collect([out])) and set(_probe_cells(collect([out])).values()) == {"2.000"}
+
+
+def _probe_cells(col) -> dict:
+    """{(method, workload): the latency figures table's probe_ms cell}."""
+    from reports.formats import rows
+
+    t = figures_table(col)
+    labels = {title: lab for title, lab, _ in latency_groups(col)}
+    return {(m, labels[title]): c for g, title in enumerate(dict.fromkeys(t["title"]))
+            for m, c in rows(t, g)[["Method", "probe_ms"]].itertuples(index=False)}
 
 
 def test_an_error_of_the_harness_own_code_still_ends_the_run_with_its_traceback(plugin, cli, tmp_path, monkeypatch):

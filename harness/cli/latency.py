@@ -108,6 +108,7 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     from harness.run.latency_run import LatencyConfig, refuse_edited_plugins, run_latency
     from harness.run.plugin_faults import PluginsFailed
     from reports.formats import to_markdown
+    from reports.latency_figures import figures_table
     from reports.tables import efficiency_table
 
     check_latency_args(args, DECODE_MODES)
@@ -145,6 +146,8 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
             records, failures = e.records, e.failures
     if records:
         print(to_markdown(efficiency_table(records, 100.0 if 100.0 in cfg.bandwidths_gbit else cfg.bandwidths_gbit[0])))
+        if not (extra := figures_table(records)).empty:  # plug-in figures: shown where they are made, too
+            print("\n" + to_markdown(extra))
         print(f"\nclock: {records[0].extra.get('clock')}; records and summary.csv in {out}")
     return _failed(failures, len(prepared.methods), len(records)) if failures else 0
 
