@@ -346,6 +346,10 @@ def failure_notes(paths: list[Path], col: Collection | None = None) -> list[str]
             err = err if len(err) <= 300 else err[:297] + "..."
             also = " (a record for this cell is present too)" if \
                 (folder / f"{note.get('method')}__{note.get('mode')}.json").exists() else ""
-            lines.append(f"{note.get('method', '?')}/{note.get('mode', '?')} failed in {folder}: "
-                         f"{note.get('error_type', 'error')}: {err}{also} (details: {note['file']})")
+            where = f"in plug-in {note['plugin']}; " if isinstance(note.get("plugin"), str) else ""
+            latency = note.get("run") == "latency"  # a latency run's failed plan (harness/run/plugin_faults.py)
+            rerun = "; no record until it is fixed and the same latency command rerun (which reuses the other " \
+                "methods' records)" if latency and not also else ""
+            lines.append(f"{note.get('method', '?')}/{note.get('mode', '?')}{' (latency)' if latency else ''} failed in "
+                         f"{folder}: {note.get('error_type', 'error')}: {err}{also} ({where}details: {note['file']}){rerun}")
     return lines

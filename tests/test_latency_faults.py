@@ -16,7 +16,7 @@ from harness.pd import kv
 from harness.quality import long_tasks
 from harness.store import records
 from methods import registry
-from reports.collect import collect
+from reports.collect import collect, failure_notes
 from reports.latency_figures import figure_failure_notes, figures_table
 from reports.tables import latency_groups
 
@@ -108,6 +108,13 @@ def test_a_plugin_plan_that_raises_fails_alone(plugin, cli, tmp_path, body, says
     assert f"error: broken_plan: {says}traceback in {note})" in r.stderr, r.stderr
     assert records.load(out / "unpruned__disaggregated.json").n_samples == {"latency_T12_n2_b1": 2}
     assert traceback in records.load_failures(out)[0]["traceback"]
+    # the report's note names the latency run's plug-in code and what brings the method's record
+    (line,) = failure_notes([out])
+    where = says.split("(in plug-in ")[1]  # "pd_harness_lat_fault.Broken.plan; "
+    assert line.startswith(f"broken_plan/disaggregated (latency) failed in {out}: ") and \
+        f"(in plug-in {where}details: {note})" in line, line
+    assert line.endswith("no record until it is fixed and the same latency command rerun (which reuses the other "
+                         "methods' records)")
     # fixed: the rerun measures it, reuses unpruned's record, and the note of the failure goes
     module.Broken.plan = module.Tail.plan
     r = cli("latency", "--methods", "broken_plan,unpruned", "--set", "broken_plan.k=1", "--prompt-tokens", "12",

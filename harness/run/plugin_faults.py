@@ -128,7 +128,8 @@ class Faults:
         tb = "".join(traceback.format_exception(error))
         created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         try:
-            rec.save_failure(self.out_dir, name, "disaggregated", self.keys.get(name, "?"), error, tb, created)
+            rec.save_failure(self.out_dir, name, "disaggregated", self.keys.get(name, "?"), error, tb, created,
+                             run="latency", plugin=where)  # the report's note names them
         except OSError as e:  # a full disk: the line below still names the failure
             path = Path(f"nowhere: {path.name} could not be written ({e.strerror or e})")
         self.failures.append(PluginFailure(name, where, error, str(path)))

@@ -301,12 +301,14 @@ def refresh_summary(out_dir: Path, warn: Callable[[str], None] = warn_stderr) ->
 
 
 def save_failure(out_dir: Path, method: str, mode: str, run_key: str, error: BaseException, tb: str,
-                 created: str) -> Path:
-    """Note that a (method, mode) cell failed: its error and traceback, for the summary and a rerun."""
+                 created: str, **about: str) -> Path:
+    """Note that a (method, mode) cell failed: its error and traceback, for the summary, a rerun and the report's notes;
+    `about`: what else the report says of it (a latency run's `run="latency"` and the `plugin` code blamed)."""
     path = Path(out_dir) / failure_filename(method, mode)
     atomic_write(path, json.dumps({
         "schema_version": SCHEMA_VERSION, "kind": "failed_cell", "method": method, "mode": mode, "run_key": run_key,
         "error_type": type(error).__name__, "error": str(error)[:2000], "traceback": tb[-8000:], "created": created,
+        **about,
     }, indent=2))
     return path
 
