@@ -157,7 +157,7 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
     """Rows: every other method, per model and PD setting; columns: each task's difference to
     `baseline` in points (95 % CI; McNemar p for accuracies; * = p < 0.05, else CI excludes 0), the average's, and
     the better / same / worse count over tasks. Empty when no record pairs with a baseline."""
-    from reports.tables import MODE_TITLE, TASK_TITLE
+    from reports.tables import MODE_TITLE, task_title
 
     groups, all_tasks, unpaired, partial, no_base = [], [], [], [], []
     keys = sorted({(col.model(r), r.mode) for r in col.quality})
@@ -189,7 +189,7 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
         return make_table("paired", "", ["Method"], [])
     order = {t: i for i, t in enumerate(STANDARD_TASKS)}  # the quality table's column order
     all_tasks.sort(key=lambda t: (order.get(t, len(order)), t))
-    cols = ["Method", *[TASK_TITLE.get(t, t) for t in all_tasks], "Avg", "Verdict"]
+    cols = ["Method", *[task_title(t, col.quality) for t in all_tasks], "Avg", "Verdict"]
     any_lower = any(x for _, rows in groups for *_, lower, _ in rows for x in lower.values())
     # Avg over the quality table's Avg tasks (accuracies, not long-context tasks), and like it only for a row that has
     # every accuracy column: rows averaged over other task sets would not compare

@@ -25,6 +25,13 @@ TASK_TITLE = {"arc_challenge": "ARC-c", "arc_easy": "ARC-e", "boolq": "BoolQ", "
 MIB = 2**20
 
 
+def task_title(task: str, records: Sequence[RunRecord] = ()) -> str:
+    """`task`'s column title: the one its records stored (`lm_eval.task_titles`: a plug-in lm-eval task's `title`; the
+    least where they disagree, whatever the input order), else `TASK_TITLE`'s (the package's tasks), else its name."""
+    stored = {x for r in records if isinstance(x := (r.lm_eval.get("task_titles") or {}).get(task), str) and x.strip()}
+    return min(stored) if stored else TASK_TITLE.get(task, task)
+
+
 def _as_collection(records: Collection | Sequence[RunRecord]) -> Collection:
     if isinstance(records, Collection):
         return records
@@ -89,7 +96,7 @@ def _items_text(records: list[RunRecord], tasks: list[str]) -> str:
     uniq = {tuple(v) for v in per.values()}
     if len(uniq) == 1 and len(next(iter(uniq))) == 1:
         return f"{next(iter(uniq))[0]} items per task"
-    return "items per task: " + ", ".join(f"{TASK_TITLE.get(t, t)} {'/'.join(map(str, v))}" for t, v in per.items())
+    return "items per task: " + ", ".join(f"{task_title(t, records)} {'/'.join(map(str, v))}" for t, v in per.items())
 
 
 def se_of_mean(ses: list[float | None]) -> float | None:
@@ -141,7 +148,7 @@ def _quality_caption(col: Collection, recs: list[RunRecord], tasks: list[str], c
     shots = sorted({int(r.config.get("num_fewshot") or 0) for r in recs}) or [0]
     shot_text = "Zero-shot" if shots == [0] else f"{'/'.join(map(str, shots))}-shot"
     own = own_metrics(tasks, recs) if convention == "paper" else {}  # a plug-in task's table metric, from its records
-    own_text = "; " + ", ".join(f"{m} for {TASK_TITLE.get(t, t)}" for t, m in own.items()) + " (the task's own)" if own else ""
+    own_text = "; " + ", ".join(f"{m} for {task_title(t, recs)}" for t, m in own.items()) + " (the task's own)" if own else ""
     return (f"{shot_text} scores (%) on {model}; rows grouped by PD setting and blocks removed "
             f"(one number: both stages; 'p / d': prefill / decode). Metric: {CONVENTION_TEXT[convention]}{own_text} "
             f"(convention '{convention}'). {_items_text(recs, tasks)}; lm-eval {', '.join(lm_eval) or '—'}, "
@@ -181,7 +188,7 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
                 noise[key][i] = se
             i += 1
         groups.append((title, g))
-    names = [_column_name(t, metrics[t]) for t in tasks]
+    names = [_column_name(t, metrics[t], recs) for t in tasks]
     t = make_table("quality", _quality_caption(col, recs, tasks, convention), ["Method", "Removed", *names, "Avg", "KV ×"], groups)
     for name, task in zip(names, tasks):
         bold_beyond_noise(t, name, noise[task], lower_is_better=bool(metrics[task] & LOWER_IS_BETTER))
@@ -190,10 +197,11 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
     return t
 
 
-def _column_name(task: str, metrics: set[str]) -> str:
-    """A task's column title; a lower-is-better column (WikiText-2) names its metric and direction, as it is no %."""
+def _column_name(task: str, metrics: set[str], records: list[RunRecord]) -> str:
+    """A task's column title (`task_title`); a lower-is-better column (WikiText-2) names its metric and direction, as
+    it is no %."""
     low = sorted(metrics & LOWER_IS_BETTER)
-    return TASK_TITLE.get(task, task) + (f" ({low[0].replace('_', ' ').replace('perplexity', 'ppl')} ↓)" if low else "")
+    return task_title(task, records) + (f" ({low[0].replace('_', ' ').replace('perplexity', 'ppl')} ↓)" if low else "")
 
 
 def _mc_kv(r: RunRecord | None, tasks: list[str]) -> int | None:

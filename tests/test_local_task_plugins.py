@@ -36,6 +36,7 @@ PLUGIN = textwrap.dedent('''
         splits = ("test",)
         upstream = "sciq/sciq.yaml"  # relative to lm_eval/tasks: prompt, choices, target and metrics unchanged
         table_metric = "acc_norm"
+        title = "SciQ"  # its column in the report's tables (default: its name)
 
         @classmethod
         def load(cls, data_dir: Path, subtask: str | None = None) -> dict[str, list[dict]]:
@@ -90,7 +91,7 @@ def test_an_outside_local_task_runs_and_reports_its_own_metric_from_the_record(o
     assert not local_tasks.is_local_task("sciq")  # this process never loaded the plug-in: what follows reads records
     (rec,) = records.load_dir(out)
     assert rec.n_samples["sciq"] == 5 and set(rec.scores["sciq"]) >= {"acc", "acc_norm"}
-    assert rec.lm_eval["metric_convention"] == {"sciq": "acc_norm"}
+    assert rec.lm_eval["metric_convention"] == {"sciq": "acc_norm"} and rec.lm_eval["task_titles"] == {"sciq": "SciQ"}
     inputs = rec.extra["inputs"]
     assert inputs["code"]["tasks"]["sciq"].keys() == {MODULE} and inputs["data"]["sciq"]
     # acc and acc_norm of 5 items may agree: set them apart, then the table must show acc_norm
@@ -98,11 +99,12 @@ def test_an_outside_local_task_runs_and_reports_its_own_metric_from_the_record(o
     assert metric_for("sciq", rec.scores["sciq"], "paper", rec) == "acc_norm"
     assert metric_for("sciq", rec.scores["sciq"], "acc", rec) == "acc"
     md = to_markdown(quality_table([rec]))
-    assert "| unpruned | 0 | 80.0 ± 10.0 |" in md and "acc elsewhere; acc_norm for sciq (the task's own)" in md
+    assert "| unpruned | 0 | 80.0 ± 10.0 |" in md and "acc elsewhere; acc_norm for SciQ (the task's own)" in md
+    assert "| Method | Removed | SciQ | Avg | KV × |" in md  # its declared title, from the record
     assert {row["metric"] for row in records.summary_rows([rec]) if row["primary"]} == {"acc_norm"}
     rep = subprocess.run([sys.executable, "-m", "harness", "report", str(out), "--no-plots"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "HARNESS_PLUGINS"})
-    assert rep.returncode == 0 and "acc_norm for sciq" in (out / "report" / "tables" / "quality.md").read_text(), rep.stderr
+    assert rep.returncode == 0 and "acc_norm for SciQ" in (out / "report" / "tables" / "quality.md").read_text(), rep.stderr
 
     # an edited plug-in: its records are not reused, the refusal names the task and the module
     _write_plugin(folder, extra="# edited")
@@ -150,6 +152,8 @@ def registries():
     ("sciq", "splits = ('test', 'tset')", "`splits` must be a non-empty tuple of train, validation, test, dev"),
     ("sciq", "upstream = 'sciq'", "`upstream` must be lm-eval's task YAML relative to lm_eval/tasks"),
     ("sciq", "load = None", "`load(cls, data_dir, subtask=None)` must be a classmethod of its own"),
+    ("sciq", "title = ' '", "`title` must be the text of its column in the report's tables, e.g. 'SciQ', or None"),
+    ("sciq", "title = ('SciQ',)", "`title` must be the text of its column in the report's tables"),
 ])
 def test_a_clashing_or_incomplete_local_task_is_refused_naming_its_module(name, extra, says, tmp_path, monkeypatch,
                                                                            registries):

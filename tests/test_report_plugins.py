@@ -1,7 +1,8 @@
 """What plug-ins put in records shows in the report, from the records alone: a plug-in latency figure gets a column
 of the latency figures table (left out, with no note, when no record has one), a figure that failed is a note and
-a 'failed' cell. Before, the tables showed only the package's TTFT/TPOT/E2E and bytes, and a failed figure was said
-nowhere in the report."""
+a 'failed' cell, and a plug-in lm-eval task's declared title heads its columns. Before, the tables showed only the
+package's TTFT/TPOT/E2E and bytes, a failed figure was said nowhere in the report, and a task's column was its bare
+name."""
 
 from __future__ import annotations
 
@@ -91,3 +92,14 @@ def test_a_failed_figure_is_a_note_saying_a_rerun_recomputes_it(tmp_path):
     rep = render_report([LATENCY], tmp_path / "rep", plots=False)
     assert not (tmp_path / "rep" / "tables" / "latency_figures.md").exists() and not figure_failure_notes(collect([LATENCY]))
 
+
+def test_a_stored_task_title_heads_its_columns_and_old_records_fall_back():
+    from reports.significance import paired_table
+    from reports.tables import quality_table
+
+    col = collect([ROOT / "results" / "issue15" / "paired_8of30"])
+    before = quality_table(col).attrs["columns"]
+    assert "PIQA" in before and "sciq" not in before  # TASK_TITLE's, for records without titles
+    col.quality[0].lm_eval["task_titles"] = {"piqa": "PIQA (local)"}
+    assert [c if c != "PIQA (local)" else "PIQA" for c in quality_table(col).attrs["columns"]] == before
+    assert "PIQA (local)" in paired_table(col, "shortgpt").attrs["columns"]

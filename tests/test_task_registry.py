@@ -91,6 +91,7 @@ def test_report_renders_a_new_task_from_its_record_alone(toy, tiny, data_dir, tm
     stored = rec.lm_eval["tasks"][TOY]["harness_task"]
     assert stored["presentation"] == toy.presentation.to_dict() and stored["options"]["docs"] == 2
     assert rec.lm_eval["metric_convention"][TOY] == "hit"
+    assert "task_titles" not in rec.lm_eval  # no task declares a title: the record's shape is as before
     long_tasks.unregister_task(TOY)  # the report must not need the task's code
     (back,) = records.load_dir(tmp_path)
     assert records.primary_metric(TOY, back) == "hit"

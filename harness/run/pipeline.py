@@ -21,7 +21,7 @@ from harness.config import RunConfig, build_options, expand_sweeps, split_overri
 from harness.errors import UsageError
 from harness.pd.arch import n_layers
 from harness.pd.plan import PruningPlan
-from harness.quality import lm_eval_json
+from harness.quality import lm_eval_json, local_tasks
 from harness.quality.calibration import CalibConfig, build_calibration
 from harness.quality.distributed import Dist, ShardedScorer
 from harness.quality.evaluate import TaskCache, check_fewshot, check_tasks, evaluate_task, flatten_results, is_download_error  # noqa: F401 - some re-exported
@@ -390,7 +390,8 @@ def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: 
         lm_eval={"version": st.env["packages"].get("lm_eval"),
                  "tasks": {t: done[t].get("lm_eval") or {"harness_task": done[t]["harness_task"]} for t in cfg.tasks},
                  "bootstrap_iters": cfg.bootstrap_iters, "limit": cfg.limit,
-                 "metric_convention": {t: _primary_metric(t) for t in cfg.tasks}},
+                 "metric_convention": {t: _primary_metric(t) for t in cfg.tasks},
+                 **({"task_titles": titles} if (titles := local_tasks.titles(cfg.tasks)) else {})},
         timing_s={"plan": partial["plan_s"], **{f"eval_{t}": done[t]["seconds"] for t in cfg.tasks}},
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra={"kv_by_setting": {t: done[t]["kv_by"] for t in cfg.tasks if done[t].get("kv_by")},

@@ -21,7 +21,7 @@ from pathlib import Path
 from harness.quality.local_tasks.base import SPLITS, LocalTask
 from harness.registration import check_name, same_definition
 
-__all__ = ["LocalTask", "register_task", "unregister_task", "names", "get", "is_local_task"]
+__all__ = ["LocalTask", "register_task", "unregister_task", "names", "get", "is_local_task", "titles"]
 
 _REGISTRY: dict[str, type[LocalTask]] = {}
 # the built-in files come first, in this order (the order of the tables this registry replaced)
@@ -57,6 +57,9 @@ def _check_fields(cls: type[LocalTask], owner: str) -> None:
                          f"'sciq/sciq.yaml', got {upstream!r}")
     if not isinstance(cls.table_metric, str) or not cls.table_metric:  # LocalTask's default: "acc"
         raise ValueError(f"{owner}: `table_metric` must name one of the task's lm-eval metrics, e.g. 'acc'")
+    if cls.title is not None and (not isinstance(cls.title, str) or not cls.title.strip()):  # default None: its name
+        raise ValueError(f"{owner}: `title` must be the text of its column in the report's tables, e.g. 'SciQ', or "
+                         f"None for its name, got {cls.title!r}")
     load = inspect.getattr_static(cls, "load")
     if load is inspect.getattr_static(LocalTask, "load") or not isinstance(load, classmethod):
         raise ValueError(f"{owner}: `load(cls, data_dir, subtask=None)` must be a classmethod of its own, returning "
@@ -94,6 +97,12 @@ def is_local_task(name: str) -> bool:
 def get(name: str) -> type[LocalTask]:
     """The task class (KeyError for an unknown name)."""
     return _REGISTRY[name]
+
+
+def titles(tasks: tuple[str, ...]) -> dict[str, str]:
+    """{task: its declared `title`} for the tasks of `tasks` that declare one (records store it as
+    `lm_eval.task_titles`, only when some task has one: a record of the package's tasks keeps its shape)."""
+    return {t: cls.title for t in tasks if (cls := _REGISTRY.get(t)) is not None and cls.title is not None}
 
 
 def _import_plugins() -> None:

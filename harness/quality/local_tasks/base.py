@@ -36,6 +36,9 @@ class LocalTask:
     # the one number tables show under the default `paper` convention (lm-eval's usual reporting); records keep it
     # (`lm_eval.metric_convention`), so reports need no task code
     table_metric: ClassVar[str] = "acc"
+    # its column title in the report's tables (e.g. "SciQ"); records keep it beside the table metric
+    # (`lm_eval.task_titles`). None: its name, or for the package's tasks reports/tables.py's TASK_TITLE ("ARC-e")
+    title: ClassVar[str | None] = None
     # a group's subtask count in lm-eval's hub data (MMLU: 57), for the run's up-front item count without a data dir
     hub_subtasks: ClassVar[int | None] = None
 
