@@ -27,6 +27,9 @@ LONG_TASKS = long_tasks.names()
 DEFAULT_TASKS = STANDARD_TASKS + LONG_TASKS
 DEFAULT_METHODS = ("unpruned", "shortgpt")
 DEFAULT_LIMIT = 100
+# RunConfig fields added later -> their default, at which they are left out of run keys and ids (and include_path out
+# of records), so runs that do not use them keep the keys they had
+LATER_DEFAULTS = {"num_fewshot": 0, "apply_chat_template": False, "model_args": None, "include_path": None}
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class RunConfig:
     device_map: str | None = None
     max_memory: str | None = None  # "0=20GiB,cpu=64GiB"
     offload_folder: str | None = None
+    # folders of lm-eval task YAMLs of the user's own (--include-path; absolute, in the order given); None: none
+    include_path: tuple[str, ...] | None = None
 
     PLACEMENT = ("device_map", "max_memory", "offload_folder")
 
@@ -84,7 +89,7 @@ class RunConfig:
         """The fields that name a run; fields added later with their default left out, so the keys
         of runs that do not use them stay what they were."""
         d = dataclasses.asdict(self)
-        for name, default in (("num_fewshot", 0), ("apply_chat_template", False), ("model_args", None)):
+        for name, default in LATER_DEFAULTS.items():
             if d[name] == default:
                 del d[name]
         return d
@@ -97,6 +102,14 @@ class RunConfig:
         if canon.get("data_dir") and not with_paths:
             canon["data_dir"] = "local folder"
         return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def recorded(self) -> dict[str, Any]:
+        """The fields a record's `config` keeps: all of them, less `include_path` when unset (records made before
+        it existed, and runs without it, have the same shape)."""
+        d = dataclasses.asdict(self)
+        if d["include_path"] is None:
+            del d["include_path"]
+        return d
 
 
 def coerce(raw: str, hint: Any, where: str, nonfinite: bool = False) -> Any:

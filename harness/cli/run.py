@@ -123,6 +123,11 @@ def run_parser() -> argparse.ArgumentParser:
     placement_flags(p)
     p.add_argument("--data-dir", type=user_path, default=os.environ.get("HARNESS_DATA_DIR"),
                    help="folder laid out like ../shared/data (default: $HARNESS_DATA_DIR; unset = lm-eval's hub datasets)")
+    p.add_argument("--include-path", "--include_path", dest="include_path", type=user_dir, action="append", default=None,
+                   metavar="DIR",
+                   help="a folder of lm-eval task YAMLs of your own (lm-eval's --include_path; repeatable, one folder each, "
+                        "a later one's task names winning); --tasks then takes the task and group names they define. "
+                        "Recorded, part of the run key, and its YAML, Python and named data files digested")
     p.add_argument("--max-length", type=positive_int, default=None, help="context length (default: the model's, as lm-eval resolves it)")
     p.add_argument("--num-fewshot", "--num_fewshot", dest="num_fewshot", type=nonneg_int, default=0, metavar="N",
                    help="few-shot examples per item, passed to lm-eval as its --num_fewshot (sampled with the run's --seed; "
@@ -151,12 +156,19 @@ def run_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_tasks(tasks: tuple[str, ...], data_dir: str | None) -> None:
-    from harness.quality import local_tasks, long_tasks
+def check_tasks(tasks: tuple[str, ...], data_dir: str | None, include_path: tuple[str, ...] | None = None) -> None:
+    """A UsageError for an empty --tasks, a task no source defines, an --include-path folder that is missing or holds
+    no YAML, or a name of the run defined both by such a folder and by the harness itself."""
+    from harness.quality import include_tasks, local_tasks, long_tasks
 
     if not tasks:
         raise UsageError("--tasks is empty; give at least one task, e.g. --tasks arc_easy")
-    unknown = [t for t in tasks if not local_tasks.is_local_task(t) and not long_tasks.is_long_task(t)]
+    own: dict = {}
+    if include_path:
+        include_tasks.check_folders(include_path)
+        own = include_tasks.defined_names(include_path)
+        _refuse_shadowed(tasks, data_dir, own)
+    unknown = [t for t in tasks if not local_tasks.is_local_task(t) and not long_tasks.is_long_task(t) and t not in own]
     if not unknown:
         return
     if data_dir is None:
@@ -166,10 +178,27 @@ def check_tasks(tasks: tuple[str, ...], data_dir: str | None) -> None:
         unknown = [t for t in unknown if t not in known]
         if not unknown:
             return
+    mine = (f"; the YAMLs under --include-path {', '.join(include_path)} define: {', '.join(sorted(own)[:20]) or 'none'}"
+            f"{' ...' if len(own) > 20 else ''}" if include_path else
+            "; a task YAML of your own: --include-path DIR")
     raise UsageError(f"unknown task(s) {', '.join(unknown)}; tasks with local data: {', '.join(sorted(local_tasks.names()))}; "
                      f"long-context: {', '.join(long_tasks.names())}; aliases: standard, long"
                      + ("" if data_dir else " (without --data-dir, any lm-eval task name)")
-                     + " (a plug-in's task: name its module in HARNESS_PLUGINS)")  # as an unknown method says
+                     + " (a plug-in's task: name its module in HARNESS_PLUGINS)" + mine)  # as an unknown method says
+
+
+def _refuse_shadowed(tasks: tuple[str, ...], data_dir: str | None, own: dict) -> None:
+    """A UsageError for a task of the run that an --include-path YAML defines and the harness runs itself: a
+    long-context task, or an lm-eval task on local data under --data-dir (its generated YAML would win silently).
+    Without --data-dir your YAML replaces lm-eval's own task of that name, as lm-eval's --include_path does."""
+    from harness.quality import local_tasks, long_tasks
+
+    for t in (t for t in tasks if t in own):
+        which = "long-context task" if long_tasks.is_long_task(t) else \
+            "lm-eval task on local data (--data-dir)" if data_dir and local_tasks.is_local_task(t) else None
+        if which:
+            raise UsageError(f"task {t} is defined by {own[t] or '--include-path'} and is the harness's own {which}; "
+                             f"rename the task in your YAML (its task: key) and name it in --tasks")
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
@@ -183,9 +212,15 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         bootstrap_iters=args.bootstrap_iters, num_fewshot=args.num_fewshot, overrides=tuple(args.overrides),
         apply_chat_template=args.apply_chat_template, model_args=model_args_text(parse_model_args(args.model_args)),
         plans_from=str(Path(args.plans_from).resolve()) if args.plans_from else None,
+        include_path=_include_paths(getattr(args, "include_path", None)),
         device_map=args.device_map, max_memory=args.max_memory,
         offload_folder=str(Path(args.offload_folder).resolve()) if args.offload_folder else None,
     )
+
+
+def _include_paths(given) -> tuple[str, ...] | None:
+    """--include-path's folders as absolute paths, in the order given, each once; None without any."""
+    return tuple(dict.fromkeys(str(Path(p).resolve()) for p in given)) if given else None
 
 
 def warn_small_limit(limit: int | float | None, threshold_points: float = 3.0) -> None:
@@ -238,7 +273,7 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
     placement = cfg.placement()  # bad --device-map / --max-memory: exit 2 before loading anything
     need_records_folder(args.plans_from, "--plans-from")
     prepared = pipeline.prepare(cfg)
-    check_tasks(cfg.tasks, cfg.data_dir)
+    check_tasks(cfg.tasks, cfg.data_dir, cfg.include_path)
     if dist.is_main:  # one voice under data parallelism
         warn_small_limit(cfg.limit)
     if cfg.data_dir:

@@ -173,7 +173,7 @@ def _convert(act: argparse.Action, v: Any, where: str) -> Any:
     return _one(act, text, where)
 
 
-PATH_KEYS = ("out", "plans_from", "data_dir", "offload_folder", "results")  # folders and files: a TOML string only
+PATH_KEYS = ("out", "plans_from", "data_dir", "offload_folder", "results", "include_path")  # folders and files: a TOML string only
 
 
 def _one(act: argparse.Action, v: Any, where: str) -> Any:

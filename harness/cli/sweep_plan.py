@@ -69,7 +69,7 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     cfg = run_config(args)  # the whole run's configuration: its cells' run keys are the cells' own
     data_dir = cfg.data_dir
     prepared = pipeline.prepare(cfg)  # method names and every --set option, as the full run would check them
-    check_tasks(cfg.tasks, cfg.data_dir)
+    check_tasks(cfg.tasks, cfg.data_dir, cfg.include_path)
     # another configuration's records, or work from other data or code (no model needed), refused now, as `run` does,
     # not by every cell after its start: in the run folder, and in the cells' own folders, where an interrupted sweep
     # left its resume states and records it never moved (the cell's start would move such a record into the run folder)

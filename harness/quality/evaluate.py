@@ -103,8 +103,8 @@ class TaskCache:
     request cache is used; it saves rebuilding documents (seconds per task, e.g. HellaSwag).
     """
 
-    def __init__(self, tasks, data_dir: Path | None) -> None:
-        self._tasks, self._data_dir = tuple(tasks), data_dir
+    def __init__(self, tasks, data_dir: Path | None, include_path: tuple[str, ...] | None = None) -> None:
+        self._tasks, self._data_dir, self._include = tuple(tasks), data_dir, include_path or ()
         self.manager = None
         self._built: dict[str, Any] = {}
         self._subtasks: dict[str, dict[str, Any]] = {}  # a group's built tasks, by name
@@ -117,7 +117,7 @@ class TaskCache:
         if task not in self._built:
             if self.manager is None:
                 self._workdir = self._workdir or tempfile.TemporaryDirectory(prefix="harness-tasks-")
-                self.manager = task_manager(self._tasks, self._data_dir, Path(self._workdir.name))
+                self.manager = task_manager(self._tasks, self._data_dir, Path(self._workdir.name), self._include)
             loaded = self.manager.load([task])
             self._built[task] = loaded["groups"].get(task) or loaded["tasks"].get(task) or task
             self._subtasks[task] = dict(loaded["tasks"]) if task in loaded["groups"] else {}

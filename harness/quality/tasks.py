@@ -98,24 +98,27 @@ def write_overrides(tasks: Iterable[str], data_dir: Path, out_dir: Path, upstrea
     return written
 
 
-def task_manager(tasks: Iterable[str], data_dir: Path | None, workdir: Path | None = None):
-    """An lm-eval `TaskManager` whose `tasks` read `data_dir` (or the hub when `data_dir` is None).
+def task_manager(tasks: Iterable[str], data_dir: Path | None, workdir: Path | None = None,
+                 include_path: Iterable[str | Path] = ()):
+    """An lm-eval `TaskManager` whose `tasks` read `data_dir` (or the hub when `data_dir` is None), and which also
+    knows the tasks of the YAML folders `include_path` (`--include-path`, lm-eval's `include_path`).
 
     Its override YAMLs go into `workdir`, which the caller removes once the tasks are built (without one,
     a new temporary folder that outlives the call)."""
     from lm_eval.tasks import TaskManager
 
+    include = [str(p) for p in include_path]
     if data_dir is None:
-        return TaskManager()
+        return TaskManager(include_path=include or None)
     tasks = [t for t in tasks if local_tasks.is_local_task(t)]
     check_files(tasks, data_dir)
     out = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="harness-tasks-"))
     upstream = upstream_yamls(tasks, data_dir)
     names = write_overrides(tasks, data_dir, out, upstream)
-    # Index only the folders of the upstream YAMLs these tasks use (MMLU's holds its group files),
-    # then the overrides, which win: indexing all of lm-eval's ~14,000 task YAMLs cost ~8 s per run.
+    # Index only the folders of the upstream YAMLs these tasks use (MMLU's holds its group files), the user's
+    # folders, then the overrides, which win: indexing all of lm-eval's ~14,000 task YAMLs cost ~8 s per run.
     folders = sorted({str(upstream[name].parent) for name in names})
-    return TaskManager(include_path=[*folders, str(out)], include_defaults=False)
+    return TaskManager(include_path=[*folders, *include, str(out)], include_defaults=False)
 
 
 def upstream_yamls(tasks: Iterable[str], data_dir: Path) -> dict[str, Path]:

@@ -78,7 +78,8 @@ def model_digests(loaded) -> dict[str, str]:
 def digests(cfg, loaded=None, prepared=None) -> dict[str, Any]:
     """{"version", "model", "config", "tokenizer": model_digests (None without `loaded`; the weights' None with a
     --device-map: offloaded weights are not all in memory), "data": {task: sha256 of its files}} for the run's tasks,
-    and with `prepared` whose methods calibrate, "calibration": {source: sha256 of the files it reads}."""
+    with `prepared` whose methods calibrate, "calibration": {source: sha256 of the files it reads}, and with
+    --include-path, "include": `include_digests`."""
     from harness.quality.calibration import SOURCE_FILES
 
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
@@ -89,9 +90,19 @@ def digests(cfg, loaded=None, prepared=None) -> dict[str, Any]:
                    if data_dir and (files := _present(data_dir, SOURCE_FILES[s]))}
     model = model_digests(loaded) if loaded is not None else {}
     code = _plugin_code(cfg, prepared)
+    include = include_digests(getattr(cfg, "include_path", None) or ())
     return {"version": VERSION, "model": None if cfg.device_map else model.get("model"), "config": model.get("config"),
             "tokenizer": model.get("tokenizer"), "data": data, **({"calibration": calibration} if calibration else {}),
-            **({"code": code} if code else {})}
+            **({"code": code} if code else {}), **({"include": include} if include else {})}
+
+
+def include_digests(folders) -> dict[str, dict[str, str]]:
+    """{folder: {"files": sha256 of its YAML and Python files (and the YAMLs elsewhere they include), "data": sha256 of
+    the local data files its YAMLs name}} for the --include-path folders (`harness.quality.include_tasks`)."""
+    from harness.quality import include_tasks
+
+    return {f: {"files": _files_sha256(include_tasks.code_files(Path(f))),
+                "data": _files_sha256(include_tasks.data_files(Path(f)))} for f in folders}
 
 
 def _plugin_code(cfg, prepared) -> dict[str, dict]:
@@ -126,7 +137,20 @@ def differences(then: dict | None, now: dict, calibrates: bool = False, method: 
         out.append(f"the data files of {', '.join(changed)}")
     if calibrates and (changed := _changed(then.get("calibration"), now.get("calibration"))):
         out.append(f"the calibration data ({', '.join(changed)})")
+    out += _include_changes(then.get("include"), now.get("include"))
     return out + (_code_changes(then["code"], now.get("code") or {}, method) if "code" in then else [])
+
+
+def _include_changes(then: dict | None, now: dict | None) -> list[str]:
+    """What changed under each --include-path folder both digests know: its task YAMLs and code, the data they name."""
+    what = {"files": "the task YAMLs and Python files under --include-path {}",
+            "data": "the data files named by the task YAMLs under --include-path {}"}
+    out = []
+    for folder, parts in then.items() if isinstance(then, dict) and isinstance(now, dict) else ():
+        here = now.get(folder) if isinstance(now.get(folder), dict) else {}
+        parts = parts if isinstance(parts, dict) else {}
+        out += [text.format(folder) for key, text in what.items() if here.get(key) not in (None, parts.get(key))]
+    return out
 
 
 def _code_changes(then: dict, now: dict, method: str | None) -> list[str]:

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from harness.config import RunConfig, build_options, expand_sweeps, split_overri
 from harness.errors import UsageError
 from harness.pd.arch import n_layers
 from harness.pd.plan import PruningPlan
-from harness.quality import lm_eval_json, local_tasks
+from harness.quality import include_tasks, lm_eval_json, local_tasks
 from harness.quality.calibration import CalibConfig, build_calibration
 from harness.quality.distributed import Dist, ShardedScorer
 from harness.quality.evaluate import TaskCache, check_fewshot, check_tasks, evaluate_task, flatten_results, is_download_error  # noqa: F401 - some re-exported
@@ -164,7 +164,7 @@ def run(
     digests = inputs.digests(cfg, loaded, prepared)  # the files behind --model and --data-dir, which run keys name by path
     inputs.refuse_stale_work(cfg, prepared, out_dir, digests)
     state = _Run(cfg, prepared, out_dir, loaded,
-                 TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None),  # built on first use
+                 TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None, cfg.include_path),  # built on first use
                  env, on_progress or (lambda msg: log.info(msg)), progress and d.is_main, dist=d, log_samples=log_samples,
                  tracker=tracker, inputs=digests)
     check_tasks(state.tasks, cfg, d.world_size)  # a few-shot pool too small, a rank with no item: before any cell
@@ -361,14 +361,16 @@ def _make_plan(st: _Run, method, mode: str) -> tuple[PruningPlan, float, dict | 
     return plan, time.perf_counter() - t0, calib.description if calib is not None else None
 
 
-def _primary_metric(task: str) -> str:
+def _primary_metric(task: str, scores: dict | None = None, own: Iterable[str] = ()) -> str:
     """A long-context task's own primary metric, a local-data lm-eval task's `table_metric` (stored in the record:
-    reports read a plug-in's from there), else lm-eval's usual one (records.PRIMARY_METRIC)."""
+    reports read a plug-in's from there), else lm-eval's usual one (records.PRIMARY_METRIC); for an --include-path
+    task (`own`) whose `scores` lack that, its first (its metric_list's order: exact_match for a generation task)."""
     from harness.quality import local_tasks, long_tasks
 
     if long_tasks.is_long_task(task):
         return long_tasks.get(task).presentation.primary_metric
-    return local_tasks.get(task).table_metric if local_tasks.is_local_task(task) else rec.primary_metric(task)
+    usual = local_tasks.get(task).table_metric if local_tasks.is_local_task(task) else rec.primary_metric(task)
+    return next(iter(scores)) if task in own and scores and usual not in scores else usual
 
 
 def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: PruningPlan, partial: dict,
@@ -377,9 +379,10 @@ def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: 
 
     cfg = st.cfg
     done = partial["tasks"]
+    own = include_tasks.defined_names(cfg.include_path) if cfg.include_path else {}
     record = rec.RunRecord(
         method=name, mode=mode, run_key=key,
-        config={**dataclasses.asdict(cfg), "method_options": options, "max_length_used": max_length_used,
+        config={**cfg.recorded(), "method_options": options, "max_length_used": max_length_used,
                 "batch_sizes_used": {t: done[t].get("batch_sizes") for t in cfg.tasks},
                 "plan_reused_from": partial.get("plan_reused_from"),
                 "page_tokens": PAGE_TOKENS},
@@ -390,7 +393,7 @@ def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: 
         lm_eval={"version": st.env["packages"].get("lm_eval"),
                  "tasks": {t: done[t].get("lm_eval") or {"harness_task": done[t]["harness_task"]} for t in cfg.tasks},
                  "bootstrap_iters": cfg.bootstrap_iters, "limit": cfg.limit,
-                 "metric_convention": {t: _primary_metric(t) for t in cfg.tasks},
+                 "metric_convention": {t: _primary_metric(t, done[t]["scores"], own) for t in cfg.tasks},
                  **({"task_titles": titles} if (titles := local_tasks.titles(cfg.tasks)) else {})},
         timing_s={"plan": partial["plan_s"], **{f"eval_{t}": done[t]["seconds"] for t in cfg.tasks}},
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

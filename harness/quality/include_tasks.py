@@ -1,0 +1,111 @@
+"""lm-eval task YAMLs of the user's own (`--include-path DIR`, lm-eval's `--include_path`): the folders checked, the
+task, group and tag names they define, and the files a run's results depend on, for the records' input digests.
+
+lm-eval 0.4.13 indexes every `*.yaml` file under each folder, at any depth (not `.yml`; `__pycache__` and
+`.ipynb_checkpoints` skipped); a later folder's name wins over an earlier one's. A YAML's `!function utils.f` is
+`utils.py` beside it, and `dataset_kwargs` go to `datasets.load_dataset` unchanged, so a relative `data_files`
+path is read from the current folder (or from `dataset_kwargs.data_dir`), not from the YAML's folder.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UsageError
+
+IGNORED = frozenset({"__pycache__", ".ipynb_checkpoints"})  # lm-eval's index skips these folders
+FLAG = "--include-path"
+
+
+def _under(folder: Path, patterns: Iterable[str]) -> list[Path]:
+    """The files under `folder` (any depth) matching `patterns`, outside the folders lm-eval skips, sorted."""
+    found = {p for pat in patterns for p in folder.glob(f"**/{pat}") if p.is_file()}
+    return sorted(p for p in found if not IGNORED & set(p.relative_to(folder).parts))
+
+
+def yaml_files(folder: Path) -> list[Path]:
+    """The task YAMLs lm-eval indexes under `folder`."""
+    return _under(folder, ("*.yaml",))
+
+
+def check_folders(folders: Iterable[str | Path]) -> None:
+    """A UsageError naming the first folder that does not exist or holds no task YAML lm-eval would read."""
+    for f in folders:
+        p = Path(f)
+        if not p.is_dir():
+            raise UsageError(f"{FLAG} {f}: no such folder; give a folder of lm-eval task YAMLs (*.yaml)")
+        if not yaml_files(p):
+            yml = " (its .yml files are not read: lm-eval indexes *.yaml only)" if _under(p, ("*.yml",)) else ""
+            raise UsageError(f"{FLAG} {f}: holds no task YAML{yml}; give the folder holding your *.yaml task files")
+
+
+def defined_names(folders: Iterable[str | Path]) -> dict[str, Path | None]:
+    """Task, group and tag name -> the YAML that defines it (None for a tag), as lm-eval's index reads `folders`."""
+    from lm_eval.tasks._index import TaskIndex
+
+    return {name: e.yaml_path for name, e in TaskIndex.build([Path(f) for f in folders]).items()}
+
+
+def _load(path: Path, recursive: bool) -> dict[str, Any] | None:
+    """A YAML as lm-eval's loader reads it (`!function` left unresolved), or None where lm-eval's index skips it."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    try:
+        return load_yaml(path, resolve_func=False, recursive=recursive)
+    except Exception:  # noqa: BLE001 - lm-eval skips a YAML it cannot read the same way (a log line at debug level)
+        return None
+
+
+def _included(path: Path, seen: set[Path]) -> Iterator[Path]:
+    """The YAMLs `path` names in `include:` (relative to its folder, as lm-eval resolves them), recursively."""
+    cfg = _load(path, recursive=False) or {}
+    names = cfg.get("include") or []
+    for inc in names if isinstance(names, list) else [names]:
+        p = (path.parent / str(inc)).resolve()
+        if p.is_file() and p not in seen:
+            seen.add(p)
+            yield p
+            yield from _included(p, seen)
+
+
+def code_files(folder: Path) -> list[Path]:
+    """What lm-eval reads from `folder` besides data: its YAML and Python files (`!function` modules), and the
+    YAMLs elsewhere that its task YAMLs `include:`. Sorted, each once."""
+    own = _under(folder, ("*.yaml", "*.yml", "*.py"))
+    seen = {p.resolve() for p in own}
+    outside = [p for y in yaml_files(folder) for p in _included(y, seen)]
+    return own + sorted(outside)
+
+
+def _data_of(cfg: dict[str, Any]) -> Iterator[Path]:
+    """The local paths one task config loads: `dataset_kwargs.data_files` (a path, a list or split -> paths; glob
+    patterns too) relative to `dataset_kwargs.data_dir` or the current folder, a `data_dir` without files, and a
+    `dataset_path` that is a local file or folder; also the inline task configs of a group's `task` list."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    kwargs = cfg.get("dataset_kwargs") if isinstance(cfg.get("dataset_kwargs"), dict) else {}
+    base = Path(str(kwargs.get("data_dir") or "."))
+    files = kwargs.get("data_files")
+    items = files.values() if isinstance(files, dict) else [files]
+    for item in items:
+        for pat in (item if isinstance(item, list) else [item]):
+            if isinstance(pat, str) and "://" not in pat:  # hf:// and URLs are not local files
+                yield from (Path(p) for p in sorted(glob.glob(str(base / pat), recursive=True)))
+    if files is None and kwargs.get("data_dir") and base.exists():
+        yield base
+    path = cfg.get("dataset_path")
+    if isinstance(path, str) and path not in _PACKAGED_DATASETS_MODULES and Path(path).exists():
+        yield Path(path)
+    for sub in cfg.get("task") if isinstance(cfg.get("task"), list) else []:
+        if isinstance(sub, dict):
+            yield from _data_of(sub)
+
+
+def data_files(folder: Path) -> list[Path]:
+    """The local data files and folders the task YAMLs under `folder` load (`_data_of`, includes merged in, paths
+    resolved from the current folder as `datasets` resolves them); existing ones only, sorted, each once."""
+    found = {p.resolve() for y in yaml_files(folder) if (cfg := _load(y, recursive=True)) for p in _data_of(cfg)}
+    return sorted(found)

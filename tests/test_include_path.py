@@ -1,0 +1,213 @@
+"""lm-eval task YAMLs of the user's own (`--include-path DIR`, lm-eval's `--include_path`): a multiple-choice YAML on a
+JSON-lines file runs offline in both PD settings, with and without --data-dir, and reports; an edit of the YAML, its
+`!function` module or its data refuses the old records; bad folders, unknown names and names the harness runs itself
+exit 2 naming them; a run without the option keeps its run key and record shape."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness.config import RunConfig
+from harness.errors import UsageError
+from harness.store import records
+
+TASK = "my_mc"
+ROWS = [{"question": f"What is {i} plus one?", "choices": [str(i + 1), str(i + 7), str(i)], "answer": i % 3}
+        for i in range(6)]
+
+
+def _yaml(data, task=TASK, extra=""):
+    return textwrap.dedent(f"""\
+        task: {task}
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}
+        test_split: test
+        output_type: multiple_choice
+        process_docs: !function utils.process_docs
+        doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: "{{{{answer}}}}"
+        metric_list:
+          - metric: acc
+            aggregation: mean
+            higher_is_better: true
+        """) + extra
+
+
+@pytest.fixture
+def own(tmp_path):
+    """A folder holding one task YAML, its `!function` module and its data file (named by absolute path)."""
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    data = folder / "my_mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (folder / "my_mc.yaml").write_text(_yaml(data))
+    (folder / "utils.py").write_text("def process_docs(dataset):\n    return dataset\n")
+    return folder
+
+
+def _run(cli, own, out, *extra, data_dir=None):
+    return cli("--methods", "unpruned", "--model", "random:tiny", "--tasks", TASK, "--limit", 4, "--include-path", own,
+               "--out", out, "-q", *extra, data_dir=data_dir)
+
+
+def test_own_yaml_task_runs_offline_in_both_pd_settings_and_reports(cli, own, tmp_path, monkeypatch):
+    monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)  # lm-eval's own index plus the folder (the hub path)
+    out = tmp_path / "run"
+    r = _run(cli, own, out, "--mode", "both")
+    assert r.returncode == 0, r.stderr[-3000:]
+    by_mode = {rec.mode: rec for rec in records.load_dir(out)}
+    assert set(by_mode) == {"unified", "disaggregated"}
+    for rec in by_mode.values():
+        assert rec.n_samples == {TASK: 4} and "acc" in rec.scores[TASK]
+        assert rec.config["include_path"] == [str(own)]
+        assert set(rec.extra["inputs"]["include"][str(own)]) == {"files", "data"}
+    assert by_mode["disaggregated"].kv[TASK]["kv_bytes"] > 0 and not by_mode["unified"].kv
+    # the unpruned model scores every item alike in both settings (the handoff is exact)
+    assert by_mode["unified"].extra["items"][TASK] == by_mode["disaggregated"].extra["items"][TASK]
+    rep = cli("report", out, "--no-plots")
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert f"| {TASK} |" in (out / "report" / "tables" / "quality.md").read_text()
+
+
+@pytest.mark.parametrize("edit, what", [
+    (lambda f: (f / "my_mc.yaml").write_text((f / "my_mc.yaml").read_text().replace("Answer:", "A:")),
+     "the task YAMLs and Python files under --include-path"),
+    (lambda f: (f / "utils.py").write_text((f / "utils.py").read_text() + "# edited\n"),
+     "the task YAMLs and Python files under --include-path"),
+    (lambda f: (f / "my_mc.jsonl").write_text((f / "my_mc.jsonl").read_text().replace("plus", "and")),
+     "the data files named by the task YAMLs under --include-path"),
+], ids=["yaml", "function-module", "data"])
+def test_an_edit_under_the_include_path_refuses_the_old_records(cli, own, tmp_path, data_dir, edit, what):
+    out = tmp_path / "run"
+    assert _run(cli, own, out, data_dir=data_dir).returncode == 0
+    again = _run(cli, own, out, data_dir=data_dir)
+    assert again.returncode == 0 and "finished record found, reused" in again.stderr  # unchanged: reused
+    edit(own)
+    refused = _run(cli, own, out, data_dir=data_dir)
+    assert refused.returncode == 2 and f"{what} {own} changed" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_bad_include_folders_and_unknown_names_exit_2_naming_them(cli, own, tmp_path, data_dir):
+    out = tmp_path / "run"
+    r = _run(cli, tmp_path / "missing", out, data_dir=data_dir)
+    assert r.returncode == 2 and f"--include-path {tmp_path / 'missing'}: no such folder" in r.stderr
+    yml = tmp_path / "yml_only"
+    yml.mkdir()
+    (yml / "t.yml").write_text(_yaml(own / "my_mc.jsonl"))
+    r = _run(cli, yml, out, data_dir=data_dir)
+    assert r.returncode == 2 and f"--include-path {yml}: holds no task YAML (its .yml files are not read" in r.stderr
+    r = cli("--methods", "unpruned", "--model", "random:tiny", "--tasks", "my_mcq", "--include_path", own, "--out", out,
+            data_dir=data_dir)
+    assert r.returncode == 2 and "unknown task(s) my_mcq" in r.stderr and f"--include-path {own} define: {TASK}" in r.stderr
+    r = cli("--methods", "unpruned", "--model", "random:tiny", "--tasks", "my_mcq", "--out", out, data_dir=data_dir)
+    assert r.returncode == 2 and "a task YAML of your own: --include-path DIR" in r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name, which", [("passkey", "long-context task"), ("arc_easy", "lm-eval task on local data")])
+def test_a_yaml_defining_a_task_the_harness_runs_itself_is_refused(cli, own, tmp_path, data_dir, name, which):
+    (own / "clash.yaml").write_text(_yaml(own / "my_mc.jsonl", task=name))
+    r = cli("--methods", "unpruned", "--model", "random:tiny", "--tasks", name, "--include-path", own,
+            "--out", tmp_path / "run", data_dir=data_dir)
+    assert r.returncode == 2 and f"task {name} is defined by {own / 'clash.yaml'} and is the harness's own {which}" in r.stderr
+
+
+def test_a_group_of_the_folder_is_a_task_name_too(cli, own, tmp_path, data_dir):
+    (own / "group.yaml").write_text("group: my_group\ntask:\n  - my_mc\naggregate_metric_list:\n"
+                                    "  - metric: acc\n    weight_by_size: true\n")
+    out = tmp_path / "run"
+    r = cli("--methods", "unpruned", "--model", "random:tiny", "--tasks", "my_group", "--limit", 3, "--include-path", own,
+            "--out", out, "-q", data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (rec,) = records.load_dir(out)
+    assert rec.n_samples == {"my_group": 3} and "acc" in rec.scores["my_group"]
+
+
+def test_a_generation_task_of_ones_own_shows_its_own_metric(cli, own, tmp_path, data_dir):
+    (own / "gen.jsonl").write_text("".join(json.dumps({"q": r["question"], "a": r["choices"][0]}) + "\n" for r in ROWS))
+    (own / "gen.yaml").write_text(textwrap.dedent(f"""\
+        task: my_gen
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {own / "gen.jsonl"}
+        test_split: test
+        output_type: generate_until
+        doc_to_text: "Q: {{{{q}}}}\\nA:"
+        doc_to_target: "{{{{a}}}}"
+        generation_kwargs:
+          until: ["\\n"]
+          max_gen_toks: 3
+          do_sample: false
+        metric_list:
+          - metric: exact_match
+            aggregation: mean
+            higher_is_better: true
+        """))
+    out = tmp_path / "run"
+    r = cli("--methods", "unpruned", "--model", "random:tiny", "--tasks", f"my_gen,{TASK}", "--limit", 2, "--include-path",
+            own, "--out", out, "-q", data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (rec,) = records.load_dir(out)
+    assert "acc" not in rec.scores["my_gen"] and "exact_match" in rec.scores["my_gen"]
+    assert rec.lm_eval["metric_convention"] == {"my_gen": "exact_match", TASK: "acc"}  # a task with acc keeps acc
+    assert "exact_match for my_gen" in cli("report", out, "--no-plots").stdout + (out / "report" / "tables" /
+                                                                                  "quality.md").read_text()
+
+
+def test_with_a_data_dir_the_task_manager_indexes_the_include_folders_and_the_local_tasks_only(own, data_dir, tmp_path):
+    from harness.quality.tasks import task_manager
+
+    work = tmp_path / "work"
+    work.mkdir()
+    tm = task_manager(["arc_easy", TASK], data_dir, work, include_path=[own])
+    assert {"arc_easy", TASK} <= set(tm.all_tasks) and "hellaswag" not in tm.all_tasks
+    assert len(tm.load([TASK])["tasks"][TASK].eval_docs) == len(ROWS)
+
+
+def test_a_run_without_include_path_keeps_its_run_key_and_record_shape():
+    plain = RunConfig(model="random:tiny", tasks=("arc_easy",))
+    own = RunConfig(model="random:tiny", tasks=("arc_easy",), include_path=("/somewhere",))
+    assert "include_path" not in plain._canonical() and "include_path" not in plain.recorded()
+    assert own.recorded()["include_path"] == ("/somewhere",)
+    assert plain.identity("unpruned", "unified", {}, None) != own.identity("unpruned", "unified", {}, None)
+    assert plain.run_id() != own.run_id()
+
+
+def test_the_files_digested_follow_includes_and_lm_evals_data_file_rules(tmp_path, monkeypatch):
+    from harness.quality import include_tasks
+
+    folder, shared, data = tmp_path / "tasks", tmp_path / "shared", tmp_path / "data"
+    for d in (folder / "sub", shared, data / "parts"):
+        d.mkdir(parents=True)
+    (shared / "base.yaml").write_text(f"dataset_path: json\ndataset_kwargs:\n  data_dir: {data}\n"
+                                      "  data_files: {test: 'parts/*.jsonl'}\n")
+    (folder / "sub" / "t.yaml").write_text("include: ../../shared/base.yaml\ntask: t\n")
+    (folder / "u.yaml").write_text("task: u\ndataset_path: json\ndataset_kwargs:\n  data_files: rel.jsonl\n")
+    for f in (data / "parts" / "a.jsonl", data / "parts" / "b.jsonl", tmp_path / "rel.jsonl"):
+        f.write_text("{}\n")
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "x.yaml").write_text("task: cached\n")
+    monkeypatch.chdir(tmp_path)  # a relative data_files path is read from the current folder, as `datasets` does
+    assert include_tasks.code_files(folder) == [folder / "sub" / "t.yaml", folder / "u.yaml", shared / "base.yaml"]
+    assert include_tasks.data_files(folder) == [data / "parts" / "a.jsonl", data / "parts" / "b.jsonl",
+                                                tmp_path / "rel.jsonl"]
+    assert set(include_tasks.defined_names([folder])) == {"t", "u"}
+
+
+def test_specs_take_include_path_as_a_list_of_folders(tmp_path):
+    from harness.cli.run import run_parser
+    from harness.cli.spec import Spec, to_namespace
+
+    parser = run_parser()
+    ns = to_namespace(Spec(tmp_path / "s.toml", {"run": {"include_path": ["a", "b"]}}), "run", parser)
+    assert ns.include_path == [Path("a"), Path("b")]
+    with pytest.raises(UsageError, match="include_path.*expected a path in quotes"):
+        to_namespace(Spec(tmp_path / "s.toml", {"run": {"include_path": [3]}}), "run", parser)
