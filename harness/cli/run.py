@@ -98,7 +98,8 @@ def run_parser() -> argparse.ArgumentParser:
                    help="smollm2-135m (embedded default), a .gguf file, a model directory, a HF id, or random:<preset>")
     p.add_argument("--tasks", type=csv_list, default="standard,long",
                    help="comma-separated tasks: lm-eval tasks with local data, the harness's long-context tasks "
-                        f"({', '.join(long_tasks.names())}), or the aliases standard ({', '.join(STANDARD_TASKS)}) and long "
+                        f"({', '.join(long_tasks.names())}), the tasks of --include-path folders, or the aliases "
+                        f"standard ({', '.join(STANDARD_TASKS)}) and long "
                         "(default: %(default)s)")
     p.add_argument("--limit", type=limit_arg, default=DEFAULT_LIMIT,
                    help=f"items per task (per subtask for groups such as mmlu), a fraction 0 < x < 1 of each task's items "
