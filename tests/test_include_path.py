@@ -211,3 +211,35 @@ def test_specs_take_include_path_as_a_list_of_folders(tmp_path):
     assert ns.include_path == [Path("a"), Path("b")]
     with pytest.raises(UsageError, match="include_path.*expected a path in quotes"):
         to_namespace(Spec(tmp_path / "s.toml", {"run": {"include_path": [3]}}), "run", parser)
+
+
+def test_own_yaml_named_like_a_local_task_plugin_keeps_neither_its_title_nor_its_metric(cli, own, tmp_path, monkeypatch):
+    """Without --data-dir a YAML of yours replaces lm-eval's task of its name, the one a local-data plug-in of that name
+    would have run: the record shows your YAML's acc under its name, not the plug-in's table metric and title."""
+    from harness.quality import local_tasks
+    from harness.quality.local_tasks.base import LocalTask
+
+    monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
+    name = "pd_harness_shadowed_mc"
+    both = "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+    (own / "shadow.yaml").write_text(_yaml(own / "my_mc.jsonl", task=name, extra=both))
+
+    class Shadowed(LocalTask):
+        files, splits, upstream, table_metric, title = ("x.jsonl",), ("test",), "sciq/sciq.yaml", "acc_norm", "Shadowed"
+
+        @classmethod
+        def load(cls, data_dir, subtask=None):
+            raise AssertionError("an --include-path YAML of its name runs instead")
+
+    Shadowed.name = name
+    local_tasks.register_task(Shadowed)
+    try:
+        out = tmp_path / "run"
+        r = cli("--methods", "unpruned", "--model", "random:tiny", "--tasks", name, "--limit", 3, "--include-path", own,
+                "--out", out, "-q")
+        assert r.returncode == 0, r.stderr[-3000:]
+    finally:
+        local_tasks.unregister_task(name)
+    (rec,) = records.load_dir(out)
+    assert {"acc", "acc_norm"} <= set(rec.scores[name])
+    assert rec.lm_eval["metric_convention"] == {name: "acc"} and "task_titles" not in rec.lm_eval

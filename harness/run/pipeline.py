@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,12 @@ from harness.config import RunConfig, build_options, expand_sweeps, split_overri
 from harness.errors import UsageError
 from harness.pd.arch import n_layers
 from harness.pd.plan import PruningPlan
-from harness.quality import include_tasks, lm_eval_json, local_tasks
+from harness.quality import lm_eval_json
 from harness.quality.calibration import CalibConfig, build_calibration
 from harness.quality.distributed import Dist, ShardedScorer
 from harness.quality.evaluate import TaskCache, check_fewshot, check_tasks, evaluate_task, flatten_results, is_download_error  # noqa: F401 - some re-exported
 from harness.quality.samples import lm_eval_lines, samples_path
-from harness.run import inputs, reuse
+from harness.run import inputs, reuse, task_record
 from harness.run.progress import Tracker, task_label, work_of
 from harness.store import records as rec
 
@@ -361,25 +361,12 @@ def _make_plan(st: _Run, method, mode: str) -> tuple[PruningPlan, float, dict | 
     return plan, time.perf_counter() - t0, calib.description if calib is not None else None
 
 
-def _primary_metric(task: str, scores: dict | None = None, own: Iterable[str] = ()) -> str:
-    """A long-context task's own primary metric, a local-data lm-eval task's `table_metric` (stored in the record:
-    reports read a plug-in's from there), else lm-eval's usual one (records.PRIMARY_METRIC); for an --include-path
-    task (`own`) whose `scores` lack that, its first (its metric_list's order: exact_match for a generation task)."""
-    from harness.quality import local_tasks, long_tasks
-
-    if long_tasks.is_long_task(task):
-        return long_tasks.get(task).presentation.primary_metric
-    usual = local_tasks.get(task).table_metric if local_tasks.is_local_task(task) else rec.primary_metric(task)
-    return next(iter(scores)) if task in own and scores and usual not in scores else usual
-
-
 def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: PruningPlan, partial: dict,
                  max_length_used: int) -> Path:
     from harness.pd.engine import PAGE_TOKENS
 
     cfg = st.cfg
     done = partial["tasks"]
-    own = include_tasks.defined_names(cfg.include_path) if cfg.include_path else {}
     record = rec.RunRecord(
         method=name, mode=mode, run_key=key,
         config={**cfg.recorded(), "method_options": options, "max_length_used": max_length_used,
@@ -393,8 +380,8 @@ def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: 
         lm_eval={"version": st.env["packages"].get("lm_eval"),
                  "tasks": {t: done[t].get("lm_eval") or {"harness_task": done[t]["harness_task"]} for t in cfg.tasks},
                  "bootstrap_iters": cfg.bootstrap_iters, "limit": cfg.limit,
-                 "metric_convention": {t: _primary_metric(t, done[t]["scores"], own) for t in cfg.tasks},
-                 **({"task_titles": titles} if (titles := local_tasks.titles(cfg.tasks)) else {})},
+                 **task_record.lm_eval_fields(cfg.tasks, {t: done[t]["scores"] for t in cfg.tasks},
+                                              task_record.own_tasks(cfg.include_path))},
         timing_s={"plan": partial["plan_s"], **{f"eval_{t}": done[t]["seconds"] for t in cfg.tasks}},
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra={"kv_by_setting": {t: done[t]["kv_by"] for t in cfg.tasks if done[t].get("kv_by")},
