@@ -13,15 +13,22 @@ from typing import Any
 # A registered name is a file name (`<method>__<mode>.json`), an item of a comma-separated --methods/--tasks list and
 # the scope of `--set NAME.OPTION=`: letters, digits, '_', '-' and '+', starting with a letter or digit, <= 64 long.
 NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]{0,63}")
+NAME_TEXT = ("1-64 letters, digits, '_', '-' or '+', starting with a letter or digit (it names record files, "
+             "--methods/--tasks items and --set scopes)")
+# An lm-eval task on local data is named as lm-eval names its tasks (its hub task without --data-dir): no record file
+# and no --set scope, but an item of --tasks and the generated YAML's file name. Every name lm-eval 0.4.13 defines
+# fits (`bertaqa_en_mt_latxa-7b-v1.1`, `egymmlu_arabic_language_(general)`, 86 characters at the most).
+LM_EVAL_NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+().-]{0,199}")
+LM_EVAL_NAME_TEXT = ("1-200 letters, digits, '_', '-', '+', '.', '(' or ')', starting with a letter or digit (as lm-eval "
+                     "names its tasks; it is a --tasks item and a file name)")
 
 
-def check_name(kind: str, name: object, owner: str) -> None:
+def check_name(kind: str, name: object, owner: str, rule: re.Pattern = NAME_RULE, text: str = NAME_TEXT) -> None:
     """A ValueError naming `owner` (the class) when `name` cannot serve as a registered `kind`'s name: a '/' made the
-    record a file in a sub-folder, a ',' or a space a method `--methods` could not select, a '.' a `--set` scope."""
-    if not isinstance(name, str) or not NAME_RULE.fullmatch(name):
-        raise ValueError(f"{owner}: {kind} name {name!r} is not usable; a name is 1-64 letters, digits, '_', '-' or "
-                         "'+', starting with a letter or digit (it names record files, --methods/--tasks items and "
-                         "--set scopes)")
+    record a file in a sub-folder, a ',' or a space a method `--methods` could not select, a '.' a `--set` scope.
+    `rule` and `text`: another kind's rule and its wording (`LM_EVAL_NAME_RULE`)."""
+    if not isinstance(name, str) or not rule.fullmatch(name):
+        raise ValueError(f"{owner}: {kind} name {name!r} is not usable; a name is {text}")
 
 
 def option_types(cls_config: type, owner: str) -> dict[str, Any]:

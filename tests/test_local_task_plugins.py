@@ -147,7 +147,8 @@ def registries():
     ("passkey", "", "'passkey' (pd_harness_test_clash): the name is a long-context task, an MMLU subtask or a --tasks alias"),
     ("standard", "", "'standard' (pd_harness_test_clash): the name is a long-context task"),
     ("mmlu_anatomy", "", "'mmlu_anatomy' (pd_harness_test_clash): the name is a long-context task, an MMLU subtask"),
-    ("sci/q", "", "lm-eval task on local data name 'sci/q' is not usable; a name is 1-64 letters"),
+    ("sci/q", "", "lm-eval task on local data name 'sci/q' is not usable; a name is 1-200 letters"),
+    ("sci,q", "", "lm-eval task on local data name 'sci,q' is not usable; a name is 1-200 letters"),
     ("sciq", "files = ()", "`files` must be a non-empty tuple of paths relative to the data dir"),
     ("sciq", "splits = ('test', 'tset')", "`splits` must be a non-empty tuple of train, validation, test, dev"),
     ("sciq", "upstream = 'sciq'", "`upstream` must be lm-eval's task YAML relative to lm_eval/tasks"),
@@ -210,3 +211,25 @@ def test_the_documented_sciq_task_is_the_tested_one_and_plugs_in(outside, monkey
     finally:
         local_tasks.unregister_task("sciq")
         sys.modules.pop("pd_harness_doc_sciq", None)
+
+
+@pytest.mark.parametrize("name", ["bertaqa_en_mt_latxa-7b-v1.1", "egymmlu_arabic_language_(general)", "1.5", "null",
+                                  "arabic_leaderboard_arabic_mmlu_high_school_government_and_politics_light"])
+def test_a_local_task_takes_the_name_lm_eval_gives_its_task(name, tmp_path, monkeypatch, registries):
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from harness.quality.tasks import write_overrides
+
+    """A plug-in is named as lm-eval names the task (its hub task without --data-dir): lm-eval 0.4.13 has names with
+    '.', parentheses and more than 64 characters, which the methods' name rule (a record's file name) refuses."""
+    _write_plugin(tmp_path, name, "pd_harness_test_lm_eval_name")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        methods.load_plugins("pd_harness_test_lm_eval_name")
+        assert local_tasks.get(name).__module__ == "pd_harness_test_lm_eval_name"
+        (tmp_path / "yamls").mkdir()
+        assert write_overrides([name], tmp_path, tmp_path / "yamls", {name: tmp_path / "sciq.yaml"}) == [name]
+        written = load_yaml(tmp_path / "yamls" / f"{name}.yaml", resolve_func=False, recursive=False)
+        assert written["task"] == name and written["dataset_kwargs"]["harness_task"] == name
+    finally:
+        sys.modules.pop("pd_harness_test_lm_eval_name", None)

@@ -82,12 +82,12 @@ def write_overrides(tasks: Iterable[str], data_dir: Path, out_dir: Path, upstrea
         for name, subject in _units(task, data_dir):
             if name not in upstream:
                 raise UsageError(f"lm-eval has no task {name!r} to attach local data to")
-            lines = [f"include: {_yaml_str(str(upstream[name]))}", f"task: {name}",
+            lines = [f"include: {_yaml_str(str(upstream[name]))}", f"task: {_yaml_str(name)}",  # "1.5", "null": text
                      "custom_dataset: !function harness.quality.tasks.load_local",
-                     "dataset_kwargs:", f"  harness_task: {task}",
+                     "dataset_kwargs:", f"  harness_task: {_yaml_str(task)}",
                      f"  harness_data_dir: {_yaml_str(str(data_dir))}"]
             if subject:
-                lines.append(f"  harness_subject: {subject}")
+                lines.append(f"  harness_subject: {_yaml_str(subject)}")
             lines += [f"{key}: null" for key, split in SPLIT_KEYS.items() if split and split not in provided]
             if "test" in provided and not provided & {"train", "validation"}:
                 # --num-fewshot draws from the scored test split then; lm-eval leaves the item out of its own

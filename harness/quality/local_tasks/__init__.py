@@ -19,7 +19,7 @@ import pkgutil
 from pathlib import Path
 
 from harness.quality.local_tasks.base import SPLITS, LocalTask
-from harness.registration import check_name, same_definition
+from harness.registration import LM_EVAL_NAME_RULE, LM_EVAL_NAME_TEXT, check_name, same_definition
 
 __all__ = ["LocalTask", "register_task", "unregister_task", "names", "get", "is_local_task", "titles"]
 
@@ -36,7 +36,8 @@ def register_task(cls: type[LocalTask]) -> type[LocalTask]:
         raise ValueError(f"{cls!r}: an lm-eval task on local data is a subclass of harness.quality.local_tasks.LocalTask")
     name = getattr(cls, "name", None)
     owner = f"lm-eval task on local data {name!r} ({cls.__module__}.{cls.__qualname__})"
-    check_name("lm-eval task on local data", name, f"{cls.__module__}.{cls.__qualname__}")
+    check_name("lm-eval task on local data", name, f"{cls.__module__}.{cls.__qualname__}", LM_EVAL_NAME_RULE,
+               LM_EVAL_NAME_TEXT)
     _check_fields(cls, owner)
     _check_name_free(cls, owner)
     _REGISTRY[name] = cls
