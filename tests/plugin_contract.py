@@ -35,10 +35,12 @@ def check_long_task_contract(name: str) -> None:
 def check_local_task_contract(name: str, data_dir: Path | None = None) -> None:
     """The registered lm-eval task on local data `name` names an upstream YAML of the pinned lm-eval that scores one of
     the splits it provides and reports its `table_metric`; with `data_dir`, its loader gives exactly those splits, each
-    with rows (a group's first subtask)."""
+    with rows (a group's first subtask), and lm-eval builds the task from them (it renders a row through the upstream
+    YAML's templates: rows lacking a field it reads raise a PluginContractError naming the loader)."""
     import lm_eval.tasks
     from lm_eval.tasks._yaml_loader import load_yaml  # the pinned lm-eval's reader, `include:` resolved
 
+    from harness.quality.evaluate import TaskCache
     from harness.quality.tasks import local_rows
 
     task = local_tasks.get(name)
@@ -54,6 +56,11 @@ def check_local_task_contract(name: str, data_dir: Path | None = None) -> None:
         rows = local_rows(name, data_dir, subtask)
         assert set(rows) == set(task.splits) and all(rows.values()), {k: len(v) for k, v in rows.items()}
         assert all(isinstance(r, dict) for split in rows.values() for r in split[:5])
+        built = TaskCache([name], Path(data_dir))
+        try:
+            built.get(name)
+        finally:
+            built.close()
 
 
 def _measurement(decode_tokens: int) -> Measurement:

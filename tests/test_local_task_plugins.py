@@ -213,6 +213,34 @@ def test_the_documented_sciq_task_is_the_tested_one_and_plugs_in(outside, monkey
         sys.modules.pop("pd_harness_doc_sciq", None)
 
 
+def test_a_loader_whose_rows_lack_a_field_the_upstream_yaml_reads_is_named(outside, monkeypatch, registries):
+    """lm-eval's sciq YAML reads `support`; a loader that drops it failed each cell with jinja2's bare "'support' is
+    undefined" (exit 1, naming neither the task nor the plug-in), and the contract check passed it."""
+    from harness.errors import PluginContractError
+    from harness.quality.evaluate import TaskCache
+
+    folder, data = outside
+    drop = ("load = classmethod(lambda cls, data_dir, subtask=None: {'test': [{k: v for k, v in r.items() if k != "
+            "'support'} for r in jsonl(cls.path(data_dir))]})")
+    _write_plugin(folder, module="pd_harness_test_no_support", extra=drop)
+    monkeypatch.syspath_prepend(str(folder))
+    try:
+        methods.load_plugins("pd_harness_test_no_support")
+        tasks = TaskCache(["sciq"], data)
+        try:
+            with pytest.raises(PluginContractError) as e:
+                tasks.get("sciq")
+        finally:
+            tasks.close()
+        assert str(e.value).startswith("task sciq: lm-eval's sciq/sciq.yaml reads a field that the rows of "
+                                       "pd_harness_test_no_support.SciQ.load lack ('support' is undefined)")
+        assert "\n" not in str(e.value)
+        with pytest.raises(PluginContractError, match="pd_harness_test_no_support.SciQ.load lack"):
+            check_local_task_contract("sciq", data)
+    finally:
+        sys.modules.pop("pd_harness_test_no_support", None)
+
+
 @pytest.mark.parametrize("name", ["bertaqa_en_mt_latxa-7b-v1.1", "egymmlu_arabic_language_(general)", "1.5", "null",
                                   "arabic_leaderboard_arabic_mmlu_high_school_government_and_politics_light"])
 def test_a_local_task_takes_the_name_lm_eval_gives_its_task(name, tmp_path, monkeypatch, registries):

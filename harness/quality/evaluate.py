@@ -118,10 +118,34 @@ class TaskCache:
             if self.manager is None:
                 self._workdir = self._workdir or tempfile.TemporaryDirectory(prefix="harness-tasks-")
                 self.manager = task_manager(self._tasks, self._data_dir, Path(self._workdir.name), self._include)
-            loaded = self.manager.load([task])
+            try:
+                loaded = self.manager.load([task])
+            except Exception as e:
+                if type(e).__name__ != "UndefinedError":  # jinja2's: a template reads a field the rows lack
+                    raise
+                raise self._missing_field(task, e) from None
             self._built[task] = loaded["groups"].get(task) or loaded["tasks"].get(task) or task
             self._subtasks[task] = dict(loaded["tasks"]) if task in loaded["groups"] else {}
         return self._built[task]
+
+    def _missing_field(self, task: str, e: Exception) -> UsageError:
+        """The one-line error for a task whose rows lack a field its YAML's templates read (lm-eval renders one row
+        while building the task, and jinja2 names only the field): it names the task, the YAML and what gave the rows
+        (a plug-in's loader is a PluginContractError)."""
+        from harness.errors import PluginContractError
+        from harness.quality import include_tasks, local_tasks
+
+        if self._data_dir is not None and local_tasks.is_local_task(task):
+            cls = local_tasks.get(task)
+            return PluginContractError(
+                f"task {task}: lm-eval's {cls.upstream} reads a field that the rows of "
+                f"{cls.__module__}.{cls.__qualname__}.load lack ({e}); load() must return each split's rows in the "
+                "field layout of the Hugging Face dataset that YAML reads (base.jsonl(path, fields) names a row "
+                "missing one)")
+        yaml = include_tasks.defined_names(self._include).get(task) if self._include else None
+        where = f" ({yaml})" if yaml else ""
+        return UsageError(f"task {task}{where}: its template reads a field that its data's rows lack ({e}); give every "
+                          "row that field, or change the YAML's doc_to_text / doc_to_choice / doc_to_target")
 
     def subtasks(self, task: str) -> dict[str, Any]:
         """The tasks a group `task` runs (name -> lm-eval task), built with it; {} for a task that is no group."""
