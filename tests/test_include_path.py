@@ -202,6 +202,30 @@ def test_the_files_digested_follow_includes_and_lm_evals_data_file_rules(tmp_pat
     assert set(include_tasks.defined_names([folder])) == {"t", "u"}
 
 
+def test_a_data_file_the_yaml_names_that_is_not_there_is_refused_before_the_model_loads(own, tmp_path, monkeypatch):
+    """A relative data_files path is read from the current folder: from elsewhere the run loaded the model and failed
+    each cell with `datasets`' "Unable to find '/cwd/my_mc.jsonl'" (exit 1), naming neither the YAML nor the rule."""
+    from harness.cli.run import check_tasks
+
+    (own / "my_mc.yaml").write_text(_yaml("my_mc.jsonl"))  # relative to the YAML's folder, as one writes it first
+    (own / "group.yaml").write_text("group: my_group\ntask:\n  - my_mc\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for name in (TASK, "my_group"):
+        with pytest.raises(UsageError) as e:
+            check_tasks((name,), None, (str(own),))
+        assert str(e.value) == (f"task {TASK} ({own / 'my_mc.yaml'}): dataset_kwargs.data_files 'my_mc.jsonl' matches no "
+                                f"file: a relative path is read from the current folder ({elsewhere}), not from the "
+                                f"YAML's folder; {own / 'my_mc.jsonl'} exists: give that absolute path")
+    (own / "my_mc.yaml").write_text(_yaml(tmp_path / "gone.jsonl"))
+    with pytest.raises(UsageError, match=f"data_files '{tmp_path / 'gone.jsonl'}' matches no file$"):
+        check_tasks((TASK,), None, (str(own),))
+    (own / "my_mc.yaml").write_text(_yaml("my_mc.jsonl"))
+    monkeypatch.chdir(own)  # run from the folder the path is relative to: it is found
+    check_tasks((TASK, "my_group"), None, (str(own),))
+
+
 def test_specs_take_include_path_as_a_list_of_folders(tmp_path):
     from harness.cli.run import run_parser
     from harness.cli.spec import Spec, to_namespace

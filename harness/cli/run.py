@@ -169,6 +169,7 @@ def check_tasks(tasks: tuple[str, ...], data_dir: str | None, include_path: tupl
         include_tasks.check_folders(include_path)
         own = include_tasks.defined_names(include_path)
         _refuse_shadowed(tasks, data_dir, own)
+        include_tasks.check_data_files(tasks, own)
     unknown = [t for t in tasks if not local_tasks.is_local_task(t) and not long_tasks.is_long_task(t) and t not in own]
     if not unknown:
         return

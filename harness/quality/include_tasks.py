@@ -80,6 +80,55 @@ def code_files(folder: Path) -> list[Path]:
     return own + sorted(outside)
 
 
+def _file_patterns(cfg: dict[str, Any]) -> Iterator[str]:
+    """The local paths (glob patterns too) in one task config's `dataset_kwargs.data_files`, as written: a path, a list
+    or split -> paths (hf:// and URLs left out)."""
+    kwargs = cfg.get("dataset_kwargs") if isinstance(cfg.get("dataset_kwargs"), dict) else {}
+    files = kwargs.get("data_files")
+    for item in files.values() if isinstance(files, dict) else [files]:
+        for pat in (item if isinstance(item, list) else [item]):
+            if isinstance(pat, str) and "://" not in pat:  # hf:// and URLs are not local files
+                yield pat
+
+
+def check_data_files(tasks: Iterable[str], defined: dict[str, Path | None]) -> None:
+    """A UsageError naming the first of `tasks` (or of the tasks a group of them lists) whose YAML (`defined`, from
+    `defined_names`) names a local `data_files` path that matches no file: `datasets` reads a relative one from the
+    current folder (or from `dataset_kwargs.data_dir`), not from the YAML's folder, and would fail only once the model
+    is loaded, naming neither the YAML nor the rule."""
+    seen: set[str] = set()
+    todo = [(t, None) for t in tasks]
+    while todo:
+        task, cfg = todo.pop(0)
+        yaml = defined.get(task)
+        if cfg is None:
+            if task in seen or yaml is None:
+                continue
+            seen.add(task)
+            cfg = _load(yaml, recursive=True) or {}
+        kwargs = cfg.get("dataset_kwargs") if isinstance(cfg.get("dataset_kwargs"), dict) else {}
+        base = Path(str(kwargs.get("data_dir") or "."))
+        for pat in _file_patterns(cfg):
+            if glob.glob(str(base / pat), recursive=True):
+                continue
+            if Path(pat).is_absolute():
+                why = ""
+            elif kwargs.get("data_dir"):
+                why = f" in dataset_kwargs.data_dir {str(base)!r} ({base.resolve()})"
+            else:
+                near = yaml.parent / pat if yaml is not None else None
+                why = (f": a relative path is read from the current folder ({Path.cwd()}), not from the YAML's folder; "
+                       + (f"{near} exists: give that absolute path" if near and glob.glob(str(near), recursive=True)
+                          else "give an absolute path, or run from the folder it is relative to"))
+            raise UsageError(f"task {task} ({yaml or '--include-path'}): dataset_kwargs.data_files {pat!r} matches no "
+                             f"file{why}")
+        for sub in cfg.get("task") if isinstance(cfg.get("task"), list) else []:  # a group's tasks
+            if isinstance(sub, str):
+                todo.append((sub, None))
+            elif isinstance(sub, dict):
+                todo.append((str(sub.get("task", task)), sub))
+
+
 def _data_of(cfg: dict[str, Any]) -> Iterator[Path]:
     """The local paths one task config loads: `dataset_kwargs.data_files` (a path, a list or split -> paths; glob
     patterns too) relative to `dataset_kwargs.data_dir` or the current folder, a `data_dir` without files, and a
@@ -89,11 +138,8 @@ def _data_of(cfg: dict[str, Any]) -> Iterator[Path]:
     kwargs = cfg.get("dataset_kwargs") if isinstance(cfg.get("dataset_kwargs"), dict) else {}
     base = Path(str(kwargs.get("data_dir") or "."))
     files = kwargs.get("data_files")
-    items = files.values() if isinstance(files, dict) else [files]
-    for item in items:
-        for pat in (item if isinstance(item, list) else [item]):
-            if isinstance(pat, str) and "://" not in pat:  # hf:// and URLs are not local files
-                yield from (Path(p) for p in sorted(glob.glob(str(base / pat), recursive=True)))
+    for pat in _file_patterns(cfg):
+        yield from (Path(p) for p in sorted(glob.glob(str(base / pat), recursive=True)))
     if files is None and kwargs.get("data_dir") and base.exists():
         yield base
     path = cfg.get("dataset_path")
