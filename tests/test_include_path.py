@@ -226,6 +226,21 @@ def test_a_data_file_the_yaml_names_that_is_not_there_is_refused_before_the_mode
     check_tasks((TASK, "my_group"), None, (str(own),))
 
 
+def test_an_unknown_task_names_the_yamls_lm_eval_could_not_read(own, tmp_path):
+    """lm-eval's index skips a YAML it cannot parse with a debug-level log line: the run only said the task was
+    unknown and that the folder defines "none"."""
+    from harness.cli.run import check_tasks
+
+    (own / "broken.yaml").write_text(_yaml(own / "my_mc.jsonl", task="br_mc").replace("output_type: multiple_choice",
+                                                                                       "output_type: [multiple_choice"))
+    with pytest.raises(UsageError) as e:
+        check_tasks(("br_mc",), None, (str(own),))
+    msg = str(e.value)
+    assert msg.startswith("unknown task(s) br_mc;") and f"--include-path {own} define: {TASK};" in msg
+    assert f"lm-eval skips 1 YAML(s) there it cannot read: {own / 'broken.yaml'} (ParserError: while parsing" in msg
+    assert "line 7" in msg and "\n" not in msg  # where in the file, on the one line
+
+
 def test_specs_take_include_path_as_a_list_of_folders(tmp_path):
     from harness.cli.run import run_parser
     from harness.cli.spec import Spec, to_namespace

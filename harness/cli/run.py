@@ -180,9 +180,13 @@ def check_tasks(tasks: tuple[str, ...], data_dir: str | None, include_path: tupl
         unknown = [t for t in unknown if t not in known]
         if not unknown:
             return
+    skipped = include_tasks.unreadable(include_path) if include_path else []
     mine = (f"; the YAMLs under --include-path {', '.join(include_path)} define: {', '.join(sorted(own)[:20]) or 'none'}"
             f"{' ...' if len(own) > 20 else ''}" if include_path else
             "; a task YAML of your own: --include-path DIR")
+    if skipped:
+        mine += (f"; lm-eval skips {len(skipped)} YAML(s) there it cannot read: "
+                 + "; ".join(f"{y} ({err})" for y, err in skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
     raise UsageError(f"unknown task(s) {', '.join(unknown)}; tasks with local data: {', '.join(sorted(local_tasks.names()))}; "
                      f"long-context: {', '.join(long_tasks.names())}; aliases: standard, long"
                      + ("" if data_dir else " (without --data-dir, any lm-eval task name)")

@@ -49,6 +49,22 @@ def defined_names(folders: Iterable[str | Path]) -> dict[str, Path | None]:
     return {name: e.yaml_path for name, e in TaskIndex.build([Path(f) for f in folders]).items()}
 
 
+def unreadable(folders: Iterable[str | Path]) -> list[tuple[Path, str]]:
+    """The YAMLs under `folders` that lm-eval's index skips, each with its error on one line: lm-eval logs them at
+    debug level only, so the tasks they define are merely "unknown"."""
+    from lm_eval.tasks._index import TaskIndex
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    out = []
+    for y in (y for f in folders for y in yaml_files(Path(f))):
+        try:
+            TaskIndex.process_cfg(load_yaml(y, resolve_func=False, recursive=True), y, {})
+        except Exception as e:  # noqa: BLE001 - what lm-eval's index catches
+            text = " ".join(str(e).split())  # a YAML error's lines: what, in which file, line and column
+            out.append((y, f"{type(e).__name__}: {text[:240]}" if text else type(e).__name__))
+    return out
+
+
 def _load(path: Path, recursive: bool) -> dict[str, Any] | None:
     """A YAML as lm-eval's loader reads it (`!function` left unresolved), or None where lm-eval's index skips it."""
     from lm_eval.tasks._yaml_loader import load_yaml
