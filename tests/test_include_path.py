@@ -241,6 +241,21 @@ def test_an_unknown_task_names_the_yamls_lm_eval_could_not_read(own, tmp_path):
     assert "line 7" in msg and "\n" not in msg  # where in the file, on the one line
 
 
+def test_rows_lacking_a_field_the_template_reads_name_the_task_and_its_yaml(own, data_dir):
+    from harness.quality.evaluate import TaskCache
+
+    (own / "my_mc.jsonl").write_text("".join(json.dumps({"q": r["question"], "choices": r["choices"],
+                                                         "answer": r["answer"]}) + "\n" for r in ROWS))
+    tasks = TaskCache([TASK], data_dir, (str(own),))
+    try:
+        with pytest.raises(UsageError) as e:
+            tasks.get(TASK)
+    finally:
+        tasks.close()
+    assert str(e.value).startswith(f"task {TASK} ({own / 'my_mc.yaml'}): its template reads a field that its data's "
+                                   "rows lack ('question' is undefined)")
+
+
 def test_specs_take_include_path_as_a_list_of_folders(tmp_path):
     from harness.cli.run import run_parser
     from harness.cli.spec import Spec, to_namespace
