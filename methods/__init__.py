@@ -15,6 +15,7 @@ import os
 import pkgutil
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from harness.errors import UsageError
 from methods import plugin_code
@@ -93,12 +94,19 @@ def _import_plugin(mod: str, what: str, load) -> None:
     except UsageError:
         raise
     except ImportError as e:
-        hint = " (a module name, not a file path)" if "/" in mod or mod.endswith(".py") else ""
-        raise PluginImportError(f"{what}, which cannot be imported: {e}; give comma-separated module names "
-                                f"importable from sys.path{hint}, e.g. add their folder to PYTHONPATH") from e
+        hint = _file_hint(mod) if "/" in mod or "\\" in mod or mod.endswith(".py") else ""
+        raise PluginImportError(f"{what}, which cannot be imported: {e}; give module names importable from "
+                                f"sys.path{hint}, e.g. add their folder to PYTHONPATH") from e
     except Exception as e:  # noqa: BLE001 - any error of a plug-in's own code, named with its module
         raise PluginImportError(f"{what}, which failed to load: {type(e).__name__}: {e}; fix the plug-in, or leave it out "
                                 "(HARNESS_PLUGINS, or uninstall its distribution)") from e
+
+
+def _file_hint(path: str) -> str:
+    """What to give for a plug-in file path: its module name, with its folder on PYTHONPATH ('my_plugins/my_sciq.py'
+    -> 'my_sciq' with my_plugins on PYTHONPATH)."""
+    file = Path(path.replace("\\", "/"))
+    return f" (a module name, not a file path: {file.name.removesuffix('.py')!r} with {str(file.parent)!r} on PYTHONPATH)"
 
 
 class PluginImportError(UsageError, ImportError):

@@ -112,7 +112,7 @@ def get(name: str) -> type[Method]:
     hint = f" (did you mean {near[0]!r}?)" if near else ""
     families = "".join(f"; {w.title}s: {', '.join(p + b for b in bases_of(p))}" for p, w in sorted(_WRAPPERS.items()))
     raise UsageError(f"unknown method {name!r}{hint}; known methods: {', '.join(sorted(_METHODS))}{families} (a plug-in's "
-                     "method: name its module in HARNESS_PLUGINS)")
+                     "method: name its module in HARNESS_PLUGINS or a spec's top-level plugins key)")
 
 
 def instantiate(owner: str, base: str | type[Method], options: Mapping[str, Any] | Any = None) -> Method:

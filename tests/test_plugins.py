@@ -197,6 +197,21 @@ def test_a_plugins_import_error_is_bad_input():
         methods.load_plugins("/tmp/my_plugin.py")
 
 
+@pytest.mark.parametrize("path, module, folder", [("my_plugins/my_sciq.py", "my_sciq", "my_plugins"),
+                                                  ("/abs/plug/x.py", "x", "/abs/plug"), ("y.py", "y", ".")])
+def test_a_plugin_file_path_is_answered_with_the_module_name_and_folder_to_give(path, module, folder):
+    """'a module name, not a file path' left the user to work out which: the error names both."""
+    with pytest.raises(UsageError) as e:
+        methods.load_plugins(path)
+    assert f"not a file path: {module!r} with {folder!r} on PYTHONPATH" in str(e.value)
+    assert "comma-separated" not in str(e.value)  # a spec's plugins key is a list
+
+
+def test_an_unknown_method_points_to_both_ways_of_naming_a_plugin():
+    with pytest.raises(UsageError, match="name its module in HARNESS_PLUGINS or a spec's top-level plugins key"):
+        methods.get("no_such_method_here")
+
+
 def test_reports_show_a_plugin_policy_they_cannot_load():
     from reports.plans import _policy_text
 

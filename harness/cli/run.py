@@ -190,7 +190,7 @@ def check_tasks(tasks: tuple[str, ...], data_dir: str | None, include_path: tupl
     raise UsageError(f"unknown task(s) {', '.join(unknown)}; tasks with local data: {', '.join(sorted(local_tasks.names()))}; "
                      f"long-context: {', '.join(long_tasks.names())}; aliases: standard, long"
                      + ("" if data_dir else " (without --data-dir, any lm-eval task name)")
-                     + " (a plug-in's task: name its module in HARNESS_PLUGINS)" + mine)  # as an unknown method says
+                     + " (a plug-in's task: name its module in HARNESS_PLUGINS or a spec's top-level plugins key)" + mine)  # as methods say
 
 
 def _refuse_shadowed(tasks: tuple[str, ...], data_dir: str | None, own: dict) -> None:
