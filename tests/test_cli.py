@@ -36,7 +36,7 @@ TINY = ["--model", "random:tiny", "--device", "cpu", "-q"]
         (["--tasks", "arc_easy,nosuchtask"], "unknown task(s) nosuchtask; tasks with local data: arc_challenge"),
         # an outside task is unknown without its module, as an outside method is: both say where it is named
         (["--tasks", "nosuchtask"], "aliases: standard, long (a plug-in's task: name its module in "
-                                    "HARNESS_PLUGINS)"),
+                                    "HARNESS_PLUGINS or a spec's top-level plugins key)"),
         (["--tasks", ","], "--tasks is empty"),
         (["--limit", "-3"], "expected a positive integer, a fraction between 0 and 1 (exclusive) or 'all', got -3"),
         (["--set", "shortgpt.k"], "expected SCOPE.OPTION=VALUE"),
