@@ -261,3 +261,24 @@ def test_a_local_task_takes_the_name_lm_eval_gives_its_task(name, tmp_path, monk
         assert written["task"] == name and written["dataset_kwargs"]["harness_task"] == name
     finally:
         sys.modules.pop("pd_harness_test_lm_eval_name", None)
+
+
+def test_a_plugin_tasks_missing_file_says_where_to_put_it_not_the_shared_layout(outside, monkeypatch, registries):
+    """'--data-dir must be laid out like ../shared/data' was said for a plug-in's own file, and when no --data-dir
+    was given ($HARNESS_DATA_DIR): it names the plug-in class that reads the file and both places the dir comes from."""
+    from harness.quality.tasks import check_files
+
+    folder, data = outside
+    monkeypatch.syspath_prepend(str(folder))
+    try:
+        methods.load_plugins(MODULE)
+        (data / "sciq" / "test.jsonl").unlink()
+        with pytest.raises(UsageError) as e:
+            check_files(["sciq"], data)
+    finally:
+        sys.modules.pop(MODULE, None)
+    assert f"missing data file {data}/sciq/test.jsonl (needed by task sciq); put it there: {MODULE}.SciQ reads it " \
+           "relative to the data dir (--data-dir, else $HARNESS_DATA_DIR)" == str(e.value)
+    with pytest.raises(UsageError, match=r"\(needed by task piqa\); the data dir \(--data-dir, else \$HARNESS_DATA_DIR\) "
+                                         r"must be laid out like \.\./shared/data"):
+        check_files(["piqa"], data)

@@ -53,11 +53,20 @@ def check_files(tasks: Iterable[str], data_dir: Path) -> None:
         raise UsageError(f"--data-dir {data_dir}: no such directory (expected a folder laid out like ../shared/data)")
     tasks = list(tasks)
     for task in tasks:
-        for rel in local_tasks.get(task).files:
+        cls = local_tasks.get(task)
+        for rel in cls.files:
             if not (data_dir / rel).exists():
-                raise UsageError(f"missing data file {data_dir / rel} (needed by task {task}); "
-                                 f"--data-dir must be laid out like ../shared/data")
+                raise UsageError(f"missing data file {data_dir / rel} (needed by task {task}); " + _where_files_go(cls))
     upstream_yamls(tasks, data_dir)
+
+
+def _where_files_go(cls: type) -> str:
+    """What a missing-file error asks: the package's tasks read a folder laid out like ../shared/data; a plug-in
+    task reads its own files, relative to the same data dir (which may come from $HARNESS_DATA_DIR, not a flag)."""
+    data_dir = "the data dir (--data-dir, else $HARNESS_DATA_DIR)"
+    if cls.__module__.startswith("harness."):
+        return f"{data_dir} must be laid out like ../shared/data"
+    return f"put it there: {cls.__module__}.{cls.__qualname__} reads it relative to {data_dir}"
 
 
 def _yaml_str(s: str) -> str:
