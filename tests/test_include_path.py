@@ -297,3 +297,18 @@ def test_own_yaml_named_like_a_local_task_plugin_keeps_neither_its_title_nor_its
     (rec,) = records.load_dir(out)
     assert {"acc", "acc_norm"} <= set(rec.scores[name])
     assert rec.lm_eval["metric_convention"] == {name: "acc"} and "task_titles" not in rec.lm_eval
+
+
+def test_a_yaml_named_like_a_local_group_is_not_counted_as_the_groups_subtasks(own, tmp_path):
+    """Without a data dir an --include-path YAML named `mmlu` is the YAML's task (one test split of 6 rows), but the
+    up-front count said 57 subtasks (MMLU's hub count): the run's statement and ETA were off by 57x."""
+    from harness.run import progress
+
+    (own / "my_mc.yaml").write_text(_yaml(own / "my_mc.jsonl", task="mmlu"))
+    cfg = RunConfig(model="random:tiny", methods=("unpruned",), tasks=("mmlu",), data_dir=None, limit=4,
+                    include_path=(str(own),))
+    work = progress.work_of(cfg, type("Prepared", (), {"methods": {"unpruned": None}, "task_options": {}})())
+    assert work.items == {"mmlu": None} and "subtasks" not in work.notes["mmlu"]
+    plain = progress.work_of(RunConfig(model="random:tiny", methods=("unpruned",), tasks=("mmlu",), data_dir=None,
+                                       limit=4), type("Prepared", (), {"methods": {"unpruned": None}, "task_options": {}})())
+    assert plain.items == {"mmlu": 57 * 4}  # the group itself keeps its count

@@ -302,9 +302,11 @@ def _subtasks(task: str, data_dir: str | None) -> int | None:
 
 def work_of(cfg, prepared) -> Work:
     """The run's cells and each task's items per cell (`--limit` applied), from files and options only."""
-
     from harness.quality import long_tasks
     from harness.quality.long_tasks.base import capped
+    from harness.run.task_record import own_tasks
+
+    own = own_tasks(cfg.include_path)  # an --include-path YAML of a local task's name is the YAML's task (no data dir)
 
     whole = cfg.limit if cfg.limit is None or cfg.limit >= 1 else None  # a fraction's count needs each split's size
     cells = [(name, mode) for name in prepared.methods for mode in cfg.modes]
@@ -318,7 +320,7 @@ def work_of(cfg, prepared) -> Work:
             continue
         rows = _local_rows(task, cfg.data_dir)
         items[task] = capped(rows, cfg.limit) if rows is not None else rows
-        if (n_sub := _subtasks(task, cfg.data_dir)) is not None:
+        if task not in own and (n_sub := _subtasks(task, cfg.data_dir)) is not None:
             items[task] = n_sub * whole if whole else None
             notes[task] = f"{n_sub} subtasks, up to {cfg.limit or 'all'} items each"
         elif rows is None:
