@@ -312,3 +312,80 @@ def test_a_yaml_named_like_a_local_group_is_not_counted_as_the_groups_subtasks(o
     plain = progress.work_of(RunConfig(model="random:tiny", methods=("unpruned",), tasks=("mmlu",), data_dir=None,
                                        limit=4), type("Prepared", (), {"methods": {"unpruned": None}, "task_options": {}})())
     assert plain.items == {"mmlu": 57 * 4}  # the group itself keeps its count
+
+
+def test_every_form_of_local_data_a_yaml_names_is_digested(tmp_path, monkeypatch):
+    """The files behind each way a YAML names local data are in the folder's data digest, so an edit of any of them
+    refuses the old records: a list of data_files, a data_dir without data_files, a local dataset_path, a group's
+    inline task config, and a YAML included by an included YAML (two levels down, outside the folder)."""
+    from harness.quality import include_tasks
+
+    folder, lib, data = tmp_path / "tasks", tmp_path / "lib", tmp_path / "data"
+    for d in (folder, lib, data / "only_dir", data / "local_ds"):
+        d.mkdir(parents=True)
+    files = {n: data / n for n in ("l1.jsonl", "l2.jsonl", "only_dir/x.jsonl", "local_ds/y.jsonl", "inline.jsonl",
+                                   "deep.jsonl")}
+    for f in files.values():
+        f.write_text("{}\n")
+    (folder / "list.yaml").write_text(f"task: l\ndataset_path: json\ndataset_kwargs:\n  data_files: "
+                                      f"[{files['l1.jsonl']}, {files['l2.jsonl']}]\n")
+    (folder / "dir.yaml").write_text(f"task: d\ndataset_path: json\ndataset_kwargs:\n  data_dir: {data / 'only_dir'}\n")
+    (folder / "path.yaml").write_text(f"task: p\ndataset_path: {data / 'local_ds'}\n")
+    (folder / "group.yaml").write_text(f"group: g\ntask:\n  - task: g_inline\n    dataset_path: json\n"
+                                       f"    dataset_kwargs:\n      data_files: {files['inline.jsonl']}\n")
+    (lib / "deep.yaml").write_text(f"dataset_path: json\ndataset_kwargs:\n  data_files: {files['deep.jsonl']}\n")
+    (lib / "mid.yaml").write_text("include: deep.yaml\n")
+    (folder / "chain.yaml").write_text(f"include: {lib / 'mid.yaml'}\ntask: c\n")
+    (folder / "hub.yaml").write_text("task: h\ndataset_path: json\ndataset_kwargs:\n  data_files: hf://datasets/a/b.jsonl\n")
+    monkeypatch.chdir(tmp_path)
+    assert include_tasks.data_files(folder) == sorted([files["l1.jsonl"], files["l2.jsonl"], data / "only_dir",
+                                                       data / "local_ds", files["inline.jsonl"], files["deep.jsonl"]])
+    own = [folder / n for n in ("chain.yaml", "dir.yaml", "group.yaml", "hub.yaml", "list.yaml", "path.yaml")]
+    assert include_tasks.code_files(folder) == own + [lib / "deep.yaml", lib / "mid.yaml"]
+
+
+def test_the_include_data_digest_tells_which_file_holds_which_bytes(tmp_path, monkeypatch):
+    """Two files a glob names whose bytes move from one to the other (the same bytes in the same order): another
+    digest, so the moved rows refuse the old records (a digest of the bytes alone would not see it)."""
+    from harness.run.inputs import include_digests
+
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "t.yaml").write_text(f"task: t\ndataset_path: json\ndataset_kwargs:\n  data_files: {folder}/part*.jsonl\n")
+    (folder / "part1.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+    (folder / "part2.jsonl").write_text('{"a": 3}\n')
+    monkeypatch.chdir(tmp_path)
+    before = include_digests([str(folder)])[str(folder)]
+    (folder / "part1.jsonl").write_text('{"a": 1}\n')
+    (folder / "part2.jsonl").write_text('{"a": 2}\n{"a": 3}\n')
+    after = include_digests([str(folder)])[str(folder)]
+    assert after["files"] == before["files"] and after["data"] != before["data"]
+
+
+def test_the_data_file_check_reads_data_dir_group_configs_and_leaves_hub_paths_alone(tmp_path, monkeypatch):
+    """check_data_files: a path relative to dataset_kwargs.data_dir is found there (not in the current folder), a
+    missing one is named with that folder; an inline task config of a group is checked; hf:// and URLs are not
+    local files and are never refused."""
+    from harness.quality import include_tasks
+
+    folder, data = tmp_path / "tasks", tmp_path / "data"
+    folder.mkdir()
+    data.mkdir()
+    (data / "rows.jsonl").write_text("{}\n")
+    (folder / "dir.yaml").write_text(f"task: d\ndataset_path: json\ndataset_kwargs:\n  data_dir: {data}\n"
+                                     "  data_files: rows.jsonl\n")
+    (folder / "hub.yaml").write_text("task: h\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                     "    test: [hf://datasets/a/b.jsonl, https://example.com/c.jsonl]\n")
+    (folder / "group.yaml").write_text("group: g\ntask:\n  - task: g_inline\n    dataset_path: json\n"
+                                       "    dataset_kwargs:\n      data_files: gone.jsonl\n")
+    monkeypatch.chdir(tmp_path)  # no rows.jsonl here: only data_dir has it
+    defined = include_tasks.defined_names([folder])
+    include_tasks.check_data_files(["d", "h"], defined)
+    (folder / "dir.yaml").write_text((folder / "dir.yaml").read_text().replace("rows.jsonl", "other.jsonl"))
+    with pytest.raises(UsageError) as e:
+        include_tasks.check_data_files(["d"], defined)
+    assert str(e.value) == (f"task d ({folder / 'dir.yaml'}): dataset_kwargs.data_files 'other.jsonl' matches no file "
+                            f"in dataset_kwargs.data_dir {str(data)!r} ({data})")
+    with pytest.raises(UsageError, match=r"^task g_inline \(.*group.yaml\): dataset_kwargs.data_files 'gone.jsonl' matches no "
+                                         r"file: a relative path is read from the current folder"):
+        include_tasks.check_data_files(["g"], defined)

@@ -113,10 +113,10 @@ def check_data_files(tasks: Iterable[str], defined: dict[str, Path | None]) -> N
     current folder (or from `dataset_kwargs.data_dir`), not from the YAML's folder, and would fail only once the model
     is loaded, naming neither the YAML nor the rule."""
     seen: set[str] = set()
-    todo = [(t, None) for t in tasks]
+    todo: list[tuple[str, dict | None, Path | None]] = [(t, None, None) for t in tasks]
     while todo:
-        task, cfg = todo.pop(0)
-        yaml = defined.get(task)
+        task, cfg, group_yaml = todo.pop(0)
+        yaml = defined.get(task) if cfg is None else group_yaml  # a group's inline task config is in the group's YAML
         if cfg is None:
             if task in seen or yaml is None:
                 continue
@@ -140,9 +140,9 @@ def check_data_files(tasks: Iterable[str], defined: dict[str, Path | None]) -> N
                              f"file{why}")
         for sub in cfg.get("task") if isinstance(cfg.get("task"), list) else []:  # a group's tasks
             if isinstance(sub, str):
-                todo.append((sub, None))
+                todo.append((sub, None, None))
             elif isinstance(sub, dict):
-                todo.append((str(sub.get("task", task)), sub))
+                todo.append((str(sub.get("task", task)), sub, yaml))
 
 
 def _data_of(cfg: dict[str, Any]) -> Iterator[Path]:
