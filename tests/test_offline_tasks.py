@@ -108,3 +108,28 @@ def test_missing_file_is_named(data_dir, tmp_path):
         check_files(["piqa"], copy)
     with pytest.raises(UsageError, match="no such directory"):
         check_files(["piqa"], tmp_path / "nope")
+
+
+def test_piqa_rows_carry_the_label_of_their_own_line(data_dir):
+    """PIQA keeps its answers in a separate file, one per line: row i gets line i's label, as it is written there
+    (0: sol1, 1: sol2), read here from the files themselves."""
+    import json
+
+    rows = local_rows("piqa", data_dir)["validation"]
+    goals = [json.loads(line)["goal"] for line in (data_dir / "piqa/valid.jsonl").read_text().splitlines() if line.strip()]
+    labels = [int(x) for x in (data_dir / "piqa/valid-labels.lst").read_text().split()]
+    assert [r["goal"] for r in rows] == goals and [r["label"] for r in rows] == labels
+    assert rows[0]["goal"].startswith("How do I ready a guinea pig cage") and labels[:3] == [0, 1, 1]
+
+
+@pytest.mark.parametrize("keep", [slice(None, -1), slice(None, None)], ids=["a-label-short", "a-label-over"])
+def test_piqa_labels_one_short_or_over_are_refused(keep, data_dir, tmp_path):
+    """A label file one line short would pair the rows with the labels up to the last one and drop it unsaid; one
+    line over pairs them with labels of another file: both refused, with the two counts."""
+    shutil.copytree(data_dir / "piqa", tmp_path / "piqa")
+    labels = (tmp_path / "piqa/valid-labels.lst").read_text().split()[keep]
+    if keep.stop is None:
+        labels.append("0")
+    (tmp_path / "piqa/valid-labels.lst").write_text("\n".join(labels) + "\n")
+    with pytest.raises(UsageError, match=f"valid.jsonl has 1838 rows but valid-labels.lst has {len(labels)}$"):
+        local_rows("piqa", tmp_path)
