@@ -282,3 +282,16 @@ def test_a_plugin_tasks_missing_file_says_where_to_put_it_not_the_shared_layout(
     with pytest.raises(UsageError, match=r"\(needed by task piqa\); the data dir \(--data-dir, else \$HARNESS_DATA_DIR\) "
                                          r"must be laid out like \.\./shared/data"):
         check_files(["piqa"], data)
+
+
+def test_the_recorded_table_metric_falls_back_to_an_own_yamls_first_metric_only_where_it_lacks_the_usual_one():
+    """task_record.primary_metric: an --include-path task (`own`) keeps lm-eval's usual metric when its scores hold it,
+    whatever its metric_list's order; its first metric only when they lack it; a task that is not `own` keeps its
+    usual metric (a local task's table_metric) whatever its scores hold."""
+    from harness.run.task_record import primary_metric
+
+    assert primary_metric("my_t", {"acc_norm": 0.5, "acc": 0.4}, own={"my_t"}) == "acc"
+    assert primary_metric("my_t", {"exact_match": 0.5, "bleu": 3.0}, own={"my_t"}) == "exact_match"
+    assert primary_metric("arc_challenge", {"acc": 0.3}, own=()) == "acc_norm"  # the plug-in's table_metric
+    assert primary_metric("arc_challenge", {"acc": 0.3}, own={"arc_challenge"}) == "acc"  # an own YAML of that name
+    assert primary_metric("arc_easy", {"exact_match": 0.5}, own=()) == "acc"
