@@ -236,3 +236,34 @@ def measure_at(tokens: int):
 
     return Measurement("m", Workload(tokens, 3, 1), "perf_counter_ns", ttft_ms=[2.0], handoff_ms=[0.1], itl_ms=[1.0, 1.1],
                        tpot_ms=[1.05], kv_bytes=4096, kv_bytes_paged=8192)
+
+
+def test_a_figure_failing_on_several_workloads_names_each_and_is_computed_again_next_time(plugin):
+    """measured_figures: a figure that raises on two of three workloads is noted once with both; keep_failures writes
+    both into the record and drops that figure's code digest (and only its), so the next run computes it again."""
+    from types import SimpleNamespace
+
+    from harness.run.latency_figures import keep_failures, measured_figures
+
+    plugin()
+    measured = {"a": (measure_at(16), None), "b": (measure_at(12), None), "c": (measure_at(16), None)}
+    latency, _, _, errors = measured_figures((100.0,), measured, 1.0)
+    assert set(errors) == {"probe_ms"} and errors["probe_ms"][1] == ["a", "c"]
+    assert [("probe_ms" in latency[w].figures) for w in "abc"] == [False, True, False]
+    record = SimpleNamespace(extra={"figure_code": {"probe_ms": {MODULE: "old"}, "other_ms": {"m": "d"}}})
+    assert keep_failures(record, errors)
+    assert record.extra["figure_code"] == {"other_ms": {"m": "d"}}
+    assert record.extra["figure_failures"]["probe_ms"]["workloads"] == ["a", "c"]
+    assert not keep_failures(record, errors)  # the same failures again: nothing changed
+
+
+def test_a_notebooks_own_code_that_raises_is_a_plugins_failure():
+    """Code defined in `__main__` (a notebook's cell, a script's own plug-in) is plug-in code: its error is blamed on
+    it, not taken for the harness's own (which would end the latency run)."""
+    from harness.run.plugin_faults import blame
+
+    cell = {"__name__": "__main__"}
+    exec("def plan(model):\n    raise ValueError('no plan')\n", cell)  # noqa: S102 - a notebook cell's definition
+    with pytest.raises(ValueError) as raised:
+        cell["plan"](None)
+    assert blame(raised.value) == "__main__.plan"
