@@ -188,3 +188,16 @@ def test_figures_take_control_characters_and_long_names(tmp_path):
     for paths in figs.values():
         xml.dom.minidom.parse(str(paths["svg"]))
         assert Image.open(paths["png"]).size[0] < 4000
+
+
+def test_escape_edges_unmatched_closers_line_separators_and_words_that_look_like_numbers():
+    """Unicode's bidi rules: a PDF (U+202C) inside an isolate that opened no embedding closes nothing, so the isolate
+    is still closed at the cell's end. Every line break str.splitlines knows (CR LF, NEL, LINE SEPARATOR) is one
+    space. A spreadsheet reads `-inf` or `+nan` as a formula (not a number): they get the quote, `-1e-3` does not."""
+    from reports.escape import csv_cell, md_cell, visible
+
+    assert md_cell("\u2067a\u202cb") == "\u2067a\u202cb\u2069"
+    assert md_cell("\u202bx\u2067y\u202c") == "\u202bx\u2067y\u202c\u2069\u202c"  # the PDF closes neither
+    assert visible("a\r\nb\x85c\u2028d\re") == "a b c d e"
+    assert [csv_cell(v) for v in ("-inf", "+nan", "-1e-3", "+.5", "-1.", "-1e")] == ["'-inf", "'+nan", "-1e-3", "+.5",
+                                                                                      "-1.", "'-1e"]
