@@ -179,6 +179,9 @@ def test_a_run_without_include_path_keeps_its_run_key_and_record_shape():
     assert own.recorded()["include_path"] == ("/somewhere",)
     assert plain.identity("unpruned", "unified", {}, None) != own.identity("unpruned", "unified", {}, None)
     assert plain.run_id() != own.run_id()
+    from harness.run.inputs import digests
+
+    assert "include" not in digests(plain) and set(digests(own)["include"]) == {"/somewhere"}
 
 
 def test_the_files_digested_follow_includes_and_lm_evals_data_file_rules(tmp_path, monkeypatch):

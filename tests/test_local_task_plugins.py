@@ -152,6 +152,7 @@ def registries():
     ("sciq", "files = ()", "`files` must be a non-empty tuple of paths relative to the data dir"),
     ("sciq", "splits = ('test', 'tset')", "`splits` must be a non-empty tuple of train, validation, test, dev"),
     ("sciq", "upstream = 'sciq'", "`upstream` must be lm-eval's task YAML relative to lm_eval/tasks"),
+    ("sciq", "upstream = '/x/sciq.yaml'", "`upstream` must be lm-eval's task YAML relative to lm_eval/tasks"),
     ("sciq", "load = None", "`load(cls, data_dir, subtask=None)` must be a classmethod of its own"),
     ("sciq", "title = ' '", "`title` must be the text of its column in the report's tables, e.g. 'SciQ', or None"),
     ("sciq", "title = ('SciQ',)", "`title` must be the text of its column in the report's tables"),
