@@ -46,7 +46,7 @@ def test_registry_errors_name_the_known_methods():
     staged = ", ".join(n for n in names if n.startswith("stage:"))
     with pytest.raises(UsageError, match=re.escape(f"(did you mean 'shortgpt'?); known methods: {', '.join(plain)}; "
                                                    f"stage-aware variants: {staged} (a plug-in's method: name its module "
-                                                   "in HARNESS_PLUGINS)")):
+                                                   "in HARNESS_PLUGINS or a spec's top-level plugins key)")):
         methods.get("shortgtp")
 
 
