@@ -120,6 +120,7 @@ class _Run:
     log_samples: bool = False
     tracker: Tracker = dataclasses.field(default_factory=lambda: Tracker(show=False))
     inputs: dict = dataclasses.field(default_factory=dict)  # harness.run.inputs.digests: kept in records
+    own_tasks: frozenset = frozenset()  # the task names --include-path's YAMLs define (read once: an index of YAMLs)
 
     def calibration(self):
         if self.calib is None:
@@ -166,7 +167,7 @@ def run(
     state = _Run(cfg, prepared, out_dir, loaded,
                  TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None, cfg.include_path),  # built on first use
                  env, on_progress or (lambda msg: log.info(msg)), progress and d.is_main, dist=d, log_samples=log_samples,
-                 tracker=tracker, inputs=digests)
+                 tracker=tracker, inputs=digests, own_tasks=frozenset(task_record.own_tasks(cfg.include_path)))
     check_tasks(state.tasks, cfg, d.world_size)  # a few-shot pool too small, a rank with no item: before any cell
     records, failures = [], []
     try:
@@ -380,8 +381,7 @@ def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: 
         lm_eval={"version": st.env["packages"].get("lm_eval"),
                  "tasks": {t: done[t].get("lm_eval") or {"harness_task": done[t]["harness_task"]} for t in cfg.tasks},
                  "bootstrap_iters": cfg.bootstrap_iters, "limit": cfg.limit,
-                 **task_record.lm_eval_fields(cfg.tasks, {t: done[t]["scores"] for t in cfg.tasks},
-                                              task_record.own_tasks(cfg.include_path))},
+                 **task_record.lm_eval_fields(cfg.tasks, {t: done[t]["scores"] for t in cfg.tasks}, st.own_tasks)},
         timing_s={"plan": partial["plan_s"], **{f"eval_{t}": done[t]["seconds"] for t in cfg.tasks}},
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra={"kv_by_setting": {t: done[t]["kv_by"] for t in cfg.tasks if done[t].get("kv_by")},
