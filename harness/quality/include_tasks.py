@@ -96,11 +96,22 @@ def code_files(folder: Path) -> list[Path]:
     return own + sorted(outside)
 
 
+def _dataset_kwargs(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """One task config's `dataset_kwargs` ({} when it has none) and the folder its relative `data_files` are read
+    from: `dataset_kwargs.data_dir`, else the current folder (as `datasets.load_dataset` reads them)."""
+    kwargs = cfg.get("dataset_kwargs") if isinstance(cfg.get("dataset_kwargs"), dict) else {}
+    return kwargs, Path(str(kwargs.get("data_dir") or "."))
+
+
+def _group_tasks(cfg: dict[str, Any]) -> list:
+    """A group config's `task` list (task names and inline task configs); [] for a task config."""
+    return cfg.get("task") if isinstance(cfg.get("task"), list) else []
+
+
 def _file_patterns(cfg: dict[str, Any]) -> Iterator[str]:
     """The local paths (glob patterns too) in one task config's `dataset_kwargs.data_files`, as written: a path, a list
     or split -> paths (hf:// and URLs left out)."""
-    kwargs = cfg.get("dataset_kwargs") if isinstance(cfg.get("dataset_kwargs"), dict) else {}
-    files = kwargs.get("data_files")
+    files = _dataset_kwargs(cfg)[0].get("data_files")
     for item in files.values() if isinstance(files, dict) else [files]:
         for pat in (item if isinstance(item, list) else [item]):
             if isinstance(pat, str) and "://" not in pat:  # hf:// and URLs are not local files
@@ -122,27 +133,29 @@ def check_data_files(tasks: Iterable[str], defined: dict[str, Path | None]) -> N
                 continue
             seen.add(task)
             cfg = _load(yaml, recursive=True) or {}
-        kwargs = cfg.get("dataset_kwargs") if isinstance(cfg.get("dataset_kwargs"), dict) else {}
-        base = Path(str(kwargs.get("data_dir") or "."))
+        kwargs, base = _dataset_kwargs(cfg)
         for pat in _file_patterns(cfg):
-            if glob.glob(str(base / pat), recursive=True):
-                continue
-            if Path(pat).is_absolute():
-                why = ""
-            elif kwargs.get("data_dir"):
-                why = f" in dataset_kwargs.data_dir {str(base)!r} ({base.resolve()})"
-            else:
-                near = yaml.parent / pat if yaml is not None else None
-                why = (f": a relative path is read from the current folder ({Path.cwd()}), not from the YAML's folder; "
-                       + (f"{near} exists: give that absolute path" if near and glob.glob(str(near), recursive=True)
-                          else "give an absolute path, or run from the folder it is relative to"))
-            raise UsageError(f"task {task} ({yaml or '--include-path'}): dataset_kwargs.data_files {pat!r} matches no "
-                             f"file{why}")
-        for sub in cfg.get("task") if isinstance(cfg.get("task"), list) else []:  # a group's tasks
+            if not glob.glob(str(base / pat), recursive=True):
+                raise UsageError(f"task {task} ({yaml or '--include-path'}): dataset_kwargs.data_files {pat!r} matches "
+                                 f"no file{_why_no_file(pat, kwargs, base, yaml)}")
+        for sub in _group_tasks(cfg):
             if isinstance(sub, str):
                 todo.append((sub, None, None))
             elif isinstance(sub, dict):
                 todo.append((str(sub.get("task", task)), sub, yaml))
+
+
+def _why_no_file(pat: str, kwargs: dict[str, Any], base: Path, yaml: Path | None) -> str:
+    """What the error of a `data_files` path `pat` that matches no file adds: where a relative one was looked for, and
+    the file beside the YAML of that name when there is one."""
+    if Path(pat).is_absolute():
+        return ""
+    if kwargs.get("data_dir"):
+        return f" in dataset_kwargs.data_dir {str(base)!r} ({base.resolve()})"
+    near = yaml.parent / pat if yaml is not None else None
+    return (f": a relative path is read from the current folder ({Path.cwd()}), not from the YAML's folder; "
+            + (f"{near} exists: give that absolute path" if near and glob.glob(str(near), recursive=True)
+               else "give an absolute path, or run from the folder it is relative to"))
 
 
 def _data_of(cfg: dict[str, Any]) -> Iterator[Path]:
@@ -151,8 +164,7 @@ def _data_of(cfg: dict[str, Any]) -> Iterator[Path]:
     `dataset_path` that is a local file or folder; also the inline task configs of a group's `task` list."""
     from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
-    kwargs = cfg.get("dataset_kwargs") if isinstance(cfg.get("dataset_kwargs"), dict) else {}
-    base = Path(str(kwargs.get("data_dir") or "."))
+    kwargs, base = _dataset_kwargs(cfg)
     files = kwargs.get("data_files")
     for pat in _file_patterns(cfg):
         yield from (Path(p) for p in sorted(glob.glob(str(base / pat), recursive=True)))
@@ -161,7 +173,7 @@ def _data_of(cfg: dict[str, Any]) -> Iterator[Path]:
     path = cfg.get("dataset_path")
     if isinstance(path, str) and path not in _PACKAGED_DATASETS_MODULES and Path(path).exists():
         yield Path(path)
-    for sub in cfg.get("task") if isinstance(cfg.get("task"), list) else []:
+    for sub in _group_tasks(cfg):
         if isinstance(sub, dict):
             yield from _data_of(sub)
 
