@@ -64,7 +64,7 @@ def _where_files_go(cls: type) -> str:
     """What a missing-file error asks: the package's tasks read a folder laid out like ../shared/data; a plug-in
     task reads its own files, relative to the same data dir (which may come from $HARNESS_DATA_DIR, not a flag)."""
     data_dir = "the data dir (--data-dir, else $HARNESS_DATA_DIR)"
-    if cls.__module__.startswith("harness."):
+    if local_tasks.is_builtin(cls):
         return f"{data_dir} must be laid out like ../shared/data"
     return f"put it there: {cls.__module__}.{cls.__qualname__} reads it relative to {data_dir}"
 
@@ -140,7 +140,7 @@ def upstream_yamls(tasks: Iterable[str], data_dir: Path) -> dict[str, Path]:
         cls = local_tasks.get(task)
         for name, subtask in _units(task, data_dir):
             paths[name] = root / cls.upstream_yaml(subtask)
-            if not paths[name].is_file() and cls.__module__.split(".")[0] != "harness":
+            if not paths[name].is_file() and not local_tasks.is_builtin(cls):
                 raise UsageError(f"lm-eval task on local data {task!r} ({cls.__module__}): lm-eval "
                                  f"{getattr(lm_eval, '__version__', '?')} has no {paths[name]}; `upstream` names a task "
                                  "YAML relative to lm_eval/tasks, e.g. 'sciq/sciq.yaml'")

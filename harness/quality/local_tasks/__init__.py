@@ -21,7 +21,7 @@ from pathlib import Path
 from harness.quality.local_tasks.base import SPLITS, LocalTask
 from harness.registration import LM_EVAL_NAME_RULE, LM_EVAL_NAME_TEXT, check_name, same_definition
 
-__all__ = ["LocalTask", "register_task", "unregister_task", "names", "get", "is_local_task", "titles"]
+__all__ = ["LocalTask", "register_task", "unregister_task", "names", "get", "is_local_task", "is_builtin", "titles"]
 
 _REGISTRY: dict[str, type[LocalTask]] = {}
 # the built-in files come first, in this order (the order of the tables this registry replaced)
@@ -98,6 +98,11 @@ def is_local_task(name: str) -> bool:
 def get(name: str) -> type[LocalTask]:
     """The task class (KeyError for an unknown name)."""
     return _REGISTRY[name]
+
+
+def is_builtin(cls: type[LocalTask]) -> bool:
+    """Whether `cls` is one of this package's tasks (a file here), not a plug-in's."""
+    return cls.__module__.startswith(f"{__name__}.")
 
 
 def titles(tasks: tuple[str, ...]) -> dict[str, str]:
