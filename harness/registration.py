@@ -6,6 +6,7 @@ nothing of the harness (the registries at every layer use it)."""
 
 from __future__ import annotations
 
+import os
 import re
 import typing
 from typing import Any
@@ -29,6 +30,13 @@ def check_name(kind: str, name: object, owner: str, rule: re.Pattern = NAME_RULE
     `rule` and `text`: another kind's rule and its wording (`LM_EVAL_NAME_RULE`)."""
     if not isinstance(name, str) or not rule.fullmatch(name):
         raise ValueError(f"{owner}: {kind} name {name!r} is not usable; a name is {text}")
+
+
+def module_names(text: str | None = None) -> list[str]:
+    """The plug-in module names of a comma-separated list as `HARNESS_PLUGINS` takes it (`text`; default: the
+    variable), in order, blanks dropped."""
+    text = os.environ.get("HARNESS_PLUGINS", "") if text is None else text
+    return [m for m in (m.strip() for m in text.split(",")) if m]
 
 
 def option_types(cls_config: type, owner: str) -> dict[str, Any]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import pkgutil
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
 from harness.errors import UsageError
+from harness.registration import module_names
 from methods import plugin_code
 from methods.base import Method
 from methods.registry import get, names, register
@@ -50,14 +50,12 @@ def load_plugins(spec: str | None = None, source: str = "HARNESS_PLUGINS") -> li
     names) and the `pd_harness.methods` entry points. Returns the modules imported; importing one
     twice is a no-op (Python caches modules), so calling this again is safe. `source` is what named
     `spec`, for the error of a module that cannot be imported (a spec's `plugins` key)."""
-    spec = os.environ.get("HARNESS_PLUGINS", "") if spec is None else spec
     loaded = []
-    for mod in (m.strip() for m in spec.split(",")):
-        if mod:
-            plugin_code.note_plugin(mod)  # its records keep digests of its code (methods/plugin_code.py)
-            _import_plugin(mod, f"{source} names {mod!r}", functools.partial(importlib.import_module, mod))
-            plugin_code.note_loaded(mod)  # its KV policies' and tasks' code as loaded (methods register their own)
-            loaded.append(mod)
+    for mod in module_names(spec):
+        plugin_code.note_plugin(mod)  # its records keep digests of its code (methods/plugin_code.py)
+        _import_plugin(mod, f"{source} names {mod!r}", functools.partial(importlib.import_module, mod))
+        plugin_code.note_loaded(mod)  # its KV policies' and tasks' code as loaded (methods register their own)
+        loaded.append(mod)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         plugin_code.note_plugin(ep.value)
         _import_plugin(ep.value, f"the entry point {ep.name} = {ep.value!r} (group {ENTRY_POINT_GROUP})", ep.load)

@@ -11,12 +11,12 @@ once, at its first place (`combined`). A spec that names its plug-ins reproduces
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from harness.errors import UsageError
+from harness.registration import module_names
 
 KEY = "plugins"
 EXAMPLE = 'plugins = ["my_plugins.kv"]'
@@ -28,7 +28,7 @@ def parse(path: Path, value: Any) -> tuple[str, ...]:
     is a UsageError naming the key."""
     where = f"{path} {KEY}"
     if isinstance(value, str):
-        value = [m for m in value.split(",") if m.strip()]
+        value = module_names(value)
     if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
         raise UsageError(f"{where}: expected a list of module names in quotes, e.g. {EXAMPLE}, got {value!r}")
     names = []
@@ -44,8 +44,7 @@ def parse(path: Path, value: Any) -> tuple[str, ...]:
 
 def combined(spec_plugins: Sequence[str]) -> list[str]:
     """`HARNESS_PLUGINS`'s modules, then `spec_plugins`, each once at its first place: the order they are imported."""
-    env = [m.strip() for m in os.environ.get("HARNESS_PLUGINS", "").split(",") if m.strip()]
-    return list(dict.fromkeys([*env, *spec_plugins]))
+    return list(dict.fromkeys([*module_names(), *spec_plugins]))
 
 
 def load(path: Path, spec_plugins: Sequence[str]) -> None:
