@@ -326,6 +326,12 @@ def require_one_model(col: Collection, what: str = "the figures compare methods 
                           + ", or pass --no-plots (tables group rows by model)")
 
 
+def error_line(error: object, most: int = 300) -> str:
+    """A stored error message as a note shows it: on one line, cut to `most` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= most else text[:most - 3] + "..."
+
+
 def failure_notes(paths: list[Path], col: Collection | None = None) -> list[str]:
     """One line per failed-cell note (`<method>__<mode>.failed.json`) under `paths` (searched
     recursively, like records). With `col` (e.g. after --model), notes in a folder whose records all
@@ -342,8 +348,7 @@ def failure_notes(paths: list[Path], col: Collection | None = None) -> list[str]
         if col is not None and has_records and folder not in kept:
             continue
         for note in load_failures(folder):
-            err = " ".join(str(note.get("error", "")).split())
-            err = err if len(err) <= 300 else err[:297] + "..."
+            err = error_line(note.get("error", ""))
             also = " (a record for this cell is present too)" if \
                 (folder / f"{note.get('method')}__{note.get('mode')}.json").exists() else ""
             where = f"in plug-in {note['plugin']}; " if isinstance(note.get("plugin"), str) else ""

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from harness.store.records import RunRecord
-from reports.collect import Collection, natural_key
+from reports.collect import Collection, error_line, natural_key
 from reports.formats import CellSpec, cell, make_table
 from reports.tables import _as_collection, clocks, latency_groups, removed_text
 
@@ -95,8 +95,7 @@ def figure_failure_notes(col: Collection) -> list[str]:
     for r in sorted(col.latency, key=lambda r: str(col.source(r))):
         for name, f in sorted((r.extra.get("figure_failures") or {}).items()):
             f = f if isinstance(f, dict) else {}
-            err = " ".join(str(f.get("error", "")).split())
-            err = err if len(err) <= 300 else err[:297] + "..."
+            err = error_line(f.get("error", ""))
             lines.append(f"latency figure {name!r} ({f.get('figure', name)}) failed for {col.label(r)} on "
                          f"{', '.join(map(str, f.get('workloads') or ())) or '?'}: {f.get('error_type', 'error')}: {err} "
                          f"(traceback: {col.source(r)}, extra.figure_failures); fix it and rerun the same latency "
