@@ -52,6 +52,11 @@ def compute(m: Measurement, bandwidths_gbit: Sequence[float] = DEFAULT_BANDWIDTH
     values, failed = compute_each(m, bandwidths_gbit, **context)
     if failed:
         raise next(iter(failed.values()))
+    return merged(values)
+
+
+def merged(values: dict[str, dict[str, float]]) -> dict[str, float]:
+    """`compute_each`'s {figure: its values} as one {value name: number} (a record's `figures`)."""
     return {k: v for figure_values in values.values() for k, v in figure_values.items()}
 
 

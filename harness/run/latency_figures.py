@@ -30,7 +30,7 @@ def figure_code() -> dict[str, dict[str, str]]:
 def measured_figures(bandwidths_gbit, measured: dict, bound_ms: float) -> tuple[dict, dict, dict, FigureErrors]:
     """(figures and samples, kv, measured ms, the figures that failed) by label, from one method's measurements
     (label -> (Measurement, what a real transfer moved or None))."""
-    from harness.latency.figures import compute_each
+    from harness.latency.figures import compute_each, merged
 
     latency, kv, timing, errors = {}, {}, {}, {}
     for label, (m, moved) in measured.items():
@@ -39,7 +39,7 @@ def measured_figures(bandwidths_gbit, measured: dict, bound_ms: float) -> tuple[
             samples["real_transfer"] = moved
         values, failed = compute_each(m, bandwidths_gbit, decode_bound_ms=bound_ms, real_transfer=moved)
         _note(errors, failed, label)
-        latency[label] = WorkloadLatency({k: v for vs in values.values() for k, v in vs.items()}, samples)
+        latency[label] = WorkloadLatency(merged(values), samples)
         w = m.workload
         kv[label] = {"kv_bytes": m.kv_bytes, "kv_bytes_paged": m.kv_bytes_paged, "handoffs": w.batch_size,
                      "prompt_tokens": w.batch_size * w.prompt_tokens}
@@ -82,7 +82,7 @@ def refresh_figures(cfg, record: rec.RunRecord, errors: FigureErrors | None = No
     of the values added or changed. The package's figures it holds stay as measured; a workload whose samples are
     incomplete is left as it is. The figures that fail go into `errors` (and are left out). `cfg`: the run's
     `LatencyConfig` (its link bandwidths)."""
-    from harness.latency.figures import compute_each
+    from harness.latency.figures import compute_each, merged
     from harness.latency.measure import Measurement
 
     bound = record.extra.get("decode_bound") or {}
@@ -101,7 +101,7 @@ def refresh_figures(cfg, record: rec.RunRecord, errors: FigureErrors | None = No
         values, failed = compute_each(m, cfg.bandwidths_gbit, decode_bound_ms=bound_ms,
                                       real_transfer=wl.samples.get("real_transfer"))
         _note(errors if errors is not None else {}, failed, label)
-        now = {k: v for vs in values.values() for k, v in vs.items()}
+        now = merged(values)
         redo = {k for n in stale for k in values.get(n, {})}  # the keys an edited figure returns, no other's
         # a value an edited figure no longer returns stays: which figure returned a key is not recorded, and a name's
         # prefix does not tell (a plug-in `ttft` beside the package's `ttft_ms`)
