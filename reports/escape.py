@@ -1,8 +1,9 @@
 """A user's string (a method, model, task or KV policy name, an option value) as a format shows it as typed.
 
-`visible` is the text a terminal, a figure or Markdown shows: a line break is a space and an invisible control
-character a visible stand-in. `md_cell` escapes GitHub Markdown, `csv_cell` keeps a spreadsheet from running a
-cell as a formula (`csv_text` undoes it). LaTeX and HTML escaping are in `reports.formats`.
+`visible` is the text a terminal or Markdown shows: a line break is a space and an invisible control character a
+visible stand-in (`figure_visible`: the same in characters matplotlib's fonts have). `md_cell` escapes GitHub
+Markdown, `csv_cell` keeps a spreadsheet from running a cell as a formula (`csv_text` undoes it). LaTeX and HTML
+escaping are in `reports.formats`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,18 @@ def visible(text: str) -> str:
     space, other control characters their stand-ins (`_CONTROLS`), a lone surrogate U+FFFD."""
     text = " ".join(text.splitlines()).replace("\t", " ")
     return _SURROGATE.sub("\ufffd", text).translate(_CONTROLS)
+
+
+# matplotlib's own fonts (DejaVu Sans, STIX, Computer Modern; checked with matplotlib.font_manager) have no control
+# pictures: a figure drew each as an empty box. There a control is in caret notation, as `cat -v` writes it (and
+# LaTeX, `reports.formats.latex_escape`).
+CARETS = {**{0x2400 + c: "^" + chr(0x40 + c) for c in range(0x20)}, 0x2421: "^?"}
+
+
+def figure_visible(text: str) -> str:
+    """`visible` in characters a figure's font has: each control picture (a C0 control's or DEL's stand-in, or one the
+    text held) in caret notation, ESC `^[`, BEL `^G`, DEL `^?`."""
+    return visible(text).translate(CARETS)
 
 
 # Markdown: always escaped: '\\' (else it escapes what follows), code spans, GitHub's $math$ and ~strikethrough~,

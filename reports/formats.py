@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from pandas.io.formats.style import Styler
 
-from reports.escape import csv_cell, md_cell, visible
+from reports.escape import CARETS, csv_cell, md_cell, visible
 
 CELL_FIELDS = ["group", "title", "row", "column", "text", "value", "bold", "stats"]
 INDEX = ["group", "title", "row"]
@@ -174,7 +174,7 @@ _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
 _LATEX_SYMBOLS = {"×": r"$\times$", "—": "--", "–": "--", "±": r"$\pm$", "≥": r"$\geq$", "≤": r"$\leq$", "÷": r"$\div$",
                   "·": r"$\cdot$", "→": r"$\rightarrow$", "⊆": r"$\subseteq$", "µ": r"$\mu$", "−": r"$-$", "↓": r"$\downarrow$",
                   "↑": r"$\uparrow$"}
-_LATEX_CONTROLS = {0x2400 + c: "^" + chr(c ^ 0x40) for c in range(0x20)} | {0x2421: "^?", 0xFFFD: "?"}  # `visible`'s
+_LATEX_CONTROLS = CARETS | {0xFFFD: "?"}  # `visible`'s
 NAME_CHARS, NAME_WIDTH = 30, "14em"  # a name column with a longer name wraps at this width (`_latex_wrap_names`)
 
 

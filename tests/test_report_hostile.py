@@ -173,10 +173,13 @@ def test_every_renderer_takes_any_name_and_markdown_keeps_every_cell():
     check()
 
 
+@pytest.mark.filterwarnings("error::UserWarning")
 def test_figures_take_control_characters_and_long_names(tmp_path):
     """An SVG figure is XML, which cannot hold a control character: a name with an ESC made every figure a file no
     browser opens. And a 2000-character name made the figures 19,000 pixels wide (a longer one: too large to save).
-    Now a control character is its control picture and a long label wraps."""
+    Now a control character is in caret notation and a long label wraps onto a few lines. A UserWarning fails the test:
+    matplotlib's 'Glyph 9243 (SYMBOL FOR ESCAPE) missing' (the control picture drawn as an empty box) and 'Tight
+    layout not applied' (a 50-line legend entry left the axes no room) were both warnings only."""
     from PIL import Image
 
     from reports.plots import save_plots
@@ -188,6 +191,31 @@ def test_figures_take_control_characters_and_long_names(tmp_path):
     for paths in figs.values():
         xml.dom.minidom.parse(str(paths["svg"]))
         assert Image.open(paths["png"]).size[0] < 4000
+
+
+def test_figure_labels_are_in_the_fonts_glyphs_bounded_and_distinct():
+    """A figure label has only characters matplotlib's font draws (every C0 control, DEL, a C1 control, a lone
+    surrogate, a control picture typed as such), in caret notation where `visible` gives a control picture; a long
+    name is at most LABEL_LINES lines of LABEL_CHARS, and two long names that differ only in the middle keep two
+    labels (the digest of the whole name on the middle line)."""
+    from matplotlib import font_manager, rcParams
+    from matplotlib.ft2font import FT2Font
+
+    from reports.plots import LABEL_CHARS, LABEL_LINES, _plain
+
+    font = FT2Font(font_manager.findfont(font_manager.FontProperties(family=rcParams["font.family"])))
+    glyphs = font.get_charmap()
+    names = ["a\x1b[31mb\x07", "".join(map(chr, range(0x20))) + "\x7f\x9b\ud800\u241b", "x" * 2000,
+             "x" * 1000 + "a" + "x" * 1000, "x" * 1000 + "b" + "x" * 1000, "_" + "ab,cd " * 300]
+    labels = [_plain(n) for n in names]
+    for label in labels:
+        assert all(ord(ch) in glyphs for ch in label.replace("\n", "")), [ch for ch in label if ord(ch) not in glyphs]
+        lines = label.removeprefix("\u200b").split("\n")  # the zero-width space that keeps a leading `_` in a legend
+        assert len(lines) <= LABEL_LINES and max(map(len, lines)) <= LABEL_CHARS, label
+    assert labels[0] == "a^[[31mb^G"
+    assert labels[1].startswith("^@^A^B") and labels[1].endswith("^_^?\ufffd\ufffd^[")  # tab and line breaks: spaces
+    assert len(set(labels[2:5])) == 3
+    assert labels[2].startswith("x" * LABEL_CHARS + "\n…[1920 characters left out, ")
 
 
 def test_escape_edges_unmatched_closers_line_separators_and_words_that_look_like_numbers():
