@@ -20,7 +20,7 @@ from harness.store.files import atomic_file  # noqa: E402
 from harness.store.records import RunRecord, is_long_task  # noqa: E402
 from reports.collect import Collection, folder_suffix, metric_for, natural_key  # noqa: E402
 from reports.escape import figure_visible  # noqa: E402
-from reports.tables import MIB, MODE_TITLE, _mc_kv, _ordered_tasks, _score, parse_workload, removed_counts, se_of_mean  # noqa: E402
+from reports.record_values import MIB, MODE_TITLE, kv_sent, ordered_tasks, parse_workload, removed_counts, se_of_mean, stored_score  # noqa: E402
 
 MARKERS = "osD^v<>pP*Xh"
 
@@ -87,7 +87,7 @@ def avg_score(r: RunRecord, tasks: list[str], convention: str) -> tuple[float | 
     and a None standard error if any task's is unknown."""
     vals, ses = [], []
     for t in tasks:
-        v, se = _score(r, t, metric_for(t, r.scores.get(t, {}), convention, r))
+        v, se = stored_score(r, t, metric_for(t, r.scores.get(t, {}), convention, r))
         if v is None:
             return None, None
         vals.append(100 * v)
@@ -103,7 +103,7 @@ def figure_tasks(col: Collection) -> tuple[list[str], list[str]]:
     """(the accuracy tasks every quality record scored, which the score figures average over; the other
     accuracy tasks, left out of them). An average over a task only some records have would put points
     on different scales on one axis, so those records were dropped without a word; now the task is."""
-    tasks = [t for t in _ordered_tasks(col.quality, lambda r, t: not is_long_task(r, t))
+    tasks = [t for t in ordered_tasks(col.quality, lambda r, t: not is_long_task(r, t))
              if all(_accuracy(r, t) for r in col.quality if t in r.scores)]
     shared = [t for t in tasks if all(t in r.scores for r in col.quality)]
     return shared, [t for t in tasks if t not in shared]
@@ -211,14 +211,14 @@ def plot_score_vs_kv(col: Collection, convention: str = "paper"):
     """Average score against KV bytes sent per request (disaggregated records)."""
     tasks = _mc_tasks(col)
     # per request: a record needs the handoff count of each task (older kv entries may lack it; zero items have none)
-    recs = [r for r in col.quality if r.mode == "disaggregated" and _mc_kv(r, tasks) and all(r.kv[t].get("handoffs") for t in tasks)]
+    recs = [r for r in col.quality if r.mode == "disaggregated" and kv_sent(r, tasks) and all(r.kv[t].get("handoffs") for t in tasks)]
     if not tasks or not recs:
         return None
     fig, ax = plt.subplots(figsize=(6 + _legend_inches(len(recs) + 1), 4))
     pts = []
     for i, r in enumerate(sorted(recs, key=lambda r: (r.method != "unpruned", col.label(r)))):
         handoffs = sum(r.kv[t]["handoffs"] for t in tasks)
-        x, y = _mc_kv(r, tasks) / handoffs / MIB, avg_score(r, tasks, convention)[0]
+        x, y = kv_sent(r, tasks) / handoffs / MIB, avg_score(r, tasks, convention)[0]
         if y is not None:
             ax.scatter([x], [y], marker=MARKERS[i % len(MARKERS)], s=60, label=_plain(col.label(r)))
             pts.append((x, y))

@@ -1,7 +1,8 @@
 """Paper-style tables from run records: quality, efficiency, long-context (plans: `reports.plans`).
 
 Each builder returns a table as tidy pandas cells (`reports.formats.make_table`); render it with
-`to_markdown`, `to_latex`, `to_csv` or `to_html` from `reports.formats`. Only records are read (no
+`to_markdown`, `to_latex`, `to_csv` or `to_html` from `reports.formats`. What the figures read from a record too
+(blocks removed, a score, KV bytes sent, a latency workload) is in `reports.record_values`. Only records are read (no
 model, no torch).
 """
 
@@ -13,16 +14,14 @@ from collections.abc import Sequence
 import pandas as pd
 
 from harness.store.records import LOWER_IS_BETTER, RunRecord, is_long_task, stored_presentation, task_presentation
-from harness.store.task_names import STANDARD_TASKS, TaskPresentation
+from harness.store.task_names import TaskPresentation
 from reports.collect import CONVENTION_TEXT, Collection, differing_settings, is_latency, metric_for, natural_key, own_metrics, reference
 from reports.formats import CellSpec, bold_best, bold_beyond_noise, cell, make_table
+from reports.record_values import MIB, MODE_ORDER, MODE_TITLE, kv_sent, ordered_tasks, parse_workload, removed_counts, se_of_mean, stored_score
 
-MODE_ORDER = {"disaggregated": 0, "unified": 1}
-MODE_TITLE = {"disaggregated": "PD-disaggregated", "unified": "PD-unified"}
 TASK_TITLE = {"arc_challenge": "ARC-c", "arc_easy": "ARC-e", "boolq": "BoolQ", "hellaswag": "HellaSwag",
               "openbookqa": "OBQA", "piqa": "PIQA", "winogrande": "WinoGrande", "mmlu": "MMLU",
               "wikitext": "WikiText-2", "lambada_openai": "LAMBADA"}
-MIB = 2**20
 
 
 def task_title(task: str, records: Sequence[RunRecord] = ()) -> str:
@@ -40,11 +39,6 @@ def _as_collection(records: Collection | Sequence[RunRecord]) -> Collection:
         (col.latency if is_latency(r) else col.quality).append(r)
         col.sources[id(r)] = __import__("pathlib").Path(f"record{i}") / r.filename
     return col
-
-
-def removed_counts(r: RunRecord) -> tuple[int, int]:
-    p = r.plan
-    return len(p.get("removed_prefill", [])), len(p.get("removed_decode", []))
 
 
 def removed_text(r: RunRecord) -> str:
@@ -77,31 +71,12 @@ def _fmt(v: float | None, metric: str, se: float | None = None) -> CellSpec:
     return _fmt_as(v, "decimal" if metric in LOWER_IS_BETTER else "percent", se)
 
 
-def _score(r: RunRecord, task: str, metric: str | None) -> tuple[float | None, float | None]:
-    """(value, stderr) of a stored score; value None where it is NaN (no score: shown '—', in no average or
-    bold), stderr None where lm-eval gave none (or it is not a number)."""
-    got = r.scores.get(task, {}).get(metric, {}) if metric else {}
-    v, se = got.get("value"), got.get("stderr")
-    return (None if v != v else v), (float(se) if isinstance(se, (int, float)) and se == se else None)
-
-
-def _ordered_tasks(records: list[RunRecord], keep) -> list[str]:
-    """Tasks of `records` for which keep(record, task) holds: the standard ones in their order, then by name."""
-    seen = {t for r in records for t in r.scores if keep(r, t)}
-    return [t for t in STANDARD_TASKS if t in seen] + sorted(seen - set(STANDARD_TASKS))
-
-
 def _items_text(records: list[RunRecord], tasks: list[str]) -> str:
     per = {t: sorted({r.n_samples.get(t) for r in records if t in r.n_samples and r.n_samples.get(t)}) for t in tasks}
     uniq = {tuple(v) for v in per.values()}
     if len(uniq) == 1 and len(next(iter(uniq))) == 1:
         return f"{next(iter(uniq))[0]} items per task"
     return "items per task: " + ", ".join(f"{task_title(t, records)} {'/'.join(map(str, v))}" for t, v in per.items())
-
-
-def se_of_mean(ses: list[float | None]) -> float | None:
-    """Standard error of a mean over independent samples (tasks): sqrt(sum se²) / n; None if any is unknown."""
-    return None if not ses or None in ses else sum(x * x for x in ses) ** 0.5 / len(ses)
 
 
 def _avg_cell(accs: list[float], ses: list[float | None], n_acc: int) -> tuple[CellSpec, float | None]:
@@ -121,7 +96,7 @@ def _quality_row(col: Collection, r: RunRecord, dense: RunRecord | None, tasks: 
     row, accs, ses, noise = [cell(col.label(r)), cell(removed_text(r))], [], [], {}
     for t in tasks:
         m = metric_for(t, r.scores.get(t, {}), convention, r)
-        v, se = _score(r, t, m)
+        v, se = stored_score(r, t, m)
         row.append(_fmt(v, m or "acc", se))
         if se is not None:
             noise[t] = se if m in LOWER_IS_BETTER else 100 * se
@@ -132,7 +107,7 @@ def _quality_row(col: Collection, r: RunRecord, dense: RunRecord | None, tasks: 
     if avg_se is not None:
         noise["Avg"] = avg_se
     shared = [t for t in tasks if dense is not None and _handed_over(dense, t) and _handed_over(r, t)]  # folders may differ in tasks
-    return [*row, avg, _ratio_cell(_mc_kv(dense, shared), _mc_kv(r, shared))], noise
+    return [*row, avg, _ratio_cell(kv_sent(dense, shared), kv_sent(r, shared))], noise
 
 
 def _handed_over(r: RunRecord, task: str) -> bool:
@@ -173,7 +148,7 @@ def quality_table(records: Collection | Sequence[RunRecord], convention: str = "
     their average; one block per PD setting. Scores ×100 ± stderr; bold only beyond noise."""
     col = _as_collection(records)
     recs = col.quality
-    tasks = _ordered_tasks(recs, lambda r, t: not is_long_task(r, t))
+    tasks = ordered_tasks(recs, lambda r, t: not is_long_task(r, t))
     if not tasks:  # long-context tasks only: their own table shows them, with the KV bytes
         return make_table("quality", "", ["Method"], [])
     # each column's metrics over all rows first: a row's Avg counts the accuracy columns, whatever the row order
@@ -202,22 +177,6 @@ def _column_name(task: str, metrics: set[str], records: list[RunRecord]) -> str:
     it is no %."""
     low = sorted(metrics & LOWER_IS_BETTER)
     return task_title(task, records) + (f" ({low[0].replace('_', ' ').replace('perplexity', 'ppl')} ↓)" if low else "")
-
-
-def _mc_kv(r: RunRecord | None, tasks: list[str]) -> int | None:
-    """KV bytes `r` sent over `tasks` (None when any is missing, e.g. unified mode, or none is given)."""
-    if r is None or not tasks or not all(t in r.kv for t in tasks):
-        return None
-    return sum(r.kv[t]["kv_bytes"] for t in tasks)
-
-
-_WORKLOAD = re.compile(r"latency_T(\d+)_n(\d+)_b(\d+)(?:_(\w+))?$")
-
-
-def parse_workload(label: str) -> tuple[int, int, int, str] | None:
-    """`latency_T2048_n32_b1[_graph]` -> (2048, 32, 1, 'graph'); eager when no suffix."""
-    m = _WORKLOAD.match(label)
-    return (int(m[1]), int(m[2]), int(m[3]), m[4] or "eager") if m else None
 
 
 def hardware(r: RunRecord) -> str:
@@ -387,7 +346,7 @@ def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFram
             dense = reference(rs, r, col=col)  # the unpruned record of r's own configuration
             row = [cell(col.label(r)), cell(removed_text(r))]
             for j, (task, m, setting) in enumerate(cols):
-                v, se = _score(r, task, m)
+                v, se = stored_score(r, task, m)
                 row.append(_fmt_as(v, tasks[task].metric_format, se))
                 if se is not None:
                     noise[j][i] = se if tasks[task].metric_format == "decimal" else 100 * se
