@@ -259,6 +259,25 @@ def test_rows_lacking_a_field_the_template_reads_name_the_task_and_its_yaml(own,
                                    "rows lack ('question' is undefined)")
 
 
+def test_rows_lacking_a_field_are_refused_before_the_model_loads(cli, own, tmp_path, monkeypatch):
+    """lm-eval renders the first row while building the task: that was once the model had loaded, in each cell."""
+    import harness.pd.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the task's rows were checked")
+
+    monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
+    monkeypatch.setattr(harness.pd.models, "load_model", no_model)
+    (own / "my_mc.jsonl").write_text("".join(json.dumps({"q": r["question"], "choices": r["choices"],
+                                                         "answer": r["answer"]}) + "\n" for r in ROWS))
+    out = tmp_path / "run"
+    r = _run(cli, own, out, "--mode", "both")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.count(f"task {TASK} ({own / 'my_mc.yaml'}): its template reads a field that its data's rows lack "
+                          "('question' is undefined)") == 1, r.stderr[-3000:]
+    assert not list(out.glob("*.json"))  # no cell ran
+
+
 def test_specs_take_include_path_as_a_list_of_folders(tmp_path):
     from harness.cli.run import run_parser
     from harness.cli.spec import Spec, to_namespace

@@ -214,6 +214,44 @@ def test_the_documented_sciq_task_is_the_tested_one_and_plugs_in(outside, monkey
         sys.modules.pop("pd_harness_doc_sciq", None)
 
 
+DROP_SUPPORT = ("load = classmethod(lambda cls, data_dir, subtask=None: {'test': [{k: v for k, v in r.items() if k "
+                "!= 'support'} for r in jsonl(cls.path(data_dir))]})")
+
+
+# the scored split whole, and a training split (few-shot examples only) lacking `support`
+SHOTS_LACK_SUPPORT = ("splits = ('test', 'train')\n    load = classmethod(lambda cls, data_dir, subtask=None: {'test': "
+                      "jsonl(cls.path(data_dir)), 'train': [{k: v for k, v in r.items() if k != 'support'} for r in "
+                      "jsonl(cls.path(data_dir))]})")
+
+
+@pytest.mark.parametrize("shots, extra", [(0, DROP_SUPPORT), (1, SHOTS_LACK_SUPPORT)])
+def test_a_loader_whose_rows_lack_a_field_is_refused_before_the_model_loads(outside, monkeypatch, registries, cli,
+                                                                            shots, extra):
+    """The missing field was found only once the model had loaded (and each cell had planned), once per cell (a
+    failed-cell note each; in the few-shot split jinja2's bare error, exit 1): the run builds the tasks on local data
+    first, renders the first row of each split it uses, and exits 2 without loading the model."""
+    import harness.pd.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the task's rows were checked")
+
+    folder, data = outside
+    _write_plugin(folder, module="pd_harness_test_no_support_run", extra=extra)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setattr(harness.pd.models, "load_model", no_model)
+    out = folder / "run"
+    try:
+        methods.load_plugins("pd_harness_test_no_support_run")
+        r = cli("--methods", "unpruned", "--mode", "both", "--tasks", "sciq", "--limit", 3, "--model", "random:tiny",
+                "--data-dir", data, "--out", out, "--num-fewshot", shots, "-q")
+    finally:
+        sys.modules.pop("pd_harness_test_no_support_run", None)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.count("task sciq: lm-eval's sciq/sciq.yaml reads a field that the rows of "
+                          "pd_harness_test_no_support_run.SciQ.load lack ('support' is undefined)") == 1, r.stderr[-3000:]
+    assert not list(out.glob("*.json"))  # no cell ran: no record, resume state or failed-cell note
+
+
 def test_a_loader_whose_rows_lack_a_field_the_upstream_yaml_reads_is_named(outside, monkeypatch, registries):
     """lm-eval's sciq YAML reads `support`; a loader that drops it failed each cell with jinja2's bare "'support' is
     undefined" (exit 1, naming neither the task nor the plug-in), and the contract check passed it."""
@@ -221,9 +259,7 @@ def test_a_loader_whose_rows_lack_a_field_the_upstream_yaml_reads_is_named(outsi
     from harness.quality.evaluate import TaskCache
 
     folder, data = outside
-    drop = ("load = classmethod(lambda cls, data_dir, subtask=None: {'test': [{k: v for k, v in r.items() if k != "
-            "'support'} for r in jsonl(cls.path(data_dir))]})")
-    _write_plugin(folder, module="pd_harness_test_no_support", extra=drop)
+    _write_plugin(folder, module="pd_harness_test_no_support", extra=DROP_SUPPORT)
     monkeypatch.syspath_prepend(str(folder))
     try:
         methods.load_plugins("pd_harness_test_no_support")

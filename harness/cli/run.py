@@ -292,8 +292,20 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
         check_writable(out, "--out")  # a bad --out fails before the model loads, not after
     from harness.store import lock
 
-    with lock.hold(out) if dist.is_main else contextlib.nullcontext():  # one writer per folder (rank 0 writes)
-        return _evaluate(cfg, args, prepared, placement, dist, out, t_start)
+    with lock.hold(out) if dist.is_main else contextlib.nullcontext(), \
+            contextlib.closing(_before_load(cfg, prepared, Path(out))) as tasks:  # one writer per folder (rank 0 writes)
+        return _evaluate(cfg, args, prepared, placement, dist, out, t_start, tasks)
+
+
+def _before_load(cfg: RunConfig, prepared, out: Path):
+    """The checks that need `out` or the built tasks, before the model loads (minutes for a large one), as
+    docs/running.md says: another configuration's work in `out` (pipeline.run checks again), and the rows of the
+    tasks on local data (`task_check.tasks_before_load`); the run's `TaskCache`, for its cells."""
+    from harness.run import pipeline, reuse, task_check
+
+    if out.is_dir():
+        reuse.refuse_foreign_work(cfg, prepared, out, lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
+    return task_check.tasks_before_load(cfg, prepared, out)
 
 
 def _kept(out: Path) -> str:
@@ -319,16 +331,12 @@ def _print_tables(records) -> None:
             print(to_markdown(table), end="\n\n")
 
 
-def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path, t_start: float) -> int:
-    """Load the model, run every cell into `out`, print the tables; the exit status."""
+def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path, t_start: float, tasks) -> int:
+    """Load the model, run every cell into `out` (`tasks`: the run's TaskCache), print the tables; the exit status."""
     from harness.pd.models import load_model
     from harness.quality import distributed
     from harness.run import pipeline, progress
 
-    if Path(out).is_dir():  # another configuration's work in --out: refused before the model loads (minutes for a
-        from harness.run import reuse  # large one), as docs/running.md says; pipeline.run checks again
-
-        reuse.refuse_foreign_work(cfg, prepared, Path(out), lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
     tracker = progress.Tracker(progress.work_of(cfg, prepared), show=dist.is_main and not args.quiet,
                                since=t_start)
     if tracker.show:  # what the run will do, before any work
@@ -355,7 +363,7 @@ def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path, t_star
                 tracker.say(f"[{time.perf_counter() - start:7.1f}s] {msg}")
 
         records = pipeline.run(cfg, out, prepared, loaded, on_progress=say, progress=not args.quiet,
-                               log_samples=args.log_samples, tracker=tracker)
+                               log_samples=args.log_samples, tracker=tracker, tasks=tasks)
     except KeyboardInterrupt:
         tracker.close()
         if dist.is_main:  # one voice: a launcher stops every rank (SIGTERM, as Ctrl-C)

@@ -128,6 +128,31 @@ class TaskCache:
             self._subtasks[task] = dict(loaded["tasks"]) if task in loaded["groups"] else {}
         return self._built[task]
 
+    def check_rows(self, names, num_fewshot: int = 0) -> None:
+        """Build each lm-eval task (or group) of `names` now, which renders the first document of its scored split
+        (lm-eval's own check), and under `num_fewshot` the first of its few-shot split too: a row lacking a field a
+        template reads is refused here (the error of `get`), before the model loads, rather than in each cell."""
+        for task in names:
+            built = self.get(task)
+            for obj in (self.subtasks(task) or {task: built}).values() if num_fewshot else ():
+                self._render_first_shot(task, obj)
+
+    def _render_first_shot(self, task: str, obj) -> None:
+        """Render the first document of built task `obj`'s few-shot split as a few-shot example is (text, target
+        and choices); the error of `get` when a template reads a field that document lacks."""
+        docs, config = getattr(getattr(obj, "sampler", None), "df", None), getattr(obj, "config", None)
+        if not docs or config is None:  # no few-shot split, or a group
+            return
+        try:
+            obj.doc_to_text(docs[0])
+            obj.doc_to_target(docs[0])
+            if config.doc_to_choice is not None:
+                obj.doc_to_choice(docs[0])
+        except Exception as e:
+            if type(e).__name__ != "UndefinedError":  # jinja2's: a template reads a field the rows lack
+                raise
+            raise self._missing_field(task, e) from None
+
     def _missing_field(self, task: str, e: Exception) -> UsageError:
         """The one-line error for a task whose rows lack a field its YAML's templates read (lm-eval renders one row
         while building the task, and jinja2 names only the field): it names the task, the YAML and what gave the rows

@@ -26,7 +26,7 @@ from harness.quality.calibration import CalibConfig, build_calibration
 from harness.quality.distributed import Dist, ShardedScorer
 from harness.quality.evaluate import TaskCache, check_fewshot, check_tasks, evaluate_task, flatten_results, is_download_error  # noqa: F401 - some re-exported
 from harness.quality.samples import lm_eval_lines, samples_path
-from harness.run import inputs, reuse, task_record
+from harness.run import inputs, reuse, task_check, task_record
 from harness.run.progress import Tracker, task_label, work_of
 from harness.store import records as rec
 
@@ -130,28 +130,54 @@ class _Run:
         return self.calib
 
 
-def run(
-    cfg: RunConfig,
-    out_dir: Path,
-    prepared: Prepared | None = None,
-    loaded=None,
-    on_progress: Callable[[str], None] | None = None,
-    progress: bool = False,
-    log_samples: bool = False,
-    tracker: Tracker | None = None,
-) -> list[rec.RunRecord]:
+def run(cfg: RunConfig, out_dir: Path, prepared: Prepared | None = None, loaded=None,
+        on_progress: Callable[[str], None] | None = None, progress: bool = False, log_samples: bool = False,
+        tracker: Tracker | None = None, tasks: TaskCache | None = None) -> list[rec.RunRecord]:
     """Evaluate every (method, mode) of `cfg`; write records and summary.csv into `out_dir`, and with
     `log_samples` each evaluated (cell, task)'s per-sample log under `out_dir/samples/`. `tracker` times
-    the phases and draws the overall line (default: a silent one); each record keeps its cell's phase seconds."""
-    from harness.pd.models import load_model
-    from harness.quality import distributed, long_tasks
-    from harness.run.env import env_info
+    the phases and draws the overall line (default: a silent one); each record keeps its cell's phase seconds.
+    `tasks`: the run's lm-eval tasks as `task_check.tasks_before_load` built them (default: built here, before
+    the model loads); closed on return."""
+    from harness.quality import distributed
 
     d = distributed.current()
     prepared = prepared or prepare(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = tracker or Tracker(work_of(cfg, prepared), show=False)
     reuse.refuse_foreign_work(cfg, prepared, out_dir, lambda *cell: cell_identity(cfg, prepared, *cell))  # before any work
+    tasks = tasks if tasks is not None else task_check.tasks_before_load(cfg, prepared, out_dir)  # rows: before loading
+    records, failures = [], []
+    try:  # also on Ctrl-C: the tasks' temporary YAMLs are removed
+        state = _start(cfg, prepared, out_dir, loaded, tasks, tracker, on_progress or (lambda msg: log.info(msg)),
+                       progress and d.is_main, log_samples)
+        for i, (name, mode) in enumerate((n, m) for n in prepared.methods for m in cfg.modes):
+            tracker.cell(i, name, mode)
+            try:
+                records.append(_run_cell(state, name, prepared.methods[name], mode))
+            except Exception as e:  # noqa: BLE001 - one cell's failure (OOM, bad option) must not stop the others
+                failures.append(_record_failure(state, name, prepared.methods[name], mode, e))
+                if d.enabled:  # the other ranks wait in the cell's collectives: stop the group (the launcher
+                    raise  # ends them) rather than leave it hanging; the rerun retries the cell
+    finally:
+        tasks.close()
+    if d.is_main:  # every readable record in the folder; an unreadable one is named and skipped
+        with tracker.phase("report"):
+            rec.refresh_summary(out_dir)
+    d.barrier()
+    if failures:
+        raise CellsFailed(failures, records)
+    return records
+
+
+def _start(cfg: RunConfig, prepared: Prepared, out_dir: Path, loaded, tasks: TaskCache, tracker: Tracker,
+           say: Callable[[str], None], progress: bool, log_samples: bool) -> _Run:
+    """What the cells share: the model (loaded now unless given), the run's input digests (work made from other
+    files behind the same paths refused), and the checks that need the model or the built tasks, before any cell."""
+    from harness.pd.models import load_model
+    from harness.quality import distributed, long_tasks
+    from harness.run.env import env_info
+
+    d = distributed.current()
     if loaded is None:
         with tracker.phase("load"):
             loaded = load_model(cfg.model, distributed.device_for(cfg.device, d), cfg.dtype, cfg.seed, cfg.placement(),
@@ -164,30 +190,10 @@ def run(
     env["data_parallel_ranks"] = d.world_size
     digests = inputs.digests(cfg, loaded, prepared)  # the files behind --model and --data-dir, which run keys name by path
     inputs.refuse_stale_work(cfg, prepared, out_dir, digests)
-    state = _Run(cfg, prepared, out_dir, loaded,
-                 TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None, cfg.include_path),  # built on first use
-                 env, on_progress or (lambda msg: log.info(msg)), progress and d.is_main, dist=d, log_samples=log_samples,
+    state = _Run(cfg, prepared, out_dir, loaded, tasks, env, say, progress, dist=d, log_samples=log_samples,
                  tracker=tracker, inputs=digests, own_tasks=frozenset(task_record.own_tasks(cfg.include_path)))
     check_tasks(state.tasks, cfg, d.world_size)  # a few-shot pool too small, a rank with no item: before any cell
-    records, failures = [], []
-    try:
-        for i, (name, mode) in enumerate((n, m) for n in prepared.methods for m in cfg.modes):
-            tracker.cell(i, name, mode)
-            try:
-                records.append(_run_cell(state, name, prepared.methods[name], mode))
-            except Exception as e:  # noqa: BLE001 - one cell's failure (OOM, bad option) must not stop the others
-                failures.append(_record_failure(state, name, prepared.methods[name], mode, e))
-                if d.enabled:  # the other ranks wait in the cell's collectives: stop the group (the launcher
-                    raise  # ends them) rather than leave it hanging; the rerun retries the cell
-    finally:  # also on Ctrl-C
-        state.tasks.close()
-    if d.is_main:  # every readable record in the folder; an unreadable one is named and skipped
-        with tracker.phase("report"):
-            rec.refresh_summary(out_dir)
-    d.barrier()
-    if failures:
-        raise CellsFailed(failures, records)
-    return records
+    return state
 
 
 def _record_failure(st: _Run, name: str, method, mode: str, e: Exception) -> CellFailure:

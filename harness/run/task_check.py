@@ -1,0 +1,53 @@
+"""The lm-eval tasks of a run whose rows come from local data, built before the model loads.
+
+A task's rows come from a loader (an lm-eval task on local data under --data-dir, `LocalTask.load`) or from the data
+an `--include-path` YAML names; lm-eval renders the first one while building the task, and a row lacking a field a
+template reads failed there, once the model had loaded (and each cell had planned) and once per cell. Building these
+tasks first costs what the first cell's building would have (the same `TaskCache` serves the cells) and refuses such
+rows in seconds, naming the task, its YAML and its loader (exit 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.errors import UsageError
+from harness.quality.evaluate import TaskCache
+from harness.run import task_record
+from harness.store import records as rec
+
+
+def rows_from_local_data(cfg) -> list[str]:
+    """The run's lm-eval tasks whose rows come from local data: its local tasks under --data-dir (their loaders) and
+    the tasks its --include-path YAMLs define (not lm-eval's hub tasks, which this would download, nor long-context
+    tasks, which lm-eval does not build)."""
+    from harness.quality import local_tasks, long_tasks
+
+    own = task_record.own_tasks(cfg.include_path)
+    return [t for t in cfg.tasks if not long_tasks.is_long_task(t)
+            and (t in own or (cfg.data_dir is not None and local_tasks.is_local_task(t)))]
+
+
+def pending(cfg, prepared, out_dir: Path) -> bool:
+    """Whether a cell of the run has no finished record in `out_dir` yet (else no task is evaluated: none is built)."""
+    return any(not (out_dir / rec.record_filename(n, m)).exists() for n in prepared.methods for m in cfg.modes)
+
+
+def tasks_before_load(cfg, prepared, out_dir: Path) -> TaskCache:
+    """The run's `TaskCache`, with `rows_from_local_data`'s tasks built and their first rows rendered now
+    (`TaskCache.check_rows`) when a cell is `pending`: a UsageError (exit 2) for a row that lacks a field a template
+    reads, or a loader's own. Any other error building a task is left to the cell that builds it, as before (a hub
+    download, lm-eval's own errors). The caller closes it (its cells use it)."""
+    tasks = TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None, cfg.include_path)
+    try:
+        for task in rows_from_local_data(cfg) if pending(cfg, prepared, out_dir) else ():
+            try:
+                tasks.check_rows([task], cfg.num_fewshot)
+            except UsageError:
+                raise
+            except Exception:  # noqa: BLE001, S112 - the cell reports it, as it did before this check
+                continue
+    except BaseException:
+        tasks.close()
+        raise
+    return tasks
