@@ -94,13 +94,16 @@ class RunConfig:
                 del d[name]
         return d
 
-    def run_id(self, with_paths: bool = False) -> str:
-        """The id in a default output folder's name: the data folder counts by kind, not path, so a moved checkout
-        or data folder finds its folder again (its files are compared by digest there); `with_paths`: the id
-        versions before this one gave, which hashed the path."""
+    def run_id(self, with_paths: bool = False, include_paths: bool = False) -> str:
+        """The id in a default output folder's name: the data folder and the --include-path folders count by kind
+        (and number), not path, so a moved checkout, data folder or include folder finds its folder again (their
+        files are compared by digest there); `with_paths`: the id versions before this one gave, which hashed the
+        paths; `include_paths`: the one they gave while only the data folder counted by kind."""
         canon = self._canonical()
         if canon.get("data_dir") and not with_paths:
             canon["data_dir"] = "local folder"
+        if canon.get("include_path") and not (with_paths or include_paths):
+            canon["include_path"] = ["local folder"] * len(canon["include_path"])
         return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def recorded(self) -> dict[str, Any]:

@@ -226,11 +226,14 @@ def configuration(r: RunRecord) -> str:
     options and the run's lists of cells (what `run_key` hashes, apart from the method). The data folder
     counts by kind, not path (a clone elsewhere reads the same files; `same_configuration` compares their
     digests): a local folder or lm-eval's hub datasets; a latency record's not at all (its plan is its own). The
+    --include-path folders count by number (`same_configuration` compares their digests, folder by folder). The
     model is left to `same_model` (a model folder typed two ways is one model)."""
     keep = {k: v for k, v in r.config.items()
             if k not in CELL_FIELDS and k != "model" and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
     if "data_dir" in keep:
         keep["data_dir"] = None if is_latency(r) else ("local folder" if keep["data_dir"] else None)
+    if isinstance(keep.get("include_path"), list):  # as many folders, wherever they lie (`_include_digests`)
+        keep["include_path"] = ["local folder"] * len(keep["include_path"])
     return json.dumps(keep, sort_keys=True, default=str)
 
 
@@ -250,6 +253,12 @@ def _data_digests(r: RunRecord) -> dict:
     return r.inputs().get("data") or {}
 
 
+def _include_digests(r: RunRecord) -> list:
+    """The digests of what `r`'s --include-path folders held, in the order given (None for a folder without)."""
+    held = r.inputs().get("include") or {}
+    return [held.get(f) for f in r.config.get("include_path") or []]
+
+
 def task_options(r: RunRecord, task: str) -> object:
     """The harness options of `task` (e.g. pd_ppl's prompt lengths) stored with `r`; None when none."""
     return ((r.lm_eval.get("tasks") or {}).get(task, {}).get("harness_task") or {}).get("options")
@@ -258,12 +267,14 @@ def task_options(r: RunRecord, task: str) -> object:
 def same_configuration(a: RunRecord, b: RunRecord) -> bool:
     """Whether `a` and `b` were run with the same settings, so that one can be a reference for the
     other: same configuration, the same weights dtype where both recorded what `--dtype auto` resolved to (bfloat16
-    on a GPU, float32 on a CPU: half or twice the KV bytes) and, on the tasks both scored, the same task options."""
+    on a GPU, float32 on a CPU: half or twice the KV bytes), on the tasks both scored the same task options and data,
+    and what their --include-path folders held the same where both records keep its digests."""
     common = set(a.scores) & set(b.scores)
     da, db = _data_digests(a), _data_digests(b)
     dtypes = {r.model.get("dtype") for r in (a, b)}
     return configuration(a) == configuration(b) and same_model(a, b) and all(task_options(a, t) == task_options(b, t) for t in common) \
-        and all(da[t] == db[t] for t in common if t in da and t in db) and (None in dtypes or len(dtypes) == 1)
+        and all(da[t] == db[t] for t in common if t in da and t in db) and (None in dtypes or len(dtypes) == 1) \
+        and all(x == y for x, y in zip(_include_digests(a), _include_digests(b)) if x and y)
 
 
 def reference(records: list[RunRecord], r: RunRecord, method: str = "unpruned", col: Collection | None = None,

@@ -6,6 +6,7 @@ exit 2 naming them; a run without the option keeps its run key and record shape.
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -92,6 +93,73 @@ def test_an_edit_under_the_include_path_refuses_the_old_records(cli, own, tmp_pa
     edit(own)
     refused = _run(cli, own, out, data_dir=data_dir)
     assert refused.returncode == 2 and f"{what} {own} changed" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_a_copied_include_folder_reuses_the_records_and_an_edit_there_refuses_them(cli, own, tmp_path, data_dir,
+                                                                                    monkeypatch):
+    """Run keys hold the folders' paths, so a copy elsewhere (a clone of the repository, a moved folder) refused every
+    record as another configuration and found no default --out; the path alone no longer decides: the digests of
+    what the folders hold do, folder by folder in the order given."""
+    from harness.cli.run import default_out, run_config, run_parser
+    from harness.run import pipeline
+
+    out = tmp_path / "run"
+    assert _run(cli, own, out, "--mode", "both", data_dir=data_dir).returncode == 0
+    copy = tmp_path / "clone" / "my_tasks"
+    shutil.copytree(own, copy)
+    evaluated, real = [], pipeline._eval_task
+    monkeypatch.setattr(pipeline, "_eval_task", lambda st, *a: evaluated.append(a[1]) or real(st, *a))
+    again = _run(cli, copy, out, "--mode", "both", data_dir=data_dir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert evaluated == []  # nothing evaluated again
+    for mode in ("unified", "disaggregated"):
+        assert f"unpruned/{mode}: record made with --include-path {own}; reused" in again.stderr
+    configs = [run_config(run_parser().parse_args(["--tasks", TASK, "--include-path", str(f)])) for f in (own, copy)]
+    assert configs[0].include_path != configs[1].include_path and configs[0].run_id() == configs[1].run_id()
+    earlier = tmp_path / "runs" / f"20260101-0000_unpruned_{configs[0].run_id(include_paths=True)}"
+    earlier.mkdir(parents=True)  # named by a version whose id hashed the include folders' paths: found again
+    assert default_out(configs[0], tmp_path / "runs") == earlier
+    # reports take a record made from the copy for one of the same configuration, unless the copy held other files
+    import dataclasses
+
+    from reports.collect import same_configuration
+
+    made = records.load(out / records.record_filename("unpruned", "unified"))
+    held = made.inputs()["include"][str(own)]
+    there = [dataclasses.replace(made, config={**made.config, "include_path": [str(copy)]},
+                                 extra={**made.extra, "inputs": {**made.inputs(), "include": {str(copy): h}}})
+             for h in (held, {**held, "files": "0" * 16})]
+    assert same_configuration(made, there[0]) and not same_configuration(made, there[1])
+    (copy / "my_mc.yaml").write_text((copy / "my_mc.yaml").read_text().replace("Answer:", "A:"))
+    refused = _run(cli, copy, out, "--mode", "both", data_dir=data_dir)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert f"unpruned__unified.json (the task YAMLs and Python files under --include-path {copy} changed" in refused.stderr
+    assert evaluated == []
+
+
+def test_an_interrupted_cell_resumes_from_a_copied_include_folder(cli, own, tmp_path, data_dir, monkeypatch):
+    """A resume state records the folders, as it does the data folder: the task done before the interruption is kept."""
+    from harness.run import pipeline
+
+    evaluated, real = [], pipeline._eval_task
+
+    def interrupted(st, lm, task, name, mode):
+        evaluated.append(task)
+        if task == "arc_easy" and evaluated.count("arc_easy") == 1:
+            raise KeyboardInterrupt
+        return real(st, lm, task, name, mode)
+
+    monkeypatch.setattr(pipeline, "_eval_task", interrupted)
+    out = tmp_path / "run"
+    assert _run(cli, own, out, "--tasks", f"{TASK},arc_easy", data_dir=data_dir).returncode == 130  # Ctrl-C
+    assert evaluated == [TASK, "arc_easy"] and (out / "unpruned__disaggregated.partial.json").exists()
+    copy = tmp_path / "clone" / "my_tasks"
+    shutil.copytree(own, copy)
+    resumed = _run(cli, copy, out, "--tasks", f"{TASK},arc_easy", data_dir=data_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert evaluated == [TASK, "arc_easy", "arc_easy"]  # my_mc came from the resume state
+    (rec,) = records.load_dir(out)
+    assert set(rec.scores) == {TASK, "arc_easy"} and rec.config["include_path"] == [str(copy)]
 
 
 def test_bad_include_folders_and_unknown_names_exit_2_naming_them(cli, own, tmp_path, data_dir):

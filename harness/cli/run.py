@@ -246,12 +246,14 @@ def warn_small_limit(limit: int | float | None, threshold_points: float = 3.0) -
 def default_out(cfg: RunConfig, root: Path = Path("results") / "runs", kind: str = "") -> Path:
     """Where a run without --out writes its records: `results/runs/<date>_<methods>_<run id>`, readable
     in a listing, or the folder an earlier run of the same configuration made (any date, the bare run id
-    of older versions, or the id they gave with the data folder's path), so rerunning a command resumes it."""
+    of older versions, or the ids they gave with the data folder's or the include folders' paths), so rerunning a
+    command resumes it."""
     rid = cfg.run_id()
     if root.is_dir():
         from harness.run.reuse import dtype_spelled_before
 
-        ids = {f"{kind}{c.run_id(with_paths=w)}" for c in (cfg, *dtype_spelled_before(cfg)) for w in (False, True)}
+        ids = {f"{kind}{c.run_id(with_paths=w, include_paths=i)}" for c in (cfg, *dtype_spelled_before(cfg))
+               for w, i in ((False, False), (False, True), (True, False))}
         earlier = sorted(p for p in root.iterdir() if p.is_dir() and (p.name in ids or p.name.split("_")[-1] in ids))
         if earlier:
             return earlier[-1]

@@ -153,6 +153,19 @@ def _include_changes(then: dict | None, now: dict | None) -> list[str]:
     return out
 
 
+def include_here(then: Any, folders_then: Any, folders_now: tuple[str, ...] | None) -> Any:
+    """`then` (a record's or resume state's input digests) with the digests of its --include-path folders
+    (`folders_then`, in the order given) under the folders of this run that stand for them, by position, where the
+    folders moved (`reuse.moved_folders`): a copy of the folder elsewhere is compared with what it was made from."""
+    from harness.run.reuse import moved_folders
+
+    if not isinstance(then, dict) or not isinstance(then.get("include"), dict) or \
+            not moved_folders(folders_then, folders_now):
+        return then
+    return {**then, "include": {now: then["include"][old] for old, now in zip(folders_then, folders_now)
+                                if old in then["include"]}}
+
+
 def _code_changes(then: dict, now: dict, method: str | None) -> list[str]:
     """'the code of plug-in method x (module m)' for `method` and each task whose plug-in code changed."""
     from methods.plugin_code import changes
@@ -204,6 +217,8 @@ def refuse_stale_work(cfg, prepared, out_dir: Path, now: dict) -> None:
                 continue
             is_record = path.name == rec.record_filename(name, mode)
             then = (doc.get("extra") or {}).get("inputs") if is_record else doc.get("inputs")
+            folders = (doc.get("config") or {}).get("include_path") if is_record else doc.get("include_path")
+            then = include_here(then, folders, cfg.include_path)
             calibrates = prepared.methods[name].needs_calibration
             why = [f"{x} changed" for x in (differences(then, now, calibrates, name) if isinstance(then, dict) else [])]
             why += stale_results(doc, is_record, cfg, prepared.task_options) if doc else []

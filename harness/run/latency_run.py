@@ -56,9 +56,10 @@ class LatencyConfig:
     def workloads(self) -> list[Workload]:
         return [Workload(t, n, b) for t, n, b in itertools.product(self.prompt_tokens, self.decode_tokens, self.batch_sizes)]
 
-    def run_id(self, with_paths: bool = False) -> str:
+    def run_id(self, with_paths: bool = False, include_paths: bool = False) -> str:
         """The id in a default output folder's name; the data folder (calibration only: the plans are what count)
-        is left out unless `with_paths`, the id of versions before, so a moved checkout finds its folder again."""
+        is left out unless `with_paths`, the id of versions before, so a moved checkout finds its folder again.
+        (`include_paths`: as `RunConfig.run_id` takes it; a latency run has no --include-path.)"""
         canon = _set_fields(dataclasses.asdict(self))
         if not with_paths:
             canon.pop("data_dir")

@@ -257,7 +257,8 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
         partial = {"run_key": key, "tasks": {}, "inputs": st.inputs}
     elif done := [t for t in cfg.tasks if t in partial["tasks"]]:
         st.say(f"{name}/{mode}: resuming: {', '.join(done)} kept from an interrupted run ({partial_path.name})")
-    partial.update(run_key=key, data_dir=cfg.data_dir)  # a moved data folder's resume state goes on under this one
+    # a moved data or include folder's resume state goes on under this one
+    partial.update(run_key=key, data_dir=cfg.data_dir, **({"include_path": cfg.include_path} if cfg.include_path else {}))
     plan = _cell_plan(st, name, method, mode, partial)
     if mode == "unified" and not plan.is_unified:
         raise ValueError(f"{name} returned a plan with two layer sets or KV pruning for unified mode")

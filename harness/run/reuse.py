@@ -171,7 +171,7 @@ def kinship(cfg: RunConfig, method, old: rec.RunRecord, key: str, cell: tuple) -
     `key`: "same", "older options" (made before some method options existed, now at their defaults), "relocated"
     (made with the same inputs behind other paths, `relocated`), or None: another configuration."""
     name, mode, calib_desc, task_opts = cell
-    then = relocated(cfg, old.config.get("data_dir"), old)
+    then = relocated(cfg, old.config.get("data_dir"), old, old.config.get("include_path"))
     for c, how in ((cfg, "same"), (then, "relocated"), *((c, "same") for c in dtype_spelled_before(cfg))):
         if c is None:
             continue
@@ -192,35 +192,53 @@ def dtype_spelled_before(cfg: RunConfig) -> list[RunConfig]:
 
 def resumable(cfg: RunConfig, method, partial: dict, key: str, cell: tuple) -> bool:
     """Whether the resume state `partial` (a `.partial.json`'s content) is this cell's, whose run key is now `key`:
-    the same key, or made with the same data folder at another path (resume states since they record it)."""
+    the same key, or made with the same data folder or --include-path folders at other paths (resume states since
+    they record them)."""
     if partial.get("run_key") == key:
         return True
     name, mode, calib_desc, task_opts = cell
-    then = [c for c in (relocated(cfg, partial.get("data_dir")), *dtype_spelled_before(cfg)) if c is not None]
+    moved = relocated(cfg, partial.get("data_dir"), include_then=partial.get("include_path"))
+    then = [c for c in (moved, *dtype_spelled_before(cfg)) if c is not None]
     return any(c.identity(name, mode, method.options(), calib_desc, task_opts) == partial.get("run_key") for c in then)
 
 
-def relocated(cfg: RunConfig, data_then: Any, old: rec.RunRecord | None = None) -> RunConfig | None:
+def relocated(cfg: RunConfig, data_then: Any, old: rec.RunRecord | None = None,
+              include_then: Any = None) -> RunConfig | None:
     """`cfg` as it read when work was made from the same inputs behind other paths, which run keys hold: a local data
     folder at another path (`data_then`: a clone elsewhere, a moved ../shared/data; without one, lm-eval's hub
-    datasets are another source), or a model folder or GGUF file typed another way (`old`'s, resolving to the one
-    `--model` names now). Their files are compared by digest (`inputs.refuse_stale_work`). None if neither."""
+    datasets are another source), as many --include-path folders at other paths (`include_then`, in the order
+    given: a moved or copied folder of task YAMLs), or a model folder or GGUF file typed another way (`old`'s,
+    resolving to the one `--model` names now). Their files are compared by digest (`inputs.refuse_stale_work`, the
+    include folders' by position). None if none."""
     changes: dict[str, Any] = {}
     if isinstance(data_then, str) and data_then and cfg.data_dir and data_then != cfg.data_dir:
         changes["data_dir"] = data_then
+    if moved_folders(include_then, cfg.include_path):
+        changes["include_path"] = tuple(include_then)
     if old is not None and old.config.get("model") != cfg.model and _same_model(cfg.model, old):
         changes["model"] = old.config["model"]
     return dataclasses.replace(cfg, **changes) if changes else None
 
 
+def moved_folders(then: Any, now: tuple[str, ...] | None) -> bool:
+    """Whether the --include-path folders `then` (a record's or resume state's) are `now`'s folders at other paths:
+    as many, paths all, and not the same list."""
+    return bool(now) and isinstance(then, (list, tuple)) and len(then) == len(now) and \
+        all(isinstance(f, str) and f for f in then) and tuple(then) != tuple(now)
+
+
 def _relocation_note(cfg: RunConfig, method, old: rec.RunRecord) -> str:
-    """'record made with the data folder at X and --model m (...)', saying which inputs no digest vouches for."""
+    """'record made with the data folder at X and --include-path Y and --model m (...)', saying which inputs no digest
+    vouches for."""
     inputs = old.inputs()
     made, unchecked = [], []
     if old.config.get("data_dir") != cfg.data_dir:
         made.append(f"the data folder at {old.config.get('data_dir')}")
         unchecked += [] if inputs.get("data") else ["its data files"]
         unchecked += ["its calibration data"] if method.needs_calibration and not inputs.get("calibration") else []
+    if moved_folders(old.config.get("include_path"), cfg.include_path):
+        made.append(f"--include-path {', '.join(old.config['include_path'])}")
+        unchecked += [] if inputs.get("include") else ["its task YAMLs"]
     if old.config.get("model") != cfg.model:
         made.append(f"--model {old.config.get('model')} (the same model folder)")
         unchecked += [] if inputs.get("model") else ["its weights"]
