@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import shutil
 import sys
@@ -26,8 +27,6 @@ MARKER = ".pd-harness-export.json"  # written by export last, listing every file
 
 
 def parser() -> argparse.ArgumentParser:
-    import os
-
     p = Parser(
         prog="python -m harness export",
         description="Write a method's pruned model as Hugging Face checkpoints (config, renumbered layers, tokenizer) "
@@ -118,8 +117,7 @@ def resolve_source(args: argparse.Namespace) -> Source:
             raise UsageError("--plans-from needs --method (and --mode, default unified) to pick a record")
         path = args.plans_from / rec.record_filename(args.method, args.mode or "unified")
         if not path.is_file():
-            have = sorted(p.name for p in args.plans_from.glob("*__*.json") if not p.name.endswith(".partial.json"))
-            raise UsageError(f"--plans-from {args.plans_from}: no record {path.name}; records there: {', '.join(have) or 'none'}")
+            raise UsageError(_no_record(args.plans_from, args.method, args.mode or "unified"))
     if path is None:
         if not args.method:
             raise UsageError("give --method NAME (or --record FILE / --plans-from RUN_DIR to replay a stored plan)")
@@ -142,6 +140,21 @@ def resolve_source(args: argparse.Namespace) -> Source:
         raise UsageError(f"{path}: a {record.mode!r} record (latency?); export replays quality-run records "
                          f"({', '.join(MODES)})")
     return Source(record.method, record.mode, stored_model, stored_seed, record, path)
+
+
+def _no_record(folder: Path, method: str, mode: str) -> str:
+    """Why `folder` has no record of (method, mode) to replay: its cell failed or did not finish there, or was never
+    run; and the records it has (failure notes and resume states are not records)."""
+    from harness.store import records as rec
+
+    have = sorted(p.name for p in folder.glob("*__*.json") if rec.is_record_file(p))
+    why = ""
+    if (folder / rec.failure_filename(method, mode)).is_file():
+        why = f" (that cell failed there: {folder / rec.failure_filename(method, mode)}; rerun it to make its plan)"
+    elif (folder / rec.partial_filename(method, mode)).is_file():
+        why = " (that cell did not finish there: rerun its command to finish it)"
+    return (f"--plans-from {folder}: no record {rec.record_filename(method, mode)}{why}; "
+            f"records there: {', '.join(have) or 'none'}")
 
 
 def method_for(source: Source, args: argparse.Namespace, data_dir: str | None):
@@ -198,6 +211,9 @@ def _prepare_out(out: Path, force: bool) -> Path:
     recover_swap(out)  # an export killed while swapping folders left the old one beside `out`
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and os.path.ismount(out):  # it cannot be renamed, and the export is renamed onto it
+        raise UsageError(f"--out {out}: a mount point, which cannot be replaced by the export's folder (it is written "
+                         f"beside --out and renamed onto it); give a new folder inside it, e.g. --out {out / 'export'}")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise UsageError(f"--out {out}: folder exists and is not empty; pass --force to replace a previous export, "
@@ -207,6 +223,20 @@ def _prepare_out(out: Path, force: bool) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted export
     return tmp
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished export `tmp` at `out`; a folder that cannot be renamed (e.g. one on another filesystem, or
+    marked immutable) is a UsageError, with `out` as it was and the temporary folder removed."""
+    from harness.store.files import recover_swap, swap_dir
+
+    try:
+        swap_dir(tmp, out)
+    except OSError as e:
+        recover_swap(out)  # a failure between the two renames: the old folder goes back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"--out {out}: the export could not be moved there ({e.strerror or e}; it is written beside "
+                         f"{out.name} and renamed onto it); give a new folder in a writable one") from None
 
 
 def _check_replaceable(out: Path) -> None:
@@ -253,8 +283,6 @@ def main(argv: list[str]) -> int:
 
 def _export(args: argparse.Namespace, source: Source, method, calib_config, data_dir: str | None) -> int:
     """Plan (or replay), write the checkpoints beside `--out`, mark them, swap them in; print what was written."""
-    from harness.store.files import swap_dir
-
     tmp = _prepare_out(args.out, args.force)  # before any model work: bad --out fails fast
     check_writable(tmp.parent, "--out")  # the export is written beside --out: that folder must take files
 
@@ -284,7 +312,7 @@ def _export(args: argparse.Namespace, source: Source, method, calib_config, data
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    swap_dir(tmp, args.out)  # the empty folder, or the previous export under --force, replaced in one step
+    _swap_in(tmp, args.out)  # the empty folder, or the previous export under --force, replaced in one step
     written = time.perf_counter() - t_write
     _print_checkpoints(args.out, info, plan.n_layers)
     print(f"exported {source.method}/{source.mode} of {source.model} in {written:.1f}s "

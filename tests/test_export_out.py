@@ -1,0 +1,70 @@
+"""`python -m harness export`'s --out and --plans-from where they cannot be used: a mount point, a folder the
+finished export cannot be renamed onto, and a run folder whose cell failed or did not finish."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main as cli_main
+from harness.store import records as rec
+
+TINY = ["--model", "random:tiny", "--device", "cpu"]
+MANUAL = ["export", *TINY, "--method", "manual", "--set", "manual.prefill_layers=0,1,3"]
+
+
+def test_a_mount_point_out_is_refused_before_any_model_work(tmp_path, capsys, monkeypatch):
+    import harness.pd.models as models
+
+    out = tmp_path / "mnt"
+    out.mkdir()
+    monkeypatch.setattr("harness.cli.export.os.path.ismount", lambda p: Path(p) == out)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli_main([*MANUAL, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a mount point" in err and f"--out {out / 'export'}" in err and "Traceback" not in err
+    assert out.is_dir() and not any(out.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]
+
+
+@pytest.mark.parametrize("fails", ["old_out_aside", "new_export_in"])
+def test_an_out_the_export_cannot_be_renamed_onto_exits_2_and_keeps_the_old_one(tmp_path, capsys, monkeypatch, fails):
+    out = tmp_path / "e"
+    assert cli_main([*MANUAL, "--set", "manual.decode_layers=0,1,3", "--out", str(out)]) == 0  # a previous export
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = Path.rename
+
+    def rename(self, target):  # EBUSY/EXDEV/EPERM as a mount point, another filesystem or an immutable folder give
+        moving_out, moving_new_in = Path(self) == out.resolve(), Path(self).name == ".e.partial"
+        if (fails == "old_out_aside" and moving_out) or (fails == "new_export_in" and moving_new_in):
+            raise OSError(errno.EBUSY, "Device or resource busy", str(self))
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    capsys.readouterr()
+    assert cli_main([*MANUAL, "--set", "manual.decode_layers=0,3", "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: the export could not be moved there (Device or resource busy" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old export, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # no .e.partial (a whole checkpoint) nor .e.old left
+
+
+@pytest.mark.parametrize("how, why", [
+    ("failed", "(that cell failed there: {runs}/tail__unified.failed.json; rerun it to make its plan)"),
+    ("partial", "(that cell did not finish there: rerun its command to finish it)"),
+])
+def test_plans_from_a_run_whose_cell_failed_or_did_not_finish_says_so(tmp_path, capsys, how, why):
+    runs = tmp_path / "run"
+    record = rec.RunRecord(method="unpruned", mode="unified", run_key="k", plan={}, environment={},
+                           config={"model": "random:tiny", "seed": 0}, model={}, calibration=None, scores={}, kv={},
+                           n_samples={}, lm_eval={}, timing_s={}, created="")
+    rec.save(record, runs)
+    name = rec.failure_filename if how == "failed" else rec.partial_filename
+    (runs / name("tail", "unified")).write_text(json.dumps({"kind": "failed_cell", "error": "tail.k=8: too deep"}))
+    assert cli_main(["export", "--method", "tail", "--plans-from", str(runs), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    # the note or resume state is named as what it is, not listed among the records
+    assert f"no record tail__unified.json {why.format(runs=runs)}; records there: unpruned__unified.json\n" in err
+    assert not (tmp_path / "o").exists()
