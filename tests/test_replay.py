@@ -67,7 +67,8 @@ def test_a_plans_from_without_a_matching_record_says_it_plans_afresh(cli, data_d
            "(no record tail__disaggregated.json there); planning afresh" in r.stderr
     r = cli("--model", "random:tiny", "--tasks", "arc_easy", "--limit", "2", "-q", "--methods", "tail", "--set", "tail.k=2",
             "--plans-from", tmp_path / "a", "--out", tmp_path / "b", data_dir=data_dir)
-    assert r.returncode == 0 and "(its records there were made with another model, seed, method options" in r.stderr
+    assert r.returncode == 0 and "(tail__disaggregated.json there was made with other tail options (k=1 there, 2 here)); " \
+                                 "planning afresh" in r.stderr, r.stderr[-2000:]
     lat = cli(*LATENCY, "--methods", "tail", "--set", "tail.k=1", "--plans-from", tmp_path / "empty",
               "--out", tmp_path / "lat", data_dir=data_dir)
     assert lat.returncode == 0 and "tail: no disaggregated plan to replay in --plans-from" in lat.stderr, lat.stderr[-2000:]
@@ -85,3 +86,16 @@ def test_a_plans_from_record_for_another_depth_is_refused_as_bad_input(cli, data
             "--plans-from", tmp_path / "a", "--out", tmp_path / "b", data_dir=data_dir)
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"--plans-from {path}: its plan is for a 8-layer model, this model has 4 layers" in r.stderr
+
+
+def test_plans_from_a_run_of_another_model_or_seed_says_which(cli, data_dir, tmp_path):
+    """A --plans-from folder of another model's (or seed's) run said only 'another model, seed, method options,
+    calibration or code'; it now names what differs, as export's --plans-from does."""
+    _quality(cli, data_dir, tmp_path / "a", ["--methods", "tail", "--set", "tail.k=1"])
+    for flags, why in [(["--model", "random:smollm2-135m"], "--model random:tiny, not random:smollm2-135m"),
+                       (["--model", "random:tiny", "--seed", "3"], "--seed 0, not 3")]:
+        r = cli(*flags, "--tasks", "arc_easy", "--limit", "2", "-q", "--methods", "tail", "--set", "tail.k=1",
+                "--plans-from", tmp_path / "a", "--out", tmp_path / flags[-1].replace(":", "_"), data_dir=data_dir)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"no plan to reuse in --plans-from {tmp_path / 'a'} (tail__disaggregated.json there was made with " \
+               f"{why}); planning afresh" in r.stderr, r.stderr[-2000:]

@@ -43,8 +43,16 @@ def why_not_reused(cfg: RunConfig, prepared, name: str, mode: str) -> str:
     """Why `stored_plan` found nothing for `name`/`mode` in `cfg.plans_from`, for the run's note."""
     if prepared.methods[name].needs_replan_on_resume():
         return f"{name} plans with trained state no record keeps"
-    if not _candidates(Path(cfg.plans_from), name, mode):
+    candidates = _candidates(Path(cfg.plans_from), name, mode)
+    if not candidates:
         return f"no record {rec.record_filename(name, mode)} there"
+    try:  # the cell's own record if there is one, else its first sweep sibling: what it was made with
+        old = rec.load(candidates[0])
+    except rec.RecordError:
+        old = None
+    why = old and _difference(cfg, prepared, name, prepared.methods[name].options(), old, None)
+    if why:
+        return f"{candidates[0].name} there was made with {why}"
     return "its records there were made with another model, seed, method options, calibration or code"
 
 
@@ -67,18 +75,33 @@ def _candidates(folder: Path, name: str, mode: str) -> list[Path]:
 def _made_alike(cfg: RunConfig, prepared, name: str, options: dict, old: rec.RunRecord,
                 calibration: Callable[[], dict] | None) -> bool:
     """Whether `old`'s plan is what `name` would plan now: model, seed, options and calibration equal."""
-    calib_now = dataclasses.asdict(prepared.calib_config) if prepared.methods[name].needs_calibration else None
+    return _difference(cfg, prepared, name, options, old, calibration) is None
+
+
+def _difference(cfg: RunConfig, prepared, name: str, options: dict, old: rec.RunRecord,
+                calibration: Callable[[], dict] | None) -> str | None:
+    """What `old`'s plan was made with that `name` would not plan with now, as 'X, not Y' (None: the same model and
+    `model_args`, seed, method options, plug-in code and calibration)."""
+    method = prepared.methods[name]
+    if not _same_model(cfg.model, old):
+        return f"--model {old.config.get('model')}, not {cfg.model}"
+    if old.config.get("model_args") != cfg.model_args:
+        return f"--model-args {old.config.get('model_args')}, not {cfg.model_args}"
+    if old.config.get("seed") != cfg.seed:
+        return f"--seed {old.config.get('seed')}, not {cfg.seed}"
+    then, now = options_then(method, old), with_defaults(method, options)
+    if then != now:
+        return f"other {name} options ({options_diff(then, now, 'there', 'here')})"
+    if edited := other_code(old, method):  # planned by a plug-in's code as it was then
+        return f"other code of plug-in {name} ({', '.join(edited)} changed since)"
+    calib_now = dataclasses.asdict(prepared.calib_config) if method.needs_calibration else None
     calib_then = {k: (old.calibration or {}).get(k) for k in calib_now} if calib_now else None
-    if (old.config.get("seed"), old.config.get("model_args")) != (cfg.seed, cfg.model_args) or not _same_model(cfg.model, old):
-        return False
-    if options_then(prepared.methods[name], old) != with_defaults(prepared.methods[name], options):
-        return False
-    if other_code(old, prepared.methods[name]):  # planned by a plug-in's code as it was then
-        return False
     if calib_now and json.loads(json.dumps(calib_now)) != calib_then:
-        return False
+        return f"other calibration options ({options_diff(calib_then, json.loads(json.dumps(calib_now)), 'there', 'here')})"
     digest = (old.calibration or {}).get("token_sha256_16")
-    return not (calib_now and digest and calibration is not None and calibration().get("token_sha256_16") != digest)
+    if calib_now and digest and calibration is not None and calibration().get("token_sha256_16") != digest:
+        return "the same calibration options on other calibration tokens (another --data-dir)"
+    return None
 
 
 def other_code(old: rec.RunRecord, method) -> list[str]:
