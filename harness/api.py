@@ -42,7 +42,7 @@ def load_results(path: str | Path) -> pd.DataFrame:
     An unreadable record under a folder is skipped with a `HarnessWarning` naming it (as `python -m
     harness report` skips it); one given as `path` raises its `RecordError`. A folder without records
     gives an empty table and a `HarnessWarning` saying so."""
-    from harness.store.records import RecordError, load, record_files_under
+    from harness.store.records import RecordError, load, record_files_under, unfinished_hint
 
     p = Path(path).expanduser()  # as evaluate's out (`out="~/runs/x"`) and the command's folders expand it
     if not p.exists():
@@ -55,8 +55,8 @@ def load_results(path: str | Path) -> pd.DataFrame:
     records = []
     files = record_files_under(p)
     if not files:  # a mistyped or not-yet-finished folder: an empty table would look like a run that scored nothing
-        warnings.warn(f"load_results({str(path)!r}): no run records (<method>__<mode>.json) under it; an empty table",
-                      HarnessWarning, stacklevel=2)
+        warnings.warn(f"load_results({str(path)!r}): no run records (<method>__<mode>.json) under it; an empty table"
+                      f"{unfinished_hint(p)}", HarnessWarning, stacklevel=2)
     for f in files:
         try:
             records.append(load(f))

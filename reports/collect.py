@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.store.records import RecordError, RunRecord, is_record_file, load, load_failures, record_files_under
+from harness.store.records import RecordError, RunRecord, is_record_file, load, load_failures, record_files_under, unfinished_hint
 
 # Metric shown per task under each named convention. `paper` is lm-eval's usual reporting (and the
 # PDTrim / ShortGPT papers'): length-normalised accuracy where answer lengths differ a lot.
@@ -173,7 +173,7 @@ def collect(paths: list[Path]) -> Collection:
         if not files:
             failed = failure_notes([Path(path)])
             if not failed:
-                raise ReportError(f"{path}: no run records (<method>__<mode>.json) found")
+                raise ReportError(f"{path}: no run records (<method>__<mode>.json) found{unfinished_hint(Path(path))}")
             only_failed.append(f"{path}: no run records; failed cells: {'; '.join(failed)}")
             continue  # its failed cells are notes of the report (docs/reports.md), the other inputs still render
         for f in files:

@@ -454,3 +454,28 @@ def test_the_paired_caption_names_tasks_a_row_scored_that_its_baseline_did_not(t
     assert "Not paired, as its unpruned record did not score them: x boolq." in caption
     save(_rec("unpruned", items=[0, 1, 0, 1]), tmp_path)
     assert "Not paired" not in paired_table(collect([tmp_path])).attrs["caption"]
+
+
+def test_a_folder_of_unfinished_cells_only_says_which_and_that_their_command_resumes_them(tmp_path):
+    """A run interrupted before any cell finished leaves only resume states: 'no run records' alone read like a wrong
+    folder."""
+    import warnings
+
+    from harness.api import load_results
+    from harness.store.records import partial_filename
+    from reports.render import render_report
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / partial_filename("pdtrim", "disaggregated")).write_text("{}")
+    (tmp_path / "r" / partial_filename("tail@k=2", "unified")).write_text("{}")
+    (tmp_path / "r" / ".x__unified.partial.json").write_text("{}")  # a temp file, not a cell
+    said = "cells not finished there: pdtrim/disaggregated, tail@k=2/unified (rerun the command that made them"
+    with pytest.raises(ReportError, match=re.escape(said)):
+        render_report([tmp_path / "r"], tmp_path / "rep", html=False, plots=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_results(tmp_path / "r").empty
+    assert any(said in str(w.message) for w in caught), [str(w.message) for w in caught]
+    (tmp_path / "e").mkdir()  # nothing at all: no hint
+    with pytest.raises(ReportError, match=r"found$"):
+        render_report([tmp_path / "e"], tmp_path / "rep2", html=False, plots=False)

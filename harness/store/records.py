@@ -223,6 +223,21 @@ def record_files_under(folder: Path) -> list[Path]:
     return sorted(p for p in run_files_under(folder) if is_record_file(p))
 
 
+def unfinished_cells(folder: Path) -> list[str]:
+    """'method/mode' of each cell under `folder` that has a resume state (`.partial.json`) and no record yet: a run
+    interrupted or still running, which its command resumes."""
+    return sorted({p.name[:-len(".partial.json")].replace("__", "/", 1) for p in run_files_under(folder)
+                   if p.name.endswith(".partial.json") and not p.name.startswith(".")
+                   and not p.with_name(p.name[:-len(".partial.json")] + ".json").exists()})
+
+
+def unfinished_hint(folder: Path) -> str:
+    """'; cells not finished there: a/b, c/d (rerun the command that made them to finish them)', or ''."""
+    cells = unfinished_cells(folder)
+    return (f"; cells not finished there: {', '.join(cells)} (rerun the command that made them to finish them)"
+            if cells else "")
+
+
 def run_files_under(folder: Path) -> Iterator[Path]:
     """The files runs leave under `folder`, searched recursively (a sweep's cells too): records, resume states
     (`.partial.json`) and failed-cell notes (`.failed.json`), all named `<method>__<mode>...json`."""
