@@ -68,3 +68,29 @@ def test_plans_from_a_run_whose_cell_failed_or_did_not_finish_says_so(tmp_path, 
     # the note or resume state is named as what it is, not listed among the records
     assert f"no record tail__unified.json {why.format(runs=runs)}; records there: unpruned__unified.json\n" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_set_the_replayed_record_differs_from_names_the_sweep_variant_made_with_it(tmp_path, capsys):
+    """`--plans-from RUN --method tail --set tail.k=2` finds tail__disaggregated.json (k=1) and refuses it; the run's
+    sweep variant tail@k=2__disaggregated.json was made with k=2, and the refusal names it."""
+    runs = tmp_path / "run"
+    for k, name in ((1, "tail"), (2, "tail@k=2"), (3, "tail@k=3")):
+        out = tmp_path / f"k{k}"
+        assert cli_main(["export", *TINY, "--method", "tail", "--mode", "disaggregated", "--set", f"tail.k={k}",
+                         "--out", str(out)]) == 0
+        manifest = json.loads((out / "harness_export.json").read_text())  # a unified plan: one checkpoint
+        rec.save(rec.RunRecord(method=name, mode="disaggregated", run_key="k", plan=manifest["plan"], environment={},
+                               config={"model": "random:tiny", "seed": 0, "method_options": manifest["method_options"]},
+                               model={}, calibration=None, scores={}, kv={}, n_samples={}, lm_eval={}, timing_s={},
+                               created=""), runs)
+    capsys.readouterr()
+    variant = runs / rec.record_filename("tail@k=2", "disaggregated")
+    args = ["export", *TINY, "--method", "tail", "--mode", "disaggregated", "--plans-from", str(runs)]
+    assert cli_main([*args, "--set", "tail.k=2", "--out", str(tmp_path / "o")]) == 2
+    assert f"was made with them: pass --record {variant}" in capsys.readouterr().err
+    assert cli_main([*args, "--set", "tail.k=4", "--out", str(tmp_path / "o")]) == 2  # none made with k=4: no hint
+    assert "made with them" not in capsys.readouterr().err
+    assert cli_main(["export", "--device", "cpu", "--record", str(variant), "--set", "tail.k=2",
+                     "--out", str(tmp_path / "o")]) == 0
+    exported = json.loads((tmp_path / "o" / "harness_export.json").read_text())
+    assert exported["plan_replayed_from"] == str(variant) and exported["plan"]["removed_decode"] == [1, 2]

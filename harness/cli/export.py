@@ -185,7 +185,8 @@ def method_for(source: Source, args: argparse.Namespace, data_dir: str | None):
     if any(o.split("=", 1)[0].split(".", 1)[0] == name for o in args.overrides) and \
             json.loads(json.dumps(method.options())) != json.loads(json.dumps(replayed.options())):
         raise UsageError(f"--set {name}.*: differs from the options the record's plan was made with "
-                         f"({replayed.options()}); drop --set or plan afresh without --record/--plans-from")
+                         f"({replayed.options()}); drop --set or plan afresh without --record/--plans-from"
+                         f"{_variant_with(source, method)}")
     if edited := other_code(source.record, replayed):  # a plug-in's plan as its older code made it
         raise UsageError(f"{source.record_path}: its plan was made by other code of plug-in method {name} "
                          f"({', '.join(edited)} changed since); export it without --record/--plans-from so it plans afresh")
@@ -194,6 +195,29 @@ def method_for(source: Source, args: argparse.Namespace, data_dir: str | None):
                          "network) that run records do not store; export it without --record/--plans-from so it plans "
                          "and trains afresh")
     return replayed, prepared.calib_config
+
+
+def _variant_with(source: Source, method) -> str:
+    """'; FOLDER/tail@k=2__unified.json was made with them: pass --record ...' for a record beside the replayed one,
+    of the same method and mode (a sweep's variant, `tail@k=2` for `--set tail.k=2`), whose options are `method`'s;
+    else ''. An unreadable or unbuildable one is passed over."""
+    from harness.run.reuse import with_defaults
+    from harness.store import records as rec
+
+    want, cls = json.loads(json.dumps(method.options())), type(method)
+    for path in sorted(source.record_path.parent.glob(f"*__{source.mode}.json")):
+        if path == source.record_path or not rec.is_record_file(path) or \
+                sweep_base(path.name[: -len(f"__{source.mode}.json")]) != method.name:
+            continue
+        try:
+            stored = with_defaults(method, rec.load(path).config.get("method_options", {}))
+            options = cls(dataclasses.replace(cls.Config(), **{k: tuple(v) if isinstance(v, list) else v
+                                                               for k, v in stored.items()})).options()
+        except (rec.RecordError, TypeError, ValueError):
+            continue
+        if json.loads(json.dumps(options)) == want:
+            return f"; {path} was made with them: pass --record {path}"
+    return ""
 
 
 def _check_out_is_not_cwd(out: Path) -> None:
