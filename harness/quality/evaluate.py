@@ -138,16 +138,17 @@ class TaskCache:
                 self._render_first_shot(task, obj)
 
     def _render_first_shot(self, task: str, obj) -> None:
-        """Render the first document of built task `obj`'s few-shot split as a few-shot example is (text, target
-        and choices); the error of `get` when a template reads a field that document lacks."""
-        docs, config = getattr(getattr(obj, "sampler", None), "df", None), getattr(obj, "config", None)
-        if not docs or config is None:  # no few-shot split, or a group
+        """Render the first document of built task `obj`'s few-shot split as lm-eval renders a few-shot example: text,
+        choices and target, with the templates of its `fewshot_config` (a YAML may give the few-shot rows their own);
+        the error of `get` when a template reads a field that document lacks."""
+        docs, shots = getattr(getattr(obj, "sampler", None), "df", None), getattr(obj, "fewshot_cfg", None)
+        if not docs or shots is None:  # no few-shot split, or a group
             return
         try:
-            obj.doc_to_text(docs[0])
-            obj.doc_to_target(docs[0])
-            if config.doc_to_choice is not None:
-                obj.doc_to_choice(docs[0])
+            obj.doc_to_text(docs[0], shots.doc_to_text)
+            if shots.doc_to_choice:
+                obj.doc_to_choice(docs[0], shots.doc_to_choice)
+            obj.doc_to_target(docs[0], shots.doc_to_target)
         except Exception as e:
             if type(e).__name__ != "UndefinedError":  # jinja2's: a template reads a field the rows lack
                 raise

@@ -1,0 +1,72 @@
+"""The run's check of its local tasks' rows before the model loads (`harness.run.task_check`): it renders the first
+few-shot row as lm-eval renders a few-shot example, with the YAML's `fewshot_config` templates where it gives some."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+ROWS = [{"question": f"What is {i} plus one?", "prompt": f"{i} + 1 =", "choices": [str(i + 1), str(i + 7), str(i)],
+         "answer": i % 3} for i in range(6)]
+
+
+def _folder(tmp_path, shot_text: str):
+    """An --include-path folder whose few-shot rows lack `question` (fewshot_config's process_docs drops it) and whose
+    few-shot examples are rendered with `shot_text`."""
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    data = folder / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (folder / "utils.py").write_text("def shots(dataset):\n    return dataset.remove_columns(['question'])\n")
+    (folder / "fs_mc.yaml").write_text(textwrap.dedent(f"""\
+        task: fs_mc
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}
+            train: {data}
+        test_split: test
+        fewshot_split: train
+        fewshot_config:
+          sampler: first_n
+          process_docs: !function utils.shots
+          doc_to_text: "{shot_text}"
+        output_type: multiple_choice
+        doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: "{{{{answer}}}}"
+        metric_list:
+          - metric: acc
+        """))
+    return folder
+
+
+def _run(cli, folder, out):
+    return cli("--methods", "unpruned", "--model", "random:tiny", "--tasks", "fs_mc", "--limit", 3, "--num-fewshot", 1,
+               "--include-path", folder, "--out", out, "-q")
+
+
+def test_few_shot_rows_rendered_by_the_fewshot_config_templates_are_not_refused(cli, tmp_path, monkeypatch):
+    """The few-shot rows lack the field the scored rows' template reads, and the YAML's fewshot_config renders them
+    with its own template (as lm-eval does): the run worked before the up-front check, which refused it (exit 2)."""
+    monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
+    out = tmp_path / "run"
+    r = _run(cli, _folder(tmp_path, "Q: {{prompt}}"), out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is undefined" not in r.stderr and len(list(out.glob("*__*.json"))) == 1
+
+
+def test_a_fewshot_config_template_reading_a_missing_field_is_refused_before_the_model_loads(cli, tmp_path,
+                                                                                            monkeypatch):
+    import harness.pd.models
+
+    monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
+    monkeypatch.setattr(harness.pd.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    folder, out = _folder(tmp_path, "Q: {{hint}}"), tmp_path / "run"
+    r = _run(cli, folder, out)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"task fs_mc ({folder / 'fs_mc.yaml'}): its template reads a field that its data's rows lack ('hint' is " \
+           "undefined)" in r.stderr, r.stderr[-3000:]
+    assert not list(out.glob("*.json"))
