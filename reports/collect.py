@@ -242,6 +242,8 @@ def differing_settings(records: list[RunRecord]) -> dict[str, list[str]]:
     where recorded) in which `records` differ: rows a table puts side by side (its Avg, its bold) although they
     were not run alike."""
     rows = [{**json.loads(configuration(r)), "weights dtype": r.model.get("dtype")} for r in records]
+    if _other_include_files(records):  # folders that held other files: named by path, as the runs gave them
+        rows = [{**row, "include_path": r.config.get("include_path")} for row, r in zip(rows, records)]
     keys = sorted({k for row in rows for k in row})
     values = {k: {json.dumps(row.get(k), sort_keys=True, default=str).strip('"') for row in rows
                   if not (k == "weights dtype" and row.get(k) is None)} for k in keys}
@@ -251,6 +253,17 @@ def differing_settings(records: list[RunRecord]) -> dict[str, list[str]]:
 def _data_digests(r: RunRecord) -> dict:
     """Task -> sha256 of the data files `r` was scored on ({} for records made before input digests)."""
     return r.inputs().get("data") or {}
+
+
+def _other_include_files(records: list[RunRecord]) -> bool:
+    """Whether two of `records` were made from --include-path folders that held other files (the n-th folders'
+    digests differ, where both records keep them): a copy at another path is not another configuration, those are."""
+    held: dict[int, set[str]] = {}
+    for r in records:
+        for i, d in enumerate(_include_digests(r)):
+            if d:
+                held.setdefault(i, set()).add(json.dumps(d, sort_keys=True))
+    return any(len(v) > 1 for v in held.values())
 
 
 def _include_digests(r: RunRecord) -> list:

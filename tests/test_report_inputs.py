@@ -227,3 +227,27 @@ def test_efficiency_cells_equal_the_records_arithmetic_per_request():
         for col, fig in (("TTFT speedup", "ttft_ms_p50"), ("TPOT speedup", "tpot_ms_p50"), ("E2E speedup", "e2e_ms_p50@100gbit")):
             assert row[col] == pytest.approx(dense.figure(lab, fig) / r.figure(lab, fig), rel=1e-5), (method, col)
     assert _ratio_cell(3.0, 0.0)[0] == "—" and _ratio_cell(3.0, 1.5)[:2] == ("2.00×", 2.0)
+
+
+def test_records_made_from_other_include_folders_are_named_in_the_caption_unless_their_files_are_the_same(tmp_path):
+    """--include-path folders count by number in a record's configuration (a copy elsewhere is the same configuration
+    where its files' digests are the same), so rows made from two folders of other YAMLs (two prompt variants of one
+    task) lost the caption's note that they were not run alike; a copy holding the same files gets none."""
+    from reports.tables import _mixed_text
+
+    _run(tmp_path / "a", 4, 400, 100)
+    _run(tmp_path / "b", 4, 400, 50)
+    for folder, include, files in (("a", "/x/v1", "f1"), ("b", "/x/v2", "f2")):
+        for path in (tmp_path / folder).glob("*__*.json"):
+            doc = json.loads(path.read_text())
+            doc["config"]["include_path"] = [include]
+            doc["extra"]["inputs"] = {"version": 2, "data": {}, "include": {include: {"files": files, "data": "d"}}}
+            path.write_text(json.dumps(doc))
+    records = collect([tmp_path / "a", tmp_path / "b"]).quality
+    assert 'Rows were run with different settings, compared side by side: include_path ["/x/v1"] / ["/x/v2"]' in \
+        _mixed_text(records)
+    for path in (tmp_path / "b").glob("*__*.json"):  # b: a copy of v1 at another path
+        doc = json.loads(path.read_text())
+        doc["extra"]["inputs"]["include"]["/x/v2"]["files"] = "f1"
+        path.write_text(json.dumps(doc))
+    assert _mixed_text(collect([tmp_path / "a", tmp_path / "b"]).quality) == ""
