@@ -94,3 +94,26 @@ def test_a_set_the_replayed_record_differs_from_names_the_sweep_variant_made_wit
                      "--out", str(tmp_path / "o")]) == 0
     exported = json.loads((tmp_path / "o" / "harness_export.json").read_text())
     assert exported["plan_replayed_from"] == str(variant) and exported["plan"]["removed_decode"] == [1, 2]
+
+
+def test_an_old_export_that_cannot_be_removed_after_the_swap_leaves_the_new_one_in_place(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """swap_dir removes the old folder after the new one is in place; a failure there (a file of it held open on NFS)
+    was reported as 'the export could not be moved there' (exit 2) with the new export at --out, or a traceback."""
+    import shutil
+
+    out = tmp_path / "e"
+    assert cli_main([*MANUAL, "--set", "manual.decode_layers=0,1,3", "--out", str(out)]) == 0
+    real = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).name == ".e.old":
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    capsys.readouterr()
+    assert cli_main([*MANUAL, "--set", "manual.decode_layers=0,3", "--out", str(out), "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"the previous export could not be removed: {tmp_path / '.e.old'}" in err, err
+    assert json.loads((out / "config.json").read_text()) and not (tmp_path / ".e.partial").exists()

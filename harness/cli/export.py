@@ -251,12 +251,17 @@ def _prepare_out(out: Path, force: bool) -> Path:
 
 def _swap_in(tmp: Path, out: Path) -> None:
     """Put the finished export `tmp` at `out`; a folder that cannot be renamed (e.g. one on another filesystem, or
-    marked immutable) is a UsageError, with `out` as it was and the temporary folder removed."""
-    from harness.store.files import recover_swap, swap_dir
+    marked immutable) is a UsageError, with `out` as it was and the temporary folder removed; an old export that cannot
+    be removed once the new one is in place, a warning."""
+    from harness.store.files import backup_path, recover_swap, swap_dir
 
     try:
         swap_dir(tmp, out)
     except OSError as e:
+        if not tmp.exists() and out.is_dir():  # the export is in place: only removing the old one failed
+            print(f"warning: the previous export could not be removed: {backup_path(out.resolve())} ({e.strerror or e}); "
+                  "the next export removes it, or remove it yourself", file=sys.stderr)
+            return
         recover_swap(out)  # a failure between the two renames: the old folder goes back
         shutil.rmtree(tmp, ignore_errors=True)
         raise UsageError(f"--out {out}: the export could not be moved there ({e.strerror or e}; it is written beside "
