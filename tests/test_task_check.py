@@ -70,3 +70,60 @@ def test_a_fewshot_config_template_reading_a_missing_field_is_refused_before_the
     assert f"task fs_mc ({folder / 'fs_mc.yaml'}): its template reads a field that its data's rows lack ('hint' is " \
            "undefined)" in r.stderr, r.stderr[-3000:]
     assert not list(out.glob("*.json"))
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """(task, TaskCache id) of every task a TaskCache builds, and every TaskCache made, in this process."""
+    from harness.quality.evaluate import TaskCache
+
+    log, caches, get, init = [], [], TaskCache.get, TaskCache.__init__
+
+    def counted(self, task):
+        if task not in self._built:
+            log.append((task, id(self)))
+        return get(self, task)
+
+    def made(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        caches.append(self)
+
+    monkeypatch.setattr(TaskCache, "get", counted)
+    monkeypatch.setattr(TaskCache, "__init__", made)
+    return log, caches
+
+
+def test_a_run_builds_each_task_once_and_a_finished_one_builds_none(cli, tmp_path, monkeypatch, built):
+    """The check's TaskCache is the one the cells use (two cells, one build); a rerun of a finished run evaluates
+    nothing, so it builds nothing either."""
+    log, caches = built
+    monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
+    folder, out = _folder(tmp_path, "Q: {{prompt}}"), tmp_path / "run"
+    args = ("--methods", "unpruned", "--model", "random:tiny", "--tasks", "fs_mc", "--limit", 3, "--mode", "both",
+            "--include-path", folder, "--out", out, "-q")
+    assert cli(*args).returncode == 0
+    assert len(caches) == 1 and log == [("fs_mc", id(caches[0]))] and len(list(out.glob("*__*.json"))) == 2
+    assert cli(*args).returncode == 0
+    assert len(log) == 1  # the rerun built nothing
+    assert all(c._workdir is None for c in caches)  # closed: the temporary YAMLs removed
+
+
+def test_a_refused_task_leaves_no_temporary_yamls(cli, tmp_path, monkeypatch, built):
+    _, caches = built
+    monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
+    assert _run(cli, _folder(tmp_path, "Q: {{hint}}"), tmp_path / "run").returncode == 2
+    assert caches and all(c._workdir is None for c in caches)
+
+
+def test_pipeline_run_called_alone_builds_the_tasks_once_and_closes_them(tmp_path, monkeypatch, built):
+    """Without a TaskCache from the caller (`tasks`), pipeline.run makes the check's own, for its cells, and closes it."""
+    from harness.cli.run import run_config, run_parser
+    from harness.run import pipeline
+
+    log, caches = built
+    monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
+    cfg = run_config(run_parser().parse_args(["--methods", "unpruned", "--model", "random:tiny", "--tasks", "fs_mc",
+                                              "--limit", "3", "--mode", "both", "--include-path",
+                                              str(_folder(tmp_path, "Q: {{prompt}}"))]))
+    assert len(pipeline.run(cfg, tmp_path / "run")) == 2
+    assert len(caches) == 1 and log == [("fs_mc", id(caches[0]))] and caches[0]._workdir is None
