@@ -90,14 +90,15 @@ def assert_same_records(sweep_out: Path, single_out: Path, cells: list[str] = CE
         assert len((sweep_out / "summary.csv").read_text().splitlines()) == len((single_out / "summary.csv").read_text().splitlines())
 
 
-def test_local_pool_equals_single_process_then_latency_and_report(tmp_path, single, data_dir):
+def test_local_pool_equals_single_process_then_latency_and_report(tmp_path, single, data_dir, cli):
     spec = write_spec(
         tmp_path / "spec.toml", run={**RUN, "out": str(tmp_path / "q")},
         latency={"model": "random:tiny", "device": "cpu", "methods": ["unpruned", "tail"], "plans_from": "run",
                  "prompt_tokens": [16], "decode_tokens": [2], "batch_size": [1], "warmup": 0, "repeats": 1,
                  "out": str(tmp_path / "lat")},
         report={"out": str(tmp_path / "report"), "no_plots": True})
-    res = harness("sweep", str(spec), "--backend", "local", "--workers", "2", "-q")
+    # the sweep itself in this process (one start-up fewer): its cells, latency and report are still processes
+    res = cli("sweep", str(spec), "--backend", "local", "--workers", "2", "-q")
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     assert_same_records(tmp_path / "q", single)
     sweep = json.loads((tmp_path / "q" / "sweep.json").read_text())
@@ -124,11 +125,11 @@ def test_ray_local_instance_equals_single_process(tmp_path, single, data_dir):
     assert [c["status"] for c in sweep["cells"]] == ["ok"] * 2
 
 
-def test_failing_cell_fails_alone_and_a_rerun_reuses_the_finished_one(tmp_path, data_dir):
+def test_failing_cell_fails_alone_and_a_rerun_reuses_the_finished_one(tmp_path, data_dir, cli):
     # valid when parsed, failing inside the child: a decode layer the 4-layer model lacks (unified mode ignores it)
     run = {**RUN, "methods": ["manual"], "set": ["manual.decode_layers=0,1,9"], "out": str(tmp_path / "q")}
     spec = write_spec(tmp_path / "spec.toml", run=run, report={"out": str(tmp_path / "rep")})
-    res = harness("sweep", str(spec), "--backend", "local", "--workers", "2", "-q")
+    res = cli("sweep", str(spec), "--backend", "local", "--workers", "2", "-q")  # in this process; its cells are not
     assert res.returncode == 1, res.stdout + res.stderr[-3000:]
     assert "\n1 of 3 ok in " in res.stdout  # the report was skipped: not ok
     out = tmp_path / "q"
@@ -145,7 +146,7 @@ def test_failing_cell_fails_alone_and_a_rerun_reuses_the_finished_one(tmp_path, 
     assert len((out / "summary.csv").read_text().splitlines()) == 1 + metrics  # over the finished record
     before = {p.name: p.read_bytes() for p in records_in(out)}
 
-    res = harness("sweep", str(spec), "--backend", "local", "--workers", "2", "-q")
+    res = cli("sweep", str(spec), "--backend", "local", "--workers", "2", "-q")
     assert res.returncode == 1
     cells = {c["cell"]: c["status"] for c in json.loads((out / "sweep.json").read_text())["cells"]}
     assert cells == {"manual/unified": "reused", "manual/disaggregated": "failed", "report": "skipped"}
@@ -310,10 +311,10 @@ def test_an_interrupt_settles_what_the_stopped_cells_finished(tmp_path):
     assert not queued.log.exists() and not queued.records[0].exists()
 
 
-def test_a_sweep_into_another_configurations_folder_is_refused_before_any_cell(tmp_path, single):
+def test_a_sweep_into_another_configurations_folder_is_refused_before_any_cell(tmp_path, single, cli):
     shutil.copytree(single, tmp_path / "q")
     spec = write_spec(tmp_path / "spec.toml", run={**RUN, "limit": 3, "out": str(tmp_path / "q")})
-    res = harness("sweep", str(spec), "--backend", "local", "--workers", "2", "-q", timeout=120)
+    res = cli("sweep", str(spec), "--backend", "local", "--workers", "2", "-q")
     assert res.returncode == 2, res.stdout + res.stderr[-3000:]
     assert f"error: {tmp_path / 'q'} holds work of a different configuration: unpruned__unified.json" in res.stderr
     assert not (tmp_path / "q" / ".sweep").exists()  # no cell started
