@@ -76,7 +76,7 @@ def _harness(folder, *args):
                           text=True, timeout=300)
 
 
-def test_an_outside_local_task_runs_and_reports_its_own_metric_from_the_record(outside):
+def test_an_outside_local_task_runs_and_reports_its_own_metric_from_the_record(outside, cli):
     from harness.store import records
     from reports.collect import metric_for
     from reports.formats import to_markdown
@@ -102,8 +102,10 @@ def test_an_outside_local_task_runs_and_reports_its_own_metric_from_the_record(o
     assert "| unpruned | 0 | 80.0 ± 10.0 |" in md and "acc elsewhere; acc_norm for SciQ (the task's own)" in md
     assert "| Method | Removed | SciQ | Avg | KV × |" in md  # its declared title, from the record
     assert {row["metric"] for row in records.summary_rows([rec]) if row["primary"]} == {"acc_norm"}
-    rep = subprocess.run([sys.executable, "-m", "harness", "report", str(out), "--no-plots"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "HARNESS_PLUGINS"})
+    # the report in this process, which never loaded the plug-in (asserted above) and has no HARNESS_PLUGINS
+    assert "HARNESS_PLUGINS" not in os.environ
+    rep = cli("report", out, "--no-plots")
+    assert not local_tasks.is_local_task("sciq")
     assert rep.returncode == 0 and "acc_norm for SciQ" in (out / "report" / "tables" / "quality.md").read_text(), rep.stderr
 
     # an edited plug-in: its records are not reused, the refusal names the task and the module
