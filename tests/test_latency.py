@@ -115,8 +115,6 @@ def test_single_token_workload_has_no_decode_samples(tiny):
 
 
 def test_latency_cli_writes_records_and_replays_plans(tmp_path, cli):
-    from test_cli import harness
-
     from harness.store import records
 
     out = tmp_path / "lat"
@@ -136,7 +134,8 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path, cli):
     assert len(m.latency["latency_T40_n4_b2"].samples["itl_ms"]) == 2 * 3
     # a real two-process handoff of one workload (each one spawns two processes: one workload, not all eight)
     one = [x if x not in ("1,2", "eager,static") else {"1,2": "2", "eager,static": "eager"}[x] for x in args]
-    rt = harness(*one, "--methods", "manual", "--set", "manual.decode_layers=0,3", "--out", str(tmp_path / "rt"), "--real-transfer")
+    # (the command in this process: the handoff's two processes are spawned all the same, one start-up fewer)
+    rt = cli(*one, "--methods", "manual", "--set", "manual.decode_layers=0,3", "--out", str(tmp_path / "rt"), "--real-transfer")
     assert rt.returncode == 0, rt.stderr[-2000:]
     (moved_rec,) = records.load_dir(tmp_path / "rt")
     moved = moved_rec.latency["latency_T40_n4_b2"].samples["real_transfer"]
@@ -477,13 +476,19 @@ def test_gpu_check_twin_has_the_weights_of_a_tied_model():
 
     import torch
     from conftest import ROOT
+    from transformers import AutoModelForCausalLM
 
-    from harness.pd.models import load_model
+    from harness.pd.models import preset_config
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu_check
 
-    model = load_model("random:smollm2-135m", device="cpu", dtype="float32").model
+    # SmolLM2's shape and tied embedding with 2 of its 30 layers (the tie, not the depth, is the point; 30 took ~5 s)
+    cfg = preset_config("smollm2-135m")
+    cfg.num_hidden_layers = 2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
     copy = gpu_check.twin(model, torch.device("cpu"), torch.float64)
     ids = torch.randint(0, 256, (1, 9))
     with torch.inference_mode():
