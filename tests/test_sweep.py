@@ -363,6 +363,39 @@ def test_cells_get_the_sweeps_plugins_even_on_a_cluster_node(monkeypatch):
     assert "HARNESS_PLUGINS" not in cell_env(2)
 
 
+def test_a_ctrl_c_between_starting_a_cell_and_storing_its_future_still_reports_the_cell(tmp_path, monkeypatch):
+    """The Ctrl-C the main thread takes may land after the pool took a cell but before `map` stored its future: stop()
+    read the cells that ran from those futures, so a started (and stopped) cell was reported 'not started', a
+    KeyError here (seen once beside a busy suite)."""
+    import concurrent.futures as cf
+    import threading
+
+    from harness.cli import sweep_backends
+    from harness.cli.sweep_backends import LocalBackend
+
+    backend, running = LocalBackend(1, []), threading.Event()
+
+    def slow_cell(argv, **kwargs):
+        proc = LocalBackend._popen(backend, [sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
+        running.set()
+        return proc
+
+    class Pool(cf.ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):  # the signal, taken just after the cell's process started
+            super().submit(*args, **kwargs)
+            assert running.wait(30)
+            raise KeyboardInterrupt
+
+    backend._popen = slow_cell
+    monkeypatch.setattr(sweep_backends.cf, "ThreadPoolExecutor", Pool)
+    with pytest.raises(KeyboardInterrupt):
+        list(backend.map([_cell(tmp_path, "unpruned__unified", ["unpruned"])], str(tmp_path), {}))
+    ran = backend.stop()
+    assert list(ran) == ["unpruned/unified"], ran
+    rc, _, seconds = ran["unpruned/unified"]
+    assert rc != 0 and seconds < 20  # stopped by its SIGINT, not left to run its 60 s
+
+
 def test_a_ctrl_c_the_kernel_hands_a_pool_thread_still_stops_the_local_sweep(tmp_path):
     """Beside a busy test suite the sweep let its running cell finish, or ran every queued one, after a SIGINT:
     the kernel had handed the signal to a pool thread, and the main thread slept in an untimed wait until the cell

@@ -217,6 +217,7 @@ class LocalBackend:
         self._stopping = False
         self._pool: cf.ThreadPoolExecutor | None = None
         self._futures: dict[cf.Future, Cell] = {}
+        self._ran: dict[str, tuple[int, str, float]] = {}  # by the threads, as their cells end: what stop() reports
 
     def _claim_gpu(self) -> None:
         self._mine.gpu = self.gpus[next(self._ids) % len(self.gpus)] if self.gpus else None
@@ -230,6 +231,16 @@ class LocalBackend:
             return proc
 
     def _run(self, cell: Cell, cwd: str, env: dict[str, str]):
+        """The cell's (exit status, log tail, seconds), also kept in `_ran`; None if it was not started. Kept by the
+        thread, not read from its future: a Ctrl-C the main thread takes between submitting a cell and storing its
+        future (`map`) left `_futures` without a cell that ran, and `stop` called it not started."""
+        result = _result(lambda: self._start(cell, cwd, env))
+        if result is not None:
+            with self._lock:
+                self._ran[cell.name] = result
+        return result
+
+    def _start(self, cell: Cell, cwd: str, env: dict[str, str]):
         if self._stopping:
             return None
         if self._mine.gpu is not None:
@@ -262,8 +273,8 @@ class LocalBackend:
         self._pool.shutdown(wait=False, cancel_futures=True)
         stop_processes(procs)
         self._pool.shutdown(wait=True)  # its threads return as their processes end
-        ran = {cell.name: _result(fut.result) for fut, cell in self._futures.items() if fut.done() and not fut.cancelled()}
-        return {name: r for name, r in ran.items() if r is not None}
+        with self._lock:
+            return dict(self._ran)
 
     def close(self) -> None:
         pass
