@@ -215,3 +215,40 @@ def test_a_refusal_every_rank_meets_is_printed_once(data_dir, tmp_path):
     r = subprocess.run(launch, cwd=ROOT, env=_env(data_dir), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert r.stderr.count("error: --limit 1 with 2 data-parallel ranks") == 1, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("collective", ["barrier", "all_gather_object", "gather_object", "broadcast_object",
+                                        "all_gather_tensor"])
+def test_a_collective_broken_by_a_peer_that_left_on_the_stop_signal_ends_as_interrupted(monkeypatch, collective):
+    """The launcher signals every rank; under load a peer took its SIGTERM first and left, and rank 0's collective
+    raised gloo's 'Connection closed by peer' before its own SIGTERM came: the transport error, not the 'interrupted'
+    line. A broken collective now waits a moment for this rank's signal; without one it raises the error."""
+    import signal
+    import threading
+
+    import torch
+
+    from harness.cli.interrupt import sigterm_as_ctrl_c
+    from harness.quality import distributed
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29533")
+
+    for name in ("barrier", "all_gather_object", "gather_object", "broadcast_object_list", "all_gather"):
+        monkeypatch.setattr(torch.distributed, name, broken)
+    d = distributed.Dist(rank=0, world_size=2)
+    call = {"barrier": lambda: d.barrier(), "all_gather_object": lambda: d.all_gather_object(1),
+            "gather_object": lambda: d.gather_object(1), "broadcast_object": lambda: d.broadcast_object(1),
+            "all_gather_tensor": lambda: d.all_gather_tensor(torch.ones(2))}[collective]
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))  # this rank's signal, after the error
+    with sigterm_as_ctrl_c():
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                call()
+        finally:
+            timer.cancel()  # the error raised at once (no wait): no SIGTERM left to come
+            timer.join()
+    monkeypatch.setattr(distributed, "PEER_LOST_GRACE_S", 0.2)  # a peer that crashed: no signal comes
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        call()

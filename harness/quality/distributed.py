@@ -15,10 +15,31 @@ multi-process path needs MPI) or `torchrun --nproc-per-node N -m harness ...`.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+# How long a rank whose collective failed waits for a stop signal of its own before raising the transport's error.
+# The launcher stops a group by signalling every rank (SIGTERM from torchrun/accelerate, a terminal's SIGINT); a rank
+# that took its signal first and left breaks the collective the others are in ('Connection closed by peer' from
+# gloo), and under load rank 0's own signal came after that error: it then printed the transport error, not the one
+# 'interrupted' line with what was kept. A peer that crashed costs this wait once before its error is raised.
+PEER_LOST_GRACE_S = 3.0
+
+
+def _collective(fn, *args: Any) -> None:
+    """`fn(*args)` (a torch.distributed collective); on its RuntimeError (DistBackendError is one), wait up to
+    `PEER_LOST_GRACE_S` for this process's stop signal, whose handler raises KeyboardInterrupt (SIGINT, or SIGTERM
+    under `sigterm_as_ctrl_c`) during the wait; without one, the error."""
+    try:
+        fn(*args)
+    except RuntimeError:
+        deadline = time.monotonic() + PEER_LOST_GRACE_S
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise
 
 
 @dataclass(frozen=True)
@@ -40,27 +61,27 @@ class Dist:
     # -- collectives (no-ops on one process) ------------------------------------------------------
     def barrier(self) -> None:
         if self.enabled:
-            torch.distributed.barrier()
+            _collective(torch.distributed.barrier)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         if not self.enabled:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(out, obj)
+        _collective(torch.distributed.all_gather_object, out, obj)
         return out
 
     def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
         if not self.enabled:
             return [obj]
         out: list[Any] | None = [None] * self.world_size if self.rank == dst else None
-        torch.distributed.gather_object(obj, out, dst=dst)
+        _collective(torch.distributed.gather_object, obj, out, dst)
         return out
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         if not self.enabled:
             return obj
         box = [obj if self.rank == src else None]
-        torch.distributed.broadcast_object_list(box, src=src)
+        _collective(torch.distributed.broadcast_object_list, box, src)
         return box[0]
 
     def all_gather_tensor(self, t: torch.Tensor) -> torch.Tensor:
@@ -69,7 +90,7 @@ class Dist:
         if not self.enabled:
             return t
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, t.contiguous())
+        _collective(torch.distributed.all_gather, parts, t.contiguous())
         return torch.cat(parts)
 
     def sum_counts(self, counts: dict[str, int]) -> dict[str, int]:
