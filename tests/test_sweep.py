@@ -421,3 +421,32 @@ def test_a_ctrl_c_the_kernel_hands_a_pool_thread_still_stops_the_local_sweep(tmp
     assert time.monotonic() - t0 < 10  # not the cell's 60 s
     rc, _, seconds = backend.stop()["unpruned/unified"]
     assert rc != 0 and seconds < 20  # the running cell was stopped by its SIGINT, not left to finish
+
+
+def test_a_ray_cancel_taken_just_as_a_cells_process_started_stops_and_reports_that_process(tmp_path):
+    """Ray cancels a running task with a simulated SIGINT (`_thread.interrupt_main`). Taken inside `popen`, after the
+    cell's process had started but before run_cell held it, the interrupt left run_cell: the process ran on unstopped
+    and the cell was reported 'not started' (test_ctrl_c_stops_the_sweep_and_starts_no_queued_cell[ray-15] under a
+    CPU burner). run_cell runs a Ray task in its worker's main thread, as here."""
+    import _thread
+
+    from harness.cli.sweep_backends import run_cell
+
+    started: list[subprocess.Popen] = []
+
+    def popen(argv, **kwargs):
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs))
+        _thread.interrupt_main()  # Ray's cancel, arriving as popen returns
+        return started[0]
+
+    t0 = time.monotonic()
+    try:
+        rc, _, seconds = run_cell(["run"], str(tmp_path), {}, str(tmp_path / "cell.log"), popen=popen)
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt left run_cell with its process still running")
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()
+    assert started and rc != 0 and rc is not None  # stopped by its SIGINT, reported with its exit status
+    assert time.monotonic() - t0 < 20 and seconds < 20  # not left to run its 60 s

@@ -70,18 +70,42 @@ def run_cell(argv: list[str], cwd: str, env: dict[str, str], log: str, popen=sub
     keeps it, to stop it on Ctrl-C)."""
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    proc = None
     with open(log, "w", encoding="utf-8") as f:
-        with _sigint_unblocked():  # a Ray worker blocks SIGINT, and a child inherits that: it could not be stopped gently
-            proc = popen([sys.executable, "-m", "harness", *argv], cwd=cwd, env={**os.environ, **env},
-                         stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
+            # a Ray worker blocks SIGINT, and a child inherits that: it could not be stopped gently
+            with _interrupt_held(), _sigint_unblocked():
+                proc = popen([sys.executable, "-m", "harness", *argv], cwd=cwd, env={**os.environ, **env},
+                             stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             rc = _wait(proc)
         except KeyboardInterrupt:  # a Ray task cancelled on Ctrl-C: its process stops as on a Ctrl-C of its own
+            if proc is None:  # cancelled before its process started
+                raise
             stop_processes([proc])
             rc = proc.returncode
     seconds = time.perf_counter() - t0
     text = Path(log).read_text(encoding="utf-8", errors="replace")
     return rc, text[-TAIL_CHARS:], seconds
+
+
+@contextlib.contextmanager
+def _interrupt_held():
+    """In the main thread (a Ray task's), a KeyboardInterrupt arriving during the body is raised as the body ends, not
+    inside it. Ray cancels a running task with `_thread.interrupt_main()`, a simulated SIGINT: taken inside `popen`
+    after the process had started but before run_cell held it, it left the process unstopped and the cell reported
+    'not started' (a sweep Ctrl-C'd under load). Elsewhere (a pool thread), or without a Python SIGINT handler, as
+    before."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    held: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if held:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
