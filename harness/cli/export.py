@@ -200,23 +200,21 @@ def method_for(source: Source, args: argparse.Namespace, data_dir: str | None):
 def _variant_with(source: Source, method) -> str:
     """'; FOLDER/tail@k=2__unified.json was made with them: pass --record ...' for a record beside the replayed one,
     of the same method and mode (a sweep's variant, `tail@k=2` for `--set tail.k=2`), whose options are `method`'s;
-    else ''. An unreadable or unbuildable one is passed over."""
-    from harness.run.reuse import with_defaults
+    else ''. Compared as a quality run's --plans-from compares them (`reuse.options_then`); an unreadable one is passed
+    over."""
+    from harness.run.reuse import options_then, with_defaults
     from harness.store import records as rec
 
-    want, cls = json.loads(json.dumps(method.options())), type(method)
+    want = with_defaults(method, method.options())
     for path in sorted(source.record_path.parent.glob(f"*__{source.mode}.json")):
         if path == source.record_path or not rec.is_record_file(path) or \
                 sweep_base(path.name[: -len(f"__{source.mode}.json")]) != method.name:
             continue
         try:
-            stored = with_defaults(method, rec.load(path).config.get("method_options", {}))
-            options = cls(dataclasses.replace(cls.Config(), **{k: tuple(v) if isinstance(v, list) else v
-                                                               for k, v in stored.items()})).options()
-        except (rec.RecordError, TypeError, ValueError):
+            if options_then(method, rec.load(path)) == want:
+                return f"; {path} was made with them: pass --record {path}"
+        except rec.RecordError:
             continue
-        if json.loads(json.dumps(options)) == want:
-            return f"; {path} was made with them: pass --record {path}"
     return ""
 
 
