@@ -3,6 +3,7 @@ from local data, lm-eval's results flattened into the record's scores, and per-i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import warnings
@@ -110,6 +111,16 @@ class TaskCache:
         self._subtasks: dict[str, dict[str, Any]] = {}  # a group's built tasks, by name
         self._workdir: tempfile.TemporaryDirectory | None = None  # the override YAMLs, removed by close()
         self.told: set[str] = set()  # tasks whose few-shot source this run has noted (fewshot_split)
+        self._defined: dict[str, Path | None] | None = None  # what the --include-path folders define (`defined`)
+
+    def defined(self) -> dict[str, Path | None]:
+        """Task, group and tag name -> the YAML defining it, of the run's --include-path folders ({} without): read
+        once a run (an index of the folders' YAMLs)."""
+        if self._defined is None:
+            from harness.quality import include_tasks
+
+            self._defined = include_tasks.defined_names(self._include) if self._include else {}
+        return self._defined
 
     def get(self, task: str):
         from harness.quality.tasks import task_manager
@@ -118,12 +129,8 @@ class TaskCache:
             if self.manager is None:
                 self._workdir = self._workdir or tempfile.TemporaryDirectory(prefix="harness-tasks-")
                 self.manager = task_manager(self._tasks, self._data_dir, Path(self._workdir.name), self._include)
-            try:
+            with self._rows_read(task):
                 loaded = self.manager.load([task])
-            except Exception as e:
-                if type(e).__name__ != "UndefinedError":  # jinja2's: a template reads a field the rows lack
-                    raise
-                raise self._missing_field(task, e) from None
             self._built[task] = loaded["groups"].get(task) or loaded["tasks"].get(task) or task
             self._subtasks[task] = dict(loaded["tasks"]) if task in loaded["groups"] else {}
         return self._built[task]
@@ -144,13 +151,20 @@ class TaskCache:
         docs, shots = getattr(getattr(obj, "sampler", None), "df", None), getattr(obj, "fewshot_cfg", None)
         if not docs or shots is None:  # no few-shot split, or a group
             return
-        try:
+        with self._rows_read(task):
             obj.doc_to_text(docs[0], shots.doc_to_text)
             if shots.doc_to_choice:
                 obj.doc_to_choice(docs[0], shots.doc_to_choice)
             obj.doc_to_target(docs[0], shots.doc_to_target)
+
+    @contextlib.contextmanager
+    def _rows_read(self, task: str):
+        """Around rendering `task`'s rows: jinja2's UndefinedError (a template reads a field the rows lack) as
+        `_missing_field`'s error; any other as it is."""
+        try:
+            yield
         except Exception as e:
-            if type(e).__name__ != "UndefinedError":  # jinja2's: a template reads a field the rows lack
+            if type(e).__name__ != "UndefinedError":
                 raise
             raise self._missing_field(task, e) from None
 
@@ -159,7 +173,7 @@ class TaskCache:
         while building the task, and jinja2 names only the field): it names the task, the YAML and what gave the rows
         (a plug-in's loader is a PluginContractError)."""
         from harness.errors import PluginContractError
-        from harness.quality import include_tasks, local_tasks
+        from harness.quality import local_tasks
 
         if self._data_dir is not None and local_tasks.is_local_task(task):
             cls = local_tasks.get(task)
@@ -168,7 +182,7 @@ class TaskCache:
                 f"{cls.__module__}.{cls.__qualname__}.load lack ({e}); load() must return each split's rows in the "
                 "field layout of the Hugging Face dataset that YAML reads (base.jsonl(path, fields) names a row "
                 "missing one)")
-        yaml = include_tasks.defined_names(self._include).get(task) if self._include else None
+        yaml = self.defined().get(task)
         where = f" ({yaml})" if yaml else ""
         return UsageError(f"task {task}{where}: its template reads a field that its data's rows lack ({e}); give every "
                           "row that field, or change the YAML's doc_to_text / doc_to_choice / doc_to_target")

@@ -120,7 +120,6 @@ class _Run:
     log_samples: bool = False
     tracker: Tracker = dataclasses.field(default_factory=lambda: Tracker(show=False))
     inputs: dict = dataclasses.field(default_factory=dict)  # harness.run.inputs.digests: kept in records
-    own_tasks: frozenset = frozenset()  # the task names --include-path's YAMLs define (read once: an index of YAMLs)
 
     def calibration(self):
         if self.calib is None:
@@ -191,7 +190,7 @@ def _start(cfg: RunConfig, prepared: Prepared, out_dir: Path, loaded, tasks: Tas
     digests = inputs.digests(cfg, loaded, prepared)  # the files behind --model and --data-dir, which run keys name by path
     inputs.refuse_stale_work(cfg, prepared, out_dir, digests)
     state = _Run(cfg, prepared, out_dir, loaded, tasks, env, say, progress, dist=d, log_samples=log_samples,
-                 tracker=tracker, inputs=digests, own_tasks=frozenset(task_record.own_tasks(cfg.include_path)))
+                 tracker=tracker, inputs=digests)
     check_tasks(state.tasks, cfg, d.world_size)  # a few-shot pool too small, a rank with no item: before any cell
     return state
 
@@ -388,7 +387,7 @@ def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: 
         lm_eval={"version": st.env["packages"].get("lm_eval"),
                  "tasks": {t: done[t].get("lm_eval") or {"harness_task": done[t]["harness_task"]} for t in cfg.tasks},
                  "bootstrap_iters": cfg.bootstrap_iters, "limit": cfg.limit,
-                 **task_record.lm_eval_fields(cfg.tasks, {t: done[t]["scores"] for t in cfg.tasks}, st.own_tasks)},
+                 **task_record.lm_eval_fields(cfg.tasks, {t: done[t]["scores"] for t in cfg.tasks}, frozenset(st.tasks.defined()))},
         timing_s={"plan": partial["plan_s"], **{f"eval_{t}": done[t]["seconds"] for t in cfg.tasks}},
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra={"kv_by_setting": {t: done[t]["kv_by"] for t in cfg.tasks if done[t].get("kv_by")},

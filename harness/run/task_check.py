@@ -13,17 +13,16 @@ from pathlib import Path
 
 from harness.errors import UsageError
 from harness.quality.evaluate import TaskCache
-from harness.run import task_record
 from harness.store import records as rec
 
 
-def rows_from_local_data(cfg) -> list[str]:
+def rows_from_local_data(cfg, tasks: TaskCache) -> list[str]:
     """The run's lm-eval tasks whose rows come from local data: its local tasks under --data-dir (their loaders) and
-    the tasks its --include-path YAMLs define (not lm-eval's hub tasks, which this would download, nor long-context
-    tasks, which lm-eval does not build)."""
+    the tasks its --include-path YAMLs define (`tasks.defined()`; not lm-eval's hub tasks, which this would download,
+    nor long-context tasks, which lm-eval does not build)."""
     from harness.quality import local_tasks, long_tasks
 
-    own = task_record.own_tasks(cfg.include_path)
+    own = tasks.defined()
     return [t for t in cfg.tasks if not long_tasks.is_long_task(t)
             and (t in own or (cfg.data_dir is not None and local_tasks.is_local_task(t)))]
 
@@ -40,7 +39,7 @@ def tasks_before_load(cfg, prepared, out_dir: Path) -> TaskCache:
     download, lm-eval's own errors). The caller closes it (its cells use it)."""
     tasks = TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None, cfg.include_path)
     try:
-        for task in rows_from_local_data(cfg) if pending(cfg, prepared, out_dir) else ():
+        for task in rows_from_local_data(cfg, tasks) if pending(cfg, prepared, out_dir) else ():
             try:
                 tasks.check_rows([task], cfg.num_fewshot)
             except UsageError:
