@@ -240,7 +240,6 @@ class LocalBackend:
         self._procs: list[subprocess.Popen] = []
         self._stopping = False
         self._pool: cf.ThreadPoolExecutor | None = None
-        self._futures: dict[cf.Future, Cell] = {}
         self._ran: dict[str, tuple[int, str, float]] = {}  # by the threads, as their cells end: what stop() reports
 
     def _claim_gpu(self) -> None:
@@ -257,7 +256,7 @@ class LocalBackend:
     def _run(self, cell: Cell, cwd: str, env: dict[str, str]):
         """The cell's (exit status, log tail, seconds), also kept in `_ran`; None if it was not started. Kept by the
         thread, not read from its future: a Ctrl-C the main thread takes between submitting a cell and storing its
-        future (`map`) left `_futures` without a cell that ran, and `stop` called it not started."""
+        future (`map`) left the futures without a cell that ran, and `stop` called it not started."""
         result = _result(lambda: self._start(cell, cwd, env))
         if result is not None:
             with self._lock:
@@ -278,11 +277,11 @@ class LocalBackend:
     def map(self, cells: list[Cell], cwd: str, env: dict[str, str]):
         """Yield (cell, (rc, tail, seconds)) as cells finish."""
         self._pool = cf.ThreadPoolExecutor(max_workers=self.workers, initializer=self._claim_gpu)
-        self._futures = {self._pool.submit(self._run, c, cwd, env): c for c in cells}
+        futures = {self._pool.submit(self._run, c, cwd, env): c for c in cells}
         try:
-            for fut in _completed(self._futures):
+            for fut in _completed(futures):
                 if (result := _result(fut.result)) is not None:  # None: not started, the sweep is stopping
-                    yield self._futures[fut], result
+                    yield futures[fut], result
         finally:  # not `with`: its exit waits for every queued cell to run, so a Ctrl-C would start them all
             self._pool.shutdown(wait=False, cancel_futures=True)
 
