@@ -32,13 +32,11 @@ PEER_LOST_GRACE_S = 3.0
 def _collective(fn, *args: Any) -> None:
     """`fn(*args)` (a torch.distributed collective); on its RuntimeError (DistBackendError is one), wait up to
     `PEER_LOST_GRACE_S` for this process's stop signal, whose handler raises KeyboardInterrupt (SIGINT, or SIGTERM
-    under `sigterm_as_ctrl_c`) during the wait; without one, the error."""
+    under `sigterm_as_ctrl_c`) out of the sleep; without one, the error."""
     try:
         fn(*args)
     except RuntimeError:
-        deadline = time.monotonic() + PEER_LOST_GRACE_S
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
+        time.sleep(PEER_LOST_GRACE_S)
         raise
 
 
