@@ -363,6 +363,24 @@ def test_a_check_refuses_references_an_update_holds_too_long(tmp_path, capsys, m
     assert f"is being replaced by another harness process (pid {updater.pid}" in err and "Try again" in err, err
 
 
+def test_a_second_update_is_refused_with_what_would_go_wrong(tmp_path, capsys, monkeypatch):
+    """Two updates of one reference folder: the second is refused naming the first, and is not told to
+    choose another --out (check has no output folder for references) nor that records would be overwritten."""
+    from harness.cli import check as check_cli
+    from harness.cli import main
+
+    ref, new, cur = _old_new_current(tmp_path)
+    monkeypatch.setattr(check_cli, "LOCK_WAIT_S", 0.3)
+    updater = _updater(ref, new)
+    try:
+        assert main(["check", "--against", str(ref), "--current", str(new), "--update"]) == 2
+    finally:
+        updater.kill()
+    err = capsys.readouterr().err
+    assert f"is in use by another harness process (pid {updater.pid}" in err, err
+    assert "two processes replacing one folder would undo each other's work" in err and "--out" not in err, err
+
+
 def test_shared_locks_share_and_keep_a_writer_out(tmp_path):
     from harness.store import lock
 

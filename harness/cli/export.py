@@ -304,7 +304,8 @@ def main(argv: list[str]) -> int:
     _check_out_is_not_cwd(args.out)
     from harness.store import lock
 
-    with lock.hold_beside(args.out):  # one export into `out` at a time (they share the temporary folder)
+    # one export into `out` at a time (they share the temporary folder)
+    with lock.hold_beside(args.out, what=f"{lock.REPLACED}, or choose another --out"):
         return _export(args, source, method, calib_config, data_dir)
 
 

@@ -53,13 +53,18 @@ def _who(info: dict) -> str:
     return f"pid {info.get('pid', '?')}{host}: {info.get('command') or 'an unknown command'}"
 
 
-def _refuse(folder: Path, lock: Path, info: dict, shared: bool = False, waited: float = 0) -> UsageError:
+# why a writer is refused and what to do instead: an output folder (run, latency, report, sweep) by default
+OUTPUT = "two runs writing one folder would overwrite each other's records. Wait for it to finish, or choose another --out"
+REPLACED = "two processes replacing one folder would undo each other's work. Wait for it to finish"
+
+
+def _refuse(folder: Path, lock: Path, info: dict, shared: bool = False, waited: float = 0,
+            what: str = OUTPUT) -> UsageError:
     after = f" (waited {waited:g} s)" if waited else ""
     if shared:
         return UsageError(f"{folder} is being replaced by another harness process ({_who(info)}){after}; reading it now "
                           f"could mix old and new files. Try again when it has finished (lock: {lock})")
-    return UsageError(f"{folder} is in use by another harness process ({_who(info)}){after}; two runs writing one folder "
-                      f"would overwrite each other's records. Wait for it to finish, or choose another --out (lock: {lock})")
+    return UsageError(f"{folder} is in use by another harness process ({_who(info)}){after}; {what} (lock: {lock})")
 
 
 def _inherited(info: dict) -> bool:
@@ -67,12 +72,14 @@ def _inherited(info: dict) -> bool:
 
 
 @contextlib.contextmanager
-def hold_file(lock: Path, folder: Path | None = None, *, shared: bool = False, wait: float = 0) -> Iterator[bool]:
+def hold_file(lock: Path, folder: Path | None = None, *, shared: bool = False, wait: float = 0,
+              what: str = OUTPUT) -> Iterator[bool]:
     """Hold the lock file `lock` (guarding `folder`) for the body, or raise `UsageError` naming its holder.
 
     Exclusive (a writer) unless `shared` (a reader); `wait`: seconds to wait for a holder to let go
-    before refusing (default: refuse at once). Yields True when this call took the lock, False when
-    this process or its parent already holds it (or, shared, when the lock file cannot be made)."""
+    before refusing (default: refuse at once); `what`: a refused writer's reason and what to do instead.
+    Yields True when this call took the lock, False when this process or its parent already holds it
+    (or, shared, when the lock file cannot be made)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: nothing to lock with
@@ -83,7 +90,7 @@ def hold_file(lock: Path, folder: Path | None = None, *, shared: bool = False, w
     if key in _held:  # this process already holds it
         yield False
         return
-    f = _acquire(fcntl, lock, folder, shared, wait)
+    f = _acquire(fcntl, lock, folder, shared, wait, what)
     if f is None:  # our parent holds it for us (or a reader without a lock file it may create)
         yield False
         return
@@ -124,7 +131,7 @@ def _open(lock: Path, folder: Path, shared: bool):
         raise UsageError(f"{folder}: cannot write there ({e.strerror or e}); choose a folder you can write") from None
 
 
-def _acquire(fcntl, lock: Path, folder: Path, shared: bool, wait: float):
+def _acquire(fcntl, lock: Path, folder: Path, shared: bool, wait: float, what: str):
     """The open lock file with the lock taken, None when the lock is our parent's; waits up to `wait` s, then refuses."""
     start, told = time.monotonic(), False
     while True:
@@ -140,7 +147,7 @@ def _acquire(fcntl, lock: Path, folder: Path, shared: bool, wait: float):
                 return None
             waited = time.monotonic() - start
             if waited >= wait:
-                raise _refuse(folder, lock, info, shared, round(waited, 1)) from None
+                raise _refuse(folder, lock, info, shared, round(waited, 1), what) from None
             if not told:
                 print(f"{folder} is in use ({_who(info)}); waiting up to {wait:g} s for it to finish", file=sys.stderr, flush=True)
                 told = True
@@ -187,11 +194,13 @@ def hold(folder: Path) -> Iterator[bool]:
                 folder.rmdir()
 
 
-def hold_beside(folder: Path, *, shared: bool = False, wait: float = 0) -> contextlib.AbstractContextManager[bool]:
+def hold_beside(folder: Path, *, shared: bool = False, wait: float = 0,
+                what: str = REPLACED) -> contextlib.AbstractContextManager[bool]:
     """Lock a folder that is replaced whole, by a lock file next to it (`.<name>.lock`): exclusive to
-    replace it, `shared` to read it (see `hold_file` for `wait`)."""
+    replace it, `shared` to read it (see `hold_file` for `wait` and `what`)."""
     folder = Path(folder)
-    return hold_file(folder.resolve().with_name(f".{folder.resolve().name}.lock"), folder, shared=shared, wait=wait)
+    return hold_file(folder.resolve().with_name(f".{folder.resolve().name}.lock"), folder, shared=shared, wait=wait,
+                     what=what)
 
 
 def child_env() -> dict[str, str]:
