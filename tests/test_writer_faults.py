@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,8 +64,9 @@ def files(folder: Path) -> dict[str, bytes]:
 def killed(argv: list[str], delay_s: float, watch: Path | None) -> bool:
     """Start the write, kill -9 it after `delay_s` (counted from its first new file in `watch` when given);
     True when it was still running at the kill."""
-    def written() -> set[Path]:  # a lock file is taken at the start, long before anything is written
-        return {p for p in watch.rglob("*") if not p.name.endswith(".lock")} if watch.exists() else set()
+    def written() -> set[str]:  # a lock file is taken at the start, long before anything is written
+        # os.walk, not rglob: a folder the write renames or removes while it is listed is skipped, not an error
+        return {os.path.join(top, n) for top, dirs, names in os.walk(watch) for n in dirs + names if not n.endswith(".lock")}
 
     before = written() if watch is not None else set()
     proc = subprocess.Popen([sys.executable, "-m", "harness", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -90,15 +92,35 @@ def fault_check(folder: Path, argv: list[str], expected_s: float, watch: Path | 
     rng = random.Random(f"{SEED}-{argv[0]}")
     old, seen, ran = files(folder), [], 0
     delays = [(rng.uniform(*spread) * expected_s, None) for _ in range(2)] + [(rng.uniform(0, 0.05), watch or folder.parent)]
-    for delay, where in delays:
-        ran += killed(argv, delay, where)
-        recover_swap(folder)  # what every writer does first, for a kill between the two renames of a folder swap
-        seen.append((round(delay, 3), files(folder)))
-    assert ran >= 2, f"only {ran} of 3 kills found the write still running (seed {SEED})"
+    with tempfile.TemporaryDirectory() as keep:
+        backup = Path(keep) / "old"
+        shutil.copytree(folder, backup) if folder.exists() else None
+        for delay, where in delays:
+            for _ in range(RETRIES + 1):
+                alive = killed(argv, delay, where)
+                recover_swap(folder)  # what every writer does first, for a kill between the two renames of a folder swap
+                seen.append((round(delay, 3), files(folder)))
+                if alive:
+                    break
+                # the write had finished (a machine faster or slower than expected): from the old state again,
+                # killed sooner, so that the kill still lands in the write it is meant to test
+                _restore(folder, backup)
+                delay /= 2
+            ran += alive
+    assert ran >= 2, f"only {ran} of 3 kills found the write still running, {RETRIES} retries each (seed {SEED})"
     complete(argv)
     final = files(folder)
     assert not [p for p in folder.parent.rglob(f"*{TEMP_SUFFIX}")], "temp files left after the completed write"
     assert_versions(old, seen, final, transient, whole, same)
+
+
+RETRIES = 2  # per kill that came after the write had finished
+
+
+def _restore(folder: Path, backup: Path) -> None:
+    """Put the folder back as it was before the kills (nothing when there was none)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(backup, folder) if backup.exists() else None
 
 
 def assert_versions(old: dict, seen: list, final: dict, transient: str = r"$^", whole: bool = False,
