@@ -48,6 +48,28 @@ def test_overlapping_inputs_read_each_record_once(tmp_path, cli):
     assert [row[1] for row in _quality_rows(tmp_path / "rep")] == ["unpruned", "x"]
 
 
+def test_a_folder_removed_while_the_records_are_searched_is_skipped(tmp_path, monkeypatch):
+    """`report results/` while a `check --update` swaps `results/reference` away beside it: the folder it was
+    about to list is gone (here: listing it raises as it would), and the records elsewhere are still read."""
+    import os
+
+    from harness.store.records import record_files_under
+
+    _run(tmp_path / "a", 4, 400, 100)
+    _run(tmp_path / ".reference.old", 4, 400, 100)
+    real = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith(".reference.old"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert [p.relative_to(tmp_path).as_posix() for p in record_files_under(tmp_path)] == \
+        ["a/unpruned__disaggregated.json", "a/x__disaggregated.json"]
+    assert sorted(r.method for r in collect([tmp_path]).quality) == ["unpruned", "x"]
+
+
 def test_a_second_record_of_a_cell_in_one_folder_is_skipped_with_a_note(tmp_path, cli):
     """A renamed copy of a record beside it (`unpruned__disaggregated (copy).json`) gave two rows of one label and,
     first by path, was the baseline of every ratio: x showed 2.00× against the copy instead of 4.00×."""

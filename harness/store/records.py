@@ -240,8 +240,12 @@ def unfinished_hint(folder: Path) -> str:
 
 def run_files_under(folder: Path) -> Iterator[Path]:
     """The files runs leave under `folder`, searched recursively (a sweep's cells too): records, resume states
-    (`.partial.json`) and failed-cell notes (`.failed.json`), all named `<method>__<mode>...json`."""
-    return Path(folder).rglob("*__*.json")
+    (`.partial.json`) and failed-cell notes (`.failed.json`), all named `<method>__<mode>...json`.
+
+    os.walk, not rglob: a folder removed while it is listed (a `check --update` or an export swapping theirs
+    beside it) is skipped, where rglob raises FileNotFoundError on Python 3.11."""
+    for top, _dirs, names in os.walk(folder):
+        yield from (Path(top) / n for n in names if "__" in n and n.endswith(".json"))
 
 
 def check_writable(folder: Path, flag: str) -> None:
