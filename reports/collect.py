@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.store.records import RecordError, RunRecord, is_record_file, load, load_failures, record_files_under, unfinished_hint
+from harness.store.records import RecordError, RunRecord, is_record_file, load, load_failures, record_files_under, run_files_under, unfinished_hint
 
 # Metric shown per task under each named convention. `paper` is lm-eval's usual reporting (and the
 # PDTrim / ShortGPT papers'): length-normalised accuracy where answer lengths differ a lot.
@@ -365,7 +365,7 @@ def failure_notes(paths: list[Path], col: Collection | None = None) -> list[str]
     for path in map(Path, paths):
         if path.is_dir():
             real = {f.resolve() for f in folders}
-            folders += [f for f in sorted({p.parent for p in path.rglob("*__*.failed.json")}) if f.resolve() not in real]
+            folders += [f for f in sorted({p.parent for p in run_files_under(path) if p.name.endswith(".failed.json")}) if f.resolve() not in real]
     lines = []
     for folder in folders:
         has_records = any(is_record_file(p) for p in folder.glob("*__*.json"))

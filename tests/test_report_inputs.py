@@ -10,7 +10,7 @@ import pytest
 from test_reports import LATENCY, QUALITY, _fake
 
 from harness.store.records import RunRecord, load_dir, save
-from reports.collect import collect
+from reports.collect import collect, failure_notes
 from reports.formats import groups, rows
 from reports.significance import paired_table
 from reports.tables import efficiency_table, long_context_table, quality_table
@@ -68,6 +68,7 @@ def test_a_folder_removed_while_the_records_are_searched_is_skipped(tmp_path, mo
     assert [p.relative_to(tmp_path).as_posix() for p in record_files_under(tmp_path)] == \
         ["a/unpruned__disaggregated.json", "a/x__disaggregated.json"]
     assert sorted(r.method for r in collect([tmp_path]).quality) == ["unpruned", "x"]
+    assert failure_notes([tmp_path]) == []  # the failed-cell notes are searched the same way
 
 
 def test_a_second_record_of_a_cell_in_one_folder_is_skipped_with_a_note(tmp_path, cli):
