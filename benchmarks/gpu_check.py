@@ -90,7 +90,7 @@ def latency_rows(shape: str, loaded, args, budget: Budget, modes) -> list[dict]:
     model, rows = loaded.model, []
     n = model.config.num_hidden_layers
     elem = next(model.parameters()).element_size()
-    eager: dict = {}
+    eager_bytes: dict = {}  # the eager rows' KV bytes, not their measurements: those hold the handoff's KV (GBs on a GPU)
     for name, plan in plans(n).items():
         for b in args.batch_sizes:
             for mode in modes:
@@ -103,19 +103,20 @@ def latency_rows(shape: str, loaded, args, budget: Budget, modes) -> list[dict]:
                 if m is None:
                     continue
                 if mode == "eager":
-                    eager[(name, b)] = m
-                rows.append(latency_row(shape, name, plan, b, mode, m, eager.get((name, b)), n))
+                    eager_bytes[(name, b)] = m.kv_bytes
+                rows.append(latency_row(shape, name, plan, b, mode, m, eager_bytes.get((name, b)), n))
                 print_row(rows[-1], rows)
                 if name == "pdtrim-like" and b == args.batch_sizes[0] and mode == "eager" and shape == args.latency_shapes[0]:
-                    budget.out["_handoff_for_ipc"] = (shape, m.handoff)
+                    budget.out["_handoff_for_ipc"] = (shape, m.handoff)  # (d) hands this one over
+                del m  # its handoff's KV is not held while the next row is measured
     return rows
 
 
-def latency_row(shape, name, plan, b, mode, m, eager_m, n) -> dict:
+def latency_row(shape, name, plan, b, mode, m, eager_kv_bytes, n) -> dict:
     ttft, tpot = statistics.median(m.ttft_ms), (statistics.median(m.tpot_ms) if m.tpot_ms else None)
     return {"shape": shape, "plan": name, "batch": b, "decode_mode": mode, "ttft_ms_p50": ttft, "tpot_ms_p50": tpot,
             "handoff_ms_p50": statistics.median(m.handoff_ms), "kv_bytes": m.kv_bytes, "kv_bytes_paged": m.kv_bytes_paged,
-            "kv_bytes_equal_eager": None if eager_m is None else m.kv_bytes == eager_m.kv_bytes,
+            "kv_bytes_equal_eager": None if eager_kv_bytes is None else m.kv_bytes == eager_kv_bytes,
             "removed_prefill_fraction": 1 - len(plan.prefill_layers) / n,
             "prefill_layers": list(plan.prefill_layers), "decode_layers": list(plan.decode_layers),
             "kv_policy": plan.kv_policy.to_dict(), "samples": m.to_dict()}

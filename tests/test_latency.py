@@ -467,6 +467,33 @@ def _gpu_check(*args: str) -> int:
     return gpu_check.main(list(args))
 
 
+def test_gpu_check_keeps_no_measured_kv_between_latency_rows(tmp_path, monkeypatch):
+    """(b) compares each static/graph row's bytes with its eager row's, and (d) hands over one eager handoff: each
+    row measured holds no earlier row's KV but that one. Before, every eager Measurement was kept (with its
+    handoff) and the previous row's while the next was measured: on a GPU at batch 8, GBs of dead KV beside
+    the row being measured (llama2-7b, dense: the eager row's 8 GiB and the static row's 8 GiB)."""
+    import weakref
+
+    from harness.latency import measure as lm
+
+    real, handed, alive = lm.measure, [], []
+
+    def spy(*a, **k):
+        alive.append(sum(r() is not None for r in handed))  # handoffs of earlier rows still referenced
+        m = real(*a, **k)
+        handed.append(weakref.ref(m.handoff))
+        return m
+
+    monkeypatch.setattr(lm, "measure", spy)
+    assert _gpu_check("--shapes", "tiny", "--sections", "b,d", "--prompt-tokens", "12", "--decode-tokens", "3", "--batch-sizes", "1,2",
+                      "--device", "cpu", "--dtype", "float32", "--warmup", "0", "--repeats", "1",
+                      "--json", str(tmp_path / "c.json"), "--md", str(tmp_path / "c.md")) == 0
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert len(alive) == len(res["latency"]) == 12 and all(x["kv_bytes_equal_eager"] for x in res["latency"])
+    assert max(alive) <= 1  # the pdtrim-like eager handoff kept for (d)
+    assert res["ipc_handoff"]["pass"]
+
+
 def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
     """benchmarks/gpu_check.py, every section on CPU: (a) fp32 against a float64 copy (and the static decode
     path's tokens against the eager path's), (b) eager and static
