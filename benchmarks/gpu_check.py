@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import statistics
 import sys
@@ -83,11 +84,12 @@ def free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def latency_rows(shape: str, loaded, args, budget: Budget, modes) -> list[dict]:
-    """Section (b) for one shape: every plan × batch × decode mode that fits the budget."""
+def latency_rows(shape: str, loaded, args, budget: Budget, modes) -> None:
+    """Section (b) for one shape: every plan × batch × decode mode that fits the budget, each row appended to
+    out["latency"] and written (JSON and table) as soon as it is measured, as is a failed step."""
     from harness.latency.measure import Workload, measure
 
-    model, rows = loaded.model, []
+    model, rows = loaded.model, budget.out["latency"]
     n = model.config.num_hidden_layers
     elem = next(model.parameters()).element_size()
     eager_bytes: dict = {}  # the eager rows' KV bytes, not their measurements: those hold the handoff's KV (GBs on a GPU)
@@ -101,6 +103,7 @@ def latency_rows(shape: str, loaded, args, budget: Budget, modes) -> list[dict]:
                     model, plan, Workload(args.prompt_tokens, args.decode_tokens, b), warmup=args.warmup, repeats=args.repeats,
                     decode_mode=mode))
                 if m is None:
+                    save(budget.out, args)  # the failed step's error
                     continue
                 if mode == "eager":
                     eager_bytes[(name, b)] = m.kv_bytes
@@ -109,7 +112,7 @@ def latency_rows(shape: str, loaded, args, budget: Budget, modes) -> list[dict]:
                 if name == "pdtrim-like" and b == args.batch_sizes[0] and mode == "eager" and shape == args.latency_shapes[0]:
                     budget.out["_handoff_for_ipc"] = (shape, m.handoff)  # (d) hands this one over
                 del m  # its handoff's KV is not held while the next row is measured
-    return rows
+                save(budget.out, args)  # a run killed mid-shape keeps the rows it measured
 
 
 def latency_row(shape, name, plan, b, mode, m, eager_kv_bytes, n) -> dict:
@@ -192,8 +195,9 @@ def twin(model, device, dtype):
     return copy.to(dtype).eval()
 
 
-def agreement(shape: str, args, device) -> list[dict]:
-    """Section (a) for one shape: the candidate (device fp32, or CPU float64 on a CPU run) against CPU fp32."""
+def agreement(shape: str, args, device, out: dict) -> None:
+    """Section (a) for one shape: the candidate (device fp32, or CPU float64 on a CPU run) against CPU fp32; each
+    plan's row appended to out["agreement"] and written as soon as it is measured."""
     import torch
 
     from harness.pd.models import load_model
@@ -218,9 +222,10 @@ def agreement(shape: str, args, device) -> list[dict]:
         print(f"# agreement {shape} {name}: max |Δ loglik| {rows[-1]['max_abs_diff']:.2e}, KV bytes {rows[-1]['kv_bytes_reference']} "
               f"vs {rows[-1]['kv_bytes_candidate']}, decode paths {rows[-1]['decode_paths_equal']}: "
               f"{'pass' if rows[-1]['pass'] else 'FAIL'}", flush=True)
+        out["agreement"].append(rows[-1])
+        save(out, args)
     rows[0]["seconds"] = time.perf_counter() - t0
     del cand, ref
-    return rows
 
 
 def decode_paths(model, plan, args) -> dict[str, bool]:
@@ -281,8 +286,13 @@ def parse_args(argv=None):
 
 
 def save(out: dict, args) -> None:
-    Path(args.json).write_text(json.dumps({k: v for k, v in out.items() if not k.startswith("_")}, indent=1, default=str))
-    write_markdown(out, Path(args.md))
+    """Rewrite the JSON and the table, each replaced whole (a run killed mid-write keeps the previous ones)."""
+    for path, write in ((Path(args.json), lambda p: p.write_text(json.dumps({k: v for k, v in out.items() if not k.startswith("_")},
+                                                                              indent=1, default=str))),
+                        (Path(args.md), lambda p: write_markdown(out, p))):
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        os.replace(tmp, path)
 
 
 def run_latency(args, device, budget: Budget, out: dict) -> dict:
@@ -300,13 +310,15 @@ def run_latency(args, device, budget: Budget, out: dict) -> dict:
     for shape in args.latency_shapes:
         loaded = attempt(out, f"load {shape}", lambda shape=shape: load_model(f"random:{shape}", device=str(device), dtype=args.dtype))
         if loaded is None:
+            free(device)
+            save(out, args)
             continue
         model = loaded.model
         for plan in plans(model.config.num_hidden_layers).values():
             models["weight_bytes"][(shape, plan.decode_layers)] = weight_bytes(model, plan.decode_layers)
         kvh, d = kv_heads_and_dim(model.config)
         models["kv_bytes_per_token"][shape] = 2 * kvh * d * next(model.parameters()).element_size()
-        out["latency"] += latency_rows(shape, loaded, args, budget, modes)
+        latency_rows(shape, loaded, args, budget, modes)
         save(out, args)
         del model, loaded
         free(device)
@@ -337,6 +349,7 @@ def main(argv=None) -> int:
             "a": f"(a) {', '.join(args.agreement_shapes)}"}
     print(f"plan: {'; '.join(w for k, w in work.items() if k in args.sections)}; estimated ≤ {out['estimate_s']:.0f} s, "
           f"budget {args.budget_s:.0f} s", flush=True)
+    save(out, args)  # the device, versions and rates, whatever happens next
     models = run_latency(args, device, budget, out) if "b" in args.sections else None
     if "c" in args.sections and models is not None:
         out["hbm_bound"] = attempt(out, "hbm bound", lambda: hbm_bound(out["latency"], models, bw, args.latency_shapes[0]))
@@ -351,7 +364,7 @@ def main(argv=None) -> int:
         save(out, args)
     for shape in args.agreement_shapes if "a" in args.sections else []:
         if budget.allows(f"agreement {shape}", estimate_agreement_s(shape, args, out["rates"])):
-            out["agreement"] += attempt(out, f"agreement {shape}", lambda shape=shape: agreement(shape, args, device)) or []
+            attempt(out, f"agreement {shape}", lambda shape=shape: agreement(shape, args, device, out))
             free(device)
             save(out, args)
     out["seconds"] = budget.elapsed_s()

@@ -494,6 +494,65 @@ def test_gpu_check_keeps_no_measured_kv_between_latency_rows(tmp_path, monkeypat
     assert res["ipc_handoff"]["pass"]
 
 
+def test_gpu_check_writes_every_latency_row_as_it_is_measured(tmp_path, monkeypatch):
+    """The JSON and the table are rewritten after every (b) row and failed step, not once a shape's rows are all
+    measured: a run killed by its time limit (or a crash of the process) mid-shape keeps the rows it measured."""
+    from harness.latency import measure as lm
+
+    class Killed(BaseException):  # what `attempt` does not catch: the process ends here
+        pass
+
+    real, calls = lm.measure, []
+
+    def spy(*a, **k):
+        calls.append(k["decode_mode"])
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")  # a failed step, recorded
+        if len(calls) == 4:
+            raise Killed
+        return real(*a, **k)
+
+    monkeypatch.setattr(lm, "measure", spy)
+    out, md = tmp_path / "c.json", tmp_path / "c.md"
+    with pytest.raises(Killed):
+        _gpu_check("--shapes", "tiny", "--sections", "b", "--prompt-tokens", "12", "--decode-tokens", "3", "--batch-sizes", "1,2",
+                   "--device", "cpu", "--dtype", "float32", "--warmup", "0", "--repeats", "1", "--json", str(out), "--md", str(md))
+    res = json.loads(out.read_text())
+    assert [(x["plan"], x["batch"], x["decode_mode"]) for x in res["latency"]] == [("dense", 1, "eager"), ("dense", 2, "eager")]
+    assert res["errors"] == [{"step": "latency tiny dense B=1 static", "error": "RuntimeError: out of memory"}]
+    assert "| tiny | dense | 2 | eager |" in md.read_text() and "- latency tiny dense B=1 static: RuntimeError" in md.read_text()
+
+
+def test_gpu_check_writes_each_agreement_row_as_it_is_measured(tmp_path, monkeypatch):
+    """(a)'s rows are written plan by plan: a run killed in a shape's second plan keeps the first one's (on the GPU,
+    llama3-8b's CPU reference is the longest step of the run)."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    class Killed(BaseException):
+        pass
+
+    real, calls = gpu_check.decode_paths, []
+
+    def spy(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+        return real(*a, **k)
+
+    monkeypatch.setattr(gpu_check, "decode_paths", spy)
+    out = tmp_path / "c.json"
+    with pytest.raises(Killed):
+        _gpu_check("--shapes", "tiny", "--sections", "a", "--agreement-context", "40", "--agreement-cont", "4", "--device", "cpu",
+                   "--dtype", "float32", "--json", str(out), "--md", str(tmp_path / "c.md"))
+    rows = json.loads(out.read_text())["agreement"]
+    assert [r["plan"] for r in rows] == ["dense"] and rows[0]["pass"]
+
+
 def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
     """benchmarks/gpu_check.py, every section on CPU: (a) fp32 against a float64 copy (and the static decode
     path's tokens against the eager path's), (b) eager and static
