@@ -218,7 +218,8 @@ def agreement(shape: str, args, device, out: dict) -> None:
         for who, model in (("reference", ref), ("candidate", cand)):
             s = Scorer(model, plan, "disaggregated", max_length=4096, batch_size=args.agreement_requests)
             got[who] = (s.loglikelihood(reqs), s.tally.as_dict())
-        rows.append(agreement_row(shape, name, got, cand, on_cpu, args.agreement_tol, decode_paths(cand, plan, args)))
+        paths = decode_paths(cand, plan, args, out, f"agreement {shape} {name}")
+        rows.append(agreement_row(shape, name, got, cand, on_cpu, args.agreement_tol, paths))
         print(f"# agreement {shape} {name}: max |Δ loglik| {rows[-1]['max_abs_diff']:.2e}, KV bytes {rows[-1]['kv_bytes_reference']} "
               f"vs {rows[-1]['kv_bytes_candidate']}, decode paths {rows[-1]['decode_paths_equal']}: "
               f"{'pass' if rows[-1]['pass'] else 'FAIL'}", flush=True)
@@ -228,16 +229,22 @@ def agreement(shape: str, args, device, out: dict) -> None:
     del cand, ref
 
 
-def decode_paths(model, plan, args) -> dict[str, bool]:
+def decode_paths(model, plan, args, out: dict, step: str) -> dict[str, bool]:
     """Per static/graph decode path on `model` (the candidate, fp32 or float64): whether it decodes the eager
     path's greedy tokens (batch 2, the longest agreement context, 16 tokens). A graph that replays stale buffers
-    would still give plausible TPOTs in (b); in fp32 a near-tie flip is unlikely, so a difference is a finding."""
+    would still give plausible TPOTs in (b); in fp32 a near-tie flip is unlikely, so a difference is a finding.
+    A path that fails (a capture refused) is False, its error recorded as step `step` + the path: the row's
+    log-likelihoods, computed before, are kept."""
     from harness.latency.measure import Workload, measure
 
     w = Workload(args.agreement_context, 16, 2)
     paths = ("static", "graph") if next(model.parameters()).device.type == "cuda" else ("static",)
-    eager = measure(model, plan, w, warmup=0, repeats=1).tokens
-    return {p: bool(measure(model, plan, w, warmup=0, repeats=1, decode_mode=p).tokens.equal(eager)) for p in paths}
+    eager = attempt(out, f"{step} eager decode path", lambda: measure(model, plan, w, warmup=0, repeats=1).tokens)
+    if eager is None:
+        return dict.fromkeys(paths, False)
+    got = {p: attempt(out, f"{step} {p} decode path", lambda p=p: measure(model, plan, w, warmup=0, repeats=1, decode_mode=p).tokens)
+           for p in paths}
+    return {p: t is not None and bool(t.equal(eager)) for p, t in got.items()}
 
 
 def agreement_row(shape, name, got, cand, on_cpu, tol, paths: dict[str, bool]) -> dict:

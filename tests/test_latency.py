@@ -553,6 +553,32 @@ def test_gpu_check_writes_each_agreement_row_as_it_is_measured(tmp_path, monkeyp
     assert [r["plan"] for r in rows] == ["dense"] and rows[0]["pass"]
 
 
+def test_a_failing_decode_path_keeps_the_agreement_rows(tmp_path, monkeypatch):
+    """(a) checks the static (and, on a GPU, graph) decode path's tokens after the log-likelihood comparison: a path
+    that fails (a refused graph capture) is recorded as a failed step and a False path, and the plans' rows, with
+    their log-likelihoods and KV bytes, are kept. Before, the error ended the shape's agreement: both plans' rows,
+    and the minutes of CPU reference behind them, were lost, for every shape."""
+    from harness.latency import measure as lm
+
+    real = lm.measure
+
+    def spy(*a, **k):
+        if k.get("decode_mode") == "static":
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return real(*a, **k)
+
+    monkeypatch.setattr(lm, "measure", spy)
+    out = tmp_path / "c.json"
+    assert _gpu_check("--shapes", "tiny", "--sections", "a", "--agreement-context", "40", "--agreement-cont", "4", "--device", "cpu",
+                      "--dtype", "float32", "--json", str(out), "--md", str(tmp_path / "c.md")) == 1
+    res = json.loads(out.read_text())
+    assert [r["plan"] for r in res["agreement"]] == ["dense", "pdtrim-like"]
+    for r in res["agreement"]:
+        assert r["max_abs_diff"] <= 1e-3 and r["kv_identical"] and r["decode_paths_equal"] == {"static": False} and not r["pass"]
+    assert [e["step"] for e in res["errors"]] == ["agreement tiny dense static decode path", "agreement tiny pdtrim-like static decode path"]
+    assert "static **no**" in (tmp_path / "c.md").read_text()
+
+
 def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
     """benchmarks/gpu_check.py, every section on CPU: (a) fp32 against a float64 copy (and the static decode
     path's tokens against the eager path's), (b) eager and static
