@@ -343,6 +343,37 @@ def test_cuda_timing_and_syncs_act_on_the_measured_device_not_the_current_one(mo
     assert synced == [1] and done.get_nowait() is True
 
 
+def test_the_shared_handoff_is_timed_from_a_running_decode_process(tmp_path):
+    """transfer_shared's handoff_ms runs from the sender's put to the receiver's last copy: the sender puts once the
+    receiver says it is up. Before, it put as soon as its own tensors were ready, and the clock took in the receiver's
+    start: on a GPU always its CUDA context, made when the first IPC handle was unpickled (torch.multiprocessing's
+    rebuild_cuda_tensor calls torch.cuda._lazy_init), a fixed cost that is no part of the handoff. Emulated in
+    threads with a receiver 0.5 s late."""
+    import queue
+    import threading
+    import time
+
+    from harness.latency import transfer
+    from harness.pd.engine import Handoff
+
+    one = {0: torch.zeros(2, 1, 4)}
+    torch.save(Handoff(one, one, {0: torch.arange(2)}, {0: torch.tensor([2])}, n_requests=1), tmp_path / "h.pt")
+    msg, done, ready = queue.Queue(), queue.Queue(), queue.Queue()
+
+    def late_receiver():
+        time.sleep(0.5)  # a decode process still importing torch, making its CUDA context
+        transfer._shared_receiver("cpu", msg, done, str(tmp_path / "got.json"), ready)
+
+    threads = [threading.Thread(target=transfer._shared_sender, args=(str(tmp_path / "h.pt"), "cpu", msg, done, ready), daemon=True),
+               threading.Thread(target=late_receiver, daemon=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    got = json.loads((tmp_path / "got.json").read_text())
+    assert got["kv_bytes_received"] == 64 and got["handoff_ms"] < 250
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a device the sender cannot open")
 def test_a_shared_handoff_whose_sender_fails_fails_at_once():
     """The receiver waits SHARED_TIMEOUT_S (180 s) for the sender's message: when the sender dies (here: no CUDA to

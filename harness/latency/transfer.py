@@ -11,7 +11,8 @@ bytes.
 `transfer_shared`: two processes on one device, no network stack: on a GPU the sender's tensors
 are opened by the receiver through CUDA IPC (NCCL needs two GPUs), on CPU they travel in shared
 memory; the receiver copies each into its own memory, counts the bytes and times the handoff
-from the sender's put to the end of its own copies (one monotonic clock, one machine).
+from the sender's put to the end of its own copies (one monotonic clock, one machine). The sender
+puts once the receiver says it is up (its CUDA context made): a process's start is not the handoff's.
 """
 
 from __future__ import annotations
@@ -141,17 +142,24 @@ def transfer_between_processes(handoff: Handoff, backend: str = "gloo") -> dict[
     return out
 
 
-def _shared_sender(handoff_path: str, device: str, queue, done) -> None:
+def _shared_sender(handoff_path: str, device: str, queue, done, ready=None) -> None:
     h: Handoff = torch.load(handoff_path, weights_only=False)
     items = [(k, layer, t.to(device).contiguous()) for k, layer, t in _tensors(h)]
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)  # the tensors' device (a bare synchronize() waits for the current one only)
+    if ready is not None:  # the clock starts once the decode process is up, as a serving decode process is
+        ready.get(timeout=SHARED_TIMEOUT_S)
     # CUDA tensors pickle as IPC handles, CPU tensors move to shared memory (torch.multiprocessing)
     queue.put({"n_requests": h.n_requests, "t0_ns": time.perf_counter_ns(), "items": items})
     done.get(timeout=SHARED_TIMEOUT_S)  # the receiver reads the sender's memory: keep it alive until the copies are done
 
 
-def _shared_receiver(device: str, queue, done, result_path: str) -> None:
+def _shared_receiver(device: str, queue, done, result_path: str, ready=None) -> None:
+    if ready is not None:
+        if device.startswith("cuda"):  # its CUDA context, made now: unpickling the first IPC handle made it inside
+            torch.zeros(1, device=device)  # the handoff's clock (torch.multiprocessing's rebuild_cuda_tensor: _lazy_init)
+            torch.cuda.synchronize(device)
+        ready.put(True)
     msg = queue.get(timeout=SHARED_TIMEOUT_S)
     t_got = time.perf_counter_ns()
     own = [(k, layer, t.clone()) for k, layer, t in msg["items"]]  # the copy into the decode process's memory
@@ -196,14 +204,14 @@ def transfer_shared(handoff: Handoff, device: str = "cpu", timeout_s: float = SH
     shared_memory), clock, and `received`.
     """
     ctx = mp.get_context("spawn")
-    queue, done = ctx.Queue(), ctx.Queue()
+    queue, done, ready = ctx.Queue(), ctx.Queue(), ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         hp, rp = str(Path(tmp) / "handoff.pt"), str(Path(tmp) / "result.json")
         torch.save(Handoff({k: v.cpu() for k, v in handoff.keys.items()}, {k: v.cpu() for k, v in handoff.values.items()},
                            {k: v.cpu() for k, v in handoff.positions.items()}, {k: v.cpu() for k, v in handoff.counts.items()},
                            handoff.n_requests), hp)
-        procs = [ctx.Process(target=_shared_sender, args=(hp, device, queue, done)),
-                 ctx.Process(target=_shared_receiver, args=(device, queue, done, rp))]
+        procs = [ctx.Process(target=_shared_sender, args=(hp, device, queue, done, ready)),
+                 ctx.Process(target=_shared_receiver, args=(device, queue, done, rp, ready))]
         for p in procs:
             p.start()
         _join_failing_fast(procs, timeout_s)
