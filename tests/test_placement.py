@@ -26,6 +26,18 @@ def placed(tmp_path_factory):
     return load_model("random:tiny", device="cpu", dtype="float32", seed=0, placement=Placement.parse(*SPLIT, str(folder)))
 
 
+def test_a_placed_random_model_is_built_in_host_memory_before_it_is_spread(monkeypatch, tmp_path):
+    """With --device-map, the whole model is not first made on the device (here a device with no storage): one
+    larger than a GPU would run out of its memory before accelerate could place it."""
+    import harness.pd.models as models
+
+    seen = []
+    monkeypatch.setattr(models, "dispatch", lambda model, placement: seen.append({p.device.type for p in model.parameters()})
+                        or model)
+    models.random_model("tiny", torch.float32, torch.device("meta"), placement=Placement.parse(*SPLIT, str(tmp_path)))
+    assert seen == [{"cpu"}]
+
+
 def test_forced_split_really_offloads_layers_to_disk(placed):
     dmap = placed.model.hf_device_map
     assert dmap["model.layers.0"] == "cpu" and dmap["model.layers.3"] == "disk"

@@ -254,7 +254,9 @@ def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: in
         raise UsageError(f"unknown random preset {preset!r}; known: {', '.join('random:' + p for p in sorted(PRESETS))}")
     cfg = preset_config(preset)
     torch.manual_seed(seed)
-    with torch.device(device):
+    # a placed model is built in host memory and then spread by `dispatch`: built on the device, one larger than the
+    # device ran out of its memory before placement, and accelerate's balancing saw that memory as taken
+    with torch.device("cpu" if placement is not None else device):
         # dtype= as from_pretrained loads real weights: the rotary inv_freq buffer stays float32 (a .to(dtype)
         # cast it too, and a bf16 model's scores then differed from its own reloaded export by up to 2e-3)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
