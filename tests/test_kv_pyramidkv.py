@@ -106,6 +106,16 @@ def test_budgets_match_the_first_last_total_per_request():
     assert sum(ks) == 320 and ks[0] > 2 * 40 - 10 - 4 and 4 <= ks[-1] < 9  # ~74 down to window 4 + ~2
 
 
+def test_a_budget_below_the_window_reserves_each_layers_share_of_it():
+    """B(T) / n under the window (keep_tokens or keep_ratio below it, or a small first/last budget to match): each
+    layer first keeps floor(B / n) positions, not one more, which would ask pyramid_split for more than B(T)."""
+    decode = tuple(range(8))  # window 4
+    assert pyramid(KVBudget(tokens=3)).layer_budgets(decode, 100) == [3] * 8
+    assert pyramid(KVBudget(ratio=0.02)).layer_budgets(decode, 100) == [2] * 8
+    # B = 12 + 7 · min(12, 2) = 26: 3 per layer reserved, the 2 left to the first layers
+    assert pyramid(KVBudget(match=KVPolicy(1, 1, decode[1:]))).layer_budgets(decode, 12) == [4, 4, 3, 3, 3, 3, 3, 3]
+
+
 @pytest.mark.parametrize("order", ["pool_then_mean", "mean_then_pool"])
 def test_selection_is_snapkv_at_each_layers_own_budget(tiny, order):
     model = tiny.model
