@@ -42,6 +42,12 @@ def test_dense_and_unified():
     assert not PruningPlan("x", 3, (0, 1, 2), (0, 1, 2), KVPolicy(1, 1, (0,))).is_unified
 
 
+def test_two_layer_sets_without_kv_pruning_are_not_unified():
+    """decode ⊊ prefill with every position sent is still a PD plan: one ordinary forward (unified mode, a unified
+    export) would run the prefill layers in decode too."""
+    assert not PruningPlan("x", 4, (0, 1, 2, 3), (0, 1, 3)).is_unified
+
+
 def test_removed_layers_are_the_complement_through_the_last_layer():
     plan = PruningPlan("x", 6, (0, 1, 2, 3, 4), (1, 4))
     assert plan.removed_prefill == (5,) and plan.removed_decode == (0, 2, 3, 5)
