@@ -203,14 +203,15 @@ def test_heal_reports_the_token_weighted_mse_of_the_successor_against_the_dense_
     assert report["2"]["mse_after"] == pytest.approx(report["2"]["mse_before"])  # no steps
 
 
-def test_pdtrim_heals_when_asked_and_undoes_it(tiny, calib, monkeypatch):
+@pytest.mark.parametrize("kp,kd", [(1, 1), (0, 1)])  # (0, 1): the stages differ, the healed blocks are found by both sets
+def test_pdtrim_heals_when_asked_and_undoes_it(tiny, calib, monkeypatch, kp, kd):
     import methods.pdtrim.healing
 
     model = tiny.model
     ids = torch.randint(0, 256, (2, 24))
     with torch.inference_mode():
         ref = model(ids).logits.clone()
-    kw = dict(k_prefill=1, k_decode=1, kv_pruning=False, sensitivity=False)
+    kw = dict(k_prefill=kp, k_decode=kd, kv_pruning=False, sensitivity=False)
     plain = pdtrim(**kw).plan(model, calib, "disaggregated")
     assert plain.info["healing"] == {"enabled": False}
     # on the tiny model the search removes the last block (nothing to heal after it): pretend the
