@@ -549,12 +549,15 @@ def _bump(task, field, by):
     ("quality", "pdtrim__disaggregated.json", _drop_setting, "pdtrim/disaggregated: kv[pd_ppl T512] missing in the rerun"),
     ("quality", "pdtrim__disaggregated.json", lambda d: d["plan"]["kv_policy"].update(n_last=47),
      "pdtrim/disaggregated: KV policy changed"),
+    ("quality", "pdtrim__disaggregated.json", lambda d: d["plan"].update(  # the prefill stage alone changed
+        prefill_layers=[i for i in d["plan"]["prefill_layers"] if i != 13], removed_prefill=[3, 13, 17]),
+     "pdtrim/disaggregated: plan changed, removed (prefill) 3 17 -> 3 13 17"),
     ("latency", "shortgpt__disaggregated.json", lambda d: d["config"].update(model="smollm2-360m"),
      "shortgpt/disaggregated (latency): model smollm2-135m -> smollm2-360m"),
 ])
 def test_each_planted_byte_policy_or_model_change_is_one_failure(tmp_path, folder, name, plant, says):
-    """KV bytes (exact, paged and the handoff count, per task, per setting, per latency workload), the KV policy and the
-    model are each compared: one planted change, one failure naming it."""
+    """KV bytes (exact, paged and the handoff count, per task, per setting, per latency workload), the KV policy, each
+    stage's layers and the model are each compared: one planted change, one failure naming it."""
     cur = _copy(tmp_path)
     _edit(cur / folder, name, plant)
     res = check(REFERENCE, cur)
