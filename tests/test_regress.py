@@ -449,6 +449,22 @@ def test_per_prompt_length_perplexities_are_checked_as_perplexities(tmp_path):
                                       "0.5 % = 0.0742))" in res.failures[0], res.failures
 
 
+def test_a_perplexity_moves_by_at_most_three_stderr_not_more(tmp_path):
+    """Above the 0.5 % floor a perplexity's allowance is 3 × its stderr: with stderr 0.1, +0.25 passes and +0.45 fails."""
+    ref = tmp_path / "ref"
+    shutil.copytree(REFERENCE, ref)
+    _edit(ref / "quality", "unpruned__disaggregated.json", lambda d: d["scores"]["pd_ppl"]["ppl_T512"].update(stderr=0.1))
+    for by, fails in ((0.25, False), (0.45, True)):
+        cur = tmp_path / f"cur{by}"
+        shutil.copytree(ref, cur)
+        _edit(cur / "quality", "unpruned__disaggregated.json",
+              lambda d, by=by: d["scores"]["pd_ppl"]["ppl_T512"].update(value=d["scores"]["pd_ppl"]["ppl_T512"]["value"] + by))
+        res = check(ref, cur)
+        assert res.ok != fails, (by, res.failures)
+    assert len(res.failures) == 1 and "pd_ppl ppl_T512 14.84 -> 15.29 (+0.45; allowed ±0.3 = max(3 × stderr 0.1, " \
+                                      "0.5 % = 0.0742))" in res.failures[0], res.failures
+
+
 def test_check_outside_the_checkout_says_it_needs_the_repository(tmp_path, monkeypatch, capsys):
     """An installed package used from another folder: check said to create the references with --update, which then
     failed on the missing configs/ci.toml; both come with the repository, and the message says so."""
