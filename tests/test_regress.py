@@ -99,6 +99,22 @@ def test_two_point_score_drop_fails_and_half_point_noise_passes(tmp_path):
                             "(-2.0 points; allowed ±1.2 = max(3 × stderr 0.40, 0.5) points)"]
 
 
+def test_an_accuracy_with_a_small_stderr_moves_by_at_most_half_a_point(tmp_path):
+    """The accuracy floor is 0.5 points: with stderr 0.1 points (3 × = 0.3) a 0.4-point drop passes, 0.7 fails."""
+    ref = tmp_path / "ref"
+    shutil.copytree(REFERENCE, ref)
+    _edit(ref / "quality", "unpruned__disaggregated.json", lambda d: d["scores"]["arc_easy"]["acc"].update(stderr=0.001))
+    for by, fails in ((0.004, False), (0.007, True)):
+        cur = tmp_path / f"cur{by}"
+        shutil.copytree(ref, cur)
+        _edit(cur / "quality", "unpruned__disaggregated.json",
+              lambda d, by=by: d["scores"]["arc_easy"]["acc"].update(value=d["scores"]["arc_easy"]["acc"]["value"] - by))
+        res = check(ref, cur)
+        assert res.ok != fails, (by, res.failures)
+    assert len(res.failures) == 1 and "(-0.7 points; allowed ±0.5 = max(3 × stderr 0.10, 0.5) points)" in res.failures[0], \
+        res.failures
+
+
 def test_score_rule_uses_three_stderr(tmp_path):
     cur = _copy(tmp_path)
     _edit(cur / "quality", "shortgpt__disaggregated.json", lambda d: d["scores"]["boolq"]["acc"].update(
