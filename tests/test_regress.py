@@ -554,13 +554,14 @@ def test_a_rerun_inside_or_around_the_references_is_refused(tmp_path, cli, where
         assert r.returncode == 2 and "--current" in r.stderr and "is inside the reference folder" in r.stderr
 
 
-def test_a_rerun_on_other_items_fails_even_where_no_kv_bytes_differ(tmp_path):
+@pytest.mark.parametrize("items", [12, 48])  # fewer or more items than the reference's 24
+def test_a_rerun_on_other_items_fails_even_where_no_kv_bytes_differ(tmp_path, items):
     """A unified cell sends no KV bytes, so a rerun at another --limit was judged by its scores alone and passed
     whenever they stayed within the reference's stderrs."""
     cur = _copy(tmp_path)
-    _edit(cur, "shortgpt__unified.json", lambda d: d["n_samples"].update(arc_easy=12))
+    _edit(cur, "shortgpt__unified.json", lambda d: d["n_samples"].update(arc_easy=items))
     res = check(REFERENCE, cur)
-    assert not res.ok and res.failures == ["shortgpt/unified: arc_easy evaluated on 12 items, the reference on 24 "
+    assert not res.ok and res.failures == [f"shortgpt/unified: arc_easy evaluated on {items} items, the reference on 24 "
                                            "(another --limit or task version?)"]
 
 
