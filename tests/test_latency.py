@@ -831,3 +831,24 @@ def test_measured_decode_steps_continue_the_prompt_and_the_handoff_includes_unpa
     m = latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(9, 4, 2), warmup=0, repeats=2)
     assert fed == [[9, 9], [10, 10], [11, 11]] * 2
     assert len(m.handoff_ms) == 2 and all(x >= 15 for x in m.handoff_ms)
+
+
+def test_each_stage_is_timed_on_its_own_in_milliseconds(tiny, monkeypatch):
+    """A prefill made 200 ms slower shows in TTFT, a handoff (packing) made 200 ms slower in the handoff time, each as
+    200-odd ms: a stage's time added to another's (TTFT + handoff) or a clock in other units (µs) fails. The fastest
+    repeat bounds each from above (load only adds time)."""
+    import time
+
+    from harness.pd.stages import StagedModel
+
+    def slower(fn):
+        def wrapped(self, *args, **kwargs):
+            time.sleep(0.2)
+            return fn(self, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(StagedModel, "prefill", slower(StagedModel.prefill))
+    monkeypatch.setattr(StagedModel, "handoff", slower(StagedModel.handoff))
+    m = latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(9, 3, 1), warmup=0, repeats=2)
+    for stage in (m.ttft_ms, m.handoff_ms):
+        assert len(stage) == 2 and all(x >= 200 for x in stage) and min(stage) < 400, (m.ttft_ms, m.handoff_ms)
