@@ -201,3 +201,12 @@ def test_average_of_a_task_without_spread_and_one_with_it_is_still_resampled(pla
     assert avg.diff == pytest.approx((other - base).mean() / 2)
     low, high = direct_bootstrap([np.zeros(4), other - base])
     assert avg.low < avg.diff < avg.high and abs(avg.low - low) < 0.006 and abs(avg.high - high) < 0.006
+
+
+def test_the_verdict_counts_a_significantly_lower_perplexity_as_better():
+    """Better is higher for an accuracy, lower for a perplexity: a row that lowered a perplexity and an accuracy, both
+    significantly, is one better and one worse, not two worse."""
+    ppl = sig.compare(np.array([10.0, 12.0, 11.0, 13.0]), np.array([8.0, 9.5, 9.0, 10.0]))  # every article lower
+    acc = sig.compare(np.ones(20), np.r_[np.zeros(12), np.ones(8)])  # 12 lost, none gained: p = 0.0005
+    assert ppl.significant and ppl.diff < 0 and acc.significant and acc.diff < 0
+    assert sig._verdict({"wikitext": ppl, "arc_easy": acc}, {"wikitext": True, "arc_easy": False}) == "1 better / 0 same / 1 worse"
