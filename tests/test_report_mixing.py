@@ -300,6 +300,22 @@ def test_paired_avg_needs_every_accuracy_column_and_the_caption_names_rows_left_
     assert "z boolq 2 of 4" in t.attrs["caption"] and "so no row: w" in t.attrs["caption"]
 
 
+def test_paired_avg_leaves_out_a_perplexity_task_as_the_quality_tables_avg_does(tmp_path):
+    """WikiText's word perplexity is paired in its own column but is no accuracy: the Avg is over ARC-e alone (+25.0
+    points), not a mean of points and perplexity units."""
+    def rec(method, accs, ppls, removed=()):
+        r = _fake(method, "disaggregated", {"arc_easy": {"acc": float(np.mean(accs))},
+                                            "wikitext": {"word_perplexity": float(np.mean(ppls))}}, removed=removed)
+        r.extra["items"] = {"arc_easy": {"ids": [0, 1, 2, 3], "metrics": {"acc": list(map(float, accs))}},
+                            "wikitext": {"ids": [0, 1, 2], "metrics": {"word_perplexity": list(ppls)}}}
+        return r
+
+    save(rec("unpruned", [1, 0, 1, 0], [10.0, 11.0, 12.0]), tmp_path)
+    save(rec("x", [1, 1, 1, 0], [20.0, 21.5, 22.0], removed=(1,)), tmp_path)
+    got = rows(paired_table(collect([tmp_path]))).set_index("Method")
+    assert got.loc["x", "WikiText-2"].startswith("+10.2*") and got.loc["x", "Avg"].startswith("+25.0 "), got.loc["x"].to_dict()
+
+
 def test_a_plug_in_long_task_with_its_own_primary_metric_is_paired(tmp_path):
     """A long-context task the package does not know, whose stored presentation names its primary metric."""
     def rec(method, ppl, removed=()):
