@@ -206,6 +206,20 @@ def test_latency_rows_compare_with_the_unpruned_of_their_own_run_and_csv_holds_m
     assert f"{v.loc['unpruned (runA)', 'KV sent (MiB)']:,.2f}" == shown  # the value is the MiB the table shows
 
 
+def test_a_latency_run_without_its_own_unpruned_gets_no_speedup_from_another_run(tmp_path):
+    """Latency samples compare within one interleaved run: runB measured shortgpt alone, so its speedups are "—", not
+    factors against runA's unpruned (measured under another load)."""
+    lat = load_dir(LATENCY)
+    for r in lat:
+        save(r, tmp_path / "runA")
+    save(copy.deepcopy(next(r for r in lat if r.method == "shortgpt")), tmp_path / "runB")
+    e = efficiency_table(collect([tmp_path / "runA", tmp_path / "runB"]))
+    g = next(i for i, title in enumerate(groups(e)) if "prompt 2048" in title)
+    got = rows(e, g).set_index(rows(e, g)["Method"])
+    assert list(got.loc["shortgpt (runB)", ["TTFT speedup", "TPOT speedup", "E2E speedup"]]) == ["—", "—", "—"]
+    assert got.loc["shortgpt (runA)", "TTFT speedup"] != "—"
+
+
 def test_a_bandwidth_the_latency_records_lack_is_named_with_the_ones_they_hold(tmp_path, cli):
     r = cli("report", LATENCY, "--no-plots", "--bandwidth", "50", "--out", tmp_path / "rep")
     assert r.returncode == 0 and "E2E at --bandwidth 50 Gbit/s: the latency records hold it at 25, 100, 400 Gbit/s" in r.stderr
