@@ -156,6 +156,21 @@ def test_latency_gate_compares_ratios_to_unpruned_not_milliseconds(tmp_path):
                             f"{1.6 * ref_ratio:.3f} (1.60× the reference ratio; allowed up to 1.50×)"]
 
 
+def test_a_latency_figure_missing_in_the_rerun_fails(tmp_path):
+    """A rerun whose shortgpt record lacks TPOT (its figure failed, no samples kept) has no ratio to compare: a failure
+    naming it, not a pass."""
+    cur = _copy(tmp_path)
+
+    def drop_tpot(d):
+        for metrics in d["scores"].values():
+            del metrics["tpot_ms_p50"]
+        for samples in d["extra"]["latency"].values():
+            del samples["tpot_ms"]
+    _edit(cur / "latency", "shortgpt__disaggregated.json", drop_tpot)
+    res = check(REFERENCE, cur)
+    assert res.failures == ["shortgpt/disaggregated (latency): latency_T256_n8_b1 tpot_ms_p50 / unpruned missing in the rerun"]
+
+
 def ratio_of_fastest(folder, method, dense, samples):
     """The gate's ratio computed directly from the raw records: fastest repeat over fastest repeat."""
     raw = {m: json.loads((folder / "latency" / f"{m}__disaggregated.json").read_text()) for m in (method, dense)}
