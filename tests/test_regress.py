@@ -115,6 +115,14 @@ def test_an_accuracy_with_a_small_stderr_moves_by_at_most_half_a_point(tmp_path)
         res.failures
 
 
+def test_a_score_missing_in_the_rerun_fails(tmp_path):
+    """A metric the rerun no longer reports (its task still evaluated on the same items) is a failure, not skipped."""
+    cur = _copy(tmp_path)
+    _edit(cur / "quality", "shortgpt__disaggregated.json", lambda d: d["scores"]["boolq"].pop("acc"))
+    res = check(REFERENCE, cur)
+    assert res.failures == ["shortgpt/disaggregated: boolq acc missing in the rerun"]
+
+
 def test_score_rule_uses_three_stderr(tmp_path):
     cur = _copy(tmp_path)
     _edit(cur / "quality", "shortgpt__disaggregated.json", lambda d: d["scores"]["boolq"]["acc"].update(
