@@ -179,6 +179,18 @@ def test_a_latency_figure_missing_in_the_rerun_fails(tmp_path):
     assert res.failures == ["shortgpt/disaggregated (latency): latency_T256_n8_b1 tpot_ms_p50 / unpruned missing in the rerun"]
 
 
+def test_only_latency_ratios_beyond_the_tolerance_count_as_timing(tmp_path):
+    """`only_timing` (what makes `check` measure the latency section once more) holds for a slower ratio alone, not
+    once a byte differs too."""
+    cur = _copy(tmp_path)
+    _edit(cur / "latency", "shortgpt__disaggregated.json", _scale("tpot_ms_p50", 1.6))
+    res = check(REFERENCE, cur)
+    assert res.slower_ratios == 1 and res.only_timing, res.failures
+    _edit(cur / "latency", "shortgpt__disaggregated.json", _bump("latency_T256_n8_b1", "kv_bytes", 1))
+    res = check(REFERENCE, cur)
+    assert res.slower_ratios == 1 and len(res.failures) == 2 and not res.only_timing, res.failures
+
+
 def ratio_of_fastest(folder, method, dense, samples):
     """The gate's ratio computed directly from the raw records: fastest repeat over fastest repeat."""
     raw = {m: json.loads((folder / "latency" / f"{m}__disaggregated.json").read_text()) for m in (method, dense)}
