@@ -88,6 +88,21 @@ def test_a_plans_from_record_for_another_depth_is_refused_as_bad_input(cli, data
     assert f"--plans-from {path}: its plan is for a 8-layer model, this model has 4 layers" in r.stderr
 
 
+def test_latency_plans_from_a_model_of_another_depth_says_which_model_would_replay_it(cli, data_dir, tmp_path):
+    """`latency --plans-from` a run of another depth (a SmolLM2 run replayed on random:tiny) said only "--plans-from:
+    tail's plan is for 30 layers, the model has 4": not which folder or file, nor what would be right. Now it names
+    the record, the model it was made on, and the models of the plan's depth to give instead."""
+    _quality(cli, data_dir, tmp_path / "a", ["--methods", "tail", "--set", "tail.k=1"])
+    r = cli("latency", "--model", "random:smollm2-135m", "-q", "--prompt-tokens", "32", "--decode-tokens", "2",
+            "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--methods", "tail", "--set", "tail.k=1",
+            "--plans-from", tmp_path / "a", "--out", tmp_path / "lat", data_dir=data_dir)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"--plans-from {tmp_path / 'a'}: tail's plan ({tmp_path / 'a' / 'tail__disaggregated.json'}) is for a " \
+           "4-layer model (random:tiny), this model has 30 layers; replay it on a 4-layer model (--model random:tiny), " \
+           "or plan afresh without --plans-from" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
 def test_plans_from_a_run_of_another_model_or_seed_says_which(cli, data_dir, tmp_path):
     """A --plans-from folder of another model's (or seed's) run said only 'another model, seed, method options,
     calibration or code'; it now names what differs, as export's --plans-from does."""

@@ -143,7 +143,7 @@ def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, P
         except (KeyError, TypeError, ValueError) as e:
             raise UsageError(f"--plans-from: {r.method}'s plan is not valid ({type(e).__name__}: {e})") from None
         if plan.n_layers != n_layers:
-            raise UsageError(f"--plans-from: {r.method}'s plan is for {plan.n_layers} layers, the model has {n_layers}")
+            raise UsageError(_depth_mismatch(folder, r, plan.n_layers, n_layers))
         if edited := other_code(r, methods[r.method]):
             raise UsageError(f"--plans-from {plans_from}: {r.method}'s plan was made by other code of its plug-in "
                              f"({', '.join(edited)} changed since); plan afresh without --plans-from")
@@ -154,6 +154,21 @@ def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, P
                              "the same --set options, or plan afresh without --plans-from")
         out[r.method] = plan
     return out
+
+
+def _depth_mismatch(folder: Path, r: rec.RunRecord, plan_layers: int, n_layers: int) -> str:
+    """What is wrong with replaying `r`'s plan of `plan_layers` layers on a model of `n_layers`, and what would be
+    right: a model of the plan's depth (the record's own, or a random preset of that depth), or planning afresh."""
+    from harness.pd.models import PRESETS
+
+    made_on = r.config.get("model")
+    same_depth = [f"random:{p}" for p, shape in sorted(PRESETS.items()) if shape["num_hidden_layers"] == plan_layers]
+    models = ", ".join(f"--model {m}" for m in dict.fromkeys([made_on, *same_depth]) if m)
+    made = f" ({made_on})" if made_on else ""
+    fits = f" ({models})" if models else ""
+    return (f"--plans-from {folder}: {r.method}'s plan ({folder / r.filename}) is for a {plan_layers}-layer model{made}, "
+            f"this model has {n_layers} layers; replay it on a {plan_layers}-layer model{fits}, or plan afresh without "
+            "--plans-from")
 
 
 def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[[str], None]) -> list[rec.RunRecord]:
