@@ -97,6 +97,22 @@ def test_every_command_parser_words_bad_flags_the_same_way():
         assert isinstance(make(), Parser), make.__name__
 
 
+def test_every_option_of_every_command_says_what_it_does():
+    """`latency --help` listed `--seed SEED`, `--device DEVICE`, `--dtype DTYPE` and `-q` with no word on them (what
+    the seed seeds, which devices and dtypes are accepted), and `check -q` too."""
+    from harness.cli.check import check_parser
+    from harness.cli.export import parser as export_parser
+    from harness.cli.latency import latency_parser
+    from harness.cli.report import report_parser
+    from harness.cli.run import run_parser
+    from harness.cli.sweep import sweep_parser
+
+    bare = [f"{make.__name__}: {'/'.join(a.option_strings) or a.dest}"
+            for make in (check_parser, export_parser, latency_parser, report_parser, run_parser, sweep_parser)
+            for a in make()._actions if not a.help]
+    assert not bare, f"options without help text: {bare}"
+
+
 def test_a_typo_of_a_required_flag_is_named(capsys):
     """argparse says a required flag is missing before it names unknown ones: `check --againts X` got only
     "required: --against", no hint; an accepted abbreviation (`--upd`) gets none."""

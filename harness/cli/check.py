@@ -39,7 +39,7 @@ def check_parser() -> argparse.ArgumentParser:
                    help="allowed worsening of a plan's TTFT/TPOT (fastest repeat) ÷ the unpruned plan's (same run), as a fraction of "
                    f"the reference ratio (default: {RATIO_TOLERANCE} = {1 + RATIO_TOLERANCE:g}×)")
     p.add_argument("--update", action="store_true", help="replace the references with the rerun's records (on purpose only)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars in the rerun")
     return p
 
 

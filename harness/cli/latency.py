@@ -61,12 +61,13 @@ def latency_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.OPTION=VALUE", help="method option")
     p.add_argument("--out", type=user_dir, default=None, help="output folder (default: results/runs/<date>_<methods>_latency-<run id>, "
                                                                    "under the current folder)")
-    p.add_argument("--seed", type=seed_arg, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", type=dtype_arg, default="auto")
+    p.add_argument("--seed", type=seed_arg, default=0,
+                   help="seed for the random prompt tokens, random:<preset> weights and calibration sampling (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--dtype", type=dtype_arg, default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--data-dir", type=user_path, default=os.environ.get("HARNESS_DATA_DIR"),
                    help="for methods that calibrate (default: $HARNESS_DATA_DIR)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
 
