@@ -34,6 +34,9 @@ TINY = ["--model", "random:tiny", "--device", "cpu", "-q"]
         (["--methods", "unpruned,nope"], "unknown method 'nope'; known methods: "
                                         + ", ".join(n for n in methods.names() if ":" not in n) + "; "),
         (["--tasks", "arc_easy,nosuchtask"], "unknown task(s) nosuchtask; tasks with local data: arc_challenge"),
+        # a typo gets the close name, as an unknown method does (it got only the 10-name list to search)
+        (["--tasks", "arc_eazy,pqa"], "unknown task(s) arc_eazy (did you mean arc_easy?), pqa (did you mean piqa?); "
+                                      "tasks with local data: arc_challenge"),
         # an outside task is unknown without its module, as an outside method is: both say where it is named
         (["--tasks", "nosuchtask"], "aliases: standard, long (a plug-in's task: name its module in "
                                     "HARNESS_PLUGINS or a spec's top-level plugins key)"),

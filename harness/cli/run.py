@@ -24,7 +24,7 @@ from harness.cli.flags import (
     user_dir,
     user_path,
 )
-from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, STANDARD_TASKS, RunConfig, expand_tasks
+from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, STANDARD_TASKS, RunConfig, did_you_mean, expand_tasks
 from harness.errors import UsageError
 from harness.run.quiet import quiet_libraries
 from harness.store.records import check_writable, is_record_file
@@ -173,6 +173,7 @@ def check_tasks(tasks: tuple[str, ...], data_dir: str | None, include_path: tupl
     unknown = [t for t in tasks if not local_tasks.is_local_task(t) and not long_tasks.is_long_task(t) and t not in own]
     if not unknown:
         return
+    names = [*local_tasks.names(), *long_tasks.names(), "standard", "long", *own]  # what a typo was meant to be
     if data_dir is None:
         from lm_eval.tasks import TaskManager
 
@@ -180,6 +181,7 @@ def check_tasks(tasks: tuple[str, ...], data_dir: str | None, include_path: tupl
         unknown = [t for t in unknown if t not in known]
         if not unknown:
             return
+        names += sorted(known)
     skipped = include_tasks.unreadable(include_path) if include_path else []
     mine = (f"; the YAMLs under --include-path {', '.join(include_path)} define: {', '.join(sorted(own)[:20]) or 'none'}"
             f"{' ...' if len(own) > 20 else ''}" if include_path else
@@ -187,7 +189,8 @@ def check_tasks(tasks: tuple[str, ...], data_dir: str | None, include_path: tupl
     if skipped:
         mine += (f"; lm-eval skips {len(skipped)} YAML(s) there it cannot read: "
                  + "; ".join(f"{y} ({err})" for y, err in skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
-    raise UsageError(f"unknown task(s) {', '.join(unknown)}; tasks with local data: {', '.join(sorted(local_tasks.names()))}; "
+    typed = ", ".join(t + did_you_mean(t, names) for t in unknown)
+    raise UsageError(f"unknown task(s) {typed}; tasks with local data: {', '.join(sorted(local_tasks.names()))}; "
                      f"long-context: {', '.join(long_tasks.names())}; aliases: standard, long"
                      + ("" if data_dir else " (without --data-dir, any lm-eval task name)")
                      + " (a plug-in's task: name its module in HARNESS_PLUGINS or a spec's top-level plugins key)" + mine)  # as methods say
