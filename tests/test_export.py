@@ -252,6 +252,11 @@ def test_cli_export_replay_and_out_rules(tiny, data_dir, tmp_path, capsys):
     (tmp_path / "other" / "notes.txt").write_text("keep me")
     assert cli_main([*args[:-1], str(tmp_path / "other"), "--force"]) == 2
     assert "not a previous export" in capsys.readouterr().err and (tmp_path / "other" / "notes.txt").exists()
+    # without --force, a folder that is no export is not told to pass --force (which would only be refused next)
+    assert cli_main([*args[:-1], str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'other'}: folder exists and is not empty, and is not a previous export" in err
+    assert "pass --force" not in err and (tmp_path / "other" / "notes.txt").exists()
     # a stored record is replayed (method, mode, model and seed from the record)
     manifest = json.loads((out / "manifest.json").read_text())
     record = rec.RunRecord(method="manual", mode="disaggregated", run_key="k", plan=manifest["plan"], environment={},

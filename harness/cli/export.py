@@ -237,6 +237,10 @@ def _prepare_out(out: Path, force: bool) -> Path:
         raise UsageError(f"--out {out}: a mount point, which cannot be replaced by the export's folder (it is written "
                          f"beside --out and renamed onto it); give a new folder inside it, e.g. --out {out / 'export'}")
     if out.is_dir() and any(out.iterdir()):
+        if not force and not (out / MARKER).is_file():  # --force would be refused too: say what would be right at once
+            raise UsageError(f"--out {out}: folder exists and is not empty, and is not a previous export (no {MARKER}, "
+                             "which python -m harness export writes; --force replaces only such exports): choose a new or "
+                             "empty folder, e.g. --out exports/NAME")
         if not force:
             raise UsageError(f"--out {out}: folder exists and is not empty; pass --force to replace a previous export, "
                              "or choose a new folder")
