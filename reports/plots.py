@@ -82,6 +82,11 @@ def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
     ax.grid(True, alpha=0.3)
 
 
+def _score_of(tasks: list[str]) -> str:
+    """The score axis's name: the average over several tasks, or the one task's score ("over 1 tasks" read oddly)."""
+    return f"score on {_plain(tasks[0])}" if len(tasks) == 1 else f"average score over {len(tasks)} tasks"
+
+
 def avg_score(r: RunRecord, tasks: list[str], convention: str) -> tuple[float | None, float | None]:
     """(mean accuracy over `tasks`, its standard error), in %; (None, None) if the record lacks any task,
     and a None standard error if any task's is unknown."""
@@ -184,7 +189,7 @@ def plot_score_vs_blocks(col: Collection, convention: str = "paper"):
                 ax.errorbar(xs, ys, yerr=[float("nan") if e is None else e for e in es], marker=MARKERS[i % len(MARKERS)],
                             capsize=3, label=_plain(m))
                 drawn += 1
-        _style(ax, MODE_TITLE[mode], "blocks removed (decode stage)", f"average score over {len(tasks)} tasks (%, ± 1 se)")
+        _style(ax, MODE_TITLE[mode], "blocks removed (decode stage)", f"{_score_of(tasks)} (%, ± 1 se)")
         ax.set_ylim(0, 100)  # the whole scale: a truncated axis makes noise look like an effect
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks are counted
         if ax.get_legend_handles_labels()[0]:
@@ -230,7 +235,7 @@ def plot_score_vs_kv(col: Collection, convention: str = "paper"):
         ax.plot(*zip(*front), color="0.4", linestyle="--", linewidth=1, zorder=0, label="Pareto frontier")
     ax.set_ylim(0, 100)
     _style(ax, "Score versus KV sent (PD-disaggregated)", "KV bytes sent per request: all handoffs of these tasks (MiB)",
-           f"average score over {len(tasks)} tasks (%)")
+           f"{_score_of(tasks)} (%)")
     _legend(ax)
     fig.tight_layout()
     return fig

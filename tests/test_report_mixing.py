@@ -373,6 +373,22 @@ def test_figures_draw_no_error_bar_for_an_unknown_standard_error_and_put_a_long_
     plt.close(fig)
 
 
+def test_the_score_axis_names_the_one_task_it_scores(tmp_path):
+    """A report of one task labelled the score axes 'average score over 1 tasks'; it names the task, and several
+    tasks keep 'average score over N tasks'."""
+    import matplotlib.pyplot as plt
+
+    from reports.plots import plot_score_vs_blocks, plot_score_vs_kv
+
+    for folder, tasks in ((tmp_path / "one", ("arc_easy",)), (tmp_path / "two", BOTH)):
+        save(_rec("unpruned", tasks=tasks), folder)
+        save(_rec("x", tasks=tasks, removed=(1,), kv=50), folder)
+        want = "score on arc_easy" if len(tasks) == 1 else "average score over 2 tasks"
+        for fig, unit in ((plot_score_vs_blocks(collect([folder])), " (%, ± 1 se)"), (plot_score_vs_kv(collect([folder])), " (%)")):
+            assert fig.axes[0].get_ylabel() == want + unit
+            plt.close(fig)
+
+
 def test_a_latency_figure_a_record_lacks_draws_no_bar(tmp_path):
     import math
 
