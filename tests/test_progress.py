@@ -210,3 +210,21 @@ def test_a_local_task_groups_subtasks_are_counted_up_front_from_the_registry(dat
         work = progress.work_of(cfg, type("Prepared", (), {"methods": {"unpruned": None}, "task_options": {}})())
         assert work.items == want
         assert work.notes["mmlu"] == f"{want['mmlu'] // 4} subtasks, up to 4 items each"
+
+
+def test_latency_and_export_say_they_start_before_their_imports(capsys, tmp_path):
+    """A run's first line says it is importing torch, transformers and lm-eval (seconds, more on a busy machine);
+    `latency` and `export` printed nothing until their model had loaded (6 s on a loaded 2-core machine). Now they
+    say so first, as a run does; `latency -q` keeps quiet, as `run -q` does."""
+    from harness.cli import main
+
+    tiny = ["--model", "random:tiny", "--device", "cpu"]
+    for argv, first in ((["latency", *tiny, "--methods", "nope", "--out", str(tmp_path / "l")],
+                         "python -m harness latency: starting (importing torch, transformers)"),
+                        (["export", *tiny, "--method", "nope", "--out", str(tmp_path / "e")],
+                         "python -m harness export: starting (importing torch, transformers)")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[0] == first and "unknown method 'nope'" in err, err
+    assert main(["latency", *tiny, "--methods", "nope", "--out", str(tmp_path / "l"), "-q"]) == 2
+    assert "starting" not in capsys.readouterr().err

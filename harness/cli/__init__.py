@@ -72,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     if command == "run" and any(a == "--config" or a.startswith("--config=") for a in argv):
         command, argv = "config", [x for a in argv for x in (a.split("=", 1) if a.startswith("--config=") else [a])]
-    if command == "run" and not {"-q", "--quiet", "-h", "--help"} & set(argv) and not _other_rank():
-        # the first thing a run says: its imports (torch, transformers, lm-eval) take seconds, more on a busy machine
-        print("python -m harness: starting (importing torch, transformers, lm-eval)", file=sys.stderr, flush=True)
+    if command in IMPORTS_TORCH and not {"-q", "--quiet", "-h", "--help"} & set(argv) and not _other_rank():
+        # the first thing a run says: its imports (torch, transformers, lm-eval) take seconds, more on a busy machine;
+        # latency and export were silent that long (6 s on a loaded 2-core machine) before their first line
+        name = "python -m harness" + ("" if command == "run" else f" {command}")
+        print(f"{name}: starting (importing {IMPORTS_TORCH[command]})", file=sys.stderr, flush=True)
     try:
         with sigterm_as_ctrl_c():  # a scheduler's stop: the Ctrl-C message and the rerun's advice, not a silent death
             return cmd_config(argv) if command == "config" else COMMANDS[command](argv)
@@ -92,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         if not _other_rank():  # one voice under data parallelism (a launcher stops every rank)
             print(INTERRUPTED, file=sys.stderr)
         return 130
+
+
+# the commands whose first seconds are imports of heavy libraries, and which: they say so before anything else
+IMPORTS_TORCH = {"run": "torch, transformers, lm-eval", "latency": "torch, transformers", "export": "torch, transformers"}
 
 
 def _other_rank() -> bool:
