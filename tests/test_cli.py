@@ -303,3 +303,8 @@ def test_the_small_limit_note_gives_lm_evals_largest_standard_error_and_the_tabl
     assert f"up to {se:.1f} points" in err and f"within about {1.96 * np.sqrt(2) * se:.0f} points" in err
     warn_small_limit(1000)
     assert capsys.readouterr().err == ""  # 1.6 points: below the threshold
+    for tiny in (1, 2, 3):  # 139, 139 and 98 points: a threshold past 100 points says so, not "within 139 points"
+        warn_small_limit(tiny)
+        err = capsys.readouterr().err
+        assert "points are noise" in err if tiny == 3 else "even a 100-point difference between two methods is within the noise" in err
+        assert "139" not in err

@@ -241,9 +241,12 @@ def warn_small_limit(limit: int | float | None, threshold_points: float = 3.0) -
         return
     se = 100 * (0.25 / max(limit - 1, 1)) ** 0.5
     if se > threshold_points:
-        print(f"note: --limit {limit}: each accuracy has a standard error of up to {se:.1f} points, so differences "
-              f"between two methods within about {1.96 * 2 ** 0.5 * se:.0f} points are noise (tables show ± and bold only "
-              f"clear wins; `report --baseline` pairs methods on the same items)", file=sys.stderr, flush=True)
+        noise = 1.96 * 2 ** 0.5 * se
+        # at 3 items or fewer the threshold passes 100 points, where "within about 139 points" told nothing
+        told = (f"differences between two methods within about {noise:.0f} points are noise" if noise < 99.5 else
+                "even a 100-point difference between two methods is within the noise")
+        print(f"note: --limit {limit}: each accuracy has a standard error of up to {se:.1f} points, so {told} (tables "
+              f"show ± and bold only clear wins; `report --baseline` pairs methods on the same items)", file=sys.stderr, flush=True)
 
 
 def default_out(cfg: RunConfig, root: Path = Path("results") / "runs", kind: str = "") -> Path:
