@@ -237,14 +237,10 @@ def _prepare_out(out: Path, force: bool) -> Path:
         raise UsageError(f"--out {out}: a mount point, which cannot be replaced by the export's folder (it is written "
                          f"beside --out and renamed onto it); give a new folder inside it, e.g. --out {out / 'export'}")
     if out.is_dir() and any(out.iterdir()):
-        if not force and not (out / MARKER).is_file():  # --force would be refused too: say what would be right at once
-            raise UsageError(f"--out {out}: folder exists and is not empty, and is not a previous export (no {MARKER}, "
-                             "which python -m harness export writes; --force replaces only such exports): choose a new or "
-                             "empty folder, e.g. --out exports/NAME")
+        _check_replaceable(out)  # before --force is suggested: it would be refused for a folder this command did not write
         if not force:
             raise UsageError(f"--out {out}: folder exists and is not empty; pass --force to replace a previous export, "
                              "or choose a new folder")
-        _check_replaceable(out)
     tmp = out.with_name(f".{out.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted export
@@ -275,8 +271,9 @@ def _check_replaceable(out: Path) -> None:
     try:
         written = set(json.loads((out / MARKER).read_text(encoding="utf-8"))["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f"--out {out}: not a previous export (no readable {MARKER}, which python -m harness export writes); "
-                         "--force only replaces such exports: choose a new or empty folder, or remove it yourself") from None
+        raise UsageError(f"--out {out}: folder exists and is not empty, and is not a previous export (no readable {MARKER}, "
+                         "which python -m harness export writes; --force only replaces such exports): choose a new or empty "
+                         "folder, e.g. --out exports/NAME, or remove it yourself") from None
     extra = sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir() and p.name != MARKER
                    and str(p.relative_to(out)) not in written)
     if extra:
