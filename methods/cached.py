@@ -69,9 +69,9 @@ def release_models() -> None:
         memo.clear()
 
 
-def announce(what: str) -> None:
-    """The one line that tells a user why this calibration step was fast (stderr, like the run's progress)."""
-    print(f"calibration: reused cached {what} ({cache.cache_dir()})", file=sys.stderr, flush=True)
+def announce(what: str, step: str = "calibration") -> None:
+    """The one line that tells a user why this planning `step` was fast (stderr, like the run's progress)."""
+    print(f"{step}: reused cached {what} ({cache.cache_dir()})", file=sys.stderr, flush=True)
 
 
 def load(kind: str, key: dict[str, Any]) -> Any | None:

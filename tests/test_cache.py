@@ -130,6 +130,18 @@ def test_a_second_plan_in_a_new_process_does_no_forward(tiny, calib, forwards, c
     assert "calibration: reused cached" in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["tail", "random"])
+def test_a_ranking_reused_by_a_method_without_calibration_is_not_called_calibration(tiny, capfd, name):
+    """tail and random read no calibration data: a ranking they reuse is said to be planning's, not calibration's."""
+    ranked._SHARED.clear()
+    first = make(name, k=1).plan(tiny.model, None, "unified")
+    capfd.readouterr()
+    ranked._SHARED.clear()  # a fresh process: the cache on disk
+    assert layers(make(name, k=1).plan(tiny.model, None, "unified")) == layers(first)
+    err = capfd.readouterr().err
+    assert f"planning: reused cached block ranking: {name}" in err and "calibration" not in err, err
+
+
 def test_pdtrim_replay_from_the_disk_memo_builds_no_objective(tiny, calib, monkeypatch):
     made = []
     real = StageObjective.__init__

@@ -150,7 +150,8 @@ class RankedDepthMethod(Method):
             return None
         info = dict(hit.get("info") or {})
         info["work"] = {**info.get("work", {}), "reused_from_cache": True}  # its seconds were spent by an earlier run
-        cached.announce(f"block ranking: {self.name}, {len(hit['order'])} blocks in order")
+        cached.announce(f"block ranking: {self.name}, {len(hit['order'])} blocks in order",
+                        "calibration" if self.needs_calibration else "planning")  # tail, random: no calibration to speak of
         return Ranking([int(i) for i in hit["order"]], info)
 
     def removal_order(self, model, calib, k: int | None = None) -> list[int]:
