@@ -199,6 +199,11 @@ CASES = [
     ("check-tolerance-nan", lambda t, d, r: ["check", "--against", r, "--current", r, "--latency-tolerance", "nan"],
      "expected a finite number"),
     ("seed-negative", lambda t, d, r: [*ONE_CELL, "--seed=-1"], "--seed: expected an integer from 0 to 4294967295"),
+    # refused when the flags are read, not after seconds of imports, in every command that loads a model
+    ("device-typo", lambda t, d, r: [*ONE_CELL, "--device", "gpu"], "argument --device: expected auto, cpu or cuda[:N]"),
+    ("latency-device-typo", lambda t, d, r: ["latency", "--device", "cuda:x"], "argument --device: expected auto, cpu or"),
+    ("export-device-typo", lambda t, d, r: ["export", "--method", "unpruned", "--device", "mps", "--out", t / "e"],
+     "argument --device: expected auto, cpu or cuda[:N] (e.g. cuda:1), got 'mps'"),
     ("latency-seed-too-big", lambda t, d, r: ["latency", *TINY, "--seed", str(2**32)], "from 0 to 4294967295 (numpy's"),
     ("random-model-cannot-be-built", lambda t, d, r: [*ONE_CELL, "--model-args", "attn_implementation=flash_attention_2",
                                                       "--out", t / "o"],

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.cli.flags import Parser, dtype_arg, model_arg, seed_arg, user_dir, user_path
+from harness.cli.flags import Parser, device_arg, dtype_arg, model_arg, seed_arg, user_dir, user_path
 from harness.config import sweep_base
 from harness.errors import UsageError
 from harness.run.export import export_plan
@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=user_dir, required=True, help="output folder (must be new or empty; see --force)")
     p.add_argument("--force", action="store_true", help="replace OUT if it holds a previous export")
     p.add_argument("--seed", type=seed_arg, default=None, help="seed for random models and calibration (default: the record's, else 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--dtype", type=dtype_arg, default="auto",
                    help="weights are loaded, planned and written in this dtype: auto (bf16 on GPU, fp32 on CPU), float32, "
                         "bfloat16, float16")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os.path
+import re
 import sys
 from pathlib import Path
 
@@ -84,6 +85,14 @@ def dtype_arg(s: str) -> str:
     if s not in DTYPES:
         raise argparse.ArgumentTypeError(f"expected auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16), got {s!r}")
     return DTYPES[s]
+
+
+def device_arg(s: str) -> str:
+    """A device as the model loader takes it, checked when the flags are read: `--device gpu` was refused only after
+    seconds of imports. Kept as typed (CUDA's availability is the loader's to check)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu or cuda[:N] (e.g. cuda:1), got {s!r}")
+    return s
 
 
 def user_path(s: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from harness.cli.flags import (
     Parser,
     csv_list,
+    device_arg,
     dtype_arg,
     float_list,
     int_list,
@@ -63,7 +64,7 @@ def latency_parser() -> argparse.ArgumentParser:
                                                                    "under the current folder)")
     p.add_argument("--seed", type=seed_arg, default=0,
                    help="seed for the random prompt tokens, random:<preset> weights and calibration sampling (default: 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--dtype", type=dtype_arg, default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--data-dir", type=user_path, default=os.environ.get("HARNESS_DATA_DIR"),
                    help="for methods that calibrate (default: $HARNESS_DATA_DIR)")

@@ -14,6 +14,7 @@ from harness.cli.flags import (
     Parser,
     batch_size_arg,
     csv_list,
+    device_arg,
     dtype_arg,
     limit_arg,
     model_arg,
@@ -119,7 +120,7 @@ def run_parser() -> argparse.ArgumentParser:
                    help="requests per forward, or as lm-eval's --batch_size: auto (the largest size from 64 down, shrunk on "
                         "out-of-memory as lm-eval does, that runs each task's longest request; on CPU a fixed 16) or auto:N (searched again "
                         "N times as requests get shorter); the size used is in each record (default: 16)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--dtype", type=dtype_arg, default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     placement_flags(p)
     p.add_argument("--data-dir", type=user_path, default=os.environ.get("HARNESS_DATA_DIR"),
