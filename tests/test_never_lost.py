@@ -269,6 +269,11 @@ def test_export_force_replaces_its_own_export_but_not_files_added_to_it(tmp_path
     assert cli_main([*EXPORT, "--out", str(out), "--force"]) == 2
     assert "holds files the export did not write (decode/my_notes.txt)" in capsys.readouterr().err
     assert snapshot(out) == before
+    # without --force the same refusal says all that would be right: moved out, the export still needs --force
+    assert cli_main([*EXPORT, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds files the export did not write (decode/my_notes.txt)" in err and "move them out and pass --force" in err, err
+    assert snapshot(out) == before
     (out / "decode" / "my_notes.txt").unlink()
     assert cli_main([*EXPORT, "--out", str(out), "--force"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["pd"]  # no temporary, old or lock folder left beside it

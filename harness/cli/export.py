@@ -237,7 +237,7 @@ def _prepare_out(out: Path, force: bool) -> Path:
         raise UsageError(f"--out {out}: a mount point, which cannot be replaced by the export's folder (it is written "
                          f"beside --out and renamed onto it); give a new folder inside it, e.g. --out {out / 'export'}")
     if out.is_dir() and any(out.iterdir()):
-        _check_replaceable(out)  # before --force is suggested: it would be refused for a folder this command did not write
+        _check_replaceable(out, force)  # before --force is suggested: it would be refused for a folder this command did not write
         if not force:
             raise UsageError(f"--out {out}: folder exists and is not empty; pass --force to replace a previous export, "
                              "or choose a new folder")
@@ -266,8 +266,9 @@ def _swap_in(tmp: Path, out: Path) -> None:
                          f"{out.name} and renamed onto it); give a new folder in a writable one") from None
 
 
-def _check_replaceable(out: Path) -> None:
-    """`--force` replaces only a folder this command wrote: marked, and holding nothing it did not write."""
+def _check_replaceable(out: Path, force: bool = True) -> None:
+    """`--force` replaces only a folder this command wrote: marked, and holding nothing it did not write (`force`:
+    whether it was given, for what a refusal tells to do next)."""
     try:
         written = set(json.loads((out / MARKER).read_text(encoding="utf-8"))["files"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -278,8 +279,10 @@ def _check_replaceable(out: Path) -> None:
                    and str(p.relative_to(out)) not in written)
     if extra:
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        # without --force, moving them out is not all: the export is then refused until --force is given
+        then = "" if force else " and pass --force to replace the export"
         raise UsageError(f"--out {out}: holds files the export did not write ({shown}); --force would delete them: "
-                         "move them out, or choose another folder")
+                         f"move them out{then}, or choose another folder")
 
 
 def _mark(tmp: Path) -> None:
