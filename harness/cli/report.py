@@ -59,7 +59,7 @@ def cmd_report(argv: list[str] | argparse.Namespace) -> int:
             args.out = root / "reports" / "out" / "-".join(p.name for p in dict.fromkeys((ref, base)))
     check_writable(args.out, "--out")
     try:
-        with lock.hold(args.out):  # two reports into one folder would mix their files
+        with lock.hold(args.out, lock.REPORT):  # two reports into one folder would mix their files
             rep = render_report(args.results, args.out, args.metric_convention, args.bandwidth, plots=not args.no_plots,
                                 model=args.model, baseline=args.baseline)
     except ReportError as e:

@@ -53,9 +53,10 @@ def _who(info: dict) -> str:
     return f"pid {info.get('pid', '?')}{host}: {info.get('command') or 'an unknown command'}"
 
 
-# why a writer is refused and what to do instead: an output folder (run, latency, report, sweep) by default
+# why a writer is refused and what to do instead: an output folder of records (run, latency, sweep) by default
 OUTPUT = "two runs writing one folder would overwrite each other's records. Wait for it to finish, or choose another --out"
 REPLACED = "two processes replacing one folder would undo each other's work. Wait for it to finish"
+REPORT = "two reports writing one folder would mix their tables and figures. Wait for it to finish, or choose another --out"
 
 
 def _refuse(folder: Path, lock: Path, info: dict, shared: bool = False, waited: float = 0,
@@ -178,13 +179,14 @@ def _same_file(f, path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def hold(folder: Path) -> Iterator[bool]:
+def hold(folder: Path, what: str = OUTPUT) -> Iterator[bool]:
     """Lock the output folder `folder` (created if missing) for one writer; the temp files of writers
-    killed mid-write are removed once the lock is ours (nobody else can be writing them)."""
+    killed mid-write are removed once the lock is ours (nobody else can be writing them). `what`: a refused
+    writer's reason and what to do instead (see `hold_file`)."""
     folder = Path(folder)
     created = not folder.exists()
     try:
-        with hold_file(folder / LOCK_NAME, folder) as took:
+        with hold_file(folder / LOCK_NAME, folder, what=what) as took:
             if took:
                 remove_stale_temps(folder, LOCK_NAME)
             yield took
