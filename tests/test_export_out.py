@@ -136,6 +136,7 @@ def test_a_second_export_into_one_out_is_refused_naming_the_first(tmp_path, caps
         assert cli_main([*MANUAL, "--out", str(out)]) == 2
     finally:
         holder.kill()
+        holder.wait()
     err = capsys.readouterr().err
     assert f"{out} is in use by another harness process (pid {holder.pid}" in err, err
     assert "undo each other's work" in err and "choose another --out" in err and "records" not in err, err

@@ -5,7 +5,8 @@ and the same command run again completes (what "What is never lost" in docs/runn
 Each writer: the old state is made first, then the new write is started and killed three times, at
 random moments of its expected duration and just after its first file appears (seeded, so a failure
 can be replayed), and finally run to completion; the files seen after each kill are compared with the
-old and the final ones."""
+old and the final ones. A kill that finds the write already finished is tried again from the old state,
+sooner (`RETRIES`), so that a fast or a loaded machine still has its writes killed midway."""
 
 from __future__ import annotations
 
