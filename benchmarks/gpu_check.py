@@ -260,6 +260,8 @@ def agreement_row(shape, name, got, cand, on_cpu, tol, paths: dict[str, bool]) -
 
 
 def parse_args(argv=None):
+    from harness.cli.flags import nonneg_int, positive_int  # (imports neither torch nor lm-eval)
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=None, help="shapes for every section (overrides the two below)")
     p.add_argument("--latency-shapes", default="llama3-8b,llama2-7b", help="(b), (c), (d) shapes; the first is (c)'s check and (d)'s handoff")
@@ -268,8 +270,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--batch-sizes", default="1,8")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=nonneg_int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=3, help="measured runs per row (medians need one)")
     p.add_argument("--agreement-requests", type=int, default=6)
     p.add_argument("--agreement-context", type=int, default=160, help="longest (a) context; the shortest is half of it")
     p.add_argument("--agreement-cont", type=int, default=12, help="longest (a) continuation")

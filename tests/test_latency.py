@@ -498,6 +498,16 @@ def _gpu_check(*args: str) -> int:
     return gpu_check.main(list(args))
 
 
+@pytest.mark.parametrize("flag,value,why", [("--repeats", "0", "expected a positive integer"),
+                                            ("--warmup", "-1", "expected an integer >= 0")])
+def test_gpu_check_refuses_counts_that_measure_nothing(tmp_path, capsys, flag, value, why):
+    """--repeats 0 measured no run and crashed on the median of nothing, after the models were built on the device."""
+    with pytest.raises(SystemExit) as e:
+        _gpu_check(flag, value, "--json", str(tmp_path / "g.json"), "--md", str(tmp_path / "g.md"))
+    assert e.value.code == 2 and f"argument {flag}: {why}" in capsys.readouterr().err
+    assert not (tmp_path / "g.json").exists()
+
+
 def test_gpu_check_keeps_no_measured_kv_between_latency_rows(tmp_path, monkeypatch):
     """(b) compares each static/graph row's bytes with its eager row's, and (d) hands over one eager handoff: each
     row measured holds no earlier row's KV but that one. Before, every eager Measurement was kept (with its
