@@ -119,3 +119,17 @@ def test_tok_encode_adds_no_second_bos_as_hflm(tiny):
         assert pd.tok_encode(text) == HFLM.tok_encode(stock, text)
         assert pd.tok_encode(text).count(256) == 1
     assert pd.tok_encode("hi", add_special_tokens=False) == HFLM.tok_encode(stock, "hi", add_special_tokens=False)
+
+
+def test_prefix_token_is_bos_when_the_tokenizer_has_one_else_eos(tiny):
+    """HFLM's convention: an empty context (and every rolling window's first) starts from BOS; only a tokenizer without
+    one falls back to EOS. The tiny byte tokenizer has no BOS, so this is checked on one that has."""
+    from harness.pd.models import byte_tokenizer
+
+    tok = byte_tokenizer(320)
+    tok.add_special_tokens({"bos_token": "<|bos|>"})
+    assert tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id
+    with_bos = PDLM(tiny.model, tok, PruningPlan.dense("u", 4), "unified", max_length=256, progress=False)
+    assert with_bos.prefix_token_id == tok.bos_token_id
+    assert lm(tiny, "unified").prefix_token_id == tiny.tokenizer.eos_token_id  # no BOS: EOS
+
