@@ -133,3 +133,12 @@ def test_prefix_token_is_bos_when_the_tokenizer_has_one_else_eos(tiny):
     assert with_bos.prefix_token_id == tok.bos_token_id
     assert lm(tiny, "unified").prefix_token_id == tiny.tokenizer.eos_token_id  # no BOS: EOS
 
+
+def test_generated_text_stops_before_eos_and_leaves_its_text_out(tiny):
+    """A generation that ends with EOS: the answer is the text before it, not '...<|endoftext|>' (the EOS token is
+    decoded with special tokens, so it has to be one of the stop strings)."""
+    pd = lm(tiny, "disaggregated")
+    body = tiny.tokenizer.encode("42 apples")
+    pd.scorer.generate = lambda contexts, n, stop=None, progress=False: [body + [pd.eot_token_id] for _ in contexts]
+    out = pd.generate_until([inst("generate_until", ("Q:", {"until": ["\n\n"], "max_gen_toks": 24}))], disable_tqdm=True)
+    assert out == ["42 apples"]
