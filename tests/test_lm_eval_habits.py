@@ -228,3 +228,26 @@ def test_flattened_results_pair_each_metric_with_its_own_stderr():
                            "acc_norm_stderr,none": "N/A", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1})
     assert got == {"acc": {"value": 0.625, "stderr": 0.0484}, "acc_norm": {"value": 0.5, "stderr": None},
                    "exact_match/strict-match": {"value": 0.25, "stderr": 0.1}}
+
+
+def test_few_shot_split_is_chosen_as_lm_eval_chooses_it():
+    """lm-eval draws shots from `fewshot_split` when a YAML names one, else training, validation, test; it scores the
+    test split, else validation. The pool loses the item itself only when shots come from the scored split."""
+    from types import SimpleNamespace
+
+    from harness.errors import HarnessWarning, UsageError
+    from harness.quality.evaluate import fewshot_split
+
+    def task(fewshot=None, train=None, val=None, test=None, sizes=None):
+        cfg = SimpleNamespace(fewshot_split=fewshot, training_split=train, validation_split=val, test_split=test)
+        return SimpleNamespace(config=cfg, dataset={name: [{}] * n for name, n in sizes.items()})
+
+    sizes = {"train": 50, "validation": 3, "test": 10}
+    assert fewshot_split(task("validation", "train", "validation", "test", sizes), "t", set(), 3) == "validation"
+    assert fewshot_split(task(None, "train", "validation", "test", sizes), "t", set(), 5) == "train"
+    # shots from validation, items from test: all 3 validation rows are shots (no warning, nothing left out)
+    assert fewshot_split(task(None, None, "validation", "test", sizes), "t", set(), 3) == "validation"
+    with pytest.warns(HarnessWarning, match="from its scored validation split"):
+        assert fewshot_split(task(None, None, "validation", None, sizes), "t", set(), 2) == "validation"
+    with pytest.raises(UsageError, match="t has 2 few-shot examples"):
+        fewshot_split(task(None, None, "validation", None, sizes), "t", set(), 3)
