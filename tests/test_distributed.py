@@ -148,6 +148,7 @@ def test_a_fractional_limit_leaving_a_rank_no_item_is_refused_before_any_cell(da
             check_tasks(tasks, cfg, 2)
         check_tasks(tasks, cfg, 1)  # one process: one item is fine
         check_tasks(tasks, RunConfig(**{**cfg.__dict__, "limit": 0.001}), 2)  # 3 items
+        check_tasks(tasks, RunConfig(**{**cfg.__dict__, "limit": 0.0008}), 2)  # ceil(1.9008) = 2 items: one a rank
     finally:
         tasks.close()
 
