@@ -108,6 +108,12 @@ def test_gathered_metrics_and_samples_come_back_in_document_order():
     lm.dist = _Gathered(samples)
     got = list(itertools.chain.from_iterable(p["t"] for p in lm.gather_object(samples[0])))
     assert [(s["filter"], s["doc_id"]) for s in got] == [(f, d) for f in ("a", "b") for d in range(5)]
+    # several filters (gsm8k's): each filter's run of documents, the filters in lm-eval's order (not alphabetical)
+    filters = ("strict-match", "flexible-extract")
+    samples = [{"t": [{"doc_id": d, "filter": f} for f in filters for d in docs[r]]} for r in (0, 1)]
+    lm.dist = _Gathered(samples)
+    got = list(itertools.chain.from_iterable(p["t"] for p in lm.gather_object(samples[0])))
+    assert [(s["filter"], s["doc_id"]) for s in got] == [(f, d) for f in filters for d in range(5)]
     lm.dist = _Gathered(None)  # not rank 0
     assert lm.gather_object({}) is None
 
