@@ -157,3 +157,29 @@ def test_a_resume_state_of_a_dtype_stored_as_typed_is_resumed(tiny, data_dir, tm
     assert (tmp_path / "unpruned__unified.partial.json").is_file()
     (record,) = pipeline.run(RunConfig(**base, dtype="float32"), tmp_path, loaded=tiny)
     assert calls == ["arc_easy", "boolq", "boolq"] and set(record.scores) == {"arc_easy", "boolq"}
+
+
+def _mark_plan(path):
+    import json
+
+    d = json.loads(path.read_text())
+    d["plan"]["info"]["marker"] = "stored"
+    path.write_text(json.dumps(d))
+
+
+def test_a_plan_is_reused_from_a_sweep_siblings_record(tiny, data_dir, tmp_path):
+    """`--set tail.k=1,2` stores `tail@k=2__*.json`; a later plain `tail` run with k=2 reuses that plan (the same method,
+    named after its option value), not the one of k=1."""
+    base = dict(model="random:tiny", tasks=("arc_easy",), limit=2, modes=("disaggregated",), device="cpu",
+                data_dir=str(data_dir), methods=("tail",))
+    pipeline.run(RunConfig(overrides=("tail.k=1,2",), **base), tmp_path / "a", loaded=tiny)
+    sibling = tmp_path / "a" / "tail@k=2__disaggregated.json"
+    _mark_plan(sibling)
+    (b,) = pipeline.run(RunConfig(overrides=("tail.k=2",), plans_from=str(tmp_path / "a"), **base), tmp_path / "b", loaded=tiny)
+    assert b.plan["info"].get("marker") == "stored" and b.config["plan_reused_from"] == str(sibling)
+    # and back: a swept variant reuses the plain method's record
+    plain = tmp_path / "b" / "tail__disaggregated.json"
+    swept = pipeline.run(RunConfig(overrides=("tail.k=1,2",), plans_from=str(tmp_path / "b"), **base), tmp_path / "c",
+                         loaded=tiny)
+    reused = {r.method: r.config["plan_reused_from"] for r in swept}
+    assert reused == {"tail@k=1": None, "tail@k=2": str(plain)}
