@@ -183,3 +183,18 @@ def test_a_plan_is_reused_from_a_sweep_siblings_record(tiny, data_dir, tmp_path)
                          loaded=tiny)
     reused = {r.method: r.config["plan_reused_from"] for r in swept}
     assert reused == {"tail@k=1": None, "tail@k=2": str(plain)}
+
+
+def test_a_plan_is_not_reused_from_a_run_with_another_seed(tiny, data_dir, tmp_path):
+    """--seed makes the random:* model's weights (and the calibration draw): a plan made under another seed is not reused."""
+    from harness.run import reuse
+
+    base = dict(model="random:tiny", tasks=("arc_easy",), limit=2, modes=("disaggregated",), device="cpu",
+                data_dir=str(data_dir), methods=("tail",), overrides=("tail.k=1",))
+    pipeline.run(RunConfig(**base), tmp_path / "a", loaded=tiny)
+    _mark_plan(tmp_path / "a" / "tail__disaggregated.json")
+    other = RunConfig(seed=1, plans_from=str(tmp_path / "a"), **base)
+    assert reuse.why_not_reused(other, pipeline.prepare(other), "tail", "disaggregated") == \
+        "tail__disaggregated.json there was made with --seed 0, not 1"
+    (b,) = pipeline.run(other, tmp_path / "b", loaded=tiny)
+    assert "marker" not in b.plan["info"] and b.config["plan_reused_from"] is None
