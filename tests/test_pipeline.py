@@ -198,3 +198,24 @@ def test_a_plan_is_not_reused_from_a_run_with_another_seed(tiny, data_dir, tmp_p
         "tail__disaggregated.json there was made with --seed 0, not 1"
     (b,) = pipeline.run(other, tmp_path / "b", loaded=tiny)
     assert "marker" not in b.plan["info"] and b.config["plan_reused_from"] is None
+
+
+def test_a_record_older_than_an_option_is_reused_only_when_its_other_options_are_this_runs(data_dir):
+    """A record made before `keep_last` existed (now at its default) is this cell's; one that also had another `k`
+    is not, even though its run key is what its own options give."""
+    from types import SimpleNamespace
+
+    from harness.run import reuse
+
+    cfg = RunConfig(model="random:tiny", methods=("random",), overrides=("random.k=2",), tasks=("arc_easy",),
+                    modes=("disaggregated",), data_dir=str(data_dir))
+    prepared = pipeline.prepare(cfg)
+    method = prepared.methods["random"]
+    key, calib, tasks = pipeline.cell_identity(cfg, prepared, "random", method, "disaggregated")
+    cell = ("random", "disaggregated", calib, tasks)
+    for k, how in ((2, "older options"), (3, None)):
+        then = {**method.options(), "k": k}
+        del then["keep_last"]  # the record predates the option (its default: 1)
+        old = SimpleNamespace(run_key=cfg.identity("random", "disaggregated", then, calib, tasks),
+                              config={"method_options": then, "data_dir": cfg.data_dir, "model": cfg.model})
+        assert reuse.kinship(cfg, method, old, key, cell) == how, k
