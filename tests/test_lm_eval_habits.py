@@ -81,6 +81,8 @@ def test_new_fields_enter_run_keys_only_when_set():
     # these two values are what main computed before the fields existed: stored keys do not move
     assert RunConfig().run_id() == "af3a65baeb35"
     assert RunConfig(limit=2, batch_size=5).identity("unpruned", "unified", {}, None) == "6e5733fa82196734"
+    # a run without long-context tasks has no task options ({} from pipeline.cell_identity): the same key
+    assert RunConfig(limit=2, batch_size=5).identity("unpruned", "unified", {}, None, {}) == "6e5733fa82196734"
     base = RunConfig().run_id()
     assert RunConfig(apply_chat_template=True).run_id() != base
     assert RunConfig(model_args="attn_implementation=eager").run_id() != base
