@@ -219,3 +219,28 @@ def test_a_record_older_than_an_option_is_reused_only_when_its_other_options_are
         old = SimpleNamespace(run_key=cfg.identity("random", "disaggregated", then, calib, tasks),
                               config={"method_options": then, "data_dir": cfg.data_dir, "model": cfg.model})
         assert reuse.kinship(cfg, method, old, key, cell) == how, k
+
+
+def test_a_method_with_trained_state_plans_again_when_its_cell_resumes(tiny, data_dir, tmp_path, monkeypatch):
+    """streamline's replacement network lives in the method instance, not in the stored plan: a resumed cell must plan
+    again (the stored plan alone cannot be applied), and its layers must be the stored ones."""
+    cfg = RunConfig(model="random:tiny", methods=("streamline",), tasks=("arc_easy", "boolq"), limit=2,
+                    modes=("disaggregated",), device="cpu", data_dir=str(data_dir),
+                    overrides=("streamline.k=1", "streamline.replace=ffn", "streamline.replace_steps=5",
+                               "calib.n_samples=4"))
+    real, calls, planned = pipeline.evaluate_task, [], []
+
+    def flaky(lm, task, tasks, cfg):
+        calls.append(task)
+        if task == "boolq" and calls.count("boolq") == 1:
+            raise KeyboardInterrupt
+        return real(lm, task, tasks, cfg)
+
+    real_plan = pipeline._make_plan
+    monkeypatch.setattr(pipeline, "_make_plan", lambda *a: planned.append(1) or real_plan(*a))
+    monkeypatch.setattr(pipeline, "evaluate_task", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, tmp_path, loaded=tiny)
+    (rec,) = pipeline.run(cfg, tmp_path, loaded=tiny)
+    assert calls == ["arc_easy", "boolq", "boolq"] and len(planned) == 2
+    assert set(rec.scores) == {"arc_easy", "boolq"} and rec.plan["info"]["replacement"]["enabled"]
