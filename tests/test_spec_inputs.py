@@ -247,3 +247,30 @@ def test_a_spec_run_from_its_own_folder_is_not_refused_for_an_unrelated_folder_o
     path = spec(tmp_path / "exp", run={**RUN, "out": "runs/a"})
     monkeypatch.chdir(tmp_path / "exp")
     assert [s for s, _ in spec_options(load_spec(path), ["run"])] == ["run"]
+
+
+def test_each_sweep_cell_has_the_run_key_the_whole_run_gives_that_cell(tmp_path, data_dir, monkeypatch):
+    """A cell runs one method but every calibration and long-context task option of the [run] section: without them its
+    records had other run keys than a single run of the spec makes (and another calibration or task workload)."""
+    from harness.cli.run import run_config, run_parser
+    from harness.run import pipeline
+
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
+    run = {**RUN, "methods": ["unpruned", "shortgpt"], "tasks": ["arc_easy", "passkey"], "mode": "both",
+           "set": ["shortgpt.k=1,2", "calib.n_samples=8", "passkey.lengths=400", "passkey.repeats=1"],
+           "out": str(tmp_path / "q")}
+    plan = expand(spec(tmp_path, run=run), None)
+    assert [c.name for c in plan.cells] == ["unpruned/unified", "unpruned/disaggregated", "shortgpt/unified",
+                                           "shortgpt/disaggregated"]
+    whole = run_config(run_parser().parse_args(
+        ["--methods", "unpruned,shortgpt", "--tasks", "arc_easy,passkey", "--limit", "2", "--model", "random:tiny",
+         "--device", "cpu", "--data-dir", str(data_dir), *[x for s in run["set"] for x in ("--set", s)]]))
+    whole_prep = pipeline.prepare(whole)
+    for cell in plan.cells:
+        ns = run_parser().parse_args(cell.argv[1:])
+        cfg = run_config(ns)
+        prepared = pipeline.prepare(cfg)
+        mode = cell.name.split("/")[1]
+        for variant, method in prepared.methods.items():
+            assert pipeline.cell_identity(cfg, prepared, variant, method, mode)[0] == \
+                pipeline.cell_identity(whole, whole_prep, variant, whole_prep.methods[variant], mode)[0], (cell.name, variant)
