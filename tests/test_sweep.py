@@ -151,7 +151,7 @@ def test_failing_cell_fails_alone_and_a_rerun_reuses_the_finished_one(tmp_path, 
     cells = {c["cell"]: c["status"] for c in json.loads((out / "sweep.json").read_text())["cells"]}
     assert cells == {"manual/unified": "reused", "manual/disaggregated": "failed", "report": "skipped"}
     assert {p.name: p.read_bytes() for p in records_in(out)} == before
-    assert "manual/unified: reused" in res.stderr
+    assert "manual/unified: reused" in res.stderr and "\n1 of 3 ok in " in res.stdout  # a reused cell is ok
 
 
 def _exit(argv: list[str]) -> int:
