@@ -450,3 +450,33 @@ def test_a_ray_cancel_taken_just_as_a_cells_process_started_stops_and_reports_th
             p.wait()
     assert started and rc != 0 and rc is not None  # stopped by its SIGINT, reported with its exit status
     assert time.monotonic() - t0 < 20 and seconds < 20  # not left to run its 60 s
+
+
+class _FinishingBackend:
+    """Runs no process: each cell's child 'writes' its records, the cells finishing in reverse order."""
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self.env = None
+
+    def map(self, cells, cwd, env):
+        from harness.store import records as rec
+
+        self.env = env
+        for c in reversed(cells):
+            for r in c.records:
+                method, mode = r.name[: -len(".json")].split("__")
+                rec.save(_record(method, mode), c.workdir)
+            yield c, (0, "", 1.0)
+
+    def close(self) -> None:
+        pass
+
+
+def test_outcomes_are_in_the_specs_cell_order_not_the_order_cells_finished(tmp_path):
+    from harness.cli import sweep
+
+    cells = [_cell(tmp_path, "unpruned__unified", ["unpruned"]), _cell(tmp_path, "tail__unified", ["tail"])]
+    outcomes = sweep._run_cells(_FinishingBackend(), cells, ".", {}, quiet=True, settle=True)
+    assert [(o.cell, o.status) for o in outcomes] == [("unpruned/unified", "ok"), ("tail/unified", "ok")]
