@@ -480,3 +480,17 @@ def test_outcomes_are_in_the_specs_cell_order_not_the_order_cells_finished(tmp_p
     cells = [_cell(tmp_path, "unpruned__unified", ["unpruned"]), _cell(tmp_path, "tail__unified", ["tail"])]
     outcomes = sweep._run_cells(_FinishingBackend(), cells, ".", {}, quiet=True, settle=True)
     assert [(o.cell, o.status) for o in outcomes] == [("unpruned/unified", "ok"), ("tail/unified", "ok")]
+
+
+def test_fewer_cells_than_workers_share_every_core(tmp_path, monkeypatch, cli):
+    """One cell on 4 workers of 8 cores: its process gets all 8 threads, not the 2 of a full pool's cell."""
+    from harness.cli import sweep
+
+    backend = _FinishingBackend()
+    monkeypatch.setattr(sweep, "cores", lambda: 8)
+    monkeypatch.setattr(sweep, "make_backend", lambda *a: backend)
+    spec = write_spec(tmp_path / "spec.toml", run={**RUN, "methods": ["tail"], "mode": "unified", "out": str(tmp_path / "q")})
+    res = cli("sweep", str(spec), "--backend", "local", "--workers", "4", "-q")
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert backend.env["OMP_NUM_THREADS"] == "8"
+    assert json.loads((tmp_path / "q" / "sweep.json").read_text())["threads_per_cell"] == 8
