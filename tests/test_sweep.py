@@ -266,7 +266,9 @@ def test_a_rerun_adopts_a_record_a_child_finished_but_the_sweep_never_moved(tmp_
     rec.save(_record("tail@k=1", "unified"), cell.workdir)  # finished by the child, never moved
     (cell.workdir / cut.name).write_text(_record("tail@k=2", "unified").to_json()[:100])  # cut off (a non-atomic copy)
     rec.save(_record("tail@k=3", "unified"), tmp_path)  # already in the run folder ...
-    (cell.workdir / kept.name).write_text("{}")  # ... and some other file under its name in the cell's folder
+    other = _record("tail@k=3", "unified")
+    other.created = "a finished record of its own"
+    rec.save(other, cell.workdir)  # ... and another finished record under its name in the cell's folder
     before = kept.read_bytes()
     seed(cell)
     assert rec.load(done).run_key == "tail@k=1unified" and cell.seeded == {done.name, kept.name}
