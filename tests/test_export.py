@@ -237,6 +237,28 @@ def test_streamline_replacement_becomes_a_zero_attention_layer(tiny, data_dir, t
     assert not torch.allclose(expected, harness_logits(tiny.model, plan.prefill_layers), atol=1e-3)  # the FFN matters
 
 
+def test_a_replacement_of_the_last_blocks_is_written_after_the_last_kept_block(tiny, data_dir, tmp_path, monkeypatch):
+    """streamline removing the final run (blocks 2, 3 of 4) hooks its FFN after block 1: no block follows the run,
+    so the exported layer goes last, and the checkpoint computes what the harness does."""
+    import methods.depth.streamline as streamline
+    from harness.quality.calibration import CalibConfig, build_calibration
+
+    monkeypatch.setattr(streamline, "run_cosines", lambda *a: [0.0, 0.0, 1.0])  # the run starting at block 2 is best
+    cls = methods.get("streamline")
+    method = cls(cls.Config(k=2, replace="ffn", replace_steps=3, batch_size=4))
+    plan = method.plan(tiny.model, build_calibration(tiny.tokenizer, data_dir, CalibConfig(n_samples=4, max_tokens=24)),
+                       "unified")
+    assert plan.info["removed"] == [2, 3]
+    export_plan(tiny, method, plan, tmp_path / "sl")
+    model, info = reload(tmp_path / "sl")
+    assert_clean_load(info)
+    assert json.loads((tmp_path / "sl" / "harness_export.json").read_text())["layers"] == [0, 1, None]
+    with method.apply(tiny.model, plan):
+        expected = harness_logits(tiny.model, plan.prefill_layers)
+    with torch.inference_mode():
+        assert torch.allclose(model(IDS).logits.float(), expected, atol=1e-5, rtol=0)
+
+
 def test_cli_export_replay_and_out_rules(tiny, data_dir, tmp_path, capsys):
     from harness.store import records as rec
 
