@@ -438,3 +438,15 @@ def _tail_record(tmp_path, planned_on, config: dict, model: dict | None = None, 
                            scores={}, kv={}, n_samples={}, lm_eval={}, timing_s={}, created="", extra=extra or {})
     record.plan = methods.get("tail")(methods.get("tail").Config(k=1)).plan(planned_on, None, "unified").to_dict()
     return rec.save(record, tmp_path / "run")
+
+
+def test_the_manifest_lists_every_prefill_layer_no_decode_layer_reads():
+    """Decode keeps the first two of four prefill layers: prefill layers 2 and 3 send nothing."""
+    from harness.run.checkpoint import Slot
+    from harness.run.export import build_manifest
+
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 1))
+    prefill = [Slot(("layer", i), i, {}, i) for i in plan.prefill_layers]
+    decode = [Slot(("layer", i), i, {}, i) for i in plan.decode_layers]
+    manifest = build_manifest(prefill, decode, plan)
+    assert manifest["decode_kv_from_prefill"] == [0, 1] and manifest["prefill_layers_not_sent"] == [2, 3]
