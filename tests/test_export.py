@@ -450,3 +450,19 @@ def test_the_manifest_lists_every_prefill_layer_no_decode_layer_reads():
     decode = [Slot(("layer", i), i, {}, i) for i in plan.decode_layers]
     manifest = build_manifest(prefill, decode, plan)
     assert manifest["decode_kv_from_prefill"] == [0, 1] and manifest["prefill_layers_not_sent"] == [2, 3]
+
+
+def test_a_pruned_config_keeps_the_per_layer_entries_of_the_kept_layers():
+    """layer_types follows the kept layers; Qwen2's max_window_layers counts the kept layers below it (full attention);
+    a list that is not one entry per layer is left as it is."""
+    from transformers import PretrainedConfig
+
+    from harness.run.checkpoint import Slot, pruned_config
+
+    config = PretrainedConfig(num_hidden_layers=4, max_window_layers=2, no_rope_layers=[1, 0],
+                              layer_types=["full_attention", "full_attention", "sliding_attention", "sliding_attention"])
+    slots = [Slot(("layer", i), i, {}, i) for i in (0, 2, 3)]
+    cfg = pruned_config(config, slots, torch.float32, "LlamaForCausalLM")
+    assert cfg.num_hidden_layers == 3 and cfg.max_window_layers == 1
+    assert cfg.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    assert cfg.no_rope_layers == [1, 0] and config.num_hidden_layers == 4  # the source config is unchanged
