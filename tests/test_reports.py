@@ -172,6 +172,10 @@ def test_tables_from_stored_records_in_three_formats():
     text, value = rows(e, g).set_index("Method"), rows(e, g, "value").set_index(rows(e, g)["Method"])
     assert value.loc["shortgpt", "TTFT speedup"] == pytest.approx(ttft["unpruned"] / ttft["shortgpt"])
     assert text.loc["pdtrim", "KV reduction"] == "3.56×"  # 90 MiB / 25.3 MiB at T=2048
+    # times and bytes: the lowest is bold (shortgpt's TTFT, pdtrim's TPOT and KV), speedups: the highest
+    bold = rows(e, g, "bold").set_index(rows(e, g)["Method"])
+    assert [m for m in bold.index if bold.loc[m, "TTFT (ms)"]] == ["shortgpt"] == [m for m in bold.index if bold.loc[m, "TTFT speedup"]]
+    assert [m for m in bold.index if bold.loc[m, "TPOT (ms)"]] == ["pdtrim"] == [m for m in bold.index if bold.loc[m, "KV sent (MiB)"]]
     assert "PPL T2048" in lc.attrs["columns"] and lc.loc[lc["group"] == 0, "text"].str.contains("25.3 (3.56×)", regex=False).any()
     assert "3 4 5 7 16 17 25 26" in list(rows(pl)["Removed (decode)"])
     csv_text = to_csv(q)
