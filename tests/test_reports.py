@@ -176,8 +176,9 @@ def test_tables_from_stored_records_in_three_formats():
     bold = rows(e, g, "bold").set_index(rows(e, g)["Method"])
     assert [m for m in bold.index if bold.loc[m, "TTFT (ms)"]] == ["shortgpt"] == [m for m in bold.index if bold.loc[m, "TTFT speedup"]]
     assert [m for m in bold.index if bold.loc[m, "TPOT (ms)"]] == ["pdtrim"] == [m for m in bold.index if bold.loc[m, "KV sent (MiB)"]]
-    # settings by number (the records store ppl_T1024, ppl_T2048, ppl_T512)
+    # settings by number (the records store ppl_T1024, ppl_T2048, ppl_T512); the lowest perplexity is the bold one
     assert [c for c in lc.attrs["columns"] if c.startswith("PPL")] == ["PPL T512", "PPL T1024", "PPL T2048"]
+    assert list(rows(lc, 0, "bold")["PPL T512"]) == [True, False, False]  # unpruned: 20.26 ± 2.19
     assert "PPL T2048" in lc.attrs["columns"] and lc.loc[lc["group"] == 0, "text"].str.contains("25.3 (3.56×)", regex=False).any()
     assert "3 4 5 7 16 17 25 26" in list(rows(pl)["Removed (decode)"])
     csv_text = to_csv(q)
