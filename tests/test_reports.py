@@ -150,6 +150,14 @@ def test_values_shown_as_the_best_is_are_bold_too():
     assert list(rows(t, field="bold")["KV ×"]) == [True, True, False]
 
 
+def test_rows_go_by_blocks_removed_from_decode_then_prefill_with_unpruned_first():
+    recs = [_fake(m, "disaggregated", {"arc_easy": {"acc": 0.5}}) for m in ("y", "x", "h2o", "unpruned")]
+    recs[0].plan.update(removed_prefill=[1], removed_decode=[1, 2])  # 1 / 2
+    recs[1].plan.update(removed_prefill=[1, 2], removed_decode=[1])  # 2 / 1
+    t = rows(quality_table(recs))
+    assert list(t["Method"]) == ["unpruned", "h2o", "x", "y"] and list(t["Removed"]) == ["0", "0", "2 / 1", "1 / 2"]
+
+
 def test_latex_writes_a_pipe_as_a_bar_not_the_em_dash_ot1_prints():
     """pdflatex's default OT1 font prints a text-mode '|' as '—': a method 'a | b' read 'a — b' in the PDF."""
     from reports.formats import latex_escape
