@@ -158,6 +158,18 @@ def test_rows_go_by_blocks_removed_from_decode_then_prefill_with_unpruned_first(
     assert list(t["Method"]) == ["unpruned", "h2o", "x", "y"] and list(t["Removed"]) == ["0", "0", "2 / 1", "1 / 2"]
 
 
+def test_bold_needs_a_gap_strictly_beyond_the_noise_and_a_runner_up():
+    """|best - second| > z·sqrt(se_b² + se_s²): a gap of exactly that is no win; a group of one number has no best."""
+    from reports.formats import bold_beyond_noise, cell, make_table
+
+    t = make_table("k", "c", ["Method", "S"], [("", [[cell("a"), cell("10", 10.0)], [cell("b"), cell("0", 0.0)]]),
+                                                 ("g", [[cell("c"), cell("5", 5.0)]])])
+    bold_beyond_noise(t, "S", {0: 3.0, 1: 4.0, 2: 0.1}, z=2.0)  # 2 · sqrt(9 + 16) = 10: the gap, not more
+    assert not t["bold"].any()
+    bold_beyond_noise(t, "S", {0: 3.0, 1: 4.0}, z=1.9)
+    assert list(rows(t, field="bold")["S"]) == [True, False]
+
+
 def test_latex_writes_a_pipe_as_a_bar_not_the_em_dash_ot1_prints():
     """pdflatex's default OT1 font prints a text-mode '|' as '—': a method 'a | b' read 'a — b' in the PDF."""
     from reports.formats import latex_escape
