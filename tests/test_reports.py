@@ -170,6 +170,16 @@ def test_bold_needs_a_gap_strictly_beyond_the_noise_and_a_runner_up():
     assert list(rows(t, field="bold")["S"]) == [True, False]
 
 
+def test_bold_best_needs_two_numbers_in_a_group():
+    from reports.formats import bold_best, cell, make_table
+
+    t = make_table("k", "c", ["Method", "KV ×"], [("", [[cell("a"), cell("2.00×", 2.0)], [cell("b"), cell("1.00×", 1.0)]]),
+                                                    ("g", [[cell("c"), cell("3.00×", 3.0)], [cell("d"), cell("—")]])])
+    bold_best(t, "KV ×")
+    assert list(rows(t, 0, field="bold")["KV ×"]) == [True, False]
+    assert not rows(t, 1, field="bold")["KV ×"].any()  # one number and a '—': no best
+
+
 def test_latex_writes_a_pipe_as_a_bar_not_the_em_dash_ot1_prints():
     """pdflatex's default OT1 font prints a text-mode '|' as '—': a method 'a | b' read 'a — b' in the PDF."""
     from reports.formats import latex_escape
