@@ -273,3 +273,16 @@ def test_the_bfloat16_screen_copy_keeps_the_rotary_frequencies_in_float32(deep):
     cos, sin = model.model.rotary_emb(x, pos)
     cos_n, sin_n = narrow.model.rotary_emb(x.bfloat16(), pos)
     assert max((cos_n.float() - cos).abs().max(), (sin_n.float() - sin).abs().max()) < 8e-3  # cos/sin's own rounding
+
+
+def test_a_screen_with_no_margin_evaluates_the_best_screened_candidate(deep, calib, monkeypatch):
+    """subset_margin=0 (allowed): each step evaluates exactly the candidates screened as the best, not none of them."""
+    from methods.pdtrim import method as pm
+
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")
+    pm._SHARED_STATES.clear()
+    scr = plan(deep[0], calib, "disaggregated", screen="subset", subset_margin=0.0, search_samples=16, sensitivity_samples=8)
+    for steps in scr.info["search_trace"].values():
+        for step in steps:
+            lo = min(step["screened"].values())
+            assert set(step["candidates"]) == {j for j, v in step["screened"].items() if v == lo}
