@@ -231,3 +231,18 @@ def test_pdtrim_heals_when_asked_and_undoes_it(tiny, calib, monkeypatch, kp, kd)
     with pytest.raises(RuntimeError, match="needs healed blocks"):
         with pdtrim(heal=True, **kw).apply(model, plan):
             pass
+
+
+def test_greedy_ties_go_to_the_lower_block(tiny, calib, monkeypatch):
+    """Equal objectives (here every candidate's): the step removes the lowest-numbered block, whatever the order the
+    pruning set lists them in."""
+    from methods.pdtrim import method as pm
+    from methods.pdtrim.search import SearchState
+
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")
+    monkeypatch.setattr(pm, "_SHARED_STATES", {})
+    monkeypatch.setattr(SearchState, "ep", lambda self, removed: 1.0)
+    monkeypatch.setattr(SearchState, "ed", lambda self, removed_decode, removed_prefill: 1.0)
+    m = pdtrim(k_prefill=1, k_decode=2, kv_pruning=False, sensitivity=False, d_t=-1.0, screen="none")  # no real screen
+    plan = m.plan(tiny.model, calib, "disaggregated")
+    assert list(plan.removed_prefill) == [0] and list(plan.removed_decode) == [0, 1]
