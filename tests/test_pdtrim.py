@@ -72,6 +72,9 @@ def test_candidates_come_from_the_pruning_set_first(tiny, calib):
     plan = pdtrim(k_prefill=1, k_decode=1, kv_pruning=False, sensitivity=False, d_t=d_t).plan(tiny.model, calib, "disaggregated")
     assert plan.info["pruning_set"] == [top] and list(plan.removed_prefill) == [top]
     assert list(plan.info["search_trace"]["prefill_k1"][0]["candidates"]) == [str(top)]
+    # P = {i : s_i >= d_t}: a block whose cosine is d_t itself is in it
+    at = pdtrim(k_prefill=1, k_decode=1, kv_pruning=False, sensitivity=False, d_t=max(info["block_cosine"]))
+    assert at.plan(tiny.model, calib, "disaggregated").info["pruning_set"] == [top]
 
 
 def test_annealing_is_deterministic_for_a_seed_and_keeps_the_subset_rule(tiny, calib):
