@@ -82,6 +82,19 @@ def test_moving_the_base_to_the_best_candidate_costs_no_forward_and_changes_no_v
         assert obj.decode(rp | {top, j}, rp) == ref.decode(rp | {top, j}, rp)
 
 
+def test_the_kept_forward_is_the_lowest_candidates_whatever_the_order_they_came_in(tiny, split):
+    """The objective keeps the forward of the lowest candidate seen since the base moved, not the last or the highest:
+    block 3 is left out (removing the last block leaves no layer to run after it, so a resumed base costs nothing)."""
+    obj = StageObjective(tiny.model, split, batch_size=5)
+    for order in ((0, 1, 2), (2, 1, 0)):
+        values = {j: obj.prefill({j}) for j in order}
+        best = min(values, key=values.get)
+        before = obj.layer_token_passes
+        obj.set_prefill_base({best})
+        assert obj.layer_token_passes == before, order
+        obj.set_prefill_base(set())  # back to the dense base (resumed: the next candidates compare afresh)
+
+
 def test_calibration_too_short_for_the_objective_is_bad_input():
     from harness.errors import UsageError
 
