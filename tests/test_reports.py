@@ -54,6 +54,8 @@ def test_quality_table_conventions_bold_and_average():
     assert "acc_norm for HellaSwag" in paper.attrs["caption"] and groups(paper) == ["PD-disaggregated"]
     acc = quality_table(recs, "acc")
     assert list(rows(acc).loc[1, ["HellaSwag", "BoolQ"]]) == ["45.0 ± 1.0", "70.0 ± 1.0"] and "acc everywhere" in acc.attrs["caption"]
+    norm = quality_table(recs, "acc_norm")  # acc_norm where the task has it (HellaSwag), acc elsewhere (BoolQ)
+    assert list(rows(norm).loc[1, ["HellaSwag", "BoolQ", "Avg"]]) == ["30.0 ± 1.0", "70.0 ± 1.0", "50.0 ± 0.7"]
     # within noise: 5-point standard errors make 45 vs 40 (and 70 vs 60) no win, so nothing is bold but the bytes
     noisy = [_fake(r.method, r.mode, {t: {m: v["value"] for m, v in ms.items()} for t, ms in r.scores.items()},
                    removed=r.plan["removed_decode"], kv=r.kv) for r in recs]
