@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -88,6 +92,22 @@ def smollm2():
     from harness.pd.models import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+@contextlib.contextmanager
+def lock_holder(folder: Path, beside: bool = False) -> Iterator[subprocess.Popen]:
+    """Another harness process holding `folder`'s lock (`lock.hold`, or `lock.hold_beside` for a folder replaced
+    whole) from the body's start to its end; yields that process (its pid is what a refusal names)."""
+    hold = "hold_beside" if beside else "hold"
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; from harness.store import lock\n"
+                               f"with lock.{hold}(sys.argv[1]):\n    print('held', flush=True); sys.stdin.readline()",
+                               str(folder)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def random_requests(n: int, vocab: int, seed: int = 0, max_ctx: int = 40, max_cont: int = 6, shared: int = 3):

@@ -122,21 +122,11 @@ def test_an_old_export_that_cannot_be_removed_after_the_swap_leaves_the_new_one_
 def test_a_second_export_into_one_out_is_refused_naming_the_first(tmp_path, capsys):
     """Another process exporting into the same --out holds it: this one exits 2 naming that process, says what
     would go wrong (not "records", which an export does not write) and that another --out works."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
+    from conftest import lock_holder
 
     out = tmp_path / "e"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from harness.store import lock\n"
-                               "with lock.hold_beside(sys.argv[1]):\n    print('held', flush=True); sys.stdin.readline()",
-                               str(out)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with lock_holder(out, beside=True) as holder:
         assert cli_main([*MANUAL, "--out", str(out)]) == 2
-    finally:
-        holder.kill()
-        holder.wait()
     err = capsys.readouterr().err
     assert f"{out} is in use by another harness process (pid {holder.pid}" in err, err
     assert "undo each other's work" in err and "choose another --out" in err and "records" not in err, err

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, lock_holder
 
 from harness.store.records import RunRecord, load_dir, save, save_failure
 from reports.collect import ReportError, collect
@@ -467,20 +467,11 @@ def test_a_rerender_over_a_report_of_an_earlier_version_still_removes_its_stale_
 def test_a_second_report_into_one_out_is_refused_naming_the_first(tmp_path, capsys):
     """Another report writing the same --out holds it: this one exits 2 naming it, and says what would go wrong there
     (tables and figures mixed), not that "two runs" would overwrite "records", which a report folder does not hold."""
-    import sys
-
     from harness.cli import main as cli_main
 
     out = tmp_path / "rep"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from harness.store import lock\n"
-                               "with lock.hold(sys.argv[1]):\n    print('held', flush=True); sys.stdin.readline()",
-                               str(out)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with lock_holder(out) as holder:
         assert cli_main(["report", str(QUALITY), "--no-plots", "--out", str(out)]) == 2
-    finally:
-        holder.kill()
-        holder.wait()
     err = capsys.readouterr().err
     assert f"{out} is in use by another harness process (pid {holder.pid}" in err, err
     assert "two reports writing one folder would mix their tables and figures" in err and "choose another --out" in err, err
