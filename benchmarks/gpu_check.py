@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import random
 import statistics
 import sys
@@ -47,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_check_budget import Budget, estimate_agreement_s, estimate_latency_row_s, estimate_total_s, measure_rates  # noqa: E402
-from gpu_check_report import write_markdown  # noqa: E402
+from gpu_check_report import markdown  # noqa: E402
 
 
 def plans(n: int):
@@ -296,12 +295,10 @@ def parse_args(argv=None):
 
 def save(out: dict, args) -> None:
     """Rewrite the JSON and the table, each replaced whole (a run killed mid-write keeps the previous ones)."""
-    for path, write in ((Path(args.json), lambda p: p.write_text(json.dumps({k: v for k, v in out.items() if not k.startswith("_")},
-                                                                              indent=1, default=str))),
-                        (Path(args.md), lambda p: write_markdown(out, p))):
-        tmp = path.with_name(path.name + ".tmp")
-        write(tmp)
-        os.replace(tmp, path)
+    from harness.store.files import atomic_write
+
+    atomic_write(Path(args.json), json.dumps({k: v for k, v in out.items() if not k.startswith("_")}, indent=1, default=str))
+    atomic_write(Path(args.md), markdown(out))
 
 
 def run_latency(args, device, budget: Budget, out: dict) -> dict:

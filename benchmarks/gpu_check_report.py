@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def _f(x, fmt: str = ".2f") -> str:
     return "—" if x is None else format(x, fmt)
@@ -65,7 +63,8 @@ def _ipc(d: dict) -> list[str]:
             f"{d['metadata_bytes_received']} | {d['tensors_equal']} | {d['handoff_ms']:.2f} | {_verdict(d['pass'])} |"]
 
 
-def write_markdown(out: dict, path: Path) -> None:
+def markdown(out: dict) -> str:
+    """The table of what `out` holds so far (every section optional: it is rewritten as the run goes)."""
     dev = out.get("device", {})
     lines = ["# GPU check", "",
              f"torch {out.get('torch')}, transformers {out.get('transformers')}, device {dev.get('gpu_name') or dev.get('cpu_model') or 'cpu'}; "
@@ -84,4 +83,4 @@ def write_markdown(out: dict, path: Path) -> None:
         lines += ["## Skipped", ""] + [f"- {s['step']}: {s['reason']}" for s in out["skipped"]] + [""]
     if out.get("seconds") is not None:
         lines.append(f"Wall time {out['seconds']:.0f} s.")
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
