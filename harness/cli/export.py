@@ -266,7 +266,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
                          f"{out.name} and renamed onto it); give a new folder in a writable one") from None
 
 
-def _check_replaceable(out: Path, force: bool = True) -> None:
+def _check_replaceable(out: Path, force: bool) -> None:
     """`--force` replaces only a folder this command wrote: marked, and holding nothing it did not write (`force`:
     whether it was given, for what a refusal tells to do next)."""
     try:
