@@ -76,23 +76,29 @@ def test_one_extra_kv_byte_fails(tmp_path):
     assert len(res.failures) == 1 and "kv[boolq].kv_bytes" in res.failures[0] and "(+1)" in res.failures[0]
 
 
+def _judged(tmp_path, task: str, metric: str, stderr: float | None, moves: list) -> tuple:
+    """References whose unpruned/disaggregated `task` `metric` has `stderr`, and a rerun per (move, fails) of `moves`
+    with that score moved (`move(value)`), each checked to fail or pass as `fails` says; (the last check's result,
+    the references, the last rerun)."""
+    ref = tmp_path / "ref"
+    shutil.copytree(REFERENCE, ref)
+    _edit(ref / "quality", "unpruned__disaggregated.json", lambda d: d["scores"][task][metric].update(stderr=stderr))
+    for i, (move, fails) in enumerate(moves):
+        cur = tmp_path / f"cur{i}"
+        shutil.copytree(ref, cur)
+        _edit(cur / "quality", "unpruned__disaggregated.json",
+              lambda d, move=move: d["scores"][task][metric].update(value=move(d["scores"][task][metric]["value"])))
+        res = check(ref, cur)
+        assert res.ok != fails, (i, res.failures)
+    return res, ref, cur
+
+
 def test_two_point_score_drop_fails_and_half_point_noise_passes(tmp_path):
     # The CI references score 24 items per task (stderr ~10 points), so plant the drop on a metric
     # whose stderr is that of a large run (0.4 points): then the 0.5-point floor and 3 × stderr
     # (1.2 points) both sit below 2 points.
-    ref = _copy(tmp_path)
-    shutil.move(ref, tmp_path / "ref")
-    ref = tmp_path / "ref"
-    _edit(ref / "quality", "unpruned__disaggregated.json", lambda d: d["scores"]["arc_easy"]["acc"].update(stderr=0.004))
-
-    def drop(by):
-        return lambda d: d["scores"]["arc_easy"]["acc"].update(value=d["scores"]["arc_easy"]["acc"]["value"] - by, stderr=0.004)
-    for by, fails in ((0.004, False), (0.012, False), (0.02, True)):
-        cur = tmp_path / f"cur{by}"
-        shutil.copytree(ref, cur)
-        _edit(cur / "quality", "unpruned__disaggregated.json", drop(by))
-        res = check(ref, cur)
-        assert res.ok != fails, (by, res.failures)
+    res, ref, cur = _judged(tmp_path, "arc_easy", "acc", 0.004,
+                            [(lambda v, by=by: v - by, fails) for by, fails in ((0.004, False), (0.012, False), (0.02, True))])
     acc = lambda root: 100 * json.loads(next((root / "quality").glob("unpruned__disaggregated.json")).read_text())[  # noqa: E731
         "scores"]["arc_easy"]["acc"]["value"]
     assert res.failures == [f"unpruned/disaggregated: arc_easy acc {acc(ref):.1f} -> {acc(cur):.1f} "
@@ -101,16 +107,7 @@ def test_two_point_score_drop_fails_and_half_point_noise_passes(tmp_path):
 
 def test_an_accuracy_with_a_small_stderr_moves_by_at_most_half_a_point(tmp_path):
     """The accuracy floor is 0.5 points: with stderr 0.1 points (3 × = 0.3) a 0.4-point drop passes, 0.7 fails."""
-    ref = tmp_path / "ref"
-    shutil.copytree(REFERENCE, ref)
-    _edit(ref / "quality", "unpruned__disaggregated.json", lambda d: d["scores"]["arc_easy"]["acc"].update(stderr=0.001))
-    for by, fails in ((0.004, False), (0.007, True)):
-        cur = tmp_path / f"cur{by}"
-        shutil.copytree(ref, cur)
-        _edit(cur / "quality", "unpruned__disaggregated.json",
-              lambda d, by=by: d["scores"]["arc_easy"]["acc"].update(value=d["scores"]["arc_easy"]["acc"]["value"] - by))
-        res = check(ref, cur)
-        assert res.ok != fails, (by, res.failures)
+    res, _, _ = _judged(tmp_path, "arc_easy", "acc", 0.001, [(lambda v: v - 0.004, False), (lambda v: v - 0.007, True)])
     assert len(res.failures) == 1 and "(-0.7 points; allowed ±0.5 = max(3 × stderr 0.10, 0.5) points)" in res.failures[0], \
         res.failures
 
@@ -482,36 +479,15 @@ def test_a_report_of_the_references_leaves_them_updatable(tmp_path, monkeypatch)
 
 def test_per_prompt_length_perplexities_are_checked_as_perplexities(tmp_path):
     """pd_ppl's ppl_T512 is a perplexity (0.5 % of it), not an accuracy (0.005 absolute, shown ×100 as points)."""
-    ref = tmp_path / "ref"
-    shutil.copytree(REFERENCE, ref)
-
-    def zero_se(d):
-        for m in d["scores"]["pd_ppl"].values():
-            m["stderr"] = None  # one article (docs=1): no stderr, so only the floor applies
-    _edit(ref / "quality", "unpruned__disaggregated.json", zero_se)
-    for by, fails in ((1.001, False), (1.01, True)):
-        cur = tmp_path / f"cur{by}"
-        shutil.copytree(ref, cur)
-        _edit(cur / "quality", "unpruned__disaggregated.json",
-              lambda d, by=by: d["scores"]["pd_ppl"]["ppl_T512"].update(value=d["scores"]["pd_ppl"]["ppl_T512"]["value"] * by))
-        res = check(ref, cur)
-        assert res.ok != fails, (by, res.failures)
+    # one article (docs=1): no stderr, so only the floor applies
+    res, _, _ = _judged(tmp_path, "pd_ppl", "ppl_T512", None, [(lambda v: v * 1.001, False), (lambda v: v * 1.01, True)])
     assert len(res.failures) == 1 and "pd_ppl ppl_T512 14.84 -> 14.99 (+0.1484; allowed ±0.0742 = max(3 × stderr 0, " \
                                       "0.5 % = 0.0742))" in res.failures[0], res.failures
 
 
 def test_a_perplexity_moves_by_at_most_three_stderr_not_more(tmp_path):
     """Above the 0.5 % floor a perplexity's allowance is 3 × its stderr: with stderr 0.1, +0.25 passes and +0.45 fails."""
-    ref = tmp_path / "ref"
-    shutil.copytree(REFERENCE, ref)
-    _edit(ref / "quality", "unpruned__disaggregated.json", lambda d: d["scores"]["pd_ppl"]["ppl_T512"].update(stderr=0.1))
-    for by, fails in ((0.25, False), (0.45, True)):
-        cur = tmp_path / f"cur{by}"
-        shutil.copytree(ref, cur)
-        _edit(cur / "quality", "unpruned__disaggregated.json",
-              lambda d, by=by: d["scores"]["pd_ppl"]["ppl_T512"].update(value=d["scores"]["pd_ppl"]["ppl_T512"]["value"] + by))
-        res = check(ref, cur)
-        assert res.ok != fails, (by, res.failures)
+    res, _, _ = _judged(tmp_path, "pd_ppl", "ppl_T512", 0.1, [(lambda v: v + 0.25, False), (lambda v: v + 0.45, True)])
     assert len(res.failures) == 1 and "pd_ppl ppl_T512 14.84 -> 15.29 (+0.45; allowed ±0.3 = max(3 × stderr 0.1, " \
                                       "0.5 % = 0.0742))" in res.failures[0], res.failures
 
