@@ -117,11 +117,12 @@ class PDCache:
         for i in self.layers:
             p = self.positions[i]
             if id(p) not in shared:
-                shared[id(p)] = p.index_select(0, rows)
+                shared[id(p)] = p.index_select(0, rows.to(p.device))
             out.positions[i] = shared[id(p)]
-            out.keys[i] = self.keys[i].index_select(0, rows)
-            out.values[i] = self.values[i].index_select(0, rows)
-        out.window_scores = {i: t.index_select(0, rows) for i, t in self.window_scores.items()}
+            kv_rows = rows.to(self.keys[i].device)  # a model spread over GPUs: K/V on their layer's device
+            out.keys[i] = self.keys[i].index_select(0, kv_rows)
+            out.values[i] = self.values[i].index_select(0, kv_rows)
+        out.window_scores = {i: t.index_select(0, rows.to(t.device)) for i, t in self.window_scores.items()}
         return out
 
 

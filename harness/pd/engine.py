@@ -69,7 +69,8 @@ def run_layers(
     Instead of `input_ids`, `hidden` (batch, q, hidden) may give the input of `layers[0]` (to
     resume a forward from a cached intermediate state). If `collect` is given, the input of each
     layer is stored in it under the layer index. Returns the last layer's hidden states
-    (batch, q, hidden), before the final norm.
+    (batch, q, hidden), before the final norm, on the device of `positions` (the inputs'): with a model spread
+    over GPUs the last layer may sit on another, and callers index the result with tensors made beside the inputs.
     """
     dec = arch.decoder(model)
     mod_layers = dec.layers
@@ -77,7 +78,7 @@ def run_layers(
     groups = model.config.num_attention_heads // arch.kv_heads_and_dim(model.config)[0]
     h = dec.embed_tokens(input_ids) if hidden is None else hidden
     if not layers:
-        return h
+        return h.to(positions.device)
     rot = dec.rotary_emb(h, position_ids=positions.clamp(min=0))
     step_pos = torch.where(valid, positions, torch.full_like(positions, -1))
     fresh_causal = bool(valid.all())  # no padding: a step over an empty cache is plain causal
@@ -99,7 +100,7 @@ def run_layers(
             hit = masks[id(kpos)] = (kpos, mask)
         out = mod_layers[i](h, attention_mask=hit[1], position_embeddings=rot, position_ids=positions, **{cache_kw: cache})
         h = out[0] if isinstance(out, tuple) else out
-    return h
+    return h.to(positions.device)
 
 
 def final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -157,9 +158,9 @@ class Handoff:
             _, dest, pos_out = hit
             cache.positions[l] = pos_out
             for src, dst in ((self.keys, cache.keys), (self.values, cache.values)):
-                t = src[l]
+                t = src[l]  # on its layer's device; positions and counts on the input's
                 full = t.new_zeros((self.n_requests, dest.shape[1], *t.shape[1:]))
-                full[dest] = t
+                full[dest.to(t.device)] = t
                 dst[l] = full.transpose(1, 2).contiguous()
         return cache
 
@@ -196,14 +197,16 @@ def make_handoff(
         if l not in cache.keys:
             raise KeyError(f"layer {l} has no prefill KV (prefill ran {cache.layers})")
         src_pos = cache.positions[l]
+        # K/V sit on their layer's device (a model spread over GPUs); positions, counts and keep masks on the input's
+        kv_rows = rows.to(cache.keys[l].device)
         k = torch.tensor(budgets[l], device=req_len.device, dtype=torch.long)
         observed = _observed(cache, policy, l, rows) if observes else None
         if policy.per_head:
             pos = src_pos.index_select(0, rows)
             keep = _checked(policy, l, policy.keep(l, pos, req_len, k, observed), pos, heads=cache.keys[l].shape[1])
             _check_budget(policy, l, keep, k)
-            keys[l], values[l], positions[l] = _pack_per_head(keep, pos, k, cache.keys[l].index_select(0, rows),
-                                                              cache.values[l].index_select(0, rows))
+            keys[l], values[l], positions[l] = _pack_per_head(keep, pos, k, cache.keys[l].index_select(0, kv_rows),
+                                                              cache.values[l].index_select(0, kv_rows))
             counts[l] = k
             continue
         # without observations, a head-shared keep pattern is fixed by the source positions and the counts
@@ -217,8 +220,9 @@ def make_handoff(
             if not observes:
                 patterns[key] = hit
         keep, positions[l], counts[l] = hit
+        kv_keep = keep.to(kv_rows.device)
         for src, dst in ((cache.keys, keys), (cache.values, values)):
-            dst[l] = src[l].index_select(0, rows).transpose(1, 2)[keep].contiguous()
+            dst[l] = src[l].index_select(0, kv_rows).transpose(1, 2)[kv_keep].contiguous()
     return Handoff(keys, values, positions, counts, n_requests=int(rows.shape[0]))
 
 
@@ -263,7 +267,7 @@ def _observed(cache: PDCache, policy: KVPolicy, layer: int, rows: torch.Tensor) 
     if scores is None:
         raise RuntimeError(f"{policy.kind} policy: layer {layer} has no prefill window scores; run the prefill "
                            "inside harness.pd.kv_select.observe_prefill(model, plan, cache, lengths)")
-    return scores.index_select(0, rows)
+    return scores.index_select(0, rows.to(scores.device)).to(rows.device)  # recorded on the layer's device
 
 
 def _pack_per_head(
@@ -278,8 +282,9 @@ def _pack_per_head(
     order = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)[..., :kmax]  # kept columns first, in order
     dest = torch.arange(kmax, device=k.device)[None, :] < k[:, None]
     positions = pos[:, None, :].expand(R, H, C).gather(2, order).transpose(1, 2)[dest]
-    idx = order[..., None].expand(R, H, kmax, key.shape[-1])
-    packed = [t.gather(2, idx).transpose(1, 2)[dest].contiguous() for t in (key, value)]
+    idx = order.to(key.device)[..., None].expand(R, H, kmax, key.shape[-1])  # K/V: on their layer's device
+    kv_dest = dest.to(key.device)
+    packed = [t.gather(2, idx).transpose(1, 2)[kv_dest].contiguous() for t in (key, value)]
     return packed[0], packed[1], positions
 
 

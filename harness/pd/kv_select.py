@@ -173,10 +173,12 @@ class _Observer:
         if layer in self.layers:
             if key.shape[2] != query.shape[2]:
                 raise RuntimeError("prefill attention is observed in a fresh prefill (queries = keys); this forward extends a cache")
-            kpos = self.cache.step_positions  # a fresh prefill: the keys are this step's tokens
+            # a fresh prefill: the keys are this step's tokens. Positions and lengths: on the input's device; this
+            # layer may sit on another GPU (its scores stay there, beside its K/V)
+            kpos, lengths = self.cache.step_positions.to(query.device), self.lengths.to(query.device)
             window = self.what.queries if self.what.queries is not None else key.shape[2]  # None: every prompt query
             with torch.no_grad():
-                scores = window_attention(query, key, kpos, self.lengths, window, kwargs["scaling"], self.what.per_query_head)
+                scores = window_attention(query, key, kpos, lengths, window, kwargs["scaling"], self.what.per_query_head)
             self.cache.set_window_scores(layer, scores)
         return out
 

@@ -117,6 +117,7 @@ class StagedModel:
         `valid` (R, 1) bool, default all True, may be passed in to keep its allocation out of a
         timed step. `cache` grows by one column per layer.
         """
+        tokens = tokens.to(positions.device)  # the argmax of `logits`: on the LM head's device, maybe another GPU
         if valid is None:
             valid = torch.ones((tokens.shape[0], 1), dtype=torch.bool, device=tokens.device)
         h = run_layers(self.model, self.plan.decode_layers, tokens[:, None], positions[:, None], valid, cache)

@@ -189,6 +189,7 @@ class Scorer:
         """Log-prob and greedy flag of each target token, from hidden rows (N, hidden)."""
         logits = arch.lm_head(self.model)(hidden).float() if normed else self.staged.logits(hidden)
         logp = F.log_softmax(logits, dim=-1)
+        targets = targets.to(logits.device)  # the LM head's device (a model spread over GPUs)
         return logp.gather(1, targets[:, None])[:, 0], logits.argmax(dim=-1) == targets
 
     @staticmethod
@@ -220,7 +221,7 @@ class Scorer:
             rows += [r] * len(x)
             cols += range(len(c) - 1, len(c) - 1 + len(x))
             targets += x
-        h = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
+        h = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
         lp, greedy = self._logprobs(h, torch.tensor(targets, device=self.device), normed=True)
         return self._per_request(lp, greedy, [len(x) for _, x in chunk])
 
