@@ -38,10 +38,11 @@ def compute_block_cosines(model, calib, batch_size: int = 16, desc: str = "block
 
     def hook(i):
         def fn(module, args, kwargs, output):
-            h_in = args[0] if args else kwargs["hidden_states"]
             h_out = output[0] if isinstance(output, tuple) else output
+            # the input as passed in: on the previous block's device when the model is spread over GPUs
+            h_in = (args[0] if args else kwargs["hidden_states"]).to(h_out.device)
             cos = F.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # (B, T)
-            sums[i] += cos[valid[0]].double().sum().cpu()
+            sums[i] += cos[valid[0].to(cos.device)].double().sum().cpu()
         return fn
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]

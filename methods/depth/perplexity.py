@@ -154,7 +154,7 @@ class CalibNLL:
             h = base[start] if start < self.n_layers else base["out"]
             h = run_layers(self.model, layers, None, b.pos, b.valid, PDCache(retain=()), hidden=h)
             logits = final_logits(self.model, h[b.rows, b.cols])
-            total += F.cross_entropy(logits, b.targets, reduction="sum").double().cpu()
+            total += F.cross_entropy(logits, b.targets.to(logits.device), reduction="sum").double().cpu()  # the LM head's device
             self.layer_token_passes += len(layers) * b.tokens
         self.evaluations += 1
         return float(total) / self.n_targets

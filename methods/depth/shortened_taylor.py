@@ -59,8 +59,9 @@ def taylor_scores(model, batches) -> tuple[list[float], float]:
         with torch.enable_grad():
             for b in progress(batches, "shortened_taylor: gradients"):
                 hidden = arch.decoder(model)(input_ids=b.ids, attention_mask=b.valid.long(), use_cache=False).last_hidden_state
-                logits = arch.lm_head(model)(hidden[b.rows, b.cols]).float()
-                loss = F.cross_entropy(logits, b.targets, reduction="sum") / n_targets
+                # hidden: on the last block's device, logits on the LM head's (a model spread over GPUs)
+                logits = arch.lm_head(model)(hidden[b.rows.to(hidden.device), b.cols.to(hidden.device)]).float()
+                loss = F.cross_entropy(logits, b.targets.to(logits.device), reduction="sum") / n_targets
                 loss.backward()
                 loss_total += float(loss.detach())
         with torch.no_grad():

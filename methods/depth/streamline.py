@@ -77,7 +77,9 @@ def run_cosines(model, calib, k: int, batch_size: int) -> list[float]:
         states: dict = {}
         states[n] = run_layers(model, tuple(range(n)), ids, pos, valid, PDCache(retain=()), collect=states)
         for i in range(n - k + 1):
-            sums[i] += F.cosine_similarity(states[i].float(), states[i + k].float(), dim=-1)[valid].double().sum().cpu()
+            a = states[i].float()  # each block's input is on the device of the block before it (a model spread over GPUs)
+            cos = F.cosine_similarity(a, states[i + k].float().to(a.device), dim=-1)
+            sums[i] += cos[valid.to(a.device)].double().sum().cpu()
         count += int(valid.sum())
     return (sums / count).tolist()
 

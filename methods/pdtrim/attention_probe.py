@@ -48,6 +48,7 @@ class _Probe:
         kpos = self.cache.positions[module.layer_idx]  # (B, S), this step's columns included
         t = self.lengths[:, None]
         kept = (kpos >= 0) & ((kpos < self.n_first) | ((kpos >= t - self.n_last) & (kpos < t)))
+        kept = kept.to(weights.device)  # positions: on the input's device; a layer may sit on another GPU
         share = (weights * kept[:, None, None, :]).sum(-1).mean(1)  # (B, q): head-averaged
         self.mass[module.layer_idx] = self.mass.get(module.layer_idx, 0.0) + float(share.sum())
         self.queries[module.layer_idx] = self.queries.get(module.layer_idx, 0) + share.numel()

@@ -90,6 +90,8 @@ class Teacher:
         return cls(neg, None, pb, p)
 
     def __getitem__(self, idx) -> Teacher:
+        if isinstance(idx, torch.Tensor):  # the teacher sits beside the LM head: maybe another GPU than the indices
+            idx = idx.to(self.neg_entropy.device)
         pick = lambda x: None if x is None else x[idx]  # noqa: E731
         return Teacher(self.neg_entropy[idx], pick(self.u), pick(self.pb), pick(self.p))
 
@@ -208,10 +210,11 @@ class StageObjective:
         model = self.model if model is None else model
         normed = arch.decoder(model).norm(hidden)
         z = arch.lm_head(model)(normed).float()
+        normed = normed.to(z.device)  # a model spread over GPUs: the norm's device may not be the head's (the teacher's)
         pz = (teacher.u * normed.float()).sum(-1).double() if teacher.u is not None else (teacher.p * z).sum(-1).double()
         if teacher.pb is not None and teacher.u is not None:
             pz = pz + teacher.pb
-        return (teacher.neg_entropy - pz + torch.logsumexp(z, dim=-1).double()).sum()
+        return (teacher.neg_entropy - pz + torch.logsumexp(z, dim=-1).double()).sum().to(hidden.device)
 
     def _complete(self, inputs: dict, out: torch.Tensor) -> dict:
         """Fill in removed layers' inputs (each equals the input of the next kept layer, or the
