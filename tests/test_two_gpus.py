@@ -1,0 +1,90 @@
+"""`--device-map` over two GPUs, on a CPU: the tiny model spread over two virtual GPUs (tests/virtual_gpus.py) gives
+the unsplit model's scores, generations, KV bytes and plans, for every KV policy kind and every method that does
+not train. Before, a model whose layers sat on two GPUs failed in the handoff (K/V of a later GPU indexed with rows
+made on the first), in the prefill's last-token gather, and in the calibration of shortgpt, sleb, shortened_ppl,
+streamline and PDTrim; each such place is now named by a failing case here.
+
+The two-GPU side runs in a process of its own (a registered device type lasts for the process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import two_gpu_cases as cases
+from virtual_gpus import DEVICE_MAP
+
+from harness.store import records as rec
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def two_gpus(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two-gpus")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+           "HARNESS_CALIBRATION_CACHE": str(out / "calibration")}
+    r = subprocess.run([sys.executable, str(HERE / "virtual_gpus.py"), str(out), str(data_dir)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out
+
+
+def test_the_virtual_gpus_refuse_mixed_devices_as_a_gpu_does(two_gpus):
+    facts = json.loads((two_gpus / "facts.json").read_text())
+    assert "Expected all tensors to be on the same device" in facts["refused"] and "vgpu:0, vgpu:1" in facts["refused"]
+    assert facts["moved_device"] == "vgpu:1" and facts["moved_values"] == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_handed_over_kv_stays_on_its_layers_gpu_and_bookkeeping_beside_the_inputs(two_gpus):
+    """K and V of each decode layer are sent from that layer's GPU (layer 1 sits on vgpu:1); positions and counts
+    stay where the inputs are, so the decode side builds its masks without a copy per layer."""
+    handoff = _ok(json.loads((two_gpus / "facts.json").read_text())["handoff"])
+    layer_device = {l: DEVICE_MAP[f"model.layers.{l}"] for l in (0, 1, 3)}
+    assert layer_device[1] == "vgpu:1" != layer_device[0]
+    assert {int(l): d for l, d in handoff.items()} == {l: [dev, dev, "vgpu:0", "vgpu:0"] for l, dev in layer_device.items()}
+
+
+@pytest.mark.parametrize("case", list(cases.PLANS))
+def test_scores_generations_and_bytes_equal_the_unsplit_models(two_gpus, case):
+    split = _ok(json.loads((two_gpus / "scorer.json").read_text())[case])
+    one = cases.score_all(cases.eager_tiny().model, only=case)[case]
+    assert split["ll"] == one["ll"]
+    assert split["gen"] == one["gen"]
+    assert split["tally"] == one["tally"]
+    if case != "unified":
+        assert one["tally"]["kv_bytes"] > 0
+
+
+def test_every_method_plans_and_scores_as_on_one_device(two_gpus, data_dir, tmp_path):
+    """Every method but those that train, both modes, arc_easy + pd_ppl + passkey: same plan, scores and KV."""
+    one = cases.run_all(tmp_path / "one", str(data_dir))
+    failed = [f"{f['method']}/{f['mode']}: {_where(f['traceback'])}{f['error']}" for f in rec.load_failures(two_gpus / "run")]
+    assert not failed, "\n".join(failed)
+    split = {(r.method, r.mode): r for r in rec.load_dir(two_gpus / "run")}
+    assert len(one) == len(split) == 2 * len(cases.method_names())
+    for r in one:
+        s = split[(r.method, r.mode)]
+        assert s.model["device_map"] == {"vgpu:0": 5, "vgpu:1": 3}
+        plan = {k: v for k, v in r.plan.items() if k != "info"}
+        assert {k: v for k, v in s.plan.items() if k != "info"} == plan, r.method
+        assert s.scores == r.scores, (r.method, r.mode)
+        assert s.kv == r.kv, (r.method, r.mode)
+
+
+def _ok(value):
+    """A two-GPU result, or the test fails with the traceback the two-GPU process caught."""
+    if isinstance(value, dict) and "error" in value:
+        pytest.fail(value["error"], pytrace=False)
+    return value
+
+
+def _where(tb: str) -> str:
+    """The last line of the harness's own code in a traceback ('methods/depth/blocks.py, line 43: '), or ''."""
+    own = [line.strip() for line in tb.splitlines() if line.strip().startswith('File "') and "site-packages" not in line
+           and "virtual_gpus.py" not in line]
+    return f"{own[-1]}: " if own else ""

@@ -1,0 +1,219 @@
+"""Two virtual GPUs on a CPU: a model spread over GPUs (`--device-map`) run where there are none.
+
+Tensors here say they live on `vgpu:0` or `vgpu:1` (torch's PrivateUse1 device, registered from Python) while
+their data is an ordinary CPU tensor inside. Every op is computed on that data, after torch's rule for devices is
+checked: one op's tensors share a device (0-dim CPU tensors and CPU indices aside, copies and moves excepted),
+else the RuntimeError a GPU would raise. So the harness's device bookkeeping (which tensor is made where, which
+is moved) is exercised as on two GPUs, and every number is the CPU's own: results equal the unsplit model's.
+
+Not covered: autograd (the engine has no device queue for a Python-registered device), so methods that train
+(shortened_taylor, PDTrim's healing, streamline's replacement) do not run here.
+
+Registering the device is for the life of the process: `python tests/virtual_gpus.py OUT DATA` does the two-GPU
+runs in a process of its own and writes what tests/test_two_gpus.py compares with the unsplit model:
+OUT/facts.json, OUT/scorer.json and the records of a run of every method under OUT/run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+aten = torch.ops.aten
+NAME = "vgpu"
+# embedding, layers alternating, final norm and LM head on different devices: every hand-over between devices
+# the engine and the methods meet (prefill's and decode's last layers apart, the head away from the inputs)
+DEVICE_MAP = {"model.embed_tokens": "vgpu:0", "model.rotary_emb": "vgpu:0", "model.layers.0": "vgpu:0",
+              "model.layers.1": "vgpu:1", "model.layers.2": "vgpu:1", "model.layers.3": "vgpu:0",
+              "model.norm": "vgpu:0", "lm_head": "vgpu:1"}
+MOVES = {aten.copy_.default, aten._to_copy.default, aten._copy_from.default, aten._copy_from_and_resize.default}
+INDEXING = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
+
+
+class _Backend:
+    """torch.vgpu: two devices, always available."""
+
+    def is_initialized(self):
+        return True
+
+    def is_available(self):
+        return True
+
+    def current_device(self):
+        return 0
+
+    def _is_in_bad_fork(self):
+        return False
+
+    def manual_seed_all(self, seed):
+        pass
+
+    def device_count(self):
+        return 2
+
+
+def register() -> None:
+    """Make `vgpu` a device type of this process (once; it cannot be undone), with the patches it needs:
+    `torch.tensor(..., device=)` copies with the dispatcher's Python keys off (this mode would not see it), and
+    accelerate empties the current accelerator's cache, which a Python device has none of."""
+    from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
+
+    _setup_privateuseone_for_python_backend(NAME, backend_module=_Backend())
+    make = torch.tensor
+
+    def tensor(data, *args, device=None, **kwargs):
+        if device is None or torch.device(device).type != NAME:
+            return make(data, *args, device=device, **kwargs)
+        return make(data, *args, **kwargs).to(device)
+
+    torch.tensor = tensor
+    torch.accelerator.empty_cache = lambda: None
+
+
+class VTensor(torch.Tensor):
+    """A tensor on a virtual device; `elem` holds its data on the CPU."""
+
+    @staticmethod
+    def __new__(cls, elem: torch.Tensor, device: torch.device):
+        r = torch.Tensor._make_wrapper_subclass(cls, elem.size(), strides=elem.stride(), storage_offset=elem.storage_offset(),
+                                                dtype=elem.dtype, layout=elem.layout, device=device,
+                                                requires_grad=elem.requires_grad)
+        r.elem = elem
+        return r
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(f"{func}: a {NAME} tensor used outside VirtualDevices()")
+
+    def tolist(self):  # torch refuses tolist for subclasses; a device tensor's data is readable
+        return self.elem.tolist()
+
+    def __repr__(self):
+        return f"VTensor({self.elem!r}, device={self.device})"
+
+
+class VirtualDevices(TorchDispatchMode):
+    """While active, every op on `vgpu` tensors runs on their CPU data under torch's device rule."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        devices: set[torch.device] = set()
+        targets: list[torch.device] = []
+
+        def unwrap(t, index=False):
+            if isinstance(t, VTensor):
+                devices.add(t.device)
+                return t.elem
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and not index:  # CPU indices may index any device
+                devices.add(t.device)
+            return t
+
+        def retarget(x):  # a factory's or a move's device names the result's; the data is made on the CPU
+            if isinstance(x, torch.device):
+                targets.append(x)
+                return torch.device("cpu")
+            return x
+
+        if func in INDEXING:
+            uargs = (unwrap(args[0]), tree_map(lambda t: unwrap(t, True), args[1]), *tree_map(unwrap, args[2:]))
+        else:
+            uargs = tree_map(unwrap, args)
+        uargs, ukwargs = tree_map(retarget, uargs), tree_map(retarget, tree_map(unwrap, kwargs))
+        if targets:
+            out_dev = targets[0]
+        elif func in MOVES or not devices:  # a copy_ between devices: the result is where its destination is
+            out_dev = _device(args[0]) if args else torch.device("cpu")
+        elif len(devices) > 1:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{', '.join(sorted(map(str, devices)))}! ({func})")
+        else:
+            out_dev = next(iter(devices))
+        out = func(*uargs, **ukwargs)
+        if func._schema.is_mutable and args and isinstance(args[0], torch.Tensor) and func.__name__.split(".")[0].endswith("_"):
+            return args[0]  # an in-place op returns the tensor it changed (its data changed underneath)
+        return tree_map(lambda t: _wrap(t, out_dev), out) if out_dev.type == NAME else out
+
+
+def _device(t) -> torch.device:
+    return t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
+
+
+def _wrap(t, device: torch.device):
+    if not isinstance(t, torch.Tensor) or isinstance(t, VTensor):
+        return t
+    # a view of a tensor made outside inference mode is no inference tensor (autograd shares its base's version
+    # counter): the wrapper must be what its data is
+    with torch.inference_mode(t.is_inference()):
+        return VTensor(t, device)
+
+
+def spread(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` (on the CPU) dispatched over vgpu:0 and vgpu:1 by accelerate, as `--device-map` would."""
+    from accelerate import dispatch_model
+
+    model = dispatch_model(model, DEVICE_MAP)
+    model.hf_device_map = dict(DEVICE_MAP)
+    return model
+
+
+def _facts() -> dict:
+    """What the virtual devices refuse and report, to check that they behave like GPUs at all."""
+    a, rows = torch.zeros(3, 2, device="vgpu:1"), torch.tensor([0, 2], device="vgpu:0")
+    try:
+        a.index_select(0, rows)
+        refused = ""
+    except RuntimeError as e:
+        refused = str(e)
+    moved = a.index_select(0, rows.to(a.device))
+    return {"refused": refused, "moved_device": str(moved.device), "moved_values": moved.tolist()}
+
+
+def main(out: Path, data_dir: str) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import two_gpu_cases as cases  # noqa: E402  (tests/two_gpu_cases.py: the cases both sides run)
+
+    register()
+    import harness.quality.scoring as scoring
+
+    scoring.FORWARD_TOKENS[NAME] = scoring.FORWARD_TOKENS["cpu"]  # the CPU's batching: the same forwards
+    out.mkdir(parents=True, exist_ok=True)
+    with VirtualDevices():
+        model = spread(cases.eager_tiny().model)
+        facts = {**_facts(), "handoff": _caught(lambda: _handoff_devices(model, cases))}
+        (out / "facts.json").write_text(json.dumps(facts))
+        scored = {case: _caught(lambda case=case: cases.score_all(model, only=case)[case]) for case in cases.PLANS}
+        (out / "scorer.json").write_text(json.dumps(scored))
+        try:
+            cases.run_all(out / "run", data_dir, placed=spread)
+        except Exception:  # noqa: BLE001  (failed cells: their .failed.json files say why; the test reads them)
+            traceback.print_exc()
+
+
+def _caught(fn):
+    """fn(), or {"error": its traceback}: each case fails on its own, naming the place."""
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001
+        return {"error": traceback.format_exc(limit=-6)}
+
+
+def _handoff_devices(model, cases) -> dict[str, list[str]]:
+    """Per decode layer of the first/last plan: the devices of the K, V, positions and counts handed over."""
+    from harness.pd.batching import pad_tokens
+    from harness.pd.stages import StagedModel
+
+    staged = StagedModel(model, cases.PLANS["first_last"][1])
+    sent = staged.handoff(staged.prefill(pad_tokens([[1, 2, 3, 4, 5, 6, 7]], torch.device("vgpu:0"))))
+    return {str(l): [str(d[l].device) for d in (sent.keys, sent.values, sent.positions, sent.counts)] for l in sent.keys}
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])
