@@ -99,3 +99,37 @@ def test_layers_that_would_go_to_disk_need_an_offload_folder(data_dir, cli):
     r = cli("--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned", "--tasks", "arc_easy",
             "--device-map", "auto", "--max-memory", "cpu=400KB", data_dir=data_dir)
     assert r.returncode == 2 and "add --offload-folder DIR" in r.stderr and "Traceback" not in r.stderr
+
+
+PDTRIM_SMALL = ("calib.n_samples=8", "calib.max_tokens=64", "pdtrim.k_prefill=1", "pdtrim.k_decode=2", "pdtrim.d_t=-1.0",
+                "pdtrim.search_samples=6", "pdtrim.sensitivity_samples=2", "pdtrim.max_cont=8", "pdtrim.probe_prompts=2",
+                "pdtrim.probe_tokens=64", "pdtrim.probe_steps=2")
+
+
+def _screen_of(record) -> dict | None:
+    found = [v for k, v in _walk(record.plan["info"]) if k == "screen"]
+    assert found, "the search records its screen"
+    return found[0]
+
+
+def _walk(d, depth=0):
+    for k, v in d.items():
+        yield k, v
+        if isinstance(v, dict) and depth < 3:
+            yield from _walk(v, depth + 1)
+
+
+def test_pdtrim_screens_a_placed_model_without_copying_it(data_dir, tmp_path, monkeypatch):
+    """Where bfloat16 is fast, PDTrim's search screened on a bfloat16 copy of the whole model: a placed model (spread
+    because it does not fit one device) was copied, and one with offloaded layers failed the cell (accelerate:
+    "You can't move a model that has some modules offloaded"). It now screens with the float32 subset objective."""
+    from methods.pdtrim import screen
+
+    monkeypatch.setattr(screen, "bfloat16_is_fast", lambda device: True)  # as on an AMX CPU or a GPU
+    cfg = RunConfig(model="random:tiny", methods=("pdtrim",), tasks=("arc_easy",), limit=2, modes=("disaggregated",),
+                    device="cpu", data_dir=str(data_dir), overrides=PDTRIM_SMALL, device_map=SPLIT[0],
+                    max_memory=SPLIT[1], offload_folder=str(tmp_path / "off"))
+    [record] = pipeline.run(cfg, tmp_path / "placed")
+    assert _screen_of(record)["dtype"] == "float32"
+    with pytest.raises(pipeline.CellsFailed, match="pdtrim.screen=bfloat16 screens on a bfloat16 copy"):
+        pipeline.run(RunConfig(**{**cfg.__dict__, "overrides": (*PDTRIM_SMALL, "pdtrim.screen=bfloat16")}), tmp_path / "b")

@@ -80,7 +80,8 @@ class PDTrim(Method):
         # screen each step's candidates (methods/pdtrim/screen.py) and evaluate on all search sequences only those
         # within the margin of the best screened value. "bfloat16": on a bfloat16 copy of a float32 model;
         # "subset": by the objective on the sensitivity sequences alone (when fewer than the search's);
-        # "auto": bfloat16 where the device computes it in hardware (AVX512-BF16/AMX CPU, bf16 GPU), else subset;
+        # "auto": bfloat16 where the device computes it in hardware (AVX512-BF16/AMX CPU, bf16 GPU), else subset
+        # (always subset for a model placed with --device-map: it is never copied);
         # "none": every candidate on all sequences
         screen: str = "auto"
         screen_margin: float = 0.015  # relative; 2.3x the largest gap between two near candidates' screen errors on SmolLM2

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 
 import torch
 
+from harness.errors import UsageError
 from harness.pd.cache import PDCache
 
 SCREEN_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "subset": None, "none": None}  # auto: bfloat16 where fast
@@ -55,7 +56,14 @@ def screen_dtype(model, screen: str) -> torch.dtype | None:
 def screen_kind(model, screen: str, subset: bool) -> str | None:
     """What screens the search: "bfloat16" (a narrow copy of the model, `screen_dtype`), "subset" (the float32
     objective on the sensitivity sequences alone; `subset`: they are fewer than the search's) or None.
-    "auto" takes bfloat16 where the device computes it in hardware and the subset elsewhere."""
+    "auto" takes bfloat16 where the device computes it in hardware and the subset elsewhere. A model placed by
+    accelerate (`--device-map`) is never copied: it was spread because it does not fit one device, and a copy
+    of a model with offloaded modules cannot even be moved to the narrow type."""
+    if getattr(model, "hf_device_map", None):
+        if screen == "bfloat16":
+            raise UsageError("pdtrim.screen=bfloat16 screens on a bfloat16 copy of the model; a model placed with "
+                             "--device-map is not copied: use pdtrim.screen=auto (the subset screen) or none")
+        screen = "subset" if screen == "auto" else screen
     if screen == "auto":
         screen = "bfloat16" if screen_dtype(model, "auto") is not None else "subset"
     if screen == "bfloat16":
