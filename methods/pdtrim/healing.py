@@ -83,8 +83,8 @@ def heal(model, batches: list[tuple[torch.Tensor, torch.Tensor]], runs: list[tup
             data.append((got[run[0]].clone().float(), got[j + 1].clone().float(), pos.clone(), mask.bool().clone()))
 
         def loss_of(x, y, pos, valid, layer=layer):
-            pred = _layer_forward(model, layer, x, pos, valid)
-            return ((pred - y) ** 2)[valid].mean()
+            pred = _layer_forward(model, layer, x, pos, valid)  # on the block's device (a model spread over GPUs)
+            return ((pred - y.to(pred.device)) ** 2)[valid.to(pred.device)].mean()
 
         before = _mse(loss_of, data)
         for step in range(steps):
