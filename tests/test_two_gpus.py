@@ -60,6 +60,14 @@ def test_scores_generations_and_bytes_equal_the_unsplit_models(two_gpus, case):
         assert one["tally"]["kv_bytes"] > 0
 
 
+@pytest.mark.parametrize("case", list(cases.PLANS))
+def test_latency_on_one_gpu_hands_over_the_cpus_bytes_and_tokens(two_gpus, case):
+    """`latency` with the model on vgpu:1, eager and static decode: every tensor its steps make is on the model's
+    device (a stray CPU tensor would be refused), and the bytes and greedy tokens are the CPU run's."""
+    on_gpu = _ok(json.loads((two_gpus / "latency.json").read_text())[case])
+    assert on_gpu == cases.latency_all(cases.eager_tiny().model, case)
+
+
 def test_every_method_plans_and_scores_as_on_one_device(two_gpus, data_dir, tmp_path):
     """Every method but those that train, both modes, arc_easy + pd_ppl + passkey: same plan, scores and KV."""
     one = cases.run_all(tmp_path / "one", str(data_dir))

@@ -78,6 +78,18 @@ def score_all(model, only: str | None = None) -> dict[str, dict]:
     return out
 
 
+def latency_all(model, case: str) -> dict[str, dict]:
+    """Per decode mode (eager, static): the bytes a latency run of case `case` hands over and its greedy tokens."""
+    from harness.latency.measure import Workload, measure
+
+    mode, plan = PLANS[case]
+    out = {}
+    for decode_mode in ("eager", "static"):
+        m = measure(model, plan, Workload(32, 4, 2), warmup=1, repeats=1, decode_mode=decode_mode)
+        out[decode_mode] = {"kv_bytes": m.kv_bytes, "kv_bytes_paged": m.kv_bytes_paged, "tokens": m.tokens.tolist()}
+    return out
+
+
 def method_names() -> list[str]:
     import methods
 

@@ -11,7 +11,8 @@ Not covered: autograd (the engine has no device queue for a Python-registered de
 
 Registering the device is for the life of the process: `python tests/virtual_gpus.py OUT DATA` does the two-GPU
 runs in a process of its own and writes what tests/test_two_gpus.py compares with the unsplit model:
-OUT/facts.json, OUT/scorer.json and the records of a run of every method under OUT/run.
+OUT/facts.json, OUT/scorer.json, OUT/latency.json (latency runs on one virtual GPU) and the records of a run of
+every method under OUT/run.
 """
 
 from __future__ import annotations
@@ -191,6 +192,9 @@ def main(out: Path, data_dir: str) -> None:
         (out / "facts.json").write_text(json.dumps(facts))
         scored = {case: _caught(lambda case=case: cases.score_all(model, only=case)[case]) for case in cases.PLANS}
         (out / "scorer.json").write_text(json.dumps(scored))
+        one = cases.eager_tiny().model.to("vgpu:1")  # latency runs on one GPU (not the first: nothing may assume 0)
+        timed = {case: _caught(lambda case=case: cases.latency_all(one, case)) for case in cases.PLANS}
+        (out / "latency.json").write_text(json.dumps(timed))
         try:
             cases.run_all(out / "run", data_dir, placed=spread)
         except Exception:  # noqa: BLE001  (failed cells: their .failed.json files say why; the test reads them)
