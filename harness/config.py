@@ -134,7 +134,7 @@ def coerce(raw: str, hint: Any, where: str, nonfinite: bool = False) -> Any:
         try:
             value = float(raw)
         except ValueError:
-            raise UsageError(f"--set {where}={raw}: expected float") from None
+            raise UsageError(f"--set {where}={raw}: expected {_EXPECTED[float]}, got {raw!r}") from None
         if not math.isfinite(value):
             raise UsageError(f"--set {where}={raw}: expected a finite number")
         return value
@@ -149,8 +149,12 @@ def coerce(raw: str, hint: Any, where: str, nonfinite: bool = False) -> Any:
         if hint in (int, float, str):
             return hint(raw)
     except ValueError:
-        raise UsageError(f"--set {where}={raw}: expected {getattr(hint, '__name__', hint)}") from None
+        what = _EXPECTED.get(hint, getattr(hint, "__name__", hint))
+        raise UsageError(f"--set {where}={raw}: expected {what}, got {raw!r}") from None
     raise UsageError(f"--set {where}: unsupported option type {hint}")
+
+
+_EXPECTED = {int: "int (a whole number)", float: "float (a number, e.g. 0.5)", bool: "bool (true or false)"}
 
 
 def expand_tasks(tasks: typing.Iterable[str]) -> tuple[str, ...]:
