@@ -388,15 +388,17 @@ def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path, t_star
     print(f"\nrecords and summary.csv in {out} ({time.perf_counter() - start:.0f}s)")
     if dist.is_main:
         print(tracker.timing_line(), file=sys.stderr, flush=True)
-    if not failures:
-        return 0
-    n_cells = len(prepared.methods) * len(cfg.modes)
+    return _failed(failures, len(prepared.methods) * len(cfg.modes), dist.is_main) if failures else 0
+
+
+def _failed(failures: list, n_cells: int, is_main: bool) -> int:
+    """Print the failed cells and what to do; the exit status: 2 when every failure was bad input (what to change
+    is in the message), 1 for crashes / OOM."""
     # a rerun retries only the failed cells; one refused for bad input fails the same way until the input changes
     then = "fix what each names, then rerun" if all(f.bad_input for f in failures) else "rerun the same command"
     print(f"{len(failures)} of {n_cells} cells FAILED (the others finished; {then} to retry only these):")
     for f in failures:
         print(f"  {f.line()}")
-        if dist.is_main:
+        if is_main:
             print(f"error: {f.method}/{f.mode}: {f.error}", file=sys.stderr)
-    # exit 2 when every failure was bad input (what to change is in the message), 1 for crashes / OOM
     return 2 if all(f.bad_input for f in failures) else 1
