@@ -101,6 +101,19 @@ def test_layers_that_would_go_to_disk_need_an_offload_folder(data_dir, cli):
     assert r.returncode == 2 and "add --offload-folder DIR" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_device_map_under_data_parallel_ranks_is_refused_before_anything_starts(data_dir, cli, monkeypatch):
+    """Each rank would spread its own copy of the model over every GPU it sees (2 ranks on 2 GPUs: two models on
+    each GPU, not data parallelism); refused before the ranks' process group is set up."""
+    from harness.quality import distributed
+
+    monkeypatch.setattr(distributed, "current", lambda: pytest.fail("the process group was set up first"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = cli("--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned", "--tasks", "arc_easy",
+            "--device-map", "auto", data_dir=data_dir)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--device-map under 2 data-parallel ranks: each rank would spread its own copy" in r.stderr
+
+
 PDTRIM_SMALL = ("calib.n_samples=8", "calib.max_tokens=64", "pdtrim.k_prefill=1", "pdtrim.k_decode=2", "pdtrim.d_t=-1.0",
                 "pdtrim.search_samples=6", "pdtrim.sensitivity_samples=2", "pdtrim.max_cont=8", "pdtrim.probe_prompts=2",
                 "pdtrim.probe_tokens=64", "pdtrim.probe_steps=2")

@@ -277,6 +277,10 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
         os.environ["TQDM_DISABLE"] = "1"  # before torch imports tqdm, which reads it once, at import
     from harness.quality import distributed  # torch: only after parsing, so --help and bad flags stay fast
 
+    if args.device_map and distributed.launched_world_size() > 1:
+        raise UsageError(f"--device-map under {distributed.launched_world_size()} data-parallel ranks: each rank would "
+                         "spread its own copy of the model over every GPU it sees; run one process with --device-map "
+                         "(a model larger than one GPU), or data-parallel ranks without it (a model per GPU)")
     dist = distributed.current()
     if not dist.is_main:  # one voice: rank 0 reports, the others work silently
         args.quiet = True
