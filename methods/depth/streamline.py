@@ -62,7 +62,8 @@ class ResidualFFN(nn.Module):
         self.norm, self.mlp = norm, mlp
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.mlp(self.norm(h))
+        # a copy of a placed block's MLP computes on that block's device; h comes from the block before the run
+        return h + self.mlp(self.norm(h)).to(h.device)
 
 
 @torch.inference_mode()
@@ -94,9 +95,10 @@ def run_pairs(model, calib, start: int, k: int, batch_size: int) -> tuple[torch.
         pos = torch.arange(ids.shape[1], device=device)[None].expand_as(ids)
         states: dict = {}
         states[start + k] = run_layers(model, tuple(range(start + k)), ids, pos, valid, PDCache(retain=()), collect=states)
-        xs.append(states[start][valid].float())
-        ys.append(states[start + k][valid].float())
-    return torch.cat(xs), torch.cat(ys)
+        # each block's input is on the device of the block before it (a model spread over GPUs)
+        xs.append(states[start][valid.to(states[start].device)].float())
+        ys.append(states[start + k][valid.to(states[start + k].device)].float())
+    return torch.cat(xs), torch.cat(ys).to(xs[0].device)
 
 
 def train_replacement(model, block: int, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch_tokens: int,
