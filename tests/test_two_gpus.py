@@ -1,8 +1,9 @@
 """`--device-map` over two GPUs, on a CPU: the tiny model spread over two virtual GPUs (tests/virtual_gpus.py) gives
 the unsplit model's scores, generations, KV bytes and plans, for every KV policy kind and every method that does
-not train. Before, a model whose layers sat on two GPUs failed in the handoff (K/V of a later GPU indexed with rows
-made on the first), in the prefill's last-token gather, and in the calibration of shortgpt, sleb, shortened_ppl,
-streamline and PDTrim; each such place is now named by a failing case here.
+not need gradients (streamline's replacement and PDTrim's healing with 0 training steps). Before, a model whose
+layers sat on two GPUs failed in the handoff (K/V of a later GPU indexed with rows made on the first), in the
+scorer, and in the calibration of shortgpt, sleb, shortened_ppl, streamline (its replacement too), PDTrim and its
+healing; each such place is now named by a failing case here.
 
 The two-GPU side runs in a process of its own (a registered device type lasts for the process)."""
 
@@ -43,6 +44,8 @@ def test_the_virtual_gpus_refuse_mixed_devices_as_a_gpu_does(two_gpus):
     facts = json.loads((two_gpus / "facts.json").read_text())
     assert "Expected all tensors to be on the same device" in facts["refused"] and "vgpu:0, vgpu:1" in facts["refused"]
     assert facts["moved_device"] == "vgpu:1" and facts["moved_values"] == [[0.0, 0.0], [0.0, 0.0]]
+    assert facts["scalar_added"] == [[2.0, 2.0]] * 3  # a CPU scalar in an elementwise op, as CUDA allows
+    assert "vgpu:1" in facts["scalar_refused"] and "cpu" in facts["scalar_refused"]  # not as an index: CUDA refuses
 
 
 def test_handed_over_kv_stays_on_its_layers_gpu_and_bookkeeping_beside_the_inputs(two_gpus):
@@ -63,6 +66,14 @@ def test_scores_generations_and_bytes_equal_the_unsplit_models(two_gpus, case):
     assert split["tally"] == one["tally"]
     if case != "unified":
         assert one["tally"]["kv_bytes"] > 0
+
+
+def test_copies_that_methods_train_take_their_data_across_gpus(two_gpus):
+    """streamline's replacement for a run on either side of a device boundary (its data and its output installed)
+    and PDTrim's healed blocks: the unsplit model's numbers. The replacement took its input from one GPU and its
+    MLP's output from another, and indexed a later GPU's states with a mask made on the first."""
+    split = _ok(json.loads((two_gpus / "trained.json").read_text()))
+    assert split == json.loads(json.dumps(cases.trained_copies(cases.eager_tiny().model)))
 
 
 @pytest.mark.parametrize("case", list(cases.PLANS))

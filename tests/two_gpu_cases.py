@@ -28,13 +28,16 @@ PLANS = {
     "pyramidkv": ("disaggregated", PruningPlan("py", 4, PREFILL, (0, 1, 3), kv_policy=KVPolicy(
         kind="pyramidkv", budget=KVBudget(match=FIRST_LAST), window=4, kernel=3))),
 }
-# every registered method but those that train (autograd does not run on the virtual device)
+# every registered method but those that need gradients (autograd does not run on the virtual device); streamline's
+# replacement and PDTrim's healing run with 0 training steps
 TRAINING = {"shortened_taylor", "stage:shortened_taylor", "manual"}
 SETS = (
     "calib.n_samples=8", "calib.max_tokens=64", "pd_ppl.prompt_tokens=64", "pd_ppl.cont_tokens=8", "pd_ppl.docs=2",
     "passkey.lengths=384", "passkey.depths=0.5", "passkey.max_new_tokens=6",
     *(f"{m}.k=1" for m in ("shortgpt", "random", "tail", "sleb", "shortened_ppl", "streamline")),
     "shortened_ppl.keep_first=1", "shortened_ppl.keep_last=1",
+    # training methods with no step: their copies of placed blocks and the data they feed them, without autograd
+    "streamline.replace=ffn", "streamline.replace_steps=0", "pdtrim.heal=true", "pdtrim.heal_steps=0",
     "pdtrim.k_prefill=1", "pdtrim.k_decode=2", "pdtrim.k_unified=2", "pdtrim.d_t=-1.0", "pdtrim.search_samples=4",
     "pdtrim.max_cont=8", "pdtrim.probe_prompts=2", "pdtrim.probe_tokens=64", "pdtrim.probe_steps=2",
     "pdtrim.n_first=2", "pdtrim.n_last=4",
@@ -87,6 +90,38 @@ def latency_all(model, case: str) -> dict[str, dict]:
     for decode_mode in ("eager", "static"):
         m = measure(model, plan, Workload(32, 4, 2), warmup=1, repeats=1, decode_mode=decode_mode)
         out[decode_mode] = {"kv_bytes": m.kv_bytes, "kv_bytes_paged": m.kv_bytes_paged, "tokens": m.tokens.tolist()}
+    return out
+
+
+CALIB_ROWS = [[5, 9, 17, 3, 8, 11, 2, 40, 7], [7, 1, 9, 30, 12, 4], [3, 3, 8, 21, 60, 2, 9, 14, 5, 77]]
+
+
+def trained_copies(model) -> dict[str, dict]:
+    """The copies methods train, with 0 steps (autograd does not run on the virtual devices): streamline's
+    replacement for each one-block run (data, MSE, the model's output with it installed) and PDTrim's healed
+    block after each run (its MSE). Runs on both sides of each device boundary."""
+    from harness.pd import arch
+    from harness.pd.batching import pad_tokens
+    from harness.pd.cache import PDCache
+    from harness.pd.engine import run_layers
+    from harness.quality.calibration import CalibrationSet
+    from methods.depth import streamline
+    from methods.pdtrim import healing
+
+    calib = CalibrationSet([], CALIB_ROWS)
+    batch = pad_tokens(CALIB_ROWS, arch.model_device(model))
+    out = {}
+    for start in range(arch.n_layers(model) - 1):
+        x, y = streamline.run_pairs(model, calib, start, 1, 2)
+        ffn, report = streamline.train_replacement(model, start, x, y, 0, 1e-3, 16, 0)
+        with streamline.installed(model, [start], ffn):
+            h = run_layers(model, [i for i in range(arch.n_layers(model)) if i != start], batch.ids, batch.positions,
+                           batch.valid, PDCache(retain=()))
+        out[f"streamline {start}"] = {"x": float(x.sum()), "y": float(y.sum()), "mse": report["mse_before"],
+                                      "out": float(h[batch.valid].double().sum())}
+    runs = [((i,), i + 1) for i in range(arch.n_layers(model) - 1)]
+    _, report = healing.heal(model, list(calib.batches(2, arch.model_device(model))), runs, 0, 1e-3, 0)
+    out["healing"] = {j: (r["mse_before"], r["mse_after"]) for j, r in report.items()}
     return out
 
 

@@ -2,17 +2,17 @@
 
 Tensors here say they live on `vgpu:0` or `vgpu:1` (torch's PrivateUse1 device, registered from Python) while
 their data is an ordinary CPU tensor inside. Every op is computed on that data, after torch's rule for devices is
-checked: one op's tensors share a device (0-dim CPU tensors and CPU indices aside, copies and moves excepted),
-else the RuntimeError a GPU would raise. So the harness's device bookkeeping (which tensor is made where, which
+checked: one op's tensors share a device (CPU scalars in elementwise ops and CPU indices aside, copies and moves
+excepted), else the RuntimeError a GPU would raise. So the harness's device bookkeeping (which tensor is made where, which
 is moved) is exercised as on two GPUs, and every number is the CPU's own: results equal the unsplit model's.
 
-Not covered: autograd (the engine has no device queue for a Python-registered device), so methods that train
-(shortened_taylor, PDTrim's healing, streamline's replacement) do not run here.
+Not covered: autograd (the engine has no device queue for a Python-registered device). shortened_taylor does not
+run here; PDTrim's healing and streamline's replacement run with 0 training steps (their copies and data, no step).
 
 Registering the device is for the life of the process: `python tests/virtual_gpus.py OUT DATA` does the two-GPU
 runs in a process of its own and writes what tests/test_two_gpus.py compares with the unsplit model:
-OUT/facts.json, OUT/scorer.json, OUT/latency.json (latency runs on one virtual GPU) and the records of a run of
-every method under OUT/run.
+OUT/facts.json, OUT/scorer.json, OUT/trained.json (the copies training methods make, with 0 steps),
+OUT/latency.json (latency runs on one virtual GPU) and the records of a run of every method under OUT/run.
 """
 
 from __future__ import annotations
@@ -109,11 +109,15 @@ class VirtualDevices(TorchDispatchMode):
         devices: set[torch.device] = set()
         targets: list[torch.device] = []
 
+        # a CPU scalar (0-dim) may join a device tensor in an elementwise op, or be index_put_'s value; elsewhere
+        # (index_select, embedding, stack, matmuls) CUDA refuses it as it refuses any CPU tensor
+        scalar_ok = torch.Tag.pointwise in func.tags or func in INDEXING
+
         def unwrap(t, index=False):
             if isinstance(t, VTensor):
                 devices.add(t.device)
                 return t.elem
-            if isinstance(t, torch.Tensor) and t.dim() > 0 and not index:  # CPU indices may index any device
+            if isinstance(t, torch.Tensor) and not index and (t.dim() > 0 or not scalar_ok):  # CPU indices: any device
                 devices.add(t.device)
             return t
 
@@ -174,7 +178,14 @@ def _facts() -> dict:
     except RuntimeError as e:
         refused = str(e)
     moved = a.index_select(0, rows.to(a.device))
-    return {"refused": refused, "moved_device": str(moved.device), "moved_values": moved.tolist()}
+    scalar = torch.tensor(2.0)  # a CPU scalar: fine in elementwise ops, refused as an embedding's index
+    try:
+        torch.nn.functional.embedding(torch.tensor(1), a)
+        scalar_refused = ""
+    except RuntimeError as e:
+        scalar_refused = str(e)
+    return {"refused": refused, "moved_device": str(moved.device), "moved_values": moved.tolist(),
+            "scalar_added": (a + scalar).tolist(), "scalar_refused": scalar_refused}
 
 
 def main(out: Path, data_dir: str) -> None:
@@ -192,6 +203,7 @@ def main(out: Path, data_dir: str) -> None:
         (out / "facts.json").write_text(json.dumps(facts))
         scored = {case: _caught(lambda case=case: cases.score_all(model, only=case)[case]) for case in cases.PLANS}
         (out / "scorer.json").write_text(json.dumps(scored))
+        (out / "trained.json").write_text(json.dumps(_caught(lambda: cases.trained_copies(model))))
         one = cases.eager_tiny().model.to("vgpu:1")  # latency runs on one GPU (not the first: nothing may assume 0)
         timed = {case: _caught(lambda case=case: cases.latency_all(one, case)) for case in cases.PLANS}
         (out / "latency.json").write_text(json.dumps(timed))
