@@ -146,3 +146,20 @@ def test_pdtrim_screens_a_placed_model_without_copying_it(data_dir, tmp_path, mo
     assert _screen_of(record)["dtype"] == "float32"
     with pytest.raises(pipeline.CellsFailed, match="pdtrim.screen=bfloat16 screens on a bfloat16 copy"):
         pipeline.run(RunConfig(**{**cfg.__dict__, "overrides": (*PDTRIM_SMALL, "pdtrim.screen=bfloat16")}), tmp_path / "b")
+
+
+@pytest.mark.parametrize("method, sets", [
+    ("shortened_taylor", ("shortened_taylor.k=1", "shortened_taylor.keep_first=1", "shortened_taylor.keep_last=1")),
+    ("streamline", ("streamline.k=1", "streamline.replace=ffn", "streamline.replace_steps=2")),
+    ("pdtrim", (*PDTRIM_SMALL[2:], "pdtrim.heal=true", "pdtrim.heal_steps=2")),
+])
+def test_methods_that_train_refuse_offloaded_layers(method, sets, data_dir, tmp_path):
+    """An offloaded layer's parameters are `meta` (accelerate loads a copy for each forward): Taylor scores gave those
+    blocks 0 (removed first), and healing and the replacement trained copies of nothing, all without a word."""
+    cfg = RunConfig(model="random:tiny", methods=(method,), tasks=("arc_easy",), limit=2, modes=("disaggregated",),
+                    device="cpu", data_dir=str(data_dir), overrides=("calib.n_samples=8", "calib.max_tokens=64", *sets),
+                    device_map=SPLIT[0], max_memory=SPLIT[1], offload_folder=str(tmp_path / "off"))
+    with pytest.raises(pipeline.CellsFailed, match=r"needs the weights of every decoder layer resident, but --device-map "
+                                                   r"offloaded layers \[1, 2, 3\] to CPU memory or disk") as e:
+        pipeline.run(cfg, tmp_path / "out")
+    assert all(f.bad_input for f in e.value.failures)  # exit 2: what to change is in the message

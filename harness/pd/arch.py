@@ -98,6 +98,19 @@ def check_full_attention(config, spec: str) -> None:
                          "with full attention in every layer")
 
 
+def need_resident_weights(model: nn.Module, what: str) -> None:
+    """Refuse (UsageError) when decoder layers of `model` are offloaded by `--device-map` (their parameters on `meta`,
+    the weights in CPU memory or on disk, loaded for each forward): `what` reads or trains the weights themselves,
+    and an offloaded parameter gets no gradient (accelerate swaps in a loaded copy), nor can it be copied."""
+    off = [i for i, layer in enumerate(decoder_layers(model)) if any(p.device.type == "meta" for p in layer.parameters())]
+    if off:
+        from harness.errors import UsageError
+
+        raise UsageError(f"{what} needs the weights of every decoder layer resident, but --device-map offloaded layers "
+                         f"{off} to CPU memory or disk: give them room on the GPUs (--max-memory), or choose another "
+                         "method or option")
+
+
 def strided_sample(flat: torch.Tensor) -> torch.Tensor:
     """The values of a flattened tensor the fingerprints read: its first and last 8 and ~1,000 evenly strided between
     (an edit anywhere in a tensor of up to ~1,000 values, or of a stride's worth in a larger one, changes them)."""

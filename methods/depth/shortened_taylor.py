@@ -90,6 +90,7 @@ class ShortenedTaylor(SampledRankedMethod):
         if calib is None:
             raise UsageError("shortened_taylor needs a calibration set")
         c = self.config
+        arch.need_resident_weights(model, "shortened_taylor (the gradients of the weights)")  # else offloaded blocks score 0
         rows = calibration_rows(calib.input_ids, c.samples, c.seed)
         batches = make_batches(rows, arch.model_device(model), c.batch_size, c.batch_tokens)
         t0 = time.perf_counter()

@@ -218,6 +218,7 @@ class Streamline(Method):
         key = (*content_key(model, calib), keep)
         if key in self._reports:  # both modes remove the same run: train once
             return self._reports[key]
+        arch.need_resident_weights(model, "streamline.replace=ffn (training a copy of a block's MLP)")
         t0 = time.perf_counter()
         x, y = run_pairs(model, calib, run[0], len(run), c.batch_size)
         ffn, report = train_replacement(model, run[0], x, y, c.replace_steps, c.replace_lr, c.replace_batch_tokens, c.seed)

@@ -180,6 +180,8 @@ class PDTrim(Method):
             return plan.replace(info={**plan.info, "healing": {"enabled": False}})
         from methods.pdtrim.healing import heal, healing_runs
 
+        arch.need_resident_weights(model, "pdtrim.heal=true (training copies of blocks)")
+
         runs = [(r, j) for r, j in healing_runs(sorted(removed_both), st.distill_set, st.n) if j in plan.decode_layers]
         t0 = time.perf_counter()
         rows = random.Random(c.seed).sample(calib.input_ids, min(c.heal_samples, len(calib.input_ids)))
