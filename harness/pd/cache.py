@@ -117,7 +117,7 @@ class PDCache:
         for i in self.layers:
             p = self.positions[i]
             if id(p) not in shared:
-                shared[id(p)] = p.index_select(0, rows.to(p.device))
+                shared[id(p)] = p.index_select(0, rows)  # positions: beside the inputs, as `rows` is
             out.positions[i] = shared[id(p)]
             kv_rows = rows.to(self.keys[i].device)  # a model spread over GPUs: K/V on their layer's device
             out.keys[i] = self.keys[i].index_select(0, kv_rows)
