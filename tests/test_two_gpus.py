@@ -46,6 +46,7 @@ def test_the_virtual_gpus_refuse_mixed_devices_as_a_gpu_does(two_gpus):
     assert facts["moved_device"] == "vgpu:1" and facts["moved_values"] == [[0.0, 0.0], [0.0, 0.0]]
     assert facts["scalar_added"] == [[2.0, 2.0]] * 3  # a CPU scalar in an elementwise op, as CUDA allows
     assert "vgpu:1" in facts["scalar_refused"] and "cpu" in facts["scalar_refused"]  # not as an index: CUDA refuses
+    assert "for generator but found 'cpu'" in facts["generator_refused"]
 
 
 def test_handed_over_kv_stays_on_its_layers_gpu_and_bookkeeping_beside_the_inputs(two_gpus):

@@ -34,6 +34,8 @@ DEVICE_MAP = {"model.embed_tokens": "vgpu:0", "model.rotary_emb": "vgpu:0", "mod
               "model.layers.1": "vgpu:1", "model.layers.2": "vgpu:1", "model.layers.3": "vgpu:0",
               "model.norm": "vgpu:0", "lm_head": "vgpu:1"}
 MOVES = {aten.copy_.default, aten._to_copy.default, aten._copy_from.default, aten._copy_from_and_resize.default}
+RESHAPED_IN_PLACE = {aten.unsqueeze_.default, aten.squeeze_.default, aten.squeeze_.dim, aten.transpose_.default,
+                     aten.t_.default, aten.resize_.default, aten.as_strided_.default, aten.set_.source_Tensor}
 INDEXING = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
 
 
@@ -141,6 +143,11 @@ class VirtualDevices(TorchDispatchMode):
                                f"{', '.join(sorted(map(str, devices)))}! ({func})")
         else:
             out_dev = next(iter(devices))
+        if func in RESHAPED_IN_PLACE:  # the wrapper's sizes would go stale under the changed data
+            raise NotImplementedError(f"{func}: an in-place change of shape is not supported on the virtual devices")
+        gen = kwargs.get("generator")
+        if gen is not None and targets and gen.device.type != targets[0].type:
+            raise RuntimeError(f"Expected a '{targets[0].type}' device type for generator but found '{gen.device.type}'")
         out = func(*uargs, **ukwargs)
         if func._schema.is_mutable and args and isinstance(args[0], torch.Tensor) and func.__name__.split(".")[0].endswith("_"):
             return args[0]  # an in-place op returns the tensor it changed (its data changed underneath)
@@ -178,6 +185,11 @@ def _facts() -> dict:
     except RuntimeError as e:
         refused = str(e)
     moved = a.index_select(0, rows.to(a.device))
+    try:  # a CPU generator drawing on a GPU: CUDA refuses
+        torch.randint(0, 9, (2,), generator=torch.Generator().manual_seed(0), device="vgpu:0")
+        generator_refused = ""
+    except RuntimeError as e:
+        generator_refused = str(e)
     scalar = torch.tensor(2.0)  # a CPU scalar: fine in elementwise ops, refused as an embedding's index
     try:
         torch.nn.functional.embedding(torch.tensor(1), a)
@@ -185,7 +197,7 @@ def _facts() -> dict:
     except RuntimeError as e:
         scalar_refused = str(e)
     return {"refused": refused, "moved_device": str(moved.device), "moved_values": moved.tolist(),
-            "scalar_added": (a + scalar).tolist(), "scalar_refused": scalar_refused}
+            "scalar_added": (a + scalar).tolist(), "scalar_refused": scalar_refused, "generator_refused": generator_refused}
 
 
 def main(out: Path, data_dir: str) -> None:
