@@ -113,3 +113,17 @@ def _where(tb: str) -> str:
     own = [line.strip() for line in tb.splitlines() if line.strip().startswith('File "') and "site-packages" not in line
            and "virtual_gpus.py" not in line]
     return f"{own[-1]}: " if own else ""
+
+
+def test_the_gpu_script_runs_its_gpu_branches_on_a_virtual_gpu(two_gpus):
+    """benchmarks/gpu_check.py, sections (a)-(c), with the device `vgpu:0`: every tensor it makes is on the right device
+    (the CPU smoke takes the CPU branches), (a) compares the device's float32 with the CPU's at identical KV bytes, and
+    (b)'s static rows send the eager rows' bytes. (d) needs a second process with the device; not run here."""
+    assert _ok(json.loads((two_gpus / "gpu_check_rc.json").read_text())) == 0
+    result = json.loads((two_gpus / "gpu_check.json").read_text())
+    assert not result.get("errors"), result.get("errors")
+    assert [(r["candidate"], r["kv_compared"], r["pass"]) for r in result["agreement"]] == \
+        [("vgpu:0 float32", "bytes", True)] * 2
+    static = [r for r in result["latency"] if r["decode_mode"] == "static"]
+    assert len(static) == 6 and all(r["kv_bytes_equal_eager"] for r in static)  # 3 plans x batch 1, 3
+    assert result["hbm_bound"]["rows"]

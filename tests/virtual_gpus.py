@@ -12,7 +12,8 @@ run here; PDTrim's healing and streamline's replacement run with 0 training step
 Registering the device is for the life of the process: `python tests/virtual_gpus.py OUT DATA` does the two-GPU
 runs in a process of its own and writes what tests/test_two_gpus.py compares with the unsplit model:
 OUT/facts.json, OUT/scorer.json, OUT/trained.json (the copies training methods make, with 0 steps),
-OUT/latency.json (latency runs on one virtual GPU) and the records of a run of every method under OUT/run.
+OUT/latency.json (latency runs on one virtual GPU), the records of a run of every method under OUT/run, and
+OUT/gpu_check.json (benchmarks/gpu_check.py on a virtual GPU).
 """
 
 from __future__ import annotations
@@ -223,6 +224,26 @@ def main(out: Path, data_dir: str) -> None:
             cases.run_all(out / "run", data_dir, placed=spread)
         except Exception:  # noqa: BLE001  (failed cells: their .failed.json files say why; the test reads them)
             traceback.print_exc()
+        (out / "gpu_check_rc.json").write_text(json.dumps(_caught(lambda: _gpu_check(out))))
+
+
+def _gpu_check(out: Path) -> int:
+    """benchmarks/gpu_check.py's sections (a)-(c) on vgpu:0 (tiny shapes): the GPU branches its CPU smoke does not take
+    ((a) compares the device's float32 with the CPU's, not float64 with float32). (d) is left out: its receiving
+    process has no virtual device."""
+    import harness.pd.models as models
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import gpu_check
+
+    resolve = models.resolve_device
+    models.resolve_device = lambda d: torch.device(d) if str(d).startswith(NAME) else resolve(d)
+    try:
+        return gpu_check.main(["--shapes", "tiny", "--device", f"{NAME}:0", "--dtype", "float32", "--sections", "a,b,c",
+                               "--prompt-tokens", "96", "--decode-tokens", "6", "--batch-sizes", "1,3", "--repeats", "1",
+                               "--json", str(out / "gpu_check.json"), "--md", str(out / "gpu_check.md")])
+    finally:
+        models.resolve_device = resolve
 
 
 def _caught(fn):
