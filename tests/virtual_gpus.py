@@ -228,9 +228,9 @@ def main(out: Path, data_dir: str) -> None:
 
 
 def _gpu_check(out: Path) -> int:
-    """benchmarks/gpu_check.py's sections (a)-(c) on vgpu:0 (tiny shapes): the GPU branches its CPU smoke does not take
-    ((a) compares the device's float32 with the CPU's, not float64 with float32). (d) is left out: its receiving
-    process has no virtual device."""
+    """benchmarks/gpu_check.py's sections (a)-(c) on vgpu:0 (tiny shapes; (b)-(c) in bfloat16, as the device command
+    runs them): the GPU branches its CPU smoke does not take ((a) compares the device's float32 with the CPU's, not
+    float64 with float32). (d) is left out: its receiving process has no virtual device."""
     import harness.pd.models as models
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -239,7 +239,7 @@ def _gpu_check(out: Path) -> int:
     resolve = models.resolve_device
     models.resolve_device = lambda d: torch.device(d) if str(d).startswith(NAME) else resolve(d)
     try:
-        return gpu_check.main(["--shapes", "tiny", "--device", f"{NAME}:0", "--dtype", "float32", "--sections", "a,b,c",
+        return gpu_check.main(["--shapes", "tiny", "--device", f"{NAME}:0", "--dtype", "bfloat16", "--sections", "a,b,c",
                                "--prompt-tokens", "96", "--decode-tokens", "6", "--batch-sizes", "1,3", "--repeats", "1",
                                "--json", str(out / "gpu_check.json"), "--md", str(out / "gpu_check.md")])
     finally:
