@@ -58,9 +58,15 @@ def test_handed_over_kv_stays_on_its_layers_gpu_and_bookkeeping_beside_the_input
     assert {int(l): d for l, d in handoff.items()} == {l: [dev, dev, "vgpu:0", "vgpu:0"] for l, dev in layer_device.items()}
 
 
+@pytest.mark.parametrize("batching", ["cpu", "gpu"])
 @pytest.mark.parametrize("case", list(cases.PLANS))
-def test_scores_generations_and_bytes_equal_the_unsplit_models(two_gpus, case):
-    split = _ok(json.loads((two_gpus / "scorer.json").read_text())[case])
+def test_scores_generations_and_bytes_equal_the_unsplit_models(two_gpus, case, batching, monkeypatch):
+    """Batched as on the CPU (decode groups of like length, row copies) and as on a GPU (one padded forward)."""
+    from harness.quality import scoring
+
+    split = _ok(json.loads((two_gpus / ("scorer.json" if batching == "cpu" else "scorer_gpu_batching.json")).read_text())[case])
+    if batching == "gpu":
+        monkeypatch.delitem(scoring.FORWARD_TOKENS, "cpu")  # the unsplit side batched the same way
     one = cases.score_all(cases.eager_tiny().model, only=case)[case]
     assert split["ll"] == one["ll"]
     assert split["gen"] == one["gen"]

@@ -11,9 +11,9 @@ run here; PDTrim's healing and streamline's replacement run with 0 training step
 
 Registering the device is for the life of the process: `python tests/virtual_gpus.py OUT DATA` does the two-GPU
 runs in a process of its own and writes what tests/test_two_gpus.py compares with the unsplit model:
-OUT/facts.json, OUT/scorer.json, OUT/trained.json (the copies training methods make, with 0 steps),
-OUT/latency.json (latency runs on one virtual GPU), the records of a run of every method under OUT/run, and
-OUT/gpu_check.json (benchmarks/gpu_check.py on a virtual GPU).
+OUT/facts.json, OUT/scorer.json (and scorer_gpu_batching.json, batched as on a GPU), OUT/trained.json (the copies
+training methods make, with 0 steps), OUT/latency.json (latency runs on one virtual GPU), the records of a run of
+every method under OUT/run, and OUT/gpu_check.json (benchmarks/gpu_check.py on a virtual GPU).
 """
 
 from __future__ import annotations
@@ -216,6 +216,10 @@ def main(out: Path, data_dir: str) -> None:
         (out / "facts.json").write_text(json.dumps(facts))
         scored = {case: _caught(lambda case=case: cases.score_all(model, only=case)[case]) for case in cases.PLANS}
         (out / "scorer.json").write_text(json.dumps(scored))
+        del scoring.FORWARD_TOKENS[NAME]  # a GPU's batching: one padded decode forward per batch, no row copies
+        scored = {case: _caught(lambda case=case: cases.score_all(model, only=case)[case]) for case in cases.PLANS}
+        (out / "scorer_gpu_batching.json").write_text(json.dumps(scored))
+        scoring.FORWARD_TOKENS[NAME] = scoring.FORWARD_TOKENS["cpu"]
         (out / "trained.json").write_text(json.dumps(_caught(lambda: cases.trained_copies(model))))
         one = cases.eager_tiny().model.to("vgpu:1")  # latency runs on one GPU (not the first: nothing may assume 0)
         timed = {case: _caught(lambda case=case: cases.latency_all(one, case)) for case in cases.PLANS}
