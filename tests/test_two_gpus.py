@@ -3,7 +3,8 @@ the unsplit model's scores, generations, KV bytes and plans, for every KV policy
 not need gradients (streamline's replacement and PDTrim's healing with 0 training steps). Before, a model whose
 layers sat on two GPUs failed in the handoff (K/V of a later GPU indexed with rows made on the first), in the
 scorer, and in the calibration of shortgpt, sleb, shortened_ppl, streamline (its replacement too), PDTrim and its
-healing; each such place is now named by a failing case here.
+healing; each such place is now named by a failing case here. On one virtual GPU it also runs `latency` (eager and
+static decode) and benchmarks/gpu_check.py's GPU branches, which the CPU runs of both do not take.
 
 The two-GPU side runs in a process of its own (a registered device type lasts for the process)."""
 
