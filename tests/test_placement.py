@@ -163,3 +163,18 @@ def test_methods_that_train_refuse_offloaded_layers(method, sets, data_dir, tmp_
                                                    r"offloaded layers \[1, 2, 3\] to CPU memory or disk") as e:
         pipeline.run(cfg, tmp_path / "out")
     assert all(f.bad_input for f in e.value.failures)  # exit 2: what to change is in the message
+
+
+def test_pdtrims_objective_with_the_lm_head_offloaded_equals_the_resident_models(tiny, placed):
+    """PDTrim's teacher took pᵀW from the LM head's weight directly. Offloaded, that weight is `meta` outside the head's
+    forward, and `p @ meta` is an uninitialised CPU tensor, not an error: every objective value was garbage, NaN in
+    some runs (the search then failed, a flaky test) and plausible numbers in others (a wrong plan, silently)."""
+    from methods.pdtrim.objectives import CalibSplit, StageObjective
+
+    assert {p.device.type for p in arch.lm_head(placed.model).parameters()} == {"meta"}  # offloaded to disk
+    rows = [[(7 * i + 3 * j) % 250 + 1 for j in range(20 + i)] for i in range(6)]
+    split = CalibSplit.from_calibration(rows, 6, 8, seed=0)
+    resident, offloaded = (StageObjective(m, split, batch_size=3) for m in (tiny.model, placed.model))
+    for removed in ((), (1,), (2,)):
+        assert offloaded.prefill(removed) == pytest.approx(resident.prefill(removed), rel=1e-5, abs=1e-7)
+    assert offloaded.decode((1, 2), (1,)) == pytest.approx(resident.decode((1, 2), (1,)), rel=1e-5, abs=1e-7)

@@ -75,19 +75,20 @@ class Teacher:
     logsumexp per evaluation, instead of a log-softmax and a KL pass over the vocabulary)."""
 
     neg_entropy: torch.Tensor  # (N,) float64 Σ_v p log p
-    u: torch.Tensor | None  # (N, hidden) float32 pᵀW, with a float32 LM head
-    pb: torch.Tensor | None  # (N,) float64 p·b, with an LM-head bias
-    p: torch.Tensor | None  # (N, vocab) otherwise
+    u: torch.Tensor | None  # (N, hidden) float32 pᵀW, with a float32 LM head whose weights are resident
+    pb: torch.Tensor | None  # (N,) float64 p·b, with u and an LM-head bias
+    p: torch.Tensor | None  # (N, vocab) otherwise (a narrower or offloaded head)
 
     @classmethod
     def of(cls, model, logp: torch.Tensor) -> Teacher:
         head, p = arch.lm_head(model), logp.exp()
         neg = torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1).double()
-        bias = getattr(head, "bias", None)
-        pb = (p @ bias.float()).double() if bias is not None else None
-        if head.weight.dtype == torch.float32:
-            return cls(neg, p @ head.weight, pb, None)
-        return cls(neg, None, pb, p)
+        # an LM head offloaded by --device-map holds `meta` weights outside its forward, and `p @ meta` is an
+        # uninitialised CPU tensor, not an error: the student's logits (its forward loads them) serve instead
+        if head.weight.dtype == torch.float32 and head.weight.device.type != "meta":
+            bias = getattr(head, "bias", None)
+            return cls(neg, p @ head.weight, (p @ bias.float()).double() if bias is not None else None, None)
+        return cls(neg, None, None, p)
 
     def __getitem__(self, idx) -> Teacher:
         if isinstance(idx, torch.Tensor):  # the teacher sits beside the LM head: maybe another GPU than the indices
