@@ -213,7 +213,7 @@ class StageObjective:
         z = arch.lm_head(model)(normed).float()
         normed = normed.to(z.device)  # a model spread over GPUs: the norm's device may not be the head's (the teacher's)
         pz = (teacher.u * normed.float()).sum(-1).double() if teacher.u is not None else (teacher.p * z).sum(-1).double()
-        if teacher.pb is not None and teacher.u is not None:
+        if teacher.pb is not None:  # set with u only
             pz = pz + teacher.pb
         return (teacher.neg_entropy - pz + torch.logsumexp(z, dim=-1).double()).sum().to(hidden.device)
 
