@@ -4,7 +4,6 @@ Eager attention on both: SDPA picks its kernel by device type, and the virtual d
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,9 +27,9 @@ PLANS = {
     "pyramidkv": ("disaggregated", PruningPlan("py", 4, PREFILL, (0, 1, 3), kv_policy=KVPolicy(
         kind="pyramidkv", budget=KVBudget(match=FIRST_LAST), window=4, kernel=3))),
 }
-# every registered method but those that need gradients (autograd does not run on the virtual device); streamline's
-# replacement and PDTrim's healing run with 0 training steps
-TRAINING = {"shortened_taylor", "stage:shortened_taylor", "manual"}
+# every registered method but those that need gradients (autograd does not run on the virtual device) and `manual`
+# (it needs layer sets given); streamline's replacement and PDTrim's healing run with 0 training steps
+NOT_RUN = {"shortened_taylor", "stage:shortened_taylor", "manual"}
 SETS = (
     "calib.n_samples=8", "calib.max_tokens=64", "pd_ppl.prompt_tokens=64", "pd_ppl.cont_tokens=8", "pd_ppl.docs=2",
     "passkey.lengths=384", "passkey.depths=0.5", "passkey.max_new_tokens=6",
@@ -55,25 +54,16 @@ def eager_tiny() -> LoadedModel:
     return loaded
 
 
-def requests(n: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    """(context, continuation) token lists of varied lengths, some sharing a context (as conftest's)."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        ctx = [rng.randrange(1, 250) for _ in range(rng.randint(3, 40))] if i % 3 else out[-1][0] if out else [5, 6, 7]
-        out.append((ctx, [rng.randrange(1, 250) for _ in range(rng.randint(1, 6))]))
-    return out
-
-
 def score_all(model, only: str | None = None) -> dict[str, dict]:
     """Per case of PLANS (or case `only`): log-likelihoods, greedy generations and the KV tally, as JSON values."""
+    from conftest import random_requests
+
     from harness.quality.scoring import Scorer
 
-    reqs = requests(10, seed=3)
+    reqs = random_requests(4, 250, seed=3)
     out = {}
-    for name, (mode, plan) in PLANS.items():
-        if only is not None and name != only:
-            continue
+    for name in [only] if only else PLANS:
+        mode, plan = PLANS[name]
         s = Scorer(model, plan, mode, max_length=512, batch_size=3)
         ll = [[lp, greedy] for lp, greedy in s.loglikelihood(reqs)]
         gen = s.generate([c for c, _ in reqs[:4]], 5)
@@ -128,7 +118,7 @@ def trained_copies(model) -> dict[str, dict]:
 def method_names() -> list[str]:
     import methods
 
-    return [m for m in methods.names() if m not in TRAINING]
+    return [m for m in methods.names() if m not in NOT_RUN]
 
 
 def run_all(out: Path, data_dir: str, placed: Callable | None = None) -> list:

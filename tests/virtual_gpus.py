@@ -108,6 +108,8 @@ class VirtualDevices(TorchDispatchMode):
     """While active, every op on `vgpu` tensors runs on their CPU data under torch's device rule."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in RESHAPED_IN_PLACE:  # the wrapper's sizes would go stale under the changed data
+            raise NotImplementedError(f"{func}: an in-place change of shape is not supported on the virtual devices")
         kwargs = kwargs or {}
         devices: set[torch.device] = set()
         targets: list[torch.device] = []
@@ -144,8 +146,6 @@ class VirtualDevices(TorchDispatchMode):
                                f"{', '.join(sorted(map(str, devices)))}! ({func})")
         else:
             out_dev = next(iter(devices))
-        if func in RESHAPED_IN_PLACE:  # the wrapper's sizes would go stale under the changed data
-            raise NotImplementedError(f"{func}: an in-place change of shape is not supported on the virtual devices")
         gen = kwargs.get("generator")
         if gen is not None and targets and gen.device.type != targets[0].type:
             raise RuntimeError(f"Expected a '{targets[0].type}' device type for generator but found '{gen.device.type}'")
