@@ -104,8 +104,6 @@ def need_resident_weights(model: nn.Module, what: str) -> None:
     and an offloaded parameter gets no gradient (accelerate swaps in a loaded copy), nor can it be copied."""
     off = [i for i, layer in enumerate(decoder_layers(model)) if any(p.device.type == "meta" for p in layer.parameters())]
     if off:
-        from harness.errors import UsageError
-
         raise UsageError(f"{what} needs the weights of every decoder layer resident, but --device-map offloaded layers "
                          f"{off} to CPU memory or disk: give them room on the GPUs (--max-memory), or choose another "
                          "method or option")
