@@ -398,6 +398,42 @@ def test_a_ctrl_c_between_starting_a_cell_and_storing_its_future_still_reports_t
     assert rc != 0 and seconds < 20  # stopped by its SIGINT, not left to run its 60 s
 
 
+def test_a_ctrl_c_taken_while_the_pool_starts_its_thread_still_reports_the_running_cell(tmp_path, monkeypatch):
+    """ThreadPoolExecutor starts a worker thread, then adds it to the threads its shutdown(wait=True) joins. A Ctrl-C
+    the main thread took in between (a starved main thread under load, while the new thread already ran its cell)
+    left that thread unjoined: stop() read the finished cells before it had recorded its own, and the running (then
+    stopped) cell was reported 'not started', a KeyError here (twice in fresh-clone CIs, in this test's neighbour
+    and in test_ctrl_c_stops_the_sweep_and_starts_no_queued_cell[local-2])."""
+    import concurrent.futures as cf
+    import threading
+
+    from harness.cli import sweep_backends
+    from harness.cli.sweep_backends import LocalBackend
+
+    backend, running = LocalBackend(1, []), threading.Event()
+
+    def slow_cell(argv, **kwargs):
+        proc = LocalBackend._popen(backend, [sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
+        running.set()
+        return proc
+
+    class Pool(cf.ThreadPoolExecutor):
+        def _adjust_thread_count(self):  # the thread started; the signal lands before the pool records it
+            super()._adjust_thread_count()
+            self._threads.clear()
+            assert running.wait(30)
+            raise KeyboardInterrupt
+
+    backend._popen = slow_cell
+    monkeypatch.setattr(sweep_backends.cf, "ThreadPoolExecutor", Pool)
+    with pytest.raises(KeyboardInterrupt):
+        list(backend.map([_cell(tmp_path, "unpruned__unified", ["unpruned"])], str(tmp_path), {}))
+    ran = backend.stop()
+    assert list(ran) == ["unpruned/unified"], ran
+    rc, _, seconds = ran["unpruned/unified"]
+    assert rc != 0 and seconds < 20  # stopped by its SIGINT, not left to run its 60 s
+
+
 def test_a_ctrl_c_the_kernel_hands_a_pool_thread_still_stops_the_local_sweep(tmp_path):
     """Beside a busy test suite the sweep let its running cell finish, or ran every queued one, after a SIGINT:
     the kernel had handed the signal to a pool thread, and the main thread slept in an untimed wait until the cell

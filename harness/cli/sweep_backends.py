@@ -241,6 +241,8 @@ class LocalBackend:
         self._stopping = False
         self._pool: cf.ThreadPoolExecutor | None = None
         self._ran: dict[str, tuple[int, str, float]] = {}  # by the threads, as their cells end: what stop() reports
+        self._active = 0  # threads inside _run; stop() waits for none (guarded by _lock, signalled by _idle)
+        self._idle = threading.Condition(self._lock)
 
     def _claim_gpu(self) -> None:
         self._mine.gpu = self.gpus[next(self._ids) % len(self.gpus)] if self.gpus else None
@@ -257,10 +259,17 @@ class LocalBackend:
         """The cell's (exit status, log tail, seconds), also kept in `_ran`; None if it was not started. Kept by the
         thread, not read from its future: a Ctrl-C the main thread takes between submitting a cell and storing its
         future (`map`) left the futures without a cell that ran, and `stop` called it not started."""
-        result = _result(lambda: self._start(cell, cwd, env))
-        if result is not None:
+        with self._lock:
+            self._active += 1
+        result = None
+        try:
+            result = _result(lambda: self._start(cell, cwd, env))
+        finally:
             with self._lock:
-                self._ran[cell.name] = result
+                if result is not None:
+                    self._ran[cell.name] = result
+                self._active -= 1
+                self._idle.notify_all()
         return result
 
     def _start(self, cell: Cell, cwd: str, env: dict[str, str]):
@@ -296,7 +305,10 @@ class LocalBackend:
         self._pool.shutdown(wait=False, cancel_futures=True)
         stop_processes(procs)
         self._pool.shutdown(wait=True)  # its threads return as their processes end
+        # not shutdown(wait=True) alone: a Ctrl-C taken inside submit(), between the pool starting a thread and
+        # recording it, leaves that thread out of what shutdown joins, and its running cell was reported 'not started'
         with self._lock:
+            self._idle.wait_for(lambda: self._active == 0)
             return dict(self._ran)
 
     def close(self) -> None:
