@@ -235,9 +235,10 @@ def decode_paths(model, plan, args, out: dict, step: str) -> dict[str, bool]:
     A path that fails (a capture refused) is False, its error recorded as step `step` + the path: the row's
     log-likelihoods, computed before, are kept."""
     from harness.latency.measure import Workload, measure
+    from harness.pd.static_decode import can_capture
 
     w = Workload(args.agreement_context, 16, 2)
-    paths = ("static", "graph") if next(model.parameters()).device.type == "cuda" else ("static",)
+    paths = ("static", "graph") if can_capture(next(model.parameters()).device) else ("static",)
     eager = attempt(out, f"{step} eager decode path", lambda: measure(model, plan, w, warmup=0, repeats=1).tokens)
     if eager is None:
         return dict.fromkeys(paths, False)
@@ -305,10 +306,10 @@ def run_latency(args, device, budget: Budget, out: dict) -> dict:
     """Sections (b) and (c)'s inputs: latency rows, and per shape the weight bytes of each decode layer set."""
     from harness.pd.arch import kv_heads_and_dim
     from harness.pd.models import load_model
-    from harness.pd.static_decode import weight_bytes
+    from harness.pd.static_decode import can_capture, weight_bytes
 
-    modes = ("eager", "static", "graph") if device.type == "cuda" else ("eager", "static")
-    if device.type != "cuda":
+    modes = ("eager", "static", "graph") if can_capture(device) else ("eager", "static")
+    if "graph" not in modes:
         out["skipped"].append({"step": "latency graph rows", "reason": "CUDA graphs need a CUDA device (static stands in)"})
     models = {"weight_bytes": {}, "kv_bytes_per_token": {}, "bound_mode": "graph" if device.type == "cuda" else "static"}
     print(f"{'shape':14s} {'plan':14s} {'B':>2s} {'decode':6s} {'TTFT ms':>9s} {'TPOT ms':>8s} {'hand ms':>8s} {'KV MiB':>8s} "

@@ -1,0 +1,155 @@
+"""The CUDA-graph decode path (GraphDecoder) on the CPU, under simulated graphs (tests/simulated_cuda_graphs.py):
+first that the simulation holds a graph's rules, then that the graph path writes every step what the uncaptured
+static path writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from simulated_cuda_graphs import NOT_PERMITTED, simulated_cuda_graphs
+
+from harness.latency import measure as latency
+from harness.pd.batching import TokenBatch
+from harness.pd.kv import get_policy, policy_names
+from harness.pd.plan import PruningPlan
+from harness.pd.stages import StagedModel
+from harness.pd.static_decode import GraphDecoder, StaticKV, decode_step
+
+
+def _captured(fn):
+    with simulated_cuda_graphs():
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fn()
+    return g, out
+
+
+def test_a_simulated_replay_reruns_the_recorded_kernels_with_the_python_values_frozen_at_capture():
+    """As on a GPU: a Python number read at capture is baked in, and the static input's new contents are read."""
+    x, acc, step = torch.zeros(3), torch.zeros(3), [1.0]
+    g, out = _captured(lambda: acc.add_(x * step[0]) + 0)
+    step[0] = 100.0  # Python is not re-run: the graph keeps 1.0
+    x.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    g.replay()
+    assert acc.tolist() == [1.0, 2.0, 3.0] and out.tolist() == [1.0, 2.0, 3.0]
+    g.replay()
+    assert acc.tolist() == [2.0, 4.0, 6.0] and out.tolist() == [2.0, 4.0, 6.0]
+
+
+def test_a_simulated_capture_runs_nothing():
+    """After the capture, a tensor it wrote holds its old contents, and a tensor it made holds garbage."""
+    acc = torch.ones(2)
+    g, (made, made_int) = _captured(lambda: (acc.add_(1) * 2, acc.long() + 1))
+    assert acc.tolist() == [1.0, 1.0]
+    assert made.isnan().all() and made_int.tolist() == [-777, -777]
+    g.replay()
+    assert acc.tolist() == [2.0, 2.0] and made.tolist() == [4.0, 4.0] and made_int.tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("read", [
+    lambda t: t.sum().item(), lambda t: int(t[0]), lambda t: bool(t.any()), lambda t: t[t > 0], lambda t: t.nonzero(),
+    lambda t: torch.tensor([1, 2]) + t, lambda t: t.tolist(), lambda t: torch.equal(t, t),
+], ids=["item", "int", "bool", "mask-index", "nonzero", "host-tensor", "tolist", "equal"])
+def test_a_simulated_capture_refuses_what_waits_for_the_device(read):
+    t = torch.arange(4)
+    with pytest.raises(RuntimeError, match=NOT_PERMITTED):
+        _captured(lambda: read(t))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=NOT_PERMITTED):  # other op names there
+        _captured(lambda: read(t))
+
+
+def test_a_simulated_capture_accepts_a_python_scalar_operand():
+    t = torch.arange(4)
+    g, out = _captured(lambda: t.index_fill(0, torch.zeros(1, dtype=torch.long), 7) * 2)
+    g.replay()
+    assert out.tolist() == [14, 2, 4, 6]
+
+
+def _handed(model, plan, batch: TokenBatch):
+    staged = StagedModel(model, plan)
+    out = staged.prefill(batch)
+    return staged.receive(staged.handoff(out)), staged.logits(out.last_hidden).argmax(-1)
+
+
+@pytest.mark.parametrize("kind", policy_names())  # the registry: a new policy is covered with no edit
+@torch.inference_mode()
+def test_graph_decode_writes_every_step_what_the_static_path_writes(tiny, kind):
+    """Step by step, the graph path's next tokens and every decode layer's K, V and positions buffers equal the
+    uncaptured static path's, bit for bit: a graph that replayed a stale position, token or step column would
+    differ here even where the greedy tokens happen to agree."""
+    model = tiny.model
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 1, 3), get_policy(kind).example((0, 1, 3)))
+    g = torch.Generator().manual_seed(1)
+    batch = TokenBatch.dense(torch.randint(0, model.config.vocab_size, (3, 12), generator=g))
+    steps = 5
+    (dcache, tok), (dcache2, _) = _handed(model, plan, batch), _handed(model, plan, batch)
+    static, graphed = StaticKV(dcache, steps), StaticKV(dcache2, steps)
+    with simulated_cuda_graphs():
+        decoder = GraphDecoder(model, plan.decode_layers, graphed, tok[:, None], batch.lengths[:, None].clone())
+    a = b = tok
+    for step in range(steps):
+        pos = (batch.lengths + step)[:, None]
+        a = decode_step(model, plan.decode_layers, a[:, None], pos, static)
+        static.advance()
+        b = decoder.step(b[:, None], pos).clone()
+        assert torch.equal(a, b), f"step {step}"
+        for layer in plan.decode_layers:
+            for buf in ("keys", "values", "positions"):
+                assert torch.equal(getattr(static, buf)[layer], getattr(graphed, buf)[layer]), f"step {step}: {buf}[{layer}]"
+    assert decoder.graph.replays == steps
+
+
+def test_a_graph_decoder_that_does_not_copy_the_new_positions_in_is_caught(tiny, monkeypatch):
+    """The comparison above sees a stale position; the greedy tokens of a latency run alone need not."""
+    def stale(self, tok, pos):
+        self.tok.copy_(tok)
+        self.graph.replay()
+        self.cache.advance()
+        return self.out
+
+    monkeypatch.setattr(GraphDecoder, "step", stale)
+    with pytest.raises(AssertionError, match="step 1: keys"):
+        test_graph_decode_writes_every_step_what_the_static_path_writes(tiny, "first_last")
+
+
+def test_the_graph_latency_path_runs_on_simulated_graphs(tiny):
+    """measure(decode_mode="graph") end to end: capture timed apart once per measured run, the eager run's tokens."""
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 1, 3), get_policy("first_last").example((0, 1, 3)))
+    w = latency.Workload(prompt_tokens=12, decode_tokens=5, batch_size=2)
+    eager = latency.measure(tiny.model, plan, w, warmup=0, repeats=1)
+    with simulated_cuda_graphs():
+        m = latency.measure(tiny.model, plan, w, warmup=1, repeats=2, decode_mode="graph")
+    assert len(m.graph_capture_ms) == 2 and len(m.itl_ms) == 2 * 4 and torch.equal(m.tokens, eager.tokens)
+
+
+def test_a_simulated_replay_refreshes_a_copy_made_by_an_op_that_may_return_a_view():
+    """`.float()` of an integer tensor (aten.to, a view in its schema) copies: its output is refreshed on replay.
+    Judged by the schema, the rotary embedding read the capture's positions on every replay."""
+    pos = torch.tensor([3])
+    g, out = _captured(lambda: pos.float() * 2)
+    pos.fill_(5)
+    g.replay()
+    assert out.tolist() == [10.0]
+
+
+def test_gpu_check_takes_its_graph_branches_under_simulated_graphs(tmp_path):
+    """benchmarks/gpu_check.py sections (a)-(c) with graph rows, as on a GPU: every graph row sends the eager row's
+    bytes, and (a) finds the graph path's greedy tokens equal to the eager path's."""
+    import json
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    out = tmp_path / "g.json"
+    with simulated_cuda_graphs():
+        rc = gpu_check.main(["--shapes", "tiny", "--sections", "a,b,c", "--prompt-tokens", "24", "--decode-tokens", "4",
+                             "--batch-sizes", "1,2", "--agreement-context", "40", "--agreement-cont", "4", "--device", "cpu",
+                             "--dtype", "float32", "--warmup", "1", "--repeats", "1", "--json", str(out), "--md", str(tmp_path / "g.md")])
+    res = json.loads(out.read_text())
+    assert rc == 0 and "errors" not in res and not any(s["step"] == "latency graph rows" for s in res["skipped"])
+    graph = [r for r in res["latency"] if r["decode_mode"] == "graph"]
+    assert len(graph) == 3 * 2 and all(r["kv_bytes_equal_eager"] is True and r["tpot_ms_p50"] > 0 for r in graph)
+    assert [r["decode_paths_equal"] for r in res["agreement"]] == [{"static": True, "graph": True}] * 2
