@@ -132,9 +132,10 @@ def test_a_simulated_replay_refreshes_a_copy_made_by_an_op_that_may_return_a_vie
     assert out.tolist() == [10.0]
 
 
-def test_gpu_check_takes_its_graph_branches_under_simulated_graphs(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: (b)'s dtype in the device command
+def test_gpu_check_takes_its_graph_branches_under_simulated_graphs(tmp_path, dtype):
     """benchmarks/gpu_check.py sections (a)-(c) with graph rows, as on a GPU: every graph row sends the eager row's
-    bytes, and (a) finds the graph path's greedy tokens equal to the eager path's."""
+    bytes, and (a) (always fp32) finds the graph path's greedy tokens equal to the eager path's."""
     import json
     import sys
 
@@ -147,7 +148,7 @@ def test_gpu_check_takes_its_graph_branches_under_simulated_graphs(tmp_path):
     with simulated_cuda_graphs():
         rc = gpu_check.main(["--shapes", "tiny", "--sections", "a,b,c", "--prompt-tokens", "24", "--decode-tokens", "4",
                              "--batch-sizes", "1,2", "--agreement-context", "40", "--agreement-cont", "4", "--device", "cpu",
-                             "--dtype", "float32", "--warmup", "1", "--repeats", "1", "--json", str(out), "--md", str(tmp_path / "g.md")])
+                             "--dtype", dtype, "--warmup", "1", "--repeats", "1", "--json", str(out), "--md", str(tmp_path / "g.md")])
     res = json.loads(out.read_text())
     assert rc == 0 and "errors" not in res and not any(s["step"] == "latency graph rows" for s in res["skipped"])
     graph = [r for r in res["latency"] if r["decode_mode"] == "graph"]
