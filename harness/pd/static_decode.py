@@ -27,13 +27,19 @@ from harness.pd.engine import attention_mask, final_logits
 
 class StaticKV:
     """Per decode layer: K/V (B, kv_heads, W_l + max_new, head_dim) and positions (B, W_l + max_new),
-    or (B, kv_heads, W_l + max_new) for a per-head selection."""
+    or (B, kv_heads, W_l + max_new) for a per-head selection.
+
+    Layers handed one positions tensor (one keep pattern: every layer of a dense plan) share one positions
+    buffer, so a step writes it, and `decode_step` builds its mask, once for all of them: on Llama-3-8B's 32
+    layers that is about 250 fewer kernels a step, each a few µs even inside a CUDA graph."""
 
     def __init__(self, handed: PDCache, max_new: int) -> None:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        self.positions: dict[int, torch.Tensor] = {}
+        self.positions: dict[int, torch.Tensor] = {}  # shared by the layers handed one positions tensor
         self.base: dict[int, torch.Tensor] = {}
+        self._column: dict[int, torch.Tensor] = {}  # per layer, this step's column: set by begin_step
+        shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         device = None
         for layer in handed.layers:
             k, v, p = handed.keys[layer], handed.values[layer], handed.positions[layer]
@@ -41,22 +47,27 @@ class StaticKV:
             device = k.device
             self.keys[layer] = torch.cat([k, k.new_zeros((b, h, max_new, d))], dim=2)
             self.values[layer] = torch.cat([v, v.new_zeros((b, h, max_new, d))], dim=2)
-            self.positions[layer] = torch.cat([p, p.new_full((*p.shape[:-1], max_new), -1)], dim=-1)
-            self.base[layer] = torch.tensor([w], device=k.device)
+            if id(p) not in shared:
+                shared[id(p)] = (torch.cat([p, p.new_full((*p.shape[:-1], max_new), -1)], dim=-1), torch.tensor([w], device=device))
+            self.positions[layer], self.base[layer] = shared[id(p)]
         self.step = torch.zeros(1, dtype=torch.long, device=device)  # advanced in place, outside any graph
         self.max_new = max_new
 
     def begin_step(self, positions: torch.Tensor) -> None:
-        """Write this step's positions (B, 1) into every layer's positions buffer."""
+        """Write this step's positions (B, 1) into every positions buffer, and fix every layer's column."""
+        done: dict[int, torch.Tensor] = {}
         for layer, pos in self.positions.items():
-            step = positions if pos.dim() == 2 else positions[:, None, :].expand(-1, pos.shape[1], -1)
-            pos.index_copy_(pos.dim() - 1, self.base[layer] + self.step, step)
+            if id(pos) not in done:
+                done[id(pos)] = self.base[layer] + self.step.to(self.base[layer].device)
+                step = positions if pos.dim() == 2 else positions[:, None, :].expand(-1, pos.shape[1], -1)
+                pos.index_copy_(pos.dim() - 1, done[id(pos)].to(pos.device), step)
+            self._column[layer] = done[id(pos)]
 
     def layer_positions(self, layer_idx: int) -> torch.Tensor:
         return self.positions[layer_idx]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        idx = self.base[layer_idx] + self.step
+        idx = self._column[layer_idx].to(key_states.device)
         self.keys[layer_idx].index_copy_(2, idx, key_states)
         self.values[layer_idx].index_copy_(2, idx, value_states)
         return self.keys[layer_idx], self.values[layer_idx]
@@ -75,8 +86,12 @@ def decode_step(model, layers: Sequence[int], tok: torch.Tensor, pos: torch.Tens
     cache.begin_step(pos)
     valid = torch.ones_like(pos, dtype=torch.bool)
     cache_kw = arch.cache_kwarg(type(dec.layers[layers[0]]))
+    masks: dict[int, torch.Tensor] = {}  # one per positions buffer: layers that share one share their mask
     for i in layers:
-        mask = attention_mask(cache.positions[i], pos, valid, h.dtype, impl, groups)
+        p = cache.positions[i]
+        if id(p) not in masks:
+            masks[id(p)] = attention_mask(p, pos, valid, h.dtype, impl, groups)
+        mask = masks[id(p)]
         out = dec.layers[i](h, attention_mask=mask, position_embeddings=rot, position_ids=pos, **{cache_kw: cache})
         h = out[0] if isinstance(out, tuple) else out
     return final_logits(model, h[:, 0]).argmax(-1)
