@@ -10,7 +10,8 @@
     every static/graph row says whether it sent the eager row's bytes.
 (c) HBM bound: graph TPOT (static on CPU) against the bytes a decode step must read (decode
     layers' weights, final norm, LM head, the KV held) ÷ the copy bandwidth measured on the same
-    device (read + write) — pass on the first shape, dense, batch 1: TPOT ≤ 1.2 × bound.
+    device (read + write) — pass on the first shape, dense, batch 1: TPOT ≤ 1.2 × bound. Each row also gives the
+    ops one step replays (benchmarks/decode_step_ops.py) and (TPOT − bound) ÷ ops: what each small kernel costs.
 (d) handoff between two processes on one device: the PDTrim-like handoff of the first shape at
     batch 1 moved by CUDA IPC (shared memory on CPU); pass: bytes received = bytes counted and
     every tensor equal.
@@ -146,9 +147,11 @@ def hbm_bound(rows: list[dict], models: dict, bw: float, first_shape: str) -> di
         per_token = models["kv_bytes_per_token"][row["shape"]] * len(row["decode_layers"]) * row["batch"]
         read = weights + row["kv_bytes"] + per_token * (steps + 1) / 2  # the KV grows by one token a step
         bound_ms = read / bw * 1e3
+        ops = models["step_ops"].get((row["shape"], row["plan"]))  # µs per op over the bound: what small kernels cost
         out.append({"shape": row["shape"], "plan": row["plan"], "batch": row["batch"], "decode_mode": row["decode_mode"],
                     "tpot_ms_p50": row["tpot_ms_p50"], "bytes_read_per_step": int(read), "bound_ms": bound_ms,
-                    "tpot_over_bound": row["tpot_ms_p50"] / bound_ms})
+                    "tpot_over_bound": row["tpot_ms_p50"] / bound_ms, "ops_per_step": ops,
+                    "us_per_op_over_bound": (row["tpot_ms_p50"] - bound_ms) * 1e3 / ops if ops else None})
     head = next((x for x in out if x["shape"] == first_shape and x["plan"] == "dense" and x["batch"] == 1), None)
     check = None if head is None else {"row": f"{first_shape} dense B=1", "tpot_over_bound": head["tpot_over_bound"], "limit": 1.2,
                                        "pass": head["tpot_over_bound"] <= 1.2 if models["bound_mode"] == "graph" else None}
@@ -304,6 +307,8 @@ def save(out: dict, args) -> None:
 
 def run_latency(args, device, budget: Budget, out: dict) -> dict:
     """Sections (b) and (c)'s inputs: latency rows, and per shape the weight bytes of each decode layer set."""
+    from decode_step_ops import step_ops
+
     from harness.pd.arch import kv_heads_and_dim
     from harness.pd.models import load_model
     from harness.pd.static_decode import can_capture, weight_bytes
@@ -311,7 +316,7 @@ def run_latency(args, device, budget: Budget, out: dict) -> dict:
     modes = ("eager", "static", "graph") if can_capture(device) else ("eager", "static")
     if "graph" not in modes:
         out["skipped"].append({"step": "latency graph rows", "reason": "CUDA graphs need a CUDA device (static stands in)"})
-    models = {"weight_bytes": {}, "kv_bytes_per_token": {}, "bound_mode": "graph" if device.type == "cuda" else "static"}
+    models = {"weight_bytes": {}, "step_ops": {}, "kv_bytes_per_token": {}, "bound_mode": "graph" if device.type == "cuda" else "static"}
     print(f"{'shape':14s} {'plan':14s} {'B':>2s} {'decode':6s} {'TTFT ms':>9s} {'TPOT ms':>8s} {'hand ms':>8s} {'KV MiB':>8s} "
           f"{'TTFT cut':>9s} {'removed':>9s}", flush=True)
     for shape in args.latency_shapes:
@@ -321,8 +326,10 @@ def run_latency(args, device, budget: Budget, out: dict) -> dict:
             save(out, args)
             continue
         model = loaded.model
-        for plan in plans(model.config.num_hidden_layers).values():
+        for name, plan in plans(model.config.num_hidden_layers).items():
             models["weight_bytes"][(shape, plan.decode_layers)] = weight_bytes(model, plan.decode_layers)
+            ops = attempt(out, f"ops per step {shape} {name}", lambda model=model, plan=plan: sum(step_ops(model, plan).values()))
+            models["step_ops"][(shape, name)] = ops
         kvh, d = kv_heads_and_dim(model.config)
         models["kv_bytes_per_token"][shape] = 2 * kvh * d * next(model.parameters()).element_size()
         latency_rows(shape, loaded, args, budget, modes)

@@ -43,11 +43,14 @@ def _latency(rows: list[dict]) -> list[str]:
 def _bound(b: dict) -> list[str]:
     lines = [f"## (c) {b['decode_mode']} TPOT vs the HBM bound", "",
              f"Copy bandwidth measured on this device (read + write): {b['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s; "
-             "bound = bytes a step reads (decode layers, final norm, LM head, KV held) ÷ that bandwidth.", "",
-             "| shape | plan | B | TPOT ms | bytes/step (MiB) | bound ms | TPOT / bound |", "|---|---|---|---|---|---|---|"]
+             "bound = bytes a step reads (decode layers, final norm, LM head, KV held) ÷ that bandwidth. ops = what the "
+             "graph replays a step (each at least one kernel); µs/op = (TPOT − bound) ÷ ops.", "",
+             "| shape | plan | B | TPOT ms | bytes/step (MiB) | bound ms | TPOT / bound | ops/step | µs/op over bound |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in b["rows"]:
         lines.append(f"| {r['shape']} | {r['plan']} | {r['batch']} | {r['tpot_ms_p50']:.3f} | {r['bytes_read_per_step'] / 2**20:.1f} | "
-                     f"{r['bound_ms']:.3f} | {r['tpot_over_bound']:.2f} |")
+                     f"{r['bound_ms']:.3f} | {r['tpot_over_bound']:.2f} | {r.get('ops_per_step') or '-'} | "
+                     f"{_f(r.get('us_per_op_over_bound'))} |")
     c = b.get("check")
     if c:
         lines += ["", f"Check, {c['row']}: TPOT / bound = {c['tpot_over_bound']:.2f} (limit {c['limit']}): {_verdict(c['pass'])}"

@@ -648,6 +648,10 @@ def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
     bound = res["hbm_bound"]
     assert bound["decode_mode"] == "static" and len(bound["rows"]) == 6 and all(r["bound_ms"] > 0 for r in bound["rows"])
     assert bound["check"]["pass"] is None and "no verdict" in bound["check"]["note"]
+    ops = {r["plan"]: r["ops_per_step"] for r in bound["rows"]}  # what a graph of one step replays: fewer layers, fewer ops
+    assert ops["dense"] > ops["shortgpt-like"] > 0 and ops["pdtrim-like"] > 0
+    for r in bound["rows"]:
+        assert r["us_per_op_over_bound"] == pytest.approx((r["tpot_ms_p50"] - r["bound_ms"]) * 1e3 / r["ops_per_step"])
     ipc = res["ipc_handoff"]
     pd_row = next(x for x in rows if x["plan"] == "pdtrim-like" and x["batch"] == 1 and x["decode_mode"] == "eager")
     assert ipc["backend"] == "shared_memory" and ipc["tensors_equal"] and ipc["pass"]
