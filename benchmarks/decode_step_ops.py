@@ -72,6 +72,43 @@ def step_ops(model, plan, prompt_tokens: int = 128) -> collections.Counter:
     return counter.ops
 
 
+def small_kernel_s(device, n: int = 1000, repeats: int = 5) -> float:
+    """Seconds one tiny op costs when `n` run back to back (an in-place add to one element): replayed from one CUDA
+    graph where graphs are available, the floor every small op of a graph step pays however little it computes;
+    run eagerly elsewhere (a CPU's dispatch cost)."""
+    import time
+
+    from harness.pd.static_decode import can_capture
+
+    x = torch.zeros(1, device=device)
+
+    def ops() -> None:
+        for _ in range(n):
+            x.add_(1)
+
+    run = ops
+    if can_capture(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            ops()  # warm-up, as before any capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ops()
+        run = graph.replay
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best / n
+
+
 def small_llama3(dtype):
     import transformers
 

@@ -10,8 +10,9 @@
     every static/graph row says whether it sent the eager row's bytes.
 (c) HBM bound: graph TPOT (static on CPU) against the bytes a decode step must read (decode
     layers' weights, final norm, LM head, the KV held) ÷ the copy bandwidth measured on the same
-    device (read + write) — pass on the first shape, dense, batch 1: TPOT ≤ 1.2 × bound. Each row also gives the
-    ops one step replays (benchmarks/decode_step_ops.py) and (TPOT − bound) ÷ ops: what each small kernel costs.
+    device (read + write), and against that bound plus the ops one step replays (benchmarks/decode_step_ops.py) ×
+    the cost of one tiny op replayed from a graph on the same device (the small-op floor) — pass on the first shape,
+    dense, batch 1: TPOT ≤ 1.2 × (bound + floor). Each row also gives (TPOT − bound) ÷ ops.
 (d) handoff between two processes on one device: the PDTrim-like handoff of the first shape at
     batch 1 moved by CUDA IPC (shared memory on CPU); pass: bytes received = bytes counted and
     every tensor equal.
@@ -136,8 +137,11 @@ def print_row(row: dict, rows: list[dict]) -> None:
           f"{100 * row['removed_prefill_fraction']:8.1f}%  eager bytes: {row['kv_bytes_equal_eager']}", flush=True)
 
 
-def hbm_bound(rows: list[dict], models: dict, bw: float, first_shape: str) -> dict:
-    """Section (c): per graph row (static on CPU), TPOT against the bytes a step reads ÷ the copy bandwidth."""
+def hbm_bound(rows: list[dict], models: dict, bw: float, first_shape: str, small_op_s: float | None = None) -> dict:
+    """Section (c): per graph row (static on CPU), TPOT against the bytes a step reads ÷ the copy bandwidth, and
+    against that bound plus the step's ops × the small-op floor measured on the device (`expected`): the verdict.
+    No implementation of ~1,300 unfused ops a step reaches the bound alone; one that is slower than bound + floor
+    has something else slow (a kernel falling back to a slow path, a copy, a host wait)."""
     out = []
     for row in rows:
         if row["decode_mode"] != models["bound_mode"] or row["tpot_ms_p50"] is None:
@@ -148,16 +152,30 @@ def hbm_bound(rows: list[dict], models: dict, bw: float, first_shape: str) -> di
         read = weights + row["kv_bytes"] + per_token * (steps + 1) / 2  # the KV grows by one token a step
         bound_ms = read / bw * 1e3
         ops = models["step_ops"].get((row["shape"], row["plan"]))  # µs per op over the bound: what small kernels cost
+        floor_ms = ops * small_op_s * 1e3 if ops and small_op_s else None
         out.append({"shape": row["shape"], "plan": row["plan"], "batch": row["batch"], "decode_mode": row["decode_mode"],
                     "tpot_ms_p50": row["tpot_ms_p50"], "bytes_read_per_step": int(read), "bound_ms": bound_ms,
                     "tpot_over_bound": row["tpot_ms_p50"] / bound_ms, "ops_per_step": ops,
-                    "us_per_op_over_bound": (row["tpot_ms_p50"] - bound_ms) * 1e3 / ops if ops else None})
-    head = next((x for x in out if x["shape"] == first_shape and x["plan"] == "dense" and x["batch"] == 1), None)
-    check = None if head is None else {"row": f"{first_shape} dense B=1", "tpot_over_bound": head["tpot_over_bound"], "limit": 1.2,
-                                       "pass": head["tpot_over_bound"] <= 1.2 if models["bound_mode"] == "graph" else None}
-    if check and check["pass"] is None:
+                    "us_per_op_over_bound": (row["tpot_ms_p50"] - bound_ms) * 1e3 / ops if ops else None, "floor_ms": floor_ms,
+                    "tpot_over_expected": row["tpot_ms_p50"] / (bound_ms + floor_ms) if floor_ms is not None else None})
+    return {"copy_bandwidth_bytes_per_s": bw, "small_op_s": small_op_s, "decode_mode": models["bound_mode"], "rows": out,
+            "check": bound_check(out, first_shape, models["bound_mode"])}
+
+
+def bound_check(rows: list[dict], first_shape: str, mode: str) -> dict | None:
+    """(c)'s verdict on the first shape, dense, batch 1: TPOT ≤ 1.2 × (bound + ops × small-op floor), on a graph."""
+    head = next((x for x in rows if x["shape"] == first_shape and x["plan"] == "dense" and x["batch"] == 1), None)
+    if head is None:
+        return None
+    check = {"row": f"{first_shape} dense B=1", "tpot_over_bound": head["tpot_over_bound"], "ops_per_step": head["ops_per_step"],
+             "tpot_over_expected": head["tpot_over_expected"], "limit": 1.2, "pass": None}
+    if mode != "graph":
         check["note"] = "no verdict: the bound is for a CUDA graph over HBM; on CPU the static path stands in"
-    return {"copy_bandwidth_bytes_per_s": bw, "decode_mode": models["bound_mode"], "rows": out, "check": check}
+    elif head["tpot_over_expected"] is None:
+        check["note"] = "no verdict: the ops per step or the small-op floor could not be measured (see the failed steps)"
+    else:
+        check["pass"] = head["tpot_over_expected"] <= 1.2
+    return check
 
 
 def ipc_handoff(handoff, shape: str, device) -> dict:
@@ -354,6 +372,9 @@ def main(argv=None) -> int:
            "hbm_bound": None, "ipc_handoff": None}
     budget = Budget(args.budget_s, out)
     out["rates"] = measure_rates(device, resolve_dtype(args.dtype, device))
+    from decode_step_ops import small_kernel_s
+
+    out["rates"]["small_op_s"] = attempt(out, "small-op floor", lambda: small_kernel_s(device))  # (c)'s floor per op
     bw = out["rates"]["copy_bandwidth_bytes_per_s"]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {out['device'].get('gpu_name', 'cpu')}; copy bandwidth "
           f"(read + write) {bw / 1e9:.0f} GB/s, matmul {out['rates']['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s", flush=True)
@@ -366,7 +387,8 @@ def main(argv=None) -> int:
     save(out, args)  # the device, versions and rates, whatever happens next
     models = run_latency(args, device, budget, out) if "b" in args.sections else None
     if "c" in args.sections and models is not None:
-        out["hbm_bound"] = attempt(out, "hbm bound", lambda: hbm_bound(out["latency"], models, bw, args.latency_shapes[0]))
+        out["hbm_bound"] = attempt(out, "hbm bound", lambda: hbm_bound(out["latency"], models, bw, args.latency_shapes[0],
+                                                                     out["rates"].get("small_op_s")))
         save(out, args)
     if "d" in args.sections and "_handoff_for_ipc" not in out:
         out["skipped"].append({"step": "ipc handoff", "reason": "no pdtrim-like eager row of (b) to hand off"})

@@ -175,3 +175,21 @@ def test_layers_handed_one_positions_tensor_share_one_buffer_and_one_mask_a_step
     decode_step(model, plan.decode_layers, tok[:, None], batch.lengths[:, None], skv)
     assert len(built) == 2 and built[0] is skv.positions[0] and built[1] is skv.positions[2]
     assert skv.positions[0][:, 12].tolist() == [12, 12] and skv.positions[2][:, -3].tolist() == [12, 12]
+
+
+def test_gpu_checks_small_op_floor_is_replayed_from_a_graph_where_graphs_are(monkeypatch):
+    """(c)'s floor per op: one capture of n tiny ops, replayed (1 + repeats) times; eager where there are no graphs."""
+    import sys
+
+    import simulated_cuda_graphs as sim
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from decode_step_ops import small_kernel_s
+
+    replays = []
+    monkeypatch.setattr(sim.SimulatedGraph, "replay", lambda self: replays.append(len(self.capture.ops)))
+    assert small_kernel_s(torch.device("cpu"), n=50, repeats=2) > 0 and replays == []
+    with simulated_cuda_graphs():
+        assert small_kernel_s(torch.device("cpu"), n=50, repeats=2) > 0
+    assert replays == [50] * 3

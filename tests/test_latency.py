@@ -650,8 +650,14 @@ def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
     assert bound["check"]["pass"] is None and "no verdict" in bound["check"]["note"]
     ops = {r["plan"]: r["ops_per_step"] for r in bound["rows"]}  # what a graph of one step replays: fewer layers, fewer ops
     assert ops["dense"] > ops["shortgpt-like"] > 0 and ops["pdtrim-like"] > 0
+    small = res["rates"]["small_op_s"]  # one tiny op's cost, eager on a CPU: the floor per op
+    assert bound["small_op_s"] == small and 0 < small < 1e-3
     for r in bound["rows"]:
         assert r["us_per_op_over_bound"] == pytest.approx((r["tpot_ms_p50"] - r["bound_ms"]) * 1e3 / r["ops_per_step"])
+        assert r["floor_ms"] == pytest.approx(r["ops_per_step"] * small * 1e3)
+        assert r["tpot_over_expected"] == pytest.approx(r["tpot_ms_p50"] / (r["bound_ms"] + r["floor_ms"]))
+    assert bound["check"]["tpot_over_expected"] == next(r["tpot_over_expected"] for r in bound["rows"]
+                                                         if r["plan"] == "dense" and r["batch"] == 1)
     ipc = res["ipc_handoff"]
     pd_row = next(x for x in rows if x["plan"] == "pdtrim-like" and x["batch"] == 1 and x["decode_mode"] == "eager")
     assert ipc["backend"] == "shared_memory" and ipc["tensors_equal"] and ipc["pass"]
@@ -663,6 +669,30 @@ def test_gpu_check_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
     for head in ("## (a) PD engine agreement", "## (b) Latency per stage", "## (c) static TPOT vs the HBM bound",
                  "## (d) Handoff between two processes", "| tiny | pdtrim-like | 1 | static |", "| static yes | pass |"):
         assert head in table
+
+
+def test_gpu_check_judges_graph_tpot_against_the_bound_plus_the_small_op_floor():
+    """(c)'s verdict: TPOT ≤ 1.2 × (bound + ops × small-op floor), on a graph row only; no verdict without a floor."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import hbm_bound
+
+    models = {"bound_mode": "graph", "weight_bytes": {("s", (0, 1)): 10**9}, "step_ops": {("s", "dense"): 1000},
+              "kv_bytes_per_token": {"s": 0}}
+    row = {"shape": "s", "plan": "dense", "batch": 1, "decode_mode": "graph", "decode_layers": [0, 1], "kv_bytes": 0,
+           "samples": {"workload": {"decode_tokens": 2}}}
+    # bound 1 ms (10^9 B at 10^12 B/s), floor 1000 × 2 µs = 2 ms: expected 3 ms
+    for tpot, verdict in ((3.5, True), (3.7, False)):
+        c = hbm_bound([row | {"tpot_ms_p50": tpot}], models, 1e12, "s", small_op_s=2e-6)["check"]
+        assert c["tpot_over_bound"] == pytest.approx(tpot) and c["tpot_over_expected"] == pytest.approx(tpot / 3)
+        assert c["pass"] is verdict
+    c = hbm_bound([row | {"tpot_ms_p50": 3.5}], models, 1e12, "s", small_op_s=None)["check"]
+    assert c["pass"] is None and "small-op floor" in c["note"]
+    c = hbm_bound([row | {"tpot_ms_p50": 3.5, "decode_mode": "static"}], models | {"bound_mode": "static"}, 1e12, "s", 2e-6)["check"]
+    assert c["pass"] is None and "on CPU the static path stands in" in c["note"]
 
 
 def test_gpu_check_twin_has_the_weights_of_a_tied_model():
