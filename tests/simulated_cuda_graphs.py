@@ -11,7 +11,7 @@ What a real capture does, and this one too:
   after the capture is not what the graph reads. Here a replay calls each recorded op again on the very tensors
   (and Python values) it was recorded with, and copies its results into the recorded outputs.
 - **Nothing may wait for the device while it captures.** A capture that reads a value on the host (`.item()`,
-  `bool(t)`, `torch.equal`), makes a data-dependent shape (`nonzero`, a boolean mask index, `unique`) or copies
+  `bool(t)`, `torch.equal`, `.tolist()`), makes a data-dependent shape (`nonzero`, a boolean mask index, `unique`) or copies
   host data to the device (`torch.tensor(...)`) fails with the RuntimeError a GPU gives ("operation not permitted
   when stream is capturing").
 
