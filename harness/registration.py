@@ -1,14 +1,18 @@
 """What the plug-in registries (methods, KV policies, long-context tasks, latency figures) check when something
 registers: its Config's option types, read then (a type the annotations cannot resolve, imported only under
 TYPE_CHECKING, is named then rather than breaking `--help` and every run with a NameError), and whether a name
-already taken is the same definition imported again (`importlib.reload` of an edited plug-in replaces it). Imports
+already taken is the same definition imported again (`importlib.reload` of an edited plug-in replaces it); and what
+the task registries share: a name -> class table and the import of every module of a plug-in package. Imports
 nothing of the harness (the registries at every layer use it)."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 import re
 import typing
+from pathlib import Path
 from typing import Any
 
 # A registered name is a file name (`<method>__<mode>.json`), an item of a comma-separated --methods/--tasks list and
@@ -54,3 +58,27 @@ def same_definition(old: Any, new: Any) -> bool:
     """Whether `new` (a class or function) is `old` defined again by a fresh import of its module: the same module
     and qualified name."""
     return (old.__module__, old.__qualname__) == (new.__module__, new.__qualname__)
+
+
+def import_package_modules(package: str, folder: str | Path, builtin: tuple[str, ...] = ()) -> None:
+    """Import every module of a plug-in package (`folder` holds `package`), except `base` and `_private` ones: those
+    named in `builtin` first, in that order, then the others by name (the order their registrations take)."""
+    found = [m.name for m in pkgutil.iter_modules([str(folder)]) if m.name != "base" and not m.name.startswith("_")]
+    for mod in [*(b for b in builtin if b in found), *sorted(set(found) - set(builtin))]:
+        importlib.import_module(f"{package}.{mod}")
+
+
+class TaskRegistry(dict):
+    """Task classes by name, in registration order (the built-in tasks are imported first)."""
+
+    def names(self) -> tuple[str, ...]:
+        """Registered task names: the built-in ones first, then the others in registration order."""
+        return tuple(self)
+
+    def task(self, name: str) -> Any:
+        """The task class (KeyError for an unknown name)."""
+        return self[name]
+
+    def forget(self, name: str) -> None:
+        """Forget a task (tests register throwaway tasks)."""
+        self.pop(name, None)

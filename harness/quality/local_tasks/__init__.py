@@ -13,17 +13,15 @@ when `--tasks` names it.
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import pkgutil
 from pathlib import Path
 
 from harness.quality.local_tasks.base import SPLITS, LocalTask
-from harness.registration import LM_EVAL_NAME_RULE, LM_EVAL_NAME_TEXT, check_name, same_definition
+from harness.registration import LM_EVAL_NAME_RULE, LM_EVAL_NAME_TEXT, TaskRegistry, check_name, import_package_modules, same_definition
 
 __all__ = ["LocalTask", "register_task", "unregister_task", "names", "get", "is_local_task", "is_builtin", "titles"]
 
-_REGISTRY: dict[str, type[LocalTask]] = {}
+_REGISTRY = TaskRegistry()  # name -> LocalTask subclass
 # the built-in files come first, in this order (the order of the tables this registry replaced)
 _BUILTIN = ("arc", "hellaswag", "piqa", "winogrande", "boolq", "openbookqa", "wikitext", "lambada", "mmlu")
 ALIASES = ("standard", "long")  # --tasks' aliases (harness.config.expand_tasks)
@@ -81,23 +79,11 @@ def _check_name_free(cls: type[LocalTask], owner: str) -> None:
         raise ValueError(f"lm-eval task on local data {name!r} is already registered by {old.__module__}.{old.__qualname__}")
 
 
-def unregister_task(name: str) -> None:
-    """Forget a task (tests register throwaway tasks)."""
-    _REGISTRY.pop(name, None)
-
-
-def names() -> tuple[str, ...]:
-    """Registered task names: the built-in ones first, then the others in registration order."""
-    return tuple(_REGISTRY)
+unregister_task, names, get = _REGISTRY.forget, _REGISTRY.names, _REGISTRY.task
 
 
 def is_local_task(name: str) -> bool:
     return name in _REGISTRY
-
-
-def get(name: str) -> type[LocalTask]:
-    """The task class (KeyError for an unknown name)."""
-    return _REGISTRY[name]
 
 
 def is_builtin(cls: type[LocalTask]) -> bool:
@@ -111,12 +97,4 @@ def titles(tasks: tuple[str, ...]) -> dict[str, str]:
     return {t: cls.title for t in tasks if (cls := _REGISTRY.get(t)) is not None and cls.title is not None}
 
 
-def _import_plugins() -> None:
-    """Import every task module of this package, the built-in ones first (registration order = `names()`)."""
-    found = [m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
-             if m.name != "base" and not m.name.startswith("_")]
-    for mod in [*(b for b in _BUILTIN if b in found), *sorted(set(found) - set(_BUILTIN))]:
-        importlib.import_module(f"{__name__}.{mod}")
-
-
-_import_plugins()
+import_package_modules(__name__, Path(__file__).parent, _BUILTIN)  # registration order = `names()`

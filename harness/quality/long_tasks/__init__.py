@@ -13,19 +13,17 @@ presentation stored in its records, the reports. `--limit N` caps each task's sa
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from pathlib import Path
 from typing import Any
 
 from harness.errors import PluginContractError
 from harness.quality.long_tasks.base import LongTask
-from harness.registration import check_name, option_types, same_definition
+from harness.registration import TaskRegistry, check_name, import_package_modules, option_types, same_definition
 
 __all__ = ["LongTask", "register_task", "unregister_task", "names", "get", "is_long_task", "evaluate",
            "check_before_cells"]
 
-_REGISTRY: dict[str, type[LongTask]] = {}
+_REGISTRY = TaskRegistry()  # name -> LongTask subclass
 # the built-in tasks come first, in this order (the order of `--tasks long` and of run keys' task lists)
 _BUILTIN = ("pd_ppl", "passkey")
 
@@ -55,23 +53,11 @@ def _reserved() -> set[str]:
     return {*local_tasks.ALIASES, *local_tasks.names()}
 
 
-def unregister_task(name: str) -> None:
-    """Forget a task (tests register throwaway tasks)."""
-    _REGISTRY.pop(name, None)
-
-
-def names() -> tuple[str, ...]:
-    """Registered task names: the built-in ones first, then the others in registration order."""
-    return tuple(_REGISTRY)
+unregister_task, names, get = _REGISTRY.forget, _REGISTRY.names, _REGISTRY.task
 
 
 def is_long_task(name: str) -> bool:
     return name in _REGISTRY
-
-
-def get(name: str) -> type[LongTask]:
-    """The task class (KeyError for an unknown name)."""
-    return _REGISTRY[name]
 
 
 def evaluate(task: str, scorer, tokenizer, data_dir: Path | None, options: Any, limit: int | float | None,
@@ -112,12 +98,4 @@ def check_before_cells(tasks, tokenizer, options: dict[str, Any], limit: int | f
         get(task).check_max_length(options[task], max_length or resolve_max_length(model_config, tokenizer), limit)
 
 
-def _import_plugins() -> None:
-    """Import every task module of this package, the built-in ones first (registration order = `names()`)."""
-    found = [m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
-             if m.name != "base" and not m.name.startswith("_")]
-    for mod in [*(b for b in _BUILTIN if b in found), *sorted(set(found) - set(_BUILTIN))]:
-        importlib.import_module(f"{__name__}.{mod}")
-
-
-_import_plugins()
+import_package_modules(__name__, Path(__file__).parent, _BUILTIN)  # registration order = `names()`
