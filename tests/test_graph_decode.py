@@ -48,8 +48,11 @@ def test_a_simulated_capture_runs_nothing():
 
 @pytest.mark.parametrize("read", [
     lambda t: t.sum().item(), lambda t: int(t[0]), lambda t: bool(t.any()), lambda t: t[t > 0], lambda t: t.nonzero(),
-    lambda t: torch.tensor([1, 2]) + t, lambda t: t.tolist(), lambda t: torch.equal(t, t),
-], ids=["item", "int", "bool", "mask-index", "nonzero", "host-tensor", "tolist", "equal"])
+    lambda t: torch.tensor([1, 2]) + t, lambda t: t.tolist(), lambda t: torch.equal(t, t), lambda t: t.cpu(),
+    lambda t: t + torch.tensor(2, device=t.device), lambda t: t.__setitem__(0, 7),
+    lambda t: t.__setitem__(torch.zeros(1, dtype=torch.long), 7), lambda t: t.masked_fill(t > 1, t.max()),
+], ids=["item", "int", "bool", "mask-index", "nonzero", "host-tensor", "tolist", "equal", "cpu", "scalar-to-device",
+        "set-one-element", "set-indexed", "masked-fill-device-value"])
 def test_a_simulated_capture_refuses_what_waits_for_the_device(read):
     t = torch.arange(4)
     with pytest.raises(RuntimeError, match=NOT_PERMITTED):
@@ -58,11 +61,55 @@ def test_a_simulated_capture_refuses_what_waits_for_the_device(read):
         _captured(lambda: read(t))
 
 
-def test_a_simulated_capture_accepts_a_python_scalar_operand():
+def _set_first(t):
+    r = t.clone()
+    r[:1] = 7  # a slice: fill_ with the scalar, not a copy
+    return r
+
+
+@pytest.mark.parametrize("use", [
+    lambda t: t.index_fill(0, torch.zeros(1, dtype=torch.long), 7), _set_first,
+    lambda t: t.masked_fill(torch.arange(4) == 0, torch.tensor(7)), lambda t: torch.where(torch.arange(4) == 0, torch.tensor(7), t),
+    lambda t: t + (torch.tensor(7) - t) * (torch.arange(4) == 0),
+], ids=["scalar", "set-slice", "masked-fill-host-value", "where", "operand"])
+def test_a_simulated_capture_accepts_a_python_scalar_operand(use):
+    """A Python scalar, or a 0-dim host tensor made of one, is a kernel argument (read on the host, from host memory,
+    at capture); only a copy of it to the device (`x[0] = 7`, `x[idx] = 7`: refused above) is not."""
     t = torch.arange(4)
-    g, out = _captured(lambda: t.index_fill(0, torch.zeros(1, dtype=torch.long), 7) * 2)
+    g, out = _captured(lambda: use(t))
+    t.add_(1)
     g.replay()
-    assert out.tolist() == [14, 2, 4, 6]
+    assert out.tolist() == [7, 2, 3, 4]
+
+
+@torch.inference_mode()
+def test_a_simulated_capture_restores_every_older_storage_it_wrote_under_inference_mode():
+    """Views made under inference mode have no `_base`: the second view of a buffer written in one capture is of a
+    storage already saved, and must be restored with it (the graph decode path captures under inference mode)."""
+    buf = torch.zeros(2, 4)
+    left, right = buf[:, :2], buf[:, 2:]
+    g, _ = _captured(lambda: (left.add_(1), right.add_(2)))
+    assert buf.tolist() == [[0, 0, 0, 0]] * 2
+    g.replay()
+    assert buf.tolist() == [[1, 1, 2, 2]] * 2
+
+
+def test_a_failed_simulated_capture_leaves_older_tensors_as_they_were():
+    acc = torch.zeros(2)
+    with pytest.raises(RuntimeError, match=NOT_PERMITTED):
+        _captured(lambda: acc.add_(1).sum().item())
+    assert acc.tolist() == [0, 0]
+
+
+def test_a_simulated_replay_refuses_a_tensor_given_other_memory_after_the_capture():
+    """A graph reads the address captured: rebinding a weight's memory (`.data =`, as `module.to()` does) leaves the
+    graph reading the old, perhaps freed, memory on a GPU; here the replay refuses."""
+    w, x = torch.ones(3), torch.ones(3)
+    g, out = _captured(lambda: x * w)
+    g.replay()
+    w.data = torch.full((3,), 10.0)
+    with pytest.raises(RuntimeError, match="old address"):
+        g.replay()
 
 
 def _handed(model, plan, batch: TokenBatch):
