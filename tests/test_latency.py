@@ -807,6 +807,40 @@ def test_every_decode_mode_hands_over_what_the_first_eager_prefill_does(tiny, ki
     assert m.tokens.shape == (3, 4) and torch.equal(m.tokens, first.tokens)  # the same greedy tokens on every path
 
 
+def test_a_model_over_several_gpus_is_timed_between_synchronisations_of_all_of_them(monkeypatch):
+    """An event pair times one GPU's stream; a model spread over GPUs (`--device-map`) is timed by the host's clock
+    between synchronisations of every GPU it computes on, and says so in the record's clock."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: calls.append(str(d)))
+    gpus = [torch.device("cuda:0"), torch.device("cuda:1")]
+    clock = latency.Clock(gpus[0], gpus + [torch.device("cuda:1")])
+    out, ms = clock.time(lambda: calls.append("fn") or 7)
+    assert clock.name == "cuda_synchronize" and out == 7 and ms >= 0
+    assert calls == ["cuda:0", "cuda:1", "fn", "cuda:0", "cuda:1"]
+    assert latency.Clock(gpus[0], [gpus[0]]).name == "cuda_events" and latency.Clock(torch.device("cpu")).name == "perf_counter_ns"
+
+
+def test_graph_decode_of_a_model_over_several_gpus_is_refused(tiny, monkeypatch):
+    from harness.pd import arch
+
+    monkeypatch.setattr(arch, "execution_devices", lambda model: [torch.device("cuda:0"), torch.device("cuda:1")])
+    with pytest.raises(ValueError, match="captures one GPU's stream; the model is spread over 2 GPUs"):
+        latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(8, 2, 1), decode_mode="graph")
+
+
+def test_execution_devices_of_a_placed_model(tiny, monkeypatch):
+    """The inputs' device first, then each GPU of accelerate's device map; CPU- and disk-offloaded layers run on the
+    inputs' device."""
+    from harness.pd import arch
+
+    model = tiny.model
+    assert arch.execution_devices(model) == [torch.device("cpu")]
+    monkeypatch.setattr(model, "hf_device_map", {"model.embed_tokens": 1, "model.layers.0": 1, "model.layers.1": 0,
+                                                 "model.layers.2": "cpu", "model.layers.3": "disk"}, raising=False)
+    monkeypatch.setattr(arch, "model_device", lambda m: torch.device("cuda:1"))
+    assert arch.execution_devices(model) == [torch.device("cuda:1"), torch.device("cuda:0")]
+
+
 def test_static_decode_steps_run_without_autograd(tiny, monkeypatch):
     """The static (and graph) decode steps run under inference mode, as the eager ones: a step timed with
     autograd on records a graph through the KV buffers, so static TPOT was not the eager path's cost."""

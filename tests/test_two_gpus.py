@@ -92,6 +92,15 @@ def test_latency_on_one_gpu_hands_over_the_cpus_bytes_and_tokens(two_gpus, case)
     assert on_gpu == cases.latency_all(cases.eager_tiny().model, case)
 
 
+@pytest.mark.parametrize("case", list(cases.PLANS))
+def test_latency_of_the_model_over_two_gpus_hands_over_the_cpus_bytes_and_tokens(two_gpus, case):
+    """`latency --device-map`: eager and static decode of the model spread over vgpu:0 and vgpu:1 give the unsplit
+    model's bytes and greedy tokens. The static path's step column was computed on the last layer's GPU and added
+    to each layer's own (refused, as CUDA refuses it, before the column was moved to each tensor's device)."""
+    split = _ok(json.loads((two_gpus / "latency_split.json").read_text())[case])
+    assert split == cases.latency_all(cases.eager_tiny().model, case)
+
+
 def test_every_method_plans_and_scores_as_on_one_device(two_gpus, data_dir, tmp_path):
     """Every method but those that train, both modes, arc_easy + pd_ppl + passkey: same plan, scores and KV."""
     one = cases.run_all(tmp_path / "one", str(data_dir))

@@ -12,7 +12,8 @@ run here; PDTrim's healing and streamline's replacement run with 0 training step
 Registering the device is for the life of the process: `python tests/virtual_gpus.py OUT DATA` does the two-GPU
 runs in a process of its own and writes what tests/test_two_gpus.py compares with the unsplit model:
 OUT/facts.json, OUT/scorer.json (and scorer_gpu_batching.json, batched as on a GPU), OUT/trained.json (the copies
-training methods make, with 0 steps), OUT/latency.json (latency runs on one virtual GPU), the records of a run of
+training methods make, with 0 steps), OUT/latency.json (latency runs on one virtual GPU), OUT/latency_split.json
+(latency runs of the model over both), the records of a run of
 every method under OUT/run, and OUT/gpu_check.json (benchmarks/gpu_check.py on a virtual GPU).
 """
 
@@ -221,6 +222,8 @@ def main(out: Path, data_dir: str) -> None:
         (out / "scorer_gpu_batching.json").write_text(json.dumps(scored))
         scoring.FORWARD_TOKENS[NAME] = scoring.FORWARD_TOKENS["cpu"]
         (out / "trained.json").write_text(json.dumps(_caught(lambda: cases.trained_copies(model))))
+        timed = {case: _caught(lambda case=case: cases.latency_all(model, case)) for case in cases.PLANS}
+        (out / "latency_split.json").write_text(json.dumps(timed))  # `latency --device-map`: the model over both
         one = cases.eager_tiny().model.to("vgpu:1")  # latency runs on one GPU (not the first: nothing may assume 0)
         timed = {case: _caught(lambda case=case: cases.latency_all(one, case)) for case in cases.PLANS}
         (out / "latency.json").write_text(json.dumps(timed))

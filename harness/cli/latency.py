@@ -22,7 +22,7 @@ from harness.cli.flags import (
     user_dir,
     user_path,
 )
-from harness.cli.run import default_out
+from harness.cli.run import default_out, placement_flags
 from harness.config import DEFAULT_METHODS, RunConfig
 from harness.errors import UsageError
 from harness.run.quiet import quiet_libraries
@@ -69,6 +69,7 @@ def latency_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=user_path, default=os.environ.get("HARNESS_DATA_DIR"),
                    help="for methods that calibrate (default: $HARNESS_DATA_DIR)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    placement_flags(p)  # a model larger than one GPU: timed by the host's clock between synchronisations of every GPU
     return p
 
 
@@ -87,6 +88,12 @@ def check_latency_args(args: argparse.Namespace, decode_modes: tuple[str, ...]) 
     bad = [m for m in args.decode_mode if m not in decode_modes]
     if bad or not args.decode_mode:
         raise UsageError(f"--decode-mode {','.join(bad) or repr('')}: expected any of {', '.join(decode_modes)}")
+    from harness.pd.models import Placement
+
+    Placement.parse(args.device_map, args.max_memory, args.offload_folder)  # a bad --device-map / --max-memory: exit 2 now
+    if args.device_map and "graph" in args.decode_mode:
+        raise UsageError("--decode-mode graph with --device-map: a CUDA graph captures one GPU's stream, and the model "
+                         "would be spread over several; use eager or static (or no --device-map)")
     device = resolve_device(args.device) if "graph" in args.decode_mode else None
     if device is not None and device.type != "cuda":
         raise UsageError(f"--decode-mode graph: CUDA graphs need a CUDA device, this run is on {device}; use eager or static there")
@@ -121,7 +128,8 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
                         batch_sizes=args.batch_size, bandwidths_gbit=args.bandwidths, warmup=args.warmup, repeats=args.repeats,
                         seed=args.seed, device=args.device, dtype=args.dtype, data_dir=data_dir, plans_from=args.plans_from,
                         real_transfer=args.real_transfer, decode_modes=args.decode_mode,
-                        overrides=tuple(args.overrides))
+                        overrides=tuple(args.overrides), device_map=args.device_map, max_memory=args.max_memory,
+                        offload_folder=str(Path(args.offload_folder).resolve()) if args.offload_folder else None)
     prepared = pipeline.prepare(RunConfig(methods=cfg.methods, tasks=(), seed=cfg.seed, data_dir=data_dir,
                                           overrides=cfg.overrides), need_data=cfg.plans_from is None)
     need_records_folder(args.plans_from, "--plans-from")
@@ -139,8 +147,8 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     failures: list = []
     with lock.hold(out):  # one writer per folder
         try:
-            records = run_latency(cfg, prepared, out, load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed, model_args=model_args),
-                                  say)
+            loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed, placement=cfg.placement(), model_args=model_args)
+            records = run_latency(cfg, prepared, out, loaded, say)
         except KeyboardInterrupt:
             print(INTERRUPTED_ROUNDS, file=sys.stderr)
             raise

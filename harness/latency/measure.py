@@ -46,14 +46,26 @@ class Workload:
 
 
 class Clock:
-    """Times a callable: CUDA events on a CUDA device, perf_counter_ns otherwise. Milliseconds."""
+    """Times a callable, in milliseconds: CUDA events on one GPU; for a model spread over several GPUs
+    (`--device-map`), the host's clock between synchronisations of all of them (an event pair times one
+    device's stream only); perf_counter_ns otherwise."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, devices: Sequence[torch.device] = ()) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self.name = "cuda_events" if self.cuda else "perf_counter_ns"
+        gpus = list(dict.fromkeys(d for d in (device, *devices) if d.type == "cuda"))
+        self.gpus = gpus if len(gpus) > 1 else []
+        self.name = "cuda_synchronize" if self.gpus else "cuda_events" if self.cuda else "perf_counter_ns"
 
     def time(self, fn: Callable[[], Any]) -> tuple[Any, float]:
+        if self.gpus:
+            for d in self.gpus:
+                torch.cuda.synchronize(d)
+            t0 = time.perf_counter_ns()
+            out = fn()
+            for d in self.gpus:
+                torch.cuda.synchronize(d)
+            return out, (time.perf_counter_ns() - t0) / 1e6
         if self.cuda:
             # on the measured device: an event records on the *current* device's stream (cuda:0 unless set), so a
             # model on cuda:1 was timed by an idle stream; `fn`'s own streams (a graph's capture) are made there too
@@ -202,7 +214,10 @@ def measure(
     if decode_mode not in DECODE_MODES:
         raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
     device = arch.model_device(model)
-    clock = Clock(device)
+    clock = Clock(device, arch.execution_devices(model))
+    if decode_mode == "graph" and clock.gpus:
+        raise ValueError(f"decode_mode 'graph' captures one GPU's stream; the model is spread over {len(clock.gpus)} GPUs "
+                         "(use eager or static)")
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     B, T, n = workload.batch_size, workload.prompt_tokens, workload.decode_tokens

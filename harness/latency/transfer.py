@@ -227,6 +227,6 @@ def transfer_shared(handoff: Handoff, device: str = "cpu", timeout_s: float = SH
 def transfer_backend(clock: str, gpus: int) -> str:
     """How `--real-transfer` moves a handoff: gloo on CPU; on GPU, NCCL across two GPUs, else CUDA IPC
     (NCCL refuses two ranks on one GPU)."""
-    if clock != "cuda_events":
+    if not clock.startswith("cuda"):  # cuda_events, or cuda_synchronize for a model spread over GPUs
         return "gloo"
     return "nccl" if gpus >= 2 else "cuda_ipc"

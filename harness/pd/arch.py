@@ -60,6 +60,15 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def execution_devices(model: nn.Module) -> list[torch.device]:
+    """Every device the model computes on: the inputs' device and, for a model placed by accelerate, each GPU of its
+    device map (layers offloaded to CPU memory or disk run on the inputs' device)."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    devs = [model_device(model), *(torch.device(f"cuda:{d}" if isinstance(d, int) else d) for d in placed.values()
+                                   if d not in ("cpu", "disk"))]
+    return list(dict.fromkeys(devs))
+
+
 @functools.cache
 def cache_kwarg(layer_cls: type) -> str:
     """Name of the decoder layer's cache argument: `cache` (transformers >= 5.2x) or `past_key_values`."""

@@ -52,6 +52,14 @@ class LatencyConfig:
     real_transfer: bool = False  # also move one handoff per workload between two processes
     overrides: tuple[str, ...] = ()
     model_args: str | None = None  # from_pretrained options, canonical "key=value,..." (harness.pd.models.MODEL_ARGS)
+    device_map: str | None = None  # --device-map: the model spread over GPUs (accelerate), timed by host + synchronize
+    max_memory: str | None = None
+    offload_folder: str | None = None  # a path: not part of a record's identity
+
+    def placement(self):
+        from harness.pd.models import Placement
+
+        return Placement.parse(self.device_map, self.max_memory, self.offload_folder)
 
     def workloads(self) -> list[Workload]:
         return [Workload(t, n, b) for t, n, b in itertools.product(self.prompt_tokens, self.decode_tokens, self.batch_sizes)]
@@ -71,10 +79,11 @@ class LatencyConfig:
 
 # config keys that do not change a record; data_dir feeds only calibration, whose outcome (the plan) is in the key,
 # and is a path: the same records in a clone elsewhere are the same measurements
-NOT_IDENTITY = ("methods", "overrides", "plans_from", "kind", "method_options", "data_dir")
+NOT_IDENTITY = ("methods", "overrides", "plans_from", "kind", "method_options", "data_dir", "offload_folder")
 
 
-ADDED_UNSET = ("model_args",)  # fields added later, left out of ids and identities when unset (old ones stay valid)
+# fields added later, left out of ids and identities when unset (old ones stay valid)
+ADDED_UNSET = ("model_args", "device_map", "max_memory", "offload_folder")
 
 
 def _set_fields(config: dict) -> dict:
@@ -383,7 +392,7 @@ def _real_transfer(m, what: str) -> dict:
 
     from harness.latency.transfer import handoffs_equal, transfer_backend, transfer_between_processes, transfer_shared
 
-    backend = transfer_backend(m.clock, torch.cuda.device_count() if m.clock == "cuda_events" else 0)
+    backend = transfer_backend(m.clock, torch.cuda.device_count() if m.clock.startswith("cuda") else 0)
     if backend == "cuda_ipc":
         moved = transfer_shared(m.handoff, str(next(iter(m.handoff.keys.values())).device))
     else:
