@@ -72,15 +72,16 @@ def step_ops(model, plan, prompt_tokens: int = 128) -> collections.Counter:
     return counter.ops
 
 
-def small_kernel_s(device, n: int = 1000, repeats: int = 5) -> float:
-    """Seconds one tiny op costs when `n` run back to back (an in-place add to one element): replayed from one CUDA
+def small_kernel_s(device, n: int = 1000, repeats: int = 5, numel: int = 4096, dtype=torch.float32) -> float:
+    """Seconds one small op costs when `n` run back to back (an in-place add to `numel` elements of `dtype`: one
+    hidden state at batch 1, the size of a decode step's norm, rotary and residual pieces): replayed from one CUDA
     graph where graphs are available, the floor every small op of a graph step pays however little it computes;
     run eagerly elsewhere (a CPU's dispatch cost)."""
     import time
 
     from harness.pd.static_decode import can_capture
 
-    x = torch.zeros(1, device=device)
+    x = torch.zeros(numel, device=device, dtype=dtype)
 
     def ops() -> None:
         for _ in range(n):

@@ -374,7 +374,8 @@ def main(argv=None) -> int:
     out["rates"] = measure_rates(device, resolve_dtype(args.dtype, device))
     from decode_step_ops import small_kernel_s
 
-    out["rates"]["small_op_s"] = attempt(out, "small-op floor", lambda: small_kernel_s(device))  # (c)'s floor per op
+    out["rates"]["small_op_s"] = attempt(out, "small-op floor",  # (c)'s floor per op: one Llama-3-8B hidden state
+                                         lambda: small_kernel_s(device, numel=4096, dtype=resolve_dtype(args.dtype, device)))
     bw = out["rates"]["copy_bandwidth_bytes_per_s"]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {out['device'].get('gpu_name', 'cpu')}; copy bandwidth "
           f"(read + write) {bw / 1e9:.0f} GB/s, matmul {out['rates']['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s", flush=True)
