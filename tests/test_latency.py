@@ -839,6 +839,10 @@ def test_execution_devices_of_a_placed_model(tiny, monkeypatch):
                                                  "model.layers.2": "cpu", "model.layers.3": "disk"}, raising=False)
     monkeypatch.setattr(arch, "model_device", lambda m: torch.device("cuda:1"))
     assert arch.execution_devices(model) == [torch.device("cuda:1"), torch.device("cuda:0")]
+    # a map given by hand: "cuda:N" strings and torch.device values, a CPU one among them (unequal to "cpu")
+    monkeypatch.setattr(model, "hf_device_map", {"model.embed_tokens": "cuda:1", "model.layers.0": torch.device("cuda:2"),
+                                                 "model.layers.1": torch.device("cpu"), "lm_head": "disk"}, raising=False)
+    assert arch.execution_devices(model) == [torch.device("cuda:1"), torch.device("cuda:2")]
 
 
 def test_static_decode_steps_run_without_autograd(tiny, monkeypatch):
@@ -891,6 +895,27 @@ def test_a_record_measured_on_another_kind_of_device_is_not_reused(tmp_path, cli
     path.write_text(json.dumps(d))
     r = cli(*args)
     assert r.returncode == 2 and "measured on cuda, and this run measures on cpu" in r.stderr, r.stderr[-2000:]
+    assert json.loads(path.read_text()) == d  # kept, not overwritten
+
+
+def test_a_record_of_another_placement_is_not_reused(tmp_path, cli):
+    """`--device-map` is part of a latency record's identity, and the refusal names it; and the same flag places the
+    model otherwise on another machine (`auto` spreads it over every GPU there is: one GPU's CUDA events, or two GPUs
+    timed by the host's clock), so a record of another placement (modules per device) is not reused either."""
+    out = tmp_path / "lat"
+    args = ["latency", "--model", "random:tiny", "-q", "--prompt-tokens", "8", "--decode-tokens", "2", "--batch-size", "1",
+            "--repeats", "1", "--methods", "unpruned", "--out", str(out)]
+    assert cli(*args, "--device-map", "auto").returncode == 0
+    r = cli(*args)
+    assert r.returncode == 2 and "configuration: device_map='auto' there, None here" in r.stderr, r.stderr[-2000:]
+    assert cli(*args, "--device-map", "auto").returncode == 0  # the same placement: reused
+    path = out / "unpruned__disaggregated.json"
+    d = json.loads(path.read_text())
+    d["model"]["device_map"] = {"0": 4, "1": 4}  # as measured over two GPUs
+    path.write_text(json.dumps(d))
+    r = cli(*args, "--device-map", "auto")
+    assert r.returncode == 2 and "placed {'0': 4, '1': 4} (modules per device), and this run places it {'cpu': 1}" in r.stderr, \
+        r.stderr[-2000:]
     assert json.loads(path.read_text()) == d  # kept, not overwritten
 
 

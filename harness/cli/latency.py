@@ -34,8 +34,9 @@ def latency_parser() -> argparse.ArgumentParser:
         prog="python -m harness latency",
         description="Per-stage latency of each method's plan in a PD deployment: TTFT (prefill + first token), "
         "ITL samples and TPOT (each decode step timed), handoff time, KV bytes sent (exact and 16-token pages), "
-        "modelled transfer time per link bandwidth, and E2E = TTFT + transfer + (n-1)·TPOT. CUDA events on GPU, "
-        "a monotonic clock on CPU (recorded as such).",
+        "modelled transfer time per link bandwidth, and E2E = TTFT + transfer + (n-1)·TPOT. CUDA events on GPU (a model spread over "
+        "several GPUs by --device-map: the host's clock between synchronisations of all of them), a monotonic clock on "
+        "CPU (recorded as such).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python -m harness latency --methods unpruned,shortgpt --model random:llama3-8b "
         "--prompt-tokens 2048 --decode-tokens 128 --batch-size 1 --out DIR\n"
@@ -55,7 +56,7 @@ def latency_parser() -> argparse.ArgumentParser:
     p.add_argument("--plans-from", type=user_path, default=None, help="folder of quality-run records whose disaggregated plans to replay")
     p.add_argument("--decode-mode", type=csv_list, default=("eager",),
                    help="decode paths to time: eager (growing cache), static (preallocated, fixed shapes), graph (static "
-                        "step captured as a CUDA graph; CUDA only). Comma-separated (default: eager)")
+                        "step captured as a CUDA graph; CUDA only, not with --device-map). Comma-separated (default: eager)")
     p.add_argument("--real-transfer", action="store_true",
                    help="also move one handoff per workload between a prefill and a decode process (gloo on CPU; on GPU "
                         "NCCL across two GPUs, CUDA IPC on one), checking the bytes received against the bytes counted")

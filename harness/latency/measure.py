@@ -6,7 +6,8 @@ token is taken from the last position (TTFT); the handoff packs the decode layer
 plan's KV policy and unpacks it (handoff time, bytes counted from the tensors); the decode stage
 then runs `decode_tokens - 1` greedy steps, each timed on its own (ITL samples; EOS ignored).
 TPOT is the mean ITL of one run. Every stage is timed directly, never by subtraction: on CUDA
-with events around the stage (after warm-up runs), on CPU with `time.perf_counter_ns`, and the
+with events around the stage (after warm-up runs; a model spread over several GPUs by the host's
+clock between synchronisations of all of them), on CPU with `time.perf_counter_ns`, and the
 clock used is recorded.
 
 Transfer time is modelled: bytes · 8 / link bandwidth, for each bandwidth in Gbit/s, using the

@@ -64,9 +64,11 @@ def execution_devices(model: nn.Module) -> list[torch.device]:
     """Every device the model computes on: the inputs' device and, for a model placed by accelerate, each GPU of its
     device map (layers offloaded to CPU memory or disk run on the inputs' device)."""
     placed = getattr(model, "hf_device_map", None) or {}
-    devs = [model_device(model), *(torch.device(f"cuda:{d}" if isinstance(d, int) else d) for d in placed.values()
-                                   if d not in ("cpu", "disk"))]
-    return list(dict.fromkeys(devs))
+    # accelerate's maps hold GPU indices, "cpu", "disk" (and "mps"); a map given by hand may hold "cuda:1" or a
+    # torch.device, torch.device("cpu") too, which compares unequal to "cpu"
+    devs = [torch.device("cuda", d) if isinstance(d, int) else torch.device(d) for d in placed.values()
+            if not (isinstance(d, str) and d == "disk")]
+    return list(dict.fromkeys([model_device(model), *(d for d in devs if d.type != "cpu")]))
 
 
 @functools.cache

@@ -23,9 +23,9 @@ from typing import Any
 
 from harness.errors import UsageError
 from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Workload, measure
-from harness.pd.plan import PruningPlan
 from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
 from harness.run.latency_figures import figure_code, keep_failures, measured_figures, refresh_figures
+from harness.run.latency_plans import replayed_plans
 from harness.run.plugin_faults import Faults
 from harness.store import records as rec
 from methods.plugin_code import plugin_code
@@ -126,58 +126,6 @@ def current_identity(cfg: LatencyConfig, name: str, method, plan: dict) -> str:
 def workload_name(w: Workload, decode_mode: str = "eager") -> str:
     base = f"latency_T{w.prompt_tokens}_n{w.decode_tokens}_b{w.batch_size}"
     return base if decode_mode == "eager" else f"{base}_{decode_mode}"
-
-
-def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, PruningPlan]:
-    """The disaggregated plans of `methods` (name -> Method) stored in `plans_from`'s records, checked against the
-    model's layer count and the methods' options (a plan made with other options would be labelled with these).
-    A method whose plan needs state the record lacks (`needs_replan_on_resume`) is left out: it plans afresh."""
-    from harness.run.reuse import options_diff, options_then, other_code, with_defaults
-
-    folder = Path(plans_from)
-    if not folder.is_dir():
-        raise UsageError(f"--plans-from {plans_from}: not a folder of run records")
-    out = {}
-    try:
-        found = rec.load_dir(folder)
-    except rec.RecordError as e:
-        raise UsageError(f"--plans-from: {e}; remove that file or pick another run folder") from None
-    for r in found:
-        if r.mode != "disaggregated" or r.method not in methods:  # other records are not this run's to read
-            continue
-        if methods[r.method].needs_replan_on_resume():  # e.g. a trained FFN or healed blocks: not in the record
-            continue
-        try:
-            plan = PruningPlan.from_dict(r.plan)
-        except (KeyError, TypeError, ValueError) as e:
-            raise UsageError(f"--plans-from: {r.method}'s plan is not valid ({type(e).__name__}: {e})") from None
-        if plan.n_layers != n_layers:
-            raise UsageError(_depth_mismatch(folder, r, plan.n_layers, n_layers))
-        if edited := other_code(r, methods[r.method]):
-            raise UsageError(f"--plans-from {plans_from}: {r.method}'s plan was made by other code of its plug-in "
-                             f"({', '.join(edited)} changed since); plan afresh without --plans-from")
-        then, now = options_then(methods[r.method], r), with_defaults(methods[r.method], methods[r.method].options())
-        if then != now:
-            diff = options_diff(then, now, "there", "here")
-            raise UsageError(f"--plans-from {plans_from}: {r.method}'s plan was made with other options ({diff}); give "
-                             "the same --set options, or plan afresh without --plans-from")
-        out[r.method] = plan
-    return out
-
-
-def _depth_mismatch(folder: Path, r: rec.RunRecord, plan_layers: int, n_layers: int) -> str:
-    """What is wrong with replaying `r`'s plan of `plan_layers` layers on a model of `n_layers`, and what would be
-    right: a model of the plan's depth (the record's own, or a random preset of that depth), or planning afresh."""
-    from harness.pd.models import PRESETS
-
-    made_on = r.config.get("model")
-    same_depth = [f"random:{p}" for p, shape in sorted(PRESETS.items()) if shape["num_hidden_layers"] == plan_layers]
-    models = ", ".join(f"--model {m}" for m in dict.fromkeys([made_on, *same_depth]) if m)
-    made = f" ({made_on})" if made_on else ""
-    fits = f" ({models})" if models else ""
-    return (f"--plans-from {folder}: {r.method}'s plan ({folder / r.filename}) is for a {plan_layers}-layer model{made}, "
-            f"this model has {n_layers} layers; replay it on a {plan_layers}-layer model{fits}, or plan afresh without "
-            "--plans-from")
 
 
 def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[[str], None]) -> list[rec.RunRecord]:
@@ -288,10 +236,13 @@ def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[
         old = rec.load_cell(path) if path.exists() else None  # an unreadable cell file: refused, not replaced
         kind = old.config.get("kind", "quality") if old is not None else None
         if old is not None and (kind != "latency" or record_identity(old, method) != current_identity(cfg, name, method, plan_json)):
+            differs = _config_diff(old, cfg) if kind == "latency" else ""
             raise UsageError(f"{path} holds a {name}/disaggregated {kind} record of a different configuration "
-                             f"(run_key {old.run_key}; this run's {key}); use another --out or remove it")
+                             f"(run_key {old.run_key}; this run's {key}{'; ' + differs if differs else ''}); use another "
+                             "--out or remove it")
         if old is not None:
             _refuse_other_device(path, old, arch.model_device(model).type)
+            _refuse_other_placement(path, old, loaded.description.get("device_map"))
         out.append((name, method, plan, source, key, old))
     return out
 
@@ -303,6 +254,32 @@ def _refuse_other_device(path: Path, old: rec.RunRecord, kind: str) -> None:
     if then != kind:
         raise UsageError(f"{path} holds a {old.method} latency record measured on {then}, and this run measures on "
                          f"{kind}; use another --out (or --device {then} on a machine that has it), or remove it")
+
+
+def _config_diff(old: rec.RunRecord, cfg: LatencyConfig) -> str:
+    """'device_map=None there, 'auto' here' for the identity's configuration fields that differ between `old` and this
+    run ('' when only method options or the plan differ)."""
+    from harness.config import DTYPES
+    from harness.run.reuse import options_diff
+
+    def fields(config: dict) -> dict:
+        return {k: v for k, v in _set_fields(config).items() if k not in NOT_IDENTITY}
+
+    then = {**_as_json(dataclasses.asdict(LatencyConfig())), **old.config}
+    then = fields({**then, "dtype": DTYPES.get(then["dtype"], then["dtype"])})  # as record_identity reads it
+    diff = options_diff(then, fields(_as_json(dataclasses.asdict(cfg))), "there", "here")
+    return f"configuration: {diff}" if diff else ""
+
+
+def _refuse_other_placement(path: Path, old: rec.RunRecord, now: dict | None) -> None:
+    """A finished record of a model placed otherwise (`--device-map auto` spreads it over every GPU the machine has, so
+    the same flags place it differently on another machine: on one GPU timed by CUDA events, over two by the host's
+    clock) is not this run's measurement; `now`: this run's modules per device (None: not placed)."""
+    then = (old.model or {}).get("device_map")
+    if _as_json(then) != _as_json(now):
+        raise UsageError(f"{path} holds a {old.method} latency record of the model placed {then or 'unplaced'} (modules "
+                         f"per device), and this run places it {now or 'unplaced'}; use another --out (or the machine "
+                         "and --max-memory it was measured with), or remove it")
 
 
 def _latency_record(cfg: LatencyConfig, name: str, method, key: str, plan, env: dict, model_desc: dict, measured: tuple,

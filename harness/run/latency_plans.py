@@ -1,0 +1,63 @@
+"""`latency --plans-from`: the disaggregated plans a quality run stored, read back to be timed (a plan searched on
+real weights replayed on a random-weight shape of the same depth), each checked against the model's depth, the
+method's options and its plug-in's code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.errors import UsageError
+from harness.pd.plan import PruningPlan
+from harness.store import records as rec
+
+
+def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, PruningPlan]:
+    """The disaggregated plans of `methods` (name -> Method) stored in `plans_from`'s records, checked against the
+    model's layer count and the methods' options (a plan made with other options would be labelled with these).
+    A method whose plan needs state the record lacks (`needs_replan_on_resume`) is left out: it plans afresh."""
+    from harness.run.reuse import options_diff, options_then, other_code, with_defaults
+
+    folder = Path(plans_from)
+    if not folder.is_dir():
+        raise UsageError(f"--plans-from {plans_from}: not a folder of run records")
+    out = {}
+    try:
+        found = rec.load_dir(folder)
+    except rec.RecordError as e:
+        raise UsageError(f"--plans-from: {e}; remove that file or pick another run folder") from None
+    for r in found:
+        if r.mode != "disaggregated" or r.method not in methods:  # other records are not this run's to read
+            continue
+        if methods[r.method].needs_replan_on_resume():  # e.g. a trained FFN or healed blocks: not in the record
+            continue
+        try:
+            plan = PruningPlan.from_dict(r.plan)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"--plans-from: {r.method}'s plan is not valid ({type(e).__name__}: {e})") from None
+        if plan.n_layers != n_layers:
+            raise UsageError(_depth_mismatch(folder, r, plan.n_layers, n_layers))
+        if edited := other_code(r, methods[r.method]):
+            raise UsageError(f"--plans-from {plans_from}: {r.method}'s plan was made by other code of its plug-in "
+                             f"({', '.join(edited)} changed since); plan afresh without --plans-from")
+        then, now = options_then(methods[r.method], r), with_defaults(methods[r.method], methods[r.method].options())
+        if then != now:
+            diff = options_diff(then, now, "there", "here")
+            raise UsageError(f"--plans-from {plans_from}: {r.method}'s plan was made with other options ({diff}); give "
+                             "the same --set options, or plan afresh without --plans-from")
+        out[r.method] = plan
+    return out
+
+
+def _depth_mismatch(folder: Path, r: rec.RunRecord, plan_layers: int, n_layers: int) -> str:
+    """What is wrong with replaying `r`'s plan of `plan_layers` layers on a model of `n_layers`, and what would be
+    right: a model of the plan's depth (the record's own, or a random preset of that depth), or planning afresh."""
+    from harness.pd.models import PRESETS
+
+    made_on = r.config.get("model")
+    same_depth = [f"random:{p}" for p, shape in sorted(PRESETS.items()) if shape["num_hidden_layers"] == plan_layers]
+    models = ", ".join(f"--model {m}" for m in dict.fromkeys([made_on, *same_depth]) if m)
+    made = f" ({made_on})" if made_on else ""
+    fits = f" ({models})" if models else ""
+    return (f"--plans-from {folder}: {r.method}'s plan ({folder / r.filename}) is for a {plan_layers}-layer model{made}, "
+            f"this model has {n_layers} layers; replay it on a {plan_layers}-layer model{fits}, or plan afresh without "
+            "--plans-from")
