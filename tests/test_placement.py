@@ -61,6 +61,18 @@ def test_split_model_scores_and_bytes_equal_the_unsplit_model(tiny, placed, mode
         assert ref.tally.kv_bytes > 0
 
 
+def test_a_model_of_which_nothing_fits_in_memory_goes_whole_to_disk_and_scores_as_the_unsplit_model(tiny, tmp_path):
+    """With --max-memory below the first module, accelerate maps the root module ("") to disk, writes no offload index
+    for it and then failed to read one (FileNotFoundError .../index.json): each child of the model now goes to disk."""
+    whole = load_model("random:tiny", device="cpu", dtype="float32", seed=0,
+                       placement=Placement.parse("auto", "cpu=100KB", str(tmp_path / "off")))
+    assert set(whole.model.hf_device_map.values()) == {"disk"} and (tmp_path / "off" / "index.json").is_file()
+    plan = PruningPlan("x", 4, (0, 1, 3), (0, 3), kv_policy=KVPolicy(layers=(3,), n_first=1, n_last=2))
+    reqs = random_requests(4, 256, seed=6)
+    ref, disk = (Scorer(m, plan, "disaggregated", max_length=512, batch_size=2) for m in (tiny.model, whole.model))
+    assert disk.loglikelihood(reqs) == ref.loglikelihood(reqs) and disk.tally.as_dict() == ref.tally.as_dict()
+
+
 def test_handed_over_kv_lives_on_each_layers_device(placed):
     plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 1, 3))
     s = Scorer(placed.model, plan, "disaggregated", max_length=512)

@@ -152,6 +152,8 @@ def dispatch(model: torch.nn.Module, placement: Placement) -> torch.nn.Module:
     if "disk" in dmap.values() and not placement.offload_folder:
         raise UsageError("--device-map: the model does not fit the --max-memory given, and layers would go to disk: "
                          "add --offload-folder DIR (or allow more memory)")
+    if dmap.get("") == "disk":  # nothing fits anywhere: accelerate writes no offload index for the root module ("")
+        dmap = {name: "disk" for name, _ in model.named_children()}  # and then fails to read it; name its children
     model = dispatch_model(model, dmap, offload_dir=placement.offload_folder)
     model.hf_device_map = dmap
     return model
