@@ -365,11 +365,9 @@ def test_cells_get_the_sweeps_plugins_even_on_a_cluster_node(monkeypatch):
     assert "HARNESS_PLUGINS" not in cell_env(2)
 
 
-def test_a_ctrl_c_between_starting_a_cell_and_storing_its_future_still_reports_the_cell(tmp_path, monkeypatch):
-    """The Ctrl-C the main thread takes may land after the pool took a cell but before `map` stored its future: stop()
-    read the cells that ran from those futures, so a started (and stopped) cell was reported 'not started', a
-    KeyError here (seen once beside a busy suite)."""
-    import concurrent.futures as cf
+def _stopped_while_the_pool_starts(tmp_path, monkeypatch, interrupted_pool) -> dict:
+    """What the local backend's stop() reports after a Ctrl-C raised inside the pool, by the ThreadPoolExecutor
+    subclass `interrupted_pool(running)` returns, once the one cell's (60 s) process runs (`running` set)."""
     import threading
 
     from harness.cli import sweep_backends
@@ -382,20 +380,34 @@ def test_a_ctrl_c_between_starting_a_cell_and_storing_its_future_still_reports_t
         running.set()
         return proc
 
-    class Pool(cf.ThreadPoolExecutor):
-        def submit(self, *args, **kwargs):  # the signal, taken just after the cell's process started
-            super().submit(*args, **kwargs)
-            assert running.wait(30)
-            raise KeyboardInterrupt
-
     backend._popen = slow_cell
-    monkeypatch.setattr(sweep_backends.cf, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(sweep_backends.cf, "ThreadPoolExecutor", interrupted_pool(running))
     with pytest.raises(KeyboardInterrupt):
         list(backend.map([_cell(tmp_path, "unpruned__unified", ["unpruned"])], str(tmp_path), {}))
-    ran = backend.stop()
+    return backend.stop()
+
+
+def _reports_the_cell_stopped(ran: dict) -> None:
     assert list(ran) == ["unpruned/unified"], ran
     rc, _, seconds = ran["unpruned/unified"]
     assert rc != 0 and seconds < 20  # stopped by its SIGINT, not left to run its 60 s
+
+
+def test_a_ctrl_c_between_starting_a_cell_and_storing_its_future_still_reports_the_cell(tmp_path, monkeypatch):
+    """The Ctrl-C the main thread takes may land after the pool took a cell but before `map` stored its future: stop()
+    read the cells that ran from those futures, so a started (and stopped) cell was reported 'not started', a
+    KeyError here (seen once beside a busy suite)."""
+    import concurrent.futures as cf
+
+    def interrupted_pool(running):
+        class Pool(cf.ThreadPoolExecutor):
+            def submit(self, *args, **kwargs):  # the signal, taken just after the cell's process started
+                super().submit(*args, **kwargs)
+                assert running.wait(30)
+                raise KeyboardInterrupt
+        return Pool
+
+    _reports_the_cell_stopped(_stopped_while_the_pool_starts(tmp_path, monkeypatch, interrupted_pool))
 
 
 def test_a_ctrl_c_taken_while_the_pool_starts_its_thread_still_reports_the_running_cell(tmp_path, monkeypatch):
@@ -405,33 +417,17 @@ def test_a_ctrl_c_taken_while_the_pool_starts_its_thread_still_reports_the_runni
     stopped) cell was reported 'not started', a KeyError here (twice in fresh-clone CIs, in this test's neighbour
     and in test_ctrl_c_stops_the_sweep_and_starts_no_queued_cell[local-2])."""
     import concurrent.futures as cf
-    import threading
 
-    from harness.cli import sweep_backends
-    from harness.cli.sweep_backends import LocalBackend
+    def interrupted_pool(running):
+        class Pool(cf.ThreadPoolExecutor):
+            def _adjust_thread_count(self):  # the thread started; the signal lands before the pool records it
+                super()._adjust_thread_count()
+                self._threads.clear()
+                assert running.wait(30)
+                raise KeyboardInterrupt
+        return Pool
 
-    backend, running = LocalBackend(1, []), threading.Event()
-
-    def slow_cell(argv, **kwargs):
-        proc = LocalBackend._popen(backend, [sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
-        running.set()
-        return proc
-
-    class Pool(cf.ThreadPoolExecutor):
-        def _adjust_thread_count(self):  # the thread started; the signal lands before the pool records it
-            super()._adjust_thread_count()
-            self._threads.clear()
-            assert running.wait(30)
-            raise KeyboardInterrupt
-
-    backend._popen = slow_cell
-    monkeypatch.setattr(sweep_backends.cf, "ThreadPoolExecutor", Pool)
-    with pytest.raises(KeyboardInterrupt):
-        list(backend.map([_cell(tmp_path, "unpruned__unified", ["unpruned"])], str(tmp_path), {}))
-    ran = backend.stop()
-    assert list(ran) == ["unpruned/unified"], ran
-    rc, _, seconds = ran["unpruned/unified"]
-    assert rc != 0 and seconds < 20  # stopped by its SIGINT, not left to run its 60 s
+    _reports_the_cell_stopped(_stopped_while_the_pool_starts(tmp_path, monkeypatch, interrupted_pool))
 
 
 def test_a_ctrl_c_the_kernel_hands_a_pool_thread_still_stops_the_local_sweep(tmp_path):
