@@ -77,7 +77,7 @@ def small_kernel_s(device, n: int = 1000, repeats: int = 5, numel: int = 4096, d
     hidden state at batch 1, the size of a decode step's norm, rotary and residual pieces): replayed from one CUDA
     graph where graphs are available, the floor every small op of a graph step pays however little it computes;
     run eagerly elsewhere (a CPU's dispatch cost)."""
-    import time
+    from gpu_check_budget import best_s
 
     from harness.pd.static_decode import can_capture
 
@@ -98,16 +98,7 @@ def small_kernel_s(device, n: int = 1000, repeats: int = 5, numel: int = 4096, d
         with torch.cuda.graph(graph):
             ops()
         run = graph.replay
-    best = float("inf")
-    for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best / n
+    return best_s(run, device, repeats + 1) / n
 
 
 def small_llama3(dtype):

@@ -32,6 +32,23 @@ class Budget:
         return False
 
 
+def best_s(fn, device, runs: int) -> float:
+    """The fastest of `runs` calls of `fn`, in seconds: host clock, with `device` synchronised before and after each
+    call on CUDA (the work `fn` queues, not only its launch)."""
+    import torch
+
+    best = float("inf")
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def measure_rates(device, dtype) -> dict:
     """Matmul rate (FLOP/s) in `dtype` and copy bandwidth (bytes/s, read + write) on `device`; CPU fp32 matmul rate."""
     import torch
@@ -40,16 +57,7 @@ def measure_rates(device, dtype) -> dict:
 
     def matmul_rate(dev, dt, n):
         a = torch.randn(n, n, device=dev).to(dt)
-        best = float("inf")
-        for _ in range(4):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t = time.perf_counter()
-            a @ a
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            best = min(best, time.perf_counter() - t)
-        return 2 * n**3 / best
+        return 2 * n**3 / best_s(lambda: a @ a, dev, 4)
 
     cuda = device.type == "cuda"
     return {"copy_bandwidth_bytes_per_s": copy_bandwidth_bytes_per_s(device, nbytes=(1024 if cuda else 64) * 2**20),
