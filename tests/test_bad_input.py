@@ -394,10 +394,14 @@ def test_check_ignores_failure_notes_and_fails_on_an_unreadable_record(tiny_run,
     ref, cur = tmp_path / "ref" / "quality", tmp_path / "cur" / "quality"
     shutil.copytree(tiny_run, ref)
     shutil.copytree(tiny_run, cur)
-    for folder in (ref, cur):  # a failed-cell note is not a record
-        (folder / "tail__unified.failed.json").write_text(json.dumps({"kind": "failed_cell", "method": "tail"}))
+    note = json.dumps({"kind": "failed_cell", "method": "tail"})
+    (cur / "tail__unified.failed.json").write_text(note)  # a failed-cell note is not a record
     rc, stdout, err = call(capsys, "check", "--against", ref.parent, "--current", cur.parent)
     assert rc == 0 and "regression check passed: 1 record(s)" in stdout, stdout + err
+    (ref / "tail__unified.failed.json").write_text(note)  # but references with a cell that failed are incomplete
+    rc, stdout, err = call(capsys, "check", "--against", ref.parent, "--current", cur.parent)
+    assert rc == 1 and "the references hold cells that failed or did not finish (quality/tail__unified.failed.json)" in stdout
+    (ref / "tail__unified.failed.json").unlink()
     (cur / "unpruned__unified.json").write_text("{")
     rc, stdout, err = call(capsys, "check", "--against", ref.parent, "--current", cur.parent)
     assert rc == 1 and f"FAIL  {cur}/unpruned__unified.json: unreadable record" in stdout, stdout + err

@@ -12,7 +12,7 @@ from conftest import ROOT
 
 from harness.cli.spec import Spec, load_spec, to_argv, to_namespace
 from harness.errors import UsageError
-from harness.store.regress import check
+from harness.store.regress import REFRESH, check
 
 REFERENCE = ROOT / "results" / "reference"
 
@@ -200,6 +200,10 @@ def test_latency_ratios_need_an_unpruned_reference_and_the_same_device_kind(tmp_
     shutil.copytree(REFERENCE, ref)
     next((ref / "latency").glob("unpruned__disaggregated.json")).unlink()
     cur = _copy(tmp_path)
+    res = check(ref, cur)  # a rerun record without a reference is not gated: a failure, not a pass
+    assert res.failures == ["latency/unpruned/disaggregated: in the rerun only (no reference record), so it is not gated; "
+                            f"{REFRESH}"]
+    next((cur / "latency").glob("unpruned__disaggregated.json")).unlink()  # a latency spec without the unpruned plan
     _edit(cur / "latency", "shortgpt__disaggregated.json", _scale("ttft_ms_p50", 3.0))
     res = check(ref, cur)
     assert res.ok and any("no unpruned latency record, so no ratio to compare" in n for n in res.notes), res.notes
@@ -688,3 +692,56 @@ def test_latency_ratios_alone_beyond_the_tolerance_are_measured_once_more(tmp_pa
     r = cli("check", "--against", ref, "--spec", spec, "--out", tmp_path / "run3", *tol, "-q")
     assert r.returncode == 1 and len(calls) == 2, r.stdout
     assert "FAIL  tail/disaggregated (latency): latency_T24_n3_b1 tpot_ms_p50 / unpruned" in r.stdout
+
+
+@pytest.mark.parametrize("side,field", [("rerun", "value"), ("reference", "value"), ("reference", "stderr")])
+def test_a_score_or_stderr_that_is_not_a_number_fails(tmp_path, side, field):
+    """NaN compares False with every bound: a NaN score in the rerun passed, a NaN reference let every later value pass,
+    and a NaN (or infinite) reference stderr made the allowed change NaN (or infinite). Each is now a failure, and a
+    drop far beyond the floor still fails beside a NaN stderr."""
+    ref, cur = tmp_path / "ref", tmp_path / "cur"
+    shutil.copytree(REFERENCE, ref)
+    shutil.copytree(REFERENCE, cur)
+    _edit((cur if side == "rerun" else ref) / "quality", "pdtrim__disaggregated.json",
+          lambda d: d["scores"]["arc_easy"]["acc"].update({field: float("nan")}))
+    if field == "stderr":
+        _edit(cur / "quality", "pdtrim__disaggregated.json", lambda d: d["scores"]["arc_easy"]["acc"].update(value=0.0))
+    res = check(ref, cur)
+    assert f"pdtrim/disaggregated: arc_easy acc {field} nan in the {side}: not a score (NaN passes every comparison)" in res.failures
+    if field == "stderr":
+        assert any(f.startswith("pdtrim/disaggregated: arc_easy acc ") and "-> 0.0" in f for f in res.failures), res.failures
+    _edit(cur / "latency", "shortgpt__disaggregated.json", _scale("ttft_ms_p50", float("nan")))
+    res = check(ref, cur)  # a latency ratio of NaN is not "within the tolerance" either
+    assert "shortgpt/disaggregated (latency): latency_T256_n8_b1 ttft_ms_p50 / unpruned is nan in the rerun" in res.failures
+
+
+def test_what_only_the_rerun_holds_is_not_gated_and_fails(tmp_path):
+    """A task, metric or KV entry the references lack (a spec that gained a task without a refresh) was never compared
+    and said nothing; a folder of references holding an unfinished cell's resume state left that cell unchecked."""
+    ref, cur = tmp_path / "ref", _copy(tmp_path)
+    shutil.copytree(REFERENCE, ref)
+
+    def drop_boolq(d):
+        for k in ("scores", "kv", "n_samples"):
+            d[k].pop("boolq")
+    _edit(ref / "quality", "pdtrim__disaggregated.json", drop_boolq)
+    _edit(cur / "quality", "pdtrim__disaggregated.json", lambda d: d["scores"]["boolq"]["acc"].update(value=0.0))
+    (ref / "quality" / "tail__unified.partial.json").write_text("{}")
+    res = check(ref, cur)
+    assert sorted(res.failures) == sorted([
+        f"{ref}: the references hold cells that failed or did not finish (quality/tail__unified.partial.json); {REFRESH}",
+        f"pdtrim/disaggregated: kv[boolq] in the rerun only, so its bytes are not gated; {REFRESH}",
+        f"pdtrim/disaggregated: boolq acc in the rerun only, so it is not gated; {REFRESH}"])
+
+
+def test_an_update_refuses_to_install_a_score_that_is_not_a_number(tmp_path, capsys):
+    from harness.cli import main
+
+    ref, cur = tmp_path / "ref", _copy(tmp_path)
+    shutil.copytree(REFERENCE, ref)
+    _edit(cur / "quality", "unpruned__unified.json", lambda d: d["scores"]["pd_ppl"]["ppl"].update(value=float("inf")))
+    before = sorted((p.name, p.read_bytes()) for p in ref.rglob("*.json"))
+    assert main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 2
+    err = capsys.readouterr().err
+    assert "scores that are not finite numbers (quality/unpruned__unified.json: pd_ppl ppl value inf)" in err, err
+    assert sorted((p.name, p.read_bytes()) for p in ref.rglob("*.json")) == before

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -196,6 +197,12 @@ def _check_types(d: dict[str, Any], source: str) -> None:
     for task, v in d["kv"].items():
         if not is_counts(v):
             raise RecordError(f"{source}: kv[{task!r}] must be an object of integer counts with kv_bytes")
+
+
+def non_finite_scores(r: RunRecord) -> list[str]:
+    """'task metric value nan' for each score or stderr of `r` that is a number but not a finite one."""
+    return [f"{task} {m} {k} {v[k]}" for task, metrics in r.scores.items() for m, v in metrics.items() for k in ("value", "stderr")
+            if isinstance(v.get(k), float) and not math.isfinite(v[k])]
 
 
 def record_filename(method: str, mode: str) -> str:

@@ -106,7 +106,22 @@ def check_update(reference: Path, current: Path) -> dict[str, list[Path]]:
                          + "; give a rerun folder laid out like the references, e.g. DIR/quality and DIR/latency "
                            "(python -m harness check --against REF --out DIR makes one)")
     _refuse_dropping_unfinished(reference, current)
+    _refuse_non_finite(current, sources)
     return sources
+
+
+def _refuse_non_finite(current: Path, sources: dict[str, list[Path]]) -> None:
+    """Refuse to install a NaN or infinite score or stderr: every later value would pass against it."""
+    bad = []
+    for src in (p for files in sources.values() for p in files if rec.is_record_file(p)):
+        try:
+            bad += [f"{src.parent.name}/{src.name}: {what}" for what in rec.non_finite_scores(rec.load(src))]
+        except ValueError:
+            continue  # an unreadable record stops the update by name (_verify)
+    if bad:
+        raise UsageError(f"--current {current}: scores that are not finite numbers ({'; '.join(bad[:4])}"
+                         f"{f'; and {len(bad) - 4} more' if len(bad) > 4 else ''}): as references, every later value would pass "
+                         "against them; find why the run gave them (a diverged model, an empty task) and rerun")
 
 
 UNFINISHED = (".failed.json", ".partial.json")  # a cell that failed, or stopped between tasks (harness/store/records.py)

@@ -1,7 +1,9 @@
 """Regression check: compare a rerun of the CI spec with reference records (torch-free).
 
 Rules (each failure is one readable line):
-- every reference record has a rerun with the same kind, method and mode;
+- every reference record has a rerun with the same kind, method and mode, and every record, task, metric and
+  KV entry of the rerun has a reference (what has none is not gated: the references need a refresh);
+- every score and stderr is a finite number or null, in both (NaN passes every comparison);
 - a plan's layer sets and KV policy are identical;
 - KV bytes are identical, to the byte (per task, per long-context setting, per latency workload);
 - a score moves by at most max(3 × stderr, 0.5 points) (accuracies, in points of %); for
@@ -15,10 +17,11 @@ Rules (each failure is one readable line):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.store.records import RecordError, RunRecord, load, lower_is_better, record_files_under
+from harness.store.records import RecordError, RunRecord, load, lower_is_better, non_finite_scores, record_files_under, run_files_under
 
 LATENCY_METRICS = ("ttft_ms_p50", "tpot_ms_p50")
 DENSE = "unpruned"  # the denominator of every latency ratio
@@ -30,6 +33,7 @@ DENSE = "unpruned"  # the denominator of every latency ratio
 # PyTorch job on the same 2 cores the fastest-of-7 ratios stayed within 0.88-1.00x of the reference's,
 # and a quiet fastest-of-3 run gave 1.00-1.29x (docs/specs.md).
 RATIO_TOLERANCE = 0.5
+REFRESH = "refresh the references on purpose (python -m harness check --against REF --update) if the spec changed"
 
 
 @dataclass
@@ -88,6 +92,8 @@ def _kv_items(r: RunRecord) -> dict[str, dict]:
 
 def compare_kv(where: str, ref: RunRecord, cur: RunRecord, res: CheckResult) -> None:
     a, b = _kv_items(ref), _kv_items(cur)
+    for k in sorted(set(b) - set(a)):
+        res.failures.append(f"{where}: {k} in the rerun only, so its bytes are not gated; {REFRESH}")
     for k, v in a.items():
         if k not in b:
             res.failures.append(f"{where}: {k} missing in the rerun")
@@ -101,7 +107,7 @@ def compare_kv(where: str, ref: RunRecord, cur: RunRecord, res: CheckResult) -> 
 def score_tolerance(ref_value: float, stderr: float | None, lower: bool) -> tuple[float, str]:
     """Allowed |change| in the metric's own units, and how it was derived (for the message). `lower`: a
     perplexity-like metric (records.lower_is_better): 0.5 % of it; else an accuracy: 0.5 points."""
-    se = stderr or 0.0
+    se = stderr if stderr is not None and math.isfinite(stderr) else 0.0  # a NaN or infinite stderr would allow any change
     if lower:
         floor = 0.005 * abs(ref_value)
         return max(3 * se, floor), f"max(3 × stderr {se:.3g}, 0.5 % = {floor:.3g})"
@@ -109,6 +115,11 @@ def score_tolerance(ref_value: float, stderr: float | None, lower: bool) -> tupl
 
 
 def compare_scores(where: str, ref: RunRecord, cur: RunRecord, res: CheckResult) -> None:
+    for side, r in (("the reference", ref), ("the rerun", cur)):
+        res.failures += [f"{where}: {what} in {side}: not a score (NaN passes every comparison)" for what in non_finite_scores(r)]
+    for task, metrics in cur.scores.items():
+        res.failures += [f"{where}: {task} {m} in the rerun only, so it is not gated; {REFRESH}" for m, v in metrics.items()
+                         if v.get("value") is not None and ref.scores.get(task, {}).get(m, {}).get("value") is None]
     for task, metrics in ref.scores.items():
         for m, v in metrics.items():
             if v.get("value") is None:
@@ -117,6 +128,8 @@ def compare_scores(where: str, ref: RunRecord, cur: RunRecord, res: CheckResult)
             if now is None:
                 res.failures.append(f"{where}: {task} {m} missing in the rerun")
                 continue
+            if not (math.isfinite(v["value"]) and math.isfinite(now)):
+                continue  # a failure above
             lower = lower_is_better(ref, task, m)  # pd_ppl's ppl_T512 too, not only `ppl`
             tol, how = score_tolerance(v["value"], v.get("stderr"), lower)
             diff = now - v["value"]
@@ -196,8 +209,10 @@ def _compare_ratio(where: str, m: str, a: float | None, b: float | None, res: Ch
     if a is None:
         return
     what = f"{m} / {DENSE}"
-    if b is None:
-        res.failures.append(f"{where} {what} missing in the rerun")
+    if not math.isfinite(a):
+        res.failures.append(f"{where} {what} is {a} in the reference: not a time to compare with; {REFRESH}")
+    elif b is None or not math.isfinite(b):
+        res.failures.append(f"{where} {what} {'missing' if b is None else f'is {b}'} in the rerun")
     elif b > (1 + tolerance) * a:
         res.slower_ratios += 1
         res.failures.append(f"{where} {what} {a:.3f} -> {b:.3f} ({b / a:.2f}× the reference ratio; "
@@ -211,6 +226,10 @@ def check(reference: Path, current: Path, latency_tolerance: float = RATIO_TOLER
     ref, cur = _records(reference, res), _records(current, res)
     if not ref:
         res.failures.append(f"{reference}: no reference records")
+    unfinished = sorted(str(p.relative_to(reference)) for p in run_files_under(reference) if not p.name.startswith(".")
+                        and p.name.endswith((".partial.json", ".failed.json")))
+    if unfinished:  # the cell has no reference record, so nothing of it would be compared
+        res.failures.append(f"{reference}: the references hold cells that failed or did not finish ({', '.join(unfinished)}); {REFRESH}")
     for key, r in ref.items():
         where = key.split("/", 1)[1] + (" (latency)" if key.startswith("latency/") else "")
         c = cur.get(key)
@@ -231,5 +250,5 @@ def check(reference: Path, current: Path, latency_tolerance: float = RATIO_TOLER
     if lat(ref):
         compare_latency(lat(ref), lat(cur), res, latency_tolerance)
     for key in sorted(set(cur) - set(ref)):
-        res.notes.append(f"{key}: in the rerun only (not in the references)")
+        res.failures.append(f"{key}: in the rerun only (no reference record), so it is not gated; {REFRESH}")
     return res
