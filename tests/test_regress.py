@@ -745,3 +745,23 @@ def test_an_update_refuses_to_install_a_score_that_is_not_a_number(tmp_path, cap
     err = capsys.readouterr().err
     assert "scores that are not finite numbers (quality/unpruned__unified.json: pd_ppl ppl value inf)" in err, err
     assert sorted((p.name, p.read_bytes()) for p in ref.rglob("*.json")) == before
+
+
+@pytest.mark.parametrize("where", ["run", "latency"])
+def test_an_interrupted_check_says_to_run_it_again_not_to_resume(tmp_path, data_dir, capsys, monkeypatch, where):
+    """Ctrl-C in a check's rerun said "rerun the same command to resume" (the run's words), and that command was then
+    refused, since a check never reuses an --out holding earlier work. It now says what does work."""
+    from harness.cli import main
+    from harness.run import latency_run, pipeline
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(*((pipeline, "run", stop) if where == "run" else (latency_run, "run_latency", stop)))
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
+    spec, out = tmp_path / "tiny.toml", tmp_path / "chk"
+    spec.write_text(TINY_SPEC)
+    assert main(["check", "--against", str(REFERENCE), "--spec", str(spec), "--out", str(out), "-q"]) == 130
+    err = capsys.readouterr().err
+    assert f"a check does not resume, so run it again into a new --out; {out} keeps the partial rerun" in err, err
+    assert "rerun the same command" not in err, err

@@ -76,7 +76,14 @@ def cmd_check(argv: list[str]) -> int:
             raise UsageError(f"--spec {args.spec}: no [run] or [latency] section, so nothing to rerun; give a spec that "
                              "has one (default: configs/ci.toml), or compare records made earlier with --current DIR")
         outs = {"run": current / "quality", "latency": current / "latency"}
-        rc = run_spec(spec, {"run": cmd_run, "latency": cmd_latency}, outs=outs, quiet=args.quiet)
+        # not "rerun the same command": a check refuses an --out holding earlier work (_refuse_earlier_work)
+        hint = (f"a check does not resume, so run it again{' into a new --out' if args.out else ''}; {current} keeps the "
+                f"partial rerun (compare what it holds with --current {current})")
+        try:
+            rc = run_spec(spec, {"run": cmd_run, "latency": cmd_latency}, outs=outs, quiet=args.quiet, interrupt_hint=hint)
+        except KeyboardInterrupt:  # the latency section, or between sections
+            print(f"\ninterrupted: {hint}", file=sys.stderr)
+            return 130
         if rc != 0:
             return rc
     elif not current.is_dir():
@@ -89,7 +96,11 @@ def cmd_check(argv: list[str]) -> int:
         return _update(args.against, current)
     res = _compare(args.against, current, args.latency_tolerance)
     if args.current is None and res.only_timing and "latency" in spec.sections:
-        res = _remeasure(args, spec, outs, res)
+        try:
+            res = _remeasure(args, spec, outs, res)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {hint}", file=sys.stderr)
+            return 130
     for line in res.failures:
         print(f"FAIL  {line}")
     for line in res.notes:

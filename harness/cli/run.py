@@ -380,7 +380,8 @@ def _evaluate(cfg: RunConfig, args, prepared, placement, dist, out: Path, t_star
     except KeyboardInterrupt:
         tracker.close()
         if dist.is_main:  # one voice: a launcher stops every rank (SIGTERM, as Ctrl-C)
-            print(f"\ninterrupted: {_kept(Path(out))}; rerun the same command to resume\n{tracker.timing_line()}",
+            hint = getattr(args, "interrupt_hint", None) or "rerun the same command to resume"  # check: its own
+            print(f"\ninterrupted: {_kept(Path(out))}; {hint}\n{tracker.timing_line()}",
                   file=sys.stderr)
         return 130
     except pipeline.CellsFailed as e:

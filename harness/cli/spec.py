@@ -209,14 +209,17 @@ def to_namespace(spec: Spec, section: str, parser: argparse.ArgumentParser,
     return ns
 
 
-def run_spec(spec: Spec, commands: dict, outs: dict[str, Path] | None = None, quiet: bool = False) -> int:
+def run_spec(spec: Spec, commands: dict, outs: dict[str, Path] | None = None, quiet: bool = False,
+             interrupt_hint: str | None = None) -> int:
     """Run the spec's sections in order (run, latency, report) through the CLI's own commands, each
     called with the section as its options (`to_namespace`). Every section is converted and checked
     (`spec_options`) before the first one runs, so a typo in [report] exits 2 before the run's minutes.
 
     `outs` replaces the sections' `out` folders (the regression check reruns into a fresh folder);
-    `quiet` turns off the progress bars of the run and latency sections."""
+    `quiet` turns off the progress bars of the run and latency sections; `interrupt_hint` replaces the run
+    section's advice after Ctrl-C (a check does not resume)."""
     for section, ns in spec_options(spec, [s for s in SECTIONS if s in commands], outs, quiet):
+        ns.interrupt_hint = interrupt_hint
         rc = commands[section](ns)
         if rc != 0:
             return rc
