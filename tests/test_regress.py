@@ -765,3 +765,24 @@ def test_an_interrupted_check_says_to_run_it_again_not_to_resume(tmp_path, data_
     err = capsys.readouterr().err
     assert f"a check does not resume, so run it again into a new --out; {out} keeps the partial rerun" in err, err
     assert "rerun the same command" not in err, err
+
+
+def test_current_without_records_or_with_rerun_flags_is_bad_input(tmp_path, capsys):
+    """`--current` on a folder of no records said "regression check FAILED (9 differences)", exit 1, which CI cannot tell
+    from a regression; `--spec` or `--out` beside `--current` were ignored without a word."""
+    from harness.cli import main
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "page.md").write_text("# not a run\n")
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "pdtrim__unified.partial.json").write_text("{}")
+    cases = [(["--current", str(tmp_path / "docs")], f"--current {tmp_path / 'docs'}: holds no run records"),
+             (["--current", str(part)], "cells not finished there: pdtrim/unified"),
+             (["--current", str(REFERENCE), "--spec", "configs/ci.toml"], "--spec with --current: --current compares records"),
+             (["--current", str(REFERENCE), "--spec", "x.toml", "--out", str(tmp_path / "o")], "--spec and --out with --current")]
+    for argv, says in cases:
+        assert main(["check", "--against", str(REFERENCE), *argv]) == 2, argv
+        out = capsys.readouterr()
+        assert says in out.err and "FAIL" not in out.out, (argv, out.err)
+    assert main(["check", "--against", str(REFERENCE), "--current", str(REFERENCE)]) == 0

@@ -31,7 +31,7 @@ def check_parser() -> argparse.ArgumentParser:
         "  python -m harness check --against results/reference --update     # refresh the references on purpose",
     )
     p.add_argument("--against", type=user_dir, required=True, metavar="REF_DIR", help="reference records, e.g. results/reference")
-    p.add_argument("--spec", type=user_dir, default=Path("configs") / "ci.toml", help="spec to rerun (default: configs/ci.toml)")
+    p.add_argument("--spec", type=user_dir, default=None, help="spec to rerun (default: configs/ci.toml)")
     p.add_argument("--current", type=user_dir, default=None, metavar="DIR",
                    help="compare these records instead of rerunning (e.g. a rerun made earlier)")
     p.add_argument("--out", type=user_dir, default=None, help="where the rerun writes (default: results/runs/check-<time>)")
@@ -45,12 +45,17 @@ def check_parser() -> argparse.ArgumentParser:
 
 def cmd_check(argv: list[str]) -> int:
     from harness.cli.spec import load_spec, run_spec
-    from harness.store.records import record_files_under
+    from harness.store.records import record_files_under, unfinished_hint
     from harness.store.references import check_paths, check_update, refuse_nested
 
     args = check_parser().parse_args(argv)
     if args.latency_tolerance < 0:
         raise UsageError(f"--latency-tolerance {args.latency_tolerance}: must be >= 0")
+    given = [flag for flag, v in (("--spec", args.spec), ("--out", args.out)) if v is not None]
+    if args.current is not None and given:  # else silently unused
+        raise UsageError(f"{' and '.join(given)} with --current: --current compares records made earlier, and "
+                         f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} for a rerun; give one or the other")
+    args.spec = args.spec or Path("configs") / "ci.toml"
     if args.current is None and not args.spec.is_file():  # e.g. an installed package used outside its checkout
         raise UsageError(f"--spec {args.spec}: no such file in {Path.cwd()}; check reruns the repository's CI spec "
                          "(configs/ci.toml) and compares it with its references (results/reference): run it from the "
@@ -88,6 +93,9 @@ def cmd_check(argv: list[str]) -> int:
             return rc
     elif not current.is_dir():
         raise UsageError(f"--current {current}: no such folder")
+    elif not args.update and not record_files_under(current):  # else a "regression" of N differences, exit 1
+        raise UsageError(f"--current {current}: holds no run records (<method>__<mode>.json){unfinished_hint(current)}; "
+                         "give the folder of a check's rerun (results/runs/check-...) or of a run")
     elif args.update:
         check_update(args.against, current)  # refuse before anything is touched
     else:
