@@ -253,3 +253,22 @@ def test_few_shot_split_is_chosen_as_lm_eval_chooses_it():
         assert fewshot_split(task(None, None, "validation", None, sizes), "t", set(), 2) == "validation"
     with pytest.raises(UsageError, match="t has 2 few-shot examples"):
         fewshot_split(task(None, None, "validation", None, sizes), "t", set(), 3)
+
+
+def test_a_chat_template_name_must_name_one_of_the_tokenizers_templates(cli):
+    """`--apply_chat_template NAME` was recorded and keyed but selected nothing on a tokenizer of one template (lm-eval
+    only warns): now refused before any cell, as is a name a tokenizer of several templates lacks (lm-eval's ValueError)."""
+    from types import SimpleNamespace
+
+    from harness.errors import UsageError
+    from harness.run.pipeline import _check_chat_template
+
+    r = cli(*ONE, "--limit", "2", "--apply_chat_template", "nonexistent_tmpl")
+    assert r.returncode == 2 and "--apply_chat_template nonexistent_tmpl: the tokenizer of random:tiny has one chat template" in r.stderr
+    several = SimpleNamespace(chat_template={"default": "{{ messages }}", "tool_use": "{{ tools }}"})
+    _check_chat_template(RunConfig(model="m", apply_chat_template="tool_use"), several)
+    _check_chat_template(RunConfig(model="m", apply_chat_template=True), several)
+    with pytest.raises(UsageError, match="no such template in the tokenizer of m; its templates: default, tool_use"):
+        _check_chat_template(RunConfig(model="m", apply_chat_template="chatml"), several)
+    with pytest.raises(UsageError, match="has no chat template"):
+        _check_chat_template(RunConfig(model="m", apply_chat_template=True), SimpleNamespace(chat_template=None))
