@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import sys
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -82,6 +84,24 @@ def save(kind: str, key: dict[str, Any], value: Any) -> None:
     cache.save(kind, key, value)
 
 
+def reject(kind: str, key: dict[str, Any], why: str) -> None:
+    """Warn that the entry stored for `key` parses but cannot be right (a hand edit, another version's), so the
+    caller recomputes it and overwrites it, as for an unreadable one (docs/cache.md)."""
+    warnings.warn(f"cache entry {cache.entry_path(kind, key)} holds {why}; ignoring it and recomputing", cache.CacheWarning,
+                  stacklevel=3)
+
+
+def block_indices(value: Any, n: int) -> bool:
+    """Whether `value` is a list of distinct block indices of an n-block model (a removal order)."""
+    return isinstance(value, list) and all(type(i) is int and 0 <= i < n for i in value) and len(set(value)) == len(value)
+
+
+def finite_numbers(value: Any, n: int) -> bool:
+    """Whether `value` is a list of n finite numbers (one score per block)."""
+    return isinstance(value, list) and len(value) == n and all(
+        type(v) in (int, float) and math.isfinite(v) for v in value)
+
+
 def set_key(blocks: Iterable[int]) -> str:
     """A block set as a memo key: its sorted indices, comma-separated ("" for the empty set)."""
     return ",".join(str(i) for i in sorted(blocks))
@@ -97,10 +117,19 @@ class DiskMemo:
     With the cache off it is an in-memory dict. `loaded` counts the values that came from disk.
     """
 
-    def __init__(self, kind: str, key: dict[str, Any]) -> None:
+    def __init__(self, kind: str, key: dict[str, Any], key_ok: Callable[[str], bool] = lambda k: True) -> None:
         self.kind, self.key = kind, key
         stored = cache.load(kind, key)
+        if stored is not None and not isinstance(stored, dict):
+            reject(kind, key, "no object of values")
         self.values: dict[str, Any] = dict(stored) if isinstance(stored, dict) else {}
+        bad = [k for k, v in self.values.items() if not (key_ok(k) and type(v) in (int, float) and math.isfinite(v))]
+        if bad:  # a hand edit: those values are computed again, the others kept
+            warnings.warn(f"cache entry {cache.entry_path(kind, key)}: {len(bad)} value(s) not a finite number under a "
+                          f"valid key (e.g. {bad[0]!r}: {self.values[bad[0]]!r}); ignoring them and recomputing",
+                          cache.CacheWarning, stacklevel=2)
+            for k in bad:
+                del self.values[k]
         self.loaded = len(self.values)
 
     def __contains__(self, k: str) -> bool:

@@ -323,3 +323,43 @@ def test_weights_edited_away_from_each_tensors_ends_key_other_entries(tiny):
                 p.view(-1)[32:-32] *= 1.5
     assert model_fingerprint(edited) != model_fingerprint(tiny.model)
     assert model_fingerprint(copy.deepcopy(tiny.model)) == model_fingerprint(tiny.model)
+
+
+def _edit_value(path: Path, fn) -> None:
+    entry = json.loads(path.read_text())
+    entry["value"] = fn(entry["value"])
+    path.write_text(json.dumps(entry))
+
+
+@pytest.mark.parametrize("name,kind,edit", [
+    ("shortgpt", "ranking", lambda v: {**v, "order": [1, 1, 1]}),  # a removal order with a block twice
+    ("shortgpt", "ranking", lambda v: {**v, "order": ["x", 1, 2]}),  # crashed the cell (int("x"))
+    ("shortgpt", "ranking", lambda v: {**v, "order": [9, 1, 2]}),  # no block 9 in a 4-block model
+    ("shortgpt", "block-cosines", lambda v: ["x", *v[1:]]),
+    ("shortgpt", "block-cosines", lambda v: [float("nan"), *v[1:]]),
+    ("sleb", "calib-nll", lambda v: {k: "x" for k in v}),
+    ("pdtrim", "pdtrim-search", lambda v: {**v, "p:1,x": 0.5}),  # a key the search cannot parse
+    ("pdtrim", "pdtrim-search", lambda v: {k: -1e300 * 1e300 for k in v}),  # every value -inf
+    ("pdtrim", "pdtrim-probe", lambda v: {k: "x" for k in v}),
+])
+def test_an_entry_that_parses_but_cannot_be_right_is_ignored_with_a_warning(tiny, calib, own_cache_dir, name, kind, edit):
+    """A cache entry edited into a wrong value was trusted: an order [1, 1, 1] gave shortgpt.k=2 a plan removing one
+    block (docs/cache.md promises a warning and a recompute), ["x", 1] failed the cell. Each is now recomputed."""
+    options = {"shortgpt": dict(k=2), "sleb": SLEB, "pdtrim": PDTRIM}[name]
+    mode = "disaggregated" if name == "pdtrim" else "unified"
+    ranked._SHARED.clear()
+    pdtrim_method._SHARED_STATES.clear()
+    first = make(name, **options).plan(tiny.model, calib, mode)
+    entries = sorted((own_cache_dir / kind).rglob("*.json")) if (own_cache_dir / kind).is_dir() else \
+        sorted(p for p in own_cache_dir.rglob("*.json") if p.parent.name == kind)
+    assert entries, sorted(p.parent.name for p in own_cache_dir.rglob("*.json"))
+    for p in entries:
+        _edit_value(p, edit)
+    for p in own_cache_dir.rglob("*.json"):  # the ranking, made from what was edited, must be recomputed too
+        if p.parent.name == "ranking" and kind != "ranking":
+            p.unlink()
+    ranked._SHARED.clear()
+    pdtrim_method._SHARED_STATES.clear()
+    with pytest.warns(cache.CacheWarning, match="ignoring"):
+        again = make(name, **options).plan(tiny.model, calib, mode)
+    assert layers(again) == layers(first)

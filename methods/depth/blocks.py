@@ -20,7 +20,9 @@ def block_cosines(model, calib, batch_size: int = 16, desc: str = "block cosines
     `desc` names the progress bar over calibration batches."""
     key = cached.stat_key("block-cosines", model, calib, BLOCK_COSINES_VERSION, [sys.modules[__name__]], batch_size=batch_size)
     hit = cached.load("block-cosines", key)
-    if isinstance(hit, list) and len(hit) == arch.n_layers(model):
+    if hit is not None and not cached.finite_numbers(hit, arch.n_layers(model)):
+        cached.reject("block-cosines", key, f"no list of {arch.n_layers(model)} finite block scores")
+    elif hit is not None:
         cached.announce(f"block scores: cos(h_in, h_out) of {len(hit)} blocks")
         return [float(v) for v in hit]
     cos = compute_block_cosines(model, calib, batch_size, desc)

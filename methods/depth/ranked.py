@@ -113,7 +113,7 @@ class RankedDepthMethod(Method):
         hit = _SHARED.get(key)
         if hit is None or len(hit.order) < k:
             disk_key = self._disk_key(model, calib)  # once: a plug-in's lazy import in _rank must not change it
-            ranking = self._stored_ranking(disk_key, k)
+            ranking = self._stored_ranking(disk_key, k, n)
             if ranking is None:
                 t0 = time.perf_counter()
                 ranking = self._rank(model, calib, k, eligible)
@@ -143,10 +143,16 @@ class RankedDepthMethod(Method):
                                method=self.name, cls=f"{type(self).__module__}.{type(self).__qualname__}", **opts,
                                **({"plugin_code": code} if (code := code_digest(self)) else {}))  # a plug-in's helpers
 
-    def _stored_ranking(self, disk_key: dict, k: int) -> Ranking | None:
-        """The ranking a previous process stored under `disk_key` (at least `k` long), marked as reused; None if none."""
+    def _stored_ranking(self, disk_key: dict, k: int, n: int) -> Ranking | None:
+        """The ranking a previous process stored under `disk_key` (at least `k` long), marked as reused; None if none,
+        or if what is stored is not a removal order of the model's n blocks (warned: it is recomputed)."""
         hit = cached.load("ranking", disk_key)
-        if not (isinstance(hit, dict) and isinstance(hit.get("order"), list) and len(hit["order"]) >= k):
+        if hit is None:
+            return None
+        if not (isinstance(hit, dict) and cached.block_indices(hit.get("order"), n)):
+            cached.reject("ranking", disk_key, f"no removal order of {n} distinct block indices")
+            return None
+        if len(hit["order"]) < k:
             return None
         info = dict(hit.get("info") or {})
         info["work"] = {**info.get("work", {}), "reused_from_cache": True}  # its seconds were spent by an earlier run

@@ -101,7 +101,10 @@ def cached_shares(model, calib, plan: PruningPlan, prompts: Sequence[Sequence[in
                           probe_prompts=c.probe_prompts, probe_tokens=c.probe_tokens, probe_steps=c.probe_steps,
                           n_first=c.n_first, n_last=c.n_last, seed=c.seed)
     hit = cached.load("pdtrim-probe", key)
-    if isinstance(hit, dict) and set(hit) == {str(i) for i in plan.decode_layers}:
+    valid = isinstance(hit, dict) and set(hit) == {str(i) for i in plan.decode_layers} and cached.finite_numbers(list(hit.values()), len(hit))
+    if hit is not None and not valid:
+        cached.reject("pdtrim-probe", key, f"no attention share for each of the {len(plan.decode_layers)} decode layers")
+    elif valid:
         cached.announce(f"KV layer selection: attention shares of {len(hit)} decode layers")
         return {int(k): float(v) for k, v in hit.items()}
     shares = first_last_shares(model, plan, prompts, c.n_first, c.n_last, c.probe_steps)

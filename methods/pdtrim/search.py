@@ -45,6 +45,14 @@ def search_cache_key(model, calib, c) -> dict:
                            batch_tokens=c.batch_tokens, sensitivity_samples=c.sensitivity_samples)
 
 
+def _memo_key_ok(k: str) -> bool:
+    """A key of the search's disk memo: a kind (p, d, sp, sd; b in front: the screen's), ':', block sets split by '|'."""
+    _, sep, sets = k.partition(":")
+    try:
+        return bool(sep) and all(parse_set(part) is not None for part in sets.split("|"))
+    except ValueError:
+        return False
+
 
 class SearchState:
     """Block scores, objectives with memoised values, and the search steps taken (for the record)."""
@@ -66,7 +74,7 @@ class SearchState:
         self._make_obj = lambda sp: StageObjective(model, sp, c.batch_size, c.batch_tokens)
         self._split, self._obj, self._sens = split, None, None
         self._screen_model, self._screens = None, {}  # the narrow model copy, and a Screen per objective
-        self.disk = DiskMemo("pdtrim-search", search_cache_key(model, calib, c))
+        self.disk = DiskMemo("pdtrim-search", search_cache_key(model, calib, c), key_ok=_memo_key_ok)
         if self.disk.loaded:
             cached.announce(f"search values: {self.disk.loaded} pdtrim objective values")
         # kinds of disk-memo keys: p, d exact E_P, E_D; sp, sd on the sensitivity sequences; a "b" in front:
