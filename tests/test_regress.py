@@ -786,3 +786,13 @@ def test_current_without_records_or_with_rerun_flags_is_bad_input(tmp_path, caps
         out = capsys.readouterr()
         assert says in out.err and "FAIL" not in out.out, (argv, out.err)
     assert main(["check", "--against", str(REFERENCE), "--current", str(REFERENCE)]) == 0
+
+
+def test_a_plan_change_names_what_differs_even_where_the_removed_lists_agree(tmp_path):
+    """Layer lists edited without their removed_* summary printed "plan changed, removed (decode) 3 13 -> 3 13"."""
+    cur = _copy(tmp_path)
+    _edit(cur / "quality", "shortgpt__unified.json", lambda d: d["plan"].update(decode_layers=d["plan"]["decode_layers"][1:]))
+    res = check(REFERENCE, cur)
+    ref = json.loads(next((REFERENCE / "quality").glob("shortgpt__unified.json")).read_text())["plan"]["decode_layers"]
+    assert res.failures == [f"shortgpt/unified: plan changed, decode layers kept {' '.join(map(str, ref))} -> "
+                            f"{' '.join(map(str, ref[1:]))}"]

@@ -78,7 +78,10 @@ def compare_plans(where: str, ref: dict, cur: dict, res: CheckResult) -> None:
     for key, name in (("prefill_layers", "removed (prefill)"), ("decode_layers", "removed (decode)")):
         if list(ref.get(key, [])) != list(cur.get(key, [])):
             rk = "removed_" + key.split("_")[0]
-            res.failures.append(f"{where}: plan changed, {name} {_layers(ref.get(rk, []))} -> {_layers(cur.get(rk, []))}")
+            a, b = (_layers(ref.get(rk, [])), _layers(cur.get(rk, []))) if ref.get(rk) != cur.get(rk) else \
+                (_layers(ref.get(key, [])), _layers(cur.get(key, [])))  # removed_* alike (an edited record): the kept layers
+            what = name if ref.get(rk) != cur.get(rk) else f"{key.replace('_', ' ')} kept"
+            res.failures.append(f"{where}: plan changed, {what} {a} -> {b}")
     if ref.get("kv_policy") != cur.get("kv_policy"):
         res.failures.append(f"{where}: KV policy changed, {ref.get('kv_policy')} -> {cur.get('kv_policy')}")
 
