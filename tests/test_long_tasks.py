@@ -225,3 +225,20 @@ def test_a_task_must_key_its_kv_bytes_by_the_setting_its_scores_name(kv_key, fai
 
 
 KV = {"handoffs": 1, "kv_bytes": 8, "kv_bytes_paged": 16, "prompt_tokens": 2}  # one handoff's tally
+
+
+def test_pd_ppl_says_when_fewer_articles_are_long_enough_than_asked(tiny, data_dir):
+    """pd_ppl.docs above the articles long enough was capped without a word (the plan announced the docs asked for)."""
+    import warnings
+
+    from harness.errors import HarnessWarning
+
+    many = pd_ppl.PplConfig(prompt_tokens=(2000,), cont_tokens=8, docs=10_000)
+    with pytest.warns(HarnessWarning, match=r"pd_ppl: only \d+ WikiText-2 test articles have 2008 tokens, so \d+ are scored, "
+                                            r"not the 10000 asked for \(pd_ppl.docs=10000\)"):
+        got = pd_ppl.ppl_windows(tiny.tokenizer, data_dir, many, None)
+    assert 0 < len(got) < 10_000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HarnessWarning)
+        assert len(pd_ppl.ppl_windows(tiny.tokenizer, data_dir, pd_ppl.PplConfig(prompt_tokens=(2000,), cont_tokens=8,
+                                                                                   docs=len(got)), None)) == len(got)

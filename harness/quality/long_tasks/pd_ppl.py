@@ -10,10 +10,11 @@ so every T scores the same articles. `--limit N` caps the number of articles.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.errors import UsageError
+from harness.errors import HarnessWarning, UsageError
 from harness.quality.long_tasks import register_task
 from harness.quality.long_tasks.base import LongTask, batch_size, capped, kv_delta, mean_se
 from harness.store.task_names import TaskPresentation
@@ -53,6 +54,9 @@ def ppl_windows(tokenizer, data_dir: Path, c: PplConfig, limit: int | float | No
                 break
     if not windows:
         raise UsageError(f"pd_ppl: no WikiText-2 test article has {need} tokens; lower pd_ppl.prompt_tokens")
+    if len(windows) < n:  # the record's n_samples says so too; the plan announced n
+        warnings.warn(f"pd_ppl: only {len(windows)} WikiText-2 test articles have {need} tokens, so {len(windows)} are scored, "
+                      f"not the {n} asked for (pd_ppl.docs={c.docs})", HarnessWarning, stacklevel=2)
     return windows
 
 
