@@ -528,3 +528,51 @@ def test_fewer_cells_than_workers_share_every_core(tmp_path, monkeypatch, cli):
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     assert backend.env["OMP_NUM_THREADS"] == "8"
     assert json.loads((tmp_path / "q" / "sweep.json").read_text())["threads_per_cell"] == 8
+
+
+PARENT = """import os, subprocess, sys
+env = dict(os.environ)
+if sys.argv[1] == "sweep":
+    env["HARNESS_SWEEP_PARENT"] = str(os.getpid())
+child = subprocess.Popen([sys.executable, "-c", sys.argv[2]], env=env, stdout=subprocess.PIPE, text=True)
+print(child.pid, child.stdout.readline().strip(), flush=True)
+child.wait()
+"""
+CELL = ("from harness.cli.lifeline import end_with_parent, PARENT_ENV; import os, time; took = end_with_parent(); "
+        "print(took, PARENT_ENV in os.environ, flush=True); time.sleep(120)")
+
+
+def _gone(pid: int, within: float) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("Z", "X"):
+                return True  # a zombie: ended, not yet reaped by its new parent
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_cell_ends_with_a_sweep_killed_by_sigkill_and_only_then():
+    """A sweep killed with SIGKILL left its cells running for their whole length (and a rerun failed them as in use):
+    a cell started with the runner's pid in HARNESS_SWEEP_PARENT now gets SIGTERM (a run's Ctrl-C) when it dies, and
+    removes the variable so its own children do not apply it; a process started otherwise runs on."""
+    from harness.cli.sweep_backends import run_cell
+
+    for kind in ("sweep", "plain"):
+        parent = subprocess.Popen([sys.executable, "-c", PARENT, kind, CELL], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        pid, took, inherited = parent.stdout.readline().split()
+        assert (took, inherited) == (("True" if kind == "sweep" else "False"), "False")
+        parent.kill()
+        parent.wait()
+        try:
+            assert _gone(int(pid), 10.0 if kind == "sweep" else 2.0) == (kind == "sweep"), kind
+        finally:
+            if kind == "plain":
+                os.kill(int(pid), signal.SIGKILL)
+    seen = {}
+    run_cell(["--version"], str(ROOT), {}, str(Path(os.environ.get("TMPDIR", "/tmp")) / f"cell-{os.getpid()}.log"),
+             popen=lambda *a, **k: seen.update(k["env"]) or subprocess.Popen(*a, **k))
+    assert seen["HARNESS_SWEEP_PARENT"] == str(os.getpid())

@@ -60,6 +60,9 @@ def unknown_command(word: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harness.cli.lifeline import end_with_parent
+
+    end_with_parent()  # a sweep's cell: ends with the sweep, even one killed with SIGKILL
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv in (["--version"], ["-V"]):
         from harness.version import __version__

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.cli.lifeline import PARENT_ENV
 from harness.cli.sweep_plan import Cell, Plan
 from harness.errors import UsageError
 
@@ -75,7 +76,7 @@ def run_cell(argv: list[str], cwd: str, env: dict[str, str], log: str, popen=sub
         try:
             # a Ray worker blocks SIGINT, and a child inherits that: it could not be stopped gently
             with _interrupt_held(), _sigint_unblocked():
-                proc = popen([sys.executable, "-m", "harness", *argv], cwd=cwd, env={**os.environ, **env},
+                proc = popen([sys.executable, "-m", "harness", *argv], cwd=cwd, env={**os.environ, **env, PARENT_ENV: str(os.getpid())},
                              stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             rc = _wait(proc)
         except KeyboardInterrupt:  # a Ray task cancelled on Ctrl-C: its process stops as on a Ctrl-C of its own
