@@ -110,8 +110,10 @@ def test_check_update_swaps_in_exactly_the_reruns_records(tmp_path, capsys):
     (cur / "quality" / ".sweep").mkdir()
     assert cli_main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 0
     assert "now holds the 9 record(s)" in capsys.readouterr().out
+    from harness.store.references import MARKER, MARKER_TEXT
+
     assert snapshot(ref) == {k: v for k, v in snapshot(cur).items() if k.startswith(("quality/", "latency/"))
-                             and not k.endswith(".failed.json")}
+                             and not k.endswith(".failed.json")} | {MARKER: MARKER_TEXT.encode()}  # and what marks them
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cur", "ref"]  # no staging or old copy left behind
     new = tmp_path / "new"
     assert cli_main(["check", "--against", str(new), "--current", str(cur), "--update"]) == 0  # a new folder is fine
@@ -366,3 +368,22 @@ def test_a_run_stopped_by_sigterm_ends_as_on_ctrl_c(data_dir, tmp_path):
     assert run.returncode == 130, err[-2000:]
     assert "interrupted" in err and "rerun the same command" in err and "Traceback" not in err
     assert not (out / lock.LOCK_NAME).exists()  # released on the way out
+
+
+def test_runs_reports_and_exports_refuse_to_write_among_the_references(tmp_path, capsys):
+    """`run --out results/reference` wrote a record beside quality/ and latency/, and `check` then failed on "two records
+    of one cell" and another model. A folder `check --update` made is marked, and every writer refuses it, or a folder
+    inside it, before any work; a folder beside it is fine."""
+    ref, cur = _refs(tmp_path), _refs(tmp_path, "cur")
+    assert cli_main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 0
+    before = snapshot(ref)
+    for argv in (["run", "--model", "random:tiny", "--methods", "unpruned", "--tasks", "arc_easy", "--limit", "2", "--out", str(ref)],
+                 ["run", "--model", "random:tiny", "--methods", "unpruned", "--tasks", "arc_easy", "--out", str(ref / "quality")],
+                 ["latency", "--model", "random:tiny", "--methods", "unpruned", "--out", str(ref / "latency" / "x")],
+                 ["report", str(cur), "--out", str(ref)]):
+        capsys.readouterr()
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "the regression check's references" in err and f"--against {ref} --update" in err, (argv, err)
+    assert snapshot(ref) == before
+    assert cli_main(["report", str(cur), "--no-plots", "--out", str(tmp_path / "beside")]) == 0

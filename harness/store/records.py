@@ -258,9 +258,12 @@ def run_files_under(folder: Path) -> Iterator[Path]:
 def check_writable(folder: Path, flag: str) -> None:
     """UsageError unless `folder` is (or can be made) a folder this process can write a file into; called
     before any model work so that a bad output folder (a file, read-only, a full disk) fails in a second."""
+    from harness.store.references import refuse_references  # (references imports this module)
+
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{flag} {folder}: exists and is not a folder; give a folder (new or holding earlier output)")
+    refuse_references(folder, flag)
     existing = folder.absolute()
     while not existing.exists():  # probe the folder, or the nearest one that exists: nothing is created here
         existing = existing.parent

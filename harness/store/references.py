@@ -20,6 +20,23 @@ from harness.store import records as rec
 from harness.store.files import recover_swap, swap_dir
 
 SUMMARY = "summary.csv"
+# In a folder `check --update` made: runs, latency runs, reports and exports refuse to write there (records among the
+# references made `check` fail on two records of a cell, another model, another plan). Hidden: not a reference entry.
+MARKER = ".harness-references"
+MARKER_TEXT = ("This folder holds the regression check's references (python -m harness check --against THIS_FOLDER).\n"
+               "They change only through: python -m harness check --against THIS_FOLDER --update\n")
+
+
+def refuse_references(out: Path, flag: str) -> None:
+    """UsageError when `out` is a folder of references (it holds `MARKER`) or lies in one (two levels down at most:
+    a kind's subfolder and below)."""
+    out = Path(out).absolute()
+    for folder in (out, out.parent, out.parent.parent):
+        if (folder / MARKER).is_file():
+            where = "is" if folder == out else "lies inside"
+            raise UsageError(f"{flag} {out}: {where} the regression check's references ({folder}); writing there would break "
+                             f"`check` (two records of a cell, another run's numbers); give another folder (the references "
+                             f"change only through: python -m harness check --against {folder} --update)")
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -152,6 +169,8 @@ def update_references(reference: Path, current: Path) -> int:
         shutil.rmtree(staging)  # left by a killed update; the references themselves were never touched
     try:
         n = 0
+        staging.mkdir()
+        (staging / MARKER).write_text(MARKER_TEXT)
         for sub, files in sources.items():
             (staging / sub).mkdir(parents=True)
             for src in files:
