@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import time
@@ -57,7 +58,15 @@ def measure(cmd: list[str], echo: bool = True) -> Silence:
         sel.register(f, selectors.EVENT_READ)
     last = 0.0
     while sel.get_map():
-        for key, _ in sel.select():
+        try:
+            ready = sel.select()
+        except KeyboardInterrupt:  # Ctrl-C: the command stops as on its own Ctrl-C; what it printed until then is measured
+            try:
+                proc.wait(timeout=1.0)  # a terminal's Ctrl-C reached the command too: a second one would be its "again"
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGINT)  # it reached this process alone (kill -INT)
+            continue
+        for key, _ in ready:
             data = os.read(key.fd, 65536)  # what is there now: one write of the child, or a few
             now = time.perf_counter() - t0
             if not data:

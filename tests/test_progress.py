@@ -228,3 +228,25 @@ def test_latency_and_export_say_they_start_before_their_imports(capsys, tmp_path
         assert err.splitlines()[0] == first and "unknown method 'nope'" in err, err
     assert main(["latency", *tiny, "--methods", "nope", "--out", str(tmp_path / "l"), "-q"]) == 2
     assert "starting" not in capsys.readouterr().err
+
+
+def test_the_silence_benchmark_reports_what_it_measured_after_a_ctrl_c(tmp_path):
+    """benchmarks/silence.py (docs/progress.md) ended in a KeyboardInterrupt traceback from its select() on Ctrl-C; it now
+    lets the command stop as on its own Ctrl-C and prints the gaps it measured."""
+    import os
+    import signal
+    import time
+
+    from conftest import ROOT
+
+    child = tmp_path / "child.py"
+    child.write_text("import time\nprint('started', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+                     "    print('child stopped', flush=True)\n    raise SystemExit(130)\n")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "silence.py"), "--", sys.executable, str(child)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline() == "started\n"
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground group
+    out, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err, err
+    assert "child stopped" in out and "exit 130" in out + err, out + err
