@@ -250,3 +250,20 @@ def test_the_silence_benchmark_reports_what_it_measured_after_a_ctrl_c(tmp_path)
     out, err = proc.communicate(timeout=30)
     assert "Traceback" not in err, err
     assert "child stopped" in out and "exit 130" in out + err, out + err
+
+
+def test_a_long_latency_measurement_says_it_is_still_running(tmp_path, capsys, monkeypatch):
+    """One latency measurement (a 4096-token prompt, batch 4, on 2 cores) ran 96 s without a line: a line every
+    STILL_EVERY_S seconds now says which plan and workload it is and for how long."""
+    import time
+
+    from harness.cli import main
+    from harness.run import latency_run, progress
+
+    real = latency_run.measure
+    monkeypatch.setattr(progress, "STILL_EVERY_S", 0.1)
+    monkeypatch.setattr(latency_run, "measure", lambda *a, **k: time.sleep(0.45) or real(*a, **k))
+    assert main(["latency", "--model", "random:tiny", "--device", "cpu", "--methods", "unpruned", "--prompt-tokens", "8",
+                 "--decode-tokens", "2", "--batch-size", "1", "--repeats", "1", "--out", str(tmp_path / "l"), "-q"]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if "still running" in x]
+    assert len(lines) >= 3 and all("unpruned: latency_T8_n2_b1: still running (" in x for x in lines), lines

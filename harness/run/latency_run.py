@@ -27,6 +27,7 @@ from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
 from harness.run.latency_figures import figure_code, keep_failures, measured_figures, refresh_figures
 from harness.run.latency_plans import replayed_plans
 from harness.run.plugin_faults import Faults
+from harness.run.progress import still_running
 from harness.store import records as rec
 from methods.plugin_code import plugin_code
 
@@ -324,8 +325,9 @@ def _measure_interleaved(cfg: LatencyConfig, model, todo: list[tuple], say: Call
                     for w, mode, label in labels:
                         say(f"{name}: {label} (round {r + 1}/{cfg.repeats})" + eta.text(r, (name, label), out))
                         t0 = perf_counter()
-                        m = measure(model, applied, w, warmup=cfg.warmup if r == 0 else 0, repeats=1, seed=cfg.seed,
-                                    decode_mode=mode)
+                        with still_running(say, f"{name}: {label}"):
+                            m = measure(model, applied, w, warmup=cfg.warmup if r == 0 else 0, repeats=1, seed=cfg.seed,
+                                        decode_mode=mode)
                         eta.last_s[name, label] = (perf_counter() - t0) / (1 + (cfg.warmup if r == 0 else 0))
                         if cfg.real_transfer and r == cfg.repeats - 1:  # once, while the handoff's tensors exist
                             moved[name, label] = _real_transfer(m, f"{name} {label}")

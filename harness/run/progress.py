@@ -327,3 +327,27 @@ def work_of(cfg, prepared) -> Work:
             notes[task] = f"up to {cfg.limit} items" if cfg.limit else "size known once loaded"
     return Work(cells, items, notes)
 
+
+
+STILL_EVERY_S = 10.0  # how long a silence `still_running` allows
+
+
+@contextlib.contextmanager
+def still_running(say, what: str, every_s: float | None = None) -> Iterator[None]:
+    """While the body runs, say '<what>: still running (<elapsed> so far)' every `every_s` seconds: one latency
+    measurement of a long prompt ran 96 s on a 2-core CPU without a line. The thread sleeps in between, so what it
+    takes from a measurement is one print every `every_s` seconds."""
+    every = STILL_EVERY_S if every_s is None else every_s
+    stop, t0 = threading.Event(), time.perf_counter()
+
+    def tick() -> None:
+        while not stop.wait(every):
+            say(f"{what}: still running ({fmt_s(time.perf_counter() - t0)} so far)")
+
+    ticker = threading.Thread(target=tick, name="still-running", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()
