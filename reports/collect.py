@@ -157,8 +157,9 @@ def model_labels(records: list[RunRecord]) -> dict[int, str]:
 def record_files(path: Path) -> list[Path]:
     if path.is_file():
         if path.suffix != ".json" or path.name.endswith((".partial.json", ".failed.json")):  # summary.csv, a note
-            raise ReportError(f"{path}: not a run record (a run's records are its <method>__<mode>.json files); "
-                              f"give the run folder: {path.parent}")
+            hint = f"give the run folder: {path.parent}" if any(is_record_file(p) for p in path.parent.iterdir()) \
+                else "give a run folder (one holding <method>__<mode>.json records, e.g. results/reference/quality)"
+            raise ReportError(f"{path}: not a run record (a run's records are its <method>__<mode>.json files); {hint}")
         return [path]
     if not path.is_dir():
         raise ReportError(f"{path}: no such file or folder (give folders of run records, e.g. results/issue3/default)")

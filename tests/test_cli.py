@@ -311,3 +311,18 @@ def test_the_small_limit_note_gives_lm_evals_largest_standard_error_and_the_tabl
         err = capsys.readouterr().err
         assert "points are noise" in err if tiny == 3 else "even a 100-point difference between two methods is within the noise" in err
         assert "139" not in err
+
+
+def test_the_small_limit_note_is_for_runs_with_an_accuracy(tmp_path, capsys, monkeypatch, data_dir):
+    """A run of long-context tasks only (perplexity, passkey) printed the accuracies' standard-error note."""
+    from harness.cli import main
+    from harness.run import pipeline
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run", stop)
+    for tasks, noted in (("pd_ppl", False), ("pd_ppl,arc_easy", True)):
+        assert main(["--model", "random:tiny", "--device", "cpu", "--methods", "unpruned", "--tasks", tasks, "--limit", "5",
+                     "--data-dir", str(data_dir), "--out", str(tmp_path / tasks.replace(",", "_")), "-q"]) == 130
+        assert ("each accuracy has a standard error" in capsys.readouterr().err) == noted, tasks

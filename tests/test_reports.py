@@ -302,6 +302,10 @@ def test_report_bad_input_exits_2_naming_the_problem(tmp_path, report):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "summary.csv").write_text("method,mode\n")  # the run's table, not a record: said so, not
     r = report(tmp_path / "run" / "summary.csv")                       # "unreadable record (Expecting value: ...)"
+    assert r.returncode == 2 and "summary.csv: not a run record (a run's records are its <method>__<mode>.json files); give " \
+                                 "a run folder (one holding <method>__<mode>.json records" in r.stderr, r.stderr  # none there
+    shutil.copy(ROOT / "results" / "reference" / "quality" / "unpruned__unified.json", tmp_path / "run")
+    r = report(tmp_path / "run" / "summary.csv")  # beside records: that folder is meant
     assert r.returncode == 2 and f"summary.csv: not a run record (a run's records are its <method>__<mode>.json " \
                                  f"files); give the run folder: {tmp_path / 'run'}" in r.stderr, r.stderr
     bad = tmp_path / "bad"

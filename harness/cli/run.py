@@ -294,7 +294,9 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
     need_records_folder(args.plans_from, "--plans-from")
     prepared = pipeline.prepare(cfg)
     check_tasks(cfg.tasks, cfg.data_dir, cfg.include_path)
-    if dist.is_main:  # one voice under data parallelism
+    from harness.quality import long_tasks
+
+    if dist.is_main and not all(long_tasks.is_long_task(t) for t in cfg.tasks):  # one voice; only accuracies have it
         warn_small_limit(cfg.limit)
     if cfg.data_dir:
         from harness.quality import local_tasks
