@@ -387,3 +387,18 @@ def test_runs_reports_and_exports_refuse_to_write_among_the_references(tmp_path,
         assert "the regression check's references" in err and f"--against {ref} --update" in err, (argv, err)
     assert snapshot(ref) == before
     assert cli_main(["report", str(cur), "--no-plots", "--out", str(tmp_path / "beside")]) == 0
+
+
+def test_a_dangling_link_out_and_a_fifo_named_like_a_record(tmp_path, capsys):
+    """A dangling symbolic link as --out was refused as "cannot write there (File exists)"; a FIFO named like a record
+    made `report` and `check` wait forever on reading it."""
+    from harness.store.records import run_files_under
+
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    assert cli_main(["report", str(_refs(tmp_path)), "--no-plots", "--out", str(link)]) == 2
+    assert f"--out {link}: a symbolic link to {tmp_path / 'gone'}, which does not exist" in capsys.readouterr().err
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "ref" / "quality", run)
+    os.mkfifo(run / "x__unified.json")
+    assert sorted(p.name for p in run_files_under(run)) == sorted(p.name for p in run.glob("*.json") if p.name != "x__unified.json")

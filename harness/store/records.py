@@ -251,8 +251,8 @@ def run_files_under(folder: Path) -> Iterator[Path]:
 
     os.walk, not rglob: a folder removed while it is listed (a `check --update` or an export swapping theirs
     beside it) is skipped, where rglob raises FileNotFoundError on Python 3.11."""
-    for top, _dirs, names in os.walk(folder):
-        yield from (Path(top) / n for n in names if "__" in n and n.endswith(".json"))
+    for top, _dirs, names in os.walk(folder):  # regular files only: reading a FIFO named like a record waited forever
+        yield from (p for n in names if "__" in n and n.endswith(".json") and (p := Path(top) / n).is_file())
 
 
 def check_writable(folder: Path, flag: str) -> None:
@@ -263,6 +263,9 @@ def check_writable(folder: Path, flag: str) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{flag} {folder}: exists and is not a folder; give a folder (new or holding earlier output)")
+    if folder.is_symlink() and not folder.exists():  # else "cannot write there (File exists)"
+        raise UsageError(f"{flag} {folder}: a symbolic link to {os.readlink(folder)}, which does not exist; create that "
+                         "folder, or give another --out")
     refuse_references(folder, flag)
     existing = folder.absolute()
     while not existing.exists():  # probe the folder, or the nearest one that exists: nothing is created here
