@@ -962,3 +962,17 @@ def test_each_stage_is_timed_on_its_own_in_milliseconds(tiny, monkeypatch):
     m = latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(9, 3, 1), warmup=0, repeats=2)
     for stage in (m.ttft_ms, m.handoff_ms):
         assert len(stage) == 2 and all(x >= 200 for x in stage) and min(stage) < 400, (m.ttft_ms, m.handoff_ms)
+
+
+def test_latency_plans_from_skips_another_cells_unreadable_record_as_a_quality_run_does(tmp_path, capsys):
+    from harness.cli import main
+
+    src = tmp_path / "run"
+    src.mkdir()
+    (src / "tail__disaggregated.json").write_text("{")  # another method's cell: not this run's to refuse
+    argv = ["latency", "--model", "random:tiny", "--device", "cpu", "--methods", "unpruned", "--prompt-tokens", "8",
+            "--decode-tokens", "2", "--batch-size", "1", "--repeats", "1", "--plans-from", str(src), "-q"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    (src / "unpruned__disaggregated.json").write_text("{")  # this run's own: refused, naming it
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 2
+    assert "unpruned__disaggregated.json" in capsys.readouterr().err

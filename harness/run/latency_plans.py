@@ -20,11 +20,13 @@ def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, P
     folder = Path(plans_from)
     if not folder.is_dir():
         raise UsageError(f"--plans-from {plans_from}: not a folder of run records")
-    out = {}
-    try:
-        found = rec.load_dir(folder)
-    except rec.RecordError as e:
-        raise UsageError(f"--plans-from: {e}; remove that file or pick another run folder") from None
+    out, found = {}, []
+    for path in sorted(p for p in folder.glob("*__*.json") if rec.is_record_file(p)):
+        try:
+            found.append(rec.load(path))
+        except rec.RecordError as e:  # another cell's unreadable record is not this run's to refuse (as a quality run)
+            if path.name in {rec.record_filename(m, "disaggregated") for m in methods}:
+                raise UsageError(f"--plans-from: {e}; remove that file or pick another run folder") from None
     for r in found:
         if r.mode != "disaggregated" or r.method not in methods:  # other records are not this run's to read
             continue
