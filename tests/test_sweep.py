@@ -576,3 +576,17 @@ def test_a_cell_ends_with_a_sweep_killed_by_sigkill_and_only_then():
     run_cell(["--version"], str(ROOT), {}, str(Path(os.environ.get("TMPDIR", "/tmp")) / f"cell-{os.getpid()}.log"),
              popen=lambda *a, **k: seen.update(k["env"]) or subprocess.Popen(*a, **k))
     assert seen["HARNESS_SWEEP_PARENT"] == str(os.getpid())
+
+
+def test_an_interrupted_sweep_counts_the_cells_its_progress_bar_counted(tmp_path, capsys):
+    """The Ctrl-C line counted the latency job and the report as cells: '3 of 8 cells finished' beside a bar of 6."""
+    from types import SimpleNamespace
+
+    from harness.cli.sweep import _finish
+    from harness.cli.sweep_backends import Outcome
+
+    plan = SimpleNamespace(run_out=tmp_path, report_argv=["report"])
+    outcomes = [Outcome("a/unified", "ok"), Outcome("b/unified", "reused"), Outcome("c/unified", "interrupted"),
+                Outcome("latency", "skipped", error="not run: the sweep was interrupted (Ctrl-C)")]
+    rc = _finish(SimpleNamespace(spec="s.toml"), plan, outcomes, {"backend": "local", "workers": 1}, time.perf_counter(), True)
+    assert rc == 130 and "interrupted (Ctrl-C): 2 of 3 cells finished" in capsys.readouterr().err

@@ -183,8 +183,9 @@ def _finish(args, plan: Plan, outcomes: list[Outcome], info: dict[str, Any], sta
     print(_table(outcomes))
     where = f"records, summary.csv and sweep.json in {plan.run_out}"
     if interrupted:  # as `run` ends on Ctrl-C (harness/cli/run.py): 130, and how to go on
-        done = sum(o.status in ("ok", "reused") for o in outcomes)
-        print(f"\ninterrupted (Ctrl-C): {done} of {len(outcomes)} cells finished in {wall:.0f}s; {where}; rerun the same "
+        cells = [o for o in outcomes if o.cell not in ("latency", "report")]  # the quality cells the progress bar counts
+        done = sum(o.status in ("ok", "reused") for o in cells)
+        print(f"\ninterrupted (Ctrl-C): {done} of {len(cells)} cells finished in {wall:.0f}s; {where}; rerun the same "
               "command to go on (finished records are reused, interrupted cells resume)", file=sys.stderr)
         return 130
     ok = sum(o.status in ("ok", "reused") for o in outcomes)  # a skipped report is not ok
