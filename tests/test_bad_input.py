@@ -72,12 +72,12 @@ def _spec(tmp: Path, text: str) -> Path:
     return tmp / "s.toml"
 
 
-def _record_copy(tmp: Path, run: Path, edit) -> Path:
-    """A copy of `run` whose record was rewritten by `edit(dict) -> JSON value`."""
+def _record_copy(tmp: Path, run: Path, edit, name: str = "unpruned__unified.json") -> Path:
+    """A copy of `run` whose record was rewritten by `edit(dict) -> JSON value`, saved as `name`."""
     dst = tmp / "copy"
     shutil.copytree(run, dst)
     path = dst / "unpruned__unified.json"
-    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    (dst / name).write_text(json.dumps(edit(json.loads(path.read_text()))))
     return dst
 
 
@@ -126,9 +126,11 @@ CASES = [
      "--plans-from: " + "{tmp}/copy/unpruned__unified.json: not a run record (a JSON list"),
     ("plans-from-invalid-plan", lambda t, d, r: [*ONE_CELL, "--plans-from", _record_copy(t, r, _bad_plan), "--out", t / "o"],
      "unpruned__unified.json: its plan is not valid"),
+    # the record latency would replay (its disaggregated plan); another cell's is skipped (test_latency.py)
     ("latency-plans-from-corrupt", lambda t, d, r: ["latency", *TINY, "--methods", "unpruned", "--plans-from",
-                                                    _record_copy(t, r, lambda x: "x"), "--out", t / "o"],
-     "not a run record (a JSON str"),
+                                                    _record_copy(t, r, lambda x: "x", "unpruned__disaggregated.json"),
+                                                    "--out", t / "o"],
+     "unpruned__disaggregated.json: not a run record (a JSON str"),
     # item 10: non-finite floats and ranges
     ("d_t-nan", lambda t, d, r: [*ONE_CELL, "--methods", "pdtrim", "--set", "pdtrim.d_t=nan"],
      "--set pdtrim.d_t=nan: expected a finite number"),
