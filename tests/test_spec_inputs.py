@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli.spec import load_spec, run_spec
-from harness.cli.sweep_backends import seed, settle
+from harness.cli.sweep_cells import seed, settle
 from harness.cli.sweep_plan import expand
 from harness.errors import UsageError
 

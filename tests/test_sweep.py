@@ -92,7 +92,7 @@ def assert_same_records(sweep_out: Path, single_out: Path, cells: list[str] = CE
 
 def test_local_pool_equals_single_process_then_latency_and_report(tmp_path, single, data_dir, cli):
     spec = write_spec(
-        tmp_path / "spec.toml", run={**RUN, "out": str(tmp_path / "q")},
+        tmp_path / "spec.toml", run={**RUN, "out": str(tmp_path / "q"), "log_samples": True},
         latency={"model": "random:tiny", "device": "cpu", "methods": ["unpruned", "tail"], "plans_from": "run",
                  "prompt_tokens": [16], "decode_tokens": [2], "batch_size": [1], "warmup": 0, "repeats": 1,
                  "out": str(tmp_path / "lat")},
@@ -109,6 +109,9 @@ def test_local_pool_equals_single_process_then_latency_and_report(tmp_path, sing
     assert sweep["wall_s"] > 0 and all(c["seconds"] > 0 for c in sweep["cells"])
     assert sorted(p.name for p in (tmp_path / "lat").glob("*__*.json")) == ["tail__disaggregated.json", "unpruned__disaggregated.json"]
     assert (tmp_path / "report" / "report.html").is_file()
+    for cell in (c[: -len(".json")] for c in CELLS):  # what a single-process run writes beside its records (the sweep
+        assert len(list((tmp_path / "q" / "lm_eval" / cell).glob("results_*.json"))) == 1, cell  # removed them)
+        assert (tmp_path / "q" / "samples" / cell / "samples_arc_easy.jsonl").is_file(), cell
 
 
 def test_ray_local_instance_equals_single_process(tmp_path, single, data_dir):
@@ -181,7 +184,7 @@ def test_bad_input_exits_2(tmp_path, monkeypatch, capsys, data_dir):
 
 
 def test_a_killed_cell_reports_the_signal():
-    from harness.cli.sweep_backends import error_text as _error
+    from harness.cli.sweep_cells import error_text as _error
 
     assert _error(-9, "loading model\n").startswith("killed by signal 9 (out of memory?)")
     assert _error(3, "") == "exit status 3, no output"
@@ -258,7 +261,7 @@ def _cell(run_out: Path, stem: str, variants: list[str]):
 def test_a_rerun_adopts_a_record_a_child_finished_but_the_sweep_never_moved(tmp_path):
     """A sweep killed or interrupted before it settled a cell: the record the child finished is kept, not recomputed;
     a cut-off one is not taken, and a record already in the run folder is the one that counts."""
-    from harness.cli.sweep_backends import seed, settle
+    from harness.cli.sweep_cells import seed, settle
     from harness.store import records as rec
 
     cell = _cell(tmp_path, "tail__unified", ["tail@k=1", "tail@k=2", "tail@k=3"])

@@ -32,7 +32,7 @@ the interrupted cells; a record a child finished but the sweep never moved (the 
 is moved into the out folder by the rerun, not computed again.
 
 This module is the command (its flags, the order of the steps, the summary); the spec is expanded
-into cells by `sweep_plan.py`, and cells are run and settled by `sweep_backends.py`.
+into cells by `sweep_plan.py`, and cells are run by `sweep_backends.py` and settled by `sweep_cells.py`.
 """
 
 
@@ -50,18 +50,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.cli.flags import Parser, user_dir
-from harness.cli.sweep_backends import (
-    FAILED_NOTE,
-    STOP_GRACE_S,
-    Outcome,
-    RayBackend,
-    cores,
-    error_text,
-    local_gpus,
-    make_backend,
-)
-from harness.cli.sweep_backends import seed as seed_cell
-from harness.cli.sweep_backends import settle as settle_cell
+from harness.cli.sweep_backends import FAILED_NOTE, STOP_GRACE_S, Outcome, RayBackend, cores, local_gpus, make_backend
+from harness.cli.sweep_cells import error_text
+from harness.cli.sweep_cells import seed as seed_cell
+from harness.cli.sweep_cells import settle as settle_cell
 from harness.cli.sweep_plan import Cell, Plan, expand
 from harness.errors import UsageError
 

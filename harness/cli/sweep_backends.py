@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import filecmp
 import itertools
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -148,82 +146,6 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = STOP_GRACE_S) -
         if p.poll() is None:
             p.kill()
             p.wait()
-
-
-def seed(cell: Cell) -> None:
-    """Link each finished record into the cell's folder, where the child reuses it (or rejects a different configuration).
-
-    A record the child finished there that never reached the run folder (the sweep was killed or interrupted
-    before settling it) is moved there first: it is kept, not computed again."""
-    cell.workdir.mkdir(parents=True, exist_ok=True)
-    cell.seeded = set()
-    for record in cell.records:
-        target = cell.workdir / record.name
-        if not record.exists() and finished_record(target):
-            os.replace(target, record)
-        target.unlink(missing_ok=True)
-        if not record.exists():
-            continue
-        cell.seeded.add(record.name)
-        try:
-            os.link(record, target)
-        except OSError:  # a filesystem without hard links
-            shutil.copy2(record, target)
-
-
-def finished_record(path: Path) -> bool:
-    """True when `path` is a whole, readable record. The pipeline writes a record to a temp file and renames it
-    (harness/store/files.py), so a record cut off mid-write never has its final name; reading it checks the rest."""
-    from harness.store import records as rec
-
-    if not path.is_file():
-        return False
-    try:
-        rec.load(path)
-    except rec.RecordError:
-        return False
-    return True
-
-
-def settle(cell: Cell, rc: int, tail: str, seconds: float) -> Outcome:
-    """Move the cell's new records into the run folder; report ok, reused (every record was) or failed."""
-    status = "ok" if rc == 0 else "failed"
-    reused = [_move(cell, record) for record in cell.records]
-    if rc == 0 and reused and all(reused):
-        status = "reused"
-    missing = [r.name for r in cell.records if not r.exists()]
-    if rc == 0 and missing:
-        rc, status, tail = 1, "failed", tail + f"\nthe run exited 0 but left no record {', '.join(missing)}"
-    for record in cell.records:  # the pipeline's failed-cell notes, where a single-process run would have them
-        note = record.with_name(record.name[: -len(".json")] + FAILED_NOTE)
-        if rc == 0:
-            note.unlink(missing_ok=True)
-        elif (cell.workdir / note.name).exists():
-            os.replace(cell.workdir / note.name, note)
-    if rc == 0 and cell.records:
-        shutil.rmtree(cell.workdir, ignore_errors=True)  # its summary.csv; nothing left to resume
-    record = (", ".join(map(str, cell.records)) if cell.records else str(cell.workdir)) if rc == 0 else None
-    return Outcome(cell.name, status, round(seconds, 2), rc, record, str(cell.log), None if rc == 0 else error_text(rc, tail))
-
-
-def _move(cell: Cell, record: Path) -> bool:
-    """Move the child's copy of `record` into the run folder (a finished record, even if the child failed
-    afterwards); True when it is the record seeded into the cell's folder, unchanged."""
-    produced = cell.workdir / record.name
-    if not produced.exists():
-        return False
-    if record.name in cell.seeded and filecmp.cmp(produced, record, shallow=False):
-        produced.unlink()
-        return True
-    os.replace(produced, record)
-    return False
-
-
-def error_text(rc: int, tail: str) -> str:
-    lines = [ln for ln in tail.splitlines() if ln.strip()]
-    if rc < 0:
-        return f"killed by signal {-rc} (out of memory?)" + (f"; last output: {lines[-1]}" if lines else "")
-    return "\n".join(lines[-12:]) or f"exit status {rc}, no output"
 
 
 # --- backends -----------------------------------------------------------------------------------
