@@ -10,10 +10,16 @@ scored are paired and the difference method − baseline is summarised by
 - for 0/1 metrics (accuracies), the exact McNemar test: a two-sided binomial test of the
   discordant pairs (`scipy.stats.binomtest`, p = 1 when there are none).
 
+- for the average over accuracy tasks, a sign-flip permutation test stratified by task: under McNemar's
+  null each discordant item's difference is +1 or −1 with equal odds, independently; the p-value of the
+  average's size is exact when the sign patterns are few (counted per task), else from seeded draws.
+
 A difference is *significant* (`*`, and the verdict) for an accuracy when the exact McNemar p < 0.05,
-for other metrics and the average over tasks when the CI excludes 0. The exact test decides for 0/1
-metrics because the percentile bootstrap is too lenient with few discordant items: 7 items gained
-and 1 lost of 100 give a CI of [+1, +12] points but p = 0.07, which is not significant.
+for the average over accuracies when the permutation p < 0.05, for other metrics when the CI excludes 0.
+The exact tests decide for 0/1 metrics because the percentile bootstrap is too lenient with few
+discordant items: 7 items gained and 1 lost of 100 give a CI of [+1, +12] points but p = 0.07, which
+is not significant; an average over two tasks with 1 and 3 items lost (and none gained) of 20 each had a
+CI of [−20, −2.5] points, starred, where the permutation p is 0.125.
 "Better / same / worse" counts tasks by that rule.
 A record's baseline is `collect.reference`'s: the baseline record of its own configuration in its
 own folder, else one that scored its tasks, else the first by path (never the order of the inputs).
@@ -36,6 +42,8 @@ from reports.formats import CellSpec, cell, make_table
 N_RESAMPLES = 10_000
 SEED = 0
 ALPHA = 0.05
+N_PERMUTATIONS = 100_000  # draws of the average's sign-flip test when its sign patterns are too many to count
+EXACT_MAX = 200_000  # ... and the most it counts exactly (products of per-task counts of +1 outcomes)
 
 
 @dataclass(frozen=True)
@@ -48,14 +56,21 @@ class Paired:
     high: float
     p_mcnemar: float | None
     n: int
+    p_permutation: float | None = None  # an average over 0/1 metrics: the stratified sign-flip test's
 
     @property
     def significant(self) -> bool:
-        """For 0/1 metrics the exact McNemar test at 5 %: with few discordant items the percentile bootstrap
-        is too lenient (7 gained, 1 lost of 100: CI [+1, +12] points, p = 0.07). Otherwise the CI excludes 0."""
-        if self.p_mcnemar is not None:
-            return self.p_mcnemar < ALPHA
+        """For 0/1 metrics the exact McNemar test (an average of them: the sign-flip test) at 5 %: with few discordant
+        items the percentile bootstrap is too lenient (7 gained, 1 lost of 100: CI [+1, +12] points, p = 0.07).
+        Otherwise the CI excludes 0."""
+        p = self.p_mcnemar if self.p_mcnemar is not None else self.p_permutation
+        if p is not None:
+            return p < ALPHA
         return self.low > 0 or self.high < 0
+
+    @property
+    def p(self) -> float | None:
+        return self.p_mcnemar if self.p_mcnemar is not None else self.p_permutation
 
 
 def _ci(samples: tuple[np.ndarray, ...], statistic) -> tuple[float, float]:
@@ -69,6 +84,32 @@ def mcnemar_exact(base: np.ndarray, other: np.ndarray) -> float:
     gained = int(np.sum((base == 0) & (other == 1)))
     lost = int(np.sum((base == 1) & (other == 0)))
     return 1.0 if gained + lost == 0 else float(stats.binomtest(gained, gained + lost, 0.5).pvalue)
+
+
+def sign_flip_p(ds: tuple[np.ndarray, ...]) -> float:
+    """Two-sided p-value of the mean over tasks of the per-task mean differences of paired 0/1 outcomes (each d in
+    {-1, 0, +1}), under McNemar's null stratified by task: each discordant item is +1 or -1 with odds 1/2, independently.
+    Exact (the per-task counts of +1 enumerated, binomial weights) up to `EXACT_MAX` combinations, else from
+    `N_PERMUTATIONS` seeded draws ((hits + 1) / (draws + 1))."""
+    m, n = [int(np.count_nonzero(d)) for d in ds], [len(d) for d in ds]
+    observed = abs(float(np.mean([d.mean() for d in ds])))
+    if not sum(m):
+        return 1.0
+    tol = 1e-12 * max(1.0, observed)  # equal sums reached in another order
+    if np.prod([k + 1 for k in m], dtype=float) <= EXACT_MAX:
+        values, probs = np.zeros(1), np.ones(1)
+        for k, size in zip(m, n):
+            plus = np.arange(k + 1)
+            values = (values[:, None] + (2 * plus - k)[None, :] / size / len(ds)).ravel()
+            probs = (probs[:, None] * stats.binom.pmf(plus, k, 0.5)[None, :]).ravel()
+        return float(min(1.0, probs[np.abs(values) >= observed - tol].sum()))
+    rng = np.random.default_rng(SEED)
+    t = sum((2 * rng.binomial(k, 0.5, N_PERMUTATIONS) - k) / size for k, size in zip(m, n)) / len(ds)
+    return float((np.count_nonzero(np.abs(t) >= observed - tol) + 1) / (N_PERMUTATIONS + 1))
+
+
+def _binary(*xs: np.ndarray) -> bool:
+    return all(np.isin(x, (0.0, 1.0)).all() for x in xs)
 
 
 def _estimable(ds: tuple[np.ndarray, ...]) -> bool:
@@ -85,7 +126,7 @@ def compare(base: np.ndarray, other: np.ndarray) -> Paired:
         low = high = float("nan")
     else:
         low, high = _ci((d,), lambda x, axis: x.mean(axis=axis)) if d.std() > 0 else (float(d.mean()),) * 2
-    binary = bool(np.isin(base, (0.0, 1.0)).all() and np.isin(other, (0.0, 1.0)).all())
+    binary = _binary(np.asarray(base), np.asarray(other))
     return Paired(float(d.mean()), low, high, mcnemar_exact(np.asarray(base), np.asarray(other)) if binary else None, len(d))
 
 
@@ -94,12 +135,13 @@ def compare_average(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Paired:
     (a CI of NaN when any task's cannot be estimated: a task of one item has unknown noise)."""
     ds = tuple(np.asarray(o, float) - np.asarray(b, float) for b, o in pairs)
     diff, n = float(np.mean([d.mean() for d in ds])), sum(len(d) for d in ds)
+    perm = sign_flip_p(ds) if all(_binary(np.asarray(b, float), np.asarray(o, float)) for b, o in pairs) else None
     if not _estimable(ds):
-        return Paired(diff, float("nan"), float("nan"), None, n)
+        return Paired(diff, float("nan"), float("nan"), None, n, perm)
     if not any(d.std() > 0 for d in ds):
-        return Paired(diff, diff, diff, None, n)
+        return Paired(diff, diff, diff, None, n, perm)
     low, high = _ci(ds, lambda *xs, axis: np.mean([x.mean(axis=axis) for x in xs], axis=0))
-    return Paired(diff, low, high, None, n)
+    return Paired(diff, low, high, None, n, perm)
 
 
 def aligned(base: RunRecord, other: RunRecord, task: str, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -119,11 +161,11 @@ def _text(p: Paired, lower: bool = False) -> CellSpec:
     """Points (×100) for accuracies; a lower-is-better metric (perplexity) in its own units, as the quality table."""
     s = 1 if lower else 100
     mark = "*" if p.significant else ""
-    pv = "" if p.p_mcnemar is None else f" p={p.p_mcnemar:.2g}"
+    pv = "" if p.p is None else f" p={p.p:.2g}"
     known = not (np.isnan(p.low) or np.isnan(p.high))
     ci = f"[{s * p.low:+.1f}, {s * p.high:+.1f}]" if known else "[—]"
     return cell(f"{s * p.diff:+.1f}{mark} {ci}{pv}", round(s * p.diff, 6), ci_low=round(s * p.low, 6) if known else None,
-                ci_high=round(s * p.high, 6) if known else None, p_mcnemar=p.p_mcnemar)
+                ci_high=round(s * p.high, 6) if known else None, p_mcnemar=p.p_mcnemar, p_permutation=p.p_permutation)
 
 
 def _verdict(done: dict[str, Paired], lower: dict[str, bool]) -> str:
@@ -200,8 +242,9 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
                       cell(_verdict(done, lower))] for r, done, lower, accuracy in rows]) for title, rows in groups]
     caption = (f"Difference to {baseline} on the same items, in points (method − {baseline}; metric as in the quality "
                f"table, convention '{convention}'): mean [paired bootstrap 95% CI, {N_RESAMPLES:,} resamples, seed {SEED}]"
-               f" and, for accuracies, the exact McNemar p-value. * : p < {ALPHA:g} for accuracies, else the CI excludes 0 "
-               f"(also for Avg); [—]: no CI (a single item, or an infinite value). Baseline: the {baseline} record of "
+               f" and, for accuracies, the exact McNemar p-value (Avg: a sign-flip permutation test stratified by task, "
+               f"exact or {N_PERMUTATIONS:,} draws). * : p < {ALPHA:g} for accuracies and their Avg, else the CI excludes 0; "
+               f"[—]: no CI (a single item, or an infinite value). Baseline: the {baseline} record of "
                f"the row's folder, else one with its tasks. Avg: mean of the differences over the accuracy tasks (as the "
                f"quality table's Avg: long-context tasks left out, '—' unless the row pairs on every accuracy column), "
                f"items resampled within each task. Verdict: tasks significantly better / not / worse."

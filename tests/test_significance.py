@@ -210,3 +210,28 @@ def test_the_verdict_counts_a_significantly_lower_perplexity_as_better():
     acc = sig.compare(np.ones(20), np.r_[np.zeros(12), np.ones(8)])  # 12 lost, none gained: p = 0.0005
     assert ppl.significant and ppl.diff < 0 and acc.significant and acc.diff < 0
     assert sig._verdict({"wikitext": ppl, "arc_easy": acc}, {"wikitext": True, "arc_easy": False}) == "1 better / 0 same / 1 worse"
+
+
+def test_an_average_over_accuracies_is_judged_by_a_stratified_sign_flip_test_not_the_bootstrap():
+    """Two tasks of 20 items, 1 and 3 items lost and none gained: the bootstrap CI of the average, [-20, -2.5] points,
+    excluded 0 and starred it, while no task was significant; the exact sign-flip p is 2/16 (all four lost items'
+    signs alike)."""
+    b1, b2 = np.ones(20), np.ones(20)
+    o1, o2 = b1.copy(), b2.copy()
+    o1[0], o2[:3] = 0, 0
+    p = sig.compare_average([(b1, o1), (b2, o2)])
+    assert p.high < 0 and p.p_permutation == pytest.approx(0.125, abs=1e-12) and not p.significant
+    assert "p=0.12" in sig._text(p)[0] and "*" not in sig._text(p)[0]
+
+
+def test_the_sign_flip_test_is_mcnemars_for_one_task_and_its_draws_agree_with_the_exact_count(monkeypatch):
+    rng = np.random.default_rng(3)
+    base, other = rng.integers(0, 2, 200).astype(float), rng.integers(0, 2, 200).astype(float)
+    assert sig.sign_flip_p((other - base,)) == pytest.approx(sig.mcnemar_exact(base, other), rel=1e-9)
+    tasks = [(rng.integers(0, 2, n).astype(float), rng.integers(0, 2, n).astype(float)) for n in (40, 60, 30)]
+    ds = tuple(o - b for b, o in tasks)
+    exact = sig.sign_flip_p(ds)
+    monkeypatch.setattr(sig, "EXACT_MAX", 0)  # the same test from seeded draws
+    assert sig.sign_flip_p(ds) == pytest.approx(exact, abs=0.01) and 0 < exact < 1
+    cont = sig.compare_average([(b, o + 0.5) for b, o in tasks])  # not 0/1: the CI decides, as before
+    assert cont.p_permutation is None and cont.p_mcnemar is None
