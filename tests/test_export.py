@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -292,7 +293,11 @@ def test_cli_export_replay_and_out_rules(tiny, data_dir, tmp_path, capsys):
     assert cli_main(["export", *TINY, "--method", "manual", "--mode", "disaggregated", "--plans-from", str(runs),
                      "--out", str(tmp_path / "replayed2")]) == 0
     capsys.readouterr()
+    pd_record = dataclasses.replace(record, method="pdtrim", config={**record.config, "method_options": {"k_prefill": 1, "k_decode": 2}})
+    pd_path = rec.save(pd_record, tmp_path / "pd")
     for bad, message in [
+        # with today's default k_prefill (4) the --set did not build a pdtrim: "need k_prefill <= k_decode, got 4, 1"
+        (["--record", str(pd_path), "--set", "pdtrim.k_decode=1"], "pdtrim.*: differs from the options the record's plan"),
         (["--record", str(path), "--model", "random:llama2-7b"], "made with --model random:tiny, not random:llama2-7b"),
         (["--record", str(path), "--seed", "3"], "made with --seed 0, not 3"),
         (["--plans-from", str(runs), "--method", "manual"], "no record manual__unified.json; records there: "

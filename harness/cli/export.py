@@ -164,8 +164,16 @@ def method_for(source: Source, args: argparse.Namespace, data_dir: str | None):
     from harness.run import pipeline
 
     name = sweep_base(source.method) if source.record is not None else source.method
-    prepared = pipeline.prepare(RunConfig(model=source.model, methods=(name,), tasks=(), seed=source.seed,
-                                          data_dir=data_dir, overrides=tuple(args.overrides)), need_data=source.record is None)
+    sets_method = any(o.split("=", 1)[0].split(".", 1)[0] == name for o in args.overrides)
+    try:
+        prepared = pipeline.prepare(RunConfig(model=source.model, methods=(name,), tasks=(), seed=source.seed,
+                                              data_dir=data_dir, overrides=tuple(args.overrides)), need_data=source.record is None)
+    except UsageError as e:  # today's defaults with --set: not what the record's plan was made with, whatever it says
+        if source.record is None or not sets_method:
+            raise
+        raise UsageError(f"--set {name}.*: differs from the options the record's plan was made with "
+                         f"({source.record.config.get('method_options', {})}); drop --set or plan afresh without "
+                         f"--record/--plans-from (with today's other defaults it does not build: {e})") from None
     if source.record is None:
         return prepared.methods[source.method], prepared.calib_config
     method = prepared.methods[name]
@@ -182,8 +190,7 @@ def method_for(source: Source, args: argparse.Namespace, data_dir: str | None):
                                                             for k, v in with_defaults(method, stored).items()}))
     except (TypeError, ValueError) as e:
         raise UsageError(f"{source.record_path}: its method options do not build a {name}: {e}") from None
-    if any(o.split("=", 1)[0].split(".", 1)[0] == name for o in args.overrides) and \
-            json.loads(json.dumps(method.options())) != json.loads(json.dumps(replayed.options())):
+    if sets_method and json.loads(json.dumps(method.options())) != json.loads(json.dumps(replayed.options())):
         raise UsageError(f"--set {name}.*: differs from the options the record's plan was made with "
                          f"({replayed.options()}); drop --set or plan afresh without --record/--plans-from"
                          f"{_variant_with(source, method)}")
