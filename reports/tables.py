@@ -24,6 +24,13 @@ TASK_TITLE = {"arc_challenge": "ARC-c", "arc_easy": "ARC-e", "boolq": "BoolQ", "
               "wikitext": "WikiText-2", "lambada_openai": "LAMBADA"}
 
 
+
+def mib_text(nbytes: float, decimals: int) -> str:
+    """Bytes as MiB with `decimals` decimals, or two significant digits where that would print 0 (a tiny model's
+    3,072-byte handoff showed as a bold 0.00)."""
+    mib = nbytes / MIB
+    return f"{mib:.2g}" if 0 < abs(mib) < 0.5 * 10 ** -decimals else f"{mib:,.{decimals}f}"
+
 def task_title(task: str, records: Sequence[RunRecord] = ()) -> str:
     """`task`'s column title: the one its records stored (`lm_eval.task_titles`: a plug-in lm-eval task's `title`; the
     least where they disagree, whatever the input order), else `TASK_TITLE`'s (the package's tasks), else its name."""
@@ -237,7 +244,7 @@ def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: 
                 cell("—") if ttft is None else cell(f"{ttft:.1f}", ttft),
                 cell("—") if tpot is None else cell(f"{tpot:.2f}", tpot),
                 cell("—") if end is None else cell(f"{end:.1f}", end),
-                cell("—") if per_req is None else cell(f"{per_req / MIB:,.2f}", per_req / MIB),
+                cell("—") if per_req is None else cell(mib_text(per_req, 2), per_req / MIB),
                 _ratio_cell(dense_req, per_req),
                 _ratio_cell(_v(dense, lab, "ttft_ms_p50"), ttft),
                 _ratio_cell(_v(dense, lab, "tpot_ms_p50"), tpot),
@@ -352,7 +359,7 @@ def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFram
                     noise[j][i] = se if tasks[task].metric_format == "decimal" else 100 * se
                 b = _per_request(r, task, setting)
                 ref = _per_request(dense, task, setting) if dense else None
-                row.append(cell("—") if b is None else cell(f"{b / MIB:,.1f}" + (f" ({ref / b:.2f}×)" if ref and b else ""), b / MIB))
+                row.append(cell("—") if b is None else cell(mib_text(b, 1) + (f" ({ref / b:.2f}×)" if ref and b else ""), b / MIB))
             g.append(row)
             i += 1
         groups.append((title, g))
