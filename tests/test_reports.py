@@ -480,3 +480,11 @@ def test_a_second_report_into_one_out_is_refused_naming_the_first(tmp_path, caps
     assert f"{out} is in use by another harness process (pid {holder.pid}" in err, err
     assert "two reports writing one folder would mix their tables and figures" in err and "choose another --out" in err, err
     assert "records" not in err and "two runs" not in err, err
+
+
+def test_kv_mib_below_the_last_decimal_keeps_two_significant_digits():
+    """A tiny model's 3,072-byte handoff was printed as a bold 0.00 MiB beside the dense plan's figure."""
+    from reports.tables import mib_text
+
+    assert [mib_text(b, 2) for b in (3072, 11.25 * 2**20, 0, 2**30)] == ["0.0029", "11.25", "0.00", "1,024.00"]
+    assert [mib_text(b, 1) for b in (40_000, 0.6 * 2**20)] == ["0.038", "0.6"]
