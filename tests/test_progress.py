@@ -267,3 +267,15 @@ def test_a_long_latency_measurement_says_it_is_still_running(tmp_path, capsys, m
                  "--decode-tokens", "2", "--batch-size", "1", "--repeats", "1", "--out", str(tmp_path / "l"), "-q"]) == 0
     lines = [x for x in capsys.readouterr().err.splitlines() if "still running" in x]
     assert len(lines) >= 3 and all("unpruned: latency_T8_n2_b1: still running (" in x for x in lines), lines
+
+
+@pytest.mark.parametrize("argv", [["latency", "--prompt-tokens", "0"], ["run", "--limit", "0"], ["export", "--seed", "x"]])
+def test_a_bad_flag_value_is_refused_before_the_starting_line_and_the_imports(capsys, argv):
+    """`latency --prompt-tokens 0` printed "starting (importing torch, transformers)" and waited for the imports (~2 s)
+    before argparse's one-line refusal."""
+    from harness.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: argument" in err and "starting" not in err, err

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     if command == "run" and any(a == "--config" or a.startswith("--config=") for a in argv):
         command, argv = "config", [x for a in argv for x in (a.split("=", 1) if a.startswith("--config=") else [a])]
+    if command in IMPORTS_TORCH and not {"-h", "--help"} & set(argv):
+        _parse_first(command, argv)  # argparse's own refusals (exit 2) before the seconds of imports, not after
     if command in IMPORTS_TORCH and not {"-q", "--quiet", "-h", "--help"} & set(argv) and not _other_rank():
         # the first thing a run says: its imports (torch, transformers, lm-eval) take seconds, more on a busy machine;
         # latency and export were silent that long (6 s on a loaded 2-core machine) before their first line
@@ -101,6 +103,19 @@ def main(argv: list[str] | None = None) -> int:
 
 # the commands whose first seconds are imports of heavy libraries, and which: they say so before anything else
 IMPORTS_TORCH = {"run": "torch, transformers, lm-eval", "latency": "torch, transformers", "export": "torch, transformers"}
+
+
+PARSERS = {"run": ("harness.cli.run", "run_parser"), "latency": ("harness.cli.latency", "latency_parser"),
+           "export": ("harness.cli.export", "parser")}  # torch-free to build
+
+
+def _parse_first(command: str, argv: list[str]) -> None:
+    """Parse `argv` with the command's parser (which the command parses again): a bad flag value (`--prompt-tokens 0`)
+    exits 2 at once, not after "starting (importing torch, transformers)" and the imports."""
+    import importlib
+
+    module, name = PARSERS[command]
+    getattr(importlib.import_module(module), name)().parse_args(argv)
 
 
 def _other_rank() -> bool:
