@@ -593,3 +593,30 @@ def test_an_interrupted_sweep_counts_the_cells_its_progress_bar_counted(tmp_path
                 Outcome("latency", "skipped", error="not run: the sweep was interrupted (Ctrl-C)")]
     rc = _finish(SimpleNamespace(spec="s.toml"), plan, outcomes, {"backend": "local", "workers": 1}, time.perf_counter(), True)
     assert rc == 130 and "interrupted (Ctrl-C): 2 of 3 cells finished" in capsys.readouterr().err
+
+
+def test_a_resumed_cell_keeps_the_logs_of_the_tasks_it_kept(tmp_path):
+    """An interrupted cell's per-item logs stay in its folder for the resume (which looks for them there); the resumed
+    cell's settle brings every task's log into the run folder, file by file, keeping an earlier run's other files.
+    Moving the interrupted cell's logs out and then replacing the folder with the resumed cell's lost the logs of the
+    tasks it had finished (boolq), and the resume said they were never logged."""
+    from harness.cli.sweep_cells import seed, settle
+    from harness.store import records as rec
+
+    cell = _cell(tmp_path, "unpruned__unified", ["unpruned"])
+    logs, out = cell.workdir / "samples" / "unpruned__unified", tmp_path / "samples" / "unpruned__unified"
+    out.mkdir(parents=True)
+    (out / "samples_piqa.jsonl").write_text("an earlier run's\n")
+    seed(cell)
+    logs.mkdir(parents=True)
+    (logs / "samples_boolq.jsonl").write_text("boolq\n")  # the first run: boolq finished, then Ctrl-C
+    assert settle(cell, 130, "interrupted", 1.0).status == "failed"
+    assert (logs / "samples_boolq.jsonl").is_file() and not (out / "samples_boolq.jsonl").exists()
+    seed(cell)
+    (logs / "samples_arc_easy.jsonl").write_text("arc_easy\n")  # the resume: boolq kept, arc_easy evaluated
+    (cell.workdir / "lm_eval" / "unpruned__unified").mkdir(parents=True)
+    (cell.workdir / "lm_eval" / "unpruned__unified" / "results_1.json").write_text("{}")
+    rec.save(_record("unpruned", "unified"), cell.workdir)
+    assert settle(cell, 0, "", 1.0).status == "ok" and not cell.workdir.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["samples_arc_easy.jsonl", "samples_boolq.jsonl", "samples_piqa.jsonl"]
+    assert (tmp_path / "lm_eval" / "unpruned__unified" / "results_1.json").is_file()

@@ -62,9 +62,8 @@ def settle(cell: Cell, rc: int, tail: str, seconds: float) -> Outcome:
             note.unlink(missing_ok=True)
         elif (cell.workdir / note.name).exists():
             os.replace(cell.workdir / note.name, note)
-    if cell.records:
+    if rc == 0 and cell.records:  # a failed or interrupted cell keeps them for its resume (which looks for them there)
         _move_side_outputs(cell.workdir, cell.records[0].parent)
-    if rc == 0 and cell.records:
         shutil.rmtree(cell.workdir, ignore_errors=True)  # its summary.csv; nothing left to resume
     record = (", ".join(map(str, cell.records)) if cell.records else str(cell.workdir)) if rc == 0 else None
     return Outcome(cell.name, status, round(seconds, 2), rc, record, str(cell.log), None if rc == 0 else error_text(rc, tail))
@@ -87,21 +86,16 @@ SIDE_OUTPUTS = ("lm_eval", "samples")  # a cell's lm-eval results file and --log
 
 
 def _move_side_outputs(workdir: Path, run_out: Path) -> None:
-    """Move what the cell wrote beside its record (`lm_eval/<cell>/`, `samples/<cell>/`) into the run folder, where a
-    single-process run writes them, replacing an earlier run's of the same cell: the sweep removed them with the cell's
-    folder, and with them the per-item logs --log-samples asked for."""
+    """Move what a finished cell wrote beside its record (`lm_eval/<cell>/`, `samples/<cell>/`) into the run folder, where
+    a single-process run writes them, file by file: a same-named file is replaced, others kept (a resumed cell wrote the
+    logs of the tasks it resumed; those of the tasks it kept were written before). The sweep removed them with the
+    cell's folder, and with them the per-item logs --log-samples asked for."""
     for sub in SIDE_OUTPUTS:
-        for src in sorted((workdir / sub).iterdir()) if (workdir / sub).is_dir() else []:
-            dest = run_out / sub / src.name
+        top = workdir / sub
+        for src in sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else []:
+            dest = run_out / sub / src.relative_to(top)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.exists():
-                old = dest.with_name(f".{dest.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(dest, old)
-                os.replace(src, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(src, dest)
+            os.replace(src, dest)
 
 
 def error_text(rc: int, tail: str) -> str:
