@@ -402,3 +402,25 @@ def test_a_dangling_link_out_and_a_fifo_named_like_a_record(tmp_path, capsys):
     shutil.copytree(tmp_path / "ref" / "quality", run)
     os.mkfifo(run / "x__unified.json")
     assert sorted(p.name for p in run_files_under(run)) == sorted(p.name for p in run.glob("*.json") if p.name != "x__unified.json")
+
+
+def test_the_references_are_refused_at_any_depth_through_links_and_by_a_sweep(tmp_path, capsys):
+    """The check read records at any depth, but only an --out two levels down was refused; `R/../beside` was refused as
+    inside R and a symbolic link into R was let through; a sweep's cells, under `.sweep/`, passed their own check."""
+    from harness.errors import UsageError
+    from harness.store.references import refuse_references
+
+    ref, cur = _refs(tmp_path), _refs(tmp_path, "cur")
+    assert cli_main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 0
+    for inside in (ref / "quality" / "a" / "b", ref / "quality" / ".sweep" / "x__unified"):
+        with pytest.raises(UsageError, match="lies inside the regression check's references"):
+            refuse_references(inside, "--out")
+    (tmp_path / "link").symlink_to(ref / "quality")
+    with pytest.raises(UsageError, match="lies inside"):
+        refuse_references(tmp_path / "link" / "new", "--out")
+    refuse_references(ref / ".." / "beside", "--out")  # beside the references: fine
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'[run]\nmodel = "random:tiny"\nmethods = ["unpruned"]\ntasks = ["arc_easy"]\nlimit = 2\nout = "{ref / "quality"}"\n')
+    capsys.readouterr()
+    assert cli_main(["sweep", str(spec), "--backend", "local", "--workers", "1", "-q"]) == 2
+    assert "[run] out" in capsys.readouterr().err and not (ref / "quality" / ".sweep").exists()

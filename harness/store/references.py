@@ -28,10 +28,10 @@ MARKER_TEXT = ("This folder holds the regression check's references (python -m h
 
 
 def refuse_references(out: Path, flag: str) -> None:
-    """UsageError when `out` is a folder of references (it holds `MARKER`) or lies in one (two levels down at most:
-    a kind's subfolder and below)."""
-    out = Path(out).absolute()
-    for folder in (out, out.parent, out.parent.parent):
+    """UsageError when `out` is a folder of references (it holds `MARKER`) or lies in one at any depth (`check` reads
+    records at any depth), its path resolved first (`..` and symbolic links, as far as the folders exist)."""
+    out = Path(out).resolve()
+    for folder in (out, *out.parents):
         if (folder / MARKER).is_file():
             where = "is" if folder == out else "lies inside"
             raise UsageError(f"{flag} {out}: {where} the regression check's references ({folder}); writing there would break "
