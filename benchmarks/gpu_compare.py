@@ -27,6 +27,9 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check_report import _f, _paths, _verdict  # noqa: E402  (gpu_check.py's table: the same cells)
+
 ROOT = Path(__file__).resolve().parent.parent
 ARROW = re.compile(r"([\d.]+)\s*→\s*([\d.]+)")
 
@@ -100,16 +103,8 @@ def verdicts(res: dict) -> list[dict]:
     return out
 
 
-def _paths(paths: dict | None) -> str:
-    return ", ".join(f"{p} {'yes' if ok else 'no'}" for p, ok in paths.items()) if paths else "—"
-
-
 def _cell(x) -> str:
     return str(x).replace("|", "\\|")  # a literal | would end the Markdown cell
-
-
-def _f(x, fmt: str = ".2f") -> str:
-    return "—" if x is None else format(x, fmt)
 
 
 def _row(res: dict, shape: str, plan: str, mode: str, batch: int) -> dict | None:
@@ -199,10 +194,6 @@ def markdown(res: dict, checks: list[dict], compared: list[dict] | None, ref_pat
 
 def _num(x) -> str:
     return x if isinstance(x, str) else _f(x, ".4g")
-
-
-def _verdict(ok) -> str:
-    return "—" if ok is None else ("pass" if ok else "**FAIL**")
 
 
 def main(argv=None) -> int:
