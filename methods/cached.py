@@ -96,10 +96,14 @@ def block_indices(value: Any, n: int) -> bool:
     return isinstance(value, list) and all(type(i) is int and 0 <= i < n for i in value) and len(set(value)) == len(value)
 
 
+def finite_number(value: Any) -> bool:
+    """Whether `value` is an int or float (not a bool) and finite."""
+    return type(value) in (int, float) and math.isfinite(value)
+
+
 def finite_numbers(value: Any, n: int) -> bool:
     """Whether `value` is a list of n finite numbers (one score per block)."""
-    return isinstance(value, list) and len(value) == n and all(
-        type(v) in (int, float) and math.isfinite(v) for v in value)
+    return isinstance(value, list) and len(value) == n and all(finite_number(v) for v in value)
 
 
 def set_key(blocks: Iterable[int]) -> str:
@@ -123,7 +127,7 @@ class DiskMemo:
         if stored is not None and not isinstance(stored, dict):
             reject(kind, key, "no object of values")
         self.values: dict[str, Any] = dict(stored) if isinstance(stored, dict) else {}
-        bad = [k for k, v in self.values.items() if not (key_ok(k) and type(v) in (int, float) and math.isfinite(v))]
+        bad = [k for k, v in self.values.items() if not (key_ok(k) and finite_number(v))]
         if bad:  # a hand edit: those values are computed again, the others kept
             warnings.warn(f"cache entry {cache.entry_path(kind, key)}: {len(bad)} value(s) not a finite number under a "
                           f"valid key (e.g. {bad[0]!r}: {self.values[bad[0]]!r}); ignoring them and recomputing",

@@ -24,12 +24,12 @@ TASK_TITLE = {"arc_challenge": "ARC-c", "arc_easy": "ARC-e", "boolq": "BoolQ", "
               "wikitext": "WikiText-2", "lambada_openai": "LAMBADA"}
 
 
-
 def mib_text(nbytes: float, decimals: int) -> str:
     """Bytes as MiB with `decimals` decimals, or two significant digits where that would print 0 (a tiny model's
     3,072-byte handoff showed as a bold 0.00)."""
     mib = nbytes / MIB
     return f"{mib:.2g}" if 0 < abs(mib) < 0.5 * 10 ** -decimals else f"{mib:,.{decimals}f}"
+
 
 def task_title(task: str, records: Sequence[RunRecord] = ()) -> str:
     """`task`'s column title: the one its records stored (`lm_eval.task_titles`: a plug-in lm-eval task's `title`; the

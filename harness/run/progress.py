@@ -328,7 +328,6 @@ def work_of(cfg, prepared) -> Work:
     return Work(cells, items, notes)
 
 
-
 STILL_EVERY_S = 10.0  # how long a silence `still_running` allows
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.store.records import RecordError, RunRecord, load, lower_is_better, non_finite_scores, record_files_under, run_files_under
+from harness.store.references import UNFINISHED
 
 LATENCY_METRICS = ("ttft_ms_p50", "tpot_ms_p50")
 DENSE = "unpruned"  # the denominator of every latency ratio
@@ -78,10 +79,9 @@ def compare_plans(where: str, ref: dict, cur: dict, res: CheckResult) -> None:
     for key, name in (("prefill_layers", "removed (prefill)"), ("decode_layers", "removed (decode)")):
         if list(ref.get(key, [])) != list(cur.get(key, [])):
             rk = "removed_" + key.split("_")[0]
-            a, b = (_layers(ref.get(rk, [])), _layers(cur.get(rk, []))) if ref.get(rk) != cur.get(rk) else \
-                (_layers(ref.get(key, [])), _layers(cur.get(key, [])))  # removed_* alike (an edited record): the kept layers
-            what = name if ref.get(rk) != cur.get(rk) else f"{key.replace('_', ' ')} kept"
-            res.failures.append(f"{where}: plan changed, {what} {a} -> {b}")
+            if ref.get(rk) == cur.get(rk):  # removed_* alike (an edited record): the kept layers say what changed
+                name, rk = f"{key.replace('_', ' ')} kept", key
+            res.failures.append(f"{where}: plan changed, {name} {_layers(ref.get(rk, []))} -> {_layers(cur.get(rk, []))}")
     if ref.get("kv_policy") != cur.get("kv_policy"):
         res.failures.append(f"{where}: KV policy changed, {ref.get('kv_policy')} -> {cur.get('kv_policy')}")
 
@@ -230,7 +230,7 @@ def check(reference: Path, current: Path, latency_tolerance: float = RATIO_TOLER
     if not ref:
         res.failures.append(f"{reference}: no reference records")
     unfinished = sorted(str(p.relative_to(reference)) for p in run_files_under(reference) if not p.name.startswith(".")
-                        and p.name.endswith((".partial.json", ".failed.json")))
+                        and p.name.endswith(UNFINISHED))
     if unfinished:  # the cell has no reference record, so nothing of it would be compared
         res.failures.append(f"{reference}: the references hold cells that failed or did not finish ({', '.join(unfinished)}); {REFRESH}")
     for key, r in ref.items():
