@@ -261,7 +261,7 @@ def test_a_chat_template_name_must_name_one_of_the_tokenizers_templates(cli):
     from types import SimpleNamespace
 
     from harness.errors import UsageError
-    from harness.run.pipeline import _check_chat_template
+    from harness.run.task_check import check_chat_template as _check_chat_template
 
     r = cli(*ONE, "--limit", "2", "--apply_chat_template", "nonexistent_tmpl")
     assert r.returncode == 2 and "--apply_chat_template nonexistent_tmpl: the tokenizer of random:tiny has one chat template" in r.stderr

@@ -159,6 +159,28 @@ def test_prompts_longer_than_max_length_are_refused_before_any_cell(tiny, data_d
     passkey.Passkey.check_max_length(opts, 500, 1)  # --limit 1 keeps the 400-token sample only
 
 
+def test_a_prompt_longer_than_the_context_is_refused_before_the_weights_load(data_dir, tmp_path, monkeypatch):
+    """The long-context check needs only the tokenizer and the config: it ran after `load_model`, so a passkey length
+    the model cannot hold was refused after an 8B model's minutes of loading. The same refusal, with the loader never
+    called; the tokenizer and config it used are `load_model`'s."""
+    from harness.errors import UsageError
+    from harness.pd import models
+    from harness.run import pipeline
+
+    tok, config = models.tokenizer_and_config("random:tiny")
+    loaded = models.load_model("random:tiny", "cpu")
+    weights_dtype = {"dtype"}  # set on the config by loading weights
+    assert {k: v for k, v in config.to_dict().items() if k not in weights_dtype} == \
+        {k: v for k, v in loaded.model.config.to_dict().items() if k not in weights_dtype}
+    assert tok.encode("pass key 12345") == loaded.tokenizer.encode("pass key 12345")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    cfg = RunConfig(model="random:tiny", methods=("unpruned",), tasks=("arc_easy", "passkey"), limit=2, device="cpu",
+                    modes=("disaggregated",), data_dir=str(data_dir), overrides=("passkey.lengths=8192",))
+    with pytest.raises(UsageError, match=r"passkey: 8192 \+ 10 tokens exceed max_length 4096"):
+        pipeline.run(cfg, tmp_path)
+    assert not list(tmp_path.glob("*.json"))
+
+
 def test_a_context_too_short_for_any_prompt_suggests_no_prompts_that_do_not_fit():
     """Where no prompt fits the context, the refusal names no `--set` of prompts: it suggested
     pd_ppl.prompt_tokens=-27 (not a length) and passkey.lengths=64 (64 + 10 tokens, over a max_length of 70)."""

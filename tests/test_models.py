@@ -153,6 +153,48 @@ def test_a_cached_hub_id_with_no_hub_reachable_loads_from_the_cache_alone(monkey
     assert loaded.description["model_args"] == {"revision": "main"}
 
 
+def test_tokenizer_and_config_refuse_what_load_model_refuses_with_its_words(monkeypatch, tmp_path):
+    """A run checks its options against the tokenizer and config before the weights load (`tokenizer_and_config`):
+    a spec that names nothing loadable gets load_model's own message there, not another one, and no hub retries."""
+    from harness.errors import UsageError
+    from harness.pd import models
+
+    _hub_host_unknown(monkeypatch)
+    monkeypatch.setattr(models.hub, "is_cached", lambda repo, revision=None: False)
+    (tmp_path / "no_config").mkdir()
+    for spec in (str(tmp_path / "missing.gguf"), "./nowhere/at/all", str(tmp_path / "no_config"), "org/uncached",
+                 "random:nope"):
+        with pytest.raises(UsageError) as loading:
+            load_model(spec, device="cpu")
+        with pytest.raises(UsageError) as light:
+            models.tokenizer_and_config(spec)
+        assert str(light.value) == str(loading.value)
+
+
+def test_tokenizer_and_config_of_a_model_folder_are_the_loaded_ones(tmp_path):
+    """A saved model folder: the config and tokenizer read without the weights are those `load_model` gives."""
+    from harness.pd import models
+
+    saved = load_model("random:tiny", device="cpu")
+    saved.model.save_pretrained(tmp_path)
+    saved.tokenizer.save_pretrained(tmp_path)
+    tok, config = models.tokenizer_and_config(str(tmp_path))
+    loaded = load_model(str(tmp_path), device="cpu")
+    assert config.to_dict() == loaded.model.config.to_dict()
+    assert tok.encode("The pass key is 12345.") == loaded.tokenizer.encode("The pass key is 12345.")
+    assert tok.chat_template == loaded.tokenizer.chat_template is not None
+
+
+def test_tokenizer_and_config_of_the_default_model_are_the_loaded_ones(smollm2):
+    """The default model (a GGUF file, converted once): its config and tokenizer without loading the weights."""
+    from harness.pd import models
+
+    tok, config = models.tokenizer_and_config("smollm2-135m")
+    assert config.to_dict() == smollm2.model.config.to_dict()
+    assert tok.encode("The pass key is 12345.") == smollm2.tokenizer.encode("The pass key is 12345.")
+    assert tok.chat_template == smollm2.tokenizer.chat_template is not None
+
+
 def test_the_hub_check_gives_no_verdict_behind_a_proxy_or_offline(monkeypatch):
     """A proxy may reach the hub when its name does not resolve here; HF_HUB_OFFLINE needs no retries."""
     from huggingface_hub import constants

@@ -173,17 +173,17 @@ def _start(cfg: RunConfig, prepared: Prepared, out_dir: Path, loaded, tasks: Tas
     """What the cells share: the model (loaded now unless given), the run's input digests (work made from other
     files behind the same paths refused), and the checks that need the model or the built tasks, before any cell."""
     from harness.pd.models import load_model
-    from harness.quality import distributed, long_tasks
+    from harness.quality import distributed
     from harness.run.env import env_info
 
     d = distributed.current()
     if loaded is None:
-        with tracker.phase("load"):
+        with tracker.phase("load"):  # the tokenizer first: options it rules out are refused before the weights load
+            task_check.options_against_tokenizer(cfg, prepared)
             loaded = load_model(cfg.model, distributed.device_for(cfg.device, d), cfg.dtype, cfg.seed, cfg.placement(),
                                 cfg.model_arg_dict())
-    _check_chat_template(cfg, loaded.tokenizer)
-    long_tasks.check_before_cells(cfg.tasks, loaded.tokenizer, prepared.task_options, cfg.limit, cfg.max_length,
-                                  loaded.model.config)  # options the tokenizer or context length rule out
+    else:
+        task_check.options_against_tokenizer(cfg, prepared, loaded)
     env = env_info(str(next(loaded.model.parameters()).device))
     env["data_parallel_ranks"] = d.world_size
     digests = inputs.digests(cfg, loaded, prepared)  # the files behind --model and --data-dir, which run keys name by path
@@ -232,21 +232,6 @@ def cell_identity(cfg: RunConfig, prepared: Prepared, name: str, method, mode: s
 
 def _cell_identity(st: _Run, name: str, method, mode: str) -> tuple[str, dict | None, dict]:
     return cell_identity(st.cfg, st.prepared, name, method, mode)
-
-
-def _check_chat_template(cfg: RunConfig, tokenizer) -> None:
-    """--apply_chat_template NAME must name one of the tokenizer's templates: with one template lm-eval only warns
-    and uses it (the name selecting nothing but the run key), with several an unknown name is its ValueError."""
-    template = getattr(tokenizer, "chat_template", None)
-    if cfg.apply_chat_template and not template:
-        raise UsageError(f"--apply_chat_template: the tokenizer of {cfg.model} has no chat template; leave the flag off")
-    name = cfg.apply_chat_template if isinstance(cfg.apply_chat_template, str) else None
-    if name and not isinstance(template, dict):
-        raise UsageError(f"--apply_chat_template {name}: the tokenizer of {cfg.model} has one chat template, not named "
-                         "ones, so the name would select nothing; give --apply_chat_template without a name")
-    if name and name not in template:
-        raise UsageError(f"--apply_chat_template {name}: no such template in the tokenizer of {cfg.model}; its templates: "
-                         f"{', '.join(sorted(template))}")
 
 
 def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:

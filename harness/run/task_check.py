@@ -50,3 +50,34 @@ def tasks_before_load(cfg, prepared, out_dir: Path) -> TaskCache:
         tasks.close()
         raise
     return tasks
+
+
+def options_against_tokenizer(cfg, prepared, loaded=None) -> None:
+    """Refuse (UsageError, exit 2) the options the model's tokenizer or context length rule out, before any cell: an
+    --apply_chat_template NAME it lacks, a long-context prompt longer than the context (`long_tasks.check_before_cells`).
+    With `loaded` None, checked against the tokenizer and config alone (`models.tokenizer_and_config`), before the
+    weights load: a passkey length that did not fit was refused after an 8B model's minutes of loading."""
+    from harness.pd.models import tokenizer_and_config
+    from harness.quality import long_tasks
+
+    if not cfg.apply_chat_template and not any(long_tasks.is_long_task(t) for t in cfg.tasks):
+        return  # nothing to check: no tokenizer loaded twice
+    tokenizer, config = (loaded.tokenizer, loaded.model.config) if loaded is not None \
+        else tokenizer_and_config(cfg.model, cfg.model_arg_dict())
+    check_chat_template(cfg, tokenizer)
+    long_tasks.check_before_cells(cfg.tasks, tokenizer, prepared.task_options, cfg.limit, cfg.max_length, config)
+
+
+def check_chat_template(cfg, tokenizer) -> None:
+    """--apply_chat_template NAME must name one of the tokenizer's templates: with one template lm-eval only warns
+    and uses it (the name selecting nothing but the run key), with several an unknown name is its ValueError."""
+    template = getattr(tokenizer, "chat_template", None)
+    if cfg.apply_chat_template and not template:
+        raise UsageError(f"--apply_chat_template: the tokenizer of {cfg.model} has no chat template; leave the flag off")
+    name = cfg.apply_chat_template if isinstance(cfg.apply_chat_template, str) else None
+    if name and not isinstance(template, dict):
+        raise UsageError(f"--apply_chat_template {name}: the tokenizer of {cfg.model} has one chat template, not named "
+                         "ones, so the name would select nothing; give --apply_chat_template without a name")
+    if name and name not in template:
+        raise UsageError(f"--apply_chat_template {name}: no such template in the tokenizer of {cfg.model}; its templates: "
+                         f"{', '.join(sorted(template))}")
