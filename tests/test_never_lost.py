@@ -404,6 +404,26 @@ def test_a_dangling_link_out_and_a_fifo_named_like_a_record(tmp_path, capsys):
     assert sorted(p.name for p in run_files_under(run)) == sorted(p.name for p in run.glob("*.json") if p.name != "x__unified.json")
 
 
+def test_a_dangling_link_on_the_way_to_out_is_refused_by_run_export_and_sweep(tmp_path, capsys):
+    """Only an --out that was itself a dangling link was refused, and only where `check_writable` ran: `export` and
+    `sweep` made the link's target and its parents and wrote there unasked, and `run --out LINK/sub` did too. Now each
+    refuses it before any model work, naming the link, and creates nothing."""
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone" / "deeper")
+    spec = tmp_path / "s.toml"
+    spec.write_text('[run]\nmodel = "random:tiny"\nmethods = ["unpruned"]\ntasks = ["arc_easy"]\nlimit = 2\n')
+    for argv in (["export", "--model", "random:tiny", "--device", "cpu", "--method", "unpruned", "--out", str(link)],
+                 ["export", "--model", "random:tiny", "--device", "cpu", "--method", "unpruned", "--out", str(link / "e")],
+                 ["run", "--model", "random:tiny", "--device", "cpu", "--methods", "unpruned", "--tasks", "arc_easy",
+                  "--limit", "2", "--out", str(link / "sub")],
+                 ["sweep", str(spec), "--backend", "local", "--workers", "1", "-q", "--out", str(link)]):
+        capsys.readouterr()
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"a symbolic link to {tmp_path / 'gone' / 'deeper'}, which does not exist" in err, (argv, err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "s.toml"], argv  # nothing made, the target neither
+
+
 def test_the_references_are_refused_at_any_depth_through_links_and_by_a_sweep(tmp_path, capsys):
     """The check read records at any depth, but only an --out two levels down was refused; `R/../beside` was refused as
     inside R and a symbolic link into R was let through; a sweep's cells, under `.sweep/`, passed their own check."""

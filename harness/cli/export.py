@@ -18,7 +18,7 @@ from harness.cli.flags import Parser, device_arg, dtype_arg, model_arg, seed_arg
 from harness.config import sweep_base
 from harness.errors import UsageError
 from harness.run.export import export_plan
-from harness.store.records import check_writable
+from harness.store.records import check_writable, refuse_dangling_link
 
 MODES = ("unified", "disaggregated")
 
@@ -313,6 +313,7 @@ def main(argv: list[str]) -> int:
     source = resolve_source(args)
     method, calib_config = method_for(source, args, data_dir)
     _check_out_is_not_cwd(args.out)
+    refuse_dangling_link(args.out, "--out")  # else the link's target was made, with its parents, and written into
     from harness.store import lock
 
     # one export into `out` at a time (they share the temporary folder)

@@ -59,11 +59,11 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     if outs["run"] is None:
         raise UsageError(f"{spec.path} [run]: give out = \"<folder>\" (or --out DIR) so a rerun resumes its finished records")
     run_out = outs["run"].resolve()
-    from harness.store.references import refuse_references
+    from harness.store.records import check_writable
 
     for kind, folder in outs.items():  # before any cell: each cell's own check sees only its folder under .sweep
-        if folder is not None and (kind == "run" or kind in spec.sections):
-            refuse_references(folder, f"[{kind}] out")
+        if folder is not None and (kind == "run" or kind in spec.sections):  # a dangling link, the references, a file
+            check_writable(folder, f"[{kind}] out")
     section = {k.replace("-", "_"): v for k, v in spec.sections["run"].items()}
     overrides = [str(x) for x in _as_list(section.pop("set", []))]
     section["out"] = str(run_out)

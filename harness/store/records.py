@@ -255,6 +255,18 @@ def run_files_under(folder: Path) -> Iterator[Path]:
         yield from (p for n in names if "__" in n and n.endswith(".json") and (p := Path(top) / n).is_file())
 
 
+def refuse_dangling_link(folder: Path, flag: str) -> None:
+    """UsageError when `folder`, or a folder above it that does not exist, is a symbolic link to nothing: writing there
+    failed as "cannot write there (File exists)", or (export, sweep) made the link's target and its parents unasked."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        if path.is_symlink():
+            where = "" if path == Path(folder).absolute() else f"{path} is "
+            raise UsageError(f"{flag} {folder}: {where}a symbolic link to {os.readlink(path)}, which does not exist; "
+                             "create that folder, or give another folder")
+        path = path.parent
+
+
 def check_writable(folder: Path, flag: str) -> None:
     """UsageError unless `folder` is (or can be made) a folder this process can write a file into; called
     before any model work so that a bad output folder (a file, read-only, a full disk) fails in a second."""
@@ -263,9 +275,7 @@ def check_writable(folder: Path, flag: str) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{flag} {folder}: exists and is not a folder; give a folder (new or holding earlier output)")
-    if folder.is_symlink() and not folder.exists():  # else "cannot write there (File exists)"
-        raise UsageError(f"{flag} {folder}: a symbolic link to {os.readlink(folder)}, which does not exist; create that "
-                         "folder, or give another --out")
+    refuse_dangling_link(folder, flag)
     refuse_references(folder, flag)
     existing = folder.absolute()
     while not existing.exists():  # probe the folder, or the nearest one that exists: nothing is created here
