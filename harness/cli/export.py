@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.cli.export_out import check_out_is_not_cwd, mark, prepare_out, swap_in
 from harness.cli.flags import Parser, device_arg, dtype_arg, model_arg, seed_arg, user_dir, user_path
 from harness.config import sweep_base
 from harness.errors import UsageError
@@ -21,9 +22,6 @@ from harness.run.export import export_plan
 from harness.store.records import check_writable, refuse_dangling_link
 
 MODES = ("unified", "disaggregated")
-
-
-MARKER = ".pd-harness-export.json"  # written by export last, listing every file it wrote: only such a folder is replaced
 
 
 def parser() -> argparse.ArgumentParser:
@@ -225,81 +223,6 @@ def _variant_with(source: Source, method) -> str:
     return ""
 
 
-def _check_out_is_not_cwd(out: Path) -> None:
-    """An export is built beside `out` and renamed onto it, so `out` cannot be the current folder or one above it."""
-    full, here = out.resolve(), Path.cwd().resolve()
-    if full == here or full in here.parents or out.name in ("", ".", ".."):
-        raise UsageError(f"--out {out}: the current folder or one above it cannot take an export (it is written beside "
-                         "the folder and renamed onto it); give a new folder, e.g. --out exports/NAME")
-
-
-def _prepare_out(out: Path, force: bool) -> Path:
-    """Check `out` can take an export; return the temporary sibling folder to write into."""
-    from harness.store.files import recover_swap
-
-    recover_swap(out)  # an export killed while swapping folders left the old one beside `out`
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and os.path.ismount(out):  # it cannot be renamed, and the export is renamed onto it
-        raise UsageError(f"--out {out}: a mount point, which cannot be replaced by the export's folder (it is written "
-                         f"beside --out and renamed onto it); give a new folder inside it, e.g. --out {out / 'export'}")
-    if out.is_dir() and any(out.iterdir()):
-        _check_replaceable(out, force)  # before --force is suggested: it would be refused for a folder this command did not write
-        if not force:
-            raise UsageError(f"--out {out}: folder exists and is not empty; pass --force to replace a previous export, "
-                             "or choose a new folder")
-    tmp = out.with_name(f".{out.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted export
-    return tmp
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Put the finished export `tmp` at `out`; a folder that cannot be renamed (e.g. one on another filesystem, or
-    marked immutable) is a UsageError, with `out` as it was and the temporary folder removed; an old export that cannot
-    be removed once the new one is in place, a warning."""
-    from harness.store.files import backup_path, recover_swap, swap_dir
-
-    try:
-        swap_dir(tmp, out)
-    except OSError as e:
-        if not tmp.exists() and out.is_dir():  # the export is in place: only removing the old one failed
-            print(f"warning: the previous export could not be removed: {backup_path(out.resolve())} ({e.strerror or e}); "
-                  "the next export removes it, or remove it yourself", file=sys.stderr)
-            return
-        recover_swap(out)  # a failure between the two renames: the old folder goes back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UsageError(f"--out {out}: the export could not be moved there ({e.strerror or e}; it is written beside "
-                         f"{out.name} and renamed onto it); give a new folder in a writable one") from None
-
-
-def _check_replaceable(out: Path, force: bool) -> None:
-    """`--force` replaces only a folder this command wrote: marked, and holding nothing it did not write (`force`:
-    whether it was given, for what a refusal tells to do next)."""
-    try:
-        written = set(json.loads((out / MARKER).read_text(encoding="utf-8"))["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f"--out {out}: folder exists and is not empty, and is not a previous export (no readable {MARKER}, "
-                         "which python -m harness export writes; --force only replaces such exports): choose a new or empty "
-                         "folder, e.g. --out exports/NAME, or remove it yourself") from None
-    extra = sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir() and p.name != MARKER
-                   and str(p.relative_to(out)) not in written)
-    if extra:
-        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-        # without --force, moving them out is not all: the export is then refused until --force is given
-        then = "" if force else " and pass --force to replace the export"
-        raise UsageError(f"--out {out}: holds files the export did not write ({shown}); --force would delete them: "
-                         f"move them out{then}, or choose another folder")
-
-
-def _mark(tmp: Path) -> None:
-    """The marker that lets a later `--force` replace this folder: every file written, relative to it."""
-    from harness.store.files import atomic_write
-
-    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if not p.is_dir())
-    atomic_write(tmp / MARKER, json.dumps({"written_by": "python -m harness export", "files": files}, indent=1))
-
-
 def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
@@ -312,7 +235,7 @@ def main(argv: list[str]) -> int:
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     source = resolve_source(args)
     method, calib_config = method_for(source, args, data_dir)
-    _check_out_is_not_cwd(args.out)
+    check_out_is_not_cwd(args.out)
     refuse_dangling_link(args.out, "--out")  # else the link's target was made, with its parents, and written into
     from harness.store import lock
 
@@ -323,7 +246,7 @@ def main(argv: list[str]) -> int:
 
 def _export(args: argparse.Namespace, source: Source, method, calib_config, data_dir: str | None) -> int:
     """Plan (or replay), write the checkpoints beside `--out`, mark them, swap them in; print what was written."""
-    tmp = _prepare_out(args.out, args.force)  # before any model work: bad --out fails fast
+    tmp = prepare_out(args.out, args.force)  # before any model work: bad --out fails fast
     check_writable(tmp.parent, "--out")  # the export is written beside --out: that folder must take files
 
     from harness.pd import arch
@@ -348,11 +271,11 @@ def _export(args: argparse.Namespace, source: Source, method, calib_config, data
     t_write = time.perf_counter()
     try:
         info = export_plan(loaded, method, plan, tmp, meta, args.max_shard_size)
-        _mark(tmp)
+        mark(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _swap_in(tmp, args.out)  # the empty folder, or the previous export under --force, replaced in one step
+    swap_in(tmp, args.out)  # the empty folder, or the previous export under --force, replaced in one step
     written = time.perf_counter() - t_write
     _print_checkpoints(args.out, info, plan.n_layers)
     print(f"exported {source.method}/{source.mode} of {source.model} in {written:.1f}s "
