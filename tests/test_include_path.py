@@ -276,7 +276,7 @@ def test_the_files_digested_follow_includes_and_lm_evals_data_file_rules(tmp_pat
 def test_a_data_file_the_yaml_names_that_is_not_there_is_refused_before_the_model_loads(own, tmp_path, monkeypatch):
     """A relative data_files path is read from the current folder: from elsewhere the run loaded the model and failed
     each cell with `datasets`' "Unable to find '/cwd/my_mc.jsonl'" (exit 1), naming neither the YAML nor the rule."""
-    from harness.cli.run import check_tasks
+    from harness.cli.check_tasks import check_tasks
 
     (own / "my_mc.yaml").write_text(_yaml("my_mc.jsonl"))  # relative to the YAML's folder, as one writes it first
     (own / "group.yaml").write_text("group: my_group\ntask:\n  - my_mc\n")
@@ -300,7 +300,7 @@ def test_a_data_file_the_yaml_names_that_is_not_there_is_refused_before_the_mode
 def test_an_unknown_task_names_the_yamls_lm_eval_could_not_read(own, tmp_path):
     """lm-eval's index skips a YAML it cannot parse with a debug-level log line: the run only said the task was
     unknown and that the folder defines "none"."""
-    from harness.cli.run import check_tasks
+    from harness.cli.check_tasks import check_tasks
 
     (own / "broken.yaml").write_text(_yaml(own / "my_mc.jsonl", task="br_mc").replace("output_type: multiple_choice",
                                                                                        "output_type: [multiple_choice"))

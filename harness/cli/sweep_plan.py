@@ -43,8 +43,9 @@ def _scope(item: str) -> str:
 
 def expand(spec_path: Path, out: Path | None) -> Plan:
     """Cells of the spec's [run] section (validated here, before any process starts), its latency job and report."""
+    from harness.cli.check_tasks import check_tasks
     from harness.cli.flags import MODES
-    from harness.cli.run import check_tasks, run_config, run_parser
+    from harness.cli.run import run_config, run_parser
     from harness.cli.spec import Spec, load_spec, to_namespace
     from harness.run import inputs, pipeline, reuse
 

@@ -3,7 +3,7 @@
 
 A task an `--include-path` YAML defines is that YAML's, also where a local-data plug-in has its name: without
 `--data-dir` the YAML replaces lm-eval's task of that name, the one the plug-in would have meant (with `--data-dir`
-such a run is refused, `harness.cli.run.check_tasks`), so the plug-in's `table_metric` and `title` do not apply.
+such a run is refused, `harness.cli.check_tasks.check_tasks`), so the plug-in's `table_metric` and `title` do not apply.
 """
 
 from __future__ import annotations
