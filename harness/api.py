@@ -36,47 +36,104 @@ API = Path("harness.evaluate()")  # how option errors name their source, as a sp
 
 def load_results(path: str | Path) -> pd.DataFrame:
     """Every finished record under `path` (a run folder, searched recursively, or one record file) as
-    tidy rows with the columns of `summary.csv`; numbers as numbers, a missing value as pandas' missing marker (NaN
-    in `value` and `stderr`, `<NA>` in the exact integer columns `kv_bytes_sent`, `kv_bytes_sent_paged`, `n_samples`).
+    tidy rows with the columns of `summary.csv` and `source`, the record file each row was read from; numbers as
+    numbers, a missing value as pandas' missing marker (NaN in `value` and `stderr`, `<NA>` in the exact integer
+    columns `kv_bytes_sent`, `kv_bytes_sent_paged`, `n_samples`).
 
     An unreadable record under a folder is skipped with a `HarnessWarning` naming it (as `python -m
-    harness report` skips it); one given as `path` raises its `RecordError`. A folder without records
-    gives an empty table and a `HarnessWarning` saying so."""
+    harness report` skips it), as is a second record of one method and mode in one folder (a renamed copy); one
+    given as `path` raises its `RecordError`. A folder without records gives an empty table and a `HarnessWarning`
+    saying so. Records of one method and mode from several folders (separate runs under one parent) are all
+    returned, with a `HarnessWarning`: tell them apart by `source` before grouping or pivoting."""
     from harness.store.records import RecordError, load, record_files_under, unfinished_hint
 
-    p = Path(path).expanduser()  # as evaluate's out (`out="~/runs/x"`) and the command's folders expand it
-    if not p.exists():
-        raise UsageError(f"load_results({str(path)!r}): no such file or folder")
+    p = _results_path(path)
     if p.is_file():
-        if p.suffix != ".json" or p.name.endswith((".partial.json", ".failed.json")):  # summary.csv, a note
-            raise UsageError(f"load_results({str(path)!r}): not a record (a run's records are its METHOD__MODE.json "
-                             f"files); give the run folder: load_results({str(p.parent)!r})")
-        return _table([load(p)])
-    records = []
+        return _table([load(p)], [p])
     files = record_files_under(p)
     if not files:  # a mistyped or not-yet-finished folder: an empty table would look like a run that scored nothing
         warnings.warn(f"load_results({str(path)!r}): no run records (<method>__<mode>.json) under it; an empty table"
                       f"{unfinished_hint(p)}", HarnessWarning, stacklevel=2)
+    loaded: dict[Path, RunRecord] = {}
     for f in files:
         try:
-            records.append(load(f))
+            loaded[f] = load(f)
         except RecordError as e:  # one bad file must not hide the others
             warnings.warn(f"load_results: {e}; skipped", HarnessWarning, stacklevel=2)
-    return _table(records)
+    kept = _one_per_folder(loaded)
+    _warn_mixed_runs(path, {f: loaded[f] for f in kept})
+    return _table([loaded[f] for f in kept], kept)
 
 
-def _table(records: list[RunRecord]) -> pd.DataFrame:
+def _results_path(path: Any) -> Path:
+    """`path` as a Path to an existing folder or record file; a UsageError naming what to give instead."""
+    from harness.store.records import is_record_file, record_files_under
+
+    if not isinstance(path, (str, os.PathLike)) or str(path) == "":  # "" is the current folder: every record below it
+        raise UsageError(f"load_results({path!r}): expected the path of a run folder or of a METHOD__MODE.json record "
+                         f"(a str or pathlib.Path), got {'an empty string' if path == '' else type(path).__name__}")
+    p = Path(path).expanduser()  # as evaluate's out (`out="~/runs/x"`) and the command's folders expand it
+    if not p.exists():
+        raise UsageError(f"load_results({str(path)!r}): no such file or folder")
+    if p.is_file() and not is_record_file(p):  # summary.csv, a note, lm-eval's results file, a per-item log
+        run = next((d for d in list(p.parents)[:3] if d.is_dir() and any(is_record_file(f) for f in d.iterdir())), None)
+        if run is None:
+            run = next((d for d in list(p.parents)[:3] if record_files_under(d)), None)
+        hint = f"give the run folder: load_results({str(run)!r})" if run is not None else \
+            "give a run folder (one holding <method>__<mode>.json records)"
+        raise UsageError(f"load_results({str(path)!r}): not a record (a run's records are its METHOD__MODE.json "
+                         f"files); {hint}")
+    return p
+
+
+def _one_per_folder(loaded: dict[Path, RunRecord]) -> list[Path]:
+    """The files to keep: one record per (method, mode, kind) and folder, the one in the cell's own file name (else
+    the first); each other one, a renamed copy whose rows could not be told apart, is skipped with a warning."""
+    kept: dict[tuple, Path] = {}
+    for f, r in loaded.items():
+        cell = (f.parent, r.method, r.mode, r.config.get("kind"))
+        if cell in kept:
+            other = kept[cell]
+            keep_new = f.name == r.filename and other.name != loaded[other].filename
+            dropped, kept_name = (other, f.name) if keep_new else (f, other.name)
+            warnings.warn(f"load_results: {dropped}: a second record of {r.method}/{r.mode} in its folder, beside "
+                          f"{kept_name} (one record per method and PD setting in a folder); skipped", HarnessWarning,
+                          stacklevel=3)
+            if not keep_new:
+                continue
+        kept[cell] = f
+    return sorted(kept.values())
+
+
+def _warn_mixed_runs(path: Any, records: dict[Path, RunRecord]) -> None:
+    """A HarnessWarning when one method and mode has records in several folders: grouped by method, their rows
+    were summed or averaged across runs without a word (a KV ratio of 0.204 for 0.5)."""
+    folders: dict[tuple, list[Path]] = {}
+    for f, r in records.items():
+        folders.setdefault((r.config.get("model"), r.method, r.mode, r.config.get("kind")), []).append(f.parent)
+    mixed = {k: v for k, v in folders.items() if len(v) > 1}
+    if mixed:
+        (_, method, mode, _), where = next(iter(mixed.items()))
+        warnings.warn(f"load_results({str(path)!r}): {len(mixed)} method/mode pair(s) have records in several folders "
+                      f"(e.g. {method}/{mode} in {', '.join(map(str, where[:3]))}{' ...' if len(where) > 3 else ''}): "
+                      "rows of separate runs; tell them apart by the `source` column before grouping or pivoting, or "
+                      "load one run folder", HarnessWarning, stacklevel=3)
+
+
+def _table(records: list[RunRecord], files: list[Path]) -> pd.DataFrame:
+    """The rows of `records` (`summary_rows`), each with `source`, the file of its record (`files`, in order)."""
     import pandas as pd
 
     from harness.store.records import SUMMARY_COLUMNS, summary_rows
 
-    df = pd.DataFrame(summary_rows(records), columns=SUMMARY_COLUMNS)
+    rows = [{**row, "source": str(f)} for r, f in zip(records, files, strict=True) for row in summary_rows([r])]
+    df = pd.DataFrame(rows, columns=[*SUMMARY_COLUMNS, "source"])
     for col in NUMERIC[:2]:  # a missing stderr (None in every row, e.g. mmlu at limit 1) is NaN too
         df[col] = pd.to_numeric(df[col].replace("", None), errors="coerce").astype("float64")
     for col in NUMERIC[2:]:
         df[col] = pd.to_numeric(df[col].replace("", None), errors="coerce").astype("Int64")
     df["primary"] = df["primary"].astype(bool)  # also with no rows (a folder without records)
-    text = [c for c in SUMMARY_COLUMNS if c not in (*NUMERIC, "primary")]
+    text = [c for c in [*SUMMARY_COLUMNS, "source"] if c not in (*NUMERIC, "primary")]
     df[text] = df[text].astype(pd.Series([""]).dtype)  # pandas' text dtype of a filled column, also with no rows
     return df
 
@@ -113,7 +170,8 @@ def evaluate(**options: Any) -> pd.DataFrame:
     cells = [(name, mode) for name in pipeline.prepare(cfg, need_data=False).methods for mode in cfg.modes]
     if rc != 0:  # swept variants (shortgpt@k=2) included above
         raise _cells_failed(rc, args.out, cells)
-    return _table([load(f) for f in sorted(args.out / record_filename(*cell) for cell in cells)])  # load_results' order
+    files = sorted(args.out / record_filename(*cell) for cell in cells)  # load_results' order
+    return _table([load(f) for f in files], files)
 
 
 def _run(args: argparse.Namespace) -> int:

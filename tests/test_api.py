@@ -30,7 +30,8 @@ def test_evaluate_returns_its_own_rows_only(tmp_path, common):
     shutil.copytree(tmp_path / "a", tmp_path / "b" / "earlier")  # another run below the next call's out
     again = harness.evaluate(methods=["unpruned"], limit=3, out=str(tmp_path / "b"), **common)
     assert len(again) == len(first[first["method"] == "unpruned"]) and set(again["n_samples"]) == {3}
-    assert len(harness.load_results(tmp_path / "b")) == len(again) + len(first)  # load_results searches below
+    with pytest.warns(HarnessWarning, match="have records in several folders"):  # b's run and b/earlier's
+        assert len(harness.load_results(tmp_path / "b")) == len(again) + len(first)  # load_results searches below
     # out holds another configuration's record: bad input, and the error says so (not only stderr)
     with pytest.raises(UsageError, match=r"holds work of a different configuration: unpruned__disaggregated.json"):
         harness.evaluate(methods=["unpruned"], limit=4, out=str(tmp_path / "b"), **common)
@@ -107,6 +108,46 @@ def test_load_results_skips_an_unreadable_record_with_a_warning(tmp_path, common
         harness.load_results(bad)
     with pytest.raises(UsageError, match=r"summary.csv'\): not a record .*give the run folder: load_results\('"):
         harness.load_results(tmp_path / "run" / "summary.csv")
+
+
+def test_load_results_names_each_rows_record_and_warns_of_runs_mixed_under_one_parent(tmp_path, common):
+    """Two runs under one parent were merged without a word: grouped by method, the KV sums of both runs made a
+    ratio of 0.204 for 0.5, and a pivot averaged their accuracies. Each row now names its record file (`source`),
+    the mix is a HarnessWarning, and a renamed copy beside a record is skipped as `report` skips it."""
+    harness.evaluate(methods=["unpruned", "tail"], set="tail.k=2", limit=2, out=str(tmp_path / "p" / "a"), **common)
+    harness.evaluate(methods=["unpruned"], limit=3, out=str(tmp_path / "p" / "b"), **common)
+    one = harness.load_results(tmp_path / "p" / "a")
+    assert set(one["source"]) == {str(tmp_path / "p" / "a" / f) for f in ("unpruned__disaggregated.json",
+                                                                           "tail__disaggregated.json")}
+    with pytest.warns(HarnessWarning, match=r"1 method/mode pair\(s\) have records in several folders \(e.g. "
+                                            r"unpruned/disaggregated in .*: rows of separate runs; tell them apart by "
+                                            r"the `source` column"):
+        both = harness.load_results(tmp_path / "p")
+    assert both.groupby("source").size().to_dict() == {
+        str(tmp_path / "p" / "a" / "tail__disaggregated.json"): 2, str(tmp_path / "p" / "a" / "unpruned__disaggregated.json"): 2,
+        str(tmp_path / "p" / "b" / "unpruned__disaggregated.json"): 2}  # arc_easy's acc and acc_norm each
+    copy = tmp_path / "p" / "a" / "unpruned__disaggregated (copy).json"
+    shutil.copy(tmp_path / "p" / "a" / "unpruned__disaggregated.json", copy)
+    with pytest.warns(HarnessWarning, match=r"copy\)\.json: a second record of unpruned/disaggregated in its folder, "
+                                            r"beside unpruned__disaggregated\.json .*; skipped"):
+        again = harness.load_results(tmp_path / "p" / "a")
+    assert again.equals(one)  # not doubled
+
+
+def test_load_results_refuses_what_is_not_a_run_folder_or_record_naming_what_to_give(tmp_path, common):
+    """"" read every record below the current folder (934 rows of mixed models in the repository); None and 3 were
+    pathlib's TypeError; a per-item log or lm-eval's results file was sent to its own folder, which holds no record."""
+    harness.evaluate(methods=["unpruned"], limit=2, out=str(tmp_path / "run"), log_samples=True, **common)
+    for bad, said in (("", "got an empty string"), (None, "got NoneType"), (3, "got int"), (["x"], "got list")):
+        with pytest.raises(UsageError, match=r"expected the path of a run folder or of a METHOD__MODE\.json record "
+                                             r"\(a str or pathlib\.Path\), " + said):
+            harness.load_results(bad)
+    logs = list((tmp_path / "run" / "samples").rglob("*.jsonl")) + list((tmp_path / "run" / "lm_eval").rglob("*.json"))
+    assert len(logs) == 2, logs
+    for f in logs:
+        with pytest.raises(UsageError, match=r"not a record .*; give the run folder: load_results\('"
+                                             + str(tmp_path / "run") + r"'\)$"):
+            harness.load_results(f)
 
 
 def test_load_results_of_a_folder_without_records_warns(tmp_path):
