@@ -210,6 +210,7 @@ def expand_sweeps(cls_config: type, scope: str, raw: dict[str, str]) -> list[tup
             values = [v.strip() for v in value.split(",")]
             if len(values) != len(set(values)) or not all(values):  # `k=1,` is a typo, not a sweep of one value
                 raise UsageError(f"--set {scope}.{name}={value}: a sweep needs distinct values, none empty, e.g. {scope}.{name}=2,4,6")
+            _refuse_equal_values(cls_config, scope, name, values)
             swept[name] = values
     if not swept:
         return [(scope, raw)]
@@ -219,6 +220,24 @@ def expand_sweeps(cls_config: type, scope: str, raw: dict[str, str]) -> list[tup
         tag = ",".join(f"{k}={v}" for k, v in chosen.items())
         out.append((f"{scope}{SWEEP_MARK}{tag}", {**raw, **chosen}))
     return out
+
+
+def _refuse_equal_values(cls_config: type, scope: str, name: str, values: list[str]) -> None:
+    """A UsageError for two values of a sweep that are one value typed two ways (`k=02,2`, `ratio=0.5,.5`): each made a
+    cell of its own, with the same plan under two names (a PDTrim search of minutes, run twice). A value that does not
+    convert is left to `build_options`, which names it."""
+    field = next(f for f in dataclasses.fields(cls_config) if f.name == name)
+    hint = typing.get_type_hints(cls_config)[name]
+    seen: dict[Any, str] = {}
+    for v in values:
+        try:
+            key = repr(coerce(v, hint, f"{scope}.{name}", field.metadata.get("nonfinite", False)))
+        except UsageError:
+            continue
+        if key in seen:
+            raise UsageError(f"--set {scope}.{name}={','.join(values)}: {seen[key]} and {v} are the same value, which would "
+                             "be measured twice under two names; give each value once")
+        seen[key] = v
 
 
 def sweep_base(name: str) -> str:

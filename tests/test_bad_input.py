@@ -148,6 +148,11 @@ CASES = [
      "in one --set: passkey.repeats=1,2; a task's options do not sweep)"),
     ("sweep-trailing-comma", lambda t, d, r: [*ONE_CELL, "--methods", "tail", "--set", "tail.k=1,"],
      "--set tail.k=1,: a sweep needs distinct values, none empty"),
+    # one value typed two ways made two cells of one plan under two names (a PDTrim search run twice)
+    ("sweep-one-value-typed-twice", lambda t, d, r: [*ONE_CELL, "--methods", "tail", "--set", "tail.k=02,2"],
+     "--set tail.k=02,2: 02 and 2 are the same value, which would be measured twice under two names; give each value once"),
+    ("sweep-one-float-typed-twice", lambda t, d, r: [*ONE_CELL, "--methods", "pdtrim", "--set", "pdtrim.prefill_ratio=0.5,.5"],
+     "--set pdtrim.prefill_ratio=0.5,.5: 0.5 and .5 are the same value"),
     ("option-typo", lambda t, d, r: [*ONE_CELL, "--methods", "shortgpt", "--set", "shortgpt.batchsize=4"],
      "shortgpt has no option 'batchsize' (did you mean batch_size?); options: k, batch_size"),
     ("passkey-depths-that-print-alike", lambda t, d, r: [*ONE_CELL[:-6], "--set", "passkey.depths=0.1234561,0.1234562"],
