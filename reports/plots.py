@@ -110,7 +110,10 @@ def figure_tasks(col: Collection) -> tuple[list[str], list[str]]:
     on different scales on one axis, so those records were dropped without a word; now the task is."""
     tasks = [t for t in ordered_tasks(col.quality, lambda r, t: not is_long_task(r, t))
              if all(_accuracy(r, t) for r in col.quality if t in r.scores)]
-    shared = [t for t in tasks if all(t in r.scores for r in col.quality)]
+    # a record of long-context tasks only (a `--tasks long` run beside the accuracy run) has no point in these
+    # figures: counted here, it left no task shared and both score figures were dropped as "no data"
+    scoring = [r for r in col.quality if any(t in r.scores for t in tasks)]
+    shared = [t for t in tasks if all(t in r.scores for r in scoring)]
     return shared, [t for t in tasks if t not in shared]
 
 

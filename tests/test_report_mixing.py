@@ -175,6 +175,22 @@ def test_figures_average_over_the_tasks_every_record_scored_and_say_what_is_left
     assert plot_score_vs_blocks(collect([tmp_path / "a", tmp_path / "c"])) is None
 
 
+def test_records_of_long_context_tasks_only_leave_the_score_figures_as_they_were(tmp_path):
+    """A `--tasks long` run's folder beside the accuracy run's counted in the tasks every record must share: none was
+    left, both score figures were dropped, and the note said "no data in these records"."""
+    from reports.render import render_report
+
+    save(_rec("unpruned"), tmp_path / "acc")
+    save(_rec("x", removed=(1,)), tmp_path / "acc")
+    alone = render_report([tmp_path / "acc"], tmp_path / "rep1", html=False, plots=True)
+    long_only = _fake("unpruned", "disaggregated", {"pd_ppl": {"ppl_T256": 12.0}},
+                      kv={"pd_ppl": {"kv_bytes": 50, "handoffs": 2}})
+    save(long_only, tmp_path / "long")
+    rep = render_report([tmp_path / "acc", tmp_path / "long"], tmp_path / "rep2", html=False, plots=True)
+    assert {"score_vs_blocks", "score_vs_kv"} <= set(alone.figures) <= set(rep.figures)
+    assert not [m for m in rep.missing if m.startswith(("figure score_", "figures: scores averaged"))], rep.missing
+
+
 def test_a_lower_is_better_column_names_its_metric_and_direction(tmp_path):
     r = _rec("unpruned")
     r.scores["wikitext"] = {"word_perplexity": {"value": 30.0, "stderr": None}}
