@@ -8,8 +8,9 @@ model, no torch).
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import pandas as pd
 
@@ -29,6 +30,16 @@ def mib_text(nbytes: float, decimals: int) -> str:
     3,072-byte handoff showed as a bold 0.00)."""
     mib = nbytes / MIB
     return f"{mib:.2g}" if 0 < abs(mib) < 0.5 * 10 ** -decimals else f"{mib:,.{decimals}f}"
+
+
+def mib_decimals(nbytes: Iterable[float | None], decimals: int) -> int:
+    """`decimals` for a column of byte counts, or, where its smallest nonzero value would print as 0 with them (and
+    `mib_text` would give it two significant digits), the decimals that give it two: every value of the column then
+    shows with the same decimals (a tiny model's column read 0.1 beside 0.047 (1.33×), each rounded its own way)."""
+    small = min((abs(b) / MIB for b in nbytes if b), default=None)
+    if small is None or small >= 0.5 * 10 ** -decimals:
+        return decimals
+    return min(1 - math.floor(math.log10(small)), 6)
 
 
 def task_title(task: str, records: Sequence[RunRecord] = ()) -> str:
@@ -216,6 +227,12 @@ def _v(r: RunRecord | None, label: str, metric: str) -> float | None:
     return None if r is None else r.figure(label, metric)
 
 
+def _request_bytes(r: RunRecord | None, label: str) -> float | None:
+    """KV bytes `r` sent per request in workload `label`."""
+    kv = r.kv.get(label, {}) if r is not None else {}
+    return kv["kv_bytes"] / max(1, kv.get("handoffs", 1)) if kv else None
+
+
 def _ratio_cell(num: float | None, den: float | None) -> CellSpec:
     if num is None or den is None or den == 0:
         return cell("—")
@@ -229,22 +246,20 @@ def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: 
     col = _as_collection(records)
     runs = isinstance(records, Collection)  # a plain list says nothing of runs: configuration only
     e2e = f"e2e_ms_p50@{bandwidth_gbit:g}gbit"
-    groups = []
-    for title, lab, rs in latency_groups(col):
+    groups, grouped = [], latency_groups(col)
+    places = mib_decimals((_request_bytes(r, lab) for _, lab, rs in grouped for r in rs), 2)
+    for title, lab, rs in grouped:
         g: list[list[CellSpec]] = []
         for r in rs:
             dense = reference(rs, r, col=col, same_run=runs)  # r's own run's: latency samples compare within one run
-            kv = r.kv.get(lab, {})
-            per_req = kv["kv_bytes"] / max(1, kv.get("handoffs", 1)) if kv else None
-            dkv = dense.kv.get(lab, {}) if dense else {}
-            dense_req = dkv["kv_bytes"] / max(1, dkv.get("handoffs", 1)) if dkv else None
+            per_req, dense_req = _request_bytes(r, lab), _request_bytes(dense, lab)
             ttft, tpot, end = _v(r, lab, "ttft_ms_p50"), _v(r, lab, "tpot_ms_p50"), _v(r, lab, e2e)
             g.append([
                 cell(col.label(r)), cell(removed_text(r)),
                 cell("—") if ttft is None else cell(f"{ttft:.1f}", ttft),
                 cell("—") if tpot is None else cell(f"{tpot:.2f}", tpot),
                 cell("—") if end is None else cell(f"{end:.1f}", end),
-                cell("—") if per_req is None else cell(mib_text(per_req, 2), per_req / MIB),
+                cell("—") if per_req is None else cell(mib_text(per_req, places), per_req / MIB),
                 _ratio_cell(dense_req, per_req),
                 _ratio_cell(_v(dense, lab, "ttft_ms_p50"), ttft),
                 _ratio_cell(_v(dense, lab, "tpot_ms_p50"), tpot),
@@ -347,6 +362,7 @@ def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFram
     for task, _, setting in cols:
         head += [f"{tasks[task].title} {setting}", f"KV/req {setting} (MiB)"]
     groups, noise, i = [], {j: {} for j in range(len(cols))}, 0
+    places = [mib_decimals((_per_request(r, task, setting) for r in recs), 1) for task, _, setting in cols]
     for title, rs in _groups(col, recs):
         g: list[list[CellSpec]] = []
         for r in rs:
@@ -359,7 +375,8 @@ def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFram
                     noise[j][i] = se if tasks[task].metric_format == "decimal" else 100 * se
                 b = _per_request(r, task, setting)
                 ref = _per_request(dense, task, setting) if dense else None
-                row.append(cell("—") if b is None else cell(mib_text(b, 1) + (f" ({ref / b:.2f}×)" if ref and b else ""), b / MIB))
+                row.append(cell("—") if b is None else cell(mib_text(b, places[j]) + (f" ({ref / b:.2f}×)" if ref and b else ""),
+                                                            b / MIB))
             g.append(row)
             i += 1
         groups.append((title, g))

@@ -488,3 +488,24 @@ def test_kv_mib_below_the_last_decimal_keeps_two_significant_digits():
 
     assert [mib_text(b, 2) for b in (3072, 11.25 * 2**20, 0, 2**30)] == ["0.0029", "11.25", "0.00", "1,024.00"]
     assert [mib_text(b, 1) for b in (40_000, 0.6 * 2**20)] == ["0.038", "0.6"]
+
+
+def test_a_column_of_kv_mib_shows_every_value_with_the_same_decimals():
+    """A tiny model's long-context column read `0.1 (1.00×)` beside `0.047 (1.33×)`: each value rounded its own way
+    (0.0625 to one decimal, 0.047 to two significant digits), so the figures contradicted their own ratios."""
+    from reports.formats import rows
+    from reports.record_values import MIB
+    from reports.tables import long_context_table, mib_decimals
+
+    assert mib_decimals([0.0625 * MIB, 0.046875 * MIB, None, 0], 1) == 3
+    assert mib_decimals([23.4 * MIB, 0.6 * MIB], 1) == 1 and mib_decimals([], 2) == 2
+    recs = []
+    for name, removed, per_req in (("unpruned", (), 0.0625), ("tail@k=1", (3,), 0.046875), ("tail@k=2", (2, 3), 0.03125)):
+        r = _fake(name, "disaggregated", {"pd_ppl": {"ppl_T512": 10.0}}, removed=removed,
+                  kv={"pd_ppl": {"kv_bytes": int(2 * per_req * MIB), "handoffs": 2}})
+        r.extra["kv_by_setting"] = {"pd_ppl": {"T512": {"kv_bytes": int(2 * per_req * MIB), "handoffs": 2}}}
+        recs.append(r)
+    t = rows(long_context_table(recs)).set_index("Method")
+    column = next(c for c in t.columns if c.startswith("KV/req"))
+    assert [t.loc[m, column] for m in ("unpruned", "tail@k=1", "tail@k=2")] == \
+        ["0.062 (1.00×)", "0.047 (1.33×)", "0.031 (2.00×)"]
