@@ -6,7 +6,11 @@ records), so a report shows what it can and says what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -343,20 +347,44 @@ PLOTS = {
 }
 
 
-def save_plots(col: Collection, out: Path, convention: str = "paper") -> dict[str, dict[str, Path]]:
-    """Write every plot that has data as `<name>.png` and `<name>.svg`; returns {name: {fmt: path}}."""
+def save_plots(col: Collection, out: Path, convention: str = "paper",
+               notes: list[str] | None = None) -> dict[str, dict[str, Path]]:
+    """Write every plot that has data as `<name>.png` and `<name>.svg`; returns {name: {fmt: path}}. Characters of a
+    label that the figures' font lacks (drawn as empty boxes) are named in a line appended to `notes`."""
     out.mkdir(parents=True, exist_ok=True)
-    written = {}
+    written, missing = {}, {}
     for name, (_, fn) in PLOTS.items():
-        fig = fn(col, convention) if name.startswith("score_") else fn(col)
+        with _glyphs_missing(missing):  # a layout pass draws the labels too
+            fig = fn(col, convention) if name.startswith("score_") else fn(col)
         if fig is None:
             continue
         paths = {}
         for fmt in ("png", "svg"):
             paths[fmt] = out / f"{name}.{fmt}"
-            with atomic_file(paths[fmt]) as f:  # a killed report leaves the old figure or the new one, never half
+            with atomic_file(paths[fmt]) as f, _glyphs_missing(missing):  # a killed report: the old figure or the new
                 fig.savefig(f, format=fmt, dpi=130, bbox_inches="tight",  # a legend beside the axes stays in
                             metadata={"Date": None} if fmt == "svg" else None)
         plt.close(fig)
         written[name] = paths
+    if missing and notes is not None:
+        chars = "".join(sorted(missing))
+        notes.append(f"figures: {len(missing)} character(s) of the labels ({chars[:20]}{' …' if len(chars) > 20 else ''}) "
+                     f"are not in the figures' font ({', '.join(sorted(set(missing.values())))}) and show as empty boxes; "
+                     "the tables show the names as typed (set matplotlib's font.family to a font that has them)")
     return written
+
+
+@contextlib.contextmanager
+def _glyphs_missing(found: dict[str, str]) -> Iterator[None]:
+    """Add {character: font} to `found` for each glyph matplotlib warns the body's drawing lacks ("Glyph 21098 (...)
+    missing from font(s) DejaVu Sans.": a CJK method name was drawn as boxes, in silence); its other warnings pass on
+    as they were."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        m = re.match(r"Glyph (\d+) \(.*\) missing from font\(s\) (.*)\.$", str(w.message))
+        if m:
+            found[chr(int(m.group(1)))] = m.group(2)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

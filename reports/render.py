@@ -141,7 +141,7 @@ def render_report(paths: list[Path], out: Path, convention: str = "paper", bandw
     if plots:
         from reports.plots import PLOTS, figure_tasks, save_plots
 
-        rep.figures = save_plots(col, out / "figures", convention)
+        rep.figures = save_plots(col, out / "figures", convention, rep.missing)
         rep.missing += [f"figure {name}: no data in these records" for name in PLOTS if name not in rep.figures]
         shared, left_out = figure_tasks(col)
         if left_out:  # a task some records lack is left out of every figure's average, not those records

@@ -13,6 +13,7 @@ from cmarkgfm.cmark import Options
 from conftest import ROOT
 from test_report_escapes import _pdflatex, _renamed
 
+from harness.store.records import save
 from reports.escape import csv_text, visible
 from reports.formats import cell, make_table, to_csv, to_html, to_latex, to_markdown, wide
 
@@ -186,11 +187,35 @@ def test_figures_take_control_characters_and_long_names(tmp_path):
     from reports.tables import _as_collection
 
     recs = _renamed(ROOT / "results" / "reference" / "quality", {"pdtrim": "a\x1b[31mb\x07", "shortgpt": "x" * 2000}, "m")
-    figs = save_plots(_as_collection(recs), tmp_path)
-    assert figs
+    notes: list[str] = []
+    figs = save_plots(_as_collection(recs), tmp_path, notes=notes)
+    assert figs and notes == []  # a glyph missing from the font (the control picture's empty box) is a note now
     for paths in figs.values():
         xml.dom.minidom.parse(str(paths["svg"]))
         assert Image.open(paths["png"]).size[0] < 4000
+
+
+def test_a_label_the_font_cannot_draw_is_a_note_of_the_report(tmp_path):
+    """A method named in CJK (a plug-in's name) showed as empty boxes in every figure, without a word, while the
+    tables showed it: matplotlib's 'Glyph ... missing from font(s)' warning went nowhere. Each character the font
+    lacks is now named in the report's notes, once; a character it has makes no note."""
+    from matplotlib import font_manager, rcParams
+    from matplotlib.ft2font import FT2Font
+
+    from reports.render import render_report
+
+    glyphs = FT2Font(font_manager.findfont(font_manager.FontProperties(family=rcParams["font.family"]))).get_charmap()
+    name = "剪枝\ue000"  # two CJK ideographs and a private-use character
+    lacking = sorted(ch for ch in name if ord(ch) not in glyphs)
+    assert "\ue000" in lacking  # no font has a picture of a private-use character
+    recs = _renamed(ROOT / "results" / "reference" / "quality", {"pdtrim": name}, "m")
+    for r in recs:
+        save(r, tmp_path / "run")
+    rep = render_report([tmp_path / "run"], tmp_path / "rep", html=False, plots=True)
+    said = [m for m in rep.missing if "are not in the figures' font" in m]
+    assert len(said) == 1 and f"{len(lacking)} character(s) of the labels ({''.join(lacking)})" in said[0], rep.missing
+    plain = render_report([ROOT / "results" / "reference" / "quality"], tmp_path / "rep2", html=False, plots=True)
+    assert not [m for m in plain.missing if "figures' font" in m]
 
 
 def test_figure_labels_are_in_the_fonts_glyphs_bounded_and_distinct():
