@@ -67,7 +67,7 @@ def load_results(path: str | Path) -> pd.DataFrame:
 
 def _results_path(path: Any) -> Path:
     """`path` as a Path to an existing folder or record file; a UsageError naming what to give instead."""
-    from harness.store.records import is_record_file, record_files_under
+    from harness.store.records import is_record_file
 
     if not isinstance(path, (str, os.PathLike)) or str(path) == "":  # "" is the current folder: every record below it
         raise UsageError(f"load_results({path!r}): expected the path of a run folder or of a METHOD__MODE.json record "
@@ -76,9 +76,8 @@ def _results_path(path: Any) -> Path:
     if not p.exists():
         raise UsageError(f"load_results({str(path)!r}): no such file or folder")
     if p.is_file() and not is_record_file(p):  # summary.csv, a note, lm-eval's results file, a per-item log
-        run = next((d for d in list(p.parents)[:3] if d.is_dir() and any(is_record_file(f) for f in d.iterdir())), None)
-        if run is None:
-            run = next((d for d in list(p.parents)[:3] if record_files_under(d)), None)
+        # the nearest folder above holding records: a per-item log's or lm-eval's results file's run (two levels up)
+        run = next((d for d in list(p.parents)[:3] if any(is_record_file(f) for f in d.iterdir())), None)
         hint = f"give the run folder: load_results({str(run)!r})" if run is not None else \
             "give a run folder (one holding <method>__<mode>.json records)"
         raise UsageError(f"load_results({str(path)!r}): not a record (a run's records are its METHOD__MODE.json "
