@@ -70,7 +70,7 @@ class LongTask:
     @classmethod
     def check_tokenizer(cls, tokenizer, options: Any, limit: int | float | None) -> None:
         """Raise UsageError when `options` cannot work with the model's tokenizer (e.g. a prompt length too
-        short for the task's fixed text); runs once the model is loaded, before the first cell."""
+        short for the task's fixed text); runs once, with the model's tokenizer read before its weights load."""
 
     @classmethod
     def check_max_length(cls, options: Any, max_length: int, limit: int | float | None = None) -> None:
