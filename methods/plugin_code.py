@@ -155,6 +155,28 @@ def plugin_code(obj: object) -> dict[str, str]:
     return dict(sorted({**module_code({c.__module__ for c in classes}), **main_code(classes)}.items()))
 
 
+def policy_code(plan: dict | None) -> dict[str, str]:
+    """`plugin_code` of the KV policy a plan (`PruningPlan.to_dict()`) names by its kind; {} for the package's own
+    policies and for a kind not registered now (its replay refuses it). A plug-in method names a plug-in policy by kind
+    (`KVPolicy(kind="evens")`) without holding its class, so `plugin_code(method)` misses it: an edit of the policy
+    alone went unnoticed, and the records its older code made were reused."""
+    from harness.pd.kv import get_policy
+
+    kind = ((plan or {}).get("kv_policy") or {}).get("kind") if isinstance(plan, dict) else None
+    try:
+        return plugin_code(get_policy(kind)) if isinstance(kind, str) else {}
+    except ValueError:
+        return {}
+
+
+def with_policy(then: dict | None, now: dict[str, str], plan: dict | None) -> dict[str, str]:
+    """`now`, a method's plug-in code digests, with those of the KV policy `plan` names (`policy_code`) where `then`,
+    the digests stored with that plan, holds them: a record made before policies were digested holds none of them
+    and is compared as it was."""
+    extra = policy_code(plan)
+    return dict(sorted({**now, **extra}.items())) if any(m in (then or {}) for m in extra) else now
+
+
 def main_code(objs: list) -> dict[str, str]:
     """{"__main__.Name": digest} of the classes and functions defined in `__main__` (a notebook's cells, the script
     run) among `objs`, and of those of `__main__` their code names, transitively (a helper function in another cell),

@@ -525,3 +525,122 @@ def test_a_notebook_class_holding_a_namedtuple_or_a_list_holding_itself_is_diges
                                                            "LOOP": loop})])
 
     assert digest(2) == digest(2) != digest(3)
+
+
+POLICY, POLICY_MODULE, USER, USER_MODULE = "code_probe_kv", "pd_harness_test_policy_code", "code_probe_user", \
+    "pd_harness_test_policy_user"
+POLICY_SOURCE = textwrap.dedent(f'''
+    """`{POLICY}`: the most recent positions, as a plug-in KV policy (test)."""
+    from dataclasses import dataclass
+
+    from harness.pd.kv import register_policy
+    from harness.pd.kv.base import TokenSelection
+    from harness.pd.kv_select import streaming_keep
+
+
+    @register_policy
+    @dataclass(frozen=True)
+    class Recent(TokenSelection):
+        """Keeps the most recent positions.
+
+        - `budget`: the `KVBudget`.
+        """
+        name = "{POLICY}"
+        method_name = "{POLICY}_method"
+        method_summary = "recent positions (test)"
+
+        def keep(self, layer, positions, lengths, k, observed):
+            return streaming_keep(positions, lengths, k, 0)
+''')
+USER_SOURCE = textwrap.dedent(f'''
+    """`{USER}`: every block, the plug-in policy `{POLICY}` named by its kind (test); it does not import the policy."""
+    from dataclasses import dataclass
+
+    from harness.pd import arch
+    from harness.pd.kv import KVBudget, KVPolicy
+    from harness.pd.plan import PruningPlan
+    from methods.base import Method, Options
+    from methods.registry import register
+
+
+    @register
+    class User(Method):
+        name = "{USER}"
+        summary = "every block, {POLICY} at half the positions (test)"
+
+        @dataclass(frozen=True)
+        class Config(Options):
+            ratio: float = 0.5
+
+        def plan(self, model, calib, mode):
+            n = arch.n_layers(model)
+            if mode == "unified":
+                return PruningPlan.dense(self.name, n)
+            every = tuple(range(n))
+            return PruningPlan(self.name, n, every, every,
+                               kv_policy=KVPolicy(kind="{POLICY}", budget=KVBudget(ratio=self.config.ratio)))
+''')
+
+
+@pytest.fixture
+def policy_probe(tmp_path, monkeypatch):
+    """The plug-in policy and the plug-in method naming it by kind, loaded from `tmp_path`; `policy_probe(source)`
+    rewrites and reloads the policy's module alone, as a new process would load the edited file."""
+    from harness.pd import kv
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / f"{USER_MODULE}.py").write_text(USER_SOURCE)
+
+    def load(source: str = POLICY_SOURCE) -> None:
+        (tmp_path / f"{POLICY_MODULE}.py").write_text(source)
+        for name in (f"{POLICY}_method", USER):
+            if registry.registered(name):
+                registry.unregister(name)
+        kv._POLICIES.pop(POLICY, None)
+        for module in (POLICY_MODULE, USER_MODULE):
+            sys.modules.pop(module, None)
+        methods.load_plugins(f"{POLICY_MODULE},{USER_MODULE}")
+
+    load()
+    yield load
+    for name in (f"{POLICY}_method", USER):
+        if registry.registered(name):
+            registry.unregister(name)
+    kv._POLICIES.pop(POLICY, None)
+    for module in (POLICY_MODULE, USER_MODULE):
+        sys.modules.pop(module, None)
+        plugin_code._ROOTS.discard(module)
+
+
+def test_an_edited_plugin_kv_policy_that_a_plugin_method_names_by_kind_refuses_its_records(policy_probe, cli, data_dir,
+                                                                                             tmp_path):
+    """A plug-in method naming a plug-in policy by kind (`KVPolicy(kind=...)`, as docs/kv_policies.md shows) holds no
+    reference to its class: the method's code digest missed the policy, and after an edit of the policy alone the
+    quality run, latency and `export --record` all reused what its older code made. Each record now keeps the
+    policy's code with the method's, and each of them refuses the old work (exit 2), naming the policy's module."""
+    run = ("--model", "random:tiny", "--methods", USER, "--tasks", "arc_easy", "--limit", "2", "--mode", "disaggregated",
+           "--out", tmp_path / "q")
+    latency = ("latency", "--model", "random:tiny", "--methods", USER, "--prompt-tokens", "16", "--decode-tokens", "2",
+               "--batch-size", "1", "--warmup", "0", "--repeats", "1", "--out", tmp_path / "lat", "-q")
+    assert cli(*run, data_dir=data_dir).returncode == 0 and cli(*latency).returncode == 0
+    record = tmp_path / "q" / f"{USER}__disaggregated.json"
+    assert list(json.loads(record.read_text())["extra"]["inputs"]["code"]["methods"][USER]) == [POLICY_MODULE, USER_MODULE]
+    assert list(json.loads((tmp_path / "lat" / record.name).read_text())["extra"]["plugin_code"]) == \
+        [POLICY_MODULE, USER_MODULE]
+    again = cli(*run, data_dir=data_dir)
+    assert again.returncode == 0 and f"{USER}/disaggregated: finished record found, reused" in again.stdout + again.stderr
+    assert cli(*latency).returncode == 0  # unchanged: reused
+    legacy = json.loads(record.read_text())  # as a record made before policies were digested: compared as it was
+    del legacy["extra"]["inputs"]["code"]["methods"][USER][POLICY_MODULE]
+    (tmp_path / "legacy").mkdir()
+    (tmp_path / "legacy" / record.name).write_text(json.dumps(legacy))
+
+    policy_probe(POLICY_SOURCE.replace("recent positions (test)", "recent positions (edited test)"))
+    edited = cli(*run, data_dir=data_dir)
+    assert edited.returncode == 2 and f"the code of plug-in method {USER} ({POLICY_MODULE}) changed" in edited.stderr
+    older = cli(*run[:-1], tmp_path / "legacy", data_dir=data_dir)
+    assert older.returncode == 0 and "finished record found, reused" in older.stdout + older.stderr, older.stderr
+    lat = cli(*latency)
+    assert lat.returncode == 2 and f"{record.name} ({POLICY_MODULE} changed since)" in lat.stderr, lat.stderr
+    exported = cli("export", "--record", record, "--out", tmp_path / "export")
+    assert exported.returncode == 2 and f"({POLICY_MODULE} changed since)" in exported.stderr

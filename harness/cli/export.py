@@ -251,7 +251,7 @@ def _export(args: argparse.Namespace, source: Source, method, calib_config, data
 
     from harness.pd import arch
     from harness.pd.models import load_model, parse_model_args
-    from methods.plugin_code import plugin_code
+    from methods.plugin_code import plugin_code, policy_code
 
     t0 = time.perf_counter()
     # a replayed record's model as the run loaded it: its --model_args (e.g. a hub model's revision) too
@@ -267,7 +267,8 @@ def _export(args: argparse.Namespace, source: Source, method, calib_config, data
             "calibration": calib.description if calib is not None else (source.record.calibration if source.record else None),
             "plan_replayed_from": str(source.record_path) if source.record_path else None,
             "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
-            "plugin_code": plugin_code(method)}  # {} for the package's own methods: the git commit names their code
+            # {} for the package's own methods and policies: the git commit names their code
+            "plugin_code": {**plugin_code(method), **policy_code(plan.to_dict())}}
     t_write = time.perf_counter()
     try:
         info = export_plan(loaded, method, plan, tmp, meta, args.max_shard_size)

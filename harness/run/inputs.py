@@ -121,7 +121,8 @@ def _plugin_code(cfg, prepared) -> dict[str, dict]:
     return {k: v for k, v in (("methods", methods), ("tasks", tasks)) if v}
 
 
-def differences(then: dict | None, now: dict, calibrates: bool = False, method: str | None = None) -> list[str]:
+def differences(then: dict | None, now: dict, calibrates: bool = False, method: str | None = None,
+                plan: dict | None = None) -> list[str]:
     """What differs between the inputs a record or resume state was made from and this run's (nothing when it
     predates digests, or for a digest either side lacks; the model's only between digests of one version; the
     calibration data's only for a method that `calibrates`; the plug-in code of `method` and of the long-context
@@ -138,7 +139,7 @@ def differences(then: dict | None, now: dict, calibrates: bool = False, method: 
     if calibrates and (changed := _changed(then.get("calibration"), now.get("calibration"))):
         out.append(f"the calibration data ({', '.join(changed)})")
     out += _include_changes(then.get("include"), now.get("include"))
-    return out + (_code_changes(then["code"], now.get("code") or {}, method) if "code" in then else [])
+    return out + (_code_changes(then["code"], now.get("code") or {}, method, plan) if "code" in then else [])
 
 
 def _include_changes(then: dict | None, now: dict | None) -> list[str]:
@@ -166,13 +167,32 @@ def include_here(then: Any, folders_then: Any, folders_now: tuple[str, ...] | No
                                 if old in then["include"]}}
 
 
-def _code_changes(then: dict, now: dict, method: str | None) -> list[str]:
-    """'the code of plug-in method x (module m)' for `method` and each task whose plug-in code changed."""
-    from methods.plugin_code import changes
+def _code_changes(then: dict, now: dict, method: str | None, plan: dict | None = None) -> list[str]:
+    """'the code of plug-in method x (module m)' for `method` (with the plug-in KV policy its stored `plan` names) and
+    each task whose plug-in code changed."""
+    from methods.plugin_code import changes, with_policy
+
+    def now_of(key: str, name: str) -> dict | None:
+        here = now.get(key, {}).get(name)
+        return with_policy(then.get(key, {}).get(name), here or {}, plan) if key == "methods" else here
 
     kinds = [("method", "methods", [method] if method else []), ("task", "tasks", sorted(then.get("tasks", {})))]
     return [f"the code of plug-in {kind} {name} ({', '.join(mods)})" for kind, key, names in kinds for name in names
-            if (mods := changes(then.get(key, {}).get(name), now.get(key, {}).get(name)))]
+            if (mods := changes(then.get(key, {}).get(name), now_of(key, name)))]
+
+
+def with_plan_code(digests: dict, method: str, plan: dict) -> dict:
+    """`digests` (`digests()`) with the plug-in code of the KV policy `plan` names added to `method`'s code digests
+    (`methods.plugin_code.policy_code`), as the record of that plan keeps them."""
+    from methods.plugin_code import policy_code
+
+    extra = policy_code(plan)
+    if not extra:
+        return digests
+    code = dict(digests.get("code") or {})
+    methods = dict(code.get("methods") or {})
+    methods[method] = dict(sorted({**(methods.get(method) or {}), **extra}.items()))
+    return {**digests, "code": {**code, "methods": methods}}
 
 
 def _changed(then: dict | None, now: dict | None) -> list[str]:
@@ -220,7 +240,8 @@ def refuse_stale_work(cfg, prepared, out_dir: Path, now: dict) -> None:
             folders = (doc.get("config") or {}).get("include_path") if is_record else doc.get("include_path")
             then = include_here(then, folders, cfg.include_path)
             calibrates = prepared.methods[name].needs_calibration
-            why = [f"{x} changed" for x in (differences(then, now, calibrates, name) if isinstance(then, dict) else [])]
+            plan = doc.get("plan")  # the KV policy it names: its plug-in code is compared too
+            why = [f"{x} changed" for x in (differences(then, now, calibrates, name, plan) if isinstance(then, dict) else [])]
             why += stale_results(doc, is_record, cfg, prepared.task_options) if doc else []
             if why:
                 found.append(f"{path.name} ({'; '.join(why)})")

@@ -29,7 +29,7 @@ from harness.run.latency_plans import replayed_plans
 from harness.run.plugin_faults import Faults
 from harness.run.progress import still_running
 from harness.store import records as rec
-from methods.plugin_code import plugin_code
+from methods.plugin_code import plugin_code, policy_code
 
 __all__ = ["LatencyConfig", "run_latency", "refresh_figures", "refuse_edited_plugins", "replayed_plans"]
 
@@ -299,7 +299,7 @@ def _latency_record(cfg: LatencyConfig, name: str, method, key: str, plan, env: 
                "decode_bound": {**bound,
                                 "definition": "bytes of the decode layers, final norm and LM head / device copy rate (read + write)"},
                "bandwidths_gbit": list(cfg.bandwidths_gbit), "plan_source": source,
-               **({"plugin_code": code} if (code := plugin_code(method)) else {}),
+               **({"plugin_code": code} if (code := {**plugin_code(method), **policy_code(plan.to_dict())}) else {}),
                **({"figure_code": figs} if (figs := figure_code()) else {})},
     )
 

@@ -258,6 +258,7 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     # a moved data or include folder's resume state goes on under this one
     partial.update(run_key=key, data_dir=cfg.data_dir, **({"include_path": cfg.include_path} if cfg.include_path else {}))
     plan = _cell_plan(st, name, method, mode, partial)
+    partial["inputs"] = inputs.with_plan_code(partial.get("inputs") or st.inputs, name, partial["plan"])  # its policy's
     if mode == "unified" and not plan.is_unified:
         raise ValueError(f"{name} returned a plan with two layer sets or KV pruning for unified mode")
     if st.log_samples and st.dist.is_main:
@@ -393,6 +394,6 @@ def _save_record(st: _Run, name: str, mode: str, key: str, options: dict, plan: 
                "task_details": {t: done[t]["details"] for t in cfg.tasks if "details" in done[t]},
                "items": {t: done[t]["items"] for t in cfg.tasks if done[t].get("items")},
                "phases_s": st.tracker.cell_phases(f"{name}/{mode}"),  # this run's, up to this record
-               "inputs": st.inputs},
+               "inputs": inputs.with_plan_code(st.inputs, name, plan.to_dict())},
     )
     return rec.save(record, st.out_dir)

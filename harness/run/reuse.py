@@ -105,13 +105,13 @@ def _difference(cfg: RunConfig, prepared, name: str, options: dict, old: rec.Run
 
 
 def other_code(old: rec.RunRecord, method) -> list[str]:
-    """The plug-in modules whose code differs between the making of `old`'s plan and `method` now ([] for the
-    package's own methods, and for records made before code digests)."""
-    from methods.plugin_code import changes, plugin_code
+    """The plug-in modules whose code differs between the making of `old`'s plan and `method` now, the plug-in KV
+    policy its plan names included ([] for the package's own methods, and for records made before code digests)."""
+    from methods.plugin_code import changes, plugin_code, with_policy
 
     stored = old.extra.get("plugin_code") if "plugin_code" in old.extra else \
         ((old.inputs()["code"] or {}).get("methods") or {}).get(old.method, {}) if "code" in old.inputs() else None
-    return [] if stored is None else changes(stored, plugin_code(method))
+    return [] if stored is None else changes(stored, with_policy(stored, plugin_code(method), old.plan))
 
 
 def _same_model(model: str, old: rec.RunRecord) -> bool:
