@@ -24,9 +24,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from harness.errors import UsageError
+from harness.errors import PluginContractError, UsageError
 from harness.pd import arch
-from harness.pd.plan import PruningPlan
+from harness.pd.plan import PlanError, PruningPlan
 
 
 def model_fingerprint(model) -> str:
@@ -150,12 +150,19 @@ class Method(abc.ABC):
     def make_plan(self, model: nn.Module, calib: Any | None, mode: str) -> PruningPlan:
         """`plan(...)`, checked to be a `PruningPlan`: what the runners call, so a plug-in's mistake fails its
         cell naming the method, not later as "'NoneType' object has no attribute 'to_dict'"."""
-        plan = self.plan(model, calib, mode)
+        try:
+            plan = self.plan(model, calib, mode)
+        except PlanError as e:  # a plan against its rules: the method's contract broken (exit 2), not a crash to retry
+            raise PluginContractError(f"{self.name}.plan(...) ({type(self).__module__}) made an invalid plan: {e}") from None
         if not isinstance(plan, PruningPlan):
             raise TypeError(f"{self.name}.plan(...) returned {type(plan).__name__}, expected a PruningPlan")
         if plan.method != self.name:  # the record's plan would name another method than the record
             raise TypeError(f"{self.name}.plan(...) returned a plan named {plan.method!r}; name it {self.name!r} "
                             "(PruningPlan(self.name, ...))")
+        if plan.n_layers != arch.n_layers(model):  # its layer indices would name other layers than the model's
+            raise PluginContractError(f"{self.name}.plan(...) ({type(self).__module__}) returned a plan for "
+                                      f"{plan.n_layers} layers; the model has {arch.n_layers(model)} "
+                                      "(PruningPlan(self.name, arch.n_layers(model), ...))")
         try:  # the record stores it: fail now, naming it, not after the evaluation
             json.dumps(plan.to_dict(), sort_keys=True)  # as the record writer does (mixed key types fail there)
         except (TypeError, ValueError) as e:

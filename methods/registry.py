@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,9 @@ def register(cls: type[Method]) -> type[Method]:
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:  # a run that sets none of its options builds Config()
         raise ValueError(f"method {cls.name!r}: every Config option needs a default; {', '.join(missing)} has none")
+    if inspect.isabstract(cls):  # else accepted, then a traceback ("Can't instantiate abstract class") in every cell
+        raise ValueError(f"method {cls.name!r}: does not define {', '.join(sorted(cls.__abstractmethods__))} (a method's "
+                         "plan(model, calib, mode) returns its PruningPlan)")
     _METHODS[cls.name] = cls
     plugin_code.note_loaded(cls.__module__)  # the code that runs, not a later edit of its file (methods/plugin_code.py)
     return cls

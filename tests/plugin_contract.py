@@ -22,6 +22,7 @@ def check_long_task_contract(name: str) -> None:
     task = long_tasks.get(name)
     assert task.name == name and "." not in name and "," not in name
     assert isinstance(task.version, int) and task.version >= 1
+    assert task.evaluate is not long_tasks.LongTask.evaluate  # what each cell calls
     options = task.Config()  # the defaults are the standard setting
     assert dataclasses.is_dataclass(options) and option_types(task.Config, name)  # --set and --help can read its types
     pres = task.presentation

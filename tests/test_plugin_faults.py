@@ -110,6 +110,42 @@ PLUGINS = {
             def plan(self, model, calib, mode):
                 raise NotImplementedError
     '''),
+    "not_subset": textwrap.dedent('''
+        from dataclasses import dataclass
+
+        from harness.pd.plan import PruningPlan
+        from methods.base import Method, Options
+        from methods.registry import register
+
+
+        @register
+        class NotSubset(Method):
+            name = "not_subset"
+            summary = "decode runs a layer prefill skipped (test)"
+
+            @dataclass(frozen=True)
+            class Config(Options):
+                n_layers: int = 4
+
+            def plan(self, model, calib, mode):
+                n = self.config.n_layers  # 4: decode runs layer 3, which prefill skips; else a valid plan of n layers
+                return PruningPlan(self.name, n, (0, 1, 2), (0, 1, 3) if n == 4 else (0, 1))
+    '''),
+    # a required method left out: accepted, then "Can't instantiate abstract class" (or an empty error) in every cell
+    "no_plan": textwrap.dedent('''
+        from methods.base import Method
+        from methods.registry import register
+
+
+        @register
+        class NoPlan(Method):
+            name = "no_plan_method"
+    '''),
+    "no_keep": KV_POLICY.format(cls="NoKeep", name="no_keep", method="no_keep_kv", keep="None").replace(
+        "    def keep(self, layer, positions, lengths, k, observed):\n        return None\n", ""),
+    "no_evaluate": TASK.format(cls="NoEvaluate", name="no_evaluate").split("    def evaluate")[0],
+    "bare_assert": TASK.format(cls="BareAssert", name="bare_assert").split("    def evaluate")[0]
+    + "    def evaluate(self, *a, **k):\n        assert False\n",
     "same_class_name_task": TASK.format(cls="Passkey", name="passkey"),
     "lm_eval_task_name": TASK.format(cls="Echo", name="arc_easy"),
     "alias_task_name": TASK.format(cls="Echo", name="long"),
@@ -150,6 +186,9 @@ WHAT = {  # what each broken plug-in's message must name
     "same_class_name_task": "long-context task 'passkey' is already registered by harness.quality.long_tasks.passkey",
     "lm_eval_task_name": "'arc_easy': the name is an lm-eval task with local data or a --tasks alias",
     "alias_task_name": "'long': the name is an lm-eval task with local data or a --tasks alias",
+    "no_plan": "method 'no_plan_method': does not define plan .a method's plan.model, calib, mode. returns its PruningPlan",
+    "no_keep": "KV policy 'no_keep': does not define keep",
+    "no_evaluate": "long-context task 'no_evaluate': does not define evaluate.scorer, tokenizer, data_dir, options, limit",
 }
 
 
@@ -294,6 +333,38 @@ def test_a_plan_that_is_not_a_pruning_plan_fails_naming_the_method(tiny):
     with pytest.raises(TypeError, match=r"no_plan.plan\(...\) returned NoneType, expected a PruningPlan"):
         NoPlan().make_plan(tiny.model, None, "disaggregated")
     assert methods.get("unpruned")().make_plan(tiny.model, None, "unified").n_layers == 4
+
+
+def test_a_plugin_method_that_makes_an_invalid_plan_is_bad_input_in_run_latency_and_export(plugins, cli, tmp_path,
+                                                                                            data_dir):
+    """A plan against its rules (decode ⊆ prefill, a plan for another depth) made by a plug-in method ended a quality
+    run and `latency` with exit 1 as if the harness had crashed, and `export` with a traceback. docs/running.md calls it
+    bad input: now exit 2, one line naming the method, its module and the rule."""
+    methods.load_plugins("pd_harness_fault_not_subset")
+    says = ("not_subset.plan(...) (pd_harness_fault_not_subset) made an invalid plan: decode_layers must be a subset of "
+            "prefill_layers")
+    tiny = ("--model", "random:tiny", "--device", "cpu", "--methods", "not_subset")
+    run = cli(*tiny, "--tasks", "arc_easy", "--limit", "2", "--mode", "disaggregated", "--out", tmp_path / "q",
+              data_dir=data_dir)
+    lat = cli("latency", *tiny, "--prompt-tokens", "16", "--decode-tokens", "2", "--batch-size", "1", "--repeats", "1",
+              "--out", tmp_path / "lat", "-q")
+    exp = cli("export", *tiny[:4], "--method", "not_subset", "--mode", "disaggregated", "--out", tmp_path / "e")
+    for r in (run, lat, exp):
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (r.args, r.stderr[-1500:])
+    deeper = cli(*tiny, "--set", "not_subset.n_layers=8", "--tasks", "arc_easy", "--limit", "2", "--mode",
+                 "disaggregated", "--out", tmp_path / "q8", data_dir=data_dir)
+    assert deeper.returncode == 2 and ("not_subset.plan(...) (pd_harness_fault_not_subset) returned a plan for 8 layers; "
+                                       "the model has 4") in deeper.stderr, deeper.stderr[-1500:]
+
+
+def test_a_cell_failing_with_an_error_without_a_message_names_its_type(plugins, cli, tmp_path, data_dir):
+    """A plug-in task's bare `assert` (or `raise NotImplementedError`) failed every cell with an empty error line:
+    `error: unpruned/disaggregated: ` named neither the error nor what raised it."""
+    methods.load_plugins("pd_harness_fault_bare_assert")
+    r = cli("--model", "random:tiny", "--device", "cpu", "--methods", "unpruned", "--tasks", "bare_assert", "--mode",
+            "disaggregated", "--out", tmp_path / "q", data_dir=data_dir)
+    assert r.returncode == 1 and "error: unpruned/disaggregated: AssertionError\n" in r.stderr, r.stderr[-1500:]
+    assert "unpruned/disaggregated: AssertionError (details: " in r.stdout
 
 
 @pytest.mark.parametrize("name, info, says", [

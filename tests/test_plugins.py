@@ -283,6 +283,9 @@ TASK_FIGURE_PLUGIN = textwrap.dedent('''
         Config = EchoOptions
         presentation = TaskPresentation(title="E", setting_prefix="e_N", primary_metric="e")
 
+        def evaluate(self, scorer, tokenizer, data_dir, options, limit, progress=False):
+            return {"scores": {"e": {"value": 1.0, "stderr": None}}, "n_samples": 1, "kv_by": {}, "details": {}}
+
 
     @figure("pd_test_handoff_share_pct")
     def handoff_share(x: FigureInputs) -> dict[str, float]:

@@ -17,7 +17,12 @@ from typing import Any
 
 from harness.pd.kv import KVBudget, KVPolicy, get_policy, policy_from_dict, policy_names
 
-__all__ = ["KVBudget", "KVPolicy", "PruningPlan", "get_policy", "policy_from_dict", "policy_names"]
+__all__ = ["KVBudget", "KVPolicy", "PlanError", "PruningPlan", "get_policy", "policy_from_dict", "policy_names"]
+
+
+class PlanError(ValueError):
+    """A `PruningPlan` that breaks its rules (layer indices, `decode ⊆ prefill`, the KV policy's layers): a method that
+    makes one broke its contract (`Method.make_plan` says so, exit 2), a stored one is not a plan of this harness."""
 
 @dataclass(frozen=True)
 class PruningPlan:
@@ -44,18 +49,23 @@ class PruningPlan:
             idx = tuple(int(i) for i in getattr(self, stage))
             object.__setattr__(self, stage, idx)
             if list(idx) != sorted(set(idx)) or not all(0 <= i < self.n_layers for i in idx):
-                raise ValueError(
+                raise PlanError(
                     f"{stage}={list(idx)}: need sorted, unique layer indices in [0, {self.n_layers})"
                 )
             if not idx:
-                raise ValueError(f"{stage} is empty: a stage must run at least one layer")
+                raise PlanError(f"{stage} is empty: a stage must run at least one layer")
         extra = sorted(set(self.decode_layers) - set(self.prefill_layers))
         if extra:
-            raise ValueError(
+            raise PlanError(
                 f"decode_layers must be a subset of prefill_layers (decode reads prompt KV that only "
                 f"prefill produces); layers {extra} run in decode but not in prefill"
             )
-        self.kv_policy.check_layers(self.decode_layers)
+        try:
+            self.kv_policy.check_layers(self.decode_layers)
+        except PlanError:
+            raise
+        except ValueError as e:  # a policy naming layers decode does not run
+            raise PlanError(str(e)) from None
 
     @classmethod
     def dense(cls, method: str, n_layers: int) -> PruningPlan:

@@ -47,9 +47,14 @@ class CellFailure:
         """A usage error (e.g. an option this model cannot take) rather than a crash or OOM."""
         return isinstance(self.error, UsageError)
 
+    def text(self) -> str:
+        """The error: with its type for a crash, and as its type alone when it has no message (a plug-in's bare
+        `raise NotImplementedError` printed an empty error)."""
+        message = str(self.error)
+        return message if self.bad_input and message else f"{type(self.error).__name__}: {message}".removesuffix(": ")
+
     def line(self) -> str:
-        kind = "" if self.bad_input else f"{type(self.error).__name__}: "
-        return f"{self.method}/{self.mode}: {kind}{self.error} (details: {self.file})"
+        return f"{self.method}/{self.mode}: {self.text()} (details: {self.file})"
 
 
 class CellsFailed(Exception):

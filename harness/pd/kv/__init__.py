@@ -14,6 +14,7 @@ inside the functions that compute masks.
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from typing import Any
 
@@ -25,6 +26,9 @@ _POLICIES: dict[str, type] = {}
 def register_policy(cls: type) -> type:
     """Class decorator: make the policy class `cls` available under `cls.name`."""
     check_name("KV policy", getattr(cls, "name", None), f"{cls.__module__}.{cls.__qualname__}")
+    if inspect.isabstract(cls):  # else accepted, then a traceback ("Can't instantiate abstract class") in every cell
+        raise ValueError(f"KV policy {cls.name!r}: does not define {', '.join(sorted(cls.__abstractmethods__))} "
+                         "(see harness/pd/kv/base.py)")
     old = _POLICIES.get(cls.name)
     if old is not None and old is not cls and not same_definition(old, cls):
         raise ValueError(f"KV policy {cls.name!r} defined twice: {old.__module__}, {cls.__module__}")  # a re-import replaces

@@ -42,6 +42,9 @@ def register_task(cls: type[LongTask]) -> type[LongTask]:
     old = _REGISTRY.get(name)
     if old is not None and not same_definition(old, cls):  # a re-import is fine
         raise ValueError(f"long-context task {name!r} is already registered by {old.__module__}.{old.__qualname__}")
+    if getattr(cls, "evaluate", None) is LongTask.evaluate:  # else every cell failed late, with an empty message
+        raise ValueError(f"long-context task {name!r}: does not define evaluate(scorer, tokenizer, data_dir, options, "
+                         "limit, progress)")
     _REGISTRY[name] = cls
     return cls
 
