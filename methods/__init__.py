@@ -92,12 +92,34 @@ def _import_plugin(mod: str, what: str, load) -> None:
     except UsageError:
         raise
     except ImportError as e:
+        if not _not_found(e, mod):  # an import inside the plug-in failed: its own code or a dependency, not the path
+            raise PluginImportError(f"{what}, which failed to load: {type(e).__name__}: {e}{_where(e)}; install what it "
+                                    "imports, or fix the import in the plug-in") from e
         hint = _file_hint(mod) if "/" in mod or "\\" in mod or mod.endswith(".py") else ""
         raise PluginImportError(f"{what}, which cannot be imported: {e}; give module names importable from "
                                 f"sys.path{hint}, e.g. add their folder to PYTHONPATH") from e
     except Exception as e:  # noqa: BLE001 - any error of a plug-in's own code, named with its module
-        raise PluginImportError(f"{what}, which failed to load: {type(e).__name__}: {e}; fix the plug-in, or leave it out "
-                                "(HARNESS_PLUGINS, or uninstall its distribution)") from e
+        raise PluginImportError(f"{what}, which failed to load: {type(e).__name__}: {e}{_where(e)}; fix the plug-in, or "
+                                "leave it out (HARNESS_PLUGINS, or uninstall its distribution)") from e
+
+
+def _not_found(e: ImportError, mod: str) -> bool:
+    """Whether `e` says the plug-in module `mod` itself (or its package) is not there, rather than that an import
+    inside it failed (a missing dependency, a misspelt name: PYTHONPATH advice sent its author the wrong way)."""
+    target = mod.split(":")[0]
+    return isinstance(e, ModuleNotFoundError) and bool(e.name) and (target == e.name or target.startswith(e.name + "."))
+
+
+def _where(e: BaseException) -> str:
+    """' (at FILE:LINE)': the last line outside the harness's own packages that the error passed through (the plug-in's
+    raise, its import statement, its decorator line); '' when there is none (a SyntaxError names its line itself)."""
+    import traceback
+
+    root = Path(__file__).resolve().parent.parent
+    own = [root / p for p in ("harness", "methods", "reports")]
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith("<")
+              and not any(Path(f.filename).resolve().is_relative_to(d) for d in own)]
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
 
 
 def _file_hint(path: str) -> str:

@@ -64,6 +64,9 @@ class {cls}(TokenSelection):
 '''
 PLUGINS = {
     "raises": 'raise RuntimeError("boom at import")\n',
+    # found, but an import inside it fails: not "cannot be imported ... add their folder to PYTHONPATH"
+    "needs_dep": '"""A plug-in needing a library that is not installed."""\nimport pd_harness_not_installed_xyz  # noqa\n',
+    "misspelt_import": "from methods.base import Metod  # noqa\n",
     "syntax": "def (:\n",
     "takes_shortgpt": textwrap.dedent('''
         from methods.base import Method
@@ -178,7 +181,10 @@ WHAT = {  # what each broken plug-in's message must name
     "slash_method": "pd_harness_fault_slash_method.Slash: method name 'ab/cd' is not usable; a name is 1-64 letters",
     "comma_policy": "pd_harness_fault_comma_policy.Comma: KV policy name 'a b,c' is not usable",
     "spaced_task": "pd_harness_fault_spaced_task.Spaced: long-context task name 'my task' is not usable",
-    "raises": "RuntimeError: boom at import",
+    "raises": "RuntimeError: boom at import .at .*pd_harness_fault_raises.py:1.; fix the plug-in",
+    "needs_dep": "ModuleNotFoundError: No module named 'pd_harness_not_installed_xyz' .at .*pd_harness_fault_needs_dep.py:2.; "
+                 "install what it imports, or fix the import in the plug-in",
+    "misspelt_import": "ImportError: cannot import name 'Metod' from 'methods.base' .*pd_harness_fault_misspelt_import.py:1",
     "syntax": "SyntaxError",
     "takes_shortgpt": "method 'shortgpt' defined twice",
     "plain_config": "its Config must be a dataclass",
