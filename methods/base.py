@@ -128,7 +128,10 @@ class Method(abc.ABC):
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()
-        self.validate_config(self.config)
+        try:
+            self.validate_config(self.config)
+        except (ValueError, TypeError) as e:  # documented as UsageError: a plug-in's ValueError left a traceback (exit 1)
+            raise UsageError(f"--set {self.name}: {e}") from e
 
     def validate_config(self, config: Any) -> None:  # noqa: B027 - optional hook, no-op by default
         """Raise `UsageError` for option values that can never be valid (independent of the model)."""

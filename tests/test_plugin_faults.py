@@ -363,6 +363,31 @@ def test_a_plugin_method_that_makes_an_invalid_plan_is_bad_input_in_run_latency_
                                        "the model has 4") in deeper.stderr, deeper.stderr[-1500:]
 
 
+def test_a_validate_config_raising_value_error_is_bad_input_naming_the_method():
+    """docs/adding.md asks for UsageError; a plug-in's ValueError from `validate_config` left a traceback (exit 1)."""
+    from dataclasses import dataclass
+
+    from methods.base import Method, Options
+
+    class Picky(Method):
+        name = "picky"
+
+        @dataclass(frozen=True)
+        class Config(Options):
+            k: int = 1
+
+        def validate_config(self, config):
+            if config.k > 2:
+                raise ValueError(f"k={config.k}: at most 2")
+
+        def plan(self, model, calib, mode):
+            raise NotImplementedError
+
+    assert Picky().config.k == 1
+    with pytest.raises(UsageError, match=r"^--set picky: k=3: at most 2$"):
+        Picky(Picky.Config(k=3))
+
+
 def test_a_cell_failing_with_an_error_without_a_message_names_its_type(plugins, cli, tmp_path, data_dir):
     """A plug-in task's bare `assert` (or `raise NotImplementedError`) failed every cell with an empty error line:
     `error: unpruned/disaggregated: ` named neither the error nor what raised it."""
