@@ -591,25 +591,23 @@ def policy_probe(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / f"{USER_MODULE}.py").write_text(USER_SOURCE)
 
-    def load(source: str = POLICY_SOURCE) -> None:
-        (tmp_path / f"{POLICY_MODULE}.py").write_text(source)
+    def forget() -> None:
         for name in (f"{POLICY}_method", USER):
             if registry.registered(name):
                 registry.unregister(name)
         kv._POLICIES.pop(POLICY, None)
         for module in (POLICY_MODULE, USER_MODULE):
             sys.modules.pop(module, None)
+
+    def load(source: str = POLICY_SOURCE) -> None:
+        (tmp_path / f"{POLICY_MODULE}.py").write_text(source)
+        forget()
         methods.load_plugins(f"{POLICY_MODULE},{USER_MODULE}")
 
     load()
     yield load
-    for name in (f"{POLICY}_method", USER):
-        if registry.registered(name):
-            registry.unregister(name)
-    kv._POLICIES.pop(POLICY, None)
-    for module in (POLICY_MODULE, USER_MODULE):
-        sys.modules.pop(module, None)
-        plugin_code._ROOTS.discard(module)
+    forget()
+    plugin_code._ROOTS.difference_update({POLICY_MODULE, USER_MODULE})
 
 
 def test_an_edited_plugin_kv_policy_that_a_plugin_method_names_by_kind_refuses_its_records(policy_probe, cli, data_dir,
