@@ -130,6 +130,8 @@ class Method(abc.ABC):
         self.config = config if config is not None else self.Config()
         try:
             self.validate_config(self.config)
+        except UsageError:
+            raise
         except (ValueError, TypeError) as e:  # documented as UsageError: a plug-in's ValueError left a traceback (exit 1)
             raise UsageError(f"--set {self.name}: {e}") from e
 
