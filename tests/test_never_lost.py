@@ -312,9 +312,28 @@ def test_check_update_refuses_to_drop_a_reference_whose_rerun_cell_failed(tmp_pa
     assert "failed or did not finish (quality/shortgpt__unified.failed.json)" in err
     assert "with the --spec that made" in err  # the bare command reruns configs/ci.toml: another spec's references
     assert snapshot(ref) == before
-    (cur / "quality" / "shortgpt__unified.failed.json").unlink()  # dropped on purpose
+    (cur / "quality" / "shortgpt__unified.failed.json").unlink()  # the note gone: still a record the rerun lacks
+    assert cli_main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 2
+    assert "lacks 1 record(s) the references hold (quality/shortgpt__unified.json)" in capsys.readouterr().err
+    assert snapshot(ref) == before
+    (ref / "quality" / "shortgpt__unified.json").unlink()  # dropped on purpose, from the references
     assert cli_main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 0
     assert not (ref / "quality" / "shortgpt__unified.json").exists()
+
+
+def test_check_update_refuses_to_drop_references_the_rerun_does_not_hold(tmp_path, capsys):
+    """A latency section stopped by Ctrl-C leaves no note, nor does a deleted record: --update swapped in what the rerun
+    held and the references lost the rest in silence ("now holds the 6 record(s)")."""
+    ref, cur = _refs(tmp_path), _refs(tmp_path, "cur")
+    before = snapshot(ref)
+    shutil.rmtree(cur / "latency")
+    (cur / "latency").mkdir()  # an empty latency folder, as a stopped section leaves it
+    (cur / "quality" / "pdtrim__unified.json").unlink()
+    assert cli_main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 2
+    err = capsys.readouterr().err
+    lost = sorted(f"latency/{p.name}" for p in (ref / "latency").glob("*__*.json"))
+    assert f"lacks {len(lost) + 1} record(s) the references hold (" in err and all(x in err for x in lost[:4]), err
+    assert snapshot(ref) == before
 
 
 def test_check_update_of_an_unfinished_rerun_says_a_way_to_finish_that_check_takes(tmp_path, capsys):

@@ -123,6 +123,7 @@ def check_update(reference: Path, current: Path) -> dict[str, list[Path]]:
                          + "; give a rerun folder laid out like the references, e.g. DIR/quality and DIR/latency "
                            "(python -m harness check --against REF --out DIR makes one)")
     _refuse_dropping_unfinished(reference, current)
+    _refuse_dropping_missing(reference, current, sources)
     _refuse_non_finite(current, sources)
     return sources
 
@@ -157,7 +158,23 @@ def _refuse_dropping_unfinished(reference: Path, current: Path) -> None:
         raise UsageError(f"--current {current}: cell(s) of the rerun failed or did not finish ({', '.join(lost)}), "
                          f"so --update would drop their records from {reference}; rerun the check into a new folder "
                          f"(python -m harness check --against {reference} --update, with the --spec that made {current} "
-                         "when it was not configs/ci.toml), or remove those files to drop the records on purpose")
+                         f"when it was not configs/ci.toml), or remove those records from {reference} to drop them on "
+                         "purpose")
+
+
+def _refuse_dropping_missing(reference: Path, current: Path, sources: dict[str, list[Path]]) -> None:
+    """Refuse an update that would drop reference records the rerun does not hold at all: a latency section stopped
+    by Ctrl-C leaves no note, nor does a record file deleted, and the references lost them in silence."""
+    lost = []
+    for kind, files in record_sources(reference).items() if reference.is_dir() else ():
+        here = {p.name for p in sources.get(kind, [])}
+        lost += [f"{kind}/{p.name}" for p in files if rec.is_record_file(p) and p.name not in here]
+    if lost:
+        shown = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
+        raise UsageError(f"--current {current} lacks {len(lost)} record(s) the references hold ({shown}), so --update "
+                         f"would drop them from {reference}; rerun the check into a new folder (python -m harness check "
+                         f"--against {reference} --update), or remove those records from {reference} to drop them on "
+                         "purpose")
 
 
 def update_references(reference: Path, current: Path) -> int:
