@@ -172,6 +172,29 @@ def test_latency_cli_writes_records_and_replays_plans(tmp_path, cli):
     assert bad.returncode == 2 and "--decode-mode turbo: expected any of eager, static, graph" in bad.stderr
 
 
+def test_latency_plans_from_replays_a_swept_variants_plan(cli, tmp_path, data_dir):
+    """`latency --methods tail --set tail.k=1 --plans-from RUN` planned afresh beside the very plan it asked for,
+    stored by a depth sweep as `tail@k=1__disaggregated.json` (a quality run's --plans-from finds it): for PDTrim, the
+    whole search again, on random weights, under the replayed plan's name. The variant with the same options is
+    replayed; with options no variant has, the method plans afresh and says so."""
+    from harness.store import records
+
+    run = tmp_path / "q"
+    assert cli("--model", "random:tiny", "--device", "cpu", "--methods", "tail", "--set", "tail.k=1,2", "--tasks",
+               "arc_easy", "--limit", "2", "--mode", "disaggregated", "--out", run, data_dir=data_dir).returncode == 0
+    lat = ("latency", "--model", "random:tiny", "--device", "cpu", "--methods", "tail", "--prompt-tokens", "16",
+           "--decode-tokens", "2", "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--plans-from", run, "-q")
+    for k in (1, 2):
+        r = cli(*lat, "--set", f"tail.k={k}", "--out", tmp_path / f"lat{k}")
+        assert r.returncode == 0 and "planning afresh" not in r.stderr, r.stderr[-1500:]
+        (rec,) = records.load_dir(tmp_path / f"lat{k}")
+        stored = records.load(run / f"tail@k={k}__disaggregated.json")
+        assert rec.method == rec.plan["method"] == "tail" and rec.extra["plan_source"]["replayed_from"] == str(run.resolve())
+        assert rec.plan["removed_decode"] == stored.plan["removed_decode"] and len(rec.plan["removed_decode"]) == k
+    r = cli(*lat, "--set", "tail.k=3", "--out", tmp_path / "lat3")
+    assert r.returncode == 0 and "tail: no disaggregated plan to replay in --plans-from" in r.stderr
+
+
 def test_plans_are_measured_in_interleaved_rounds(tiny, monkeypatch):
     # another job's load changes from minute to minute: each round measures every plan once, so the
     # plans' fastest repeats (what the CI gate divides) sample the same stretches of load

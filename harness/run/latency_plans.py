@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from harness.config import sweep_base
 from harness.errors import UsageError
 from harness.pd.plan import PruningPlan
 from harness.store import records as rec
@@ -27,26 +28,33 @@ def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, P
         except rec.RecordError as e:  # another cell's unreadable record is not this run's to refuse (as a quality run)
             if path.name in {rec.record_filename(m, "disaggregated") for m in methods}:
                 raise UsageError(f"--plans-from: {e}; remove that file or pick another run folder") from None
+    own = {r.method for r in found if r.mode == "disaggregated"}
     for r in found:
-        if r.mode != "disaggregated" or r.method not in methods:  # other records are not this run's to read
+        # a method's own record, else a swept variant of it (`tail@k=1` for `--methods tail --set tail.k=1`, as a
+        # quality run's --plans-from finds it: the method planned afresh beside the very plan it asked to replay)
+        name = r.method if r.method in methods else sweep_base(r.method)
+        if r.mode != "disaggregated" or name not in methods or name in out or (name != r.method and name in own):
+            continue  # other records are not this run's to read
+        method = methods[name]
+        if method.needs_replan_on_resume():  # e.g. a trained FFN or healed blocks: not in the record
             continue
-        if methods[r.method].needs_replan_on_resume():  # e.g. a trained FFN or healed blocks: not in the record
-            continue
+        then, now = options_then(method, r), with_defaults(method, method.options())
+        if then != now and name != r.method:
+            continue  # another variant of the sweep
         try:
             plan = PruningPlan.from_dict(r.plan)
         except (KeyError, TypeError, ValueError) as e:
             raise UsageError(f"--plans-from: {r.method}'s plan is not valid ({type(e).__name__}: {e})") from None
         if plan.n_layers != n_layers:
             raise UsageError(_depth_mismatch(folder, r, plan.n_layers, n_layers))
-        if edited := other_code(r, methods[r.method]):
+        if edited := other_code(r, method):
             raise UsageError(f"--plans-from {plans_from}: {r.method}'s plan was made by other code of its plug-in "
                              f"({', '.join(edited)} changed since); plan afresh without --plans-from")
-        then, now = options_then(methods[r.method], r), with_defaults(methods[r.method], methods[r.method].options())
         if then != now:
             diff = options_diff(then, now, "there", "here")
             raise UsageError(f"--plans-from {plans_from}: {r.method}'s plan was made with other options ({diff}); give "
                              "the same --set options, or plan afresh without --plans-from")
-        out[r.method] = plan
+        out[name] = plan.replace(method=name) if plan.method != name else plan
     return out
 
 
