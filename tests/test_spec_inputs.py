@@ -53,9 +53,15 @@ def run_recorded(path: Path) -> tuple[list[str], object]:
     # a number was taken as a hub id ("1.5"): under sweep every cell then failed after ~50 s of the hub's retries
     ("run", {**RUN, "model": 1.5}, "[run] model: expected a model name or path in quotes, got 1.5"),
     ("latency", {**LATENCY, "model": 7}, "[latency] model: expected a model name or path in quotes, got 7"),
+    # found after the whole [run] (an hour for configs/main_table.toml), and the message named neither spec nor section
+    ("latency", {**LATENCY, "plans_from": "runn"}, "[latency]: plans_from runn: not a folder of run records"),
+    # the latency section then refused the run's own records as "a different configuration", after the whole [run]
+    ("latency", {**LATENCY, "out": "SAME"}, "is [run]'s out too: a folder holds one run's"),
 ])
 def test_config_checks_every_section_before_the_run(tmp_path, section, body, message):
     sections = {"run": {**RUN, "out": str(tmp_path / "q")}, section: {"out": str(tmp_path / "o"), **body}}
+    if body.get("out") == "SAME":
+        sections[section]["out"] = str(tmp_path / "q")
     if section == "run":  # with a [latency] section replaying the run's plans, which inherits the run's set
         sections["latency"] = {**LATENCY, "set": [], "plans_from": "run", "out": str(tmp_path / "l")}
     path = spec(tmp_path, **sections)
@@ -215,7 +221,7 @@ def test_a_spec_run_from_another_folder_than_its_records_is_refused(tmp_path, mo
 
     (tmp_path / "configs").mkdir()
     (tmp_path / "res" / "x").mkdir(parents=True)
-    path = spec(tmp_path / "configs", run={**RUN, "out": "res/x"}, latency={**LATENCY, "out": "res/x"})
+    path = spec(tmp_path / "configs", run={**RUN, "out": "res/x"}, latency={**LATENCY, "out": "res/y"})
     (tmp_path / "docs").mkdir()
     monkeypatch.chdir(tmp_path / "docs")
     with pytest.raises(UsageError, match=re.escape(f"[run] out = 'res/x': no such folder in the current folder "

@@ -325,6 +325,7 @@ def report_inputs(spec: Spec, default: list[str]) -> list[str]:
 def check_latency(spec: Spec, ns: argparse.Namespace) -> None:
     """What `python -m harness latency` refuses before its model work (decode modes, warm-up, methods and
     their `--set` options), for `[latency]`'s options: a spec fails at once, not after its quality run."""
+    from harness.cli.flags import need_records_folder
     from harness.cli.latency import check_latency_args
     from harness.config import RunConfig
     from harness.latency.measure import DECODE_MODES
@@ -337,6 +338,13 @@ def check_latency(spec: Spec, ns: argparse.Namespace) -> None:
                                               overrides=tuple(ns.overrides)), need_data=ns.plans_from is None)
         if spec.sections["latency"].get("plans_from") == "run" and "run" in spec.sections:
             _same_options_as_run(spec, prepared.methods)
+        else:  # a typo'd folder: refused now, not after the whole [run]
+            need_records_folder(ns.plans_from, "plans_from")
+        run_out = spec.out("run") if "run" in spec.sections else None
+        if ns.out and run_out and Path(ns.out).resolve() == run_out.resolve():
+            raise UsageError(f"out {ns.out} is [run]'s out too: a folder holds one run's records (its latency records "
+                             "would be refused beside the quality records of their methods, after the whole [run]); "
+                             "give [latency] an out of its own")
         if ns.out:  # its records of an edited plug-in: refused now, not after the quality run
             from harness.run.latency_run import refuse_edited_plugins
 
