@@ -88,19 +88,17 @@ def _results_path(path: Any) -> Path:
 def _one_per_folder(loaded: dict[Path, RunRecord]) -> list[Path]:
     """The files to keep: one record per (method, mode, kind) and folder, the one in the cell's own file name (else
     the first); each other one, a renamed copy whose rows could not be told apart, is skipped with a warning."""
+    from harness.store.records import one_of_a_cell
+
     kept: dict[tuple, Path] = {}
     for f, r in loaded.items():
         cell = (f.parent, r.method, r.mode, r.config.get("kind"))
-        if cell in kept:
-            other = kept[cell]
-            keep_new = f.name == r.filename and other.name != loaded[other].filename
-            dropped, kept_name = (other, f.name) if keep_new else (f, other.name)
-            warnings.warn(f"load_results: {dropped}: a second record of {r.method}/{r.mode} in its folder, beside "
-                          f"{kept_name} (one record per method and PD setting in a folder); skipped", HarnessWarning,
-                          stacklevel=3)
-            if not keep_new:
-                continue
-        kept[cell] = f
+        if cell not in kept:
+            kept[cell] = f
+            continue
+        first = kept[cell]
+        kept[cell], _, why = one_of_a_cell(first, loaded[first], f, r)
+        warnings.warn(f"load_results: {why}", HarnessWarning, stacklevel=3)
     return sorted(kept.values())
 
 

@@ -11,7 +11,17 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.store.records import RecordError, RunRecord, is_record_file, load, load_failures, record_files_under, run_files_under, unfinished_hint
+from harness.store.records import (
+    RecordError,
+    RunRecord,
+    is_record_file,
+    load,
+    load_failures,
+    one_of_a_cell,
+    record_files_under,
+    run_files_under,
+    unfinished_hint,
+)
 
 # Metric shown per task under each named convention. `paper` is lm-eval's usual reporting (and the
 # PDTrim / ShortGPT papers'): length-normalised accuracy where answer lengths differ a lot.
@@ -201,11 +211,9 @@ def _add(col: Collection, r: RunRecord, f: Path) -> None:
     lst = col.latency if is_latency(r) else col.quality
     twin = next((o for o in lst if (o.method, o.mode) == (r.method, r.mode) and col.folder(o).resolve() == f.parent.resolve()), None)
     if twin is not None:
-        keep_new = f.name == r.filename and col.source(twin).name != twin.filename
-        kept, dropped = (f, col.source(twin)) if keep_new else (col.source(twin), f)
-        col.skipped.append(f"{dropped}: a second record of {r.method}/{r.mode} in its folder, beside {kept.name} "
-                           "(one record per method and PD setting in a folder); skipped")
-        if not keep_new:
+        kept, _, why = one_of_a_cell(col.source(twin), twin, f, r)
+        col.skipped.append(why)
+        if kept != f:
             return
         lst.remove(twin)
         del col.sources[id(twin)]

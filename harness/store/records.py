@@ -205,6 +205,16 @@ def non_finite_scores(r: RunRecord) -> list[str]:
             if isinstance(v.get(k), float) and not math.isfinite(v[k])]
 
 
+def one_of_a_cell(first: Path, first_record: RunRecord, second: Path, second_record: RunRecord) -> tuple[Path, Path, str]:
+    """(kept, dropped, why) for two records of one cell read from one folder (a renamed copy beside a record, whose rows
+    could not be told apart from its): the one in the cell's own file name is kept, else the first read. `report`
+    and `load_results` keep the same one and say the same of the other."""
+    keep_second = second.name == second_record.filename and first.name != first_record.filename
+    kept, dropped = (second, first) if keep_second else (first, second)
+    return kept, dropped, (f"{dropped}: a second record of {second_record.method}/{second_record.mode} in its folder, "
+                           f"beside {kept.name} (one record per method and PD setting in a folder); skipped")
+
+
 def record_filename(method: str, mode: str) -> str:
     return f"{method}__{mode}.json"
 
