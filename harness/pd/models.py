@@ -180,14 +180,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def _known_preset_config(preset: str):
+    """`preset_config(preset)`; a UsageError naming the presets for a name that is none of them."""
+    if preset not in PRESETS:
+        raise UsageError(f"unknown random preset {preset!r}; known: {', '.join('random:' + p for p in sorted(PRESETS))}")
+    return preset_config(preset)
+
+
 def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
                  placement: Placement | None = None, attn_implementation: str = "sdpa") -> LoadedModel:
     """Seeded random weights in the shape of `preset` (see PRESETS)."""
     from transformers import AutoModelForCausalLM
 
-    if preset not in PRESETS:
-        raise UsageError(f"unknown random preset {preset!r}; known: {', '.join('random:' + p for p in sorted(PRESETS))}")
-    cfg = preset_config(preset)
+    cfg = _known_preset_config(preset)
     torch.manual_seed(seed)
     # a placed model is built in host memory and then spread by `dispatch`: built on the device, one larger than the
     # device ran out of its memory before placement, and accelerate's balancing saw that memory as taken
@@ -251,10 +256,7 @@ def tokenizer_and_config(spec: str = DEFAULT_MODEL, model_args: dict[str, Any] |
     model_args = dict(model_args or {})
     spec = _expanded(spec)
     if spec.startswith("random:"):
-        preset = spec.split(":", 1)[1]
-        if preset not in PRESETS:
-            raise UsageError(f"unknown random preset {preset!r}; known: {', '.join('random:' + p for p in sorted(PRESETS))}")
-        config = preset_config(preset)
+        config = _known_preset_config(spec.split(":", 1)[1])
         return byte_tokenizer(config.vocab_size), config
     src, desc, local_only = _source(spec, model_args)
     kw = {k: v for k, v in model_args.items() if k in ("revision", "trust_remote_code")}
