@@ -186,12 +186,27 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 120) -> Non
         time.sleep(0.02)
 
 
+def _wait_for_holder(lock_file: Path, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Until `proc` holds `lock_file`: the file exists as soon as it is opened, and is locked and names its holder only
+    after (a process stopped in between held nothing: a CI run under load let the second run through)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if json.loads(lock_file.read_text()).get("pid") == proc.pid:
+                return
+        except (OSError, ValueError):
+            pass  # not there yet, or not yet written
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"{lock_file} never named pid {proc.pid}"
+        time.sleep(0.02)
+
+
 def test_a_second_run_into_the_same_out_is_refused_and_names_the_first(data_dir, tmp_path, cli):
     out = tmp_path / "out"
     run = ["run", *TINY, "--methods", "unpruned,tail", "--set", "tail.k=1", "--tasks", "pd_ppl", "--set", "pd_ppl.docs=1",
            "--set", "pd_ppl.prompt_tokens=32", "--set", "pd_ppl.cont_tokens=8", "--mode", "disaggregated", "--out", str(out)]
     first = _harness(*run)
-    _wait_for(out / lock.LOCK_NAME, first)
+    _wait_for_holder(out / lock.LOCK_NAME, first)
     os.kill(first.pid, signal.SIGSTOP)  # paused while it holds the lock: a fast machine must not finish it first
     try:
         second = cli(*run[:-1], out, "--limit", "4", data_dir=data_dir)  # in this process: the first is another
