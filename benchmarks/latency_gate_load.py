@@ -54,8 +54,8 @@ def main() -> int:
             continue
         for label in r.latency:
             for fig in ("ttft_ms_p50", "tpot_ms_p50"):
-                a = _ratio(r, runs["quiet"]["unpruned"], label, fig)
-                b = _ratio(runs["loaded"][name], runs["loaded"]["unpruned"], label, fig)
+                a, _ = _ratio(r, runs["quiet"]["unpruned"], label, fig)
+                b, _ = _ratio(runs["loaded"][name], runs["loaded"]["unpruned"], label, fig)
                 print(f"{name:12s} {label:24s} {fig:12s} {a:8.3f} {b:8.3f} {b / a:13.2f}")
     res = check(tmp / "quiet", tmp / "loaded")
     print(f"\ngate at tolerance {RATIO_TOLERANCE} ({1 + RATIO_TOLERANCE:g}×): {'passed' if res.ok else 'FAILED'}")

@@ -157,7 +157,7 @@ def test_latency_gate_compares_ratios_to_unpruned_not_milliseconds(tmp_path):
         res = check(REFERENCE, cur)
         assert res.ok != fails, (by, res.failures)
     ref_ratio = ratio_of_fastest(REFERENCE, "shortgpt", "unpruned", "tpot_ms")
-    assert res.failures == [f"shortgpt/disaggregated (latency): latency_T256_n8_b1 tpot_ms_p50 / unpruned {ref_ratio:.3f} -> "
+    assert res.failures == [f"shortgpt/disaggregated (latency): latency_T256_n8_b1 tpot_ms (fastest repeat) / unpruned {ref_ratio:.3f} -> "
                             f"{1.6 * ref_ratio:.3f} (1.60× the reference ratio; allowed up to 1.50×)"]
 
 
@@ -173,7 +173,23 @@ def test_a_latency_figure_missing_in_the_rerun_fails(tmp_path):
             del samples["tpot_ms"]
     _edit(cur / "latency", "shortgpt__disaggregated.json", drop_tpot)
     res = check(REFERENCE, cur)
-    assert res.failures == ["shortgpt/disaggregated (latency): latency_T256_n8_b1 tpot_ms_p50 / unpruned missing in the rerun"]
+    assert res.failures == ["shortgpt/disaggregated (latency): latency_T256_n8_b1 tpot_ms (fastest repeat) / unpruned missing in the rerun"]
+
+
+def test_a_failed_ratio_names_the_figures_it_divided(tmp_path):
+    """The gate divides fastest repeats where a record keeps its samples and the stored p50 where it does not (an
+    older record): a failure names which, so nobody reads a fastest-repeat ratio as a p50 one or the reverse."""
+    cur = _copy(tmp_path)
+
+    def slower_without_samples(d):
+        for metrics in d["scores"].values():
+            metrics["tpot_ms_p50"]["value"] *= 3.0
+        for samples in d["extra"]["latency"].values():
+            del samples["tpot_ms"]
+    _edit(cur / "latency", "shortgpt__disaggregated.json", slower_without_samples)
+    res = check(REFERENCE, cur)
+    assert len(res.failures) == 1, res.failures
+    assert "latency_T256_n8_b1 tpot_ms_p50 / unpruned's tpot_ms (fastest repeat) " in res.failures[0], res.failures
 
 
 def test_only_latency_ratios_beyond_the_tolerance_count_as_timing(tmp_path):
@@ -691,7 +707,7 @@ def test_latency_ratios_alone_beyond_the_tolerance_are_measured_once_more(tmp_pa
     monkeypatch.setattr(check_cli, "cmd_latency", lambda ns: slow_tail(ns, slow_in=(1, 2)))
     r = cli("check", "--against", ref, "--spec", spec, "--out", tmp_path / "run3", *tol, "-q")
     assert r.returncode == 1 and len(calls) == 2, r.stdout
-    assert "FAIL  tail/disaggregated (latency): latency_T24_n3_b1 tpot_ms_p50 / unpruned" in r.stdout
+    assert "FAIL  tail/disaggregated (latency): latency_T24_n3_b1 tpot_ms (fastest repeat) / unpruned" in r.stdout
 
 
 @pytest.mark.parametrize("side,field", [("rerun", "value"), ("reference", "value"), ("reference", "stderr")])
@@ -712,7 +728,7 @@ def test_a_score_or_stderr_that_is_not_a_number_fails(tmp_path, side, field):
         assert any(f.startswith("pdtrim/disaggregated: arc_easy acc ") and "-> 0.0" in f for f in res.failures), res.failures
     _edit(cur / "latency", "shortgpt__disaggregated.json", _scale("ttft_ms_p50", float("nan")))
     res = check(ref, cur)  # a latency ratio of NaN is not "within the tolerance" either
-    assert "shortgpt/disaggregated (latency): latency_T256_n8_b1 ttft_ms_p50 / unpruned is nan in the rerun" in res.failures
+    assert "shortgpt/disaggregated (latency): latency_T256_n8_b1 ttft_ms (fastest repeat) / unpruned is nan in the rerun" in res.failures
 
 
 def test_what_only_the_rerun_holds_is_not_gated_and_fails(tmp_path):

@@ -157,21 +157,25 @@ def device_kind(r: RunRecord) -> str:
     return str(r.environment.get("device") or "?").split(":")[0]
 
 
-def _fastest(r: RunRecord, label: str, figure: str) -> float | None:
-    """The fastest repeat of a figure (`ttft_ms_p50` -> min of the `ttft_ms` samples), else the stored
-    figure: interference from other jobs only ever adds time, so the minimum is the estimate it
-    disturbs least, and one quiet repeat per plan is enough for a stable ratio."""
+def _fastest(r: RunRecord, label: str, figure: str) -> tuple[float | None, str]:
+    """The fastest repeat of a figure (`ttft_ms_p50` -> min of the `ttft_ms` samples) and the words
+    for it, else the stored figure (a record without samples): interference from other jobs only ever
+    adds time, so the minimum is the estimate it disturbs least, and one quiet repeat per plan is
+    enough for a stable ratio."""
     w = r.latency.get(label)
     samples = getattr(w, "samples", None) or {}
-    xs = samples.get(figure.rsplit("_", 1)[0])
+    name = figure.rsplit("_", 1)[0]
+    xs = samples.get(name)
     if isinstance(xs, list) and xs and all(isinstance(x, (int, float)) for x in xs):
-        return float(min(xs))
-    return r.figure(label, figure)
+        return float(min(xs)), f"{name} (fastest repeat)"
+    return r.figure(label, figure), figure
 
 
-def _ratio(r: RunRecord, dense: RunRecord, label: str, figure: str) -> float | None:
-    num, den = _fastest(r, label, figure), _fastest(dense, label, figure)
-    return None if num is None or not den else num / den
+def _ratio(r: RunRecord, dense: RunRecord, label: str, figure: str) -> tuple[float | None, str]:
+    """A plan's figure over the unpruned plan's, and the words for what was divided."""
+    (num, how), (den, dense_how) = _fastest(r, label, figure), _fastest(dense, label, figure)
+    words = f"{how} / {DENSE}" if how == dense_how else f"{how} / {DENSE}'s {dense_how}"
+    return (None if num is None or not den else num / den), words
 
 
 def latency_notes(where: str, ref: RunRecord, cur: RunRecord, res: CheckResult) -> None:
@@ -204,14 +208,15 @@ def compare_latency(ref: dict[str, RunRecord], cur: dict[str, RunRecord], res: C
             continue
         for label in r.latency:
             for m in LATENCY_METRICS:
-                _compare_ratio(f"{key} (latency): {label}", m, _ratio(r, ref_dense, label, m),
-                               _ratio(c, cur_dense, label, m), res, tolerance)
+                (a, ref_what), (b, what) = _ratio(r, ref_dense, label, m), _ratio(c, cur_dense, label, m)
+                _compare_ratio(f"{key} (latency): {label}", ref_what if b is None else what, a, b, res, tolerance)
 
 
-def _compare_ratio(where: str, m: str, a: float | None, b: float | None, res: CheckResult, tolerance: float) -> None:
+def _compare_ratio(where: str, what: str, a: float | None, b: float | None, res: CheckResult,
+                   tolerance: float) -> None:
+    """One ratio of the gate: `what` names the figures divided, as the rerun holds them."""
     if a is None:
         return
-    what = f"{m} / {DENSE}"
     if not math.isfinite(a):
         res.failures.append(f"{where} {what} is {a} in the reference: not a time to compare with; {REFRESH}")
     elif b is None or not math.isfinite(b):
