@@ -248,6 +248,36 @@ def test_the_latency_rounds_say_an_eta(tiny, monkeypatch):
                         for r, b, eta in [(2, 1, "4.0 s"), (2, 2, "3.0 s"), (3, 1, "2.0 s"), (3, 2, "1.0 s")]]
 
 
+def test_the_latency_eta_counts_the_real_handoffs_of_the_last_round(tiny, monkeypatch):
+    """`--real-transfer` moves each plan and workload's handoff between two processes in the last round (a process
+    starts each time: seconds); the ETA left them out and ran out while they went on. Before one is timed the line
+    says they come on top; after, it counts each one left at their mean time."""
+    import methods
+    from harness.run import latency_run
+
+    now, real = [0.0], latency_run.measure
+
+    def one_second_a_run(model, plan, w, **kw):  # a fake clock: every run takes 1 s, every handoff moved 5 s
+        now[0] += kw["warmup"] + kw["repeats"]
+        return real(model, plan, w, **kw)
+
+    def five_seconds(m, what):
+        now[0] += 5
+        return {"kv_bytes_received": m.kv_bytes}
+
+    monkeypatch.setattr(latency_run, "measure", one_second_a_run)
+    monkeypatch.setattr(latency_run, "_real_transfer", five_seconds)
+    monkeypatch.setattr(latency_run, "perf_counter", lambda: now[0])
+    said: list[str] = []
+    cfg = latency_run.LatencyConfig(prompt_tokens=(12,), decode_tokens=(2,), batch_sizes=(1, 2), warmup=1, repeats=3,
+                                    real_transfer=True)
+    dense = PruningPlan("unpruned", 4, (0, 1, 2, 3), (0, 1, 2, 3))
+    latency_run._measure_interleaved(cfg, tiny.model, [("unpruned", methods.get("unpruned")(), dense)], said.append)
+    assert [line.split(" · ")[1] for line in said[2:]] == [
+        "ETA 4.0 s + 2 handoffs between processes", "ETA 3.0 s + 2 handoffs between processes",
+        "ETA 2.0 s + 2 handoffs between processes", "ETA 6.0 s"]  # the last: 1 s to measure, 5 s to move
+
+
 def test_two_process_transfer_receives_exactly_the_counted_bytes(tiny):
     import torch
 

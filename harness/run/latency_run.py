@@ -317,7 +317,7 @@ def _measure_interleaved(cfg: LatencyConfig, model, todo: list[tuple], say: Call
     out: dict[str, dict] = {name: {} for name, _, _ in todo}
     moved: dict[tuple[str, str], dict] = {}
     labels = [(w, mode, workload_name(w, mode)) for w, mode in itertools.product(cfg.workloads(), cfg.decode_modes)]
-    eta = _Eta(cfg.repeats, [(name, label) for name, _, _ in todo for _, _, label in labels])
+    eta = _Eta(cfg.repeats, [(name, label) for name, _, _ in todo for _, _, label in labels], cfg.real_transfer)
     for r in range(cfg.repeats):
         for name, method, plan in [t for t in todo if t[0] in out]:
             try:
@@ -330,7 +330,9 @@ def _measure_interleaved(cfg: LatencyConfig, model, todo: list[tuple], say: Call
                                         decode_mode=mode)
                         eta.last_s[name, label] = (perf_counter() - t0) / (1 + (cfg.warmup if r == 0 else 0))
                         if cfg.real_transfer and r == cfg.repeats - 1:  # once, while the handoff's tensors exist
+                            t0 = perf_counter()
                             moved[name, label] = _real_transfer(m, f"{name} {label}")
+                            eta.transfer_s.append(perf_counter() - t0)
                         if label in out[name]:
                             out[name][label].extend(m)
                         else:
@@ -347,11 +349,15 @@ def _measure_interleaved(cfg: LatencyConfig, model, todo: list[tuple], say: Call
 @dataclass
 class _Eta:
     """What each round line says of the time left: from the second round on, the rest of this round (this unit
-    included) and the rounds after it, at each (method, label) unit's last time (round 1: warm-ups divided out)."""
+    included) and the rounds after it, at each (method, label) unit's last time (round 1: warm-ups divided out).
+    With `transfers`, the last round also moves each unit's handoff between two processes (seconds each: a
+    process starts): at their mean time once one has been timed, else the line says they come on top."""
 
     repeats: int
     units: list[tuple[str, str]]  # in the rounds' order
+    transfers: bool = False
     last_s: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
+    transfer_s: list[float] = dataclasses.field(default_factory=list)  # the real handoffs timed so far (last round)
 
     def text(self, r: int, unit: tuple[str, str], methods) -> str:
         """' · ETA ...' for `unit` in round `r` (from 0), over the units of `methods` (those still measured)."""
@@ -360,8 +366,13 @@ class _Eta:
         if r == 0:  # one round only: no later round to estimate from
             return " · ETA after the first round" if self.repeats > 1 else ""
         live = [u for u in self.units if u[0] in methods]
-        rest = sum(self.last_s[u] for u in live[live.index(unit):])
-        return f" · ETA {fmt_s(rest + (self.repeats - r - 1) * sum(self.last_s[u] for u in live))}"
+        left = live[live.index(unit):]
+        s = sum(self.last_s[u] for u in left) + (self.repeats - r - 1) * sum(self.last_s[u] for u in live)
+        if not self.transfers:
+            return f" · ETA {fmt_s(s)}"
+        if self.transfer_s:  # only timed in the last round, where each unit left still moves its handoff
+            return f" · ETA {fmt_s(s + len(left) * sum(self.transfer_s) / len(self.transfer_s))}"
+        return f" · ETA {fmt_s(s)} + {len(live)} handoffs between processes"
 
 
 def _real_transfer(m, what: str) -> dict:
