@@ -1029,3 +1029,26 @@ def test_latency_plans_from_skips_another_cells_unreadable_record_as_a_quality_r
     (src / "unpruned__disaggregated.json").write_text("{")  # this run's own: refused, naming it
     assert main([*argv, "--out", str(tmp_path / "b")]) == 2
     assert "unpruned__disaggregated.json" in capsys.readouterr().err
+
+
+def test_a_workload_beyond_the_models_context_is_measured_and_said(tmp_path, capsys):
+    """A workload needing more positions than `max_position_embeddings` (random:tiny: 4096) was measured without a
+    word, although no deployment of the model serves it: it is still measured (a layer's cost does not depend on
+    the positions), and the run says which workloads exceed the context. One that just fits is not named."""
+    from harness.cli import main
+    from harness.latency.measure import Workload, beyond_context
+    from harness.pd.presets import PRESETS
+
+    config = type("C", (), {"max_position_embeddings": PRESETS["tiny"]["max_position_embeddings"]})()
+    assert config.max_position_embeddings == 4096
+    assert beyond_context([Workload(4096, 1, 1), Workload(4000, 97, 2)], config) is None  # 4096 positions each
+    words = beyond_context([Workload(4096, 2, 1), Workload(4096, 2, 4), Workload(16, 2, 1)], config)
+    assert words.startswith("2 workload(s) need more positions than the model's context of 4096 tokens "
+                            "(prompt+decode 4096+2)"), words
+    assert beyond_context([Workload(10**6, 2, 1)], object()) is None  # a config naming no context: nothing to say
+    argv = ["latency", "--model", "random:tiny", "--device", "cpu", "--methods", "unpruned", "--prompt-tokens", "4096",
+            "--decode-tokens", "2", "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 workload(s) need more positions than the model's context of 4096 tokens (prompt+decode 4096+2)" in err
+    assert (tmp_path / "a" / "unpruned__disaggregated.json").exists()

@@ -46,6 +46,19 @@ class Workload:
             raise ValueError(f"workload needs positive sizes, got {self}")
 
 
+def beyond_context(workloads: Sequence[Workload], config: Any) -> str | None:
+    """Words for the workloads whose positions (prompt_tokens + decode_tokens - 1) exceed the model's context
+    (`max_position_embeddings` of its config), else None. They are measured all the same: a layer's cost does not
+    depend on which positions it computes, but no deployment of the model serves such a request."""
+    context = getattr(config, "max_position_embeddings", None)
+    over = [w for w in workloads if context and w.prompt_tokens + w.decode_tokens - 1 > context]
+    if not over:
+        return None
+    shown = ", ".join(sorted({f"{w.prompt_tokens}+{w.decode_tokens}" for w in over}))
+    return (f"{len(over)} workload(s) need more positions than the model's context of {context} tokens "
+            f"(prompt+decode {shown}): measured all the same, though the model was not trained to serve them")
+
+
 class Clock:
     """Times a callable, in milliseconds: CUDA events on one GPU; for a model spread over several GPUs
     (`--device-map`), the host's clock between synchronisations of all of them (an event pair times one

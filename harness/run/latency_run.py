@@ -22,7 +22,7 @@ from time import perf_counter
 from typing import Any
 
 from harness.errors import UsageError
-from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Workload, measure
+from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Workload, beyond_context, measure
 from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
 from harness.run.latency_figures import figure_code, keep_failures, measured_figures, refresh_figures
 from harness.run.latency_plans import replayed_plans
@@ -137,6 +137,8 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
     from harness.run.env import env_info
 
     model = loaded.model
+    if words := beyond_context(cfg.workloads(), model.config):
+        say(f"warning: {words}")
     env = env_info(str(arch.model_device(model)))
     copy_bw = copy_bandwidth_bytes_per_s(arch.model_device(model))
     out_dir.mkdir(parents=True, exist_ok=True)
