@@ -151,6 +151,11 @@ def _no_record(folder: Path, method: str, mode: str) -> str:
         why = f" (that cell failed there: {folder / rec.failure_filename(method, mode)}; rerun it to make its plan)"
     elif (folder / rec.partial_filename(method, mode)).is_file():
         why = " (that cell did not finish there: rerun its command to finish it)"
+    variants = sorted(r for p in folder.glob(f"*__{mode}.json")
+                      if rec.is_record_file(p) and sweep_base(r := p.name[:-len(f"__{mode}.json")]) == method != r)
+    if variants and not why:  # a sweep's folder: its records are named by variant, not by the method
+        why = (f" (a sweep's variants of {method} are there: {', '.join(variants)}; pass one as --method, e.g. "
+               f"--method '{variants[0]}')")
     return (f"--plans-from {folder}: no record {rec.record_filename(method, mode)}{why}; "
             f"records there: {', '.join(have) or 'none'}")
 
