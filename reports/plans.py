@@ -32,8 +32,21 @@ def _policy_text(kv: dict, info: dict | None = None) -> str:
             return stored
         if isinstance(kv, dict) and isinstance(kv.get("kind"), str):
             options = ", ".join(f"{k}={v}" for k, v in kv.items() if k not in ("kind", "budget"))
-            return f"{kv['kind']} ({options})" if options else kv["kind"]
+            return (f"{kv['kind']} ({options})" if options else kv["kind"]) + _budget_text(kv.get("budget"))
         return str(kv)
+
+
+def _budget_text(budget) -> str:
+    """', budget = ...' as a token-selection policy words it (`KVBudget.describe`): a plug-in policy's budget is
+    the harness's own type, readable without the plug-in; '' for none, or one that is not a budget."""
+    from harness.pd.kv import KVBudget  # torch-free (the one import of the engine reports may make, pyproject.toml)
+
+    if not isinstance(budget, dict):
+        return ""
+    try:
+        return ", budget = " + KVBudget.from_dict(budget).describe()
+    except (KeyError, TypeError, ValueError):
+        return f", budget = {budget}"
 
 
 def plans_table(records: Collection | Sequence[RunRecord]) -> pd.DataFrame:

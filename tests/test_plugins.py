@@ -218,7 +218,14 @@ def test_reports_show_a_plugin_policy_they_cannot_load():
     kv = {"kind": "not_loaded", "budget": {"ratio": 0.5}, "stride": 2}
     assert _policy_text(kv, {"kv": {"policy": "not_loaded (every 2nd), budget = ratio 0.5"}}) == \
         "not_loaded (every 2nd), budget = ratio 0.5"  # the text the KV baseline stored
-    assert _policy_text(kv, {}) == "not_loaded (stride=2)"
+    # else its kind, options and budget (the budget is the harness's KVBudget: readable without the plug-in)
+    assert _policy_text(kv, {}) == "not_loaded (stride=2), budget = ratio 0.5 per layer"
+    assert _policy_text({**kv, "budget": {"tokens": 64}}, {}) == "not_loaded (stride=2), budget = 64 tokens per layer"
+    match = {"match": {"kind": "first_last", "n_first": 16, "n_last": 48, "layers": [3]}}
+    assert _policy_text({"kind": "not_loaded", "budget": match}, {}).startswith("not_loaded, budget = bytes of ")
+    assert _policy_text({"kind": "not_loaded", "budget": {"tokens": 1, "ratio": 0.5}}, {}) == \
+        "not_loaded, budget = {'tokens': 1, 'ratio': 0.5}"  # not a budget the harness reads: shown as stored
+    assert _policy_text({"kind": "not_loaded", "stride": 2}, {}) == "not_loaded (stride=2)"  # no budget
 
 
 @pytest.mark.parametrize("option", ["k", "keep_first", "keep_last"])
