@@ -71,10 +71,14 @@ def attempt(out: dict, step: str, fn):
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - recorded, printed, and the exit status says so
-        traceback.print_exc()
-        out.setdefault("errors", []).append({"step": step, "error": f"{type(e).__name__}: {str(e)[:500]}"})
-        print(f"# FAILED {step}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        record_failure(out, step, e)
         return None
+
+
+def record_failure(out: dict, step: str, e: Exception) -> None:
+    traceback.print_exc()
+    out.setdefault("errors", []).append({"step": step, "error": f"{type(e).__name__}: {str(e)[:500]}"})
+    print(f"# FAILED {step}: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
 
 def free(device) -> None:
@@ -85,9 +89,10 @@ def free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def latency_rows(shape: str, loaded, args, budget: Budget, modes) -> None:
+def latency_rows(shape: str, loaded, args, budget: Budget, modes, after_row=None) -> None:
     """Section (b) for one shape: every plan × batch × decode mode that fits the budget, each row appended to
-    out["latency"] and written (JSON and table) as soon as it is measured, as is a failed step."""
+    out["latency"] and written (JSON and table) as soon as it is measured, as is a failed step; `after_row()` runs
+    before each row is written ((c) from the rows so far)."""
     from harness.latency.measure import Workload, measure
 
     model, rows = loaded.model, budget.out["latency"]
@@ -113,6 +118,8 @@ def latency_rows(shape: str, loaded, args, budget: Budget, modes) -> None:
                 if name == "pdtrim-like" and b == args.batch_sizes[0] and mode == "eager" and shape == args.latency_shapes[0]:
                     budget.out["_handoff_for_ipc"] = (shape, m.handoff)  # (d) hands this one over
                 del m  # its handoff's KV is not held while the next row is measured
+                if after_row is not None:
+                    after_row()
                 save(budget.out, args)  # a run killed mid-shape keeps the rows it measured
 
 
@@ -160,6 +167,16 @@ def hbm_bound(rows: list[dict], models: dict, bw: float, first_shape: str, small
                     "tpot_over_expected": row["tpot_ms_p50"] / (bound_ms + floor_ms) if floor_ms is not None else None})
     return {"copy_bandwidth_bytes_per_s": bw, "small_op_s": small_op_s, "decode_mode": models["bound_mode"], "rows": out,
             "check": bound_check(out, first_shape, models["bound_mode"])}
+
+
+def bound_now(out: dict, models: dict, args) -> None:
+    """out["hbm_bound"]: section (c) from the latency rows measured so far; a failure is recorded once (not per row)."""
+    try:
+        out["hbm_bound"] = hbm_bound(out["latency"], models, out["rates"]["copy_bandwidth_bytes_per_s"], args.latency_shapes[0],
+                                     out["rates"].get("small_op_s"))
+    except Exception as e:  # noqa: BLE001 - recorded, as `attempt` does, and the run goes on
+        if not any(x["step"] == "hbm bound" for x in out.get("errors", [])):
+            record_failure(out, "hbm bound", e)
 
 
 def bound_check(rows: list[dict], first_shape: str, mode: str) -> dict | None:
@@ -350,7 +367,9 @@ def run_latency(args, device, budget: Budget, out: dict) -> dict:
             models["step_ops"][(shape, name)] = ops
         kvh, d = kv_heads_and_dim(model.config)
         models["kv_bytes_per_token"][shape] = 2 * kvh * d * next(model.parameters()).element_size()
-        latency_rows(shape, loaded, args, budget, modes)
+        # (c) is recomputed after every row: a run cut short (the device's time limit) keeps the verdict of the rows
+        # it measured; computed once after (b), a kill in the second shape lost the first shape's verdict
+        latency_rows(shape, loaded, args, budget, modes, after_row=(lambda: bound_now(out, models, args)) if "c" in args.sections else None)
         save(out, args)
         del model, loaded
         free(device)
@@ -388,8 +407,7 @@ def main(argv=None) -> int:
     save(out, args)  # the device, versions and rates, whatever happens next
     models = run_latency(args, device, budget, out) if "b" in args.sections else None
     if "c" in args.sections and models is not None:
-        out["hbm_bound"] = attempt(out, "hbm bound", lambda: hbm_bound(out["latency"], models, bw, args.latency_shapes[0],
-                                                                     out["rates"].get("small_op_s")))
+        bound_now(out, models, args)  # (also after every row of (b))
         save(out, args)
     if "d" in args.sections and "_handoff_for_ipc" not in out:
         out["skipped"].append({"step": "ipc handoff", "reason": "no pdtrim-like eager row of (b) to hand off"})

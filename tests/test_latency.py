@@ -617,6 +617,35 @@ def test_gpu_check_writes_every_latency_row_as_it_is_measured(tmp_path, monkeypa
     assert "| tiny | dense | 2 | eager |" in md.read_text() and "- latency tiny dense B=1 static: RuntimeError" in md.read_text()
 
 
+def test_gpu_check_writes_the_bound_verdict_with_the_rows_it_judges(tmp_path, monkeypatch):
+    """(c) is written with the (b) rows it is computed from: a run killed later in (b) (the device's time limit, in the
+    second shape's rows) keeps the first shape's dense batch-1 verdict. It was computed once after all of (b), from
+    inputs (weight bytes, ops per step) the JSON does not hold, so such a run lost it."""
+    from harness.latency import measure as lm
+
+    class Killed(BaseException):  # what `attempt` does not catch: the process ends here
+        pass
+
+    real, calls = lm.measure, []
+
+    def spy(*a, **k):
+        calls.append(k["decode_mode"])
+        if len(calls) == 3:
+            raise Killed
+        return real(*a, **k)
+
+    monkeypatch.setattr(lm, "measure", spy)
+    out = tmp_path / "c.json"
+    with pytest.raises(Killed):
+        _gpu_check("--shapes", "tiny", "--sections", "b,c", "--prompt-tokens", "12", "--decode-tokens", "3", "--batch-sizes", "1",
+                   "--device", "cpu", "--dtype", "float32", "--warmup", "0", "--repeats", "1", "--json", str(out), "--md", str(tmp_path / "c.md"))
+    res = json.loads(out.read_text())
+    assert [(x["plan"], x["decode_mode"]) for x in res["latency"]] == [("dense", "eager"), ("dense", "static")]
+    bound = res["hbm_bound"]
+    assert [(r["plan"], r["batch"]) for r in bound["rows"]] == [("dense", 1)] and bound["check"]["row"] == "tiny dense B=1"
+    assert "## (c) static TPOT vs the HBM bound" in (tmp_path / "c.md").read_text()
+
+
 def test_gpu_check_writes_each_agreement_row_as_it_is_measured(tmp_path, monkeypatch):
     """(a)'s rows are written plan by plan: a run killed in a shape's second plan keeps the first one's (on the GPU,
     llama3-8b's CPU reference is the longest step of the run)."""
