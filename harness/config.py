@@ -63,6 +63,9 @@ class RunConfig:
     include_path: tuple[str, ...] | None = None
 
     PLACEMENT = ("device_map", "max_memory", "offload_folder")
+    # not in a cell's run key: the cells run beside it, and placement (a split model computes the same results,
+    # tests/test_placement.py)
+    KEY_SKIP = ("methods", "modes", "overrides", "plans_from", *PLACEMENT)
 
     def placement(self):
         from harness.pd.models import Placement
@@ -77,9 +80,7 @@ class RunConfig:
 
     def identity(self, method: str, mode: str, method_options: dict, calib: dict | None, task_options: dict | None = None) -> str:
         """Content hash of what determines one (method, mode) record."""
-        # placement is left out: a split model computes the same results (tests/test_placement.py)
-        skip = ("methods", "modes", "overrides", "plans_from", *self.PLACEMENT)
-        canon = {k: v for k, v in self._canonical().items() if k not in skip}
+        canon = {k: v for k, v in self._canonical().items() if k not in self.KEY_SKIP}
         canon.update(method=method, mode=mode, method_options=method_options, calib=calib)
         if task_options:  # only runs with long-context tasks carry it (keeps older keys stable)
             canon["task_options"] = task_options

@@ -80,6 +80,25 @@ def test_a_run_into_a_folder_of_another_configuration_refuses_before_any_work(ti
     assert (tmp_path / "b" / "tail__disaggregated.partial.json").exists()
 
 
+def test_the_refusal_of_another_configuration_names_what_differs(tiny, data_dir, tmp_path):
+    """Adding a task to a run (--tasks and --limit are part of every cell's key) was refused with two run keys and
+    nothing about what changed: the refusal names the flags and method options that differ, and only those."""
+    from harness.errors import UsageError
+
+    base = dict(model="random:tiny", modes=("disaggregated",), device="cpu", data_dir=str(data_dir), batch_size=4)
+    pipeline.run(RunConfig(methods=("tail",), overrides=("tail.k=1",), tasks=("arc_easy",), limit=2, **base),
+                 tmp_path, loaded=tiny)
+    other = RunConfig(methods=("tail",), overrides=("tail.k=2",), tasks=("arc_easy", "piqa"), limit=3,
+                      **{**base, "data_dir": str(data_dir) + "/"})  # the same folder typed another way: not named
+    with pytest.raises(UsageError) as refused:
+        pipeline.run(other, tmp_path, loaded=tiny)
+    said = str(refused.value)
+    assert "holds work of a different configuration: tail__disaggregated.json (run_key " in said, said
+    assert "; limit=2 there, 3 here, tail.k=1 there, 2 here, tasks=['arc_easy'] there, ['arc_easy', 'piqa'] here)" \
+        in said, said
+    assert "methods=" not in said and "seed=" not in said and "data_dir" not in said
+
+
 def test_a_plan_is_not_reused_from_a_calibration_on_other_data(tiny, data_dir, tmp_path):
     """Same calibration options, other texts (another --data-dir): another calibration, so the plan is made again."""
     import json

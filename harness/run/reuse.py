@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.config import SWEEP_MARK, RunConfig
+from harness.config import LATER_DEFAULTS, SWEEP_MARK, RunConfig
 from harness.errors import UsageError
 from harness.pd.plan import PruningPlan
 from harness.store import records as rec
@@ -278,10 +278,28 @@ def finished_record(cfg: RunConfig, name: str, method, mode: str, final: Path, i
     how = kinship(cfg, method, old, key, (name, mode, calib_desc, task_opts))
     if how is None:  # refused before the run too
         raise UsageError(f"{final} holds a {name}/{mode} record of a different configuration "
-                         f"(run_key {old.run_key} != {key}); use another --out or remove it")
+                         f"(run_key {old.run_key} != {key}{differences(cfg, name, method, old)}); use another --out or "
+                         "remove it")
     text = {"same": "finished record found,", "older options": "record predates options now at their defaults;"}
     say(f"{name}/{mode}: {text.get(how) or _relocation_note(cfg, method, old)} reused ({final.name})")
     return old
+
+
+def differences(cfg: RunConfig, name: str, method, old: rec.RunRecord) -> str:
+    """'; limit=2 there, 3 here, tail.k=1 there, 2 here': the run-key flags and `name`'s options in which the record
+    `old` differs from this run, so a refusal says what to change back ('' when none does: then the calibration, a
+    long-context task's options or the code differ). A data or include folder counts as given or not: its path may
+    differ for the same files, which digests decide."""
+    fields = [f.name for f in dataclasses.fields(RunConfig) if f.name not in RunConfig.KEY_SKIP]
+    now = cfg.recorded()
+    then = {k: old.config.get(k, LATER_DEFAULTS.get(k)) for k in fields}
+    now = {k: now.get(k, LATER_DEFAULTS.get(k)) for k in fields}
+    for side in (then, now):
+        side.update({k: bool(side.get(k)) for k in ("data_dir", "include_path")})
+    then.update({f"{name}.{k}": v for k, v in options_then(method, old).items()})
+    now.update({f"{name}.{k}": v for k, v in with_defaults(method, method.options()).items()})
+    diff = options_diff(*(json.loads(json.dumps(d, default=str)) for d in (then, now)), "there", "here")
+    return f"; {diff}" if diff else ""
 
 
 def refuse_foreign_work(cfg: RunConfig, prepared, out_dir: Path, identity: Callable[[str, Any, str], tuple]) -> None:
@@ -296,7 +314,7 @@ def refuse_foreign_work(cfg: RunConfig, prepared, out_dir: Path, identity: Calla
             if final.exists():
                 old = rec.load_cell(final)  # an unreadable cell file: refused, not replaced
                 if foreign(cfg, method, old, key, (name, mode, calib_desc, task_opts)):
-                    found.append(f"{final.name} (run_key {old.run_key} != {key})")
+                    found.append(f"{final.name} (run_key {old.run_key} != {key}{differences(cfg, name, method, old)})")
             elif partial.exists() and (doc := partial_doc(partial)) is not None and \
                     not resumable(cfg, method, doc, key, (name, mode, calib_desc, task_opts)):
                 found.append(f"{partial.name} (unfinished, run_key {doc.get('run_key')} != {key})")
