@@ -133,7 +133,7 @@ def test_failing_cell_fails_alone_and_a_rerun_reuses_the_finished_one(tmp_path, 
     run = {**RUN, "methods": ["manual"], "set": ["manual.decode_layers=0,1,9"], "out": str(tmp_path / "q")}
     spec = write_spec(tmp_path / "spec.toml", run=run, report={"out": str(tmp_path / "rep")})
     res = cli("sweep", str(spec), "--backend", "local", "--workers", "2", "-q")  # in this process; its cells are not
-    assert res.returncode == 1, res.stdout + res.stderr[-3000:]
+    assert res.returncode == 2, res.stdout + res.stderr[-3000:]  # the cell refused its option (exit 2): bad input
     assert "\n1 of 3 ok in " in res.stdout  # the report was skipped: not ok
     out = tmp_path / "q"
     assert [p.name for p in records_in(out)] == ["manual__unified.json"]
@@ -150,11 +150,22 @@ def test_failing_cell_fails_alone_and_a_rerun_reuses_the_finished_one(tmp_path, 
     before = {p.name: p.read_bytes() for p in records_in(out)}
 
     res = cli("sweep", str(spec), "--backend", "local", "--workers", "2", "-q")
-    assert res.returncode == 1
+    assert res.returncode == 2
     cells = {c["cell"]: c["status"] for c in json.loads((out / "sweep.json").read_text())["cells"]}
     assert cells == {"manual/unified": "reused", "manual/disaggregated": "failed", "report": "skipped"}
     assert {p.name: p.read_bytes() for p in records_in(out)} == before
     assert "manual/unified: reused" in res.stderr and "\n1 of 3 ok in " in res.stdout  # a reused cell is ok
+
+
+def test_the_exit_status_is_2_only_when_every_failed_cell_refused_its_input():
+    """A cell refusing an option of the spec exits 2, as `run` would; the sweep said 1, as for a crash."""
+    from harness.cli.sweep import exit_status
+    from harness.cli.sweep_backends import Outcome
+
+    refused, crashed, report = Outcome("a/unified", "failed", returncode=2), Outcome("b/unified", "failed", returncode=1), \
+        Outcome("report", "failed")
+    assert exit_status([]) == 0 and exit_status([refused]) == 2 and exit_status([refused, refused]) == 2
+    assert exit_status([refused, crashed]) == 1 and exit_status([crashed]) == 1 and exit_status([refused, report]) == 1
 
 
 def _exit(argv: list[str]) -> int:

@@ -156,7 +156,8 @@ def _sweep(args, plan: Plan, started: float) -> int:
 
 
 def _finish(args, plan: Plan, outcomes: list[Outcome], info: dict[str, Any], started: float, interrupted: bool) -> int:
-    """summary.csv, the report (unless a cell failed or the sweep was interrupted), sweep.json, the table; the exit status."""
+    """summary.csv, the report (unless a cell failed or the sweep was interrupted), sweep.json, the table; the exit
+    status: 0, 1 if a cell failed, 2 if each failed cell refused its input, 130 after Ctrl-C."""
     from harness.store import records as rec
 
     finished = sorted(p for p in plan.run_out.glob("*__*.json") if not p.name.endswith((".partial.json", FAILED_NOTE)))
@@ -182,7 +183,13 @@ def _finish(args, plan: Plan, outcomes: list[Outcome], info: dict[str, Any], sta
         return 130
     ok = sum(o.status in ("ok", "reused") for o in outcomes)  # a skipped report is not ok
     print(f"\n{ok} of {len(outcomes)} ok in {wall:.0f}s on {info['backend']} ({info['workers']} workers); " + where)
-    return 1 if failed else 0
+    return exit_status(failed)
+
+
+def exit_status(failed: list[Outcome]) -> int:
+    """As a single run's: 0 when nothing failed; 2 when every failed cell refused its input (an option of the spec
+    that cannot apply: fix the spec); 1 when one crashed or the report failed."""
+    return (2 if all(o.returncode == 2 for o in failed) else 1) if failed else 0
 
 
 def _report(report_argv: list[str], blocked: str | None) -> Outcome:
