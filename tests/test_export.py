@@ -295,13 +295,15 @@ def test_cli_export_replay_and_out_rules(tiny, data_dir, tmp_path, capsys):
     capsys.readouterr()
     pd_record = dataclasses.replace(record, method="pdtrim", config={**record.config, "method_options": {"k_prefill": 1, "k_decode": 2}})
     pd_path = rec.save(pd_record, tmp_path / "pd")
-    sweep = tmp_path / "sweep"  # a sweep's folder names its records by variant (manual@...), not by the method
-    rec.save(dataclasses.replace(record, method="manual@decode_layers=0,2"), sweep)
-    rec.save(dataclasses.replace(record, method="stage:manual@k_decode=1"), sweep)  # another method's variant
+    sweep = tmp_path / "sweep"  # a sweep's folder names its records by variant (tail@k=1), not by the method
+    for variant in ("tail@k=1", "tail@k=2", "stage:tail@k_decode=1"):  # the last: another method's variant
+        rec.save(dataclasses.replace(record, method=variant), sweep)
     for bad, message in [
-        (["--plans-from", str(sweep), "--method", "manual", "--mode", "disaggregated"],
-         "no record manual__disaggregated.json (a sweep's variants of manual are there: manual@decode_layers=0,2; "
-         "pass one as --method, e.g. --method 'manual@decode_layers=0,2'); records there: "),
+        (["--plans-from", str(sweep), "--method", "tail", "--mode", "disaggregated"],
+         "no record tail__disaggregated.json (a sweep's variants of tail are there: tail@k=1, tail@k=2; "
+         "pass one as --method, e.g. --method 'tail@k=1'); records there: "),
+        (["--plans-from", str(sweep), "--method", "tail", "--mode", "disaggregated", "--set", "tail.k=2"],
+         "e.g. --method 'tail@k=2')"),  # the variant the --set names
         # with today's default k_prefill (4) the --set did not build a pdtrim: "need k_prefill <= k_decode, got 4, 1"
         (["--record", str(pd_path), "--set", "pdtrim.k_decode=1"], "pdtrim.*: differs from the options the record's plan"),
         (["--record", str(path), "--model", "random:llama2-7b"], "made with --model random:tiny, not random:llama2-7b"),

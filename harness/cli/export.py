@@ -16,7 +16,7 @@ from typing import Any
 
 from harness.cli.export_out import check_out_is_not_cwd, mark, prepare_out, swap_in
 from harness.cli.flags import Parser, device_arg, dtype_arg, model_arg, seed_arg, user_dir, user_path
-from harness.config import sweep_base
+from harness.config import SWEEP_MARK, sweep_base
 from harness.errors import UsageError
 from harness.run.export import export_plan
 from harness.store.records import check_writable, refuse_dangling_link
@@ -115,7 +115,7 @@ def resolve_source(args: argparse.Namespace) -> Source:
             raise UsageError("--plans-from needs --method (and --mode, default unified) to pick a record")
         path = args.plans_from / rec.record_filename(args.method, args.mode or "unified")
         if not path.is_file():
-            raise UsageError(_no_record(args.plans_from, args.method, args.mode or "unified"))
+            raise UsageError(_no_record(args.plans_from, args.method, args.mode or "unified", args.overrides))
     if path is None:
         if not args.method:
             raise UsageError("give --method NAME (or --record FILE / --plans-from RUN_DIR to replay a stored plan)")
@@ -140,7 +140,7 @@ def resolve_source(args: argparse.Namespace) -> Source:
     return Source(record.method, record.mode, stored_model, stored_seed, record, path)
 
 
-def _no_record(folder: Path, method: str, mode: str) -> str:
+def _no_record(folder: Path, method: str, mode: str, overrides: list[str] = ()) -> str:
     """Why `folder` has no record of (method, mode) to replay: its cell failed or did not finish there, or was never
     run; and the records it has (failure notes and resume states are not records)."""
     from harness.store import records as rec
@@ -155,9 +155,20 @@ def _no_record(folder: Path, method: str, mode: str) -> str:
                       if rec.is_record_file(p) and sweep_base(r := p.name[:-len(f"__{mode}.json")]) == method != r)
     if variants and not why:  # a sweep's folder: its records are named by variant, not by the method
         why = (f" (a sweep's variants of {method} are there: {', '.join(variants)}; pass one as --method, e.g. "
-               f"--method '{variants[0]}')")
+               f"--method '{_variant_of(variants, method, overrides)}')")
     return (f"--plans-from {folder}: no record {rec.record_filename(method, mode)}{why}; "
             f"records there: {', '.join(have) or 'none'}")
+
+
+def _variant_of(variants: list[str], method: str, overrides) -> str:
+    """The variant (`shortgpt@k=8`) whose swept options all equal the `--set METHOD.OPTION=VALUE` given, else the
+    first: the example a refusal gives for `--method shortgpt --set shortgpt.k=8`."""
+    given = dict(o[len(method) + 1:].split("=", 1) for o in overrides if o.startswith(f"{method}.") and "=" in o)
+    for v in variants:
+        tag = v.split(SWEEP_MARK, 1)[1]
+        if all(given.get(k) == x for k, _, x in (item.partition("=") for item in tag.split(","))):
+            return v
+    return variants[0]
 
 
 def method_for(source: Source, args: argparse.Namespace, data_dir: str | None):
