@@ -120,6 +120,9 @@ class GraphDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.inference_mode():
             self.out = decode_step(model, layers, self.tok, self.pos, cache)
+        # the first launch uploads the graph to the device: paid here, with the capture, not by the first timed step.
+        # It computes what the warm-up did (the same tokens, positions and column: the step counter has not moved)
+        self.graph.replay()
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Run one step for tokens `tok` at positions `pos` (B, 1); returns the next tokens (B,)."""
