@@ -20,7 +20,8 @@ The exact tests decide for 0/1 metrics because the percentile bootstrap is too l
 discordant items: 7 items gained and 1 lost of 100 give a CI of [+1, +12] points but p = 0.07, which
 is not significant; an average over two tasks with 1 and 3 items lost (and none gained) of 20 each had a
 CI of [−20, −2.5] points, starred, where the permutation p is 0.125.
-"Better / same / worse" counts tasks by that rule.
+"Better / same / worse" counts tasks by that rule. Every p-value is a single test's, not adjusted for the many a
+table makes: the caption counts them and the stars expected by chance if no method differed from the baseline.
 A record's baseline is `collect.reference`'s: the baseline record of its own configuration in its
 own folder, else one that scored its tasks, else the first by path (never the order of the inputs).
 Records written before per-item numbers were kept have no `extra.items`: no row for them.
@@ -240,6 +241,8 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
                       _text(compare_average(list(accuracy.values()))) if accuracy and set(accuracy) == columns
                       else cell("—"),
                       cell(_verdict(done, lower))] for r, done, lower, accuracy in rows]) for title, rows in groups]
+    # every cell that can carry a '*' is one test at ALPHA: the tasks' and the Avg's
+    tests = sum(len(done) + bool(accuracy and set(accuracy) == columns) for _, rows in groups for _r, done, _lower, accuracy in rows)
     caption = (f"Difference to {baseline} on the same items, in points (method − {baseline}; metric as in the quality "
                f"table, convention '{convention}'): mean [paired bootstrap 95% CI, {N_RESAMPLES:,} resamples, seed {SEED}]"
                f" and, for accuracies, the exact McNemar p-value (Avg: a sign-flip permutation test stratified by task, "
@@ -247,7 +250,9 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
                f"[—]: no CI (a single item, or an infinite value). Baseline: the {baseline} record of "
                f"the row's folder, else one with its tasks. Avg: mean of the differences over the accuracy tasks (as the "
                f"quality table's Avg: long-context tasks left out, '—' unless the row pairs on every accuracy column), "
-               f"items resampled within each task. Verdict: tasks significantly better / not / worse."
+               f"items resampled within each task. Verdict: tasks significantly better / not / worse. "
+               f"p-values and * are per cell, not adjusted for multiple comparisons: this table makes {tests} tests at "
+               f"{ALPHA:g}, so about {tests * ALPHA:.1f} would be starred by chance if no method differed from {baseline}."
                + (" Perplexities: in their own units, and lower is better." if any_lower else "")
                + (f" Paired on fewer items than scored: {'; '.join(partial)}." if partial else "")
                + (f" Not paired, as its {baseline} record did not score them: {'; '.join(no_base)}." if no_base else "")

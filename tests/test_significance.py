@@ -235,3 +235,18 @@ def test_the_sign_flip_test_is_mcnemars_for_one_task_and_its_draws_agree_with_th
     assert sig.sign_flip_p(ds) == pytest.approx(exact, abs=0.01) and 0 < exact < 1
     cont = sig.compare_average([(b, o + 0.5) for b, o in tasks])  # not 0/1: the CI decides, as before
     assert cont.p_permutation is None and cont.p_mcnemar is None
+
+
+def test_the_paired_caption_says_its_p_values_are_unadjusted_and_counts_the_tests():
+    """The depth curve's paired table makes 80 tests at 5 % (20 rows × 3 tasks, and each row's Avg) and stars 8;
+    under Holm's or Benjamini-Hochberg's correction over those 80 none is left (the smallest adjusted p is 0.21). The
+    caption said nothing of multiplicity, so a reader could cite each '*' as a finding."""
+    from pathlib import Path
+
+    from reports.collect import collect
+
+    root = Path(__file__).resolve().parents[1]
+    caption = sig.paired_table(collect([root / "results" / "issue15" / "depth_curve"])).attrs["caption"]
+    assert "not adjusted for multiple comparisons: this table makes 80 tests at 0.05, so about 4.0 would be starred" in caption
+    one = sig.paired_table(collect([root / "results" / "issue15" / "paired_8of30"]), "shortgpt").attrs["caption"]
+    assert "this table makes 8 tests at 0.05, so about 0.4 would be starred by chance if no method differed from shortgpt" in one
