@@ -134,6 +134,11 @@ def _handed_over(r: RunRecord, task: str) -> bool:
     return task in r.kv and r.kv[task].get("handoffs", 1) > 0
 
 
+# how `reports.formats.bold_beyond_noise` combines two rows' standard errors, for the captions
+COMBINED_SE_TEXT = ("(the root of the sum of the two squared standard errors, as for independent samples; rows scored on "
+                    "the same items are not, so this is conservative: the paired table tests a difference)")
+
+
 def _quality_caption(col: Collection, recs: list[RunRecord], tasks: list[str], convention: str) -> str:
     model = ", ".join(sorted({col.model(r) for r in recs})) or "—"
     lm_eval = sorted({str(r.lm_eval.get("version")) for r in recs if r.lm_eval.get("version")})
@@ -146,8 +151,9 @@ def _quality_caption(col: Collection, recs: list[RunRecord], tasks: list[str], c
             f"(one number: both stages; 'p / d': prefill / decode). Metric: {CONVENTION_TEXT[convention]}{own_text} "
             f"(convention '{convention}'). {_items_text(recs, tasks)}; lm-eval {', '.join(lm_eval) or '—'}, "
             f"seed {', '.join(seeds)}. Avg: mean over the accuracy columns. KV ×: KV bytes unpruned ÷ method, summed over "
-            f"the handoffs of these tasks both scored (disaggregated only). ± : standard error (lm-eval's; Avg: of the mean over tasks). "
-            f"Bold: best per column only where it beats the runner-up by more than 1.96 combined standard errors."
+            f"the handoffs of these tasks both scored (disaggregated only). ± : standard error (lm-eval's; Avg: of the mean over tasks, "
+            f"the root of the sum of the tasks' squared standard errors over their number, tasks taken as independent). "
+            f"Bold: best per column only where it beats the runner-up by more than 1.96 combined standard errors {COMBINED_SE_TEXT}."
             f"{_mixed_text(recs)}")
 
 
@@ -346,8 +352,8 @@ def _long_caption(recs: list[RunRecord], tasks: dict[str, TaskPresentation]) -> 
     texts = [_task_caption(recs, t, pres) for t, pres in order if pres.caption]
     return (f"Long-context workloads. {'; '.join(texts)}. "
             "KV/req: bytes the prefill stage sends per request (reduction versus unpruned in brackets; unified sends nothing). "
-            "± : standard error; a score is bold only where it beats the runner-up by more than 1.96 combined standard errors."
-            + _mixed_text(recs))
+            "± : standard error; a score is bold only where it beats the runner-up by more than 1.96 combined standard errors "
+            + COMBINED_SE_TEXT + "." + _mixed_text(recs))
 
 
 def long_context_table(records: Collection | Sequence[RunRecord]) -> pd.DataFrame:

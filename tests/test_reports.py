@@ -509,3 +509,17 @@ def test_a_column_of_kv_mib_shows_every_value_with_the_same_decimals():
     column = next(c for c in t.columns if c.startswith("KV/req"))
     assert [t.loc[m, column] for m in ("unpruned", "tail@k=1", "tail@k=2")] == \
         ["0.062 (1.00×)", "0.047 (1.33×)", "0.031 (2.00×)"]
+
+
+def test_the_captions_say_how_standard_errors_are_combined():
+    """The Avg's ± is sqrt(sum se²)/k over tasks taken as independent, and the bold rule's 'combined standard errors'
+    are sqrt(se1² + se2²), the two rows taken as independent samples; rows scored on the same items are positively
+    correlated, so the rule is conservative (PDTrim v ShortGPT on PIQA, 1000 items: 2.9 points apart, combined standard
+    error 2.2 points, the paired one 1.26 (item correlation 0.67), McNemar p = 0.026). The captions named neither."""
+    quality = quality_table(collect([ROOT / "results" / "issue15" / "paired_8of30"])).attrs["caption"]
+    assert "Avg: of the mean over tasks, the root of the sum of the tasks' squared standard errors over their number, tasks " \
+           "taken as independent" in quality
+    assert "1.96 combined standard errors (the root of the sum of the two squared standard errors, as for independent " \
+           "samples; rows scored on the same items are not, so this is conservative" in quality
+    long = long_context_table(collect([ROOT / "results" / "reference" / "quality"])).attrs["caption"]
+    assert "1.96 combined standard errors (the root of the sum of the two squared standard errors" in long
