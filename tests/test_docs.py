@@ -2,6 +2,7 @@
 registry's; every relative link in the README and docs/ leads to a file (and heading) that exists."""
 
 import re
+import warnings
 
 import pytest
 from conftest import ROOT
@@ -170,3 +171,22 @@ def test_the_documented_stage_method_plugs_in(tmp_path, monkeypatch, tiny):
         registry.unregister("drop_middle_decode")
         sys.modules.pop("pd_harness_doc_stage_method", None)
         importlib.invalidate_caches()
+
+
+def test_the_api_examples_kv_ratio_counts_each_task_once():
+    """docs/api.md's KV line summed `kv_bytes_sent` over every row, one per (task, metric), so a task counted as often
+    as it has metrics: on results/issue3/default (passkey has 8 metric rows, pd_ppl 3, boolq 1) PDTrim's share of the
+    unpruned model's KV read 0.329 where it sent 0.412. The line, run on those records, must count each task once."""
+    import harness
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    line = next(x for x in code.splitlines() if x.startswith("kv = "))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df = harness.load_results(ROOT / "results" / "issue3" / "default")
+    scope = {"df": df}
+    exec(line, scope)
+    per_task = df[df["mode"] == "disaggregated"].drop_duplicates(["method", "task"]).groupby("method")["kv_bytes_sent"].sum()
+    assert (scope["kv"] / scope["kv"]["unpruned"]).to_dict() == pytest.approx((per_task / per_task["unpruned"]).to_dict())
+    assert (per_task / per_task["unpruned"])["pdtrim"] == pytest.approx(0.4125, abs=1e-4)
