@@ -169,6 +169,23 @@ def _text(p: Paired, lower: bool = False) -> CellSpec:
                 ci_high=round(s * p.high, 6) if known else None, p_mcnemar=p.p_mcnemar, p_permutation=p.p_permutation)
 
 
+def _with_bh(body: list) -> list:
+    """`body` with `p_bh` beside each cell's p-value: Benjamini-Hochberg adjusted over every p-value of the table
+    (`scipy.stats.false_discovery_control`), so a reader of many rows and tasks can control the false discovery rate."""
+    where = [(g, i, j) for g, (_, rows) in enumerate(body) for i, row in enumerate(rows) for j, c in enumerate(row)
+             if c[2] and ("p_mcnemar" in c[2] or "p_permutation" in c[2])]
+    if not where:
+        return body
+    ps = [next(body[g][1][i][j][2][k] for k in ("p_mcnemar", "p_permutation") if k in body[g][1][i][j][2])
+          for g, i, j in where]
+    adjusted = stats.false_discovery_control(np.asarray(ps, dtype=float), method="bh")
+    out = [(title, [list(row) for row in rows]) for title, rows in body]
+    for (g, i, j), q in zip(where, adjusted):
+        text, value, st = out[g][1][i][j]
+        out[g][1][i][j] = (text, value, {**st, "p_bh": float(q)})
+    return out
+
+
 def _verdict(done: dict[str, Paired], lower: dict[str, bool]) -> str:
     """Tasks significantly better / not / worse; better is a lower value for a lower-is-better metric."""
     sign = {t: -1 if lower[t] else 1 for t in done}
@@ -243,6 +260,7 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
                       cell(_verdict(done, lower))] for r, done, lower, accuracy in rows]) for title, rows in groups]
     # every cell that can carry a '*' is one test at ALPHA: the tasks' and the Avg's
     tests = sum(len(done) + bool(accuracy and set(accuracy) == columns) for _, rows in groups for _r, done, _lower, accuracy in rows)
+    body = _with_bh(body)
     caption = (f"Difference to {baseline} on the same items, in points (method − {baseline}; metric as in the quality "
                f"table, convention '{convention}'): mean [paired bootstrap 95% CI, {N_RESAMPLES:,} resamples, seed {SEED}]"
                f" and, for accuracies, the exact McNemar p-value (Avg: a sign-flip permutation test stratified by task, "
@@ -252,7 +270,9 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
                f"quality table's Avg: long-context tasks left out, '—' unless the row pairs on every accuracy column), "
                f"items resampled within each task. Verdict: tasks significantly better / not / worse. "
                f"p-values and * are per cell, not adjusted for multiple comparisons: this table makes {tests} tests at "
-               f"{ALPHA:g}, so about {tests * ALPHA:.1f} would be starred by chance if no method differed from {baseline}."
+               f"{ALPHA:g}, so about {tests * ALPHA:.1f} would be starred by chance if no method differed from {baseline}; "
+               f"the CSV's <column>_p_bh columns hold the p-values adjusted for them together (Benjamini-Hochberg, the "
+               f"false discovery rate over every p-value of the table)."
                + (" Perplexities: in their own units, and lower is better." if any_lower else "")
                + (f" Paired on fewer items than scored: {'; '.join(partial)}." if partial else "")
                + (f" Not paired, as its {baseline} record did not score them: {'; '.join(no_base)}." if no_base else "")

@@ -250,3 +250,35 @@ def test_the_paired_caption_says_its_p_values_are_unadjusted_and_counts_the_test
     assert "not adjusted for multiple comparisons: this table makes 80 tests at 0.05, so about 4.0 would be starred" in caption
     one = sig.paired_table(collect([root / "results" / "issue15" / "paired_8of30"]), "shortgpt").attrs["caption"]
     assert "this table makes 8 tests at 0.05, so about 0.4 would be starred by chance if no method differed from shortgpt" in one
+
+
+def test_the_paired_csv_holds_benjamini_hochberg_adjusted_p_values_over_the_whole_table():
+    """Beside each cell's own p-value, its BH-adjusted one over every p-value of the table (the false discovery rate a
+    reader of 20 rows × 4 columns controls), computed here by hand: p_(i) · m / i, then the running minimum from the
+    largest p down. On the depth curve none stays under 0.05 (the 8 starred cells are what chance gives)."""
+    import io
+    from pathlib import Path
+
+    import pandas as pd
+
+    from reports.collect import collect
+    from reports.formats import to_csv
+
+    root = Path(__file__).resolve().parents[1]
+    csv = pd.read_csv(io.StringIO(to_csv(sig.paired_table(collect([root / "results" / "issue15" / "depth_curve"])))))
+    cols = [c[: -len("_p_bh")] for c in csv.columns if c.endswith("_p_bh")]
+    assert cols and "Avg" in cols
+    raw = [(c, i, csv.at[i, f"{c}_p_mcnemar" if f"{c}_p_mcnemar" in csv else f"{c}_p_permutation"])
+           for c in cols for i in csv.index]
+    raw = [(c, i, p) for c, i, p in raw if pd.notna(p)]
+    assert len(raw) == 80 and sum(p < 0.05 for *_, p in raw) == 8
+    order = sorted(range(len(raw)), key=lambda k: raw[k][2])
+    by_hand, running = {}, 1.0
+    for rank in range(len(order), 0, -1):
+        c, i, p = raw[order[rank - 1]]
+        running = min(running, p * len(raw) / rank)
+        by_hand[c, i] = running
+    for (c, i), q in by_hand.items():
+        assert csv.at[i, f"{c}_p_bh"] == pytest.approx(q, rel=1e-12), (c, i)
+    assert min(by_hand.values()) > 0.05
+    assert sum(csv[f"{c}_p_bh"].notna().sum() for c in cols) == 80  # no p_bh where a cell has no p-value
