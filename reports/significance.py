@@ -273,7 +273,9 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
                f"{ALPHA:g}, so about {tests * ALPHA:.1f} would be starred by chance if no method differed from {baseline}; "
                f"the CSV's <column>_p_bh columns hold the p-values adjusted for them together (Benjamini-Hochberg, the "
                f"false discovery rate over every p-value of the table)."
-               + (" Perplexities: in their own units, and lower is better." if any_lower else "")
+               + (" Perplexities: in their own units, and lower is better; the difference is the mean over articles of "
+                  "each article's perplexity difference, not the difference of the long-context table's perplexities "
+                  "(exp of the mean log-loss over all their tokens)." if any_lower else "")
                + (f" Paired on fewer items than scored: {'; '.join(partial)}." if partial else "")
                + (f" Not paired, as its {baseline} record did not score them: {'; '.join(no_base)}." if no_base else "")
                + (f" No {baseline} record of their configuration, so no row: {', '.join(unpaired)}." if unpaired else ""))

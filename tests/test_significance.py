@@ -149,7 +149,11 @@ def test_pd_ppl_keeps_per_article_perplexities_and_pairs_them(tmp_path, data_dir
         assert items["ids"] == ["pd_ppl/0", "pd_ppl/1", "pd_ppl/2"]
         pooled = math.exp(np.mean(np.log(items["metrics"]["ppl"])))  # exp(mean over articles of their mean NLL)
         assert pooled == pytest.approx(rec.scores["pd_ppl"]["ppl"]["value"], rel=1e-9)
-    t = rows(sig.paired_table(collect([tmp_path]))).set_index("Method")
+    table = sig.paired_table(collect([tmp_path]))
+    # the caption says which difference this is: by Jensen, not that of the long-context table's pooled perplexities
+    assert "the mean over articles of each article's perplexity difference, not the difference of the long-context " \
+           "table's perplexities" in table.attrs["caption"]
+    t = rows(table).set_index("Method")
     cell = t.loc["tail", TASK_TITLE.get("pd_ppl", "pd_ppl")]
     diff = np.mean(np.subtract(recs["tail"].extra["items"]["pd_ppl"]["metrics"]["ppl"],
                                recs["unpruned"].extra["items"]["pd_ppl"]["metrics"]["ppl"]))
