@@ -264,3 +264,25 @@ def test_pd_ppl_says_when_fewer_articles_are_long_enough_than_asked(tiny, data_d
         warnings.simplefilter("error", HarnessWarning)
         assert len(pd_ppl.ppl_windows(tiny.tokenizer, data_dir, pd_ppl.PplConfig(prompt_tokens=(2000,), cont_tokens=8,
                                                                                    docs=len(got)), None)) == len(got)
+
+
+def test_a_chat_template_flag_with_long_tasks_says_it_does_not_reach_them():
+    """--apply_chat_template with pd_ppl or passkey was silently not applied to them (raw token prompts), while their
+    records said `apply_chat_template: true` and their run key differed from a run without it, for the same numbers:
+    now a HarnessWarning naming the tasks; no warning without the flag or without long-context tasks."""
+    import warnings
+    from types import SimpleNamespace
+
+    from harness.errors import HarnessWarning
+    from harness.run.task_check import options_against_tokenizer
+
+    prepared = SimpleNamespace(task_options={"passkey": passkey.PasskeyConfig(lengths=(400,), depths=(0.5,))})
+    cfg = RunConfig(model="random:tiny", methods=("unpruned",), tasks=("arc_easy", "passkey"), limit=1, device="cpu",
+                    apply_chat_template=True)
+    with pytest.warns(HarnessWarning, match=r"--apply_chat_template does not apply to the long-context tasks passkey: "
+                                            r"their prompts are raw token lists"):
+        options_against_tokenizer(cfg, prepared)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HarnessWarning)
+        options_against_tokenizer(dataclasses.replace(cfg, apply_chat_template=False), prepared)
+        options_against_tokenizer(dataclasses.replace(cfg, tasks=("arc_easy",)), SimpleNamespace(task_options={}))

@@ -139,7 +139,8 @@ def run_parser() -> argparse.ArgumentParser:
                    default=False, metavar="TEMPLATE",
                    help="as lm-eval's --apply_chat_template: wrap each prompt (few-shot examples as turns) in the tokenizer's "
                         "chat template; a TEMPLATE must name one of the tokenizer's templates (as lm-eval 0.4.13, prompts "
-                        "are rendered with its default one and the named one is recorded); part of the run key when given")
+                        "are rendered with its default one and the named one is recorded); part of the run key when given; "
+                        "long-context tasks ignore it (raw token prompts)")
     p.add_argument("--model-args", "--model_args", dest="model_args", default=None, metavar="KEY=VALUE,...",
                    help="as lm-eval's --model_args, from_pretrained options: " + ", ".join(MODEL_ARG_NAMES)
                         + " (e.g. revision=main,attn_implementation=eager); the model itself is --model, its dtype "

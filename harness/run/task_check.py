@@ -65,7 +65,24 @@ def options_against_tokenizer(cfg, prepared, loaded=None) -> None:
     tokenizer, config = (loaded.tokenizer, loaded.model.config) if loaded is not None \
         else tokenizer_and_config(cfg.model, cfg.model_arg_dict())
     check_chat_template(cfg, tokenizer)
+    warn_chat_template_unused(cfg)
     long_tasks.check_before_cells(cfg.tasks, tokenizer, prepared.task_options, cfg.limit, cfg.max_length, config)
+
+
+def warn_chat_template_unused(cfg) -> None:
+    """A `HarnessWarning` when --apply_chat_template comes with long-context tasks: they build their prompts as raw
+    token lists (no chat template, no special tokens), so the flag does not reach them, while their records' config
+    said `apply_chat_template: true` and their run key differed from a run without it, for the same numbers."""
+    import warnings
+
+    from harness.errors import HarnessWarning
+    from harness.quality import long_tasks
+
+    long_here = [t for t in cfg.tasks if long_tasks.is_long_task(t)]
+    if cfg.apply_chat_template and long_here:
+        warnings.warn(f"--apply_chat_template does not apply to the long-context tasks {', '.join(long_here)}: their "
+                      "prompts are raw token lists (no chat template, no special tokens); it applies to the lm-eval tasks "
+                      "only", HarnessWarning, stacklevel=2)
 
 
 def check_chat_template(cfg, tokenizer) -> None:
