@@ -286,3 +286,21 @@ def test_a_chat_template_flag_with_long_tasks_says_it_does_not_reach_them():
         warnings.simplefilter("error", HarnessWarning)
         options_against_tokenizer(dataclasses.replace(cfg, apply_chat_template=False), prepared)
         options_against_tokenizer(dataclasses.replace(cfg, tasks=("arc_easy",)), SimpleNamespace(task_options={}))
+
+
+def test_records_name_the_articles_scored_and_say_the_prompts_carry_no_special_tokens(tiny, data_dir):
+    """pd_ppl's record said only how many articles it scored (items `pd_ppl/0`, ... by position), and neither task's
+    record said its prompts carry no BOS and no chat template: now `details.titles` (each article's title line, in
+    item order) and `details.prompt`."""
+    raw = (data_dir / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
+    s = Scorer(tiny.model, PruningPlan.dense("unpruned", 4), "disaggregated", max_length=4096, batch_size=16)
+    out = long_tasks.evaluate("pd_ppl", s, tiny.tokenizer, data_dir, PPL, 2)
+    titles = out["details"]["titles"]
+    assert len(titles) == 2 == len(out["items"]["ids"]) and all(t.startswith("= ") and t.endswith(" =") for t in titles)
+    assert raw.index(f" {titles[0]} \n") < raw.index(f" {titles[1]} \n")  # file order
+    windows = pd_ppl.ppl_windows(tiny.tokenizer, data_dir, PPL, 2)
+    for t, w in zip(titles, windows):  # the title is where the article's window starts
+        assert tiny.tokenizer.decode(w).lstrip("\n").startswith(f" {t}")
+    assert "no BOS" in out["details"]["prompt"] and "no chat template" in out["details"]["prompt"]
+    pk = long_tasks.evaluate("passkey", s, tiny.tokenizer, data_dir, passkey.PasskeyConfig(lengths=(400,)), 1)
+    assert "no BOS" in pk["details"]["prompt"] and "no chat template" in pk["details"]["prompt"]

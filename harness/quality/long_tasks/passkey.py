@@ -181,7 +181,8 @@ class Passkey(LongTask):
         items = {"ids": [x["id"] for x in per_sample],  # by content: records of another --limit pair on what they share
                  "metrics": {"acc": [float(x["correct"]) for x in per_sample]}}
         return {"scores": {"acc": {"value": m, "stderr": se}, **scores, **_by_depth(per_sample)}, "n_samples": len(samples),
-                "kv_by": kv_by, "details": {"samples": per_sample, "scoring": "first digit run of the greedy output == key"},
+                "kv_by": kv_by, "details": {"samples": per_sample, "scoring": "first digit run of the greedy output == key",
+                            "prompt": "raw tokens: no BOS or other special token, no chat template"},
                 "items": items, "samples": {self.name: [{"doc_id": i, **x} for i, x in enumerate(per_sample)]}}
 
 

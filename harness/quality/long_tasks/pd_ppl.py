@@ -38,6 +38,11 @@ class PplConfig:
 
 def ppl_windows(tokenizer, data_dir: Path, c: PplConfig, limit: int | float | None) -> list[list[int]]:
     """Token windows of max(T) + cont_tokens tokens: the start of each eligible article."""
+    return [w for _, w in ppl_articles(tokenizer, data_dir, c, limit)]
+
+
+def ppl_articles(tokenizer, data_dir: Path, c: PplConfig, limit: int | float | None) -> list[tuple[str, list[int]]]:
+    """(title, window) of each eligible article: its title line (` = Title = `, stripped) and `ppl_windows`' window."""
     from harness.quality.tasks import wikitext_pages
 
     path = Path(data_dir) / "wikitext2" / "wiki.test.raw"
@@ -49,7 +54,7 @@ def ppl_windows(tokenizer, data_dir: Path, c: PplConfig, limit: int | float | No
     for page in wikitext_pages(path.read_text(encoding="utf-8")):
         ids = tokenizer.encode(page, add_special_tokens=False)
         if len(ids) >= need:
-            windows.append(ids[:need])
+            windows.append((page.strip().split("\n", 1)[0].strip(), ids[:need]))
             if len(windows) == n:
                 break
     if not windows:
@@ -99,7 +104,8 @@ class PdPpl(LongTask):
         stderr treats an article as one sample (the mean of its windows' NLL over every T): its windows share
         their text, so counting them as independent understated it (by ~30 % at 3 prompt lengths)."""
         c = options
-        windows = ppl_windows(tokenizer, data_dir, c, limit)
+        titled = ppl_articles(tokenizer, data_dir, c, limit)
+        windows = [w for _, w in titled]
         self.check_max_length(c, scorer.max_length)
         scores, kv_by, nll_by_t, per_window = {}, {}, [], []
         with batch_size(scorer, c.batch_size):
@@ -118,7 +124,9 @@ class PdPpl(LongTask):
         return {"scores": scores, "n_samples": len(windows) * len(c.prompt_tokens), "kv_by": kv_by, "items": items,
                 "samples": {self.name: per_window},  # written with --log-samples, not stored in the record
                 "details": {"articles": len(windows), "prompt_tokens": list(c.prompt_tokens), "cont_tokens": c.cont_tokens,
-                            "source": "wikitext2/wiki.test.raw, articles split at top-level titles, file order"}}
+                            "source": "wikitext2/wiki.test.raw, articles split at top-level titles, file order",
+                            "titles": [t for t, _ in titled],  # which articles pd_ppl/0, pd_ppl/1, ... are
+                            "prompt": "raw article tokens: no BOS or other special token, no chat template"}}
 
 
 def _ppl(nll: list[float]) -> dict:
