@@ -1,7 +1,9 @@
 """Batched log-likelihood scoring and greedy generation, in the two PD settings.
 
 - `unified`: one layer set, an ordinary forward of the model (its own `forward`, with the plan's
-  layers swapped in) over context + continuation, as stock lm-eval scores a request.
+  layers swapped in) over context + continuation, as stock lm-eval scores a request. Greedy
+  generation runs the engine (prefill, then steps) in both settings; unified steps read the prefill's
+  whole cache (no handoff, no KV policy).
 - `disaggregated`: the context runs through the prefill stage, whose last-position logits score
   the first continuation token; the handoff ships the (pruned) KV of the decode layers; the decode
   stage scores the remaining continuation tokens over that cache.
