@@ -280,7 +280,7 @@ def test_a_chat_template_flag_with_long_tasks_says_it_does_not_reach_them():
     cfg = RunConfig(model="random:tiny", methods=("unpruned",), tasks=("arc_easy", "passkey"), limit=1, device="cpu",
                     apply_chat_template=True)
     with pytest.warns(HarnessWarning, match=r"--apply_chat_template does not apply to the long-context tasks passkey: "
-                                            r"their prompts are raw token lists"):
+                                            r"their prompts are token lists \(no chat template\)"):
         options_against_tokenizer(cfg, prepared)
     with warnings.catch_warnings():
         warnings.simplefilter("error", HarnessWarning)
@@ -301,6 +301,51 @@ def test_records_name_the_articles_scored_and_say_the_prompts_carry_no_special_t
     windows = pd_ppl.ppl_windows(tiny.tokenizer, data_dir, PPL, 2)
     for t, w in zip(titles, windows):  # the title is where the article's window starts
         assert tiny.tokenizer.decode(w).lstrip("\n").startswith(f" {t}")
-    assert "no BOS" in out["details"]["prompt"] and "no chat template" in out["details"]["prompt"]
+    assert "default prefix [] (BOS; [] for none)" in out["details"]["prompt"] and "no chat template" in out["details"]["prompt"]
     pk = long_tasks.evaluate("passkey", s, tiny.tokenizer, data_dir, passkey.PasskeyConfig(lengths=(400,)), 1)
-    assert "no BOS" in pk["details"]["prompt"] and "no chat template" in pk["details"]["prompt"]
+    assert "default prefix [] (BOS; [] for none)" in pk["details"]["prompt"] and "no chat template" in pk["details"]["prompt"]
+
+
+class _WithBos:
+    """The tiny model's byte tokenizer as a BOS-adding one (Llama's habit): `encode` puts `bos` first by default."""
+
+    def __init__(self, inner, bos: int) -> None:
+        self.inner, self.bos = inner, bos
+
+    def encode(self, text, add_special_tokens=True):
+        ids = self.inner.encode(text, add_special_tokens=False)
+        return [self.bos, *ids] if add_special_tokens else ids
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_long_context_prompts_start_with_the_tokenizers_bos_as_served_prompts_do(tiny, data_dir):
+    """Both tasks encoded every piece without special tokens, so on a BOS-adding tokenizer (Llama's) their prompts
+    had no BOS, unlike lm-eval's own tasks (HFLM keeps the tokenizer's default) and a served prompt; its first text
+    token became the attention sink that first_last and StreamingLLM keep. Now the prefix starts each prompt, counted
+    in its tokens; a tokenizer that adds none (SmolLM2's, the byte tokenizer) gets the very prompts it got."""
+    from harness.quality.long_tasks.base import special_prefix
+    from harness.run.inputs import stale_results
+
+    bos = tiny.tokenizer.encode("a", add_special_tokens=False)[0] + 1
+    llama_like = _WithBos(tiny.tokenizer, bos)
+    assert special_prefix(tiny.tokenizer) == [] and special_prefix(llama_like) == [bos]
+    cfg = passkey.PasskeyConfig(lengths=(400,))
+    plain, with_bos = passkey.passkey_samples(tiny.tokenizer, cfg, 3), passkey.passkey_samples(llama_like, cfg, 3)
+    for a, b in zip(plain, with_bos):
+        assert len(a.tokens) == len(b.tokens) == 400 and b.tokens[0] == bos and a.tokens[0] != bos
+        q = len(tiny.tokenizer.encode(passkey.QUESTION, add_special_tokens=False))
+        assert b.tokens[-q:] == a.tokens[-q:] and a.key == b.key
+    bare, prefixed = pd_ppl.ppl_windows(tiny.tokenizer, data_dir, PPL, 2), pd_ppl.ppl_windows(llama_like, data_dir, PPL, 2)
+    assert [w[0] for w in prefixed] == [bos, bos] and [w[1:] for w in prefixed] == [w[:-1] for w in bare]
+    # records of the versions before the prefix: reused where the tokenizer adds none, refused where it adds a BOS
+    run = dataclasses.replace(RunConfig(), limit=None)
+    doc = {"lm_eval": {"tasks": {"pd_ppl": {"harness_task": {"version": 2}}, "passkey": {"harness_task": {"version": 1}}}}}
+    options = {"pd_ppl": PPL, "passkey": cfg}
+    assert stale_results(doc, True, run, options, []) == [] and stale_results(doc, True, run, options, None) == []
+    assert stale_results(doc, True, run, options, [bos]) == [
+        f"pd_ppl results made by version 2 of the task, which is version 3 now (its prompts lacked this tokenizer's "
+        f"prefix [{bos}])",
+        f"passkey results made by version 1 of the task, which is version 2 now (its prompts lacked this tokenizer's "
+        f"prefix [{bos}])"]

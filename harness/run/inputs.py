@@ -200,10 +200,11 @@ def _changed(then: dict | None, now: dict | None) -> list[str]:
     return sorted(k for k, d in (then or {}).items() if (now or {}).get(k) not in (None, d))
 
 
-def stale_results(doc: dict, is_record: bool, cfg, task_options: dict) -> list[str]:
+def stale_results(doc: dict, is_record: bool, cfg, task_options: dict, prefix: list[int] | None = None) -> list[str]:
     """Why a long-context task's stored results in a record (or resume state) no longer hold for this run's
     options (`LongTask.stale`, e.g. passkey's samples chosen by an older --limit order), or were made by another
-    version of the task than its `reusable_versions`."""
+    version of the task than its `reusable_versions` (and its `reusable_without_prefix`, where the tokenizer's
+    default prefix `prefix` is empty; None: not known here, left to the run that loads the tokenizer)."""
     from harness.quality import long_tasks
 
     out = []
@@ -215,15 +216,18 @@ def stale_results(doc: dict, is_record: bool, cfg, task_options: dict) -> list[s
         why = task_cls.stale(result, options, cfg.limit) if result else None
         out += [why] if why else []
         then = ((stored.get(task) or {}).get("harness_task") or {}).get("version")
-        if then is not None and then != task_cls.version and then not in task_cls.reusable_versions:
-            out.append(f"{task} results made by version {then} of the task, which is version {task_cls.version} now")
+        if then is not None and then != task_cls.version and then not in task_cls.reusable_versions and not (
+                then in task_cls.reusable_without_prefix and not prefix):
+            why = f" (its prompts lacked this tokenizer's prefix {prefix})" if then in task_cls.reusable_without_prefix else ""
+            out.append(f"{task} results made by version {then} of the task, which is version {task_cls.version} now{why}")
     return out
 
 
-def refuse_stale_work(cfg, prepared, out_dir: Path, now: dict) -> None:
+def refuse_stale_work(cfg, prepared, out_dir: Path, now: dict, prefix: list[int] | None = None) -> None:
     """A UsageError naming every record or resume state of the run's cells in `out_dir` made from other files
     behind the same paths (`now`: this run's `digests`), or whose long-context results no longer hold
-    (`stale_results`): reusing them would mix old and new inputs under one configuration."""
+    (`stale_results`, with the tokenizer's default `prefix`): reusing them would mix old and new inputs under one
+    configuration."""
     from harness.store import records as rec
 
     found = []
@@ -242,7 +246,7 @@ def refuse_stale_work(cfg, prepared, out_dir: Path, now: dict) -> None:
             calibrates = prepared.methods[name].needs_calibration
             plan = doc.get("plan")  # the KV policy it names: its plug-in code is compared too
             why = [f"{x} changed" for x in (differences(then, now, calibrates, name, plan) if isinstance(then, dict) else [])]
-            why += stale_results(doc, is_record, cfg, prepared.task_options) if doc else []
+            why += stale_results(doc, is_record, cfg, prepared.task_options, prefix) if doc else []
             if why:
                 found.append(f"{path.name} ({'; '.join(why)})")
     if found:

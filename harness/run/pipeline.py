@@ -25,6 +25,7 @@ from harness.quality import lm_eval_json
 from harness.quality.calibration import CalibConfig, build_calibration
 from harness.quality.distributed import Dist, ShardedScorer
 from harness.quality.evaluate import TaskCache, check_fewshot, check_tasks, evaluate_task, flatten_results, is_download_error  # noqa: F401 - some re-exported
+from harness.quality.long_tasks.base import special_prefix
 from harness.quality.samples import lm_eval_lines, samples_path
 from harness.run import inputs, reuse, task_check, task_record
 from harness.run.progress import Tracker, task_label, work_of
@@ -192,7 +193,7 @@ def _start(cfg: RunConfig, prepared: Prepared, out_dir: Path, loaded, tasks: Tas
     env = env_info(str(next(loaded.model.parameters()).device))
     env["data_parallel_ranks"] = d.world_size
     digests = inputs.digests(cfg, loaded, prepared)  # the files behind --model and --data-dir, which run keys name by path
-    inputs.refuse_stale_work(cfg, prepared, out_dir, digests)
+    inputs.refuse_stale_work(cfg, prepared, out_dir, digests, special_prefix(loaded.tokenizer))
     state = _Run(cfg, prepared, out_dir, loaded, tasks, env, say, progress, dist=d, log_samples=log_samples,
                  tracker=tracker, inputs=digests)
     check_tasks(state.tasks, cfg, d.world_size)  # a few-shot pool too small, a rank with no item: before any cell

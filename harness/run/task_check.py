@@ -71,7 +71,7 @@ def options_against_tokenizer(cfg, prepared, loaded=None) -> None:
 
 def warn_chat_template_unused(cfg) -> None:
     """A `HarnessWarning` when --apply_chat_template comes with long-context tasks: they build their prompts as raw
-    token lists (no chat template, no special tokens), so the flag does not reach them, while their records' config
+    token lists (no chat template), so the flag does not reach them, while their records' config
     said `apply_chat_template: true` and their run key differed from a run without it, for the same numbers."""
     import warnings
 
@@ -81,7 +81,7 @@ def warn_chat_template_unused(cfg) -> None:
     long_here = [t for t in cfg.tasks if long_tasks.is_long_task(t)]
     if cfg.apply_chat_template and long_here:
         warnings.warn(f"--apply_chat_template does not apply to the long-context tasks {', '.join(long_here)}: their "
-                      "prompts are raw token lists (no chat template, no special tokens); it applies to the lm-eval tasks "
+                      "prompts are token lists (no chat template); it applies to the lm-eval tasks "
                       "only", HarnessWarning, stacklevel=2)
 
 

@@ -29,6 +29,9 @@ class LongTask:
     Config: ClassVar[type]  # frozen dataclass of the task's options (defaults = the standard setting)
     version: ClassVar[int] = 1  # bump when the same options would give different numbers: older records are refused
     reusable_versions: ClassVar[tuple[int, ...]] = ()  # older versions whose stored results are still reused
+    # older versions whose results still hold where the tokenizer prepends no special token (`special_prefix` empty):
+    # they differ from this one only by that prefix
+    reusable_without_prefix: ClassVar[tuple[int, ...]] = ()
     presentation: ClassVar[TaskPresentation]
     # files (or folders) it reads, relative to the data dir: records keep their digest, so a rerun after they
     # changed does not reuse records made from the old ones (harness/run/inputs.py); none for synthetic tasks
@@ -134,3 +137,13 @@ def mean_se(xs: list[float]) -> tuple[float, float | None]:
         return m, None
     var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
     return m, math.sqrt(var / len(xs))
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The token ids the tokenizer puts before a text by default (Llama's BOS; none for SmolLM2 or the byte tokenizer
+    of the random models): what a served prompt starts with, and what lm-eval's own tasks start with (HFLM keeps the
+    tokenizer's default). Long-context prompts are token lists built here, so they add it themselves."""
+    bare = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a")
+    n = len(full) - len(bare)
+    return list(full[:n]) if n > 0 and list(full[n:n + len(bare)]) == list(bare) else []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from harness.errors import UsageError
 from harness.quality.long_tasks import register_task
-from harness.quality.long_tasks.base import LongTask, batch_size, capped, kv_delta, mean_se
+from harness.quality.long_tasks.base import LongTask, batch_size, capped, kv_delta, mean_se, special_prefix
 from harness.store.task_names import TaskPresentation
 
 
@@ -87,7 +87,8 @@ def passkey_samples(tokenizer, c: PasskeyConfig, limit: int | float | None) -> l
     """Samples of exactly `length` tokens; the key follows round(depth · units) whole filler units. In (repeat, length,
     depth) order; a --limit keeps the first cells of the round-robin order (every length, then every depth)."""
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-    intro, unit, question = enc(INTRO), enc(FILLER), enc(QUESTION)
+    # a served prompt starts with the tokenizer's default prefix (Llama's BOS; none for SmolLM2): counted in the L tokens
+    intro, unit, question = special_prefix(tokenizer) + enc(INTRO), enc(FILLER), enc(QUESTION)
     kept = kept_cells(c, limit)
     grid = [(rep, L, d) for rep in range(c.repeats) for L in c.lengths for d in c.depths if (rep, L, d) in kept]
     out = []
@@ -128,7 +129,8 @@ class Passkey(LongTask):
 
     name = "passkey"
     Config = PasskeyConfig
-    version = 1
+    version = 2  # 2: the tokenizer's default prefix (BOS) starts each prompt
+    reusable_without_prefix = (1,)  # the same prompts where the tokenizer prepends nothing (SmolLM2)
     presentation = TaskPresentation(
         title="passkey %", setting_prefix="acc_L", primary_metric="acc", metric_format="percent",
         caption="passkey %: exact retrieval of a 5-digit key from an L-token prompt", column_order=1)
@@ -182,7 +184,8 @@ class Passkey(LongTask):
                  "metrics": {"acc": [float(x["correct"]) for x in per_sample]}}
         return {"scores": {"acc": {"value": m, "stderr": se}, **scores, **_by_depth(per_sample)}, "n_samples": len(samples),
                 "kv_by": kv_by, "details": {"samples": per_sample, "scoring": "first digit run of the greedy output == key",
-                            "prompt": "raw tokens: no BOS or other special token, no chat template"},
+                            "prompt": f"the tokenizer's default prefix {special_prefix(tokenizer)} (BOS; [] for none), "
+                                      "then the prompt's tokens; no chat template"},
                 "items": items, "samples": {self.name: [{"doc_id": i, **x} for i, x in enumerate(per_sample)]}}
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from harness.errors import HarnessWarning, UsageError
 from harness.quality.long_tasks import register_task
-from harness.quality.long_tasks.base import LongTask, batch_size, capped, kv_delta, mean_se
+from harness.quality.long_tasks.base import LongTask, batch_size, capped, kv_delta, mean_se, special_prefix
 from harness.store.task_names import TaskPresentation
 
 
@@ -50,11 +50,12 @@ def ppl_articles(tokenizer, data_dir: Path, c: PplConfig, limit: int | float | N
         raise UsageError(f"pd_ppl needs {path} (WikiText-2 test, raw) in the data dir")
     need = max(c.prompt_tokens) + c.cont_tokens
     n = capped(c.docs, limit)
+    prefix = special_prefix(tokenizer)  # a served prompt's BOS (Llama's), counted in the T prompt tokens
     windows = []
     for page in wikitext_pages(path.read_text(encoding="utf-8")):
         ids = tokenizer.encode(page, add_special_tokens=False)
-        if len(ids) >= need:
-            windows.append((page.strip().split("\n", 1)[0].strip(), ids[:need]))
+        if len(ids) >= need:  # the same articles with a prefix or without
+            windows.append((page.strip().split("\n", 1)[0].strip(), (prefix + ids)[:need]))
             if len(windows) == n:
                 break
     if not windows:
@@ -72,10 +73,12 @@ class PdPpl(LongTask):
     name = "pd_ppl"
     data_files = ("wikitext2/wiki.test.raw",)  # what it reads from the data dir (its digest is recorded)
     Config = PplConfig
-    version = 2  # 2: the pooled ppl's stderr over articles (each article's windows at every T are one sample)
-    # version 1's perplexities are the same numbers; only its pooled stderr is the older, smaller one: its records
-    # (the committed tables') are still reused rather than refused
-    reusable_versions = (1,)
+    version = 3  # 2: the pooled ppl's stderr over articles (each article's windows at every T are one sample); 3: the
+    # tokenizer's default prefix (BOS) starts each window
+    # versions 1 and 2 give the same perplexities where the tokenizer prepends nothing (SmolLM2; 1's pooled stderr is
+    # the older, smaller one): their records (the committed tables') are still reused there, and refused for a
+    # BOS-adding tokenizer (Llama's), whose windows they scored without it
+    reusable_without_prefix = (1, 2)
     presentation = TaskPresentation(
         title="PPL", setting_prefix="ppl_T", primary_metric="ppl", metric_format="decimal", lower_is_better=True,
         caption="PPL: token perplexity of {cont_tokens|the} continuation tokens after a T-token WikiText-2 prompt (pd_ppl)",
@@ -126,7 +129,8 @@ class PdPpl(LongTask):
                 "details": {"articles": len(windows), "prompt_tokens": list(c.prompt_tokens), "cont_tokens": c.cont_tokens,
                             "source": "wikitext2/wiki.test.raw, articles split at top-level titles, file order",
                             "titles": [t for t, _ in titled],  # which articles pd_ppl/0, pd_ppl/1, ... are
-                            "prompt": "raw article tokens: no BOS or other special token, no chat template"}}
+                            "prompt": f"the tokenizer's default prefix {special_prefix(tokenizer)} (BOS; [] for none), "
+                                      "then the article's tokens; no chat template"}}
 
 
 def _ppl(nll: list[float]) -> dict:
