@@ -588,27 +588,34 @@ def test_gpu_check_keeps_no_measured_kv_between_latency_rows(tmp_path, monkeypat
     assert res["ipc_handoff"]["pass"]
 
 
-def test_gpu_check_writes_every_latency_row_as_it_is_measured(tmp_path, monkeypatch):
-    """The JSON and the table are rewritten after every (b) row and failed step, not once a shape's rows are all
-    measured: a run killed by its time limit (or a crash of the process) mid-shape keeps the rows it measured."""
-    from harness.latency import measure as lm
+class _Killed(BaseException):
+    """What gpu_check's `attempt` does not catch: the process ends here (the device's time limit)."""
 
-    class Killed(BaseException):  # what `attempt` does not catch: the process ends here
-        pass
+
+def _measure_until(monkeypatch, killed_at: int, failed_at: int | None = None) -> None:
+    """`measure` as it is, but the `failed_at`-th call raises an out-of-memory error (a failed step) and the
+    `killed_at`-th ends the process."""
+    from harness.latency import measure as lm
 
     real, calls = lm.measure, []
 
     def spy(*a, **k):
         calls.append(k["decode_mode"])
-        if len(calls) == 2:
-            raise RuntimeError("out of memory")  # a failed step, recorded
-        if len(calls) == 4:
-            raise Killed
+        if len(calls) == failed_at:
+            raise RuntimeError("out of memory")
+        if len(calls) == killed_at:
+            raise _Killed
         return real(*a, **k)
 
     monkeypatch.setattr(lm, "measure", spy)
+
+
+def test_gpu_check_writes_every_latency_row_as_it_is_measured(tmp_path, monkeypatch):
+    """The JSON and the table are rewritten after every (b) row and failed step, not once a shape's rows are all
+    measured: a run killed by its time limit (or a crash of the process) mid-shape keeps the rows it measured."""
+    _measure_until(monkeypatch, killed_at=4, failed_at=2)  # the second measurement a failed step, recorded
     out, md = tmp_path / "c.json", tmp_path / "c.md"
-    with pytest.raises(Killed):
+    with pytest.raises(_Killed):
         _gpu_check("--shapes", "tiny", "--sections", "b", "--prompt-tokens", "12", "--decode-tokens", "3", "--batch-sizes", "1,2",
                    "--device", "cpu", "--dtype", "float32", "--warmup", "0", "--repeats", "1", "--json", str(out), "--md", str(md))
     res = json.loads(out.read_text())
@@ -621,22 +628,9 @@ def test_gpu_check_writes_the_bound_verdict_with_the_rows_it_judges(tmp_path, mo
     """(c) is written with the (b) rows it is computed from: a run killed later in (b) (the device's time limit, in the
     second shape's rows) keeps the first shape's dense batch-1 verdict. It was computed once after all of (b), from
     inputs (weight bytes, ops per step) the JSON does not hold, so such a run lost it."""
-    from harness.latency import measure as lm
-
-    class Killed(BaseException):  # what `attempt` does not catch: the process ends here
-        pass
-
-    real, calls = lm.measure, []
-
-    def spy(*a, **k):
-        calls.append(k["decode_mode"])
-        if len(calls) == 3:
-            raise Killed
-        return real(*a, **k)
-
-    monkeypatch.setattr(lm, "measure", spy)
+    _measure_until(monkeypatch, killed_at=3)
     out = tmp_path / "c.json"
-    with pytest.raises(Killed):
+    with pytest.raises(_Killed):
         _gpu_check("--shapes", "tiny", "--sections", "b,c", "--prompt-tokens", "12", "--decode-tokens", "3", "--batch-sizes", "1",
                    "--device", "cpu", "--dtype", "float32", "--warmup", "0", "--repeats", "1", "--json", str(out), "--md", str(tmp_path / "c.md"))
     res = json.loads(out.read_text())
