@@ -189,7 +189,32 @@ def test_a_failed_ratio_names_the_figures_it_divided(tmp_path):
     _edit(cur / "latency", "shortgpt__disaggregated.json", slower_without_samples)
     res = check(REFERENCE, cur)
     assert len(res.failures) == 1, res.failures
+    assert re.search(r"latency_T256_n8_b1 tpot_ms \(fastest repeat\) / unpruned [0-9.]+ -> tpot_ms_p50 / unpruned's "
+                     r"tpot_ms \(fastest repeat\) [0-9.]+ ", res.failures[0]), res.failures  # each side in its own words
+
+
+def test_a_failed_ratio_names_each_sides_figures_where_they_differ(tmp_path):
+    """A reference without samples (an older record) divides its stored p50, the rerun its fastest repeat: the failure
+    named both sides by the rerun's words, so the reference's p50 ratio read as a ratio of fastest repeats."""
+    ref, cur = tmp_path / "ref", _copy(tmp_path)
+    shutil.copytree(REFERENCE, ref)
+
+    def without_samples(d):
+        for samples in d["extra"]["latency"].values():
+            del samples["tpot_ms"]
+    _edit(ref / "latency", "shortgpt__disaggregated.json", without_samples)
+    _edit(cur / "latency", "shortgpt__disaggregated.json", _scale("tpot_ms_p50", 3.0))
+    res = check(ref, cur)
+    assert len(res.failures) == 1, res.failures
     assert "latency_T256_n8_b1 tpot_ms_p50 / unpruned's tpot_ms (fastest repeat) " in res.failures[0], res.failures
+    assert " -> tpot_ms (fastest repeat) / unpruned " in res.failures[0], res.failures
+
+    def nan_p50(d):
+        for metrics in d["scores"].values():
+            metrics["tpot_ms_p50"]["value"] = float("nan")
+    _edit(ref / "latency", "shortgpt__disaggregated.json", nan_p50)
+    assert "latency_T256_n8_b1 tpot_ms_p50 / unpruned's tpot_ms (fastest repeat) is nan in the reference" in \
+        check(ref, cur).failures[0]
 
 
 def test_only_latency_ratios_beyond_the_tolerance_count_as_timing(tmp_path):

@@ -208,25 +208,29 @@ def compare_latency(ref: dict[str, RunRecord], cur: dict[str, RunRecord], res: C
             continue
         for label in r.latency:
             for m in LATENCY_METRICS:
-                (a, ref_what), (b, what) = _ratio(r, ref_dense, label, m), _ratio(c, cur_dense, label, m)
-                _compare_ratio(f"{key} (latency): {label}", ref_what if b is None else what, a, b, res, tolerance)
+                _compare_ratio(f"{key} (latency): {label}", _ratio(r, ref_dense, label, m), _ratio(c, cur_dense, label, m),
+                               res, tolerance)
 
 
-def _compare_ratio(where: str, what: str, a: float | None, b: float | None, res: CheckResult,
+def _compare_ratio(where: str, ref: tuple[float | None, str], cur: tuple[float | None, str], res: CheckResult,
                    tolerance: float) -> None:
-    """One ratio of the gate: `what` names the figures divided, as the rerun holds them."""
+    """One ratio of the gate: `ref` and `cur` are (ratio, the words for the figures divided) of the reference and the
+    rerun; each side is named by its own words where they differ (a reference without samples divides stored p50s)."""
+    (a, ref_what), (b, what) = ref, cur
     if a is None:
         return
     if not math.isfinite(a):
-        res.failures.append(f"{where} {what} is {a} in the reference: not a time to compare with; {REFRESH}")
-    elif b is None or not math.isfinite(b):
-        res.failures.append(f"{where} {what} {'missing' if b is None else f'is {b}'} in the rerun")
-    elif b > (1 + tolerance) * a:
+        res.failures.append(f"{where} {ref_what} is {a} in the reference: not a time to compare with; {REFRESH}")
+        return
+    if b is None or not math.isfinite(b):
+        res.failures.append(f"{where} {ref_what if b is None else what} {'missing' if b is None else f'is {b}'} in the rerun")
+        return
+    change = f"{ref_what} {a:.3f} -> " + ("" if what == ref_what else f"{what} ") + f"{b:.3f}"
+    if b > (1 + tolerance) * a:
         res.slower_ratios += 1
-        res.failures.append(f"{where} {what} {a:.3f} -> {b:.3f} ({b / a:.2f}× the reference ratio; "
-                            f"allowed up to {1 + tolerance:.2f}×)")
+        res.failures.append(f"{where} {change} ({b / a:.2f}× the reference ratio; allowed up to {1 + tolerance:.2f}×)")
     elif b < a / (1 + tolerance):
-        res.notes.append(f"{where} {what} {a:.3f} -> {b:.3f} (faster relative to {DENSE}; refresh the references if intended)")
+        res.notes.append(f"{where} {change} (faster relative to {DENSE}; refresh the references if intended)")
 
 
 def check(reference: Path, current: Path, latency_tolerance: float = RATIO_TOLERANCE) -> CheckResult:
