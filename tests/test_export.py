@@ -479,3 +479,17 @@ def test_a_pruned_config_keeps_the_per_layer_entries_of_the_kept_layers():
     assert cfg.num_hidden_layers == 3 and cfg.max_window_layers == 1
     assert cfg.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
     assert cfg.no_rope_layers == [1, 0] and config.num_hidden_layers == 4  # the source config is unchanged
+
+
+def test_the_no_record_hint_names_a_variant_that_agrees_with_the_set_given():
+    """A sweep of two options (`pdtrim@k_prefill=2,k_decode=4`): `--set pdtrim.k_decode=6` names one of them only, and
+    the hint fell back to the first variant, whose k_decode=4 contradicts it; a --set spelled with spaces (which
+    `--set` itself accepts) matched none either."""
+    from harness.cli.export import _variant_of
+
+    two = ["pdtrim@k_prefill=2,k_decode=4", "pdtrim@k_prefill=2,k_decode=6"]
+    assert _variant_of(two, "pdtrim", ["pdtrim.k_decode=6"]) == "pdtrim@k_prefill=2,k_decode=6"
+    assert _variant_of(two, "pdtrim", ["calib.seed=1", "pdtrim.k_decode=6"]) == "pdtrim@k_prefill=2,k_decode=6"
+    assert _variant_of(["tail@k=1", "tail@k=2"], "tail", ["tail.k = 2"]) == "tail@k=2"
+    assert _variant_of(["tail@k=1", "tail@k=2"], "tail", []) == "tail@k=1"  # nothing given: the first
+    assert _variant_of(["tail@k=1", "tail@k=2"], "tail", ["tail.k=9"]) == "tail@k=1"  # none agrees: the first

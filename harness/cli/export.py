@@ -161,12 +161,18 @@ def _no_record(folder: Path, method: str, mode: str, overrides: list[str] = ()) 
 
 
 def _variant_of(variants: list[str], method: str, overrides) -> str:
-    """The variant (`shortgpt@k=8`) whose swept options all equal the `--set METHOD.OPTION=VALUE` given, else the
-    first: the example a refusal gives for `--method shortgpt --set shortgpt.k=8`."""
-    given = dict(o[len(method) + 1:].split("=", 1) for o in overrides if o.startswith(f"{method}.") and "=" in o)
+    """The first variant (`shortgpt@k=8`) whose swept options agree with every `--set METHOD.OPTION=VALUE` given for
+    them (an option the --set leaves out agrees), else the first: the example a refusal gives for `--method shortgpt
+    --set shortgpt.k=8`, or for `--set pdtrim.k_decode=6` among `pdtrim@k_prefill=2,k_decode=4` and `...,k_decode=6`."""
+    given = {}
+    for o in overrides:  # spelled as `split_overrides` reads them: SCOPE.OPTION=VALUE, spaces around each part dropped
+        key, eq, raw = o.partition("=")
+        scope, dot, name = key.strip().partition(".")
+        if eq and dot and scope == method:
+            given[name.strip()] = raw.strip()
     for v in variants:
-        tag = v.split(SWEEP_MARK, 1)[1]
-        if all(given.get(k) == x for k, _, x in (item.partition("=") for item in tag.split(","))):
+        swept = (item.partition("=") for item in v.split(SWEEP_MARK, 1)[1].split(","))
+        if all(given.get(k, x) == x for k, _, x in swept):
             return v
     return variants[0]
 
