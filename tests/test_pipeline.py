@@ -99,6 +99,22 @@ def test_the_refusal_of_another_configuration_names_what_differs(tiny, data_dir,
     assert "methods=" not in said and "seed=" not in said and "data_dir" not in said
 
 
+def test_the_refusal_names_a_sweep_variants_options_as_set_names_them(tiny, data_dir, tmp_path):
+    """A sweep's variant (`manual@n_first=1`) had its differing options named `manual@n_first=1.n_last`, which no --set
+    takes: they are named by the method, `manual.n_last=0 there, 1 here`."""
+    from harness.errors import UsageError
+
+    base = dict(model="random:tiny", modes=("disaggregated",), device="cpu", data_dir=str(data_dir), tasks=("arc_easy",),
+                limit=2, methods=("manual",))
+    pipeline.run(RunConfig(overrides=("manual.decode_layers=0,1", "manual.n_first=1,2"), **base), tmp_path, loaded=tiny)
+    other = RunConfig(overrides=("manual.decode_layers=0,1", "manual.n_first=1,2", "manual.n_last=1"), **base)
+    with pytest.raises(UsageError) as refused:
+        pipeline.run(other, tmp_path, loaded=tiny)
+    said = str(refused.value)
+    assert "manual@n_first=1__disaggregated.json (run_key " in said and "; manual.n_last=0 there, 1 here)" in said, said
+    assert "manual@n_first=1." not in said, said
+
+
 def test_a_plan_is_not_reused_from_a_calibration_on_other_data(tiny, data_dir, tmp_path):
     """Same calibration options, other texts (another --data-dir): another calibration, so the plan is made again."""
     import json

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.config import LATER_DEFAULTS, SWEEP_MARK, RunConfig
+from harness.config import LATER_DEFAULTS, SWEEP_MARK, RunConfig, sweep_base
 from harness.errors import UsageError
 from harness.pd.plan import PruningPlan
 from harness.store import records as rec
@@ -296,8 +296,9 @@ def differences(cfg: RunConfig, name: str, method, old: rec.RunRecord) -> str:
     now = {k: now.get(k, LATER_DEFAULTS.get(k)) for k in fields}
     for side in (then, now):
         side.update({k: bool(side.get(k)) for k in ("data_dir", "include_path")})
-    then.update({f"{name}.{k}": v for k, v in options_then(method, old).items()})
-    now.update({f"{name}.{k}": v for k, v in with_defaults(method, method.options()).items()})
+    scope = sweep_base(name)  # as --set names the options: `manual.n_last`, also for a sweep's variant `manual@n_first=1`
+    then.update({f"{scope}.{k}": v for k, v in options_then(method, old).items()})
+    now.update({f"{scope}.{k}": v for k, v in with_defaults(method, method.options()).items()})
     diff = options_diff(*(json.loads(json.dumps(d, default=str)) for d in (then, now)), "there", "here")
     return f"; {diff}" if diff else ""
 
