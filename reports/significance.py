@@ -186,6 +186,22 @@ def _with_bh(body: list) -> list:
     return out
 
 
+def _multiplicity_text(tests: int, body: list, baseline: str) -> str:
+    """The caption's words on multiplicity: the `tests` starred cells are unadjusted; the CSV's `_p_bh` adjusts the
+    p-values among them (cells judged by their CI, perplexities and other non-0/1 metrics, have no p-value to adjust)."""
+    m = sum(1 for _, rows in body for row in rows for c in row if c[2] and "p_bh" in c[2])
+    text = (f"p-values and * are per cell, not adjusted for multiple comparisons: this table makes {tests} tests at "
+            f"{ALPHA:g}, so about {tests * ALPHA:.1f} would be starred by chance if no method differed from {baseline}; ")
+    if m == tests:
+        return text + ("the CSV's <column>_p_bh columns hold the p-values adjusted for them together (Benjamini-Hochberg, "
+                       "the false discovery rate over every p-value of the table).")
+    if m == 0:
+        return text + "each is judged by its CI (no p-value to adjust)."
+    return text + (f"the CSV's <column>_p_bh columns hold the {m} p-values among them adjusted together (Benjamini-Hochberg, "
+                   f"the false discovery rate over those {m}); the {tests - m} judged by their CI have no p-value and are "
+                   "not adjusted.")
+
+
 def _verdict(done: dict[str, Paired], lower: dict[str, bool]) -> str:
     """Tasks significantly better / not / worse; better is a lower value for a lower-is-better metric."""
     sign = {t: -1 if lower[t] else 1 for t in done}
@@ -269,10 +285,7 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
                f"the row's folder, else one with its tasks. Avg: mean of the differences over the accuracy tasks (as the "
                f"quality table's Avg: long-context tasks left out, '—' unless the row pairs on every accuracy column), "
                f"items resampled within each task. Verdict: tasks significantly better / not / worse. "
-               f"p-values and * are per cell, not adjusted for multiple comparisons: this table makes {tests} tests at "
-               f"{ALPHA:g}, so about {tests * ALPHA:.1f} would be starred by chance if no method differed from {baseline}; "
-               f"the CSV's <column>_p_bh columns hold the p-values adjusted for them together (Benjamini-Hochberg, the "
-               f"false discovery rate over every p-value of the table)."
+               + _multiplicity_text(tests, body, baseline)
                + (" Perplexities: in their own units, and lower is better; the difference is the mean over articles of "
                   "each article's perplexity difference, not the difference of the long-context table's perplexities "
                   "(exp of the mean log-loss over all their tokens)." if any_lower else "")

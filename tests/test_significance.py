@@ -160,6 +160,27 @@ def test_pd_ppl_keeps_per_article_perplexities_and_pairs_them(tmp_path, data_dir
     assert cell.startswith(f"{diff:+.1f}"), cell  # in perplexity, not ×100 points
 
 
+def test_the_caption_counts_the_p_values_it_adjusts_apart_from_the_ci_judged_tests(tmp_path, data_dir, cli):
+    """A perplexity is starred by its CI and has no p-value: the caption counted it among the tests whose p-values the
+    CSV's `_p_bh` adjusts 'together', while BH ran over the 2 p-values only (ARC-e's and the Avg's)."""
+    import io
+
+    from reports.collect import collect
+    from reports.formats import to_csv
+
+    r = cli("--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned,tail", "--set", "tail.k=1", "--tasks",
+            "arc_easy,pd_ppl", "--limit", "6", "--set", "pd_ppl.docs=3", "--set", "pd_ppl.prompt_tokens=32,64", "--set",
+            "pd_ppl.cont_tokens=8", "--mode", "disaggregated", "--out", tmp_path, data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = sig.paired_table(collect([tmp_path]))
+    csv = pd.read_csv(io.StringIO(to_csv(table)))
+    assert sum(csv[c].notna().sum() for c in csv.columns if c.endswith("_p_bh")) == 2
+    assert "this table makes 3 tests at 0.05" in table.attrs["caption"]
+    assert "the CSV's <column>_p_bh columns hold the 2 p-values among them adjusted together (Benjamini-Hochberg, the " \
+           "false discovery rate over those 2); the 1 judged by their CI have no p-value and are not adjusted." \
+           in table.attrs["caption"], table.attrs["caption"]
+
+
 def test_a_single_item_or_an_infinite_value_has_no_ci_and_is_never_significant():
     one = sig.compare(np.array([10.0]), np.array([15.2]))  # one pd_ppl article: no spread to resample
     assert one.diff == pytest.approx(5.2) and math.isnan(one.low) and math.isnan(one.high) and not one.significant
