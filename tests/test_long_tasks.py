@@ -349,3 +349,18 @@ def test_long_context_prompts_start_with_the_tokenizers_bos_as_served_prompts_do
         f"prefix [{bos}])",
         f"passkey results made by version 1 of the task, which is version 2 now (its prompts lacked this tokenizer's "
         f"prefix [{bos}])"]
+
+
+def test_the_prefix_of_a_tokenizer_that_also_appends_an_eos_is_its_bos(tiny):
+    """A tokenizer that adds a BOS and an EOS (Llama's with `add_eos_token`) was read as adding no prefix, so its
+    long-context prompts lacked the BOS its lm-eval prompts start with."""
+    from harness.quality.long_tasks.base import special_prefix
+
+    class BosEos(_WithBos):
+        def encode(self, text, add_special_tokens=True):
+            ids = super().encode(text, add_special_tokens)
+            return [*ids, self.bos + 1] if add_special_tokens else ids
+
+    bos = tiny.tokenizer.encode("a", add_special_tokens=False)[0] + 1
+    assert special_prefix(BosEos(tiny.tokenizer, bos)) == [bos]
+    assert special_prefix(_WithBos(tiny.tokenizer, bos)) == [bos] and special_prefix(tiny.tokenizer) == []

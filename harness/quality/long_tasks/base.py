@@ -143,7 +143,7 @@ def special_prefix(tokenizer) -> list[int]:
     """The token ids the tokenizer puts before a text by default (Llama's BOS; none for SmolLM2 or the byte tokenizer
     of the random models): what a served prompt starts with, and what lm-eval's own tasks start with (HFLM keeps the
     tokenizer's default). Long-context prompts are token lists built here, so they add it themselves."""
-    bare = tokenizer.encode("a", add_special_tokens=False)
-    full = tokenizer.encode("a")
-    n = len(full) - len(bare)
-    return list(full[:n]) if n > 0 and list(full[n:n + len(bare)]) == list(bare) else []
+    bare, full = list(tokenizer.encode("a", add_special_tokens=False)), list(tokenizer.encode("a"))
+    # what precedes the text: a tokenizer that also appends a token (an EOS, `add_eos_token`) still has its BOS found
+    start = next((i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare), 0) if bare else 0
+    return full[:start]
