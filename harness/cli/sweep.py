@@ -157,7 +157,7 @@ def _sweep(args, plan: Plan, started: float) -> int:
 
 def _finish(args, plan: Plan, outcomes: list[Outcome], info: dict[str, Any], started: float, interrupted: bool) -> int:
     """summary.csv, the report (unless a cell failed or the sweep was interrupted), sweep.json, the table; the exit
-    status: 0, 1 if a cell failed, 2 if each failed cell refused its input, 130 after Ctrl-C."""
+    status: 0, 1 if a cell crashed, 2 if each failed cell (and a failed report) refused its input, 130 after Ctrl-C."""
     from harness.store import records as rec
 
     finished = sorted(p for p in plan.run_out.glob("*__*.json") if not p.name.endswith((".partial.json", FAILED_NOTE)))
@@ -188,7 +188,8 @@ def _finish(args, plan: Plan, outcomes: list[Outcome], info: dict[str, Any], sta
 
 def exit_status(failed: list[Outcome]) -> int:
     """As a single run's: 0 when nothing failed; 2 when every failed cell refused its input (an option of the spec
-    that cannot apply: fix the spec); 1 when one crashed or the report failed."""
+    that cannot apply: fix the spec), the report included (`_report` fails only on its refusal, exit 2); 1 when a cell
+    crashed."""
     return (2 if all(o.returncode == 2 for o in failed) else 1) if failed else 0
 
 
