@@ -78,8 +78,10 @@ def warn_chat_template_unused(cfg) -> None:
     from harness.errors import HarnessWarning
     from harness.quality import long_tasks
 
+    from harness.quality import distributed
+
     long_here = [t for t in cfg.tasks if long_tasks.is_long_task(t)]
-    if cfg.apply_chat_template and long_here:
+    if cfg.apply_chat_template and long_here and distributed.current().is_main:  # one voice under data parallelism
         warnings.warn(f"--apply_chat_template does not apply to the long-context tasks {', '.join(long_here)}: their "
                       "prompts are token lists (no chat template); it applies to the lm-eval tasks "
                       "only", HarnessWarning, stacklevel=2)
