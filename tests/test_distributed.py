@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--model", "random:tiny", "--device", "cpu", "-q", "--methods", "unpruned,random", "--set", "random.k=1",
         "--tasks", "arc_easy,boolq,pd_ppl,passkey", "--limit", "5", "--mode", "both",
         "--set", "pd_ppl.prompt_tokens=64,128", "--set", "pd_ppl.cont_tokens=16", "--set", "pd_ppl.docs=3",
-        "--set", "passkey.lengths=400,500", "--set", "passkey.repeats=1"]
+        "--set", "passkey.lengths=400,500", "--set", "passkey.repeats=1", "--log-samples"]
 
 
 def _env(data_dir: Path) -> dict[str, str]:
@@ -62,6 +62,18 @@ def test_two_rank_accelerate_run_equals_single_process(data_dir, tmp_path, cli, 
                 if v["stderr"] is not None:  # summation order differs across ranks: last-bit differences
                     assert w["stderr"] == pytest.approx(v["stderr"], rel=1e-9)
         assert a["extra"]["task_details"]["passkey"] == b["extra"]["task_details"]["passkey"]
+        assert a["extra"]["items"] == b["extra"]["items"], name  # per-item ids and values for paired tests
+    logs = sorted(p.relative_to(tmp_path / "single") for p in (tmp_path / "single" / "samples").rglob("*.jsonl"))
+    assert len(logs) == 16 and logs == sorted(p.relative_to(tmp_path / "dp") for p in (tmp_path / "dp" / "samples").rglob("*.jsonl"))
+    for log in logs:  # --log-samples: one line per item, each once, in order; no padding copy's answer in a line
+        a, b = ([json.loads(line) for line in (tmp_path / run / log).read_text().splitlines()] for run in ("single", "dp"))
+        assert [s["doc_id"] for s in a] == [s["doc_id"] for s in b], log
+        for x, y in zip(a, b):
+            if "resps" in x:  # lm-eval's tasks (log-likelihoods may differ in the last bits: other batches per rank)
+                assert [len(r) for r in x["resps"]] == [len(r) for r in y["resps"]], (log, x["doc_id"])
+                assert {m: x[m] for m in x["metrics"]} == {m: y[m] for m in y["metrics"]}, (log, x["doc_id"])
+            else:
+                assert x == y, log
 
 
 class _Req:
@@ -80,6 +92,38 @@ def test_padding_copies_lm_eval_appends_are_recognised():
     assert lm._without_padding([a, c, c, c, c]) == ([a, c, c], 2)
     lm._world_size = 1
     assert lm._without_padding([a, b, b]) == ([a, b, b], 0)  # one process: nothing is padding
+
+
+class _Inst(_Req):
+    """An lm-eval `Instance` as the evaluator uses it: a `resps` list it appends each answer to."""
+
+    def __init__(self, arg: str, repeats: int = 1) -> None:
+        super().__init__(repeats)
+        self.args, self.resps = (arg,), []
+
+
+class _NoBarrier(Dist):
+    def barrier(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_answers_to_padding_copies_do_not_stay_in_the_padded_requests_responses(repeats):
+    """lm-eval pads a rank's requests with copies of its last `Instance` and appends every answer to the request it
+    passed (`req.resps.append(x)`), so the padded document's `resps` held the copies' answers too: its --log-samples
+    line listed them (mmlu at --limit 3 over 2 ranks: 229 answers to one choice) and a filter reading every response
+    (a majority vote over `repeats`) counted them. They are gone by the barrier lm-eval calls after the requests ran."""
+    lm = PDLM.__new__(PDLM)
+    lm._world_size, lm.dist, lm.progress = 2, _NoBarrier(0, 2, 0), False
+    lm._rolling = lambda reqs, disable_tqdm: [float(len(r.args[0])) for r in reqs]
+    a, b = _Inst("x", repeats), _Inst("yy", repeats)
+    cloned = [a] * repeats + [b] * repeats + [b] * repeats * 2  # lm-eval's loop: two padding units after the last request
+    for x, req in zip(lm.loglikelihood_rolling(cloned), cloned, strict=True):  # lm-eval's evaluator, as it runs them
+        req.resps.append(x)
+    lm.barrier()
+    assert a.resps == [1.0] * repeats and b.resps == [2.0] * repeats
+    lm.barrier()  # nothing pending: nothing more removed
+    assert b.resps == [2.0] * repeats
 
 
 class _Gathered(Dist):

@@ -75,23 +75,41 @@ class PDLM(TemplateLM):
 
     def gather_object(self, obj, dst=0):
         """lm-eval gathers per-document metrics and samples on rank 0 and concatenates them: in document order."""
+        self._drop_padding_responses()  # (already done at the barrier after the requests ran; a safety net)
         parts = self.dist.gather_object(obj, dst)
         return in_doc_order(parts) if parts is not None else None
 
     def barrier(self) -> None:
+        # lm-eval calls this right after appending each response to its request (`req.resps.append(x)` for every
+        # request it passed, padding copies included) and before it filters the responses and logs the samples
+        self._drop_padding_responses()
         self.dist.barrier()
 
     def _without_padding(self, requests: list) -> tuple[list, int]:
         """(real requests, number of padding copies) of one call.
 
         With several ranks, lm-eval pads a rank's request list with copies of its last request
-        (`[req] * req.repeats` per padding unit) so all ranks make the same number of forwards.
+        (`[req] * req.repeats` per padding unit) so all ranks make the same number of forwards. The copies are
+        the same `Instance` object, so lm-eval appends their answers to that request's own `resps`: they are
+        noted here and removed at the next `barrier`, or the document's `--log-samples` line listed them (a
+        group such as mmlu pads once per subtask: 228 copies at --limit 3 over 2 ranks) and a filter that reads
+        every response (a majority vote over `repeats`) counted them.
         """
         if self.world_size == 1 or not requests:
             return requests, 0
         last = requests[-1]
         n_pad = sum(1 for r in requests if r is last) - getattr(last, "repeats", 1)
-        return (requests[: len(requests) - n_pad], n_pad) if n_pad > 0 else (requests, 0)
+        if n_pad <= 0:
+            return requests, 0
+        self.__dict__.setdefault("_padded", []).append((last, n_pad))
+        return requests[: len(requests) - n_pad], n_pad
+
+    def _drop_padding_responses(self) -> None:
+        """Remove the answers to padding copies that lm-eval appended to the padded requests' `resps`."""
+        for req, n_pad in self.__dict__.pop("_padded", []):
+            resps = getattr(req, "resps", None)
+            if isinstance(resps, list) and len(resps) >= n_pad + getattr(req, "repeats", 1):  # the copies' answers came
+                del resps[len(resps) - n_pad:]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         real, n_pad = self._without_padding(list(requests))
