@@ -303,3 +303,33 @@ def test_a_collective_broken_by_a_peer_that_left_on_the_stop_signal_ends_as_inte
     monkeypatch.setattr(distributed, "PEER_LOST_GRACE_S", 0.2)  # a peer that crashed: no signal comes
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
         call()
+
+
+def test_a_sharded_generation_asks_should_stop_about_the_callers_own_context_index():
+    """`Scorer.generate` calls `should_stop(i, tokens)` with i the index of the context in the caller's list; under data
+    parallelism (`ShardedScorer`) rank 1 scores contexts 1, 3, ... and its scorer asked about 0, 1, ...: a long-context
+    task whose stop rule depends on the request (its own stop string, its own answer length) stopped by another's."""
+    from harness.quality.distributed import ShardedScorer
+    from harness.quality.scoring import KVTally
+
+    class Inner:
+        def __init__(self):
+            self.tally, self.batch_size = KVTally(), 4
+
+        def generate(self, contexts, max_new_tokens, should_stop=None, progress=False):
+            return [[j] if should_stop(j, [0]) else [] for j in range(len(contexts))]
+
+    class Rank1(Dist):
+        def all_gather_object(self, obj):
+            return [([0, 2, 4], [[0], [2], [4]], KVTally().as_dict()), obj]  # rank 0's part, as its scorer would give it
+
+    asked = []
+    wants = {1: True, 3: False}  # per context index of the caller: stop context 1 at once, let 3 run
+
+    def should_stop(i, tokens):
+        asked.append(i)
+        return wants[i]
+
+    out = ShardedScorer(Inner(), Rank1(1, 2, 1)).generate([[7], [8], [9], [10], [11]], 4, should_stop)
+    assert sorted(asked) == [1, 3]
+    assert out[1] == [0] and out[3] == []

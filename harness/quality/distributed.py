@@ -201,9 +201,10 @@ class ShardedScorer:
         self._inner.batch_size = value
 
     def _sharded(self, items: list, fn) -> list:
+        """`fn(this rank's items, their indices in items)` on every rank, the results all-gathered in items' order."""
         mine = list(range(self._dist.rank, len(items), self._dist.world_size))
         before = self._inner.tally.as_dict()
-        res = fn([items[i] for i in mine])
+        res = fn([items[i] for i in mine], mine)
         parts = self._dist.all_gather_object((mine, res, self._inner.tally.since(before)))
         out: list[Any] = [None] * len(items)
         for idx, vals, sent in parts:
@@ -213,8 +214,11 @@ class ShardedScorer:
         return out
 
     def loglikelihood(self, requests, progress: bool = False):
-        return self._sharded(list(requests), lambda part: self._inner.loglikelihood(part, progress=progress))
+        return self._sharded(list(requests), lambda part, _: self._inner.loglikelihood(part, progress=progress))
 
     def generate(self, contexts, max_new_tokens: int, should_stop=None, progress: bool = False):
-        return self._sharded(list(contexts), lambda part: self._inner.generate(
-            part, max_new_tokens, should_stop, progress=progress))
+        def run(part: list, mine: list[int]):  # should_stop(i, tokens) names i in the caller's list, not in this part
+            stop = None if should_stop is None else (lambda j, gen: should_stop(mine[j], gen))
+            return self._inner.generate(part, max_new_tokens, stop, progress=progress)
+
+        return self._sharded(list(contexts), run)
