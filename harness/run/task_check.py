@@ -76,9 +76,7 @@ def warn_chat_template_unused(cfg) -> None:
     import warnings
 
     from harness.errors import HarnessWarning
-    from harness.quality import long_tasks
-
-    from harness.quality import distributed
+    from harness.quality import distributed, long_tasks
 
     long_here = [t for t in cfg.tasks if long_tasks.is_long_task(t)]
     if cfg.apply_chat_template and long_here and distributed.current().is_main:  # one voice under data parallelism
