@@ -1,5 +1,7 @@
 """An interrupted (method, mode) resumes from its finished tasks; records round-trip."""
 
+import json
+
 import pytest
 
 from harness.config import RunConfig
@@ -85,7 +87,8 @@ def test_the_refusal_of_another_configuration_names_what_differs(tiny, data_dir,
     nothing about what changed: the refusal names the flags and method options that differ, and only those."""
     from harness.errors import UsageError
 
-    base = dict(model="random:tiny", modes=("disaggregated",), device="cpu", data_dir=str(data_dir), batch_size=4)
+    base = dict(model="random:tiny", modes=("disaggregated",), device="cpu", data_dir=str(data_dir), batch_size=4,
+                dtype="float32")
     pipeline.run(RunConfig(methods=("tail",), overrides=("tail.k=1",), tasks=("arc_easy",), limit=2, **base),
                  tmp_path, loaded=tiny)
     other = RunConfig(methods=("tail",), overrides=("tail.k=2",), tasks=("arc_easy", "piqa"), limit=3,
@@ -97,6 +100,14 @@ def test_the_refusal_of_another_configuration_names_what_differs(tiny, data_dir,
     assert "; limit=2 there, 3 here, tail.k=1 there, 2 here, tasks=['arc_easy'] there, ['arc_easy', 'piqa'] here)" \
         in said, said
     assert "methods=" not in said and "seed=" not in said and "data_dir" not in said
+    # a dtype as older records stored it (`fp32`) is the same dtype: not named beside what really differs
+    path = tmp_path / "tail__disaggregated.json"
+    stored = json.loads(path.read_text())
+    stored["config"]["dtype"] = "fp32"
+    path.write_text(json.dumps(stored))
+    with pytest.raises(UsageError) as refused:
+        pipeline.run(other, tmp_path, loaded=tiny)
+    assert "limit=2 there, 3 here" in str(refused.value) and "dtype" not in str(refused.value), str(refused.value)
 
 
 def test_the_refusal_names_a_sweep_variants_options_as_set_names_them(tiny, data_dir, tmp_path):

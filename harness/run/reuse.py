@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.config import LATER_DEFAULTS, SWEEP_MARK, RunConfig, sweep_base
+from harness.config import DTYPES, LATER_DEFAULTS, SWEEP_MARK, RunConfig, sweep_base
 from harness.errors import UsageError
 from harness.pd.plan import PruningPlan
 from harness.store import records as rec
@@ -289,13 +289,17 @@ def differences(cfg: RunConfig, name: str, method, old: rec.RunRecord) -> str:
     """'; limit=2 there, 3 here, tail.k=1 there, 2 here': the run-key flags and `name`'s options in which the record
     `old` differs from this run, so a refusal says what to change back ('' when none does: then the calibration, a
     long-context task's options or the code differ). A data or include folder counts as given or not: its path may
-    differ for the same files, which digests decide."""
+    differ for the same files, which digests decide; a dtype spelled short and a model folder typed another way are
+    the same as `kinship` takes them."""
     fields = [f.name for f in dataclasses.fields(RunConfig) if f.name not in RunConfig.KEY_SKIP]
     now = cfg.recorded()
     then = {k: old.config.get(k, LATER_DEFAULTS.get(k)) for k in fields}
     now = {k: now.get(k, LATER_DEFAULTS.get(k)) for k in fields}
     for side in (then, now):
         side.update({k: bool(side.get(k)) for k in ("data_dir", "include_path")})
+        side["dtype"] = DTYPES.get(side.get("dtype"), side.get("dtype"))  # `fp32` as older records stored it: float32
+    if _same_model(cfg.model, old):  # the same model folder typed another way: not a difference
+        then["model"] = now["model"]
     scope = sweep_base(name)  # as --set names the options: `manual.n_last`, also for a sweep's variant `manual@n_first=1`
     then.update({f"{scope}.{k}": v for k, v in options_then(method, old).items()})
     now.update({f"{scope}.{k}": v for k, v in with_defaults(method, method.options()).items()})
