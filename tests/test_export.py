@@ -493,3 +493,17 @@ def test_the_no_record_hint_names_a_variant_that_agrees_with_the_set_given():
     assert _variant_of(["tail@k=1", "tail@k=2"], "tail", ["tail.k = 2"]) == "tail@k=2"
     assert _variant_of(["tail@k=1", "tail@k=2"], "tail", []) == "tail@k=1"  # nothing given: the first
     assert _variant_of(["tail@k=1", "tail@k=2"], "tail", ["tail.k=9"]) == "tail@k=1"  # none agrees: the first
+
+
+def test_the_no_record_hint_names_the_sweep_siblings_of_a_variant_that_is_not_there(tmp_path):
+    """`--method shortgpt@k=3` in a sweep's folder of k=2 and k=4: the hint named no variant, since it looked for the
+    variants of a method called `shortgpt@k=3`; a run finds siblings by their method, as the hint now does."""
+    from harness.cli.export import _no_record
+
+    for name in ("shortgpt@k=2", "shortgpt@k=4", "tail@k=1"):
+        (tmp_path / f"{name}__unified.json").write_text("{}")
+    (tmp_path / "shortgpt@k=5__unified.partial.json").write_text("{}")  # a resume file is no record
+    why = _no_record(tmp_path, "shortgpt@k=3", "unified")
+    assert "variants of shortgpt@k=3 are there: shortgpt@k=2, shortgpt@k=4;" in why
+    assert "--method 'shortgpt@k=2'" in why and "tail@k=1;" not in why.split("records there")[0]
+    assert "k=5" not in why

@@ -19,6 +19,7 @@ from harness.cli.flags import Parser, device_arg, dtype_arg, model_arg, seed_arg
 from harness.config import SWEEP_MARK, sweep_base
 from harness.errors import UsageError
 from harness.run.export import export_plan
+from harness.run.reuse import candidates
 from harness.store.records import check_writable, refuse_dangling_link
 
 MODES = ("unified", "disaggregated")
@@ -151,8 +152,7 @@ def _no_record(folder: Path, method: str, mode: str, overrides: list[str] = ()) 
         why = f" (that cell failed there: {folder / rec.failure_filename(method, mode)}; rerun it to make its plan)"
     elif (folder / rec.partial_filename(method, mode)).is_file():
         why = " (that cell did not finish there: rerun its command to finish it)"
-    variants = sorted(r for p in folder.glob(f"*__{mode}.json")
-                      if rec.is_record_file(p) and sweep_base(r := p.name[:-len(f"__{mode}.json")]) == method != r)
+    variants = [p.name[:-len(f"__{mode}.json")] for p in candidates(folder, method, mode) if rec.is_record_file(p)]
     if variants and not why:  # a sweep's folder: its records are named by variant, not by the method
         why = (f" (a sweep's variants of {method} are there: {', '.join(variants)}; pass one as --method, e.g. "
                f"--method '{_variant_of(variants, method, overrides)}')")

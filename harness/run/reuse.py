@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.config import DTYPES, LATER_DEFAULTS, SWEEP_MARK, RunConfig, sweep_base
+from harness.config import DTYPES, LATER_DEFAULTS, RunConfig, sweep_base
 from harness.errors import UsageError
 from harness.pd.plan import PruningPlan
 from harness.store import records as rec
@@ -26,7 +26,7 @@ def stored_plan(cfg: RunConfig, prepared, name: str, mode: str, options: dict,
     `harness.run.inputs.digests`), a record made on other weights behind the same --model path does not match."""
     if not cfg.plans_from or prepared.methods[name].needs_replan_on_resume():
         return None
-    for path in _candidates(Path(cfg.plans_from), name, mode):
+    for path in candidates(Path(cfg.plans_from), name, mode):
         try:
             old = rec.load(path)
         except rec.RecordError as e:
@@ -43,16 +43,16 @@ def why_not_reused(cfg: RunConfig, prepared, name: str, mode: str) -> str:
     """Why `stored_plan` found nothing for `name`/`mode` in `cfg.plans_from`, for the run's note."""
     if prepared.methods[name].needs_replan_on_resume():
         return f"{name} plans with trained state no record keeps"
-    candidates = _candidates(Path(cfg.plans_from), name, mode)
-    if not candidates:
+    found = candidates(Path(cfg.plans_from), name, mode)
+    if not found:
         return f"no record {rec.record_filename(name, mode)} there"
     try:  # the cell's own record if there is one, else its first sweep sibling: what it was made with
-        old = rec.load(candidates[0])
+        old = rec.load(found[0])
     except rec.RecordError:
         old = None
     why = old and _difference(cfg, prepared, name, prepared.methods[name].options(), old, None)
     if why:
-        return f"{candidates[0].name} there was made with {why}"
+        return f"{found[0].name} there was made with {why}"
     return "its records there were made with another model, seed, method options, calibration or code"
 
 
@@ -63,12 +63,11 @@ def _other_weights(old: rec.RunRecord, inputs: dict) -> bool:
     return bool(then and inputs.get("model") and then != inputs["model"])
 
 
-def _candidates(folder: Path, name: str, mode: str) -> list[Path]:
+def candidates(folder: Path, name: str, mode: str) -> list[Path]:
     """`name`'s record file in `folder`, then those of the other variants of its method (sweep names), by name."""
     own = folder / rec.record_filename(name, mode)
-    base = name.split(SWEEP_MARK)[0]
     siblings = sorted(p for p in folder.glob(f"*__{mode}.json")
-                      if p != own and p.name[: -len(f"__{mode}.json")].split(SWEEP_MARK)[0] == base)
+                      if p != own and sweep_base(p.name[: -len(f"__{mode}.json")]) == sweep_base(name))
     return ([own] if own.exists() else []) + siblings
 
 
