@@ -172,18 +172,21 @@ def _text(p: Paired, lower: bool = False) -> CellSpec:
 def _with_bh(body: list) -> list:
     """`body` with `p_bh` beside each cell's p-value: Benjamini-Hochberg adjusted over every p-value of the table
     (`scipy.stats.false_discovery_control`), so a reader of many rows and tasks can control the false discovery rate."""
-    where = [(g, i, j) for g, (_, rows) in enumerate(body) for i, row in enumerate(rows) for j, c in enumerate(row)
-             if c[2] and ("p_mcnemar" in c[2] or "p_permutation" in c[2])]
+    where = {(g, i, j): p for g, (_, rows) in enumerate(body) for i, row in enumerate(rows) for j, c in enumerate(row)
+             if (p := _cell_p(c[2])) is not None}
     if not where:
         return body
-    ps = [next(body[g][1][i][j][2][k] for k in ("p_mcnemar", "p_permutation") if k in body[g][1][i][j][2])
-          for g, i, j in where]
-    adjusted = stats.false_discovery_control(np.asarray(ps, dtype=float), method="bh")
+    adjusted = stats.false_discovery_control(np.asarray(list(where.values()), dtype=float), method="bh")
     out = [(title, [list(row) for row in rows]) for title, rows in body]
     for (g, i, j), q in zip(where, adjusted):
         text, value, st = out[g][1][i][j]
         out[g][1][i][j] = (text, value, {**st, "p_bh": float(q)})
     return out
+
+
+def _cell_p(st: dict | None) -> float | None:
+    """The p-value a cell of `_text` shows: `Paired.p` from the parts the cell keeps (None ones are left out)."""
+    return next((st[k] for k in ("p_mcnemar", "p_permutation") if k in st), None) if st else None
 
 
 def _multiplicity_text(tests: int, body: list, baseline: str) -> str:
