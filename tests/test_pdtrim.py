@@ -206,8 +206,10 @@ def test_heal_reports_the_token_weighted_mse_of_the_successor_against_the_dense_
     assert report["2"]["mse_after"] == pytest.approx(report["2"]["mse_before"])  # no steps
 
 
-@pytest.mark.parametrize("kp,kd", [(1, 1), (0, 1)])  # (0, 1): the stages differ, the healed blocks are found by both sets
-def test_pdtrim_heals_when_asked_and_undoes_it(tiny, calib, monkeypatch, kp, kd):
+# (0, 1): the stages differ, the healed blocks are found by both sets. The search removes block 3 (1, 1) or, from
+# decode only, block 0 (0, 1): the pretended run is one that decode sees unchanged (kept blocks on either side)
+@pytest.mark.parametrize("kp,kd,run", [(1, 1, ((1,), 2)), (0, 1, ((2,), 3))])
+def test_pdtrim_heals_when_asked_and_undoes_it(tiny, calib, monkeypatch, kp, kd, run):
     import methods.pdtrim.healing
 
     model = tiny.model
@@ -217,12 +219,12 @@ def test_pdtrim_heals_when_asked_and_undoes_it(tiny, calib, monkeypatch, kp, kd)
     kw = dict(k_prefill=kp, k_decode=kd, kv_pruning=False, sensitivity=False)
     plain = pdtrim(**kw).plan(model, calib, "disaggregated")
     assert plain.info["healing"] == {"enabled": False}
-    # on the tiny model the search removes the last block (nothing to heal after it): pretend the
-    # removed run is block 1, followed by block 2, to exercise the plumbing
-    monkeypatch.setattr(methods.pdtrim.healing, "healing_runs", lambda removed, distill, n: [((1,), 2)])
+    # on the tiny model the search removes the last block or, from decode only, the first (nothing to heal): pretend
+    # the removed run is `run`, to exercise the plumbing
+    monkeypatch.setattr(methods.pdtrim.healing, "healing_runs", lambda removed, distill, n: [run])
     m = pdtrim(heal=True, heal_steps=20, heal_lr=1e-3, heal_samples=8, **kw)
     plan = m.plan(model, calib, "disaggregated")
-    assert plan.info["healing"]["runs"] == [[[1], 2]] and plan == plain  # same layers, healed block 2
+    assert plan.info["healing"]["runs"] == [[list(run[0]), run[1]]] and plan == plain  # same layers, healed block
     reqs = [(list(range(3, 30)), [5, 6, 7])]
     with m.apply(model, plan) as applied:
         healed = Scorer(model, applied, "disaggregated", max_length=512).loglikelihood(reqs)
@@ -249,3 +251,25 @@ def test_greedy_ties_go_to_the_lower_block(tiny, calib, monkeypatch):
     m = pdtrim(k_prefill=1, k_decode=2, kv_pruning=False, sensitivity=False, d_t=-1.0, screen="none")  # no real screen
     plan = m.plan(tiny.model, calib, "disaggregated")
     assert list(plan.removed_prefill) == [0] and list(plan.removed_decode) == [0, 1]
+
+
+def test_healing_skips_a_run_that_decode_extends_at_its_start(tiny, calib, monkeypatch):
+    """R_P = {2}, R_D = {1, 2}: in prefill block 3 follows the removed run (2,), in decode the run (1, 2), so a copy of
+    block 3 trained to map h_in(2) to the dense h_out(3) would be fed h_in(1) by the decode stage. Such a run is not
+    healed (block 3 stays the original in both stages); a run decode sees unchanged still is."""
+    from methods.pdtrim import method as pm
+    from methods.pdtrim.search import SearchState
+
+    monkeypatch.setenv("HARNESS_CALIBRATION_CACHE", "off")
+    monkeypatch.setattr(pm, "_SHARED_STATES", {})
+    monkeypatch.setattr(SearchState, "ep", lambda self, removed: float(sum(i != 2 for i in removed)))
+    monkeypatch.setattr(SearchState, "ed", lambda self, removed_decode, removed_prefill: float(sum(i != 1 for i in removed_decode)))
+    kw = dict(k_prefill=1, k_decode=2, kv_pruning=False, sensitivity=False, screen="none", d_t=1.0,  # every block in D
+              heal=True, heal_steps=2, heal_lr=1e-3, heal_samples=4)
+    plan = pdtrim(**kw).plan(tiny.model, calib, "disaggregated")
+    assert list(plan.removed_prefill) == [2] and list(plan.removed_decode) == [1, 2]
+    assert plan.info["healing"]["runs"] == [] and plan.info["healing"]["blocks"] == {}
+    monkeypatch.setattr(SearchState, "ed", lambda self, removed_decode, removed_prefill: float(sum(i != 0 for i in removed_decode)))
+    monkeypatch.setattr(pm, "_SHARED_STATES", {})
+    plan = pdtrim(**kw).plan(tiny.model, calib, "disaggregated")
+    assert list(plan.removed_decode) == [0, 2] and plan.info["healing"]["runs"] == [[[2], 3]]

@@ -173,8 +173,8 @@ class PDTrim(Method):
         return self._heal(model, calib, plan.replace(info=info), rp, st)
 
     def _heal(self, model, calib, plan: PruningPlan, removed_both: frozenset, st: SearchState) -> PruningPlan:
-        """Healing (off by default): blocks removed from both stages, healed only where the block
-        after the removed run is kept by the decode stage too, so one healed copy serves both stages."""
+        """Healing (off by default): blocks removed from both stages, healed only where the decode stage sees the
+        same removed run (it keeps the block after the run and the one before it), so one healed copy serves both."""
         c = self.config
         if not c.heal:
             return plan.replace(info={**plan.info, "healing": {"enabled": False}})
@@ -182,7 +182,9 @@ class PDTrim(Method):
 
         arch.need_resident_weights(model, "pdtrim.heal=true (training copies of blocks)")
 
-        runs = [(r, j) for r, j in healing_runs(sorted(removed_both), st.distill_set, st.n) if j in plan.decode_layers]
+        decode = set(plan.decode_layers)  # a decode-only removal next to the run would feed the copy another input
+        runs = [(r, j) for r, j in healing_runs(sorted(removed_both), st.distill_set, st.n)
+                if j in decode and (r[0] == 0 or r[0] - 1 in decode)]
         t0 = time.perf_counter()
         rows = random.Random(c.seed).sample(calib.input_ids, min(c.heal_samples, len(calib.input_ids)))
         sub = type(calib)(texts=[], input_ids=rows)
@@ -191,7 +193,8 @@ class PDTrim(Method):
         self._healed[(plan.prefill_layers, plan.decode_layers)] = healed
         info = {"enabled": True, "blocks": report, "runs": [[list(r), j] for r, j in runs], "seconds": time.perf_counter() - t0,
                 "rule": "runs of blocks removed from both stages that contain a distillation-set block; the next block, "
-                        "kept by both stages, is trained (hidden-state MSE to the dense output of run + block)"}
+                        "kept by both stages, is trained (hidden-state MSE to the dense output of run + block); a run "
+                        "whose preceding block only the decode stage removes is not healed"}
         return plan.replace(info={**plan.info, "healing": info})
 
     def _search_state(self, model, calib) -> SearchState:
