@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from harness.errors import UsageError
 from harness.pd.models import PRESETS, load_model
 
 
@@ -71,6 +72,30 @@ def test_sliding_window_models_are_refused_and_every_preset_has_full_attention()
             check_full_attention(cfg, "m")
     for cfg in (LlamaConfig(), Qwen2Config(), MistralConfig(sliding_window=None), *map(preset_config, PRESETS)):
         check_full_attention(cfg, "m")
+
+
+def test_a_random_model_that_cannot_be_built_is_a_usage_error_naming_it(monkeypatch):
+    """A build failure (a missing attention package, a placement that cannot be met) exits 2 naming the model and the
+    error, not a traceback."""
+    import harness.pd.models as models
+
+    def broken(*a, **k):
+        raise ImportError("some_attention_package is not installed")
+
+    monkeypatch.setattr(models, "random_model", broken)
+    with pytest.raises(UsageError, match=r"--model random:tiny: could not build it: ImportError: some_attention_package"):
+        load_model("random:tiny", "cpu")
+
+
+@pytest.mark.parametrize("impl", ["flash_attention_2", "flash_attention_3", "flex_attention"])
+def test_attention_implementations_that_cannot_take_the_engine_masks_are_refused(impl):
+    """flash attention sums the mask's last axis as a 2-D padding mask; the engine hands each layer (batch, heads, q,
+    keys) masks for pruned KV, so a flash model scored wrongly or failed; flex wants a BlockMask."""
+    from harness.pd.models import parse_model_args
+
+    with pytest.raises(UsageError, match=rf"attn_implementation={impl}: not supported; .* only eager and sdpa take"):
+        parse_model_args(f"attn_implementation={impl}")
+    assert parse_model_args("attn_implementation=eager") == {"attn_implementation": "eager"}
 
 
 def test_a_random_model_in_bfloat16_keeps_its_rotary_frequencies_in_float32():

@@ -35,7 +35,11 @@ DEFAULT_MODEL = "smollm2-135m"
 # `--model_args key=value,...` (lm-eval's flag): the from_pretrained options passed through, with their types.
 # A random:<preset> model is built from a config, so only attn_implementation applies to it.
 MODEL_ARGS: dict[str, type] = {"revision": str, "attn_implementation": str, "trust_remote_code": bool}
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+# The PD engine calls the decoder layers itself with masks it builds (pruned KV, padding, positions): a boolean or
+# additive (batch, heads, q, keys) tensor, which eager and sdpa take. flash attention reads the mask as a 2-D padding
+# mask (`attention_mask.sum(dim=-1)` per row) and flex attention wants a BlockMask, so either would score wrongly.
+OTHER_ATTN = ("flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def parse_model_args(text: str | None) -> dict[str, Any]:
@@ -63,6 +67,10 @@ def _model_arg_value(key: str, raw: str) -> Any:
         if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise UsageError(f"--model_args {key}={raw}: expected true or false")
         return raw.lower() in ("true", "1", "yes")
+    if key == "attn_implementation" and raw in OTHER_ATTN:
+        raise UsageError(f"--model_args attn_implementation={raw}: not supported; the PD engine hands each layer a "
+                         f"(batch, heads, q, keys) mask for the pruned KV, which only {' and '.join(ATTN_IMPLEMENTATIONS)} "
+                         "take (sdpa is the default)")
     if key == "attn_implementation" and raw not in ATTN_IMPLEMENTATIONS:
         raise UsageError(f"--model_args attn_implementation={raw}: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}")
     return raw
