@@ -48,6 +48,7 @@ def check_method_contract(name: str, model, calib, options: dict[str, Any] | Non
         with torch.inference_mode():
             assert torch.equal(model(ids).logits, ref)  # planning left the model as it was
         check_apply(method, model, plan)
+        check_keep_ignores_the_layer(plan)
         with torch.inference_mode():
             assert torch.equal(model(ids).logits, ref)  # apply() fully undone
         assert {k: (p.data_ptr(), p.dtype, tuple(p.shape)) for k, p in model.named_parameters()} == storage
@@ -70,6 +71,23 @@ def check_apply(method, model, plan) -> None:
         dense = Scorer(model, PruningPlan.dense("u", n), "disaggregated", max_length=512)
         dense.loglikelihood(reqs)
         assert 0 < s.tally.kv_bytes <= dense.tally.kv_bytes
+
+
+def check_keep_ignores_the_layer(plan: PruningPlan) -> None:
+    """A head-shared KV policy that observes nothing is asked for a mask once per (positions, budgets): the handoff
+    hands that mask to every later decode layer of the same budgets. So its `keep()` must not depend on `layer`, else
+    those layers would silently send another layer's positions."""
+    pol = plan.kv_policy
+    if pol.keeps_all or pol.per_head or pol.observation() is not None or len(plan.decode_layers) < 2:
+        return
+    lengths, columns = torch.tensor([12, 7]), torch.arange(12)[None]
+    positions = torch.where(columns < lengths[:, None], columns, -1)  # the shorter request padded at the end
+    k = torch.tensor([5, 3])  # one budget for every layer: the case the handoff shares
+    masks = {layer: pol.keep(layer, positions, lengths, k, None) for layer in plan.decode_layers}
+    first = plan.decode_layers[0]
+    for layer, mask in masks.items():
+        assert torch.equal(mask, masks[first]), (f"{pol.kind}.keep() gave layer {layer} another mask than layer {first} "
+                                                 "for the same positions, lengths and budget")
 
 
 def base_options(base: str, n_layers: int) -> dict[str, Any]:

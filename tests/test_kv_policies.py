@@ -550,3 +550,17 @@ def test_a_ratio_outside_zero_to_one_is_refused_and_a_ratio_of_one_keeps_everyth
     whole = KVBudget(ratio=1.0)
     assert whole.keeps_all and all(whole.per_layer(T) == T for T in (1, 7, 64))
     assert PruningPlan("x", 4, ALL, ALL, streaming(whole)).is_unified  # every position of every layer: no KV pruning
+
+
+def test_the_method_contract_catches_a_keep_that_depends_on_the_layer():
+    """The handoff asks a head-shared, non-observing policy once per budget and reuses that mask in later layers, so a
+    plug-in whose keep() reads `layer` would send another layer's positions without a word; the contract says so."""
+    from method_contract import check_keep_ignores_the_layer
+
+    pol = streaming(KVBudget(tokens=5))
+    plan = PruningPlan("x", 4, (0, 1, 2, 3), (0, 2, 3), kv_policy=pol)
+    check_keep_ignores_the_layer(plan)  # the package's streaming policy keeps by position alone
+    real = pol.keep
+    object.__setattr__(pol, "keep", lambda layer, *a: real(layer, *a) if layer < 2 else real(layer, *a).roll(1, dims=1))
+    with pytest.raises(AssertionError, match="streaming.keep.. gave layer 2 another mask than layer 0"):
+        check_keep_ignores_the_layer(plan)
