@@ -125,7 +125,8 @@ class RankedDepthMethod(Method):
                 _SHARED.popitem(last=False)
             return ranking
         _SHARED.move_to_end(key)
-        # the very same ranking (its info unchanged), so a record does not depend on which cells ran before it
+        # the very same ranking, its info unchanged: the plan is the first k of it whichever cell computed it, but its
+        # evidence (SLEB's steps, the work) may run deeper than k when an earlier cell or run asked for more
         return hit
 
     def ranking_key(self, model, calib) -> tuple:
