@@ -327,13 +327,14 @@ def plot_bytes_vs_prompt(col: Collection):
                 series.setdefault(col.label(r), {})[w[0]] = kv["kv_bytes"] / kv["handoffs"]
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # a baselines run's 15 methods: the legend inside covered the lines (`_legend` puts a long one beside the axes)
+    fig, ax = plt.subplots(figsize=(6 + _legend_inches(len(series)), 4))
     for i, (m, pts) in enumerate(sorted(series.items(), key=lambda kv: (kv[0] != "unpruned", kv[0]))):
         xs = sorted(pts)
         ax.plot(xs, [pts[x] / MIB for x in xs], marker=MARKERS[i % len(MARKERS)], label=_plain(m))
     ax.set_xscale("log", base=2)
     _style(ax, "KV sent per request versus prompt length", "prompt tokens (log scale)", "KV bytes sent per request (MiB)")
-    ax.legend(fontsize=8)
+    _legend(ax)
     fig.tight_layout()
     return fig
 

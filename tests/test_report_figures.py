@@ -1,0 +1,39 @@
+"""The report's figures read as a researcher reads them: a long legend beside the axes, not over the lines."""
+
+import matplotlib.pyplot as plt
+from test_report_mixing import _rec
+
+from harness.store.records import save
+from reports.collect import collect
+
+
+def _long_context(method: str, removed=(), per_token: int = 100):
+    """A disaggregated record with pd_ppl KV bytes at 512 and 1024 prompt tokens (`per_token` bytes a token)."""
+    r = _rec(method, removed=removed)
+    r.extra["kv_by_setting"] = {"pd_ppl": {f"T{n}": {"kv_bytes": 2 * n * per_token, "handoffs": 2} for n in (512, 1024)}}
+    return r
+
+
+def test_the_kv_bytes_figure_puts_a_long_legend_beside_the_axes(tmp_path):
+    """A baselines run (results/issue6/default: 15 methods) drew its 15-entry legend inside the axes of
+    bytes_vs_prompt, over the lines it names (unpruned's at 1024 tokens was hidden); the other figures put a legend of
+    more than 8 entries beside the axes."""
+    from reports.plots import plot_bytes_vs_prompt
+
+    save(_long_context("unpruned"), tmp_path)
+    for i in range(12):
+        save(_long_context(f"m{i}", removed=(1,), per_token=60 + i), tmp_path)
+    fig = plot_bytes_vs_prompt(collect([tmp_path]))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert len(ax.get_legend().get_texts()) == 13
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1  # beside: it covers no line
+    plt.close(fig)
+    few = tmp_path / "few"
+    save(_long_context("unpruned"), few)
+    save(_long_context("x", removed=(1,), per_token=60), few)
+    fig = plot_bytes_vs_prompt(collect([few]))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.get_legend().get_window_extent().x1 <= ax.get_window_extent().x1  # two entries stay inside
+    plt.close(fig)
