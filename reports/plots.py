@@ -125,8 +125,15 @@ def _mc_tasks(col: Collection) -> list[str]:
     return figure_tasks(col)[0]
 
 
+def legend_order(label: str) -> tuple:
+    """A figure's order of its labels, the tables' order: unpruned (of any folder) first, then numbers read as numbers
+    (`shortgpt@k=2` before `shortgpt@k=10`; the legends of score_vs_kv, bytes_vs_prompt and latency_bars sorted them
+    as text, `k=10` before `k=2`, beside tables and a depth-curve legend that do not)."""
+    return label.split(" (")[0] != "unpruned", natural_key(label)
+
+
 def _methods(records: list[RunRecord], col: Collection) -> list[str]:
-    return sorted({col.label(r) for r in records}, key=lambda m: (m != "unpruned", m))
+    return sorted({col.label(r) for r in records}, key=legend_order)
 
 
 def _variant(method: str) -> tuple[str, dict[str, str]]:
@@ -187,7 +194,7 @@ def plot_score_vs_blocks(col: Collection, convention: str = "paper"):
     for ax, mode in zip(axes[0], modes):
         recs = [r for r in col.quality if r.mode == mode]
         name = {id(r): series(col, r, recs) for r in recs}
-        for i, m in enumerate(sorted(set(name.values()), key=lambda m: (m.split(" (")[0] != "unpruned", natural_key(m)))):
+        for i, m in enumerate(sorted(set(name.values()), key=legend_order)):
             scored = ((removed_counts(r)[1], *avg_score(r, tasks, convention)) for r in recs if name[id(r)] == m)
             pts = sorted((x, y, e) for x, y, e in scored if y is not None)
             if pts:
@@ -228,7 +235,7 @@ def plot_score_vs_kv(col: Collection, convention: str = "paper"):
         return None
     fig, ax = plt.subplots(figsize=(6 + _legend_inches(len(recs) + 1), 4))
     pts = []
-    for i, r in enumerate(sorted(recs, key=lambda r: (r.method != "unpruned", col.label(r)))):
+    for i, r in enumerate(sorted(recs, key=lambda r: (r.method != "unpruned", natural_key(col.label(r))))):
         handoffs = sum(r.kv[t]["handoffs"] for t in tasks)
         x, y = kv_sent(r, tasks) / handoffs / MIB, avg_score(r, tasks, convention)[0]
         if y is not None:
@@ -329,7 +336,7 @@ def plot_bytes_vs_prompt(col: Collection):
         return None
     # a baselines run's 15 methods: the legend inside covered the lines (`_legend` puts a long one beside the axes)
     fig, ax = plt.subplots(figsize=(6 + _legend_inches(len(series)), 4))
-    for i, (m, pts) in enumerate(sorted(series.items(), key=lambda kv: (kv[0] != "unpruned", kv[0]))):
+    for i, (m, pts) in enumerate(sorted(series.items(), key=lambda kv: legend_order(kv[0]))):
         xs = sorted(pts)
         ax.plot(xs, [pts[x] / MIB for x in xs], marker=MARKERS[i % len(MARKERS)], label=_plain(m))
     ax.set_xscale("log", base=2)

@@ -37,3 +37,23 @@ def test_the_kv_bytes_figure_puts_a_long_legend_beside_the_axes(tmp_path):
     ax = fig.axes[0]
     assert ax.get_legend().get_window_extent().x1 <= ax.get_window_extent().x1  # two entries stay inside
     plt.close(fig)
+
+
+def test_every_figure_orders_a_sweeps_variants_as_the_tables_do(tmp_path):
+    """The tables and the depth curve sort `@k=2` before `@k=10`; the legends of score_vs_kv, bytes_vs_prompt and
+    latency_bars sorted labels as text (the depth curve's score_vs_kv legend read pdtrim@k_decode=10, =2, =4, ...)."""
+    from harness.store.latency import WorkloadLatency
+    from reports.plots import plot_bytes_vs_prompt, plot_latency_bars, plot_score_vs_kv
+
+    names = ["unpruned", "x@k=2", "x@k=4", "x@k=10"]
+    for i, name in enumerate(names):
+        save(_long_context(name, removed=tuple(range(i)), per_token=100 - i), tmp_path / "quality")
+        r = _rec(name, removed=tuple(range(i)))
+        r.config["kind"] = "latency"
+        r.latency = {"latency_T16_n4_b1": WorkloadLatency({"ttft_ms_p50": 5.0, "tpot_ms_p50": 2.0}, {})}
+        save(r, tmp_path / "latency")
+    quality, latency = collect([tmp_path / "quality"]), collect([tmp_path / "latency"])
+    for fig in (plot_score_vs_kv(quality), plot_bytes_vs_prompt(quality), plot_latency_bars(latency)):
+        for ax in fig.axes:
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == names
+        plt.close(fig)
