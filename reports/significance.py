@@ -205,6 +205,35 @@ def _multiplicity_text(tests: int, body: list, baseline: str) -> str:
                    "not adjusted.")
 
 
+def _paired_caption(baseline: str, convention: str, tests: int, body: list, any_lower: bool) -> str:
+    """The paired table's caption but for what it leaves out (`_left_out_text`)."""
+    return (f"Difference to {baseline} on the same items, in points (method − {baseline}; metric as in the quality "
+            f"table, convention '{convention}'): mean [paired bootstrap 95% CI, {N_RESAMPLES:,} resamples, seed {SEED}]"
+            f" and, for accuracies, the exact McNemar p-value (Avg: a sign-flip permutation test stratified by task, "
+            f"exact or {N_PERMUTATIONS:,} draws). * : p < {ALPHA:g} for accuracies and their Avg, else the CI excludes 0; "
+            f"[—]: no CI (a single item, or an infinite value). Baseline: the {baseline} record of "
+            f"the row's folder, else one with its tasks. Avg: mean of the differences over the accuracy tasks (as the "
+            f"quality table's Avg: long-context tasks left out, '—' unless the row pairs on every accuracy column), "
+            f"items resampled within each task. Verdict: tasks significantly better / not / worse. "
+            + _multiplicity_text(tests, body, baseline)
+            + (" Perplexities: in their own units, and lower is better; the difference is the mean over articles of "
+               "each article's perplexity difference, not the difference of the long-context table's perplexities "
+               "(exp of the mean log-loss over all their tokens)." if any_lower else ""))
+
+
+def _left_out_text(baseline: str, left: dict[str, list[str]]) -> str:
+    """The caption's sentences on what the table leaves out: tasks paired on fewer items than scored, tasks the baseline
+    did not score, rows with no item to pair (no per-item results on one side: a record written before they were kept;
+    such rows used to be left out without a word) and rows with no baseline record of their configuration; a row is
+    named with its group where the table has several."""
+    texts = {"partial": ("Paired on fewer items than scored: ", "; "),
+             "no_base": (f"Not paired, as its {baseline} record did not score them: ", "; "),
+             "no_items": (f"No item paired with its {baseline} record (per-item results missing on one side: a record "
+                          "written before records kept them), so no row: ", ", "),
+             "unpaired": (f"No {baseline} record of their configuration, so no row: ", ", ")}
+    return "".join(f" {head}{sep.join(left[k])}." for k, (head, sep) in texts.items() if left.get(k))
+
+
 def _verdict(done: dict[str, Paired], lower: dict[str, bool]) -> str:
     """Tasks significantly better / not / worse; better is a lower value for a lower-is-better metric."""
     sign = {t: -1 if lower[t] else 1 for t in done}
@@ -238,31 +267,35 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
     the better / same / worse count over tasks. Empty when no record pairs with a baseline."""
     from reports.tables import MODE_TITLE, task_title
 
-    groups, all_tasks, unpaired, partial, no_base = [], [], [], [], []
+    groups, all_tasks = [], []
+    left: dict[str, list[str]] = {"partial": [], "no_base": [], "no_items": [], "unpaired": []}  # `_left_out_text`
     keys = sorted({(col.model(r), r.mode) for r in col.quality})
     for model, mode in keys:
         rs = [r for r in col.quality if (col.model(r), r.mode) == (model, mode)]
         rows = []
+        title = " · ".join(x for x in ((model if len({k[0] for k in keys}) > 1 else ""), MODE_TITLE.get(mode, mode)) if x)
+        where = f" ({title})" if len(keys) > 1 else ""  # a row left out is named with its group: pdtrim of each mode
         for r in sorted(rs, key=lambda r: natural_key(col.label(r))):
             base = reference(rs, r, baseline, col)  # the baseline of r's own configuration (and folder, when it has one)
             if base is None:
-                unpaired += [col.label(r)] if r.method != baseline else []
+                left["unpaired"] += [col.label(r) + where] if r.method != baseline else []
                 continue
             if base is r:
                 continue
             tasks = _task_metrics(base, convention)
-            no_base += [f"{col.label(r)} {t}" for t in r.extra.get("items") or {} if t not in base.scores]
+            left["no_base"] += [f"{col.label(r)} {t}" for t in r.extra.get("items") or {} if t not in base.scores]
             pairs = {t: aligned(base, r, t, m) for t, m in tasks.items()}
             done = {t: compare(*p) for t, p in pairs.items() if p is not None}
-            if done:
+            if not done:  # no per-item results on one side (a record from before they were kept): no row, said so
+                left["no_items"].append(col.label(r) + where)
+            else:
                 lower = {t: lower_is_better(base, t, m) for t, m in tasks.items()}  # pd_ppl's ppl, a plug-in's own
                 accuracy = {t: pairs[t] for t in done if not is_long_task(base, t) and not lower[t]}
                 rows.append((r, done, lower, accuracy))
                 all_tasks += [t for t in done if t not in all_tasks]  # columns: the tasks some row pairs on
-                partial += [f"{col.label(r)} {t} {p.n} of {n}" for t, p in done.items()
-                            if p.n < (n := min(len(x["ids"]) for x in (base.extra["items"][t], r.extra["items"][t])))]
+                left["partial"] += [f"{col.label(r)} {t} {p.n} of {n}" for t, p in done.items()
+                                    if p.n < (n := min(len(x["ids"]) for x in (base.extra["items"][t], r.extra["items"][t])))]
         if rows:
-            title = " · ".join(x for x in ((model if len({k[0] for k in keys}) > 1 else ""), MODE_TITLE.get(mode, mode)) if x)
             groups.append((title, rows))
     if not groups:
         return make_table("paired", "", ["Method"], [])
@@ -280,21 +313,7 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
     # every cell that can carry a '*' is one test at ALPHA: the tasks' and the Avg's
     tests = sum(len(done) + bool(accuracy and set(accuracy) == columns) for _, rows in groups for _r, done, _lower, accuracy in rows)
     body = _with_bh(body)
-    caption = (f"Difference to {baseline} on the same items, in points (method − {baseline}; metric as in the quality "
-               f"table, convention '{convention}'): mean [paired bootstrap 95% CI, {N_RESAMPLES:,} resamples, seed {SEED}]"
-               f" and, for accuracies, the exact McNemar p-value (Avg: a sign-flip permutation test stratified by task, "
-               f"exact or {N_PERMUTATIONS:,} draws). * : p < {ALPHA:g} for accuracies and their Avg, else the CI excludes 0; "
-               f"[—]: no CI (a single item, or an infinite value). Baseline: the {baseline} record of "
-               f"the row's folder, else one with its tasks. Avg: mean of the differences over the accuracy tasks (as the "
-               f"quality table's Avg: long-context tasks left out, '—' unless the row pairs on every accuracy column), "
-               f"items resampled within each task. Verdict: tasks significantly better / not / worse. "
-               + _multiplicity_text(tests, body, baseline)
-               + (" Perplexities: in their own units, and lower is better; the difference is the mean over articles of "
-                  "each article's perplexity difference, not the difference of the long-context table's perplexities "
-                  "(exp of the mean log-loss over all their tokens)." if any_lower else "")
-               + (f" Paired on fewer items than scored: {'; '.join(partial)}." if partial else "")
-               + (f" Not paired, as its {baseline} record did not score them: {'; '.join(no_base)}." if no_base else "")
-               + (f" No {baseline} record of their configuration, so no row: {', '.join(unpaired)}." if unpaired else ""))
+    caption = _paired_caption(baseline, convention, tests, body, any_lower) + _left_out_text(baseline, left)
     return _one_column(make_table("paired", caption, cols, body, align="l" + "r" * (len(cols) - 2) + "l"))
 
 
