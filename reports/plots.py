@@ -300,7 +300,10 @@ def plot_sensitivity(col: Collection):
         ax.bar([i - w / 2 for i in range(n)], s["prefill"], w, label="removed from prefill (and decode)")
         ax.bar([i + w / 2 for i in range(n)], s["decode"], w, label="removed from decode only")
         ax.set_yscale("log")
-        _style(ax, f"Stage sensitivity per block ({_plain(col.label(sens))})", "block index", "KL to the dense model (nats, log scale)")
+        unmeasured = any(v != v for xs in s.values() for v in xs)  # NaN: a block the search never considered
+        _style(ax, f"Stage sensitivity per block ({_plain(col.label(sens))})",
+               "block index" + (" (no bar: not measured)" if unmeasured else ""), "KL to the dense model (nats, log scale)")
+        ax.set_xlim(-0.5, n - 0.5)  # every block, as the block-score panel: unmeasured end blocks narrowed the axis to 2..27
         ax.legend(fontsize=8)
     if scored is not None:
         ax = axes.pop(0)

@@ -57,3 +57,20 @@ def test_every_figure_orders_a_sweeps_variants_as_the_tables_do(tmp_path):
         for ax in fig.axes:
             assert [t.get_text() for t in ax.get_legend().get_texts()] == names
         plt.close(fig)
+
+
+def test_the_stage_sensitivity_panel_spans_every_block_and_says_a_missing_bar_was_not_measured(tmp_path):
+    """PDTrim stores no sensitivity (null) for blocks its search never considered: the depth curve's pdtrim lacks blocks
+    0, 1, 28 and 29, and its panel's axis ran from block 2 to 27 beside a block-score panel of 0 to 29, with nothing
+    saying why blocks had no bar."""
+    from reports.plots import plot_sensitivity
+
+    r = _rec("pdtrim", removed=(1,))
+    r.plan["info"] = {"stage_sensitivity": {"prefill": [None, 0.5, 0.2, None, None], "decode": [None, 0.3, 0.1, 0.2, None]},
+                      "block_influence": [0.9, 0.1, 0.2, 0.3, 0.8]}
+    save(r, tmp_path)
+    fig = plot_sensitivity(collect([tmp_path]))
+    sens, scores = fig.axes
+    assert sens.get_xlim() == (-0.5, 4.5)
+    assert sens.get_xlabel() == "block index (no bar: not measured)" and scores.get_xlabel() == "block index"
+    plt.close(fig)
