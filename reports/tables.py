@@ -258,7 +258,8 @@ def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: 
         g: list[list[CellSpec]] = []
         for r in rs:
             dense = reference(rs, r, col=col, same_run=runs)  # r's own run's: latency samples compare within one run
-            per_req, dense_req = _request_bytes(r, lab), _request_bytes(dense, lab)
+            # bytes are counted, not timed: any unpruned record of r's configuration, as the quality table's KV ×
+            per_req, dense_req = _request_bytes(r, lab), _request_bytes(reference(rs, r, col=col), lab)
             ttft, tpot, end = _v(r, lab, "ttft_ms_p50"), _v(r, lab, "tpot_ms_p50"), _v(r, lab, e2e)
             g.append([
                 cell(col.label(r)), cell(removed_text(r)),
@@ -274,7 +275,8 @@ def efficiency_table(records: Collection | Sequence[RunRecord], bandwidth_gbit: 
         groups.append((title, g))
     caption = (f"Latency per request (p50 over all measured runs; TTFT includes the first token, TPOT is the mean "
                f"decode step) and KV bytes the prefill stage sends per request. E2E = TTFT + transfer at "
-               f"{bandwidth_gbit:g} Gbit/s + (n-1)·TPOT. Factors are unpruned ÷ method (higher is better). "
+               f"{bandwidth_gbit:g} Gbit/s + (n-1)·TPOT. Factors are unpruned ÷ method (higher is better); a speedup only "
+               f"against the unpruned record of the row's own run ('—' without one: timings compare within one run). "
                f"Clock: {clocks(col)}.")
     columns = ["Method", "Removed", "TTFT (ms)", "TPOT (ms)", f"E2E (ms) @{bandwidth_gbit:g} Gbit/s",
                "KV sent (MiB)", "KV reduction", "TTFT speedup", "TPOT speedup", "E2E speedup"]

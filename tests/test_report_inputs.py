@@ -218,6 +218,10 @@ def test_a_latency_run_without_its_own_unpruned_gets_no_speedup_from_another_run
     got = rows(e, g).set_index(rows(e, g)["Method"])
     assert list(got.loc["shortgpt (runB)", ["TTFT speedup", "TPOT speedup", "E2E speedup"]]) == ["—", "—", "—"]
     assert got.loc["shortgpt (runA)", "TTFT speedup"] != "—"
+    # bytes are counted, not timed: runB's KV reduction is against runA's unpruned, as the quality table's KV × (it
+    # was '—', beside a caption that says only the speedups keep to the row's own run)
+    assert got.loc["shortgpt (runB)", "KV reduction"] == got.loc["shortgpt (runA)", "KV reduction"] == "1.36×"
+    assert "a speedup only against the unpruned record of the row's own run" in e.attrs["caption"]
 
 
 def test_a_bandwidth_the_latency_records_lack_is_named_with_the_ones_they_hold(tmp_path, cli):
