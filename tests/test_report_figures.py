@@ -1,4 +1,5 @@
-"""The report's figures read as a researcher reads them: a long legend beside the axes, not over the lines."""
+"""The report's figures read as a researcher reads them: legends beside the axes when long, variants in the tables' order,
+every block on a per-block axis, and what the command says of the figures it rendered."""
 
 import matplotlib.pyplot as plt
 from test_report_mixing import _rec
@@ -74,3 +75,13 @@ def test_the_stage_sensitivity_panel_spans_every_block_and_says_a_missing_bar_wa
     assert sens.get_xlim() == (-0.5, 4.5)
     assert sens.get_xlabel() == "block index (no bar: not measured)" and scores.get_xlabel() == "block index"
     plt.close(fig)
+
+
+def test_no_plots_says_no_figure_was_rendered_not_that_the_folder_holds_none(tmp_path, cli):
+    """With --no-plots the last line read '0 figures in OUT/figures' while that folder kept an earlier report's."""
+    save(_rec("unpruned"), tmp_path / "run")
+    save(_rec("x", removed=(1,)), tmp_path / "run")
+    assert cli("report", tmp_path / "run", "--out", tmp_path / "rep").returncode == 0
+    r = cli("report", tmp_path / "run", "--out", tmp_path / "rep", "--no-plots")
+    assert r.returncode == 0 and "no figures rendered (--no-plots)" in r.stderr and "0 figures" not in r.stderr
+    assert (tmp_path / "rep" / "figures" / "score_vs_kv.png").is_file()  # the earlier report's, left as they were

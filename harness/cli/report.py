@@ -67,6 +67,7 @@ def cmd_report(argv: list[str] | argparse.Namespace) -> int:
     print(rep.markdown)
     for m in rep.missing:
         print(f"note: {m}", file=sys.stderr)
-    print(f"tables in {args.out / 'tables'} (md, tex, csv); {len(rep.figures)} figures in {args.out / 'figures'}; "
-          f"HTML: {args.out / 'report.html'}", file=sys.stderr)
+    # with --no-plots, figures an earlier report wrote stay in figures/: '0 figures in figures/' read as none there
+    figures = "no figures rendered (--no-plots)" if args.no_plots else f"{len(rep.figures)} figures in {args.out / 'figures'}"
+    print(f"tables in {args.out / 'tables'} (md, tex, csv); {figures}; HTML: {args.out / 'report.html'}", file=sys.stderr)
     return 0
