@@ -47,7 +47,7 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     from harness.cli.flags import MODES
     from harness.cli.run import run_config, run_parser
     from harness.cli.spec import Spec, load_spec, to_namespace
-    from harness.run import inputs, pipeline, reuse
+    from harness.run import pipeline
 
     if not spec_path.is_file():
         raise UsageError(f"{spec_path}: no such spec file (specs live in configs/, e.g. configs/ci.toml)")
@@ -76,13 +76,7 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     data_dir = cfg.data_dir
     prepared = pipeline.prepare(cfg)  # method names and every --set option, as the full run would check them
     check_tasks(cfg.tasks, cfg.data_dir, cfg.include_path)
-    # another configuration's records, or work from other data or code (no model needed), refused now, as `run` does,
-    # not by every cell after its start: in the run folder, and in the cells' own folders, where an interrupted sweep
-    # left its resume states and records it never moved (the cell's start would move such a record into the run folder)
-    now = inputs.digests(cfg, prepared=prepared)
-    for folder in [run_out, *sorted(p for p in (run_out / ".sweep").glob("*") if p.is_dir())]:
-        reuse.refuse_foreign_work(cfg, prepared, folder, lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
-        inputs.refuse_stale_work(cfg, prepared, folder, now)
+    _refuse_old_work(cfg, prepared, run_out)
     if cfg.num_fewshot:  # a few-shot pool too small: refused now, not by every cell after its model load
         _check_fewshot(cfg)
     if data_dir:  # the children must not depend on the environment (Ray workers may not inherit it)
@@ -91,6 +85,24 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     latency = _latency_cell(spec, outs["latency"], run_out)
     report_argv = _report_argv(spec, outs["report"] if out else None, run_out, latency)
     return Plan(run_out, cells, latency, report_argv, uses_gpu=args.device != "cpu", plugins=spec.plugins)
+
+
+def _refuse_old_work(cfg, prepared, run_out: Path) -> None:
+    """Another configuration's records, or work from other data or code, refused now, as `run` does, not by every cell
+    after its start: in the run folder, and in the cells' own folders, where an interrupted sweep left its resume
+    states and records it never moved (the cell's start would move such a record into the run folder). The options
+    the tokenizer rules out are refused first, as `run` refuses them before the weights load, and the tokenizer's
+    default prefix decides whether long-context results of an older task version still hold: without it such
+    results were refused only by each cell, after its model load, where the tokenizer prepends a BOS (Llama's)."""
+    from harness.quality.long_tasks.base import special_prefix
+    from harness.run import inputs, pipeline, reuse, task_check
+
+    tokenizer = task_check.options_against_tokenizer(cfg, prepared)  # its tokenizer and config only, not the weights
+    prefix = special_prefix(tokenizer) if tokenizer is not None else None
+    now = inputs.digests(cfg, prepared=prepared)
+    for folder in [run_out, *sorted(p for p in (run_out / ".sweep").glob("*") if p.is_dir())]:
+        reuse.refuse_foreign_work(cfg, prepared, folder, lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
+        inputs.refuse_stale_work(cfg, prepared, folder, now, prefix)
 
 
 def _check_fewshot(cfg) -> None:

@@ -52,21 +52,23 @@ def tasks_before_load(cfg, prepared, out_dir: Path) -> TaskCache:
     return tasks
 
 
-def options_against_tokenizer(cfg, prepared, loaded=None) -> None:
+def options_against_tokenizer(cfg, prepared, loaded=None):
     """Refuse (UsageError, exit 2) the options the model's tokenizer or context length rule out, before any cell: an
     --apply_chat_template NAME it lacks, a long-context prompt longer than the context (`long_tasks.check_before_cells`).
     With `loaded` None, checked against the tokenizer and config alone (`models.tokenizer_and_config`), before the
-    weights load: a passkey length that did not fit was refused after an 8B model's minutes of loading."""
+    weights load: a passkey length that did not fit was refused after an 8B model's minutes of loading. Returns the
+    tokenizer checked against (None: nothing to check, none loaded)."""
     from harness.pd.models import tokenizer_and_config
     from harness.quality import long_tasks
 
     if not cfg.apply_chat_template and not any(long_tasks.is_long_task(t) for t in cfg.tasks):
-        return  # nothing to check: no tokenizer loaded twice
+        return None  # nothing to check: no tokenizer loaded twice
     tokenizer, config = (loaded.tokenizer, loaded.model.config) if loaded is not None \
         else tokenizer_and_config(cfg.model, cfg.model_arg_dict())
     check_chat_template(cfg, tokenizer)
     warn_chat_template_unused(cfg)
     long_tasks.check_before_cells(cfg.tasks, tokenizer, prepared.task_options, cfg.limit, cfg.max_length, config)
+    return tokenizer
 
 
 def warn_chat_template_unused(cfg) -> None:

@@ -1,0 +1,79 @@
+"""`python -m harness sweep` on a folder that already holds work: what the sweep's own process refuses before any
+cell starts, as `run` refuses it, rather than each cell after its start-up and model load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_sweep import write_spec
+
+# one cheap cell with a long-context task: the tiny random model, one WikiText-2 article at a 64-token prompt
+RUN = {"model": "random:tiny", "device": "cpu", "methods": ["unpruned"], "tasks": ["pd_ppl"], "limit": 1,
+       "mode": "disaggregated", "set": ["pd_ppl.docs=1", "pd_ppl.prompt_tokens=64"]}
+
+
+class _WithBos:
+    """The tiny model's byte tokenizer as a BOS-adding one (Llama's habit): `encode` puts `bos` first by default."""
+
+    def __init__(self, inner, bos: int) -> None:
+        self.inner, self.bos = inner, bos
+
+    def encode(self, text, add_special_tokens=True):
+        ids = self.inner.encode(text, add_special_tokens=False)
+        return [self.bos, *ids] if add_special_tokens else ids
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def old_pd_ppl_record(tmp_path, cli, data_dir) -> Path:
+    """A run folder whose record holds pd_ppl results of version 2 of the task (before the prompts began with the
+    tokenizer's prefix): still valid for a tokenizer that prepends nothing, stale for one that prepends a BOS."""
+    out = tmp_path / "q"
+    argv = [x for k, v in RUN.items() if k != "set" for x in (f"--{k}", ",".join(v) if isinstance(v, list) else v)]
+    res = cli("run", *argv, *[x for s in RUN["set"] for x in ("--set", s)], "--out", out, "-q", data_dir=data_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    path = out / "unpruned__disaggregated.json"
+    doc = json.loads(path.read_text())
+    doc["lm_eval"]["tasks"]["pd_ppl"]["harness_task"]["version"] = 2
+    path.write_text(json.dumps(doc))
+    return out
+
+
+def test_a_stale_long_context_record_is_refused_before_any_cell_for_a_bos_adding_tokenizer(
+        tmp_path, old_pd_ppl_record, monkeypatch):
+    """The sweep checked the folder's long-context results without the tokenizer's prefix, so results that lack a BOS
+    this tokenizer prepends passed its check and every cell refused them after its start-up and model load."""
+    from harness.cli.sweep_plan import expand
+    from harness.errors import UsageError
+    from harness.pd import models
+
+    spec = write_spec(tmp_path / "spec.toml", run={**RUN, "out": str(old_pd_ppl_record)})
+    expand(spec, None)  # the byte tokenizer prepends nothing: the old results still hold
+    real = models.tokenizer_and_config
+
+    def with_bos(*args, **kwargs):
+        tokenizer, config = real(*args, **kwargs)
+        return _WithBos(tokenizer, tokenizer.encode("a", add_special_tokens=False)[0] + 1), config
+
+    monkeypatch.setattr(models, "tokenizer_and_config", with_bos)
+    with pytest.raises(UsageError, match=r"unpruned__disaggregated\.json \(pd_ppl results made by version 2 of the task, "
+                                         r"which is version 3 now \(its prompts lacked this tokenizer's prefix \[\d+\]\)"):
+        expand(spec, None)
+    assert not (old_pd_ppl_record / ".sweep").exists()  # no cell started
+
+
+def test_a_long_context_prompt_over_the_context_is_refused_before_any_cell(tmp_path):
+    """As `run` refuses it before the weights load: the sweep left it to each cell, which exited 2 after its start-up."""
+    from harness.cli.sweep_plan import expand
+    from harness.errors import UsageError
+
+    spec = write_spec(tmp_path / "spec.toml", run={**RUN, "tasks": ["passkey"], "set": ["passkey.lengths=8192"],
+                                                   "out": str(tmp_path / "q")})
+    with pytest.raises(UsageError, match=r"passkey: 8192 \+ 10 tokens exceed max_length 4096; give --set passkey.lengths=4086"):
+        expand(spec, None)
+    assert not (tmp_path / "q" / ".sweep").exists()
