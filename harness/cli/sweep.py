@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cli.flags import Parser, user_dir
+from harness.cli.interrupt import one_stop_per_burst
 from harness.cli.sweep_backends import FAILED_NOTE, STOP_GRACE_S, Outcome, RayBackend, cores, local_gpus, make_backend
 from harness.cli.sweep_cells import error_text
 from harness.cli.sweep_cells import seed as seed_cell
@@ -216,6 +217,13 @@ class Interrupted(Exception):
 
 
 def _run_cells(backend, cells: list[Cell], cwd: str, env: dict[str, str], quiet: bool, settle: bool) -> list[Outcome]:
+    """Run `cells` on `backend`; their outcomes in the spec's order, or `Interrupted` with them after a Ctrl-C or
+    SIGTERM (one stop, even when delivered twice: `one_stop_per_burst`)."""
+    with one_stop_per_burst():
+        return _cells_on(backend, cells, cwd, env, quiet, settle)
+
+
+def _cells_on(backend, cells: list[Cell], cwd: str, env: dict[str, str], quiet: bool, settle: bool) -> list[Outcome]:
     from tqdm import tqdm
 
     for c in cells:
