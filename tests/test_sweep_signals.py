@@ -1,6 +1,7 @@
 """A sweep's stop delivered twice (`timeout` signals its command and then the command's process group; SLURM signals
 every process of a step) is one stop: the sweep still stops its cells, settles what they finished and writes its
-summary, rather than dying of the second KeyboardInterrupt halfway through."""
+summary, rather than dying of the second KeyboardInterrupt halfway through; and a stopped cell exits within the
+sweep's grace time."""
 
 from __future__ import annotations
 
@@ -57,3 +58,19 @@ def test_a_later_signal_is_a_second_ctrl_c_as_before():
             except KeyboardInterrupt:
                 raised.append(delay)
     assert raised == [0.0, 0.5]
+
+
+def test_a_command_ends_without_the_exits_collection_over_everything_it_imported():
+    """The interpreter's exit collected garbage over every object torch, transformers and lm-eval made: 4-20 s after
+    the last line on a loaded 2-core machine, so a cell stopped by the sweep's SIGINT outlived the grace time
+    (STOP_GRACE_S) and was killed. `python -m harness` freezes them as it returns (gc.freeze), which that collection skips."""
+    import subprocess
+    import sys
+
+    from tests.test_sweep import ROOT
+
+    probe = ("import atexit, gc, runpy, sys; atexit.register(lambda: print('frozen', gc.get_freeze_count(), flush=True)); "
+             "sys.argv = ['harness', '--version']; runpy.run_module('harness', run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("pd-harness "), res.stderr
+    assert int(res.stdout.split("frozen ")[1]) > 1000, res.stdout  # the objects the imports made are frozen
