@@ -1,5 +1,6 @@
 """`python -m harness sweep` on a folder that already holds work: what the sweep's own process refuses before any
-cell starts, as `run` refuses it, rather than each cell after its start-up and model load."""
+cell starts, as `run` refuses it, rather than each cell after its start-up and model load; and what it skips, as `run`
+skips it, rather than failing once every cell has run."""
 
 from __future__ import annotations
 
@@ -77,3 +78,27 @@ def test_a_long_context_prompt_over_the_context_is_refused_before_any_cell(tmp_p
     with pytest.raises(UsageError, match=r"passkey: 8192 \+ 10 tokens exceed max_length 4096; give --set passkey.lengths=4086"):
         expand(spec, None)
     assert not (tmp_path / "q" / ".sweep").exists()
+
+
+def test_an_unreadable_file_beside_the_cells_records_does_not_end_the_sweep_without_its_summary(tmp_path, capsys):
+    """The sweep's summary read every `*__*.json` of the run folder strictly: one that is none of the spec's cells and
+    cannot be read (a record of a method since dropped from the spec, cut off by a copy) ended the sweep with exit 2
+    after every cell had run, with neither its table nor sweep.json. It is skipped with a warning, as `run` does."""
+    from argparse import Namespace
+
+    from harness.cli import sweep
+    from harness.cli.sweep_backends import Outcome
+    from harness.cli.sweep_plan import Plan
+    from harness.store import records as rec
+    from tests.test_sweep import _record
+
+    rec.save(_record("unpruned", "unified"), tmp_path)
+    (tmp_path / "shortgpt__unified.json").write_text('{"method": "shortgpt", "mo')
+    outcomes = [Outcome("unpruned/unified", "ok", 1.0, 0, str(tmp_path / "unpruned__unified.json"))]
+    rc = sweep._finish(Namespace(spec=tmp_path / "spec.toml"), Plan(tmp_path, []), outcomes, {"backend": "local", "workers": 1},
+                       0.0, interrupted=False)
+    out, err = capsys.readouterr()
+    assert rc == 0 and "unpruned/unified" in out, out + err
+    assert "shortgpt__unified.json" in err and "unreadable record" in err
+    assert [c["status"] for c in json.loads((tmp_path / "sweep.json").read_text())["cells"]] == ["ok"]
+    assert "unpruned" in (tmp_path / "summary.csv").read_text()

@@ -51,7 +51,7 @@ from typing import Any
 
 from harness.cli.flags import Parser, user_dir
 from harness.cli.interrupt import one_stop_per_burst
-from harness.cli.sweep_backends import FAILED_NOTE, STOP_GRACE_S, Outcome, RayBackend, cores, local_gpus, make_backend
+from harness.cli.sweep_backends import STOP_GRACE_S, Outcome, RayBackend, cores, local_gpus, make_backend
 from harness.cli.sweep_cells import error_text
 from harness.cli.sweep_cells import seed as seed_cell
 from harness.cli.sweep_cells import settle as settle_cell
@@ -161,8 +161,10 @@ def _finish(args, plan: Plan, outcomes: list[Outcome], info: dict[str, Any], sta
     status: 0, 1 if a cell crashed, 2 if each failed cell (and a failed report) refused its input, 130 after Ctrl-C."""
     from harness.store import records as rec
 
-    finished = sorted(p for p in plan.run_out.glob("*__*.json") if not p.name.endswith((".partial.json", FAILED_NOTE)))
-    rec.write_summary([rec.load(p) for p in finished], plan.run_out / "summary.csv")
+    # every readable record, as `run` rewrites it: an unreadable file there that is none of this spec's cells (a record
+    # of a method dropped from the spec, cut off by a copy) ended the sweep with exit 2 once every cell had run, with
+    # neither the table nor sweep.json
+    rec.refresh_summary(plan.run_out)
     failed = [o for o in outcomes if o.status == "failed"]
     if plan.report_argv is not None:
         blocked = "the sweep was interrupted (Ctrl-C)" if interrupted else \
