@@ -290,3 +290,34 @@ def test_a_method_with_trained_state_plans_again_when_its_cell_resumes(tiny, dat
     (rec,) = pipeline.run(cfg, tmp_path, loaded=tiny)
     assert calls == ["arc_easy", "boolq", "boolq"] and len(planned) == 2
     assert set(rec.scores) == {"arc_easy", "boolq"} and rec.plan["info"]["replacement"]["enabled"]
+
+
+def test_a_record_of_device_cpu_is_reused_by_device_auto_where_auto_is_the_cpu(tiny, data_dir, tmp_path):
+    """`--device cpu` and the default `auto` on a machine without a GPU score the same way, yet their run keys differ:
+    the same command without `--device cpu` refused the folder as another configuration's work. So do float32 and
+    `auto` on a CPU."""
+    base = dict(model="random:tiny", methods=("unpruned",), tasks=("arc_easy",), limit=2, modes=("unified",),
+                data_dir=str(data_dir))
+    (first,) = pipeline.run(RunConfig(**base, device="cpu", dtype="float32"), tmp_path, loaded=tiny)
+    said = []
+    (again,) = pipeline.run(RunConfig(**base), tmp_path, loaded=tiny, on_progress=said.append)
+    assert again.run_key == first.run_key and any("finished record found, reused" in s for s in said), said
+
+
+def test_a_record_scored_on_another_device_under_the_same_run_key_is_refused(tiny, data_dir, tmp_path, monkeypatch):
+    """`--device auto` is the CPU on one machine and a GPU on another, under one run key: a folder begun on a CPU and
+    rerun on a GPU reused the CPU's float32 records beside the GPU's bfloat16 ones in one table."""
+    import json
+
+    from harness.errors import UsageError
+
+    base = dict(model="random:tiny", methods=("unpruned",), tasks=("arc_easy",), limit=2, modes=("unified",),
+                data_dir=str(data_dir))
+    pipeline.run(RunConfig(**base), tmp_path, loaded=tiny)
+    path = tmp_path / "unpruned__unified.json"
+    d = json.loads(path.read_text())
+    d["environment"]["device"] = "cuda:0"  # as a GPU machine's run of the same command writes it
+    path.write_text(json.dumps(d))
+    with pytest.raises(UsageError, match=r"holds work of a different configuration: unpruned__unified.json \(the same "
+                                         r"run_key \w+; scored on cuda in bfloat16 there, cpu in float32 here\)"):
+        pipeline.run(RunConfig(**base), tmp_path, loaded=tiny)

@@ -12,6 +12,7 @@ from typing import Any
 from harness.config import DTYPES, LATER_DEFAULTS, RunConfig, sweep_base
 from harness.errors import UsageError
 from harness.pd.plan import PruningPlan
+from harness.run.made_on import other_device, spelled_otherwise
 from harness.store import records as rec
 
 
@@ -193,8 +194,11 @@ def kinship(cfg: RunConfig, method, old: rec.RunRecord, key: str, cell: tuple) -
     `key`: "same", "older options" (made before some method options existed, now at their defaults), "relocated"
     (made with the same inputs behind other paths, `relocated`), or None: another configuration."""
     name, mode, calib_desc, task_opts = cell
+    if other_device(cfg, old):  # `--device auto` on a CPU there and a GPU here: one run key, other scores
+        return None
     then = relocated(cfg, old.config.get("data_dir"), old, old.config.get("include_path"))
-    for c, how in ((cfg, "same"), (then, "relocated"), *((c, "same") for c in dtype_spelled_before(cfg))):
+    spelled = [*dtype_spelled_before(cfg), *spelled_otherwise(cfg, old)]  # `--device cpu` there, `auto` here: the same
+    for c, how in ((cfg, "same"), (then, "relocated"), *((c, "same") for c in spelled)):
         if c is None:
             continue
         if old.run_key == (key if c is cfg else c.identity(name, mode, method.options(), calib_desc, task_opts)):
@@ -277,11 +281,16 @@ def finished_record(cfg: RunConfig, name: str, method, mode: str, final: Path, i
     how = kinship(cfg, method, old, key, (name, mode, calib_desc, task_opts))
     if how is None:  # refused before the run too
         raise UsageError(f"{final} holds a {name}/{mode} record of a different configuration "
-                         f"(run_key {old.run_key} != {key}{differences(cfg, name, method, old)}); use another --out or "
+                         f"({key_text(old.run_key, key)}{differences(cfg, name, method, old)}); use another --out or "
                          "remove it")
     text = {"same": "finished record found,", "older options": "record predates options now at their defaults;"}
     say(f"{name}/{mode}: {text.get(how) or _relocation_note(cfg, method, old)} reused ({final.name})")
     return old
+
+
+def key_text(then: str, now: str) -> str:
+    """'run_key A != B', or 'the same run_key A' (`--device auto` on another kind of device: `other_device`)."""
+    return f"run_key {then} != {now}" if then != now else f"the same run_key {now}"
 
 
 def differences(cfg: RunConfig, name: str, method, old: rec.RunRecord) -> str:
@@ -294,6 +303,8 @@ def differences(cfg: RunConfig, name: str, method, old: rec.RunRecord) -> str:
     now = cfg.recorded()
     then = {k: old.config.get(k, LATER_DEFAULTS.get(k)) for k in fields}
     now = {k: now.get(k, LATER_DEFAULTS.get(k)) for k in fields}
+    if spelled_otherwise(cfg, old):  # `--device cpu` there, `auto` here, on a machine without a GPU: not a difference
+        then.update(device=now["device"], dtype=now["dtype"])
     for side in (then, now):
         side.update({k: bool(side.get(k)) for k in ("data_dir", "include_path")})
         side["dtype"] = DTYPES.get(side.get("dtype"), side.get("dtype"))  # `fp32` as older records stored it: float32
@@ -303,6 +314,8 @@ def differences(cfg: RunConfig, name: str, method, old: rec.RunRecord) -> str:
     then.update({f"{scope}.{k}": v for k, v in options_then(method, old).items()})
     now.update({f"{scope}.{k}": v for k, v in with_defaults(method, method.options()).items()})
     diff = options_diff(*(json.loads(json.dumps(d, default=str)) for d in (then, now)), "there", "here")
+    device = other_device(cfg, old)
+    diff = ", ".join(x for x in (f"scored on {device}" if device else "", diff) if x)
     return f"; {diff}" if diff else ""
 
 
@@ -318,7 +331,7 @@ def refuse_foreign_work(cfg: RunConfig, prepared, out_dir: Path, identity: Calla
             if final.exists():
                 old = rec.load_cell(final)  # an unreadable cell file: refused, not replaced
                 if foreign(cfg, method, old, key, (name, mode, calib_desc, task_opts)):
-                    found.append(f"{final.name} (run_key {old.run_key} != {key}{differences(cfg, name, method, old)})")
+                    found.append(f"{final.name} ({key_text(old.run_key, key)}{differences(cfg, name, method, old)})")
             elif partial.exists() and (doc := partial_doc(partial)) is not None and \
                     not resumable(cfg, method, doc, key, (name, mode, calib_desc, task_opts)):
                 found.append(f"{partial.name} (unfinished, run_key {doc.get('run_key')} != {key})")

@@ -1,0 +1,66 @@
+"""Where a quality record was computed, against where this run computes: `--device auto` and `--dtype auto` name a
+CPU in float32 on one machine and a GPU in bfloat16 on another, under one run key; `--device cpu` and `auto` name the
+same computation on a machine without a GPU, under two."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from harness.config import RunConfig
+from harness.store import records as rec
+
+
+def made_on(old: rec.RunRecord) -> tuple[str, str] | None:
+    """(device type, dtype) `old` was scored with: its environment's device ('cpu', 'cuda') and its --dtype as it
+    resolved there ('float32'); None when unknown (a record without a device) or placed by --device-map."""
+    from harness.pd.models import resolve_dtype
+
+    device, dtype = (getattr(old, "environment", None) or {}).get("device"), old.config.get("dtype")
+    if not isinstance(device, str) or not isinstance(dtype, str) or old.config.get("device_map"):
+        return None
+    kind = device.split(":")[0]
+    try:
+        return kind, _name(resolve_dtype(dtype, _device(kind)))
+    except Exception:  # noqa: BLE001 - a dtype this version does not know: nothing to compare
+        return None
+
+
+def runs_on(cfg: RunConfig) -> tuple[str, str] | None:
+    """(device type, dtype) this run scores with; None when --device-map places the model (its own check)."""
+    from harness.pd.models import resolve_device, resolve_dtype
+
+    if cfg.device_map:
+        return None
+    device = resolve_device(cfg.device)
+    return device.type, _name(resolve_dtype(cfg.dtype, device))
+
+
+def spelled_otherwise(cfg: RunConfig, old: rec.RunRecord) -> list[RunConfig]:
+    """`cfg` with `old`'s --device and --dtype as typed, when those named what this run computes with (`--device cpu`
+    there, `auto` here on a machine without a GPU): the run key of the same work."""
+    device, dtype = old.config.get("device"), old.config.get("dtype")
+    if not isinstance(device, str) or not isinstance(dtype, str) or (device, dtype) == (cfg.device, cfg.dtype):
+        return []
+    then = made_on(old)
+    return [dataclasses.replace(cfg, device=device, dtype=dtype)] if then is not None and then == runs_on(cfg) else []
+
+
+def other_device(cfg: RunConfig, old: rec.RunRecord) -> str | None:
+    """'cpu in float32 there, cuda in bfloat16 here' when `old` was scored on another kind of device or in another
+    dtype than this run would score (the same run key: `auto`), else None. Reused, its scores would sit beside this
+    device's in one table, and a resumed folder would mix the two."""
+    then = made_on(old)
+    now = runs_on(cfg) if then is not None else None
+    if then is None or now is None or then == now:
+        return None
+    return f"{then[0]} in {then[1]} there, {now[0]} in {now[1]} here"
+
+
+def _device(kind: str):
+    import torch
+
+    return torch.device(kind)
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
