@@ -321,3 +321,35 @@ def test_a_record_scored_on_another_device_under_the_same_run_key_is_refused(tin
     with pytest.raises(UsageError, match=r"holds work of a different configuration: unpruned__unified.json \(the same "
                                          r"run_key \w+; scored on cuda in bfloat16 there, cpu in float32 here\)"):
         pipeline.run(RunConfig(**base), tmp_path, loaded=tiny)
+
+
+def test_a_resume_state_begun_on_another_device_is_refused(tiny, data_dir, tmp_path, monkeypatch):
+    """An interrupted cell's finished tasks, scored with `--device auto` on a CPU, resumed on a GPU (one run key) would
+    have sat beside the GPU's in one record; the resume state now says where it was scored, and the rerun refuses it."""
+    import json
+
+    from harness.errors import UsageError
+
+    real, calls = pipeline._eval_task, []
+
+    def second_stops(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "_eval_task", second_stops)
+    cfg = RunConfig(model="random:tiny", methods=("unpruned",), tasks=("arc_easy", "boolq"), limit=2, modes=("unified",),
+                    data_dir=str(data_dir))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, tmp_path, loaded=tiny)
+    path = tmp_path / "unpruned__unified.partial.json"
+    d = json.loads(path.read_text())
+    assert d["made_on"] == ["cpu", "float32"] and list(d["tasks"]) == ["arc_easy"]
+    path.write_text(json.dumps({**d, "made_on": ["cuda", "bfloat16"]}))  # as a GPU machine's run would have left it
+    with pytest.raises(UsageError, match=r"unpruned__unified.partial.json \(unfinished, the same run_key \w+; scored on "
+                                         r"cuda in bfloat16 there, cpu in float32 here\)"):
+        pipeline.run(cfg, tmp_path, loaded=tiny)
+    path.write_text(json.dumps({k: v for k, v in d.items() if k != "made_on"}))  # a resume state from before: resumed
+    (record,) = pipeline.run(cfg, tmp_path, loaded=tiny)
+    assert set(record.scores) == {"arc_easy", "boolq"} and len(calls) == 3

@@ -27,7 +27,7 @@ from harness.quality.distributed import Dist, ShardedScorer
 from harness.quality.evaluate import TaskCache, check_fewshot, check_tasks, evaluate_task, flatten_results, is_download_error  # noqa: F401 - some re-exported
 from harness.quality.long_tasks.base import special_prefix
 from harness.quality.samples import lm_eval_lines, samples_path
-from harness.run import inputs, reuse, task_check, task_record
+from harness.run import inputs, made_on, reuse, task_check, task_record
 from harness.run.progress import Tracker, task_label, work_of
 from harness.store import records as rec
 
@@ -262,7 +262,8 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
     elif done := [t for t in cfg.tasks if t in partial["tasks"]]:
         st.say(f"{name}/{mode}: resuming: {', '.join(done)} kept from an interrupted run ({partial_path.name})")
     # a moved data or include folder's resume state goes on under this one
-    partial.update(run_key=key, data_dir=cfg.data_dir, **({"include_path": cfg.include_path} if cfg.include_path else {}))
+    partial.update(run_key=key, data_dir=cfg.data_dir, **({"include_path": cfg.include_path} if cfg.include_path else {}),
+                   **({"made_on": list(made)} if (made := made_on.runs_on(cfg)) else {}))  # `auto` resumed on a GPU: refused
     plan = _cell_plan(st, name, method, mode, partial)
     partial["inputs"] = inputs.with_plan_code(partial.get("inputs") or st.inputs, name, partial["plan"])  # its policy's
     if mode == "unified" and not plan.is_unified:
