@@ -60,6 +60,11 @@ def _plant(case: str, tmp_path: Path) -> tuple[Path, Path, Path]:
         ref, cur = _refs(tmp_path), tmp_path / "flat"
         shutil.copytree(REFERENCE / "quality", cur)
         return ref, cur, ref
+    if case == "two_records_of_a_cell":  # an older copy beside quality/: every later check failed on the references
+        ref, cur = _refs(tmp_path), _refs(tmp_path, "cur")
+        (cur / "older").mkdir()
+        shutil.copy(cur / "quality" / "shortgpt__unified.json", cur / "older")
+        return ref, cur, ref
     if case == "corrupt_record":
         ref, cur = _refs(tmp_path), _refs(tmp_path, "cur")
         (cur / "latency" / "zzz__disaggregated.json").write_text('{"schema_version": 1, "method": "zz')
@@ -74,6 +79,8 @@ def _plant(case: str, tmp_path: Path) -> tuple[Path, Path, Path]:
     ("not_a_reference_folder", "is not a reference folder (it holds notes.txt, src/main.py"),
     ("flat_run_folder", "its records lie directly in it"),
     ("corrupt_record", "zzz__disaggregated.json is not a readable run record"),
+    ("two_records_of_a_cell", "two records of quality/shortgpt/unified (older/shortgpt__unified.json and "
+                              "quality/shortgpt__unified.json)"),
 ])
 def test_check_update_refuses_and_keeps_the_references(case, message, tmp_path, capsys):
     ref, cur, keep = _plant(case, tmp_path)

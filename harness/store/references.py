@@ -122,10 +122,28 @@ def check_update(reference: Path, current: Path) -> dict[str, list[Path]]:
                          + (" (its records lie directly in it: a run folder, not a check rerun)" if flat else "")
                          + "; give a rerun folder laid out like the references, e.g. DIR/quality and DIR/latency "
                            "(python -m harness check --against REF --out DIR makes one)")
+    _refuse_two_of_a_cell(current, sources)
     _refuse_dropping_unfinished(reference, current)
     _refuse_dropping_missing(reference, current, sources)
     _refuse_non_finite(current, sources)
     return sources
+
+
+def _refuse_two_of_a_cell(current: Path, sources: dict[str, list[Path]]) -> None:
+    """Refuse to install two records of one cell (kind, method, mode; e.g. an older copy of a run beside quality/):
+    every later check failed on the references themselves ("two records under REF"), whatever the rerun held."""
+    where: dict[str, Path] = {}
+    for src in (p for files in sources.values() for p in files if rec.is_record_file(p)):
+        try:
+            r = rec.load(src)
+        except ValueError:
+            continue  # an unreadable record stops the update by name (_verify)
+        key = f"{r.config.get('kind', 'quality')}/{r.method}/{r.mode}"
+        if key in where:
+            raise UsageError(f"--current {current}: two records of {key} ({where[key].relative_to(current)} and "
+                             f"{src.relative_to(current)}), and references hold one per cell (every later check would fail "
+                             "on them); give the folder of one check rerun, or move the other record out")
+        where[key] = src
 
 
 def _refuse_non_finite(current: Path, sources: dict[str, list[Path]]) -> None:
