@@ -131,3 +131,19 @@ def test_a_second_export_into_one_out_is_refused_naming_the_first(tmp_path, caps
     assert f"{out} is in use by another harness process (pid {holder.pid}" in err, err
     assert "undo each other's work" in err and "choose another --out" in err and "records" not in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("how", ["refused", "interrupted"])
+def test_an_export_that_writes_nothing_leaves_no_folders_it_made(tmp_path, capsys, monkeypatch, how):
+    """`--out a/b/e` made a/b/ to hold the lock file beside e; an export refused after taking the lock (a plan the model
+    cannot take) or stopped by Ctrl-C left those empty folders behind. A folder that was there is kept."""
+    import harness.pd.models as models
+
+    (tmp_path / "keep").mkdir()
+    out = tmp_path / "keep" / "a" / "b" / "e"
+    if how == "interrupted":
+        monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    argv = ["export", *TINY, "--method", "manual", "--set", "manual.prefill_layers=0,9"] if how == "refused" else MANUAL
+    assert cli_main([*argv, "--out", str(out)]) == (2 if how == "refused" else 130)
+    assert how != "refused" or "manual plan: prefill_layers=[0, 9]: need sorted, unique layer indices in [0, 4)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"] and not any((tmp_path / "keep").iterdir())

@@ -196,13 +196,24 @@ def hold(folder: Path, what: str = OUTPUT) -> Iterator[bool]:
                 folder.rmdir()
 
 
-def hold_beside(folder: Path, *, shared: bool = False, wait: float = 0,
-                what: str = REPLACED) -> contextlib.AbstractContextManager[bool]:
+@contextlib.contextmanager
+def hold_beside(folder: Path, *, shared: bool = False, wait: float = 0, what: str = REPLACED) -> Iterator[bool]:
     """Lock a folder that is replaced whole, by a lock file next to it (`.<name>.lock`): exclusive to
-    replace it, `shared` to read it (see `hold_file` for `wait` and `what`)."""
+    replace it, `shared` to read it (see `hold_file` for `wait` and `what`). The folders made to hold the lock
+    file are removed again if they are empty at the end: an export refused or stopped before it wrote anything
+    left `a/b/` of `--out a/b/c` behind."""
     folder = Path(folder)
-    return hold_file(folder.resolve().with_name(f".{folder.resolve().name}.lock"), folder, shared=shared, wait=wait,
-                     what=what)
+    lock = folder.resolve().with_name(f".{folder.resolve().name}.lock")
+    made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]  # deepest first
+    try:
+        with hold_file(lock, folder, shared=shared, wait=wait, what=what) as took:
+            yield took
+    finally:
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:  # not empty (what was written there, another writer's lock): kept, and those above it
+                break
 
 
 def child_env() -> dict[str, str]:
