@@ -147,3 +147,16 @@ def test_an_export_that_writes_nothing_leaves_no_folders_it_made(tmp_path, capsy
     assert cli_main([*argv, "--out", str(out)]) == (2 if how == "refused" else 130)
     assert how != "refused" or "manual plan: prefill_layers=[0, 9]: need sorted, unique layer indices in [0, 4)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"] and not any((tmp_path / "keep").iterdir())
+
+
+def test_force_keeps_an_export_holding_a_link_to_a_folder_the_user_added(tmp_path, capsys):
+    """A symbolic link to a folder put into an earlier export was passed over as a folder, not a file export did not
+    write, so --force replaced the export and the link was gone; it is refused like any file the user added."""
+    out, data = tmp_path / "e", tmp_path / "data"
+    assert cli_main([*MANUAL, "--out", str(out)]) == 0
+    data.mkdir()
+    (out / "my-data").symlink_to(data)
+    capsys.readouterr()
+    assert cli_main([*MANUAL, "--out", str(out), "--force"]) == 2
+    assert "holds files the export did not write (my-data); --force would delete them" in capsys.readouterr().err
+    assert (out / "my-data").is_symlink() and data.is_dir()

@@ -72,8 +72,9 @@ def _check_replaceable(out: Path, force: bool) -> None:
         raise UsageError(f"--out {out}: folder exists and is not empty, and is not a previous export (no readable {MARKER}, "
                          "which python -m harness export writes; --force only replaces such exports): choose a new or empty "
                          "folder, e.g. --out exports/NAME, or remove it yourself") from None
-    extra = sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir() and p.name != MARKER
-                   and str(p.relative_to(out)) not in written)
+    # a link to a folder is the user's too: it was passed over as a folder, and --force deleted it with the export
+    extra = sorted(str(p.relative_to(out)) for p in out.rglob("*") if (p.is_symlink() or not p.is_dir())
+                   and p.name != MARKER and str(p.relative_to(out)) not in written)
     if extra:
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
         # without --force, moving them out is not all: the export is then refused until --force is given
