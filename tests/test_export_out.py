@@ -160,3 +160,16 @@ def test_force_keeps_an_export_holding_a_link_to_a_folder_the_user_added(tmp_pat
     assert cli_main([*MANUAL, "--out", str(out), "--force"]) == 2
     assert "holds files the export did not write (my-data); --force would delete them" in capsys.readouterr().err
     assert (out / "my-data").is_symlink() and data.is_dir()
+
+
+def test_an_out_inside_the_references_is_refused_naming_that_out(tmp_path, capsys):
+    """`--out REF/quality/e` was refused as "--out REF/quality: lies inside the regression check's references": the
+    folder the export is written beside, not the one given."""
+    from harness.store.references import MARKER
+
+    (tmp_path / "ref" / "quality").mkdir(parents=True)
+    (tmp_path / "ref" / MARKER).write_text("references")
+    out = tmp_path / "ref" / "quality" / "e"
+    assert cli_main([*MANUAL, "--out", str(out)]) == 2
+    assert f"--out {out}: lies inside the regression check's references ({tmp_path / 'ref'})" in capsys.readouterr().err
+    assert not out.exists()

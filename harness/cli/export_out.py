@@ -26,7 +26,9 @@ def check_out_is_not_cwd(out: Path) -> None:
 def prepare_out(out: Path, force: bool) -> Path:
     """Check `out` can take an export; return the temporary sibling folder to write into."""
     from harness.store.files import recover_swap
+    from harness.store.references import refuse_references
 
+    refuse_references(out, "--out")  # naming --out, not the folder beside it that the export is written into
     recover_swap(out)  # an export killed while swapping folders left the old one beside `out`
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
