@@ -507,3 +507,18 @@ def test_the_no_record_hint_names_the_sweep_siblings_of_a_variant_that_is_not_th
     assert "variants of shortgpt@k=3 are there: shortgpt@k=2, shortgpt@k=4;" in why
     assert "--method 'shortgpt@k=2'" in why and "tail@k=1;" not in why.split("records there")[0]
     assert "k=5" not in why
+
+
+def test_an_export_names_the_record_it_replayed_by_its_full_path(tmp_path, capsys, monkeypatch):
+    """`--record run/x.json` typed relative to where the export ran was stored as typed: moved with the export, the
+    manifest's `plan_replayed_from` named nothing (found by the export review)."""
+    from harness.store import records as rec
+
+    record = rec.RunRecord(method="unpruned", mode="unified", run_key="k", plan=PruningPlan.dense("unpruned", 4).to_dict(),
+                           environment={}, config={"model": "random:tiny", "seed": 0, "method_options": {}}, model={},
+                           calibration=None, scores={}, kv={}, n_samples={}, lm_eval={}, timing_s={}, created="")
+    path = rec.save(record, tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["export", "--device", "cpu", "--record", "run/" + path.name, "--out", "e"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "e" / "harness_export.json").read_text())["plan_replayed_from"] == str(path.resolve())

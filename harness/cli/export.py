@@ -287,7 +287,7 @@ def _export(args: argparse.Namespace, source: Source, method, calib_config, data
                          "--mode disaggregated")
     meta = {"mode": source.mode, "method_options": method.options(),
             "calibration": calib.description if calib is not None else (source.record.calibration if source.record else None),
-            "plan_replayed_from": str(source.record_path) if source.record_path else None,
+            "plan_replayed_from": str(source.record_path.resolve()) if source.record_path else None,
             "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
             # {} for the package's own methods and policies: the git commit names their code
             "plugin_code": {**plugin_code(method), **policy_code(plan.to_dict())}}
