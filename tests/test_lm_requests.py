@@ -142,3 +142,27 @@ def test_generated_text_stops_before_eos_and_leaves_its_text_out(tiny):
     pd.scorer.generate = lambda contexts, n, stop=None, progress=False: [body + [pd.eot_token_id] for _ in contexts]
     out = pd.generate_until([inst("generate_until", ("Q:", {"until": ["\n\n"], "max_gen_toks": 24}))], disable_tqdm=True)
     assert out == ["42 apples"]
+
+
+def test_generated_text_leaves_special_tokens_out_as_hflm(tiny):
+    """A generation with a special token that is not EOS (SmolLM2-Instruct's greedy answer to a chat prompt begins
+    '<|im_start|>assistant'): HFLM decodes the answer without special tokens and then cuts it at the stop strings; PDLM
+    kept '<|im_start|>' in the text, so an exact-match or regex filter scored the same tokens differently."""
+    from lm_eval.models.utils import postprocess_generated_text
+
+    from harness.pd.models import byte_tokenizer
+
+    tok = byte_tokenizer(320)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    pd = PDLM(tiny.model, tok, PruningPlan.dense("u", 4), "disaggregated", max_length=256, progress=False)
+    gens = {"a": [start] + tok.encode("assistant\nHi", add_special_tokens=False) + [pd.eot_token_id],
+            "b": tok.encode("x\n", add_special_tokens=False) + [start] + tok.encode("\nrest", add_special_tokens=False)}
+    pd.scorer.generate = lambda contexts, n, stop=None, progress=False: [gens[tok.decode(c)] for c in contexts]
+    until = ["\n\n"]
+    out = pd.generate_until([inst("generate_until", (p, {"until": until, "max_gen_toks": 24}), i)
+                             for i, p in enumerate(gens)], disable_tqdm=True)
+    eos = tok.decode([pd.eot_token_id], skip_special_tokens=False)
+    assert out == [postprocess_generated_text(tok.decode(g, skip_special_tokens=True), [*until, eos], None)
+                   for g in gens.values()]
+    assert out == ["assistant\nHi", "x"]

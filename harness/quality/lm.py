@@ -16,7 +16,7 @@ from typing import Any
 
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
-from lm_eval.models.utils import has_bos_prefix, normalize_gen_kwargs
+from lm_eval.models.utils import has_bos_prefix, normalize_gen_kwargs, postprocess_generated_text
 from tqdm.auto import tqdm
 
 from harness.pd.plan import PruningPlan
@@ -222,11 +222,10 @@ class PDLM(TemplateLM):
 
             gens = self.scorer.generate(contexts, max_new, should_stop)
             for i, gen in zip(idxs, gens):
-                text = self.tok_decode(gen, skip_special_tokens=False)
-                for s in stops:
-                    text = text.split(s)[0]
-                out[i] = text
-                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                # HFLM's answer: the tokens decoded without special tokens, cut at the first stop string (the
+                # stopping above reads them with special tokens, as HFLM's stopping criteria do)
+                out[i] = postprocess_generated_text(self.tok_decode(gen), stops, None)
+                self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
             bar.update(len(idxs))
         bar.close()
         return out
