@@ -166,3 +166,32 @@ def test_generated_text_leaves_special_tokens_out_as_hflm(tiny):
     assert out == [postprocess_generated_text(tok.decode(g, skip_special_tokens=True), [*until, eos], None)
                    for g in gens.values()]
     assert out == ["assistant\nHi", "x"]
+
+
+def test_generation_stops_on_every_eos_of_the_generation_config(tiny, monkeypatch):
+    """`model.generate` (HFLM's) stops on each `eos_token_id` of the model's generation config, a list for models such
+    as Llama 3.1 Instruct (<|end_of_text|>, <|eom_id|>, <|eot_id|>); PDLM stopped only on the tokenizer's EOS, so it went
+    on past <|eom_id|> and its answer held the text generated after it."""
+    from harness.pd.models import byte_tokenizer
+
+    tok = byte_tokenizer(320)
+    tok.add_special_tokens({"additional_special_tokens": ["<|eom|>"]})
+    eom = tok.convert_tokens_to_ids("<|eom|>")
+    monkeypatch.setattr(tiny.model.generation_config, "eos_token_id", [tok.eos_token_id, eom])
+    pd = PDLM(tiny.model, tok, PruningPlan.dense("u", 4), "unified", max_length=256, progress=False)
+    tokens = tok.encode("Hi", add_special_tokens=False) + [eom] + tok.encode(" and more", add_special_tokens=False)
+
+    def generate(contexts, n, stop=None, progress=False):  # the scorer's loop: a token at a time until `stop`
+        gens = []
+        for j, _ in enumerate(contexts):
+            gen = []
+            for t in tokens[:n]:
+                gen.append(t)
+                if stop(j, gen):
+                    break
+            gens.append(gen)
+        return gens
+
+    pd.scorer.generate = generate
+    assert pd.generate_until([inst("generate_until", ("Q:", {"until": ["\n\n"], "max_gen_toks": 24}))],
+                             disable_tqdm=True) == ["Hi"]

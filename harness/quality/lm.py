@@ -201,12 +201,20 @@ class PDLM(TemplateLM):
         until = [until] if isinstance(until, str) else [u for u in until if u]  # `until: None` normalises to [None]
         return until, int(kw["max_gen_toks"])
 
+    def _eos_ids(self) -> set[int]:
+        """The tokens that end a generation: the tokenizer's EOS and, as `model.generate` under HFLM stops on them,
+        every `eos_token_id` of the model's generation config (Llama 3.1 Instruct's lists three)."""
+        ids = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        return {self.eot_token_id, *map(int, ids)}
+
     def _generate(self, requests, disable_tqdm: bool) -> list[str]:
         by_kwargs: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             by_kwargs.setdefault(repr(sorted(req.args[1].items())), []).append(i)
         out: list[str] = [""] * len(requests)
         bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or not self.progress)
+        eos_ids = self._eos_ids()
         for idxs in by_kwargs.values():
             until, max_new = self._gen_options(requests[idxs[0]].args[1])
             eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
@@ -214,8 +222,8 @@ class PDLM(TemplateLM):
             # an empty context (no BOS in the tokenizer) starts from the prefix token, as loglikelihood's does
             contexts = [self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in idxs]
 
-            def should_stop(j: int, gen: list[int], stops: list[str] = stops) -> bool:
-                if gen[-1] == self.eot_token_id:
+            def should_stop(j: int, gen: list[int], stops: list[str] = stops, eos_ids: set[int] = eos_ids) -> bool:
+                if gen[-1] in eos_ids:
                     return True
                 text = self.tok_decode(gen, skip_special_tokens=False)
                 return any(s in text for s in stops)
