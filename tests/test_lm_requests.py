@@ -195,3 +195,27 @@ def test_generation_stops_on_every_eos_of_the_generation_config(tiny, monkeypatc
     pd.scorer.generate = generate
     assert pd.generate_until([inst("generate_until", ("Q:", {"until": ["\n\n"], "max_gen_toks": 24}))],
                              disable_tqdm=True) == ["Hi"]
+
+
+def test_chat_template_without_a_system_role_renders_as_hflm(tiny):
+    """lm-eval makes a task's description (MMLU's) the chat's system message; a template that refuses one (Mistral-7B-
+    Instruct-v0.2's: roles must alternate user/assistant) made PDLM raise jinja2's TemplateError, ending the cell, where
+    HFLM renders the chat again without its system messages."""
+    from types import SimpleNamespace
+
+    import pytest
+    from lm_eval.models.huggingface import HFLM
+
+    from harness.errors import HarnessWarning
+    from harness.pd.models import byte_tokenizer
+
+    tok = byte_tokenizer(320)
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                         "[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    pd = PDLM(tiny.model, tok, PruningPlan.dense("u", 4), "unified", max_length=256, progress=False)
+    stock = SimpleNamespace(tokenizer=tok, chat_template_args={})
+    chat = [{"role": "system", "content": "About maths."}, {"role": "user", "content": "1+1?"}]
+    with pytest.warns(HarnessWarning, match="system message"):
+        assert pd.apply_chat_template(chat) == HFLM.apply_chat_template(stock, chat) == "[user]1+1?[assistant]"
+    assert pd.apply_chat_template(chat[1:]) == "[user]1+1?[assistant]"

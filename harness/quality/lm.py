@@ -19,6 +19,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import has_bos_prefix, normalize_gen_kwargs, postprocess_generated_text
 from tqdm.auto import tqdm
 
+from harness.errors import HarnessWarning
 from harness.pd.plan import PruningPlan
 from harness.quality.distributed import Dist, in_doc_order
 from harness.quality.scoring import Scorer
@@ -141,9 +142,24 @@ class PDLM(TemplateLM):
         return self.tokenizer.name_or_path.replace("/", "__")
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The few-shot chat rendered by the tokenizer's chat template, as text (HFLM's rule)."""
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                  continue_final_message=not add_generation_prompt)
+        """The few-shot chat rendered by the tokenizer's chat template, as text (HFLM's rule). A template that refuses
+        the chat (one without a system role, such as Mistral-7B-Instruct-v0.2's, given a task's description as the
+        system message: MMLU's) renders it again without its system messages, as HFLM does, with HFLM's warning."""
+        import warnings
+
+        import jinja2
+
+        def render(chat: list[dict[str, str]]) -> str:
+            return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=not add_generation_prompt)
+
+        try:
+            return render(chat_history)
+        except jinja2.exceptions.TemplateError as e:
+            warnings.warn(f"--apply-chat-template: {self.tokenizer.name_or_path}'s chat template refused a chat with a "
+                          f"system message ({e}); rendered without it, as lm-eval's HFLM does (the task's description is "
+                          "left out of the prompt)", HarnessWarning, stacklevel=2)
+            return render([msg for msg in chat_history if msg["role"] != "system"])
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """HFLM's rule: the tokenizer's own special tokens, except none for a text that already starts with the
