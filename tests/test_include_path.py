@@ -479,3 +479,18 @@ def test_the_data_file_check_reads_data_dir_group_configs_and_leaves_hub_paths_a
     with pytest.raises(UsageError, match=r"^task g_inline \(.*group.yaml\): dataset_kwargs.data_files 'gone.jsonl' matches no "
                                          r"file: a relative path is read from the current folder"):
         include_tasks.check_data_files(["g"], defined)
+
+
+def test_num_fewshot_0_is_zero_shot_for_a_yaml_with_its_own_num_fewshot(cli, own, tmp_path):
+    """A YAML of one's own with `num_fewshot: 2`: `--num-fewshot 0` (lm-eval's `--num_fewshot 0`) gave each item its 2
+    examples, since 0 reached lm-eval as None (the task's own default), while the record said num_fewshot 0."""
+    (own / "my_mc.yaml").write_text(_yaml(own / "my_mc.jsonl", extra="fewshot_split: test\nnum_fewshot: 2\n"))
+    for shots in (0, 1):
+        out = tmp_path / f"run{shots}"
+        r = _run(cli, own, out, "--num-fewshot", shots, "--log-samples")
+        assert r.returncode == 0, r.stderr[-3000:]
+        (rec,) = records.load_dir(out)
+        assert rec.config["num_fewshot"] == shots and rec.lm_eval["tasks"][TASK]["n-shot"] == {TASK: shots}
+        prompts = [json.loads(line)["arguments"]["gen_args_0"]["arg_0"]
+                   for line in (out / "samples" / "unpruned__disaggregated" / f"samples_{TASK}.jsonl").open()]
+        assert len(prompts) == 4 and all(p.count("Question:") == 1 + shots for p in prompts)

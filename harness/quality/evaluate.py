@@ -97,6 +97,17 @@ def check_tasks(tasks: TaskCache, cfg: RunConfig, world_size: int) -> None:
                                  "ranks: each rank needs at least one; give a larger --limit or start fewer ranks")
 
 
+def shots_for_lm_eval(num_fewshot: int, built: list) -> int | None:
+    """`simple_evaluate`'s num_fewshot for the built tasks `built` (a task, or a group and its subtasks): the run's count;
+    None (each task's own default, which is 0) when that is 0 and none of them sets its own. Passing None for a YAML
+    of one's own with `num_fewshot: 5` (an --include-path task) gave its 5 shots under `--num-fewshot 0`, while
+    the record said 0; lm-eval's `--num_fewshot 0` gives none."""
+    if num_fewshot:
+        return num_fewshot
+    own = any(getattr(getattr(obj, "config", None), "num_fewshot", None) for obj in built)
+    return 0 if own else None  # None: no "Overwriting default num_fewshot" note from lm-eval for every task
+
+
 class TaskCache:
     """Builds each lm-eval task (or group) once per run and hands the same object to every evaluation.
 
@@ -213,7 +224,7 @@ def evaluate_task(lm, task: str, tasks: TaskCache, cfg: RunConfig) -> dict[str, 
     with without_env_report():
         out = simple_evaluate(
             model=lm, tasks=[obj], limit=cfg.limit, task_manager=tasks.manager, bootstrap_iters=cfg.bootstrap_iters,
-            num_fewshot=cfg.num_fewshot or None,  # None: each task's own default (0 for every task here)
+            num_fewshot=shots_for_lm_eval(cfg.num_fewshot, [obj, *tasks.subtasks(task).values()]),
             random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed, log_samples=True, cache_requests=False,  # per-item results: records keep them
             apply_chat_template=cfg.apply_chat_template,  # False, True (the tokenizer's) or a template name
