@@ -175,6 +175,13 @@ class Method(abc.ABC):
                             "strings, lists and dicts in its info") from None
         return plan
 
+    def check_depth(self, n: int, mode: str) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Raise the `UsageError` that `plan(model, calib, mode)` would raise on an `n`-layer model for a count option
+        too deep for it (`too_deep`), without planning: a latency run asks every method first, so `tail.k=8` on 4
+        layers is refused at once, not after another method's minute-long search. The default refuses nothing (a
+        plug-in's option named `k` need not be a layer count); a method whose `plan` refuses counts overrides it and
+        calls it from `plan`, so the two cannot disagree."""
+
     # the method whose options hold this one's (a KV baseline's `base_options`): it words the `--set` of a hint
     outer: Method | None = None
 

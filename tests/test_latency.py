@@ -1075,3 +1075,51 @@ def test_a_workload_beyond_the_models_context_is_measured_and_said(tmp_path, cap
     err = capsys.readouterr().err
     assert "warning: 1 workload(s) need more positions than the model's context of 4096 tokens (prompt+decode 4096+2)" in err
     assert (tmp_path / "a" / "unpruned__disaggregated.json").exists()
+
+
+def test_a_count_too_deep_for_the_model_is_refused_before_any_method_plans(cli, tmp_path, monkeypatch):
+    """`--methods unpruned,pdtrim,tail --set tail.k=8` on 4 layers: tail was refused only after PDTrim's search (a
+    minute on random:tiny). Every method's counts are checked against the model's depth first, and none plans."""
+    from methods.pdtrim.method import PDTrim
+
+    planned = []
+    monkeypatch.setattr(PDTrim, "plan", lambda self, model, calib, mode: planned.append(mode) or PruningPlan.dense("pdtrim", 4))
+    r = cli("latency", "--model", "random:tiny", "--device", "cpu", "--methods", "unpruned,pdtrim,tail", "--set", "tail.k=8",
+            "--set", "pdtrim.k_prefill=1", "--set", "pdtrim.k_decode=2", "--prompt-tokens", "16", "--decode-tokens", "2",
+            "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--out", tmp_path / "lat", "-q")
+    assert r.returncode == 2 and "error: tail.k=8: must be < the model's 4 layers (at least one must stay); for 4 " \
+        "layers try --set tail.k=2" in r.stderr, r.stderr[-2000:]
+    assert planned == [] and "planning" not in r.stderr
+
+
+def test_the_depth_check_before_planning_refuses_no_count_a_plugin_does_not_check():
+    """A plug-in's option named k need not be a layer count (here a width): the check before planning leaves it to
+    the plug-in's plan(); a check_depth of a plug-in that fails otherwise than with a UsageError is left to plan() too,
+    where the failure is the plug-in's alone. One that refuses is refused before planning."""
+    import dataclasses
+
+    from harness.errors import UsageError
+    from harness.run.latency_plans import refuse_too_deep
+    from methods.base import Method
+
+    @dataclasses.dataclass(frozen=True)
+    class Wide:
+        k: int = 64  # a width
+
+    class PdTestWide(Method):
+        name, Config = "pd_test_wide", Wide
+
+        def plan(self, model, calib, mode):
+            return PruningPlan.dense(self.name, 4)
+
+    class PdTestBroken(PdTestWide):
+        def check_depth(self, n, mode):
+            raise KeyError("a bug of the plug-in's check")
+
+    class PdTestDeep(PdTestWide):
+        def check_depth(self, n, mode):
+            raise self.too_deep("k", self.config.k, n)
+
+    refuse_too_deep({"pd_test_wide": PdTestWide(), "pd_test_broken": PdTestBroken()}, 4)
+    with pytest.raises(UsageError, match=r"^pd_test_wide\.k=64: must be < the model's 4 layers"):
+        refuse_too_deep({"pd_test_wide": PdTestWide(), "pd_test_deep": PdTestDeep()}, 4)

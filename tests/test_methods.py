@@ -197,6 +197,24 @@ def test_a_method_without_for_layers_gets_no_hint_that_is_too_deep_itself():
     assert str(err.value) == "pd_test_no_fit.k=10: must be < the model's 4 layers (at least one must stay)"
 
 
+@pytest.mark.parametrize("name, options", [("shortgpt", {}), ("sleb", {}), ("streamline", {}), ("pdtrim", {}),
+                                           ("stage:shortgpt", {}), ("stage:shortened_ppl", {"k_prefill": 2, "k_decode": 3}),
+                                           ("h2o", {"base_options": "tau=0.0"})])
+@pytest.mark.parametrize("mode", ["unified", "disaggregated"])
+def test_check_depth_refuses_without_planning_what_plan_refuses(name, options, mode, tiny, tiny_calib, monkeypatch):
+    """`check_depth(n, mode)` (what a latency run asks of every method before any plans) raises the very error `plan`
+    raises for counts too deep for the model, and touches neither the model nor the calibration set."""
+    cls = methods.get(name)
+    method = cls(dataclasses.replace(cls.Config(), **options))
+    with pytest.raises(UsageError) as planned:
+        method.plan(tiny.model, tiny_calib, mode)
+    with pytest.raises(UsageError) as checked:
+        method.check_depth(4, mode)
+    assert str(checked.value) == str(planned.value) and "the model's 4 " in str(checked.value)
+    if "base_options" not in options:  # a KV baseline's for_layers does not fit its base's options
+        cls(cls.config_for_layers(4)).check_depth(4, mode)  # counts that fit pass
+
+
 def test_manual_plan_violating_subset_rule_is_a_usage_error(tiny):
     cls = methods.get("manual")
     with pytest.raises(UsageError, match="subset of prefill_layers"):

@@ -25,7 +25,7 @@ from harness.errors import UsageError
 from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Workload, beyond_context, measure
 from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
 from harness.run.latency_figures import figure_code, keep_failures, measured_figures, refresh_figures
-from harness.run.latency_plans import replayed_plans
+from harness.run.latency_plans import refuse_too_deep, replayed_plans
 from harness.run.plugin_faults import Faults
 from harness.run.progress import still_running
 from harness.store import records as rec
@@ -216,6 +216,7 @@ def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[
 
     model = loaded.model
     replay = replayed_plans(cfg.plans_from, arch.n_layers(model), prepared.methods) if cfg.plans_from else {}
+    refuse_too_deep({name: m for name, m in prepared.methods.items() if name not in replay}, arch.n_layers(model))
     calib, out = None, []
     for name, method in prepared.methods.items():
         if name in replay:

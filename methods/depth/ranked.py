@@ -106,9 +106,7 @@ class RankedDepthMethod(Method):
         """
         n = arch.n_layers(model)
         eligible = self.eligible(n)
-        if k > len(eligible):
-            raise UsageError(f"{label or f'{self.name}.k={k}'}: at most {len(eligible)} of the model's {n} blocks "
-                             f"can be removed ({self.name}: {self.eligibility_rule()})")
+        self.check_eligible(k, n, label)
         key = self.ranking_key(model, calib)
         hit = _SHARED.get(key)
         if hit is None or len(hit.order) < k:
@@ -166,10 +164,21 @@ class RankedDepthMethod(Method):
         k = self.config.k if k is None else k
         return list(self.ranking(model, calib, k).order[:k])
 
-    def plan(self, model, calib, mode: str) -> PruningPlan:
-        n, k = arch.n_layers(model), self.config.k
+    def check_eligible(self, k: int, n: int, label: str | None = None) -> None:
+        """A `UsageError` when fewer than `k` of `n` blocks may be removed (`label`: the option asking for `k`)."""
+        if k > len(eligible := self.eligible(n)):
+            raise UsageError(f"{label or f'{self.name}.k={k}'}: at most {len(eligible)} of the model's {n} blocks "
+                             f"can be removed ({self.name}: {self.eligibility_rule()})")
+
+    def check_depth(self, n: int, mode: str) -> None:
+        k = self.config.k
         if k >= n:
             raise self.too_deep("k", k, n)
+        self.check_eligible(k, n)
+
+    def plan(self, model, calib, mode: str) -> PruningPlan:
+        n, k = arch.n_layers(model), self.config.k
+        self.check_depth(n, mode)
         ranking = self.ranking(model, calib, k)  # the plan does not depend on the mode
         order = list(ranking.order[:k])
         keep = tuple(i for i in range(n) if i not in order)

@@ -63,13 +63,14 @@ class StageAware(WrapperMethod):
             fit.pop("k_prefill", None)
         return fit
 
-    def plan(self, model, calib, mode: str) -> PruningPlan:
-        c, n = self.config, arch.n_layers(model)
-        kp = prefill_depth(c)
-        # k_decode first: it is >= k_prefill, so a too-deep error names the count the user set (k_prefill may
-        # come from prefill_ratio)
-        asked = {"k_unified": c.k_unified} if mode == "unified" else {"k_decode": c.k_decode, "k_prefill": kp}
-        eligible = len(self.inner.eligible(n))
+    def _asked(self, mode: str) -> dict[str, int]:
+        """The counts `mode` removes, k_decode first: it is >= k_prefill, so a too-deep error names the count the user
+        set (k_prefill may come from prefill_ratio)."""
+        c = self.config
+        return {"k_unified": c.k_unified} if mode == "unified" else {"k_decode": c.k_decode, "k_prefill": prefill_depth(c)}
+
+    def check_depth(self, n: int, mode: str) -> None:
+        asked, eligible = self._asked(mode), len(self.inner.eligible(n))
         for opt, k in asked.items():  # every count too deep first: its error has the hint (k_prefill=3 was
             if k >= n:  # "at most 0 removable", naming neither the k_decode nor the keep_first that fit)
                 raise self.too_deep(opt, k, n)
@@ -77,6 +78,12 @@ class StageAware(WrapperMethod):
             if k > eligible:
                 raise UsageError(f"{self.name}.{opt}={k}: at most {eligible} of the model's {n} blocks can be removed "
                                  f"({self.base.name}: {self.inner.eligibility_rule()})")
+
+    def plan(self, model, calib, mode: str) -> PruningPlan:
+        c, n = self.config, arch.n_layers(model)
+        kp, asked = prefill_depth(c), self._asked(mode)
+        self.check_depth(n, mode)
+        eligible = len(self.inner.eligible(n))
         # one ranking, long enough for both modes, serves both (SLEB's greedy order is a prefix-stable search)
         longest = max([k for k in (kp, c.k_decode, c.k_unified) if k <= eligible and k < n], default=0)
         ranking = self.inner.ranking(model, calib, longest)

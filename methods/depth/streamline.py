@@ -192,10 +192,13 @@ class Streamline(Method):
     def needs_replan_on_resume(self) -> bool:
         return self.config.replace != "none"  # the trained replacement lives in this instance
 
+    def check_depth(self, n: int, mode: str) -> None:
+        if self.config.k >= n:
+            raise self.too_deep("k", self.config.k, n)
+
     def plan(self, model, calib, mode: str) -> PruningPlan:
         c, n = self.config, arch.n_layers(model)
-        if c.k >= n:
-            raise self.too_deep("k", c.k, n)
+        self.check_depth(n, mode)
         if calib is None:
             raise UsageError("streamline needs a calibration set")
         key = (*content_key(model, calib), c.k)

@@ -113,6 +113,9 @@ class KVBaseline(Method):
     def needs_replan_on_resume(self) -> bool:
         return self.base.needs_replan_on_resume()
 
+    def check_depth(self, n: int, mode: str) -> None:
+        self.base.check_depth(n, mode)  # its hint names this method's base_options (`outer`)
+
     @contextlib.contextmanager
     def apply(self, model, plan: PruningPlan) -> Iterator[PruningPlan]:
         with self.base.apply(model, self.base_view(plan)):  # e.g. pdtrim's healed blocks, streamline's FFN

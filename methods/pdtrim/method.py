@@ -147,11 +147,14 @@ class PDTrim(Method):
             yield plan
 
     # -- planning ---------------------------------------------------------------------------
-    def plan(self, model, calib, mode: str) -> PruningPlan:
-        c, n = self.config, arch.n_layers(model)
-        k = c.k_unified if mode == "unified" else c.k_decode
+    def check_depth(self, n: int, mode: str) -> None:
+        k = self.config.k_unified if mode == "unified" else self.config.k_decode  # k_prefill <= k_decode (validated)
         if k >= n:
             raise self.too_deep("k_unified" if mode == "unified" else "k_decode", k, n)
+
+    def plan(self, model, calib, mode: str) -> PruningPlan:
+        c, n = self.config, arch.n_layers(model)
+        self.check_depth(n, mode)
         st = self._search_state(model, calib)
         t0 = time.perf_counter()
         st.mark()
