@@ -1123,3 +1123,24 @@ def test_the_depth_check_before_planning_refuses_no_count_a_plugin_does_not_chec
     refuse_too_deep({"pd_test_wide": PdTestWide(), "pd_test_broken": PdTestBroken()}, 4)
     with pytest.raises(UsageError, match=r"^pd_test_wide\.k=64: must be < the model's 4 layers"):
         refuse_too_deep({"pd_test_wide": PdTestWide(), "pd_test_deep": PdTestDeep()}, 4)
+
+
+def test_plans_from_says_why_a_method_with_trained_state_plans_afresh(cli, tmp_path, monkeypatch):
+    """streamline with replace=ffn has its record in --plans-from, but plans again (its trained FFN is in no record):
+    the run said 'no disaggregated plan to replay in --plans-from', as if the record were missing."""
+    from methods.depth.streamline import Streamline
+
+    args = ("latency", "--model", "random:tiny", "--device", "cpu", "--prompt-tokens", "16", "--decode-tokens", "2",
+            "--batch-size", "1", "--repeats", "1", "--warmup", "0", "-q")
+    src = tmp_path / "src"
+    assert cli(*args, "--methods", "tail", "--set", "tail.k=1", "--out", src).returncode == 0
+    stored = json.loads((src / "tail__disaggregated.json").read_text())
+    stored["method"] = stored["plan"]["method"] = "streamline"
+    stored["config"]["method_options"] = {"k": 1, "replace": "ffn"}
+    (src / "streamline__disaggregated.json").write_text(json.dumps(stored))
+    monkeypatch.setattr(Streamline, "plan", lambda self, model, calib, mode: PruningPlan("streamline", 4, (0, 1, 2), (0, 1, 2)))
+    r = cli(*args, "--methods", "streamline", "--set", "streamline.k=1", "--set", "streamline.replace=ffn",
+            "--plans-from", src, "--out", tmp_path / "lat")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"streamline: its plan in --plans-from {src} is not replayed: it plans with trained state no record keeps; " \
+           "planning afresh" in r.stderr and "no disaggregated plan to replay" not in r.stderr

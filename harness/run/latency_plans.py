@@ -58,6 +58,13 @@ def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, P
     return out
 
 
+def not_replayed(method, plans_from: str) -> str:
+    """Why `method` found no plan to replay in `plans_from` (`replayed_plans` left it out), for the run's line."""
+    if method.needs_replan_on_resume():  # its record may well be there: what it plans with is not
+        return f"its plan in --plans-from {plans_from} is not replayed: it plans with trained state no record keeps"
+    return f"no disaggregated plan to replay in --plans-from {plans_from}"
+
+
 def refuse_too_deep(methods: dict, n_layers: int) -> None:
     """Every method's counts against the model's depth (`Method.check_depth`), before any method plans: `--set
     tail.k=8` on a 4-layer model was refused only once the methods before it had planned (PDTrim's search: minutes).

@@ -25,7 +25,7 @@ from harness.errors import UsageError
 from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Workload, beyond_context, measure
 from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
 from harness.run.latency_figures import figure_code, keep_failures, measured_figures, refresh_figures
-from harness.run.latency_plans import refuse_too_deep, replayed_plans
+from harness.run.latency_plans import not_replayed, refuse_too_deep, replayed_plans
 from harness.run.plugin_faults import Faults
 from harness.run.progress import still_running
 from harness.store import records as rec
@@ -225,7 +225,7 @@ def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[
             if method.needs_calibration and calib is None:
                 calib = build_calibration(loaded.tokenizer, Path(cfg.data_dir) if cfg.data_dir else None, prepared.calib_config)
             if cfg.plans_from:  # e.g. a folder without this method's disaggregated record: say so before the search
-                say(f"{name}: no disaggregated plan to replay in --plans-from {cfg.plans_from}; planning afresh")
+                say(f"{name}: {not_replayed(method, cfg.plans_from)}; planning afresh")
             say(f"{name}: planning")
             try:
                 plan, source = method.make_plan(model, calib, "disaggregated"), {"planned_on": cfg.model}
