@@ -1144,3 +1144,21 @@ def test_plans_from_says_why_a_method_with_trained_state_plans_afresh(cli, tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"streamline: its plan in --plans-from {src} is not replayed: it plans with trained state no record keeps; " \
            "planning afresh" in r.stderr and "no disaggregated plan to replay" not in r.stderr
+
+
+@pytest.mark.parametrize("where", ["planning", "rounds"])
+def test_ctrl_c_says_the_rounds_are_lost_only_when_they_were_measuring(cli, tmp_path, monkeypatch, where):
+    """Ctrl-C during a method's planning (PDTrim's search: the long part, whose values the calibration cache keeps)
+    said 'the rounds measured so far are not kept ... give fewer --repeats, workloads or methods', though no round had
+    begun; it is said when the rounds are interrupted."""
+    from harness.run import latency_run
+    from methods.depth.tail import Tail
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(*((Tail, "plan", interrupt) if where == "planning" else (latency_run, "measure", interrupt)))
+    r = cli("latency", "--model", "random:tiny", "--device", "cpu", "--methods", "tail", "--set", "tail.k=1",
+            "--prompt-tokens", "16", "--decode-tokens", "2", "--batch-size", "1", "--repeats", "1", "--out", tmp_path / "lat")
+    assert r.returncode == 130 and "interrupted (Ctrl-C)" in r.stderr, r.stderr[-2000:]
+    assert ("the rounds measured so far are not kept" in r.stderr) == (where == "rounds")
