@@ -250,3 +250,18 @@ def check_prefill_ratio(name: str, c) -> None:
     """A `prefill_ratio` outside [0, 1] is a usage error (`prefill_depth` would leave 0..k_decode)."""
     if c.prefill_ratio is not None and not 0 <= c.prefill_ratio <= 1:
         raise UsageError(f"{name}.prefill_ratio={c.prefill_ratio}: must be within [0, 1] (k_prefill = floor(ratio · k_decode))")
+
+
+def refuse_too_deep(methods: dict, n_layers: int, modes: tuple[str, ...] = ("disaggregated",)) -> None:
+    """Every method's counts against the model's depth in each of `modes` (`Method.check_depth`), before any method
+    plans: `--set tail.k=8` on a 4-layer model was refused only once the methods before it had planned (PDTrim's search:
+    minutes), and a quality run's only in tail's cell, after the cells before it had scored their tasks.
+    A check that fails otherwise than with a `UsageError` is left to `plan()`, where a plug-in's failure is its own
+    (noted, and the other methods measured)."""
+    for method, mode in ((m, mode) for m in methods.values() for mode in modes):
+        try:
+            method.check_depth(n_layers, mode)
+        except UsageError:
+            raise
+        except Exception:  # noqa: BLE001 - plan() raises it again, as the plug-in's failure
+            continue

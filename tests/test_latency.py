@@ -1099,8 +1099,7 @@ def test_the_depth_check_before_planning_refuses_no_count_a_plugin_does_not_chec
     import dataclasses
 
     from harness.errors import UsageError
-    from harness.run.latency_plans import refuse_too_deep
-    from methods.base import Method
+    from methods.base import Method, refuse_too_deep
 
     @dataclasses.dataclass(frozen=True)
     class Wide:

@@ -353,3 +353,15 @@ def test_a_resume_state_begun_on_another_device_is_refused(tiny, data_dir, tmp_p
     path.write_text(json.dumps({k: v for k, v in d.items() if k != "made_on"}))  # a resume state from before: resumed
     (record,) = pipeline.run(cfg, tmp_path, loaded=tiny)
     assert set(record.scores) == {"arc_easy", "boolq"} and len(calls) == 3
+
+
+def test_a_count_too_deep_for_the_model_is_refused_before_any_cell(tiny, data_dir, tmp_path):
+    """`--methods unpruned,tail --set tail.k=8` on a 4-layer model failed only tail's cell, once unpruned's had scored
+    its tasks (minutes on a real run); it is refused before any cell, with the hint plan() gives."""
+    from harness.errors import UsageError
+
+    cfg = RunConfig(model="random:tiny", methods=("unpruned", "tail"), tasks=("arc_easy",), limit=2, modes=("unified",),
+                    data_dir=str(data_dir), overrides=("tail.k=8",))
+    with pytest.raises(UsageError, match=r"tail.k=8: must be < the model's 4 layers .*try --set tail.k=2"):
+        pipeline.run(cfg, tmp_path, loaded=tiny)
+    assert not list(tmp_path.glob("*__*.json"))  # no cell ran

@@ -65,20 +65,6 @@ def not_replayed(method, plans_from: str) -> str:
     return f"no disaggregated plan to replay in --plans-from {plans_from}"
 
 
-def refuse_too_deep(methods: dict, n_layers: int) -> None:
-    """Every method's counts against the model's depth (`Method.check_depth`), before any method plans: `--set
-    tail.k=8` on a 4-layer model was refused only once the methods before it had planned (PDTrim's search: minutes).
-    A check that fails otherwise than with a `UsageError` is left to `plan()`, where a plug-in's failure is its own
-    (noted, and the other methods measured)."""
-    for method in methods.values():
-        try:
-            method.check_depth(n_layers, "disaggregated")
-        except UsageError:
-            raise
-        except Exception:  # noqa: BLE001 - plan() raises it again, as the plug-in's failure
-            continue
-
-
 def _depth_mismatch(folder: Path, r: rec.RunRecord, plan_layers: int, n_layers: int) -> str:
     """What is wrong with replaying `r`'s plan of `plan_layers` layers on a model of `n_layers`, and what would be
     right: a model of the plan's depth (the record's own, or a random preset of that depth), or planning afresh."""

@@ -25,10 +25,11 @@ from harness.errors import UsageError
 from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Workload, beyond_context, measure
 from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
 from harness.run.latency_figures import figure_code, keep_failures, measured_figures, refresh_figures
-from harness.run.latency_plans import not_replayed, refuse_too_deep, replayed_plans
+from harness.run.latency_plans import not_replayed, replayed_plans
 from harness.run.plugin_faults import Faults
 from harness.run.progress import still_running
 from harness.store import records as rec
+from methods.base import refuse_too_deep
 from methods.plugin_code import plugin_code, policy_code
 
 __all__ = ["LatencyConfig", "run_latency", "refresh_figures", "refuse_edited_plugins", "replayed_plans"]

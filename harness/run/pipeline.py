@@ -30,6 +30,7 @@ from harness.quality.samples import lm_eval_lines, samples_path
 from harness.run import inputs, made_on, reuse, task_check, task_record
 from harness.run.progress import Tracker, task_label, work_of
 from harness.store import records as rec
+from methods.base import refuse_too_deep
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ def _start(cfg: RunConfig, prepared: Prepared, out_dir: Path, loaded, tasks: Tas
     state = _Run(cfg, prepared, out_dir, loaded, tasks, env, say, progress, dist=d, log_samples=log_samples,
                  tracker=tracker, inputs=digests)
     check_tasks(state.tasks, cfg, d.world_size)  # a few-shot pool too small, a rank with no item: before any cell
+    refuse_too_deep(prepared.methods, n_layers(loaded.model), cfg.modes)  # `tail.k=8` on 4 layers: now
     return state
 
 
