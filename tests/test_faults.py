@@ -110,8 +110,8 @@ def test_a_crashing_cell_exits_1_and_names_the_error(tiny, data_dir, tmp_path, m
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(cls, "plan", out_of_memory)
-    cfg = RunConfig(model="random:tiny", methods=("unpruned", "tail"), tasks=("arc_easy",), limit=3,
-                    modes=("unified", "disaggregated"), device="cpu", data_dir=str(data_dir))
+    cfg = RunConfig(model="random:tiny", methods=("unpruned", "tail"), tasks=("arc_easy",), limit=3,  # k fits 4 layers
+                    modes=("unified", "disaggregated"), device="cpu", data_dir=str(data_dir), overrides=("tail.k=1",))
     with pytest.raises(pipeline.CellsFailed) as info:
         pipeline.run(cfg, tmp_path, loaded=tiny)
     fails = info.value.failures
