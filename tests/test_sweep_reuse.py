@@ -102,3 +102,29 @@ def test_an_unreadable_file_beside_the_cells_records_does_not_end_the_sweep_with
     assert "shortgpt__unified.json" in err and "unreadable record" in err
     assert [c["status"] for c in json.loads((tmp_path / "sweep.json").read_text())["cells"]] == ["ok"]
     assert "unpruned" in (tmp_path / "summary.csv").read_text()
+
+
+def test_records_scored_on_a_ray_clusters_gpus_are_not_refused_by_its_driver(tmp_path, cli, data_dir, monkeypatch):
+    """On the Ray cluster at RAY_ADDRESS the cells run on its nodes, and its driver (often without a GPU) checked the
+    folder by its own device: the cluster's `--device auto` records, scored on cuda in bfloat16, were refused as
+    another configuration's ('cpu in float32 here') before any cell, so a sweep could not be rerun to finish. Each
+    cell checks where a record was scored on its own machine; without RAY_ADDRESS the sweep's process still does."""
+    from harness.cli.sweep_plan import expand
+    from harness.errors import UsageError
+
+    run = {k: v for k, v in RUN.items() if k != "device"}  # `auto`: the CPU here, a GPU on the cluster's nodes
+    out = tmp_path / "q"
+    argv = [x for k, v in run.items() if k != "set" for x in (f"--{k}", ",".join(v) if isinstance(v, list) else v)]
+    res = cli("run", *argv, *[x for s in run["set"] for x in ("--set", s)], "--out", out, "-q", data_dir=data_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    path = out / "unpruned__disaggregated.json"
+    doc = json.loads(path.read_text())
+    doc["environment"]["device"] = "cuda:0"  # as the cluster's GPU node wrote it
+    path.write_text(json.dumps(doc))
+    spec = write_spec(tmp_path / "spec.toml", run={**run, "out": str(out)})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(UsageError, match=r"scored on cuda in bfloat16 there, cpu in float32 here"):
+        expand(spec, None)  # cells on this machine: refused before any of them starts
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    plan = expand(spec, None)
+    assert [c.name for c in plan.cells] == ["unpruned/disaggregated"]

@@ -4,6 +4,8 @@ process starts (harness/cli/sweep.py runs them)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,14 +97,18 @@ def _refuse_old_work(cfg, prepared, run_out: Path) -> None:
     default prefix decides whether long-context results of an older task version still hold: without it such
     results were refused only by each cell, after its model load, where the tokenizer prepends a BOS (Llama's)."""
     from harness.quality.long_tasks.base import special_prefix
-    from harness.run import inputs, pipeline, reuse, task_check
+    from harness.run import inputs, made_on, pipeline, reuse, task_check
 
     tokenizer = task_check.options_against_tokenizer(cfg, prepared)  # its tokenizer and config only, not the weights
     prefix = special_prefix(tokenizer) if tokenizer is not None else None
     now = inputs.digests(cfg, prepared=prepared)
-    for folder in [run_out, *sorted(p for p in (run_out / ".sweep").glob("*") if p.is_dir())]:
-        reuse.refuse_foreign_work(cfg, prepared, folder, lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
-        inputs.refuse_stale_work(cfg, prepared, folder, now, prefix)
+    # on a Ray cluster (RAY_ADDRESS) the cells run on its nodes: `--device auto` there need not be this driver's CPU,
+    # and `--device cuda` need not exist here, so where a record was scored is left to each cell's own check
+    where = made_on.computed_elsewhere() if os.environ.get("RAY_ADDRESS") else contextlib.nullcontext()
+    with where:
+        for folder in [run_out, *sorted(p for p in (run_out / ".sweep").glob("*") if p.is_dir())]:
+            reuse.refuse_foreign_work(cfg, prepared, folder, lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
+            inputs.refuse_stale_work(cfg, prepared, folder, now, prefix)
 
 
 def _check_fewshot(cfg) -> None:

@@ -4,10 +4,28 @@ same computation on a machine without a GPU, under two."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from collections.abc import Iterator
 
 from harness.config import RunConfig
 from harness.store import records as rec
+
+_ELSEWHERE = contextvars.ContextVar("harness_computed_elsewhere", default=False)
+
+
+@contextlib.contextmanager
+def computed_elsewhere() -> Iterator[None]:
+    """Within: the work checked is computed on other machines than this one (a sweep's cells on the Ray cluster at
+    RAY_ADDRESS, whose driver may have no GPU). What `--device auto` names there is not known here, so no record or
+    resume state is refused for where it was scored, and a record of another spelling (`--device cpu` for `auto`)
+    is taken as this run's: each cell checks both on its own machine, before its work."""
+    token = _ELSEWHERE.set(True)
+    try:
+        yield
+    finally:
+        _ELSEWHERE.reset(token)
 
 
 def made_on(old: rec.RunRecord) -> tuple[str, str] | None:
@@ -26,10 +44,11 @@ def made_on(old: rec.RunRecord) -> tuple[str, str] | None:
 
 
 def runs_on(cfg: RunConfig) -> tuple[str, str] | None:
-    """(device type, dtype) this run scores with; None when --device-map places the model (its own check)."""
+    """(device type, dtype) this run scores with; None when --device-map places the model (its own check), or where
+    the run computes elsewhere (`computed_elsewhere`)."""
     from harness.pd.models import resolve_device, resolve_dtype
 
-    if cfg.device_map:
+    if cfg.device_map or _ELSEWHERE.get():
         return None
     device = resolve_device(cfg.device)
     return device.type, _name(resolve_dtype(cfg.dtype, device))
@@ -42,7 +61,8 @@ def spelled_otherwise(cfg: RunConfig, old: rec.RunRecord) -> list[RunConfig]:
     if not isinstance(device, str) or not isinstance(dtype, str) or (device, dtype) == (cfg.device, cfg.dtype):
         return []
     then = made_on(old)
-    return [dataclasses.replace(cfg, device=device, dtype=dtype)] if then is not None and then == runs_on(cfg) else []
+    same = then is not None and (_ELSEWHERE.get() or then == runs_on(cfg))  # elsewhere: the cell decides
+    return [dataclasses.replace(cfg, device=device, dtype=dtype)] if same else []
 
 
 def other_device(cfg: RunConfig, old: rec.RunRecord) -> str | None:
