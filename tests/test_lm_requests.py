@@ -219,3 +219,11 @@ def test_chat_template_without_a_system_role_renders_as_hflm(tiny):
     with pytest.warns(HarnessWarning, match="system message"):
         assert pd.apply_chat_template(chat) == HFLM.apply_chat_template(stock, chat) == "[user]1+1?[assistant]"
     assert pd.apply_chat_template(chat[1:]) == "[user]1+1?[assistant]"
+    import warnings
+
+    import jinja2
+
+    with warnings.catch_warnings():  # a chat the template refuses with no system message to leave out: its own error
+        warnings.simplefilter("error", HarnessWarning)
+        with pytest.raises(jinja2.exceptions.TemplateError, match="roles must alternate"):
+            pd.apply_chat_template([{"role": "assistant", "content": "Hi."}])

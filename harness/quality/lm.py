@@ -156,6 +156,8 @@ class PDLM(TemplateLM):
         try:
             return render(chat_history)
         except jinja2.exceptions.TemplateError as e:
+            if not any(msg["role"] == "system" for msg in chat_history):
+                raise  # nothing to leave out: the template's own error, not a warning about a system message
             warnings.warn(f"--apply-chat-template: {self.tokenizer.name_or_path}'s chat template refused a chat with a "
                           f"system message ({e}); rendered without it, as lm-eval's HFLM does (the task's description is "
                           "left out of the prompt)", HarnessWarning, stacklevel=2)
