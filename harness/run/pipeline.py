@@ -28,43 +28,12 @@ from harness.quality.evaluate import TaskCache, check_fewshot, check_tasks, eval
 from harness.quality.long_tasks.base import special_prefix
 from harness.quality.samples import lm_eval_lines, samples_path
 from harness.run import inputs, made_on, reuse, task_check, task_record
+from harness.run.failures import CellFailure, CellsFailed
 from harness.run.progress import Tracker, task_label, work_of
 from harness.store import records as rec
 from methods.base import refuse_too_deep
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CellFailure:
-    """A (method, mode) cell that raised; the run went on with the other cells."""
-
-    method: str
-    mode: str
-    error: BaseException
-    file: Path
-
-    @property
-    def bad_input(self) -> bool:
-        """A usage error (e.g. an option this model cannot take) rather than a crash or OOM."""
-        return isinstance(self.error, UsageError)
-
-    def text(self) -> str:
-        """The error: with its type for a crash, and as its type alone when it has no message (a plug-in's bare
-        `raise NotImplementedError` printed an empty error)."""
-        message = str(self.error)
-        return message if self.bad_input and message else f"{type(self.error).__name__}: {message}".removesuffix(": ")
-
-    def line(self) -> str:
-        return f"{self.method}/{self.mode}: {self.text()} (details: {self.file})"
-
-
-class CellsFailed(Exception):
-    """Some cells failed; `records` holds the ones that finished, `failures` the others."""
-
-    def __init__(self, failures: list[CellFailure], records: list[rec.RunRecord]) -> None:
-        super().__init__("; ".join(f.line() for f in failures))
-        self.failures, self.records = failures, records
 
 
 @dataclass
