@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.config import RunConfig
-from harness.errors import UsageError
+from harness.errors import HarnessWarning, UsageError
 from harness.store import records
 
 TASK = "my_mc"
@@ -494,3 +494,15 @@ def test_num_fewshot_0_is_zero_shot_for_a_yaml_with_its_own_num_fewshot(cli, own
         prompts = [json.loads(line)["arguments"]["gen_args_0"]["arg_0"]
                    for line in (out / "samples" / "unpruned__disaggregated" / f"samples_{TASK}.jsonl").open()]
         assert len(prompts) == 4 and all(p.count("Question:") == 1 + shots for p in prompts)
+
+
+def test_num_fewshot_given_to_a_yaml_that_fixes_zero_shots_warns_that_it_is_zero_shot(cli, own, tmp_path):
+    """lm-eval keeps a YAML's `num_fewshot: 0` over `--num_fewshot N` (an info line in its log): the items were scored
+    zero-shot while the record's configuration said N, without a word on the terminal."""
+    (own / "my_mc.yaml").write_text(_yaml(own / "my_mc.jsonl", extra="fewshot_split: test\nnum_fewshot: 0\n"))
+    out = tmp_path / "run"
+    with pytest.warns(HarnessWarning, match=f"--num-fewshot 1: {TASK} set num_fewshot: 0 in its YAML, which lm-eval keeps"):
+        r = _run(cli, own, out, "--num-fewshot", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (rec,) = records.load_dir(out)
+    assert rec.lm_eval["tasks"][TASK]["n-shot"] == {TASK: 0}

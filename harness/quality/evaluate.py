@@ -101,8 +101,15 @@ def shots_for_lm_eval(num_fewshot: int, built: list) -> int | None:
     """`simple_evaluate`'s num_fewshot for the built tasks `built` (a task, or a group and its subtasks): the run's count;
     None (each task's own default, which is 0) when that is 0 and none of them sets its own. Passing None for a YAML
     of one's own with `num_fewshot: 5` (an --include-path task) gave its 5 shots under `--num-fewshot 0`, while
-    the record said 0; lm-eval's `--num_fewshot 0` gives none."""
+    the record said 0; lm-eval's `--num_fewshot 0` gives none. A task whose YAML sets `num_fewshot: 0` keeps it under
+    any count (lm-eval ignores the flag there, with an info line): a warning says so, since the record names the count."""
     if num_fewshot:
+        fixed = [getattr(obj.config, "task", "?") for obj in built
+                 if getattr(getattr(obj, "config", None), "num_fewshot", None) == 0]
+        if fixed:
+            warnings.warn(f"--num-fewshot {num_fewshot}: {', '.join(fixed)} set num_fewshot: 0 in its YAML, which lm-eval "
+                          "keeps over the flag: scored zero-shot (its record's lm_eval n-shot says 0)", HarnessWarning,
+                          stacklevel=2)
         return num_fewshot
     own = any(getattr(getattr(obj, "config", None), "num_fewshot", None) for obj in built)
     return 0 if own else None  # None: no "Overwriting default num_fewshot" note from lm-eval for every task
