@@ -167,15 +167,7 @@ def test_ctrl_c_says_what_was_kept(cli, data_dir, tmp_path, monkeypatch):
 def test_ctrl_c_mid_cell_says_its_tasks_are_kept_and_the_rerun_says_it_resumes(cli, data_dir, tmp_path, monkeypatch):
     """Only a resume state was left (one task of the cell done): the message said "finished records are kept", and
     the rerun skipped the done task without a word."""
-    real, calls = pipeline._eval_task, []
-
-    def second_stops(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(pipeline, "_eval_task", second_stops)
+    _ctrl_c_at_the_second_task(monkeypatch)
     run = ("--model", "random:tiny", "--methods", "unpruned", "--mode", "unified", "--tasks", "arc_easy,boolq", "--limit", "2",
            "--out", tmp_path / "o")
     res = cli(*run, data_dir=data_dir)
@@ -187,15 +179,7 @@ def test_ctrl_c_mid_cell_says_its_tasks_are_kept_and_the_rerun_says_it_resumes(c
 def test_a_resume_state_of_a_dtype_stored_as_typed_is_resumed(tiny, data_dir, tmp_path, monkeypatch):
     """Versions before full names kept `--dtype fp32` as "fp32" in the run key of a cell's resume state: the same
     command after the change found another configuration's work in its folder and refused it."""
-    real, calls = pipeline._eval_task, []
-
-    def second_stops(st, lm, task, *a, **k):
-        calls.append(task)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(st, lm, task, *a, **k)
-
-    monkeypatch.setattr(pipeline, "_eval_task", second_stops)
+    calls = _ctrl_c_at_the_second_task(monkeypatch)
     base = dict(model="random:tiny", methods=("unpruned",), tasks=("arc_easy", "boolq"), limit=2, modes=("unified",),
                 device="cpu", data_dir=str(data_dir))
     with pytest.raises(KeyboardInterrupt):
@@ -330,15 +314,7 @@ def test_a_resume_state_begun_on_another_device_is_refused(tiny, data_dir, tmp_p
 
     from harness.errors import UsageError
 
-    real, calls = pipeline._eval_task, []
-
-    def second_stops(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(pipeline, "_eval_task", second_stops)
+    calls = _ctrl_c_at_the_second_task(monkeypatch)
     cfg = RunConfig(model="random:tiny", methods=("unpruned",), tasks=("arc_easy", "boolq"), limit=2, modes=("unified",),
                     data_dir=str(data_dir))
     with pytest.raises(KeyboardInterrupt):
@@ -365,3 +341,17 @@ def test_a_count_too_deep_for_the_model_is_refused_before_any_cell(tiny, data_di
     with pytest.raises(UsageError, match=r"tail.k=8: must be < the model's 4 layers .*try --set tail.k=2"):
         pipeline.run(cfg, tmp_path, loaded=tiny)
     assert not list(tmp_path.glob("*__*.json"))  # no cell ran
+
+
+def _ctrl_c_at_the_second_task(monkeypatch) -> list[str]:
+    """Make the second task evaluated raise KeyboardInterrupt, as Ctrl-C there; the tasks evaluated, in order."""
+    real, calls = pipeline._eval_task, []
+
+    def second_stops(st, lm, task, *a, **k):
+        calls.append(task)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(st, lm, task, *a, **k)
+
+    monkeypatch.setattr(pipeline, "_eval_task", second_stops)
+    return calls
