@@ -375,7 +375,7 @@ def test_check_update_of_an_unfinished_rerun_says_a_way_to_finish_that_check_tak
 def test_the_write_probe_a_killed_run_left_is_removed_with_the_other_temp_files(tmp_path, monkeypatch):
     """check_writable's probe file kept the old `.tmp` suffix when atomic_write's became `.pdh.tmp`: one left by a run
     killed between its creation and removal was no longer among the files the lock's cleanup takes, and stayed."""
-    from harness.store import records
+    from harness.store import folders as records  # check_writable lives there (records re-exports it)
 
     kept: list[str] = []
     real = records.tempfile.mkstemp
