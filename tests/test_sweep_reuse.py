@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_long_tasks import _WithBos
 from tests.test_sweep import write_spec
 
 # one cheap cell with a long-context task: the tiny random model, one WikiText-2 article at a 64-token prompt
@@ -16,18 +17,12 @@ RUN = {"model": "random:tiny", "device": "cpu", "methods": ["unpruned"], "tasks"
        "mode": "disaggregated", "set": ["pd_ppl.docs=1", "pd_ppl.prompt_tokens=64"]}
 
 
-class _WithBos:
-    """The tiny model's byte tokenizer as a BOS-adding one (Llama's habit): `encode` puts `bos` first by default."""
-
-    def __init__(self, inner, bos: int) -> None:
-        self.inner, self.bos = inner, bos
-
-    def encode(self, text, add_special_tokens=True):
-        ids = self.inner.encode(text, add_special_tokens=False)
-        return [self.bos, *ids] if add_special_tokens else ids
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+def _run_once(cli, run: dict, out: Path, data_dir) -> Path:
+    """`python -m harness run` with the spec section `run` into `out`; the path of its one record."""
+    argv = [x for k, v in run.items() if k != "set" for x in (f"--{k}", ",".join(v) if isinstance(v, list) else v)]
+    res = cli("run", *argv, *[x for s in run["set"] for x in ("--set", s)], "--out", out, "-q", data_dir=data_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out / "unpruned__disaggregated.json"
 
 
 @pytest.fixture
@@ -35,10 +30,7 @@ def old_pd_ppl_record(tmp_path, cli, data_dir) -> Path:
     """A run folder whose record holds pd_ppl results of version 2 of the task (before the prompts began with the
     tokenizer's prefix): still valid for a tokenizer that prepends nothing, stale for one that prepends a BOS."""
     out = tmp_path / "q"
-    argv = [x for k, v in RUN.items() if k != "set" for x in (f"--{k}", ",".join(v) if isinstance(v, list) else v)]
-    res = cli("run", *argv, *[x for s in RUN["set"] for x in ("--set", s)], "--out", out, "-q", data_dir=data_dir)
-    assert res.returncode == 0, res.stderr[-3000:]
-    path = out / "unpruned__disaggregated.json"
+    path = _run_once(cli, RUN, out, data_dir)
     doc = json.loads(path.read_text())
     doc["lm_eval"]["tasks"]["pd_ppl"]["harness_task"]["version"] = 2
     path.write_text(json.dumps(doc))
@@ -114,10 +106,7 @@ def test_records_scored_on_a_ray_clusters_gpus_are_not_refused_by_its_driver(tmp
 
     run = {k: v for k, v in RUN.items() if k != "device"}  # `auto`: the CPU here, a GPU on the cluster's nodes
     out = tmp_path / "q"
-    argv = [x for k, v in run.items() if k != "set" for x in (f"--{k}", ",".join(v) if isinstance(v, list) else v)]
-    res = cli("run", *argv, *[x for s in run["set"] for x in ("--set", s)], "--out", out, "-q", data_dir=data_dir)
-    assert res.returncode == 0, res.stderr[-3000:]
-    path = out / "unpruned__disaggregated.json"
+    path = _run_once(cli, run, out, data_dir)
     doc = json.loads(path.read_text())
     doc["environment"]["device"] = "cuda:0"  # as the cluster's GPU node wrote it
     path.write_text(json.dumps(doc))
