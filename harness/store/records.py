@@ -215,6 +215,11 @@ def one_of_a_cell(first: Path, first_record: RunRecord, second: Path, second_rec
                            f"beside {kept.name} (one record per method and PD setting in a folder); skipped")
 
 
+def cell_key(r: RunRecord) -> str:
+    """'kind/method/mode' (`quality/pdtrim/disaggregated`): the cell a record is of, whatever folder holds it."""
+    return f"{r.config.get('kind', 'quality')}/{r.method}/{r.mode}"
+
+
 def record_filename(method: str, mode: str) -> str:
     return f"{method}__{mode}.json"
 

@@ -122,23 +122,32 @@ def check_update(reference: Path, current: Path) -> dict[str, list[Path]]:
                          + (" (its records lie directly in it: a run folder, not a check rerun)" if flat else "")
                          + "; give a rerun folder laid out like the references, e.g. DIR/quality and DIR/latency "
                            "(python -m harness check --against REF --out DIR makes one)")
-    _refuse_two_of_a_cell(current, sources)
+    readable = _readable(sources)
+    _refuse_two_of_a_cell(current, readable)
     _refuse_dropping_unfinished(reference, current)
     _refuse_dropping_missing(reference, current, sources)
-    _refuse_non_finite(current, sources)
+    _refuse_non_finite(current, readable)
     return sources
 
 
-def _refuse_two_of_a_cell(current: Path, sources: dict[str, list[Path]]) -> None:
+def _readable(sources: dict[str, list[Path]]) -> list[tuple[Path, rec.RunRecord]]:
+    """Each readable record among `sources`, loaded once for the refusals below (an unreadable one stops the update by
+    name when it is verified, `_verify`)."""
+    out = []
+    for src in (p for files in sources.values() for p in files if rec.is_record_file(p)):
+        try:
+            out.append((src, rec.load(src)))
+        except ValueError:
+            continue
+    return out
+
+
+def _refuse_two_of_a_cell(current: Path, readable: list[tuple[Path, rec.RunRecord]]) -> None:
     """Refuse to install two records of one cell (kind, method, mode; e.g. an older copy of a run beside quality/):
     every later check failed on the references themselves ("two records under REF"), whatever the rerun held."""
     where: dict[str, Path] = {}
-    for src in (p for files in sources.values() for p in files if rec.is_record_file(p)):
-        try:
-            r = rec.load(src)
-        except ValueError:
-            continue  # an unreadable record stops the update by name (_verify)
-        key = f"{r.config.get('kind', 'quality')}/{r.method}/{r.mode}"
+    for src, r in readable:
+        key = rec.cell_key(r)
         if key in where:
             raise UsageError(f"--current {current}: two records of {key} ({where[key].relative_to(current)} and "
                              f"{src.relative_to(current)}), and references hold one per cell (every later check would fail "
@@ -146,14 +155,9 @@ def _refuse_two_of_a_cell(current: Path, sources: dict[str, list[Path]]) -> None
         where[key] = src
 
 
-def _refuse_non_finite(current: Path, sources: dict[str, list[Path]]) -> None:
+def _refuse_non_finite(current: Path, readable: list[tuple[Path, rec.RunRecord]]) -> None:
     """Refuse to install a NaN or infinite score or stderr: every later value would pass against it."""
-    bad = []
-    for src in (p for files in sources.values() for p in files if rec.is_record_file(p)):
-        try:
-            bad += [f"{src.parent.name}/{src.name}: {what}" for what in rec.non_finite_scores(rec.load(src))]
-        except ValueError:
-            continue  # an unreadable record stops the update by name (_verify)
+    bad = [f"{src.parent.name}/{src.name}: {what}" for src, r in readable for what in rec.non_finite_scores(r)]
     if bad:
         raise UsageError(f"--current {current}: scores that are not finite numbers ({'; '.join(bad[:4])}"
                          f"{f'; and {len(bad) - 4} more' if len(bad) > 4 else ''}): as references, every later value would pass "

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.store.records import RecordError, RunRecord, load, lower_is_better, non_finite_scores, record_files_under, run_files_under
+from harness.store.records import RecordError, RunRecord, cell_key, load, lower_is_better, non_finite_scores, record_files_under, run_files_under
 from harness.store.references import UNFINISHED
 
 LATENCY_METRICS = ("ttft_ms_p50", "tpot_ms_p50")
@@ -64,7 +64,7 @@ def _records(root: Path, res: CheckResult) -> dict[str, RunRecord]:
         except RecordError as e:
             res.failures.append(f"{e}; skipped (not compared)")
             continue
-        key = f"{r.config.get('kind', 'quality')}/{r.method}/{r.mode}"
+        key = cell_key(r)
         if key in where:  # which of them is meant is not for the check to guess: the last one found used to win
             res.failures.append(f"{key}: two records under {root} ({where[key]} and {p}); give a folder of one run")
         out[key], where[key] = r, p
