@@ -70,8 +70,13 @@ def other_device(cfg: RunConfig, old: rec.RunRecord) -> str | None:
     dtype than this run would score (the same run key: `auto`), else None. Reused, its scores would sit beside this
     device's in one table, and a resumed folder would mix the two."""
     then = made_on(old)
-    now = runs_on(cfg) if then is not None else None
-    if then is None or now is None or then == now:
+    return differs(then, runs_on(cfg) if then is not None else None)
+
+
+def differs(then, now) -> str | None:
+    """'cpu in float32 there, cuda in bfloat16 here' when both (device type, dtype) are known and differ, else None;
+    `then` as a record's environment or a resume state's `made_on` gives it."""
+    if not then or not now or list(then) == list(now):
         return None
     return f"{then[0]} in {then[1]} there, {now[0]} in {now[1]} here"
 

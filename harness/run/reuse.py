@@ -12,7 +12,7 @@ from typing import Any
 from harness.config import DTYPES, LATER_DEFAULTS, RunConfig, sweep_base
 from harness.errors import UsageError
 from harness.pd.plan import PruningPlan
-from harness.run.made_on import other_device, runs_on, spelled_otherwise
+from harness.run.made_on import differs, other_device, runs_on, spelled_otherwise
 from harness.store import records as rec
 
 
@@ -221,7 +221,7 @@ def resumable(cfg: RunConfig, method, partial: dict, key: str, cell: tuple) -> b
     the same key, or made with the same data folder or --include-path folders at other paths (resume states since
     they record them), and scored on this run's kind of device in its dtype (`made_on`, resume states since they record
     it: one run key, `auto`, on a CPU there and a GPU here, would have mixed the two in one record)."""
-    if (made := partial.get("made_on")) and (now := runs_on(cfg)) and list(made) != list(now):
+    if differs(partial.get("made_on"), runs_on(cfg)):
         return False
     if partial.get("run_key") == key:
         return True
@@ -337,10 +337,9 @@ def refuse_foreign_work(cfg: RunConfig, prepared, out_dir: Path, identity: Calla
                     found.append(f"{final.name} ({key_text(old.run_key, key)}{differences(cfg, name, method, old)})")
             elif partial.exists() and (doc := partial_doc(partial)) is not None and \
                     not resumable(cfg, method, doc, key, (name, mode, calib_desc, task_opts)):
-                made, now = doc.get("made_on"), runs_on(cfg)
-                where = f"; scored on {' in '.join(made)} there, {' in '.join(now)} here" if made and now and \
-                    list(made) != list(now) else ""
-                found.append(f"{partial.name} (unfinished, {key_text(str(doc.get('run_key')), key)}{where})")
+                where = differs(doc.get("made_on"), runs_on(cfg))
+                found.append(f"{partial.name} (unfinished, {key_text(str(doc.get('run_key')), key)}"
+                             f"{f'; scored on {where}' if where else ''})")
     if found:
         raise UsageError(f"{out_dir} holds work of a different configuration: {', '.join(found)}; use another --out, "
                          "rerun that configuration to finish it, or remove those files")
