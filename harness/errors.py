@@ -13,3 +13,7 @@ class PluginContractError(UsageError, RuntimeError):
 
 class HarnessWarning(UserWarning):
     """A warning of the harness's own (or a plug-in's), shown even where the libraries' warnings are silenced."""
+
+
+class RoundsInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a latency run measured its rounds, whose figures no record keeps yet (the CLI says so)."""

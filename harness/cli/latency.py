@@ -24,7 +24,7 @@ from harness.cli.flags import (
 )
 from harness.cli.run import default_out, placement_flags
 from harness.config import DEFAULT_METHODS, RunConfig
-from harness.errors import UsageError
+from harness.errors import RoundsInterrupted, UsageError
 from harness.run.quiet import quiet_libraries
 from harness.store.records import check_writable
 
@@ -150,9 +150,8 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
         try:
             loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed, placement=cfg.placement(), model_args=model_args)
             records = run_latency(cfg, prepared, out, loaded, say)
-        except KeyboardInterrupt as e:
-            if _in_rounds(e):  # not while the model loads or a method plans: no round had measured anything then
-                print(INTERRUPTED_ROUNDS, file=sys.stderr)
+        except RoundsInterrupted:  # not while the model loads or a method plans: no round had measured anything then
+            print(INTERRUPTED_ROUNDS, file=sys.stderr)
             raise
         except PluginsFailed as e:  # the other plans are measured and recorded
             records, failures = e.records, e.failures
@@ -162,14 +161,6 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
             print("\n" + to_markdown(extra))
         print(f"\nclock: {records[0].extra.get('clock')}; records and summary.csv in {out}")
     return _failed(failures, len(prepared.methods), len(records)) if failures else 0
-
-
-def _in_rounds(error: BaseException) -> bool:
-    """Whether `error` was raised while the rounds measured (`latency_run._measure_interleaved` on its traceback)."""
-    import traceback
-
-    return any(f.f_code.co_name == "_measure_interleaved" and f.f_globals.get("__name__") == "harness.run.latency_run"
-               for f, _ in traceback.walk_tb(error.__traceback__))
 
 
 def _failed(failures: list, n_methods: int, n_records: int) -> int:

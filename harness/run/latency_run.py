@@ -21,7 +21,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from harness.errors import UsageError
+from harness.errors import RoundsInterrupted, UsageError
 from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Workload, beyond_context, measure
 from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
 from harness.run.latency_figures import figure_code, keep_failures, measured_figures, refresh_figures
@@ -153,7 +153,10 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
             todo.append((name, method, plan, source, key))
     bounds = {name: weight_bytes(model, plan.decode_layers) for name, _, plan, _, _ in todo}
     faults.keys.update((name, key) for name, _, _, _, key in todo)  # for the note of a plan that fails measured
-    measured = _measure_interleaved(cfg, model, [(n, m, p) for n, m, p, _, _ in todo], say, faults)
+    try:
+        measured = _measure_interleaved(cfg, model, [(n, m, p) for n, m, p, _, _ in todo], say, faults)
+    except KeyboardInterrupt:  # not before: a model loading or a method planning has measured nothing yet
+        raise RoundsInterrupted from None
     for name, method, plan, source, key in todo:
         if name not in measured:  # its plug-in failed: noted
             continue
