@@ -343,6 +343,22 @@ def test_a_count_too_deep_for_the_model_is_refused_before_any_cell(tiny, data_di
     assert not list(tmp_path.glob("*__*.json"))  # no cell ran
 
 
+def test_a_count_too_deep_is_refused_before_the_weights_load(data_dir, tmp_path, monkeypatch):
+    """The same refusal for a run that loads its model: from the config's depth, before the weights (an 8B model's
+    minutes); before, it came once `load_model` had returned."""
+    from harness.errors import UsageError
+    from harness.pd import models
+
+    def no_weights(*a, **k):
+        raise AssertionError("the weights were loaded before the refusal")
+
+    monkeypatch.setattr(models, "load_model", no_weights)
+    cfg = RunConfig(model="random:tiny", methods=("unpruned", "tail"), tasks=("arc_easy",), limit=2, modes=("unified",),
+                    data_dir=str(data_dir), overrides=("tail.k=8",))
+    with pytest.raises(UsageError, match=r"tail.k=8: must be < the model's 4 layers .*try --set tail.k=2"):
+        pipeline.run(cfg, tmp_path)
+
+
 def _ctrl_c_at_the_second_task(monkeypatch) -> list[str]:
     """Make the second task evaluated raise KeyboardInterrupt, as Ctrl-C there; the tasks evaluated, in order."""
     real, calls = pipeline._eval_task, []

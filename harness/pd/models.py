@@ -259,19 +259,30 @@ def tokenizer_and_config(spec: str = DEFAULT_MODEL, model_args: dict[str, Any] |
     """(tokenizer, config) of the model `spec` names, without its weights: what a run checks its options against
     before the weights load (a second, where an 8B model's weights take minutes). The tokenizer and config
     `load_model` would give; its `UsageError`s for a spec that names nothing loadable."""
+    return _without_weights(spec, model_args, with_tokenizer=True)
+
+
+def model_config(spec: str = DEFAULT_MODEL, model_args: dict[str, Any] | None = None) -> Any:
+    """The config alone of the model `spec` names (no tokenizer, no weights): its depth, for the methods' counts
+    checked before an 8B model's minutes of loading (`methods.base.refuse_too_deep`)."""
+    return _without_weights(spec, model_args, with_tokenizer=False)[1]
+
+
+def _without_weights(spec: str, model_args: dict[str, Any] | None, with_tokenizer: bool) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     model_args = dict(model_args or {})
     spec = _expanded(spec)
     if spec.startswith("random:"):
         config = _known_preset_config(spec.split(":", 1)[1])
-        return byte_tokenizer(config.vocab_size), config
+        return (byte_tokenizer(config.vocab_size) if with_tokenizer else None), config
     src, desc, local_only = _source(spec, model_args)
     kw = {k: v for k, v in model_args.items() if k in ("revision", "trust_remote_code")}
     kw.update({"local_files_only": True} if local_only else {})
     try:
         folder = _folder(src, desc)
-        return AutoTokenizer.from_pretrained(folder, **kw), AutoConfig.from_pretrained(folder, **kw)
+        return (AutoTokenizer.from_pretrained(folder, **kw) if with_tokenizer else None), \
+            AutoConfig.from_pretrained(folder, **kw)
     except UsageError:
         raise
     except Exception as e:

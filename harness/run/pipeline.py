@@ -156,6 +156,7 @@ def _start(cfg: RunConfig, prepared: Prepared, out_dir: Path, loaded, tasks: Tas
     if loaded is None:
         with tracker.phase("load"):  # the tokenizer first: options it rules out are refused before the weights load
             task_check.options_against_tokenizer(cfg, prepared)
+            task_check.depth_before_load(cfg, prepared)
             loaded = load_model(cfg.model, distributed.device_for(cfg.device, d), cfg.dtype, cfg.seed, cfg.placement(),
                                 cfg.model_arg_dict())
     else:
@@ -167,7 +168,7 @@ def _start(cfg: RunConfig, prepared: Prepared, out_dir: Path, loaded, tasks: Tas
     state = _Run(cfg, prepared, out_dir, loaded, tasks, env, say, progress, dist=d, log_samples=log_samples,
                  tracker=tracker, inputs=digests)
     check_tasks(state.tasks, cfg, d.world_size)  # a few-shot pool too small, a rank with no item: before any cell
-    refuse_too_deep(prepared.methods, n_layers(loaded.model), cfg.modes)  # `tail.k=8` on 4 layers: now
+    refuse_too_deep(prepared.methods, n_layers(loaded.model), cfg.modes)  # a model given loaded: its own depth
     return state
 
 

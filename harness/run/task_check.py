@@ -52,12 +52,13 @@ def tasks_before_load(cfg, prepared, out_dir: Path) -> TaskCache:
     return tasks
 
 
-def options_against_tokenizer(cfg, prepared, loaded=None):
+def options_against_tokenizer(cfg, prepared, loaded=None, warn: bool = True):
     """Refuse (UsageError, exit 2) the options the model's tokenizer or context length rule out, before any cell: an
     --apply_chat_template NAME it lacks, a long-context prompt longer than the context (`long_tasks.check_before_cells`).
     With `loaded` None, checked against the tokenizer and config alone (`models.tokenizer_and_config`), before the
     weights load: a passkey length that did not fit was refused after an 8B model's minutes of loading. Returns the
-    tokenizer checked against (None: nothing to check, none loaded)."""
+    tokenizer checked against (None: nothing to check, none loaded). `warn=False`: without `warn_chat_template_unused`'s
+    warning, for a check before the one `pipeline.run` makes again (a warning shown twice)."""
     from harness.pd.models import tokenizer_and_config
     from harness.quality import long_tasks
 
@@ -66,9 +67,22 @@ def options_against_tokenizer(cfg, prepared, loaded=None):
     tokenizer, config = (loaded.tokenizer, loaded.model.config) if loaded is not None \
         else tokenizer_and_config(cfg.model, cfg.model_arg_dict())
     check_chat_template(cfg, tokenizer)
-    warn_chat_template_unused(cfg)
+    if warn:
+        warn_chat_template_unused(cfg)
     long_tasks.check_before_cells(cfg.tasks, tokenizer, prepared.task_options, cfg.limit, cfg.max_length, config)
     return tokenizer
+
+
+def depth_before_load(cfg, prepared) -> None:
+    """Every method's counts against the depth the model's config names (`methods.base.refuse_too_deep`), before its
+    weights load: `--set tail.k=40` on a 32-layer 8B model was refused only after the weights' minutes of loading.
+    A config without `num_hidden_layers` is left to the check against the loaded model."""
+    from harness.pd.models import model_config
+    from methods.base import refuse_too_deep
+
+    depth = getattr(model_config(cfg.model, cfg.model_arg_dict()), "num_hidden_layers", None)
+    if isinstance(depth, int):
+        refuse_too_deep(prepared.methods, depth, cfg.modes)
 
 
 def warn_chat_template_unused(cfg) -> None:
