@@ -205,6 +205,9 @@ CASES = [
     ("passkey-too-short-before-any-cell", lambda t, d, r: [*ARC_CELL[:-4], "--tasks", "arc_easy,passkey", "--limit", "2",
                                                            "--set", "passkey.lengths=64", "--out", t / "o"],
      "passkey: length 64 leaves no room for filler; use lengths >= "),
+    ("count-too-deep-before-the-weights", lambda t, d, r: [*ARC_CELL, "--methods", "unpruned,tail", "--set", "tail.k=8",
+                                                           "--out", t / "o"],
+     "tail.k=8: must be < the model's 4 layers (at least one must stay); for 4 layers try --set tail.k=2"),
     ("export-shard-size", lambda t, d, r: ["export", *TINY[:4], "--method", "unpruned", "--max-shard-size", "bogus",
                                            "--out", t / "e"], "expected a positive size with a unit TB, GB, MB or KB"),
     ("check-tolerance-nan", lambda t, d, r: ["check", "--against", r, "--current", r, "--latency-tolerance", "nan"],
@@ -280,8 +283,9 @@ def test_bad_input_in_process_exits_2(name, build, message, tmp_path, data_dir, 
     assert rc == 2, err[-2000:]
     assert message.format(run=tiny_run, tmp=tmp_path) in err, err[-2000:]
     assert "Traceback" not in err
-    if name.startswith(("out-", "latency-out", "latency-methods", "latency-decode", "latency-graph", "latency-prompt", "export-shard")):
-        assert not loads, "the output folder must be checked before the model loads"
+    if name.startswith(("out-", "latency-out", "latency-methods", "latency-decode", "latency-graph", "latency-prompt", "export-shard",
+                            "passkey-too-short", "count-too-deep")):
+        assert not loads, "the output folder, the options the tokenizer rules out and the depth: before the model loads"
     assert not list((tmp_path / "tmp").glob("harness-tasks-*"))
     if name.endswith("before-any-cell"):
         assert not list(tmp_path.glob("o/*.json")), "refused before any cell ran (no record, no failure note)"

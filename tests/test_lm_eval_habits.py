@@ -272,3 +272,19 @@ def test_a_chat_template_name_must_name_one_of_the_tokenizers_templates(cli):
         _check_chat_template(RunConfig(model="m", apply_chat_template="chatml"), several)
     with pytest.raises(UsageError, match="has no chat template"):
         _check_chat_template(RunConfig(model="m", apply_chat_template=True), SimpleNamespace(chat_template=None))
+
+
+def test_the_chat_template_warning_for_long_tasks_comes_once(data_dir, tmp_path):
+    """The run checks the tokenizer's options before the weights load and again with the loaded model; the
+    `--apply_chat_template` warning for long-context tasks came from both checks, so it showed twice. (A process of
+    its own: the in-process CLI's warnings go to pytest's capture, which shows each one.)"""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "harness", *ONE, "--tasks", "arc_easy,passkey", "--limit", "1",
+                        "--apply_chat_template", "--set", "passkey.lengths=400", "--set", "passkey.depths=0.5",
+                        "--data-dir", str(data_dir), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env={**os.environ, "HARNESS_DATA_DIR": str(data_dir)}, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("does not apply to the long-context tasks passkey") == 1, r.stderr[-3000:]

@@ -263,11 +263,16 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
 
 
 def _before_load(cfg: RunConfig, prepared, out: Path):
-    """The checks that need `out` or the built tasks, before the model loads (minutes for a large one), as
-    docs/running.md says: another configuration's work in `out` (pipeline.run checks again), and the rows of the
-    tasks on local data (`task_check.tasks_before_load`); the run's `TaskCache`, for its cells."""
+    """The checks that need `out`, the built tasks, or the model's tokenizer and config, before its weights load
+    (minutes for a large one), as docs/running.md says: the options the tokenizer or the context rule out, counts too
+    deep for the model, another configuration's work in `out` (pipeline.run checks each again, against the loaded
+    model), and the rows of the tasks on local data (`task_check.tasks_before_load`); the run's `TaskCache`, for its
+    cells."""
     from harness.run import pipeline, reuse, task_check
 
+    task_check.options_against_tokenizer(cfg, prepared, warn=False)  # a passkey length beyond the context; warned by
+    # pipeline.run, which checks again
+    task_check.depth_before_load(cfg, prepared)
     if out.is_dir():
         reuse.refuse_foreign_work(cfg, prepared, out, lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
     return task_check.tasks_before_load(cfg, prepared, out)
