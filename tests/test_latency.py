@@ -1079,11 +1079,14 @@ def test_a_workload_beyond_the_models_context_is_measured_and_said(tmp_path, cap
 
 def test_a_count_too_deep_for_the_model_is_refused_before_any_method_plans(cli, tmp_path, monkeypatch):
     """`--methods unpruned,pdtrim,tail --set tail.k=8` on 4 layers: tail was refused only after PDTrim's search (a
-    minute on random:tiny). Every method's counts are checked against the model's depth first, and none plans."""
+    minute on random:tiny). Every method's counts are checked against the depth in the model's config first: no
+    method plans and no weights load (an 8B model's minutes)."""
+    from harness.pd import models
     from methods.pdtrim.method import PDTrim
 
     planned = []
     monkeypatch.setattr(PDTrim, "plan", lambda self, model, calib, mode: planned.append(mode) or PruningPlan.dense("pdtrim", 4))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: planned.append("the weights loaded"))
     r = cli("latency", "--model", "random:tiny", "--device", "cpu", "--methods", "unpruned,pdtrim,tail", "--set", "tail.k=8",
             "--set", "pdtrim.k_prefill=1", "--set", "pdtrim.k_decode=2", "--prompt-tokens", "16", "--decode-tokens", "2",
             "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--out", tmp_path / "lat", "-q")

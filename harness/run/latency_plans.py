@@ -10,6 +10,7 @@ from harness.config import sweep_base
 from harness.errors import UsageError
 from harness.pd.plan import PruningPlan
 from harness.store import records as rec
+from methods.base import refuse_too_deep
 
 
 def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, PruningPlan]:
@@ -56,6 +57,15 @@ def replayed_plans(plans_from: str, n_layers: int, methods: dict) -> dict[str, P
                              "the same --set options, or plan afresh without --plans-from")
         out[name] = plan.replace(method=name) if plan.method != name else plan
     return out
+
+
+def plans_to_time(plans_from: str | None, n_layers: int, methods: dict) -> dict[str, PruningPlan]:
+    """The replayed plans (`replayed_plans`; none without `--plans-from`), once the methods that plan here have had
+    their counts checked against `n_layers` (`methods.base.refuse_too_deep`): what a latency run knows before any
+    method plans. The CLI calls it with the config's depth, before the weights load."""
+    replay = replayed_plans(plans_from, n_layers, methods) if plans_from else {}
+    refuse_too_deep({name: m for name, m in methods.items() if name not in replay}, n_layers)
+    return replay
 
 
 def not_replayed(method, plans_from: str) -> str:

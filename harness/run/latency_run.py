@@ -25,11 +25,11 @@ from harness.errors import RoundsInterrupted, UsageError
 from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Workload, beyond_context, measure
 from harness.pd.static_decode import copy_bandwidth_bytes_per_s, weight_bytes
 from harness.run.latency_figures import figure_code, keep_failures, measured_figures, refresh_figures
-from harness.run.latency_plans import not_replayed, replayed_plans
+from harness.run.latency_plans import not_replayed, plans_to_time, replayed_plans
+from harness.run.made_on import latency_measured_on
 from harness.run.plugin_faults import Faults
 from harness.run.progress import still_running
 from harness.store import records as rec
-from methods.base import refuse_too_deep
 from methods.plugin_code import plugin_code, policy_code
 
 __all__ = ["LatencyConfig", "run_latency", "refresh_figures", "refuse_edited_plugins", "replayed_plans"]
@@ -130,10 +130,12 @@ def workload_name(w: Workload, decode_mode: str = "eager") -> str:
     return base if decode_mode == "eager" else f"{base}_{decode_mode}"
 
 
-def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[[str], None]) -> list[rec.RunRecord]:
+def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[[str], None],
+                replay: dict | None = None) -> list[rec.RunRecord]:
     """Plan, measure and record every method (a finished record in `out_dir` is reused); the records, in the methods'
     order. A plug-in that fails leaves the others measured and recorded, and ends it with `PluginsFailed`
-    (`harness.run.plugin_faults`) once every record is saved."""
+    (`harness.run.plugin_faults`) once every record is saved. `replay`: `latency_plans.plans_to_time`'s, when the
+    caller checked the plans before loading the model."""
     from harness.pd import arch
     from harness.run.env import env_info
 
@@ -146,7 +148,7 @@ def run_latency(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callab
     faults = Faults(out_dir, say)
     results, todo = {}, []
     # every plan and its record's fate first: a record of another configuration is refused before anything is measured
-    for name, method, plan, source, key, old in _planned(cfg, prepared, out_dir, loaded, say, faults):
+    for name, method, plan, source, key, old in _planned(cfg, prepared, out_dir, loaded, say, faults, replay):
         if old is not None:
             results[name] = _reused(cfg, name, old, out_dir, say, faults)
         else:
@@ -210,7 +212,7 @@ def refuse_edited_plugins(out_dir: Path, methods: dict) -> None:
 
 
 def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[[str], None],
-             faults: Faults | None = None) -> list[tuple]:
+             faults: Faults | None = None, replay: dict | None = None) -> list[tuple]:
     """(name, method, plan, plan source, run key, the finished record to reuse or None) per method; a record of
     another configuration (another run's latency, or a quality run's record of the same name) raises `UsageError`,
     as a quality run refuses it, rather than being overwritten. A plug-in method whose planning fails is noted in
@@ -219,8 +221,8 @@ def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[
     from harness.quality.calibration import build_calibration
 
     model = loaded.model
-    replay = replayed_plans(cfg.plans_from, arch.n_layers(model), prepared.methods) if cfg.plans_from else {}
-    refuse_too_deep({name: m for name, m in prepared.methods.items() if name not in replay}, arch.n_layers(model))
+    if replay is None:  # not checked before the weights loaded (the CLI does, from the config's depth)
+        replay = plans_to_time(cfg.plans_from, arch.n_layers(model), prepared.methods)
     calib, out = None, []
     for name, method in prepared.methods.items():
         if name in replay:
@@ -249,19 +251,10 @@ def _planned(cfg: LatencyConfig, prepared, out_dir: Path, loaded, say: Callable[
                              f"(run_key {old.run_key}; this run's {key}{'; ' + differs if differs else ''}); use another "
                              "--out or remove it")
         if old is not None:
-            _refuse_other_device(path, old, arch.model_device(model).type)
+            latency_measured_on(path, old, arch.model_device(model).type)
             _refuse_other_placement(path, old, loaded.description.get("device_map"))
         out.append((name, method, plan, source, key, old))
     return out
-
-
-def _refuse_other_device(path: Path, old: rec.RunRecord, kind: str) -> None:
-    """A finished record measured on another kind of device (`--device auto` is one configuration on a CPU and on a
-    GPU) is not this run's measurement: reused, its milliseconds would sit beside this device's in one table."""
-    then = str(old.environment.get("device") or "?").split(":")[0]
-    if then != kind:
-        raise UsageError(f"{path} holds a {old.method} latency record measured on {then}, and this run measures on "
-                         f"{kind}; use another --out (or --device {then} on a machine that has it), or remove it")
 
 
 def _config_diff(old: rec.RunRecord, cfg: LatencyConfig) -> str:

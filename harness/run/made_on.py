@@ -1,6 +1,7 @@
 """Where a quality record was computed, against where this run computes: `--device auto` and `--dtype auto` name a
 CPU in float32 on one machine and a GPU in bfloat16 on another, under one run key; `--device cpu` and `auto` name the
-same computation on a machine without a GPU, under two."""
+same computation on a machine without a GPU, under two. A latency record counts by the kind of device it was
+measured on (`latency_measured_on`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import contextlib
 import contextvars
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 
 from harness.config import RunConfig
+from harness.errors import UsageError
 from harness.store import records as rec
 
 _ELSEWHERE = contextvars.ContextVar("harness_computed_elsewhere", default=False)
@@ -79,6 +82,15 @@ def differs(then, now) -> str | None:
     if not then or not now or list(then) == list(now):
         return None
     return f"{then[0]} in {then[1]} there, {now[0]} in {now[1]} here"
+
+
+def latency_measured_on(path: Path, old: rec.RunRecord, kind: str) -> None:
+    """A finished record measured on another kind of device (`--device auto` is one configuration on a CPU and on a
+    GPU) is not this run's measurement: reused, its milliseconds would sit beside this device's in one table."""
+    then = str(old.environment.get("device") or "?").split(":")[0]
+    if then != kind:
+        raise UsageError(f"{path} holds a {old.method} latency record measured on {then}, and this run measures on "
+                         f"{kind}; use another --out (or --device {then} on a machine that has it), or remove it")
 
 
 def _device(kind: str):
