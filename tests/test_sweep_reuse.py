@@ -72,6 +72,18 @@ def test_a_long_context_prompt_over_the_context_is_refused_before_any_cell(tmp_p
     assert not (tmp_path / "q" / ".sweep").exists()
 
 
+def test_a_count_too_deep_for_the_model_is_refused_before_any_cell(tmp_path):
+    """`tail.k=2,8` on 4 layers: the sweep left k=8 to its cell, which exited 2 after its start-up (and k=2's work)."""
+    from harness.cli.sweep_plan import expand
+    from harness.errors import UsageError
+
+    spec = write_spec(tmp_path / "spec.toml", run={**RUN, "methods": ["unpruned", "tail"], "set": ["tail.k=2,8"],
+                                                   "out": str(tmp_path / "q")})
+    with pytest.raises(UsageError, match=r"tail.k=8: must be < the model's 4 layers \(at least one must stay\)"):
+        expand(spec, None)
+    assert not (tmp_path / "q" / ".sweep").exists()
+
+
 def test_an_unreadable_file_beside_the_cells_records_does_not_end_the_sweep_without_its_summary(tmp_path, capsys):
     """The sweep's summary read every `*__*.json` of the run folder strictly: one that is none of the spec's cells and
     cannot be read (a record of a method since dropped from the spec, cut off by a copy) ended the sweep with exit 2

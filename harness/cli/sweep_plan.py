@@ -93,13 +93,15 @@ def _refuse_old_work(cfg, prepared, run_out: Path) -> None:
     """Another configuration's records, or work from other data or code, refused now, as `run` does, not by every cell
     after its start: in the run folder, and in the cells' own folders, where an interrupted sweep left its resume
     states and records it never moved (the cell's start would move such a record into the run folder). The options
-    the tokenizer rules out are refused first, as `run` refuses them before the weights load, and the tokenizer's
+    the tokenizer rules out and counts too deep for the model are refused first, as `run` refuses them before the
+    weights load, and the tokenizer's
     default prefix decides whether long-context results of an older task version still hold: without it such
     results were refused only by each cell, after its model load, where the tokenizer prepends a BOS (Llama's)."""
     from harness.quality.long_tasks.base import special_prefix
     from harness.run import inputs, made_on, pipeline, reuse, task_check
 
     tokenizer = task_check.options_against_tokenizer(cfg, prepared)  # its tokenizer and config only, not the weights
+    task_check.depth_before_load(cfg, prepared)  # `tail.k=2,8` on 4 layers: not by k=8's cell, after its start-up
     prefix = special_prefix(tokenizer) if tokenizer is not None else None
     now = inputs.digests(cfg, prepared=prepared)
     # on a Ray cluster (RAY_ADDRESS) the cells run on its nodes: `--device auto` there need not be this driver's CPU,
