@@ -71,10 +71,25 @@ def compute_each(m: Measurement, bandwidths_gbit: Sequence[float] = DEFAULT_BAND
     failed: dict[str, UsageError] = {}
     for name, fn in FIGURES.items():
         try:
-            values[name] = _checked(name, fn, inputs)
+            values[name] = _unclaimed(name, fn, _checked(name, fn, inputs), values)
         except UsageError as e:
             failed[name] = e
     return values, failed
+
+
+def _unclaimed(name: str, fn: FigureFn, returned: dict[str, float], earlier: dict[str, dict[str, float]]) -> dict[str, float]:
+    """`returned`, unless it names a value an earlier figure returned: a record holds one number per name, so a plug-in
+    figure `tpot` returning `tpot_ms_p50` (its name is a prefix of that value's too) silently replaced the package's
+    measured TPOT in the record, the efficiency table and the regression check. The later figure fails instead."""
+    for other, its in earlier.items():
+        taken = sorted(set(returned) & set(its))
+        if taken:
+            owner = FIGURES[other]
+            raise PluginContractError(
+                f"latency figure {name!r} returned {taken}, which latency figure {other!r} "
+                f"({owner.__module__}.{owner.__qualname__}) returns already: a value name belongs to one figure; "
+                f"give the figure a name no other figure's values start with ({fn.__module__}.{fn.__qualname__})")
+    return returned
 
 
 def _checked(name: str, fn: FigureFn, inputs: FigureInputs) -> dict[str, float]:
