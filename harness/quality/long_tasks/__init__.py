@@ -70,9 +70,39 @@ def evaluate(task: str, scorer, tokenizer, data_dir: Path | None, options: Any, 
     cls = get(task)
     cls.check_data(data_dir)
     out = cls().evaluate(scorer, tokenizer, data_dir, options, limit, progress)
+    _check_layout(cls, out)
     _check_settings(cls, out)
     out["harness_task"] = cls.describe(options)
     return out
+
+
+RESULT_LAYOUT = ('{"scores": {metric: {"value": number, "stderr": number or None}}, "n_samples": int, '
+                 '"kv_by": {setting: KV bytes (kv_delta)}, "details": dict}')
+
+
+def _check_layout(cls: type[LongTask], out: Any) -> None:
+    """`evaluate`'s result in the layout the record stores: a result without `scores` or `n_samples`, a bare number
+    for a score or a tensor for a value failed the cell with a KeyError, a TypeError or JSON's error, naming neither
+    the task nor what it should return (exit 1, "rerun to retry"), and one without its primary metric was stored."""
+    def number(x: Any, none_ok: bool = False) -> bool:
+        return (x is None and none_ok) or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+    scores = out.get("scores") if isinstance(out, dict) else None
+    if not isinstance(out, dict):
+        wrong = f"a {type(out).__name__}"
+    elif not isinstance(scores, dict) or not isinstance(out.get("kv_by"), dict):
+        wrong = f"a dict without {'scores' if not isinstance(scores, dict) else 'kv_by'} as a dict"
+    elif not number(out.get("n_samples")) or isinstance(out.get("n_samples"), float):
+        wrong = f"n_samples={out.get('n_samples')!r}"
+    else:
+        bad = {m: v for m, v in scores.items() if not isinstance(v, dict) or not number(v.get("value"))
+               or not number(v.get("stderr"), none_ok=True)}
+        primary = cls.presentation.primary_metric
+        wrong = f"scores {bad}" if bad else None if primary in scores else \
+            f"no score {primary!r}, its presentation's primary_metric (it has {sorted(scores)})"
+    if wrong is not None:
+        raise PluginContractError(f"long-context task {cls.name!r} ({cls.__module__}): evaluate() returned {wrong}; "
+                                  f"it must return {RESULT_LAYOUT} (harness/quality/long_tasks/base.py)")
 
 
 def _check_settings(cls: type[LongTask], out: dict) -> None:
