@@ -8,6 +8,7 @@ nothing of the harness (the registries at every layer use it)."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import pkgutil
 import re
@@ -52,6 +53,25 @@ def option_types(cls_config: type, owner: str) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - NameError and friends from the plug-in's annotations
         raise ValueError(f"{owner}: the types of its Config options cannot be read ({type(e).__name__}: {e}); import "
                          "every type an option names at module level, not under TYPE_CHECKING") from None
+
+
+def check_callable_as(owner: str, fn: Any, call: str, holder: type | None = None) -> None:
+    """A ValueError naming `owner` when `fn` cannot take the positional arguments the harness gives it, `call` (as
+    "plan(self, model, calib, mode)"). With `holder`, `fn` is its attribute of that name: the first argument (self or
+    cls) is given by Python unless it is a plain function. A `plan(self, model, mode)` was registered, then failed every
+    cell with "takes 3 positional arguments but 4 were given" (exit 1, "rerun to retry") once the model had loaded,
+    naming neither the plug-in nor the signature it needs."""
+    name, args = call[:call.index("(")], call[call.index("(") + 1:-1].split(", ")
+    if holder is not None and isinstance(inspect.getattr_static(holder, name, None), (staticmethod, classmethod)):
+        args = args[1:]
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a callable whose signature Python cannot read (a builtin): the call will tell
+        return
+    try:
+        signature.bind(*args)
+    except TypeError as e:
+        raise ValueError(f"{owner}: {name}{signature} cannot be called as {call} ({e}); give it that signature") from None
 
 
 def same_definition(old: Any, new: Any) -> bool:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import UsageError
-from harness.registration import check_name, option_types, same_definition
+from harness.registration import check_callable_as, check_name, option_types, same_definition
 from methods import plugin_code
 from methods.base import Method
 
@@ -73,6 +73,8 @@ def register(cls: type[Method]) -> type[Method]:
     if inspect.isabstract(cls):  # else accepted, then a traceback ("Can't instantiate abstract class") in every cell
         raise ValueError(f"method {cls.name!r}: does not define {', '.join(sorted(cls.__abstractmethods__))} (a method's "
                          "plan(model, calib, mode) returns its PruningPlan)")
+    check_callable_as(f"method {cls.name!r} ({cls.__module__}.{cls.__qualname__})", cls.plan,
+                      "plan(self, model, calib, mode)", cls)
     _METHODS[cls.name] = cls
     plugin_code.note_loaded(cls.__module__)  # the code that runs, not a later edit of its file (methods/plugin_code.py)
     return cls

@@ -78,3 +78,73 @@ def test_a_long_task_result_in_another_layout_fails_naming_the_task_and_the_layo
         assert long_tasks.evaluate("pd_test_odd_result", None, None, None, Options(), None)["scores"] == GOOD["scores"]
     finally:
         long_tasks.unregister_task("pd_test_odd_result")
+
+
+SIGNATURES = {  # a plug-in of each kind whose called function takes other arguments than the harness gives
+    "method": ("from dataclasses import dataclass\nfrom methods.base import Method, Options\nfrom methods.registry import "
+               "register\n\n\n@register\nclass M(Method):\n    name = 'pd_sig_method'\n\n    @dataclass(frozen=True)\n"
+               "    class Config(Options):\n        pass\n\n    def plan(self, model, mode):\n        pass\n",
+               "method 'pd_sig_method' (pd_harness_sig_method.M): plan(self, model, mode) cannot be called as "
+               "plan(self, model, calib, mode)"),
+    "policy": ("from dataclasses import dataclass\nfrom harness.pd.kv import register_policy\nfrom harness.pd.kv.base "
+               "import TokenSelection\n\n\n@register_policy\n@dataclass(frozen=True)\nclass P(TokenSelection):\n"
+               "    name = 'pd_sig_policy'\n\n    def keep(self, positions, lengths, k):\n        pass\n",
+               "KV policy 'pd_sig_policy' (pd_harness_sig_policy.P): keep(self, positions, lengths, k) cannot be called as "
+               "keep(self, layer, positions, lengths, k, observed)"),
+    "task": ("from dataclasses import dataclass\nfrom harness.quality.long_tasks import register_task\nfrom "
+             "harness.quality.long_tasks.base import LongTask\nfrom harness.store.task_names import TaskPresentation\n\n\n"
+             "@dataclass(frozen=True)\nclass C:\n    n: int = 1\n\n\n@register_task\nclass T(LongTask):\n"
+             "    name, Config = 'pd_sig_task', C\n    presentation = TaskPresentation(title='X', setting_prefix='x_N', "
+             "primary_metric='x')\n\n    def evaluate(self, scorer, tokenizer, options, limit):\n        pass\n",
+             "long-context task 'pd_sig_task' (pd_harness_sig_task.T): evaluate(self, scorer, tokenizer, options, limit) "
+             "cannot be called as evaluate(self, scorer, tokenizer, data_dir, options, limit, progress)"),
+    "local": ("from harness.quality.local_tasks import register_task\nfrom harness.quality.local_tasks.base import "
+              "LocalTask\n\n\n@register_task\nclass L(LocalTask):\n    name, files, splits = 'pd_sig_local', ('x.jsonl',), "
+              "('test',)\n    upstream = 'sciq/sciq.yaml'\n\n    @classmethod\n    def load(cls, data_dir):\n        pass\n",
+              "lm-eval task on local data 'pd_sig_local' (pd_harness_sig_local.L): load(data_dir) cannot be called as "
+              "load(cls, data_dir, subtask)"),
+    "figure": ("from harness.latency.figures import figure\n\n\n@figure('pd_sig_ms')\ndef probe():\n    return {}\n",
+               "latency figure 'pd_sig_ms' (pd_harness_sig_figure.probe): probe() cannot be called as probe(inputs)"),
+}
+
+
+@pytest.fixture
+def registries(tmp_path, monkeypatch):
+    """`tmp_path` on sys.path; afterwards every plug-in registry and the module cache are as they were."""
+    import sys
+
+    from harness.pd import kv
+    from harness.quality import local_tasks, long_tasks
+    from methods import registry
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    live = (registry._METHODS, kv._POLICIES, long_tasks._REGISTRY, local_tasks._REGISTRY, figures.FIGURES)
+    saved = [dict(r) for r in live]
+    yield tmp_path
+    for r, old in zip(live, saved):
+        r.clear()
+        r.update(old)
+    for key in SIGNATURES:
+        sys.modules.pop(f"pd_harness_sig_{key}", None)
+
+
+@pytest.mark.parametrize("kind", sorted(SIGNATURES))
+def test_a_plugin_whose_function_takes_other_arguments_is_refused_when_it_loads(registries, kind):
+    """`plan(self, model, mode)` was registered, then failed every cell after the model loaded with "takes 3 positional
+    arguments but 4 were given" (exit 1, "rerun to retry"), naming neither the plug-in nor the signature it needs."""
+    import methods
+    from harness.errors import UsageError
+
+    text, says = SIGNATURES[kind]
+    (registries / f"pd_harness_sig_{kind}.py").write_text(text)
+    with pytest.raises(UsageError) as e:
+        methods.load_plugins(f"pd_harness_sig_{kind}")
+    assert says in str(e.value) and "give it that signature" in str(e.value), str(e.value)
+    fixed = text.replace("(self, model, mode)", "(self, model, calib, mode)").replace(
+        "keep(self, positions", "keep(self, layer, positions").replace("lengths, k)", "lengths, k, observed)").replace(
+        "tokenizer, options", "tokenizer, data_dir, options").replace("limit):", "limit, progress=False):").replace(
+        "load(cls, data_dir)", "load(cls, data_dir, subtask=None)").replace("def probe()", "def probe(x)")
+    (registries / f"pd_harness_sig_{kind}.py").write_text(fixed.replace("pd_sig_", "pd_sig2_"))
+    import sys
+    sys.modules.pop(f"pd_harness_sig_{kind}", None)
+    methods.load_plugins(f"pd_harness_sig_{kind}")  # the signature the harness calls: loads

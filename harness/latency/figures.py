@@ -20,7 +20,7 @@ from typing import Any
 
 from harness.errors import PluginContractError, UsageError
 from harness.latency.measure import DEFAULT_BANDWIDTHS_GBIT, Measurement, Workload, e2e_ms, percentile, summarize, transfer_ms
-from harness.registration import same_definition
+from harness.registration import check_callable_as, same_definition
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ FIGURES: dict[str, FigureFn] = {}
 def figure(name: str) -> Callable[[FigureFn], FigureFn]:
     """Register `fn` as the figure `name` (a unit-carrying prefix of the names it returns)."""
     def register(fn: FigureFn) -> FigureFn:
+        check_callable_as(f"latency figure {name!r} ({fn.__module__}.{fn.__qualname__})", fn,
+                          f"{getattr(fn, '__name__', 'figure')}(inputs)")
         old = FIGURES.get(name)
         if old is not None and not same_definition(old, fn):  # a reload replaces
             raise ValueError(f"latency figure {name!r} registered twice")

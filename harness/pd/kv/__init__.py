@@ -18,7 +18,7 @@ import inspect
 import pkgutil
 from typing import Any
 
-from harness.registration import check_name, same_definition
+from harness.registration import check_callable_as, check_name, same_definition
 
 _POLICIES: dict[str, type] = {}
 
@@ -29,6 +29,8 @@ def register_policy(cls: type) -> type:
     if inspect.isabstract(cls):  # else accepted, then a traceback ("Can't instantiate abstract class") in every cell
         raise ValueError(f"KV policy {cls.name!r}: does not define {', '.join(sorted(cls.__abstractmethods__))} "
                          "(see harness/pd/kv/base.py)")
+    check_callable_as(f"KV policy {cls.name!r} ({cls.__module__}.{cls.__qualname__})", cls.keep,
+                      "keep(self, layer, positions, lengths, k, observed)", cls)
     old = _POLICIES.get(cls.name)
     if old is not None and old is not cls and not same_definition(old, cls):
         raise ValueError(f"KV policy {cls.name!r} defined twice: {old.__module__}, {cls.__module__}")  # a re-import replaces

@@ -17,7 +17,15 @@ import inspect
 from pathlib import Path
 
 from harness.quality.local_tasks.base import SPLITS, LocalTask
-from harness.registration import LM_EVAL_NAME_RULE, LM_EVAL_NAME_TEXT, TaskRegistry, check_name, import_package_modules, same_definition
+from harness.registration import (
+    LM_EVAL_NAME_RULE,
+    LM_EVAL_NAME_TEXT,
+    TaskRegistry,
+    check_callable_as,
+    check_name,
+    import_package_modules,
+    same_definition,
+)
 
 __all__ = ["LocalTask", "register_task", "unregister_task", "names", "get", "is_local_task", "is_builtin", "titles"]
 
@@ -63,6 +71,7 @@ def _check_fields(cls: type[LocalTask], owner: str) -> None:
     if load is inspect.getattr_static(LocalTask, "load") or not isinstance(load, classmethod):
         raise ValueError(f"{owner}: `load(cls, data_dir, subtask=None)` must be a classmethod of its own, returning "
                          "rows per split")
+    check_callable_as(owner, cls.load, "load(cls, data_dir, subtask)", cls)
 
 
 def _check_name_free(cls: type[LocalTask], owner: str) -> None:

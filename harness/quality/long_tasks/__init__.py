@@ -18,7 +18,7 @@ from typing import Any
 
 from harness.errors import PluginContractError
 from harness.quality.long_tasks.base import LongTask
-from harness.registration import TaskRegistry, check_name, import_package_modules, option_types, same_definition
+from harness.registration import TaskRegistry, check_callable_as, check_name, import_package_modules, option_types, same_definition
 
 __all__ = ["LongTask", "register_task", "unregister_task", "names", "get", "is_long_task", "evaluate",
            "check_before_cells"]
@@ -45,6 +45,8 @@ def register_task(cls: type[LongTask]) -> type[LongTask]:
     if getattr(cls, "evaluate", None) is LongTask.evaluate:  # else every cell failed late, with an empty message
         raise ValueError(f"long-context task {name!r}: does not define evaluate(scorer, tokenizer, data_dir, options, "
                          "limit, progress)")
+    check_callable_as(f"long-context task {name!r} ({cls.__module__}.{cls.__qualname__})", cls.evaluate,
+                      "evaluate(self, scorer, tokenizer, data_dir, options, limit, progress)", cls)
     _REGISTRY[name] = cls
     return cls
 
