@@ -148,3 +148,39 @@ def test_a_plugin_whose_function_takes_other_arguments_is_refused_when_it_loads(
     import sys
     sys.modules.pop(f"pd_harness_sig_{kind}", None)
     methods.load_plugins(f"pd_harness_sig_{kind}")  # the signature the harness calls: loads
+
+
+ROW = {"support": "s", "question": "q", "distractor1": "a", "distractor2": "b", "distractor3": "c", "correct_answer": "d"}
+
+
+@pytest.mark.parametrize("returned, says", [
+    ([ROW], "load returned a list;"),
+    (None, "load returned a NoneType;"),
+    ({"validation": [ROW]}, "load returned splits ['validation'], without ['test'] (its `splits`);"),
+    ({"test": ROW}, "load returned split 'test' as a dict not of row dicts;"),
+])
+def test_a_local_task_loader_returning_another_layout_is_refused_before_the_model_loads(registries, cli, returned, says):
+    """lm-eval failed in every cell, after the model loaded, with an AttributeError or a KeyError naming neither the
+    task nor its loader (exit 1, "rerun to retry")."""
+    from harness.quality import local_tasks, tasks
+    from harness.quality.local_tasks.base import LocalTask
+
+    (registries / "rows.jsonl").write_text("{}\n")
+
+    class Odd(LocalTask):
+        name, files, splits, upstream = "pd_odd_rows", (str(registries / "rows.jsonl"),), ("test",), "sciq/sciq.yaml"
+
+        @classmethod
+        def load(cls, data_dir, subtask=None):
+            return returned
+
+    local_tasks.register_task(Odd)
+    with pytest.raises(PluginContractError) as e:
+        tasks.local_rows("pd_odd_rows", registries)
+    assert f"task pd_odd_rows: {__name__}.{Odd.__qualname__}.{says} it must return {{split: [row dict, ...]}} with " \
+           "each of its splits ['test']" in str(e.value), str(e.value)
+    r = cli("--model", "random:tiny", "--methods", "unpruned", "--tasks", "pd_odd_rows", "--limit", "2", "--data-dir",
+            registries, "--out", registries / "out", "-q")
+    assert r.returncode == 2 and says in r.stderr and "unpruned/disaggregated" not in r.stderr, r.stderr
+    Odd.load = classmethod(lambda cls, data_dir, subtask=None: {"test": [ROW]})
+    assert tasks.local_rows("pd_odd_rows", registries) == {"test": [ROW]}

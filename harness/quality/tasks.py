@@ -30,12 +30,32 @@ def local_rows(task: str, data_dir: str | Path, subject: str | None = None) -> d
     subtask, such as an MMLU subject)."""
     data, cls = Path(data_dir), local_tasks.get(task)
     splits = cls.load(data, subject)
+    _check_layout(task, cls, splits)
     empty = [k for k, rows in splits.items() if not rows]
     if empty:  # else lm-eval fails later with an IndexError that names nothing
         files = ", ".join(str(data / f) for f in cls.files)
         raise UsageError(f"task {task}{' (' + subject + ')' if subject else ''}: its {empty[0]} split has no rows "
                          f"(data: {files}); restore them (the task folder's README.md names their source)")
     return splits
+
+
+def _check_layout(task: str, cls: type, splits: Any) -> None:
+    """A PluginContractError naming the loader when it returned anything but {split: [row dict, ...]} with each split
+    `cls.splits` declares: a list, None or a dict without the declared split failed in lm-eval, in every cell after the
+    model loaded, with an AttributeError or a KeyError naming neither the task nor the loader (exit 1)."""
+    from harness.errors import PluginContractError
+
+    if not isinstance(splits, dict):
+        wrong = f"a {type(splits).__name__}"
+    elif missing := [k for k in cls.splits if k not in splits]:
+        wrong = f"splits {sorted(splits)}, without {missing} (its `splits`)"
+    else:
+        odd = [k for k, rows in splits.items() if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows)]
+        wrong = f"split {odd[0]!r} as a {type(splits[odd[0]]).__name__} not of row dicts" if odd else None
+    if wrong is not None:
+        raise PluginContractError(f"task {task}: {cls.__module__}.{cls.__qualname__}.load returned {wrong}; it must return "
+                                  f"{{split: [row dict, ...]}} with each of its splits {list(cls.splits)} "
+                                  "(harness/quality/local_tasks/base.py)")
 
 
 def load_local(harness_task: str, harness_data_dir: str, harness_subject: str | None = None, **_: Any):
