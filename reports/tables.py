@@ -352,7 +352,8 @@ def _task_caption(recs: list[RunRecord], task: str, pres: TaskPresentation) -> s
 def _long_caption(recs: list[RunRecord], tasks: dict[str, TaskPresentation]) -> str:
     order = sorted(tasks.items(), key=lambda kv: (kv[1].column_order, kv[0]))  # the tasks shown, no other
     texts = [_task_caption(recs, t, pres) for t, pres in order if pres.caption]
-    return (f"Long-context workloads. {'; '.join(texts)}. "
+    tasks_text = f"{'; '.join(texts)}. " if texts else ""  # a plug-in task may give no caption: not ". ."
+    return (f"Long-context workloads. {tasks_text}"
             "KV/req: bytes the prefill stage sends per request (reduction versus unpruned in brackets; unified sends nothing). "
             "± : standard error; a score is bold only where it beats the runner-up by more than 1.96 combined standard errors "
             + COMBINED_SE_TEXT + "." + _mixed_text(recs))

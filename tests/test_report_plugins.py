@@ -103,3 +103,17 @@ def test_a_stored_task_title_heads_its_columns_and_old_records_fall_back():
     col.quality[0].lm_eval["task_titles"] = {"piqa": "PIQA (local)"}
     assert [c if c != "PIQA (local)" else "PIQA" for c in quality_table(col).attrs["columns"]] == before
     assert "PIQA (local)" in paired_table(col, "shortgpt").attrs["columns"]
+
+
+def test_a_long_task_without_a_caption_leaves_no_empty_sentence_in_the_caption():
+    """A plug-in task's presentation may leave `caption` empty (its default): the caption read "Long-context workloads. . KV/req"."""
+    from harness.store.task_names import TaskPresentation
+    from reports.tables import long_context_table
+
+    col = collect([ROOT / "results" / "reference" / "quality"])
+    bare = TaskPresentation(title="PPL", setting_prefix="ppl_T", primary_metric="ppl", metric_format="decimal",
+                            lower_is_better=True).to_dict()
+    for r in col.quality:
+        r.lm_eval["tasks"]["pd_ppl"]["harness_task"]["presentation"] = bare
+    caption = long_context_table(col).attrs["caption"]
+    assert caption.startswith("Long-context workloads. KV/req: bytes the prefill stage sends"), caption
