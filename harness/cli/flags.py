@@ -49,8 +49,26 @@ class Parser(argparse.ArgumentParser):
 MODES = {"unified": ("unified",), "disaggregated": ("disaggregated",), "both": ("unified", "disaggregated")}
 
 
+def _split(s: str) -> tuple[str, ...]:
+    """The items of a comma-separated flag. Only a flag with no item at all (`--methods ""`) is empty, for the command
+    to refuse by name; an empty item among others (`--prompt-tokens 64,,`, `--methods a,,b`) was dropped without a word."""
+    items = tuple(x.strip() for x in s.split(","))
+    if not any(items):
+        return ()
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"{s!r} has an empty item (two commas in a row, or one at an end); "
+                                         "give the items separated by single commas, e.g. a,b")
+    return items
+
+
 def csv_list(s: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in s.split(",") if x.strip())
+    """A comma-separated list of names, each once: a repeat (`--methods unpruned,unpruned`, `--tasks boolq,boolq`) ran
+    once where the line asked for two. (A numeric list's repeats are its command's to name: `16,016` is 16 twice.)"""
+    items = _split(s)
+    twice = next((x for i, x in enumerate(items) if x in items[:i]), None)
+    if twice is not None:
+        raise argparse.ArgumentTypeError(f"{twice} is given twice in {s!r}; give each item once")
+    return items
 
 
 def _int_at_least(s: str, least: int, what: str) -> int:
@@ -190,7 +208,7 @@ def batch_size_arg(s: str) -> int | str:
 
 def float_list(s: str) -> tuple[float, ...]:
     try:
-        vals = tuple(float(x) for x in csv_list(s))
+        vals = tuple(float(x) for x in _split(s))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s}") from None
     if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
@@ -199,7 +217,7 @@ def float_list(s: str) -> tuple[float, ...]:
 
 
 def int_list(s: str) -> tuple[int, ...]:
-    vals = tuple(positive_int(x) for x in csv_list(s))
+    vals = tuple(positive_int(x) for x in _split(s))
     if not vals:
         raise argparse.ArgumentTypeError("expected at least one positive integer")
     return vals
