@@ -273,6 +273,18 @@ CASES = [
     # an unset shell variable: the run wrote its records into the current folder, check compared every record under it
     ("out-empty", lambda t, d, r: [*ONE_CELL, "--out", ""], "argument --out/--output_path: an empty path (an unset shell"),
     ("check-against-empty", lambda t, d, r: ["check", "--against", "", "--current", r], "argument --against: an empty path"),
+    # each ran as if the flag were not given (hub datasets, plans made afresh) or read the current folder as a spec
+    ("data-dir-empty", lambda t, d, r: [*ONE_CELL, "--data-dir", "", "--out", t / "o"],
+     "argument --data-dir: an empty path (an unset shell variable?); give a file or folder, or leave the flag out"),
+    ("plans-from-empty", lambda t, d, r: [*ONE_CELL, "--plans-from", " ", "--out", t / "o"], "argument --plans-from: an empty path"),
+    ("latency-data-dir-empty", lambda t, d, r: ["latency", *TINY, "--data-dir", "", "--out", t / "o"],
+     "argument --data-dir: an empty path"),
+    ("latency-plans-from-empty", lambda t, d, r: ["latency", *TINY, "--plans-from", "", "--out", t / "o"],
+     "argument --plans-from: an empty path"),
+    ("export-data-dir-empty", lambda t, d, r: ["export", *TINY[:4], "--method", "unpruned", "--data-dir", "", "--out", t / "e"],
+     "argument --data-dir: an empty path"),
+    ("config-empty", lambda t, d, r: ["--config", ""], "--config: an empty path (an unset shell variable?); give a spec file"),
+    ("sweep-spec-empty", lambda t, d, r: ["sweep", ""], "argument SPEC.toml: an empty path"),
     # `--model ""` read the current folder as a model folder: "--model : could not load it: no config.json in that folder"
     ("model-empty", lambda t, d, r: [*ONE_CELL, "--model", ""], "argument --model: an empty model (an unset shell variable?)"),
     ("latency-model-empty", lambda t, d, r: ["latency", *TINY, "--model", " "], "argument --model: an empty model"),
@@ -306,6 +318,17 @@ def test_bad_input_in_process_exits_2(name, build, message, tmp_path, data_dir, 
     assert not list((tmp_path / "tmp").glob("harness-tasks-*"))
     if name.endswith("before-any-cell"):
         assert not list(tmp_path.glob("o/*.json")), "refused before any cell ran (no record, no failure note)"
+
+
+def test_an_empty_data_dir_variable_is_no_data_dir(monkeypatch):
+    """HARNESS_DATA_DIR set but empty is unset (hub datasets), as before: only an empty --data-dir typed is refused."""
+    from harness.cli.export import parser as export_parser
+    from harness.cli.latency import latency_parser
+    from harness.cli.run import run_parser
+
+    monkeypatch.setenv("HARNESS_DATA_DIR", "")
+    for make in (run_parser, latency_parser, export_parser):
+        assert make().parse_args(["--out", "o"] if make is export_parser else []).data_dir is None
 
 
 def _drop(key):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import shutil
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cli.export_out import check_out_is_not_cwd, mark, prepare_out, swap_in
-from harness.cli.flags import Parser, device_arg, dtype_arg, model_arg, seed_arg, user_dir, user_path
+from harness.cli.flags import Parser, device_arg, dtype_arg, env_path, model_arg, path_arg, seed_arg, user_dir
 from harness.config import SWEEP_MARK, sweep_base
 from harness.errors import UsageError
 from harness.run.export import export_plan
@@ -61,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=dtype_arg, default="auto",
                    help="weights are loaded, planned and written in this dtype: auto (bf16 on GPU, fp32 on CPU), float32, "
                         "bfloat16, float16")
-    p.add_argument("--data-dir", type=user_path, default=os.environ.get("HARNESS_DATA_DIR"),
+    p.add_argument("--data-dir", type=path_arg, default=env_path("HARNESS_DATA_DIR"),
                    help="calibration data for methods that calibrate (default: $HARNESS_DATA_DIR)")
     p.add_argument("--max-shard-size", type=shard_size, default="5GB",
                    help="largest safetensors file: a number and TB, GB, MB or KB (default: 5GB)")

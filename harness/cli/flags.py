@@ -118,6 +118,27 @@ def user_path(s: str) -> str:
     return os.path.expanduser(s)
 
 
+def path_arg(s: str) -> str:
+    """`user_path` for a flag that names a file or folder, an empty one refused: `--data-dir "$DATA"` and
+    `--plans-from "$RUN"` with the variable unset ran as if the flag were not given (hub datasets, plans made afresh),
+    and `sweep ""` looked for a spec named `.`."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?); give a file or folder, or leave the "
+                                         "flag out")
+    return user_path(s)
+
+
+def spec_arg(s: str) -> Path:
+    """A spec file's path (`path_arg`'s refusal of an empty one)."""
+    return Path(path_arg(s))
+
+
+def env_path(name: str) -> str | None:
+    """A path flag's default from the environment variable `name`; unset or empty is no default (argparse passes a
+    string default through the flag's type, which refuses an empty path)."""
+    return os.environ.get(name) or None
+
+
 def model_arg(s: str) -> str:
     """`--model`: `user_path`, but an empty one is refused (`--model "$MODEL"` with MODEL unset read the current folder
     as a model folder, and said it held no config.json)."""

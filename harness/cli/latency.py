@@ -13,14 +13,15 @@ from harness.cli.flags import (
     csv_list,
     device_arg,
     dtype_arg,
+    env_path,
     float_list,
     int_list,
     model_arg,
     need_records_folder,
+    path_arg,
     positive_int,
     seed_arg,
     user_dir,
-    user_path,
 )
 from harness.cli.run import default_out, placement_flags
 from harness.config import DEFAULT_METHODS, RunConfig
@@ -53,7 +54,7 @@ def latency_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidths", type=float_list, default=(25.0, 100.0, 400.0), help="link bandwidths in Gbit/s (default: 25,100,400)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured runs per workload (default: 1)")
     p.add_argument("--repeats", type=positive_int, default=3, help="measured runs per workload (default: 3)")
-    p.add_argument("--plans-from", type=user_path, default=None, help="folder of quality-run records whose disaggregated plans to replay")
+    p.add_argument("--plans-from", type=path_arg, default=None, help="folder of quality-run records whose disaggregated plans to replay")
     p.add_argument("--decode-mode", type=csv_list, default=("eager",),
                    help="decode paths to time: eager (growing cache), static (preallocated, fixed shapes), graph (static "
                         "step captured as a CUDA graph; CUDA only, not with --device-map). Comma-separated (default: eager)")
@@ -67,7 +68,7 @@ def latency_parser() -> argparse.ArgumentParser:
                    help="seed for the random prompt tokens, random:<preset> weights and calibration sampling (default: 0)")
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--dtype", type=dtype_arg, default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--data-dir", type=user_path, default=os.environ.get("HARNESS_DATA_DIR"),
+    p.add_argument("--data-dir", type=path_arg, default=env_path("HARNESS_DATA_DIR"),
                    help="for methods that calibrate (default: $HARNESS_DATA_DIR)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     placement_flags(p)  # a model larger than one GPU: timed by the host's clock between synchronisations of every GPU

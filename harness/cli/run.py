@@ -17,10 +17,12 @@ from harness.cli.flags import (
     csv_list,
     device_arg,
     dtype_arg,
+    env_path,
     limit_arg,
     model_arg,
     need_records_folder,
     nonneg_int,
+    path_arg,
     positive_int,
     seed_arg,
     user_dir,
@@ -124,7 +126,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--dtype", type=dtype_arg, default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     placement_flags(p)
-    p.add_argument("--data-dir", type=user_path, default=os.environ.get("HARNESS_DATA_DIR"),
+    p.add_argument("--data-dir", type=path_arg, default=env_path("HARNESS_DATA_DIR"),
                    help="folder laid out like ../shared/data (default: $HARNESS_DATA_DIR; unset = lm-eval's hub datasets)")
     p.add_argument("--include-path", "--include_path", dest="include_path", type=user_dir, action="append", default=None,
                    metavar="DIR",
@@ -148,7 +150,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap-iters", type=nonneg_int, default=1000,
                    help="lm-eval bootstrap iterations for stderrs (0: none, and lm-eval then reports no stderr at all, "
                         "accuracies' included; default: %(default)s)")
-    p.add_argument("--plans-from", type=user_path, default=None, metavar="RUN_DIR",
+    p.add_argument("--plans-from", type=path_arg, default=None, metavar="RUN_DIR",
                    help="reuse plans stored in another run's records where model, seed, method options and calibration "
                         "match (saves a repeated search, e.g. PDTrim's); other plans are made as usual")
     p.add_argument("--log-samples", "--log_samples", dest="log_samples", action="store_true",

@@ -56,6 +56,8 @@ class Spec:
 
 def load_spec(path: str | Path, flag: str = "--config") -> Spec:
     """The spec at `path`; its errors name it as the option that gave it (`--config`, check's `--spec`; "" for none)."""
+    if not str(path).strip():  # Path("") is the current folder: "--config .: not a readable TOML file"
+        raise UsageError(f"{flag or 'spec'}: an empty path (an unset shell variable?); give a spec file, e.g. configs/ci.toml")
     p = Path(path)
     what = f"{flag} {p}" if flag else str(p)
     try:

@@ -46,10 +46,9 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
-from harness.cli.flags import Parser, user_dir
+from harness.cli.flags import Parser, spec_arg, user_dir
 from harness.cli.interrupt import one_stop_per_burst
 from harness.cli.sweep_backends import STOP_GRACE_S, Outcome, RayBackend, cores, local_gpus, make_backend
 from harness.cli.sweep_cells import error_text
@@ -73,7 +72,7 @@ def sweep_parser() -> argparse.ArgumentParser:
         "Ray: pip install ray (or pip install -e '.[sweep]'); RAY_ADDRESS=host:port connects to a running cluster, "
         "whose nodes must see the same paths (the cells write their records directly).",
     )
-    p.add_argument("spec", type=Path, metavar="SPEC.toml", help="experiment spec with a [run] section, e.g. configs/ci.toml")
+    p.add_argument("spec", type=spec_arg, metavar="SPEC.toml", help="experiment spec with a [run] section, e.g. configs/ci.toml")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="ray, local (thread pool of processes) or auto "
                    "(ray when installed; default)")
     p.add_argument("--workers", type=_positive, default=None,
