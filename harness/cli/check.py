@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -71,7 +73,7 @@ def cmd_check(argv: list[str]) -> int:
                          f"--against {args.against} --update")
     current = args.current
     if current is None:
-        current = args.out or Path("results") / "runs" / f"check-{time.strftime('%Y%m%d-%H%M%S')}"
+        current = args.out or RERUNS / f"check-{time.strftime('%Y%m%d-%H%M%S')}"  # the name _claim makes unique
         refuse_nested(args.against, current, "--out", same_ok=False)
         _refuse_earlier_work(current)
         if args.update:
@@ -80,6 +82,7 @@ def cmd_check(argv: list[str]) -> int:
         if "run" not in spec.sections and "latency" not in spec.sections:
             raise UsageError(f"--spec {args.spec}: no [run] or [latency] section, so nothing to rerun; give a spec that "
                              "has one (default: configs/ci.toml), or compare records made earlier with --current DIR")
+        current = current if args.out else _claim(current)  # after the refusals above: no empty folder left by them
         outs = {"run": current / "quality", "latency": current / "latency"}
         # not "rerun the same command": a check refuses an --out holding earlier work (_refuse_earlier_work)
         hint = (f"a check does not resume, so run it again{' into a new --out' if args.out else ''}; {current} keeps the "
@@ -89,6 +92,11 @@ def cmd_check(argv: list[str]) -> int:
         except KeyboardInterrupt:  # the latency section, or between sections
             print(f"\ninterrupted: {hint}", file=sys.stderr)
             return 130
+        except UsageError:  # a section refused before it wrote anything: the folder _claim made goes too
+            if args.out is None:  # an --out of the user's own stays
+                with contextlib.suppress(OSError):
+                    current.rmdir()
+            raise
         if rc != 0:
             return rc
     elif not current.is_dir():
@@ -116,6 +124,24 @@ def cmd_check(argv: list[str]) -> int:
     verdict = "passed" if res.ok else f"FAILED ({len(res.failures)} difference(s))"
     print(f"regression check {verdict}: {res.compared} record(s) of {current} compared with {args.against}")
     return 0 if res.ok else 1
+
+
+RERUNS = Path("results") / "runs"
+
+
+def _claim(path: Path) -> Path:
+    """A new folder for a check's rerun: `path` (check-<time>), else `path-2`, `path-3`, ... Made here, so that it is
+    this check's alone: two checks started in the same second both reran into one check-<time>, and the second
+    was refused on the first's lock (exit 2)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        folder = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            folder.mkdir()  # atomic: of two checks making one name, the second gets FileExistsError and the next name
+            return folder
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def _remeasure(args: argparse.Namespace, spec, outs: dict[str, Path], first):
