@@ -61,3 +61,22 @@ def test_a_refused_check_leaves_no_rerun_folder(tmp_path, monkeypatch, capsys):
     assert "unknown method 'unprned'" in capsys.readouterr().err
     runs = tmp_path / "results" / "runs"
     assert not runs.exists() or not list(runs.iterdir())
+
+
+def test_a_report_on_a_folder_being_written_says_so(tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ROOT / "results" / "reference" / "quality", run)
+    holder = _hold(run)  # a run writing it: its other cells are still to come
+    try:
+        rc = main(["report", str(run), "--no-plots", "--out", str(tmp_path / "rep")])
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert rc == 0, err[-2000:]
+    assert f"note: {run} is being written by another harness process (pid {holder.pid}: python -m harness " in err
+    assert "this report holds the records it had finished, so rerun the report when that process ends" in err
+    assert main(["report", str(run), "--no-plots", "--out", str(tmp_path / "rep")]) == 0  # the killed writer's lock file
+    assert "being written" not in capsys.readouterr().err

@@ -67,6 +67,10 @@ def cmd_report(argv: list[str] | argparse.Namespace) -> int:
     print(rep.markdown)
     for m in rep.missing:
         print(f"note: {m}", file=sys.stderr)
+    for folder, who in dict.fromkeys(w for p in args.results for w in lock.writers_under(p)):
+        # records are written whole, so the report is sound, but it silently showed some of a run's cells
+        print(f"note: {folder} is being written by another harness process ({who}); this report holds the records "
+              "it had finished, so rerun the report when that process ends", file=sys.stderr)
     # with --no-plots, figures an earlier report wrote stay in figures/: '0 figures in figures/' read as none there
     figures = "no figures rendered (--no-plots)" if args.no_plots else f"{len(rep.figures)} figures in {args.out / 'figures'}"
     print(f"tables in {args.out / 'tables'} (md, tex, csv); {figures}; HTML: {args.out / 'report.html'}", file=sys.stderr)

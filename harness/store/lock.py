@@ -216,6 +216,36 @@ def hold_beside(folder: Path, *, shared: bool = False, wait: float = 0, what: st
                 break
 
 
+def writers_under(path: Path) -> list[tuple[Path, str]]:
+    """(folder, who) for each output folder at or under `path` that a live harness process is writing now, by the lock
+    files writers leave there while they work (a writer's lock file is removed when it ends; one left by a killed
+    writer names a pid that is gone). Read only: taking the lock, even shared, could refuse a writer starting now."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    found = []
+    for f in sorted(folder.rglob(LOCK_NAME)):
+        try:
+            info = json.loads(f.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            continue
+        if info.get("pid") not in (None, os.getpid()) and _alive(info):
+            found.append((f.parent, _who(info)))
+    return found
+
+
+def _alive(info: dict) -> bool:
+    """Whether the writer `info` names runs still (one on another host: assumed to)."""
+    if info.get("host") not in (None, socket.gethostname()):
+        return True
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, ValueError, TypeError):  # another user's process (EPERM): alive
+        return True
+    return True
+
+
 def child_env() -> dict[str, str]:
     """Environment for child processes that write under the locks this process holds."""
     tokens = [*os.environ.get(ENV, "").split(","), *_held.values()]
