@@ -284,6 +284,12 @@ CASES = [
     ("export-data-dir-empty", lambda t, d, r: ["export", *TINY[:4], "--method", "unpruned", "--data-dir", "", "--out", t / "e"],
      "argument --data-dir: an empty path"),
     ("config-empty", lambda t, d, r: ["--config", ""], "--config: an empty path (an unset shell variable?); give a spec file"),
+    # a file or folder of the wrong kind was said not to exist ("create it with --update" for a file)
+    ("check-against-a-file", lambda t, d, r: ["check", "--against", r / "summary.csv", "--current", r],
+     "--against " + "{run}/summary.csv: a file, not a folder of reference records; give the references' folder"),
+    ("check-current-a-file", lambda t, d, r: ["check", "--against", r, "--current", r / "summary.csv"],
+     "--current " + "{run}/summary.csv: a file, not a folder of run records"),
+    ("sweep-spec-a-folder", lambda t, d, r: ["sweep", r], "{run}: a folder, not a spec file"),
     ("sweep-spec-empty", lambda t, d, r: ["sweep", ""], "argument SPEC.toml: an empty path"),
     # `--model ""` read the current folder as a model folder: "--model : could not load it: no config.json in that folder"
     ("model-empty", lambda t, d, r: [*ONE_CELL, "--model", ""], "argument --model: an empty model (an unset shell variable?)"),

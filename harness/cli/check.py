@@ -64,6 +64,9 @@ def cmd_check(argv: list[str]) -> int:
                          "repository's root, or give --spec FILE (or --current DIR to compare records made earlier)")
     if not args.update:
         _recover(args.against)
+    if args.against.exists() and not args.against.is_dir():  # "create it with --update" would not do for a file
+        raise UsageError(f"--against {args.against}: a file, not a folder of reference records; give the references' "
+                         "folder (e.g. results/reference)")
     if not args.update and not args.against.is_dir():
         raise UsageError(f"--against {args.against}: no such folder of reference records "
                          f"(create it with: python -m harness check --against {args.against} --update)")
@@ -100,7 +103,7 @@ def cmd_check(argv: list[str]) -> int:
         if rc != 0:
             return rc
     elif not current.is_dir():
-        raise UsageError(f"--current {current}: no such folder")
+        raise UsageError(f"--current {current}: {'a file, not a folder of run records' if current.exists() else 'no such folder'}")
     elif not args.update and not record_files_under(current):  # else a "regression" of N differences, exit 1
         raise UsageError(f"--current {current}: holds no run records (<method>__<mode>.json){unfinished_hint(current)}; "
                          "give the folder of a check's rerun (results/runs/check-...) or of a run")

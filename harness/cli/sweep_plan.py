@@ -51,6 +51,8 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     from harness.cli.spec import Spec, load_spec, to_namespace
     from harness.run import pipeline
 
+    if spec_path.is_dir():
+        raise UsageError(f"{spec_path}: a folder, not a spec file (specs live in configs/, e.g. configs/ci.toml)")
     if not spec_path.is_file():
         raise UsageError(f"{spec_path}: no such spec file (specs live in configs/, e.g. configs/ci.toml)")
     spec = load_spec(spec_path, flag="")
