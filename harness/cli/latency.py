@@ -18,6 +18,7 @@ from harness.cli.flags import (
     int_list,
     model_arg,
     need_records_folder,
+    nonneg_int,
     path_arg,
     positive_int,
     seed_arg,
@@ -52,7 +53,7 @@ def latency_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int_list, default=(128,), help="tokens generated per request, EOS ignored (default: 128)")
     p.add_argument("--batch-size", type=int_list, default=(1, 8), help="batch sizes (default: 1,8)")
     p.add_argument("--bandwidths", type=float_list, default=(25.0, 100.0, 400.0), help="link bandwidths in Gbit/s (default: 25,100,400)")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured runs per workload (default: 1)")
+    p.add_argument("--warmup", type=nonneg_int, default=1, help="unmeasured runs per workload (default: 1)")
     p.add_argument("--repeats", type=positive_int, default=3, help="measured runs per workload (default: 3)")
     p.add_argument("--plans-from", type=path_arg, default=None, help="folder of quality-run records whose disaggregated plans to replay")
     p.add_argument("--decode-mode", type=csv_list, default=("eager",),
@@ -136,6 +137,9 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     prepared = pipeline.prepare(RunConfig(methods=cfg.methods, tasks=(), seed=cfg.seed, data_dir=data_dir,
                                           overrides=cfg.overrides), need_data=cfg.plans_from is None)
     need_records_folder(args.plans_from, "--plans-from")
+    if data_dir and not Path(data_dir).is_dir() and any(m.needs_calibration for m in prepared.methods.values()):
+        raise UsageError(f"--data-dir {data_dir}: no such directory (expected a folder laid out like ../shared/data, "
+                         "which the methods that calibrate read)")  # not "piqa/valid.jsonl: unreadable (Not a directory)"
     figures.check(cfg.bandwidths_gbit)  # a plug-in figure that fails does so now, not after the measuring
     out = args.out or default_out(cfg, kind="latency-")
     check_writable(out, "--out")  # a bad --out fails before the model loads, not after
