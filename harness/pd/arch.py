@@ -1,7 +1,10 @@
-"""Small accessors that isolate architecture details (Llama-family decoders).
+"""Small accessors that isolate architecture details, and the refusal of the architectures the engine cannot run.
 
 Everything that knows where a model keeps its decoder layers, norm, rotary embedding and head
-lives here, so the engine and the methods have one code path for every supported model.
+lives here, so the engine and the methods have one code path for every supported model. Supported:
+decoders whose forward is embed_tokens -> decoder layers (full attention, one rotary embedding) ->
+norm -> LM head and nothing else (Llama, Mistral v0.3, Qwen2/Qwen3, Phi-3, OLMo/OLMo-2, Gemma,
+Mixtral, Qwen2-MoE, DeepSeek-V2/V3, SmolLM); `check_supported` refuses the rest at load.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ def decoder(model: nn.Module) -> nn.Module:
     for attr in ("layers", "embed_tokens", "norm", "rotary_emb"):
         if not hasattr(dec, attr):
             raise TypeError(
-                f"{type(model).__name__}: unsupported architecture (decoder has no `{attr}`); "
-                "the harness supports Llama-family decoders (Llama, Mistral, Qwen2, SmolLM)"
+                f"{type(model).__name__}: unsupported architecture (decoder has no `{attr}`); the harness supports "
+                "decoders that run embed_tokens -> layers -> norm -> LM head with full attention (Llama, Mistral v0.3, "
+                "Qwen2/Qwen3, Phi-3, OLMo, Gemma, Mixtral, SmolLM; docs/running.md lists them)"
             )
     return dec
 
@@ -98,15 +102,64 @@ def check_full_attention(config, spec: str) -> None:
     """UsageError for sliding-window attention layers (Mistral's `sliding_window`, Qwen2 with
     `use_sliding_window`, Gemma-2's alternating `layer_types`): the PD engine masks every layer causally
     over the whole prompt, and removing blocks would also shift which layers slide, so the scores of such a
-    model would be silently wrong on prompts longer than the window."""
+    model would be silently wrong on prompts longer than the window. Layers of any other kind than full or
+    sliding attention (linear attention, indexed sparse attention, ...) keep state or select keys the
+    PD cache does not hold: refused too (the engine failed on them with an AttributeError or shape error)."""
     kinds = set(getattr(config, "layer_types", None) or ())
+    kind = getattr(config, "model_type", "?")
     window = getattr(config, "sliding_window", None)
-    sliding = sorted(kinds - {"full_attention"}) or (["sliding_window"] if not kinds and window and getattr(
+    sliding = sorted(k for k in kinds if "sliding" in k or "chunk" in k) or (["sliding_window"] if not kinds and window and getattr(
         config, "use_sliding_window", True) else [])
     if sliding:
-        raise UsageError(f"--model {spec}: it has sliding-window attention ({', '.join(sliding)}, window {window}), which "
+        raise UsageError(f"--model {spec}: this {kind} model has sliding-window attention ({', '.join(sliding)}, window {window}), which "
                          "the PD engine does not implement (it would score every layer with full attention); use a model "
                          "with full attention in every layer")
+    other = sorted(kinds - {"full_attention"})
+    if other:
+        raise UsageError(f"--model {spec}: this {kind} model has {', '.join(other)} layers, which the PD engine does not implement (it "
+                         "calls each layer with full causal attention over a key/value cache); use a model with full "
+                         "attention in every layer")
+
+
+# Config values under which the model's own forward computes outside its decoder layers, where the engine (which
+# embeds, runs the layers and applies norm + LM head itself) and the unified scorer (decoder + LM head) do not:
+# each would score wrongly (found by comparing every transformers 5.24 family with its own forward; the families
+# disagree on the sense too: Granite divides the logits by `logits_scaling`, HyperCLOVA X multiplies). None or 1
+# is neutral.
+OUTSIDE_LAYERS = {
+    "final_logit_softcapping": "final logit soft-capping",  # Gemma-2/3, VaultGemma, nanochat
+    "logit_scale": "a logit scale",  # Cohere, Cohere2
+    "logits_scaling": "logits scaling",  # Granite, HyperCLOVA X, MiniCPM3
+    "embedding_multiplier": "an embedding multiplier in the model's forward",  # Granite, HyperCLOVA X
+}
+# Families whose decoder does what the engine's per-layer calls leave out, named by model_type.
+ENGINE_GAPS = {
+    "nanochat": "a norm of the embeddings before the first decoder layer",
+    "doge": "dynamic-mask attention, which needs the causal mask materialised (the engine passes none on a causal step)",
+}
+
+
+def check_supported(model: nn.Module, spec: str) -> None:
+    """UsageError (exit 2) naming the model type and what is missing, for a model the PD engine cannot run or would
+    score wrongly: no Llama-like decoder (`decoder`), sliding-window or non-attention layers (`check_full_attention`),
+    rotary embeddings per layer type (Gemma-3's local/global RoPE), computation outside the decoder layers
+    (OUTSIDE_LAYERS) or a family in ENGINE_GAPS. Checked at load (`harness.pd.models`), before any score."""
+    try:
+        dec = decoder(model)
+    except TypeError as e:
+        raise UsageError(f"--model {spec}: {e}") from None
+    config = model.config.get_text_config()
+    check_full_attention(config, spec)
+    kind = getattr(config, "model_type", type(model).__name__)
+    gaps = [ENGINE_GAPS[kind]] if kind in ENGINE_GAPS else []
+    if "layer_type" in inspect.signature(dec.rotary_emb.forward).parameters:  # one table per layer type
+        gaps.append("rotary embeddings per layer type (the engine computes one for every layer)")
+    gaps += [f"{what} ({name}={getattr(config, name)})" for name, what in OUTSIDE_LAYERS.items()
+             if getattr(config, name, None) not in (None, 1)]
+    if gaps:
+        raise UsageError(f"--model {spec}: {kind} models are not supported: the PD engine does not implement "
+                         f"{'; '.join(gaps)}, so it would score them wrongly or fail; supported are decoders that run "
+                         "embed_tokens -> layers -> norm -> LM head (docs/running.md lists them)")
 
 
 def need_resident_weights(model: nn.Module, what: str) -> None:

@@ -374,8 +374,8 @@ def _one_line(e: Exception, limit: int = 300) -> str:
 
 def _with_dtype(loaded: LoadedModel) -> LoadedModel:
     """Record the weights' dtype as loaded (what `--dtype auto` resolved to), e.g. "bfloat16"; refuse a model
-    the PD engine would score wrongly (`check_full_attention`)."""
-    arch.check_full_attention(loaded.model.config, loaded.spec)
+    the PD engine cannot run or would score wrongly (`arch.check_supported`)."""
+    arch.check_supported(loaded.model, loaded.spec)
     loaded.description["dtype"] = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     return loaded
 
