@@ -331,6 +331,25 @@ def test_a_model_folder_of_an_unsupported_family_is_refused_at_load(tmp_path):
         load_model(str(tmp_path), device="cpu", dtype="float32")
 
 
+@pytest.mark.parametrize("command", ["run", "latency"])
+def test_an_unsupported_family_is_refused_before_its_weights_load(command, tmp_path, data_dir, monkeypatch):
+    """What the config alone rules out (here Cohere's logit scale) is refused from the config, before the weights
+    load (an 8B model's minutes), by `run` and `latency`; it came once `load_model` had returned."""
+    from harness.cli import latency, run
+    from harness.pd import models
+    from harness.pd.presets import byte_tokenizer
+
+    tiny_family("cohere").save_pretrained(tmp_path / "m")
+    byte_tokenizer(300).save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    argv = ["--model", str(tmp_path / "m"), "--device", "cpu", "--methods", "unpruned", "--out", str(tmp_path / "o"), "-q"]
+    with pytest.raises(UsageError, match=r"cohere models are not supported: .* logit scale"):
+        if command == "run":
+            run.cmd_run([*argv, "--tasks", "arc_easy", "--limit", "2", "--data-dir", str(data_dir)])
+        else:
+            latency.cmd_latency([*argv, "--prompt-tokens", "8", "--decode-tokens", "2", "--batch-size", "1"])
+
+
 def hf_with_layers(model, keep):
     """A deep copy of `model` whose decoder holds only layers `keep`, renumbered for transformers' own cache."""
     import copy

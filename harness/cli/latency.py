@@ -115,11 +115,12 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     quiet_libraries()
     from harness.latency import figures
     from harness.latency.measure import DECODE_MODES
-    from harness.pd.models import load_model, model_args_text, model_config, parse_model_args
+    from harness.pd.models import load_model, model_args_text, parse_model_args
     from harness.run import pipeline
     from harness.run.latency_plans import plans_to_time
     from harness.run.latency_run import LatencyConfig, refuse_edited_plugins, run_latency
     from harness.run.plugin_faults import PluginsFailed
+    from harness.run.task_check import model_before_load
     from reports.formats import to_markdown
     from reports.latency_figures import figures_table
     from reports.tables import efficiency_table
@@ -154,8 +155,8 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     failures: list = []
     with lock.hold(out):  # one writer per folder
         try:
-            depth = getattr(model_config(cfg.model, model_args), "num_hidden_layers", None)  # before the weights load:
-            replay = plans_to_time(cfg.plans_from, depth, prepared.methods) if isinstance(depth, int) else None  # counts too deep
+            depth = model_before_load(cfg.model, model_args)  # an architecture refused, counts too deep: before the weights
+            replay = plans_to_time(cfg.plans_from, depth, prepared.methods) if depth is not None else None
             loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed, placement=cfg.placement(), model_args=model_args)
             records = run_latency(cfg, prepared, out, loaded, say, replay)
         except RoundsInterrupted:  # not while the model loads or a method plans: no round had measured anything then

@@ -141,25 +141,37 @@ ENGINE_GAPS = {
 
 def check_supported(model: nn.Module, spec: str) -> None:
     """UsageError (exit 2) naming the model type and what is missing, for a model the PD engine cannot run or would
-    score wrongly: no Llama-like decoder (`decoder`), sliding-window or non-attention layers (`check_full_attention`),
-    rotary embeddings per layer type (Gemma-3's local/global RoPE), computation outside the decoder layers
-    (OUTSIDE_LAYERS) or a family in ENGINE_GAPS. Checked at load (`harness.pd.models`), before any score."""
+    score wrongly: no Llama-like decoder (`decoder`), rotary embeddings per layer type (Gemma-3's local/global
+    RoPE), or what `check_supported_config` reads in its config. Checked at load (`harness.pd.models`), before any
+    score; the config's part also before the weights load (`harness.run.task_check.depth_before_load`)."""
     try:
         dec = decoder(model)
     except TypeError as e:
         raise UsageError(f"--model {spec}: {e}") from None
     config = model.config.get_text_config()
-    check_full_attention(config, spec)
-    kind = getattr(config, "model_type", type(model).__name__)
-    gaps = [ENGINE_GAPS[kind]] if kind in ENGINE_GAPS else []
+    check_supported_config(config, spec)
     if "layer_type" in inspect.signature(dec.rotary_emb.forward).parameters:  # one table per layer type
-        gaps.append("rotary embeddings per layer type (the engine computes one for every layer)")
+        _refuse(config, spec, ["rotary embeddings per layer type (the engine computes one for every layer)"])
+
+
+def check_supported_config(config, spec: str) -> None:
+    """`check_supported`'s refusals that the config alone decides (no weights needed): sliding-window or
+    non-attention layers (`check_full_attention`), computation outside the decoder layers (OUTSIDE_LAYERS) or a
+    family in ENGINE_GAPS. `config`: the text model's (`get_text_config()`)."""
+    check_full_attention(config, spec)
+    kind = getattr(config, "model_type", "?")
+    gaps = [ENGINE_GAPS[kind]] if kind in ENGINE_GAPS else []
     gaps += [f"{what} ({name}={getattr(config, name)})" for name, what in OUTSIDE_LAYERS.items()
              if getattr(config, name, None) not in (None, 1)]
     if gaps:
-        raise UsageError(f"--model {spec}: {kind} models are not supported: the PD engine does not implement "
-                         f"{'; '.join(gaps)}, so it would score them wrongly or fail; supported are decoders that run "
-                         "embed_tokens -> layers -> norm -> LM head (docs/running.md lists them)")
+        _refuse(config, spec, gaps)
+
+
+def _refuse(config, spec: str, gaps: list[str]) -> None:
+    kind = getattr(config, "model_type", "?")
+    raise UsageError(f"--model {spec}: {kind} models are not supported: the PD engine does not implement "
+                     f"{'; '.join(gaps)}, so it would score them wrongly or fail; supported are decoders that run "
+                     "embed_tokens -> layers -> norm -> LM head (docs/running.md lists them)")
 
 
 def need_resident_weights(model: nn.Module, what: str) -> None:

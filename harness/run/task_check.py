@@ -73,15 +73,26 @@ def options_against_tokenizer(cfg, prepared, loaded=None, warn: bool = True):
     return tokenizer
 
 
-def depth_before_load(cfg, prepared) -> None:
-    """Every method's counts against the depth the model's config names (`methods.base.refuse_too_deep`), before its
-    weights load: `--set tail.k=40` on a 32-layer 8B model was refused only after the weights' minutes of loading.
-    A config without `num_hidden_layers` is left to the check against the loaded model."""
+def model_before_load(spec: str, model_args: dict | None) -> int | None:
+    """The depth the config of the model `spec` names (None: a config without `num_hidden_layers`), once the config
+    is checked for what it alone rules out (`arch.check_supported_config`: a Gemma-2's sliding windows): before the
+    weights load (an 8B model's minutes), which checked it only after."""
+    from harness.pd.arch import check_supported_config
     from harness.pd.models import model_config
+
+    config = model_config(spec, model_args)
+    check_supported_config(config.get_text_config(), spec)
+    depth = getattr(config, "num_hidden_layers", None)
+    return depth if isinstance(depth, int) else None
+
+
+def depth_before_load(cfg, prepared) -> None:
+    """`model_before_load`, and every method's counts against the depth it names (`methods.base.refuse_too_deep`):
+    `--set tail.k=40` on a 32-layer 8B model was refused only after the weights' minutes of loading. A config
+    without a depth leaves the counts to the check against the loaded model."""
     from methods.base import refuse_too_deep
 
-    depth = getattr(model_config(cfg.model, cfg.model_arg_dict()), "num_hidden_layers", None)
-    if isinstance(depth, int):
+    if (depth := model_before_load(cfg.model, cfg.model_arg_dict())) is not None:
         refuse_too_deep(prepared.methods, depth, cfg.modes)
 
 
