@@ -1,6 +1,6 @@
 import pytest
 
-from harness.pd.plan import KVPolicy, PruningPlan
+from harness.pd.plan import KVPolicy, PlanError, PruningPlan
 
 
 def test_valid_plan_roundtrips_through_dict():
@@ -58,3 +58,28 @@ def test_first_last_rejects_a_negative_count_on_either_side():
     for n_first, n_last in ((-1, 2), (2, -1)):
         with pytest.raises(ValueError, match=">= 0"):
             KVPolicy(n_first, n_last, (0,))
+
+
+@pytest.mark.parametrize("prefill, n_layers", [((0, 1.5), 4), ((0, "1"), 4), ((0, True), 4), ((0, None), 4), (5, 4),
+                                               ((0, 1), 2.5), ((0, 1), True), ((0, 1), "4")])
+def test_non_integer_layers_and_depths_are_refused_not_truncated(prefill, n_layers):
+    """int() took 1.5 as layer 1, "1" and True as 1, and a depth of 2.5 let layer 2 in: another plan, run silently."""
+    with pytest.raises(PlanError, match="integer|sequence"):
+        PruningPlan("x", n_layers, prefill, (0,))
+
+
+@pytest.mark.parametrize("change", [{"n_layers": 2.5}, {"prefill_layers": [0, 1.5]}, {"kv_policy": None},
+                                    {"kv_policy": {"n_first": 1.5, "n_last": 1, "layers": [1]}},
+                                    {"kv_policy": {"n_first": 1, "n_last": 1, "layers": [1.7]}},
+                                    {"kv_policy": {"kind": "streaming", "budget": {"tokens": 2.5}}}])
+def test_a_stored_plan_with_a_non_integer_value_is_refused_with_a_plan_error(change):
+    stored = {**PruningPlan("x", 4, (0, 1, 2), (0, 1), KVPolicy(1, 1, (1,))).to_dict(), **change}
+    with pytest.raises(PlanError):
+        PruningPlan.from_dict(stored)
+
+
+def test_numpy_integers_are_taken_as_layer_indices():
+    np = pytest.importorskip("numpy")
+    plan = PruningPlan("x", np.int64(4), np.arange(4), (np.int64(0), 2), KVPolicy(np.int64(1), 1, [np.int64(2)]))
+    assert plan == PruningPlan("x", 4, (0, 1, 2, 3), (0, 2), KVPolicy(1, 1, (2,)))
+    assert type(plan.n_layers) is int and all(type(i) is int for i in plan.prefill_layers + plan.kv_policy.layers)

@@ -12,10 +12,12 @@ and `KVPolicy(n_first, n_last, layers)` still builds the default `first_last` po
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from harness.pd.kv import KVBudget, KVPolicy, get_policy, policy_from_dict, policy_names
+from harness.pd.kv.base import as_integer
 
 __all__ = ["KVBudget", "KVPolicy", "PlanError", "PruningPlan", "get_policy", "policy_from_dict", "policy_names"]
 
@@ -45,8 +47,12 @@ class PruningPlan:
     info: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        depth = as_integer(self.n_layers)  # not int(): a depth of 2.5 let layer 2 in
+        if depth is None or depth < 1:
+            raise PlanError(f"n_layers={self.n_layers!r}: need a positive integer depth")
+        object.__setattr__(self, "n_layers", depth)
         for stage in ("prefill_layers", "decode_layers"):
-            idx = tuple(int(i) for i in getattr(self, stage))
+            idx = _layer_indices(stage, getattr(self, stage))
             object.__setattr__(self, stage, idx)
             if list(idx) != sorted(set(idx)) or not all(0 <= i < self.n_layers for i in idx):
                 raise PlanError(
@@ -60,6 +66,8 @@ class PruningPlan:
                 f"decode_layers must be a subset of prefill_layers (decode reads prompt KV that only "
                 f"prefill produces); layers {extra} run in decode but not in prefill"
             )
+        if not isinstance(self.kv_policy, KVPolicy):
+            raise PlanError(f"kv_policy={self.kv_policy!r}: need a KVPolicy")
         try:
             self.kv_policy.check_layers(self.decode_layers)
         except PlanError:
@@ -101,12 +109,33 @@ class PruningPlan:
     def from_dict(cls, d: dict[str, Any]) -> PruningPlan:
         return cls(
             method=d["method"],
-            n_layers=int(d["n_layers"]),
-            prefill_layers=tuple(d["prefill_layers"]),
-            decode_layers=tuple(d["decode_layers"]),
-            kv_policy=policy_from_dict(d.get("kv_policy", {"n_first": 0, "n_last": 0, "layers": []})),
+            n_layers=d["n_layers"],  # checked, not converted: int(2.5) would be a depth of 2
+            prefill_layers=d["prefill_layers"],
+            decode_layers=d["decode_layers"],
+            kv_policy=_stored_policy(d.get("kv_policy", {"n_first": 0, "n_last": 0, "layers": []})),
             info=dict(d.get("info", {})),
         )
 
     def replace(self, **changes: Any) -> PruningPlan:
         return dataclasses.replace(self, **changes)
+
+
+def _layer_indices(stage: str, layers: Any) -> tuple[int, ...]:
+    """The integer layer indices of `stage`; PlanError for anything else (a number, a string, a float index)."""
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise PlanError(f"{stage}={layers!r}: need a sequence of layer indices")
+    idx = tuple(layers)
+    bad = [i for i in idx if as_integer(i) is None]
+    if bad:
+        raise PlanError(f"{stage}={list(idx)}: layer indices must be integers, got {bad}")
+    return tuple(as_integer(i) for i in idx)
+
+
+def _stored_policy(d: Any) -> KVPolicy:
+    """The policy of a stored plan; PlanError when it is not a policy's dict (e.g. null)."""
+    if not isinstance(d, dict):
+        raise PlanError(f"kv_policy={d!r}: need a KV policy's dict")
+    try:
+        return policy_from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:  # options missing or out of their rules
+        raise PlanError(f"kv_policy={d!r}: not a valid policy ({type(e).__name__}: {e})") from None

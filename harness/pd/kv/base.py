@@ -16,10 +16,37 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar
+
+
+def as_integer(value: Any) -> int | None:
+    """`value` as an int when it is an integer (int, numpy's, a 0-d integer tensor), else None: `int()` would also take
+    1.7 (as 1), "2" and True, so a stored layer index or count that is none would silently become another."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_integer_options(options: Any) -> None:
+    """ValueError unless every option of the dataclass `options` annotated `int` (or `tuple[int, ...]`) holds integers
+    (`as_integer`; stored as int): a 1.5 would otherwise pass the range checks, then keep 1.5 positions or fail
+    inside a forward."""
+    for f in dataclasses.fields(options):
+        if f.type not in ("int", "tuple[int, ...]"):
+            continue
+        value, many = getattr(options, f.name), f.type != "int"
+        items = tuple(value) if many and isinstance(value, (tuple, list)) else None if many else (value,)
+        ints = None if items is None else tuple(as_integer(v) for v in items)
+        if ints is None or None in ints:
+            raise ValueError(f"{type(options).__name__}.{f.name}={value!r}: need {'integers' if many else 'an integer'}")
+        object.__setattr__(options, f.name, ints if many else ints[0])
 
 
 @dataclass(frozen=True)
@@ -70,6 +97,7 @@ class KVPolicy(metaclass=_PolicyMeta):
     example_options: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
+        check_integer_options(self)
         self.validate()
 
     def validate(self) -> None:
@@ -176,6 +204,7 @@ class KVBudget:
     ratio: float = 0.0
 
     def __post_init__(self) -> None:
+        check_integer_options(self)
         given = [self.match is not None, self.tokens != 0, self.ratio != 0.0]
         if sum(given) != 1:
             raise ValueError("KVBudget: set exactly one of match, tokens, ratio")
@@ -214,7 +243,7 @@ class KVBudget:
     def from_dict(cls, d: dict[str, Any]) -> KVBudget:
         if "match" in d:
             return cls(match=KVPolicy.from_dict(d["match"]))
-        return cls(tokens=int(d.get("tokens", 0)), ratio=float(d.get("ratio", 0.0)))
+        return cls(tokens=d.get("tokens", 0), ratio=float(d.get("ratio", 0.0)))  # tokens checked, not truncated
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ class FirstLast(KVPolicy):
     def from_dict(cls, d: dict[str, Any]) -> KVPolicy:
         if d.get("kind", "first_last") != "first_last":
             return KVPolicy.from_dict(d)
-        return cls(n_first=int(d["n_first"]), n_last=int(d["n_last"]), layers=tuple(d["layers"]))
+        # checked, not converted (`check_integer_options`): int(1.5) would keep one position fewer than stored
+        return cls(n_first=d["n_first"], n_last=d["n_last"], layers=tuple(d["layers"]))
 
     def describe(self) -> str:
         return "all positions" if not self.layers else f"first {self.n_first} + last {self.n_last} in layers {list(self.layers)}"
