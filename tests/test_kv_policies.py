@@ -564,3 +564,20 @@ def test_the_method_contract_catches_a_keep_that_depends_on_the_layer():
     object.__setattr__(pol, "keep", lambda layer, *a: real(layer, *a) if layer < 2 else real(layer, *a).roll(1, dims=1))
     with pytest.raises(AssertionError, match="streaming.keep.. gave layer 2 another mask than layer 0"):
         check_keep_ignores_the_layer(plan)
+
+
+def test_an_observed_prefill_does_not_keep_its_cache_alive(tiny):
+    """Regression: transformers' attention registry held the prefill observer, and so the last prefill cache of a
+    SnapKV-style policy (every decode layer's prompt K/V), after the handoff and its callers had dropped it."""
+    import gc
+    import weakref
+
+    from harness.pd.batching import pad_tokens
+    from harness.pd.stages import StagedModel
+
+    plan = PruningPlan("x", 4, ALL, DECODE, snapkv(KVBudget(tokens=3)))
+    out = StagedModel(tiny.model, plan).prefill(pad_tokens([[5] * 9, [7] * 4], "cpu"))
+    cache = weakref.ref(out.cache)
+    del out
+    gc.collect()
+    assert cache() is None

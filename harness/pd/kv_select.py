@@ -197,9 +197,13 @@ def observe_prefill(model: nn.Module, plan: PruningPlan, cache: PDCache, lengths
     previous = model.config._attn_implementation
     inner = mask_impl(model.config)
     name = OBSERVER_PREFIX + inner
-    AttentionInterface.register(name, _Observer(cache, lengths, plan.decode_layers, what, inner).attend)
+    observer = _Observer(cache, lengths, plan.decode_layers, what, inner)
+    AttentionInterface.register(name, observer.attend)
     model.config._attn_implementation = name
     try:
         yield
     finally:
         model.config._attn_implementation = previous
+        # transformers' registry keeps `attend` (so the observer) until the next observed prefill replaces it: without
+        # this, the prefill cache (every decode layer's prompt K/V) stayed alive after its callers had released it
+        observer.cache = observer.lengths = None
