@@ -83,3 +83,19 @@ def test_numpy_integers_are_taken_as_layer_indices():
     plan = PruningPlan("x", np.int64(4), np.arange(4), (np.int64(0), 2), KVPolicy(np.int64(1), 1, [np.int64(2)]))
     assert plan == PruningPlan("x", 4, (0, 1, 2, 3), (0, 2), KVPolicy(1, 1, (2,)))
     assert type(plan.n_layers) is int and all(type(i) is int for i in plan.prefill_layers + plan.kv_policy.layers)
+
+
+def test_integer_options_are_checked_also_where_annotations_are_types():
+    """A plug-in policy's module without `from __future__ import annotations` has `int`, not "int", as its fields'
+    annotations: the check read only the strings, so its 1.5 passed as it was."""
+    import dataclasses
+
+    from harness.pd.kv.base import check_integer_options
+
+    opts = dataclasses.make_dataclass("Opts", [("k", int), ("layers", tuple[int, ...])], frozen=True)
+    for bad in (opts(1.5, (1,)), opts(1, (1, 2.5)), opts(True, ())):
+        with pytest.raises(ValueError, match="need an integer|need integers"):
+            check_integer_options(bad)
+    good = opts(2, [3, 4])
+    check_integer_options(good)
+    assert good == opts(2, (3, 4))

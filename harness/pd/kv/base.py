@@ -39,14 +39,21 @@ def check_integer_options(options: Any) -> None:
     (`as_integer`; stored as int): a 1.5 would otherwise pass the range checks, then keep 1.5 positions or fail
     inside a forward."""
     for f in dataclasses.fields(options):
-        if f.type not in ("int", "tuple[int, ...]"):
+        kind = _annotation(f.type)
+        if kind not in ("int", "tuple[int, ...]"):
             continue
-        value, many = getattr(options, f.name), f.type != "int"
+        value, many = getattr(options, f.name), kind != "int"
         items = tuple(value) if many and isinstance(value, (tuple, list)) else None if many else (value,)
         ints = None if items is None else tuple(as_integer(v) for v in items)
         if ints is None or None in ints:
             raise ValueError(f"{type(options).__name__}.{f.name}={value!r}: need {'integers' if many else 'an integer'}")
         object.__setattr__(options, f.name, ints if many else ints[0])
+
+
+def _annotation(t: Any) -> str:
+    """A field's annotation as written: a string under `from __future__ import annotations`, else the type itself (a
+    plug-in policy's module without that import: `int`, `tuple[int, ...]`)."""
+    return t if isinstance(t, str) else "int" if t is int else repr(t)
 
 
 @dataclass(frozen=True)
