@@ -396,3 +396,25 @@ def test_a_pd_plan_scores_as_transformers_own_modules_with_the_handed_over_cache
     assert max(abs(a - b) for a, (b, _) in zip(ref, got)) <= 1e-4
     dense = Scorer(model, PruningPlan.dense("u", 4), "disaggregated", max_length=512).loglikelihood(reqs)
     assert max(abs(a - b) for (a, _), (b, _) in zip(dense, got)) > 1e-2  # the decode plan matters at all
+
+
+def test_a_latent_kv_cache_refuses_per_head_policies_and_counts_the_latent():
+    """DeepSeek-V3's cache (transformers 5.24) holds one compressed latent per token and layer, no KV heads: SnapKV,
+    H2O and PyramidKV, which select per KV head, failed every cell with a contract error blaming their own keep()
+    mask. They are refused naming the model; a head-shared policy runs, and the bytes sent are the latent's
+    (kv_lora_rank + qk_rope_head_dim per token and layer), not 2 · kv heads · head_dim."""
+    from harness.latency.measure import Workload, measure
+    from harness.pd.kv import get_policy
+    from harness.pd.kv.base import KVBudget
+    from harness.pd.plan import PruningPlan
+    from harness.quality.scoring import Scorer
+
+    model = tiny_family("deepseek_v3")
+    for kind in ("snapkv", "h2o", "pyramidkv"):
+        policy = get_policy(kind)(**{**get_policy(kind).example_options, "budget": KVBudget(tokens=8)})
+        with pytest.raises(UsageError, match=rf"the {kind} KV policy selects positions per KV head, and this deepseek_v3 "
+                                             "model caches one compressed latent per token"):
+            Scorer(model, PruningPlan("x", 4, (0, 1, 2, 3), (0, 2, 3), policy), "disaggregated", max_length=64)
+    m = measure(model, PruningPlan.dense("u", 4), Workload(10, 2, 1), warmup=0, repeats=1)
+    c = model.config
+    assert m.kv_bytes == 4 * 10 * (c.kv_lora_rank + c.qk_rope_head_dim) * 4  # layers · tokens · latent width · fp32

@@ -51,6 +51,23 @@ def kv_heads_and_dim(config) -> tuple[int, int]:
     return int(getattr(config, "num_key_value_heads", config.num_attention_heads)), int(head_dim)
 
 
+def latent_kv(config) -> bool:
+    """Whether the model caches one compressed latent per token and layer (multi-head latent attention: DeepSeek-V2/V3,
+    `kv_lora_rank`), not K and V per KV head: transformers 5.24 caches (batch, 1, T, kv_lora_rank) and the rotary
+    key part, so `kv_heads_and_dim` does not describe the cache and a policy selecting per KV head has no heads to
+    select in."""
+    return getattr(config, "kv_lora_rank", None) is not None
+
+
+def check_policy_fits(config, policy, spec: str) -> None:
+    """UsageError for a per-head KV policy (SnapKV, H2O, PyramidKV) on a model whose cache holds no KV heads
+    (`latent_kv`): it failed every cell with a contract error blaming the policy's keep() mask shape."""
+    if policy.per_head and latent_kv(config):
+        raise UsageError(f"{spec}: the {policy.kind} KV policy selects positions per KV head, and this "
+                         f"{getattr(config, 'model_type', '?')} model caches one compressed latent per token (multi-head "
+                         "latent attention), with no KV heads; use a policy shared by the heads (first_last, streaming)")
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where inputs go: the embedding's execution device.
 

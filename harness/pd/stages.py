@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness.pd.arch import n_layers
+from harness.pd.arch import check_policy_fits, n_layers
 from harness.pd.batching import TokenBatch
 from harness.pd.cache import PDCache
 from harness.pd.engine import Handoff, final_logits, make_handoff, run_layers
@@ -60,6 +60,7 @@ class StagedModel:
     def __init__(self, model: nn.Module, plan: PruningPlan) -> None:
         if plan.n_layers != n_layers(model):  # a plan of another depth would silently skip or miss blocks
             raise ValueError(f"{plan.method}: the plan is for a {plan.n_layers}-layer model, this model has {n_layers(model)}")
+        check_policy_fits(model.config, plan.kv_policy, plan.method)  # a per-head policy on a latent KV cache
         self.model, self.plan = model, plan
 
     @torch.inference_mode()
