@@ -415,6 +415,9 @@ def test_a_latent_kv_cache_refuses_per_head_policies_and_counts_the_latent():
         with pytest.raises(UsageError, match=rf"the {kind} KV policy selects positions per KV head, and this deepseek_v3 "
                                              "model caches one compressed latent per token"):
             Scorer(model, PruningPlan("x", 4, (0, 1, 2, 3), (0, 2, 3), policy), "disaggregated", max_length=64)
-    m = measure(model, PruningPlan.dense("u", 4), Workload(10, 2, 1), warmup=0, repeats=1)
+    m = measure(model, PruningPlan.dense("u", 4), Workload(10, 4, 2), warmup=0, repeats=1)
     c = model.config
-    assert m.kv_bytes == 4 * 10 * (c.kv_lora_rank + c.qk_rope_head_dim) * 4  # layers · tokens · latent width · fp32
+    assert m.kv_bytes == 2 * 4 * 10 * (c.kv_lora_rank + c.qk_rope_head_dim) * 4  # requests · layers · tokens · latent · fp32
+    # static decode's buffers took V's width from K's: a RuntimeError on the latent's unequal widths
+    static = measure(model, PruningPlan.dense("u", 4), Workload(10, 4, 2), warmup=0, repeats=1, decode_mode="static")
+    assert torch.equal(static.tokens, m.tokens) and static.kv_bytes == m.kv_bytes

@@ -46,7 +46,8 @@ class StaticKV:
             b, h, w, d = k.shape
             device = k.device
             self.keys[layer] = torch.cat([k, k.new_zeros((b, h, max_new, d))], dim=2)
-            self.values[layer] = torch.cat([v, v.new_zeros((b, h, max_new, d))], dim=2)
+            # V's own width: a latent cache (DeepSeek-V3's multi-head latent attention) holds K and V of unequal widths
+            self.values[layer] = torch.cat([v, v.new_zeros((*v.shape[:2], max_new, v.shape[-1]))], dim=2)
             if id(p) not in shared:
                 shared[id(p)] = (torch.cat([p, p.new_full((*p.shape[:-1], max_new), -1)], dim=-1), torch.tensor([w], device=device))
             self.positions[layer], self.base[layer] = shared[id(p)]
