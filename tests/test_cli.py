@@ -247,8 +247,8 @@ def test_few_shot_examples_from_the_scored_split_never_include_the_item_itself(d
         context = s["arguments"]["gen_args_0"]["arg_0"]
         others = [json.loads(x)["question"] for x in rows if json.loads(x)["question"] != s["doc"]["question"]]
         assert context.count(s["doc"]["question"]) == 1 and all(q in context for q in others)  # 3 shots: the other 3
-    r = cli(*TINY, "--methods", "shortgpt", "--tasks", "arc_easy", "--limit", "4", "--mode", "unified", "--num-fewshot", "4",
-            "--data-dir", str(data), "--out", str(tmp_path / "o4"), data_dir=data)
+    r = cli(*TINY, "--methods", "shortgpt", "--set", "shortgpt.k=2", "--tasks", "arc_easy", "--limit", "4", "--mode", "unified",
+            "--num-fewshot", "4", "--data-dir", str(data), "--out", str(tmp_path / "o4"), data_dir=data)  # k fits 4 layers
     assert r.returncode == 2 and "--num-fewshot 4: arc_easy has 3 few-shot examples to draw from (its test split, less " \
                                  "the item itself); give at most 3" in r.stderr, r.stderr[-2000:]
     assert "planning" not in r.stderr and "FAILED" not in r.stderr  # refused before any cell planned
