@@ -256,8 +256,8 @@ def test_few_shot_examples_from_the_scored_split_never_include_the_item_itself(d
 
 def test_a_groups_few_shot_pool_is_checked_before_any_cell_plans(data_dir, tmp_path, cli):
     """mmlu's subjects draw their shots from a 5-item dev split: more is refused up front, not after the planning."""
-    r = cli(*TINY, "--methods", "shortgpt", "--tasks", "mmlu", "--limit", "1", "--mode", "unified", "--num-fewshot", "6",
-            "--out", str(tmp_path / "o"), data_dir=data_dir)
+    r = cli(*TINY, "--methods", "shortgpt", "--set", "shortgpt.k=2", "--tasks", "mmlu", "--limit", "1", "--mode", "unified",
+            "--num-fewshot", "6", "--out", str(tmp_path / "o"), data_dir=data_dir)  # k fits the 4 layers
     assert r.returncode == 2, r.stderr[-2000:]
     assert re.search(r"--num-fewshot 6: mmlu_\w+ has 5 few-shot examples to draw from \(its dev split\); give at most 5",
                      r.stderr), r.stderr[-2000:]

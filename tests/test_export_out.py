@@ -21,7 +21,7 @@ def test_a_mount_point_out_is_refused_before_any_model_work(tmp_path, capsys, mo
 
     out = tmp_path / "mnt"
     out.mkdir()
-    monkeypatch.setattr("harness.cli.export.os.path.ismount", lambda p: Path(p) == out)
+    monkeypatch.setattr("harness.cli.export_out.os.path.ismount", lambda p: Path(p) == out)
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert cli_main([*MANUAL, "--out", str(out)]) == 2
     err = capsys.readouterr().err
