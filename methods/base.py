@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import reprlib
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -153,26 +154,31 @@ class Method(abc.ABC):
         yield plan
 
     def make_plan(self, model: nn.Module, calib: Any | None, mode: str) -> PruningPlan:
-        """`plan(...)`, checked to be a `PruningPlan`: what the runners call, so a plug-in's mistake fails its
-        cell naming the method, not later as "'NoneType' object has no attribute 'to_dict'"."""
+        """`plan(...)`, checked to be a `PruningPlan` the record can keep: what the runners call. A plan that is not
+        one broke the method's contract (a `PluginContractError` naming its module, exit 2 "fix the plug-in"): a
+        TypeError failed the cell as a crash (exit 1, "rerun to retry"), in `latency` naming no module."""
+        where = f"{self.name}.plan(...) ({type(self).__module__})"
         try:
             plan = self.plan(model, calib, mode)
         except PlanError as e:  # a plan against its rules: the method's contract broken (exit 2), not a crash to retry
-            raise PluginContractError(f"{self.name}.plan(...) ({type(self).__module__}) made an invalid plan: {e}") from None
+            raise PluginContractError(f"{where} made an invalid plan: {e}") from None
         if not isinstance(plan, PruningPlan):
-            raise TypeError(f"{self.name}.plan(...) returned {type(plan).__name__}, expected a PruningPlan")
+            raise PluginContractError(f"{where} returned {_shown(plan)}; it must return a PruningPlan "
+                                      "(PruningPlan(self.name, arch.n_layers(model), prefill_layers, decode_layers))")
         if plan.method != self.name:  # the record's plan would name another method than the record
-            raise TypeError(f"{self.name}.plan(...) returned a plan named {plan.method!r}; name it {self.name!r} "
-                            "(PruningPlan(self.name, ...))")
+            raise PluginContractError(f"{where} returned a plan named {plan.method!r}; name it {self.name!r} "
+                                      "(PruningPlan(self.name, ...))")
         if plan.n_layers != arch.n_layers(model):  # its layer indices would name other layers than the model's
-            raise PluginContractError(f"{self.name}.plan(...) ({type(self).__module__}) returned a plan for "
-                                      f"{plan.n_layers} layers; the model has {arch.n_layers(model)} "
-                                      "(PruningPlan(self.name, arch.n_layers(model), ...))")
+            raise PluginContractError(f"{where} returned a plan for {plan.n_layers} layers; the model has "
+                                      f"{arch.n_layers(model)} (PruningPlan(self.name, arch.n_layers(model), ...))")
+        if mode == "unified" and not plan.is_unified:  # an ordinary forward cannot run two layer sets or a handoff
+            raise PluginContractError(f"{where} returned a plan with two layer sets or KV pruning for mode 'unified'; "
+                                      "it must return one layer set for both stages and no KV policy there")
         try:  # the record stores it: fail now, naming it, not after the evaluation
             json.dumps(plan.to_dict(), sort_keys=True)  # as the record writer does (mixed key types fail there)
         except (TypeError, ValueError) as e:
-            raise TypeError(f"{self.name}.plan(...) returned a plan that cannot be stored as JSON ({e}); keep numbers, "
-                            "strings, lists and dicts in its info") from None
+            raise PluginContractError(f"{where} returned a plan that cannot be stored as JSON ({e}); it must keep "
+                                      "numbers, strings, lists and dicts with string keys in its info") from None
         return plan
 
     def check_depth(self, n: int, mode: str) -> None:  # noqa: B027 - optional hook, no-op by default
@@ -265,3 +271,8 @@ def refuse_too_deep(methods: dict, n_layers: int, modes: tuple[str, ...] = ("dis
             raise
         except Exception:  # noqa: BLE001 - plan() raises it again, as the plug-in's failure
             continue
+
+
+def _shown(value: object) -> str:
+    """What a plug-in returned, briefly: `None`, or its type and a shortened repr (`a dict ({'prefill': [0, 1]})`)."""
+    return "None" if value is None else f"a {type(value).__name__} ({reprlib.repr(value)})"

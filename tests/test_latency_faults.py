@@ -91,20 +91,22 @@ def plugin(tmp_path, monkeypatch):
     sys.modules.pop(MODULE, None)
 
 
-@pytest.mark.parametrize("body, says, traceback", [
-    ('raise ValueError("no plan for you")', f"ValueError: no plan for you (in plug-in {MODULE}.Broken.plan; ",
+@pytest.mark.parametrize("body, rc, says, traceback", [
+    ('raise ValueError("no plan for you")', 1, f"ValueError: no plan for you (in plug-in {MODULE}.Broken.plan; ",
      'raise ValueError("no plan for you")'),
-    # make_plan's check of what plan() returned names the method's class
-    ("return None", f"TypeError: broken_plan.plan(...) returned NoneType, expected a PruningPlan (in plug-in {MODULE}.Broken; ",
+    # make_plan's check of what plan() returned names the method's class: a broken contract (exit 2, fix the
+    # plug-in), where it was a TypeError (exit 1, as if a rerun might pass)
+    ("return None", 2, f"PluginContractError: broken_plan.plan(...) ({MODULE}) returned None; it must return a PruningPlan "
+     f"(PruningPlan(self.name, arch.n_layers(model), prefill_layers, decode_layers)) (in plug-in {MODULE}.Broken; ",
      "in make_plan"),
 ])
-def test_a_plugin_plan_that_raises_fails_alone(plugin, cli, tmp_path, body, says, traceback):
+def test_a_plugin_plan_that_raises_fails_alone(plugin, cli, tmp_path, body, rc, says, traceback):
     module = plugin(body)
     out = tmp_path / "lat"
     r = cli("latency", "--methods", "broken_plan,unpruned", "--set", "broken_plan.k=1", "--prompt-tokens", "12",
             "--repeats", "2", "--out", out, *ARGS)
     note = out / "broken_plan__disaggregated.failed.json"
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == rc and "Traceback" not in r.stderr, r.stderr
     assert f"error: broken_plan: {says}traceback in {note})" in r.stderr, r.stderr
     assert records.load(out / "unpruned__disaggregated.json").n_samples == {"latency_T12_n2_b1": 2}
     assert traceback in records.load_failures(out)[0]["traceback"]

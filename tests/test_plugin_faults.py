@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT
 
 import methods
-from harness.errors import UsageError
+from harness.errors import PluginContractError, UsageError
 from harness.pd import kv
 from harness.quality import long_tasks
 from methods import registry
@@ -336,7 +336,9 @@ def test_a_plan_that_is_not_a_pruning_plan_fails_naming_the_method(tiny):
         def plan(self, model, calib, mode):
             return None
 
-    with pytest.raises(TypeError, match=r"no_plan.plan\(...\) returned NoneType, expected a PruningPlan"):
+    # a contract error (exit 2, "fix the plug-in"), no longer a TypeError (exit 1, "rerun to retry")
+    with pytest.raises(PluginContractError, match=rf"no_plan.plan\(...\) \({__name__}\) returned None; it must return a "
+                                                  r"PruningPlan \(PruningPlan\(self.name, arch.n_layers\(model\)"):
         NoPlan().make_plan(tiny.model, None, "disaggregated")
     assert methods.get("unpruned")().make_plan(tiny.model, None, "unified").n_layers == 4
 
@@ -399,9 +401,9 @@ def test_a_cell_failing_with_an_error_without_a_message_names_its_type(plugins, 
 
 
 @pytest.mark.parametrize("name, info, says", [
-    ("other", {}, r"odd_plan.plan\(...\) returned a plan named 'other'; name it 'odd_plan'"),
-    ("odd_plan", {"where": object()}, r"odd_plan.plan\(...\) returned a plan that cannot be stored as JSON"),
-    ("odd_plan", {1: "a", "b": 2}, r"odd_plan.plan\(...\) returned a plan that cannot be stored as JSON"),  # sorted keys
+    ("other", {}, r"odd_plan.plan\(...\) \(MODULE\) returned a plan named 'other'; name it 'odd_plan'"),
+    ("odd_plan", {"where": object()}, r"odd_plan.plan\(...\) \(MODULE\) returned a plan that cannot be stored as JSON"),
+    ("odd_plan", {1: "a", "b": 2}, r"odd_plan.plan\(...\) \(MODULE\) returned a plan that cannot be stored as JSON"),  # sorted keys
 ])
 def test_a_plan_the_record_could_not_keep_fails_before_the_evaluation(tiny, name, info, says):
     """A plan named after another method, or with a non-JSON info, failed only when the record was written."""
@@ -414,7 +416,7 @@ def test_a_plan_the_record_could_not_keep_fails_before_the_evaluation(tiny, name
         def plan(self, model, calib, mode):
             return PruningPlan(name, 4, (0, 1, 2, 3), (0, 1, 2), info=info)
 
-    with pytest.raises(TypeError, match=says):
+    with pytest.raises(PluginContractError, match=says.replace("MODULE", __name__)):  # exit 2, no longer a TypeError
         OddPlan().make_plan(tiny.model, None, "disaggregated")
 
 

@@ -120,12 +120,14 @@ def registries(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     live = (registry._METHODS, kv._POLICIES, long_tasks._REGISTRY, local_tasks._REGISTRY, figures.FIGURES)
     saved = [dict(r) for r in live]
+    loaded = set(sys.modules)
     yield tmp_path
     for r, old in zip(live, saved):
         r.clear()
         r.update(old)
-    for key in SIGNATURES:
-        sys.modules.pop(f"pd_harness_sig_{key}", None)
+    for name in set(sys.modules) - loaded:  # the plug-in modules the test imported from tmp_path
+        if name.startswith("pd_harness_"):
+            sys.modules.pop(name)
 
 
 @pytest.mark.parametrize("kind", sorted(SIGNATURES))
@@ -184,3 +186,45 @@ def test_a_local_task_loader_returning_another_layout_is_refused_before_the_mode
     assert r.returncode == 2 and says in r.stderr and "unpruned/disaggregated" not in r.stderr, r.stderr
     Odd.load = classmethod(lambda cls, data_dir, subtask=None: {"test": [ROW]})
     assert tasks.local_rows("pd_odd_rows", registries) == {"test": [ROW]}
+
+
+ODD_PLAN = ("from harness.pd.plan import PruningPlan\nfrom methods.base import Method\nfrom methods.registry import register"
+            "\n\n\n@register\nclass Odd(Method):\n    name = 'pd_odd_plan'\n\n    def plan(self, model, calib, mode):\n"
+            "        return RETURNS\n")
+RETURNS = {  # what plan() returns -> what the line says after "pd_odd_plan.plan(...) (pd_harness_odd_plan) "
+    "None": "returned None; it must return a PruningPlan (PruningPlan(self.name, arch.n_layers(model), ",
+    "{'prefill': [0, 1]}": "returned a dict ({'prefill': [0, 1]}); it must return a PruningPlan",
+    "PruningPlan('tail', 4, (0, 1, 2, 3), (0, 1, 2))": "returned a plan named 'tail'; name it 'pd_odd_plan'",
+    "PruningPlan(self.name, 4, (0, 1, 2, 3), (0, 1, 2), info={'at': object()})": "returned a plan that cannot be "
+    "stored as JSON (Object of type object is not JSON serializable); it must keep numbers, strings, lists and dicts",
+}
+
+
+@pytest.mark.parametrize("returns", sorted(RETURNS))
+def test_a_plan_that_is_not_a_pruning_plan_is_refused_naming_the_module(registries, cli, data_dir, returns):
+    """A TypeError failed the quality cell and the latency method (exit 1, "rerun to retry"), and the quality line
+    named no module: a plan() that returns the wrong thing broke its contract, as one that makes an invalid plan."""
+    import methods
+
+    (registries / "pd_harness_odd_plan.py").write_text(ODD_PLAN.replace("RETURNS", returns))
+    methods.load_plugins("pd_harness_odd_plan")
+    tiny = ("--model", "random:tiny", "--device", "cpu", "--methods", "pd_odd_plan", "-q")
+    run = cli(*tiny, "--tasks", "arc_easy", "--limit", "2", "--mode", "disaggregated", "--out", registries / "q",
+              data_dir=data_dir)
+    lat = cli("latency", *tiny, "--prompt-tokens", "16", "--decode-tokens", "2", "--batch-size", "1", "--repeats", "1",
+              "--out", registries / "lat")
+    for r in (run, lat):
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+        assert f"pd_odd_plan.plan(...) (pd_harness_odd_plan) {RETURNS[returns]}" in r.stderr, r.stderr[-1500:]
+
+
+def test_a_plan_with_two_layer_sets_for_unified_mode_is_refused_naming_the_module(registries, cli, data_dir):
+    """It failed the cell with a ValueError naming the method alone (exit 1, "rerun to retry")."""
+    import methods
+
+    (registries / "pd_harness_odd_plan.py").write_text(ODD_PLAN.replace("RETURNS", "PruningPlan(self.name, 4, (0, 1, 2, 3), (0, 1, 2))"))
+    methods.load_plugins("pd_harness_odd_plan")
+    r = cli("--model", "random:tiny", "--device", "cpu", "--methods", "pd_odd_plan", "-q", "--tasks", "arc_easy",
+            "--limit", "2", "--mode", "unified", "--out", registries / "q", data_dir=data_dir)
+    assert r.returncode == 2 and ("pd_odd_plan.plan(...) (pd_harness_odd_plan) returned a plan with two layer sets or "
+                                  "KV pruning for mode 'unified'; it must return one layer set") in r.stderr, r.stderr[-1500:]
