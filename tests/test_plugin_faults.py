@@ -396,8 +396,9 @@ def test_a_cell_failing_with_an_error_without_a_message_names_its_type(plugins, 
     methods.load_plugins("pd_harness_fault_bare_assert")
     r = cli("--model", "random:tiny", "--device", "cpu", "--methods", "unpruned", "--tasks", "bare_assert", "--mode",
             "disaggregated", "--out", tmp_path / "q", data_dir=data_dir)
-    assert r.returncode == 1 and "error: unpruned/disaggregated: AssertionError\n" in r.stderr, r.stderr[-1500:]
-    assert "unpruned/disaggregated: AssertionError (details: " in r.stdout
+    where = "in plug-in pd_harness_fault_bare_assert.BareAssert.evaluate"  # the code that raised it, too
+    assert r.returncode == 1 and f"error: unpruned/disaggregated: AssertionError ({where})\n" in r.stderr, r.stderr[-1500:]
+    assert f"unpruned/disaggregated: AssertionError ({where}; details: " in r.stdout
 
 
 @pytest.mark.parametrize("name, info, says", [

@@ -228,3 +228,71 @@ def test_a_plan_with_two_layer_sets_for_unified_mode_is_refused_naming_the_modul
             "--limit", "2", "--mode", "unified", "--out", registries / "q", data_dir=data_dir)
     assert r.returncode == 2 and ("pd_odd_plan.plan(...) (pd_harness_odd_plan) returned a plan with two layer sets or "
                                   "KV pruning for mode 'unified'; it must return one layer set") in r.stderr, r.stderr[-1500:]
+
+
+RAISING = """
+from dataclasses import dataclass
+
+from harness.pd.kv import register_policy
+from harness.pd.kv.base import TokenSelection
+from harness.quality.long_tasks import register_task
+from harness.quality.long_tasks.base import LongTask
+from harness.store.task_names import TaskPresentation
+from methods.base import Method
+from methods.registry import register
+
+
+@register
+class Planless(Method):
+    name = "pd_raising_plan"
+
+    def plan(self, model, calib, mode):
+        raise RuntimeError("plan exploded")
+
+
+@register_policy
+@dataclass(frozen=True)
+class Keepless(TokenSelection):
+    \"\"\"Test policy.\"\"\"
+
+    name, method_name, method_summary = "pd_raising_keep", "pd_raising_keep_kv", "test"
+
+    def keep(self, layer, positions, lengths, k, observed):
+        raise RuntimeError("keep exploded")
+
+
+@dataclass(frozen=True)
+class C:
+    n: int = 1
+
+
+@register_task
+class Exploding(LongTask):
+    name, Config = "pd_raising_task", C
+    presentation = TaskPresentation(title="X", setting_prefix="x_N", primary_metric="x")
+
+    def evaluate(self, scorer, tokenizer, data_dir, options, limit, progress=False):
+        raise RuntimeError("task exploded")
+"""
+
+
+def test_a_quality_cell_failing_in_plugin_code_names_the_plugin(registries, cli, data_dir):
+    """"error: unpruned/disaggregated: RuntimeError: task exploded" named neither the task nor its module, where
+    `latency` names the plug-in code (`plugin_faults.blame`); so did the report's note of the cell."""
+    import methods
+    from reports.collect import failure_notes
+
+    (registries / "pd_harness_raising.py").write_text(RAISING)
+    methods.load_plugins("pd_harness_raising")
+    out = registries / "q"
+    r = cli("--model", "random:tiny", "--device", "cpu", "--methods", "pd_raising_plan,pd_raising_keep_kv,unpruned",
+            "--set", "pd_raising_keep_kv.base=tail", "--set", "pd_raising_keep_kv.base_options=k=1", "--set",
+            "pd_raising_keep_kv.keep_tokens=3", "--tasks", "arc_easy,pd_raising_task", "--limit", "2", "--mode",
+            "disaggregated", "--out", out, "-q", data_dir=data_dir)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    for cell, says in [("pd_raising_plan", "plan exploded (in plug-in pd_harness_raising.Planless.plan"),
+                       ("pd_raising_keep_kv", "keep exploded (in plug-in pd_harness_raising.Keepless.keep"),
+                       ("unpruned", "task exploded (in plug-in pd_harness_raising.Exploding.evaluate")]:
+        assert f"error: {cell}/disaggregated: RuntimeError: {says})\n" in r.stderr, r.stderr[-1500:]
+        assert f"{cell}/disaggregated: RuntimeError: {says}; details: {out / cell}__disaggregated.failed.json)" in r.stdout
+        assert any(f"RuntimeError: {says}; details: " in line for line in failure_notes([out])), failure_notes([out])

@@ -364,5 +364,5 @@ def _failed(failures: list, n_cells: int, is_main: bool) -> int:
     for f in failures:
         print(f"  {f.line()}")
         if is_main:
-            print(f"error: {f.method}/{f.mode}: {f.text()}", file=sys.stderr)
+            print(f"error: {f.method}/{f.mode}: {f.named()}", file=sys.stderr)
     return 2 if all(f.bad_input for f in failures) else 1

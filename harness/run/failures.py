@@ -17,6 +17,7 @@ class CellFailure:
     mode: str
     error: BaseException
     file: Path
+    plugin: str | None = None  # the plug-in code it came from (`plugin_faults.blame_cell`), None for the harness's own
 
     @property
     def bad_input(self) -> bool:
@@ -29,8 +30,19 @@ class CellFailure:
         message = str(self.error)
         return message if self.bad_input and message else f"{type(self.error).__name__}: {message}".removesuffix(": ")
 
+    def named(self) -> str:
+        """`text()` and the plug-in code it came from, as `latency` names it: "RuntimeError: task exploded" named
+        neither the task, the policy nor the method whose code raised it."""
+        where = self._where()
+        return f"{self.text()} (in plug-in {where})" if where else self.text()
+
     def line(self) -> str:
-        return f"{self.method}/{self.mode}: {self.text()} (details: {self.file})"
+        where = f"in plug-in {w}; " if (w := self._where()) else ""
+        return f"{self.method}/{self.mode}: {self.text()} ({where}details: {self.file})"
+
+    def _where(self) -> str | None:
+        """The plug-in code to name, unless the message names it already (a contract error's does)."""
+        return self.plugin if self.plugin and self.plugin not in str(self.error) else None
 
 
 class CellsFailed(Exception):

@@ -27,7 +27,7 @@ from harness.quality.distributed import Dist, ShardedScorer
 from harness.quality.evaluate import TaskCache, check_fewshot, check_tasks, evaluate_task, flatten_results, is_download_error  # noqa: F401 - some re-exported
 from harness.quality.long_tasks.base import special_prefix
 from harness.quality.samples import lm_eval_lines, samples_path
-from harness.run import inputs, made_on, reuse, task_check, task_record
+from harness.run import inputs, made_on, plugin_faults, reuse, task_check, task_record
 from harness.run.failures import CellFailure, CellsFailed
 from harness.run.progress import Tracker, task_label, work_of
 from harness.store import records as rec
@@ -181,14 +181,17 @@ def _record_failure(st: _Run, name: str, method, mode: str, e: Exception) -> Cel
     except Exception:  # noqa: BLE001 - the note matters more than its key
         pass
     path = st.out_dir / rec.failure_filename(name, mode)
+    failure = CellFailure(name, mode, e, path, plugin_faults.blame_cell(e, method))
     if st.dist.is_main:
-        try:
+        try:  # the report's note names the plug-in code too
             rec.save_failure(st.out_dir, name, mode, key, e, traceback.format_exc(),
-                             dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+                             dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                             **({"plugin": failure.plugin} if failure.plugin else {}))
         except OSError as note_error:  # e.g. a full disk: the note is best-effort, the other cells still run
             st.say(f"{name}/{mode}: could not write {path.name} ({note_error.strerror or note_error})")
-    st.say(f"{name}/{mode}: FAILED ({type(e).__name__}: {str(e)[:200]}); continuing with the other cells")
-    return CellFailure(name, mode, e, path)
+    where = f" in plug-in {failure.plugin}" if failure.plugin else ""
+    st.say(f"{name}/{mode}: FAILED ({type(e).__name__}: {str(e)[:200]}{where}); continuing with the other cells")
+    return failure
 
 
 def _free_accelerator_memory() -> None:

@@ -46,6 +46,13 @@ def blame(error: BaseException, subject: object = None) -> str | None:
     return where
 
 
+def blame_cell(error: BaseException, method: object) -> str | None:
+    """`blame` in a quality cell, where a contract error need not be the method's: a long-context task's result, a
+    local task's rows or a KV policy's mask name their plug-in in the message, so only `Method.make_plan`'s checks
+    blame the cell's method (a plug-in method's name on a task's error would send its author to the wrong file)."""
+    return blame(error, method if _raised_by_make_plan(error) else None)
+
+
 def owner(subject: object) -> str | None:
     """`module.Name` of the plug-in code `subject` (a method instance or a figure function) is, or None for the
     package's own."""
