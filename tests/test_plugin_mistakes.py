@@ -80,6 +80,35 @@ def test_a_long_task_result_in_another_layout_fails_naming_the_task_and_the_layo
         long_tasks.unregister_task("pd_test_odd_result")
 
 
+
+@pytest.mark.parametrize("score, says", [({"value": float("nan"), "stderr": None}, "x.value=nan"),
+                                         ({"value": 1.0, "stderr": float("inf")}, "x.stderr=inf")])
+def test_a_long_task_result_that_is_not_finite_is_kept_and_said(score, says):
+    """A NaN or infinite score was stored silently and surfaced only when `check` refused it. Kept (a diverged model
+    gives them through the package's own pd_ppl, an infinite perplexity: a result, not a broken contract), but said
+    at once, naming the task."""
+    import dataclasses
+
+    from harness.errors import HarnessWarning
+    from harness.quality import long_tasks
+    from harness.store.task_names import TaskPresentation
+
+    class Diverged(long_tasks.LongTask):
+        name, Config = "pd_test_nan_result", dataclasses.make_dataclass("O", [("n", int, 1)], frozen=True)
+        presentation = TaskPresentation(title="X", setting_prefix="x_N", primary_metric="x")
+
+        def evaluate(self, *args, **kwargs):
+            return {**GOOD, "scores": {"x": score}}
+
+    long_tasks.register_task(Diverged)
+    try:
+        with pytest.warns(HarnessWarning, match=f"long-context task 'pd_test_nan_result' \\({__name__}\\): evaluate\\(\\) "
+                                                f"returned {says}, not finite numbers; the record keeps them, `check` "
+                                                "refuses them as references"):
+            assert long_tasks.evaluate("pd_test_nan_result", None, None, None, Diverged.Config(), None)["scores"]["x"] is score
+    finally:
+        long_tasks.unregister_task("pd_test_nan_result")
+
 SIGNATURES = {  # a plug-in of each kind whose called function takes other arguments than the harness gives
     "method": ("from dataclasses import dataclass\nfrom methods.base import Method, Options\nfrom methods.registry import "
                "register\n\n\n@register\nclass M(Method):\n    name = 'pd_sig_method'\n\n    @dataclass(frozen=True)\n"

@@ -13,10 +13,12 @@ presentation stored in its records, the reports. `--limit N` caps each task's sa
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
-from harness.errors import PluginContractError
+from harness.errors import HarnessWarning, PluginContractError
 from harness.quality.long_tasks.base import LongTask
 from harness.registration import TaskRegistry, check_callable_as, check_name, import_package_modules, option_types, same_definition
 
@@ -74,8 +76,24 @@ def evaluate(task: str, scorer, tokenizer, data_dir: Path | None, options: Any, 
     out = cls().evaluate(scorer, tokenizer, data_dir, options, limit, progress)
     _check_layout(cls, out)
     _check_settings(cls, out)
+    _warn_non_finite(cls, out, getattr(scorer, "label", None))
     out["harness_task"] = cls.describe(options)
     return out
+
+
+def _warn_non_finite(cls: type[LongTask], out: dict, cell: str | None) -> None:
+    """Say so when a score or stderr is NaN or infinite: stored silently, it surfaced only when `check` refused it.
+    Not refused here: a model a method broke gives them through the package's own tasks too (pd_ppl's perplexity of
+    a diverged model is inf, of NaN logits NaN), a result the record should keep and the report shows, not a broken
+    task contract to exit 2 over."""
+    bad = [f"{m}.{k}={v[k]}" for m, v in out["scores"].items() for k in ("value", "stderr")
+           if isinstance(v.get(k), float) and not math.isfinite(v[k])]
+    if bad:
+        on = f" on {cell}" if cell else ""
+        warnings.warn(f"long-context task {cls.name!r} ({cls.__module__}): evaluate() returned {', '.join(bad)}{on}, "
+                      "not finite numbers; the record keeps them, `check` refuses them as references. A diverged model "
+                      "gives them; if this model's other scores are sound, the task's arithmetic is at fault",
+                      HarnessWarning, stacklevel=2)
 
 
 RESULT_LAYOUT = ('{"scores": {metric: {"value": number, "stderr": number or None}}, "n_samples": int, '
