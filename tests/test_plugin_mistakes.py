@@ -217,6 +217,30 @@ def test_a_local_task_loader_returning_another_layout_is_refused_before_the_mode
     assert tasks.local_rows("pd_odd_rows", registries) == {"test": [ROW]}
 
 
+
+def test_a_local_task_loader_that_raises_fails_once_naming_it_before_the_model_loads(registries, cli):
+    """The loader's own error (exit 1: the plug-in's failure, as an evaluate() that raises) failed every cell after
+    the model loaded, naming neither the task nor its loader; the same rows each time, so no cell could pass."""
+    from harness.quality import local_tasks
+    from harness.quality.local_tasks.base import LocalTask
+
+    (registries / "rows.jsonl").write_text("{}\n")
+
+    class Boom(LocalTask):
+        name, files, splits, upstream = "pd_boom_rows", (str(registries / "rows.jsonl"),), ("test",), "sciq/sciq.yaml"
+
+        @classmethod
+        def load(cls, data_dir, subtask=None):
+            raise RuntimeError("loader exploded")
+
+    local_tasks.register_task(Boom)
+    r = cli("--model", "random:tiny", "--methods", "unpruned,tail", "--set", "tail.k=1", "--tasks", "pd_boom_rows",
+            "--limit", "2", "--data-dir", registries, "--out", registries / "out", "-q")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert (f"error: task pd_boom_rows: its loader failed: RuntimeError: loader exploded (in plug-in {__name__}."
+            f"{Boom.__qualname__}.load, {__file__}:") in r.stderr, r.stderr
+    assert "/disaggregated" not in r.stderr + r.stdout and not list((registries / "out").glob("*.failed.json"))
+
 ODD_PLAN = ("from harness.pd.plan import PruningPlan\nfrom methods.base import Method\nfrom methods.registry import register"
             "\n\n\n@register\nclass Odd(Method):\n    name = 'pd_odd_plan'\n\n    def plan(self, model, calib, mode):\n"
             "        return RETURNS\n")

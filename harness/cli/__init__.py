@@ -16,7 +16,7 @@ from harness.cli.interrupt import sigterm_as_ctrl_c
 from harness.cli.latency import cmd_latency
 from harness.cli.report import cmd_report
 from harness.cli.run import cmd_run
-from harness.errors import UsageError
+from harness.errors import PluginFailed, UsageError
 
 
 def cmd_config(argv: list[str]) -> int:
@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(RANK_GRACE_S)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PluginFailed as e:  # a plug-in's own error before any cell: one line naming it (exit 1, not bad input)
+        if not _other_rank():
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         sys.stderr.close()
         return 0

@@ -31,19 +31,35 @@ def blame(error: BaseException, subject: object = None) -> str | None:
     """The plug-in code `error` comes from: `module.function` of the innermost plug-in frame on its traceback (or on
     the tracebacks of the exceptions it was raised from), or, for the harness's check of what a plug-in returned,
     the plug-in class (or figure function) of `subject`; None when it is the harness's own error."""
-    where = None
+    found = _plugin_frame(error)
+    if found is not None:
+        frame, module, _ = found
+        return f"{module}.{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}"
+    if isinstance(error, PluginContractError) or _raised_by_make_plan(error):
+        return owner(subject)
+    return None
+
+
+def plugin_line(error: BaseException) -> str | None:
+    """'FILE:LINE' of the plug-in frame `blame` names (where no traceback is kept, the line to look at); None when
+    no plug-in frame is on it."""
+    found = _plugin_frame(error)
+    return f"{found[0].f_code.co_filename}:{found[2]}" if found is not None else None
+
+
+def _plugin_frame(error: BaseException) -> tuple[object, str, int] | None:
+    """(frame, module, line) of the innermost plug-in frame on `error`'s traceback or its causes'."""
+    found = None
     seen: set[int] = set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen:  # the causes are raised deeper down: the last plug-in frame wins
         seen.add(id(e))
-        for frame, _ in traceback.walk_tb(e.__traceback__):
+        for frame, lineno in traceback.walk_tb(e.__traceback__):
             module = _module_of(frame)
             if module == MAIN or is_plugin(module):
-                where = f"{module}.{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}"
+                found = (frame, module, lineno)
         e = e.__cause__
-    if where is None and (isinstance(error, PluginContractError) or _raised_by_make_plan(error)):
-        return owner(subject)
-    return where
+    return found
 
 
 def blame_cell(error: BaseException, method: object) -> str | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.errors import UsageError
+from harness.errors import PluginFailed, UsageError
 from harness.quality.evaluate import TaskCache
 from harness.store import records as rec
 
@@ -35,8 +35,9 @@ def pending(cfg, prepared, out_dir: Path) -> bool:
 def tasks_before_load(cfg, prepared, out_dir: Path) -> TaskCache:
     """The run's `TaskCache`, with `rows_from_local_data`'s tasks built and their first rows rendered now
     (`TaskCache.check_rows`) when a cell is `pending`: a UsageError (exit 2) for a row that lacks a field a template
-    reads, or a loader's own. Any other error building a task is left to the cell that builds it, as before (a hub
-    download, lm-eval's own errors). The caller closes it (its cells use it)."""
+    reads, or a loader's own; `PluginFailed` (exit 1) for a plug-in loader that raised. Any other error building a task
+    is left to the cell that builds it, as before (a hub download, lm-eval's own errors). The caller closes it (its
+    cells use it)."""
     tasks = TaskCache(cfg.tasks, Path(cfg.data_dir) if cfg.data_dir else None, cfg.include_path)
     try:
         for task in rows_from_local_data(cfg, tasks) if pending(cfg, prepared, out_dir) else ():
@@ -44,12 +45,26 @@ def tasks_before_load(cfg, prepared, out_dir: Path) -> TaskCache:
                 tasks.check_rows([task], cfg.num_fewshot)
             except UsageError:
                 raise
-            except Exception:  # noqa: BLE001, S112 - the cell reports it, as it did before this check
-                continue
+            except Exception as e:  # noqa: BLE001 - the cell reports the others, as it did before this check
+                _stop_on_loader_failure(task, e)
     except BaseException:
         tasks.close()
         raise
     return tasks
+
+
+def _stop_on_loader_failure(task: str, error: Exception) -> None:
+    """`PluginFailed` (exit 1, one line) when plug-in code, a task's loader, raised `error` while its task was built:
+    its own failure, as a plug-in task's `evaluate()` that raises, but said once and before the model loads, where it
+    failed every cell after the loading, naming nothing (the same rows each time: no cell could pass). Another error
+    (a hub download, lm-eval's own) is left to the cell that builds the task, as before."""
+    from harness.run.plugin_faults import blame, one_line, plugin_line
+
+    where = blame(error)
+    if where is not None:
+        raise PluginFailed(f"task {task}: its loader failed: {type(error).__name__}: {one_line(error)} (in plug-in "
+                           f"{where}, {plugin_line(error)}); nothing was run: fix the loader or the data it reads, then "
+                           "rerun") from error
 
 
 def options_against_tokenizer(cfg, prepared, loaded=None, warn: bool = True):
