@@ -116,7 +116,26 @@ def help_text(builtin_only: bool = False) -> str:
     lines.append("long-context tasks (options via --set TASK.OPTION=VALUE when the task is in --tasks):")
     tasks = [n for n in long_tasks.names() if not builtin_only or long_tasks.get(n).__module__.startswith("harness.quality.long_tasks.")]
     lines += [f"  {name:16s} options: {options_help(long_tasks.get(name).Config)}" for name in tasks]
-    return "\n".join(lines)
+    return "\n".join(lines if builtin_only else lines + _plugin_tasks_and_figures())
+
+
+def _plugin_tasks_and_figures() -> list[str]:
+    """The plug-in lm-eval tasks on local data and latency figures, as the list above names plug-in methods and
+    long-context tasks (`--help` named neither): those of the package are documented (docs/tasks.md, docs/latency.md)
+    and have no options, so only plug-ins are listed, and without any the text is the generated one."""
+    from harness.latency.figures import FIGURES
+    from harness.quality import local_tasks
+
+    local = [local_tasks.get(n) for n in local_tasks.names() if not local_tasks.is_builtin(local_tasks.get(n))]
+    figures = {n: f for n, f in FIGURES.items() if f.__module__ != "harness.latency.figures"}
+    lines = []
+    if local:
+        lines.append("plug-in lm-eval tasks on local data (--tasks NAME with --data-dir):")
+        lines += [f"  {c.name:16s} lm-eval's {c.upstream} on {', '.join(c.files)} ({c.__module__})" for c in local]
+    if figures:
+        lines.append("plug-in latency figures (each `python -m harness latency` record stores them):")
+        lines += [f"  {n:16s} {f.__module__}.{f.__qualname__}" for n, f in figures.items()]
+    return lines
 
 
 def help_module() -> str:

@@ -64,6 +64,38 @@ def test_the_generated_help_is_the_live_one_without_plugins():
     assert TEXT == help_text(builtin_only=True)
 
 
+def test_the_live_help_lists_plugin_local_tasks_and_latency_figures(monkeypatch):
+    """It listed plug-in methods and long-context tasks, but not a plug-in lm-eval task on local data nor a plug-in
+    latency figure; the package's own (no options, documented) stay out, as the generated text has them not."""
+    from harness.cli.methods_help import TEXT
+    from harness.latency import figures
+    from harness.quality import local_tasks
+    from harness.quality.local_tasks.base import LocalTask
+    from methods.catalog import help_text
+
+    class Mine(LocalTask):
+        name, files, splits, upstream = "pd_help_rows", ("mine/test.jsonl",), ("test",), "sciq/sciq.yaml"
+
+        @classmethod
+        def load(cls, data_dir, subtask=None):
+            return {"test": []}
+
+    def probe(x):
+        return {}
+
+    assert help_text() == TEXT  # none yet: the generated text
+    local_tasks.register_task(Mine)
+    monkeypatch.setitem(figures.FIGURES, "pd_help_ms", probe)
+    try:
+        text = help_text()
+    finally:
+        local_tasks.unregister_task("pd_help_rows")
+    assert text.startswith(TEXT + "\nplug-in lm-eval tasks on local data (--tasks NAME with --data-dir):\n"
+                           f"  pd_help_rows     lm-eval's sciq/sciq.yaml on mine/test.jsonl ({__name__})\n")
+    assert text.endswith(f"plug-in latency figures (each `python -m harness latency` record stores them):\n"
+                         f"  pd_help_ms       {__name__}.{probe.__qualname__}")
+
+
 def test_a_bad_flag_is_named_alone_with_the_known_flag_it_is_close_to(capsys):
     """argparse printed the whole usage (15 lines for the run command) above the message, and no hint for a typo."""
     import pytest
