@@ -283,6 +283,20 @@ def test_a_plan_with_two_layer_sets_for_unified_mode_is_refused_naming_the_modul
                                   "KV pruning for mode 'unified'; it must return one layer set") in r.stderr, r.stderr[-1500:]
 
 
+def test_a_kv_baseline_over_a_plugin_base_whose_plan_returns_none_names_the_base(registries, cli, data_dir):
+    """A KV baseline called its base's plan() unchecked: a plug-in base returning None failed with an AttributeError in
+    the baseline's own code (exit 1), naming no plug-in."""
+    import methods
+
+    (registries / "pd_harness_odd_plan.py").write_text(ODD_PLAN.replace("RETURNS", "None"))
+    methods.load_plugins("pd_harness_odd_plan")
+    r = cli("latency", "--model", "random:tiny", "--device", "cpu", "--methods", "streamingllm", "--set",
+            "streamingllm.base=pd_odd_plan", "-q", "--prompt-tokens", "16", "--decode-tokens", "2", "--batch-size", "1",
+            "--repeats", "1", "--out", registries / "lat")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert f"pd_odd_plan.plan(...) (pd_harness_odd_plan) {RETURNS['None']}" in r.stderr, r.stderr[-1500:]
+
+
 RAISING = """
 from dataclasses import dataclass
 

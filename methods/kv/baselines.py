@@ -146,7 +146,7 @@ class KVBaseline(Method):
         return cls(budget=budget, **own)
 
     def plan(self, model, calib, mode: str) -> PruningPlan:
-        base_plan = self.base.plan(model, calib, mode)
+        base_plan = self.base.make_plan(model, calib, mode)  # checked: a plug-in base returning None is named
         info: dict[str, Any] = {"base": {"method": base_plan.method, "options": self.base.options(),
                                          "kv_policy": base_plan.kv_policy.to_dict(), "info": base_plan.info}}
         if mode == "unified":
