@@ -62,8 +62,12 @@ class ResidualFFN(nn.Module):
         self.norm, self.mlp = norm, mlp
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # training feeds (tokens, hidden) rows, the hook (batch, seq, hidden): a mixture-of-experts block (Mixtral's,
+        # Qwen2-MoE's) unpacks three dimensions, so rows go through it as one sequence
+        x = self.norm(h)
+        out = self.mlp(x[None])[0] if h.dim() == 2 else self.mlp(x)
         # a copy of a placed block's MLP computes on that block's device; h comes from the block before the run
-        return h + self.mlp(self.norm(h)).to(h.device)
+        return h + out.to(h.device)
 
 
 @torch.inference_mode()
