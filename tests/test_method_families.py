@@ -44,3 +44,30 @@ def test_every_method_keeps_its_contract_on_other_families(name, family, calib):
             check_method_contract(name, model, calib, EXERCISE.get(name))
         return
     check_method_contract(name, model, calib, EXERCISE.get(name))
+
+
+def test_taylor_importance_counts_every_weight_of_a_mixture_of_experts_block(calib):
+    """Σ |w · dL/dw| over every non-bias parameter of each block, by an independent backward through the model's own
+    forward: the `*weight` filter skipped Mixtral's expert tensors (`experts.gate_up_proj`, `experts.down_proj`), so an
+    MoE block scored by its attention, norms and router alone."""
+    from copy import deepcopy
+
+    import torch
+    import torch.nn.functional as F
+
+    from methods.depth.perplexity import calibration_rows, make_batches
+    from methods.depth.shortened_taylor import taylor_scores
+
+    model = model_of("mixtral")
+    batches = make_batches(calibration_rows(calib.input_ids, 6, 0), torch.device("cpu"), 4, 512)
+    ours, _ = taylor_scores(model, batches)
+    clone = deepcopy(model)
+    n_targets = sum(len(b.targets) for b in batches)
+    with torch.enable_grad():
+        for b in batches:
+            logits = clone(input_ids=b.ids, attention_mask=b.valid.long()).logits[b.rows, b.cols].float()
+            (F.cross_entropy(logits, b.targets, reduction="sum") / n_targets).backward()
+    ref = [sum(float((p.detach().double() * p.grad.double()).abs().sum()) for n, p in layer.named_parameters()
+               if not n.endswith("bias") and p.grad is not None) for layer in arch.decoder_layers(clone)]
+    assert any("experts" in n for n, _ in arch.block_weights(arch.decoder_layers(model)[0]))
+    assert ours == pytest.approx(ref, rel=1e-4)

@@ -45,6 +45,13 @@ def lm_head(model: nn.Module) -> nn.Module:
     return model.get_output_embeddings()
 
 
+def block_weights(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """A decoder layer's weights: every parameter but its biases. Llama-like layers name them `*weight`; the experts of
+    a mixture-of-experts block (transformers 5's fused `experts.gate_up_proj` and `experts.down_proj` of Mixtral,
+    Qwen2-MoE, DeepSeek-V3) are 3-D parameters without that suffix, which a `*weight` filter silently left out."""
+    return [(name, p) for name, p in layer.named_parameters() if "bias" not in name.rsplit(".", 1)[-1]]
+
+
 def kv_heads_and_dim(config) -> tuple[int, int]:
     """(num_key_value_heads, head_dim) of one layer's K (or V) per token."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -13,7 +13,8 @@ Choices and departures from the paper:
 - The "+" rule: the first `keep_first = 4` and last `keep_last = 2` blocks are never removed
   (0 and 0 turn it off).
 - "Weights" are a block's parameters named `*weight` (every projection and both norms), as in
-  the authors' code; biases (Qwen2's q/k/v) are left out, as there.
+  the authors' code, and a mixture-of-experts block's expert tensors, which transformers 5 names
+  without the suffix (`arch.block_weights`); biases (Qwen2's q/k/v) are left out, as there.
 - Calibration data: the paper uses 10 BookCorpus samples of 128 tokens; here `samples`
   sequences (seeded) of this harness's calibration set. L is the mean over all their predicted
   tokens (batches are accumulated with weights by token count), so the gradient does not depend
@@ -39,14 +40,14 @@ from methods.registry import register
 
 
 def taylor_scores(model, batches) -> tuple[list[float], float]:
-    """Per block Σ |w · dL/dw| over its `*weight` parameters, and L (mean NLL), on `batches`.
+    """Per block Σ |w · dL/dw| over its weights (`arch.block_weights`), and L (mean NLL), on `batches`.
 
     Leaves every parameter's `requires_grad` and `.grad` as they were.
     """
     layers = arch.decoder_layers(model)
     params = list(model.parameters())
     saved = [(p, p.requires_grad, p.grad) for p in params]
-    weights = [[p for name, p in layer.named_parameters() if name.endswith("weight")] for layer in layers]
+    weights = [[p for _, p in arch.block_weights(layer)] for layer in layers]
     n_targets = sum(len(b.targets) for b in batches)
     loss_total = 0.0
     try:
