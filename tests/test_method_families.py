@@ -71,3 +71,33 @@ def test_taylor_importance_counts_every_weight_of_a_mixture_of_experts_block(cal
                if not n.endswith("bias") and p.grad is not None) for layer in arch.decoder_layers(clone)]
     assert any("experts" in n for n, _ in arch.block_weights(arch.decoder_layers(model)[0]))
     assert ours == pytest.approx(ref, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "granite"])
+def test_a_streamline_replacement_exports_as_a_layer_computing_it_or_is_refused(family, calib, tmp_path):
+    """The trained FFN is written as a decoder layer with zero attention. A Mixtral checkpoint reloads with the logits
+    the harness scored; a Granite layer scales its residual branches (`residual_multiplier`), so that layer would
+    compute h + 0.5 · MLP(norm(h)), not the replacement: it reloaded 0.9 off in the logits, silently, and is refused."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from harness.pd.models import LoadedModel
+    from harness.pd.presets import byte_tokenizer
+    from harness.run.export import export_plan
+
+    model = model_of(family)
+    cls = methods.get("streamline")
+    method = cls(cls.Config(k=2, replace="ffn", replace_steps=3, batch_size=4))
+    plan = method.plan(model, calib, "unified")
+    loaded = LoadedModel(model, byte_tokenizer(300), family)
+    if family == "granite":
+        with pytest.raises(UsageError, match=r"cannot be written as a GraniteDecoderLayer: this granite decoder layer"):
+            export_plan(loaded, method, plan, tmp_path / "ck")
+        return
+    export_plan(loaded, method, plan, tmp_path / "ck")
+    ids = torch.tensor([[5, 17, 290, 42, 256, 7, 99, 123]])
+    with torch.inference_mode(), method.apply(model, plan), arch.layers_swapped(model, plan.prefill_layers):
+        expected = model(ids).logits
+    with torch.inference_mode():
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32).eval()(ids).logits
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)

@@ -138,9 +138,32 @@ def _insert_replacement(slots: list[Slot], layers: Sequence[int], rep: Replaceme
                 raise UsageError(f"the replacement network has no tensor matching decoder-layer tensor {name}; "
                                  "it cannot be written as a decoder layer")
             tensors[name] = src
+    _check_computes_replacement(model, arch.decoder_layers(model)[rep.run[0]], tensors, rep)
     note = {"replaces_removed_layers": list(rep.run), "kind": "h + MLP(RMSNorm(h)) as a decoder layer with zero attention",
             **rep.info}
     slots.insert(at, Slot(("ffn", rep.run), None, tensors, rep.run[0], note))
+
+
+def _check_computes_replacement(model: nn.Module, layer: nn.Module, tensors: dict[str, torch.Tensor], rep: Replacement) -> None:
+    """UsageError unless a decoder layer like `layer` holding `tensors` (attention zeroed) computes the replacement's
+    h + mlp(norm(h)) on a random input: a family whose layer scales its residual branches (Granite's
+    `residual_multiplier`) reloaded as another function than the one the harness scored, silently."""
+    dec = arch.decoder(model)
+    w = next(layer.parameters())
+    h = torch.randn(1, 5, dec.embed_tokens.weight.shape[-1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    pos = torch.arange(5, device=w.device)[None]
+    with torch.inference_mode():  # the layer's own module run with the tensors written (torch.func: no copy of it)
+        rot = tuple(t.to(w.device) for t in dec.rotary_emb(h, position_ids=pos))
+        got = torch.func.functional_call(layer, tensors, (h,), {"attention_mask": None, "position_embeddings": rot,
+                                                                "position_ids": pos, arch.cache_kwarg(type(layer)): None})
+        got = (got[0] if isinstance(got, tuple) else got).float()
+        want = (h + rep.mlp(rep.norm(h)).to(h.device)).float()
+    if not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())):
+        kind = getattr(model.config, "model_type", "?")
+        raise UsageError(f"the replacement network of removed blocks {list(rep.run)} cannot be written as a "
+                         f"{type(layer).__name__}: this {kind} decoder layer, its attention zeroed, does not compute "
+                         "h + MLP(norm(h)) (it scales or norms its residual branches otherwise); export a plan without "
+                         "the replacement")
 
 
 def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
