@@ -101,3 +101,14 @@ def test_a_streamline_replacement_exports_as_a_layer_computing_it_or_is_refused(
     with torch.inference_mode():
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32).eval()(ids).logits
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "pyramidkv"])
+def test_a_per_head_kv_baseline_on_a_latent_kv_cache_is_refused_before_its_base_plans(name, calib, monkeypatch):
+    """The engine refused it only once the plan was made: after the base's search (PDTrim's takes minutes)."""
+    model = model_of("deepseek_v3")
+    method = methods.get(name)(methods.get(name).Config(base="pdtrim"))
+    monkeypatch.setattr(type(method.base), "plan", lambda *a: pytest.fail("the base planned"))
+    with pytest.raises(UsageError, match=rf"{name}: the {name} KV policy selects positions per KV head, and this "
+                                         "deepseek_v3 model caches one compressed latent per token"):
+        method.plan(model, calib, "disaggregated")

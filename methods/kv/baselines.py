@@ -29,6 +29,7 @@ from typing import Any
 
 from harness.config import build_options
 from harness.errors import UsageError
+from harness.pd import arch
 from harness.pd.kv import KVBudget, KVPolicy, get_policy, policy_names
 from harness.pd.plan import PruningPlan
 from harness.registration import same_definition
@@ -146,6 +147,9 @@ class KVBaseline(Method):
         return cls(budget=budget, **own)
 
     def plan(self, model, calib, mode: str) -> PruningPlan:
+        if mode != "unified":  # a per-head policy on a latent KV cache: refused before the base's (minutes of) search,
+            # not by the engine once the plan is made; the budget is a stand-in (per_head does not depend on it)
+            arch.check_policy_fits(model.config, self.policy(KVBudget(tokens=1)), self.name)
         base_plan = self.base.make_plan(model, calib, mode)  # checked: a plug-in base returning None is named
         info: dict[str, Any] = {"base": {"method": base_plan.method, "options": self.base.options(),
                                          "kv_policy": base_plan.kv_policy.to_dict(), "info": base_plan.info}}
