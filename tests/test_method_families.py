@@ -112,3 +112,17 @@ def test_a_per_head_kv_baseline_on_a_latent_kv_cache_is_refused_before_its_base_
     with pytest.raises(UsageError, match=rf"{name}: the {name} KV policy selects positions per KV head, and this "
                                          "deepseek_v3 model caches one compressed latent per token"):
         method.plan(model, calib, "disaggregated")
+
+
+def test_export_of_a_model_with_unlike_layers_is_refused_before_planning(cli, data_dir, tmp_path, monkeypatch):
+    """DeepSeek-V3's first `first_k_dense_replace` layers have a dense MLP, the rest experts: a pruned config cannot
+    say which kept layer is which. `export` refused it only after the plan (a search of minutes) was made."""
+    from harness.pd.presets import byte_tokenizer
+
+    model_of("deepseek_v3").save_pretrained(tmp_path / "m")
+    byte_tokenizer(300).save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(methods.get("shortgpt"), "plan", lambda *a: pytest.fail("planned"))
+    got = cli("export", "--model", tmp_path / "m", "--device", "cpu", "--method", "shortgpt", "--set", "shortgpt.k=1",
+              "--out", tmp_path / "out", "--data-dir", data_dir)
+    assert got.returncode == 2, got.stderr
+    assert "decoder layer 1 of this deepseek_v3 model differs in class or shapes from layer 0" in got.stderr

@@ -272,6 +272,7 @@ def _export(args: argparse.Namespace, source: Source, method, calib_config, data
 
     from harness.pd import arch
     from harness.pd.models import load_model, parse_model_args
+    from harness.run.checkpoint import layer_reference
     from methods.plugin_code import plugin_code, policy_code
 
     t0 = time.perf_counter()
@@ -280,6 +281,7 @@ def _export(args: argparse.Namespace, source: Source, method, calib_config, data
     loaded = load_model(source.model, args.device, args.dtype, source.seed, model_args=model_args)
     say = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     say(f"model {source.model} loaded ({arch.n_layers(loaded.model)} layers)")
+    layer_reference(loaded.model)  # a model whose layers no pruned config describes: refused before the planning
     plan, calib = _plan_to_export(source, method, calib_config, loaded, data_dir, say)
     if source.mode == "unified" and not plan.is_unified:
         raise UsageError(f"{source.method} made a plan with two layer sets or KV pruning for unified mode; export it with "

@@ -111,8 +111,11 @@ def layer_reference(model: nn.Module) -> dict[str, Any]:
     shapes = {k: tuple(t.shape) for k, t in mods[0].state_dict().items()}
     for i, m in enumerate(mods):
         if type(m) is not type(mods[0]) or {k: tuple(t.shape) for k, t in m.state_dict().items()} != shapes:
-            raise UsageError(f"{type(model).__name__}: decoder layer {i} differs in class or shapes from layer 0; "
-                             "export supports models whose decoder layers are all alike")
+            kind = getattr(model.config, "model_type", "?")
+            raise UsageError(f"{type(model).__name__}: decoder layer {i} of this {kind} model differs in class or "
+                             "shapes from layer 0 (e.g. DeepSeek's dense first layers before its mixture-of-experts "
+                             "ones); export supports models whose decoder layers are all alike, since the pruned "
+                             "config could not say which of its layers are which")
     return {"cls": type(mods[0]), "shapes": shapes}
 
 
