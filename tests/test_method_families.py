@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 
 import pytest
-from method_contract import check_method_contract
+from method_contract import check_method_contract, make
 from test_methods import EXERCISE
 from test_models import tiny_family
 
@@ -37,9 +37,11 @@ def calib(data_dir):
 def test_every_method_keeps_its_contract_on_other_families(name, family, calib):
     """Plans in both modes, applied and scored by the engine; a KV policy that selects per KV head is refused on a
     latent KV cache (DeepSeek-V3 has no KV heads), naming the model type."""
+    from harness.pd.kv import KVBudget
+
     model = model_of(family)
-    policy_cls = getattr(methods.get(name), "policy_cls", None)
-    if arch.latent_kv(model.config) and policy_cls is not None and policy_cls.per_head.fget(None):
+    method = make(name, arch.n_layers(model), EXERCISE.get(name))
+    if arch.latent_kv(model.config) and hasattr(method, "policy_cls") and method.policy(KVBudget(tokens=1)).per_head:
         with pytest.raises(UsageError, match=rf"{family} model caches one compressed latent per token"):
             check_method_contract(name, model, calib, EXERCISE.get(name))
         return
