@@ -80,3 +80,58 @@ def test_a_report_on_a_folder_being_written_says_so(tmp_path, capsys):
     assert "this report holds the records it had finished, so rerun the report when that process ends" in err
     assert main(["report", str(run), "--no-plots", "--out", str(tmp_path / "rep")]) == 0  # the killed writer's lock file
     assert "being written" not in capsys.readouterr().err
+
+
+class _Listed:
+    """A folder's entries as listed before its subfolder went away (what os.scandir gave a reader racing a remover)."""
+
+    def __init__(self, entries):
+        self._it = iter(entries)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def close(self):
+        pass
+
+
+def test_a_folder_removed_while_the_report_looks_for_writers_is_skipped(tmp_path, monkeypatch):
+    """A folder removed while the report looks for live writers' lock files (a sweep moving a finished cell's folder, a
+    `check --update` swapping the references in) ended a finished report with rglob's FileNotFoundError (Python 3.11);
+    it is skipped, as `records.run_files_under` skips it, and the live writer elsewhere is still named."""
+    import os
+    import shutil
+
+    from harness.store import lock
+
+    run, gone = tmp_path / "run", tmp_path / "run" / ".sweep" / "cell"
+    gone.mkdir(parents=True)
+    real = os.scandir
+
+    def scandir(p="."):
+        if not isinstance(p, (str, os.PathLike)) or Path(p) != gone.parent or not gone.exists():  # rmtree lists by fd
+            return real(p)
+        with real(p) as it:
+            entries = list(it)
+        shutil.rmtree(gone)  # listed, then removed before it is itself listed
+        return _Listed(entries)
+
+    holder = _hold(run)
+    try:
+        monkeypatch.setattr(os, "scandir", scandir)
+        found = lock.writers_under(run)
+    finally:
+        monkeypatch.undo()
+        holder.kill()
+        holder.wait()
+    assert not gone.exists()
+    assert [(folder, who.split(":")[0]) for folder, who in found] == [(run, f"pid {holder.pid}")]

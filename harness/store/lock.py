@@ -219,11 +219,13 @@ def hold_beside(folder: Path, *, shared: bool = False, wait: float = 0, what: st
 def writers_under(path: Path) -> list[tuple[Path, str]]:
     """(folder, who) for each output folder at or under `path` that a live harness process is writing now, by the lock
     files writers leave there while they work (a writer's lock file is removed when it ends; one left by a killed
-    writer names a pid that is gone). Read only: taking the lock, even shared, could refuse a writer starting now."""
+    writer names a pid that is gone). Read only: taking the lock, even shared, could refuse a writer starting now.
+    os.walk, not rglob: a folder removed while it is listed (a sweep moving a cell's folder, a `check --update`
+    swapping the references) is skipped, where rglob raises FileNotFoundError on Python 3.11."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     found = []
-    for f in sorted(folder.rglob(LOCK_NAME)):
+    for f in sorted(Path(top) / LOCK_NAME for top, _dirs, names in os.walk(folder) if LOCK_NAME in names):
         try:
             info = json.loads(f.read_text(encoding="utf-8") or "{}")
         except (OSError, ValueError):
