@@ -195,6 +195,22 @@ def test_latency_plans_from_replays_a_swept_variants_plan(cli, tmp_path, data_di
     assert r.returncode == 0 and "tail: no disaggregated plan to replay in --plans-from" in r.stderr
 
 
+def test_a_data_dir_that_is_no_folder_is_refused_only_for_a_method_that_plans_here(cli, tmp_path, data_dir):
+    """`--data-dir` (or HARNESS_DATA_DIR) naming no folder, on a machine that only times plans: `latency --plans-from RUN`
+    of a calibrating method whose plan RUN holds needs no data, and was refused ("no such directory") all the same. A
+    method whose plan is not replayed, and so calibrates here, is still refused before the weights load."""
+    run, opts = tmp_path / "q", ("--methods", "shortgpt", "--set", "shortgpt.k=1", "--set", "calib.n_samples=4")
+    assert cli("--model", "random:tiny", "--device", "cpu", *opts, "--tasks", "arc_easy", "--limit", "2", "--mode",
+               "disaggregated", "--out", run, data_dir=data_dir).returncode == 0
+    lat = ("latency", "--model", "random:tiny", "--device", "cpu", "--prompt-tokens", "16", "--decode-tokens", "2",
+           "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--plans-from", run, "--data-dir", tmp_path / "nodata", "-q")
+    r = cli(*lat, *opts, "--out", tmp_path / "lat")
+    assert r.returncode == 0 and "planning afresh" not in r.stderr, r.stderr[-1500:]
+    r = cli(*lat, *opts, "--methods", "shortgpt,sleb", "--set", "sleb.k=1", "--out", tmp_path / "lat2")
+    assert r.returncode == 2 and f"--data-dir {tmp_path / 'nodata'}: no such directory" in r.stderr, r.stderr[-1500:]
+    assert "loaded" not in r.stderr and not (tmp_path / "lat2").exists()
+
+
 def test_plans_are_measured_in_interleaved_rounds(tiny, monkeypatch):
     # another job's load changes from minute to minute: each round measures every plan once, so the
     # plans' fastest repeats (what the CI gate divides) sample the same stretches of load

@@ -138,9 +138,7 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     prepared = pipeline.prepare(RunConfig(methods=cfg.methods, tasks=(), seed=cfg.seed, data_dir=data_dir,
                                           overrides=cfg.overrides), need_data=cfg.plans_from is None)
     need_records_folder(args.plans_from, "--plans-from")
-    if data_dir and not Path(data_dir).is_dir() and any(m.needs_calibration for m in prepared.methods.values()):
-        raise UsageError(f"--data-dir {data_dir}: no such directory (expected a folder laid out like ../shared/data, "
-                         "which the methods that calibrate read)")  # not "piqa/valid.jsonl: unreadable (Not a directory)"
+    _need_data_dir(data_dir, prepared.methods, {} if cfg.plans_from is None else None)  # with --plans-from: below
     figures.check(cfg.bandwidths_gbit)  # a plug-in figure that fails does so now, not after the measuring
     out = args.out or default_out(cfg, kind="latency-")
     check_writable(out, "--out")  # a bad --out fails before the model loads, not after
@@ -157,6 +155,7 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
         try:
             depth = model_before_load(cfg.model, model_args)  # an architecture refused, counts too deep: before the weights
             replay = plans_to_time(cfg.plans_from, depth, prepared.methods) if depth is not None else None
+            _need_data_dir(data_dir, prepared.methods, replay if cfg.plans_from else None)  # what is not replayed
             loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed, placement=cfg.placement(), model_args=model_args)
             records = run_latency(cfg, prepared, out, loaded, say, replay)
         except RoundsInterrupted:  # not while the model loads or a method plans: no round had measured anything then
@@ -170,6 +169,17 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
             print("\n" + to_markdown(extra))
         print(f"\nclock: {records[0].extra.get('clock')}; records and summary.csv in {out}")
     return _failed(failures, len(prepared.methods), len(records)) if failures else 0
+
+
+def _need_data_dir(data_dir: str | None, methods: dict, replayed: dict | None) -> None:
+    """A UsageError when `data_dir` is no folder and a method calibrates here, i.e. is not in `replayed` (the plans
+    --plans-from gives; None: not known before the weights load, so left to the calibration): it said "piqa/valid.jsonl:
+    unreadable (Not a directory)". A replayed plan needs no data: a machine without it times replayed plans."""
+    if not data_dir or Path(data_dir).is_dir() or replayed is None:
+        return
+    if any(m.needs_calibration for name, m in methods.items() if name not in replayed):
+        raise UsageError(f"--data-dir {data_dir}: no such directory (expected a folder laid out like ../shared/data, "
+                         "which the methods that calibrate read)")
 
 
 def _failed(failures: list, n_methods: int, n_records: int) -> int:
