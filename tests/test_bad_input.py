@@ -341,6 +341,21 @@ def test_an_empty_data_dir_variable_is_no_data_dir(monkeypatch):
         assert make().parse_args(["--out", "o"] if make is export_parser else []).data_dir is None
 
 
+def test_a_blank_data_dir_variable_is_no_data_dir_in_flags_and_specs(monkeypatch, tmp_path):
+    """HARNESS_DATA_DIR of spaces (`export HARNESS_DATA_DIR=" "`) is unset as an empty one is: the flag's refusal of an
+    empty path told the user to leave out a flag they had not given, and a spec's section ended in a traceback."""
+    from harness.cli.export import parser as export_parser
+    from harness.cli.latency import latency_parser
+    from harness.cli.run import run_parser
+    from harness.cli.spec import load_spec, to_namespace
+
+    monkeypatch.setenv("HARNESS_DATA_DIR", "  ")
+    for make in (run_parser, latency_parser, export_parser):
+        assert make().parse_args(["--out", "o"] if make is export_parser else []).data_dir is None
+    spec = load_spec(_write(tmp_path / "s.toml", '[run]\nout = "o"\nmodel = "random:tiny"\nmethods = ["unpruned"]\n'))
+    assert to_namespace(spec, "run", run_parser()).data_dir is None
+
+
 def _drop(key):
     def edit(lines):
         row = json.loads(lines[1])

@@ -134,9 +134,11 @@ def spec_arg(s: str) -> Path:
 
 
 def env_path(name: str) -> str | None:
-    """A path flag's default from the environment variable `name`; unset or empty is no default (argparse passes a
-    string default through the flag's type, which refuses an empty path)."""
-    return os.environ.get(name) or None
+    """A path flag's default from the environment variable `name`; unset, empty or blank is no default (argparse passes
+    a string default through the flag's type, which refuses an empty path: for a flag not given, and a spec's section
+    ended in a traceback)."""
+    value = os.environ.get(name)
+    return value if value and value.strip() else None
 
 
 def model_arg(s: str) -> str:
