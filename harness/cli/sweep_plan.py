@@ -138,7 +138,7 @@ def _spec_cells(spec, section: dict, overrides: list[str], variants: list[str], 
 
     shared = [o for o in overrides if _scope(o) == "calib" or long_tasks.is_long_task(_scope(o))]
     cells = []
-    for method in dict.fromkeys(sweep_base(v) for v in variants):  # a method named twice is one method, as in a run
+    for method in dict.fromkeys(sweep_base(v) for v in variants):  # a depth sweep's variants (tail@k=1, tail@k=2): one cell
         # a cell runs one method, and `--set` rejects scopes that are not in its run: only its own options go along
         mine = [o for o in overrides if _scope(o) == method]
         for mode in modes:

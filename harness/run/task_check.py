@@ -95,8 +95,8 @@ def model_before_load(spec: str, model_args: dict | None) -> int | None:
     from harness.pd.arch import check_supported_config
     from harness.pd.models import model_config
 
-    config = model_config(spec, model_args)
-    check_supported_config(config.get_text_config(), spec)
+    config = model_config(spec, model_args).get_text_config()  # a multimodal config's text model: the decoder run
+    check_supported_config(config, spec)
     depth = getattr(config, "num_hidden_layers", None)
     return depth if isinstance(depth, int) else None
 
