@@ -32,10 +32,11 @@ def _hold(folder: Path) -> subprocess.Popen:
     return holder
 
 
-def test_two_checks_started_in_the_same_second_rerun_into_two_folders(tmp_path, monkeypatch, capsys):
+def test_two_checks_started_in_the_same_second_rerun_into_two_folders(tmp_path, monkeypatch, capsys, data_dir):
     import harness.cli.check as check
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))  # CI's is relative to the checkout
     (tmp_path / "s.toml").write_text(SPEC)
     assert main(["check", "--against", "ref", "--spec", "s.toml", "--out", "r0", "--update", "-q"]) == 0
     monkeypatch.setattr(check.time, "strftime", lambda fmt: "20250101-000000")  # the second of the other check
@@ -52,8 +53,9 @@ def test_two_checks_started_in_the_same_second_rerun_into_two_folders(tmp_path, 
     assert [p.name for p in (first.parent / "check-20250101-000000-2" / "quality").glob("*.json")] == ["unpruned__unified.json"]
 
 
-def test_a_refused_check_leaves_no_rerun_folder(tmp_path, monkeypatch, capsys):
+def test_a_refused_check_leaves_no_rerun_folder(tmp_path, monkeypatch, capsys, data_dir):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))  # CI's is relative to the checkout
     (tmp_path / "s.toml").write_text(SPEC)
     assert main(["check", "--against", "ref", "--spec", "s.toml", "--out", "r0", "--update", "-q"]) == 0
     (tmp_path / "s.toml").write_text(SPEC.replace('"unpruned"]', '"unprned"]'))  # refused as its [run] section starts
