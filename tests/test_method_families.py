@@ -1,6 +1,6 @@
 """Every registered method on families other than Llama: fused projections (Phi-3), mixture-of-experts blocks
 (Mixtral), multi-head latent attention with dense and MoE layers mixed (DeepSeek-V3). The load check accepts them
-after comparing the engine's dense scores with their own forward (tests/test_models.py); this runs the methods'
+after comparing the engine's dense scores with their own forward (tests/test_families.py); this runs the methods'
 own code on them (block statistics, gradients, trained replacements, the attention probe, healing)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import functools
 
 import pytest
 from method_contract import check_method_contract, make
+from test_families import tiny_family
 from test_methods import EXERCISE
-from test_models import tiny_family
 
 import methods
 from harness.errors import UsageError
