@@ -46,11 +46,38 @@ def check_parser() -> argparse.ArgumentParser:
 
 
 def cmd_check(argv: list[str]) -> int:
-    from harness.cli.spec import load_spec, run_spec
-    from harness.store.records import record_files_under, unfinished_hint
-    from harness.store.references import check_paths, check_update, refuse_nested
-
     args = check_parser().parse_args(argv)
+    _check_args(args)
+    current, spec, outs, hint = args.current, None, None, None
+    if current is None:
+        rerun = _rerun(args)
+        if isinstance(rerun, int):  # the rerun failed or was interrupted: its exit status
+            return rerun
+        current, spec, outs, hint = rerun
+    else:
+        _check_current(args, current)
+    if args.update:
+        return _update(args.against, current)
+    res = _compare(args.against, current, args.latency_tolerance)
+    if args.current is None and res.only_timing and "latency" in spec.sections:
+        try:
+            res = _remeasure(args, spec, outs, res)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {hint}", file=sys.stderr)
+            return 130
+    for line in res.failures:
+        print(f"FAIL  {line}")
+    for line in res.notes:
+        print(f"note  {line}")
+    verdict = "passed" if res.ok else f"FAILED ({len(res.failures)} difference(s))"
+    print(f"regression check {verdict}: {res.compared} record(s) of {current} compared with {args.against}")
+    return 0 if res.ok else 1
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """The flags checked before any rerun (UsageError, exit 2); `args.spec` gets its default."""
+    from harness.store.records import record_files_under
+
     if args.latency_tolerance < 0:
         raise UsageError(f"--latency-tolerance {args.latency_tolerance}: must be >= 0")
     given = [flag for flag, v in (("--spec", args.spec), ("--out", args.out)) if v is not None]
@@ -74,59 +101,55 @@ def cmd_check(argv: list[str]) -> int:
         raise UsageError(f"--against {args.against}: holds no reference records (<method>__<mode>.json); give the "
                          f"references' folder (e.g. results/reference), or create them with: python -m harness check "
                          f"--against {args.against} --update")
-    current = args.current
-    if current is None:
-        current = args.out or RERUNS / f"check-{time.strftime('%Y%m%d-%H%M%S')}"  # the name _claim makes unique
-        refuse_nested(args.against, current, "--out", same_ok=False)
-        _refuse_earlier_work(current)
-        if args.update:
-            check_paths(args.against, current)  # before a rerun of minutes
-        spec = load_spec(args.spec, flag="--spec")
-        if "run" not in spec.sections and "latency" not in spec.sections:
-            raise UsageError(f"--spec {args.spec}: no [run] or [latency] section, so nothing to rerun; give a spec that "
-                             "has one (default: configs/ci.toml), or compare records made earlier with --current DIR")
-        current = current if args.out else _claim(current)  # after the refusals above: no empty folder left by them
-        outs = {"run": current / "quality", "latency": current / "latency"}
-        # not "rerun the same command": a check refuses an --out holding earlier work (_refuse_earlier_work)
-        hint = (f"a check does not resume, so run it again{' into a new --out' if args.out else ''}; {current} keeps the "
-                f"partial rerun (compare what it holds with --current {current})")
-        try:
-            rc = run_spec(spec, {"run": cmd_run, "latency": cmd_latency}, outs=outs, quiet=args.quiet, interrupt_hint=hint)
-        except KeyboardInterrupt:  # the latency section, or between sections
-            print(f"\ninterrupted: {hint}", file=sys.stderr)
-            return 130
-        except UsageError:  # a section refused before it wrote anything: the folder _claim made goes too
-            if args.out is None:  # an --out of the user's own stays
-                with contextlib.suppress(OSError):
-                    current.rmdir()
-            raise
-        if rc != 0:
-            return rc
-    elif not current.is_dir():
+
+
+def _rerun(args: argparse.Namespace):
+    """Rerun the spec into a new folder: (that folder, the spec, its sections' folders, the hint an interrupt gives),
+    or the exit status of a rerun that failed or was interrupted."""
+    from harness.cli.spec import load_spec, run_spec
+    from harness.store.references import check_paths, refuse_nested
+
+    current = args.out or RERUNS / f"check-{time.strftime('%Y%m%d-%H%M%S')}"  # the name _claim makes unique
+    refuse_nested(args.against, current, "--out", same_ok=False)
+    _refuse_earlier_work(current)
+    if args.update:
+        check_paths(args.against, current)  # before a rerun of minutes
+    spec = load_spec(args.spec, flag="--spec")
+    if "run" not in spec.sections and "latency" not in spec.sections:
+        raise UsageError(f"--spec {args.spec}: no [run] or [latency] section, so nothing to rerun; give a spec that "
+                         "has one (default: configs/ci.toml), or compare records made earlier with --current DIR")
+    current = current if args.out else _claim(current)  # after the refusals above: no empty folder left by them
+    outs = {"run": current / "quality", "latency": current / "latency"}
+    # not "rerun the same command": a check refuses an --out holding earlier work (_refuse_earlier_work)
+    hint = (f"a check does not resume, so run it again{' into a new --out' if args.out else ''}; {current} keeps the "
+            f"partial rerun (compare what it holds with --current {current})")
+    try:
+        rc = run_spec(spec, {"run": cmd_run, "latency": cmd_latency}, outs=outs, quiet=args.quiet, interrupt_hint=hint)
+    except KeyboardInterrupt:  # the latency section, or between sections
+        print(f"\ninterrupted: {hint}", file=sys.stderr)
+        return 130
+    except UsageError:  # a section refused before it wrote anything: the folder _claim made goes too
+        if args.out is None:  # an --out of the user's own stays
+            with contextlib.suppress(OSError):
+                current.rmdir()
+        raise
+    return rc if rc != 0 else (current, spec, outs, hint)
+
+
+def _check_current(args: argparse.Namespace, current: Path) -> None:
+    """`--current`: a folder of run records (for `--update`, one the references can be refreshed from)."""
+    from harness.store.records import record_files_under, unfinished_hint
+    from harness.store.references import check_update, refuse_nested
+
+    if not current.is_dir():
         raise UsageError(f"--current {current}: {'a file, not a folder of run records' if current.exists() else 'no such folder'}")
-    elif not args.update and not record_files_under(current):  # else a "regression" of N differences, exit 1
+    if not args.update and not record_files_under(current):  # else a "regression" of N differences, exit 1
         raise UsageError(f"--current {current}: holds no run records (<method>__<mode>.json){unfinished_hint(current)}; "
                          "give the folder of a check's rerun (results/runs/check-...) or of a run")
-    elif args.update:
+    if args.update:
         check_update(args.against, current)  # refuse before anything is touched
     else:
         refuse_nested(args.against, current)
-    if args.update:
-        return _update(args.against, current)
-    res = _compare(args.against, current, args.latency_tolerance)
-    if args.current is None and res.only_timing and "latency" in spec.sections:
-        try:
-            res = _remeasure(args, spec, outs, res)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted: {hint}", file=sys.stderr)
-            return 130
-    for line in res.failures:
-        print(f"FAIL  {line}")
-    for line in res.notes:
-        print(f"note  {line}")
-    verdict = "passed" if res.ok else f"FAILED ({len(res.failures)} difference(s))"
-    print(f"regression check {verdict}: {res.compared} record(s) of {current} compared with {args.against}")
-    return 0 if res.ok else 1
 
 
 RERUNS = Path("results") / "runs"
