@@ -522,3 +522,23 @@ def test_an_export_names_the_record_it_replayed_by_its_full_path(tmp_path, capsy
     assert cli_main(["export", "--device", "cpu", "--record", "run/" + path.name, "--out", "e"]) == 0
     capsys.readouterr()
     assert json.loads((tmp_path / "e" / "harness_export.json").read_text())["plan_replayed_from"] == str(path.resolve())
+
+
+@pytest.mark.parametrize(("config", "option", "message"), [
+    ({"model_type": "gemma2", "num_hidden_layers": 4}, "shortgpt.k=1", "this gemma2 model has sliding-window attention"),
+    ({"model_type": "llama", "num_hidden_layers": 4}, "shortgpt.k=10", "must be < the model's 4 layers"),
+])
+def test_a_refused_family_or_a_count_too_deep_is_refused_before_the_weights_load(config, option, message, tmp_path,
+                                                                                   capsys, monkeypatch):
+    """As `run` and `latency` refuse them (`task_check.model_before_load`): export loaded the weights first, so a
+    Gemma-2 folder failed inside transformers ("does not support an attention implementation through sdpa") instead
+    of naming its sliding windows, and `--set shortgpt.k=10` on a 4-layer model waited for the weights' minutes."""
+    import harness.pd.models as models
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))  # a config and no weights: nothing to load
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    assert cli_main(["export", "--model", str(folder), "--device", "cpu", "--method", "shortgpt", "--set", option,
+                     "--out", str(tmp_path / "e")]) == 2
+    assert message in capsys.readouterr().err
