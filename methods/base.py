@@ -199,7 +199,9 @@ class Method(abc.ABC):
         given = self.outer.set_args_for_base(fit) if self.outer is not None and fit else \
             " ".join(f"--set {self.name}.{k}={v}" for k, v in fit.items())
         hint = f"; for {n} layers try {given}" if given else ""
-        return UsageError(f"{self.name}.{option}={value}: must be < the model's {n} layers (at least one must stay){hint}")
+        whose = f"{self.outer.name}'s base " if self.outer is not None else ""  # `--methods h2o` named pdtrim alone
+        return UsageError(f"{whose}{self.name}.{option}={value}: must be < the model's {n} layers (at least one must "
+                          f"stay){hint}")
 
     def fitted_counts(self, n: int, option: str | None = None) -> dict[str, int]:
         """The depth counts (k, k_decode, keep_last, ...) this config exceeds where `config_for_layers(n)` shrank them

@@ -129,6 +129,7 @@ def test_a_kv_baseline_whose_base_is_too_deep_names_its_base_options(mode, tiny,
     with pytest.raises(UsageError, match=r"for 4 layers try --set \"h2o\.base_options=") as err:
         cls(dataclasses.replace(cls.Config(), base_options="tau=0.0")).plan(tiny.model, tiny_calib, mode)
     assert "--set pdtrim." not in str(err.value)
+    assert re.match(r"h2o's base pdtrim\.k_\w+=8: must be < the model's 4 layers", str(err.value))  # named pdtrim alone
     given = re.search(r'--set "h2o\.base_options=([^"]*)"', str(err.value)).group(1)
     assert given.startswith("tau=0.0 ") and "k_decode=2" in given
     fixed = cls(dataclasses.replace(cls.Config(), base_options=given))
