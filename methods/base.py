@@ -181,6 +181,12 @@ class Method(abc.ABC):
                                       "numbers, strings, lists and dicts with string keys in its info") from None
         return plan
 
+    def check_config(self, config: Any, mode: str) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Raise the `UsageError` that `plan(model, calib, mode)` would raise for a model of this `config` (the text
+        model's), without its weights: a run asks every method before the weights load (`refuse_unfit`), so a KV
+        baseline whose policy selects per KV head is refused for a model with a latent KV cache at once, not after
+        an 8B model's minutes of loading. The default refuses nothing."""
+
     def check_depth(self, n: int, mode: str) -> None:  # noqa: B027 - optional hook, no-op by default
         """Raise the `UsageError` that `plan(model, calib, mode)` would raise on an `n`-layer model for a count option
         too deep for it (`too_deep`), without planning: a latency run asks every method first, so `tail.k=8` on 4
@@ -258,6 +264,18 @@ def check_prefill_ratio(name: str, c) -> None:
     """A `prefill_ratio` outside [0, 1] is a usage error (`prefill_depth` would leave 0..k_decode)."""
     if c.prefill_ratio is not None and not 0 <= c.prefill_ratio <= 1:
         raise UsageError(f"{name}.prefill_ratio={c.prefill_ratio}: must be within [0, 1] (k_prefill = floor(ratio · k_decode))")
+
+
+def refuse_unfit(methods: dict, config: Any, modes: tuple[str, ...] = ("disaggregated",)) -> None:
+    """Every method's `check_config` against the model's config in each of `modes`, before the weights load; a check
+    that fails otherwise than with a `UsageError` is left to `plan()`, as `refuse_too_deep` leaves it."""
+    for method, mode in ((m, mode) for m in methods.values() for mode in modes):
+        try:
+            method.check_config(config, mode)
+        except UsageError:
+            raise
+        except Exception:  # noqa: BLE001 - plan() raises it again, as the plug-in's failure
+            continue
 
 
 def refuse_too_deep(methods: dict, n_layers: int, modes: tuple[str, ...] = ("disaggregated",)) -> None:

@@ -182,3 +182,24 @@ def test_a_latent_kv_cache_refuses_per_head_policies_and_counts_the_latent():
     # static decode's buffers took V's width from K's: a RuntimeError on the latent's unequal widths
     static = measure(model, PruningPlan.dense("u", 4), Workload(10, 4, 2), warmup=0, repeats=1, decode_mode="static")
     assert torch.equal(static.tokens, m.tokens) and static.kv_bytes == m.kv_bytes
+
+
+@pytest.mark.parametrize("command", ["run", "latency"])
+def test_a_per_head_kv_baseline_on_a_latent_kv_cache_is_refused_before_the_weights_load(command, tmp_path, data_dir,
+                                                                                        monkeypatch):
+    """From the config (`Method.check_config`), as the family refusals: it came once the weights had loaded."""
+    from harness.cli import latency, run
+    from harness.pd import models
+    from harness.pd.presets import byte_tokenizer
+
+    tiny_family("deepseek_v3").save_pretrained(tmp_path / "m")
+    byte_tokenizer(300).save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    argv = ["--model", str(tmp_path / "m"), "--device", "cpu", "--methods", "unpruned,snapkv", "--out", str(tmp_path / "o"),
+            "--set", "snapkv.base=tail", "--set", "snapkv.base_options=k=1", "-q"]
+    with pytest.raises(UsageError, match=r"snapkv: the snapkv KV policy selects positions per KV head, and this "
+                                         r"deepseek_v3 model caches one compressed latent per token"):
+        if command == "run":
+            run.cmd_run([*argv, "--tasks", "arc_easy", "--limit", "2", "--data-dir", str(data_dir), "--mode", "disaggregated"])
+        else:
+            latency.cmd_latency([*argv, "--prompt-tokens", "8", "--decode-tokens", "2", "--batch-size", "1"])

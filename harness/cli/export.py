@@ -281,7 +281,7 @@ def _export(args: argparse.Namespace, source: Source, method, calib_config, data
     # a replayed record's model as the run loaded it: its --model_args (e.g. a hub model's revision) too
     model_args = parse_model_args(source.record.config.get("model_args")) if source.record is not None else {}
     # as run and latency do: a family the engine refuses, or counts too deep, exit 2 before the weights' minutes
-    if (depth := model_before_load(source.model, model_args)) is not None:
+    if (depth := model_before_load(source.model, model_args, {source.method: method}, (source.mode,))) is not None:
         refuse_too_deep({source.method: method}, depth, (source.mode,))
     loaded = load_model(source.model, args.device, args.dtype, source.seed, model_args=model_args)
     say = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731

@@ -153,7 +153,8 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     failures: list = []
     with lock.hold(out):  # one writer per folder
         try:
-            depth = model_before_load(cfg.model, model_args)  # an architecture refused, counts too deep: before the weights
+            # before the weights load: an architecture refused, a method unfit for it, counts too deep
+            depth = model_before_load(cfg.model, model_args, prepared.methods)
             replay = plans_to_time(cfg.plans_from, depth, prepared.methods) if depth is not None else None
             _need_data_dir(data_dir, prepared.methods, replay if cfg.plans_from else None)  # what is not replayed
             loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed, placement=cfg.placement(), model_args=model_args)

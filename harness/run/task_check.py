@@ -88,15 +88,19 @@ def options_against_tokenizer(cfg, prepared, loaded=None, warn: bool = True):
     return tokenizer
 
 
-def model_before_load(spec: str, model_args: dict | None) -> int | None:
+def model_before_load(spec: str, model_args: dict | None, methods: dict | None = None,
+                      modes: tuple[str, ...] = ("disaggregated",)) -> int | None:
     """The depth the config of the model `spec` names (None: a config without `num_hidden_layers`), once the config
-    is checked for what it alone rules out (`arch.check_supported_config`: a Gemma-2's sliding windows): before the
-    weights load (an 8B model's minutes), which checked it only after."""
+    is checked for what it alone rules out (`arch.check_supported_config`: a Gemma-2's sliding windows), and by
+    `methods` in `modes` (`methods.base.refuse_unfit`: SnapKV on DeepSeek-V3's latent KV cache): before the weights
+    load (an 8B model's minutes), which checked it only after."""
     from harness.pd.arch import check_supported_config
     from harness.pd.models import model_config
+    from methods.base import refuse_unfit
 
     config = model_config(spec, model_args).get_text_config()  # a multimodal config's text model: the decoder run
     check_supported_config(config, spec)
+    refuse_unfit(methods or {}, config, modes)
     depth = getattr(config, "num_hidden_layers", None)
     return depth if isinstance(depth, int) else None
 
@@ -107,7 +111,7 @@ def depth_before_load(cfg, prepared) -> None:
     without a depth leaves the counts to the check against the loaded model."""
     from methods.base import refuse_too_deep
 
-    if (depth := model_before_load(cfg.model, cfg.model_arg_dict())) is not None:
+    if (depth := model_before_load(cfg.model, cfg.model_arg_dict(), prepared.methods, cfg.modes)) is not None:
         refuse_too_deep(prepared.methods, depth, cfg.modes)
 
 

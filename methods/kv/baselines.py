@@ -146,10 +146,15 @@ class KVBaseline(Method):
         own = {n: getattr(self.config, n) for n in cls.option_names() if n != "budget" and hasattr(self.config, n)}
         return cls(budget=budget, **own)
 
+    def check_config(self, config, mode: str) -> None:
+        """A per-head policy on a latent KV cache (`arch.check_policy_fits`), refused before the weights load and before
+        the base plans, not by the engine once the plan is made; then the base's own check."""
+        if mode != "unified":  # the budget is a stand-in: per_head does not depend on it
+            arch.check_policy_fits(config, self.policy(KVBudget(tokens=1)), self.name)
+        self.base.check_config(config, mode)
+
     def plan(self, model, calib, mode: str) -> PruningPlan:
-        if mode != "unified":  # a per-head policy on a latent KV cache: refused before the base's (minutes of) search,
-            # not by the engine once the plan is made; the budget is a stand-in (per_head does not depend on it)
-            arch.check_policy_fits(model.config, self.policy(KVBudget(tokens=1)), self.name)
+        self.check_config(model.config, mode)  # before the base's (minutes of) search
         base_plan = self.base.make_plan(model, calib, mode)  # checked: a plug-in base returning None is named
         info: dict[str, Any] = {"base": {"method": base_plan.method, "options": self.base.options(),
                                          "kv_policy": base_plan.kv_policy.to_dict(), "info": base_plan.info}}
