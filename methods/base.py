@@ -267,26 +267,24 @@ def check_prefill_ratio(name: str, c) -> None:
 
 
 def refuse_unfit(methods: dict, config: Any, modes: tuple[str, ...] = ("disaggregated",)) -> None:
-    """Every method's `check_config` against the model's config in each of `modes`, before the weights load; a check
-    that fails otherwise than with a `UsageError` is left to `plan()`, as `refuse_too_deep` leaves it."""
-    for method, mode in ((m, mode) for m in methods.values() for mode in modes):
-        try:
-            method.check_config(config, mode)
-        except UsageError:
-            raise
-        except Exception:  # noqa: BLE001 - plan() raises it again, as the plug-in's failure
-            continue
+    """Every method's `check_config` against the model's config in each of `modes`, before the weights load
+    (`_ask_every`)."""
+    _ask_every(methods, modes, lambda method, mode: method.check_config(config, mode))
 
 
 def refuse_too_deep(methods: dict, n_layers: int, modes: tuple[str, ...] = ("disaggregated",)) -> None:
     """Every method's counts against the model's depth in each of `modes` (`Method.check_depth`), before any method
     plans: `--set tail.k=8` on a 4-layer model was refused only once the methods before it had planned (PDTrim's search:
-    minutes), and a quality run's only in tail's cell, after the cells before it had scored their tasks.
-    A check that fails otherwise than with a `UsageError` is left to `plan()`, where a plug-in's failure is its own
-    (noted, and the other methods measured)."""
+    minutes), and a quality run's only in tail's cell, after the cells before it had scored their tasks."""
+    _ask_every(methods, modes, lambda method, mode: method.check_depth(n_layers, mode))
+
+
+def _ask_every(methods: dict, modes: tuple[str, ...], ask) -> None:
+    """`ask(method, mode)` for every method in each of `modes`, its `UsageError` raised. A check that fails otherwise
+    is left to `plan()`, where a plug-in's failure is its own (noted, and the other methods measured)."""
     for method, mode in ((m, mode) for m in methods.values() for mode in modes):
         try:
-            method.check_depth(n_layers, mode)
+            ask(method, mode)
         except UsageError:
             raise
         except Exception:  # noqa: BLE001 - plan() raises it again, as the plug-in's failure
