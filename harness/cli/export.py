@@ -273,16 +273,14 @@ def _export(args: argparse.Namespace, source: Source, method, calib_config, data
     from harness.pd import arch
     from harness.pd.models import load_model, parse_model_args
     from harness.run.checkpoint import layer_reference
-    from harness.run.task_check import model_before_load
-    from methods.base import refuse_too_deep
+    from harness.run.task_check import refuse_before_load
     from methods.plugin_code import plugin_code, policy_code
 
     t0 = time.perf_counter()
     # a replayed record's model as the run loaded it: its --model_args (e.g. a hub model's revision) too
     model_args = parse_model_args(source.record.config.get("model_args")) if source.record is not None else {}
     # as run and latency do: a family the engine refuses, or counts too deep, exit 2 before the weights' minutes
-    if (depth := model_before_load(source.model, model_args, {source.method: method}, (source.mode,))) is not None:
-        refuse_too_deep({source.method: method}, depth, (source.mode,))
+    refuse_before_load(source.model, model_args, {source.method: method}, (source.mode,))
     loaded = load_model(source.model, args.device, args.dtype, source.seed, model_args=model_args)
     say = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     say(f"model {source.model} loaded ({arch.n_layers(loaded.model)} layers)")

@@ -106,13 +106,18 @@ def model_before_load(spec: str, model_args: dict | None, methods: dict | None =
 
 
 def depth_before_load(cfg, prepared) -> None:
+    """`refuse_before_load` for a run's model, methods and modes."""
+    refuse_before_load(cfg.model, cfg.model_arg_dict(), prepared.methods, cfg.modes)
+
+
+def refuse_before_load(spec: str, model_args: dict | None, methods: dict, modes: tuple[str, ...]) -> None:
     """`model_before_load`, and every method's counts against the depth it names (`methods.base.refuse_too_deep`):
     `--set tail.k=40` on a 32-layer 8B model was refused only after the weights' minutes of loading. A config
     without a depth leaves the counts to the check against the loaded model."""
     from methods.base import refuse_too_deep
 
-    if (depth := model_before_load(cfg.model, cfg.model_arg_dict(), prepared.methods, cfg.modes)) is not None:
-        refuse_too_deep(prepared.methods, depth, cfg.modes)
+    if (depth := model_before_load(spec, model_args, methods, modes)) is not None:
+        refuse_too_deep(methods, depth, modes)
 
 
 def warn_chat_template_unused(cfg) -> None:
