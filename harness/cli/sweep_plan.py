@@ -95,10 +95,10 @@ def _refuse_old_work(cfg, prepared, run_out: Path) -> None:
     """Another configuration's records, or work from other data or code, refused now, as `run` does, not by every cell
     after its start: in the run folder, and in the cells' own folders, where an interrupted sweep left its resume
     states and records it never moved (the cell's start would move such a record into the run folder). The options
-    the tokenizer rules out and counts too deep for the model are refused first, as `run` refuses them before the
-    weights load, and the tokenizer's
-    default prefix decides whether long-context results of an older task version still hold: without it such
-    results were refused only by each cell, after its model load, where the tokenizer prepends a BOS (Llama's)."""
+    the tokenizer rules out and what the model's config rules out (its family, counts too deep) are refused first,
+    as `run` refuses them before the weights load, and the tokenizer's default prefix decides whether long-context
+    results of an older task version still hold: without it such results were refused only by each cell, after its
+    model load, where the tokenizer prepends a BOS (Llama's)."""
     from harness.quality.long_tasks.base import special_prefix
     from harness.run import inputs, made_on, pipeline, reuse, task_check
 

@@ -167,7 +167,7 @@ def check_supported(model: nn.Module, spec: str) -> None:
     """UsageError (exit 2) naming the model type and what is missing, for a model the PD engine cannot run or would
     score wrongly: no Llama-like decoder (`decoder`), rotary embeddings per layer type (Gemma-3's local/global
     RoPE), or what `check_supported_config` reads in its config. Checked at load (`harness.pd.models`), before any
-    score; the config's part also before the weights load (`harness.run.task_check.depth_before_load`)."""
+    score; the config's part also before the weights load (`harness.run.task_check.model_before_load`)."""
     try:
         dec = decoder(model)
     except TypeError as e:
