@@ -92,23 +92,30 @@ def test_a_model_folder_of_an_unsupported_family_is_refused_at_load(tmp_path):
         load_model(str(tmp_path), device="cpu", dtype="float32")
 
 
-@pytest.mark.parametrize("command", ["run", "latency"])
-def test_an_unsupported_family_is_refused_before_its_weights_load(command, tmp_path, data_dir, monkeypatch):
-    """What the config alone rules out (here Cohere's logit scale) is refused from the config, before the weights
-    load (an 8B model's minutes), by `run` and `latency`; it came once `load_model` had returned."""
+def _refused_before_the_weights(command, family, methods, match, tmp_path, data_dir, monkeypatch):
+    """`run` or `latency` on a saved folder of `family` with `methods` (argv) raises a UsageError matching `match`,
+    and `load_model` is never called."""
     from harness.cli import latency, run
     from harness.pd import models
     from harness.pd.presets import byte_tokenizer
 
-    tiny_family("cohere").save_pretrained(tmp_path / "m")
+    tiny_family(family).save_pretrained(tmp_path / "m")
     byte_tokenizer(300).save_pretrained(tmp_path / "m")
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
-    argv = ["--model", str(tmp_path / "m"), "--device", "cpu", "--methods", "unpruned", "--out", str(tmp_path / "o"), "-q"]
-    with pytest.raises(UsageError, match=r"cohere models are not supported: .* logit scale"):
+    argv = ["--model", str(tmp_path / "m"), "--device", "cpu", *methods, "--out", str(tmp_path / "o"), "-q"]
+    with pytest.raises(UsageError, match=match):
         if command == "run":
-            run.cmd_run([*argv, "--tasks", "arc_easy", "--limit", "2", "--data-dir", str(data_dir)])
+            run.cmd_run([*argv, "--tasks", "arc_easy", "--limit", "2", "--data-dir", str(data_dir), "--mode", "disaggregated"])
         else:
             latency.cmd_latency([*argv, "--prompt-tokens", "8", "--decode-tokens", "2", "--batch-size", "1"])
+
+
+@pytest.mark.parametrize("command", ["run", "latency"])
+def test_an_unsupported_family_is_refused_before_its_weights_load(command, tmp_path, data_dir, monkeypatch):
+    """What the config alone rules out (here Cohere's logit scale) is refused from the config, before the weights
+    load (an 8B model's minutes), by `run` and `latency`; it came once `load_model` had returned."""
+    _refused_before_the_weights(command, "cohere", ["--methods", "unpruned"],
+                                r"cohere models are not supported: .* logit scale", tmp_path, data_dir, monkeypatch)
 
 
 def hf_with_layers(model, keep):
@@ -188,18 +195,7 @@ def test_a_latent_kv_cache_refuses_per_head_policies_and_counts_the_latent():
 def test_a_per_head_kv_baseline_on_a_latent_kv_cache_is_refused_before_the_weights_load(command, tmp_path, data_dir,
                                                                                         monkeypatch):
     """From the config (`Method.check_config`), as the family refusals: it came once the weights had loaded."""
-    from harness.cli import latency, run
-    from harness.pd import models
-    from harness.pd.presets import byte_tokenizer
-
-    tiny_family("deepseek_v3").save_pretrained(tmp_path / "m")
-    byte_tokenizer(300).save_pretrained(tmp_path / "m")
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
-    argv = ["--model", str(tmp_path / "m"), "--device", "cpu", "--methods", "unpruned,snapkv", "--out", str(tmp_path / "o"),
-            "--set", "snapkv.base=tail", "--set", "snapkv.base_options=k=1", "-q"]
-    with pytest.raises(UsageError, match=r"snapkv: the snapkv KV policy selects positions per KV head, and this "
-                                         r"deepseek_v3 model caches one compressed latent per token"):
-        if command == "run":
-            run.cmd_run([*argv, "--tasks", "arc_easy", "--limit", "2", "--data-dir", str(data_dir), "--mode", "disaggregated"])
-        else:
-            latency.cmd_latency([*argv, "--prompt-tokens", "8", "--decode-tokens", "2", "--batch-size", "1"])
+    _refused_before_the_weights(command, "deepseek_v3", ["--methods", "unpruned,snapkv", "--set", "snapkv.base=tail",
+                                                         "--set", "snapkv.base_options=k=1"],
+                                r"snapkv: the snapkv KV policy selects positions per KV head, and this deepseek_v3 model "
+                                r"caches one compressed latent per token", tmp_path, data_dir, monkeypatch)
