@@ -214,6 +214,28 @@ def _static_steps(clock, model, plan: PruningPlan, dcache, tok, lengths, n: int,
     return itl, capture
 
 
+def _prompts(vocab: int, workload: Workload, seed: int, device: torch.device) -> TokenBatch:
+    """`batch_size` random prompts of `prompt_tokens` ids, (B, T) on `device`: built before any timing, so only stage
+    work is inside the clocks; drawn on the host (the generator's device) so every device gets the same prompts."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (workload.batch_size, workload.prompt_tokens), generator=g, device="cpu")
+    return TokenBatch.dense(ids.to(device))
+
+
+def _keep_run(m: Measurement, ttft: float, handoff_ms: float, itl: list[float], capture: float | None, sent,
+              generated: list) -> None:
+    """Append one measured run's samples to `m` (ms; `capture` None but in graph mode), its bytes and its tokens."""
+    if capture is not None:
+        m.graph_capture_ms.append(capture)
+    m.ttft_ms.append(ttft)
+    m.handoff_ms.append(handoff_ms)
+    m.itl_ms += itl
+    if itl:
+        m.tpot_ms.append(statistics.fmean(itl))
+    m.kv_bytes, m.kv_bytes_paged = sent.kv_bytes, sent.kv_bytes_paged(PAGE_TOKENS)
+    m.tokens = torch.stack(generated, 1).cpu()
+
+
 @torch.inference_mode()  # every stage, the prefill's LM head, the handoff's packing and unpacking too: no autograd timed
 def measure(
     model, plan: PruningPlan, workload: Workload, *, warmup: int = 1, repeats: int = 3, seed: int = 0,
@@ -232,13 +254,8 @@ def measure(
     if decode_mode == "graph" and clock.gpus:
         raise ValueError(f"decode_mode 'graph' captures one GPU's stream; the model is spread over {len(clock.gpus)} GPUs "
                          "(use eager or static)")
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    B, T, n = workload.batch_size, workload.prompt_tokens, workload.decode_tokens
-    # inputs are built before any timing: only stage work is inside the clocks; drawn on the host
-    # (the generator's device) so every device gets the same prompts
-    batch = TokenBatch.dense(torch.randint(0, vocab, (B, T), generator=g, device="cpu").to(device))
-    lengths = batch.lengths
+    batch = _prompts(model.config.vocab_size, workload, seed, device)
+    B, n, lengths = workload.batch_size, workload.decode_tokens, batch.lengths
     step_valid = torch.ones((B, 1), dtype=torch.bool, device=device)
     staged = StagedModel(model, plan)
     m = Measurement(plan.method, workload, clock.name, decode_mode=decode_mode)
@@ -251,21 +268,13 @@ def measure(
         (out, tok), ttft = clock.time(prefill)
         sent, handoff = clock.time(lambda out=out: staged.handoff(out))
         dcache, unpack = clock.time(lambda sent=sent: staged.receive(sent))
-        generated = [tok]
+        generated, capture = [tok], None
         if decode_mode == "eager":
             itl = _eager_steps(clock, staged, dcache, tok, lengths, step_valid, n, generated)
         else:
             itl, capture = _static_steps(clock, model, plan, dcache, tok, lengths, n, decode_mode == "graph", generated)
-            if capture is not None and run >= warmup:
-                m.graph_capture_ms.append(capture)
         if run >= warmup:
-            m.ttft_ms.append(ttft)
-            m.handoff_ms.append(handoff + unpack)
-            m.itl_ms += itl
-            if itl:
-                m.tpot_ms.append(statistics.fmean(itl))
-            m.kv_bytes, m.kv_bytes_paged = sent.kv_bytes, sent.kv_bytes_paged(PAGE_TOKENS)
-            m.tokens = torch.stack(generated, 1).cpu()
+            _keep_run(m, ttft, handoff + unpack, itl, capture, sent, generated)
         # the prompt KV (prefill cache, handoff, decode cache) is released before the next run prefills: kept
         # through it, a GPU held five copies at once (llama2-7b, batch 8, 2048 tokens: 5 x 8 GiB); the last
         # measured run's handoff stays with the measurement
