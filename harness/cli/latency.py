@@ -115,19 +115,35 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     quiet_libraries()
     from harness.latency import figures
     from harness.latency.measure import DECODE_MODES
-    from harness.pd.models import load_model, model_args_text, parse_model_args
     from harness.run import pipeline
-    from harness.run.latency_plans import plans_to_time
-    from harness.run.latency_run import LatencyConfig, refuse_edited_plugins, run_latency
-    from harness.run.plugin_faults import PluginsFailed
-    from harness.run.task_check import model_before_load
-    from reports.formats import to_markdown
-    from reports.latency_figures import figures_table
-    from reports.tables import efficiency_table
+    from harness.run.latency_run import refuse_edited_plugins
 
     check_latency_args(args, DECODE_MODES)
+    cfg, model_args = _latency_config(args)
+    prepared = pipeline.prepare(RunConfig(methods=cfg.methods, tasks=(), seed=cfg.seed, data_dir=cfg.data_dir,
+                                          overrides=cfg.overrides), need_data=cfg.plans_from is None)
+    need_records_folder(args.plans_from, "--plans-from")
+    # two checks, each for one case: without --plans-from every calibrating method needs the folder, refused here before
+    # --out, the lock and the config; with it, only a method whose plan is not replayed, known once `_measured` has
+    # matched the records against the config's depth (a None here defers to that second call)
+    _need_data_dir(cfg.data_dir, prepared.methods, {} if cfg.plans_from is None else None)
+    figures.check(cfg.bandwidths_gbit)  # a plug-in figure that fails does so now, not after the measuring
+    out = args.out or default_out(cfg, kind="latency-")
+    check_writable(out, "--out")  # a bad --out fails before the model loads, not after
+    refuse_edited_plugins(Path(out), prepared.methods)
+    records, failures = _measured(cfg, model_args, prepared, out)
+    if records:
+        _print_tables(records, cfg.bandwidths_gbit, out)
+    return _failed(failures, len(prepared.methods), len(records)) if failures else 0
+
+
+def _latency_config(args: argparse.Namespace):
+    """(LatencyConfig, the parsed --model-args) of checked options; a bad --model-args key: exit 2 before any model work."""
+    from harness.pd.models import model_args_text, parse_model_args
+    from harness.run.latency_run import LatencyConfig
+
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
-    model_args = parse_model_args(args.model_args)  # a bad key: exit 2 before any model work
+    model_args = parse_model_args(args.model_args)
     cfg = LatencyConfig(model=args.model, model_args=model_args_text(model_args), methods=args.methods,
                         prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                         batch_sizes=args.batch_size, bandwidths_gbit=args.bandwidths, warmup=args.warmup, repeats=args.repeats,
@@ -135,14 +151,17 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
                         real_transfer=args.real_transfer, decode_modes=args.decode_mode,
                         overrides=tuple(args.overrides), device_map=args.device_map, max_memory=args.max_memory,
                         offload_folder=str(Path(args.offload_folder).resolve()) if args.offload_folder else None)
-    prepared = pipeline.prepare(RunConfig(methods=cfg.methods, tasks=(), seed=cfg.seed, data_dir=data_dir,
-                                          overrides=cfg.overrides), need_data=cfg.plans_from is None)
-    need_records_folder(args.plans_from, "--plans-from")
-    _need_data_dir(data_dir, prepared.methods, {} if cfg.plans_from is None else None)  # with --plans-from: below
-    figures.check(cfg.bandwidths_gbit)  # a plug-in figure that fails does so now, not after the measuring
-    out = args.out or default_out(cfg, kind="latency-")
-    check_writable(out, "--out")  # a bad --out fails before the model loads, not after
-    refuse_edited_plugins(Path(out), prepared.methods)
+    return cfg, model_args
+
+
+def _measured(cfg, model_args: dict, prepared, out) -> tuple[list, list]:
+    """(the records, the plug-in failures) of measuring every method under `out`'s lock: what the config rules out is
+    refused before the weights load."""
+    from harness.pd.models import load_model
+    from harness.run.latency_plans import plans_to_time
+    from harness.run.latency_run import run_latency
+    from harness.run.plugin_faults import PluginsFailed
+    from harness.run.task_check import model_before_load
     from harness.store import lock
 
     start = time.perf_counter()
@@ -150,26 +169,31 @@ def cmd_latency(argv: list[str] | argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    failures: list = []
     with lock.hold(out):  # one writer per folder
         try:
             # before the weights load: an architecture refused, a method unfit for it, counts too deep
             depth = model_before_load(cfg.model, model_args, prepared.methods)
             replay = plans_to_time(cfg.plans_from, depth, prepared.methods) if depth is not None else None
-            _need_data_dir(data_dir, prepared.methods, replay if cfg.plans_from else None)  # what is not replayed
+            _need_data_dir(cfg.data_dir, prepared.methods, replay if cfg.plans_from else None)  # --plans-from: not replayed
             loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed, placement=cfg.placement(), model_args=model_args)
-            records = run_latency(cfg, prepared, out, loaded, say, replay)
+            return run_latency(cfg, prepared, out, loaded, say, replay), []
         except RoundsInterrupted:  # not while the model loads or a method plans: no round had measured anything then
             print(INTERRUPTED_ROUNDS, file=sys.stderr)
             raise
         except PluginsFailed as e:  # the other plans are measured and recorded
-            records, failures = e.records, e.failures
-    if records:
-        print(to_markdown(efficiency_table(records, 100.0 if 100.0 in cfg.bandwidths_gbit else cfg.bandwidths_gbit[0])))
-        if not (extra := figures_table(records)).empty:  # plug-in figures: shown where they are made, too
-            print("\n" + to_markdown(extra))
-        print(f"\nclock: {records[0].extra.get('clock')}; records and summary.csv in {out}")
-    return _failed(failures, len(prepared.methods), len(records)) if failures else 0
+            return e.records, e.failures
+
+
+def _print_tables(records: list, bandwidths_gbit: tuple[float, ...], out) -> None:
+    """The efficiency table at 100 Gbit/s (else the first bandwidth given), the plug-in figures, the clock."""
+    from reports.formats import to_markdown
+    from reports.latency_figures import figures_table
+    from reports.tables import efficiency_table
+
+    print(to_markdown(efficiency_table(records, 100.0 if 100.0 in bandwidths_gbit else bandwidths_gbit[0])))
+    if not (extra := figures_table(records)).empty:  # plug-in figures: shown where they are made, too
+        print("\n" + to_markdown(extra))
+    print(f"\nclock: {records[0].extra.get('clock')}; records and summary.csv in {out}")
 
 
 def _need_data_dir(data_dir: str | None, methods: dict, replayed: dict | None) -> None:
