@@ -1093,6 +1093,42 @@ def test_a_workload_beyond_the_models_context_is_measured_and_said(tmp_path, cap
     assert (tmp_path / "a" / "unpruned__disaggregated.json").exists()
 
 
+def test_a_prefill_that_cannot_fit_in_memory_is_refused_before_the_weights_load(tmp_path, capsys, monkeypatch):
+    """`--prompt-tokens 100000000` on random:tiny ended, after the weights loaded, in the allocator's "can't allocate
+    memory" (exit 1). A prefill of any plan holds the token ids (int64), the embeddings and one layer's K and V:
+    random:tiny in fp32 520 B per token (8 + 64·4 + 2·2·16·4); a workload whose floor exceeds the memory free is
+    refused with exit 2 naming both figures, before `load_model`; one that fits is measured."""
+    import types
+
+    import torch
+
+    from harness.cli import main
+    from harness.latency import memory
+    from harness.pd import models
+
+    config = models.model_config("random:tiny")
+    assert memory.bytes_per_prompt_token(config, torch.float32) == 8 + 64 * 4 + 2 * 2 * 16 * 4 == 520
+    assert memory.bytes_per_prompt_token(config, torch.bfloat16) == 8 + 64 * 2 + 2 * 2 * 16 * 2
+    latent = types.SimpleNamespace(hidden_size=64, num_attention_heads=4, kv_lora_rank=16)  # no KV heads: no K/V term
+    assert memory.bytes_per_prompt_token(latent, torch.float32) == 8 + 64 * 4
+    argv = ["latency", "--model", "random:tiny", "--device", "cpu", "--methods", "unpruned", "--decode-tokens", "2",
+            "--batch-size", "1,2", "--repeats", "1", "--warmup", "0", "-q"]
+    # 10^12 tokens: more than any host has, read from /proc/meminfo as the run reads it
+    assert main([*argv, "--prompt-tokens", "1000000000000", "--out", str(tmp_path / "huge")]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt-tokens 1000000000000 --batch-size 2: one prefill holds at least 1,040,000.0 GB" in err, err
+    assert "2 x 1000000000000 tokens x 520 B" in err and "free on the host (MemAvailable + SwapFree)" in err, err
+    monkeypatch.setattr(memory, "_host_free_bytes", lambda: (520 * 2 * 64, "the host"))  # 64 tokens at batch 2
+    loaded = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    assert main([*argv, "--prompt-tokens", "16,65", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt-tokens 65 --batch-size 2:" in err and "under 128 tokens" in err and "free on the host;" in err, err
+    monkeypatch.setattr(models, "load_model", loaded)
+    assert main([*argv, "--prompt-tokens", "16,64", "--out", str(tmp_path / "b")]) == 0  # 520 · 2 · 64 B: just fits
+    assert (tmp_path / "b" / "unpruned__disaggregated.json").exists()
+
+
 def test_a_count_too_deep_for_the_model_is_refused_before_any_method_plans(cli, tmp_path, monkeypatch):
     """`--methods unpruned,pdtrim,tail --set tail.k=8` on 4 layers: tail was refused only after PDTrim's search (a
     minute on random:tiny). Every method's counts are checked against the depth in the model's config first: no
