@@ -16,11 +16,12 @@ import pandas as pd
 
 from harness.store.records import atomic_write
 from reports.collect import Collection, ReportError, collect, failure_notes, metric_for, require_one_model, select_model
+from reports.efficiency import efficiency_table
 from reports.formats import to_csv, to_latex, to_markdown
 from reports.latency_figures import figure_failure_notes, figures_table
 from reports.plans import plans_table
 from reports.significance import check_baseline, paired_table
-from reports.tables import efficiency_table, long_context_table, quality_table
+from reports.tables import long_context_table, quality_table
 
 
 @dataclass

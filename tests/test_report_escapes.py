@@ -11,8 +11,9 @@ import pytest
 from conftest import ROOT
 
 from harness.store.records import load_dir
+from reports.efficiency import efficiency_table
 from reports.formats import cell, make_table, to_csv, to_markdown, wide
-from reports.tables import efficiency_table, long_context_table, quality_table
+from reports.tables import long_context_table, quality_table
 
 QUALITY = ROOT / "results" / "issue3" / "default"
 LATENCY = ROOT / "results" / "issue4" / "cpu_smollm2"

@@ -11,9 +11,10 @@ from test_reports import LATENCY, QUALITY, _fake
 
 from harness.store.records import RunRecord, load_dir, save
 from reports.collect import collect, failure_notes
+from reports.efficiency import efficiency_table
 from reports.formats import groups, rows
 from reports.significance import paired_table
-from reports.tables import efficiency_table, long_context_table, quality_table
+from reports.tables import long_context_table, quality_table
 
 
 def _run(folder, limit: int, dense_kv: int | None, x_kv: int, items: tuple[list, list] | None = None) -> None:

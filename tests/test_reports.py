@@ -13,10 +13,11 @@ from conftest import ROOT, lock_holder
 
 from harness.store.records import RunRecord, load_dir, save, save_failure
 from reports.collect import ReportError, collect
+from reports.efficiency import efficiency_table
 from reports.formats import groups, rows, to_csv, to_html, to_latex, to_markdown
 from reports.plans import plans_table
 from reports.significance import paired_table
-from reports.tables import efficiency_table, long_context_table, quality_table
+from reports.tables import long_context_table, quality_table
 
 QUALITY = ROOT / "results" / "issue3" / "default"
 LATENCY = ROOT / "results" / "issue4" / "cpu_smollm2"

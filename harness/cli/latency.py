@@ -198,9 +198,9 @@ def _refuse_unfit_workloads(cfg, model_args: dict) -> None:
 
 def _print_tables(records: list, bandwidths_gbit: tuple[float, ...], out) -> None:
     """The efficiency table at 100 Gbit/s (else the first bandwidth given), the plug-in figures, the clock."""
+    from reports.efficiency import efficiency_table
     from reports.formats import to_markdown
     from reports.latency_figures import figures_table
-    from reports.tables import efficiency_table
 
     print(to_markdown(efficiency_table(records, 100.0 if 100.0 in bandwidths_gbit else bandwidths_gbit[0])))
     if not (extra := figures_table(records)).empty:  # plug-in figures: shown where they are made, too
