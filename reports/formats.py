@@ -95,6 +95,40 @@ def bold_beyond_noise(t: pd.DataFrame, column: str, stderr: dict[int, float], lo
             t.loc[part.index[part["row"] == rb], "bold"] = True
 
 
+def bold_beyond_spread(t: pd.DataFrame, column: str, samples: dict[int, Sequence[float]], lower_is_better: bool = False,
+                       alpha: float = 0.05) -> None:
+    """Bold the best value of `column` within each group only where Welch's t-test on its row's samples and the
+    runner-up's (`samples` keyed by table row: a latency row's measured runs) rejects equal means at two-sided
+    `alpha`, the best's mean being the better. No bold where either row has fewer than two samples (one run gives
+    no spread to tell noise by) or the two values tie."""
+    sel = t["column"] == column
+    for _, part in t[sel].groupby("group"):
+        vals = [(float(v), int(r)) for v, r in zip(part["value"], part["row"]) if _is_number(v)]
+        if len(vals) < 2:
+            continue
+        vals.sort(reverse=not lower_is_better)
+        (best, rb), (second, rs) = vals[0], vals[1]
+        a, b = samples.get(rb, ()), samples.get(rs, ())
+        p = welch_p(a, b) if best != second else None
+        if p is not None and p < alpha and (np.mean(a) < np.mean(b)) == lower_is_better:
+            t.loc[part.index[part["row"] == rb], "bold"] = True
+
+
+def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Two-sided p-value of Welch's t-test that `a` and `b` share a mean (unequal variances); None with fewer than
+    two samples in either. Both without spread: 0 where the means differ, 1 where they do not."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    from scipy import stats  # only the tables that test need it
+
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    diff = float(np.mean(a) - np.mean(b))
+    if va + vb == 0:
+        return 0.0 if diff else 1.0
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return float(2 * stats.t.sf(abs(diff) / (va + vb) ** 0.5, df))
+
+
 def _is_number(v: object) -> bool:
     """A number to rank: not a bool, not NaN (pandas stores the value of a '—' cell, None, as NaN)."""
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and v == v

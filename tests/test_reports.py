@@ -6,6 +6,7 @@ import io
 import json
 import re
 import shutil
+import statistics
 import subprocess
 
 import pytest
@@ -171,6 +172,60 @@ def test_bold_needs_a_gap_strictly_beyond_the_noise_and_a_runner_up():
     assert not t["bold"].any()
     bold_beyond_noise(t, "S", {0: 3.0, 1: 4.0}, z=1.9)
     assert list(rows(t, field="bold")["S"]) == [True, False]
+
+
+def test_a_time_is_bold_only_where_welchs_test_tells_it_from_the_runner_up():
+    """`bold_beyond_spread`: the best of a group is bold only where Welch's two-sided t-test on its samples and the
+    runner-up's gives p < alpha, the best's mean the better; one sample a row (`--repeats 1`) is never bold, as there
+    is no spread to tell noise by. `welch_p` is scipy's `ttest_ind(equal_var=False)`."""
+    from scipy import stats
+
+    from reports.formats import bold_beyond_spread, cell, make_table, welch_p
+
+    def table():
+        return make_table("e", "c", ["Method", "T"], [("", [[cell("a"), cell("10", 10.0)], [cell("b"), cell("12", 12.0)],
+                                                          [cell("c"), cell("30", 30.0)]])])
+
+    apart, overlap = ([10.0, 10.2, 9.9], [12.0, 12.1, 11.8]), ([10.0, 13.0, 9.0], [12.0, 9.5, 14.0])
+    for a, b in (apart, overlap, ([1.0, 2.0], [3.0, 4.0, 9.0])):
+        assert welch_p(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-9)
+    assert welch_p([10.0], [12.0, 12.1]) is None and welch_p([1.0, 1.0], [2.0, 2.0]) == 0.0
+    for samples, bold in [({0: apart[0], 1: apart[1]}, [True, False, False]),  # p ≈ 0.0003
+                          ({0: [10.0], 1: [12.0], 2: [30.0]}, [False] * 3),  # one run each: bold_best bolded a
+                          ({0: overlap[0], 1: overlap[1]}, [False] * 3),  # p ≈ 0.7
+                          ({0: apart[1], 1: apart[0]}, [False] * 3),  # the best p50's runs are the slower: no win
+                          ({0: apart[0]}, [False] * 3)]:  # the runner-up's runs unknown
+        t = table()
+        bold_beyond_spread(t, "T", samples, lower_is_better=True)
+        assert list(rows(t, field="bold")["T"]) == bold, samples
+
+
+def test_the_efficiency_table_bolds_no_time_of_a_single_run_and_bytes_still():
+    """Latency tables bolded the lowest time with `--repeats 1` too, and at the reference's prompt 512 shortgpt's TTFT
+    (647.8 ms against pdtrim's 747.0, runs 638-651 against 686-752: Welch p = 0.056). A time is bold only beyond the
+    runs' spread, and its speedup with it; bytes are counted, so their best stays bold whatever the runs."""
+    from reports.record_values import timing_runs
+
+    recs = load_dir(LATENCY)
+    e = efficiency_table(recs, 100)
+    for r in recs:  # a run's E2E is its TTFT + transfer + 31 TPOTs: their median is near the sum of the medians
+        for lab in r.latency:
+            e2e = timing_runs(r, lab, 100)["e2e"]
+            assert len(e2e) == 3 and statistics.median(e2e) == pytest.approx(r.figure(lab, "e2e_ms_p50@100gbit"), rel=0.02)
+    g512 = next(i for i, title in enumerate(groups(e)) if "prompt 512" in title)
+    bold = rows(e, g512, "bold").set_index(rows(e, g512)["Method"])
+    assert not bold[["TTFT (ms)", "TTFT speedup", "E2E (ms) @100 Gbit/s", "E2E speedup"]].to_numpy().any()
+    assert bold.loc["pdtrim", "TPOT (ms)"] and bold.loc["pdtrim", "TPOT speedup"]  # 43.1-43.3 against 45.1-45.9
+    for r in recs:  # one measured run each, as --repeats 1 records them
+        for w in r.latency.values():
+            w.samples.update(ttft_ms=w.samples["ttft_ms"][:1], tpot_ms=w.samples["tpot_ms"][:1])
+    one = efficiency_table(recs, 100)
+    assert list(rows(one, g512)["TTFT (ms)"]) == list(rows(e, g512)["TTFT (ms)"])  # p50s as recorded
+    timed = [c for c in one.attrs["columns"] if "ms" in c or "speedup" in c]
+    assert len(timed) == 6 and not rows(one, field="bold")[timed].to_numpy().any()
+    bytes_bold = rows(one, g512, "bold").set_index(rows(one, g512)["Method"])
+    assert bytes_bold.loc["pdtrim", "KV sent (MiB)"] and bytes_bold.loc["pdtrim", "KV reduction"]
+    assert "so never with one run per row" in one.attrs["caption"]
 
 
 def test_bold_best_needs_two_numbers_in_a_group():
