@@ -231,6 +231,12 @@ CASES = [
      "tail.k=8: must be < the model's 4 layers (at least one must stay); for 4 layers try --set tail.k=2"),
     ("export-shard-size", lambda t, d, r: ["export", *TINY[:4], "--method", "unpruned", "--max-shard-size", "bogus",
                                            "--out", t / "e"], "expected a positive size with a unit TB, GB, MB or KB"),
+    # a value starting with a minus and a digit was taken for a flag: "argument --max-shard-size: expected one argument"
+    ("export-shard-size-negative", lambda t, d, r: ["export", *TINY[:4], "--method", "unpruned", "--max-shard-size", "-1GB",
+                                                    "--out", t / "e"],
+     "argument --max-shard-size: expected a positive size with a unit TB, GB, MB or KB (e.g. 5GB, 500MB), got '-1GB'"),
+    ("latency-bandwidths-negative", lambda t, d, r: ["latency", *TINY, "--bandwidths", "-100,200", "--out", t / "o"],
+     "argument --bandwidths: expected positive numbers, got -100,200"),
     ("check-tolerance-nan", lambda t, d, r: ["check", "--against", r, "--current", r, "--latency-tolerance", "nan"],
      "expected a finite number"),
     ("seed-negative", lambda t, d, r: [*ONE_CELL, "--seed=-1"], "--seed: expected an integer from 0 to 4294967295"),

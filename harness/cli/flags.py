@@ -17,6 +17,13 @@ class Parser(argparse.ArgumentParser):
     usage printed above it, which pushed the message to the bottom; an unknown flag close to a known one is
     named (`--limt 3`: did you mean --limit?). Exit status 2, as argparse's."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A value that starts with a minus and a digit (`-1GB`, `-100,200`) is a value, not a flag: argparse's own
+        # pattern takes only plain numbers (`-5`), so `--max-shard-size -1GB` said "expected one argument" instead of
+        # the flag's own message. No flag of the harness starts with a digit.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}{self._did_you_mean(message)}\n"
                      f"  (the flags: {self.prog} --help)\n")
