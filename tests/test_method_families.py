@@ -117,14 +117,68 @@ def test_a_per_head_kv_baseline_on_a_latent_kv_cache_is_refused_before_its_base_
 
 
 def test_export_of_a_model_with_unlike_layers_is_refused_before_planning(cli, data_dir, tmp_path, monkeypatch):
-    """DeepSeek-V3's first `first_k_dense_replace` layers have a dense MLP, the rest experts: a pruned config cannot
-    say which kept layer is which. `export` refused it only after the plan (a search of minutes) was made."""
+    """Qwen2-MoE with `decoder_sparse_step=2` has dense and MoE layers alternating: a pruned config cannot say which
+    kept layer is which. `export` refused it only after the plan (a search of minutes) was made."""
     from harness.pd.presets import byte_tokenizer
 
-    model_of("deepseek_v3").save_pretrained(tmp_path / "m")
+    tiny_family("qwen2_moe", **QWEN2_MOE_ALTERNATING).save_pretrained(tmp_path / "m")
     byte_tokenizer(300).save_pretrained(tmp_path / "m")
     monkeypatch.setattr(methods.get("shortgpt"), "plan", lambda *a: pytest.fail("planned"))
     got = cli("export", "--model", tmp_path / "m", "--device", "cpu", "--method", "shortgpt", "--set", "shortgpt.k=1",
               "--out", tmp_path / "out", "--data-dir", data_dir)
     assert got.returncode == 2, got.stderr
-    assert "decoder layer 1 of this deepseek_v3 model differs in class or shapes from layer 0" in got.stderr
+    assert "decoder layer 1 of this qwen2_moe model differs in class or shapes from layer 0" in got.stderr
+
+
+QWEN2_MOE_ALTERNATING = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                         "shared_expert_intermediate_size": 32, "decoder_sparse_step": 2}
+
+
+DEEPSEEK_V2 = {"num_key_value_heads": 4, "head_dim": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+               "kv_lora_rank": 16, "q_lora_rank": 16, "n_routed_experts": 4, "n_shared_experts": 1,
+               "num_experts_per_tok": 2, "moe_intermediate_size": 32}  # as test_families' deepseek_v3
+
+
+@pytest.mark.parametrize("family, extra", [("deepseek_v3", {}), ("deepseek_v2", DEEPSEEK_V2)])
+def test_a_deepseek_export_keeps_its_kept_dense_layers_dense(family, extra, tmp_path):
+    """Layers 0, 1 dense and 2, 3 mixtures of experts (`first_k_dense_replace=2`): it was refused ("differs in class
+    or shapes from layer 0"). Kept layers keep their source order, so the dense ones still come first: each checkpoint
+    says how many it kept, reloads cleanly and gives the pruned logits (prefill 0, 1, 3: two dense; decode 1, 3: one)."""
+    import json
+
+    import torch
+    from test_export import IDS, assert_clean_load, harness_logits, manual, reload
+
+    from harness.pd.models import LoadedModel
+    from harness.pd.presets import byte_tokenizer
+    from harness.run.export import export_plan
+
+    model = tiny_family(family, **extra, first_k_dense_replace=2)
+    method, plan = manual(model, "disaggregated", prefill_layers=(0, 1, 3), decode_layers=(1, 3))
+    export_plan(LoadedModel(model, byte_tokenizer(300), family), method, plan, tmp_path / "pd")
+    for stage, layers, dense in (("prefill", (0, 1, 3), 2), ("decode", (1, 3), 1)):
+        ck = tmp_path / "pd" / stage
+        assert json.loads((ck / "config.json").read_text())["first_k_dense_replace"] == dense
+        reloaded, info = reload(ck)
+        assert_clean_load(info)
+        kinds = [type(layer.mlp).__name__.endswith("MLP") for layer in arch.decoder_layers(reloaded)]
+        assert kinds == [i < 2 for i in layers], stage
+        with torch.inference_mode():
+            got = reloaded(IDS % 300).logits.float()
+        assert torch.allclose(got, harness_logits(model, layers, IDS % 300), atol=1e-5, rtol=0), stage
+    assert model.config.first_k_dense_replace == 2  # the source config is unchanged
+
+
+def test_a_config_that_builds_another_kind_of_layer_where_one_is_written_is_refused():
+    """The check behind a dense-then-MoE export: a slot whose tensors are not what the pruned config builds at its
+    index (an MoE layer written where the config says dense) is refused, not reloaded with random weights."""
+    from harness.run.checkpoint import Slot, _check_config_builds, pruned_config
+
+    model = tiny_family("deepseek_v3", first_k_dense_replace=2)
+    layers = arch.decoder_layers(model)
+    slots = [Slot(("layer", i), i, layers[i].state_dict(), i) for i in (0, 2)]
+    _check_config_builds(model, pruned_config(model.config, slots, model.dtype, "DeepseekV3ForCausalLM"), slots)
+    swapped = [Slot(("layer", 2), 2, layers[2].state_dict(), 0), Slot(("layer", 0), 0, layers[0].state_dict(), 2)]
+    with pytest.raises(UsageError, match=r"checkpoint layer 0 \(source layer 0\) of this deepseek_v3 model would reload "
+                                         "as another kind of layer"):
+        _check_config_builds(model, pruned_config(model.config, swapped, model.dtype, "DeepseekV3ForCausalLM"), swapped)

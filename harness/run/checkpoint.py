@@ -2,7 +2,7 @@
 
 A checkpoint written here is an ordinary `LlamaForCausalLM` (or whatever class the source model
 is) with fewer layers: `config.json` has `num_hidden_layers` = the stage's layer count (and
-per-layer config lists such as `layer_types` cut to match), the weights of layer `layers[i]` of
+per-layer config lists such as `layer_types` cut to match, DeepSeek's `first_k_dense_replace` recounted), the weights of layer `layers[i]` of
 the source model are stored as `model.layers.{i}.*`, embeddings, final norm and LM head as they
 are (a tied LM head is left out, as `save_pretrained` does, and re-tied on load). So
 `AutoModelForCausalLM.from_pretrained` and serving engines (vLLM, SGLang, TGI) load it with no
@@ -96,7 +96,7 @@ def layer_slots(model: nn.Module, layers: Sequence[int], reference: dict[str, An
     for i in layers:
         mod = mods[i]
         tensors = mod.state_dict()
-        if type(mod) is not reference["cls"] or {k: tuple(t.shape) for k, t in tensors.items()} != reference["shapes"]:
+        if type(mod) is not reference["cls"] or _shapes(tensors) != reference["shapes"][i]:
             raise UsageError(f"layer {i} is a {type(mod).__name__} with tensors {sorted(tensors)[:4]}..., not a standard "
                              f"{reference['cls'].__name__}: a Hugging Face checkpoint cannot express it")
         slots.append(Slot(("layer", i), i, tensors, i))
@@ -106,17 +106,31 @@ def layer_slots(model: nn.Module, layers: Sequence[int], reference: dict[str, An
 
 
 def layer_reference(model: nn.Module) -> dict[str, Any]:
-    """Class and tensor shapes of the model's decoder layers (all Llama-family layers share them)."""
+    """Class of the model's decoder layers and each one's tensor shapes ({name: shape} per source layer).
+
+    Layers that differ in shapes are refused unless the config says which is which in a way `pruned_config` rewrites
+    (`first_k_dense_replace`: DeepSeek-V2/V3's dense first layers before its mixture-of-experts ones)."""
     mods = arch.decoder_layers(model)
-    shapes = {k: tuple(t.shape) for k, t in mods[0].state_dict().items()}
+    shapes = [_shapes(m.state_dict()) for m in mods]
     for i, m in enumerate(mods):
-        if type(m) is not type(mods[0]) or {k: tuple(t.shape) for k, t in m.state_dict().items()} != shapes:
+        if type(m) is not type(mods[0]) or (shapes[i] != shapes[0] and not _dense_first(model.config)):
             kind = getattr(model.config, "model_type", "?")
             raise UsageError(f"{type(model).__name__}: decoder layer {i} of this {kind} model differs in class or "
-                             "shapes from layer 0 (e.g. DeepSeek's dense first layers before its mixture-of-experts "
-                             "ones); export supports models whose decoder layers are all alike, since the pruned "
-                             "config could not say which of its layers are which")
+                             "shapes from layer 0, and its config does not say which layers are which in a way export "
+                             "rewrites for the kept layers (it does for DeepSeek's `first_k_dense_replace` dense first "
+                             "layers); export supports models whose decoder layers are all alike or dense-then-MoE "
+                             "as DeepSeek's")
     return {"cls": type(mods[0]), "shapes": shapes}
+
+
+def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(t.shape) for k, t in tensors.items()}
+
+
+def _dense_first(config) -> int:
+    """DeepSeek-V2/V3's `first_k_dense_replace`: layers below it have a dense MLP, the rest experts (0: none dense)."""
+    k = getattr(config.get_text_config(), "first_k_dense_replace", None)
+    return k if isinstance(k, int) and k > 0 else 0
 
 
 def _insert_replacement(slots: list[Slot], layers: Sequence[int], rep: Replacement, model: nn.Module) -> None:
@@ -204,10 +218,28 @@ def pruned_config(config, slots: Sequence[Slot], dtype: torch.dtype, architectur
     mwl = getattr(cfg, "max_window_layers", None)  # Qwen2: layers below it attend fully, the rest in a window
     if isinstance(mwl, int):
         cfg.max_window_layers = sum(1 for i in src if i < mwl)
+    if k := _dense_first(config):  # the slots keep their source order, so the kept dense layers still come first
+        cfg.get_text_config().first_k_dense_replace = sum(1 for i in src if i < k)
     cfg.num_hidden_layers = len(slots)
     cfg.architectures = [architecture]
     cfg.dtype = dtype
     return cfg
+
+
+def _check_config_builds(model: nn.Module, config, slots: Sequence[Slot]) -> None:
+    """UsageError unless `config` builds, at each index, a decoder layer with the tensor names and shapes of the slot
+    written there: else the checkpoint reloads a dense layer's weights into an MoE layer (or the reverse), which
+    `from_pretrained` reports as mismatched or missing keys and fills at random. Built on the meta device (no memory)."""
+    cls, text = type(arch.decoder_layers(model)[0]), config.get_text_config()
+    with torch.device("meta"):
+        for i, s in enumerate(slots):
+            built = _shapes(cls(text, i).state_dict())
+            if built != _shapes(s.tensors):
+                kind = getattr(text, "model_type", "?")
+                raise UsageError(f"checkpoint layer {i} (source layer {s.config_index}) of this {kind} model would "
+                                 f"reload as another kind of layer than the one written ({sorted(set(built) ^ set(s.tensors))[:3]} "
+                                 "differ): the pruned config cannot say which kept layers are dense and which are "
+                                 "mixtures of experts; export a plan that keeps the dense layers first")
 
 
 def save_tensors(out: Path, tensors: dict[str, torch.Tensor], max_shard_size: str | int = MAX_SHARD_SIZE) -> list[str]:
@@ -246,8 +278,11 @@ def write_checkpoint(out: Path, model: nn.Module, tokenizer: Any, slots: Sequenc
     for i, s in enumerate(slots):
         tensors.update({f"{prefix}{i}.{k}": t for k, t in s.tensors.items()})
     dtype = arch.decoder(model).embed_tokens.weight.dtype
+    config = pruned_config(model.config, slots, dtype, type(model).__name__)
+    if _dense_first(model.config):  # layers of two kinds: the config must build each kind where it is written
+        _check_config_builds(model, config, slots)
     files = save_tensors(out, tensors, max_shard_size)
-    pruned_config(model.config, slots, dtype, type(model).__name__).save_pretrained(out)
+    config.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     if tokenizer is not None:
