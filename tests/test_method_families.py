@@ -75,11 +75,12 @@ def test_taylor_importance_counts_every_weight_of_a_mixture_of_experts_block(cal
     assert ours == pytest.approx(ref, rel=1e-4)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "granite"])
-def test_a_streamline_replacement_exports_as_a_layer_computing_it_or_is_refused(family, calib, tmp_path):
-    """The trained FFN is written as a decoder layer with zero attention. A Mixtral checkpoint reloads with the logits
-    the harness scored; a Granite layer scales its residual branches (`residual_multiplier`), so that layer would
-    compute h + 0.5 · MLP(norm(h)), not the replacement: it reloaded 0.9 off in the logits, silently, and is refused."""
+@pytest.mark.parametrize("family", ["mixtral", "granite", "olmo2", "deepseek_v3"])
+def test_a_streamline_replacement_exports_as_a_layer_computing_it(family, calib, tmp_path):
+    """The trained FFN is written as a decoder layer with zero attention, and reloads with the logits the harness
+    scored. Granite's layer scales its residual branches (`residual_multiplier`) and OLMo-2's norms the MLP's output:
+    the replacement was h + MLP(norm(h)) in every family, which such a layer does not compute, so their exports were
+    refused (after the training); DeepSeek's replacement of a dense block is written as a dense layer."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -91,18 +92,56 @@ def test_a_streamline_replacement_exports_as_a_layer_computing_it_or_is_refused(
     cls = methods.get("streamline")
     method = cls(cls.Config(k=2, replace="ffn", replace_steps=3, batch_size=4))
     plan = method.plan(model, calib, "unified")
-    loaded = LoadedModel(model, byte_tokenizer(300), family)
-    if family == "granite":
-        with pytest.raises(UsageError, match=r"cannot be written as a GraniteDecoderLayer: this granite decoder layer"):
-            export_plan(loaded, method, plan, tmp_path / "ck")
-        return
-    export_plan(loaded, method, plan, tmp_path / "ck")
+    export_plan(LoadedModel(model, byte_tokenizer(300), family), method, plan, tmp_path / "ck")
     ids = torch.tensor([[5, 17, 290, 42, 256, 7, 99, 123]])
     with torch.inference_mode(), method.apply(model, plan), arch.layers_swapped(model, plan.prefill_layers):
         expected = model(ids).logits
     with torch.inference_mode():
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32).eval()(ids).logits
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "granite", "olmo2", "deepseek_v3"])
+def test_a_streamline_replacement_starts_as_its_blocks_own_ffn_half(family):
+    """Untrained, the replacement computes what block b does with its attention adding nothing (its weights zeroed):
+    the paper's initialisation from the block. It was h + MLP(post_attention_layernorm(h)) in every family: in OLMo-2
+    that norm is the attention output's (its MLP reads h unnormed and its output is normed), and Granite scales the
+    MLP's output by `residual_multiplier` (0.5 here), so the replacement began as no block of the model."""
+    import torch
+
+    from methods.depth.streamline import train_replacement
+
+    model = model_of(family) if family != "llama" else tiny_family("llama")
+    b = 1  # DeepSeek's first MoE block (first_k_dense_replace=1)
+    layer = arch.decoder_layers(model)[b]
+    x = torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ffn, _ = train_replacement(model, b, x, x, 0, 1e-3, 4, 0)
+    zeroed = {k: torch.zeros_like(t) if k.startswith("self_attn.") else t for k, t in layer.state_dict().items()}
+    rot = arch.decoder(model).rotary_emb(x[None], position_ids=torch.arange(7)[None])
+    with torch.inference_mode():
+        want = torch.func.functional_call(layer, zeroed, (x[None],), {"attention_mask": None, "position_embeddings": rot,
+                                                                      "position_ids": torch.arange(7)[None]})
+        got = ffn(x)
+    want = want[0] if isinstance(want, tuple) else want
+    assert torch.allclose(got, want[0], atol=1e-6, rtol=0)
+    assert not torch.allclose(got, x, atol=1e-3)  # the FFN half adds something
+
+
+def test_a_streamline_replacement_of_a_layer_without_self_attn_is_refused():
+    """The replacement is a copy of the block without its `self_attn`: a layer whose attention is named otherwise is
+    refused by name (it was a TypeError naming `post_attention_layernorm`, which OLMo-2's layer has but applies to
+    the attention's output)."""
+    import torch
+
+    from methods.depth.streamline import train_replacement
+
+    model = tiny_family("llama")
+    layer = arch.decoder_layers(model)[1]
+    layer.attention = layer.self_attn
+    del layer.self_attn
+    x = torch.zeros(3, model.config.hidden_size)
+    with pytest.raises(UsageError, match="streamline.replace=ffn: a LlamaDecoderLayer has no `self_attn` to take out"):
+        train_replacement(model, 1, x, x, 0, 1e-3, 4, 0)
 
 
 @pytest.mark.parametrize("name", ["snapkv", "h2o", "pyramidkv"])

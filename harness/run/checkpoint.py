@@ -2,8 +2,9 @@
 
 A checkpoint written here is an ordinary `LlamaForCausalLM` (or whatever class the source model
 is) with fewer layers: `config.json` has `num_hidden_layers` = the stage's layer count (and
-per-layer config lists such as `layer_types` cut to match, DeepSeek's `first_k_dense_replace` recounted), the weights of layer `layers[i]` of
-the source model are stored as `model.layers.{i}.*`, embeddings, final norm and LM head as they
+per-layer config lists such as `layer_types` cut to match, DeepSeek's `first_k_dense_replace`
+recounted), the weights of layer `layers[i]` of the source model are stored as
+`model.layers.{i}.*`, embeddings, final norm and LM head as they
 are (a tied LM head is left out, as `save_pretrained` does, and re-tied on load). So
 `AutoModelForCausalLM.from_pretrained` and serving engines (vLLM, SGLang, TGI) load it with no
 custom code.
@@ -12,8 +13,9 @@ The weights are read from the modules the model holds *while a method's `apply` 
 what a method installs is what is written: healed copies of blocks (`methods/pdtrim/healing.py`) are
 plain decoder layers and go in as they are; streamline's trained FFN replacement (a forward hook,
 `methods/depth/streamline.py`) is written as an extra decoder layer whose attention weights are all zero
-(its attention output is then exactly 0, so the layer computes h + MLP(RMSNorm(h)), the
-replacement). Anything else a checkpoint cannot express is refused (`UsageError`).
+(its attention output is then exactly 0, so the layer computes its FFN half, which the replacement
+is: h + MLP(RMSNorm(h)) in Llama's layers). Anything else a checkpoint cannot express is refused
+(`UsageError`).
 
 Nothing here modifies the model: tensors are read (and copied to CPU shard by shard on write).
 """
@@ -57,14 +59,15 @@ class Slot:
 
 @dataclass(frozen=True)
 class Replacement:
-    """A network standing in for the removed `run` of blocks: h -> h + mlp(norm(h)).
+    """A network standing in for the removed `run` of blocks: `ffn` (h -> h', hidden states (batch, seq, hidden)),
+    and `tensors`, its weights named as in a decoder layer of the model, all but the attention's (which it lacks).
 
     `before`: the source layer it runs before (None: after the last layer, i.e. after run[0] - 1).
     """
 
     run: tuple[int, ...]
-    norm: nn.Module
-    mlp: nn.Module
+    ffn: nn.Module
+    tensors: dict[str, torch.Tensor]
     before: int | None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -140,31 +143,29 @@ def _insert_replacement(slots: list[Slot], layers: Sequence[int], rep: Replaceme
         raise UsageError(f"the replacement of removed blocks {list(rep.run)} hooks onto layer {anchor}, which this stage "
                          "does not run; such a plan cannot be exported")
     at = list(layers).index(anchor) + (0 if rep.before is not None else 1)
-    template = arch.decoder_layers(model)[rep.run[0]].state_dict()  # shapes (and input norm) of a decoder layer
-    parts = {"post_attention_layernorm.": rep.norm.state_dict(), "mlp.": rep.mlp.state_dict()}
+    template = arch.decoder_layers(model)[rep.run[0]].state_dict()  # names and shapes of a decoder layer
     tensors = {}
     for name, t in template.items():
         if name.startswith("self_attn."):
             tensors[name] = torch.zeros_like(t)  # zero o_proj (and the rest): the attention adds exactly 0
-        elif name.startswith("input_layernorm."):
-            tensors[name] = t  # feeds only the (zeroed) attention
+        elif name in rep.tensors and rep.tensors[name].shape == t.shape:
+            tensors[name] = rep.tensors[name]
         else:
-            prefix = next((p for p in parts if name.startswith(p)), None)
-            src = parts[prefix].get(name[len(prefix):]) if prefix else None
-            if src is None or src.shape != t.shape:
-                raise UsageError(f"the replacement network has no tensor matching decoder-layer tensor {name}; "
-                                 "it cannot be written as a decoder layer")
-            tensors[name] = src
+            raise UsageError(f"the replacement network has no tensor matching decoder-layer tensor {name}; "
+                             "it cannot be written as a decoder layer")
+    if extra := sorted(set(rep.tensors) - set(tensors)):
+        raise UsageError(f"the replacement network's tensors {extra[:3]} are not a decoder layer's; it cannot be "
+                         "written as one")
     _check_computes_replacement(model, arch.decoder_layers(model)[rep.run[0]], tensors, rep)
-    note = {"replaces_removed_layers": list(rep.run), "kind": "h + MLP(RMSNorm(h)) as a decoder layer with zero attention",
+    note = {"replaces_removed_layers": list(rep.run), "kind": "block's FFN half as a decoder layer with zero attention",
             **rep.info}
     slots.insert(at, Slot(("ffn", rep.run), None, tensors, rep.run[0], note))
 
 
 def _check_computes_replacement(model: nn.Module, layer: nn.Module, tensors: dict[str, torch.Tensor], rep: Replacement) -> None:
-    """UsageError unless a decoder layer like `layer` holding `tensors` (attention zeroed) computes the replacement's
-    h + mlp(norm(h)) on a random input: a family whose layer scales its residual branches (Granite's
-    `residual_multiplier`) reloaded as another function than the one the harness scored, silently."""
+    """UsageError unless a decoder layer like `layer` holding `tensors` (attention zeroed) computes what the
+    replacement does on a random input: an attention whose zero weights add something else than 0 would reload as
+    another function than the one the harness scored, silently."""
     dec = arch.decoder(model)
     w = next(layer.parameters())
     h = torch.randn(1, 5, dec.embed_tokens.weight.shape[-1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
@@ -174,13 +175,13 @@ def _check_computes_replacement(model: nn.Module, layer: nn.Module, tensors: dic
         got = torch.func.functional_call(layer, tensors, (h,), {"attention_mask": None, "position_embeddings": rot,
                                                                 "position_ids": pos, arch.cache_kwarg(type(layer)): None})
         got = (got[0] if isinstance(got, tuple) else got).float()
-        want = (h + rep.mlp(rep.norm(h)).to(h.device)).float()
+        want = rep.ffn(h).float()
     if not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())):
         kind = getattr(model.config, "model_type", "?")
         raise UsageError(f"the replacement network of removed blocks {list(rep.run)} cannot be written as a "
-                         f"{type(layer).__name__}: this {kind} decoder layer, its attention zeroed, does not compute "
-                         "h + MLP(norm(h)) (it scales or norms its residual branches otherwise); export a plan without "
-                         "the replacement")
+                         f"{type(layer).__name__}: this {kind} decoder layer, its attention weights zeroed, does not "
+                         "compute what the replacement does (its attention adds something even so); export a plan "
+                         "without the replacement")
 
 
 def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

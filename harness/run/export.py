@@ -83,7 +83,7 @@ def _replacement(method, plan, model, hooks_before: dict[str, int]):
                          "standard Hugging Face checkpoint cannot express, so it is not exported")
     run = tuple(view.info["removed"])
     n = plan.n_layers
-    return Replacement(run, ffn.norm, ffn.mlp, run[-1] + 1 if run[-1] + 1 < n else None,
+    return Replacement(run, ffn, ffn.layer.state_dict(), run[-1] + 1 if run[-1] + 1 < n else None,
                        {k: rep[k] for k in ("mse_before", "mse_after", "steps", "installed") if k in rep})
 
 

@@ -15,11 +15,12 @@ hence no KV).
 Choices and departures from the paper:
 - No training by default, so the plain rows compare one-shot removal with the other baselines;
   `replace=ffn` gives the paper's method with its FFN replacement.
-- The replacement is a residual FFN, h + MLP(RMSNorm(h)), with the decoder's own MLP shape,
-  initialised from the MLP and post-attention norm of the run's first block (the slot the
-  authors' code keeps; their transformer-layer variant is initialised from that block too) and
-  trained with Adam on the hidden-state MSE, on every token of this harness's calibration set
-  (the paper trains on far more general text, SlimPajama; with ~18k calibration tokens the
+- The replacement is the run's first block with its attention taken out (`LayerFFN`): its
+  feed-forward half as the family computes it, h + MLP(RMSNorm(h)) in Llama's pre-norm layers
+  (OLMo-2 norms the MLP's output instead, Granite scales it by `residual_multiplier`), initialised
+  from that block (the slot the authors' code keeps; their transformer-layer variant is
+  initialised from that block too) and trained with Adam on the hidden-state MSE, on every
+  token of this harness's calibration set (the paper trains on far more general text, SlimPajama; with ~18k calibration tokens the
   pretrained initialisation and the residual form keep it from starting far off). The record
   gives the MSE before and after training. The transformer-layer replacement is not offered.
 - The network is installed by `apply` as a forward hook on the block after the run (or, for a run
@@ -52,22 +53,38 @@ from methods.depth.ranked import progress
 from methods.registry import register
 
 REPLACEMENTS = ("none", "ffn")
+NETWORK = "block {block} without its attention (its FFN half: h + MLP(norm(h)) in pre-norm layers)"
 
 
-class ResidualFFN(nn.Module):
-    """h -> h + mlp(norm(h)): one decoder block's feed-forward half, standing in for a removed run."""
+class ZeroAttention(nn.Module):
+    """Stands in for a decoder layer's attention in a replacement: adds exactly nothing (no weights, no KV)."""
 
-    def __init__(self, norm: nn.Module, mlp: nn.Module) -> None:
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
+
+
+class LayerFFN(nn.Module):
+    """A copy of a decoder layer with its attention taken out, standing in for a removed run: the layer's
+    feed-forward half as its family computes it, h + MLP(norm(h)) in Llama's pre-norm layers, h + norm(MLP(h)) in
+    OLMo-2's post-norm ones, h + r · MLP(norm(h)) with Granite's `residual_multiplier` r. So it starts as that block's
+    own FFN half, and the same layer with all-zero attention weights (the exported form) computes exactly it."""
+
+    def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        self.norm, self.mlp = norm, mlp
+        attention = layer.self_attn
+        layer.self_attn = ZeroAttention()  # swapped in for the copy only: the attention's weights are not copied
+        try:
+            self.layer = copy.deepcopy(layer)
+        finally:
+            layer.self_attn = attention
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # training feeds (tokens, hidden) rows, the hook (batch, seq, hidden): a mixture-of-experts block (Mixtral's,
-        # Qwen2-MoE's) unpacks three dimensions, so rows go through it as one sequence
-        x = self.norm(h)
-        out = self.mlp(x[None])[0] if h.dim() == 2 else self.mlp(x)
-        # a copy of a placed block's MLP computes on that block's device; h comes from the block before the run
-        return h + out.to(h.device)
+        """h: (batch, seq, hidden), or (tokens, hidden) rows in training, which go through as one sequence (a
+        mixture-of-experts block unpacks three dimensions). The attention's inputs are not needed: none."""
+        out = self.layer(h[None] if h.dim() == 2 else h, attention_mask=None, position_embeddings=None)
+        out = out[0] if isinstance(out, tuple) else out
+        # a copy of a placed block computes on that block's device; h comes from the block before the run
+        return (out[0] if h.dim() == 2 else out).to(h.device)
 
 
 @torch.inference_mode()
@@ -106,12 +123,13 @@ def run_pairs(model, calib, start: int, k: int, batch_size: int) -> tuple[torch.
 
 
 def train_replacement(model, block: int, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch_tokens: int,
-                      seed: int) -> tuple[ResidualFFN, dict]:
-    """A ResidualFFN initialised from block `block`'s MLP, trained by Adam on MSE(ffn(x), y)."""
+                      seed: int) -> tuple[LayerFFN, dict]:
+    """Block `block`'s feed-forward half (`LayerFFN`), trained by Adam on MSE(ffn(x), y); x, y: (tokens, hidden)."""
     layer = arch.decoder_layers(model)[block]
-    if not (hasattr(layer, "mlp") and hasattr(layer, "post_attention_layernorm")):
-        raise TypeError(f"{type(layer).__name__}: streamline's replacement needs a decoder layer with `mlp` and `post_attention_layernorm`")
-    ffn = ResidualFFN(copy.deepcopy(layer.post_attention_layernorm), copy.deepcopy(layer.mlp)).float()
+    if not isinstance(getattr(layer, "self_attn", None), nn.Module):
+        raise UsageError(f"streamline.replace=ffn: a {type(layer).__name__} has no `self_attn` to take out of a copy "
+                         "of the block; use replace=none with this model")
+    ffn = LayerFFN(layer).float()
     ffn.requires_grad_(True)
     opt = torch.optim.Adam(ffn.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -232,7 +250,7 @@ class Streamline(Method):
         self._trained[keep] = ffn
         n = arch.n_layers(model)
         where = f"before block {run[-1] + 1}" if run[-1] + 1 < n else f"after block {run[0] - 1}"
-        self._reports[key] = {"enabled": True, "kind": "ffn", "network": "h + MLP(RMSNorm(h))", "installed": where, **report,
+        self._reports[key] = {"enabled": True, "kind": "ffn", "network": NETWORK.format(block=run[0]), "installed": where, **report,
                               "seconds": time.perf_counter() - t0}
         return self._reports[key]
 
