@@ -127,3 +127,26 @@ def test_pipeline_run_called_alone_builds_the_tasks_once_and_closes_them(tmp_pat
                                               str(_folder(tmp_path, "Q: {{prompt}}"))]))
     assert len(pipeline.run(cfg, tmp_path / "run")) == 2
     assert len(caches) == 1 and log == [("fs_mc", id(caches[0]))] and caches[0]._workdir is None
+
+
+class _WeightsLoad(Exception):
+    """Raised by a patched `load_model`: the checks before the weights are done."""
+
+
+@pytest.mark.parametrize("entry", ["run", "pipeline"])
+def test_the_model_config_is_read_once_before_the_weights_load(entry, tmp_path, monkeypatch):
+    """The options checked against the tokenizer (a long-context task's length) and the methods checked against the
+    config (their counts, the family) each read the model's config: twice before the weights load, and for a hub id
+    twice the probe of the hub. One read now, with the tokenizer, by `run` and by `pipeline.run` called alone."""
+    from harness.cli.run import cmd_run, run_config, run_parser
+    from harness.pd import models
+    from harness.run import pipeline
+
+    reads, real = [], models._without_weights
+    monkeypatch.setattr(models, "_without_weights", lambda spec, *a, **k: reads.append(spec) or real(spec, *a, **k))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(_WeightsLoad()))
+    argv = ["--methods", "tail", "--set", "tail.k=1", "--model", "random:tiny", "--device", "cpu", "--tasks", "passkey",
+            "--limit", "1", "--set", "passkey.lengths=384", "--out", str(tmp_path / "o"), "-q"]
+    with pytest.raises(_WeightsLoad):
+        cmd_run(argv) if entry == "run" else pipeline.run(run_config(run_parser().parse_args(argv)), tmp_path / "o")
+    assert reads == ["random:tiny"]

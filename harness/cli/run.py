@@ -272,9 +272,8 @@ def _before_load(cfg: RunConfig, prepared, out: Path):
     cells."""
     from harness.run import pipeline, reuse, task_check
 
-    task_check.options_against_tokenizer(cfg, prepared, warn=False)  # a passkey length beyond the context; warned by
-    # pipeline.run, which checks again
-    task_check.depth_before_load(cfg, prepared)
+    task_check.before_load(cfg, prepared, warn=False)  # a passkey length beyond the context; warned by pipeline.run,
+    # which checks again against the loaded model
     if out.is_dir():
         reuse.refuse_foreign_work(cfg, prepared, out, lambda *cell: pipeline.cell_identity(cfg, prepared, *cell))
     return task_check.tasks_before_load(cfg, prepared, out)

@@ -102,8 +102,8 @@ def _refuse_old_work(cfg, prepared, run_out: Path) -> None:
     from harness.quality.long_tasks.base import special_prefix
     from harness.run import inputs, made_on, pipeline, reuse, task_check
 
-    tokenizer = task_check.options_against_tokenizer(cfg, prepared)  # its tokenizer and config only, not the weights
-    task_check.depth_before_load(cfg, prepared)  # `tail.k=2,8` on 4 layers: not by k=8's cell, after its start-up
+    # its tokenizer and config only, not the weights; `tail.k=2,8` on 4 layers: not by k=8's cell, after its start-up
+    tokenizer = task_check.before_load(cfg, prepared)
     prefix = special_prefix(tokenizer) if tokenizer is not None else None
     now = inputs.digests(cfg, prepared=prepared)
     # on a Ray cluster (RAY_ADDRESS) the cells run on its nodes: `--device auto` there need not be this driver's CPU,

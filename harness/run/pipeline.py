@@ -155,8 +155,7 @@ def _start(cfg: RunConfig, prepared: Prepared, out_dir: Path, loaded, tasks: Tas
     d = distributed.current()
     if loaded is None:
         with tracker.phase("load"):  # the tokenizer first: options it rules out are refused before the weights load
-            task_check.options_against_tokenizer(cfg, prepared)
-            task_check.depth_before_load(cfg, prepared)
+            task_check.before_load(cfg, prepared)
             loaded = load_model(cfg.model, distributed.device_for(cfg.device, d), cfg.dtype, cfg.seed, cfg.placement(),
                                 cfg.model_arg_dict())
     else:

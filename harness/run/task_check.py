@@ -75,48 +75,75 @@ def options_against_tokenizer(cfg, prepared, loaded=None, warn: bool = True):
     tokenizer checked against (None: nothing to check, none loaded). `warn=False`: without `warn_chat_template_unused`'s
     warning, for a check before the one `pipeline.run` makes again (a warning shown twice)."""
     from harness.pd.models import tokenizer_and_config
-    from harness.quality import long_tasks
 
-    if not cfg.apply_chat_template and not any(long_tasks.is_long_task(t) for t in cfg.tasks):
+    if not _needs_tokenizer(cfg):
         return None  # nothing to check: no tokenizer loaded twice
     tokenizer, config = (loaded.tokenizer, loaded.model.config) if loaded is not None \
         else tokenizer_and_config(cfg.model, cfg.model_arg_dict())
+    _check_options(cfg, prepared, tokenizer, config, warn)
+    return tokenizer
+
+
+def before_load(cfg, prepared, warn: bool = True):
+    """`options_against_tokenizer` and `refuse_before_load` for a run's model, methods and modes, on one read of the
+    model's files before its weights load: its config, with its tokenizer when an option needs it (each check read
+    the config itself: twice, and for a hub id twice the probe of the hub). Returns the tokenizer checked against
+    (None: no option needed it)."""
+    from harness.pd.models import model_config, tokenizer_and_config
+
+    spec, model_args = cfg.model, cfg.model_arg_dict()
+    tokenizer, config = tokenizer_and_config(spec, model_args) if _needs_tokenizer(cfg) \
+        else (None, model_config(spec, model_args))
+    if tokenizer is not None:
+        _check_options(cfg, prepared, tokenizer, config, warn)
+    refuse_before_load(spec, model_args, prepared.methods, cfg.modes, config)
+    return tokenizer
+
+
+def _needs_tokenizer(cfg) -> bool:
+    """Whether an option is checked against the tokenizer: --apply_chat_template, or a long-context task."""
+    from harness.quality import long_tasks
+
+    return bool(cfg.apply_chat_template) or any(long_tasks.is_long_task(t) for t in cfg.tasks)
+
+
+def _check_options(cfg, prepared, tokenizer, config, warn: bool) -> None:
+    """`options_against_tokenizer`'s checks against `tokenizer` and the model's `config` (its context length)."""
+    from harness.quality import long_tasks
+
     check_chat_template(cfg, tokenizer)
     if warn:
         warn_chat_template_unused(cfg)
     long_tasks.check_before_cells(cfg.tasks, tokenizer, prepared.task_options, cfg.limit, cfg.max_length, config)
-    return tokenizer
 
 
 def model_before_load(spec: str, model_args: dict | None, methods: dict | None = None,
-                      modes: tuple[str, ...] = ("disaggregated",)) -> int | None:
+                      modes: tuple[str, ...] = ("disaggregated",), config=None) -> int | None:
     """The depth the config of the model `spec` names (None: a config without `num_hidden_layers`), once the config
     is checked for what it alone rules out (`arch.check_supported_config`: a Gemma-2's sliding windows), and by
     `methods` in `modes` (`methods.base.refuse_unfit`: SnapKV on DeepSeek-V3's latent KV cache): before the weights
-    load (an 8B model's minutes), which checked it only after."""
+    load (an 8B model's minutes), which checked it only after. `config`: that config, when the caller read it already
+    (`models.model_config` reads it otherwise)."""
     from harness.pd.arch import check_supported_config
     from harness.pd.models import model_config
     from methods.base import refuse_unfit
 
-    config = model_config(spec, model_args).get_text_config()  # a multimodal config's text model: the decoder run
+    if config is None:
+        config = model_config(spec, model_args)
+    config = config.get_text_config()  # a multimodal config's text model: the decoder run
     check_supported_config(config, spec)
     refuse_unfit(methods or {}, config, modes)
     depth = getattr(config, "num_hidden_layers", None)
     return depth if isinstance(depth, int) else None
 
 
-def depth_before_load(cfg, prepared) -> None:
-    """`refuse_before_load` for a run's model, methods and modes."""
-    refuse_before_load(cfg.model, cfg.model_arg_dict(), prepared.methods, cfg.modes)
-
-
-def refuse_before_load(spec: str, model_args: dict | None, methods: dict, modes: tuple[str, ...]) -> None:
-    """`model_before_load`, and every method's counts against the depth it names (`methods.base.refuse_too_deep`):
-    `--set tail.k=40` on a 32-layer 8B model was refused only after the weights' minutes of loading. A config
-    without a depth leaves the counts to the check against the loaded model."""
+def refuse_before_load(spec: str, model_args: dict | None, methods: dict, modes: tuple[str, ...], config=None) -> None:
+    """`model_before_load` (on `config` when given), and every method's counts against the depth it names
+    (`methods.base.refuse_too_deep`): `--set tail.k=40` on a 32-layer 8B model was refused only after the weights'
+    minutes of loading. A config without a depth leaves the counts to the check against the loaded model."""
     from methods.base import refuse_too_deep
 
-    if (depth := model_before_load(spec, model_args, methods, modes)) is not None:
+    if (depth := model_before_load(spec, model_args, methods, modes, config)) is not None:
         refuse_too_deep(methods, depth, modes)
 
 
