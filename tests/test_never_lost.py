@@ -485,3 +485,14 @@ def test_the_references_are_refused_at_any_depth_through_links_and_by_a_sweep(tm
     capsys.readouterr()
     assert cli_main(["sweep", str(spec), "--backend", "local", "--workers", "1", "-q"]) == 2
     assert "[run] out" in capsys.readouterr().err and not (ref / "quality" / ".sweep").exists()
+
+
+def test_check_update_of_current_records_reads_each_record_once(tmp_path, monkeypatch, capsys):
+    """`check --current DIR --update` loaded every record of DIR twice (its refusals ran before the update and again
+    inside it, under the lock): once now, besides the load of each copy that verifies it."""
+    ref, cur = _refs(tmp_path), _refs(tmp_path, "cur")
+    loads, real = [], rec.load
+    monkeypatch.setattr(rec, "load", lambda path, *a, **k: loads.append(Path(path)) or real(path, *a, **k))
+    assert cli_main(["check", "--against", str(ref), "--current", str(cur), "--update"]) == 0
+    from_current = [p for p in loads if p.is_relative_to(cur)]
+    assert from_current and len(from_current) == len(set(from_current)) == len(rec.record_files_under(cur))

@@ -139,15 +139,15 @@ def _rerun(args: argparse.Namespace):
 def _check_current(args: argparse.Namespace, current: Path) -> None:
     """`--current`: a folder of run records (for `--update`, one the references can be refreshed from)."""
     from harness.store.records import record_files_under, unfinished_hint
-    from harness.store.references import check_update, refuse_nested
+    from harness.store.references import check_paths, refuse_nested
 
     if not current.is_dir():
         raise UsageError(f"--current {current}: {'a file, not a folder of run records' if current.exists() else 'no such folder'}")
     if not args.update and not record_files_under(current):  # else a "regression" of N differences, exit 1
         raise UsageError(f"--current {current}: holds no run records (<method>__<mode>.json){unfinished_hint(current)}; "
                          "give the folder of a check's rerun (results/runs/check-...) or of a run")
-    if args.update:
-        check_update(args.against, current)  # refuse before anything is touched
+    if args.update:  # the folders now; what the records would lose or corrupt is refused by the update, which reads
+        check_paths(args.against, current)  # them once, under its lock, before anything is touched (`_update`)
     else:
         refuse_nested(args.against, current)
 
