@@ -336,6 +336,36 @@ def test_bad_input_in_process_exits_2(name, build, message, tmp_path, data_dir, 
         assert not list(tmp_path.glob("o/*.json")), "refused before any cell ran (no record, no failure note)"
 
 
+# every command that writes into --out, with --out a file: (command, argv before --out)
+OUT_COMMANDS = [
+    ("run", ONE_CELL),
+    ("latency", ["latency", *TINY, "--methods", "unpruned"]),
+    ("sweep", ["sweep", ROOT / "configs" / "ci.toml", "--backend", "local"]),
+    ("report", ["report", ROOT / "results" / "reference", "--no-plots"]),
+    ("export", ["export", *TINY[:4], "--method", "unpruned"]),
+    ("check", ["check", "--against", ROOT / "results" / "reference", "--spec", ROOT / "configs" / "ci.toml", "-q"]),
+]
+
+
+@pytest.mark.parametrize("command, argv", OUT_COMMANDS, ids=[c[0] for c in OUT_COMMANDS])
+def test_an_out_that_is_a_file_is_one_line_naming_it_before_any_work(command, argv, tmp_path, capsys, monkeypatch):
+    """Every command said so, exit 2, but `check` only once its spec's run section had started (naming OUT/quality:
+    "cannot write there"), `sweep` once its spec was read (naming "[run] out OUT/quality"), and `export` without
+    saying what to give: one message now, naming --out and the file and saying a folder is expected."""
+    import harness.pd.models
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(harness.pd.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(harness.pd.models, "_without_weights", lambda *a, **k: pytest.fail("the model's files were read"))
+    (tmp_path / "afile").write_text("mine")
+    rc, _, err = call(capsys, *argv, "--out", "afile")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and errors == [errors[0]], err[-2000:]
+    assert errors[0].startswith("error: --out afile: exists and is not a folder; give a ") and "folder" in \
+        errors[0].split("; give ", 1)[1], err[-2000:]
+    assert (tmp_path / "afile").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_an_empty_data_dir_variable_is_no_data_dir(monkeypatch):
     """HARNESS_DATA_DIR set but empty is unset (hub datasets), as before: only an empty --data-dir typed is refused."""
     from harness.cli.export import parser as export_parser

@@ -76,6 +76,7 @@ def cmd_check(argv: list[str]) -> int:
 
 def _check_args(args: argparse.Namespace) -> None:
     """The flags checked before any rerun (UsageError, exit 2); `args.spec` gets its default."""
+    from harness.store.folders import refuse_file
     from harness.store.records import record_files_under
 
     if args.latency_tolerance < 0:
@@ -84,6 +85,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.current is not None and given:  # else silently unused
         raise UsageError(f"{' and '.join(given)} with --current: --current compares records made earlier, and "
                          f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} for a rerun; give one or the other")
+    if args.out is not None:  # else the rerun's run section refused --out/quality, after the spec had started
+        refuse_file(args.out, "--out", "give a new folder for the rerun")
     args.spec = args.spec or Path("configs") / "ci.toml"
     if args.current is None and not args.spec.is_file():  # e.g. an installed package used outside its checkout
         raise UsageError(f"--spec {args.spec}: no such file in {Path.cwd()}; check reruns the repository's CI spec "

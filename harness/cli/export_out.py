@@ -26,12 +26,12 @@ def check_out_is_not_cwd(out: Path) -> None:
 def prepare_out(out: Path, force: bool) -> Path:
     """Check `out` can take an export; return the temporary sibling folder to write into."""
     from harness.store.files import recover_swap
+    from harness.store.folders import refuse_file
     from harness.store.references import refuse_references
 
     refuse_references(out, "--out")  # naming --out, not the folder beside it that the export is written into
     recover_swap(out)  # an export killed while swapping folders left the old one beside `out`
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
+    refuse_file(out, "--out", "give a new folder (or a previous export's, with --force)")
     if out.is_dir() and os.path.ismount(out):  # it cannot be renamed, and the export is renamed onto it
         raise UsageError(f"--out {out}: a mount point, which cannot be replaced by the export's folder (it is written "
                          f"beside --out and renamed onto it); give a new folder inside it, e.g. --out {out / 'export'}")

@@ -50,11 +50,14 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     from harness.cli.run import run_config, run_parser
     from harness.cli.spec import Spec, load_spec, to_namespace
     from harness.run import pipeline
+    from harness.store.records import check_writable
 
     if spec_path.is_dir():
         raise UsageError(f"{spec_path}: a folder, not a spec file (specs live in configs/, e.g. configs/ci.toml)")
     if not spec_path.is_file():
         raise UsageError(f"{spec_path}: no such spec file (specs live in configs/, e.g. configs/ci.toml)")
+    if out is not None:  # else refused as "[run] out OUT/quality: cannot write there", a folder inside the file
+        check_writable(out, "--out")
     spec = load_spec(spec_path, flag="")
     if "run" not in spec.sections:
         raise UsageError(f"{spec.path}: a sweep needs a [run] section (its cells are the run's methods × modes); "
@@ -64,8 +67,6 @@ def expand(spec_path: Path, out: Path | None) -> Plan:
     if outs["run"] is None:
         raise UsageError(f"{spec.path} [run]: give out = \"<folder>\" (or --out DIR) so a rerun resumes its finished records")
     run_out = outs["run"].resolve()
-    from harness.store.records import check_writable
-
     for kind, folder in outs.items():  # before any cell: each cell's own check sees only its folder under .sweep
         if folder is not None and (kind == "run" or kind in spec.sections):  # a dangling link, the references, a file
             check_writable(folder, f"[{kind}] out")

@@ -23,14 +23,20 @@ def refuse_dangling_link(folder: Path, flag: str) -> None:
         path = path.parent
 
 
+def refuse_file(folder: Path, flag: str, give: str = "give a folder (new or holding earlier output)") -> None:
+    """UsageError when `folder` exists and is not a folder (a file): every output flag's one message for it, `give`
+    saying which folder the command takes."""
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise UsageError(f"{flag} {folder}: exists and is not a folder; {give}")
+
+
 def check_writable(folder: Path, flag: str) -> None:
     """UsageError unless `folder` is (or can be made) a folder this process can write a file into; called
     before any model work so that a bad output folder (a file, read-only, a full disk) fails in a second."""
     from harness.store.references import refuse_references  # (references imports this module)
 
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{flag} {folder}: exists and is not a folder; give a folder (new or holding earlier output)")
+    refuse_file(folder, flag)
     refuse_dangling_link(folder, flag)
     refuse_references(folder, flag)
     existing = folder.absolute()
