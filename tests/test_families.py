@@ -191,6 +191,27 @@ def test_a_latent_kv_cache_refuses_per_head_policies_and_counts_the_latent():
     assert torch.equal(static.tokens, m.tokens) and static.kv_bytes == m.kv_bytes
 
 
+@pytest.mark.parametrize("decode", [(0, 1, 2, 3), (0, 2)])
+def test_expected_kv_bytes_of_a_latent_kv_cache_are_the_bytes_its_handoffs_send(decode):
+    """`engine.expected_kv_bytes`, the arithmetic the tests check measured bytes against, counted K and V per KV head
+    (2 · kv_heads · head_dim per token and layer) on DeepSeek-V3 too, whose cache holds one latent of kv_lora_rank +
+    qk_rope_head_dim per token and layer (here 2 · 4 · 8 = 64 against 16 + 8 = 24): it now gives what the handoffs
+    count, in float32 and bfloat16."""
+    from conftest import random_requests
+
+    from harness.pd.engine import expected_kv_bytes
+    from harness.pd.plan import PruningPlan
+    from harness.quality.scoring import Scorer
+
+    model = tiny_family("deepseek_v3")
+    reqs = random_requests(6, 300, seed=2, max_ctx=30, max_cont=4)
+    for dtype in (torch.float32, torch.bfloat16):
+        scorer = Scorer(model.to(dtype), PruningPlan("x", 4, (0, 1, 2, 3), decode), "disaggregated", max_length=64)
+        scorer.loglikelihood(reqs)
+        expect = sum(expected_kv_bytes(model.config, len(decode), len(c), dtype) for c, _ in reqs)
+        assert scorer.tally.kv_bytes == expect > 0, dtype
+
+
 @pytest.mark.parametrize("command", ["run", "latency"])
 def test_a_per_head_kv_baseline_on_a_latent_kv_cache_is_refused_before_the_weights_load(command, tmp_path, data_dir,
                                                                                         monkeypatch):

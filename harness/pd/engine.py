@@ -289,7 +289,14 @@ def _pack_per_head(
 
 
 def expected_kv_bytes(config, layers: int, tokens: int, dtype: torch.dtype, batch: int = 1) -> int:
-    """2 · layers · tokens · kv_heads · head_dim · bytes_per_element (· batch): the arithmetic count."""
-    kv_heads, head_dim = arch.kv_heads_and_dim(config)
+    """layers · tokens · elements per token and layer · bytes_per_element (· batch): the arithmetic count, in bytes.
+    A layer caches 2 · kv_heads · head_dim elements per token (K and V per KV head), or with a latent KV cache
+    (`arch.latent_kv`: DeepSeek-V2/V3) kv_lora_rank + qk_rope_head_dim (the compressed latent and the rotary key part,
+    what the handoff sends)."""
+    if arch.latent_kv(config):
+        per_token = config.kv_lora_rank + config.qk_rope_head_dim
+    else:
+        kv_heads, head_dim = arch.kv_heads_and_dim(config)
+        per_token = 2 * kv_heads * head_dim
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * layers * batch * tokens * kv_heads * head_dim * elem
+    return layers * batch * tokens * per_token * elem
