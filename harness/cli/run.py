@@ -83,6 +83,8 @@ MODEL_ARG_NAMES = ("revision", "attn_implementation", "trust_remote_code")
 
 
 def run_parser() -> argparse.ArgumentParser:
+    """The parser of `python -m harness [run]` (and of a spec's [run] section): its flags, in the order --help lists
+    them, added by one helper per kind."""
     from harness.quality import long_tasks
 
     epilog = _methods_epilog()  # first: with plug-ins configured it imports them, and a task plug-in joins long_tasks
@@ -97,12 +99,23 @@ def run_parser() -> argparse.ArgumentParser:
         "commands (python -m harness COMMAND --help; without one, run):\n"
         + "\n".join(f"  {name:9s} {what}" for name, what in COMMAND_SUMMARIES.items()),
     )
+    _what_flags(p, long_tasks.names())
+    _how_flags(p)
+    placement_flags(p)
+    _lm_eval_flags(p)
+    _extra_flags(p)
+    return p
+
+
+def _what_flags(p: argparse.ArgumentParser, long_task_names: tuple[str, ...]) -> None:
+    """What a run evaluates and where it writes: methods, model, tasks (`long_task_names`: the long-context ones,
+    plug-ins' included), limit, mode, method options, --out."""
     p.add_argument("--methods", type=csv_list, default=",".join(DEFAULT_METHODS), help="comma-separated method names (default: %(default)s)")
     p.add_argument("--model", type=model_arg, default="smollm2-135m",
                    help="smollm2-135m (embedded default), a .gguf file, a model directory, a HF id, or random:<preset>")
     p.add_argument("--tasks", type=csv_list, default="standard,long",
                    help="comma-separated tasks: lm-eval tasks with local data, the harness's long-context tasks "
-                        f"({', '.join(long_tasks.names())}), the tasks of --include-path folders, or the aliases "
+                        f"({', '.join(long_task_names)}), the tasks of --include-path folders, or the aliases "
                         f"standard ({', '.join(STANDARD_TASKS)}) and long "
                         "(default: %(default)s)")
     p.add_argument("--limit", type=limit_arg, default=DEFAULT_LIMIT,
@@ -118,6 +131,10 @@ def run_parser() -> argparse.ArgumentParser:
                    help="output folder (default: results/runs/<date>_<methods>_<run id>, under the current folder; a rerun "
                         "finds it); --output_path is lm-eval's name. Besides the "
                         "records it holds lm_eval/METHOD__MODE/results_<timestamp>.json in lm-eval's results schema")
+
+
+def _how_flags(p: argparse.ArgumentParser) -> None:
+    """How the model runs: seed, batch size, device, dtype."""
     p.add_argument("--seed", type=seed_arg, default=0, help="seed for calibration sampling and lm-eval (default: 0)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=batch_size_arg, default=16, metavar="N|auto|auto:N",
                    help="requests per forward, or as lm-eval's --batch_size: auto (the largest size from 64 down, shrunk on "
@@ -125,7 +142,11 @@ def run_parser() -> argparse.ArgumentParser:
                         "N times as requests get shorter); the size used is in each record (default: 16)")
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--dtype", type=dtype_arg, default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    placement_flags(p)
+
+
+def _lm_eval_flags(p: argparse.ArgumentParser) -> None:
+    """The options lm-eval has too: data, include path, context length, few-shot, chat template, model args,
+    bootstrap iterations."""
     p.add_argument("--data-dir", type=path_arg, default=env_path("HARNESS_DATA_DIR"),
                    help="folder laid out like ../shared/data (default: $HARNESS_DATA_DIR; unset = lm-eval's hub datasets)")
     p.add_argument("--include-path", "--include_path", dest="include_path", type=user_dir, action="append", default=None,
@@ -150,6 +171,10 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap-iters", type=nonneg_int, default=1000,
                    help="lm-eval bootstrap iterations for stderrs (0: none, and lm-eval then reports no stderr at all, "
                         "accuracies' included; default: %(default)s)")
+
+
+def _extra_flags(p: argparse.ArgumentParser) -> None:
+    """Plans reused from another run, per-item logs, quiet, and --config (a spec instead of flags)."""
     p.add_argument("--plans-from", type=path_arg, default=None, metavar="RUN_DIR",
                    help="reuse plans stored in another run's records where model, seed, method options and calibration "
                         "match (saves a repeated search, e.g. PDTrim's); other plans are made as usual")
@@ -160,7 +185,6 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--config", metavar="SPEC.toml", help="instead of flags: run an experiment spec from configs/ (its quality and "
                    "latency runs, resuming finished records, then its report), e.g. --config configs/ci.toml")
-    return p
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
