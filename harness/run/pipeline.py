@@ -220,24 +220,18 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
 
     cfg, model = st.cfg, st.loaded.model
     options = method.options()
-    key, calib_desc, task_opts = _cell_identity(st, name, method, mode)
+    identity = _cell_identity(st, name, method, mode)
+    key = identity[0]
     final = st.out_dir / rec.record_filename(name, mode)
     if final.exists():
         st.tracker.skipped(*cfg.tasks)
-        done = reuse.finished_record(st.cfg, name, method, mode, final, (key, calib_desc, task_opts), st.say)
+        done = reuse.finished_record(st.cfg, name, method, mode, final, identity, st.say)
         _tidy(st, name, mode)  # what a run killed just after saving the record left behind
         if st.log_samples and st.dist.is_main:
             reuse.note_unlogged(st.out_dir, name, mode, cfg.tasks, final.name, st.say)
         return done
     partial_path = _partial_path(st.out_dir, name, mode)
-    partial = reuse.resume_state(partial_path, lambda why: st.say(f"{name}/{mode}: {why}"), n_layers(st.loaded.model))
-    if not reuse.resumable(cfg, method, partial, key, (name, mode, calib_desc, task_opts)):
-        partial = {"run_key": key, "tasks": {}, "inputs": st.inputs}
-    elif done := [t for t in cfg.tasks if t in partial["tasks"]]:
-        st.say(f"{name}/{mode}: resuming: {', '.join(done)} kept from an interrupted run ({partial_path.name})")
-    # a moved data or include folder's resume state goes on under this one
-    partial.update(run_key=key, data_dir=cfg.data_dir, **({"include_path": cfg.include_path} if cfg.include_path else {}),
-                   **({"made_on": list(made)} if (made := made_on.runs_on(cfg)) else {}))  # `auto` resumed on a GPU: refused
+    partial = _resume_state(st, name, method, mode, partial_path, identity)
     plan = _cell_plan(st, name, method, mode, partial)
     partial["inputs"] = inputs.with_plan_code(partial.get("inputs") or st.inputs, name, partial["plan"])  # its policy's
     if mode == "unified" and not plan.is_unified:
@@ -267,6 +261,21 @@ def _run_cell(st: _Run, name: str, method, mode: str) -> rec.RunRecord:
         _tidy(st, name, mode)
     st.dist.barrier()
     return rec.load(final)  # the record as stored (JSON types), same as a later reader sees
+
+
+def _resume_state(st: _Run, name: str, method, mode: str, partial_path: Path, identity: tuple) -> dict:
+    """The cell's resume state at `partial_path` where it resumes (`identity`: `_cell_identity`'s), else a fresh one;
+    either way under this run's key, data and include folders, and where it runs."""
+    cfg, (key, calib_desc, task_opts) = st.cfg, identity
+    partial = reuse.resume_state(partial_path, lambda why: st.say(f"{name}/{mode}: {why}"), n_layers(st.loaded.model))
+    if not reuse.resumable(cfg, method, partial, key, (name, mode, calib_desc, task_opts)):
+        partial = {"run_key": key, "tasks": {}, "inputs": st.inputs}
+    elif done := [t for t in cfg.tasks if t in partial["tasks"]]:
+        st.say(f"{name}/{mode}: resuming: {', '.join(done)} kept from an interrupted run ({partial_path.name})")
+    # a moved data or include folder's resume state goes on under this one
+    partial.update(run_key=key, data_dir=cfg.data_dir, **({"include_path": cfg.include_path} if cfg.include_path else {}),
+                   **({"made_on": list(made)} if (made := made_on.runs_on(cfg)) else {}))  # `auto` resumed on a GPU: refused
+    return partial
 
 
 def _tidy(st: _Run, name: str, mode: str) -> None:
