@@ -17,8 +17,9 @@ import torch
 
 from harness.pd import arch
 from methods import bars, cached
-from methods.cached import DiskMemo, parse_set, set_key
+from methods.cached import DiskMemo, set_key
 from methods.depth.blocks import block_cosines
+from methods.pdtrim.memo_keys import exact_values, memo_key_ok
 from methods.pdtrim.screen import Screen, screen_copy, screen_kind
 
 READING = "PDTRIM.md section 2 (harness reading v1)"
@@ -45,15 +46,6 @@ def search_cache_key(model, calib, c) -> dict:
                            batch_tokens=c.batch_tokens, sensitivity_samples=c.sensitivity_samples)
 
 
-def _memo_key_ok(k: str) -> bool:
-    """A key of the search's disk memo: a kind (p, d, sp, sd; b in front: the screen's), ':', block sets split by '|'."""
-    _, sep, sets = k.partition(":")
-    try:
-        return bool(sep) and all(parse_set(part) is not None for part in sets.split("|"))
-    except ValueError:
-        return False
-
-
 class SearchState:
     """Block scores, objectives with memoised values, and the search steps taken (for the record)."""
 
@@ -74,21 +66,11 @@ class SearchState:
         self._make_obj = lambda sp: StageObjective(model, sp, c.batch_size, c.batch_tokens)
         self._split, self._obj, self._sens = split, None, None
         self._screen_model, self._screens = None, {}  # the narrow model copy, and a Screen per objective
-        self.disk = DiskMemo("pdtrim-search", search_cache_key(model, calib, c), key_ok=_memo_key_ok)
+        self.disk = DiskMemo("pdtrim-search", search_cache_key(model, calib, c), key_ok=memo_key_ok)
         if self.disk.loaded:
             cached.announce(f"search values: {self.disk.loaded} pdtrim objective values")
-        # kinds of disk-memo keys: p, d exact E_P, E_D; sp, sd on the sensitivity sequences; a "b" in front:
-        # the bfloat16 screen's estimate of the same
         self._pending: dict[str, Callable[[], None]] = {}  # stage -> a rebase deferred to the next memo miss
-        self.memo_p: dict[frozenset, float] = {}
-        self.memo_d: dict[tuple[frozenset, frozenset], float] = {}
-        for k, v in self.disk.values.items():  # "p:<R>" and "d:<R_D>|<R_P>" (sensitivity: "sp:", "sd:")
-            kind, _, sets = k.partition(":")
-            if kind == "p":
-                self.memo_p[parse_set(sets)] = v
-            elif kind == "d":
-                rd, _, rp = sets.partition("|")
-                self.memo_d[(parse_set(rd), parse_set(rp))] = v
+        self.memo_p, self.memo_d = exact_values(self.disk.values)
         self.trace: dict[str, list] = {}
         self.sensitivity: dict[str, list[float]] | None = None
         self.search_s = 0.0
@@ -105,14 +87,18 @@ class SearchState:
         self._screen = screen_kind(model, c.screen, self._sens_separate)
         self._margin = c.subset_margin if self._screen == "subset" else c.screen_margin
         if c.sensitivity:
-            t0 = time.perf_counter()
-            self.sensitivity = {"prefill": [None] * self.n, "decode": [None] * self.n}
-            blocks = range(self.n) if c.sensitivity_blocks == "all" else sorted(self._candidates(frozenset()))
-            for i in bars.progress(blocks, "pdtrim: prefill sensitivity"):
-                self.single_block("prefill", i)
-            for i in bars.progress(blocks, "pdtrim: decode sensitivity"):
-                self.single_block("decode", i)
-            self.search_s += time.perf_counter() - t0
+            self._measure_sensitivity()
+
+    def _measure_sensitivity(self) -> None:
+        """Both stages' single-block values (`single_block`) of every block or of the candidates only."""
+        t0 = time.perf_counter()
+        self.sensitivity = {"prefill": [None] * self.n, "decode": [None] * self.n}
+        blocks = range(self.n) if self.c.sensitivity_blocks == "all" else sorted(self._candidates(frozenset()))
+        for i in bars.progress(blocks, "pdtrim: prefill sensitivity"):
+            self.single_block("prefill", i)
+        for i in bars.progress(blocks, "pdtrim: decode sensitivity"):
+            self.single_block("decode", i)
+        self.search_s += time.perf_counter() - t0
 
     def single_block(self, stage: str, i: int) -> float:
         """E_P({i}) or E_D({i} | ∅) on the sensitivity sequences (screened, when the search screens),
