@@ -282,19 +282,9 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
                 continue
             if base is r:
                 continue
-            tasks = _task_metrics(base, convention)
-            left["no_base"] += [f"{col.label(r)} {t}" for t in r.extra.get("items") or {} if t not in base.scores]
-            pairs = {t: aligned(base, r, t, m) for t, m in tasks.items()}
-            done = {t: compare(*p) for t, p in pairs.items() if p is not None}
-            if not done:  # no per-item results on one side (a record from before they were kept): no row, said so
-                left["no_items"].append(col.label(r) + where)
-            else:
-                lower = {t: lower_is_better(base, t, m) for t, m in tasks.items()}  # pd_ppl's ppl, a plug-in's own
-                accuracy = {t: pairs[t] for t in done if not is_long_task(base, t) and not lower[t]}
-                rows.append((r, done, lower, accuracy))
-                all_tasks += [t for t in done if t not in all_tasks]  # columns: the tasks some row pairs on
-                left["partial"] += [f"{col.label(r)} {t} {p.n} of {n}" for t, p in done.items()
-                                    if p.n < (n := min(len(x["ids"]) for x in (base.extra["items"][t], r.extra["items"][t])))]
+            if (row := _paired_row(col, base, r, convention, where, left)) is not None:
+                rows.append(row)
+                all_tasks += [t for t in row[1] if t not in all_tasks]  # columns: the tasks some row pairs on
         if rows:
             groups.append((title, rows))
     if not groups:
@@ -315,6 +305,23 @@ def paired_table(col: Collection, baseline: str = "unpruned", convention: str = 
     body = _with_bh(body)
     caption = _paired_caption(baseline, convention, tests, body, any_lower) + _left_out_text(baseline, left)
     return _one_column(make_table("paired", caption, cols, body, align="l" + "r" * (len(cols) - 2) + "l"))
+
+
+def _paired_row(col: Collection, base, r, convention: str, where: str, left: dict[str, list[str]]) -> tuple | None:
+    """(r, {task: its comparison with `base`}, {task: lower is better}, {accuracy task: its aligned pair}) for one row of
+    `paired_table`, or None when no task pairs; what is left out goes to `left` (`where`: the row's group, named)."""
+    tasks = _task_metrics(base, convention)
+    left["no_base"] += [f"{col.label(r)} {t}" for t in r.extra.get("items") or {} if t not in base.scores]
+    pairs = {t: aligned(base, r, t, m) for t, m in tasks.items()}
+    done = {t: compare(*p) for t, p in pairs.items() if p is not None}
+    if not done:  # no per-item results on one side (a record from before they were kept): no row, said so
+        left["no_items"].append(col.label(r) + where)
+        return None
+    lower = {t: lower_is_better(base, t, m) for t, m in tasks.items()}  # pd_ppl's ppl, a plug-in's own
+    accuracy = {t: pairs[t] for t in done if not is_long_task(base, t) and not lower[t]}
+    left["partial"] += [f"{col.label(r)} {t} {p.n} of {n}" for t, p in done.items()
+                        if p.n < (n := min(len(x["ids"]) for x in (base.extra["items"][t], r.extra["items"][t])))]
+    return r, done, lower, accuracy
 
 
 def _one_column(t: pd.DataFrame) -> pd.DataFrame:
