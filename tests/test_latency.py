@@ -58,7 +58,8 @@ def test_measure_counts_samples_and_bytes(tiny, batch):
 
 
 def test_the_documented_figure_plugs_in(tiny, monkeypatch):
-    """docs/adding.md's example figure, registered as written, reaches the figures and summary.csv."""
+    """docs/adding.md's example figure, registered as written (a whole file: copied into a plug-in module, it imports
+    what it uses), reaches the figures and summary.csv."""
     import re
     import statistics
 
@@ -71,7 +72,7 @@ def test_the_documented_figure_plugs_in(tiny, monkeypatch):
     doc = (ROOT / "docs" / "adding.md").read_text().split("## A latency figure", 1)[1]
     code = re.search(r"```python\n(.*?)```", doc, re.S)[1]
     monkeypatch.setattr(figures, "FIGURES", dict(figures.FIGURES))  # the registration is undone after the test
-    exec(code, {"figure": figures.figure, "FigureInputs": figures.FigureInputs, "statistics": statistics})
+    exec(code, {"__name__": "my_plugins.figures"})  # a whole file, its imports its own, as a plug-in module copies it
     m = latency.measure(tiny.model, PruningPlan.dense("u", 4), latency.Workload(16, 4, 2), warmup=0, repeats=3)
     f = m.figures(decode_bound_ms=2.5)
     assert f["decode_tok_per_s"] == pytest.approx(2 * 1e3 / statistics.median(m.tpot_ms)) and f["decode_bound_ms"] == 2.5
