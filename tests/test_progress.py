@@ -129,6 +129,46 @@ def test_eta_gives_each_task_its_own_rate_and_counts_down_the_running_one(monkey
         assert tr.eta() == "ETA 0.0 s"
 
 
+def _after_a_first_cell(monkeypatch, cells):
+    """A tracker of `cells` whose first cell's one task 't' (10 items) took 10 s, and its settable clock."""
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    tr = progress.Tracker(progress.Work(cells, {"t": 10}), show=False, since=100.0)
+    tr.cell(0, *cells[0])
+    with tr.phase("t", "/".join(cells[0])):
+        clock.now += 10
+    tr.task_done("t", 10.0)
+    return tr, clock
+
+
+def test_eta_names_the_planning_now_running(monkeypatch):
+    """A cell's first planning (PDTrim's search: many minutes) is named after the '+' while it runs: the line said
+    'ETA 56.1 s + planning shortgpt' through 20 minutes of PDTrim's search."""
+    tr, clock = _after_a_first_cell(monkeypatch, [("u", "disaggregated"), ("p", "disaggregated"), ("s", "disaggregated")])
+    tr.cell(1, "p", "disaggregated")
+    with tr.phase("planning p", "p/disaggregated", shown="planning"):
+        clock.now += 100
+        assert tr.eta() == "ETA 20.0 s + planning p,s"  # 2 cells' t left; p's search and s not timed yet
+    tr.planned("p", 100.0)
+    assert tr.eta() == "ETA 20.0 s + planning s"
+
+
+def test_eta_counts_down_a_planning_timed_before(monkeypatch):
+    """A method planned again (the other PD setting) counts its earlier planning time, less what this one has run."""
+    tr, clock = _after_a_first_cell(monkeypatch, [("u", "disaggregated"), ("p", "disaggregated"), ("p", "unified")])
+    tr.cell(1, "p", "disaggregated")
+    with tr.phase("planning p", "p/disaggregated", shown="planning"):
+        clock.now += 200
+    tr.planned("p", 200.0)
+    assert tr.eta() == "ETA 220 s"  # 2 cells' t, and p/unified's planning at p's 200 s
+    tr.cell(2, "p", "unified")
+    with tr.phase("planning p", "p/unified", shown="planning"):
+        clock.now += 150
+        assert tr.eta() == "ETA 60.0 s"  # 200 s - 150 s of it left, and p/unified's t
+        clock.now += 100  # longer than the first time: nothing left to count down, never negative
+        assert tr.eta() == "ETA 10.0 s"
+
+
 def test_overall_line_names_cell_task_elapsed_and_eta():
     stream = io.StringIO()
     work = progress.Work([("a", "disaggregated"), ("b", "disaggregated")], {"t1": 4, "t2": 6})

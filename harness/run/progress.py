@@ -94,6 +94,7 @@ class Tracker:
         self.task_s: dict[str, list[float]] = {}  # task -> [items, seconds] evaluated by this run: its own rate
         self._done_here: set[str] = set()  # tasks of the current cell evaluated, resumed or reused
         self._task_now: tuple[str, float] | None = None  # the task being evaluated and when it started
+        self._planning_now: tuple[str, float] | None = None  # the method being planned and when it started
         self.plan_s: dict[str, list[float]] = {}  # method -> seconds of each planning, for the ETA
         self._inner: list[float] = []  # seconds of the phases nested in each open phase
         self._bar: Any = None
@@ -112,6 +113,9 @@ class Tracker:
         is_task = self.work is not None and cell is not None and label in self.work.items
         if is_task:
             self._task_now = (label, t)
+        planning = cell is not None and label.startswith("planning ")  # the pipeline's 'planning METHOD'
+        if planning:
+            self._planning_now = (label[len("planning "):], t)
         self._inner.append(0.0)
         self._refresh()
         try:
@@ -119,6 +123,8 @@ class Tracker:
         finally:
             if is_task:
                 self._task_now = None
+            if planning:
+                self._planning_now = None
             spent = time.perf_counter() - t
             self.phases.append(Phase(label, cell, spent - self._inner.pop()))
             if self._inner:
@@ -224,7 +230,8 @@ class Tracker:
 
     def eta(self) -> str:
         """Remaining time: the tasks left in this cell and the next ones at their rates so far (the running
-        task less the time it has run), plus the planning times of the methods seen so far."""
+        task less the time it has run), plus the planning times of the methods seen so far (the running planning
+        less the time it has run); methods never planned yet, the one planning now too, are named after a '+'."""
         if self.work is None or not self.items_done:
             return "ETA after the first task"
         per_cell = {t: self._task_seconds(t) for t in self.work.items}
@@ -234,6 +241,12 @@ class Tracker:
             rest -= min(per_cell.get(task, 0.0), time.perf_counter() - started)
         rest += sum(per_cell.values()) * len(self.work.cells[self.cell_i + 1:])
         unplanned = set()
+        if self._planning_now is not None:  # a search of many minutes is not in the tasks' rates
+            m, started = self._planning_now
+            times = self.plan_s.get(m)
+            rest += max(0.0, sum(times) / len(times) - (time.perf_counter() - started)) if times else 0.0
+            if not times:
+                unplanned.add(m)
         for m, _ in self.work.cells[self.cell_i + 1:]:
             times = self.plan_s.get(m)
             rest += sum(times) / len(times) if times else 0.0
