@@ -102,6 +102,19 @@ def test_help_lists_a_plugin_method_and_its_stage_variant(plugin, tmp_path):
     assert f"BASE one of {bases}" in text
 
 
+def test_quiet_keeps_lm_evals_bars_off_with_a_plugin(plugin, tmp_path, data_dir):
+    """`-q` with HARNESS_PLUGINS: the run's parser imports the plug-ins for its --help text, and tqdm with them, before
+    `-q` sets TQDM_DISABLE, which tqdm reads once, at import; lm-eval's bar building each task's requests showed."""
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    env.update(HARNESS_PLUGINS=MODULE, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT), env.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "harness", "--model", "random:tiny", "--device", "cpu", "--methods", NAME,
+                          "--set", f"{NAME}.k=1", "--tasks", "arc_easy", "--limit", "2", "--data-dir", str(data_dir),
+                          "--out", str(tmp_path / "run"), "-q"], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "time: " in out.stderr and "it/s]" not in out.stderr and "%|" not in out.stderr, out.stderr
+
+
 def test_plugin_errors_say_what_is_wrong(plugin):
     with pytest.raises(ImportError, match="HARNESS_PLUGINS names 'pd_harness_no_such_plugin'"):
         methods.load_plugins("pd_harness_no_such_plugin")

@@ -30,7 +30,7 @@ from harness.cli.flags import (
 )
 from harness.config import DEFAULT_LIMIT, DEFAULT_METHODS, STANDARD_TASKS, RunConfig, expand_tasks
 from harness.errors import UsageError
-from harness.run.quiet import quiet_libraries
+from harness.run.quiet import bars_off, quiet_libraries
 from harness.store.records import check_writable, is_record_file
 
 
@@ -283,7 +283,8 @@ def cmd_run(argv: list[str] | argparse.Namespace) -> int:
         check_writable(out, "--out")  # a bad --out fails before the model loads, not after
     from harness.store import lock
 
-    with lock.hold(out) if dist.is_main else contextlib.nullcontext(), \
+    # bars_off: tqdm read TQDM_DISABLE at import, and with plug-ins the parser's --help text imported it before -q set it
+    with lock.hold(out) if dist.is_main else contextlib.nullcontext(), bars_off(args.quiet), \
             contextlib.closing(_before_load(cfg, prepared, Path(out))) as tasks:  # one writer per folder (rank 0 writes)
         return _evaluate(cfg, args, prepared, placement, dist, out, t_start, tasks)
 
