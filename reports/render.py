@@ -62,13 +62,15 @@ def build_tables(col: Collection, convention: str = "paper", bandwidth_gbit: flo
 
 
 def _paired_why(col: Collection, baseline: str) -> str:
-    """Why the paired table is empty: no quality records, no `baseline` record (the default's may be absent), or no
-    per-item results to pair."""
+    """Why the paired table is empty: no quality records, no `baseline` record (the default's may be absent), no other
+    method's, or no per-item results to pair."""
     methods = sorted({r.method for r in col.quality})
     if not methods:
         return "no quality records"
     if baseline not in methods:
         return f"no {baseline} record; --baseline METHOD pairs with another: {', '.join(methods)}"
+    if methods == [baseline]:
+        return f"the records hold {baseline} only: no other method to pair with it"
     return f"no records with per-item results to pair with {baseline}"
 
 

@@ -189,6 +189,15 @@ def test_unknown_baseline_exits_2_naming_the_methods(tmp_path, cli):
         in r.stderr  # not "no records with per-item results", which they have
 
 
+def test_a_baseline_alone_says_it_has_nothing_to_pair_with(tmp_path, cli):
+    r = _fake("unpruned", "disaggregated", {"boolq": {"acc": 0.5}}, kv={"boolq": {"kv_bytes": 400, "handoffs": 4}})
+    r.extra["items"] = {"boolq": {"ids": [0, 1], "metrics": {"acc": [1, 0]}}}
+    save(r, tmp_path / "a")
+    r = cli("report", tmp_path / "a", "--no-plots", "--out", tmp_path / "rep")
+    assert r.returncode == 0 and "paired table: not shown (the records hold unpruned only: no other method to pair " \
+        "with it)" in r.stderr  # not "no records with per-item results", which it has
+
+
 def test_latency_rows_compare_with_the_unpruned_of_their_own_run_and_csv_holds_mib(tmp_path):
     """Two runs of the same latency command: each row against its own run's unpruned (every unpruned row
     1.00×), not the other run's, and the CSV's "KV sent (MiB)" in MiB, as the table shows it."""
