@@ -266,6 +266,18 @@ def check_prefill_ratio(name: str, c) -> None:
         raise UsageError(f"{name}.prefill_ratio={c.prefill_ratio}: must be within [0, 1] (k_prefill = floor(ratio · k_decode))")
 
 
+def check_stage_depths(name: str, c) -> None:
+    """`R_prefill ⊆ R_decode` needs 0 <= k_prefill (or prefill_ratio's) <= k_decode; the refusal says what fits: a
+    k_decode below the default k_prefill 4 (`--set pdtrim.k_decode=2`, a depth sweep's small values) needs one of them."""
+    k_prefill = prefill_depth(c)
+    if 0 <= k_prefill <= c.k_decode:
+        return
+    fix = (f"; set {name}.k_prefill={c.k_decode} or less too, or {name}.prefill_ratio (k_prefill = floor(ratio · "
+           f"k_decode), e.g. {name}.prefill_ratio=0.5, which fits every k_decode of a depth sweep)") if k_prefill > c.k_decode >= 0 else ""
+    raise UsageError(f"{name}: need 0 <= k_prefill <= k_decode (R_prefill ⊆ R_decode), got k_prefill={k_prefill}, "
+                     f"k_decode={c.k_decode}{fix}")
+
+
 def refuse_unfit(methods: dict, config: Any, modes: tuple[str, ...] = ("disaggregated",)) -> None:
     """Every method's `check_config` against the model's config in each of `modes`, before the weights load
     (`_ask_every`)."""

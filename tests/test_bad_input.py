@@ -138,6 +138,16 @@ CASES = [
      "--set pdtrim.heal_lr=inf: expected a finite number"),
     ("d_t-out-of-range", lambda t, d, r: [*ONE_CELL, "--methods", "pdtrim", "--set", "pdtrim.d_t=1.5"],
      "pdtrim.d_t=1.5: must be within [-1, 1]"),
+    # "need 0 <= k_prefill <= k_decode, got 4, 2" said what was wrong, not which option fixes it
+    ("pdtrim-k_decode-below-k_prefill", lambda t, d, r: [*ONE_CELL, "--methods", "pdtrim", "--set", "pdtrim.k_decode=2"],
+     "pdtrim: need 0 <= k_prefill <= k_decode (R_prefill ⊆ R_decode), got k_prefill=4, k_decode=2; set "
+     "pdtrim.k_prefill=2 or less too, or pdtrim.prefill_ratio (k_prefill = floor(ratio · k_decode), e.g. "
+     "pdtrim.prefill_ratio=0.5, which fits every k_decode of a depth sweep)"),
+    ("stage-k_decode-below-k_prefill", lambda t, d, r: [*ONE_CELL, "--methods", "stage:tail", "--set", "stage:tail.k_decode=1"],
+     "stage:tail: need 0 <= k_prefill <= k_decode (R_prefill ⊆ R_decode), got k_prefill=4, k_decode=1; set "
+     "stage:tail.k_prefill=1 or less too, or stage:tail.prefill_ratio"),
+    ("stage-k_unified-negative", lambda t, d, r: [*ONE_CELL, "--methods", "stage:tail", "--set", "stage:tail.k_unified=-1"],
+     "stage:tail.k_unified=-1: must be >= 0"),
     ("probe_steps-zero", lambda t, d, r: [*ONE_CELL, "--methods", "pdtrim", "--set", "pdtrim.probe_steps=0"],
      "pdtrim: need probe_prompts, probe_tokens, probe_steps >= 1 (got 8, 512, 0), or kv_pruning=false"),
     ("probe_prompts-negative", lambda t, d, r: [*ONE_CELL, "--methods", "pdtrim", "--set", "pdtrim.probe_prompts=-1"],

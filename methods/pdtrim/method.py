@@ -31,7 +31,7 @@ from harness.errors import UsageError
 from harness.pd import arch
 from harness.pd.plan import KVPolicy, PruningPlan
 from methods import bars
-from methods.base import Method, Options, check_prefill_ratio, content_key, prefill_depth
+from methods.base import Method, Options, check_prefill_ratio, check_stage_depths, content_key, prefill_depth
 from methods.pdtrim.screen import SCREEN_DTYPES
 from methods.pdtrim.search import _SHARED_STATES, SEARCH_FIELDS, SENSITIVITY_BLOCKS, SearchState
 from methods.registry import register
@@ -103,8 +103,7 @@ class PDTrim(Method):
 
     def validate_config(self, c) -> None:
         check_prefill_ratio(self.name, c)
-        if not 0 <= prefill_depth(c) <= c.k_decode:
-            raise UsageError(f"pdtrim: need 0 <= k_prefill <= k_decode (R_prefill ⊆ R_decode), got {c.k_prefill}, {c.k_decode}")
+        check_stage_depths(self.name, c)
         if c.k_unified < 0:
             raise UsageError(f"pdtrim.k_unified={c.k_unified}: must be >= 0")
         if c.search_samples < 1 or c.max_cont < 1 or c.batch_size < 1 or c.batch_tokens < 1:
