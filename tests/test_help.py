@@ -158,3 +158,14 @@ def test_a_typo_of_a_required_flag_is_named(capsys):
             check_parser().parse_args(argv)
         assert capsys.readouterr().err.splitlines()[0] == ("python -m harness check: error: the following arguments are "
                                                           f"required: --against{hint}")
+
+
+def test_every_dtype_flag_names_its_default_and_short_names():
+    """`--dtype DTYPE  auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16` said neither its default nor that
+    fp32/bf16/fp16 are taken (docs/running.md says so, and so does its refusal)."""
+    from harness.cli import export, latency, run
+
+    for parser in (run.run_parser(), latency.latency_parser(), export.parser()):
+        (action,) = [a for a in parser._actions if "--dtype" in a.option_strings]
+        assert "(default: auto)" in action.help and "fp32, bf16, fp16" in action.help, parser.prog
+        assert all(action.type(short) == full for short, full in (("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16")))

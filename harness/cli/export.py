@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cli.export_out import check_out_is_not_cwd, mark, prepare_out, swap_in
-from harness.cli.flags import Parser, device_arg, dtype_arg, env_path, model_arg, path_arg, seed_arg, user_dir
+from harness.cli.flags import DTYPE_HELP, Parser, device_arg, dtype_arg, env_path, model_arg, path_arg, seed_arg, user_dir
 from harness.config import SWEEP_MARK, sweep_base
 from harness.errors import UsageError
 from harness.run.export import export_plan
@@ -58,8 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_arg, default=None, help="seed for random models and calibration (default: the record's, else 0)")
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--dtype", type=dtype_arg, default="auto",
-                   help="weights are loaded, planned and written in this dtype: auto (bf16 on GPU, fp32 on CPU), float32, "
-                        "bfloat16, float16")
+                   help=f"weights are loaded, planned and written in this dtype: {DTYPE_HELP}")
     p.add_argument("--data-dir", type=path_arg, default=env_path("HARNESS_DATA_DIR"),
                    help="calibration data for methods that calibrate (default: $HARNESS_DATA_DIR)")
     p.add_argument("--max-shard-size", type=shard_size, default="5GB",

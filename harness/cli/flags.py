@@ -104,6 +104,9 @@ def seed_arg(s: str) -> int:
     return n
 
 
+DTYPE_HELP = "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16 (also fp32, bf16, fp16) (default: auto)"
+
+
 def dtype_arg(s: str) -> str:
     """A dtype by its full name: `bf16` is stored as `bfloat16`, so records name one dtype one way (a run key of `bf16`
     differed from one of `bfloat16`, and a rerun typed the other way was refused as another configuration)."""

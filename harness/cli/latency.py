@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from harness.cli.flags import (
+    DTYPE_HELP,
     Parser,
     csv_list,
     device_arg,
@@ -68,7 +69,7 @@ def latency_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_arg, default=0,
                    help="seed for the random prompt tokens, random:<preset> weights and calibration sampling (default: 0)")
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    p.add_argument("--dtype", type=dtype_arg, default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--dtype", type=dtype_arg, default="auto", help=DTYPE_HELP)
     p.add_argument("--data-dir", type=path_arg, default=env_path("HARNESS_DATA_DIR"),
                    help="for methods that calibrate (default: $HARNESS_DATA_DIR)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

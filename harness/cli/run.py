@@ -11,6 +11,7 @@ from pathlib import Path
 
 from harness.cli.check_tasks import check_tasks
 from harness.cli.flags import (
+    DTYPE_HELP,
     MODES,
     Parser,
     batch_size_arg,
@@ -141,7 +142,7 @@ def _how_flags(p: argparse.ArgumentParser) -> None:
                         "out-of-memory as lm-eval does, that runs each task's longest request; on CPU a fixed 16) or auto:N (searched again "
                         "N times as requests get shorter); the size used is in each record (default: 16)")
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    p.add_argument("--dtype", type=dtype_arg, default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--dtype", type=dtype_arg, default="auto", help=DTYPE_HELP)
 
 
 def _lm_eval_flags(p: argparse.ArgumentParser) -> None:
