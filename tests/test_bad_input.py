@@ -358,12 +358,14 @@ OUT_COMMANDS = [
 
 
 @pytest.mark.parametrize("command, argv", OUT_COMMANDS, ids=[c[0] for c in OUT_COMMANDS])
-def test_an_out_that_is_a_file_is_one_line_naming_it_before_any_work(command, argv, tmp_path, capsys, monkeypatch):
+def test_an_out_that_is_a_file_is_one_line_naming_it_before_any_work(command, argv, tmp_path, capsys, monkeypatch,
+                                                                     data_dir):
     """Every command said so, exit 2, but `check` only once its spec's run section had started (naming OUT/quality:
     "cannot write there"), `sweep` once its spec was read (naming "[run] out OUT/quality"), and `export` without
     saying what to give: one message now, naming --out and the file and saying a folder is expected."""
     import harness.pd.models
 
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir.resolve()))  # CI's is relative (../shared/data): not after chdir
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(harness.pd.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.setattr(harness.pd.models, "_without_weights", lambda *a, **k: pytest.fail("the model's files were read"))
