@@ -1130,6 +1130,30 @@ def test_a_prefill_that_cannot_fit_in_memory_is_refused_before_the_weights_load(
     assert (tmp_path / "b" / "unpruned__disaggregated.json").exists()
 
 
+def test_the_memory_free_on_a_gpu_counts_what_this_process_has_cached(monkeypatch):
+    """A `[run]` section before `[latency]` (`check`, `--config`) leaves the quality run's blocks in PyTorch's caching
+    allocator: `mem_get_info` counts them as taken, though the prefill reuses them. The floor compared 1 GB free with
+    a 6 GB prefill on a GPU whose 60 GB cache held nothing live, and refused a workload that fits."""
+    import types
+
+    from harness.latency import memory
+    from harness.latency.measure import Workload
+
+    gb = 10**9
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (1 * gb, 80 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i=None: 60 * gb)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i=None: 2 * gb)  # live tensors: not free
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpu = torch.device("cuda:0")
+    assert memory.free_bytes(gpu, spread=False)[0] == 59 * gb
+    monkeypatch.setattr(memory, "_host_free_bytes", lambda: (3 * gb, "the host"))
+    assert memory.free_bytes(gpu, spread=True)[0] == 2 * 59 * gb + 3 * gb
+    config = types.SimpleNamespace(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+    per_token = memory.bytes_per_prompt_token(config, torch.bfloat16)
+    memory.refuse_unfit(config, [Workload(6 * gb // per_token, 1, 1)], torch.bfloat16, gpu)  # 6 GB: fits
+
+
 def test_a_count_too_deep_for_the_model_is_refused_before_any_method_plans(cli, tmp_path, monkeypatch):
     """`--methods unpruned,pdtrim,tail --set tail.k=8` on 4 layers: tail was refused only after PDTrim's search (a
     minute on random:tiny). Every method's counts are checked against the depth in the model's config first: no

@@ -36,15 +36,22 @@ def bytes_per_prompt_token(config, dtype: torch.dtype) -> int:
 
 
 def free_bytes(device: torch.device, spread: bool) -> tuple[int, str]:
-    """(bytes free now, the memory that is, in words): the GPU's free memory (`torch.cuda.mem_get_info`); for a model
+    """(bytes free now, the memory that is, in words): the GPU's free memory (`_gpu_free_bytes`); for a model
     spread by --device-map every GPU's and the host's together (layers may go anywhere); on a CPU the host's."""
     if spread or device.type != "cuda":
         host, words = _host_free_bytes()
         if not spread or not torch.cuda.is_available():
             return host, words
-        gpus = sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+        gpus = sum(_gpu_free_bytes(i) for i in range(torch.cuda.device_count()))
         return gpus + host, f"the {torch.cuda.device_count()} GPU(s) and {words} together"
-    return torch.cuda.mem_get_info(device)[0], str(device)
+    return _gpu_free_bytes(device), str(device)
+
+
+def _gpu_free_bytes(device: torch.device | int) -> int:
+    """The GPU's free memory (`torch.cuda.mem_get_info`) plus what this process's caching allocator holds and no
+    tensor uses (reserved - allocated): the prefill reuses those blocks, which a `[run]` section before the latency
+    one (`check`, `--config`) leaves cached and `mem_get_info` counts as taken."""
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _host_free_bytes() -> tuple[int, str]:
