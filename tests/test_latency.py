@@ -1124,7 +1124,7 @@ def test_a_prefill_that_cannot_fit_in_memory_is_refused_before_the_weights_load(
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
     assert main([*argv, "--prompt-tokens", "16,65", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
-    assert "--prompt-tokens 65 --batch-size 2:" in err and "under 128 tokens" in err and "free on the host;" in err, err
+    assert "--prompt-tokens 65 --batch-size 2:" in err and "of at most 128 tokens" in err and "free on the host;" in err, err
     monkeypatch.setattr(models, "load_model", loaded)
     assert main([*argv, "--prompt-tokens", "16,64", "--out", str(tmp_path / "b")]) == 0  # 520 · 2 · 64 B: just fits
     assert (tmp_path / "b" / "unpruned__disaggregated.json").exists()

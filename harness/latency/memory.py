@@ -79,4 +79,4 @@ def refuse_unfit(config, workloads: Sequence[Workload], dtype: torch.dtype, devi
         f"--prompt-tokens {w.prompt_tokens} --batch-size {w.batch_size}: one prefill holds at least {need / GB:,.1f} GB "
         f"(token ids, embeddings and one layer's K and V in {str(dtype).removeprefix('torch.')}: "
         f"{w.batch_size} x {w.prompt_tokens} tokens x {per_token} B, before the weights), and {free / GB:,.1f} GB is "
-        f"free on {where}; give a --prompt-tokens x --batch-size under {free // per_token:,} tokens")
+        f"free on {where}; give a --prompt-tokens x --batch-size of at most {free // per_token:,} tokens")
