@@ -150,3 +150,18 @@ def test_the_model_config_is_read_once_before_the_weights_load(entry, tmp_path, 
     with pytest.raises(_WeightsLoad):
         cmd_run(argv) if entry == "run" else pipeline.run(run_config(run_parser().parse_args(argv)), tmp_path / "o")
     assert reads == ["random:tiny"]
+
+
+def test_latency_reads_the_model_config_once_before_the_weights_load(tmp_path, monkeypatch):
+    """`latency` checks the config for the architecture and the methods (`model_before_load`) and for the workloads'
+    memory floor (`harness.latency.memory`): each read it, and for a hub id each probed the hub. One read now."""
+    from harness.cli.latency import cmd_latency
+    from harness.pd import models
+
+    reads, real = [], models._without_weights
+    monkeypatch.setattr(models, "_without_weights", lambda spec, *a, **k: reads.append(spec) or real(spec, *a, **k))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(_WeightsLoad()))
+    with pytest.raises(_WeightsLoad):
+        cmd_latency(["--model", "random:tiny", "--device", "cpu", "--methods", "unpruned", "--prompt-tokens", "16",
+                     "--decode-tokens", "2", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "o"), "-q"])
+    assert reads == ["random:tiny"]

@@ -158,7 +158,7 @@ def _latency_config(args: argparse.Namespace):
 def _measured(cfg, model_args: dict, prepared, out) -> tuple[list, list]:
     """(the records, the plug-in failures) of measuring every method under `out`'s lock: what the config rules out is
     refused before the weights load."""
-    from harness.pd.models import load_model
+    from harness.pd.models import load_model, model_config
     from harness.run.latency_plans import plans_to_time
     from harness.run.latency_run import run_latency
     from harness.run.plugin_faults import PluginsFailed
@@ -173,8 +173,9 @@ def _measured(cfg, model_args: dict, prepared, out) -> tuple[list, list]:
     with lock.hold(out):  # one writer per folder
         try:
             # before the weights load: an architecture refused, a method unfit for it, counts too deep
-            depth = model_before_load(cfg.model, model_args, prepared.methods)
-            _refuse_unfit_workloads(cfg, model_args)
+            config = model_config(cfg.model, model_args)  # read once (for a hub id, one probe of the hub)
+            depth = model_before_load(cfg.model, model_args, prepared.methods, config=config)
+            _refuse_unfit_workloads(cfg, config)
             replay = plans_to_time(cfg.plans_from, depth, prepared.methods) if depth is not None else None
             _need_data_dir(cfg.data_dir, prepared.methods, replay if cfg.plans_from else None)  # --plans-from: not replayed
             loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.seed, placement=cfg.placement(), model_args=model_args)
@@ -186,15 +187,15 @@ def _measured(cfg, model_args: dict, prepared, out) -> tuple[list, list]:
             return e.records, e.failures
 
 
-def _refuse_unfit_workloads(cfg, model_args: dict) -> None:
-    """UsageError (exit 2) for a workload whose prefill cannot fit in the memory free, from the config alone
+def _refuse_unfit_workloads(cfg, config) -> None:
+    """UsageError (exit 2) for a workload whose prefill cannot fit in the memory free, from the model's `config` alone
     (`harness.latency.memory`): a huge --prompt-tokens ended in the allocator's error after the weights loaded."""
     from harness.latency.memory import refuse_unfit
-    from harness.pd.models import model_config, resolve_device, resolve_dtype
+    from harness.pd.models import resolve_device, resolve_dtype
 
     device = resolve_device(cfg.device)
-    config = model_config(cfg.model, model_args).get_text_config()  # the decoder run, as model_before_load reads it
-    refuse_unfit(config, cfg.workloads(), resolve_dtype(cfg.dtype, device), device, spread=cfg.device_map is not None)
+    text = config.get_text_config()  # the decoder run, as model_before_load reads it
+    refuse_unfit(text, cfg.workloads(), resolve_dtype(cfg.dtype, device), device, spread=cfg.device_map is not None)
 
 
 def _print_tables(records: list, bandwidths_gbit: tuple[float, ...], out) -> None:
