@@ -79,18 +79,21 @@ def bold_best(t: pd.DataFrame, column: str, lower_is_better: bool = False) -> No
     t.loc[hit[hit].index, "bold"] = True
 
 
+def _best_two(t: pd.DataFrame, column: str, lower_is_better: bool):
+    """Per group of `column` with two numbers or more: (its rows, (best value, row), (runner-up value, row))."""
+    for _, part in t[t["column"] == column].groupby("group"):
+        vals = sorted(((float(v), int(r)) for v, r in zip(part["value"], part["row"]) if _is_number(v)),
+                      reverse=not lower_is_better)
+        if len(vals) >= 2:
+            yield part, vals[0], vals[1]
+
+
 def bold_beyond_noise(t: pd.DataFrame, column: str, stderr: dict[int, float], lower_is_better: bool = False,
                       z: float = 1.96) -> None:
     """Bold the best value of `column` within each group only where it beats the runner-up by more than
     noise: |best − second| > z·sqrt(se_best² + se_second²), with `stderr` keyed by table row. No bold
     where either standard error is unknown: a sample too small to tell is not a win."""
-    sel = t["column"] == column
-    for _, part in t[sel].groupby("group"):
-        vals = [(float(v), int(r)) for v, r in zip(part["value"], part["row"]) if _is_number(v)]
-        if len(vals) < 2:
-            continue
-        vals.sort(reverse=not lower_is_better)
-        (best, rb), (second, rs) = vals[0], vals[1]
+    for part, (best, rb), (second, rs) in _best_two(t, column, lower_is_better):
         if rb in stderr and rs in stderr and abs(best - second) > z * (stderr[rb] ** 2 + stderr[rs] ** 2) ** 0.5:
             t.loc[part.index[part["row"] == rb], "bold"] = True
 
@@ -101,13 +104,7 @@ def bold_beyond_spread(t: pd.DataFrame, column: str, samples: dict[int, Sequence
     runner-up's (`samples` keyed by table row: a latency row's measured runs) rejects equal means at two-sided
     `alpha`, the best's mean being the better. No bold where either row has fewer than two samples (one run gives
     no spread to tell noise by) or the two values tie."""
-    sel = t["column"] == column
-    for _, part in t[sel].groupby("group"):
-        vals = [(float(v), int(r)) for v, r in zip(part["value"], part["row"]) if _is_number(v)]
-        if len(vals) < 2:
-            continue
-        vals.sort(reverse=not lower_is_better)
-        (best, rb), (second, rs) = vals[0], vals[1]
+    for part, (best, rb), (second, rs) in _best_two(t, column, lower_is_better):
         a, b = samples.get(rb, ()), samples.get(rs, ())
         p = welch_p(a, b) if best != second else None
         if p is not None and p < alpha and (np.mean(a) < np.mean(b)) == lower_is_better:
