@@ -240,6 +240,35 @@ def test_with_a_data_dir_the_task_manager_indexes_the_include_folders_and_the_lo
     assert len(tm.load([TASK])["tasks"][TASK].eval_docs) == len(ROWS)
 
 
+def test_without_a_data_dir_own_tasks_are_built_without_indexing_lm_evals_yamls(own, tmp_path):
+    """The run's tasks, all defined in the folders: an index of the folders alone (the whole one took ~12 s a run),
+    whose task is built as before: its rows, its metric."""
+    from harness.quality.tasks import task_manager
+
+    tm = task_manager([TASK, "pd_ppl"], None, include_path=[own])  # a long-context task needs no lm-eval YAML
+    assert set(tm.all_tasks) == {TASK}
+    built = tm.load([TASK])["tasks"][TASK]
+    assert len(built.eval_docs) == len(ROWS) and [m["metric"] for m in built.config.metric_list] == ["acc"]
+
+
+@pytest.mark.parametrize(("wanted", "extra"), [
+    ([TASK, "arc_easy"], ""),  # a hub task beside the folder's
+    (["my_group"], ""),  # a group, whose members may be lm-eval's
+    (["my_tag"], "tag: my_tag\n"),  # a tag, which gathers tasks of every folder
+])
+def test_without_a_data_dir_any_other_task_keeps_lm_evals_whole_index(own, monkeypatch, wanted, extra):
+    import lm_eval.tasks
+
+    from harness.quality.tasks import task_manager
+
+    (own / "my_mc.yaml").write_text((own / "my_mc.yaml").read_text() + extra)
+    (own / "my_group.yaml").write_text(f"group: my_group\ntask:\n  - {TASK}\n  - arc_easy\n")
+    made = []
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **kwargs: made.append(kwargs))
+    task_manager(wanted, None, include_path=[own])
+    assert made == [{"include_path": [str(own)], "include_defaults": True}]
+
+
 def test_a_run_without_include_path_keeps_its_run_key_and_record_shape():
     plain = RunConfig(model="random:tiny", tasks=("arc_easy",))
     own = RunConfig(model="random:tiny", tasks=("arc_easy",), include_path=("/somewhere",))
