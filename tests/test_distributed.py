@@ -305,6 +305,35 @@ def test_a_collective_broken_by_a_peer_that_left_on_the_stop_signal_ends_as_inte
         call()
 
 
+def test_a_collective_broken_after_a_stop_a_library_swallowed_ends_as_interrupted_at_once(monkeypatch):
+    """This rank's stop came earlier and a library caught its KeyboardInterrupt (harness.stops), so no signal is left
+    to come: the broken collective raises KeyboardInterrupt at once rather than the transport's error after the
+    wait; with no stop noted, the error as before."""
+    import time
+
+    import torch
+
+    from harness import stops
+    from harness.cli.interrupt import sigterm_as_ctrl_c
+    from harness.quality import distributed
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29533")
+
+    monkeypatch.setattr(torch.distributed, "barrier", broken)
+    monkeypatch.setattr(distributed, "PEER_LOST_GRACE_S", 30.0)
+    with sigterm_as_ctrl_c():
+        stops.note()  # what the handler does before the KeyboardInterrupt a library swallowed
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            distributed.Dist(rank=0, world_size=2).barrier()
+        assert time.monotonic() - start < 5
+    assert not stops.noted()  # forgotten with the command
+    monkeypatch.setattr(distributed, "PEER_LOST_GRACE_S", 0.2)
+    with sigterm_as_ctrl_c(), pytest.raises(RuntimeError, match="Connection closed by peer"):
+        distributed.Dist(rank=0, world_size=2).barrier()
+
+
 def test_a_sharded_generation_asks_should_stop_about_the_callers_own_context_index():
     """`Scorer.generate` calls `should_stop(i, tokens)` with i the index of the context in the caller's list; under data
     parallelism (`ShardedScorer`) rank 1 scores contexts 1, 3, ... and its scorer asked about 0, 1, ...: a long-context

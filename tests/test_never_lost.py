@@ -411,6 +411,35 @@ def test_a_run_stopped_by_sigterm_ends_as_on_ctrl_c(data_dir, tmp_path):
     assert not (out / lock.LOCK_NAME).exists()  # released on the way out
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_that_a_library_swallowed_while_a_task_was_built_still_stops_the_run(cli, data_dir, tmp_path,
+                                                                                    monkeypatch, sig):
+    """`datasets` fingerprints a task's `process_docs` inside a bare `except:`; a stop arriving then was caught there
+    (printed as "couldn't be hashed properly") and the run went on to its end, exit 0 (under torchrun, until the
+    launcher's SIGKILL). It now stops once the task is built, as on Ctrl-C, before any later task or cell."""
+    import lm_eval.tasks
+
+    load = lm_eval.tasks.TaskManager.load
+
+    def load_then_swallow_a_stop(self, *args, **kwargs):
+        built = load(self, *args, **kwargs)
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(5)  # the handler's KeyboardInterrupt comes out of the sleep, into the bare except
+        except:  # noqa: E722 - what datasets does
+            pass
+        return built
+
+    monkeypatch.setattr(lm_eval.tasks.TaskManager, "load", load_then_swallow_a_stop)
+    out = tmp_path / "out"
+    r = cli("run", *TINY, "--methods", "unpruned,tail", "--set", "tail.k=1", "--tasks", "arc_easy,boolq", "--limit", 2,
+            "--out", out, data_dir=data_dir)
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert "interrupted" in r.stderr and "rerun the same command" in r.stderr
+    assert not list(out.glob("*.json"))  # stopped in the first cell's first task: nothing finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command's handlers are gone
+
+
 def test_runs_reports_and_exports_refuse_to_write_among_the_references(tmp_path, capsys):
     """`run --out results/reference` wrote a record beside quality/ and latency/, and `check` then failed on "two records
     of one cell" and another model. A folder `check --update` made is marked, and every writer refuses it, or a folder

@@ -9,12 +9,17 @@ import threading
 import time
 from collections.abc import Iterator
 
+from harness import stops
+
 
 @contextlib.contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread (outside it, as before).
-    Elsewhere than the main thread (a notebook's worker) SIGTERM is left as it is."""
+    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread (outside it, as before), and it and Ctrl-C
+    (while SIGINT has Python's own handler) are noted in `harness.stops`: a stop a library swallowed is raised again
+    where the harness takes control back. Elsewhere than the main thread (a notebook's worker) both are left as
+    they are."""
     def interrupt(signum, frame):
+        stops.note()
         raise KeyboardInterrupt
 
     try:
@@ -22,10 +27,17 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
     except ValueError:  # not the main thread
         yield
         return
+    old_int = signal.getsignal(signal.SIGINT)
+    if old_int is signal.default_int_handler:  # not one of a caller's own (a test's, Ray's)
+        signal.signal(signal.SIGINT, interrupt)
+    stops.clear()
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+        if old_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, old_int)
+        stops.clear()
 
 
 DUPLICATE_S = 1.0  # two deliveries of one stop arrive microseconds apart; a person's second Ctrl-C takes longer

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from harness import stops
+
 # How long a rank whose collective failed waits for a stop signal of its own before raising the transport's error.
 # The launcher stops a group by signalling every rank (SIGTERM from torchrun/accelerate, a terminal's SIGINT); a rank
 # that took its signal first and left breaks the collective the others are in ('Connection closed by peer' from
@@ -32,11 +34,16 @@ PEER_LOST_GRACE_S = 3.0
 def _collective(fn, *args: Any) -> None:
     """`fn(*args)` (a torch.distributed collective); on its RuntimeError (DistBackendError is one), wait up to
     `PEER_LOST_GRACE_S` for this process's stop signal, whose handler raises KeyboardInterrupt (SIGINT, or SIGTERM
-    under `sigterm_as_ctrl_c`) out of the sleep; without one, the error."""
+    under `sigterm_as_ctrl_c`) out of the sleep, or raise it at once for a stop that came earlier and that a library
+    swallowed (`harness.stops`); without one, the error."""
     try:
         fn(*args)
-    except RuntimeError:
-        time.sleep(PEER_LOST_GRACE_S)
+    except RuntimeError as err:
+        deadline = time.monotonic() + PEER_LOST_GRACE_S
+        while not stops.noted() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if stops.noted():
+            raise KeyboardInterrupt from err
         raise
 
 

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness import stops
 from harness.errors import HarnessWarning, UsageError
 from harness.quality.samples import metric_name, per_item
 
@@ -149,6 +150,7 @@ class TaskCache:
                 self.manager = task_manager(self._tasks, self._data_dir, Path(self._workdir.name), self._include)
             with self._rows_read(task):
                 loaded = self.manager.load([task])
+            stops.check()  # a stop that `datasets` swallowed while the task was built (harness.stops)
             self._built[task] = loaded["groups"].get(task) or loaded["tasks"].get(task) or task
             self._subtasks[task] = dict(loaded["tasks"]) if task in loaded["groups"] else {}
         return self._built[task]

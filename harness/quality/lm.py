@@ -19,6 +19,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import has_bos_prefix, normalize_gen_kwargs, postprocess_generated_text
 from tqdm.auto import tqdm
 
+from harness import stops
 from harness.errors import HarnessWarning
 from harness.pd.plan import PruningPlan
 from harness.quality.distributed import Dist, in_doc_order
@@ -113,6 +114,7 @@ class PDLM(TemplateLM):
                 del resps[len(resps) - n_pad:]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
+        stops.check()  # a stop a library swallowed while lm-eval built the requests (harness.stops)
         real, n_pad = self._without_padding(list(requests))
         # lm-eval's "Tokenizing inputs" bar: shown only with ours (an explicit disable=False beats TQDM_DISABLE)
         res = super().loglikelihood(real, disable_tqdm=disable_tqdm or not self.progress)
@@ -184,6 +186,7 @@ class PDLM(TemplateLM):
         return res
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        stops.check()  # a stop a library swallowed while lm-eval built the requests (harness.stops)
         requests, n_pad = self._without_padding(list(requests))
         out = self._rolling(requests, disable_tqdm)
         return out + out[-1:] * n_pad
@@ -204,6 +207,7 @@ class PDLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy generation; each request's `until` strings (and EOS) stop it."""
+        stops.check()
         requests, n_pad = self._without_padding(list(requests))
         out = self._generate(requests, disable_tqdm)
         return out + out[-1:] * n_pad
