@@ -11,17 +11,12 @@ The two-GPU side runs in a process of its own (a registered device type lasts fo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import two_gpu_cases as cases
-from virtual_gpus import DEVICE_MAP
-
-from harness.store import records as rec
+from virtual_gpus import DEVICE_MAP, in_own_process
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,13 +27,7 @@ def two_gpus(data_dir, tmp_path_factory) -> Path:
 
     if not hasattr(backends, "_setup_privateuseone_for_python_backend"):  # torch 2.13 (CI's) has it
         pytest.skip(f"torch {torch.__version__} cannot register a device from Python (virtual GPUs)")
-    out = tmp_path_factory.mktemp("two-gpus")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-           "HARNESS_CALIBRATION_CACHE": str(out / "calibration")}
-    r = subprocess.run([sys.executable, str(HERE / "virtual_gpus.py"), str(out), str(data_dir)], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return out
+    return in_own_process("cases", tmp_path_factory.mktemp("two-gpus"), data_dir)
 
 
 def test_the_virtual_gpus_refuse_mixed_devices_as_a_gpu_does(two_gpus):
@@ -101,34 +90,11 @@ def test_latency_of_the_model_over_two_gpus_hands_over_the_cpus_bytes_and_tokens
     assert split == cases.latency_all(cases.eager_tiny().model, case)
 
 
-def test_every_method_plans_and_scores_as_on_one_device(two_gpus, data_dir, tmp_path):
-    """Every method but those that train, both modes, arc_easy + pd_ppl + passkey: same plan, scores and KV."""
-    one = cases.run_all(tmp_path / "one", str(data_dir))
-    failed = [f"{f['method']}/{f['mode']}: {_where(f['traceback'])}{f['error']}" for f in rec.load_failures(two_gpus / "run")]
-    assert not failed, "\n".join(failed)
-    split = {(r.method, r.mode): r for r in rec.load_dir(two_gpus / "run")}
-    assert len(one) == len(split) == 2 * len(cases.method_names())
-    for r in one:
-        s = split[(r.method, r.mode)]
-        assert s.model["device_map"] == {"vgpu:0": 5, "vgpu:1": 3}
-        plan = {k: v for k, v in r.plan.items() if k != "info"}
-        assert {k: v for k, v in s.plan.items() if k != "info"} == plan, r.method
-        assert s.scores == r.scores, (r.method, r.mode)
-        assert s.kv == r.kv, (r.method, r.mode)
-
-
 def _ok(value):
     """A two-GPU result, or the test fails with the traceback the two-GPU process caught."""
     if isinstance(value, dict) and "error" in value:
         pytest.fail(value["error"], pytrace=False)
     return value
-
-
-def _where(tb: str) -> str:
-    """The last line of the harness's own code in a traceback ('methods/depth/blocks.py, line 43: '), or ''."""
-    own = [line.strip() for line in tb.splitlines() if line.strip().startswith('File "') and "site-packages" not in line
-           and "virtual_gpus.py" not in line]
-    return f"{own[-1]}: " if own else ""
 
 
 def test_the_gpu_script_runs_its_gpu_branches_on_a_virtual_gpu(two_gpus):

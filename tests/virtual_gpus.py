@@ -9,8 +9,9 @@ is moved) is exercised as on two GPUs, and every number is the CPU's own: result
 Not covered: autograd (the engine has no device queue for a Python-registered device). shortened_taylor does not
 run here; PDTrim's healing and streamline's replacement run with 0 training steps (their copies and data, no step).
 
-Registering the device is for the life of the process: `python tests/virtual_gpus.py OUT DATA` does the two-GPU
-runs in a process of its own and writes what tests/test_two_gpus.py compares with the unsplit model:
+Registering the device is for the life of the process: `python tests/virtual_gpus.py OUT DATA [cases|run]` does the
+two-GPU runs in a process of its own and writes what tests/test_two_gpus.py (cases) and tests/test_two_gpus_run.py
+(run) compare with the unsplit model:
 OUT/facts.json, OUT/scorer.json (and scorer_gpu_batching.json, batched as on a GPU), OUT/trained.json (the copies
 training methods make, with 0 steps), OUT/latency.json (latency runs on one virtual GPU), OUT/latency_split.json
 (latency runs of the model over both), the records of a run of
@@ -20,6 +21,8 @@ every method under OUT/run, and OUT/gpu_check.json (benchmarks/gpu_check.py on a
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -202,7 +205,12 @@ def _facts() -> dict:
             "scalar_added": (a + scalar).tolist(), "scalar_refused": scalar_refused, "generator_refused": generator_refused}
 
 
-def main(out: Path, data_dir: str) -> None:
+PARTS = ("cases", "run")  # one process each, so the two test files' setups run side by side (pytest -n)
+
+
+def main(out: Path, data_dir: str, part: str = "cases") -> None:
+    """`part` "cases": facts, scorer, trained copies, latency and gpu_check.py (tests/test_two_gpus.py); "run": the
+    records of a run of every method under OUT/run (tests/test_two_gpus_run.py)."""
     sys.path.insert(0, str(Path(__file__).parent))
     import two_gpu_cases as cases  # noqa: E402  (tests/two_gpu_cases.py: the cases both sides run)
 
@@ -212,6 +220,12 @@ def main(out: Path, data_dir: str) -> None:
     scoring.FORWARD_TOKENS[NAME] = scoring.FORWARD_TOKENS["cpu"]  # the CPU's batching: the same forwards
     out.mkdir(parents=True, exist_ok=True)
     with VirtualDevices():
+        if part == "run":
+            try:
+                cases.run_all(out / "run", data_dir, placed=spread)
+            except Exception:  # noqa: BLE001  (failed cells: their .failed.json files say why; the test reads them)
+                traceback.print_exc()
+            return
         model = spread(cases.eager_tiny().model)
         facts = {**_facts(), "handoff": _caught(lambda: _handoff_devices(model, cases))}
         (out / "facts.json").write_text(json.dumps(facts))
@@ -227,11 +241,19 @@ def main(out: Path, data_dir: str) -> None:
         one = cases.eager_tiny().model.to("vgpu:1")  # latency runs on one GPU (not the first: nothing may assume 0)
         timed = {case: _caught(lambda case=case: cases.latency_all(one, case)) for case in cases.PLANS}
         (out / "latency.json").write_text(json.dumps(timed))
-        try:
-            cases.run_all(out / "run", data_dir, placed=spread)
-        except Exception:  # noqa: BLE001  (failed cells: their .failed.json files say why; the test reads them)
-            traceback.print_exc()
         (out / "gpu_check_rc.json").write_text(json.dumps(_caught(lambda: _gpu_check(out))))
+
+
+def in_own_process(part: str, out: Path, data_dir) -> Path:
+    """Runs `main(out, data_dir, part)` in a process of its own (a registered device lasts for the process); `out`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                         os.environ.get("PYTHONPATH", "")]),
+           "HARNESS_CALIBRATION_CACHE": str(out / "calibration")}
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(out), str(data_dir), part], env=env,
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise AssertionError(r.stderr[-4000:])
+    return out
 
 
 def _gpu_check(out: Path) -> int:
@@ -272,4 +294,4 @@ def _handoff_devices(model, cases) -> dict[str, list[str]]:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], *sys.argv[3:4])
