@@ -212,36 +212,49 @@ def test_a_dense_plan_generates_as_hf_generate(model, rows, new):
 
 
 @torch.inference_mode()
-def decode_tokens(model, plan: PruningPlan, rows: list[list[int]], steps: int, mode: str) -> torch.Tensor:
+def decode_tokens(model, plan: PruningPlan, rows: list[list[int]], steps: int, mode: str,
+                  inputs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Greedy tokens (B, 1 + steps) of prompts `rows` (right-padded) in decode mode `mode` (eager: the growing cache;
-    static: preallocated buffers; graph: the static step captured as a (simulated) CUDA graph)."""
+    static: preallocated buffers; graph: the static step captured as a (simulated) CUDA graph), each step fed its own
+    previous token, or the one of `inputs` (B, 1 + steps) at that place; and in eager mode the margin (B, steps) of
+    each step's best logit over its second best (None otherwise)."""
     staged = StagedModel(model, plan)
     out = staged.prefill(pad_tokens(rows, "cpu"))
     cache, lengths = staged.receive(staged.handoff(out)), out.lengths
-    toks = [staged.logits(out.last_hidden).argmax(-1)]
+    toks, margins = [staged.logits(out.last_hidden).argmax(-1)], []
     skv = StaticKV(cache, steps) if mode != "eager" else None
     graph = mode == "graph" and GraphDecoder(model, plan.decode_layers, skv, toks[0][:, None], lengths[:, None].clone())
     for step in range(steps):
-        pos = lengths + step
+        pos, tok = lengths + step, toks[-1] if inputs is None else inputs[:, step]
         if mode == "eager":
-            toks.append(staged.step(cache, toks[-1], pos).argmax(-1))
+            logits = staged.step(cache, tok, pos).float()
+            top2 = logits.topk(2, -1).values
+            margins.append(top2[:, 0] - top2[:, 1])
+            toks.append(logits.argmax(-1))
         elif graph:
-            toks.append(graph.step(toks[-1][:, None], pos[:, None]).clone())
+            toks.append(graph.step(tok[:, None], pos[:, None]).clone())
         else:
-            toks.append(decode_step(model, plan.decode_layers, toks[-1][:, None], pos[:, None], skv))
+            toks.append(decode_step(model, plan.decode_layers, tok[:, None], pos[:, None], skv))
             skv.advance()
-    return torch.stack(toks, 1)
+    return torch.stack(toks, 1), torch.stack(margins, 1) if margins else None
 
 
 @PROPS
 @given(data=st.data(), model=models(), rows=prompts(max_rows=3), steps=st.integers(1, 4))
 def test_eager_static_and_graph_decoding_give_the_same_tokens(data, model, rows, steps):
-    """The three decode modes write the same greedy tokens bit for bit, for every plan, policy and padded batch."""
+    """The three decode modes pick the same greedy token at every step, for every plan, policy and padded batch, fed
+    the same tokens (eager's). Bit for bit was claimed, and a near tie broke it: bfloat16 SDPA over the static buffer
+    (its masked tail) rounds otherwise than over the eager cache, and a step whose best two logits were that close
+    picked the other token (46 vs 55 on a 2-layer model). So a step whose best logit leads by no more than twice the
+    dtype's logits tolerance may differ; every other step must agree."""
     plan = data.draw(plans(arch.n_layers(model)))
-    eager = decode_tokens(model, plan, rows, steps, "eager")
-    assert torch.equal(eager, decode_tokens(model, plan, rows, steps, "static"))
+    eager, margin = decode_tokens(model, plan, rows, steps, "eager")
+    clear = torch.cat([torch.ones_like(margin[:, :1], dtype=torch.bool), margin > 2 * TOL[model.dtype]], 1)
+    static, _ = decode_tokens(model, plan, rows, steps, "static", inputs=eager)
+    assert torch.equal(static[clear], eager[clear]), (static, eager, margin)
     with simulated_cuda_graphs():
-        assert torch.equal(eager, decode_tokens(model, plan, rows, steps, "graph"))
+        graph, _ = decode_tokens(model, plan, rows, steps, "graph", inputs=eager)
+    assert torch.equal(graph[clear], eager[clear]), (graph, eager, margin)
 
 
 @settings(PROPS, max_examples=max(5, PROPS.max_examples // 3))
