@@ -7,7 +7,6 @@ records), so a report shows what it can and says what is missing.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 import warnings
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from harness.store.files import atomic_file  # noqa: E402
 from harness.store.records import RunRecord, is_long_task  # noqa: E402
 from reports.collect import Collection, folder_suffix, metric_for, natural_key  # noqa: E402
-from reports.escape import figure_visible  # noqa: E402
+from reports.figure_labels import plain as _plain  # noqa: E402
 from reports.record_values import MIB, MODE_TITLE, kv_sent, ordered_tasks, parse_workload, removed_counts, se_of_mean, stored_score  # noqa: E402
 
 MARKERS = "osD^v<>pP*Xh"
@@ -42,41 +41,6 @@ def _legend(ax) -> None:
 def _legend_inches(n: int) -> float:
     """The width to add to a figure for a legend of `n` entries placed beside its axes by `_legend` (none inside)."""
     return 0.0 if n <= 8 else 2.6 * -(-n // 18)
-
-
-LABEL_CHARS = 40  # a longer label wraps (`_plain`): a 2000-character name made a figure 19,000 pixels wide
-LABEL_LINES = 3  # and a label of more lines keeps its first and last: a 50-line legend entry left no room for the axes
-
-
-def _plain(name: str) -> str:
-    """A method or folder name as figure text: on one line of at most `LABEL_CHARS` characters or wrapped onto several
-    (after its punctuation where it can), at most `LABEL_LINES` of them: a longer one keeps its first and last line
-    around a middle line saying how many characters it left out and a digest of the whole name (two names alike but
-    in the middle stay two labels; the tables show them whole). A control character is in caret notation
-    (`figure_visible`: SVG cannot hold one and the fonts have no picture of it), a `$` escaped, else matplotlib reads
-    `$...$` as mathtext (`a$_^$b` raised ValueError when the figure was saved). Mathtext stays on: log axes label
-    their ticks with it. A leading `_` gets a zero-width space before it: matplotlib's legend leaves out every label
-    that starts with `_`."""
-    text = figure_visible(name)
-    lines = _wrapped(text)
-    if len(lines) > LABEL_LINES:
-        digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:6]
-        left_out = len(text) - len(lines[0]) - len(lines[-1])
-        lines = [lines[0], f"…[{left_out} characters left out, {digest}]…", lines[-1]]
-    out = "\n".join(lines).replace("$", r"\$")
-    return "\u200b" + out if out.startswith("_") else out
-
-
-def _wrapped(text: str) -> list[str]:
-    """`text` in lines of at most `LABEL_CHARS` characters, each cut after the last punctuation or space in its second
-    half, else at `LABEL_CHARS`."""
-    lines = []
-    while len(text) > LABEL_CHARS:
-        cut = max((i + 1 for i, ch in enumerate(text[:LABEL_CHARS]) if ch in " @,=:;/_.+-)]"), default=0)
-        cut = cut if cut > LABEL_CHARS // 2 else LABEL_CHARS
-        lines.append(text[:cut].rstrip(" "))
-        text = text[cut:].lstrip(" ")
-    return [*lines, text]
 
 
 def _style(ax, title: str, xlabel: str, ylabel: str) -> None:

@@ -226,7 +226,8 @@ def test_figure_labels_are_in_the_fonts_glyphs_bounded_and_distinct():
     from matplotlib import font_manager, rcParams
     from matplotlib.ft2font import FT2Font
 
-    from reports.plots import LABEL_CHARS, LABEL_LINES, _plain
+    from reports.figure_labels import LABEL_CHARS, LABEL_LINES
+    from reports.figure_labels import plain as _plain
 
     font = FT2Font(font_manager.findfont(font_manager.FontProperties(family=rcParams["font.family"])))
     glyphs = font.get_charmap()
