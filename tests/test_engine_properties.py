@@ -260,7 +260,9 @@ def test_eager_static_and_graph_decoding_give_the_same_tokens(data, model, rows,
 @settings(PROPS, max_examples=max(5, PROPS.max_examples // 3))
 @given(data=st.data(), model=models(), prompt=st.integers(1, 12), new=st.integers(1, 4), batch=st.integers(1, 3))
 def test_latency_decode_modes_agree_on_tokens_and_bytes(data, model, prompt, new, batch):
-    """`latency.measure` in eager, static and graph mode: the same tokens and the same KV bytes (and pages)."""
+    """`latency.measure` in eager, static and graph mode: the same KV bytes (and pages), and in float32 the same
+    tokens. A bfloat16 step may break a near tie otherwise in static mode (see the test above, which feeds every mode
+    the same tokens), and each mode then goes on from its own token."""
     from harness.latency import measure as latency
 
     plan = data.draw(plans(arch.n_layers(model)))
@@ -272,7 +274,8 @@ def test_latency_decode_modes_agree_on_tokens_and_bytes(data, model, prompt, new
             runs[mode] = (m.tokens, m.kv_bytes, m.kv_bytes_paged)
     eager = runs.pop("eager")
     for mode, (tokens, kv, paged) in runs.items():
-        assert torch.equal(tokens, eager[0]) and (kv, paged) == eager[1:], mode
+        assert (kv, paged) == eager[1:], mode
+        assert model.dtype != torch.float32 or torch.equal(tokens, eager[0]), mode
 
 
 # -- invalid plans ----------------------------------------------------------------------------------------------------
