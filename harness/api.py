@@ -175,10 +175,11 @@ def _run(args: argparse.Namespace) -> int:
     """The command's run (its exit status), leaving the notebook as it was: the warning filters, library logs and
     bars the run silences for the process put back, tqdm's bars off with `quiet` although tqdm was imported before
     the run, and nothing of the run holding its model (PDTrim's shared search state did)."""
+    from harness.cli.interrupt import ctrl_c_noted
     from harness.cli.run import cmd_run
     from harness.run.quiet import bars_off, kept
 
-    with kept(), bars_off(args.quiet):
+    with kept(), bars_off(args.quiet), ctrl_c_noted():  # a Ctrl-C a library swallowed still stops the run
         try:
             return cmd_run(args)
         finally:

@@ -12,32 +12,42 @@ from collections.abc import Iterator
 from harness import stops
 
 
-@contextlib.contextmanager
-def sigterm_as_ctrl_c() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread (outside it, as before), and it and Ctrl-C
-    (while SIGINT has Python's own handler) are noted in `harness.stops`: a stop a library swallowed is raised again
-    where the harness takes control back. Elsewhere than the main thread (a notebook's worker) both are left as
-    they are."""
-    def interrupt(signum, frame):
-        stops.note()
-        raise KeyboardInterrupt
+def _interrupt(signum, frame):
+    stops.note()
+    raise KeyboardInterrupt
 
-    try:
-        old = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread
-        yield
-        return
-    old_int = signal.getsignal(signal.SIGINT)
-    if old_int is signal.default_int_handler:  # not one of a caller's own (a test's, Ray's)
-        signal.signal(signal.SIGINT, interrupt)
+
+@contextlib.contextmanager
+def ctrl_c_noted() -> Iterator[None]:
+    """Within the block, Ctrl-C (while SIGINT has Python's own handler, not a caller's: a test's, Ray's) is noted in
+    `harness.stops` as it raises KeyboardInterrupt, so a stop a library swallowed is raised again where the harness
+    takes control back; the block starts and ends with no stop noted. Outside the main thread, nothing changes."""
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ours:
+        signal.signal(signal.SIGINT, _interrupt)
     stops.clear()
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
-        if old_int is signal.default_int_handler:
-            signal.signal(signal.SIGINT, old_int)
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         stops.clear()
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread (outside it, as before), noted as Ctrl-C
+    is (`ctrl_c_noted`). Elsewhere than the main thread (a notebook's worker) both are left as they are."""
+    try:
+        old = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        with ctrl_c_noted():
+            yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 DUPLICATE_S = 1.0  # two deliveries of one stop arrive microseconds apart; a person's second Ctrl-C takes longer
