@@ -260,22 +260,21 @@ def prefill_depth(c) -> int:
     return c.k_prefill if ratio is None else int(ratio * c.k_decode + 1e-9)
 
 
-def check_prefill_ratio(name: str, c) -> None:
-    """A `prefill_ratio` outside [0, 1] is a usage error (`prefill_depth` would leave 0..k_decode)."""
+def check_stage_depths(name: str, c) -> None:
+    """The stage options `c` of a stage-aware method (PDTrim, stage:<method>), checked once for both: a
+    `prefill_ratio` within [0, 1] (`prefill_depth` would leave 0..k_decode), `R_prefill ⊆ R_decode` (0 <= k_prefill,
+    or prefill_ratio's, <= k_decode; the refusal says what fits: a k_decode below the default k_prefill 4, `--set
+    pdtrim.k_decode=2` or a depth sweep's small values, needs one of them), and `k_unified >= 0`."""
     if c.prefill_ratio is not None and not 0 <= c.prefill_ratio <= 1:
         raise UsageError(f"{name}.prefill_ratio={c.prefill_ratio}: must be within [0, 1] (k_prefill = floor(ratio · k_decode))")
-
-
-def check_stage_depths(name: str, c) -> None:
-    """`R_prefill ⊆ R_decode` needs 0 <= k_prefill (or prefill_ratio's) <= k_decode; the refusal says what fits: a
-    k_decode below the default k_prefill 4 (`--set pdtrim.k_decode=2`, a depth sweep's small values) needs one of them."""
     k_prefill = prefill_depth(c)
-    if 0 <= k_prefill <= c.k_decode:
-        return
-    fix = (f"; set {name}.k_prefill={c.k_decode} or less too, or {name}.prefill_ratio (k_prefill = floor(ratio · "
-           f"k_decode), e.g. {name}.prefill_ratio=0.5, which fits every k_decode of a depth sweep)") if k_prefill > c.k_decode >= 0 else ""
-    raise UsageError(f"{name}: need 0 <= k_prefill <= k_decode (R_prefill ⊆ R_decode), got k_prefill={k_prefill}, "
-                     f"k_decode={c.k_decode}{fix}")
+    if not 0 <= k_prefill <= c.k_decode:
+        fix = (f"; set {name}.k_prefill={c.k_decode} or less too, or {name}.prefill_ratio (k_prefill = floor(ratio · "
+               f"k_decode), e.g. {name}.prefill_ratio=0.5, which fits every k_decode of a depth sweep)") if k_prefill > c.k_decode >= 0 else ""
+        raise UsageError(f"{name}: need 0 <= k_prefill <= k_decode (R_prefill ⊆ R_decode), got k_prefill={k_prefill}, "
+                         f"k_decode={c.k_decode}{fix}")
+    if c.k_unified < 0:
+        raise UsageError(f"{name}.k_unified={c.k_unified}: must be >= 0")
 
 
 def refuse_unfit(methods: dict, config: Any, modes: tuple[str, ...] = ("disaggregated",)) -> None:

@@ -32,7 +32,7 @@ from harness.errors import UsageError
 from harness.pd import arch
 from harness.pd.plan import PruningPlan
 from methods import registry
-from methods.base import Method, Options, WrapperMethod, check_prefill_ratio, check_stage_depths, prefill_depth
+from methods.base import Method, Options, WrapperMethod, check_stage_depths, prefill_depth
 from methods.depth.ranked import RankedDepthMethod
 
 PREFIX = "stage:"
@@ -51,10 +51,7 @@ class StageAware(WrapperMethod):
         self.inner = registry.instantiate(self.name, self.base, own)  # type: ignore[assignment]
 
     def validate_config(self, c) -> None:
-        check_prefill_ratio(self.name, c)
-        check_stage_depths(self.name, c)
-        if c.k_unified < 0:
-            raise UsageError(f"{self.name}.k_unified={c.k_unified}: must be >= 0")
+        check_stage_depths(self.name, c)  # prefill_ratio, k_prefill <= k_decode, k_unified
 
     def fitted_counts(self, n: int, option: str | None = None) -> dict[str, int]:
         """As `Method.fitted_counts`, less `k_prefill` when `prefill_ratio` derives it (and a set `k_prefill` is unused)."""

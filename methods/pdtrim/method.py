@@ -31,7 +31,7 @@ from harness.errors import UsageError
 from harness.pd import arch
 from harness.pd.plan import KVPolicy, PruningPlan
 from methods import bars
-from methods.base import Method, Options, check_prefill_ratio, check_stage_depths, content_key, prefill_depth
+from methods.base import Method, Options, check_stage_depths, content_key, prefill_depth
 from methods.pdtrim.screen import SCREEN_DTYPES
 from methods.pdtrim.search import _SHARED_STATES, SEARCH_FIELDS, SENSITIVITY_BLOCKS, SearchState
 from methods.registry import register
@@ -102,10 +102,7 @@ class PDTrim(Method):
                 probe_steps=max(1, min(d.probe_steps, n)), n_first=min(d.n_first, n // 2), n_last=min(d.n_last, 3 * n // 2))
 
     def validate_config(self, c) -> None:
-        check_prefill_ratio(self.name, c)
-        check_stage_depths(self.name, c)
-        if c.k_unified < 0:
-            raise UsageError(f"pdtrim.k_unified={c.k_unified}: must be >= 0")
+        check_stage_depths(self.name, c)  # prefill_ratio, k_prefill <= k_decode, k_unified
         if c.search_samples < 1 or c.max_cont < 1 or c.batch_size < 1 or c.batch_tokens < 1:
             raise UsageError("pdtrim: search_samples, max_cont, batch_size and batch_tokens must be >= 1")
         if not -1 <= c.d_t <= 1:  # a threshold on a cosine; NaN fails this too
