@@ -174,3 +174,28 @@ def _fresh_pdtrim_search_states():
     if mod is not None:
         mod._SHARED_STATES.clear()
     yield
+
+
+@pytest.fixture
+def swallow_a_stop(monkeypatch):
+    """`swallow_a_stop(sig)`: every lm-eval task built from then on sends this process `sig` and swallows the
+    KeyboardInterrupt of its handler in a bare `except:`, as `datasets`' fingerprinting does while a task is built."""
+    import time
+
+    import lm_eval.tasks
+
+    load = lm_eval.tasks.TaskManager.load
+
+    def arm(sig):
+        def load_then_swallow(self, *args, **kwargs):
+            built = load(self, *args, **kwargs)
+            try:
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # the handler's KeyboardInterrupt comes out of the sleep, into the bare except
+            except:  # noqa: E722 - what datasets does
+                pass
+            return built
+
+        monkeypatch.setattr(lm_eval.tasks.TaskManager, "load", load_then_swallow)
+
+    return arm

@@ -96,27 +96,12 @@ def test_ctrl_c_during_a_run_is_a_keyboard_interrupt(tmp_path, common, monkeypat
         harness.evaluate(methods=["unpruned"], limit=2, out=str(tmp_path / "o"), **common)
 
 
-def test_a_ctrl_c_a_library_swallowed_while_a_task_was_built_still_stops_the_call(tmp_path, common, monkeypatch):
+def test_a_ctrl_c_a_library_swallowed_while_a_task_was_built_still_stops_the_call(tmp_path, common, swallow_a_stop):
     """A notebook's interrupt arriving while `datasets` fingerprinted a task (its bare `except:`) was lost: the call
     ran on to its end. It now raises KeyboardInterrupt once the task is built, and Python's Ctrl-C handler is back."""
-    import os
     import signal
-    import time
 
-    import lm_eval.tasks
-
-    load = lm_eval.tasks.TaskManager.load
-
-    def load_then_swallow_a_ctrl_c(self, *args, **kwargs):
-        built = load(self, *args, **kwargs)
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)
-        except:  # noqa: E722 - what datasets does
-            pass
-        return built
-
-    monkeypatch.setattr(lm_eval.tasks.TaskManager, "load", load_then_swallow_a_ctrl_c)
+    swallow_a_stop(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         harness.evaluate(methods=["unpruned", "tail"], set=["tail.k=1"], limit=2, out=str(tmp_path / "o"), **common)
     assert not list((tmp_path / "o").glob("*.json"))

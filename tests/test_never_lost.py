@@ -413,24 +413,11 @@ def test_a_run_stopped_by_sigterm_ends_as_on_ctrl_c(data_dir, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_that_a_library_swallowed_while_a_task_was_built_still_stops_the_run(cli, data_dir, tmp_path,
-                                                                                    monkeypatch, sig):
+                                                                                    swallow_a_stop, sig):
     """`datasets` fingerprints a task's `process_docs` inside a bare `except:`; a stop arriving then was caught there
     (printed as "couldn't be hashed properly") and the run went on to its end, exit 0 (under torchrun, until the
     launcher's SIGKILL). It now stops once the task is built, as on Ctrl-C, before any later task or cell."""
-    import lm_eval.tasks
-
-    load = lm_eval.tasks.TaskManager.load
-
-    def load_then_swallow_a_stop(self, *args, **kwargs):
-        built = load(self, *args, **kwargs)
-        try:
-            os.kill(os.getpid(), sig)
-            time.sleep(5)  # the handler's KeyboardInterrupt comes out of the sleep, into the bare except
-        except:  # noqa: E722 - what datasets does
-            pass
-        return built
-
-    monkeypatch.setattr(lm_eval.tasks.TaskManager, "load", load_then_swallow_a_stop)
+    swallow_a_stop(sig)
     out = tmp_path / "out"
     r = cli("run", *TINY, "--methods", "unpruned,tail", "--set", "tail.k=1", "--tasks", "arc_easy,boolq", "--limit", 2,
             "--out", out, data_dir=data_dir)
