@@ -20,6 +20,7 @@ every method under OUT/run, and OUT/gpu_check.json (benchmarks/gpu_check.py on a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -29,7 +30,6 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
 
 aten = torch.ops.aten
 NAME = "vgpu"
@@ -120,27 +120,25 @@ class VirtualDevices(TorchDispatchMode):
 
         # a CPU scalar (0-dim) may join a device tensor in an elementwise op, or be index_put_'s value; elsewhere
         # (index_select, embedding, stack, matmuls) CUDA refuses it as it refuses any CPU tensor
-        scalar_ok = torch.Tag.pointwise in func.tags or func in INDEXING
+        scalar_ok, in_place = _kind(func)
 
-        def unwrap(t, index=False):
+        def unwrap(t, index=False):  # a leaf of the op's arguments: a wrapper's data, a device retargeted
             if isinstance(t, VTensor):
                 devices.add(t.device)
                 return t.elem
-            if isinstance(t, torch.Tensor) and not index and (t.dim() > 0 or not scalar_ok):  # CPU indices: any device
-                devices.add(t.device)
+            if isinstance(t, torch.Tensor):
+                if not index and (t.dim() > 0 or not scalar_ok):  # CPU indices: any device
+                    devices.add(t.device)
+            elif isinstance(t, torch.device):  # a factory's or a move's device names the result's; the data is made on the CPU
+                targets.append(t)
+                return _CPU
             return t
 
-        def retarget(x):  # a factory's or a move's device names the result's; the data is made on the CPU
-            if isinstance(x, torch.device):
-                targets.append(x)
-                return torch.device("cpu")
-            return x
-
         if func in INDEXING:
-            uargs = (unwrap(args[0]), tree_map(lambda t: unwrap(t, True), args[1]), *tree_map(unwrap, args[2:]))
+            uargs = (unwrap(args[0]), _map(lambda t: unwrap(t, True), args[1]), *_map(unwrap, args[2:]))
         else:
-            uargs = tree_map(unwrap, args)
-        uargs, ukwargs = tree_map(retarget, uargs), tree_map(retarget, tree_map(unwrap, kwargs))
+            uargs = _map(unwrap, args)
+        ukwargs = _map(unwrap, kwargs)
         if targets:
             out_dev = targets[0]
         elif func in MOVES or not devices:  # a copy_ between devices: the result is where its destination is
@@ -154,9 +152,32 @@ class VirtualDevices(TorchDispatchMode):
         if gen is not None and targets and gen.device.type != targets[0].type:
             raise RuntimeError(f"Expected a '{targets[0].type}' device type for generator but found '{gen.device.type}'")
         out = func(*uargs, **ukwargs)
-        if func._schema.is_mutable and args and isinstance(args[0], torch.Tensor) and func.__name__.split(".")[0].endswith("_"):
+        if in_place and args and isinstance(args[0], torch.Tensor):
             return args[0]  # an in-place op returns the tensor it changed (its data changed underneath)
-        return tree_map(lambda t: _wrap(t, out_dev), out) if out_dev.type == NAME else out
+        return _map(lambda t: _wrap(t, out_dev), out) if out_dev.type == NAME else out
+
+
+_CPU = torch.device("cpu")
+
+
+@functools.cache
+def _kind(func) -> tuple[bool, bool]:
+    """(may a CPU scalar join its device tensors, does it change its first argument in place) of an op."""
+    scalar_ok = torch.Tag.pointwise in func.tags or func in INDEXING
+    return scalar_ok, func._schema.is_mutable and func.__name__.split(".")[0].endswith("_")
+
+
+def _map(fn, x):
+    """`fn` over the leaves of an op's arguments or results (tuples, lists and dicts of them), as pytree's tree_map
+    does for these, in one cheap pass: the dispatch runs for every op (~220,000 in tests/test_two_gpus.py's process),
+    and five tree_maps an op were most of that process's time. torch.Size and other tuple subclasses are leaves, as
+    for tree_map."""
+    kind = type(x)
+    if kind is tuple or kind is list:
+        return kind(_map(fn, y) for y in x)
+    if kind is dict:
+        return {k: _map(fn, v) for k, v in x.items()}
+    return fn(x)
 
 
 def _device(t) -> torch.device:
@@ -168,6 +189,8 @@ def _wrap(t, device: torch.device):
         return t
     # a view of a tensor made outside inference mode is no inference tensor (autograd shares its base's version
     # counter): the wrapper must be what its data is
+    if t.is_inference() == torch.is_inference_mode_enabled():  # the mode it would set (entering one costs ~5 us)
+        return VTensor(t, device)
     with torch.inference_mode(t.is_inference()):
         return VTensor(t, device)
 
