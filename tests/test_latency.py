@@ -1110,8 +1110,9 @@ def test_a_prefill_that_cannot_fit_in_memory_is_refused_before_the_weights_load(
     config = models.model_config("random:tiny")
     assert memory.bytes_per_prompt_token(config, torch.float32) == 8 + 64 * 4 + 2 * 2 * 16 * 4 == 520
     assert memory.bytes_per_prompt_token(config, torch.bfloat16) == 8 + 64 * 2 + 2 * 2 * 16 * 2
-    latent = types.SimpleNamespace(hidden_size=64, num_attention_heads=4, kv_lora_rank=16)  # no KV heads: no K/V term
-    assert memory.bytes_per_prompt_token(latent, torch.float32) == 8 + 64 * 4
+    # a latent KV cache: the latent and the rotary key part per token and layer (kv_lora_rank + qk_rope_head_dim)
+    latent = types.SimpleNamespace(hidden_size=64, num_attention_heads=4, kv_lora_rank=16, qk_rope_head_dim=8)
+    assert memory.bytes_per_prompt_token(latent, torch.float32) == 8 + 64 * 4 + (16 + 8) * 4
     argv = ["latency", "--model", "random:tiny", "--device", "cpu", "--methods", "unpruned", "--decode-tokens", "2",
             "--batch-size", "1,2", "--repeats", "1", "--warmup", "0", "-q"]
     # 10^12 tokens: more than any host has, read from /proc/meminfo as the run reads it

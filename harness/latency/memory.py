@@ -20,18 +20,18 @@ import torch
 
 from harness.errors import UsageError
 from harness.latency.measure import Workload
-from harness.pd import arch
+from harness.pd.engine import expected_kv_bytes
 
 GB = 1e9
 
 
 def bytes_per_prompt_token(config, dtype: torch.dtype) -> int:
     """Bytes one prompt token holds in any plan's prefill: its id (int64), its embedding (hidden_size) and one
-    layer's K and V (2 · kv_heads · head_dim), in `dtype`. A latent-KV model (DeepSeek-V3) caches no KV heads:
-    its K/V term is left out rather than guessed."""
+    layer's KV, in `dtype`: K and V (2 · kv_heads · head_dim), or for a latent-KV model (DeepSeek-V2/V3) the latent
+    and rotary key part (kv_lora_rank + qk_rope_head_dim), what transformers 5.24 caches (`arch.latent_kv`). The
+    engine's own count, `expected_kv_bytes`, for one layer and token."""
     elem = torch.empty((), dtype=dtype).element_size()
-    kv_heads, head_dim = arch.kv_heads_and_dim(config)
-    kv = 0 if arch.latent_kv(config) else 2 * kv_heads * head_dim * elem
+    kv = expected_kv_bytes(config, layers=1, tokens=1, dtype=dtype)
     return torch.empty((), dtype=torch.int64).element_size() + int(config.hidden_size) * elem + kv
 
 
