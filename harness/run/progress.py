@@ -240,17 +240,16 @@ class Tracker:
             task, started = self._task_now
             rest -= min(per_cell.get(task, 0.0), time.perf_counter() - started)
         rest += sum(per_cell.values()) * len(self.work.cells[self.cell_i + 1:])
-        unplanned = set()
+        planning = [(m, 0.0) for m, _ in self.work.cells[self.cell_i + 1:]]
         if self._planning_now is not None:  # a search of many minutes is not in the tasks' rates
             m, started = self._planning_now
+            planning.append((m, time.perf_counter() - started))
+        unplanned = set()
+        for m, ran_s in planning:  # each at the mean of its plannings so far, less the time it has run
             times = self.plan_s.get(m)
-            rest += max(0.0, sum(times) / len(times) - (time.perf_counter() - started)) if times else 0.0
-            if not times:
-                unplanned.add(m)
-        for m, _ in self.work.cells[self.cell_i + 1:]:
-            times = self.plan_s.get(m)
-            rest += sum(times) / len(times) if times else 0.0
-            if not times:
+            if times:
+                rest += max(0.0, sum(times) / len(times) - ran_s)
+            else:
                 unplanned.add(m)
         extra = f" + planning {','.join(sorted(unplanned))}" if unplanned else ""
         return f"ETA {fmt_s(rest)}{extra}"
