@@ -263,10 +263,15 @@ def test_without_a_data_dir_any_other_task_keeps_lm_evals_whole_index(own, monke
 
     (own / "my_mc.yaml").write_text((own / "my_mc.yaml").read_text() + extra)
     (own / "my_group.yaml").write_text(f"group: my_group\ntask:\n  - {TASK}\n  - arc_easy\n")
-    made = []
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **kwargs: made.append(kwargs))
+    made, real = [], lm_eval.tasks.TaskManager
+
+    def manager(**kwargs):  # the folder's own index is real (it decides); lm-eval's whole one is only recorded
+        made.append(kwargs)
+        return real(**kwargs) if not kwargs["include_defaults"] else None
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", manager)
     task_manager(wanted, None, include_path=[own])
-    assert made == [{"include_path": [str(own)], "include_defaults": True}]
+    assert made == [{"include_path": [str(own)], "include_defaults": False}, {"include_path": [str(own)], "include_defaults": True}]
 
 
 def test_a_run_without_include_path_keeps_its_run_key_and_record_shape():

@@ -138,8 +138,7 @@ def task_manager(tasks: Iterable[str], data_dir: Path | None, workdir: Path | No
 
     include = [str(p) for p in include_path]
     if data_dir is None:
-        # lm-eval's ~14,000 task YAMLs are indexed only when a task may need them (~12 s on a slow 2-core host)
-        return TaskManager(include_path=include or None, include_defaults=not _own_tasks_only(tasks, include))
+        return _hub_manager(tasks, include)
     tasks = [t for t in tasks if local_tasks.is_local_task(t)]
     check_files(tasks, data_dir)
     out = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="harness-tasks-"))
@@ -151,21 +150,23 @@ def task_manager(tasks: Iterable[str], data_dir: Path | None, workdir: Path | No
     return TaskManager(include_path=[*folders, *include, str(out)], include_defaults=False)
 
 
-def _own_tasks_only(tasks: Iterable[str], include: list[str]) -> bool:
-    """Whether every lm-eval task of `tasks` is a task (not a group or tag) that a YAML of the `include` folders
-    defines. Such a task builds the same from an index of those folders alone: a folder's names win over lm-eval's
-    in the full index too, and a YAML's `include:` is a file path. A group's member missing from the index would be
-    built as an inline task of that name instead (lm-eval's factory), and a tag gathers tasks from every folder, so
-    groups and tags keep the full index."""
-    from lm_eval.tasks._index import Kind, TaskIndex
+def _hub_manager(tasks: Iterable[str], include: list[str]):
+    """The TaskManager of a run without a data dir. lm-eval's ~14,000 task YAMLs are indexed (~12 s on a slow 2-core
+    host) only when a task may need them: when every lm-eval task of `tasks` is a task (not a group or tag) that a
+    YAML of the `include` folders defines, the index of those folders alone builds it the same (a folder's names win
+    over lm-eval's in the full index too, and a YAML's `include:` is a file path). A group's member missing from the
+    small index would be built as an inline task of that name instead (lm-eval's factory), and a tag gathers tasks
+    from every folder, so groups and tags keep the full index."""
+    from lm_eval.tasks import TaskManager
 
     from harness.quality import long_tasks
 
     wanted = [t for t in tasks if not long_tasks.is_long_task(t)]
-    if not include or not wanted:
-        return False
-    index = TaskIndex.build([Path(f) for f in include])
-    return all(t in index and index[t].kind in (Kind.TASK, Kind.PY_TASK) for t in wanted)
+    if include and wanted:
+        own = TaskManager(include_path=include, include_defaults=False)
+        if set(wanted) <= set(own.all_subtasks):  # tasks, YAML or Python (lm-eval's Kind.TASK, Kind.PY_TASK)
+            return own
+    return TaskManager(include_path=include or None, include_defaults=True)
 
 
 def upstream_yamls(tasks: Iterable[str], data_dir: Path) -> dict[str, Path]:
