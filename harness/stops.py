@@ -10,26 +10,26 @@ handed to the model, a collective broken), raises it again.
 
 from __future__ import annotations
 
-import time
-
-_noted: list[float] = []  # time.monotonic() of each stop since `clear()`
+_stopped = False  # a stop came since `clear()`
 
 
 def note() -> None:
     """Called by a stop's signal handler, before it raises KeyboardInterrupt."""
-    _noted.append(time.monotonic())
+    global _stopped
+    _stopped = True
 
 
 def clear() -> None:
     """Forget earlier stops: a command starts (or ends) with none."""
-    _noted.clear()
+    global _stopped
+    _stopped = False
 
 
 def noted() -> bool:
-    return bool(_noted)
+    return _stopped
 
 
 def check() -> None:
     """Raise KeyboardInterrupt if a stop came (since `clear()`), even one a library caught."""
-    if _noted:
+    if _stopped:
         raise KeyboardInterrupt
